@@ -1,0 +1,68 @@
+import { z } from 'zod';
+
+const bool = z.enum(['true', 'false', '1', '0', 'yes', 'no']).transform((v) => v === 'true' || v === '1' || v === 'yes');
+const int = (min: number, max: number) =>
+  z
+    .string()
+    .regex(/^\d+$/, `an integer from ${min} to ${max}`)
+    .transform(Number)
+    .pipe(z.number().int().min(min, `an integer from ${min} to ${max}`).max(max, `an integer from ${min} to ${max}`));
+const nonEmpty = z.string().min(1, 'a non-empty value');
+
+/**
+ * Every environment variable the server reads. Names and defaults of the original VoidRun's variables
+ * are kept; the rest are ours. This is the only place `process.env` is read.
+ */
+const EnvSchema = z.object({
+  SERVER_PORT: int(0, 65535).default(33944),
+  SERVER_HOST: z.string().default(''),
+  // Unset means the embedded SQLite store; set, it selects MongoDB.
+  MONGO_URI: z
+    .string()
+    .regex(/^mongodb(\+srv)?:\/\//, 'a mongodb:// or mongodb+srv:// URI')
+    .optional()
+    .or(z.literal('').transform(() => undefined)),
+  MONGO_DB: nonEmpty.default('vr-db'),
+  DATA_DIR: nonEmpty.default('./data'),
+  BASE_IMAGES_DIR: nonEmpty.default('/var/lib/hyper-fleet/base-images'),
+  INSTANCES_DIR: nonEmpty.default('/var/lib/hyper-fleet/instances'),
+  KERNEL_PATH: nonEmpty.default('/var/lib/hyper-fleet/base-images/vmlinux'),
+  BRIDGE_NAME: nonEmpty.default('vmbr0'),
+  GATEWAY_IP: z.string().regex(/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/, 'an IPv4 address with a prefix length, like 192.168.100.1/22').default('192.168.100.1/22'),
+  NETWORK_CIDR: z.string().regex(/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/, 'an IPv4 CIDR, like 192.168.100.0/22').default('192.168.100.0/22'),
+  SUBNET_PREFIX: z.string().regex(/^(\d{1,3}\.){1,3}$/, 'an address prefix ending in a dot, like 192.168.100.').default('192.168.100.'),
+  SYSTEM_USER_NAME: nonEmpty.default('System'),
+  SYSTEM_USER_EMAIL: z.string().regex(/^[^@\s]+@[^@\s]+$/, 'an email address').default('system@local'),
+  SANDBOX_DEFAULT_VCPUS: int(1, 64).default(1),
+  SANDBOX_DEFAULT_MEMORY_MB: int(64, 1_048_576).default(1024),
+  SANDBOX_DEFAULT_DISK_MB: int(64, 16_777_216).default(5120),
+  SANDBOX_DEFAULT_IMAGE: nonEmpty.default('debian'),
+  SANDBOX_DRIVER: z.enum(['auto', 'container', 'qemu', 'cloud-hypervisor']).default('auto'),
+  HEALTH_ENABLED: bool.default(true),
+  HEALTH_INTERVAL_SEC: int(1, 86_400).default(60),
+  HEALTH_CONCURRENCY: int(1, 1024).default(16),
+  API_KEY_CACHE_TTL_SECONDS: int(0, 86_400).default(3600),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  MAX_JSON_BODY_BYTES: int(1024, 1024 * 1024 * 1024).default(1024 * 1024),
+  API_KEY_LAST_USED_FLUSH_SEC: int(1, 3600).default(30),
+  // Set by release builds (the Dockerfile); a checkout reads the commit from .git.
+  VOIDRUN_COMMIT: z.string().optional(),
+  VOIDRUN_BUILD_TIME: z.string().optional(),
+});
+
+export type Config = z.infer<typeof EnvSchema>;
+
+/** Startup stops with this: one line naming the variable and what it expected. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/** Parses the environment into a typed config; throws `ConfigError` naming the first bad variable. */
+export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
+  const result = EnvSchema.safeParse(env);
+  if (result.success) return result.data;
+  const issue = result.error.issues[0]!;
+  const name = String(issue.path[0]);
+  const expected = issue.code === 'invalid_value' && 'values' in issue ? `one of ${issue.values.join(', ')}` : issue.message;
+  throw new ConfigError(`Invalid configuration: ${name}=${JSON.stringify(env[name] ?? '')} — expected ${expected}`);
+}

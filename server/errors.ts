@@ -1,0 +1,69 @@
+import { ErrorCode, type FieldIssue } from '../shared/errors.js';
+
+export { ErrorCode };
+
+export interface DomainErrorOptions {
+  details?: string;
+  issues?: FieldIssue[];
+  cause?: unknown;
+}
+
+/**
+ * Base of every error a service throws on purpose. The transport layers map `code` once
+ * (see `shared/errors.ts`); `message` is what the caller reads, so it says what to fix and never
+ * contains a host path or a secret.
+ */
+export class DomainError extends Error {
+  readonly code: ErrorCode;
+  readonly details?: string;
+  readonly issues?: FieldIssue[];
+
+  constructor(code: ErrorCode, message: string, options: DomainErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = new.target.name;
+    this.code = code;
+    this.details = options.details;
+    this.issues = options.issues;
+  }
+}
+
+export class InvalidInputError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.INVALID_INPUT, message, options);
+  }
+}
+export class UnauthorizedError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.UNAUTHORIZED, message, options);
+  }
+}
+export class ForbiddenError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.FORBIDDEN, message, options);
+  }
+}
+export class NotFoundError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.NOT_FOUND, message, options);
+  }
+}
+export class ConflictError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.CONFLICT, message, options);
+  }
+}
+export class PayloadTooLargeError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.PAYLOAD_TOO_LARGE, message, options);
+  }
+}
+export class UnsupportedMediaTypeError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.UNSUPPORTED_MEDIA_TYPE, message, options);
+  }
+}
+export class StoreUnavailableError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.STORE_UNAVAILABLE, message, options);
+  }
+}

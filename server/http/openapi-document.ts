@@ -1,0 +1,98 @@
+import { generateOpenApiDocument } from 'trpc-to-openapi';
+import { createSchema } from 'zod-openapi';
+import { stringify } from 'yaml';
+import { ErrorResponse } from '../../shared/envelope.js';
+import type { AppRouter } from '../routers/index.js';
+import { procedureMetaIndex } from './procedure-meta.js';
+
+type Json = Record<string, any>;
+
+const errorDescriptions: Record<string, string> = {
+  '400': 'Invalid input: the message names the offending field',
+  '401': 'Missing, invalid, revoked or deactivated API key',
+  '403': "The API key's organization may not do this",
+  '404': 'Not found',
+  '409': 'Conflict with an existing resource',
+  '413': 'Request body too large',
+  '415': 'Request body is not JSON',
+  '500': 'Internal server error',
+};
+
+/** Routes served outside the tRPC router, documented by hand. */
+const extraPaths: Json = {
+  '/metrics': {
+    get: {
+      operationId: 'metrics',
+      summary: 'Prometheus metrics',
+      description: 'Served at /metrics (outside /api). Request counts and latency histograms by route and status.',
+      tags: ['System'],
+      servers: [{ url: '/' }],
+      security: [],
+      responses: { '200': { description: 'Prometheus text format', content: { 'text/plain': { schema: { type: 'string' } } } } },
+    },
+  },
+};
+
+/**
+ * The REST contract, generated from the router: trpc-to-openapi's document with each success
+ * response wrapped in the `{status, message, data}` envelope, each error in `ErrorResponse`, and the
+ * success status each procedure declares.
+ */
+export function buildOpenApiDocument(router: AppRouter, version: string): Json {
+  const doc = generateOpenApiDocument(router, {
+    title: 'VoidRun API',
+    description:
+      'Sandboxes you can drive: lifecycle, commands, files, terminals, file watch. All endpoints except /register and /version ' +
+      'need the X-API-Key header. Success bodies are `{status, message, data, meta?}`; errors are `{error, details?}`.',
+    version,
+    baseUrl: '/api',
+    securitySchemes: { ApiKeyAuth: { type: 'apiKey', in: 'header', name: 'X-API-Key' } },
+  }) as Json;
+
+  const { schema: errorSchema, components } = createSchema(ErrorResponse);
+  doc.components = { ...doc.components, schemas: { ...doc.components?.schemas, ...components, ErrorResponse: errorSchema } };
+  const metaByRoute = new Map<string, { message?: string; successStatus?: number }>();
+  for (const meta of procedureMetaIndex(router).values()) {
+    if (meta.openapi) metaByRoute.set(`${meta.openapi.method.toLowerCase()} ${meta.openapi.path}`, meta);
+  }
+
+  for (const [path, item] of Object.entries(doc.paths as Json)) {
+    for (const [method, op] of Object.entries(item as Json)) {
+      const meta = metaByRoute.get(`${method} ${path}`);
+      const responses: Json = {};
+      for (const [status, response] of Object.entries(op.responses as Json)) {
+        if (status.startsWith('2')) {
+          const data = response.content?.['application/json']?.schema ?? {};
+          responses[String(meta?.successStatus ?? status)] = {
+            description: meta?.message ?? response.description,
+            content: { 'application/json': { schema: envelopeSchema(data, meta?.message) } },
+          };
+        } else {
+          responses[status] = {
+            description: errorDescriptions[status] ?? response.description,
+            content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorResponse' } } },
+          };
+        }
+      }
+      op.responses = responses;
+    }
+  }
+  doc.paths = { ...doc.paths, ...extraPaths };
+  return doc;
+}
+
+function envelopeSchema(data: Json, message?: string): Json {
+  return {
+    type: 'object',
+    required: ['status', 'message', 'data'],
+    properties: {
+      status: { type: 'string', enum: ['success'] },
+      message: { type: 'string', ...(message ? { example: message } : {}) },
+      data,
+    },
+  };
+}
+
+export function openApiYaml(doc: Json): string {
+  return stringify(doc, { lineWidth: 0 });
+}

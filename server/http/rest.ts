@@ -1,0 +1,114 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { createOpenApiNodeHttpHandler } from 'trpc-to-openapi';
+import { errorCodeTable } from '../../shared/errors.js';
+import { DomainError } from '../errors.js';
+import type { AppRouter } from '../routers/index.js';
+import type { Context } from '../trpc/context.js';
+import { describeIssues, type ErrorData } from '../trpc/errors.js';
+import { errorBody, sendError, successBody } from './envelope.js';
+import { readJsonBody } from './json-body.js';
+import { procedureMetaIndex } from './procedure-meta.js';
+
+/** What trpc-to-openapi writes for a failed call: our error shape plus its own fields. */
+interface OpenApiErrorBody {
+  message?: string;
+  data?: Partial<ErrorData>;
+}
+
+export interface RestHandlerOptions {
+  router: AppRouter;
+  createContext: (req: IncomingMessage) => Context;
+  maxJsonBodyBytes: number;
+}
+
+/**
+ * The REST face: trpc-to-openapi routes `/api/...` to procedures by their `meta.openapi`; this
+ * wrapper reads the JSON body itself (size limit, clear parse errors) and rewrites the answer into
+ * the original VoidRun's envelopes. Resolves `false` when no procedure owns the path.
+ */
+export function createRestHandler(opts: RestHandlerOptions) {
+  const metaByPath = procedureMetaIndex(opts.router);
+  const contexts = new WeakMap<IncomingMessage, Context>();
+
+  const openApi = createOpenApiNodeHttpHandler({
+    router: opts.router,
+    createContext: ({ req }) => {
+      const ctx = contexts.get(req) ?? opts.createContext(req);
+      contexts.set(req, ctx);
+      return ctx;
+    },
+    responseMeta: ({ ctx, paths, errors }) => {
+      const path = paths?.[0];
+      if (ctx && path) (ctx as Context).record.procedurePath = path;
+      if (errors.length > 0 || !path) return {};
+      return { status: metaByPath.get(path)?.successStatus ?? 200 };
+    },
+  });
+
+  return async function handleRest(req: IncomingMessage & { body?: unknown }, res: ServerResponse, apiPath: string): Promise<boolean> {
+    let matched = true;
+    const method = req.method ?? 'GET';
+    if (method !== 'GET' && method !== 'HEAD' && method !== 'DELETE') {
+      try {
+        req.body = await readJsonBody(req, opts.maxJsonBodyBytes);
+        // trpc-to-openapi insists on a JSON content type even for the empty body we read as {}.
+        req.headers['content-type'] = 'application/json';
+      } catch (err) {
+        if (!(err instanceof DomainError)) throw err;
+        // The body was not read to its end: close the connection rather than reuse it.
+        sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details, { connection: 'close' });
+        return true;
+      }
+    }
+    const originalUrl = req.url;
+    req.url = apiPath;
+    wrapInEnvelope(res, () => {
+      const ctx = contexts.get(req);
+      const path = ctx?.record.procedurePath;
+      return (path && metaByPath.get(path)?.message) || 'OK';
+    });
+    await openApi(req, res, () => {
+      matched = false;
+    });
+    req.url = originalUrl;
+    if (!matched) unwrapEnvelope(res);
+    return matched;
+  };
+}
+
+const originalEnds = new WeakMap<ServerResponse, ServerResponse['end']>();
+
+/**
+ * trpc-to-openapi writes its body with one `res.end(json)`. This replaces that call, once, with the
+ * envelope of the original VoidRun: `{status, message, data}` or `{error, details?}`.
+ */
+function wrapInEnvelope(res: ServerResponse, successMessage: () => string): void {
+  const end = res.end;
+  originalEnds.set(res, end);
+  res.end = function endWithEnvelope(this: ServerResponse, chunk?: unknown) {
+    res.end = end;
+    const raw = typeof chunk === 'string' ? chunk : Buffer.isBuffer(chunk) ? chunk.toString('utf8') : undefined;
+    const parsed: unknown = raw ? JSON.parse(raw) : undefined;
+    const body =
+      res.statusCode < 400 ? successBody(parsed ?? null, successMessage()) : errorEnvelope(parsed as OpenApiErrorBody | undefined);
+    const text = JSON.stringify(body);
+    res.setHeader('content-type', 'application/json; charset=utf-8');
+    res.setHeader('content-length', Buffer.byteLength(text));
+    return end.call(res, text, 'utf8');
+  } as ServerResponse['end'];
+}
+
+function unwrapEnvelope(res: ServerResponse): void {
+  const end = originalEnds.get(res);
+  if (end) res.end = end;
+}
+
+function errorEnvelope(body: OpenApiErrorBody | undefined) {
+  // trpc-to-openapi replaces a validation failure's message with a generic one; rebuild ours.
+  const issues = body?.data?.issues;
+  if (issues?.length) {
+    const { message, details } = describeIssues(issues);
+    return errorBody(message, details);
+  }
+  return errorBody(body?.message ?? 'Request failed', body?.data?.details);
+}

@@ -1,0 +1,151 @@
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { createHTTPHandler } from '@trpc/server/adapters/standalone';
+import { applyWSSHandler } from '@trpc/server/adapters/ws';
+import type { Logger } from 'pino';
+import { WebSocketServer } from 'ws';
+import type { AppRouter } from '../routers/index.js';
+import type { Services } from '../services/index.js';
+import { apiKeyFromHeaders, apiKeyFromUpgrade, type Context, type RequestRecord } from '../trpc/context.js';
+import { serveDocs } from './docs-page.js';
+import { sendError, sendJson } from './envelope.js';
+import type { HttpMetrics } from './metrics.js';
+import { procedureMetaIndex } from './procedure-meta.js';
+import { createRestHandler } from './rest.js';
+
+export interface HttpServerOptions {
+  router: AppRouter;
+  services: Services;
+  log: Logger;
+  metrics: HttpMetrics;
+  openApi: { json: string; yaml: string };
+  maxJsonBodyBytes: number;
+}
+
+export interface HttpServer {
+  server: Server;
+  /** Stops accepting, closes WebSockets, and resolves when open requests are done. */
+  close(): Promise<void>;
+}
+
+/**
+ * The one HTTP server: tRPC at `/trpc` (HTTP and WebSocket), REST at `/api`, `/metrics`, and the
+ * docs page. Every request is logged once and counted in the metrics.
+ */
+export function createHttpServer(opts: HttpServerOptions): HttpServer {
+  const { router, services, log, metrics } = opts;
+  const records = new WeakMap<IncomingMessage, RequestRecord>();
+  const restRoutes = new Map([...procedureMetaIndex(router)].map(([path, meta]) => [path, meta.openapi?.path]));
+
+  const context = (req: IncomingMessage, transport: Context['transport'], apiKey: string | null): Context => {
+    let record = records.get(req);
+    if (!record) records.set(req, (record = {}));
+    return { services, log, apiKey, record, transport };
+  };
+
+  const trpcHttp = createHTTPHandler({
+    router,
+    basePath: '/trpc/',
+    createContext: ({ req, info }) => {
+      const ctx = context(req, 'trpc-http', apiKeyFromHeaders(req.headers));
+      ctx.record.procedurePath = info.calls.length === 1 ? info.calls[0]!.path : 'batch';
+      return ctx;
+    },
+  });
+
+  const rest = createRestHandler({
+    router,
+    createContext: (req) => context(req, 'rest', apiKeyFromHeaders(req.headers)),
+    maxJsonBodyBytes: opts.maxJsonBodyBytes,
+  });
+
+  async function route(req: IncomingMessage, res: ServerResponse, path: string): Promise<string> {
+    if (path === '/trpc' || path.startsWith('/trpc/')) {
+      await trpcHttp(req, res);
+      const p = records.get(req)?.procedurePath;
+      return p ? `/trpc/${p}` : '/trpc';
+    }
+    if (path === '/metrics') {
+      const text = await metrics.text();
+      res.writeHead(200, { 'content-type': metrics.contentType });
+      res.end(text);
+      return '/metrics';
+    }
+    if (path === '/api/openapi.json' || path === '/api/openapi.yml') {
+      const yaml = path.endsWith('.yml');
+      res.writeHead(200, { 'content-type': yaml ? 'application/yaml; charset=utf-8' : 'application/json; charset=utf-8' });
+      res.end(yaml ? opts.openApi.yaml : opts.openApi.json);
+      return path;
+    }
+    if (path === '/api/docs' || path.startsWith('/api/docs/')) {
+      if (await serveDocs(res, path.slice('/api/docs'.length))) return '/api/docs';
+    } else if (path.startsWith('/api/')) {
+      if (await rest(req, res, req.url!.slice('/api'.length))) {
+        const p = records.get(req)?.procedurePath;
+        return p ? `/api${restRoutes.get(p) ?? ''}` : '/api';
+      }
+    }
+    sendError(res, 404, `No route for ${req.method} ${path}`, 'See /api/docs for the API');
+    return 'unmatched';
+  }
+
+  const server = createServer((req, res) => {
+    const started = process.hrtime.bigint();
+    const path = (req.url ?? '/').split('?')[0]!;
+    let routeLabel = 'unmatched';
+    res.once('close', () => {
+      const ms = Number(process.hrtime.bigint() - started) / 1e6;
+      const status = res.statusCode;
+      metrics.observe(req.method ?? 'GET', routeLabel, status, ms / 1000);
+      // The query string is left out: WebSocket-style `?apiKey=` must never reach the log.
+      log.info({ method: req.method, path, status, ms: Math.round(ms * 100) / 100, orgId: records.get(req)?.orgId }, 'request');
+    });
+    route(req, res, path).then(
+      (label) => {
+        routeLabel = label;
+      },
+      (err: unknown) => {
+        log.error({ err, path }, 'request failed');
+        if (!res.headersSent) sendJson(res, 500, { error: 'Internal server error' });
+        else res.destroy();
+      },
+    );
+  });
+
+  // tRPC subscriptions over WebSocket on the same port. Browsers cannot set headers on a
+  // WebSocket, so the key may also come as `?apiKey=` or in tRPC's `connectionParams`.
+  const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxJsonBodyBytes });
+  const wsHandler = applyWSSHandler({
+    wss,
+    router,
+    keepAlive: { enabled: true, pingMs: 30_000, pongWaitMs: 5_000 },
+    createContext: ({ req, info }) => {
+      const url = new URL(req.url ?? '/', 'http://localhost');
+      const fromParams = info.connectionParams?.apiKey;
+      return context(req, 'trpc-ws', fromParams || apiKeyFromUpgrade(url, req.headers));
+    },
+  });
+
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    const path = (req.url ?? '/').split('?')[0]!;
+    if (path === '/trpc' || path === '/trpc/') {
+      wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
+      return;
+    }
+    const body = JSON.stringify({ error: `No WebSocket route for ${path}` });
+    socket.end(`HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+  });
+
+  return {
+    server,
+    async close() {
+      wsHandler.broadcastReconnectNotification();
+      for (const ws of wss.clients) ws.terminate();
+      wss.close();
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeIdleConnections();
+      });
+    },
+  };
+}

@@ -1,0 +1,48 @@
+import { createApp } from './app.js';
+import { ConfigError, loadConfig } from './config.js';
+import { DomainError } from './errors.js';
+
+/** Process entry: config → app → listen; SIGINT/SIGTERM close it gracefully. */
+async function main(): Promise<void> {
+  let config;
+  try {
+    config = loadConfig();
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      console.error(err.message);
+      process.exit(1);
+    }
+    throw err;
+  }
+  let app;
+  try {
+    app = await createApp(config);
+  } catch (err) {
+    // Startup failures a user can fix (an unreachable MongoDB, …) are one line, not a stack.
+    if (err instanceof DomainError) {
+      console.error(`Cannot start: ${err.message}`);
+      process.exit(1);
+    }
+    throw err;
+  }
+  const address = await app.listen();
+  app.log.info({ address: address.address, port: address.port, store: app.store.kind }, `VoidRun listening on http://${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${address.port}`);
+
+  let closing = false;
+  const shutdown = (signal: string) => {
+    if (closing) return;
+    closing = true;
+    app.log.info({ signal }, 'shutting down');
+    app.close().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        app.log.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGINT', () => shutdown('SIGINT'));
+  process.on('SIGTERM', () => shutdown('SIGTERM'));
+}
+
+await main();

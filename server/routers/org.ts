@@ -1,0 +1,79 @@
+import { z } from 'zod';
+import {
+  ApiKey,
+  ApiKeyRef,
+  GenerateApiKeyInput,
+  GeneratedApiKey,
+  OrgIdInput,
+  Organization,
+  RegisterInput,
+  RegisterResult,
+  RevokedApiKey,
+  SetApiKeyActiveInput,
+} from '../../shared/index.js';
+import { authedProcedure, publicProcedure, router } from '../trpc/init.js';
+
+const tags = ['Organizations'];
+
+export const authRouter = router({
+  register: publicProcedure
+    .meta({
+      openapi: {
+        method: 'POST',
+        path: '/register',
+        protect: false,
+        tags: ['Authentication'],
+        summary: 'Register a new user',
+        description: 'Creates a user, their organization and a first API key. The key is shown only once.',
+      },
+      message: 'User registered successfully',
+      successStatus: 201,
+    })
+    .input(RegisterInput)
+    .output(RegisterResult)
+    .mutation(({ ctx, input }) => ctx.services.orgs.register(input)),
+});
+
+export const orgRouter = router({
+  me: authedProcedure
+    .meta({ openapi: { method: 'GET', path: '/orgs/me', tags, summary: 'Get the organization of the API key' }, message: 'Organization fetched' })
+    .input(z.void())
+    .output(Organization)
+    .query(({ ctx }) => ctx.services.orgs.currentOrg(ctx.principal)),
+
+  listApiKeys: authedProcedure
+    .meta({ openapi: { method: 'GET', path: '/orgs/{orgId}/apikeys', tags, summary: 'List API keys' }, message: 'API keys fetched' })
+    .input(OrgIdInput)
+    .output(z.array(ApiKey))
+    .query(({ ctx, input }) => ctx.services.orgs.listKeys(ctx.principal, input.orgId)),
+
+  createApiKey: authedProcedure
+    .meta({
+      openapi: { method: 'POST', path: '/orgs/{orgId}/apikeys', tags, summary: 'Generate a new API key', description: 'The plain key is returned only once.' },
+      message: 'API key generated',
+    })
+    .input(GenerateApiKeyInput)
+    .output(GeneratedApiKey)
+    .mutation(({ ctx, input }) => ctx.services.orgs.createKey(ctx.principal, input.orgId, input.keyName)),
+
+  revokeApiKey: authedProcedure
+    .meta({ openapi: { method: 'DELETE', path: '/orgs/{orgId}/apikeys/{keyId}', tags, summary: 'Revoke an API key' }, message: 'API key revoked' })
+    .input(ApiKeyRef)
+    .output(RevokedApiKey)
+    .mutation(({ ctx, input }) => ctx.services.orgs.revokeKey(ctx.principal, input.orgId, input.keyId)),
+
+  setApiKeyActive: authedProcedure
+    .meta({
+      openapi: { method: 'POST', path: '/orgs/{orgId}/apikeys/{keyId}/activate', tags, summary: 'Activate or deactivate an API key' },
+      message: 'API key status updated',
+    })
+    .input(SetApiKeyActiveInput)
+    .output(ApiKey)
+    .mutation(({ ctx, input }) => ctx.services.orgs.setKeyActive(ctx.principal, input.orgId, input.keyId, input.isActive)),
+
+  touchApiKey: authedProcedure
+    .meta({ openapi: { method: 'PATCH', path: '/orgs/{orgId}/apikeys/{keyId}/touch', tags, summary: "Record an API key's use now" }, message: 'API key touched' })
+    .input(ApiKeyRef)
+    .output(ApiKey)
+    .mutation(({ ctx, input }) => ctx.services.orgs.touchKey(ctx.principal, input.orgId, input.keyId)),
+});

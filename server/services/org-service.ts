@@ -1,0 +1,161 @@
+import type { Logger } from 'pino';
+import type { ApiKey, GeneratedApiKey, Organization, RegisterInput, RegisterResult } from '../../shared/index.js';
+import { ConflictError, ForbiddenError, NotFoundError } from '../errors.js';
+import type { ApiKeyRecord, OrgRecord, Store, UserRecord } from '../store/types.js';
+import { displayPrefix, generatePlainKey, hashKey } from './api-key-material.js';
+import type { Principal } from './auth-service.js';
+import type { LastUsedTracker } from './last-used-tracker.js';
+
+const DEFAULT_KEY_NAME = 'Default Key';
+
+/** Registration, organizations and their API keys. */
+export class OrgService {
+  constructor(
+    private readonly deps: {
+      store: Pick<Store, 'users' | 'orgs' | 'apiKeys'>;
+      lastUsed: LastUsedTracker;
+      log: Logger;
+    },
+  ) {}
+
+  /**
+   * Creates a user, their org and a first API key. Without transactions (FerretDB has none), a step
+   * that fails undoes the steps before it, so a failed registration leaves no half-made account.
+   */
+  async register(input: RegisterInput): Promise<RegisterResult> {
+    const { users, orgs } = this.deps.store;
+    const email = input.email.toLowerCase();
+    if (await users.findByEmail(email)) throw new ConflictError(`A user with email ${email} is already registered`);
+    const user = await users.create({ name: input.name, email });
+    let org: OrgRecord | undefined;
+    try {
+      org = await orgs.create({
+        name: `${input.name}'s Organization`,
+        ownerId: user.id,
+        members: [user.id],
+        plan: 'free',
+        usage: 0,
+        createdBy: user.id,
+      });
+      const key = await this.#issueKey(org.id, user.id, DEFAULT_KEY_NAME);
+      return { orgId: org.id, userId: user.id, keyId: key.keyId, apiKey: key.plainKey };
+    } catch (err) {
+      if (org) await orgs.delete(org.id).catch(() => {});
+      await users.delete(user.id).catch(() => {});
+      throw err;
+    }
+  }
+
+  /** The system user that owns system images; created on first start. */
+  async ensureSystemUser(name: string, email: string): Promise<UserRecord> {
+    const { users } = this.deps.store;
+    const existing = await users.findByEmail(email);
+    if (existing) return existing;
+    try {
+      return await users.create({ name, email });
+    } catch (err) {
+      // Another server process created it between our read and write.
+      if (err instanceof ConflictError) return (await users.findByEmail(email))!;
+      throw err;
+    }
+  }
+
+  async currentOrg(principal: Principal): Promise<Organization> {
+    const org = await this.deps.store.orgs.findById(principal.orgId);
+    if (!org) throw new NotFoundError('The organization of this API key no longer exists');
+    return toOrganization(org);
+  }
+
+  async listKeys(principal: Principal, orgId: string): Promise<ApiKey[]> {
+    assertSameOrg(principal, orgId);
+    const keys = await this.deps.store.apiKeys.listByOrg(orgId);
+    return keys.map((k) => this.#toApiKey(k));
+  }
+
+  async createKey(principal: Principal, orgId: string, keyName: string): Promise<GeneratedApiKey> {
+    assertSameOrg(principal, orgId);
+    return this.#issueKey(orgId, principal.userId, keyName);
+  }
+
+  async revokeKey(principal: Principal, orgId: string, keyId: string): Promise<{ keyId: string; revoked: true }> {
+    assertSameOrg(principal, orgId);
+    if (!(await this.deps.store.apiKeys.delete(orgId, keyId))) throw keyNotFound(keyId);
+    this.deps.lastUsed.forget(keyId);
+    return { keyId, revoked: true };
+  }
+
+  async setKeyActive(principal: Principal, orgId: string, keyId: string, isActive: boolean): Promise<ApiKey> {
+    assertSameOrg(principal, orgId);
+    const key = await this.deps.store.apiKeys.setActive(orgId, keyId, isActive);
+    if (!key) throw keyNotFound(keyId);
+    return this.#toApiKey(key);
+  }
+
+  /** Marks a key used now and writes it at once (the explicit form of what every request does lazily). */
+  async touchKey(principal: Principal, orgId: string, keyId: string): Promise<ApiKey> {
+    assertSameOrg(principal, orgId);
+    const now = new Date();
+    await this.deps.store.apiKeys.recordLastUsed(new Map([[keyId, now]]));
+    const key = await this.deps.store.apiKeys.findById(orgId, keyId);
+    if (!key) throw keyNotFound(keyId);
+    return this.#toApiKey(key);
+  }
+
+  async #issueKey(orgId: string, userId: string, name: string): Promise<GeneratedApiKey> {
+    const plainKey = generatePlainKey();
+    const key = await this.deps.store.apiKeys.create({
+      orgId,
+      name,
+      keyHash: hashKey(plainKey),
+      prefix: displayPrefix(plainKey),
+      createdBy: userId,
+      isActive: true,
+      lastUsedAt: null,
+    });
+    return {
+      plainKey,
+      keyId: key.id,
+      keyName: key.name,
+      orgId,
+      createdAt: key.createdAt.toISOString(),
+      expiresIn: 'never (revoke or deactivate it to end it)',
+    };
+  }
+
+  #toApiKey(k: ApiKeyRecord): ApiKey {
+    const lastUsedAt = this.deps.lastUsed.lastUsed(k.id, k.lastUsedAt);
+    return {
+      id: k.id,
+      orgId: k.orgId,
+      name: k.name,
+      prefix: k.prefix,
+      createdBy: k.createdBy,
+      createdAt: k.createdAt.toISOString(),
+      lastUsedAt: lastUsedAt ? lastUsedAt.toISOString() : null,
+      isActive: k.isActive,
+      updatedAt: k.updatedAt.toISOString(),
+    };
+  }
+}
+
+function assertSameOrg(principal: Principal, orgId: string): void {
+  if (principal.orgId !== orgId) throw new ForbiddenError(`This API key belongs to another organization and cannot manage organization ${orgId}`);
+}
+
+function keyNotFound(keyId: string): NotFoundError {
+  return new NotFoundError(`API key ${keyId} not found in this organization`);
+}
+
+function toOrganization(o: OrgRecord): Organization {
+  return {
+    id: o.id,
+    name: o.name,
+    ownerId: o.ownerId,
+    members: o.members,
+    plan: o.plan,
+    usage: o.usage,
+    createdAt: o.createdAt.toISOString(),
+    createdBy: o.createdBy,
+    updatedAt: o.updatedAt.toISOString(),
+  };
+}

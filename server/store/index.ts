@@ -1,0 +1,12 @@
+import type { Config } from '../config.js';
+import { openMongoStore } from './mongo/store.js';
+import { openSqliteStore } from './sqlite/store.js';
+import type { Store } from './types.js';
+
+export type * from './types.js';
+
+/** The embedded SQLite store unless `MONGO_URI` is set. */
+export async function openStore(config: Pick<Config, 'MONGO_URI' | 'MONGO_DB' | 'DATA_DIR'>): Promise<Store> {
+  if (config.MONGO_URI) return openMongoStore({ uri: config.MONGO_URI, dbName: config.MONGO_DB });
+  return openSqliteStore(config.DATA_DIR);
+}

@@ -1,0 +1,259 @@
+import { MongoClient, MongoServerError, ObjectId, type Collection, type Db, type Document, type Filter } from 'mongodb';
+import { ConflictError, StoreUnavailableError } from '../../errors.js';
+import { isObjectIdHex, newId } from '../ids.js';
+import type {
+  ApiKeyRecord,
+  ApiKeyRepository,
+  ImageRecord,
+  ImageRepository,
+  NewRecord,
+  OrgRecord,
+  OrgRepository,
+  Page,
+  SandboxRecord,
+  SandboxRepository,
+  Store,
+  UserRecord,
+  UserRepository,
+} from '../types.js';
+
+/*
+ * Ids: a record's `id` is the hex text of its `_id` ObjectId; references to other records (orgId,
+ * createdBy, …) are stored as that same text. `toDoc`/`fromDoc` are the only places that convert.
+ * Only features MongoDB 4.4+, FerretDB and DocumentDB share are used: no transactions, change
+ * streams or TTL indexes.
+ */
+
+type WithId = { id: string };
+
+function objectId(id: string): ObjectId | null {
+  return isObjectIdHex(id) ? new ObjectId(id) : null;
+}
+
+function toDoc<T extends WithId>(rec: T): Document {
+  const { id, ...rest } = rec;
+  return { _id: new ObjectId(id), ...rest };
+}
+
+function fromDoc<T extends WithId>(doc: Document | null): T | null {
+  if (!doc) return null;
+  const { _id, ...rest } = doc;
+  return { id: (_id as ObjectId).toHexString(), ...rest } as T;
+}
+
+function isUnavailable(err: unknown): boolean {
+  return (
+    err instanceof Error &&
+    (err.name === 'MongoNetworkError' ||
+      err.name === 'MongoServerSelectionError' ||
+      err.name === 'MongoNetworkTimeoutError' ||
+      err.name === 'MongoTopologyClosedError' ||
+      err.name === 'MongoNotConnectedError')
+  );
+}
+
+/** Runs one store operation, translating driver failures into domain errors. */
+async function op<T>(conflictWhat: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof MongoServerError && err.code === 11000) throw new ConflictError(`${conflictWhat} already exists`, { cause: err });
+    if (isUnavailable(err)) throw new StoreUnavailableError('The database is unreachable; retry shortly', { cause: err });
+    throw err;
+  }
+}
+
+function stamp<T extends { id?: string }>(rec: T): T & { id: string; createdAt: Date; updatedAt: Date } {
+  const now = new Date();
+  return { ...rec, id: rec.id ?? newId(), createdAt: now, updatedAt: now };
+}
+
+class MongoUsers implements UserRepository {
+  constructor(private readonly c: Collection) {}
+  async create(user: NewRecord<UserRecord>) {
+    const rec = stamp(user);
+    await op(`A user with email ${rec.email}`, () => this.c.insertOne(toDoc(rec)));
+    return rec;
+  }
+  async findById(id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => fromDoc<UserRecord>(await this.c.findOne({ _id }))) : null;
+  }
+  async findByEmail(email: string) {
+    return op('', async () => fromDoc<UserRecord>(await this.c.findOne({ email })));
+  }
+  async delete(id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => (await this.c.deleteOne({ _id })).deletedCount > 0) : false;
+  }
+}
+
+class MongoOrgs implements OrgRepository {
+  constructor(private readonly c: Collection) {}
+  async create(org: NewRecord<OrgRecord>) {
+    const rec = stamp(org);
+    await op('An organization with this id', () => this.c.insertOne(toDoc(rec)));
+    return rec;
+  }
+  async findById(id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => fromDoc<OrgRecord>(await this.c.findOne({ _id }))) : null;
+  }
+  async delete(id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => (await this.c.deleteOne({ _id })).deletedCount > 0) : false;
+  }
+}
+
+class MongoApiKeys implements ApiKeyRepository {
+  constructor(private readonly c: Collection) {}
+  #filter(orgId: string, keyId: string): Filter<Document> | null {
+    const _id = objectId(keyId);
+    return _id ? { _id, orgId } : null;
+  }
+  async create(key: NewRecord<ApiKeyRecord>) {
+    const rec = stamp(key);
+    await op('An API key with this hash', () => this.c.insertOne(toDoc(rec)));
+    return rec;
+  }
+  async findByHash(keyHash: string) {
+    return op('', async () => fromDoc<ApiKeyRecord>(await this.c.findOne({ keyHash })));
+  }
+  async findById(orgId: string, keyId: string) {
+    const f = this.#filter(orgId, keyId);
+    return f ? op('', async () => fromDoc<ApiKeyRecord>(await this.c.findOne(f))) : null;
+  }
+  async listByOrg(orgId: string) {
+    return op('', async () => (await this.c.find({ orgId }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<ApiKeyRecord>(d)!));
+  }
+  async setActive(orgId: string, keyId: string, isActive: boolean) {
+    const f = this.#filter(orgId, keyId);
+    if (!f) return null;
+    return op('', async () =>
+      fromDoc<ApiKeyRecord>(await this.c.findOneAndUpdate(f, { $set: { isActive, updatedAt: new Date() } }, { returnDocument: 'after' })),
+    );
+  }
+  async recordLastUsed(times: ReadonlyMap<string, Date>) {
+    if (times.size === 0) return;
+    const ops = [...times].flatMap(([id, at]) => {
+      const _id = objectId(id);
+      return _id
+        ? [{ updateOne: { filter: { _id, $or: [{ lastUsedAt: null }, { lastUsedAt: { $lt: at } }] }, update: { $set: { lastUsedAt: at } } } }]
+        : [];
+    });
+    await op('', () => this.c.bulkWrite(ops, { ordered: false }));
+  }
+  async delete(orgId: string, keyId: string) {
+    const f = this.#filter(orgId, keyId);
+    return f ? op('', async () => (await this.c.deleteOne(f)).deletedCount > 0) : false;
+  }
+}
+
+class MongoSandboxes implements SandboxRepository {
+  constructor(private readonly c: Collection) {}
+  async create(sandbox: NewRecord<SandboxRecord>) {
+    const rec = stamp(sandbox);
+    await op(`A sandbox with id ${rec.id}`, () => this.c.insertOne(toDoc(rec)));
+    return rec;
+  }
+  async findById(orgId: string, id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => fromDoc<SandboxRecord>(await this.c.findOne({ _id, orgId }))) : null;
+  }
+  async listByOrg(orgId: string, page: number, limit: number): Promise<Page<SandboxRecord>> {
+    return op('', async () => {
+      const [docs, total] = await Promise.all([
+        this.c.find({ orgId }).sort({ createdAt: -1, _id: -1 }).skip((page - 1) * limit).limit(limit).toArray(),
+        this.c.countDocuments({ orgId }),
+      ]);
+      return { items: docs.map((d) => fromDoc<SandboxRecord>(d)!), total };
+    });
+  }
+  async listAll() {
+    return op('', async () => (await this.c.find({}).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<SandboxRecord>(d)!));
+  }
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars'>>) {
+    const _id = objectId(id);
+    if (!_id) return null;
+    const $set: Document = { updatedAt: new Date() };
+    for (const [k, v] of Object.entries(patch)) if (v !== undefined) $set[k] = v;
+    return op('', async () => fromDoc<SandboxRecord>(await this.c.findOneAndUpdate({ _id, orgId }, { $set }, { returnDocument: 'after' })));
+  }
+  async delete(orgId: string, id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => (await this.c.deleteOne({ _id, orgId })).deletedCount > 0) : false;
+  }
+}
+
+class MongoImages implements ImageRepository {
+  constructor(private readonly c: Collection) {}
+  async create(image: NewRecord<ImageRecord>) {
+    const rec = stamp(image);
+    await op(`An image named ${rec.name}`, () => this.c.insertOne(toDoc(rec)));
+    return rec;
+  }
+  async findById(id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => fromDoc<ImageRecord>(await this.c.findOne({ _id }))) : null;
+  }
+  async findByName(orgId: string | null, name: string) {
+    return op('', async () => {
+      const own = orgId ? await this.c.findOne({ name, orgId }) : null;
+      return fromDoc<ImageRecord>(own ?? (await this.c.findOne({ name, orgId: null })));
+    });
+  }
+  async listVisible(orgId: string) {
+    return op('', async () =>
+      (await this.c.find({ $or: [{ orgId: null }, { orgId }] }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<ImageRecord>(d)!),
+    );
+  }
+  async delete(id: string) {
+    const _id = objectId(id);
+    return _id ? op('', async () => (await this.c.deleteOne({ _id })).deletedCount > 0) : false;
+  }
+}
+
+async function ensureIndexes(db: Db): Promise<void> {
+  await Promise.all([
+    db.collection('users').createIndex({ email: 1 }, { unique: true, name: 'users_email_unique' }),
+    db.collection('api_keys').createIndex({ keyHash: 1 }, { unique: true, name: 'api_keys_hash_unique' }),
+    db.collection('api_keys').createIndex({ orgId: 1, createdAt: 1 }, { name: 'api_keys_by_org' }),
+    db.collection('sandboxes').createIndex({ orgId: 1, createdAt: -1, _id: -1 }, { name: 'sandboxes_by_org' }),
+    db.collection('images').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'images_by_owner_name' }),
+  ]);
+}
+
+export interface MongoStoreOptions {
+  uri: string;
+  dbName: string;
+  /** How long to wait for a server before an operation fails with 503. */
+  serverSelectionTimeoutMS?: number;
+}
+
+/** Connects to MongoDB (or a wire-compatible server), creates indexes, and returns the store. */
+export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
+  const client = new MongoClient(opts.uri, {
+    serverSelectionTimeoutMS: opts.serverSelectionTimeoutMS ?? 5000,
+    appName: 'voidrun',
+  });
+  try {
+    await client.connect();
+    const db = client.db(opts.dbName);
+    await ensureIndexes(db);
+    return {
+      kind: 'mongo',
+      users: new MongoUsers(db.collection('users')),
+      orgs: new MongoOrgs(db.collection('orgs')),
+      apiKeys: new MongoApiKeys(db.collection('api_keys')),
+      sandboxes: new MongoSandboxes(db.collection('sandboxes')),
+      images: new MongoImages(db.collection('images')),
+      async close() {
+        await client.close();
+      },
+    };
+  } catch (err) {
+    await client.close().catch(() => {});
+    if (isUnavailable(err)) throw new StoreUnavailableError(`Cannot reach MongoDB at MONGO_URI within ${opts.serverSelectionTimeoutMS ?? 5000} ms`, { cause: err });
+    throw err;
+  }
+}

@@ -1,0 +1,65 @@
+/**
+ * The embedded store's schema. Each statement is idempotent so opening a store always brings it to
+ * the current shape. Times are ISO-8601 text (sortable); arrays and maps are JSON text.
+ */
+export const sqliteSchema = `
+CREATE TABLE IF NOT EXISTS users (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  email TEXT NOT NULL UNIQUE,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orgs (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  owner_id TEXT NOT NULL,
+  members TEXT NOT NULL,
+  plan TEXT NOT NULL,
+  usage INTEGER NOT NULL,
+  created_by TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+  id TEXT PRIMARY KEY,
+  org_id TEXT NOT NULL,
+  name TEXT NOT NULL,
+  key_hash TEXT NOT NULL UNIQUE,
+  prefix TEXT NOT NULL,
+  created_by TEXT NOT NULL,
+  is_active INTEGER NOT NULL,
+  last_used_at TEXT,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_org ON api_keys (org_id, created_at);
+CREATE TABLE IF NOT EXISTS sandboxes (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  org_id TEXT NOT NULL,
+  created_by TEXT NOT NULL,
+  image_id TEXT NOT NULL,
+  ip TEXT NOT NULL,
+  cpu INTEGER NOT NULL,
+  mem INTEGER NOT NULL,
+  disk_mb INTEGER NOT NULL,
+  status TEXT NOT NULL,
+  env_vars TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandboxes_by_org ON sandboxes (org_id, created_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS images (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  tag TEXT NOT NULL,
+  description TEXT NOT NULL,
+  org_id TEXT,
+  is_system INTEGER NOT NULL,
+  created_by TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS images_by_owner_name ON images (COALESCE(org_id, ''), name);
+`;

@@ -1,0 +1,325 @@
+import Database from 'better-sqlite3';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { ConflictError } from '../../errors.js';
+import { newId } from '../ids.js';
+import type {
+  ApiKeyRecord,
+  ApiKeyRepository,
+  ImageRecord,
+  ImageRepository,
+  NewRecord,
+  OrgRecord,
+  OrgRepository,
+  Page,
+  SandboxRecord,
+  SandboxRepository,
+  Store,
+  UserRecord,
+  UserRepository,
+} from '../types.js';
+import { sqliteSchema } from './schema.js';
+
+type Db = Database.Database;
+type Row = Record<string, unknown>;
+
+const iso = (d: Date) => d.toISOString();
+const date = (v: unknown) => new Date(String(v));
+const dateOrNull = (v: unknown) => (v == null ? null : new Date(String(v)));
+
+/** Runs a write and turns a UNIQUE violation into a `ConflictError` naming what collided. */
+function uniqueWrite<T>(what: string, write: () => T): T {
+  try {
+    return write();
+  } catch (err) {
+    if (err instanceof Database.SqliteError && err.code === 'SQLITE_CONSTRAINT_UNIQUE') {
+      throw new ConflictError(`${what} already exists`, { cause: err });
+    }
+    throw err;
+  }
+}
+
+function stamp<T extends { id?: string }>(rec: T): T & { id: string; createdAt: Date; updatedAt: Date } {
+  const now = new Date();
+  return { ...rec, id: rec.id ?? newId(), createdAt: now, updatedAt: now };
+}
+
+class SqliteUsers implements UserRepository {
+  readonly #insert;
+  readonly #byId;
+  readonly #byEmail;
+  readonly #delete;
+  constructor(db: Db) {
+    this.#insert = db.prepare('INSERT INTO users (id, name, email, created_at, updated_at) VALUES (?, ?, ?, ?, ?)');
+    this.#byId = db.prepare('SELECT * FROM users WHERE id = ?');
+    this.#byEmail = db.prepare('SELECT * FROM users WHERE email = ?');
+    this.#delete = db.prepare('DELETE FROM users WHERE id = ?');
+  }
+  static #map(r: Row | undefined): UserRecord | null {
+    if (!r) return null;
+    return { id: String(r.id), name: String(r.name), email: String(r.email), createdAt: date(r.created_at), updatedAt: date(r.updated_at) };
+  }
+  async create(user: NewRecord<UserRecord>) {
+    const rec = stamp(user);
+    uniqueWrite(`A user with email ${rec.email}`, () => this.#insert.run(rec.id, rec.name, rec.email, iso(rec.createdAt), iso(rec.updatedAt)));
+    return rec;
+  }
+  async findById(id: string) {
+    return SqliteUsers.#map(this.#byId.get(id) as Row | undefined);
+  }
+  async findByEmail(email: string) {
+    return SqliteUsers.#map(this.#byEmail.get(email) as Row | undefined);
+  }
+  async delete(id: string) {
+    return this.#delete.run(id).changes > 0;
+  }
+}
+
+class SqliteOrgs implements OrgRepository {
+  readonly #insert;
+  readonly #byId;
+  readonly #delete;
+  constructor(db: Db) {
+    this.#insert = db.prepare(
+      'INSERT INTO orgs (id, name, owner_id, members, plan, usage, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+    );
+    this.#byId = db.prepare('SELECT * FROM orgs WHERE id = ?');
+    this.#delete = db.prepare('DELETE FROM orgs WHERE id = ?');
+  }
+  async create(org: NewRecord<OrgRecord>) {
+    const r = stamp(org);
+    uniqueWrite('An organization with this id', () =>
+      this.#insert.run(r.id, r.name, r.ownerId, JSON.stringify(r.members), r.plan, r.usage, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
+    );
+    return r;
+  }
+  async findById(id: string): Promise<OrgRecord | null> {
+    const r = this.#byId.get(id) as Row | undefined;
+    if (!r) return null;
+    return {
+      id: String(r.id),
+      name: String(r.name),
+      ownerId: String(r.owner_id),
+      members: JSON.parse(String(r.members)) as string[],
+      plan: String(r.plan),
+      usage: Number(r.usage),
+      createdBy: String(r.created_by),
+      createdAt: date(r.created_at),
+      updatedAt: date(r.updated_at),
+    };
+  }
+  async delete(id: string) {
+    return this.#delete.run(id).changes > 0;
+  }
+}
+
+class SqliteApiKeys implements ApiKeyRepository {
+  readonly #db: Db;
+  readonly #insert;
+  readonly #byHash;
+  readonly #byId;
+  readonly #byOrg;
+  readonly #setActive;
+  readonly #touch;
+  readonly #delete;
+  constructor(db: Db) {
+    this.#db = db;
+    this.#insert = db.prepare(
+      'INSERT INTO api_keys (id, org_id, name, key_hash, prefix, created_by, is_active, last_used_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+    );
+    this.#byHash = db.prepare('SELECT * FROM api_keys WHERE key_hash = ?');
+    this.#byId = db.prepare('SELECT * FROM api_keys WHERE org_id = ? AND id = ?');
+    this.#byOrg = db.prepare('SELECT * FROM api_keys WHERE org_id = ? ORDER BY created_at, id');
+    this.#setActive = db.prepare('UPDATE api_keys SET is_active = ?, updated_at = ? WHERE org_id = ? AND id = ?');
+    this.#touch = db.prepare('UPDATE api_keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)');
+    this.#delete = db.prepare('DELETE FROM api_keys WHERE org_id = ? AND id = ?');
+  }
+  static #map(r: Row | undefined): ApiKeyRecord | null {
+    if (!r) return null;
+    return {
+      id: String(r.id),
+      orgId: String(r.org_id),
+      name: String(r.name),
+      keyHash: String(r.key_hash),
+      prefix: String(r.prefix),
+      createdBy: String(r.created_by),
+      isActive: r.is_active === 1,
+      lastUsedAt: dateOrNull(r.last_used_at),
+      createdAt: date(r.created_at),
+      updatedAt: date(r.updated_at),
+    };
+  }
+  async create(key: NewRecord<ApiKeyRecord>) {
+    const r = stamp(key);
+    uniqueWrite('An API key with this hash', () =>
+      this.#insert.run(r.id, r.orgId, r.name, r.keyHash, r.prefix, r.createdBy, r.isActive ? 1 : 0, r.lastUsedAt ? iso(r.lastUsedAt) : null, iso(r.createdAt), iso(r.updatedAt)),
+    );
+    return r;
+  }
+  async findByHash(keyHash: string) {
+    return SqliteApiKeys.#map(this.#byHash.get(keyHash) as Row | undefined);
+  }
+  async findById(orgId: string, keyId: string) {
+    return SqliteApiKeys.#map(this.#byId.get(orgId, keyId) as Row | undefined);
+  }
+  async listByOrg(orgId: string) {
+    return (this.#byOrg.all(orgId) as Row[]).map((r) => SqliteApiKeys.#map(r)!);
+  }
+  async setActive(orgId: string, keyId: string, isActive: boolean) {
+    const changed = this.#setActive.run(isActive ? 1 : 0, iso(new Date()), orgId, keyId).changes;
+    return changed ? this.findById(orgId, keyId) : null;
+  }
+  async recordLastUsed(times: ReadonlyMap<string, Date>) {
+    this.#db.transaction(() => {
+      for (const [id, at] of times) this.#touch.run(iso(at), id, iso(at));
+    })();
+  }
+  async delete(orgId: string, keyId: string) {
+    return this.#delete.run(orgId, keyId).changes > 0;
+  }
+}
+
+class SqliteSandboxes implements SandboxRepository {
+  readonly #insert;
+  readonly #byId;
+  readonly #page;
+  readonly #count;
+  readonly #all;
+  readonly #delete;
+  readonly #db: Db;
+  constructor(db: Db) {
+    this.#db = db;
+    this.#insert = db.prepare(
+      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, created_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+    );
+    this.#byId = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? AND id = ?');
+    this.#page = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?');
+    this.#count = db.prepare('SELECT COUNT(*) AS n FROM sandboxes WHERE org_id = ?');
+    this.#all = db.prepare('SELECT * FROM sandboxes ORDER BY created_at, id');
+    this.#delete = db.prepare('DELETE FROM sandboxes WHERE org_id = ? AND id = ?');
+  }
+  static #map(r: Row | undefined): SandboxRecord | null {
+    if (!r) return null;
+    return {
+      id: String(r.id),
+      name: String(r.name),
+      orgId: String(r.org_id),
+      createdBy: String(r.created_by),
+      imageId: String(r.image_id),
+      ip: String(r.ip),
+      cpu: Number(r.cpu),
+      mem: Number(r.mem),
+      diskMb: Number(r.disk_mb),
+      status: String(r.status) as SandboxRecord['status'],
+      envVars: JSON.parse(String(r.env_vars)) as Record<string, string>,
+      createdAt: date(r.created_at),
+      updatedAt: date(r.updated_at),
+    };
+  }
+  async create(sandbox: NewRecord<SandboxRecord>) {
+    const r = stamp(sandbox);
+    uniqueWrite(`A sandbox with id ${r.id}`, () =>
+      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), iso(r.createdAt), iso(r.updatedAt)),
+    );
+    return r;
+  }
+  async findById(orgId: string, id: string) {
+    return SqliteSandboxes.#map(this.#byId.get(orgId, id) as Row | undefined);
+  }
+  async listByOrg(orgId: string, page: number, limit: number): Promise<Page<SandboxRecord>> {
+    const items = (this.#page.all(orgId, limit, (page - 1) * limit) as Row[]).map((r) => SqliteSandboxes.#map(r)!);
+    const total = Number((this.#count.get(orgId) as { n: number }).n);
+    return { items, total };
+  }
+  async listAll() {
+    return (this.#all.all() as Row[]).map((r) => SqliteSandboxes.#map(r)!);
+  }
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars'>>) {
+    const columns: Record<string, unknown> = {};
+    if (patch.status !== undefined) columns.status = patch.status;
+    if (patch.ip !== undefined) columns.ip = patch.ip;
+    if (patch.cpu !== undefined) columns.cpu = patch.cpu;
+    if (patch.mem !== undefined) columns.mem = patch.mem;
+    if (patch.envVars !== undefined) columns.env_vars = JSON.stringify(patch.envVars);
+    columns.updated_at = iso(new Date());
+    const set = Object.keys(columns).map((c) => `${c} = @${c}`).join(', ');
+    const changed = this.#db.prepare(`UPDATE sandboxes SET ${set} WHERE org_id = @orgId AND id = @id`).run({ ...columns, orgId, id }).changes;
+    return changed ? this.findById(orgId, id) : null;
+  }
+  async delete(orgId: string, id: string) {
+    return this.#delete.run(orgId, id).changes > 0;
+  }
+}
+
+class SqliteImages implements ImageRepository {
+  readonly #insert;
+  readonly #byId;
+  readonly #byName;
+  readonly #visible;
+  readonly #delete;
+  constructor(db: Db) {
+    this.#insert = db.prepare(
+      'INSERT INTO images (id, name, tag, description, org_id, is_system, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+    );
+    this.#byId = db.prepare('SELECT * FROM images WHERE id = ?');
+    // The org's own image wins over a system image of the same name.
+    this.#byName = db.prepare('SELECT * FROM images WHERE name = ? AND (org_id = ? OR org_id IS NULL) ORDER BY org_id IS NULL LIMIT 1');
+    this.#visible = db.prepare('SELECT * FROM images WHERE org_id IS NULL OR org_id = ? ORDER BY created_at, id');
+    this.#delete = db.prepare('DELETE FROM images WHERE id = ?');
+  }
+  static #map(r: Row | undefined): ImageRecord | null {
+    if (!r) return null;
+    return {
+      id: String(r.id),
+      name: String(r.name),
+      tag: String(r.tag),
+      description: String(r.description),
+      orgId: r.org_id == null ? null : String(r.org_id),
+      isSystem: r.is_system === 1,
+      createdBy: String(r.created_by),
+      createdAt: date(r.created_at),
+      updatedAt: date(r.updated_at),
+    };
+  }
+  async create(image: NewRecord<ImageRecord>) {
+    const r = stamp(image);
+    uniqueWrite(`An image named ${r.name}`, () =>
+      this.#insert.run(r.id, r.name, r.tag, r.description, r.orgId, r.isSystem ? 1 : 0, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
+    );
+    return r;
+  }
+  async findById(id: string) {
+    return SqliteImages.#map(this.#byId.get(id) as Row | undefined);
+  }
+  async findByName(orgId: string | null, name: string) {
+    return SqliteImages.#map(this.#byName.get(name, orgId) as Row | undefined);
+  }
+  async listVisible(orgId: string) {
+    return (this.#visible.all(orgId) as Row[]).map((r) => SqliteImages.#map(r)!);
+  }
+  async delete(id: string) {
+    return this.#delete.run(id).changes > 0;
+  }
+}
+
+/** Opens (creating if needed) the embedded store at `<dataDir>/voidrun.db`. */
+export function openSqliteStore(dataDir: string): Store {
+  mkdirSync(dataDir, { recursive: true });
+  const db = new Database(join(dataDir, 'voidrun.db'));
+  db.pragma('journal_mode = WAL');
+  db.pragma('synchronous = NORMAL');
+  db.pragma('busy_timeout = 5000');
+  db.exec(sqliteSchema);
+  return {
+    kind: 'sqlite',
+    users: new SqliteUsers(db),
+    orgs: new SqliteOrgs(db),
+    apiKeys: new SqliteApiKeys(db),
+    sandboxes: new SqliteSandboxes(db),
+    images: new SqliteImages(db),
+    async close() {
+      db.close();
+    },
+  };
+}

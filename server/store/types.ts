@@ -1,0 +1,139 @@
+/**
+ * The store's ports: one repository per collection. Adapters (`sqlite/`, `mongo/`) implement them
+ * and pass the shared contract suite in `test/store-contract.test.ts`. Repositories throw
+ * `ConflictError` on a duplicate unique key and return `null` for a missing record; they never
+ * throw driver errors at callers.
+ */
+
+export interface UserRecord {
+  id: string;
+  name: string;
+  email: string;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+export interface OrgRecord {
+  id: string;
+  name: string;
+  ownerId: string;
+  members: string[];
+  plan: string;
+  usage: number;
+  createdBy: string;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+export interface ApiKeyRecord {
+  id: string;
+  orgId: string;
+  name: string;
+  /** SHA-256 of the plain key, hex. The plain key is never stored. */
+  keyHash: string;
+  /** The key's first characters, kept to tell keys apart in listings. */
+  prefix: string;
+  createdBy: string;
+  isActive: boolean;
+  lastUsedAt: Date | null;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+export type SandboxStatus = 'creating' | 'running' | 'stopped' | 'paused' | 'error';
+
+export interface SandboxRecord {
+  id: string;
+  name: string;
+  orgId: string;
+  createdBy: string;
+  imageId: string;
+  ip: string;
+  cpu: number;
+  mem: number;
+  diskMb: number;
+  status: SandboxStatus;
+  envVars: Record<string, string>;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+export interface ImageRecord {
+  id: string;
+  name: string;
+  tag: string;
+  description: string;
+  /** null for system images, visible to every org. */
+  orgId: string | null;
+  isSystem: boolean;
+  createdBy: string;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+/** What `create` takes: the record without what the store assigns. */
+export type NewRecord<T extends { id: string; createdAt: Date; updatedAt: Date }> = Omit<T, 'id' | 'createdAt' | 'updatedAt'> & {
+  /** Supplied by callers that must know the id before the record exists (rarely). */
+  id?: string;
+};
+
+export interface Page<T> {
+  items: T[];
+  total: number;
+}
+
+export interface UserRepository {
+  create(user: NewRecord<UserRecord>): Promise<UserRecord>;
+  findById(id: string): Promise<UserRecord | null>;
+  findByEmail(email: string): Promise<UserRecord | null>;
+  delete(id: string): Promise<boolean>;
+}
+
+export interface OrgRepository {
+  create(org: NewRecord<OrgRecord>): Promise<OrgRecord>;
+  findById(id: string): Promise<OrgRecord | null>;
+  delete(id: string): Promise<boolean>;
+}
+
+export interface ApiKeyRepository {
+  create(key: NewRecord<ApiKeyRecord>): Promise<ApiKeyRecord>;
+  /** The hot path of every authenticated request: one lookup on a unique index. */
+  findByHash(keyHash: string): Promise<ApiKeyRecord | null>;
+  findById(orgId: string, keyId: string): Promise<ApiKeyRecord | null>;
+  listByOrg(orgId: string): Promise<ApiKeyRecord[]>;
+  setActive(orgId: string, keyId: string, isActive: boolean): Promise<ApiKeyRecord | null>;
+  /** Writes many `lastUsedAt` values at once; a value never moves a key's time backwards. */
+  recordLastUsed(times: ReadonlyMap<string, Date>): Promise<void>;
+  delete(orgId: string, keyId: string): Promise<boolean>;
+}
+
+export interface SandboxRepository {
+  create(sandbox: NewRecord<SandboxRecord>): Promise<SandboxRecord>;
+  findById(orgId: string, id: string): Promise<SandboxRecord | null>;
+  /** Newest first. `page` starts at 1. */
+  listByOrg(orgId: string, page: number, limit: number): Promise<Page<SandboxRecord>>;
+  /** Every sandbox of every org, for the health loop and startup reconciliation. */
+  listAll(): Promise<SandboxRecord[]>;
+  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars'>>): Promise<SandboxRecord | null>;
+  delete(orgId: string, id: string): Promise<boolean>;
+}
+
+export interface ImageRepository {
+  create(image: NewRecord<ImageRecord>): Promise<ImageRecord>;
+  findById(id: string): Promise<ImageRecord | null>;
+  /** An org's own image of that name, or else the system image of that name. */
+  findByName(orgId: string | null, name: string): Promise<ImageRecord | null>;
+  /** The system images plus the org's own. */
+  listVisible(orgId: string): Promise<ImageRecord[]>;
+  delete(id: string): Promise<boolean>;
+}
+
+export interface Store {
+  readonly kind: 'sqlite' | 'mongo';
+  readonly users: UserRepository;
+  readonly orgs: OrgRepository;
+  readonly apiKeys: ApiKeyRepository;
+  readonly sandboxes: SandboxRepository;
+  readonly images: ImageRepository;
+  close(): Promise<void>;
+}

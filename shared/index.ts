@@ -1,0 +1,5 @@
+export * from './errors.js';
+export * from './envelope.js';
+export * from './schemas/common.js';
+export * from './schemas/auth.js';
+export * from './schemas/org.js';

@@ -1,0 +1,29 @@
+import { z } from 'zod';
+import { Id } from './common.js';
+
+export const RegisterInput = z
+  .object({
+    name: z.string().trim().min(2, 'must be 2 to 100 characters').max(100, 'must be 2 to 100 characters').meta({ example: 'Admin User' }),
+    email: z.email('must be a valid email address').max(254).meta({ example: 'admin@example.com' }),
+  })
+  .meta({ id: 'RegisterRequest' });
+export type RegisterInput = z.infer<typeof RegisterInput>;
+
+export const RegisterResult = z
+  .object({
+    orgId: Id,
+    userId: Id,
+    keyId: Id,
+    apiKey: z.string().meta({ description: 'The plain API key. Shown only once: store it now.', example: 'vr_3Jd…' }),
+  })
+  .meta({ id: 'RegisterResult' });
+export type RegisterResult = z.infer<typeof RegisterResult>;
+
+export const VersionInfo = z
+  .object({
+    version: z.string().meta({ example: '0.1.0' }),
+    commit: z.string().meta({ example: '1a2b3c4' }),
+    buildTime: z.string().meta({ example: '2026-11-28T12:00:00.000Z' }),
+  })
+  .meta({ id: 'VersionInfo' });
+export type VersionInfo = z.infer<typeof VersionInfo>;

@@ -1,0 +1,65 @@
+import { z } from 'zod';
+import { Id, Timestamp } from './common.js';
+
+export const Organization = z
+  .object({
+    id: Id,
+    name: z.string().meta({ example: 'My Organization' }),
+    ownerId: Id,
+    members: z.array(Id),
+    plan: z.string().meta({ example: 'free' }),
+    usage: z.number().int().meta({ example: 5 }),
+    createdAt: Timestamp,
+    createdBy: Id,
+    updatedAt: Timestamp,
+  })
+  .meta({ id: 'Organization' });
+export type Organization = z.infer<typeof Organization>;
+
+export const ApiKey = z
+  .object({
+    id: Id,
+    orgId: Id,
+    name: z.string().meta({ example: 'CI/CD Key' }),
+    prefix: z.string().meta({ description: 'The first characters of the key, to tell keys apart.', example: 'vr_3Jd9' }),
+    createdBy: Id,
+    createdAt: Timestamp,
+    lastUsedAt: Timestamp.nullable(),
+    isActive: z.boolean(),
+    updatedAt: Timestamp,
+  })
+  .meta({ id: 'APIKeyResponse' });
+export type ApiKey = z.infer<typeof ApiKey>;
+
+export const OrgIdInput = z.object({ orgId: Id });
+
+export const GenerateApiKeyInput = z
+  .object({
+    orgId: Id,
+    keyName: z.string().trim().min(1, 'must not be empty').max(100, 'must be at most 100 characters').meta({ example: 'CI/CD Key' }),
+  })
+  .meta({ id: 'GenerateAPIKeyRequest' });
+export type GenerateApiKeyInput = z.infer<typeof GenerateApiKeyInput>;
+
+export const GeneratedApiKey = z
+  .object({
+    plainKey: z.string().meta({ description: 'Only returned once, at generation time.', example: 'vr_3Jd…' }),
+    keyId: Id,
+    keyName: z.string(),
+    orgId: Id,
+    createdAt: Timestamp,
+    expiresIn: z.string().meta({ example: 'never (revoke it to end it)' }),
+  })
+  .meta({ id: 'GeneratedAPIKeyResponse' });
+export type GeneratedApiKey = z.infer<typeof GeneratedApiKey>;
+
+export const ApiKeyRef = z.object({ orgId: Id, keyId: Id });
+export type ApiKeyRef = z.infer<typeof ApiKeyRef>;
+
+export const SetApiKeyActiveInput = ApiKeyRef.extend({
+  isActive: z.boolean().meta({ description: 'false deactivates the key at once; true reactivates it.' }),
+});
+export type SetApiKeyActiveInput = z.infer<typeof SetApiKeyActiveInput>;
+
+export const RevokedApiKey = z.object({ keyId: Id, revoked: z.literal(true) }).meta({ id: 'RevokedAPIKey' });
+export type RevokedApiKey = z.infer<typeof RevokedApiKey>;
