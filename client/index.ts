@@ -1,0 +1,69 @@
+import { createTRPCClient, createWSClient, httpBatchLink, splitLink, wsLink, type TRPCClient, type TRPCLink } from '@trpc/client';
+import { observable } from '@trpc/server/observable';
+import superjson from 'superjson';
+import WebSocketImpl from 'ws';
+import type { AppRouter } from '../server/routers/index.js';
+import { toVoidRunError } from './errors.js';
+
+export * from './errors.js';
+export type { AppRouter };
+
+export interface ClientOptions {
+  /** The server's base URL, e.g. `http://localhost:33944`. */
+  url: string;
+  /** An API key; omit it for public calls such as `auth.register`. */
+  apiKey?: string;
+  /** Extra HTTP headers for every request. */
+  headers?: Record<string, string>;
+  /** A WebSocket implementation; defaults to the global one, or `ws` on Node (Node 20 has none). */
+  WebSocket?: typeof globalThis.WebSocket;
+}
+
+/** Turns every failed call's error into its class (`NotFoundError`, `UnauthorizedError`, …). */
+const errorClassLink: TRPCLink<AppRouter> = () => ({ next, op }) =>
+  observable((observer) =>
+    next(op).subscribe({
+      next: (value) => observer.next(value),
+      error: (err) => observer.error(toVoidRunError(err)),
+      complete: () => observer.complete(),
+    }),
+  );
+
+export interface VoidRunClient {
+  /** The end-to-end typed tRPC client: `trpc.org.me.query()`, `trpc.auth.register.mutate(…)`, … */
+  readonly trpc: TRPCClient<AppRouter>;
+  /** Closes the WebSocket, if one was opened. */
+  close(): Promise<void>;
+}
+
+/**
+ * A typed client for a VoidRun server. Queries and mutations go over HTTP with batching;
+ * subscriptions over one lazily opened WebSocket that authenticates with the same API key.
+ */
+export function createClient(options: ClientOptions): VoidRunClient {
+  const base = options.url.replace(/\/+$/, '');
+  const headers = { ...options.headers, ...(options.apiKey ? { 'x-api-key': options.apiKey } : {}) };
+  const wsClient = createWSClient({
+    url: `${base.replace(/^http/, 'ws')}/trpc`,
+    // `ws` implements the WHATWG WebSocket interface tRPC uses; only its TypeScript declarations differ.
+    WebSocket: options.WebSocket ?? globalThis.WebSocket ?? (WebSocketImpl as unknown as typeof globalThis.WebSocket),
+    connectionParams: options.apiKey ? { apiKey: options.apiKey } : null,
+    lazy: { enabled: true, closeMs: 0 },
+  });
+  const trpc = createTRPCClient<AppRouter>({
+    links: [
+      errorClassLink,
+      splitLink({
+        condition: (op) => op.type === 'subscription',
+        true: wsLink({ client: wsClient, transformer: superjson }),
+        false: httpBatchLink({ url: `${base}/trpc`, transformer: superjson, headers: () => headers }),
+      }),
+    ],
+  });
+  return {
+    trpc,
+    async close() {
+      await wsClient.close();
+    },
+  };
+}
