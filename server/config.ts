@@ -1,6 +1,9 @@
 import { z } from 'zod';
 
-const bool = z.enum(['true', 'false', '1', '0', 'yes', 'no']).transform((v) => v === 'true' || v === '1' || v === 'yes');
+const bool = z
+  .enum(['true', 'false', '1', '0', 'yes', 'no'], { error: 'true or false' })
+  .transform((v) => v === 'true' || v === '1' || v === 'yes');
+const oneOf = <const T extends readonly [string, ...string[]]>(values: T) => z.enum(values, { error: `one of ${values.join(', ')}` });
 const int = (min: number, max: number) =>
   z
     .string()
@@ -37,12 +40,12 @@ const EnvSchema = z.object({
   SANDBOX_DEFAULT_MEMORY_MB: int(64, 1_048_576).default(1024),
   SANDBOX_DEFAULT_DISK_MB: int(64, 16_777_216).default(5120),
   SANDBOX_DEFAULT_IMAGE: nonEmpty.default('debian'),
-  SANDBOX_DRIVER: z.enum(['auto', 'container', 'qemu', 'cloud-hypervisor']).default('auto'),
+  SANDBOX_DRIVER: oneOf(['auto', 'container', 'qemu', 'cloud-hypervisor']).default('auto'),
   HEALTH_ENABLED: bool.default(true),
   HEALTH_INTERVAL_SEC: int(1, 86_400).default(60),
   HEALTH_CONCURRENCY: int(1, 1024).default(16),
   API_KEY_CACHE_TTL_SECONDS: int(0, 86_400).default(3600),
-  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  LOG_LEVEL: oneOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   MAX_JSON_BODY_BYTES: int(1024, 1024 * 1024 * 1024).default(1024 * 1024),
   API_KEY_LAST_USED_FLUSH_SEC: int(1, 3600).default(30),
   // Set by release builds (the Dockerfile); a checkout reads the commit from .git.
@@ -63,6 +66,5 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   if (result.success) return result.data;
   const issue = result.error.issues[0]!;
   const name = String(issue.path[0]);
-  const expected = issue.code === 'invalid_value' && 'values' in issue ? `one of ${issue.values.join(', ')}` : issue.message;
-  throw new ConfigError(`Invalid configuration: ${name}=${JSON.stringify(env[name] ?? '')} — expected ${expected}`);
+  throw new ConfigError(`Invalid configuration: ${name}=${JSON.stringify(env[name] ?? '')} — expected ${issue.message}`);
 }
