@@ -195,7 +195,7 @@ describe('the typed client', () => {
     await expect(anon.trpc.org.me.query()).rejects.toMatchObject({ code: 'UNAUTHORIZED', status: 401 });
   });
 
-  it('authenticates WebSocket calls through connectionParams and rejects a bad key there', async () => {
+  it('authenticates WebSocket calls through connectionParams or ?apiKey= and rejects a bad key there', async () => {
     const reg = await server.client().trpc.auth.register.mutate({ name: 'WS User', email: uniqueEmail('ws') });
     const { createTRPCClient, createWSClient, wsLink } = await import('@trpc/client');
     const superjson = (await import('superjson')).default;
@@ -207,6 +207,10 @@ describe('the typed client', () => {
     };
     const good = open(reg.apiKey);
     expect((await good.c.org.me.query()).id).toBe(reg.orgId);
+    const viaQuery = createWSClient({ url: `${server.url.replace('http', 'ws')}/trpc?apiKey=${reg.apiKey}`, WebSocket: WebSocket as never });
+    const q = createTRPCClient<import('../server/routers/index.js').AppRouter>({ links: [wsLink({ client: viaQuery, transformer: superjson })] });
+    expect((await q.org.me.query()).id).toBe(reg.orgId);
+    await viaQuery.close();
     const bad = open('vr_wrong');
     await expect(bad.c.org.me.query()).rejects.toMatchObject({ data: { errorCode: 'UNAUTHORIZED' } });
     await Promise.all([good.ws.close(), bad.ws.close()]);
