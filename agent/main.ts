@@ -1,0 +1,40 @@
+/**
+ * The agent: runs inside each sandbox (PID 2, under tini), serves the agent router over HTTP +
+ * WebSocket on the transport the driver gives it — a unix socket path in VOIDRUN_AGENT_SOCKET.
+ */
+import { existsSync, unlinkSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { applyWSSHandler } from '@trpc/server/adapters/ws';
+import { WebSocketServer } from 'ws';
+import { agentRouter, type AgentContext } from './router.js';
+import { ProcessManager } from './services/process/process-manager.js';
+
+const socketPath = process.env.VOIDRUN_AGENT_SOCKET;
+if (!socketPath) {
+  console.error('agent: VOIDRUN_AGENT_SOCKET is not set');
+  process.exit(2);
+}
+
+// What sandbox commands inherit: the sandbox's env without the agent's own settings.
+const baseEnv = { ...process.env };
+delete baseEnv.VOIDRUN_AGENT_SOCKET;
+const ctx: AgentContext = { processes: new ProcessManager(baseEnv, process.env.HOME ?? '/'), startedAt: Date.now() };
+
+const server = createServer((_req, res) => {
+  res.writeHead(404).end();
+});
+const wss = new WebSocketServer({ server, maxPayload: 64 * 1024 * 1024 });
+applyWSSHandler({ wss, router: agentRouter, createContext: () => ctx });
+
+if (existsSync(socketPath)) unlinkSync(socketPath);
+server.listen(socketPath, () => {
+  console.log(`agent: listening on ${socketPath} (pid ${process.pid})`);
+});
+
+const shutdown = () => {
+  ctx.processes.killAll();
+  server.close(() => process.exit(0));
+  setTimeout(() => process.exit(0), 1000).unref();
+};
+process.on('SIGTERM', shutdown);
+process.on('SIGINT', shutdown);

@@ -1,0 +1,180 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { StringDecoder } from 'node:string_decoder';
+import type { AgentExecResult, AgentProcessInfo, OutputEvent, ProcessSpec } from '../../../shared/schemas/agent.js';
+import { AgentError } from '../../errors.js';
+import { OutputLog, type SequencedEvent } from './output-log.js';
+
+/** What each process keeps of its output for late readers and reconnects. */
+const OUTPUT_LOG_BYTES = 1024 * 1024;
+/** Finished processes stay listed (and attachable) until this many newer ones have finished. */
+const KEEP_FINISHED = 100;
+
+export interface ExitInfo {
+  exitCode: number;
+  signal: string | null;
+  timedOut: boolean;
+}
+
+/** One process the agent started, with its output log and exit. */
+export class ManagedProcess {
+  readonly pid: number;
+  readonly startTime = new Date();
+  readonly output = new OutputLog(OUTPUT_LOG_BYTES);
+  exit: ExitInfo | null = null;
+  readonly exited: Promise<ExitInfo>;
+  readonly #child: ChildProcess;
+
+  constructor(
+    readonly command: string,
+    child: ChildProcess,
+    timeoutMs: number,
+  ) {
+    this.#child = child;
+    this.pid = child.pid!;
+    let timedOut = false;
+    const timer = timeoutMs > 0 ? setTimeout(() => ((timedOut = true), this.kill('SIGKILL')), timeoutMs) : undefined;
+    for (const [stream, type] of [
+      [child.stdout, 'stdout'],
+      [child.stderr, 'stderr'],
+    ] as const) {
+      const decoder = new StringDecoder('utf8');
+      stream?.on('data', (chunk: Buffer) => {
+        const data = decoder.write(chunk);
+        if (data) this.output.append({ type, data });
+      });
+      stream?.on('end', () => {
+        const rest = decoder.end();
+        if (rest) this.output.append({ type, data: rest });
+      });
+    }
+    // 'close' fires after stdout and stderr ended, so the exit event is always the last.
+    this.exited = new Promise((resolve) => {
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        // 124 for a timeout, as timeout(1) reports; 128+n for a signal, as shells do.
+        const exitCode = timedOut ? 124 : (code ?? 128 + signalNumber(signal));
+        this.exit = { exitCode, signal: signal ?? null, timedOut };
+        this.output.append({ type: 'exit', ...this.exit });
+        resolve(this.exit);
+      });
+    });
+  }
+
+  get running(): boolean {
+    return this.exit === null;
+  }
+
+  /** Signals the whole process group, so children the command started go too. */
+  kill(signal: NodeJS.Signals = 'SIGKILL'): void {
+    if (!this.running) return;
+    try {
+      process.kill(-this.pid, signal);
+    } catch {
+      this.#child.kill(signal);
+    }
+  }
+
+  writeStdin(data: string): void {
+    const stdin = this.#child.stdin;
+    if (!stdin || stdin.destroyed || !stdin.writable) throw new AgentError('BAD_REQUEST', `Process ${this.pid} has no open stdin`);
+    stdin.write(data);
+  }
+
+  closeStdin(): void {
+    this.#child.stdin?.end();
+  }
+
+  info(): AgentProcessInfo {
+    return { pid: this.pid, command: this.command, startTime: this.startTime.toISOString(), running: this.running, exitCode: this.exit?.exitCode ?? null };
+  }
+}
+
+function signalNumber(signal: NodeJS.Signals | null): number {
+  const numbers: Partial<Record<NodeJS.Signals, number>> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGTERM: 15, SIGSEGV: 11, SIGABRT: 6, SIGPIPE: 13 };
+  return (signal && numbers[signal]) || 0;
+}
+
+/** Starts, tracks and ends the processes of one sandbox. */
+export class ProcessManager {
+  readonly #processes = new Map<number, ManagedProcess>();
+  readonly #finished: number[] = [];
+
+  constructor(private readonly baseEnv: NodeJS.ProcessEnv, private readonly defaultCwd: string) {}
+
+  start(spec: ProcessSpec): ManagedProcess {
+    const env = { ...this.baseEnv, ...spec.env };
+    const [file, args] = spec.args?.length ? [spec.command, spec.args] : ['/bin/sh', ['-c', spec.command]];
+    const child = spawn(file, args, {
+      cwd: spec.cwd ?? this.defaultCwd,
+      env,
+      detached: true, // its own process group, so a timeout or kill reaches its children
+      stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
+    });
+    child.on('error', () => {}); // a spawn failure is reported below; later errors through 'close'
+    if (child.pid === undefined) throw new AgentError('BAD_REQUEST', describeSpawnFailure(spec));
+    lowerOomPriority(child.pid);
+    const command = spec.args?.length ? [spec.command, ...spec.args].join(' ') : spec.command;
+    const proc = new ManagedProcess(command, child, spec.timeoutMs);
+    this.#processes.set(proc.pid, proc);
+    void proc.exited.then(() => this.#retire(proc.pid));
+    return proc;
+  }
+
+  /** Runs to completion and returns its output, each stream capped at `maxOutputBytes`. */
+  async run(spec: ProcessSpec): Promise<AgentExecResult> {
+    const limit = spec.maxOutputBytes ?? 4 * 1024 * 1024;
+    const proc = this.start(spec);
+    const out = { stdout: '', stderr: '' };
+    let truncated = false;
+    const collect = (e: SequencedEvent) => {
+      if (e.event.type !== 'stdout' && e.event.type !== 'stderr') return;
+      const room = limit - out[e.event.type].length;
+      if (e.event.data.length > room) truncated = true;
+      if (room > 0) out[e.event.type] += e.event.data.slice(0, room);
+    };
+    for (const e of proc.output.since(0)) collect(e);
+    const unsubscribe = proc.output.subscribe(collect);
+    const exit = await proc.exited;
+    unsubscribe();
+    return { ...out, exitCode: exit.exitCode, truncated, timedOut: exit.timedOut, signal: exit.signal };
+  }
+
+  get(pid: number): ManagedProcess {
+    const proc = this.#processes.get(pid);
+    if (!proc) throw new AgentError('NOT_FOUND', `No process with pid ${pid} was started in this sandbox (or it finished long ago)`);
+    return proc;
+  }
+
+  list(): AgentProcessInfo[] {
+    return [...this.#processes.values()].map((p) => p.info());
+  }
+
+  get size(): number {
+    return this.#processes.size;
+  }
+
+  killAll(): void {
+    for (const p of this.#processes.values()) p.kill('SIGKILL');
+  }
+
+  #retire(pid: number): void {
+    this.#finished.push(pid);
+    while (this.#finished.length > KEEP_FINISHED) this.#processes.delete(this.#finished.shift()!);
+  }
+}
+
+/** Children must be the OOM killer's choice, never the agent. */
+function lowerOomPriority(pid: number): void {
+  try {
+    writeFileSync(`/proc/${pid}/oom_score_adj`, '500');
+  } catch {
+    // Not fatal: outside a sandbox (tests) /proc may refuse.
+  }
+}
+
+function describeSpawnFailure(spec: ProcessSpec): string {
+  return spec.cwd ? `Cannot start the command: does the working directory ${spec.cwd} exist?` : 'Cannot start the command';
+}
+
+export type { OutputEvent };

@@ -1,0 +1,49 @@
+import { statSync, readdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { build } from 'esbuild';
+
+const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** The host files every sandbox's agent runs from (mounted read-only by the drivers). */
+export interface AgentFiles {
+  nodeBinary: string;
+  bundle: string;
+  nodeModules: string;
+}
+
+function newestMtime(dir: string): number {
+  let newest = 0;
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    newest = Math.max(newest, entry.isDirectory() ? newestMtime(path) : statSync(path).mtimeMs);
+  }
+  return newest;
+}
+
+/**
+ * Bundles `agent/` into one CommonJS file (`dist/agent/agent.cjs`) when it is missing or older than
+ * its sources, so `npm start` needs no separate build step. Native modules stay external and load
+ * from the mounted node_modules.
+ */
+export async function ensureAgentBundle(): Promise<AgentFiles> {
+  const bundle = join(repoRoot, 'dist', 'agent', 'agent.cjs');
+  let built = 0;
+  try {
+    built = statSync(bundle).mtimeMs;
+  } catch {}
+  const sources = Math.max(newestMtime(join(repoRoot, 'agent')), newestMtime(join(repoRoot, 'shared')));
+  if (built < sources) {
+    await build({
+      entryPoints: [join(repoRoot, 'agent', 'main.ts')],
+      outfile: bundle,
+      bundle: true,
+      platform: 'node',
+      format: 'cjs',
+      target: 'node20',
+      external: ['node-pty', 'bufferutil', 'utf-8-validate'],
+      logLevel: 'silent',
+    });
+  }
+  return { nodeBinary: process.execPath, bundle, nodeModules: join(repoRoot, 'node_modules') };
+}

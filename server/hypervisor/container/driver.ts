@@ -1,0 +1,249 @@
+import { execFile } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { chown, mkdir, readdir, rm, writeFile } from 'node:fs/promises';
+import { connect as netConnect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
+import { AGENT_SOCKET_NAME, buildOciSpec, type IdMapping } from './oci-spec.js';
+import { Runc } from './runc.js';
+
+export interface ContainerDriverOptions {
+  instancesDir: string;
+  runcRoot: string;
+  idMap: IdMapping;
+  pidsLimit: number;
+  /** Host files the agent runs from, mounted read-only into every sandbox. */
+  agent: { nodeBinary: string; bundle: string; nodeModules: string };
+  /** How long `create`/`start` wait for the agent to accept connections. */
+  agentReadyTimeoutMs: number;
+  log: Logger;
+}
+
+/** Instance layout: INSTANCES_DIR/<id>/{config.json, upper/, work/, rootfs/, run/agent.sock, sandbox.log}. */
+function layout(instancesDir: string, id: string) {
+  const dir = join(instancesDir, id);
+  return {
+    dir,
+    upper: join(dir, 'upper'),
+    work: join(dir, 'work'),
+    rootfs: join(dir, 'rootfs'),
+    run: join(dir, 'run'),
+    socket: join(dir, 'run', AGENT_SOCKET_NAME),
+    log: join(dir, 'sandbox.log'),
+    lowerFile: join(dir, 'lower'),
+  };
+}
+
+function exec(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 4 * 1024 * 1024 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} ${args[0] ?? ''} failed: ${(stderr || err.message).trim().split('\n').pop()}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+function isMounted(path: string): boolean {
+  return readFileSync('/proc/self/mounts', 'utf8')
+    .split('\n')
+    .some((line) => line.split(' ')[1] === path);
+}
+
+/**
+ * Sandboxes as Linux containers run by runc: user-namespaced (sandbox root is an unprivileged host
+ * uid), overlayfs copy-on-write over the image, cgroup v1 limits, own network namespace with only
+ * loopback. Works on any Linux host with runc; no KVM needed.
+ */
+export class ContainerDriver implements SandboxDriver, PausableDriver, SnapshottingDriver {
+  readonly name = 'container' as const;
+  readonly snapshotKind = 'filesystem' as const;
+  readonly #runc: Runc;
+
+  constructor(private readonly opts: ContainerDriverOptions) {
+    this.#runc = new Runc(opts.runcRoot);
+  }
+
+  async available(): Promise<DriverAvailability> {
+    if (process.platform !== 'linux') return { ok: false, reason: 'the container driver needs Linux' };
+    if (process.getuid?.() !== 0) return { ok: false, reason: 'the container driver needs root (it mounts overlays and maps uid ranges)' };
+    try {
+      await this.#runc.version();
+    } catch {
+      return { ok: false, reason: 'runc is not installed: run `npm run setup` (installs runc and debootstrap with apt)' };
+    }
+    if (!readFileSync('/proc/filesystems', 'utf8').includes('overlay')) return { ok: false, reason: 'the kernel has no overlayfs' };
+    return { ok: true };
+  }
+
+  #cid(id: string): string {
+    return `vr-${id}`;
+  }
+
+  async create(spec: SandboxSpec): Promise<void> {
+    try {
+      await this.#prepareDirs(spec.id);
+      await this.#boot(spec);
+    } catch (err) {
+      await this.destroy(spec.id).catch(() => {});
+      throw err;
+    }
+  }
+
+  async restore(spec: SandboxSpec, file: string): Promise<void> {
+    const p = layout(this.opts.instancesDir, spec.id);
+    try {
+      await this.#prepareDirs(spec.id);
+      await exec('tar', ['-xzf', file, '-C', p.upper, '--numeric-owner', '--xattrs', '--xattrs-include=trusted.overlay.*', '-p']);
+      await this.#boot(spec);
+    } catch (err) {
+      await this.destroy(spec.id).catch(() => {});
+      throw err;
+    }
+  }
+
+  async start(spec: SandboxSpec): Promise<void> {
+    const cid = this.#cid(spec.id);
+    const state = await this.#runc.state(cid);
+    if (state && state.status !== 'stopped') return;
+    if (state) await this.#runc.delete(cid);
+    await this.#boot(spec);
+  }
+
+  async #prepareDirs(id: string): Promise<void> {
+    const p = layout(this.opts.instancesDir, id);
+    const { hostId } = this.opts.idMap;
+    // Traversable (not readable) by the sandbox's mapped root, which runc resolves the mounts as.
+    await mkdir(p.dir, { recursive: true, mode: 0o711 });
+    for (const d of [p.upper, p.work, p.rootfs, p.run]) await mkdir(d, { recursive: true });
+    // Root inside the sandbox (hostId outside) owns its root directory and the agent's run dir.
+    await chown(p.upper, hostId, hostId);
+    await chown(p.run, hostId, hostId);
+  }
+
+  async #boot(spec: SandboxSpec): Promise<void> {
+    const p = layout(this.opts.instancesDir, spec.id);
+    if (!isMounted(p.rootfs)) {
+      await exec('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${spec.rootfs},upperdir=${p.upper},workdir=${p.work}`, p.rootfs]);
+    }
+    await writeFile(p.lowerFile, spec.rootfs);
+    const config = buildOciSpec({
+      spec,
+      paths: { rootfs: p.rootfs, runDir: p.run, nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
+      idMap: this.opts.idMap,
+      pidsLimit: this.opts.pidsLimit,
+      cgroupsPath: `/voidrun/${this.#cid(spec.id)}`,
+    });
+    await writeFile(join(p.dir, 'config.json'), JSON.stringify(config));
+    await rm(p.socket, { force: true });
+    await this.#runc.runDetached(this.#cid(spec.id), p.dir, p.log).catch((err: Error) => {
+      throw new Error(`${err.message}: ${lastLines(p.log)}`);
+    });
+    await this.#waitForAgent(spec.id);
+  }
+
+  /** Resolves once the agent's socket accepts a connection. */
+  async #waitForAgent(id: string): Promise<void> {
+    const p = layout(this.opts.instancesDir, id);
+    const deadline = Date.now() + this.opts.agentReadyTimeoutMs;
+    let delay = 2;
+    while (Date.now() < deadline) {
+      if (existsSync(p.socket)) {
+        try {
+          const s = await this.#dial(p.socket);
+          s.destroy();
+          return;
+        } catch {
+          // not accepting yet
+        }
+      }
+      const state = await this.#runc.state(this.#cid(id));
+      if (!state || state.status === 'stopped') throw new Error(`the sandbox stopped while starting: ${lastLines(p.log)}`);
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(delay * 2, 50);
+    }
+    throw new Error(`the sandbox agent did not start within ${this.opts.agentReadyTimeoutMs} ms: ${lastLines(p.log)}`);
+  }
+
+  #dial(socketPath: string): Promise<Socket> {
+    return new Promise((resolve, reject) => {
+      const s = netConnect(socketPath);
+      s.once('connect', () => {
+        s.off('error', reject);
+        resolve(s);
+      });
+      s.once('error', reject);
+    });
+  }
+
+  async connect(id: string): Promise<Duplex> {
+    return this.#dial(layout(this.opts.instancesDir, id).socket);
+  }
+
+  async stop(id: string): Promise<void> {
+    const cid = this.#cid(id);
+    const p = layout(this.opts.instancesDir, id);
+    const state = await this.#runc.state(cid);
+    if (state && state.status !== 'stopped') {
+      if (state.status === 'paused') await this.#runc.resume(cid).catch(() => {});
+      await this.#runc.kill(cid, 'TERM').catch(() => {});
+      const deadline = Date.now() + 3000;
+      while (Date.now() < deadline && (await this.#runc.state(cid))?.status === 'running') await new Promise((r) => setTimeout(r, 25));
+    }
+    if (state) await this.#runc.delete(cid);
+    if (isMounted(p.rootfs)) await exec('umount', [p.rootfs]).catch(() => exec('umount', ['-l', p.rootfs]));
+  }
+
+  async destroy(id: string): Promise<void> {
+    const cid = this.#cid(id);
+    const p = layout(this.opts.instancesDir, id);
+    if (await this.#runc.state(cid)) await this.#runc.delete(cid);
+    if (isMounted(p.rootfs)) await exec('umount', [p.rootfs]).catch(() => exec('umount', ['-l', p.rootfs]));
+    await rm(p.dir, { recursive: true, force: true });
+  }
+
+  async inspect(id: string): Promise<DriverStatus> {
+    const state = await this.#runc.state(this.#cid(id));
+    if (state?.status === 'running' || state?.status === 'paused') return state.status;
+    return existsSync(layout(this.opts.instancesDir, id).dir) ? 'stopped' : 'missing';
+  }
+
+  async list(): Promise<string[]> {
+    if (!existsSync(this.opts.instancesDir)) return [];
+    const entries = await readdir(this.opts.instancesDir);
+    return entries.filter((e) => existsSync(join(this.opts.instancesDir, e, 'config.json')));
+  }
+
+  async pause(id: string): Promise<void> {
+    await this.#runc.pause(this.#cid(id));
+  }
+
+  async resume(id: string): Promise<void> {
+    await this.#runc.resume(this.#cid(id));
+  }
+
+  /**
+   * Captures the writable layer while every process is frozen, so the archive is consistent.
+   * Memory is not captured (CRIU does not work on this kernel): a restored sandbox boots fresh.
+   */
+  async snapshot(id: string, file: string): Promise<void> {
+    const cid = this.#cid(id);
+    const p = layout(this.opts.instancesDir, id);
+    const wasRunning = (await this.#runc.state(cid))?.status === 'running';
+    if (wasRunning) await this.#runc.pause(cid);
+    try {
+      await exec('tar', ['-czf', file, '-C', p.upper, '--numeric-owner', '--xattrs', '--xattrs-include=trusted.overlay.*', '.'], 600_000);
+    } finally {
+      if (wasRunning) await this.#runc.resume(cid);
+    }
+  }
+}
+
+function lastLines(file: string): string {
+  try {
+    return readFileSync(file, 'utf8').trim().split('\n').slice(-3).join(' | ') || '(no output)';
+  } catch {
+    return '(no log)';
+  }
+}

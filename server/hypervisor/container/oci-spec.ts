@@ -1,0 +1,140 @@
+import type { SandboxSpec } from '../types.js';
+import { buildSeccompProfile } from './seccomp-profile.js';
+
+/** Where a sandbox's pieces are, on the host and inside. */
+export interface ContainerPaths {
+  /** The overlay mount (image + writable layer): the container's root. */
+  rootfs: string;
+  /** A host directory mounted read-write at `AGENT_RUN_DIR`; the agent's socket appears in it. */
+  runDir: string;
+  /** Host files mounted read-only for the agent. */
+  nodeBinary: string;
+  agentBundle: string;
+  nodeModules: string;
+}
+
+export interface IdMapping {
+  /** First host uid/gid of the range the sandbox's ids 0…size-1 map onto. */
+  hostId: number;
+  size: number;
+}
+
+export interface OciSpecOptions {
+  spec: SandboxSpec;
+  paths: ContainerPaths;
+  idMap: IdMapping;
+  pidsLimit: number;
+  cgroupsPath: string;
+}
+
+/** Inside the sandbox. */
+export const AGENT_DIR = '/opt/voidrun';
+export const AGENT_RUN_DIR = '/run/voidrun';
+export const AGENT_SOCKET_NAME = 'agent.sock';
+
+const CPU_PERIOD_US = 100_000;
+const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+
+/** The capabilities container runtimes grant by default (Docker's set). */
+export const defaultCapabilities = [
+  'CAP_CHOWN',
+  'CAP_DAC_OVERRIDE',
+  'CAP_FSETID',
+  'CAP_FOWNER',
+  'CAP_MKNOD',
+  'CAP_NET_RAW',
+  'CAP_SETGID',
+  'CAP_SETUID',
+  'CAP_SETFCAP',
+  'CAP_SETPCAP',
+  'CAP_NET_BIND_SERVICE',
+  'CAP_SYS_CHROOT',
+  'CAP_KILL',
+  'CAP_AUDIT_WRITE',
+];
+
+/**
+ * The OCI runtime `config.json` for a sandbox. Pure: no I/O, so every isolation decision is visible
+ * and table-tested here.
+ *
+ * - Namespaces: user (ids mapped onto `idMap`, so sandbox root is an unprivileged host uid), pid,
+ *   ipc, uts (hostname = sandbox name), mount, network (loopback only) and cgroup.
+ * - The agent runs under tini (PID 1, reaps orphans) from read-only bind mounts of the host's node
+ *   and the agent bundle; nothing else of the host is mounted.
+ * - cgroup limits: memory (no swap beyond it), CPU quota = `cpu` cores, a pids limit.
+ */
+export function buildOciSpec(o: OciSpecOptions) {
+  const { spec, paths, idMap } = o;
+  const env = {
+    PATH: DEFAULT_PATH,
+    HOME: '/root',
+    TERM: 'xterm-256color',
+    LANG: 'C.UTF-8',
+    ...spec.envVars,
+    VOIDRUN_SANDBOX_ID: spec.id,
+    VOIDRUN_AGENT_SOCKET: `${AGENT_RUN_DIR}/${AGENT_SOCKET_NAME}`,
+  };
+  const memBytes = spec.memMb * 1024 * 1024;
+  const ro = ['rbind', 'ro', 'nosuid', 'nodev'];
+  return {
+    ociVersion: '1.0.2',
+    process: {
+      terminal: false,
+      user: { uid: 0, gid: 0 },
+      args: ['/usr/bin/tini', '-s', '-g', '--', `${AGENT_DIR}/node`, `${AGENT_DIR}/agent.cjs`],
+      env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
+      cwd: '/root',
+      capabilities: {
+        bounding: defaultCapabilities,
+        effective: defaultCapabilities,
+        permitted: defaultCapabilities,
+      },
+      // The agent must outlive a memory hog: a negative oomScoreAdj is refused inside a user
+      // namespace, so instead the agent raises the score of every command it starts.
+      noNewPrivileges: false,
+    },
+    root: { path: paths.rootfs, readonly: false },
+    hostname: spec.name,
+    mounts: [
+      { destination: '/proc', type: 'proc', source: 'proc', options: ['nosuid', 'noexec', 'nodev'] },
+      { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
+      { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620'] },
+      { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
+      { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
+      { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+      { destination: `${AGENT_DIR}/node`, type: 'bind', source: paths.nodeBinary, options: ro },
+      { destination: `${AGENT_DIR}/agent.cjs`, type: 'bind', source: paths.agentBundle, options: ro },
+      // Ends in node_modules so Node's resolution finds the agent's native dependencies.
+      { destination: `${AGENT_DIR}/node_modules`, type: 'bind', source: paths.nodeModules, options: ro },
+      { destination: AGENT_RUN_DIR, type: 'bind', source: paths.runDir, options: ['rbind', 'rw', 'nosuid', 'nodev', 'noexec'] },
+    ],
+    linux: {
+      uidMappings: [{ containerID: 0, hostID: idMap.hostId, size: idMap.size }],
+      gidMappings: [{ containerID: 0, hostID: idMap.hostId, size: idMap.size }],
+      namespaces: [{ type: 'pid' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }, { type: 'network' }, { type: 'user' }, { type: 'cgroup' }],
+      cgroupsPath: o.cgroupsPath,
+      resources: {
+        devices: [{ allow: false, access: 'rwm' }],
+        memory: { limit: memBytes, swap: memBytes },
+        cpu: { quota: Math.round(spec.cpu * CPU_PERIOD_US), period: CPU_PERIOD_US },
+        pids: { limit: o.pidsLimit },
+      },
+      seccomp: buildSeccompProfile(),
+      maskedPaths: [
+        '/proc/acpi',
+        '/proc/asound',
+        '/proc/kcore',
+        '/proc/keys',
+        '/proc/latency_stats',
+        '/proc/timer_list',
+        '/proc/timer_stats',
+        '/proc/sched_debug',
+        '/proc/scsi',
+        '/sys/firmware',
+      ],
+      readonlyPaths: ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
+    },
+  };
+}
+
+export type OciSpec = ReturnType<typeof buildOciSpec>;

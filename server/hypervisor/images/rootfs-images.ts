@@ -1,0 +1,124 @@
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { lchown, lstat, mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { DomainError, ErrorCode } from '../../errors.js';
+import type { IdMapping } from '../container/oci-spec.js';
+
+/** How each image this server can build is made. Only images that can be built here are listed. */
+export const imageRecipes = {
+  debian: {
+    description: 'Debian 12 (bookworm), minimal, with tini and procps',
+    suite: 'bookworm',
+    variant: 'minbase',
+    include: ['tini', 'procps'],
+  },
+} as const;
+export type BuildableImage = keyof typeof imageRecipes;
+
+export function isBuildableImage(name: string): name is BuildableImage {
+  return Object.hasOwn(imageRecipes, name);
+}
+
+const READY_MARKER = '.voidrun-image.json';
+
+/**
+ * Root filesystems under `BASE_IMAGES_DIR/<name>/rootfs`, built with debootstrap the first time
+ * they are needed (progress in the log) and reused after. Files are owned by the sandbox uid
+ * range, so root inside a sandbox owns what root owned in the image.
+ */
+export class RootfsImages {
+  readonly #building = new Map<string, Promise<string>>();
+
+  constructor(
+    private readonly opts: { baseImagesDir: string; idMap: IdMapping; mirror: string; log: Logger },
+  ) {}
+
+  rootfsPath(name: string): string {
+    return join(this.opts.baseImagesDir, name, 'rootfs');
+  }
+
+  isReady(name: string): boolean {
+    return existsSync(join(this.opts.baseImagesDir, name, READY_MARKER));
+  }
+
+  /** The image's rootfs, building it first if needed; concurrent callers share one build. */
+  ensure(name: string): Promise<string> {
+    if (this.isReady(name)) return Promise.resolve(this.rootfsPath(name));
+    if (!isBuildableImage(name)) {
+      return Promise.reject(new DomainError(ErrorCode.INVALID_INPUT, `Image ${name} has no root filesystem on this server and cannot be built here`));
+    }
+    let build = this.#building.get(name);
+    if (!build) {
+      build = this.#build(name).finally(() => this.#building.delete(name));
+      this.#building.set(name, build);
+    }
+    return build;
+  }
+
+  async #build(name: BuildableImage): Promise<string> {
+    const recipe = imageRecipes[name];
+    const { log, baseImagesDir } = this.opts;
+    const dir = join(baseImagesDir, name);
+    const staging = join(baseImagesDir, `.${name}.building-${process.pid}`);
+    await rm(staging, { recursive: true, force: true });
+    await mkdir(staging, { recursive: true });
+    const started = Date.now();
+    log.info({ image: name }, `building image ${name} with debootstrap (${recipe.suite}, ${recipe.variant}); this takes about a minute the first time`);
+    try {
+      await runLogged(
+        'debootstrap',
+        [`--variant=${recipe.variant}`, `--include=${recipe.include.join(',')}`, recipe.suite, join(staging, 'rootfs'), this.opts.mirror],
+        log.child({ image: name, step: 'debootstrap' }),
+      );
+      log.info({ image: name }, `image ${name}: shifting file ownership into the sandbox uid range`);
+      await shiftOwnership(join(staging, 'rootfs'), this.opts.idMap.hostId);
+      await writeFile(join(staging, READY_MARKER), JSON.stringify({ name, ...recipe, builtAt: new Date().toISOString(), uidBase: this.opts.idMap.hostId }));
+      await rm(dir, { recursive: true, force: true });
+      await rename(staging, dir);
+    } catch (err) {
+      await rm(staging, { recursive: true, force: true }).catch(() => {});
+      throw new DomainError(ErrorCode.DRIVER_FAILURE, `Building image ${name} failed: ${(err as Error).message}`, { cause: err });
+    }
+    log.info({ image: name, seconds: Math.round((Date.now() - started) / 1000) }, `image ${name} is ready`);
+    return this.rootfsPath(name);
+  }
+}
+
+/** Adds `base` to the owner and group of every file under `root` (not following symlinks). */
+export async function shiftOwnership(root: string, base: number): Promise<void> {
+  const stack = [root];
+  while (stack.length) {
+    const path = stack.pop()!;
+    const st = await lstat(path);
+    if (st.uid < base || st.gid < base) await lchown(path, st.uid < base ? st.uid + base : st.uid, st.gid < base ? st.gid + base : st.gid);
+    // lchown clears setuid/setgid bits on some filesystems; restore the mode for non-links.
+    if (!st.isSymbolicLink() && st.mode & 0o6000) {
+      const { chmod } = await import('node:fs/promises');
+      await chmod(path, st.mode & 0o7777);
+    }
+    if (st.isDirectory()) for (const entry of await readdir(path)) stack.push(join(path, entry));
+  }
+}
+
+/** Runs a command, logging its output line by line; rejects with its last lines on failure. */
+function runLogged(cmd: string, args: string[], log: Logger): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const tail: string[] = [];
+    const onData = (chunk: Buffer) => {
+      for (const line of chunk.toString().split('\n')) {
+        if (!line.trim()) continue;
+        tail.push(line);
+        if (tail.length > 5) tail.shift();
+        // The steps, not each of the ~100 packages.
+        if (/^I: (Retrieving (In)?Release|Checking component|Found additional|Installing core|Unpacking required|Configuring required|Configuring the base|Base system)/.test(line) || /^[EW]: /.test(line)) log.info(line);
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.once('error', (err) => reject(err));
+    child.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`${cmd} exited with ${code}: ${tail.join(' | ')}`))));
+  });
+}

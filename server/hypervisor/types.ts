@@ -1,0 +1,75 @@
+import type { Duplex } from 'node:stream';
+
+/** What a driver needs to run one sandbox. */
+export interface SandboxSpec {
+  id: string;
+  /** DNS-1123 name; the sandbox's hostname. */
+  name: string;
+  /** The image's root filesystem (read-only lower layer). */
+  rootfs: string;
+  cpu: number;
+  memMb: number;
+  diskMb: number;
+  envVars: Record<string, string>;
+}
+
+export type DriverStatus = 'running' | 'paused' | 'stopped' | 'missing';
+
+export interface DriverAvailability {
+  ok: boolean;
+  /** Why not, in one line a user can act on. */
+  reason?: string;
+}
+
+export interface DriverInfo {
+  name: DriverName;
+  /** How it isolates, for /api/version-style reporting. */
+  isolation: string;
+}
+
+export type DriverName = 'container' | 'qemu' | 'cloud-hypervisor';
+
+/**
+ * Runs sandboxes. Every driver starts the same agent inside each sandbox and hands the server a
+ * byte stream to it; nothing else about a sandbox's inside is the driver's business.
+ */
+export interface SandboxDriver {
+  readonly name: DriverName;
+  available(): Promise<DriverAvailability>;
+  /** Boots the sandbox; resolves once the agent inside accepts connections. Leaves nothing behind on failure. */
+  create(spec: SandboxSpec): Promise<void>;
+  /** Starts a stopped sandbox again with the same filesystem. */
+  start(spec: SandboxSpec): Promise<void>;
+  /** Stops every process; the filesystem is kept for `start`. */
+  stop(id: string): Promise<void>;
+  /** Removes the sandbox and everything it had on the host. Idempotent. */
+  destroy(id: string): Promise<void>;
+  inspect(id: string): Promise<DriverStatus>;
+  /** A new byte stream to the sandbox's agent. */
+  connect(id: string): Promise<Duplex>;
+  /** Ids of sandboxes this driver has on the host (for re-adoption after a restart). */
+  list(): Promise<string[]>;
+}
+
+/** Optional ability: freeze and thaw every process of a sandbox. */
+export interface PausableDriver {
+  pause(id: string): Promise<void>;
+  resume(id: string): Promise<void>;
+}
+
+/** Optional ability: capture a sandbox's state into a file and create a sandbox from one. */
+export interface SnapshottingDriver {
+  /** Writes a snapshot of `id` to `file`; what it captures is `snapshotKind`. */
+  snapshot(id: string, file: string): Promise<void>;
+  /** Creates sandbox `spec.id` from the snapshot in `file`. */
+  restore(spec: SandboxSpec, file: string): Promise<void>;
+  readonly snapshotKind: 'filesystem' | 'memory+filesystem';
+}
+
+export function canPause(d: SandboxDriver): d is SandboxDriver & PausableDriver {
+  return typeof (d as Partial<PausableDriver>).pause === 'function' && typeof (d as Partial<PausableDriver>).resume === 'function';
+}
+
+export function canSnapshot(d: SandboxDriver): d is SandboxDriver & SnapshottingDriver {
+  return typeof (d as Partial<SnapshottingDriver>).snapshot === 'function';
+}
