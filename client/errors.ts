@@ -41,8 +41,10 @@ export class ConflictError extends VoidRunError {}
 export class PayloadTooLargeError extends VoidRunError {}
 export class UnsupportedMediaTypeError extends VoidRunError {}
 export class ServiceUnavailableError extends VoidRunError {}
-export class AgentUnavailableError extends ServiceUnavailableError {}
+export class AgentUnavailableError extends VoidRunError {}
 export class DriverFailureError extends VoidRunError {}
+export class DriverUnavailableError extends ServiceUnavailableError {}
+export class SandboxNotRunningError extends ConflictError {}
 export class InternalServerError extends VoidRunError {}
 
 const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: ErrorCode) => VoidRunError> = {
@@ -56,6 +58,8 @@ const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: Error
   STORE_UNAVAILABLE: ServiceUnavailableError,
   AGENT_UNAVAILABLE: AgentUnavailableError,
   DRIVER_FAILURE: DriverFailureError,
+  DRIVER_UNAVAILABLE: DriverUnavailableError,
+  SANDBOX_NOT_RUNNING: SandboxNotRunningError,
   INTERNAL: InternalServerError,
 };
 

@@ -11,6 +11,14 @@ import type { Services } from './services/index.js';
 import { LastUsedTracker } from './services/last-used-tracker.js';
 import { OrgService } from './services/org-service.js';
 import { openStore } from './store/index.js';
+import { ensureAgentBundle } from './agent-client/agent-bundle.js';
+import { AgentClients } from './agent-client/agent-clients.js';
+import { RootfsImages } from './hypervisor/images/rootfs-images.js';
+import { selectDriver } from './hypervisor/select-driver.js';
+import { ExecService } from './services/exec-service.js';
+import { HealthMonitor } from './services/health-monitor.js';
+import { ImageService } from './services/image-service.js';
+import { SandboxService } from './services/sandbox-service.js';
 import type { Store } from './store/types.js';
 
 export interface App {
@@ -36,12 +44,44 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const store = await openStore(config);
   const lastUsed = new LastUsedTracker(store.apiKeys, log, config.API_KEY_LAST_USED_FLUSH_SEC * 1000);
   const orgs = new OrgService({ store, lastUsed, log });
+
+  const idMap = { hostId: config.SANDBOX_UID_BASE, size: 65536 };
+  const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log });
+  const images = new ImageService({ images: store.images, rootfs, defaultImage: config.SANDBOX_DEFAULT_IMAGE, log });
+  const { driver, reason } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, log });
+  if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
+  else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
+  const agents = driver ? new AgentClients(driver) : null;
+  const sandboxes = new SandboxService({
+    sandboxes: store.sandboxes,
+    images,
+    driver,
+    driverUnavailable: reason,
+    agents,
+    snapshotsDir: config.SNAPSHOTS_DIR,
+    defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
+    log,
+  });
   const services: Services = {
     auth: new AuthService({ apiKeys: store.apiKeys, lastUsed }),
     orgs,
+    sandboxes,
+    exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log }),
+    images,
     buildInfo: readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }),
   };
-  await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
+  const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
+  await images.seedSystemImages(systemUser.id);
+
+  const health = driver
+    ? new HealthMonitor({ sandboxes: store.sandboxes, service: sandboxes, driver, intervalMs: config.HEALTH_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log })
+    : null;
+  if (health) {
+    await health.adopt();
+    if (config.HEALTH_ENABLED) health.start();
+    // Build the default image now, so the first sandbox does not wait for debootstrap.
+    images.prepareDefault().catch((err: Error) => log.error({ err: err.message }, 'could not prepare the default image'));
+  }
 
   const openApiDoc = buildOpenApiDocument(appRouter, services.buildInfo.version);
   const http = createHttpServer({
@@ -70,6 +110,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     },
     async close() {
       await http.close();
+      await health?.stop();
+      await agents?.closeAll();
       await lastUsed.close();
       await store.close();
     },

@@ -67,3 +67,18 @@ export class StoreUnavailableError extends DomainError {
     super(ErrorCode.STORE_UNAVAILABLE, message, options);
   }
 }
+export class DriverFailureError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.DRIVER_FAILURE, message, options);
+  }
+}
+export class DriverUnavailableError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.DRIVER_UNAVAILABLE, message, options);
+  }
+}
+export class SandboxNotRunningError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.SANDBOX_NOT_RUNNING, message, options);
+  }
+}

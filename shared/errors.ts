@@ -14,6 +14,10 @@ export const ErrorCode = {
   STORE_UNAVAILABLE: 'STORE_UNAVAILABLE',
   AGENT_UNAVAILABLE: 'AGENT_UNAVAILABLE',
   DRIVER_FAILURE: 'DRIVER_FAILURE',
+  /** No sandbox driver can run on this host (runc missing, not root, …). */
+  DRIVER_UNAVAILABLE: 'DRIVER_UNAVAILABLE',
+  /** The sandbox is not in a state that allows this (e.g. exec in a stopped sandbox). */
+  SANDBOX_NOT_RUNNING: 'SANDBOX_NOT_RUNNING',
   INTERNAL: 'INTERNAL',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -41,8 +45,10 @@ export const errorCodeTable: Record<ErrorCode, { trpc: TrpcCodeName; httpStatus:
   PAYLOAD_TOO_LARGE: { trpc: 'PAYLOAD_TOO_LARGE', httpStatus: 413 },
   UNSUPPORTED_MEDIA_TYPE: { trpc: 'UNSUPPORTED_MEDIA_TYPE', httpStatus: 415 },
   STORE_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
-  AGENT_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
+  AGENT_UNAVAILABLE: { trpc: 'BAD_GATEWAY', httpStatus: 502 },
   DRIVER_FAILURE: { trpc: 'BAD_GATEWAY', httpStatus: 502 },
+  DRIVER_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
+  SANDBOX_NOT_RUNNING: { trpc: 'CONFLICT', httpStatus: 409 },
   INTERNAL: { trpc: 'INTERNAL_SERVER_ERROR', httpStatus: 500 },
 };
 

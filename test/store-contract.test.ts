@@ -71,7 +71,7 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
       expect(await store.apiKeys.findByHash(hash)).toBeNull();
     });
 
-    it('pages sandboxes of one org newest first with a total, and updates and deletes them', async () => {
+    it('pages sandboxes of one org newest first with a total, keeps names unique per org, and updates and deletes them', async () => {
       const orgId = newId();
       const other = newId();
       const made = [];
@@ -92,6 +92,10 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
         );
         await new Promise((r) => setTimeout(r, 2));
       }
+      await expect(
+        store.sandboxes.create({ name: 'sb-1', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {} }),
+      ).rejects.toBeInstanceOf(ConflictError);
+      await store.sandboxes.create({ name: 'sb-1', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {} });
       await store.sandboxes.create({ name: 'x', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {} });
       const page1 = await store.sandboxes.listByOrg(orgId, 1, 2);
       expect(page1.total).toBe(5);
@@ -110,10 +114,10 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
     it("resolves image names to the org's own image before the system image; names are unique per owner", async () => {
       const orgId = newId();
       const name = `img-${newId()}`;
-      const sys = await store.images.create({ name, tag: 'latest', description: 'system', orgId: null, isSystem: true, createdBy: newId() });
-      await expect(store.images.create({ name, tag: 'x', description: '', orgId: null, isSystem: true, createdBy: newId() })).rejects.toBeInstanceOf(ConflictError);
+      const sys = await store.images.create({ name, tag: 'latest', description: 'system', base: 'debian', orgId: null, isSystem: true, createdBy: newId() });
+      await expect(store.images.create({ name, tag: 'x', description: '', base: 'debian', orgId: null, isSystem: true, createdBy: newId() })).rejects.toBeInstanceOf(ConflictError);
       expect((await store.images.findByName(orgId, name))?.id).toBe(sys.id);
-      const own = await store.images.create({ name, tag: 'mine', description: 'own', orgId, isSystem: false, createdBy: newId() });
+      const own = await store.images.create({ name, tag: 'mine', description: 'own', base: 'debian', orgId, isSystem: false, createdBy: newId() });
       expect((await store.images.findByName(orgId, name))?.id).toBe(own.id);
       expect((await store.images.findByName(newId(), name))?.id).toBe(sys.id);
       const visible = (await store.images.listVisible(orgId)).map((i) => i.id);

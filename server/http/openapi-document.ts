@@ -3,6 +3,7 @@ import { createSchema } from 'zod-openapi';
 import { stringify } from 'yaml';
 import { ErrorResponse } from '../../shared/envelope.js';
 import type { AppRouter } from '../routers/index.js';
+import type { Meta } from '../trpc/init.js';
 import { procedureMetaIndex } from './procedure-meta.js';
 
 type Json = Record<string, any>;
@@ -51,7 +52,7 @@ export function buildOpenApiDocument(router: AppRouter, version: string): Json {
 
   const { schema: errorSchema, components } = createSchema(ErrorResponse);
   doc.components = { ...doc.components, schemas: { ...doc.components?.schemas, ...components, ErrorResponse: errorSchema } };
-  const metaByRoute = new Map<string, { message?: string; successStatus?: number }>();
+  const metaByRoute = new Map<string, Meta>();
   for (const meta of procedureMetaIndex(router).values()) {
     if (meta.openapi) metaByRoute.set(`${meta.openapi.method.toLowerCase()} ${meta.openapi.path}`, meta);
   }
@@ -65,7 +66,7 @@ export function buildOpenApiDocument(router: AppRouter, version: string): Json {
           const data = response.content?.['application/json']?.schema ?? {};
           responses[String(meta?.successStatus ?? status)] = {
             description: meta?.message ?? response.description,
-            content: { 'application/json': { schema: envelopeSchema(data, meta?.message) } },
+            content: { 'application/json': { schema: envelopeSchema(data, meta, doc) } },
           };
         } else {
           responses[status] = {
@@ -81,7 +82,16 @@ export function buildOpenApiDocument(router: AppRouter, version: string): Json {
   return doc;
 }
 
-function envelopeSchema(data: Json, message?: string): Json {
+function envelopeSchema(output: Json, meta: Meta | undefined, doc: Json): Json {
+  const message = meta?.message;
+  let data = output;
+  let pageMeta: Json | undefined;
+  if (meta?.paged) {
+    // A paged procedure returns {data, meta}; REST puts both at the envelope's top level.
+    const resolved = output.$ref ? doc.components.schemas[String(output.$ref).split('/').pop()!] : output;
+    data = resolved.properties.data;
+    pageMeta = resolved.properties.meta;
+  }
   return {
     type: 'object',
     required: ['status', 'message', 'data'],
@@ -89,6 +99,7 @@ function envelopeSchema(data: Json, message?: string): Json {
       status: { type: 'string', enum: ['success'] },
       message: { type: 'string', ...(message ? { example: message } : {}) },
       data,
+      ...(pageMeta ? { meta: pageMeta } : {}),
     },
   };
 }

@@ -4,6 +4,7 @@ import { errorCodeTable } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Context } from '../trpc/context.js';
+import type { Meta } from '../trpc/init.js';
 import { describeIssues, type ErrorData } from '../trpc/errors.js';
 import { errorBody, sendError, successBody } from './envelope.js';
 import { readJsonBody } from './json-body.js';
@@ -45,7 +46,7 @@ export function createRestHandler(opts: RestHandlerOptions) {
     },
   });
 
-  return async function handleRest(req: IncomingMessage & { body?: unknown }, res: ServerResponse, apiPath: string): Promise<boolean> {
+  return async function handleRest(req: IncomingMessage & { body?: unknown; query?: unknown }, res: ServerResponse, apiPath: string): Promise<boolean> {
     let matched = true;
     const method = req.method ?? 'GET';
     if (method !== 'GET' && method !== 'HEAD' && method !== 'DELETE') {
@@ -62,10 +63,10 @@ export function createRestHandler(opts: RestHandlerOptions) {
     }
     const originalUrl = req.url;
     req.url = apiPath;
+    req.query = queryWithBooleans(apiPath);
     wrapInEnvelope(res, () => {
-      const ctx = contexts.get(req);
-      const path = ctx?.record.procedurePath;
-      return (path && metaByPath.get(path)?.message) || 'OK';
+      const path = contexts.get(req)?.record.procedurePath;
+      return (path && metaByPath.get(path)) || {};
     });
     await openApi(req, res, () => {
       matched = false;
@@ -76,21 +77,33 @@ export function createRestHandler(opts: RestHandlerOptions) {
   };
 }
 
+/**
+ * The query string as trpc-to-openapi reads it, with the words `true` and `false` as booleans:
+ * it coerces query values with `Boolean()`, which would read "false" as true. (A string parameter
+ * coerces `false` back to "false", so no other parameter changes.)
+ */
+function queryWithBooleans(path: string): Record<string, unknown[]> {
+  const query: Record<string, unknown[]> = {};
+  new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
+    (query[key] ??= []).push(value === 'true' ? true : value === 'false' ? false : value);
+  });
+  return query;
+}
+
 const originalEnds = new WeakMap<ServerResponse, ServerResponse['end']>();
 
 /**
  * trpc-to-openapi writes its body with one `res.end(json)`. This replaces that call, once, with the
  * envelope of the original VoidRun: `{status, message, data}` or `{error, details?}`.
  */
-function wrapInEnvelope(res: ServerResponse, successMessage: () => string): void {
+function wrapInEnvelope(res: ServerResponse, procedureMeta: () => Meta): void {
   const end = res.end;
   originalEnds.set(res, end);
   res.end = function endWithEnvelope(this: ServerResponse, chunk?: unknown) {
     res.end = end;
     const raw = typeof chunk === 'string' ? chunk : Buffer.isBuffer(chunk) ? chunk.toString('utf8') : undefined;
     const parsed: unknown = raw ? JSON.parse(raw) : undefined;
-    const body =
-      res.statusCode < 400 ? successBody(parsed ?? null, successMessage()) : errorEnvelope(parsed as OpenApiErrorBody | undefined);
+    const body = res.statusCode < 400 ? successEnvelope(parsed, procedureMeta()) : errorEnvelope(parsed as OpenApiErrorBody | undefined);
     const text = JSON.stringify(body);
     res.setHeader('content-type', 'application/json; charset=utf-8');
     res.setHeader('content-length', Buffer.byteLength(text));
@@ -101,6 +114,15 @@ function wrapInEnvelope(res: ServerResponse, successMessage: () => string): void
 function unwrapEnvelope(res: ServerResponse): void {
   const end = originalEnds.get(res);
   if (end) res.end = end;
+}
+
+function successEnvelope(data: unknown, meta: Meta) {
+  const message = meta.message ?? 'OK';
+  if (meta.paged) {
+    const page = data as { data: unknown; meta: Record<string, unknown> };
+    return successBody(page.data, message, page.meta);
+  }
+  return successBody(data ?? null, message);
 }
 
 function errorEnvelope(body: OpenApiErrorBody | undefined) {

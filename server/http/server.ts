@@ -11,6 +11,7 @@ import { serveDocs } from './docs-page.js';
 import { sendError, sendJson } from './envelope.js';
 import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
+import { createRawRoutes } from './raw-routes.js';
 import { createRestHandler } from './rest.js';
 
 export interface HttpServerOptions {
@@ -53,6 +54,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     },
   });
 
+  const raw = createRawRoutes({ services, maxJsonBodyBytes: opts.maxJsonBodyBytes });
   const rest = createRestHandler({
     router,
     createContext: (req) => context(req, 'rest', apiKeyFromHeaders(req.headers)),
@@ -80,7 +82,12 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (path === '/api/docs' || path.startsWith('/api/docs/')) {
       if (await serveDocs(res, path.slice('/api/docs'.length))) return '/api/docs';
     } else if (path.startsWith('/api/')) {
-      if (await rest(req, res, req.url!.slice('/api'.length))) {
+      const apiPath = req.url!.slice('/api'.length);
+      let record = records.get(req);
+      if (!record) records.set(req, (record = {}));
+      const rawRoute = await raw(req, res, apiPath, record);
+      if (rawRoute) return rawRoute;
+      if (await rest(req, res, apiPath)) {
         const p = records.get(req)?.procedurePath;
         return p ? `/api${restRoutes.get(p) ?? ''}` : '/api';
       }

@@ -1,11 +1,18 @@
 import { router } from '../trpc/init.js';
 import { authRouter, orgRouter } from './org.js';
+import { commandsRouter, execRouter } from './exec.js';
+import { imagesRouter } from './images.js';
+import { sandboxRouter } from './sandbox.js';
 import { systemRouter } from './system.js';
 
 export const appRouter = router({
   system: systemRouter,
   auth: authRouter,
   org: orgRouter,
+  sandbox: sandboxRouter,
+  exec: execRouter,
+  commands: commandsRouter,
+  images: imagesRouter,
 });
 
 /** The router's type, imported by `client/` for end-to-end types. */

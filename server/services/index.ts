@@ -1,10 +1,16 @@
 import type { VersionInfo } from '../../shared/index.js';
 import type { AuthService } from './auth-service.js';
+import type { ExecService } from './exec-service.js';
+import type { ImageService } from './image-service.js';
 import type { OrgService } from './org-service.js';
+import type { SandboxService } from './sandbox-service.js';
 
 /** Every service, built once in the composition root (`server/app.ts`) and reached through the tRPC context. */
 export interface Services {
   auth: AuthService;
   orgs: OrgService;
+  sandboxes: SandboxService;
+  exec: ExecService;
+  images: ImageService;
   buildInfo: VersionInfo;
 }

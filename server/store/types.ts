@@ -63,6 +63,8 @@ export interface ImageRecord {
   name: string;
   tag: string;
   description: string;
+  /** The buildable recipe its root filesystem comes from (e.g. "debian"). */
+  base: string;
   /** null for system images, visible to every org. */
   orgId: string | null;
   isSystem: boolean;

@@ -12,6 +12,8 @@ export type Meta = OpenApiMeta & {
   message?: string;
   /** The REST status on success (default 200). */
   successStatus?: number;
+  /** The output is `{data, meta}`: REST puts `meta` beside `data` in the envelope (paginated lists). */
+  paged?: boolean;
 };
 
 const t = initTRPC

@@ -5,3 +5,4 @@ export const Id = z.string().min(1).max(64).meta({ example: '65ae1234567890abcde
 
 /** Timestamps travel as ISO-8601 strings on every face, so REST and tRPC see the same value. */
 export const Timestamp = z.string().meta({ format: 'date-time', example: '2026-01-27T09:12:34.000Z' });
+

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { lchown, lstat, mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, lchown, lstat, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { DomainError, ErrorCode } from '../../errors.js';
@@ -57,7 +57,38 @@ export class RootfsImages {
     return build;
   }
 
+  /**
+   * Builds under a lock file, so two server processes sharing BASE_IMAGES_DIR never build (and
+   * swap in) the same image at once: the second waits for the first's result.
+   */
   async #build(name: BuildableImage): Promise<string> {
+    await mkdir(this.opts.baseImagesDir, { recursive: true });
+    const lock = join(this.opts.baseImagesDir, `.${name}.lock`);
+    while (true) {
+      try {
+        await writeFile(lock, String(process.pid), { flag: 'wx' });
+        break;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+        const holder = Number(await readFile(lock, 'utf8').catch(() => '0'));
+        if (!holder || !isAlive(holder)) {
+          await rm(lock, { force: true });
+          continue;
+        }
+        this.opts.log.info({ image: name, pid: holder }, `image ${name} is being built by process ${holder}; waiting`);
+        while (isAlive(holder) && existsSync(lock) && !this.isReady(name)) await new Promise((r) => setTimeout(r, 500));
+        if (this.isReady(name)) return this.rootfsPath(name);
+      }
+    }
+    try {
+      if (this.isReady(name)) return this.rootfsPath(name);
+      return await this.#debootstrap(name);
+    } finally {
+      await rm(lock, { force: true });
+    }
+  }
+
+  async #debootstrap(name: BuildableImage): Promise<string> {
     const recipe = imageRecipes[name];
     const { log, baseImagesDir } = this.opts;
     const dir = join(baseImagesDir, name);
@@ -86,6 +117,15 @@ export class RootfsImages {
   }
 }
 
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** Adds `base` to the owner and group of every file under `root` (not following symlinks). */
 export async function shiftOwnership(root: string, base: number): Promise<void> {
   const stack = [root];
@@ -94,10 +134,7 @@ export async function shiftOwnership(root: string, base: number): Promise<void> 
     const st = await lstat(path);
     if (st.uid < base || st.gid < base) await lchown(path, st.uid < base ? st.uid + base : st.uid, st.gid < base ? st.gid + base : st.gid);
     // lchown clears setuid/setgid bits on some filesystems; restore the mode for non-links.
-    if (!st.isSymbolicLink() && st.mode & 0o6000) {
-      const { chmod } = await import('node:fs/promises');
-      await chmod(path, st.mode & 0o7777);
-    }
+    if (!st.isSymbolicLink() && st.mode & 0o6000) await chmod(path, st.mode & 0o7777);
     if (st.isDirectory()) for (const entry of await readdir(path)) stack.push(join(path, entry));
   }
 }

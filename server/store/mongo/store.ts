@@ -153,7 +153,7 @@ class MongoSandboxes implements SandboxRepository {
   constructor(private readonly c: Collection) {}
   async create(sandbox: NewRecord<SandboxRecord>) {
     const rec = stamp(sandbox);
-    await op(`A sandbox with id ${rec.id}`, () => this.c.insertOne(toDoc(rec)));
+    await op(`A sandbox named ${rec.name}`, () => this.c.insertOne(toDoc(rec)));
     return rec;
   }
   async findById(orgId: string, id: string) {
@@ -219,6 +219,7 @@ async function ensureIndexes(db: Db): Promise<void> {
     db.collection('api_keys').createIndex({ keyHash: 1 }, { unique: true, name: 'api_keys_hash_unique' }),
     db.collection('api_keys').createIndex({ orgId: 1, createdAt: 1 }, { name: 'api_keys_by_org' }),
     db.collection('sandboxes').createIndex({ orgId: 1, createdAt: -1, _id: -1 }, { name: 'sandboxes_by_org' }),
+    db.collection('sandboxes').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'sandboxes_name_per_org' }),
     db.collection('images').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'images_by_owner_name' }),
   ]);
 }

@@ -50,11 +50,13 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sandboxes_by_org ON sandboxes (org_id, created_at DESC, id DESC);
+CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_name_per_org ON sandboxes (org_id, name);
 CREATE TABLE IF NOT EXISTS images (
   id TEXT PRIMARY KEY,
   name TEXT NOT NULL,
   tag TEXT NOT NULL,
   description TEXT NOT NULL,
+  base TEXT NOT NULL,
   org_id TEXT,
   is_system INTEGER NOT NULL,
   created_by TEXT NOT NULL,

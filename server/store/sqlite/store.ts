@@ -219,7 +219,7 @@ class SqliteSandboxes implements SandboxRepository {
   }
   async create(sandbox: NewRecord<SandboxRecord>) {
     const r = stamp(sandbox);
-    uniqueWrite(`A sandbox with id ${r.id}`, () =>
+    uniqueWrite(`A sandbox named ${r.name}`, () =>
       this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
@@ -260,7 +260,7 @@ class SqliteImages implements ImageRepository {
   readonly #delete;
   constructor(db: Db) {
     this.#insert = db.prepare(
-      'INSERT INTO images (id, name, tag, description, org_id, is_system, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+      'INSERT INTO images (id, name, tag, description, base, org_id, is_system, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
     );
     this.#byId = db.prepare('SELECT * FROM images WHERE id = ?');
     // The org's own image wins over a system image of the same name.
@@ -275,6 +275,7 @@ class SqliteImages implements ImageRepository {
       name: String(r.name),
       tag: String(r.tag),
       description: String(r.description),
+      base: String(r.base),
       orgId: r.org_id == null ? null : String(r.org_id),
       isSystem: r.is_system === 1,
       createdBy: String(r.created_by),
@@ -285,7 +286,7 @@ class SqliteImages implements ImageRepository {
   async create(image: NewRecord<ImageRecord>) {
     const r = stamp(image);
     uniqueWrite(`An image named ${r.name}`, () =>
-      this.#insert.run(r.id, r.name, r.tag, r.description, r.orgId, r.isSystem ? 1 : 0, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.tag, r.description, r.base, r.orgId, r.isSystem ? 1 : 0, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
   }
@@ -303,6 +304,12 @@ class SqliteImages implements ImageRepository {
   }
 }
 
+/** Brings stores created by earlier versions to the current schema. */
+function migrate(db: Db): void {
+  const imageColumns = (db.prepare('PRAGMA table_info(images)').all() as Array<{ name: string }>).map((c) => c.name);
+  if (!imageColumns.includes('base')) db.exec("ALTER TABLE images ADD COLUMN base TEXT NOT NULL DEFAULT 'debian'");
+}
+
 /** Opens (creating if needed) the embedded store at `<dataDir>/voidrun.db`. */
 export function openSqliteStore(dataDir: string): Store {
   mkdirSync(dataDir, { recursive: true });
@@ -311,6 +318,7 @@ export function openSqliteStore(dataDir: string): Store {
   db.pragma('synchronous = NORMAL');
   db.pragma('busy_timeout = 5000');
   db.exec(sqliteSchema);
+  migrate(db);
   return {
     kind: 'sqlite',
     users: new SqliteUsers(db),

@@ -1,0 +1,112 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { z } from 'zod';
+import { errorCodeTable } from '../../shared/errors.js';
+import { ExecInput, PidInput, type ExecChunk } from '../../shared/index.js';
+import { DomainError } from '../errors.js';
+import type { Services } from '../services/index.js';
+import type { TrackedChunk } from '../services/exec-service.js';
+import { apiKeyFromHeaders, type RequestRecord } from '../trpc/context.js';
+import { describeIssues, fieldIssues } from '../trpc/errors.js';
+import { sendError } from './envelope.js';
+import { readJsonBody } from './json-body.js';
+import { writeSse, type SseEvent } from './sse.js';
+
+interface RawRoute {
+  method: string;
+  pattern: RegExp;
+  /** The route template, for metrics and the log. */
+  template: string;
+  handle(req: IncomingMessage, res: ServerResponse, params: string[], services: Services, record: RequestRecord, maxJsonBodyBytes: number): Promise<void>;
+}
+
+function toSse(e: TrackedChunk): SseEvent {
+  const c: ExecChunk = e.chunk;
+  switch (c.type) {
+    case 'stdout':
+    case 'stderr':
+      return { id: e.id, event: c.type, data: c.data };
+    case 'exit':
+      return { id: e.id, event: 'exit', data: JSON.stringify({ exitCode: c.exitCode, timedOut: c.timedOut }) };
+    case 'started':
+      return { id: e.id, event: 'started', data: JSON.stringify({ pid: c.pid }) };
+    case 'gap':
+      return { id: e.id, event: 'gap', data: JSON.stringify({ droppedBytes: c.droppedBytes }) };
+  }
+}
+
+/** Runs `chunks` as an SSE response; an error before the first event is answered as JSON instead. */
+async function streamChunks(res: ServerResponse, open: (signal: AbortSignal) => AsyncGenerator<TrackedChunk>): Promise<void> {
+  const abort = new AbortController();
+  res.once('close', () => abort.abort());
+  const chunks = open(abort.signal);
+  const first = await chunks.next(); // errors here become a JSON error response
+  const mapped = (async function* () {
+    for await (const c of chunks) yield toSse(c);
+  })();
+  await writeSse(res, first.done ? null : toSse(first.value), mapped, abort.signal);
+}
+
+async function parseBody<T extends z.ZodType>(req: IncomingMessage, schema: T, extra: Record<string, unknown>, limit: number): Promise<z.infer<T>> {
+  const body = await readJsonBody(req, limit);
+  return schema.parse({ ...(body as object), ...extra });
+}
+
+const routes: RawRoute[] = [
+  {
+    method: 'POST',
+    pattern: /^\/sandboxes\/([^/]+)\/exec-stream$/,
+    template: '/api/sandboxes/{id}/exec-stream',
+    async handle(req, res, [id], services, record, limit) {
+      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
+      record.orgId = principal.orgId;
+      const input = await parseBody(req, ExecInput, { id }, limit);
+      // EventSource clients resume with Last-Event-ID: re-attach to the same process after that event.
+      const resume = req.headers['last-event-id'];
+      await streamChunks(res, (signal) => services.exec.stream(principal, input, typeof resume === 'string' ? resume : null, signal));
+    },
+  },
+  {
+    method: 'POST',
+    pattern: /^\/sandboxes\/([^/]+)\/commands\/attach$/,
+    template: '/api/sandboxes/{id}/commands/attach',
+    async handle(req, res, [id], services, record, limit) {
+      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
+      record.orgId = principal.orgId;
+      const input = await parseBody(req, PidInput, { id }, limit);
+      const resume = req.headers['last-event-id'];
+      const after = typeof resume === 'string' ? (resume.split(':')[1] ?? null) : null;
+      await streamChunks(res, (signal) => services.exec.attach(principal, input.id, input.pid, after, signal));
+    },
+  },
+];
+
+/**
+ * Routes whose bodies are not JSON envelopes (SSE streams; later byte transfers). They sit beside
+ * the REST facade under /api and call the same services. Resolves with the route template when one
+ * matched, else null.
+ */
+export function createRawRoutes(opts: { services: Services; maxJsonBodyBytes: number }) {
+  return async function handleRaw(req: IncomingMessage, res: ServerResponse, apiPath: string, record: RequestRecord): Promise<string | null> {
+    const path = apiPath.split('?')[0]!;
+    for (const route of routes) {
+      const m = route.pattern.exec(path);
+      if (!m || req.method !== route.method) continue;
+      try {
+        await route.handle(req, res, m.slice(1).map(decodeURIComponent), opts.services, record, opts.maxJsonBodyBytes);
+      } catch (err) {
+        if (res.headersSent) {
+          res.destroy();
+        } else if (err instanceof DomainError) {
+          sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details);
+        } else if (err instanceof z.ZodError) {
+          const { message, details } = describeIssues(fieldIssues(err)!);
+          sendError(res, 400, message, details);
+        } else {
+          throw err;
+        }
+      }
+      return route.template;
+    }
+    return null;
+  };
+}

@@ -1,0 +1,51 @@
+import type { ServerResponse } from 'node:http';
+
+export interface SseEvent {
+  id?: string;
+  event: string;
+  data: string;
+}
+
+function format(e: SseEvent): string {
+  let out = '';
+  if (e.id) out += `id: ${e.id}\n`;
+  out += `event: ${e.event}\n`;
+  // A multi-line payload is one `data:` line per line; clients join them with "\n".
+  for (const line of e.data.split('\n')) out += `data: ${line}\n`;
+  return out + '\n';
+}
+
+/**
+ * Writes events as Server-Sent Events, waiting for the socket to drain when it backs up (so a slow
+ * reader slows the source instead of growing memory). Resolves when the events end or the client leaves.
+ */
+export async function writeSse(res: ServerResponse, first: SseEvent | null, rest: AsyncIterator<SseEvent>, signal: AbortSignal): Promise<void> {
+  res.writeHead(200, {
+    'content-type': 'text/event-stream; charset=utf-8',
+    'cache-control': 'no-cache, no-transform',
+    connection: 'keep-alive',
+    'x-accel-buffering': 'no',
+  });
+  const write = async (e: SseEvent) => {
+    if (!res.write(format(e))) {
+      await new Promise<void>((resolve) => {
+        res.once('drain', resolve);
+        signal.addEventListener('abort', () => resolve(), { once: true });
+      });
+    }
+  };
+  if (first) await write(first);
+  while (!signal.aborted) {
+    let next: IteratorResult<SseEvent>;
+    try {
+      next = await rest.next();
+    } catch (err) {
+      await write({ event: 'error', data: JSON.stringify({ error: (err as Error).message }) });
+      break;
+    }
+    if (next.done) break;
+    await write(next.value);
+  }
+  await rest.return?.(undefined);
+  res.end();
+}

@@ -1,0 +1,80 @@
+import { tracked } from '@trpc/server';
+import { z } from 'zod';
+import {
+  CommandKillResult,
+  CommandList,
+  CommandStarted,
+  CommandWaitResult,
+  ExecInput,
+  ExecOutput,
+  PidInput,
+  RunCommandInput,
+  SandboxIdInput,
+  WaitInput,
+  WriteStdinInput,
+} from '../../shared/index.js';
+import { authedProcedure, router } from '../trpc/init.js';
+
+const tags = ['Execution'];
+
+export const execRouter = router({
+  run: authedProcedure
+    .meta({
+      openapi: {
+        method: 'POST',
+        path: '/sandboxes/{id}/exec',
+        tags,
+        summary: 'Run a command and wait for its result',
+        description: 'With background=true, answers at once with the pid. Output over the cap is dropped and `truncated` says so.',
+      },
+      message: 'Command executed',
+    })
+    .input(ExecInput)
+    .output(ExecOutput)
+    .mutation(({ ctx, input }) => ctx.services.exec.exec(ctx.principal, input)),
+
+  /**
+   * Runs a command and yields its output. Each event has an id; a client that reconnects with
+   * its last id re-attaches to the same process and continues after that event.
+   */
+  stream: authedProcedure.input(ExecInput.extend({ lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
+    for await (const e of ctx.services.exec.stream(ctx.principal, input, input.lastEventId ?? null, signal)) yield tracked(e.id, e.chunk);
+  }),
+});
+
+export const commandsRouter = router({
+  run: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/run', tags, summary: 'Start a background process' }, message: 'Process started' })
+    .input(RunCommandInput)
+    .output(CommandStarted)
+    .mutation(({ ctx, input }) => ctx.services.exec.startCommand(ctx.principal, input)),
+
+  list: authedProcedure
+    .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}/commands/list', tags, summary: 'List background processes' }, message: 'Processes fetched' })
+    .input(SandboxIdInput)
+    .output(CommandList)
+    .query(({ ctx, input }) => ctx.services.exec.listCommands(ctx.principal, input.id)),
+
+  kill: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/kill', tags, summary: 'Kill a background process and its children' }, message: 'Process killed' })
+    .input(PidInput)
+    .output(CommandKillResult)
+    .mutation(({ ctx, input }) => ctx.services.exec.killCommand(ctx.principal, input.id, input.pid)),
+
+  wait: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/wait', tags, summary: 'Wait for a background process to exit' }, message: 'Process completed' })
+    .input(WaitInput)
+    .output(CommandWaitResult)
+    .mutation(({ ctx, input, signal }) => ctx.services.exec.waitCommand(ctx.principal, input.id, input.pid, input.timeout, signal)),
+
+  writeStdin: authedProcedure
+    .input(WriteStdinInput)
+    .output(z.object({ written: z.number().int() }))
+    .mutation(({ ctx, input }) => ctx.services.exec.writeStdin(ctx.principal, input.id, input.pid, input.data, input.eof)),
+
+  /** A background process's output from after `lastEventId` (or its start), live until it exits. */
+  attach: authedProcedure.input(PidInput.extend({ lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
+    const after = input.lastEventId?.split(':')[1] ?? null;
+    for await (const e of ctx.services.exec.attach(ctx.principal, input.id, input.pid, after, signal)) yield tracked(e.id, e.chunk);
+  }),
+});

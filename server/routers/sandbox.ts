@@ -1,0 +1,104 @@
+import { z } from 'zod';
+import {
+  CreateSandboxInput,
+  DeleteSandboxInput,
+  ListSandboxesInput,
+  RestoreSandboxInput,
+  Sandbox,
+  SandboxActionResult,
+  SandboxIdInput,
+  SandboxPage,
+  Snapshot,
+} from '../../shared/index.js';
+import { authedProcedure, router } from '../trpc/init.js';
+
+const tags = ['Sandboxes'];
+const Deleted = z.object({ id: z.string(), deleted: z.literal(true) });
+
+export const sandboxRouter = router({
+  create: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes', tags, summary: 'Create a sandbox' }, message: 'Sandbox created', successStatus: 201 })
+    .input(CreateSandboxInput)
+    .output(Sandbox)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.create(ctx.principal, input)),
+
+  list: authedProcedure
+    .meta({
+      openapi: { method: 'GET', path: '/sandboxes', tags, summary: "List the organization's sandboxes, newest first" },
+      message: 'Sandboxes fetched',
+      paged: true,
+    })
+    .input(ListSandboxesInput)
+    .output(SandboxPage)
+    .query(({ ctx, input }) => ctx.services.sandboxes.list(ctx.principal, input.page, input.limit)),
+
+  get: authedProcedure
+    .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}', tags, summary: 'Get a sandbox' }, message: 'Sandbox details fetched successfully' })
+    .input(SandboxIdInput)
+    .output(Sandbox)
+    .query(({ ctx, input }) => ctx.services.sandboxes.get(ctx.principal, input.id)),
+
+  delete: authedProcedure
+    .meta({
+      openapi: { method: 'DELETE', path: '/sandboxes/{id}', tags, summary: 'Delete a sandbox and everything it had', description: 'Its snapshots go too unless keepSnapshots=true.' },
+      message: 'Sandbox deleted',
+    })
+    .input(DeleteSandboxInput)
+    .output(Deleted)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.delete(ctx.principal, input.id, input.keepSnapshots)),
+
+  stop: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/stop', tags, summary: 'Stop a sandbox (its filesystem is kept)' }, message: 'Sandbox stopped' })
+    .input(SandboxIdInput)
+    .output(SandboxActionResult)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.stop(ctx.principal, input.id)),
+
+  start: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/start', tags, summary: 'Start a stopped sandbox' }, message: 'Sandbox started' })
+    .input(SandboxIdInput)
+    .output(SandboxActionResult)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.start(ctx.principal, input.id)),
+
+  pause: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/pause', tags, summary: 'Freeze every process of a sandbox' }, message: 'Sandbox paused' })
+    .input(SandboxIdInput)
+    .output(SandboxActionResult)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.pause(ctx.principal, input.id)),
+
+  resume: authedProcedure
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/resume', tags, summary: 'Resume a paused sandbox' }, message: 'Sandbox resumed' })
+    .input(SandboxIdInput)
+    .output(SandboxActionResult)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.resume(ctx.principal, input.id)),
+
+  snapshot: authedProcedure
+    .meta({
+      openapi: {
+        method: 'POST',
+        path: '/sandboxes/{id}/snapshot',
+        tags,
+        summary: 'Snapshot a sandbox',
+        description: 'Container sandboxes get a filesystem snapshot (taken while frozen); memory is not captured.',
+      },
+      message: 'Snapshot created',
+    })
+    .input(SandboxIdInput)
+    .output(Snapshot)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.snapshot(ctx.principal, input.id)),
+
+  snapshots: authedProcedure
+    .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}/snapshots', tags, summary: "List a sandbox's snapshots" }, message: 'Snapshots fetched' })
+    .input(SandboxIdInput)
+    .output(z.array(Snapshot))
+    .query(({ ctx, input }) => ctx.services.sandboxes.listSnapshots(ctx.principal, input.id)),
+
+  restore: authedProcedure
+    .meta({
+      openapi: { method: 'POST', path: '/sandboxes/restore', tags, summary: 'Create a sandbox from a snapshot (in your organization)' },
+      message: 'Sandbox restored',
+      successStatus: 201,
+    })
+    .input(RestoreSandboxInput)
+    .output(Sandbox)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.restore(ctx.principal, input)),
+});

@@ -1,0 +1,207 @@
+import type { Logger } from 'pino';
+import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput } from '../../shared/index.js';
+import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
+import { AgentUnavailableError, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
+import type { SandboxRecord } from '../store/types.js';
+import type { Principal } from './auth-service.js';
+import type { SandboxService } from './sandbox-service.js';
+
+export interface ExecLimits {
+  /** Per stream; the rest is dropped and the result says `truncated`. */
+  maxOutputBytes: number;
+}
+
+/** A streamed event with the id a reconnecting client passes back to resume after it. */
+export interface TrackedChunk {
+  id: string;
+  chunk: ExecChunk;
+}
+
+/**
+ * Commands in sandboxes: one-shot (`run`), streamed, and background processes. Everything runs
+ * through the sandbox's agent; when the agent cannot be reached the sandbox's status is refreshed
+ * first, so the answer and `GET /sandboxes/{id}` agree.
+ */
+export class ExecService {
+  constructor(
+    private readonly deps: { sandboxes: SandboxService; limits: ExecLimits; log: Logger },
+  ) {}
+
+  async exec(principal: Principal, input: ExecInput): Promise<ExecOutput> {
+    if (input.background) return this.startCommand(principal, { ...input, timeout: 0 });
+    return this.#withAgent(principal, input.id, async (agent) => {
+      const r = await agent.process.run.mutate(this.#spec(input, input.timeout));
+      return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, truncated: r.truncated, timedOut: r.timedOut };
+    });
+  }
+
+  async startCommand(principal: Principal, input: RunCommandInput): Promise<{ success: true; pid: number; command: string }> {
+    return this.#withAgent(principal, input.id, async (agent) => {
+      const info = await agent.process.start.mutate({ ...this.#spec(input, input.timeout), stdin: true });
+      return { success: true as const, pid: info.pid, command: info.command };
+    });
+  }
+
+  async listCommands(principal: Principal, id: string): Promise<{ success: true; processes: ProcessInfo[] }> {
+    return this.#withAgent(principal, id, async (agent) => ({ success: true as const, processes: await agent.process.list.query() }));
+  }
+
+  async killCommand(principal: Principal, id: string, pid: number): Promise<{ success: true; message: string }> {
+    return this.#withAgent(principal, id, async (agent) => {
+      const info = await agent.process.kill.mutate({ pid, signal: 'SIGKILL' });
+      return { success: true as const, message: info.running ? `Process ${pid} killed` : `Process ${pid} had already exited` };
+    });
+  }
+
+  async waitCommand(principal: Principal, id: string, pid: number, timeoutSec: number, signal?: AbortSignal) {
+    return this.#withAgent(principal, id, async (agent) => {
+      const r = await agent.process.wait.mutate({ pid, timeoutMs: timeoutSec * 1000 }, { signal });
+      return r.exited
+        ? { success: true, exitCode: r.exitCode, error: null }
+        : { success: false, exitCode: null, error: `Process ${pid} was still running after ${timeoutSec} s` };
+    });
+  }
+
+  async writeStdin(principal: Principal, id: string, pid: number, data: string, eof: boolean): Promise<{ written: number }> {
+    return this.#withAgent(principal, id, (agent) => agent.process.writeStdin.mutate({ pid, data, eof }));
+  }
+
+  /**
+   * Starts a command and yields its output until it exits. With `resumeFrom` (a previous event's
+   * id, `<pid>:<seq>`) it re-attaches to that process instead of starting another, continuing after
+   * that event.
+   */
+  async *stream(principal: Principal, input: ExecInput, resumeFrom: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
+    const resume = resumeFrom ? /^(\d+):(\d+)$/.exec(resumeFrom) : null;
+    let pid: number;
+    let after = '0';
+    if (resume) {
+      pid = Number(resume[1]);
+      after = resume[2]!;
+    } else {
+      const started = await this.#withAgent(principal, input.id, (agent) => agent.process.start.mutate(this.#spec(input, input.timeout)));
+      pid = started.pid;
+      yield { id: `${pid}:0`, chunk: { type: 'started', pid } };
+    }
+    yield* this.attach(principal, input.id, pid, after, signal);
+  }
+
+  /** A background process's output from after event `after` (a sequence number), then live, until it exits. */
+  async *attach(principal: Principal, id: string, pid: number, after: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
+    const record = await this.deps.sandboxes.running(principal, id);
+    const agent = this.deps.sandboxes.agents.get(id);
+    const events = queueFromSubscription<{ id: string; data: OutputEvent }>(
+      (handlers, from) => agent.process.output.subscribe({ pid, lastEventId: from && from !== '0' ? from : null }, { ...handlers, signal }),
+      after,
+    );
+    try {
+      for await (const e of events) {
+        const chunk = toChunk(e.data);
+        yield { id: `${pid}:${e.id}`, chunk };
+        if (chunk.type === 'exit') return;
+      }
+    } catch (err) {
+      throw await this.#agentFailure(record, err);
+    }
+  }
+
+  #spec(input: { command: string; args?: string[]; env?: Record<string, string>; cwd?: string }, timeoutSec: number): ProcessSpec {
+    return { command: input.command, args: input.args, env: input.env, cwd: input.cwd, timeoutMs: timeoutSec * 1000, maxOutputBytes: this.deps.limits.maxOutputBytes };
+  }
+
+  async #withAgent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+    const record = await this.deps.sandboxes.running(principal, id);
+    try {
+      return await fn(this.deps.sandboxes.agents.get(id));
+    } catch (err) {
+      throw await this.#agentFailure(record, err);
+    }
+  }
+
+  async #agentFailure(record: SandboxRecord, err: unknown): Promise<unknown> {
+    const mapped = fromAgentError(err);
+    if (mapped instanceof AgentUnavailableError) {
+      const status = await this.deps.sandboxes.reconcile(record).catch(() => record.status);
+      this.deps.log.warn({ sandbox: record.id, status }, 'sandbox agent unreachable');
+    }
+    return mapped;
+  }
+}
+
+function toChunk(e: OutputEvent): ExecChunk {
+  return e.type === 'exit' ? { type: 'exit', exitCode: e.exitCode, timedOut: e.timedOut } : e;
+}
+
+interface SubscriptionHandlers<T> {
+  onData(value: T): void;
+  onError(err: unknown): void;
+  onComplete(): void;
+  onStopped?(): void;
+}
+
+/** Events held for a slow reader before the agent subscription is paused. */
+const HIGH_WATER_EVENTS = 256;
+
+/**
+ * Turns a resumable tRPC subscription into an async iterable with a bounded queue: when the reader
+ * falls `HIGH_WATER_EVENTS` behind, the subscription is dropped and re-opened from the last event
+ * once the reader catches up (the agent keeps a bounded log, and reports a `gap` if it overflowed).
+ */
+async function* queueFromSubscription<T extends { id: string }>(
+  subscribe: (h: SubscriptionHandlers<T>, after: string | null) => { unsubscribe(): void },
+  from: string | null,
+): AsyncGenerator<T> {
+  const queue: T[] = [];
+  let last = from;
+  let done = false;
+  let failure: unknown;
+  let wake: (() => void) | undefined;
+  const notify = () => {
+    wake?.();
+    wake = undefined;
+  };
+  let sub: { unsubscribe(): void } | null = null;
+  const open = () => {
+    sub = subscribe(
+      {
+        onData: (v) => {
+          queue.push(v);
+          last = v.id;
+          if (queue.length >= HIGH_WATER_EVENTS && sub) {
+            sub.unsubscribe();
+            sub = null;
+          }
+          notify();
+        },
+        onError: (err) => {
+          failure = err ?? new Error('subscription failed');
+          notify();
+        },
+        onComplete: () => {
+          done = true;
+          notify();
+        },
+        onStopped: () => {
+          done = true;
+          notify();
+        },
+      },
+      last,
+    );
+  };
+  open();
+  try {
+    while (true) {
+      if (queue.length) {
+        yield queue.shift()!;
+        continue;
+      }
+      if (failure) throw failure;
+      if (done) return;
+      if (!sub) open();
+      await new Promise<void>((resolve) => (wake = resolve));
+    }
+  } finally {
+    (sub as { unsubscribe(): void } | null)?.unsubscribe();
+  }
+}

@@ -1,0 +1,300 @@
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type { CreateSandboxInput, RestoreSandboxInput, Sandbox, SandboxActionResult, SandboxPage, Snapshot } from '../../shared/index.js';
+import type { AgentClients } from '../agent-client/agent-clients.js';
+import { ConflictError, DomainError, DriverFailureError, DriverUnavailableError, ForbiddenError, InvalidInputError, NotFoundError, SandboxNotRunningError } from '../errors.js';
+import { canPause, canSnapshot, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
+import { newId } from '../store/ids.js';
+import type { SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
+import type { Principal } from './auth-service.js';
+import type { ImageService } from './image-service.js';
+import { SandboxLocks } from './sandbox-locks.js';
+
+export interface SandboxDefaults {
+  cpu: number;
+  memMb: number;
+  diskMb: number;
+  listLimit: number;
+}
+
+export interface SandboxServiceDeps {
+  sandboxes: SandboxRepository;
+  images: ImageService;
+  /** null when no driver can run here; every sandbox operation then answers 503 with `driverUnavailable`. */
+  driver: SandboxDriver | null;
+  driverUnavailable?: string;
+  agents: AgentClients | null;
+  snapshotsDir: string;
+  defaults: SandboxDefaults;
+  log: Logger;
+}
+
+const SNAPSHOT_SUFFIX = '.tar.gz';
+
+/** Sandbox lifecycle: records in the store kept true to what the driver runs. */
+export class SandboxService {
+  readonly #locks = new SandboxLocks();
+
+  constructor(private readonly deps: SandboxServiceDeps) {}
+
+  get driver(): SandboxDriver {
+    if (!this.deps.driver) throw new DriverUnavailableError(`Sandboxes cannot run on this server: ${this.deps.driverUnavailable ?? 'no driver is available'}`);
+    return this.deps.driver;
+  }
+
+  get agents(): AgentClients {
+    if (!this.deps.agents) throw new DriverUnavailableError(`Sandboxes cannot run on this server: ${this.deps.driverUnavailable ?? 'no driver is available'}`);
+    return this.deps.agents;
+  }
+
+  async create(principal: Principal, input: CreateSandboxInput): Promise<Sandbox> {
+    assertOwnOrg(principal, input.orgId);
+    const driver = this.driver;
+    const image = await this.deps.images.resolve(principal, input.templateId);
+    const record = await this.deps.sandboxes.create({
+      name: input.name,
+      orgId: principal.orgId,
+      createdBy: principal.userId,
+      imageId: image.id,
+      ip: '',
+      cpu: input.cpu ?? this.deps.defaults.cpu,
+      mem: input.mem ?? this.deps.defaults.memMb,
+      diskMb: this.deps.defaults.diskMb,
+      status: 'creating',
+      envVars: input.envVars ?? {},
+    });
+    const boot = this.#locks.run(record.id, async () => {
+      try {
+        const rootfs = await this.deps.images.rootfsFor(image);
+        await driver.create(this.#spec(record, rootfs));
+        return await this.#setStatus(record, 'running');
+      } catch (err) {
+        this.deps.log.error({ sandbox: record.id, err: (err as Error).message }, 'sandbox create failed');
+        if (input.sync) await this.deps.sandboxes.delete(record.orgId, record.id);
+        else await this.#setStatus(record, 'error');
+        throw err instanceof DomainError ? err : new DriverFailureError(`Creating sandbox ${record.name} failed: ${(err as Error).message}`, { cause: err });
+      }
+    });
+    if (!input.sync) {
+      boot.catch(() => {});
+      return toSandbox(record);
+    }
+    return toSandbox(await boot);
+  }
+
+  async list(principal: Principal, page: number, limit = this.deps.defaults.listLimit): Promise<SandboxPage> {
+    const { items, total } = await this.deps.sandboxes.listByOrg(principal.orgId, page, limit);
+    return { data: items.map(toSandbox), meta: { page, limit, total, totalPages: Math.ceil(total / limit) } };
+  }
+
+  async get(principal: Principal, id: string): Promise<Sandbox> {
+    return toSandbox(await this.record(principal, id));
+  }
+
+  /** The caller's sandbox record; 404 for a missing one and for another org's (never revealing it exists). */
+  async record(principal: Principal, id: string): Promise<SandboxRecord> {
+    const record = await this.deps.sandboxes.findById(principal.orgId, id);
+    if (!record) throw new NotFoundError(`Sandbox ${id} not found`);
+    return record;
+  }
+
+  /** The caller's sandbox, which must be running, for exec, files and terminals. */
+  async running(principal: Principal, id: string): Promise<SandboxRecord> {
+    const record = await this.record(principal, id);
+    if (record.status !== 'running') {
+      throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}; ${record.status === 'paused' ? 'resume' : 'start'} it first`);
+    }
+    return record;
+  }
+
+  async delete(principal: Principal, id: string, keepSnapshots = false): Promise<{ id: string; deleted: true }> {
+    const record = await this.record(principal, id);
+    return this.#locks.run(id, async () => {
+      await this.deps.agents?.drop(id);
+      if (this.deps.driver) await this.deps.driver.destroy(id);
+      if (!keepSnapshots) await rm(this.#snapshotDir(record), { recursive: true, force: true });
+      await this.deps.sandboxes.delete(record.orgId, id);
+      return { id, deleted: true as const };
+    });
+  }
+
+  async stop(principal: Principal, id: string): Promise<SandboxActionResult> {
+    const record = await this.record(principal, id);
+    return this.#locks.run(id, async () => {
+      await this.agents.drop(id);
+      await this.driver.stop(id);
+      return action(await this.#setStatus(record, 'stopped'));
+    });
+  }
+
+  async start(principal: Principal, id: string): Promise<SandboxActionResult> {
+    const record = await this.record(principal, id);
+    return this.#locks.run(id, async () => {
+      const state = await this.driver.inspect(id);
+      if (state === 'running') return action(await this.#setStatus(record, 'running'));
+      if (state === 'paused') throw new SandboxNotRunningError(`Sandbox ${record.name} is paused; resume it instead`);
+      const image = await this.deps.images.resolve(principal, record.imageId).catch(() => null);
+      if (!image) throw new ConflictError(`Sandbox ${record.name} cannot start: its image no longer exists`);
+      await this.agents.drop(id);
+      await this.driver.start(this.#spec(record, await this.deps.images.rootfsFor(image)));
+      return action(await this.#setStatus(record, 'running'));
+    });
+  }
+
+  async pause(principal: Principal, id: string): Promise<SandboxActionResult> {
+    const record = await this.running(principal, id);
+    const driver = this.driver;
+    if (!canPause(driver)) throw new InvalidInputError(`The ${driver.name} driver cannot pause sandboxes`);
+    return this.#locks.run(id, async () => {
+      await driver.pause(id);
+      return action(await this.#setStatus(record, 'paused'));
+    });
+  }
+
+  async resume(principal: Principal, id: string): Promise<SandboxActionResult> {
+    const record = await this.record(principal, id);
+    const driver = this.driver;
+    if (!canPause(driver)) throw new InvalidInputError(`The ${driver.name} driver cannot pause sandboxes`);
+    if (record.status !== 'paused') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}, not paused`);
+    return this.#locks.run(id, async () => {
+      await driver.resume(id);
+      return action(await this.#setStatus(record, 'running'));
+    });
+  }
+
+  async snapshot(principal: Principal, id: string): Promise<Snapshot> {
+    const record = await this.record(principal, id);
+    const driver = this.driver;
+    if (!canSnapshot(driver)) throw new InvalidInputError(`The ${driver.name} driver cannot snapshot sandboxes`);
+    if (record.status === 'creating' || record.status === 'error') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}`);
+    return this.#locks.run(id, async () => {
+      const snapId = `snap-${newId()}`;
+      const dir = this.#snapshotDir(record);
+      await mkdir(dir, { recursive: true, mode: 0o700 });
+      const partial = join(dir, `.${snapId}.partial`);
+      try {
+        await driver.snapshot(id, partial);
+        await rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX));
+      } catch (err) {
+        await rm(partial, { force: true });
+        throw new DriverFailureError(`Snapshot of sandbox ${record.name} failed: ${(err as Error).message}`, { cause: err });
+      }
+      return this.#snapshotInfo(record, snapId);
+    });
+  }
+
+
+  async listSnapshots(principal: Principal, id: string): Promise<Snapshot[]> {
+    const record = await this.record(principal, id);
+    const dir = this.#snapshotDir(record);
+    if (!existsSync(dir)) return [];
+    const names = (await readdir(dir)).filter((n) => n.endsWith(SNAPSHOT_SUFFIX) && !n.startsWith('.'));
+    const snaps = await Promise.all(names.map((n) => this.#snapshotInfo(record, n.slice(0, -SNAPSHOT_SUFFIX.length))));
+    return snaps.sort((a, b) => a.created_at.localeCompare(b.created_at));
+  }
+
+  /**
+   * A new sandbox in the caller's org from a snapshot taken in that org. The snapshot reference is
+   * `<sandboxId>/<snapshotId>` and resolves only inside the caller's org directory.
+   */
+  async restore(principal: Principal, input: RestoreSandboxInput): Promise<Sandbox> {
+    assertOwnOrg(principal, input.orgId);
+    const driver = this.driver;
+    if (!canSnapshot(driver)) throw new InvalidInputError(`The ${driver.name} driver cannot restore snapshots`);
+    const ref = /^([0-9a-f]{24})\/(snap-[0-9a-f]{24})$/.exec(input.snapshot_path.replace(/\.tar\.gz$/, ''));
+    if (!ref) throw new InvalidInputError('snapshot_path must be a snapshot\'s full_path, "<sandboxId>/<snapshotId>"');
+    const sourceId = ref[1]!;
+    const snapId = ref[2]!;
+    const file = join(this.deps.snapshotsDir, principal.orgId, sourceId, snapId + SNAPSHOT_SUFFIX);
+    if (!existsSync(file)) throw new NotFoundError(`Snapshot ${input.snapshot_path} not found`);
+    const source = await this.deps.sandboxes.findById(principal.orgId, sourceId);
+    const imageRef = source?.imageId;
+    const image = await this.deps.images.resolve(principal, imageRef);
+    const record = await this.deps.sandboxes.create({
+      name: input.new_id ?? `${source?.name ?? 'restored'}-${snapId.slice(-6)}`,
+      orgId: principal.orgId,
+      createdBy: principal.userId,
+      imageId: image.id,
+      ip: '',
+      cpu: input.cpu ?? source?.cpu ?? this.deps.defaults.cpu,
+      mem: input.mem ?? source?.mem ?? this.deps.defaults.memMb,
+      diskMb: source?.diskMb ?? this.deps.defaults.diskMb,
+      status: 'creating',
+      envVars: source?.envVars ?? {},
+    });
+    return this.#locks.run(record.id, async () => {
+      try {
+        await driver.restore(this.#spec(record, await this.deps.images.rootfsFor(image)), file);
+        if (input.cold) await driver.stop(record.id);
+        return toSandbox(await this.#setStatus(record, input.cold ? 'stopped' : 'running'));
+      } catch (err) {
+        await this.deps.sandboxes.delete(record.orgId, record.id);
+        throw err instanceof DomainError ? err : new DriverFailureError(`Restoring snapshot ${snapId} failed: ${(err as Error).message}`, { cause: err });
+      }
+    });
+  }
+
+  /**
+   * Brings one record in line with what the driver reports; returns the new status. Used by the
+   * health loop and after an agent stops answering.
+   */
+  async reconcile(record: SandboxRecord): Promise<SandboxStatus> {
+    if (!this.deps.driver || record.status === 'creating') return record.status;
+    return this.#locks.run(record.id, async () => {
+      const fresh = await this.deps.sandboxes.findById(record.orgId, record.id);
+      if (!fresh || fresh.status === 'creating') return fresh?.status ?? record.status;
+      const state = await this.deps.driver!.inspect(record.id);
+      const status: SandboxStatus = state === 'missing' ? 'error' : state;
+      if (status !== fresh.status) {
+        this.deps.log.warn({ sandbox: record.id, from: fresh.status, to: status }, 'sandbox status corrected');
+        if (status !== 'running') await this.deps.agents?.drop(record.id);
+        await this.#setStatus(fresh, status);
+      }
+      return status;
+    });
+  }
+
+  #spec(record: SandboxRecord, rootfs: string): SandboxSpec {
+    return { id: record.id, name: record.name, rootfs, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars };
+  }
+
+  async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {
+    return (await this.deps.sandboxes.update(record.orgId, record.id, { status })) ?? { ...record, status };
+  }
+
+  #snapshotDir(record: SandboxRecord): string {
+    return join(this.deps.snapshotsDir, record.orgId, record.id);
+  }
+
+  async #snapshotInfo(record: SandboxRecord, snapId: string): Promise<Snapshot> {
+    const st = await stat(join(this.#snapshotDir(record), snapId + SNAPSHOT_SUFFIX));
+    const kind = this.deps.driver && canSnapshot(this.deps.driver) ? this.deps.driver.snapshotKind : 'filesystem';
+    return { id: snapId, created_at: st.mtime.toISOString(), full_path: `${record.id}/${snapId}`, kind, size: st.size };
+  }
+}
+
+function assertOwnOrg(principal: Principal, orgId: string | undefined): void {
+  if (orgId && orgId !== principal.orgId) throw new ForbiddenError(`orgId ${orgId} is not the organization of this API key`);
+}
+
+function action(r: SandboxRecord): SandboxActionResult {
+  return { id: r.id, status: r.status };
+}
+
+export function toSandbox(r: SandboxRecord): Sandbox {
+  return {
+    id: r.id,
+    name: r.name,
+    imageId: r.imageId,
+    ip: r.ip,
+    cpu: r.cpu,
+    mem: r.mem,
+    status: r.status,
+    createdAt: r.createdAt.toISOString(),
+    createdBy: r.createdBy,
+    orgId: r.orgId,
+    envVars: r.envVars,
+  };
+}
