@@ -5,7 +5,11 @@ import WebSocketImpl from 'ws';
 import type { AppRouter } from '../server/routers/index.js';
 import { toVoidRunError } from './errors.js';
 
+import { SandboxHandle } from './sandbox.js';
+import type { CreateSandboxInput, RestoreSandboxInput } from '../shared/index.js';
+
 export * from './errors.js';
+export { CommandHandle, SandboxHandle, type CommandOptions, type ExecOptions } from './sandbox.js';
 export type { AppRouter };
 
 export interface ClientOptions {
@@ -32,6 +36,13 @@ const errorClassLink: TRPCLink<AppRouter> = () => ({ next, op }) =>
 export interface VoidRunClient {
   /** The end-to-end typed tRPC client: `trpc.org.me.query()`, `trpc.auth.register.mutate(…)`, … */
   readonly trpc: TRPCClient<AppRouter>;
+  readonly sandboxes: {
+    /** Creates a sandbox and resolves once it runs (unless `sync: false`). */
+    create(input: Omit<CreateSandboxInput, 'sync'> & { sync?: boolean }): Promise<SandboxHandle>;
+    get(id: string): Promise<SandboxHandle>;
+    list(options?: { page?: number; limit?: number }): Promise<{ sandboxes: SandboxHandle[]; page: number; limit: number; total: number; totalPages: number }>;
+    restore(input: Omit<RestoreSandboxInput, 'cold'> & { cold?: boolean }): Promise<SandboxHandle>;
+  };
   /** Closes the WebSocket, if one was opened. */
   close(): Promise<void>;
 }
@@ -62,6 +73,15 @@ export function createClient(options: ClientOptions): VoidRunClient {
   });
   return {
     trpc,
+    sandboxes: {
+      create: async (input) => new SandboxHandle(trpc, await trpc.sandbox.create.mutate({ ...input, sync: input.sync ?? true })),
+      get: async (id) => new SandboxHandle(trpc, await trpc.sandbox.get.query({ id })),
+      list: async (options = {}) => {
+        const page = await trpc.sandbox.list.query({ page: options.page ?? 1, limit: options.limit });
+        return { sandboxes: page.data.map((s) => new SandboxHandle(trpc, s)), ...page.meta };
+      },
+      restore: async (input) => new SandboxHandle(trpc, await trpc.sandbox.restore.mutate({ ...input, cold: input.cold ?? false })),
+    },
     async close() {
       await wsClient.close();
     },

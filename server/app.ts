@@ -80,7 +80,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     await health.adopt();
     if (config.HEALTH_ENABLED) health.start();
     // Build the default image now, so the first sandbox does not wait for debootstrap.
-    images.prepareDefault().catch((err: Error) => log.error({ err: err.message }, 'could not prepare the default image'));
+    if (config.PREPARE_DEFAULT_IMAGE) images.prepareDefault().catch((err: Error) => log.error({ err: err.message }, 'could not prepare the default image'));
   }
 
   const openApiDoc = buildOpenApiDocument(appRouter, services.buildInfo.version);

@@ -55,6 +55,8 @@ const EnvSchema = z.object({
   SANDBOX_LIST_DEFAULT_LIMIT: int(1, 100).default(20),
   AGENT_READY_TIMEOUT_MS: int(100, 600_000).default(15_000),
   EXEC_OUTPUT_LIMIT_BYTES: int(1024, 1024 * 1024 * 1024).default(4 * 1024 * 1024),
+  // Build the default image at startup (in the background) so the first sandbox needn't wait.
+  PREPARE_DEFAULT_IMAGE: bool.default(true),
   DEBIAN_MIRROR: z.string().regex(/^https?:\/\//, 'an http(s) URL of a Debian mirror').default('http://deb.debian.org/debian'),
   // Set by release builds (the Dockerfile); a checkout reads the commit from .git.
   VOIDRUN_COMMIT: z.string().optional(),

@@ -39,6 +39,11 @@ export class SandboxService {
 
   constructor(private readonly deps: SandboxServiceDeps) {}
 
+  /** The driver, or null when none can run here. */
+  get driverOrNull(): SandboxDriver | null {
+    return this.deps.driver;
+  }
+
   get driver(): SandboxDriver {
     if (!this.deps.driver) throw new DriverUnavailableError(`Sandboxes cannot run on this server: ${this.deps.driverUnavailable ?? 'no driver is available'}`);
     return this.deps.driver;

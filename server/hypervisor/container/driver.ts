@@ -1,8 +1,8 @@
 import { execFile } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
-import { chown, mkdir, readdir, rm, writeFile } from 'node:fs/promises';
+import { chown, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { connect as netConnect, type Socket } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
@@ -74,6 +74,12 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       return { ok: false, reason: 'runc is not installed: run `npm run setup` (installs runc and debootstrap with apt)' };
     }
     if (!readFileSync('/proc/filesystems', 'utf8').includes('overlay')) return { ok: false, reason: 'the kernel has no overlayfs' };
+    // runc resolves the sandbox's mounts as the sandbox's root (an unprivileged host uid), so every
+    // directory above the instances must be searchable by others.
+    await mkdir(this.opts.instancesDir, { recursive: true, mode: 0o711 });
+    for (let dir = this.opts.instancesDir; dir !== dirname(dir); dir = dirname(dir)) {
+      if (!((await stat(dir)).mode & 0o001)) return { ok: false, reason: `INSTANCES_DIR must be reachable by the sandbox uid range: run chmod o+x ${dir}` };
+    }
     return { ok: true };
   }
 

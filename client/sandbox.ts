@@ -1,0 +1,113 @@
+import type { TRPCClient } from '@trpc/client';
+import type { ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
+import type { AppRouter } from '../server/routers/index.js';
+import { iterateSubscription } from './subscription-iterator.js';
+
+export interface ExecOptions {
+  args?: string[];
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Seconds, 1–300 (default 30). */
+  timeout?: number;
+}
+
+export interface CommandOptions {
+  args?: string[];
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Seconds, 0–900; 0 (default) = no timeout. */
+  timeout?: number;
+}
+
+/** A background process in a sandbox. */
+export class CommandHandle {
+  constructor(
+    private readonly trpc: TRPCClient<AppRouter>,
+    readonly sandboxId: string,
+    readonly pid: number,
+    readonly command: string,
+  ) {}
+
+  /** Resolves with the exit code once the process exits (or null if `timeoutSec` passed first). */
+  async wait(timeoutSec = 0): Promise<number | null> {
+    const r = await this.trpc.commands.wait.mutate({ id: this.sandboxId, pid: this.pid, timeout: timeoutSec });
+    return r.exitCode;
+  }
+
+  async kill(): Promise<void> {
+    await this.trpc.commands.kill.mutate({ id: this.sandboxId, pid: this.pid });
+  }
+
+  async write(data: string, options: { eof?: boolean } = {}): Promise<void> {
+    await this.trpc.commands.writeStdin.mutate({ id: this.sandboxId, pid: this.pid, data, eof: options.eof ?? false });
+  }
+
+  /** The output so far, then live until the process exits. */
+  output(): AsyncGenerator<ExecChunk> {
+    return unwrapTracked(iterateSubscription((h) => this.trpc.commands.attach.subscribe({ id: this.sandboxId, pid: this.pid }, h)));
+  }
+}
+
+/** A sandbox and what can be done in it. */
+export class SandboxHandle {
+  constructor(
+    private readonly trpc: TRPCClient<AppRouter>,
+    public info: SandboxInfo,
+  ) {}
+
+  get id(): string {
+    return this.info.id;
+  }
+
+  async refresh(): Promise<SandboxInfo> {
+    this.info = await this.trpc.sandbox.get.query({ id: this.id });
+    return this.info;
+  }
+
+  /** Runs a command (a shell line, or a program with `args`) and waits for its result. */
+  async exec(command: string, options: ExecOptions = {}): Promise<ExecResult> {
+    const r = await this.trpc.exec.run.mutate({ id: this.id, command, ...options, background: false });
+    if (!('stdout' in r)) throw new Error('unexpected background result');
+    return r;
+  }
+
+  /** Runs a command and yields its output as it comes; the last chunk is `{type: 'exit'}`. */
+  execStream(command: string, options: ExecOptions = {}): AsyncGenerator<ExecChunk> {
+    return unwrapTracked(iterateSubscription((h) => this.trpc.exec.stream.subscribe({ id: this.id, command, ...options, background: false }, h)));
+  }
+
+  readonly commands = {
+    run: async (command: string, options: CommandOptions = {}): Promise<CommandHandle> => {
+      const r = await this.trpc.commands.run.mutate({ id: this.id, command, ...options, timeout: options.timeout ?? 0 });
+      return new CommandHandle(this.trpc, this.id, r.pid, r.command);
+    },
+    list: async (): Promise<ProcessInfo[]> => (await this.trpc.commands.list.query({ id: this.id })).processes,
+    get: (pid: number, command = ''): CommandHandle => new CommandHandle(this.trpc, this.id, pid, command),
+  };
+
+  stop(): Promise<SandboxActionResult> {
+    return this.trpc.sandbox.stop.mutate({ id: this.id });
+  }
+  start(): Promise<SandboxActionResult> {
+    return this.trpc.sandbox.start.mutate({ id: this.id });
+  }
+  pause(): Promise<SandboxActionResult> {
+    return this.trpc.sandbox.pause.mutate({ id: this.id });
+  }
+  resume(): Promise<SandboxActionResult> {
+    return this.trpc.sandbox.resume.mutate({ id: this.id });
+  }
+  snapshot(): Promise<Snapshot> {
+    return this.trpc.sandbox.snapshot.mutate({ id: this.id });
+  }
+  snapshots(): Promise<Snapshot[]> {
+    return this.trpc.sandbox.snapshots.query({ id: this.id });
+  }
+  async delete(options: { keepSnapshots?: boolean } = {}): Promise<void> {
+    await this.trpc.sandbox.delete.mutate({ id: this.id, keepSnapshots: options.keepSnapshots ?? false });
+  }
+}
+
+async function* unwrapTracked<T>(events: AsyncGenerator<{ id: string; data: T }>): AsyncGenerator<T> {
+  for await (const e of events) yield e.data;
+}

@@ -1,0 +1,201 @@
+import { existsSync, readdirSync, statSync, writeFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NotFoundError, SandboxNotRunningError, type SandboxHandle, type VoidRunClient } from '../client/index.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)', () => {
+  let server: TestServer;
+  let vr: VoidRunClient;
+  let apiKey: string;
+  let orgId: string;
+  let box: SandboxHandle;
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Sandbox User', email: uniqueEmail('sb') });
+    apiKey = reg.apiKey;
+    orgId = reg.orgId;
+    vr = server.client(apiKey);
+    box = await vr.sandboxes.create({ name: 'main-box', envVars: { GREETING: 'hello from env' } });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('creates over REST, runs echo, and deletes, leaving nothing on the host', async () => {
+    const created = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'rest-box', cpu: 1, mem: 1024 } });
+    expect(created.status).toBe(201);
+    const sb = ((await created.json()) as { data: { id: string; status: string; name: string; orgId: string; imageId: string; envVars: object } }).data;
+    expect(sb).toMatchObject({ status: 'running', name: 'rest-box', orgId, envVars: {} });
+    const exec = await server.http(`/api/sandboxes/${sb.id}/exec`, { method: 'POST', apiKey, json: { command: 'echo hi' } });
+    expect(exec.status).toBe(200);
+    expect(await exec.json()).toMatchObject({ status: 'success', data: { stdout: 'hi\n', stderr: '', exitCode: 0 } });
+    const instanceDir = join(server.dirs.instancesDir, sb.id);
+    expect(existsSync(instanceDir)).toBe(true);
+    expect((await server.http(`/api/sandboxes/${sb.id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    expect(existsSync(instanceDir)).toBe(false);
+    expect((await server.http(`/api/sandboxes/${sb.id}`, { apiKey })).status).toBe(404);
+  });
+
+  it("lists only the caller org's sandboxes with every contract field and page meta", async () => {
+    const res = await server.http('/api/sandboxes?page=1&limit=1', { apiKey });
+    const body = (await res.json()) as { data: Array<Record<string, unknown>>; meta: Record<string, number> };
+    expect(body.meta).toMatchObject({ page: 1, limit: 1 });
+    expect(body.data).toHaveLength(1);
+    expect(Object.keys(body.data[0]!).sort()).toEqual(['cpu', 'createdAt', 'createdBy', 'envVars', 'id', 'imageId', 'ip', 'mem', 'name', 'orgId', 'status'].sort());
+    const other = await server.client().trpc.auth.register.mutate({ name: 'Other Org', email: uniqueEmail('other') });
+    const otherList = await server.client(other.apiKey).sandboxes.list();
+    expect(otherList.total).toBe(0);
+  });
+
+  it("answers 404 for a missing sandbox and for another org's, 400 for a bad timeout or name", async () => {
+    expect((await server.http('/api/sandboxes/65ae1234567890abcdef1234', { apiKey })).status).toBe(404);
+    const other = await server.client().trpc.auth.register.mutate({ name: 'Intruder', email: uniqueEmail('intruder') });
+    for (const [method, path] of [
+      ['GET', `/api/sandboxes/${box.id}`],
+      ['DELETE', `/api/sandboxes/${box.id}`],
+      ['POST', `/api/sandboxes/${box.id}/exec`],
+      ['POST', `/api/sandboxes/${box.id}/stop`],
+    ] as const) {
+      const res = await server.http(path, { method, apiKey: other.apiKey, json: method === 'POST' ? { command: 'id' } : undefined });
+      expect(res.status, `${method} ${path}`).toBe(404);
+    }
+    await expect(server.client(other.apiKey).sandboxes.get(box.id)).rejects.toBeInstanceOf(NotFoundError);
+    const tooLong = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'true', timeout: 301 } });
+    expect(tooLong.status).toBe(400);
+    expect(((await tooLong.json()) as { error: string }).error).toContain('timeout');
+    const badName = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'Not_A_DNS_Name' } });
+    expect(badName.status).toBe(400);
+    const dup = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'main-box' } });
+    expect(dup.status).toBe(409);
+  });
+
+  it('gives every command the sandbox envVars, plus per-exec env, cwd and args', async () => {
+    expect((await box.exec('echo "$GREETING"')).stdout).toBe('hello from env\n');
+    expect((await box.exec('echo "$A-$GREETING"', { env: { A: 'x' } })).stdout).toBe('x-hello from env\n');
+    expect((await box.exec('pwd', { cwd: '/tmp' })).stdout).toBe('/tmp\n');
+    expect((await box.exec('/bin/echo', { args: ['a b', '$HOME'] })).stdout).toBe('a b $HOME\n');
+    const r = await box.exec('echo out; echo err >&2; exit 7');
+    expect(r).toMatchObject({ stdout: 'out\n', stderr: 'err\n', exitCode: 7, truncated: false, timedOut: false });
+    const missingCwd = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'true', cwd: '/nope' } });
+    expect(missingCwd.status).toBe(400);
+  });
+
+  it('caps output and says it was truncated', async () => {
+    const r = await box.exec('head -c 6000000 /dev/zero | tr "\\\\0" a');
+    expect(r.truncated).toBe(true);
+    expect(r.stdout.length).toBe(4 * 1024 * 1024);
+    expect(r.exitCode).toBe(0);
+  });
+
+  it('isolates: hostname is the name, no host processes, no host files, loopback only, root is not host root', async () => {
+    expect((await box.exec('hostname')).stdout).toBe('main-box\n');
+    const ps = (await box.exec('ps -eo pid,comm --no-headers')).stdout.trim().split('\n');
+    expect(ps.length).toBeLessThan(8);
+    expect(ps.join('\n')).not.toMatch(/vitest|runc|sshd|systemd/);
+    const secret = `/tmp/voidrun-host-secret-${process.pid}`;
+    writeFileSync(secret, 'host only');
+    try {
+      expect((await box.exec(`cat ${secret}`)).exitCode).not.toBe(0);
+      expect((await box.exec(`ls ${process.cwd()}`)).exitCode).not.toBe(0);
+    } finally {
+      rmSync(secret);
+    }
+    expect((await box.exec('ls /opt/voidrun')).stdout.split('\n').filter(Boolean).sort()).toEqual(['agent.cjs', 'node', 'node_modules']);
+    expect((await box.exec('touch /opt/voidrun/node_modules/x')).stderr).toContain('Read-only file system');
+    expect((await box.exec('echo tampered > /opt/voidrun/agent.cjs')).exitCode).not.toBe(0);
+    const links = (await box.exec('ls /sys/class/net')).stdout.trim().split('\n');
+    expect(links).toEqual(['lo']);
+    expect((await box.exec('id -u; touch /root/made-by-root')).stdout).toBe('0\n');
+    const upperFile = join(server.dirs.instancesDir, box.id, 'upper', 'root', 'made-by-root');
+    const st = statSync(upperFile);
+    expect(st.uid).toBe(200000);
+    expect(st.uid).not.toBe(0);
+  });
+
+  it("keeps one sandbox's files invisible to another", async () => {
+    const other = await vr.sandboxes.create({ name: 'neighbour' });
+    try {
+      await box.exec('echo private > /root/mine.txt');
+      expect((await other.exec('cat /root/mine.txt')).exitCode).not.toBe(0);
+      expect((await box.exec('cat /root/mine.txt')).stdout).toBe('private\n');
+    } finally {
+      await other.delete();
+    }
+  });
+
+  it('streams output over SSE and over the tRPC subscription, ending with the exit code', async () => {
+    const res = await server.http(`/api/sandboxes/${box.id}/exec-stream`, {
+      method: 'POST',
+      apiKey,
+      json: { command: 'echo one; sleep 0.2; echo two >&2; exit 5' },
+    });
+    expect(res.headers.get('content-type')).toContain('text/event-stream');
+    const text = await res.text();
+    expect(text).toContain('event: stdout\ndata: one');
+    expect(text).toContain('event: stderr\ndata: two');
+    expect(text).toMatch(/event: exit\ndata: \{"exitCode":5/);
+
+    const chunks = [];
+    for await (const c of box.execStream('for i in 1 2 3; do echo $i; done')) chunks.push(c);
+    expect(chunks[0]).toMatchObject({ type: 'started' });
+    expect(chunks.filter((c) => c.type === 'stdout').map((c) => (c as { data: string }).data).join('')).toBe('1\n2\n3\n');
+    expect(chunks.at(-1)).toEqual({ type: 'exit', exitCode: 0, timedOut: false });
+  });
+
+  it('runs, lists, attaches to, feeds, waits for and kills background commands', async () => {
+    const cat = await box.commands.run('cat');
+    await cat.write('typed input\n', { eof: true });
+    expect(await cat.wait()).toBe(0);
+    const out = [];
+    for await (const c of cat.output()) out.push(c);
+    expect(out.find((c) => c.type === 'stdout')).toEqual({ type: 'stdout', data: 'typed input\n' });
+
+    const sleeper = await box.commands.run('sleep 600');
+    const listed = await box.commands.list();
+    expect(listed.find((p) => p.pid === sleeper.pid)).toMatchObject({ running: true, exitCode: null, command: 'sleep 600' });
+    const kill = await server.http(`/api/sandboxes/${box.id}/commands/kill`, { method: 'POST', apiKey, json: { pid: sleeper.pid } });
+    expect(kill.status).toBe(200);
+    const wait = await server.http(`/api/sandboxes/${box.id}/commands/wait`, { method: 'POST', apiKey, json: { pid: sleeper.pid } });
+    expect(await wait.json()).toMatchObject({ data: { success: true, exitCode: 137 } });
+
+    const bg = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'echo later; sleep 0.3; echo done', background: true } });
+    const started = ((await bg.json()) as { data: { success: boolean; pid: number; command: string } }).data;
+    expect(started).toMatchObject({ success: true, command: 'echo later; sleep 0.3; echo done' });
+    const attach = await server.http(`/api/sandboxes/${box.id}/commands/attach`, { method: 'POST', apiKey, json: { pid: started.pid } });
+    const sse = await attach.text();
+    expect(sse).toContain('data: later');
+    expect(sse).toContain('data: done');
+    expect(sse).toContain('event: exit');
+    const unknown = await server.http(`/api/sandboxes/${box.id}/commands/kill`, { method: 'POST', apiKey, json: { pid: 999999 } });
+    expect(unknown.status).toBe(404);
+  });
+
+  it('serves the system image records of the contract', async () => {
+    const list = (await (await server.http('/api/images', { apiKey })).json()) as { data: Array<{ _id: string; name: string; system: boolean }> };
+    const debian = list.data.find((i) => i.name === 'debian');
+    expect(debian).toMatchObject({ system: true });
+    expect((await server.http(`/api/images/${debian!._id}`, { apiKey })).status).toBe(200);
+    expect((await server.http('/api/images/name/debian', { apiKey })).status).toBe(200);
+    expect((await server.http(`/api/images/${debian!._id}`, { method: 'DELETE', apiKey })).status).toBe(403);
+    const bad = await server.http('/api/images', { method: 'POST', apiKey, json: { name: 'custom', path: '/etc' } });
+    expect(bad.status).toBe(400);
+    const own = await server.http('/api/images', { method: 'POST', apiKey, json: { name: 'my-debian', path: 'debian', version: '1.0' } });
+    expect(own.status).toBe(201);
+    const ownId = ((await own.json()) as { data: { _id: string } }).data._id;
+    expect((await server.http(`/api/images/${ownId}`, { method: 'DELETE', apiKey })).status).toBe(200);
+  });
+
+  it('refuses exec in a stopped sandbox with 409, and starts it again with its files', async () => {
+    const sb = await vr.sandboxes.create({ name: 'stop-start' });
+    await sb.exec('echo kept > /root/kept.txt');
+    expect(await sb.stop()).toMatchObject({ status: 'stopped' });
+    await expect(sb.exec('true')).rejects.toBeInstanceOf(SandboxNotRunningError);
+    expect(await sb.start()).toMatchObject({ status: 'running' });
+    expect((await sb.exec('cat /root/kept.txt')).stdout).toBe('kept\n');
+    await sb.delete();
+    expect(readdirSync(server.dirs.instancesDir)).not.toContain(sb.id);
+  });
+});
