@@ -145,6 +145,54 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     expect(chunks.at(-1)).toEqual({ type: 'exit', exitCode: 0, timedOut: false });
   });
 
+  it('resumes a tRPC exec stream from its last event id without running the command again', async () => {
+    const command = 'echo a; sleep 0.4; echo b; echo c';
+    const firstTwo = await new Promise<Array<{ id: string; data: { type: string } }>>((resolve, reject) => {
+      const seen: Array<{ id: string; data: { type: string } }> = [];
+      const sub = vr.trpc.exec.stream.subscribe(
+        { id: box.id, command },
+        {
+          onData: (e) => {
+            seen.push(e);
+            if (seen.length === 2) {
+              sub.unsubscribe();
+              resolve(seen);
+            }
+          },
+          onError: reject,
+        },
+      );
+    });
+    expect(firstTwo.map((e) => e.data)).toEqual([{ type: 'started', pid: expect.any(Number) }, { type: 'stdout', data: 'a\n' }]);
+    const rest: Array<{ id: string; data: { type: string; data?: string } }> = [];
+    await new Promise<void>((resolve, reject) => {
+      vr.trpc.exec.stream.subscribe(
+        { id: box.id, command, lastEventId: firstTwo[1]!.id },
+        { onData: (e) => rest.push(e), onComplete: resolve, onStopped: resolve, onError: reject },
+      );
+    });
+    expect(rest.map((e) => e.data.type)).not.toContain('started');
+    expect(rest.at(-1)!.data.type).toBe('exit');
+    expect(rest.map((e) => e.data.data ?? '').join('')).toBe('b\nc\n');
+    const runs = (await box.commands.list()).filter((p) => p.command === command);
+    expect(runs).toHaveLength(1);
+  });
+
+  it('answers a sync: false create at once and the sandbox comes up', async () => {
+    const res = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'async-box', sync: false } });
+    expect(res.status).toBe(201);
+    const { id, status } = ((await res.json()) as { data: { id: string; status: string } }).data;
+    expect(status).toBe('creating');
+    const sb = await vr.sandboxes.get(id);
+    for (let i = 0; i < 200 && sb.info.status === 'creating'; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      await sb.refresh();
+    }
+    expect(sb.info.status).toBe('running');
+    expect((await sb.exec('echo up')).stdout).toBe('up\n');
+    await sb.delete();
+  });
+
   it('runs, lists, attaches to, feeds, waits for and kills background commands', async () => {
     const cat = await box.commands.run('cat');
     await cat.write('typed input\n', { eof: true });

@@ -1,0 +1,86 @@
+import { describe, expect, it } from 'vitest';
+import { blockedSyscalls } from './seccomp-profile.js';
+import { buildOciSpec, defaultCapabilities, type OciSpecOptions } from './oci-spec.js';
+
+const base: OciSpecOptions = {
+  spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
+  paths: { rootfs: '/inst/abc/rootfs', runDir: '/inst/abc/run', nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
+  idMap: { hostId: 200000, size: 65536 },
+  pidsLimit: 1024,
+  cgroupsPath: '/voidrun/vr-abc',
+};
+
+function withSpec(patch: Partial<OciSpecOptions['spec']>): OciSpecOptions {
+  return { ...base, spec: { ...base.spec, ...patch } };
+}
+
+describe('buildOciSpec', () => {
+  it.each([
+    ['1 cpu, 1 GiB', withSpec({ cpu: 1, memMb: 1024 }), { quota: 100_000, mem: 1024 * 1024 * 1024 }],
+    ['2 cpus, 2 GiB', withSpec({ cpu: 2, memMb: 2048 }), { quota: 200_000, mem: 2 * 1024 * 1024 * 1024 }],
+    ['8 cpus, 16 GiB', withSpec({ cpu: 8, memMb: 16384 }), { quota: 800_000, mem: 16 * 1024 * 1024 * 1024 }],
+  ])('turns %s into cgroup limits with no swap beyond memory', (_name, opts, want) => {
+    const r = buildOciSpec(opts).linux.resources;
+    expect(r.cpu).toEqual({ quota: want.quota, period: 100_000 });
+    expect(r.memory).toEqual({ limit: want.mem, swap: want.mem });
+    expect(r.pids).toEqual({ limit: 1024 });
+  });
+
+  it.each([
+    ['root maps onto the unprivileged range', { hostId: 200000, size: 65536 }],
+    ['another range', { hostId: 300000, size: 65536 }],
+  ])('maps uids and gids: %s', (_name, idMap) => {
+    const l = buildOciSpec({ ...base, idMap }).linux;
+    expect(l.uidMappings).toEqual([{ containerID: 0, hostID: idMap.hostId, size: idMap.size }]);
+    expect(l.gidMappings).toEqual(l.uidMappings);
+  });
+
+  it('gives the sandbox its own pid, ipc, uts, mount, network, user and cgroup namespaces', () => {
+    expect(buildOciSpec(base).linux.namespaces.map((n) => n.type).sort()).toEqual(['cgroup', 'ipc', 'mount', 'network', 'pid', 'user', 'uts']);
+    expect(buildOciSpec(base).linux.namespaces.every((n) => !('path' in n))).toBe(true);
+  });
+
+  it('sets the hostname to the sandbox name', () => {
+    expect(buildOciSpec(withSpec({ name: 'web.prod-1' })).hostname).toBe('web.prod-1');
+  });
+
+  it('mounts only the agent files from the host, read-only, plus the agent run dir', () => {
+    const binds = buildOciSpec(base).mounts.filter((m) => m.type === 'bind');
+    expect(binds.map((m) => [m.source, m.destination])).toEqual([
+      ['/usr/bin/node', '/opt/voidrun/node'],
+      ['/app/dist/agent/agent.cjs', '/opt/voidrun/agent.cjs'],
+      ['/app/node_modules', '/opt/voidrun/node_modules'],
+      ['/inst/abc/run', '/run/voidrun'],
+    ]);
+    for (const m of binds.slice(0, 3)) expect(m.options).toContain('ro');
+    expect(binds[3]!.options).toContain('noexec');
+  });
+
+  it('runs the agent under tini with the sandbox env, agent settings last so users cannot override them', () => {
+    const p = buildOciSpec(withSpec({ envVars: { FOO: 'bar', VOIDRUN_AGENT_SOCKET: '/evil' } })).process;
+    expect(p.args.slice(0, 2)).toEqual(['/usr/bin/tini', '-s']);
+    expect(p.args.slice(-2)).toEqual(['/opt/voidrun/node', '/opt/voidrun/agent.cjs']);
+    expect(p.env).toContain('FOO=bar');
+    expect(p.env).toContain('VOIDRUN_AGENT_SOCKET=/run/voidrun/agent.sock');
+    expect(p.env).not.toContain('VOIDRUN_AGENT_SOCKET=/evil');
+    expect(p.user).toEqual({ uid: 0, gid: 0 });
+  });
+
+  it("grants only a container runtime's default capabilities and blocks dangerous syscalls", () => {
+    const s = buildOciSpec(base);
+    expect(s.process.capabilities.bounding).toEqual(defaultCapabilities);
+    expect(s.process.capabilities.bounding).not.toContain('CAP_SYS_ADMIN');
+    expect(s.process.capabilities.bounding).not.toContain('CAP_NET_ADMIN');
+    const blocked = s.linux.seccomp.syscalls[0]!;
+    expect(blocked.action).toBe('SCMP_ACT_ERRNO');
+    for (const call of ['mount', 'kexec_load', 'bpf', 'ptrace', 'setns', 'unshare', 'init_module']) expect(blocked.names).toContain(call);
+    expect(blocked.names).toEqual([...blockedSyscalls]);
+    expect(s.linux.maskedPaths).toContain('/proc/kcore');
+    expect(s.linux.readonlyPaths).toContain('/proc/sys');
+  });
+
+  it('roots the container at the overlay mount, writable', () => {
+    expect(buildOciSpec(base).root).toEqual({ path: '/inst/abc/rootfs', readonly: false });
+    expect(buildOciSpec(base).linux.cgroupsPath).toBe('/voidrun/vr-abc');
+  });
+});
