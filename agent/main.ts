@@ -15,9 +15,13 @@ if (!socketPath) {
   process.exit(2);
 }
 
-// What sandbox commands inherit: the sandbox's env without the agent's own settings.
-const baseEnv = { ...process.env };
-delete baseEnv.VOIDRUN_AGENT_SOCKET;
+// What sandbox commands inherit: the agent's plain environment (PATH, HOME, …) without its own
+// settings, plus the sandbox's envVars, which the driver passes encoded so they never configure
+// the agent's Node.
+const baseEnv: NodeJS.ProcessEnv = {};
+for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_')) baseEnv[k] = v;
+if (process.env.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(process.env.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
+baseEnv.VOIDRUN_SANDBOX_ID = process.env.VOIDRUN_SANDBOX_ID;
 const ctx: AgentContext = { processes: new ProcessManager(baseEnv, process.env.HOME ?? '/'), startedAt: Date.now() };
 
 const server = createServer((_req, res) => {

@@ -59,6 +59,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     driverUnavailable: reason,
     agents,
     snapshotsDir: config.SNAPSHOTS_DIR,
+    hostPaths: [config.INSTANCES_DIR, config.BASE_IMAGES_DIR, config.SNAPSHOTS_DIR, config.DATA_DIR, config.RUNC_ROOT],
     defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
     log,
   });
@@ -84,11 +85,17 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   }
 
   const openApiDoc = buildOpenApiDocument(appRouter, services.buildInfo.version);
+  const metrics = new HttpMetrics();
+  metrics.addSandboxGauge(async () => {
+    const counts: Record<string, number> = { creating: 0, running: 0, stopped: 0, paused: 0, error: 0 };
+    for (const s of await store.sandboxes.listAll()) counts[s.status] = (counts[s.status] ?? 0) + 1;
+    return counts;
+  });
   const http = createHttpServer({
     router: appRouter,
     services,
     log,
-    metrics: new HttpMetrics(),
+    metrics,
     openApi: { json: JSON.stringify(openApiDoc), yaml: openApiYaml(openApiDoc) },
     maxJsonBodyBytes: config.MAX_JSON_BODY_BYTES,
   });

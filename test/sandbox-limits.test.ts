@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
@@ -9,11 +9,13 @@ describe.skipIf(!support.ok)('sandbox limits and control', () => {
   let server: TestServer;
   let vr: VoidRunClient;
   let apiKey: string;
+  let orgId: string;
 
   beforeAll(async () => {
     server = await startTestServer();
     const reg = await server.client().trpc.auth.register.mutate({ name: 'Limits User', email: uniqueEmail('limits') });
     apiKey = reg.apiKey;
+    orgId = reg.orgId;
     vr = server.client(apiKey);
   }, 180_000);
   afterAll(async () => {
@@ -97,6 +99,21 @@ describe.skipIf(!support.ok)('sandbox limits and control', () => {
     expect(traversal.status).toBe(400);
 
     await restored.delete();
+    await sb.delete();
+  });
+
+  it('rolls a failed restore back completely: no record, container, mount, cgroup or directory left', async () => {
+    const sb = await vr.sandboxes.create({ name: 'to-corrupt' });
+    const snap = await sb.snapshot();
+    writeFileSync(join(server.dirs.snapshotsDir, orgId, sb.id, `${snap.id}.tar.gz`), 'not a tarball');
+    const cgroups = () => (existsSync('/sys/fs/cgroup/memory/voidrun') ? readdirSync('/sys/fs/cgroup/memory/voidrun') : []);
+    const mounts = () => readFileSync('/proc/self/mounts', 'utf8').split('\n').filter((l) => l.includes(server.dirs.instancesDir));
+    const before = { dirs: readdirSync(server.dirs.instancesDir), cgroups: cgroups(), mounts: mounts() };
+    const res = await server.http('/api/sandboxes/restore', { method: 'POST', apiKey, json: { snapshot_path: snap.full_path, new_id: 'broken' } });
+    expect(res.status).toBe(502);
+    expect(((await res.json()) as { error: string }).error).toContain('Restoring snapshot');
+    expect({ dirs: readdirSync(server.dirs.instancesDir), cgroups: cgroups(), mounts: mounts() }).toEqual(before);
+    expect((await vr.sandboxes.list()).sandboxes.map((s) => s.info.name)).not.toContain('broken');
     await sb.delete();
   });
 

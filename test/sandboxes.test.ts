@@ -115,6 +115,12 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     expect(st.uid).not.toBe(0);
   });
 
+  it("passes envVars such as NODE_OPTIONS to commands without breaking the sandbox's agent", async () => {
+    const sb = await vr.sandboxes.create({ name: 'node-options', envVars: { NODE_OPTIONS: '--require /nonexistent.js', VOIDRUN_AGENT_SOCKET: '/x' } });
+    expect((await sb.exec('echo "$NODE_OPTIONS"')).stdout).toBe('--require /nonexistent.js\n');
+    await sb.delete();
+  });
+
   it("keeps one sandbox's files invisible to another", async () => {
     const other = await vr.sandboxes.create({ name: 'neighbour' });
     try {
@@ -219,6 +225,11 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     expect(sse).toContain('event: exit');
     const unknown = await server.http(`/api/sandboxes/${box.id}/commands/kill`, { method: 'POST', apiKey, json: { pid: 999999 } });
     expect(unknown.status).toBe(404);
+  });
+
+  it('reports sandboxes by status in /metrics', async () => {
+    const text = await (await server.http('/metrics')).text();
+    expect(text).toMatch(/voidrun_sandboxes\{status="running"\} [1-9]/);
   });
 
   it('serves the system image records of the contract', async () => {

@@ -1,4 +1,4 @@
-import { Counter, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
 /** Prometheus metrics of one server instance (its own registry, so several servers can share a process). */
 export class HttpMetrics {
@@ -26,6 +26,20 @@ export class HttpMetrics {
     const labels = { method, route, status: String(status) };
     this.#requests.inc(labels);
     this.#duration.observe(labels, seconds);
+  }
+
+  /** Adds `voidrun_sandboxes{status}`, counted from `count()` at every scrape. */
+  addSandboxGauge(count: () => Promise<Record<string, number>>): void {
+    new Gauge({
+      name: 'voidrun_sandboxes',
+      help: 'Sandboxes by status',
+      labelNames: ['status'] as const,
+      registers: [this.registry],
+      async collect() {
+        this.reset();
+        for (const [status, n] of Object.entries(await count())) this.set({ status }, n);
+      },
+    });
   }
 
   text(): Promise<string> {

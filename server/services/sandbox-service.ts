@@ -27,6 +27,8 @@ export interface SandboxServiceDeps {
   driverUnavailable?: string;
   agents: AgentClients | null;
   snapshotsDir: string;
+  /** Host directories never to show callers; driver messages that mention them are redacted. */
+  hostPaths: string[];
   defaults: SandboxDefaults;
   log: Logger;
 }
@@ -79,7 +81,7 @@ export class SandboxService {
         this.deps.log.error({ sandbox: record.id, err: (err as Error).message }, 'sandbox create failed');
         if (input.sync) await this.deps.sandboxes.delete(record.orgId, record.id);
         else await this.#setStatus(record, 'error');
-        throw err instanceof DomainError ? err : new DriverFailureError(`Creating sandbox ${record.name} failed: ${(err as Error).message}`, { cause: err });
+        throw err instanceof DomainError ? err : new DriverFailureError(`Creating sandbox ${record.name} failed: ${this.#redact(err)}`, { cause: err });
       }
     });
     if (!input.sync) {
@@ -184,7 +186,7 @@ export class SandboxService {
         await rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX));
       } catch (err) {
         await rm(partial, { force: true });
-        throw new DriverFailureError(`Snapshot of sandbox ${record.name} failed: ${(err as Error).message}`, { cause: err });
+        throw new DriverFailureError(`Snapshot of sandbox ${record.name} failed: ${this.#redact(err)}`, { cause: err });
       }
       return this.#snapshotInfo(record, snapId);
     });
@@ -236,7 +238,7 @@ export class SandboxService {
         return toSandbox(await this.#setStatus(record, input.cold ? 'stopped' : 'running'));
       } catch (err) {
         await this.deps.sandboxes.delete(record.orgId, record.id);
-        throw err instanceof DomainError ? err : new DriverFailureError(`Restoring snapshot ${snapId} failed: ${(err as Error).message}`, { cause: err });
+        throw err instanceof DomainError ? err : new DriverFailureError(`Restoring snapshot ${snapId} failed: ${this.#redact(err)}`, { cause: err });
       }
     });
   }
@@ -259,6 +261,13 @@ export class SandboxService {
       }
       return status;
     });
+  }
+
+  /** A driver failure's message with host directories replaced, for callers (the log keeps the original). */
+  #redact(err: unknown): string {
+    let message = err instanceof Error ? err.message : String(err);
+    for (const dir of this.deps.hostPaths) message = message.split(dir).join('<host>');
+    return message.replace(/\/(tmp|var|run|srv|home|root)\/[^\s:'"]+/g, '<host path>');
   }
 
   #spec(record: SandboxRecord, rootfs: string): SandboxSpec {

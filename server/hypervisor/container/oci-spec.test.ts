@@ -56,13 +56,15 @@ describe('buildOciSpec', () => {
     expect(binds[3]!.options).toContain('noexec');
   });
 
-  it('runs the agent under tini with the sandbox env, agent settings last so users cannot override them', () => {
-    const p = buildOciSpec(withSpec({ envVars: { FOO: 'bar', VOIDRUN_AGENT_SOCKET: '/evil' } })).process;
+  it("runs the agent under tini; the sandbox's envVars reach it encoded, never as its own environment", () => {
+    const envVars = { FOO: 'bar', NODE_OPTIONS: '--require /evil.js', VOIDRUN_AGENT_SOCKET: '/evil' };
+    const p = buildOciSpec(withSpec({ envVars })).process;
     expect(p.args.slice(0, 2)).toEqual(['/usr/bin/tini', '-s']);
     expect(p.args.slice(-2)).toEqual(['/opt/voidrun/node', '/opt/voidrun/agent.cjs']);
-    expect(p.env).toContain('FOO=bar');
     expect(p.env).toContain('VOIDRUN_AGENT_SOCKET=/run/voidrun/agent.sock');
-    expect(p.env).not.toContain('VOIDRUN_AGENT_SOCKET=/evil');
+    expect(p.env.filter((e) => e.startsWith('NODE_OPTIONS') || e.startsWith('FOO'))).toEqual([]);
+    const encoded = p.env.find((e) => e.startsWith('VOIDRUN_SANDBOX_ENV='))!.split('=')[1]!;
+    expect(JSON.parse(Buffer.from(encoded, 'base64').toString())).toEqual(envVars);
     expect(p.user).toEqual({ uid: 0, gid: 0 });
   });
 

@@ -65,14 +65,16 @@ export const defaultCapabilities = [
  */
 export function buildOciSpec(o: OciSpecOptions) {
   const { spec, paths, idMap } = o;
+  // The sandbox's envVars reach the agent encoded, not as its own environment, so a user's
+  // NODE_OPTIONS (say) configures the commands they run and never the agent itself.
   const env = {
     PATH: DEFAULT_PATH,
     HOME: '/root',
     TERM: 'xterm-256color',
     LANG: 'C.UTF-8',
-    ...spec.envVars,
     VOIDRUN_SANDBOX_ID: spec.id,
     VOIDRUN_AGENT_SOCKET: `${AGENT_RUN_DIR}/${AGENT_SOCKET_NAME}`,
+    VOIDRUN_SANDBOX_ENV: Buffer.from(JSON.stringify(spec.envVars)).toString('base64'),
   };
   const memBytes = spec.memMb * 1024 * 1024;
   const ro = ['rbind', 'ro', 'nosuid', 'nodev'];
