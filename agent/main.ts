@@ -7,6 +7,7 @@ import { createServer } from 'node:http';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import { WebSocketServer } from 'ws';
 import { agentRouter, type AgentContext } from './router.js';
+import { handleFileTransfer } from './services/files/transfer.js';
 import { ProcessManager } from './services/process/process-manager.js';
 
 const socketPath = process.env.VOIDRUN_AGENT_SOCKET;
@@ -24,8 +25,10 @@ if (process.env.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.fr
 baseEnv.VOIDRUN_SANDBOX_ID = process.env.VOIDRUN_SANDBOX_ID;
 const ctx: AgentContext = { processes: new ProcessManager(baseEnv, process.env.HOME ?? '/'), startedAt: Date.now() };
 
-const server = createServer((_req, res) => {
-  res.writeHead(404).end();
+const server = createServer((req, res) => {
+  void handleFileTransfer(req, res).then((handled) => {
+    if (!handled) res.writeHead(404).end();
+  });
 });
 const wss = new WebSocketServer({ server, maxPayload: 64 * 1024 * 1024 });
 applyWSSHandler({ wss, router: agentRouter, createContext: () => ctx });

@@ -1,6 +1,10 @@
 import { initTRPC, tracked } from '@trpc/server';
 import { z } from 'zod';
 import { AgentExecResult, AgentHealth, AgentProcessInfo, ProcessSpec } from '../shared/schemas/agent.js';
+import { ArchiveFormat, type WatchMessage } from '../shared/schemas/files.js';
+import { compress, extract } from './services/files/archive.js';
+import * as files from './services/files/operations.js';
+import { FileWatch } from './services/files/watch.js';
 import type { ProcessManager } from './services/process/process-manager.js';
 import type { SequencedEvent } from './services/process/output-log.js';
 
@@ -11,9 +15,58 @@ export interface AgentContext {
 
 const t = initTRPC.context<AgentContext>().create();
 const Pid = z.object({ pid: z.number().int().positive() });
+const Path = z.object({ path: z.string().min(1) });
+const FromTo = z.object({ from: z.string().min(1), to: z.string().min(1) });
+
+const filesRouter = t.router({
+  list: t.procedure.input(Path).query(({ input }) => files.listDir(input.path)),
+  stat: t.procedure.input(Path).query(({ input }) => files.statPath(input.path)),
+  remove: t.procedure.input(Path).mutation(({ input }) => files.removePath(input.path)),
+  mkdir: t.procedure.input(Path).mutation(({ input }) => files.makeDir(input.path)),
+  create: t.procedure.input(Path.extend({ content: z.string() })).mutation(({ input }) => files.createFile(input.path, input.content)),
+  copy: t.procedure.input(FromTo).mutation(({ input }) => files.copyPath(input.from, input.to)),
+  move: t.procedure.input(FromTo).mutation(({ input }) => files.movePath(input.from, input.to)),
+  chmod: t.procedure.input(Path.extend({ mode: z.string().regex(/^[0-7]{3,4}$/) })).mutation(({ input }) => files.changeMode(input.path, input.mode)),
+  du: t.procedure.input(Path).query(({ input }) => files.diskUsage(input.path)),
+  headTail: t.procedure
+    .input(Path.extend({ lines: z.number().int().min(1), head: z.boolean() }))
+    .query(({ input }) => files.headTail(input.path, input.lines, input.head)),
+  search: t.procedure.input(Path.extend({ pattern: z.string().min(1) })).query(({ input }) => files.searchFiles(input.path, input.pattern)),
+  compress: t.procedure.input(Path.extend({ format: ArchiveFormat })).mutation(({ input }) => compress(input.path, input.format)),
+  extract: t.procedure.input(z.object({ archive: z.string().min(1), dest: z.string().min(1) })).mutation(({ input }) => extract(input.archive, input.dest)),
+  /** File events under a path, batched as they are delivered, until the subscriber leaves. */
+  watch: t.procedure
+    .input(Path.extend({ recursive: z.boolean(), ignoreHidden: z.boolean() }))
+    .subscription(async function* ({ input, signal }) {
+      const batches: WatchMessage[][] = [];
+      let wake: (() => void) | undefined;
+      const watcher = await FileWatch.start(input, (messages) => {
+        batches.push(messages);
+        wake?.();
+      });
+      try {
+        yield { type: 'ready' as const, path: watcher.root };
+        while (!signal?.aborted) {
+          const batch = batches.shift();
+          if (batch) {
+            yield { type: 'events' as const, events: batch };
+            continue;
+          }
+          await new Promise<void>((resolve) => {
+            wake = resolve;
+            signal?.addEventListener('abort', () => resolve(), { once: true });
+          });
+          wake = undefined;
+        }
+      } finally {
+        await watcher.close();
+      }
+    }),
+});
 
 /** The agent's procedures. Its only caller is the server's agent-client. */
 export const agentRouter = t.router({
+  files: filesRouter,
   health: t.procedure.output(AgentHealth).query(({ ctx }) => ({
     ok: true as const,
     pid: process.pid,

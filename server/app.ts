@@ -16,6 +16,8 @@ import { AgentClients } from './agent-client/agent-clients.js';
 import { RootfsImages } from './hypervisor/images/rootfs-images.js';
 import { selectDriver } from './hypervisor/select-driver.js';
 import { ExecService } from './services/exec-service.js';
+import { FileService } from './services/file-service.js';
+import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
 import { SandboxService } from './services/sandbox-service.js';
@@ -63,12 +65,16 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
     log,
   });
+  const watch = new WatchService({ sandboxes, idleTimeoutMs: config.WATCH_IDLE_TIMEOUT_SEC * 1000, log });
+  sandboxes.onStopped((id) => watch.endForSandbox(id));
   const services: Services = {
     auth: new AuthService({ apiKeys: store.apiKeys, lastUsed }),
     orgs,
     sandboxes,
     exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log }),
     images,
+    files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
+    watch,
     buildInfo: readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }),
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
@@ -118,6 +124,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     async close() {
       await http.close();
       await health?.stop();
+      watch.closeAll();
       await agents?.closeAll();
       await lastUsed.close();
       await store.close();

@@ -6,3 +6,4 @@ export * from './schemas/org.js';
 export * from './schemas/sandbox.js';
 export * from './schemas/exec.js';
 export * from './schemas/image.js';
+export * from './schemas/files.js';

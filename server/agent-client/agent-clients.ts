@@ -1,8 +1,10 @@
 import { createTRPCClient, TRPCClientError, type TRPCClient } from '@trpc/client';
 import type { AgentRouter } from '../../agent/router.js';
-import { DomainError, ErrorCode, InvalidInputError, NotFoundError } from '../errors.js';
+import { ConflictError, DomainError, ErrorCode, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError } from '../errors.js';
 import type { SandboxDriver } from '../hypervisor/types.js';
 import { AgentConnection, AgentConnectionError } from './agent-connection.js';
+import { request as httpRequest, type ClientRequest, type RequestOptions } from 'node:http';
+import type { Duplex } from 'node:stream';
 
 export type AgentClient = TRPCClient<AgentRouter>;
 
@@ -32,6 +34,26 @@ export class AgentClients {
     return entry.client;
   }
 
+  /**
+   * A raw HTTP request to the sandbox's agent (file bytes), over a fresh driver connection. The
+   * caller writes the body and reads the response; failures to connect surface as the request's
+   * 'error' event with an AgentConnectionError.
+   */
+  request(sandboxId: string, options: { method: string; path: string; headers?: Record<string, string | number> }): ClientRequest {
+    return httpRequest({
+      method: options.method,
+      path: options.path,
+      headers: { host: 'agent', ...options.headers },
+      createConnection: (_opts: unknown, callback: (err: Error | null, stream?: Duplex) => void) => {
+        this.driver.connect(sandboxId).then(
+          (stream) => callback(null, stream),
+          (err: Error) => callback(new AgentConnectionError(`Cannot reach the sandbox agent: ${err.message}`)),
+        );
+        return undefined;
+      },
+    } as RequestOptions);
+  }
+
   /** Forgets a sandbox's connection (it was stopped, restarted or deleted). */
   async drop(sandboxId: string): Promise<void> {
     const entry = this.#clients.get(sandboxId);
@@ -41,6 +63,25 @@ export class AgentClients {
 
   async closeAll(): Promise<void> {
     await Promise.all([...this.#clients.keys()].map((id) => this.drop(id)));
+  }
+}
+
+/** The domain error for an error code the agent reports (over tRPC or its raw routes). */
+export function fromAgentCode(code: string, message: string, cause?: unknown): DomainError | null {
+  switch (code) {
+    case 'NOT_FOUND':
+      return new NotFoundError(message, { cause });
+    case 'BAD_REQUEST':
+    case 'PRECONDITION_FAILED':
+      return new InvalidInputError(message, { cause });
+    case 'FORBIDDEN':
+      return new ForbiddenError(message, { cause });
+    case 'CONFLICT':
+      return new ConflictError(message, { cause });
+    case 'PAYLOAD_TOO_LARGE':
+      return new PayloadTooLargeError(message, { cause });
+    default:
+      return null;
   }
 }
 
@@ -54,7 +95,9 @@ export function fromAgentError(err: unknown): unknown {
     return new AgentUnavailableError(`The sandbox agent is not responding: ${err.cause.message}. Check the sandbox status; restart it with POST /api/sandboxes/{id}/start if it stopped.`, { cause: err });
   }
   const code = (err.data as { code?: string } | undefined)?.code;
-  if (code === 'NOT_FOUND') return new NotFoundError(err.message, { cause: err });
-  if (code === 'BAD_REQUEST') return new InvalidInputError(err.message, { cause: err });
+  if (code) {
+    const mapped = fromAgentCode(code, err.message, err);
+    if (mapped) return mapped;
+  }
   return new AgentUnavailableError(`The sandbox agent failed: ${err.message}`, { cause: err });
 }

@@ -76,10 +76,28 @@ export function buildOpenApiDocument(router: AppRouter, version: string): Json {
         }
       }
       op.responses = responses;
+      if (meta?.queryInputs?.length) moveBodyToQuery(op, meta.queryInputs);
     }
   }
   doc.paths = { ...doc.paths, ...extraPaths };
   return doc;
+}
+
+/** Documents the named POST inputs as query parameters, as the contract has them. */
+function moveBodyToQuery(op: Json, names: string[]): void {
+  const schema = op.requestBody?.content?.['application/json']?.schema;
+  if (!schema?.properties) return;
+  const required = new Set<string>(schema.required ?? []);
+  op.parameters = [
+    ...(op.parameters ?? []),
+    ...names
+      .filter((n) => schema.properties[n])
+      .map((n) => ({ name: n, in: 'query', required: required.has(n), schema: schema.properties[n], description: 'May also be sent in the JSON body' })),
+  ];
+  for (const n of names) delete schema.properties[n];
+  schema.required = [...required].filter((n) => !names.includes(n));
+  if (schema.required.length === 0) delete schema.required;
+  if (Object.keys(schema.properties).length === 0) op.requestBody.required = false;
 }
 
 function envelopeSchema(output: Json, meta: Meta | undefined, doc: Json): Json {

@@ -2,12 +2,16 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { z } from 'zod';
 import { errorCodeTable } from '../../shared/errors.js';
 import { ExecInput, PidInput, type ExecChunk } from '../../shared/index.js';
-import { DomainError } from '../errors.js';
+import { DomainError, InvalidInputError } from '../errors.js';
+import busboy from 'busboy';
+import { basename } from 'node:path';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import type { Services } from '../services/index.js';
 import type { TrackedChunk } from '../services/exec-service.js';
 import { apiKeyFromHeaders, type RequestRecord } from '../trpc/context.js';
 import { describeIssues, fieldIssues } from '../trpc/errors.js';
-import { sendError } from './envelope.js';
+import { sendError, sendJson, successBody } from './envelope.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
 
@@ -51,7 +55,73 @@ async function parseBody<T extends z.ZodType>(req: IncomingMessage, schema: T, e
   return schema.parse({ ...(body as object), ...extra });
 }
 
+/** The `path` query parameter of a raw file route. */
+function queryPath(req: IncomingMessage): string {
+  const path = new URL(req.url ?? '/', 'http://localhost').searchParams.get('path');
+  if (!path) throw new InvalidInputError('Invalid path: the path query parameter is required');
+  return path;
+}
+
+function contentDisposition(path: string): string {
+  const name = basename(path) || 'download';
+  const ascii = name.replace(/[^\x20-\x7e]|["\\]/g, '_');
+  return `attachment; filename="${ascii}"; filename*=UTF-8''${encodeURIComponent(name)}`;
+}
+
+/** The file stream of a multipart/form-data body's `file` field; other fields are ignored. */
+function multipartFile(req: IncomingMessage, limit: number): Promise<Readable> {
+  return new Promise((resolve, reject) => {
+    let found = false;
+    const parser = busboy({ headers: req.headers, limits: { files: 1, fileSize: limit + 1 } });
+    parser.on('file', (field, stream) => {
+      if (field !== 'file' || found) {
+        stream.resume();
+        return;
+      }
+      found = true;
+      resolve(stream);
+    });
+    parser.on('error', (err: Error) => reject(new InvalidInputError(`Malformed multipart body: ${err.message}`)));
+    parser.on('close', () => {
+      if (!found) reject(new InvalidInputError('The multipart body has no "file" field'));
+    });
+    req.pipe(parser);
+  });
+}
+
 const routes: RawRoute[] = [
+  {
+    method: 'POST',
+    pattern: /^\/sandboxes\/([^/]+)\/files\/upload$/,
+    template: '/api/sandboxes/{id}/files/upload',
+    async handle(req, res, [id], services, record) {
+      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
+      record.orgId = principal.orgId;
+      const path = queryPath(req);
+      const type = (req.headers['content-type'] ?? '').toLowerCase();
+      const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
+      const multipart = type.startsWith('multipart/form-data');
+      const source = multipart ? await multipartFile(req, services.files.maxUploadBytes) : req;
+      const result = await services.files.upload(principal, id!, path, source, multipart ? undefined : declared);
+      sendJson(res, 200, successBody(result, 'File uploaded'));
+    },
+  },
+  {
+    method: 'GET',
+    pattern: /^\/sandboxes\/([^/]+)\/files\/download$/,
+    template: '/api/sandboxes/{id}/files/download',
+    async handle(req, res, [id], services, record) {
+      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
+      record.orgId = principal.orgId;
+      const download = await services.files.download(principal, id!, queryPath(req));
+      res.writeHead(200, {
+        'content-type': 'application/octet-stream',
+        'content-disposition': contentDisposition(download.path),
+        ...(download.size !== null ? { 'content-length': download.size } : {}),
+      });
+      await pipeline(download.stream, res).catch(() => res.destroy());
+    },
+  },
   {
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/exec-stream$/,
@@ -97,7 +167,8 @@ export function createRawRoutes(opts: { services: Services; maxJsonBodyBytes: nu
         if (res.headersSent) {
           res.destroy();
         } else if (err instanceof DomainError) {
-          sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details);
+          // A body not read to its end can't be followed by another request on this connection.
+          sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details, req.complete ? undefined : { connection: 'close' });
         } else if (err instanceof z.ZodError) {
           const { message, details } = describeIssues(fieldIssues(err)!);
           sendError(res, 400, message, details);

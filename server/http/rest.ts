@@ -51,7 +51,10 @@ export function createRestHandler(opts: RestHandlerOptions) {
     const method = req.method ?? 'GET';
     if (method !== 'GET' && method !== 'HEAD' && method !== 'DELETE') {
       try {
-        req.body = await readJsonBody(req, opts.maxJsonBodyBytes);
+        // The contract passes some POST inputs in the query string (files/mkdir?path=…): the
+        // query is merged under the body, which wins on a conflict.
+        const body = await readJsonBody(req, opts.maxJsonBodyBytes);
+        req.body = body && typeof body === 'object' && !Array.isArray(body) ? { ...queryValues(apiPath), ...body } : body;
         // trpc-to-openapi insists on a JSON content type even for the empty body we read as {}.
         req.headers['content-type'] = 'application/json';
       } catch (err) {
@@ -88,6 +91,13 @@ function queryWithBooleans(path: string): Record<string, unknown[]> {
     (query[key] ??= []).push(value === 'true' ? true : value === 'false' ? false : value);
   });
   return query;
+}
+
+/** Single query values, `true`/`false` as booleans, for merging into a POST body. */
+function queryValues(path: string): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [key, values] of Object.entries(queryWithBooleans(path))) out[key] = values.length === 1 ? values[0] : values;
+  return out;
 }
 
 const originalEnds = new WeakMap<ServerResponse, ServerResponse['end']>();

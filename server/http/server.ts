@@ -3,7 +3,10 @@ import type { Duplex } from 'node:stream';
 import { createHTTPHandler } from '@trpc/server/adapters/standalone';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import type { Logger } from 'pino';
-import { WebSocketServer } from 'ws';
+import { WebSocketServer, type WebSocket } from 'ws';
+import { errorCodeTable } from '../../shared/errors.js';
+import { DomainError } from '../errors.js';
+import type { WatchListener } from '../services/watch-service.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Services } from '../services/index.js';
 import { apiKeyFromHeaders, apiKeyFromUpgrade, type Context, type RequestRecord } from '../trpc/context.js';
@@ -13,6 +16,12 @@ import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
 import { createRawRoutes } from './raw-routes.js';
 import { createRestHandler } from './rest.js';
+
+function rejectUpgrade(socket: Duplex, status: number, message: string): void {
+  const body = JSON.stringify({ error: message });
+  const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict' }[status] ?? 'Error';
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+}
 
 export interface HttpServerOptions {
   router: AppRouter;
@@ -133,15 +142,65 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     },
   });
 
+  const rawWss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024 });
+  const watchStream = /^\/api\/sandboxes\/([^/]+)\/files\/watch\/([^/]+)\/stream$/;
+
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const path = (req.url ?? '/').split('?')[0]!;
     if (path === '/trpc' || path === '/trpc/') {
       wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
       return;
     }
-    const body = JSON.stringify({ error: `No WebSocket route for ${path}` });
-    socket.end(`HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+    const watch = watchStream.exec(path);
+    if (watch) {
+      void upgradeWatchStream(req, socket, head, decodeURIComponent(watch[1]!), decodeURIComponent(watch[2]!)).catch((err: unknown) => {
+        const status = err instanceof DomainError ? errorCodeTable[err.code].httpStatus : 500;
+        rejectUpgrade(socket, status, err instanceof DomainError ? err.message : 'Internal server error');
+      });
+      return;
+    }
+    rejectUpgrade(socket, 404, `No WebSocket route for ${path}`);
   });
+
+  /**
+   * The file-watch stream: one JSON FileEvent per message, everything the session kept first.
+   * A client whose socket backs up past 1 MiB misses events and then gets an `overflow` message
+   * with the count, so memory stays bounded however fast files change.
+   */
+  async function upgradeWatchStream(req: IncomingMessage, socket: Duplex, head: Buffer, sandboxId: string, sessionId: string): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://localhost');
+    const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
+    let ws: WebSocket | null = null;
+    const early: Array<Parameters<WatchListener>[0]> = [];
+    let dropped = 0;
+    const deliver = (m: Parameters<WatchListener>[0]) => {
+      if (!ws) {
+        early.push(m);
+        return;
+      }
+      if ('ended' in m) {
+        ws.close(1000, m.ended.slice(0, 120));
+        return;
+      }
+      if (ws.bufferedAmount > 1024 * 1024) {
+        dropped++;
+        return;
+      }
+      if (dropped) {
+        ws.send(JSON.stringify({ type: 'overflow', dropped, timestamp: new Date().toISOString() }));
+        dropped = 0;
+      }
+      ws.send(JSON.stringify(m.message));
+    };
+    const detach = services.watch.attach(principal, sandboxId, sessionId, deliver, 0);
+    log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
+    rawWss.handleUpgrade(req, socket, head, (client) => {
+      ws = client;
+      client.on('close', detach);
+      client.on('error', () => {});
+      for (const m of early.splice(0)) deliver(m);
+    });
+  }
 
   return {
     server,
@@ -149,6 +208,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       wsHandler.broadcastReconnectNotification();
       for (const ws of wss.clients) ws.terminate();
       wss.close();
+      for (const ws of rawWss.clients) ws.terminate();
+      rawWss.close();
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeIdleConnections();

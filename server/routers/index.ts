@@ -1,6 +1,7 @@
 import { router } from '../trpc/init.js';
 import { authRouter, orgRouter } from './org.js';
 import { commandsRouter, execRouter } from './exec.js';
+import { filesRouter } from './files.js';
 import { imagesRouter } from './images.js';
 import { sandboxRouter } from './sandbox.js';
 import { systemRouter } from './system.js';
@@ -13,6 +14,7 @@ export const appRouter = router({
   exec: execRouter,
   commands: commandsRouter,
   images: imagesRouter,
+  files: filesRouter,
 });
 
 /** The router's type, imported by `client/` for end-to-end types. */

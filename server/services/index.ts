@@ -1,9 +1,11 @@
 import type { VersionInfo } from '../../shared/index.js';
 import type { AuthService } from './auth-service.js';
 import type { ExecService } from './exec-service.js';
+import type { FileService } from './file-service.js';
 import type { ImageService } from './image-service.js';
 import type { OrgService } from './org-service.js';
 import type { SandboxService } from './sandbox-service.js';
+import type { WatchService } from './watch-service.js';
 
 /** Every service, built once in the composition root (`server/app.ts`) and reached through the tRPC context. */
 export interface Services {
@@ -12,5 +14,7 @@ export interface Services {
   sandboxes: SandboxService;
   exec: ExecService;
   images: ImageService;
+  files: FileService;
+  watch: WatchService;
   buildInfo: VersionInfo;
 }

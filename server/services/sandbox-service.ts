@@ -38,8 +38,18 @@ const SNAPSHOT_SUFFIX = '.tar.gz';
 /** Sandbox lifecycle: records in the store kept true to what the driver runs. */
 export class SandboxService {
   readonly #locks = new SandboxLocks();
+  readonly #stopListeners: Array<(id: string) => void> = [];
 
   constructor(private readonly deps: SandboxServiceDeps) {}
+
+  /** Registers a callback for a sandbox that stops running (stopped, paused, deleted or died). */
+  onStopped(listener: (id: string) => void): void {
+    this.#stopListeners.push(listener);
+  }
+
+  #stopped(id: string): void {
+    for (const l of this.#stopListeners) l(id);
+  }
 
   /** The driver, or null when none can run here. */
   get driverOrNull(): SandboxDriver | null {
@@ -119,6 +129,7 @@ export class SandboxService {
   async delete(principal: Principal, id: string, keepSnapshots = false): Promise<{ id: string; deleted: true }> {
     const record = await this.record(principal, id);
     return this.#locks.run(id, async () => {
+      this.#stopped(id);
       await this.deps.agents?.drop(id);
       if (this.deps.driver) await this.deps.driver.destroy(id);
       if (!keepSnapshots) await rm(this.#snapshotDir(record), { recursive: true, force: true });
@@ -130,6 +141,7 @@ export class SandboxService {
   async stop(principal: Principal, id: string): Promise<SandboxActionResult> {
     const record = await this.record(principal, id);
     return this.#locks.run(id, async () => {
+      this.#stopped(id);
       await this.agents.drop(id);
       await this.driver.stop(id);
       return action(await this.#setStatus(record, 'stopped'));
@@ -256,7 +268,10 @@ export class SandboxService {
       const status: SandboxStatus = state === 'missing' ? 'error' : state;
       if (status !== fresh.status) {
         this.deps.log.warn({ sandbox: record.id, from: fresh.status, to: status }, 'sandbox status corrected');
-        if (status !== 'running') await this.deps.agents?.drop(record.id);
+        if (status !== 'running') {
+          this.#stopped(record.id);
+          await this.deps.agents?.drop(record.id);
+        }
         await this.#setStatus(fresh, status);
       }
       return status;

@@ -14,6 +14,11 @@ export type Meta = OpenApiMeta & {
   successStatus?: number;
   /** The output is `{data, meta}`: REST puts `meta` beside `data` in the envelope (paginated lists). */
   paged?: boolean;
+  /**
+   * Inputs of a POST route that the contract passes in the query string. The REST layer merges the
+   * query into the body for every POST; this only documents them as query parameters.
+   */
+  queryInputs?: string[];
 };
 
 const t = initTRPC

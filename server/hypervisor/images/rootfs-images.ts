@@ -9,10 +9,12 @@ import type { IdMapping } from '../container/oci-spec.js';
 /** How each image this server can build is made. Only images that can be built here are listed. */
 export const imageRecipes = {
   debian: {
-    description: 'Debian 12 (bookworm), minimal, with tini and procps',
+    /** Bumped when the recipe changes; each version is its own directory, so running sandboxes keep theirs. */
+    version: 2,
+    description: 'Debian 12 (bookworm), minimal, with tini, procps, bzip2, zip and unzip',
     suite: 'bookworm',
     variant: 'minbase',
-    include: ['tini', 'procps'],
+    include: ['tini', 'procps', 'bzip2', 'zip', 'unzip'],
   },
 } as const;
 export type BuildableImage = keyof typeof imageRecipes;
@@ -21,10 +23,9 @@ export function isBuildableImage(name: string): name is BuildableImage {
   return Object.hasOwn(imageRecipes, name);
 }
 
-const READY_MARKER = '.voidrun-image.json';
 
 /**
- * Root filesystems under `BASE_IMAGES_DIR/<name>/rootfs`, built with debootstrap the first time
+ * Root filesystems under `BASE_IMAGES_DIR/<name>/rootfs-v<version>`, built with debootstrap the first time
  * they are needed (progress in the log) and reused after. Files are owned by the sandbox uid
  * range, so root inside a sandbox owns what root owned in the image.
  */
@@ -36,11 +37,13 @@ export class RootfsImages {
   ) {}
 
   rootfsPath(name: string): string {
-    return join(this.opts.baseImagesDir, name, 'rootfs');
+    const version = isBuildableImage(name) ? imageRecipes[name].version : 0;
+    return join(this.opts.baseImagesDir, name, `rootfs-v${version}`);
   }
 
+  /** Built and complete: the marker is written only after the rootfs is in place. */
   isReady(name: string): boolean {
-    return existsSync(join(this.opts.baseImagesDir, name, READY_MARKER));
+    return existsSync(`${this.rootfsPath(name)}.json`);
   }
 
   /** The image's rootfs, building it first if needed; concurrent callers share one build. */
@@ -91,8 +94,8 @@ export class RootfsImages {
   async #debootstrap(name: BuildableImage): Promise<string> {
     const recipe = imageRecipes[name];
     const { log, baseImagesDir } = this.opts;
-    const dir = join(baseImagesDir, name);
-    const staging = join(baseImagesDir, `.${name}.building-${process.pid}`);
+    const target = this.rootfsPath(name);
+    const staging = join(baseImagesDir, name, `.building-${process.pid}`);
     await rm(staging, { recursive: true, force: true });
     await mkdir(staging, { recursive: true });
     const started = Date.now();
@@ -105,15 +108,16 @@ export class RootfsImages {
       );
       log.info({ image: name }, `image ${name}: shifting file ownership into the sandbox uid range`);
       await shiftOwnership(join(staging, 'rootfs'), this.opts.idMap.hostId);
-      await writeFile(join(staging, READY_MARKER), JSON.stringify({ name, ...recipe, builtAt: new Date().toISOString(), uidBase: this.opts.idMap.hostId }));
-      await rm(dir, { recursive: true, force: true });
-      await rename(staging, dir);
+      await rm(target, { recursive: true, force: true }); // an unfinished earlier build (no marker)
+      await rename(join(staging, 'rootfs'), target);
+      await rm(staging, { recursive: true, force: true });
+      await writeFile(`${target}.json`, JSON.stringify({ name, ...recipe, builtAt: new Date().toISOString(), uidBase: this.opts.idMap.hostId }));
     } catch (err) {
       await rm(staging, { recursive: true, force: true }).catch(() => {});
       throw new DomainError(ErrorCode.DRIVER_FAILURE, `Building image ${name} failed: ${(err as Error).message}`, { cause: err });
     }
     log.info({ image: name, seconds: Math.round((Date.now() - started) / 1000) }, `image ${name} is ready`);
-    return this.rootfsPath(name);
+    return target;
   }
 }
 

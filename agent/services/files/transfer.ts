@@ -1,0 +1,80 @@
+import { randomBytes } from 'node:crypto';
+import { createReadStream, createWriteStream } from 'node:fs';
+import { lstat, mkdir, rename, rm, stat } from 'node:fs/promises';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { basename, dirname, join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { AgentError, agentErrorStatus, fsError } from '../../errors.js';
+import { resolveInSandbox } from './paths.js';
+
+function sendJson(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+function sendError(res: ServerResponse, err: unknown): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  if (err instanceof AgentError) sendJson(res, agentErrorStatus[err.code as keyof typeof agentErrorStatus] ?? 400, { error: err.message, code: err.code });
+  else sendJson(res, 500, { error: (err as Error).message, code: 'INTERNAL' });
+}
+
+/** GET: streams a file's bytes, with its size as Content-Length. */
+async function download(res: ServerResponse, input: string): Promise<void> {
+  const path = resolveInSandbox(input);
+  const st = await stat(path).catch((err) => {
+    throw fsError(err, path);
+  });
+  if (st.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (compress it first, then download the archive)`);
+  const stream = createReadStream(path);
+  await new Promise<void>((resolve, reject) => {
+    stream.once('open', () => resolve());
+    stream.once('error', (err) => reject(fsError(err, path)));
+  });
+  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': st.size, 'x-file-path': encodeURIComponent(path) });
+  await pipeline(stream, res);
+}
+
+/**
+ * PUT: writes the body to a temporary file beside the target and renames it into place only when
+ * the whole body arrived, so the target is either the old file or the complete new one — never a
+ * partial write. A broken connection or a full disk removes the temporary file.
+ */
+async function upload(req: IncomingMessage, res: ServerResponse, input: string): Promise<void> {
+  const path = resolveInSandbox(input);
+  const existing = await lstat(path).catch(() => null);
+  if (existing?.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (give the path of the file to write)`);
+  await mkdir(dirname(path), { recursive: true }).catch((err) => {
+    throw fsError(err, dirname(path));
+  });
+  const temp = join(dirname(path), `.${basename(path)}.upload-${randomBytes(6).toString('hex')}`);
+  try {
+    await pipeline(req, createWriteStream(temp, { flags: 'wx', mode: existing ? existing.mode & 0o7777 : 0o644 }));
+    if (req.readableAborted || !req.complete) throw new AgentError('BAD_REQUEST', 'The upload was interrupted before it finished');
+    await rename(temp, path);
+  } catch (err) {
+    await rm(temp, { force: true });
+    throw (err as NodeJS.ErrnoException).code ? fsError(err, path) : err;
+  }
+  const st = await stat(path);
+  sendJson(res, 200, { path, size: st.size });
+}
+
+/** The agent's raw byte routes: `/files/content?path=` (GET downloads, PUT uploads). */
+export async function handleFileTransfer(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
+  const url = new URL(req.url ?? '/', 'http://agent');
+  if (url.pathname !== '/files/content') return false;
+  const path = url.searchParams.get('path');
+  try {
+    if (!path) throw new AgentError('BAD_REQUEST', 'path is required');
+    if (req.method === 'GET') await download(res, path);
+    else if (req.method === 'PUT') await upload(req, res, path);
+    else sendJson(res, 405, { error: 'Use GET or PUT', code: 'BAD_REQUEST' });
+  } catch (err) {
+    sendError(res, err);
+  }
+  return true;
+}

@@ -1,0 +1,207 @@
+import type { IncomingMessage } from 'node:http';
+import { Transform, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import type {
+  ArchiveFormat,
+  ArchiveResult,
+  DiskUsageResult,
+  ExtractResult,
+  FileList,
+  FileOpResult,
+  HeadTailResult,
+  SearchResult,
+  StatResult,
+  UploadResult,
+} from '../../shared/index.js';
+import { AgentUnavailableError, fromAgentCode, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
+import { PayloadTooLargeError } from '../errors.js';
+import type { SandboxRecord } from '../store/types.js';
+import type { Principal } from './auth-service.js';
+import type { SandboxService } from './sandbox-service.js';
+
+const ok = { stderr: '', exitCode: 0 };
+
+/** A download in progress: the agent's response stream and what to put in the headers. */
+export interface Download {
+  path: string;
+  size: number | null;
+  stream: IncomingMessage;
+}
+
+/**
+ * File operations in a sandbox. The agent does the filesystem work inside the sandbox (paths are
+ * resolved there; relative ones against /root); bytes stream through without being held in memory.
+ */
+export class FileService {
+  constructor(private readonly deps: { sandboxes: SandboxService; maxUploadBytes: number }) {}
+
+  get maxUploadBytes(): number {
+    return this.deps.maxUploadBytes;
+  }
+
+  async #agent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+    const record = await this.deps.sandboxes.running(principal, id);
+    try {
+      return await fn(this.deps.sandboxes.agents.get(id));
+    } catch (err) {
+      throw await this.#failure(record, err);
+    }
+  }
+
+  async #failure(record: SandboxRecord, err: unknown): Promise<unknown> {
+    const mapped = fromAgentError(err);
+    if (mapped instanceof AgentUnavailableError) await this.deps.sandboxes.reconcile(record).catch(() => {});
+    return mapped;
+  }
+
+  list(p: Principal, id: string, path: string): Promise<FileList> {
+    return this.#agent(p, id, async (a) => ({ success: true as const, files: await a.files.list.query({ path }) }));
+  }
+
+  stat(p: Principal, id: string, path: string): Promise<StatResult> {
+    return this.#agent(p, id, async (a) => {
+      const st = await a.files.stat.query({ path });
+      return { stdout: `${st.mode} ${st.uid}:${st.gid} ${st.size} ${st.modTime} ${st.path}\n`, ...ok, ...st };
+    });
+  }
+
+  remove(p: Principal, id: string, path: string): Promise<FileOpResult> {
+    return this.#agent(p, id, async (a) => ({ stdout: '', ...ok, path: await a.files.remove.mutate({ path }) }));
+  }
+
+  mkdir(p: Principal, id: string, path: string): Promise<FileOpResult> {
+    return this.#agent(p, id, async (a) => ({ stdout: '', ...ok, path: await a.files.mkdir.mutate({ path }) }));
+  }
+
+  create(p: Principal, id: string, path: string, content = ''): Promise<FileOpResult> {
+    return this.#agent(p, id, async (a) => ({ stdout: '', ...ok, path: await a.files.create.mutate({ path, content }) }));
+  }
+
+  copy(p: Principal, id: string, from: string, to: string): Promise<FileOpResult> {
+    return this.#agent(p, id, async (a) => ({ stdout: '', ...ok, path: await a.files.copy.mutate({ from, to }) }));
+  }
+
+  move(p: Principal, id: string, from: string, to: string): Promise<FileOpResult> {
+    return this.#agent(p, id, async (a) => ({ stdout: '', ...ok, path: await a.files.move.mutate({ from, to }) }));
+  }
+
+  chmod(p: Principal, id: string, path: string, mode: string): Promise<FileOpResult> {
+    return this.#agent(p, id, async (a) => ({ stdout: '', ...ok, path: await a.files.chmod.mutate({ path, mode }) }));
+  }
+
+  du(p: Principal, id: string, path: string): Promise<DiskUsageResult> {
+    return this.#agent(p, id, async (a) => {
+      const du = await a.files.du.query({ path });
+      return { stdout: `${du.humanReadable}\t${du.path}\n`, ...ok, ...du };
+    });
+  }
+
+  headTail(p: Principal, id: string, path: string, lines: number, head: boolean): Promise<HeadTailResult> {
+    return this.#agent(p, id, async (a) => {
+      const r = await a.files.headTail.query({ path, lines, head });
+      return { stdout: r.content, ...ok, ...r };
+    });
+  }
+
+  search(p: Principal, id: string, path: string, pattern: string): Promise<SearchResult> {
+    return this.#agent(p, id, async (a) => {
+      const r = await a.files.search.query({ path, pattern });
+      return { stdout: r.matches.map((m) => `${m}\n`).join(''), ...ok, ...r };
+    });
+  }
+
+  compress(p: Principal, id: string, path: string, format: ArchiveFormat): Promise<ArchiveResult> {
+    return this.#agent(p, id, async (a) => {
+      const r = await a.files.compress.mutate({ path, format });
+      return { stdout: `${r.archive}\n`, ...ok, ...r };
+    });
+  }
+
+  extract(p: Principal, id: string, archive: string, dest: string): Promise<ExtractResult> {
+    return this.#agent(p, id, async (a) => {
+      const r = await a.files.extract.mutate({ archive, dest });
+      return { stdout: '', ...ok, ...r };
+    });
+  }
+
+  /**
+   * Streams `source` into a file in the sandbox. More than `MAX_UPLOAD_BYTES` aborts the transfer
+   * (413); the agent then removes its temporary file, so the target is never half-written.
+   */
+  async upload(p: Principal, id: string, path: string, source: Readable, declaredSize?: number): Promise<UploadResult> {
+    const limit = this.deps.maxUploadBytes;
+    if (declaredSize !== undefined && declaredSize > limit) throw tooLarge(limit);
+    const record = await this.deps.sandboxes.running(p, id);
+    const agentReq = this.deps.sandboxes.agents.request(id, {
+      method: 'PUT',
+      path: `/files/content?path=${encodeURIComponent(path)}`,
+      headers: declaredSize !== undefined ? { 'content-length': declaredSize } : { 'transfer-encoding': 'chunked' },
+    });
+    const response = new Promise<IncomingMessage>((resolve, reject) => {
+      agentReq.once('response', resolve);
+      agentReq.once('error', reject);
+    });
+    let received = 0;
+    let overLimit = false;
+    const counter = new Transform({
+      transform(chunk: Buffer, _enc, done) {
+        received += chunk.length;
+        if (received > limit) {
+          overLimit = true;
+          done(tooLarge(limit));
+        } else done(null, chunk);
+      },
+    });
+    try {
+      await pipeline(source, counter, agentReq);
+    } catch (err) {
+      agentReq.destroy();
+      if (overLimit) throw tooLarge(limit);
+      // The agent may have answered early with its reason (e.g. the path is a directory).
+      const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 50))]);
+      if (early && early.statusCode !== 200) throw await agentHttpError(early);
+      throw await this.#failure(record, err);
+    }
+    const res = await response.catch(async (err: unknown) => {
+      throw await this.#failure(record, err);
+    });
+    if (res.statusCode !== 200) throw await agentHttpError(res);
+    return JSON.parse(await readAll(res)) as UploadResult;
+  }
+
+  /** Opens a file in the sandbox for reading; the caller pipes `stream` to its client. */
+  async download(p: Principal, id: string, path: string): Promise<Download> {
+    const record = await this.deps.sandboxes.running(p, id);
+    const agentReq = this.deps.sandboxes.agents.request(id, { method: 'GET', path: `/files/content?path=${encodeURIComponent(path)}` });
+    const res = await new Promise<IncomingMessage>((resolve, reject) => {
+      agentReq.once('response', resolve);
+      agentReq.once('error', reject);
+      agentReq.end();
+    }).catch(async (err: unknown) => {
+      throw await this.#failure(record, err);
+    });
+    if (res.statusCode !== 200) throw await agentHttpError(res);
+    const length = res.headers['content-length'];
+    const resolved = res.headers['x-file-path'];
+    return { path: typeof resolved === 'string' ? decodeURIComponent(resolved) : path, size: length ? Number(length) : null, stream: res };
+  }
+}
+
+function tooLarge(limit: number): PayloadTooLargeError {
+  return new PayloadTooLargeError(`Upload is larger than the limit of ${limit} bytes (MAX_UPLOAD_BYTES)`);
+}
+
+async function readAll(stream: Readable): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of stream) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+async function agentHttpError(res: IncomingMessage): Promise<Error> {
+  const text = await readAll(res).catch(() => '');
+  let body: { error?: string; code?: string } = {};
+  try {
+    body = JSON.parse(text) as typeof body;
+  } catch {}
+  return fromAgentCode(body.code ?? '', body.error ?? `the agent answered ${res.statusCode}`) ?? new AgentUnavailableError(`The sandbox agent failed: ${body.error ?? res.statusCode}`);
+}

@@ -1,0 +1,136 @@
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import type { WatchInput, WatchMessage } from '../../shared/index.js';
+import { fromAgentError } from '../agent-client/agent-clients.js';
+import { NotFoundError } from '../errors.js';
+import type { Principal } from './auth-service.js';
+import type { SandboxService } from './sandbox-service.js';
+
+/** Messages a session keeps for clients that attach late or resume. */
+const HISTORY = 1000;
+
+export interface SequencedMessage {
+  seq: number;
+  message: WatchMessage;
+}
+
+export type WatchListener = (m: SequencedMessage | { ended: string }) => void;
+
+interface Session {
+  id: string;
+  orgId: string;
+  sandboxId: string;
+  history: SequencedMessage[];
+  nextSeq: number;
+  listeners: Set<WatchListener>;
+  idleTimer?: NodeJS.Timeout;
+  unsubscribe: () => void;
+}
+
+/**
+ * File-watch sessions: one chokidar watch in the sandbox's agent per session, fanned out to any
+ * number of clients. A session keeps its last 1,000 messages (older ones are gone; resuming past
+ * them yields an `overflow` saying how many), ends when its sandbox stops or is deleted, and ends
+ * after `idleTimeoutMs` with no client attached.
+ */
+export class WatchService {
+  readonly #sessions = new Map<string, Session>();
+
+  constructor(private readonly deps: { sandboxes: SandboxService; idleTimeoutMs: number; log: Logger }) {}
+
+  /** Starts watching; resolves once the watch is established (the path exists). */
+  async start(principal: Principal, input: WatchInput): Promise<{ sessionId: string }> {
+    const record = await this.deps.sandboxes.running(principal, input.id);
+    const agent = this.deps.sandboxes.agents.get(record.id);
+    const session: Session = {
+      id: randomUUID(),
+      orgId: record.orgId,
+      sandboxId: record.id,
+      history: [],
+      nextSeq: 1,
+      listeners: new Set(),
+      unsubscribe: () => {},
+    };
+    await new Promise<void>((resolve, reject) => {
+      let started = false;
+      const sub = agent.files.watch.subscribe(
+        { path: input.path, recursive: input.recursive, ignoreHidden: input.ignoreHidden },
+        {
+          onData: (data) => {
+            if (data.type === 'ready') {
+              started = true;
+              resolve();
+              return;
+            }
+            for (const message of data.events) this.#publish(session, message);
+          },
+          onError: (err) => {
+            const mapped = fromAgentError(err);
+            if (!started) reject(mapped);
+            else this.#end(session, `the watch stopped: ${(mapped as Error).message}`);
+          },
+          onComplete: () => this.#end(session, 'the watch ended'),
+          onStopped: () => this.#end(session, 'the watch ended'),
+        },
+      );
+      session.unsubscribe = () => sub.unsubscribe();
+    });
+    this.#sessions.set(session.id, session);
+    this.#armIdle(session);
+    return { sessionId: session.id };
+  }
+
+  /**
+   * Attaches a listener to a session of the caller's sandbox, first replaying what it kept after
+   * `afterSeq` (all it kept when null). Returns the detach function.
+   */
+  attach(principal: Principal, sandboxId: string, sessionId: string, listener: WatchListener, afterSeq: number | null = null): () => void {
+    const session = this.#sessions.get(sessionId);
+    if (!session || session.orgId !== principal.orgId || session.sandboxId !== sandboxId) {
+      throw new NotFoundError(`Watch session ${sessionId} not found (it ended, or belongs to another sandbox); start a new one`);
+    }
+    clearTimeout(session.idleTimer);
+    if (afterSeq !== null) {
+      const oldest = session.history[0]?.seq ?? session.nextSeq;
+      if (afterSeq + 1 < oldest) listener({ seq: oldest - 1, message: { type: 'overflow', dropped: oldest - 1 - afterSeq, timestamp: new Date().toISOString() } });
+      for (const m of session.history) if (m.seq > afterSeq) listener(m);
+    }
+    session.listeners.add(listener);
+    return () => {
+      session.listeners.delete(listener);
+      this.#armIdle(session);
+    };
+  }
+
+  /** Ends every session of a sandbox (it was stopped or deleted). */
+  endForSandbox(sandboxId: string): void {
+    for (const s of this.#sessions.values()) if (s.sandboxId === sandboxId) this.#end(s, 'the sandbox stopped');
+  }
+
+  closeAll(): void {
+    for (const s of [...this.#sessions.values()]) this.#end(s, 'the server is shutting down');
+  }
+
+  #publish(session: Session, message: WatchMessage): void {
+    const m = { seq: session.nextSeq++, message };
+    session.history.push(m);
+    if (session.history.length > HISTORY) session.history.shift();
+    for (const l of session.listeners) l(m);
+  }
+
+  #armIdle(session: Session): void {
+    if (session.listeners.size > 0) return;
+    clearTimeout(session.idleTimer);
+    session.idleTimer = setTimeout(() => this.#end(session, 'no client was attached'), this.deps.idleTimeoutMs);
+    session.idleTimer.unref();
+  }
+
+  #end(session: Session, reason: string): void {
+    if (!this.#sessions.delete(session.id) && session.listeners.size === 0) return;
+    clearTimeout(session.idleTimer);
+    session.unsubscribe();
+    for (const l of session.listeners) l({ ended: reason });
+    session.listeners.clear();
+    this.deps.log.info({ session: session.id, sandbox: session.sandboxId, reason }, 'watch session ended');
+  }
+}
