@@ -12,8 +12,11 @@ export interface WatchSpec {
   ignoreHidden: boolean;
 }
 
-/** How long a deletion waits for a creation of the same inode, to be reported as one rename. */
-const RENAME_WINDOW_MS = 60;
+/**
+ * How long a deletion or creation waits for its counterpart (same inode, either order), so the
+ * pair is reported as one rename.
+ */
+const RENAME_WINDOW_MS = 30;
 /** Events held for a reader before the oldest are dropped (and counted in an `overflow` event). */
 const MAX_QUEUED = 10_000;
 const FLUSH_MS = 5;
@@ -29,7 +32,7 @@ interface Pending {
 /**
  * Watches a path with chokidar and delivers FileEvents in order: created, modified, chmod (mode
  * changed, content not), deleted, and renamed (a deletion and creation of the same inode within
- * 60 ms). Repeated modifications of one path between deliveries are coalesced; past 10,000 queued
+ * 30 ms, in either order). Repeated modifications of one path between deliveries are coalesced; past 10,000 queued
  * events the oldest are dropped and an `overflow` event says how many.
  */
 export class FileWatch {
@@ -51,6 +54,8 @@ export class FileWatch {
       depth: spec.recursive ? undefined : 0,
       ignored: spec.ignoreHidden ? (p: string) => p !== root && basename(p).startsWith('.') : undefined,
       persistent: true,
+      // chokidar's atomic mode delays deletions by 100 ms; rename pairing here does that job.
+      atomic: false,
     });
     this.#watcher.on('ready', () => (this.#ready = true));
     this.#watcher.on('add', (p, st) => this.#onAdd(p, st, false));
@@ -79,16 +84,33 @@ export class FileWatch {
   #onAdd(path: string, st: Stats | undefined, isDir: boolean): void {
     this.#remember(path, st);
     if (!this.#ready || path === this.root) return;
+    const size = isDir || !st ? {} : { size: st.size };
     // A deletion of the same inode moments ago: this is the other half of a rename.
-    const pair = st ? this.#queue.find((q) => !q.ready && q.ino === st.ino) : undefined;
+    const pair = st ? this.#queue.find((q) => !q.ready && q.ino === st.ino && q.message.type === 'deleted') : undefined;
     if (pair) {
-      clearTimeout(pair.timer);
-      pair.message = { type: 'renamed', path, oldPath: (pair.message as { path: string }).path, ...(isDir ? {} : { size: st?.size }), timestamp: new Date().toISOString() };
-      pair.ready = true;
-      this.#scheduleFlush();
+      this.#completeRename(pair, { type: 'renamed', path, oldPath: (pair.message as { path: string }).path, ...size, timestamp: new Date().toISOString() });
       return;
     }
-    this.#push({ type: 'created', path, ...(isDir || !st ? {} : { size: st.size }), timestamp: new Date().toISOString() });
+    this.#hold({ type: 'created', path, ...size, timestamp: new Date().toISOString() }, st?.ino);
+  }
+
+  /** Queues an event that may turn out to be half of a rename. */
+  #hold(message: WatchMessage, ino: number | undefined): void {
+    const pending: Pending = { message, ready: ino === undefined, ino };
+    if (!pending.ready) {
+      pending.timer = setTimeout(() => {
+        pending.ready = true;
+        this.#scheduleFlush();
+      }, RENAME_WINDOW_MS);
+    }
+    this.#enqueue(pending);
+  }
+
+  #completeRename(pending: Pending, message: WatchMessage): void {
+    clearTimeout(pending.timer);
+    pending.message = message;
+    pending.ready = true;
+    this.#scheduleFlush();
   }
 
   #onChange(path: string, st: Stats | undefined): void {
@@ -103,12 +125,14 @@ export class FileWatch {
     const known = this.#known.get(path);
     this.#known.delete(path);
     if (!this.#ready) return;
-    const pending: Pending = { message: { type: 'deleted', path, timestamp: new Date().toISOString() }, ready: false, ino: known?.ino };
-    pending.timer = setTimeout(() => {
-      pending.ready = true;
-      this.#scheduleFlush();
-    }, RENAME_WINDOW_MS);
-    this.#enqueue(pending);
+    // A creation of the same inode moments ago: this is the other half of a rename.
+    const pair = known ? this.#queue.find((q) => !q.ready && q.ino === known.ino && q.message.type === 'created') : undefined;
+    if (pair) {
+      const created = pair.message as { path: string; size?: number };
+      this.#completeRename(pair, { type: 'renamed', path: created.path, oldPath: path, ...(created.size !== undefined ? { size: created.size } : {}), timestamp: new Date().toISOString() });
+      return;
+    }
+    this.#hold({ type: 'deleted', path, timestamp: new Date().toISOString() }, known?.ino);
   }
 
   #push(message: WatchMessage): void {
