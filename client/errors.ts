@@ -71,3 +71,31 @@ export function toVoidRunError(err: TRPCClientError<AppRouter>): TRPCClientError
   const code = data.errorCode ?? (data.code ? errorCodeFromTrpc[data.code] : undefined) ?? 'INTERNAL';
   return new classes[code](err, code);
 }
+
+/**
+ * The error class for a failed raw-route response (`{error, details?}` envelope), so byte
+ * transfers fail with the same classes as tRPC calls.
+ */
+export async function errorFromResponse(res: Response): Promise<VoidRunError> {
+  let body: { error?: string; details?: string } = {};
+  try {
+    body = (await res.json()) as typeof body;
+  } catch {}
+  const code: ErrorCode = statusToCode[res.status] ?? 'INTERNAL';
+  const original = new TRPCClientError<AppRouter>(body.error ?? `HTTP ${res.status}`, {
+    result: { error: { code: -32000, message: body.error ?? `HTTP ${res.status}`, data: { errorCode: code, httpStatus: res.status, details: body.details } } } as never,
+  });
+  return new classes[code](original, code);
+}
+
+const statusToCode: Record<number, ErrorCode> = {
+  400: 'INVALID_INPUT',
+  401: 'UNAUTHORIZED',
+  403: 'FORBIDDEN',
+  404: 'NOT_FOUND',
+  409: 'CONFLICT',
+  413: 'PAYLOAD_TOO_LARGE',
+  415: 'UNSUPPORTED_MEDIA_TYPE',
+  502: 'AGENT_UNAVAILABLE',
+  503: 'DRIVER_UNAVAILABLE',
+};

@@ -10,6 +10,7 @@ import type { CreateSandboxInput, RestoreSandboxInput } from '../shared/index.js
 
 export * from './errors.js';
 export { CommandHandle, SandboxHandle, type CommandOptions, type ExecOptions } from './sandbox.js';
+export { SandboxFiles, type UploadSource } from './files.js';
 export type { AppRouter };
 
 export interface ClientOptions {
@@ -61,6 +62,7 @@ export function createClient(options: ClientOptions): VoidRunClient {
     connectionParams: options.apiKey ? { apiKey: options.apiKey } : null,
     lazy: { enabled: true, closeMs: 0 },
   });
+  const raw = { baseUrl: base, headers };
   const trpc = createTRPCClient<AppRouter>({
     links: [
       errorClassLink,
@@ -74,13 +76,13 @@ export function createClient(options: ClientOptions): VoidRunClient {
   return {
     trpc,
     sandboxes: {
-      create: async (input) => new SandboxHandle(trpc, await trpc.sandbox.create.mutate({ ...input, sync: input.sync ?? true })),
-      get: async (id) => new SandboxHandle(trpc, await trpc.sandbox.get.query({ id })),
+      create: async (input) => new SandboxHandle(trpc, await trpc.sandbox.create.mutate({ ...input, sync: input.sync ?? true }), raw),
+      get: async (id) => new SandboxHandle(trpc, await trpc.sandbox.get.query({ id }), raw),
       list: async (options = {}) => {
         const page = await trpc.sandbox.list.query({ page: options.page ?? 1, limit: options.limit });
-        return { sandboxes: page.data.map((s) => new SandboxHandle(trpc, s)), ...page.meta };
+        return { sandboxes: page.data.map((s) => new SandboxHandle(trpc, s, raw)), ...page.meta };
       },
-      restore: async (input) => new SandboxHandle(trpc, await trpc.sandbox.restore.mutate({ ...input, cold: input.cold ?? false })),
+      restore: async (input) => new SandboxHandle(trpc, await trpc.sandbox.restore.mutate({ ...input, cold: input.cold ?? false }), raw),
     },
     async close() {
       await wsClient.close();

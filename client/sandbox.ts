@@ -1,6 +1,7 @@
 import type { TRPCClient } from '@trpc/client';
 import type { ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
+import { SandboxFiles, type RawHttp } from './files.js';
 import { iterateSubscription } from './subscription-iterator.js';
 
 export interface ExecOptions {
@@ -50,10 +51,16 @@ export class CommandHandle {
 
 /** A sandbox and what can be done in it. */
 export class SandboxHandle {
+  /** The sandbox's files: list, read, write, upload, download, watch, … */
+  readonly files: SandboxFiles;
+
   constructor(
     private readonly trpc: TRPCClient<AppRouter>,
     public info: SandboxInfo,
-  ) {}
+    raw: RawHttp,
+  ) {
+    this.files = new SandboxFiles(trpc, raw, info.id);
+  }
 
   get id(): string {
     return this.info.id;

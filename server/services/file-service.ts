@@ -141,6 +141,7 @@ export class FileService {
       agentReq.once('response', resolve);
       agentReq.once('error', reject);
     });
+    response.catch(() => {}); // observed below on the paths that need it; a late failure must not go unhandled
     let received = 0;
     let overLimit = false;
     const counter = new Transform({

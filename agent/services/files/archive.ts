@@ -100,10 +100,17 @@ async function listTar(archive: string, cwd: string): Promise<Entry[]> {
 
 async function listZip(archive: string, cwd: string): Promise<Entry[]> {
   const names = (await run('unzip', ['-Z1', archive], cwd)).split('\n').filter(Boolean);
-  const long = (await run('unzip', ['-Z', archive], cwd)).split('\n');
-  const hasSymlink = long.some((l) => /^l[rwx-]{9}/.test(l));
-  if (hasSymlink) throw new AgentError('BAD_REQUEST', 'zip archives with symbolic links are not extracted: use a tar archive');
-  return names.map((name) => ({ name, type: name.endsWith('/') ? 'dir' : 'file' }));
+  // `unzip -Z` prints one line per entry, in the same order: mode first ('l' for a symlink).
+  const modes = (await run('unzip', ['-Z', archive], cwd)).split('\n').filter((l) => /^[-dlbcps?][rwxsStT-]{9}\s/.test(l)).map((l) => l[0]);
+  const entries: Entry[] = [];
+  for (const [i, name] of names.entries()) {
+    if (modes[i] === 'l') {
+      // A zip stores a symlink's target as the entry's content.
+      const target = await run('unzip', ['-p', archive, name.replace(/[[\]*?\\]/g, '\\$&')], cwd);
+      entries.push({ name, type: 'symlink', target });
+    } else entries.push({ name, type: name.endsWith('/') ? 'dir' : 'file' });
+  }
+  return entries;
 }
 
 /**

@@ -1,0 +1,161 @@
+import { createReadStream } from 'node:fs';
+import { Readable } from 'node:stream';
+import type { TRPCClient } from '@trpc/client';
+import type {
+  ArchiveFormat,
+  ArchiveResult,
+  DiskUsageResult,
+  ExtractResult,
+  FileInfo,
+  FileOpResult,
+  HeadTailResult,
+  SearchResult,
+  StatResult,
+  UploadResult,
+  WatchMessage,
+} from '../shared/index.js';
+import type { AppRouter } from '../server/routers/index.js';
+import { errorFromResponse } from './errors.js';
+import { iterateSubscription } from './subscription-iterator.js';
+
+/** What `files` needs to reach the raw byte routes. */
+export interface RawHttp {
+  baseUrl: string;
+  headers: Record<string, string>;
+}
+
+export type UploadSource = Buffer | Uint8Array | string | Readable | AsyncIterable<Uint8Array> | { path: string };
+
+/**
+ * The files of one sandbox. Bytes go through the raw upload/download routes as streams (nothing
+ * is held whole in memory); everything else through the typed tRPC router.
+ */
+export class SandboxFiles {
+  constructor(
+    private readonly trpc: TRPCClient<AppRouter>,
+    private readonly raw: RawHttp,
+    private readonly sandboxId: string,
+  ) {}
+
+  async list(path: string): Promise<FileInfo[]> {
+    return (await this.trpc.files.list.query({ id: this.sandboxId, path })).files;
+  }
+
+  stat(path: string): Promise<StatResult> {
+    return this.trpc.files.stat.query({ id: this.sandboxId, path });
+  }
+
+  /** Whether a path exists. */
+  async exists(path: string): Promise<boolean> {
+    try {
+      await this.stat(path);
+      return true;
+    } catch (err) {
+      if ((err as { code?: string }).code === 'NOT_FOUND') return false;
+      throw err;
+    }
+  }
+
+  /** A file's content as a Buffer (streamed, then joined; use `download` for big files). */
+  async read(path: string): Promise<Buffer> {
+    const chunks: Buffer[] = [];
+    for await (const chunk of await this.download(path)) chunks.push(chunk as Buffer);
+    return Buffer.concat(chunks);
+  }
+
+  /** Writes a whole file (replacing it atomically); parent directories are created. */
+  write(path: string, data: UploadSource): Promise<UploadResult> {
+    return this.upload(path, data);
+  }
+
+  /** Streams data into a file; the file appears only when all of it arrived. */
+  async upload(path: string, source: UploadSource): Promise<UploadResult> {
+    let body: NonNullable<RequestInit['body']>;
+    let length: number | undefined;
+    if (typeof source === 'string') {
+      body = source;
+      length = Buffer.byteLength(source);
+    } else if (source instanceof Uint8Array) {
+      body = source;
+      length = source.byteLength;
+    } else {
+      const stream = source instanceof Readable ? source : 'path' in source ? createReadStream(source.path) : Readable.from(source);
+      body = Readable.toWeb(stream) as ReadableStream;
+    }
+    const res = await fetch(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/upload?path=${encodeURIComponent(path)}`, {
+      method: 'POST',
+      headers: { ...this.raw.headers, 'content-type': 'application/octet-stream', ...(length !== undefined ? { 'content-length': String(length) } : {}) },
+      body,
+      duplex: 'half',
+    } as RequestInit);
+    if (!res.ok) throw await errorFromResponse(res);
+    return ((await res.json()) as { data: UploadResult }).data;
+  }
+
+  /** A file's bytes as a Node stream. */
+  async download(path: string): Promise<Readable> {
+    const res = await fetch(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/download?path=${encodeURIComponent(path)}`, { headers: this.raw.headers });
+    if (!res.ok || !res.body) throw await errorFromResponse(res);
+    return Readable.fromWeb(res.body as import('node:stream/web').ReadableStream);
+  }
+
+  remove(path: string): Promise<FileOpResult> {
+    return this.trpc.files.delete.mutate({ id: this.sandboxId, path });
+  }
+  mkdir(path: string): Promise<FileOpResult> {
+    return this.trpc.files.mkdir.mutate({ id: this.sandboxId, path });
+  }
+  create(path: string, content = ''): Promise<FileOpResult> {
+    return this.trpc.files.create.mutate({ id: this.sandboxId, path, content });
+  }
+  copy(from: string, to: string): Promise<FileOpResult> {
+    return this.trpc.files.copy.mutate({ id: this.sandboxId, from, to });
+  }
+  move(from: string, to: string): Promise<FileOpResult> {
+    return this.trpc.files.move.mutate({ id: this.sandboxId, from, to });
+  }
+  chmod(path: string, mode: string): Promise<FileOpResult> {
+    return this.trpc.files.chmod.mutate({ id: this.sandboxId, path, mode });
+  }
+  du(path: string): Promise<DiskUsageResult> {
+    return this.trpc.files.du.query({ id: this.sandboxId, path });
+  }
+  head(path: string, lines = 10): Promise<HeadTailResult> {
+    return this.trpc.files.headTail.query({ id: this.sandboxId, path, lines, head: true });
+  }
+  tail(path: string, lines = 10): Promise<HeadTailResult> {
+    return this.trpc.files.headTail.query({ id: this.sandboxId, path, lines, head: false });
+  }
+  search(path: string, pattern: string): Promise<SearchResult> {
+    return this.trpc.files.search.query({ id: this.sandboxId, path, pattern });
+  }
+  compress(path: string, format: ArchiveFormat = 'tar.gz'): Promise<ArchiveResult> {
+    return this.trpc.files.compress.mutate({ id: this.sandboxId, path, format });
+  }
+  extract(archive: string, dest: string): Promise<ExtractResult> {
+    return this.trpc.files.extract.mutate({ id: this.sandboxId, archive, dest });
+  }
+
+  /**
+   * File events under `path` as an async iterator (break out of the loop to stop), or with a
+   * callback: `watch(path, cb)` returns a function that stops watching.
+   */
+  watch(path: string, options?: { recursive?: boolean; ignoreHidden?: boolean }): AsyncGenerator<WatchMessage>;
+  watch(path: string, callback: (event: WatchMessage) => void, options?: { recursive?: boolean; ignoreHidden?: boolean }): () => void;
+  watch(
+    path: string,
+    callbackOrOptions?: ((event: WatchMessage) => void) | { recursive?: boolean; ignoreHidden?: boolean },
+    maybeOptions: { recursive?: boolean; ignoreHidden?: boolean } = {},
+  ): AsyncGenerator<WatchMessage> | (() => void) {
+    const options = typeof callbackOrOptions === 'function' ? maybeOptions : (callbackOrOptions ?? {});
+    const input = { id: this.sandboxId, path, recursive: options.recursive ?? false, ignoreHidden: options.ignoreHidden ?? true };
+    if (typeof callbackOrOptions === 'function') {
+      const sub = this.trpc.files.watch.subscribe(input, { onData: (e) => callbackOrOptions(e.data) });
+      return () => sub.unsubscribe();
+    }
+    const trpc = this.trpc;
+    return (async function* () {
+      for await (const e of iterateSubscription<{ id: string; data: WatchMessage }>((h) => trpc.files.watch.subscribe(input, h))) yield e.data;
+    })();
+  }
+}

@@ -1,0 +1,271 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
+import { ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError, type SandboxHandle, type VoidRunClient } from '../client/index.js';
+import type { WatchMessage } from '../shared/index.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+async function sha256(stream: NodeJS.ReadableStream): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of stream) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+describe.skipIf(!support.ok)('files in sandboxes', () => {
+  let server: TestServer;
+  let vr: VoidRunClient;
+  let apiKey: string;
+  let box: SandboxHandle;
+  const scratch = mkdtempSync(join(tmpdir(), 'voidrun-files-'));
+
+  beforeAll(async () => {
+    server = await startTestServer({ MAX_UPLOAD_BYTES: String(200 * 1024 * 1024) });
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Files User', email: uniqueEmail('files') });
+    apiKey = reg.apiKey;
+    vr = server.client(apiKey);
+    box = await vr.sandboxes.create({ name: 'files' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+    rmSync(scratch, { recursive: true, force: true });
+  });
+
+  it('round-trips a 100 MB random file with an equal checksum', async () => {
+    const local = join(scratch, 'big.bin');
+    await pipeline(
+      (async function* () {
+        for (let i = 0; i < 100; i++) yield randomBytes(1024 * 1024);
+      })(),
+      createWriteStream(local),
+    );
+    const uploaded = await box.files.upload('/root/big.bin', { path: local });
+    expect(uploaded).toEqual({ path: '/root/big.bin', size: 100 * 1024 * 1024 });
+    const [sent, received] = await Promise.all([sha256(createReadStream(local)), sha256(await box.files.download('/root/big.bin'))]);
+    expect(received).toBe(sent);
+    const res = await server.http(`/api/sandboxes/${box.id}/files/download?path=/root/big.bin`, { apiKey });
+    expect(res.headers.get('content-length')).toBe(String(100 * 1024 * 1024));
+    expect(res.headers.get('content-disposition')).toContain('attachment; filename="big.bin"');
+    await res.body?.cancel();
+  });
+
+  it('leaves the previous file and no temporary file when an upload breaks off midway', async () => {
+    await box.files.write('/root/keep/target.txt', 'version 1');
+    await new Promise<void>((resolve) => {
+      const req = request(`${server.url}/api/sandboxes/${box.id}/files/upload?path=/root/keep/target.txt`, {
+        method: 'POST',
+        headers: { 'x-api-key': apiKey, 'content-type': 'application/octet-stream', 'content-length': String(10 * 1024 * 1024) },
+      });
+      req.on('error', () => resolve());
+      req.write(randomBytes(1024 * 1024), () => setTimeout(() => req.destroy(), 200));
+      req.on('close', () => resolve());
+    });
+    // The agent notices the broken stream and removes its temporary file.
+    let names: string[] = [];
+    for (let i = 0; i < 50; i++) {
+      names = (await box.files.list('/root/keep')).map((f) => f.name);
+      if (names.length === 1) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    expect(names).toEqual(['target.txt']);
+    expect((await box.files.read('/root/keep/target.txt')).toString()).toBe('version 1');
+  });
+
+  it('accepts octet-stream and multipart/form-data uploads', async () => {
+    const raw = await server.http(`/api/sandboxes/${box.id}/files/upload?path=/root/up/raw.txt`, {
+      method: 'POST',
+      apiKey,
+      headers: { 'content-type': 'application/octet-stream' },
+      body: 'raw bytes',
+    });
+    expect(raw.status).toBe(200);
+    const form = new FormData();
+    form.append('note', 'ignored');
+    form.append('file', new Blob(['multipart bytes']), 'x.txt');
+    const multi = await server.http(`/api/sandboxes/${box.id}/files/upload?path=/root/up/multi.txt`, { method: 'POST', apiKey, body: form });
+    expect(multi.status).toBe(200);
+    expect(await multi.json()).toMatchObject({ status: 'success', data: { path: '/root/up/multi.txt', size: 15 } });
+    expect((await box.files.read('/root/up/raw.txt')).toString()).toBe('raw bytes');
+    expect((await box.files.read('/root/up/multi.txt')).toString()).toBe('multipart bytes');
+    const noFile = new FormData();
+    noFile.append('other', 'x');
+    expect((await server.http(`/api/sandboxes/${box.id}/files/upload?path=/root/up/none.txt`, { method: 'POST', apiKey, body: noFile })).status).toBe(400);
+  });
+
+  it('answers 413 for an upload over MAX_UPLOAD_BYTES, declared or streamed, and writes nothing', async () => {
+    const declared = await server.http(`/api/sandboxes/${box.id}/files/upload?path=/root/huge.bin`, {
+      method: 'POST',
+      apiKey,
+      headers: { 'content-type': 'application/octet-stream', 'content-length': String(300 * 1024 * 1024) },
+      body: 'x',
+    }).catch(() => null);
+    if (declared) expect(declared.status).toBe(413);
+    const streamed = await box.files
+      .upload(
+        '/root/huge.bin',
+        (async function* () {
+          for (let i = 0; i < 210; i++) yield Buffer.alloc(1024 * 1024);
+        })(),
+      )
+      .catch((e: unknown) => e);
+    expect(streamed).toBeInstanceOf(PayloadTooLargeError);
+    expect(await box.files.exists('/root/huge.bin')).toBe(false);
+  });
+
+  it('does every file operation on a tree with spaces and unicode in its names', async () => {
+    const root = '/root/tree ü';
+    expect((await box.files.mkdir(`${root}/sub dir/ñ`)).path).toBe(`${root}/sub dir/ñ`);
+    await box.files.create(`${root}/hello wörld.txt`, 'line1\nline2\nline3\n');
+    const created = await server.http(`/api/sandboxes/${box.id}/files/create?path=${encodeURIComponent(`${root}/q.txt`)}&content=from%20query`, { method: 'POST', apiKey });
+    expect(created.status).toBe(200);
+    expect((await box.files.read(`${root}/q.txt`)).toString()).toBe('from query');
+    expect((await box.files.list(root)).map((f) => [f.name, f.isDir])).toEqual([
+      ['hello wörld.txt', false],
+      ['q.txt', false],
+      ['sub dir', true],
+    ]);
+    expect((await box.files.head(`${root}/hello wörld.txt`, 2)).content).toBe('line1\nline2\n');
+    expect((await box.files.tail(`${root}/hello wörld.txt`, 2)).content).toBe('line2\nline3\n');
+    const tailRest = await server.http(`/api/sandboxes/${box.id}/files/head-tail?path=${encodeURIComponent(`${root}/hello wörld.txt`)}&lines=1&head=false`, { apiKey });
+    expect(await tailRest.json()).toMatchObject({ data: { stdout: 'line3\n' } });
+    await box.files.copy(`${root}/hello wörld.txt`, `${root}/sub dir/copy.txt`);
+    await box.files.move(`${root}/sub dir/copy.txt`, `${root}/sub dir/ñ/moved.txt`);
+    expect((await box.files.search(root, '*.txt')).matches).toEqual([`${root}/hello wörld.txt`, `${root}/q.txt`, `${root}/sub dir/ñ/moved.txt`]);
+    await box.files.chmod(`${root}/q.txt`, '0600');
+    const st = await box.files.stat(`${root}/q.txt`);
+    expect(st).toMatchObject({ mode: '0600', size: 10, isDir: false, uid: 0, gid: 0 });
+    const du = await box.files.du(root);
+    expect(du.size).toBeGreaterThan(0);
+    expect(du.stdout).toContain(root);
+    await box.files.remove(`${root}/sub dir`);
+    expect(await box.files.exists(`${root}/sub dir`)).toBe(false);
+    expect((await box.files.stat('tree ü')).path).toBe(root); // relative to /root
+  });
+
+  it('answers each kind of file error with its own status and the path', async () => {
+    await expect(box.files.stat('/no/such/file')).rejects.toBeInstanceOf(NotFoundError);
+    const notDir = await box.files.list('/etc/hostname').catch((e: unknown) => e);
+    expect(notDir).toBeInstanceOf(InvalidInputError);
+    expect((notDir as Error).message).toContain('/etc/hostname');
+    await expect(box.files.create('/opt/voidrun/node_modules/voidrun-test', 'x')).rejects.toBeInstanceOf(ForbiddenError);
+    const badMode = await server.http(`/api/sandboxes/${box.id}/files/chmod?path=/root&mode=rwx`, { method: 'POST', apiKey });
+    expect(badMode.status).toBe(400);
+    const badFormat = await server.http(`/api/sandboxes/${box.id}/files/compress?path=/root&format=rar`, { method: 'POST', apiKey });
+    expect(badFormat.status).toBe(400);
+    const missing = await server.http(`/api/sandboxes/${box.id}/files?path=/nope`, { apiKey });
+    expect(missing.status).toBe(404);
+    expect(await missing.json()).toEqual({ error: 'No such file or directory: /nope' });
+    const dirDownload = await server.http(`/api/sandboxes/${box.id}/files/download?path=/root`, { apiKey });
+    expect(dirDownload.status).toBe(400);
+    const noPath = await server.http(`/api/sandboxes/${box.id}/files/download`, { apiKey });
+    expect(noPath.status).toBe(400);
+  });
+
+  it.each(['tar', 'tar.gz', 'tar.bz2', 'zip'] as const)('compresses and extracts a tree back unchanged (%s)', async (format) => {
+    const src = `/root/arch-${format}/data set`;
+    await box.exec(`mkdir -p "${src}/a b/ç" && echo one > "${src}/a b/1.txt" && echo two > "${src}/a b/ç/2.txt" && ln -s "1.txt" "${src}/a b/link"`);
+    const { archive } = await box.files.compress(src, format);
+    expect(archive).toBe(`${src}.${format}`);
+    const dest = `/root/arch-${format}/out`;
+    const extracted = await box.files.extract(archive, dest);
+    expect(extracted.entries).toBeGreaterThan(3);
+    const before = (await box.exec(`cd "${src}" && find . | sort && cat "a b/1.txt" "a b/ç/2.txt"`)).stdout;
+    const after = (await box.exec(`cd "${dest}/data set" && find . | sort && cat "a b/1.txt" "a b/ç/2.txt"`)).stdout;
+    expect(after).toBe(before);
+  });
+
+  it('refuses archives whose entries would escape the destination', async () => {
+    await box.exec(
+      [
+        'mkdir -p /root/evil/in && cd /root/evil/in && echo secret > ../outside.txt',
+        'tar -cPf /root/evil/dotdot.tar ../outside.txt',
+        'tar -cPf /root/evil/absolute.tar /etc/hostname',
+        'ln -sf /etc /root/evil/in/etc-link && tar -cf /root/evil/symlink.tar -C /root/evil/in etc-link',
+      ].join(' && '),
+    );
+    for (const name of ['dotdot', 'absolute', 'symlink']) {
+      const res = await server.http(`/api/sandboxes/${box.id}/files/extract?archive=/root/evil/${name}.tar&dest=/root/evil/dest-${name}`, { method: 'POST', apiKey });
+      expect(res.status, name).toBe(400);
+      expect(((await res.json()) as { error: string }).error).toMatch(/refusing to extract/);
+    }
+    expect((await box.exec('ls -A /root/evil/dest-symlink /root/evil/dest-dotdot | grep -v : | grep -c . || true')).stdout.trim()).toBe('0');
+  });
+
+  it('watches create, modify, rename and delete in order, over tRPC and over the WebSocket route', async () => {
+    await box.files.mkdir('/root/watched');
+    const viaTrpc: WatchMessage[] = [];
+    const events = box.files.watch('/root/watched');
+    const collecting = (async () => {
+      for await (const e of events) {
+        viaTrpc.push(e);
+        if (e.type === 'deleted') break;
+      }
+    })();
+
+    const start = await server.http(`/api/sandboxes/${box.id}/files/watch`, { method: 'POST', apiKey, json: { path: '/root/watched', recursive: true } });
+    expect(start.status).toBe(200);
+    const { sessionId } = ((await start.json()) as { data: { sessionId: string } }).data;
+    const ws = new WebSocket(`${server.url.replace('http', 'ws')}/api/sandboxes/${box.id}/files/watch/${sessionId}/stream`, { headers: { 'x-api-key': apiKey } });
+    const viaWs: WatchMessage[] = [];
+    ws.on('message', (m) => viaWs.push(JSON.parse(m.toString()) as WatchMessage));
+    await new Promise((r) => ws.once('open', r));
+    await new Promise((r) => setTimeout(r, 300)); // the tRPC watch is established
+
+    await box.exec('cd /root/watched && echo a > f && sleep 0.15 && echo b >> f && sleep 0.15 && mv f g && sleep 0.15 && rm g');
+    await collecting;
+    for (let i = 0; i < 40 && !viaWs.some((e) => e.type === 'deleted'); i++) await new Promise((r) => setTimeout(r, 50));
+    ws.close();
+    const summary = (list: WatchMessage[]) => list.map((e) => `${e.type} ${'path' in e ? e.path.split('/').pop() : ''}${'oldPath' in e && e.oldPath ? ` from ${e.oldPath.split('/').pop()}` : ''}`);
+    const expected = ['created f', 'modified f', 'renamed g from f', 'deleted g'];
+    expect(summary(viaTrpc)).toEqual(expected);
+    expect(summary(viaWs)).toEqual(expected);
+  });
+
+  it('answers 404 for an unknown watch session and refuses a bad key on the watch socket', async () => {
+    const status = (url: string, headers: Record<string, string>) =>
+      new Promise<number>((resolve) => {
+        const ws = new WebSocket(url, { headers });
+        ws.on('unexpected-response', (_req, res) => resolve(res.statusCode ?? 0));
+        ws.on('open', () => resolve(101));
+        ws.on('error', () => {});
+      });
+    const base = `${server.url.replace('http', 'ws')}/api/sandboxes/${box.id}/files/watch`;
+    expect(await status(`${base}/00000000-0000-0000-0000-000000000000/stream`, { 'x-api-key': apiKey })).toBe(404);
+    expect(await status(`${base}/00000000-0000-0000-0000-000000000000/stream`, { 'x-api-key': 'vr_bad' })).toBe(401);
+  });
+
+  it("answers 404 on every file route for another org's sandbox", async () => {
+    const other = await server.client().trpc.auth.register.mutate({ name: 'Other Files', email: uniqueEmail('of') });
+    const routes: Array<[string, string]> = [
+      ['GET', 'files?path=/root'],
+      ['DELETE', 'files?path=/root/x'],
+      ['POST', 'files/upload?path=/root/x'],
+      ['GET', 'files/download?path=/etc/hostname'],
+      ['GET', 'files/head-tail?path=/etc/hostname'],
+      ['GET', 'files/search?path=/root&pattern=*'],
+      ['POST', 'files/mkdir?path=/root/x'],
+      ['POST', 'files/create?path=/root/x'],
+      ['POST', 'files/copy?from=/a&to=/b'],
+      ['POST', 'files/move?from=/a&to=/b'],
+      ['POST', 'files/chmod?path=/root&mode=755'],
+      ['GET', 'files/stat?path=/root'],
+      ['GET', 'files/du?path=/root'],
+      ['POST', 'files/compress?path=/root'],
+      ['POST', 'files/extract?archive=/a.tar&dest=/b'],
+      ['POST', 'files/watch'],
+    ];
+    for (const [method, path] of routes) {
+      const res = await server.http(`/api/sandboxes/${box.id}/${path}`, {
+        method,
+        apiKey: other.apiKey,
+        ...(path === 'files/watch' ? { json: { path: '/root' } } : method === 'POST' && !path.startsWith('files/upload') ? { json: {} } : method === 'POST' ? { body: 'x' } : {}),
+      });
+      expect(res.status, `${method} ${path}`).toBe(404);
+    }
+  });
+});
