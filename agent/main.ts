@@ -1,6 +1,7 @@
 /**
  * The agent: runs inside each sandbox (PID 2, under tini), serves the agent router over HTTP +
- * WebSocket on the transport the driver gives it — a unix socket path in VOIDRUN_AGENT_SOCKET.
+ * WebSocket on the transport the driver gives it: an already-listening socket inherited as file
+ * descriptor VOIDRUN_AGENT_FD (container driver), or a unix socket path in VOIDRUN_AGENT_SOCKET.
  */
 import { existsSync, unlinkSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -10,9 +11,10 @@ import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
 import { ProcessManager } from './services/process/process-manager.js';
 
+const listenFd = process.env.VOIDRUN_AGENT_FD ? Number(process.env.VOIDRUN_AGENT_FD) : null;
 const socketPath = process.env.VOIDRUN_AGENT_SOCKET;
-if (!socketPath) {
-  console.error('agent: VOIDRUN_AGENT_SOCKET is not set');
+if (listenFd === null && !socketPath) {
+  console.error('agent: neither VOIDRUN_AGENT_FD nor VOIDRUN_AGENT_SOCKET is set');
   process.exit(2);
 }
 
@@ -26,6 +28,11 @@ baseEnv.VOIDRUN_SANDBOX_ID = process.env.VOIDRUN_SANDBOX_ID;
 const ctx: AgentContext = { processes: new ProcessManager(baseEnv, process.env.HOME ?? '/'), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
+  // The driver polls this to know the agent serves (the socket accepts connections before that).
+  if (req.url === '/ready') {
+    res.writeHead(200, { 'content-type': 'text/plain' }).end('ok');
+    return;
+  }
   void handleFileTransfer(req, res).then((handled) => {
     if (!handled) res.writeHead(404).end();
   });
@@ -33,10 +40,12 @@ const server = createServer((req, res) => {
 const wss = new WebSocketServer({ server, maxPayload: 64 * 1024 * 1024 });
 applyWSSHandler({ wss, router: agentRouter, createContext: () => ctx });
 
-if (existsSync(socketPath)) unlinkSync(socketPath);
-server.listen(socketPath, () => {
-  console.log(`agent: listening on ${socketPath} (pid ${process.pid})`);
-});
+if (listenFd !== null) {
+  server.listen({ fd: listenFd }, () => console.log(`agent: listening on inherited fd ${listenFd} (pid ${process.pid})`));
+} else {
+  if (existsSync(socketPath!)) unlinkSync(socketPath!);
+  server.listen(socketPath, () => console.log(`agent: listening on ${socketPath} (pid ${process.pid})`));
+}
 
 const shutdown = () => {
   ctx.processes.killAll();

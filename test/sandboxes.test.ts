@@ -121,6 +121,23 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     await sb.delete();
   });
 
+  it("cannot redirect the server's agent connection to another sandbox (regression: agent socket was sandbox-writable)", async () => {
+    const victim = await vr.sandboxes.create({ name: 'victim-box' });
+    try {
+      await victim.exec('echo victim-secret > /root/secret');
+      const victimSocket = join(server.dirs.instancesDir, victim.id, 'agent.sock');
+      // Whatever the sandbox writes where an agent socket might be, the server's path stays out of reach.
+      await box.exec(`mkdir -p /run/voidrun && ln -sf ${victimSocket} /run/voidrun/agent.sock; ln -sf ${victimSocket} /root/agent.sock`);
+      expect((await box.exec('ls /run/voidrun')).stdout).toBe('agent.sock\n');
+      expect((await box.exec(`test -e ${victimSocket}`)).exitCode).not.toBe(0);
+      const res = await server.http(`/api/sandboxes/${box.id}/files/download?path=/root/secret`, { apiKey });
+      expect(res.status).toBe(404);
+      expect((await box.exec('hostname')).stdout).toBe('main-box\n');
+    } finally {
+      await victim.delete();
+    }
+  });
+
   it("keeps one sandbox's files invisible to another", async () => {
     const other = await vr.sandboxes.create({ name: 'neighbour' });
     try {

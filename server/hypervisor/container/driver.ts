@@ -1,12 +1,13 @@
 import { execFile } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
-import { chown, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
-import { connect as netConnect, type Socket } from 'node:net';
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
+import { request as httpRequest } from 'node:http';
+import { chown, link, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { createServer as createNetServer, connect as netConnect, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
-import { AGENT_SOCKET_NAME, buildOciSpec, type IdMapping } from './oci-spec.js';
+import { buildOciSpec, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 
 export interface ContainerDriverOptions {
@@ -21,7 +22,11 @@ export interface ContainerDriverOptions {
   log: Logger;
 }
 
-/** Instance layout: INSTANCES_DIR/<id>/{config.json, upper/, work/, rootfs/, run/agent.sock, sandbox.log}. */
+/**
+ * Instance layout: INSTANCES_DIR/<id>/{config.json, upper/, work/, rootfs/, agent.sock, sandbox.log}.
+ * The directory belongs to host root and is not mounted into the sandbox, so the sandbox can't
+ * replace `agent.sock` with a link to somewhere else.
+ */
 function layout(instancesDir: string, id: string) {
   const dir = join(instancesDir, id);
   return {
@@ -29,11 +34,29 @@ function layout(instancesDir: string, id: string) {
     upper: join(dir, 'upper'),
     work: join(dir, 'work'),
     rootfs: join(dir, 'rootfs'),
-    run: join(dir, 'run'),
-    socket: join(dir, 'run', AGENT_SOCKET_NAME),
+    socket: join(dir, 'agent.sock'),
     log: join(dir, 'sandbox.log'),
     lowerFile: join(dir, 'lower'),
   };
+}
+
+/**
+ * A unix socket listening at `path`, for the agent to inherit: bound under a temporary name and
+ * hard-linked to `path`, so closing this process's copy (which unlinks the temporary name) leaves
+ * `path` bound to the socket the agent keeps listening on.
+ */
+async function listeningSocket(path: string): Promise<{ fd: number; close: () => void }> {
+  const temp = `${path}.${process.pid}.${Date.now()}`;
+  await rm(path, { force: true });
+  const server = createNetServer();
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(temp, () => resolve());
+  });
+  await link(temp, path);
+  // The only way to hand a listening socket to a child: its descriptor (Node has no public accessor).
+  const fd = (server as unknown as { _handle: { fd: number } })._handle.fd;
+  return { fd, close: () => server.close() };
 }
 
 function exec(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
@@ -122,10 +145,9 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     const { hostId } = this.opts.idMap;
     // Traversable (not readable) by the sandbox's mapped root, which runc resolves the mounts as.
     await mkdir(p.dir, { recursive: true, mode: 0o711 });
-    for (const d of [p.upper, p.work, p.rootfs, p.run]) await mkdir(d, { recursive: true });
-    // Root inside the sandbox (hostId outside) owns its root directory and the agent's run dir.
+    for (const d of [p.upper, p.work, p.rootfs]) await mkdir(d, { recursive: true });
+    // Root inside the sandbox (hostId outside) owns its root directory.
     await chown(p.upper, hostId, hostId);
-    await chown(p.run, hostId, hostId);
   }
 
   async #boot(spec: SandboxSpec): Promise<void> {
@@ -136,34 +158,33 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     await writeFile(p.lowerFile, spec.rootfs);
     const config = buildOciSpec({
       spec,
-      paths: { rootfs: p.rootfs, runDir: p.run, nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
+      paths: { rootfs: p.rootfs, nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
       idMap: this.opts.idMap,
       pidsLimit: this.opts.pidsLimit,
       cgroupsPath: `/voidrun/${this.#cid(spec.id)}`,
     });
     await writeFile(join(p.dir, 'config.json'), JSON.stringify(config));
-    await rm(p.socket, { force: true });
-    await this.#runc.runDetached(this.#cid(spec.id), p.dir, p.log).catch((err: Error) => {
-      throw new Error(`${err.message}: ${lastLines(p.log)}`);
-    });
+    const socket = await listeningSocket(p.socket);
+    try {
+      await this.#runc.runDetached(this.#cid(spec.id), p.dir, p.log, socket.fd).catch((err: Error) => {
+        throw new Error(`${err.message}: ${lastLines(p.log)}`);
+      });
+    } finally {
+      socket.close(); // the agent has its own copy now
+    }
     await this.#waitForAgent(spec.id);
   }
 
-  /** Resolves once the agent's socket accepts a connection. */
+  /**
+   * Resolves once the agent answers `GET /ready`. (Its socket accepts connections from the start:
+   * it was listening before the agent ran.)
+   */
   async #waitForAgent(id: string): Promise<void> {
     const p = layout(this.opts.instancesDir, id);
     const deadline = Date.now() + this.opts.agentReadyTimeoutMs;
     let delay = 2;
     while (Date.now() < deadline) {
-      if (existsSync(p.socket)) {
-        try {
-          const s = await this.#dial(p.socket);
-          s.destroy();
-          return;
-        } catch {
-          // not accepting yet
-        }
-      }
+      if (await agentAnswers(p.socket, Math.max(50, Math.min(1000, deadline - Date.now())))) return;
       const state = await this.#runc.state(this.#cid(id));
       if (!state || state.status === 'stopped') throw new Error(`the sandbox stopped while starting: ${lastLines(p.log)}`);
       await new Promise((r) => setTimeout(r, delay));
@@ -246,9 +267,34 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
   }
 }
 
+/** Whether an HTTP GET /ready on the socket answers 200 within `timeoutMs`. */
+function agentAnswers(socketPath: string, timeoutMs: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const req = httpRequest({ socketPath, path: '/ready', timeout: timeoutMs }, (res) => {
+      res.resume();
+      resolve(res.statusCode === 200);
+    });
+    req.once('timeout', () => {
+      req.destroy();
+      resolve(false);
+    });
+    req.once('error', () => resolve(false));
+    req.end();
+  });
+}
+
+/** The last lines of a sandbox log, reading at most its last 4 KiB. */
 function lastLines(file: string): string {
   try {
-    return readFileSync(file, 'utf8').trim().split('\n').slice(-3).join(' | ') || '(no output)';
+    const fd = openSync(file, 'r');
+    try {
+      const size = fstatSync(fd).size;
+      const buf = Buffer.alloc(Math.min(4096, size));
+      readSync(fd, buf, 0, buf.length, size - buf.length);
+      return buf.toString('utf8').trim().split('\n').slice(-3).join(' | ') || '(no output)';
+    } finally {
+      closeSync(fd);
+    }
   } catch {
     return '(no log)';
   }

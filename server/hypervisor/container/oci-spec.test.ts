@@ -4,7 +4,7 @@ import { buildOciSpec, defaultCapabilities, type OciSpecOptions } from './oci-sp
 
 const base: OciSpecOptions = {
   spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
-  paths: { rootfs: '/inst/abc/rootfs', runDir: '/inst/abc/run', nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
+  paths: { rootfs: '/inst/abc/rootfs', nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
   idMap: { hostId: 200000, size: 65536 },
   pidsLimit: 1024,
   cgroupsPath: '/voidrun/vr-abc',
@@ -44,24 +44,23 @@ describe('buildOciSpec', () => {
     expect(buildOciSpec(withSpec({ name: 'web.prod-1' })).hostname).toBe('web.prod-1');
   });
 
-  it('mounts only the agent files from the host, read-only, plus the agent run dir', () => {
+  it('mounts only the agent files from the host, all read-only', () => {
     const binds = buildOciSpec(base).mounts.filter((m) => m.type === 'bind');
     expect(binds.map((m) => [m.source, m.destination])).toEqual([
       ['/usr/bin/node', '/opt/voidrun/node'],
       ['/app/dist/agent/agent.cjs', '/opt/voidrun/agent.cjs'],
       ['/app/node_modules', '/opt/voidrun/node_modules'],
-      ['/inst/abc/run', '/run/voidrun'],
     ]);
-    for (const m of binds.slice(0, 3)) expect(m.options).toContain('ro');
-    expect(binds[3]!.options).toContain('noexec');
+    for (const m of binds) expect(m.options).toContain('ro');
   });
 
   it("runs the agent under tini; the sandbox's envVars reach it encoded, never as its own environment", () => {
-    const envVars = { FOO: 'bar', NODE_OPTIONS: '--require /evil.js', VOIDRUN_AGENT_SOCKET: '/evil' };
+    const envVars = { FOO: 'bar', NODE_OPTIONS: '--require /evil.js', VOIDRUN_AGENT_FD: '7' };
     const p = buildOciSpec(withSpec({ envVars })).process;
     expect(p.args.slice(0, 2)).toEqual(['/usr/bin/tini', '-s']);
     expect(p.args.slice(-2)).toEqual(['/opt/voidrun/node', '/opt/voidrun/agent.cjs']);
-    expect(p.env).toContain('VOIDRUN_AGENT_SOCKET=/run/voidrun/agent.sock');
+    expect(p.env).toContain('VOIDRUN_AGENT_FD=3');
+    expect(p.env).not.toContain('VOIDRUN_AGENT_FD=7');
     expect(p.env.filter((e) => e.startsWith('NODE_OPTIONS') || e.startsWith('FOO'))).toEqual([]);
     const encoded = p.env.find((e) => e.startsWith('VOIDRUN_SANDBOX_ENV='))!.split('=')[1]!;
     expect(JSON.parse(Buffer.from(encoded, 'base64').toString())).toEqual(envVars);

@@ -5,8 +5,6 @@ import { buildSeccompProfile } from './seccomp-profile.js';
 export interface ContainerPaths {
   /** The overlay mount (image + writable layer): the container's root. */
   rootfs: string;
-  /** A host directory mounted read-write at `AGENT_RUN_DIR`; the agent's socket appears in it. */
-  runDir: string;
   /** Host files mounted read-only for the agent. */
   nodeBinary: string;
   agentBundle: string;
@@ -29,8 +27,12 @@ export interface OciSpecOptions {
 
 /** Inside the sandbox. */
 export const AGENT_DIR = '/opt/voidrun';
-export const AGENT_RUN_DIR = '/run/voidrun';
-export const AGENT_SOCKET_NAME = 'agent.sock';
+/**
+ * The agent's listening socket arrives as this inherited file descriptor (runc --preserve-fds):
+ * the driver binds it to a path in a host directory the sandbox cannot see or write, so nothing
+ * inside the sandbox can redirect the server's connections.
+ */
+export const AGENT_LISTEN_FD = 3;
 
 const CPU_PERIOD_US = 100_000;
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
@@ -73,7 +75,7 @@ export function buildOciSpec(o: OciSpecOptions) {
     TERM: 'xterm-256color',
     LANG: 'C.UTF-8',
     VOIDRUN_SANDBOX_ID: spec.id,
-    VOIDRUN_AGENT_SOCKET: `${AGENT_RUN_DIR}/${AGENT_SOCKET_NAME}`,
+    VOIDRUN_AGENT_FD: String(AGENT_LISTEN_FD),
     VOIDRUN_SANDBOX_ENV: Buffer.from(JSON.stringify(spec.envVars)).toString('base64'),
   };
   const memBytes = spec.memMb * 1024 * 1024;
@@ -108,7 +110,6 @@ export function buildOciSpec(o: OciSpecOptions) {
       { destination: `${AGENT_DIR}/agent.cjs`, type: 'bind', source: paths.agentBundle, options: ro },
       // Ends in node_modules so Node's resolution finds the agent's native dependencies.
       { destination: `${AGENT_DIR}/node_modules`, type: 'bind', source: paths.nodeModules, options: ro },
-      { destination: AGENT_RUN_DIR, type: 'bind', source: paths.runDir, options: ['rbind', 'rw', 'nosuid', 'nodev', 'noexec'] },
     ],
     linux: {
       uidMappings: [{ containerID: 0, hostID: idMap.hostId, size: idMap.size }],

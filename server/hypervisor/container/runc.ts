@@ -31,13 +31,15 @@ export class Runc {
     return (await this.#run(['--version'], 5000)).split('\n')[0] ?? '';
   }
 
-  /** Creates and starts the container detached; its stdout and stderr go to `logFile`. */
-  runDetached(id: string, bundle: string, logFile: string): Promise<void> {
+  /**
+   * Creates and starts the container detached; its stdout and stderr go to `logFile`. `passFd`, if
+   * given, becomes file descriptor 3 of the container's first process.
+   */
+  runDetached(id: string, bundle: string, logFile: string, passFd?: number): Promise<void> {
     const log = openSync(logFile, 'a');
     return new Promise((resolve, reject) => {
-      const child = spawn(this.binary, ['--root', this.root, 'run', '--detach', '--bundle', bundle, '--pid-file', `${bundle}/init.pid`, id], {
-        stdio: ['ignore', log, log],
-      });
+      const args = ['--root', this.root, 'run', '--detach', '--bundle', bundle, '--pid-file', `${bundle}/init.pid`, ...(passFd !== undefined ? ['--preserve-fds', '1'] : []), id];
+      const child = spawn(this.binary, args, { stdio: passFd !== undefined ? ['ignore', log, log, passFd] : ['ignore', log, log] });
       closeSync(log);
       child.once('error', (err) => reject(new RuncError(`runc run failed: ${err.message}`)));
       child.once('exit', (code) => (code === 0 ? resolve() : reject(new RuncError(`runc run exited with ${code}; see the sandbox log`))));

@@ -1,0 +1,109 @@
+/**
+ * `npm run bench:files`: file transfer and watch costs through the real server (container driver).
+ *   1. upload and download of a 1 GiB file through the API, next to a raw `cat` copy of the same
+ *      file on the same disk (the baseline), with the throughput ratio;
+ *   2. resident memory of this process (server + client) sampled during the transfers: growth;
+ *   3. watch event latency over 1,000 writes: from sending `echo >> file` through POST /exec to
+ *      the `modified` event arriving on the watch stream.
+ * Needs root and runc (npm run setup) and the debian image (npm run image:build).
+ */
+import { execFileSync } from 'node:child_process';
+import { createWriteStream, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { randomBytes } from 'node:crypto';
+import { startTestServer } from '../test/helpers/server.js';
+import type { WatchMessage } from '../shared/index.js';
+import { summarize } from './lib/measure.js';
+
+const SIZE_MB = Number(process.env.BENCH_FILE_MB ?? 1024);
+const WRITES = Number(process.env.BENCH_WATCH_WRITES ?? 1000);
+
+const server = await startTestServer({ LOG_LEVEL: 'silent' });
+const scratch = mkdtempSync(join(server.dirs.instancesDir, '..', 'bench-files-'));
+try {
+  const reg = await server.client().trpc.auth.register.mutate({ name: 'Bench', email: `bench-files-${Date.now()}@example.com` });
+  const vr = server.client(reg.apiKey);
+  const box = await vr.sandboxes.create({ name: 'bench-files' });
+
+  const src = join(scratch, 'src.bin');
+  process.stdout.write(`writing a ${SIZE_MB} MiB random file… `);
+  await pipeline(
+    (async function* () {
+      const block = randomBytes(1024 * 1024);
+      for (let i = 0; i < SIZE_MB; i++) {
+        block.writeUInt32LE(i, 0); // not all blocks alike
+        yield Buffer.from(block);
+      }
+    })(),
+    createWriteStream(src),
+  );
+  console.log('done');
+
+  let peak = process.memoryUsage().rss;
+  const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage().rss)), 20);
+  const rssBefore = process.memoryUsage().rss;
+  const timeIt = async (fn: () => Promise<unknown>) => {
+    const t0 = process.hrtime.bigint();
+    await fn();
+    return Number(process.hrtime.bigint() - t0) / 1e9;
+  };
+
+  const raw = await timeIt(async () => execFileSync('sh', ['-c', `cat "${src}" > "${join(scratch, 'copy.bin')}" && sync "${join(scratch, 'copy.bin')}"`]));
+  rmSync(join(scratch, 'copy.bin'));
+  const up = await timeIt(() => box.files.upload('/root/big.bin', { path: src }));
+  const down = await timeIt(async () => pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin'))));
+  clearInterval(sampler);
+  const same = statSync(join(scratch, 'back.bin')).size === statSync(src).size;
+  rmSync(join(scratch, 'back.bin'));
+
+  const mbps = (s: number) => (SIZE_MB / s).toFixed(0);
+  console.log(`\n${SIZE_MB} MiB file, container driver, same disk\n`);
+  console.log(`${'case'.padEnd(34)}${'seconds'.padStart(9)}${'MiB/s'.padStart(8)}${'vs raw'.padStart(9)}`);
+  for (const [name, s] of [
+    ['cat copy on the host [baseline]', raw],
+    ['upload  (POST files/upload)', up],
+    ['download (GET files/download)', down],
+  ] as const) {
+    console.log(`${name.padEnd(34)}${s.toFixed(2).padStart(9)}${mbps(s).padStart(8)}${(raw / s).toFixed(2).padStart(9)}`);
+  }
+  console.log(`download size matches: ${same}`);
+  console.log(`process RSS (server + client): before ${(rssBefore / 2 ** 20).toFixed(0)} MiB, peak during transfers ${(peak / 2 ** 20).toFixed(0)} MiB, growth ${((peak - rssBefore) / 2 ** 20).toFixed(0)} MiB (target ≤ 64 MB)`);
+
+  // Watch latency
+  await box.files.mkdir('/root/watched');
+  await box.files.create('/root/watched/f', '');
+  const pending = new Map<number, bigint>();
+  const latencies: number[] = [];
+  let waiting: (() => void) | undefined;
+  const events = box.files.watch('/root/watched');
+  const it = events[Symbol.asyncIterator]();
+  const first = it.next(); // opens the subscription
+  await new Promise((r) => setTimeout(r, 500));
+  void first.then(function onEvent(r: IteratorResult<WatchMessage>): void {
+    if (r.done) return;
+    if (r.value.type === 'modified') {
+      const t0 = pending.values().next().value;
+      if (t0 !== undefined) {
+        latencies.push(Number(process.hrtime.bigint() - t0) / 1e6);
+        pending.delete(pending.keys().next().value!);
+        waiting?.();
+      }
+    }
+    void it.next().then(onEvent);
+  });
+  for (let i = 0; i < WRITES; i++) {
+    const done = new Promise<void>((r) => (waiting = r));
+    pending.set(i, process.hrtime.bigint());
+    await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey: reg.apiKey, json: { command: `echo ${i} >> /root/watched/f` } });
+    await Promise.race([done, new Promise((r) => setTimeout(r, 1000))]);
+    pending.clear();
+  }
+  await it.return(undefined);
+  const w = summarize('watch', latencies);
+  console.log(`\nwatch latency over ${WRITES} writes (${latencies.length} events seen): p50 ${w.p50.toFixed(1)} ms, p99 ${w.p99.toFixed(1)} ms (target p50 ≤ 50 ms)`);
+} finally {
+  rmSync(scratch, { recursive: true, force: true });
+  await server.close();
+}
