@@ -44,6 +44,8 @@ const filesRouter = t.router({
         batches.push(messages);
         wake?.();
       });
+      const onAbort = () => wake?.();
+      signal?.addEventListener('abort', onAbort);
       try {
         yield { type: 'ready' as const, path: watcher.root };
         while (!signal?.aborted) {
@@ -52,13 +54,11 @@ const filesRouter = t.router({
             yield { type: 'events' as const, events: batch };
             continue;
           }
-          await new Promise<void>((resolve) => {
-            wake = resolve;
-            signal?.addEventListener('abort', () => resolve(), { once: true });
-          });
+          await new Promise<void>((resolve) => (wake = resolve));
           wake = undefined;
         }
       } finally {
+        signal?.removeEventListener('abort', onAbort);
         await watcher.close();
       }
     }),
@@ -94,7 +94,7 @@ export const agentRouter = t.router({
         let timer: NodeJS.Timeout | undefined;
         const timeout = new Promise<null>((resolve) => {
           if (input.timeoutMs > 0) timer = setTimeout(() => resolve(null), input.timeoutMs);
-          signal?.addEventListener('abort', () => resolve(null));
+          signal?.addEventListener('abort', () => resolve(null), { once: true });
         });
         const exit = await Promise.race([proc.exited, timeout]);
         clearTimeout(timer);
@@ -103,9 +103,9 @@ export const agentRouter = t.router({
     writeStdin: t.procedure
       .input(Pid.extend({ data: z.string(), eof: z.boolean().default(false) }))
       .output(z.object({ written: z.number().int() }))
-      .mutation(({ ctx, input }) => {
+      .mutation(async ({ ctx, input }) => {
         const proc = ctx.processes.get(input.pid);
-        if (input.data) proc.writeStdin(input.data);
+        if (input.data) await proc.writeStdin(input.data);
         if (input.eof) proc.closeStdin();
         return { written: Buffer.byteLength(input.data) };
       }),
@@ -121,6 +121,8 @@ export const agentRouter = t.router({
         queue.push(e);
         wake?.();
       });
+      const onAbort = () => wake?.();
+      signal?.addEventListener('abort', onAbort);
       try {
         let last = input.lastEventId ? Number(input.lastEventId) : 0;
         const backlog = proc.output.since(last);
@@ -128,10 +130,7 @@ export const agentRouter = t.router({
         while (!signal?.aborted) {
           const next = queue.shift();
           if (!next) {
-            await new Promise<void>((resolve) => {
-              wake = resolve;
-              signal?.addEventListener('abort', () => resolve(), { once: true });
-            });
+            await new Promise<void>((resolve) => (wake = resolve));
             wake = undefined;
             continue;
           }
@@ -141,6 +140,7 @@ export const agentRouter = t.router({
           if (next.event.type === 'exit') return;
         }
       } finally {
+        signal?.removeEventListener('abort', onAbort);
         unsubscribe();
       }
     }),

@@ -122,10 +122,11 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       });
     },
     async close() {
-      await http.close();
+      // Streams first (they end when their agent connections close), then the HTTP server.
       await health?.stop();
       watch.closeAll();
       await agents?.closeAll();
+      await http.close();
       await lastUsed.close();
       await store.close();
     },

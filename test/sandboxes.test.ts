@@ -106,6 +106,11 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     expect((await box.exec('ls /opt/voidrun')).stdout.split('\n').filter(Boolean).sort()).toEqual(['agent.cjs', 'node', 'node_modules']);
     expect((await box.exec('touch /opt/voidrun/node_modules/x')).stderr).toContain('Read-only file system');
     expect((await box.exec('echo tampered > /opt/voidrun/agent.cjs')).exitCode).not.toBe(0);
+    // No new namespaces from inside (a user namespace would grant a full capability set over them).
+    expect((await box.exec('unshare -U true')).exitCode).not.toBe(0);
+    // clone(CLONE_NEWUSER | SIGCHLD): -1 (refused) exits 3.
+    expect((await box.exec("perl -e 'exit(syscall(56, 0x10000000 | 17, 0, 0, 0, 0) < 0 ? 3 : 0)'")).exitCode).toBe(3);
+    expect((await box.exec("perl -e 'exit(syscall(56, 17, 0, 0, 0, 0) < 0 ? 3 : 0)'")).exitCode).toBe(0); // a plain fork still works
     const links = (await box.exec('ls /sys/class/net')).stdout.trim().split('\n');
     expect(links).toEqual(['lo']);
     expect((await box.exec('id -u; touch /root/made-by-root')).stdout).toBe('0\n');
@@ -223,6 +228,11 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     const out = [];
     for await (const c of cat.output()) out.push(c);
     expect(out.find((c) => c.type === 'stdout')).toEqual({ type: 'stdout', data: 'typed input\n' });
+
+    // Regression: writing to a process that closed its stdin killed the agent (EPIPE).
+    const closer = await box.commands.run('exec 0<&-; sleep 1');
+    for (let i = 0; i < 3; i++) await closer.write('x'.repeat(70000)).catch(() => {});
+    expect((await box.exec('echo agent alive')).stdout).toBe('agent alive\n');
 
     const sleeper = await box.commands.run('sleep 600');
     const listed = await box.commands.list();

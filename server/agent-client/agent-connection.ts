@@ -35,6 +35,8 @@ export class AgentConnection {
   constructor(
     private readonly connect: () => Promise<Duplex>,
     private readonly connectTimeoutMs = 5000,
+    /** The deadline of a query or mutation that sets none itself. */
+    private readonly callTimeoutMs = 60_000,
   ) {}
 
   /** The tRPC link that sends every operation over this connection. */
@@ -48,6 +50,28 @@ export class AgentConnection {
           const finish = () => {
             done = true;
             this.#pending.delete(id);
+            cleanup();
+          };
+          const fail = (err: AgentConnectionError) => {
+            if (done) return;
+            finish();
+            if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
+            observer.error(TRPCClientError.from(err));
+          };
+          // Every query and mutation has a deadline (callers may set `context.timeoutMs`, 0 = none);
+          // a caller's abort signal ends any operation, subscriptions included.
+          const timeoutMs = op.type === 'subscription' ? 0 : ((op.context as { timeoutMs?: number }).timeoutMs ?? this.callTimeoutMs);
+          const deadline = timeoutMs > 0 ? setTimeout(() => fail(new AgentConnectionError(`the sandbox agent did not answer within ${timeoutMs} ms`)), timeoutMs) : undefined;
+          const onAbort = () => {
+            if (done) return;
+            finish();
+            if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
+            observer.complete();
+          };
+          op.signal?.addEventListener('abort', onAbort, { once: true });
+          const cleanup = () => {
+            clearTimeout(deadline);
+            op.signal?.removeEventListener('abort', onAbort);
           };
           this.#pending.set(id, {
             onMessage: (msg) => {
@@ -83,6 +107,7 @@ export class AgentConnection {
               observer.error(TRPCClientError.from(err));
             },
           );
+          if (op.signal?.aborted) onAbort();
           return () => {
             if (done) return;
             finish();
@@ -102,11 +127,28 @@ export class AgentConnection {
 
   async #open(): Promise<WebSocket> {
     const stream = await this.connect();
-    const ws = new WebSocket('ws://agent/', { createConnection: () => stream as never, perMessageDeflate: false, handshakeTimeout: this.connectTimeoutMs });
+    const ws = new WebSocket('ws://agent/', { createConnection: () => stream as never, perMessageDeflate: false });
+    // ws's own handshake timeout does not apply to a supplied connection: an agent that accepts
+    // but never answers (frozen, wedged) must not hang the caller.
     await new Promise<void>((resolve, reject) => {
-      ws.once('open', () => resolve());
-      ws.once('error', (err) => reject(new AgentConnectionError(`Cannot reach the sandbox agent: ${err.message}`)));
+      const timer = setTimeout(() => {
+        stream.destroy();
+        ws.terminate();
+        reject(new AgentConnectionError(`the sandbox agent did not answer within ${this.connectTimeoutMs} ms`));
+      }, this.connectTimeoutMs);
+      ws.once('open', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      ws.once('error', (err) => {
+        clearTimeout(timer);
+        reject(new AgentConnectionError(`Cannot reach the sandbox agent: ${err.message}`));
+      });
     });
+    if (this.#closed) {
+      ws.terminate();
+      throw new AgentConnectionError('The sandbox agent connection is closed');
+    }
     ws.on('message', (raw) => {
       let msg: ResponseMessage;
       try {
@@ -125,11 +167,13 @@ export class AgentConnection {
     return ws;
   }
 
-  /** Ends the connection; calls in flight fail, later calls are refused. */
+  /** Ends the connection at once; calls in flight fail, later calls are refused. */
   async close(): Promise<void> {
     this.#closed = true;
-    const ws = await this.#ws?.catch(() => null);
-    ws?.close();
+    const err = new AgentConnectionError('The sandbox agent connection was closed (the sandbox stopped or was deleted)');
+    for (const p of [...this.#pending.values()]) p.onClose(err);
+    void this.#ws?.then((ws) => ws.terminate(), () => {});
+    this.#ws = null;
   }
 
   /** Drops the current socket so the next call reconnects (after the sandbox restarted). */

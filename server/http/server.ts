@@ -213,6 +213,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeIdleConnections();
+        // Requests still open after a grace period (a long wait, a client that never reads) are cut.
+        setTimeout(() => server.closeAllConnections(), 2000).unref();
       });
     },
   };

@@ -27,10 +27,16 @@ export async function writeSse(res: ServerResponse, first: SseEvent | null, rest
     'x-accel-buffering': 'no',
   });
   const write = async (e: SseEvent) => {
+    if (res.destroyed || signal.aborted) return;
     if (!res.write(format(e))) {
       await new Promise<void>((resolve) => {
-        res.once('drain', resolve);
-        signal.addEventListener('abort', () => resolve(), { once: true });
+        const done = () => {
+          res.off('drain', done);
+          res.off('close', done);
+          resolve();
+        };
+        res.once('drain', done);
+        res.once('close', done);
       });
     }
   };

@@ -150,14 +150,13 @@ export const filesRouter = router({
       },
       resume ? Number(resume[2]) : 0,
     );
+    const onAbort = () => wake?.();
+    signal?.addEventListener('abort', onAbort);
     try {
       while (!signal?.aborted) {
         const m = queue.shift();
         if (!m) {
-          await new Promise<void>((resolve) => {
-            wake = resolve;
-            signal?.addEventListener('abort', () => resolve(), { once: true });
-          });
+          await new Promise<void>((resolve) => (wake = resolve));
           continue;
         }
         if ('ended' in m) return;
@@ -168,6 +167,7 @@ export const filesRouter = router({
         yield tracked(`${sessionId}:${m.seq}`, m.message);
       }
     } finally {
+      signal?.removeEventListener('abort', onAbort);
       detach();
     }
   }),

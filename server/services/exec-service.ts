@@ -30,7 +30,8 @@ export class ExecService {
   async exec(principal: Principal, input: ExecInput): Promise<ExecOutput> {
     if (input.background) return this.startCommand(principal, { ...input, timeout: 0 });
     return this.#withAgent(principal, input.id, async (agent) => {
-      const r = await agent.process.run.mutate(this.#spec(input, input.timeout));
+      // The agent kills the command at its timeout; the call's own deadline leaves room for that.
+      const r = await agent.process.run.mutate(this.#spec(input, input.timeout), { context: { timeoutMs: input.timeout * 1000 + 15_000 } });
       return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, truncated: r.truncated, timedOut: r.timedOut };
     });
   }
@@ -55,7 +56,7 @@ export class ExecService {
 
   async waitCommand(principal: Principal, id: string, pid: number, timeoutSec: number, signal?: AbortSignal) {
     return this.#withAgent(principal, id, async (agent) => {
-      const r = await agent.process.wait.mutate({ pid, timeoutMs: timeoutSec * 1000 }, { signal });
+      const r = await agent.process.wait.mutate({ pid, timeoutMs: timeoutSec * 1000 }, { signal, context: { timeoutMs: timeoutSec ? timeoutSec * 1000 + 15_000 : 0 } });
       return r.exited
         ? { success: true, exitCode: r.exitCode, error: null }
         : { success: false, exitCode: null, error: `Process ${pid} was still running after ${timeoutSec} s` };

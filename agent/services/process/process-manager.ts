@@ -32,6 +32,9 @@ export class ManagedProcess {
   ) {
     this.#child = child;
     this.pid = child.pid!;
+    // A process that closes its stdin makes the next write fail with EPIPE; that must not take
+    // the agent (and with it the sandbox) down.
+    child.stdin?.on('error', () => {});
     let timedOut = false;
     const timer = timeoutMs > 0 ? setTimeout(() => ((timedOut = true), this.kill('SIGKILL')), timeoutMs) : undefined;
     for (const [stream, type] of [
@@ -75,10 +78,13 @@ export class ManagedProcess {
     }
   }
 
-  writeStdin(data: string): void {
+  /** Writes to the process's stdin; resolves once the pipe accepted it (backpressure). */
+  async writeStdin(data: string): Promise<void> {
     const stdin = this.#child.stdin;
-    if (!stdin || stdin.destroyed || !stdin.writable) throw new AgentError('BAD_REQUEST', `Process ${this.pid} has no open stdin`);
-    stdin.write(data);
+    if (!stdin || stdin.destroyed || !stdin.writable) throw new AgentError('BAD_REQUEST', `Process ${this.pid} has no open stdin (it closed it or exited)`);
+    await new Promise<void>((resolve, reject) => {
+      stdin.write(data, (err) => (err ? reject(new AgentError('BAD_REQUEST', `Process ${this.pid} closed its stdin`)) : resolve()));
+    });
   }
 
   closeStdin(): void {

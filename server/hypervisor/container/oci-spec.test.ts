@@ -40,8 +40,20 @@ describe('buildOciSpec', () => {
     expect(buildOciSpec(base).linux.namespaces.every((n) => !('path' in n))).toBe(true);
   });
 
-  it('sets the hostname to the sandbox name', () => {
-    expect(buildOciSpec(withSpec({ name: 'web.prod-1' })).hostname).toBe('web.prod-1');
+  it.each([
+    ['web.prod-1', 'web.prod-1'],
+    ['a'.repeat(63), 'a'.repeat(63)],
+    [`${'a'.repeat(62)}-b${'c'.repeat(20)}`, 'a'.repeat(62)],
+    [`${'x'.repeat(70)}.example.com`, 'x'.repeat(63)],
+  ])('sets the hostname from the sandbox name %s (at most 63 characters)', (name, hostname) => {
+    expect(buildOciSpec(withSpec({ name })).hostname).toBe(hostname);
+  });
+
+  it('refuses clone() with namespace flags and clone3', () => {
+    const rules = buildOciSpec(base).linux.seccomp.syscalls;
+    const cloneRules = rules.filter((r) => r.names.includes('clone'));
+    expect(cloneRules.map((r) => (r as { args: Array<{ value: number }> }).args[0]!.value).reduce((a, b) => a | b, 0)).toBe(0x7e020000);
+    expect(rules.find((r) => r.names.includes('clone3'))).toMatchObject({ action: 'SCMP_ACT_ERRNO', errnoRet: 38 });
   });
 
   it('mounts only the agent files from the host, all read-only', () => {

@@ -98,7 +98,7 @@ export function buildOciSpec(o: OciSpecOptions) {
       noNewPrivileges: false,
     },
     root: { path: paths.rootfs, readonly: false },
-    hostname: spec.name,
+    hostname: hostnameFor(spec.name),
     mounts: [
       { destination: '/proc', type: 'proc', source: 'proc', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
@@ -141,3 +141,8 @@ export function buildOciSpec(o: OciSpecOptions) {
 }
 
 export type OciSpec = ReturnType<typeof buildOciSpec>;
+
+/** The sandbox name as a hostname: names may be 253 characters, hostnames 63 (cut at a dot or dash). */
+export function hostnameFor(name: string): string {
+  return name.length <= 63 ? name : name.slice(0, 63).replace(/[.-]+$/, '');
+}

@@ -63,11 +63,36 @@ export const blockedSyscalls = [
 ] as const;
 
 const EPERM = 1;
+const ENOSYS = 38;
+
+/** clone() flags that create namespaces (CLONE_NEWNS … CLONE_NEWNET, CLONE_NEWCGROUP). */
+export const namespaceCloneFlags = {
+  CLONE_NEWNS: 0x00020000,
+  CLONE_NEWCGROUP: 0x02000000,
+  CLONE_NEWUTS: 0x04000000,
+  CLONE_NEWIPC: 0x08000000,
+  CLONE_NEWUSER: 0x10000000,
+  CLONE_NEWPID: 0x20000000,
+  CLONE_NEWNET: 0x40000000,
+} as const;
 
 export function buildSeccompProfile() {
   return {
     defaultAction: 'SCMP_ACT_ALLOW',
     architectures: ['SCMP_ARCH_X86_64', 'SCMP_ARCH_X86', 'SCMP_ARCH_X32'],
-    syscalls: [{ names: [...blockedSyscalls], action: 'SCMP_ACT_ERRNO', errnoRet: EPERM }],
+    syscalls: [
+      { names: [...blockedSyscalls], action: 'SCMP_ACT_ERRNO', errnoRet: EPERM },
+      // New namespaces inside a sandbox open kernel attack surface (a user namespace grants a
+      // full capability set over its own netns, nf_tables, …): clone() with any namespace flag
+      // fails, as under Docker's profile. One rule per flag: seccomp compares masked equality.
+      ...Object.values(namespaceCloneFlags).map((flag) => ({
+        names: ['clone'],
+        action: 'SCMP_ACT_ERRNO',
+        errnoRet: EPERM,
+        args: [{ index: 0, value: flag, valueTwo: flag, op: 'SCMP_CMP_MASKED_EQ' }],
+      })),
+      // clone3 passes its flags in memory seccomp cannot inspect: ENOSYS makes libc fall back to clone().
+      { names: ['clone3'], action: 'SCMP_ACT_ERRNO', errnoRet: ENOSYS },
+    ],
   };
 }

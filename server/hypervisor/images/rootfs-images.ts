@@ -74,7 +74,8 @@ export class RootfsImages {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
         const holder = Number(await readFile(lock, 'utf8').catch(() => '0'));
-        if (!holder || !isAlive(holder)) {
+        // Our own pid in the lock is a leftover of an earlier run (e.g. PID 1 in a container).
+        if (!holder || holder === process.pid || !isAlive(holder)) {
           await rm(lock, { force: true });
           continue;
         }
