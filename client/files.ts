@@ -1,5 +1,9 @@
 import { createReadStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import type { TRPCClient } from '@trpc/client';
 import type {
   ArchiveFormat,
@@ -70,33 +74,54 @@ export class SandboxFiles {
 
   /** Streams data into a file; the file appears only when all of it arrived. */
   async upload(path: string, source: UploadSource): Promise<UploadResult> {
-    let body: NonNullable<RequestInit['body']>;
+    const url = new URL(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/upload?path=${encodeURIComponent(path)}`);
+    let body: Readable;
     let length: number | undefined;
-    if (typeof source === 'string') {
+    if (typeof source === 'string' || source instanceof Uint8Array) {
+      const bytes = typeof source === 'string' ? Buffer.from(source) : source;
+      body = Readable.from([bytes]);
+      length = bytes.byteLength;
+    } else if (source instanceof Readable) {
       body = source;
-      length = Buffer.byteLength(source);
-    } else if (source instanceof Uint8Array) {
-      body = source;
-      length = source.byteLength;
+    } else if ('path' in source) {
+      length = (await stat(source.path)).size;
+      body = createReadStream(source.path, { highWaterMark: 1024 * 1024 });
     } else {
-      const stream = source instanceof Readable ? source : 'path' in source ? createReadStream(source.path) : Readable.from(source);
-      body = Readable.toWeb(stream) as ReadableStream;
+      body = Readable.from(source);
     }
-    const res = await fetch(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/upload?path=${encodeURIComponent(path)}`, {
+    // node:http rather than fetch: it streams with backpressure, so a big file moves with flat memory.
+    const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, {
       method: 'POST',
       headers: { ...this.raw.headers, 'content-type': 'application/octet-stream', ...(length !== undefined ? { 'content-length': String(length) } : {}) },
-      body,
-      duplex: 'half',
-    } as RequestInit);
+    });
+    const response = new Promise<IncomingMessage>((resolve, reject) => {
+      req.once('response', resolve);
+      req.once('error', reject);
+    });
+    response.catch(() => {});
+    try {
+      await pipeline(body, req);
+    } catch (err) {
+      // The server may have refused early (413, 404): its answer says why.
+      const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 100))]);
+      if (early) throw await errorFromResponse(await toFetchResponse(early));
+      throw err;
+    }
+    const res = await toFetchResponse(await response);
     if (!res.ok) throw await errorFromResponse(res);
     return ((await res.json()) as { data: UploadResult }).data;
   }
 
   /** A file's bytes as a Node stream. */
   async download(path: string): Promise<Readable> {
-    const res = await fetch(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/download?path=${encodeURIComponent(path)}`, { headers: this.raw.headers });
-    if (!res.ok || !res.body) throw await errorFromResponse(res);
-    return Readable.fromWeb(res.body as import('node:stream/web').ReadableStream);
+    const url = new URL(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/download?path=${encodeURIComponent(path)}`);
+    const res = await new Promise<IncomingMessage>((resolve, reject) => {
+      const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, { headers: this.raw.headers }, resolve);
+      req.once('error', reject);
+      req.end();
+    });
+    if (res.statusCode !== 200) throw await errorFromResponse(await toFetchResponse(res));
+    return res;
   }
 
   remove(path: string): Promise<FileOpResult> {
@@ -158,4 +183,11 @@ export class SandboxFiles {
       for await (const e of iterateSubscription<{ id: string; data: WatchMessage }>((h) => trpc.files.watch.subscribe(input, h))) yield e.data;
     })();
   }
+}
+
+/** A finished node:http response as a fetch Response (for the shared error mapping). */
+async function toFetchResponse(res: IncomingMessage): Promise<Response> {
+  const chunks: Buffer[] = [];
+  for await (const c of res) chunks.push(c as Buffer);
+  return new Response(Buffer.concat(chunks), { status: res.statusCode ?? 500, headers: { 'content-type': String(res.headers['content-type'] ?? '') } });
 }

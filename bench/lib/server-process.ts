@@ -1,0 +1,79 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+export interface ServerProcess {
+  url: string;
+  pid: number;
+  instancesDir: string;
+  /** The server process's resident memory now, in bytes. */
+  rss(): number;
+  stop(): Promise<void>;
+}
+
+/**
+ * The real server (`server/main.ts`) as its own process with fresh state directories, so a
+ * benchmark's client and the server don't share an event loop, and the server's memory can be
+ * read on its own.
+ */
+export async function startServerProcess(env: Record<string, string> = {}): Promise<ServerProcess> {
+  const dir = mkdtempSync(join(tmpdir(), 'voidrun-bench-'));
+  chmodSync(dir, 0o711);
+  const runcRoot = join('/run/voidrun-bench', dir.split('/').pop()!);
+  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', join(root, 'server', 'main.ts')], {
+    cwd: root,
+    env: {
+      ...process.env,
+      SERVER_PORT: '0',
+      SERVER_HOST: '127.0.0.1',
+      DATA_DIR: join(dir, 'data'),
+      INSTANCES_DIR: join(dir, 'instances'),
+      SNAPSHOTS_DIR: join(dir, 'snapshots'),
+      RUNC_ROOT: runcRoot,
+      PREPARE_DEFAULT_IMAGE: 'false',
+      LOG_LEVEL: 'info',
+      MONGO_URI: '',
+      ...env,
+    },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let port = 0;
+  for await (const line of createInterface({ input: child.stdout! })) {
+    const entry = JSON.parse(line) as { port?: number };
+    if (entry.port) {
+      port = entry.port;
+      break;
+    }
+  }
+  child.stdout!.resume();
+  const { readFileSync } = await import('node:fs');
+  return {
+    url: `http://127.0.0.1:${port}`,
+    pid: child.pid!,
+    instancesDir: join(dir, 'instances'),
+    rss: () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))![1]) * 1024,
+    async stop() {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+      // Sandboxes outlive a server stop by design; a benchmark's must not outlive the benchmark.
+      const { execFileSync } = await import('node:child_process');
+      try {
+        for (const c of JSON.parse(execFileSync('runc', ['--root', runcRoot, 'list', '--format', 'json'], { encoding: 'utf8' }) || '[]') as Array<{ id: string }>) {
+          execFileSync('runc', ['--root', runcRoot, 'delete', '--force', c.id]);
+        }
+        for (const line of readFileSync('/proc/self/mounts', 'utf8').split('\n')) {
+          const mount = line.split(' ')[1];
+          if (mount?.startsWith(dir)) execFileSync('umount', ['-l', mount]);
+        }
+      } catch {}
+      rmSync(dir, { recursive: true, force: true });
+      rmSync(runcRoot, { recursive: true, force: true });
+    },
+  };
+}
