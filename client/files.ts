@@ -103,7 +103,7 @@ export class SandboxFiles {
       await pipeline(body, req);
     } catch (err) {
       // The server may have refused early (413, 404): its answer says why.
-      const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 100))]);
+      const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
       if (early) throw await errorFromResponse(await toFetchResponse(early));
       throw err;
     }

@@ -159,7 +159,7 @@ export class FileService {
       agentReq.destroy();
       if (overLimit) throw tooLarge(limit);
       // The agent may have answered early with its reason (e.g. the path is a directory).
-      const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 50))]);
+      const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 2000))]);
       if (early && early.statusCode !== 200) throw await agentHttpError(early);
       throw await this.#failure(record, err);
     }

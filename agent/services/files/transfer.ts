@@ -29,7 +29,7 @@ async function download(res: ServerResponse, input: string): Promise<void> {
     throw fsError(err, path);
   });
   if (st.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (compress it first, then download the archive)`);
-  const stream = createReadStream(path);
+  const stream = createReadStream(path, { highWaterMark: 1024 * 1024 });
   await new Promise<void>((resolve, reject) => {
     stream.once('open', () => resolve());
     stream.once('error', (err) => reject(fsError(err, path)));
@@ -52,7 +52,7 @@ async function upload(req: IncomingMessage, res: ServerResponse, input: string):
   });
   const temp = join(dirname(path), `.${basename(path)}.upload-${randomBytes(6).toString('hex')}`);
   try {
-    await pipeline(req, createWriteStream(temp, { flags: 'wx', mode: existing ? existing.mode & 0o7777 : 0o644 }));
+    await pipeline(req, createWriteStream(temp, { flags: 'wx', mode: existing ? existing.mode & 0o7777 : 0o644, highWaterMark: 1024 * 1024 }));
     if (req.readableAborted || !req.complete) throw new AgentError('BAD_REQUEST', 'The upload was interrupted before it finished');
     await rename(temp, path);
   } catch (err) {
