@@ -1,7 +1,8 @@
 /**
  * `npm run bench:files`: file transfer and watch costs through the real server (container driver).
- *   1. upload and download of a 1 GiB file through the API, next to a raw `cat` copy of the same
- *      file on the same disk (the baseline), with the throughput ratio;
+ *   1. upload and download of a 1 GiB file through the API — with curl and with our TypeScript
+ *      client — next to a raw `cat` copy of the same file on the same disk (the baseline), with the
+ *      throughput ratio;
  *   2. the server process's resident memory, sampled during the transfers: growth;
  *   3. watch event latency over 1,000 writes: from sending `echo >> file` through POST /exec to
  *      the `modified` event arriving on the watch stream.
@@ -53,8 +54,16 @@ try {
 
   const raw = await timeIt(async () => execFileSync('sh', ['-c', `cat "${src}" > "${join(scratch, 'copy.bin')}" && sync "${join(scratch, 'copy.bin')}"`]));
   rmSync(join(scratch, 'copy.bin'));
+  // The API through curl (its own process, like most REST callers) and through our TypeScript client.
+  const auth = ['-H', `X-API-Key: ${reg.apiKey}`];
+  const api = `${server.url}/api/sandboxes/${box.id}/files`;
+  const curlUp = await timeIt(async () =>
+    execFileSync('curl', ['-sf', '-o', '/dev/null', '-X', 'POST', ...auth, '-H', 'content-type: application/octet-stream', '-T', src, `${api}/upload?path=/root/curl.bin`]),
+  );
+  const curlDown = await timeIt(async () => execFileSync('curl', ['-sf', '-o', join(scratch, 'curl-back.bin'), ...auth, `${api}/download?path=/root/curl.bin`]));
+  rmSync(join(scratch, 'curl-back.bin'));
   const up = await timeIt(() => box.files.upload('/root/big.bin', { path: src }));
-  const down = await timeIt(async () => pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin'))));
+  const down = await timeIt(async () => pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin'), { highWaterMark: 1024 * 1024 })));
   clearInterval(sampler);
   const same = statSync(join(scratch, 'back.bin')).size === statSync(src).size;
   rmSync(join(scratch, 'back.bin'));
@@ -64,8 +73,10 @@ try {
   console.log(`${'case'.padEnd(34)}${'seconds'.padStart(9)}${'MiB/s'.padStart(8)}${'vs raw'.padStart(9)}`);
   for (const [name, s] of [
     ['cat copy on the host [baseline]', raw],
-    ['upload  (POST files/upload)', up],
-    ['download (GET files/download)', down],
+    ['upload with curl', curlUp],
+    ['download with curl', curlDown],
+    ['upload with the TS client', up],
+    ['download with the TS client', down],
   ] as const) {
     console.log(`${name.padEnd(34)}${s.toFixed(2).padStart(9)}${mbps(s).padStart(8)}${(raw / s).toFixed(2).padStart(9)}`);
   }
