@@ -99,14 +99,22 @@ export class SandboxFiles {
       req.once('error', reject);
     });
     response.catch(() => {});
-    try {
-      await pipeline(body, req);
-    } catch (err) {
-      // The server may have refused early (413, 404): its answer says why.
+    const sending = pipeline(body, req);
+    sending.catch(() => {});
+    // The server may refuse before the body is sent (413, 404): stop sending and report why.
+    const first = await Promise.race([sending.then(() => 'sent' as const), response.then(() => 'answered' as const)]).catch(() => 'failed' as const);
+    if (first === 'answered' && (await response).statusCode !== 200) {
+      const refused = await toFetchResponse(await response);
+      body.destroy();
+      req.destroy();
+      throw await errorFromResponse(refused);
+    }
+    if (first === 'failed') {
       const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
       if (early) throw await errorFromResponse(await toFetchResponse(early));
-      throw err;
+      await sending; // rethrows the transport error
     }
+    await sending;
     const res = await toFetchResponse(await response);
     if (!res.ok) throw await errorFromResponse(res);
     return ((await res.json()) as { data: UploadResult }).data;

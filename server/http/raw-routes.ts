@@ -167,8 +167,13 @@ export function createRawRoutes(opts: { services: Services; maxJsonBodyBytes: nu
         if (res.headersSent) {
           res.destroy();
         } else if (err instanceof DomainError) {
-          // A body not read to its end can't be followed by another request on this connection.
-          sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details, req.complete ? undefined : { connection: 'close' });
+          // A body not read to its end: keep reading (and dropping) it for a while rather than
+          // closing, so the client reads this answer instead of a connection reset; then cut.
+          if (!req.complete) {
+            req.resume();
+            setTimeout(() => req.socket.destroy(), 5000).unref();
+          }
+          sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details);
         } else if (err instanceof z.ZodError) {
           const { message, details } = describeIssues(fieldIssues(err)!);
           sendError(res, 400, message, details);

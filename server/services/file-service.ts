@@ -1,5 +1,5 @@
 import type { IncomingMessage } from 'node:http';
-import { Transform, type Readable } from 'node:stream';
+import { PassThrough, Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type {
   ArchiveFormat,
@@ -153,8 +153,21 @@ export class FileService {
         } else done(null, chunk);
       },
     });
+    // The request body is not handed to pipeline() itself: on a failure pipeline destroys its
+    // streams, and destroying the request would reset the connection before the client reads
+    // our 413. The caller drains what is left of the body instead.
+    const body = new PassThrough();
+    let ended = false;
+    source.once('end', () => (ended = true));
+    // pipe() does not pass on a client that went away: do, so the agent drops its temporary file.
+    source.once('error', (err) => body.destroy(err));
+    source.once('close', () => {
+      if (!ended) body.destroy(new Error('the upload was interrupted'));
+    });
+    source.pipe(body);
+    body.once('close', () => source.unpipe(body));
     try {
-      await pipeline(source, counter, agentReq);
+      await pipeline(body, counter, agentReq);
     } catch (err) {
       agentReq.destroy();
       if (overLimit) throw tooLarge(limit);

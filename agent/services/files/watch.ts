@@ -136,6 +136,14 @@ export class FileWatch {
   }
 
   #push(message: WatchMessage): void {
+    // Coalesce: writing a file just created is part of creating it (one `created`, its size updated).
+    if (message.type === 'modified') {
+      const created = this.#queue.find((q) => q.message.type === 'created' && q.message.path === message.path);
+      if (created) {
+        (created.message as { size?: number }).size = message.size;
+        return;
+      }
+    }
     // Coalesce: a modification of a path already waiting as the newest event replaces it.
     const last = this.#queue.at(-1);
     if (last?.ready && message.type === 'modified' && last.message.type === 'modified' && last.message.path === message.path) {
