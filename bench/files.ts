@@ -21,6 +21,7 @@ import { startServerProcess } from './lib/server-process.js';
 
 const SIZE_MB = Number(process.env.BENCH_FILE_MB ?? 1024);
 const WRITES = Number(process.env.BENCH_WATCH_WRITES ?? 1000);
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 
 const server = await startServerProcess();
 const scratch = mkdtempSync(join(server.instancesDir, '..', 'bench-files-'));
@@ -52,24 +53,33 @@ try {
     return Number(process.hrtime.bigint() - t0) / 1e9;
   };
 
-  const raw = await timeIt(async () => execFileSync('sh', ['-c', `cat "${src}" > "${join(scratch, 'copy.bin')}" && sync "${join(scratch, 'copy.bin')}"`]));
-  rmSync(join(scratch, 'copy.bin'));
-  // The API through curl (its own process, like most REST callers) and through our TypeScript client.
+  // Three rounds, the cases interleaved in each, medians reported: single runs of a 1 GiB copy
+  // swing widely with the page cache and the other core's load.
   const auth = ['-H', `X-API-Key: ${reg.apiKey}`];
   const api = `${server.url}/api/sandboxes/${box.id}/files`;
-  const curlUp = await timeIt(async () =>
-    execFileSync('curl', ['-sf', '-o', '/dev/null', '-X', 'POST', ...auth, '-H', 'content-type: application/octet-stream', '-T', src, `${api}/upload?path=/root/curl.bin`]),
-  );
-  const curlDown = await timeIt(async () => execFileSync('curl', ['-sf', '-o', join(scratch, 'curl-back.bin'), ...auth, `${api}/download?path=/root/curl.bin`]));
-  rmSync(join(scratch, 'curl-back.bin'));
-  const up = await timeIt(() => box.files.upload('/root/big.bin', { path: src }));
-  const down = await timeIt(async () => pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin'), { highWaterMark: 1024 * 1024 })));
+  const cases: Record<string, () => Promise<unknown>> = {
+    raw: async () => execFileSync('sh', ['-c', `cat "${src}" > "${join(scratch, 'copy.bin')}" && sync "${join(scratch, 'copy.bin')}" && rm "${join(scratch, 'copy.bin')}"`]),
+    curlUp: async () => execFileSync('curl', ['-sf', '-o', '/dev/null', '-X', 'POST', ...auth, '-H', 'content-type: application/octet-stream', '-T', src, `${api}/upload?path=/root/curl.bin`]),
+    curlDown: async () => execFileSync('sh', ['-c', `curl -sf -o "${join(scratch, 'curl-back.bin')}" -H "X-API-Key: ${reg.apiKey}" "${api}/download?path=/root/curl.bin" && rm "${join(scratch, 'curl-back.bin')}"`]),
+    up: () => box.files.upload('/root/big.bin', { path: src }),
+    down: async () => {
+      await pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin'), { highWaterMark: 1024 * 1024 }));
+      rmSync(join(scratch, 'back.bin'));
+    },
+  };
+  const seconds: Record<string, number[]> = {};
+  for (let round = 0; round < ROUNDS; round++) {
+    for (const [name, fn] of Object.entries(cases)) (seconds[name] ??= []).push(await timeIt(fn));
+  }
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  const [raw, curlUp, curlDown, up, down] = ['raw', 'curlUp', 'curlDown', 'up', 'down'].map((k) => median(seconds[k]!)) as [number, number, number, number, number];
+  await pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin')));
   clearInterval(sampler);
   const same = statSync(join(scratch, 'back.bin')).size === statSync(src).size;
   rmSync(join(scratch, 'back.bin'));
 
   const mbps = (s: number) => (SIZE_MB / s).toFixed(0);
-  console.log(`\n${SIZE_MB} MiB file, container driver, same disk\n`);
+  console.log(`\n${SIZE_MB} MiB file, container driver, same disk; medians of ${ROUNDS} interleaved rounds\n`);
   console.log(`${'case'.padEnd(34)}${'seconds'.padStart(9)}${'MiB/s'.padStart(8)}${'vs raw'.padStart(9)}`);
   for (const [name, s] of [
     ['cat copy on the host [baseline]', raw],
