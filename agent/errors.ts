@@ -43,7 +43,15 @@ export function fsError(err: unknown, path: string): Error {
       return new AgentError('BAD_REQUEST', `Name too long: ${path}`);
     case 'ELOOP':
       return new AgentError('BAD_REQUEST', `Too many levels of symbolic links: ${path}`);
+    case 'EINVAL':
+      return new AgentError('BAD_REQUEST', `Invalid operation on ${path} (e.g. moving a directory into itself)`);
+    case 'EBUSY':
+      return new AgentError('CONFLICT', `Busy (in use or a mount point): ${path}`);
+    case 'EXDEV':
+      return new AgentError('BAD_REQUEST', `Cannot move across filesystems: ${path}`);
     default:
+      // fs.cp reports its refusals (copying a directory into itself, onto a file, …) as ERR_FS_CP_*.
+      if (code?.startsWith('ERR_FS_CP_')) return new AgentError('BAD_REQUEST', `Cannot copy ${path}: ${(err as Error).message.replace(/^[^:]*: /, '')}`);
       return err instanceof Error ? err : new Error(String(err));
   }
 }

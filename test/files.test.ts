@@ -196,6 +196,49 @@ describe.skipIf(!support.ok)('files in sandboxes', () => {
     expect((await box.exec('ls -A /root/evil/dest-symlink /root/evil/dest-dotdot | grep -v : | grep -c . || true')).stdout.trim()).toBe('0');
   });
 
+  it('refuses archives that escape through chained symbolic links or links already on disk (regression)', async () => {
+    await box.exec(
+      [
+        'mkdir -p /root/chain/src/a && cd /root/chain/src',
+        'ln -s .. a/t && ln -s a/t/../.. s',
+        'tar -cf /root/chain/chained.tar a s',
+        'mkdir -p /root/chain/dest && ln -s /etc /root/chain/dest/etc-link',
+        'mkdir -p /root/chain/src2/etc-link && echo x > /root/chain/src2/etc-link/evil && tar -cf /root/chain/via-disk.tar -C /root/chain/src2 etc-link',
+      ].join(' && '),
+    );
+    for (const name of ['chained', 'via-disk']) {
+      const res = await server.http(`/api/sandboxes/${box.id}/files/extract?archive=/root/chain/${name}.tar&dest=/root/chain/dest`, { method: 'POST', apiKey });
+      expect(res.status, name).toBe(400);
+    }
+    expect((await box.exec('test -e /etc/evil')).exitCode).not.toBe(0);
+  });
+
+  it('answers client mistakes with 400, not 502 (regression)', async () => {
+    await box.files.mkdir('/root/selfcopy/inner');
+    for (const path of ['copy?from=/root/selfcopy&to=/root/selfcopy/inner/x', 'move?from=/root/selfcopy&to=/root/selfcopy/inner/x']) {
+      const res = await server.http(`/api/sandboxes/${box.id}/files/${path}`, { method: 'POST', apiKey });
+      expect(res.status, path).toBe(400);
+    }
+    expect((await server.http(`/api/sandboxes/${box.id}/files/search?path=/root&pattern=${encodeURIComponent('[z-a]')}`, { apiKey })).status).toBe(400);
+    await box.exec('mkfifo /root/pipe');
+    expect((await server.http(`/api/sandboxes/${box.id}/files/download?path=/root/pipe`, { apiKey })).status).toBe(400);
+    const proc = await server.http(`/api/sandboxes/${box.id}/files/download?path=/proc/self/status`, { apiKey });
+    expect(proc.status).toBe(200);
+    expect(await proc.text()).toContain('Name:');
+    const literal = await server.http(`/api/sandboxes/${box.id}/files/create?path=/root/literal.txt&content=true`, { method: 'POST', apiKey });
+    expect(literal.status).toBe(200);
+    expect((await box.files.read('/root/literal.txt')).toString()).toBe('true');
+  });
+
+  it('replaces an existing archive when compressing again (regression: zip added to it)', async () => {
+    await box.exec('mkdir -p /root/again/d && echo 1 > /root/again/d/old.txt');
+    await box.files.compress('/root/again/d', 'zip');
+    await box.exec('rm /root/again/d/old.txt && echo 2 > /root/again/d/new.txt');
+    await box.files.compress('/root/again/d', 'zip');
+    expect((await box.exec('unzip -Z1 /root/again/d.zip')).stdout.split('\n').filter(Boolean).sort()).toEqual(['d/', 'd/new.txt']);
+    expect((await box.files.list('/root/again')).map((f) => f.name)).toEqual(['d', 'd.zip']);
+  });
+
   it('watches create, modify, rename and delete in order, over tRPC and over the WebSocket route', async () => {
     await box.files.mkdir('/root/watched');
     const viaTrpc: WatchMessage[] = [];

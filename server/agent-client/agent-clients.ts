@@ -47,7 +47,7 @@ export class AgentClients {
       createConnection: (_opts: unknown, callback: (err: Error | null, stream?: Duplex) => void) => {
         this.driver.connect(sandboxId).then(
           (stream) => callback(null, stream),
-          (err: Error) => callback(new AgentConnectionError(`Cannot reach the sandbox agent: ${err.message}`)),
+          (err: NodeJS.ErrnoException) => callback(new AgentConnectionError(`cannot connect (${err.code ?? 'error'})`)),
         );
         return undefined;
       },

@@ -120,7 +120,7 @@ export class AgentConnection {
     if (this.#closed) return Promise.reject(new AgentConnectionError('The sandbox agent connection is closed'));
     this.#ws ??= this.#open().catch((err: unknown) => {
       this.#ws = null;
-      throw err instanceof AgentConnectionError ? err : new AgentConnectionError(`Cannot reach the sandbox agent: ${(err as Error).message}`);
+      throw err instanceof AgentConnectionError ? err : new AgentConnectionError(`cannot connect (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     });
     return this.#ws;
   }
@@ -142,7 +142,7 @@ export class AgentConnection {
       });
       ws.once('error', (err) => {
         clearTimeout(timer);
-        reject(new AgentConnectionError(`Cannot reach the sandbox agent: ${err.message}`));
+        reject(new AgentConnectionError(`the connection failed (${(err as NodeJS.ErrnoException).code ?? 'error'})`));
       });
     });
     if (this.#closed) {

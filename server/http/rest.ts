@@ -93,10 +93,13 @@ function queryWithBooleans(path: string): Record<string, unknown[]> {
   return query;
 }
 
-/** Single query values, `true`/`false` as booleans, for merging into a POST body. */
+/** Single query values, as sent, for merging into a POST body (a `content=true` stays a string). */
 function queryValues(path: string): Record<string, unknown> {
   const out: Record<string, unknown> = {};
-  for (const [key, values] of Object.entries(queryWithBooleans(path))) out[key] = values.length === 1 ? values[0] : values;
+  new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
+    const prev = out[key];
+    out[key] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
+  });
   return out;
 }
 

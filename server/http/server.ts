@@ -3,10 +3,9 @@ import type { Duplex } from 'node:stream';
 import { createHTTPHandler } from '@trpc/server/adapters/standalone';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import type { Logger } from 'pino';
-import { WebSocketServer, type WebSocket } from 'ws';
+import { WebSocketServer } from 'ws';
 import { errorCodeTable } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
-import type { WatchListener } from '../services/watch-service.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Services } from '../services/index.js';
 import { apiKeyFromHeaders, apiKeyFromUpgrade, type Context, type RequestRecord } from '../trpc/context.js';
@@ -170,35 +169,41 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   async function upgradeWatchStream(req: IncomingMessage, socket: Duplex, head: Buffer, sandboxId: string, sessionId: string): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://localhost');
     const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
-    let ws: WebSocket | null = null;
-    const early: Array<Parameters<WatchListener>[0]> = [];
-    let dropped = 0;
-    const deliver = (m: Parameters<WatchListener>[0]) => {
-      if (!ws) {
-        early.push(m);
-        return;
-      }
-      if ('ended' in m) {
-        ws.close(1000, m.ended.slice(0, 120));
-        return;
-      }
-      if (ws.bufferedAmount > 1024 * 1024) {
-        dropped++;
-        return;
-      }
-      if (dropped) {
-        ws.send(JSON.stringify({ type: 'overflow', dropped, timestamp: new Date().toISOString() }));
-        dropped = 0;
-      }
-      ws.send(JSON.stringify(m.message));
-    };
-    const detach = services.watch.attach(principal, sandboxId, sessionId, deliver, 0);
+    services.watch.assertSession(principal, sandboxId, sessionId); // 404 before upgrading
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
-    rawWss.handleUpgrade(req, socket, head, (client) => {
-      ws = client;
-      client.on('close', detach);
-      client.on('error', () => {});
-      for (const m of early.splice(0)) deliver(m);
+    // Attached only once the socket is open (a failed handshake attaches nothing); the session's
+    // history replays what happened in between.
+    rawWss.handleUpgrade(req, socket, head, (ws) => {
+      let dropped = 0;
+      let detach: () => void = () => {};
+      try {
+        detach = services.watch.attach(
+          principal,
+          sandboxId,
+          sessionId,
+          (m) => {
+            if ('ended' in m) {
+              ws.close(1000, m.ended.slice(0, 120));
+              return;
+            }
+            if (ws.bufferedAmount > 1024 * 1024) {
+              dropped++;
+              return;
+            }
+            if (dropped) {
+              ws.send(JSON.stringify({ type: 'overflow', dropped, timestamp: new Date().toISOString() }));
+              dropped = 0;
+            }
+            ws.send(JSON.stringify(m.message));
+          },
+          0,
+        );
+      } catch {
+        ws.close(1011, 'the watch session ended');
+        return;
+      }
+      ws.on('close', detach);
+      ws.on('error', () => {});
     });
   }
 

@@ -143,9 +143,13 @@ export const filesRouter = router({
       input.id,
       sessionId,
       (m) => {
-        // A reader that falls 1,000 messages behind loses the oldest and is told how many.
-        if (queue.length >= 1000 && !('ended' in m)) dropped++;
-        else queue.push(m);
+        // A reader that falls 1,000 messages behind loses the oldest and is told how many, in
+        // place of what it lost.
+        queue.push(m);
+        while (queue.length > 1000) {
+          queue.shift();
+          dropped++;
+        }
         wake?.();
       },
       resume ? Number(resume[2]) : 0,

@@ -14,6 +14,7 @@ import type {
   UploadResult,
 } from '../../shared/index.js';
 import { AgentUnavailableError, fromAgentCode, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
+import { AgentConnectionError } from '../agent-client/agent-connection.js';
 import { PayloadTooLargeError } from '../errors.js';
 import type { SandboxRecord } from '../store/types.js';
 import type { Principal } from './auth-service.js';
@@ -49,7 +50,11 @@ export class FileService {
   }
 
   async #failure(record: SandboxRecord, err: unknown): Promise<unknown> {
-    const mapped = fromAgentError(err);
+    // Raw transfers fail with plain socket errors (refused, reset): the agent is unreachable.
+    const mapped =
+      err instanceof AgentConnectionError || (err as NodeJS.ErrnoException).code !== undefined
+        ? new AgentUnavailableError('The sandbox agent is not responding. Check the sandbox status; restart it with POST /api/sandboxes/{id}/start if it stopped.', { cause: err })
+        : fromAgentError(err);
     if (mapped instanceof AgentUnavailableError) await this.deps.sandboxes.reconcile(record).catch(() => {});
     return mapped;
   }

@@ -80,15 +80,25 @@ export class WatchService {
     return { sessionId: session.id };
   }
 
+  /** Throws NotFound unless `sessionId` is a live session of the caller's sandbox. */
+  assertSession(principal: Principal, sandboxId: string, sessionId: string): void {
+    this.#session(principal, sandboxId, sessionId);
+  }
+
+  #session(principal: Principal, sandboxId: string, sessionId: string): Session {
+    const session = this.#sessions.get(sessionId);
+    if (!session || session.orgId !== principal.orgId || session.sandboxId !== sandboxId) {
+      throw new NotFoundError(`Watch session ${sessionId} not found (it ended, or belongs to another sandbox); start a new one`);
+    }
+    return session;
+  }
+
   /**
    * Attaches a listener to a session of the caller's sandbox, first replaying what it kept after
    * `afterSeq` (all it kept when null). Returns the detach function.
    */
   attach(principal: Principal, sandboxId: string, sessionId: string, listener: WatchListener, afterSeq: number | null = null): () => void {
-    const session = this.#sessions.get(sessionId);
-    if (!session || session.orgId !== principal.orgId || session.sandboxId !== sandboxId) {
-      throw new NotFoundError(`Watch session ${sessionId} not found (it ended, or belongs to another sandbox); start a new one`);
-    }
+    const session = this.#session(principal, sandboxId, sessionId);
     clearTimeout(session.idleTimer);
     if (afterSeq !== null) {
       const oldest = session.history[0]?.seq ?? session.nextSeq;

@@ -1,5 +1,7 @@
 import { spawn } from 'node:child_process';
-import { lstat, mkdir } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { lstatSync } from 'node:fs';
+import { lstat, mkdir, rename, rm } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize, resolve } from 'node:path';
 import type { ArchiveFormat } from '../../../shared/schemas/files.js';
 import { AgentError, fsError } from '../../errors.js';
@@ -33,8 +35,17 @@ export async function compress(input: string, format: ArchiveFormat): Promise<{ 
   const archive = path + extensions[format];
   const cwd = dirname(path);
   const name = basename(path);
-  if (format === 'zip') await run('zip', ['-q', '-r', '-y', archive, name], cwd);
-  else await run('tar', [format === 'tar.gz' ? '-czf' : format === 'tar.bz2' ? '-cjf' : '-cf', archive, '--', name], cwd);
+  // Built beside the target and renamed into place: a failed run leaves no half-written archive,
+  // and an existing archive is replaced (zip would otherwise add to it).
+  const temp = join(cwd, `.${basename(archive)}.${randomBytes(6).toString('hex')}${extensions[format]}`);
+  try {
+    if (format === 'zip') await run('zip', ['-q', '-r', '-y', temp, name], cwd);
+    else await run('tar', [format === 'tar.gz' ? '-czf' : format === 'tar.bz2' ? '-cjf' : '-cf', temp, '--exclude', basename(temp), '--', name], cwd);
+    await rename(temp, archive);
+  } catch (err) {
+    await rm(temp, { force: true });
+    throw err instanceof AgentError ? err : fsError(err, archive);
+  }
   return { path, archive };
 }
 
@@ -99,12 +110,15 @@ async function listTar(archive: string, cwd: string): Promise<Entry[]> {
 }
 
 async function listZip(archive: string, cwd: string): Promise<Entry[]> {
-  const names = (await run('unzip', ['-Z1', archive], cwd)).split('\n').filter(Boolean);
-  // `unzip -Z` prints one line per entry, in the same order: mode first ('l' for a symlink).
-  const modes = (await run('unzip', ['-Z', archive], cwd)).split('\n').filter((l) => /^[-dlbcps?][rwxsStT-]{9}\s/.test(l)).map((l) => l[0]);
+  // `unzip -Z` prints, per entry: mode, version, system, size, type, method, date, time, name —
+  // name and type from the same line, whatever system made the entry.
+  const lines = (await run('unzip', ['-Z', archive], cwd)).split('\n');
   const entries: Entry[] = [];
-  for (const [i, name] of names.entries()) {
-    if (modes[i] === 'l') {
+  for (const line of lines) {
+    const m = /^(\S{7,10})\s+\S+\s+\S+\s+\d+\s+\S+\s+\S+\s+\S+\s+\S+\s(.*)$/.exec(line);
+    if (!m) continue; // the header and the summary
+    const name = m[2]!;
+    if (m[1]!.startsWith('l')) {
       // A zip stores a symlink's target as the entry's content.
       const target = await run('unzip', ['-p', archive, name.replace(/[[\]*?\\]/g, '\\$&')], cwd);
       entries.push({ name, type: 'symlink', target });
@@ -114,11 +128,41 @@ async function listZip(archive: string, cwd: string): Promise<Entry[]> {
 }
 
 /**
+ * Whether a path inside `dest` goes through a symbolic link — one the archive creates, or one
+ * already on disk — before its last component. A link to follow could lead anywhere, so such
+ * paths are refused rather than reasoned about.
+ */
+function throughLink(dest: string, rel: string, archiveLinks: Set<string>): string | null {
+  // Walked as written: normalising first would fold "link/.." away without following the link.
+  const parts = rel.split('/').filter((p) => p && p !== '.');
+  const stack: string[] = [];
+  for (const part of parts.slice(0, -1)) {
+    if (part === '..') {
+      if (stack.length === 0) return null; // above dest: the inside-dest checks refuse it
+      stack.pop();
+      continue;
+    }
+    stack.push(part);
+    const sofar = stack.join('/');
+    if (archiveLinks.has(sofar)) return sofar;
+    try {
+      if (lstatSync(join(dest, sofar)).isSymbolicLink()) return sofar;
+    } catch {
+      // doesn't exist yet
+    }
+  }
+  return null;
+}
+
+/**
  * Refuses an archive with any entry that would land outside `dest`: absolute names, `..`
  * components, and links whose targets resolve outside `dest`.
  */
 export function checkEntries(entries: Entry[], dest: string): void {
+  const archiveLinks = new Set(entries.filter((e) => e.type === 'symlink' || e.type === 'hardlink').map((e) => normalize(e.name).replace(/\/$/, '')));
   for (const e of entries) {
+    const via = throughLink(dest, e.name, archiveLinks);
+    if (via) throw new AgentError('BAD_REQUEST', `Archive entry ${JSON.stringify(e.name)} would be written through the symbolic link ${via}; refusing to extract`);
     if (isAbsolute(e.name)) throw new AgentError('BAD_REQUEST', `Archive entry ${JSON.stringify(e.name)} has an absolute path; refusing to extract`);
     const target = normalize(join(dest, e.name));
     if (e.name.split('/').includes('..') || !isInside(dest, target)) {
@@ -126,7 +170,11 @@ export function checkEntries(entries: Entry[], dest: string): void {
     }
     if (e.type === 'symlink' && e.target !== undefined) {
       const resolved = isAbsolute(e.target) ? normalize(e.target) : resolve(dirname(target), e.target);
-      if (!isInside(dest, resolved)) throw new AgentError('BAD_REQUEST', `Archive entry ${JSON.stringify(e.name)} is a symbolic link to ${e.target}, outside ${dest}; refusing to extract`);
+      const linkDir = dirname(normalize(e.name));
+      const chained = !isAbsolute(e.target) && throughLink(dest, `${linkDir === '.' ? '' : `${linkDir}/`}${e.target}/x`, archiveLinks);
+      if (!isInside(dest, resolved) || chained) {
+        throw new AgentError('BAD_REQUEST', `Archive entry ${JSON.stringify(e.name)} is a symbolic link to ${e.target}, which leads outside ${dest}; refusing to extract`);
+      }
     }
     if (e.type === 'hardlink' && e.target !== undefined && (isAbsolute(e.target) || !isInside(dest, normalize(join(dest, e.target))))) {
       throw new AgentError('BAD_REQUEST', `Archive entry ${JSON.stringify(e.name)} links to ${e.target}, outside ${dest}; refusing to extract`);

@@ -137,12 +137,17 @@ export async function headTail(input: string, lines: number, head: boolean): Pro
   if (st.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path}`);
   if (head) {
     const out: string[] = [];
-    const rl = createInterface({ input: createReadStream(path), crlfDelay: Infinity });
-    for await (const line of rl) {
-      out.push(line);
-      if (out.length >= lines) break;
+    const input = createReadStream(path);
+    const rl = createInterface({ input, crlfDelay: Infinity });
+    try {
+      for await (const line of rl) {
+        out.push(line);
+        if (out.length >= lines) break;
+      }
+    } finally {
+      rl.close();
+      input.destroy();
     }
-    rl.close();
     return { path, content: out.length ? out.join('\n') + '\n' : '', lines: out.length };
   }
   // Tail: read backwards in blocks until enough newlines are seen.
@@ -175,7 +180,12 @@ export async function searchFiles(input: string, pattern: string): Promise<{ pat
   const path = resolveInSandbox(input);
   const st = await fsCall(path, () => stat(path));
   if (!st.isDirectory()) throw new AgentError('BAD_REQUEST', `Not a directory: ${path}`);
-  const re = globToRegExp(pattern);
+  let re: RegExp;
+  try {
+    re = globToRegExp(pattern);
+  } catch {
+    throw new AgentError('BAD_REQUEST', `Invalid pattern ${JSON.stringify(pattern)}: use *, ? and [...] (e.g. *.log)`);
+  }
   const matches: string[] = [];
   let truncated = false;
   const walk = async (dir: string): Promise<void> => {

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
-import { lstat, mkdir, rename, rm, stat } from 'node:fs/promises';
+import { constants, createWriteStream } from 'node:fs';
+import { lstat, mkdir, open, rename, rm, stat } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { basename, dirname, join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -25,17 +25,21 @@ function sendError(res: ServerResponse, err: unknown): void {
 /** GET: streams a file's bytes, with its size as Content-Length. */
 async function download(res: ServerResponse, input: string): Promise<void> {
   const path = resolveInSandbox(input);
-  const st = await stat(path).catch((err) => {
+  // Opened first, then checked on the open descriptor (no swap between check and read);
+  // O_NONBLOCK so opening a pipe can't block one of libuv's few worker threads.
+  const fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK).catch((err) => {
     throw fsError(err, path);
   });
-  if (st.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (compress it first, then download the archive)`);
-  const stream = createReadStream(path, { highWaterMark: 1024 * 1024 });
-  await new Promise<void>((resolve, reject) => {
-    stream.once('open', () => resolve());
-    stream.once('error', (err) => reject(fsError(err, path)));
-  });
-  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': st.size, 'x-file-path': encodeURIComponent(path) });
-  await pipeline(stream, res);
+  try {
+    const st = await fh.stat();
+    if (st.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (compress it first, then download the archive)`);
+    if (!st.isFile()) throw new AgentError('BAD_REQUEST', `Not a regular file: ${path} (a device, socket or pipe cannot be downloaded)`);
+    // Files such as /proc's report size 0 yet have content: send those without a length.
+    res.writeHead(200, { 'content-type': 'application/octet-stream', ...(st.size > 0 ? { 'content-length': st.size } : {}), 'x-file-path': encodeURIComponent(path) });
+    await pipeline(fh.createReadStream({ highWaterMark: 1024 * 1024, autoClose: false }), res);
+  } finally {
+    await fh.close();
+  }
 }
 
 /**
