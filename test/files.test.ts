@@ -312,3 +312,36 @@ describe.skipIf(!support.ok)('files in sandboxes', () => {
     }
   });
 });
+
+describe.skipIf(!support.ok)('watch session lifetime', () => {
+  it('ends a session with no client after WATCH_IDLE_TIMEOUT_SEC, and every session of a deleted sandbox', async () => {
+    const server = await startTestServer({ WATCH_IDLE_TIMEOUT_SEC: '1' });
+    try {
+      const reg = await server.client().trpc.auth.register.mutate({ name: 'Watch Life', email: uniqueEmail('wl') });
+      const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'watch-life' });
+      const start = async () =>
+        ((await (await server.http(`/api/sandboxes/${sb.id}/files/watch`, { method: 'POST', apiKey: reg.apiKey, json: { path: '/root' } })).json()) as { data: { sessionId: string } }).data
+          .sessionId;
+      const connect = (sessionId: string) =>
+        new Promise<{ status: number; ws?: WebSocket }>((resolve) => {
+          const ws = new WebSocket(`${server.url.replace('http', 'ws')}/api/sandboxes/${sb.id}/files/watch/${sessionId}/stream?apiKey=${reg.apiKey}`);
+          ws.on('unexpected-response', (_req, res) => resolve({ status: res.statusCode ?? 0 }));
+          ws.on('open', () => resolve({ status: 101, ws }));
+          ws.on('error', () => {});
+        });
+
+      const idle = await start();
+      await new Promise((r) => setTimeout(r, 1500));
+      expect((await connect(idle)).status).toBe(404);
+
+      const live = await start();
+      const { status, ws } = await connect(live);
+      expect(status).toBe(101);
+      const closed = new Promise<number>((resolve) => ws!.once('close', (code) => resolve(code)));
+      await sb.delete();
+      expect(await closed).toBe(1000);
+    } finally {
+      await server.close();
+    }
+  });
+});
