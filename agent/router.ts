@@ -1,6 +1,7 @@
 import { initTRPC, tracked } from '@trpc/server';
 import { z } from 'zod';
 import { AgentExecResult, AgentHealth, AgentProcessInfo, ProcessSpec } from '../shared/schemas/agent.js';
+import { AsyncQueue } from '../shared/async-queue.js';
 import { ArchiveFormat, type WatchMessage } from '../shared/schemas/files.js';
 import { compress, extract } from './services/files/archive.js';
 import * as files from './services/files/operations.js';
@@ -38,27 +39,12 @@ const filesRouter = t.router({
   watch: t.procedure
     .input(Path.extend({ recursive: z.boolean(), ignoreHidden: z.boolean() }))
     .subscription(async function* ({ input, signal }) {
-      const batches: WatchMessage[][] = [];
-      let wake: (() => void) | undefined;
-      const watcher = await FileWatch.start(input, (messages) => {
-        batches.push(messages);
-        wake?.();
-      });
-      const onAbort = () => wake?.();
-      signal?.addEventListener('abort', onAbort);
+      const batches = new AsyncQueue<WatchMessage[]>();
+      const watcher = await FileWatch.start(input, (messages) => batches.push(messages));
       try {
         yield { type: 'ready' as const, path: watcher.root };
-        while (!signal?.aborted) {
-          const batch = batches.shift();
-          if (batch) {
-            yield { type: 'events' as const, events: batch };
-            continue;
-          }
-          await new Promise<void>((resolve) => (wake = resolve));
-          wake = undefined;
-        }
+        for await (const events of batches.drain(signal)) yield { type: 'events' as const, events };
       } finally {
-        signal?.removeEventListener('abort', onAbort);
         await watcher.close();
       }
     }),
@@ -115,32 +101,19 @@ export const agentRouter = t.router({
      */
     output: t.procedure.input(Pid.extend({ lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
       const proc = ctx.processes.get(input.pid);
-      const queue: SequencedEvent[] = [];
-      let wake: (() => void) | undefined;
-      const unsubscribe = proc.output.subscribe((e) => {
-        queue.push(e);
-        wake?.();
-      });
-      const onAbort = () => wake?.();
-      signal?.addEventListener('abort', onAbort);
+      const queue = new AsyncQueue<SequencedEvent>();
+      const unsubscribe = proc.output.subscribe((e) => queue.push(e));
       try {
         let last = input.lastEventId ? Number(input.lastEventId) : 0;
-        const backlog = proc.output.since(last);
-        queue.unshift(...backlog);
-        while (!signal?.aborted) {
-          const next = queue.shift();
-          if (!next) {
-            await new Promise<void>((resolve) => (wake = resolve));
-            wake = undefined;
-            continue;
-          }
-          if (next.seq <= last && next.event.type !== 'gap') continue;
-          last = Math.max(last, next.seq);
-          yield tracked(String(next.seq), next.event);
-          if (next.event.type === 'exit') return;
+        for (const e of proc.output.since(last)) yield* emit(e);
+        for await (const e of queue.drain(signal)) yield* emit(e);
+        function* emit(e: SequencedEvent) {
+          if (e.seq <= last && e.event.type !== 'gap') return; // already sent from the backlog
+          last = Math.max(last, e.seq);
+          yield tracked(String(e.seq), e.event);
+          if (e.event.type === 'exit') queue.end();
         }
       } finally {
-        signal?.removeEventListener('abort', onAbort);
         unsubscribe();
       }
     }),

@@ -1,3 +1,5 @@
+import { AsyncQueue } from '../shared/async-queue.js';
+
 interface Handlers<T> {
   onData(value: T): void;
   onError(err: unknown): void;
@@ -11,42 +13,15 @@ interface Handlers<T> {
  * stream can run ahead.
  */
 export async function* iterateSubscription<T>(subscribe: (h: Handlers<T>) => { unsubscribe(): void }): AsyncGenerator<T> {
-  const queue: T[] = [];
-  let done = false;
-  let failure: unknown;
-  let wake: (() => void) | undefined;
-  const notify = () => {
-    wake?.();
-    wake = undefined;
-  };
+  const queue = new AsyncQueue<T>();
   const sub = subscribe({
-    onData: (v) => {
-      queue.push(v);
-      notify();
-    },
-    onError: (err) => {
-      failure = err ?? new Error('subscription failed');
-      notify();
-    },
-    onComplete: () => {
-      done = true;
-      notify();
-    },
-    onStopped: () => {
-      done = true;
-      notify();
-    },
+    onData: (v) => queue.push(v),
+    onError: (err) => queue.fail(err ?? new Error('subscription failed')),
+    onComplete: () => queue.end(),
+    onStopped: () => queue.end(),
   });
   try {
-    while (true) {
-      if (queue.length) {
-        yield queue.shift()!;
-        continue;
-      }
-      if (failure) throw failure;
-      if (done) return;
-      await new Promise<void>((resolve) => (wake = resolve));
-    }
+    yield* queue.drain();
   } finally {
     sub.unsubscribe();
   }

@@ -21,6 +21,7 @@ import {
   WatchSession,
   type WatchMessage,
 } from '../../shared/index.js';
+import { AsyncQueue } from '../../shared/async-queue.js';
 import { authedProcedure, router } from '../trpc/init.js';
 
 const tags = ['File System'];
@@ -135,35 +136,23 @@ export const filesRouter = router({
   watch: authedProcedure.input(WatchInput.extend({ lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
     const resume = input.lastEventId ? /^([0-9a-f-]{36}):(\d+)$/.exec(input.lastEventId) : null;
     const sessionId = resume ? resume[1]! : (await ctx.services.watch.start(ctx.principal, input)).sessionId;
-    const queue: Array<{ seq: number; message: WatchMessage } | { ended: string }> = [];
+    const queue = new AsyncQueue<{ seq: number; message: WatchMessage }>();
     let dropped = 0;
-    let wake: (() => void) | undefined;
     const detach = ctx.services.watch.attach(
       ctx.principal,
       input.id,
       sessionId,
       (m) => {
+        if ('ended' in m) return queue.end();
+        queue.push(m);
         // A reader that falls 1,000 messages behind loses the oldest and is told how many, in
         // place of what it lost.
-        queue.push(m);
-        while (queue.length > 1000) {
-          queue.shift();
-          dropped++;
-        }
-        wake?.();
+        dropped += queue.dropOldest(1000);
       },
       resume ? Number(resume[2]) : 0,
     );
-    const onAbort = () => wake?.();
-    signal?.addEventListener('abort', onAbort);
     try {
-      while (!signal?.aborted) {
-        const m = queue.shift();
-        if (!m) {
-          await new Promise<void>((resolve) => (wake = resolve));
-          continue;
-        }
-        if ('ended' in m) return;
+      for await (const m of queue.drain(signal)) {
         if (dropped) {
           yield tracked(`${sessionId}:${m.seq - 1}`, { type: 'overflow' as const, dropped, timestamp: new Date().toISOString() });
           dropped = 0;
@@ -171,7 +160,6 @@ export const filesRouter = router({
         yield tracked(`${sessionId}:${m.seq}`, m.message);
       }
     } finally {
-      signal?.removeEventListener('abort', onAbort);
       detach();
     }
   }),

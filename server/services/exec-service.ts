@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { AsyncQueue } from '../../shared/async-queue.js';
 import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput } from '../../shared/index.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import { AgentUnavailableError, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
@@ -146,21 +147,14 @@ const HIGH_WATER_EVENTS = 256;
 /**
  * Turns a resumable tRPC subscription into an async iterable with a bounded queue: when the reader
  * falls `HIGH_WATER_EVENTS` behind, the subscription is dropped and re-opened from the last event
- * once the reader catches up (the agent keeps a bounded log, and reports a `gap` if it overflowed).
+ * once the reader has caught up (the agent keeps a bounded log, and reports a `gap` if it overflowed).
  */
 async function* queueFromSubscription<T extends { id: string }>(
   subscribe: (h: SubscriptionHandlers<T>, after: string | null) => { unsubscribe(): void },
   from: string | null,
 ): AsyncGenerator<T> {
-  const queue: T[] = [];
+  const queue = new AsyncQueue<T>();
   let last = from;
-  let done = false;
-  let failure: unknown;
-  let wake: (() => void) | undefined;
-  const notify = () => {
-    wake?.();
-    wake = undefined;
-  };
   let sub: { unsubscribe(): void } | null = null;
   const open = () => {
     sub = subscribe(
@@ -172,35 +166,19 @@ async function* queueFromSubscription<T extends { id: string }>(
             sub.unsubscribe();
             sub = null;
           }
-          notify();
         },
-        onError: (err) => {
-          failure = err ?? new Error('subscription failed');
-          notify();
-        },
-        onComplete: () => {
-          done = true;
-          notify();
-        },
-        onStopped: () => {
-          done = true;
-          notify();
-        },
+        onError: (err) => queue.fail(err ?? new Error('subscription failed')),
+        onComplete: () => queue.end(),
+        onStopped: () => queue.end(),
       },
       last,
     );
   };
   open();
   try {
-    while (true) {
-      if (queue.length) {
-        yield queue.shift()!;
-        continue;
-      }
-      if (failure) throw failure;
-      if (done) return;
-      if (!sub) open();
-      await new Promise<void>((resolve) => (wake = resolve));
+    for await (const item of queue.drain()) {
+      yield item;
+      if (!sub && queue.length === 0) open();
     }
   } finally {
     (sub as { unsubscribe(): void } | null)?.unsubscribe();
