@@ -10,6 +10,7 @@ import { WebSocketServer } from 'ws';
 import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
 import { ProcessManager } from './services/process/process-manager.js';
+import { PtyManager } from './services/pty/pty-manager.js';
 
 const listenFd = process.env.VOIDRUN_AGENT_FD ? Number(process.env.VOIDRUN_AGENT_FD) : null;
 const socketPath = process.env.VOIDRUN_AGENT_SOCKET;
@@ -25,7 +26,8 @@ const baseEnv: NodeJS.ProcessEnv = {};
 for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_')) baseEnv[k] = v;
 if (process.env.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(process.env.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
 baseEnv.VOIDRUN_SANDBOX_ID = process.env.VOIDRUN_SANDBOX_ID;
-const ctx: AgentContext = { processes: new ProcessManager(baseEnv, process.env.HOME ?? '/'), startedAt: Date.now() };
+const home = process.env.HOME ?? '/';
+const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
   // The driver polls this to know the agent serves (the socket accepts connections before that).
@@ -49,6 +51,7 @@ if (listenFd !== null) {
 
 const shutdown = () => {
   ctx.processes.killAll();
+  ctx.ptys.killAll();
   server.close(() => process.exit(0));
   setTimeout(() => process.exit(0), 1000).unref();
 };

@@ -7,10 +7,13 @@ import { compress, extract } from './services/files/archive.js';
 import * as files from './services/files/operations.js';
 import { FileWatch } from './services/files/watch.js';
 import type { ProcessManager } from './services/process/process-manager.js';
+import type { PtyManager } from './services/pty/pty-manager.js';
+import { PtySize } from '../shared/schemas/pty.js';
 import type { SequencedEvent } from './services/process/output-log.js';
 
 export interface AgentContext {
   processes: ProcessManager;
+  ptys: PtyManager;
   startedAt: number;
 }
 
@@ -53,6 +56,45 @@ const filesRouter = t.router({
 /** The agent's procedures. Its only caller is the server's agent-client. */
 export const agentRouter = t.router({
   files: filesRouter,
+  pty: t.router({
+    create: t.procedure.input(PtySize).mutation(({ ctx, input }) => ctx.ptys.create(input.cols, input.rows).info()),
+    list: t.procedure.query(({ ctx }) => ctx.ptys.list()),
+    write: t.procedure.input(z.object({ sessionId: z.string(), data: z.string() })).mutation(({ ctx, input }) => {
+      ctx.ptys.write(input.sessionId, input.data);
+      return { written: input.data.length };
+    }),
+    resize: t.procedure.input(PtySize.extend({ sessionId: z.string() })).mutation(({ ctx, input }) => ctx.ptys.resize(input.sessionId, input.cols, input.rows)),
+    kill: t.procedure.input(z.object({ sessionId: z.string() })).mutation(({ ctx, input }) => {
+      ctx.ptys.kill(input.sessionId);
+      return { killed: true };
+    }),
+    buffer: t.procedure.input(z.object({ sessionId: z.string() })).query(({ ctx, input }) => ({ output: ctx.ptys.buffer(input.sessionId) })),
+    /** The session's scrollback after `lastEventId` (all of it when absent), then live output until it exits. */
+    output: t.procedure.input(z.object({ sessionId: z.string(), lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
+      const session = ctx.ptys.get(input.sessionId);
+      const queue = new AsyncQueue<SequencedEvent>();
+      const unsubscribe = session.output.subscribe((e) => queue.push(e));
+      session.clients++;
+      try {
+        let last = input.lastEventId ? Number(input.lastEventId) : 0;
+        for (const e of session.output.since(last)) yield* emit(e);
+        for await (const e of queue.drain(signal)) yield* emit(e);
+        function* emit(e: SequencedEvent) {
+          if (e.seq <= last && e.event.type !== 'gap') return;
+          last = Math.max(last, e.seq);
+          const ev = e.event;
+          if (ev.type === 'stdout') yield tracked(String(e.seq), { type: 'data' as const, data: ev.data });
+          else if (ev.type === 'exit') {
+            yield tracked(String(e.seq), { type: 'exit' as const, exitCode: ev.exitCode });
+            queue.end();
+          } else if (ev.type === 'gap') yield tracked(String(e.seq), { type: 'gap' as const, droppedBytes: ev.droppedBytes });
+        }
+      } finally {
+        session.clients--;
+        unsubscribe();
+      }
+    }),
+  }),
   health: t.procedure.output(AgentHealth).query(({ ctx }) => ({
     ok: true as const,
     pid: process.pid,

@@ -17,6 +17,7 @@ import { RootfsImages } from './hypervisor/images/rootfs-images.js';
 import { selectDriver } from './hypervisor/select-driver.js';
 import { ExecService } from './services/exec-service.js';
 import { FileService } from './services/file-service.js';
+import { PtyService } from './services/pty-service.js';
 import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
@@ -75,6 +76,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     images,
     files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
     watch,
+    pty: new PtyService({ sandboxes }),
     buildInfo: readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }),
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);

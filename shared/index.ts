@@ -7,3 +7,4 @@ export * from './schemas/sandbox.js';
 export * from './schemas/exec.js';
 export * from './schemas/image.js';
 export * from './schemas/files.js';
+export * from './schemas/pty.js';

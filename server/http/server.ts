@@ -8,6 +8,7 @@ import { errorCodeTable } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Services } from '../services/index.js';
+import type { PtyEvent } from '../../shared/index.js';
 import { apiKeyFromHeaders, apiKeyFromUpgrade, type Context, type RequestRecord } from '../trpc/context.js';
 import { serveDocs } from './docs-page.js';
 import { sendError, sendJson } from './envelope.js';
@@ -143,11 +144,71 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
 
   const rawWss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024 });
   const watchStream = /^\/api\/sandboxes\/([^/]+)\/files\/watch\/([^/]+)\/stream$/;
+  const ptyEphemeral = /^\/api\/sandboxes\/([^/]+)\/pty$/;
+  const ptyAttach = /^\/api\/sandboxes\/([^/]+)\/pty\/sessions\/([^/]+)$/;
+
+  /**
+   * A terminal over a WebSocket: raw terminal bytes both ways; a text message that is exactly
+   * `{"type":"resize","cols":…,"rows":…}` resizes. `/pty` makes an ephemeral session that dies with
+   * the socket; `/pty/sessions/{sessionId}` attaches to a persistent one (scrollback first).
+   */
+  async function upgradePty(req: IncomingMessage, socket: Duplex, head: Buffer, sandboxId: string, sessionId: string | null): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://localhost');
+    const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
+    const ephemeral = sessionId === null;
+    const size = (name: string, fallback: number, max: number) => Math.min(max, Math.max(1, Number(url.searchParams.get(name)) || fallback));
+    const sid = sessionId ?? (await services.pty.create(principal, sandboxId, size('cols', 80, 500), size('rows', 24, 200))).sessionId;
+    const abort = new AbortController();
+    const output = services.pty.attach(principal, sandboxId, sid, null, abort.signal);
+    const first = output.next(); // 404 for an unknown session, before the upgrade
+    first.catch(() => {});
+    await Promise.race([first, new Promise((r) => setTimeout(r, 200))]);
+    log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
+    rawWss.handleUpgrade(req, socket, head, (ws) => {
+      ws.on('error', () => {});
+      ws.on('close', () => {
+        abort.abort();
+        if (ephemeral) void services.pty.kill(principal, sandboxId, sid).catch(() => {});
+      });
+      ws.on('message', (data, isBinary) => {
+        const text = isBinary ? Buffer.from(data as Buffer).toString('utf8') : data.toString();
+        if (!isBinary && text.startsWith('{"type":"resize"')) {
+          try {
+            const { cols, rows } = JSON.parse(text) as { cols: number; rows: number };
+            void services.pty.resize(principal, sandboxId, sid, cols, rows).catch(() => {});
+            return;
+          } catch {}
+        }
+        void services.pty.write(principal, sandboxId, sid, text).catch(() => {});
+      });
+      void (async () => {
+        const send = async (e: { event: PtyEvent }) => {
+          // A client that doesn't keep up holds the stream back (the agent's scrollback bounds the rest).
+          while (ws.readyState === ws.OPEN && ws.bufferedAmount > 1024 * 1024) await new Promise((r) => setTimeout(r, 10));
+          if (e.event.type === 'data') ws.send(e.event.data);
+          else if (e.event.type === 'exit') ws.close(1000, `exit ${e.event.exitCode}`);
+        };
+        const head = await first;
+        if (!head.done) await send(head.value);
+        for await (const e of output) await send(e);
+      })().catch(() => ws.close(1011, 'terminal stream failed'));
+    });
+  }
 
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const path = (req.url ?? '/').split('?')[0]!;
     if (path === '/trpc' || path === '/trpc/') {
       wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
+      return;
+    }
+    const ephemeral = ptyEphemeral.exec(path);
+    const attach = ptyAttach.exec(path);
+    if (ephemeral || attach) {
+      const m = (ephemeral ?? attach)!;
+      void upgradePty(req, socket, head, decodeURIComponent(m[1]!), attach ? decodeURIComponent(attach[2]!) : null).catch((err: unknown) => {
+        const status = err instanceof DomainError ? errorCodeTable[err.code].httpStatus : 500;
+        rejectUpgrade(socket, status, err instanceof DomainError ? err.message : 'Internal server error');
+      });
       return;
     }
     const watch = watchStream.exec(path);

@@ -3,6 +3,7 @@ import { authRouter, orgRouter } from './org.js';
 import { commandsRouter, execRouter } from './exec.js';
 import { filesRouter } from './files.js';
 import { imagesRouter } from './images.js';
+import { ptyRouter } from './pty.js';
 import { sandboxRouter } from './sandbox.js';
 import { systemRouter } from './system.js';
 
@@ -15,6 +16,7 @@ export const appRouter = router({
   commands: commandsRouter,
   images: imagesRouter,
   files: filesRouter,
+  pty: ptyRouter,
 });
 
 /** The router's type, imported by `client/` for end-to-end types. */

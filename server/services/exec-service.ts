@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import { AsyncQueue } from '../../shared/async-queue.js';
+import { resumableSubscription } from '../agent-client/resumable-subscription.js';
 import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput } from '../../shared/index.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import { AgentUnavailableError, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
@@ -92,7 +92,7 @@ export class ExecService {
   async *attach(principal: Principal, id: string, pid: number, after: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
     const record = await this.deps.sandboxes.running(principal, id);
     const agent = this.deps.sandboxes.agents.get(id);
-    const events = queueFromSubscription<{ id: string; data: OutputEvent }>(
+    const events = resumableSubscription<{ id: string; data: OutputEvent }>(
       (handlers, from) => agent.process.output.subscribe({ pid, lastEventId: from && from !== '0' ? from : null }, { ...handlers, signal }),
       after,
     );
@@ -134,53 +134,3 @@ function toChunk(e: OutputEvent): ExecChunk {
   return e.type === 'exit' ? { type: 'exit', exitCode: e.exitCode, timedOut: e.timedOut } : e;
 }
 
-interface SubscriptionHandlers<T> {
-  onData(value: T): void;
-  onError(err: unknown): void;
-  onComplete(): void;
-  onStopped?(): void;
-}
-
-/** Events held for a slow reader before the agent subscription is paused. */
-const HIGH_WATER_EVENTS = 256;
-
-/**
- * Turns a resumable tRPC subscription into an async iterable with a bounded queue: when the reader
- * falls `HIGH_WATER_EVENTS` behind, the subscription is dropped and re-opened from the last event
- * once the reader has caught up (the agent keeps a bounded log, and reports a `gap` if it overflowed).
- */
-async function* queueFromSubscription<T extends { id: string }>(
-  subscribe: (h: SubscriptionHandlers<T>, after: string | null) => { unsubscribe(): void },
-  from: string | null,
-): AsyncGenerator<T> {
-  const queue = new AsyncQueue<T>();
-  let last = from;
-  let sub: { unsubscribe(): void } | null = null;
-  const open = () => {
-    sub = subscribe(
-      {
-        onData: (v) => {
-          queue.push(v);
-          last = v.id;
-          if (queue.length >= HIGH_WATER_EVENTS && sub) {
-            sub.unsubscribe();
-            sub = null;
-          }
-        },
-        onError: (err) => queue.fail(err ?? new Error('subscription failed')),
-        onComplete: () => queue.end(),
-        onStopped: () => queue.end(),
-      },
-      last,
-    );
-  };
-  open();
-  try {
-    for await (const item of queue.drain()) {
-      yield item;
-      if (!sub && queue.length === 0) open();
-    }
-  } finally {
-    (sub as { unsubscribe(): void } | null)?.unsubscribe();
-  }
-}

@@ -1,0 +1,100 @@
+import { randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import type { IPty } from 'node-pty';
+import type { PtySessionInfo } from '../../../shared/schemas/pty.js';
+import { AgentError } from '../../errors.js';
+import { OutputLog } from '../process/output-log.js';
+
+// node-pty is native: loaded at run time from the node_modules mounted beside the agent.
+const require = createRequire(__filename);
+
+/** Scrollback each session keeps for new clients and reconnects. */
+const SCROLLBACK_BYTES = 1024 * 1024;
+
+/** A terminal in the sandbox: a shell on a pty, its scrollback, and how many clients watch it. */
+export class PtySession {
+  readonly id = `session-${randomUUID()}`;
+  readonly createdAt = new Date();
+  readonly output = new OutputLog(SCROLLBACK_BYTES);
+  exitCode: number | null = null;
+  clients = 0;
+  cols: number;
+  rows: number;
+
+  constructor(readonly pty: IPty, cols: number, rows: number) {
+    this.cols = cols;
+    this.rows = rows;
+    pty.onData((data) => this.output.append({ type: 'stdout', data }));
+    pty.onExit(({ exitCode }) => {
+      this.exitCode = exitCode;
+      this.output.append({ type: 'exit', exitCode, signal: null, timedOut: false });
+    });
+  }
+
+  get alive(): boolean {
+    return this.exitCode === null;
+  }
+
+  info(): PtySessionInfo {
+    return { id: this.id, createdAt: this.createdAt.toISOString(), clients: this.clients, alive: this.alive, exitCode: this.exitCode, cols: this.cols, rows: this.rows };
+  }
+}
+
+/** The sandbox's terminals. They outlive their clients until killed or their shell exits. */
+export class PtyManager {
+  readonly #sessions = new Map<string, PtySession>();
+
+  constructor(private readonly baseEnv: NodeJS.ProcessEnv, private readonly home: string) {}
+
+  create(cols: number, rows: number): PtySession {
+    const { spawn } = require('node-pty') as typeof import('node-pty');
+    const shell = existsSync('/bin/bash') ? '/bin/bash' : '/bin/sh';
+    const pty = spawn(shell, ['-l'], { name: 'xterm-256color', cols, rows, cwd: this.home, env: { ...this.baseEnv, TERM: 'xterm-256color' } as Record<string, string> });
+    const session = new PtySession(pty, cols, rows);
+    this.#sessions.set(session.id, session);
+    return session;
+  }
+
+  get(id: string): PtySession {
+    const s = this.#sessions.get(id);
+    if (!s) throw new AgentError('NOT_FOUND', `Terminal session ${id} not found`);
+    return s;
+  }
+
+  list(): PtySessionInfo[] {
+    return [...this.#sessions.values()].map((s) => s.info());
+  }
+
+  write(id: string, data: string): void {
+    const s = this.get(id);
+    if (!s.alive) throw new AgentError('CONFLICT', `Terminal session ${id} has exited (code ${s.exitCode})`);
+    s.pty.write(data);
+  }
+
+  resize(id: string, cols: number, rows: number): PtySessionInfo {
+    const s = this.get(id);
+    if (s.alive) s.pty.resize(cols, rows);
+    s.cols = cols;
+    s.rows = rows;
+    return s.info();
+  }
+
+  kill(id: string): void {
+    const s = this.get(id);
+    if (s.alive) s.pty.kill('SIGKILL');
+    this.#sessions.delete(id);
+  }
+
+  /** The scrollback as text (what `buffer` returns). */
+  buffer(id: string): string {
+    return this.get(id)
+      .output.since(0)
+      .map((e) => (e.event.type === 'stdout' ? e.event.data : ''))
+      .join('');
+  }
+
+  killAll(): void {
+    for (const id of [...this.#sessions.keys()]) this.kill(id);
+  }
+}

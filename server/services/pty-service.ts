@@ -1,0 +1,81 @@
+import type { PtyEvent, PtySessionInfo } from '../../shared/index.js';
+import { fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
+import { resumableSubscription } from '../agent-client/resumable-subscription.js';
+import { NotFoundError } from '../errors.js';
+import type { Principal } from './auth-service.js';
+import type { SandboxService } from './sandbox-service.js';
+
+/**
+ * Terminals in sandboxes. The agent owns the sessions (a shell on a pty with 1 MiB of
+ * scrollback), so they outlive their clients; the server relays bytes and keeps nothing.
+ */
+export class PtyService {
+  constructor(private readonly deps: { sandboxes: SandboxService }) {}
+
+  async #agent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+    const record = await this.deps.sandboxes.running(principal, id);
+    try {
+      return await fn(this.deps.sandboxes.agents.get(record.id));
+    } catch (err) {
+      throw fromAgentError(err);
+    }
+  }
+
+  async create(p: Principal, id: string, cols: number, rows: number): Promise<{ sessionId: string; createdAt: string }> {
+    const info = await this.#agent(p, id, (a) => a.pty.create.mutate({ cols, rows }));
+    return { sessionId: info.id, createdAt: info.createdAt };
+  }
+
+  list(p: Principal, id: string): Promise<{ sessions: PtySessionInfo[] }> {
+    return this.#agent(p, id, async (a) => ({ sessions: await a.pty.list.query() }));
+  }
+
+  async kill(p: Principal, id: string, sessionId: string): Promise<{ sessionId: string; killed: true }> {
+    await this.#agent(p, id, (a) => a.pty.kill.mutate({ sessionId }));
+    return { sessionId, killed: true };
+  }
+
+  async write(p: Principal, id: string, sessionId: string, data: string): Promise<{ written: number }> {
+    return this.#agent(p, id, (a) => a.pty.write.mutate({ sessionId, data }));
+  }
+
+  /** Types a command line into the session (with Enter). */
+  async execute(p: Principal, id: string, sessionId: string, command: string): Promise<{ sessionId: string; sent: true }> {
+    await this.write(p, id, sessionId, `${command}\n`);
+    return { sessionId, sent: true };
+  }
+
+  buffer(p: Principal, id: string, sessionId: string): Promise<{ output: string }> {
+    return this.#agent(p, id, (a) => a.pty.buffer.query({ sessionId }));
+  }
+
+  resize(p: Principal, id: string, sessionId: string, cols: number, rows: number): Promise<PtySessionInfo> {
+    return this.#agent(p, id, (a) => a.pty.resize.mutate({ sessionId, cols, rows }));
+  }
+
+  /**
+   * The session's scrollback after `after` (all of it when null), then live output until the
+   * shell exits. Ids are `<sessionId>:<seq>`.
+   */
+  async *attach(p: Principal, id: string, sessionId: string, after: string | null, signal?: AbortSignal): AsyncGenerator<{ id: string; event: PtyEvent }> {
+    const record = await this.deps.sandboxes.running(p, id);
+    const agent = this.deps.sandboxes.agents.get(record.id);
+    // Fail early (404) for an unknown session, before the caller upgrades or subscribes.
+    const sessions = await agent.pty.list.query().catch((err: unknown) => {
+      throw fromAgentError(err);
+    });
+    if (!sessions.some((s) => s.id === sessionId)) throw new NotFoundError(`Terminal session ${sessionId} not found in this sandbox`);
+    const events = resumableSubscription<{ id: string; data: PtyEvent }>(
+      (handlers, from) => agent.pty.output.subscribe({ sessionId, lastEventId: from }, { ...handlers, signal }),
+      after,
+    );
+    try {
+      for await (const e of events) {
+        yield { id: `${sessionId}:${e.id}`, event: e.data };
+        if (e.data.type === 'exit') return;
+      }
+    } catch (err) {
+      throw fromAgentError(err);
+    }
+  }
+}
