@@ -11,6 +11,7 @@ import type { CreateSandboxInput, RestoreSandboxInput } from '../shared/index.js
 export * from './errors.js';
 export { CommandHandle, SandboxHandle, type CommandOptions, type ExecOptions } from './sandbox.js';
 export { SandboxFiles, type UploadSource } from './files.js';
+export { PtyHandle } from './pty.js';
 export type { AppRouter };
 
 export interface ClientOptions {

@@ -2,6 +2,7 @@ import type { TRPCClient } from '@trpc/client';
 import type { ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
 import { SandboxFiles, type RawHttp } from './files.js';
+import { PtyHandle } from './pty.js';
 import { iterateSubscription } from './subscription-iterator.js';
 
 export interface ExecOptions {
@@ -90,6 +91,16 @@ export class SandboxHandle {
     },
     list: async (): Promise<ProcessInfo[]> => (await this.trpc.commands.list.query({ id: this.id })).processes,
     get: (pid: number, command = ''): CommandHandle => new CommandHandle(this.trpc, this.id, pid, command),
+  };
+
+  /** Terminals: `pty.create({cols, rows})` → a handle; `pty.list()`; `pty.get(sessionId)`. */
+  readonly pty = {
+    create: async (size: { cols?: number; rows?: number } = {}): Promise<PtyHandle> => {
+      const r = await this.trpc.pty.create.mutate({ id: this.id, cols: size.cols ?? 80, rows: size.rows ?? 24 });
+      return new PtyHandle(this.trpc, this.id, r.sessionId);
+    },
+    list: async () => (await this.trpc.pty.list.query({ id: this.id })).sessions,
+    get: (sessionId: string): PtyHandle => new PtyHandle(this.trpc, this.id, sessionId),
   };
 
   stop(): Promise<SandboxActionResult> {

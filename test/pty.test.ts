@@ -156,6 +156,21 @@ describe.skipIf(!support.ok)('terminals', () => {
     await vr.trpc.pty.kill.mutate({ id: box.id, sessionId });
   });
 
+  it('drives a terminal through the typed client handle: write, onData, resize, wait', async () => {
+    const term = await box.pty.create({ cols: 90, rows: 20 });
+    let out = '';
+    const stop = term.onData((d) => (out += d));
+    await term.write('stty size\n');
+    for (let i = 0; i < 200 && !out.includes('20 90'); i++) await new Promise((r) => setTimeout(r, 20));
+    expect(out).toContain('20 90');
+    await term.resize(60, 10);
+    await term.write('stty size; exit 5\n');
+    expect(await term.wait()).toBe(5);
+    expect(out).toContain('10 60');
+    stop();
+    await term.kill();
+  });
+
   it("answers 404 for another org's sandbox on the terminal routes", async () => {
     const other = await server.client().trpc.auth.register.mutate({ name: 'Other Pty', email: uniqueEmail('opty') });
     expect((await server.http(`/api/sandboxes/${box.id}/pty/sessions`, { apiKey: other.apiKey })).status).toBe(404);
