@@ -27,7 +27,7 @@ for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_'))
 if (process.env.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(process.env.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
 baseEnv.VOIDRUN_SANDBOX_ID = process.env.VOIDRUN_SANDBOX_ID;
 const home = process.env.HOME ?? '/';
-const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home), startedAt: Date.now() };
+const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(process.env.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
   // The driver polls this to know the agent serves (the socket accepts connections before that).

@@ -74,7 +74,7 @@ export const agentRouter = t.router({
       const session = ctx.ptys.get(input.sessionId);
       const queue = new AsyncQueue<SequencedEvent>();
       const unsubscribe = session.output.subscribe((e) => queue.push(e));
-      session.clients++;
+      session.attachClient();
       try {
         let last = input.lastEventId ? Number(input.lastEventId) : 0;
         for (const e of session.output.since(last)) yield* emit(e);
@@ -90,7 +90,7 @@ export const agentRouter = t.router({
           } else if (ev.type === 'gap') yield tracked(String(e.seq), { type: 'gap' as const, droppedBytes: ev.droppedBytes });
         }
       } finally {
-        session.clients--;
+        session.detachClient();
         unsubscribe();
       }
     }),

@@ -55,6 +55,7 @@ const EnvSchema = z.object({
   SANDBOX_LIST_DEFAULT_LIMIT: int(1, 100).default(20),
   AGENT_READY_TIMEOUT_MS: int(100, 600_000).default(15_000),
   MAX_UPLOAD_BYTES: int(1, Number.MAX_SAFE_INTEGER).default(10 * 1024 * 1024 * 1024),
+  PTY_IDLE_TIMEOUT_SEC: int(0, 30 * 86_400).default(3600),
   WATCH_IDLE_TIMEOUT_SEC: int(1, 86_400).default(300),
   EXEC_OUTPUT_LIMIT_BYTES: int(1024, 1024 * 1024 * 1024).default(4 * 1024 * 1024),
   // Build the default image at startup (in the background) so the first sandbox needn't wait.

@@ -177,3 +177,23 @@ describe.skipIf(!support.ok)('terminals', () => {
     await expect(open(`${wsBase}/pty?apiKey=${other.apiKey}`)).rejects.toThrow('HTTP 404');
   });
 });
+
+describe.skipIf(!support.ok)('terminal session lifetime', () => {
+  it('ends a persistent session after PTY_IDLE_TIMEOUT_SEC with no client attached', async () => {
+    const server = await startTestServer({ PTY_IDLE_TIMEOUT_SEC: '1' });
+    try {
+      const reg = await server.client().trpc.auth.register.mutate({ name: 'Pty Idle', email: uniqueEmail('pidle') });
+      const vr = server.client(reg.apiKey);
+      const sb = await vr.sandboxes.create({ name: 'pty-idle' });
+      const term = await sb.pty.create();
+      const stop = term.onData(() => {});
+      await new Promise((r) => setTimeout(r, 1500));
+      expect((await sb.pty.list()).map((s) => s.id)).toContain(term.sessionId); // attached: kept
+      stop();
+      for (let i = 0; i < 60 && (await sb.pty.list()).length > 0; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(await sb.pty.list()).toEqual([]);
+    } finally {
+      await server.close();
+    }
+  });
+});

@@ -11,6 +11,8 @@ export interface SandboxSpec {
   memMb: number;
   diskMb: number;
   envVars: Record<string, string>;
+  /** Settings for the agent itself (VOIDRUN_*), never seen by the sandbox's commands. */
+  agentSettings?: Record<string, string>;
 }
 
 export type DriverStatus = 'running' | 'paused' | 'stopped' | 'missing';

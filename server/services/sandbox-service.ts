@@ -29,6 +29,8 @@ export interface SandboxServiceDeps {
   snapshotsDir: string;
   /** Host directories never to show callers; driver messages that mention them are redacted. */
   hostPaths: string[];
+  /** Passed to every sandbox's agent (VOIDRUN_* settings). */
+  agentSettings?: Record<string, string>;
   defaults: SandboxDefaults;
   log: Logger;
 }
@@ -286,7 +288,7 @@ export class SandboxService {
   }
 
   #spec(record: SandboxRecord, rootfs: string): SandboxSpec {
-    return { id: record.id, name: record.name, rootfs, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars };
+    return { id: record.id, name: record.name, rootfs, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings: this.deps.agentSettings };
   }
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {

@@ -21,8 +21,14 @@ export class PtySession {
   clients = 0;
   cols: number;
   rows: number;
+  #idleTimer: NodeJS.Timeout | undefined;
 
-  constructor(readonly pty: IPty, cols: number, rows: number) {
+  constructor(
+    readonly pty: IPty,
+    cols: number,
+    rows: number,
+    private readonly idle: { ms: number; expire: () => void },
+  ) {
     this.cols = cols;
     this.rows = rows;
     pty.onData((data) => this.output.append({ type: 'stdout', data }));
@@ -30,6 +36,29 @@ export class PtySession {
       this.exitCode = exitCode;
       this.output.append({ type: 'exit', exitCode, signal: null, timedOut: false });
     });
+    this.#armIdle();
+  }
+
+  attachClient(): void {
+    this.clients++;
+    clearTimeout(this.#idleTimer);
+  }
+
+  detachClient(): void {
+    this.clients--;
+    this.#armIdle();
+  }
+
+  /** With no client attached for the idle time, the session ends. */
+  #armIdle(): void {
+    if (this.clients > 0 || this.idle.ms <= 0) return;
+    clearTimeout(this.#idleTimer);
+    this.#idleTimer = setTimeout(this.idle.expire, this.idle.ms);
+    this.#idleTimer.unref();
+  }
+
+  dispose(): void {
+    clearTimeout(this.#idleTimer);
   }
 
   get alive(): boolean {
@@ -45,13 +74,18 @@ export class PtySession {
 export class PtyManager {
   readonly #sessions = new Map<string, PtySession>();
 
-  constructor(private readonly baseEnv: NodeJS.ProcessEnv, private readonly home: string) {}
+  constructor(
+    private readonly baseEnv: NodeJS.ProcessEnv,
+    private readonly home: string,
+    /** A session with no client attached for this long ends (0 = never). */
+    private readonly idleMs: number,
+  ) {}
 
   create(cols: number, rows: number): PtySession {
     const { spawn } = require('node-pty') as typeof import('node-pty');
     const shell = existsSync('/bin/bash') ? '/bin/bash' : '/bin/sh';
     const pty = spawn(shell, ['-l'], { name: 'xterm-256color', cols, rows, cwd: this.home, env: { ...this.baseEnv, TERM: 'xterm-256color' } as Record<string, string> });
-    const session = new PtySession(pty, cols, rows);
+    const session: PtySession = new PtySession(pty, cols, rows, { ms: this.idleMs, expire: () => this.#sessions.has(session.id) && this.kill(session.id) });
     this.#sessions.set(session.id, session);
     return session;
   }
@@ -83,6 +117,7 @@ export class PtyManager {
   kill(id: string): void {
     const s = this.get(id);
     if (s.alive) s.pty.kill('SIGKILL');
+    s.dispose();
     this.#sessions.delete(id);
   }
 

@@ -77,6 +77,7 @@ export function buildOciSpec(o: OciSpecOptions) {
     VOIDRUN_SANDBOX_ID: spec.id,
     VOIDRUN_AGENT_FD: String(AGENT_LISTEN_FD),
     VOIDRUN_SANDBOX_ENV: Buffer.from(JSON.stringify(spec.envVars)).toString('base64'),
+    ...Object.fromEntries(Object.entries(spec.agentSettings ?? {}).filter(([k]) => k.startsWith('VOIDRUN_'))),
   };
   const memBytes = spec.memMb * 1024 * 1024;
   const ro = ['rbind', 'ro', 'nosuid', 'nodev'];
