@@ -11,6 +11,7 @@ import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
 import { ProcessManager } from './services/process/process-manager.js';
 import { PtyManager } from './services/pty/pty-manager.js';
+import { ShellSessions } from './services/shell/shell-sessions.js';
 
 const listenFd = process.env.VOIDRUN_AGENT_FD ? Number(process.env.VOIDRUN_AGENT_FD) : null;
 const socketPath = process.env.VOIDRUN_AGENT_SOCKET;
@@ -27,7 +28,8 @@ for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_'))
 if (process.env.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(process.env.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
 baseEnv.VOIDRUN_SANDBOX_ID = process.env.VOIDRUN_SANDBOX_ID;
 const home = process.env.HOME ?? '/';
-const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(process.env.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000), startedAt: Date.now() };
+const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(process.env.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000),
+  shells: new ShellSessions(baseEnv, home), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
   // The driver polls this to know the agent serves (the socket accepts connections before that).
@@ -52,6 +54,7 @@ if (listenFd !== null) {
 const shutdown = () => {
   ctx.processes.killAll();
   ctx.ptys.killAll();
+  ctx.shells.closeAll();
   server.close(() => process.exit(0));
   setTimeout(() => process.exit(0), 1000).unref();
 };

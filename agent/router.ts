@@ -8,12 +8,14 @@ import * as files from './services/files/operations.js';
 import { FileWatch } from './services/files/watch.js';
 import type { ProcessManager } from './services/process/process-manager.js';
 import type { PtyManager } from './services/pty/pty-manager.js';
+import type { ShellSessions } from './services/shell/shell-sessions.js';
 import { PtySize } from '../shared/schemas/pty.js';
 import type { SequencedEvent } from './services/process/output-log.js';
 
 export interface AgentContext {
   processes: ProcessManager;
   ptys: PtyManager;
+  shells: ShellSessions;
   startedAt: number;
 }
 
@@ -56,6 +58,40 @@ const filesRouter = t.router({
 /** The agent's procedures. Its only caller is the server's agent-client. */
 export const agentRouter = t.router({
   files: filesRouter,
+  shell: t.router({
+    create: t.procedure.input(z.object({ shell: z.string().optional() })).mutation(({ ctx, input }) => ({ sessionId: ctx.shells.create(input.shell).id })),
+    input: t.procedure.input(z.object({ sessionId: z.string(), input: z.string() })).mutation(({ ctx, input }) => {
+      ctx.shells.get(input.sessionId).input(input.input);
+      return { ok: true };
+    }),
+    close: t.procedure.input(z.object({ sessionId: z.string() })).mutation(({ ctx, input }) => {
+      ctx.shells.close(input.sessionId);
+      return { ok: true };
+    }),
+    exec: t.procedure.input(z.object({ sessionId: z.string(), command: z.string(), timeoutMs: z.number().int().min(1) })).mutation(async ({ ctx, input }) => {
+      let output = '';
+      let error = '';
+      const exitCode = await ctx.shells.get(input.sessionId).exec(input.command, input.timeoutMs, (c) => {
+        if (c.stream === 'stdout') output += c.data;
+        else error += c.data;
+      });
+      return { output, error, exitCode };
+    }),
+    /** The same, as it comes: output chunks, then `{type: 'exit'}`. */
+    execStream: t.procedure
+      .input(z.object({ sessionId: z.string(), command: z.string(), timeoutMs: z.number().int().min(1) }))
+      .subscription(async function* ({ ctx, input, signal }) {
+        const queue = new AsyncQueue<{ type: 'stdout' | 'stderr'; data: string } | { type: 'exit'; exitCode: number }>();
+        ctx.shells
+          .get(input.sessionId)
+          .exec(input.command, input.timeoutMs, (c) => queue.push({ type: c.stream, data: c.data }))
+          .then((exitCode) => {
+            queue.push({ type: 'exit', exitCode });
+            queue.end();
+          }, (err: unknown) => queue.fail(err));
+        yield* queue.drain(signal);
+      }),
+  }),
   pty: t.router({
     create: t.procedure.input(PtySize).mutation(({ ctx, input }) => ctx.ptys.create(input.cols, input.rows).info()),
     list: t.procedure.query(({ ctx }) => ctx.ptys.list()),

@@ -20,7 +20,7 @@ import type {
 } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
 import { errorFromResponse } from './errors.js';
-import { iterateSubscription } from './subscription-iterator.js';
+import { iterateSubscription } from '../shared/subscription-iterator.js';
 
 /** What `files` needs to reach the raw byte routes. */
 export interface RawHttp {

@@ -1,7 +1,7 @@
 import type { TRPCClient } from '@trpc/client';
 import type { PtyEvent } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
-import { iterateSubscription } from './subscription-iterator.js';
+import { iterateSubscription } from '../shared/subscription-iterator.js';
 
 /** A terminal session in a sandbox. It keeps running when no one is attached, until killed. */
 export class PtyHandle {

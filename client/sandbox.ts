@@ -3,7 +3,7 @@ import type { ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo, Sandbo
 import type { AppRouter } from '../server/routers/index.js';
 import { SandboxFiles, type RawHttp } from './files.js';
 import { PtyHandle } from './pty.js';
-import { iterateSubscription } from './subscription-iterator.js';
+import { iterateSubscription } from '../shared/subscription-iterator.js';
 
 export interface ExecOptions {
   args?: string[];

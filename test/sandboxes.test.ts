@@ -285,3 +285,41 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     expect(readdirSync(server.dirs.instancesDir)).not.toContain(sb.id);
   });
 });
+
+describe.skipIf(!support.ok)('shell sessions without a terminal (session-exec)', () => {
+  it('keeps cwd and variables between exec calls, feeds input, streams NDJSON, and closes', async () => {
+    const server = await startTestServer();
+    try {
+      const reg = await server.client().trpc.auth.register.mutate({ name: 'Shell User', email: uniqueEmail('shell') });
+      const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'shell-box' });
+      const call = async (body: Record<string, unknown>) => {
+        const res = await server.http(`/api/sandboxes/${sb.id}/session-exec`, { method: 'POST', apiKey: reg.apiKey, json: body });
+        return { status: res.status, body: (await res.json()) as { data: { success: boolean; sessionId: string; output: string; error: string; exitCode: number } } };
+      };
+      const { body: created } = await call({ action: 'create' });
+      const sessionId = created.data.sessionId;
+      expect(sessionId).toMatch(/^shell-/);
+      await call({ action: 'exec', sessionId, command: 'mkdir -p /tmp/work && cd /tmp/work && export FOO=bar' });
+      const { body: again } = await call({ action: 'exec', sessionId, command: 'pwd; echo $FOO; echo oops >&2; false' });
+      expect(again.data).toMatchObject({ success: false, sessionId, output: '/tmp/work\nbar\n', error: 'oops\n', exitCode: 1 });
+      expect((await call({ action: 'resize', sessionId, cols: 100, rows: 40 })).status).toBe(200);
+      expect((await call({ action: 'exec', sessionId })).status).toBe(400);
+
+      const stream = await server.http(`/api/sandboxes/${sb.id}/session-exec-stream`, { method: 'POST', apiKey: reg.apiKey, json: { sessionId, command: 'echo $FOO; sleep 0.1; echo two' } });
+      expect(stream.headers.get('content-type')).toContain('application/x-ndjson');
+      const lines = (await stream.text()).trim().split('\n').map((l) => JSON.parse(l) as { type: string; data?: string; exitCode?: number });
+      expect(lines.filter((l) => l.type === 'stdout').map((l) => l.data).join('')).toBe('bar\ntwo\n');
+      expect(lines.at(-1)).toEqual({ type: 'exit', exitCode: 0 });
+
+      expect((await call({ action: 'close', sessionId })).status).toBe(200);
+      expect((await call({ action: 'exec', sessionId, command: 'true' })).status).toBe(404);
+
+      // A command that exits the shell ends the session with its status.
+      const other = (await call({ action: 'create' })).body.data.sessionId;
+      expect((await call({ action: 'exec', sessionId: other, command: 'echo bye; exit 3' })).body.data).toMatchObject({ output: 'bye\n', exitCode: 3 });
+      expect((await call({ action: 'exec', sessionId: other, command: 'true' })).status).toBe(409);
+    } finally {
+      await server.close();
+    }
+  });
+});

@@ -21,6 +21,34 @@ const errorDescriptions: Record<string, string> = {
 
 /** Routes served outside the tRPC router, documented by hand. */
 const extraPaths: Json = {
+  '/sandboxes/{id}/session-exec-stream': {
+    post: {
+      operationId: 'sessionExecStream',
+      summary: 'Run a command in a shell session, streamed as NDJSON',
+      tags: ['Execution'],
+      security: [{ ApiKeyAuth: [] }],
+      parameters: [{ name: 'id', in: 'path', required: true, schema: { type: 'string' } }],
+      requestBody: {
+        required: true,
+        content: {
+          'application/json': {
+            schema: {
+              type: 'object',
+              required: ['sessionId', 'command'],
+              properties: { sessionId: { type: 'string' }, command: { type: 'string' }, timeout: { type: 'integer', minimum: 1, maximum: 300, default: 30 } },
+            },
+          },
+        },
+      },
+      responses: {
+        '200': {
+          description: 'One JSON object per line: {"type":"stdout"|"stderr","data"} chunks, then {"type":"exit","exitCode"}',
+          content: { 'application/x-ndjson': { schema: { type: 'string' } } },
+        },
+        '404': { description: 'Sandbox or session not found', content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorResponse' } } } },
+      },
+    },
+  },
   '/metrics': {
     get: {
       operationId: 'metrics',

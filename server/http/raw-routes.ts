@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { z } from 'zod';
 import { errorCodeTable } from '../../shared/errors.js';
-import { ExecInput, PidInput, type ExecChunk } from '../../shared/index.js';
+import { ExecInput, PidInput, SessionExecStreamInput, type ExecChunk } from '../../shared/index.js';
 import { DomainError, InvalidInputError } from '../errors.js';
 import busboy from 'busboy';
 import { basename } from 'node:path';
@@ -90,6 +90,33 @@ function multipartFile(req: IncomingMessage, limit: number): Promise<Readable> {
 }
 
 const routes: RawRoute[] = [
+  {
+    method: 'POST',
+    pattern: /^\/sandboxes\/([^/]+)\/session-exec-stream$/,
+    template: '/api/sandboxes/{id}/session-exec-stream',
+    // One JSON object per line: {"type":"stdout"|"stderr","data":…} as output comes, then {"type":"exit","exitCode":n}.
+    async handle(req, res, [id], services, record, limit) {
+      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
+      record.orgId = principal.orgId;
+      const input = await parseBody(req, SessionExecStreamInput, { id }, limit);
+      const abort = new AbortController();
+      res.once('close', () => abort.abort());
+      const chunks = services.exec.sessionExecStream(principal, input.id, input.sessionId, input.command, input.timeout, abort.signal);
+      const first = await chunks.next(); // errors before the first chunk are answered as JSON
+      res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-cache' });
+      const write = async (line: unknown) => {
+        if (res.destroyed) return;
+        if (!res.write(`${JSON.stringify(line)}\n`)) await new Promise((r) => res.once('drain', r));
+      };
+      try {
+        if (!first.done) await write(first.value);
+        for await (const c of chunks) await write(c);
+      } catch (err) {
+        await write({ type: 'error', error: err instanceof Error ? err.message : String(err) });
+      }
+      res.end();
+    },
+  },
   {
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/files\/upload$/,

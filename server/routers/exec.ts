@@ -10,6 +10,8 @@ import {
   PidInput,
   RunCommandInput,
   SandboxIdInput,
+  SessionExecInput,
+  SessionExecResult,
   WaitInput,
   WriteStdinInput,
 } from '../../shared/index.js';
@@ -40,6 +42,23 @@ export const execRouter = router({
   stream: authedProcedure.input(ExecInput.extend({ lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
     for await (const e of ctx.services.exec.stream(ctx.principal, input, input.lastEventId ?? null, signal)) yield tracked(e.id, e.chunk);
   }),
+});
+
+export const shellRouter = router({
+  sessionExec: authedProcedure
+    .meta({
+      openapi: {
+        method: 'POST',
+        path: '/sandboxes/{id}/session-exec',
+        tags,
+        summary: 'Shell sessions without a terminal: create, exec, input, resize, close',
+        description: 'A long-lived shell whose working directory and variables persist between exec calls. A command that reads stdin gets what `input` writes.',
+      },
+      message: 'Session command done',
+    })
+    .input(SessionExecInput)
+    .output(SessionExecResult)
+    .mutation(({ ctx, input }) => ctx.services.exec.sessionExec(ctx.principal, input)),
 });
 
 export const commandsRouter = router({

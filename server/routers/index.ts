@@ -1,6 +1,6 @@
 import { router } from '../trpc/init.js';
 import { authRouter, orgRouter } from './org.js';
-import { commandsRouter, execRouter } from './exec.js';
+import { commandsRouter, execRouter, shellRouter } from './exec.js';
 import { filesRouter } from './files.js';
 import { imagesRouter } from './images.js';
 import { ptyRouter } from './pty.js';
@@ -14,6 +14,7 @@ export const appRouter = router({
   sandbox: sandboxRouter,
   exec: execRouter,
   commands: commandsRouter,
+  shell: shellRouter,
   images: imagesRouter,
   files: filesRouter,
   pty: ptyRouter,

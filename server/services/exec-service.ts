@@ -1,6 +1,8 @@
 import type { Logger } from 'pino';
 import { resumableSubscription } from '../agent-client/resumable-subscription.js';
-import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput } from '../../shared/index.js';
+import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput, SessionExecInput, SessionExecResult } from '../../shared/index.js';
+import { iterateSubscription as iterateAgentSubscription } from '../../shared/subscription-iterator.js';
+import { InvalidInputError } from '../errors.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import { AgentUnavailableError, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
 import type { SandboxRecord } from '../store/types.js';
@@ -102,6 +104,53 @@ export class ExecService {
         yield { id: `${pid}:${e.id}`, chunk };
         if (chunk.type === 'exit') return;
       }
+    } catch (err) {
+      throw await this.#agentFailure(record, err);
+    }
+  }
+
+  /**
+   * Shell sessions without a terminal (the original VoidRun's session-exec): `create` starts a
+   * shell whose working directory and variables persist; `exec` runs one command in it; `input`
+   * writes to its stdin; `resize` is accepted and does nothing (there is no terminal); `close` ends it.
+   */
+  async sessionExec(principal: Principal, input: SessionExecInput): Promise<SessionExecResult> {
+    const need = (field: 'sessionId' | 'command' | 'input') => {
+      const v = input[field];
+      if (v === undefined) throw new InvalidInputError(`Invalid ${field}: required for action ${input.action}`);
+      return v;
+    };
+    return this.#withAgent(principal, input.id, async (agent) => {
+      const done = (sessionId: string, output = '', error = '', exitCode = 0) => ({ success: exitCode === 0, sessionId, output, error, exitCode });
+      switch (input.action) {
+        case 'create':
+          return done((await agent.shell.create.mutate({ shell: input.shell })).sessionId);
+        case 'exec': {
+          const r = await agent.shell.exec.mutate(
+            { sessionId: need('sessionId'), command: need('command'), timeoutMs: input.timeout * 1000 },
+            { context: { timeoutMs: input.timeout * 1000 + 15_000 } },
+          );
+          return done(input.sessionId!, r.output, r.error, r.exitCode);
+        }
+        case 'input':
+          await agent.shell.input.mutate({ sessionId: need('sessionId'), input: need('input') });
+          return done(input.sessionId!);
+        case 'resize':
+          need('sessionId');
+          return done(input.sessionId!);
+        case 'close':
+          await agent.shell.close.mutate({ sessionId: need('sessionId') });
+          return done(input.sessionId!);
+      }
+    });
+  }
+
+  /** One command in a shell session, as it runs: output chunks, then the exit code. */
+  async *sessionExecStream(principal: Principal, id: string, sessionId: string, command: string, timeoutSec: number, signal?: AbortSignal) {
+    const record = await this.deps.sandboxes.running(principal, id);
+    const agent = this.deps.sandboxes.agents.get(record.id);
+    try {
+      yield* iterateAgentSubscription((h) => agent.shell.execStream.subscribe({ sessionId, command, timeoutMs: timeoutSec * 1000 }, { ...h, signal }));
     } catch (err) {
       throw await this.#agentFailure(record, err);
     }

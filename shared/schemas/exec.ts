@@ -82,3 +82,30 @@ export const CommandWaitResult = z
   .object({ success: z.boolean(), exitCode: z.number().int().nullable(), error: z.string().nullable() })
   .meta({ id: 'CommandWaitResponse' });
 export const WriteStdinInput = PidInput.extend({ data: z.string(), eof: z.boolean().default(false) });
+
+export const SessionExecInput = z
+  .object({
+    id: Id,
+    action: z.enum(['create', 'exec', 'input', 'resize', 'close'], { error: 'must be create, exec, input, resize or close' }),
+    sessionId: z.string().optional(),
+    shell: z.string().optional().meta({ description: 'For create: the shell program (default /bin/bash)' }),
+    command: z.string().optional().meta({ description: 'For exec' }),
+    input: z.string().optional().meta({ description: 'For input: raw text written to the shell' }),
+    cols: z.number().int().min(1).max(500).optional(),
+    rows: z.number().int().min(1).max(200).optional(),
+    timeout: z.number().int().min(1).max(300).default(30).meta({ description: 'For exec: seconds' }),
+  })
+  .meta({ id: 'SessionExecRequest' });
+export type SessionExecInput = z.infer<typeof SessionExecInput>;
+
+export const SessionExecResult = z
+  .object({ success: z.boolean(), sessionId: z.string(), output: z.string(), error: z.string(), exitCode: z.number().int() })
+  .meta({ id: 'SessionExecResponse' });
+export type SessionExecResult = z.infer<typeof SessionExecResult>;
+
+export const SessionExecStreamInput = z.object({
+  id: Id,
+  sessionId: z.string().min(1),
+  command: z.string().min(1),
+  timeout: z.number().int().min(1).max(300).default(30),
+});

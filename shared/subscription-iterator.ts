@@ -1,4 +1,4 @@
-import { AsyncQueue } from '../shared/async-queue.js';
+import { AsyncQueue } from './async-queue.js';
 
 interface Handlers<T> {
   onData(value: T): void;

@@ -1,0 +1,144 @@
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { StringDecoder } from 'node:string_decoder';
+import { AgentError } from '../../errors.js';
+
+export interface ShellChunk {
+  stream: 'stdout' | 'stderr';
+  data: string;
+}
+
+/**
+ * A long-lived shell without a terminal: commands run one after another in the same process, so
+ * the working directory and variables persist between them. Each command's end is found by a
+ * marker line carrying a random token and the exit status, printed after it.
+ */
+export class ShellSession {
+  readonly id = `shell-${randomUUID()}`;
+  readonly #proc: ChildProcessWithoutNullStreams;
+  #busy: Promise<unknown> = Promise.resolve();
+  #exited = false;
+  #exitCode = 0;
+  #listener: ((c: ShellChunk) => void) | null = null;
+  #onExit: (() => void) | null = null;
+
+  constructor(shell: string, env: NodeJS.ProcessEnv, cwd: string) {
+    this.#proc = spawn(shell, [], { env, cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    this.#proc.stdin.on('error', () => {});
+    this.#proc.once('exit', (code, signal) => {
+      this.#exited = true;
+      this.#exitCode = code ?? (signal ? 128 : 1);
+      this.#onExit?.();
+    });
+    for (const stream of ['stdout', 'stderr'] as const) {
+      const decoder = new StringDecoder('utf8');
+      this.#proc[stream].on('data', (chunk: Buffer) => this.#listener?.({ stream, data: decoder.write(chunk) }));
+    }
+  }
+
+  get alive(): boolean {
+    return !this.#exited;
+  }
+
+  /** Writes raw input to the shell's stdin (for a command that reads it). */
+  input(data: string): void {
+    if (!this.alive) throw new AgentError('CONFLICT', `Shell session ${this.id} has exited`);
+    this.#proc.stdin.write(data);
+  }
+
+  /**
+   * Runs one command; `onChunk` gets its output as it comes. Resolves with the exit status.
+   * Commands in one session run in order.
+   */
+  exec(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): Promise<number> {
+    const run = this.#busy.then(() => this.#run(command, timeoutMs, onChunk));
+    this.#busy = run.catch(() => {});
+    return run;
+  }
+
+  #run(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): Promise<number> {
+    if (!this.alive) return Promise.reject(new AgentError('CONFLICT', `Shell session ${this.id} has exited`));
+    const token = randomBytes(8).toString('hex');
+    // Both streams get a marker: stdout's carries the status; the run ends when both are seen,
+    // so no stderr output of the command arrives after its answer.
+    const markers = { stdout: new RegExp(`\\n?__VOIDRUN_DONE_${token}_(\\d+)\\n`), stderr: new RegExp(`\\n?__VOIDRUN_DONE_${token}_\\n`) };
+    return new Promise((resolve, reject) => {
+      const pending = { stdout: '', stderr: '' };
+      const seen = { stdout: false, stderr: false };
+      let status = 0;
+      const finish = () => {
+        clearTimeout(timer);
+        this.#listener = null;
+        this.#onExit = null;
+        resolve(status);
+      };
+      // A command that ends the shell itself (`exit 3`) ends the run with the shell's status.
+      this.#onExit = () => {
+        for (const stream of ['stdout', 'stderr'] as const) if (pending[stream]) onChunk({ stream, data: pending[stream] });
+        status = this.#exitCode;
+        finish();
+      };
+      const timer = setTimeout(() => {
+        this.#listener = null;
+        this.#onExit = null;
+        reject(new AgentError('BAD_REQUEST', `The command did not finish within ${timeoutMs / 1000} s; the session's shell was interrupted`));
+        this.#proc.kill('SIGINT');
+      }, timeoutMs);
+      this.#listener = (c) => {
+        if (seen[c.stream]) return;
+        pending[c.stream] += c.data;
+        const m = markers[c.stream].exec(pending[c.stream]);
+        if (m) {
+          if (m.index > 0) onChunk({ stream: c.stream, data: pending[c.stream].slice(0, m.index) });
+          pending[c.stream] = '';
+          seen[c.stream] = true;
+          if (c.stream === 'stdout') status = Number(m[1]);
+          if (seen.stdout && seen.stderr) finish();
+          return;
+        }
+        // Hold back only what could be the start of the marker.
+        const text = pending[c.stream];
+        if (text.length > 64) {
+          onChunk({ stream: c.stream, data: text.slice(0, text.length - 64) });
+          pending[c.stream] = text.slice(text.length - 64);
+        }
+      };
+      this.#proc.stdin.write(`${command}\nprintf '\\n__VOIDRUN_DONE_${token}_%d\\n' "$?"; printf '\\n__VOIDRUN_DONE_${token}_\\n' >&2\n`);
+    });
+  }
+
+  close(): void {
+    if (this.alive) this.#proc.kill('SIGKILL');
+  }
+}
+
+export class ShellSessions {
+  readonly #sessions = new Map<string, ShellSession>();
+
+  constructor(private readonly env: NodeJS.ProcessEnv, private readonly home: string) {}
+
+  create(shell?: string): ShellSession {
+    const program = shell ?? (existsSync('/bin/bash') ? '/bin/bash' : '/bin/sh');
+    if (!existsSync(program)) throw new AgentError('BAD_REQUEST', `No shell at ${program}`);
+    const s = new ShellSession(program, this.env, this.home);
+    this.#sessions.set(s.id, s);
+    return s;
+  }
+
+  get(id: string): ShellSession {
+    const s = this.#sessions.get(id);
+    if (!s) throw new AgentError('NOT_FOUND', `Shell session ${id} not found (create one with action "create")`);
+    return s;
+  }
+
+  close(id: string): void {
+    this.get(id).close();
+    this.#sessions.delete(id);
+  }
+
+  closeAll(): void {
+    for (const s of this.#sessions.values()) s.close();
+    this.#sessions.clear();
+  }
+}
