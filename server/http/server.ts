@@ -10,6 +10,7 @@ import type { AppRouter } from '../routers/index.js';
 import type { Services } from '../services/index.js';
 import type { PtyEvent } from '../../shared/index.js';
 import { apiKeyFromHeaders, apiKeyFromUpgrade, type Context, type RequestRecord } from '../trpc/context.js';
+import { serveConsole } from './console-page.js';
 import { serveDocs } from './docs-page.js';
 import { sendError, sendJson } from './envelope.js';
 import type { HttpMetrics } from './metrics.js';
@@ -88,7 +89,9 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       res.end(yaml ? opts.openApi.yaml : opts.openApi.json);
       return path;
     }
-    if (path === '/api/docs' || path.startsWith('/api/docs/')) {
+    if (path === '/' || path === '/console' || path.startsWith('/console/')) {
+      if (await serveConsole(res, path)) return '/console';
+    } else if (path === '/api/docs' || path.startsWith('/api/docs/')) {
       if (await serveDocs(res, path.slice('/api/docs'.length))) return '/api/docs';
     } else if (path.startsWith('/api/')) {
       const apiPath = req.url!.slice('/api'.length);
