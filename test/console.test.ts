@@ -36,15 +36,16 @@ describe.skipIf(!canRun)('the browser console (headless Chromium)', () => {
       await page.goto(`${server.url}/console`);
       await page.fill('#apiKey', reg.apiKey);
       await page.click('#connect');
-      await page.waitForFunction(() => document.getElementById('status')?.textContent?.includes('sandbox'));
+      // Page-side expressions as strings: this file is type-checked without the DOM library.
+      await page.waitForFunction("document.getElementById('status')?.textContent?.includes('sandbox')");
       await page.fill('#newName', 'console-box');
       await page.click('#create');
-      await page.waitForFunction(() => document.getElementById('status')?.textContent?.startsWith('connected'), undefined, { timeout: 60_000 });
+      await page.waitForFunction("document.getElementById('status')?.textContent?.startsWith('connected')", undefined, { timeout: 60_000 });
       await page.click('#terminal');
       await page.keyboard.type('echo hello');
       await page.keyboard.press('Enter');
       // The command line echoes "echo hello"; the output is a line that is just "hello".
-      await page.waitForFunction(() => [...document.querySelectorAll('.xterm-rows > div')].some((row) => row.textContent?.trim() === 'hello'), undefined, { timeout: 20_000 });
+      await page.waitForFunction("[...document.querySelectorAll('.xterm-rows > div')].some((row) => row.textContent?.trim() === 'hello')", undefined, { timeout: 20_000 });
       // VOIDRUN_SCREENSHOT_DIR keeps the screenshot for a person to look at.
       const file = join(process.env.VOIDRUN_SCREENSHOT_DIR ?? shots, 'console.png');
       await page.screenshot({ path: file });
