@@ -104,6 +104,14 @@ export const agentRouter = t.router({
       ctx.ptys.kill(input.sessionId);
       return { killed: true };
     }),
+    pause: t.procedure.input(z.object({ sessionId: z.string() })).mutation(({ ctx, input }) => {
+      ctx.ptys.pause(input.sessionId);
+      return { paused: true };
+    }),
+    resume: t.procedure.input(z.object({ sessionId: z.string() })).mutation(({ ctx, input }) => {
+      ctx.ptys.resume(input.sessionId);
+      return { paused: false };
+    }),
     buffer: t.procedure.input(z.object({ sessionId: z.string() })).query(({ ctx, input }) => ({ output: ctx.ptys.buffer(input.sessionId) })),
     /** The session's scrollback after `lastEventId` (all of it when absent), then live output until it exits. */
     output: t.procedure.input(z.object({ sessionId: z.string(), lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {

@@ -186,8 +186,13 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       });
       void (async () => {
         const send = async (e: { event: PtyEvent }) => {
-          // A client that doesn't keep up holds the stream back (the agent's scrollback bounds the rest).
-          while (ws.readyState === ws.OPEN && ws.bufferedAmount > 1024 * 1024) await new Promise((r) => setTimeout(r, 10));
+          // Flow control: past 1 MiB unsent to this client, the pty is paused (the shell blocks on
+          // its writes) until the socket drains below 256 KiB.
+          if (ws.bufferedAmount > 1024 * 1024) {
+            await services.pty.setPaused(principal, sandboxId, sid, true).catch(() => {});
+            while (ws.readyState === ws.OPEN && ws.bufferedAmount > 256 * 1024) await new Promise((r) => setTimeout(r, 10));
+            await services.pty.setPaused(principal, sandboxId, sid, false).catch(() => {});
+          }
           if (e.event.type === 'data') ws.send(e.event.data);
           else if (e.event.type === 'exit') ws.close(1000, `exit ${e.event.exitCode}`);
         };

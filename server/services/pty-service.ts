@@ -45,6 +45,11 @@ export class PtyService {
     return { sessionId, sent: true };
   }
 
+  /** Flow control: a client that can't keep up holds the shell back instead of growing buffers. */
+  async setPaused(p: Principal, id: string, sessionId: string, paused: boolean): Promise<void> {
+    await this.#agent(p, id, (a) => (paused ? a.pty.pause.mutate({ sessionId }) : a.pty.resume.mutate({ sessionId })));
+  }
+
   buffer(p: Principal, id: string, sessionId: string): Promise<{ output: string }> {
     return this.#agent(p, id, (a) => a.pty.buffer.query({ sessionId }));
   }

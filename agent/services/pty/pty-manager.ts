@@ -114,6 +114,17 @@ export class PtyManager {
     return s.info();
   }
 
+  /** Stops reading the shell's output (the shell blocks once the pty buffer fills): flow control. */
+  pause(id: string): void {
+    const s = this.get(id);
+    if (s.alive) s.pty.pause();
+  }
+
+  resume(id: string): void {
+    const s = this.get(id);
+    if (s.alive) s.pty.resume();
+  }
+
   kill(id: string): void {
     const s = this.get(id);
     if (s.alive) s.pty.kill('SIGKILL');

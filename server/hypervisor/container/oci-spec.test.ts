@@ -70,7 +70,7 @@ describe('buildOciSpec', () => {
     const envVars = { FOO: 'bar', NODE_OPTIONS: '--require /evil.js', VOIDRUN_AGENT_FD: '7' };
     const p = buildOciSpec(withSpec({ envVars })).process;
     expect(p.args.slice(0, 2)).toEqual(['/usr/bin/tini', '-s']);
-    expect(p.args.slice(-2)).toEqual(['/opt/voidrun/node', '/opt/voidrun/agent.cjs']);
+    expect(p.args.slice(-3)).toEqual(['/opt/voidrun/node', '--max-semi-space-size=2', '/opt/voidrun/agent.cjs']);
     expect(p.env).toContain('VOIDRUN_AGENT_FD=3');
     expect(p.env).not.toContain('VOIDRUN_AGENT_FD=7');
     expect(p.env.filter((e) => e.startsWith('NODE_OPTIONS') || e.startsWith('FOO'))).toEqual([]);

@@ -86,7 +86,9 @@ export function buildOciSpec(o: OciSpecOptions) {
     process: {
       terminal: false,
       user: { uid: 0, gid: 0 },
-      args: ['/usr/bin/tini', '-s', '-g', '--', `${AGENT_DIR}/node`, `${AGENT_DIR}/agent.cjs`],
+      // A small young generation: the agent's garbage is many short strings (terminal and command
+      // output); the default lets the heap balloon under a flood before it collects.
+      args: ['/usr/bin/tini', '-s', '-g', '--', `${AGENT_DIR}/node`, '--max-semi-space-size=2', `${AGENT_DIR}/agent.cjs`],
       env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
       cwd: '/root',
       capabilities: {
