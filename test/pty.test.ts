@@ -95,11 +95,24 @@ describe.skipIf(!support.ok)('terminals', () => {
       buffer = ((await (await server.http(`/api/sandboxes/${box.id}/pty/sessions/${sessionId}/buffer`, { apiKey })).json()) as { data: { output: string } }).data.output;
     }
     expect(buffer).toContain('40 120');
-    const bad = await server.http(`/api/sandboxes/${box.id}/pty/sessions/${sessionId}/resize`, { method: 'POST', apiKey, json: { cols: 501, rows: 40 } });
-    expect(bad.status).toBe(400);
+    for (const size of [{ cols: 501, rows: 40 }, { cols: 0, rows: 40 }, { cols: 80, rows: 201 }]) {
+      const bad = await server.http(`/api/sandboxes/${box.id}/pty/sessions/${sessionId}/resize`, { method: 'POST', apiKey, json: size });
+      expect(bad.status, JSON.stringify(size)).toBe(400);
+    }
 
     expect((await server.http(`/api/sandboxes/${box.id}/pty/sessions/${sessionId}`, { method: 'DELETE', apiKey })).status).toBe(200);
     await expect(open(`${wsBase}/pty/sessions/${sessionId}?apiKey=${apiKey}`)).rejects.toThrow('HTTP 404');
+  });
+
+  it('interrupts a running command with Ctrl-C', async () => {
+    const ws = await open(`${wsBase}/pty?apiKey=${apiKey}`);
+    ws.send('sleep 100; echo after-$((40+2))\n');
+    await new Promise((r) => setTimeout(r, 300));
+    ws.send('\x03');
+    ws.send('echo interrupted-$((1+1))\n');
+    const text = await until(ws, /interrupted-2/, 5000);
+    expect(text).not.toContain('after-42');
+    ws.close();
   });
 
   it('reports a session whose shell exited as alive: false, and tells attached clients', async () => {

@@ -185,6 +185,15 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
         void services.pty.write(principal, sandboxId, sid, text).catch(() => {});
       });
       void (async () => {
+        // Small pty reads are coalesced into one frame per tick (a shell echoing keystrokes or
+        // printing line by line would otherwise send a message per read).
+        let frame = '';
+        let flushTimer: NodeJS.Timeout | null = null;
+        const flush = () => {
+          flushTimer = null;
+          if (frame && ws.readyState === ws.OPEN) ws.send(frame);
+          frame = '';
+        };
         const send = async (e: { event: PtyEvent }) => {
           // Flow control: past 1 MiB unsent to this client, the pty is paused (the shell blocks on
           // its writes) until the socket drains below 256 KiB.
@@ -193,8 +202,15 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
             while (ws.readyState === ws.OPEN && ws.bufferedAmount > 256 * 1024) await new Promise((r) => setTimeout(r, 10));
             await services.pty.setPaused(principal, sandboxId, sid, false).catch(() => {});
           }
-          if (e.event.type === 'data') ws.send(e.event.data);
-          else if (e.event.type === 'exit') ws.close(1000, `exit ${e.event.exitCode}`);
+          if (e.event.type === 'data') {
+            frame += e.event.data;
+            if (frame.length >= 64 * 1024) flush();
+            else flushTimer ??= setTimeout(flush, 2);
+          } else if (e.event.type === 'exit') {
+            if (flushTimer) clearTimeout(flushTimer);
+            flush();
+            ws.close(1000, `exit ${e.event.exitCode}`);
+          }
         };
         const head = await first;
         if (!head.done) await send(head.value);
