@@ -7,6 +7,8 @@ import { iterateSubscription } from '../shared/subscription-iterator.js';
 export class PtyHandle {
   readonly #exit: Promise<number>;
   #resolveExit!: (code: number) => void;
+  #rejectExit!: (err: unknown) => void;
+  #waiting = false;
   #listeners = new Set<(data: string) => void>();
   #attached: { unsubscribe(): void } | null = null;
 
@@ -15,7 +17,11 @@ export class PtyHandle {
     readonly sandboxId: string,
     readonly sessionId: string,
   ) {
-    this.#exit = new Promise((resolve) => (this.#resolveExit = resolve));
+    this.#exit = new Promise((resolve, reject) => {
+      this.#resolveExit = resolve;
+      this.#rejectExit = reject;
+    });
+    this.#exit.catch(() => {});
   }
 
   /** Sends keystrokes (raw terminal input: "ls\n", "\x03" for Ctrl-C, …). */
@@ -41,7 +47,7 @@ export class PtyHandle {
     this.#attach();
     return () => {
       this.#listeners.delete(listener);
-      if (this.#listeners.size === 0) {
+      if (this.#listeners.size === 0 && !this.#waiting) {
         this.#attached?.unsubscribe();
         this.#attached = null;
       }
@@ -50,6 +56,7 @@ export class PtyHandle {
 
   /** Resolves with the shell's exit code. */
   wait(): Promise<number> {
+    this.#waiting = true;
     this.#attach();
     return this.#exit;
   }
@@ -75,6 +82,11 @@ export class PtyHandle {
           if (e.data.type === 'data') for (const l of this.#listeners) l(e.data.data);
           if (e.data.type === 'exit') this.#resolveExit(e.data.exitCode);
         },
+        onError: (err) => {
+          this.#attached = null;
+          this.#rejectExit(err);
+        },
+        onComplete: () => (this.#attached = null),
       },
     );
   }

@@ -317,7 +317,28 @@ describe.skipIf(!support.ok)('shell sessions without a terminal (session-exec)',
       // A command that exits the shell ends the session with its status.
       const other = (await call({ action: 'create' })).body.data.sessionId;
       expect((await call({ action: 'exec', sessionId: other, command: 'echo bye; exit 3' })).body.data).toMatchObject({ output: 'bye\n', exitCode: 3 });
-      expect((await call({ action: 'exec', sessionId: other, command: 'true' })).status).toBe(409);
+      expect((await call({ action: 'exec', sessionId: other, command: 'true' })).status).toBe(404); // a finished shell leaves the list
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe.skipIf(!support.ok)('shell sessions: bad input', () => {
+  it('refuses a shell that is not an executable (regression: it crashed the agent) and interrupts a timed-out command', async () => {
+    const server = await startTestServer();
+    try {
+      const reg = await server.client().trpc.auth.register.mutate({ name: 'Shell Bad', email: uniqueEmail('shbad') });
+      const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'shell-bad' });
+      const call = (body: Record<string, unknown>) => server.http(`/api/sandboxes/${sb.id}/session-exec`, { method: 'POST', apiKey: reg.apiKey, json: body });
+      expect((await call({ action: 'create', shell: '/tmp' })).status).toBe(400);
+      await sb.exec('echo not a shell > /root/not-a-shell && chmod 644 /root/not-a-shell');
+      expect((await call({ action: 'create', shell: '/root/not-a-shell' })).status).toBe(400);
+      expect((await sb.exec('echo agent-alive')).stdout).toBe('agent-alive\n');
+      const sessionId = ((await (await call({ action: 'create' })).json()) as { data: { sessionId: string } }).data.sessionId;
+      expect((await call({ action: 'exec', sessionId, command: 'sleep 100', timeout: 1 })).status).toBe(400);
+      const after = (await (await call({ action: 'exec', sessionId, command: 'echo next' })).json()) as { data: { output: string } };
+      expect(after.data.output).toBe('next\n');
     } finally {
       await server.close();
     }

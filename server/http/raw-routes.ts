@@ -106,13 +106,28 @@ const routes: RawRoute[] = [
       res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-cache' });
       const write = async (line: unknown) => {
         if (res.destroyed) return;
-        if (!res.write(`${JSON.stringify(line)}\n`)) await new Promise((r) => res.once('drain', r));
+        if (!res.write(`${JSON.stringify(line)}\n`)) {
+          await new Promise<void>((resolve) => {
+            const done = () => {
+              res.off('drain', done);
+              res.off('close', done);
+              resolve();
+            };
+            res.once('drain', done);
+            res.once('close', done);
+          });
+        }
       };
       try {
         if (!first.done) await write(first.value);
-        for await (const c of chunks) await write(c);
+        for await (const c of chunks) {
+          if (res.destroyed) break;
+          await write(c);
+        }
       } catch (err) {
         await write({ type: 'error', error: err instanceof Error ? err.message : String(err) });
+      } finally {
+        await chunks.return(undefined);
       }
       res.end();
     },

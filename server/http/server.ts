@@ -157,32 +157,55 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    */
   async function upgradePty(req: IncomingMessage, socket: Duplex, head: Buffer, sandboxId: string, sessionId: string | null): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://localhost');
+    // A client that leaves before the upgrade completes must not leave a session or stream behind.
+    const abort = new AbortController();
+    let upgraded = false;
+    socket.once('close', () => {
+      if (!upgraded) abort.abort();
+    });
     const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
     const ephemeral = sessionId === null;
     const size = (name: string, fallback: number, max: number) => Math.min(max, Math.max(1, Number(url.searchParams.get(name)) || fallback));
     const sid = sessionId ?? (await services.pty.create(principal, sandboxId, size('cols', 80, 500), size('rows', 24, 200))).sessionId;
-    const abort = new AbortController();
+    const cleanup = () => {
+      abort.abort();
+      if (ephemeral) void services.pty.kill(principal, sandboxId, sid).catch(() => {});
+    };
+    if (abort.signal.aborted) return cleanup();
+    abort.signal.addEventListener('abort', () => {
+      if (!upgraded && ephemeral) void services.pty.kill(principal, sandboxId, sid).catch(() => {});
+    });
     const output = services.pty.attach(principal, sandboxId, sid, null, abort.signal);
     const first = output.next(); // 404 for an unknown session, before the upgrade
     first.catch(() => {});
-    await Promise.race([first, new Promise((r) => setTimeout(r, 200))]);
+    try {
+      await Promise.race([first, new Promise((r) => setTimeout(r, 200))]);
+    } catch (err) {
+      cleanup();
+      throw err;
+    }
+    if (abort.signal.aborted) return;
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
     rawWss.handleUpgrade(req, socket, head, (ws) => {
+      upgraded = true;
       ws.on('error', () => {});
-      ws.on('close', () => {
-        abort.abort();
-        if (ephemeral) void services.pty.kill(principal, sandboxId, sid).catch(() => {});
-      });
+      ws.on('close', cleanup);
+      // Keystrokes and resizes go to the agent one after another, in the order they came.
+      let inputChain: Promise<unknown> = Promise.resolve();
       ws.on('message', (data, isBinary) => {
         const text = isBinary ? Buffer.from(data as Buffer).toString('utf8') : data.toString();
+        let resize: { cols: number; rows: number } | null = null;
         if (!isBinary && text.startsWith('{"type":"resize"')) {
           try {
-            const { cols, rows } = JSON.parse(text) as { cols: number; rows: number };
-            void services.pty.resize(principal, sandboxId, sid, cols, rows).catch(() => {});
-            return;
+            resize = JSON.parse(text) as { cols: number; rows: number };
           } catch {}
         }
-        void services.pty.write(principal, sandboxId, sid, text).catch(() => {});
+        inputChain = inputChain
+          .then(async (): Promise<void> => {
+            if (resize) await services.pty.resize(principal, sandboxId, sid, resize.cols, resize.rows);
+            else await services.pty.write(principal, sandboxId, sid, text);
+          })
+          .catch(() => {});
       });
       void (async () => {
         // Small pty reads are coalesced into one frame per tick (a shell echoing keystrokes or

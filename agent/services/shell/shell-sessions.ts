@@ -1,6 +1,6 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { accessSync, constants, existsSync, statSync } from 'node:fs';
 import { StringDecoder } from 'node:string_decoder';
 import { AgentError } from '../../errors.js';
 
@@ -24,8 +24,18 @@ export class ShellSession {
   #onExit: (() => void) | null = null;
 
   constructor(shell: string, env: NodeJS.ProcessEnv, cwd: string) {
-    this.#proc = spawn(shell, [], { env, cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    // Its own process group, so a timeout's SIGINT reaches the command the shell is running.
+    this.#proc = spawn(shell, [], { env, cwd, stdio: ['pipe', 'pipe', 'pipe'], detached: true });
     this.#proc.stdin.on('error', () => {});
+    // A handler (not "ignore", which children would inherit): SIGINT interrupts the running
+    // command while the shell itself carries on.
+    this.#proc.stdin.write("trap ':' INT\n");
+    // A shell that cannot start (not executable, …) must not take the agent down with it.
+    this.#proc.on('error', () => {
+      this.#exited = true;
+      this.#exitCode = 127;
+      this.#onExit?.();
+    });
     this.#proc.once('exit', (code, signal) => {
       this.#exited = true;
       this.#exitCode = code ?? (signal ? 128 : 1);
@@ -41,6 +51,25 @@ export class ShellSession {
     return !this.#exited;
   }
 
+  #endListeners: Array<() => void> = [];
+  #idleTimer: NodeJS.Timeout | undefined;
+
+  /** Called once when the shell is gone (exited, killed, or closed for being idle an hour). */
+  onEnd(listener: () => void): void {
+    this.#endListeners.push(listener);
+    this.#proc.once('close', () => {
+      clearTimeout(this.#idleTimer);
+      for (const l of this.#endListeners.splice(0)) l();
+    });
+    this.#touch();
+  }
+
+  #touch(): void {
+    clearTimeout(this.#idleTimer);
+    this.#idleTimer = setTimeout(() => this.close(), 60 * 60 * 1000);
+    this.#idleTimer.unref();
+  }
+
   /** Writes raw input to the shell's stdin (for a command that reads it). */
   input(data: string): void {
     if (!this.alive) throw new AgentError('CONFLICT', `Shell session ${this.id} has exited`);
@@ -52,18 +81,34 @@ export class ShellSession {
    * Commands in one session run in order.
    */
   exec(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): Promise<number> {
-    const run = this.#busy.then(() => this.#run(command, timeoutMs, onChunk));
-    this.#busy = run.catch(() => {});
+    this.#touch();
+    let settled!: Promise<unknown>;
+    const run = this.#busy.then(() => {
+      const r = this.#run(command, timeoutMs, onChunk);
+      settled = r.settled;
+      return r.answer;
+    });
+    // The next command waits until this one's end markers went by, even after a timeout answered.
+    this.#busy = run.then(
+      () => undefined,
+      () => settled,
+    );
     return run;
   }
 
-  #run(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): Promise<number> {
-    if (!this.alive) return Promise.reject(new AgentError('CONFLICT', `Shell session ${this.id} has exited`));
+  #run(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): { answer: Promise<number>; settled: Promise<void> } {
+    if (!this.alive) {
+      const failed = Promise.reject(new AgentError('CONFLICT', `Shell session ${this.id} has exited`));
+      return { answer: failed, settled: Promise.resolve() };
+    }
+    let markSettled!: () => void;
+    const settled = new Promise<void>((r) => (markSettled = r));
     const token = randomBytes(8).toString('hex');
     // Both streams get a marker: stdout's carries the status; the run ends when both are seen,
     // so no stderr output of the command arrives after its answer.
     const markers = { stdout: new RegExp(`\\n?__VOIDRUN_DONE_${token}_(\\d+)\\n`), stderr: new RegExp(`\\n?__VOIDRUN_DONE_${token}_\\n`) };
-    return new Promise((resolve, reject) => {
+    const answer = new Promise<number>((resolve, reject) => {
+      let answered = false;
       const pending = { stdout: '', stderr: '' };
       const seen = { stdout: false, stderr: false };
       let status = 0;
@@ -71,7 +116,8 @@ export class ShellSession {
         clearTimeout(timer);
         this.#listener = null;
         this.#onExit = null;
-        resolve(status);
+        markSettled();
+        if (!answered) resolve(status);
       };
       // A command that ends the shell itself (`exit 3`) ends the run with the shell's status.
       this.#onExit = () => {
@@ -80,10 +126,16 @@ export class ShellSession {
         finish();
       };
       const timer = setTimeout(() => {
-        this.#listener = null;
-        this.#onExit = null;
-        reject(new AgentError('BAD_REQUEST', `The command did not finish within ${timeoutMs / 1000} s; the session's shell was interrupted`));
-        this.#proc.kill('SIGINT');
+        // Answer now; keep listening (output dropped) until the end markers pass, so they can't
+        // leak into the next command's output.
+        answered = true;
+        onChunk = () => {};
+        reject(new AgentError('BAD_REQUEST', `The command did not finish within ${timeoutMs / 1000} s; it was interrupted`));
+        try {
+          process.kill(-this.#proc.pid!, 'SIGINT');
+        } catch {
+          this.#proc.kill('SIGINT');
+        }
       }, timeoutMs);
       this.#listener = (c) => {
         if (seen[c.stream]) return;
@@ -106,10 +158,16 @@ export class ShellSession {
       };
       this.#proc.stdin.write(`${command}\nprintf '\\n__VOIDRUN_DONE_${token}_%d\\n' "$?"; printf '\\n__VOIDRUN_DONE_${token}_\\n' >&2\n`);
     });
+    return { answer, settled };
   }
 
   close(): void {
-    if (this.alive) this.#proc.kill('SIGKILL');
+    if (!this.alive) return;
+    try {
+      process.kill(-this.#proc.pid!, 'SIGKILL');
+    } catch {
+      this.#proc.kill('SIGKILL');
+    }
   }
 }
 
@@ -120,9 +178,16 @@ export class ShellSessions {
 
   create(shell?: string): ShellSession {
     const program = shell ?? (existsSync('/bin/bash') ? '/bin/bash' : '/bin/sh');
-    if (!existsSync(program)) throw new AgentError('BAD_REQUEST', `No shell at ${program}`);
+    try {
+      accessSync(program, constants.X_OK);
+      if (!statSync(program).isFile()) throw new Error('not a file');
+    } catch {
+      throw new AgentError('BAD_REQUEST', `No executable shell at ${program}`);
+    }
     const s = new ShellSession(program, this.env, this.home);
     this.#sessions.set(s.id, s);
+    // Finished shells leave the list; sessions nobody used for an hour are closed.
+    s.onEnd(() => this.#sessions.delete(s.id));
     return s;
   }
 
