@@ -1,7 +1,7 @@
-import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import type { ServerResponse } from 'node:http';
+import { sendAsset } from './static-asset.js';
 
 const require = createRequire(import.meta.url);
 const xtermDir = dirname(require.resolve('@xterm/xterm/package.json'));
@@ -121,8 +121,6 @@ export async function serveConsole(res: ServerResponse, path: string): Promise<b
   }
   const asset = path.startsWith('/console/assets/') ? assets[path.slice('/console/assets/'.length)] : undefined;
   if (!asset) return false;
-  const body = await readFile(asset.file);
-  res.writeHead(200, { 'content-type': asset.type, 'content-length': body.length, 'cache-control': 'public, max-age=86400' });
-  res.end(body);
+  await sendAsset(res, asset.file, asset.type);
   return true;
 }

@@ -1,7 +1,7 @@
-import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import type { ServerResponse } from 'node:http';
+import { sendAsset } from './static-asset.js';
 
 const require = createRequire(import.meta.url);
 const swaggerDir = dirname(require.resolve('swagger-ui-dist/package.json'));
@@ -41,8 +41,6 @@ export async function serveDocs(res: ServerResponse, subpath: string): Promise<b
   const name = subpath.startsWith('/assets/') ? subpath.slice('/assets/'.length) : '';
   const type = assets[name];
   if (!type) return false;
-  const body = await readFile(join(swaggerDir, name));
-  res.writeHead(200, { 'content-type': type, 'content-length': body.length, 'cache-control': 'public, max-age=86400' });
-  res.end(body);
+  await sendAsset(res, join(swaggerDir, name), type);
   return true;
 }

@@ -12,6 +12,8 @@ import type { TrackedChunk } from '../services/exec-service.js';
 import { apiKeyFromHeaders, type RequestRecord } from '../trpc/context.js';
 import { describeIssues, fieldIssues } from '../trpc/errors.js';
 import { sendError, sendJson, successBody } from './envelope.js';
+import { writeOrWait } from './response-writer.js';
+import type { Principal } from '../services/auth-service.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
 
@@ -20,7 +22,7 @@ interface RawRoute {
   pattern: RegExp;
   /** The route template, for metrics and the log. */
   template: string;
-  handle(req: IncomingMessage, res: ServerResponse, params: string[], services: Services, record: RequestRecord, maxJsonBodyBytes: number): Promise<void>;
+  handle(req: IncomingMessage, res: ServerResponse, params: string[], services: Services, principal: Principal, maxJsonBodyBytes: number): Promise<void>;
 }
 
 function toSse(e: TrackedChunk): SseEvent {
@@ -95,29 +97,14 @@ const routes: RawRoute[] = [
     pattern: /^\/sandboxes\/([^/]+)\/session-exec-stream$/,
     template: '/api/sandboxes/{id}/session-exec-stream',
     // One JSON object per line: {"type":"stdout"|"stderr","data":…} as output comes, then {"type":"exit","exitCode":n}.
-    async handle(req, res, [id], services, record, limit) {
-      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
-      record.orgId = principal.orgId;
+    async handle(req, res, [id], services, principal, limit) {
       const input = await parseBody(req, SessionExecStreamInput, { id }, limit);
       const abort = new AbortController();
       res.once('close', () => abort.abort());
       const chunks = services.exec.sessionExecStream(principal, input.id, input.sessionId, input.command, input.timeout, abort.signal);
       const first = await chunks.next(); // errors before the first chunk are answered as JSON
       res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-cache' });
-      const write = async (line: unknown) => {
-        if (res.destroyed) return;
-        if (!res.write(`${JSON.stringify(line)}\n`)) {
-          await new Promise<void>((resolve) => {
-            const done = () => {
-              res.off('drain', done);
-              res.off('close', done);
-              resolve();
-            };
-            res.once('drain', done);
-            res.once('close', done);
-          });
-        }
-      };
+      const write = (line: unknown) => writeOrWait(res, `${JSON.stringify(line)}\n`);
       try {
         if (!first.done) await write(first.value);
         for await (const c of chunks) {
@@ -136,9 +123,7 @@ const routes: RawRoute[] = [
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/files\/upload$/,
     template: '/api/sandboxes/{id}/files/upload',
-    async handle(req, res, [id], services, record) {
-      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
-      record.orgId = principal.orgId;
+    async handle(req, res, [id], services, principal) {
       const path = queryPath(req);
       const type = (req.headers['content-type'] ?? '').toLowerCase();
       const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
@@ -152,9 +137,7 @@ const routes: RawRoute[] = [
     method: 'GET',
     pattern: /^\/sandboxes\/([^/]+)\/files\/download$/,
     template: '/api/sandboxes/{id}/files/download',
-    async handle(req, res, [id], services, record) {
-      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
-      record.orgId = principal.orgId;
+    async handle(req, res, [id], services, principal) {
       const download = await services.files.download(principal, id!, queryPath(req));
       res.writeHead(200, {
         'content-type': 'application/octet-stream',
@@ -168,9 +151,7 @@ const routes: RawRoute[] = [
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/exec-stream$/,
     template: '/api/sandboxes/{id}/exec-stream',
-    async handle(req, res, [id], services, record, limit) {
-      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
-      record.orgId = principal.orgId;
+    async handle(req, res, [id], services, principal, limit) {
       const input = await parseBody(req, ExecInput, { id }, limit);
       // EventSource clients resume with Last-Event-ID: re-attach to the same process after that event.
       const resume = req.headers['last-event-id'];
@@ -181,9 +162,7 @@ const routes: RawRoute[] = [
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/commands\/attach$/,
     template: '/api/sandboxes/{id}/commands/attach',
-    async handle(req, res, [id], services, record, limit) {
-      const principal = await services.auth.authenticate(apiKeyFromHeaders(req.headers));
-      record.orgId = principal.orgId;
+    async handle(req, res, [id], services, principal, limit) {
       const input = await parseBody(req, PidInput, { id }, limit);
       const resume = req.headers['last-event-id'];
       const after = typeof resume === 'string' ? (resume.split(':')[1] ?? null) : null;
@@ -204,7 +183,10 @@ export function createRawRoutes(opts: { services: Services; maxJsonBodyBytes: nu
       const m = route.pattern.exec(path);
       if (!m || req.method !== route.method) continue;
       try {
-        await route.handle(req, res, m.slice(1).map(decodeURIComponent), opts.services, record, opts.maxJsonBodyBytes);
+        // Every raw route needs a key: authenticated here, once.
+        const principal = await opts.services.auth.authenticate(apiKeyFromHeaders(req.headers));
+        record.orgId = principal.orgId;
+        await route.handle(req, res, m.slice(1).map(decodeURIComponent), opts.services, principal, opts.maxJsonBodyBytes);
       } catch (err) {
         if (res.headersSent) {
           res.destroy();

@@ -1,4 +1,5 @@
 import type { ServerResponse } from 'node:http';
+import { writeOrWait } from './response-writer.js';
 
 export interface SseEvent {
   id?: string;
@@ -27,18 +28,7 @@ export async function writeSse(res: ServerResponse, first: SseEvent | null, rest
     'x-accel-buffering': 'no',
   });
   const write = async (e: SseEvent) => {
-    if (res.destroyed || signal.aborted) return;
-    if (!res.write(format(e))) {
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          res.off('drain', done);
-          res.off('close', done);
-          resolve();
-        };
-        res.once('drain', done);
-        res.once('close', done);
-      });
-    }
+    if (!signal.aborted) await writeOrWait(res, format(e));
   };
   if (first) await write(first);
   while (!signal.aborted) {
