@@ -117,6 +117,20 @@ describe.skipIf(!support.ok)('sandbox limits and control', () => {
     await sb.delete();
   });
 
+  it('answers file transfers with 502, not 500, when the agent is killed (regression)', async () => {
+    const sb = await vr.sandboxes.create({ name: 'fragile-files' });
+    await sb.files.write('/root/f.txt', 'x');
+    const tini = readFileSync(join(server.dirs.instancesDir, sb.id, 'init.pid'), 'utf8').trim();
+    process.kill(Number(readFileSync(`/proc/${tini}/task/${tini}/children`, 'utf8').trim().split(' ')[0]), 'SIGKILL');
+    const res = await server.http(`/api/sandboxes/${sb.id}/files/download?path=/root/f.txt`, { apiKey });
+    expect(res.status).toBe(502);
+    const body = (await res.json()) as { error: string };
+    expect(body.error).toMatch(/agent is not responding/);
+    expect(body.error).not.toContain(server.dirs.instancesDir);
+    expect(['stopped', 'error']).toContain((await sb.refresh()).status);
+    await sb.delete();
+  });
+
   it('answers 502 with a clear message when the agent is killed, and the status shows it', async () => {
     const sb = await vr.sandboxes.create({ name: 'fragile' });
     await sb.exec('true'); // the server now holds a connection to the agent
