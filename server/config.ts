@@ -26,6 +26,8 @@ const EnvSchema = z.object({
     .optional()
     .or(z.literal('').transform(() => undefined)),
   MONGO_DB: nonEmpty.default('vr-db'),
+  // How long a request waits for an unreachable MongoDB before it answers 503.
+  MONGO_TIMEOUT_MS: int(100, 600_000).default(5000),
   DATA_DIR: nonEmpty.default('./data'),
   BASE_IMAGES_DIR: nonEmpty.default('/var/lib/hyper-fleet/base-images'),
   INSTANCES_DIR: nonEmpty.default('/var/lib/hyper-fleet/instances'),
@@ -67,6 +69,9 @@ const EnvSchema = z.object({
 });
 
 export type Config = z.infer<typeof EnvSchema>;
+
+/** The names of every variable the server reads (the deployment files are checked against it). */
+export const configVariables: readonly string[] = Object.keys(EnvSchema.shape);
 
 /** Startup stops with this: one line naming the variable and what it expected. */
 export class ConfigError extends Error {

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../server/store/ids.js';
+import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
 const mongoUri = process.env.MONGO_URI;
@@ -38,4 +39,26 @@ describe.skipIf(!mongoUri)('the server on MongoDB (MONGO_URI)', () => {
     expect((await client.trpc.org.listApiKeys.query({ orgId })).map((k) => k.name)).toEqual(['Default Key']);
     expect((await server.http(`/api/orgs/${orgId}/apikeys/not-an-object-id`, { method: 'DELETE', apiKey })).status).toBe(404);
   });
+
+  it.skipIf(!support.ok)('runs a sandbox end to end: create, exec, files in and out, delete', async () => {
+    const reg = await server.http('/api/register', { method: 'POST', json: { name: 'Mongo Sandboxes', email: uniqueEmail('mongo-sbx') } });
+    const { apiKey } = ((await reg.json()) as { data: { apiKey: string } }).data;
+    const vr = server.client(apiKey);
+
+    const box = await vr.sandboxes.create({ name: 'on-mongo', envVars: { GREETING: 'from mongo' } });
+    expect(box.id).toMatch(/^[0-9a-f]{24}$/);
+    expect((await box.exec('echo "$GREETING"')).stdout).toBe('from mongo\n');
+
+    await box.files.upload('/root/in.txt', Buffer.from('bytes through the API'));
+    const chunks: Buffer[] = [];
+    for await (const chunk of await box.files.download('/root/in.txt')) chunks.push(chunk as Buffer);
+    expect(Buffer.concat(chunks).toString()).toBe('bytes through the API');
+
+    // The REST face reads the same record from the same database.
+    const listed = await server.http('/api/sandboxes', { apiKey });
+    expect(((await listed.json()) as { data: { id: string; status: string }[] }).data).toMatchObject([{ id: box.id, status: 'running' }]);
+
+    await box.delete();
+    expect((await server.http(`/api/sandboxes/${box.id}`, { apiKey })).status).toBe(404);
+  }, 180_000);
 });

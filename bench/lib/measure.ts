@@ -31,9 +31,9 @@ export async function time(fn: () => Promise<unknown>, n: number, warmup = Math.
  * Runs the timed functions interleaved in rounds, so drift on a noisy machine hits them alike.
  * Returns each one's samples.
  */
-export async function interleaved(fns: Record<string, () => Promise<unknown>>, rounds: number, perRound: number): Promise<Record<string, number[]>> {
+export async function interleaved(fns: Record<string, () => Promise<unknown>>, rounds: number, perRound: number, warmup = 200): Promise<Record<string, number[]>> {
   const out: Record<string, number[]> = Object.fromEntries(Object.keys(fns).map((k) => [k, []]));
-  for (const fn of Object.values(fns)) await time(fn, 0, 200);
+  for (const fn of Object.values(fns)) await time(fn, 0, warmup);
   for (let r = 0; r < rounds; r++) {
     for (const [name, fn] of Object.entries(fns)) out[name]!.push(...(await time(fn, perRound, 0)));
   }

@@ -6,7 +6,7 @@ import type { Store } from './types.js';
 export type * from './types.js';
 
 /** The embedded SQLite store unless `MONGO_URI` is set. */
-export async function openStore(config: Pick<Config, 'MONGO_URI' | 'MONGO_DB' | 'DATA_DIR'>): Promise<Store> {
-  if (config.MONGO_URI) return openMongoStore({ uri: config.MONGO_URI, dbName: config.MONGO_DB });
+export async function openStore(config: Pick<Config, 'MONGO_URI' | 'MONGO_DB' | 'MONGO_TIMEOUT_MS' | 'DATA_DIR'>): Promise<Store> {
+  if (config.MONGO_URI) return openMongoStore({ uri: config.MONGO_URI, dbName: config.MONGO_DB, serverSelectionTimeoutMS: config.MONGO_TIMEOUT_MS });
   return openSqliteStore(config.DATA_DIR);
 }

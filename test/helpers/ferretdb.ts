@@ -1,0 +1,46 @@
+import { execFile } from 'node:child_process';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+
+const run = promisify(execFile);
+const script = join(import.meta.dirname, '..', '..', 'scripts', 'ferretdb.sh');
+
+async function freeLoopbackPort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
+  const { port } = srv.address() as { port: number };
+  await new Promise((resolve) => srv.close(resolve));
+  return port;
+}
+
+/**
+ * A private FerretDB (scripts/ferretdb.sh) on a free loopback port, for tests and benchmarks that
+ * need to own the server, e.g. to stop it under a running VoidRun. Data lives in `dataDir`, so a
+ * stop/start keeps it.
+ */
+export class PrivateFerretDb {
+  private constructor(
+    readonly dataDir: string,
+    readonly port: number,
+  ) {}
+
+  /** Builds (or reuses the cached build) and starts it; rejects with the script's message. */
+  static async start(dataDir: string): Promise<PrivateFerretDb> {
+    const db = new PrivateFerretDb(dataDir, await freeLoopbackPort());
+    await db.start();
+    return db;
+  }
+
+  get uri(): string {
+    return `mongodb://127.0.0.1:${this.port}/`;
+  }
+
+  async start(): Promise<void> {
+    await run('bash', [script, 'start', this.dataDir, String(this.port)], { timeout: 300_000 });
+  }
+
+  async stop(): Promise<void> {
+    await run('bash', [script, 'stop', this.dataDir], { timeout: 30_000 });
+  }
+}
