@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Installs what the sandbox drivers need on this host: runc (container sandboxes) and debootstrap
-# (builds the debian image). Needs root and apt; otherwise it names what is missing in one line.
+# Installs what the sandbox drivers need on this host, with apt, only what is missing:
+#   runc, debootstrap          container sandboxes and the debian image
+#   qemu-system-x86, qemu-utils the qemu driver and the VM guest image (qcow2)
+#   iptables, iproute2         setup-net: bridge, TAP devices, NAT for microVMs
+# Needs root and apt; otherwise it names what is missing in one line.
 set -euo pipefail
 
-packages=(runc debootstrap)
+# command → the Debian package that provides it
+declare -A provides=(
+  [runc]=runc
+  [debootstrap]=debootstrap
+  [qemu-system-x86_64]=qemu-system-x86
+  [qemu-img]=qemu-utils
+  [iptables]=iptables
+  [ip]=iproute2
+)
 missing=()
-for p in "${packages[@]}"; do
-  command -v "$p" >/dev/null 2>&1 || missing+=("$p")
+for cmd in "${!provides[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup: runc and debootstrap are installed"
+  echo "setup: runc, debootstrap, qemu, qemu-img, iptables and ip are installed"
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
