@@ -1,40 +1,58 @@
 /**
  * The agent: runs inside each sandbox (PID 2, under tini), serves the agent router over HTTP +
  * WebSocket on the transport the driver gives it: an already-listening socket inherited as file
- * descriptor VOIDRUN_AGENT_FD (container driver), or a unix socket path in VOIDRUN_AGENT_SOCKET.
+ * descriptor VOIDRUN_AGENT_FD (container driver), a unix socket path in VOIDRUN_AGENT_SOCKET, or —
+ * inside a microVM, where VOIDRUN_GUEST_CONFIG names the config disk — a TCP port guarded by the
+ * sandbox's token.
  */
+import { execFile } from 'node:child_process';
 import { existsSync, unlinkSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import { WebSocketServer } from 'ws';
+import { GUEST_AGENT_PORT } from '../shared/guest-protocol.js';
+import { configureGuest, listenWithToken, readGuestConfig } from './guest-system.js';
 import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
 import { ProcessManager } from './services/process/process-manager.js';
 import { PtyManager } from './services/pty/pty-manager.js';
 import { ShellSessions } from './services/shell/shell-sessions.js';
 
-const listenFd = process.env.VOIDRUN_AGENT_FD ? Number(process.env.VOIDRUN_AGENT_FD) : null;
-const socketPath = process.env.VOIDRUN_AGENT_SOCKET;
-if (listenFd === null && !socketPath) {
-  console.error('agent: neither VOIDRUN_AGENT_FD nor VOIDRUN_AGENT_SOCKET is set');
+const guest = process.env.VOIDRUN_GUEST_CONFIG ? readGuestConfig(process.env.VOIDRUN_GUEST_CONFIG) : null;
+const busybox = process.env.VOIDRUN_BUSYBOX ?? 'busybox';
+// The agent's own settings: from its environment, or in a guest from the config disk.
+const settings: Record<string, string | undefined> = { ...process.env, ...guest?.agentSettings };
+const listenFd = settings.VOIDRUN_AGENT_FD ? Number(settings.VOIDRUN_AGENT_FD) : null;
+const socketPath = settings.VOIDRUN_AGENT_SOCKET;
+if (!guest && listenFd === null && !socketPath) {
+  console.error('agent: none of VOIDRUN_AGENT_FD, VOIDRUN_AGENT_SOCKET, VOIDRUN_GUEST_CONFIG is set');
   process.exit(2);
 }
+// Before the first connection is accepted: commands must see the hostname and network.
+const guestReady = guest ? configureGuest(guest, busybox) : Promise.resolve();
 
 // What sandbox commands inherit: the agent's plain environment (PATH, HOME, …) without its own
 // settings, plus the sandbox's envVars, which the driver passes encoded so they never configure
 // the agent's Node.
 const baseEnv: NodeJS.ProcessEnv = {};
 for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_')) baseEnv[k] = v;
-if (process.env.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(process.env.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
-baseEnv.VOIDRUN_SANDBOX_ID = process.env.VOIDRUN_SANDBOX_ID;
+if (guest) Object.assign(baseEnv, guest.env);
+else if (settings.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(settings.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
+baseEnv.VOIDRUN_SANDBOX_ID = settings.VOIDRUN_SANDBOX_ID;
 const home = process.env.HOME ?? '/';
-const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(process.env.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000),
+const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(settings.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000),
   shells: new ShellSessions(baseEnv, home), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
   // The driver polls this to know the agent serves (the socket accepts connections before that).
   if (req.url === '/ready') {
     res.writeHead(200, { 'content-type': 'text/plain' }).end('ok');
+    return;
+  }
+  // A VM's clean stop: the guest has no ACPI daemon, so the driver asks the agent to power off.
+  if (guest && req.url === '/poweroff' && req.method === 'POST') {
+    res.writeHead(202).end();
+    execFile(busybox, ['sync'], () => execFile(busybox, ['poweroff', '-f'], () => {}));
     return;
   }
   void handleFileTransfer(req, res).then((handled) => {
@@ -44,7 +62,11 @@ const server = createServer((req, res) => {
 const wss = new WebSocketServer({ server, maxPayload: 64 * 1024 * 1024 });
 applyWSSHandler({ wss, router: agentRouter, createContext: () => ctx });
 
-if (listenFd !== null) {
+if (guest) {
+  void guestReady.then(() =>
+    listenWithToken(server, GUEST_AGENT_PORT, guest.token).once('listening', () => console.log(`agent: listening on port ${GUEST_AGENT_PORT} (guest ${guest.hostname})`)),
+  );
+} else if (listenFd !== null) {
   server.listen({ fd: listenFd }, () => console.log(`agent: listening on inherited fd ${listenFd} (pid ${process.pid})`));
 } else {
   if (existsSync(socketPath!)) unlinkSync(socketPath!);

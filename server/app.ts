@@ -15,6 +15,7 @@ import { ensureAgentBundle } from './agent-client/agent-bundle.js';
 import { AgentClients } from './agent-client/agent-clients.js';
 import { RootfsImages } from './hypervisor/images/rootfs-images.js';
 import { selectDriver } from './hypervisor/select-driver.js';
+import { VmImages } from './hypervisor/vm/vm-images.js';
 import { ExecService } from './services/exec-service.js';
 import { FileService } from './services/file-service.js';
 import { PtyService } from './services/pty-service.js';
@@ -51,7 +52,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const idMap = { hostId: config.SANDBOX_UID_BASE, size: 65536 };
   const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log });
   const images = new ImageService({ images: store.images, rootfs, defaultImage: config.SANDBOX_DEFAULT_IMAGE, log });
-  const { driver, reason } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, log });
+  const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
+  const { driver, reason, accelerator } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, log });
   if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
   else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
   const agents = driver ? new AgentClients(driver) : null;
@@ -78,7 +80,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
     watch,
     pty: new PtyService({ sandboxes }),
-    buildInfo: readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }),
+    buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason } },
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
   await images.seedSystemImages(systemUser.id);

@@ -43,6 +43,8 @@ const EnvSchema = z.object({
   SANDBOX_DEFAULT_DISK_MB: int(64, 16_777_216).default(5120),
   SANDBOX_DEFAULT_IMAGE: nonEmpty.default('debian'),
   SANDBOX_DRIVER: oneOf(['auto', 'container', 'qemu', 'cloud-hypervisor']).default('auto'),
+  QEMU_BINARY: nonEmpty.default('qemu-system-x86_64'),
+  CLOUD_HYPERVISOR_BINARY: nonEmpty.default('/usr/local/bin/cloud-hypervisor'),
   HEALTH_ENABLED: bool.default(true),
   HEALTH_INTERVAL_SEC: int(1, 86_400).default(60),
   HEALTH_CONCURRENCY: int(1, 1024).default(16),

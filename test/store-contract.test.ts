@@ -126,6 +126,37 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
       expect(await store.images.findById(own.id)).toEqual(own);
       expect(await store.images.delete(own.id)).toBe(true);
     });
+
+    it('leases each guest address to one sandbox at a time and frees a sandbox\'s leases on release', async () => {
+      // A random 10.x.y.z so runs against a shared database never collide with earlier runs.
+      const ip = `10.${[0, 0, 0].map(() => Math.floor(Math.random() * 254) + 1).join('.')}`;
+      const a = newId();
+      const b = newId();
+      expect(await store.ipLeases.claim(ip, a)).toBe(true);
+      expect(await store.ipLeases.claim(ip, b)).toBe(false);
+      expect(await store.ipLeases.claim(ip, a)).toBe(false);
+      expect(await store.ipLeases.findBySandbox(a)).toMatchObject({ ip, sandboxId: a });
+      expect((await store.ipLeases.findBySandbox(a))?.createdAt).toBeInstanceOf(Date);
+      expect(await store.ipLeases.findBySandbox(b)).toBeNull();
+      expect((await store.ipLeases.list()).filter((l) => l.ip === ip)).toEqual([expect.objectContaining({ ip, sandboxId: a })]);
+
+      expect(await store.ipLeases.releaseBySandbox(a)).toBe(1);
+      expect(await store.ipLeases.releaseBySandbox(a)).toBe(0);
+      expect(await store.ipLeases.findBySandbox(a)).toBeNull();
+      expect(await store.ipLeases.claim(ip, b)).toBe(true);
+      expect((await store.ipLeases.findBySandbox(b))?.ip).toBe(ip);
+      await store.ipLeases.releaseBySandbox(b);
+    });
+
+    it('gives exactly one of many concurrent claims of one address', async () => {
+      const ip = `10.${[0, 0, 0].map(() => Math.floor(Math.random() * 254) + 1).join('.')}`;
+      const sandboxes = Array.from({ length: 8 }, () => newId());
+      const won = await Promise.all(sandboxes.map((id) => store.ipLeases.claim(ip, id)));
+      expect(won.filter(Boolean)).toHaveLength(1);
+      const winner = sandboxes[won.indexOf(true)]!;
+      expect((await store.ipLeases.list()).filter((l) => l.ip === ip).map((l) => l.sandboxId)).toEqual([winner]);
+      await store.ipLeases.releaseBySandbox(winner);
+    });
   });
 }
 

@@ -5,8 +5,10 @@ export interface SandboxSpec {
   id: string;
   /** DNS-1123 name; the sandbox's hostname. */
   name: string;
-  /** The image's root filesystem (read-only lower layer). */
+  /** The image's root filesystem (read-only lower layer of a container). */
   rootfs: string;
+  /** The image's recipe name (e.g. "debian"): which VM image a microVM boots. */
+  image: string;
   cpu: number;
   memMb: number;
   diskMb: number;

@@ -87,7 +87,7 @@ export class SandboxService {
     const boot = this.#locks.run(record.id, async () => {
       try {
         const rootfs = await this.deps.images.rootfsFor(image);
-        await driver.create(this.#spec(record, rootfs));
+        await driver.create(this.#spec(record, rootfs, image.base));
         return await this.#setStatus(record, 'running');
       } catch (err) {
         this.deps.log.error({ sandbox: record.id, err: (err as Error).message }, 'sandbox create failed');
@@ -159,7 +159,7 @@ export class SandboxService {
       const image = await this.deps.images.resolve(principal, record.imageId).catch(() => null);
       if (!image) throw new ConflictError(`Sandbox ${record.name} cannot start: its image no longer exists`);
       await this.agents.drop(id);
-      await this.driver.start(this.#spec(record, await this.deps.images.rootfsFor(image)));
+      await this.driver.start(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
       return action(await this.#setStatus(record, 'running'));
     });
   }
@@ -247,7 +247,7 @@ export class SandboxService {
     });
     return this.#locks.run(record.id, async () => {
       try {
-        await driver.restore(this.#spec(record, await this.deps.images.rootfsFor(image)), file);
+        await driver.restore(this.#spec(record, await this.deps.images.rootfsFor(image), image.base), file);
         if (input.cold) await driver.stop(record.id);
         return toSandbox(await this.#setStatus(record, input.cold ? 'stopped' : 'running'));
       } catch (err) {
@@ -287,8 +287,8 @@ export class SandboxService {
     return message.replace(/\/(tmp|var|run|srv|home|root)\/[^\s:'"]+/g, '<host path>');
   }
 
-  #spec(record: SandboxRecord, rootfs: string): SandboxSpec {
-    return { id: record.id, name: record.name, rootfs, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings: this.deps.agentSettings };
+  #spec(record: SandboxRecord, rootfs: string, image: string): SandboxSpec {
+    return { id: record.id, name: record.name, rootfs, image, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings: this.deps.agentSettings };
   }
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {

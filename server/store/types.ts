@@ -73,6 +73,13 @@ export interface ImageRecord {
   updatedAt: Date;
 }
 
+/** A guest address leased to one sandbox; the address is the key, so no two sandboxes share one. */
+export interface IpLeaseRecord {
+  ip: string;
+  sandboxId: string;
+  createdAt: Date;
+}
+
 /** What `create` takes: the record without what the store assigns. */
 export type NewRecord<T extends { id: string; createdAt: Date; updatedAt: Date }> = Omit<T, 'id' | 'createdAt' | 'updatedAt'> & {
   /** Supplied by callers that must know the id before the record exists (rarely). */
@@ -130,6 +137,21 @@ export interface ImageRepository {
   delete(id: string): Promise<boolean>;
 }
 
+/**
+ * Guest addresses in use. Claiming inserts a record keyed by the address, so concurrent claims of
+ * one address (from any number of server processes) have exactly one winner.
+ */
+export interface IpLeaseRepository {
+  /** Leases `ip` to `sandboxId`; false when the address is already leased (to anyone). */
+  claim(ip: string, sandboxId: string): Promise<boolean>;
+  /** The sandbox's lease, or null. A sandbox holds at most one lease when it goes through `IpPool`. */
+  findBySandbox(sandboxId: string): Promise<IpLeaseRecord | null>;
+  /** Frees every address leased to the sandbox; resolves to how many were freed. */
+  releaseBySandbox(sandboxId: string): Promise<number>;
+  /** Every lease, in no particular order. */
+  list(): Promise<IpLeaseRecord[]>;
+}
+
 export interface Store {
   readonly kind: 'sqlite' | 'mongo';
   readonly users: UserRepository;
@@ -137,5 +159,6 @@ export interface Store {
   readonly apiKeys: ApiKeyRepository;
   readonly sandboxes: SandboxRepository;
   readonly images: ImageRepository;
+  readonly ipLeases: IpLeaseRepository;
   close(): Promise<void>;
 }

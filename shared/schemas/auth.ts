@@ -24,6 +24,14 @@ export const VersionInfo = z
     version: z.string().meta({ example: '0.1.0' }),
     commit: z.string().meta({ example: '1a2b3c4' }),
     buildTime: z.string().meta({ example: '2026-11-28T12:00:00.000Z' }),
+    driver: z
+      .object({
+        name: z.enum(['container', 'qemu', 'cloud-hypervisor']).nullable().meta({ description: 'null when no driver can run here (sandbox requests answer 503)' }),
+        accelerator: z.enum(['kvm', 'tcg']).optional().meta({ description: 'qemu only: hardware virtualization or software emulation' }),
+        reason: z.string().meta({ example: 'auto: container (runc); qemu would run on TCG only' }),
+      })
+      .optional()
+      .meta({ description: 'The sandbox driver this server runs (not in the original VoidRun)' }),
   })
   .meta({ id: 'VersionInfo' });
 export type VersionInfo = z.infer<typeof VersionInfo>;

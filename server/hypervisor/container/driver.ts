@@ -1,3 +1,4 @@
+import { lastLogLines } from '../host-process.js';
 import { execFile } from 'node:child_process';
 import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
@@ -167,7 +168,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     const socket = await listeningSocket(p.socket);
     try {
       await this.#runc.runDetached(this.#cid(spec.id), p.dir, p.log, socket.fd).catch((err: Error) => {
-        throw new Error(`${err.message}: ${lastLines(p.log)}`);
+        throw new Error(`${err.message}: ${lastLogLines(p.log)}`);
       });
     } finally {
       socket.close(); // the agent has its own copy now
@@ -186,11 +187,11 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     while (Date.now() < deadline) {
       if (await agentAnswers(p.socket, Math.max(50, Math.min(1000, deadline - Date.now())))) return;
       const state = await this.#runc.state(this.#cid(id));
-      if (!state || state.status === 'stopped') throw new Error(`the sandbox stopped while starting: ${lastLines(p.log)}`);
+      if (!state || state.status === 'stopped') throw new Error(`the sandbox stopped while starting: ${lastLogLines(p.log)}`);
       await new Promise((r) => setTimeout(r, delay));
       delay = Math.min(delay * 2, 50);
     }
-    throw new Error(`the sandbox agent did not start within ${this.opts.agentReadyTimeoutMs} ms: ${lastLines(p.log)}`);
+    throw new Error(`the sandbox agent did not start within ${this.opts.agentReadyTimeoutMs} ms: ${lastLogLines(p.log)}`);
   }
 
   #dial(socketPath: string): Promise<Socket> {
@@ -283,19 +284,3 @@ function agentAnswers(socketPath: string, timeoutMs: number): Promise<boolean> {
   });
 }
 
-/** The last lines of a sandbox log, reading at most its last 4 KiB. */
-function lastLines(file: string): string {
-  try {
-    const fd = openSync(file, 'r');
-    try {
-      const size = fstatSync(fd).size;
-      const buf = Buffer.alloc(Math.min(4096, size));
-      readSync(fd, buf, 0, buf.length, size - buf.length);
-      return buf.toString('utf8').trim().split('\n').slice(-3).join(' | ') || '(no output)';
-    } finally {
-      closeSync(fd);
-    }
-  } catch {
-    return '(no log)';
-  }
-}

@@ -3,7 +3,7 @@ import { blockedSyscalls } from './seccomp-profile.js';
 import { buildOciSpec, defaultCapabilities, type OciSpecOptions } from './oci-spec.js';
 
 const base: OciSpecOptions = {
-  spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
+  spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', image: 'debian', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
   paths: { rootfs: '/inst/abc/rootfs', nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
   idMap: { hostId: 200000, size: 65536 },
   pidsLimit: 1024,

@@ -1,8 +1,9 @@
-import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
+import { processAlive } from '../host-process.js';
+import { runLogged } from './logged-command.js';
 import { DomainError, ErrorCode } from '../../errors.js';
 import type { IdMapping } from '../container/oci-spec.js';
 
@@ -75,12 +76,12 @@ export class RootfsImages {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
         const holder = Number(await readFile(lock, 'utf8').catch(() => '0'));
         // Our own pid in the lock is a leftover of an earlier run (e.g. PID 1 in a container).
-        if (!holder || holder === process.pid || !isAlive(holder)) {
+        if (!holder || holder === process.pid || !processAlive(holder)) {
           await rm(lock, { force: true });
           continue;
         }
         this.opts.log.info({ image: name, pid: holder }, `image ${name} is being built by process ${holder}; waiting`);
-        while (isAlive(holder) && existsSync(lock) && !this.isReady(name)) await new Promise((r) => setTimeout(r, 500));
+        while (processAlive(holder) && existsSync(lock) && !this.isReady(name)) await new Promise((r) => setTimeout(r, 500));
         if (this.isReady(name)) return this.rootfsPath(name);
       }
     }
@@ -106,6 +107,8 @@ export class RootfsImages {
         'debootstrap',
         [`--variant=${recipe.variant}`, `--include=${recipe.include.join(',')}`, recipe.suite, join(staging, 'rootfs'), this.opts.mirror],
         log.child({ image: name, step: 'debootstrap' }),
+        // The steps, not each of the ~100 packages.
+        (line) => /^I: (Retrieving (In)?Release|Checking component|Found additional|Installing core|Unpacking required|Configuring required|Configuring the base|Base system)/.test(line) || /^[EW]: /.test(line),
       );
       log.info({ image: name }, `image ${name}: shifting file ownership into the sandbox uid range`);
       await shiftOwnership(join(staging, 'rootfs'), this.opts.idMap.hostId);
@@ -122,45 +125,23 @@ export class RootfsImages {
   }
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Adds `base` to the owner and group of every file under `root` (not following symlinks). */
-export async function shiftOwnership(root: string, base: number): Promise<void> {
+export function shiftOwnership(root: string, base: number): Promise<void> {
+  return remapOwnership(root, (id) => (id < base ? id + base : id));
+}
+
+/** Gives every file under `root` the owner and group `mapId` returns (not following symlinks). */
+export async function remapOwnership(root: string, mapId: (id: number) => number): Promise<void> {
   const stack = [root];
   while (stack.length) {
     const path = stack.pop()!;
     const st = await lstat(path);
-    if (st.uid < base || st.gid < base) await lchown(path, st.uid < base ? st.uid + base : st.uid, st.gid < base ? st.gid + base : st.gid);
+    const uid = mapId(st.uid);
+    const gid = mapId(st.gid);
+    if (uid !== st.uid || gid !== st.gid) await lchown(path, uid, gid);
     // lchown clears setuid/setgid bits on some filesystems; restore the mode for non-links.
     if (!st.isSymbolicLink() && st.mode & 0o6000) await chmod(path, st.mode & 0o7777);
     if (st.isDirectory()) for (const entry of await readdir(path)) stack.push(join(path, entry));
   }
-}
-
-/** Runs a command, logging its output line by line; rejects with its last lines on failure. */
-function runLogged(cmd: string, args: string[], log: Logger): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const tail: string[] = [];
-    const onData = (chunk: Buffer) => {
-      for (const line of chunk.toString().split('\n')) {
-        if (!line.trim()) continue;
-        tail.push(line);
-        if (tail.length > 5) tail.shift();
-        // The steps, not each of the ~100 packages.
-        if (/^I: (Retrieving (In)?Release|Checking component|Found additional|Installing core|Unpacking required|Configuring required|Configuring the base|Base system)/.test(line) || /^[EW]: /.test(line)) log.info(line);
-      }
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.once('error', (err) => reject(err));
-    child.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`${cmd} exited with ${code}: ${tail.join(' | ')}`))));
-  });
 }

@@ -16,28 +16,7 @@ import { join } from 'node:path';
  * sandbox and lives only in the config disk (root-only on the host) and the guest.
  */
 
-export const GUEST_AGENT_PORT = 1024;
-
-/** The line a host sends first on every new connection to a guest agent. */
-export function agentPreamble(token: string): string {
-  return `VOIDRUN-AGENT ${token}\n`;
-}
-export const AGENT_PREAMBLE_OK = 'OK\n';
-
-/** Written to the config disk; read by the guest's init (shell, no JSON parser) and the agent. */
-export interface GuestConfig {
-  hostname: string;
-  token: string;
-  /** Environment for every command in the sandbox. */
-  env: Record<string, string>;
-  /** VOIDRUN_* settings for the agent itself. */
-  agentSettings: Record<string, string>;
-  /** Static address on eth0 (cloud-hypervisor, TAP on the bridge); absent with qemu user networking. */
-  network?: { address: string; prefixLength: number; gateway: string };
-}
-
-/** Size of the config disk: a whole number of sectors, more than any config needs. */
-export const CONFIG_DISK_BYTES = 1024 * 1024;
+export { AGENT_PREAMBLE_OK, agentPreamble, CONFIG_DISK_BYTES, GUEST_AGENT_PORT, type GuestConfig } from '../../../shared/guest-protocol.js';
 
 /** The host files of one VM image under BASE_IMAGES_DIR (the original VoidRun's `<image>-base.qcow2`). */
 export interface VmImagePaths {

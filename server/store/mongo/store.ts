@@ -6,6 +6,8 @@ import type {
   ApiKeyRepository,
   ImageRecord,
   ImageRepository,
+  IpLeaseRecord,
+  IpLeaseRepository,
   NewRecord,
   OrgRecord,
   OrgRepository,
@@ -218,6 +220,36 @@ class MongoImages implements ImageRepository {
   }
 }
 
+/** `_id` is the address itself, so the collection's built-in unique `_id` index decides every claim. */
+class MongoIpLeases implements IpLeaseRepository {
+  constructor(private readonly c: Collection<{ _id: string; sandboxId: string; createdAt: Date }>) {}
+  static #map(doc: { _id: string; sandboxId: string; createdAt: Date }): IpLeaseRecord {
+    return { ip: doc._id, sandboxId: doc.sandboxId, createdAt: doc.createdAt };
+  }
+  async claim(ip: string, sandboxId: string) {
+    try {
+      await op('', () => this.c.insertOne({ _id: ip, sandboxId, createdAt: new Date() }));
+      return true;
+    } catch (err) {
+      // `op` reports a duplicate key (11000) as a conflict; for a claim that just means "taken".
+      if (err instanceof ConflictError) return false;
+      throw err;
+    }
+  }
+  async findBySandbox(sandboxId: string) {
+    return op('', async () => {
+      const [doc] = await this.c.find({ sandboxId }).sort({ createdAt: 1, _id: 1 }).limit(1).toArray();
+      return doc ? MongoIpLeases.#map(doc) : null;
+    });
+  }
+  async releaseBySandbox(sandboxId: string) {
+    return op('', async () => (await this.c.deleteMany({ sandboxId })).deletedCount);
+  }
+  async list() {
+    return op('', async () => (await this.c.find({}).toArray()).map((d) => MongoIpLeases.#map(d)));
+  }
+}
+
 async function ensureIndexes(db: Db): Promise<void> {
   await Promise.all([
     db.collection('users').createIndex({ email: 1 }, { unique: true, name: 'users_email_unique' }),
@@ -226,6 +258,7 @@ async function ensureIndexes(db: Db): Promise<void> {
     db.collection('sandboxes').createIndex({ orgId: 1, createdAt: -1, _id: -1 }, { name: 'sandboxes_by_org' }),
     db.collection('sandboxes').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'sandboxes_name_per_org' }),
     db.collection('images').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'images_by_owner_name' }),
+    db.collection('ip_leases').createIndex({ sandboxId: 1 }, { name: 'ip_leases_by_sandbox' }),
   ]);
 }
 
@@ -253,6 +286,7 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
       apiKeys: new MongoApiKeys(db.collection('api_keys')),
       sandboxes: new MongoSandboxes(db.collection('sandboxes')),
       images: new MongoImages(db.collection('images')),
+      ipLeases: new MongoIpLeases(db.collection('ip_leases')),
       async close() {
         await client.close();
       },

@@ -64,4 +64,10 @@ CREATE TABLE IF NOT EXISTS images (
   updated_at TEXT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS images_by_owner_name ON images (COALESCE(org_id, ''), name);
+CREATE TABLE IF NOT EXISTS ip_leases (
+  ip TEXT PRIMARY KEY,
+  sandbox_id TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ip_leases_by_sandbox ON ip_leases (sandbox_id);
 `;

@@ -8,6 +8,8 @@ import type {
   ApiKeyRepository,
   ImageRecord,
   ImageRepository,
+  IpLeaseRecord,
+  IpLeaseRepository,
   NewRecord,
   OrgRecord,
   OrgRepository,
@@ -304,6 +306,37 @@ class SqliteImages implements ImageRepository {
   }
 }
 
+class SqliteIpLeases implements IpLeaseRepository {
+  readonly #claim;
+  readonly #bySandbox;
+  readonly #release;
+  readonly #all;
+  constructor(db: Db) {
+    // The address is the primary key: of two concurrent claims (even from two processes sharing the
+    // file) exactly one inserts a row.
+    this.#claim = db.prepare('INSERT INTO ip_leases (ip, sandbox_id, created_at) VALUES (?, ?, ?) ON CONFLICT (ip) DO NOTHING');
+    this.#bySandbox = db.prepare('SELECT * FROM ip_leases WHERE sandbox_id = ? ORDER BY created_at, ip LIMIT 1');
+    this.#release = db.prepare('DELETE FROM ip_leases WHERE sandbox_id = ?');
+    this.#all = db.prepare('SELECT * FROM ip_leases');
+  }
+  static #map(r: Row): IpLeaseRecord {
+    return { ip: String(r.ip), sandboxId: String(r.sandbox_id), createdAt: date(r.created_at) };
+  }
+  async claim(ip: string, sandboxId: string) {
+    return this.#claim.run(ip, sandboxId, iso(new Date())).changes === 1;
+  }
+  async findBySandbox(sandboxId: string) {
+    const r = this.#bySandbox.get(sandboxId) as Row | undefined;
+    return r ? SqliteIpLeases.#map(r) : null;
+  }
+  async releaseBySandbox(sandboxId: string) {
+    return this.#release.run(sandboxId).changes;
+  }
+  async list() {
+    return (this.#all.all() as Row[]).map((r) => SqliteIpLeases.#map(r));
+  }
+}
+
 /** Brings stores created by earlier versions to the current schema. */
 function migrate(db: Db): void {
   const imageColumns = (db.prepare('PRAGMA table_info(images)').all() as Array<{ name: string }>).map((c) => c.name);
@@ -326,6 +359,7 @@ export function openSqliteStore(dataDir: string): Store {
     apiKeys: new SqliteApiKeys(db),
     sandboxes: new SqliteSandboxes(db),
     images: new SqliteImages(db),
+    ipLeases: new SqliteIpLeases(db),
     async close() {
       db.close();
     },

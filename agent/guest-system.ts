@@ -1,0 +1,77 @@
+import { execFile } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { timingSafeEqual } from 'node:crypto';
+import { createServer, type Server as NetServer, type Socket } from 'node:net';
+import type { Server as HttpServer } from 'node:http';
+import { AGENT_PREAMBLE_OK, agentPreamble, type GuestConfig } from '../shared/guest-protocol.js';
+
+/*
+ * What the agent does only inside a microVM guest, where it is the first real program after
+ * init: read its config disk, name the machine, bring up the network, grow the root filesystem,
+ * and accept connections only from a host that knows the sandbox's token.
+ */
+
+/** The config disk holds JSON followed by zero padding. */
+export function readGuestConfig(device: string): GuestConfig {
+  const raw = readFileSync(device);
+  const end = raw.indexOf(0);
+  return JSON.parse(raw.subarray(0, end < 0 ? raw.length : end).toString('utf8')) as GuestConfig;
+}
+
+function run(busybox: string, args: string[]): Promise<void> {
+  return new Promise((resolve) =>
+    execFile(busybox, args, (err, _stdout, stderr) => {
+      if (err) console.error(`agent: ${args.join(' ')} failed: ${stderr.trim() || err.message}`);
+      resolve();
+    }),
+  );
+}
+
+export async function configureGuest(config: GuestConfig, busybox: string): Promise<void> {
+  writeFileSync('/proc/sys/kernel/hostname', config.hostname);
+  const { address, prefixLength, gateway } = config.network;
+  await run(busybox, ['ip', 'link', 'set', 'lo', 'up']);
+  await run(busybox, ['ip', 'addr', 'add', `${address}/${prefixLength}`, 'dev', 'eth0']);
+  await run(busybox, ['ip', 'link', 'set', 'eth0', 'up']);
+  await run(busybox, ['ip', 'route', 'add', 'default', 'via', gateway]);
+  // Online, in the background: commands can run meanwhile.
+  if (config.growRootFs) execFile('/sbin/resize2fs', ['/dev/vda'], () => {});
+}
+
+/**
+ * A TCP listener in front of the agent's HTTP server: a connection must first send
+ * `VOIDRUN-AGENT <token>\n`; then it is answered `OK\n` and handed to the HTTP server. Anything
+ * else is closed without a word.
+ */
+export function listenWithToken(http: HttpServer, port: number, token: string): NetServer {
+  const expected = Buffer.from(agentPreamble(token));
+  const server = createServer((socket: Socket) => {
+    let received = Buffer.alloc(0);
+    const timer = setTimeout(() => socket.destroy(), 10_000);
+    const onData = (chunk: Buffer) => {
+      received = Buffer.concat([received, chunk]);
+      const newline = received.indexOf(10);
+      if (newline < 0) {
+        if (received.length > expected.length) socket.destroy();
+        return;
+      }
+      socket.off('data', onData);
+      clearTimeout(timer);
+      const line = received.subarray(0, newline + 1);
+      if (line.length !== expected.length || !timingSafeEqual(line, expected)) {
+        socket.destroy();
+        return;
+      }
+      socket.pause();
+      const rest = received.subarray(newline + 1);
+      if (rest.length) socket.unshift(rest);
+      socket.write(AGENT_PREAMBLE_OK);
+      http.emit('connection', socket);
+      socket.resume();
+    };
+    socket.on('data', onData);
+    socket.on('error', () => {});
+  });
+  server.listen(port, '0.0.0.0');
+  return server;
+}

@@ -1,0 +1,345 @@
+import { execFile, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { closeSync, existsSync, openSync } from 'node:fs';
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { request as httpRequest } from 'node:http';
+import { connect as netConnect, createServer } from 'node:net';
+import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import type { AgentFiles } from '../../agent-client/agent-bundle.js';
+import type { GuestConfig } from '../../../shared/guest-protocol.js';
+import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
+import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
+import { agentHandshake, createOverlay, writeConfigDisk } from '../vm/instance-files.js';
+import type { VmImages } from '../vm/vm-images.js';
+import { processAlive, waitForExit } from '../host-process.js';
+import type { AcceleratorChoice } from './accelerator-probe.js';
+import { withQmp } from './qmp-client.js';
+
+export interface QemuDriverOptions {
+  binary: string;
+  instancesDir: string;
+  images: VmImages;
+  agent: AgentFiles;
+  agentReadyTimeoutMs: number;
+  /** KVM or TCG, decided once (see accelerator-probe.ts). */
+  accelerator: () => Promise<AcceleratorChoice>;
+  log: Logger;
+}
+
+/** What a running instance needs to be reached again, also after a server restart (root-only file). */
+interface InstanceState {
+  token: string;
+  /** Host loopback port QEMU forwards to the agent's port in the guest. */
+  port: number;
+  image: string;
+  agentDisk: string;
+  cpu: number;
+  memMb: number;
+}
+
+// QEMU's user-mode network: the guest's fixed address and the virtual gateway.
+const USER_NET = { address: '10.0.2.15', prefixLength: 24, gateway: '10.0.2.2' };
+
+function run(cmd: string, args: string[], timeoutMs = 120_000): Promise<string> {
+  return new Promise((resolve, reject) =>
+    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 4 * 1024 * 1024 }, (err, stdout, stderr) =>
+      err ? reject(new Error(`${cmd} ${args[0]} failed: ${(stderr || err.message).trim().split('\n').slice(-2).join(' | ')}`)) : resolve(stdout),
+    ),
+  );
+}
+
+async function freeLoopbackPort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((resolve, reject) => srv.once('error', reject).listen(0, '127.0.0.1', resolve));
+  const { port } = srv.address() as { port: number };
+  await new Promise((resolve) => srv.close(resolve));
+  return port;
+}
+
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Sandboxes as QEMU virtual machines: the debian VM image's kernel and initramfs, a qcow2 overlay
+ * over its base disk, the shared read-only agent disk and a per-sandbox config disk. KVM where it
+ * can run an ordinary guest, TCG (software emulation) otherwise. The agent is reached through
+ * QEMU's user-mode network (`restrict=on`: the guest has no other network) forwarding a host
+ * loopback port to the agent's port in the guest, behind the sandbox's token — no host kernel
+ * modules (vhost-vsock, tun) needed. Pause/resume are QMP `stop`/`cont`; a snapshot is QEMU's
+ * migration stream (memory and devices) plus the overlay, so a restored VM continues running.
+ *
+ * Instance layout: INSTANCES_DIR/<id>/{overlay.qcow2, config.img, qmp.sock, vm.log, qemu.log,
+ * vm.pid, instance.json}.
+ */
+export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDriver {
+  readonly name = 'qemu' as const;
+  readonly snapshotKind = 'memory+filesystem' as const;
+  readonly #states = new Map<string, InstanceState>();
+
+  constructor(private readonly opts: QemuDriverOptions) {}
+
+  async available(): Promise<DriverAvailability> {
+    try {
+      await run(this.opts.binary, ['--version'], 10_000);
+      await run('qemu-img', ['--version'], 10_000);
+    } catch {
+      return { ok: false, reason: `${this.opts.binary} or qemu-img is not installed (npm run setup installs qemu-system-x86 and qemu-utils)` };
+    }
+    return { ok: true };
+  }
+
+  #paths(id: string) {
+    const p = vmInstancePaths(this.opts.instancesDir, id);
+    return { ...p, state: join(p.dir, 'instance.json'), qemuLog: join(p.dir, 'qemu.log'), memory: join(p.dir, 'memory.bin') };
+  }
+
+  async #state(id: string): Promise<InstanceState> {
+    let state = this.#states.get(id);
+    if (!state) {
+      state = JSON.parse(await readFile(this.#paths(id).state, 'utf8')) as InstanceState;
+      this.#states.set(id, state);
+    }
+    return state;
+  }
+
+  async #saveState(id: string, state: InstanceState): Promise<void> {
+    await writeFile(this.#paths(id).state, JSON.stringify(state), { mode: 0o600 });
+    this.#states.set(id, state);
+  }
+
+  async #pid(id: string): Promise<number | null> {
+    const pid = Number((await readFile(this.#paths(id).pid, 'utf8').catch(() => '')).trim());
+    return pid > 0 && processAlive(pid) ? pid : null;
+  }
+
+  async create(spec: SandboxSpec): Promise<void> {
+    const p = this.#paths(spec.id);
+    await mkdir(this.opts.instancesDir, { recursive: true });
+    await mkdir(p.dir, { mode: 0o700 });
+    try {
+      const image = await this.opts.images.ensure(spec.image);
+      const agentDisk = await this.opts.images.ensureAgentDisk(this.opts.agent, spec.image);
+      await createOverlay(image.baseDisk, p.overlay, spec.diskMb);
+      const state: InstanceState = { token: randomBytes(24).toString('hex'), port: 0, image: spec.image, agentDisk, cpu: spec.cpu, memMb: spec.memMb };
+      await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
+      await this.#boot(spec.id, state, image);
+    } catch (err) {
+      await this.destroy(spec.id).catch(() => {});
+      throw err;
+    }
+  }
+
+  #guestConfig(spec: SandboxSpec, token: string): GuestConfig {
+    return {
+      hostname: spec.name,
+      token,
+      env: spec.envVars,
+      agentSettings: { ...spec.agentSettings, VOIDRUN_SANDBOX_ID: spec.id },
+      network: USER_NET,
+      growRootFs: true,
+    };
+  }
+
+  /** Starts QEMU for an instance whose files exist, and waits for its agent. */
+  async #boot(id: string, state: InstanceState, image: VmImagePaths, incoming?: string): Promise<void> {
+    const p = this.#paths(id);
+    const { accel } = await this.opts.accelerator();
+    await rm(p.qmpSocket, { force: true });
+    state.port = await freeLoopbackPort();
+    await this.#saveState(id, state);
+    const args = [
+      '-name', `voidrun-${id}`,
+      '-M', 'pc', '-accel', accel, ...(accel === 'kvm' ? ['-cpu', 'host'] : []),
+      '-smp', String(state.cpu), '-m', String(state.memMb),
+      '-nodefaults', '-display', 'none', '-no-reboot',
+      '-kernel', image.kernel, '-initrd', image.initrd, '-append', 'console=ttyS0 panic=-1 quiet',
+      '-drive', `file=${p.overlay},if=virtio,format=qcow2`,
+      '-drive', `file=${state.agentDisk},if=virtio,format=raw,readonly=on`,
+      '-drive', `file=${p.configDisk},if=virtio,format=raw,readonly=on`,
+      '-netdev', `user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:${state.port}-:${GUEST_AGENT_PORT}`,
+      '-device', 'virtio-net-pci,netdev=net0',
+      '-device', 'virtio-rng-pci',
+      '-chardev', `file,id=serial0,path=${p.log},append=on`, '-serial', 'chardev:serial0',
+      '-qmp', `unix:${p.qmpSocket},server=on,wait=off`,
+      '-pidfile', p.pid,
+      ...(incoming ? ['-incoming', `exec:cat ${incoming}`] : []),
+    ];
+    const logFd = openSync(p.qemuLog, 'a');
+    try {
+      // Detached: VMs outlive a server restart and are re-adopted from their instance files.
+      const child = spawn(this.opts.binary, args, { detached: true, stdio: ['ignore', logFd, logFd] });
+      child.unref();
+      await new Promise<void>((resolve, reject) => {
+        child.once('error', reject);
+        child.once('spawn', () => resolve());
+      });
+      await writeFile(p.pid, String(child.pid));
+    } finally {
+      closeSync(logFd);
+    }
+    await this.#waitForAgent(id);
+  }
+
+  async #waitForAgent(id: string): Promise<void> {
+    const deadline = Date.now() + this.opts.agentReadyTimeoutMs;
+    while (Date.now() < deadline) {
+      if (await this.#agentAnswers(id)) return;
+      if (!(await this.#pid(id))) throw new Error(`the VM stopped while starting: ${await this.#logTail(id)}`);
+      await sleep(200);
+    }
+    throw new Error(`the sandbox agent did not start within ${this.opts.agentReadyTimeoutMs} ms: ${await this.#logTail(id)}`);
+  }
+
+  async #agentAnswers(id: string): Promise<boolean> {
+    return this.#agentRequest(id, 'GET', '/ready', 2000)
+      .then((status) => status === 200)
+      .catch(() => false);
+  }
+
+  async #agentRequest(id: string, method: string, path: string, timeoutMs: number): Promise<number> {
+    const stream = await this.connect(id);
+    return new Promise((resolve, reject) => {
+      const req = httpRequest({ method, path, createConnection: () => stream as never, timeout: timeoutMs }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      });
+      req.once('timeout', () => req.destroy(new Error('timeout')));
+      req.once('error', reject);
+      req.end();
+    });
+  }
+
+  async #logTail(id: string): Promise<string> {
+    const p = this.#paths(id);
+    const tail = async (file: string) => (await readFile(file, 'utf8').catch(() => '')).trim().split('\n').slice(-3).join(' | ');
+    return [await tail(p.log), await tail(p.qemuLog)].filter(Boolean).join(' | ') || '(no output)';
+  }
+
+  async connect(id: string): Promise<Duplex> {
+    const state = await this.#state(id);
+    const socket = await new Promise<Duplex>((resolve, reject) => {
+      const s = netConnect(state.port, '127.0.0.1');
+      s.once('connect', () => {
+        s.off('error', reject);
+        resolve(s);
+      });
+      s.once('error', reject);
+    });
+    return agentHandshake(socket, state.token);
+  }
+
+  async start(spec: SandboxSpec): Promise<void> {
+    if (await this.#pid(spec.id)) return;
+    const state = await this.#state(spec.id);
+    // Settings may have changed while it was stopped (env vars are per sandbox record).
+    await writeConfigDisk(this.#paths(spec.id).configDisk, this.#guestConfig(spec, state.token));
+    await this.#boot(spec.id, state, await this.opts.images.ensure(state.image));
+  }
+
+  /** A clean power-off through the agent (it syncs first); QMP quit, then SIGKILL, if that fails. */
+  async stop(id: string): Promise<void> {
+    const pid = await this.#pid(id);
+    if (!pid) return;
+    const p = this.#paths(id);
+    const status = await withQmp(p.qmpSocket, (q) => q.execute<{ status: string }>('query-status')).catch(() => null);
+    if (status?.status === 'paused') await withQmp(p.qmpSocket, (q) => q.execute('cont')).catch(() => {});
+    await this.#agentRequest(id, 'POST', '/poweroff', 2000).catch(() => 0);
+    if (await waitForExit(pid, 10_000)) return;
+    await withQmp(p.qmpSocket, (q) => q.execute('quit')).catch(() => {});
+    if (await waitForExit(pid, 3000)) return;
+    process.kill(pid, 'SIGKILL');
+    await waitForExit(pid, 3000);
+  }
+
+  async destroy(id: string): Promise<void> {
+    const pid = await this.#pid(id);
+    if (pid) {
+      process.kill(pid, 'SIGKILL');
+      await waitForExit(pid, 5000);
+    }
+    this.#states.delete(id);
+    await rm(this.#paths(id).dir, { recursive: true, force: true });
+  }
+
+  async inspect(id: string): Promise<DriverStatus> {
+    const p = this.#paths(id);
+    if (!existsSync(p.dir)) return 'missing';
+    if (!(await this.#pid(id))) return 'stopped';
+    const status = await withQmp(p.qmpSocket, (q) => q.execute<{ status: string }>('query-status')).catch(() => null);
+    if (!status) return 'running'; // alive but QMP busy (e.g. mid-migration): not stopped
+    return status.status === 'paused' || status.status === 'postmigrate' ? 'paused' : status.status === 'shutdown' ? 'stopped' : 'running';
+  }
+
+  async list(): Promise<string[]> {
+    if (!existsSync(this.opts.instancesDir)) return [];
+    const entries = await readdir(this.opts.instancesDir);
+    return entries.filter((e) => existsSync(join(this.opts.instancesDir, e, 'instance.json')));
+  }
+
+  async pause(id: string): Promise<void> {
+    await withQmp(this.#paths(id).qmpSocket, (q) => q.execute('stop'));
+  }
+
+  async resume(id: string): Promise<void> {
+    await withQmp(this.#paths(id).qmpSocket, (q) => q.execute('cont'));
+  }
+
+  /**
+   * Pauses the VM, writes QEMU's migration stream (memory + device state) to a file, copies the
+   * overlay while nothing can write it, packs both with the instance state, and resumes.
+   */
+  async snapshot(id: string, file: string): Promise<void> {
+    const p = this.#paths(id);
+    const state = await this.#state(id);
+    const work = `${file}.parts`;
+    await mkdir(work, { recursive: true });
+    try {
+      await withQmp(p.qmpSocket, async (q) => {
+        const { status } = await q.execute<{ status: string }>('query-status');
+        const wasRunning = status === 'running';
+        if (wasRunning) await q.execute('stop');
+        try {
+          await q.execute('migrate', { uri: `exec:cat > ${join(work, 'memory.bin')}` });
+          for (;;) {
+            const info = await q.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+            if (info.status === 'completed') break;
+            if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`QEMU could not save the VM: ${info['error-desc'] ?? info.status}`);
+            await sleep(50);
+          }
+          await run('cp', ['--sparse=always', p.overlay, join(work, 'overlay.qcow2')], 600_000);
+        } finally {
+          // `cont` after a completed migration takes the disks back; the VM carries on.
+          if (wasRunning) await q.execute('cont');
+        }
+      });
+      await writeFile(join(work, 'instance.json'), JSON.stringify({ ...state, port: 0 }));
+      await run('tar', ['-czf', file, '-C', work, 'memory.bin', 'overlay.qcow2', 'instance.json'], 600_000);
+    } finally {
+      await rm(work, { recursive: true, force: true });
+    }
+  }
+
+  /** A new VM that continues from the snapshot: same memory, same disk, running processes included. */
+  async restore(spec: SandboxSpec, file: string): Promise<void> {
+    const p = this.#paths(spec.id);
+    await mkdir(this.opts.instancesDir, { recursive: true });
+    await mkdir(p.dir, { mode: 0o700 });
+    try {
+      await run('tar', ['-xzf', file, '-C', p.dir, 'memory.bin', 'overlay.qcow2', 'instance.json'], 600_000);
+      const state = JSON.parse(await readFile(join(p.dir, 'instance.json'), 'utf8')) as InstanceState;
+      if (!existsSync(state.agentDisk)) throw new Error(`the snapshot needs the agent disk it was taken with, which is gone (${state.agentDisk.split('/').pop()})`);
+      const image = await this.opts.images.ensure(state.image);
+      // The overlay names its base by path; point it at this host's copy of the same image.
+      await run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', image.baseDisk, '-F', 'qcow2', p.overlay]);
+      // The guest already read its config at boot; the device must exist and match in size.
+      await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
+      await this.#boot(spec.id, state, image, p.memory);
+      await rm(p.memory, { force: true });
+    } catch (err) {
+      await this.destroy(spec.id).catch(() => {});
+      throw err;
+    }
+  }
+}

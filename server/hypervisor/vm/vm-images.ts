@@ -1,0 +1,265 @@
+import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { chmod, copyFile, cp, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { gzipSync } from 'node:zlib';
+import type { Logger } from 'pino';
+import type { AgentFiles } from '../../agent-client/agent-bundle.js';
+import { DomainError, ErrorCode } from '../../errors.js';
+import { runLogged } from '../images/logged-command.js';
+import { remapOwnership, type RootfsImages } from '../images/rootfs-images.js';
+import { cpioArchive, type CpioEntry } from './cpio-archive.js';
+import { agentDiskInit, GUEST_AGENT_DIR, initramfsInit } from './guest-boot-files.js';
+import { vmImagePaths, type VmImagePaths } from './guest.js';
+import { extractLz4Legacy } from './lz4-legacy.js';
+
+/** Modules the guest needs, by name; their dependencies are found in the modules themselves. */
+const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio-rng', 'vmw_vsock_virtio_transport'];
+const KERNEL_PACKAGE = 'linux-image-cloud-amd64';
+/** Bumped when what the builder produces changes; part of the marker, so old builds are redone. */
+const VM_IMAGE_VERSION = 1;
+
+export interface VmImagesOptions {
+  baseImagesDir: string;
+  rootfs: RootfsImages;
+  /** First host uid of the container images' range: VM disks are owned by plain uids again. */
+  containerUidBase: number;
+  log: Logger;
+}
+
+/**
+ * Bootable VM images under BASE_IMAGES_DIR, made from the same debian rootfs the container driver
+ * uses: Debian's cloud kernel (`<image>-vmlinuz`, plus the uncompressed `vmlinux` cloud-hypervisor
+ * boots), a busybox initramfs with the virtio modules (`<image>-initrd.img`) and an ext4 root disk
+ * as a qcow2 base (`<image>-base.qcow2`, the original VoidRun's name). The agent is not in the
+ * image: it comes on a separate read-only disk (`agent/agent-<hash>.img`) rebuilt whenever the
+ * agent changes, so images never need rebuilding for a new agent.
+ */
+export class VmImages {
+  readonly #building = new Map<string, Promise<VmImagePaths>>();
+
+  constructor(private readonly opts: VmImagesOptions) {}
+
+  paths(name: string): VmImagePaths {
+    return vmImagePaths(this.opts.baseImagesDir, name);
+  }
+
+  #marker(name: string): string {
+    return join(this.opts.baseImagesDir, `${name}-vm.json`);
+  }
+
+  async isReady(name: string): Promise<boolean> {
+    try {
+      const marker = JSON.parse(await readFile(this.#marker(name), 'utf8')) as { version?: number };
+      return marker.version === VM_IMAGE_VERSION;
+    } catch {
+      return false;
+    }
+  }
+
+  /** The image's VM files, building them first if needed; concurrent callers share one build. */
+  ensure(name: string): Promise<VmImagePaths> {
+    let build = this.#building.get(name);
+    if (!build) {
+      build = (async () => ((await this.isReady(name)) ? this.paths(name) : this.#build(name)))().finally(() => this.#building.delete(name));
+      this.#building.set(name, build);
+    }
+    return build;
+  }
+
+  async #build(name: string): Promise<VmImagePaths> {
+    const { log, baseImagesDir } = this.opts;
+    const rootfs = await this.opts.rootfs.ensure(name);
+    const paths = this.paths(name);
+    const work = await mkdtemp(join(baseImagesDir, `.vm-${name}-`));
+    const started = Date.now();
+    const step = (message: string) => log.info({ image: name }, `vm image ${name}: ${message}`);
+    try {
+      step(`downloading ${KERNEL_PACKAGE} and busybox-static with apt`);
+      const debs = join(work, 'debs');
+      const unpacked = join(work, 'unpacked');
+      await mkdir(debs, { recursive: true });
+      await mkdir(unpacked);
+      const kernelPackage = await resolveKernelPackage(log);
+      await aptDownload([kernelPackage, 'busybox-static'], debs, log);
+      for (const deb of await readdir(debs)) await runLogged('dpkg-deb', ['-x', join(debs, deb), unpacked], log);
+      const kernelVersion = kernelPackage.replace(/^linux-image-/, '');
+
+      step('building the initramfs (busybox + virtio modules)');
+      const modulesDir = join(unpacked, 'lib', 'modules', kernelVersion);
+      const modules = await resolveModules(modulesDir, GUEST_MODULES);
+      const entries: CpioEntry[] = [
+        ...['bin', 'dev', 'lib', 'lib/modules', 'newroot', 'proc', 'sys'].map((path) => ({ path, type: 'dir' as const, mode: 0o755 })),
+        { path: 'bin/busybox', type: 'file', mode: 0o755, data: await readFile(join(unpacked, 'bin', 'busybox')) },
+        { path: 'init', type: 'file', mode: 0o755, data: initramfsInit(modules.map((m) => m.name)) },
+      ];
+      for (const m of modules) entries.push({ path: `lib/modules/${m.name}.ko`, type: 'file', mode: 0o644, data: await readFile(m.file) });
+      await writeFile(join(work, 'initrd.img'), gzipSync(cpioArchive(entries)));
+
+      step('extracting the uncompressed vmlinux for cloud-hypervisor');
+      const vmlinuz = join(unpacked, 'boot', `vmlinuz-${kernelVersion}`);
+      await writeFile(join(work, 'vmlinux'), extractLz4Legacy(await readFile(vmlinuz)));
+
+      step('copying the root filesystem with plain ownership (the container copy is uid-shifted)');
+      const root = join(work, 'root');
+      // cp -a: the rootfs has device nodes, which fs.cp cannot copy.
+      await runLogged('cp', ['-a', rootfs, root], log);
+      const base = this.opts.containerUidBase;
+      await remapOwnership(root, (id) => (id >= base && id < base + 65536 ? id - base : id));
+      await mkdir(join(root, GUEST_AGENT_DIR.slice(1)), { recursive: true });
+      await writeFile(join(root, 'etc', 'hostname'), 'sandbox\n');
+
+      step('making the ext4 root disk and converting it to qcow2');
+      // Sized to the files plus room; the guest grows it to the sandbox's disk size at boot.
+      const rootMb = Math.ceil((await directorySize(root)) / 1024 / 1024) + 512;
+      const raw = join(work, 'root.ext4');
+      await runLogged('mkfs.ext4', ['-q', '-F', '-L', 'voidrun-root', '-d', root, raw, `${rootMb}M`], log);
+      await runLogged('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, join(work, 'base.qcow2')], log);
+
+      // Into place: files first, the marker last (a crash in between leaves a build to redo).
+      await copyFile(vmlinuz, paths.kernel);
+      await rename(join(work, 'initrd.img'), paths.initrd);
+      await rename(join(work, 'vmlinux'), paths.vmlinux);
+      await rename(join(work, 'base.qcow2'), paths.baseDisk);
+      await copyFile(join(unpacked, 'bin', 'busybox'), this.#busyboxPath(name));
+      await writeFile(
+        this.#marker(name),
+        JSON.stringify({ name, version: VM_IMAGE_VERSION, kernel: kernelVersion, modules: modules.map((m) => m.name), rootMb, builtAt: new Date().toISOString() }),
+      );
+    } catch (err) {
+      throw new DomainError(ErrorCode.DRIVER_FAILURE, `Building the VM image ${name} failed: ${(err as Error).message}`, { cause: err });
+    } finally {
+      await rm(work, { recursive: true, force: true }).catch(() => {});
+    }
+    log.info({ image: name, seconds: Math.round((Date.now() - started) / 1000) }, `vm image ${name} is ready`);
+    return paths;
+  }
+
+  /**
+   * The read-only disk every VM mounts at /opt/voidrun: the host's node, the agent bundle,
+   * node-pty, busybox and the guest's init. Named by a hash of its contents, so a new agent gets a
+   * new disk and running VMs keep theirs.
+   */
+  async ensureAgentDisk(agent: AgentFiles, image = 'debian'): Promise<string> {
+    await this.ensure(image);
+    const busybox = await readFile(this.#busyboxPath(image));
+    const nodePty = join(agent.nodeModules, 'node-pty');
+    const hash = createHash('sha256');
+    hash.update(await readFile(agent.bundle)).update(process.version).update(agentDiskInit()).update(busybox);
+    hash.update(await readFile(join(nodePty, 'package.json')));
+    const disk = join(this.opts.baseImagesDir, 'agent', `agent-${hash.digest('hex').slice(0, 16)}.img`);
+    if (existsSync(disk)) return disk;
+
+    await mkdir(join(this.opts.baseImagesDir, 'agent'), { recursive: true });
+    const work = await mkdtemp(join(this.opts.baseImagesDir, 'agent', '.build-'));
+    try {
+      const dir = join(work, 'files');
+      await mkdir(join(dir, 'node_modules'), { recursive: true });
+      await copyFile(agent.nodeBinary, join(dir, 'node'));
+      await copyFile(agent.bundle, join(dir, 'agent.cjs'));
+      await writeFile(join(dir, 'busybox'), busybox, { mode: 0o755 });
+      await writeFile(join(dir, 'init'), agentDiskInit(), { mode: 0o755 });
+      // Only what node-pty loads at run time: its JS and the compiled addon.
+      await cp(join(nodePty, 'package.json'), join(dir, 'node_modules', 'node-pty', 'package.json'));
+      await cp(join(nodePty, 'lib'), join(dir, 'node_modules', 'node-pty', 'lib'), { recursive: true });
+      await cp(join(nodePty, 'build', 'Release'), join(dir, 'node_modules', 'node-pty', 'build', 'Release'), { recursive: true });
+      await chmod(join(dir, 'node'), 0o755);
+      const mb = Math.ceil((await directorySize(dir)) / 1024 / 1024 * 1.1) + 16;
+      const tmp = join(work, 'agent.img');
+      await runLogged('mkfs.ext4', ['-q', '-F', '-L', 'voidrun-agent', '-d', dir, tmp, `${mb}M`], this.opts.log);
+      await rename(tmp, disk);
+      this.opts.log.info({ disk: basename(disk) }, 'vm agent disk built');
+      return disk;
+    } finally {
+      await rm(work, { recursive: true, force: true }).catch(() => {});
+    }
+  }
+
+  /** The static busybox the image was built with (its initramfs has the same one). */
+  #busyboxPath(image: string): string {
+    return join(this.opts.baseImagesDir, `${image}-busybox`);
+  }
+}
+
+async function directorySize(root: string): Promise<number> {
+  let total = 0;
+  const stack = [root];
+  while (stack.length) {
+    const dir = stack.pop()!;
+    for (const entry of await readdir(dir, { withFileTypes: true })) {
+      const path = join(dir, entry.name);
+      if (entry.isDirectory()) stack.push(path);
+      else if (entry.isFile()) total += (await stat(path)).size;
+    }
+  }
+  return total;
+}
+
+/** The versioned kernel package the `linux-image-cloud-amd64` metapackage depends on. */
+async function resolveKernelPackage(log: Logger): Promise<string> {
+  const { execFile } = await import('node:child_process');
+  const depends = () =>
+    new Promise<string>((resolve, reject) =>
+      execFile('apt-cache', ['depends', '--no-recommends', KERNEL_PACKAGE], (err, stdout) => (err ? reject(err) : resolve(stdout))),
+    );
+  let out = await depends().catch(() => '');
+  if (!/Depends: linux-image-/.test(out)) {
+    log.info('apt lists do not know the kernel package yet; running apt-get update');
+    await runLogged('apt-get', ['update', '-qq'], log);
+    out = await depends().catch((err: Error) => {
+      throw new Error(`apt-cache cannot resolve ${KERNEL_PACKAGE} (a Debian host with apt is needed to build VM images): ${err.message}`);
+    });
+  }
+  const match = /Depends: (linux-image-\S+)/.exec(out);
+  if (!match) throw new Error(`${KERNEL_PACKAGE} does not depend on a versioned kernel package`);
+  return match[1]!;
+}
+
+async function aptDownload(packages: string[], dir: string, log: Logger): Promise<void> {
+  // apt drops privileges to _apt for downloads; it must be able to write the directory.
+  await chmod(dir, 0o777);
+  const { spawn } = await import('node:child_process');
+  await new Promise<void>((resolve, reject) => {
+    const child = spawn('apt-get', ['download', '-qq', ...packages], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    child.once('error', reject);
+    child.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`apt-get download ${packages.join(' ')} failed: ${stderr.trim().split('\n').pop()}`))));
+  });
+  log.debug({ packages }, 'downloaded');
+}
+
+/** `wanted` modules and everything they depend on (from each module's modinfo), dependencies first. */
+async function resolveModules(modulesDir: string, wanted: string[]): Promise<{ name: string; file: string }[]> {
+  const files = new Map<string, string>();
+  const stack = [join(modulesDir, 'kernel')];
+  while (stack.length) {
+    const dir = stack.pop()!;
+    for (const entry of await readdir(dir, { withFileTypes: true })) {
+      const path = join(dir, entry.name);
+      if (entry.isDirectory()) stack.push(path);
+      else if (entry.name.endsWith('.ko')) files.set(entry.name.slice(0, -3), path);
+    }
+  }
+  // Module names use _ and - interchangeably.
+  const find = (name: string) => files.get(name) ?? files.get(name.replace(/_/g, '-')) ?? files.get(name.replace(/-/g, '_'));
+  const ordered: { name: string; file: string }[] = [];
+  const seen = new Set<string>();
+  const visit = async (name: string) => {
+    const file = find(name);
+    if (!file) return; // built into the kernel
+    const key = basename(file, '.ko');
+    if (seen.has(key)) return;
+    seen.add(key);
+    const content = await readFile(file);
+    const at = content.indexOf('depends=');
+    const depends = at >= 0 ? content.toString('latin1', at + 8, content.indexOf(0, at)).split(',').filter(Boolean) : [];
+    for (const dep of depends) await visit(dep);
+    ordered.push({ name: key, file });
+  };
+  for (const name of wanted) {
+    if (!find(name)) throw new Error(`kernel module ${name} not found in ${modulesDir}`);
+    await visit(name);
+  }
+  return ordered;
+}
