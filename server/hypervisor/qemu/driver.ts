@@ -179,7 +179,31 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     } finally {
       closeSync(logFd);
     }
+    if (incoming) await this.#continueAfterIncoming(id);
     await this.#waitForAgent(id);
+  }
+
+  /**
+   * A VM restored from a migration stream comes up paused when it was paused while saved (as
+   * snapshots are): wait for the stream to be loaded, then let it run.
+   */
+  async #continueAfterIncoming(id: string): Promise<void> {
+    const p = this.#paths(id);
+    const deadline = Date.now() + this.opts.agentReadyTimeoutMs;
+    for (;;) {
+      const progress = await withQmp(p.qmpSocket, async (q) => ({
+        migration: (await q.execute<{ status?: string }>('query-migrate')).status,
+        run: (await q.execute<{ status: string }>('query-status')).status,
+      })).catch(() => null);
+      if (progress?.migration === 'failed') throw new Error(`QEMU could not load the snapshot: ${await this.#logTail(id)}`);
+      if (progress && progress.run !== 'inmigrate' && (progress.migration === 'completed' || progress.migration === undefined)) {
+        if (progress.run !== 'running') await withQmp(p.qmpSocket, (q) => q.execute('cont'));
+        return;
+      }
+      if (!(await this.#pid(id))) throw new Error(`QEMU exited while loading the snapshot: ${await this.#logTail(id)}`);
+      if (Date.now() > deadline) throw new Error('QEMU did not finish loading the snapshot in time');
+      await sleep(100);
+    }
   }
 
   async #waitForAgent(id: string): Promise<void> {
