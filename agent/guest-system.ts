@@ -1,9 +1,9 @@
-import { execFile } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { timingSafeEqual } from 'node:crypto';
 import { createServer, type Server as NetServer, type Socket } from 'node:net';
 import type { Server as HttpServer } from 'node:http';
-import { AGENT_PREAMBLE_OK, agentPreamble, type GuestConfig } from '../shared/guest-protocol.js';
+import { AGENT_PREAMBLE_OK, agentPreamble, GUEST_AGENT_PORT, type GuestConfig } from '../shared/guest-protocol.js';
 
 /*
  * What the agent does only inside a microVM guest, where it is the first real program after
@@ -36,6 +36,33 @@ export async function configureGuest(config: GuestConfig, busybox: string): Prom
   await run(busybox, ['ip', 'route', 'add', 'default', 'via', gateway]);
   // Online, in the background: commands can run meanwhile.
   if (config.growRootFs) execFile('/sbin/resize2fs', ['/dev/vda'], () => {});
+  if (hasVirtioVsock()) bridgeVsock();
+}
+
+/** Whether the VM has a virtio vsock device (cloud-hypervisor's hybrid vsock; QEMU here has none). */
+function hasVirtioVsock(): boolean {
+  try {
+    return readdirSync('/sys/bus/virtio/drivers/vmw_vsock_virtio_transport').some((e) => e.startsWith('virtio'));
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Forwards vsock port GUEST_AGENT_PORT to the agent's TCP port, so the host reaches the agent
+ * through cloud-hypervisor's hybrid vsock socket (Node cannot open AF_VSOCK sockets itself).
+ * The token handshake still applies: it travels through the bridge.
+ */
+function bridgeVsock(): void {
+  if (!existsSync('/usr/bin/socat')) {
+    console.error('agent: this VM has a vsock device but no socat; the host cannot reach the agent over vsock');
+    return;
+  }
+  const start = () => {
+    const child = spawn('/usr/bin/socat', [`VSOCK-LISTEN:${GUEST_AGENT_PORT},fork,reuseaddr`, `TCP:127.0.0.1:${GUEST_AGENT_PORT}`], { stdio: 'ignore' });
+    child.once('exit', () => setTimeout(start, 1000).unref());
+  };
+  start();
 }
 
 /**

@@ -6,7 +6,12 @@ import { ContainerDriver } from './container/driver.js';
 import type { IdMapping } from './container/oci-spec.js';
 import { probeAccelerator, type AcceleratorChoice } from './qemu/accelerator-probe.js';
 import { QemuDriver } from './qemu/driver.js';
+import type { IpLeaseRepository } from '../store/types.js';
+import { CloudHypervisorDriver, type VmHostNetwork } from './cloud-hypervisor/driver.js';
+import { createTap, deleteTap, findLink, tapNameFor } from './network/host-network.js';
+import { IpPool } from './network/ip-pool.js';
 import type { SandboxDriver } from './types.js';
+import { createOverlay, writeConfigDisk } from './vm/instance-files.js';
 import type { VmImages } from './vm/vm-images.js';
 
 export interface DriverChoice {
@@ -21,6 +26,8 @@ export interface DriverDeps {
   agent: AgentFiles;
   idMap: IdMapping;
   vmImages: VmImages;
+  /** Where guest addresses on the bridge are leased (cloud-hypervisor). */
+  ipLeases: IpLeaseRepository;
   log: Logger;
 }
 
@@ -55,6 +62,33 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     log: deps.log,
   });
 
+  const ipPool = new IpPool({ networkCidr: config.NETWORK_CIDR, gatewayCidr: config.GATEWAY_IP, leases: deps.ipLeases });
+  const network: VmHostNetwork = {
+    allocate: async (id) => ({ ip: await ipPool.allocate(id), prefixLength: ipPool.prefixLength, gateway: ipPool.gateway }),
+    release: (id) => ipPool.release(id),
+    createTap: (name) => createTap(name, config.BRIDGE_NAME),
+    deleteTap: async (name) => void (await deleteTap(name)),
+    tapNameFor,
+  };
+  const cloudHypervisor = new CloudHypervisorDriver({
+    binary: config.CLOUD_HYPERVISOR_BINARY,
+    instancesDir: config.INSTANCES_DIR,
+    image: (name) => deps.vmImages.ensure(name),
+    agentDisk: () => deps.vmImages.ensureAgentDisk(deps.agent, config.SANDBOX_DEFAULT_IMAGE),
+    network,
+    writeConfigDisk,
+    createOverlay,
+    agentReadyTimeoutMs: Math.max(config.AGENT_READY_TIMEOUT_MS, 30_000),
+    log: deps.log,
+  });
+  /** The binary and /dev/kvm, and the bridge setup-net makes. */
+  const cloudHypervisorAvailable = async (): Promise<{ ok: boolean; reason?: string }> => {
+    const a = await cloudHypervisor.available();
+    if (!a.ok) return a;
+    if (!(await findLink(config.BRIDGE_NAME).catch(() => null))) return { ok: false, reason: `bridge ${config.BRIDGE_NAME} does not exist (npm run setup-net creates it)` };
+    return { ok: true };
+  };
+
   switch (config.SANDBOX_DRIVER) {
     case 'container': {
       const a = await container.available();
@@ -66,10 +100,17 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
       const choice = await probe();
       return { driver: qemu, reason: `SANDBOX_DRIVER=qemu; ${choice.reason}`, accelerator: choice.accel };
     }
-    case 'cloud-hypervisor':
-      return { driver: null, reason: 'SANDBOX_DRIVER=cloud-hypervisor is not available in this version; use qemu, container or auto' };
+    case 'cloud-hypervisor': {
+      const a = await cloudHypervisorAvailable();
+      return a.ok ? { driver: cloudHypervisor, reason: 'SANDBOX_DRIVER=cloud-hypervisor' } : { driver: null, reason: `cloud-hypervisor driver unavailable: ${a.reason}` };
+    }
     case 'auto': {
       const skipped: string[] = [];
+      const ch = await cloudHypervisorAvailable();
+      if (!ch.ok) skipped.push(`cloud-hypervisor: ${ch.reason}`);
+      else if ((await qemu.available()).ok && (await deps.vmImages.isReady(config.SANDBOX_DEFAULT_IMAGE)) && (await probe()).accel !== 'kvm') {
+        skipped.push(`cloud-hypervisor: ${(await probe()).reason.replace(/: TCG.*$/, '')}`);
+      } else return { driver: cloudHypervisor, reason: 'auto: cloud-hypervisor (binary present, /dev/kvm usable, bridge up)' };
       const q = await qemu.available();
       if (!q.ok) skipped.push(`qemu: ${q.reason}`);
       else if (!(await deps.vmImages.isReady(config.SANDBOX_DEFAULT_IMAGE))) skipped.push('qemu: the VM image is not built (npm run image:build -- debian --vm)');

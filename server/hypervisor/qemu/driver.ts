@@ -354,9 +354,8 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       await run('tar', ['-xzf', file, '-C', p.dir, 'memory.bin', 'overlay.qcow2', 'instance.json'], 600_000);
       const state = JSON.parse(await readFile(join(p.dir, 'instance.json'), 'utf8')) as InstanceState;
       if (!existsSync(state.agentDisk)) throw new Error(`the snapshot needs the agent disk it was taken with, which is gone (${state.agentDisk.split('/').pop()})`);
+      // The overlay still names the exact base image version it was made over.
       const image = await this.opts.images.ensure(state.image);
-      // The overlay names its base by path; point it at this host's copy of the same image.
-      await run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', image.baseDisk, '-F', 'qcow2', p.overlay]);
       // The guest already read its config at boot; the device must exist and match in size.
       await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
       await this.#boot(spec.id, state, image, p.memory);

@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { open } from 'node:fs/promises';
+import { open, realpath } from 'node:fs/promises';
 import type { Duplex } from 'node:stream';
 import { AGENT_PREAMBLE_OK, agentPreamble, CONFIG_DISK_BYTES, type GuestConfig } from '../../../shared/guest-protocol.js';
 
@@ -20,7 +20,9 @@ export async function writeConfigDisk(path: string, config: GuestConfig): Promis
 }
 
 /** A copy-on-write qcow2 disk over the image's base, with the sandbox's disk size (never smaller than the base). */
-export function createOverlay(baseDisk: string, overlay: string, sizeMb: number): Promise<void> {
+export async function createOverlay(baseDisk: string, overlay: string, sizeMb: number): Promise<void> {
+  // The overlay records its base's real path: a later image version never changes this sandbox's disk.
+  baseDisk = await realpath(baseDisk);
   return new Promise((resolve, reject) =>
     execFile('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', baseDisk, '-F', 'qcow2', overlay, `${sizeMb}M`], (err, _out, stderr) => {
       if (!err) return resolve();

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, copyFile, cp, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, cp, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import type { Logger } from 'pino';
@@ -17,7 +17,7 @@ import { extractLz4Legacy } from './lz4-legacy.js';
 const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio-rng', 'vmw_vsock_virtio_transport'];
 const KERNEL_PACKAGE = 'linux-image-cloud-amd64';
 /** Bumped when what the builder produces changes; part of the marker, so old builds are redone. */
-const VM_IMAGE_VERSION = 1;
+const VM_IMAGE_VERSION = 3;
 
 export interface VmImagesOptions {
   baseImagesDir: string;
@@ -109,6 +109,14 @@ export class VmImages {
       await mkdir(join(root, GUEST_AGENT_DIR.slice(1)), { recursive: true });
       await writeFile(join(root, 'etc', 'hostname'), 'sandbox\n');
 
+      // socat bridges cloud-hypervisor's vsock to the agent's TCP port in the guest (Node has no
+      // AF_VSOCK). Unpacked with whatever libraries it needs that the image lacks.
+      step('adding socat (the guest end of the vsock bridge)');
+      const extra = join(work, 'extra-debs');
+      await mkdir(extra);
+      await aptDownload(await missingPackages(['socat'], root), extra, log);
+      for (const deb of await readdir(extra)) await extractDebInto(join(extra, deb), root);
+
       step('making the ext4 root disk and converting it to qcow2');
       // Sized to the files plus room; the guest grows it to the sandbox's disk size at boot.
       const rootMb = Math.ceil((await directorySize(root)) / 1024 / 1024) + 512;
@@ -120,7 +128,13 @@ export class VmImages {
       await copyFile(vmlinuz, paths.kernel);
       await rename(join(work, 'initrd.img'), paths.initrd);
       await rename(join(work, 'vmlinux'), paths.vmlinux);
-      await rename(join(work, 'base.qcow2'), paths.baseDisk);
+      // Overlays name their base by path, so each version of the base is its own file and never
+      // changes under a sandbox made from it; `<image>-base.qcow2` points at the newest.
+      const versionedBase = join(baseImagesDir, `${name}-base-v${VM_IMAGE_VERSION}.qcow2`);
+      await rename(join(work, 'base.qcow2'), versionedBase);
+      await rm(`${paths.baseDisk}.tmp`, { force: true });
+      await symlink(basename(versionedBase), `${paths.baseDisk}.tmp`);
+      await rename(`${paths.baseDisk}.tmp`, paths.baseDisk);
       await copyFile(join(unpacked, 'bin', 'busybox'), this.#busyboxPath(name));
       await writeFile(
         this.#marker(name),
@@ -227,6 +241,42 @@ async function aptDownload(packages: string[], dir: string, log: Logger): Promis
     child.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`apt-get download ${packages.join(' ')} failed: ${stderr.trim().split('\n').pop()}`))));
   });
   log.debug({ packages }, 'downloaded');
+}
+
+/**
+ * Unpacks a .deb over a merged-/usr root filesystem. (`dpkg-deb -x` would replace the `/lib` →
+ * `usr/lib` symlink with a directory, breaking every program's dynamic loader.)
+ */
+async function extractDebInto(deb: string, root: string): Promise<void> {
+  const { spawn } = await import('node:child_process');
+  await new Promise<void>((resolve, reject) => {
+    const dpkg = spawn('dpkg-deb', ['--fsys-tarfile', deb], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const tar = spawn('tar', ['-x', '--keep-directory-symlink', '-C', root], { stdio: ['pipe', 'ignore', 'pipe'] });
+    dpkg.stdout.pipe(tar.stdin);
+    let stderr = '';
+    dpkg.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    tar.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    dpkg.once('error', reject);
+    tar.once('error', reject);
+    tar.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`unpacking ${basename(deb)} failed: ${stderr.trim()}`))));
+  });
+}
+
+/** `packages` and what they depend on, less what the root filesystem's dpkg database already has. */
+async function missingPackages(packages: string[], root: string): Promise<string[]> {
+  const { execFile } = await import('node:child_process');
+  const out = await new Promise<string>((resolve, reject) =>
+    execFile(
+      'apt-cache',
+      ['depends', '--recurse', '--no-recommends', '--no-suggests', '--no-conflicts', '--no-breaks', '--no-replaces', '--no-enhances', ...packages],
+      { maxBuffer: 4 * 1024 * 1024 },
+      (err, stdout) => (err ? reject(err) : resolve(stdout)),
+    ),
+  );
+  const installed = new Set([...(await readFile(join(root, 'var', 'lib', 'dpkg', 'status'), 'utf8')).matchAll(/^Package: (\S+)$/gm)].map((m) => m[1]!));
+  // Top-level lines are package names; indented ones are their relations; <virtual> ones have no .deb.
+  const all = new Set(out.split('\n').filter((line) => line && !line.startsWith(' ') && !line.startsWith('<')));
+  return [...all].filter((name) => !installed.has(name));
 }
 
 /** `wanted` modules and everything they depend on (from each module's modinfo), dependencies first. */
