@@ -3,7 +3,7 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { timingSafeEqual } from 'node:crypto';
 import { createServer, type Server as NetServer, type Socket } from 'node:net';
 import type { Server as HttpServer } from 'node:http';
-import { AGENT_PREAMBLE_OK, agentPreamble, GUEST_AGENT_PORT, type GuestConfig } from '../shared/guest-protocol.js';
+import { AGENT_PREAMBLE_OK, agentPreamble, GUEST_AGENT_PORT, type GuestConfig, type GuestIdentity } from '../shared/guest-protocol.js';
 
 /*
  * What the agent does only inside a microVM guest, where it is the first real program after
@@ -27,13 +27,24 @@ function run(busybox: string, args: string[]): Promise<void> {
   );
 }
 
-export async function configureGuest(config: GuestConfig, busybox: string): Promise<void> {
-  writeFileSync('/proc/sys/kernel/hostname', config.hostname);
-  const { address, prefixLength, gateway } = config.network;
-  await run(busybox, ['ip', 'link', 'set', 'lo', 'up']);
+async function setNetwork(network: GuestConfig['network'], busybox: string): Promise<void> {
+  const { address, prefixLength, gateway } = network;
+  await run(busybox, ['ip', 'addr', 'flush', 'dev', 'eth0']);
   await run(busybox, ['ip', 'addr', 'add', `${address}/${prefixLength}`, 'dev', 'eth0']);
   await run(busybox, ['ip', 'link', 'set', 'eth0', 'up']);
-  await run(busybox, ['ip', 'route', 'add', 'default', 'via', gateway]);
+  await run(busybox, ['ip', 'route', 'replace', 'default', 'via', gateway]);
+}
+
+/** After a restore from memory: the new sandbox's name and address replace the saved one's. */
+export async function applyGuestIdentity(identity: GuestIdentity, busybox: string): Promise<void> {
+  writeFileSync('/proc/sys/kernel/hostname', identity.hostname);
+  if (identity.network) await setNetwork(identity.network, busybox);
+}
+
+export async function configureGuest(config: GuestConfig, busybox: string): Promise<void> {
+  writeFileSync('/proc/sys/kernel/hostname', config.hostname);
+  await run(busybox, ['ip', 'link', 'set', 'lo', 'up']);
+  await setNetwork(config.network, busybox);
   // Online, in the background: commands can run meanwhile.
   if (config.growRootFs) execFile('/sbin/resize2fs', ['/dev/vda'], () => {});
   if (hasVirtioVsock()) bridgeVsock();

@@ -10,8 +10,8 @@ import { existsSync, unlinkSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import { WebSocketServer } from 'ws';
-import { GUEST_AGENT_PORT } from '../shared/guest-protocol.js';
-import { configureGuest, listenWithToken, readGuestConfig } from './guest-system.js';
+import { GUEST_AGENT_PORT, type GuestIdentity } from '../shared/guest-protocol.js';
+import { applyGuestIdentity, configureGuest, listenWithToken, readGuestConfig } from './guest-system.js';
 import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
 import { ProcessManager } from './services/process/process-manager.js';
@@ -53,6 +53,25 @@ const server = createServer((req, res) => {
   if (guest && req.url === '/poweroff' && req.method === 'POST') {
     res.writeHead(202).end();
     execFile(busybox, ['sync'], () => execFile(busybox, ['poweroff', '-f'], () => {}));
+    return;
+  }
+  if (guest && req.url === '/identity' && req.method === 'POST') {
+    let body = '';
+    req.setEncoding('utf8');
+    req.on('data', (chunk: string) => (body += chunk.length + body.length > 64 * 1024 ? '' : chunk));
+    req.on('end', () => {
+      let identity: GuestIdentity;
+      try {
+        identity = JSON.parse(body) as GuestIdentity;
+      } catch {
+        res.writeHead(400).end();
+        return;
+      }
+      void applyGuestIdentity(identity, busybox).then(
+        () => res.writeHead(204).end(),
+        (err: Error) => res.writeHead(500).end(err.message),
+      );
+    });
     return;
   }
   void handleFileTransfer(req, res).then((handled) => {

@@ -27,3 +27,9 @@ export interface GuestConfig {
 
 /** Size of the config disk: a whole number of sectors, more than any config needs. */
 export const CONFIG_DISK_BYTES = 1024 * 1024;
+
+/** What `POST /identity` on a guest agent sets after a restore. */
+export interface GuestIdentity {
+  hostname: string;
+  network?: GuestConfig['network'];
+}

@@ -334,6 +334,11 @@ function listenVsock() {
           const end = buf.indexOf('\\r\\n\\r\\n');
           if (end < 0) return;
           const head = buf.slice(0, end);
+          // A restore tells the guest its new name and address (the agent's POST /identity).
+          if (head.startsWith('POST /identity HTTP/1.1')) {
+            s.end('HTTP/1.1 204 No Content\\r\\nConnection: close\\r\\n\\r\\n');
+            return;
+          }
           const ready = head.startsWith('GET /ready HTTP/1.1') && !guest.env.FAKE_AGENT_NOT_READY;
           s.end(ready ? 'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok' : 'HTTP/1.1 503 Service Unavailable\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n');
           return;

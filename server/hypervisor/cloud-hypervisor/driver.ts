@@ -1,3 +1,4 @@
+import { reidentifyGuest } from '../vm/instance-files.js';
 import { lastLogLines, waitForExit } from '../host-process.js';
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -451,7 +452,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
         await rename(join(staging, from), to);
       }
       await chmod(f.token, 0o600);
-      await this.opts.network.allocate(spec.id);
+      const address = await this.opts.network.allocate(spec.id);
       const tap = this.opts.network.tapNameFor(spec.id);
       await this.opts.network.createTap(tap);
       const vmDir = join(staging, 'vm');
@@ -462,6 +463,11 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       await api.restore(vmDir);
       await api.resumeVm();
       await this.#waitForAgent(spec.id);
+      // The guest's memory still holds the saved sandbox's name and address.
+      await reidentifyGuest(await this.connect(spec.id), {
+        hostname: spec.name,
+        network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway },
+      });
       // The memory was copied into the VM; the staged copy is no longer needed.
       await rm(staging, { recursive: true, force: true });
     } catch (err) {

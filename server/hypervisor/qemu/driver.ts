@@ -11,7 +11,7 @@ import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import type { GuestConfig } from '../../../shared/guest-protocol.js';
 import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
 import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
-import { agentHandshake, createOverlay, writeConfigDisk } from '../vm/instance-files.js';
+import { agentHandshake, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
 import type { VmImages } from '../vm/vm-images.js';
 import { processAlive, waitForExit } from '../host-process.js';
 import type { AcceleratorChoice } from './accelerator-probe.js';
@@ -360,6 +360,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
       await this.#boot(spec.id, state, image, p.memory);
       await rm(p.memory, { force: true });
+      await reidentifyGuest(await this.connect(spec.id), { hostname: spec.name });
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
       throw err;

@@ -1,7 +1,8 @@
 import { execFile } from 'node:child_process';
+import { request as httpRequest } from 'node:http';
 import { open, realpath } from 'node:fs/promises';
 import type { Duplex } from 'node:stream';
-import { AGENT_PREAMBLE_OK, agentPreamble, CONFIG_DISK_BYTES, type GuestConfig } from '../../../shared/guest-protocol.js';
+import { AGENT_PREAMBLE_OK, agentPreamble, CONFIG_DISK_BYTES, type GuestConfig, type GuestIdentity } from '../../../shared/guest-protocol.js';
 
 /** What every microVM driver does with an instance's files and its agent connection. */
 
@@ -74,5 +75,26 @@ export function agentHandshake(socket: Duplex, token: string, timeoutMs = 5000):
     socket.once('error', fail);
     socket.once('end', onEnd);
     socket.write(agentPreamble(token));
+  });
+}
+
+/**
+ * Tells a restored guest who it is now: a VM restored from memory still has the name (and, on
+ * the bridge, the address) of the sandbox it was saved from.
+ */
+export function reidentifyGuest(agent: Duplex, identity: GuestIdentity, timeoutMs = 10_000): Promise<void> {
+  const body = JSON.stringify(identity);
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(
+      { method: 'POST', path: '/identity', createConnection: () => agent as never, timeout: timeoutMs, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } },
+      (res) => {
+        res.resume();
+        if (res.statusCode === 204) resolve();
+        else reject(new Error(`the restored guest did not take its new identity (HTTP ${res.statusCode})`));
+      },
+    );
+    req.once('timeout', () => req.destroy(new Error('the restored guest did not answer in time')));
+    req.once('error', reject);
+    req.end(body);
   });
 }
