@@ -441,6 +441,9 @@ class InMemoryNetworkFake implements VmHostNetwork {
   async release(id: string): Promise<void> {
     this.addresses.delete(id);
   }
+  async leaseOf(id: string): Promise<string | null> {
+    return this.addresses.get(id)?.ip ?? null;
+  }
   async createTap(name: string): Promise<void> {
     this.taps.add(name);
   }
@@ -531,6 +534,8 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     expect(statSync(join(p.dir, 'agent.token')).mode & 0o777).toBe(0o600);
     expect(network.addresses.get(ID_A)).toBeDefined();
     expect(network.taps.has(network.tapNameFor(ID_A))).toBe(true);
+    // The address the sandbox record reports as `ip`.
+    expect(await driver.addressOf(ID_A)).toBe(network.addresses.get(ID_A)!.ip);
     const guest = JSON.parse(readFileSync(p.configDisk, 'utf8').replace(/\0+$/, '')) as GuestConfig;
     expect(guest).toMatchObject({ hostname: spec.name, env: { GREETING: 'hi' }, network: { address: network.addresses.get(ID_A)!.ip, prefixLength: 24, gateway: '10.99.0.1' } });
     expect(await driver.inspect(ID_A)).toBe('running');

@@ -66,6 +66,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
   const network: VmHostNetwork = {
     allocate: async (id) => ({ ip: await ipPool.allocate(id), prefixLength: ipPool.prefixLength, gateway: ipPool.gateway }),
     release: (id) => ipPool.release(id),
+    leaseOf: (id) => ipPool.leaseOf(id),
     createTap: (name) => createTap(name, config.BRIDGE_NAME),
     deleteTap: async (name) => void (await deleteTap(name)),
     tapNameFor,

@@ -70,6 +70,15 @@ export interface SnapshottingDriver {
   readonly snapshotKind: 'filesystem' | 'memory+filesystem';
 }
 
+/** Optional ability: sandboxes with their own address on a host network (microVMs on the bridge). */
+export interface AddressingDriver {
+  addressOf(id: string): Promise<string | null>;
+}
+
+export function hasAddresses(d: SandboxDriver): d is SandboxDriver & AddressingDriver {
+  return typeof (d as Partial<AddressingDriver>).addressOf === 'function';
+}
+
 export function canPause(d: SandboxDriver): d is SandboxDriver & PausableDriver {
   return typeof (d as Partial<PausableDriver>).pause === 'function' && typeof (d as Partial<PausableDriver>).resume === 'function';
 }

@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import type { CreateSandboxInput, RestoreSandboxInput, Sandbox, SandboxActionResult, SandboxPage, Snapshot } from '../../shared/index.js';
 import type { AgentClients } from '../agent-client/agent-clients.js';
 import { ConflictError, DomainError, DriverFailureError, DriverUnavailableError, ForbiddenError, InvalidInputError, NotFoundError, SandboxNotRunningError } from '../errors.js';
-import { canPause, canSnapshot, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
+import { canPause, canSnapshot, hasAddresses, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
 import type { SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
 import type { Principal } from './auth-service.js';
@@ -292,7 +292,11 @@ export class SandboxService {
   }
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {
-    return (await this.deps.sandboxes.update(record.orgId, record.id, { status })) ?? { ...record, status };
+    const patch: Partial<Pick<SandboxRecord, 'status' | 'ip'>> = { status };
+    // A microVM on the bridge has an address of its own, known once it runs.
+    const driver = this.deps.driver;
+    if (status === 'running' && driver && hasAddresses(driver)) patch.ip = (await driver.addressOf(record.id)) ?? record.ip;
+    return (await this.deps.sandboxes.update(record.orgId, record.id, patch)) ?? { ...record, ...patch };
   }
 
   #snapshotDir(record: SandboxRecord): string {

@@ -27,6 +27,8 @@ export interface VmHostNetwork {
   allocate(id: string): Promise<GuestAddress>;
   /** Frees the sandbox's address. Must not fail for an id with none. */
   release(id: string): Promise<void>;
+  /** The sandbox's address if it has one (never allocates). */
+  leaseOf(id: string): Promise<string | null>;
   /** Creates TAP `name` and attaches it to the bridge. */
   createTap(name: string): Promise<void>;
   deleteTap(name: string): Promise<void>;
@@ -112,6 +114,11 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
 
   constructor(private readonly opts: CloudHypervisorDriverOptions) {
     this.#binary = opts.binary ?? DEFAULT_CLOUD_HYPERVISOR_BINARY;
+  }
+
+  /** The guest's address on the bridge (what the sandbox record reports as `ip`). */
+  addressOf(id: string): Promise<string | null> {
+    return this.opts.network.leaseOf(id);
   }
 
   async available(): Promise<DriverAvailability> {
