@@ -74,7 +74,8 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
   const cloudHypervisor = new CloudHypervisorDriver({
     binary: config.CLOUD_HYPERVISOR_BINARY,
     instancesDir: config.INSTANCES_DIR,
-    image: (name) => deps.vmImages.ensure(name),
+    // KERNEL_PATH (the original's variable) names the uncompressed kernel; the image builder writes it there by default.
+    image: async (name) => ({ ...(await deps.vmImages.ensure(name)), vmlinux: config.KERNEL_PATH }),
     agentDisk: () => deps.vmImages.ensureAgentDisk(deps.agent, config.SANDBOX_DEFAULT_IMAGE),
     network,
     writeConfigDisk,
