@@ -3,7 +3,15 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { timingSafeEqual } from 'node:crypto';
 import { createServer, type Server as NetServer, type Socket } from 'node:net';
 import type { Server as HttpServer } from 'node:http';
-import { AGENT_PREAMBLE_OK, agentPreamble, GUEST_AGENT_PORT, type GuestConfig, type GuestIdentity } from '../shared/guest-protocol.js';
+import {
+  AGENT_CHALLENGE_PREFIX,
+  AGENT_RESPONSE_PREFIX,
+  GUEST_AGENT_PORT,
+  handshakeProof,
+  newNonce,
+  type GuestConfig,
+  type GuestIdentity,
+} from '../shared/guest-protocol.js';
 
 /*
  * What the agent does only inside a microVM guest, where it is the first real program after
@@ -77,38 +85,42 @@ function bridgeVsock(): void {
 }
 
 /**
- * A TCP listener in front of the agent's HTTP server: a connection must first send
- * `VOIDRUN-AGENT <token>\n`; then it is answered `OK\n` and handed to the HTTP server. Anything
- * else is closed without a word.
+ * A TCP listener in front of the agent's HTTP server: the agent's half of the handshake
+ * (shared/guest-protocol.ts); a connection that proves it holds the token is handed to the HTTP
+ * server, anything else is closed without a word.
  */
 export function listenWithToken(http: HttpServer, port: number, token: string): NetServer {
-  const expected = Buffer.from(agentPreamble(token));
   const server = createServer((socket: Socket) => {
+    const agentNonce = newNonce();
+    const expected = Buffer.from(`${AGENT_RESPONSE_PREFIX}${handshakeProof(token, 'host', agentNonce)} `);
     let received = Buffer.alloc(0);
     const timer = setTimeout(() => socket.destroy(), 10_000);
     const onData = (chunk: Buffer) => {
       received = Buffer.concat([received, chunk]);
       const newline = received.indexOf(10);
       if (newline < 0) {
-        if (received.length > expected.length) socket.destroy();
+        if (received.length > 256) socket.destroy();
         return;
       }
       socket.off('data', onData);
       clearTimeout(timer);
-      const line = received.subarray(0, newline + 1);
-      if (line.length !== expected.length || !timingSafeEqual(line, expected)) {
+      const line = received.subarray(0, newline).toString('latin1').replace(/\r$/, '');
+      const proof = Buffer.from(line.slice(0, expected.length), 'latin1');
+      const hostNonce = line.slice(expected.length);
+      if (proof.length !== expected.length || !timingSafeEqual(proof, expected) || !/^[0-9a-f]{16,128}$/.test(hostNonce)) {
         socket.destroy();
         return;
       }
       socket.pause();
       const rest = received.subarray(newline + 1);
       if (rest.length) socket.unshift(rest);
-      socket.write(AGENT_PREAMBLE_OK);
+      socket.write(`OK ${handshakeProof(token, 'agent', hostNonce)}\n`);
       http.emit('connection', socket);
       socket.resume();
     };
     socket.on('data', onData);
     socket.on('error', () => {});
+    socket.write(`${AGENT_CHALLENGE_PREFIX}${agentNonce}\n`);
   });
   server.listen(port, '0.0.0.0');
   return server;

@@ -1,3 +1,5 @@
+import { createHmac, randomBytes } from 'node:crypto';
+
 /*
  * How the host and the agent inside a microVM guest find each other (see
  * server/hypervisor/vm/guest.ts for the whole guest layout). Shared by the drivers and the agent.
@@ -5,11 +7,25 @@
 
 export const GUEST_AGENT_PORT = 1024;
 
-/** The line a host sends first on every new connection to a guest agent. */
-export function agentPreamble(token: string): string {
-  return `VOIDRUN-AGENT ${token}\n`;
+/*
+ * The agent handshake, a mutual challenge–response so the token itself never crosses the wire
+ * (a local user who grabs a dead VM's forwarded port learns nothing reusable):
+ *   agent → host   `VOIDRUN-AGENT-CHALLENGE <agentNonce>\n`
+ *   host  → agent  `VOIDRUN-AGENT <proof(token, "host", agentNonce)> <hostNonce>\n`
+ *   agent → host   `OK <proof(token, "agent", hostNonce)>\n`, then HTTP.
+ * Anything else: the connection is closed.
+ */
+export const AGENT_CHALLENGE_PREFIX = 'VOIDRUN-AGENT-CHALLENGE ';
+export const AGENT_RESPONSE_PREFIX = 'VOIDRUN-AGENT ';
+
+/** HMAC-SHA256 of `<role>:<nonce>` keyed with the sandbox's token, hex. */
+export function handshakeProof(token: string, role: 'host' | 'agent', nonce: string): string {
+  return createHmac('sha256', token).update(`${role}:${nonce}`).digest('hex');
 }
-export const AGENT_PREAMBLE_OK = 'OK\n';
+
+export function newNonce(): string {
+  return randomBytes(16).toString('hex');
+}
 
 /** Written to the config disk (JSON, zero-padded); the agent reads it at boot. */
 export interface GuestConfig {

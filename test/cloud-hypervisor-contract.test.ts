@@ -314,6 +314,7 @@ function fakeCloudHypervisorScript(recordFile: string): string {
 import { createServer } from 'node:http';
 import net from 'node:net';
 import fs from 'node:fs';
+import crypto from 'node:crypto';
 const RECORD = ${JSON.stringify(recordFile)};
 const apiSocket = process.argv[process.argv.indexOf('--api-socket') + 1];
 let state = null;
@@ -323,9 +324,11 @@ const record = (entry) => fs.appendFileSync(RECORD, JSON.stringify(entry) + '\\n
 const guestConfig = () => JSON.parse(fs.readFileSync(config.disks[2].path, 'utf8').replace(/\\0+$/, ''));
 function listenVsock() {
   const guest = guestConfig();
+  const hmac = (message) => crypto.createHmac('sha256', guest.token).update(message).digest('hex');
   vsock = net.createServer((s) => {
     let buf = '';
     let stage = 'connect';
+    const agentNonce = crypto.randomBytes(16).toString('hex');
     s.on('error', () => {});
     s.on('data', (d) => {
       buf += d.toString('latin1');
@@ -350,10 +353,13 @@ function listenVsock() {
         if (stage === 'connect') {
           if (line !== 'CONNECT 1024' || state !== 'Running') return s.destroy();
           s.write('OK 1073741824\\n');
-          stage = 'preamble';
+          // The agent's half of the handshake (shared/guest-protocol.ts), as the guest does it.
+          s.write('VOIDRUN-AGENT-CHALLENGE ' + agentNonce + '\\n');
+          stage = 'handshake';
         } else {
-          if (line !== 'VOIDRUN-AGENT ' + guest.token) return s.destroy();
-          s.write('OK\\n');
+          const [word, proof, hostNonce] = line.split(' ');
+          if (word !== 'VOIDRUN-AGENT' || proof !== hmac('host:' + agentNonce) || !hostNonce) return s.destroy();
+          s.write('OK ' + hmac('agent:' + hostNonce) + '\\n');
           stage = 'http';
         }
       }

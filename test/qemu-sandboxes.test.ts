@@ -1,5 +1,6 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
@@ -63,6 +64,23 @@ describe.skipIf(!qemu.ok)('sandboxes on the qemu driver (microVMs; TCG where KVM
     const sizeMb = Number(df!.split(/\s+/)[1]);
     expect(sizeMb).toBeGreaterThan(4000);
     expect(qemuProcesses(box.id)).toBe(1);
+  });
+
+  it("refuses a connection to the guest's agent that cannot prove it holds the sandbox's token", async () => {
+    const { port } = JSON.parse(readFileSync(join(server.dirs.instancesDir, box.id, 'instance.json'), 'utf8')) as { port: number };
+    const exchange = await new Promise<string>((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      let received = '';
+      socket.on('data', (chunk) => {
+        received += chunk.toString();
+        // Answer the challenge with a made-up proof, then try to talk HTTP anyway.
+        if (received.endsWith('\n') && !received.includes('HTTP')) socket.write(`VOIDRUN-AGENT ${'0'.repeat(64)} ${'1'.repeat(32)}\nGET /ready HTTP/1.1\r\n\r\n`);
+      });
+      socket.on('close', () => resolve(received));
+      socket.on('error', () => resolve(received));
+    });
+    // The agent opened with a challenge (the token never crosses the wire) and closed without a word more.
+    expect(exchange).toMatch(/^VOIDRUN-AGENT-CHALLENGE [0-9a-f]{32}\n$/);
   });
 
   it('moves files in and out and runs a terminal', async () => {

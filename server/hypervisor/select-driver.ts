@@ -48,9 +48,13 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
   });
   let accelerator: Promise<AcceleratorChoice> | null = null;
   const probe = () =>
-    (accelerator ??= deps.vmImages.ensure(config.SANDBOX_DEFAULT_IMAGE).then((image) =>
-      probeAccelerator({ qemu: config.QEMU_BINARY, image, cacheFile: join(config.BASE_IMAGES_DIR, 'kvm-probe.json'), log: deps.log }),
-    ));
+    (accelerator ??= deps.vmImages
+      .ensure(config.SANDBOX_DEFAULT_IMAGE)
+      .then((image) => probeAccelerator({ qemu: config.QEMU_BINARY, image, cacheFile: join(config.BASE_IMAGES_DIR, 'kvm-probe.json'), log: deps.log }))
+      .catch((err: Error) => {
+        accelerator = null; // a later call tries again (e.g. once the image can be built)
+        throw err;
+      }));
   const qemu = new QemuDriver({
     binary: config.QEMU_BINARY,
     instancesDir: config.INSTANCES_DIR,
@@ -99,8 +103,12 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     case 'qemu': {
       const a = await qemu.available();
       if (!a.ok) return { driver: null, reason: `qemu driver unavailable: ${a.reason}` };
-      const choice = await probe();
-      return { driver: qemu, reason: `SANDBOX_DRIVER=qemu; ${choice.reason}`, accelerator: choice.accel };
+      try {
+        const choice = await probe();
+        return { driver: qemu, reason: `SANDBOX_DRIVER=qemu; ${choice.reason}`, accelerator: choice.accel };
+      } catch (err) {
+        return { driver: null, reason: `qemu driver unavailable: ${(err as Error).message}` };
+      }
     }
     case 'cloud-hypervisor': {
       const a = await cloudHypervisorAvailable();

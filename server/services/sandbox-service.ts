@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { CreateSandboxInput, RestoreSandboxInput, Sandbox, SandboxActionResult, SandboxPage, Snapshot } from '../../shared/index.js';
 import type { AgentClients } from '../agent-client/agent-clients.js';
-import { ConflictError, DomainError, DriverFailureError, DriverUnavailableError, ForbiddenError, InvalidInputError, NotFoundError, SandboxNotRunningError } from '../errors.js';
+import { ConflictError, DomainError, ErrorCode, DriverFailureError, DriverUnavailableError, ForbiddenError, InvalidInputError, NotFoundError, SandboxNotRunningError } from '../errors.js';
 import { canPause, canSnapshot, hasAddresses, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
 import type { SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
@@ -93,7 +93,7 @@ export class SandboxService {
         this.deps.log.error({ sandbox: record.id, err: (err as Error).message }, 'sandbox create failed');
         if (input.sync) await this.deps.sandboxes.delete(record.orgId, record.id);
         else await this.#setStatus(record, 'error');
-        throw err instanceof DomainError ? err : new DriverFailureError(`Creating sandbox ${record.name} failed: ${this.#redact(err)}`, { cause: err });
+        throw this.#forCaller(err, `Creating sandbox ${record.name} failed`);
       }
     });
     if (!input.sync) {
@@ -252,7 +252,7 @@ export class SandboxService {
         return toSandbox(await this.#setStatus(record, input.cold ? 'stopped' : 'running'));
       } catch (err) {
         await this.deps.sandboxes.delete(record.orgId, record.id);
-        throw err instanceof DomainError ? err : new DriverFailureError(`Restoring snapshot ${snapId} failed: ${this.#redact(err)}`, { cause: err });
+        throw this.#forCaller(err, `Restoring snapshot ${snapId} failed`);
       }
     });
   }
@@ -278,6 +278,16 @@ export class SandboxService {
       }
       return status;
     });
+  }
+
+  /**
+   * What a caller sees of a failure: domain errors as they are, except driver failures (which
+   * can quote host commands, e.g. an image build), whose host paths are redacted like any error's.
+   */
+  #forCaller(err: unknown, what: string): Error {
+    if (err instanceof DomainError && err.code !== ErrorCode.DRIVER_FAILURE) return err;
+    if (err instanceof DomainError) return new DriverFailureError(this.#redact(err), { cause: err });
+    return new DriverFailureError(`${what}: ${this.#redact(err)}`, { cause: err });
   }
 
   /** A driver failure's message with host directories replaced, for callers (the log keeps the original). */

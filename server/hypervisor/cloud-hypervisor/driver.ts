@@ -1,4 +1,5 @@
-import { reidentifyGuest } from '../vm/instance-files.js';
+import { agentHandshake, reidentifyGuest } from '../vm/instance-files.js';
+import { hostnameFor } from '../container/oci-spec.js';
 import { lastLogLines, waitForExit } from '../host-process.js';
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -9,10 +10,10 @@ import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
-import { AGENT_PREAMBLE_OK, agentPreamble, GUEST_AGENT_PORT, type GuestConfig, type VmImagePaths, type VmInstancePaths, vmInstancePaths } from '../vm/guest.js';
+import { GUEST_AGENT_PORT, type GuestConfig, type VmImagePaths, type VmInstancePaths, vmInstancePaths } from '../vm/guest.js';
 import { CloudHypervisorApi, CloudHypervisorApiError, type VmState } from './api-client.js';
 import { buildVmConfig, rebaseSnapshotConfig, type SnapshotVmConfig, type VmNetwork } from './vm-config.js';
-import { connectHybridVsock, readReplyLine } from './vsock.js';
+import { connectHybridVsock } from './vsock.js';
 
 /** A guest's static IPv4 address on the sandbox bridge. */
 export interface GuestAddress {
@@ -180,7 +181,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
     const address = await this.opts.network.allocate(spec.id);
     const network: VmNetwork = { tap: this.opts.network.tapNameFor(spec.id), address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway };
     await this.opts.writeConfigDisk(f.configDisk, {
-      hostname: spec.name,
+      hostname: hostnameFor(spec.name),
       token,
       env: spec.envVars,
       agentSettings: spec.agentSettings ?? {},
@@ -289,15 +290,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
   async #connectAgent(id: string, timeoutMs: number): Promise<Socket> {
     const token = await this.#token(id);
     const socket = await connectHybridVsock(this.#files(id).vsockSocket, GUEST_AGENT_PORT, { timeoutMs });
-    try {
-      socket.write(agentPreamble(token));
-      const reply = await readReplyLine(socket, { what: `agent handshake with sandbox ${id}`, timeoutMs });
-      if (`${reply}\n` !== AGENT_PREAMBLE_OK) throw new Error(`agent handshake with sandbox ${id}: the agent answered ${JSON.stringify(reply)}`);
-      return socket;
-    } catch (err) {
-      socket.destroy();
-      throw err;
-    }
+    return (await agentHandshake(socket, token, timeoutMs)) as Socket;
   }
 
   async connect(id: string): Promise<Duplex> {
@@ -472,7 +465,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       await this.#waitForAgent(spec.id);
       // The guest's memory still holds the saved sandbox's name and address.
       await reidentifyGuest(await this.connect(spec.id), {
-        hostname: spec.name,
+        hostname: hostnameFor(spec.name),
         network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway },
       });
       // The memory was copied into the VM; the staged copy is no longer needed.

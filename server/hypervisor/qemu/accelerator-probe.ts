@@ -1,6 +1,6 @@
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { constants } from 'node:fs';
-import { access, readFile, writeFile } from 'node:fs/promises';
+import { access, readFile, stat, writeFile } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { BOOT_PROBE_MARKER } from '../vm/guest-boot-files.js';
 import type { VmImagePaths } from '../vm/guest.js';
@@ -35,7 +35,10 @@ export async function probeAccelerator(opts: AcceleratorProbeOptions): Promise<A
     return { accel: 'tcg', reason: '/dev/kvm is missing or not accessible: TCG (software emulation)' };
   }
   const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8').catch(() => '')).trim();
-  const key = `${bootId} ${opts.image.kernel}`;
+  // Valid until the host reboots, the guest kernel or QEMU changes.
+  const kernel = await stat(opts.image.kernel).catch(() => null);
+  const qemuVersion = await new Promise<string>((resolve) => execFile(opts.qemu, ['--version'], (err, out) => resolve(err ? '' : out.split('\n')[0]!)));
+  const key = `${bootId} ${kernel?.size}:${kernel?.mtimeMs} ${qemuVersion}`;
   try {
     const cached = JSON.parse(await readFile(opts.cacheFile, 'utf8')) as { key: string; choice: AcceleratorChoice };
     if (cached.key === key) return cached.choice;

@@ -8,12 +8,13 @@ import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { AgentFiles } from '../../agent-client/agent-bundle.js';
+import { hostnameFor } from '../container/oci-spec.js';
 import type { GuestConfig } from '../../../shared/guest-protocol.js';
 import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
 import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
 import { agentHandshake, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
 import type { VmImages } from '../vm/vm-images.js';
-import { processAlive, waitForExit } from '../host-process.js';
+import { lastLogLines, processAlive, waitForExit } from '../host-process.js';
 import type { AcceleratorChoice } from './accelerator-probe.js';
 import { withQmp } from './qmp-client.js';
 
@@ -109,9 +110,21 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     this.#states.set(id, state);
   }
 
+  /**
+   * The pid of this sandbox's QEMU, if it runs. `vm.pid` outlives a killed QEMU and pids get
+   * reused, so the process must also be ours: its command line names the sandbox.
+   */
   async #pid(id: string): Promise<number | null> {
     const pid = Number((await readFile(this.#paths(id).pid, 'utf8').catch(() => '')).trim());
-    return pid > 0 && processAlive(pid) ? pid : null;
+    if (!(pid > 0) || !processAlive(pid)) return null;
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    return cmdline.split('\0').includes(`voidrun-${id}`) ? pid : null;
+  }
+
+  #kill(pid: number): void {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {} // already gone
   }
 
   async create(spec: SandboxSpec): Promise<void> {
@@ -133,7 +146,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
 
   #guestConfig(spec: SandboxSpec, token: string): GuestConfig {
     return {
-      hostname: spec.name,
+      hostname: hostnameFor(spec.name),
       token,
       env: spec.envVars,
       agentSettings: { ...spec.agentSettings, VOIDRUN_SANDBOX_ID: spec.id },
@@ -237,8 +250,8 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
 
   async #logTail(id: string): Promise<string> {
     const p = this.#paths(id);
-    const tail = async (file: string) => (await readFile(file, 'utf8').catch(() => '')).trim().split('\n').slice(-3).join(' | ');
-    return [await tail(p.log), await tail(p.qemuLog)].filter(Boolean).join(' | ') || '(no output)';
+    // Only the ends of the logs: the guest can make its console log as large as it likes.
+    return [lastLogLines(p.log), lastLogLines(p.qemuLog)].filter((t) => t !== '(no log)' && t !== '(no output)').join(' | ') || '(no output)';
   }
 
   async connect(id: string): Promise<Duplex> {
@@ -259,7 +272,17 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     const state = await this.#state(spec.id);
     // Settings may have changed while it was stopped (env vars are per sandbox record).
     await writeConfigDisk(this.#paths(spec.id).configDisk, this.#guestConfig(spec, state.token));
-    await this.#boot(spec.id, state, await this.opts.images.ensure(state.image));
+    try {
+      await this.#boot(spec.id, state, await this.opts.images.ensure(state.image));
+    } catch (err) {
+      // Not left half-started: a live QEMU whose agent never answered would look running.
+      const pid = await this.#pid(spec.id);
+      if (pid) {
+        this.#kill(pid);
+        await waitForExit(pid, 5000);
+      }
+      throw err;
+    }
   }
 
   /** A clean power-off through the agent (it syncs first); QMP quit, then SIGKILL, if that fails. */
@@ -268,19 +291,19 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     if (!pid) return;
     const p = this.#paths(id);
     const status = await withQmp(p.qmpSocket, (q) => q.execute<{ status: string }>('query-status')).catch(() => null);
-    if (status?.status === 'paused') await withQmp(p.qmpSocket, (q) => q.execute('cont')).catch(() => {});
+    if (status?.status === 'paused' || status?.status === 'postmigrate') await withQmp(p.qmpSocket, (q) => q.execute('cont')).catch(() => {});
     await this.#agentRequest(id, 'POST', '/poweroff', 2000).catch(() => 0);
     if (await waitForExit(pid, 10_000)) return;
     await withQmp(p.qmpSocket, (q) => q.execute('quit')).catch(() => {});
     if (await waitForExit(pid, 3000)) return;
-    process.kill(pid, 'SIGKILL');
+    this.#kill(pid);
     await waitForExit(pid, 3000);
   }
 
   async destroy(id: string): Promise<void> {
     const pid = await this.#pid(id);
     if (pid) {
-      process.kill(pid, 'SIGKILL');
+      this.#kill(pid);
       await waitForExit(pid, 5000);
     }
     this.#states.delete(id);
@@ -334,8 +357,10 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
           }
           await run('cp', ['--sparse=always', p.overlay, join(work, 'overlay.qcow2')], 600_000);
         } finally {
-          // `cont` after a completed migration takes the disks back; the VM carries on.
-          if (wasRunning) await q.execute('cont');
+          // `cont` after a completed migration takes the disks back; the VM carries on. A VM that
+          // was paused is paused again after that, so a second snapshot finds its disks active.
+          await q.execute('cont');
+          if (!wasRunning) await q.execute('stop');
         }
       });
       await writeFile(join(work, 'instance.json'), JSON.stringify({ ...state, port: 0 }));
@@ -360,7 +385,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
       await this.#boot(spec.id, state, image, p.memory);
       await rm(p.memory, { force: true });
-      await reidentifyGuest(await this.connect(spec.id), { hostname: spec.name });
+      await reidentifyGuest(await this.connect(spec.id), { hostname: hostnameFor(spec.name) });
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
       throw err;

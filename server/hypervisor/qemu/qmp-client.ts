@@ -18,7 +18,12 @@ export class QmpSession {
         const line = this.#buffer.slice(0, nl).trim();
         this.#buffer = this.#buffer.slice(nl + 1);
         if (!line) continue;
-        const msg = JSON.parse(line) as Record<string, unknown>;
+        let msg: Record<string, unknown>;
+        try {
+          msg = JSON.parse(line) as Record<string, unknown>;
+        } catch {
+          continue; // not QMP; never worth crashing the server over
+        }
         if ('event' in msg) continue;
         this.#waiters.shift()?.(msg);
       }
@@ -43,21 +48,33 @@ export class QmpSession {
     });
     const session = new QmpSession(socket);
     socket.on('error', () => {});
-    await session.#next(timeoutMs); // the greeting
-    await session.execute('qmp_capabilities');
+    try {
+      await session.#next(timeoutMs); // the greeting
+      await session.execute('qmp_capabilities');
+    } catch (err) {
+      // QEMU serves one monitor client at a time: a connection left open would lock out every later one.
+      socket.destroy();
+      throw err;
+    }
     return session;
   }
 
   #next(timeoutMs: number): Promise<Record<string, unknown>> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('QEMU did not answer a QMP command in time')), timeoutMs);
-      const onClose = () => reject(new Error('QEMU closed its QMP socket'));
-      this.socket.once('close', onClose);
-      this.#waiters.push((msg) => {
+      const waiter = (msg: Record<string, unknown>) => {
         clearTimeout(timer);
         this.socket.off('close', onClose);
         resolve(msg);
-      });
+      };
+      // A late reply must not be taken for the next command's: a timed-out session is closed.
+      const timer = setTimeout(() => {
+        this.#waiters = this.#waiters.filter((w) => w !== waiter);
+        this.socket.destroy();
+        reject(new Error('QEMU did not answer a QMP command in time'));
+      }, timeoutMs);
+      const onClose = () => reject(new Error('QEMU closed its QMP socket'));
+      this.socket.once('close', onClose);
+      this.#waiters.push(waiter);
     });
   }
 

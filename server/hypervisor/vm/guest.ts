@@ -11,12 +11,12 @@ import { join } from 'node:path';
  * port through hybrid vsock (a bridge in the guest forwards vsock port 1024 to it); qemu through a
  * user-mode-network port forward on host loopback.
  *
- * Because a loopback port is reachable by every local user, the agent first expects one line,
- * `VOIDRUN-AGENT <token>\n`, and answers `OK\n` before speaking HTTP; the token is random per
- * sandbox and lives only in the config disk (root-only on the host) and the guest.
+ * Because a loopback port is reachable by every local user, every connection starts with a
+ * challenge–response on the sandbox's token (shared/guest-protocol.ts) before HTTP; the token is
+ * random per sandbox and lives only in the config disk (root-only on the host) and the guest.
  */
 
-export { AGENT_PREAMBLE_OK, agentPreamble, CONFIG_DISK_BYTES, GUEST_AGENT_PORT, type GuestConfig } from '../../../shared/guest-protocol.js';
+export { CONFIG_DISK_BYTES, GUEST_AGENT_PORT, type GuestConfig } from '../../../shared/guest-protocol.js';
 
 /** The host files of one VM image under BASE_IMAGES_DIR (the original VoidRun's `<image>-base.qcow2`). */
 export interface VmImagePaths {

@@ -2,7 +2,16 @@ import { execFile } from 'node:child_process';
 import { request as httpRequest } from 'node:http';
 import { open, realpath } from 'node:fs/promises';
 import type { Duplex } from 'node:stream';
-import { AGENT_PREAMBLE_OK, agentPreamble, CONFIG_DISK_BYTES, type GuestConfig, type GuestIdentity } from '../../../shared/guest-protocol.js';
+import {
+  AGENT_CHALLENGE_PREFIX,
+  AGENT_RESPONSE_PREFIX,
+  CONFIG_DISK_BYTES,
+  handshakeProof,
+  newNonce,
+  type GuestConfig,
+  type GuestIdentity,
+} from '../../../shared/guest-protocol.js';
+import { readReplyLine } from './reply-line.js';
 
 /** What every microVM driver does with an instance's files and its agent connection. */
 
@@ -40,42 +49,23 @@ export async function createOverlay(baseDisk: string, overlay: string, sizeMb: n
 }
 
 /**
- * Sends the agent handshake on a fresh connection to a guest and resolves with the stream once
- * the agent has accepted it; from then on it speaks HTTP. Read with `read()` rather than 'data'
- * so the stream never starts flowing: whoever takes it over (http, ws) gets every byte after
- * `OK\n`, which is pushed back.
+ * The host's half of the agent handshake (shared/guest-protocol.ts) on a fresh connection to a
+ * guest; resolves with the stream once both sides have proved they hold the token. Whatever the
+ * agent sent after its last handshake line stays in the stream for the HTTP client.
  */
-export function agentHandshake(socket: Duplex, token: string, timeoutMs = 5000): Promise<Duplex> {
-  return new Promise((resolve, reject) => {
-    let received = Buffer.alloc(0);
-    const timer = setTimeout(() => fail(new Error('the sandbox agent did not answer the handshake')), timeoutMs);
-    const cleanup = () => {
-      clearTimeout(timer);
-      socket.off('readable', onReadable);
-      socket.off('error', fail);
-      socket.off('end', onEnd);
-    };
-    const fail = (err: Error) => {
-      cleanup();
-      socket.destroy();
-      reject(err);
-    };
-    const onEnd = () => fail(new Error('the sandbox agent closed the connection during the handshake'));
-    const onReadable = () => {
-      let chunk: Buffer | null;
-      while ((chunk = socket.read() as Buffer | null) !== null) received = Buffer.concat([received, chunk]);
-      if (received.length < AGENT_PREAMBLE_OK.length) return;
-      if (received.subarray(0, AGENT_PREAMBLE_OK.length).toString() !== AGENT_PREAMBLE_OK) return fail(new Error('the sandbox agent refused the handshake'));
-      cleanup();
-      const rest = received.subarray(AGENT_PREAMBLE_OK.length);
-      if (rest.length) socket.unshift(rest);
-      resolve(socket);
-    };
-    socket.on('readable', onReadable);
-    socket.once('error', fail);
-    socket.once('end', onEnd);
-    socket.write(agentPreamble(token));
-  });
+export async function agentHandshake(socket: Duplex, token: string, timeoutMs = 5000): Promise<Duplex> {
+  try {
+    const challenge = await readReplyLine(socket, { what: 'agent handshake', timeoutMs });
+    if (!challenge.startsWith(AGENT_CHALLENGE_PREFIX)) throw new Error('the sandbox agent did not open the handshake');
+    const hostNonce = newNonce();
+    socket.write(`${AGENT_RESPONSE_PREFIX}${handshakeProof(token, 'host', challenge.slice(AGENT_CHALLENGE_PREFIX.length))} ${hostNonce}\n`);
+    const accepted = await readReplyLine(socket, { what: 'agent handshake', timeoutMs });
+    if (accepted !== `OK ${handshakeProof(token, 'agent', hostNonce)}`) throw new Error('the sandbox agent refused the handshake or could not prove it is the sandbox');
+    return socket;
+  } catch (err) {
+    socket.destroy();
+    throw err;
+  }
 }
 
 /**

@@ -114,7 +114,8 @@ export class VmImages {
       step('adding socat (the guest end of the vsock bridge)');
       const extra = join(work, 'extra-debs');
       await mkdir(extra);
-      await aptDownload(await missingPackages(['socat'], root), extra, log);
+      const needed = await missingPackages(['socat'], root);
+      if (needed.length) await aptDownload(needed, extra, log);
       for (const deb of await readdir(extra)) await extractDebInto(join(extra, deb), root);
 
       step('making the ext4 root disk and converting it to qcow2');
@@ -125,21 +126,25 @@ export class VmImages {
       await runLogged('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, join(work, 'base.qcow2')], log);
 
       // Into place: files first, the marker last (a crash in between leaves a build to redo).
-      await copyFile(vmlinuz, paths.kernel);
+      await copyFile(vmlinuz, `${paths.kernel}.tmp`);
+      await rename(`${paths.kernel}.tmp`, paths.kernel);
       await rename(join(work, 'initrd.img'), paths.initrd);
       await rename(join(work, 'vmlinux'), paths.vmlinux);
       // Overlays name their base by path, so each version of the base is its own file and never
       // changes under a sandbox made from it; `<image>-base.qcow2` points at the newest.
       const versionedBase = join(baseImagesDir, `${name}-base-v${VM_IMAGE_VERSION}.qcow2`);
-      await rename(join(work, 'base.qcow2'), versionedBase);
+      // A base of this version that exists is complete (renamed into place whole) and may back
+      // sandboxes: keep it rather than replace it.
+      if (!existsSync(versionedBase)) await rename(join(work, 'base.qcow2'), versionedBase);
       await rm(`${paths.baseDisk}.tmp`, { force: true });
       await symlink(basename(versionedBase), `${paths.baseDisk}.tmp`);
       await rename(`${paths.baseDisk}.tmp`, paths.baseDisk);
       await copyFile(join(unpacked, 'bin', 'busybox'), this.#busyboxPath(name));
       await writeFile(
-        this.#marker(name),
+        `${this.#marker(name)}.tmp`,
         JSON.stringify({ name, version: VM_IMAGE_VERSION, kernel: kernelVersion, modules: modules.map((m) => m.name), rootMb, builtAt: new Date().toISOString() }),
       );
+      await rename(`${this.#marker(name)}.tmp`, this.#marker(name));
     } catch (err) {
       throw new DomainError(ErrorCode.DRIVER_FAILURE, `Building the VM image ${name} failed: ${(err as Error).message}`, { cause: err });
     } finally {
@@ -258,7 +263,10 @@ async function extractDebInto(deb: string, root: string): Promise<void> {
     tar.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
     dpkg.once('error', reject);
     tar.once('error', reject);
-    tar.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`unpacking ${basename(deb)} failed: ${stderr.trim()}`))));
+    const dpkgExit = new Promise<number | null>((r) => dpkg.once('close', r));
+    tar.once('close', (code) =>
+      void dpkgExit.then((dpkgCode) => (code === 0 && dpkgCode === 0 ? resolve() : reject(new Error(`unpacking ${basename(deb)} failed: ${stderr.trim()}`)))),
+    );
   });
 }
 
