@@ -1,7 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, openSync } from 'node:fs';
-import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { request as httpRequest } from 'node:http';
 import { connect as netConnect, createServer } from 'node:net';
 import { join } from 'node:path';
@@ -106,7 +106,10 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
   }
 
   async #saveState(id: string, state: InstanceState): Promise<void> {
-    await writeFile(this.#paths(id).state, JSON.stringify(state), { mode: 0o600 });
+    // Atomically: the token and port must survive a crash mid-write.
+    const file = this.#paths(id).state;
+    await writeFile(`${file}.tmp`, JSON.stringify(state), { mode: 0o600 });
+    await rename(`${file}.tmp`, file);
     this.#states.set(id, state);
   }
 
@@ -316,7 +319,18 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     if (!(await this.#pid(id))) return 'stopped';
     const status = await withQmp(p.qmpSocket, (q) => q.execute<{ status: string }>('query-status')).catch(() => null);
     if (!status) return 'running'; // alive but QMP busy (e.g. mid-migration): not stopped
-    return status.status === 'paused' || status.status === 'postmigrate' ? 'paused' : status.status === 'shutdown' ? 'stopped' : 'running';
+    switch (status.status) {
+      case 'paused':
+      case 'postmigrate':
+      case 'io-error': // e.g. the host disk is full: QEMU paused the VM rather than lose writes
+        return 'paused';
+      case 'shutdown':
+      case 'guest-panicked':
+      case 'internal-error':
+        return 'stopped';
+      default:
+        return 'running';
+    }
   }
 
   async list(): Promise<string[]> {
