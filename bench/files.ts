@@ -2,13 +2,17 @@
  * `npm run bench:files`: file transfer and watch costs through the real server (container driver).
  *   1. upload and download of a 1 GiB file through the API — with curl and with our TypeScript
  *      client — next to a raw `cat` copy of the same file on the same disk (the baseline), with the
- *      throughput ratio;
+ *      throughput ratio. Two more references put that ratio in context: GNU cat copies
+ *      file-to-file inside the kernel (copy_file_range), so a user-space copy through a pipe
+ *      (`cat | cat`) and a bare HTTP download (a minimal Node server streaming the file from disk
+ *      to curl: no API, no sandbox, no agent) are measured too — the best any HTTP transfer can do;
  *   2. the server process's resident memory, sampled during the transfers: growth;
  *   3. watch event latency over 1,000 writes: from sending `echo >> file` through POST /exec to
  *      the `modified` event arriving on the watch stream.
  * Needs root and runc (npm run setup) and the debian image (npm run image:build).
  */
-import { execFileSync } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
 import { createWriteStream, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -22,6 +26,9 @@ import { startServerProcess } from './lib/server-process.js';
 const SIZE_MB = Number(process.env.BENCH_FILE_MB ?? 1024);
 const WRITES = Number(process.env.BENCH_WATCH_WRITES ?? 1000);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+
+// Asynchronously: the RSS sampler below must keep running while curl and cat work.
+const sh = (script: string) => promisify(execFile)('sh', ['-c', script], { maxBuffer: 1024 * 1024 });
 
 const server = await startServerProcess();
 const scratch = mkdtempSync(join(server.instancesDir, '..', 'bench-files-'));
@@ -57,14 +64,24 @@ try {
   // swing widely with the page cache and the other core's load.
   const auth = ['-H', `X-API-Key: ${reg.apiKey}`];
   const api = `${server.url}/api/sandboxes/${box.id}/files`;
+  const copy = join(scratch, 'copy.bin');
+  // The bare HTTP reference: its own process (this one's event loop is busy timing).
+  const bare = spawn(
+    process.execPath,
+    ['-e', `const fs=require('fs');const s=require('http').createServer((q,r)=>{r.writeHead(200,{'content-length':fs.statSync(process.argv[1]).size});fs.createReadStream(process.argv[1],{highWaterMark:1<<20}).pipe(r)});s.listen(0,'127.0.0.1',()=>console.log(s.address().port))`, src],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const barePort = await new Promise<number>((resolve) => bare.stdout.once('data', (d: Buffer) => resolve(Number(d.toString().trim()))));
   const cases: Record<string, () => Promise<unknown>> = {
-    raw: async () => execFileSync('sh', ['-c', `cat "${src}" > "${join(scratch, 'copy.bin')}" && sync "${join(scratch, 'copy.bin')}" && rm "${join(scratch, 'copy.bin')}"`]),
-    curlUp: async () => execFileSync('curl', ['-sf', '-o', '/dev/null', '-X', 'POST', ...auth, '-H', 'content-type: application/octet-stream', '-T', src, `${api}/upload?path=/root/curl.bin`]),
-    curlDown: async () => execFileSync('sh', ['-c', `curl -sf -o "${join(scratch, 'curl-back.bin')}" -H "X-API-Key: ${reg.apiKey}" "${api}/download?path=/root/curl.bin" && rm "${join(scratch, 'curl-back.bin')}"`]),
+    raw: () => sh(`cat "${src}" > "${copy}" && sync "${copy}" && rm "${copy}"`),
+    pipe: () => sh(`cat "${src}" | cat > "${copy}" && sync "${copy}" && rm "${copy}"`),
+    bareHttp: () => sh(`curl -sf -o "${copy}" http://127.0.0.1:${barePort}/ && sync "${copy}" && rm "${copy}"`),
+    curlUp: () => sh(`curl -sf -o /dev/null -X POST -H "X-API-Key: ${reg.apiKey}" -H 'content-type: application/octet-stream' -T "${src}" "${api}/upload?path=/root/curl.bin"`),
+    curlDown: () => sh(`curl -sf -o "${copy}" -H "X-API-Key: ${reg.apiKey}" "${api}/download?path=/root/curl.bin" && sync "${copy}" && rm "${copy}"`),
     up: () => box.files.upload('/root/big.bin', { path: src }),
     down: async () => {
-      await pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin'), { highWaterMark: 1024 * 1024 }));
-      rmSync(join(scratch, 'back.bin'));
+      await pipeline(await box.files.download('/root/big.bin'), createWriteStream(copy, { highWaterMark: 1024 * 1024 }));
+      await sh(`sync "${copy}" && rm "${copy}"`);
     },
   };
   const seconds: Record<string, number[]> = {};
@@ -72,7 +89,10 @@ try {
     for (const [name, fn] of Object.entries(cases)) (seconds[name] ??= []).push(await timeIt(fn));
   }
   const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-  const [raw, curlUp, curlDown, up, down] = ['raw', 'curlUp', 'curlDown', 'up', 'down'].map((k) => median(seconds[k]!)) as [number, number, number, number, number];
+  bare.kill();
+  const [raw, pipeCopy, bareHttp, curlUp, curlDown, up, down] = ['raw', 'pipe', 'bareHttp', 'curlUp', 'curlDown', 'up', 'down'].map((k) => median(seconds[k]!)) as [
+    number, number, number, number, number, number, number,
+  ];
   await pipeline(await box.files.download('/root/big.bin'), createWriteStream(join(scratch, 'back.bin')));
   clearInterval(sampler);
   const same = statSync(join(scratch, 'back.bin')).size === statSync(src).size;
@@ -80,15 +100,17 @@ try {
 
   const mbps = (s: number) => (SIZE_MB / s).toFixed(0);
   console.log(`\n${SIZE_MB} MiB file, container driver, same disk; medians of ${ROUNDS} interleaved rounds\n`);
-  console.log(`${'case'.padEnd(34)}${'seconds'.padStart(9)}${'MiB/s'.padStart(8)}${'vs raw'.padStart(9)}`);
+  console.log(`${'case'.padEnd(44)}${'seconds'.padStart(9)}${'MiB/s'.padStart(8)}${'vs raw'.padStart(9)}${'vs pipe'.padStart(9)}${'vs bare HTTP'.padStart(14)}`);
   for (const [name, s] of [
     ['cat copy on the host [baseline]', raw],
+    ['cat | cat copy (user space) [reference]', pipeCopy],
+    ['bare HTTP download, curl [reference]', bareHttp],
     ['upload with curl', curlUp],
     ['download with curl', curlDown],
     ['upload with the TS client', up],
     ['download with the TS client', down],
   ] as const) {
-    console.log(`${name.padEnd(34)}${s.toFixed(2).padStart(9)}${mbps(s).padStart(8)}${(raw / s).toFixed(2).padStart(9)}`);
+    console.log(`${name.padEnd(44)}${s.toFixed(2).padStart(9)}${mbps(s).padStart(8)}${(raw / s).toFixed(2).padStart(9)}${(pipeCopy / s).toFixed(2).padStart(9)}${(bareHttp / s).toFixed(2).padStart(14)}`);
   }
   console.log(`download size matches: ${same}`);
   console.log(`server RSS: before ${(rssBefore / 2 ** 20).toFixed(0)} MiB, peak during transfers ${(peak / 2 ** 20).toFixed(0)} MiB, growth ${((peak - rssBefore) / 2 ** 20).toFixed(0)} MiB (target ≤ 64 MB)`);
