@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
+import { createReadStream, createWriteStream, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -228,6 +228,23 @@ describe.skipIf(!support.ok)('files in sandboxes', () => {
     const literal = await server.http(`/api/sandboxes/${box.id}/files/create?path=/root/literal.txt&content=true`, { method: 'POST', apiKey });
     expect(literal.status).toBe(200);
     expect((await box.files.read('/root/literal.txt')).toString()).toBe('true');
+  });
+
+  it("downloads what a symlink points to inside the sandbox, never the host's file of that name", async () => {
+    // The same absolute path on the host and in the sandbox, with different contents: the server
+    // reads downloads from the host side of the sandbox's filesystem, so this pins that it reads
+    // the sandbox's.
+    const name = `/tmp/voidrun-same-name-${Date.now()}`;
+    writeFileSync(name, 'host content');
+    try {
+      await box.exec(`echo -n 'sandbox content' > ${name} && ln -sf ${name} /root/abs-link`);
+      const res = await server.http(`/api/sandboxes/${box.id}/files/download?path=/root/abs-link`, { apiKey });
+      expect(res.status).toBe(200);
+      expect(await res.text()).toBe('sandbox content');
+      expect((await box.files.read('/root/abs-link')).toString()).toBe('sandbox content');
+    } finally {
+      rmSync(name, { force: true });
+    }
   });
 
   it('replaces an existing archive when compressing again (regression: zip added to it)', async () => {

@@ -70,6 +70,19 @@ export interface SnapshottingDriver {
   readonly snapshotKind: 'filesystem' | 'memory+filesystem';
 }
 
+/**
+ * Optional ability: the sandbox's root filesystem is reachable from the host (a container's
+ * overlay mount), so the server can read a file the agent located without streaming it through
+ * the agent. Null when it is not (e.g. the sandbox is stopped).
+ */
+export interface HostFilesystemDriver {
+  hostRoot(id: string): string | null;
+}
+
+export function hasHostFilesystem(d: SandboxDriver): d is SandboxDriver & HostFilesystemDriver {
+  return typeof (d as Partial<HostFilesystemDriver>).hostRoot === 'function';
+}
+
 /** Optional ability: sandboxes with their own address on a host network (microVMs on the bridge). */
 export interface AddressingDriver {
   addressOf(id: string): Promise<string | null>;

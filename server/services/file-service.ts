@@ -1,4 +1,7 @@
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import type { IncomingMessage } from 'node:http';
+import { join } from 'node:path';
 import { PassThrough, Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type {
@@ -16,6 +19,7 @@ import type {
 import { AgentUnavailableError, fromAgentCode, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
 import { AgentConnectionError } from '../agent-client/agent-connection.js';
 import { PayloadTooLargeError } from '../errors.js';
+import { hasHostFilesystem } from '../hypervisor/types.js';
 import type { SandboxRecord } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
@@ -26,7 +30,7 @@ const ok = { stderr: '', exitCode: 0 };
 export interface Download {
   path: string;
   size: number | null;
-  stream: IncomingMessage;
+  stream: Readable;
 }
 
 /**
@@ -188,9 +192,19 @@ export class FileService {
     return JSON.parse(await readAll(res)) as UploadResult;
   }
 
-  /** Opens a file in the sandbox for reading; the caller pipes `stream` to its client. */
+  /**
+   * Opens a file in the sandbox for reading; the caller pipes `stream` to its client. When the
+   * driver exposes the sandbox's filesystem to the host (containers), the agent only locates the
+   * file and the bytes are read from the host, one hop fewer; otherwise the agent streams them.
+   */
   async download(p: Principal, id: string, path: string): Promise<Download> {
     const record = await this.deps.sandboxes.running(p, id);
+    const driver = this.deps.sandboxes.driverOrNull;
+    const root = driver && hasHostFilesystem(driver) ? driver.hostRoot(id) : null;
+    if (root) {
+      const direct = await this.#openOnHost(record, root, path);
+      if (direct) return direct;
+    }
     const agentReq = this.deps.sandboxes.agents.request(id, { method: 'GET', path: `/files/content?path=${encodeURIComponent(path)}` });
     const res = await new Promise<IncomingMessage>((resolve, reject) => {
       agentReq.once('response', resolve);
@@ -204,7 +218,49 @@ export class FileService {
     const resolved = res.headers['x-file-path'];
     return { path: typeof resolved === 'string' ? decodeURIComponent(resolved) : path, size: length ? Number(length) : null, stream: res };
   }
+
+  /**
+   * Asks the agent where the file is (resolved inside the sandbox, with its device and inode),
+   * opens that path under the sandbox's host root without following a final symlink, and keeps it
+   * only if it is the very file the agent saw — a path component swapped for a symlink in between
+   * would lead elsewhere, and elsewhere has another device or inode. Null means: let the agent
+   * stream it (also for files whose size says nothing, like /proc's, and for older agents).
+   */
+  async #openOnHost(record: SandboxRecord, root: string, path: string): Promise<HostOpen> {
+    const agentReq = this.deps.sandboxes.agents.request(record.id, { method: 'HEAD', path: `/files/content?path=${encodeURIComponent(path)}` });
+    const res = await new Promise<IncomingMessage>((resolve, reject) => {
+      agentReq.once('response', resolve);
+      agentReq.once('error', reject);
+      agentReq.end();
+    }).catch(async (err: unknown) => {
+      throw await this.#failure(record, err);
+    });
+    res.resume();
+    if (res.statusCode === 405) return null; // an agent from before HEAD existed
+    // A HEAD answer has no body to carry the agent's error: ask again the ordinary way for it.
+    if (res.statusCode !== 200) return null;
+    const header = (name: string) => {
+      const v = res.headers[name];
+      return typeof v === 'string' ? v : '';
+    };
+    const real = decodeURIComponent(header('x-file-realpath'));
+    if (!real.startsWith('/') || !/^\d+$/.test(header('x-file-dev')) || !/^\d+$/.test(header('x-file-ino'))) return null;
+    let fh: FileHandle;
+    try {
+      fh = await open(join(root, real), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK | constants.O_NOCTTY);
+    } catch {
+      return null;
+    }
+    const st = await fh.stat({ bigint: true });
+    if (!st.isFile() || st.dev !== BigInt(header('x-file-dev')) || st.ino !== BigInt(header('x-file-ino')) || st.size === 0n) {
+      await fh.close();
+      return null;
+    }
+    return { path: decodeURIComponent(header('x-file-path')) || path, size: Number(st.size), stream: fh.createReadStream({ highWaterMark: 1024 * 1024 }) };
+  }
 }
+
+type HostOpen = Download | null;
 
 function tooLarge(limit: number): PayloadTooLargeError {
   return new PayloadTooLargeError(`Upload is larger than the limit of ${limit} bytes (MAX_UPLOAD_BYTES)`);

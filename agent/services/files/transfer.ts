@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { constants, createWriteStream } from 'node:fs';
-import { lstat, mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { lstat, mkdir, open, realpath, rename, rm, stat } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { basename, dirname, join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -20,6 +20,35 @@ function sendError(res: ServerResponse, err: unknown): void {
   }
   if (err instanceof AgentError) sendJson(res, agentErrorStatus[err.code as keyof typeof agentErrorStatus] ?? 400, { error: err.message, code: err.code });
   else sendJson(res, 500, { error: (err as Error).message, code: 'INTERNAL' });
+}
+
+/**
+ * HEAD: where a downloadable file is — its path with every symlink resolved inside the sandbox,
+ * its device and inode — for a server that can read the sandbox's filesystem from the host (the
+ * container driver's mount). The server opens it there and reads it only if device and inode
+ * match, so nothing swapped in between can make it read anything but this file.
+ */
+async function locate(res: ServerResponse, input: string): Promise<void> {
+  const path = resolveInSandbox(input);
+  const fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK).catch((err) => {
+    throw fsError(err, path);
+  });
+  try {
+    const st = await fh.stat({ bigint: true });
+    if (st.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (compress it first, then download the archive)`);
+    if (!st.isFile()) throw new AgentError('BAD_REQUEST', `Not a regular file: ${path} (a device, socket or pipe cannot be downloaded)`);
+    const real = await realpath(path).catch(() => path);
+    res.writeHead(200, {
+      'content-length': String(st.size),
+      'x-file-path': encodeURIComponent(path),
+      'x-file-realpath': encodeURIComponent(real),
+      'x-file-dev': String(st.dev),
+      'x-file-ino': String(st.ino),
+    });
+    res.end();
+  } finally {
+    await fh.close();
+  }
 }
 
 /** GET: streams a file's bytes, with its size as Content-Length. */
@@ -67,7 +96,7 @@ async function upload(req: IncomingMessage, res: ServerResponse, input: string):
   sendJson(res, 200, { path, size: st.size });
 }
 
-/** The agent's raw byte routes: `/files/content?path=` (GET downloads, PUT uploads). */
+/** The agent's raw byte routes: `/files/content?path=` (GET downloads, HEAD locates, PUT uploads). */
 export async function handleFileTransfer(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
   const url = new URL(req.url ?? '/', 'http://agent');
   if (url.pathname !== '/files/content') return false;
@@ -75,6 +104,7 @@ export async function handleFileTransfer(req: IncomingMessage, res: ServerRespon
   try {
     if (!path) throw new AgentError('BAD_REQUEST', 'path is required');
     if (req.method === 'GET') await download(res, path);
+    else if (req.method === 'HEAD') await locate(res, path);
     else if (req.method === 'PUT') await upload(req, res, path);
     else sendJson(res, 405, { error: 'Use GET or PUT', code: 'BAD_REQUEST' });
   } catch (err) {

@@ -243,6 +243,12 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     return entries.filter((e) => existsSync(join(this.opts.instancesDir, e, 'config.json')));
   }
 
+  /** The sandbox's root filesystem as the host sees it: its overlay mount, while mounted. */
+  hostRoot(id: string): string | null {
+    const p = layout(this.opts.instancesDir, id);
+    return isMounted(p.rootfs) ? p.rootfs : null;
+  }
+
   async pause(id: string): Promise<void> {
     await this.#runc.pause(this.#cid(id));
   }
