@@ -205,18 +205,23 @@ export class FileService {
       const direct = await this.#openOnHost(record, root, path);
       if (direct) return direct;
     }
-    const agentReq = this.deps.sandboxes.agents.request(id, { method: 'GET', path: `/files/content?path=${encodeURIComponent(path)}` });
-    const res = await new Promise<IncomingMessage>((resolve, reject) => {
+    const res = await this.#askAgent(record, 'GET', path);
+    if (res.statusCode !== 200) throw await agentHttpError(res);
+    const length = res.headers['content-length'];
+    const resolved = res.headers['x-file-path'];
+    return { path: typeof resolved === 'string' ? decodeURIComponent(resolved) : path, size: length ? Number(length) : null, stream: res };
+  }
+
+  /** A bodiless request to the agent's `/files/content` route; its response once headers arrive. */
+  #askAgent(record: SandboxRecord, method: 'GET' | 'HEAD', path: string): Promise<IncomingMessage> {
+    const agentReq = this.deps.sandboxes.agents.request(record.id, { method, path: `/files/content?path=${encodeURIComponent(path)}` });
+    return new Promise<IncomingMessage>((resolve, reject) => {
       agentReq.once('response', resolve);
       agentReq.once('error', reject);
       agentReq.end();
     }).catch(async (err: unknown) => {
       throw await this.#failure(record, err);
     });
-    if (res.statusCode !== 200) throw await agentHttpError(res);
-    const length = res.headers['content-length'];
-    const resolved = res.headers['x-file-path'];
-    return { path: typeof resolved === 'string' ? decodeURIComponent(resolved) : path, size: length ? Number(length) : null, stream: res };
   }
 
   /**
@@ -227,14 +232,7 @@ export class FileService {
    * stream it (also for files whose size says nothing, like /proc's, and for older agents).
    */
   async #openOnHost(record: SandboxRecord, root: string, path: string): Promise<HostOpen> {
-    const agentReq = this.deps.sandboxes.agents.request(record.id, { method: 'HEAD', path: `/files/content?path=${encodeURIComponent(path)}` });
-    const res = await new Promise<IncomingMessage>((resolve, reject) => {
-      agentReq.once('response', resolve);
-      agentReq.once('error', reject);
-      agentReq.end();
-    }).catch(async (err: unknown) => {
-      throw await this.#failure(record, err);
-    });
+    const res = await this.#askAgent(record, 'HEAD', path);
     res.resume();
     if (res.statusCode === 405) return null; // an agent from before HEAD existed
     // A HEAD answer has no body to carry the agent's error: ask again the ordinary way for it.
