@@ -67,6 +67,8 @@ const server = createServer((req, res) => {
         res.writeHead(400).end();
         return;
       }
+      // Commands started from now on see the new id (the managers spread this object at each spawn).
+      if (typeof identity.sandboxId === 'string') baseEnv.VOIDRUN_SANDBOX_ID = identity.sandboxId;
       void applyGuestIdentity(identity, busybox).then(
         () => res.writeHead(204).end(),
         (err: Error) => res.writeHead(500).end(err.message),

@@ -47,5 +47,7 @@ export const CONFIG_DISK_BYTES = 1024 * 1024;
 /** What `POST /identity` on a guest agent sets after a restore. */
 export interface GuestIdentity {
   hostname: string;
+  /** The new sandbox's id, which its commands see as VOIDRUN_SANDBOX_ID. */
+  sandboxId: string;
   network?: GuestConfig['network'];
 }

@@ -136,7 +136,7 @@ describe.skipIf(!qemu.ok)('sandboxes on the qemu driver (microVMs; TCG where KVM
     await sleep(1000);
     const second = Number((await restored.exec('cat /root/counter')).stdout);
     expect(second).toBeGreaterThan(first);
-    expect((await restored.exec('hostname')).stdout).toBe('vm-restored\n');
+    expect((await restored.exec('hostname; echo $VOIDRUN_SANDBOX_ID')).stdout).toBe(`vm-restored\n${restored.id}\n`);
     expect((await restored.exec('cat /root/before.txt; test -e /root/after.txt && echo after-exists || echo no-after')).stdout).toBe(
       'written before the snapshotno-after\n',
     );

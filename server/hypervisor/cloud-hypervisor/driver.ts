@@ -466,6 +466,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       // The guest's memory still holds the saved sandbox's name and address.
       await reidentifyGuest(await this.connect(spec.id), {
         hostname: hostnameFor(spec.name),
+        sandboxId: spec.id,
         network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway },
       });
       // The memory was copied into the VM; the staged copy is no longer needed.

@@ -40,8 +40,8 @@ export async function probeAccelerator(opts: AcceleratorProbeOptions): Promise<A
   const qemuVersion = await new Promise<string>((resolve) => execFile(opts.qemu, ['--version'], (err, out) => resolve(err ? '' : out.split('\n')[0]!)));
   const key = `${bootId} ${kernel?.size}:${kernel?.mtimeMs} ${qemuVersion}`;
   try {
-    const cached = JSON.parse(await readFile(opts.cacheFile, 'utf8')) as { key: string; choice: AcceleratorChoice };
-    if (cached.key === key) return cached.choice;
+    const cached = JSON.parse(await readFile(opts.cacheFile, 'utf8')) as { key: string; choice: AcceleratorChoice; expiresAt?: number };
+    if (cached.key === key && (cached.expiresAt === undefined || cached.expiresAt > Date.now())) return cached.choice;
   } catch {}
 
   const timeoutMs = opts.timeoutMs ?? 8000;
@@ -83,6 +83,7 @@ export async function probeAccelerator(opts: AcceleratorProbeOptions): Promise<A
           ? `/dev/kvm exists but an ordinary guest did not boot under it within ${timeoutMs / 1000} s (e.g. a PVM host): TCG (software emulation)`
           : `/dev/kvm exists but QEMU cannot run an ordinary guest with it (${stderr.trim().split('\n')[0] || 'no output'}): TCG (software emulation)`,
       };
-  await writeFile(opts.cacheFile, JSON.stringify({ key, choice })).catch(() => {});
+  // A clear answer holds until the host reboots; a timeout may have been a busy moment: ask again in an hour.
+  await writeFile(opts.cacheFile, JSON.stringify({ key, choice, ...(timedOut ? { expiresAt: Date.now() + 3_600_000 } : {}) })).catch(() => {});
   return choice;
 }

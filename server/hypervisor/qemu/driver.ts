@@ -399,7 +399,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
       await this.#boot(spec.id, state, image, p.memory);
       await rm(p.memory, { force: true });
-      await reidentifyGuest(await this.connect(spec.id), { hostname: hostnameFor(spec.name) });
+      await reidentifyGuest(await this.connect(spec.id), { hostname: hostnameFor(spec.name), sandboxId: spec.id });
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
       throw err;
