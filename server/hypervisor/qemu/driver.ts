@@ -180,6 +180,9 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       '-chardev', `file,id=serial0,path=${p.log},append=on`, '-serial', 'chardev:serial0',
       '-qmp', `unix:${p.qmpSocket},server=on,wait=off`,
       '-pidfile', p.pid,
+      // QEMU's seccomp filter: no obsolete syscalls, no setuid/privilege changes, no affinity or
+      // scheduler games. Spawning stays allowed: snapshots stream through `exec:`.
+      '-sandbox', 'on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny',
       ...(incoming ? ['-incoming', `exec:cat ${incoming}`] : []),
     ];
     const logFd = openSync(p.qemuLog, 'a');
