@@ -58,7 +58,9 @@ const server = createServer((req, res) => {
   if (guest && req.url === '/identity' && req.method === 'POST') {
     let body = '';
     req.setEncoding('utf8');
-    req.on('data', (chunk: string) => (body += chunk.length + body.length > 64 * 1024 ? '' : chunk));
+    req.on('data', (chunk: string) => {
+      if (body.length < 64 * 1024) body += chunk; // a name and an address: anything longer is not JSON we want
+    });
     req.on('end', () => {
       let identity: GuestIdentity;
       try {

@@ -1,4 +1,6 @@
+import { execFile } from 'node:child_process';
 import { closeSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
+import { createServer } from 'node:net';
 
 /** What drivers ask about the host processes they start (VMMs, containers) and their logs. */
 
@@ -37,4 +39,32 @@ export function lastLogLines(file: string, lines = 3): string {
   } catch {
     return '(no log)';
   }
+}
+
+/** Runs a host command (no shell); rejects with the command and the last line of its stderr. */
+export function runHostCommand(cmd: string, args: string[], timeoutMs = 120_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 4 * 1024 * 1024 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} ${args[0] ?? ''} failed: ${(stderr || err.message).trim().split('\n').pop()}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/** Sends `sig` to `pid`, ignoring a process that is already gone. */
+export function signalQuietly(pid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(pid, sig);
+  } catch {
+    // Already gone.
+  }
+}
+
+/** A TCP port free on 127.0.0.1 right now (the caller binds it soon after). */
+export async function freeLoopbackPort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((resolve, reject) => srv.once('error', reject).listen(0, '127.0.0.1', resolve));
+  const { port } = srv.address() as { port: number };
+  await new Promise((resolve) => srv.close(resolve));
+  return port;
 }

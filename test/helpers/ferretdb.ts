@@ -1,18 +1,11 @@
 import { execFile } from 'node:child_process';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { freeLoopbackPort } from '../../server/hypervisor/host-process.js';
 
 const run = promisify(execFile);
 const script = join(import.meta.dirname, '..', '..', 'scripts', 'ferretdb.sh');
 
-async function freeLoopbackPort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const { port } = srv.address() as { port: number };
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
-}
 
 /**
  * A private FerretDB (scripts/ferretdb.sh) on a free loopback port, for tests and benchmarks that

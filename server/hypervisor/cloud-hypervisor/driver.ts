@@ -1,9 +1,9 @@
-import { agentHandshake, reidentifyGuest } from '../vm/instance-files.js';
+import { agentHandshake, agentHttpStatus, reidentifyGuest } from '../vm/instance-files.js';
 import { hostnameFor } from '../container/oci-spec.js';
-import { lastLogLines, waitForExit } from '../host-process.js';
-import { execFile, spawn } from 'node:child_process';
+import { lastLogLines, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
+import { spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { closeSync, constants as fsConstants, existsSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, openSync, readFileSync } from 'node:fs';
 import { access, chmod, mkdir, open, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import type { Socket } from 'node:net';
 import { join } from 'node:path';
@@ -88,14 +88,7 @@ const STATUS_OF_STATE: Record<VmState, DriverStatus> = {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function exec(cmd: string, args: string[], timeoutMs = 600_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 4 * 1024 * 1024 }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`${cmd} ${args[0] ?? ''} failed: ${(stderr || err.message).trim().split('\n').pop()}`));
-      else resolve(stdout);
-    });
-  });
-}
+const exec = (cmd: string, args: string[], timeoutMs = 600_000) => runHostCommand(cmd, args, timeoutMs);
 
 /**
  * Sandboxes as cloud-hypervisor microVMs: one VMM process per sandbox, driven over its API
@@ -265,7 +258,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       const left = Math.max(50, Math.min(2000, deadline - Date.now()));
       try {
         const stream = await this.#connectAgent(id, left);
-        const status = await httpGetStatus(stream, '/ready', left);
+        const status = await agentHttpStatus(stream, 'GET', '/ready', { timeoutMs: left });
         if (status === 200) return;
         lastError = `GET /ready answered ${status}`;
       } catch (err) {
@@ -345,9 +338,9 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
         .shutdownVmm(timeoutMs)
         .catch(() => {});
       if (!(await waitForExit(pid, timeoutMs))) {
-        signal(pid, 'SIGTERM');
+        signalQuietly(pid, 'SIGTERM');
         if (!(await waitForExit(pid, timeoutMs))) {
-          signal(pid, 'SIGKILL');
+          signalQuietly(pid, 'SIGKILL');
           await waitForExit(pid, timeoutMs);
         }
       }
@@ -478,38 +471,6 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
   }
 }
 
-/** Sends a minimal HTTP/1.1 GET over an already connected stream; resolves with the status code. */
-function httpGetStatus(stream: Socket, path: string, timeoutMs: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    let head = '';
-    const timer = setTimeout(() => done(new Error(`GET ${path}: no answer within ${timeoutMs} ms`)), timeoutMs);
-    const done = (err: Error | null, status?: number) => {
-      clearTimeout(timer);
-      stream.off('data', onData);
-      stream.destroy();
-      if (err) reject(err);
-      else resolve(status!);
-    };
-    const onData = (chunk: Buffer) => {
-      head += chunk.toString('latin1');
-      const lineEnd = head.indexOf('\r\n');
-      if (lineEnd < 0) return;
-      const match = /^HTTP\/1\.[01] (\d{3})/.exec(head.slice(0, lineEnd));
-      done(match ? null : new Error(`GET ${path}: not an HTTP answer: ${JSON.stringify(head.slice(0, 80))}`), match ? Number(match[1]) : undefined);
-    };
-    stream.on('data', onData);
-    stream.once('error', (err) => done(err));
-    stream.once('end', () => done(new Error(`GET ${path}: the connection closed without an answer`)));
-    stream.write(`GET ${path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n`);
-  });
-}
 
-function signal(pid: number, sig: NodeJS.Signals): void {
-  try {
-    process.kill(pid, sig);
-  } catch {
-    // Already gone.
-  }
-}
 
 

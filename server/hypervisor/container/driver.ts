@@ -1,6 +1,5 @@
-import { lastLogLines } from '../host-process.js';
-import { execFile } from 'node:child_process';
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
+import { lastLogLines, runHostCommand } from '../host-process.js';
+import { existsSync, readFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { chown, link, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { createServer as createNetServer, connect as netConnect, type Socket } from 'node:net';
@@ -60,14 +59,7 @@ async function listeningSocket(path: string): Promise<{ fd: number; close: () =>
   return { fd, close: () => server.close() };
 }
 
-function exec(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 4 * 1024 * 1024 }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`${cmd} ${args[0] ?? ''} failed: ${(stderr || err.message).trim().split('\n').pop()}`));
-      else resolve(stdout);
-    });
-  });
-}
+const exec = (cmd: string, args: string[], timeoutMs = 60_000) => runHostCommand(cmd, args, timeoutMs);
 
 function isMounted(path: string): boolean {
   return readFileSync('/proc/self/mounts', 'utf8')

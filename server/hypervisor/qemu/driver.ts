@@ -1,9 +1,8 @@
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, openSync } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { request as httpRequest } from 'node:http';
-import { connect as netConnect, createServer } from 'node:net';
+import { connect as netConnect } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
@@ -12,9 +11,9 @@ import { hostnameFor } from '../container/oci-spec.js';
 import type { GuestConfig } from '../../../shared/guest-protocol.js';
 import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
 import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
-import { agentHandshake, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
+import { agentHandshake, agentHttpStatus, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
 import type { VmImages } from '../vm/vm-images.js';
-import { lastLogLines, processAlive, waitForExit } from '../host-process.js';
+import { freeLoopbackPort, lastLogLines, processAlive, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
 import type { AcceleratorChoice } from './accelerator-probe.js';
 import { withQmp } from './qmp-client.js';
 
@@ -43,21 +42,7 @@ interface InstanceState {
 // QEMU's user-mode network: the guest's fixed address and the virtual gateway.
 const USER_NET = { address: '10.0.2.15', prefixLength: 24, gateway: '10.0.2.2' };
 
-function run(cmd: string, args: string[], timeoutMs = 120_000): Promise<string> {
-  return new Promise((resolve, reject) =>
-    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 4 * 1024 * 1024 }, (err, stdout, stderr) =>
-      err ? reject(new Error(`${cmd} ${args[0]} failed: ${(stderr || err.message).trim().split('\n').slice(-2).join(' | ')}`)) : resolve(stdout),
-    ),
-  );
-}
 
-async function freeLoopbackPort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve, reject) => srv.once('error', reject).listen(0, '127.0.0.1', resolve));
-  const { port } = srv.address() as { port: number };
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
-}
 
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -83,8 +68,8 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
 
   async available(): Promise<DriverAvailability> {
     try {
-      await run(this.opts.binary, ['--version'], 10_000);
-      await run('qemu-img', ['--version'], 10_000);
+      await runHostCommand(this.opts.binary, ['--version'], 10_000);
+      await runHostCommand('qemu-img', ['--version'], 10_000);
     } catch {
       return { ok: false, reason: `${this.opts.binary} or qemu-img is not installed (npm run setup installs qemu-system-x86 and qemu-utils)` };
     }
@@ -124,11 +109,6 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     return cmdline.split('\0').includes(`voidrun-${id}`) ? pid : null;
   }
 
-  #kill(pid: number): void {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {} // already gone
-  }
 
   async create(spec: SandboxSpec): Promise<void> {
     const p = this.#paths(spec.id);
@@ -242,17 +222,9 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
   }
 
   async #agentRequest(id: string, method: string, path: string, timeoutMs: number): Promise<number> {
-    const stream = await this.connect(id);
-    return new Promise((resolve, reject) => {
-      const req = httpRequest({ method, path, createConnection: () => stream as never, timeout: timeoutMs }, (res) => {
-        res.resume();
-        resolve(res.statusCode ?? 0);
-      });
-      req.once('timeout', () => req.destroy(new Error('timeout')));
-      req.once('error', reject);
-      req.end();
-    });
+    return agentHttpStatus(await this.connect(id), method, path, { timeoutMs });
   }
+
 
   async #logTail(id: string): Promise<string> {
     const p = this.#paths(id);
@@ -284,7 +256,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       // Not left half-started: a live QEMU whose agent never answered would look running.
       const pid = await this.#pid(spec.id);
       if (pid) {
-        this.#kill(pid);
+        signalQuietly(pid, 'SIGKILL');
         await waitForExit(pid, 5000);
       }
       throw err;
@@ -302,14 +274,14 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     if (await waitForExit(pid, 10_000)) return;
     await withQmp(p.qmpSocket, (q) => q.execute('quit')).catch(() => {});
     if (await waitForExit(pid, 3000)) return;
-    this.#kill(pid);
+    signalQuietly(pid, 'SIGKILL');
     await waitForExit(pid, 3000);
   }
 
   async destroy(id: string): Promise<void> {
     const pid = await this.#pid(id);
     if (pid) {
-      this.#kill(pid);
+      signalQuietly(pid, 'SIGKILL');
       await waitForExit(pid, 5000);
     }
     this.#states.delete(id);
@@ -372,7 +344,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
             if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`QEMU could not save the VM: ${info['error-desc'] ?? info.status}`);
             await sleep(50);
           }
-          await run('cp', ['--sparse=always', p.overlay, join(work, 'overlay.qcow2')], 600_000);
+          await runHostCommand('cp', ['--sparse=always', p.overlay, join(work, 'overlay.qcow2')], 600_000);
         } finally {
           // `cont` after a completed migration takes the disks back; the VM carries on. A VM that
           // was paused is paused again after that, so a second snapshot finds its disks active.
@@ -381,7 +353,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
         }
       });
       await writeFile(join(work, 'instance.json'), JSON.stringify({ ...state, port: 0 }));
-      await run('tar', ['-czf', file, '-C', work, 'memory.bin', 'overlay.qcow2', 'instance.json'], 600_000);
+      await runHostCommand('tar', ['-czf', file, '-C', work, 'memory.bin', 'overlay.qcow2', 'instance.json'], 600_000);
     } finally {
       await rm(work, { recursive: true, force: true });
     }
@@ -393,7 +365,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     await mkdir(this.opts.instancesDir, { recursive: true });
     await mkdir(p.dir, { mode: 0o700 });
     try {
-      await run('tar', ['-xzf', file, '-C', p.dir, 'memory.bin', 'overlay.qcow2', 'instance.json'], 600_000);
+      await runHostCommand('tar', ['-xzf', file, '-C', p.dir, 'memory.bin', 'overlay.qcow2', 'instance.json'], 600_000);
       const state = JSON.parse(await readFile(join(p.dir, 'instance.json'), 'utf8')) as InstanceState;
       if (!existsSync(state.agentDisk)) throw new Error(`the snapshot needs the agent disk it was taken with, which is gone (${state.agentDisk.split('/').pop()})`);
       // The overlay still names the exact base image version it was made over.

@@ -69,22 +69,36 @@ export async function agentHandshake(socket: Duplex, token: string, timeoutMs = 
 }
 
 /**
- * Tells a restored guest who it is now: a VM restored from memory still has the name (and, on
- * the bridge, the address) of the sandbox it was saved from.
+ * One HTTP request to the agent over a stream from `connect()`: resolves with the status code
+ * (the body is discarded). The stream is used for this request only.
  */
-export function reidentifyGuest(agent: Duplex, identity: GuestIdentity, timeoutMs = 10_000): Promise<void> {
-  const body = JSON.stringify(identity);
+export function agentHttpStatus(agent: Duplex, method: string, path: string, opts: { body?: unknown; timeoutMs: number }): Promise<number> {
+  const body = opts.body === undefined ? undefined : JSON.stringify(opts.body);
   return new Promise((resolve, reject) => {
     const req = httpRequest(
-      { method: 'POST', path: '/identity', createConnection: () => agent as never, timeout: timeoutMs, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } },
+      {
+        method,
+        path,
+        createConnection: () => agent as never,
+        timeout: opts.timeoutMs,
+        headers: body === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+      },
       (res) => {
         res.resume();
-        if (res.statusCode === 204) resolve();
-        else reject(new Error(`the restored guest did not take its new identity (HTTP ${res.statusCode})`));
+        resolve(res.statusCode ?? 0);
       },
     );
-    req.once('timeout', () => req.destroy(new Error('the restored guest did not answer in time')));
+    req.once('timeout', () => req.destroy(new Error(`${method} ${path}: no answer within ${opts.timeoutMs} ms`)));
     req.once('error', reject);
     req.end(body);
   });
+}
+
+/**
+ * Tells a restored guest who it is now: a VM restored from memory still has the name (and, on
+ * the bridge, the address) of the sandbox it was saved from.
+ */
+export async function reidentifyGuest(agent: Duplex, identity: GuestIdentity, timeoutMs = 10_000): Promise<void> {
+  const status = await agentHttpStatus(agent, 'POST', '/identity', { body: identity, timeoutMs });
+  if (status !== 204) throw new Error(`the restored guest did not take its new identity (HTTP ${status})`);
 }

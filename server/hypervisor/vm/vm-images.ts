@@ -1,3 +1,4 @@
+import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, copyFile, cp, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
@@ -216,7 +217,6 @@ async function directorySize(root: string): Promise<number> {
 
 /** The versioned kernel package the `linux-image-cloud-amd64` metapackage depends on. */
 async function resolveKernelPackage(log: Logger): Promise<string> {
-  const { execFile } = await import('node:child_process');
   const depends = () =>
     new Promise<string>((resolve, reject) =>
       execFile('apt-cache', ['depends', '--no-recommends', KERNEL_PACKAGE], (err, stdout) => (err ? reject(err) : resolve(stdout))),
@@ -237,7 +237,6 @@ async function resolveKernelPackage(log: Logger): Promise<string> {
 async function aptDownload(packages: string[], dir: string, log: Logger): Promise<void> {
   // apt drops privileges to _apt for downloads; it must be able to write the directory.
   await chmod(dir, 0o777);
-  const { spawn } = await import('node:child_process');
   await new Promise<void>((resolve, reject) => {
     const child = spawn('apt-get', ['download', '-qq', ...packages], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
@@ -253,7 +252,6 @@ async function aptDownload(packages: string[], dir: string, log: Logger): Promis
  * `usr/lib` symlink with a directory, breaking every program's dynamic loader.)
  */
 async function extractDebInto(deb: string, root: string): Promise<void> {
-  const { spawn } = await import('node:child_process');
   await new Promise<void>((resolve, reject) => {
     const dpkg = spawn('dpkg-deb', ['--fsys-tarfile', deb], { stdio: ['ignore', 'pipe', 'pipe'] });
     const tar = spawn('tar', ['-x', '--keep-directory-symlink', '-C', root], { stdio: ['pipe', 'ignore', 'pipe'] });
@@ -272,7 +270,6 @@ async function extractDebInto(deb: string, root: string): Promise<void> {
 
 /** `packages` and what they depend on, less what the root filesystem's dpkg database already has. */
 async function missingPackages(packages: string[], root: string): Promise<string[]> {
-  const { execFile } = await import('node:child_process');
   const out = await new Promise<string>((resolve, reject) =>
     execFile(
       'apt-cache',
