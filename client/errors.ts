@@ -45,6 +45,7 @@ export class AgentUnavailableError extends VoidRunError {}
 export class DriverFailureError extends VoidRunError {}
 export class DriverUnavailableError extends ServiceUnavailableError {}
 export class SandboxNotRunningError extends ConflictError {}
+export class TooManyRequestsError extends VoidRunError {}
 export class InternalServerError extends VoidRunError {}
 
 const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: ErrorCode) => VoidRunError> = {
@@ -60,6 +61,7 @@ const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: Error
   DRIVER_FAILURE: DriverFailureError,
   DRIVER_UNAVAILABLE: DriverUnavailableError,
   SANDBOX_NOT_RUNNING: SandboxNotRunningError,
+  TOO_MANY_REQUESTS: TooManyRequestsError,
   INTERNAL: InternalServerError,
 };
 
@@ -96,6 +98,7 @@ const statusToCode: Record<number, ErrorCode> = {
   409: 'CONFLICT',
   413: 'PAYLOAD_TOO_LARGE',
   415: 'UNSUPPORTED_MEDIA_TYPE',
+  429: 'TOO_MANY_REQUESTS',
   502: 'AGENT_UNAVAILABLE',
   503: 'DRIVER_UNAVAILABLE',
 };

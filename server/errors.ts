@@ -82,3 +82,8 @@ export class SandboxNotRunningError extends DomainError {
     super(ErrorCode.SANDBOX_NOT_RUNNING, message, options);
   }
 }
+export class TooManyRequestsError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.TOO_MANY_REQUESTS, message, options);
+  }
+}

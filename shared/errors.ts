@@ -18,6 +18,8 @@ export const ErrorCode = {
   DRIVER_UNAVAILABLE: 'DRIVER_UNAVAILABLE',
   /** The sandbox is not in a state that allows this (e.g. exec in a stopped sandbox). */
   SANDBOX_NOT_RUNNING: 'SANDBOX_NOT_RUNNING',
+  /** A limit on concurrent use was reached (an org's in-flight execs or open streams); retry later. */
+  TOO_MANY_REQUESTS: 'TOO_MANY_REQUESTS',
   INTERNAL: 'INTERNAL',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -31,6 +33,7 @@ export type TrpcCodeName =
   | 'CONFLICT'
   | 'PAYLOAD_TOO_LARGE'
   | 'UNSUPPORTED_MEDIA_TYPE'
+  | 'TOO_MANY_REQUESTS'
   | 'SERVICE_UNAVAILABLE'
   | 'BAD_GATEWAY'
   | 'INTERNAL_SERVER_ERROR';
@@ -49,6 +52,7 @@ export const errorCodeTable: Record<ErrorCode, { trpc: TrpcCodeName; httpStatus:
   DRIVER_FAILURE: { trpc: 'BAD_GATEWAY', httpStatus: 502 },
   DRIVER_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
   SANDBOX_NOT_RUNNING: { trpc: 'CONFLICT', httpStatus: 409 },
+  TOO_MANY_REQUESTS: { trpc: 'TOO_MANY_REQUESTS', httpStatus: 429 },
   INTERNAL: { trpc: 'INTERNAL_SERVER_ERROR', httpStatus: 500 },
 };
 
@@ -63,6 +67,7 @@ export const errorCodeFromTrpc: Record<string, ErrorCode> = {
   PAYLOAD_TOO_LARGE: 'PAYLOAD_TOO_LARGE',
   UNSUPPORTED_MEDIA_TYPE: 'UNSUPPORTED_MEDIA_TYPE',
   METHOD_NOT_SUPPORTED: 'INVALID_INPUT',
+  TOO_MANY_REQUESTS: 'TOO_MANY_REQUESTS',
   SERVICE_UNAVAILABLE: 'STORE_UNAVAILABLE',
   BAD_GATEWAY: 'DRIVER_FAILURE',
 };
