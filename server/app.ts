@@ -56,7 +56,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const { driver, reason, accelerator } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, log });
   if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
   else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
-  const agents = driver ? new AgentClients(driver) : null;
+  // A reply may carry a command's stdout and stderr up to the output limit each, JSON-escaped.
+  const agents = driver ? new AgentClients(driver, { maxMessageBytes: Math.max(16 * 1024 * 1024, 6 * config.EXEC_OUTPUT_LIMIT_BYTES + 1024 * 1024) }) : null;
   const sandboxes = new SandboxService({
     sandboxes: store.sandboxes,
     images,

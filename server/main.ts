@@ -1,6 +1,7 @@
 import { createApp } from './app.js';
 import { ConfigError, loadConfig } from './config.js';
 import { DomainError } from './errors.js';
+import { installLastResortHandlers } from './last-resort.js';
 
 /** Process entry: config → app → listen; SIGINT/SIGTERM close it gracefully. */
 async function main(): Promise<void> {
@@ -25,6 +26,7 @@ async function main(): Promise<void> {
     }
     throw err;
   }
+  installLastResortHandlers(app.log);
   const address = await app.listen();
   app.log.info({ address: address.address, port: address.port, store: app.store.kind }, `VoidRun listening on http://${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${address.port}`);
 

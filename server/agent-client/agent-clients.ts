@@ -1,18 +1,23 @@
 import { createTRPCClient, TRPCClientError, type TRPCClient } from '@trpc/client';
+import { request as httpRequest, type ClientRequest, type RequestOptions } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { AgentRouter } from '../../agent/router.js';
 import { ConflictError, DomainError, ErrorCode, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError } from '../errors.js';
 import type { SandboxDriver } from '../hypervisor/types.js';
-import { AgentConnection, AgentConnectionError } from './agent-connection.js';
-import { request as httpRequest, type ClientRequest, type RequestOptions } from 'node:http';
-import type { Duplex } from 'node:stream';
+import { AgentConnection, AgentConnectionError, AgentProtocolError } from './agent-connection.js';
 
 export type AgentClient = TRPCClient<AgentRouter>;
 
-/** Raised when a sandbox's agent cannot be reached; 502 to callers. */
+/** Raised when a sandbox's agent cannot be reached or broke the protocol; 502 to callers. */
 export class AgentUnavailableError extends DomainError {
   constructor(message: string, options?: { cause?: unknown }) {
     super(ErrorCode.AGENT_UNAVAILABLE, message, options);
   }
+}
+
+export interface AgentClientsOptions {
+  /** The largest WebSocket message the server accepts from an agent. */
+  maxMessageBytes: number;
 }
 
 /**
@@ -22,12 +27,15 @@ export class AgentUnavailableError extends DomainError {
 export class AgentClients {
   readonly #clients = new Map<string, { conn: AgentConnection; client: AgentClient }>();
 
-  constructor(private readonly driver: SandboxDriver) {}
+  constructor(
+    private readonly driver: SandboxDriver,
+    private readonly opts: AgentClientsOptions,
+  ) {}
 
   get(sandboxId: string): AgentClient {
     let entry = this.#clients.get(sandboxId);
     if (!entry) {
-      const conn = new AgentConnection(() => this.driver.connect(sandboxId));
+      const conn = new AgentConnection({ connect: () => this.driver.connect(sandboxId), sandboxId, maxMessageBytes: this.opts.maxMessageBytes });
       entry = { conn, client: createTRPCClient<AgentRouter>({ links: [conn.link()] }) };
       this.#clients.set(sandboxId, entry);
     }
@@ -36,14 +44,15 @@ export class AgentClients {
 
   /**
    * A raw HTTP request to the sandbox's agent (file bytes), over a fresh driver connection. The
-   * caller writes the body and reads the response; failures to connect surface as the request's
-   * 'error' event with an AgentConnectionError.
+   * caller writes the body and reads the response with the bounded readers of `agent-http.ts`;
+   * failures to connect surface as the request's 'error' event with an AgentConnectionError.
    */
   request(sandboxId: string, options: { method: string; path: string; headers?: Record<string, string | number> }): ClientRequest {
     return httpRequest({
       method: options.method,
       path: options.path,
       headers: { host: 'agent', ...options.headers },
+      // Response heads are bounded by Node's parser (16 KiB); bodies by the readers.
       createConnection: (_opts: unknown, callback: (err: Error | null, stream?: Duplex) => void) => {
         this.driver.connect(sandboxId).then(
           (stream) => callback(null, stream),
@@ -85,14 +94,23 @@ export function fromAgentCode(code: string, message: string, cause?: unknown): D
   }
 }
 
+const UNREACHABLE_HINT = 'Check the sandbox status; restart it with POST /api/sandboxes/{id}/start if it stopped.';
+
 /**
- * Maps an agent call's failure to a domain error: unreachable agent → AgentUnavailableError (502);
- * the agent's own NOT_FOUND / BAD_REQUEST → NotFoundError / InvalidInputError with its message.
+ * Maps an agent call's failure to a domain error, the one failure policy for every call:
+ * unreachable agent → AgentUnavailableError (502) with a hint; a reply that broke the protocol →
+ * AgentUnavailableError naming the sandbox; the agent's own NOT_FOUND / BAD_REQUEST / … → the
+ * matching domain error with its (bounded) message. Plain socket errors of raw transfers count as
+ * unreachable.
  */
 export function fromAgentError(err: unknown): unknown {
-  if (!(err instanceof TRPCClientError)) return err;
-  if (err.cause instanceof AgentConnectionError) {
-    return new AgentUnavailableError(`The sandbox agent is not responding: ${err.cause.message}. Check the sandbox status; restart it with POST /api/sandboxes/{id}/start if it stopped.`, { cause: err });
+  if (err instanceof DomainError) return err;
+  const cause = err instanceof TRPCClientError ? err.cause : err;
+  if (cause instanceof AgentProtocolError) return new AgentUnavailableError(`The sandbox agent broke the protocol: ${cause.message}`, { cause: err });
+  if (cause instanceof AgentConnectionError) return new AgentUnavailableError(`The sandbox agent is not responding: ${cause.message}. ${UNREACHABLE_HINT}`, { cause: err });
+  if (!(err instanceof TRPCClientError)) {
+    if (typeof (err as NodeJS.ErrnoException | null)?.code === 'string') return new AgentUnavailableError(`The sandbox agent is not responding. ${UNREACHABLE_HINT}`, { cause: err });
+    return err;
   }
   const code = (err.data as { code?: string } | undefined)?.code;
   if (code) {

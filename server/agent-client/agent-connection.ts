@@ -2,6 +2,8 @@ import type { Duplex } from 'node:stream';
 import { TRPCClientError, type TRPCLink } from '@trpc/client';
 import { observable } from '@trpc/server/observable';
 import WebSocket from 'ws';
+import { z } from 'zod';
+import { AGENT_MESSAGE_MAX_CHARS, agentReplies, type AgentReplyPath } from '../../shared/schemas/agent-replies.js';
 import type { AgentRouter } from '../../agent/router.js';
 
 /** Raised for every call in flight, or attempted, while the agent cannot be reached. */
@@ -9,15 +11,58 @@ export class AgentConnectionError extends Error {
   override name = 'AgentConnectionError';
 }
 
-interface Pending {
-  onMessage(msg: ResponseMessage): void;
-  onClose(err: AgentConnectionError): void;
+/** Raised for a call whose reply from the agent broke the protocol (malformed, unknown, too large). */
+export class AgentProtocolError extends Error {
+  override name = 'AgentProtocolError';
 }
 
-interface ResponseMessage {
-  id: number;
-  result?: { type: 'data' | 'started' | 'stopped'; data?: unknown; id?: string };
-  error?: { message: string; code: number; data?: unknown };
+/**
+ * One message from the agent, as tRPC's WebSocket protocol frames it. Anything else is a protocol
+ * violation. Error messages are cut to a bounded length; the agent's error `code` is a short name.
+ */
+const AgentMessage = z.object({
+  id: z.union([z.number().int(), z.string().max(64), z.null()]).optional(),
+  result: z
+    .object({
+      type: z.enum(['data', 'started', 'stopped']),
+      data: z.unknown().optional(),
+    })
+    .optional(),
+  error: z
+    .object({
+      message: z.string().transform((m) => (m.length > AGENT_MESSAGE_MAX_CHARS ? `${m.slice(0, AGENT_MESSAGE_MAX_CHARS)}…` : m)),
+      code: z.number().int(),
+      data: z.object({ code: z.string().max(64).optional() }).loose().optional(),
+    })
+    .optional(),
+  method: z.string().max(64).optional(),
+});
+type AgentMessage = z.infer<typeof AgentMessage>;
+
+/** Every procedure path of a router record, dotted (`files.list`). */
+type ProcedurePaths<R, P extends string = ''> = {
+  [K in keyof R & string]: R[K] extends { _def: { type: 'query' | 'mutation' | 'subscription' } } ? `${P}${K}` : ProcedurePaths<R[K], `${P}${K}.`>;
+}[keyof R & string];
+type AgentProcedurePath = ProcedurePaths<AgentRouter['_def']['record']>;
+// Compile-time check: every agent procedure has a reply schema, and no schema names a procedure that is gone.
+const everyProcedureHasASchema: Record<AgentProcedurePath, unknown> & Record<Exclude<AgentReplyPath, AgentProcedurePath>, never> = agentReplies;
+void everyProcedureHasASchema;
+
+interface Pending {
+  onMessage(msg: AgentMessage): void;
+  onClose(err: Error): void;
+}
+
+export interface AgentConnectionOptions {
+  /** Opens a new byte stream to the agent (the driver's `connect`). */
+  connect: () => Promise<Duplex>;
+  /** Which sandbox the agent serves, for error messages. */
+  sandboxId: string;
+  connectTimeoutMs?: number;
+  /** The deadline of a query or mutation that sets none itself. */
+  callTimeoutMs?: number;
+  /** The largest WebSocket message accepted from the agent; a larger one closes the connection. */
+  maxMessageBytes: number;
 }
 
 /**
@@ -25,19 +70,26 @@ interface ResponseMessage {
  * stream the driver's `connect()` returns. Unlike tRPC's own wsClient it never queues or retries:
  * when the agent is unreachable every call fails at once with `AgentConnectionError`, so the server
  * can answer "agent unavailable" instead of hanging. The next call connects again.
+ *
+ * The agent is tenant code. Every message is size-bounded (`maxMessageBytes`) and parsed against
+ * the protocol envelope, and every reply against its procedure's schema (`agentReplies`); a reply
+ * that does not fit fails that call with `AgentProtocolError`, a message that cannot be attributed
+ * to a call closes the connection. Nothing an agent sends can throw out of a socket listener.
  */
 export class AgentConnection {
   #ws: Promise<WebSocket> | null = null;
+  /** The open socket `#ws` resolved to, if any. */
+  #current: WebSocket | null = null;
   #nextId = 1;
   readonly #pending = new Map<number, Pending>();
   #closed = false;
+  readonly #connectTimeoutMs: number;
+  readonly #callTimeoutMs: number;
 
-  constructor(
-    private readonly connect: () => Promise<Duplex>,
-    private readonly connectTimeoutMs = 5000,
-    /** The deadline of a query or mutation that sets none itself. */
-    private readonly callTimeoutMs = 60_000,
-  ) {}
+  constructor(private readonly opts: AgentConnectionOptions) {
+    this.#connectTimeoutMs = opts.connectTimeoutMs ?? 5000;
+    this.#callTimeoutMs = opts.callTimeoutMs ?? 60_000;
+  }
 
   /** The tRPC link that sends every operation over this connection. */
   link(): TRPCLink<AgentRouter> {
@@ -47,25 +99,29 @@ export class AgentConnection {
           const id = this.#nextId++;
           let done = false;
           let socket: WebSocket | undefined;
+          const schema = agentReplies[op.path as AgentReplyPath] as z.ZodType | undefined;
+          const stopRemote = () => {
+            if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
+          };
           const finish = () => {
             done = true;
             this.#pending.delete(id);
             cleanup();
           };
-          const fail = (err: AgentConnectionError) => {
+          const fail = (err: Error) => {
             if (done) return;
             finish();
-            if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
+            stopRemote();
             observer.error(TRPCClientError.from(err));
           };
           // Every query and mutation has a deadline (callers may set `context.timeoutMs`, 0 = none);
           // a caller's abort signal ends any operation, subscriptions included.
-          const timeoutMs = op.type === 'subscription' ? 0 : ((op.context as { timeoutMs?: number }).timeoutMs ?? this.callTimeoutMs);
+          const timeoutMs = op.type === 'subscription' ? 0 : ((op.context as { timeoutMs?: number }).timeoutMs ?? this.#callTimeoutMs);
           const deadline = timeoutMs > 0 ? setTimeout(() => fail(new AgentConnectionError(`the sandbox agent did not answer within ${timeoutMs} ms`)), timeoutMs) : undefined;
           const onAbort = () => {
             if (done) return;
             finish();
-            if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
+            stopRemote();
             observer.complete();
           };
           op.signal?.addEventListener('abort', onAbort, { once: true });
@@ -73,13 +129,22 @@ export class AgentConnection {
             clearTimeout(deadline);
             op.signal?.removeEventListener('abort', onAbort);
           };
+          if (!schema) {
+            fail(new AgentProtocolError(`no reply schema for the agent procedure ${op.path}`));
+            return () => {};
+          }
           this.#pending.set(id, {
             onMessage: (msg) => {
               if (msg.error) {
                 finish();
                 observer.error(TRPCClientError.from({ error: msg.error }));
               } else if (msg.result?.type === 'data') {
-                observer.next({ result: { type: 'data', data: msg.result.data } } as never);
+                const parsed = schema.safeParse(msg.result.data);
+                if (!parsed.success) {
+                  fail(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a malformed reply to ${op.path}`));
+                  return;
+                }
+                observer.next({ result: { type: 'data', data: parsed.data } } as never);
                 if (op.type !== 'subscription') {
                   finish();
                   observer.complete();
@@ -87,9 +152,12 @@ export class AgentConnection {
               } else if (msg.result?.type === 'stopped') {
                 finish();
                 observer.complete();
+              } else if (msg.result?.type !== 'started') {
+                fail(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a malformed reply to ${op.path}`));
               }
             },
             onClose: (err) => {
+              if (done) return;
               finish();
               observer.error(TRPCClientError.from(err));
             },
@@ -111,7 +179,7 @@ export class AgentConnection {
           return () => {
             if (done) return;
             finish();
-            if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
+            stopRemote();
           };
         });
   }
@@ -126,16 +194,20 @@ export class AgentConnection {
   }
 
   async #open(): Promise<WebSocket> {
-    const stream = await this.connect();
-    const ws = new WebSocket('ws://agent/', { createConnection: () => stream as never, perMessageDeflate: false });
+    const stream = await this.opts.connect();
+    const ws = new WebSocket('ws://agent/', {
+      createConnection: () => stream as never,
+      perMessageDeflate: false,
+      maxPayload: this.opts.maxMessageBytes,
+    });
     // ws's own handshake timeout does not apply to a supplied connection: an agent that accepts
     // but never answers (frozen, wedged) must not hang the caller.
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         stream.destroy();
         ws.terminate();
-        reject(new AgentConnectionError(`the sandbox agent did not answer within ${this.connectTimeoutMs} ms`));
-      }, this.connectTimeoutMs);
+        reject(new AgentConnectionError(`the sandbox agent did not answer within ${this.#connectTimeoutMs} ms`));
+      }, this.#connectTimeoutMs);
       ws.once('open', () => {
         clearTimeout(timer);
         resolve();
@@ -149,21 +221,45 @@ export class AgentConnection {
       ws.terminate();
       throw new AgentConnectionError('The sandbox agent connection is closed');
     }
-    ws.on('message', (raw) => {
-      let msg: ResponseMessage;
+    let closeReason: Error | null = null;
+    const violation = (what: string) => {
+      closeReason ??= new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent ${what}`);
+      ws.terminate();
+    };
+    ws.on('message', (raw, isBinary) => {
       try {
-        msg = JSON.parse(raw.toString()) as ResponseMessage;
-      } catch {
-        return;
+        if (isBinary) return violation('sent a binary message');
+        let json: unknown;
+        try {
+          json = JSON.parse(raw.toString());
+        } catch {
+          return violation('sent a message that is not JSON');
+        }
+        const msg = AgentMessage.safeParse(json);
+        if (!msg.success) return violation('sent a message outside the protocol');
+        if (msg.data.method !== undefined) return; // server-initiated notices (reconnect): nothing to do
+        const pending = typeof msg.data.id === 'number' ? this.#pending.get(msg.data.id) : undefined;
+        // A reply to a call that already ended (cancelled, timed out) is dropped.
+        pending?.onMessage(msg.data);
+      } catch (err) {
+        // Whatever a caller's observer does with a reply stays with that call.
+        violation(`reply could not be handled (${(err as Error).name})`);
       }
-      this.#pending.get(msg.id)?.onMessage(msg);
     });
-    ws.on('error', () => {});
+    ws.on('error', (err) => {
+      const code = (err as { code?: string }).code;
+      if (code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') closeReason ??= new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a message larger than ${this.opts.maxMessageBytes} bytes`);
+      else closeReason ??= new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent broke the WebSocket protocol`);
+    });
     ws.once('close', () => {
-      this.#ws = null;
-      const err = new AgentConnectionError('The sandbox agent closed the connection (it stopped or was killed)');
+      if (this.#current === ws) {
+        this.#current = null;
+        this.#ws = null;
+      }
+      const err = closeReason ?? new AgentConnectionError('The sandbox agent closed the connection (it stopped or was killed)');
       for (const p of [...this.#pending.values()]) p.onClose(err);
     });
+    this.#current = ws;
     return ws;
   }
 
@@ -174,11 +270,13 @@ export class AgentConnection {
     for (const p of [...this.#pending.values()]) p.onClose(err);
     void this.#ws?.then((ws) => ws.terminate(), () => {});
     this.#ws = null;
+    this.#current = null;
   }
 
   /** Drops the current socket so the next call reconnects (after the sandbox restarted). */
   reset(): void {
     void this.#ws?.then((ws) => ws.terminate(), () => {});
     this.#ws = null;
+    this.#current = null;
   }
 }

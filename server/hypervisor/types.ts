@@ -61,26 +61,27 @@ export interface PausableDriver {
   resume(id: string): Promise<void>;
 }
 
+/** Bounds on one snapshot a driver writes. */
+export interface SnapshotOptions {
+  /** Drivers that stream the archive stop at this size with `SnapshotLimitError`; the caller checks the rest. */
+  maxBytes?: number;
+}
+
+/** A snapshot grew past its `maxBytes`; the partial file is the caller's to remove. */
+export class SnapshotLimitError extends Error {
+  override name = 'SnapshotLimitError';
+  constructor(readonly maxBytes: number) {
+    super(`the snapshot is larger than ${maxBytes} bytes`);
+  }
+}
+
 /** Optional ability: capture a sandbox's state into a file and create a sandbox from one. */
 export interface SnapshottingDriver {
   /** Writes a snapshot of `id` to `file`; what it captures is `snapshotKind`. */
-  snapshot(id: string, file: string): Promise<void>;
+  snapshot(id: string, file: string, options?: SnapshotOptions): Promise<void>;
   /** Creates sandbox `spec.id` from the snapshot in `file`. */
   restore(spec: SandboxSpec, file: string): Promise<void>;
   readonly snapshotKind: 'filesystem' | 'memory+filesystem';
-}
-
-/**
- * Optional ability: the sandbox's root filesystem is reachable from the host (a container's
- * overlay mount), so the server can read a file the agent located without streaming it through
- * the agent. Null when it is not (e.g. the sandbox is stopped).
- */
-export interface HostFilesystemDriver {
-  hostRoot(id: string): string | null;
-}
-
-export function hasHostFilesystem(d: SandboxDriver): d is SandboxDriver & HostFilesystemDriver {
-  return typeof (d as Partial<HostFilesystemDriver>).hostRoot === 'function';
 }
 
 /** Optional ability: sandboxes with their own address on a host network (microVMs on the bridge). */

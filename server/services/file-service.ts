@@ -1,7 +1,4 @@
-import { constants } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
 import type { IncomingMessage } from 'node:http';
-import { join } from 'node:path';
 import { PassThrough, Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type {
@@ -17,9 +14,9 @@ import type {
   UploadResult,
 } from '../../shared/index.js';
 import { AgentUnavailableError, fromAgentCode, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
-import { AgentConnectionError } from '../agent-client/agent-connection.js';
+import { agentHeader, decodeHeader, readAgentError, readAgentJson } from '../agent-client/agent-http.js';
+import { AgentUploadReply } from '../../shared/schemas/agent-replies.js';
 import { PayloadTooLargeError } from '../errors.js';
-import { hasHostFilesystem } from '../hypervisor/types.js';
 import type { SandboxRecord } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
@@ -54,11 +51,7 @@ export class FileService {
   }
 
   async #failure(record: SandboxRecord, err: unknown): Promise<unknown> {
-    // Raw transfers fail with plain socket errors (refused, reset): the agent is unreachable.
-    const mapped =
-      err instanceof AgentConnectionError || (err as NodeJS.ErrnoException).code !== undefined
-        ? new AgentUnavailableError('The sandbox agent is not responding. Check the sandbox status; restart it with POST /api/sandboxes/{id}/start if it stopped.', { cause: err })
-        : fromAgentError(err);
+    const mapped = fromAgentError(err);
     if (mapped instanceof AgentUnavailableError) await this.deps.sandboxes.reconcile(record).catch(() => {});
     return mapped;
   }
@@ -182,34 +175,32 @@ export class FileService {
       if (overLimit) throw tooLarge(limit);
       // The agent may have answered early with its reason (e.g. the path is a directory).
       const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 2000))]);
-      if (early && early.statusCode !== 200) throw await agentHttpError(early);
+      if (early && early.statusCode !== 200) throw await agentHttpError(early, record.id);
       throw await this.#failure(record, err);
     }
     const res = await response.catch(async (err: unknown) => {
       throw await this.#failure(record, err);
     });
-    if (res.statusCode !== 200) throw await agentHttpError(res);
-    return JSON.parse(await readAll(res)) as UploadResult;
+    if (res.statusCode !== 200) throw await agentHttpError(res, record.id);
+    return readAgentJson(res, AgentUploadReply, record.id, 'an upload').catch(async (err: unknown) => {
+      throw await this.#failure(record, err);
+    });
   }
 
   /**
-   * Opens a file in the sandbox for reading; the caller pipes `stream` to its client. When the
-   * driver exposes the sandbox's filesystem to the host (containers), the agent only locates the
-   * file and the bytes are read from the host, one hop fewer; otherwise the agent streams them.
+   * Opens a file in the sandbox for reading; the caller pipes `stream` to its client. The agent
+   * streams the bytes: the server never opens a path in the sandbox's filesystem on the host on
+   * an agent's word (an agent the tenant replaced could name any host file).
    */
   async download(p: Principal, id: string, path: string): Promise<Download> {
     const record = await this.deps.sandboxes.running(p, id);
-    const driver = this.deps.sandboxes.driverOrNull;
-    const root = driver && hasHostFilesystem(driver) ? driver.hostRoot(id) : null;
-    if (root) {
-      const direct = await this.#openOnHost(record, root, path);
-      if (direct) return direct;
-    }
     const res = await this.#askAgent(record, 'GET', path);
-    if (res.statusCode !== 200) throw await agentHttpError(res);
-    const length = res.headers['content-length'];
-    const resolved = res.headers['x-file-path'];
-    return { path: typeof resolved === 'string' ? decodeURIComponent(resolved) : path, size: length ? Number(length) : null, stream: res };
+    if (res.statusCode !== 200) throw await agentHttpError(res, record.id);
+    // What the agent says about the file only labels the response; it is checked, never trusted.
+    const length = agentHeader(res, 'content-length');
+    const size = /^\d{1,15}$/.test(length) ? Number(length) : null;
+    const resolved = decodeHeader(agentHeader(res, 'x-file-path'));
+    return { path: resolved && resolved.length <= 4096 && resolved.startsWith('/') ? resolved : path, size, stream: res };
   }
 
   /** A bodiless request to the agent's `/files/content` route; its response once headers arrive. */
@@ -223,58 +214,14 @@ export class FileService {
       throw await this.#failure(record, err);
     });
   }
-
-  /**
-   * Asks the agent where the file is (resolved inside the sandbox, with its device and inode),
-   * opens that path under the sandbox's host root without following a final symlink, and keeps it
-   * only if it is the very file the agent saw — a path component swapped for a symlink in between
-   * would lead elsewhere, and elsewhere has another device or inode. Null means: let the agent
-   * stream it (also for files whose size says nothing, like /proc's, and for older agents).
-   */
-  async #openOnHost(record: SandboxRecord, root: string, path: string): Promise<HostOpen> {
-    const res = await this.#askAgent(record, 'HEAD', path);
-    res.resume();
-    if (res.statusCode === 405) return null; // an agent from before HEAD existed
-    // A HEAD answer has no body to carry the agent's error: ask again the ordinary way for it.
-    if (res.statusCode !== 200) return null;
-    const header = (name: string) => {
-      const v = res.headers[name];
-      return typeof v === 'string' ? v : '';
-    };
-    const real = decodeURIComponent(header('x-file-realpath'));
-    if (!real.startsWith('/') || !/^\d+$/.test(header('x-file-dev')) || !/^\d+$/.test(header('x-file-ino'))) return null;
-    let fh: FileHandle;
-    try {
-      fh = await open(join(root, real), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK | constants.O_NOCTTY);
-    } catch {
-      return null;
-    }
-    const st = await fh.stat({ bigint: true });
-    if (!st.isFile() || st.dev !== BigInt(header('x-file-dev')) || st.ino !== BigInt(header('x-file-ino')) || st.size === 0n) {
-      await fh.close();
-      return null;
-    }
-    return { path: decodeURIComponent(header('x-file-path')) || path, size: Number(st.size), stream: fh.createReadStream({ highWaterMark: 1024 * 1024 }) };
-  }
 }
 
-type HostOpen = Download | null;
 
 function tooLarge(limit: number): PayloadTooLargeError {
   return new PayloadTooLargeError(`Upload is larger than the limit of ${limit} bytes (MAX_UPLOAD_BYTES)`);
 }
 
-async function readAll(stream: Readable): Promise<string> {
-  const chunks: Buffer[] = [];
-  for await (const c of stream) chunks.push(c as Buffer);
-  return Buffer.concat(chunks).toString('utf8');
-}
-
-async function agentHttpError(res: IncomingMessage): Promise<Error> {
-  const text = await readAll(res).catch(() => '');
-  let body: { error?: string; code?: string } = {};
-  try {
-    body = JSON.parse(text) as typeof body;
-  } catch {}
-  return fromAgentCode(body.code ?? '', body.error ?? `the agent answered ${res.statusCode}`) ?? new AgentUnavailableError(`The sandbox agent failed: ${body.error ?? res.statusCode}`);
+async function agentHttpError(res: IncomingMessage, sandboxId: string): Promise<Error> {
+  const { code, message } = await readAgentError(res, sandboxId);
+  return fromAgentCode(code, message) ?? new AgentUnavailableError(`The sandbox agent failed: ${message}`);
 }

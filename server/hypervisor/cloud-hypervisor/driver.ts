@@ -1,4 +1,5 @@
-import { agentHandshake, agentHttpStatus, reidentifyGuest } from '../vm/instance-files.js';
+import { agentHttpStatus } from '../../agent-client/agent-http.js';
+import { agentHandshake, reidentifyGuest } from '../vm/instance-files.js';
 import { hostnameFor } from '../container/oci-spec.js';
 import { lastLogLines, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
 import { spawn } from 'node:child_process';

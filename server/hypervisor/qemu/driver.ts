@@ -1,3 +1,4 @@
+import { agentHttpStatus } from '../../agent-client/agent-http.js';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, openSync } from 'node:fs';
@@ -11,7 +12,7 @@ import { hostnameFor } from '../container/oci-spec.js';
 import type { GuestConfig } from '../../../shared/guest-protocol.js';
 import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
 import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
-import { agentHandshake, agentHttpStatus, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
+import { agentHandshake, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
 import type { VmImages } from '../vm/vm-images.js';
 import { freeLoopbackPort, lastLogLines, processAlive, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
 import type { AcceleratorChoice } from './accelerator-probe.js';

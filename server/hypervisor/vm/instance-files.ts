@@ -1,5 +1,4 @@
 import { execFile } from 'node:child_process';
-import { request as httpRequest } from 'node:http';
 import { open, realpath } from 'node:fs/promises';
 import type { Duplex } from 'node:stream';
 import {
@@ -12,6 +11,7 @@ import {
   type GuestIdentity,
 } from '../../../shared/guest-protocol.js';
 import { readReplyLine } from './reply-line.js';
+import { agentHttpStatus } from '../../agent-client/agent-http.js';
 
 /** What every microVM driver does with an instance's files and its agent connection. */
 
@@ -66,32 +66,6 @@ export async function agentHandshake(socket: Duplex, token: string, timeoutMs = 
     socket.destroy();
     throw err;
   }
-}
-
-/**
- * One HTTP request to the agent over a stream from `connect()`: resolves with the status code
- * (the body is discarded). The stream is used for this request only.
- */
-export function agentHttpStatus(agent: Duplex, method: string, path: string, opts: { body?: unknown; timeoutMs: number }): Promise<number> {
-  const body = opts.body === undefined ? undefined : JSON.stringify(opts.body);
-  return new Promise((resolve, reject) => {
-    const req = httpRequest(
-      {
-        method,
-        path,
-        createConnection: () => agent as never,
-        timeout: opts.timeoutMs,
-        headers: body === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
-      },
-      (res) => {
-        res.resume();
-        resolve(res.statusCode ?? 0);
-      },
-    );
-    req.once('timeout', () => req.destroy(new Error(`${method} ${path}: no answer within ${opts.timeoutMs} ms`)));
-    req.once('error', reject);
-    req.end(body);
-  });
 }
 
 /**

@@ -1,0 +1,146 @@
+import { execFile } from 'node:child_process';
+import { rmSync, statSync, writeFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:http';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { WebSocketServer, type WebSocket } from 'ws';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+/**
+ * The agent is tenant code: a tenant who takes over its sandbox's agent (in a microVM the tenant
+ * is root next to it; in a container, through any hole in the boundary) answers the server's
+ * calls with whatever it likes. These tests put a hostile agent on the sandbox's real agent socket
+ * — what such a tenant controls — and drive the real server through HTTP.
+ */
+
+/** What the hostile agent does with one tRPC request from the server. */
+type WsBehaviour = (ws: WebSocket, request: { id: number; method: string; params: { path: string } }) => void;
+type HttpBehaviour = Parameters<typeof createServer>[1];
+
+/** Replaces the sandbox's agent socket with a hostile agent (the test runs as host root). */
+async function impersonateAgent(server: TestServer, sandboxId: string, ws: WsBehaviour, http?: HttpBehaviour): Promise<Server> {
+  const socket = join(server.dirs.instancesDir, sandboxId, 'agent.sock');
+  rmSync(socket, { force: true });
+  const fake = createServer(http ?? ((_req, res) => res.writeHead(500).end()));
+  const wss = new WebSocketServer({ server: fake });
+  wss.on('connection', (conn) => {
+    conn.on('message', (raw) => ws(conn, JSON.parse(raw.toString()) as never));
+    conn.on('error', () => {});
+  });
+  await new Promise<void>((resolve) => fake.listen(socket, resolve));
+  return fake;
+}
+
+describe('the server process survives what escapes every handler', () => {
+  it('an exception thrown in a listener and an unobserved rejection are logged, not fatal', async () => {
+    const child = promisify(execFile)(join(process.cwd(), 'node_modules/.bin/tsx'), [join(import.meta.dirname, 'fixtures/last-resort-child.ts')]);
+    const { stdout } = await child;
+    expect(stdout).toContain('uncaught exception (contained; the server keeps running)');
+    expect(stdout).toContain('unhandled promise rejection (contained; the server keeps running)');
+    expect(stdout).toContain('still serving');
+  });
+});
+
+describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach the host', () => {
+  let server: TestServer;
+  let keyA: string;
+  let keyB: string;
+  let boxB: string;
+  const fakes: Server[] = [];
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    const a = await server.client().trpc.auth.register.mutate({ name: 'Attacker', email: uniqueEmail('attacker') });
+    const b = await server.client().trpc.auth.register.mutate({ name: 'Victim', email: uniqueEmail('victim') });
+    keyA = a.apiKey;
+    keyB = b.apiKey;
+    boxB = (await server.client(keyB).sandboxes.create({ name: 'victim-box' })).id;
+  }, 180_000);
+  afterAll(async () => {
+    for (const f of fakes) f.close();
+    await server?.close();
+  });
+
+  const attackerBox = async (ws: WsBehaviour, http?: HttpBehaviour) => {
+    const id = (await server.client(keyA).sandboxes.create({ name: `hostile-${fakes.length}` })).id;
+    fakes.push(await impersonateAgent(server, id, ws, http));
+    return id;
+  };
+  const exec = (id: string, apiKey: string) => server.http(`/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, json: { command: 'echo hi' } });
+  const victimStillServed = async () => {
+    const res = await exec(boxB, keyB);
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { data: { stdout: string } }).data.stdout).toBe('hi\n');
+  };
+  const expectAgentFailure = async (res: Response, id: string, text: RegExp) => {
+    expect(res.status).toBe(502);
+    const body = (await res.json()) as { error: string };
+    expect(body.error).toContain(id);
+    expect(body.error).toMatch(text);
+    expect(body.error).not.toContain(server.dirs.instancesDir);
+  };
+
+  it('an agent answering the JSON text null fails that call with 502 and the server keeps serving other orgs', async () => {
+    const id = await attackerBox((ws) => ws.send('null'));
+    await expectAgentFailure(await exec(id, keyA), id, /outside the protocol/);
+    await expectAgentFailure(await exec(id, keyA), id, /outside the protocol/);
+    await victimStillServed();
+  });
+
+  it('an agent sending a frame larger than the message bound fails the call without the server buffering it', async () => {
+    const huge = Buffer.alloc(64 * 1024 * 1024, 0x61).toString();
+    const id = await attackerBox((ws) => ws.send(huge));
+    await expectAgentFailure(await exec(id, keyA), id, /larger than \d+ bytes/);
+    await victimStillServed();
+  });
+
+  it('a reply of the wrong shape, non-JSON or binary fails the call with 502, never a 500', async () => {
+    const wrongShape = await attackerBox((ws, req) => ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { stdout: 5, exitCode: 'x' } } })));
+    await expectAgentFailure(await exec(wrongShape, keyA), wrongShape, /malformed reply to process\.run/);
+    const notJson = await attackerBox((ws) => ws.send('{"id":'));
+    await expectAgentFailure(await exec(notJson, keyA), notJson, /not JSON/);
+    const binary = await attackerBox((ws) => ws.send(Buffer.from([1, 2, 3]), { binary: true }));
+    await expectAgentFailure(await exec(binary, keyA), binary, /binary/);
+    // An error reply with an oversized message is passed on cut, as the agent's (502) failure.
+    const longError = await attackerBox((ws, req) => ws.send(JSON.stringify({ id: req.id, error: { message: 'x'.repeat(100_000), code: -32603, data: { code: 'INTERNAL_SERVER_ERROR' } } })));
+    const res = await exec(longError, keyA);
+    expect(res.status).toBe(502);
+    expect(((await res.json()) as { error: string }).error.length).toBeLessThan(3000);
+    await victimStillServed();
+  });
+
+  it("a download cannot be pointed at a host file by the agent's locate answer (path traversal out of the sandbox root)", async () => {
+    // A host secret next to the server's state, where `/../../../` from the sandbox's overlay root lands.
+    const secret = join(dirname(server.dirs.instancesDir), 'host-secret.txt');
+    writeFileSync(secret, 'HOST SECRET');
+    const st = statSync(secret, { bigint: true });
+    const id = await attackerBox(
+      () => {},
+      (req, res) => {
+        // What the attack answered: "the file is at /../../../host-secret.txt, with this device and inode".
+        const locate = { 'x-file-path': encodeURIComponent('/root/x'), 'x-file-realpath': encodeURIComponent('/../../../host-secret.txt'), 'x-file-dev': String(st.dev), 'x-file-ino': String(st.ino) };
+        if (req.method === 'HEAD') res.writeHead(200, { ...locate, 'content-length': 11 }).end();
+        else res.writeHead(200, { ...locate, 'content-type': 'application/octet-stream', 'content-length': 11 }).end('agent bytes');
+      },
+    );
+    const res = await server.http(`/api/sandboxes/${id}/files/download?path=/root/x`, { apiKey: keyA });
+    const body = await res.text();
+    expect(body).not.toContain('HOST SECRET');
+    expect(body).toBe('agent bytes');
+  });
+
+  it("an agent's oversized or malformed upload answer fails the upload with 502", async () => {
+    const id = await attackerBox(
+      () => {},
+      (req, res) => {
+        req.resume();
+        req.on('end', () => res.writeHead(200, { 'content-type': 'application/json' }).end(`{"path":"/root/f","size":${'9'.repeat(200_000)}}`));
+      },
+    );
+    const res = await server.http(`/api/sandboxes/${id}/files/upload?path=/root/f`, { method: 'POST', apiKey: keyA, body: 'hello', headers: { 'content-type': 'application/octet-stream' } });
+    await expectAgentFailure(res, id, /larger than \d+ bytes/);
+    await victimStillServed();
+  });
+});
