@@ -15,14 +15,27 @@ export class AgentUnavailableError extends DomainError {
   }
 }
 
+/** Which sandbox a call is for. */
+export interface SandboxRef {
+  id: string;
+  orgId: string;
+}
+
 export interface AgentClientsOptions {
   /** The largest WebSocket message the server accepts from an agent. */
   maxMessageBytes: number;
+  /**
+   * Called (and awaited) when a call found the sandbox's agent unreachable or lying, before the
+   * failure reaches the caller: the owner refreshes the sandbox's status, so the answer and
+   * `GET /sandboxes/{id}` agree.
+   */
+  onUnavailable?: (sandbox: SandboxRef, err: AgentUnavailableError) => Promise<void>;
 }
 
 /**
- * One agent connection per sandbox, opened on first use and kept. The server's only way to talk
- * to what runs inside a sandbox.
+ * The gateway to every sandbox's agent: one connection per sandbox, opened on first use and kept,
+ * and the one failure policy (`call`, `failure`). The server's only way to talk to what runs inside
+ * a sandbox; services never map agent errors themselves.
  */
 export class AgentClients {
   readonly #clients = new Map<string, { conn: AgentConnection; client: AgentClient }>();
@@ -40,6 +53,25 @@ export class AgentClients {
       this.#clients.set(sandboxId, entry);
     }
     return entry.client;
+  }
+
+  /**
+   * Runs `fn` with the sandbox's agent client; a failure comes back as a domain error (see
+   * `fromAgentError`), after `onUnavailable` ran for an unreachable or lying agent.
+   */
+  async call<T>(sandbox: SandboxRef, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+    try {
+      return await fn(this.get(sandbox.id));
+    } catch (err) {
+      throw await this.failure(sandbox, err);
+    }
+  }
+
+  /** The domain error for a failed agent call or stream, after `onUnavailable` where it applies. */
+  async failure(sandbox: SandboxRef, err: unknown): Promise<unknown> {
+    const mapped = fromAgentError(err);
+    if (mapped instanceof AgentUnavailableError) await this.opts.onUnavailable?.(sandbox, mapped).catch(() => {});
+    return mapped;
   }
 
   /**

@@ -4,8 +4,7 @@ import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput, Se
 import { iterateSubscription as iterateAgentSubscription } from '../../shared/subscription-iterator.js';
 import { InvalidInputError } from '../errors.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
-import { AgentUnavailableError, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
-import type { SandboxRecord } from '../store/types.js';
+import type { AgentClient } from '../agent-client/agent-clients.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
 
@@ -93,7 +92,7 @@ export class ExecService {
   /** A background process's output from after event `after` (a sequence number), then live, until it exits. */
   async *attach(principal: Principal, id: string, pid: number, after: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
     const record = await this.deps.sandboxes.running(principal, id);
-    const agent = this.deps.sandboxes.agents.get(id);
+    const agent = this.deps.sandboxes.agents.get(record.id);
     const events = resumableSubscription<{ id: string; data: OutputEvent }>(
       (handlers, from) => agent.process.output.subscribe({ pid, lastEventId: from && from !== '0' ? from : null }, { ...handlers, signal }),
       after,
@@ -105,7 +104,7 @@ export class ExecService {
         if (chunk.type === 'exit') return;
       }
     } catch (err) {
-      throw await this.#agentFailure(record, err);
+      throw await this.deps.sandboxes.agents.failure(record, err);
     }
   }
 
@@ -152,7 +151,7 @@ export class ExecService {
     try {
       yield* iterateAgentSubscription((h) => agent.shell.execStream.subscribe({ sessionId, command, timeoutMs: timeoutSec * 1000 }, { ...h, signal }));
     } catch (err) {
-      throw await this.#agentFailure(record, err);
+      throw await this.deps.sandboxes.agents.failure(record, err);
     }
   }
 
@@ -162,20 +161,7 @@ export class ExecService {
 
   async #withAgent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
     const record = await this.deps.sandboxes.running(principal, id);
-    try {
-      return await fn(this.deps.sandboxes.agents.get(id));
-    } catch (err) {
-      throw await this.#agentFailure(record, err);
-    }
-  }
-
-  async #agentFailure(record: SandboxRecord, err: unknown): Promise<unknown> {
-    const mapped = fromAgentError(err);
-    if (mapped instanceof AgentUnavailableError) {
-      const status = await this.deps.sandboxes.reconcile(record).catch(() => record.status);
-      this.deps.log.warn({ sandbox: record.id, status }, 'sandbox agent unreachable');
-    }
-    return mapped;
+    return this.deps.sandboxes.agents.call(record, fn);
   }
 }
 

@@ -13,7 +13,7 @@ import type {
   StatResult,
   UploadResult,
 } from '../../shared/index.js';
-import { AgentUnavailableError, fromAgentCode, fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
+import { AgentUnavailableError, fromAgentCode, type AgentClient } from '../agent-client/agent-clients.js';
 import { agentHeader, decodeHeader, readAgentError, readAgentJson } from '../agent-client/agent-http.js';
 import { AgentUploadReply } from '../../shared/schemas/agent-replies.js';
 import { PayloadTooLargeError } from '../errors.js';
@@ -43,17 +43,11 @@ export class FileService {
 
   async #agent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
     const record = await this.deps.sandboxes.running(principal, id);
-    try {
-      return await fn(this.deps.sandboxes.agents.get(id));
-    } catch (err) {
-      throw await this.#failure(record, err);
-    }
+    return this.deps.sandboxes.agents.call(record, fn);
   }
 
-  async #failure(record: SandboxRecord, err: unknown): Promise<unknown> {
-    const mapped = fromAgentError(err);
-    if (mapped instanceof AgentUnavailableError) await this.deps.sandboxes.reconcile(record).catch(() => {});
-    return mapped;
+  #failure(record: SandboxRecord, err: unknown): Promise<unknown> {
+    return this.deps.sandboxes.agents.failure(record, err);
   }
 
   list(p: Principal, id: string, path: string): Promise<FileList> {

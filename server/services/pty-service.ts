@@ -1,5 +1,5 @@
 import type { PtyEvent, PtySessionInfo } from '../../shared/index.js';
-import { fromAgentError, type AgentClient } from '../agent-client/agent-clients.js';
+import type { AgentClient } from '../agent-client/agent-clients.js';
 import { resumableSubscription } from '../agent-client/resumable-subscription.js';
 import { NotFoundError } from '../errors.js';
 import type { Principal } from './auth-service.js';
@@ -14,11 +14,7 @@ export class PtyService {
 
   async #agent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
     const record = await this.deps.sandboxes.running(principal, id);
-    try {
-      return await fn(this.deps.sandboxes.agents.get(record.id));
-    } catch (err) {
-      throw fromAgentError(err);
-    }
+    return this.deps.sandboxes.agents.call(record, fn);
   }
 
   async create(p: Principal, id: string, cols: number, rows: number): Promise<{ sessionId: string; createdAt: string }> {
@@ -66,9 +62,7 @@ export class PtyService {
     const record = await this.deps.sandboxes.running(p, id);
     const agent = this.deps.sandboxes.agents.get(record.id);
     // Fail early (404) for an unknown session, before the caller upgrades or subscribes.
-    const sessions = await agent.pty.list.query().catch((err: unknown) => {
-      throw fromAgentError(err);
-    });
+    const sessions = await this.deps.sandboxes.agents.call(record, (a) => a.pty.list.query());
     if (!sessions.some((s) => s.id === sessionId)) throw new NotFoundError(`Terminal session ${sessionId} not found in this sandbox`);
     const events = resumableSubscription<{ id: string; data: PtyEvent }>(
       (handlers, from) => agent.pty.output.subscribe({ sessionId, lastEventId: from }, { ...handlers, signal }),
@@ -80,7 +74,7 @@ export class PtyService {
         if (e.data.type === 'exit') return;
       }
     } catch (err) {
-      throw fromAgentError(err);
+      throw await this.deps.sandboxes.agents.failure(record, err);
     }
   }
 }

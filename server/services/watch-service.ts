@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { WatchInput, WatchMessage } from '../../shared/index.js';
-import { fromAgentError } from '../agent-client/agent-clients.js';
 import { NotFoundError } from '../errors.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
@@ -65,9 +64,10 @@ export class WatchService {
             for (const message of data.events) this.#publish(session, message);
           },
           onError: (err) => {
-            const mapped = fromAgentError(err);
-            if (!started) reject(mapped);
-            else this.#end(session, `the watch stopped: ${(mapped as Error).message}`);
+            void this.deps.sandboxes.agents.failure(record, err).then((mapped) => {
+              if (!started) reject(mapped);
+              else this.#end(session, `the watch stopped: ${(mapped as Error).message}`);
+            });
           },
           onComplete: () => this.#end(session, 'the watch ended'),
           onStopped: () => this.#end(session, 'the watch ended'),
