@@ -110,7 +110,19 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     metrics,
     openApi: { json: JSON.stringify(openApiDoc), yaml: openApiYaml(openApiDoc) },
     maxJsonBodyBytes: config.MAX_JSON_BODY_BYTES,
+    limits: {
+      maxBatchSize: config.TRPC_MAX_BATCH_SIZE,
+      maxExecsPerOrg: config.ORG_MAX_CONCURRENT_EXECS,
+      maxStreamsPerOrg: config.ORG_MAX_STREAMS,
+      headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
+      requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
+      maxConnections: config.HTTP_MAX_CONNECTIONS,
+      wsAuthTimeoutMs: config.WS_AUTH_TIMEOUT_MS,
+    },
+    metricsToken: config.METRICS_TOKEN,
   });
+  // A revoked or deactivated key's open streams, terminals and WebSockets close at once.
+  orgs.onKeyEnded((keyId) => http.streams.closeKey(keyId));
 
   return {
     config,

@@ -62,6 +62,19 @@ const EnvSchema = z.object({
   PTY_IDLE_TIMEOUT_SEC: int(0, 30 * 86_400).default(3600),
   WATCH_IDLE_TIMEOUT_SEC: int(1, 86_400).default(300),
   EXEC_OUTPUT_LIMIT_BYTES: int(1024, 1024 * 1024 * 1024).default(4 * 1024 * 1024),
+  // The HTTP edge (README "The HTTP edge"). Our client batches at most 10 calls, hence the minimum.
+  TRPC_MAX_BATCH_SIZE: int(10, 1000).default(10),
+  ORG_MAX_CONCURRENT_EXECS: int(1, 100_000).default(16),
+  ORG_MAX_STREAMS: int(1, 100_000).default(32),
+  HTTP_HEADERS_TIMEOUT_MS: int(100, 600_000).default(10_000),
+  HTTP_REQUEST_TIMEOUT_MS: int(100, 86_400_000).default(300_000),
+  HTTP_MAX_CONNECTIONS: int(1, 1_000_000).default(2048),
+  WS_AUTH_TIMEOUT_MS: int(100, 600_000).default(10_000),
+  // Set, `/metrics` answers only `Authorization: Bearer <token>`.
+  METRICS_TOKEN: z
+    .string()
+    .optional()
+    .transform((v) => v || undefined),
   // Build the default image at startup (in the background) so the first sandbox needn't wait.
   PREPARE_DEFAULT_IMAGE: bool.default(true),
   DEBIAN_MIRROR: z.string().regex(/^https?:\/\//, 'an http(s) URL of a Debian mirror').default('http://deb.debian.org/debian'),

@@ -14,6 +14,7 @@ import { describeIssues, fieldIssues } from '../trpc/errors.js';
 import { sendError, sendJson, successBody } from './envelope.js';
 import { writeOrWait } from './response-writer.js';
 import type { Principal } from '../services/auth-service.js';
+import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
 
@@ -22,6 +23,8 @@ interface RawRoute {
   pattern: RegExp;
   /** The route template, for metrics and the log. */
   template: string;
+  /** A long-lived response: it holds one of the org's ORG_MAX_STREAMS slots until written. */
+  stream?: true;
   handle(req: IncomingMessage, res: ServerResponse, params: string[], services: Services, principal: Principal, maxJsonBodyBytes: number): Promise<void>;
 }
 
@@ -96,6 +99,7 @@ const routes: RawRoute[] = [
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/session-exec-stream$/,
     template: '/api/sandboxes/{id}/session-exec-stream',
+    stream: true,
     // One JSON object per line: {"type":"stdout"|"stderr","data":…} as output comes, then {"type":"exit","exitCode":n}.
     async handle(req, res, [id], services, principal, limit) {
       const input = await parseBody(req, SessionExecStreamInput, { id }, limit);
@@ -137,6 +141,7 @@ const routes: RawRoute[] = [
     method: 'GET',
     pattern: /^\/sandboxes\/([^/]+)\/files\/download$/,
     template: '/api/sandboxes/{id}/files/download',
+    stream: true,
     async handle(req, res, [id], services, principal) {
       const download = await services.files.download(principal, id!, queryPath(req));
       res.writeHead(200, {
@@ -151,6 +156,7 @@ const routes: RawRoute[] = [
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/exec-stream$/,
     template: '/api/sandboxes/{id}/exec-stream',
+    stream: true,
     async handle(req, res, [id], services, principal, limit) {
       const input = await parseBody(req, ExecInput, { id }, limit);
       // EventSource clients resume with Last-Event-ID: re-attach to the same process after that event.
@@ -162,6 +168,7 @@ const routes: RawRoute[] = [
     method: 'POST',
     pattern: /^\/sandboxes\/([^/]+)\/commands\/attach$/,
     template: '/api/sandboxes/{id}/commands/attach',
+    stream: true,
     async handle(req, res, [id], services, principal, limit) {
       const input = await parseBody(req, PidInput, { id }, limit);
       const resume = req.headers['last-event-id'];
@@ -176,7 +183,7 @@ const routes: RawRoute[] = [
  * the REST facade under /api and call the same services. Resolves with the route template when one
  * matched, else null.
  */
-export function createRawRoutes(opts: { services: Services; maxJsonBodyBytes: number }) {
+export function createRawRoutes(opts: { services: Services; streams: OpenStreams; maxJsonBodyBytes: number }) {
   return async function handleRaw(req: IncomingMessage, res: ServerResponse, apiPath: string, record: RequestRecord): Promise<string | null> {
     const path = apiPath.split('?')[0]!;
     for (const route of routes) {
@@ -186,6 +193,9 @@ export function createRawRoutes(opts: { services: Services; maxJsonBodyBytes: nu
         // Every raw route needs a key: authenticated here, once.
         const principal = await opts.services.auth.authenticate(apiKeyFromHeaders(req.headers));
         record.orgId = principal.orgId;
+        // Every raw route is cut if its key is revoked; streams also count against the org's cap.
+        const release = route.stream ? opts.streams.acquire(principal, 'stream', () => res.destroy()) : opts.streams.trackKey(principal.keyId, () => res.destroy());
+        res.once('close', release);
         await route.handle(req, res, m.slice(1).map(decodeURIComponent), opts.services, principal, opts.maxJsonBodyBytes);
       } catch (err) {
         if (res.headersSent) {

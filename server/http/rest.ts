@@ -18,7 +18,7 @@ interface OpenApiErrorBody {
 
 export interface RestHandlerOptions {
   router: AppRouter;
-  createContext: (req: IncomingMessage) => Context;
+  createContext: (req: IncomingMessage, res: ServerResponse) => Context;
   maxJsonBodyBytes: number;
 }
 
@@ -33,8 +33,8 @@ export function createRestHandler(opts: RestHandlerOptions) {
 
   const openApi = createOpenApiNodeHttpHandler({
     router: opts.router,
-    createContext: ({ req }) => {
-      const ctx = contexts.get(req) ?? opts.createContext(req);
+    createContext: ({ req, res }) => {
+      const ctx = contexts.get(req) ?? opts.createContext(req, res as ServerResponse);
       contexts.set(req, ctx);
       return ctx;
     },

@@ -1,26 +1,30 @@
+import { timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
+import { TRPCError } from '@trpc/server';
 import { createHTTPHandler } from '@trpc/server/adapters/standalone';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import type { Logger } from 'pino';
-import { WebSocketServer } from 'ws';
+import { WebSocketServer, type WebSocket } from 'ws';
 import { errorCodeTable } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
+import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
 import type { PtyEvent } from '../../shared/index.js';
-import { apiKeyFromHeaders, apiKeyFromUpgrade, type Context, type RequestRecord } from '../trpc/context.js';
+import { apiKeyFromHeaders, apiKeyFromUpgrade, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
 import { serveConsole } from './console-page.js';
 import { serveDocs } from './docs-page.js';
 import { sendError, sendJson } from './envelope.js';
 import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
 import { createRawRoutes } from './raw-routes.js';
+import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
 
 function rejectUpgrade(socket: Duplex, status: number, message: string): void {
   const body = JSON.stringify({ error: message });
-  const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict' }[status] ?? 'Error';
+  const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 429: 'Too Many Requests', 503: 'Service Unavailable' }[status] ?? 'Error';
   socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
 }
 
@@ -31,10 +35,68 @@ export interface HttpServerOptions {
   metrics: HttpMetrics;
   openApi: { json: string; yaml: string };
   maxJsonBodyBytes: number;
+  limits: EdgeLimits;
+  /** Set, `/metrics` answers only `Authorization: Bearer <token>`. */
+  metricsToken?: string;
+}
+
+/** The HTTP edge's limits (README "The HTTP edge"); each is a config variable. */
+export interface EdgeLimits {
+  /** TRPC_MAX_BATCH_SIZE */
+  maxBatchSize: number;
+  /** ORG_MAX_CONCURRENT_EXECS */
+  maxExecsPerOrg: number;
+  /** ORG_MAX_STREAMS */
+  maxStreamsPerOrg: number;
+  /** HTTP_HEADERS_TIMEOUT_MS */
+  headersTimeoutMs: number;
+  /** HTTP_REQUEST_TIMEOUT_MS */
+  requestTimeoutMs: number;
+  /** HTTP_MAX_CONNECTIONS */
+  maxConnections: number;
+  /** WS_AUTH_TIMEOUT_MS */
+  wsAuthTimeoutMs: number;
+}
+
+/** `onClose` callbacks of one response or socket, run once from a single 'close' listener. */
+function closeHooks(emitter: { once(event: 'close', fn: () => void): unknown }, isClosed: () => boolean): (fn: () => void) => void {
+  let hooks: (() => void)[] | null = null;
+  return (fn) => {
+    if (isClosed()) return fn();
+    if (!hooks) {
+      hooks = [];
+      const run = hooks;
+      emitter.once('close', () => {
+        for (const h of run.splice(0)) h();
+      });
+    }
+    hooks.push(fn);
+  };
+}
+
+function httpConnection(res: ServerResponse): CallConnection {
+  return { onClose: closeHooks(res, () => res.closed), cut: () => res.destroy() };
+}
+
+function wsConnection(ws: WebSocket): CallConnection {
+  return {
+    onClose: closeHooks(ws, () => ws.readyState === ws.CLOSED),
+    cut: () => ws.close(1008, 'the API key was revoked or deactivated'),
+    bufferedAmount: () => ws.bufferedAmount,
+  };
+}
+
+/** Whether `header` is `Bearer <token>`, compared in constant time. */
+function bearerMatches(header: string | undefined, token: string): boolean {
+  const given = Buffer.from(header?.startsWith('Bearer ') ? header.slice('Bearer '.length).trim() : '');
+  const want = Buffer.from(token);
+  return given.length === want.length && timingSafeEqual(given, want);
 }
 
 export interface HttpServer {
   server: Server;
+  /** Held calls and streams per org, by the key that opened them; `closeKey` cuts a revoked key's. */
+  streams: OpenStreams;
   /** Stops accepting, closes WebSockets, and resolves when open requests are done. */
   close(): Promise<void>;
 }
@@ -44,30 +106,46 @@ export interface HttpServer {
  * docs page. Every request is logged once and counted in the metrics.
  */
 export function createHttpServer(opts: HttpServerOptions): HttpServer {
-  const { router, services, log, metrics } = opts;
+  const { router, services, log, metrics, limits } = opts;
+  const streams = new OpenStreams({ maxExecsPerOrg: limits.maxExecsPerOrg, maxStreamsPerOrg: limits.maxStreamsPerOrg });
   const records = new WeakMap<IncomingMessage, RequestRecord>();
   const restRoutes = new Map([...procedureMetaIndex(router)].map(([path, meta]) => [path, meta.openapi?.path]));
 
-  const context = (req: IncomingMessage, transport: Context['transport'], apiKey: string | null): Context => {
+  const context = (req: IncomingMessage, transport: Context['transport'], apiKey: string | null, connection: CallConnection): Context => {
     let record = records.get(req);
     if (!record) records.set(req, (record = {}));
-    return { services, log, apiKey, record, transport };
+    return { services, log, apiKey, record, transport, connection, streams };
   };
 
   const trpcHttp = createHTTPHandler({
     router,
     basePath: '/trpc/',
-    createContext: ({ req, info }) => {
-      const ctx = context(req, 'trpc-http', apiKeyFromHeaders(req.headers));
+    // A body past the limit fails as it arrives (no Content-Length); one that declares it, before.
+    maxBodySize: opts.maxJsonBodyBytes,
+    maxBatchSize: limits.maxBatchSize,
+    middleware: (req, res, next) => {
+      const url = new URL(req.url ?? '/', 'http://localhost');
+      const calls = url.pathname.slice('/trpc/'.length).split(',').length;
+      if (url.searchParams.get('batch') === '1' && calls > limits.maxBatchSize) {
+        return next(new TRPCError({ code: 'BAD_REQUEST', message: `A batch may hold at most ${limits.maxBatchSize} calls (TRPC_MAX_BATCH_SIZE); this one has ${calls}` }));
+      }
+      if (Number(req.headers['content-length'] ?? 0) > opts.maxJsonBodyBytes) {
+        res.setHeader('connection', 'close'); // the body is not read
+        return next(new TRPCError({ code: 'PAYLOAD_TOO_LARGE', message: `Request body is larger than ${opts.maxJsonBodyBytes} bytes (MAX_JSON_BODY_BYTES)` }));
+      }
+      next();
+    },
+    createContext: ({ req, res, info }) => {
+      const ctx = context(req, 'trpc-http', apiKeyFromHeaders(req.headers), httpConnection(res));
       ctx.record.procedurePath = info.calls.length === 1 ? info.calls[0]!.path : 'batch';
       return ctx;
     },
   });
 
-  const raw = createRawRoutes({ services, maxJsonBodyBytes: opts.maxJsonBodyBytes });
+  const raw = createRawRoutes({ services, streams, maxJsonBodyBytes: opts.maxJsonBodyBytes });
   const rest = createRestHandler({
     router,
-    createContext: (req) => context(req, 'rest', apiKeyFromHeaders(req.headers)),
+    createContext: (req, res) => context(req, 'rest', apiKeyFromHeaders(req.headers), httpConnection(res)),
     maxJsonBodyBytes: opts.maxJsonBodyBytes,
   });
 
@@ -78,6 +156,10 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       return p ? `/trpc/${p}` : '/trpc';
     }
     if (path === '/metrics') {
+      if (opts.metricsToken && !bearerMatches(req.headers.authorization, opts.metricsToken)) {
+        sendError(res, 401, 'Metrics need a bearer token', 'Send Authorization: Bearer <METRICS_TOKEN>');
+        return '/metrics';
+      }
       const text = await metrics.text();
       res.writeHead(200, { 'content-type': metrics.contentType });
       res.end(text);
@@ -108,7 +190,15 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     return 'unmatched';
   }
 
-  const server = createServer((req, res) => {
+  // A request must send its headers within HTTP_HEADERS_TIMEOUT_MS and its whole body within
+  // HTTP_REQUEST_TIMEOUT_MS, or Node answers 408 and closes the connection.
+  const timeouts = {
+    headersTimeout: Math.min(limits.headersTimeoutMs, limits.requestTimeoutMs),
+    requestTimeout: limits.requestTimeoutMs,
+    // How often Node checks the two timeouts above.
+    connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(limits.headersTimeoutMs / 4))),
+  };
+  const server = createServer(timeouts, (req, res) => {
     const started = process.hrtime.bigint();
     const path = (req.url ?? '/').split('?')[0]!;
     let routeLabel = 'unmatched';
@@ -131,6 +221,18 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     );
   });
 
+  // A connection past HTTP_MAX_CONNECTIONS is answered 503 and closed before anything is read.
+  let connections = 0;
+  server.prependListener('connection', (socket) => {
+    connections++;
+    socket.once('close', () => connections--);
+    if (connections <= limits.maxConnections) return;
+    const body = JSON.stringify({ error: `The server has ${limits.maxConnections} open connections, the most allowed (HTTP_MAX_CONNECTIONS); retry later` });
+    socket.on('error', () => {});
+    socket.end(`HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+    socket.destroySoon();
+  });
+
   // tRPC subscriptions over WebSocket on the same port. Browsers cannot set headers on a
   // WebSocket, so the key may also come as `?apiKey=` or in tRPC's `connectionParams`.
   const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxJsonBodyBytes });
@@ -138,14 +240,43 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     wss,
     router,
     keepAlive: { enabled: true, pingMs: 30_000, pongWaitMs: 5_000 },
-    createContext: ({ req, info }) => {
+    maxBatchSize: limits.maxBatchSize,
+    createContext: async ({ req, res: ws, info }) => {
       const url = new URL(req.url ?? '/', 'http://localhost');
       const fromParams = info.connectionParams?.apiKey;
-      return context(req, 'trpc-ws', fromParams || apiKeyFromUpgrade(url, req.headers));
+      const apiKey = fromParams || apiKeyFromUpgrade(url, req.headers);
+      // A valid key ends the handshake window; a missing or bad one leaves it running (calls fail 401).
+      if (apiKey && (await services.auth.authenticate(apiKey).then(() => true, () => false))) authenticated(ws);
+      return context(req, 'trpc-ws', apiKey, wsConnection(ws));
     },
   });
 
+  // A tRPC WebSocket must present a valid key (at the upgrade or in connectionParams) within
+  // WS_AUTH_TIMEOUT_MS, or it is closed: answering pings alone does not keep it open.
+  const handshakeTimers = new WeakMap<WebSocket, NodeJS.Timeout>();
+  const authenticated = (ws: WebSocket) => clearTimeout(handshakeTimers.get(ws));
+  wss.on('connection', (ws: WebSocket) => {
+    const timer = setTimeout(() => ws.close(1008, `no valid API key within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS)`), limits.wsAuthTimeoutMs);
+    timer.unref();
+    handshakeTimers.set(ws, timer);
+    ws.once('close', () => clearTimeout(timer));
+  });
+
   const rawWss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024 });
+  const upgradedSockets = new WeakMap<Duplex, WebSocket>();
+
+  /**
+   * A terminal or watch socket holds one of the org's ORG_MAX_STREAMS slots until it closes, and
+   * closes (1008) when its key is revoked. Throws TooManyRequestsError (429 before the upgrade).
+   */
+  function holdUpgrade(principal: Principal, socket: Duplex): void {
+    const release = streams.acquire(principal, 'stream', () => {
+      const ws = upgradedSockets.get(socket);
+      if (ws) ws.close(1008, 'the API key was revoked or deactivated');
+      else socket.destroy();
+    });
+    socket.once('close', release);
+  }
   const watchStream = /^\/api\/sandboxes\/([^/]+)\/files\/watch\/([^/]+)\/stream$/;
   const ptyEphemeral = /^\/api\/sandboxes\/([^/]+)\/pty$/;
   const ptyAttach = /^\/api\/sandboxes\/([^/]+)\/pty\/sessions\/([^/]+)$/;
@@ -164,6 +295,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       if (!upgraded) abort.abort();
     });
     const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
+    holdUpgrade(principal, socket);
     const ephemeral = sessionId === null;
     const size = (name: string, fallback: number, max: number) => Math.min(max, Math.max(1, Number(url.searchParams.get(name)) || fallback));
     const sid = sessionId ?? (await services.pty.create(principal, sandboxId, size('cols', 80, 500), size('rows', 24, 200))).sessionId;
@@ -187,6 +319,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (abort.signal.aborted) return;
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
     rawWss.handleUpgrade(req, socket, head, (ws) => {
+      upgradedSockets.set(socket, ws);
       upgraded = true;
       ws.on('error', () => {});
       ws.on('close', cleanup);
@@ -277,11 +410,13 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   async function upgradeWatchStream(req: IncomingMessage, socket: Duplex, head: Buffer, sandboxId: string, sessionId: string): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://localhost');
     const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
+    holdUpgrade(principal, socket);
     services.watch.assertSession(principal, sandboxId, sessionId); // 404 before upgrading
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
     // Attached only once the socket is open (a failed handshake attaches nothing); the session's
     // history replays what happened in between.
     rawWss.handleUpgrade(req, socket, head, (ws) => {
+      upgradedSockets.set(socket, ws);
       let dropped = 0;
       let detach: () => void = () => {};
       try {
@@ -317,6 +452,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
 
   return {
     server,
+    streams,
     async close() {
       wsHandler.broadcastReconnectNotification();
       for (const ws of wss.clients) ws.terminate();

@@ -10,6 +10,7 @@ const DEFAULT_KEY_NAME = 'Default Key';
 
 /** Registration, organizations and their API keys. */
 export class OrgService {
+  readonly #keyEnded: ((keyId: string) => void)[] = [];
   constructor(
     private readonly deps: {
       store: Pick<Store, 'users' | 'orgs' | 'apiKeys'>;
@@ -77,10 +78,26 @@ export class OrgService {
     return this.#issueKey(orgId, principal.userId, keyName);
   }
 
+  /** Runs `listener` with the id of every key revoked or deactivated from now on. */
+  onKeyEnded(listener: (keyId: string) => void): void {
+    this.#keyEnded.push(listener);
+  }
+
+  #keyHasEnded(keyId: string): void {
+    for (const listener of this.#keyEnded) {
+      try {
+        listener(keyId);
+      } catch (err) {
+        this.deps.log.error({ err, keyId }, 'could not close the connections of an ended API key');
+      }
+    }
+  }
+
   async revokeKey(principal: Principal, orgId: string, keyId: string): Promise<{ keyId: string; revoked: true }> {
     assertSameOrg(principal, orgId);
     if (!(await this.deps.store.apiKeys.delete(orgId, keyId))) throw keyNotFound(keyId);
     this.deps.lastUsed.forget(keyId);
+    this.#keyHasEnded(keyId);
     return { keyId, revoked: true };
   }
 
@@ -88,6 +105,7 @@ export class OrgService {
     assertSameOrg(principal, orgId);
     const key = await this.deps.store.apiKeys.setActive(orgId, keyId, isActive);
     if (!key) throw keyNotFound(keyId);
+    if (!isActive) this.#keyHasEnded(keyId);
     return this.#toApiKey(key);
   }
 

@@ -1,18 +1,13 @@
 import { randomBytes } from 'node:crypto';
 
-let counter = randomBytes(3).readUIntBE(0, 3);
-const processUnique = randomBytes(5);
-
 /**
- * A new id in MongoDB ObjectId form (24 hex characters: seconds, 5 random bytes, a counter), so ids
- * look alike in both stores and sort roughly by creation time.
+ * A new id in MongoDB ObjectId form (24 hex characters): 4 bytes of seconds, then 8 random bytes.
+ * Ids look alike in both stores and sort roughly by creation time, and knowing one id (your own
+ * sandbox's) says nothing about any other: they are unguessable, not counters.
  */
 export function newId(): string {
-  const buf = Buffer.alloc(12);
+  const buf = randomBytes(12);
   buf.writeUInt32BE(Math.floor(Date.now() / 1000), 0);
-  processUnique.copy(buf, 4);
-  counter = (counter + 1) % 0xffffff;
-  buf.writeUIntBE(counter, 9, 3);
   return buf.toString('hex');
 }
 

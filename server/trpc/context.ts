@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import type { OpenStreams } from '../http/open-streams.js';
 import type { Services } from '../services/index.js';
 
 /**
@@ -10,6 +11,18 @@ export interface RequestRecord {
   orgId?: string;
   /** The REST procedure that answered (dotted tRPC path), for the envelope and metrics. */
   procedurePath?: string;
+  /** A WebSocket whose key is registered for closing on revocation. */
+  keyTracked?: boolean;
+}
+
+/** The transport a call arrived on: an HTTP response, or a tRPC WebSocket shared by many calls. */
+export interface CallConnection {
+  /** Runs `fn` once the HTTP response has been written, or the WebSocket closed. */
+  onClose(fn: () => void): void;
+  /** Cuts the response or the WebSocket (its key was revoked). */
+  cut(): void;
+  /** WebSocket only: bytes sent but not yet taken by the peer. */
+  bufferedAmount?(): number;
 }
 
 export interface Context {
@@ -19,6 +32,9 @@ export interface Context {
   apiKey: string | null;
   record: RequestRecord;
   transport: 'rest' | 'trpc-http' | 'trpc-ws';
+  connection: CallConnection;
+  /** Per-org caps on held calls, and what to close when a key is revoked. */
+  streams: OpenStreams;
 }
 
 /** The API key of an HTTP request: the `X-API-Key` header. */

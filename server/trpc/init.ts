@@ -3,7 +3,8 @@ import superjson from 'superjson';
 import type { OpenApiMeta } from 'trpc-to-openapi';
 import { errorCodeFromTrpc, type ErrorCode } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
-import type { Context } from './context.js';
+import type { HoldKind } from '../http/open-streams.js';
+import type { CallConnection, Context } from './context.js';
 import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './errors.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
@@ -32,6 +33,9 @@ const t = initTRPC
       let message = shape.message;
       let details = domain?.details;
       if (issues?.length) ({ message, details } = describeIssues(issues));
+      // tRPC's own messages for these limits name neither the limit nor what to do.
+      if (error.code === 'PAYLOAD_TOO_LARGE' && message === 'PAYLOAD_TOO_LARGE') message = 'Request body is larger than the server accepts (MAX_JSON_BODY_BYTES)';
+      if (message === 'Batch call exceeds maximum size') message = 'The batch holds more calls than the server accepts (TRPC_MAX_BATCH_SIZE); send fewer at once';
       const errorCode: ErrorCode = domain?.code ?? errorCodeFromTrpc[error.code] ?? 'INTERNAL';
       // Internal errors keep their cause in the server log only.
       if (errorCode === 'INTERNAL') message = 'Internal server error';
@@ -55,9 +59,66 @@ const mapDomainErrors = t.middleware(async ({ next, ctx, path }) => {
 
 export const publicProcedure = t.procedure.use(mapDomainErrors);
 
-/** Requires a valid, active API key; narrows `ctx` with the caller's `principal`. */
-export const authedProcedure = publicProcedure.use(async ({ ctx, next }) => {
+/**
+ * Requires a valid, active API key; narrows `ctx` with the caller's `principal`. Calls that can hold
+ * a large answer or a long stream take one of the org's slots (see `heldCallKind`) until their
+ * response is written, and every such call or WebSocket is closed if its key is revoked.
+ */
+export const authedProcedure = publicProcedure.use(async ({ ctx, next, path, type, signal }) => {
   const principal = await ctx.services.auth.authenticate(ctx.apiKey);
   ctx.record.orgId = principal.orgId;
-  return next({ ctx: { principal } });
+  if (ctx.transport === 'trpc-ws' && !ctx.record.keyTracked) {
+    ctx.record.keyTracked = true;
+    ctx.connection.onClose(ctx.streams.trackKey(principal.keyId, () => ctx.connection.cut()));
+  }
+  const kind = heldCallKind(path, type);
+  if (!kind) return next({ ctx: { principal } });
+  const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut());
+  ctx.connection.onClose(release);
+  if (ctx.transport !== 'trpc-ws') return next({ ctx: { principal } }); // released when the response is written
+  const result = await next({ ctx: { principal } });
+  if (!result.ok) {
+    release();
+    return result;
+  }
+  if (type === 'subscription') {
+    signal?.addEventListener('abort', release, { once: true });
+    return { ...result, data: pacedForWebSocket(result.data as AsyncIterable<unknown>, ctx.connection, release) };
+  }
+  // The answer is sent once this returns; the slot is held until the peer has taken it.
+  void untilDrained(ctx.connection).then(release);
+  return result;
 });
+
+/** Procedures whose answer the server builds whole in memory: they count against ORG_MAX_CONCURRENT_EXECS. */
+const execLikeCalls = new Set(['exec.run', 'shell.sessionExec', 'commands.wait', 'files.list', 'files.headTail', 'files.search', 'pty.buffer']);
+
+function heldCallKind(path: string, type: string): HoldKind | null {
+  if (type === 'subscription') return 'stream';
+  return execLikeCalls.has(path) ? 'exec' : null;
+}
+
+/** Past this many unsent bytes on a tRPC WebSocket, a subscription waits for the peer to read. */
+const wsHighWater = 1024 * 1024;
+
+const tick = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function untilDrained(connection: CallConnection, below = 64 * 1024): Promise<void> {
+  await new Promise((r) => setImmediate(r));
+  while ((connection.bufferedAmount?.() ?? 0) > below) await tick(50);
+}
+
+/**
+ * A subscription's events with backpressure: tRPC's WebSocket adapter sends without waiting, so
+ * the source is not pulled while the socket holds more than `wsHighWater` unsent bytes.
+ */
+async function* pacedForWebSocket<T>(events: AsyncIterable<T>, connection: CallConnection, release: () => void): AsyncGenerator<T> {
+  try {
+    for await (const e of events) {
+      if ((connection.bufferedAmount?.() ?? 0) > wsHighWater) await untilDrained(connection, wsHighWater / 4);
+      yield e;
+    }
+  } finally {
+    release();
+  }
+}
