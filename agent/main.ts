@@ -96,6 +96,15 @@ if (guest) {
   server.listen(socketPath, () => console.log(`agent: listening on ${socketPath} (pid ${process.pid})`));
 }
 
+// A request the agent did not foresee fails that request, not the agent (and with it every
+// session and process of the sandbox): log it, bounded, and go on.
+let contained = 0;
+const containFailure = (what: string) => (err: unknown) => {
+  if (contained++ < 100) console.error(`agent: ${what} (contained): ${String((err as Error)?.stack ?? err).slice(0, 2000)}`);
+};
+process.on('uncaughtException', containFailure('uncaught exception'));
+process.on('unhandledRejection', containFailure('unhandled rejection'));
+
 const shutdown = () => {
   ctx.processes.killAll();
   ctx.ptys.killAll();

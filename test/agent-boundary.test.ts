@@ -144,3 +144,36 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
     await victimStillServed();
   });
 });
+
+describe.skipIf(!support.ok)("the agent's own buffers stay bounded", () => {
+  let server: TestServer;
+  let apiKey: string;
+
+  beforeAll(async () => {
+    // Each exec may keep 16 MiB of its output: thirty of them would be 480 MiB held in the agent.
+    server = await startTestServer({ ORG_MAX_CONCURRENT_EXECS: '64', EXEC_OUTPUT_LIMIT_BYTES: String(16 * 1024 * 1024) });
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Flooder', email: uniqueEmail('flood') })).apiKey;
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('thirty concurrent execs printing 16 MiB each cannot get the agent of a 1 GiB sandbox OOM-killed', async () => {
+    const vr = server.client(apiKey);
+    const box = await vr.sandboxes.create({ name: 'flood-box', mem: 1024 });
+    // A background command started before the flood: it is gone if the agent (and so the sandbox) died.
+    const before = await server.http(`/api/sandboxes/${box.id}/commands/run`, { method: 'POST', apiKey, json: { command: 'sleep 600' } });
+    expect(before.status).toBe(200);
+    const results = await Promise.all(
+      Array.from({ length: 30 }, () => server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: "head -c 16777216 /dev/zero | tr '\\0' a" } })),
+    );
+    for (const r of results) expect(r.status).toBe(200);
+    const bodies = (await Promise.all(results.map((r) => r.json()))) as Array<{ data: { stdout: string; truncated: boolean } }>;
+    // Output past the agent's shared budget is dropped and said so, never silently.
+    for (const b of bodies) expect(b.data.stdout.length === 16777216 || b.data.truncated).toBe(true);
+    const list = await server.http(`/api/sandboxes/${box.id}/commands/list`, { apiKey });
+    expect(JSON.stringify(await list.json())).toContain('sleep 600');
+    const after = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'echo alive' } });
+    expect(((await after.json()) as { data: { stdout: string } }).data.stdout).toBe('alive\n');
+  }, 120_000);
+});

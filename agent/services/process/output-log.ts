@@ -19,6 +19,11 @@ export class OutputLog {
 
   constructor(private readonly capacityBytes: number) {}
 
+  /** What the log holds now (string lengths), at most about `capacityBytes`. */
+  get bytes(): number {
+    return this.#bytes;
+  }
+
   append(event: OutputEvent): void {
     const entry = { seq: this.#nextSeq++, event };
     this.#events.push(entry);

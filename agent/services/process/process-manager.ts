@@ -7,8 +7,17 @@ import { OutputLog, type SequencedEvent } from './output-log.js';
 
 /** What each process keeps of its output for late readers and reconnects. */
 const OUTPUT_LOG_BYTES = 1024 * 1024;
-/** Finished processes stay listed (and attachable) until this many newer ones have finished. */
+/** Finished processes stay listed (and attachable) until this many newer ones have finished… */
 const KEEP_FINISHED = 100;
+/** …or until the output logs they keep pass this many bytes together (the oldest go first). */
+const FINISHED_LOGS_BYTES = 16 * 1024 * 1024;
+/**
+ * What all one-shot runs in flight may hold of their output together. The agent shares the
+ * sandbox's memory with the tenant's commands: thirty concurrent runs printing 4 MiB each must
+ * not get it OOM-killed, so past this budget further output is dropped and the run says
+ * `truncated`, as it does at its own limit.
+ */
+export const RUN_OUTPUT_BUDGET_BYTES = 48 * 1024 * 1024;
 
 export interface ExitInfo {
   exitCode: number;
@@ -105,6 +114,9 @@ function signalNumber(signal: NodeJS.Signals | null): number {
 export class ProcessManager {
   readonly #processes = new Map<number, ManagedProcess>();
   readonly #finished: number[] = [];
+  #finishedLogBytes = 0;
+  /** Output held by one-shot runs in flight (see RUN_OUTPUT_BUDGET_BYTES). */
+  #runOutputBytes = 0;
 
   constructor(private readonly baseEnv: NodeJS.ProcessEnv, private readonly defaultCwd: string) {}
 
@@ -133,17 +145,27 @@ export class ProcessManager {
     const proc = this.start(spec);
     const out = { stdout: '', stderr: '' };
     let truncated = false;
+    let held = 0;
     const collect = (e: SequencedEvent) => {
       if (e.event.type !== 'stdout' && e.event.type !== 'stderr') return;
-      const room = limit - out[e.event.type].length;
+      const room = Math.min(limit - out[e.event.type].length, RUN_OUTPUT_BUDGET_BYTES - this.#runOutputBytes);
       if (e.event.data.length > room) truncated = true;
-      if (room > 0) out[e.event.type] += e.event.data.slice(0, room);
+      if (room > 0) {
+        const piece = e.event.data.slice(0, room);
+        out[e.event.type] += piece;
+        held += piece.length;
+        this.#runOutputBytes += piece.length;
+      }
     };
     for (const e of proc.output.since(0)) collect(e);
     const unsubscribe = proc.output.subscribe(collect);
-    const exit = await proc.exited;
-    unsubscribe();
-    return { ...out, exitCode: exit.exitCode, truncated, timedOut: exit.timedOut, signal: exit.signal };
+    try {
+      const exit = await proc.exited;
+      return { ...out, exitCode: exit.exitCode, truncated, timedOut: exit.timedOut, signal: exit.signal };
+    } finally {
+      unsubscribe();
+      this.#runOutputBytes -= held;
+    }
   }
 
   get(pid: number): ManagedProcess {
@@ -166,7 +188,12 @@ export class ProcessManager {
 
   #retire(pid: number): void {
     this.#finished.push(pid);
-    while (this.#finished.length > KEEP_FINISHED) this.#processes.delete(this.#finished.shift()!);
+    this.#finishedLogBytes += this.#processes.get(pid)?.output.bytes ?? 0;
+    while (this.#finished.length > KEEP_FINISHED || (this.#finished.length > 1 && this.#finishedLogBytes > FINISHED_LOGS_BYTES)) {
+      const oldest = this.#finished.shift()!;
+      this.#finishedLogBytes -= this.#processes.get(oldest)?.output.bytes ?? 0;
+      this.#processes.delete(oldest);
+    }
   }
 }
 

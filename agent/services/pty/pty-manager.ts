@@ -70,6 +70,12 @@ export class PtySession {
   }
 }
 
+/** Empties node-pty's queue of input not yet written to the terminal (its writer keeps it privately). */
+function dropQueuedInput(pty: IPty): void {
+  const queue = (pty as unknown as { _writeStream?: { _writeQueue?: unknown[] } })._writeStream?._writeQueue;
+  if (Array.isArray(queue)) queue.length = 0;
+}
+
 /** The sandbox's terminals. They outlive their clients until killed or their shell exits. */
 export class PtyManager {
   readonly #sessions = new Map<string, PtySession>();
@@ -127,6 +133,9 @@ export class PtyManager {
 
   kill(id: string): void {
     const s = this.get(id);
+    // Input still queued for the pty must not be written after its descriptor closes (the number
+    // may be reused by another file by then).
+    dropQueuedInput(s.pty);
     if (s.alive) s.pty.kill('SIGKILL');
     s.dispose();
     this.#sessions.delete(id);
