@@ -176,4 +176,24 @@ describe.skipIf(!support.ok)("the agent's own buffers stay bounded", () => {
     const after = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'echo alive' } });
     expect(((await after.json()) as { data: { stdout: string } }).data.stdout).toBe('alive\n');
   }, 120_000);
+
+  it('killing a terminal with input still queued for it leaves the agent serving', async () => {
+    const vr = server.client(apiKey);
+    const box = await vr.sandboxes.create({ name: 'pty-kill-box' });
+    const base = `/api/sandboxes/${box.id}/pty/sessions`;
+    const keep = await server.http(`/api/sandboxes/${box.id}/commands/run`, { method: 'POST', apiKey, json: { command: 'sleep 600' } });
+    expect(keep.status).toBe(200);
+    for (let round = 0; round < 3; round++) {
+      const created = await server.http(base, { method: 'POST', apiKey, json: {} });
+      const sessionId = ((await created.json()) as { data: { sessionId: string } }).data.sessionId;
+      // The shell is busy, so what is typed queues in the pty and behind it in the agent.
+      await server.http(`${base}/${sessionId}/execute`, { method: 'POST', apiKey, json: { command: 'sleep 600' } });
+      await Promise.all(Array.from({ length: 8 }, () => server.http(`${base}/${sessionId}/execute`, { method: 'POST', apiKey, json: { command: 'x'.repeat(256 * 1024) } })));
+      expect((await server.http(`${base}/${sessionId}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    }
+    const after = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'echo alive' } });
+    expect(((await after.json()) as { data: { stdout: string } }).data.stdout).toBe('alive\n');
+    const list = await server.http(`/api/sandboxes/${box.id}/commands/list`, { apiKey });
+    expect(JSON.stringify(await list.json())).toContain('sleep 600');
+  }, 120_000);
 });

@@ -31,6 +31,9 @@ export class PtySession {
   ) {
     this.cols = cols;
     this.rows = rows;
+    // node-pty rethrows a read error other than EIO (EBADF once its descriptor closed under a
+    // pending read) unless someone besides itself listens for errors: the session ends instead.
+    (pty as unknown as NodeJS.EventEmitter).on('error', () => {});
     pty.onData((data) => this.output.append({ type: 'stdout', data }));
     pty.onExit(({ exitCode }) => {
       this.exitCode = exitCode;
