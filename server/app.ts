@@ -57,7 +57,17 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
   else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
   // A reply may carry a command's stdout and stderr up to the output limit each, JSON-escaped.
-  const agents = driver ? new AgentClients(driver, { maxMessageBytes: Math.max(16 * 1024 * 1024, 6 * config.EXEC_OUTPUT_LIMIT_BYTES + 1024 * 1024) }) : null;
+  const agents = driver
+    ? new AgentClients(driver, {
+        maxMessageBytes: Math.max(16 * 1024 * 1024, 6 * config.EXEC_OUTPUT_LIMIT_BYTES + 1024 * 1024),
+        // An unreachable or lying agent: refresh the sandbox's status before the caller hears of it.
+        onUnavailable: async (ref, err) => {
+          const record = await store.sandboxes.findById(ref.orgId, ref.id);
+          const status = record ? await sandboxes.reconcile(record) : null;
+          log.warn({ sandbox: ref.id, status, reason: err.message }, 'sandbox agent call failed');
+        },
+      })
+    : null;
   const sandboxes = new SandboxService({
     sandboxes: store.sandboxes,
     images,

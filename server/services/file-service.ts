@@ -194,7 +194,8 @@ export class FileService {
     const length = agentHeader(res, 'content-length');
     const size = /^\d{1,15}$/.test(length) ? Number(length) : null;
     const resolved = decodeHeader(agentHeader(res, 'x-file-path'));
-    return { path: resolved && resolved.length <= 4096 && resolved.startsWith('/') ? resolved : path, size, stream: res };
+    const label = resolved && resolved.length <= 4096 && resolved.startsWith('/') && !/[\x00-\x1f\x7f]/.test(resolved) ? resolved : path;
+    return { path: label, size, stream: res };
   }
 
   /** A bodiless request to the agent's `/files/content` route; its response once headers arrive. */
