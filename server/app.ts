@@ -23,6 +23,7 @@ import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
 import { SandboxService } from './services/sandbox-service.js';
+import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
 import type { Store } from './store/types.js';
 
 export interface App {
@@ -78,6 +79,14 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     agentSettings: { VOIDRUN_PTY_IDLE_SEC: String(config.PTY_IDLE_TIMEOUT_SEC) },
     hostPaths: [config.INSTANCES_DIR, config.BASE_IMAGES_DIR, config.SNAPSHOTS_DIR, config.DATA_DIR, config.RUNC_ROOT],
     defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
+    quotas: new SandboxQuotas({
+      sandboxes: store.sandboxes,
+      snapshotsDir: config.SNAPSHOTS_DIR,
+      org: { sandboxes: config.ORG_MAX_SANDBOXES, vcpus: config.ORG_MAX_VCPUS, memoryMb: config.ORG_MAX_MEMORY_MB, diskMb: config.ORG_MAX_DISK_MB },
+      snapshotMaxBytes: config.SNAPSHOT_MAX_BYTES,
+      // Each container holds a budget of SANDBOX_PIDS_LIMIT pids; the host's pid space bounds their number.
+      host: hostLimits({ diskDir: config.INSTANCES_DIR, pidsLimit: driver?.name === 'container' ? config.SANDBOX_PIDS_LIMIT : null, reservedPids: config.HOST_RESERVED_PIDS }),
+    }),
     log,
   });
   const watch = new WatchService({ sandboxes, idleTimeoutMs: config.WATCH_IDLE_TIMEOUT_SEC * 1000, log });

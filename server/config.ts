@@ -56,6 +56,15 @@ const EnvSchema = z.object({
   RUNC_ROOT: nonEmpty.default('/run/voidrun/runc'),
   SANDBOX_UID_BASE: int(1, 4_000_000_000).default(200_000),
   SANDBOX_PIDS_LIMIT: int(16, 1_000_000).default(1024),
+  // Per-org quotas: every sandbox record counts (whatever its status) until it is deleted.
+  ORG_MAX_SANDBOXES: int(1, 100_000).default(10),
+  ORG_MAX_VCPUS: int(1, 100_000).default(8),
+  ORG_MAX_MEMORY_MB: int(1024, 1_073_741_824).default(16384),
+  // Sandboxes' diskMb plus the org's snapshot archives.
+  ORG_MAX_DISK_MB: int(64, 1_073_741_824).default(65536),
+  // Process ids kept for the host: sandboxes × SANDBOX_PIDS_LIMIT stay within kernel.pid_max minus these.
+  HOST_RESERVED_PIDS: int(0, 4_194_304).default(4096),
+  SNAPSHOT_MAX_BYTES: int(1024 * 1024, Number.MAX_SAFE_INTEGER).default(5 * 1024 * 1024 * 1024),
   SANDBOX_LIST_DEFAULT_LIMIT: int(1, 100).default(20),
   AGENT_READY_TIMEOUT_MS: int(100, 600_000).default(15_000),
   MAX_UPLOAD_BYTES: int(1, Number.MAX_SAFE_INTEGER).default(10 * 1024 * 1024 * 1024),

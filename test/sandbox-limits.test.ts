@@ -61,7 +61,7 @@ describe.skipIf(!support.ok)('sandbox limits and control', () => {
   it('pause stops progress and resume continues it', async () => {
     const sb = await vr.sandboxes.create({ name: 'freezer' });
     await sb.commands.run('while true; do echo tick >> /root/ticks; sleep 0.05; done');
-    const ticks = () => readFileSync(join(server.dirs.instancesDir, sb.id, 'upper', 'root', 'ticks'), 'utf8').split('\n').length;
+    const ticks = () => readFileSync(join(server.dirs.instancesDir, sb.id, 'disk', 'upper', 'root', 'ticks'), 'utf8').split('\n').length;
     await sb.exec('sleep 0.3');
     expect(await sb.pause()).toMatchObject({ status: 'paused' });
     expect((await sb.refresh()).status).toBe('paused');

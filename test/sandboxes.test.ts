@@ -114,7 +114,7 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     const links = (await box.exec('ls /sys/class/net')).stdout.trim().split('\n');
     expect(links).toEqual(['lo']);
     expect((await box.exec('id -u; touch /root/made-by-root')).stdout).toBe('0\n');
-    const upperFile = join(server.dirs.instancesDir, box.id, 'upper', 'root', 'made-by-root');
+    const upperFile = join(server.dirs.instancesDir, box.id, 'disk', 'upper', 'root', 'made-by-root');
     const st = statSync(upperFile);
     expect(st.uid).toBe(200000);
     expect(st.uid).not.toBe(0);

@@ -6,6 +6,7 @@ import {
   GeneratedApiKey,
   OrgIdInput,
   Organization,
+  OrgQuota,
   RegisterInput,
   RegisterResult,
   RevokedApiKey,
@@ -40,6 +41,21 @@ export const orgRouter = router({
     .input(z.void())
     .output(Organization)
     .query(({ ctx }) => ctx.services.orgs.currentOrg(ctx.principal)),
+
+  limits: authedProcedure
+    .meta({
+      openapi: {
+        method: 'GET',
+        path: '/orgs/me/limits',
+        tags,
+        summary: "The organization's quotas and their use",
+        description: 'Creates and restores beyond a quota answer 429 naming the limit; a sandbox larger than the host answers 400.',
+      },
+      message: 'Organization limits fetched',
+    })
+    .input(z.void())
+    .output(OrgQuota)
+    .query(({ ctx }) => ctx.services.sandboxes.quota(ctx.principal)),
 
   listApiKeys: authedProcedure
     .meta({ openapi: { method: 'GET', path: '/orgs/{orgId}/apikeys', tags, summary: 'List API keys' }, message: 'API keys fetched' })

@@ -2,15 +2,28 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import type { CreateSandboxInput, RestoreSandboxInput, Sandbox, SandboxActionResult, SandboxPage, Snapshot } from '../../shared/index.js';
+import type { CreateSandboxInput, OrgQuota, RestoreSandboxInput, Sandbox, SandboxActionResult, SandboxPage, Snapshot } from '../../shared/index.js';
 import type { AgentClients } from '../agent-client/agent-clients.js';
-import { ConflictError, DomainError, ErrorCode, DriverFailureError, DriverUnavailableError, ForbiddenError, InvalidInputError, NotFoundError, SandboxNotRunningError } from '../errors.js';
-import { canPause, canSnapshot, hasAddresses, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
+import {
+  ConflictError,
+  DomainError,
+  ErrorCode,
+  DriverFailureError,
+  DriverUnavailableError,
+  ForbiddenError,
+  InvalidInputError,
+  NotFoundError,
+  PayloadTooLargeError,
+  TooManyRequestsError,
+  SandboxNotRunningError,
+} from '../errors.js';
+import { canPause, canSnapshot, hasAddresses, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
 import type { SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import type { ImageService } from './image-service.js';
 import { SandboxLocks } from './sandbox-locks.js';
+import type { SandboxQuotas } from './sandbox-quotas.js';
 
 export interface SandboxDefaults {
   cpu: number;
@@ -32,6 +45,8 @@ export interface SandboxServiceDeps {
   /** Passed to every sandbox's agent (VOIDRUN_* settings). */
   agentSettings?: Record<string, string>;
   defaults: SandboxDefaults;
+  /** Admission of creates, restores and snapshots against org quotas and the host's capacity. */
+  quotas: SandboxQuotas;
   log: Logger;
 }
 
@@ -72,16 +87,12 @@ export class SandboxService {
     assertOwnOrg(principal, input.orgId);
     const driver = this.driver;
     const image = await this.deps.images.resolve(principal, input.templateId);
-    const record = await this.deps.sandboxes.create({
+    const record = await this.#admitRecord(principal, {
       name: input.name,
-      orgId: principal.orgId,
-      createdBy: principal.userId,
       imageId: image.id,
-      ip: '',
       cpu: input.cpu ?? this.deps.defaults.cpu,
       mem: input.mem ?? this.deps.defaults.memMb,
       diskMb: this.deps.defaults.diskMb,
-      status: 'creating',
       envVars: input.envVars ?? {},
     });
     const boot = this.#locks.run(record.id, async () => {
@@ -101,6 +112,11 @@ export class SandboxService {
       return toSandbox(record);
     }
     return toSandbox(await boot);
+  }
+
+  /** The caller's org quotas and what its sandboxes and snapshots use of them. */
+  quota(principal: Principal): Promise<OrgQuota> {
+    return this.deps.quotas.report(principal.orgId);
   }
 
   async list(principal: Principal, page: number, limit = this.deps.defaults.listLimit): Promise<SandboxPage> {
@@ -195,13 +211,19 @@ export class SandboxService {
       const dir = this.#snapshotDir(record);
       await mkdir(dir, { recursive: true, mode: 0o700 });
       const partial = join(dir, `.${snapId}.partial`);
-      try {
-        await driver.snapshot(id, partial);
-        await rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX));
-      } catch (err) {
-        await rm(partial, { force: true });
-        throw new DriverFailureError(`Snapshot of sandbox ${record.name} failed: ${this.#redact(err)}`, { cause: err });
-      }
+      await this.deps.quotas.snapshotBudget(record.orgId, async ({ maxBytes, limitedBy }) => {
+        try {
+          await driver.snapshot(id, partial, { maxBytes });
+          // Drivers that cannot stop at the budget are held to it here.
+          if ((await stat(partial)).size > maxBytes) throw new SnapshotLimitError(maxBytes);
+          await rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX));
+        } catch (err) {
+          await rm(partial, { force: true });
+          if (!(err instanceof SnapshotLimitError)) throw new DriverFailureError(`Snapshot of sandbox ${record.name} failed: ${this.#redact(err)}`, { cause: err });
+          if (limitedBy === 'SNAPSHOT_MAX_BYTES') throw new PayloadTooLargeError(`Snapshot of sandbox ${record.name} refused: it is larger than SNAPSHOT_MAX_BYTES (${maxBytes} bytes)`);
+          throw new TooManyRequestsError(`Org quota exceeded: snapshot of sandbox ${record.name} is larger than the ${Math.floor(maxBytes / (1024 * 1024))} MB left of ORG_MAX_DISK_MB`);
+        }
+      });
       return this.#snapshotInfo(record, snapId);
     });
   }
@@ -233,16 +255,12 @@ export class SandboxService {
     const source = await this.deps.sandboxes.findById(principal.orgId, sourceId);
     const imageRef = source?.imageId;
     const image = await this.deps.images.resolve(principal, imageRef);
-    const record = await this.deps.sandboxes.create({
+    const record = await this.#admitRecord(principal, {
       name: input.new_id ?? `${source?.name ?? 'restored'}-${snapId.slice(-6)}`,
-      orgId: principal.orgId,
-      createdBy: principal.userId,
       imageId: image.id,
-      ip: '',
       cpu: input.cpu ?? source?.cpu ?? this.deps.defaults.cpu,
       mem: input.mem ?? source?.mem ?? this.deps.defaults.memMb,
       diskMb: source?.diskMb ?? this.deps.defaults.diskMb,
-      status: 'creating',
       envVars: source?.envVars ?? {},
     });
     return this.#locks.run(record.id, async () => {
@@ -297,8 +315,17 @@ export class SandboxService {
     return message.replace(/\/(tmp|var|run|srv|home|root)\/[^\s:'"]+/g, '<host path>');
   }
 
+  /** A new `creating` record in the caller's org, if its quotas and the host leave room for it. */
+  #admitRecord(principal: Principal, fields: Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars'>): Promise<SandboxRecord> {
+    return this.deps.quotas.admit(principal.orgId, fields, () =>
+      this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' }),
+    );
+  }
+
   #spec(record: SandboxRecord, rootfs: string, image: string): SandboxSpec {
-    return { id: record.id, name: record.name, rootfs, image, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings: this.deps.agentSettings };
+    // The agent names the disk size when an upload finds no space left.
+    const agentSettings = { ...this.deps.agentSettings, VOIDRUN_DISK_MB: String(record.diskMb) };
+    return { id: record.id, name: record.name, rootfs, image, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings };
   }
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {

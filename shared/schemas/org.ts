@@ -63,3 +63,29 @@ export type SetApiKeyActiveInput = z.infer<typeof SetApiKeyActiveInput>;
 
 export const RevokedApiKey = z.object({ keyId: Id, revoked: z.literal(true) }).meta({ id: 'RevokedAPIKey' });
 export type RevokedApiKey = z.infer<typeof RevokedApiKey>;
+
+export const OrgQuota = z
+  .object({
+    orgId: Id,
+    limits: z
+      .object({
+        sandboxes: z.number().int().meta({ description: 'ORG_MAX_SANDBOXES: sandboxes that exist at once, whatever their status' }),
+        vcpus: z.number().int().meta({ description: "ORG_MAX_VCPUS: the sum of the org's sandboxes' cpu" }),
+        memoryMb: z.number().int().meta({ description: "ORG_MAX_MEMORY_MB: the sum of the org's sandboxes' mem" }),
+        diskMb: z.number().int().meta({ description: "ORG_MAX_DISK_MB: the sum of the org's sandboxes' diskMb plus its snapshot archives" }),
+        snapshotMaxBytes: z.number().int().meta({ description: 'SNAPSHOT_MAX_BYTES: the largest one snapshot archive may be' }),
+      })
+      .meta({ description: 'What the org may hold; a create or restore beyond them answers 429.' }),
+    usage: z.object({
+      sandboxes: z.number().int(),
+      vcpus: z.number().int(),
+      memoryMb: z.number().int(),
+      diskMb: z.number().int().meta({ description: "Sandboxes' diskMb plus snapshots (rounded up to MB), plus snapshots being written" }),
+      snapshotBytes: z.number().int().meta({ description: "The org's snapshot archives, in bytes" }),
+    }),
+    perSandbox: z
+      .object({ maxCpu: z.number().int(), maxMemoryMb: z.number().int() })
+      .meta({ description: 'What this host has: one sandbox asking for more answers 400.' }),
+  })
+  .meta({ id: 'OrgQuota' });
+export type OrgQuota = z.infer<typeof OrgQuota>;

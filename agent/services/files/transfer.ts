@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { constants, createWriteStream } from 'node:fs';
-import { lstat, mkdir, open, realpath, rename, rm, stat } from 'node:fs/promises';
+import { lstat, mkdir, open, realpath, rename, rm, stat, statfs } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { basename, dirname, join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -85,15 +85,50 @@ async function upload(req: IncomingMessage, res: ServerResponse, input: string):
   });
   const temp = join(dirname(path), `.${basename(path)}.upload-${randomBytes(6).toString('hex')}`);
   try {
-    await pipeline(req, createWriteStream(temp, { flags: 'wx', mode: existing ? existing.mode & 0o7777 : 0o644, highWaterMark: 1024 * 1024 }));
+    await writeBody(req, temp, existing ? existing.mode & 0o7777 : 0o644);
     if (req.readableAborted || !req.complete) throw new AgentError('BAD_REQUEST', 'The upload was interrupted before it finished');
     await rename(temp, path);
   } catch (err) {
     await rm(temp, { force: true });
-    throw (err as NodeJS.ErrnoException).code ? fsError(err, path) : err;
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') throw await noSpace(path);
+    throw code ? fsError(err, path) : err;
   }
   const st = await stat(path);
   sendJson(res, 200, { path, size: st.size });
+}
+
+/**
+ * Writes the request body to a new `file`. When writing fails (a full disk) the rest of the body is
+ * read and dropped before the promise rejects, so a client still sending gets the answer instead of
+ * a reset connection.
+ */
+function writeBody(req: IncomingMessage, file: string, mode: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const out = createWriteStream(file, { flags: 'wx', mode, highWaterMark: 1024 * 1024 });
+    let failed = false;
+    out.once('error', (err) => {
+      failed = true;
+      req.unpipe(out);
+      if (req.complete || req.destroyed) return reject(err);
+      req.once('end', () => reject(err));
+      req.once('close', () => reject(err));
+      req.resume();
+    });
+    out.once('finish', () => resolve());
+    req.once('close', () => {
+      if (!req.complete && !failed) out.destroy(new AgentError('BAD_REQUEST', 'The upload was interrupted before it finished'));
+    });
+    req.pipe(out);
+  });
+}
+
+/** An upload that found the disk full: 413, naming the disk's size (diskMb from the driver, else the filesystem's). */
+async function noSpace(path: string): Promise<AgentError> {
+  const fs = await statfs(dirname(path)).catch(() => null);
+  const size = process.env.VOIDRUN_DISK_MB ? `diskMb ${process.env.VOIDRUN_DISK_MB}` : fs ? `${Math.round((fs.blocks * fs.bsize) / 1048576)} MB` : 'its size';
+  const free = fs ? `, ${Math.floor((fs.bavail * fs.bsize) / 1048576)} MB free` : '';
+  return new AgentError('PAYLOAD_TOO_LARGE', `No space left on the sandbox's disk (${size}${free}): the upload to ${path} does not fit and was not written`);
 }
 
 /** The agent's raw byte routes: `/files/content?path=` (GET downloads, HEAD locates, PUT uploads). */

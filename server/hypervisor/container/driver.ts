@@ -1,12 +1,15 @@
 import { lastLogLines, runHostCommand } from '../host-process.js';
-import { existsSync, readFileSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { createWriteStream, existsSync, readFileSync, readdirSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
-import { chown, link, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chown, link, mkdir, open, readdir, readlink, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { createServer as createNetServer, connect as netConnect, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
-import type { Duplex } from 'node:stream';
+import { Transform, type Duplex } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
-import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
+import { PayloadTooLargeError } from '../../errors.js';
+import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver } from '../types.js';
 import { buildOciSpec, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 
@@ -23,21 +26,64 @@ export interface ContainerDriverOptions {
 }
 
 /**
- * Instance layout: INSTANCES_DIR/<id>/{config.json, upper/, work/, rootfs/, agent.sock, sandbox.log}.
- * The directory belongs to host root and is not mounted into the sandbox, so the sandbox can't
- * replace `agent.sock` with a link to somewhere else.
+ * Instance layout: INSTANCES_DIR/<id>/{config.json, disk.img, disk/{upper,work}/, image, rootfs/,
+ * agent.sock, sandbox.log}. `disk.img` is a sparse ext4 image of `diskMb` (with an inode count
+ * derived from it), loop-mounted on `disk/`, which holds the overlay's upper and work directories:
+ * the sandbox's writes end with ENOSPC there, never on the host's filesystem. `image` is a symlink
+ * to the image's rootfs, so the overlay is mounted with relative option strings only (the kernel
+ * shows them as given in the sandbox's /proc/self/mountinfo). The directory belongs to host root
+ * and is not mounted into the sandbox, so the sandbox can't replace `agent.sock` with a link to
+ * somewhere else.
  */
 function layout(instancesDir: string, id: string) {
   const dir = join(instancesDir, id);
+  // Instances made before disk images existed keep their upper layer in <id>/upper.
+  const legacy = !existsSync(join(dir, 'disk.img')) && existsSync(join(dir, 'upper'));
+  const upperRel = legacy ? 'upper' : 'disk/upper';
+  const workRel = legacy ? 'work' : 'disk/work';
   return {
     dir,
-    upper: join(dir, 'upper'),
-    work: join(dir, 'work'),
+    diskImage: join(dir, 'disk.img'),
+    disk: join(dir, 'disk'),
+    legacy,
+    upperRel,
+    workRel,
+    upper: join(dir, upperRel),
+    work: join(dir, workRel),
+    lowerLink: join(dir, 'image'),
     rootfs: join(dir, 'rootfs'),
     socket: join(dir, 'agent.sock'),
     log: join(dir, 'sandbox.log'),
     lowerFile: join(dir, 'lower'),
   };
+}
+
+/** One inode per 16 KiB of disk (ext4's default ratio), at least 4096: bounds the file count with the size. */
+export function diskInodes(diskMb: number): number {
+  return Math.max(4096, diskMb * 64);
+}
+
+/** Runs a host command in `cwd`, so paths in its arguments can be relative. */
+function execIn(cwd: string, cmd: string, args: string[], timeoutMs = 60_000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { cwd, timeout: timeoutMs }, (err, _stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} failed: ${(stderr || err.message).trim().split('\n').pop()}`));
+      else resolve();
+    });
+  });
+}
+
+/** Loop devices whose backing file is `file` (normally none once its filesystem is unmounted). */
+function loopDevicesOf(file: string): string[] {
+  const devices: string[] = [];
+  for (const name of readdirSync('/sys/block').filter((n) => n.startsWith('loop'))) {
+    try {
+      if (readFileSync(`/sys/block/${name}/loop/backing_file`, 'utf8').trim() === file) devices.push(`/dev/${name}`);
+    } catch {
+      // Not attached.
+    }
+  }
+  return devices;
 }
 
 /**
@@ -105,7 +151,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
 
   async create(spec: SandboxSpec): Promise<void> {
     try {
-      await this.#prepareDirs(spec.id);
+      await this.#prepareDirs(spec.id, spec.diskMb);
       await this.#boot(spec);
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
@@ -116,8 +162,14 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
   async restore(spec: SandboxSpec, file: string): Promise<void> {
     const p = layout(this.opts.instancesDir, spec.id);
     try {
-      await this.#prepareDirs(spec.id);
-      await exec('tar', ['-xzf', file, '-C', p.upper, '--numeric-owner', '--xattrs', '--xattrs-include=trusted.overlay.*', '-p']);
+      await this.#prepareDirs(spec.id, spec.diskMb);
+      // Extracted onto the sandbox's own disk, so a snapshot can never take more than diskMb.
+      await exec('tar', ['-xzf', file, '-C', p.upper, '--numeric-owner', '--xattrs', '--xattrs-include=trusted.overlay.*', '-p']).catch((err: Error) => {
+        if (/No space left on device|Disk quota exceeded/.test(err.message)) {
+          throw new PayloadTooLargeError(`The snapshot does not fit the new sandbox's disk (diskMb ${spec.diskMb}): no space left on the sandbox's disk`, { cause: err });
+        }
+        throw err;
+      });
       await this.#boot(spec);
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
@@ -133,21 +185,69 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     await this.#boot(spec);
   }
 
-  async #prepareDirs(id: string): Promise<void> {
-    const p = layout(this.opts.instancesDir, id);
-    const { hostId } = this.opts.idMap;
+  /**
+   * A new instance directory with its disk: a sparse file of `diskMb` (host blocks are used only as
+   * the sandbox writes), ext4 with a bounded inode count and no reserved blocks, mounted on `disk/`.
+   * mkfs on a file skips zeroing the inode tables (discarding a file zeroes it), so it takes ~10 ms
+   * and ~3 MB of host disk whatever the size.
+   */
+  async #prepareDirs(id: string, diskMb: number): Promise<void> {
+    const dir = join(this.opts.instancesDir, id);
     // Traversable (not readable) by the sandbox's mapped root, which runc resolves the mounts as.
-    await mkdir(p.dir, { recursive: true, mode: 0o711 });
-    for (const d of [p.upper, p.work, p.rootfs]) await mkdir(d, { recursive: true });
+    await mkdir(dir, { recursive: true, mode: 0o711 });
+    const image = await open(join(dir, 'disk.img'), 'wx', 0o600);
+    try {
+      await image.truncate(diskMb * 1024 * 1024);
+    } finally {
+      await image.close();
+    }
+    const p = layout(this.opts.instancesDir, id);
+    await exec('mkfs.ext4', ['-q', '-F', '-m', '0', '-N', String(diskInodes(diskMb)), '-E', 'lazy_itable_init=1,lazy_journal_init=1', '-L', 'sandbox', p.diskImage]);
+    for (const d of [p.disk, p.rootfs]) await mkdir(d, { recursive: true });
+    await this.#mountDisk(p);
+    for (const d of [p.upper, p.work]) await mkdir(d, { recursive: true });
     // Root inside the sandbox (hostId outside) owns its root directory.
+    const { hostId } = this.opts.idMap;
     await chown(p.upper, hostId, hostId);
+  }
+
+  /** Mounts the sandbox's disk image (again after a host reboot or a stop); a no-op while mounted. */
+  async #mountDisk(p: ReturnType<typeof layout>): Promise<void> {
+    if (p.legacy || isMounted(p.disk)) return;
+    // `-o loop` sets autoclear: unmounting the filesystem detaches the loop device.
+    await execIn(p.dir, 'mount', ['-t', 'ext4', '-o', 'loop', 'disk.img', 'disk']);
+  }
+
+  /**
+   * The sandbox's root: its disk, then an overlay of the image (through the `image` symlink) with the
+   * disk's upper layer. Every path in the overlay's options is relative to the instance directory,
+   * so the sandbox's /proc/self/mountinfo names no host directory.
+   */
+  async #mountLayers(spec: SandboxSpec): Promise<void> {
+    const p = layout(this.opts.instancesDir, spec.id);
+    await this.#mountDisk(p);
+    if ((await readlink(p.lowerLink).catch(() => null)) !== spec.rootfs) {
+      await rm(p.lowerLink, { force: true });
+      await symlink(spec.rootfs, p.lowerLink);
+    }
+    if (!isMounted(p.rootfs)) {
+      await execIn(p.dir, 'mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=image,upperdir=${p.upperRel},workdir=${p.workRel}`, 'rootfs']);
+    }
+  }
+
+  /** Unmounts the overlay and the disk and detaches the disk's loop device; the files stay. */
+  async #unmountLayers(id: string): Promise<void> {
+    const p = layout(this.opts.instancesDir, id);
+    for (const target of [p.rootfs, p.disk]) {
+      if (isMounted(target)) await exec('umount', [target]).catch(() => exec('umount', ['-l', target]));
+    }
+    // Autoclear detaches it on unmount; a device left attached (a lazy unmount) is told to go too.
+    for (const device of loopDevicesOf(p.diskImage)) await exec('losetup', ['-d', device]).catch(() => {});
   }
 
   async #boot(spec: SandboxSpec): Promise<void> {
     const p = layout(this.opts.instancesDir, spec.id);
-    if (!isMounted(p.rootfs)) {
-      await exec('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${spec.rootfs},upperdir=${p.upper},workdir=${p.work}`, p.rootfs]);
-    }
+    await this.#mountLayers(spec);
     await writeFile(p.lowerFile, spec.rootfs);
     const config = buildOciSpec({
       spec,
@@ -212,14 +312,14 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       while (Date.now() < deadline && (await this.#runc.state(cid))?.status === 'running') await new Promise((r) => setTimeout(r, 25));
     }
     if (state) await this.#runc.delete(cid);
-    if (isMounted(p.rootfs)) await exec('umount', [p.rootfs]).catch(() => exec('umount', ['-l', p.rootfs]));
+    await this.#unmountLayers(id);
   }
 
   async destroy(id: string): Promise<void> {
     const cid = this.#cid(id);
     const p = layout(this.opts.instancesDir, id);
     if (await this.#runc.state(cid)) await this.#runc.delete(cid);
-    if (isMounted(p.rootfs)) await exec('umount', [p.rootfs]).catch(() => exec('umount', ['-l', p.rootfs]));
+    await this.#unmountLayers(id);
     await rm(p.dir, { recursive: true, force: true });
   }
 
@@ -235,12 +335,6 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     return entries.filter((e) => existsSync(join(this.opts.instancesDir, e, 'config.json')));
   }
 
-  /** The sandbox's root filesystem as the host sees it: its overlay mount, while mounted. */
-  hostRoot(id: string): string | null {
-    const p = layout(this.opts.instancesDir, id);
-    return isMounted(p.rootfs) ? p.rootfs : null;
-  }
-
   async pause(id: string): Promise<void> {
     await this.#runc.pause(this.#cid(id));
   }
@@ -252,17 +346,58 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
   /**
    * Captures the writable layer while every process is frozen, so the archive is consistent.
    * Memory is not captured (CRIU does not work on this kernel): a restored sandbox boots fresh.
+   * Holes are kept as holes (`--sparse`), and the archive stops at `maxBytes` with a
+   * `SnapshotLimitError` (the caller removes the partial file). A stopped sandbox's disk is mounted
+   * for the copy and unmounted after.
    */
-  async snapshot(id: string, file: string): Promise<void> {
+  async snapshot(id: string, file: string, options: SnapshotOptions = {}): Promise<void> {
     const cid = this.#cid(id);
     const p = layout(this.opts.instancesDir, id);
     const wasRunning = (await this.#runc.state(cid))?.status === 'running';
+    const mountedHere = !p.legacy && !isMounted(p.disk);
+    if (mountedHere) await this.#mountDisk(p);
     if (wasRunning) await this.#runc.pause(cid);
     try {
-      await exec('tar', ['-czf', file, '-C', p.upper, '--numeric-owner', '--xattrs', '--xattrs-include=trusted.overlay.*', '.'], 600_000);
+      const args = ['-czf', '-', '--sparse', '-C', p.upper, '--numeric-owner', '--xattrs', '--xattrs-include=trusted.overlay.*', '.'];
+      await commandToFile('tar', args, file, options.maxBytes, 600_000);
     } finally {
       if (wasRunning) await this.#runc.resume(cid);
+      if (mountedHere) await exec('umount', [p.disk]).catch(() => {});
     }
+  }
+}
+
+/**
+ * Runs a host command and writes its stdout to `file`, at most `maxBytes` of it: past that the
+ * command is killed and the promise rejects with `SnapshotLimitError`.
+ */
+async function commandToFile(cmd: string, args: string[], file: string, maxBytes: number | undefined, timeoutMs: number): Promise<void> {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4096)));
+  const exited = new Promise<number | null>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('close', (code) => resolve(code));
+  });
+  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+  let written = 0;
+  const cap = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      written += chunk.length;
+      if (maxBytes !== undefined && written > maxBytes) done(new SnapshotLimitError(maxBytes));
+      else done(null, chunk);
+    },
+  });
+  try {
+    await pipeline(child.stdout, cap, createWriteStream(file, { mode: 0o600 }));
+    const code = await exited;
+    if (code !== 0) throw new Error(`${cmd} failed: ${stderr.trim().split('\n').pop() ?? `exit ${code}`}`);
+  } catch (err) {
+    child.kill('SIGKILL');
+    await exited.catch(() => {});
+    throw err;
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -1,0 +1,186 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { readdir, stat, statfs } from 'node:fs/promises';
+import { availableParallelism, totalmem } from 'node:os';
+import { join } from 'node:path';
+import type { OrgQuota } from '../../shared/index.js';
+import { InvalidInputError, TooManyRequestsError } from '../errors.js';
+import type { SandboxRecord, SandboxRepository } from '../store/types.js';
+import { SandboxLocks } from './sandbox-locks.js';
+
+const MiB = 1024 * 1024;
+
+/** Per-org totals, each with the variable that sets it (named in refusals). */
+export interface OrgLimits {
+  sandboxes: number;
+  vcpus: number;
+  memoryMb: number;
+  diskMb: number;
+}
+
+/** What one host can give: per-sandbox maxima and how many sandboxes it runs at most. */
+export interface HostLimits {
+  cpus: number;
+  memoryMb: number;
+  /** The filesystem sandbox disks live on; a disk larger than its free space is refused. */
+  diskDir: string;
+  /** null: no host-wide count (the driver's sandboxes don't each hold a pids budget). */
+  maxSandboxes: number | null;
+  /** How `maxSandboxes` was derived, for the refusal. */
+  maxSandboxesReason: string;
+}
+
+export interface SandboxQuotasOptions {
+  sandboxes: SandboxRepository;
+  snapshotsDir: string;
+  org: OrgLimits;
+  host: HostLimits;
+  snapshotMaxBytes: number;
+}
+
+/** What one new sandbox asks for. */
+export interface SandboxRequest {
+  cpu: number;
+  mem: number;
+  diskMb: number;
+}
+
+interface Usage {
+  sandboxes: number;
+  vcpus: number;
+  memoryMb: number;
+  /** Sandboxes' diskMb plus snapshot archives (rounded up to MiB) plus snapshots being written. */
+  diskMb: number;
+  snapshotBytes: number;
+}
+
+/**
+ * What this host gives: its CPUs and memory as per-sandbox maxima, and, when each sandbox holds a
+ * pids budget (`pidsLimit`, containers), how many sandboxes fit in the kernel's pid space:
+ * (min(kernel.pid_max, kernel.threads-max) − reservedPids) / pidsLimit, at least 1.
+ */
+export function hostLimits(o: { diskDir: string; pidsLimit: number | null; reservedPids: number }): HostLimits {
+  const base = { cpus: availableParallelism(), memoryMb: Math.floor(totalmem() / MiB), diskDir: o.diskDir };
+  const read = (name: string) => {
+    try {
+      return Number(readFileSync(`/proc/sys/kernel/${name}`, 'utf8').trim()) || Infinity;
+    } catch {
+      return Infinity;
+    }
+  };
+  const pidMax = Math.min(read('pid_max'), read('threads-max'));
+  if (o.pidsLimit === null || !Number.isFinite(pidMax)) return { ...base, maxSandboxes: null, maxSandboxesReason: '' };
+  const max = Math.max(1, Math.floor((pidMax - o.reservedPids) / o.pidsLimit));
+  return { ...base, maxSandboxes: max, maxSandboxesReason: `${max} × SANDBOX_PIDS_LIMIT ${o.pidsLimit} + HOST_RESERVED_PIDS ${o.reservedPids} ≤ kernel.pid_max ${pidMax}` };
+}
+
+/**
+ * Admission of new sandboxes and snapshots against per-org quotas and the host's capacity.
+ *
+ * Every sandbox record counts, whatever its status, until it is deleted: a stopped sandbox keeps
+ * its disk and may start at any moment, and a start never fails for quota reasons, so what a
+ * sandbox holds is reserved when it is created. Check and insert run under one in-process lock
+ * (this server is one process, and FerretDB loses concurrent conditional updates), so concurrent
+ * creates cannot overcommit. A snapshot being written reserves its byte budget until it is done.
+ */
+export class SandboxQuotas {
+  readonly #lock = new SandboxLocks();
+  /** Bytes reserved by snapshots in progress, per org. */
+  readonly #pendingSnapshots = new Map<string, number>();
+
+  constructor(private readonly opts: SandboxQuotasOptions) {}
+
+  /** Refuses (400) a sandbox larger than the host: more CPUs or memory than it has, a disk larger than its free space. */
+  async checkFitsHost(request: SandboxRequest): Promise<void> {
+    const { host } = this.opts;
+    if (request.cpu > host.cpus) throw new InvalidInputError(`cpu ${request.cpu} is more than this host has: ${host.cpus} CPUs`);
+    if (request.mem > host.memoryMb) throw new InvalidInputError(`mem ${request.mem} MiB is more than this host has: ${host.memoryMb} MiB`);
+    const fs = existsSync(host.diskDir) ? await statfs(host.diskDir) : null;
+    const freeMb = fs ? Math.floor((fs.bavail * fs.bsize) / MiB) : Infinity;
+    if (request.diskMb > freeMb) throw new InvalidInputError(`diskMb ${request.diskMb} is more than this host's free disk: ${freeMb} MB`);
+  }
+
+  /**
+   * Runs `insert` (the store write that makes the sandbox count) if the org's quotas and the host's
+   * capacity leave room for `request`; otherwise throws `TooManyRequestsError` (429) naming the limit.
+   */
+  async admit<T>(orgId: string, request: SandboxRequest, insert: () => Promise<T>): Promise<T> {
+    await this.checkFitsHost(request);
+    return this.#lock.run('admission', async () => {
+      const all = await this.opts.sandboxes.listAll();
+      const host = this.opts.host;
+      if (host.maxSandboxes !== null && all.length + 1 > host.maxSandboxes) {
+        throw new TooManyRequestsError(`The host is full: it runs at most ${host.maxSandboxes} sandboxes (${host.maxSandboxesReason}); try again later`);
+      }
+      const use = await this.#usage(orgId, all);
+      const { org } = this.opts;
+      const refuse = (what: string, asked: string, used: number, limit: number, unit: string, variable: string) =>
+        new TooManyRequestsError(`Org quota exceeded: ${what} ${asked} requested, ${used}${unit} of ${limit}${unit} in use (${variable})`);
+      if (use.sandboxes + 1 > org.sandboxes) throw refuse('sandboxes', '1', use.sandboxes, org.sandboxes, '', 'ORG_MAX_SANDBOXES');
+      if (use.vcpus + request.cpu > org.vcpus) throw refuse('vcpus', String(request.cpu), use.vcpus, org.vcpus, '', 'ORG_MAX_VCPUS');
+      if (use.memoryMb + request.mem > org.memoryMb) throw refuse('memory', `${request.mem} MB`, use.memoryMb, org.memoryMb, ' MB', 'ORG_MAX_MEMORY_MB');
+      if (use.diskMb + request.diskMb > org.diskMb) throw refuse('disk', `${request.diskMb} MB`, use.diskMb, org.diskMb, ' MB', 'ORG_MAX_DISK_MB');
+      return insert();
+    });
+  }
+
+  /**
+   * Runs `write(maxBytes)` for a snapshot of the org's: its budget is SNAPSHOT_MAX_BYTES or what is
+   * left of ORG_MAX_DISK_MB, whichever is smaller, reserved while it runs. `limitedBy` says which.
+   */
+  async snapshotBudget<T>(orgId: string, write: (budget: { maxBytes: number; limitedBy: 'SNAPSHOT_MAX_BYTES' | 'ORG_MAX_DISK_MB' }) => Promise<T>): Promise<T> {
+    const budget = await this.#lock.run('admission', async () => {
+      const use = await this.#usage(orgId, await this.opts.sandboxes.listAll());
+      const left = (this.opts.org.diskMb - use.diskMb) * MiB;
+      if (left <= 0) throw new TooManyRequestsError(`Org quota exceeded: no disk left for a snapshot, ${use.diskMb} of ${this.opts.org.diskMb} MB in use (ORG_MAX_DISK_MB counts sandboxes' diskMb and snapshots)`);
+      const maxBytes = Math.min(this.opts.snapshotMaxBytes, left);
+      this.#pendingSnapshots.set(orgId, (this.#pendingSnapshots.get(orgId) ?? 0) + maxBytes);
+      return { maxBytes, limitedBy: maxBytes === this.opts.snapshotMaxBytes ? ('SNAPSHOT_MAX_BYTES' as const) : ('ORG_MAX_DISK_MB' as const) };
+    });
+    try {
+      return await write(budget);
+    } finally {
+      const left = (this.#pendingSnapshots.get(orgId) ?? 0) - budget.maxBytes;
+      if (left > 0) this.#pendingSnapshots.set(orgId, left);
+      else this.#pendingSnapshots.delete(orgId);
+    }
+  }
+
+  /** The org's limits and current use, for `GET /orgs/me/limits`. */
+  async report(orgId: string): Promise<OrgQuota> {
+    const use = await this.#usage(orgId, await this.opts.sandboxes.listAll());
+    const { org, host } = this.opts;
+    return {
+      orgId,
+      limits: { sandboxes: org.sandboxes, vcpus: org.vcpus, memoryMb: org.memoryMb, diskMb: org.diskMb, snapshotMaxBytes: this.opts.snapshotMaxBytes },
+      usage: { sandboxes: use.sandboxes, vcpus: use.vcpus, memoryMb: use.memoryMb, diskMb: use.diskMb, snapshotBytes: use.snapshotBytes },
+      perSandbox: { maxCpu: host.cpus, maxMemoryMb: host.memoryMb },
+    };
+  }
+
+  async #usage(orgId: string, all: SandboxRecord[]): Promise<Usage> {
+    const mine = all.filter((r) => r.orgId === orgId);
+    const snapshotBytes = await this.#snapshotBytes(orgId);
+    const pending = this.#pendingSnapshots.get(orgId) ?? 0;
+    const sum = (f: (r: SandboxRecord) => number) => mine.reduce((n, r) => n + f(r), 0);
+    return {
+      sandboxes: mine.length,
+      vcpus: sum((r) => r.cpu),
+      memoryMb: sum((r) => r.mem),
+      diskMb: sum((r) => r.diskMb) + Math.ceil((snapshotBytes + pending) / MiB),
+      snapshotBytes,
+    };
+  }
+
+  /** Bytes of every archive under SNAPSHOTS_DIR/<orgId>/ (kept snapshots of deleted sandboxes too). */
+  async #snapshotBytes(orgId: string): Promise<number> {
+    const orgDir = join(this.opts.snapshotsDir, orgId);
+    let total = 0;
+    for (const sandbox of await readdir(orgDir).catch(() => [] as string[])) {
+      for (const name of await readdir(join(orgDir, sandbox)).catch(() => [] as string[])) {
+        if (name.startsWith('.')) continue; // partial archives count as pending reservations
+        total += (await stat(join(orgDir, sandbox, name)).catch(() => null))?.size ?? 0;
+      }
+    }
+    return total;
+  }
+}
