@@ -70,7 +70,8 @@ export function createClient(options: ClientOptions): VoidRunClient {
       splitLink({
         condition: (op) => op.type === 'subscription',
         true: wsLink({ client: wsClient, transformer: superjson }),
-        false: httpBatchLink({ url: `${base}/trpc`, transformer: superjson, headers: () => headers }),
+        // The server refuses batches of more than TRPC_MAX_BATCH_SIZE calls (at least 10).
+        false: httpBatchLink({ url: `${base}/trpc`, transformer: superjson, headers: () => headers, maxItems: 10 }),
       }),
     ],
   });

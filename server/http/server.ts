@@ -122,7 +122,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     basePath: '/trpc/',
     // A body past the limit fails as it arrives (no Content-Length); one that declares it, before.
     maxBodySize: opts.maxJsonBodyBytes,
-    maxBatchSize: limits.maxBatchSize,
+    // Batches are counted here rather than by tRPC's `maxBatchSize`, whose message names no limit.
     middleware: (req, res, next) => {
       const url = new URL(req.url ?? '/', 'http://localhost');
       const calls = url.pathname.slice('/trpc/'.length).split(',').length;
