@@ -75,12 +75,13 @@ function closeHooks(emitter: { once(event: 'close', fn: () => void): unknown }, 
 }
 
 function httpConnection(res: ServerResponse): CallConnection {
-  return { onClose: closeHooks(res, () => res.closed), cut: () => res.destroy() };
+  return { onClose: closeHooks(res, () => res.closed), isOpen: () => !res.closed, cut: () => res.destroy() };
 }
 
 function wsConnection(ws: WebSocket): CallConnection {
   return {
     onClose: closeHooks(ws, () => ws.readyState === ws.CLOSED),
+    isOpen: () => ws.readyState === ws.OPEN,
     cut: () => ws.close(1008, 'the API key was revoked or deactivated'),
     bufferedAmount: () => ws.bufferedAmount,
   };
@@ -245,16 +246,21 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       const url = new URL(req.url ?? '/', 'http://localhost');
       const fromParams = info.connectionParams?.apiKey;
       const apiKey = fromParams || apiKeyFromUpgrade(url, req.headers);
-      // A valid key ends the handshake window; a missing or bad one leaves it running (calls fail 401).
-      if (apiKey && (await services.auth.authenticate(apiKey).then(() => true, () => false))) authenticated(ws);
-      return context(req, 'trpc-ws', apiKey, wsConnection(ws));
+      const connection = wsConnection(ws);
+      // A valid key ends the handshake window and ties the socket to the key (closed on revocation);
+      // a missing or bad one leaves the window running (its calls fail 401).
+      const principal = apiKey ? await services.auth.authenticate(apiKey).catch(() => null) : null;
+      if (principal) {
+        clearTimeout(handshakeTimers.get(ws));
+        connection.onClose(streams.trackKey(principal.keyId, () => connection.cut()));
+      }
+      return context(req, 'trpc-ws', apiKey, connection);
     },
   });
 
   // A tRPC WebSocket must present a valid key (at the upgrade or in connectionParams) within
   // WS_AUTH_TIMEOUT_MS, or it is closed: answering pings alone does not keep it open.
   const handshakeTimers = new WeakMap<WebSocket, NodeJS.Timeout>();
-  const authenticated = (ws: WebSocket) => clearTimeout(handshakeTimers.get(ws));
   wss.on('connection', (ws: WebSocket) => {
     const timer = setTimeout(() => ws.close(1008, `no valid API key within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS)`), limits.wsAuthTimeoutMs);
     timer.unref();

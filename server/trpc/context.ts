@@ -11,14 +11,14 @@ export interface RequestRecord {
   orgId?: string;
   /** The REST procedure that answered (dotted tRPC path), for the envelope and metrics. */
   procedurePath?: string;
-  /** A WebSocket whose key is registered for closing on revocation. */
-  keyTracked?: boolean;
 }
 
 /** The transport a call arrived on: an HTTP response, or a tRPC WebSocket shared by many calls. */
 export interface CallConnection {
   /** Runs `fn` once the HTTP response has been written, or the WebSocket closed. */
   onClose(fn: () => void): void;
+  /** Whether the response or socket is still open. */
+  isOpen(): boolean;
   /** Cuts the response or the WebSocket (its key was revoked). */
   cut(): void;
   /** WebSocket only: bytes sent but not yet taken by the peer. */

@@ -67,15 +67,14 @@ export const publicProcedure = t.procedure.use(mapDomainErrors);
 export const authedProcedure = publicProcedure.use(async ({ ctx, next, path, type, signal }) => {
   const principal = await ctx.services.auth.authenticate(ctx.apiKey);
   ctx.record.orgId = principal.orgId;
-  if (ctx.transport === 'trpc-ws' && !ctx.record.keyTracked) {
-    ctx.record.keyTracked = true;
-    ctx.connection.onClose(ctx.streams.trackKey(principal.keyId, () => ctx.connection.cut()));
-  }
   const kind = heldCallKind(path, type);
   if (!kind) return next({ ctx: { principal } });
   const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut());
-  ctx.connection.onClose(release);
-  if (ctx.transport !== 'trpc-ws') return next({ ctx: { principal } }); // released when the response is written
+  if (ctx.transport !== 'trpc-ws') {
+    ctx.connection.onClose(release); // once the response has been written
+    return next({ ctx: { principal } });
+  }
+  // A WebSocket outlives its calls: each releases when it ends (and every call ends when the socket closes).
   const result = await next({ ctx: { principal } });
   if (!result.ok) {
     release();
@@ -105,7 +104,7 @@ const tick = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function untilDrained(connection: CallConnection, below = 64 * 1024): Promise<void> {
   await new Promise((r) => setImmediate(r));
-  while ((connection.bufferedAmount?.() ?? 0) > below) await tick(50);
+  while (connection.isOpen() && (connection.bufferedAmount?.() ?? 0) > below) await tick(50);
 }
 
 /**
