@@ -192,7 +192,7 @@ describe.skipIf(!support.ok)('per-org caps on held calls (container sandboxes)',
   let other: { vr: VoidRunClient; box: SandboxHandle };
 
   beforeAll(async () => {
-    server = await startTestServer({ ORG_MAX_CONCURRENT_EXECS: '8' });
+    server = await startTestServer({ ORG_MAX_CONCURRENT_EXECS: '8', ORG_MAX_STREAMS: '2' });
     const reg = await server.client().trpc.auth.register.mutate({ name: 'Flooder', email: uniqueEmail('flood') });
     apiKey = reg.apiKey;
     vr = server.client(apiKey);
@@ -261,5 +261,21 @@ describe.skipIf(!support.ok)('per-org caps on held calls (container sandboxes)',
     expect(err).toBeInstanceOf(TooManyRequestsError);
     expect(err.status).toBe(429);
     expect(err.message).toMatch(/already has 8 concurrent exec calls in progress, the most allowed \(ORG_MAX_CONCURRENT_EXECS=8\)/);
+  });
+
+  it('past ORG_MAX_STREAMS an SSE stream or a terminal is refused with 429 naming the limit', async () => {
+    const open = () => server.http(`/api/sandboxes/${box.id}/exec-stream`, { method: 'POST', apiKey, json: { command: 'sleep 600' } });
+    const held = await Promise.all([open(), open()]);
+    expect(held.map((r) => r.status)).toEqual([200, 200]);
+    try {
+      const third = await open();
+      expect(third.status).toBe(429);
+      expect(((await third.json()) as { error: string }).error).toMatch(/already has 2 open streams in progress, the most allowed \(ORG_MAX_STREAMS=2\)/);
+      const terminal = new WebSocket(`${server.url.replace('http', 'ws')}/api/sandboxes/${box.id}/pty?apiKey=${apiKey}`);
+      terminal.on('error', () => {});
+      expect(await new Promise<number>((resolve) => terminal.once('unexpected-response', (_req, res) => resolve(res.statusCode!)))).toBe(429);
+    } finally {
+      for (const r of held) await r.body!.cancel();
+    }
   });
 });
