@@ -114,7 +114,7 @@ export class SandboxQuotas {
       const use = await this.#usage(orgId, all);
       const { org } = this.opts;
       const refuse = (what: string, asked: string, used: number, limit: number, unit: string, variable: string) =>
-        new TooManyRequestsError(`Org quota exceeded: ${what} ${asked} requested, ${used}${unit} of ${limit}${unit} in use (${variable})`);
+        new TooManyRequestsError(`Org quota exceeded: ${what} ${asked} requested, ${used} of ${limit}${unit} in use (${variable})`);
       if (use.sandboxes + 1 > org.sandboxes) throw refuse('sandboxes', '1', use.sandboxes, org.sandboxes, '', 'ORG_MAX_SANDBOXES');
       if (use.vcpus + request.cpu > org.vcpus) throw refuse('vcpus', String(request.cpu), use.vcpus, org.vcpus, '', 'ORG_MAX_VCPUS');
       if (use.memoryMb + request.mem > org.memoryMb) throw refuse('memory', `${request.mem} MB`, use.memoryMb, org.memoryMb, ' MB', 'ORG_MAX_MEMORY_MB');

@@ -189,7 +189,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
    * A new instance directory with its disk: a sparse file of `diskMb` (host blocks are used only as
    * the sandbox writes), ext4 with a bounded inode count and no reserved blocks, mounted on `disk/`.
    * mkfs on a file skips zeroing the inode tables (discarding a file zeroes it), so it takes ~10 ms
-   * and ~3 MB of host disk whatever the size.
+   * and ~3 MB of host disk whatever the size; the journal keeps the disk consistent over a host crash.
    */
   async #prepareDirs(id: string, diskMb: number): Promise<void> {
     const dir = join(this.opts.instancesDir, id);
@@ -202,7 +202,8 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       await image.close();
     }
     const p = layout(this.opts.instancesDir, id);
-    await exec('mkfs.ext4', ['-q', '-F', '-m', '0', '-N', String(diskInodes(diskMb)), '-E', 'lazy_itable_init=1,lazy_journal_init=1', '-L', 'sandbox', p.diskImage]);
+    // No resize inode (disks are never grown online): halves mkfs's time.
+    await exec('mkfs.ext4', ['-q', '-F', '-m', '0', '-N', String(diskInodes(diskMb)), '-O', '^resize_inode', '-E', 'lazy_itable_init=1,lazy_journal_init=1', '-L', 'sandbox', p.diskImage]);
     for (const d of [p.disk, p.rootfs]) await mkdir(d, { recursive: true });
     await this.#mountDisk(p);
     for (const d of [p.upper, p.work]) await mkdir(d, { recursive: true });
