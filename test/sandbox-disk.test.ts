@@ -98,6 +98,30 @@ describe.skipIf(!support.ok)('container sandbox disks (diskMb enforced)', () => 
     await sb.delete();
   });
 
+  it("after a host reboot (runtime, mounts and loop devices gone) a restarted server's start remounts the disk with its data", async () => {
+    const first = await startTestServer({ SANDBOX_DEFAULT_DISK_MB: String(DISK_MB) });
+    const reg = await first.client().trpc.auth.register.mutate({ name: 'Reboot User', email: uniqueEmail('reboot') });
+    const sb = await first.client(reg.apiKey).sandboxes.create({ name: 'rebooted' });
+    await sb.exec('echo survived > /root/mark');
+    await first.close({ keepState: true });
+    // What a reboot leaves: the instance directory, no container, no mount, no loop device.
+    await first.app.services.sandboxes.driver.stop(sb.id);
+    const dir = join(first.dirs.instancesDir, sb.id);
+    expect(mounted(join(dir, 'disk'))).toBe(false);
+    expect(loopDevicesUnder(dir)).toEqual([]);
+
+    const second = await startTestServer({ SANDBOX_DEFAULT_DISK_MB: String(DISK_MB) }, first.dirs);
+    try {
+      const back = await second.client(reg.apiKey).sandboxes.get(sb.id);
+      expect(back.info.status).toBe('stopped');
+      await back.start();
+      expect((await back.exec('cat /root/mark')).stdout).toBe('survived\n');
+      expect((await back.exec(`head -c ${DISK_MB * 2}m /dev/zero > /root/fill`)).stderr).toContain('No space left on device');
+    } finally {
+      await second.close();
+    }
+  });
+
   it('delete leaves no mount, loop device or file of the sandbox behind', async () => {
     const sb = await vr.sandboxes.create({ name: 'deleted' });
     const dir = join(server.dirs.instancesDir, sb.id);
