@@ -1,5 +1,5 @@
 /**
- * The agent: runs inside each sandbox (PID 2, under tini), serves the agent router over HTTP +
+ * The agent: runs inside each sandbox (PID 2, under the sandbox's init or tini in a VM), serves the agent router over HTTP +
  * WebSocket on the transport the driver gives it: an already-listening socket inherited as file
  * descriptor VOIDRUN_AGENT_FD (container driver), a unix socket path in VOIDRUN_AGENT_SOCKET, or —
  * inside a microVM, where VOIDRUN_GUEST_CONFIG names the config disk — a TCP port guarded by the
@@ -23,6 +23,14 @@ const busybox = process.env.VOIDRUN_BUSYBOX ?? 'busybox';
 // The agent's own settings: from its environment, or in a guest from the config disk.
 const settings: Record<string, string | undefined> = { ...process.env, ...guest?.agentSettings };
 const listenFd = settings.VOIDRUN_AGENT_FD ? Number(settings.VOIDRUN_AGENT_FD) : null;
+// In a container, sandbox commands share the agent's uid: a change of effective gid makes the
+// kernel mark the agent non-dumpable (fs.suid_dumpable, which the driver requires not to be 1), so
+// they cannot ptrace it, read /proc/<pid>/mem or fd/, or copy its socket with pidfd_getfd.
+// Commands it starts exec and are dumpable again.
+if (listenFd !== null) {
+  process.setegid!(65534);
+  process.setegid!(0);
+}
 const socketPath = settings.VOIDRUN_AGENT_SOCKET;
 if (!guest && listenFd === null && !socketPath) {
   console.error('agent: none of VOIDRUN_AGENT_FD, VOIDRUN_AGENT_SOCKET, VOIDRUN_GUEST_CONFIG is set');

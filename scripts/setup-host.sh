@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the sandbox drivers need on this host, with apt, only what is missing:
 #   runc, debootstrap          container sandboxes and the debian image
+#   gcc, libc6-dev             the container sandboxes' init (a static binary built on first start)
 #   qemu-system-x86, qemu-utils the qemu driver and the VM guest image (qcow2)
 #   iptables, iproute2         setup-net: bridge, TAP devices, NAT for microVMs
 # Needs root and apt; otherwise it names what is missing in one line.
@@ -14,13 +15,16 @@ declare -A provides=(
   [qemu-img]=qemu-utils
   [iptables]=iptables
   [ip]=iproute2
+  [gcc]=gcc
 )
 missing=()
+# libc.a: the init is linked statically
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/libc.a ] || missing+=(libc6-dev)
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup: runc, debootstrap, qemu, qemu-img, iptables and ip are installed"
+  echo "setup: runc, debootstrap, qemu, qemu-img, iptables, ip, gcc and libc6-dev are installed"
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -12,6 +12,7 @@ import { PayloadTooLargeError } from '../../errors.js';
 import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver } from '../types.js';
 import { buildOciSpec, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
+import { limitSandboxInotify, raiseHostInotifyLimits } from './inotify-limits.js';
 
 export interface ContainerDriverOptions {
   instancesDir: string;
@@ -20,6 +21,8 @@ export interface ContainerDriverOptions {
   pidsLimit: number;
   /** Host files the agent runs from, mounted read-only into every sandbox. */
   agent: { nodeBinary: string; bundle: string; nodeModules: string };
+  /** Builds (once) and returns the host path of the sandboxes' init, mounted read-only as PID 1. */
+  initBinary: () => Promise<string>;
   /** How long `create`/`start` wait for the agent to accept connections. */
   agentReadyTimeoutMs: number;
   log: Logger;
@@ -122,6 +125,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
   readonly #runc: Runc;
+  #init: string | null = null;
 
   constructor(private readonly opts: ContainerDriverOptions) {
     this.#runc = new Runc(opts.runcRoot);
@@ -136,6 +140,17 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       return { ok: false, reason: 'runc is not installed: run `npm run setup` (installs runc and debootstrap with apt)' };
     }
     if (!readFileSync('/proc/filesystems', 'utf8').includes('overlay')) return { ok: false, reason: 'the kernel has no overlayfs' };
+    // The agent makes itself non-dumpable by changing its egid, which sets the kernel's
+    // suid_dumpable value: 1 would leave it open to ptrace, /proc/<pid>/mem and pidfd_getfd.
+    if (readFileSync('/proc/sys/fs/suid_dumpable', 'utf8').trim() === '1') {
+      return { ok: false, reason: 'fs.suid_dumpable is 1, which lets sandbox commands inspect the agent: set it to 0 (sysctl -w fs.suid_dumpable=0)' };
+    }
+    try {
+      this.#init = await this.opts.initBinary();
+    } catch (err) {
+      return { ok: false, reason: (err as Error).message };
+    }
+    raiseHostInotifyLimits(this.opts.log);
     // runc resolves the sandbox's mounts as the sandbox's root (an unprivileged host uid), so every
     // directory above the instances must be searchable by others.
     await mkdir(this.opts.instancesDir, { recursive: true, mode: 0o711 });
@@ -252,7 +267,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     await writeFile(p.lowerFile, spec.rootfs);
     const config = buildOciSpec({
       spec,
-      paths: { rootfs: p.rootfs, nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
+      paths: { rootfs: p.rootfs, init: (this.#init ??= await this.opts.initBinary()), nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
       idMap: this.opts.idMap,
       pidsLimit: this.opts.pidsLimit,
       cgroupsPath: `/voidrun/${this.#cid(spec.id)}`,
@@ -266,7 +281,9 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     } finally {
       socket.close(); // the agent has its own copy now
     }
-    await this.#waitForAgent(spec.id);
+    // Set while the agent starts: no sandbox command runs before the agent is reported ready.
+    const initPid = Number(readFileSync(join(p.dir, 'init.pid'), 'utf8'));
+    await Promise.all([limitSandboxInotify(initPid), this.#waitForAgent(spec.id)]);
   }
 
   /**

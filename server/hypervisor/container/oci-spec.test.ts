@@ -4,7 +4,7 @@ import { buildOciSpec, defaultCapabilities, type OciSpecOptions } from './oci-sp
 
 const base: OciSpecOptions = {
   spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', image: 'debian', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
-  paths: { rootfs: '/inst/abc/rootfs', nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
+  paths: { rootfs: '/inst/abc/rootfs', init: '/app/dist/container-init/voidrun-init-0123', nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
   idMap: { hostId: 200000, size: 65536 },
   pidsLimit: 1024,
   cgroupsPath: '/voidrun/vr-abc',
@@ -59,6 +59,7 @@ describe('buildOciSpec', () => {
   it('mounts only the agent files from the host, all read-only', () => {
     const binds = buildOciSpec(base).mounts.filter((m) => m.type === 'bind');
     expect(binds.map((m) => [m.source, m.destination])).toEqual([
+      ['/app/dist/container-init/voidrun-init-0123', '/opt/voidrun/init'],
       ['/usr/bin/node', '/opt/voidrun/node'],
       ['/app/dist/agent/agent.cjs', '/opt/voidrun/agent.cjs'],
       ['/app/node_modules', '/opt/voidrun/node_modules'],
@@ -66,10 +67,10 @@ describe('buildOciSpec', () => {
     for (const m of binds) expect(m.options).toContain('ro');
   });
 
-  it("runs the agent under tini; the sandbox's envVars reach it encoded, never as its own environment", () => {
+  it("runs the agent under the host-mounted init (not a file of the image); the sandbox's envVars reach it encoded, never as its own environment", () => {
     const envVars = { FOO: 'bar', NODE_OPTIONS: '--require /evil.js', VOIDRUN_AGENT_FD: '7' };
     const p = buildOciSpec(withSpec({ envVars })).process;
-    expect(p.args.slice(0, 2)).toEqual(['/usr/bin/tini', '-s']);
+    expect(p.args.slice(0, 3)).toEqual(['/opt/voidrun/init', String(1024 * 1024), '--']);
     expect(p.args.slice(-3)).toEqual(['/opt/voidrun/node', '--max-semi-space-size=2', '/opt/voidrun/agent.cjs']);
     expect(p.env).toContain('VOIDRUN_AGENT_FD=3');
     expect(p.env).not.toContain('VOIDRUN_AGENT_FD=7');
@@ -86,10 +87,18 @@ describe('buildOciSpec', () => {
     expect(s.process.capabilities.bounding).not.toContain('CAP_NET_ADMIN');
     const blocked = s.linux.seccomp.syscalls[0]!;
     expect(blocked.action).toBe('SCMP_ACT_ERRNO');
-    for (const call of ['mount', 'kexec_load', 'bpf', 'ptrace', 'setns', 'unshare', 'init_module']) expect(blocked.names).toContain(call);
+    for (const call of ['mount', 'kexec_load', 'bpf', 'setns', 'unshare', 'init_module']) expect(blocked.names).toContain(call);
     expect(blocked.names).toEqual([...blockedSyscalls]);
     expect(s.linux.maskedPaths).toContain('/proc/kcore');
     expect(s.linux.readonlyPaths).toContain('/proc/sys');
+  });
+
+  // Without CAP_SYS_PTRACE, as under Docker's default profile: no reading, writing or copying
+  // another process's memory or descriptors, even one with the same uid.
+  it.each(['ptrace', 'process_vm_readv', 'process_vm_writev', 'pidfd_getfd', 'process_madvise', 'kcmp'])('refuses %s with EPERM', (call) => {
+    const rule = buildOciSpec(base).linux.seccomp.syscalls.find((r) => r.names.includes(call));
+    expect(rule).toMatchObject({ action: 'SCMP_ACT_ERRNO', errnoRet: 1 });
+    expect(rule).not.toHaveProperty('args');
   });
 
   it('roots the container at the overlay mount, writable', () => {

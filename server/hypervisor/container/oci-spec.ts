@@ -5,7 +5,8 @@ import { buildSeccompProfile } from './seccomp-profile.js';
 export interface ContainerPaths {
   /** The overlay mount (image + writable layer): the container's root. */
   rootfs: string;
-  /** Host files mounted read-only for the agent. */
+  /** Host files mounted read-only: the sandbox's init (PID 1) and what the agent runs from. */
+  init: string;
   nodeBinary: string;
   agentBundle: string;
   nodeModules: string;
@@ -33,6 +34,8 @@ export const AGENT_DIR = '/opt/voidrun';
  * inside the sandbox can redirect the server's connections.
  */
 export const AGENT_LISTEN_FD = 3;
+/** The init truncates the host's sandbox.log (with a marker line) whenever it would pass this size. */
+export const SANDBOX_LOG_LIMIT_BYTES = 1024 * 1024;
 
 const CPU_PERIOD_US = 100_000;
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
@@ -61,8 +64,9 @@ export const defaultCapabilities = [
  *
  * - Namespaces: user (ids mapped onto `idMap`, so sandbox root is an unprivileged host uid), pid,
  *   ipc, uts (hostname = sandbox name), mount, network (loopback only) and cgroup.
- * - The agent runs under tini (PID 1, reaps orphans) from read-only bind mounts of the host's node
- *   and the agent bundle; nothing else of the host is mounted.
+ * - PID 1 is our init (`init.c`: reaps orphans, forwards signals, holds no agent socket, bounds the
+ *   log), mounted read-only from the host like the node binary and the agent bundle it starts;
+ *   nothing else of the host is mounted.
  * - cgroup limits: memory (no swap beyond it), CPU quota = `cpu` cores, a pids limit.
  */
 export function buildOciSpec(o: OciSpecOptions) {
@@ -88,7 +92,7 @@ export function buildOciSpec(o: OciSpecOptions) {
       user: { uid: 0, gid: 0 },
       // A small young generation: the agent's garbage is many short strings (terminal and command
       // output); the default lets the heap balloon under a flood before it collects.
-      args: ['/usr/bin/tini', '-s', '-g', '--', `${AGENT_DIR}/node`, '--max-semi-space-size=2', `${AGENT_DIR}/agent.cjs`],
+      args: [`${AGENT_DIR}/init`, String(SANDBOX_LOG_LIMIT_BYTES), '--', `${AGENT_DIR}/node`, '--max-semi-space-size=2', `${AGENT_DIR}/agent.cjs`],
       env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
       cwd: '/root',
       capabilities: {
@@ -109,6 +113,7 @@ export function buildOciSpec(o: OciSpecOptions) {
       { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
       { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+      { destination: `${AGENT_DIR}/init`, type: 'bind', source: paths.init, options: ro },
       { destination: `${AGENT_DIR}/node`, type: 'bind', source: paths.nodeBinary, options: ro },
       { destination: `${AGENT_DIR}/agent.cjs`, type: 'bind', source: paths.agentBundle, options: ro },
       // Ends in node_modules so Node's resolution finds the agent's native dependencies.

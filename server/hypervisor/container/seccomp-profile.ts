@@ -2,7 +2,8 @@
  * The seccomp profile every container sandbox runs under: everything is allowed except the
  * syscalls container runtimes block by default (Docker's default profile refuses these to processes
  * without extra capabilities): kernel modules and keyrings, clocks, reboot, swap, BPF and perf,
- * cross-process memory access, namespace escapes and obsolete syscalls. Refused calls fail with EPERM.
+ * cross-process memory and descriptor access (ptrace, process_vm_*, pidfd_getfd, process_madvise),
+ * namespace escapes and obsolete syscalls. Refused calls fail with EPERM.
  */
 export const blockedSyscalls = [
   'acct',
@@ -37,7 +38,9 @@ export const blockedSyscalls = [
   'fsmount',
   'fspick',
   'perf_event_open',
+  'pidfd_getfd',
   'pivot_root',
+  'process_madvise',
   'process_vm_readv',
   'process_vm_writev',
   'ptrace',

@@ -1,0 +1,129 @@
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, readlinkSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { SandboxHandle, VoidRunClient } from '../client/index.js';
+import type { WatchMessage } from '../shared/index.js';
+import { ensureContainerInit } from '../server/hypervisor/container/init-binary.js';
+import { SANDBOX_INOTIFY } from '../server/hypervisor/container/inotify-limits.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+/** x86_64 syscall numbers, for perl's syscall() (the image has perl-base, no compiler). */
+const SYS = { pidfd_open: 434, pidfd_getfd: 438, inotify_init: 253 };
+/** The agent's pid inside the sandbox: the oldest process named node. */
+const AGENT = 'agent=$(pgrep -o -x node)';
+
+describe.skipIf(!support.ok)('the container sandbox boundary', () => {
+  let server: TestServer;
+  let vr: VoidRunClient;
+  let box: SandboxHandle;
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Boundary User', email: uniqueEmail('boundary') });
+    vr = server.client(reg.apiKey);
+    box = await vr.sandboxes.create({ name: 'boundary' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  const sh = async (command: string) => (await box.exec(command)).stdout.trim();
+
+  it("a sandbox command cannot copy the agent's listening socket with pidfd_getfd", async () => {
+    const out = await sh(`${AGENT}; perl -e '$p = syscall(${SYS.pidfd_open}, $ARGV[0] + 0, 0); $fd = syscall(${SYS.pidfd_getfd}, $p, 3, 0); print "pidfd=", ($p >= 0 ? "ok" : "fail"), " getfd=$fd errno=", $!+0, "\\n"' $agent`);
+    expect(out).toBe('pidfd=ok getfd=-1 errno=1');
+  });
+
+  it("a sandbox command cannot write the agent's memory through /proc/<pid>/mem, nor read its descriptors or environment", async () => {
+    const out = await sh(`${AGENT}; for f in mem fd/3 environ; do perl -e 'open(my $h, "+<", $ARGV[0]) || open($h, "<", $ARGV[0]) ? print "$ARGV[0] open\\n" : print "$ARGV[0] $!\\n"' /proc/$agent/$f; done; readlink /proc/$agent/fd/3 || echo link-refused`);
+    expect(out.split('\n').map((l) => l.replace(/^\/proc\/\d+\//, ''))).toEqual(['mem Permission denied', 'fd/3 Permission denied', 'environ Permission denied', 'link-refused']);
+    // The commands it starts are ordinary processes again: their own /proc entries are theirs.
+    expect(await sh('sleep 5 & ls /proc/$!/fd | wc -l; kill $!')).not.toBe('0');
+  });
+
+  it("replacing /usr/bin/tini in the writable layer does not give PID 1 the agent's socket", async () => {
+    const sb = await vr.sandboxes.create({ name: 'init-swap' });
+    // A fake init that would record what it holds and then run the agent as usual.
+    await sb.exec(`printf '#!/bin/sh\\nls -l /proc/self/fd > /root/pid1-fds\\nexec "$@"\\n' > /usr/bin/tini && chmod +x /usr/bin/tini`);
+    const cannot = (await sb.exec('sh -c "echo x > /opt/voidrun/init" 2>&1; rm -f /opt/voidrun/init 2>&1; mv /opt/voidrun/init /root/ 2>&1; readlink /proc/1/fd/3 2>&1 || echo fd3-refused')).stdout;
+    expect(cannot).toMatch(/Read-only file system/);
+    expect(cannot).toMatch(/rm: cannot remove '\/opt\/voidrun\/init': Device or resource busy/);
+    expect(cannot).toMatch(/fd3-refused/);
+    await sb.stop();
+    await sb.start();
+    expect((await sb.exec('test -e /root/pid1-fds && echo ran || echo not-run; tr "\\0" " " < /proc/1/cmdline')).stdout).toMatch(/^not-run\n\/opt\/voidrun\/init /);
+    // From the host: PID 1 holds no socket at all (only its log, the agent's output pipe, a signalfd).
+    const init = readFileSync(join(server.dirs.instancesDir, sb.id, 'init.pid'), 'utf8').trim();
+    const fds = readdirSync(`/proc/${init}/fd`).map((fd) => readlinkSync(`/proc/${init}/fd/${fd}`));
+    expect(fds.filter((target) => target.startsWith('socket:'))).toEqual([]);
+    expect((await sb.exec('echo still serving')).stdout).toBe('still serving\n');
+    await sb.delete();
+  });
+
+  it("a sandbox command cannot write to its host-side sandbox.log through PID 1's or the agent's descriptors", async () => {
+    const out = await sh(`${AGENT}; for pid in 1 $agent; do for fd in 1 2; do sh -c "echo grow >> /proc/$pid/fd/$fd" 2>/dev/null && echo wrote || echo refused; done; done`);
+    expect(out.split('\n')).toEqual(['refused', 'refused', 'refused', 'refused']);
+    expect(readFileSync(join(server.dirs.instancesDir, box.id, 'sandbox.log'), 'utf8')).not.toContain('grow');
+  });
+
+  it('PID 1 reaps orphans: a backgrounded command that outlives its shell leaves no zombie', async () => {
+    const out = await sh(`(sh -c 'echo $$ > /tmp/orphan; exec sleep 0.2' &); while [ ! -s /tmp/orphan ]; do :; done; pid=$(cat /tmp/orphan);
+      for i in $(seq 1 300); do [ -d /proc/$pid ] || break; sleep 0.02; done; [ -d /proc/$pid ] && awk '{print $3}' /proc/$pid/stat || echo reaped`);
+    expect(out).toBe('reaped');
+  });
+
+  it('one sandbox holding all its inotify instances leaves another sandbox\'s file watch delivering events', async () => {
+    // A takes every inotify instance it can and holds them.
+    const hog = await box.commands.run(`perl -e '$n = 0; while (syscall(${SYS.inotify_init}) >= 0) { $n++ } $e = $! + 0; open(my $o, ">", "/tmp/held"); print $o "$n $e\\n"; close $o; sleep 600'`);
+    let held = '';
+    for (let i = 0; i < 200 && !held; i++) held = (await sh('cat /tmp/held 2>/dev/null || true')) || '';
+    // Stopped by its own sandbox's limit (EMFILE), not by the host's.
+    expect(held).toBe(`${SANDBOX_INOTIFY.instances} 24`);
+
+    const other = await vr.sandboxes.create({ name: 'watcher' });
+    await other.files.mkdir('/root/w');
+    const events: WatchMessage[] = [];
+    const stop = other.files.watch('/root/w', (e) => events.push(e));
+    for (let i = 0; i < 100 && events.length === 0; i++) await other.exec(`echo ${i} > /root/w/f${i}`);
+    stop();
+    expect(events.length).toBeGreaterThan(0);
+    await hog.kill();
+    await other.delete();
+  });
+});
+
+describe.skipIf(!support.ok)('the container sandbox init', () => {
+  // The init's bound, driven directly: in a sandbox only the agent reaches its output pipe (the
+  // tests above show /proc/1/fd and the agent's fds are out of reach of sandbox commands).
+  it("keeps a sandbox's host-side log within its bound however much the agent writes", async () => {
+    const init = await ensureContainerInit();
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-init-'));
+    try {
+      const log = join(dir, 'sandbox.log');
+      execFileSync('sh', ['-c', `"$0" 65536 -- /bin/sh -c 'for i in $(seq 1 200); do head -c 1000 /dev/zero | tr "\\0" x; echo; done; echo last line' >> "$1" 2>&1`, init, log]);
+      const text = readFileSync(log, 'utf8');
+      expect(statSync(log).size).toBeLessThanOrEqual(65536);
+      expect(text).toMatch(/^voidrun-init: sandbox log reached 65536 bytes; earlier output dropped\n/);
+      expect(text.endsWith('last line\n')).toBe(true);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("exits with the agent's status and forwards SIGTERM to it", async () => {
+    const init = await ensureContainerInit();
+    const status = (args: string[]) => {
+      try {
+        execFileSync(init, ['4096', '--', ...args], { stdio: 'ignore' });
+        return 0;
+      } catch (err) {
+        return (err as { status: number }).status;
+      }
+    };
+    expect(status(['/bin/sh', '-c', 'exit 7'])).toBe(7);
+    expect(status(['/bin/sh', '-c', 'kill -TERM $PPID; sleep 5'])).toBe(128 + 15);
+  });
+});
