@@ -5,15 +5,15 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import type { WatchMessage } from '../shared/index.js';
-import { ensureContainerInit } from '../server/hypervisor/container/init-binary.js';
+import { ensureContainerBootFiles } from '../server/hypervisor/container/boot-files.js';
 import { SANDBOX_INOTIFY } from '../server/hypervisor/container/inotify-limits.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
 /** x86_64 syscall numbers, for perl's syscall() (the image has perl-base, no compiler). */
 const SYS = { pidfd_open: 434, pidfd_getfd: 438, inotify_init: 253 };
-/** The agent's pid inside the sandbox: the oldest process named node. */
-const AGENT = 'agent=$(pgrep -o -x node)';
+/** The agent's pid inside the sandbox: the oldest process running the agent bundle. */
+const AGENT = "agent=$(pgrep -o -f '/opt/voidrun/agent.cjs$')";
 
 describe.skipIf(!support.ok)('the container sandbox boundary', () => {
   let server: TestServer;
@@ -69,6 +69,23 @@ describe.skipIf(!support.ok)('the container sandbox boundary', () => {
     expect(readFileSync(join(server.dirs.instancesDir, box.id, 'sandbox.log'), 'utf8')).not.toContain('grow');
   });
 
+  it('a library, preload list or OpenSSL config written into the image does not load into the agent', async () => {
+    const sb = await vr.sandboxes.create({ name: 'loader-swap' });
+    const refused = await sb.exec(`sh -c 'echo /root/evil.so > /etc/ld.so.preload' 2>&1; printf garbage > /root/evil.so
+      cp /root/evil.so "$(readlink -f /usr/lib/x86_64-linux-gnu/libstdc++.so.6)"
+      printf 'nodejs_conf = c\\n[c]\\nproviders = p\\n[p]\\nevil = e\\n[e]\\nmodule = /root/evil.so\\nactivate = 1\\n' > /etc/ssl/openssl.cnf`);
+    expect(refused.stdout).toMatch(/Read-only file system/);
+    await sb.stop();
+    await sb.start();
+    expect((await sb.exec('echo still serving')).stdout).toBe('still serving\n');
+    const init = readFileSync(join(server.dirs.instancesDir, sb.id, 'init.pid'), 'utf8').trim();
+    const agent = readFileSync(`/proc/${init}/task/${init}/children`, 'utf8').trim().split(' ')[0];
+    const maps = readFileSync(`/proc/${agent}/maps`, 'utf8');
+    expect(maps).toContain('/opt/voidrun/lib/libstdc++.so.6');
+    expect(maps).not.toMatch(/\/usr\/lib\/x86_64-linux-gnu\/|evil/);
+    await sb.delete();
+  });
+
   it('PID 1 reaps orphans: a backgrounded command that outlives its shell leaves no zombie', async () => {
     const out = await sh(`(sh -c 'echo $$ > /tmp/orphan; exec sleep 0.2' &); while [ ! -s /tmp/orphan ]; do :; done; pid=$(cat /tmp/orphan);
       for i in $(seq 1 300); do [ -d /proc/$pid ] || break; sleep 0.02; done; [ -d /proc/$pid ] && awk '{print $3}' /proc/$pid/stat || echo reaped`);
@@ -99,7 +116,7 @@ describe.skipIf(!support.ok)('the container sandbox init', () => {
   // The init's bound, driven directly: in a sandbox only the agent reaches its output pipe (the
   // tests above show /proc/1/fd and the agent's fds are out of reach of sandbox commands).
   it("keeps a sandbox's host-side log within its bound however much the agent writes", async () => {
-    const init = await ensureContainerInit();
+    const { init } = await ensureContainerBootFiles(process.execPath, []);
     const dir = mkdtempSync(join(tmpdir(), 'voidrun-init-'));
     try {
       const log = join(dir, 'sandbox.log');
@@ -114,7 +131,7 @@ describe.skipIf(!support.ok)('the container sandbox init', () => {
   });
 
   it("exits with the agent's status and forwards SIGTERM to it", async () => {
-    const init = await ensureContainerInit();
+    const { init } = await ensureContainerBootFiles(process.execPath, []);
     const status = (args: string[]) => {
       try {
         execFileSync(init, ['4096', '--', ...args], { stdio: 'ignore' });

@@ -103,7 +103,7 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     } finally {
       rmSync(secret);
     }
-    expect((await box.exec('ls /opt/voidrun')).stdout.split('\n').filter(Boolean).sort()).toEqual(['agent.cjs', 'node', 'node_modules']);
+    expect((await box.exec('ls /opt/voidrun')).stdout.split('\n').filter(Boolean).sort()).toEqual(['agent.cjs', 'init', 'lib', 'node', 'node_modules', 'openssl.cnf']);
     expect((await box.exec('touch /opt/voidrun/node_modules/x')).stderr).toContain('Read-only file system');
     expect((await box.exec('echo tampered > /opt/voidrun/agent.cjs')).exitCode).not.toBe(0);
     // No new namespaces from inside (a user namespace would grant a full capability set over them).

@@ -3,7 +3,7 @@ import type { Logger } from 'pino';
 import type { Config } from '../config.js';
 import type { AgentFiles } from '../agent-client/agent-bundle.js';
 import { ContainerDriver } from './container/driver.js';
-import { ensureContainerInit } from './container/init-binary.js';
+import { ensureContainerBootFiles } from './container/boot-files.js';
 import type { IdMapping } from './container/oci-spec.js';
 import { probeAccelerator, type AcceleratorChoice } from './qemu/accelerator-probe.js';
 import { QemuDriver } from './qemu/driver.js';
@@ -44,7 +44,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     idMap: deps.idMap,
     pidsLimit: config.SANDBOX_PIDS_LIMIT,
     agent: deps.agent,
-    initBinary: ensureContainerInit,
+    bootFiles: () => ensureContainerBootFiles(deps.agent.nodeBinary, [join(deps.agent.nodeModules, 'node-pty', 'build', 'Release', 'pty.node')]),
     agentReadyTimeoutMs: config.AGENT_READY_TIMEOUT_MS,
     log: deps.log,
   });

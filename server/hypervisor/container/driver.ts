@@ -13,6 +13,7 @@ import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type Pa
 import { buildOciSpec, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 import { limitSandboxInotify, raiseHostInotifyLimits } from './inotify-limits.js';
+import type { ContainerBootFiles } from './boot-files.js';
 
 export interface ContainerDriverOptions {
   instancesDir: string;
@@ -21,8 +22,8 @@ export interface ContainerDriverOptions {
   pidsLimit: number;
   /** Host files the agent runs from, mounted read-only into every sandbox. */
   agent: { nodeBinary: string; bundle: string; nodeModules: string };
-  /** Builds (once) and returns the host path of the sandboxes' init, mounted read-only as PID 1. */
-  initBinary: () => Promise<string>;
+  /** Prepares (once) the host files sandboxes boot from: their init (PID 1), the agent's loader and libraries. */
+  bootFiles: () => Promise<ContainerBootFiles>;
   /** How long `create`/`start` wait for the agent to accept connections. */
   agentReadyTimeoutMs: number;
   log: Logger;
@@ -125,7 +126,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
   readonly #runc: Runc;
-  #init: string | null = null;
+  #bootFiles: ContainerBootFiles | null = null;
 
   constructor(private readonly opts: ContainerDriverOptions) {
     this.#runc = new Runc(opts.runcRoot);
@@ -146,7 +147,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       return { ok: false, reason: 'fs.suid_dumpable is 1, which lets sandbox commands inspect the agent: set it to 0 (sysctl -w fs.suid_dumpable=0)' };
     }
     try {
-      this.#init = await this.opts.initBinary();
+      this.#bootFiles = await this.opts.bootFiles();
     } catch (err) {
       return { ok: false, reason: (err as Error).message };
     }
@@ -267,7 +268,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     await writeFile(p.lowerFile, spec.rootfs);
     const config = buildOciSpec({
       spec,
-      paths: { rootfs: p.rootfs, init: (this.#init ??= await this.opts.initBinary()), nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
+      paths: { rootfs: p.rootfs, boot: (this.#bootFiles ??= await this.opts.bootFiles()), nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
       idMap: this.opts.idMap,
       pidsLimit: this.opts.pidsLimit,
       cgroupsPath: `/voidrun/${this.#cid(spec.id)}`,

@@ -4,7 +4,7 @@ import { buildOciSpec, defaultCapabilities, type OciSpecOptions } from './oci-sp
 
 const base: OciSpecOptions = {
   spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', image: 'debian', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
-  paths: { rootfs: '/inst/abc/rootfs', init: '/app/dist/container-init/voidrun-init-0123', nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
+  paths: { rootfs: '/inst/abc/rootfs', boot: { init: '/app/dist/container-init/voidrun-init-0123', libDir: '/app/dist/container-init/lib-0123', emptyFile: '/app/dist/container-init/empty' }, nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
   idMap: { hostId: 200000, size: 65536 },
   pidsLimit: 1024,
   cgroupsPath: '/voidrun/vr-abc',
@@ -56,10 +56,13 @@ describe('buildOciSpec', () => {
     expect(rules.find((r) => r.names.includes('clone3'))).toMatchObject({ action: 'SCMP_ACT_ERRNO', errnoRet: 38 });
   });
 
-  it('mounts only the agent files from the host, all read-only', () => {
+  it('mounts only the init and agent files from the host, all read-only', () => {
     const binds = buildOciSpec(base).mounts.filter((m) => m.type === 'bind');
     expect(binds.map((m) => [m.source, m.destination])).toEqual([
       ['/app/dist/container-init/voidrun-init-0123', '/opt/voidrun/init'],
+      ['/app/dist/container-init/lib-0123', '/opt/voidrun/lib'],
+      ['/app/dist/container-init/empty', '/opt/voidrun/openssl.cnf'],
+      ['/app/dist/container-init/empty', '/etc/ld.so.preload'],
       ['/usr/bin/node', '/opt/voidrun/node'],
       ['/app/dist/agent/agent.cjs', '/opt/voidrun/agent.cjs'],
       ['/app/node_modules', '/opt/voidrun/node_modules'],
@@ -71,7 +74,17 @@ describe('buildOciSpec', () => {
     const envVars = { FOO: 'bar', NODE_OPTIONS: '--require /evil.js', VOIDRUN_AGENT_FD: '7' };
     const p = buildOciSpec(withSpec({ envVars })).process;
     expect(p.args.slice(0, 3)).toEqual(['/opt/voidrun/init', String(1024 * 1024), '--']);
-    expect(p.args.slice(-3)).toEqual(['/opt/voidrun/node', '--max-semi-space-size=2', '/opt/voidrun/agent.cjs']);
+    // Through the host's loader and libraries, with an empty OpenSSL config: nothing of the image runs in the agent.
+    expect(p.args.slice(3)).toEqual([
+      '/opt/voidrun/lib/ld.so',
+      '--inhibit-cache',
+      '--library-path',
+      '/opt/voidrun/lib',
+      '/opt/voidrun/node',
+      '--openssl-config=/opt/voidrun/openssl.cnf',
+      '--max-semi-space-size=2',
+      '/opt/voidrun/agent.cjs',
+    ]);
     expect(p.env).toContain('VOIDRUN_AGENT_FD=3');
     expect(p.env).not.toContain('VOIDRUN_AGENT_FD=7');
     expect(p.env.filter((e) => e.startsWith('NODE_OPTIONS') || e.startsWith('FOO'))).toEqual([]);

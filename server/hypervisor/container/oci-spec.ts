@@ -1,4 +1,5 @@
 import type { SandboxSpec } from '../types.js';
+import type { ContainerBootFiles } from './boot-files.js';
 import { buildSeccompProfile } from './seccomp-profile.js';
 
 /** Where a sandbox's pieces are, on the host and inside. */
@@ -6,7 +7,7 @@ export interface ContainerPaths {
   /** The overlay mount (image + writable layer): the container's root. */
   rootfs: string;
   /** Host files mounted read-only: the sandbox's init (PID 1) and what the agent runs from. */
-  init: string;
+  boot: ContainerBootFiles;
   nodeBinary: string;
   agentBundle: string;
   nodeModules: string;
@@ -65,8 +66,8 @@ export const defaultCapabilities = [
  * - Namespaces: user (ids mapped onto `idMap`, so sandbox root is an unprivileged host uid), pid,
  *   ipc, uts (hostname = sandbox name), mount, network (loopback only) and cgroup.
  * - PID 1 is our init (`init.c`: reaps orphans, forwards signals, holds no agent socket, bounds the
- *   log), mounted read-only from the host like the node binary and the agent bundle it starts;
- *   nothing else of the host is mounted.
+ *   log), mounted read-only from the host like the node binary, its loader and libraries and the
+ *   agent bundle it starts; nothing else of the host is mounted.
  * - cgroup limits: memory (no swap beyond it), CPU quota = `cpu` cores, a pids limit.
  */
 export function buildOciSpec(o: OciSpecOptions) {
@@ -92,7 +93,18 @@ export function buildOciSpec(o: OciSpecOptions) {
       user: { uid: 0, gid: 0 },
       // A small young generation: the agent's garbage is many short strings (terminal and command
       // output); the default lets the heap balloon under a flood before it collects.
-      args: [`${AGENT_DIR}/init`, String(SANDBOX_LOG_LIMIT_BYTES), '--', `${AGENT_DIR}/node`, '--max-semi-space-size=2', `${AGENT_DIR}/agent.cjs`],
+      args: [
+        `${AGENT_DIR}/init`,
+        String(SANDBOX_LOG_LIMIT_BYTES),
+        '--',
+        // The host's loader and libraries, never the image's (which the tenant can replace); no
+        // OpenSSL config from the image's /etc/ssl either (it can load modules).
+        ...(paths.boot.libDir ? [`${AGENT_DIR}/lib/ld.so`, '--inhibit-cache', '--library-path', `${AGENT_DIR}/lib`] : []),
+        `${AGENT_DIR}/node`,
+        `--openssl-config=${AGENT_DIR}/openssl.cnf`,
+        '--max-semi-space-size=2',
+        `${AGENT_DIR}/agent.cjs`,
+      ],
       env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
       cwd: '/root',
       capabilities: {
@@ -113,7 +125,11 @@ export function buildOciSpec(o: OciSpecOptions) {
       { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
       { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
-      { destination: `${AGENT_DIR}/init`, type: 'bind', source: paths.init, options: ro },
+      { destination: `${AGENT_DIR}/init`, type: 'bind', source: paths.boot.init, options: ro },
+      ...(paths.boot.libDir ? [{ destination: `${AGENT_DIR}/lib`, type: 'bind', source: paths.boot.libDir, options: ro }] : []),
+      { destination: `${AGENT_DIR}/openssl.cnf`, type: 'bind', source: paths.boot.emptyFile, options: ro },
+      // Read by every dynamic loader, the host's too: empty, so nothing is preloaded into the agent.
+      { destination: '/etc/ld.so.preload', type: 'bind', source: paths.boot.emptyFile, options: ro },
       { destination: `${AGENT_DIR}/node`, type: 'bind', source: paths.nodeBinary, options: ro },
       { destination: `${AGENT_DIR}/agent.cjs`, type: 'bind', source: paths.agentBundle, options: ro },
       // Ends in node_modules so Node's resolution finds the agent's native dependencies.
