@@ -5,25 +5,28 @@ import { runHostCommand } from '../host-process.js';
 /**
  * inotify instances and watches are counted per user namespace and uid, and again, for every
  * sandbox, against host root in the host's namespace (host root creates every sandbox's user
- * namespace): with the host's limits alone (128 instances by default), one sandbox could hold them
- * all and every other sandbox's file watch would fail. So each sandbox's own user namespace gets
- * these limits (per uid inside it), and the host's limits are raised to cover many sandboxes.
+ * namespace) under the host's `fs.inotify.max_user_*`: with the host's default of 128 instances,
+ * one sandbox could hold them all and every other sandbox's file watch would fail.
+ *
+ * So each sandbox's own user namespace gets the usual limits (per uid inside it), and the host's
+ * limits are raised to the kernel's maximum: a tenant switching among its 65,536 uids multiplies
+ * its own allowance, so any host limit it could reach with them would let it starve the others.
+ * What bounds a sandbox instead is its memory cgroup, which the kernel memory of its instances and
+ * watches is charged to (about 1 KiB an instance).
  */
 export const SANDBOX_INOTIFY = { instances: 128, watches: 65_536 } as const;
-/** How many sandboxes at their full inotify use the host's limits are raised to hold. */
-const HOST_INOTIFY_SANDBOXES = 256;
+/** The most the kernel accepts for fs.inotify.max_user_instances and max_user_watches. */
+export const HOST_INOTIFY_MAX = 2 ** 31 - 1;
 
 const hostFiles = { instances: '/proc/sys/fs/inotify/max_user_instances', watches: '/proc/sys/fs/inotify/max_user_watches' } as const;
 
-/** Raises the host's inotify limits to hold HOST_INOTIFY_SANDBOXES sandboxes with margin; never lowers them. */
+/** Raises the host's inotify limits to HOST_INOTIFY_MAX (logged); never lowers them. */
 export function raiseHostInotifyLimits(log: Logger): void {
   for (const key of ['instances', 'watches'] as const) {
-    const file = hostFiles[key];
-    const current = Number(readFileSync(file, 'utf8').trim());
-    const wanted = SANDBOX_INOTIFY[key] * HOST_INOTIFY_SANDBOXES + current;
-    if (current >= SANDBOX_INOTIFY[key] * HOST_INOTIFY_SANDBOXES) continue;
-    writeFileSync(file, String(wanted));
-    log.info({ sysctl: `fs.inotify.max_user_${key}`, from: current, to: wanted }, 'raised the host inotify limit for container sandboxes');
+    const current = Number(readFileSync(hostFiles[key], 'utf8').trim());
+    if (current >= HOST_INOTIFY_MAX) continue;
+    writeFileSync(hostFiles[key], String(HOST_INOTIFY_MAX));
+    log.info({ sysctl: `fs.inotify.max_user_${key}`, from: current, to: HOST_INOTIFY_MAX }, 'raised the host inotify limit: container sandboxes are bounded per user namespace and by their memory cgroup');
   }
 }
 
