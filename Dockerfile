@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # The VoidRun server image. Two stages: `deps` has the compilers native modules (better-sqlite3,
 # node-pty) may need; the runtime image has only Node, the installed modules, the sources and what
-# the sandbox drivers call on the host (runc, debootstrap, QEMU, iproute2, iptables).
+# the sandbox drivers call on the host (runc, debootstrap, QEMU, iproute2, iptables; gcc and libc6-dev
+# build the container sandboxes' static init on first start).
 
 FROM node:20-bookworm AS deps
 WORKDIR /app
@@ -26,7 +27,7 @@ RUN npm run typecheck \
 FROM node:20-bookworm-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      runc debootstrap ca-certificates iproute2 iptables qemu-system-x86 qemu-utils e2fsprogs \
+      runc debootstrap ca-certificates iproute2 iptables qemu-system-x86 qemu-utils e2fsprogs gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY --from=deps /app/node_modules ./node_modules
