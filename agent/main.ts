@@ -43,7 +43,7 @@ const guestReady = guest ? configureGuest(guest, busybox) : Promise.resolve();
 // settings, plus the sandbox's envVars, which the driver passes encoded so they never configure
 // the agent's Node.
 const baseEnv: NodeJS.ProcessEnv = {};
-for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_')) baseEnv[k] = v;
+for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_') && !k.startsWith('WS_NO_')) baseEnv[k] = v;
 if (guest) Object.assign(baseEnv, guest.env);
 else if (settings.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(settings.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
 baseEnv.VOIDRUN_SANDBOX_ID = settings.VOIDRUN_SANDBOX_ID;

@@ -88,6 +88,19 @@ describe.skipIf(!support.ok)('the container sandbox boundary', () => {
     await sb.delete();
   });
 
+  it('a Node module written where the agent would look for an optional dependency does not load into the agent', async () => {
+    const sb = await vr.sandboxes.create({ name: 'module-plant' });
+    // ws loads bufferutil and utf-8-validate if it can find them; they are not installed, so Node
+    // would look on up the image's directories and HOME.
+    const plant = 'require("fs").writeFileSync("/tmp/planted-" + process.pid, "ran"); module.exports = { mask() {}, unmask() {}, isValidUTF8: () => true };';
+    await sb.exec(`for d in /node_modules /opt/node_modules /root/.node_modules /root/.node_libraries; do for m in bufferutil utf-8-validate; do mkdir -p $d/$m && printf '%s' '${plant}' > $d/$m/index.js; done; done`);
+    await sb.stop();
+    await sb.start();
+    expect((await sb.exec('ls /tmp | grep -c planted || true')).stdout).toBe('0\n');
+    expect((await sb.exec('env | grep -c ^WS_NO_ || true')).stdout).toBe('0\n'); // the agent's setting, not the commands'.
+    await sb.delete();
+  });
+
   it('PID 1 reaps orphans: a backgrounded command that outlives its shell leaves no zombie', async () => {
     const out = await sh(`(sh -c 'echo $$ > /tmp/orphan; exec sleep 0.2' &); while [ ! -s /tmp/orphan ]; do :; done; pid=$(cat /tmp/orphan);
       for i in $(seq 1 300); do [ -d /proc/$pid ] || break; sleep 0.02; done; [ -d /proc/$pid ] && awk '{print $3}' /proc/$pid/stat || echo reaped`);

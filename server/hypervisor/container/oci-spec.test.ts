@@ -88,6 +88,8 @@ describe('buildOciSpec', () => {
     expect(p.env).toContain('VOIDRUN_AGENT_FD=3');
     expect(p.env).not.toContain('VOIDRUN_AGENT_FD=7');
     expect(p.env.filter((e) => e.startsWith('NODE_OPTIONS') || e.startsWith('FOO'))).toEqual([]);
+    // The agent never looks for ws's optional modules (the image's directories are the tenant's).
+    expect(p.env).toEqual(expect.arrayContaining(['WS_NO_BUFFER_UTIL=1', 'WS_NO_UTF_8_VALIDATE=1']));
     const encoded = p.env.find((e) => e.startsWith('VOIDRUN_SANDBOX_ENV='))!.split('=')[1]!;
     expect(JSON.parse(Buffer.from(encoded, 'base64').toString())).toEqual(envVars);
     expect(p.user).toEqual({ uid: 0, gid: 0 });

@@ -82,6 +82,11 @@ export function buildOciSpec(o: OciSpecOptions) {
     VOIDRUN_SANDBOX_ID: spec.id,
     VOIDRUN_AGENT_FD: String(AGENT_LISTEN_FD),
     VOIDRUN_SANDBOX_ENV: Buffer.from(JSON.stringify(spec.envVars)).toString('base64'),
+    // ws loads these optional modules if it finds them; they are not installed, so Node would
+    // search the image's /node_modules and HOME, where the tenant can put anything. Not passed on
+    // to commands.
+    WS_NO_BUFFER_UTIL: '1',
+    WS_NO_UTF_8_VALIDATE: '1',
     ...Object.fromEntries(Object.entries(spec.agentSettings ?? {}).filter(([k]) => k.startsWith('VOIDRUN_'))),
   };
   const memBytes = spec.memMb * 1024 * 1024;
