@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the sandbox drivers need on this host, with apt, only what is missing:
 #   runc, debootstrap          container sandboxes and the debian image
-#   gcc, libc6-dev             the container sandboxes' init (a static binary built on first start)
+#   gcc, libc6-dev             the container sandboxes' init and limits helper (static binaries built on first start)
 #   qemu-system-x86, qemu-utils the qemu driver and the VM guest image (qcow2)
 #   iptables, iproute2         setup-net: bridge, TAP devices, NAT for microVMs
 # Needs root and apt; otherwise it names what is missing in one line.

@@ -6,7 +6,6 @@ import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const source = join(here, 'init.c');
 const cacheDir = join(here, '..', '..', '..', 'dist', 'container-init');
 const gccArgs = ['-static', '-O2', '-Wall', '-Werror'];
 
@@ -17,6 +16,8 @@ const gccArgs = ['-static', '-O2', '-Wall', '-Werror'];
 export interface ContainerBootFiles {
   /** The sandboxes' PID 1, a static binary built from `init.c`. */
   init: string;
+  /** Run on the host: sets a running sandbox's per-user-namespace sysctls (`userns-limits.c`). */
+  usernsLimits: string;
   /**
    * The host's dynamic loader (as `ld.so`) and copies of the shared libraries node and the agent's
    * native modules link against; null when node is statically linked.
@@ -29,7 +30,8 @@ export interface ContainerBootFiles {
 let building: Promise<ContainerBootFiles> | null = null;
 
 /**
- * Prepares the boot files under `dist/container-init/` on first use, each named after a hash of
+ * Prepares the boot files under `dist/container-init/` on first use (the two programs built with
+ * gcc, statically linked), each named after a hash of
  * what it is made from, so a changed `init.c` or host library is picked up at the next start.
  * Rejects with a one-line reason when they cannot be made (gcc or libc.a missing).
  */
@@ -38,7 +40,7 @@ export function ensureContainerBootFiles(nodeBinary: string, nativeModules: stri
     await mkdir(cacheDir, { recursive: true });
     const emptyFile = join(cacheDir, 'empty');
     if (!existsSync(emptyFile)) await writeFile(emptyFile, '', { mode: 0o644 });
-    return { init: await buildInit(), libDir: await copyAgentLibraries([nodeBinary, ...nativeModules.filter((m) => existsSync(m))]), emptyFile };
+    return { init: await buildStatic('init.c', 'voidrun-init'), usernsLimits: await buildStatic('userns-limits.c', 'voidrun-userns-limits'), libDir: await copyAgentLibraries([nodeBinary, ...nativeModules.filter((m) => existsSync(m))]), emptyFile };
   })().catch((err: Error) => {
     building = null; // a later call tries again (e.g. after `npm run setup`)
     throw err;
@@ -59,16 +61,17 @@ async function atomically(target: string, make: (temp: string) => Promise<void>)
   }
 }
 
-async function buildInit(): Promise<string> {
+async function buildStatic(file: string, name: string): Promise<string> {
+  const source = join(here, file);
   const hash = createHash('sha256').update(readFileSync(source)).update(gccArgs.join(' ')).digest('hex').slice(0, 16);
-  const binary = join(cacheDir, `voidrun-init-${hash}`);
+  const binary = join(cacheDir, `${name}-${hash}`);
   if (existsSync(binary)) return binary;
   await atomically(binary, (temp) =>
     new Promise<void>((resolve, reject) => {
       execFile('gcc', [...gccArgs, '-o', temp, source], { timeout: 60_000 }, (err, _stdout, stderr) => {
         if (!err) return resolve();
         const why = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'gcc is not installed' : (stderr.trim().split('\n').pop() ?? err.message);
-        reject(new Error(`the sandbox init cannot be built (${why}): run \`npm run setup\` (installs gcc and libc6-dev)`));
+        reject(new Error(`the sandbox init (${file}) cannot be built (${why}): run \`npm run setup\` (installs gcc and libc6-dev)`));
       });
     }),
   );

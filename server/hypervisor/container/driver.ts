@@ -266,9 +266,10 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     const p = layout(this.opts.instancesDir, spec.id);
     await this.#mountLayers(spec);
     await writeFile(p.lowerFile, spec.rootfs);
+    const boot = (this.#bootFiles ??= await this.opts.bootFiles());
     const config = buildOciSpec({
       spec,
-      paths: { rootfs: p.rootfs, boot: (this.#bootFiles ??= await this.opts.bootFiles()), nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
+      paths: { rootfs: p.rootfs, boot, nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
       idMap: this.opts.idMap,
       pidsLimit: this.opts.pidsLimit,
       cgroupsPath: `/voidrun/${this.#cid(spec.id)}`,
@@ -284,7 +285,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     }
     // Set while the agent starts: no sandbox command runs before the agent is reported ready.
     const initPid = Number(readFileSync(join(p.dir, 'init.pid'), 'utf8'));
-    await Promise.all([limitSandboxInotify(initPid), this.#waitForAgent(spec.id)]);
+    await Promise.all([limitSandboxInotify(boot.usernsLimits, initPid), this.#waitForAgent(spec.id)]);
   }
 
   /**

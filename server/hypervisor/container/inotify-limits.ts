@@ -32,12 +32,10 @@ export function raiseHostInotifyLimits(log: Logger): void {
 
 /**
  * Sets the inotify limits of a running sandbox's user namespace (`pid`: a host pid inside it),
- * from the host: a write to /proc/sys/user/* applies to the writer's user namespace and needs
- * CAP_SYS_RESOURCE there, which a process entering it from outside has (as the namespace's root,
- * so the shell it execs keeps it); sandbox processes lack the capability, and their /proc/sys is
- * read-only.
+ * from the host with `voidrun-userns-limits` (`userns-limits.c`): a write to /proc/sys/user/*
+ * applies to the writer's user namespace and needs CAP_SYS_RESOURCE there, which a process entering
+ * it from outside has; sandbox processes lack the capability, and their /proc/sys is read-only.
  */
-export async function limitSandboxInotify(pid: number): Promise<void> {
-  const script = `echo ${SANDBOX_INOTIFY.instances} > /proc/sys/user/max_inotify_instances && echo ${SANDBOX_INOTIFY.watches} > /proc/sys/user/max_inotify_watches`;
-  await runHostCommand('nsenter', ['--target', String(pid), '--user', '--', 'sh', '-c', script], 10_000);
+export async function limitSandboxInotify(helper: string, pid: number): Promise<void> {
+  await runHostCommand(helper, [String(pid), `max_inotify_instances=${SANDBOX_INOTIFY.instances}`, `max_inotify_watches=${SANDBOX_INOTIFY.watches}`], 10_000);
 }

@@ -4,7 +4,7 @@ import { buildOciSpec, defaultCapabilities, type OciSpecOptions } from './oci-sp
 
 const base: OciSpecOptions = {
   spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', image: 'debian', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
-  paths: { rootfs: '/inst/abc/rootfs', boot: { init: '/app/dist/container-init/voidrun-init-0123', libDir: '/app/dist/container-init/lib-0123', emptyFile: '/app/dist/container-init/empty' }, nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
+  paths: { rootfs: '/inst/abc/rootfs', boot: { init: '/app/dist/container-init/voidrun-init-0123', usernsLimits: '/app/dist/container-init/voidrun-userns-limits-0123', libDir: '/app/dist/container-init/lib-0123', emptyFile: '/app/dist/container-init/empty' }, nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
   idMap: { hostId: 200000, size: 65536 },
   pidsLimit: 1024,
   cgroupsPath: '/voidrun/vr-abc',
