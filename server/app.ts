@@ -89,7 +89,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     }),
     log,
   });
-  const watch = new WatchService({ sandboxes, idleTimeoutMs: config.WATCH_IDLE_TIMEOUT_SEC * 1000, log });
+  const watch = new WatchService({ sandboxes, idleTimeoutMs: config.WATCH_IDLE_TIMEOUT_SEC * 1000, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log });
   sandboxes.onStopped((id) => watch.endForSandbox(id));
   const services: Services = {
     auth: new AuthService({ apiKeys: store.apiKeys, lastUsed }),

@@ -70,6 +70,8 @@ const EnvSchema = z.object({
   MAX_UPLOAD_BYTES: int(1, Number.MAX_SAFE_INTEGER).default(10 * 1024 * 1024 * 1024),
   PTY_IDLE_TIMEOUT_SEC: int(0, 30 * 86_400).default(3600),
   WATCH_IDLE_TIMEOUT_SEC: int(1, 86_400).default(300),
+  // File-watch sessions one org may hold at once (each is a watch in its sandbox's agent).
+  ORG_MAX_WATCH_SESSIONS: int(1, 100_000).default(16),
   EXEC_OUTPUT_LIMIT_BYTES: int(1024, 1024 * 1024 * 1024).default(4 * 1024 * 1024),
   // The HTTP edge (README "The HTTP edge"). Our client batches at most 10 calls, hence the minimum.
   TRPC_MAX_BATCH_SIZE: int(10, 1000).default(10),

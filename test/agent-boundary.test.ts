@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { rmSync, statSync, writeFileSync } from 'node:fs';
-import { createServer, type Server } from 'node:http';
+import { createServer, request as httpRequest, type Server } from 'node:http';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -51,7 +51,8 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
   const fakes: Server[] = [];
 
   beforeAll(async () => {
-    server = await startTestServer();
+    // The attacker makes a sandbox per attack.
+    server = await startTestServer({ ORG_MAX_SANDBOXES: '20', ORG_MAX_VCPUS: '20', ORG_MAX_MEMORY_MB: String(20 * 1024), ORG_MAX_DISK_MB: String(20 * 5120) });
     const a = await server.client().trpc.auth.register.mutate({ name: 'Attacker', email: uniqueEmail('attacker') });
     const b = await server.client().trpc.auth.register.mutate({ name: 'Victim', email: uniqueEmail('victim') });
     keyA = a.apiKey;
@@ -131,6 +132,48 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
     expect(body).toBe('agent bytes');
   });
 
+  it('a download from an agent that never answers leaves no connection to the agent open once the client left', async () => {
+    let closed = 0;
+    const id = await attackerBox(
+      () => {},
+      (req) => req.socket.once('close', () => closed++), // accepts, never answers
+    );
+    for (let i = 0; i < 10; i++) {
+      await server.http(`/api/sandboxes/${id}/files/download?path=/root/x`, { apiKey: keyA, signal: AbortSignal.timeout(200) }).catch(() => {});
+    }
+    await expect.poll(() => closed, { timeout: 10_000 }).toBe(10);
+  });
+
+  it('a watch whose agent never says ready is stopped on the agent once the client left', async () => {
+    let stops = 0;
+    const id = await attackerBox((ws, req) => {
+      if (req.method === 'subscription.stop') stops++;
+      else if (req.method === 'subscription') ws.send(JSON.stringify({ id: req.id, result: { type: 'started' } }));
+    });
+    await server.http(`/api/sandboxes/${id}/files/watch`, { method: 'POST', apiKey: keyA, json: { path: '/root' }, signal: AbortSignal.timeout(500) }).catch(() => {});
+    await expect.poll(() => stops, { timeout: 10_000 }).toBe(1);
+  });
+
+  it('a reply far larger than its procedure can need fails that call, and a subscription with it is stopped on the agent', async () => {
+    let stops = 0;
+    const bigPath = `/${'p'.repeat(200_000)}`;
+    const id = await attackerBox((ws, req) => {
+      if (req.method === 'subscription.stop') stops++;
+      else if (req.params.path === 'files.stat') ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { name: 'x', path: bigPath } } }));
+      else if (req.params.path === 'process.start') ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { pid: 7, command: 'x', startTime: 't', running: true, exitCode: null } } }));
+      else if (req.params.path === 'process.output') {
+        ws.send(JSON.stringify({ id: req.id, result: { type: 'started' } }));
+        ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { id: '1', data: { type: 'stdout', data: 'x'.repeat(9 * 1024 * 1024) } } } }));
+      }
+    });
+    await expectAgentFailure(await server.http(`/api/sandboxes/${id}/files/stat?path=/root`, { apiKey: keyA }), id, /reply of \d+ bytes where at most \d+ are accepted/);
+    const stream = await server.http(`/api/sandboxes/${id}/exec-stream`, { method: 'POST', apiKey: keyA, json: { command: 'yes' } });
+    const text = await stream.text();
+    expect(text).toMatch(/reply of \d+ bytes where at most \d+ are accepted/);
+    await expect.poll(() => stops, { timeout: 10_000 }).toBe(1);
+    await victimStillServed();
+  });
+
   it("an agent's oversized or malformed upload answer fails the upload with 502", async () => {
     const id = await attackerBox(
       () => {},
@@ -176,6 +219,46 @@ describe.skipIf(!support.ok)("the agent's own buffers stay bounded", () => {
     const after = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'echo alive' } });
     expect(((await after.json()) as { data: { stdout: string } }).data.stdout).toBe('alive\n');
   }, 120_000);
+
+  it('a session-exec-stream whose NDJSON response is never read cannot make the server hold the output', async () => {
+    const MiB = 1024 * 1024;
+    const box = await server.client(apiKey).sandboxes.create({ name: 'unread-stream-box' });
+    const created = await server.http(`/api/sandboxes/${box.id}/session-exec`, { method: 'POST', apiKey, json: { action: 'create' } });
+    const sessionId = ((await created.json()) as { data: { sessionId: string } }).data.sessionId;
+    const body = JSON.stringify({ sessionId, command: `head -c ${768 * MiB} /dev/zero | tr '\\0' a; touch /tmp/stream-done`, timeout: 300 });
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const req = httpRequest(`${server.url}/api/sandboxes/${box.id}/session-exec-stream`, {
+      method: 'POST',
+      headers: { 'x-api-key': apiKey, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+    });
+    req.on('response', (res) => res.pause()); // never read
+    req.on('error', () => {});
+    req.end(body);
+    // Sampled while the command runs: until it has written everything, or memory passed the bound.
+    let overBound: () => void = () => {};
+    const exceeded = new Promise<void>((r) => (overBound = r));
+    const sampler = setInterval(() => {
+      peak = Math.max(peak, process.memoryUsage().rss);
+      if (peak - before > 384 * MiB) overBound();
+    }, 20);
+    let stopped = false;
+    try {
+      const written = (async () => {
+        while (!stopped) {
+          const r = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'test -f /tmp/stream-done && echo done || true' } });
+          if (((await r.json()) as { data?: { stdout?: string } }).data?.stdout?.includes('done')) return;
+        }
+      })();
+      written.catch(() => {});
+      await Promise.race([written, exceeded]);
+      expect(peak - before).toBeLessThan(384 * MiB);
+    } finally {
+      stopped = true;
+      clearInterval(sampler);
+      req.destroy();
+    }
+  }, 180_000);
 
   it('killing a terminal with input still queued for it leaves the agent serving', async () => {
     const vr = server.client(apiKey);

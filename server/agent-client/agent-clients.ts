@@ -8,6 +8,9 @@ import { AgentConnection, AgentConnectionError, AgentProtocolError } from './age
 
 export type AgentClient = TRPCClient<AgentRouter>;
 
+/** How long the agent has to start answering a raw request once it is fully sent. */
+export const AGENT_ANSWER_TIMEOUT_MS = 60_000;
+
 /** Raised when a sandbox's agent cannot be reached or broke the protocol; 502 to callers. */
 export class AgentUnavailableError extends DomainError {
   constructor(message: string, options?: { cause?: unknown }) {
@@ -79,8 +82,11 @@ export class AgentClients {
    * caller writes the body and reads the response with the bounded readers of `agent-http.ts`;
    * failures to connect surface as the request's 'error' event with an AgentConnectionError.
    */
-  request(sandboxId: string, options: { method: string; path: string; headers?: Record<string, string | number> }): ClientRequest {
-    return httpRequest({
+  request(
+    sandboxId: string,
+    options: { method: string; path: string; headers?: Record<string, string | number>; signal?: AbortSignal; answerTimeoutMs?: number },
+  ): ClientRequest {
+    const req = httpRequest({
       method: options.method,
       path: options.path,
       headers: { host: 'agent', ...options.headers },
@@ -93,6 +99,23 @@ export class AgentClients {
         return undefined;
       },
     } as RequestOptions);
+    // Once the request is written the answer is due within the deadline; a caller that leaves
+    // (its client hung up) ends the request, so a silent agent holds no socket.
+    const timeoutMs = options.answerTimeoutMs ?? AGENT_ANSWER_TIMEOUT_MS;
+    let timer: NodeJS.Timeout | undefined;
+    req.once('finish', () => {
+      timer = setTimeout(() => req.destroy(new AgentConnectionError(`the sandbox agent did not answer within ${timeoutMs} ms`)), timeoutMs);
+    });
+    req.once('response', () => clearTimeout(timer));
+    const signal = options.signal;
+    const onAbort = () => req.destroy(new AgentConnectionError('the request was abandoned by its caller'));
+    if (signal?.aborted) queueMicrotask(onAbort);
+    else signal?.addEventListener('abort', onAbort, { once: true });
+    req.once('close', () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    });
+    return req;
   }
 
   /** Forgets a sandbox's connection (it was stopped, restarted or deleted). */

@@ -3,7 +3,7 @@ import { TRPCClientError, type TRPCLink } from '@trpc/client';
 import { observable } from '@trpc/server/observable';
 import WebSocket from 'ws';
 import { z } from 'zod';
-import { AGENT_MESSAGE_MAX_CHARS, agentReplies, type AgentReplyPath } from '../../shared/schemas/agent-replies.js';
+import { AGENT_MESSAGE_MAX_CHARS, agentReplies, agentReplyMaxBytes, type AgentReplyPath } from '../../shared/schemas/agent-replies.js';
 import type { AgentRouter } from '../../agent/router.js';
 
 /** Raised for every call in flight, or attempted, while the agent cannot be reached. */
@@ -49,6 +49,8 @@ const everyProcedureHasASchema: Record<AgentProcedurePath, unknown> & Record<Exc
 void everyProcedureHasASchema;
 
 interface Pending {
+  /** The largest message this call accepts. */
+  maxBytes: number;
   onMessage(msg: AgentMessage): void;
   onClose(err: Error): void;
 }
@@ -133,7 +135,9 @@ export class AgentConnection {
             fail(new AgentProtocolError(`no reply schema for the agent procedure ${op.path}`));
             return () => {};
           }
+          const maxBytes = Math.min(this.opts.maxMessageBytes, agentReplyMaxBytes[op.path as AgentReplyPath] ?? Infinity);
           this.#pending.set(id, {
+            maxBytes,
             onMessage: (msg) => {
               if (msg.error) {
                 finish();
@@ -156,11 +160,9 @@ export class AgentConnection {
                 fail(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a malformed reply to ${op.path}`));
               }
             },
-            onClose: (err) => {
-              if (done) return;
-              finish();
-              observer.error(TRPCClientError.from(err));
-            },
+            // The connection closed, or this call's reply broke its bound: a subscription is
+            // stopped on the agent if the socket is still open.
+            onClose: (err) => fail(err),
           });
           this.#socket().then(
             (ws) => {
@@ -240,7 +242,13 @@ export class AgentConnection {
         if (msg.data.method !== undefined) return; // server-initiated notices (reconnect): nothing to do
         const pending = typeof msg.data.id === 'number' ? this.#pending.get(msg.data.id) : undefined;
         // A reply to a call that already ended (cancelled, timed out) is dropped.
-        pending?.onMessage(msg.data);
+        if (!pending) return;
+        const size = (raw as Buffer).length;
+        if (size > pending.maxBytes) {
+          pending.onClose(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a reply of ${size} bytes where at most ${pending.maxBytes} are accepted`));
+          return;
+        }
+        pending.onMessage(msg.data);
       } catch (err) {
         // Whatever a caller's observer does with a reply stays with that call.
         violation(`reply could not be handled (${(err as Error).name})`);

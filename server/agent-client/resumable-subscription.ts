@@ -7,19 +7,29 @@ interface SubscriptionHandlers<T> {
   onStopped?(): void;
 }
 
-/** Events held for a slow reader before the agent subscription is paused. */
+/** Events held for a slow reader before the agent subscription is paused… */
 const HIGH_WATER_EVENTS = 256;
+/** …or bytes of their output, whichever comes first. */
+const HIGH_WATER_BYTES = 4 * 1024 * 1024;
+
+/** What an event costs to hold: the length of its output, if it carries any. */
+function sizeOfEvent(item: { data?: unknown }): number {
+  const data = (item.data as { data?: unknown } | undefined)?.data;
+  return 64 + (typeof data === 'string' ? data.length : 0);
+}
 
 /**
  * Turns a resumable tRPC subscription into an async iterable with a bounded queue: when the reader
- * falls `HIGH_WATER_EVENTS` behind, the subscription is dropped and re-opened from the last event
- * once the reader has caught up (the agent keeps a bounded log, and reports a `gap` if it overflowed).
+ * falls `HIGH_WATER_EVENTS` events or `HIGH_WATER_BYTES` of output behind, the subscription is
+ * dropped and re-opened from the last event once the reader has caught up (the agent keeps a
+ * bounded log, and reports a `gap` if it overflowed).
  */
-export async function* resumableSubscription<T extends { id: string }>(
+export async function* resumableSubscription<T extends { id: string; data?: unknown }>(
   subscribe: (h: SubscriptionHandlers<T>, after: string | null) => { unsubscribe(): void },
   from: string | null,
 ): AsyncGenerator<T> {
   const queue = new AsyncQueue<T>();
+  let queuedBytes = 0;
   let last = from;
   let sub: { unsubscribe(): void } | null = null;
   const open = () => {
@@ -27,8 +37,9 @@ export async function* resumableSubscription<T extends { id: string }>(
       {
         onData: (v) => {
           queue.push(v);
+          queuedBytes += sizeOfEvent(v);
           last = v.id;
-          if (queue.length >= HIGH_WATER_EVENTS && sub) {
+          if ((queue.length >= HIGH_WATER_EVENTS || queuedBytes >= HIGH_WATER_BYTES) && sub) {
             sub.unsubscribe();
             sub = null;
           }
@@ -43,6 +54,7 @@ export async function* resumableSubscription<T extends { id: string }>(
   open();
   try {
     for await (const item of queue.drain()) {
+      queuedBytes -= sizeOfEvent(item);
       yield item;
       if (!sub && queue.length === 0) open();
     }

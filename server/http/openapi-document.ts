@@ -42,7 +42,8 @@ const extraPaths: Json = {
       },
       responses: {
         '200': {
-          description: 'One JSON object per line: {"type":"stdout"|"stderr","data"} chunks, then {"type":"exit","exitCode"}',
+          description:
+            'One JSON object per line: {"type":"stdout"|"stderr","data"} chunks, then {"type":"exit","exitCode"}; a reader that falls more than 4 MiB behind gets {"type":"gap","droppedBytes"} where output was dropped',
           content: { 'application/x-ndjson': { schema: { type: 'string' } } },
         },
         '404': { description: 'Sandbox or session not found', content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorResponse' } } } },

@@ -133,7 +133,9 @@ const routes: RawRoute[] = [
       const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
       const multipart = type.startsWith('multipart/form-data');
       const source = multipart ? await multipartFile(req, services.files.maxUploadBytes) : req;
-      const result = await services.files.upload(principal, id!, path, source, multipart ? undefined : declared);
+      const left = new AbortController(); // the client hung up: the agent request ends with it
+      res.once('close', () => left.abort());
+      const result = await services.files.upload(principal, id!, path, source, multipart ? undefined : declared, left.signal);
       sendJson(res, 200, successBody(result, 'File uploaded'));
     },
   },
@@ -143,7 +145,9 @@ const routes: RawRoute[] = [
     template: '/api/sandboxes/{id}/files/download',
     stream: true,
     async handle(req, res, [id], services, principal) {
-      const download = await services.files.download(principal, id!, queryPath(req));
+      const left = new AbortController(); // the client hung up: the agent request ends with it
+      res.once('close', () => left.abort());
+      const download = await services.files.download(principal, id!, queryPath(req), left.signal);
       res.writeHead(200, {
         'content-type': 'application/octet-stream',
         'content-disposition': contentDisposition(download.path),

@@ -1,4 +1,5 @@
 import { tracked } from '@trpc/server';
+import type { Context } from '../trpc/context.js';
 import { z } from 'zod';
 import {
   ArchiveResult,
@@ -127,7 +128,7 @@ export const filesRouter = router({
     })
     .input(WatchInput)
     .output(WatchSession)
-    .mutation(({ ctx, input }) => ctx.services.watch.start(ctx.principal, input)),
+    .mutation(({ ctx, input, signal }) => ctx.services.watch.start(ctx.principal, input, signal ?? untilCallerLeaves(ctx))),
 
   /**
    * File events under a path. Each event's id is `<sessionId>:<seq>`; reconnecting with the last
@@ -135,7 +136,7 @@ export const filesRouter = router({
    */
   watch: authedProcedure.input(WatchInput.extend({ lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
     const resume = input.lastEventId ? /^([0-9a-f-]{36}):(\d+)$/.exec(input.lastEventId) : null;
-    const sessionId = resume ? resume[1]! : (await ctx.services.watch.start(ctx.principal, input)).sessionId;
+    const sessionId = resume ? resume[1]! : (await ctx.services.watch.start(ctx.principal, input, signal)).sessionId;
     const queue = new AsyncQueue<{ seq: number; message: WatchMessage }>();
     let dropped = 0;
     const detach = ctx.services.watch.attach(
@@ -164,3 +165,13 @@ export const filesRouter = router({
     }
   }),
 });
+
+/**
+ * A signal that aborts when the caller's connection closes. tRPC passes procedures one over HTTP;
+ * REST calls (trpc-to-openapi's caller) get none, so it comes from the connection.
+ */
+function untilCallerLeaves(ctx: Context): AbortSignal {
+  const left = new AbortController();
+  ctx.connection.onClose(() => left.abort());
+  return left.signal;
+}

@@ -1,12 +1,18 @@
 import type { Logger } from 'pino';
 import { resumableSubscription } from '../agent-client/resumable-subscription.js';
 import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput, SessionExecInput, SessionExecResult } from '../../shared/index.js';
-import { iterateSubscription as iterateAgentSubscription } from '../../shared/subscription-iterator.js';
+import { AsyncQueue } from '../../shared/async-queue.js';
 import { InvalidInputError } from '../errors.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import type { AgentClient } from '../agent-client/agent-clients.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
+
+/** What a session-exec stream carries. */
+export type SessionStreamEvent = { type: 'stdout' | 'stderr'; data: string } | { type: 'exit'; exitCode: number } | { type: 'gap'; droppedBytes: number };
+
+/** Output a session-exec stream holds for a slow reader before it drops (and reports) the rest. */
+export const SESSION_STREAM_HIGH_WATER_BYTES = 4 * 1024 * 1024;
 
 export interface ExecLimits {
   /** Per stream; the rest is dropped and the result says `truncated`. */
@@ -144,14 +150,54 @@ export class ExecService {
     });
   }
 
-  /** One command in a shell session, as it runs: output chunks, then the exit code. */
-  async *sessionExecStream(principal: Principal, id: string, sessionId: string, command: string, timeoutSec: number, signal?: AbortSignal) {
+  /**
+   * One command in a shell session, as it runs: output chunks, then the exit code. A shell
+   * session's output cannot be replayed, so a reader more than `SESSION_STREAM_HIGH_WATER_BYTES`
+   * behind misses output: it gets one `gap` event saying how much, where it was dropped.
+   */
+  async *sessionExecStream(principal: Principal, id: string, sessionId: string, command: string, timeoutSec: number, signal?: AbortSignal): AsyncGenerator<SessionStreamEvent> {
     const record = await this.deps.sandboxes.running(principal, id);
     const agent = this.deps.sandboxes.agents.get(record.id);
+    const queue = new AsyncQueue<SessionStreamEvent>();
+    let queued = 0;
+    let dropped = 0;
+    const flushGap = () => {
+      if (!dropped) return;
+      queue.push({ type: 'gap', droppedBytes: dropped });
+      dropped = 0;
+    };
+    const sub = agent.shell.execStream.subscribe(
+      { sessionId, command, timeoutMs: timeoutSec * 1000 },
+      {
+        onData: (event) => {
+          if (event.type === 'exit') {
+            flushGap();
+            queue.push(event);
+            return;
+          }
+          if (queued + event.data.length > SESSION_STREAM_HIGH_WATER_BYTES) {
+            dropped += Buffer.byteLength(event.data);
+            return;
+          }
+          flushGap();
+          queued += event.data.length;
+          queue.push(event);
+        },
+        onError: (err) => queue.fail(err ?? new Error('the shell stream failed')),
+        onComplete: () => queue.end(),
+        onStopped: () => queue.end(),
+        signal,
+      },
+    );
     try {
-      yield* iterateAgentSubscription((h) => agent.shell.execStream.subscribe({ sessionId, command, timeoutMs: timeoutSec * 1000 }, { ...h, signal }));
+      for await (const event of queue.drain(signal)) {
+        if (event.type === 'stdout' || event.type === 'stderr') queued -= event.data.length;
+        yield event;
+      }
     } catch (err) {
       throw await this.deps.sandboxes.agents.failure(record, err);
+    } finally {
+      sub.unsubscribe();
     }
   }
 

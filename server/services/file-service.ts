@@ -124,7 +124,7 @@ export class FileService {
    * Streams `source` into a file in the sandbox. More than `MAX_UPLOAD_BYTES` aborts the transfer
    * (413); the agent then removes its temporary file, so the target is never half-written.
    */
-  async upload(p: Principal, id: string, path: string, source: Readable, declaredSize?: number): Promise<UploadResult> {
+  async upload(p: Principal, id: string, path: string, source: Readable, declaredSize?: number, signal?: AbortSignal): Promise<UploadResult> {
     const limit = this.deps.maxUploadBytes;
     if (declaredSize !== undefined && declaredSize > limit) throw tooLarge(limit);
     const record = await this.deps.sandboxes.running(p, id);
@@ -132,6 +132,7 @@ export class FileService {
       method: 'PUT',
       path: `/files/content?path=${encodeURIComponent(path)}`,
       headers: declaredSize !== undefined ? { 'content-length': declaredSize } : { 'transfer-encoding': 'chunked' },
+      signal,
     });
     const response = new Promise<IncomingMessage>((resolve, reject) => {
       agentReq.once('response', resolve);
@@ -186,9 +187,9 @@ export class FileService {
    * streams the bytes: the server never opens a path in the sandbox's filesystem on the host on
    * an agent's word (an agent the tenant replaced could name any host file).
    */
-  async download(p: Principal, id: string, path: string): Promise<Download> {
+  async download(p: Principal, id: string, path: string, signal?: AbortSignal): Promise<Download> {
     const record = await this.deps.sandboxes.running(p, id);
-    const res = await this.#askAgent(record, 'GET', path);
+    const res = await this.#askAgent(record, 'GET', path, signal);
     if (res.statusCode !== 200) throw await agentHttpError(res, record.id);
     // What the agent says about the file only labels the response; it is checked, never trusted.
     const length = agentHeader(res, 'content-length');
@@ -199,8 +200,8 @@ export class FileService {
   }
 
   /** A bodiless request to the agent's `/files/content` route; its response once headers arrive. */
-  #askAgent(record: SandboxRecord, method: 'GET' | 'HEAD', path: string): Promise<IncomingMessage> {
-    const agentReq = this.deps.sandboxes.agents.request(record.id, { method, path: `/files/content?path=${encodeURIComponent(path)}` });
+  #askAgent(record: SandboxRecord, method: 'GET' | 'HEAD', path: string, signal?: AbortSignal): Promise<IncomingMessage> {
+    const agentReq = this.deps.sandboxes.agents.request(record.id, { method, path: `/files/content?path=${encodeURIComponent(path)}`, signal });
     return new Promise<IncomingMessage>((resolve, reject) => {
       agentReq.once('response', resolve);
       agentReq.once('error', reject);

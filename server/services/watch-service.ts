@@ -1,12 +1,18 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { WatchInput, WatchMessage } from '../../shared/index.js';
-import { NotFoundError } from '../errors.js';
+import { AgentUnavailableError } from '../agent-client/agent-clients.js';
+import { NotFoundError, TooManyRequestsError } from '../errors.js';
+import type { SandboxRecord } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
 
 /** Messages a session keeps for clients that attach late or resume. */
 const HISTORY = 1000;
+/** …and at most this many bytes of them (paths count), so a lying agent's long paths stay bounded. */
+const HISTORY_BYTES = 1024 * 1024;
+/** How long the agent has to confirm a new watch (the path exists, the watch is set). */
+export const WATCH_READY_TIMEOUT_MS = 30_000;
 
 export interface SequencedMessage {
   seq: number;
@@ -20,6 +26,7 @@ interface Session {
   orgId: string;
   sandboxId: string;
   history: SequencedMessage[];
+  historyBytes: number;
   nextSeq: number;
   listeners: Set<WatchListener>;
   idleTimer?: NodeJS.Timeout;
@@ -35,35 +42,77 @@ interface Session {
 export class WatchService {
   readonly #sessions = new Map<string, Session>();
 
-  constructor(private readonly deps: { sandboxes: SandboxService; idleTimeoutMs: number; log: Logger }) {}
+  /** Sessions being started, per org: they count against the org's cap like live ones. */
+  readonly #starting = new Map<string, number>();
 
-  /** Starts watching; resolves once the watch is established (the path exists). */
-  async start(principal: Principal, input: WatchInput): Promise<{ sessionId: string }> {
+  constructor(private readonly deps: { sandboxes: SandboxService; idleTimeoutMs: number; maxSessionsPerOrg: number; log: Logger }) {}
+
+  /**
+   * Starts watching; resolves once the watch is established (the path exists). An org holds at
+   * most `maxSessionsPerOrg` sessions (429 past it); the agent has `WATCH_READY_TIMEOUT_MS` to
+   * confirm the watch, else the call fails with 502 and the watch is stopped in the agent.
+   */
+  async start(principal: Principal, input: WatchInput, signal?: AbortSignal): Promise<{ sessionId: string }> {
     const record = await this.deps.sandboxes.running(principal, input.id);
+    const held = [...this.#sessions.values()].filter((s) => s.orgId === record.orgId).length + (this.#starting.get(record.orgId) ?? 0);
+    if (held >= this.deps.maxSessionsPerOrg) {
+      throw new TooManyRequestsError(
+        `Too many file-watch sessions: this organization holds ${held} of ${this.deps.maxSessionsPerOrg} (ORG_MAX_WATCH_SESSIONS); end one with DELETE /api/sandboxes/{id}/files/watch/{sessionId} or let it go idle`,
+      );
+    }
+    this.#starting.set(record.orgId, (this.#starting.get(record.orgId) ?? 0) + 1);
+    try {
+      return await this.#start(record, input, signal);
+    } finally {
+      const n = (this.#starting.get(record.orgId) ?? 1) - 1;
+      if (n > 0) this.#starting.set(record.orgId, n);
+      else this.#starting.delete(record.orgId);
+    }
+  }
+
+  async #start(record: SandboxRecord, input: WatchInput, signal?: AbortSignal): Promise<{ sessionId: string }> {
     const agent = this.deps.sandboxes.agents.get(record.id);
     const session: Session = {
       id: randomUUID(),
       orgId: record.orgId,
       sandboxId: record.id,
       history: [],
+      historyBytes: 0,
       nextSeq: 1,
       listeners: new Set(),
       unsubscribe: () => {},
     };
     await new Promise<void>((resolve, reject) => {
       let started = false;
+      // Unconfirmed in time, or the caller left first: the watch is stopped in the agent.
+      const giveUp = (err: Error) => {
+        if (started) return;
+        started = true; // nothing later may resolve
+        clearTimeout(deadline);
+        signal?.removeEventListener('abort', onAbort);
+        sub.unsubscribe();
+        reject(err);
+      };
+      const deadline = setTimeout(() => giveUp(new AgentUnavailableError(`The sandbox ${record.id} agent did not confirm the watch within ${WATCH_READY_TIMEOUT_MS} ms`)), WATCH_READY_TIMEOUT_MS);
+      const onAbort = () => giveUp(new Error('the caller left before the watch started'));
+      signal?.addEventListener('abort', onAbort, { once: true });
       const sub = agent.files.watch.subscribe(
         { path: input.path, recursive: input.recursive, ignoreHidden: input.ignoreHidden },
         {
           onData: (data) => {
             if (data.type === 'ready') {
+              if (started) return;
               started = true;
+              clearTimeout(deadline);
+              signal?.removeEventListener('abort', onAbort);
               resolve();
               return;
             }
             for (const message of data.events) this.#publish(session, message);
           },
           onError: (err) => {
+            clearTimeout(deadline);
+            signal?.removeEventListener('abort', onAbort);
             void this.deps.sandboxes.agents.failure(record, err).then((mapped) => {
               if (!started) reject(mapped);
               else this.#end(session, `the watch stopped: ${(mapped as Error).message}`);
@@ -74,6 +123,7 @@ export class WatchService {
         },
       );
       session.unsubscribe = () => sub.unsubscribe();
+      if (signal?.aborted) onAbort();
     });
     this.#sessions.set(session.id, session);
     this.#armIdle(session);
@@ -124,7 +174,10 @@ export class WatchService {
   #publish(session: Session, message: WatchMessage): void {
     const m = { seq: session.nextSeq++, message };
     session.history.push(m);
-    if (session.history.length > HISTORY) session.history.shift();
+    session.historyBytes += messageBytes(message);
+    while (session.history.length > 1 && (session.history.length > HISTORY || session.historyBytes > HISTORY_BYTES)) {
+      session.historyBytes -= messageBytes(session.history.shift()!.message);
+    }
     for (const l of session.listeners) l(m);
   }
 
@@ -143,4 +196,8 @@ export class WatchService {
     session.listeners.clear();
     this.deps.log.info({ session: session.id, sandbox: session.sandboxId, reason }, 'watch session ended');
   }
+}
+
+function messageBytes(m: WatchMessage): number {
+  return 64 + ('path' in m ? m.path.length + (m.oldPath?.length ?? 0) : 0);
 }

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { AgentExecResult, AgentHealth, AgentProcessInfo, OutputEvent } from './agent.js';
-import { DiskUsage, FileInfo, FileStats, UploadResult, WatchMessage } from './files.js';
+import { DiskUsage, FileEvent, FileInfo, FileStats, UploadResult } from './files.js';
 import { PtyEvent, PtySessionInfo } from './pty.js';
 
 /**
@@ -14,55 +14,104 @@ import { PtyEvent, PtySessionInfo } from './pty.js';
 /** A tracked subscription event: `{id: "<seq>", data: event}`. */
 const tracked = <T extends z.ZodType>(event: T) => z.object({ id: z.string().max(32), data: event });
 const Written = z.object({ written: z.number().int().min(0) });
-const Path = z.string();
+/** A path in the sandbox as the agent reports it: no longer than Linux's PATH_MAX. */
+const Path = z.string().max(4096);
+/** One chunk of output as the agent reads it from a pipe or terminal (64 KiB reads; 1 MiB leaves room). */
+const Chunk = z.string().max(1024 * 1024);
+const Short = z.string().max(256);
+const BoundedFileInfo = FileInfo.extend({ name: Path, path: Path, mode: Short, modTime: Short });
+const BoundedStats = FileStats.extend({ name: Path, path: Path, mode: Short, modTime: Short, linkTarget: Path.nullable() });
+const BoundedWatchMessage = z.union([
+  FileEvent.extend({ path: Path, oldPath: Path.optional(), timestamp: Short }),
+  z.object({ type: z.literal('overflow'), dropped: z.number().int(), timestamp: Short }),
+]);
+const BoundedPtySession = PtySessionInfo.extend({ id: Short, createdAt: Short });
+const BoundedProcessInfo = AgentProcessInfo.extend({ command: z.string().max(1024 * 1024), startTime: Short });
 
 export const agentReplies = {
-  'files.list': z.array(FileInfo),
-  'files.stat': FileStats,
+  'files.list': z.array(BoundedFileInfo),
+  'files.stat': BoundedStats,
   'files.remove': Path,
   'files.mkdir': Path,
   'files.create': Path,
   'files.copy': Path,
   'files.move': Path,
   'files.chmod': Path,
-  'files.du': DiskUsage,
+  'files.du': DiskUsage.extend({ path: Path, humanReadable: Short }),
   'files.headTail': z.object({ path: Path, content: z.string(), lines: z.number().int() }),
-  'files.search': z.object({ path: Path, matches: z.array(z.string()), truncated: z.boolean() }),
-  'files.compress': z.object({ path: Path, archive: z.string() }),
+  'files.search': z.object({ path: Path, matches: z.array(Path).max(10_000), truncated: z.boolean() }),
+  'files.compress': z.object({ path: Path, archive: Path }),
   'files.extract': z.object({ path: Path, entries: z.number().int() }),
   'files.watch': z.discriminatedUnion('type', [
     z.object({ type: z.literal('ready'), path: Path }),
-    z.object({ type: z.literal('events'), events: z.array(WatchMessage) }),
+    z.object({ type: z.literal('events'), events: z.array(BoundedWatchMessage).max(10_000) }),
   ]),
   'shell.create': z.object({ sessionId: z.string().min(1).max(128) }),
   'shell.input': z.object({ ok: z.boolean() }),
   'shell.close': z.object({ ok: z.boolean() }),
   'shell.exec': z.object({ output: z.string(), error: z.string(), exitCode: z.number().int() }),
   'shell.execStream': z.discriminatedUnion('type', [
-    z.object({ type: z.literal('stdout'), data: z.string() }),
-    z.object({ type: z.literal('stderr'), data: z.string() }),
+    z.object({ type: z.literal('stdout'), data: Chunk }),
+    z.object({ type: z.literal('stderr'), data: Chunk }),
     z.object({ type: z.literal('exit'), exitCode: z.number().int() }),
   ]),
-  'pty.create': PtySessionInfo,
-  'pty.list': z.array(PtySessionInfo),
+  'pty.create': BoundedPtySession,
+  'pty.list': z.array(BoundedPtySession).max(10_000),
   'pty.write': Written,
-  'pty.resize': PtySessionInfo,
+  'pty.resize': BoundedPtySession,
   'pty.kill': z.object({ killed: z.boolean() }),
   'pty.pause': z.object({ paused: z.boolean() }),
   'pty.resume': z.object({ paused: z.boolean() }),
   'pty.buffer': z.object({ output: z.string() }),
-  'pty.output': tracked(PtyEvent),
+  'pty.output': tracked(z.discriminatedUnion('type', [z.object({ type: z.literal('data'), data: Chunk }), ...PtyEvent.options.slice(1)])),
   health: AgentHealth,
   'process.run': AgentExecResult,
-  'process.start': AgentProcessInfo,
-  'process.list': z.array(AgentProcessInfo),
-  'process.kill': AgentProcessInfo,
+  'process.start': BoundedProcessInfo,
+  'process.list': z.array(BoundedProcessInfo).max(10_000),
+  'process.kill': BoundedProcessInfo,
   'process.wait': z.object({ exited: z.boolean(), exitCode: z.number().int().nullable() }),
   'process.writeStdin': Written,
-  'process.output': tracked(OutputEvent),
+  'process.output': tracked(
+    z.discriminatedUnion('type', [z.object({ type: z.literal('stdout'), data: Chunk }), z.object({ type: z.literal('stderr'), data: Chunk }), ...OutputEvent.options.slice(2)]),
+  ),
 } as const satisfies Record<string, z.ZodType>;
 
 export type AgentReplyPath = keyof typeof agentReplies;
+
+/**
+ * The largest reply (one WebSocket message) each procedure may send, in bytes; the connection's
+ * own bound (`maxMessageBytes`) applies to the rest. Small answers stay small, so a lying agent
+ * cannot make the server hold megabytes per call where a few hundred bytes are due.
+ */
+export const agentReplyMaxBytes: Partial<Record<AgentReplyPath, number>> = {
+  'files.stat': 64 * 1024,
+  'files.remove': 64 * 1024,
+  'files.mkdir': 64 * 1024,
+  'files.create': 64 * 1024,
+  'files.copy': 64 * 1024,
+  'files.move': 64 * 1024,
+  'files.chmod': 64 * 1024,
+  'files.du': 64 * 1024,
+  'files.compress': 64 * 1024,
+  'files.extract': 64 * 1024,
+  'shell.create': 64 * 1024,
+  'shell.input': 64 * 1024,
+  'shell.close': 64 * 1024,
+  'pty.create': 64 * 1024,
+  'pty.write': 64 * 1024,
+  'pty.resize': 64 * 1024,
+  'pty.kill': 64 * 1024,
+  'pty.pause': 64 * 1024,
+  'pty.resume': 64 * 1024,
+  'pty.output': 8 * 1024 * 1024,
+  'shell.execStream': 8 * 1024 * 1024,
+  'process.output': 8 * 1024 * 1024,
+  'process.start': 8 * 1024 * 1024,
+  'process.kill': 8 * 1024 * 1024,
+  'process.wait': 64 * 1024,
+  'process.writeStdin': 64 * 1024,
+  health: 64 * 1024,
+};
 
 /** The agent's raw `PUT /files/content` answer. */
 export const AgentUploadReply = UploadResult;
