@@ -1,4 +1,4 @@
-import { availableParallelism } from 'node:os';
+import { availableParallelism, totalmem } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TooManyRequestsError, type VoidRunClient } from '../client/index.js';
@@ -144,5 +144,32 @@ describe.skipIf(!support.ok)('host sandbox capacity', () => {
     await only.delete();
     const next = await b.vr.sandboxes.create({ name: 'next' });
     await next.delete();
+  });
+});
+
+describe.skipIf(!support.ok)('host memory commitment', () => {
+  // 10% of this host's RAM may be promised to sandboxes: a few 1 GiB sandboxes, whichever orgs own them.
+  const commitMb = Math.floor((Math.floor(totalmem() / (1024 * 1024)) * 10) / 100);
+  const fits = Math.floor(commitMb / 1024);
+  let server: TestServer;
+
+  beforeAll(async () => {
+    server = await startTestServer({ SANDBOX_DEFAULT_DISK_MB: String(DISK_MB), HOST_MEMORY_COMMIT_PERCENT: '10' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('orgs each within their quota cannot together promise the host more memory than HOST_MEMORY_COMMIT_PERCENT allows', async () => {
+    const made = [];
+    for (let i = 0; i < fits; i++) made.push(await (await register(server, `commit-${i}`)).vr.sandboxes.create({ name: `commit-${i}`, mem: 1024 }));
+    const late = await register(server, 'commit-late');
+    const res = await server.http('/api/sandboxes', { method: 'POST', apiKey: late.apiKey, json: { name: 'one-too-many', mem: 1024 } });
+    expect(res.status).toBe(429);
+    expect(await errorOf(res)).toBe(
+      `The host is full: its sandboxes are promised ${fits * 1024} of ${commitMb} MiB (HOST_MEMORY_COMMIT_PERCENT 10% of ${Math.floor(totalmem() / (1024 * 1024))} MiB); ask for less memory or try again later`,
+    );
+    await made[0]!.delete();
+    await (await late.vr.sandboxes.create({ name: 'now-fits', mem: 1024 })).delete();
   });
 });

@@ -27,6 +27,10 @@ export interface HostLimits {
   maxSandboxes: number | null;
   /** How `maxSandboxes` was derived, for the refusal. */
   maxSandboxesReason: string;
+  /** The memory all sandboxes together may be promised (their `mem` summed), in MiB. */
+  memoryCommitMb: number;
+  /** HOST_MEMORY_COMMIT_PERCENT, for the refusal. */
+  memoryCommitPercent: number;
 }
 
 export interface SandboxQuotasOptions {
@@ -58,8 +62,11 @@ interface Usage {
  * pids budget (`pidsLimit`, containers), how many sandboxes fit in the kernel's pid space:
  * (min(kernel.pid_max, kernel.threads-max) − reservedPids) / pidsLimit, at least 1.
  */
-export function hostLimits(o: { diskDir: string; pidsLimit: number | null; reservedPids: number }): HostLimits {
-  const base = { cpus: availableParallelism(), memoryMb: Math.floor(totalmem() / MiB), diskDir: o.diskDir };
+export function hostLimits(o: { diskDir: string; pidsLimit: number | null; reservedPids: number; memoryCommitPercent: number }): HostLimits {
+  const memoryMb = Math.floor(totalmem() / MiB);
+  // A sandbox's memory is a ceiling (an idle one uses ~20 MiB), so promising more than the RAM is
+  // normal; promising without bound lets a few orgs' sandboxes, each within quota, exhaust the host.
+  const base = { cpus: availableParallelism(), memoryMb, diskDir: o.diskDir, memoryCommitMb: Math.floor((memoryMb * o.memoryCommitPercent) / 100), memoryCommitPercent: o.memoryCommitPercent };
   const read = (name: string) => {
     try {
       return Number(readFileSync(`/proc/sys/kernel/${name}`, 'utf8').trim()) || Infinity;
@@ -110,6 +117,12 @@ export class SandboxQuotas {
       const host = this.opts.host;
       if (host.maxSandboxes !== null && all.length + 1 > host.maxSandboxes) {
         throw new TooManyRequestsError(`The host is full: it runs at most ${host.maxSandboxes} sandboxes (${host.maxSandboxesReason}); try again later`);
+      }
+      const committed = all.reduce((sum, s) => sum + s.mem, 0);
+      if (committed + request.mem > host.memoryCommitMb) {
+        throw new TooManyRequestsError(
+          `The host is full: its sandboxes are promised ${committed} of ${host.memoryCommitMb} MiB (HOST_MEMORY_COMMIT_PERCENT ${host.memoryCommitPercent}% of ${host.memoryMb} MiB); ask for less memory or try again later`,
+        );
       }
       const use = await this.#usage(orgId, all);
       const { org } = this.opts;
