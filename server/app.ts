@@ -136,6 +136,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
       requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
       maxConnections: config.HTTP_MAX_CONNECTIONS,
+      maxConnectionsPerAddress: config.HTTP_MAX_CONNECTIONS_PER_ADDRESS,
       wsAuthTimeoutMs: config.WS_AUTH_TIMEOUT_MS,
     },
     metricsToken: config.METRICS_TOKEN,

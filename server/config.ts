@@ -82,6 +82,8 @@ const EnvSchema = z.object({
   HTTP_HEADERS_TIMEOUT_MS: int(100, 600_000).default(10_000),
   HTTP_REQUEST_TIMEOUT_MS: int(100, 86_400_000).default(300_000),
   HTTP_MAX_CONNECTIONS: int(1, 1_000_000).default(2048),
+  // 0: no per-address cap (behind a reverse proxy every client has the proxy's address).
+  HTTP_MAX_CONNECTIONS_PER_ADDRESS: int(0, 1_000_000).default(0),
   WS_AUTH_TIMEOUT_MS: int(100, 600_000).default(10_000),
   // Set, `/metrics` answers only `Authorization: Bearer <token>`.
   METRICS_TOKEN: z

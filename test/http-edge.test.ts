@@ -3,6 +3,7 @@ import { connect, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { TooManyRequestsError, type SandboxHandle, type VoidRunClient } from '../client/index.js';
+import type { Principal } from '../server/services/auth-service.js';
 import { newId } from '../server/store/ids.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
@@ -37,6 +38,21 @@ function answered(conn: ReturnType<typeof rawConnection>, pattern: RegExp): Prom
     conn.socket.once('close', () => (pattern.test(conn.text()) ? resolve(conn.text()) : reject(new Error(`closed after: ${conn.text()}`))));
     check();
   });
+}
+
+/**
+ * Holds `count` kept-alive connections (each counted once the server has answered a request on it),
+ * then expects one more to be refused with 503 naming `limit`; resolves the held ones.
+ */
+async function holdUntilRefused(url: string, count: number, limit: RegExp): Promise<ReturnType<typeof rawConnection>[]> {
+  const held = Array.from({ length: count }, () => rawConnection(url));
+  for (const c of held) c.socket.write('GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n');
+  await Promise.all(held.map((c) => answered(c, /\r\n\r\n[\s\S]*\}/)));
+  const extra = rawConnection(url);
+  const text = await answered(extra, limit);
+  expect(text).toMatch(/^HTTP\/1.1 503 /);
+  await extra.closed;
+  return held;
 }
 
 /** Streams a chunked body of up to `total` bytes, stopping at the server's answer; resolves status, body and bytes sent. */
@@ -172,15 +188,241 @@ describe('the connection cap', () => {
   });
 
   it('a connection past HTTP_MAX_CONNECTIONS is refused with 503 naming the limit', async () => {
-    const held = Array.from({ length: 4 }, () => rawConnection(server.url));
-    // Each is counted once the server has answered a request on it (kept alive).
-    for (const c of held) c.socket.write('GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n');
-    await Promise.all(held.map((c) => answered(c, /\r\n\r\n[\s\S]*\}/)));
-    const extra = rawConnection(server.url);
-    const text = await answered(extra, /HTTP_MAX_CONNECTIONS/);
-    expect(text).toMatch(/^HTTP\/1.1 503 /);
-    await extra.closed;
+    const held = await holdUntilRefused(server.url, 4, /HTTP_MAX_CONNECTIONS/);
     for (const c of held) c.socket.destroy();
+  });
+
+  it('one address cannot hold more than HTTP_MAX_CONNECTIONS_PER_ADDRESS connections; another address is still served', async () => {
+    const perAddress = await startTestServer({ HTTP_MAX_CONNECTIONS_PER_ADDRESS: '3' });
+    try {
+      const held = await holdUntilRefused(perAddress.url, 3, /HTTP_MAX_CONNECTIONS_PER_ADDRESS/);
+      // 127.0.0.2 is another address on the loopback network.
+      const { port } = new URL(perAddress.url);
+      const other = await new Promise<number>((resolve, reject) =>
+        request({ host: '127.0.0.1', port, path: '/api/version', localAddress: '127.0.0.2', agent: false }, (res) => {
+          res.resume();
+          resolve(res.statusCode!);
+        })
+          .on('error', reject)
+          .end(),
+      );
+      expect(other).toBe(200);
+      for (const c of held) c.socket.destroy();
+    } finally {
+      await perAddress.close();
+    }
+  });
+});
+
+describe('the HTTP edge, attacked through paths, held sockets and slow key checks', () => {
+  let server: TestServer;
+
+  beforeAll(async () => {
+    server = await startTestServer({ HTTP_MAX_CONNECTIONS: '24', ORG_MAX_STREAMS: '4', WS_AUTH_TIMEOUT_MS: '500' });
+  });
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  const register = async (name: string) => server.client().trpc.auth.register.mutate({ name, email: uniqueEmail(name) });
+  const wsUrl = () => server.url.replace('http', 'ws');
+  const upgradeRequest = (path: string, headers = '') =>
+    `GET ${path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n${headers}\r\n`;
+
+  /** Swaps `auth.authenticate` for `wrapped` (given the real one) until the returned restore runs. */
+  const wrapAuthenticate = (wrapped: (real: (key: string | null | undefined) => Promise<Principal>, key: string | null | undefined) => Promise<Principal>) => {
+    const auth = server.app.services.auth;
+    const real = auth.authenticate.bind(auth);
+    auth.authenticate = (key) => wrapped(real, key);
+    return () => void (auth.authenticate = real);
+  };
+
+  it('an upgrade whose path has a malformed percent-escape cannot hold its connection: refused with 400 and closed (no key needed)', async () => {
+    for (const path of ['/api/sandboxes/%E0%A4%A/pty', '/api/sandboxes/x/files/watch/%E0%A4%A/stream', '/api/sandboxes/%/pty/sessions/y']) {
+      const conn = rawConnection(server.url);
+      conn.socket.write(upgradeRequest(path));
+      await conn.closed;
+      expect(conn.text()).toMatch(/^HTTP\/1.1 400 /);
+      expect(conn.text()).toMatch(/has an invalid percent-escape/);
+    }
+  });
+
+  it('a raw or REST route with a malformed percent-escape in its path is refused with 400, not 500', async () => {
+    const { apiKey } = await register('escapes');
+    const raw = await server.http('/api/sandboxes/%E0%A4%A/exec-stream', { method: 'POST', apiKey, json: { command: 'true' } });
+    expect(raw.status).toBe(400);
+    expect(((await raw.json()) as { error: string }).error).toMatch(/has an invalid percent-escape/);
+    for (const path of ['/api/sandboxes/%E0%A4%A', '/api/sandboxes/%E0%A4%A/files?path=/']) {
+      const rest = await server.http(path, { apiKey });
+      expect(rest.status).toBeGreaterThanOrEqual(400);
+      expect(rest.status).toBeLessThan(500);
+    }
+  });
+
+  it('an upgrade whose key check never finishes cannot hold its socket: answered 503 and closed after WS_AUTH_TIMEOUT_MS (a stalled store, simulated)', async () => {
+    const restore = wrapAuthenticate(() => new Promise(() => {}));
+    try {
+      const conn = rawConnection(server.url);
+      conn.socket.write(upgradeRequest('/api/sandboxes/x/pty', 'X-API-Key: vr_any\r\n'));
+      await conn.closed;
+      expect(conn.text()).toMatch(/^HTTP\/1.1 503 /);
+      expect(conn.text()).toMatch(/did not complete within 500 ms \(WS_AUTH_TIMEOUT_MS\)/);
+    } finally {
+      restore();
+    }
+  });
+
+  it('a tRPC batch cannot pass TRPC_MAX_BATCH_SIZE by percent-encoding the commas between its paths', async () => {
+    for (const sep of ['%2C', '%2c']) {
+      const res = await server.http(`/trpc/${Array(500).fill('system.version').join(sep)}?batch=1&input=${encodeURIComponent('{}')}`);
+      expect(res.status).toBe(400);
+      expect(JSON.stringify(await res.json())).toMatch(/at most 10 calls \(TRPC_MAX_BATCH_SIZE\); this one has 500/);
+    }
+  });
+
+  it("one org's authenticated tRPC WebSockets cannot take every connection: past ORG_MAX_STREAMS they are closed naming it, and other orgs are still served", async () => {
+    const attacker = await register('ws-flooder');
+    const victim = await register('ws-victim');
+    const sockets: WebSocket[] = [];
+    const closes: Promise<[number, string]>[] = [];
+    try {
+      for (let i = 0; i < 24; i++) {
+        const ws = new WebSocket(`${wsUrl()}/trpc?apiKey=${attacker.apiKey}`);
+        ws.on('error', () => {});
+        closes.push(new Promise((r) => ws.once('close', (code, why) => r([code, why.toString()]))));
+        await new Promise((r) => {
+          ws.once('open', r);
+          ws.once('close', r);
+          ws.once('unexpected-response', r);
+        });
+        sockets.push(ws);
+      }
+      // The first four hold the org's slots; the fifth was closed naming the cap.
+      const [code, reason] = await closes[4]!;
+      expect(code).toBe(1008);
+      expect(reason).toMatch(/already has 4 open streams in progress, the most allowed \(ORG_MAX_STREAMS=4\)/);
+      const status = await new Promise<number>((resolve, reject) =>
+        request(`${server.url}/api/orgs/me`, { agent: false, headers: { 'x-api-key': victim.apiKey } }, (res) => {
+          res.resume();
+          resolve(res.statusCode!);
+        })
+          .on('error', reject)
+          .end(),
+      );
+      expect(status).toBe(200);
+      expect(sockets.slice(0, 4).every((ws) => ws.readyState === WebSocket.OPEN)).toBe(true);
+    } finally {
+      for (const ws of sockets) ws.terminate();
+    }
+  });
+
+  it('a stream or terminal whose client left while its key was being checked (a slow store, simulated) gives its ORG_MAX_STREAMS slot back', async () => {
+    const reg = await register('leaver');
+    // The store answers only once the client has gone and the server has seen its connection close.
+    let leave: () => Promise<void> = async () => {};
+    let checked = 0;
+    const restore = wrapAuthenticate(async (real, key) => {
+      const principal = await real(key);
+      await leave();
+      checked++;
+      return principal;
+    });
+    let serverSocket: Promise<void> = Promise.resolve();
+    const capture = (req: { socket: Socket }) => void (serverSocket = new Promise((r) => req.socket.once('close', () => r())));
+    server.app.http.server.prependListener('request', capture as never);
+    server.app.http.server.prependListener('upgrade', capture as never);
+    try {
+      for (let i = 0; i < 5; i++) {
+        const body = JSON.stringify({ command: 'true' });
+        const req = request(`${server.url}/api/sandboxes/${'0'.repeat(24)}/exec-stream`, {
+          method: 'POST',
+          agent: false,
+          headers: { 'x-api-key': reg.apiKey, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+        });
+        req.on('error', () => {});
+        leave = async () => {
+          req.destroy();
+          await serverSocket;
+        };
+        req.end(body);
+        await expect.poll(() => checked).toBe(i + 1);
+      }
+      const terminal = new WebSocket(`${wsUrl()}/api/sandboxes/${'0'.repeat(24)}/pty?apiKey=${reg.apiKey}`);
+      terminal.on('error', () => {});
+      leave = async () => {
+        terminal.terminate();
+        await serverSocket;
+      };
+      await expect.poll(() => checked).toBe(6);
+    } finally {
+      restore();
+      server.app.http.server.off('request', capture as never);
+      server.app.http.server.off('upgrade', capture as never);
+    }
+    expect(server.app.http.streams.usage(reg.orgId).stream).toBe(0);
+  });
+
+  it('a key revoked while it was being checked cannot open a stream or keep a tRPC WebSocket', async () => {
+    const reg = await register('late-revoke');
+    const admin = server.client(reg.apiKey);
+    const key = (await admin.trpc.org.createApiKey.mutate({ orgId: reg.orgId, keyName: 'late' })) as { plainKey: string; keyId: string };
+    // The revocation lands after the key's record was read and before the stream is tracked.
+    let revoked = false;
+    const restore = wrapAuthenticate(async (real, k) => {
+      const principal = await real(k);
+      if (k === key.plainKey && !revoked) {
+        revoked = true;
+        await admin.trpc.org.revokeApiKey.mutate({ orgId: reg.orgId, keyId: key.keyId });
+      }
+      return principal;
+    });
+    try {
+      const ws = new WebSocket(`${wsUrl()}/trpc?apiKey=${key.plainKey}`);
+      ws.on('error', () => {});
+      const [code, reason] = await new Promise<[number, string]>((r) => ws.once('close', (c, why) => r([c, why.toString()])));
+      expect(code).toBe(1008);
+      expect(reason).toMatch(/revoked or deactivated while this request was being checked/);
+      // Revoked for good now, but the same window for another key, through a raw route:
+      const second = (await admin.trpc.org.createApiKey.mutate({ orgId: reg.orgId, keyName: 'late-2' })) as { plainKey: string; keyId: string };
+      Object.assign(key, second);
+      revoked = false;
+      const res = await server.http(`/api/sandboxes/${'0'.repeat(24)}/exec-stream`, { method: 'POST', apiKey: second.plainKey, json: { command: 'true' } });
+      expect(res.status).toBe(401);
+      expect(((await res.json()) as { error: string }).error).toMatch(/revoked or deactivated while this request was being checked/);
+    } finally {
+      restore();
+    }
+  });
+
+  it('a tRPC WebSocket whose replies are never read cannot make the server buffer them: past 4 MiB unsent the server stops reading it', async () => {
+    const { apiKey } = await register('never-reads');
+    const ws = new WebSocket(`${wsUrl()}/trpc?apiKey=${apiKey}`);
+    await new Promise((r) => ws.once('open', r));
+    ws.pause(); // never reads a reply
+    // The server-side socket, once the server stops reading it with 4 MiB of replies unsent.
+    const pause = WebSocket.prototype.pause;
+    let onBacklog!: (server: WebSocket) => void;
+    const backlogged = new Promise<WebSocket>((r) => (onBacklog = r));
+    WebSocket.prototype.pause = function (this: WebSocket) {
+      if (this !== ws && this.bufferedAmount >= 4 * MiB) onBacklog(this);
+      return pause.call(this);
+    };
+    const before = process.memoryUsage().rss;
+    try {
+      const calls = 200_000;
+      let lastSent!: () => void;
+      const allRead = new Promise<void>((r) => (lastSent = r));
+      for (let i = 1; i <= calls; i++) {
+        ws.send(JSON.stringify({ id: i, method: 'query', params: { path: 'system.version', input: null } }), i === calls ? () => lastSent() : undefined);
+      }
+      const outcome = await Promise.race([backlogged, allRead.then(() => 'the server read every call' as const)]);
+      expect(outcome).not.toBe('the server read every call');
+      expect((outcome as WebSocket).bufferedAmount).toBeLessThan(16 * MiB);
+      expect(process.memoryUsage().rss - before).toBeLessThan(160 * MiB);
+    } finally {
+      WebSocket.prototype.pause = pause;
+      ws.terminate();
+    }
   });
 });
 

@@ -1,4 +1,4 @@
-import { TooManyRequestsError } from '../errors.js';
+import { TooManyRequestsError, UnauthorizedError } from '../errors.js';
 import type { Principal } from '../services/auth-service.js';
 
 /**
@@ -15,6 +15,9 @@ export interface OpenStreamsLimits {
   maxStreamsPerOrg: number;
 }
 
+/** How long an ended key is remembered, for key checks that were under way when it ended. */
+const endedKeyMemoryMs = 10 * 60 * 1000;
+
 const limitNames: Record<HoldKind, { variable: string; what: string }> = {
   exec: { variable: 'ORG_MAX_CONCURRENT_EXECS', what: 'concurrent exec calls' },
   stream: { variable: 'ORG_MAX_STREAMS', what: 'open streams' },
@@ -28,14 +31,27 @@ const limitNames: Record<HoldKind, { variable: string; what: string }> = {
 export class OpenStreams {
   readonly #counts = new Map<string, Record<HoldKind, number>>();
   readonly #byKey = new Map<string, Set<() => void>>();
+  /** Keys ended recently (oldest first), with the key-check number current when they ended. */
+  readonly #ended = new Map<string, { check: number; at: number }>();
+  #checks = 0;
 
   constructor(private readonly limits: OpenStreamsLimits) {}
 
   /**
-   * Takes one of the org's `kind` slots until the returned release runs (it may run more than once).
-   * `close` cuts the call if its key is revoked. Throws TooManyRequestsError when the org is at its cap.
+   * Call before reading a key from the store; pass the number to `acquire`/`trackKey`. A key
+   * revoked after this (while its record was being read) is refused there, though the read saw it.
    */
-  acquire(principal: Principal, kind: HoldKind, close: () => void): () => void {
+  keyCheckStarted(): number {
+    return ++this.#checks;
+  }
+
+  /**
+   * Takes one of the org's `kind` slots until the returned release runs (it may run more than once).
+   * `close` cuts the call if its key is revoked. Throws TooManyRequestsError when the org is at its
+   * cap, UnauthorizedError when the key ended after `checkStarted` (see `keyCheckStarted`).
+   */
+  acquire(principal: Principal, kind: HoldKind, close: () => void, checkStarted: number): () => void {
+    this.#assertNotEnded(principal.keyId, checkStarted);
     const counts = this.#counts.get(principal.orgId) ?? { exec: 0, stream: 0 };
     const max = kind === 'exec' ? this.limits.maxExecsPerOrg : this.limits.maxStreamsPerOrg;
     if (counts[kind] >= max) {
@@ -46,7 +62,7 @@ export class OpenStreams {
     }
     counts[kind]++;
     this.#counts.set(principal.orgId, counts);
-    const untrack = this.trackKey(principal.keyId, close);
+    const untrack = this.trackKey(principal.keyId, close, checkStarted);
     let released = false;
     return () => {
       if (released) return;
@@ -57,8 +73,12 @@ export class OpenStreams {
     };
   }
 
-  /** Registers `close` to run if `keyId` is revoked, without counting it; returns the unregister. */
-  trackKey(keyId: string, close: () => void): () => void {
+  /**
+   * Registers `close` to run if `keyId` is revoked, without counting it; returns the unregister.
+   * Throws UnauthorizedError when the key ended after `checkStarted` (see `keyCheckStarted`).
+   */
+  trackKey(keyId: string, close: () => void, checkStarted: number): () => void {
+    this.#assertNotEnded(keyId, checkStarted);
     let closers = this.#byKey.get(keyId);
     if (!closers) this.#byKey.set(keyId, (closers = new Set()));
     closers.add(close);
@@ -70,6 +90,13 @@ export class OpenStreams {
 
   /** Closes every call and connection opened with `keyId`; resolves how many there were. */
   closeKey(keyId: string): number {
+    const now = Date.now();
+    for (const [id, e] of this.#ended) {
+      if (now - e.at < endedKeyMemoryMs) break;
+      this.#ended.delete(id);
+    }
+    this.#ended.delete(keyId);
+    this.#ended.set(keyId, { check: this.#checks, at: now });
     const closers = this.#byKey.get(keyId);
     if (!closers) return 0;
     this.#byKey.delete(keyId);
@@ -79,6 +106,13 @@ export class OpenStreams {
       } catch {}
     }
     return closers.size;
+  }
+
+  #assertNotEnded(keyId: string, checkStarted: number): void {
+    const ended = this.#ended.get(keyId);
+    if (ended && ended.check >= checkStarted) {
+      throw new UnauthorizedError('Invalid API key: it was revoked or deactivated while this request was being checked');
+    }
   }
 
   /** An org's held slots right now. */

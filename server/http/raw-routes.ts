@@ -182,6 +182,15 @@ const routes: RawRoute[] = [
   },
 ];
 
+/** A path parameter, decoded; a malformed percent-escape is the client's error (400). */
+function decodePathSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new InvalidInputError(`Invalid path: ${segment.slice(0, 200)} has an invalid percent-escape (each % must start a %XX escape of UTF-8)`);
+  }
+}
+
 /**
  * Routes whose bodies are not JSON envelopes (SSE streams; later byte transfers). They sit beside
  * the REST facade under /api and call the same services. Resolves with the route template when one
@@ -194,13 +203,18 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
       const m = route.pattern.exec(path);
       if (!m || req.method !== route.method) continue;
       try {
+        const params = m.slice(1).map(decodePathSegment);
         // Every raw route needs a key: authenticated here, once.
+        const checkStarted = opts.streams.keyCheckStarted();
         const principal = await opts.services.auth.authenticate(apiKeyFromHeaders(req.headers));
         record.orgId = principal.orgId;
+        // The client left while its key was checked: nothing to hold or answer.
+        if (res.closed) return route.template;
         // Every raw route is cut if its key is revoked; streams also count against the org's cap.
-        const release = route.stream ? opts.streams.acquire(principal, 'stream', () => res.destroy()) : opts.streams.trackKey(principal.keyId, () => res.destroy());
+        const cut = () => res.destroy();
+        const release = route.stream ? opts.streams.acquire(principal, 'stream', cut, checkStarted) : opts.streams.trackKey(principal.keyId, cut, checkStarted);
         res.once('close', release);
-        await route.handle(req, res, m.slice(1).map(decodeURIComponent), opts.services, principal, opts.maxJsonBodyBytes);
+        await route.handle(req, res, params, opts.services, principal, opts.maxJsonBodyBytes);
       } catch (err) {
         if (res.headersSent) {
           res.destroy();

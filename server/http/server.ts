@@ -7,7 +7,7 @@ import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import type { Logger } from 'pino';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { errorCodeTable } from '../../shared/errors.js';
-import { DomainError } from '../errors.js';
+import { DomainError, InvalidInputError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
@@ -26,7 +26,23 @@ function rejectUpgrade(socket: Duplex, status: number, message: string): void {
   const body = JSON.stringify({ error: message });
   const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 429: 'Too Many Requests', 503: 'Service Unavailable' }[status] ?? 'Error';
   socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+  // Closed once the answer is handed to the kernel, whether or not the client closes its side.
+  (socket as Duplex & { destroySoon?: () => void }).destroySoon?.();
 }
+
+/** `decodeURIComponent`, or null for a malformed percent-escape. */
+function decodePathSegment(segment: string): string | null {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return null;
+  }
+}
+
+/** Past this many unsent reply bytes, a tRPC WebSocket is not read until its socket drains. */
+const wsReadHighWater = 4 * 1024 * 1024;
+/** Past this many queries and mutations in flight, a tRPC WebSocket is not read until some end. */
+const wsMaxCallsInFlight = 64;
 
 export interface HttpServerOptions {
   router: AppRouter;
@@ -56,6 +72,8 @@ export interface EdgeLimits {
   maxConnections: number;
   /** WS_AUTH_TIMEOUT_MS */
   wsAuthTimeoutMs: number;
+  /** HTTP_MAX_CONNECTIONS_PER_ADDRESS (0: no per-address cap) */
+  maxConnectionsPerAddress: number;
 }
 
 /** `onClose` callbacks of one response or socket, run once from a single 'close' listener. */
@@ -78,12 +96,59 @@ function httpConnection(res: ServerResponse): CallConnection {
   return { onClose: closeHooks(res, () => res.closed), isOpen: () => !res.closed, cut: () => res.destroy() };
 }
 
-function wsConnection(ws: WebSocket): CallConnection {
+/**
+ * Flow control of one tRPC WebSocket: tRPC reads and answers every message as it comes, so a peer
+ * that sends calls and never reads the replies would have them buffered here. The socket is not
+ * read while more than `wsReadHighWater` bytes are unsent (until its socket drains) or more than
+ * `wsMaxCallsInFlight` calls are running; TCP then pushes back on the peer.
+ */
+class WsFlow {
+  #inFlight = 0;
+  #awaitingDrain = false;
+
+  constructor(
+    private readonly ws: WebSocket,
+    private readonly socket: Duplex,
+  ) {
+    ws.on('message', () => this.update());
+  }
+
+  /** Counts one call in flight until the returned function runs. */
+  callStarted(): () => void {
+    this.#inFlight++;
+    this.update();
+    let ended = false;
+    return () => {
+      if (ended) return;
+      ended = true;
+      this.#inFlight--;
+      this.update();
+    };
+  }
+
+  update(): void {
+    const { ws } = this;
+    if (ws.readyState !== ws.OPEN) return;
+    if (!this.#awaitingDrain && ws.bufferedAmount > wsReadHighWater) {
+      this.#awaitingDrain = true;
+      this.socket.once('drain', () => {
+        this.#awaitingDrain = false;
+        this.update();
+      });
+    }
+    const stop = this.#awaitingDrain || this.#inFlight >= wsMaxCallsInFlight;
+    if (stop && !ws.isPaused) ws.pause();
+    else if (!stop && ws.isPaused) ws.resume();
+  }
+}
+
+function wsConnection(ws: WebSocket, flow: WsFlow | undefined): CallConnection {
   return {
     onClose: closeHooks(ws, () => ws.readyState === ws.CLOSED),
     isOpen: () => ws.readyState === ws.OPEN,
     cut: () => ws.close(1008, 'the API key was revoked or deactivated'),
     bufferedAmount: () => ws.bufferedAmount,
+    callStarted: () => flow?.callStarted() ?? (() => {}),
   };
 }
 
@@ -123,10 +188,12 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     basePath: '/trpc/',
     // A body past the limit fails as it arrives (no Content-Length); one that declares it, before.
     maxBodySize: opts.maxJsonBodyBytes,
-    // Batches are counted here rather than by tRPC's `maxBatchSize`, whose message names no limit.
+    // Batches are counted here rather than by tRPC's `maxBatchSize` (whose error would take the
+    // place of this one, and names neither the limit nor the count), on the path decoded as tRPC
+    // decodes it before splitting (`%2C` is a comma too); a malformed escape is left to tRPC (400).
     middleware: (req, res, next) => {
       const url = new URL(req.url ?? '/', 'http://localhost');
-      const calls = url.pathname.slice('/trpc/'.length).split(',').length;
+      const calls = (decodePathSegment(url.pathname) ?? '').slice('/trpc/'.length).split(',').length;
       if (url.searchParams.get('batch') === '1' && calls > limits.maxBatchSize) {
         return next(new TRPCError({ code: 'BAD_REQUEST', message: `A batch may hold at most ${limits.maxBatchSize} calls (TRPC_MAX_BATCH_SIZE); this one has ${calls}` }));
       }
@@ -222,13 +289,27 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     );
   });
 
-  // A connection past HTTP_MAX_CONNECTIONS is answered 503 and closed before anything is read.
+  // A connection past HTTP_MAX_CONNECTIONS, or past HTTP_MAX_CONNECTIONS_PER_ADDRESS from one
+  // remote address, is answered 503 and closed before anything is read.
   let connections = 0;
+  const byAddress = new Map<string, number>();
   server.prependListener('connection', (socket) => {
+    const address = socket.remoteAddress ?? '';
+    const fromAddress = (byAddress.get(address) ?? 0) + 1;
     connections++;
-    socket.once('close', () => connections--);
-    if (connections <= limits.maxConnections) return;
-    const body = JSON.stringify({ error: `The server has ${limits.maxConnections} open connections, the most allowed (HTTP_MAX_CONNECTIONS); retry later` });
+    byAddress.set(address, fromAddress);
+    socket.once('close', () => {
+      connections--;
+      const left = byAddress.get(address)! - 1;
+      if (left) byAddress.set(address, left);
+      else byAddress.delete(address);
+    });
+    const perAddress = limits.maxConnectionsPerAddress;
+    let error: string;
+    if (connections > limits.maxConnections) error = `The server has ${limits.maxConnections} open connections, the most allowed (HTTP_MAX_CONNECTIONS); retry later`;
+    else if (perAddress && fromAddress > perAddress) error = `Your address has ${perAddress} open connections to the server, the most allowed (HTTP_MAX_CONNECTIONS_PER_ADDRESS); close some or retry later`;
+    else return;
+    const body = JSON.stringify({ error });
     socket.on('error', () => {});
     socket.end(`HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
     socket.destroySoon();
@@ -246,13 +327,20 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       const url = new URL(req.url ?? '/', 'http://localhost');
       const fromParams = info.connectionParams?.apiKey;
       const apiKey = fromParams || apiKeyFromUpgrade(url, req.headers);
-      const connection = wsConnection(ws);
-      // A valid key ends the handshake window and ties the socket to the key (closed on revocation);
-      // a missing or bad one leaves the window running (its calls fail 401).
+      const connection = wsConnection(ws, wsFlows.get(ws));
+      // A valid key ends the handshake window, takes one of the org's ORG_MAX_STREAMS slots while
+      // the socket is open (past the cap the socket is closed) and ties the socket to the key
+      // (closed on revocation); a missing or bad one leaves the window running (its calls fail 401).
+      const checkStarted = streams.keyCheckStarted();
       const principal = apiKey ? await services.auth.authenticate(apiKey).catch(() => null) : null;
       if (principal) {
         clearTimeout(handshakeTimers.get(ws));
-        connection.onClose(streams.trackKey(principal.keyId, () => connection.cut()));
+        try {
+          connection.onClose(streams.acquire(principal, 'stream', () => connection.cut(), checkStarted));
+        } catch (err) {
+          ws.close(1008, (err instanceof DomainError ? err.message : 'refused').slice(0, 120));
+          throw err;
+        }
       }
       return context(req, 'trpc-ws', apiKey, connection);
     },
@@ -261,6 +349,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   // A tRPC WebSocket must present a valid key (at the upgrade or in connectionParams) within
   // WS_AUTH_TIMEOUT_MS, or it is closed: answering pings alone does not keep it open.
   const handshakeTimers = new WeakMap<WebSocket, NodeJS.Timeout>();
+  const wsFlows = new WeakMap<WebSocket, WsFlow>();
   wss.on('connection', (ws: WebSocket) => {
     const timer = setTimeout(() => ws.close(1008, `no valid API key within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS)`), limits.wsAuthTimeoutMs);
     timer.unref();
@@ -275,13 +364,31 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    * A terminal or watch socket holds one of the org's ORG_MAX_STREAMS slots until it closes, and
    * closes (1008) when its key is revoked. Throws TooManyRequestsError (429 before the upgrade).
    */
-  function holdUpgrade(principal: Principal, socket: Duplex): void {
-    const release = streams.acquire(principal, 'stream', () => {
-      const ws = upgradedSockets.get(socket);
-      if (ws) ws.close(1008, 'the API key was revoked or deactivated');
-      else socket.destroy();
-    });
-    socket.once('close', release);
+  function holdUpgrade(principal: Principal, socket: Duplex, checkStarted: number): void {
+    const release = streams.acquire(
+      principal,
+      'stream',
+      () => {
+        const ws = upgradedSockets.get(socket);
+        if (ws) ws.close(1008, 'the API key was revoked or deactivated');
+        else socket.destroy();
+      },
+      checkStarted,
+    );
+    if (socket.destroyed) release();
+    else socket.once('close', release);
+  }
+
+  /**
+   * Authenticates a terminal or watch upgrade; resolves null when the client left meanwhile
+   * (nothing is held for it then).
+   */
+  async function authenticateUpgrade(req: IncomingMessage, url: URL, socket: Duplex): Promise<Principal | null> {
+    const checkStarted = streams.keyCheckStarted();
+    const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
+    if (socket.destroyed) return null;
+    holdUpgrade(principal, socket, checkStarted);
+    return principal;
   }
   const watchStream = /^\/api\/sandboxes\/([^/]+)\/files\/watch\/([^/]+)\/stream$/;
   const ptyEphemeral = /^\/api\/sandboxes\/([^/]+)\/pty$/;
@@ -300,8 +407,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     socket.once('close', () => {
       if (!upgraded) abort.abort();
     });
-    const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
-    holdUpgrade(principal, socket);
+    const principal = await authenticateUpgrade(req, url, socket);
+    if (!principal) return;
     const ephemeral = sessionId === null;
     const size = (name: string, fallback: number, max: number) => Math.min(max, Math.max(1, Number(url.searchParams.get(name)) || fallback));
     const sid = sessionId ?? (await services.pty.create(principal, sandboxId, size('cols', 80, 500), size('rows', 24, 200))).sessionId;
@@ -325,6 +432,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (abort.signal.aborted) return;
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
     rawWss.handleUpgrade(req, socket, head, (ws) => {
+      handshakeDone(socket);
       upgradedSockets.set(socket, ws);
       upgraded = true;
       ws.on('error', () => {});
@@ -381,32 +489,57 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     });
   }
 
+  // Every upgrade must complete (key checked, session found, agent answered) within
+  // WS_AUTH_TIMEOUT_MS, or it is answered 503 and closed: after an upgrade request no HTTP
+  // timeout applies to the socket.
+  const upgradeTimers = new WeakMap<Duplex, NodeJS.Timeout>();
+  const handshakeDone = (socket: Duplex) => clearTimeout(upgradeTimers.get(socket));
+  const refuse = (socket: Duplex) => (err: unknown) => {
+    handshakeDone(socket);
+    const status = err instanceof DomainError ? errorCodeTable[err.code].httpStatus : 500;
+    if (status === 500) log.error({ err }, 'WebSocket upgrade failed');
+    rejectUpgrade(socket, status, err instanceof DomainError ? err.message : 'Internal server error');
+  };
+
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    socket.on('error', () => {}); // a reset before the upgrade completes ends only this socket
+    const timer = setTimeout(() => {
+      rejectUpgrade(socket, 503, `The WebSocket handshake did not complete within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS); retry`);
+      socket.destroy();
+    }, limits.wsAuthTimeoutMs);
+    timer.unref();
+    upgradeTimers.set(socket, timer);
+    socket.once('close', () => clearTimeout(timer));
+    try {
+      routeUpgrade(req, socket, head);
+    } catch (err) {
+      refuse(socket)(err);
+    }
+  });
+
+  function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
     if (path === '/trpc' || path === '/trpc/') {
-      wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
+      wss.handleUpgrade(req, socket, head, (ws) => {
+        handshakeDone(socket);
+        wsFlows.set(ws, new WsFlow(ws, socket));
+        wss.emit('connection', ws, req);
+      });
       return;
     }
     const ephemeral = ptyEphemeral.exec(path);
     const attach = ptyAttach.exec(path);
-    if (ephemeral || attach) {
-      const m = (ephemeral ?? attach)!;
-      void upgradePty(req, socket, head, decodeURIComponent(m[1]!), attach ? decodeURIComponent(attach[2]!) : null).catch((err: unknown) => {
-        const status = err instanceof DomainError ? errorCodeTable[err.code].httpStatus : 500;
-        rejectUpgrade(socket, status, err instanceof DomainError ? err.message : 'Internal server error');
-      });
-      return;
-    }
     const watch = watchStream.exec(path);
-    if (watch) {
-      void upgradeWatchStream(req, socket, head, decodeURIComponent(watch[1]!), decodeURIComponent(watch[2]!)).catch((err: unknown) => {
-        const status = err instanceof DomainError ? errorCodeTable[err.code].httpStatus : 500;
-        rejectUpgrade(socket, status, err instanceof DomainError ? err.message : 'Internal server error');
-      });
-      return;
+    const match = ephemeral ?? attach ?? watch;
+    if (!match) return rejectUpgrade(socket, 404, `No WebSocket route for ${path}`);
+    const params = match.slice(1).map(decodePathSegment);
+    if (params.some((p) => p === null)) {
+      throw new InvalidInputError(`Invalid path: ${path.slice(0, 200)} has an invalid percent-escape (each % must start a %XX escape of UTF-8)`);
     }
-    rejectUpgrade(socket, 404, `No WebSocket route for ${path}`);
-  });
+    const [first, second] = params as string[];
+    const upgrade = watch ? upgradeWatchStream(req, socket, head, first!, second!) : upgradePty(req, socket, head, first!, attach ? second! : null);
+    upgrade.catch(refuse(socket));
+  }
 
   /**
    * The file-watch stream: one JSON FileEvent per message, everything the session kept first.
@@ -415,13 +548,14 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    */
   async function upgradeWatchStream(req: IncomingMessage, socket: Duplex, head: Buffer, sandboxId: string, sessionId: string): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://localhost');
-    const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
-    holdUpgrade(principal, socket);
+    const principal = await authenticateUpgrade(req, url, socket);
+    if (!principal) return;
     services.watch.assertSession(principal, sandboxId, sessionId); // 404 before upgrading
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
     // Attached only once the socket is open (a failed handshake attaches nothing); the session's
     // history replays what happened in between.
     rawWss.handleUpgrade(req, socket, head, (ws) => {
+      handshakeDone(socket);
       upgradedSockets.set(socket, ws);
       let dropped = 0;
       let detach: () => void = () => {};

@@ -23,6 +23,8 @@ export interface CallConnection {
   cut(): void;
   /** WebSocket only: bytes sent but not yet taken by the peer. */
   bufferedAmount?(): number;
+  /** WebSocket only: counts a call in flight on the socket until the returned function runs. */
+  callStarted?(): () => void;
 }
 
 export interface Context {

@@ -47,9 +47,13 @@ const t = initTRPC
 export const router = t.router;
 export const createCallerFactory = t.createCallerFactory;
 
-/** Turns domain errors thrown below into TRPCErrors with the mapped code; logs unexpected ones. */
-const mapDomainErrors = t.middleware(async ({ next, ctx, path }) => {
-  const result = await next();
+/**
+ * Turns domain errors thrown below into TRPCErrors with the mapped code; logs unexpected ones.
+ * A query or mutation over a WebSocket counts as in flight on its socket until it has returned.
+ */
+const mapDomainErrors = t.middleware(async ({ next, ctx, path, type }) => {
+  const ended = type === 'subscription' ? undefined : ctx.connection.callStarted?.();
+  const result = await next().finally(ended);
   if (result.ok) return result;
   const cause = result.error.cause;
   if (cause instanceof DomainError) throw toTRPCError(cause);
@@ -65,11 +69,12 @@ export const publicProcedure = t.procedure.use(mapDomainErrors);
  * response is written, and every such call or WebSocket is closed if its key is revoked.
  */
 export const authedProcedure = publicProcedure.use(async ({ ctx, next, path, type, signal }) => {
+  const checkStarted = ctx.streams.keyCheckStarted();
   const principal = await ctx.services.auth.authenticate(ctx.apiKey);
   ctx.record.orgId = principal.orgId;
   const kind = heldCallKind(path, type);
   if (!kind) return next({ ctx: { principal } });
-  const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut());
+  const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut(), checkStarted);
   if (ctx.transport !== 'trpc-ws') {
     ctx.connection.onClose(release); // once the response has been written
     return next({ ctx: { principal } });
