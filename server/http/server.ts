@@ -492,8 +492,11 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   // Every upgrade must complete (key checked, session found, agent answered) within
   // WS_AUTH_TIMEOUT_MS, or it is answered 503 and closed: after an upgrade request no HTTP
   // timeout applies to the socket.
-  const upgradeTimers = new WeakMap<Duplex, NodeJS.Timeout>();
-  const handshakeDone = (socket: Duplex) => clearTimeout(upgradeTimers.get(socket));
+  const upgradeTimers = new Map<Duplex, NodeJS.Timeout>();
+  const handshakeDone = (socket: Duplex) => {
+    clearTimeout(upgradeTimers.get(socket));
+    upgradeTimers.delete(socket);
+  };
   const refuse = (socket: Duplex) => (err: unknown) => {
     handshakeDone(socket);
     const status = err instanceof DomainError ? errorCodeTable[err.code].httpStatus : 500;
@@ -509,7 +512,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     }, limits.wsAuthTimeoutMs);
     timer.unref();
     upgradeTimers.set(socket, timer);
-    socket.once('close', () => clearTimeout(timer));
+    socket.once('close', () => handshakeDone(socket));
     try {
       routeUpgrade(req, socket, head);
     } catch (err) {
@@ -599,6 +602,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       wss.close();
       for (const ws of rawWss.clients) ws.terminate();
       rawWss.close();
+      for (const socket of upgradeTimers.keys()) socket.destroy(); // handshakes still under way
+
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeIdleConnections();
