@@ -1,11 +1,13 @@
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, readlinkSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { appendFileSync, copyFileSync, existsSync, mkdtempSync, readFileSync, readlinkSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import type { WatchMessage } from '../shared/index.js';
-import { ensureContainerBootFiles } from '../server/hypervisor/container/boot-files.js';
+import { ensureAgentBundle } from '../server/agent-client/agent-bundle.js';
+import { AGENT_RUNTIME_MOUNTS, ensureAgentRuntime } from '../server/hypervisor/container/agent-runtime.js';
+import { agentRuntimeSources, BOOT_FILES_DIR, ensureStaticHelpers } from '../server/hypervisor/container/boot-files.js';
 import { SANDBOX_INOTIFY } from '../server/hypervisor/container/inotify-limits.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
@@ -50,7 +52,7 @@ describe.skipIf(!support.ok)('the container sandbox boundary', () => {
     await sb.exec(`printf '#!/bin/sh\\nls -l /proc/self/fd > /root/pid1-fds\\nexec "$@"\\n' > /usr/bin/tini && chmod +x /usr/bin/tini`);
     const cannot = (await sb.exec('sh -c "echo x > /opt/voidrun/init" 2>&1; rm -f /opt/voidrun/init 2>&1; mv /opt/voidrun/init /root/ 2>&1; readlink /proc/1/fd/3 2>&1 || echo fd3-refused')).stdout;
     expect(cannot).toMatch(/Read-only file system/);
-    expect(cannot).toMatch(/rm: cannot remove '\/opt\/voidrun\/init': Device or resource busy/);
+    expect(cannot).toMatch(/rm: cannot remove '\/opt\/voidrun\/init': Read-only file system/);
     expect(cannot).toMatch(/fd3-refused/);
     await sb.stop();
     await sb.start();
@@ -133,7 +135,7 @@ describe.skipIf(!support.ok)('the container sandbox init', () => {
   // The init's bound, driven directly: in a sandbox only the agent reaches its output pipe (the
   // tests above show /proc/1/fd and the agent's fds are out of reach of sandbox commands).
   it("keeps a sandbox's host-side log within its bound however much the agent writes", async () => {
-    const { init } = await ensureContainerBootFiles(process.execPath, []);
+    const { init } = await ensureStaticHelpers();
     const dir = mkdtempSync(join(tmpdir(), 'voidrun-init-'));
     try {
       const log = join(dir, 'sandbox.log');
@@ -148,7 +150,7 @@ describe.skipIf(!support.ok)('the container sandbox init', () => {
   });
 
   it("exits with the agent's status and forwards SIGTERM to it", async () => {
-    const { init } = await ensureContainerBootFiles(process.execPath, []);
+    const { init } = await ensureStaticHelpers();
     const status = (args: string[]) => {
       try {
         execFileSync(init, ['4096', '--', ...args], { stdio: 'ignore' });
@@ -160,4 +162,41 @@ describe.skipIf(!support.ok)('the container sandbox init', () => {
     expect(status(['/bin/sh', '-c', 'exit 7'])).toBe(7);
     expect(status(['/bin/sh', '-c', 'kill -TERM $PPID; sleep 5'])).toBe(128 + 15);
   });
+});
+
+describe.skipIf(!support.ok)('the agent runtime image', () => {
+  const mounted = (dir: string) => readFileSync('/proc/self/mounts', 'utf8').includes(` ${dir} `);
+  const attached = (image: string) => execFileSync('losetup', ['-j', image], { encoding: 'utf8' }).trim() !== '';
+
+  it('an edited agent does not leave the previous runtime mounted: an unused runtime is unmounted with its loop device and image removed, one a running sandbox uses stays', async () => {
+    const server = await startTestServer();
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-runtime-'));
+    try {
+      const reg = await server.client().trpc.auth.register.mutate({ name: 'Runtime User', email: uniqueEmail('runtime') });
+      const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'on-current' });
+      const sources = await agentRuntimeSources(await ensureAgentBundle());
+      const current = await ensureAgentRuntime(sources, BOOT_FILES_DIR);
+      // The agent as a developer's edit leaves it: another bundle, so another runtime.
+      const edited = join(dir, 'agent.cjs');
+      copyFileSync(sources.bundle, edited);
+      appendFileSync(edited, `\n// edited ${Date.now()}\n`);
+      const next = await ensureAgentRuntime({ ...sources, bundle: edited }, BOOT_FILES_DIR);
+      expect(next.hash).not.toBe(current.hash);
+      // The running sandbox still uses the current runtime: it stays.
+      expect(mounted(current.dir)).toBe(true);
+      expect((await sb.exec('echo still serving')).stdout).toBe('still serving\n');
+      // Back on the current agent: the edited runtime, used by no sandbox, goes with its device and image.
+      const nextImage = join(BOOT_FILES_DIR, `agent-runtime-${next.hash}.img`);
+      expect(attached(nextImage)).toBe(true);
+      await ensureAgentRuntime(sources, BOOT_FILES_DIR);
+      expect(mounted(next.dir)).toBe(false);
+      expect(existsSync(nextImage)).toBe(false);
+      expect(execFileSync('losetup', ['-a'], { encoding: 'utf8' })).not.toContain(nextImage);
+      expect(readdirSync(AGENT_RUNTIME_MOUNTS)).not.toContain(next.hash);
+      await sb.delete();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+      await server.close();
+    }
+  }, 60_000);
 });

@@ -78,11 +78,21 @@ describe.skipIf(!support.ok)('container sandbox disks (diskMb enforced)', () => 
     expect((await box.exec('ls -A /root')).stdout).not.toMatch(/too-big/);
   });
 
-  it("the overlay's mount options in the sandbox's /proc/self/mountinfo name no host directory", async () => {
+  it("the sandbox's /proc/self/mountinfo and /sys name no host directory: not the checkout, its node_modules or dist/, nor any state directory", async () => {
     const info = (await box.exec('cat /proc/self/mountinfo')).stdout;
-    const rootLine = info.split('\n').find((l) => l.split(' ')[4] === '/')!;
-    expect(rootLine).toContain('lowerdir=image,upperdir=disk/upper,workdir=disk/work');
-    for (const dir of [server.dirs.instancesDir, server.dirs.dataDir, server.dirs.snapshotsDir, server.app.config.BASE_IMAGES_DIR]) expect(info).not.toContain(dir);
+    const lines = info.trim().split('\n').map((l) => l.split(' '));
+    expect(lines.find((f) => f[4] === '/')!.join(' ')).toContain('lowerdir=image,upperdir=disk/upper,workdir=disk/work');
+    // What the agent runs from: directories inside the agent runtime image, on a loop device.
+    const agent = lines.filter((f) => f[4] === '/opt/voidrun' || f[4] === '/etc/ld.so.preload').map((f) => [f[3], f[4], f[f.length - 2]]);
+    expect(agent).toEqual([
+      ['/agent', '/opt/voidrun', expect.stringMatching(/^\/dev\/loop\d+$/)],
+      ['/empty', '/etc/ld.so.preload', expect.stringMatching(/^\/dev\/loop\d+$/)],
+    ]);
+    const hostPaths = [process.cwd(), 'node_modules', 'dist/', server.dirs.instancesDir, server.dirs.dataDir, server.dirs.snapshotsDir, server.app.config.BASE_IMAGES_DIR, '/run/voidrun'];
+    for (const path of hostPaths) expect(info).not.toContain(path);
+    // Loop devices' backing files (every sandbox's disk image) are hidden too.
+    const backing = await box.exec('cat /sys/block/loop*/loop/backing_file 2>/dev/null; ls /sys/devices/virtual/block | wc -l');
+    expect(backing.stdout).toBe('0\n');
   });
 
   it('stop unmounts the disk and start mounts it again with the data kept', async () => {

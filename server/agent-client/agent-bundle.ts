@@ -5,7 +5,7 @@ import { build } from 'esbuild';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
-/** The host files every sandbox's agent runs from (mounted read-only by the drivers). */
+/** The host files every sandbox's agent is made from (the drivers copy what the agent needs onto a read-only image). */
 export interface AgentFiles {
   nodeBinary: string;
   bundle: string;
@@ -23,8 +23,8 @@ function newestMtime(dir: string): number {
 
 /**
  * Bundles `agent/` into one CommonJS file (`dist/agent/agent.cjs`) when it is missing or older than
- * its sources, so `npm start` needs no separate build step. Native modules stay external and load
- * from the mounted node_modules.
+ * its sources, so `npm start` needs no separate build step. Native modules stay external: the
+ * agent loads node-pty from the node_modules next to it on the sandbox's read-only agent image.
  */
 export async function ensureAgentBundle(): Promise<AgentFiles> {
   const bundle = join(repoRoot, 'dist', 'agent', 'agent.cjs');

@@ -43,8 +43,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     runcRoot: config.RUNC_ROOT,
     idMap: deps.idMap,
     pidsLimit: config.SANDBOX_PIDS_LIMIT,
-    agent: deps.agent,
-    bootFiles: () => ensureContainerBootFiles(deps.agent.nodeBinary, [join(deps.agent.nodeModules, 'node-pty', 'build', 'Release', 'pty.node')]),
+    bootFiles: () => ensureContainerBootFiles(deps.agent),
     agentReadyTimeoutMs: config.AGENT_READY_TIMEOUT_MS,
     log: deps.log,
   });

@@ -1,51 +1,83 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
-import { copyFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { existsSync, readFileSync, realpathSync } from 'node:fs';
+import { mkdir, rename, rm } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { AgentFiles } from '../../agent-client/agent-bundle.js';
+import { ensureAgentRuntime, type AgentRuntime, type AgentRuntimeSources } from './agent-runtime.js';
+import { mountedAt } from './mounts.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const cacheDir = join(here, '..', '..', '..', 'dist', 'container-init');
+/** The host-side cache of boot files: the static helpers and the agent runtime images. */
+export const BOOT_FILES_DIR = join(here, '..', '..', '..', 'dist', 'container-init');
 const gccArgs = ['-static', '-O2', '-Wall', '-Werror'];
 
 /**
- * Host files a container sandbox boots from besides the agent's own, all mounted read-only, so
- * nothing the tenant writes into its root filesystem runs in PID 1 or in the agent.
+ * What a container sandbox boots from besides its image: all of it packed into the agent runtime
+ * (a read-only image mounted once per host), so nothing the tenant writes into its root
+ * filesystem runs in PID 1 or in the agent, and no host path shows in the sandbox's mounts.
  */
 export interface ContainerBootFiles {
-  /** The sandboxes' PID 1, a static binary built from `init.c`. */
-  init: string;
+  /** The mounted runtime the sandbox binds /opt/voidrun and /etc/ld.so.preload from. */
+  runtime: AgentRuntime;
   /** Run on the host: sets a running sandbox's per-user-namespace sysctls (`userns-limits.c`). */
   usernsLimits: string;
-  /**
-   * The host's dynamic loader (as `ld.so`) and copies of the shared libraries node and the agent's
-   * native modules link against; null when node is statically linked.
-   */
-  libDir: string | null;
-  /** An empty file: the sandbox's /etc/ld.so.preload and the agent's OpenSSL config. */
-  emptyFile: string;
 }
 
-let building: Promise<ContainerBootFiles> | null = null;
+/** The host programs built from this directory's C sources, statically linked. */
+export interface StaticHelpers {
+  /** The sandboxes' PID 1 (`init.c`), copied into the agent runtime. */
+  init: string;
+  usernsLimits: string;
+}
+
+let helpers: Promise<StaticHelpers> | null = null;
+let runtime: Promise<ContainerBootFiles> | null = null;
 
 /**
- * Prepares the boot files under `dist/container-init/` on first use (the two programs built with
- * gcc, statically linked), each named after a hash of
- * what it is made from, so a changed `init.c` or host library is picked up at the next start.
- * Rejects with a one-line reason when they cannot be made (gcc or libc.a missing).
+ * Builds the two programs under `dist/container-init/` on first use, each named after a hash of
+ * its source, so a changed `.c` file is picked up at the next start. Rejects with a one-line
+ * reason when they cannot be made (gcc or libc.a missing).
  */
-export function ensureContainerBootFiles(nodeBinary: string, nativeModules: string[]): Promise<ContainerBootFiles> {
-  building ??= (async () => {
-    await mkdir(cacheDir, { recursive: true });
-    const emptyFile = join(cacheDir, 'empty');
-    if (!existsSync(emptyFile)) await writeFile(emptyFile, '', { mode: 0o644 });
-    return { init: await buildStatic('init.c', 'voidrun-init'), usernsLimits: await buildStatic('userns-limits.c', 'voidrun-userns-limits'), libDir: await copyAgentLibraries([nodeBinary, ...nativeModules.filter((m) => existsSync(m))]), emptyFile };
+export function ensureStaticHelpers(): Promise<StaticHelpers> {
+  helpers ??= (async () => {
+    await mkdir(BOOT_FILES_DIR, { recursive: true });
+    return { init: await buildStatic('init.c', 'voidrun-init'), usernsLimits: await buildStatic('userns-limits.c', 'voidrun-userns-limits') };
   })().catch((err: Error) => {
-    building = null; // a later call tries again (e.g. after `npm run setup`)
+    helpers = null; // a later call tries again (e.g. after `npm run setup`)
     throw err;
   });
-  return building;
+  return helpers;
+}
+
+/**
+ * The boot files for sandboxes of this agent: the static helpers, and the agent runtime (init,
+ * node with the host's loader and the libraries it and node-pty link against, the agent bundle,
+ * node-pty) built and mounted on first use. Made again when the runtime was unmounted meanwhile
+ * (a host reboot, or another server's cleanup), so every boot gets a mounted runtime.
+ */
+export async function ensureContainerBootFiles(agent: AgentFiles): Promise<ContainerBootFiles> {
+  const current = runtime;
+  const ready = current && (await current.catch(() => null));
+  if (ready && mountedAt(ready.runtime.dir)) return ready;
+  if (runtime !== current && runtime) return runtime; // another caller is making it again
+  runtime = (async () => {
+    const { usernsLimits } = await ensureStaticHelpers();
+    return { runtime: await ensureAgentRuntime(await agentRuntimeSources(agent), BOOT_FILES_DIR), usernsLimits };
+  })().catch((err: Error) => {
+    runtime = null;
+    throw err;
+  });
+  return runtime;
+}
+
+/** What the agent runtime is made from: the init, this agent's files, and the libraries node and node-pty link against. */
+export async function agentRuntimeSources(agent: AgentFiles): Promise<AgentRuntimeSources> {
+  const { init } = await ensureStaticHelpers();
+  const nativeModule = join(agent.nodeModules, 'node-pty', 'build', 'Release', 'pty.node');
+  const libraries = await agentLibraries([agent.nodeBinary, ...(existsSync(nativeModule) ? [nativeModule] : [])]);
+  return { init, nodeBinary: agent.nodeBinary, bundle: agent.bundle, nodeModules: agent.nodeModules, libraries };
 }
 
 /** Builds under a private name and renames, so concurrent servers never run a half-written file. */
@@ -64,7 +96,7 @@ async function atomically(target: string, make: (temp: string) => Promise<void>)
 async function buildStatic(file: string, name: string): Promise<string> {
   const source = join(here, file);
   const hash = createHash('sha256').update(readFileSync(source)).update(gccArgs.join(' ')).digest('hex').slice(0, 16);
-  const binary = join(cacheDir, `${name}-${hash}`);
+  const binary = join(BOOT_FILES_DIR, `${name}-${hash}`);
   if (existsSync(binary)) return binary;
   await atomically(binary, (temp) =>
     new Promise<void>((resolve, reject) => {
@@ -94,17 +126,9 @@ async function sharedLibraries(files: string[]): Promise<{ loader: string | null
   return { loader, libs };
 }
 
-async function copyAgentLibraries(files: string[]): Promise<string | null> {
+/** The dynamic loader (as `ld.so`) and the shared libraries the files link against, by real path; empty when static. */
+async function agentLibraries(files: string[]): Promise<Map<string, string>> {
   const { loader, libs } = await sharedLibraries(files);
-  if (!loader) return null;
-  const entries: Array<[string, string]> = [['ld.so', realpathSync(loader)], ...[...libs].map(([name, path]): [string, string] => [name, realpathSync(path)])];
-  const hash = createHash('sha256');
-  for (const [name, path] of entries) hash.update(`${name} ${path} ${statSync(path).size} ${statSync(path).mtimeMs}\n`);
-  const dir = join(cacheDir, `lib-${hash.digest('hex').slice(0, 16)}`);
-  if (existsSync(dir)) return dir;
-  await atomically(dir, async (temp) => {
-    await mkdir(temp, { mode: 0o755 });
-    for (const [name, path] of entries) await copyFile(path, join(temp, basename(name)));
-  });
-  return dir;
+  if (!loader) return new Map();
+  return new Map([['ld.so', realpathSync(loader)], ...[...libs].map(([name, path]): [string, string] => [name, realpathSync(path)])]);
 }

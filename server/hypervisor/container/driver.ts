@@ -1,6 +1,6 @@
 import { lastLogLines, runHostCommand } from '../host-process.js';
 import { execFile, spawn } from 'node:child_process';
-import { createWriteStream, existsSync, readFileSync, readdirSync } from 'node:fs';
+import { createWriteStream, existsSync, readFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { chown, link, mkdir, open, readdir, readlink, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { createServer as createNetServer, connect as netConnect, type Socket } from 'node:net';
@@ -14,15 +14,18 @@ import { buildOciSpec, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 import { limitSandboxInotify, raiseHostInotifyLimits } from './inotify-limits.js';
 import type { ContainerBootFiles } from './boot-files.js';
+import { loopDevicesOf, mountedAt } from './mounts.js';
 
 export interface ContainerDriverOptions {
   instancesDir: string;
   runcRoot: string;
   idMap: IdMapping;
   pidsLimit: number;
-  /** Host files the agent runs from, mounted read-only into every sandbox. */
-  agent: { nodeBinary: string; bundle: string; nodeModules: string };
-  /** Prepares (once) the host files sandboxes boot from: their init (PID 1), the agent's loader and libraries. */
+  /**
+   * What sandboxes boot from: the mounted agent runtime (their init, node with its loader and
+   * libraries, the agent, node-pty) and the host's inotify helper. Called at every boot; cheap
+   * while the runtime stays mounted.
+   */
   bootFiles: () => Promise<ContainerBootFiles>;
   /** How long `create`/`start` wait for the agent to accept connections. */
   agentReadyTimeoutMs: number;
@@ -77,19 +80,6 @@ function execIn(cwd: string, cmd: string, args: string[], timeoutMs = 60_000): P
   });
 }
 
-/** Loop devices whose backing file is `file` (normally none once its filesystem is unmounted). */
-function loopDevicesOf(file: string): string[] {
-  const devices: string[] = [];
-  for (const name of readdirSync('/sys/block').filter((n) => n.startsWith('loop'))) {
-    try {
-      if (readFileSync(`/sys/block/${name}/loop/backing_file`, 'utf8').trim() === file) devices.push(`/dev/${name}`);
-    } catch {
-      // Not attached.
-    }
-  }
-  return devices;
-}
-
 /**
  * A unix socket listening at `path`, for the agent to inherit: bound under a temporary name and
  * hard-linked to `path`, so closing this process's copy (which unlinks the temporary name) leaves
@@ -111,12 +101,6 @@ async function listeningSocket(path: string): Promise<{ fd: number; close: () =>
 
 const exec = (cmd: string, args: string[], timeoutMs = 60_000) => runHostCommand(cmd, args, timeoutMs);
 
-function isMounted(path: string): boolean {
-  return readFileSync('/proc/self/mounts', 'utf8')
-    .split('\n')
-    .some((line) => line.split(' ')[1] === path);
-}
-
 /**
  * Sandboxes as Linux containers run by runc: user-namespaced (sandbox root is an unprivileged host
  * uid), overlayfs copy-on-write over the image, cgroup v1 limits, own network namespace with only
@@ -126,7 +110,6 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
   readonly #runc: Runc;
-  #bootFiles: ContainerBootFiles | null = null;
 
   constructor(private readonly opts: ContainerDriverOptions) {
     this.#runc = new Runc(opts.runcRoot);
@@ -147,7 +130,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       return { ok: false, reason: 'fs.suid_dumpable is 1, which lets sandbox commands inspect the agent: set it to 0 (sysctl -w fs.suid_dumpable=0)' };
     }
     try {
-      this.#bootFiles = await this.opts.bootFiles();
+      await this.opts.bootFiles();
     } catch (err) {
       return { ok: false, reason: (err as Error).message };
     }
@@ -230,7 +213,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
 
   /** Mounts the sandbox's disk image (again after a host reboot or a stop); a no-op while mounted. */
   async #mountDisk(p: ReturnType<typeof layout>): Promise<void> {
-    if (p.legacy || isMounted(p.disk)) return;
+    if (p.legacy || mountedAt(p.disk)) return;
     // `-o loop` sets autoclear: unmounting the filesystem detaches the loop device.
     await execIn(p.dir, 'mount', ['-t', 'ext4', '-o', 'loop', 'disk.img', 'disk']);
   }
@@ -247,7 +230,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       await rm(p.lowerLink, { force: true });
       await symlink(spec.rootfs, p.lowerLink);
     }
-    if (!isMounted(p.rootfs)) {
+    if (!mountedAt(p.rootfs)) {
       await execIn(p.dir, 'mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=image,upperdir=${p.upperRel},workdir=${p.workRel}`, 'rootfs']);
     }
   }
@@ -256,7 +239,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
   async #unmountLayers(id: string): Promise<void> {
     const p = layout(this.opts.instancesDir, id);
     for (const target of [p.rootfs, p.disk]) {
-      if (isMounted(target)) await exec('umount', [target]).catch(() => exec('umount', ['-l', target]));
+      if (mountedAt(target)) await exec('umount', [target]).catch(() => exec('umount', ['-l', target]));
     }
     // Autoclear detaches it on unmount; a device left attached (a lazy unmount) is told to go too.
     for (const device of loopDevicesOf(p.diskImage)) await exec('losetup', ['-d', device]).catch(() => {});
@@ -266,10 +249,10 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     const p = layout(this.opts.instancesDir, spec.id);
     await this.#mountLayers(spec);
     await writeFile(p.lowerFile, spec.rootfs);
-    const boot = (this.#bootFiles ??= await this.opts.bootFiles());
+    const boot = await this.opts.bootFiles();
     const config = buildOciSpec({
       spec,
-      paths: { rootfs: p.rootfs, boot, nodeBinary: this.opts.agent.nodeBinary, agentBundle: this.opts.agent.bundle, nodeModules: this.opts.agent.nodeModules },
+      paths: { rootfs: p.rootfs, runtime: boot.runtime },
       idMap: this.opts.idMap,
       pidsLimit: this.opts.pidsLimit,
       cgroupsPath: `/voidrun/${this.#cid(spec.id)}`,
@@ -374,7 +357,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     const cid = this.#cid(id);
     const p = layout(this.opts.instancesDir, id);
     const wasRunning = (await this.#runc.state(cid))?.status === 'running';
-    const mountedHere = !p.legacy && !isMounted(p.disk);
+    const mountedHere = !p.legacy && !mountedAt(p.disk);
     if (mountedHere) await this.#mountDisk(p);
     if (wasRunning) await this.#runc.pause(cid);
     try {

@@ -4,7 +4,7 @@ import { buildOciSpec, defaultCapabilities, type OciSpecOptions } from './oci-sp
 
 const base: OciSpecOptions = {
   spec: { id: 'abc', name: 'box-1', rootfs: '/images/debian/rootfs', image: 'debian', cpu: 2, memMb: 1024, diskMb: 5120, envVars: { FOO: 'bar' } },
-  paths: { rootfs: '/inst/abc/rootfs', boot: { init: '/app/dist/container-init/voidrun-init-0123', usernsLimits: '/app/dist/container-init/voidrun-userns-limits-0123', libDir: '/app/dist/container-init/lib-0123', emptyFile: '/app/dist/container-init/empty' }, nodeBinary: '/usr/bin/node', agentBundle: '/app/dist/agent/agent.cjs', nodeModules: '/app/node_modules' },
+  paths: { rootfs: '/inst/abc/rootfs', runtime: { dir: '/run/voidrun/agent-runtime/0123', hash: '0123', loader: true } },
   idMap: { hostId: 200000, size: 65536 },
   pidsLimit: 1024,
   cgroupsPath: '/voidrun/vr-abc',
@@ -56,18 +56,18 @@ describe('buildOciSpec', () => {
     expect(rules.find((r) => r.names.includes('clone3'))).toMatchObject({ action: 'SCMP_ACT_ERRNO', errnoRet: 38 });
   });
 
-  it('mounts only the init and agent files from the host, all read-only', () => {
+  it('binds only the agent runtime image from the host, read-only: no host directory of the server, its node_modules or its dist/', () => {
     const binds = buildOciSpec(base).mounts.filter((m) => m.type === 'bind');
     expect(binds.map((m) => [m.source, m.destination])).toEqual([
-      ['/app/dist/container-init/voidrun-init-0123', '/opt/voidrun/init'],
-      ['/app/dist/container-init/lib-0123', '/opt/voidrun/lib'],
-      ['/app/dist/container-init/empty', '/opt/voidrun/openssl.cnf'],
-      ['/app/dist/container-init/empty', '/etc/ld.so.preload'],
-      ['/usr/bin/node', '/opt/voidrun/node'],
-      ['/app/dist/agent/agent.cjs', '/opt/voidrun/agent.cjs'],
-      ['/app/node_modules', '/opt/voidrun/node_modules'],
+      ['/run/voidrun/agent-runtime/0123/agent', '/opt/voidrun'],
+      ['/run/voidrun/agent-runtime/0123/empty', '/etc/ld.so.preload'],
     ]);
-    for (const m of binds) expect(m.options).toContain('ro');
+    for (const m of binds) expect(m.options).toEqual(expect.arrayContaining(['ro', 'nosuid', 'nodev']));
+  });
+
+  it('runs node directly when it is statically linked (no loader in the runtime)', () => {
+    const p = buildOciSpec({ ...base, paths: { ...base.paths, runtime: { ...base.paths.runtime, loader: false } } }).process;
+    expect(p.args.slice(3, 5)).toEqual(['/opt/voidrun/node', '--openssl-config=/opt/voidrun/openssl.cnf']);
   });
 
   it("runs the agent under the host-mounted init (not a file of the image); the sandbox's envVars reach it encoded, never as its own environment", () => {
@@ -105,6 +105,8 @@ describe('buildOciSpec', () => {
     for (const call of ['mount', 'kexec_load', 'bpf', 'setns', 'unshare', 'init_module']) expect(blocked.names).toContain(call);
     expect(blocked.names).toEqual([...blockedSyscalls]);
     expect(s.linux.maskedPaths).toContain('/proc/kcore');
+    // Loop devices' backing files name every sandbox's disk image on the host.
+    expect(s.linux.maskedPaths).toContain('/sys/devices/virtual/block');
     expect(s.linux.readonlyPaths).toContain('/proc/sys');
   });
 

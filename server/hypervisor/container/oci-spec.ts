@@ -1,16 +1,16 @@
 import type { SandboxSpec } from '../types.js';
-import type { ContainerBootFiles } from './boot-files.js';
+import type { AgentRuntime } from './agent-runtime.js';
 import { buildSeccompProfile } from './seccomp-profile.js';
 
 /** Where a sandbox's pieces are, on the host and inside. */
 export interface ContainerPaths {
   /** The overlay mount (image + writable layer): the container's root. */
   rootfs: string;
-  /** Host files mounted read-only: the sandbox's init (PID 1) and what the agent runs from. */
-  boot: ContainerBootFiles;
-  nodeBinary: string;
-  agentBundle: string;
-  nodeModules: string;
+  /**
+   * The mounted agent runtime (`<dir>/agent`: init, node, its loader and libraries, the agent
+   * bundle, node-pty; `<dir>/empty`), bound read-only into the sandbox.
+   */
+  runtime: AgentRuntime;
 }
 
 export interface IdMapping {
@@ -66,8 +66,9 @@ export const defaultCapabilities = [
  * - Namespaces: user (ids mapped onto `idMap`, so sandbox root is an unprivileged host uid), pid,
  *   ipc, uts (hostname = sandbox name), mount, network (loopback only) and cgroup.
  * - PID 1 is our init (`init.c`: reaps orphans, forwards signals, holds no agent socket, bounds the
- *   log), mounted read-only from the host like the node binary, its loader and libraries and the
- *   agent bundle it starts; nothing else of the host is mounted.
+ *   log), bound read-only at /opt/voidrun from the agent runtime image with the node binary, its
+ *   loader and libraries, the agent bundle it starts and node-pty; nothing else of the host is
+ *   mounted, and the sandbox's mountinfo shows the image's loop device and paths inside the image.
  * - cgroup limits: memory (no swap beyond it), CPU quota = `cpu` cores, a pids limit.
  */
 export function buildOciSpec(o: OciSpecOptions) {
@@ -104,7 +105,7 @@ export function buildOciSpec(o: OciSpecOptions) {
         '--',
         // The host's loader and libraries, never the image's (which the tenant can replace); no
         // OpenSSL config from the image's /etc/ssl either (it can load modules).
-        ...(paths.boot.libDir ? [`${AGENT_DIR}/lib/ld.so`, '--inhibit-cache', '--library-path', `${AGENT_DIR}/lib`] : []),
+        ...(paths.runtime.loader ? [`${AGENT_DIR}/lib/ld.so`, '--inhibit-cache', '--library-path', `${AGENT_DIR}/lib`] : []),
         `${AGENT_DIR}/node`,
         `--openssl-config=${AGENT_DIR}/openssl.cnf`,
         '--max-semi-space-size=2',
@@ -130,15 +131,11 @@ export function buildOciSpec(o: OciSpecOptions) {
       { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
       { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
-      { destination: `${AGENT_DIR}/init`, type: 'bind', source: paths.boot.init, options: ro },
-      ...(paths.boot.libDir ? [{ destination: `${AGENT_DIR}/lib`, type: 'bind', source: paths.boot.libDir, options: ro }] : []),
-      { destination: `${AGENT_DIR}/openssl.cnf`, type: 'bind', source: paths.boot.emptyFile, options: ro },
+      // init, node, lib/, agent.cjs, openssl.cnf (empty) and node_modules/node-pty, where Node's
+      // resolution from agent.cjs finds it.
+      { destination: AGENT_DIR, type: 'bind', source: `${paths.runtime.dir}/agent`, options: ro },
       // Read by every dynamic loader, the host's too: empty, so nothing is preloaded into the agent.
-      { destination: '/etc/ld.so.preload', type: 'bind', source: paths.boot.emptyFile, options: ro },
-      { destination: `${AGENT_DIR}/node`, type: 'bind', source: paths.nodeBinary, options: ro },
-      { destination: `${AGENT_DIR}/agent.cjs`, type: 'bind', source: paths.agentBundle, options: ro },
-      // Ends in node_modules so Node's resolution finds the agent's native dependencies.
-      { destination: `${AGENT_DIR}/node_modules`, type: 'bind', source: paths.nodeModules, options: ro },
+      { destination: '/etc/ld.so.preload', type: 'bind', source: `${paths.runtime.dir}/empty`, options: ro },
     ],
     linux: {
       uidMappings: [{ containerID: 0, hostID: idMap.hostId, size: idMap.size }],
@@ -163,6 +160,8 @@ export function buildOciSpec(o: OciSpecOptions) {
         '/proc/sched_debug',
         '/proc/scsi',
         '/sys/firmware',
+        // Every loop device's backing file (each sandbox's disk image, under INSTANCES_DIR).
+        '/sys/devices/virtual/block',
       ],
       readonlyPaths: ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
     },
