@@ -216,6 +216,10 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     if (p.legacy || mountedAt(p.disk)) return;
     // `-o loop` sets autoclear: unmounting the filesystem detaches the loop device.
     await execIn(p.dir, 'mount', ['-t', 'ext4', '-o', 'loop', 'disk.img', 'disk']);
+    // Direct I/O to the image: without it every block is cached twice (in the sandbox's filesystem
+    // and in the image file's), which made a 1 GiB write + sync 5× slower. Where the host's
+    // filesystem cannot do direct I/O the device stays buffered.
+    for (const device of loopDevicesOf(p.diskImage)) await exec('losetup', ['--direct-io=on', device]).catch(() => {});
   }
 
   /**
