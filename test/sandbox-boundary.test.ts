@@ -15,7 +15,8 @@ import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.
 /** x86_64 syscall numbers, for perl's syscall() (the image has perl-base, no compiler). */
 const SYS = { pidfd_open: 434, pidfd_getfd: 438, inotify_init: 253 };
 /** The agent's pid inside the sandbox: the oldest process running the agent bundle. */
-const AGENT = "agent=$(pgrep -o -f '/opt/voidrun/agent.cjs$')";
+// The agent is PID 1's (our init's) child; init's own command line ends in agent.cjs too.
+const AGENT = "agent=$(pgrep -P 1 -o -f '/opt/voidrun/agent.cjs$')";
 
 describe.skipIf(!support.ok)('the container sandbox boundary', () => {
   let server: TestServer;
@@ -33,6 +34,20 @@ describe.skipIf(!support.ok)('the container sandbox boundary', () => {
   });
 
   const sh = async (command: string) => (await box.exec(command)).stdout.trim();
+
+  it('a sandbox command cannot set up io_uring (a kernel surface the profile refuses)', async () => {
+    // io_uring_setup(8, params): 425 on x86_64; the params struct is 120 bytes.
+    const out = await sh(`perl -e '$p = "\\0" x 120; $r = syscall(425, 8, $p); print "r=$r errno=", $!+0, "\\n"'`);
+    expect(out).toBe('r=-1 errno=1');
+  });
+
+  it("a sandbox cannot see other sandboxes' disks: their I/O counters, filesystems or loop devices", async () => {
+    const other = await vr.sandboxes.create({ name: 'boundary-neighbour' });
+    await other.exec('head -c 1048576 /dev/zero > /root/busy && sync');
+    const out = await sh('cat /proc/diskstats 2>&1 | wc -l; ls /proc/fs /sys/fs/ext4 /sys/block /sys/class/block 2>/dev/null | grep -c loop');
+    expect(out.split('\n')).toEqual(['0', '0']);
+    await other.delete();
+  });
 
   it("a sandbox command cannot copy the agent's listening socket with pidfd_getfd", async () => {
     const out = await sh(`${AGENT}; perl -e '$p = syscall(${SYS.pidfd_open}, $ARGV[0] + 0, 0); $fd = syscall(${SYS.pidfd_getfd}, $p, 3, 0); print "pidfd=", ($p >= 0 ? "ok" : "fail"), " getfd=$fd errno=", $!+0, "\\n"' $agent`);

@@ -160,10 +160,16 @@ export function buildOciSpec(o: OciSpecOptions) {
         '/proc/sched_debug',
         '/proc/scsi',
         '/sys/firmware',
-        // Every loop device's backing file (each sandbox's disk image, under INSTANCES_DIR).
+        // Every loop device's backing file (each sandbox's disk image, under INSTANCES_DIR), and
+        // what else tells of other sandboxes' disks: their I/O counters, mounted filesystems, count.
         '/sys/devices/virtual/block',
+        '/sys/block',
+        '/sys/class/block',
+        '/sys/fs/ext4',
+        '/proc/diskstats',
+        '/proc/fs',
       ],
-      readonlyPaths: ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
+      readonlyPaths: ['/proc/bus', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
     },
   };
 }

@@ -17,6 +17,10 @@ export const blockedSyscalls = [
   'get_kernel_syms',
   'get_mempolicy',
   'init_module',
+  // io_uring: a large, often-exploited kernel surface (Docker's default profile refuses it too).
+  'io_uring_enter',
+  'io_uring_register',
+  'io_uring_setup',
   'ioperm',
   'iopl',
   'kcmp',
