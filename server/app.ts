@@ -85,7 +85,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       org: { sandboxes: config.ORG_MAX_SANDBOXES, vcpus: config.ORG_MAX_VCPUS, memoryMb: config.ORG_MAX_MEMORY_MB, diskMb: config.ORG_MAX_DISK_MB },
       snapshotMaxBytes: config.SNAPSHOT_MAX_BYTES,
       // Each container holds a budget of SANDBOX_PIDS_LIMIT pids; the host's pid space bounds their number.
-      host: hostLimits({ diskDir: config.INSTANCES_DIR, pidsLimit: driver?.name === 'container' ? config.SANDBOX_PIDS_LIMIT : null, reservedPids: config.HOST_RESERVED_PIDS, memoryCommitPercent: config.HOST_MEMORY_COMMIT_PERCENT }),
+      host: hostLimits({ diskDir: config.INSTANCES_DIR, pidsLimit: driver?.name === 'container' ? config.SANDBOX_PIDS_LIMIT : null, reservedPids: config.HOST_RESERVED_PIDS, memoryCommitPercent: config.HOST_MEMORY_COMMIT_PERCENT, diskCommitPercent: config.HOST_DISK_COMMIT_PERCENT }),
     }),
     log,
   });

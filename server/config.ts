@@ -66,6 +66,8 @@ const EnvSchema = z.object({
   HOST_RESERVED_PIDS: int(0, 4_194_304).default(4096),
   // The memory all sandboxes on this host may be promised together, in percent of its RAM.
   HOST_MEMORY_COMMIT_PERCENT: int(10, 10_000).default(200),
+  // The disk all sandboxes on this host may be promised together, in percent of the free space.
+  HOST_DISK_COMMIT_PERCENT: int(10, 10_000).default(200),
   SNAPSHOT_MAX_BYTES: int(1024 * 1024, Number.MAX_SAFE_INTEGER).default(5 * 1024 * 1024 * 1024),
   SANDBOX_LIST_DEFAULT_LIMIT: int(1, 100).default(20),
   AGENT_READY_TIMEOUT_MS: int(100, 600_000).default(15_000),

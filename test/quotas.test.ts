@@ -1,9 +1,10 @@
 import { availableParallelism, totalmem } from 'node:os';
-import { readFileSync } from 'node:fs';
+import { readFileSync, statfsSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TooManyRequestsError, type VoidRunClient } from '../client/index.js';
 import { support } from './helpers/sandbox-support.js';
-import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+import { newServerDirs, startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
 const DISK_MB = 64;
 
@@ -171,5 +172,33 @@ describe.skipIf(!support.ok)('host memory commitment', () => {
     );
     await made[0]!.delete();
     await (await late.vr.sandboxes.create({ name: 'now-fits', mem: 1024 })).delete();
+  });
+});
+
+describe.skipIf(!support.ok)('host disk commitment', () => {
+  let server: TestServer;
+  let diskMb: number;
+
+  beforeAll(async () => {
+    const dirs = newServerDirs();
+    // 10% of the free space may be promised: disks sized so that two fit and a third does not.
+    const fs = statfsSync(dirname(dirs.instancesDir));
+    const commitMb = Math.floor((Math.floor((fs.bavail * fs.bsize) / (1024 * 1024)) * 10) / 100);
+    diskMb = Math.floor(commitMb / 2.5);
+    server = await startTestServer({ SANDBOX_DEFAULT_DISK_MB: String(diskMb), HOST_DISK_COMMIT_PERCENT: '10', ORG_MAX_DISK_MB: String(10 * diskMb) }, dirs);
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('orgs each within their quota cannot together promise more disk than HOST_DISK_COMMIT_PERCENT of the free space', async () => {
+    const made = [];
+    for (let i = 0; i < 2; i++) made.push(await (await register(server, `disk-${i}`)).vr.sandboxes.create({ name: `disk-${i}` }));
+    const late = await register(server, 'disk-late');
+    const res = await server.http('/api/sandboxes', { method: 'POST', apiKey: late.apiKey, json: { name: 'one-too-many' } });
+    expect(res.status).toBe(429);
+    expect(await errorOf(res)).toMatch(new RegExp(`^The host is full: its sandboxes are promised ${2 * diskMb} MB of disk and ${diskMb} more would pass \\d+ MB \\(HOST_DISK_COMMIT_PERCENT 10% of \\d+ MB free\\)`));
+    await made[0]!.delete();
+    await (await late.vr.sandboxes.create({ name: 'now-fits' })).delete();
   });
 });

@@ -31,6 +31,8 @@ export interface HostLimits {
   memoryCommitMb: number;
   /** HOST_MEMORY_COMMIT_PERCENT, for the refusal. */
   memoryCommitPercent: number;
+  /** HOST_DISK_COMMIT_PERCENT: all sandboxes' `diskMb` together against the free space of `diskDir`. */
+  diskCommitPercent: number;
 }
 
 export interface SandboxQuotasOptions {
@@ -62,11 +64,11 @@ interface Usage {
  * pids budget (`pidsLimit`, containers), how many sandboxes fit in the kernel's pid space:
  * (min(kernel.pid_max, kernel.threads-max) − reservedPids) / pidsLimit, at least 1.
  */
-export function hostLimits(o: { diskDir: string; pidsLimit: number | null; reservedPids: number; memoryCommitPercent: number }): HostLimits {
+export function hostLimits(o: { diskDir: string; pidsLimit: number | null; reservedPids: number; memoryCommitPercent: number; diskCommitPercent: number }): HostLimits {
   const memoryMb = Math.floor(totalmem() / MiB);
   // A sandbox's memory is a ceiling (an idle one uses ~20 MiB), so promising more than the RAM is
   // normal; promising without bound lets a few orgs' sandboxes, each within quota, exhaust the host.
-  const base = { cpus: availableParallelism(), memoryMb, diskDir: o.diskDir, memoryCommitMb: Math.floor((memoryMb * o.memoryCommitPercent) / 100), memoryCommitPercent: o.memoryCommitPercent };
+  const base = { cpus: availableParallelism(), memoryMb, diskDir: o.diskDir, memoryCommitMb: Math.floor((memoryMb * o.memoryCommitPercent) / 100), memoryCommitPercent: o.memoryCommitPercent, diskCommitPercent: o.diskCommitPercent };
   const read = (name: string) => {
     try {
       return Number(readFileSync(`/proc/sys/kernel/${name}`, 'utf8').trim()) || Infinity;
@@ -101,9 +103,15 @@ export class SandboxQuotas {
     const { host } = this.opts;
     if (request.cpu > host.cpus) throw new InvalidInputError(`cpu ${request.cpu} is more than this host has: ${host.cpus} CPUs`);
     if (request.mem > host.memoryMb) throw new InvalidInputError(`mem ${request.mem} MiB is more than this host has: ${host.memoryMb} MiB`);
-    const fs = existsSync(host.diskDir) ? await statfs(host.diskDir) : null;
-    const freeMb = fs ? Math.floor((fs.bavail * fs.bsize) / MiB) : Infinity;
+    const freeMb = await this.#freeMb();
     if (request.diskMb > freeMb) throw new InvalidInputError(`diskMb ${request.diskMb} is more than this host's free disk: ${freeMb} MB`);
+  }
+
+  /** Free space where sandbox disks live, in MB (Infinity when it cannot be read). */
+  async #freeMb(): Promise<number> {
+    const dir = this.opts.host.diskDir;
+    const fs = existsSync(dir) ? await statfs(dir) : null;
+    return fs ? Math.floor((fs.bavail * fs.bsize) / MiB) : Infinity;
   }
 
   /**
@@ -117,6 +125,17 @@ export class SandboxQuotas {
       const host = this.opts.host;
       if (host.maxSandboxes !== null && all.length + 1 > host.maxSandboxes) {
         throw new TooManyRequestsError(`The host is full: it runs at most ${host.maxSandboxes} sandboxes (${host.maxSandboxesReason}); try again later`);
+      }
+      // Disks are sparse images, so what they are promised is what can fill the host later: the
+      // promises together stay within a share of the free space (as sandboxes fill theirs, free
+      // space shrinks and later creates are refused sooner: the check errs on the safe side).
+      const diskPromised = all.reduce((sum, s) => sum + s.diskMb, 0);
+      const freeMb = await this.#freeMb();
+      const diskCommitMb = Math.floor((freeMb * host.diskCommitPercent) / 100);
+      if (diskPromised + request.diskMb > diskCommitMb) {
+        throw new TooManyRequestsError(
+          `The host is full: its sandboxes are promised ${diskPromised} MB of disk and ${request.diskMb} more would pass ${diskCommitMb} MB (HOST_DISK_COMMIT_PERCENT ${host.diskCommitPercent}% of ${freeMb} MB free); ask for a smaller disk or try again later`,
+        );
       }
       const committed = all.reduce((sum, s) => sum + s.mem, 0);
       if (committed + request.mem > host.memoryCommitMb) {
