@@ -118,6 +118,13 @@ describe('buildOciSpec', () => {
     expect(rule).not.toHaveProperty('args');
   });
 
+  it("gives the sandbox's processes their own message queue, pending signal and memlock limits, equal soft and hard", () => {
+    const rlimits = buildOciSpec(base).process.rlimits;
+    expect(rlimits.map((r) => r.type).sort()).toEqual(['RLIMIT_MEMLOCK', 'RLIMIT_MSGQUEUE', 'RLIMIT_SIGPENDING']);
+    expect(rlimits.find((r) => r.type === 'RLIMIT_MSGQUEUE')).toEqual({ type: 'RLIMIT_MSGQUEUE', soft: 819_200, hard: 819_200 });
+    expect(rlimits.every((r) => r.soft === r.hard && r.hard > 0)).toBe(true);
+  });
+
   it('roots the container at the overlay mount, writable', () => {
     expect(buildOciSpec(base).root).toEqual({ path: '/inst/abc/rootfs', readonly: false });
     expect(buildOciSpec(base).linux.cgroupsPath).toBe('/voidrun/vr-abc');

@@ -1,5 +1,6 @@
 import { execFile, spawn } from 'node:child_process';
 import { openSync, closeSync } from 'node:fs';
+import { canRaiseRlimits, RUNC_UNLIMITED_RLIMITS } from './inotify-limits.js';
 
 export interface RuncState {
   id: string;
@@ -33,13 +34,17 @@ export class Runc {
 
   /**
    * Creates and starts the container detached; its stdout and stderr go to `logFile`. `passFd`, if
-   * given, becomes file descriptor 3 of the container's first process.
+   * given, becomes file descriptor 3 of the container's first process. Where the host allows
+   * (`canRaiseRlimits`), runc runs under `prlimit` with `RUNC_UNLIMITED_RLIMITS`, which the
+   * container's user namespace takes as its parent-level limits; the spec's `process.rlimits` are
+   * the container's own.
    */
   runDetached(id: string, bundle: string, logFile: string, passFd?: number): Promise<void> {
     const log = openSync(logFile, 'a');
     return new Promise((resolve, reject) => {
-      const args = ['--root', this.root, 'run', '--detach', '--bundle', bundle, '--pid-file', `${bundle}/init.pid`, ...(passFd !== undefined ? ['--preserve-fds', '1'] : []), id];
-      const child = spawn(this.binary, args, { stdio: passFd !== undefined ? ['ignore', log, log, passFd] : ['ignore', log, log] });
+      const run = [this.binary, '--root', this.root, 'run', '--detach', '--bundle', bundle, '--pid-file', `${bundle}/init.pid`, ...(passFd !== undefined ? ['--preserve-fds', '1'] : []), id];
+      const [command, ...args] = canRaiseRlimits() ? ['prlimit', ...RUNC_UNLIMITED_RLIMITS, '--', ...run] : run;
+      const child = spawn(command!, args, { stdio: passFd !== undefined ? ['ignore', log, log, passFd] : ['ignore', log, log] });
       closeSync(log);
       child.once('error', (err) => reject(new RuncError(`runc run failed: ${err.message}`)));
       child.once('exit', (code) => (code === 0 ? resolve() : reject(new RuncError(`runc run exited with ${code}; see the sandbox log`))));
