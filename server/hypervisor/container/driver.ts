@@ -1,7 +1,7 @@
+import { agentHttpStatus } from '../../agent-client/agent-http.js';
 import { lastLogLines, runHostCommand } from '../host-process.js';
 import { execFile, spawn } from 'node:child_process';
 import { createWriteStream, existsSync, readFileSync } from 'node:fs';
-import { request as httpRequest } from 'node:http';
 import { chown, link, mkdir, open, readdir, readlink, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { createServer as createNetServer, connect as netConnect, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
@@ -441,19 +441,19 @@ async function commandToFile(cmd: string, args: string[], file: string, maxBytes
   }
 }
 
-/** Whether an HTTP GET /ready on the socket answers 200 within `timeoutMs`. */
-function agentAnswers(socketPath: string, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const req = httpRequest({ socketPath, path: '/ready', timeout: timeoutMs }, (res) => {
-      res.resume();
-      resolve(res.statusCode === 200);
-    });
-    req.once('timeout', () => {
-      req.destroy();
-      resolve(false);
-    });
-    req.once('error', () => resolve(false));
-    req.end();
+/** Whether the agent on the socket answers `GET /ready` with 200 within `timeoutMs` (asked through the agent gateway). */
+async function agentAnswers(socketPath: string, timeoutMs: number): Promise<boolean> {
+  const stream = await new Promise<Socket | null>((resolve) => {
+    const s = netConnect(socketPath);
+    s.once('connect', () => resolve(s));
+    s.once('error', () => resolve(null));
   });
+  if (!stream) return false;
+  try {
+    return (await agentHttpStatus(stream, 'GET', '/ready', { timeoutMs })) === 200;
+  } catch {
+    return false;
+  } finally {
+    stream.destroy();
+  }
 }
-
