@@ -174,6 +174,19 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
     await victimStillServed();
   });
 
+  it("an agent failing every call costs one status refresh a second, not one per call (no host work on the agent's pace)", async () => {
+    const id = await attackerBox((ws) => ws.send('null'));
+    const refreshes = () => server.logLines.filter((l) => l.includes('sandbox agent call failed') && l.includes(id)).length;
+    const started = Date.now();
+    for (let round = 0; round < 5; round++) {
+      const answers = await Promise.all(Array.from({ length: 10 }, () => exec(id, keyA)));
+      for (const a of answers) expect(a.status).toBe(502);
+    }
+    // At most one refresh per started second of the attack (50 failed calls).
+    expect(refreshes()).toBeGreaterThanOrEqual(1);
+    expect(refreshes()).toBeLessThanOrEqual(1 + Math.ceil((Date.now() - started) / 1000));
+  });
+
   it("an agent's oversized or malformed upload answer fails the upload with 502", async () => {
     const id = await attackerBox(
       () => {},

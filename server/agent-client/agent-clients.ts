@@ -8,6 +8,9 @@ import { AgentConnection, AgentConnectionError, AgentProtocolError } from './age
 
 export type AgentClient = TRPCClient<AgentRouter>;
 
+/** The shortest interval between two status refreshes of one sandbox after agent failures. */
+const REFRESH_INTERVAL_MS = 1000;
+
 /** How long the agent has to start answering a raw request once it is fully sent. */
 export const AGENT_ANSWER_TIMEOUT_MS = 60_000;
 
@@ -42,6 +45,8 @@ export interface AgentClientsOptions {
  */
 export class AgentClients {
   readonly #clients = new Map<string, { conn: AgentConnection; client: AgentClient }>();
+  readonly #refreshing = new Map<string, Promise<void>>();
+  readonly #refreshedAt = new Map<string, number>();
 
   constructor(
     private readonly driver: SandboxDriver,
@@ -73,8 +78,30 @@ export class AgentClients {
   /** The domain error for a failed agent call or stream, after `onUnavailable` where it applies. */
   async failure(sandbox: SandboxRef, err: unknown): Promise<unknown> {
     const mapped = fromAgentError(err);
-    if (mapped instanceof AgentUnavailableError) await this.opts.onUnavailable?.(sandbox, mapped).catch(() => {});
+    if (mapped instanceof AgentUnavailableError) await this.#unavailable(sandbox, mapped);
     return mapped;
+  }
+
+  /**
+   * Runs `onUnavailable` for a sandbox at most once at a time and once per second: a lying agent
+   * failing every call (or a client repeating calls to a dead one) costs one status refresh, not
+   * one per call. Callers in between wait for the refresh in flight, or go on.
+   */
+  async #unavailable(sandbox: SandboxRef, err: AgentUnavailableError): Promise<void> {
+    const hook = this.opts.onUnavailable;
+    if (!hook) return;
+    const running = this.#refreshing.get(sandbox.id);
+    if (running) return running;
+    const last = this.#refreshedAt.get(sandbox.id) ?? 0;
+    if (Date.now() - last < REFRESH_INTERVAL_MS) return;
+    const refresh = hook(sandbox, err)
+      .catch(() => {})
+      .finally(() => {
+        this.#refreshing.delete(sandbox.id);
+        this.#refreshedAt.set(sandbox.id, Date.now());
+      });
+    this.#refreshing.set(sandbox.id, refresh);
+    return refresh;
   }
 
   /**
@@ -122,6 +149,7 @@ export class AgentClients {
   async drop(sandboxId: string): Promise<void> {
     const entry = this.#clients.get(sandboxId);
     this.#clients.delete(sandboxId);
+    this.#refreshedAt.delete(sandboxId);
     await entry?.conn.close();
   }
 
