@@ -87,11 +87,3 @@ export function agentHeader(res: IncomingMessage, name: string): string {
   return typeof v === 'string' ? v : '';
 }
 
-/** A percent-encoded header value decoded, or null when it is not valid. */
-export function decodeHeader(value: string): string | null {
-  try {
-    return decodeURIComponent(value);
-  } catch {
-    return null;
-  }
-}

@@ -17,6 +17,7 @@ import type { Principal } from '../services/auth-service.js';
 import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
+import { decodeOrNull } from '../../shared/uri.js';
 
 interface RawRoute {
   method: string;
@@ -183,12 +184,10 @@ const routes: RawRoute[] = [
 ];
 
 /** A path parameter, decoded; a malformed percent-escape is the client's error (400). */
-function decodePathSegment(segment: string): string {
-  try {
-    return decodeURIComponent(segment);
-  } catch {
-    throw new InvalidInputError(`Invalid path: ${segment.slice(0, 200)} has an invalid percent-escape (each % must start a %XX escape of UTF-8)`);
-  }
+export function decodePathSegment(segment: string): string {
+  const decoded = decodeOrNull(segment);
+  if (decoded === null) throw new InvalidInputError(`Invalid path: ${segment.slice(0, 200)} has an invalid percent-escape (each % must start a %XX escape of UTF-8)`);
+  return decoded;
 }
 
 /**

@@ -7,7 +7,7 @@ import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import type { Logger } from 'pino';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { errorCodeTable } from '../../shared/errors.js';
-import { DomainError, InvalidInputError } from '../errors.js';
+import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
@@ -18,7 +18,8 @@ import { serveDocs } from './docs-page.js';
 import { sendError, sendJson } from './envelope.js';
 import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
-import { createRawRoutes } from './raw-routes.js';
+import { createRawRoutes, decodePathSegment } from './raw-routes.js';
+import { decodeOrNull } from '../../shared/uri.js';
 import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
 
@@ -30,14 +31,6 @@ function rejectUpgrade(socket: Duplex, status: number, message: string): void {
   (socket as Duplex & { destroySoon?: () => void }).destroySoon?.();
 }
 
-/** `decodeURIComponent`, or null for a malformed percent-escape. */
-function decodePathSegment(segment: string): string | null {
-  try {
-    return decodeURIComponent(segment);
-  } catch {
-    return null;
-  }
-}
 
 /** Past this many unsent reply bytes, a tRPC WebSocket is not read until its socket drains. */
 const wsReadHighWater = 4 * 1024 * 1024;
@@ -193,7 +186,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     // decodes it before splitting (`%2C` is a comma too); a malformed escape is left to tRPC (400).
     middleware: (req, res, next) => {
       const url = new URL(req.url ?? '/', 'http://localhost');
-      const calls = (decodePathSegment(url.pathname) ?? '').slice('/trpc/'.length).split(',').length;
+      const calls = (decodeOrNull(url.pathname) ?? '').slice('/trpc/'.length).split(',').length;
       if (url.searchParams.get('batch') === '1' && calls > limits.maxBatchSize) {
         return next(new TRPCError({ code: 'BAD_REQUEST', message: `A batch may hold at most ${limits.maxBatchSize} calls (TRPC_MAX_BATCH_SIZE); this one has ${calls}` }));
       }
@@ -535,11 +528,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     const watch = watchStream.exec(path);
     const match = ephemeral ?? attach ?? watch;
     if (!match) return rejectUpgrade(socket, 404, `No WebSocket route for ${path}`);
-    const params = match.slice(1).map(decodePathSegment);
-    if (params.some((p) => p === null)) {
-      throw new InvalidInputError(`Invalid path: ${path.slice(0, 200)} has an invalid percent-escape (each % must start a %XX escape of UTF-8)`);
-    }
-    const [first, second] = params as string[];
+    const [first, second] = match.slice(1).map(decodePathSegment);
     const upgrade = watch ? upgradeWatchStream(req, socket, head, first!, second!) : upgradePty(req, socket, head, first!, attach ? second! : null);
     upgrade.catch(refuse(socket));
   }

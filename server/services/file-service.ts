@@ -14,7 +14,8 @@ import type {
   UploadResult,
 } from '../../shared/index.js';
 import { AgentUnavailableError, fromAgentCode, type AgentClient } from '../agent-client/agent-clients.js';
-import { agentHeader, decodeHeader, readAgentError, readAgentJson } from '../agent-client/agent-http.js';
+import { agentHeader, readAgentError, readAgentJson } from '../agent-client/agent-http.js';
+import { decodeOrNull } from '../../shared/uri.js';
 import { AgentUploadReply } from '../../shared/schemas/agent-replies.js';
 import { PayloadTooLargeError } from '../errors.js';
 import type { SandboxRecord } from '../store/types.js';
@@ -194,13 +195,13 @@ export class FileService {
     // What the agent says about the file only labels the response; it is checked, never trusted.
     const length = agentHeader(res, 'content-length');
     const size = /^\d{1,15}$/.test(length) ? Number(length) : null;
-    const resolved = decodeHeader(agentHeader(res, 'x-file-path'));
+    const resolved = decodeOrNull(agentHeader(res, 'x-file-path'));
     const label = resolved && resolved.length <= 4096 && resolved.startsWith('/') && !/[\x00-\x1f\x7f]/.test(resolved) ? resolved : path;
     return { path: label, size, stream: res };
   }
 
   /** A bodiless request to the agent's `/files/content` route; its response once headers arrive. */
-  #askAgent(record: SandboxRecord, method: 'GET' | 'HEAD', path: string, signal?: AbortSignal): Promise<IncomingMessage> {
+  #askAgent(record: SandboxRecord, method: 'GET', path: string, signal?: AbortSignal): Promise<IncomingMessage> {
     const agentReq = this.deps.sandboxes.agents.request(record.id, { method, path: `/files/content?path=${encodeURIComponent(path)}`, signal });
     return new Promise<IncomingMessage>((resolve, reject) => {
       agentReq.once('response', resolve);
