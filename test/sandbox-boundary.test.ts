@@ -8,7 +8,7 @@ import type { WatchMessage } from '../shared/index.js';
 import { ensureAgentBundle } from '../server/agent-client/agent-bundle.js';
 import { AGENT_RUNTIME_MOUNTS, ensureAgentRuntime } from '../server/hypervisor/container/agent-runtime.js';
 import { agentRuntimeSources, BOOT_FILES_DIR, ensureStaticHelpers } from '../server/hypervisor/container/boot-files.js';
-import { SANDBOX_INOTIFY } from '../server/hypervisor/container/inotify-limits.js';
+import { SANDBOX_INOTIFY } from '../server/hypervisor/container/kernel-limits.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 

@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle } from '../client/index.js';
-import { canRaiseRlimits, HOST_EPOLL_WATCHES_MAX, HOST_INOTIFY_MAX, SANDBOX_RLIMITS, SANDBOX_USERNS_LIMITS, sysctlFile } from '../server/hypervisor/container/inotify-limits.js';
+import { canRaiseRlimits, HOST_EPOLL_WATCHES_MAX, HOST_INOTIFY_MAX, SANDBOX_RLIMITS, SANDBOX_USERNS_LIMITS, sysctlFile } from '../server/hypervisor/container/kernel-limits.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 

@@ -12,7 +12,7 @@ import { PayloadTooLargeError } from '../../errors.js';
 import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver } from '../types.js';
 import { buildOciSpec, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
-import { limitSandboxInotify, raiseHostInotifyLimits } from './inotify-limits.js';
+import { limitSandboxKernelLimits, raiseHostKernelLimits } from './kernel-limits.js';
 import type { ContainerBootFiles } from './boot-files.js';
 import { loopDevicesOf, mountedAt } from './mounts.js';
 
@@ -135,7 +135,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     } catch (err) {
       return { ok: false, reason: (err as Error).message };
     }
-    raiseHostInotifyLimits(this.opts.log);
+    raiseHostKernelLimits(this.opts.log);
     // runc resolves the sandbox's mounts as the sandbox's root (an unprivileged host uid), so every
     // directory above the instances must be searchable by others.
     await mkdir(this.opts.instancesDir, { recursive: true, mode: 0o711 });
@@ -274,7 +274,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     }
     // Set while the agent starts: no sandbox command runs before the agent is reported ready.
     const initPid = Number(readFileSync(join(p.dir, 'init.pid'), 'utf8'));
-    await Promise.all([limitSandboxInotify(boot.usernsLimits, initPid), this.#waitForAgent(spec.id)]);
+    await Promise.all([limitSandboxKernelLimits(boot.usernsLimits, initPid), this.#waitForAgent(spec.id)]);
   }
 
   /**

@@ -1,6 +1,6 @@
 import type { SandboxSpec } from '../types.js';
 import type { AgentRuntime } from './agent-runtime.js';
-import { SANDBOX_RLIMITS } from './inotify-limits.js';
+import { SANDBOX_RLIMITS } from './kernel-limits.js';
 import { buildSeccompProfile } from './seccomp-profile.js';
 
 /** Where a sandbox's pieces are, on the host and inside. */
@@ -123,7 +123,7 @@ export function buildOciSpec(o: OciSpecOptions) {
       // namespace, so instead the agent raises the score of every command it starts.
       noNewPrivileges: false,
       // Per uid in the sandbox's user namespace; runc itself runs with them unlimited, which makes
-      // that the namespace's parent-level limit (inotify-limits.ts, RUNC_UNLIMITED_RLIMITS).
+      // that the namespace's parent-level limit (kernel-limits.ts, RUNC_UNLIMITED_RLIMITS).
       rlimits: SANDBOX_RLIMITS.map((r) => ({ ...r })),
     },
     root: { path: paths.rootfs, readonly: false },

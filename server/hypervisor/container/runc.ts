@@ -1,6 +1,6 @@
 import { execFile, spawn } from 'node:child_process';
 import { openSync, closeSync } from 'node:fs';
-import { canRaiseRlimits, RUNC_UNLIMITED_RLIMITS } from './inotify-limits.js';
+import { canRaiseRlimits, RUNC_UNLIMITED_RLIMITS } from './kernel-limits.js';
 
 export interface RuncState {
   id: string;

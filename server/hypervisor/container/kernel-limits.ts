@@ -50,7 +50,7 @@ interface HostLimit {
 const atLeast = (sysctl: string, target: bigint): HostLimit => ({ sysctl, target, enough: (c) => c >= target });
 const zeroIsUnlimited = (sysctl: string): HostLimit => ({ sysctl, target: 0n, enough: (c) => c === 0n });
 
-/** The host sysctls `raiseHostInotifyLimits` raises. */
+/** The host sysctls `raiseHostKernelLimits` raises. */
 export const HOST_LIMITS: readonly HostLimit[] = [
   atLeast('fs.inotify.max_user_instances', BigInt(HOST_INOTIFY_MAX)),
   atLeast('fs.inotify.max_user_watches', BigInt(HOST_INOTIFY_MAX)),
@@ -71,7 +71,7 @@ export const sysctlFile = (sysctl: string): string => `/proc/sys/${sysctl.replac
  * lowered). A sysctl this kernel lacks (fanotify not built in) is skipped. Warns when runc cannot
  * be given `RUNC_UNLIMITED_RLIMITS` (`canRaiseRlimits`).
  */
-export function raiseHostInotifyLimits(log: Logger): void {
+export function raiseHostKernelLimits(log: Logger): void {
   for (const limit of HOST_LIMITS) {
     let current: bigint;
     try {
@@ -93,7 +93,7 @@ export function raiseHostInotifyLimits(log: Logger): void {
  * CAP_SYS_RESOURCE there, which a process entering it from outside has; sandbox processes lack the
  * capability, and their /proc/sys is read-only.
  */
-export async function limitSandboxInotify(helper: string, pid: number): Promise<void> {
+export async function limitSandboxKernelLimits(helper: string, pid: number): Promise<void> {
   await runHostCommand(helper, [String(pid), ...Object.entries(SANDBOX_USERNS_LIMITS).map(([name, value]) => `${name}=${value}`)], 10_000);
 }
 
