@@ -3,6 +3,7 @@ import { pino, type Logger } from 'pino';
 import type { Config } from './config.js';
 import { createHttpServer, type HttpServer } from './http/server.js';
 import { HttpMetrics } from './http/metrics.js';
+import { corsPolicy } from './http/cors.js';
 import { buildOpenApiDocument, openApiYaml } from './http/openapi-document.js';
 import { appRouter } from './routers/index.js';
 import { AuthService } from './services/auth-service.js';
@@ -140,6 +141,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       wsAuthTimeoutMs: config.WS_AUTH_TIMEOUT_MS,
     },
     metricsToken: config.METRICS_TOKEN,
+    metricsPath: config.METRICS_ENABLED ? config.METRICS_PATH : null,
+    cors: corsPolicy(config),
   });
   // A revoked or deactivated key's open streams, terminals and WebSockets close at once.
   orgs.onKeyEnded((keyId) => http.streams.closeKey(keyId));

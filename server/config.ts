@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { z } from 'zod';
 
 const bool = z
@@ -11,6 +12,24 @@ const int = (min: number, max: number) =>
     .transform(Number)
     .pipe(z.number().int().min(min, `an integer from ${min} to ${max}`).max(max, `an integer from ${min} to ${max}`));
 const nonEmpty = z.string().min(1, 'a non-empty value');
+const optionalString = z
+  .string()
+  .optional()
+  .transform((v) => v || undefined);
+/**
+ * A comma-separated list as the original reads it (items trimmed, empty ones dropped; unset or
+ * empty means `fallback`); each item must pass `valid`.
+ */
+const csv = (fallback: string, valid: (item: string) => boolean, expected: string) =>
+  z
+    .string()
+    .optional()
+    .transform((v) => (v || fallback).split(',').map((s) => s.trim()).filter(Boolean))
+    .check((ctx) => {
+      const bad = ctx.value.find((v) => !valid(v));
+      if (bad !== undefined) ctx.issues.push({ code: 'custom', message: `${expected} (${JSON.stringify(bad)} is not one)`, input: ctx.value });
+    });
+const headerName = (v: string) => /^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/.test(v);
 
 /**
  * Every environment variable the server reads. Names and defaults of the original VoidRun's variables
@@ -70,7 +89,8 @@ const EnvSchema = z.object({
   HOST_DISK_COMMIT_PERCENT: int(10, 10_000).default(200),
   SNAPSHOT_MAX_BYTES: int(1024 * 1024, Number.MAX_SAFE_INTEGER).default(5 * 1024 * 1024 * 1024),
   SANDBOX_LIST_DEFAULT_LIMIT: int(1, 100).default(20),
-  AGENT_READY_TIMEOUT_MS: int(100, 600_000).default(15_000),
+  // Unset: SANDBOX_SYNC_TIMEOUT_SEC (the original's name for it).
+  AGENT_READY_TIMEOUT_MS: int(100, 600_000).optional(),
   MAX_UPLOAD_BYTES: int(1, Number.MAX_SAFE_INTEGER).default(10 * 1024 * 1024 * 1024),
   PTY_IDLE_TIMEOUT_SEC: int(0, 30 * 86_400).default(3600),
   WATCH_IDLE_TIMEOUT_SEC: int(1, 86_400).default(300),
@@ -92,6 +112,39 @@ const EnvSchema = z.object({
     .string()
     .optional()
     .transform((v) => v || undefined),
+  // The original VoidRun's CORS settings (README "Configuration"): any origin by default.
+  CORS_ENABLED: bool.default(true),
+  CORS_ALLOW_ORIGINS: csv('*', (v) => /^(\*|https?:\/\/\S+)$/.test(v), '"*" or http(s):// origins, comma-separated'),
+  CORS_ALLOW_METHODS: csv('GET,POST,PUT,PATCH,DELETE,OPTIONS', (v) => /^[A-Za-z]+$/.test(v), 'HTTP methods, comma-separated'),
+  CORS_ALLOW_HEADERS: csv('Authorization,Content-Type,X-API-Key,X-Org-ID', headerName, 'header names, comma-separated'),
+  CORS_EXPOSE_HEADERS: csv('', headerName, 'header names, comma-separated'),
+  CORS_ALLOW_CREDENTIALS: bool.default(false),
+  CORS_MAX_AGE_SEC: int(0, 86_400 * 365).default(600),
+  // Off, `/metrics` is not served; METRICS_PATH moves it.
+  METRICS_ENABLED: bool.default(true),
+  METRICS_PATH: z.string().regex(/^\/[A-Za-z0-9._~/-]*$/, 'a path starting with /').default('/metrics'),
+  // The original's polling settings: accepted, unused (gauges are read at scrape time from the host).
+  METRICS_INTERVAL_SEC: int(0, 86_400).default(10),
+  METRICS_DISK_INTERVAL_SEC: int(0, 86_400).default(10),
+  METRICS_CONCURRENCY: int(1, 1024).default(16),
+  // How long a create waits for the sandbox's agent, unless AGENT_READY_TIMEOUT_MS says otherwise.
+  SANDBOX_SYNC_TIMEOUT_SEC: int(1, 3600).default(30),
+  // The guests' resolvers in the original; accepted and validated (README "Configuration").
+  DNS_NAMESERVERS: csv('8.8.8.8,1.1.1.1', (v) => isIP(v) !== 0, 'IP addresses, comma-separated'),
+  // The hostname of a sandbox without a name in the original; every sandbox here has one.
+  SANDBOX_DEFAULT_HOSTNAME: z.string().regex(/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/, 'a hostname: lowercase letters, digits and "-", at most 63').default('voidrun'),
+  // Set, cloud-hypervisor boots this initramfs instead of the image's.
+  INITRD_PATH: optionalString,
+  // Set, appended to the microVMs' kernel command line (later parameters win).
+  SANDBOX_KERNEL_CMDLINE: optionalString,
+  // The microVMs' TAP device names start with this (the rest is 12 hex digits of the sandbox id).
+  NET_PREFIX: z.string().regex(/^[a-z][a-z0-9]{0,2}$/, 'one to three lowercase letters or digits, starting with a letter').default('vr'),
+  // Another name for NET_PREFIX; wins when both are set.
+  TAP_PREFIX: z
+    .string()
+    .regex(/^[a-z][a-z0-9]{0,2}$/, 'one to three lowercase letters or digits, starting with a letter')
+    .optional()
+    .or(z.literal('').transform(() => undefined)),
   // Build the default image at startup (in the background) so the first sandbox needn't wait.
   PREPARE_DEFAULT_IMAGE: bool.default(true),
   DEBIAN_MIRROR: z.string().regex(/^https?:\/\//, 'an http(s) URL of a Debian mirror').default('http://deb.debian.org/debian'),

@@ -51,6 +51,59 @@ describe('config', () => {
     expect(() => loadConfig(env)).toThrowError(message);
   });
 
+  it("accepts every variable of the original's we honour or ignore, with the original's defaults", () => {
+    expect(loadConfig({})).toMatchObject({
+      CORS_ENABLED: true,
+      CORS_ALLOW_ORIGINS: ['*'],
+      CORS_ALLOW_METHODS: ['GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
+      CORS_ALLOW_HEADERS: ['Authorization', 'Content-Type', 'X-API-Key', 'X-Org-ID'],
+      CORS_EXPOSE_HEADERS: [],
+      CORS_ALLOW_CREDENTIALS: false,
+      CORS_MAX_AGE_SEC: 600,
+      METRICS_ENABLED: true,
+      METRICS_PATH: '/metrics',
+      METRICS_INTERVAL_SEC: 10,
+      METRICS_DISK_INTERVAL_SEC: 10,
+      METRICS_CONCURRENCY: 16,
+      SANDBOX_SYNC_TIMEOUT_SEC: 30,
+      DNS_NAMESERVERS: ['8.8.8.8', '1.1.1.1'],
+      SANDBOX_DEFAULT_HOSTNAME: 'voidrun',
+      NET_PREFIX: 'vr',
+    });
+    const given = loadConfig({
+      CORS_ENABLED: 'false',
+      CORS_ALLOW_ORIGINS: 'https://a.example.com, https://b.example.com,',
+      CORS_ALLOW_METHODS: 'GET,POST',
+      CORS_ALLOW_HEADERS: 'X-API-Key',
+      CORS_EXPOSE_HEADERS: 'Content-Disposition',
+      CORS_ALLOW_CREDENTIALS: 'true',
+      CORS_MAX_AGE_SEC: '0',
+      METRICS_ENABLED: 'false',
+      METRICS_PATH: '/prom',
+      METRICS_INTERVAL_SEC: '5',
+      METRICS_DISK_INTERVAL_SEC: '60',
+      METRICS_CONCURRENCY: '4',
+      SANDBOX_SYNC_TIMEOUT_SEC: '90',
+      DNS_NAMESERVERS: '9.9.9.9,2620:fe::fe',
+      SANDBOX_DEFAULT_HOSTNAME: 'box',
+      INITRD_PATH: '/boot/initrd.img',
+      SANDBOX_KERNEL_CMDLINE: 'quiet loglevel=3',
+      TAP_PREFIX: 'tp',
+      NET_PREFIX: 'nt',
+    });
+    expect(given).toMatchObject({ CORS_ALLOW_ORIGINS: ['https://a.example.com', 'https://b.example.com'], DNS_NAMESERVERS: ['9.9.9.9', '2620:fe::fe'], SANDBOX_SYNC_TIMEOUT_SEC: 90, INITRD_PATH: '/boot/initrd.img', TAP_PREFIX: 'tp' });
+  });
+
+  it.each([
+    [{ CORS_ALLOW_ORIGINS: 'example.com' }, /CORS_ALLOW_ORIGINS="example.com" — expected "\*" or http\(s\):\/\/ origins, comma-separated \("example.com" is not one\)/],
+    [{ DNS_NAMESERVERS: '8.8.8.8,8.8.8.8/32' }, /DNS_NAMESERVERS="8.8.8.8,8.8.8.8\/32" — expected IP addresses, comma-separated/],
+    [{ CORS_ALLOW_HEADERS: 'X-API-Key,bad header' }, /CORS_ALLOW_HEADERS=.* — expected header names, comma-separated \("bad header" is not one\)/],
+    [{ TAP_PREFIX: 'toolong' }, /TAP_PREFIX="toolong" — expected one to three lowercase letters or digits/],
+    [{ METRICS_PATH: 'metrics' }, /METRICS_PATH="metrics" — expected a path starting with \//],
+  ])("rejects the original's variables when malformed: %o", (env, message) => {
+    expect(() => loadConfig(env)).toThrowError(message);
+  });
+
   it('parses values given', () => {
     expect(loadConfig({ SERVER_PORT: '8080', HEALTH_ENABLED: 'false', MONGO_URI: '' })).toMatchObject({ SERVER_PORT: 8080, HEALTH_ENABLED: false, MONGO_URI: undefined });
   });

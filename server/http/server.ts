@@ -22,6 +22,7 @@ import { createRawRoutes, decodePathSegment } from './raw-routes.js';
 import { decodeOrNull } from '../../shared/uri.js';
 import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
+import { createCors, createTrailingSlashRedirect, type CorsPolicy } from './cors.js';
 
 function rejectUpgrade(socket: Duplex, status: number, message: string): void {
   const body = JSON.stringify({ error: message });
@@ -47,6 +48,10 @@ export interface HttpServerOptions {
   limits: EdgeLimits;
   /** Set, `/metrics` answers only `Authorization: Bearer <token>`. */
   metricsToken?: string;
+  /** Where the Prometheus text is served (METRICS_PATH); null: not served (METRICS_ENABLED=false). */
+  metricsPath?: string | null;
+  /** The `CORS_*` policy; unset, no CORS headers are sent. */
+  cors?: CorsPolicy;
 }
 
 /** The HTTP edge's limits (README "The HTTP edge"); each is a config variable. */
@@ -216,7 +221,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       const p = records.get(req)?.procedurePath;
       return p ? `/trpc/${p}` : '/trpc';
     }
-    if (path === '/metrics') {
+    if (path === metricsPath) {
       if (opts.metricsToken && !bearerMatches(req.headers.authorization, opts.metricsToken)) {
         sendError(res, 401, 'Metrics need a bearer token', 'Send Authorization: Bearer <METRICS_TOKEN>');
         return '/metrics';
@@ -259,6 +264,9 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     // How often Node checks the two timeouts above.
     connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(limits.headersTimeoutMs / 4))),
   };
+  const cors = opts.cors ? createCors(opts.cors) : () => null;
+  const redirectTrailingSlash = createTrailingSlashRedirect(JSON.parse(opts.openApi.json) as Parameters<typeof createTrailingSlashRedirect>[0]);
+  const metricsPath = opts.metricsPath === undefined ? '/metrics' : opts.metricsPath;
   const server = createServer(timeouts, (req, res) => {
     const started = process.hrtime.bigint();
     const path = (req.url ?? '/').split('?')[0]!;
@@ -270,6 +278,13 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       // The query string is left out: WebSocket-style `?apiKey=` must never reach the log.
       log.info({ method: req.method, path, status, ms: Math.round(ms * 100) / 100, orgId: records.get(req)?.orgId }, 'request');
     });
+    // CORS (preflights, refused origins) and trailing-slash redirects are answered before any route.
+    const edge = cors(req, res) ?? (redirectTrailingSlash(req, res) ? 'trailing-slash-redirect' : null);
+    if (edge) {
+      routeLabel = edge;
+      req.resume(); // a body sent along is read and dropped
+      return;
+    }
     route(req, res, path).then(
       (label) => {
         routeLabel = label;

@@ -44,7 +44,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     idMap: deps.idMap,
     pidsLimit: config.SANDBOX_PIDS_LIMIT,
     bootFiles: () => ensureContainerBootFiles(deps.agent),
-    agentReadyTimeoutMs: config.AGENT_READY_TIMEOUT_MS,
+    agentReadyTimeoutMs: agentReadyTimeoutMs(config),
     log: deps.log,
   });
   let accelerator: Promise<AcceleratorChoice> | null = null;
@@ -62,7 +62,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     images: deps.vmImages,
     agent: deps.agent,
     // A VM boots in seconds under KVM but takes several under TCG before its agent answers.
-    agentReadyTimeoutMs: Math.max(config.AGENT_READY_TIMEOUT_MS, 60_000),
+    agentReadyTimeoutMs: Math.max(agentReadyTimeoutMs(config), 60_000),
     accelerator: probe,
     log: deps.log,
   });
@@ -85,7 +85,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     network,
     writeConfigDisk,
     createOverlay,
-    agentReadyTimeoutMs: Math.max(config.AGENT_READY_TIMEOUT_MS, 30_000),
+    agentReadyTimeoutMs: Math.max(agentReadyTimeoutMs(config), 30_000),
     log: deps.log,
   });
   /** The binary and /dev/kvm, and the bridge setup-net makes. */
@@ -135,4 +135,9 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
       return { driver: null, reason: `no sandbox driver can run here: container: ${c.reason}; ${skipped.join('; ')}` };
     }
   }
+}
+
+/** How long a create waits for the agent: AGENT_READY_TIMEOUT_MS, else the original's SANDBOX_SYNC_TIMEOUT_SEC. */
+function agentReadyTimeoutMs(config: Config): number {
+  return config.AGENT_READY_TIMEOUT_MS ?? config.SANDBOX_SYNC_TIMEOUT_SEC * 1000;
 }
