@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Config } from '../config.js';
-import { sendError } from './envelope.js';
+import { sendJson } from './envelope.js';
 
 /** The original VoidRun's CORS settings (its `CORS_*` variables), as gin-contrib/cors applies them. */
 export interface CorsPolicy {
@@ -62,7 +62,7 @@ export function createCors(policy: CorsPolicy): (req: IncomingMessage, res: Serv
     const host = req.headers.host ?? '';
     if (origin === `http://${host}` || origin === `https://${host}`) return null;
     if (!anyOrigin && !listed.has(origin)) {
-      sendError(res, 403, `Origin ${origin.slice(0, 200)} is not allowed`, 'The server admits browser requests only from the origins in CORS_ALLOW_ORIGINS');
+      sendJson(res, 403, { error: `Origin ${origin.slice(0, 200)} is not allowed`, code: 'FORBIDDEN', details: 'The server admits browser requests only from the origins in CORS_ALLOW_ORIGINS' });
       return 'origin-refused';
     }
     if (policy.allowCredentials) res.setHeader('access-control-allow-credentials', 'true');
