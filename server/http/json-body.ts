@@ -1,19 +1,57 @@
 import type { IncomingMessage } from 'node:http';
 import { InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError } from '../errors.js';
 
-function isJsonType(contentType: string | undefined): boolean {
-  if (!contentType) return false;
-  const type = contentType.split(';')[0]!.trim().toLowerCase();
+/**
+ * The deepest nesting of arrays and objects a JSON input may have (README "REST API"). Every input
+ * is a few levels deep; deeper values would make recursive walkers (validation, superjson)
+ * overflow the stack.
+ */
+export const MAX_JSON_DEPTH = 64;
+
+function mediaType(contentType: string | undefined): string {
+  return (contentType ?? '').split(';')[0]!.trim().toLowerCase();
+}
+
+function isJsonType(type: string): boolean {
   return type === 'application/json' || type.endsWith('+json');
 }
 
 /**
+ * Throws InvalidInputError (400) naming MAX_JSON_DEPTH when `value` nests arrays and objects
+ * deeper than that. Walks iteratively, so any depth is measured without recursion.
+ */
+export function assertJsonDepth(value: unknown): void {
+  const stack: [unknown, number][] = [[value, 1]];
+  while (stack.length > 0) {
+    const [v, depth] = stack.pop()!;
+    if (v === null || typeof v !== 'object') continue;
+    if (depth > MAX_JSON_DEPTH) {
+      throw new InvalidInputError(`The JSON input nests arrays and objects more than ${MAX_JSON_DEPTH} levels deep, the most accepted; send a flatter value`);
+    }
+    for (const child of Object.values(v)) if (child !== null && typeof child === 'object') stack.push([child, depth + 1]);
+  }
+}
+
+/** Top-level `null` fields of a body object read as absent (as omitted optional fields). */
+function withoutNullFields(body: unknown): unknown {
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) return body;
+  return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== null));
+}
+
+/**
  * Reads a JSON request body of at most `limit` bytes. An empty body reads as `{}` (so a bare
- * `curl -X POST` works); anything else must be JSON. Stops reading as soon as the limit is passed.
+ * `curl -X POST` works). The body is read as JSON whatever its Content-Type (text/plain, curl's
+ * default form type, none), as the original VoidRun does, except multipart/form-data; a body that
+ * is not JSON is refused (415 when it did not claim to be JSON, else 400). Nesting deeper than
+ * MAX_JSON_DEPTH is refused (400); top-level `null` fields are dropped. Stops reading as soon as
+ * the limit is passed.
  */
 export async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
   const declared = Number(req.headers['content-length'] ?? NaN);
   if (declared > limit) throw tooLarge(limit);
+  const type = mediaType(req.headers['content-type']);
+  // A multipart body is not JSON: refused before it is read.
+  if (type === 'multipart/form-data') throw notJson(req);
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of req as AsyncIterable<Buffer>) {
@@ -22,15 +60,20 @@ export async function readJsonBody(req: IncomingMessage, limit: number): Promise
     chunks.push(chunk);
   }
   if (size === 0) return {};
-  if (!isJsonType(req.headers['content-type'])) {
-    throw new UnsupportedMediaTypeError(`Unsupported Content-Type ${JSON.stringify(req.headers['content-type'] ?? '')}: send JSON with Content-Type: application/json`);
-  }
   const text = Buffer.concat(chunks, size).toString('utf8');
+  let body: unknown;
   try {
-    return JSON.parse(text);
+    body = JSON.parse(text);
   } catch (err) {
+    if (!isJsonType(type)) throw notJson(req);
     throw new InvalidInputError('Malformed JSON body', { details: (err as Error).message });
   }
+  assertJsonDepth(body);
+  return withoutNullFields(body);
+}
+
+function notJson(req: IncomingMessage): UnsupportedMediaTypeError {
+  return new UnsupportedMediaTypeError(`The body is not JSON (Content-Type ${JSON.stringify(req.headers['content-type'] ?? '')}): send a JSON body, with Content-Type: application/json`);
 }
 
 function tooLarge(limit: number): PayloadTooLargeError {

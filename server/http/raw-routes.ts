@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { z } from 'zod';
 import { errorCodeTable } from '../../shared/errors.js';
-import { ExecInput, PidInput, SessionExecStreamInput, type ExecChunk } from '../../shared/index.js';
+import { ExecInput, PidInput, SandboxPath, SessionExecStreamInput, type ExecChunk } from '../../shared/index.js';
 import { DomainError, InvalidInputError } from '../errors.js';
 import busboy from 'busboy';
 import { basename } from 'node:path';
@@ -61,11 +61,11 @@ async function parseBody<T extends z.ZodType>(req: IncomingMessage, schema: T, e
   return schema.parse({ ...(body as object), ...extra });
 }
 
-/** The `path` query parameter of a raw file route. */
+/** The `path` query parameter of a raw file route, checked as every sandbox path is (ZodError: 400 naming it). */
 function queryPath(req: IncomingMessage): string {
   const path = new URL(req.url ?? '/', 'http://localhost').searchParams.get('path');
   if (!path) throw new InvalidInputError('Invalid path: the path query parameter is required');
-  return path;
+  return z.object({ path: SandboxPath }).parse({ path }).path;
 }
 
 function contentDisposition(path: string): string {
@@ -78,7 +78,14 @@ function contentDisposition(path: string): string {
 function multipartFile(req: IncomingMessage, limit: number): Promise<Readable> {
   return new Promise((resolve, reject) => {
     let found = false;
-    const parser = busboy({ headers: req.headers, limits: { files: 1, fileSize: limit + 1 } });
+    let parser: busboy.Busboy;
+    try {
+      parser = busboy({ headers: req.headers, limits: { files: 1, fileSize: limit + 1 } });
+    } catch (err) {
+      // A Content-Type busboy cannot parse: multipart/form-data without its boundary parameter.
+      const reason = (err as Error).message;
+      return reject(new InvalidInputError(`Invalid multipart/form-data Content-Type (${reason}): it needs a boundary parameter, as curl -F file=@… sends it; or send the raw bytes with any other Content-Type`));
+    }
     parser.on('file', (field, stream) => {
       if (field !== 'file' || found) {
         stream.resume();

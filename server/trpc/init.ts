@@ -3,6 +3,7 @@ import superjson from 'superjson';
 import type { OpenApiMeta } from 'trpc-to-openapi';
 import { errorCodeFromTrpc, type ErrorCode } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
+import { assertJsonDepth } from '../http/json-body.js';
 import type { HoldKind } from '../http/open-streams.js';
 import type { CallConnection, Context } from './context.js';
 import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './errors.js';
@@ -22,11 +23,23 @@ export type Meta = OpenApiMeta & {
   queryInputs?: string[];
 };
 
+/** superjson, with inputs deeper than MAX_JSON_DEPTH refused (400) before superjson walks them recursively. */
+const transformer = {
+  input: {
+    serialize: (value: unknown) => superjson.serialize(value),
+    deserialize: (value: unknown) => {
+      assertJsonDepth(value);
+      return superjson.deserialize(value as Parameters<typeof superjson.deserialize>[0]);
+    },
+  },
+  output: superjson,
+};
+
 const t = initTRPC
   .context<Context>()
   .meta<Meta>()
   .create({
-    transformer: superjson,
+    transformer,
     errorFormatter({ shape, error }) {
       const domain = error.cause instanceof DomainError ? error.cause : undefined;
       const issues = domain?.issues ?? fieldIssues(error.cause);
