@@ -104,6 +104,7 @@ async function bench(backend: Backend): Promise<Summary[]> {
     diskMb: 5120,
     status: 'running' as const,
     envVars: { LANG: 'C.UTF-8' },
+    labels: {},
   });
 
   const started = Date.now();

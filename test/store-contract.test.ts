@@ -1,3 +1,4 @@
+import Database from 'better-sqlite3';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -5,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConflictError } from '../server/errors.js';
 import { newId } from '../server/store/ids.js';
 import { openMongoStore } from '../server/store/mongo/store.js';
+import { sqliteSchema } from '../server/store/sqlite/schema.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
 import type { Store } from '../server/store/types.js';
 
@@ -12,12 +14,20 @@ import type { Store } from '../server/store/types.js';
  * One contract for every store adapter. SQLite always runs; MongoDB runs when MONGO_URI points at
  * a MongoDB-wire server (MongoDB, FerretDB, …) and is reported as skipped otherwise.
  */
-function storeContract(name: string, open: () => Promise<{ store: Store; cleanup: () => Promise<void> }>) {
+interface OpenedStore {
+  store: Store;
+  cleanup: () => Promise<void>;
+  /** Writes a sandbox as a server from before labels existed stored it: without any labels. */
+  writeLegacySandbox: (id: string, orgId: string, name: string) => Promise<void>;
+}
+
+function storeContract(name: string, open: () => Promise<OpenedStore>) {
   describe(`store contract: ${name}`, () => {
     let store: Store;
     let cleanup: () => Promise<void>;
+    let writeLegacySandbox: OpenedStore['writeLegacySandbox'];
     beforeAll(async () => {
-      ({ store, cleanup } = await open());
+      ({ store, cleanup, writeLegacySandbox } = await open());
     });
     afterAll(async () => {
       await store?.close();
@@ -44,6 +54,48 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
       expect(await store.orgs.findById(o.id)).toEqual(o);
       expect(await store.orgs.delete(o.id)).toBe(true);
       expect(await store.orgs.delete(o.id)).toBe(false);
+    });
+
+    it("lists the orgs a user owns or is a member of, and adds a member once however often it is added", async () => {
+      const owner = newId();
+      const member = newId();
+      const own = await store.orgs.create({ name: 'Own', ownerId: owner, members: [owner], plan: 'free', usage: 0, createdBy: owner });
+      await new Promise((r) => setTimeout(r, 2)); // oldest first is one order
+      const other = await store.orgs.create({ name: 'Other', ownerId: newId(), members: [], plan: 'free', usage: 0, createdBy: owner });
+      expect((await store.orgs.listByMember(member)).map((o) => o.id)).toEqual([]);
+      expect(await Promise.all([store.orgs.addMember(own.id, member), store.orgs.addMember(own.id, member)])).toEqual([true, true]);
+      expect(await store.orgs.addMember(other.id, member)).toBe(true);
+      expect((await store.orgs.findById(own.id))!.members).toEqual([owner, member]);
+      expect((await store.orgs.listByMember(member)).map((o) => o.id)).toEqual([own.id, other.id]);
+      // The owner of an org counts as its member even when not listed in `members`.
+      expect((await store.orgs.listByMember(owner)).map((o) => o.id)).toEqual([own.id]);
+      expect(await store.orgs.addMember(newId(), member)).toBe(false);
+      expect(await store.orgs.addMember('notanid', member)).toBe(false);
+    });
+
+    it('treats an id that is none of ours (not ObjectId-shaped) as not found everywhere, writing nothing', async () => {
+      const orgId = newId();
+      const k = await store.apiKeys.create({ orgId, name: 'k', keyHash: newId() + newId(), prefix: 'vr_abc', createdBy: newId(), isActive: true, lastUsedAt: null });
+      for (const bad of ['notanid', '', 'NOTANIDNOTANIDNOTANIDNOT', k.id.toUpperCase(), `${k.id}0`]) {
+        expect(await store.users.findById(bad)).toBeNull();
+        expect(await store.users.delete(bad)).toBe(false);
+        expect(await store.orgs.findById(bad)).toBeNull();
+        expect(await store.orgs.delete(bad)).toBe(false);
+        expect(await store.apiKeys.findById(orgId, bad)).toBeNull();
+        expect(await store.apiKeys.setActive(orgId, bad, false)).toBeNull();
+        expect(await store.apiKeys.delete(orgId, bad)).toBe(false);
+        // Regression: a batch holding only such ids made the Mongo adapter fail (500 on touch).
+        await store.apiKeys.recordLastUsed(new Map([[bad, new Date()]]));
+        expect(await store.sandboxes.findById(orgId, bad)).toBeNull();
+        expect(await store.sandboxes.update(orgId, bad, { status: 'error' })).toBeNull();
+        expect(await store.sandboxes.delete(orgId, bad)).toBe(false);
+        expect(await store.images.findById(bad)).toBeNull();
+        expect(await store.images.delete(bad)).toBe(false);
+      }
+      // Mixed with a real one, the real one is written.
+      const at = new Date('2031-01-01T00:00:00Z');
+      await store.apiKeys.recordLastUsed(new Map([['notanid', at], [k.id, at]]));
+      expect((await store.apiKeys.findById(orgId, k.id))!).toMatchObject({ lastUsedAt: at, isActive: true });
     });
 
     it('finds API keys by hash, scopes them to their org, toggles them and records last use monotonically', async () => {
@@ -88,15 +140,16 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
             diskMb: 5120,
             status: 'running',
             envVars: { A: String(i) },
+            labels: { n: String(i), parity: i % 2 ? 'odd' : 'even' },
           }),
         );
         await new Promise((r) => setTimeout(r, 2));
       }
       await expect(
-        store.sandboxes.create({ name: 'sb-1', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {} }),
+        store.sandboxes.create({ name: 'sb-1', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {} }),
       ).rejects.toBeInstanceOf(ConflictError);
-      await store.sandboxes.create({ name: 'sb-1', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {} });
-      await store.sandboxes.create({ name: 'x', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {} });
+      await store.sandboxes.create({ name: 'sb-1', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {} });
+      await store.sandboxes.create({ name: 'x', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {} });
       const page1 = await store.sandboxes.listByOrg(orgId, 1, 2);
       expect(page1.total).toBe(5);
       expect(page1.items.map((s) => s.name)).toEqual(['sb-4', 'sb-3']);
@@ -109,6 +162,48 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
       expect((await store.sandboxes.listAll()).length).toBeGreaterThanOrEqual(6);
       expect(await store.sandboxes.delete(orgId, made[0]!.id)).toBe(true);
       expect((await store.sandboxes.listByOrg(orgId, 1, 10)).total).toBe(4);
+    });
+
+    it('keeps labels and lists only the sandboxes carrying every label asked for, with their total', async () => {
+      const orgId = newId();
+      const make = (name: string, labels: Record<string, string>) =>
+        store.sandboxes.create({ name, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels });
+      // Apart in time, so newest-first is one order (ids only break ties within a millisecond).
+      const tick = () => new Promise((r) => setTimeout(r, 2));
+      const a = await make('a', { env: 'prod', team: 'api' });
+      await tick();
+      const b = await make('b', { env: 'prod', team: 'web' });
+      await tick();
+      const c = await make('c', {});
+      await tick();
+      await make('d', { env: 'prod' });
+      // Another org's sandbox with the same labels is never listed.
+      await store.sandboxes.create({ name: 'a', orgId: newId(), createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: { env: 'prod' } });
+      expect(await store.sandboxes.findById(orgId, a.id)).toMatchObject({ labels: { env: 'prod', team: 'api' } });
+      expect(await store.sandboxes.findById(orgId, c.id)).toMatchObject({ labels: {} });
+      const names = async (labels: Record<string, string>, page = 1, limit = 10) => {
+        const { items, total } = await store.sandboxes.listByOrg(orgId, page, limit, labels);
+        return { names: items.map((s) => s.name), total };
+      };
+      expect(await names({ env: 'prod' })).toEqual({ names: ['d', 'b', 'a'], total: 3 });
+      expect(await names({ env: 'prod', team: 'api' })).toEqual({ names: ['a'], total: 1 });
+      expect(await names({ env: 'prod' }, 2, 2)).toEqual({ names: ['a'], total: 3 });
+      expect(await names({ env: 'dev' })).toEqual({ names: [], total: 0 });
+      expect(await names({ team: 'web', env: 'staging' })).toEqual({ names: [], total: 0 });
+      expect(await names({})).toEqual({ names: ['d', 'c', 'b', 'a'], total: 4 });
+      // An update leaves the labels alone.
+      expect(await store.sandboxes.update(orgId, b.id, { status: 'stopped' })).toMatchObject({ labels: { env: 'prod', team: 'web' } });
+    });
+
+    it('reads a sandbox stored before labels existed with no labels, and leaves it out of label filters', async () => {
+      const orgId = newId();
+      const id = newId();
+      await writeLegacySandbox(id, orgId, 'legacy');
+      expect(await store.sandboxes.findById(orgId, id)).toMatchObject({ id, name: 'legacy', labels: {} });
+      expect((await store.sandboxes.listByOrg(orgId, 1, 10)).items).toEqual([expect.objectContaining({ id, labels: {} })]);
+      expect((await store.sandboxes.listAll()).find((s) => s.id === id)).toMatchObject({ labels: {} });
+      expect((await store.sandboxes.listByOrg(orgId, 1, 10, { env: 'prod' })).total).toBe(0);
+      expect(await store.sandboxes.update(orgId, id, { status: 'stopped' })).toMatchObject({ status: 'stopped', labels: {} });
     });
 
     it("resolves image names to the org's own image before the system image; names are unique per owner", async () => {
@@ -162,7 +257,43 @@ function storeContract(name: string, open: () => Promise<{ store: Store; cleanup
 
 storeContract('sqlite', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'voidrun-store-'));
-  return { store: openSqliteStore(dir), cleanup: async () => rmSync(dir, { recursive: true, force: true }) };
+  const store = openSqliteStore(dir);
+  return {
+    store,
+    cleanup: async () => rmSync(dir, { recursive: true, force: true }),
+    // A second handle on the same file writes the row the way an older server did (no labels column value).
+    writeLegacySandbox: async (id, orgId, name) => {
+      const db = new Database(join(dir, 'voidrun.db'));
+      const now = new Date().toISOString();
+      db.prepare(
+        "INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, created_at, updated_at) VALUES (?, ?, ?, ?, ?, '', 1, 1024, 1, 'running', '{}', ?, ?)",
+      ).run(id, name, orgId, newId(), newId(), now, now);
+      db.close();
+    },
+  };
+});
+
+describe('the sqlite store opening a file from before labels existed', () => {
+  it('adds the labels column and reads the old rows with no labels', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-store-old-'));
+    try {
+      const db = new Database(join(dir, 'voidrun.db'));
+      db.exec(sqliteSchema.replace("  labels TEXT NOT NULL DEFAULT '{}',\n", ''));
+      expect((db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name)).not.toContain('labels');
+      const [id, orgId, now] = [newId(), newId(), new Date().toISOString()];
+      db.prepare(
+        "INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, created_at, updated_at) VALUES (?, 'old', ?, ?, ?, '', 1, 1024, 1, 'stopped', '{}', ?, ?)",
+      ).run(id, orgId, newId(), newId(), now, now);
+      db.close();
+      const store = openSqliteStore(dir);
+      expect(await store.sandboxes.findById(orgId, id)).toMatchObject({ name: 'old', labels: {} });
+      const made = await store.sandboxes.create({ name: 'new', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: { env: 'prod' } });
+      expect((await store.sandboxes.listByOrg(orgId, 1, 10, { env: 'prod' })).items.map((s) => s.id)).toEqual([made.id]);
+      await store.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 const mongoUri = process.env.MONGO_URI;
@@ -170,13 +301,20 @@ if (mongoUri) {
   storeContract('mongo', async () => {
     const dbName = `voidrun_contract_${newId()}`;
     const store = await openMongoStore({ uri: mongoUri, dbName });
+    const { MongoClient, ObjectId } = await import('mongodb');
+    const client = await MongoClient.connect(mongoUri);
     return {
       store,
       cleanup: async () => {
-        const { MongoClient } = await import('mongodb');
-        const client = await MongoClient.connect(mongoUri);
         await client.db(dbName).dropDatabase();
         await client.close();
+      },
+      writeLegacySandbox: async (id, orgId, name) => {
+        const now = new Date();
+        await client
+          .db(dbName)
+          .collection('sandboxes')
+          .insertOne({ _id: new ObjectId(id), name, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, createdAt: now, updatedAt: now });
       },
     };
   });

@@ -2,7 +2,8 @@
  * The store's ports: one repository per collection. Adapters (`sqlite/`, `mongo/`) implement them
  * and pass the shared contract suite in `test/store-contract.test.ts`. Repositories throw
  * `ConflictError` on a duplicate unique key and return `null` for a missing record; they never
- * throw driver errors at callers.
+ * throw driver errors at callers. An id that is not one of ours (not 24 lowercase hex characters)
+ * is simply not found: lookups return `null`, updates and deletes change nothing.
  */
 
 export interface UserRecord {
@@ -54,6 +55,8 @@ export interface SandboxRecord {
   diskMb: number;
   status: SandboxStatus;
   envVars: Record<string, string>;
+  /** Set at creation, never changed; a record stored before labels existed reads as `{}`. */
+  labels: Record<string, string>;
   createdAt: Date;
   updatedAt: Date;
 }
@@ -101,6 +104,10 @@ export interface UserRepository {
 export interface OrgRepository {
   create(org: NewRecord<OrgRecord>): Promise<OrgRecord>;
   findById(id: string): Promise<OrgRecord | null>;
+  /** The orgs `userId` owns or is a member of, oldest first. */
+  listByMember(userId: string): Promise<OrgRecord[]>;
+  /** Adds `userId` to the org's members (once); false when there is no such org. */
+  addMember(orgId: string, userId: string): Promise<boolean>;
   delete(id: string): Promise<boolean>;
 }
 
@@ -111,7 +118,10 @@ export interface ApiKeyRepository {
   findById(orgId: string, keyId: string): Promise<ApiKeyRecord | null>;
   listByOrg(orgId: string): Promise<ApiKeyRecord[]>;
   setActive(orgId: string, keyId: string, isActive: boolean): Promise<ApiKeyRecord | null>;
-  /** Writes many `lastUsedAt` values at once; a value never moves a key's time backwards. */
+  /**
+   * Writes many `lastUsedAt` values at once, by key id alone (callers check the org first); a value
+   * never moves a key's time backwards, and an id that is no key's is skipped.
+   */
   recordLastUsed(times: ReadonlyMap<string, Date>): Promise<void>;
   delete(orgId: string, keyId: string): Promise<boolean>;
 }
@@ -119,8 +129,11 @@ export interface ApiKeyRepository {
 export interface SandboxRepository {
   create(sandbox: NewRecord<SandboxRecord>): Promise<SandboxRecord>;
   findById(orgId: string, id: string): Promise<SandboxRecord | null>;
-  /** Newest first. `page` starts at 1. */
-  listByOrg(orgId: string, page: number, limit: number): Promise<Page<SandboxRecord>>;
+  /**
+   * Newest first. `page` starts at 1. With `labels`, only sandboxes carrying every one of those
+   * label values (AND), and `total` counts only those.
+   */
+  listByOrg(orgId: string, page: number, limit: number, labels?: Readonly<Record<string, string>>): Promise<Page<SandboxRecord>>;
   /** Every sandbox of every org, for the health loop and startup reconciliation. */
   listAll(): Promise<SandboxRecord[]>;
   update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars'>>): Promise<SandboxRecord | null>;

@@ -101,6 +101,17 @@ class MongoOrgs implements OrgRepository {
     const _id = objectId(id);
     return _id ? op('', async () => fromDoc<OrgRecord>(await this.c.findOne({ _id }))) : null;
   }
+  async listByMember(userId: string) {
+    return op('', async () =>
+      (await this.c.find({ $or: [{ ownerId: userId }, { members: userId }] }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<OrgRecord>(d)!),
+    );
+  }
+  async addMember(orgId: string, userId: string) {
+    const _id = objectId(orgId);
+    if (!_id) return false;
+    // `$addToSet` is one atomic single-document update: a member is listed once however many add it.
+    return op('', async () => (await this.c.updateOne({ _id }, { $addToSet: { members: userId }, $set: { updatedAt: new Date() } })).matchedCount > 0);
+  }
   async delete(id: string) {
     const _id = objectId(id);
     return _id ? op('', async () => (await this.c.deleteOne({ _id })).deletedCount > 0) : false;
@@ -143,6 +154,8 @@ class MongoApiKeys implements ApiKeyRepository {
         ? [{ updateOne: { filter: { _id, $or: [{ lastUsedAt: null }, { lastUsedAt: { $lt: at } }] }, update: { $set: { lastUsedAt: at } } } }]
         : [];
     });
+    // The driver refuses an empty batch, which is what ids that are none of ours leave.
+    if (ops.length === 0) return;
     await op('', () => this.c.bulkWrite(ops, { ordered: false }));
   }
   async delete(orgId: string, keyId: string) {
@@ -165,26 +178,37 @@ class MongoSandboxes implements SandboxRepository {
     // owner here costs MongoDB nothing, and FerretDB pushes only a bare `_id` equality down to its
     // SQL backend: `{_id, orgId}` decodes every document instead (3× slower, bench:store).
     const doc = await op('', () => this.c.findOne({ _id }));
-    return doc && doc.orgId === orgId ? fromDoc<SandboxRecord>(doc) : null;
+    return doc && doc.orgId === orgId ? MongoSandboxes.#map(doc) : null;
   }
-  async listByOrg(orgId: string, page: number, limit: number): Promise<Page<SandboxRecord>> {
+  /** A stored sandbox; one stored before labels existed has none. */
+  static #map(doc: Document): SandboxRecord {
+    const rec = fromDoc<SandboxRecord>(doc)!;
+    return { ...rec, labels: rec.labels ?? {} };
+  }
+  async listByOrg(orgId: string, page: number, limit: number, labels: Readonly<Record<string, string>> = {}): Promise<Page<SandboxRecord>> {
+    // Label keys are lowercase letters, digits, `-` and `_` (shared/schemas/sandbox.ts): never a `.` or `$`.
+    const filter: Filter<Document> = { orgId };
+    for (const [k, v] of Object.entries(labels)) filter[`labels.${k}`] = v;
     return op('', async () => {
       const [docs, total] = await Promise.all([
-        this.c.find({ orgId }).sort({ createdAt: -1, _id: -1 }).skip((page - 1) * limit).limit(limit).toArray(),
-        this.c.countDocuments({ orgId }),
+        this.c.find(filter).sort({ createdAt: -1, _id: -1 }).skip((page - 1) * limit).limit(limit).toArray(),
+        this.c.countDocuments(filter),
       ]);
-      return { items: docs.map((d) => fromDoc<SandboxRecord>(d)!), total };
+      return { items: docs.map((d) => MongoSandboxes.#map(d)), total };
     });
   }
   async listAll() {
-    return op('', async () => (await this.c.find({}).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<SandboxRecord>(d)!));
+    return op('', async () => (await this.c.find({}).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => MongoSandboxes.#map(d)));
   }
   async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars'>>) {
     const _id = objectId(id);
     if (!_id) return null;
     const $set: Document = { updatedAt: new Date() };
     for (const [k, v] of Object.entries(patch)) if (v !== undefined) $set[k] = v;
-    return op('', async () => fromDoc<SandboxRecord>(await this.c.findOneAndUpdate({ _id, orgId }, { $set }, { returnDocument: 'after' })));
+    return op('', async () => {
+      const doc = await this.c.findOneAndUpdate({ _id, orgId }, { $set }, { returnDocument: 'after' });
+      return doc ? MongoSandboxes.#map(doc) : null;
+    });
   }
   async delete(orgId: string, id: string) {
     const _id = objectId(id);

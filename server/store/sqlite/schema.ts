@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   disk_mb INTEGER NOT NULL,
   status TEXT NOT NULL,
   env_vars TEXT NOT NULL,
+  labels TEXT NOT NULL DEFAULT '{}',
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );

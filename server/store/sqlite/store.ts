@@ -80,23 +80,27 @@ class SqliteUsers implements UserRepository {
 class SqliteOrgs implements OrgRepository {
   readonly #insert;
   readonly #byId;
+  readonly #byMember;
+  readonly #addMember;
+  readonly #exists;
   readonly #delete;
   constructor(db: Db) {
     this.#insert = db.prepare(
       'INSERT INTO orgs (id, name, owner_id, members, plan, usage, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
     );
     this.#byId = db.prepare('SELECT * FROM orgs WHERE id = ?');
+    this.#byMember = db.prepare(
+      'SELECT * FROM orgs WHERE owner_id = @userId OR EXISTS (SELECT 1 FROM json_each(orgs.members) WHERE value = @userId) ORDER BY created_at, id',
+    );
+    // One statement, so two concurrent adds of one member leave it listed once.
+    this.#addMember = db.prepare(
+      `UPDATE orgs SET members = json_insert(members, '$[#]', @userId), updated_at = @now
+       WHERE id = @orgId AND NOT EXISTS (SELECT 1 FROM json_each(orgs.members) WHERE value = @userId)`,
+    );
+    this.#exists = db.prepare('SELECT 1 FROM orgs WHERE id = ?');
     this.#delete = db.prepare('DELETE FROM orgs WHERE id = ?');
   }
-  async create(org: NewRecord<OrgRecord>) {
-    const r = stamp(org);
-    uniqueWrite('An organization with this id', () =>
-      this.#insert.run(r.id, r.name, r.ownerId, JSON.stringify(r.members), r.plan, r.usage, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
-    );
-    return r;
-  }
-  async findById(id: string): Promise<OrgRecord | null> {
-    const r = this.#byId.get(id) as Row | undefined;
+  static #map(r: Row | undefined): OrgRecord | null {
     if (!r) return null;
     return {
       id: String(r.id),
@@ -109,6 +113,23 @@ class SqliteOrgs implements OrgRepository {
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
     };
+  }
+  async create(org: NewRecord<OrgRecord>) {
+    const r = stamp(org);
+    uniqueWrite('An organization with this id', () =>
+      this.#insert.run(r.id, r.name, r.ownerId, JSON.stringify(r.members), r.plan, r.usage, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
+    );
+    return r;
+  }
+  async findById(id: string): Promise<OrgRecord | null> {
+    return SqliteOrgs.#map(this.#byId.get(id) as Row | undefined);
+  }
+  async listByMember(userId: string) {
+    return (this.#byMember.all({ userId }) as Row[]).map((r) => SqliteOrgs.#map(r)!);
+  }
+  async addMember(orgId: string, userId: string) {
+    this.#addMember.run({ orgId, userId, now: iso(new Date()) });
+    return this.#exists.get(orgId) !== undefined;
   }
   async delete(id: string) {
     return this.#delete.run(id).changes > 0;
@@ -184,20 +205,17 @@ class SqliteApiKeys implements ApiKeyRepository {
 class SqliteSandboxes implements SandboxRepository {
   readonly #insert;
   readonly #byId;
-  readonly #page;
-  readonly #count;
   readonly #all;
   readonly #delete;
   readonly #db: Db;
+  readonly #lists = new Map<number, { page: Database.Statement; count: Database.Statement }>();
   constructor(db: Db) {
     this.#db = db;
     this.#insert = db.prepare(
-      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, created_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, created_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     );
     this.#byId = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? AND id = ?');
-    this.#page = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?');
-    this.#count = db.prepare('SELECT COUNT(*) AS n FROM sandboxes WHERE org_id = ?');
     this.#all = db.prepare('SELECT * FROM sandboxes ORDER BY created_at, id');
     this.#delete = db.prepare('DELETE FROM sandboxes WHERE org_id = ? AND id = ?');
   }
@@ -215,6 +233,7 @@ class SqliteSandboxes implements SandboxRepository {
       diskMb: Number(r.disk_mb),
       status: String(r.status) as SandboxRecord['status'],
       envVars: JSON.parse(String(r.env_vars)) as Record<string, string>,
+      labels: JSON.parse(String(r.labels ?? '{}')) as Record<string, string>,
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
     };
@@ -222,17 +241,34 @@ class SqliteSandboxes implements SandboxRepository {
   async create(sandbox: NewRecord<SandboxRecord>) {
     const r = stamp(sandbox);
     uniqueWrite(`A sandbox named ${r.name}`, () =>
-      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
   }
   async findById(orgId: string, id: string) {
     return SqliteSandboxes.#map(this.#byId.get(orgId, id) as Row | undefined);
   }
-  async listByOrg(orgId: string, page: number, limit: number): Promise<Page<SandboxRecord>> {
-    const items = (this.#page.all(orgId, limit, (page - 1) * limit) as Row[]).map((r) => SqliteSandboxes.#map(r)!);
-    const total = Number((this.#count.get(orgId) as { n: number }).n);
+  async listByOrg(orgId: string, page: number, limit: number, labels: Readonly<Record<string, string>> = {}): Promise<Page<SandboxRecord>> {
+    const pairs = Object.entries(labels);
+    const { page: pageOf, count } = this.#listStatements(pairs.length);
+    // Each label is a bound JSON path and value: `$."key"` names the key as a string, whatever it holds.
+    const args = [orgId, ...pairs.flatMap(([k, v]) => [`$.${JSON.stringify(k)}`, v])];
+    const items = (pageOf.all(...args, limit, (page - 1) * limit) as Row[]).map((r) => SqliteSandboxes.#map(r)!);
+    const total = Number((count.get(...args) as { n: number }).n);
     return { items, total };
+  }
+  /** The page and count statements for a filter on `labelCount` labels, prepared once each. */
+  #listStatements(labelCount: number) {
+    let statements = this.#lists.get(labelCount);
+    if (!statements) {
+      const where = ['org_id = ?', ...Array.from({ length: labelCount }, () => 'json_extract(labels, ?) = ?')].join(' AND ');
+      statements = {
+        page: this.#db.prepare(`SELECT * FROM sandboxes WHERE ${where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?`),
+        count: this.#db.prepare(`SELECT COUNT(*) AS n FROM sandboxes WHERE ${where}`),
+      };
+      this.#lists.set(labelCount, statements);
+    }
+    return statements;
   }
   async listAll() {
     return (this.#all.all() as Row[]).map((r) => SqliteSandboxes.#map(r)!);
@@ -341,6 +377,8 @@ class SqliteIpLeases implements IpLeaseRepository {
 function migrate(db: Db): void {
   const imageColumns = (db.prepare('PRAGMA table_info(images)').all() as Array<{ name: string }>).map((c) => c.name);
   if (!imageColumns.includes('base')) db.exec("ALTER TABLE images ADD COLUMN base TEXT NOT NULL DEFAULT 'debian'");
+  const sandboxColumns = (db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name);
+  if (!sandboxColumns.includes('labels')) db.exec("ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'");
 }
 
 /** Opens (creating if needed) the embedded store at `<dataDir>/voidrun.db`. */
