@@ -201,8 +201,9 @@ export class ExecService {
     }
   }
 
+  /** What the agent runs; an empty `cwd` (as clients that always send the field do) means the default. */
   #spec(input: { command: string; args?: string[]; env?: Record<string, string>; cwd?: string }, timeoutSec: number): ProcessSpec {
-    return { command: input.command, args: input.args, env: input.env, cwd: input.cwd, timeoutMs: timeoutSec * 1000, maxOutputBytes: this.deps.limits.maxOutputBytes };
+    return { command: input.command, args: input.args, env: input.env, cwd: input.cwd || undefined, timeoutMs: timeoutSec * 1000, maxOutputBytes: this.deps.limits.maxOutputBytes };
   }
 
   async #withAgent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {

@@ -1,13 +1,12 @@
 import { z } from 'zod';
-import { Id } from './common.js';
+import { AgentText, ArgText, Id, PathText, ProcessEnv } from './common.js';
 
-const Env = z.record(z.string(), z.string());
 
 export const ExecInput = z
   .object({
     id: Id,
-    command: z.string().min(1, 'must not be empty').meta({ example: 'ls -la /root' }),
-    args: z.array(z.string()).optional().meta({ description: 'When given, `command` is run as a program with these arguments, without a shell.' }),
+    command: ArgText.min(1, 'must not be empty').meta({ example: 'ls -la /root' }),
+    args: z.array(ArgText).optional().meta({ description: 'When given, `command` is run as a program with these arguments, without a shell.' }),
     timeout: z
       .number()
       .int()
@@ -15,8 +14,8 @@ export const ExecInput = z
       .max(300, 'must be 1 to 300 seconds')
       .default(30)
       .meta({ description: 'Seconds (ignored if background=true). The whole process tree is killed when it passes.' }),
-    env: Env.optional(),
-    cwd: z.string().optional().meta({ example: '/root' }),
+    env: ProcessEnv.optional(),
+    cwd: PathText.optional().meta({ example: '/root' }),
     background: z.boolean().default(false).meta({ description: 'Start in the background and answer with its pid at once.' }),
   })
   .meta({ id: 'ExecRequest' });
@@ -53,10 +52,10 @@ export type ExecChunk = z.infer<typeof ExecChunk>;
 
 export const RunCommandInput = z.object({
   id: Id,
-  command: z.string().min(1, 'must not be empty').meta({ example: 'sleep 3600' }),
-  args: z.array(z.string()).optional(),
-  env: Env.optional(),
-  cwd: z.string().optional(),
+  command: ArgText.min(1, 'must not be empty').meta({ example: 'sleep 3600' }),
+  args: z.array(ArgText).optional(),
+  env: ProcessEnv.optional(),
+  cwd: PathText.optional(),
   timeout: z.number().int().min(0, 'must be 0 to 900 seconds').max(900, 'must be 0 to 900 seconds').default(0).meta({ description: 'Seconds; 0 = no timeout' }),
 });
 export type RunCommandInput = z.infer<typeof RunCommandInput>;
@@ -88,8 +87,8 @@ export const SessionExecInput = z
     id: Id,
     action: z.enum(['create', 'exec', 'input', 'resize', 'close'], { error: 'must be create, exec, input, resize or close' }),
     sessionId: z.string().optional(),
-    shell: z.string().optional().meta({ description: 'For create: the shell program (default /bin/bash)' }),
-    command: z.string().optional().meta({ description: 'For exec' }),
+    shell: PathText.optional().meta({ description: 'For create: the shell program (default /bin/bash)' }),
+    command: AgentText.optional().meta({ description: 'For exec' }),
     input: z.string().optional().meta({ description: 'For input: raw text written to the shell' }),
     cols: z.number().int().min(1).max(500).optional(),
     rows: z.number().int().min(1).max(200).optional(),
@@ -106,6 +105,6 @@ export type SessionExecResult = z.infer<typeof SessionExecResult>;
 export const SessionExecStreamInput = z.object({
   id: Id,
   sessionId: z.string().min(1),
-  command: z.string().min(1),
+  command: AgentText.min(1),
   timeout: z.number().int().min(1).max(300).default(30),
 });

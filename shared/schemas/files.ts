@@ -1,8 +1,8 @@
 import { z } from 'zod';
-import { Id, Timestamp } from './common.js';
+import { AgentText, Id, PathText, Timestamp } from './common.js';
 
 /** A path inside the sandbox; relative paths resolve against the sandbox user's home (/root). */
-export const SandboxPath = z.string().min(1, 'must not be empty').max(4096, 'must be at most 4096 characters').meta({ example: '/root/file.txt' });
+export const SandboxPath = PathText.min(1, 'must not be empty').meta({ example: '/root/file.txt' });
 
 export const FileInfo = z
   .object({
@@ -64,7 +64,7 @@ export const HeadTailInput = PathInput.extend({
   lines: z.number().int().min(1, 'must be 1 or more').max(100_000, 'must be at most 100000').default(10),
   head: z.boolean().default(true).meta({ description: 'true: the first lines; false: the last lines' }),
 });
-export const SearchInput = PathInput.extend({ pattern: z.string().min(1).max(1024).meta({ description: 'A glob on file names: *, ? and [...]', example: '*.log' }) });
+export const SearchInput = PathInput.extend({ pattern: AgentText.min(1).max(1024).meta({ description: 'A glob on file names: *, ? and [...]', example: '*.log' }) });
 export const CompressInput = PathInput.extend({ format: ArchiveFormat.default('tar.gz') });
 export const ExtractInput = z.object({ id: Id, archive: SandboxPath, dest: SandboxPath });
 

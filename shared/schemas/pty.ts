@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { Id, Timestamp } from './common.js';
+import { AgentText, Id, Timestamp } from './common.js';
 
 export const PtySize = z.object({
   cols: z.number().int().min(1, 'must be 1 to 500').max(500, 'must be 1 to 500'),
@@ -21,7 +21,7 @@ export const PtySessionInfo = z
 export type PtySessionInfo = z.infer<typeof PtySessionInfo>;
 export const PtySessionList = z.object({ sessions: z.array(PtySessionInfo) });
 export const PtySessionRef = z.object({ id: Id, sessionId: z.string().min(1) });
-export const PtyExecuteInput = PtySessionRef.extend({ command: z.string().min(1) }).meta({ id: 'ExecuteInSessionRequest' });
+export const PtyExecuteInput = PtySessionRef.extend({ command: AgentText.min(1) }).meta({ id: 'ExecuteInSessionRequest' });
 export const PtyResizeInput = PtySessionRef.extend(PtySize.shape).meta({ id: 'ResizeTerminalRequest' });
 export const PtyBuffer = z.object({ output: z.string() });
 export const PtyWriteInput = PtySessionRef.extend({ data: z.string() });

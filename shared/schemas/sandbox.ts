@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { Id, Timestamp } from './common.js';
+import { AgentText, Id, Timestamp } from './common.js';
 
 const dns1123Subdomain = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 
@@ -8,7 +8,10 @@ export const SandboxStatus = z
   .meta({ description: "`creating` only while a `sync: false` create is still booting; the original VoidRun's four values otherwise." });
 export type SandboxStatus = z.infer<typeof SandboxStatus>;
 
-export const EnvVars = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name'), z.string());
+export const EnvVars = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name'), AgentText);
+
+/** An org or user id a client may send on create and restore: empty (as common clients always send) means the API key's. */
+const OwnerId = z.string().max(64).optional();
 
 export const Sandbox = z
   .object({
@@ -37,8 +40,8 @@ export const CreateSandboxInput = z
     templateId: z.string().optional().meta({ description: 'Image id or name; the default image when omitted.' }),
     cpu: z.number().int().min(1, 'must be 1 to 8').max(8, 'must be 1 to 8').optional().meta({ description: 'Number of vCPUs (CPU quota for containers)' }),
     mem: z.number().int().min(1024, 'must be 1024 to 16384 MiB').max(16384, 'must be 1024 to 16384 MiB').optional().meta({ description: 'Memory in MiB' }),
-    orgId: Id.optional().meta({ description: "Must be the API key's org when given." }),
-    userId: Id.optional().meta({ description: 'Ignored: the creator is the user of the API key.' }),
+    orgId: OwnerId.meta({ description: "Must be the API key's org when given; empty or omitted: the key's org." }),
+    userId: OwnerId.meta({ description: 'Ignored (empty or any id): the creator is the user of the API key.' }),
     sync: z.boolean().default(true).meta({ description: 'If true (default), answers once the sandbox agent responds.' }),
     envVars: EnvVars.optional().meta({ description: 'Environment variables every command in the sandbox sees' }),
   })
@@ -96,8 +99,8 @@ export const RestoreSandboxInput = z
     cold: z.boolean().default(false).meta({ description: 'Leave the restored sandbox stopped.' }),
     cpu: z.number().int().min(1).max(8).optional(),
     mem: z.number().int().min(1024).max(16384).optional(),
-    orgId: Id.optional(),
-    userId: Id.optional(),
+    orgId: OwnerId.meta({ description: "Must be the API key's org when given; empty or omitted: the key's org." }),
+    userId: OwnerId.meta({ description: 'Ignored (empty or any id): the creator is the user of the API key.' }),
   })
   .meta({ id: 'RestoreSandboxRequest' });
 export type RestoreSandboxInput = z.infer<typeof RestoreSandboxInput>;

@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { statSync, writeFileSync } from 'node:fs';
 import { StringDecoder } from 'node:string_decoder';
 import type { AgentExecResult, AgentProcessInfo, OutputEvent, ProcessSpec } from '../../../shared/schemas/agent.js';
 import { AgentError } from '../../errors.js';
@@ -123,14 +123,21 @@ export class ProcessManager {
   start(spec: ProcessSpec): ManagedProcess {
     const env = { ...this.baseEnv, ...spec.env };
     const [file, args] = spec.args?.length ? [spec.command, spec.args] : ['/bin/sh', ['-c', spec.command]];
-    const child = spawn(file, args, {
-      cwd: spec.cwd ?? this.defaultCwd,
-      env,
-      detached: true, // its own process group, so a timeout or kill reaches its children
-      stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
-    });
+    const cwd = spec.cwd ?? this.defaultCwd;
+    let child: ChildProcess;
+    try {
+      child = spawn(file, args, {
+        cwd,
+        env,
+        detached: true, // its own process group, so a timeout or kill reaches its children
+        stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
+      });
+    } catch (err) {
+      // spawn throws for most exec failures (E2BIG, ENOTDIR, …) and for NUL bytes in its strings.
+      throw spawnError(err, cwd);
+    }
     child.on('error', () => {}); // a spawn failure is reported below; later errors through 'close'
-    if (child.pid === undefined) throw new AgentError('BAD_REQUEST', describeSpawnFailure(spec));
+    if (child.pid === undefined) throw new AgentError('BAD_REQUEST', describeSpawnFailure(spec, cwd));
     lowerOomPriority(child.pid);
     const command = spec.args?.length ? [spec.command, ...spec.args].join(' ') : spec.command;
     const proc = new ManagedProcess(command, child, spec.timeoutMs);
@@ -206,8 +213,40 @@ function lowerOomPriority(pid: number): void {
   }
 }
 
-function describeSpawnFailure(spec: ProcessSpec): string {
-  return spec.cwd ? `Cannot start the command: does the working directory ${spec.cwd} exist?` : 'Cannot start the command';
+/** Why a working directory cannot be entered, or null when it can. */
+function cwdProblem(cwd: string): string | null {
+  try {
+    return statSync(cwd).isDirectory() ? null : `Invalid cwd: ${cwd} is not a directory`;
+  } catch {
+    return `Invalid cwd: ${cwd} does not exist`;
+  }
+}
+
+/** A spawn failure reported asynchronously (ENOENT, EACCES): no pid, and the cause not yet known. */
+function describeSpawnFailure(spec: ProcessSpec, cwd: string): string {
+  const problem = cwdProblem(cwd);
+  if (problem) return problem;
+  return spec.args?.length ? `Cannot start ${spec.command}: it does not exist or is not executable` : 'Cannot start the command';
+}
+
+/** A spawn failure thrown synchronously, as an AgentError (BAD_REQUEST) saying what to fix; other errors as they are. */
+function spawnError(err: unknown, cwd: string): Error {
+  const code = (err as NodeJS.ErrnoException).code;
+  switch (code) {
+    case 'E2BIG':
+      return new AgentError('BAD_REQUEST', 'The command, its arguments and environment are too large for the kernel (E2BIG): each argument and NAME=value must be under 128 KiB, and all of them together within ARG_MAX (about 2 MiB)');
+    case 'ENOTDIR':
+      return new AgentError('BAD_REQUEST', cwdProblem(cwd) ?? 'Cannot start the command: a component of its path is not a directory');
+    case 'ENAMETOOLONG':
+      return new AgentError('BAD_REQUEST', 'Cannot start the command: its program or working directory path is too long');
+    case 'ELOOP':
+      return new AgentError('BAD_REQUEST', 'Cannot start the command: too many levels of symbolic links in its program or working directory path');
+    case 'ERR_INVALID_ARG_VALUE':
+    case 'ERR_INVALID_ARG_TYPE':
+      return new AgentError('BAD_REQUEST', 'Cannot start the command: its command, arguments, environment and cwd must be strings without NUL bytes');
+    default:
+      return err instanceof Error ? err : new Error(String(err));
+  }
 }
 
 export type { OutputEvent };

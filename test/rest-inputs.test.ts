@@ -1,0 +1,225 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
+import type { SandboxHandle } from '../client/index.js';
+import { MAX_JSON_DEPTH } from '../server/http/json-body.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+const KiB = 1024;
+/** `n` nested arrays: `[[[…]]]`. */
+const nested = (n: number) => '['.repeat(n) + ']'.repeat(n);
+
+/** Status and parsed body of a response; `error` is the original VoidRun's error field. */
+async function answer(res: Response): Promise<{ status: number; text: string; error: string }> {
+  const text = await res.text();
+  let error = '';
+  try {
+    error = (JSON.parse(text) as { error?: unknown }).error as string;
+  } catch {}
+  return { status: res.status, text, error: typeof error === 'string' ? error : JSON.stringify(error) };
+}
+
+describe('inputs as existing VoidRun clients send them (plain HTTP)', () => {
+  let server: TestServer;
+  let apiKey: string;
+  /** A POST with a raw body and the given Content-Type (none when null). */
+  const post = (path: string, body: string, type: string | null, key = apiKey) =>
+    fetch(server.url + path, { method: 'POST', headers: { 'x-api-key': key, ...(type ? { 'content-type': type } : {}) }, body }).then(answer);
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Input User', email: uniqueEmail('inputs') })).apiKey;
+  });
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it("a JSON body sent as text/plain, as curl's default form type or with no Content-Type is read as JSON; a body that is not JSON gets 415 saying to send JSON", async () => {
+    for (const type of ['text/plain', 'application/x-www-form-urlencoded', null]) {
+      const r = await post('/api/register', JSON.stringify({ name: 'Curl User', email: uniqueEmail('curl') }), type, '');
+      expect(r.status, `${type}: ${r.text}`).toBe(201);
+      // Raw routes read their bodies the same way: the body is valid, so the sandbox is what is missing.
+      const raw = await post('/api/sandboxes/65ae1234567890abcdef1234/exec-stream', JSON.stringify({ command: 'true' }), type);
+      expect(raw.status, `${type}: ${raw.text}`).toBe(404);
+    }
+    for (const [type, body] of [
+      ['application/x-www-form-urlencoded', 'name=Form+User&email=form%40example.com'],
+      ['text/plain', 'hello'],
+      [null, '{"name":'],
+      ['multipart/form-data; boundary=x', '--x\r\nContent-Disposition: form-data; name="name"\r\n\r\nx\r\n--x--\r\n'],
+    ] as const) {
+      for (const path of ['/api/register', '/api/sandboxes/65ae1234567890abcdef1234/exec-stream']) {
+        const r = await post(path, body, type);
+        expect(r.status, `${type} ${path}: ${r.text}`).toBe(415);
+        expect(r.error).toMatch(/send a JSON body, with Content-Type: application\/json/);
+      }
+    }
+    const malformed = await post('/api/register', '{"name":', 'application/json', '');
+    expect(malformed.status).toBe(400);
+    expect(malformed.error).toBe('Malformed JSON body');
+  });
+
+  it(`nested JSON past ${MAX_JSON_DEPTH} levels cannot crash a REST, raw or tRPC (HTTP and WebSocket) call: 400 naming the limit`, async () => {
+    const limit = new RegExp(`more than ${MAX_JSON_DEPTH} levels deep`);
+    for (const depth of [5_000, 200_000]) {
+      const rest = await post('/api/sandboxes', `{"name":${nested(depth)}}`, 'application/json');
+      expect(rest.status, rest.text).toBe(400);
+      expect(rest.error).toMatch(limit);
+      const raw = await post('/api/sandboxes/65ae1234567890abcdef1234/exec-stream', `{"command":"true","env":{"A":${nested(depth)}}}`, 'application/json');
+      expect(raw.status, raw.text).toBe(400);
+      expect(raw.error).toMatch(limit);
+      const trpc = await post('/trpc/sandbox.create', `{"json":{"name":${nested(depth)}}}`, 'application/json');
+      expect(trpc.status, trpc.text).toBe(400);
+      expect(trpc.text).toMatch(limit);
+    }
+    // Shallow enough is read as usual (the name is then refused for what it is).
+    const shallow = await post('/api/sandboxes', `{"name":${nested(MAX_JSON_DEPTH - 1)}}`, 'application/json');
+    expect(shallow.status).toBe(400);
+    expect(shallow.error).toMatch(/^Invalid name/);
+
+    const ws = new WebSocket(`${server.url.replace('http', 'ws')}/trpc?apiKey=${apiKey}`);
+    await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
+    const reply = new Promise<string>((resolve) => ws.once('message', (m) => resolve(String(m))));
+    ws.send(`{"id":1,"method":"mutation","params":{"path":"sandbox.create","input":{"json":{"name":${nested(200_000)}}}}}`);
+    expect(await reply).toMatch(limit);
+    // The socket still serves calls.
+    const next = new Promise<string>((resolve) => ws.once('message', (m) => resolve(String(m))));
+    ws.send('{"id":2,"method":"query","params":{"path":"system.version","input":{"json":null}}}');
+    expect(await next).toMatch(/"id":2/);
+    ws.close();
+    expect(server.logLines.join('\n')).not.toMatch(/Maximum call stack/);
+  });
+
+  it('a multipart/form-data upload without a boundary is refused with 400 saying what is missing, not 500', async () => {
+    const r = await post('/api/sandboxes/65ae1234567890abcdef1234/files/upload?path=/root/a.txt', 'abc', 'multipart/form-data');
+    expect(r.status, r.text).toBe(400);
+    expect(r.error).toMatch(/needs a boundary parameter/);
+  });
+
+  it('null optional fields read as absent on REST and raw routes; a required field given null is refused with 400 naming it', async () => {
+    const missing = '/api/sandboxes/65ae1234567890abcdef1234';
+    // Valid input: the unknown sandbox is the answer.
+    const exec = await post(`${missing}/exec`, JSON.stringify({ command: 'true', args: null, env: null, cwd: null, timeout: null, background: null }), 'application/json');
+    expect(exec.status, exec.text).toBe(404);
+    const stream = await post(`${missing}/exec-stream`, JSON.stringify({ command: 'true', env: null, cwd: null, args: null, timeout: null }), 'application/json');
+    expect(stream.status, stream.text).toBe(404);
+    for (const path of [`${missing}/exec`, `${missing}/exec-stream`]) {
+      const r = await post(path, JSON.stringify({ command: null, env: null }), 'application/json');
+      expect(r.status, r.text).toBe(400);
+      expect(r.error).toMatch(/^Invalid command/);
+    }
+    const create = await post('/api/sandboxes', JSON.stringify({ name: null, templateId: null }), 'application/json');
+    expect(create.status).toBe(400);
+    expect(create.error).toMatch(/^Invalid name/);
+  });
+
+  it('orgId "" and userId "" on create and restore mean "the key\'s" (not a 400); another org\'s id is still refused', async () => {
+    const restore = await post('/api/sandboxes/restore', JSON.stringify({ snapshot_path: '65ae1234567890abcdef1234/snap-65ae1234567890abcdef1234', orgId: '', userId: '' }), 'application/json');
+    expect(restore.status, restore.text).toBe(404);
+    const other = await post('/api/sandboxes/restore', JSON.stringify({ snapshot_path: '65ae1234567890abcdef1234/snap-65ae1234567890abcdef1234', orgId: '65ae1234567890abcdef1234' }), 'application/json');
+    expect(other.status, other.text).toBe(403);
+  });
+});
+
+describe.skipIf(!support.ok)('inputs that reach the sandbox agent (container sandbox)', () => {
+  let server: TestServer;
+  let apiKey: string;
+  let orgId: string;
+  let box: SandboxHandle;
+  const post = (path: string, json: unknown) => server.http(`/api/sandboxes/${box.id}${path}`, { method: 'POST', apiKey, json }).then(answer);
+  const get = (path: string) => server.http(`/api/sandboxes/${box.id}${path}`, { apiKey }).then(answer);
+
+  beforeAll(async () => {
+    // Bodies past the kernel's ARG_MAX (about 2 MiB) must reach the agent.
+    server = await startTestServer({ MAX_JSON_BODY_BYTES: String(8 * 1024 * KiB) });
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Agent Input User', email: uniqueEmail('agent-inputs') });
+    apiKey = reg.apiKey;
+    orgId = reg.orgId;
+    // Created over REST as a common client does: orgId and userId always sent, empty.
+    const created = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'inputs-box', orgId: '', userId: '' } });
+    expect(created.status, await created.clone().text()).toBe(201);
+    const id = ((await created.json()) as { data: { id: string; orgId: string } }).data.id;
+    box = await server.client(apiKey).sandboxes.get(id);
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('a sandbox created with orgId "" and userId "" belongs to the key\'s org and runs commands given null optional fields (REST and exec-stream)', async () => {
+    expect(box.info.orgId).toBe(orgId);
+    const exec = await post('/exec', { command: 'echo "$HOME:$PWD"', args: null, env: null, cwd: null, timeout: null });
+    expect(exec.status, exec.text).toBe(200);
+    expect(exec.text).toContain('/root:/root');
+    const stream = await post('/exec-stream', { command: 'echo streamed', env: null, cwd: null, args: null, timeout: null });
+    expect(stream.status, stream.text).toBe(200);
+    expect(stream.text).toMatch(/data: streamed/);
+    // An empty cwd (sent by clients that always send the field) is the default directory.
+    const emptyCwd = await post('/exec', { command: 'pwd', cwd: '' });
+    expect(emptyCwd.status, emptyCwd.text).toBe(200);
+    expect(emptyCwd.text).toContain('/root');
+  }, 60_000);
+
+  it('a NUL byte in any string bound for the agent is refused with 400 naming the field, not a 502 with Node internals', async () => {
+    const nul = 'a\u0000b';
+    const nulPath = encodeURIComponent('/root/a\u0000b');
+    const cases: [string, Promise<{ status: number; text: string; error: string }>][] = [
+      ['command', post('/exec', { command: `echo ${nul}` })],
+      ['args.0', post('/exec', { command: 'echo', args: [nul] })],
+      ['env.A', post('/exec', { command: 'true', env: { A: nul } })],
+      ['env', post('/exec', { command: 'true', env: { [nul]: 'x' } })],
+      ['cwd', post('/exec', { command: 'true', cwd: nul })],
+      ['command', post('/exec-stream', { command: nul })],
+      ['cwd', post('/commands/run', { command: 'sleep 1', cwd: nul })],
+      ['shell', post('/session-exec', { action: 'create', shell: `/bin/sh${nul}` })],
+      ['path', get(`/files?path=${nulPath}`)],
+      ['path', get(`/files/stat?path=${nulPath}`)],
+      ['path', post('/files/mkdir', { path: '/root/a\u0000b' })],
+      ['to', post('/files/copy', { from: '/root', to: '/tmp/a\u0000b' })],
+      ['pattern', get(`/files/search?path=/root&pattern=${encodeURIComponent(nul)}`)],
+      ['path', post('/files/watch', { path: '/root/a\u0000b' })],
+      ['path', get(`/files/download?path=${nulPath}`)],
+      ['path', server.http(`/api/sandboxes/${box.id}/files/upload?path=${nulPath}`, { method: 'POST', apiKey, body: 'x' }).then(answer)],
+      ['command', post('/pty/sessions/no-such-session/execute', { command: `ls${nul}` })],
+    ];
+    for (const [field, pending] of cases) {
+      const r = await pending;
+      expect(r.status, `${field}: ${r.text}`).toBe(400);
+      expect(r.error, field).toMatch(new RegExp(`^Invalid ${field.replace('.', '\\.')}.*NUL byte`));
+      expect(r.text).not.toMatch(/ERR_INVALID_ARG|null bytes/);
+    }
+  }, 60_000);
+
+  it('a cwd that is a file or missing, or a command past the kernel\'s argument limits, is refused with 400 saying what to fix, not a 502 spawn error', async () => {
+    expect((await post('/files/create', { path: '/root/plain-file', content: 'x' })).status).toBe(200);
+    for (const spec of [{ command: 'true', cwd: '/root/plain-file' }, { command: '/bin/true', args: ['x'], cwd: '/root/plain-file' }]) {
+      const r = await post('/exec', spec);
+      expect(r.status, r.text).toBe(400);
+      expect(r.error).toBe('Invalid cwd: /root/plain-file is not a directory');
+    }
+    const missing = await post('/commands/run', { command: 'true', cwd: '/root/no-such-dir' });
+    expect(missing.status, missing.text).toBe(400);
+    expect(missing.error).toBe('Invalid cwd: /root/no-such-dir does not exist');
+    // One argument or NAME=value past 128 KiB: refused by the schema.
+    const big = 'x'.repeat(128 * KiB);
+    for (const [field, spec] of [
+      ['command', { command: `echo ${big}` }],
+      ['args.0', { command: 'echo', args: [big] }],
+      ['env.BIG', { command: 'true', env: { BIG: big } }],
+    ] as const) {
+      const r = await post('/exec', spec);
+      expect(r.status, r.text).toBe(400);
+      expect(r.error).toMatch(new RegExp(`^Invalid ${field.replace('.', '\\.')}: .*128 KiB`));
+    }
+    // Each piece within limits, all together past ARG_MAX: the agent's E2BIG comes back as a 400.
+    const env = Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`V${i}`, 'y'.repeat(100 * KiB)]));
+    const tooMuch = await post('/exec', { command: 'true', env });
+    expect(tooMuch.status, tooMuch.text.slice(0, 300)).toBe(400);
+    expect(tooMuch.error).toMatch(/too large for the kernel \(E2BIG\)/);
+    const stream = await post('/exec-stream', { command: 'true', env });
+    expect(stream.status).toBe(400);
+    expect(stream.error).toMatch(/E2BIG/);
+    // The sandbox still serves commands.
+    const ok = await post('/exec', { command: 'echo still-here' });
+    expect(ok.text).toContain('still-here');
+  }, 60_000);
+});
