@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
 /*
@@ -138,5 +139,56 @@ describe('trailing-slash paths redirect like the original (gin RedirectTrailingS
   it('leaves a path that is no route (for its method) to the 404', async () => {
     expect((await fetch(`${s.url}/api/no-such-thing/`, { redirect: 'manual' })).status).toBe(404);
     expect((await fetch(`${s.url}/api/register/`, { redirect: 'manual' })).status).toBe(404);
+  });
+});
+
+/** The samples of metric `name` in Prometheus text whose labels include every one in `labels`. */
+function samples(text: string, name: string, labels: Record<string, string> = {}): { labels: string; value: number }[] {
+  const out: { labels: string; value: number }[] = [];
+  for (const line of text.split('\n')) {
+    const m = /^([a-z_]+)(\{[^}]*\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const l = m[2] ?? '';
+    if (Object.entries(labels).every(([k, v]) => l.includes(`${k}="${v}"`))) out.push({ labels: l, value: Number(m[3]) });
+  }
+  return out;
+}
+
+describe.skipIf(!support.ok)("per-sandbox gauges like the original's (voidrun_sbx_*, voidrun_host_allocated_*)", () => {
+  let s: TestServer;
+  beforeAll(async () => {
+    s = await startTestServer();
+  });
+  afterAll(() => s.close());
+
+  it('a sandbox has status, CPU, memory and allocation gauges from the host while it exists, and none once deleted', { timeout: 180_000 }, async () => {
+    const reg = await s.client().trpc.auth.register.mutate({ name: 'Gauges', email: uniqueEmail() });
+    const vr = s.client(reg.apiKey);
+    const sb = await vr.sandboxes.create({ name: 'gauged', cpu: 1, mem: 1024 });
+    const scrape = async () => (await s.http('/metrics')).text();
+    try {
+      const first = await scrape();
+      const mine = { sbx_id: sb.id, sbx_name: 'gauged', org_id: reg.orgId };
+      expect(samples(first, 'voidrun_sbx_status', { ...mine, status: 'running' })).toEqual([expect.objectContaining({ value: 1 })]);
+      expect(samples(first, 'voidrun_sbx_metrics_up', mine)).toEqual([expect.objectContaining({ value: 1 })]);
+      const [mem] = samples(first, 'voidrun_sbx_mem_used_bytes', mine);
+      expect(mem!.value).toBeGreaterThan(0);
+      expect(mem!.value).toBeLessThanOrEqual(1024 * 1024 * 1024);
+      expect(samples(first, 'voidrun_sbx_cpu_seconds_total', mine)[0]!.value).toBeGreaterThan(0);
+      expect(samples(first, 'voidrun_sbx_disk_limit_bytes', mine)[0]!.value).toBeGreaterThan(0);
+      expect(samples(first, 'voidrun_host_allocated_vcpus')[0]!.value).toBeGreaterThanOrEqual(1);
+      expect(samples(first, 'voidrun_host_allocated_mem_bytes')[0]!.value).toBeGreaterThanOrEqual(1024 * 1024 * 1024);
+
+      // CPU percent is over the time between two scrapes.
+      await sb.exec('i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done');
+      const [cpu] = samples(await scrape(), 'voidrun_sbx_cpu_usage', mine);
+      expect(cpu!.value).toBeGreaterThan(0);
+      expect(cpu!.value).toBeLessThanOrEqual(100);
+    } finally {
+      await sb.delete();
+    }
+    const after = await scrape();
+    expect(after).not.toContain(sb.id);
+    expect(samples(after, 'voidrun_host_allocated_vcpus')[0]!.value).toBe(0);
   });
 });

@@ -189,13 +189,16 @@ describe.skipIf(!support.ok)('inputs that reach the sandbox agent (container san
     }
   }, 60_000);
 
-  it('a cwd that is a file or missing, or a command past the kernel\'s argument limits, is refused with 400 saying what to fix, not a 502 spawn error', async () => {
+  it('a cwd that is a file or missing, or a command past the kernel\'s argument limits, is refused with 400 saying what to fix, not a 502 spawn error; a relative cwd is inside /root', async () => {
     expect((await post('/files/create', { path: '/root/plain-file', content: 'x' })).status).toBe(200);
     for (const spec of [{ command: 'true', cwd: '/root/plain-file' }, { command: '/bin/true', args: ['x'], cwd: '/root/plain-file' }]) {
       const r = await post('/exec', spec);
       expect(r.status, r.text).toBe(400);
       expect(r.error).toBe('Invalid cwd: /root/plain-file is not a directory');
     }
+    // A relative cwd is inside /root, as relative file paths are.
+    expect((await post('/files/mkdir', { path: '/root/sub' })).status).toBe(200);
+    expect((await post('/exec', { command: 'pwd', cwd: 'sub' })).text).toContain('"stdout":"/root/sub\\n"');
     const missing = await post('/commands/run', { command: 'true', cwd: '/root/no-such-dir' });
     expect(missing.status, missing.text).toBe(400);
     expect(missing.error).toBe('Invalid cwd: /root/no-such-dir does not exist');

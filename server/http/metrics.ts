@@ -1,4 +1,16 @@
+import { hostname } from 'node:os';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { SandboxSample } from '../services/sandbox-usage.js';
+
+/**
+ * `voidrun_sbx_status` values, the original VoidRun's (1 running, 3 paused, 4 stopped as its
+ * "killed", 5 error); a sandbox still being created is -1, as the original's "booting".
+ */
+const statusValue: Record<string, number> = { running: 1, paused: 3, stopped: 4, error: 5, creating: -1 };
+
+/** Sandboxes that hold host resources, counted in `voidrun_host_allocated_*`. */
+const holdsResources = new Set(['creating', 'running', 'paused']);
+const MiB = 1024 * 1024;
 
 /** Prometheus metrics of one server instance (its own registry, so several servers can share a process). */
 export class HttpMetrics {
@@ -40,6 +52,113 @@ export class HttpMetrics {
         for (const [status, n] of Object.entries(await count())) this.set({ status }, n);
       },
     });
+  }
+
+  /**
+   * The original VoidRun's per-sandbox gauges (`voidrun_sbx_*`, labelled by sandbox id and name,
+   * org id and host) and host allocation totals (`voidrun_host_allocated_*`), computed from
+   * `sample()` at each scrape: a deleted sandbox's series are gone at the next scrape. CPU percent
+   * is over the time since the previous scrape, so it appears from a sandbox's second scrape on.
+   */
+  addSandboxGauges(sample: () => Promise<SandboxSample[]>, host = hostname()): void {
+    const registers = [this.registry];
+    const sbxLabels = ['sbx_id', 'sbx_name', 'org_id', 'voidrun_host'] as const;
+    const labelsOf = (s: SandboxSample) => ({ sbx_id: s.record.id, sbx_name: s.record.name, org_id: s.record.orgId, voidrun_host: host });
+    /** The previous CPU reading of each sandbox: seconds used, and when (ms). */
+    const lastCpu = new Map<string, { cpuSeconds: number; at: number }>();
+    const cpuPercent = new Map<string, number>();
+    // The gauges read one sampling per scrape; CPU percent is derived when a sampling arrives.
+    let current: Promise<SandboxSample[]> | null = null;
+    const samples = () =>
+      (current ??= sample()
+        .then((list) => {
+          const now = Date.now();
+          cpuPercent.clear();
+          const seen = new Set<string>();
+          for (const s of list) {
+            if (!s.usage) continue;
+            seen.add(s.record.id);
+            const prev = lastCpu.get(s.record.id);
+            if (prev && now > prev.at) {
+              const pct = ((s.usage.cpuSeconds - prev.cpuSeconds) / ((now - prev.at) / 1000) / Math.max(1, s.record.cpu)) * 100;
+              cpuPercent.set(s.record.id, Math.min(100, Math.max(0, pct)));
+            }
+            lastCpu.set(s.record.id, { cpuSeconds: s.usage.cpuSeconds, at: now });
+          }
+          for (const id of lastCpu.keys()) if (!seen.has(id)) lastCpu.delete(id);
+          return list;
+        })
+        .finally(() => {
+          current = null;
+        }));
+    const gauge = (name: string, help: string, fill: (g: Gauge<(typeof sbxLabels)[number]>, list: SandboxSample[]) => void) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: sbxLabels,
+        registers,
+        async collect() {
+          const list = await samples();
+          this.reset();
+          fill(this, list);
+        },
+      });
+
+    new Gauge({
+      name: 'voidrun_sbx_status',
+      help: 'Sandbox status as a number (1 running, 3 paused, 4 stopped, 5 error, -1 creating); the status label carries the name',
+      labelNames: [...sbxLabels, 'status'] as const,
+      registers,
+      async collect() {
+        const list = await samples();
+        this.reset();
+        for (const s of list) this.set({ ...labelsOf(s), status: s.record.status }, statusValue[s.record.status] ?? -1);
+      },
+    });
+    gauge('voidrun_sbx_cpu_usage', 'Sandbox CPU usage in percent (0-100) of its vCPUs since the previous scrape, from the host (cgroup or VMM process)', (g, list) => {
+      for (const s of list) {
+        const pct = cpuPercent.get(s.record.id);
+        if (pct !== undefined) g.set(labelsOf(s), pct);
+      }
+    });
+    new Counter({
+      name: 'voidrun_sbx_cpu_seconds_total',
+      help: 'CPU time the sandbox has used since it (or its VMM) started, in seconds, from the host',
+      labelNames: sbxLabels,
+      registers,
+      async collect() {
+        const list = await samples();
+        this.reset();
+        for (const s of list) if (s.usage) this.inc(labelsOf(s), s.usage.cpuSeconds);
+      },
+    });
+    gauge('voidrun_sbx_mem_used_bytes', 'Sandbox memory in use without reclaimable file cache (container: cgroup working set; microVM: the VMM process resident set)', (g, list) => {
+      for (const s of list) if (s.usage) g.set(labelsOf(s), s.usage.memoryBytes);
+    });
+    gauge('voidrun_sbx_mem_limit_bytes', 'Memory allocated to the sandbox (mem)', (g, list) => {
+      for (const s of list) g.set(labelsOf(s), s.record.mem * MiB);
+    });
+    gauge('voidrun_sbx_disk_limit_bytes', 'Disk allocated to the sandbox (diskMb)', (g, list) => {
+      for (const s of list) g.set(labelsOf(s), s.record.diskMb * MiB);
+    });
+    gauge('voidrun_sbx_metrics_up', 'Whether the host-side usage of a running or paused sandbox could be read (1 = up)', (g, list) => {
+      for (const s of list) if (s.usage !== undefined) g.set(labelsOf(s), s.usage ? 1 : 0);
+    });
+    const allocated = (name: string, help: string, amount: (s: SandboxSample) => number) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['voidrun_host'] as const,
+        registers,
+        async collect() {
+          const list = await samples();
+          this.reset();
+          this.set({ voidrun_host: host }, list.filter((s) => holdsResources.has(s.record.status)).reduce((sum, s) => sum + amount(s), 0));
+        },
+      });
+    allocated('voidrun_host_allocated_vcpus', 'vCPUs allocated to the sandboxes on this host that hold resources (creating, running, paused)', (s) => s.record.cpu);
+    allocated('voidrun_host_allocated_mem_bytes', 'Memory allocated to the sandboxes on this host that hold resources', (s) => s.record.mem * MiB);
+    allocated('voidrun_host_allocated_disk_bytes', 'Disk allocated to the sandboxes on this host that hold resources', (s) => s.record.diskMb * MiB);
   }
 
   text(): Promise<string> {

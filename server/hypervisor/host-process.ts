@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
 import { closeSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 
 /** What drivers ask about the host processes they start (VMMs, containers) and their logs. */
@@ -67,4 +68,21 @@ export async function freeLoopbackPort(): Promise<number> {
   const { port } = srv.address() as { port: number };
   await new Promise((resolve) => srv.close(resolve));
   return port;
+}
+
+/** Clock ticks per second of /proc/<pid>/stat times (USER_HZ: 100 on every Linux architecture Node runs on). */
+const USER_HZ = 100;
+
+/** A host process's CPU time (user + system, seconds) and resident memory (bytes); null once it is gone. */
+export async function processUsage(pid: number): Promise<{ cpuSeconds: number; memoryBytes: number } | null> {
+  try {
+    const [stat, status] = await Promise.all([readFile(`/proc/${pid}/stat`, 'utf8'), readFile(`/proc/${pid}/status`, 'utf8')]);
+    // Fields after the command (which may hold spaces and parentheses): state is field 3, utime 14, stime 15.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[11]) + Number(fields[12]);
+    const rssKb = Number(/^VmRSS:\s+(\d+) kB$/m.exec(status)?.[1] ?? 0);
+    return Number.isFinite(ticks) ? { cpuSeconds: ticks / USER_HZ, memoryBytes: rssKb * 1024 } : null;
+  } catch {
+    return null;
+  }
 }

@@ -89,6 +89,24 @@ export interface AddressingDriver {
   addressOf(id: string): Promise<string | null>;
 }
 
+/** What the host sees one sandbox use, read from its cgroup or its VMM process — never from its agent. */
+export interface HostUsage {
+  /** CPU time the sandbox (or its VMM) has used since it started, in seconds. */
+  cpuSeconds: number;
+  /** Memory in use, without reclaimable file cache where the host can tell, in bytes. */
+  memoryBytes: number;
+}
+
+/** Optional ability: a sandbox's host-side usage, cheap enough to read at every metrics scrape. */
+export interface UsageReportingDriver {
+  /** null when the sandbox has no processes on the host (stopped, gone). */
+  hostUsage(id: string): Promise<HostUsage | null>;
+}
+
+export function reportsUsage(d: SandboxDriver): d is SandboxDriver & UsageReportingDriver {
+  return typeof (d as Partial<UsageReportingDriver>).hostUsage === 'function';
+}
+
 export function hasAddresses(d: SandboxDriver): d is SandboxDriver & AddressingDriver {
   return typeof (d as Partial<AddressingDriver>).addressOf === 'function';
 }

@@ -1,5 +1,6 @@
 import { initTRPC } from '@trpc/server';
 import superjson from 'superjson';
+import type { z } from 'zod';
 import type { OpenApiMeta } from 'trpc-to-openapi';
 import { errorCodeFromTrpc, type ErrorCode } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
@@ -21,7 +22,29 @@ export type Meta = OpenApiMeta & {
    * query into the body for every POST; this only documents them as query parameters.
    */
   queryInputs?: string[];
+  /**
+   * How REST carries the output (tRPC always sends the output itself): by default in the original
+   * VoidRun's envelope `{status, message, data}`; `bare`: the output itself, where the contract and
+   * the original send it so; `both`: the output's fields beside the envelope's, in one body that
+   * reads as either (an object output whose fields are not `status`, `message` or `data`).
+   */
+  envelope?: 'bare' | 'both';
+  /** The envelope also carries `success: true` beside `status` (the contract's `ApiResponse…` schemas). */
+  successFlag?: boolean;
+  /** REST's view of the output where it differs from tRPC's (see `restView`). */
+  restView?: RestView;
 };
+
+/** REST's view of a procedure's output: `from` builds it, `schema` documents it in openapi.yml. */
+export interface RestView {
+  schema: z.ZodType;
+  from: (output: never) => unknown;
+}
+
+/** A typed `RestView`: `from` takes the procedure's output and returns what `schema` describes. */
+export function restView<In, Out>(schema: z.ZodType<Out>, from: (output: In) => Out): RestView {
+  return { schema, from };
+}
 
 /** superjson, with inputs deeper than MAX_JSON_DEPTH refused (400) before superjson walks them recursively. */
 const transformer = {

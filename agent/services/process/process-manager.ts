@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { statSync, writeFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import type { AgentExecResult, AgentProcessInfo, OutputEvent, ProcessSpec } from '../../../shared/schemas/agent.js';
 import { AgentError } from '../../errors.js';
@@ -123,7 +124,8 @@ export class ProcessManager {
   start(spec: ProcessSpec): ManagedProcess {
     const env = { ...this.baseEnv, ...spec.env };
     const [file, args] = spec.args?.length ? [spec.command, spec.args] : ['/bin/sh', ['-c', spec.command]];
-    const cwd = spec.cwd ?? this.defaultCwd;
+    // A relative cwd is inside the default directory (the sandbox user's home), as relative file paths are.
+    const cwd = resolve(this.defaultCwd, spec.cwd ?? '');
     let child: ChildProcess;
     try {
       child = spawn(file, args, {

@@ -1,7 +1,7 @@
 import { agentHttpStatus } from '../../agent-client/agent-http.js';
 import { agentHandshake, reidentifyGuest } from '../vm/instance-files.js';
 import { hostnameFor } from '../container/oci-spec.js';
-import { lastLogLines, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
+import { lastLogLines, processUsage, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
 import { spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { closeSync, constants as fsConstants, existsSync, openSync, readFileSync } from 'node:fs';
@@ -10,7 +10,7 @@ import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
-import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
+import type { DriverAvailability, DriverStatus, HostUsage, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver, UsageReportingDriver } from '../types.js';
 import { GUEST_AGENT_PORT, type GuestConfig, type VmImagePaths, type VmInstancePaths, vmInstancePaths } from '../vm/guest.js';
 import { CloudHypervisorApi, CloudHypervisorApiError, type VmState } from './api-client.js';
 import { buildVmConfig, rebaseSnapshotConfig, type SnapshotVmConfig, type VmNetwork } from './vm-config.js';
@@ -101,7 +101,7 @@ const exec = (cmd: string, args: string[], timeoutMs = 600_000) => runHostComman
  * The VMM runs detached, so sandboxes outlive a server restart; `list` + the pid and token files
  * are how a new server process finds and reaches them again.
  */
-export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, SnapshottingDriver {
+export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver {
   readonly name = 'cloud-hypervisor' as const;
   readonly snapshotKind = 'memory+filesystem' as const;
   readonly #binary: string;
@@ -355,6 +355,12 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
     await this.opts.network.release(id).catch((err: Error) => this.opts.log.warn({ err, id }, 'releasing the address failed'));
     this.#tokens.delete(id);
     await rm(this.#files(id).dir, { recursive: true, force: true });
+  }
+
+  /** The VMM process's CPU time and resident memory, as the host sees them. */
+  async hostUsage(id: string): Promise<HostUsage | null> {
+    const pid = this.#vmmPid(id);
+    return pid ? processUsage(pid) : null;
   }
 
   async inspect(id: string): Promise<DriverStatus> {

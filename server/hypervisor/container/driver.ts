@@ -9,7 +9,8 @@ import { Transform, type Duplex } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
 import { PayloadTooLargeError } from '../../errors.js';
-import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver } from '../types.js';
+import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver } from '../types.js';
+import { cgroupUsage } from './cgroup-usage.js';
 import { buildOciSpec, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 import { limitSandboxKernelLimits, raiseHostKernelLimits } from './kernel-limits.js';
@@ -106,7 +107,7 @@ const exec = (cmd: string, args: string[], timeoutMs = 60_000) => runHostCommand
  * uid), overlayfs copy-on-write over the image, cgroup v1 limits, own network namespace with only
  * loopback. Works on any Linux host with runc; no KVM needed.
  */
-export class ContainerDriver implements SandboxDriver, PausableDriver, SnapshottingDriver {
+export class ContainerDriver implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver {
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
   readonly #runc: Runc;
@@ -147,6 +148,15 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
 
   #cid(id: string): string {
     return `vr-${id}`;
+  }
+
+  #cgroupsPath(id: string): string {
+    return `/voidrun/${this.#cid(id)}`;
+  }
+
+  /** What the sandbox's cgroup has used (CPU time, working-set memory); read on the host, never from the agent. */
+  hostUsage(id: string): Promise<HostUsage | null> {
+    return cgroupUsage(this.#cgroupsPath(id));
   }
 
   async create(spec: SandboxSpec): Promise<void> {
@@ -260,7 +270,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       paths: { rootfs: p.rootfs, runtime: boot.runtime },
       idMap: this.opts.idMap,
       pidsLimit: this.opts.pidsLimit,
-      cgroupsPath: `/voidrun/${this.#cid(spec.id)}`,
+      cgroupsPath: this.#cgroupsPath(spec.id),
     });
     // It holds the sandbox's envVars (secrets, often): root-only.
     await writeFile(join(p.dir, 'config.json'), JSON.stringify(config), { mode: 0o600 });

@@ -10,11 +10,11 @@ import type { Logger } from 'pino';
 import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import { hostnameFor } from '../container/oci-spec.js';
 import type { GuestConfig } from '../../../shared/guest-protocol.js';
-import type { DriverAvailability, DriverStatus, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver } from '../types.js';
+import type { DriverAvailability, DriverStatus, HostUsage, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver, UsageReportingDriver } from '../types.js';
 import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
 import { agentHandshake, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
 import type { VmImages } from '../vm/vm-images.js';
-import { freeLoopbackPort, lastLogLines, processAlive, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
+import { freeLoopbackPort, lastLogLines, processAlive, processUsage, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
 import type { AcceleratorChoice } from './accelerator-probe.js';
 import { withQmp } from './qmp-client.js';
 
@@ -60,7 +60,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
  * Instance layout: INSTANCES_DIR/<id>/{overlay.qcow2, config.img, qmp.sock, vm.log, qemu.log,
  * vm.pid, instance.json}.
  */
-export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDriver {
+export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver {
   readonly name = 'qemu' as const;
   readonly snapshotKind = 'memory+filesystem' as const;
   readonly #states = new Map<string, InstanceState>();
@@ -287,6 +287,12 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     }
     this.#states.delete(id);
     await rm(this.#paths(id).dir, { recursive: true, force: true });
+  }
+
+  /** The QEMU process's CPU time and resident memory, as the host sees them. */
+  async hostUsage(id: string): Promise<HostUsage | null> {
+    const pid = await this.#pid(id);
+    return pid ? processUsage(pid) : null;
   }
 
   async inspect(id: string): Promise<DriverStatus> {

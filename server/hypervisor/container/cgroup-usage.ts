@@ -1,0 +1,30 @@
+import { readFile } from 'node:fs/promises';
+import type { HostUsage } from '../types.js';
+
+const read = (file: string) => readFile(file, 'utf8').catch(() => null);
+
+/** One `key value` line of a cgroup stat file, as a number (0 when absent). */
+function statValue(text: string | null, key: string): number {
+  const m = new RegExp(`^${key} (\\d+)$`, 'm').exec(text ?? '');
+  return m ? Number(m[1]) : 0;
+}
+
+/**
+ * A container's usage from its cgroup (`cgroupsPath` as given to runc): cgroup v1 (`cpuacct.usage`,
+ * `memory.usage_in_bytes`) or v2 (`cpu.stat`, `memory.current`), memory without its inactive file
+ * cache (the working set, as the kubelet counts it). null when the cgroup is gone. Reads four
+ * small kernel files; nothing from inside the sandbox.
+ */
+export async function cgroupUsage(cgroupsPath: string, root = '/sys/fs/cgroup'): Promise<HostUsage | null> {
+  const v1Cpu = await read(`${root}/cpuacct${cgroupsPath}/cpuacct.usage`);
+  if (v1Cpu !== null) {
+    const [usage, stat] = await Promise.all([read(`${root}/memory${cgroupsPath}/memory.usage_in_bytes`), read(`${root}/memory${cgroupsPath}/memory.stat`)]);
+    const memory = Number(usage ?? 0) - statValue(stat, 'total_inactive_file');
+    return { cpuSeconds: Number(v1Cpu) / 1e9, memoryBytes: Math.max(0, memory) };
+  }
+  const cpuStat = await read(`${root}${cgroupsPath}/cpu.stat`);
+  if (cpuStat === null) return null;
+  const [current, stat] = await Promise.all([read(`${root}${cgroupsPath}/memory.current`), read(`${root}${cgroupsPath}/memory.stat`)]);
+  const memory = Number(current ?? 0) - statValue(stat, 'inactive_file');
+  return { cpuSeconds: statValue(cpuStat, 'usage_usec') / 1e6, memoryBytes: Math.max(0, memory) };
+}
