@@ -4,6 +4,7 @@ import type { Config } from './config.js';
 import { createHttpServer, type HttpServer } from './http/server.js';
 import { HttpMetrics } from './http/metrics.js';
 import { corsPolicy } from './http/cors.js';
+import { sandboxSampler } from './services/sandbox-usage.js';
 import { buildOpenApiDocument, openApiYaml } from './http/openapi-document.js';
 import { appRouter } from './routers/index.js';
 import { AuthService } from './services/auth-service.js';
@@ -117,12 +118,15 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   }
 
   const openApiDoc = buildOpenApiDocument(appRouter, services.buildInfo.version);
+  // One store listing and one host-side read per sandbox serve every sandbox gauge of a scrape.
+  const sampleSandboxes = sandboxSampler({ sandboxes: store.sandboxes, driver, concurrency: config.METRICS_CONCURRENCY });
   const metrics = new HttpMetrics();
   metrics.addSandboxGauge(async () => {
     const counts: Record<string, number> = { creating: 0, running: 0, stopped: 0, paused: 0, error: 0 };
-    for (const s of await store.sandboxes.listAll()) counts[s.status] = (counts[s.status] ?? 0) + 1;
+    for (const { record } of await sampleSandboxes()) counts[record.status] = (counts[record.status] ?? 0) + 1;
     return counts;
   });
+  metrics.addSandboxGauges(sampleSandboxes);
   const http = createHttpServer({
     router: appRouter,
     services,
