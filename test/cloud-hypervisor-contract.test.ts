@@ -160,6 +160,12 @@ describe('contract: vm.create body (buildVmConfig)', () => {
     expect(config.payload.cmdline.split(' ')).toEqual(expect.arrayContaining(['root=/dev/vda', 'console=ttyS0', 'rw', 'ip=192.168.100.7::192.168.100.1:255.255.252.0::eth0:off']));
   });
 
+  it('appends SANDBOX_KERNEL_CMDLINE after our parameters, so its own win', () => {
+    const cmdline = buildVmConfig({ ...configInput(), extraCmdline: 'loglevel=3 root=/dev/vdz' }).payload.cmdline;
+    expect(cmdline.endsWith(' loglevel=3 root=/dev/vdz')).toBe(true);
+    expect(cmdline.startsWith(buildVmConfig(configInput()).payload.cmdline)).toBe(true);
+  });
+
   it('contract: disks are overlay (rw qcow2 with its backing file), agent disk (ro), config disk (raw) — vda, vdb, vdc', () => {
     const input = configInput();
     const { disks } = buildVmConfig(input);

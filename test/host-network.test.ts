@@ -186,10 +186,13 @@ describe.skipIf(skipReason !== null)('host networking inside network namespaces'
 });
 
 describe('tapNameFor', () => {
-  it('derives a name within IFNAMSIZ from the sandbox id', () => {
+  it('derives a name within IFNAMSIZ from the sandbox id and the prefix (NET_PREFIX, TAP_PREFIX)', () => {
     expect(tapNameFor('65a1b2c3d4e5f60718293a4b')).toBe('vrf60718293a4b');
     expect(tapNameFor(newId()).length).toBeLessThanOrEqual(15);
     expect(() => tapNameFor('not-an-id')).toThrow(/24 hex digits/);
+    expect(tapNameFor('65a1b2c3d4e5f60718293a4b', 'tp')).toBe('tpf60718293a4b');
+    expect(tapNameFor('65a1b2c3d4e5f60718293a4b', 'abc').length).toBe(15);
+    expect(() => tapNameFor('65a1b2c3d4e5f60718293a4b', 'toolong')).toThrow(/one to three/);
   });
 });
 

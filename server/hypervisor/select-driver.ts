@@ -63,6 +63,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     agent: deps.agent,
     // A VM boots in seconds under KVM but takes several under TCG before its agent answers.
     agentReadyTimeoutMs: Math.max(agentReadyTimeoutMs(config), 60_000),
+    kernelCmdline: config.SANDBOX_KERNEL_CMDLINE,
     accelerator: probe,
     log: deps.log,
   });
@@ -74,18 +75,20 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     leaseOf: (id) => ipPool.leaseOf(id),
     createTap: (name) => createTap(name, config.BRIDGE_NAME),
     deleteTap: async (name) => void (await deleteTap(name)),
-    tapNameFor,
+    tapNameFor: (id) => tapNameFor(id, config.TAP_PREFIX ?? config.NET_PREFIX),
   };
   const cloudHypervisor = new CloudHypervisorDriver({
     binary: config.CLOUD_HYPERVISOR_BINARY,
     instancesDir: config.INSTANCES_DIR,
     // KERNEL_PATH (the original's variable) names the uncompressed kernel; the image builder writes it there by default.
-    image: async (name) => ({ ...(await deps.vmImages.ensure(name)), vmlinux: config.KERNEL_PATH }),
+    // INITRD_PATH, set, replaces the image's initramfs.
+    image: async (name) => ({ ...(await deps.vmImages.ensure(name)), vmlinux: config.KERNEL_PATH, ...(config.INITRD_PATH ? { initrd: config.INITRD_PATH } : {}) }),
     agentDisk: () => deps.vmImages.ensureAgentDisk(deps.agent, config.SANDBOX_DEFAULT_IMAGE),
     network,
     writeConfigDisk,
     createOverlay,
     agentReadyTimeoutMs: Math.max(agentReadyTimeoutMs(config), 30_000),
+    kernelCmdline: config.SANDBOX_KERNEL_CMDLINE,
     log: deps.log,
   });
   /** The binary and /dev/kvm, and the bridge setup-net makes. */

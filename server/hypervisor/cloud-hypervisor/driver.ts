@@ -56,6 +56,8 @@ export interface CloudHypervisorDriverOptions {
   createOverlay: (baseDisk: string, overlayPath: string, sizeMb: number) => Promise<void>;
   /** How long `create`/`start`/`restore` wait for the agent to answer after the VM runs. */
   agentReadyTimeoutMs: number;
+  /** Kernel parameters appended to the guest's command line (SANDBOX_KERNEL_CMDLINE). */
+  kernelCmdline?: string;
   /** How long the VMM may take to open its API socket after it was spawned. */
   vmmStartTimeoutMs?: number;
   /** How long `stop` waits for the VMM to exit before killing it. */
@@ -184,7 +186,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       growRootFs: true,
     });
     await this.opts.network.createTap(network.tap);
-    const config = buildVmConfig({ spec, image: await this.#image(spec), instance: f, agentDisk: await this.opts.agentDisk(), network, serialLog: f.serialLog });
+    const config = buildVmConfig({ spec, image: await this.#image(spec), instance: f, agentDisk: await this.opts.agentDisk(), network, serialLog: f.serialLog, extraCmdline: this.opts.kernelCmdline });
     const api = await this.#startVmm(spec.id);
     await api.createVm(config);
     await api.bootVm();

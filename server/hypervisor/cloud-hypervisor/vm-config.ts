@@ -96,6 +96,8 @@ export interface VmConfigInput {
   network: VmNetwork;
   /** Where the guest's serial console is written. */
   serialLog: string;
+  /** Kernel parameters appended to ours (SANDBOX_KERNEL_CMDLINE); later parameters win. */
+  extraCmdline?: string;
 }
 
 /**
@@ -132,9 +134,9 @@ export function macForSandbox(id: string): string {
  * has virtio_net and IP autoconfiguration built in; with one, the agent's own `ip addr add` just
  * finds the address already there. The hostname field stays empty: the agent sets it.
  */
-export function kernelCmdline(network: Pick<VmNetwork, 'address' | 'gateway' | 'prefixLength'>): string {
+export function kernelCmdline(network: Pick<VmNetwork, 'address' | 'gateway' | 'prefixLength'>, extra?: string): string {
   const ip = `ip=${network.address}::${network.gateway}:${netmaskFromPrefix(network.prefixLength)}::eth0:off`;
-  return ['console=ttyS0', 'root=/dev/vda', 'rootfstype=ext4', 'rw', 'net.ifnames=0', 'biosdevname=0', ip].join(' ');
+  return ['console=ttyS0', 'root=/dev/vda', 'rootfstype=ext4', 'rw', 'net.ifnames=0', 'biosdevname=0', ip, ...(extra ? [extra] : [])].join(' ');
 }
 
 /**
@@ -149,7 +151,7 @@ export function buildVmConfig(input: VmConfigInput): VmConfig {
   if (!Number.isInteger(spec.cpu) || spec.cpu < 1) throw new Error(`cpu must be a whole number ≥ 1, got ${spec.cpu}`);
   if (!Number.isInteger(spec.memMb) || spec.memMb < 1) throw new Error(`memMb must be a whole number ≥ 1, got ${spec.memMb}`);
   return {
-    payload: { kernel: image.vmlinux, initramfs: image.initrd, cmdline: kernelCmdline(network) },
+    payload: { kernel: image.vmlinux, initramfs: image.initrd, cmdline: kernelCmdline(network, input.extraCmdline) },
     cpus: { boot_vcpus: spec.cpu, max_vcpus: spec.cpu },
     // Mergeable: KSM may share identical pages between sandboxes booted from the same image.
     memory: { size: spec.memMb * 1024 * 1024, mergeable: true },

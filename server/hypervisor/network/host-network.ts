@@ -287,12 +287,14 @@ function checkInterfaceName(name: string): void {
 }
 
 /**
- * The TAP device name of a sandbox: `vr` and the last 12 hex digits of its id (an ObjectId, whose
- * tail is a per-process random part and a counter), 14 characters, within IFNAMSIZ.
+ * The TAP device name of a sandbox: `prefix` (NET_PREFIX / TAP_PREFIX, one to three characters,
+ * `vr` by default) and the last 12 hex digits of its id (an ObjectId, whose tail is a per-process
+ * random part and a counter), at most 15 characters, within IFNAMSIZ.
  */
-export function tapNameFor(sandboxId: string): string {
+export function tapNameFor(sandboxId: string, prefix = 'vr'): string {
   if (!isObjectIdHex(sandboxId)) throw new Error(`Sandbox id ${JSON.stringify(sandboxId)} is not 24 hex digits`);
-  return `vr${sandboxId.slice(-12)}`;
+  if (!/^[a-z][a-z0-9]{0,2}$/.test(prefix)) throw new Error(`TAP prefix ${JSON.stringify(prefix)} must be one to three lowercase letters or digits`);
+  return `${prefix}${sandboxId.slice(-12)}`;
 }
 
 /**

@@ -24,6 +24,8 @@ export interface QemuDriverOptions {
   images: VmImages;
   agent: AgentFiles;
   agentReadyTimeoutMs: number;
+  /** Kernel parameters appended to the guest's command line (SANDBOX_KERNEL_CMDLINE). */
+  kernelCmdline?: string;
   /** KVM or TCG, decided once (see accelerator-probe.ts). */
   accelerator: () => Promise<AcceleratorChoice>;
   log: Logger;
@@ -151,7 +153,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       '-M', 'pc', '-accel', accel, ...(accel === 'kvm' ? ['-cpu', 'host'] : []),
       '-smp', String(state.cpu), '-m', String(state.memMb),
       '-nodefaults', '-display', 'none', '-no-reboot',
-      '-kernel', image.kernel, '-initrd', image.initrd, '-append', 'console=ttyS0 panic=-1 quiet',
+      '-kernel', image.kernel, '-initrd', image.initrd, '-append', ['console=ttyS0 panic=-1 quiet', ...(this.opts.kernelCmdline ? [this.opts.kernelCmdline] : [])].join(' '),
       '-drive', `file=${p.overlay},if=virtio,format=qcow2`,
       '-drive', `file=${state.agentDisk},if=virtio,format=raw,readonly=on`,
       '-drive', `file=${p.configDisk},if=virtio,format=raw,readonly=on`,
