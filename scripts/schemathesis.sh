@@ -53,7 +53,7 @@ cleanup() {
   # And what such a sandbox still holds under the work directory: mounts, then loop devices.
   grep -o " $work/[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
   losetup -a 2>/dev/null | grep -F "$work/" | cut -d: -f1 | while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done || true
-  if [ -z "${SCHEMATHESIS_REPORT_DIR:-}" ] && [ "${keep_work:-0}" != 1 ]; then rm -rf "$work"; fi
+  if [ "${keep_work:-0}" != 1 ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -132,7 +132,7 @@ fi
 if [ "$status" != 0 ]; then
   echo "schemathesis found server errors (above; server log: $work/server.log)"
   keep_work=1
-  echo "--- server log (last 50 lines)"
-  tail -n 50 "$work/server.log"
+  echo "--- errors the server logged (at most 20)"
+  grep '"level":50' "$work/server.log" | tail -n 20 || true
 fi
 exit "$status"

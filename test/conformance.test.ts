@@ -234,7 +234,10 @@ describe.skipIf(!contract || !support.ok)('the original contract, operation by o
       const got = await server.http(`/api/sandboxes/${boxId}`, { apiKey });
       const s = ((await got.json()) as { data?: { status?: string } }).data?.status;
       if (s) statusesSeen.add(s);
-      if (s === 'running' && (await execText('echo ready')) === 'ready\n') break;
+      if (s === 'running') {
+        const exec = await server.http(`/api/sandboxes/${boxId}/exec`, { method: 'POST', apiKey, json: { command: 'echo ready' } });
+        if (exec.status === 200 && ((await exec.json()) as { data: { stdout: string } }).data.stdout === 'ready\n') break;
+      }
       await new Promise((r) => setTimeout(r, 100));
     }
   }, 120_000);
