@@ -70,9 +70,9 @@ export class ImageService {
     return { id, deleted: true };
   }
 
-  /** The image a new sandbox runs: `templateId` (an image id or name) or the default. */
+  /** The image a new sandbox runs: `templateId` (an image id or name) or, when absent or empty, the default. */
   async resolve(principal: Principal, templateId: string | undefined): Promise<ImageRecord> {
-    const ref = templateId ?? this.deps.defaultImage;
+    const ref = templateId || this.deps.defaultImage;
     const image = isObjectIdHex(ref) ? await this.deps.images.findById(ref) : await this.deps.images.findByName(principal.orgId, ref);
     if (!image || (image.orgId !== null && image.orgId !== principal.orgId)) {
       throw new NotFoundError(`Image ${ref} not found; GET /api/images lists the images you can use`);
