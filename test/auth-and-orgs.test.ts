@@ -72,8 +72,8 @@ describe('routing', () => {
   it('serves /api/version without a key', async () => {
     const res = await server.http('/api/version');
     expect(res.status).toBe(200);
-    const body = (await res.json()) as { data: { version: string; commit: string; buildTime: string } };
-    expect(body.data).toEqual({
+    // Bare, as the original sends it.
+    expect(await res.json()).toEqual({
       version: expect.any(String),
       commit: expect.any(String),
       buildTime: expect.any(String),
@@ -93,12 +93,12 @@ describe('API keys over REST', () => {
 
     const created = await server.http(`/api/orgs/${orgId}/apikeys`, { method: 'POST', apiKey, json: { orgId, keyName: 'CI key' } });
     expect(created.status).toBe(200);
-    const second = ((await created.json()) as { data: { plainKey: string; keyId: string; keyName: string } }).data;
+    const second = (await created.json()) as { plainKey: string; keyId: string; keyName: string };
     expect(second.keyName).toBe('CI key');
 
     const list = await server.http(`/api/orgs/${orgId}/apikeys`, { apiKey: second.plainKey });
-    const keys = ((await list.json()) as { data: Array<{ id: string; name: string; isActive: boolean }> }).data;
-    expect(keys.map((k) => k.name)).toEqual(['Default Key', 'CI key']);
+    const keys = (await list.json()) as Array<{ id: string; name: string; isActive: boolean }>;
+    expect(keys.map((k) => k.name)).toEqual(['CI key', 'Default Key']);
     expect(JSON.stringify(keys)).not.toContain(second.plainKey);
     expect(JSON.stringify(keys)).not.toMatch(/keyHash|[0-9a-f]{64}/);
 
@@ -117,7 +117,7 @@ describe('API keys over REST', () => {
     const { data } = await register();
     const { orgId, apiKey } = data;
     const created = await server.http(`/api/orgs/${orgId}/apikeys`, { method: 'POST', apiKey, json: { orgId, keyName: 'toggled' } });
-    const key = ((await created.json()) as { data: { plainKey: string; keyId: string } }).data;
+    const key = (await created.json()) as { plainKey: string; keyId: string };
 
     const off = await server.http(`/api/orgs/${orgId}/apikeys/${key.keyId}/activate`, { method: 'POST', apiKey, json: { isActive: false } });
     expect(off.status).toBe(200);
@@ -135,7 +135,7 @@ describe('API keys over REST', () => {
     const { data } = await register();
     const { orgId, apiKey, keyId } = data;
     const list = await server.http(`/api/orgs/${orgId}/apikeys`, { apiKey });
-    const [key] = ((await list.json()) as { data: Array<{ lastUsedAt: string | null }> }).data;
+    const [key] = (await list.json()) as Array<{ lastUsedAt: string | null }>;
     expect(key!.lastUsedAt).not.toBeNull();
     const touched = await server.http(`/api/orgs/${orgId}/apikeys/${keyId}/touch`, { method: 'PATCH', apiKey });
     expect(touched.status).toBe(200);

@@ -14,7 +14,7 @@ describe('choosing the sandbox driver (SANDBOX_DRIVER)', () => {
     await server?.close();
     server = undefined;
   });
-  const driverOf = async (s: TestServer) => ((await (await s.http('/api/version')).json()) as { data: { driver: DriverInfo } }).data.driver;
+  const driverOf = async (s: TestServer) => ((await (await s.http('/api/version')).json()) as { driver: DriverInfo }).driver;
 
   it('answers 503 naming what is missing when cloud-hypervisor is asked for and absent', async () => {
     server = await startTestServer({ SANDBOX_DRIVER: 'cloud-hypervisor', CLOUD_HYPERVISOR_BINARY: '/nonexistent/cloud-hypervisor' });

@@ -173,7 +173,7 @@ describe('the HTTP edge', () => {
     await server.app.store.images.create({ id: oldId, name: 'old-image', tag: 'latest', description: '', base: 'debian', orgId: reg.orgId, isSystem: false, createdBy: reg.userId });
     const res = await server.http(`/api/images/${oldId}`, { apiKey: reg.apiKey });
     expect(res.status).toBe(200);
-    expect(await res.json()).toMatchObject({ data: { id: oldId, name: 'old-image' } });
+    expect(await res.json()).toMatchObject({ id: oldId, name: 'old-image' });
   });
 });
 

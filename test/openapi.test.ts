@@ -33,9 +33,21 @@ describe('openapi.yml', () => {
   });
 
   it('documents envelopes on success and ErrorResponse on errors', () => {
-    const op = ours.paths['/orgs/{orgId}/apikeys']!.get!;
+    const op = ours.paths['/orgs/{orgId}/apikeys/{keyId}']!.delete!;
     expect(JSON.stringify(op.responses['200'])).toContain('"required":["status","message","data"]');
     expect(JSON.stringify(op.responses['401'])).toContain('#/components/schemas/ErrorResponse');
+  });
+
+  it('documents the bare and the two-shaped bodies as REST sends them', () => {
+    const schema = (path: string, method: string, status = '200') =>
+      (ours.paths[path]![method]!.responses[status] as { content: { 'application/json': { schema: Record<string, unknown> } } }).content['application/json'].schema;
+    expect(schema('/orgs/{orgId}/apikeys', 'get')).toEqual({ type: 'array', items: { $ref: '#/components/schemas/APIKeyResponse' } });
+    expect(schema('/sandboxes/{id}/commands/run', 'post')).toEqual({ $ref: '#/components/schemas/CommandRunResponse' });
+    expect(schema('/images', 'get')).toEqual({ type: 'array', items: { $ref: '#/components/schemas/Image' } });
+    expect(schema('/orgs/me', 'get')).toMatchObject({ allOf: [{ $ref: '#/components/schemas/Organization' }, { required: ['status', 'message', 'data'] }] });
+    expect(schema('/sandboxes/{id}', 'get')).toMatchObject({ required: ['success', 'status', 'message', 'data'] });
+    const sandbox = (parse(readFileSync(join(root, 'openapi.yml'), 'utf8')) as { components: { schemas: Record<string, { properties: Record<string, { enum?: string[] }> }> } }).components.schemas.Sandbox!;
+    expect(sandbox.properties.status!.enum).toEqual(['running', 'stopped', 'paused', 'error']);
   });
 
   it.skipIf(!existsSync(referenceContract))("serves the original VoidRun contract's auth and org operations at the same paths and methods", () => {

@@ -129,26 +129,38 @@ function moveBodyToQuery(op: Json, names: string[]): void {
   if (Object.keys(schema.properties).length === 0) op.requestBody.required = false;
 }
 
+/**
+ * A success body's schema as REST sends it (see `Meta.envelope`): the output (or its `restView`)
+ * bare, inside the `{status, message, data}` envelope, or both at once.
+ */
 function envelopeSchema(output: Json, meta: Meta | undefined, doc: Json): Json {
   const message = meta?.message;
   let data = output;
+  if (meta?.restView) {
+    const view = createSchema(meta.restView.schema, { io: 'output', openapiVersion: '3.1.0' });
+    doc.components.schemas = { ...doc.components.schemas, ...view.components };
+    data = view.schema;
+  }
+  if (meta?.envelope === 'bare') return data;
   let pageMeta: Json | undefined;
   if (meta?.paged) {
     // A paged procedure returns {data, meta}; REST puts both at the envelope's top level.
-    const resolved = output.$ref ? doc.components.schemas[String(output.$ref).split('/').pop()!] : output;
+    const resolved = data.$ref ? doc.components.schemas[String(data.$ref).split('/').pop()!] : data;
     data = resolved.properties.data;
     pageMeta = resolved.properties.meta;
   }
-  return {
+  const envelope: Json = {
     type: 'object',
-    required: ['status', 'message', 'data'],
+    required: [...(meta?.successFlag ? ['success'] : []), 'status', 'message', 'data'],
     properties: {
+      ...(meta?.successFlag ? { success: { type: 'boolean', enum: [true] } } : {}),
       status: { type: 'string', enum: ['success'] },
       message: { type: 'string', ...(message ? { example: message } : {}) },
       data,
       ...(pageMeta ? { meta: pageMeta } : {}),
     },
   };
+  return meta?.envelope === 'both' ? { allOf: [data, envelope] } : envelope;
 }
 
 export function openApiYaml(doc: Json): string {

@@ -86,7 +86,8 @@ export function createRestHandler(opts: RestHandlerOptions) {
  * coerces `false` back to "false", so no other parameter changes.)
  */
 function queryWithBooleans(path: string): Record<string, unknown[]> {
-  const query: Record<string, unknown[]> = {};
+  // Null-prototype, so a key like `toString` or `__proto__` is a parameter like any other.
+  const query: Record<string, unknown[]> = Object.create(null);
   new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
     (query[key] ??= []).push(value === 'true' ? true : value === 'false' ? false : value);
   });
@@ -95,7 +96,7 @@ function queryWithBooleans(path: string): Record<string, unknown[]> {
 
 /** Single query values, as sent, for merging into a POST body (a `content=true` stays a string). */
 function queryValues(path: string): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
+  const out: Record<string, unknown> = Object.create(null);
   new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
     const prev = out[key];
     out[key] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
@@ -129,13 +130,18 @@ function unwrapEnvelope(res: ServerResponse): void {
   if (end) res.end = end;
 }
 
-function successEnvelope(data: unknown, meta: Meta) {
+/** The REST body of a successful call, in the shape its procedure's meta declares (`envelope`, `restView`). */
+function successEnvelope(output: unknown, meta: Meta) {
+  const data = meta.restView ? (meta.restView.from as (o: unknown) => unknown)(output) : output;
+  if (meta.envelope === 'bare') return data ?? null;
   const message = meta.message ?? 'OK';
+  let body: Record<string, unknown>;
   if (meta.paged) {
     const page = data as { data: unknown; meta: Record<string, unknown> };
-    return successBody(page.data, message, page.meta);
-  }
-  return successBody(data ?? null, message);
+    body = { ...successBody(page.data, message, page.meta) };
+  } else body = { ...successBody(data ?? null, message) };
+  if (meta.successFlag) body = { success: true, ...body };
+  return meta.envelope === 'both' ? { ...(data as Record<string, unknown>), ...body } : body;
 }
 
 function errorEnvelope(body: OpenApiErrorBody | undefined) {

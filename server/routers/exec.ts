@@ -55,6 +55,7 @@ export const shellRouter = router({
         description: 'A long-lived shell whose working directory and variables persist between exec calls. A command that reads stdin gets what `input` writes.',
       },
       message: 'Session command done',
+      envelope: 'bare',
     })
     .input(SessionExecInput)
     .output(SessionExecResult)
@@ -63,25 +64,25 @@ export const shellRouter = router({
 
 export const commandsRouter = router({
   run: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/run', tags, summary: 'Start a background process' }, message: 'Process started' })
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/run', tags, summary: 'Start a background process' }, message: 'Process started', envelope: 'bare' })
     .input(RunCommandInput)
     .output(CommandStarted)
     .mutation(({ ctx, input }) => ctx.services.exec.startCommand(ctx.principal, input)),
 
   list: authedProcedure
-    .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}/commands/list', tags, summary: 'List background processes' }, message: 'Processes fetched' })
+    .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}/commands/list', tags, summary: 'List background processes' }, message: 'Processes fetched', envelope: 'bare' })
     .input(SandboxIdInput)
     .output(CommandList)
     .query(({ ctx, input }) => ctx.services.exec.listCommands(ctx.principal, input.id)),
 
   kill: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/kill', tags, summary: 'Kill a background process and its children' }, message: 'Process killed' })
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/kill', tags, summary: 'Kill a background process and its children' }, message: 'Process killed', envelope: 'bare' })
     .input(PidInput)
     .output(CommandKillResult)
     .mutation(({ ctx, input }) => ctx.services.exec.killCommand(ctx.principal, input.id, input.pid)),
 
   wait: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/wait', tags, summary: 'Wait for a background process to exit' }, message: 'Process completed' })
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/wait', tags, summary: 'Wait for a background process to exit' }, message: 'Process completed', envelope: 'bare' })
     .input(WaitInput)
     .output(CommandWaitResult)
     .mutation(({ ctx, input, signal }) => ctx.services.exec.waitCommand(ctx.principal, input.id, input.pid, input.timeout, signal)),

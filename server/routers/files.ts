@@ -48,7 +48,7 @@ export const filesRouter = router({
     .query(({ ctx, input }) => ctx.services.files.headTail(ctx.principal, input.id, input.path, input.lines, input.head)),
 
   search: authedProcedure
-    .meta({ openapi: { method: 'GET', path: `${base}/search`, tags, summary: 'Find files whose names match a glob' }, message: 'Search done' })
+    .meta({ openapi: { method: 'GET', path: `${base}/search`, tags, summary: 'Find files whose names match a glob or contain a text' }, message: 'Search done' })
     .input(SearchInput)
     .output(SearchResult)
     .query(({ ctx, input }) => ctx.services.files.search(ctx.principal, input.id, input.path, input.pattern)),

@@ -6,7 +6,7 @@ const tags = ['Images'];
 
 export const imagesRouter = router({
   list: authedProcedure
-    .meta({ openapi: { method: 'GET', path: '/images', tags, summary: 'List the images you can use' }, message: 'Images fetched' })
+    .meta({ openapi: { method: 'GET', path: '/images', tags, summary: 'List the images you can use' }, message: 'Images fetched', envelope: 'bare' })
     .input(z.void())
     .output(z.array(Image))
     .query(({ ctx }) => ctx.services.images.list(ctx.principal)),
@@ -16,13 +16,14 @@ export const imagesRouter = router({
       openapi: { method: 'POST', path: '/images', tags, summary: 'Register an image for your organization', description: 'Based on an image this server can build (`path`, default `name`).' },
       message: 'Image created',
       successStatus: 201,
+      envelope: 'both',
     })
     .input(CreateImageInput)
     .output(Image)
     .mutation(({ ctx, input }) => ctx.services.images.create(ctx.principal, input)),
 
   get: authedProcedure
-    .meta({ openapi: { method: 'GET', path: '/images/{id}', tags, summary: 'Get an image' }, message: 'Image fetched' })
+    .meta({ openapi: { method: 'GET', path: '/images/{id}', tags, summary: 'Get an image' }, message: 'Image fetched', envelope: 'bare' })
     .input(ImageIdInput)
     .output(Image)
     .query(({ ctx, input }) => ctx.services.images.get(ctx.principal, input.id)),
@@ -34,7 +35,7 @@ export const imagesRouter = router({
     .mutation(({ ctx, input }) => ctx.services.images.delete(ctx.principal, input.id)),
 
   getByName: authedProcedure
-    .meta({ openapi: { method: 'GET', path: '/images/name/{name}', tags, summary: 'Get an image by name' }, message: 'Image fetched' })
+    .meta({ openapi: { method: 'GET', path: '/images/name/{name}', tags, summary: 'Get an image by name' }, message: 'Image fetched', envelope: 'bare' })
     .input(ImageNameInput)
     .output(Image)
     .query(({ ctx, input }) => ctx.services.images.getByName(ctx.principal, input.name)),

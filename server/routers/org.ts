@@ -37,7 +37,7 @@ export const authRouter = router({
 
 export const orgRouter = router({
   me: authedProcedure
-    .meta({ openapi: { method: 'GET', path: '/orgs/me', tags, summary: 'Get the organization of the API key' }, message: 'Organization fetched' })
+    .meta({ openapi: { method: 'GET', path: '/orgs/me', tags, summary: 'Get the organization of the API key' }, message: 'Organization fetched', envelope: 'both' })
     .input(z.void())
     .output(Organization)
     .query(({ ctx }) => ctx.services.orgs.currentOrg(ctx.principal)),
@@ -58,7 +58,7 @@ export const orgRouter = router({
     .query(({ ctx }) => ctx.services.sandboxes.quota(ctx.principal)),
 
   listApiKeys: authedProcedure
-    .meta({ openapi: { method: 'GET', path: '/orgs/{orgId}/apikeys', tags, summary: 'List API keys' }, message: 'API keys fetched' })
+    .meta({ openapi: { method: 'GET', path: '/orgs/{orgId}/apikeys', tags, summary: 'List API keys, newest first' }, message: 'API keys fetched', envelope: 'bare' })
     .input(OrgIdInput)
     .output(z.array(ApiKey))
     .query(({ ctx, input }) => ctx.services.orgs.listKeys(ctx.principal, input.orgId)),
@@ -67,6 +67,7 @@ export const orgRouter = router({
     .meta({
       openapi: { method: 'POST', path: '/orgs/{orgId}/apikeys', tags, summary: 'Generate a new API key', description: 'The plain key is returned only once.' },
       message: 'API key generated',
+      envelope: 'bare',
     })
     .input(GenerateApiKeyInput)
     .output(GeneratedApiKey)

@@ -7,6 +7,7 @@ export const systemRouter = router({
     .meta({
       openapi: { method: 'GET', path: '/version', protect: false, tags: ['System'], summary: 'Server version' },
       message: 'Version fetched',
+      envelope: 'bare',
     })
     .input(z.void())
     .output(VersionInfo)

@@ -70,7 +70,8 @@ export class OrgService {
   async listKeys(principal: Principal, orgId: string): Promise<ApiKey[]> {
     assertSameOrg(principal, orgId);
     const keys = await this.deps.store.apiKeys.listByOrg(orgId);
-    return keys.map((k) => this.#toApiKey(k));
+    // Newest first, as the original VoidRun lists them (the stores answer oldest first).
+    return keys.map((k) => this.#toApiKey(k)).reverse();
   }
 
   async createKey(principal: Principal, orgId: string, keyName: string): Promise<GeneratedApiKey> {

@@ -51,6 +51,10 @@ export interface SandboxServiceDeps {
 }
 
 const SNAPSHOT_SUFFIX = '.tar.gz';
+/** The largest page size a sandbox listing answers with. */
+const MAX_LIST_LIMIT = 100;
+/** Pages past this are clamped to it, so the row offset stays an exact integer for every store. */
+const MAX_LIST_PAGE = 1_000_000_000;
 
 /** Sandbox lifecycle: records in the store kept true to what the driver runs. */
 export class SandboxService {
@@ -119,7 +123,14 @@ export class SandboxService {
     return this.deps.quotas.report(principal.orgId);
   }
 
-  async list(principal: Principal, page: number, limit = this.deps.defaults.listLimit): Promise<SandboxPage> {
+  /**
+   * One page of the org's sandboxes, newest first. Out-of-range values are clamped as the original
+   * VoidRun does, never refused: a page below 1 is page 1; a limit below 1 (or none) is the default,
+   * one above 100 is 100.
+   */
+  async list(principal: Principal, requestedPage: number, requestedLimit?: number): Promise<SandboxPage> {
+    const page = Math.min(Math.max(1, requestedPage), MAX_LIST_PAGE);
+    const limit = requestedLimit === undefined || requestedLimit < 1 ? this.deps.defaults.listLimit : Math.min(requestedLimit, MAX_LIST_LIMIT);
     const { items, total } = await this.deps.sandboxes.listByOrg(principal.orgId, page, limit);
     return { data: items.map(toSandbox), meta: { page, limit, total, totalPages: Math.ceil(total / limit) } };
   }

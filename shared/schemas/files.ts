@@ -17,7 +17,11 @@ export const FileInfo = z
   .meta({ id: 'FileInfo' });
 export type FileInfo = z.infer<typeof FileInfo>;
 
-export const FileStats = FileInfo.extend({ uid: z.number().int(), gid: z.number().int(), linkTarget: z.string().nullable() }).meta({ id: 'FileStats' });
+/** A file's type as `stat -c %F` names it. */
+export const FileType = z.enum(['regular file', 'regular empty file', 'directory', 'symbolic link', 'fifo', 'socket', 'character special file', 'block special file']);
+export type FileType = z.infer<typeof FileType>;
+
+export const FileStats = FileInfo.extend({ uid: z.number().int(), gid: z.number().int(), linkTarget: z.string().nullable(), type: FileType }).meta({ id: 'FileStats' });
 export type FileStats = z.infer<typeof FileStats>;
 
 export const DiskUsage = z
@@ -64,7 +68,7 @@ export const HeadTailInput = PathInput.extend({
   lines: z.number().int().min(1, 'must be 1 or more').max(100_000, 'must be at most 100000').default(10),
   head: z.boolean().default(true).meta({ description: 'true: the first lines; false: the last lines' }),
 });
-export const SearchInput = PathInput.extend({ pattern: AgentText.min(1).max(1024).meta({ description: 'A glob on file names: *, ? and [...]', example: '*.log' }) });
+export const SearchInput = PathInput.extend({ pattern: AgentText.min(1).max(1024).meta({ description: 'A glob on file names (*, ? and [...]); a pattern without those matches as a substring of the name, as `*pattern*`', example: '*.log' }) });
 export const CompressInput = PathInput.extend({ format: ArchiveFormat.default('tar.gz') });
 export const ExtractInput = z.object({ id: Id, archive: SandboxPath, dest: SandboxPath });
 

@@ -8,6 +8,24 @@ export const SandboxStatus = z
   .meta({ description: "`creating` only while a `sync: false` create is still booting; the original VoidRun's four values otherwise." });
 export type SandboxStatus = z.infer<typeof SandboxStatus>;
 
+/** The contract's four statuses: REST answers carry only these in `status`. */
+export const ContractSandboxStatus = z
+  .enum(['running', 'stopped', 'paused', 'error'])
+  .meta({ description: 'A sandbox still booting after a `sync: false` create is `running` (as the original VoidRun reports it) with `phase: "creating"` and `ready: false`.' });
+export type ContractSandboxStatus = z.infer<typeof ContractSandboxStatus>;
+
+/** The fields REST shows for a sandbox's status: the contract's `status`, our finer `phase`, and `ready`. */
+const restStatusShape = {
+  status: ContractSandboxStatus,
+  phase: SandboxStatus.meta({ description: 'The status with `creating` kept apart: `creating` while a `sync: false` create boots.' }),
+  ready: z.boolean().meta({ description: 'The sandbox runs and its agent answers: commands and file operations work now.' }),
+};
+
+/** `status` as REST shows it, with `phase` and `ready` beside it. */
+export function restStatus(status: SandboxStatus): { status: ContractSandboxStatus; phase: SandboxStatus; ready: boolean } {
+  return { status: status === 'creating' ? 'running' : status, phase: status, ready: status === 'running' };
+}
+
 export const EnvVars = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name'), AgentText);
 
 /** An org or user id a client may send on create and restore: empty (as common clients always send) means the API key's. */
@@ -26,9 +44,17 @@ export const Sandbox = z
     createdBy: Id,
     orgId: Id,
     envVars: z.record(z.string(), z.string()),
-  })
-  .meta({ id: 'Sandbox' });
+  });
 export type Sandbox = z.infer<typeof Sandbox>;
+
+/** A sandbox as REST answers carry it: `status` within the contract's enum (see `restStatus`). */
+export const RestSandbox = Sandbox.extend(restStatusShape).meta({ id: 'Sandbox' });
+export type RestSandbox = z.infer<typeof RestSandbox>;
+
+/** `sandbox` as REST shows it. */
+export function toRestSandbox(sandbox: Sandbox): RestSandbox {
+  return { ...sandbox, ...restStatus(sandbox.status) };
+}
 
 export const CreateSandboxInput = z
   .object({
@@ -49,8 +75,12 @@ export const CreateSandboxInput = z
 export type CreateSandboxInput = z.infer<typeof CreateSandboxInput>;
 
 export const ListSandboxesInput = z.object({
-  page: z.number().int().min(1, 'must be 1 or more').default(1),
-  limit: z.number().int().min(1, 'must be 1 to 100').max(100, 'must be 1 to 100').optional(),
+  page: z.number().int().default(1).meta({ description: 'Page number from 1; a smaller one is read as 1 (as the original VoidRun does).' }),
+  limit: z
+    .number()
+    .int()
+    .meta({ description: 'Sandboxes per page, 1 to 100 (SANDBOX_LIST_DEFAULT_LIMIT when omitted); one below 1 is read as the default, one above 100 as 100.' })
+    .optional(),
 });
 
 export const PageMeta = z.object({
@@ -62,6 +92,7 @@ export const PageMeta = z.object({
 
 export const SandboxPage = z.object({ data: z.array(Sandbox), meta: PageMeta });
 export type SandboxPage = z.infer<typeof SandboxPage>;
+export const RestSandboxPage = z.object({ data: z.array(RestSandbox), meta: PageMeta });
 
 export const SandboxIdInput = z.object({ id: Id });
 
@@ -69,8 +100,9 @@ export const DeleteSandboxInput = SandboxIdInput.extend({
   keepSnapshots: z.boolean().default(false).meta({ description: "Keep the sandbox's snapshots for later restores." }),
 });
 
-export const SandboxActionResult = z.object({ id: Id, status: SandboxStatus }).meta({ id: 'SandboxActionResult' });
+export const SandboxActionResult = z.object({ id: Id, status: SandboxStatus });
 export type SandboxActionResult = z.infer<typeof SandboxActionResult>;
+export const RestSandboxActionResult = SandboxActionResult.extend(restStatusShape).meta({ id: 'SandboxActionResult' });
 
 export const Snapshot = z
   .object({

@@ -2,7 +2,7 @@ import { createReadStream, type Stats } from 'node:fs';
 import { chmod, cp, lstat, mkdir, open, opendir, readdir, readlink, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { createInterface } from 'node:readline';
-import type { DiskUsage, FileInfo, FileStats } from '../../../shared/schemas/files.js';
+import type { DiskUsage, FileInfo, FileStats, FileType } from '../../../shared/schemas/files.js';
 import { AgentError, fsError } from '../../errors.js';
 import { globToRegExp, humanSize, modeString, resolveInSandbox } from './paths.js';
 
@@ -50,7 +50,17 @@ export async function listDir(input: string): Promise<FileInfo[]> {
 export async function statPath(input: string): Promise<FileStats> {
   const path = resolveInSandbox(input);
   const st = await fsCall(path, () => lstat(path));
-  return { ...info(path, st), uid: st.uid, gid: st.gid, linkTarget: st.isSymbolicLink() ? await readlink(path) : null };
+  return { ...info(path, st), uid: st.uid, gid: st.gid, linkTarget: st.isSymbolicLink() ? await readlink(path) : null, type: fileType(st) };
+}
+
+/** The file's type as `stat -c %F` names it. */
+function fileType(st: Stats): FileType {
+  if (st.isFile()) return st.size === 0 ? 'regular empty file' : 'regular file';
+  if (st.isDirectory()) return 'directory';
+  if (st.isSymbolicLink()) return 'symbolic link';
+  if (st.isFIFO()) return 'fifo';
+  if (st.isSocket()) return 'socket';
+  return st.isCharacterDevice() ? 'character special file' : 'block special file';
 }
 
 export async function removePath(input: string): Promise<string> {
