@@ -1,5 +1,5 @@
 import { execFile, spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { timingSafeEqual } from 'node:crypto';
 import { createServer, type Server as NetServer, type Socket } from 'node:net';
 import type { Server as HttpServer } from 'node:http';
@@ -53,9 +53,20 @@ export async function configureGuest(config: GuestConfig, busybox: string): Prom
   writeFileSync('/proc/sys/kernel/hostname', config.hostname);
   await run(busybox, ['ip', 'link', 'set', 'lo', 'up']);
   await setNetwork(config.network, busybox);
+  if (config.nameservers?.length) writeResolvConf(config.nameservers);
   // Online, in the background: commands can run meanwhile.
   if (config.growRootFs) execFile('/sbin/resize2fs', ['/dev/vda'], () => {});
   if (hasVirtioVsock()) bridgeVsock();
+}
+
+/** The guest's resolvers (an /etc/resolv.conf that is a symlink, e.g. to systemd-resolved's, is replaced by a file). */
+function writeResolvConf(nameservers: string[]): void {
+  try {
+    rmSync('/etc/resolv.conf', { force: true });
+    writeFileSync('/etc/resolv.conf', nameservers.map((n) => `nameserver ${n}\n`).join(''), { mode: 0o644 });
+  } catch (err) {
+    console.error(`agent: writing /etc/resolv.conf failed: ${(err as Error).message}`);
+  }
 }
 
 /** Whether the VM has a virtio vsock device (cloud-hypervisor's hybrid vsock; QEMU here has none). */

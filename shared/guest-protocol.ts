@@ -39,6 +39,8 @@ export interface GuestConfig {
   network: { address: string; prefixLength: number; gateway: string };
   /** Grow the root filesystem to fill its disk at boot (the overlay is larger than the image). */
   growRootFs: boolean;
+  /** Resolvers written to the guest's /etc/resolv.conf at boot (DNS_NAMESERVERS); absent: left as the image has it. */
+  nameservers?: string[];
 }
 
 /** Size of the config disk: a whole number of sectors, more than any config needs. */

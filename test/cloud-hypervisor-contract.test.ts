@@ -497,6 +497,7 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
       createOverlay: async (base: string, overlay: string, sizeMb: number) => writeFileSync(overlay, `qcow2 overlay over ${base}, ${sizeMb} MiB`),
       agentReadyTimeoutMs: 3000,
       stopTimeoutMs: 1000,
+      nameservers: ['9.9.9.9', '1.1.1.1'],
       log: pino({ level: 'silent' }),
     };
     driver = new CloudHypervisorDriver(options);
@@ -549,7 +550,7 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     // The address the sandbox record reports as `ip`.
     expect(await driver.addressOf(ID_A)).toBe(network.addresses.get(ID_A)!.ip);
     const guest = JSON.parse(readFileSync(p.configDisk, 'utf8').replace(/\0+$/, '')) as GuestConfig;
-    expect(guest).toMatchObject({ hostname: spec.name, env: { GREETING: 'hi' }, network: { address: network.addresses.get(ID_A)!.ip, prefixLength: 24, gateway: '10.99.0.1' } });
+    expect(guest).toMatchObject({ hostname: spec.name, env: { GREETING: 'hi' }, network: { address: network.addresses.get(ID_A)!.ip, prefixLength: 24, gateway: '10.99.0.1' }, nameservers: ['9.9.9.9', '1.1.1.1'] });
     expect(await driver.inspect(ID_A)).toBe('running');
     expect(await driver.list()).toEqual([ID_A]);
 

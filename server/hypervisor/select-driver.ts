@@ -89,6 +89,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     createOverlay,
     agentReadyTimeoutMs: Math.max(agentReadyTimeoutMs(config), 30_000),
     kernelCmdline: config.SANDBOX_KERNEL_CMDLINE,
+    nameservers: config.DNS_NAMESERVERS,
     log: deps.log,
   });
   /** The binary and /dev/kvm, and the bridge setup-net makes. */

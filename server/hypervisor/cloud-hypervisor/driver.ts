@@ -58,6 +58,8 @@ export interface CloudHypervisorDriverOptions {
   agentReadyTimeoutMs: number;
   /** Kernel parameters appended to the guest's command line (SANDBOX_KERNEL_CMDLINE). */
   kernelCmdline?: string;
+  /** The guests' resolvers (DNS_NAMESERVERS), written to their /etc/resolv.conf at boot. */
+  nameservers?: readonly string[];
   /** How long the VMM may take to open its API socket after it was spawned. */
   vmmStartTimeoutMs?: number;
   /** How long `stop` waits for the VMM to exit before killing it. */
@@ -184,6 +186,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway },
       // A no-op once the filesystem fills the overlay, so every boot may ask.
       growRootFs: true,
+      ...(this.opts.nameservers?.length ? { nameservers: [...this.opts.nameservers] } : {}),
     });
     await this.opts.network.createTap(network.tap);
     const config = buildVmConfig({ spec, image: await this.#image(spec), instance: f, agentDisk: await this.opts.agentDisk(), network, serialLog: f.serialLog, extraCmdline: this.opts.kernelCmdline });
