@@ -1,5 +1,5 @@
 import { TRPCClientError } from '@trpc/client';
-import { errorCodeFromTrpc, type ErrorCode, type FieldIssue } from '../shared/errors.js';
+import type { ErrorCode, FieldIssue } from '../shared/errors.js';
 import type { AppRouter } from '../server/routers/index.js';
 
 interface ServerErrorData {
@@ -37,6 +37,17 @@ export class InvalidInputError extends VoidRunError {}
 export class UnauthorizedError extends VoidRunError {}
 export class ForbiddenError extends VoidRunError {}
 export class NotFoundError extends VoidRunError {}
+export class SandboxNotFoundError extends NotFoundError {}
+/** A file or directory inside the sandbox. */
+export class FileNotFoundError extends NotFoundError {}
+export class ImageNotFoundError extends NotFoundError {}
+export class SnapshotNotFoundError extends NotFoundError {}
+export class ApiKeyNotFoundError extends NotFoundError {}
+export class OrgNotFoundError extends NotFoundError {}
+export class ProcessNotFoundError extends NotFoundError {}
+/** A terminal, shell or watch session. */
+export class SessionNotFoundError extends NotFoundError {}
+export class RouteNotFoundError extends NotFoundError {}
 export class ConflictError extends VoidRunError {}
 export class PayloadTooLargeError extends VoidRunError {}
 export class UnsupportedMediaTypeError extends VoidRunError {}
@@ -46,6 +57,9 @@ export class DriverFailureError extends VoidRunError {}
 export class DriverUnavailableError extends ServiceUnavailableError {}
 export class SandboxNotRunningError extends ConflictError {}
 export class TooManyRequestsError extends VoidRunError {}
+export class ServerBusyError extends ServiceUnavailableError {}
+export class RequestTimeoutError extends VoidRunError {}
+export class HeadersTooLargeError extends VoidRunError {}
 export class InternalServerError extends VoidRunError {}
 
 const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: ErrorCode) => VoidRunError> = {
@@ -53,6 +67,15 @@ const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: Error
   UNAUTHORIZED: UnauthorizedError,
   FORBIDDEN: ForbiddenError,
   NOT_FOUND: NotFoundError,
+  SANDBOX_NOT_FOUND: SandboxNotFoundError,
+  FILE_NOT_FOUND: FileNotFoundError,
+  IMAGE_NOT_FOUND: ImageNotFoundError,
+  SNAPSHOT_NOT_FOUND: SnapshotNotFoundError,
+  API_KEY_NOT_FOUND: ApiKeyNotFoundError,
+  ORG_NOT_FOUND: OrgNotFoundError,
+  PROCESS_NOT_FOUND: ProcessNotFoundError,
+  SESSION_NOT_FOUND: SessionNotFoundError,
+  ROUTE_NOT_FOUND: RouteNotFoundError,
   CONFLICT: ConflictError,
   PAYLOAD_TOO_LARGE: PayloadTooLargeError,
   UNSUPPORTED_MEDIA_TYPE: UnsupportedMediaTypeError,
@@ -62,43 +85,42 @@ const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: Error
   DRIVER_UNAVAILABLE: DriverUnavailableError,
   SANDBOX_NOT_RUNNING: SandboxNotRunningError,
   TOO_MANY_REQUESTS: TooManyRequestsError,
+  SERVER_BUSY: ServerBusyError,
+  REQUEST_TIMEOUT: RequestTimeoutError,
+  HEADERS_TOO_LARGE: HeadersTooLargeError,
   INTERNAL: InternalServerError,
 };
 
-/** The error class for a failed call; errors that never reached the server (network) pass through. */
+/** Whether `value` is one of the registry's codes (a server newer than this client may send others). */
+function knownCode(value: unknown): ErrorCode | undefined {
+  return typeof value === 'string' && Object.hasOwn(classes, value) ? (value as ErrorCode) : undefined;
+}
+
+/**
+ * The error class for a failed call, chosen by the server's `data.errorCode` (never by status);
+ * errors that never reached the server (network) pass through.
+ */
 export function toVoidRunError(err: TRPCClientError<AppRouter>): TRPCClientError<AppRouter> {
   if (err instanceof VoidRunError) return err;
   const data = err.data as ServerErrorData | undefined;
   if (!data) return err;
-  const code = data.errorCode ?? (data.code ? errorCodeFromTrpc[data.code] : undefined) ?? 'INTERNAL';
+  const code = knownCode(data.errorCode) ?? 'INTERNAL';
   return new classes[code](err, code);
 }
 
 /**
- * The error class for a failed raw-route response (`{error, details?}` envelope), so byte
- * transfers fail with the same classes as tRPC calls.
+ * The error class for a failed raw-route response (`{error, code, details?}`), chosen by its
+ * `code` as for tRPC calls, so byte transfers fail with the same classes.
  */
 export async function errorFromResponse(res: Response): Promise<VoidRunError> {
-  let body: { error?: string; details?: string } = {};
+  let body: { error?: string; code?: string; details?: string } = {};
   try {
     body = (await res.json()) as typeof body;
   } catch {}
-  const code: ErrorCode = statusToCode[res.status] ?? 'INTERNAL';
-  const original = new TRPCClientError<AppRouter>(body.error ?? `HTTP ${res.status}`, {
-    result: { error: { code: -32000, message: body.error ?? `HTTP ${res.status}`, data: { errorCode: code, httpStatus: res.status, details: body.details } } } as never,
+  const code = knownCode(body.code) ?? 'INTERNAL';
+  const message = body.error ?? `HTTP ${res.status}`;
+  const original = new TRPCClientError<AppRouter>(message, {
+    result: { error: { code: -32000, message, data: { errorCode: code, httpStatus: res.status, details: body.details } } } as never,
   });
   return new classes[code](original, code);
 }
-
-const statusToCode: Record<number, ErrorCode> = {
-  400: 'INVALID_INPUT',
-  401: 'UNAUTHORIZED',
-  403: 'FORBIDDEN',
-  404: 'NOT_FOUND',
-  409: 'CONFLICT',
-  413: 'PAYLOAD_TOO_LARGE',
-  415: 'UNSUPPORTED_MEDIA_TYPE',
-  429: 'TOO_MANY_REQUESTS',
-  502: 'AGENT_UNAVAILABLE',
-  503: 'DRIVER_UNAVAILABLE',
-};

@@ -19,7 +19,7 @@ import type {
   WatchMessage,
 } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
-import { errorFromResponse } from './errors.js';
+import { errorFromResponse, FileNotFoundError } from './errors.js';
 import { iterateSubscription } from '../shared/subscription-iterator.js';
 
 /** What `files` needs to reach the raw byte routes. */
@@ -49,13 +49,16 @@ export class SandboxFiles {
     return this.trpc.files.stat.query({ id: this.sandboxId, path });
   }
 
-  /** Whether a path exists. */
+  /**
+   * Whether a path exists: false when the file is missing (FILE_NOT_FOUND); a missing sandbox or
+   * any other failure throws.
+   */
   async exists(path: string): Promise<boolean> {
     try {
       await this.stat(path);
       return true;
     } catch (err) {
-      if ((err as { code?: string }).code === 'NOT_FOUND') return false;
+      if (err instanceof FileNotFoundError) return false;
       throw err;
     }
   }

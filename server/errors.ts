@@ -1,4 +1,4 @@
-import { ErrorCode, type FieldIssue } from '../shared/errors.js';
+import { ErrorCode, type FieldIssue, type NotFoundCode } from '../shared/errors.js';
 
 export { ErrorCode };
 
@@ -42,9 +42,10 @@ export class ForbiddenError extends DomainError {
     super(ErrorCode.FORBIDDEN, message, options);
   }
 }
+/** What was not found, by its code (`SANDBOX_NOT_FOUND`, `FILE_NOT_FOUND`, …; default `NOT_FOUND`). */
 export class NotFoundError extends DomainError {
-  constructor(message: string, options?: DomainErrorOptions) {
-    super(ErrorCode.NOT_FOUND, message, options);
+  constructor(message: string, options: DomainErrorOptions & { code?: NotFoundCode } = {}) {
+    super(options.code ?? ErrorCode.NOT_FOUND, message, options);
   }
 }
 export class ConflictError extends DomainError {

@@ -7,7 +7,21 @@ export const ErrorCode = {
   INVALID_INPUT: 'INVALID_INPUT',
   UNAUTHORIZED: 'UNAUTHORIZED',
   FORBIDDEN: 'FORBIDDEN',
+  /** Something not found that has no finer code below. */
   NOT_FOUND: 'NOT_FOUND',
+  SANDBOX_NOT_FOUND: 'SANDBOX_NOT_FOUND',
+  /** A file or directory inside a sandbox. */
+  FILE_NOT_FOUND: 'FILE_NOT_FOUND',
+  IMAGE_NOT_FOUND: 'IMAGE_NOT_FOUND',
+  SNAPSHOT_NOT_FOUND: 'SNAPSHOT_NOT_FOUND',
+  API_KEY_NOT_FOUND: 'API_KEY_NOT_FOUND',
+  ORG_NOT_FOUND: 'ORG_NOT_FOUND',
+  /** A background process (by pid) in a sandbox. */
+  PROCESS_NOT_FOUND: 'PROCESS_NOT_FOUND',
+  /** A terminal, shell or watch session. */
+  SESSION_NOT_FOUND: 'SESSION_NOT_FOUND',
+  /** No route has this method and path. */
+  ROUTE_NOT_FOUND: 'ROUTE_NOT_FOUND',
   CONFLICT: 'CONFLICT',
   PAYLOAD_TOO_LARGE: 'PAYLOAD_TOO_LARGE',
   UNSUPPORTED_MEDIA_TYPE: 'UNSUPPORTED_MEDIA_TYPE',
@@ -20,9 +34,21 @@ export const ErrorCode = {
   SANDBOX_NOT_RUNNING: 'SANDBOX_NOT_RUNNING',
   /** A limit on concurrent use was reached (an org's in-flight execs or open streams); retry later. */
   TOO_MANY_REQUESTS: 'TOO_MANY_REQUESTS',
+  /** The server holds as many connections (or WebSocket handshakes) as it allows; retry later. */
+  SERVER_BUSY: 'SERVER_BUSY',
+  /** The request's headers or body did not arrive within HTTP_HEADERS_TIMEOUT_MS / HTTP_REQUEST_TIMEOUT_MS. */
+  REQUEST_TIMEOUT: 'REQUEST_TIMEOUT',
+  /** The request's headers are larger than the server reads (16 KiB). */
+  HEADERS_TOO_LARGE: 'HEADERS_TOO_LARGE',
   INTERNAL: 'INTERNAL',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+/** Every code, for enums (the OpenAPI `ErrorResponse.code`). */
+export const errorCodes = Object.values(ErrorCode) as [ErrorCode, ...ErrorCode[]];
+
+/** The codes of what was not found (each a 404). */
+export type NotFoundCode = Extract<ErrorCode, 'NOT_FOUND' | `${string}_NOT_FOUND`>;
 
 /** tRPC error code names (a subset of `TRPC_ERROR_CODE_KEY`), kept here so `shared/` needs no tRPC import. */
 export type TrpcCodeName =
@@ -34,16 +60,30 @@ export type TrpcCodeName =
   | 'PAYLOAD_TOO_LARGE'
   | 'UNSUPPORTED_MEDIA_TYPE'
   | 'TOO_MANY_REQUESTS'
+  | 'TIMEOUT'
   | 'SERVICE_UNAVAILABLE'
   | 'BAD_GATEWAY'
   | 'INTERNAL_SERVER_ERROR';
 
-/** The one mapping of error codes to transports. A `Record` so a new code cannot be left unmapped. */
+/**
+ * The one mapping of error codes to transports. A `Record` so a new code cannot be left unmapped.
+ * Every face answers the same code: REST and raw routes in the body's `code`, tRPC in `data.errorCode`,
+ * stream failures in the `error` event or line, WebSocket refusals in the upgrade answer's body.
+ */
 export const errorCodeTable: Record<ErrorCode, { trpc: TrpcCodeName; httpStatus: number }> = {
   INVALID_INPUT: { trpc: 'BAD_REQUEST', httpStatus: 400 },
   UNAUTHORIZED: { trpc: 'UNAUTHORIZED', httpStatus: 401 },
   FORBIDDEN: { trpc: 'FORBIDDEN', httpStatus: 403 },
   NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  SANDBOX_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  FILE_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  IMAGE_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  SNAPSHOT_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  API_KEY_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  ORG_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  PROCESS_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  SESSION_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
+  ROUTE_NOT_FOUND: { trpc: 'NOT_FOUND', httpStatus: 404 },
   CONFLICT: { trpc: 'CONFLICT', httpStatus: 409 },
   PAYLOAD_TOO_LARGE: { trpc: 'PAYLOAD_TOO_LARGE', httpStatus: 413 },
   UNSUPPORTED_MEDIA_TYPE: { trpc: 'UNSUPPORTED_MEDIA_TYPE', httpStatus: 415 },
@@ -53,10 +93,17 @@ export const errorCodeTable: Record<ErrorCode, { trpc: TrpcCodeName; httpStatus:
   DRIVER_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
   SANDBOX_NOT_RUNNING: { trpc: 'CONFLICT', httpStatus: 409 },
   TOO_MANY_REQUESTS: { trpc: 'TOO_MANY_REQUESTS', httpStatus: 429 },
+  SERVER_BUSY: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
+  REQUEST_TIMEOUT: { trpc: 'TIMEOUT', httpStatus: 408 },
+  // Only ever answered by the HTTP edge, before any tRPC call (tRPC has no 431 code).
+  HEADERS_TOO_LARGE: { trpc: 'BAD_REQUEST', httpStatus: 431 },
   INTERNAL: { trpc: 'INTERNAL_SERVER_ERROR', httpStatus: 500 },
 };
 
-/** The code to assume for a tRPC error that carries no `errorCode` (e.g. one raised by tRPC itself). */
+/**
+ * The code of an error raised by tRPC itself (a parse error, a batch too large), which carries no
+ * `errorCode` of ours; the server puts it in the error's `data.errorCode`, so clients read codes only.
+ */
 export const errorCodeFromTrpc: Record<string, ErrorCode> = {
   PARSE_ERROR: 'INVALID_INPUT',
   BAD_REQUEST: 'INVALID_INPUT',
@@ -68,6 +115,7 @@ export const errorCodeFromTrpc: Record<string, ErrorCode> = {
   UNSUPPORTED_MEDIA_TYPE: 'UNSUPPORTED_MEDIA_TYPE',
   METHOD_NOT_SUPPORTED: 'INVALID_INPUT',
   TOO_MANY_REQUESTS: 'TOO_MANY_REQUESTS',
+  TIMEOUT: 'REQUEST_TIMEOUT',
   SERVICE_UNAVAILABLE: 'STORE_UNAVAILABLE',
   BAD_GATEWAY: 'DRIVER_FAILURE',
 };

@@ -1,55 +1,135 @@
 import { generateOpenApiDocument } from 'trpc-to-openapi';
 import { createSchema } from 'zod-openapi';
 import { stringify } from 'yaml';
+import type { z } from 'zod';
 import { ErrorResponse } from '../../shared/envelope.js';
+import { errorCodeTable, type ErrorCode } from '../../shared/errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Meta } from '../trpc/init.js';
 import { procedureMetaIndex } from './procedure-meta.js';
+import { routeTable, type RouteSpec } from './route-table.js';
 
 type Json = Record<string, any>;
 
 const errorDescriptions: Record<string, string> = {
-  '400': 'Invalid input: the message names the offending field',
+  '400': 'Invalid input: the message names the offending field (or a malformed path, query or body)',
   '401': 'Missing, invalid, revoked or deactivated API key',
   '403': "The API key's organization may not do this",
   '404': 'Not found',
-  '409': 'Conflict with an existing resource',
+  '409': 'Conflict: the resource exists already, or the sandbox is not in a state that allows this',
   '413': 'Request body too large',
+  '408': 'The request did not arrive whole within the HTTP timeouts',
   '415': 'Request body is not JSON',
+  '429': "A limit was reached (the org's concurrent calls or streams, a quota, the host's capacity); retry later",
+  '431': 'Request headers too large',
   '500': 'Internal server error',
+  '502': "The sandbox's agent or driver failed",
+  '503': 'The server is busy (connection caps, handshake deadline), its store is unreachable, or no sandbox driver can run',
 };
 
-/** Routes served outside the tRPC router, documented by hand. */
-const extraPaths: Json = {
-  '/sandboxes/{id}/session-exec-stream': {
-    post: {
-      operationId: 'sessionExecStream',
-      summary: 'Run a command in a shell session, streamed as NDJSON',
-      tags: ['Execution'],
-      security: [{ ApiKeyAuth: [] }],
-      parameters: [{ name: 'id', in: 'path', required: true, schema: { type: 'string' } }],
-      requestBody: {
-        required: true,
-        content: {
-          'application/json': {
-            schema: {
-              type: 'object',
-              required: ['sessionId', 'command'],
-              properties: { sessionId: { type: 'string' }, command: { type: 'string' }, timeout: { type: 'integer', minimum: 1, maximum: 300, default: 30 } },
-            },
-          },
-        },
+/** What an operation is, as far as the statuses it can answer depend on it. */
+export interface OperationFacts {
+  method: string;
+  /** The path under /api, OpenAPI style. */
+  path: string;
+  authed: boolean;
+  body: 'json' | 'binary' | 'none';
+  /** Holds one of the org's ORG_MAX_STREAMS slots. */
+  stream?: boolean;
+}
+
+/**
+ * The error statuses an operation can answer, derived from what it is rather than listed per route:
+ * every request can be malformed (400), arrive too slowly (408), have headers too large (431) or meet a busy
+ * server or unreachable store (503); a body can be too large (413) or, as JSON, not JSON (415); a
+ * write can conflict (409); a key can be missing (401) or not allow the org (403, also X-Org-ID); a
+ * path parameter or an authenticated write can name what does not exist (404); an operation on a
+ * sandbox, or one that creates one, can meet a stopped sandbox (409), a limit (429) or a failing
+ * agent or driver (502); a stream can meet ORG_MAX_STREAMS (429).
+ */
+export function errorStatuses(f: OperationFacts): number[] {
+  const statuses = new Set([400, 408, 431, 503]);
+  const method = f.method.toLowerCase();
+  if (f.body !== 'none') statuses.add(413);
+  if (f.body === 'json') statuses.add(415);
+  if (method !== 'get') statuses.add(409);
+  if (f.authed) {
+    statuses.add(401).add(403);
+    if (method !== 'get') statuses.add(404);
+  }
+  if (/\{\w+\}/.test(f.path)) statuses.add(404);
+  const sandboxOp = f.path.startsWith('/sandboxes/{id}') || (f.path.startsWith('/sandboxes') && method !== 'get');
+  if (f.authed && sandboxOp) statuses.add(409).add(429).add(502);
+  if (f.stream) statuses.add(429);
+  return [...statuses].sort((x, y) => x - y);
+}
+
+/** An error response of `status`: its description names the codes that come with that status. */
+function errorResponse(status: string, fallback?: string): Json {
+  const codes = (Object.keys(errorCodeTable) as ErrorCode[]).filter((c) => String(errorCodeTable[c].httpStatus) === status);
+  const description = errorDescriptions[status] ?? fallback ?? 'Error';
+  return {
+    description: codes.length ? `${description}. code: ${codes.join(', ')}` : description,
+    content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorResponse' } } },
+  };
+}
+
+/** A Zod schema as an OpenAPI schema; the components it names are added to `doc`. */
+function schemaOf(doc: Json, schema: z.ZodType): Json {
+  const result = createSchema(schema, { io: 'input', openapiVersion: '3.1.0' });
+  for (const [name, component] of Object.entries(result.components)) doc.components.schemas[name] ??= component;
+  return result.schema;
+}
+
+/** The OpenAPI operation of a route-table route: parameters, body and responses from its declaration. */
+function routeOperation(doc: Json, spec: RouteSpec): Json {
+  const parameters: Json[] = [
+    ...Object.entries(spec.params.shape).map(([name, schema]) => ({ name, in: 'path', required: true, schema: schemaOf(doc, schema as z.ZodType) })),
+    ...Object.entries(spec.query?.shape ?? {}).map(([name, schema]) => ({
+      name,
+      in: 'query',
+      required: !(schema as z.ZodType).safeParse(undefined).success,
+      schema: schemaOf(doc, schema as z.ZodType),
+    })),
+  ];
+  if (spec.kind === 'websocket') {
+    parameters.push({ name: 'apiKey', in: 'query', required: false, schema: { type: 'string' }, description: 'The API key, for clients that cannot set headers on a WebSocket (browsers)' });
+  }
+  let requestBody: Json | undefined;
+  if (spec.body === 'binary') {
+    requestBody = {
+      required: true,
+      content: {
+        'application/octet-stream': { schema: { type: 'string', format: 'binary' } },
+        'multipart/form-data': { schema: { type: 'object', required: ['file'], properties: { file: { type: 'string', format: 'binary' } } } },
       },
-      responses: {
-        '200': {
-          description:
-            'One JSON object per line: {"type":"stdout"|"stderr","data"} chunks, then {"type":"exit","exitCode"}; a reader that falls more than 4 MiB behind gets {"type":"gap","droppedBytes"} where output was dropped',
-          content: { 'application/x-ndjson': { schema: { type: 'string' } } },
-        },
-        '404': { description: 'Sandbox or session not found', content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorResponse' } } } },
-      },
+    };
+  } else if (spec.body) {
+    requestBody = { required: true, content: { 'application/json': { schema: schemaOf(doc, spec.body) } } };
+  }
+  const { success } = spec;
+  const responses: Json = {
+    [String(success.status)]: {
+      description: success.description,
+      ...(success.contentType ? { content: { [success.contentType]: { schema: success.schema ? schemaOf(doc, success.schema) : { type: 'string', ...(success.contentType === 'application/octet-stream' ? { format: 'binary' } : {}) } } } } : {}),
     },
-  },
+  };
+  const facts: OperationFacts = { method: spec.method, path: spec.path, authed: true, body: spec.body === 'binary' ? 'binary' : spec.body ? 'json' : 'none', stream: spec.stream };
+  for (const status of errorStatuses(facts)) responses[String(status)] = errorResponse(String(status));
+  return {
+    operationId: spec.operationId,
+    summary: spec.summary,
+    ...(spec.description ? { description: spec.description } : {}),
+    tags: [spec.tag],
+    security: [{ ApiKeyAuth: [] }],
+    parameters,
+    ...(requestBody ? { requestBody } : {}),
+    responses,
+  };
+}
+
+/** Routes served outside /api, documented by hand. */
+const extraPaths: Json = {
   '/metrics': {
     get: {
       operationId: 'metrics',
@@ -73,14 +153,15 @@ export function buildOpenApiDocument(router: AppRouter, version: string): Json {
     title: 'VoidRun API',
     description:
       'Sandboxes you can drive: lifecycle, commands, files, terminals, file watch. All endpoints except /register and /version ' +
-      'need the X-API-Key header. Success bodies are `{status, message, data, meta?}`; errors are `{error, details?}`.',
+      'need the X-API-Key header. Success bodies are `{status, message, data, meta?}`; errors are `{error, code, details?}`, where `code` is a stable machine code (see ErrorResponse).',
     version,
     baseUrl: '/api',
     securitySchemes: { ApiKeyAuth: { type: 'apiKey', in: 'header', name: 'X-API-Key' } },
   }) as Json;
 
-  const { schema: errorSchema, components } = createSchema(ErrorResponse);
-  doc.components = { ...doc.components, schemas: { ...doc.components?.schemas, ...components, ErrorResponse: errorSchema } };
+  // ErrorResponse has an id: createSchema answers a $ref and puts the schema itself in `components`.
+  const { components } = createSchema(ErrorResponse, { openapiVersion: '3.1.0' });
+  doc.components = { ...doc.components, schemas: { ...doc.components?.schemas, ...components } };
   const metaByRoute = new Map<string, Meta>();
   for (const meta of procedureMetaIndex(router).values()) {
     if (meta.openapi) metaByRoute.set(`${meta.openapi.method.toLowerCase()} ${meta.openapi.path}`, meta);
@@ -98,15 +179,17 @@ export function buildOpenApiDocument(router: AppRouter, version: string): Json {
             content: { 'application/json': { schema: envelopeSchema(data, meta, doc) } },
           };
         } else {
-          responses[status] = {
-            description: errorDescriptions[status] ?? response.description,
-            content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorResponse' } } },
-          };
+          responses[status] = errorResponse(status, response.description);
         }
       }
+      const facts: OperationFacts = { method, path, authed: (op.security?.length ?? 0) > 0, body: op.requestBody ? 'json' : 'none' };
+      for (const status of errorStatuses(facts)) responses[String(status)] ??= errorResponse(String(status));
       op.responses = responses;
       if (meta?.queryInputs?.length) moveBodyToQuery(op, meta.queryInputs);
     }
+  }
+  for (const spec of Object.values(routeTable) as RouteSpec[]) {
+    doc.paths[spec.path] = { ...doc.paths[spec.path], [spec.method.toLowerCase()]: routeOperation(doc, spec) };
   }
   doc.paths = { ...doc.paths, ...extraPaths };
   return doc;

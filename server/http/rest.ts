@@ -1,6 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { createOpenApiNodeHttpHandler } from 'trpc-to-openapi';
-import { errorCodeTable } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Context } from '../trpc/context.js';
@@ -60,7 +59,7 @@ export function createRestHandler(opts: RestHandlerOptions) {
       } catch (err) {
         if (!(err instanceof DomainError)) throw err;
         // The body was not read to its end: close the connection rather than reuse it.
-        sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details, { connection: 'close' });
+        sendError(res, err, { connection: 'close' });
         return true;
       }
     }
@@ -86,8 +85,7 @@ export function createRestHandler(opts: RestHandlerOptions) {
  * coerces `false` back to "false", so no other parameter changes.)
  */
 function queryWithBooleans(path: string): Record<string, unknown[]> {
-  // Null-prototype, so a key like `toString` or `__proto__` is a parameter like any other.
-  const query: Record<string, unknown[]> = Object.create(null);
+  const query: Record<string, unknown[]> = {};
   new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
     (query[key] ??= []).push(value === 'true' ? true : value === 'false' ? false : value);
   });
@@ -96,7 +94,7 @@ function queryWithBooleans(path: string): Record<string, unknown[]> {
 
 /** Single query values, as sent, for merging into a POST body (a `content=true` stays a string). */
 function queryValues(path: string): Record<string, unknown> {
-  const out: Record<string, unknown> = Object.create(null);
+  const out: Record<string, unknown> = {};
   new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
     const prev = out[key];
     out[key] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
@@ -130,26 +128,23 @@ function unwrapEnvelope(res: ServerResponse): void {
   if (end) res.end = end;
 }
 
-/** The REST body of a successful call, in the shape its procedure's meta declares (`envelope`, `restView`). */
-function successEnvelope(output: unknown, meta: Meta) {
-  const data = meta.restView ? (meta.restView.from as (o: unknown) => unknown)(output) : output;
-  if (meta.envelope === 'bare') return data ?? null;
+function successEnvelope(data: unknown, meta: Meta) {
   const message = meta.message ?? 'OK';
-  let body: Record<string, unknown>;
   if (meta.paged) {
     const page = data as { data: unknown; meta: Record<string, unknown> };
-    body = { ...successBody(page.data, message, page.meta) };
-  } else body = { ...successBody(data ?? null, message) };
-  if (meta.successFlag) body = { success: true, ...body };
-  return meta.envelope === 'both' ? { ...(data as Record<string, unknown>), ...body } : body;
+    return successBody(page.data, message, page.meta);
+  }
+  return successBody(data ?? null, message);
 }
 
+/** The REST error body of a failed call: the error formatter's message and code (see `toWireError`). */
 function errorEnvelope(body: OpenApiErrorBody | undefined) {
+  const code = body?.data?.errorCode ?? 'INTERNAL';
   // trpc-to-openapi replaces a validation failure's message with a generic one; rebuild ours.
   const issues = body?.data?.issues;
   if (issues?.length) {
     const { message, details } = describeIssues(issues);
-    return errorBody(message, details);
+    return errorBody(code, message, details);
   }
-  return errorBody(body?.message ?? 'Request failed', body?.data?.details);
+  return errorBody(code, body?.message ?? 'Request failed', body?.data?.details);
 }

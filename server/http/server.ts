@@ -6,8 +6,7 @@ import { createHTTPHandler } from '@trpc/server/adapters/standalone';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import type { Logger } from 'pino';
 import { WebSocketServer, type WebSocket } from 'ws';
-import { errorCodeTable } from '../../shared/errors.js';
-import { DomainError } from '../errors.js';
+import { DomainError, InvalidInputError, NotFoundError, PayloadTooLargeError, UnauthorizedError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
@@ -15,7 +14,7 @@ import type { PtyEvent } from '../../shared/index.js';
 import { apiKeyFromHeaders, apiKeyFromUpgrade, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
 import { serveConsole } from './console-page.js';
 import { serveDocs } from './docs-page.js';
-import { sendError, sendJson } from './envelope.js';
+import { isExpectedError, rawErrorResponse, sendError } from './envelope.js';
 import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
 import { createRawRoutes, decodePathSegment } from './raw-routes.js';
@@ -23,11 +22,27 @@ import { decodeOrNull } from '../../shared/uri.js';
 import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
 import { createCors, createTrailingSlashRedirect, type CorsPolicy } from './cors.js';
+import { compiledRoutes, matchRoute, type WebSocketRouteName } from './route-table.js';
 
-function rejectUpgrade(socket: Duplex, status: number, message: string): void {
-  const body = JSON.stringify({ error: message });
-  const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 429: 'Too Many Requests', 503: 'Service Unavailable' }[status] ?? 'Error';
-  socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+const wsRoutes = compiledRoutes('websocket');
+
+/** The error to answer for a request Node's HTTP parser refused; never Node's own text. */
+function parserError(err: NodeJS.ErrnoException): DomainError {
+  switch (err.code) {
+    case 'HPE_HEADER_OVERFLOW':
+      return new DomainError('HEADERS_TOO_LARGE', 'Request headers are larger than the server reads (16 KiB); send fewer or shorter headers');
+    case 'ERR_HTTP_REQUEST_TIMEOUT':
+      return new DomainError('REQUEST_TIMEOUT', 'The request did not arrive whole in time (HTTP_HEADERS_TIMEOUT_MS, HTTP_REQUEST_TIMEOUT_MS)');
+    case 'HPE_CHUNK_EXTENSIONS_OVERFLOW':
+      return new PayloadTooLargeError('A chunk extension of the request body is too large');
+    default:
+      return new InvalidInputError('Malformed HTTP request', { details: err.code?.startsWith('HPE_') ? err.code : undefined });
+  }
+}
+
+/** Refuses an upgrade with `err` as an HTTP error response (see `toWireError`), then closes the socket. */
+function rejectUpgrade(socket: Duplex, err: unknown): void {
+  socket.end(rawErrorResponse(err));
   // Closed once the answer is handed to the kernel, whether or not the client closes its side.
   (socket as Duplex & { destroySoon?: () => void }).destroySoon?.();
 }
@@ -223,7 +238,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     }
     if (path === metricsPath) {
       if (opts.metricsToken && !bearerMatches(req.headers.authorization, opts.metricsToken)) {
-        sendError(res, 401, 'Metrics need a bearer token', 'Send Authorization: Bearer <METRICS_TOKEN>');
+        sendError(res, new UnauthorizedError('Metrics need a bearer token', { details: 'Send Authorization: Bearer <METRICS_TOKEN>' }));
         return '/metrics';
       }
       const text = await metrics.text();
@@ -252,7 +267,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
         return p ? `/api${restRoutes.get(p) ?? ''}` : '/api';
       }
     }
-    sendError(res, 404, `No route for ${req.method} ${path}`, 'See /api/docs for the API');
+    sendError(res, new NotFoundError(`No route for ${req.method} ${path}`, { code: 'ROUTE_NOT_FOUND', details: 'See /api/docs for the API' }));
     return 'unmatched';
   }
 
@@ -291,7 +306,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       },
       (err: unknown) => {
         log.error({ err, path }, 'request failed');
-        if (!res.headersSent) sendJson(res, 500, { error: 'Internal server error' });
+        if (!res.headersSent) sendError(res, err);
         else res.destroy();
       },
     );
@@ -317,10 +332,20 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (connections > limits.maxConnections) error = `The server has ${limits.maxConnections} open connections, the most allowed (HTTP_MAX_CONNECTIONS); retry later`;
     else if (perAddress && fromAddress > perAddress) error = `Your address has ${perAddress} open connections to the server, the most allowed (HTTP_MAX_CONNECTIONS_PER_ADDRESS); close some or retry later`;
     else return;
-    const body = JSON.stringify({ error });
     socket.on('error', () => {});
-    socket.end(`HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+    socket.end(rawErrorResponse(new DomainError('SERVER_BUSY', error)));
     socket.destroySoon();
+  });
+
+  // What Node's parser refuses before any route (headers too large, a malformed request, one past
+  // its timeouts) is answered like every other error, unless an answer to the request on this
+  // socket has begun (as Node does it); then the connection is closed.
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    socket.on('error', () => {});
+    const inFlight = (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage;
+    if (err.code === 'ECONNRESET' || !socket.writable || inFlight?.headersSent) return void socket.destroy();
+    socket.end(rawErrorResponse(parserError(err)));
+    (socket as Duplex & { destroySoon?: () => void }).destroySoon?.();
   });
 
   // tRPC subscriptions over WebSocket on the same port. Browsers cannot set headers on a
@@ -398,9 +423,12 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     holdUpgrade(principal, socket, checkStarted);
     return principal;
   }
-  const watchStream = /^\/api\/sandboxes\/([^/]+)\/files\/watch\/([^/]+)\/stream$/;
-  const ptyEphemeral = /^\/api\/sandboxes\/([^/]+)\/pty$/;
-  const ptyAttach = /^\/api\/sandboxes\/([^/]+)\/pty\/sessions\/([^/]+)$/;
+  /** The upgrade handlers of the route table's WebSocket routes, by name; `p` holds the decoded path parameters. */
+  const upgradeHandlers: Record<WebSocketRouteName, (req: IncomingMessage, socket: Duplex, head: Buffer, p: Record<string, string>) => Promise<void>> = {
+    pty: (req, socket, head, p) => upgradePty(req, socket, head, p.id!, null),
+    ptyAttach: (req, socket, head, p) => upgradePty(req, socket, head, p.id!, p.sessionId!),
+    watchStream: (req, socket, head, p) => upgradeWatchStream(req, socket, head, p.id!, p.sessionId!),
+  };
 
   /**
    * A terminal over a WebSocket: raw terminal bytes both ways; a text message that is exactly
@@ -507,15 +535,14 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   };
   const refuse = (socket: Duplex) => (err: unknown) => {
     handshakeDone(socket);
-    const status = err instanceof DomainError ? errorCodeTable[err.code].httpStatus : 500;
-    if (status === 500) log.error({ err }, 'WebSocket upgrade failed');
-    rejectUpgrade(socket, status, err instanceof DomainError ? err.message : 'Internal server error');
+    if (!isExpectedError(err)) log.error({ err }, 'WebSocket upgrade failed');
+    rejectUpgrade(socket, err);
   };
 
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on('error', () => {}); // a reset before the upgrade completes ends only this socket
     const timer = setTimeout(() => {
-      rejectUpgrade(socket, 503, `The WebSocket handshake did not complete within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS); retry`);
+      rejectUpgrade(socket, new DomainError('SERVER_BUSY', `The WebSocket handshake did not complete within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS); retry`));
       socket.destroy();
     }, limits.wsAuthTimeoutMs);
     timer.unref();
@@ -538,14 +565,10 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       });
       return;
     }
-    const ephemeral = ptyEphemeral.exec(path);
-    const attach = ptyAttach.exec(path);
-    const watch = watchStream.exec(path);
-    const match = ephemeral ?? attach ?? watch;
-    if (!match) return rejectUpgrade(socket, 404, `No WebSocket route for ${path}`);
-    const [first, second] = match.slice(1).map(decodePathSegment);
-    const upgrade = watch ? upgradeWatchStream(req, socket, head, first!, second!) : upgradePty(req, socket, head, first!, attach ? second! : null);
-    upgrade.catch(refuse(socket));
+    const match = path.startsWith('/api/') ? matchRoute(wsRoutes, req.method ?? 'GET', path.slice('/api'.length)) : null;
+    if (!match) return rejectUpgrade(socket, new NotFoundError(`No WebSocket route for ${path}`, { code: 'ROUTE_NOT_FOUND' }));
+    const params = Object.fromEntries(Object.entries(match.rawParams).map(([k, v]) => [k, decodePathSegment(v)]));
+    upgradeHandlers[match.route.name](req, socket, head, params).catch(refuse(socket));
   }
 
   /**

@@ -1,4 +1,5 @@
 import type { ServerResponse } from 'node:http';
+import { toWireError } from './envelope.js';
 import { writeOrWait } from './response-writer.js';
 
 export interface SseEvent {
@@ -18,7 +19,9 @@ function format(e: SseEvent): string {
 
 /**
  * Writes events as Server-Sent Events, waiting for the socket to drain when it backs up (so a slow
- * reader slows the source instead of growing memory). Resolves when the events end or the client leaves.
+ * reader slows the source instead of growing memory). A failure after the headers is one `error`
+ * event whose data is the error body (`{error, code, details?}`). Resolves when the events end or
+ * the client leaves.
  */
 export async function writeSse(res: ServerResponse, first: SseEvent | null, rest: AsyncIterator<SseEvent>, signal: AbortSignal): Promise<void> {
   res.writeHead(200, {
@@ -36,7 +39,7 @@ export async function writeSse(res: ServerResponse, first: SseEvent | null, rest
     try {
       next = await rest.next();
     } catch (err) {
-      await write({ event: 'error', data: JSON.stringify({ error: (err as Error).message }) });
+      await write({ event: 'error', data: JSON.stringify(toWireError(err).body) });
       break;
     }
     if (next.done) break;

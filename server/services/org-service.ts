@@ -63,15 +63,14 @@ export class OrgService {
 
   async currentOrg(principal: Principal): Promise<Organization> {
     const org = await this.deps.store.orgs.findById(principal.orgId);
-    if (!org) throw new NotFoundError('The organization of this API key no longer exists');
+    if (!org) throw new NotFoundError('The organization of this API key no longer exists', { code: 'ORG_NOT_FOUND' });
     return toOrganization(org);
   }
 
   async listKeys(principal: Principal, orgId: string): Promise<ApiKey[]> {
     assertSameOrg(principal, orgId);
     const keys = await this.deps.store.apiKeys.listByOrg(orgId);
-    // Newest first, as the original VoidRun lists them (the stores answer oldest first).
-    return keys.map((k) => this.#toApiKey(k)).reverse();
+    return keys.map((k) => this.#toApiKey(k));
   }
 
   async createKey(principal: Principal, orgId: string, keyName: string): Promise<GeneratedApiKey> {
@@ -162,7 +161,7 @@ function assertSameOrg(principal: Principal, orgId: string): void {
 }
 
 function keyNotFound(keyId: string): NotFoundError {
-  return new NotFoundError(`API key ${keyId} not found in this organization`);
+  return new NotFoundError(`API key ${keyId} not found in this organization`, { code: 'API_KEY_NOT_FOUND' });
 }
 
 function toOrganization(o: OrgRecord): Organization {

@@ -1,0 +1,217 @@
+import { z } from 'zod';
+import { ExecInput, Id, PidInput, SessionExecStreamInput, UploadResult } from '../../shared/index.js';
+
+/**
+ * One route served outside the tRPC router (a byte transfer, a stream, a WebSocket): everything
+ * the dispatch, the metrics and the OpenAPI document need to know about it. Declarations only;
+ * `raw-routes.ts` binds the HTTP handlers and `server.ts` the upgrade handlers, by name.
+ */
+export interface RouteSpec {
+  /** `http`: a plain request under /api; `websocket`: a GET that upgrades (101). */
+  kind: 'http' | 'websocket';
+  method: 'GET' | 'POST';
+  /** The path under /api, OpenAPI style: `/sandboxes/{id}/files/upload`. */
+  path: string;
+  /** Every raw route needs an API key (X-API-Key, or `?apiKey=` where a browser cannot set headers). */
+  auth: 'apiKey';
+  /** A long-lived answer: it holds one of the org's ORG_MAX_STREAMS slots while open. */
+  stream?: true;
+  /** The path parameters; every raw route addresses one sandbox by `id`. */
+  params: z.ZodObject;
+  query?: z.ZodObject;
+  /** The JSON body (path parameters excluded), or `binary` for a byte upload. */
+  body?: z.ZodType | 'binary';
+  success: { status: 200 | 101; description: string; contentType?: string; schema?: z.ZodType };
+  operationId: string;
+  summary: string;
+  description?: string;
+  tag: string;
+}
+
+const SandboxParams = z.object({ id: Id });
+const FilePathQuery = z.object({ path: z.string().min(1).meta({ description: 'Absolute path inside the sandbox', example: '/root/script.sh' }) });
+
+/** The raw HTTP and WebSocket routes, by name. */
+export const routeTable = {
+  sessionExecStream: {
+    kind: 'http',
+    method: 'POST',
+    path: '/sandboxes/{id}/session-exec-stream',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams,
+    body: SessionExecStreamInput.omit({ id: true }),
+    success: {
+      status: 200,
+      contentType: 'application/x-ndjson',
+      description:
+        'One JSON object per line: {"type":"stdout"|"stderr","data"} chunks, then {"type":"exit","exitCode"}; a reader that falls more than 4 MiB behind gets {"type":"gap","droppedBytes"} where output was dropped; a failure after the first line is {"type":"error","error","code"}',
+    },
+    operationId: 'sessionExecStream',
+    summary: 'Run a command in a shell session, streamed as NDJSON',
+    tag: 'Execution',
+  },
+  filesUpload: {
+    kind: 'http',
+    method: 'POST',
+    path: '/sandboxes/{id}/files/upload',
+    auth: 'apiKey',
+    params: SandboxParams,
+    query: FilePathQuery,
+    body: 'binary',
+    success: {
+      status: 200,
+      contentType: 'application/json',
+      description: 'File uploaded',
+      schema: z.object({ status: z.literal('success'), message: z.string().meta({ example: 'File uploaded' }), data: UploadResult }),
+    },
+    operationId: 'uploadFile',
+    summary: 'Upload a file',
+    description:
+      'The body is the file (any content type), or a multipart/form-data body whose `file` field is the file. Parent directories are created; the file appears whole or not at all. At most MAX_UPLOAD_BYTES.',
+    tag: 'File System',
+  },
+  filesDownload: {
+    kind: 'http',
+    method: 'GET',
+    path: '/sandboxes/{id}/files/download',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams,
+    query: FilePathQuery,
+    success: { status: 200, contentType: 'application/octet-stream', description: 'The file content, streamed (Content-Disposition names the file)' },
+    operationId: 'downloadFile',
+    summary: 'Download a file',
+    tag: 'File System',
+  },
+  execStream: {
+    kind: 'http',
+    method: 'POST',
+    path: '/sandboxes/{id}/exec-stream',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams,
+    body: ExecInput.omit({ id: true }),
+    success: {
+      status: 200,
+      contentType: 'text/event-stream',
+      description:
+        'Server-Sent Events: `started` ({"pid"}), `stdout` and `stderr` (the text), then `exit` ({"exitCode","timedOut"}); `gap` ({"droppedBytes"}) where a slow reader missed output; `error` ({"error","code"}) if the stream fails after it began. Each event has an id: send it back as Last-Event-ID to resume.',
+    },
+    operationId: 'execCommandStream',
+    summary: 'Run a command, output streamed as Server-Sent Events',
+    tag: 'Execution',
+  },
+  commandsAttach: {
+    kind: 'http',
+    method: 'POST',
+    path: '/sandboxes/{id}/commands/attach',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams,
+    body: PidInput.omit({ id: true }),
+    success: {
+      status: 200,
+      contentType: 'text/event-stream',
+      description:
+        "Server-Sent Events of a background process's output: `stdout`, `stderr`, `exit`, `gap`, and `error` ({\"error\",\"code\"}) if the stream fails after it began; Last-Event-ID resumes after that event.",
+    },
+    operationId: 'attachToBackgroundProcess',
+    summary: 'Attach to a background process (Server-Sent Events)',
+    tag: 'Execution',
+  },
+  pty: {
+    kind: 'websocket',
+    method: 'GET',
+    path: '/sandboxes/{id}/pty',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams,
+    query: z.object({
+      cols: z.number().int().min(1).max(500).optional().meta({ description: 'Terminal width (default 80)' }),
+      rows: z.number().int().min(1).max(200).optional().meta({ description: 'Terminal height (default 24)' }),
+    }),
+    success: {
+      status: 101,
+      description:
+        'WebSocket: raw terminal bytes both ways; a text message that is exactly {"type":"resize","cols","rows"} resizes. The terminal ends with the socket.',
+    },
+    operationId: 'connectPTY',
+    summary: 'An ephemeral terminal (WebSocket)',
+    tag: 'Execution',
+  },
+  ptyAttach: {
+    kind: 'websocket',
+    method: 'GET',
+    path: '/sandboxes/{id}/pty/sessions/{sessionId}',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams.extend({ sessionId: z.string().min(1) }),
+    success: {
+      status: 101,
+      description: 'WebSocket attached to a persistent terminal session: its scrollback first, then raw terminal bytes both ways; resize messages as for /pty.',
+    },
+    operationId: 'connectPTYSession',
+    summary: 'Attach to a terminal session (WebSocket)',
+    tag: 'Execution',
+  },
+  watchStream: {
+    kind: 'websocket',
+    method: 'GET',
+    path: '/sandboxes/{id}/files/watch/{sessionId}/stream',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams.extend({ sessionId: z.string().min(1) }),
+    success: {
+      status: 101,
+      description:
+        'WebSocket: one JSON FileEvent per message, what the session kept first; a client that falls behind gets {"type":"overflow","dropped"} with the count it missed.',
+    },
+    operationId: 'streamWatchEvents',
+    summary: 'File watch events (WebSocket)',
+    tag: 'File System',
+  },
+} as const satisfies Record<string, RouteSpec>;
+
+export type RouteName = keyof typeof routeTable;
+export type HttpRouteName = { [K in RouteName]: (typeof routeTable)[K]['kind'] extends 'http' ? K : never }[RouteName];
+export type WebSocketRouteName = Exclude<RouteName, HttpRouteName>;
+
+/** A route of the table with its compiled path pattern. */
+export interface CompiledRoute<N extends RouteName = RouteName> {
+  name: N;
+  spec: RouteSpec;
+  /** The label for metrics and the log: `/api` + the path template. */
+  label: string;
+  pattern: RegExp;
+  paramNames: string[];
+}
+
+function compile<N extends RouteName>(name: N): CompiledRoute<N> {
+  const spec: RouteSpec = routeTable[name];
+  const paramNames: string[] = [];
+  const source = spec.path.replace(/[.*+?^$()|[\]\\]/g, '\\$&').replace(/\{(\w+)\}/g, (_, p: string) => {
+    paramNames.push(p);
+    return '([^/]+)';
+  });
+  return { name, spec, label: `/api${spec.path}`, pattern: new RegExp(`^${source}$`), paramNames };
+}
+
+/** The routes of one kind, compiled, in table order. */
+export function compiledRoutes<K extends RouteSpec['kind']>(kind: K): CompiledRoute<K extends 'http' ? HttpRouteName : WebSocketRouteName>[] {
+  return (Object.keys(routeTable) as RouteName[]).filter((n) => routeTable[n].kind === kind).map((n) => compile(n)) as never;
+}
+
+/**
+ * The route that `method` and `path` (under /api, no query) name, with its raw (still
+ * percent-encoded) path parameters; null when none does.
+ */
+export function matchRoute<N extends RouteName>(routes: CompiledRoute<N>[], method: string, path: string): { route: CompiledRoute<N>; rawParams: Record<string, string> } | null {
+  for (const route of routes) {
+    if (route.spec.method !== method) continue;
+    const m = route.pattern.exec(path);
+    if (!m) continue;
+    return { route, rawParams: Object.fromEntries(route.paramNames.map((p, i) => [p, m[i + 1]!])) };
+  }
+  return null;
+}
