@@ -8,6 +8,8 @@ import type {
   ExtractResult,
   FileList,
   FileOpResult,
+  FileStats,
+  FileType,
   HeadTailResult,
   SearchResult,
   StatResult,
@@ -58,7 +60,7 @@ export class FileService {
   stat(p: Principal, id: string, path: string): Promise<StatResult> {
     return this.#agent(p, id, async (a) => {
       const st = await a.files.stat.query({ path });
-      return { stdout: `${st.mode} ${st.uid}:${st.gid} ${st.size} ${st.modTime} ${st.path}\n`, ...ok, ...st };
+      return { stdout: statLine(st), ...ok, ...st };
     });
   }
 
@@ -89,7 +91,7 @@ export class FileService {
   du(p: Principal, id: string, path: string): Promise<DiskUsageResult> {
     return this.#agent(p, id, async (a) => {
       const du = await a.files.du.query({ path });
-      return { stdout: `${du.humanReadable}\t${du.path}\n`, ...ok, ...du };
+      return { stdout: `${duSize(du.size)}\t${du.path}\n`, ...ok, ...du };
     });
   }
 
@@ -100,9 +102,14 @@ export class FileService {
     });
   }
 
+  /**
+   * Names under `path` matching `pattern`: a glob when it has `*`, `?` or `[`, otherwise a
+   * substring (as the original's `find -name '*pattern*'`).
+   */
   search(p: Principal, id: string, path: string, pattern: string): Promise<SearchResult> {
+    const glob = /[*?[]/.test(pattern) ? pattern : `*${pattern}*`;
     return this.#agent(p, id, async (a) => {
-      const r = await a.files.search.query({ path, pattern });
+      const r = await a.files.search.query({ path, pattern: glob });
       return { stdout: r.matches.map((m) => `${m}\n`).join(''), ...ok, ...r };
     });
   }
@@ -220,5 +227,45 @@ function tooLarge(limit: number): PayloadTooLargeError {
 
 async function agentHttpError(res: IncomingMessage, sandboxId: string): Promise<Error> {
   const { code, message } = await readAgentError(res, sandboxId);
-  return fromAgentCode(code, message, undefined, 'FILE_NOT_FOUND') ?? new AgentUnavailableError(`The sandbox agent failed: ${message}`);
+  return fromAgentCode(code, message) ?? new AgentUnavailableError(`The sandbox agent failed: ${message}`);
+}
+
+/** The type bits of `st_mode` for each type `stat -c %F` names. */
+const typeBits: Record<FileType, number> = {
+  'regular file': 0o100000,
+  'regular empty file': 0o100000,
+  directory: 0o040000,
+  'symbolic link': 0o120000,
+  fifo: 0o010000,
+  socket: 0o140000,
+  'character special file': 0o020000,
+  'block special file': 0o060000,
+};
+
+/**
+ * A stat result as the original VoidRun's agent printed it with
+ * `stat -c '{"path":"%n","size":%s,"mode":"%f","mtime":%Y,"type":"%F"}'`: the raw mode in hex,
+ * the modification time in whole seconds (here always valid JSON, whatever the path holds).
+ */
+export function statLine(st: FileStats): string {
+  const mode = (typeBits[st.type] | parseInt(st.mode, 8)).toString(16);
+  return `${JSON.stringify({ path: st.path, size: st.size, mode, mtime: Math.floor(Date.parse(st.modTime) / 1000), type: st.type })}\n`;
+}
+
+/** A size as `du -h` prints it: 1024-based, rounded up, one decimal below 10 (`0`, `512`, `4.0K`, `60M`, `1.5G`). */
+export function duSize(bytes: number): string {
+  if (bytes < 1024) return String(bytes);
+  const units = ['K', 'M', 'G', 'T', 'P', 'E'];
+  let value = bytes / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  if (value < 10) {
+    const tenths = Math.ceil(value * 10);
+    return tenths >= 100 ? `10${units[unit]}` : `${(tenths / 10).toFixed(1)}${units[unit]}`;
+  }
+  const whole = Math.ceil(value);
+  return whole >= 1024 && unit < units.length - 1 ? `1.0${units[unit + 1]}` : `${whole}${units[unit]}`;
 }

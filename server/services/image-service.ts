@@ -38,7 +38,7 @@ export class ImageService {
 
   async getByName(principal: Principal, name: string): Promise<Image> {
     const image = await this.deps.images.findByName(principal.orgId, name);
-    if (!image) throw new NotFoundError(`Image ${name} not found`, { code: 'IMAGE_NOT_FOUND' });
+    if (!image) throw new NotFoundError(`Image ${name} not found`);
     return this.#toImage(image);
   }
 
@@ -70,12 +70,12 @@ export class ImageService {
     return { id, deleted: true };
   }
 
-  /** The image a new sandbox runs: `templateId` (an image id or name) or the default. */
+  /** The image a new sandbox runs: `templateId` (an image id or name) or, when absent or empty, the default. */
   async resolve(principal: Principal, templateId: string | undefined): Promise<ImageRecord> {
-    const ref = templateId ?? this.deps.defaultImage;
+    const ref = templateId || this.deps.defaultImage;
     const image = isObjectIdHex(ref) ? await this.deps.images.findById(ref) : await this.deps.images.findByName(principal.orgId, ref);
     if (!image || (image.orgId !== null && image.orgId !== principal.orgId)) {
-      throw new NotFoundError(`Image ${ref} not found; GET /api/images lists the images you can use`, { code: 'IMAGE_NOT_FOUND' });
+      throw new NotFoundError(`Image ${ref} not found; GET /api/images lists the images you can use`);
     }
     return image;
   }
@@ -93,7 +93,7 @@ export class ImageService {
 
   async #visible(principal: Principal, id: string): Promise<ImageRecord> {
     const image = await this.deps.images.findById(id);
-    if (!image || (image.orgId !== null && image.orgId !== principal.orgId)) throw new NotFoundError(`Image ${id} not found`, { code: 'IMAGE_NOT_FOUND' });
+    if (!image || (image.orgId !== null && image.orgId !== principal.orgId)) throw new NotFoundError(`Image ${id} not found`);
     return image;
   }
 

@@ -63,14 +63,15 @@ export class OrgService {
 
   async currentOrg(principal: Principal): Promise<Organization> {
     const org = await this.deps.store.orgs.findById(principal.orgId);
-    if (!org) throw new NotFoundError('The organization of this API key no longer exists', { code: 'ORG_NOT_FOUND' });
+    if (!org) throw new NotFoundError('The organization of this API key no longer exists');
     return toOrganization(org);
   }
 
   async listKeys(principal: Principal, orgId: string): Promise<ApiKey[]> {
     assertSameOrg(principal, orgId);
     const keys = await this.deps.store.apiKeys.listByOrg(orgId);
-    return keys.map((k) => this.#toApiKey(k));
+    // Newest first, as the original VoidRun lists them (the stores answer oldest first).
+    return keys.map((k) => this.#toApiKey(k)).reverse();
   }
 
   async createKey(principal: Principal, orgId: string, keyName: string): Promise<GeneratedApiKey> {
@@ -161,7 +162,7 @@ function assertSameOrg(principal: Principal, orgId: string): void {
 }
 
 function keyNotFound(keyId: string): NotFoundError {
-  return new NotFoundError(`API key ${keyId} not found in this organization`, { code: 'API_KEY_NOT_FOUND' });
+  return new NotFoundError(`API key ${keyId} not found in this organization`);
 }
 
 function toOrganization(o: OrgRecord): Organization {

@@ -51,6 +51,10 @@ export interface SandboxServiceDeps {
 }
 
 const SNAPSHOT_SUFFIX = '.tar.gz';
+/** The largest page size a sandbox listing answers with. */
+const MAX_LIST_LIMIT = 100;
+/** Pages past this are clamped to it, so the row offset stays an exact integer for every store. */
+const MAX_LIST_PAGE = 1_000_000_000;
 
 /** Sandbox lifecycle: records in the store kept true to what the driver runs. */
 export class SandboxService {
@@ -119,7 +123,14 @@ export class SandboxService {
     return this.deps.quotas.report(principal.orgId);
   }
 
-  async list(principal: Principal, page: number, limit = this.deps.defaults.listLimit): Promise<SandboxPage> {
+  /**
+   * One page of the org's sandboxes, newest first. Out-of-range values are clamped as the original
+   * VoidRun does, never refused: a page below 1 is page 1; a limit below 1 (or none) is the default,
+   * one above 100 is 100.
+   */
+  async list(principal: Principal, requestedPage: number, requestedLimit?: number): Promise<SandboxPage> {
+    const page = Math.min(Math.max(1, requestedPage), MAX_LIST_PAGE);
+    const limit = requestedLimit === undefined || requestedLimit < 1 ? this.deps.defaults.listLimit : Math.min(requestedLimit, MAX_LIST_LIMIT);
     const { items, total } = await this.deps.sandboxes.listByOrg(principal.orgId, page, limit);
     return { data: items.map(toSandbox), meta: { page, limit, total, totalPages: Math.ceil(total / limit) } };
   }
@@ -131,7 +142,7 @@ export class SandboxService {
   /** The caller's sandbox record; 404 for a missing one and for another org's (never revealing it exists). */
   async record(principal: Principal, id: string): Promise<SandboxRecord> {
     const record = await this.deps.sandboxes.findById(principal.orgId, id);
-    if (!record) throw new NotFoundError(`Sandbox ${id} not found`, { code: 'SANDBOX_NOT_FOUND' });
+    if (!record) throw new NotFoundError(`Sandbox ${id} not found`);
     return record;
   }
 
@@ -251,7 +262,7 @@ export class SandboxService {
     const sourceId = ref[1]!;
     const snapId = ref[2]!;
     const file = join(this.deps.snapshotsDir, principal.orgId, sourceId, snapId + SNAPSHOT_SUFFIX);
-    if (!existsSync(file)) throw new NotFoundError(`Snapshot ${input.snapshot_path} not found`, { code: 'SNAPSHOT_NOT_FOUND' });
+    if (!existsSync(file)) throw new NotFoundError(`Snapshot ${input.snapshot_path} not found`);
     const source = await this.deps.sandboxes.findById(principal.orgId, sourceId);
     const imageRef = source?.imageId;
     const image = await this.deps.images.resolve(principal, imageRef);
