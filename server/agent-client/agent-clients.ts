@@ -2,7 +2,7 @@ import { createTRPCClient, TRPCClientError, type TRPCClient } from '@trpc/client
 import { request as httpRequest, type ClientRequest, type RequestOptions } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type { AgentRouter } from '../../agent/router.js';
-import { ConflictError, DomainError, ErrorCode, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError } from '../errors.js';
+import { ConflictError, DomainError, ErrorCode, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError, SandboxNotRunningError } from '../errors.js';
 import type { SandboxDriver } from '../hypervisor/types.js';
 import { AgentConnection, AgentConnectionError, AgentProtocolError } from './agent-connection.js';
 
@@ -20,6 +20,29 @@ export class AgentUnavailableError extends DomainError {
     super(ErrorCode.AGENT_UNAVAILABLE, message, options);
   }
 }
+
+/** A lifecycle transition the API is driving a sandbox through. */
+export type LifecyclePhase = 'stopping' | 'starting' | 'pausing' | 'resuming' | 'deleting';
+
+/** Where an API transition left a sandbox; null when it failed (the state is then unknown). */
+export type SettledState = 'running' | 'stopped' | 'paused' | 'deleted' | null;
+
+/** The API's last word on a sandbox's lifecycle, kept to explain agent failures it caused. */
+interface LifecycleMark {
+  /** Counts transitions begun; a request that saw another value when it began met one. */
+  epoch: number;
+  phase: LifecyclePhase | null;
+  settled: SettledState;
+}
+
+/** What a sandbox's agent failure during a transition tells the caller, by phase. */
+const PHASE_ADVICE: Record<LifecyclePhase, string> = {
+  stopping: 'start it again once it has stopped',
+  starting: 'retry once it is running',
+  pausing: 'resume it once it is paused',
+  resuming: 'retry once it is running',
+  deleting: 'it is being deleted',
+};
 
 /** Which sandbox a call is for. */
 export interface SandboxRef {
@@ -47,6 +70,9 @@ export class AgentClients {
   readonly #clients = new Map<string, { conn: AgentConnection; client: AgentClient }>();
   readonly #refreshing = new Map<string, Promise<void>>();
   readonly #refreshedAt = new Map<string, number>();
+  readonly #lifecycle = new Map<string, LifecycleMark>();
+  /** The lifecycle epoch each raw request's errors belong to (see `request`). */
+  readonly #errorEpochs = new WeakMap<object, number>();
 
   constructor(
     private readonly driver: SandboxDriver,
@@ -68,18 +94,87 @@ export class AgentClients {
    * `fromAgentError`), after `onUnavailable` ran for an unreachable or lying agent.
    */
   async call<T>(sandbox: SandboxRef, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+    const since = this.epoch(sandbox.id);
     try {
       return await fn(this.get(sandbox.id));
     } catch (err) {
-      throw await this.failure(sandbox, err);
+      throw await this.failure(sandbox, err, since);
     }
   }
 
-  /** The domain error for a failed agent call or stream, after `onUnavailable` where it applies. */
-  async failure(sandbox: SandboxRef, err: unknown): Promise<unknown> {
+  /**
+   * The domain error for a failed agent call or stream, after `onUnavailable` where it applies.
+   * An unreachable agent explained by a transition the API is driving (or drove since `since`,
+   * the `epoch` when the request began) is the sandbox's state, not the agent's failure: 409
+   * SANDBOX_NOT_RUNNING naming it (404 once deleted), and no status refresh.
+   */
+  async failure(sandbox: SandboxRef, err: unknown, since?: number): Promise<unknown> {
     const mapped = fromAgentError(err);
-    if (mapped instanceof AgentUnavailableError) await this.#unavailable(sandbox, mapped);
+    if (!(mapped instanceof AgentUnavailableError)) return mapped;
+    const explained = this.#explainedByLifecycle(sandbox.id, since ?? (typeof err === 'object' && err ? this.#errorEpochs.get(err) : undefined));
+    if (explained) return explained;
+    await this.#unavailable(sandbox, mapped);
     return mapped;
+  }
+
+  /**
+   * Marks the start of a transition the API drives a sandbox through (under its lifecycle lock);
+   * returns the function that ends it with the state it left. Until then requests meeting it hear
+   * the phase; afterwards those that began before it hear where it left the sandbox.
+   */
+  beginTransition(sandboxId: string, phase: LifecyclePhase): (settled: SettledState) => void {
+    const mark: LifecycleMark = { epoch: this.epoch(sandboxId) + 1, phase, settled: null };
+    this.#lifecycle.set(sandboxId, mark);
+    return (settled) => {
+      mark.phase = null;
+      mark.settled = settled;
+      // A deleted sandbox's mark only has to outlive the requests in flight when it went.
+      if (settled === 'deleted') {
+        setTimeout(() => {
+          if (this.#lifecycle.get(sandboxId) === mark) this.#lifecycle.delete(sandboxId);
+        }, AGENT_ANSWER_TIMEOUT_MS).unref();
+      }
+    };
+  }
+
+  /** The transition the API is driving a sandbox through, or null. */
+  phaseOf(sandboxId: string): LifecyclePhase | null {
+    return this.#lifecycle.get(sandboxId)?.phase ?? null;
+  }
+
+  /** The count of transitions begun for a sandbox; a request records it when it begins. */
+  epoch(sandboxId: string): number {
+    return this.#lifecycle.get(sandboxId)?.epoch ?? 0;
+  }
+
+  /**
+   * Forgets where the API's last transition left a sandbox: its status changed otherwise (the
+   * health loop found it stopped or running), so later agent failures are the agent's again.
+   */
+  forgetSettled(sandboxId: string): void {
+    const mark = this.#lifecycle.get(sandboxId);
+    if (mark) mark.settled = null;
+  }
+
+  /** The caller's answer when the API's own transition explains an unreachable agent, else null. */
+  #explainedByLifecycle(sandboxId: string, since: number | undefined): DomainError | null {
+    const mark = this.#lifecycle.get(sandboxId);
+    if (!mark) return null;
+    if (mark.phase) return new SandboxNotRunningError(`Sandbox ${sandboxId} is ${mark.phase}; ${PHASE_ADVICE[mark.phase]}`);
+    if (since === mark.epoch) return null; // no transition since the request began: the agent failed
+    switch (mark.settled) {
+      case 'stopped':
+        return new SandboxNotRunningError(`Sandbox ${sandboxId} was stopped while the request ran; start it and retry`);
+      case 'paused':
+        return new SandboxNotRunningError(`Sandbox ${sandboxId} was paused while the request ran; resume it and retry`);
+      case 'deleted':
+        return new NotFoundError(`Sandbox ${sandboxId} was deleted while the request ran`);
+      case 'running':
+        // Only a request known to predate the transition met it; others met a failing agent.
+        return since === undefined ? null : new SandboxNotRunningError(`Sandbox ${sandboxId} was restarted while the request ran; retry`);
+      default:
+        return null;
+    }
   }
 
   /**
@@ -113,6 +208,7 @@ export class AgentClients {
     sandboxId: string,
     options: { method: string; path: string; headers?: Record<string, string | number>; signal?: AbortSignal; answerTimeoutMs?: number },
   ): ClientRequest {
+    const epoch = this.epoch(sandboxId);
     const req = httpRequest({
       method: options.method,
       path: options.path,
@@ -126,6 +222,8 @@ export class AgentClients {
         return undefined;
       },
     } as RequestOptions);
+    // Registered before the caller's listeners: `failure` learns which lifecycle epoch it met.
+    req.once('error', (err) => this.#errorEpochs.set(err, epoch));
     // Once the request is written the answer is due within the deadline; a caller that leaves
     // (its client hung up) ends the request, so a silent agent holds no socket.
     const timeoutMs = options.answerTimeoutMs ?? AGENT_ANSWER_TIMEOUT_MS;

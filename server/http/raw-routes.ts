@@ -1,8 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { z } from 'zod';
-import { errorCodeTable } from '../../shared/errors.js';
 import { ExecInput, PidInput, SandboxPath, SessionExecStreamInput, type ExecChunk } from '../../shared/index.js';
-import { DomainError, InvalidInputError } from '../errors.js';
+import { InvalidInputError } from '../errors.js';
 import busboy from 'busboy';
 import { basename } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -10,24 +9,19 @@ import { pipeline } from 'node:stream/promises';
 import type { Services } from '../services/index.js';
 import type { TrackedChunk } from '../services/exec-service.js';
 import { apiKeyFromHeaders, type RequestRecord } from '../trpc/context.js';
-import { describeIssues, fieldIssues } from '../trpc/errors.js';
-import { sendError, sendJson, successBody } from './envelope.js';
+import { isExpectedError, sendError, sendJson, successBody, toWireError } from './envelope.js';
 import { writeOrWait } from './response-writer.js';
 import type { Principal } from '../services/auth-service.js';
 import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
 import { decodeOrNull } from '../../shared/uri.js';
+import { compiledRoutes, matchRoute, type HttpRouteName } from './route-table.js';
 
-interface RawRoute {
-  method: string;
-  pattern: RegExp;
-  /** The route template, for metrics and the log. */
-  template: string;
-  /** A long-lived response: it holds one of the org's ORG_MAX_STREAMS slots until written. */
-  stream?: true;
-  handle(req: IncomingMessage, res: ServerResponse, params: string[], services: Services, principal: Principal, maxJsonBodyBytes: number): Promise<void>;
-}
+const httpRoutes = compiledRoutes('http');
+
+/** The handler of one raw HTTP route of the route table; `params` are its path parameters, decoded. */
+type RawHandler = (req: IncomingMessage, res: ServerResponse, params: string[], services: Services, principal: Principal, maxJsonBodyBytes: number) => Promise<void>;
 
 function toSse(e: TrackedChunk): SseEvent {
   const c: ExecChunk = e.chunk;
@@ -102,93 +96,65 @@ function multipartFile(req: IncomingMessage, limit: number): Promise<Readable> {
   });
 }
 
-const routes: RawRoute[] = [
-  {
-    method: 'POST',
-    pattern: /^\/sandboxes\/([^/]+)\/session-exec-stream$/,
-    template: '/api/sandboxes/{id}/session-exec-stream',
-    stream: true,
-    // One JSON object per line: {"type":"stdout"|"stderr","data":…} as output comes, then {"type":"exit","exitCode":n}.
-    async handle(req, res, [id], services, principal, limit) {
-      const input = await parseBody(req, SessionExecStreamInput, { id }, limit);
-      const abort = new AbortController();
-      res.once('close', () => abort.abort());
-      const chunks = services.exec.sessionExecStream(principal, input.id, input.sessionId, input.command, input.timeout, abort.signal);
-      const first = await chunks.next(); // errors before the first chunk are answered as JSON
-      res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-cache' });
-      const write = (line: unknown) => writeOrWait(res, `${JSON.stringify(line)}\n`);
-      try {
-        if (!first.done) await write(first.value);
-        for await (const c of chunks) {
-          if (res.destroyed) break;
-          await write(c);
-        }
-      } catch (err) {
-        await write({ type: 'error', error: err instanceof Error ? err.message : String(err) });
-      } finally {
-        await chunks.return(undefined);
+/** The handlers of the route table's HTTP routes (method, path, auth and stream slot come from the table). */
+const handlers: Record<HttpRouteName, RawHandler> = {
+  // One JSON object per line: {"type":"stdout"|"stderr","data":…} as output comes, then {"type":"exit","exitCode":n}.
+  sessionExecStream: async (req, res, [id], services, principal, limit) => {
+    const input = await parseBody(req, SessionExecStreamInput, { id }, limit);
+    const abort = new AbortController();
+    res.once('close', () => abort.abort());
+    const chunks = services.exec.sessionExecStream(principal, input.id, input.sessionId, input.command, input.timeout, abort.signal);
+    const first = await chunks.next(); // errors before the first chunk are answered as JSON
+    res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-cache' });
+    const write = (line: unknown) => writeOrWait(res, `${JSON.stringify(line)}\n`);
+    try {
+      if (!first.done) await write(first.value);
+      for await (const c of chunks) {
+        if (res.destroyed) break;
+        await write(c);
       }
-      res.end();
-    },
+    } catch (err) {
+      await write({ type: 'error', ...toWireError(err).body });
+    } finally {
+      await chunks.return(undefined);
+    }
+    res.end();
   },
-  {
-    method: 'POST',
-    pattern: /^\/sandboxes\/([^/]+)\/files\/upload$/,
-    template: '/api/sandboxes/{id}/files/upload',
-    async handle(req, res, [id], services, principal) {
-      const path = queryPath(req);
-      const type = (req.headers['content-type'] ?? '').toLowerCase();
-      const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
-      const multipart = type.startsWith('multipart/form-data');
-      const source = multipart ? await multipartFile(req, services.files.maxUploadBytes) : req;
-      const left = new AbortController(); // the client hung up: the agent request ends with it
-      res.once('close', () => left.abort());
-      const result = await services.files.upload(principal, id!, path, source, multipart ? undefined : declared, left.signal);
-      sendJson(res, 200, successBody(result, 'File uploaded'));
-    },
+  filesUpload: async (req, res, [id], services, principal) => {
+    const path = queryPath(req);
+    const type = (req.headers['content-type'] ?? '').toLowerCase();
+    const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
+    const multipart = type.startsWith('multipart/form-data');
+    const source = multipart ? await multipartFile(req, services.files.maxUploadBytes) : req;
+    const left = new AbortController(); // the client hung up: the agent request ends with it
+    res.once('close', () => left.abort());
+    const result = await services.files.upload(principal, id!, path, source, multipart ? undefined : declared, left.signal);
+    sendJson(res, 200, successBody(result, 'File uploaded'));
   },
-  {
-    method: 'GET',
-    pattern: /^\/sandboxes\/([^/]+)\/files\/download$/,
-    template: '/api/sandboxes/{id}/files/download',
-    stream: true,
-    async handle(req, res, [id], services, principal) {
-      const left = new AbortController(); // the client hung up: the agent request ends with it
-      res.once('close', () => left.abort());
-      const download = await services.files.download(principal, id!, queryPath(req), left.signal);
-      res.writeHead(200, {
-        'content-type': 'application/octet-stream',
-        'content-disposition': contentDisposition(download.path),
-        ...(download.size !== null ? { 'content-length': download.size } : {}),
-      });
-      await pipeline(download.stream, res).catch(() => res.destroy());
-    },
+  filesDownload: async (req, res, [id], services, principal) => {
+    const left = new AbortController(); // the client hung up: the agent request ends with it
+    res.once('close', () => left.abort());
+    const download = await services.files.download(principal, id!, queryPath(req), left.signal);
+    res.writeHead(200, {
+      'content-type': 'application/octet-stream',
+      'content-disposition': contentDisposition(download.path),
+      ...(download.size !== null ? { 'content-length': download.size } : {}),
+    });
+    await pipeline(download.stream, res).catch(() => res.destroy());
   },
-  {
-    method: 'POST',
-    pattern: /^\/sandboxes\/([^/]+)\/exec-stream$/,
-    template: '/api/sandboxes/{id}/exec-stream',
-    stream: true,
-    async handle(req, res, [id], services, principal, limit) {
-      const input = await parseBody(req, ExecInput, { id }, limit);
-      // EventSource clients resume with Last-Event-ID: re-attach to the same process after that event.
-      const resume = req.headers['last-event-id'];
-      await streamChunks(res, (signal) => services.exec.stream(principal, input, typeof resume === 'string' ? resume : null, signal));
-    },
+  execStream: async (req, res, [id], services, principal, limit) => {
+    const input = await parseBody(req, ExecInput, { id }, limit);
+    // EventSource clients resume with Last-Event-ID: re-attach to the same process after that event.
+    const resume = req.headers['last-event-id'];
+    await streamChunks(res, (signal) => services.exec.stream(principal, input, typeof resume === 'string' ? resume : null, signal));
   },
-  {
-    method: 'POST',
-    pattern: /^\/sandboxes\/([^/]+)\/commands\/attach$/,
-    template: '/api/sandboxes/{id}/commands/attach',
-    stream: true,
-    async handle(req, res, [id], services, principal, limit) {
-      const input = await parseBody(req, PidInput, { id }, limit);
-      const resume = req.headers['last-event-id'];
-      const after = typeof resume === 'string' ? (resume.split(':')[1] ?? null) : null;
-      await streamChunks(res, (signal) => services.exec.attach(principal, input.id, input.pid, after, signal));
-    },
+  commandsAttach: async (req, res, [id], services, principal, limit) => {
+    const input = await parseBody(req, PidInput, { id }, limit);
+    const resume = req.headers['last-event-id'];
+    const after = typeof resume === 'string' ? (resume.split(':')[1] ?? null) : null;
+    await streamChunks(res, (signal) => services.exec.attach(principal, input.id, input.pid, after, signal));
   },
-];
+};
 
 /** A path parameter, decoded; a malformed percent-escape is the client's error (400). */
 export function decodePathSegment(segment: string): string {
@@ -198,48 +164,45 @@ export function decodePathSegment(segment: string): string {
 }
 
 /**
- * Routes whose bodies are not JSON envelopes (SSE streams; later byte transfers). They sit beside
- * the REST facade under /api and call the same services. Resolves with the route template when one
- * matched, else null.
+ * The route table's HTTP routes: answers that are not JSON envelopes (byte transfers, SSE and
+ * NDJSON streams). They sit beside the REST facade under /api and call the same services. Resolves
+ * with the route's metrics label when one matched, else null.
  */
 export function createRawRoutes(opts: { services: Services; streams: OpenStreams; maxJsonBodyBytes: number }) {
   return async function handleRaw(req: IncomingMessage, res: ServerResponse, apiPath: string, record: RequestRecord): Promise<string | null> {
     const path = apiPath.split('?')[0]!;
-    for (const route of routes) {
-      const m = route.pattern.exec(path);
-      if (!m || req.method !== route.method) continue;
+    const match = matchRoute(httpRoutes, req.method ?? 'GET', path);
+    if (match) {
+      const { route, rawParams } = match;
       try {
-        const params = m.slice(1).map(decodePathSegment);
+        const params = route.paramNames.map((p) => decodePathSegment(rawParams[p]!));
         // Every raw route needs a key: authenticated here, once.
         const checkStarted = opts.streams.keyCheckStarted();
         const principal = await opts.services.auth.authenticate(apiKeyFromHeaders(req.headers));
         record.orgId = principal.orgId;
         // The client left while its key was checked: nothing to hold or answer.
-        if (res.closed) return route.template;
+        if (res.closed) return route.label;
         // Every raw route is cut if its key is revoked; streams also count against the org's cap.
         const cut = () => res.destroy();
-        const release = route.stream ? opts.streams.acquire(principal, 'stream', cut, checkStarted) : opts.streams.trackKey(principal.keyId, cut, checkStarted);
+        const release = route.spec.stream ? opts.streams.acquire(principal, 'stream', cut, checkStarted) : opts.streams.trackKey(principal.keyId, cut, checkStarted);
         res.once('close', release);
-        await route.handle(req, res, params, opts.services, principal, opts.maxJsonBodyBytes);
+        await handlers[route.name](req, res, params, opts.services, principal, opts.maxJsonBodyBytes);
       } catch (err) {
         if (res.headersSent) {
           res.destroy();
-        } else if (err instanceof DomainError) {
+        } else if (isExpectedError(err)) {
           // A body not read to its end: keep reading (and dropping) it for a while rather than
           // closing, so the client reads this answer instead of a connection reset; then cut.
           if (!req.complete) {
             req.resume();
             setTimeout(() => req.socket.destroy(), 5000).unref();
           }
-          sendError(res, errorCodeTable[err.code].httpStatus, err.message, err.details);
-        } else if (err instanceof z.ZodError) {
-          const { message, details } = describeIssues(fieldIssues(err)!);
-          sendError(res, 400, message, details);
+          sendError(res, err);
         } else {
-          throw err;
+          throw err; // a bug: logged and answered 500 by the server
         }
       }
-      return route.template;
+      return route.label;
     }
     return null;
   };

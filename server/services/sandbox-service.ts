@@ -3,7 +3,7 @@ import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { CreateSandboxInput, OrgQuota, RestoreSandboxInput, Sandbox, SandboxActionResult, SandboxPage, Snapshot } from '../../shared/index.js';
-import type { AgentClients } from '../agent-client/agent-clients.js';
+import type { AgentClients, LifecyclePhase, SettledState } from '../agent-client/agent-clients.js';
 import {
   ConflictError,
   DomainError,
@@ -146,70 +146,133 @@ export class SandboxService {
     return record;
   }
 
-  /** The caller's sandbox, which must be running, for exec, files and terminals. */
+  /**
+   * The caller's sandbox, which must be running, for exec, files and terminals; 409 while the API
+   * drives it through a transition (stopping, starting, …), as the request could not finish.
+   */
   async running(principal: Principal, id: string): Promise<SandboxRecord> {
     const record = await this.record(principal, id);
+    const phase = this.deps.agents?.phaseOf(id);
+    if (phase) throw new SandboxNotRunningError(`Sandbox ${record.name} is ${phase}; retry once it is running`);
     if (record.status !== 'running') {
       throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}; ${record.status === 'paused' ? 'resume' : 'start'} it first`);
     }
     return record;
   }
 
+  /**
+   * Deletes the sandbox, its runtime and (unless kept) its snapshots. A delete that waited for a
+   * concurrent one to finish answers the same success: the sandbox is gone either way.
+   */
   async delete(principal: Principal, id: string, keepSnapshots = false): Promise<{ id: string; deleted: true }> {
-    const record = await this.record(principal, id);
+    await this.record(principal, id);
     return this.#locks.run(id, async () => {
-      this.#stopped(id);
-      await this.deps.agents?.drop(id);
-      if (this.deps.driver) await this.deps.driver.destroy(id);
-      if (!keepSnapshots) await rm(this.#snapshotDir(record), { recursive: true, force: true });
-      await this.deps.sandboxes.delete(record.orgId, id);
-      return { id, deleted: true as const };
+      const record = await this.deps.sandboxes.findById(principal.orgId, id);
+      if (!record) return { id, deleted: true as const };
+      return this.#during(record, 'deleting', 'deleted', async () => {
+        this.#stopped(id);
+        await this.deps.agents?.drop(id);
+        if (this.deps.driver) await this.deps.driver.destroy(id);
+        if (!keepSnapshots) await rm(this.#snapshotDir(record), { recursive: true, force: true });
+        await this.deps.sandboxes.delete(record.orgId, id);
+        return { id, deleted: true as const };
+      });
     });
   }
 
+  /** Stops the sandbox; a stopped one answers success unchanged (idempotent). */
   async stop(principal: Principal, id: string): Promise<SandboxActionResult> {
-    const record = await this.record(principal, id);
-    return this.#locks.run(id, async () => {
-      this.#stopped(id);
-      await this.agents.drop(id);
-      await this.driver.stop(id);
-      return action(await this.#setStatus(record, 'stopped'));
+    return this.#transition(principal, id, async (record) => {
+      if (record.status === 'stopped') return action(record);
+      if (record.status === 'creating') throw new SandboxNotRunningError(`Sandbox ${record.name} is creating; stop it once it is running`);
+      return this.#during(record, 'stopping', 'stopped', async () => {
+        this.#stopped(id);
+        await this.agents.drop(id);
+        await this.driver.stop(id);
+        return action(await this.#setStatus(record, 'stopped'));
+      });
     });
   }
 
+  /** Starts a stopped sandbox; a running one answers success unchanged, a paused one 409 (resume it). */
   async start(principal: Principal, id: string): Promise<SandboxActionResult> {
-    const record = await this.record(principal, id);
-    return this.#locks.run(id, async () => {
+    return this.#transition(principal, id, async (record) => {
+      if (record.status === 'creating') throw new SandboxNotRunningError(`Sandbox ${record.name} is creating; it starts by itself`);
       const state = await this.driver.inspect(id);
-      if (state === 'running') return action(await this.#setStatus(record, 'running'));
+      if (state === 'running') {
+        if (record.status !== 'running') this.deps.agents?.forgetSettled(id);
+        return action(await this.#setStatus(record, 'running'));
+      }
       if (state === 'paused') throw new SandboxNotRunningError(`Sandbox ${record.name} is paused; resume it instead`);
       const image = await this.deps.images.resolve(principal, record.imageId).catch(() => null);
       if (!image) throw new ConflictError(`Sandbox ${record.name} cannot start: its image no longer exists`);
-      await this.agents.drop(id);
-      await this.driver.start(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
-      return action(await this.#setStatus(record, 'running'));
+      return this.#during(record, 'starting', 'running', async () => {
+        await this.agents.drop(id);
+        await this.driver.start(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
+        return action(await this.#setStatus(record, 'running'));
+      });
     });
   }
 
+  /** Pauses a running sandbox; a paused one answers success unchanged, any other state 409. */
   async pause(principal: Principal, id: string): Promise<SandboxActionResult> {
-    const record = await this.running(principal, id);
     const driver = this.driver;
     if (!canPause(driver)) throw new InvalidInputError(`The ${driver.name} driver cannot pause sandboxes`);
-    return this.#locks.run(id, async () => {
-      await driver.pause(id);
-      return action(await this.#setStatus(record, 'paused'));
+    return this.#transition(principal, id, async (record) => {
+      if (record.status === 'paused') return action(record);
+      if (record.status !== 'running') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}; only a running sandbox can be paused`);
+      return this.#during(record, 'pausing', 'paused', async () => {
+        await driver.pause(id);
+        return action(await this.#setStatus(record, 'paused'));
+      });
     });
   }
 
+  /** Resumes a paused sandbox; a running one answers success unchanged, any other state 409. */
   async resume(principal: Principal, id: string): Promise<SandboxActionResult> {
-    const record = await this.record(principal, id);
     const driver = this.driver;
     if (!canPause(driver)) throw new InvalidInputError(`The ${driver.name} driver cannot pause sandboxes`);
-    if (record.status !== 'paused') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}, not paused`);
-    return this.#locks.run(id, async () => {
-      await driver.resume(id);
-      return action(await this.#setStatus(record, 'running'));
+    return this.#transition(principal, id, async (record) => {
+      if (record.status === 'running') return action(record);
+      if (record.status !== 'paused') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}, not paused${record.status === 'stopped' ? '; start it instead' : ''}`);
+      return this.#during(record, 'resuming', 'running', async () => {
+        await driver.resume(id);
+        return action(await this.#setStatus(record, 'running'));
+      });
     });
+  }
+
+  /**
+   * Runs one lifecycle request under the sandbox's lock. `act` gets the record as it is once the
+   * lock is held: a status read before the lock could be stale by the time the runtime is driven
+   * (two pauses both seeing `running`), so every check-and-act happens inside. A sandbox deleted
+   * while the request waited is 404.
+   */
+  #transition<T>(principal: Principal, id: string, act: (record: SandboxRecord) => Promise<T>): Promise<T> {
+    return this.record(principal, id).then(() =>
+      this.#locks.run(id, async () => {
+        const record = await this.deps.sandboxes.findById(principal.orgId, id);
+        if (!record) throw new NotFoundError(`Sandbox ${id} not found (it was deleted)`);
+        return act(record);
+      }),
+    );
+  }
+
+  /**
+   * Drives the runtime through one transition (the caller holds the lock): requests meeting it
+   * are told the sandbox is `phase` (409) rather than that its agent failed, and a driver failure
+   * is a 502 with host paths redacted.
+   */
+  async #during<T>(record: SandboxRecord, phase: LifecyclePhase, settled: SettledState, fn: () => Promise<T>): Promise<T> {
+    const end = this.deps.agents?.beginTransition(record.id, phase);
+    try {
+      const result = await fn();
+      end?.(settled);
+      return result;
+    } catch (err) {
+      end?.(null);
+      throw this.#forCaller(err, `${phase[0]!.toUpperCase()}${phase.slice(1)} sandbox ${record.name} failed`);
+    }
   }
 
   async snapshot(principal: Principal, id: string): Promise<Snapshot> {
@@ -218,6 +281,10 @@ export class SandboxService {
     if (!canSnapshot(driver)) throw new InvalidInputError(`The ${driver.name} driver cannot snapshot sandboxes`);
     if (record.status === 'creating' || record.status === 'error') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}`);
     return this.#locks.run(id, async () => {
+      // Checked again under the lock: a delete or stop may have run while this waited.
+      const fresh = await this.deps.sandboxes.findById(principal.orgId, id);
+      if (!fresh) throw new NotFoundError(`Sandbox ${id} not found (it was deleted)`);
+      if (fresh.status === 'creating' || fresh.status === 'error') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${fresh.status}`);
       const snapId = `snap-${newId()}`;
       const dir = this.#snapshotDir(record);
       await mkdir(dir, { recursive: true, mode: 0o700 });
@@ -299,6 +366,7 @@ export class SandboxService {
       const status: SandboxStatus = state === 'missing' ? 'error' : state;
       if (status !== fresh.status) {
         this.deps.log.warn({ sandbox: record.id, from: fresh.status, to: status }, 'sandbox status corrected');
+        this.deps.agents?.forgetSettled(record.id);
         if (status !== 'running') {
           this.#stopped(record.id);
           await this.deps.agents?.drop(record.id);

@@ -71,7 +71,9 @@ export class WatchService {
   }
 
   async #start(record: SandboxRecord, input: WatchInput, signal?: AbortSignal): Promise<{ sessionId: string }> {
-    const agent = this.deps.sandboxes.agents.get(record.id);
+    const agents = this.deps.sandboxes.agents;
+    const since = agents.epoch(record.id);
+    const agent = agents.get(record.id);
     const session: Session = {
       id: randomUUID(),
       orgId: record.orgId,
@@ -113,7 +115,7 @@ export class WatchService {
           onError: (err) => {
             clearTimeout(deadline);
             signal?.removeEventListener('abort', onAbort);
-            void this.deps.sandboxes.agents.failure(record, err).then((mapped) => {
+            void agents.failure(record, err, since).then((mapped) => {
               if (!started) reject(mapped);
               else this.#end(session, `the watch stopped: ${(mapped as Error).message}`);
             });

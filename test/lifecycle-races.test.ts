@@ -1,0 +1,160 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { SandboxHandle, VoidRunClient } from '../client/index.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+interface Answer {
+  what: string;
+  http: number;
+  code?: string;
+  error?: string;
+  data?: { status?: string };
+}
+
+describe.skipIf(!support.ok)('lifecycle races', () => {
+  let server: TestServer;
+  let vr: VoidRunClient;
+  let apiKey: string;
+  let box: SandboxHandle;
+
+  /** One REST call, answered as status + body (never thrown). */
+  const call = async (what: string, path: string, init: { method?: string; json?: unknown } = {}): Promise<Answer> => {
+    const res = await server.http(path, { method: init.method ?? 'POST', apiKey, ...(init.json !== undefined ? { json: init.json } : {}) });
+    const text = await res.text();
+    let body: Omit<Answer, 'what' | 'http'> = {};
+    try {
+      body = JSON.parse(text) as typeof body;
+    } catch {
+      // a non-JSON body is reported through the status
+    }
+    return { ...body, what, http: res.status };
+  };
+  const act = (verb: 'pause' | 'resume' | 'stop' | 'start', id = box.id) => call(verb, `/api/sandboxes/${id}/${verb}`);
+  const statusOf = async (id = box.id) => ((await (await server.http(`/api/sandboxes/${id}`, { apiKey })).json()) as { data: { status: string } }).data.status;
+  /** A 409 SANDBOX_NOT_RUNNING whose message matches `pattern`. */
+  const expectNotRunning = (a: Answer, pattern: RegExp) => {
+    expect(a, a.what).toMatchObject({ http: 409, error: expect.stringMatching(pattern) });
+    if (a.code !== undefined) expect(a.code, a.what).toBe('SANDBOX_NOT_RUNNING');
+  };
+  const no5xx = (answers: Answer[]) => {
+    for (const a of answers) expect(a.http, `${a.what}: ${a.http} ${a.error ?? ''}`).toBeLessThan(500);
+  };
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Race User', email: uniqueEmail('race') });
+    apiKey = reg.apiKey;
+    vr = server.client(apiKey);
+    box = await vr.sandboxes.create({ name: 'racer' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('answers concurrent pause, resume, stop and start without a 5xx: the loser succeeds when already there, else 409 naming the state (regression: 500 from runc)', async () => {
+    // Two pauses: both succeed, the sandbox is paused once.
+    const pauses = await Promise.all([act('pause'), act('pause')]);
+    no5xx(pauses);
+    expect(pauses.map((a) => [a.http, a.data?.status])).toEqual([
+      [200, 'paused'],
+      [200, 'paused'],
+    ]);
+    expect(await statusOf()).toBe('paused');
+
+    // Two resumes: both succeed.
+    const resumes = await Promise.all([act('resume'), act('resume')]);
+    no5xx(resumes);
+    expect(resumes.map((a) => [a.http, a.data?.status])).toEqual([
+      [200, 'running'],
+      [200, 'running'],
+    ]);
+
+    // Stop racing pause: the stop always wins in the end; the pause succeeded first or met a stopped sandbox.
+    const [stopped, paused] = await Promise.all([act('stop'), act('pause')]);
+    no5xx([stopped, paused]);
+    expect(stopped).toMatchObject({ http: 200, data: { status: 'stopped' } });
+    if (paused.http !== 200) expectNotRunning(paused, /stopped/);
+    expect(await statusOf()).toBe('stopped');
+
+    // Pause and resume right after a stop: 409 naming the state.
+    for (const verb of ['pause', 'resume'] as const) {
+      expectNotRunning(await act(verb), /is stopped/);
+    }
+    // A second stop of a stopped sandbox succeeds unchanged.
+    expect(await act('stop')).toMatchObject({ http: 200, data: { status: 'stopped' } });
+
+    // Two starts: both succeed.
+    const starts = await Promise.all([act('start'), act('start')]);
+    no5xx(starts);
+    expect(starts.map((a) => [a.http, a.data?.status])).toEqual([
+      [200, 'running'],
+      [200, 'running'],
+    ]);
+
+    // Stop racing start, both ways: whichever ran last decides, and GET agrees with it.
+    const [stop2, start2] = await Promise.all([act('stop'), act('start')]);
+    no5xx([stop2, start2]);
+    expect(stop2.http).toBe(200);
+    expect(start2.http).toBe(200);
+    const final = await statusOf();
+    expect(['running', 'stopped']).toContain(final);
+    if (final === 'stopped') expect((await act('start')).http).toBe(200);
+    expect((await box.exec('echo alive')).stdout).toBe('alive\n');
+  }, 300_000);
+
+  it('answers every request racing a delete without a 5xx, and both of two concurrent deletes with success (regression)', async () => {
+    const sb = await vr.sandboxes.create({ name: 'doomed' });
+    const answers = await Promise.all([
+      call('delete', `/api/sandboxes/${sb.id}`, { method: 'DELETE' }),
+      act('pause', sb.id),
+      act('stop', sb.id),
+      act('start', sb.id),
+      call('exec', `/api/sandboxes/${sb.id}/exec`, { json: { command: 'echo hi' } }),
+      call('snapshot', `/api/sandboxes/${sb.id}/snapshot`),
+      call('delete', `/api/sandboxes/${sb.id}`, { method: 'DELETE' }),
+    ]);
+    no5xx(answers);
+    for (const a of answers.filter((x) => x.what === 'delete')) expect(a.http).toBe(200);
+    for (const a of answers.filter((x) => x.http >= 400)) expect([404, 409], `${a.what}: ${a.error ?? ''}`).toContain(a.http);
+    expect((await server.http(`/api/sandboxes/${sb.id}`, { apiKey })).status).toBe(404);
+  }, 300_000);
+
+  it('answers requests racing a stop or start the API is doing with 409 SANDBOX_NOT_RUNNING, never 502 "agent is not responding" (regression)', async () => {
+    const base = `/api/sandboxes/${box.id}`;
+    // A command in flight when the stop comes: it is visible in the process list once it runs.
+    let settled: Answer | null = null;
+    const inFlight = call('exec', `${base}/exec`, { json: { command: 'sleep 120' } }).then((a) => (settled = a));
+    for (;;) {
+      if (settled) throw new Error(`the command ended before the stop: ${JSON.stringify(settled)}`);
+      const list = (await (await server.http(`${base}/commands/list`, { apiKey })).json()) as { processes?: Array<{ command: string; running: boolean }>; data?: { processes?: Array<{ command: string; running: boolean }> } };
+      const processes = list.processes ?? list.data?.processes ?? [];
+      if (processes.some((p) => p.command.includes('sleep 120') && p.running)) break;
+    }
+    const burst = (): Array<Promise<Answer>> => [
+      call('exec', `${base}/exec`, { json: { command: 'echo hi' } }),
+      call('files', `${base}/files?path=/root`, { method: 'GET' }),
+      call('download', `${base}/files/download?path=/etc/hostname`, { method: 'GET' }),
+      call('watch', `${base}/files/watch`, { json: { path: '/root' } }),
+    ];
+    const stopping = act('stop');
+    const during = burst();
+    const stop = await stopping;
+    const answers = [await inFlight, ...(await Promise.all(during))];
+    expect(stop).toMatchObject({ http: 200, data: { status: 'stopped' } });
+    for (const a of answers) {
+      expect(a.http, `${a.what}: ${a.error ?? ''}`).not.toBe(502);
+      if (a.http !== 200) expectNotRunning(a, /stopp/);
+    }
+    expectNotRunning(answers[0]!, /stopp/);
+
+    // And while it starts again: each request runs or hears that the sandbox is not running yet.
+    const starting = act('start');
+    const duringStart = burst();
+    expect(await starting).toMatchObject({ http: 200, data: { status: 'running' } });
+    for (const a of await Promise.all(duringStart)) {
+      expect(a.http, `${a.what}: ${a.error ?? ''}`).not.toBe(502);
+      if (a.http !== 200) expectNotRunning(a, /stop|start/);
+    }
+    expect((await box.exec('echo back')).stdout).toBe('back\n');
+  }, 300_000);
+});
