@@ -687,6 +687,57 @@ describe.skipIf(!contract || !support.ok)('the original contract, operation by o
     conforms(await call('GET', '/sandboxes/{id}'), 404);
   }, 60_000);
 
+  it("answers every sandbox, image and key operation on a missing resource with the contract's 404 and ErrorResponse", async () => {
+    const missing = '65ae1234567890abcdef1234';
+    // A valid request for each operation, so that only the missing resource is wrong.
+    const inputs: Record<string, Call> = {
+      'POST /sandboxes/{}/exec': { json: { command: 'true' } },
+      'POST /sandboxes/{}/exec-stream': { json: { command: 'true' } },
+      'POST /sandboxes/{}/commands/run': { json: { command: 'true' } },
+      'POST /sandboxes/{}/commands/kill': { json: { pid: 1 } },
+      'POST /sandboxes/{}/commands/attach': { json: { pid: 1 } },
+      'POST /sandboxes/{}/commands/wait': { json: { pid: 1 } },
+      'POST /sandboxes/{}/pty/sessions': { json: { cols: 80, rows: 24 } },
+      'POST /sandboxes/{}/pty/sessions/{}/execute': { json: { command: 'true' } },
+      'POST /sandboxes/{}/pty/sessions/{}/resize': { json: { cols: 80, rows: 24 } },
+      'POST /sandboxes/{}/files/upload': { query: { path: '/root/x' }, body: 'x', headers: { 'content-type': 'application/octet-stream' } },
+      'POST /sandboxes/{}/files/create': { query: { path: '/root/x' }, json: { content: '' } },
+      'POST /sandboxes/{}/files/watch': { json: { path: '/root' } },
+      'POST /sandboxes/{}/files/copy': { query: { from: '/root/x', to: '/root/y' } },
+      'POST /sandboxes/{}/files/move': { query: { from: '/root/x', to: '/root/y' } },
+      'POST /sandboxes/{}/files/chmod': { query: { path: '/root/x', mode: '755' } },
+      'POST /sandboxes/{}/files/extract': { query: { archive: '/root/x.tar.gz', dest: '/root/y' } },
+      'POST /sandboxes/{}/files/compress': { query: { path: '/root/x', format: 'tar.gz' } },
+      'GET /sandboxes/{}/files/search': { query: { path: '/root', pattern: 'x' } },
+    };
+    const wrong: string[] = [];
+    for (const op of c.operations) {
+      const params = Object.fromEntries([...op.path.matchAll(/\{([^}]+)\}/g)].map((m) => [m[1]!, m[1] === 'orgId' ? orgId : missing]));
+      if (!Object.keys(params).some((p) => p !== 'orgId') || op.path === '/images/name/{name}') continue;
+      const documented = c.statuses(op.method, op.path);
+      let status: number;
+      let body: unknown = null;
+      if (documented.includes('101')) {
+        const opened = await openSocket(`${server.url.replace(/^http/, 'ws')}/api${fill(op.path, params)}`, { 'x-api-key': apiKey });
+        if (opened.status === 101) await (opened as { socket: OpenSocket }).socket.close();
+        status = opened.status;
+        body = 'body' in opened ? JSON.parse(opened.body || 'null') : null;
+      } else {
+        const input = inputs[op.key] ?? (op.path.includes('/files') ? { query: { path: '/root/x' } } : {});
+        const a = await call(op.method, op.path, { ...input, path: params });
+        status = a.status;
+        body = a.body;
+      }
+      const problems = documented.includes('404')
+        ? status === 404
+          ? c.check(op.method, op.path, 404, body)
+          : [`status ${status}, expected 404`]
+        : c.checkSchema('ErrorResponse', body).concat(status >= 400 && status < 500 ? [] : [`status ${status}, expected a 4xx`]);
+      if (problems.length) wrong.push(`${op.key}: ${problems.join('; ')} — ${JSON.stringify(body).slice(0, 200)}`);
+    }
+    expect(wrong, wrong.join('\n')).toEqual([]);
+  });
+
   it('ran every operation of the original contract', () => {
     const missing = c.operations.filter((o) => !exercised.has(o.key)).map((o) => o.key);
     expect(missing, `contract operations this flow never ran:\n${missing.join('\n')}`).toEqual([]);
