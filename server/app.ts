@@ -94,7 +94,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const watch = new WatchService({ sandboxes, idleTimeoutMs: config.WATCH_IDLE_TIMEOUT_SEC * 1000, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log });
   sandboxes.onStopped((id) => watch.endForSandbox(id));
   const services: Services = {
-    auth: new AuthService({ apiKeys: store.apiKeys, lastUsed }),
+    auth: new AuthService({ apiKeys: store.apiKeys, orgs: store.orgs, lastUsed }),
     orgs,
     sandboxes,
     exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log }),

@@ -79,14 +79,22 @@ export function createRestHandler(opts: RestHandlerOptions) {
   };
 }
 
+/** The query parameters that are procedure inputs: all but `apiKey`, which is a credential (see `apiKeyOf`). */
+function inputParams(path: string): URLSearchParams {
+  const params = new URL(path, 'http://localhost').searchParams;
+  params.delete('apiKey');
+  return params;
+}
+
 /**
  * The query string as trpc-to-openapi reads it, with the words `true` and `false` as booleans:
  * it coerces query values with `Boolean()`, which would read "false" as true. (A string parameter
  * coerces `false` back to "false", so no other parameter changes.)
  */
 function queryWithBooleans(path: string): Record<string, unknown[]> {
-  const query: Record<string, unknown[]> = {};
-  new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
+  // Null-prototype, so a key like `toString` or `__proto__` is a parameter like any other.
+  const query: Record<string, unknown[]> = Object.create(null);
+  inputParams(path).forEach((value, key) => {
     (query[key] ??= []).push(value === 'true' ? true : value === 'false' ? false : value);
   });
   return query;
@@ -94,8 +102,8 @@ function queryWithBooleans(path: string): Record<string, unknown[]> {
 
 /** Single query values, as sent, for merging into a POST body (a `content=true` stays a string). */
 function queryValues(path: string): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  new URL(path, 'http://localhost').searchParams.forEach((value, key) => {
+  const out: Record<string, unknown> = Object.create(null);
+  inputParams(path).forEach((value, key) => {
     const prev = out[key];
     out[key] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
   });

@@ -11,7 +11,7 @@ import type { AppRouter } from '../routers/index.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
 import type { PtyEvent } from '../../shared/index.js';
-import { apiKeyFromHeaders, apiKeyFromUpgrade, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
+import { apiKeyOf, requestedOrgOf, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
 import { serveConsole } from './console-page.js';
 import { serveDocs } from './docs-page.js';
 import { isExpectedError, rawErrorResponse, sendError } from './envelope.js';
@@ -193,7 +193,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   const context = (req: IncomingMessage, transport: Context['transport'], apiKey: string | null, connection: CallConnection): Context => {
     let record = records.get(req);
     if (!record) records.set(req, (record = {}));
-    return { services, log, apiKey, record, transport, connection, streams };
+    return { services, log, apiKey, requestedOrgId: requestedOrgOf(req), record, transport, connection, streams };
   };
 
   const trpcHttp = createHTTPHandler({
@@ -217,7 +217,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       next();
     },
     createContext: ({ req, res, info }) => {
-      const ctx = context(req, 'trpc-http', apiKeyFromHeaders(req.headers), httpConnection(res));
+      const ctx = context(req, 'trpc-http', apiKeyOf(req), httpConnection(res));
       ctx.record.procedurePath = info.calls.length === 1 ? info.calls[0]!.path : 'batch';
       return ctx;
     },
@@ -226,7 +226,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   const raw = createRawRoutes({ services, streams, maxJsonBodyBytes: opts.maxJsonBodyBytes });
   const rest = createRestHandler({
     router,
-    createContext: (req, res) => context(req, 'rest', apiKeyFromHeaders(req.headers), httpConnection(res)),
+    createContext: (req, res) => context(req, 'rest', apiKeyOf(req), httpConnection(res)),
     maxJsonBodyBytes: opts.maxJsonBodyBytes,
   });
 
@@ -357,15 +357,14 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     keepAlive: { enabled: true, pingMs: 30_000, pongWaitMs: 5_000 },
     maxBatchSize: limits.maxBatchSize,
     createContext: async ({ req, res: ws, info }) => {
-      const url = new URL(req.url ?? '/', 'http://localhost');
       const fromParams = info.connectionParams?.apiKey;
-      const apiKey = fromParams || apiKeyFromUpgrade(url, req.headers);
+      const apiKey = fromParams || apiKeyOf(req);
       const connection = wsConnection(ws, wsFlows.get(ws));
       // A valid key ends the handshake window, takes one of the org's ORG_MAX_STREAMS slots while
       // the socket is open (past the cap the socket is closed) and ties the socket to the key
       // (closed on revocation); a missing or bad one leaves the window running (its calls fail 401).
       const checkStarted = streams.keyCheckStarted();
-      const principal = apiKey ? await services.auth.authenticate(apiKey).catch(() => null) : null;
+      const principal = apiKey ? await services.auth.authenticate(apiKey, requestedOrgOf(req)).catch(() => null) : null;
       if (principal) {
         clearTimeout(handshakeTimers.get(ws));
         try {
@@ -416,9 +415,9 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    * Authenticates a terminal or watch upgrade; resolves null when the client left meanwhile
    * (nothing is held for it then).
    */
-  async function authenticateUpgrade(req: IncomingMessage, url: URL, socket: Duplex): Promise<Principal | null> {
+  async function authenticateUpgrade(req: IncomingMessage, socket: Duplex): Promise<Principal | null> {
     const checkStarted = streams.keyCheckStarted();
-    const principal = await services.auth.authenticate(apiKeyFromUpgrade(url, req.headers));
+    const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
     if (socket.destroyed) return null;
     holdUpgrade(principal, socket, checkStarted);
     return principal;
@@ -443,7 +442,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     socket.once('close', () => {
       if (!upgraded) abort.abort();
     });
-    const principal = await authenticateUpgrade(req, url, socket);
+    const principal = await authenticateUpgrade(req, socket);
     if (!principal) return;
     const ephemeral = sessionId === null;
     const size = (name: string, fallback: number, max: number) => Math.min(max, Math.max(1, Number(url.searchParams.get(name)) || fallback));
@@ -578,7 +577,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    */
   async function upgradeWatchStream(req: IncomingMessage, socket: Duplex, head: Buffer, sandboxId: string, sessionId: string): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://localhost');
-    const principal = await authenticateUpgrade(req, url, socket);
+    const principal = await authenticateUpgrade(req, socket);
     if (!principal) return;
     services.watch.assertSession(principal, sandboxId, sessionId); // 404 before upgrading
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');

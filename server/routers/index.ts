@@ -1,5 +1,5 @@
 import { router } from '../trpc/init.js';
-import { authRouter, orgRouter } from './org.js';
+import { authRouter, orgRouter, usersRouter } from './org.js';
 import { commandsRouter, execRouter, shellRouter } from './exec.js';
 import { filesRouter } from './files.js';
 import { imagesRouter } from './images.js';
@@ -11,6 +11,7 @@ export const appRouter = router({
   system: systemRouter,
   auth: authRouter,
   org: orgRouter,
+  users: usersRouter,
   sandbox: sandboxRouter,
   exec: execRouter,
   commands: commandsRouter,

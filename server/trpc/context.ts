@@ -32,6 +32,8 @@ export interface Context {
   log: Logger;
   /** The plain API key as sent, or null. Only the auth middleware reads it. */
   apiKey: string | null;
+  /** The `X-Org-ID` header: the org to act in instead of the key's own, or null. */
+  requestedOrgId: string | null;
   record: RequestRecord;
   transport: 'rest' | 'trpc-http' | 'trpc-ws';
   connection: CallConnection;
@@ -39,14 +41,25 @@ export interface Context {
   streams: OpenStreams;
 }
 
-/** The API key of an HTTP request: the `X-API-Key` header. */
-export function apiKeyFromHeaders(headers: Record<string, string | string[] | undefined>): string | null {
-  const v = headers['x-api-key'];
-  const key = Array.isArray(v) ? v[0] : v;
-  return key ? key.trim() : null;
+type RequestHeaders = Record<string, string | string[] | undefined>;
+
+function headerValue(headers: RequestHeaders, name: string): string | null {
+  const v = headers[name];
+  return (Array.isArray(v) ? v[0] : v)?.trim() || null;
 }
 
-/** A WebSocket upgrade may carry the key as `?apiKey=` (browsers cannot set headers on WebSockets). */
-export function apiKeyFromUpgrade(url: URL, headers: Record<string, string | string[] | undefined>): string | null {
-  return apiKeyFromHeaders(headers) ?? url.searchParams.get('apiKey');
+/**
+ * The API key of an HTTP request or WebSocket upgrade: the `X-API-Key` header, else the `apiKey`
+ * query parameter (the original VoidRun takes it on every route; browsers cannot set headers on a
+ * WebSocket). The header wins when both are sent. Query strings never reach the log or metrics.
+ */
+export function apiKeyOf(req: { url?: string; headers: RequestHeaders }): string | null {
+  const url = req.url ?? '';
+  const query = url.includes('?') ? new URLSearchParams(url.slice(url.indexOf('?') + 1)).get('apiKey')?.trim() : null;
+  return headerValue(req.headers, 'x-api-key') ?? (query || null);
+}
+
+/** The org a request asks to act in (the `X-Org-ID` header), or null for the API key's own. */
+export function requestedOrgOf(req: { headers: RequestHeaders }): string | null {
+  return headerValue(req.headers, 'x-org-id');
 }

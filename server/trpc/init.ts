@@ -106,7 +106,7 @@ export const publicProcedure = t.procedure.use(mapDomainErrors);
  */
 export const authedProcedure = publicProcedure.use(async ({ ctx, next, path, type, signal }) => {
   const checkStarted = ctx.streams.keyCheckStarted();
-  const principal = await ctx.services.auth.authenticate(ctx.apiKey);
+  const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
   ctx.record.orgId = principal.orgId;
   const kind = heldCallKind(path, type);
   if (!kind) return next({ ctx: { principal } });

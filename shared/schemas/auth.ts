@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { Id } from './common.js';
+import { GeneratedApiKey } from './org.js';
 
 export const RegisterInput = z
   .object({
@@ -15,6 +16,11 @@ export const RegisterResult = z
     userId: Id,
     keyId: Id,
     apiKey: z.string().meta({ description: 'The plain API key. Shown only once: store it now.', example: 'vr_3Jd…' }),
+    user: z.object({ id: Id, name: z.string(), email: z.string() }),
+    org: z.object({ id: Id, name: z.string() }),
+    generatedKey: GeneratedApiKey.meta({
+      description: "The key in full. The original VoidRun's code sends this object as `apiKey`; its contract, and the clients generated from it, read `apiKey` as the plain key, as it is here.",
+    }),
   })
   .meta({ id: 'RegisterResult' });
 export type RegisterResult = z.infer<typeof RegisterResult>;

@@ -33,6 +33,24 @@ export type ApiKey = z.infer<typeof ApiKey>;
 
 export const OrgIdInput = z.object({ orgId: Id });
 
+/** A member of an organization, as the original VoidRun lists them. */
+export const OrgUser = z
+  .object({
+    id: Id,
+    name: z.string().meta({ example: 'Admin User' }),
+    email: z.string().meta({ example: 'admin@example.com' }),
+    imageUrl: z.string().meta({ description: 'Always empty: this server keeps no avatars.', example: '' }),
+    createdAt: Timestamp,
+  })
+  .meta({ id: 'OrgUser' });
+export type OrgUser = z.infer<typeof OrgUser>;
+
+/** The user an API key acts for, and the orgs they own or belong to (any of which `X-Org-ID` may name). */
+export const CurrentUser = OrgUser.extend({
+  orgs: z.array(z.object({ id: Id, name: z.string().meta({ example: 'My Organization' }) })),
+}).meta({ id: 'CurrentUser' });
+export type CurrentUser = z.infer<typeof CurrentUser>;
+
 export const GenerateApiKeyInput = z
   .object({
     orgId: Id,
@@ -56,10 +74,15 @@ export type GeneratedApiKey = z.infer<typeof GeneratedApiKey>;
 export const ApiKeyRef = z.object({ orgId: Id, keyId: Id });
 export type ApiKeyRef = z.infer<typeof ApiKeyRef>;
 
+/** A key of the calling key's org (the `/orgs/apikeys/…` routes of the VoidRun client libraries). */
+export const OwnApiKeyRef = ApiKeyRef.omit({ orgId: true });
+export const GenerateOwnApiKeyInput = GenerateApiKeyInput.omit({ orgId: true }).meta({ id: 'GenerateOwnAPIKeyRequest' });
+
 export const SetApiKeyActiveInput = ApiKeyRef.extend({
   isActive: z.boolean().meta({ description: 'false deactivates the key at once; true reactivates it.' }),
 });
 export type SetApiKeyActiveInput = z.infer<typeof SetApiKeyActiveInput>;
+export const SetOwnApiKeyActiveInput = SetApiKeyActiveInput.omit({ orgId: true });
 
 export const RevokedApiKey = z.object({ keyId: Id, revoked: z.literal(true) }).meta({ id: 'RevokedAPIKey' });
 export type RevokedApiKey = z.infer<typeof RevokedApiKey>;
