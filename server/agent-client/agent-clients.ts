@@ -3,6 +3,7 @@ import { request as httpRequest, type ClientRequest, type RequestOptions } from 
 import type { Duplex } from 'node:stream';
 import type { AgentRouter } from '../../agent/router.js';
 import { ConflictError, DomainError, ErrorCode, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError, SandboxNotRunningError } from '../errors.js';
+import type { NotFoundCode } from '../../shared/errors.js';
 import type { SandboxDriver } from '../hypervisor/types.js';
 import { AgentConnection, AgentConnectionError, AgentProtocolError } from './agent-connection.js';
 
@@ -256,11 +257,14 @@ export class AgentClients {
   }
 }
 
-/** The domain error for an error code the agent reports (over tRPC or its raw routes). */
-export function fromAgentCode(code: string, message: string, cause?: unknown): DomainError | null {
+/**
+ * The domain error for an error code the agent reports (over tRPC or its raw routes); a
+ * NOT_FOUND gets `notFound`, the code of what the call was about (a file, a process, a session).
+ */
+export function fromAgentCode(code: string, message: string, cause?: unknown, notFound: NotFoundCode = 'NOT_FOUND'): DomainError | null {
   switch (code) {
     case 'NOT_FOUND':
-      return new NotFoundError(message, { cause });
+      return new NotFoundError(message, { cause, code: notFound });
     case 'BAD_REQUEST':
     case 'PRECONDITION_FAILED':
       return new InvalidInputError(message, { cause });
@@ -273,6 +277,15 @@ export function fromAgentCode(code: string, message: string, cause?: unknown): D
     default:
       return null;
   }
+}
+
+/** What a NOT_FOUND of an agent procedure is about, by the procedure's router (`files.stat` → a file). */
+function notFoundCodeOf(procedure: string | undefined): NotFoundCode {
+  const domain = procedure?.split('.')[0];
+  if (domain === 'files') return 'FILE_NOT_FOUND';
+  if (domain === 'process') return 'PROCESS_NOT_FOUND';
+  if (domain === 'shell' || domain === 'pty') return 'SESSION_NOT_FOUND';
+  return 'NOT_FOUND';
 }
 
 const UNREACHABLE_HINT = 'Check the sandbox status; restart it with POST /api/sandboxes/{id}/start if it stopped.';
@@ -295,7 +308,7 @@ export function fromAgentError(err: unknown): unknown {
   }
   const code = (err.data as { code?: string } | undefined)?.code;
   if (code) {
-    const mapped = fromAgentCode(code, err.message, err);
+    const mapped = fromAgentCode(code, err.message, err, notFoundCodeOf((err.data as { path?: string } | undefined)?.path));
     if (mapped) return mapped;
   }
   return new AgentUnavailableError(`The sandbox agent failed: ${err.message}`, { cause: err });

@@ -227,7 +227,7 @@ function tooLarge(limit: number): PayloadTooLargeError {
 
 async function agentHttpError(res: IncomingMessage, sandboxId: string): Promise<Error> {
   const { code, message } = await readAgentError(res, sandboxId);
-  return fromAgentCode(code, message) ?? new AgentUnavailableError(`The sandbox agent failed: ${message}`);
+  return fromAgentCode(code, message, undefined, 'FILE_NOT_FOUND') ?? new AgentUnavailableError(`The sandbox agent failed: ${message}`);
 }
 
 /** The type bits of `st_mode` for each type `stat -c %F` names. */

@@ -38,7 +38,7 @@ export class ImageService {
 
   async getByName(principal: Principal, name: string): Promise<Image> {
     const image = await this.deps.images.findByName(principal.orgId, name);
-    if (!image) throw new NotFoundError(`Image ${name} not found`);
+    if (!image) throw new NotFoundError(`Image ${name} not found`, { code: 'IMAGE_NOT_FOUND' });
     return this.#toImage(image);
   }
 
@@ -75,7 +75,7 @@ export class ImageService {
     const ref = templateId || this.deps.defaultImage;
     const image = isObjectIdHex(ref) ? await this.deps.images.findById(ref) : await this.deps.images.findByName(principal.orgId, ref);
     if (!image || (image.orgId !== null && image.orgId !== principal.orgId)) {
-      throw new NotFoundError(`Image ${ref} not found; GET /api/images lists the images you can use`);
+      throw new NotFoundError(`Image ${ref} not found; GET /api/images lists the images you can use`, { code: 'IMAGE_NOT_FOUND' });
     }
     return image;
   }
@@ -93,7 +93,7 @@ export class ImageService {
 
   async #visible(principal: Principal, id: string): Promise<ImageRecord> {
     const image = await this.deps.images.findById(id);
-    if (!image || (image.orgId !== null && image.orgId !== principal.orgId)) throw new NotFoundError(`Image ${id} not found`);
+    if (!image || (image.orgId !== null && image.orgId !== principal.orgId)) throw new NotFoundError(`Image ${id} not found`, { code: 'IMAGE_NOT_FOUND' });
     return image;
   }
 

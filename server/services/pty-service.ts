@@ -63,7 +63,7 @@ export class PtyService {
     const agent = this.deps.sandboxes.agents.get(record.id);
     // Fail early (404) for an unknown session, before the caller upgrades or subscribes.
     const sessions = await this.deps.sandboxes.agents.call(record, (a) => a.pty.list.query());
-    if (!sessions.some((s) => s.id === sessionId)) throw new NotFoundError(`Terminal session ${sessionId} not found in this sandbox`);
+    if (!sessions.some((s) => s.id === sessionId)) throw new NotFoundError(`Terminal session ${sessionId} not found in this sandbox`, { code: 'SESSION_NOT_FOUND' });
     const events = resumableSubscription<{ id: string; data: PtyEvent }>(
       (handlers, from) => agent.pty.output.subscribe({ sessionId, lastEventId: from }, { ...handlers, signal }),
       after,

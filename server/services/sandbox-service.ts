@@ -142,7 +142,7 @@ export class SandboxService {
   /** The caller's sandbox record; 404 for a missing one and for another org's (never revealing it exists). */
   async record(principal: Principal, id: string): Promise<SandboxRecord> {
     const record = await this.deps.sandboxes.findById(principal.orgId, id);
-    if (!record) throw new NotFoundError(`Sandbox ${id} not found`);
+    if (!record) throw new NotFoundError(`Sandbox ${id} not found`, { code: 'SANDBOX_NOT_FOUND' });
     return record;
   }
 
@@ -329,7 +329,7 @@ export class SandboxService {
     const sourceId = ref[1]!;
     const snapId = ref[2]!;
     const file = join(this.deps.snapshotsDir, principal.orgId, sourceId, snapId + SNAPSHOT_SUFFIX);
-    if (!existsSync(file)) throw new NotFoundError(`Snapshot ${input.snapshot_path} not found`);
+    if (!existsSync(file)) throw new NotFoundError(`Snapshot ${input.snapshot_path} not found`, { code: 'SNAPSHOT_NOT_FOUND' });
     const source = await this.deps.sandboxes.findById(principal.orgId, sourceId);
     const imageRef = source?.imageId;
     const image = await this.deps.images.resolve(principal, imageRef);

@@ -140,7 +140,7 @@ export class WatchService {
   #session(principal: Principal, sandboxId: string, sessionId: string): Session {
     const session = this.#sessions.get(sessionId);
     if (!session || session.orgId !== principal.orgId || session.sandboxId !== sandboxId) {
-      throw new NotFoundError(`Watch session ${sessionId} not found (it ended, or belongs to another sandbox); start a new one`);
+      throw new NotFoundError(`Watch session ${sessionId} not found (it ended, or belongs to another sandbox); start a new one`, { code: 'SESSION_NOT_FOUND' });
     }
     return session;
   }
