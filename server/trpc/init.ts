@@ -46,12 +46,26 @@ export function restView<In, Out>(schema: z.ZodType<Out>, from: (output: In) => 
   return { schema, from };
 }
 
-/** superjson, with inputs deeper than MAX_JSON_DEPTH refused (400) before superjson walks them recursively. */
+/**
+ * What the transformer hands on, in place of the input, for one nested deeper than MAX_JSON_DEPTH:
+ * the call it belongs to fails with that 400 (in mapDomainErrors), answered under the call's id. (A
+ * throw in the transformer would fail the whole message: a WebSocket reply with `id: null`.)
+ */
+class TooDeepInput {
+  constructor(readonly error: DomainError) {}
+}
+
+/** superjson, with inputs deeper than MAX_JSON_DEPTH refused before superjson walks them recursively. */
 const transformer = {
   input: {
     serialize: (value: unknown) => superjson.serialize(value),
     deserialize: (value: unknown) => {
-      assertJsonDepth(value);
+      try {
+        assertJsonDepth(value);
+      } catch (err) {
+        if (err instanceof DomainError) return new TooDeepInput(err);
+        throw err;
+      }
       return superjson.deserialize(value as Parameters<typeof superjson.deserialize>[0]);
     },
   },
@@ -87,7 +101,9 @@ export const createCallerFactory = t.createCallerFactory;
  * Turns domain errors thrown below into TRPCErrors with the mapped code; logs unexpected ones.
  * A query or mutation over a WebSocket counts as in flight on its socket until it has returned.
  */
-const mapDomainErrors = t.middleware(async ({ next, ctx, path, type }) => {
+const mapDomainErrors = t.middleware(async ({ next, ctx, path, type, getRawInput }) => {
+  const raw = await getRawInput();
+  if (raw instanceof TooDeepInput) throw toTRPCError(raw.error);
   const ended = type === 'subscription' ? undefined : ctx.connection.callStarted?.();
   const result = await next().finally(ended);
   if (result.ok) return result;
