@@ -8,7 +8,7 @@ import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Services } from '../services/index.js';
 import type { TrackedChunk } from '../services/exec-service.js';
-import { apiKeyFromHeaders, type RequestRecord } from '../trpc/context.js';
+import { apiKeyOf, requestedOrgOf, type RequestRecord } from '../trpc/context.js';
 import { isExpectedError, sendError, sendJson, successBody, toWireError } from './envelope.js';
 import { writeOrWait } from './response-writer.js';
 import type { Principal } from '../services/auth-service.js';
@@ -178,7 +178,7 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
         const params = route.paramNames.map((p) => decodePathSegment(rawParams[p]!));
         // Every raw route needs a key: authenticated here, once.
         const checkStarted = opts.streams.keyCheckStarted();
-        const principal = await opts.services.auth.authenticate(apiKeyFromHeaders(req.headers));
+        const principal = await opts.services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
         record.orgId = principal.orgId;
         // The client left while its key was checked: nothing to hold or answer.
         if (res.closed) return route.label;

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
-import type { ApiKey, GeneratedApiKey, Organization, RegisterInput, RegisterResult } from '../../shared/index.js';
-import { ConflictError, ForbiddenError, NotFoundError } from '../errors.js';
+import type { ApiKey, CurrentUser, GeneratedApiKey, Organization, OrgUser, RegisterInput, RegisterResult } from '../../shared/index.js';
+import { ConflictError, ForbiddenError, InvalidInputError, NotFoundError } from '../errors.js';
 import type { ApiKeyRecord, OrgRecord, Store, UserRecord } from '../store/types.js';
 import { displayPrefix, generatePlainKey, hashKey } from './api-key-material.js';
 import type { Principal } from './auth-service.js';
@@ -22,12 +22,17 @@ export class OrgService {
   /**
    * Creates a user, their org and a first API key. Without transactions (FerretDB has none), a step
    * that fails undoes the steps before it, so a failed registration leaves no half-made account.
+   * An email already registered is a 400 naming the field, as the contract and the original say
+   * (the unique index decides between two concurrent registrations of one email).
    */
   async register(input: RegisterInput): Promise<RegisterResult> {
     const { users, orgs } = this.deps.store;
     const email = input.email.toLowerCase();
-    if (await users.findByEmail(email)) throw new ConflictError(`A user with email ${email} is already registered`);
-    const user = await users.create({ name: input.name, email });
+    const taken = () => new InvalidInputError(`A user with email ${email} is already registered`, { issues: [{ field: 'email', message: 'is already registered' }] });
+    if (await users.findByEmail(email)) throw taken();
+    const user = await users.create({ name: input.name, email }).catch((err: unknown) => {
+      throw err instanceof ConflictError ? taken() : err;
+    });
     let org: OrgRecord | undefined;
     try {
       org = await orgs.create({
@@ -39,7 +44,15 @@ export class OrgService {
         createdBy: user.id,
       });
       const key = await this.#issueKey(org.id, user.id, DEFAULT_KEY_NAME);
-      return { orgId: org.id, userId: user.id, keyId: key.keyId, apiKey: key.plainKey };
+      return {
+        orgId: org.id,
+        userId: user.id,
+        keyId: key.keyId,
+        apiKey: key.plainKey,
+        user: { id: user.id, name: user.name, email: user.email },
+        org: { id: org.id, name: org.name },
+        generatedKey: key,
+      };
     } catch (err) {
       if (org) await orgs.delete(org.id).catch(() => {});
       await users.delete(user.id).catch(() => {});
@@ -65,6 +78,24 @@ export class OrgService {
     const org = await this.deps.store.orgs.findById(principal.orgId);
     if (!org) throw new NotFoundError('The organization of this API key no longer exists', { code: 'ORG_NOT_FOUND' });
     return toOrganization(org);
+  }
+
+  /** The members of the org (its owner included), oldest account first. */
+  async listUsers(principal: Principal, orgId: string): Promise<OrgUser[]> {
+    assertSameOrg(principal, orgId);
+    const org = await this.deps.store.orgs.findById(orgId);
+    if (!org) throw new NotFoundError(`Organization ${orgId} no longer exists`, { code: 'ORG_NOT_FOUND' });
+    const ids = [...new Set([org.ownerId, ...org.members])];
+    const users = (await Promise.all(ids.map((id) => this.deps.store.users.findById(id)))).filter((u): u is UserRecord => u !== null);
+    return users.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime()).map(toOrgUser);
+  }
+
+  /** The user the API key acts for, with every org they own or belong to. */
+  async currentUser(principal: Principal): Promise<CurrentUser> {
+    const user = await this.deps.store.users.findById(principal.userId);
+    if (!user) throw new NotFoundError('The user who created this API key no longer exists');
+    const orgs = await this.deps.store.orgs.listByMember(user.id);
+    return { ...toOrgUser(user), orgs: orgs.map((o) => ({ id: o.id, name: o.name })) };
   }
 
   async listKeys(principal: Principal, orgId: string): Promise<ApiKey[]> {
@@ -110,14 +141,17 @@ export class OrgService {
     return this.#toApiKey(key);
   }
 
-  /** Marks a key used now and writes it at once (the explicit form of what every request does lazily). */
+  /**
+   * Marks a key used now and writes it at once (the explicit form of what every request does
+   * lazily). The key is found in the org first: another org's key is not found and not written.
+   */
   async touchKey(principal: Principal, orgId: string, keyId: string): Promise<ApiKey> {
     assertSameOrg(principal, orgId);
-    const now = new Date();
-    await this.deps.store.apiKeys.recordLastUsed(new Map([[keyId, now]]));
     const key = await this.deps.store.apiKeys.findById(orgId, keyId);
     if (!key) throw keyNotFound(keyId);
-    return this.#toApiKey(key);
+    const now = new Date();
+    await this.deps.store.apiKeys.recordLastUsed(new Map([[key.id, now]]));
+    return this.#toApiKey({ ...key, lastUsedAt: key.lastUsedAt && key.lastUsedAt > now ? key.lastUsedAt : now });
   }
 
   async #issueKey(orgId: string, userId: string, name: string): Promise<GeneratedApiKey> {
@@ -163,6 +197,11 @@ function assertSameOrg(principal: Principal, orgId: string): void {
 
 function keyNotFound(keyId: string): NotFoundError {
   return new NotFoundError(`API key ${keyId} not found in this organization`, { code: 'API_KEY_NOT_FOUND' });
+}
+
+function toOrgUser(u: UserRecord): OrgUser {
+  // No avatars here: `imageUrl` is always empty, as the original sends it for users without one.
+  return { id: u.id, name: u.name, email: u.email, imageUrl: '', createdAt: u.createdAt.toISOString() };
 }
 
 function toOrganization(o: OrgRecord): Organization {
