@@ -14,9 +14,22 @@ export const Image = z
     ready: z.boolean().meta({ description: 'Its root filesystem is built on this server.' }),
     createdAt: Timestamp,
     createdBy: Id,
-  })
-  .meta({ id: 'Image' });
+  });
 export type Image = z.infer<typeof Image>;
+
+/** A system image's `orgId` on REST: the original VoidRun's empty ObjectId (the contract's `orgId` is a string). */
+export const NO_ORG_ID = '000000000000000000000000';
+
+/** An image as REST answers carry it: `orgId` always a string. */
+export const RestImage = Image.extend({
+  orgId: Id.meta({ description: `The owning org; ${NO_ORG_ID} for a system image, as the original VoidRun sends it.` }),
+}).meta({ id: 'Image' });
+export type RestImage = z.infer<typeof RestImage>;
+
+/** `image` as REST shows it. */
+export function toRestImage(image: Image): RestImage {
+  return { ...image, orgId: image.orgId ?? NO_ORG_ID };
+}
 
 export const CreateImageInput = z
   .object({
