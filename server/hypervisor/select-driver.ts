@@ -142,6 +142,6 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
 }
 
 /** How long a create waits for the agent: AGENT_READY_TIMEOUT_MS, else the original's SANDBOX_SYNC_TIMEOUT_SEC. */
-function agentReadyTimeoutMs(config: Config): number {
+export function agentReadyTimeoutMs(config: Config): number {
   return config.AGENT_READY_TIMEOUT_MS ?? config.SANDBOX_SYNC_TIMEOUT_SEC * 1000;
 }
