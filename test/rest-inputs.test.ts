@@ -163,6 +163,26 @@ describe.skipIf(!support.ok)('inputs that reach the sandbox agent (container san
     expect(emptyCwd.text).toContain('/root');
   }, 60_000);
 
+  it("zero values as clients built on the original's Go structs always send them mean absent: exec timeout 0, session-exec shell \"\", cols and rows 0", async () => {
+    // The original's ExecRequest: {command, args, timeout, env?, cwd?}, with nil args as null.
+    const exec = await post('/exec', { command: 'echo zero', args: null, timeout: 0, cwd: '' });
+    expect(exec.status, exec.text).toBe(200);
+    expect(exec.text).toContain('zero');
+    const stream = await post('/exec-stream', { command: 'echo zero-stream', args: null, timeout: 0 });
+    expect(stream.status, stream.text).toBe(200);
+    expect(stream.text).toContain('data: zero-stream');
+    // Its SessionExecRequest has no omitempty: every field comes, empty or 0.
+    const created = await post('/session-exec', { action: 'create', sessionId: '', shell: '', command: '', input: '', cols: 0, rows: 0 });
+    expect(created.status, created.text).toBe(200);
+    const body = JSON.parse(created.text) as { sessionId?: string; data?: { sessionId: string } };
+    const sessionId = body.sessionId ?? body.data?.sessionId; // bare, as the original answers, or enveloped
+    expect(sessionId).toBeTruthy();
+    const ran = await post('/session-exec', { action: 'exec', sessionId, shell: '', command: 'echo in-session', input: '', cols: 0, rows: 0 });
+    expect(ran.status, ran.text).toBe(200);
+    expect(ran.text).toContain('in-session');
+    expect((await post('/session-exec', { action: 'close', sessionId, shell: '', command: '', input: '', cols: 0, rows: 0 })).status).toBe(200);
+  }, 60_000);
+
   it('a NUL byte in any string bound for the agent is refused with 400 naming the field, not a 502 with Node internals', async () => {
     const nul = 'a\u0000b';
     const nulPath = encodeURIComponent('/root/a\u0000b');

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import { resumableSubscription } from '../agent-client/resumable-subscription.js';
-import type { ExecChunk, ExecInput, ExecOutput, ProcessInfo, RunCommandInput, SessionExecInput, SessionExecResult } from '../../shared/index.js';
+import { DEFAULT_EXEC_TIMEOUT_SEC, type ExecChunk, type ExecInput, type ExecOutput, type ProcessInfo, type RunCommandInput, type SessionExecInput, type SessionExecResult } from '../../shared/index.js';
 import { AsyncQueue } from '../../shared/async-queue.js';
 import { InvalidInputError } from '../errors.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
@@ -37,9 +37,10 @@ export class ExecService {
 
   async exec(principal: Principal, input: ExecInput): Promise<ExecOutput> {
     if (input.background) return this.startCommand(principal, { ...input, timeout: 0 });
+    const timeout = input.timeout || DEFAULT_EXEC_TIMEOUT_SEC;
     return this.#withAgent(principal, input.id, async (agent) => {
       // The agent kills the command at its timeout; the call's own deadline leaves room for that.
-      const r = await agent.process.run.mutate(this.#spec(input, input.timeout), { context: { timeoutMs: input.timeout * 1000 + 15_000 } });
+      const r = await agent.process.run.mutate(this.#spec(input, timeout), { context: { timeoutMs: timeout * 1000 + 15_000 } });
       return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, truncated: r.truncated, timedOut: r.timedOut };
     });
   }
@@ -88,7 +89,7 @@ export class ExecService {
       pid = Number(resume[1]);
       after = resume[2]!;
     } else {
-      const started = await this.#withAgent(principal, input.id, (agent) => agent.process.start.mutate(this.#spec(input, input.timeout)));
+      const started = await this.#withAgent(principal, input.id, (agent) => agent.process.start.mutate(this.#spec(input, input.timeout || DEFAULT_EXEC_TIMEOUT_SEC)));
       pid = started.pid;
       yield { id: `${pid}:0`, chunk: { type: 'started', pid } };
     }
@@ -129,7 +130,7 @@ export class ExecService {
       const done = (sessionId: string, output = '', error = '', exitCode = 0) => ({ success: exitCode === 0, sessionId, output, error, exitCode });
       switch (input.action) {
         case 'create':
-          return done((await agent.shell.create.mutate({ shell: input.shell })).sessionId);
+          return done((await agent.shell.create.mutate({ shell: input.shell || undefined })).sessionId);
         case 'exec': {
           const r = await agent.shell.exec.mutate(
             { sessionId: need('sessionId'), command: need('command'), timeoutMs: input.timeout * 1000 },

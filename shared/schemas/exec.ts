@@ -2,6 +2,9 @@ import { z } from 'zod';
 import { AgentText, ArgText, Id, PathText, ProcessEnv } from './common.js';
 
 
+/** A one-shot command's timeout when none is given (or 0, which clients built on the original's Go structs always send). */
+export const DEFAULT_EXEC_TIMEOUT_SEC = 30;
+
 export const ExecInput = z
   .object({
     id: Id,
@@ -10,10 +13,10 @@ export const ExecInput = z
     timeout: z
       .number()
       .int()
-      .min(1, 'must be 1 to 300 seconds')
-      .max(300, 'must be 1 to 300 seconds')
-      .default(30)
-      .meta({ description: 'Seconds (ignored if background=true). The whole process tree is killed when it passes.' }),
+      .min(0, 'must be 0 to 300 seconds')
+      .max(300, 'must be 0 to 300 seconds')
+      .default(DEFAULT_EXEC_TIMEOUT_SEC)
+      .meta({ description: `Seconds (ignored if background=true); 0 = the default, ${DEFAULT_EXEC_TIMEOUT_SEC}. The whole process tree is killed when it passes.` }),
     env: ProcessEnv.optional(),
     cwd: PathText.optional().meta({ example: '/root' }),
     background: z.boolean().default(false).meta({ description: 'Start in the background and answer with its pid at once.' }),
@@ -87,11 +90,11 @@ export const SessionExecInput = z
     id: Id,
     action: z.enum(['create', 'exec', 'input', 'resize', 'close'], { error: 'must be create, exec, input, resize or close' }),
     sessionId: z.string().optional(),
-    shell: PathText.optional().meta({ description: 'For create: the shell program (default /bin/bash)' }),
+    shell: PathText.optional().meta({ description: 'For create: the shell program (default /bin/bash, also when empty)' }),
     command: AgentText.optional().meta({ description: 'For exec' }),
     input: z.string().optional().meta({ description: 'For input: raw text written to the shell' }),
-    cols: z.number().int().min(1).max(500).optional(),
-    rows: z.number().int().min(1).max(200).optional(),
+    cols: z.number().int().min(0).max(500).optional().meta({ description: 'Accepted and ignored (no terminal); 0 as the original\'s clients send it' }),
+    rows: z.number().int().min(0).max(200).optional().meta({ description: 'Accepted and ignored (no terminal); 0 as the original\'s clients send it' }),
     timeout: z.number().int().min(1).max(300).default(30).meta({ description: 'For exec: seconds' }),
   })
   .meta({ id: 'SessionExecRequest' });
