@@ -105,6 +105,7 @@ describe('CORS configured (CORS_ALLOW_ORIGINS, CORS_ALLOW_CREDENTIALS, CORS_EXPO
     const moved = await start({ METRICS_PATH: '/internal/prom' });
     expect((await moved.http('/internal/prom')).status).toBe(200);
     expect((await moved.http('/metrics')).status).toBe(404);
+    expect((await moved.http('/internal/prom', { method: 'PUT' })).status).toBe(404);
     const off = await start({ METRICS_ENABLED: 'false' });
     expect((await off.http('/metrics')).status).toBe(404);
   });

@@ -236,7 +236,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       const p = records.get(req)?.procedurePath;
       return p ? `/trpc/${p}` : '/trpc';
     }
-    if (path === metricsPath) {
+    // GET (and HEAD) only, as the original mounts it; other methods fall through to the 404.
+    if (path === metricsPath && (req.method === 'GET' || req.method === 'HEAD')) {
       if (opts.metricsToken && !bearerMatches(req.headers.authorization, opts.metricsToken)) {
         sendError(res, new UnauthorizedError('Metrics need a bearer token', { details: 'Send Authorization: Bearer <METRICS_TOKEN>' }));
         return '/metrics';
