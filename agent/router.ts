@@ -1,6 +1,6 @@
 import { initTRPC, tracked } from '@trpc/server';
 import { z } from 'zod';
-import { AgentExecResult, AgentHealth, AgentProcessInfo, ProcessSpec } from '../shared/schemas/agent.js';
+import { AgentExecResult, AgentHealth, AgentKillResult, AgentProcessInfo, ProcessSpec } from '../shared/schemas/agent.js';
 import { AsyncQueue } from '../shared/async-queue.js';
 import { ArchiveFormat, type WatchMessage } from '../shared/schemas/files.js';
 import { compress, extract } from './services/files/archive.js';
@@ -152,11 +152,12 @@ export const agentRouter = t.router({
     list: t.procedure.output(z.array(AgentProcessInfo)).query(({ ctx }) => ctx.processes.list()),
     kill: t.procedure
       .input(Pid.extend({ signal: z.enum(['SIGTERM', 'SIGKILL', 'SIGINT', 'SIGHUP']).default('SIGKILL') }))
-      .output(AgentProcessInfo)
-      .mutation(({ ctx, input }) => {
+      .output(AgentKillResult)
+      .mutation(async ({ ctx, input }) => {
         const proc = ctx.processes.get(input.pid);
-        proc.kill(input.signal);
-        return proc.info();
+        const signalled = proc.running;
+        await proc.terminate(input.signal);
+        return { ...proc.info(), signalled };
       }),
     wait: t.procedure
       .input(Pid.extend({ timeoutMs: z.number().int().min(0) }))

@@ -3,6 +3,13 @@ import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
+interface ProcessRow {
+  pid: number;
+  command: string;
+  running: boolean;
+  exitCode: number | null;
+}
+
 interface Answer {
   what: string;
   http: number;
@@ -11,7 +18,7 @@ interface Answer {
   data?: { status?: string };
 }
 
-describe.skipIf(!support.ok)('lifecycle races', () => {
+describe.skipIf(!support.ok)('lifecycle, commands and watch under concurrency', () => {
   let server: TestServer;
   let vr: VoidRunClient;
   let apiKey: string;
@@ -38,6 +45,11 @@ describe.skipIf(!support.ok)('lifecycle races', () => {
   };
   const no5xx = (answers: Answer[]) => {
     for (const a of answers) expect(a.http, `${a.what}: ${a.http} ${a.error ?? ''}`).toBeLessThan(500);
+  };
+  /** The background processes, from the contract's bare body (or our envelope around it). */
+  const processes = async (): Promise<ProcessRow[]> => {
+    const body = (await (await server.http(`/api/sandboxes/${box.id}/commands/list`, { apiKey })).json()) as { processes?: ProcessRow[]; data?: { processes?: ProcessRow[] } };
+    return body.processes ?? body.data?.processes ?? [];
   };
 
   beforeAll(async () => {
@@ -126,9 +138,7 @@ describe.skipIf(!support.ok)('lifecycle races', () => {
     const inFlight = call('exec', `${base}/exec`, { json: { command: 'sleep 120' } }).then((a) => (settled = a));
     for (;;) {
       if (settled) throw new Error(`the command ended before the stop: ${JSON.stringify(settled)}`);
-      const list = (await (await server.http(`${base}/commands/list`, { apiKey })).json()) as { processes?: Array<{ command: string; running: boolean }>; data?: { processes?: Array<{ command: string; running: boolean }> } };
-      const processes = list.processes ?? list.data?.processes ?? [];
-      if (processes.some((p) => p.command.includes('sleep 120') && p.running)) break;
+      if ((await processes()).some((p) => p.command.includes('sleep 120') && p.running)) break;
     }
     const burst = (): Array<Promise<Answer>> => [
       call('exec', `${base}/exec`, { json: { command: 'echo hi' } }),
@@ -156,5 +166,26 @@ describe.skipIf(!support.ok)('lifecycle races', () => {
       if (a.http !== 200) expectNotRunning(a, /stop|start/);
     }
     expect((await box.exec('echo back')).stdout).toBe('back\n');
+  }, 300_000);
+
+  it('answers commands/kill once the process is reaped: a list right after shows it finished with its exit code (regression: still running)', async () => {
+    const base = `/api/sandboxes/${box.id}/commands`;
+    // A plain command, one whose child ignores SIGTERM, and one whose descendant left the process
+    // group holding the output pipe (only the process itself can be reaped then).
+    const commands = ['sleep 300', "sh -c 'trap \"\" TERM; sleep 300'", 'setsid sleep 300 & sleep 300'];
+    for (let round = 0; round < 3; round++) {
+      for (const command of commands) {
+        const started = await call('run', `${base}/run`, { json: { command } });
+        expect(started.http, started.error).toBe(200);
+        const pid = (started as unknown as { pid?: number; data?: { pid: number } }).pid ?? (started as unknown as { data: { pid: number } }).data.pid;
+        const killed = await call('kill', `${base}/kill`, { json: { pid } });
+        expect(killed.http, killed.error).toBe(200);
+        expect(JSON.stringify(killed)).toContain(`Process ${pid} killed`);
+        const row = (await processes()).find((p) => p.pid === pid);
+        expect(row, command).toMatchObject({ running: false, exitCode: 137 });
+        // A second kill of the finished process says so.
+        expect(JSON.stringify(await call('kill', `${base}/kill`, { json: { pid } }))).toContain('had already exited');
+      }
+    }
   }, 300_000);
 });

@@ -68,7 +68,7 @@ export const agentReplies = {
   'process.run': AgentExecResult,
   'process.start': BoundedProcessInfo,
   'process.list': z.array(BoundedProcessInfo).max(10_000),
-  'process.kill': BoundedProcessInfo,
+  'process.kill': BoundedProcessInfo.extend({ signalled: z.boolean() }),
   'process.wait': z.object({ exited: z.boolean(), exitCode: z.number().int().nullable() }),
   'process.writeStdin': Written,
   'process.output': tracked(

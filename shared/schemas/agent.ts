@@ -42,6 +42,10 @@ export const AgentProcessInfo = z.object({
 });
 export type AgentProcessInfo = z.infer<typeof AgentProcessInfo>;
 
+/** A kill's answer: the process once reaped (or the wait ran out), and whether it was still running when signalled. */
+export const AgentKillResult = AgentProcessInfo.extend({ signalled: z.boolean() });
+export type AgentKillResult = z.infer<typeof AgentKillResult>;
+
 export const OutputEvent = z.discriminatedUnion('type', [
   z.object({ type: z.literal('stdout'), data: z.string() }),
   z.object({ type: z.literal('stderr'), data: z.string() }),

@@ -20,6 +20,12 @@ const FINISHED_LOGS_BYTES = 16 * 1024 * 1024;
  */
 export const RUN_OUTPUT_BUDGET_BYTES = 48 * 1024 * 1024;
 
+/**
+ * How long a kill waits for the process to exit after a signal before escalating to SIGKILL, and
+ * after SIGKILL before answering that it still runs.
+ */
+export const KILL_GRACE_MS = 5000;
+
 export interface ExitInfo {
   exitCode: number;
   signal: string | null;
@@ -34,6 +40,8 @@ export class ManagedProcess {
   exit: ExitInfo | null = null;
   readonly exited: Promise<ExitInfo>;
   readonly #child: ChildProcess;
+  /** Set once the process itself is gone ('exit'); `exit` waits for its output pipes to close too. */
+  #gone = false;
 
   constructor(
     readonly command: string,
@@ -61,6 +69,7 @@ export class ManagedProcess {
         if (rest) this.output.append({ type, data: rest });
       });
     }
+    child.once('exit', () => (this.#gone = true));
     // 'close' fires after stdout and stderr ended, so the exit event is always the last.
     this.exited = new Promise((resolve) => {
       child.once('close', (code, signal) => {
@@ -86,6 +95,38 @@ export class ManagedProcess {
     } catch {
       this.#child.kill(signal);
     }
+  }
+
+  /**
+   * Kills the process group with `signal` and resolves once the process has exited and been
+   * reaped (its exit code is known, so a list right after shows it finished). A signal that has not
+   * ended it within `graceMs` is followed by SIGKILL. Output pipes held open by a descendant that
+   * left the group are closed once the process itself is gone, so they cannot keep it listed as
+   * running. A process still there `graceMs` after SIGKILL (blocked in the kernel, e.g. on a hung
+   * mount) is left to exit when it can: this resolves with it still running.
+   */
+  async terminate(signal: NodeJS.Signals = 'SIGKILL', graceMs = KILL_GRACE_MS): Promise<void> {
+    if (!this.running) return;
+    this.kill(signal);
+    if (await this.#reapedWithin(graceMs)) return;
+    if (signal !== 'SIGKILL') {
+      this.kill('SIGKILL');
+      await this.#reapedWithin(graceMs);
+    }
+  }
+
+  /** Whether the process is reaped within `ms`; past it, pipes of a process already gone are closed. */
+  async #reapedWithin(ms: number): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
+    const reaped = await Promise.race([this.exited.then(() => true as const), timeout]);
+    clearTimeout(timer);
+    if (reaped) return true;
+    if (!this.#gone) return false;
+    this.#child.stdout?.destroy();
+    this.#child.stderr?.destroy();
+    await this.exited;
+    return true;
   }
 
   /** Writes to the process's stdin; resolves once the pipe accepted it (backpressure). */
