@@ -42,7 +42,8 @@ export interface VoidRunClient {
     /** Creates a sandbox and resolves once it runs (unless `sync: false`). */
     create(input: Omit<CreateSandboxInput, 'sync'> & { sync?: boolean }): Promise<SandboxHandle>;
     get(id: string): Promise<SandboxHandle>;
-    list(options?: { page?: number; limit?: number }): Promise<{ sandboxes: SandboxHandle[]; page: number; limit: number; total: number; totalPages: number }>;
+    /** With `labels`, only the sandboxes carrying every one of them. */
+    list(options?: { page?: number; limit?: number; labels?: Record<string, string> }): Promise<{ sandboxes: SandboxHandle[]; page: number; limit: number; total: number; totalPages: number }>;
     restore(input: Omit<RestoreSandboxInput, 'cold'> & { cold?: boolean }): Promise<SandboxHandle>;
   };
   /** Closes the WebSocket, if one was opened. */
@@ -81,7 +82,8 @@ export function createClient(options: ClientOptions): VoidRunClient {
       create: async (input) => new SandboxHandle(trpc, await trpc.sandbox.create.mutate({ ...input, sync: input.sync ?? true }), raw),
       get: async (id) => new SandboxHandle(trpc, await trpc.sandbox.get.query({ id }), raw),
       list: async (options = {}) => {
-        const page = await trpc.sandbox.list.query({ page: options.page ?? 1, limit: options.limit });
+        const labels = options.labels && Object.entries(options.labels).map(([k, v]) => `${k}=${v}`).join(',');
+        const page = await trpc.sandbox.list.query({ page: options.page ?? 1, limit: options.limit, labels });
         return { sandboxes: page.data.map((s) => new SandboxHandle(trpc, s, raw)), ...page.meta };
       },
       restore: async (input) => new SandboxHandle(trpc, await trpc.sandbox.restore.mutate({ ...input, cold: input.cold ?? false }), raw),

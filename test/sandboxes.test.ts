@@ -286,6 +286,75 @@ describe.skipIf(!support.ok)('sandboxes on the container driver (debian image)',
     await sb.delete();
     expect(readdirSync(server.dirs.instancesDir)).not.toContain(sb.id);
   });
+
+  it('keeps labels from create, answers them everywhere, and lists by labels (all of them must match) over REST and tRPC', async () => {
+    const created = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'labelled', labels: { env: 'prod', team: 'api', long: 'abcdefghijklmnopqrst' } } });
+    expect(created.status).toBe(201);
+    const sb = ((await created.json()) as { data: { id: string; labels: Record<string, string> } }).data;
+    try {
+      expect(sb.labels).toEqual({ env: 'prod', team: 'api', long: 'abcdefghijklmnopqrst' });
+      const got = await server.http(`/api/sandboxes/${sb.id}`, { apiKey });
+      expect(((await got.json()) as { data: { labels: object } }).data.labels).toEqual(sb.labels);
+      // A sandbox created without labels has none.
+      expect((await vr.sandboxes.get(box.id)).info.labels).toEqual({});
+      const names = async (query: string) => {
+        const res = await server.http(`/api/sandboxes?${query}`, { apiKey });
+        expect(res.status, query).toBe(200);
+        const body = (await res.json()) as { data: Array<{ name: string; labels: object }>; meta: { total: number } };
+        for (const s of body.data) expect(s.labels).toBeTypeOf('object');
+        return { names: body.data.map((s) => s.name).sort(), total: body.meta.total };
+      };
+      expect(await names('labels=env=prod')).toEqual({ names: ['labelled'], total: 1 });
+      expect(await names('labels=env%3Dprod%2Cteam%3Dapi')).toEqual({ names: ['labelled'], total: 1 });
+      expect(await names('labels=env=prod,team=web')).toEqual({ names: [], total: 0 });
+      expect(await names('labels=team=api&page=1&limit=5')).toEqual({ names: ['labelled'], total: 1 });
+      expect(await names('labels=')).toMatchObject({ names: expect.arrayContaining(['labelled', 'main-box']) });
+      const viaTrpc = await vr.sandboxes.list({ labels: { team: 'api', env: 'prod' } });
+      expect(viaTrpc.sandboxes.map((s) => s.id)).toEqual([sb.id]);
+      expect((await vr.sandboxes.list({ labels: { team: 'nobody' } })).total).toBe(0);
+    } finally {
+      await server.http(`/api/sandboxes/${sb.id}`, { method: 'DELETE', apiKey });
+    }
+  }, 180_000);
+
+  it('refuses labels out of bounds on create and malformed label filters with a 400 naming labels', async () => {
+    for (const labels of [
+      { a: '1', b: '2', c: '3', d: '4', e: '5', f: '6' },
+      { Env: 'prod' },
+      { '-env': 'prod' },
+      { env: 'abcdefghijklmnopqrstu' },
+      { ['k'.repeat(21)]: 'v' },
+      { env: 'a,b' },
+      { env: 'a=b' },
+      { env: 7 },
+      ['env'],
+    ]) {
+      const res = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'never-made', labels } });
+      expect(res.status, JSON.stringify(labels)).toBe(400);
+      expect(((await res.json()) as { error: string }).error, JSON.stringify(labels)).toContain('labels');
+    }
+    for (const query of ['env', 'Env=prod', 'env=prod,', 'a=1,b=2,c=3,d=4,e=5,f=6', 'env=prod=x', `env=${'x'.repeat(21)}`, 'labels=x'.repeat(100)]) {
+      const res = await server.http(`/api/sandboxes?labels=${encodeURIComponent(query)}`, { apiKey });
+      expect(res.status, query).toBe(400);
+      expect(((await res.json()) as { error: string }).error, query).toContain('labels');
+    }
+    expect((await server.http('/api/sandboxes', { apiKey }).then((r) => r.json())) as { data: Array<{ name: string }> }).not.toMatchObject({ data: [{ name: 'never-made' }] });
+  });
+
+  it('sleeps and wakes a sandbox (the client libraries\' names for pause and resume)', async () => {
+    const slept = await server.http(`/api/sandboxes/${box.id}/sleep`, { method: 'POST', apiKey });
+    expect(slept.status).toBe(200);
+    expect(await slept.json()).toMatchObject({ status: 'success', data: { id: box.id, status: 'paused' } });
+    expect((await vr.sandboxes.get(box.id)).info.status).toBe('paused');
+    const woke = await server.http(`/api/sandboxes/${box.id}/wake`, { method: 'POST', apiKey });
+    expect(woke.status).toBe(200);
+    expect(await woke.json()).toMatchObject({ status: 'success', data: { id: box.id, status: 'running' } });
+    expect((await box.exec('echo awake')).stdout).toBe('awake\n');
+    expect((await server.http('/api/sandboxes/65ae1234567890abcdef1234/sleep', { method: 'POST', apiKey })).status).toBe(404);
+    const viaTrpc = await vr.trpc.sandbox.sleep.mutate({ id: box.id });
+    expect(viaTrpc.status).toBe('paused');
+    expect((await vr.trpc.sandbox.wake.mutate({ id: box.id })).status).toBe('running');
+  }, 120_000);
 });
 
 describe.skipIf(!support.ok)('shell sessions without a terminal (session-exec)', () => {

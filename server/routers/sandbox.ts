@@ -3,6 +3,7 @@ import {
   CreateSandboxInput,
   DeleteSandboxInput,
   ListSandboxesInput,
+  parseLabelFilter,
   RestoreSandboxInput,
   RestSandbox,
   RestSandboxActionResult,
@@ -24,6 +25,15 @@ const restSandbox = restView(RestSandbox, toRestSandbox);
 const restAction = restView(RestSandboxActionResult, (r: SandboxActionResult) => ({ ...r, ...restStatus(r.status) }));
 const restPage = restView(RestSandboxPage, (p: SandboxPage) => ({ ...p, data: p.data.map(toRestSandbox) }));
 
+/** `POST /sandboxes/{id}/<verb>`: one lifecycle action on a sandbox, answering its new status. */
+function lifecycle(verb: string, action: 'stop' | 'start' | 'pause' | 'resume', summary: string, message: string) {
+  return authedProcedure
+    .meta({ openapi: { method: 'POST', path: `/sandboxes/{id}/${verb}`, tags, summary }, message, restView: restAction })
+    .input(SandboxIdInput)
+    .output(SandboxActionResult)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes[action](ctx.principal, input.id));
+}
+
 export const sandboxRouter = router({
   create: authedProcedure
     .meta({ openapi: { method: 'POST', path: '/sandboxes', tags, summary: 'Create a sandbox' }, message: 'Sandbox created', successStatus: 201, restView: restSandbox })
@@ -40,7 +50,7 @@ export const sandboxRouter = router({
     })
     .input(ListSandboxesInput)
     .output(SandboxPage)
-    .query(({ ctx, input }) => ctx.services.sandboxes.list(ctx.principal, input.page, input.limit)),
+    .query(({ ctx, input }) => ctx.services.sandboxes.list(ctx.principal, input.page, input.limit, parseLabelFilter(input.labels))),
 
   get: authedProcedure
     .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}', tags, summary: 'Get a sandbox' }, message: 'Sandbox details fetched successfully', successFlag: true, restView: restSandbox })
@@ -57,29 +67,13 @@ export const sandboxRouter = router({
     .output(Deleted)
     .mutation(({ ctx, input }) => ctx.services.sandboxes.delete(ctx.principal, input.id, input.keepSnapshots)),
 
-  stop: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/stop', tags, summary: 'Stop a sandbox (its filesystem is kept)' }, message: 'Sandbox stopped', restView: restAction })
-    .input(SandboxIdInput)
-    .output(SandboxActionResult)
-    .mutation(({ ctx, input }) => ctx.services.sandboxes.stop(ctx.principal, input.id)),
-
-  start: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/start', tags, summary: 'Start a stopped sandbox' }, message: 'Sandbox started', restView: restAction })
-    .input(SandboxIdInput)
-    .output(SandboxActionResult)
-    .mutation(({ ctx, input }) => ctx.services.sandboxes.start(ctx.principal, input.id)),
-
-  pause: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/pause', tags, summary: 'Freeze every process of a sandbox' }, message: 'Sandbox paused', restView: restAction })
-    .input(SandboxIdInput)
-    .output(SandboxActionResult)
-    .mutation(({ ctx, input }) => ctx.services.sandboxes.pause(ctx.principal, input.id)),
-
-  resume: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/resume', tags, summary: 'Resume a paused sandbox' }, message: 'Sandbox resumed', restView: restAction })
-    .input(SandboxIdInput)
-    .output(SandboxActionResult)
-    .mutation(({ ctx, input }) => ctx.services.sandboxes.resume(ctx.principal, input.id)),
+  stop: lifecycle('stop', 'stop', 'Stop a sandbox (its filesystem is kept)', 'Sandbox stopped'),
+  start: lifecycle('start', 'start', 'Start a stopped sandbox', 'Sandbox started'),
+  pause: lifecycle('pause', 'pause', 'Freeze every process of a sandbox', 'Sandbox paused'),
+  resume: lifecycle('resume', 'resume', 'Resume a paused sandbox', 'Sandbox resumed'),
+  // The VoidRun client libraries' names for pause and resume.
+  sleep: lifecycle('sleep', 'pause', "Freeze every process of a sandbox (the client libraries' name for pause)", 'Sandbox paused'),
+  wake: lifecycle('wake', 'resume', "Resume a paused sandbox (the client libraries' name for resume)", 'Sandbox resumed'),
 
   snapshot: authedProcedure
     .meta({

@@ -98,6 +98,7 @@ export class SandboxService {
       mem: input.mem ?? this.deps.defaults.memMb,
       diskMb: this.deps.defaults.diskMb,
       envVars: input.envVars ?? {},
+      labels: input.labels ?? {},
     });
     const boot = this.#locks.run(record.id, async () => {
       try {
@@ -126,12 +127,12 @@ export class SandboxService {
   /**
    * One page of the org's sandboxes, newest first. Out-of-range values are clamped as the original
    * VoidRun does, never refused: a page below 1 is page 1; a limit below 1 (or none) is the default,
-   * one above 100 is 100.
+   * one above 100 is 100. With `labels`, only the sandboxes carrying every one of them.
    */
-  async list(principal: Principal, requestedPage: number, requestedLimit?: number): Promise<SandboxPage> {
+  async list(principal: Principal, requestedPage: number, requestedLimit?: number, labels: Readonly<Record<string, string>> = {}): Promise<SandboxPage> {
     const page = Math.min(Math.max(1, requestedPage), MAX_LIST_PAGE);
     const limit = requestedLimit === undefined || requestedLimit < 1 ? this.deps.defaults.listLimit : Math.min(requestedLimit, MAX_LIST_LIMIT);
-    const { items, total } = await this.deps.sandboxes.listByOrg(principal.orgId, page, limit);
+    const { items, total } = await this.deps.sandboxes.listByOrg(principal.orgId, page, limit, labels);
     return { data: items.map(toSandbox), meta: { page, limit, total, totalPages: Math.ceil(total / limit) } };
   }
 
@@ -340,6 +341,7 @@ export class SandboxService {
       mem: input.mem ?? source?.mem ?? this.deps.defaults.memMb,
       diskMb: source?.diskMb ?? this.deps.defaults.diskMb,
       envVars: source?.envVars ?? {},
+      labels: source?.labels ?? {},
     });
     return this.#locks.run(record.id, async () => {
       try {
@@ -395,7 +397,7 @@ export class SandboxService {
   }
 
   /** A new `creating` record in the caller's org, if its quotas and the host leave room for it. */
-  #admitRecord(principal: Principal, fields: Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars'>): Promise<SandboxRecord> {
+  #admitRecord(principal: Principal, fields: Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels'>): Promise<SandboxRecord> {
     return this.deps.quotas.admit(principal.orgId, fields, () =>
       this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' }),
     );
@@ -447,5 +449,6 @@ export function toSandbox(r: SandboxRecord): Sandbox {
     createdBy: r.createdBy,
     orgId: r.orgId,
     envVars: r.envVars,
+    labels: r.labels,
   };
 }

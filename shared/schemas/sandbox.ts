@@ -28,6 +28,58 @@ export function restStatus(status: SandboxStatus): { status: ContractSandboxStat
 
 export const EnvVars = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name'), AgentText);
 
+/** How many labels a sandbox may carry, and how long each key and value may be (the VoidRun client libraries' bounds). */
+export const MAX_LABELS = 5;
+export const MAX_LABEL_CHARS = 20;
+const labelKeyPattern = /^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$/;
+
+const LabelKey = z
+  .string()
+  .max(MAX_LABEL_CHARS, `label keys must be at most ${MAX_LABEL_CHARS} characters`)
+  .regex(labelKeyPattern, 'label keys are lowercase letters, digits, "-" and "_", starting and ending with a letter or digit');
+const LabelValue = z
+  .string()
+  .max(MAX_LABEL_CHARS, `label values must be at most ${MAX_LABEL_CHARS} characters`)
+  .refine((v) => !/[,=]/.test(v), 'label values must not contain "," or "="');
+
+/** A sandbox's labels: set at creation, never changed. */
+export const Labels = z
+  .record(LabelKey, LabelValue)
+  .refine((labels) => Object.keys(labels).length <= MAX_LABELS, `a sandbox has at most ${MAX_LABELS} labels`)
+  .meta({
+    description: `Set at creation and never changed. At most ${MAX_LABELS}; keys and values at most ${MAX_LABEL_CHARS} characters; keys are lowercase letters, digits, "-" and "_"; neither holds "," or "=".`,
+    example: { env: 'prod', team: 'backend' },
+  });
+
+/**
+ * A label filter as the query string carries it: `key=value` pairs separated by commas, every one
+ * required (AND). Pairs that no label could match (a bad key, too many) are refused, not ignored.
+ */
+export const LabelFilter = z
+  .string()
+  .max(MAX_LABELS * (2 * MAX_LABEL_CHARS + 2), 'labels is too long: at most 5 key=value pairs')
+  .superRefine((filter, ctx) => {
+    const pairs = filter === '' ? [] : filter.split(',');
+    if (pairs.length > MAX_LABELS) ctx.addIssue({ code: 'custom', message: `labels holds ${pairs.length} pairs; a sandbox has at most ${MAX_LABELS} labels` });
+    for (const pair of pairs) {
+      const eq = pair.indexOf('=');
+      if (eq < 0 || !labelKeyPattern.test(pair.slice(0, eq)) || pair.length - eq - 1 > MAX_LABEL_CHARS || pair.includes('=', eq + 1)) {
+        ctx.addIssue({ code: 'custom', message: `labels must be key=value pairs separated by commas (like env=prod,team=api); "${pair.slice(0, 50)}" is not one` });
+      }
+    }
+  })
+  .meta({ description: 'Only sandboxes carrying all of these labels: `key=value` pairs separated by commas, e.g. `env=prod,team=api`.', example: 'env=prod' });
+
+/** The labels a valid `LabelFilter` asks for. */
+export function parseLabelFilter(filter: string | undefined): Record<string, string> {
+  const labels: Record<string, string> = {};
+  for (const pair of filter ? filter.split(',') : []) {
+    const eq = pair.indexOf('=');
+    labels[pair.slice(0, eq)] = pair.slice(eq + 1);
+  }
+  return labels;
+}
+
 /** An org or user id a client may send on create and restore: empty (as common clients always send) means the API key's. */
 const OwnerId = z.string().max(64).optional();
 
@@ -44,6 +96,7 @@ export const Sandbox = z
     createdBy: Id,
     orgId: Id,
     envVars: z.record(z.string(), z.string()),
+    labels: z.record(z.string(), z.string()).meta({ description: 'Set at creation, never changed; `{}` when it has none.', example: { env: 'prod' } }),
   });
 export type Sandbox = z.infer<typeof Sandbox>;
 
@@ -70,6 +123,7 @@ export const CreateSandboxInput = z
     userId: OwnerId.meta({ description: 'Ignored (empty or any id): the creator is the user of the API key.' }),
     sync: z.boolean().default(true).meta({ description: 'If true (default), answers once the sandbox agent responds.' }),
     envVars: EnvVars.optional().meta({ description: 'Environment variables every command in the sandbox sees' }),
+    labels: Labels.optional(),
   })
   .meta({ id: 'CreateSandboxRequest' });
 export type CreateSandboxInput = z.infer<typeof CreateSandboxInput>;
@@ -81,6 +135,7 @@ export const ListSandboxesInput = z.object({
     .int()
     .meta({ description: 'Sandboxes per page, 1 to 100 (SANDBOX_LIST_DEFAULT_LIMIT when omitted); one below 1 is read as the default, one above 100 as 100.' })
     .optional(),
+  labels: LabelFilter.optional(),
 });
 
 export const PageMeta = z.object({
