@@ -136,13 +136,18 @@ function unwrapEnvelope(res: ServerResponse): void {
   if (end) res.end = end;
 }
 
-function successEnvelope(data: unknown, meta: Meta) {
+/** The REST body of a successful call, in the shape its procedure's meta declares (`envelope`, `restView`). */
+function successEnvelope(output: unknown, meta: Meta) {
+  const data = meta.restView ? (meta.restView.from as (o: unknown) => unknown)(output) : output;
+  if (meta.envelope === 'bare') return data ?? null;
   const message = meta.message ?? 'OK';
+  let body: Record<string, unknown>;
   if (meta.paged) {
     const page = data as { data: unknown; meta: Record<string, unknown> };
-    return successBody(page.data, message, page.meta);
-  }
-  return successBody(data ?? null, message);
+    body = { ...successBody(page.data, message, page.meta) };
+  } else body = { ...successBody(data ?? null, message) };
+  if (meta.successFlag) body = { success: true, ...body };
+  return meta.envelope === 'both' ? { ...(data as Record<string, unknown>), ...body } : body;
 }
 
 /** The REST error body of a failed call: the error formatter's message and code (see `toWireError`). */
