@@ -126,7 +126,7 @@ describe('API keys over REST', () => {
 
     const after = await server.http('/api/orgs/me', { apiKey: second.plainKey });
     expect(after.status).toBe(401);
-    expect(await after.json()).toEqual({ error: expect.stringContaining('Invalid API key') });
+    expect(await after.json()).toEqual({ error: expect.stringContaining('Invalid API key'), code: 'UNAUTHORIZED' });
     const again = await server.http(`/api/orgs/${orgId}/apikeys/${second.keyId}`, { method: 'DELETE', apiKey });
     expect(again.status).toBe(404);
   });

@@ -6,7 +6,8 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError, type SandboxHandle, type VoidRunClient } from '../client/index.js';
+import { FileNotFoundError, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError, SandboxNotFoundError, type SandboxHandle, type VoidRunClient } from '../client/index.js';
+import { SandboxFiles } from '../client/files.js';
 import type { WatchMessage } from '../shared/index.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
@@ -147,6 +148,23 @@ describe.skipIf(!support.ok)('files in sandboxes', () => {
     expect((await box.files.stat('tree ü')).path).toBe(root); // relative to /root
   });
 
+  it('tells a missing file from a missing sandbox by code: FILE_NOT_FOUND on every face, exists() false only for the file', async () => {
+    expect(await box.files.exists('/no/such/file')).toBe(false);
+    expect(await box.files.exists('/etc/hostname')).toBe(true);
+    await expect(box.files.stat('/no/such/file')).rejects.toBeInstanceOf(FileNotFoundError);
+    await expect(box.files.read('/no/such/file')).rejects.toBeInstanceOf(FileNotFoundError);
+    for (const route of ['files/stat', 'files/download']) {
+      const res = await server.http(`/api/sandboxes/${box.id}/${route}?path=/no/such/file`, { apiKey });
+      expect(res.status, route).toBe(404);
+      expect(await res.json(), route).toMatchObject({ code: 'FILE_NOT_FOUND', error: expect.stringContaining('/no/such/file') });
+    }
+    const gone = new SandboxFiles(vr.trpc, { baseUrl: server.url, headers: { 'x-api-key': apiKey } }, '65ae1234567890abcdef1234');
+    await expect(gone.exists('/etc/hostname')).rejects.toBeInstanceOf(SandboxNotFoundError);
+    const attach = await server.http(`/api/sandboxes/${box.id}/commands/attach`, { method: 'POST', apiKey, json: { pid: 999_999 } });
+    expect(attach.status).toBe(404);
+    expect(await attach.json()).toMatchObject({ code: 'PROCESS_NOT_FOUND' });
+  });
+
   it('answers each kind of file error with its own status and the path', async () => {
     await expect(box.files.stat('/no/such/file')).rejects.toBeInstanceOf(NotFoundError);
     const notDir = await box.files.list('/etc/hostname').catch((e: unknown) => e);
@@ -159,7 +177,7 @@ describe.skipIf(!support.ok)('files in sandboxes', () => {
     expect(badFormat.status).toBe(400);
     const missing = await server.http(`/api/sandboxes/${box.id}/files?path=/nope`, { apiKey });
     expect(missing.status).toBe(404);
-    expect(await missing.json()).toEqual({ error: 'No such file or directory: /nope' });
+    expect(await missing.json()).toEqual({ error: 'No such file or directory: /nope', code: 'FILE_NOT_FOUND' });
     const dirDownload = await server.http(`/api/sandboxes/${box.id}/files/download?path=/root`, { apiKey });
     expect(dirDownload.status).toBe(400);
     const noPath = await server.http(`/api/sandboxes/${box.id}/files/download`, { apiKey });
