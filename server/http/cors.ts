@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Config } from '../config.js';
-import { sendJson } from './envelope.js';
+import { ForbiddenError } from '../errors.js';
+import { sendError } from './envelope.js';
 
 /** The original VoidRun's CORS settings (its `CORS_*` variables), as gin-contrib/cors applies them. */
 export interface CorsPolicy {
@@ -62,7 +63,7 @@ export function createCors(policy: CorsPolicy): (req: IncomingMessage, res: Serv
     const host = req.headers.host ?? '';
     if (origin === `http://${host}` || origin === `https://${host}`) return null;
     if (!anyOrigin && !listed.has(origin)) {
-      sendJson(res, 403, { error: `Origin ${origin.slice(0, 200)} is not allowed`, code: 'FORBIDDEN', details: 'The server admits browser requests only from the origins in CORS_ALLOW_ORIGINS' });
+      sendError(res, new ForbiddenError(`Origin ${origin.slice(0, 200)} is not allowed`, { details: 'The server admits browser requests only from the origins in CORS_ALLOW_ORIGINS' }));
       return 'origin-refused';
     }
     if (policy.allowCredentials) res.setHeader('access-control-allow-credentials', 'true');
