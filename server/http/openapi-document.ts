@@ -121,12 +121,21 @@ function routeOperation(doc: Json, spec: RouteSpec): Json {
     summary: spec.summary,
     ...(spec.description ? { description: spec.description } : {}),
     tags: [spec.tag],
-    security: [{ ApiKeyAuth: [] }],
+    security: Object.keys(securitySchemes).map((name) => ({ [name]: [] })),
     parameters,
     ...(requestBody ? { requestBody } : {}),
     responses,
   };
 }
+
+/**
+ * The API key, as a header or (as the original VoidRun takes it on every route) in the query; the
+ * header wins when both are sent. Either way `X-Org-ID` may name another org the key's user belongs to.
+ */
+const securitySchemes = {
+  ApiKeyAuth: { type: 'apiKey', in: 'header', name: 'X-API-Key', description: 'The API key. Send X-Org-ID: <orgId> to act in another org its user owns or is a member of (403 otherwise).' },
+  ApiKeyQuery: { type: 'apiKey', in: 'query', name: 'apiKey', description: 'The API key in the query (for clients that cannot set headers, e.g. WebSockets); never logged. The header wins when both are sent.' },
+} as const;
 
 /** Routes served outside /api, documented by hand. */
 const extraPaths: Json = {
@@ -156,7 +165,7 @@ export function buildOpenApiDocument(router: AppRouter, version: string): Json {
       'need the X-API-Key header. Success bodies are `{status, message, data, meta?}`; errors are `{error, code, details?}`, where `code` is a stable machine code (see ErrorResponse).',
     version,
     baseUrl: '/api',
-    securitySchemes: { ApiKeyAuth: { type: 'apiKey', in: 'header', name: 'X-API-Key' } },
+    securitySchemes,
   }) as Json;
 
   // ErrorResponse has an id: createSchema answers a $ref and puts the schema itself in `components`.
