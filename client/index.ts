@@ -19,6 +19,8 @@ export interface ClientOptions {
   url: string;
   /** An API key; omit it for public calls such as `auth.register`. */
   apiKey?: string;
+  /** Act in this org instead of the key's own (one its user owns or belongs to): `X-Org-ID` on every call. */
+  orgId?: string;
   /** Extra HTTP headers for every request. */
   headers?: Record<string, string>;
   /** A WebSocket implementation; defaults to the global one, or `ws` on Node (Node 20 has none). */
@@ -56,12 +58,12 @@ export interface VoidRunClient {
  */
 export function createClient(options: ClientOptions): VoidRunClient {
   const base = options.url.replace(/\/+$/, '');
-  const headers = { ...options.headers, ...(options.apiKey ? { 'x-api-key': options.apiKey } : {}) };
+  const headers = { ...options.headers, ...(options.apiKey ? { 'x-api-key': options.apiKey } : {}), ...(options.orgId ? { 'x-org-id': options.orgId } : {}) };
   const wsClient = createWSClient({
     url: `${base.replace(/^http/, 'ws')}/trpc`,
     // `ws` implements the WHATWG WebSocket interface tRPC uses; only its TypeScript declarations differ.
     WebSocket: options.WebSocket ?? globalThis.WebSocket ?? (WebSocketImpl as unknown as typeof globalThis.WebSocket),
-    connectionParams: options.apiKey ? { apiKey: options.apiKey } : null,
+    connectionParams: options.apiKey ? { apiKey: options.apiKey, ...(options.orgId ? { orgId: options.orgId } : {}) } : null,
     lazy: { enabled: true, closeMs: 0 },
   });
   const raw = { baseUrl: base, headers };

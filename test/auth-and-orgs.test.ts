@@ -366,6 +366,21 @@ describe('X-Org-ID: acting in another org the key\'s user belongs to', () => {
     const c = createTRPCClient<import('../server/routers/index.js').AppRouter>({ links: [wsLink({ client: ws, transformer: superjson })] });
     expect((await c.org.me.query()).id).toBe(b.orgId);
     await ws.close();
+    // Browsers cannot set headers on a WebSocket: connectionParams carry the org, as they carry the key.
+    const viaParams = createWSClient({ url: `${server.url.replace('http', 'ws')}/trpc`, WebSocket: WebSocket as never, connectionParams: { apiKey: a.apiKey, orgId: b.orgId } });
+    const p = createTRPCClient<import('../server/routers/index.js').AppRouter>({ links: [wsLink({ client: viaParams, transformer: superjson })] });
+    expect((await p.org.me.query()).id).toBe(b.orgId);
+    await viaParams.close();
+  });
+
+  it("the typed client's orgId option sends X-Org-ID on every call", async () => {
+    const a = (await register('Client Member')).data;
+    const b = (await register('Client Org')).data;
+    await server.app.store.orgs.addMember(b.orgId, a.userId);
+    const asB = server.client(a.apiKey, { orgId: b.orgId });
+    expect((await asB.trpc.org.me.query()).id).toBe(b.orgId);
+    expect((await asB.sandboxes.list()).total).toBe(0);
+    await expect(server.client(b.apiKey, { orgId: a.orgId }).trpc.org.me.query()).rejects.toBeInstanceOf(ForbiddenError);
   });
 });
 

@@ -360,12 +360,14 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     createContext: async ({ req, res: ws, info }) => {
       const fromParams = info.connectionParams?.apiKey;
       const apiKey = fromParams || apiKeyOf(req);
+      // `connectionParams.orgId` is X-Org-ID for browsers, which cannot set headers on a WebSocket.
+      const requestedOrgId = info.connectionParams?.orgId?.trim() || requestedOrgOf(req);
       const connection = wsConnection(ws, wsFlows.get(ws));
       // A valid key ends the handshake window, takes one of the org's ORG_MAX_STREAMS slots while
       // the socket is open (past the cap the socket is closed) and ties the socket to the key
       // (closed on revocation); a missing or bad one leaves the window running (its calls fail 401).
       const checkStarted = streams.keyCheckStarted();
-      const principal = apiKey ? await services.auth.authenticate(apiKey, requestedOrgOf(req)).catch(() => null) : null;
+      const principal = apiKey ? await services.auth.authenticate(apiKey, requestedOrgId).catch(() => null) : null;
       if (principal) {
         clearTimeout(handshakeTimers.get(ws));
         try {
@@ -375,7 +377,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
           throw err;
         }
       }
-      return context(req, 'trpc-ws', apiKey, connection);
+      return { ...context(req, 'trpc-ws', apiKey, connection), requestedOrgId };
     },
   });
 
