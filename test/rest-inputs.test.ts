@@ -183,6 +183,22 @@ describe.skipIf(!support.ok)('inputs that reach the sandbox agent (container san
     expect((await post('/session-exec', { action: 'close', sessionId, shell: '', command: '', input: '', cols: 0, rows: 0 })).status).toBe(200);
   }, 60_000);
 
+  it('a Last-Event-ID no command stream sent (a pid past the safe integers, a sequence that is not a number) is refused with 400 saying what to send, not a validation dump from the agent', async () => {
+    const run = await post('/commands/run', { command: 'sleep 30' });
+    const pid = (JSON.parse(run.text) as { pid?: number; data?: { pid: number } }).pid ?? (JSON.parse(run.text) as { data: { pid: number } }).data.pid;
+    for (const [path, lastEventId] of [
+      ['/exec-stream', '99999999999999999999:1'],
+      ['/exec-stream', '0:1'],
+      ['/exec-stream', 'abc'],
+      ['/commands/attach', `${pid}:abc`],
+    ] as const) {
+      const r = await server.http(`/api/sandboxes/${box.id}${path}`, { method: 'POST', apiKey, json: { command: 'true', pid }, headers: { 'last-event-id': lastEventId } }).then(answer);
+      expect(r.status, `${path} ${lastEventId}: ${r.text}`).toBe(400);
+      expect(r.error).toMatch(/^Invalid Last-Event-ID .*<pid>:<seq>/);
+    }
+    await post('/commands/kill', { pid });
+  }, 60_000);
+
   it('a NUL byte in any string bound for the agent is refused with 400 naming the field, not a 502 with Node internals', async () => {
     const nul = 'a\u0000b';
     const nulPath = encodeURIComponent('/root/a\u0000b');

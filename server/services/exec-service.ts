@@ -85,7 +85,8 @@ export class ExecService {
    * that event.
    */
   async *stream(principal: Principal, input: ExecInput, resumeFrom: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
-    const resume = resumeFrom ? /^(\d+):(\d+)$/.exec(resumeFrom) : null;
+    const resume = resumeFrom ? /^(\d{1,15}):(\d{1,15})$/.exec(resumeFrom) : null;
+    if (resumeFrom && (!resume || Number(resume[1]) < 1)) throw badResumeId(resumeFrom);
     let pid: number;
     let after = '0';
     if (resume) {
@@ -101,6 +102,7 @@ export class ExecService {
 
   /** A background process's output from after event `after` (a sequence number), then live, until it exits. */
   async *attach(principal: Principal, id: string, pid: number, after: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
+    if (after !== null && !/^\d{1,15}$/.test(after)) throw badResumeId(`${pid}:${after}`);
     const record = await this.deps.sandboxes.running(principal, id);
     const agent = this.deps.sandboxes.agents.get(record.id);
     const events = resumableSubscription<{ id: string; data: OutputEvent }>(
@@ -214,6 +216,11 @@ export class ExecService {
     const record = await this.deps.sandboxes.running(principal, id);
     return this.deps.sandboxes.agents.call(record, fn);
   }
+}
+
+/** A Last-Event-ID that no event of a command stream carries (they are `<pid>:<seq>`, both decimal). */
+function badResumeId(value: string): InvalidInputError {
+  return new InvalidInputError(`Invalid Last-Event-ID ${JSON.stringify(value.slice(0, 64))}: send the id of an event this stream sent (<pid>:<seq>), or none to start`);
 }
 
 function toChunk(e: OutputEvent): ExecChunk {
