@@ -144,6 +144,15 @@ describe('errors, one rendering for every face', () => {
     const stream = await server.http(`/api/sandboxes/${missing}/exec-stream`, { method: 'POST', apiKey, json: { command: '' } });
     expect(stream.status).toBe(400);
     expectErrorBody(await stream.json(), 'INVALID_INPUT');
+    // Path parameters are checked against the route table's schemas, on raw and WebSocket routes alike.
+    const longId = 'x'.repeat(65);
+    const rawParam = await server.http(`/api/sandboxes/${longId}/files/download?path=/x`, { apiKey });
+    expect(rawParam.status).toBe(400);
+    expectErrorBody(await rawParam.json(), 'INVALID_INPUT');
+    const wsParam = await refusedUpgrade(`${server.url.replace('http', 'ws')}/api/sandboxes/${longId}/pty`, { 'x-api-key': apiKey });
+    expect(wsParam.status).toBe(400);
+    expectErrorBody(wsParam.body, 'INVALID_INPUT');
+    expect((wsParam.body as { error: string }).error).toMatch(/^Invalid id: /);
   });
 
   it("what Node's parser refuses is answered with an error body, never Node's text: headers too large (431), a malformed request (400)", async () => {

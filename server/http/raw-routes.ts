@@ -15,8 +15,7 @@ import type { Principal } from '../services/auth-service.js';
 import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
-import { decodeOrNull } from '../../shared/uri.js';
-import { compiledRoutes, matchRoute, type HttpRouteName } from './route-table.js';
+import { compiledRoutes, matchRoute, routeParams, type HttpRouteName } from './route-table.js';
 
 const httpRoutes = compiledRoutes('http');
 
@@ -156,13 +155,6 @@ const handlers: Record<HttpRouteName, RawHandler> = {
   },
 };
 
-/** A path parameter, decoded; a malformed percent-escape is the client's error (400). */
-export function decodePathSegment(segment: string): string {
-  const decoded = decodeOrNull(segment);
-  if (decoded === null) throw new InvalidInputError(`Invalid path: ${segment.slice(0, 200)} has an invalid percent-escape (each % must start a %XX escape of UTF-8)`);
-  return decoded;
-}
-
 /**
  * The route table's HTTP routes: answers that are not JSON envelopes (byte transfers, SSE and
  * NDJSON streams). They sit beside the REST facade under /api and call the same services. Resolves
@@ -175,7 +167,8 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
     if (match) {
       const { route, rawParams } = match;
       try {
-        const params = route.paramNames.map((p) => decodePathSegment(rawParams[p]!));
+        const parsed = routeParams(route, rawParams);
+        const params = route.paramNames.map((p) => parsed[p]!);
         // Every raw route needs a key: authenticated here, once.
         const checkStarted = opts.streams.keyCheckStarted();
         const principal = await opts.services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));

@@ -1,5 +1,7 @@
 import { z } from 'zod';
 import { ExecInput, Id, PidInput, SessionExecStreamInput, UploadResult } from '../../shared/index.js';
+import { decodeOrNull } from '../../shared/uri.js';
+import { InvalidInputError } from '../errors.js';
 
 /**
  * One route served outside the tRPC router (a byte transfer, a stream, a WebSocket): everything
@@ -214,4 +216,20 @@ export function matchRoute<N extends RouteName>(routes: CompiledRoute<N>[], meth
     return { route, rawParams: Object.fromEntries(route.paramNames.map((p, i) => [p, m[i + 1]!])) };
   }
   return null;
+}
+
+/** A path parameter, decoded; a malformed percent-escape is the client's error (400). */
+export function decodePathSegment(segment: string): string {
+  const decoded = decodeOrNull(segment);
+  if (decoded === null) throw new InvalidInputError(`Invalid path: ${segment.slice(0, 200)} has an invalid percent-escape (each % must start a %XX escape of UTF-8)`);
+  return decoded;
+}
+
+/**
+ * A matched route's path parameters, decoded and checked against its `params` schema: a ZodError
+ * (400 naming the parameter) or InvalidInputError otherwise.
+ */
+export function routeParams(route: CompiledRoute, rawParams: Record<string, string>): Record<string, string> {
+  const decoded = Object.fromEntries(Object.entries(rawParams).map(([k, v]) => [k, decodePathSegment(v)]));
+  return route.spec.params.parse(decoded) as Record<string, string>;
 }

@@ -17,12 +17,12 @@ import { serveDocs } from './docs-page.js';
 import { isExpectedError, rawErrorResponse, sendError } from './envelope.js';
 import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
-import { createRawRoutes, decodePathSegment } from './raw-routes.js';
+import { createRawRoutes } from './raw-routes.js';
 import { decodeOrNull } from '../../shared/uri.js';
 import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
 import { createCors, createTrailingSlashRedirect, type CorsPolicy } from './cors.js';
-import { compiledRoutes, matchRoute, type WebSocketRouteName } from './route-table.js';
+import { compiledRoutes, matchRoute, routeParams, type WebSocketRouteName } from './route-table.js';
 
 const wsRoutes = compiledRoutes('websocket');
 
@@ -569,8 +569,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     }
     const match = path.startsWith('/api/') ? matchRoute(wsRoutes, req.method ?? 'GET', path.slice('/api'.length)) : null;
     if (!match) return rejectUpgrade(socket, new NotFoundError(`No WebSocket route for ${path}`, { code: 'ROUTE_NOT_FOUND' }));
-    const params = Object.fromEntries(Object.entries(match.rawParams).map(([k, v]) => [k, decodePathSegment(v)]));
-    upgradeHandlers[match.route.name](req, socket, head, params).catch(refuse(socket));
+    upgradeHandlers[match.route.name](req, socket, head, routeParams(match.route, match.rawParams)).catch(refuse(socket));
   }
 
   /**
