@@ -220,6 +220,7 @@ describe.skipIf(!support.ok)('inputs that reach the sandbox agent (container san
       ['path', get(`/files/download?path=${nulPath}`)],
       ['path', server.http(`/api/sandboxes/${box.id}/files/upload?path=${nulPath}`, { method: 'POST', apiKey, body: 'x' }).then(answer)],
       ['command', post('/pty/sessions/no-such-session/execute', { command: `ls${nul}` })],
+      ['envVars.A', server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'nul-env', envVars: { A: nul } } }).then(answer)],
     ];
     for (const [field, pending] of cases) {
       const r = await pending;
