@@ -153,6 +153,13 @@ describe('errors, one rendering for every face', () => {
     expect(wsParam.status).toBe(400);
     expectErrorBody(wsParam.body, 'INVALID_INPUT');
     expect((wsParam.body as { error: string }).error).toMatch(/^Invalid id: /);
+    // A WebSocket route asked without an upgrade says so (after the key check, as every route).
+    expect((await server.http(`/api/sandboxes/${missing}/pty`)).status).toBe(401);
+    const plain = await server.http(`/api/sandboxes/${missing}/pty`, { apiKey });
+    expect(plain.status).toBe(400);
+    const plainBody = (await plain.json()) as { error: string };
+    expectErrorBody(plainBody, 'INVALID_INPUT');
+    expect(plainBody.error).toContain('WebSocket');
   });
 
   it("what Node's parser refuses is answered with an error body, never Node's text: headers too large (431), a malformed request (400)", async () => {

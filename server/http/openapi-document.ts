@@ -147,7 +147,11 @@ const extraPaths: Json = {
       tags: ['System'],
       servers: [{ url: '/' }],
       security: [],
-      responses: { '200': { description: 'Prometheus text format', content: { 'text/plain': { schema: { type: 'string' } } } } },
+      responses: {
+        '200': { description: 'Prometheus text format', content: { 'text/plain': { schema: { type: 'string' } } } },
+        // 401 without the bearer token when METRICS_TOKEN is set.
+        ...Object.fromEntries([401, ...errorStatuses({ method: 'get', path: '/metrics', authed: false, body: 'none' })].sort((a, b) => a - b).map((s) => [String(s), errorResponse(String(s))])),
+      },
     },
   },
 };

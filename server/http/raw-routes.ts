@@ -15,9 +15,14 @@ import type { Principal } from '../services/auth-service.js';
 import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
-import { compiledRoutes, matchRoute, routeParams, type HttpRouteName } from './route-table.js';
+import { compiledRoutes, matchRoute, routeParams, type CompiledRoute, type HttpRouteName } from './route-table.js';
 
 const httpRoutes = compiledRoutes('http');
+const websocketRoutes = compiledRoutes('websocket');
+
+function isHttpRoute(route: CompiledRoute): route is CompiledRoute<HttpRouteName> {
+  return route.spec.kind === 'http';
+}
 
 /** The handler of one raw HTTP route of the route table; `params` are its path parameters, decoded. */
 type RawHandler = (req: IncomingMessage, res: ServerResponse, params: string[], services: Services, principal: Principal, maxJsonBodyBytes: number) => Promise<void>;
@@ -163,7 +168,7 @@ const handlers: Record<HttpRouteName, RawHandler> = {
 export function createRawRoutes(opts: { services: Services; streams: OpenStreams; maxJsonBodyBytes: number }) {
   return async function handleRaw(req: IncomingMessage, res: ServerResponse, apiPath: string, record: RequestRecord): Promise<string | null> {
     const path = apiPath.split('?')[0]!;
-    const match = matchRoute(httpRoutes, req.method ?? 'GET', path);
+    const match = matchRoute(httpRoutes, req.method ?? 'GET', path) ?? matchRoute(websocketRoutes, req.method ?? 'GET', path);
     if (match) {
       const { route, rawParams } = match;
       try {
@@ -175,6 +180,8 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
         record.orgId = principal.orgId;
         // The client left while its key was checked: nothing to hold or answer.
         if (res.closed) return route.label;
+        // A WebSocket route reached without an upgrade (the upgrades are served by server.ts).
+        if (!isHttpRoute(route)) throw new InvalidInputError(`${route.spec.method} /api${route.spec.path} is a WebSocket route: connect with a WebSocket client (Upgrade: websocket)`);
         // Every raw route is cut if its key is revoked; streams also count against the org's cap.
         const cut = () => res.destroy();
         const release = route.spec.stream ? opts.streams.acquire(principal, 'stream', cut, checkStarted) : opts.streams.trackKey(principal.keyId, cut, checkStarted);
