@@ -1,4 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { WebSocket } from 'ws';
+import type { WatchMessage } from '../shared/index.js';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
@@ -187,5 +189,58 @@ describe.skipIf(!support.ok)('lifecycle, commands and watch under concurrency', 
         expect(JSON.stringify(await call('kill', `${base}/kill`, { json: { pid } }))).toContain('had already exited');
       }
     }
+  }, 300_000);
+
+  it('reports a short-lived file among other operations as created then deleted, or not at all: never renamed to itself, never deleted without its creation, in every repeat (regression)', async () => {
+    // The file lives from no time at all to longer than the rename window, across the repeats.
+    const lifetimes = ['0', '0.002', '0.005', '0.01', '0.02', '0.04', '0.08', '0'];
+    let seenBoth = 0;
+    for (const [round, lifetime] of lifetimes.entries()) {
+      const dir = `/root/watch-${round}`;
+      await box.files.mkdir(dir);
+      const started = await call('watch', `/api/sandboxes/${box.id}/files/watch`, { json: { path: dir, recursive: true } });
+      expect(started.http, started.error).toBe(200);
+      const { sessionId } = (started as unknown as { data?: { sessionId: string }; sessionId?: string }).data ?? (started as unknown as { sessionId: string });
+      // The watch is established once the start answered; the session keeps what happens until a client attaches.
+      await box.exec(`cd ${dir} && echo 1 > a && sleep 0.05 && echo x > t && sleep ${lifetime} && rm t && echo 2 > b && sleep 0.05 && mv a c && rm b && touch done`);
+      const events: WatchMessage[] = [];
+      const ws = new WebSocket(`${server.url.replace('http', 'ws')}/api/sandboxes/${box.id}/files/watch/${sessionId}/stream`, { headers: { 'x-api-key': apiKey } });
+      await new Promise<void>((resolve, reject) => {
+        ws.on('message', (m) => {
+          const e = JSON.parse(m.toString()) as WatchMessage;
+          events.push(e);
+          if ('path' in e && e.path === `${dir}/done`) resolve(); // its creation, however labelled
+        });
+        ws.on('close', () => reject(new Error(`the watch stream closed before "done": ${JSON.stringify(events)}`)));
+        ws.on('error', reject);
+      });
+      ws.removeAllListeners('close');
+      ws.close();
+
+      const name = (p: string) => p.slice(dir.length + 1);
+      const summary = events.map((e) => ('path' in e ? `${e.type} ${name(e.path)}${e.type === 'renamed' ? ` from ${name(e.oldPath ?? '')}` : ''}` : e.type));
+      const files = new Set<string>();
+      for (const e of events) {
+        if (e.type === 'renamed') {
+          expect(e.oldPath, `round ${round}: ${summary.join(', ')}`).not.toBe(e.path);
+          expect(files.has(name(e.oldPath ?? '')), `round ${round}: renamed from a file never reported: ${summary.join(', ')}`).toBe(true);
+          files.delete(name(e.oldPath ?? ''));
+          files.add(name(e.path));
+        } else if (e.type === 'created') files.add(name(e.path));
+        else if (e.type === 'deleted') {
+          expect(files.has(name(e.path)), `round ${round}: deleted without its creation: ${summary.join(', ')}`).toBe(true);
+          files.delete(name(e.path));
+        }
+      }
+      expect([...files].sort(), `round ${round}: ${summary.join(', ')}`).toEqual(['c', 'done']);
+      // The short-lived files: both events or none, whatever else happened around them.
+      for (const short of ['t', 'b']) {
+        const of = summary.filter((line) => line.split(' ')[1] === short);
+        expect([[], [`created ${short}`, `deleted ${short}`]], `round ${round} (t lived ${lifetime} s): ${summary.join(', ')}`).toContainEqual(of);
+        if (short === 't' && of.length) seenBoth++;
+      }
+    }
+    // The watcher saw the short-lived file in some repeats (those are the ones that were mislabeled).
+    expect(seenBoth).toBeGreaterThan(0);
   }, 300_000);
 });

@@ -13,31 +13,50 @@ export interface WatchSpec {
 }
 
 /**
- * How long a deletion or creation waits for its counterpart (same inode, either order), so the
- * pair is reported as one rename.
+ * How long a deletion or creation waits for its counterpart (same file, another path, either
+ * order), so the pair is reported as one rename.
  */
 const RENAME_WINDOW_MS = 30;
 /** Events held for a reader before the oldest are dropped (and counted in an `overflow` event). */
 const MAX_QUEUED = 10_000;
 const FLUSH_MS = 5;
 
+/** What identifies a file across a rename: its inode, and its birth time where the filesystem keeps one. */
+interface FileIdentity {
+  ino: number;
+  /** 0 where the filesystem records none. */
+  birthtimeMs: number;
+}
+
 interface Pending {
   message: WatchMessage;
   /** Deletions are held back until the rename window closes or a matching creation arrives. */
   ready: boolean;
-  ino?: number;
+  file?: FileIdentity;
   timer?: NodeJS.Timeout;
 }
 
 /**
+ * Whether two sightings are the same file: the same inode, and the same birth time where both
+ * have one — a new file can get the inode of one deleted moments ago, but not its birth time.
+ */
+function sameFile(a: FileIdentity, b: FileIdentity): boolean {
+  return a.ino === b.ino && (a.birthtimeMs === 0 || b.birthtimeMs === 0 || a.birthtimeMs === b.birthtimeMs);
+}
+
+/**
  * Watches a path with chokidar and delivers FileEvents in order: created, modified, chmod (mode
- * changed, content not), deleted, and renamed (a deletion and creation of the same inode within
- * 30 ms, in either order). Repeated modifications of one path between deliveries are coalesced; past 10,000 queued
- * events the oldest are dropped and an `overflow` event says how many.
+ * changed, content not), deleted, and renamed (a deletion and a creation of the same file under
+ * another path within 30 ms, in either order; never a path renamed to itself). A file created and
+ * deleted quickly is reported as `created` then `deleted`; one gone before the watcher could see
+ * it is not reported at all, never half. Writes to a file whose `created` is not delivered yet
+ * are part of creating it (one `created`, its size updated); repeated modifications of one path
+ * between deliveries are coalesced. Past 10,000 queued events the oldest are dropped and an
+ * `overflow` event says how many.
  */
 export class FileWatch {
   readonly #queue: Pending[] = [];
-  readonly #known = new Map<string, { ino: number; mode: number; size: number; mtimeMs: number }>();
+  readonly #known = new Map<string, FileIdentity & { mode: number; size: number; mtimeMs: number }>();
   #dropped = 0;
   #flushTimer: NodeJS.Timeout | undefined;
   readonly #watcher: ReturnType<typeof chokidarWatch>;
@@ -78,25 +97,31 @@ export class FileWatch {
   }
 
   #remember(path: string, st: Stats | undefined): void {
-    if (st) this.#known.set(path, { ino: st.ino, mode: st.mode, size: st.size, mtimeMs: st.mtimeMs });
+    if (st) this.#known.set(path, { ino: st.ino, birthtimeMs: st.birthtimeMs, mode: st.mode, size: st.size, mtimeMs: st.mtimeMs });
   }
 
   #onAdd(path: string, st: Stats | undefined, isDir: boolean): void {
     this.#remember(path, st);
     if (!this.#ready || path === this.root) return;
     const size = isDir || !st ? {} : { size: st.size };
-    // A deletion of the same inode moments ago: this is the other half of a rename.
-    const pair = st ? this.#queue.find((q) => !q.ready && q.ino === st.ino && q.message.type === 'deleted') : undefined;
+    const file = st ? { ino: st.ino, birthtimeMs: st.birthtimeMs } : undefined;
+    // The same file deleted under another path moments ago: this is the other half of a rename.
+    const pair = file ? this.#unpaired('deleted', file, path) : undefined;
     if (pair) {
-      this.#completeRename(pair, { type: 'renamed', path, oldPath: (pair.message as { path: string }).path, ...size, timestamp: new Date().toISOString() });
+      this.#settle(pair, { type: 'renamed', path, oldPath: (pair.message as { path: string }).path, ...size, timestamp: new Date().toISOString() });
       return;
     }
-    this.#hold({ type: 'created', path, ...size, timestamp: new Date().toISOString() }, st?.ino);
+    this.#hold({ type: 'created', path, ...size, timestamp: new Date().toISOString() }, file);
+  }
+
+  /** A held `type` event of the same file under another path than `path`, if any. */
+  #unpaired(type: 'created' | 'deleted', file: FileIdentity, path: string): Pending | undefined {
+    return this.#queue.find((q) => !q.ready && q.file && sameFile(q.file, file) && q.message.type === type && (q.message as { path: string }).path !== path);
   }
 
   /** Queues an event that may turn out to be half of a rename. */
-  #hold(message: WatchMessage, ino: number | undefined): void {
-    const pending: Pending = { message, ready: ino === undefined, ino };
+  #hold(message: WatchMessage, file: FileIdentity | undefined): void {
+    const pending: Pending = { message, ready: file === undefined, file };
     if (!pending.ready) {
       pending.timer = setTimeout(() => {
         pending.ready = true;
@@ -106,7 +131,8 @@ export class FileWatch {
     this.#enqueue(pending);
   }
 
-  #completeRename(pending: Pending, message: WatchMessage): void {
+  /** Makes a held event deliverable, as `message` (the rename it completes, or itself). */
+  #settle(pending: Pending, message: WatchMessage): void {
     clearTimeout(pending.timer);
     pending.message = message;
     pending.ready = true;
@@ -125,22 +151,26 @@ export class FileWatch {
     const known = this.#known.get(path);
     this.#known.delete(path);
     if (!this.#ready) return;
-    // A creation of the same inode moments ago: this is the other half of a rename.
-    const pair = known ? this.#queue.find((q) => !q.ready && q.ino === known.ino && q.message.type === 'created') : undefined;
+    // The same file created under another path moments ago: this is the other half of a rename.
+    const pair = known ? this.#unpaired('created', known, path) : undefined;
     if (pair) {
       const created = pair.message as { path: string; size?: number };
-      this.#completeRename(pair, { type: 'renamed', path: created.path, oldPath: path, ...(created.size !== undefined ? { size: created.size } : {}), timestamp: new Date().toISOString() });
+      this.#settle(pair, { type: 'renamed', path: created.path, oldPath: path, ...(created.size !== undefined ? { size: created.size } : {}), timestamp: new Date().toISOString() });
       return;
     }
-    this.#hold({ type: 'deleted', path, timestamp: new Date().toISOString() }, known?.ino);
+    // Its own creation still held (it lived only moments): that is delivered as it is, first.
+    const created = this.#queue.find((q) => !q.ready && q.message.type === 'created' && q.message.path === path);
+    if (created) this.#settle(created, created.message);
+    this.#hold({ type: 'deleted', path, timestamp: new Date().toISOString() }, known);
   }
 
   #push(message: WatchMessage): void {
-    // Coalesce: writing a file just created is part of creating it (one `created`, its size updated).
+    // Coalesce: writing a file just created is part of creating it (one `created`, its size
+    // updated) — the newest queued event of that path, so not a creation it has since been deleted after.
     if (message.type === 'modified') {
-      const created = this.#queue.find((q) => q.message.type === 'created' && q.message.path === message.path);
-      if (created) {
-        (created.message as { size?: number }).size = message.size;
+      const latest = this.#queue.findLast((q) => 'path' in q.message && q.message.path === message.path);
+      if (latest?.message.type === 'created') {
+        latest.message.size = message.size;
         return;
       }
     }
