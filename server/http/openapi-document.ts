@@ -92,9 +92,6 @@ function routeOperation(doc: Json, spec: RouteSpec): Json {
       schema: schemaOf(doc, schema as z.ZodType),
     })),
   ];
-  if (spec.kind === 'websocket') {
-    parameters.push({ name: 'apiKey', in: 'query', required: false, schema: { type: 'string' }, description: 'The API key, for clients that cannot set headers on a WebSocket (browsers)' });
-  }
   let requestBody: Json | undefined;
   if (spec.body === 'binary') {
     requestBody = {
