@@ -57,7 +57,7 @@ export class WatchService {
     const held = [...this.#sessions.values()].filter((s) => s.orgId === record.orgId).length + (this.#starting.get(record.orgId) ?? 0);
     if (held >= this.deps.maxSessionsPerOrg) {
       throw new TooManyRequestsError(
-        `Too many file-watch sessions: this organization holds ${held} of ${this.deps.maxSessionsPerOrg} (ORG_MAX_WATCH_SESSIONS); end one with DELETE /api/sandboxes/{id}/files/watch/{sessionId} or let it go idle`,
+        `Too many file-watch sessions: this organization holds ${held} of ${this.deps.maxSessionsPerOrg} (ORG_MAX_WATCH_SESSIONS); a session ends when its sandbox stops or WATCH_IDLE_TIMEOUT_SEC after its last client left`,
       );
     }
     this.#starting.set(record.orgId, (this.#starting.get(record.orgId) ?? 0) + 1);
