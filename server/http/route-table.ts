@@ -175,8 +175,11 @@ export const routeTable = {
   },
 } as const satisfies Record<string, RouteSpec>;
 
+/** The name of a route of the table. */
 export type RouteName = keyof typeof routeTable;
+/** The names of the plain HTTP routes (handlers in `raw-routes.ts`). */
 export type HttpRouteName = { [K in RouteName]: (typeof routeTable)[K]['kind'] extends 'http' ? K : never }[RouteName];
+/** The names of the WebSocket routes (upgrade handlers in `server.ts`). */
 export type WebSocketRouteName = Exclude<RouteName, HttpRouteName>;
 
 /** A route of the table with its compiled path pattern. */
