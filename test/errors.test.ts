@@ -101,6 +101,8 @@ describe('errors, one rendering for every face', () => {
     const pty = await refusedUpgrade(`${server.url.replace('http', 'ws')}/api/sandboxes/${missing}/pty`, { 'x-api-key': apiKey });
     expect(pty.status).toBe(404);
     expectErrorBody(pty.body, 'SANDBOX_NOT_FOUND');
+    // Upgrades are counted under the route table's label, like every request.
+    expect(await (await server.http('/metrics')).text()).toMatch(/voidrun_http_requests_total\{method="GET",route="\/api\/sandboxes\/\{id\}\/pty",status="404"\} 1/);
   });
 
   it('a missing file, session or route has its own code', async () => {

@@ -14,7 +14,7 @@ import type { PtyEvent } from '../../shared/index.js';
 import { apiKeyOf, requestedOrgOf, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
 import { serveConsole } from './console-page.js';
 import { serveDocs } from './docs-page.js';
-import { isExpectedError, rawErrorResponse, sendError } from './envelope.js';
+import { isExpectedError, rawErrorResponse, sendError, toWireError } from './envelope.js';
 import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
 import { createRawRoutes } from './raw-routes.js';
@@ -470,7 +470,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (abort.signal.aborted) return;
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
     rawWss.handleUpgrade(req, socket, head, (ws) => {
-      handshakeDone(socket);
+      handshakeDone(socket, 101);
       upgradedSockets.set(socket, ws);
       upgraded = true;
       ws.on('error', () => {});
@@ -531,12 +531,18 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   // WS_AUTH_TIMEOUT_MS, or it is answered 503 and closed: after an upgrade request no HTTP
   // timeout applies to the socket.
   const upgradeTimers = new Map<Duplex, NodeJS.Timeout>();
-  const handshakeDone = (socket: Duplex) => {
+  /** Each pending upgrade's metrics label (the route table's, `/trpc`, or `unmatched`) and start. */
+  const upgradeLabels = new Map<Duplex, { label: string; started: bigint }>();
+  /** Ends an upgrade's deadline; with the status it was answered (101 or a refusal), counts it in the metrics. */
+  const handshakeDone = (socket: Duplex, status?: number) => {
     clearTimeout(upgradeTimers.get(socket));
     upgradeTimers.delete(socket);
+    const pending = upgradeLabels.get(socket);
+    upgradeLabels.delete(socket);
+    if (pending && status) metrics.observe('GET', pending.label, status, Number(process.hrtime.bigint() - pending.started) / 1e9);
   };
   const refuse = (socket: Duplex) => (err: unknown) => {
-    handshakeDone(socket);
+    handshakeDone(socket, toWireError(err).status);
     if (!isExpectedError(err)) log.error({ err }, 'WebSocket upgrade failed');
     rejectUpgrade(socket, err);
   };
@@ -544,11 +550,12 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on('error', () => {}); // a reset before the upgrade completes ends only this socket
     const timer = setTimeout(() => {
-      rejectUpgrade(socket, new DomainError('SERVER_BUSY', `The WebSocket handshake did not complete within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS); retry`));
+      refuse(socket)(new DomainError('SERVER_BUSY', `The WebSocket handshake did not complete within ${limits.wsAuthTimeoutMs} ms (WS_AUTH_TIMEOUT_MS); retry`));
       socket.destroy();
     }, limits.wsAuthTimeoutMs);
     timer.unref();
     upgradeTimers.set(socket, timer);
+    upgradeLabels.set(socket, { label: 'unmatched', started: process.hrtime.bigint() });
     socket.once('close', () => handshakeDone(socket));
     try {
       routeUpgrade(req, socket, head);
@@ -560,15 +567,17 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
     if (path === '/trpc' || path === '/trpc/') {
+      upgradeLabels.get(socket)!.label = '/trpc';
       wss.handleUpgrade(req, socket, head, (ws) => {
-        handshakeDone(socket);
+        handshakeDone(socket, 101);
         wsFlows.set(ws, new WsFlow(ws, socket));
         wss.emit('connection', ws, req);
       });
       return;
     }
     const match = path.startsWith('/api/') ? matchRoute(wsRoutes, req.method ?? 'GET', path.slice('/api'.length)) : null;
-    if (!match) return rejectUpgrade(socket, new NotFoundError(`No WebSocket route for ${path}`, { code: 'ROUTE_NOT_FOUND' }));
+    if (!match) return refuse(socket)(new NotFoundError(`No WebSocket route for ${path}`, { code: 'ROUTE_NOT_FOUND' }));
+    upgradeLabels.get(socket)!.label = match.route.label;
     upgradeHandlers[match.route.name](req, socket, head, routeParams(match.route, match.rawParams)).catch(refuse(socket));
   }
 
@@ -586,7 +595,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     // Attached only once the socket is open (a failed handshake attaches nothing); the session's
     // history replays what happened in between.
     rawWss.handleUpgrade(req, socket, head, (ws) => {
-      handshakeDone(socket);
+      handshakeDone(socket, 101);
       upgradedSockets.set(socket, ws);
       let dropped = 0;
       let detach: () => void = () => {};
