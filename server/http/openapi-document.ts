@@ -17,8 +17,8 @@ const errorDescriptions: Record<string, string> = {
   '403': "The API key's organization may not do this",
   '404': 'Not found',
   '409': 'Conflict: the resource exists already, or the sandbox is not in a state that allows this',
-  '413': 'Request body too large',
   '408': 'The request did not arrive whole within the HTTP timeouts',
+  '413': 'Request body too large',
   '415': 'Request body is not JSON',
   '429': "A limit was reached (the org's concurrent calls or streams, a quota, the host's capacity); retry later",
   '431': 'Request headers too large',
@@ -40,12 +40,12 @@ export interface OperationFacts {
 
 /**
  * The error statuses an operation can answer, derived from what it is rather than listed per route:
- * every request can be malformed (400), arrive too slowly (408), have headers too large (431) or meet a busy
- * server or unreachable store (503); a body can be too large (413) or, as JSON, not JSON (415); a
- * write can conflict (409); a key can be missing (401) or not allow the org (403, also X-Org-ID); a
- * path parameter or an authenticated write can name what does not exist (404); an operation on a
- * sandbox, or one that creates one, can meet a stopped sandbox (409), a limit (429) or a failing
- * agent or driver (502); a stream can meet ORG_MAX_STREAMS (429).
+ * every request can be malformed (400), arrive too slowly (408), have headers too large (431) or
+ * meet a busy server or unreachable store (503); a body can be too large (413) or, as JSON, not
+ * JSON (415); a write can conflict (409); a key can be missing (401) or not allow the org (403,
+ * also X-Org-ID); a path parameter or an authenticated write can name what does not exist (404); an
+ * operation on a sandbox, or one that creates one, can meet a stopped sandbox (409), a limit (429)
+ * or a failing agent or driver (502); a stream can meet ORG_MAX_STREAMS (429).
  */
 export function errorStatuses(f: OperationFacts): number[] {
   const statuses = new Set([400, 408, 431, 503]);
