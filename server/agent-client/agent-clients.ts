@@ -169,7 +169,7 @@ export class AgentClients {
       case 'paused':
         return new SandboxNotRunningError(`Sandbox ${sandboxId} was paused while the request ran; resume it and retry`);
       case 'deleted':
-        return new NotFoundError(`Sandbox ${sandboxId} was deleted while the request ran`);
+        return new NotFoundError(`Sandbox ${sandboxId} was deleted while the request ran`, { code: 'SANDBOX_NOT_FOUND' });
       case 'running':
         // Only a request known to predate the transition met it; others met a failing agent.
         return since === undefined ? null : new SandboxNotRunningError(`Sandbox ${sandboxId} was restarted while the request ran; retry`);

@@ -253,7 +253,7 @@ export class SandboxService {
     return this.record(principal, id).then(() =>
       this.#locks.run(id, async () => {
         const record = await this.deps.sandboxes.findById(principal.orgId, id);
-        if (!record) throw new NotFoundError(`Sandbox ${id} not found (it was deleted)`);
+        if (!record) throw new NotFoundError(`Sandbox ${id} not found (it was deleted)`, { code: 'SANDBOX_NOT_FOUND' });
         return act(record);
       }),
     );
@@ -284,7 +284,7 @@ export class SandboxService {
     return this.#locks.run(id, async () => {
       // Checked again under the lock: a delete or stop may have run while this waited.
       const fresh = await this.deps.sandboxes.findById(principal.orgId, id);
-      if (!fresh) throw new NotFoundError(`Sandbox ${id} not found (it was deleted)`);
+      if (!fresh) throw new NotFoundError(`Sandbox ${id} not found (it was deleted)`, { code: 'SANDBOX_NOT_FOUND' });
       if (fresh.status === 'creating' || fresh.status === 'error') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${fresh.status}`);
       const snapId = `snap-${newId()}`;
       const dir = this.#snapshotDir(record);
