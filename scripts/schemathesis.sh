@@ -118,16 +118,32 @@ key_still_works() {
   curl -fsS -o /dev/null -H "X-API-Key: $api_key" "$base/api/orgs/me" 2>/dev/null
 }
 
-run ours openapi.yml
-if [ -f "$reference" ]; then
+fresh_key() {
   if ! key_still_works; then
     echo "(the run revoked its own API key; registering another for the next run)"
     register
   fi
+}
+
+run ours openapi.yml
+if [ -f "$reference" ]; then
+  fresh_key
   run original "$reference"
 else
   echo "the original contract ($reference) is not there: only our openapi.yml was fuzzed"
 fi
+
+# The runs above mostly name sandboxes that do not exist or that they stopped. This one sends every
+# request of the sandbox's own operations to one running sandbox (scripts/schemathesis_hooks.py), so
+# the generated commands, paths and bodies reach its agent. Left out here: the lifecycle operations
+# (they would stop it) and commands/kill (a generated pid can be the agent's own process).
+# A new organization, so the sandboxes the runs above made count against no quota of this one.
+for key in "${keys[@]}"; do delete_sandboxes "$key" || true; done
+register
+target=$(curl -fsS -H "X-API-Key: $api_key" -H 'content-type: application/json' -d '{"name":"fuzz-target","sync":true}' "$base/api/sandboxes" |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["data"]["id"])')
+export VOIDRUN_FUZZ_SANDBOX="$target" SCHEMATHESIS_HOOKS="$PWD/scripts/schemathesis_hooks.py"
+run sandbox openapi.yml --include-path-regex '^/sandboxes/\{id\}/(exec|exec-stream|session-exec|session-exec-stream|commands/(run|list)|files(/.*)?|pty/sessions(/\{sessionId\}/(execute|buffer|resize))?)$'
 
 if [ "$status" != 0 ]; then
   echo "schemathesis found server errors (above; server log: $work/server.log)"

@@ -344,7 +344,8 @@ describe.skipIf(!contract || !support.ok)('the original contract, operation by o
 
   it('POST /sandboxes/{id}/commands/run (runBackgroundCommand)', async () => {
     await box();
-    const a = await call('POST', '/sandboxes/{id}/commands/run', { json: { command: 'sleep 300' } });
+    // As the client libraries send it: `timeout: 0` (no timeout) and `env`/`cwd` left out.
+    const a = await call('POST', '/sandboxes/{id}/commands/run', { json: { command: 'sleep 300', timeout: 0 } });
     state.sleepPid = String(a.body.pid ?? a.body.data?.pid);
     conforms(a, 200);
     expect(a.body.pid, a.text).toBeGreaterThan(0);
