@@ -21,6 +21,17 @@ describe.skipIf(!contract)('our openapi.yml covers the original contract', () =>
     const missing = contract!.operations.filter((o) => !ours.has(o.key)).map((o) => o.key);
     expect(missing, `operations of the original contract missing from openapi.yml:\n${missing.join('\n')}`).toEqual([]);
   });
+
+  it('checks answers strictly: another envelope, a missing field, a value outside an enum and an undocumented status fail; extra fields pass', () => {
+    const c = contract!;
+    const sandbox = { id: 'a', name: 'n', imageId: 'i', ip: '', cpu: 1, mem: 1024, status: 'running', createdAt: '2024-01-27T09:12:34Z', createdBy: 'u', orgId: 'o', envVars: {} };
+    expect(c.check('GET', '/sandboxes/{id}', 200, { success: true, message: null, data: { ...sandbox, phase: 'running' } })).toEqual([]);
+    expect(c.check('GET', '/sandboxes/{id}', 200, { success: true, data: { ...sandbox, status: 'creating' } }).join()).toContain('allowed values');
+    expect(c.check('POST', '/sandboxes/{id}/commands/run', 200, { status: 'success', data: { pid: 1, command: 'x' } }).join()).toContain("'pid'");
+    expect(c.check('GET', '/images', 200, { status: 'success', data: [] }).join()).toContain('must be array');
+    expect(c.check('GET', '/orgs/me', 418, {}).join()).toContain('not documented');
+    expect(c.checkSchema('FileEvent', { type: 'created', path: '/x', timestamp: 'yesterday' }).join()).toContain('date-time');
+  });
 });
 
 /** A REST answer with what was asked, for the assertion messages. */
