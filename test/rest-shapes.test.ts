@@ -192,7 +192,15 @@ describe.skipIf(!support.ok)('REST answers about a sandbox', () => {
     const list = await call('GET', '/snapshots');
     expect(Array.isArray(list)).toBe(true);
     expect(list).toEqual([expect.objectContaining({ id: snap.data.id, full_path: snap.data.full_path, created_at: expect.any(String) })]);
-  }, 120_000);
+
+    // POST /sandboxes/restore: the contract's bare Sandbox, with the original's message and data beside it.
+    const res = await server.http('/api/sandboxes/restore', { method: 'POST', apiKey, json: { snapshot_path: snap.data.full_path, new_id: 'shapes-restored', cold: true } });
+    expect(res.status).toBe(201);
+    const restored = (await res.json()) as Record<string, any>;
+    expect(restored).toMatchObject({ name: 'shapes-restored', status: 'stopped', message: 'Sandbox restored' });
+    expect(restored.data).toMatchObject({ id: restored.id, name: 'shapes-restored', status: 'stopped' });
+    await server.client(apiKey).trpc.sandbox.delete.mutate({ id: restored.id });
+  }, 180_000);
 
   it('every REST answer carrying a sandbox keeps status within the contract enum, with phase and ready beside it', async () => {
     const list = await server.http('/api/sandboxes', { apiKey });

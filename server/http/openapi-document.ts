@@ -253,6 +253,10 @@ function envelopeSchema(output: Json, meta: Meta | undefined, doc: Json): Json {
       ...(pageMeta ? { meta: pageMeta } : {}),
     },
   };
+  if (meta?.envelope === 'output-first') {
+    // The output's own fields (its `status` among them) with the envelope's message and data.
+    return { allOf: [data, { type: 'object', required: ['message', 'data'], properties: { message: envelope.properties.message, data: structuredClone(data) } }] };
+  }
   return meta?.envelope === 'both' ? { allOf: [data, envelope] } : envelope;
 }
 

@@ -147,7 +147,9 @@ function successEnvelope(output: unknown, meta: Meta) {
     body = { ...successBody(page.data, message, page.meta) };
   } else body = { ...successBody(data ?? null, message) };
   if (meta.successFlag) body = { success: true, ...body };
-  return meta.envelope === 'both' ? { ...(data as Record<string, unknown>), ...body } : body;
+  if (meta.envelope === 'both') return { ...(data as Record<string, unknown>), ...body };
+  if (meta.envelope === 'output-first') return { ...body, ...(data as Record<string, unknown>) };
+  return body;
 }
 
 /** The REST error body of a failed call: the error formatter's message and code (see `toWireError`). */

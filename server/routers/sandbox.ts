@@ -102,6 +102,7 @@ export const sandboxRouter = router({
       message: 'Sandbox restored',
       successStatus: 201,
       restView: restSandbox,
+      envelope: 'output-first',
     })
     .input(RestoreSandboxInput)
     .output(Sandbox)

@@ -57,8 +57,8 @@ export class ExecService {
   }
 
   async killCommand(principal: Principal, id: string, pid: number): Promise<{ success: true; message: string }> {
-      // The agent answers once the process is reaped, or after its grace period with it still running.
     return this.#withAgent(principal, id, async (agent) => {
+      // The agent answers once the process is reaped, or after its grace period with it still running.
       const info = await agent.process.kill.mutate({ pid, signal: 'SIGKILL' });
       if (!info.signalled) return { success: true as const, message: `Process ${pid} had already exited` };
       if (info.running) return { success: true as const, message: `Process ${pid} was sent SIGKILL but has not exited yet (it is blocked in the kernel); it stays listed as running until it does` };

@@ -26,9 +26,11 @@ export type Meta = OpenApiMeta & {
    * How REST carries the output (tRPC always sends the output itself): by default in the original
    * VoidRun's envelope `{status, message, data}`; `bare`: the output itself, where the contract and
    * the original send it so; `both`: the output's fields beside the envelope's, in one body that
-   * reads as either (an object output whose fields are not `status`, `message` or `data`).
+   * reads as either (an object output whose fields are not `status`, `message` or `data`);
+   * `output-first`: the output's fields with the envelope's `message` and `data` beside them, for an
+   * output that has its own `status` (the output's wins: the contract's bare schema is the strict one).
    */
-  envelope?: 'bare' | 'both';
+  envelope?: 'bare' | 'both' | 'output-first';
   /** The envelope also carries `success: true` beside `status` (the contract's `ApiResponse…` schemas). */
   successFlag?: boolean;
   /** REST's view of the output where it differs from tRPC's (see `restView`). */
