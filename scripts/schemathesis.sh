@@ -101,6 +101,9 @@ common=(--url "$base/api" -c not_a_server_error --max-examples "$max_examples"
   --phases examples,coverage,fuzzing --request-timeout 60 --suppress-health-check all --no-shrink
   --warnings off --generation-database none --report junit --report-dir "$report_dir")
 
+# Every run caps the timeout of the execs it generates (scripts/schemathesis_hooks.py): an example like
+# `sleep 3600` costs seconds of the budget, not the 30 s default.
+export SCHEMATHESIS_HOOKS="$PWD/scripts/schemathesis_hooks.py"
 status=0
 run() {
   local name=$1 spec=$2
@@ -142,7 +145,7 @@ for key in "${keys[@]}"; do delete_sandboxes "$key" || true; done
 register
 target=$(curl -fsS -H "X-API-Key: $api_key" -H 'content-type: application/json' -d '{"name":"fuzz-target","sync":true}' "$base/api/sandboxes" |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["data"]["id"])')
-export VOIDRUN_FUZZ_SANDBOX="$target" SCHEMATHESIS_HOOKS="$PWD/scripts/schemathesis_hooks.py"
+export VOIDRUN_FUZZ_SANDBOX="$target"
 run sandbox openapi.yml --include-path-regex '^/sandboxes/\{id\}/(exec|exec-stream|session-exec|session-exec-stream|commands/(run|list)|files(/.*)?|pty/sessions(/\{sessionId\}/(execute|buffer|resize))?)$'
 
 if [ "$status" != 0 ]; then

@@ -1,9 +1,10 @@
-"""schemathesis hooks for the pass of scripts/schemathesis.sh that targets a running sandbox.
+"""schemathesis hooks for scripts/schemathesis.sh.
 
-Every request to a /sandboxes/{id}/... operation names the sandbox in VOIDRUN_FUZZ_SANDBOX, so the
-generated commands, paths and bodies reach its agent instead of stopping at a 404. An exec or session
-exec without a timeout (or with one over EXEC_TIMEOUT_CAP_SEC) gets that cap, so an example like
-`sleep 3600` costs seconds of the budget rather than the default 30.
+An exec or session exec without a timeout (or with one over EXEC_TIMEOUT_CAP_SEC) gets that cap, so
+an example like `sleep 3600` costs seconds of the budget rather than the default 30. In the pass that
+targets a running sandbox, every request to a /sandboxes/{id}/... operation names the sandbox in
+VOIDRUN_FUZZ_SANDBOX, so the generated commands, paths and bodies reach its agent instead of
+stopping at a 404.
 """
 
 import os
