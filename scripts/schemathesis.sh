@@ -31,7 +31,7 @@ fi
 
 work=$(mktemp -d /tmp/voidrun-schemathesis.XXXXXX)
 chmod 711 "$work" # sandboxes resolve their mounts as an unprivileged uid
-report_dir=${SCHEMATHESIS_REPORT_DIR:-$work/report}
+report_dir=$(realpath -m "${SCHEMATHESIS_REPORT_DIR:-$work/report}")
 runc_root="/run/voidrun-schemathesis/$(basename "$work")"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
@@ -106,12 +106,14 @@ common=(--url "$base/api" -c not_a_server_error --max-examples "$max_examples"
 export SCHEMATHESIS_HOOKS="$PWD/scripts/schemathesis_hooks.py"
 status=0
 run() {
-  local name=$1 spec=$2
+  local name=$1 spec
+  spec=$(realpath "$2")
   shift 2
   echo
   echo "== schemathesis over $name ($spec), max $max_examples examples per operation"
+  # From the work directory: schemathesis keeps what it found for `st replay` in ./.schemathesis.
   # shellcheck disable=SC2086 # SCHEMATHESIS_ARGS is a list of options
-  if ! "$venv/bin/st" run "$spec" -H "X-API-Key: $api_key" "${common[@]}" --report-junit-path "$report_dir/$name.xml" "${excluded[@]}" "$@" ${SCHEMATHESIS_ARGS:-}; then
+  if ! (cd "$work" && "$venv/bin/st" run "$spec" -H "X-API-Key: $api_key" "${common[@]}" --report-junit-path "$report_dir/$name.xml" "${excluded[@]}" "$@" ${SCHEMATHESIS_ARGS:-}); then
     status=1
   fi
 }
