@@ -49,9 +49,9 @@ describe.skipIf(!qemu.ok)('sandboxes on the qemu driver (microVMs; TCG where KVM
   });
 
   it('says which driver and accelerator it runs on', async () => {
-    const version = (await (await server.http('/api/version')).json()) as { data: { driver: { name: string; accelerator: string; reason: string } } };
-    expect(version.data.driver).toMatchObject({ name: 'qemu', accelerator: expect.stringMatching(/^(kvm|tcg)$/) });
-    expect(version.data.driver.reason).toMatch(/KVM|TCG/);
+    const version = (await (await server.http('/api/version')).json()) as { driver: { name: string; accelerator: string; reason: string } };
+    expect(version.driver).toMatchObject({ name: 'qemu', accelerator: expect.stringMatching(/^(kvm|tcg)$/) });
+    expect(version.driver.reason).toMatch(/KVM|TCG/);
   });
 
   it("runs commands in the guest's own kernel with the sandbox's name, env and disk size", async () => {

@@ -117,7 +117,10 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect((await store.apiKeys.findById(orgId, k.id))?.lastUsedAt?.toISOString()).toBe(later.toISOString());
 
       const k2 = await store.apiKeys.create({ orgId, name: 'k2', keyHash: newId(), prefix: 'vr_x', createdBy: newId(), isActive: true, lastUsedAt: null });
-      expect((await store.apiKeys.listByOrg(orgId)).map((x) => x.id)).toEqual([k.id, k2.id]);
+      // Oldest first; two keys made in the same millisecond may come in either order.
+      const listed = await store.apiKeys.listByOrg(orgId);
+      expect(listed.map((x) => x.id).sort()).toEqual([k.id, k2.id].sort());
+      expect(listed[0]!.createdAt.getTime()).toBeLessThanOrEqual(listed[1]!.createdAt.getTime());
       expect(await store.apiKeys.delete(newId(), k.id)).toBe(false);
       expect(await store.apiKeys.delete(orgId, k.id)).toBe(true);
       expect(await store.apiKeys.findByHash(hash)).toBeNull();

@@ -152,7 +152,7 @@ class SqliteApiKeys implements ApiKeyRepository {
     );
     this.#byHash = db.prepare('SELECT * FROM api_keys WHERE key_hash = ?');
     this.#byId = db.prepare('SELECT * FROM api_keys WHERE org_id = ? AND id = ?');
-    this.#byOrg = db.prepare('SELECT * FROM api_keys WHERE org_id = ? ORDER BY created_at, id');
+    this.#byOrg = db.prepare('SELECT * FROM api_keys WHERE org_id = ? ORDER BY created_at, rowid');
     this.#setActive = db.prepare('UPDATE api_keys SET is_active = ?, updated_at = ? WHERE org_id = ? AND id = ?');
     this.#touch = db.prepare('UPDATE api_keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)');
     this.#delete = db.prepare('DELETE FROM api_keys WHERE org_id = ? AND id = ?');
