@@ -111,24 +111,23 @@ export class Contract {
     if (!response) return [`status ${status} is not documented for ${method} ${path} (documented: ${Object.keys(responses).join(', ')})`];
     const schema = ((response.content as Record<string, Node> | undefined)?.['application/json'] as Node | undefined)?.schema;
     if (!schema) return [];
-    const id = `${method} ${path} ${status}`;
+    return this.problems(this.validator(`${method} ${path} ${status}`, schema), body);
+  }
+
+  /** Checks a value against one of the contract's component schemas (e.g. `FileEvent`); returns the problems. */
+  checkSchema(component: string, value: unknown): string[] {
+    const ref = `#/components/schemas/${component}`;
+    return this.problems(this.validator(ref, { $ref: ref }), value);
+  }
+
+  /** The compiled validator of an OpenAPI schema, cached under `id`. */
+  private validator(id: string, schema: unknown): ValidateFunction {
     let validate = this.compiled.get(id);
     if (!validate) {
       validate = this.ajv.compile(this.toJsonSchema(schema, null) as object);
       this.compiled.set(id, validate);
     }
-    return this.problems(validate, body);
-  }
-
-  /** Checks a value against one of the contract's component schemas (e.g. `FileEvent`); returns the problems. */
-  checkSchema(component: string, value: unknown): string[] {
-    const id = `#/components/schemas/${component}`;
-    let validate = this.compiled.get(id);
-    if (!validate) {
-      validate = this.ajv.compile(this.toJsonSchema({ $ref: id }, null) as object);
-      this.compiled.set(id, validate);
-    }
-    return this.problems(validate, value);
+    return validate;
   }
 
   private problems(validate: ValidateFunction, value: unknown): string[] {
