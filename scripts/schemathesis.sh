@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Fuzzes the REST API with schemathesis (PyPI) on a real server: our openapi.yml, then the original
 # VoidRun contract (../shared/reference/voidrun-openapi.yml, when it is there) with our server as its
-# base URL. Only `not_a_server_error` fails the run: any 5xx, or a request the server never answers.
+# base URL, then our sandbox operations against one running sandbox. Only `not_a_server_error` fails
+# the run: any 5xx, or a request the server never answers.
 #
-#   scripts/schemathesis.sh                 # the bounded CI budget (SCHEMATHESIS_MAX_EXAMPLES=8)
-#   SCHEMATHESIS_MAX_EXAMPLES=200 scripts/schemathesis.sh   # the long version
+#   scripts/schemathesis.sh                                  # the bounded CI budget (8 examples per operation)
+#   SCHEMATHESIS_MAX_EXAMPLES=200 scripts/schemathesis.sh    # the long version
 #   SCHEMATHESIS_ARGS='--include-path-regex files' scripts/schemathesis.sh   # extra `st run` options
 #
-# schemathesis is installed by this script into a cached virtualenv
-# ($VOIDRUN_CACHE_DIR, default ~/.cache/voidrun); the server runs from this checkout (tsx), with a
-# temporary DATA_DIR (SQLite store), its own runc root and a free loopback port. Sandboxes the run
-# creates are deleted through the API before the server stops. Reports go to $SCHEMATHESIS_REPORT_DIR
-# (default: a temporary directory, printed at the end).
+# schemathesis is installed by this script into a cached virtualenv ($VOIDRUN_CACHE_DIR, default
+# ~/.cache/voidrun). The server runs from this checkout (tsx) with a temporary DATA_DIR (SQLite
+# store), its own runc root and a free loopback port; the sandboxes a run creates are deleted through
+# the API before it stops. JUnit reports go to $SCHEMATHESIS_REPORT_DIR when set; the work directory
+# (server log, reports, `st replay` cache) is kept only when the run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 version=4.32.5
 max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-8}
-cache_dir=${VOIDRUN_CACHE_DIR:-$HOME/.cache/voidrun}
+cache_dir=${VOIDRUN_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/voidrun}
 venv="$cache_dir/schemathesis-$version"
 reference=${VOIDRUN_REFERENCE_CONTRACT:-../shared/reference/voidrun-openapi.yml}
 
