@@ -31,7 +31,7 @@ export async function closedLoop(url: string, opts: { path: string; headers?: Re
     new Promise<void>((resolve, reject) => {
       const socket: Socket = connect(Number(port), hostname);
       socket.setNoDelay(true);
-      let buf = Buffer.alloc(0);
+      let buf: Buffer = Buffer.alloc(0);
       let sentAt = 0n;
       const send = () => {
         if (process.hrtime.bigint() >= deadline) {
