@@ -126,7 +126,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     for (const { record } of await sampleSandboxes()) counts[record.status] = (counts[record.status] ?? 0) + 1;
     return counts;
   });
-  metrics.addSandboxGauges(sampleSandboxes);
+  metrics.addSandboxGauges(sampleSandboxes, { perSandbox: Boolean(config.METRICS_TOKEN) });
   const http = createHttpServer({
     router: appRouter,
     services,

@@ -161,16 +161,17 @@ function samples(text: string, name: string, labels: Record<string, string> = {}
 
 describe.skipIf(!support.ok)("per-sandbox gauges like the original's (voidrun_sbx_*, voidrun_host_allocated_*)", () => {
   let s: TestServer;
+  let open: TestServer;
   beforeAll(async () => {
-    s = await startTestServer();
+    [s, open] = await Promise.all([startTestServer({ METRICS_TOKEN: 'scraper-secret' }), startTestServer()]);
   });
-  afterAll(() => s.close());
+  afterAll(() => Promise.all([s.close(), open.close()]));
 
   it('a sandbox has status, CPU, memory and allocation gauges from the host while it exists, and none once deleted', { timeout: 180_000 }, async () => {
     const reg = await s.client().trpc.auth.register.mutate({ name: 'Gauges', email: uniqueEmail() });
     const vr = s.client(reg.apiKey);
     const sb = await vr.sandboxes.create({ name: 'gauged', cpu: 1, mem: 1024 });
-    const scrape = async () => (await s.http('/metrics')).text();
+    const scrape = async () => (await s.http('/metrics', { headers: { authorization: 'Bearer scraper-secret' } })).text();
     try {
       const first = await scrape();
       const mine = { sbx_id: sb.id, sbx_name: 'gauged', org_id: reg.orgId };
@@ -195,5 +196,19 @@ describe.skipIf(!support.ok)("per-sandbox gauges like the original's (voidrun_sb
     const after = await scrape();
     expect(after).not.toContain(sb.id);
     expect(samples(after, 'voidrun_host_allocated_vcpus')[0]!.value).toBe(0);
+  });
+  it('a public /metrics (no METRICS_TOKEN) names no tenant: host totals only, no per-sandbox series', { timeout: 180_000 }, async () => {
+    const reg = await open.client().trpc.auth.register.mutate({ name: 'Public gauges', email: uniqueEmail() });
+    const sb = await open.client(reg.apiKey).sandboxes.create({ name: 'unnamed-in-metrics', cpu: 1, mem: 1024 });
+    try {
+      const text = await (await open.http('/metrics')).text();
+      expect(samples(text, 'voidrun_host_allocated_vcpus')[0]!.value).toBeGreaterThanOrEqual(1);
+      expect(text).not.toContain('voidrun_sbx_');
+      expect(text).not.toContain(sb.id);
+      expect(text).not.toContain('unnamed-in-metrics');
+      expect(text).not.toContain(reg.orgId);
+    } finally {
+      await sb.delete();
+    }
   });
 });

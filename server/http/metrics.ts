@@ -59,9 +59,13 @@ export class HttpMetrics {
    * org id and host) and host allocation totals (`voidrun_host_allocated_*`), computed from
    * `sample()` at each scrape: a deleted sandbox's series are gone at the next scrape. CPU percent
    * is over the time since the previous scrape, so it appears from a sandbox's second scrape on.
+   * With `perSandbox` false only the host totals are served: per-sandbox series name every tenant's
+   * sandboxes and orgs, so they are for a scraper holding METRICS_TOKEN.
    */
-  addSandboxGauges(sample: () => Promise<SandboxSample[]>, host = hostname()): void {
+  addSandboxGauges(sample: () => Promise<SandboxSample[]>, { perSandbox = true, host = hostname() }: { perSandbox?: boolean; host?: string } = {}): void {
     const registers = [this.registry];
+    // A metric registered nowhere is never collected.
+    const sbxRegisters = perSandbox ? registers : [];
     const sbxLabels = ['sbx_id', 'sbx_name', 'org_id', 'voidrun_host'] as const;
     const labelsOf = (s: SandboxSample) => ({ sbx_id: s.record.id, sbx_name: s.record.name, org_id: s.record.orgId, voidrun_host: host });
     /** The previous CPU reading of each sandbox: seconds used, and when (ms). */
@@ -96,7 +100,7 @@ export class HttpMetrics {
         name,
         help,
         labelNames: sbxLabels,
-        registers,
+        registers: sbxRegisters,
         async collect() {
           const list = await samples();
           this.reset();
@@ -108,7 +112,7 @@ export class HttpMetrics {
       name: 'voidrun_sbx_status',
       help: 'Sandbox status as a number (1 running, 3 paused, 4 stopped, 5 error, -1 creating); the status label carries the name',
       labelNames: [...sbxLabels, 'status'] as const,
-      registers,
+      registers: sbxRegisters,
       async collect() {
         const list = await samples();
         this.reset();
@@ -125,7 +129,7 @@ export class HttpMetrics {
       name: 'voidrun_sbx_cpu_seconds_total',
       help: 'CPU time the sandbox has used since it (or its VMM) started, in seconds, from the host',
       labelNames: sbxLabels,
-      registers,
+      registers: sbxRegisters,
       async collect() {
         const list = await samples();
         this.reset();
