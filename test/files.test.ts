@@ -165,6 +165,16 @@ describe.skipIf(!support.ok)('files in sandboxes', () => {
     expect(await attach.json()).toMatchObject({ code: 'PROCESS_NOT_FOUND' });
   });
 
+  it('a path under a regular file does not exist: exists() is false and stat is FILE_NOT_FOUND, not "Not a directory"', async () => {
+    expect(await box.files.exists('/etc/hostname/x')).toBe(false);
+    await expect(box.files.stat('/etc/hostname/x')).rejects.toBeInstanceOf(FileNotFoundError);
+    const res = await server.http(`/api/sandboxes/${box.id}/files/stat?path=/etc/hostname/x`, { apiKey });
+    expect(res.status).toBe(404);
+    expect(await res.json()).toMatchObject({ code: 'FILE_NOT_FOUND', error: expect.stringContaining('/etc/hostname/x') });
+    // Other operations keep saying what is wrong with the path.
+    await expect(box.files.list('/etc/hostname')).rejects.toBeInstanceOf(InvalidInputError);
+  });
+
   it('answers each kind of file error with its own status and the path', async () => {
     await expect(box.files.stat('/no/such/file')).rejects.toBeInstanceOf(NotFoundError);
     const notDir = await box.files.list('/etc/hostname').catch((e: unknown) => e);

@@ -47,9 +47,15 @@ export async function listDir(input: string): Promise<FileInfo[]> {
   return entries.filter((e): e is FileInfo => e !== null).sort((a, b) => a.name.localeCompare(b.name));
 }
 
+/**
+ * A path's stats. A path under a regular file (ENOTDIR) does not exist: FILE_NOT_FOUND, as for
+ * a missing one, so `exists` answers false for it.
+ */
 export async function statPath(input: string): Promise<FileStats> {
   const path = resolveInSandbox(input);
-  const st = await fsCall(path, () => lstat(path));
+  const st = await lstat(path).catch((err: NodeJS.ErrnoException) => {
+    throw err.code === 'ENOTDIR' ? new AgentError('NOT_FOUND', `No such file or directory: ${path}`) : fsError(err, path);
+  });
   return { ...info(path, st), uid: st.uid, gid: st.gid, linkTarget: st.isSymbolicLink() ? await readlink(path) : null, type: fileType(st) };
 }
 
