@@ -60,6 +60,38 @@ describe('inputs as existing VoidRun clients send them (plain HTTP)', () => {
     expect(malformed.error).toBe('Malformed JSON body');
   });
 
+  it('a key named __proto__ (an env var, a label) is refused with 400 on REST, raw routes and tRPC, never silently dropped', async () => {
+    for (const body of ['{"name":"protobox","labels":{"__proto__":"x"}}', '{"name":"protobox","envVars":{"__proto__":{"polluted":"1"}}}']) {
+      const r = await post('/api/sandboxes', body, 'application/json');
+      expect(r.status, r.text).toBe(400);
+      expect(r.error).toMatch(/"__proto__" is not accepted/);
+    }
+    const raw = await post('/api/sandboxes/65ae1234567890abcdef1234/exec-stream', '{"command":"true","env":{"__proto__":"x"}}', 'application/json');
+    expect(raw.status, raw.text).toBe(400);
+    const trpc = await fetch(`${server.url}/trpc/sandbox.create`, {
+      method: 'POST',
+      headers: { 'x-api-key': apiKey, 'content-type': 'application/json' },
+      body: '{"json":{"name":"protobox","labels":{"__proto__":"x"}}}',
+    });
+    expect(trpc.status).toBe(400);
+    expect(await trpc.text()).toMatch(/__proto__/);
+  });
+
+  it("a malformed JSON body's error says where it breaks in our words, never the parser's message quoting the body", async () => {
+    const cases: Array<[string, RegExp]> = [
+      ['{"name": "x", "email": sEcReT}', /^The body is not valid JSON: unexpected "s"$/],
+      ['{"name": "x"}}', /^The body is not valid JSON: unexpected "}" at line 1, column 14$/],
+      ['{"name":\n  "x",\n  oops}', /^The body is not valid JSON: unexpected "o" at line 3, column 3$/],
+      ['{"name": "x"', /ends before the value is complete|unexpected the end of the body/],
+    ];
+    for (const [body, details] of cases) {
+      const r = await post('/api/register', body, 'application/json', '');
+      expect(r.status, body).toBe(400);
+      expect((JSON.parse(r.text) as { details: string }).details, body).toMatch(details);
+      expect(r.text).not.toMatch(/sEcReT|is not valid JSON"|position \d/);
+    }
+  });
+
   it(`nested JSON past ${MAX_JSON_DEPTH} levels cannot crash a REST, raw or tRPC (HTTP and WebSocket) call: 400 naming the limit`, async () => {
     const limit = new RegExp(`more than ${MAX_JSON_DEPTH} levels deep`);
     for (const depth of [5_000, 200_000]) {

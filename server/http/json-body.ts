@@ -18,7 +18,9 @@ function isJsonType(type: string): boolean {
 
 /**
  * Throws InvalidInputError (400) naming MAX_JSON_DEPTH when `value` nests arrays and objects
- * deeper than that. Walks iteratively, so any depth is measured without recursion.
+ * deeper than that, or when an object has a key named `__proto__` (which a record would silently
+ * drop, e.g. an env var or label of that name). Walks iteratively, so any depth is measured without
+ * recursion.
  */
 export function assertJsonDepth(value: unknown): void {
   const stack: [unknown, number][] = [[value, 1]];
@@ -28,6 +30,7 @@ export function assertJsonDepth(value: unknown): void {
     if (depth > MAX_JSON_DEPTH) {
       throw new InvalidInputError(`The JSON input nests arrays and objects more than ${MAX_JSON_DEPTH} levels deep, the most accepted; send a flatter value`);
     }
+    if (Object.hasOwn(v, '__proto__')) throw new InvalidInputError('A key named "__proto__" is not accepted in JSON input; rename it');
     for (const child of Object.values(v)) if (child !== null && typeof child === 'object') stack.push([child, depth + 1]);
   }
 }
@@ -66,10 +69,28 @@ export async function readJsonBody(req: IncomingMessage, limit: number): Promise
     body = JSON.parse(text);
   } catch (err) {
     if (!isJsonType(type)) throw notJson(req);
-    throw new InvalidInputError('Malformed JSON body', { details: (err as Error).message });
+    throw new InvalidInputError('Malformed JSON body', { details: whereJsonBreaks(text, err) });
   }
   assertJsonDepth(body);
   return withoutNullFields(body);
+}
+
+/**
+ * Where a body stops being JSON, in our words (line, column and the character found there), rather
+ * than the JSON parser's own message, which quotes the body back.
+ */
+function whereJsonBreaks(text: string, err: unknown): string {
+  const message = err instanceof Error ? err.message : '';
+  const m = /position (\d+)/.exec(message);
+  const token = /^Unexpected token '(.)'/u.exec(message)?.[1];
+  if (!m && token) return `The body is not valid JSON: unexpected ${JSON.stringify(token)}`;
+  if (!m) return 'The body is not valid JSON: it ends before the value is complete';
+  const at = Math.min(Number(m[1]), text.length);
+  const before = text.slice(0, at);
+  const line = before.split('\n').length;
+  const column = at - before.lastIndexOf('\n');
+  const found = at < text.length ? `${JSON.stringify(text[at])}` : 'the end of the body';
+  return `The body is not valid JSON: unexpected ${found} at line ${line}, column ${column}`;
 }
 
 function notJson(req: IncomingMessage): UnsupportedMediaTypeError {
