@@ -25,7 +25,9 @@ export async function startServerProcess(env: Record<string, string> = {}): Prom
   const dir = mkdtempSync(join(tmpdir(), 'voidrun-bench-'));
   chmodSync(dir, 0o711);
   const runcRoot = join('/run/voidrun-bench', dir.split('/').pop()!);
-  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', join(root, 'server', 'main.ts')], {
+  // BENCH_SERVER_NODE_ARGS: extra node flags for the server alone (`--cpu-prof --cpu-prof-dir=DIR` profiles it).
+  const nodeArgs = process.env.BENCH_SERVER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const child: ChildProcess = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(root, 'server', 'main.ts')], {
     cwd: root,
     env: {
       ...process.env,
