@@ -76,6 +76,14 @@ describe('REST answers without a sandbox', () => {
     expect((await server.client(apiKey).trpc.org.listApiKeys.query({ orgId })).map((k) => k.id)).toEqual(list.map((k) => k.id));
   });
 
+  it('REST path parameters are percent-decoded as the original (gin) decodes them; a malformed escape is no route', async () => {
+    const debian = (await (await server.http('/api/images/name/debian', { apiKey })).json()) as { id: string };
+    expect(await (await server.http('/api/images/name/deb%69an', { apiKey })).json()).toEqual(debian);
+    expect((await server.http(`/api/images/${encodeURIComponent(debian.id).replace('a', '%61')}`, { apiKey })).status).toBe(200);
+    expect((await server.http('/api/images/name/deb%zzan', { apiKey })).status).toBe(404);
+    expect((await server.http('/api/images/name/a%2Fb', { apiKey })).status).toBe(404);
+  });
+
   it('images: GET list, by id and by name are bare; POST is both the bare Image and the envelope (201)', async () => {
     const list = (await (await server.http('/api/images', { apiKey })).json()) as Array<{ id: string; _id: string; name: string }>;
     const debian = list.find((i) => i.name === 'debian')!;

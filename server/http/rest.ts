@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { createOpenApiNodeHttpHandler } from 'trpc-to-openapi';
+import { decodeOrNull } from '../../shared/uri.js';
 import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Context } from '../trpc/context.js';
@@ -64,7 +65,7 @@ export function createRestHandler(opts: RestHandlerOptions) {
       }
     }
     const originalUrl = req.url;
-    req.url = apiPath;
+    req.url = withDecodedSegments(apiPath);
     req.query = queryWithBooleans(apiPath);
     wrapInEnvelope(res, () => {
       const path = contexts.get(req)?.record.procedurePath;
@@ -84,6 +85,25 @@ function inputParams(path: string): URLSearchParams {
   const params = new URL(path, 'http://localhost').searchParams;
   params.delete('apiKey');
   return params;
+}
+
+/**
+ * The path with each segment percent-decoded, as the original (gin) hands path parameters over:
+ * trpc-to-openapi matches and passes them raw (`/images/name/deb%69an` would be name `deb%69an`).
+ * A segment whose decoding is malformed or holds `/`, `?`, `#` or `%` stays as sent.
+ */
+function withDecodedSegments(apiPath: string): string {
+  const q = apiPath.indexOf('?');
+  const path = q === -1 ? apiPath : apiPath.slice(0, q);
+  const decoded = path
+    .split('/')
+    .map((segment) => {
+      if (!segment.includes('%')) return segment;
+      const d = decodeOrNull(segment);
+      return d === null || /[/?#%]/.test(d) ? segment : d;
+    })
+    .join('/');
+  return q === -1 ? decoded : decoded + apiPath.slice(q);
 }
 
 /**
