@@ -14,6 +14,7 @@ import { GUEST_AGENT_PORT, type GuestIdentity } from '../shared/guest-protocol.j
 import { applyGuestIdentity, configureGuest, listenWithToken, readGuestConfig } from './guest-system.js';
 import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
+import { handleProcessStream } from './services/process/output-stream.js';
 import { ProcessManager } from './services/process/process-manager.js';
 import { PtyManager } from './services/pty/pty-manager.js';
 import { ShellSessions } from './services/shell/shell-sessions.js';
@@ -86,9 +87,11 @@ const server = createServer((req, res) => {
     });
     return;
   }
-  void handleFileTransfer(req, res).then((handled) => {
-    if (!handled) res.writeHead(404).end();
-  });
+  void handleProcessStream(req, res, ctx.processes)
+    .then((handled) => handled || handleFileTransfer(req, res))
+    .then((handled) => {
+      if (!handled) res.writeHead(404).end();
+    });
 });
 const wss = new WebSocketServer({ server, maxPayload: 64 * 1024 * 1024 });
 applyWSSHandler({ wss, router: agentRouter, createContext: () => ctx });

@@ -6,6 +6,8 @@
  * Sections (`BENCH_ONLY=exec,rest` runs some):
  *   exec  `true` to completion: host `spawn('true')`, the agent alone (tRPC over its socket, no
  *         server), `POST /api/sandboxes/{id}/exec`; server and agent CPU per call.
+ *   streams  `seq 1 1000000` over SSE and tRPC against a bare Node SSE server; a reader stalled
+ *         10 s under `yes` (server and agent RSS growth); see bench/lib/streams-section.ts.
  *   rest  closed-loop request rate with 8 kept-alive connections (like `wrk -c8`): unauthenticated
  *         `GET /api/version` beside `GET /api/orgs/me`.
  * A section adds its rows with `row(...)`; the table is printed at the end.
@@ -20,6 +22,7 @@ import WebSocket from 'ws';
 import { interleaved, summarize } from './lib/measure.js';
 import { closedLoop, cpuMsOf } from './lib/load.js';
 import { startServerProcess, type ServerProcess } from './lib/server-process.js';
+import { streamsSection } from './lib/streams-section.js';
 
 const EXECS = Number(process.env.BENCH_EXECS ?? 500);
 const REST_SECONDS = Number(process.env.BENCH_REST_SECONDS ?? 3);
@@ -186,6 +189,7 @@ async function restSection(server: ServerProcess, apiKey: string): Promise<void>
 const sections: Record<string, (server: ServerProcess, apiKey: string) => Promise<void>> = {
   exec: execSection,
   rest: restSection,
+  streams: (server, apiKey) => streamsSection(server, apiKey, row),
 };
 
 const server = await startServerProcess({ LOG_LEVEL: 'info' });

@@ -154,23 +154,26 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
     await expect.poll(() => stops, { timeout: 10_000 }).toBe(1);
   });
 
-  it('a reply far larger than its procedure can need fails that call, and a subscription with it is stopped on the agent', async () => {
-    let stops = 0;
+  it('a reply far larger than its procedure can need fails that call, and a process output stream with a line past its bound is closed on the agent', async () => {
+    let closed = 0;
     const bigPath = `/${'p'.repeat(200_000)}`;
-    const id = await attackerBox((ws, req) => {
-      if (req.method === 'subscription.stop') stops++;
-      else if (req.params.path === 'files.stat') ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { name: 'x', path: bigPath } } }));
-      else if (req.params.path === 'process.start') ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { pid: 7, command: 'x', startTime: 't', running: true, exitCode: null } } }));
-      else if (req.params.path === 'process.output') {
-        ws.send(JSON.stringify({ id: req.id, result: { type: 'started' } }));
-        ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { id: '1', data: { type: 'stdout', data: 'x'.repeat(9 * 1024 * 1024) } } } }));
-      }
-    });
+    const id = await attackerBox(
+      (ws, req) => {
+        if (req.params.path === 'files.stat') ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { name: 'x', path: bigPath } } }));
+      },
+      (req, res) => {
+        if (req.url !== '/process/stream') return void res.writeHead(404).end();
+        req.socket.once('close', () => closed++);
+        res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+        res.write('{"type":"started","pid":7}\n');
+        res.write(`{"seq":1,"type":"stdout","data":"${'x'.repeat(9 * 1024 * 1024)}`);
+      },
+    );
     await expectAgentFailure(await server.http(`/api/sandboxes/${id}/files/stat?path=/root`, { apiKey: keyA }), id, /reply of \d+ bytes where at most \d+ are accepted/);
     const stream = await server.http(`/api/sandboxes/${id}/exec-stream`, { method: 'POST', apiKey: keyA, json: { command: 'yes' } });
     const text = await stream.text();
     expect(text).toMatch(/reply of \d+ bytes where at most \d+ are accepted/);
-    await expect.poll(() => stops, { timeout: 10_000 }).toBe(1);
+    await expect.poll(() => closed, { timeout: 10_000 }).toBe(1);
     await victimStillServed();
   });
 

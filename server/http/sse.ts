@@ -12,9 +12,9 @@ function format(e: SseEvent): string {
   let out = '';
   if (e.id) out += `id: ${e.id}\n`;
   out += `event: ${e.event}\n`;
-  // A multi-line payload is one `data:` line per line; clients join them with "\n".
-  for (const line of e.data.split('\n')) out += `data: ${line}\n`;
-  return out + '\n';
+  // A multi-line payload is one `data:` line per line (one event per chunk of output, however
+  // many lines it holds); clients join them with "\n".
+  return `${out}data: ${e.data.replaceAll('\n', '\ndata: ')}\n\n`;
 }
 
 /**

@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import { resumableSubscription } from '../agent-client/resumable-subscription.js';
+import { agentProcessStream, type ProcessStreamCall } from '../agent-client/process-stream.js';
 import { DEFAULT_EXEC_TIMEOUT_SEC, type ExecChunk, type ExecInput, type ExecOutput, type ProcessInfo, type RunCommandInput, type SessionExecInput, type SessionExecResult } from '../../shared/index.js';
 import { AsyncQueue } from '../../shared/async-queue.js';
 import { InvalidInputError } from '../errors.js';
@@ -80,43 +80,53 @@ export class ExecService {
   }
 
   /**
-   * Starts a command and yields its output until it exits. With `resumeFrom` (a previous event's
-   * id, `<pid>:<seq>`) it re-attaches to that process instead of starting another, continuing after
-   * that event.
+   * Starts a command and yields its output until it exits. Start and subscription are one agent
+   * call, and the output is pulled as the caller reads it: a reader that keeps up gets every byte,
+   * and a reader that stalls stalls the process (its pipes are not read) instead of growing memory.
+   * With `resumeFrom` (a previous event's id, `<pid>:<seq>`) it re-attaches to that process
+   * instead of starting another, continuing after that event.
    */
   async *stream(principal: Principal, input: ExecInput, resumeFrom: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
     const resume = resumeFrom ? /^(\d{1,15}):(\d{1,15})$/.exec(resumeFrom) : null;
     if (resumeFrom && (!resume || Number(resume[1]) < 1)) throw badResumeId(resumeFrom);
-    let pid: number;
-    let after = '0';
     if (resume) {
-      pid = Number(resume[1]);
-      after = resume[2]!;
-    } else {
-      const started = await this.#withAgent(principal, input.id, (agent) => agent.process.start.mutate(this.#spec(input, input.timeout || DEFAULT_EXEC_TIMEOUT_SEC)));
-      pid = started.pid;
-      yield { id: `${pid}:0`, chunk: { type: 'started', pid } };
+      yield* this.attach(principal, input.id, Number(resume[1]), resume[2]!, signal);
+      return;
     }
-    yield* this.attach(principal, input.id, pid, after, signal);
+    const spec = this.#spec(input, input.timeout || DEFAULT_EXEC_TIMEOUT_SEC);
+    yield* this.#output(principal, input.id, { start: spec }, signal);
   }
 
-  /** A background process's output from after event `after` (a sequence number), then live, until it exits. */
+  /**
+   * A background process's output from after event `after` (a sequence number), then live, until
+   * it exits; pulled as the caller reads it (see `stream`). What the agent dropped from its log
+   * before this reader attached is one `gap` event.
+   */
   async *attach(principal: Principal, id: string, pid: number, after: string | null, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
     if (after !== null && !/^\d{1,15}$/.test(after)) throw badResumeId(`${pid}:${after}`);
+    yield* this.#output(principal, id, { pid, after: Number(after ?? 0) }, signal);
+  }
+
+  async *#output(principal: Principal, id: string, call: ProcessStreamCall, signal?: AbortSignal): AsyncGenerator<TrackedChunk> {
     const record = await this.deps.sandboxes.running(principal, id);
-    const agent = this.deps.sandboxes.agents.get(record.id);
-    const events = resumableSubscription<{ id: string; data: OutputEvent }>(
-      (handlers, from) => agent.process.output.subscribe({ pid, lastEventId: from && from !== '0' ? from : null }, { ...handlers, signal }),
-      after,
-    );
+    const agents = this.deps.sandboxes.agents;
+    const since = agents.epoch(record.id);
+    let pid = 'pid' in call ? call.pid : 0;
     try {
-      for await (const e of events) {
-        const chunk = toChunk(e.data);
-        yield { id: `${pid}:${e.id}`, chunk };
+      for await (const line of agentProcessStream(agents, record.id, call, signal)) {
+        if (line.type === 'started') {
+          pid = line.pid;
+          yield { id: `${pid}:0`, chunk: { type: 'started', pid } };
+          continue;
+        }
+        const { seq, ...event } = line;
+        const chunk = toChunk(event);
+        yield { id: `${pid}:${seq}`, chunk };
         if (chunk.type === 'exit') return;
       }
     } catch (err) {
-      throw await this.deps.sandboxes.agents.failure(record, err);
+      if (signal?.aborted) return; // the reader left: nothing to answer, and nothing wrong with the sandbox
+      throw await agents.failure(record, err, since);
     }
   }
 

@@ -121,3 +121,22 @@ export const AgentHttpErrorReply = z.object({ error: z.string().optional(), code
 
 /** The largest error message from an agent the server passes on; longer ones are cut. */
 export const AGENT_MESSAGE_MAX_CHARS = 2000;
+
+/**
+ * One line of the agent's raw process-output stream (`POST /process/stream`, `GET
+ * /process/output`): `started` first when the call started the process, then numbered events.
+ * Output events carry what the agent read in one turn of its event loop (at most 64 KiB of bytes,
+ * so at most that many characters; 1 MiB leaves room).
+ */
+const Seq = z.number().int().min(1);
+export const AgentProcessStreamLine = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('started'), pid: z.number().int().min(1) }),
+  z.object({ seq: Seq, type: z.literal('stdout'), data: Chunk }),
+  z.object({ seq: Seq, type: z.literal('stderr'), data: Chunk }),
+  z.object({ seq: Seq, type: z.literal('exit'), exitCode: z.number().int(), signal: Short.nullable(), timedOut: z.boolean() }),
+  z.object({ seq: Seq, type: z.literal('gap'), droppedBytes: z.number().int().min(0) }),
+]);
+export type AgentProcessStreamLine = z.infer<typeof AgentProcessStreamLine>;
+
+/** The longest line of an agent's process-output stream the server reads; a longer one fails the stream. */
+export const AGENT_STREAM_MAX_LINE_BYTES = 8 * 1024 * 1024;

@@ -8,6 +8,8 @@ import { OutputLog, type SequencedEvent } from './output-log.js';
 
 /** What each process keeps of its output for late readers and reconnects. */
 const OUTPUT_LOG_BYTES = 1024 * 1024;
+/** Output read from a pipe is appended as one event once a turn of the event loop passed or this much came. */
+const COALESCE_BYTES = 64 * 1024;
 /** Finished processes stay listed (and attachable) until this many newer ones have finished… */
 const KEEP_FINISHED = 100;
 /** …or until the output logs they keep pass this many bytes together (the oldest go first). */
@@ -42,6 +44,9 @@ export class ManagedProcess {
   readonly #child: ChildProcess;
   /** Set once the process itself is gone ('exit'); `exit` waits for its output pipes to close too. */
   #gone = false;
+  readonly #pipes: NodeJS.ReadableStream[] = [];
+  /** Readers that are behind: while any is, the pipes are not read, so the process blocks on write. */
+  readonly #holds = new Set<object>();
 
   constructor(
     readonly command: string,
@@ -59,14 +64,35 @@ export class ManagedProcess {
       [child.stdout, 'stdout'],
       [child.stderr, 'stderr'],
     ] as const) {
+      if (!stream) continue;
+      this.#pipes.push(stream);
+      // What the pipe gave since the last flush: appended as one event on the next turn of the
+      // event loop (or once it reaches COALESCE_BYTES), so a fast writer makes few, large events.
       const decoder = new StringDecoder('utf8');
-      stream?.on('data', (chunk: Buffer) => {
-        const data = decoder.write(chunk);
-        if (data) this.output.append({ type, data });
+      let pending: Buffer[] = [];
+      let pendingBytes = 0;
+      let scheduled = false;
+      const flush = () => {
+        scheduled = false;
+        if (!pendingBytes) return;
+        const data = decoder.write(pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingBytes));
+        if (data) this.output.append({ type, data }, pendingBytes);
+        pending = [];
+        pendingBytes = 0;
+      };
+      stream.on('data', (chunk: Buffer) => {
+        pending.push(chunk);
+        pendingBytes += chunk.length;
+        if (pendingBytes >= COALESCE_BYTES) flush();
+        else if (!scheduled) {
+          scheduled = true;
+          setImmediate(flush);
+        }
       });
-      stream?.on('end', () => {
+      stream.on('end', () => {
+        flush();
         const rest = decoder.end();
-        if (rest) this.output.append({ type, data: rest });
+        if (rest) this.output.append({ type, data: rest }, Buffer.byteLength(rest));
       });
     }
     child.once('exit', () => (this.#gone = true));
@@ -83,6 +109,21 @@ export class ManagedProcess {
     });
   }
 
+  /**
+   * Stops reading the process's output until every holder released it: the pipes fill and the
+   * process blocks on its next write, instead of its output piling up in the agent.
+   */
+  hold(holder: object): void {
+    if (this.#holds.size === 0) for (const pipe of this.#pipes) pipe.pause();
+    this.#holds.add(holder);
+  }
+
+  /** Ends `holder`'s hold (see `hold`); the last one resumes reading. */
+  release(holder: object): void {
+    if (!this.#holds.delete(holder) || this.#holds.size > 0) return;
+    for (const pipe of this.#pipes) pipe.resume();
+  }
+
   get running(): boolean {
     return this.exit === null;
   }
@@ -90,6 +131,11 @@ export class ManagedProcess {
   /** Signals the whole process group, so children the command started go too. */
   kill(signal: NodeJS.Signals = 'SIGKILL'): void {
     if (!this.running) return;
+    // What is left in its pipes is read (into the bounded log), so its end is seen.
+    if (this.#holds.size > 0) {
+      this.#holds.clear();
+      for (const pipe of this.#pipes) pipe.resume();
+    }
     try {
       process.kill(-this.pid, signal);
     } catch {
@@ -154,9 +200,7 @@ function signalNumber(signal: NodeJS.Signals | null): number {
 
 /** Starts, tracks and ends the processes of one sandbox. */
 export class ProcessManager {
-  readonly #processes = new Map<number, ManagedProcess>();
-  readonly #finished: number[] = [];
-  #finishedLogBytes = 0;
+  readonly #table = new ProcessTable<ManagedProcess>();
   /** Output held by one-shot runs in flight (see RUN_OUTPUT_BUDGET_BYTES). */
   #runOutputBytes = 0;
 
@@ -184,8 +228,8 @@ export class ProcessManager {
     lowerOomPriority(child.pid);
     const command = spec.args?.length ? [spec.command, ...spec.args].join(' ') : spec.command;
     const proc = new ManagedProcess(command, child, spec.timeoutMs);
-    this.#processes.set(proc.pid, proc);
-    void proc.exited.then(() => this.#retire(proc.pid));
+    const entry = this.#table.add(proc);
+    void proc.exited.then(() => this.#table.retire(entry));
     return proc;
   }
 
@@ -194,18 +238,25 @@ export class ProcessManager {
     const limit = spec.maxOutputBytes ?? 4 * 1024 * 1024;
     const proc = this.start(spec);
     const out = { stdout: '', stderr: '' };
+    const kept = { stdout: 0, stderr: 0 };
     let truncated = false;
     let held = 0;
     const collect = (e: SequencedEvent) => {
       if (e.event.type !== 'stdout' && e.event.type !== 'stderr') return;
-      const room = Math.min(limit - out[e.event.type].length, RUN_OUTPUT_BUDGET_BYTES - this.#runOutputBytes);
-      if (e.event.data.length > room) truncated = true;
-      if (room > 0) {
-        const piece = e.event.data.slice(0, room);
-        out[e.event.type] += piece;
-        held += piece.length;
-        this.#runOutputBytes += piece.length;
+      const type = e.event.type;
+      const room = Math.max(0, Math.min(limit - kept[type], RUN_OUTPUT_BUDGET_BYTES - this.#runOutputBytes));
+      let piece = e.event.data;
+      let bytes = e.bytes;
+      if (bytes > room) {
+        truncated = true;
+        piece = utf8Prefix(piece, room);
+        bytes = Buffer.byteLength(piece);
       }
+      if (!bytes) return;
+      out[type] += piece;
+      kept[type] += bytes;
+      held += bytes;
+      this.#runOutputBytes += bytes;
     };
     for (const e of proc.output.since(0)) collect(e);
     const unsubscribe = proc.output.subscribe(collect);
@@ -219,32 +270,97 @@ export class ProcessManager {
   }
 
   get(pid: number): ManagedProcess {
-    const proc = this.#processes.get(pid);
+    const proc = this.#table.get(pid);
     if (!proc) throw new AgentError('NOT_FOUND', `No process with pid ${pid} was started in this sandbox (or it finished long ago)`);
     return proc;
   }
 
   list(): AgentProcessInfo[] {
-    return [...this.#processes.values()].map((p) => p.info());
+    return this.#table.all().map((p) => p.info());
   }
 
   get size(): number {
-    return this.#processes.size;
+    return this.#table.size;
   }
 
   killAll(): void {
-    for (const p of this.#processes.values()) p.kill('SIGKILL');
+    for (const p of this.#table.all()) p.kill('SIGKILL');
   }
 
-  #retire(pid: number): void {
-    this.#finished.push(pid);
-    this.#finishedLogBytes += this.#processes.get(pid)?.output.bytes ?? 0;
-    while (this.#finished.length > KEEP_FINISHED || (this.#finished.length > 1 && this.#finishedLogBytes > FINISHED_LOGS_BYTES)) {
+}
+
+/** What the process table needs of a process. */
+export interface TableEntry {
+  readonly pid: number;
+  readonly output: { readonly bytes: number };
+}
+
+/**
+ * The processes the agent lists, each under its own identity (a serial number the agent gives
+ * it), not its pid: the kernel reuses a pid once its process was reaped — which can happen while
+ * the agent still reads the pipes a descendant holds open — so two entries can share a pid, and
+ * retiring one never evicts the other. A pid names the newest process started with it.
+ * Finished processes stay until more than `keepFinished` finished after them or their logs pass
+ * `finishedLogBytes` together (the oldest go first).
+ */
+export class ProcessTable<P extends TableEntry> {
+  readonly #entries = new Map<number, P>();
+  readonly #byPid = new Map<number, P>();
+  readonly #finished: Array<{ serial: number; proc: P }> = [];
+  #finishedLogBytes = 0;
+  #nextSerial = 1;
+
+  constructor(
+    private readonly keepFinished = KEEP_FINISHED,
+    private readonly finishedLogBytes = FINISHED_LOGS_BYTES,
+  ) {}
+
+  /** Lists a process just started; returns its identity, for `retire`. */
+  add(proc: P): number {
+    const serial = this.#nextSerial++;
+    this.#entries.set(serial, proc);
+    this.#byPid.set(proc.pid, proc);
+    return serial;
+  }
+
+  /** Marks a process finished; the oldest finished ones past the bounds are forgotten. */
+  retire(serial: number): void {
+    const proc = this.#entries.get(serial);
+    if (!proc) return;
+    this.#finished.push({ serial, proc });
+    this.#finishedLogBytes += proc.output.bytes;
+    while (this.#finished.length > this.keepFinished || (this.#finished.length > 1 && this.#finishedLogBytes > this.finishedLogBytes)) {
       const oldest = this.#finished.shift()!;
-      this.#finishedLogBytes -= this.#processes.get(oldest)?.output.bytes ?? 0;
-      this.#processes.delete(oldest);
+      this.#finishedLogBytes -= oldest.proc.output.bytes;
+      this.#entries.delete(oldest.serial);
+      if (this.#byPid.get(oldest.proc.pid) === oldest.proc) this.#byPid.delete(oldest.proc.pid);
     }
   }
+
+  /** The newest listed process started with `pid`, if any. */
+  get(pid: number): P | undefined {
+    return this.#byPid.get(pid);
+  }
+
+  all(): P[] {
+    return [...this.#entries.values()];
+  }
+
+  get size(): number {
+    return this.#entries.size;
+  }
+}
+
+/** The longest start of `text` whose UTF-8 encoding fits in `maxBytes` (never a split character). */
+export function utf8Prefix(text: string, maxBytes: number): string {
+  if (maxBytes <= 0) return '';
+  if (text.length * 3 <= maxBytes) return text;
+  const bytes = Buffer.from(text, 'utf8');
+  if (bytes.length <= maxBytes) return text;
+  let end = maxBytes;
+  // Back up to the first byte of the character the cut falls in (continuation bytes are 10xxxxxx).
+  while (end > 0 && (bytes[end]! & 0xc0) === 0x80) end--;
+  return bytes.subarray(0, end).toString('utf8');
 }
 
 /** Children must be the OOM killer's choice, never the agent. */
