@@ -56,6 +56,14 @@ const MAX_LIST_LIMIT = 100;
 /** Pages past this are clamped to it, so the row offset stays an exact integer for every store. */
 const MAX_LIST_PAGE = 1_000_000_000;
 
+/** What a caller can do about a sandbox that is not running, by its status. */
+const NOT_RUNNING_ADVICE: Record<Exclude<SandboxStatus, 'running'>, string> = {
+  creating: 'retry once it is running (GET /sandboxes/{id} says ready: true)',
+  paused: 'resume it first',
+  stopped: 'start it first',
+  error: 'it failed; delete it, or stop and start it',
+};
+
 /** Sandbox lifecycle: records in the store kept true to what the driver runs. */
 export class SandboxService {
   readonly #locks = new SandboxLocks();
@@ -156,7 +164,7 @@ export class SandboxService {
     const phase = this.deps.agents?.phaseOf(id);
     if (phase) throw new SandboxNotRunningError(`Sandbox ${record.name} is ${phase}; retry once it is running`);
     if (record.status !== 'running') {
-      throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}; ${record.status === 'paused' ? 'resume' : 'start'} it first`);
+      throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}; ${NOT_RUNNING_ADVICE[record.status]}`);
     }
     return record;
   }
