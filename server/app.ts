@@ -41,13 +41,14 @@ export interface App {
 }
 
 export interface AppOptions {
-  /** Defaults to a pino logger at `config.LOG_LEVEL` on stdout. */
+  /** Defaults to a pino logger at `config.LOG_LEVEL` on stdout, written off the event loop (see `stdoutLogger`). */
   log?: Logger;
 }
 
 /** The composition root: builds the store, services and HTTP server from a config. */
 export async function createApp(config: Config, options: AppOptions = {}): Promise<App> {
-  const log = options.log ?? pino({ level: config.LOG_LEVEL, base: undefined });
+  const stdout = options.log ? null : stdoutLogger(config.LOG_LEVEL);
+  const log = options.log ?? stdout!.log;
   const store = await openStore(config);
   const lastUsed = new LastUsedTracker(store.apiKeys, log, config.API_KEY_LAST_USED_FLUSH_SEC * 1000);
   const orgs = new OrgService({ store, lastUsed, log });
@@ -174,6 +175,33 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       await http.close();
       await lastUsed.close();
       await store.close();
+      // Every line logged so far reaches stdout before the process exits.
+      await stdout?.flushed();
     },
+  };
+}
+
+/**
+ * The server's own logger: JSON lines on stdout, written asynchronously (sonic-boom, `sync:
+ * false`): a request never waits for its access line's write, and lines logged while a write is in
+ * flight go out together in the next one; none waits for a buffer to fill. `flushed` resolves once
+ * every line logged before it was called has been written (or stdout failed).
+ */
+function stdoutLogger(level: Config['LOG_LEVEL']): { log: Logger; flushed(): Promise<void> } {
+  const dest = pino.destination({ dest: 1, sync: false });
+  return {
+    log: pino({ level, base: undefined }, dest),
+    flushed: () =>
+      new Promise<void>((resolve) => {
+        // An empty write queues behind what is pending; 'drain' follows once the queue is empty.
+        const done = () => {
+          dest.off('drain', done);
+          dest.off('error', done);
+          resolve();
+        };
+        dest.once('drain', done);
+        dest.once('error', done);
+        dest.write('');
+      }),
   };
 }
