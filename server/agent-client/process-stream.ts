@@ -1,5 +1,4 @@
 import type { IncomingMessage } from 'node:http';
-import { StringDecoder } from 'node:string_decoder';
 import { AGENT_MESSAGE_MAX_CHARS, AGENT_STREAM_MAX_LINE_BYTES, AgentProcessStreamLine } from '../../shared/schemas/agent-replies.js';
 import { AgentProtocolError } from './agent-connection.js';
 import { AgentUnavailableError, fromAgentCode, type AgentClients } from './agent-clients.js';
@@ -35,18 +34,30 @@ export async function* agentProcessStream(agents: AgentClients, sandboxId: strin
       const { code, message } = await readAgentError(res, sandboxId);
       throw fromAgentCode(code, message, undefined, 'PROCESS_NOT_FOUND') ?? new AgentUnavailableError(`The sandbox agent failed: ${message}`);
     }
-    const decoder = new StringDecoder('utf8');
-    let partial = '';
-    for await (const chunk of res) {
-      const text = partial + decoder.write(chunk as Buffer);
+    // Lines are found in the bytes (a JSON line holds no raw newline) and decoded one at a time.
+    let partial: Buffer[] = [];
+    let partialBytes = 0;
+    for await (const chunk of res as AsyncIterable<Buffer>) {
       let start = 0;
-      for (let nl = text.indexOf('\n'); nl !== -1; nl = text.indexOf('\n', start)) {
-        yield parseLine(text.slice(start, nl), sandboxId);
+      for (let nl = chunk.indexOf(10); nl !== -1; nl = chunk.indexOf(10, start)) {
+        let line: string;
+        if (partialBytes) {
+          partial.push(chunk.subarray(start, nl));
+          line = Buffer.concat(partial, partialBytes + nl - start).toString('utf8');
+          partial = [];
+          partialBytes = 0;
+        } else {
+          line = chunk.toString('utf8', start, nl);
+        }
+        yield parseLine(line, sandboxId);
         start = nl + 1;
       }
-      partial = start === 0 ? text : text.slice(start);
-      if (partial.length > AGENT_STREAM_MAX_LINE_BYTES) {
-        throw new AgentProtocolError(`the sandbox ${sandboxId} agent sent a reply of ${Buffer.byteLength(partial)} bytes where at most ${AGENT_STREAM_MAX_LINE_BYTES} are accepted (one line of a process's output stream)`);
+      if (start < chunk.length) {
+        partial.push(start === 0 ? chunk : chunk.subarray(start));
+        partialBytes += chunk.length - start;
+      }
+      if (partialBytes > AGENT_STREAM_MAX_LINE_BYTES) {
+        throw new AgentProtocolError(`the sandbox ${sandboxId} agent sent a reply of ${partialBytes} bytes where at most ${AGENT_STREAM_MAX_LINE_BYTES} are accepted (one line of a process's output stream)`);
       }
     }
     throw new AgentProtocolError(`the sandbox ${sandboxId} agent ended a process's output stream before the process's exit`);
