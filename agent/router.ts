@@ -45,7 +45,7 @@ const filesRouter = t.router({
     .input(Path.extend({ recursive: z.boolean(), ignoreHidden: z.boolean() }))
     .subscription(async function* ({ input, signal }) {
       const batches = new AsyncQueue<WatchMessage[]>();
-      const watcher = await FileWatch.start(input, (messages) => batches.push(messages));
+      const watcher = await FileWatch.start(input, (messages) => batches.push(messages), () => batches.end());
       try {
         yield { type: 'ready' as const, path: watcher.root };
         for await (const events of batches.drain(signal)) yield { type: 'events' as const, events };

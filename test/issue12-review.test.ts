@@ -75,17 +75,25 @@ describe.skipIf(!support.ok)('issue 12 review: file watch', () => {
     await watchTwice('/root/kept', async () => {});
   }, 20_000);
 
-  // Known bug, left open by the review: the agent's chokidar shares one fs.watch handle per path
-  // across sessions, so a session left idle on a directory that is then deleted and recreated keeps
-  // the stale handle, and every later session on that path receives no event at all (the second
-  // session's `created` never comes). It shows only once the first session has held the path for
-  // a while (about a second; no event marks the moment), hence the wait and the skip: a
-  // reproduction for whoever fixes it (agent/services/files/watch.ts), not a CI check. Once fixed,
-  // drop the skip and the wait.
-  it.skip('a new watch session on a directory deleted and recreated after an earlier session left reports files created in it (known bug)', async () => {
+  // chokidar shares one fs.watch handle per path among the agent's watches: a session left idle on
+  // a directory that is then deleted and recreated must let go of its handle on the dead directory,
+  // or every later session on that path shares it and receives no event at all. The stale handle
+  // shows only once the first session has held the path for a while (about a second, chokidar's
+  // readdir throttle; no event marks the moment), hence the wait.
+  it('a new watch session on a directory deleted and recreated after an earlier session left reports files created in it (regression: silent session)', async () => {
     await watchTwice('/root/recreated', async () => {
       await new Promise((r) => setTimeout(r, 1500));
       await box.exec('rm -rf /root/recreated && mkdir /root/recreated');
     });
+  }, 20_000);
+
+  it('a watch session whose directory is deleted reports what it held as deleted and ends, instead of going silent', async () => {
+    await box.exec('mkdir -p /root/doomed/sub && touch /root/doomed/sub/f');
+    const { ws, next } = await watchStream('/root/doomed');
+    const closed = new Promise<number>((resolve) => ws.once('close', (code) => resolve(code)));
+    await box.exec('rm -rf /root/doomed');
+    await next((e) => e.type === 'deleted' && e.path === '/root/doomed/sub/f');
+    await next((e) => e.type === 'deleted' && e.path === '/root/doomed/sub');
+    expect(await closed).toBe(1000); // the session ended
   }, 20_000);
 });

@@ -36,8 +36,9 @@ interface Session {
 /**
  * File-watch sessions: one chokidar watch in the sandbox's agent per session, fanned out to any
  * number of clients. A session keeps its last 1,000 messages (older ones are gone; resuming past
- * them yields an `overflow` saying how many), ends when its sandbox stops or is deleted, and ends
- * after `idleTimeoutMs` with no client attached.
+ * them yields an `overflow` saying how many), ends when its sandbox stops or is deleted or the
+ * agent ends the watch (the watched directory was deleted), and ends after `idleTimeoutMs` with no
+ * client attached.
  */
 export class WatchService {
   readonly #sessions = new Map<string, Session>();

@@ -1,6 +1,6 @@
-import type { Stats } from 'node:fs';
-import { stat } from 'node:fs/promises';
-import { basename } from 'node:path';
+import { lstatSync, statSync, type Stats } from 'node:fs';
+import { lstat, stat } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 import { watch as chokidarWatch } from 'chokidar';
 import type { WatchMessage } from '../../../shared/schemas/files.js';
 import { fsError } from '../../errors.js';
@@ -20,6 +20,17 @@ const RENAME_WINDOW_MS = 30;
 /** Events held for a reader before the oldest are dropped (and counted in an `overflow` event). */
 const MAX_QUEUED = 10_000;
 const FLUSH_MS = 5;
+/**
+ * How long after chokidar's readdir throttle (1 s) a name seen in a raw event is checked again:
+ * by then chokidar has reported it, or never will.
+ */
+const LATE_CHECK_MS = 1100;
+
+/**
+ * Every open watch in this process. Module-level because what it guards is: chokidar shares one
+ * fs.watch handle per path among all its watchers in the process.
+ */
+const openWatches = new Set<FileWatch>();
 
 /** What identifies a file across a rename: its inode, and its birth time where the filesystem keeps one. */
 interface FileIdentity {
@@ -36,6 +47,34 @@ interface Pending {
   timer?: NodeJS.Timeout;
 }
 
+/** Paths remembered for `LATE_CHECK_MS` after they were added. */
+class RecentPaths {
+  readonly #timers = new Map<string, NodeJS.Timeout>();
+
+  add(path: string): void {
+    clearTimeout(this.#timers.get(path));
+    this.#timers.set(path, setTimeout(() => this.#timers.delete(path), LATE_CHECK_MS));
+  }
+
+  /** Forgets `path`; whether it was remembered. */
+  delete(path: string): boolean {
+    clearTimeout(this.#timers.get(path));
+    return this.#timers.delete(path);
+  }
+
+  clear(): void {
+    for (const t of this.#timers.values()) clearTimeout(t);
+    this.#timers.clear();
+  }
+}
+
+/** A name a raw event showed in a watched directory that chokidar has not reported (yet). */
+interface Unseen {
+  /** Its `created`, held in order until chokidar reports the file or it is found gone. */
+  placeholder?: Pending;
+  timer: NodeJS.Timeout;
+}
+
 /**
  * Whether two sightings are the same file: the same inode, and the same birth time where both
  * have one — a new file can get the inode of one deleted moments ago, but not its birth time.
@@ -48,11 +87,17 @@ function sameFile(a: FileIdentity, b: FileIdentity): boolean {
  * Watches a path with chokidar and delivers FileEvents in order: created, modified, chmod (mode
  * changed, content not), deleted, and renamed (a deletion and a creation of the same file under
  * another path within 30 ms, in either order; never a path renamed to itself). A file created and
- * deleted quickly is reported as `created` then `deleted`; one gone before the watcher could see
- * it is not reported at all, never half. Writes to a file whose `created` is not delivered yet
- * are part of creating it (one `created`, its size updated); repeated modifications of one path
- * between deliveries are coalesced. Past 10,000 queued events the oldest are dropped and an
- * `overflow` event says how many.
+ * deleted quickly is reported as `created` then `deleted`, never half. Writes to a file whose
+ * `created` is not delivered yet are part of creating it (one `created`, its size updated);
+ * repeated modifications of one path between deliveries are coalesced. Past 10,000 queued events
+ * the oldest are dropped and an `overflow` event says how many.
+ *
+ * A file created and deleted before chokidar could stat it is still reported, as `created` then
+ * `deleted`: a name a raw fs.watch event showed in a watched directory, that chokidar never
+ * reported and that is gone when checked. When the watched directory itself is deleted (or
+ * replaced), what it held is reported `deleted` and the watch ends (`onEnd`): its chokidar
+ * watcher is closed at once, so no later watch of that path shares its handle on the dead
+ * directory.
  */
 export class FileWatch {
   readonly #queue: Pending[] = [];
@@ -61,11 +106,22 @@ export class FileWatch {
   #flushTimer: NodeJS.Timeout | undefined;
   readonly #watcher: ReturnType<typeof chokidarWatch>;
   #ready = false;
+  #ended = false;
+  readonly #unseen = new Map<string, Unseen>();
+  /** Paths reported as short-lived whose stale chokidar `add` (and then `unlink`) is not reported again. */
+  readonly #reportedShortLived = new RecentPaths();
+  readonly #suppressedUnlinks = new RecentPaths();
+  /** Known paths whose deletion's raw event has been seen. */
+  readonly #deletionSeen = new Set<string>();
+  /** Paths chokidar reported deleted before their deletion's raw event came: that event is not a new name. */
+  readonly #deletionPending = new RecentPaths();
 
   private constructor(
     readonly root: string,
-    spec: WatchSpec,
+    private readonly rootFile: FileIdentity & { isDir: boolean },
+    private readonly spec: WatchSpec,
     private readonly deliver: (messages: WatchMessage[]) => void,
+    private readonly onEnd: () => void,
   ) {
     this.#watcher = chokidarWatch(root, {
       ignoreInitial: false, // the initial scan learns inodes and modes (for rename and chmod); its events are not reported
@@ -82,18 +138,136 @@ export class FileWatch {
     this.#watcher.on('change', (p, st) => this.#onChange(p, st));
     this.#watcher.on('unlink', (p) => this.#onUnlink(p));
     this.#watcher.on('unlinkDir', (p) => this.#onUnlink(p));
+    this.#watcher.on('raw', (event, name, details) => this.#onRaw(event, name, (details as { watchedPath?: string } | undefined)?.watchedPath));
     this.#watcher.on('error', () => {});
+    openWatches.add(this);
   }
 
-  /** Starts watching `spec.path`, which must exist; resolves once the initial scan is done. */
-  static async start(spec: WatchSpec, deliver: (messages: WatchMessage[]) => void): Promise<FileWatch> {
+  /**
+   * Starts watching `spec.path`, which must exist; resolves once the initial scan is done.
+   * `onEnd` is called when the watch ends by itself (its directory was deleted).
+   */
+  static async start(spec: WatchSpec, deliver: (messages: WatchMessage[]) => void, onEnd: () => void = () => {}): Promise<FileWatch> {
     const root = resolveInSandbox(spec.path);
-    await stat(root).catch((err) => {
+    const st = await stat(root).catch((err) => {
       throw fsError(err, root);
     });
-    const w = new FileWatch(root, spec, deliver);
+    // A watch whose directory was replaced without it noticing would lend its dead handle.
+    for (const w of openWatches) w.#checkRoot();
+    const w = new FileWatch(root, { ino: st.ino, birthtimeMs: st.birthtimeMs, isDir: st.isDirectory() }, spec, deliver, onEnd);
     await new Promise<void>((resolve) => w.#watcher.once('ready', () => resolve()));
     return w;
+  }
+
+  /** Drops the names not reported yet (their placeholders too) and the remembered recent paths. */
+  #forgetRecent(): void {
+    for (const u of this.#unseen.values()) {
+      clearTimeout(u.timer);
+      const at = u.placeholder ? this.#queue.indexOf(u.placeholder) : -1;
+      if (at >= 0) this.#queue.splice(at, 1);
+    }
+    this.#unseen.clear();
+    this.#reportedShortLived.clear();
+    this.#suppressedUnlinks.clear();
+    this.#deletionPending.clear();
+  }
+
+  /** Ends the watch if its root is gone or is another file now. */
+  #checkRoot(): void {
+    if (this.#ended) return;
+    let st: Stats | undefined;
+    try {
+      st = statSync(this.root);
+    } catch {
+      st = undefined;
+    }
+    if (st && sameFile(this.rootFile, { ino: st.ino, birthtimeMs: st.birthtimeMs })) return;
+    this.#ended = true;
+    // Synchronously: chokidar releases its shares of the fs.watch handles before anyone re-adds the path.
+    void this.#watcher.close();
+    openWatches.delete(this);
+    this.#forgetRecent();
+    for (const q of this.#queue) if (!q.ready) this.#settle(q, q.message);
+    const gone = [...this.#known.keys()].filter((p) => p !== this.root).sort((a, b) => b.length - a.length);
+    this.#known.clear();
+    for (const path of gone) this.#enqueue({ message: { type: 'deleted', path, timestamp: new Date().toISOString() }, ready: true });
+    clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
+    this.#flush();
+    this.onEnd();
+  }
+
+  /**
+   * A raw fs.watch event. On the root itself: it may have been deleted. A name in a watched
+   * directory that chokidar has not reported: held as a `created` until chokidar reports it or it
+   * is found gone (a short-lived file chokidar drops).
+   */
+  #onRaw(event: string, name: string | null, watchedPath: string | undefined): void {
+    if (this.#ended || !this.#ready || event !== 'rename' || !name || !watchedPath) return;
+    if (watchedPath === this.root && name === basename(this.root)) this.#checkRoot();
+    if (this.#ended) return;
+    const watchedDir = watchedPath === this.root ? this.rootFile.isDir : this.spec.recursive && ((this.#known.get(watchedPath)?.mode ?? 0) & 0o170000) === 0o040000;
+    if (!watchedDir || (this.spec.ignoreHidden && name.startsWith('.'))) return;
+    const path = join(watchedPath, name);
+    if (this.#known.has(path)) {
+      this.#deletionSeen.add(path);
+      return;
+    }
+    if (this.#deletionPending.delete(path) || this.#unseen.has(path)) return;
+    const placeholder: Pending = { message: { type: 'created', path, timestamp: new Date().toISOString() }, ready: false };
+    this.#enqueue(placeholder);
+    this.#unseen.set(path, { placeholder, timer: setTimeout(() => void this.#checkUnseen(path), RENAME_WINDOW_MS) });
+  }
+
+  /** Reports an unseen name that is gone as `created` then `deleted`; one still there is left to chokidar. */
+  async #checkUnseen(path: string): Promise<void> {
+    const exists = await lstat(path).then(() => true, () => false);
+    const unseen = this.#unseen.get(path);
+    if (!unseen || this.#ended) return;
+    const at = unseen.placeholder ? this.#queue.indexOf(unseen.placeholder) : -1;
+    if (exists) {
+      // chokidar reports it (then `#onAdd` drops this); checked once more in case it never does.
+      if (at >= 0) this.#queue.splice(at, 1);
+      if (unseen.placeholder) {
+        unseen.placeholder = undefined;
+        unseen.timer = setTimeout(() => void this.#checkUnseen(path), LATE_CHECK_MS);
+        this.#scheduleFlush();
+      } else this.#unseen.delete(path);
+      return;
+    }
+    this.#unseen.delete(path);
+    this.#reportedShortLived.add(path);
+    const deleted: Pending = { message: { type: 'deleted', path, timestamp: new Date().toISOString() }, ready: true };
+    if (at >= 0) {
+      unseen.placeholder!.ready = true;
+      this.#queue.splice(at + 1, 0, deleted);
+      this.#scheduleFlush();
+    } else {
+      this.#enqueue({ message: { type: 'created', path, timestamp: new Date().toISOString() }, ready: true });
+      this.#enqueue(deleted);
+    }
+  }
+
+  /** Whether chokidar's `add` of `path` is stale: the path was reported short-lived and is still gone. */
+  #staleAdd(path: string): boolean {
+    const unseen = this.#unseen.get(path);
+    if (unseen) {
+      clearTimeout(unseen.timer);
+      if (unseen.placeholder) {
+        const at = this.#queue.indexOf(unseen.placeholder);
+        if (at >= 0) this.#queue.splice(at, 1);
+        this.#scheduleFlush();
+      }
+      this.#unseen.delete(path);
+    }
+    if (!this.#reportedShortLived.delete(path)) return false;
+    try {
+      lstatSync(path);
+      return false;
+    } catch {
+      this.#suppressedUnlinks.add(path);
+      return true;
+    }
   }
 
   #remember(path: string, st: Stats | undefined): void {
@@ -101,6 +275,8 @@ export class FileWatch {
   }
 
   #onAdd(path: string, st: Stats | undefined, isDir: boolean): void {
+    this.#deletionSeen.delete(path);
+    if (this.#ready && this.#staleAdd(path)) return;
     this.#remember(path, st);
     if (!this.#ready || path === this.root) return;
     const size = isDir || !st ? {} : { size: st.size };
@@ -148,6 +324,8 @@ export class FileWatch {
   }
 
   #onUnlink(path: string): void {
+    if (this.#suppressedUnlinks.delete(path)) return;
+    if (!this.#deletionSeen.delete(path) && this.#ready) this.#deletionPending.add(path);
     const known = this.#known.get(path);
     this.#known.delete(path);
     if (!this.#ready) return;
@@ -211,8 +389,11 @@ export class FileWatch {
   }
 
   async close(): Promise<void> {
+    this.#ended = true;
+    openWatches.delete(this);
     clearTimeout(this.#flushTimer);
     for (const p of this.#queue) clearTimeout(p.timer);
+    this.#forgetRecent();
     await this.#watcher.close();
   }
 }
