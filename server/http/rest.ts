@@ -1,5 +1,21 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { createOpenApiNodeHttpHandler } from 'trpc-to-openapi';
+import { TRPCError, type AnyProcedure } from '@trpc/server';
+import { getErrorShape } from '@trpc/server/unstable-core-do-not-import';
+import type { ZodObject, ZodRawShape } from 'zod';
+import { ZodArray } from 'zod/v4';
+import {
+  coerceSchema,
+  forEachOpenApiProcedure,
+  getInputOutputParsers,
+  getPathRegExp,
+  instanceofZodTypeLikeVoid,
+  instanceofZodTypeObject,
+  instanceofZodTypeOptional,
+  normalizePath,
+  unwrapZodType,
+  zodSupportsCoerce,
+  type OpenApiMethod,
+} from 'trpc-to-openapi';
 import { decodeOrNull } from '../../shared/uri.js';
 import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
@@ -23,31 +39,20 @@ export interface RestHandlerOptions {
 }
 
 /**
- * The REST face: trpc-to-openapi routes `/api/...` to procedures by their `meta.openapi`; this
- * wrapper reads the JSON body itself (size limit, clear parse errors) and rewrites the answer into
- * the original VoidRun's envelopes. Resolves `false` when no procedure owns the path.
+ * The REST face: `/api/...` is routed to procedures by their `meta.openapi` (as trpc-to-openapi
+ * routes them: same paths, inputs, coercion and error shapes), the JSON body is read here (size
+ * limit, clear parse errors), and the answer is written in the original VoidRun's envelopes.
+ * Resolves `false` when no procedure owns the path.
+ *
+ * This is trpc-to-openapi's Node adapter without its per-request costs: the procedure is called
+ * directly (no caller proxy), no fetch `Request` is built for an abort signal nothing reads (its
+ * caller passes procedures none), and a success is serialized once, straight into its envelope.
  */
 export function createRestHandler(opts: RestHandlerOptions) {
   const metaByPath = procedureMetaIndex(opts.router);
-  const contexts = new WeakMap<IncomingMessage, Context>();
+  const findProcedure = restProcedureTable(opts.router);
 
-  const openApi = createOpenApiNodeHttpHandler({
-    router: opts.router,
-    createContext: ({ req, res }) => {
-      const ctx = contexts.get(req) ?? opts.createContext(req, res as ServerResponse);
-      contexts.set(req, ctx);
-      return ctx;
-    },
-    responseMeta: ({ ctx, paths, errors }) => {
-      const path = paths?.[0];
-      if (ctx && path) (ctx as Context).record.procedurePath = path;
-      if (errors.length > 0 || !path) return {};
-      return { status: metaByPath.get(path)?.successStatus ?? 200 };
-    },
-  });
-
-  return async function handleRest(req: IncomingMessage & { body?: unknown; query?: unknown }, res: ServerResponse, apiPath: string): Promise<boolean> {
-    let matched = true;
+  return async function handleRest(req: IncomingMessage & { body?: unknown }, res: ServerResponse, apiPath: string): Promise<boolean> {
     const method = req.method ?? 'GET';
     if (method !== 'GET' && method !== 'HEAD' && method !== 'DELETE') {
       try {
@@ -55,8 +60,6 @@ export function createRestHandler(opts: RestHandlerOptions) {
         // query is merged under the body, which wins on a conflict.
         const body = await readJsonBody(req, opts.maxJsonBodyBytes);
         req.body = body && typeof body === 'object' && !Array.isArray(body) ? { ...queryValues(apiPath), ...body } : body;
-        // trpc-to-openapi insists on a JSON content type even for the empty body we read as {}.
-        req.headers['content-type'] = 'application/json';
       } catch (err) {
         if (!(err instanceof DomainError)) throw err;
         // The body was not read to its end: close the connection rather than reuse it.
@@ -64,20 +67,156 @@ export function createRestHandler(opts: RestHandlerOptions) {
         return true;
       }
     }
-    const originalUrl = req.url;
-    req.url = withDecodedSegments(apiPath);
-    req.query = queryWithBooleans(apiPath);
-    wrapInEnvelope(res, () => {
-      const path = contexts.get(req)?.record.procedurePath;
-      return (path && metaByPath.get(path)) || {};
-    });
-    await openApi(req, res, () => {
-      matched = false;
-    });
-    req.url = originalUrl;
-    if (!matched) unwrapEnvelope(res);
-    return matched;
+    const url = new URL(`http://127.0.0.1${withDecodedSegments(apiPath)}`);
+    const found = findProcedure(method, normalizePath(url.pathname));
+    if (!found) return false;
+    const { entry, pathInput } = found;
+    const ctx = opts.createContext(req, res);
+    ctx.record.procedurePath = entry.path;
+    let input: Record<string, unknown> | undefined;
+    try {
+      // A GET or DELETE takes its input from the query string; every other method from the body.
+      const useBody = method !== 'GET' && method !== 'DELETE';
+      if (!entry.voidInput) input = { ...(useBody ? (req.body as object) : singleValues(queryWithBooleans(apiPath))), ...pathInput };
+      if (entry.objectInput && input) {
+        if (!useBody) for (const key of entry.arrayKeys) if (input[key] !== undefined && !Array.isArray(input[key])) input[key] = [input[key]];
+        entry.coerce();
+      }
+      const data: unknown = await entry.procedure({ path: entry.path, getRawInput: async () => input, ctx, type: entry.type, signal: undefined });
+      const meta = metaByPath.get(entry.path) ?? {};
+      // A REST view reads the output as JSON carries it (dates as strings).
+      const text = JSON.stringify(successEnvelope(meta.restView ? jsonCopy(data) : data, meta));
+      res.statusCode = meta.successStatus ?? 200;
+      res.setHeader('content-type', 'application/json; charset=utf-8');
+      res.setHeader('content-length', Buffer.byteLength(text));
+      res.end(text);
+    } catch (cause) {
+      const error = cause instanceof Error && cause.name === 'TRPCError' ? (cause as TRPCError) : internalError(cause);
+      const shape = getErrorShape({ config: opts.router._def._config, error, type: entry.type, path: entry.path, input, ctx }) as OpenApiErrorBody;
+      const isInputValidationError = error.code === 'BAD_REQUEST' && error.cause instanceof Error && error.cause.name === 'ZodError';
+      // The failure as trpc-to-openapi wrote it, read back as JSON, then put in our error envelope.
+      const written = jsonCopy({
+        ...shape,
+        message: isInputValidationError ? 'Input validation failed' : (shape?.message ?? error.message ?? 'An error occurred'),
+        code: error.code,
+        issues: isInputValidationError ? (error.cause as { issues?: unknown }).issues : undefined,
+      }) as OpenApiErrorBody;
+      const text = JSON.stringify(errorEnvelope(written));
+      res.statusCode = TRPC_ERROR_CODE_HTTP_STATUS[error.code] ?? 500;
+      res.setHeader('content-type', 'application/json; charset=utf-8');
+      res.setHeader('content-length', Buffer.byteLength(text));
+      res.end(text);
+    }
+    return true;
   };
+}
+
+/** A REST-routed procedure, with what its input handling needs worked out once. */
+interface RestProcedure {
+  path: string;
+  type: 'query' | 'mutation';
+  procedure: (opts: { path: string; getRawInput: () => Promise<unknown>; ctx: Context; type: 'query' | 'mutation'; signal: undefined }) => Promise<unknown>;
+  /** The input is void-like: the procedure gets none. */
+  voidInput: boolean;
+  /** The input is an object: query values are coerced to its fields' types. */
+  objectInput: boolean;
+  /** Its array fields: a single query value becomes a one-element array. */
+  arrayKeys: string[];
+  /** Marks the input's fields coercible (trpc-to-openapi's `coerceSchema`), once, on first use. */
+  coerce(): void;
+}
+
+/**
+ * The procedure for a method and normalized path, and the path parameters, by the same rules as
+ * trpc-to-openapi: per method, the first route whose pattern matches, case-insensitively, in the
+ * router's order.
+ */
+function restProcedureTable(router: AppRouter): (method: string, path: string) => { entry: RestProcedure; pathInput: Record<string, string> } | undefined {
+  const byMethod = new Map<string, Array<{ pattern: RegExp; entry: RestProcedure }>>();
+  forEachOpenApiProcedure(router._def.procedures as never, ({ path, procedure, meta: { openapi } }) => {
+    const type = (procedure as AnyProcedure)._def.type;
+    if (type === 'subscription') return;
+    const { inputParser } = getInputOutputParsers(procedure as never);
+    const schema = unwrapZodType(inputParser as never, true);
+    const objectInput = zodSupportsCoerce && instanceofZodTypeObject(schema);
+    const shape: Record<string, unknown> = objectInput ? (schema as unknown as ZodObject<ZodRawShape>).shape : {};
+    let coerced = false;
+    const entry: RestProcedure = {
+      path,
+      type,
+      procedure: procedure as unknown as RestProcedure['procedure'],
+      voidInput: instanceofZodTypeLikeVoid(schema),
+      objectInput,
+      arrayKeys: Object.keys(shape).filter((key) => {
+        const field = shape[key];
+        return field instanceof ZodArray || (instanceofZodTypeOptional(field as never) && (field as { unwrap(): unknown }).unwrap() instanceof ZodArray);
+      }),
+      coerce: () => {
+        if (coerced) return;
+        coerced = true;
+        coerceSchema(schema as unknown as ZodObject<ZodRawShape>);
+      },
+    };
+    const method: OpenApiMethod = openapi.method;
+    const routes = byMethod.get(method) ?? [];
+    byMethod.set(method, routes);
+    routes.push({ pattern: getPathRegExp(normalizePath(openapi.path)), entry });
+  });
+  return (method, path) => {
+    for (const { pattern, entry } of byMethod.get(method) ?? []) {
+      const match = pattern.exec(path);
+      if (match) return { entry, pathInput: { ...match.groups } };
+    }
+    return undefined;
+  };
+}
+
+/** HTTP statuses of tRPC error codes, as trpc-to-openapi answers them. */
+const TRPC_ERROR_CODE_HTTP_STATUS: Partial<Record<TRPCError['code'], number>> = {
+  PARSE_ERROR: 400,
+  BAD_REQUEST: 400,
+  NOT_FOUND: 404,
+  INTERNAL_SERVER_ERROR: 500,
+  UNAUTHORIZED: 401,
+  FORBIDDEN: 403,
+  TIMEOUT: 408,
+  CONFLICT: 409,
+  CLIENT_CLOSED_REQUEST: 499,
+  PRECONDITION_FAILED: 412,
+  PAYLOAD_TOO_LARGE: 413,
+  METHOD_NOT_SUPPORTED: 405,
+  UNSUPPORTED_MEDIA_TYPE: 415,
+  TOO_MANY_REQUESTS: 429,
+  UNPROCESSABLE_CONTENT: 422,
+  NOT_IMPLEMENTED: 501,
+  BAD_GATEWAY: 502,
+  SERVICE_UNAVAILABLE: 503,
+  GATEWAY_TIMEOUT: 504,
+  PAYMENT_REQUIRED: 402,
+  PRECONDITION_REQUIRED: 428,
+};
+
+/** A thrown value that is not a TRPCError, as a 500 that keeps it as the cause. */
+function internalError(cause: unknown): TRPCError {
+  const error = new TRPCError({ message: 'Internal server error', code: 'INTERNAL_SERVER_ERROR', cause: cause instanceof Error ? cause : undefined });
+  if (cause instanceof Error && cause.stack) error.stack = cause.stack;
+  return error;
+}
+
+/** `value` as it reads after a JSON round trip. */
+function jsonCopy(value: unknown): unknown {
+  const text = JSON.stringify(value);
+  return text === undefined ? undefined : JSON.parse(text);
+}
+
+/** A query's values, one-element lists as their single value (as trpc-to-openapi reads the query). */
+function singleValues(query: Record<string, unknown[]>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const key of Object.keys(query)) {
+    const value = query[key]!;
+    out[key] = value.length === 1 ? value[0] : value;
+  }
+  return out;
 }
 
 /** The query parameters that are procedure inputs: all but `apiKey`, which is a credential (see `apiKeyOf`). */
@@ -128,32 +267,6 @@ function queryValues(path: string): Record<string, unknown> {
     out[key] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [prev, value];
   });
   return out;
-}
-
-const originalEnds = new WeakMap<ServerResponse, ServerResponse['end']>();
-
-/**
- * trpc-to-openapi writes its body with one `res.end(json)`. This replaces that call, once, with the
- * envelope of the original VoidRun: `{status, message, data}` or `{error, details?}`.
- */
-function wrapInEnvelope(res: ServerResponse, procedureMeta: () => Meta): void {
-  const end = res.end;
-  originalEnds.set(res, end);
-  res.end = function endWithEnvelope(this: ServerResponse, chunk?: unknown) {
-    res.end = end;
-    const raw = typeof chunk === 'string' ? chunk : Buffer.isBuffer(chunk) ? chunk.toString('utf8') : undefined;
-    const parsed: unknown = raw ? JSON.parse(raw) : undefined;
-    const body = res.statusCode < 400 ? successEnvelope(parsed, procedureMeta()) : errorEnvelope(parsed as OpenApiErrorBody | undefined);
-    const text = JSON.stringify(body);
-    res.setHeader('content-type', 'application/json; charset=utf-8');
-    res.setHeader('content-length', Buffer.byteLength(text));
-    return end.call(res, text, 'utf8');
-  } as ServerResponse['end'];
-}
-
-function unwrapEnvelope(res: ServerResponse): void {
-  const end = originalEnds.get(res);
-  if (end) res.end = end;
 }
 
 /** The REST body of a successful call, in the shape its procedure's meta declares (`envelope`, `restView`). */
