@@ -87,7 +87,7 @@ const server = createServer((req, res) => {
     });
     return;
   }
-  void handleProcessStream(req, res, ctx.processes)
+  void handleProcessStream(req, res, ctx.processes, ctx.shells)
     .then((handled) => handled || handleFileTransfer(req, res))
     .then((handled) => {
       if (!handled) res.writeHead(404).end();

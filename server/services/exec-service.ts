@@ -1,7 +1,8 @@
 import type { Logger } from 'pino';
-import { agentProcessStream, type ProcessStreamCall } from '../agent-client/process-stream.js';
+import { agentProcessStream, agentShellExecStream, type ProcessStreamCall } from '../agent-client/process-stream.js';
+import { AgentUnavailableError, fromAgentCode } from '../agent-client/agent-clients.js';
+import { AGENT_MESSAGE_MAX_CHARS } from '../../shared/schemas/agent-replies.js';
 import { DEFAULT_EXEC_TIMEOUT_SEC, type ExecChunk, type ExecInput, type ExecOutput, type ProcessInfo, type RunCommandInput, type SessionExecInput, type SessionExecResult } from '../../shared/index.js';
-import { AsyncQueue } from '../../shared/async-queue.js';
 import { InvalidInputError } from '../errors.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import type { AgentClient } from '../agent-client/agent-clients.js';
@@ -9,10 +10,7 @@ import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
 
 /** What a session-exec stream carries. */
-export type SessionStreamEvent = { type: 'stdout' | 'stderr'; data: string } | { type: 'exit'; exitCode: number } | { type: 'gap'; droppedBytes: number };
-
-/** Output a session-exec stream holds for a slow reader before it drops (and reports) the rest. */
-export const SESSION_STREAM_HIGH_WATER_BYTES = 4 * 1024 * 1024;
+export type SessionStreamEvent = { type: 'stdout' | 'stderr'; data: string } | { type: 'exit'; exitCode: number };
 
 export interface ExecLimits {
   /** Per stream; the rest is dropped and the result says `truncated`. */
@@ -167,53 +165,23 @@ export class ExecService {
   }
 
   /**
-   * One command in a shell session, as it runs: output chunks, then the exit code. A shell
-   * session's output cannot be replayed, so a reader more than `SESSION_STREAM_HIGH_WATER_BYTES`
-   * behind misses output: it gets one `gap` event saying how much, where it was dropped.
+   * One command in a shell session, as it runs: output chunks, then the exit code. The output is
+   * pulled at the reader's pace: a reader that falls behind pauses the shell's command (its pipes
+   * are not read), so nothing is dropped and nothing piles up.
    */
   async *sessionExecStream(principal: Principal, id: string, sessionId: string, command: string, timeoutSec: number, signal?: AbortSignal): AsyncGenerator<SessionStreamEvent> {
     const record = await this.deps.sandboxes.running(principal, id);
-    const agent = this.deps.sandboxes.agents.get(record.id);
-    const queue = new AsyncQueue<SessionStreamEvent>();
-    let queued = 0;
-    let dropped = 0;
-    const flushGap = () => {
-      if (!dropped) return;
-      queue.push({ type: 'gap', droppedBytes: dropped });
-      dropped = 0;
-    };
-    const sub = agent.shell.execStream.subscribe(
-      { sessionId, command, timeoutMs: timeoutSec * 1000 },
-      {
-        onData: (event) => {
-          if (event.type === 'exit') {
-            flushGap();
-            queue.push(event);
-            return;
-          }
-          if (queued + event.data.length > SESSION_STREAM_HIGH_WATER_BYTES) {
-            dropped += Buffer.byteLength(event.data);
-            return;
-          }
-          flushGap();
-          queued += event.data.length;
-          queue.push(event);
-        },
-        onError: (err) => queue.fail(err ?? new Error('the shell stream failed')),
-        onComplete: () => queue.end(),
-        onStopped: () => queue.end(),
-        signal,
-      },
-    );
+    const agents = this.deps.sandboxes.agents;
+    const since = agents.epoch(record.id);
     try {
-      for await (const event of queue.drain(signal)) {
-        if (event.type === 'stdout' || event.type === 'stderr') queued -= event.data.length;
-        yield event;
+      for await (const line of agentShellExecStream(agents, record.id, { sessionId, command, timeoutMs: timeoutSec * 1000 }, signal)) {
+        if (line.type === 'error') throw fromAgentCode(line.code, line.error.slice(0, AGENT_MESSAGE_MAX_CHARS)) ?? new AgentUnavailableError(`The sandbox agent failed: ${line.error.slice(0, AGENT_MESSAGE_MAX_CHARS)}`);
+        yield line;
+        if (line.type === 'exit') return;
       }
     } catch (err) {
-      throw await this.deps.sandboxes.agents.failure(record, err);
-    } finally {
-      sub.unsubscribe();
+      if (signal?.aborted) return; // the reader left
+      throw await agents.failure(record, err, since);
     }
   }
 

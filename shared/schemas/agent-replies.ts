@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { AgentExecResult, AgentHealth, AgentProcessInfo, OutputEvent } from './agent.js';
-import { DiskUsage, FileEvent, FileInfo, FileStats, UploadResult } from './files.js';
+import { DiskUsage, FileEvent, FileInfo, FileStats, UploadResult, UploadTarResult } from './files.js';
 import { PtyEvent, PtySessionInfo } from './pty.js';
 
 /**
@@ -116,6 +116,9 @@ export const agentReplyMaxBytes: Partial<Record<AgentReplyPath, number>> = {
 /** The agent's raw `PUT /files/content` answer. */
 export const AgentUploadReply = UploadResult;
 
+/** The agent's answer to a tar upload. */
+export const AgentUploadTarReply = UploadTarResult;
+
 /** The agent's raw error body (`{error, code}`) on its file routes. */
 export const AgentHttpErrorReply = z.object({ error: z.string().optional(), code: z.string().max(64).optional() });
 
@@ -137,6 +140,18 @@ export const AgentProcessStreamLine = z.discriminatedUnion('type', [
   z.object({ seq: Seq, type: z.literal('gap'), droppedBytes: z.number().int().min(0) }),
 ]);
 export type AgentProcessStreamLine = z.infer<typeof AgentProcessStreamLine>;
+
+/**
+ * One line of the agent's raw shell-command stream (`POST /shell/exec-stream`): output as the
+ * shell's pipes give it, then the exit status, or the error that ended the command (its timeout).
+ */
+export const AgentShellStreamLine = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('stdout'), data: Chunk }),
+  z.object({ type: z.literal('stderr'), data: Chunk }),
+  z.object({ type: z.literal('exit'), exitCode: z.number().int() }),
+  z.object({ type: z.literal('error'), error: z.string(), code: z.string().max(64) }),
+]);
+export type AgentShellStreamLine = z.infer<typeof AgentShellStreamLine>;
 
 /** The longest line of an agent's process-output stream the server reads; a longer one fails the stream. */
 export const AGENT_STREAM_MAX_LINE_BYTES = 8 * 1024 * 1024;

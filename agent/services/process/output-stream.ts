@@ -3,6 +3,10 @@ import { ProcessSpec } from '../../../shared/schemas/agent.js';
 import { AgentError, agentErrorStatus } from '../../errors.js';
 import type { SequencedEvent } from './output-log.js';
 import type { ManagedProcess, ProcessManager } from './process-manager.js';
+import type { ShellSessions } from '../shell/shell-sessions.js';
+import { z } from 'zod';
+
+const ShellExecSpec = z.object({ sessionId: z.string().min(1), command: z.string(), timeoutMs: z.number().int().min(1) });
 
 /** The largest process spec accepted (the kernel refuses more than about 2 MiB of arguments and environment anyway). */
 const MAX_SPEC_BYTES = 4 * 1024 * 1024;
@@ -17,10 +21,14 @@ const MAX_SPEC_BYTES = 4 * 1024 * 1024;
  * - `POST /process/stream` (body: a ProcessSpec): starts the process and streams it from its
  *   first byte, in one call, so nothing it writes can be missed.
  * - `GET /process/output?pid=N&after=S`: a listed process's output after event S, then live.
+ * - `POST /shell/exec-stream` (body: `{sessionId, command, timeoutMs}`): one command in a shell
+ *   session, `{"type":"stdout"|"stderr","data":…}` lines then `{"type":"exit","exitCode":n}` (or
+ *   `{"type":"error","error":…,"code":…}` when it fails after the head was sent); the shell's
+ *   pipes are held the same way.
  *
  * Resolves with false when the request is for neither route.
  */
-export async function handleProcessStream(req: IncomingMessage, res: ServerResponse, processes: ProcessManager): Promise<boolean> {
+export async function handleProcessStream(req: IncomingMessage, res: ServerResponse, processes: ProcessManager, shells: ShellSessions): Promise<boolean> {
   const url = new URL(req.url ?? '/', 'http://agent');
   try {
     if (url.pathname === '/process/stream' && req.method === 'POST') {
@@ -28,6 +36,12 @@ export async function handleProcessStream(req: IncomingMessage, res: ServerRespo
       if (!parsed.success) throw new AgentError('BAD_REQUEST', `Invalid process spec: ${parsed.error.issues[0]?.message ?? 'malformed'}`);
       const proc = processes.start(parsed.data);
       streamOutput(res, proc, 0, `${JSON.stringify({ type: 'started', pid: proc.pid })}\n`);
+      return true;
+    }
+    if (url.pathname === '/shell/exec-stream' && req.method === 'POST') {
+      const parsed = ShellExecSpec.safeParse(await readJson(req));
+      if (!parsed.success) throw new AgentError('BAD_REQUEST', `Invalid shell command: ${parsed.error.issues[0]?.message ?? 'malformed'}`);
+      streamShellExec(res, shells, parsed.data);
       return true;
     }
     if (url.pathname === '/process/output' && req.method === 'GET') {
@@ -72,6 +86,29 @@ function streamOutput(res: ServerResponse, proc: ManagedProcess, after: number, 
   const backlog = proc.output.since(after);
   const unsubscribe = proc.output.subscribe(send);
   for (const e of backlog) send(e);
+}
+
+/** Runs one command in a shell session, writing its output to `res` and holding the shell while `res` is backed up. */
+function streamShellExec(res: ServerResponse, shells: ShellSessions, spec: z.infer<typeof ShellExecSpec>): void {
+  const session = shells.get(spec.sessionId);
+  res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+  const holder = {};
+  let left = false;
+  res.on('drain', () => session.release(holder));
+  res.once('close', () => {
+    left = true;
+    session.release(holder);
+  });
+  const line = (v: unknown) => `${JSON.stringify(v)}\n`;
+  session
+    .exec(spec.command, spec.timeoutMs, (c) => {
+      if (!left && !res.write(line({ type: c.stream, data: c.data }))) session.hold(holder);
+    })
+    .then(
+      (exitCode) => res.end(line({ type: 'exit', exitCode })),
+      (err: unknown) => res.end(line({ type: 'error', error: (err as Error).message, code: err instanceof AgentError ? err.code : 'INTERNAL' })),
+    )
+    .finally(() => session.release(holder));
 }
 
 async function readJson(req: IncomingMessage): Promise<unknown> {

@@ -51,6 +51,22 @@ export class ShellSession {
     return !this.#exited;
   }
 
+  /** Readers that are behind: while any is, the shell's pipes are not read, so its command blocks on write. */
+  readonly #holds = new Set<object>();
+
+  /** Stops reading the shell's output until every holder released it (see ManagedProcess.hold). */
+  hold(holder: object): void {
+    if (this.#holds.size === 0) for (const pipe of [this.#proc.stdout, this.#proc.stderr]) pipe.pause();
+    this.#holds.add(holder);
+  }
+
+  /** Ends `holder`'s hold; the last one (or a timeout or close, which end them all) resumes reading. */
+  release(holder?: object): void {
+    if (holder ? !this.#holds.delete(holder) || this.#holds.size > 0 : this.#holds.size === 0) return;
+    this.#holds.clear();
+    for (const pipe of [this.#proc.stdout, this.#proc.stderr]) pipe.resume();
+  }
+
   #endListeners: Array<() => void> = [];
   #idleTimer: NodeJS.Timeout | undefined;
 
@@ -130,6 +146,7 @@ export class ShellSession {
         // leak into the next command's output.
         answered = true;
         onChunk = () => {};
+        this.release(); // the rest of its output is read (and dropped) up to the end markers
         reject(new AgentError('BAD_REQUEST', `The command did not finish within ${timeoutMs / 1000} s; it was interrupted`));
         try {
           process.kill(-this.#proc.pid!, 'SIGINT');
@@ -163,6 +180,7 @@ export class ShellSession {
 
   close(): void {
     if (!this.alive) return;
+    this.release();
     try {
       process.kill(-this.#proc.pid!, 'SIGKILL');
     } catch {
