@@ -73,6 +73,8 @@ interface Unseen {
   /** Its `created`, held in order until chokidar reports the file or it is found gone. */
   placeholder?: Pending;
   timer: NodeJS.Timeout;
+  /** Raw rename events of the name: its creation, then its deletion once that has come. */
+  renames: number;
 }
 
 /**
@@ -172,9 +174,12 @@ export class FileWatch {
     this.#deletionPending.clear();
   }
 
-  /** Ends the watch if its root is gone or is another file now. */
+  /**
+   * Ends the watch if its root directory is gone or is another directory now. (chokidar itself
+   * follows a watched file that is replaced, as editors do on save.)
+   */
   #checkRoot(): void {
-    if (this.#ended) return;
+    if (this.#ended || !this.rootFile.isDir) return;
     let st: Stats | undefined;
     try {
       st = statSync(this.root);
@@ -213,10 +218,12 @@ export class FileWatch {
       this.#deletionSeen.add(path);
       return;
     }
-    if (this.#deletionPending.delete(path) || this.#unseen.has(path)) return;
+    const unseen = this.#unseen.get(path);
+    if (unseen) unseen.renames++;
+    if (this.#deletionPending.delete(path) || unseen) return;
     const placeholder: Pending = { message: { type: 'created', path, timestamp: new Date().toISOString() }, ready: false };
     this.#enqueue(placeholder);
-    this.#unseen.set(path, { placeholder, timer: setTimeout(() => void this.#checkUnseen(path), RENAME_WINDOW_MS) });
+    this.#unseen.set(path, { placeholder, timer: setTimeout(() => void this.#checkUnseen(path), RENAME_WINDOW_MS), renames: 1 });
   }
 
   /** Reports an unseen name that is gone as `created` then `deleted`; one still there is left to chokidar. */
@@ -237,6 +244,8 @@ export class FileWatch {
     }
     this.#unseen.delete(path);
     this.#reportedShortLived.add(path);
+    // Its deletion's raw event may still be on its way: that is not a new name.
+    if (unseen.renames < 2) this.#deletionPending.add(path);
     const deleted: Pending = { message: { type: 'deleted', path, timestamp: new Date().toISOString() }, ready: true };
     if (at >= 0) {
       unseen.placeholder!.ready = true;
