@@ -133,7 +133,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     services,
     log,
     metrics,
-    openApi: { json: JSON.stringify(openApiDoc), yaml: openApiYaml(openApiDoc) },
+    openApi: lazyYaml(JSON.stringify(openApiDoc)),
     maxJsonBodyBytes: config.MAX_JSON_BODY_BYTES,
     limits: {
       maxBatchSize: config.TRPC_MAX_BATCH_SIZE,
@@ -182,17 +182,54 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
 }
 
 /**
- * The server's own logger: JSON lines on stdout, written asynchronously (sonic-boom, `sync:
- * false`): a request never waits for its access line's write, and lines logged while a write is in
- * flight go out together in the next one; none waits for a buffer to fill. `flushed` resolves once
- * every line logged before it was called has been written (or stdout failed).
+ * The OpenAPI document as JSON, and as YAML rendered from it on first use (rendering at start would
+ * keep the YAML library's garbage and a second copy of the document for every server, most of which
+ * never serve it).
+ */
+function lazyYaml(json: string): { json: string; readonly yaml: string } {
+  let yaml: string | undefined;
+  return {
+    json,
+    get yaml() {
+      return (yaml ??= openApiYaml(JSON.parse(json) as Parameters<typeof openApiYaml>[0]));
+    },
+  };
+}
+
+/** How long a logged line may wait to be batched with others before it is written. */
+const LOG_BATCH_MS = 50;
+/** Queued log text past this is written at once. */
+const LOG_BATCH_BYTES = 16 * 1024;
+
+/**
+ * The server's own logger: JSON lines on stdout, off the request path. Lines are queued and
+ * written together at most `LOG_BATCH_MS` later (or once `LOG_BATCH_BYTES` are queued), through an
+ * asynchronous destination (sonic-boom, `sync: false`): a request never waits for a write, and a
+ * busy server makes one write per batch, not one per line. `flushed` resolves once every line
+ * logged before it was called has been written (or stdout failed); `close` awaits it.
  */
 function stdoutLogger(level: Config['LOG_LEVEL']): { log: Logger; flushed(): Promise<void> } {
   const dest = pino.destination({ dest: 1, sync: false });
+  let queued = '';
+  let timer: NodeJS.Timeout | null = null;
+  const writeQueued = () => {
+    if (timer) clearTimeout(timer);
+    timer = null;
+    if (queued) dest.write(queued);
+    queued = '';
+  };
+  const batch = {
+    write(line: string) {
+      queued += line;
+      if (queued.length >= LOG_BATCH_BYTES) writeQueued();
+      else timer ??= setTimeout(writeQueued, LOG_BATCH_MS).unref();
+    },
+  };
   return {
-    log: pino({ level, base: undefined }, dest),
-    flushed: () =>
-      new Promise<void>((resolve) => {
+    log: pino({ level, base: undefined }, batch),
+    flushed: () => {
+      writeQueued();
+      return new Promise<void>((resolve) => {
         // An empty write queues behind what is pending; 'drain' follows once the queue is empty.
         const done = () => {
           dest.off('drain', done);
@@ -202,6 +239,7 @@ function stdoutLogger(level: Config['LOG_LEVEL']): { log: Logger; flushed(): Pro
         dest.once('drain', done);
         dest.once('error', done);
         dest.write('');
-      }),
+      });
+    },
   };
 }

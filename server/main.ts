@@ -27,7 +27,18 @@ async function main(): Promise<void> {
     throw err;
   }
   installLastResortHandlers(app.log);
-  const address = await app.listen();
+  let address;
+  try {
+    address = await app.listen();
+  } catch (err) {
+    // A port in use or not ours to bind: one line and a failed exit, never a server left running without a socket.
+    const { code } = err as NodeJS.ErrnoException;
+    const where = `${config.SERVER_HOST || '*'}:${config.SERVER_PORT}`;
+    const why = code === 'EADDRINUSE' ? `${where} is already in use` : code === 'EACCES' ? `${where} needs privileges to bind` : `${where}: ${(err as Error).message}`;
+    console.error(`Cannot start: ${why} (set SERVER_PORT or SERVER_HOST)`);
+    await app.close().catch(() => {});
+    process.exit(1);
+  }
   app.log.info({ address: address.address, port: address.port, store: app.store.kind }, `VoidRun listening on http://${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${address.port}`);
 
   let closing = false;

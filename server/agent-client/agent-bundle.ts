@@ -1,9 +1,6 @@
 import { statSync, readdirSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { build } from 'esbuild';
-
-const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+import { join } from 'node:path';
+import { repoRoot } from '../repo-root.js';
 
 /** The host files every sandbox's agent is made from (the drivers copy what the agent needs onto a read-only image). */
 export interface AgentFiles {
@@ -34,6 +31,8 @@ export async function ensureAgentBundle(): Promise<AgentFiles> {
   } catch {}
   const sources = Math.max(newestMtime(join(repoRoot, 'agent')), newestMtime(join(repoRoot, 'shared')));
   if (built < sources) {
+    // Loaded only to rebuild: a server whose bundle is current never loads esbuild.
+    const { build } = await import('esbuild');
     await build({
       entryPoints: [join(repoRoot, 'agent', 'main.ts')],
       outfile: bundle,

@@ -1,10 +1,9 @@
 import { readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import type { VersionInfo } from '../../shared/index.js';
+import { repoRoot } from '../repo-root.js';
 
 const startedAt = new Date().toISOString();
-const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 /** Reads the git commit from `.git` without spawning git; 'unknown' outside a checkout. */
 function readCommit(): string {

@@ -53,7 +53,7 @@ async function stageNodePty(nodeModules: string, dest: string): Promise<void> {
 /** Every file under `dir`, sorted, as paths relative to it. */
 async function filesUnder(dir: string, prefix = ''): Promise<string[]> {
   const out: string[] = [];
-  for (const entry of (await readdir(join(dir, prefix), { withFileTypes: true })).sort((a, b) => a.name.localeCompare(b.name))) {
+  for (const entry of (await readdir(join(dir, prefix), { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))) {
     const rel = join(prefix, entry.name);
     if (entry.isDirectory()) out.push(...(await filesUnder(dir, rel)));
     else out.push(rel);

@@ -2,15 +2,16 @@ import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { mkdir, rename, rm } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import { ensureAgentRuntime, type AgentRuntime, type AgentRuntimeSources } from './agent-runtime.js';
 import { mountedAt } from './mounts.js';
+import { repoRoot } from '../../repo-root.js';
 
-const here = dirname(fileURLToPath(import.meta.url));
+/** Where the helpers' C sources are (beside this module's TypeScript source; the compiled server has none of its own). */
+const sourceDir = join(repoRoot, 'server', 'hypervisor', 'container');
 /** The host-side cache of boot files: the static helpers and the agent runtime images. */
-export const BOOT_FILES_DIR = join(here, '..', '..', '..', 'dist', 'container-init');
+export const BOOT_FILES_DIR = join(repoRoot, 'dist', 'container-init');
 const gccArgs = ['-static', '-O2', '-Wall', '-Werror'];
 
 /**
@@ -94,7 +95,7 @@ async function atomically(target: string, make: (temp: string) => Promise<void>)
 }
 
 async function buildStatic(file: string, name: string): Promise<string> {
-  const source = join(here, file);
+  const source = join(sourceDir, file);
   const hash = createHash('sha256').update(readFileSync(source)).update(gccArgs.join(' ')).digest('hex').slice(0, 16);
   const binary = join(BOOT_FILES_DIR, `${name}-${hash}`);
   if (existsSync(binary)) return binary;
