@@ -5,7 +5,19 @@
 #   qemu-system-x86, qemu-utils the qemu driver and the VM guest image (qcow2)
 #   iptables, iproute2         setup-net: bridge, TAP devices, NAT for microVMs
 # Needs root and apt; otherwise it names what is missing in one line.
+#   --if-needed  silent when nothing is missing, and exit 0 when it cannot install (npm start and
+#                npm test run it so; the server then answers sandbox requests 503 with that line)
+#   --dry-run    say what would be installed, install nothing
 set -euo pipefail
+if_needed=false
+dry_run=false
+for arg in "$@"; do
+  case "$arg" in
+    --if-needed) if_needed=true ;;
+    --dry-run) dry_run=true ;;
+    *) echo "setup: unknown option $arg (options: --if-needed, --dry-run)" >&2; exit 2 ;;
+  esac
+done
 
 # command → the Debian package that provides it
 declare -A provides=(
@@ -24,12 +36,17 @@ for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup: runc, debootstrap, qemu, qemu-img, iptables, ip, gcc and libc6-dev are installed"
+  $if_needed || echo "setup: runc, debootstrap, qemu, qemu-img, iptables, ip, gcc and libc6-dev are installed"
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "setup: sandboxes need ${missing[*]}: install them as root (apt-get install ${missing[*]}) and run again" >&2
+  echo "setup: sandboxes need ${missing[*]}: install them as root (apt-get install ${missing[*]}) or run \`npm run setup\` as root" >&2
+  $if_needed && exit 0
   exit 1
+fi
+if $dry_run; then
+  echo "setup: would install ${missing[*]} with apt-get"
+  exit 0
 fi
 echo "setup: installing ${missing[*]} with apt-get"
 export DEBIAN_FRONTEND=noninteractive
