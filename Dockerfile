@@ -19,9 +19,10 @@ COPY agent ./agent
 COPY server ./server
 COPY client ./client
 COPY scripts ./scripts
-# Type-check during the build, then drop dev-only packages (tsx and esbuild stay: `npm start` runs
-# the TypeScript sources with tsx and bundles the sandbox agent with esbuild on first start).
+# Type-check and compile the server (dist/server) during the build, then drop dev-only packages
+# (esbuild stays: the server bundles the sandbox agent with it on first start).
 RUN npm run typecheck \
+ && npm run build:server \
  && npm prune --omit=dev --no-audit --no-fund
 
 FROM node:20-bookworm-slim AS runtime
@@ -37,6 +38,7 @@ COPY --from=deps /app/agent ./agent
 COPY --from=deps /app/server ./server
 COPY --from=deps /app/client ./client
 COPY --from=deps /app/scripts ./scripts
+COPY --from=deps /app/dist/server ./dist/server
 COPY openapi.yml ./
 ARG VOIDRUN_COMMIT=unknown
 ENV NODE_ENV=production \
@@ -48,5 +50,5 @@ ENV NODE_ENV=production \
     VOIDRUN_COMMIT=${VOIDRUN_COMMIT}
 VOLUME ["/var/lib/voidrun", "/var/lib/hyper-fleet/base-images", "/var/lib/hyper-fleet/instances", "/var/lib/hyper-fleet/snapshots"]
 EXPOSE 8080
-# `npm start` is `tsx server/main.ts`: the same entry point as a checkout, no separate build.
+# `npm start` runs the compiled server (scripts/start.mjs → dist/server/main.js), as in a checkout.
 CMD ["npm", "start"]

@@ -6,6 +6,8 @@ export default defineConfig({
     testTimeout: 30_000,
     hookTimeout: 60_000,
     pool: 'forks',
+    // Host packages and the default image, prepared once when missing (test/global-setup.ts).
+    globalSetup: ['test/global-setup.ts'],
     reporters: ['default'],
   },
 });

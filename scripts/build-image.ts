@@ -5,10 +5,9 @@
  * `<name>-base.qcow2`) and the agent disk. A no-op for whatever is already built.
  */
 import { pino } from 'pino';
-import { ensureAgentBundle } from '../server/agent-client/agent-bundle.js';
 import { loadConfig } from '../server/config.js';
-import { imageRecipes, isBuildableImage, RootfsImages } from '../server/hypervisor/images/rootfs-images.js';
-import { VmImages } from '../server/hypervisor/vm/vm-images.js';
+import { imageRecipes, isBuildableImage } from '../server/hypervisor/images/rootfs-images.js';
+import { prepareImages } from './prepare-images.js';
 
 const args = process.argv.slice(2);
 const vm = args.includes('--vm');
@@ -17,16 +16,5 @@ if (!isBuildableImage(name)) {
   console.error(`Unknown image ${name}; images this server builds: ${Object.keys(imageRecipes).join(', ')}`);
   process.exit(2);
 }
-const config = loadConfig();
 const log = pino({ level: 'info', base: undefined, timestamp: false });
-const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap: { hostId: config.SANDBOX_UID_BASE, size: 65536 }, mirror: config.DEBIAN_MIRROR, log });
-if (rootfs.isReady(name)) console.log(`image ${name} is already built at ${rootfs.rootfsPath(name)}`);
-else console.log(`image ${name} built at ${await rootfs.ensure(name)}`);
-
-if (vm) {
-  const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
-  const already = await vmImages.isReady(name);
-  const paths = await vmImages.ensure(name);
-  console.log(`vm image ${name} ${already ? 'is already built' : 'built'}: ${paths.baseDisk}, ${paths.kernel}, ${paths.initrd}, ${paths.vmlinux}`);
-  console.log(`agent disk: ${await vmImages.ensureAgentDisk(await ensureAgentBundle(), name)}`);
-}
+await prepareImages(loadConfig(), name, { vm, log, say: (line) => console.log(line) });
