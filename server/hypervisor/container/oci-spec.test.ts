@@ -83,6 +83,7 @@ describe('buildOciSpec', () => {
       '/opt/voidrun/node',
       '--openssl-config=/opt/voidrun/openssl.cnf',
       '--max-semi-space-size=2',
+      '--v8-pool-size=1',
       '/opt/voidrun/agent.cjs',
     ]);
     expect(p.env).toContain('VOIDRUN_AGENT_FD=3');

@@ -110,6 +110,9 @@ export function buildOciSpec(o: OciSpecOptions) {
         `${AGENT_DIR}/node`,
         `--openssl-config=${AGENT_DIR}/openssl.cnf`,
         '--max-semi-space-size=2',
+        // One V8 helper thread, not four: the agent is mostly idle, and each thread costs its stack
+        // and a malloc arena (idle agent: 23.5 → 17.9 MiB private memory).
+        '--v8-pool-size=1',
         `${AGENT_DIR}/agent.cjs`,
       ],
       env: Object.entries(env).map(([k, v]) => `${k}=${v}`),

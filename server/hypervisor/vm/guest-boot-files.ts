@@ -58,6 +58,6 @@ $B chmod 1777 /tmp
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 export VOIDRUN_GUEST_CONFIG=/dev/vdc VOIDRUN_BUSYBOX=$B
 cd /root
-exec /usr/bin/tini -s -g -- ${GUEST_AGENT_DIR}/node --max-semi-space-size=2 ${GUEST_AGENT_DIR}/agent.cjs
+exec /usr/bin/tini -s -g -- ${GUEST_AGENT_DIR}/node --max-semi-space-size=2 --v8-pool-size=1 ${GUEST_AGENT_DIR}/agent.cjs
 `;
 }
