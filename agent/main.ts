@@ -10,7 +10,7 @@ import { existsSync, unlinkSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import { WebSocketServer } from 'ws';
-import { GUEST_AGENT_PORT, type GuestIdentity } from '../shared/guest-protocol.js';
+import { AGENT_REQUEST_HEADER, GUEST_AGENT_PORT, type GuestIdentity } from '../shared/guest-protocol.js';
 import { applyGuestIdentity, configureGuest, listenWithToken, readGuestConfig } from './guest-system.js';
 import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
@@ -53,6 +53,10 @@ const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: 
   shells: new ShellSessions(baseEnv, home), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
+  // The server's nonce for this request, echoed on the answer: the server keeps a connection
+  // for another request only after an answer that carried it.
+  const nonce = req.headers[AGENT_REQUEST_HEADER];
+  if (typeof nonce === 'string' && nonce.length <= 64) res.setHeader(AGENT_REQUEST_HEADER, nonce);
   // The driver polls this to know the agent serves (the socket accepts connections before that).
   if (req.url === '/ready') {
     res.writeHead(200, { 'content-type': 'text/plain' }).end('ok');
@@ -93,6 +97,8 @@ const server = createServer((req, res) => {
       if (!handled) res.writeHead(404).end();
     });
 });
+// The server closes its idle connections first (after 30 s), so it never sends on one closing here.
+server.keepAliveTimeout = 65_000;
 const wss = new WebSocketServer({ server, maxPayload: 64 * 1024 * 1024 });
 applyWSSHandler({ wss, router: agentRouter, createContext: () => ctx });
 

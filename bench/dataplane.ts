@@ -8,6 +8,8 @@
  *         server), `POST /api/sandboxes/{id}/exec`; server and agent CPU per call.
  *   streams  `seq 1 1000000` over SSE and tRPC against a bare Node SSE server; a reader stalled
  *         10 s under `yes` (server and agent RSS growth); see bench/lib/streams-section.ts.
+ *   files  1 GiB upload and download against a bare Node HTTP server (MiB/s, server CPU per GiB);
+ *         1,000 × 4 KiB uploads one request each, and as one tar upload; see bench/lib/files-section.ts.
  *   rest  closed-loop request rate with 8 kept-alive connections (like `wrk -c8`): unauthenticated
  *         `GET /api/version` beside `GET /api/orgs/me`.
  * A section adds its rows with `row(...)`; the table is printed at the end.
@@ -23,6 +25,7 @@ import { interleaved, summarize } from './lib/measure.js';
 import { closedLoop, cpuMsOf } from './lib/load.js';
 import { startServerProcess, type ServerProcess } from './lib/server-process.js';
 import { streamsSection } from './lib/streams-section.js';
+import { filesSection } from './lib/files-section.js';
 
 const EXECS = Number(process.env.BENCH_EXECS ?? 500);
 const REST_SECONDS = Number(process.env.BENCH_REST_SECONDS ?? 3);
@@ -195,6 +198,7 @@ const sections: Record<string, (server: ServerProcess, apiKey: string) => Promis
 const server = await startServerProcess({ LOG_LEVEL: 'info' });
 try {
   const reg = (await ok(server, 'POST', '/api/register', { name: 'Bench', email: `bench-dataplane-${Date.now()}@example.com` })) as { data: { apiKey: string } };
+  files: (server, apiKey) => filesSection(server, apiKey, row),
   for (const [name, run] of Object.entries(sections)) {
     if (only && !only.has(name)) continue;
     await run(server, reg.data.apiKey);

@@ -16,6 +16,7 @@ import type {
   SearchResult,
   StatResult,
   UploadResult,
+  UploadTarResult,
   WatchMessage,
 } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
@@ -77,7 +78,12 @@ export class SandboxFiles {
 
   /** Streams data into a file; the file appears only when all of it arrived. */
   async upload(path: string, source: UploadSource): Promise<UploadResult> {
-    const url = new URL(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/upload?path=${encodeURIComponent(path)}`);
+    return this.#post<UploadResult>(`files/upload?path=${encodeURIComponent(path)}`, source);
+  }
+
+  /** POSTs `source` as the body of the sandbox's raw route `route`; the answer's `data`. */
+  async #post<T>(route: string, source: UploadSource): Promise<T> {
+    const url = new URL(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/${route}`);
     let body: Readable;
     let length: number | undefined;
     if (typeof source === 'string' || source instanceof Uint8Array) {
@@ -120,7 +126,23 @@ export class SandboxFiles {
     await sending;
     const res = await toFetchResponse(await response);
     if (!res.ok) throw await errorFromResponse(res);
-    return ((await res.json()) as { data: UploadResult }).data;
+    return ((await res.json()) as { data: T }).data;
+  }
+
+  /**
+   * Writes many files under `dir` in one request (a tar stream the agent extracts): `files` maps
+   * names relative to `dir` (`a.txt`, `src/b.ts`; parent directories are created) to their
+   * content. Each file appears whole; an entry the server refuses (an absolute name, `..`) fails
+   * the call with InvalidInputError naming it, and entries before it stay written.
+   */
+  async writeMany(dir: string, files: Record<string, string | Uint8Array> | Iterable<[string, string | Uint8Array]>): Promise<UploadTarResult> {
+    const entries = Symbol.iterator in files ? [...(files as Iterable<[string, string | Uint8Array]>)] : Object.entries(files);
+    return this.uploadTar(dir, tarOf(entries));
+  }
+
+  /** Streams a tar stream (`tar -cf - …`) into `dir`: its entries are written under it as they arrive (see `writeMany`). */
+  async uploadTar(dir: string, tar: UploadSource): Promise<UploadTarResult> {
+    return this.#post<UploadTarResult>(`files/upload-tar?path=${encodeURIComponent(dir)}`, tar);
   }
 
   /** A file's bytes as a Node stream. */
@@ -201,4 +223,51 @@ async function toFetchResponse(res: IncomingMessage): Promise<Response> {
   const chunks: Buffer[] = [];
   for await (const c of res) chunks.push(c as Buffer);
   return new Response(Buffer.concat(chunks), { status: res.statusCode ?? 500, headers: { 'content-type': String(res.headers['content-type'] ?? '') } });
+}
+
+/** One tar header block (ustar); a name over 100 bytes goes in a PAX header before it. */
+function tarHeader(name: string, size: number, type: '0' | 'x'): Buffer {
+  const block = Buffer.alloc(512);
+  block.write(name.length <= 100 ? name : name.slice(0, 100), 0, 100, 'utf8');
+  block.write('0000644\0', 100, 'ascii');
+  block.write('0000000\0', 108, 'ascii');
+  block.write('0000000\0', 116, 'ascii');
+  block.write(`${size.toString(8).padStart(11, '0')}\0`, 124, 'ascii');
+  block.write(`${Math.floor(Date.now() / 1000).toString(8).padStart(11, '0')}\0`, 136, 'ascii');
+  block.write('        ', 148, 'ascii');
+  block.write(type, 156, 'ascii');
+  block.write('ustar\0', 257, 'ascii');
+  block.write('00', 263, 'ascii');
+  let sum = 0;
+  for (const b of block) sum += b;
+  block.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'ascii');
+  return block;
+}
+
+/** Zero bytes that pad `size` to a whole 512-byte block. */
+function padding(size: number): Buffer {
+  return Buffer.alloc((512 - (size % 512)) % 512);
+}
+
+/** A PAX record `<len> path=<name>\n`, whose length counts itself. */
+function paxPath(name: string): Buffer {
+  const rest = ` path=${name}\n`;
+  let len = Buffer.byteLength(rest) + 1;
+  while (String(len).length + Buffer.byteLength(rest) !== len) len = String(len).length + Buffer.byteLength(rest);
+  return Buffer.from(`${len}${rest}`);
+}
+
+/** An uncompressed tar stream of regular files, in memory. */
+function tarOf(entries: Array<[string, string | Uint8Array]>): Buffer {
+  const parts: Buffer[] = [];
+  for (const [name, content] of entries) {
+    const data = typeof content === 'string' ? Buffer.from(content) : Buffer.from(content.buffer, content.byteOffset, content.byteLength);
+    if (Buffer.byteLength(name) > 100) {
+      const pax = paxPath(name);
+      parts.push(tarHeader('PaxHeader', pax.length, 'x'), pax, padding(pax.length));
+    }
+    parts.push(tarHeader(name, data.length, '0'), data, padding(data.length));
+  }
+  parts.push(Buffer.alloc(1024));
+  return Buffer.concat(parts);
 }

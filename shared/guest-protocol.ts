@@ -7,6 +7,12 @@ import { createHmac, randomBytes } from 'node:crypto';
 
 export const GUEST_AGENT_PORT = 1024;
 
+/**
+ * The header of the server's raw HTTP requests to an agent carrying a per-request nonce, which the
+ * agent echoes on its answer (any transport, not only a guest's).
+ */
+export const AGENT_REQUEST_HEADER = 'x-voidrun-request';
+
 /*
  * The agent handshake, a mutual challenge–response so the token itself never crosses the wire
  * (a local user who grabs a dead VM's forwarded port learns nothing reusable):

@@ -190,6 +190,31 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
     expect(refreshes()).toBeLessThanOrEqual(1 + Math.ceil((Date.now() - started) / 1000));
   });
 
+  it('raw requests reuse a kept-alive socket only after an answer echoing their nonce; an unasked answer or one for another request drops the socket', async () => {
+    let connections = 0;
+    const id = await attackerBox(
+      () => {},
+      (req, res) => {
+        const nonce = String(req.headers['x-voidrun-request']);
+        const path = new URL(req.url ?? '/', 'http://agent').searchParams.get('path') ?? '';
+        if (path === '/root/wrong') return void res.writeHead(200, { 'x-voidrun-request': 'not-the-nonce', 'content-length': 5 }).end('wrong');
+        const body = `file ${path}`;
+        res.writeHead(200, { 'x-voidrun-request': nonce, 'content-type': 'application/octet-stream', 'content-length': body.length }).end(body);
+        // After the answer, an answer to a request not sent yet (with a nonce it saw, the best guess it has).
+        if (path.startsWith('/root/poison')) res.socket?.write(`HTTP/1.1 200 OK\r\nx-voidrun-request: ${nonce}\r\ncontent-length: 6\r\n\r\nPOISON`);
+      },
+    );
+    fakes.at(-1)!.on('connection', () => connections++);
+    const download = async (path: string) => (await server.http(`/api/sandboxes/${id}/files/download?path=${path}`, { apiKey: keyA })).text();
+    for (const n of [1, 2, 3]) expect(await download(`/root/honest-${n}`)).toBe(`file /root/honest-${n}`);
+    expect(connections).toBe(1); // kept alive
+    for (const n of [1, 2, 3]) expect(await download(`/root/poison-${n}`)).toBe(`file /root/poison-${n}`);
+    expect(await download('/root/after')).toBe('file /root/after');
+    expect(connections).toBe(4); // each poisoned socket was dropped, not reused
+    await expectAgentFailure(await server.http(`/api/sandboxes/${id}/files/download?path=/root/wrong`, { apiKey: keyA }), id, /not the answer to the request sent/);
+    await victimStillServed();
+  });
+
   it("an agent's oversized or malformed upload answer fails the upload with 502", async () => {
     const id = await attackerBox(
       () => {},

@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { createReadStream, createWriteStream, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -96,6 +97,53 @@ describe.skipIf(!support.ok)('files in sandboxes', () => {
     const noFile = new FormData();
     noFile.append('other', 'x');
     expect((await server.http(`/api/sandboxes/${box.id}/files/upload?path=/root/up/none.txt`, { method: 'POST', apiKey, body: noFile })).status).toBe(400);
+  });
+
+  it('writes many files in one tar upload (writeMany and a plain tar over HTTP) and reads each back', async () => {
+    const files: Record<string, string> = {};
+    for (let i = 0; i < 300; i++) files[`d${i % 7}/f ${i}.txt`] = `content ${i}\n`.repeat(i % 5);
+    const longName = `${'long-dir/'.repeat(12)}ñame.txt`; // over 100 bytes: a PAX header
+    files[longName] = 'long';
+    const written = await box.files.writeMany('/root/many', files);
+    expect(written).toEqual({ path: '/root/many', files: 301, directories: 0, symlinks: 0, size: Object.values(files).reduce((n, c) => n + Buffer.byteLength(c), 0) });
+    for (const name of ['d0/f 0.txt', 'd3/f 3.txt', 'd5/f 299.txt', longName]) expect((await box.files.read(`/root/many/${name}`)).toString(), name).toBe(files[name]);
+    expect((await box.exec('find /root/many -type f | wc -l')).stdout.trim()).toBe('301');
+    expect((await box.exec('find /root/many -name ".*upload-*" | wc -l')).stdout.trim()).toBe('0');
+
+    // A tar made by GNU tar: directories, modes and a symbolic link that stays inside.
+    const src = join(scratch, 'tree');
+    execFileSync('sh', ['-c', `mkdir -p "${src}/bin" && printf '#!/bin/sh\necho hi\n' > "${src}/bin/run.sh" && chmod 755 "${src}/bin/run.sh" && ln -s bin/run.sh "${src}/run"`]);
+    const res = await server.http(`/api/sandboxes/${box.id}/files/upload-tar?path=/root/gnu`, { method: 'POST', apiKey, headers: { 'content-type': 'application/x-tar' }, body: execFileSync('tar', ['-cf', '-', '-C', src, '.']) });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toMatchObject({ status: 'success', data: { path: '/root/gnu', files: 1, symlinks: 1 } });
+    expect((await box.exec('/root/gnu/run && stat -c %a /root/gnu/bin/run.sh')).stdout).toBe('hi\n755\n');
+  });
+
+  it('refuses hostile tar entries with 400 naming the entry, and writes nothing of them', async () => {
+    const dir = join(scratch, 'hostile');
+    execFileSync('sh', ['-c', [
+      `mkdir -p "${dir}/in" && cd "${dir}/in" && echo secret > ../outside.txt && echo ok > ok.txt`,
+      `tar -cPf "${dir}/dotdot.tar" ../outside.txt`,
+      `tar -cPf "${dir}/absolute.tar" /etc/hostname`,
+      `ln -sf /etc "${dir}/in/etc-link" && tar -cf "${dir}/symlink-out.tar" -C "${dir}/in" etc-link`,
+      `mknod "${dir}/in/null-dev" c 1 3 && tar -cf "${dir}/device.tar" -C "${dir}/in" null-dev`,
+      `ln "${dir}/in/ok.txt" "${dir}/in/hard.txt" && tar -cf "${dir}/hardlink.tar" -C "${dir}/in" ok.txt hard.txt`,
+    ].join(' && ')]);
+    const cases: Record<string, string> = { dotdot: '../outside.txt', absolute: '/etc/hostname', 'symlink-out': 'etc-link', device: 'null-dev', hardlink: 'hard.txt' };
+    for (const [name, entry] of Object.entries(cases)) {
+      const res = await server.http(`/api/sandboxes/${box.id}/files/upload-tar?path=/root/hostile-${name}`, { method: 'POST', apiKey, body: readFileSync(join(dir, `${name}.tar`)) });
+      expect(res.status, name).toBe(400);
+      const body = (await res.json()) as { error: string; code: string };
+      expect(body.error, name).toContain(JSON.stringify(entry));
+      expect(body.code, name).toBe('INVALID_INPUT');
+    }
+    expect((await box.exec('ls -A /root/hostile-dotdot /root/hostile-absolute /root/hostile-symlink-out /root/hostile-device | grep -v : | grep -c . || true')).stdout.trim()).toBe('0');
+    expect((await box.exec('test -e /root/outside.txt')).exitCode).not.toBe(0);
+    const garbage = await server.http(`/api/sandboxes/${box.id}/files/upload-tar?path=/root/garbage`, { method: 'POST', apiKey, body: 'not a tar at all'.repeat(64) });
+    expect(garbage.status).toBe(400);
+    const named = await box.files.writeMany('/root/named', { '../escape.txt': 'x' }).catch((e: unknown) => e);
+    expect(named).toBeInstanceOf(InvalidInputError);
+    expect((named as Error).message).toContain('"../escape.txt"');
   });
 
   it('answers 413 for an upload over MAX_UPLOAD_BYTES, declared or streamed, and writes nothing', async () => {

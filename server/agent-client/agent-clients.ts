@@ -1,11 +1,11 @@
 import { createTRPCClient, TRPCClientError, type TRPCClient } from '@trpc/client';
-import { request as httpRequest, type ClientRequest, type RequestOptions } from 'node:http';
-import type { Duplex } from 'node:stream';
+import type { ClientRequest } from 'node:http';
 import type { AgentRouter } from '../../agent/router.js';
 import { ConflictError, DomainError, ErrorCode, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError, SandboxNotRunningError } from '../errors.js';
 import type { NotFoundCode } from '../../shared/errors.js';
 import type { SandboxDriver } from '../hypervisor/types.js';
 import { AgentConnection, AgentConnectionError, AgentProtocolError } from './agent-connection.js';
+import { AgentHttpPool, CheckedAgentRequest } from './agent-http.js';
 
 export type AgentClient = TRPCClient<AgentRouter>;
 
@@ -14,6 +14,12 @@ const REFRESH_INTERVAL_MS = 1000;
 
 /** How long the agent has to start answering a raw request once it is fully sent. */
 export const AGENT_ANSWER_TIMEOUT_MS = 60_000;
+
+/**
+ * The most sockets raw requests hold open to one sandbox's agent, and the most kept idle; more
+ * concurrent requests wait for a socket.
+ */
+const RAW_SOCKET_LIMITS = { maxSockets: 256, maxFreeSockets: 8 };
 
 /** Raised when a sandbox's agent cannot be reached or broke the protocol; 502 to callers. */
 export class AgentUnavailableError extends DomainError {
@@ -72,6 +78,8 @@ export class AgentClients {
   readonly #refreshing = new Map<string, Promise<void>>();
   readonly #refreshedAt = new Map<string, number>();
   readonly #lifecycle = new Map<string, LifecycleMark>();
+  /** Each sandbox's kept-alive sockets for raw requests (see `request`). */
+  readonly #pools = new Map<string, AgentHttpPool>();
   /** The lifecycle epoch each raw request's errors belong to (see `request`). */
   readonly #errorEpochs = new WeakMap<object, number>();
 
@@ -201,28 +209,19 @@ export class AgentClients {
   }
 
   /**
-   * A raw HTTP request to the sandbox's agent (file bytes), over a fresh driver connection. The
-   * caller writes the body and reads the response with the bounded readers of `agent-http.ts`;
-   * failures to connect surface as the request's 'error' event with an AgentConnectionError.
+   * A raw HTTP request to the sandbox's agent (file bytes, process streams), over the sandbox's
+   * kept-alive sockets (`AgentHttpPool`). The caller writes the body and reads the response with
+   * the bounded readers of `agent-http.ts`; failures to connect surface as the request's 'error'
+   * event with an AgentConnectionError, and an answer that is not this request's (see
+   * `AgentHttpPool.checkAnswer`) as an 'error' with an AgentProtocolError, never as a 'response'.
    */
   request(
     sandboxId: string,
     options: { method: string; path: string; headers?: Record<string, string | number>; signal?: AbortSignal; answerTimeoutMs?: number },
   ): ClientRequest {
     const epoch = this.epoch(sandboxId);
-    const req = httpRequest({
-      method: options.method,
-      path: options.path,
-      headers: { host: 'agent', ...options.headers },
-      // Response heads are bounded by Node's parser (16 KiB); bodies by the readers.
-      createConnection: (_opts: unknown, callback: (err: Error | null, stream?: Duplex) => void) => {
-        this.driver.connect(sandboxId).then(
-          (stream) => callback(null, stream),
-          (err: NodeJS.ErrnoException) => callback(new AgentConnectionError(`cannot connect (${err.code ?? 'error'})`)),
-        );
-        return undefined;
-      },
-    } as RequestOptions);
+    // Response heads are bounded by Node's parser (16 KiB); bodies by the readers.
+    const req = new CheckedAgentRequest(this.#pool(sandboxId), sandboxId, { method: options.method, path: options.path, headers: { host: 'agent', ...options.headers } });
     // Registered before the caller's listeners: `failure` learns which lifecycle epoch it met.
     req.once('error', (err) => this.#errorEpochs.set(err, epoch));
     // Once the request is written the answer is due within the deadline; a caller that leaves
@@ -244,16 +243,32 @@ export class AgentClients {
     return req;
   }
 
+  /** The sandbox's pool of raw HTTP sockets, made on first use; `drop` closes it. */
+  #pool(sandboxId: string): AgentHttpPool {
+    let pool = this.#pools.get(sandboxId);
+    if (!pool) {
+      pool = new AgentHttpPool(
+        () => this.driver.connect(sandboxId),
+        (err) => new AgentConnectionError(`cannot connect (${err.code ?? 'error'})`),
+        RAW_SOCKET_LIMITS,
+      );
+      this.#pools.set(sandboxId, pool);
+    }
+    return pool;
+  }
+
   /** Forgets a sandbox's connection (it was stopped, restarted or deleted). */
   async drop(sandboxId: string): Promise<void> {
     const entry = this.#clients.get(sandboxId);
     this.#clients.delete(sandboxId);
+    this.#pools.get(sandboxId)?.destroy();
+    this.#pools.delete(sandboxId);
     this.#refreshedAt.delete(sandboxId);
     await entry?.conn.close();
   }
 
   async closeAll(): Promise<void> {
-    await Promise.all([...this.#clients.keys()].map((id) => this.drop(id)));
+    await Promise.all([...new Set([...this.#clients.keys(), ...this.#pools.keys()])].map((id) => this.drop(id)));
   }
 }
 

@@ -1,6 +1,9 @@
-import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { randomUUID } from 'node:crypto';
+import { Agent, ClientRequest, request as httpRequest, type ClientRequestArgs, type IncomingMessage } from 'node:http';
+import { Socket } from 'node:net';
 import type { Duplex, Readable } from 'node:stream';
 import type { z } from 'zod';
+import { AGENT_REQUEST_HEADER } from '../../shared/guest-protocol.js';
 import { AGENT_MESSAGE_MAX_CHARS, AgentHttpErrorReply } from '../../shared/schemas/agent-replies.js';
 import { AgentProtocolError } from './agent-connection.js';
 
@@ -12,6 +15,101 @@ import { AgentProtocolError } from './agent-connection.js';
 
 /** The most the server reads of an agent's JSON answer on a raw route. */
 export const AGENT_HTTP_MAX_JSON_BYTES = 64 * 1024;
+
+/** How long an idle kept-alive socket to an agent stays open (the agent keeps its side longer). */
+const IDLE_SOCKET_MS = 30_000;
+
+/**
+ * The kept-alive sockets of one sandbox's raw HTTP requests, over the driver's `connect()`: at
+ * most `maxSockets` open, `maxFreeSockets` idle. The agent may lie, so a socket goes back to the
+ * pool only after an answer that echoed its request's nonce (see `nonceFor`/`checkAnswer`): an
+ * answer sent ahead for a request not yet written cannot know it. An idle socket on which the
+ * agent sends anything is destroyed; bytes after an answer on a busy socket make Node's parser
+ * destroy it.
+ */
+export class AgentHttpPool extends Agent {
+  /** Sockets whose last answer echoed its nonce: the only ones kept. */
+  readonly #proven = new WeakSet<Duplex>();
+
+  constructor(
+    private readonly connect: () => Promise<Duplex>,
+    private readonly onConnectError: (err: NodeJS.ErrnoException) => Error,
+    limits: { maxSockets: number; maxFreeSockets: number },
+  ) {
+    super({ keepAlive: true, ...limits, scheduling: 'lifo' });
+  }
+
+  /** Node's hook for a new socket: the driver's stream, asynchronously. */
+  override createConnection(_opts: ClientRequestArgs, callback?: (err: Error | null, stream: Duplex) => void): undefined {
+    this.connect().then(
+      (stream) => callback!(null, stream),
+      (err: NodeJS.ErrnoException) => callback!(this.onConnectError(err), undefined as never),
+    );
+    return undefined;
+  }
+
+  /**
+   * Whether `res` may be the answer to the request that sent `nonce`: an echo of it marks the
+   * socket fit for another request. No echo at all is accepted only on a socket's first request
+   * (an agent from before the echo; the socket is then closed after it); a wrong echo, or none
+   * on a reused socket, is an answer to something else.
+   */
+  checkAnswer(req: ClientRequest, res: IncomingMessage, nonce: string): boolean {
+    const echo = res.headers[AGENT_REQUEST_HEADER];
+    if (echo === nonce) {
+      this.#proven.add(req.socket as Duplex);
+      return true;
+    }
+    return echo === undefined && !req.reusedSocket;
+  }
+
+  override keepSocketAlive(socket: Duplex): boolean {
+    if (!(socket instanceof Socket) || !this.#proven.has(socket)) return false;
+    this.#proven.delete(socket);
+    if (!(super.keepSocketAlive(socket) as unknown as boolean)) return false;
+    const hinted = socket.timeout ?? 0;
+    socket.setTimeout(hinted > 0 ? Math.min(hinted, IDLE_SOCKET_MS) : IDLE_SOCKET_MS);
+    socket.on('data', destroyOnIdleData);
+    return true;
+  }
+
+  override reuseSocket(socket: Duplex, req: ClientRequest): void {
+    socket.off('data', destroyOnIdleData);
+    (socket as Socket).setTimeout(0);
+    super.reuseSocket(socket as Socket, req);
+  }
+}
+
+/**
+ * A request through an `AgentHttpPool` that carries a fresh nonce (AGENT_REQUEST_HEADER) and
+ * emits 'response' only for an answer the pool accepts as this request's; any other answer is
+ * this request's 'error' (an AgentProtocolError) and its socket is destroyed.
+ */
+export class CheckedAgentRequest extends ClientRequest {
+  readonly #nonce = randomUUID();
+
+  constructor(
+    private readonly pool: AgentHttpPool,
+    private readonly sandboxId: string,
+    options: { method: string; path: string; headers: Record<string, string | number> },
+  ) {
+    super({ ...options, agent: pool });
+    this.setHeader(AGENT_REQUEST_HEADER, this.#nonce);
+  }
+
+  override emit(event: string | symbol, ...args: unknown[]): boolean {
+    if (event === 'response' && !this.pool.checkAnswer(this, args[0] as IncomingMessage, this.#nonce)) {
+      this.destroy(new AgentProtocolError(`the sandbox ${this.sandboxId} agent's answer on a kept-alive connection was not the answer to the request sent`));
+      return true; // the answer is not dumped into a later request: its socket is gone
+    }
+    return super.emit(event, ...args);
+  }
+}
+
+/** An idle socket's agent spoke unasked: whatever it sent must not become a later request's answer. */
+function destroyOnIdleData(this: Socket): void {
+  this.destroy();
+}
 
 /**
  * One HTTP request to the agent over a stream from `connect()`: resolves with the status code

@@ -72,6 +72,16 @@ function contentDisposition(path: string): string {
   return `attachment; filename="${ascii}"; filename*=UTF-8''${encodeURIComponent(name)}`;
 }
 
+/** Aborted when the client hangs up before its answer was sent in full (not after). */
+function leftSignal(res: ServerResponse): AbortController {
+  const left = new AbortController();
+  res.once('close', () => {
+    if (!res.writableFinished) left.abort(LEFT);
+  });
+  return left;
+}
+const LEFT = new Error('the client hung up');
+
 /** The file stream of a multipart/form-data body's `file` field; other fields are ignored. */
 function multipartFile(req: IncomingMessage, limit: number): Promise<Readable> {
   return new Promise((resolve, reject) => {
@@ -130,14 +140,19 @@ const handlers: Record<HttpRouteName, RawHandler> = {
     const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
     const multipart = type.startsWith('multipart/form-data');
     const source = multipart ? await multipartFile(req, services.files.maxUploadBytes) : req;
-    const left = new AbortController(); // the client hung up: the agent request ends with it
-    res.once('close', () => left.abort());
+    const left = leftSignal(res); // the client hung up: the agent request ends with it
     const result = await services.files.upload(principal, id!, path, source, multipart ? undefined : declared, left.signal);
     sendJson(res, 200, successBody(result, 'File uploaded'));
   },
+  filesUploadTar: async (req, res, [id], services, principal) => {
+    const path = queryPath(req);
+    const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
+    const left = leftSignal(res); // the client hung up: the agent request ends with it
+    const result = await services.files.uploadTar(principal, id!, path, req, declared, left.signal);
+    sendJson(res, 200, successBody(result, 'Files uploaded'));
+  },
   filesDownload: async (req, res, [id], services, principal) => {
-    const left = new AbortController(); // the client hung up: the agent request ends with it
-    res.once('close', () => left.abort());
+    const left = leftSignal(res); // the client hung up: the agent request ends with it
     const download = await services.files.download(principal, id!, queryPath(req), left.signal);
     res.writeHead(200, {
       'content-type': 'application/octet-stream',

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ExecInput, Id, PidInput, SessionExecStreamInput, UploadResult } from '../../shared/index.js';
+import { ExecInput, Id, PidInput, SessionExecStreamInput, UploadResult, UploadTarResult } from '../../shared/index.js';
 import { decodeOrNull } from '../../shared/uri.js';
 import { InvalidInputError } from '../errors.js';
 
@@ -71,6 +71,26 @@ export const routeTable = {
     summary: 'Upload a file',
     description:
       'The body is the file (any content type), or a multipart/form-data body whose `file` field is the file. Parent directories are created; the file appears whole or not at all. At most MAX_UPLOAD_BYTES.',
+    tag: 'File System',
+  },
+  filesUploadTar: {
+    kind: 'http',
+    method: 'POST',
+    path: '/sandboxes/{id}/files/upload-tar',
+    auth: 'apiKey',
+    params: SandboxParams,
+    query: z.object({ path: z.string().min(1).meta({ description: 'The directory inside the sandbox the entries are written under (created if missing)', example: '/root/project' }) }),
+    body: 'binary',
+    success: {
+      status: 200,
+      contentType: 'application/json',
+      description: 'Files uploaded',
+      schema: z.object({ status: z.literal('success'), message: z.string().meta({ example: 'Files uploaded' }), data: UploadTarResult }),
+    },
+    operationId: 'uploadFilesTar',
+    summary: 'Upload many files as one tar stream',
+    description:
+      'The body is an uncompressed tar stream (`tar -cf - …`); its entries are written under `path` as they arrive, each file whole (a temporary file renamed into place). Regular files, directories and symbolic links that stay inside `path` are accepted; an absolute name, `..`, a path through a symbolic link, a link leading outside, a hard link or a device is refused with 400 naming the entry (entries before it stay written). At most MAX_UPLOAD_BYTES in all.',
     tag: 'File System',
   },
   filesDownload: {

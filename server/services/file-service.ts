@@ -1,6 +1,5 @@
-import type { IncomingMessage } from 'node:http';
-import { PassThrough, Transform, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import type { ClientRequest, IncomingMessage } from 'node:http';
+import type { Readable } from 'node:stream';
 import type {
   ArchiveFormat,
   ArchiveResult,
@@ -14,11 +13,12 @@ import type {
   SearchResult,
   StatResult,
   UploadResult,
+  UploadTarResult,
 } from '../../shared/index.js';
 import { AgentUnavailableError, fromAgentCode, type AgentClient } from '../agent-client/agent-clients.js';
 import { agentHeader, readAgentError, readAgentJson } from '../agent-client/agent-http.js';
 import { decodeOrNull } from '../../shared/uri.js';
-import { AgentUploadReply } from '../../shared/schemas/agent-replies.js';
+import { AgentUploadReply, AgentUploadTarReply } from '../../shared/schemas/agent-replies.js';
 import { PayloadTooLargeError } from '../errors.js';
 import type { SandboxRecord } from '../store/types.js';
 import type { Principal } from './auth-service.js';
@@ -133,49 +133,45 @@ export class FileService {
    * (413); the agent then removes its temporary file, so the target is never half-written.
    */
   async upload(p: Principal, id: string, path: string, source: Readable, declaredSize?: number, signal?: AbortSignal): Promise<UploadResult> {
+    return this.#put(p, id, `/files/content?path=${encodeURIComponent(path)}`, source, declaredSize, signal, (res, sandboxId) => readAgentJson(res, AgentUploadReply, sandboxId, 'an upload'));
+  }
+
+  /**
+   * Streams a tar stream (`source`) to the agent, which writes its entries under the directory
+   * `path` as they arrive (see agent/services/files/tar-upload.ts for what it refuses). The same
+   * MAX_UPLOAD_BYTES bound as `upload`, over the whole stream.
+   */
+  async uploadTar(p: Principal, id: string, path: string, source: Readable, declaredSize?: number, signal?: AbortSignal): Promise<UploadTarResult> {
+    return this.#put(p, id, `/files/tar?path=${encodeURIComponent(path)}`, source, declaredSize, signal, (res, sandboxId) => readAgentJson(res, AgentUploadTarReply, sandboxId, 'a tar upload'));
+  }
+
+  /** A PUT of `source` to the agent's route `agentPath`, at most MAX_UPLOAD_BYTES (declared or streamed). */
+  async #put<T>(p: Principal, id: string, agentPath: string, source: Readable, declaredSize: number | undefined, signal: AbortSignal | undefined, read: (res: IncomingMessage, sandboxId: string) => Promise<T>): Promise<T> {
     const limit = this.deps.maxUploadBytes;
     if (declaredSize !== undefined && declaredSize > limit) throw tooLarge(limit);
     const record = await this.deps.sandboxes.running(p, id);
     const agentReq = this.deps.sandboxes.agents.request(id, {
       method: 'PUT',
-      path: `/files/content?path=${encodeURIComponent(path)}`,
+      path: agentPath,
       headers: declaredSize !== undefined ? { 'content-length': declaredSize } : { 'transfer-encoding': 'chunked' },
       signal,
     });
-    const response = new Promise<IncomingMessage>((resolve, reject) => {
-      agentReq.once('response', resolve);
-      agentReq.once('error', reject);
-    });
-    response.catch(() => {}); // observed below on the paths that need it; a late failure must not go unhandled
-    let received = 0;
-    let overLimit = false;
-    const counter = new Transform({
-      transform(chunk: Buffer, _enc, done) {
-        received += chunk.length;
-        if (received > limit) {
-          overLimit = true;
-          done(tooLarge(limit));
-        } else done(null, chunk);
-      },
-    });
-    // The request body is not handed to pipeline() itself: on a failure pipeline destroys its
-    // streams, and destroying the request would reset the connection before the client reads
-    // our 413. The caller drains what is left of the body instead.
-    const body = new PassThrough();
-    let ended = false;
-    source.once('end', () => (ended = true));
-    // pipe() does not pass on a client that went away: do, so the agent drops its temporary file.
-    source.once('error', (err) => body.destroy(err));
-    source.once('close', () => {
-      if (!ended) body.destroy(new Error('the upload was interrupted'));
-    });
-    source.pipe(body);
-    body.once('close', () => source.unpipe(body));
+    return this.#sendBody(record, agentReq, source, limit, (res) => read(res, record.id));
+  }
+
+  /**
+   * Forwards `source` as the body of an agent request and reads the agent's answer with `read`.
+   * More than `limit` bytes fail with 413 (the agent request is cut, so the agent writes nothing);
+   * the source is never destroyed here: on a failure the caller drains what is left of it, so its
+   * client reads the answer instead of a reset.
+   */
+  async #sendBody<T>(record: SandboxRecord, agentReq: ClientRequest, source: Readable, limit: number, read: (res: IncomingMessage) => Promise<T>): Promise<T> {
+    const response = answerOf(agentReq);
     try {
-      await pipeline(body, counter, agentReq);
+      await forwardBody(source, agentReq, limit);
     } catch (err) {
       agentReq.destroy();
-      if (overLimit) throw tooLarge(limit);
+      if (err instanceof PayloadTooLargeError) throw err;
       // The agent may have answered early with its reason (e.g. the path is a directory).
       const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 2000))]);
       if (early && early.statusCode !== 200) throw await agentHttpError(early, record.id);
@@ -185,7 +181,7 @@ export class FileService {
       throw await this.#failure(record, err);
     });
     if (res.statusCode !== 200) throw await agentHttpError(res, record.id);
-    return readAgentJson(res, AgentUploadReply, record.id, 'an upload').catch(async (err: unknown) => {
+    return read(res).catch(async (err: unknown) => {
       throw await this.#failure(record, err);
     });
   }
@@ -210,16 +206,83 @@ export class FileService {
   /** A bodiless request to the agent's `/files/content` route; its response once headers arrive. */
   #askAgent(record: SandboxRecord, method: 'GET', path: string, signal?: AbortSignal): Promise<IncomingMessage> {
     const agentReq = this.deps.sandboxes.agents.request(record.id, { method, path: `/files/content?path=${encodeURIComponent(path)}`, signal });
-    return new Promise<IncomingMessage>((resolve, reject) => {
-      agentReq.once('response', resolve);
-      agentReq.once('error', reject);
-      agentReq.end();
-    }).catch(async (err: unknown) => {
+    agentReq.end();
+    return answerOf(agentReq).catch(async (err: unknown) => {
       throw await this.#failure(record, err);
     });
   }
 }
 
+
+/** An agent request's response once its head arrived, or its error (observed: a late failure is not unhandled). */
+function answerOf(req: ClientRequest): Promise<IncomingMessage> {
+  const response = new Promise<IncomingMessage>((resolve, reject) => {
+    req.once('response', resolve);
+    req.once('error', reject);
+  });
+  response.catch(() => {});
+  return response;
+}
+
+/** The most request body the server buffers for the agent request before it waits for it to drain. */
+const FORWARD_BUFFER_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Copies `source` into `dest` (then ends it), failing with 413 past `limit` bytes, with an
+ * interrupted source, or with `dest`'s error. The chunks read in one turn of the event loop go
+ * out in one write (corked until `setImmediate`), not one socket write each.
+ */
+function forwardBody(source: Readable, dest: ClientRequest, limit: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let received = 0;
+    let corked = false;
+    let settled = false;
+    const uncork = () => {
+      corked = false;
+      dest.uncork();
+    };
+    const finish = (err?: Error) => {
+      if (settled) return;
+      settled = true;
+      source.off('data', onData).off('end', onEnd).off('error', onSourceError).off('close', onClose);
+      dest.off('drain', onDrain).off('error', finish);
+      if (corked) uncork();
+      if (err) {
+        source.pause();
+        reject(err);
+      } else resolve();
+    };
+    const onData = (chunk: Buffer) => {
+      received += chunk.length;
+      if (received > limit) return finish(tooLarge(limit));
+      if (!corked) {
+        corked = true;
+        dest.cork();
+        setImmediate(uncork);
+      }
+      dest.write(chunk);
+      if ((dest.socket?.writableLength ?? dest.writableLength) > FORWARD_BUFFER_BYTES) source.pause();
+    };
+    const onDrain = () => source.resume();
+    let ended = false;
+    const onEnd = () => {
+      ended = true;
+      dest.end();
+      dest.once('finish', () => finish());
+    };
+    const onSourceError = (err: Error) => finish(err);
+    // A client that went away mid-body: the agent request is cut, so the agent drops its temporary file.
+    const onClose = () => {
+      if (!ended) finish(new Error('the upload was interrupted'));
+    };
+    // A client that hangs up later still errors its body: observed, as the failure is already answered.
+    source.on('error', ignore);
+    source.on('data', onData).once('end', onEnd).once('error', onSourceError).once('close', onClose);
+    dest.on('drain', onDrain).once('error', finish);
+  });
+}
+
+function ignore(): void {}
 
 function tooLarge(limit: number): PayloadTooLargeError {
   return new PayloadTooLargeError(`Upload is larger than the limit of ${limit} bytes (MAX_UPLOAD_BYTES)`);

@@ -57,6 +57,18 @@ export type FileList = z.infer<typeof FileList>;
 export const UploadResult = z.object({ path: z.string(), size: z.number().int() }).meta({ id: 'UploadResult' });
 export type UploadResult = z.infer<typeof UploadResult>;
 
+/** What a tar upload (`POST /sandboxes/{id}/files/upload-tar`) wrote under its directory. */
+export const UploadTarResult = z
+  .object({
+    path: z.string().meta({ description: 'The directory the entries were written under' }),
+    files: z.number().int().min(0),
+    directories: z.number().int().min(0),
+    symlinks: z.number().int().min(0),
+    size: z.number().int().min(0).meta({ description: "The files' bytes in total" }),
+  })
+  .meta({ id: 'UploadTarResult' });
+export type UploadTarResult = z.infer<typeof UploadTarResult>;
+
 export const ArchiveFormat = z.enum(['tar', 'tar.gz', 'tar.bz2', 'zip'], { error: 'must be tar, tar.gz, tar.bz2 or zip' });
 export type ArchiveFormat = z.infer<typeof ArchiveFormat>;
 

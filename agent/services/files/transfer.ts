@@ -1,11 +1,12 @@
 import { randomBytes } from 'node:crypto';
-import { constants, createWriteStream } from 'node:fs';
+import { closeSync, constants, createWriteStream, lstatSync, mkdirSync, openSync, renameSync, rmSync, statfsSync, writeSync, type Stats, type StatsFs } from 'node:fs';
 import { lstat, mkdir, open, realpath, rename, rm, stat, statfs } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { basename, dirname, join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { AgentError, agentErrorStatus, fsError } from '../../errors.js';
 import { resolveInSandbox } from './paths.js';
+import { extractTarUpload } from './tar-upload.js';
 
 function sendJson(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
@@ -78,6 +79,13 @@ async function download(res: ServerResponse, input: string): Promise<void> {
  */
 async function upload(req: IncomingMessage, res: ServerResponse, input: string): Promise<void> {
   const path = resolveInSandbox(input);
+  const declared = Number(req.headers['content-length'] ?? NaN);
+  if (declared <= SMALL_UPLOAD_BYTES) {
+    const body = await readSmallBody(req, declared);
+    writeSmallFile(path, body);
+    sendJson(res, 200, { path, size: body.length });
+    return;
+  }
   const existing = await lstat(path).catch(() => null);
   if (existing?.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (give the path of the file to write)`);
   await mkdir(dirname(path), { recursive: true }).catch((err) => {
@@ -96,6 +104,78 @@ async function upload(req: IncomingMessage, res: ServerResponse, input: string):
   }
   const st = await stat(path);
   sendJson(res, 200, { path, size: st.size });
+}
+
+/** Bodies up to this size are read whole and written with a few blocking calls (each a few microseconds). */
+const SMALL_UPLOAD_BYTES = 256 * 1024;
+
+/** A body of a declared `length` (≤ SMALL_UPLOAD_BYTES), whole; a body broken off midway is a 400. */
+function readSmallBody(req: IncomingMessage, length: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.once('end', () => {
+      const body = Buffer.concat(chunks);
+      if (body.length === length) resolve(body);
+      else reject(new AgentError('BAD_REQUEST', 'The upload was interrupted before it finished'));
+    });
+    req.once('close', () => {
+      if (!req.complete) reject(new AgentError('BAD_REQUEST', 'The upload was interrupted before it finished'));
+    });
+  });
+}
+
+/**
+ * `upload` for a body already in memory, as the same steps: a temporary file beside the target
+ * (the target's mode, or 0644), renamed into place; the parent directories made only when missing.
+ */
+function writeSmallFile(path: string, body: Buffer): void {
+  const existing = lstatOrNull(path);
+  if (existing?.isDirectory()) throw new AgentError('BAD_REQUEST', `Is a directory: ${path} (give the path of the file to write)`);
+  const temp = join(dirname(path), `.${basename(path)}.upload-${randomBytes(6).toString('hex')}`);
+  const mode = existing ? existing.mode & 0o7777 : 0o644;
+  let fd: number;
+  try {
+    fd = openTemp(temp, mode);
+  } catch (err) {
+    throw fsError(err, path);
+  }
+  try {
+    try {
+      writeFullySync(fd, body);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(temp, path);
+  } catch (err) {
+    rmSync(temp, { force: true });
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') throw noSpaceSync(path);
+    throw fsError(err, path);
+  }
+}
+
+function lstatOrNull(path: string): Stats | null {
+  try {
+    return lstatSync(path);
+  } catch {
+    return null;
+  }
+}
+
+/** Creates `temp` exclusively, making its parent directories first if they are missing. */
+function openTemp(temp: string, mode: number): number {
+  try {
+    return openSync(temp, 'wx', mode);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    mkdirSync(dirname(temp), { recursive: true });
+    return openSync(temp, 'wx', mode);
+  }
+}
+
+function writeFullySync(fd: number, body: Buffer): void {
+  for (let off = 0; off < body.length; ) off += writeSync(fd, body, off, body.length - off);
 }
 
 /**
@@ -125,19 +205,40 @@ function writeBody(req: IncomingMessage, file: string, mode: number): Promise<vo
 
 /** An upload that found the disk full: 413, naming the disk's size (diskMb from the driver, else the filesystem's). */
 async function noSpace(path: string): Promise<AgentError> {
-  const fs = await statfs(dirname(path)).catch(() => null);
+  return noSpaceError(path, await statfs(dirname(path)).catch(() => null));
+}
+
+function noSpaceSync(path: string): AgentError {
+  let fs: StatsFs | null = null;
+  try {
+    fs = statfsSync(dirname(path));
+  } catch {}
+  return noSpaceError(path, fs);
+}
+
+function noSpaceError(path: string, fs: StatsFs | null): AgentError {
   const size = process.env.VOIDRUN_DISK_MB ? `diskMb ${process.env.VOIDRUN_DISK_MB}` : fs ? `${Math.round((fs.blocks * fs.bsize) / 1048576)} MB` : 'its size';
   const free = fs ? `, ${Math.floor((fs.bavail * fs.bsize) / 1048576)} MB free` : '';
   return new AgentError('PAYLOAD_TOO_LARGE', `No space left on the sandbox's disk (${size}${free}): the upload to ${path} does not fit and was not written`);
 }
 
-/** The agent's raw byte routes: `/files/content?path=` (GET downloads, HEAD locates, PUT uploads). */
+/** PUT /files/tar: extracts the body (a tar stream) under the directory `input`; a refused entry answers 400 naming it. */
+async function uploadTar(req: IncomingMessage, res: ServerResponse, input: string): Promise<void> {
+  sendJson(res, 200, await extractTarUpload(req, input));
+}
+
+/** The agent's raw byte routes: `/files/content?path=` (GET downloads, HEAD locates, PUT uploads) and `/files/tar?path=` (PUT extracts a tar). */
 export async function handleFileTransfer(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
   const url = new URL(req.url ?? '/', 'http://agent');
-  if (url.pathname !== '/files/content') return false;
+  if (url.pathname !== '/files/content' && url.pathname !== '/files/tar') return false;
   const path = url.searchParams.get('path');
   try {
     if (!path) throw new AgentError('BAD_REQUEST', 'path is required');
+    if (url.pathname === '/files/tar') {
+      if (req.method !== 'PUT') throw new AgentError('BAD_REQUEST', 'Use PUT');
+      await uploadTar(req, res, path);
+      return true;
+    }
     if (req.method === 'GET') await download(res, path);
     else if (req.method === 'HEAD') await locate(res, path);
     else if (req.method === 'PUT') await upload(req, res, path);
