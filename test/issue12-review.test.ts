@@ -30,7 +30,7 @@ describe.skipIf(!support.ok)('issue 12 review: file watch', () => {
   });
 
   /** Starts a watch session on `path` and connects to its stream; resolves once the socket is open. */
-  async function watchStream(path: string): Promise<{ ws: WebSocket; next: (predicate: (e: FileEvent) => boolean) => Promise<FileEvent> }> {
+  async function watchStream(path: string): Promise<{ ws: WebSocket; seen: FileEvent[]; next: (predicate: (e: FileEvent) => boolean) => Promise<FileEvent> }> {
     const res = await server.http(`/api/sandboxes/${box.id}/files/watch`, { method: 'POST', apiKey, json: { path, recursive: true } });
     expect(res.status).toBe(200);
     const { sessionId } = ((await res.json()) as { data: { sessionId: string } }).data;
@@ -49,7 +49,7 @@ describe.skipIf(!support.ok)('issue 12 review: file watch', () => {
         if (hit) resolve(hit);
         else waiters.push({ predicate, resolve });
       });
-    return { ws, next };
+    return { ws, seen, next };
   }
 
   /**
@@ -85,6 +85,23 @@ describe.skipIf(!support.ok)('issue 12 review: file watch', () => {
       await new Promise((r) => setTimeout(r, 1500));
       await box.exec('rm -rf /root/recreated && mkdir /root/recreated');
     });
+  }, 20_000);
+
+  // chokidar keeps watching a subdirectory that was replaced between two reads of its parent (the
+  // name is there both times), i.e. the dead one. Reads of a directory are at most one a second,
+  // hence the wait: the replacement lands between two of them (no event marks the moment).
+  it('a recursive watch reports files created in a subdirectory deleted and recreated under it (regression: silent subdirectory)', async () => {
+    await box.exec('mkdir -p /root/parent/child && touch /root/parent/child/a');
+    const { ws, seen, next } = await watchStream('/root/parent');
+    await new Promise((r) => setTimeout(r, 1500));
+    const gone = next((e) => e.type === 'deleted' && e.path === '/root/parent/child/a');
+    await box.exec('rm -rf /root/parent/child && mkdir /root/parent/child');
+    await gone;
+    const inside = next((e) => e.type === 'created' && e.path === '/root/parent/child/b');
+    await box.exec('touch /root/parent/child/b');
+    await inside;
+    ws.close();
+    expect(seen.map((e) => `${e.type} ${e.path.slice('/root/parent/'.length)}`)).toEqual(['deleted child/a', 'deleted child', 'created child', 'created child/b']);
   }, 20_000);
 
   it('a watch session whose directory is deleted reports what it held as deleted and ends, instead of going silent', async () => {

@@ -77,6 +77,11 @@ interface Unseen {
   renames: number;
 }
 
+/** Whether a known path is a directory. */
+function isDir(known: { mode: number } | undefined): boolean {
+  return ((known?.mode ?? 0) & 0o170000) === 0o040000;
+}
+
 /**
  * Whether two sightings are the same file: the same inode, and the same birth time where both
  * have one — a new file can get the inode of one deleted moments ago, but not its birth time.
@@ -161,6 +166,17 @@ export class FileWatch {
     return w;
   }
 
+  /** Whether `path` (the root or a known path) is still the file it was when last seen. */
+  #isStill(path: string): boolean {
+    const was = path === this.root ? this.rootFile : this.#known.get(path);
+    try {
+      const st = statSync(path);
+      return was !== undefined && sameFile(was, { ino: st.ino, birthtimeMs: st.birthtimeMs });
+    } catch {
+      return false;
+    }
+  }
+
   /** Drops the names not reported yet (their placeholders too) and the remembered recent paths. */
   #forgetRecent(): void {
     for (const u of this.#unseen.values()) {
@@ -179,14 +195,7 @@ export class FileWatch {
    * follows a watched file that is replaced, as editors do on save.)
    */
   #checkRoot(): void {
-    if (this.#ended || !this.rootFile.isDir) return;
-    let st: Stats | undefined;
-    try {
-      st = statSync(this.root);
-    } catch {
-      st = undefined;
-    }
-    if (st && sameFile(this.rootFile, { ino: st.ino, birthtimeMs: st.birthtimeMs })) return;
+    if (this.#ended || !this.rootFile.isDir || this.#isStill(this.root)) return;
     this.#ended = true;
     // Synchronously: chokidar releases its shares of the fs.watch handles before anyone re-adds the path.
     void this.#watcher.close();
@@ -209,13 +218,18 @@ export class FileWatch {
    */
   #onRaw(event: string, name: string | null, watchedPath: string | undefined): void {
     if (this.#ended || !this.#ready || event !== 'rename' || !name || !watchedPath) return;
-    if (watchedPath === this.root && name === basename(this.root)) this.#checkRoot();
-    if (this.#ended) return;
-    const watchedDir = watchedPath === this.root ? this.rootFile.isDir : this.spec.recursive && ((this.#known.get(watchedPath)?.mode ?? 0) & 0o170000) === 0o040000;
+    // A directory's own deletion or replacement is reported under its own name, like a child's.
+    if (name === basename(watchedPath)) {
+      if (watchedPath === this.root) this.#checkRoot();
+      if (this.#ended || !this.#isStill(watchedPath)) return;
+    }
+    const watchedDir = watchedPath === this.root ? this.rootFile.isDir : this.spec.recursive && isDir(this.#known.get(watchedPath));
     if (!watchedDir || (this.spec.ignoreHidden && name.startsWith('.'))) return;
     const path = join(watchedPath, name);
-    if (this.#known.has(path)) {
+    const known = this.#known.get(path);
+    if (known) {
       this.#deletionSeen.add(path);
+      if (this.spec.recursive && isDir(known)) this.#checkReplacedDir(path, known);
       return;
     }
     const unseen = this.#unseen.get(path);
@@ -224,6 +238,31 @@ export class FileWatch {
     const placeholder: Pending = { message: { type: 'created', path, timestamp: new Date().toISOString() }, ready: false };
     this.#enqueue(placeholder);
     this.#unseen.set(path, { placeholder, timer: setTimeout(() => void this.#checkUnseen(path), RENAME_WINDOW_MS), renames: 1 });
+  }
+
+  /**
+   * A subdirectory replaced by another (`rm -rf d && mkdir d`) between two of chokidar's reads of
+   * its parent: chokidar would keep watching the dead one. It and what it held are reported
+   * `deleted` (chokidar's own late `unlink`s of them are not reported again), and the new one is
+   * watched: its `created` and its contents' follow.
+   */
+  #checkReplacedDir(path: string, known: FileIdentity): void {
+    let st: Stats;
+    try {
+      st = statSync(path);
+    } catch {
+      return; // gone: chokidar reports that
+    }
+    if (!st.isDirectory() || sameFile(known, { ino: st.ino, birthtimeMs: st.birthtimeMs })) return;
+    const gone = [...this.#known.keys()].filter((p) => p === path || p.startsWith(`${path}/`)).sort((a, b) => b.length - a.length);
+    for (const p of gone) {
+      this.#known.delete(p);
+      this.#deletionSeen.delete(p);
+      this.#suppressedUnlinks.add(p);
+      this.#push({ type: 'deleted', path: p, timestamp: new Date().toISOString() });
+    }
+    this.#watcher.unwatch(path);
+    this.#watcher.add(path);
   }
 
   /** Reports an unseen name that is gone as `created` then `deleted`; one still there is left to chokidar. */
