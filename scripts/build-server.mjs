@@ -5,7 +5,7 @@
  * packages left to node_modules. Plain JavaScript, so `npm start` compiles the server without
  * loading a TypeScript loader. Type checking stays `npm run typecheck`.
  */
-import { readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -65,10 +65,15 @@ const externalPackagesButTrimmed = {
   },
 };
 
-/** Compiles the server into `dist/server/` (about a second), replacing what was there. */
+/**
+ * Compiles the server into `dist/server/` (about a second), replacing what was there: built in a
+ * private directory and renamed into place, so a server starting meanwhile never loads half a build.
+ */
 export async function buildServer() {
   const { build } = await import('esbuild');
-  const outdir = dirname(serverEntry);
+  const target = dirname(serverEntry);
+  const outdir = `${target}.${process.pid}.tmp`;
+  const old = `${target}.${process.pid}.old`;
   rmSync(outdir, { recursive: true, force: true });
   await build({
     entryPoints: [join(root, 'server', 'main.ts')],
@@ -83,6 +88,16 @@ export async function buildServer() {
     sourcemap: 'linked',
     logLevel: 'warning',
   });
+  try {
+    renameSync(target, old);
+  } catch {}
+  try {
+    renameSync(outdir, target);
+  } catch (err) {
+    if (!existsSync(serverEntry)) throw err; // another build finished first: theirs is as good
+    rmSync(outdir, { recursive: true, force: true });
+  }
+  rmSync(old, { recursive: true, force: true });
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
