@@ -1,22 +1,50 @@
 import type { SandboxRecord, SandboxRepository, Store } from './types.js';
 
-/** Past this many cached records the cache starts over (each entry is one small record). */
+/** Past this many cached records a cache starts over (each entry is one small record). */
 const MAX_ENTRIES = 10_000;
 
 /**
- * A sandbox repository that answers `findById` from memory once a record has been read, so the
- * hot paths (every exec, file call and terminal keystroke looks its sandbox up) make no store
- * round trip. Every write through it (`update`, `delete`) drops the record before and after the
- * write, and a read that overlapped any write is not cached, so a lookup never returns a record
- * older than the last write made through this process.
- *
- * Only for a store that this process alone writes (the embedded SQLite store): with MongoDB,
- * several servers may share the records, and another server's write would not be seen.
+ * Records read once, answered from memory after, for a store only this process writes. Every write
+ * drops the record it is about before and after it runs, and a read that overlapped any write is
+ * not cached, so a lookup never returns a record older than the last write made through it.
  */
-export class CachedSandboxRepository implements SandboxRepository {
-  readonly #records = new Map<string, SandboxRecord>();
+class ReadCache<V extends object> {
+  readonly #records = new Map<string, V>();
   /** Counts writes begun; a read caches its record only if no write began while it ran. */
   #writes = 0;
+
+  /** The cached record for `key` (a copy) if `accept` takes it, else `load()`'s, cached. */
+  async get(key: string, accept: (record: V) => boolean, load: () => Promise<V | null>): Promise<V | null> {
+    const cached = this.#records.get(key);
+    if (cached && accept(cached)) return { ...cached };
+    const writes = this.#writes;
+    const record = await load();
+    if (record && this.#writes === writes) {
+      if (this.#records.size >= MAX_ENTRIES) this.#records.clear();
+      this.#records.set(key, { ...record });
+    }
+    return record;
+  }
+
+  /** Runs a write about `key`; the record is dropped before and after. */
+  async writing<T>(key: string, write: () => Promise<T>): Promise<T> {
+    this.#writes++;
+    this.#records.delete(key);
+    try {
+      return await write();
+    } finally {
+      this.#records.delete(key);
+    }
+  }
+}
+
+/**
+ * A sandbox repository whose `findById` answers from memory once a record has been read, so the
+ * hot paths (every exec, file call and terminal keystroke looks its sandbox up) make no store
+ * round trip; `update` and `delete` go through the cache's write guard (see `ReadCache`).
+ */
+export class CachedSandboxRepository implements SandboxRepository {
+  readonly #cache = new ReadCache<SandboxRecord>();
 
   constructor(private readonly inner: SandboxRepository) {}
 
@@ -24,17 +52,9 @@ export class CachedSandboxRepository implements SandboxRepository {
     return this.inner.create(sandbox);
   }
 
-  async findById(orgId: string, id: string): Promise<SandboxRecord | null> {
-    const cached = this.#records.get(id);
+  findById(orgId: string, id: string): Promise<SandboxRecord | null> {
     // Another org's sandbox is left to the store to refuse.
-    if (cached && cached.orgId === orgId) return { ...cached };
-    const writes = this.#writes;
-    const record = await this.inner.findById(orgId, id);
-    if (record && this.#writes === writes) {
-      if (this.#records.size >= MAX_ENTRIES) this.#records.clear();
-      this.#records.set(id, { ...record });
-    }
-    return record;
+    return this.#cache.get(id, (r) => r.orgId === orgId, () => this.inner.findById(orgId, id));
   }
 
   listByOrg(...args: Parameters<SandboxRepository['listByOrg']>): ReturnType<SandboxRepository['listByOrg']> {
@@ -45,26 +65,20 @@ export class CachedSandboxRepository implements SandboxRepository {
     return this.inner.listAll();
   }
 
-  async update(orgId: string, id: string, patch: Parameters<SandboxRepository['update']>[2]): Promise<SandboxRecord | null> {
-    return this.#writing(id, () => this.inner.update(orgId, id, patch));
+  update(orgId: string, id: string, patch: Parameters<SandboxRepository['update']>[2]): Promise<SandboxRecord | null> {
+    return this.#cache.writing(id, () => this.inner.update(orgId, id, patch));
   }
 
-  async delete(orgId: string, id: string): Promise<boolean> {
-    return this.#writing(id, () => this.inner.delete(orgId, id));
-  }
-
-  async #writing<T>(id: string, write: () => Promise<T>): Promise<T> {
-    this.#writes++;
-    this.#records.delete(id);
-    try {
-      return await write();
-    } finally {
-      this.#records.delete(id);
-    }
+  delete(orgId: string, id: string): Promise<boolean> {
+    return this.#cache.writing(id, () => this.inner.delete(orgId, id));
   }
 }
 
-/** The store with its sandbox lookups cached where that is safe (see `CachedSandboxRepository`). */
+/**
+ * The store with its sandbox lookups cached, where that is safe: only for the embedded SQLite
+ * store, which this process alone writes. With MongoDB several servers may share the records, and
+ * another server's write would not be seen.
+ */
 export function withSandboxCache(store: Store): Store {
   if (store.kind !== 'sqlite') return store;
   const sandboxes = new CachedSandboxRepository(store.sandboxes);
