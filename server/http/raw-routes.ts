@@ -5,8 +5,8 @@ import { InvalidInputError } from '../errors.js';
 import busboy from 'busboy';
 import { basename } from 'node:path';
 import type { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import type { Services } from '../services/index.js';
+import { forwardStream } from '../services/file-service.js';
 import type { TrackedChunk } from '../services/exec-service.js';
 import { apiKeyOf, requestedOrgOf, type RequestRecord } from '../trpc/context.js';
 import { isExpectedError, sendError, sendJson, successBody, toWireError } from './envelope.js';
@@ -159,7 +159,10 @@ const handlers: Record<HttpRouteName, RawHandler> = {
       'content-disposition': contentDisposition(download.path),
       ...(download.size !== null ? { 'content-length': download.size } : {}),
     });
-    await pipeline(download.stream, res).catch(() => res.destroy());
+    await forwardStream(download.stream, res).catch(() => {
+      download.stream.destroy();
+      res.destroy();
+    });
   },
   execStream: async (req, res, [id], services, principal, limit) => {
     const input = await parseBody(req, ExecInput, { id }, limit);

@@ -1,5 +1,5 @@
 import type { ClientRequest, IncomingMessage } from 'node:http';
-import type { Readable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
 import type {
   ArchiveFormat,
   ArchiveResult,
@@ -168,7 +168,7 @@ export class FileService {
   async #sendBody<T>(record: SandboxRecord, agentReq: ClientRequest, source: Readable, limit: number, read: (res: IncomingMessage) => Promise<T>): Promise<T> {
     const response = answerOf(agentReq);
     try {
-      await forwardBody(source, agentReq, limit);
+      await forwardStream(source, agentReq, limit);
     } catch (err) {
       agentReq.destroy();
       if (err instanceof PayloadTooLargeError) throw err;
@@ -224,19 +224,23 @@ function answerOf(req: ClientRequest): Promise<IncomingMessage> {
   return response;
 }
 
-/** The most request body the server buffers for the agent request before it waits for it to drain. */
+/** The most a forwarded stream buffers for its destination before it waits for it to drain. */
 const FORWARD_BUFFER_BYTES = 4 * 1024 * 1024;
 
 /**
  * Copies `source` into `dest` (then ends it), failing with 413 past `limit` bytes, with an
- * interrupted source, or with `dest`'s error. The chunks read in one turn of the event loop go
- * out in one write (corked until `setImmediate`), not one socket write each.
+ * interrupted source, or with `dest`'s error or early close. The chunks read in one turn of the
+ * event loop go out in one write (corked until `setImmediate`), not one socket write each, and
+ * the source is paused only past FORWARD_BUFFER_BYTES buffered (not at every 16 KiB), so a slow
+ * reader costs a pause and resume per few MiB, not per chunk. The source is never destroyed here:
+ * on a failure it is paused (a request body is then drained by the caller).
  */
-function forwardBody(source: Readable, dest: ClientRequest, limit: number): Promise<void> {
+export function forwardStream(source: Readable, dest: Writable & { socket?: { writableLength: number } | null }, limit = Infinity): Promise<void> {
   return new Promise((resolve, reject) => {
     let received = 0;
     let corked = false;
     let settled = false;
+    let ended = false;
     const uncork = () => {
       corked = false;
       dest.uncork();
@@ -244,8 +248,8 @@ function forwardBody(source: Readable, dest: ClientRequest, limit: number): Prom
     const finish = (err?: Error) => {
       if (settled) return;
       settled = true;
-      source.off('data', onData).off('end', onEnd).off('error', onSourceError).off('close', onClose);
-      dest.off('drain', onDrain).off('error', finish);
+      source.off('data', onData).off('end', onEnd).off('error', finish).off('close', onClose);
+      dest.off('drain', onDrain).off('error', finish).off('close', onDestClose);
       if (corked) uncork();
       if (err) {
         source.pause();
@@ -264,21 +268,21 @@ function forwardBody(source: Readable, dest: ClientRequest, limit: number): Prom
       if ((dest.socket?.writableLength ?? dest.writableLength) > FORWARD_BUFFER_BYTES) source.pause();
     };
     const onDrain = () => source.resume();
-    let ended = false;
     const onEnd = () => {
       ended = true;
-      dest.end();
-      dest.once('finish', () => finish());
+      dest.end(() => finish());
     };
-    const onSourceError = (err: Error) => finish(err);
-    // A client that went away mid-body: the agent request is cut, so the agent drops its temporary file.
+    // A source that went away midway (a client or an agent hung up): its destination is cut too.
     const onClose = () => {
-      if (!ended) finish(new Error('the upload was interrupted'));
+      if (!ended) finish(new Error('the transfer was interrupted'));
     };
-    // A client that hangs up later still errors its body: observed, as the failure is already answered.
+    const onDestClose = () => {
+      if (!dest.writableFinished) finish(new Error('the receiving side went away'));
+    };
+    // A source that errors after the failure was answered is observed.
     source.on('error', ignore);
-    source.on('data', onData).once('end', onEnd).once('error', onSourceError).once('close', onClose);
-    dest.on('drain', onDrain).once('error', finish);
+    source.on('data', onData).once('end', onEnd).once('error', finish).once('close', onClose);
+    dest.on('drain', onDrain).once('error', finish).once('close', onDestClose);
   });
 }
 
