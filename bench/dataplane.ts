@@ -198,12 +198,12 @@ const sections: Record<string, (server: ServerProcess, apiKey: string) => Promis
   exec: execSection,
   rest: restSection,
   streams: (server, apiKey) => streamsSection(server, apiKey, row),
+  files: (server, apiKey) => filesSection(server, apiKey, row),
 };
 
 const server = await startServerProcess({ LOG_LEVEL: 'info' });
 try {
   const reg = (await ok(server, 'POST', '/api/register', { name: 'Bench', email: `bench-dataplane-${Date.now()}@example.com` })) as { data: { apiKey: string } };
-  files: (server, apiKey) => filesSection(server, apiKey, row),
   for (const [name, run] of Object.entries(sections)) {
     if (only && !only.has(name)) continue;
     await run(server, reg.data.apiKey);
