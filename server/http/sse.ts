@@ -8,13 +8,41 @@ export interface SseEvent {
   data: string;
 }
 
-function format(e: SseEvent): string {
-  let out = '';
-  if (e.id) out += `id: ${e.id}\n`;
-  out += `event: ${e.event}\n`;
-  // A multi-line payload is one `data:` line per line (one event per chunk of output, however
-  // many lines it holds); clients join them with "\n".
-  return `${out}data: ${e.data.replaceAll('\n', '\ndata: ')}\n\n`;
+/**
+ * One event's bytes. A multi-line payload is one `data:` line per line (one event per chunk of
+ * output, however many lines it holds); clients join them with "\n". The prefixes are inserted by
+ * one pass over the payload's UTF-8 bytes into a buffer sized up front: output of many short lines
+ * (`seq`) costs a byte copy per byte instead of a string piece per line.
+ */
+function format(e: SseEvent): Buffer {
+  const head = `${e.id ? `id: ${e.id}\n` : ''}event: ${e.event}\ndata: `;
+  const data = Buffer.from(e.data, 'utf8');
+  let newlines = 0;
+  for (let i = 0; i < data.length; i++) if (data[i] === 0x0a) newlines++;
+  const headBytes = Buffer.byteLength(head);
+  const out = Buffer.allocUnsafe(headBytes + data.length + newlines * 6 + 2);
+  out.write(head, 0, 'utf8');
+  if (newlines === 0) {
+    data.copy(out, headBytes);
+  } else {
+    let o = headBytes;
+    for (let i = 0; i < data.length; i++) {
+      const b = data[i]!;
+      out[o++] = b;
+      if (b === 0x0a) {
+        // `data: `, one byte at a time (a loop over a constant array runs markedly slower here).
+        out[o++] = 0x64;
+        out[o++] = 0x61;
+        out[o++] = 0x74;
+        out[o++] = 0x61;
+        out[o++] = 0x3a;
+        out[o++] = 0x20;
+      }
+    }
+  }
+  out[out.length - 2] = 0x0a;
+  out[out.length - 1] = 0x0a;
+  return out;
 }
 
 /**
