@@ -26,26 +26,13 @@ import { closedLoop, cpuMsOf } from './lib/load.js';
 import { startServerProcess, type ServerProcess } from './lib/server-process.js';
 import { streamsSection } from './lib/streams-section.js';
 import { filesSection } from './lib/files-section.js';
+import type { DataplaneRow as Row } from './lib/dataplane-row.js';
 
 const EXECS = Number(process.env.BENCH_EXECS ?? 500);
 const REST_SECONDS = Number(process.env.BENCH_REST_SECONDS ?? 3);
 const REST_ROUNDS = Number(process.env.BENCH_REST_ROUNDS ?? 3);
 const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 8);
 const only = process.env.BENCH_ONLY ? new Set(process.env.BENCH_ONLY.split(',')) : null;
-
-/** One line of the table: ours against the raw baseline measured in the same run. */
-interface Row {
-  section: string;
-  case: string;
-  ours: number;
-  baseline: number;
-  unit: string;
-  /** What the baseline is. */
-  baselineName: string;
-  /** The target, in words, and whether this run met it. */
-  target: string;
-  met: boolean;
-}
 
 const rows: Row[] = [];
 function row(r: Row): void {

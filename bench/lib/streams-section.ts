@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { createClient } from '../../client/index.js';
 import { cpuMsOf } from './load.js';
 import type { ServerProcess } from './server-process.js';
+import type { DataplaneRow } from './dataplane-row.js';
 
 const ROUNDS = Number(process.env.BENCH_STREAM_ROUNDS ?? 5);
 const STALL_SECONDS = Number(process.env.BENCH_STALL_SECONDS ?? 10);
@@ -21,16 +22,7 @@ const SEQ_BYTES = 6_888_896;
 const MiB = 2 ** 20;
 
 /** A row of the dataplane table, as the section hands it over. */
-export interface StreamRow {
-  section: string;
-  case: string;
-  ours: number;
-  baseline: number;
-  unit: string;
-  baselineName: string;
-  target: string;
-  met: boolean;
-}
+export type StreamRow = DataplaneRow;
 
 const rssOf = (pid: string | number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) * 1024;
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
