@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -16,8 +16,26 @@ export interface ServerProcess {
   stop(): Promise<void>;
 }
 
+/** The V8 flags `npm start` gives the server (package.json's `start` script), so a benchmark measures production settings. */
+function startNodeFlags(): string[] {
+  const start = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts.start ?? '';
+  return start.split(' ').filter((word) => word.startsWith('--'));
+}
+
 /**
- * The real server (`server/main.ts`) as its own process with fresh state directories, so a
+ * How the server is started: the compiled `dist/server/main.js`, as `npm start` runs it (compiled
+ * first when a source is newer); `BENCH_SERVER_TSX=1` runs `server/main.ts` under tsx instead.
+ */
+async function serverEntryArgs(): Promise<string[]> {
+  if (process.env.BENCH_SERVER_TSX === '1') return ['--import', 'tsx', join(root, 'server', 'main.ts')];
+  // @ts-expect-error: a plain-JavaScript build script without type declarations
+  const build = (await import('../../scripts/build-server.mjs')) as { buildServer(): Promise<void>; serverBuildStale(): boolean; serverEntry: string };
+  if (build.serverBuildStale()) await build.buildServer();
+  return [build.serverEntry];
+}
+
+/**
+ * The real server (`server/main.ts`, compiled as `npm start` runs it) as its own process with fresh state directories, so a
  * benchmark's client and the server don't share an event loop, and the server's memory can be
  * read on its own.
  */
@@ -27,7 +45,7 @@ export async function startServerProcess(env: Record<string, string> = {}): Prom
   const runcRoot = join('/run/voidrun-bench', dir.split('/').pop()!);
   // BENCH_SERVER_NODE_ARGS: extra node flags for the server alone (`--cpu-prof --cpu-prof-dir=DIR` profiles it).
   const nodeArgs = process.env.BENCH_SERVER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
-  const child: ChildProcess = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(root, 'server', 'main.ts')], {
+  const child: ChildProcess = spawn(process.execPath, [...startNodeFlags(), ...nodeArgs, ...(await serverEntryArgs())], {
     cwd: root,
     env: {
       ...process.env,
@@ -53,7 +71,6 @@ export async function startServerProcess(env: Record<string, string> = {}): Prom
     }
   }
   child.stdout!.resume();
-  const { readFileSync } = await import('node:fs');
   return {
     url: `http://127.0.0.1:${port}`,
     pid: child.pid!,
