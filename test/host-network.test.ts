@@ -140,7 +140,9 @@ describe.skipIf(skipReason !== null)('host networking inside network namespaces'
     const tap = tapNameFor(newId());
     await createTap(tap, bridge, host);
     const created = await link(host, tap);
+    // An isolated bridge port: sandboxes cannot reach each other at L2.
     expect(created).toMatchObject({ master: bridge, linkinfo: { info_kind: 'tun', info_data: { type: 'tap' } } });
+    expect(JSON.parse(await inNs(host, 'ip', '-j', '-d', 'link', 'show', 'dev', tap))[0].linkinfo.info_slave_data.isolated).toBe(true);
     expect(created?.flags).toContain('UP');
     // A TAP left behind (a VM that died) is reused, not an error.
     await createTap(tap, bridge, host);

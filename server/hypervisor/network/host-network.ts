@@ -94,6 +94,11 @@ async function run(netns: string | undefined, command: string, args: readonly st
   return outcome.stdout;
 }
 
+/** Runs `command` on the host (or in `netns`) and returns its stdout; a non-zero exit throws `HostCommandError` naming it. */
+export function runNetworkCommand(command: string, args: readonly string[], netns?: string): Promise<string> {
+  return run(netns, command, args);
+}
+
 function failure(netns: string | undefined, command: string, args: readonly string[], outcome: CommandOutcome): HostCommandError {
   const shown = inNamespace(netns, command, args).join(' ');
   const reason = firstLine(outcome.stderr) || `exit code ${outcome.exitCode}`;
@@ -298,8 +303,10 @@ export function tapNameFor(sandboxId: string, prefix = 'vr'): string {
 }
 
 /**
- * Creates TAP device `name` attached to `bridge` and up. A TAP of that name left behind by a VM
- * that died is reused; if attaching fails, the TAP just created is removed again.
+ * Creates TAP device `name` attached to `bridge` as an isolated port (`isolated on`: it exchanges
+ * frames with the bridge itself, the gateway, and never with another isolated port, i.e. another
+ * sandbox) and up. A TAP of that name left behind by a VM that died is reused; if attaching fails,
+ * the TAP just created is removed again.
  */
 export async function createTap(name: string, bridge: string, netns?: string): Promise<void> {
   checkInterfaceName(name);
@@ -308,6 +315,7 @@ export async function createTap(name: string, bridge: string, netns?: string): P
   if (!existing) await run(netns, 'ip', ['tuntap', 'add', 'dev', name, 'mode', 'tap']);
   try {
     await run(netns, 'ip', ['link', 'set', name, 'master', bridge, 'up']);
+    await run(netns, 'ip', ['link', 'set', 'dev', name, 'type', 'bridge_slave', 'isolated', 'on']);
   } catch (err) {
     if (!existing) await exec(netns, 'ip', ['link', 'del', 'dev', name]).catch(() => {});
     throw err;
