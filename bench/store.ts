@@ -16,7 +16,7 @@ import { MongoClient, ObjectId } from 'mongodb';
 import { generatePlainKey, hashKey, displayPrefix } from '../server/services/api-key-material.js';
 import { openMongoStore } from '../server/store/mongo/store.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
-import type { Store } from '../server/store/types.js';
+import { SANDBOX_NETWORK_NONE, type Store } from '../server/store/types.js';
 import { PrivateFerretDb } from '../test/helpers/ferretdb.js';
 import { interleaved, printTable, summarize, type Summary } from './lib/measure.js';
 
@@ -105,6 +105,7 @@ async function bench(backend: Backend): Promise<Summary[]> {
     status: 'running' as const,
     envVars: { LANG: 'C.UTF-8' },
     labels: {},
+    network: SANDBOX_NETWORK_NONE,
   });
 
   const started = Date.now();

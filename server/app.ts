@@ -84,6 +84,13 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     agentSettings: { VOIDRUN_PTY_IDLE_SEC: String(config.PTY_IDLE_TIMEOUT_SEC) },
     hostPaths: [config.INSTANCES_DIR, config.BASE_IMAGES_DIR, config.SNAPSHOTS_DIR, config.DATA_DIR, config.RUNC_ROOT],
     defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
+    network: {
+      // Container sandboxes have loopback networking only until bridge networking is attached here.
+      mode: 'none',
+      bridgeUnavailable: 'sandboxes have loopback networking only on this server',
+      egress: config.SANDBOX_DEFAULT_EGRESS,
+      maxEgressBytes: config.SANDBOX_EGRESS_BYTES_MAX || null,
+    },
     quotas: new SandboxQuotas({
       sandboxes: store.sandboxes,
       snapshotsDir: config.SNAPSHOTS_DIR,

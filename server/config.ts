@@ -129,6 +129,10 @@ const EnvSchema = z.object({
   METRICS_CONCURRENCY: int(1, 1024).default(16),
   // How long a create waits for the sandbox's agent, unless AGENT_READY_TIMEOUT_MS says otherwise.
   SANDBOX_SYNC_TIMEOUT_SEC: int(1, 3600).default(30),
+  // A sandbox's egress when its create says none: every public address (allow) or only what its policy allows (deny).
+  SANDBOX_DEFAULT_EGRESS: oneOf(['allow', 'deny']).default('allow'),
+  // Egress bytes after which a sandbox's egress is cut, unless its policy sets maxEgressBytes; 0: no cap.
+  SANDBOX_EGRESS_BYTES_MAX: int(0, Number.MAX_SAFE_INTEGER).default(0),
   // The guests' resolvers in the original; accepted and validated (README "Configuration").
   DNS_NAMESERVERS: csv('8.8.8.8,1.1.1.1', (v) => isIP(v) !== 0, 'IP addresses, comma-separated'),
   // The hostname of a sandbox without a name in the original; every sandbox here has one.

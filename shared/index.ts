@@ -4,6 +4,7 @@ export * from './schemas/common.js';
 export * from './schemas/auth.js';
 export * from './schemas/org.js';
 export * from './schemas/sandbox.js';
+export * from './schemas/network.js';
 export * from './schemas/exec.js';
 export * from './schemas/image.js';
 export * from './schemas/files.js';

@@ -8,7 +8,7 @@ import { newId } from '../server/store/ids.js';
 import { openMongoStore } from '../server/store/mongo/store.js';
 import { sqliteSchema } from '../server/store/sqlite/schema.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
-import type { Store } from '../server/store/types.js';
+import { SANDBOX_NETWORK_NONE, type Store } from '../server/store/types.js';
 
 /**
  * One contract for every store adapter. SQLite always runs; MongoDB runs when MONGO_URI points at
@@ -143,16 +143,17 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
             diskMb: 5120,
             status: 'running',
             envVars: { A: String(i) },
+            network: SANDBOX_NETWORK_NONE,
             labels: { n: String(i), parity: i % 2 ? 'odd' : 'even' },
           }),
         );
         await new Promise((r) => setTimeout(r, 2));
       }
       await expect(
-        store.sandboxes.create({ name: 'sb-1', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {} }),
+        store.sandboxes.create({ name: 'sb-1', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: {} }),
       ).rejects.toBeInstanceOf(ConflictError);
-      await store.sandboxes.create({ name: 'sb-1', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {} });
-      await store.sandboxes.create({ name: 'x', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {} });
+      await store.sandboxes.create({ name: 'sb-1', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: {} });
+      await store.sandboxes.create({ name: 'x', orgId: other, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: {} });
       const page1 = await store.sandboxes.listByOrg(orgId, 1, 2);
       expect(page1.total).toBe(5);
       expect(page1.items.map((s) => s.name)).toEqual(['sb-4', 'sb-3']);
@@ -170,7 +171,7 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
     it('keeps labels and lists only the sandboxes carrying every label asked for, with their total', async () => {
       const orgId = newId();
       const make = (name: string, labels: Record<string, string>) =>
-        store.sandboxes.create({ name, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels });
+        store.sandboxes.create({ name, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels });
       // Apart in time, so newest-first is one order (ids only break ties within a millisecond).
       const tick = () => new Promise((r) => setTimeout(r, 2));
       const a = await make('a', { env: 'prod', team: 'api' });
@@ -181,7 +182,7 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       await tick();
       await make('d', { env: 'prod' });
       // Another org's sandbox with the same labels is never listed.
-      await store.sandboxes.create({ name: 'a', orgId: newId(), createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: { env: 'prod' } });
+      await store.sandboxes.create({ name: 'a', orgId: newId(), createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: { env: 'prod' } });
       expect(await store.sandboxes.findById(orgId, a.id)).toMatchObject({ labels: { env: 'prod', team: 'api' } });
       expect(await store.sandboxes.findById(orgId, c.id)).toMatchObject({ labels: {} });
       const names = async (labels: Record<string, string>, page = 1, limit = 10) => {
@@ -202,11 +203,23 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       const orgId = newId();
       const id = newId();
       await writeLegacySandbox(id, orgId, 'legacy');
-      expect(await store.sandboxes.findById(orgId, id)).toMatchObject({ id, name: 'legacy', labels: {} });
+      expect(await store.sandboxes.findById(orgId, id)).toMatchObject({ id, name: 'legacy', labels: {}, network: SANDBOX_NETWORK_NONE });
       expect((await store.sandboxes.listByOrg(orgId, 1, 10)).items).toEqual([expect.objectContaining({ id, labels: {} })]);
       expect((await store.sandboxes.listAll()).find((s) => s.id === id)).toMatchObject({ labels: {} });
       expect((await store.sandboxes.listByOrg(orgId, 1, 10, { env: 'prod' })).total).toBe(0);
-      expect(await store.sandboxes.update(orgId, id, { status: 'stopped' })).toMatchObject({ status: 'stopped', labels: {} });
+      expect(await store.sandboxes.update(orgId, id, { status: 'stopped' })).toMatchObject({ status: 'stopped', labels: {}, network: SANDBOX_NETWORK_NONE });
+    });
+
+    it("keeps a sandbox's network policy, replaces it on update and leaves it alone on other updates", async () => {
+      const orgId = newId();
+      const network = { mode: 'bridge' as const, egress: 'deny' as const, allow: ['pypi.org', '*.pythonhosted.org', '203.0.113.0/24'], deny: ['10.0.0.0/8'], maxEgressBytes: 1_000_000, egressCut: false };
+      const made = await store.sandboxes.create({ name: 'net', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {}, network });
+      expect(made.network).toEqual(network);
+      expect((await store.sandboxes.findById(orgId, made.id))?.network).toEqual(network);
+      const changed = { ...network, egress: 'allow' as const, allow: [], maxEgressBytes: null, egressCut: true };
+      expect((await store.sandboxes.update(orgId, made.id, { network: changed }))?.network).toEqual(changed);
+      expect((await store.sandboxes.update(orgId, made.id, { status: 'stopped' }))?.network).toEqual(changed);
+      expect((await store.sandboxes.listAll()).find((s) => s.id === made.id)?.network).toEqual(changed);
     });
 
     it("resolves image names to the org's own image before the system image; names are unique per owner", async () => {
@@ -290,7 +303,7 @@ describe('the sqlite store opening a file from before labels existed', () => {
       db.close();
       const store = openSqliteStore(dir);
       expect(await store.sandboxes.findById(orgId, id)).toMatchObject({ name: 'old', labels: {} });
-      const made = await store.sandboxes.create({ name: 'new', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: { env: 'prod' } });
+      const made = await store.sandboxes.create({ name: 'new', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: { env: 'prod' } });
       expect((await store.sandboxes.listByOrg(orgId, 1, 10, { env: 'prod' })).items.map((s) => s.id)).toEqual([made.id]);
       await store.close();
     } finally {

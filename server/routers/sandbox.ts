@@ -15,6 +15,7 @@ import {
   SandboxPage,
   Snapshot,
   toRestSandbox,
+  UpdateNetworkInput,
 } from '../../shared/index.js';
 import { authedProcedure, restView, router } from '../trpc/init.js';
 
@@ -74,6 +75,23 @@ export const sandboxRouter = router({
   // The VoidRun client libraries' names for pause and resume.
   sleep: lifecycle('sleep', 'pause', "Freeze every process of a sandbox (the client libraries' name for pause)", 'Sandbox paused'),
   wake: lifecycle('wake', 'resume', "Resume a paused sandbox (the client libraries' name for resume)", 'Sandbox resumed'),
+
+  updateNetwork: authedProcedure
+    .meta({
+      openapi: {
+        method: 'PUT',
+        path: '/sandboxes/{id}/network',
+        tags,
+        summary: "Change a sandbox's network policy",
+        description:
+          'The fields given replace the sandbox\'s, the others stay. A running sandbox gets the new egress rules within a second; a stopped one when it starts. `mode` changes only while the sandbox is stopped (400 otherwise).',
+      },
+      message: 'Network policy updated',
+      restView: restSandbox,
+    })
+    .input(UpdateNetworkInput)
+    .output(Sandbox)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.updateNetwork(ctx.principal, input)),
 
   snapshot: authedProcedure
     .meta({

@@ -2,7 +2,20 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import type { CreateSandboxInput, OrgQuota, RestoreSandboxInput, Sandbox, SandboxActionResult, SandboxPage, Snapshot } from '../../shared/index.js';
+import type {
+  CreateSandboxInput,
+  EgressDefault,
+  NetworkMode,
+  NetworkPolicy,
+  NetworkPolicyInput,
+  OrgQuota,
+  RestoreSandboxInput,
+  Sandbox,
+  SandboxActionResult,
+  SandboxPage,
+  Snapshot,
+  UpdateNetworkInput,
+} from '../../shared/index.js';
 import type { AgentClients, LifecyclePhase, SettledState } from '../agent-client/agent-clients.js';
 import {
   ConflictError,
@@ -32,6 +45,19 @@ export interface SandboxDefaults {
   listLimit: number;
 }
 
+/** What a sandbox's network policy is when its create leaves fields out, and what this host can run. */
+export interface SandboxNetworkDefaults {
+  mode: NetworkMode;
+  /** SANDBOX_DEFAULT_EGRESS. */
+  egress: EgressDefault;
+  /** SANDBOX_EGRESS_BYTES_MAX; null: no cap. */
+  maxEgressBytes: number | null;
+  /** Set when `bridge` sandboxes cannot run here: asking for one is refused with this reason. */
+  bridgeUnavailable?: string;
+  /** Applies a changed policy to a sandbox that runs (the egress firewall); without it a change is only stored. */
+  enforce?: (id: string, policy: NetworkPolicy) => Promise<void>;
+}
+
 export interface SandboxServiceDeps {
   sandboxes: SandboxRepository;
   images: ImageService;
@@ -45,6 +71,7 @@ export interface SandboxServiceDeps {
   /** Passed to every sandbox's agent (VOIDRUN_* settings). */
   agentSettings?: Record<string, string>;
   defaults: SandboxDefaults;
+  network: SandboxNetworkDefaults;
   /** Admission of creates, restores and snapshots against org quotas and the host's capacity. */
   quotas: SandboxQuotas;
   log: Logger;
@@ -107,6 +134,7 @@ export class SandboxService {
       diskMb: this.deps.defaults.diskMb,
       envVars: input.envVars ?? {},
       labels: input.labels ?? {},
+      network: this.#resolveNetwork(input.network ?? {}, null),
     });
     const boot = this.#locks.run(record.id, async () => {
       try {
@@ -350,6 +378,7 @@ export class SandboxService {
       diskMb: source?.diskMb ?? this.deps.defaults.diskMb,
       envVars: source?.envVars ?? {},
       labels: source?.labels ?? {},
+      network: source ? { ...source.network, egressCut: false } : this.#resolveNetwork({}, null),
     });
     return this.#locks.run(record.id, async () => {
       try {
@@ -361,6 +390,59 @@ export class SandboxService {
         throw this.#forCaller(err, `Restoring snapshot ${snapId} failed`);
       }
     });
+  }
+
+  /**
+   * Changes a sandbox's network policy: the fields given replace its own, the rest stay. A running
+   * sandbox gets the new egress rules at once; a stopped one when it starts. The mode changes only
+   * while the sandbox is stopped (its network is built at start). A changed byte cap lifts a cut;
+   * the counters cut again if the sandbox is still past the new cap.
+   */
+  async updateNetwork(principal: Principal, input: UpdateNetworkInput): Promise<Sandbox> {
+    return this.#transition(principal, input.id, async (record) => {
+      const down = record.status === 'stopped' || record.status === 'error';
+      if (input.mode !== undefined && input.mode !== record.network.mode && !down) {
+        throw new InvalidInputError(`network mode cannot change while sandbox ${record.name} is ${record.status}; stop it first (egress, allow and deny change while it runs)`);
+      }
+      const network = this.#resolveNetwork(input, record.network);
+      const updated = (await this.deps.sandboxes.update(record.orgId, record.id, { network })) ?? { ...record, network };
+      if (!down && network.mode === 'bridge' && this.deps.network.enforce) {
+        try {
+          await this.deps.network.enforce(record.id, network);
+        } catch (err) {
+          throw this.#forCaller(err, `Applying the network policy of sandbox ${record.name} failed`);
+        }
+      }
+      return toSandbox(updated);
+    });
+  }
+
+  /** Records that the sandbox's egress was cut at its byte cap; false when it no longer exists. */
+  async markEgressCut(record: SandboxRecord): Promise<boolean> {
+    return this.#locks.run(record.id, async () => {
+      const fresh = await this.deps.sandboxes.findById(record.orgId, record.id);
+      if (!fresh) return false;
+      if (!fresh.network.egressCut) await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network: { ...fresh.network, egressCut: true } });
+      return true;
+    });
+  }
+
+  /** `input` over `current` (or over the server's defaults for a new sandbox), checked against what this host can run. */
+  #resolveNetwork(input: NetworkPolicyInput, current: NetworkPolicy | null): NetworkPolicy {
+    const defaults = this.deps.network;
+    const mode = input.mode ?? current?.mode ?? defaults.mode;
+    if (input.mode === 'bridge' && defaults.bridgeUnavailable) {
+      throw new InvalidInputError(`network mode bridge is not available on this server: ${defaults.bridgeUnavailable}`);
+    }
+    const maxEgressBytes = input.maxEgressBytes !== undefined ? input.maxEgressBytes : (current?.maxEgressBytes ?? defaults.maxEgressBytes);
+    return {
+      mode,
+      egress: input.egress ?? current?.egress ?? defaults.egress,
+      allow: input.allow ?? current?.allow ?? [],
+      deny: input.deny ?? current?.deny ?? [],
+      maxEgressBytes,
+      egressCut: current !== null && current.egressCut && maxEgressBytes === current.maxEgressBytes,
+    };
   }
 
   /**
@@ -405,7 +487,7 @@ export class SandboxService {
   }
 
   /** A new `creating` record in the caller's org, if its quotas and the host leave room for it. */
-  #admitRecord(principal: Principal, fields: Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels'>): Promise<SandboxRecord> {
+  #admitRecord(principal: Principal, fields: Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels' | 'network'>): Promise<SandboxRecord> {
     return this.deps.quotas.admit(principal.orgId, fields, () =>
       this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' }),
     );
@@ -458,5 +540,6 @@ export function toSandbox(r: SandboxRecord): Sandbox {
     orgId: r.orgId,
     envVars: r.envVars,
     labels: r.labels,
+    network: r.network,
   };
 }

@@ -5,6 +5,7 @@
  * throw driver errors at callers. An id that is not one of ours (not 24 lowercase hex characters)
  * is simply not found: lookups return `null`, updates and deletes change nothing.
  */
+import type { NetworkPolicy } from '../../shared/schemas/network.js';
 
 export interface UserRecord {
   id: string;
@@ -57,9 +58,14 @@ export interface SandboxRecord {
   envVars: Record<string, string>;
   /** Set at creation, never changed; a record stored before labels existed reads as `{}`. */
   labels: Record<string, string>;
+  /** The resolved network policy; a record stored before policies existed reads as loopback only (`SANDBOX_NETWORK_NONE`). */
+  network: NetworkPolicy;
   createdAt: Date;
   updatedAt: Date;
 }
+
+/** The policy of a sandbox stored before network policies existed: such sandboxes had loopback only. */
+export const SANDBOX_NETWORK_NONE: NetworkPolicy = { mode: 'none', egress: 'allow', allow: [], deny: [], maxEgressBytes: null, egressCut: false };
 
 export interface ImageRecord {
   id: string;
@@ -136,7 +142,7 @@ export interface SandboxRepository {
   listByOrg(orgId: string, page: number, limit: number, labels?: Readonly<Record<string, string>>): Promise<Page<SandboxRecord>>;
   /** Every sandbox of every org, for the health loop and startup reconciliation. */
   listAll(): Promise<SandboxRecord[]>;
-  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars'>>): Promise<SandboxRecord | null>;
+  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network'>>): Promise<SandboxRecord | null>;
   delete(orgId: string, id: string): Promise<boolean>;
 }
 

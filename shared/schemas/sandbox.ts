@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { AgentText, Id, Timestamp } from './common.js';
+import { NetworkPolicy, NetworkPolicyInput } from './network.js';
 
 const dns1123Subdomain = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 
@@ -97,6 +98,7 @@ export const Sandbox = z
     orgId: Id,
     envVars: z.record(z.string(), z.string()),
     labels: z.record(z.string(), z.string()).meta({ description: 'Set at creation, never changed; `{}` when it has none.', example: { env: 'prod' } }),
+    network: NetworkPolicy,
   });
 export type Sandbox = z.infer<typeof Sandbox>;
 
@@ -124,6 +126,7 @@ export const CreateSandboxInput = z
     sync: z.boolean().default(true).meta({ description: 'If true (default), answers once the sandbox agent responds.' }),
     envVars: EnvVars.optional().meta({ description: 'Environment variables every command in the sandbox sees' }),
     labels: Labels.optional(),
+    network: NetworkPolicyInput.optional(),
   })
   .meta({ id: 'CreateSandboxRequest' });
 export type CreateSandboxInput = z.infer<typeof CreateSandboxInput>;

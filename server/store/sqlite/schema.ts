@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   status TEXT NOT NULL,
   env_vars TEXT NOT NULL,
   labels TEXT NOT NULL DEFAULT '{}',
+  network TEXT,
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );

@@ -20,6 +20,8 @@ import type {
   UserRecord,
   UserRepository,
 } from '../types.js';
+import { SANDBOX_NETWORK_NONE } from '../types.js';
+import type { NetworkPolicy } from '../../../shared/schemas/network.js';
 import { sqliteSchema } from './schema.js';
 
 type Db = Database.Database;
@@ -212,8 +214,8 @@ class SqliteSandboxes implements SandboxRepository {
   constructor(db: Db) {
     this.#db = db;
     this.#insert = db.prepare(
-      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, created_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, network, created_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     );
     this.#byId = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? AND id = ?');
     this.#all = db.prepare('SELECT * FROM sandboxes ORDER BY created_at, id');
@@ -234,6 +236,7 @@ class SqliteSandboxes implements SandboxRepository {
       status: String(r.status) as SandboxRecord['status'],
       envVars: JSON.parse(String(r.env_vars)) as Record<string, string>,
       labels: JSON.parse(String(r.labels ?? '{}')) as Record<string, string>,
+      network: r.network == null ? SANDBOX_NETWORK_NONE : (JSON.parse(String(r.network)) as NetworkPolicy),
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
     };
@@ -241,7 +244,7 @@ class SqliteSandboxes implements SandboxRepository {
   async create(sandbox: NewRecord<SandboxRecord>) {
     const r = stamp(sandbox);
     uniqueWrite(`A sandbox named ${r.name}`, () =>
-      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), JSON.stringify(r.network), iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
   }
@@ -273,13 +276,14 @@ class SqliteSandboxes implements SandboxRepository {
   async listAll() {
     return (this.#all.all() as Row[]).map((r) => SqliteSandboxes.#map(r)!);
   }
-  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars'>>) {
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network'>>) {
     const columns: Record<string, unknown> = {};
     if (patch.status !== undefined) columns.status = patch.status;
     if (patch.ip !== undefined) columns.ip = patch.ip;
     if (patch.cpu !== undefined) columns.cpu = patch.cpu;
     if (patch.mem !== undefined) columns.mem = patch.mem;
     if (patch.envVars !== undefined) columns.env_vars = JSON.stringify(patch.envVars);
+    if (patch.network !== undefined) columns.network = JSON.stringify(patch.network);
     columns.updated_at = iso(new Date());
     const set = Object.keys(columns).map((c) => `${c} = @${c}`).join(', ');
     const changed = this.#db.prepare(`UPDATE sandboxes SET ${set} WHERE org_id = @orgId AND id = @id`).run({ ...columns, orgId, id }).changes;
@@ -379,6 +383,7 @@ function migrate(db: Db): void {
   if (!imageColumns.includes('base')) db.exec("ALTER TABLE images ADD COLUMN base TEXT NOT NULL DEFAULT 'debian'");
   const sandboxColumns = (db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name);
   if (!sandboxColumns.includes('labels')) db.exec("ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'");
+  if (!sandboxColumns.includes('network')) db.exec('ALTER TABLE sandboxes ADD COLUMN network TEXT');
 }
 
 /** Opens (creating if needed) the embedded store at `<dataDir>/voidrun.db`. */

@@ -1,0 +1,104 @@
+import { z } from 'zod';
+
+/** How many entries `allow` and `deny` may each hold. */
+export const MAX_NETWORK_RULES = 64;
+
+const ipv4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+const domainLabel = /^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$/;
+
+/**
+ * One policy entry in canonical form, or an error saying what is wrong with it: an IPv4 CIDR
+ * (`10.1.0.0/16`; a bare address is `/32`; host bits are cleared), a domain (`example.com`,
+ * matched exactly, lowercase, without a trailing dot) or `*.domain` (any name under it, not the
+ * domain itself).
+ */
+export function parseNetworkRule(raw: string): { rule: string } | { error: string } {
+  const entry = raw.trim().toLowerCase().replace(/\.$/, '');
+  const shown = JSON.stringify(raw.slice(0, 80));
+  if (entry.length === 0) return { error: 'an entry is empty' };
+  if (/^[0-9./]+$/.test(entry) || entry.includes(':')) {
+    const [addr = '', bits, extra] = entry.split('/');
+    if (addr.includes(':')) return { error: `${shown}: IPv6 is not supported (sandboxes have IPv4 only)` };
+    const prefix = bits === undefined ? 32 : /^\d{1,2}$/.test(bits) ? Number(bits) : NaN;
+    if (extra !== undefined || !ipv4.test(addr) || !(prefix >= 0 && prefix <= 32)) return { error: `${shown} is not an IPv4 CIDR like 203.0.113.0/24` };
+    const value = addr.split('.').reduce((n, octet) => n * 256 + Number(octet), 0);
+    const network = value - (value % 2 ** (32 - prefix));
+    return { rule: `${[24, 16, 8, 0].map((s) => Math.floor(network / 2 ** s) % 256).join('.')}/${prefix}` };
+  }
+  const name = entry.startsWith('*.') ? entry.slice(2) : entry;
+  const labels = name.split('.');
+  if (name.length > 253 || !labels.every((l) => domainLabel.test(l)) || /^\d+$/.test(labels.at(-1)!)) {
+    return { error: `${shown} is not a CIDR, a domain or "*.domain" (letters, digits, "-" and "_" in dot-separated labels of at most 63)` };
+  }
+  return { rule: entry };
+}
+
+/** True for a canonical rule that is a CIDR (see `parseNetworkRule`). */
+export function isCidrRule(rule: string): boolean {
+  return /^\d/.test(rule) && rule.includes('/');
+}
+
+const ruleList = (what: string) =>
+  z
+    .array(z.string().max(300, 'entries are at most 300 characters'))
+    .max(MAX_NETWORK_RULES, `${what} holds at most ${MAX_NETWORK_RULES} entries`)
+    .transform((entries, ctx) => {
+      const rules: string[] = [];
+      entries.forEach((entry, i) => {
+        const parsed = parseNetworkRule(entry);
+        if ('error' in parsed) ctx.addIssue({ code: 'custom', path: [i], message: parsed.error });
+        else if (!rules.includes(parsed.rule)) rules.push(parsed.rule);
+      });
+      return rules;
+    });
+
+export const NetworkMode = z.enum(['bridge', 'none']).meta({
+  description: '`bridge`: an address on the host bridge with egress under the policy; `none`: loopback only.',
+});
+export type NetworkMode = z.infer<typeof NetworkMode>;
+
+export const EgressDefault = z.enum(['allow', 'deny']).meta({
+  description: '`allow`: every public address except `deny`; `deny`: only what `allow` names.',
+});
+export type EgressDefault = z.infer<typeof EgressDefault>;
+
+const allowDescription =
+  'IPv4 CIDRs (a bare address is /32), domains (exact) and `*.domain` (any subdomain). Domains open the addresses the server\'s DNS resolver hands the sandbox for them, for the record\'s TTL. A CIDR here is the only way to reach a private range (10/8, 172.16/12, 192.168/16, 100.64/10).';
+const denyDescription = 'IPv4 CIDRs, domains and `*.domain`: refused even where `egress` or `allow` would let them through. Denied names do not resolve.';
+const capDescription = 'Egress bytes after which the sandbox\'s egress is cut (until this is raised or removed); null: no cap.';
+
+/** The egress policy fields, as `PUT /sandboxes/{id}/network` and create take them. */
+const policyInputShape = {
+  egress: EgressDefault.optional(),
+  allow: ruleList('allow').optional().meta({ description: allowDescription, example: ['pypi.org', '*.pythonhosted.org', '203.0.113.0/24'] }),
+  deny: ruleList('deny').optional().meta({ description: denyDescription, example: [] }),
+  maxEgressBytes: z.number().int().min(1, 'must be at least 1 (or null for no cap)').max(Number.MAX_SAFE_INTEGER).nullable().optional().meta({ description: capDescription }),
+};
+
+/** `network` on create: every field optional (the server's defaults fill the rest). */
+export const NetworkPolicyInput = z
+  .object({ mode: NetworkMode.optional().meta({ description: 'SANDBOX_NETWORK when omitted.' }), ...policyInputShape })
+  .strict()
+  .meta({ id: 'NetworkPolicyRequest', description: 'Egress when omitted: SANDBOX_DEFAULT_EGRESS; lists: empty.' });
+export type NetworkPolicyInput = z.infer<typeof NetworkPolicyInput>;
+
+/** A sandbox's network policy, resolved: what it runs under. */
+export const NetworkPolicy = z
+  .object({
+    mode: NetworkMode,
+    egress: EgressDefault,
+    allow: z.array(z.string()).meta({ description: allowDescription }),
+    deny: z.array(z.string()).meta({ description: denyDescription }),
+    maxEgressBytes: z.number().int().nullable().meta({ description: capDescription }),
+    egressCut: z.boolean().meta({ description: 'True once the sandbox sent more than `maxEgressBytes`: its egress is refused.' }),
+  })
+  .meta({ id: 'NetworkPolicy' });
+export type NetworkPolicy = z.infer<typeof NetworkPolicy>;
+
+/** `PUT /sandboxes/{id}/network`: the fields given replace the sandbox's; omitted ones stay. */
+export const UpdateNetworkInput = z.object({
+  id: z.string().min(1).max(64),
+  mode: NetworkMode.optional().meta({ description: 'Only while the sandbox is stopped.' }),
+  ...policyInputShape,
+});
+export type UpdateNetworkInput = z.infer<typeof UpdateNetworkInput>;
