@@ -1,7 +1,8 @@
 /**
  * `npm run setup-net -- [--down] [--netns <name>]`: prepares this host's networking for microVM
  * sandboxes — the bridge BRIDGE_NAME with address GATEWAY_IP, IPv4 forwarding, and NAT of
- * NETWORK_CIDR out of the default-route interface — or, with `--down`, removes it again.
+ * NETWORK_CIDR out of any other interface — or, with `--down`, removes it again. The server does
+ * the same at startup when it runs as root with SANDBOX_NETWORK=bridge.
  * Prints one line per change, or that there was nothing to change; safe to run any number of times.
  * `--netns` confines everything to a network namespace (the tests use it).
  */

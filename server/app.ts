@@ -59,7 +59,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log });
   const images = new ImageService({ images: store.images, rootfs, defaultImage: config.SANDBOX_DEFAULT_IMAGE, log });
   const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
-  const { driver, reason, accelerator } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, log });
+  const { driver, reason, accelerator, network } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, log });
+  log.info({ network: network.mode }, `sandbox network: ${network.reason}`);
   if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
   else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
   // A reply may carry a command's stdout and stderr up to the output limit each, JSON-escaped.
@@ -85,9 +86,9 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     hostPaths: [config.INSTANCES_DIR, config.BASE_IMAGES_DIR, config.SNAPSHOTS_DIR, config.DATA_DIR, config.RUNC_ROOT],
     defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
     network: {
-      // Container sandboxes have loopback networking only until bridge networking is attached here.
-      mode: 'none',
-      bridgeUnavailable: 'sandboxes have loopback networking only on this server',
+      // SANDBOX_NETWORK as resolved on this host (bridge where it can, else loopback only).
+      mode: network.mode,
+      ...(network.bridgeUnavailable ? { bridgeUnavailable: network.bridgeUnavailable } : {}),
       egress: config.SANDBOX_DEFAULT_EGRESS,
       maxEgressBytes: config.SANDBOX_EGRESS_BYTES_MAX || null,
     },

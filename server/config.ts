@@ -133,6 +133,8 @@ const EnvSchema = z.object({
   SANDBOX_DEFAULT_EGRESS: oneOf(['allow', 'deny']).default('allow'),
   // Egress bytes after which a sandbox's egress is cut, unless its policy sets maxEgressBytes; 0: no cap.
   SANDBOX_EGRESS_BYTES_MAX: int(0, Number.MAX_SAFE_INTEGER).default(0),
+  // Unset: bridge where the host can do it (root, ip and nft present), else none (loopback only).
+  SANDBOX_NETWORK: oneOf(['bridge', 'none']).optional(),
   // The guests' resolvers in the original; accepted and validated (README "Configuration").
   DNS_NAMESERVERS: csv('8.8.8.8,1.1.1.1', (v) => isIP(v) !== 0, 'IP addresses, comma-separated'),
   // The hostname of a sandbox without a name in the original; every sandbox here has one.

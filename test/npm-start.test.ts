@@ -24,7 +24,7 @@ describe('npm start (compiled server, in its own process)', () => {
     expect(node).toBe('node');
     child = spawn(process.execPath, args, {
       cwd: root,
-      env: { ...process.env, SERVER_PORT: '0', SERVER_HOST: '127.0.0.1', DATA_DIR: dataDir, VOIDRUN_SKIP_SETUP: '1', SANDBOX_DRIVER: 'cloud-hypervisor', CLOUD_HYPERVISOR_BINARY: join(dataDir, 'no-such-binary'), HEALTH_ENABLED: 'false', PREPARE_DEFAULT_IMAGE: 'false' },
+      env: { ...process.env, SERVER_PORT: '0', SERVER_HOST: '127.0.0.1', DATA_DIR: dataDir, VOIDRUN_SKIP_SETUP: '1', SANDBOX_DRIVER: 'cloud-hypervisor', CLOUD_HYPERVISOR_BINARY: join(dataDir, 'no-such-binary'), HEALTH_ENABLED: 'false', PREPARE_DEFAULT_IMAGE: 'false', SANDBOX_NETWORK: 'none' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     child.stderr!.on('data', (d: Buffer) => output.push(d.toString()));

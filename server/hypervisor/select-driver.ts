@@ -11,6 +11,8 @@ import type { IpLeaseRepository } from '../store/types.js';
 import { CloudHypervisorDriver, type VmHostNetwork } from './cloud-hypervisor/driver.js';
 import { createTap, deleteTap, findLink, tapNameFor } from './network/host-network.js';
 import { IpPool } from './network/ip-pool.js';
+import { chooseSandboxNetwork, type SandboxNetworkChoice } from './network/sandbox-net.js';
+import type { SandboxFirewall, SandboxNetworking } from './network/types.js';
 import type { SandboxDriver } from './types.js';
 import { createOverlay, writeConfigDisk } from './vm/instance-files.js';
 import type { VmImages } from './vm/vm-images.js';
@@ -21,6 +23,8 @@ export interface DriverChoice {
   reason: string;
   /** qemu only. */
   accelerator?: AcceleratorChoice['accel'];
+  /** What SANDBOX_NETWORK resolved to (container sandboxes on the bridge, or loopback only). */
+  network: Omit<SandboxNetworkChoice, 'networking'>;
 }
 
 export interface DriverDeps {
@@ -29,6 +33,8 @@ export interface DriverDeps {
   vmImages: VmImages;
   /** Where guest addresses on the bridge are leased (cloud-hypervisor). */
   ipLeases: IpLeaseRepository;
+  /** Enforces container sandboxes' egress policies on the bridge; none filters nothing. */
+  firewall?: SandboxFirewall;
   log: Logger;
 }
 
@@ -38,6 +44,26 @@ export interface DriverDeps {
  * explicitly also runs on TCG (software emulation: slower, but a real VM boundary).
  */
 export async function selectDriver(config: Config, deps: DriverDeps): Promise<DriverChoice> {
+  const network = await chooseNetwork(config, deps);
+  return { ...(await selectFor(config, deps, network.networking)), network: { mode: network.mode, reason: network.reason, ...(network.bridgeUnavailable ? { bridgeUnavailable: network.bridgeUnavailable } : {}) } };
+}
+
+/** SANDBOX_NETWORK resolved, with the bridge set up (setup-net) when it resolves to `bridge`. */
+function chooseNetwork(config: Config, deps: DriverDeps): Promise<SandboxNetworkChoice> {
+  return chooseSandboxNetwork({
+    requested: config.SANDBOX_NETWORK,
+    bridge: config.BRIDGE_NAME,
+    gatewayCidr: config.GATEWAY_IP,
+    networkCidr: config.NETWORK_CIDR,
+    pool: new IpPool({ networkCidr: config.NETWORK_CIDR, gatewayCidr: config.GATEWAY_IP, leases: deps.ipLeases }),
+    leases: deps.ipLeases,
+    linkPrefix: config.TAP_PREFIX ?? config.NET_PREFIX,
+    ...(deps.firewall ? { firewall: deps.firewall } : {}),
+    log: deps.log,
+  });
+}
+
+async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNetworking | null): Promise<Omit<DriverChoice, 'network'>> {
   const container = new ContainerDriver({
     instancesDir: config.INSTANCES_DIR,
     runcRoot: config.RUNC_ROOT,
@@ -45,6 +71,7 @@ export async function selectDriver(config: Config, deps: DriverDeps): Promise<Dr
     pidsLimit: config.SANDBOX_PIDS_LIMIT,
     bootFiles: () => ensureContainerBootFiles(deps.agent),
     agentReadyTimeoutMs: agentReadyTimeoutMs(config),
+    networking,
     log: deps.log,
   });
   let accelerator: Promise<AcceleratorChoice> | null = null;

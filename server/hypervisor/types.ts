@@ -1,4 +1,6 @@
 import type { Duplex } from 'node:stream';
+import type { NetworkPolicy } from '../../shared/schemas/network.js';
+import type { NetworkBytes } from './network/types.js';
 
 /** What a driver needs to run one sandbox. */
 export interface SandboxSpec {
@@ -15,6 +17,8 @@ export interface SandboxSpec {
   envVars: Record<string, string>;
   /** Settings for the agent itself (VOIDRUN_*), never seen by the sandbox's commands. */
   agentSettings?: Record<string, string>;
+  /** Its network policy; without one a sandbox gets the driver's default (bridge when the driver has networking). */
+  network?: NetworkPolicy;
 }
 
 export type DriverStatus = 'running' | 'paused' | 'stopped' | 'missing';
@@ -95,12 +99,34 @@ export interface HostUsage {
   cpuSeconds: number;
   /** Memory in use, without reclaimable file cache where the host can tell, in bytes. */
   memoryBytes: number;
+  /** Bytes through its link on the host bridge, when it has one. */
+  network?: NetworkBytes;
 }
 
 /** Optional ability: a sandbox's host-side usage, cheap enough to read at every metrics scrape. */
 export interface UsageReportingDriver {
   /** null when the sandbox has no processes on the host (stopped, gone). */
   hostUsage(id: string): Promise<HostUsage | null>;
+}
+
+/** Optional ability: bytes through a sandbox's link on the host (its veth or TAP), read on the host. */
+export interface NetworkCountingDriver {
+  /** null when the sandbox has no link (network none, not running). */
+  networkBytes(id: string): Promise<NetworkBytes | null>;
+}
+
+export function countsNetworkBytes(d: SandboxDriver): d is SandboxDriver & NetworkCountingDriver {
+  return typeof (d as Partial<NetworkCountingDriver>).networkBytes === 'function';
+}
+
+/** Optional ability: removes what gone sandboxes left on the host besides their instances (network namespaces, links, leases). */
+export interface HostReconcilingDriver {
+  /** `known`: every sandbox that has a record. Resolves to one line per change. */
+  reconcileHost(known: ReadonlySet<string>): Promise<string[]>;
+}
+
+export function reconcilesHost(d: SandboxDriver): d is SandboxDriver & HostReconcilingDriver {
+  return typeof (d as Partial<HostReconcilingDriver>).reconcileHost === 'function';
 }
 
 export function reportsUsage(d: SandboxDriver): d is SandboxDriver & UsageReportingDriver {

@@ -1,12 +1,12 @@
 import type { Logger } from 'pino';
-import type { SandboxDriver } from '../hypervisor/types.js';
+import { reconcilesHost, type SandboxDriver } from '../hypervisor/types.js';
 import type { SandboxRepository } from '../store/types.js';
 import type { SandboxService } from './sandbox-service.js';
 
 /**
  * Keeps every stored sandbox status true to what the driver runs: once at startup (re-adopting
  * sandboxes that kept running while the server was down, marking dead ones stopped, removing
- * runtime leftovers no record owns) and then every `intervalMs`, `concurrency` sandboxes at a time.
+ * runtime and network leftovers no record owns) and then every `intervalMs`, `concurrency` sandboxes at a time.
  */
 export class HealthMonitor {
   #timer: NodeJS.Timeout | undefined;
@@ -53,6 +53,11 @@ export class HealthMonitor {
       this.deps.log.warn({ sandbox: r.id }, 'sandbox was still being created when the server stopped; marking it error');
       await this.deps.driver.destroy(r.id).catch(() => {});
       await this.deps.sandboxes.update(r.orgId, r.id, { status: 'error' });
+    }
+    // Network namespaces, links and addresses of sandboxes that are gone (or no longer run).
+    if (reconcilesHost(this.deps.driver)) {
+      const changes = await this.deps.driver.reconcileHost(known).catch((err: Error) => [`could not reconcile host networking: ${err.message}`]);
+      for (const change of changes) this.deps.log.warn(`startup reconcile: ${change}`);
     }
     await this.check();
     const adopted = (await this.deps.sandboxes.listAll()).filter((r) => r.status === 'running').length;

@@ -496,7 +496,7 @@ export class SandboxService {
   #spec(record: SandboxRecord, rootfs: string, image: string): SandboxSpec {
     // The agent names the disk size when an upload finds no space left.
     const agentSettings = { ...this.deps.agentSettings, VOIDRUN_DISK_MB: String(record.diskMb) };
-    return { id: record.id, name: record.name, rootfs, image, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings };
+    return { id: record.id, name: record.name, rootfs, image, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings, network: record.network };
   }
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {

@@ -57,6 +57,8 @@ export async function startTestServer(env: Record<string, string> = {}, dirs: Se
     // Images are shared between test servers (built once per machine, e.g. by .ci/run).
     BASE_IMAGES_DIR: process.env.BASE_IMAGES_DIR ?? '/var/lib/hyper-fleet/base-images',
     PREPARE_DEFAULT_IMAGE: 'false',
+    // Loopback-only sandboxes and no host bridge unless a test opts in (test/container-network.test.ts).
+    SANDBOX_NETWORK: 'none',
     ...env,
   });
   const app = await createApp(config, { log });

@@ -10,8 +10,10 @@ import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
 import { PayloadTooLargeError } from '../../errors.js';
 import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver } from '../types.js';
+import type { AddressingDriver, HostReconcilingDriver, NetworkCountingDriver } from '../types.js';
+import type { NetworkBytes, NetworkPolicy, SandboxNetworking } from '../network/types.js';
 import { cgroupUsage } from './cgroup-usage.js';
-import { buildOciSpec, type IdMapping } from './oci-spec.js';
+import { buildOciSpec, type ContainerNetwork, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 import { limitSandboxKernelLimits, raiseHostKernelLimits } from './kernel-limits.js';
 import type { ContainerBootFiles } from './boot-files.js';
@@ -30,6 +32,11 @@ export interface ContainerDriverOptions {
   bootFiles: () => Promise<ContainerBootFiles>;
   /** How long `create`/`start` wait for the agent to accept connections. */
   agentReadyTimeoutMs: number;
+  /**
+   * Bridge networking (SANDBOX_NETWORK=bridge): sandboxes whose policy's mode is not `none` join a
+   * namespace on the bridge. Without it every sandbox has loopback only.
+   */
+  networking?: SandboxNetworking | null;
   log: Logger;
 }
 
@@ -104,10 +111,13 @@ const exec = (cmd: string, args: string[], timeoutMs = 60_000) => runHostCommand
 
 /**
  * Sandboxes as Linux containers run by runc: user-namespaced (sandbox root is an unprivileged host
- * uid), overlayfs copy-on-write over the image, cgroup v1 limits, own network namespace with only
- * loopback. Works on any Linux host with runc; no KVM needed.
+ * uid), overlayfs copy-on-write over the image, cgroup v1 limits, and a network namespace: on the
+ * bridge (`networking`, network/sandbox-net.ts) while the sandbox runs, or its own with loopback
+ * only. Works on any Linux host with runc; no KVM needed.
  */
-export class ContainerDriver implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver {
+export class ContainerDriver
+  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver
+{
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
   readonly #runc: Runc;
@@ -154,9 +164,35 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     return `/voidrun/${this.#cid(id)}`;
   }
 
-  /** What the sandbox's cgroup has used (CPU time, working-set memory); read on the host, never from the agent. */
-  hostUsage(id: string): Promise<HostUsage | null> {
-    return cgroupUsage(this.#cgroupsPath(id));
+  /** What the sandbox's cgroup has used (CPU time, working-set memory) and its link's bytes; read on the host, never from the agent. */
+  async hostUsage(id: string): Promise<HostUsage | null> {
+    const [usage, network] = await Promise.all([cgroupUsage(this.#cgroupsPath(id)), this.networkBytes(id)]);
+    return usage && network ? { ...usage, network } : usage;
+  }
+
+  /** The sandbox's leased address on the bridge; null for loopback-only sandboxes. */
+  async addressOf(id: string): Promise<string | null> {
+    return (await this.opts.networking?.leaseOf(id)) ?? null;
+  }
+
+  /** Bytes through the host end of the sandbox's veth since it last started; null without one. */
+  async networkBytes(id: string): Promise<NetworkBytes | null> {
+    return (await this.opts.networking?.bytesOf(id)) ?? null;
+  }
+
+  /**
+   * Network namespaces and links are kept for sandboxes that run or are paused (they kept running
+   * while the server was down), addresses for every sandbox with a record; the rest go.
+   */
+  async reconcileHost(known: ReadonlySet<string>): Promise<string[]> {
+    const networking = this.opts.networking;
+    if (!networking) return [];
+    const attached = new Set<string>();
+    for (const id of known) {
+      const state = await this.#runc.state(this.#cid(id)).catch(() => null);
+      if (state?.status === 'running' || state?.status === 'paused') attached.add(id);
+    }
+    return networking.reconcile({ attached, leased: known });
   }
 
   async create(spec: SandboxSpec): Promise<void> {
@@ -265,12 +301,26 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     await this.#mountLayers(spec);
     await writeFile(p.lowerFile, spec.rootfs);
     const boot = await this.opts.bootFiles();
+    const networking = this.opts.networking;
+    const attached = networking && spec.network?.mode !== 'none' ? await networking.attach(spec.id, spec.network ?? bridgePolicy) : null;
+    try {
+      await this.#run(spec, boot, attached);
+    } catch (err) {
+      if (attached) await networking!.detach(spec.id).catch((e: Error) => this.opts.log.error({ sandbox: spec.id, err: e.message }, 'could not detach a sandbox that failed to boot'));
+      throw err;
+    }
+  }
+
+  /** Writes the runtime spec and runs the container, its agent's socket inherited; resolves once the agent answers. */
+  async #run(spec: SandboxSpec, boot: ContainerBootFiles, network: ContainerNetwork | null): Promise<void> {
+    const p = layout(this.opts.instancesDir, spec.id);
     const config = buildOciSpec({
       spec,
       paths: { rootfs: p.rootfs, runtime: boot.runtime },
       idMap: this.opts.idMap,
       pidsLimit: this.opts.pidsLimit,
       cgroupsPath: this.#cgroupsPath(spec.id),
+      ...(network ? { network } : {}),
     });
     // It holds the sandbox's envVars (secrets, often): root-only.
     await writeFile(join(p.dir, 'config.json'), JSON.stringify(config), { mode: 0o600 });
@@ -331,6 +381,7 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
       while (Date.now() < deadline && (await this.#runc.state(cid))?.status === 'running') await new Promise((r) => setTimeout(r, 25));
     }
     if (state) await this.#runc.delete(cid);
+    await this.opts.networking?.detach(id);
     await this.#unmountLayers(id);
   }
 
@@ -338,8 +389,11 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     const cid = this.#cid(id);
     const p = layout(this.opts.instancesDir, id);
     if (await this.#runc.state(cid)) await this.#runc.delete(cid);
+    await this.opts.networking?.detach(id);
     await this.#unmountLayers(id);
     await rm(p.dir, { recursive: true, force: true });
+    // Last: the address is free only once nothing on the host uses it.
+    await this.opts.networking?.release(id);
   }
 
   async inspect(id: string): Promise<DriverStatus> {
@@ -392,6 +446,9 @@ export class ContainerDriver implements SandboxDriver, PausableDriver, Snapshott
     }
   }
 }
+
+/** The policy of a sandbox whose spec has none: on the bridge, unfiltered beyond the firewall's defaults. */
+const bridgePolicy: NetworkPolicy = { mode: 'bridge', egress: 'allow', allow: [], deny: [], maxEgressBytes: null, egressCut: false };
 
 /** Snapshots archived at once on one host (each is a host tar + gzip). */
 const SNAPSHOT_SLOTS = 2;

@@ -20,12 +20,24 @@ export interface IdMapping {
   size: number;
 }
 
+/** A network namespace made on the host for the sandbox (bridge networking), and what goes with it. */
+export interface ContainerNetwork {
+  /** The namespace runc joins (`/run/netns/…`), owned by the host's user namespace. */
+  netnsPath: string;
+  /** A sysfs the host mounted for that namespace (the sandbox's user namespace may not mount one). */
+  sysfsPath: string;
+  /** The sandbox's /etc/resolv.conf. */
+  resolvConfPath: string;
+}
+
 export interface OciSpecOptions {
   spec: SandboxSpec;
   paths: ContainerPaths;
   idMap: IdMapping;
   pidsLimit: number;
   cgroupsPath: string;
+  /** Bridge networking; without it the sandbox gets a namespace of its own with loopback only. */
+  network?: ContainerNetwork;
 }
 
 /** Inside the sandbox. */
@@ -65,7 +77,10 @@ export const defaultCapabilities = [
  * and table-tested here.
  *
  * - Namespaces: user (ids mapped onto `idMap`, so sandbox root is an unprivileged host uid), pid,
- *   ipc, uts (hostname = sandbox name), mount, network (loopback only) and cgroup.
+ *   ipc, uts (hostname = sandbox name), mount, network and cgroup. The network namespace is a new
+ *   one with loopback only, or with `network` the host-made one on the bridge, joined by path: it
+ *   belongs to the host's user namespace, so sandbox root holds no capability over it. Its /sys is
+ *   then the sysfs the host mounted for it (read-only), and /etc/resolv.conf is bound read-only.
  * - PID 1 is our init (`init.c`: reaps orphans, forwards signals, holds no agent socket, bounds the
  *   log), bound read-only at /opt/voidrun from the agent runtime image with the node binary, its
  *   loader and libraries, the agent bundle it starts and node-pty; nothing else of the host is
@@ -137,17 +152,20 @@ export function buildOciSpec(o: OciSpecOptions) {
       { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620'] },
       { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
       { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
-      { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+      o.network
+        ? { destination: '/sys', type: 'bind', source: o.network.sysfsPath, options: ['rbind', 'ro', 'nosuid', 'noexec', 'nodev'] }
+        : { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
       // init, node, lib/, agent.cjs, openssl.cnf (empty) and node_modules/node-pty, where Node's
       // resolution from agent.cjs finds it.
       { destination: AGENT_DIR, type: 'bind', source: `${paths.runtime.dir}/agent`, options: ro },
       // Read by every dynamic loader, the host's too: empty, so nothing is preloaded into the agent.
       { destination: '/etc/ld.so.preload', type: 'bind', source: `${paths.runtime.dir}/empty`, options: ro },
+      ...(o.network ? [{ destination: '/etc/resolv.conf', type: 'bind', source: o.network.resolvConfPath, options: ro }] : []),
     ],
     linux: {
       uidMappings: [{ containerID: 0, hostID: idMap.hostId, size: idMap.size }],
       gidMappings: [{ containerID: 0, hostID: idMap.hostId, size: idMap.size }],
-      namespaces: [{ type: 'pid' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }, { type: 'network' }, { type: 'user' }, { type: 'cgroup' }],
+      namespaces: [{ type: 'pid' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }, o.network ? { type: 'network', path: o.network.netnsPath } : { type: 'network' }, { type: 'user' }, { type: 'cgroup' }],
       cgroupsPath: o.cgroupsPath,
       resources: {
         devices: [{ allow: false, access: 'rwm' }],

@@ -4,9 +4,9 @@ import { isObjectIdHex } from '../../store/ids.js';
 import { formatIpv4, formatIpv4Network, parseIpv4Cidr } from './ip-pool.js';
 
 /*
- * The host side of microVM networking: one Linux bridge whose address is the guests' gateway,
- * IPv4 forwarding, NAT out of the default-route interface, and one TAP device per VM attached to
- * the bridge. Everything runs `ip`, `iptables` and `sysctl` with argument arrays (never a shell),
+ * The host side of sandbox networking: one Linux bridge whose address is the guests' gateway,
+ * IPv4 forwarding, NAT out of any other interface, and one TAP device per VM attached to the
+ * bridge (containers' veth pairs: sandbox-net.ts). Everything runs `ip`, `iptables` and `sysctl` with argument arrays (never a shell),
  * optionally inside a network namespace (`ip netns exec <netns> …`), which is how the tests keep
  * the host's own interfaces and firewall untouched.
  *
@@ -116,7 +116,6 @@ const IpAddrSchema = z.object({
   ifname: z.string(),
   addr_info: z.array(z.object({ family: z.string(), local: z.string(), prefixlen: z.number() })).default([]),
 });
-const IpRouteSchema = z.object({ dst: z.string(), dev: z.string().optional(), metric: z.number().optional() });
 
 export type IpLink = z.infer<typeof IpLinkSchema>;
 
@@ -143,17 +142,6 @@ export async function findLink(name: string, netns?: string): Promise<IpLink | n
   return parseJson(z.array(IpLinkSchema), outcome.stdout, 'ip link show')[0] ?? null;
 }
 
-/**
- * The interface the default route leaves through (the kernel's choice: lowest metric), where
- * guests' traffic is masqueraded.
- */
-export async function defaultRouteInterface(netns?: string): Promise<string> {
-  const routes = parseJson(z.array(IpRouteSchema), await run(netns, 'ip', ['-j', 'route', 'show', 'default']), 'ip route show default');
-  const best = routes.filter((r) => r.dev).sort((a, b) => (a.metric ?? 0) - (b.metric ?? 0))[0];
-  if (!best?.dev) throw new Error('There is no default route: guests need one to reach the internet; set up the host\'s uplink first');
-  return best.dev;
-}
-
 /** One iptables rule: where it goes and its match-and-target part, without `-A`/`-C`/`-D`. */
 export interface IptablesRule {
   table: 'filter' | 'nat';
@@ -161,16 +149,20 @@ export interface IptablesRule {
   spec: string[];
 }
 
-/** The rules `setUp` adds for guests on `bridge` reaching the internet through `uplink`. */
-export function voidrunRules(opts: { bridge: string; networkCidr: string; uplink: string }): IptablesRule[] {
+/**
+ * The rules `setUp` adds for guests on `bridge` reaching the internet through any other interface
+ * (as Docker does: whichever uplink the host's routes pick, also one that changes later), and
+ * replies coming back.
+ */
+export function voidrunRules(opts: { bridge: string; networkCidr: string }): IptablesRule[] {
   const tag = ['-m', 'comment', '--comment', RULE_COMMENT];
   return [
-    { table: 'nat', chain: 'POSTROUTING', spec: ['-s', normalizedNetwork(opts.networkCidr), '-o', opts.uplink, ...tag, '-j', 'MASQUERADE'] },
-    { table: 'filter', chain: 'FORWARD', spec: ['-i', opts.bridge, '-o', opts.uplink, ...tag, '-j', 'ACCEPT'] },
+    { table: 'nat', chain: 'POSTROUTING', spec: ['-s', normalizedNetwork(opts.networkCidr), '!', '-o', opts.bridge, ...tag, '-j', 'MASQUERADE'] },
+    { table: 'filter', chain: 'FORWARD', spec: ['-i', opts.bridge, '!', '-o', opts.bridge, ...tag, '-j', 'ACCEPT'] },
     {
       table: 'filter',
       chain: 'FORWARD',
-      spec: ['-i', opts.uplink, '-o', opts.bridge, '-m', 'conntrack', '--ctstate', 'RELATED,ESTABLISHED', ...tag, '-j', 'ACCEPT'],
+      spec: ['!', '-i', opts.bridge, '-o', opts.bridge, '-m', 'conntrack', '--ctstate', 'RELATED,ESTABLISHED', ...tag, '-j', 'ACCEPT'],
     },
   ];
 }
@@ -196,17 +188,16 @@ async function ruleExists(rule: IptablesRule, netns?: string): Promise<boolean> 
 }
 
 /**
- * Brings up the bridge, its address, IPv4 forwarding and the NAT and FORWARD rules, changing only
- * what is missing. Resolves to one line per change made (empty when everything was in place).
+ * Brings up the bridge (IPv6 off: guests have IPv4 only), its address, IPv4 forwarding and the NAT
+ * and FORWARD rules, changing only what is missing. Resolves to one line per change made (empty
+ * when everything was in place).
  */
 export async function setUp(opts: HostNetworkOptions): Promise<string[]> {
   const { bridge, netns } = opts;
   const gateway = parseIpv4Cidr(opts.gatewayCidr);
   if (!gateway) throw new Error(`${JSON.stringify(opts.gatewayCidr)} is not an IPv4 address with a prefix length like 192.168.100.1/22`);
   checkInterfaceName(bridge);
-  // Found before anything changes: without an uplink there is nothing to set up.
-  const uplink = await defaultRouteInterface(netns);
-  const rules = voidrunRules({ bridge, networkCidr: opts.networkCidr, uplink });
+  const rules = voidrunRules({ bridge, networkCidr: opts.networkCidr });
   const changes: string[] = [];
 
   const link = await findLink(bridge, netns);
@@ -224,6 +215,13 @@ export async function setUp(opts: HostNetworkOptions): Promise<string[]> {
     const cidr = `${gatewayAddress}/${gateway.network.prefixLength}`;
     await run(netns, 'ip', ['addr', 'add', cidr, 'dev', bridge]);
     changes.push(`assigned ${cidr} to ${bridge}`);
+  }
+
+  // Absent when the kernel has no IPv6 at all.
+  const ipv6 = await exec(netns, 'sysctl', ['-n', `net.ipv6.conf.${bridge}.disable_ipv6`]);
+  if (ipv6.exitCode === 0 && ipv6.stdout.trim() !== '1') {
+    await run(netns, 'sysctl', ['-q', '-w', `net.ipv6.conf.${bridge}.disable_ipv6=1`]);
+    changes.push(`disabled IPv6 on ${bridge}`);
   }
 
   if (!(link?.flags.includes('UP') ?? false)) {
@@ -245,8 +243,8 @@ export async function setUp(opts: HostNetworkOptions): Promise<string[]> {
 }
 
 /**
- * Removes what `setUp` added: our tagged rules for this bridge and network (also those for an
- * uplink the default route has since moved away from) and the bridge. IPv4 forwarding stays on:
+ * Removes what `setUp` added: our tagged rules for this bridge and network (also those of earlier
+ * versions, which named the uplink) and the bridge. IPv4 forwarding stays on:
  * other things on the host (containers, VPNs, other VMs) may rely on it, and we cannot know whether
  * it was on before. Resolves to one line per change made.
  */
