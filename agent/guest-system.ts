@@ -11,6 +11,7 @@ import {
   newNonce,
   type GuestConfig,
   type GuestIdentity,
+  type GuestNic,
 } from '../shared/guest-protocol.js';
 
 /*
@@ -35,12 +36,28 @@ function run(busybox: string, args: string[]): Promise<void> {
   );
 }
 
-async function setNetwork(network: GuestConfig['network'], busybox: string): Promise<void> {
+/** The interface with MAC `mac`, or eth0 when there is no MAC or no such interface. */
+function interfaceOf(mac: string | undefined): string {
+  if (!mac) return 'eth0';
+  try {
+    for (const name of readdirSync('/sys/class/net')) {
+      if (readFileSync(`/sys/class/net/${name}/address`, 'utf8').trim().toLowerCase() === mac.toLowerCase()) return name;
+    }
+  } catch {
+    // No sysfs: the one NIC a guest without it can have.
+  }
+  console.error(`agent: no interface has MAC ${mac}; configuring eth0`);
+  return 'eth0';
+}
+
+/** Addresses one NIC; with a gateway, the default route goes through it. */
+async function setNetwork(network: GuestNic & { gateway?: string }, busybox: string): Promise<void> {
   const { address, prefixLength, gateway } = network;
-  await run(busybox, ['ip', 'addr', 'flush', 'dev', 'eth0']);
-  await run(busybox, ['ip', 'addr', 'add', `${address}/${prefixLength}`, 'dev', 'eth0']);
-  await run(busybox, ['ip', 'link', 'set', 'eth0', 'up']);
-  await run(busybox, ['ip', 'route', 'replace', 'default', 'via', gateway]);
+  const dev = interfaceOf(network.mac);
+  await run(busybox, ['ip', 'addr', 'flush', 'dev', dev]);
+  await run(busybox, ['ip', 'addr', 'add', `${address}/${prefixLength}`, 'dev', dev]);
+  await run(busybox, ['ip', 'link', 'set', dev, 'up']);
+  if (gateway) await run(busybox, ['ip', 'route', 'replace', 'default', 'via', gateway, 'dev', dev]);
 }
 
 /** After a restore from memory: the new sandbox's name and address replace the saved one's. */
@@ -52,6 +69,7 @@ export async function applyGuestIdentity(identity: GuestIdentity, busybox: strin
 export async function configureGuest(config: GuestConfig, busybox: string): Promise<void> {
   writeFileSync('/proc/sys/kernel/hostname', config.hostname);
   await run(busybox, ['ip', 'link', 'set', 'lo', 'up']);
+  for (const nic of config.extraNetworks ?? []) await setNetwork(nic, busybox);
   await setNetwork(config.network, busybox);
   if (config.nameservers?.length) writeResolvConf(config.nameservers);
   // Online, in the background: commands can run meanwhile.

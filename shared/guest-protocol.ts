@@ -41,12 +41,25 @@ export interface GuestConfig {
   env: Record<string, string>;
   /** VOIDRUN_* settings for the agent itself. */
   agentSettings: Record<string, string>;
-  /** eth0's address: on the bridge (cloud-hypervisor, TAP) or QEMU's user-mode network. */
-  network: { address: string; prefixLength: number; gateway: string };
+  /**
+   * The NIC with the default route: on the bridge (a TAP: cloud-hypervisor, QEMU in bridge mode)
+   * or QEMU's user-mode network. `mac` names the NIC; without it, eth0.
+   */
+  network: GuestNic & { gateway: string };
+  /** Further NICs, addressed without a route beyond their subnet (QEMU's user-mode NIC the host reaches the agent through, beside a TAP). */
+  extraNetworks?: GuestNic[];
   /** Grow the root filesystem to fill its disk at boot (the overlay is larger than the image). */
   growRootFs: boolean;
   /** Resolvers written to the guest's /etc/resolv.conf at boot (DNS_NAMESERVERS); absent: left as the image has it. */
   nameservers?: string[];
+}
+
+/** One guest NIC's static IPv4 address. */
+export interface GuestNic {
+  address: string;
+  prefixLength: number;
+  /** The NIC's MAC (lowercase, colon-separated): which interface this is. */
+  mac?: string;
 }
 
 /** Size of the config disk: a whole number of sectors, more than any config needs. */

@@ -9,7 +9,8 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
 import { CLOUD_HYPERVISOR_ENDPOINTS } from '../server/hypervisor/cloud-hypervisor/api-client.js';
-import { CloudHypervisorDriver, type CloudHypervisorDriverOptions, type GuestAddress, type VmHostNetwork } from '../server/hypervisor/cloud-hypervisor/driver.js';
+import { CloudHypervisorDriver, type CloudHypervisorDriverOptions, type GuestAddress, type VmAttachment, type VmHostNetwork } from '../server/hypervisor/cloud-hypervisor/driver.js';
+import type { NetworkBytes, NetworkPolicy } from '../server/hypervisor/network/types.js';
 import { buildVmConfig, GUEST_CID, macForSandbox, netmaskFromPrefix, rebaseSnapshotConfig, type VmConfigInput } from '../server/hypervisor/cloud-hypervisor/vm-config.js';
 import { connectHybridVsock } from '../server/hypervisor/cloud-hypervisor/vsock.js';
 import type { SandboxSpec } from '../server/hypervisor/types.js';
@@ -439,33 +440,62 @@ process.on('SIGTERM', () => process.exit(0));
 `;
 }
 
-/** In-memory stand-in for the host network: records addresses and TAPs instead of making them. */
+/**
+ * In-memory stand-in for the host network (a fake: the real one, network/vm-network.ts, is tested
+ * with a real VM in qemu-sandboxes.test.ts): records addresses, TAPs, their source guards and
+ * firewall rules instead of making them, and when each was put in place.
+ */
 class InMemoryNetworkFake implements VmHostNetwork {
   readonly addresses = new Map<string, GuestAddress>();
   readonly taps = new Set<string>();
+  /** What each TAP may send (the source check): by TAP. */
+  readonly guards = new Map<string, { ip: string; mac: string }>();
+  /** The firewall's rules: by sandbox. */
+  readonly firewall = new Map<string, { ip: string; hostIf: string; policy: NetworkPolicy }>();
+  /** How many VMM API calls had been made when each attach finished (the VM must not run yet). */
+  readonly callsAtAttach: number[] = [];
+  readonly counters = new Map<string, NetworkBytes>();
+  reconciled: { attached: string[]; leased: string[] } | null = null;
   #next = 2;
 
-  async allocate(id: string): Promise<GuestAddress> {
+  constructor(private readonly callsSoFar: () => number) {}
+
+  async attach(id: string, guest: { mac: string; policy: NetworkPolicy }): Promise<VmAttachment> {
     let address = this.addresses.get(id);
     if (!address) this.addresses.set(id, (address = { ip: `10.99.0.${this.#next++}`, prefixLength: 24, gateway: '10.99.0.1' }));
-    return address;
+    const tap = this.tapNameFor(id);
+    this.taps.add(tap);
+    this.guards.set(tap, { ip: address.ip, mac: guest.mac });
+    this.firewall.set(id, { ip: address.ip, hostIf: tap, policy: guest.policy });
+    this.callsAtAttach.push(this.callsSoFar());
+    return { tap, address };
+  }
+  async detach(id: string): Promise<void> {
+    const tap = this.tapNameFor(id);
+    this.firewall.delete(id);
+    this.guards.delete(tap);
+    this.taps.delete(tap);
   }
   async release(id: string): Promise<void> {
+    await this.detach(id);
     this.addresses.delete(id);
   }
   async leaseOf(id: string): Promise<string | null> {
     return this.addresses.get(id)?.ip ?? null;
   }
-  async createTap(name: string): Promise<void> {
-    this.taps.add(name);
+  async bytesOf(id: string): Promise<NetworkBytes | null> {
+    return this.taps.has(this.tapNameFor(id)) ? (this.counters.get(id) ?? { egress: 0, ingress: 0 }) : null;
   }
-  async deleteTap(name: string): Promise<void> {
-    this.taps.delete(name);
+  async reconcile(keep: { attached: ReadonlySet<string>; leased: ReadonlySet<string> }): Promise<string[]> {
+    this.reconciled = { attached: [...keep.attached].sort(), leased: [...keep.leased].sort() };
+    return [];
   }
   tapNameFor(id: string): string {
     return `vr${id.slice(-12)}`;
   }
 }
+
+const DENY_POLICY: NetworkPolicy = { mode: 'bridge', egress: 'deny', allow: ['allowed.test'], deny: [], maxEgressBytes: null, egressCut: false };
 
 type Recorded = { method: string; path: string; body: unknown; pid: number };
 
@@ -486,7 +516,7 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     chmodSync(binary, 0o755);
     const agentDisk = join(dir, 'agent.img');
     writeFileSync(agentDisk, 'agent disk');
-    network = new InMemoryNetworkFake();
+    network = new InMemoryNetworkFake(() => recorded().length);
     options = {
       binary,
       instancesDir,
@@ -497,7 +527,6 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
       createOverlay: async (base: string, overlay: string, sizeMb: number) => writeFileSync(overlay, `qcow2 overlay over ${base}, ${sizeMb} MiB`),
       agentReadyTimeoutMs: 3000,
       stopTimeoutMs: 1000,
-      nameservers: ['9.9.9.9', '1.1.1.1'],
       log: pino({ level: 'silent' }),
     };
     driver = new CloudHypervisorDriver(options);
@@ -532,10 +561,11 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     expect(availability.reason).not.toContain('\n');
   });
 
-  it('contract: create → pause → resume → stop → start → destroy issue the right API calls and leave nothing behind', async () => {
-    const spec = sandboxSpec(ID_A);
+  it('contract: create → pause → resume → stop → start → destroy issue the right API calls and leave nothing behind; the TAP has its firewall rules and source check before the VM is created', async () => {
+    const spec = sandboxSpec(ID_A, { network: DENY_POLICY });
     const p = vmInstancePaths(instancesDir, ID_A);
 
+    const callsBefore = recorded().length;
     await driver.create(spec);
     expect(lifecycleCalls()).toEqual(['/vm.create', '/vm.boot']);
     const created = recorded().find((r) => r.path === '/vm.create')!;
@@ -550,7 +580,28 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     // The address the sandbox record reports as `ip`.
     expect(await driver.addressOf(ID_A)).toBe(network.addresses.get(ID_A)!.ip);
     const guest = JSON.parse(readFileSync(p.configDisk, 'utf8').replace(/\0+$/, '')) as GuestConfig;
-    expect(guest).toMatchObject({ hostname: spec.name, env: { GREETING: 'hi' }, network: { address: network.addresses.get(ID_A)!.ip, prefixLength: 24, gateway: '10.99.0.1' }, nameservers: ['9.9.9.9', '1.1.1.1'] });
+    // DNS goes to the gateway (the server's resolver, which answers by the sandbox's policy).
+    expect(guest).toMatchObject({
+      hostname: spec.name,
+      env: { GREETING: 'hi' },
+      network: { address: network.addresses.get(ID_A)!.ip, prefixLength: 24, gateway: '10.99.0.1', mac: macForSandbox(ID_A) },
+      nameservers: ['10.99.0.1'],
+    });
+    // The firewall has the sandbox's policy under its address and TAP, and the TAP may send only
+    // from the guest's MAC and address — both before the VMM was even asked to create the VM.
+    const tap = network.tapNameFor(ID_A);
+    expect(network.firewall.get(ID_A)).toEqual({ ip: network.addresses.get(ID_A)!.ip, hostIf: tap, policy: DENY_POLICY });
+    expect(network.guards.get(tap)).toEqual({ ip: network.addresses.get(ID_A)!.ip, mac: macForSandbox(ID_A) });
+    expect((createBody as unknown as { net: Array<{ tap: string; mac: string }> }).net).toEqual([{ id: 'eth0', tap, mac: macForSandbox(ID_A) }]);
+    const createIndex = recorded().findIndex((r, i) => i >= callsBefore && r.path === '/vm.create');
+    expect(network.callsAtAttach.at(-1)).toBeLessThanOrEqual(createIndex);
+    // Bytes come from the host's side of the TAP, never from the guest.
+    network.counters.set(ID_A, { egress: 1234, ingress: 5678 });
+    expect(await driver.networkBytes(ID_A)).toEqual({ egress: 1234, ingress: 5678 });
+    expect((await driver.hostUsage(ID_A))?.network).toEqual({ egress: 1234, ingress: 5678 });
+    // After a restart the server keeps the TAPs of VMs that still run, and every recorded sandbox's address.
+    await driver.reconcileHost(new Set([ID_A, ID_B]));
+    expect(network.reconciled).toEqual({ attached: [ID_A], leased: [ID_A, ID_B].sort() });
     expect(await driver.inspect(ID_A)).toBe('running');
     expect(await driver.list()).toEqual([ID_A]);
 
@@ -574,7 +625,12 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     expect(lifecycleCalls(before)).toEqual(['/vm.pause', '/vm.pause', '/vm.resume', '/vm.shutdown', '/vmm.shutdown']);
     expect(await driver.inspect(ID_A)).toBe('stopped');
     expect(alive(firstVmm)).toBe(false);
+    // Stopped: off the bridge (TAP, guard and rules gone), its address kept for the next start.
     expect(network.taps.has(network.tapNameFor(ID_A))).toBe(false);
+    expect(network.guards.size).toBe(0);
+    expect(network.firewall.size).toBe(0);
+    expect(await driver.networkBytes(ID_A)).toBeNull();
+    expect(await driver.addressOf(ID_A)).toBe(network.addresses.get(ID_A)!.ip);
     expect(existsSync(p.overlay)).toBe(true);
     expect(await driver.list()).toEqual([ID_A]);
 
@@ -582,6 +638,7 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     await driver.start(spec);
     expect(lifecycleCalls(beforeStart)).toEqual(['/vm.create', '/vm.boot']);
     expect(await driver.inspect(ID_A)).toBe('running');
+    expect(network.firewall.get(ID_A)?.policy).toEqual(DENY_POLICY);
     const secondVmm = recorded().at(-1)!.pid;
     expect(secondVmm).not.toBe(firstVmm);
 
@@ -592,6 +649,8 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     expect(existsSync(p.dir)).toBe(false);
     expect(network.addresses.has(ID_A)).toBe(false);
     expect(network.taps.size).toBe(0);
+    expect(network.guards.size).toBe(0);
+    expect(network.firewall.size).toBe(0);
     expect(await driver.inspect(ID_A)).toBe('missing');
     expect(await driver.list()).toEqual([]);
     await driver.destroy(ID_A); // idempotent
@@ -606,6 +665,7 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     expect(existsSync(vmInstancePaths(instancesDir, ID_FAILING).dir)).toBe(false);
     expect(network.addresses.has(ID_FAILING)).toBe(false);
     expect(network.taps.size).toBe(0);
+    expect(network.firewall.size).toBe(0);
   });
 
   it('contract: snapshot pauses, captures memory and disks, resumes; restore brings a new sandbox up from it with the agent answering', async () => {
@@ -634,6 +694,10 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     // rebased config.json, and the agent answered through them.
     expect(readFileSync(join(b.dir, 'agent.token'), 'utf8')).toBe(readFileSync(join(vmInstancePaths(instancesDir, ID_A).dir, 'agent.token'), 'utf8'));
     expect(network.taps.has(network.tapNameFor(ID_B))).toBe(true);
+    // The restored guest keeps the NIC it was captured with (its memory holds that MAC): B's TAP
+    // admits that MAC with B's own address, under B's firewall rules.
+    expect(network.guards.get(network.tapNameFor(ID_B))).toEqual({ ip: network.addresses.get(ID_B)!.ip, mac: macForSandbox(ID_A) });
+    expect(network.firewall.get(ID_B)).toMatchObject({ ip: network.addresses.get(ID_B)!.ip, hostIf: network.tapNameFor(ID_B) });
     expect(existsSync(join(b.dir, 'restore'))).toBe(false);
     const stream = await driver.connect(ID_B);
     stream.destroy();
@@ -643,6 +707,7 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     expect(await driver.list()).toEqual([]);
     expect(network.taps.size).toBe(0);
     expect(network.addresses.size).toBe(0);
+    expect(network.firewall.size).toBe(0);
   });
 
   it.skipIf(!specPresent)('contract: every request the driver sent to the fake is in cloud-hypervisor’s API and its body validates against the schema', () => {

@@ -1,11 +1,17 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes, randomInt } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { connect } from 'node:net';
+import { connect, createServer, type AddressInfo, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
+import { macForSandbox } from '../server/hypervisor/cloud-hypervisor/vm-config.js';
+import { findLink, tapNameFor, tearDown } from '../server/hypervisor/network/host-network.js';
+import { guardedTaps, runNft, tapGuardTable } from '../server/hypervisor/network/tap-guard.js';
+import { GUEST_AGENT_DIR } from '../server/hypervisor/vm/guest-boot-files.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+import { fetchCommand, ip, onPath, startTestInternet, type TestInternet } from './helpers/test-internet.js';
 
 /** QEMU installed (npm run setup) and the VM image built (npm run image:build -- debian --vm), as .ci/run does. */
 function qemuSupport(): { ok: boolean; reason: string } {
@@ -154,5 +160,132 @@ describe.skipIf(!qemu.ok)('sandboxes on the qemu driver (microVMs; TCG where KVM
     await box.delete();
     expect(qemuProcesses(box.id)).toBe(0);
     expect(existsSync(join(server.dirs.instancesDir, box.id))).toBe(false);
+  }, 120_000);
+});
+
+const netSkip = !qemu.ok ? qemu.reason : process.getuid?.() !== 0 ? 'not root' : !['ip', 'nft', 'bridge'].every(onPath) ? 'ip, nft or bridge missing' : null;
+if (qemu.ok && netSkip) console.warn(`[qemu sandboxes on the bridge] SKIPPED: ${netSkip}`);
+
+/** A TCP server in namespace `ns` on `address`:8081 that answers each connection with how many reached it so far. */
+async function startConnectionCounter(ns: string, address: string): Promise<ChildProcess> {
+  const counter = spawn('ip', ['netns', 'exec', ns, process.execPath, '-e', `
+    let n = 0;
+    require('node:net').createServer((s) => s.end(++n + '\\n')).listen(8081, ${JSON.stringify(address)}, () => console.log('listening'));
+  `]);
+  await new Promise<void>((resolve, reject) => {
+    counter.stdout!.once('data', () => resolve());
+    counter.once('exit', (code) => reject(new Error(`connection counter exited with ${code}`)));
+  });
+  return counter;
+}
+
+describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on a TAP)', () => {
+  const tag = randomBytes(3).toString('hex');
+  const bridge = `vrqb${tag}`;
+  const subnet = `10.214.${randomInt(0, 256)}`;
+  const busybox = `${GUEST_AGENT_DIR}/busybox`;
+  let internet: TestInternet;
+  let counter: ChildProcess;
+  /** A listener on every host address: "any other host port" a sandbox must not reach. */
+  let hostPort: Server;
+  let server: TestServer;
+  let vr: VoidRunClient;
+  let box: SandboxHandle;
+  let tap: string;
+  const sh = async (script: string) => box.exec('bash', { args: ['-c', script] });
+
+  beforeAll(async () => {
+    internet = await startTestInternet({ name: `vrqi-${tag}`, hostIf: `vqi${tag}`, testNet: '203.0.113' });
+    counter = await startConnectionCounter(internet.ns, internet.address);
+    hostPort = createServer((s) => s.end('host\n'));
+    await new Promise<void>((resolve) => hostPort.listen(0, '0.0.0.0', resolve));
+    server = await startTestServer({
+      SANDBOX_DRIVER: 'qemu',
+      SANDBOX_NETWORK: 'bridge',
+      BRIDGE_NAME: bridge,
+      GATEWAY_IP: `${subnet}.1/24`,
+      NETWORK_CIDR: `${subnet}.0/24`,
+      DNS_NAMESERVERS: internet.address,
+      HEALTH_ENABLED: 'false',
+    });
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'VM Net User', email: uniqueEmail('vmnet') });
+    vr = server.client(reg.apiKey);
+    box = await vr.sandboxes.create({ name: 'vm-net-box' });
+    tap = tapNameFor(box.id);
+  }, 300_000);
+
+  afterAll(async () => {
+    try {
+      await server?.close();
+    } finally {
+      hostPort?.close();
+      await tearDown({ bridge, gatewayCidr: `${subnet}.1/24`, networkCidr: `${subnet}.0/24` }).catch(() => {});
+      for (const table of [`netdev ${tapGuardTable(bridge)}`, `ip ${tapGuardTable(bridge)}`]) await runNft(`delete table ${table}\n`).catch(() => {});
+      counter?.kill();
+      await internet?.close();
+    }
+  }, 60_000);
+
+  it('has its leased address on a TAP NIC with the default route, DNS via the gateway, and the user-mode NIC only for its agent', async () => {
+    const record = await vr.trpc.sandbox.get.query({ id: box.id });
+    expect(record.ip).toMatch(new RegExp(`^${subnet.replace(/\./g, '\\.')}\\.\\d+$`));
+    const mac = macForSandbox(box.id);
+    const r = await sh(`${busybox} ip -o -4 addr show; ${busybox} ip route show default; cat /sys/class/net/*/address; cat /etc/resolv.conf`);
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(r.stdout).toContain(`inet ${record.ip}/24`);
+    expect(r.stdout).toContain('inet 10.0.2.15/24');
+    expect(r.stdout).toMatch(new RegExp(`^default via ${subnet}\\.1 dev \\w+`, 'm'));
+    expect(r.stdout).toContain(mac);
+    expect(r.stdout).toContain(`nameserver ${subnet}.1`);
+    // On the host: the TAP is an isolated port of the bridge, with its source check.
+    const link = JSON.parse(await ip('-j', '-d', 'link', 'show', 'dev', tap))[0];
+    expect(link).toMatchObject({ master: bridge, linkinfo: { info_kind: 'tun', info_slave_data: { isolated: true } } });
+    expect(await guardedTaps(bridge)).toEqual([tap]);
+  }, 120_000);
+
+  it('reaches the test internet over the TAP, masqueraded behind the host, and the TAP counts the bytes', async () => {
+    const before = await vr.trpc.sandbox.get.query({ id: box.id });
+    const rx = () => Number(readFileSync(`/sys/class/net/${tap}/statistics/rx_bytes`, 'utf8'));
+    const sentBefore = rx();
+    const r = await sh(fetchCommand(internet.address, 100_000));
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({ from: internet.hostAddress, received: 100_000 });
+    expect(rx() - sentBefore).toBeGreaterThanOrEqual(100_000);
+    expect(before.ip).toBeTruthy();
+  }, 120_000);
+
+  it('reaches no port of the host: neither the gateway nor any other host address', async () => {
+    const port = (hostPort.address() as AddressInfo).port;
+    const apiPort = new URL(server.url).port;
+    for (const [address, p] of [[`${subnet}.1`, port], [internet.hostAddress, port], [`${subnet}.1`, Number(apiPort)], ['10.0.2.2', port]] as const) {
+      const r = await sh(`timeout 5 bash -c 'exec 3<>/dev/tcp/${address}/${p} && head -1 <&3'`);
+      expect(r.stdout, `${address}:${p}`).not.toContain('host');
+      expect(r.exitCode, `${address}:${p}`).not.toBe(0);
+    }
+  }, 120_000);
+
+  it("drops what the guest sends from an address that is not its lease (the VM's root controls its own kernel)", async () => {
+    const spoofed = `${subnet}.250`;
+    const count = `timeout 10 bash -c 'exec 3<>/dev/tcp/${internet.address}/8081 && head -1 <&3'`;
+    const nic = (await sh(`${busybox} ip -o -4 addr show | grep ' ${subnet}\\.' | ${busybox} awk '{print $2}'`)).stdout.trim();
+    expect(nic).toMatch(/^\w+$/);
+    const before = Number((await sh(count)).stdout);
+    expect(before).toBeGreaterThan(0);
+    const spoof = await sh(`${busybox} ip addr add ${spoofed}/32 dev ${nic} && ${busybox} ip route add ${internet.address}/32 via ${subnet}.1 dev ${nic} src ${spoofed} && ${count}; echo "exit=$?"`);
+    expect(spoof.stdout).toMatch(/^exit=[1-9]/m);
+    const after = await sh(`${busybox} ip route del ${internet.address}/32; ${busybox} ip addr del ${spoofed}/32 dev ${nic}; ${count}`);
+    expect(after.exitCode, after.stderr).toBe(0);
+    // The spoofed connection never reached the test internet: this one is the next after the first.
+    expect(Number(after.stdout)).toBe(before + 1);
+  }, 120_000);
+
+  it('delete frees the address and leaves no TAP and no source check behind', async () => {
+    const record = await vr.trpc.sandbox.get.query({ id: box.id });
+    expect(await server.app.store.ipLeases.findBySandbox(box.id)).toMatchObject({ ip: record.ip });
+    await box.delete();
+    expect(await findLink(tap)).toBeNull();
+    expect(await guardedTaps(bridge)).toEqual([]);
+    expect(await server.app.store.ipLeases.findBySandbox(box.id)).toBeNull();
+    expect(qemuProcesses(box.id)).toBe(0);
   }, 120_000);
 });

@@ -8,11 +8,12 @@ import type { IdMapping } from './container/oci-spec.js';
 import { probeAccelerator, type AcceleratorChoice } from './qemu/accelerator-probe.js';
 import { QemuDriver } from './qemu/driver.js';
 import type { IpLeaseRepository } from '../store/types.js';
-import { CloudHypervisorDriver, type VmHostNetwork } from './cloud-hypervisor/driver.js';
-import { createTap, deleteTap, findLink, tapNameFor } from './network/host-network.js';
+import { CloudHypervisorDriver } from './cloud-hypervisor/driver.js';
+import { findLink, tapNameFor } from './network/host-network.js';
+import { bridgeVmNetwork } from './network/vm-network.js';
 import { IpPool } from './network/ip-pool.js';
 import { chooseSandboxNetwork, type SandboxNetworkChoice } from './network/sandbox-net.js';
-import type { SandboxFirewall, SandboxNetworking } from './network/types.js';
+import { noFirewall, type SandboxFirewall, type SandboxNetworking } from './network/types.js';
 import type { SandboxDriver } from './types.js';
 import { createOverlay, writeConfigDisk } from './vm/instance-files.js';
 import type { VmImages } from './vm/vm-images.js';
@@ -33,7 +34,7 @@ export interface DriverDeps {
   vmImages: VmImages;
   /** Where guest addresses on the bridge are leased (cloud-hypervisor). */
   ipLeases: IpLeaseRepository;
-  /** Enforces container sandboxes' egress policies on the bridge; none filters nothing. */
+  /** Enforces sandboxes' egress policies on the bridge (container veths and VM TAPs); none filters nothing. */
   firewall?: SandboxFirewall;
   log: Logger;
 }
@@ -83,6 +84,15 @@ async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNe
         accelerator = null; // a later call tries again (e.g. once the image can be built)
         throw err;
       }));
+  // VMs' TAPs on the bridge: cloud-hypervisor's only NIC; qemu's second one, with SANDBOX_NETWORK=bridge.
+  const linkPrefix = config.TAP_PREFIX ?? config.NET_PREFIX;
+  const vmNetwork = bridgeVmNetwork({
+    bridge: config.BRIDGE_NAME,
+    pool: new IpPool({ networkCidr: config.NETWORK_CIDR, gatewayCidr: config.GATEWAY_IP, leases: deps.ipLeases }),
+    firewall: deps.firewall ?? noFirewall,
+    tapNameFor: (id) => tapNameFor(id, linkPrefix),
+    tapPattern: new RegExp(`^${linkPrefix}[0-9a-f]{12}$`),
+  });
   const qemu = new QemuDriver({
     binary: config.QEMU_BINARY,
     instancesDir: config.INSTANCES_DIR,
@@ -92,18 +102,9 @@ async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNe
     agentReadyTimeoutMs: Math.max(agentReadyTimeoutMs(config), 60_000),
     kernelCmdline: config.SANDBOX_KERNEL_CMDLINE,
     accelerator: probe,
+    network: networking ? vmNetwork : null,
     log: deps.log,
   });
-
-  const ipPool = new IpPool({ networkCidr: config.NETWORK_CIDR, gatewayCidr: config.GATEWAY_IP, leases: deps.ipLeases });
-  const network: VmHostNetwork = {
-    allocate: async (id) => ({ ip: await ipPool.allocate(id), prefixLength: ipPool.prefixLength, gateway: ipPool.gateway }),
-    release: (id) => ipPool.release(id),
-    leaseOf: (id) => ipPool.leaseOf(id),
-    createTap: (name) => createTap(name, config.BRIDGE_NAME),
-    deleteTap: async (name) => void (await deleteTap(name)),
-    tapNameFor: (id) => tapNameFor(id, config.TAP_PREFIX ?? config.NET_PREFIX),
-  };
   const cloudHypervisor = new CloudHypervisorDriver({
     binary: config.CLOUD_HYPERVISOR_BINARY,
     instancesDir: config.INSTANCES_DIR,
@@ -111,12 +112,11 @@ async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNe
     // INITRD_PATH, set, replaces the image's initramfs.
     image: async (name) => ({ ...(await deps.vmImages.ensure(name)), vmlinux: config.KERNEL_PATH, ...(config.INITRD_PATH ? { initrd: config.INITRD_PATH } : {}) }),
     agentDisk: () => deps.vmImages.ensureAgentDisk(deps.agent, config.SANDBOX_DEFAULT_IMAGE),
-    network,
+    network: vmNetwork,
     writeConfigDisk,
     createOverlay,
     agentReadyTimeoutMs: Math.max(agentReadyTimeoutMs(config), 30_000),
     kernelCmdline: config.SANDBOX_KERNEL_CMDLINE,
-    nameservers: config.DNS_NAMESERVERS,
     log: deps.log,
   });
   /** The binary and /dev/kvm, and the bridge setup-net makes. */

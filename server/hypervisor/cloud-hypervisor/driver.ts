@@ -10,33 +10,27 @@ import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
-import type { DriverAvailability, DriverStatus, HostUsage, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver, UsageReportingDriver } from '../types.js';
+import type {
+  AddressingDriver,
+  DriverAvailability,
+  DriverStatus,
+  HostReconcilingDriver,
+  HostUsage,
+  NetworkCountingDriver,
+  PausableDriver,
+  SandboxDriver,
+  SandboxSpec,
+  SnapshottingDriver,
+  UsageReportingDriver,
+} from '../types.js';
+import type { NetworkBytes } from '../network/types.js';
+import { VM_DEFAULT_POLICY, type VmHostNetwork } from '../network/vm-network.js';
 import { GUEST_AGENT_PORT, type GuestConfig, type VmImagePaths, type VmInstancePaths, vmInstancePaths } from '../vm/guest.js';
 import { CloudHypervisorApi, CloudHypervisorApiError, type VmState } from './api-client.js';
-import { buildVmConfig, rebaseSnapshotConfig, type SnapshotVmConfig, type VmNetwork } from './vm-config.js';
+import { buildVmConfig, macForSandbox, rebaseSnapshotConfig, type SnapshotVmConfig, type VmNetwork } from './vm-config.js';
 import { connectHybridVsock } from './vsock.js';
 
-/** A guest's static IPv4 address on the sandbox bridge. */
-export interface GuestAddress {
-  ip: string;
-  prefixLength: number;
-  gateway: string;
-}
-
-/** Host networking for VMs: addresses on the bridge and the TAP devices attached to it. */
-export interface VmHostNetwork {
-  /** The sandbox's address; the same one for as long as it stays allocated. */
-  allocate(id: string): Promise<GuestAddress>;
-  /** Frees the sandbox's address. Must not fail for an id with none. */
-  release(id: string): Promise<void>;
-  /** The sandbox's address if it has one (never allocates). */
-  leaseOf(id: string): Promise<string | null>;
-  /** Creates TAP `name` and attaches it to the bridge. */
-  createTap(name: string): Promise<void>;
-  deleteTap(name: string): Promise<void>;
-  /** The TAP name of a sandbox (≤ 15 characters, the kernel's limit). */
-  tapNameFor(id: string): string;
-}
+export type { GuestAddress, VmAttachment, VmHostNetwork } from '../network/vm-network.js';
 
 export interface CloudHypervisorDriverOptions {
   /** The cloud-hypervisor executable. */
@@ -58,8 +52,6 @@ export interface CloudHypervisorDriverOptions {
   agentReadyTimeoutMs: number;
   /** Kernel parameters appended to the guest's command line (SANDBOX_KERNEL_CMDLINE). */
   kernelCmdline?: string;
-  /** The guests' resolvers (DNS_NAMESERVERS), written to their /etc/resolv.conf at boot. */
-  nameservers?: readonly string[];
   /** How long the VMM may take to open its API socket after it was spawned. */
   vmmStartTimeoutMs?: number;
   /** How long `stop` waits for the VMM to exit before killing it. */
@@ -105,7 +97,9 @@ const exec = (cmd: string, args: string[], timeoutMs = 600_000) => runHostComman
  * The VMM runs detached, so sandboxes outlive a server restart; `list` + the pid and token files
  * are how a new server process finds and reaches them again.
  */
-export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver {
+export class CloudHypervisorDriver
+  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver
+{
   readonly name = 'cloud-hypervisor' as const;
   readonly snapshotKind = 'memory+filesystem' as const;
   readonly #binary: string;
@@ -118,6 +112,17 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
   /** The guest's address on the bridge (what the sandbox record reports as `ip`). */
   addressOf(id: string): Promise<string | null> {
     return this.opts.network.leaseOf(id);
+  }
+
+  /** Bytes through the VM's TAP, counted by the host; null while it has none (stopped). */
+  networkBytes(id: string): Promise<NetworkBytes | null> {
+    return this.opts.network.bytesOf(id);
+  }
+
+  /** TAPs are kept for VMs whose VMM runs (they outlive the server), addresses for every sandbox with a record; the rest go. */
+  async reconcileHost(known: ReadonlySet<string>): Promise<string[]> {
+    const attached = new Set([...known].filter((id) => this.#vmmPid(id) !== undefined));
+    return this.opts.network.reconcile({ attached, leased: known });
   }
 
   async available(): Promise<DriverAvailability> {
@@ -173,22 +178,26 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
     }
   }
 
-  /** Boots the instance's existing overlay with a new VMM: config disk, TAP, VMM, create, boot, agent. */
+  /**
+   * Boots the instance's existing overlay with a new VMM: TAP on the bridge (firewall and source
+   * check in place before the VM runs), config disk, VMM, create, boot, agent. DNS goes to the
+   * gateway, where the server's resolver answers by the sandbox's policy.
+   */
   async #bootFresh(spec: SandboxSpec, token: string): Promise<void> {
     const f = this.#files(spec.id);
-    const address = await this.opts.network.allocate(spec.id);
-    const network: VmNetwork = { tap: this.opts.network.tapNameFor(spec.id), address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway };
+    const mac = macForSandbox(spec.id);
+    const { tap, address } = await this.opts.network.attach(spec.id, { mac, policy: spec.network ?? VM_DEFAULT_POLICY });
+    const network: VmNetwork = { tap, address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway };
     await this.opts.writeConfigDisk(f.configDisk, {
       hostname: hostnameFor(spec.name),
       token,
       env: spec.envVars,
       agentSettings: spec.agentSettings ?? {},
-      network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway },
+      network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway, mac },
       // A no-op once the filesystem fills the overlay, so every boot may ask.
       growRootFs: true,
-      ...(this.opts.nameservers?.length ? { nameservers: [...this.opts.nameservers] } : {}),
+      nameservers: [address.gateway],
     });
-    await this.opts.network.createTap(network.tap);
     const config = buildVmConfig({ spec, image: await this.#image(spec), instance: f, agentDisk: await this.opts.agentDisk(), network, serialLog: f.serialLog, extraCmdline: this.opts.kernelCmdline });
     const api = await this.#startVmm(spec.id);
     await api.createVm(config);
@@ -331,7 +340,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       }
     }
     await this.#endVmm(id);
-    await this.opts.network.deleteTap(this.opts.network.tapNameFor(id)).catch((err: Error) => this.opts.log.warn({ err, id }, 'deleting the TAP failed'));
+    await this.opts.network.detach(id).catch((err: Error) => this.opts.log.warn({ err, id }, 'taking the TAP off the bridge failed'));
   }
 
   /** Ends the VMM: `vmm.shutdown`, then SIGTERM, then SIGKILL, each given its time. Removes its pid and sockets. */
@@ -356,8 +365,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
 
   async destroy(id: string): Promise<void> {
     await this.#endVmm(id);
-    await this.opts.network.deleteTap(this.opts.network.tapNameFor(id)).catch((err: Error) => this.opts.log.warn({ err, id }, 'deleting the TAP failed'));
-    await this.opts.network.release(id).catch((err: Error) => this.opts.log.warn({ err, id }, 'releasing the address failed'));
+    await this.opts.network.release(id).catch((err: Error) => this.opts.log.warn({ err, id }, 'freeing the TAP and address failed'));
     this.#tokens.delete(id);
     await rm(this.#files(id).dir, { recursive: true, force: true });
   }
@@ -365,7 +373,9 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
   /** The VMM process's CPU time and resident memory, as the host sees them. */
   async hostUsage(id: string): Promise<HostUsage | null> {
     const pid = this.#vmmPid(id);
-    return pid ? processUsage(pid) : null;
+    if (!pid) return null;
+    const [usage, network] = await Promise.all([processUsage(pid), this.networkBytes(id)]);
+    return usage && network ? { ...usage, network } : usage;
   }
 
   async inspect(id: string): Promise<DriverStatus> {
@@ -457,11 +467,11 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
         await rename(join(staging, from), to);
       }
       await chmod(f.token, 0o600);
-      const address = await this.opts.network.allocate(spec.id);
-      const tap = this.opts.network.tapNameFor(spec.id);
-      await this.opts.network.createTap(tap);
       const vmDir = join(staging, 'vm');
       const captured = JSON.parse(await readFile(join(vmDir, 'config.json'), 'utf8')) as SnapshotVmConfig;
+      // The guest's memory holds its NIC's MAC as captured: the TAP's source check pins that one.
+      const mac = captured.net?.[0]?.mac ?? macForSandbox(spec.id);
+      const { tap, address } = await this.opts.network.attach(spec.id, { mac, policy: spec.network ?? VM_DEFAULT_POLICY });
       const rebased = rebaseSnapshotConfig(captured, { instance: f, agentDisk: await this.opts.agentDisk(), tap, serialLog: f.serialLog });
       await writeFile(join(vmDir, 'config.json'), JSON.stringify(rebased));
       const api = await this.#startVmm(spec.id);
@@ -472,7 +482,7 @@ export class CloudHypervisorDriver implements SandboxDriver, PausableDriver, Sna
       await reidentifyGuest(await this.connect(spec.id), {
         hostname: hostnameFor(spec.name),
         sandboxId: spec.id,
-        network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway },
+        network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway, mac },
       });
       // The memory was copied into the VM; the staged copy is no longer needed.
       await rm(staging, { recursive: true, force: true });

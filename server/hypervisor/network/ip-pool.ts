@@ -114,6 +114,14 @@ export class IpPool {
     return ip !== null && this.#isCandidate(ip) ? lease.ip : null;
   }
 
+  /** The sandboxes holding an address of this pool's network (leases under another NETWORK_CIDR are another server's). */
+  async leasedSandboxes(): Promise<string[]> {
+    return (await this.#leases.list()).filter((l) => {
+      const ip = parseIpv4(l.ip);
+      return ip !== null && this.#isCandidate(ip);
+    }).map((l) => l.sandboxId);
+  }
+
   async #allocate(sandboxId: string): Promise<string> {
     const existing = await this.#leases.findBySandbox(sandboxId);
     if (existing) {

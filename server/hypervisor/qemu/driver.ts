@@ -10,7 +10,22 @@ import type { Logger } from 'pino';
 import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import { hostnameFor } from '../container/oci-spec.js';
 import type { GuestConfig } from '../../../shared/guest-protocol.js';
-import type { DriverAvailability, DriverStatus, HostUsage, PausableDriver, SandboxDriver, SandboxSpec, SnapshottingDriver, UsageReportingDriver } from '../types.js';
+import type {
+  AddressingDriver,
+  DriverAvailability,
+  DriverStatus,
+  HostReconcilingDriver,
+  HostUsage,
+  NetworkCountingDriver,
+  PausableDriver,
+  SandboxDriver,
+  SandboxSpec,
+  SnapshottingDriver,
+  UsageReportingDriver,
+} from '../types.js';
+import { macForSandbox } from '../cloud-hypervisor/vm-config.js';
+import type { NetworkBytes } from '../network/types.js';
+import { VM_DEFAULT_POLICY, type VmAttachment, type VmHostNetwork } from '../network/vm-network.js';
 import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
 import { agentHandshake, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
 import type { VmImages } from '../vm/vm-images.js';
@@ -28,6 +43,11 @@ export interface QemuDriverOptions {
   kernelCmdline?: string;
   /** KVM or TCG, decided once (see accelerator-probe.ts). */
   accelerator: () => Promise<AcceleratorChoice>;
+  /**
+   * Bridge networking: sandboxes whose policy's mode is not `none` get a second NIC on a TAP on
+   * the bridge. Without it every sandbox has the user-mode NIC only (which reaches nothing).
+   */
+  network?: VmHostNetwork | null;
   log: Logger;
 }
 
@@ -40,13 +60,17 @@ interface InstanceState {
   agentDisk: string;
   cpu: number;
   memMb: number;
+  /**
+   * The TAP NIC's MAC when the VM has one (bridge mode). Fixed for the instance's life, snapshots
+   * included: a restored guest's memory holds its NIC's MAC, and QEMU's migration stream needs the
+   * same devices.
+   */
+  bridgeMac?: string;
 }
 
-// QEMU's user-mode network: the guest's fixed address and the virtual gateway.
-const USER_NET = { address: '10.0.2.15', prefixLength: 24, gateway: '10.0.2.2' };
-
-
-
+// QEMU's user-mode network: the guest's fixed address, the virtual gateway and the NIC's MAC
+// (QEMU's default for a first NIC, set explicitly).
+const USER_NET = { address: '10.0.2.15', prefixLength: 24, gateway: '10.0.2.2', mac: '52:54:00:12:34:56' };
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -54,15 +78,19 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
  * Sandboxes as QEMU virtual machines: the debian VM image's kernel and initramfs, a qcow2 overlay
  * over its base disk, the shared read-only agent disk and a per-sandbox config disk. KVM where it
  * can run an ordinary guest, TCG (software emulation) otherwise. The agent is reached through
- * QEMU's user-mode network (`restrict=on`: the guest has no other network) forwarding a host
- * loopback port to the agent's port in the guest, behind the sandbox's token — no host kernel
- * modules (vhost-vsock, tun) needed. Pause/resume are QMP `stop`/`cont`; a snapshot is QEMU's
- * migration stream (memory and devices) plus the overlay, so a restored VM continues running.
+ * QEMU's user-mode network (`restrict=on`: that NIC reaches nothing but the host's forward)
+ * forwarding a host loopback port to the agent's port in the guest, behind the sandbox's token.
+ * In bridge mode a second virtio NIC sits on a TAP on the bridge (`network`) with the leased
+ * address and the default route, behind the egress firewall and the TAP's source check.
+ * Pause/resume are QMP `stop`/`cont`; a snapshot is QEMU's migration stream (memory and devices)
+ * plus the overlay, so a restored VM continues running.
  *
  * Instance layout: INSTANCES_DIR/<id>/{overlay.qcow2, config.img, qmp.sock, vm.log, qemu.log,
  * vm.pid, instance.json}.
  */
-export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver {
+export class QemuDriver
+  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver
+{
   readonly name = 'qemu' as const;
   readonly snapshotKind = 'memory+filesystem' as const;
   readonly #states = new Map<string, InstanceState>();
@@ -122,27 +150,43 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       const agentDisk = await this.opts.images.ensureAgentDisk(this.opts.agent, spec.image);
       await createOverlay(image.baseDisk, p.overlay, spec.diskMb);
       const state: InstanceState = { token: randomBytes(24).toString('hex'), port: 0, image: spec.image, agentDisk, cpu: spec.cpu, memMb: spec.memMb };
-      await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
-      await this.#boot(spec.id, state, image);
+      if (this.opts.network && spec.network?.mode !== 'none') state.bridgeMac = macForSandbox(spec.id);
+      const attachment = await this.#attach(spec, state);
+      await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state, attachment));
+      await this.#boot(spec.id, state, image, attachment);
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
       throw err;
     }
   }
 
-  #guestConfig(spec: SandboxSpec, token: string): GuestConfig {
+  /** Puts the VM's TAP on the bridge (before it boots) when it has a TAP NIC. */
+  async #attach(spec: SandboxSpec, state: InstanceState): Promise<VmAttachment | null> {
+    if (!state.bridgeMac) return null;
+    if (!this.opts.network) throw new Error('this sandbox has a NIC on the bridge, and this server runs without bridge networking (SANDBOX_NETWORK=none)');
+    return this.opts.network.attach(spec.id, { mac: state.bridgeMac, policy: spec.network ?? VM_DEFAULT_POLICY });
+  }
+
+  /**
+   * With a TAP, its NIC has the leased address and the default route, the user-mode NIC only its
+   * subnet (where the host's forward to the agent arrives), and DNS goes to the gateway (the
+   * server's resolver answers by the sandbox's policy).
+   */
+  #guestConfig(spec: SandboxSpec, state: InstanceState, attachment: VmAttachment | null): GuestConfig {
+    const base = { hostname: hostnameFor(spec.name), token: state.token, env: spec.envVars, agentSettings: { ...spec.agentSettings, VOIDRUN_SANDBOX_ID: spec.id }, growRootFs: true };
+    if (!attachment) return { ...base, network: USER_NET };
+    const { address } = attachment;
+    const { gateway: _viaHost, ...userNic } = USER_NET;
     return {
-      hostname: hostnameFor(spec.name),
-      token,
-      env: spec.envVars,
-      agentSettings: { ...spec.agentSettings, VOIDRUN_SANDBOX_ID: spec.id },
-      network: USER_NET,
-      growRootFs: true,
+      ...base,
+      network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway, mac: state.bridgeMac },
+      extraNetworks: [userNic],
+      nameservers: [address.gateway],
     };
   }
 
-  /** Starts QEMU for an instance whose files exist, and waits for its agent. */
-  async #boot(id: string, state: InstanceState, image: VmImagePaths, incoming?: string): Promise<void> {
+  /** Starts QEMU for an instance whose files exist (and whose TAP is attached, with one), and waits for its agent. */
+  async #boot(id: string, state: InstanceState, image: VmImagePaths, attachment: VmAttachment | null, incoming?: string): Promise<void> {
     const p = this.#paths(id);
     const { accel } = await this.opts.accelerator();
     await rm(p.qmpSocket, { force: true });
@@ -158,7 +202,10 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       '-drive', `file=${state.agentDisk},if=virtio,format=raw,readonly=on`,
       '-drive', `file=${p.configDisk},if=virtio,format=raw,readonly=on`,
       '-netdev', `user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:${state.port}-:${GUEST_AGENT_PORT}`,
-      '-device', 'virtio-net-pci,netdev=net0',
+      '-device', `virtio-net-pci,netdev=net0,mac=${USER_NET.mac}`,
+      ...(attachment && state.bridgeMac
+        ? ['-netdev', `tap,id=net1,ifname=${attachment.tap},script=no,downscript=no`, '-device', `virtio-net-pci,netdev=net1,mac=${state.bridgeMac}`]
+        : []),
       '-device', 'virtio-rng-pci',
       '-chardev', `file,id=serial0,path=${p.log},append=on`, '-serial', 'chardev:serial0',
       '-qmp', `unix:${p.qmpSocket},server=on,wait=off`,
@@ -251,10 +298,11 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
   async start(spec: SandboxSpec): Promise<void> {
     if (await this.#pid(spec.id)) return;
     const state = await this.#state(spec.id);
-    // Settings may have changed while it was stopped (env vars are per sandbox record).
-    await writeConfigDisk(this.#paths(spec.id).configDisk, this.#guestConfig(spec, state.token));
     try {
-      await this.#boot(spec.id, state, await this.opts.images.ensure(state.image));
+      const attachment = await this.#attach(spec, state);
+      // Settings may have changed while it was stopped (env vars are per sandbox record).
+      await writeConfigDisk(this.#paths(spec.id).configDisk, this.#guestConfig(spec, state, attachment));
+      await this.#boot(spec.id, state, await this.opts.images.ensure(state.image), attachment);
     } catch (err) {
       // Not left half-started: a live QEMU whose agent never answered would look running.
       const pid = await this.#pid(spec.id);
@@ -262,6 +310,7 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
         signalQuietly(pid, 'SIGKILL');
         await waitForExit(pid, 5000);
       }
+      await this.#detach(spec.id);
       throw err;
     }
   }
@@ -274,11 +323,19 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
     const status = await withQmp(p.qmpSocket, (q) => q.execute<{ status: string }>('query-status')).catch(() => null);
     if (status?.status === 'paused' || status?.status === 'postmigrate') await withQmp(p.qmpSocket, (q) => q.execute('cont')).catch(() => {});
     await this.#agentRequest(id, 'POST', '/poweroff', 2000).catch(() => 0);
-    if (await waitForExit(pid, 10_000)) return;
-    await withQmp(p.qmpSocket, (q) => q.execute('quit')).catch(() => {});
-    if (await waitForExit(pid, 3000)) return;
-    signalQuietly(pid, 'SIGKILL');
-    await waitForExit(pid, 3000);
+    if (!(await waitForExit(pid, 10_000))) {
+      await withQmp(p.qmpSocket, (q) => q.execute('quit')).catch(() => {});
+      if (!(await waitForExit(pid, 3000))) {
+        signalQuietly(pid, 'SIGKILL');
+        await waitForExit(pid, 3000);
+      }
+    }
+    await this.#detach(id);
+  }
+
+  /** Takes the VM's TAP (and its rules) off the bridge; the address stays leased. */
+  async #detach(id: string): Promise<void> {
+    await this.opts.network?.detach(id).catch((err: Error) => this.opts.log.warn({ sandbox: id, err: err.message }, 'taking the TAP off the bridge failed'));
   }
 
   async destroy(id: string): Promise<void> {
@@ -288,13 +345,35 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       await waitForExit(pid, 5000);
     }
     this.#states.delete(id);
+    await this.opts.network?.release(id).catch((err: Error) => this.opts.log.warn({ sandbox: id, err: err.message }, 'freeing the TAP and address failed'));
     await rm(this.#paths(id).dir, { recursive: true, force: true });
+  }
+
+  /** The guest's leased address on the bridge; null without a TAP NIC. */
+  async addressOf(id: string): Promise<string | null> {
+    return (await this.opts.network?.leaseOf(id)) ?? null;
+  }
+
+  /** Bytes through the VM's TAP, counted by the host; null without one (or while it is stopped). */
+  async networkBytes(id: string): Promise<NetworkBytes | null> {
+    return (await this.opts.network?.bytesOf(id)) ?? null;
+  }
+
+  /** TAPs are kept for VMs whose QEMU runs (they outlive the server), addresses for every sandbox with a record; the rest go. */
+  async reconcileHost(known: ReadonlySet<string>): Promise<string[]> {
+    const network = this.opts.network;
+    if (!network) return [];
+    const attached = new Set<string>();
+    for (const id of known) if (await this.#pid(id)) attached.add(id);
+    return network.reconcile({ attached, leased: known });
   }
 
   /** The QEMU process's CPU time and resident memory, as the host sees them. */
   async hostUsage(id: string): Promise<HostUsage | null> {
     const pid = await this.#pid(id);
-    return pid ? processUsage(pid) : null;
+    if (!pid) return null;
+    const [usage, network] = await Promise.all([processUsage(pid), this.networkBytes(id)]);
+    return usage && network ? { ...usage, network } : usage;
   }
 
   async inspect(id: string): Promise<DriverStatus> {
@@ -379,11 +458,15 @@ export class QemuDriver implements SandboxDriver, PausableDriver, SnapshottingDr
       if (!existsSync(state.agentDisk)) throw new Error(`the snapshot needs the agent disk it was taken with, which is gone (${state.agentDisk.split('/').pop()})`);
       // The overlay still names the exact base image version it was made over.
       const image = await this.opts.images.ensure(state.image);
+      // The snapshot's NICs are the restored VM's (its memory holds their MACs); with a TAP NIC,
+      // this sandbox's TAP carries the guest's MAC under this sandbox's address.
+      const attachment = await this.#attach(spec, state);
       // The guest already read its config at boot; the device must exist and match in size.
-      await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state.token));
-      await this.#boot(spec.id, state, image, p.memory);
+      await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state, attachment));
+      await this.#boot(spec.id, state, image, attachment, p.memory);
       await rm(p.memory, { force: true });
-      await reidentifyGuest(await this.connect(spec.id), { hostname: hostnameFor(spec.name), sandboxId: spec.id });
+      const network = attachment && state.bridgeMac ? { address: attachment.address.ip, prefixLength: attachment.address.prefixLength, gateway: attachment.address.gateway, mac: state.bridgeMac } : undefined;
+      await reidentifyGuest(await this.connect(spec.id), { hostname: hostnameFor(spec.name), sandboxId: spec.id, ...(network ? { network } : {}) });
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
       throw err;
