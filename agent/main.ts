@@ -14,6 +14,7 @@ import { AGENT_REQUEST_HEADER, GUEST_AGENT_PORT, type GuestIdentity } from '../s
 import { applyGuestIdentity, configureGuest, listenWithToken, readGuestConfig } from './guest-system.js';
 import { agentRouter, type AgentContext } from './router.js';
 import { handleFileTransfer } from './services/files/transfer.js';
+import { handlePortConnect } from './services/ports/connect.js';
 import { handleProcessStream } from './services/process/output-stream.js';
 import { ProcessManager } from './services/process/process-manager.js';
 import { PtyManager } from './services/pty/pty-manager.js';
@@ -99,7 +100,12 @@ const server = createServer((req, res) => {
 });
 // The server closes its idle connections first (after 30 s), so it never sends on one closing here.
 server.keepAliveTimeout = 65_000;
-const wss = new WebSocketServer({ server, maxPayload: 64 * 1024 * 1024 });
+const wss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024 * 1024 });
+// An upgrade is a port tunnel (see shared/port-tunnel.ts) or the server's tRPC WebSocket.
+server.on('upgrade', (req, socket, head: Buffer) => {
+  if (handlePortConnect(req, socket, head)) return;
+  wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
+});
 applyWSSHandler({ wss, router: agentRouter, createContext: () => ctx });
 
 if (guest) {

@@ -5,6 +5,7 @@ import { AsyncQueue } from '../shared/async-queue.js';
 import { ArchiveFormat, type WatchMessage } from '../shared/schemas/files.js';
 import { compress, extract } from './services/files/archive.js';
 import * as files from './services/files/operations.js';
+import { listListeningPorts } from './services/ports/list.js';
 import { FileWatch } from './services/files/watch.js';
 import type { ProcessManager } from './services/process/process-manager.js';
 import type { PtyManager } from './services/pty/pty-manager.js';
@@ -138,6 +139,10 @@ export const agentRouter = t.router({
         unsubscribe();
       }
     }),
+  }),
+  ports: t.router({
+    /** The TCP ports listening inside the sandbox. */
+    list: t.procedure.query(() => listListeningPorts()),
   }),
   health: t.procedure.output(AgentHealth).query(({ ctx }) => ({
     ok: true as const,

@@ -53,6 +53,8 @@ export class PayloadTooLargeError extends VoidRunError {}
 export class UnsupportedMediaTypeError extends VoidRunError {}
 export class ServiceUnavailableError extends VoidRunError {}
 export class AgentUnavailableError extends VoidRunError {}
+/** A server inside the sandbox, reached through a port, did not answer (nothing listens there) or answered malformed HTTP. */
+export class UpstreamUnavailableError extends VoidRunError {}
 export class DriverFailureError extends VoidRunError {}
 export class DriverUnavailableError extends ServiceUnavailableError {}
 export class SandboxNotRunningError extends ConflictError {}
@@ -81,6 +83,7 @@ const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: Error
   UNSUPPORTED_MEDIA_TYPE: UnsupportedMediaTypeError,
   STORE_UNAVAILABLE: ServiceUnavailableError,
   AGENT_UNAVAILABLE: AgentUnavailableError,
+  UPSTREAM_UNAVAILABLE: UpstreamUnavailableError,
   DRIVER_FAILURE: DriverFailureError,
   DRIVER_UNAVAILABLE: DriverUnavailableError,
   SANDBOX_NOT_RUNNING: SandboxNotRunningError,

@@ -1,5 +1,5 @@
 import type { TRPCClient } from '@trpc/client';
-import type { ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
+import type { ExecChunk, ExecResult, PortAccess, PortList, PreviewToken, ProcessInfo, PublicUrl, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
 import { SandboxFiles, type RawHttp } from './files.js';
 import { PtyHandle } from './pty.js';
@@ -101,6 +101,23 @@ export class SandboxHandle {
     },
     list: async () => (await this.trpc.pty.list.query({ id: this.id })).sessions,
     get: (sessionId: string): PtyHandle => new PtyHandle(this.trpc, this.id, sessionId),
+  };
+
+  /**
+   * The sandbox's TCP ports: `list()` what listens (with access and URLs), `token(port)` a preview
+   * token, `setPublic(port, true|false)`, `publicUrls()`, and `previewUrl(port)` (null on a server
+   * without PREVIEW_DOMAIN; the API path `/api/sandboxes/{id}/ports/{port}/` always proxies with a key).
+   */
+  readonly ports = {
+    list: (): Promise<PortList> => this.trpc.ports.list.query({ id: this.id }),
+    token: (port: number, options: { ttlSeconds?: number } = {}): Promise<PreviewToken> => this.trpc.ports.token.mutate({ id: this.id, port, ...options }),
+    setPublic: (port: number, isPublic: boolean): Promise<PortAccess> => this.trpc.ports.setAccess.mutate({ id: this.id, port, public: isPublic }),
+    publicUrls: (): Promise<PublicUrl[]> => this.trpc.ports.publicUrls.query({ id: this.id }),
+    /**
+     * A URL a browser can open on the port's preview host, carrying a fresh preview token (the
+     * host moves it into a cookie), valid for `ttlSeconds` (default 1 h); null without PREVIEW_DOMAIN.
+     */
+    previewUrl: async (port: number, options: { ttlSeconds?: number } = {}): Promise<string | null> => (await this.ports.token(port, options)).url,
   };
 
   stop(): Promise<SandboxActionResult> {

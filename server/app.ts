@@ -22,6 +22,8 @@ import { VmImages } from './hypervisor/vm/vm-images.js';
 import { ExecService } from './services/exec-service.js';
 import { FileService } from './services/file-service.js';
 import { PtyService } from './services/pty-service.js';
+import { PortService } from './services/port-service.js';
+import { PreviewTokens } from './services/preview-tokens.js';
 import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
@@ -104,8 +106,9 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   });
   const watch = new WatchService({ sandboxes, idleTimeoutMs: config.WATCH_IDLE_TIMEOUT_SEC * 1000, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log });
   sandboxes.onStopped((id) => watch.endForSandbox(id));
+  const auth = new AuthService({ apiKeys: store.apiKeys, orgs: store.orgs, lastUsed });
   const services: Services = {
-    auth: new AuthService({ apiKeys: store.apiKeys, orgs: store.orgs, lastUsed }),
+    auth,
     orgs,
     sandboxes,
     exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log }),
@@ -113,6 +116,14 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
     watch,
     pty: new PtyService({ sandboxes }),
+    ports: new PortService({
+      sandboxes,
+      repository: store.sandboxes,
+      auth,
+      tokens: PreviewTokens.fromDataDir(config.DATA_DIR),
+      previewDomain: config.PREVIEW_DOMAIN,
+      previewScheme: config.PREVIEW_URL_SCHEME,
+    }),
     buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason } },
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);

@@ -135,6 +135,14 @@ const EnvSchema = z.object({
   SANDBOX_EGRESS_BYTES_MAX: int(0, Number.MAX_SAFE_INTEGER).default(0),
   // Unset: bridge where the host can do it (root, ip and nft present), else none (loopback only).
   SANDBOX_NETWORK: oneOf(['bridge', 'none']).optional(),
+  // Set, port N of sandbox ID is also served at https://N-ID.<PREVIEW_DOMAIN> (README "Ports and preview URLs").
+  PREVIEW_DOMAIN: z
+    .string()
+    .regex(/^(?=.{1,200}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(:\d{1,5})?$/, 'a lowercase DNS name such as preview.example.com (optionally with :port)')
+    .optional()
+    .or(z.literal('').transform(() => undefined)),
+  // The scheme of the preview URLs the API hands out (TLS is terminated in front of the server).
+  PREVIEW_URL_SCHEME: oneOf(['https', 'http']).default('https'),
   // The guests' resolvers in the original; accepted and validated (README "Configuration").
   DNS_NAMESERVERS: csv('8.8.8.8,1.1.1.1', (v) => isIP(v) !== 0, 'IP addresses, comma-separated'),
   // The hostname of a sandbox without a name in the original; every sandbox here has one.

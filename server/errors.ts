@@ -78,6 +78,13 @@ export class DriverUnavailableError extends DomainError {
     super(ErrorCode.DRIVER_UNAVAILABLE, message, options);
   }
 }
+/** A server inside a sandbox, reached through a port, is not there or broke HTTP; 502 naming the port. */
+export class UpstreamUnavailableError extends DomainError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(ErrorCode.UPSTREAM_UNAVAILABLE, message, options);
+  }
+}
+
 export class SandboxNotRunningError extends DomainError {
   constructor(message: string, options?: DomainErrorOptions) {
     super(ErrorCode.SANDBOX_NOT_RUNNING, message, options);

@@ -27,6 +27,8 @@ export const ErrorCode = {
   UNSUPPORTED_MEDIA_TYPE: 'UNSUPPORTED_MEDIA_TYPE',
   STORE_UNAVAILABLE: 'STORE_UNAVAILABLE',
   AGENT_UNAVAILABLE: 'AGENT_UNAVAILABLE',
+  /** A server inside a sandbox, reached through a port: nothing listens there, or its answer was not HTTP. */
+  UPSTREAM_UNAVAILABLE: 'UPSTREAM_UNAVAILABLE',
   DRIVER_FAILURE: 'DRIVER_FAILURE',
   /** No sandbox driver can run on this host (runc missing, not root, …). */
   DRIVER_UNAVAILABLE: 'DRIVER_UNAVAILABLE',
@@ -89,6 +91,7 @@ export const errorCodeTable: Record<ErrorCode, { trpc: TrpcCodeName; httpStatus:
   UNSUPPORTED_MEDIA_TYPE: { trpc: 'UNSUPPORTED_MEDIA_TYPE', httpStatus: 415 },
   STORE_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
   AGENT_UNAVAILABLE: { trpc: 'BAD_GATEWAY', httpStatus: 502 },
+  UPSTREAM_UNAVAILABLE: { trpc: 'BAD_GATEWAY', httpStatus: 502 },
   DRIVER_FAILURE: { trpc: 'BAD_GATEWAY', httpStatus: 502 },
   DRIVER_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
   SANDBOX_NOT_RUNNING: { trpc: 'CONFLICT', httpStatus: 409 },

@@ -9,3 +9,4 @@ export * from './schemas/exec.js';
 export * from './schemas/image.js';
 export * from './schemas/files.js';
 export * from './schemas/pty.js';
+export * from './schemas/ports.js';

@@ -1,11 +1,13 @@
 import { createTRPCClient, TRPCClientError, type TRPCClient } from '@trpc/client';
 import type { ClientRequest } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { AgentRouter } from '../../agent/router.js';
 import { ConflictError, DomainError, ErrorCode, ForbiddenError, InvalidInputError, NotFoundError, PayloadTooLargeError, SandboxNotRunningError } from '../errors.js';
 import type { NotFoundCode } from '../../shared/errors.js';
 import type { SandboxDriver } from '../hypervisor/types.js';
 import { AgentConnection, AgentConnectionError, AgentProtocolError } from './agent-connection.js';
 import { AgentHttpPool, CheckedAgentRequest } from './agent-http.js';
+import { openPortTunnel } from './port-tunnel.js';
 
 export type AgentClient = TRPCClient<AgentRouter>;
 
@@ -241,6 +243,23 @@ export class AgentClients {
       signal?.removeEventListener('abort', onAbort);
     });
     return req;
+  }
+
+  /**
+   * A byte stream to TCP `port` inside the sandbox, through its agent (a port tunnel over a fresh
+   * connection of the driver's, never a pooled one): the caller owns it and speaks whatever the
+   * port speaks. Failures come back as `call`'s do; nothing listening is UpstreamUnavailableError.
+   */
+  async openPort(sandbox: SandboxRef, port: number): Promise<Duplex> {
+    const since = this.epoch(sandbox.id);
+    try {
+      const stream = await this.driver.connect(sandbox.id).catch((err: NodeJS.ErrnoException) => {
+        throw new AgentConnectionError(`cannot connect (${err.code ?? 'error'})`);
+      });
+      return await openPortTunnel(stream, sandbox.id, port);
+    } catch (err) {
+      throw await this.failure(sandbox, err, since);
+    }
   }
 
   /** The sandbox's pool of raw HTTP sockets, made on first use; `drop` closes it. */

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ExecInput, Id, PidInput, SessionExecStreamInput, UploadResult, UploadTarResult } from '../../shared/index.js';
+import { ExecInput, Id, PidInput, Port, SessionExecStreamInput, UploadResult, UploadTarResult } from '../../shared/index.js';
 import { decodeOrNull } from '../../shared/uri.js';
 import { InvalidInputError } from '../errors.js';
 
@@ -9,8 +9,12 @@ import { InvalidInputError } from '../errors.js';
  * `raw-routes.ts` binds the HTTP handlers and `server.ts` the upgrade handlers, by name.
  */
 export interface RouteSpec {
-  /** `http`: a plain request under /api; `websocket`: a GET that upgrades (101). */
-  kind: 'http' | 'websocket';
+  /**
+   * `http`: a plain request under /api; `websocket`: a GET that upgrades (101); `proxy`: any
+   * request (any method, upgrades too) under the path, passed to a sandbox's port by `port-proxy.ts`
+   * (documented as its GET).
+   */
+  kind: 'http' | 'websocket' | 'proxy';
   method: 'GET' | 'POST';
   /** The path under /api, OpenAPI style: `/sandboxes/{id}/files/upload`. */
   path: string;
@@ -193,6 +197,24 @@ export const routeTable = {
     summary: 'File watch events (WebSocket)',
     tag: 'File System',
   },
+  portProxy: {
+    kind: 'proxy',
+    method: 'GET',
+    path: '/sandboxes/{id}/ports/{port}/{path}',
+    auth: 'apiKey',
+    params: SandboxParams.extend({
+      port: Port,
+      path: z.string().meta({ description: 'The rest of the path on the sandbox\'s server (any number of segments; empty for its root)', example: 'index.html' }),
+    }),
+    success: {
+      status: 200,
+      description:
+        "The answer of the server listening on that port inside the sandbox, streamed as it sent it (any method; WebSocket and other upgrades pass through too). Our credentials (X-API-Key, ?apiKey=, preview tokens and their cookie) are not forwarded; the sandbox's server sees Host localhost:<port>. Pages served here run as an opaque origin (Content-Security-Policy: sandbox). 502 UPSTREAM_UNAVAILABLE when nothing listens on the port or its answer is not HTTP (or its head passes 16 KiB); 409 when the sandbox is not running. The same ports are served on preview hosts `{port}-{id}.{PREVIEW_DOMAIN}` (see the README).",
+    },
+    operationId: 'proxyToPort',
+    summary: "Any request to a port of the sandbox, proxied to the server listening there",
+    tag: 'Ports',
+  },
 } as const satisfies Record<string, RouteSpec>;
 
 /** The name of a route of the table. */
@@ -200,7 +222,7 @@ export type RouteName = keyof typeof routeTable;
 /** The names of the plain HTTP routes (handlers in `raw-routes.ts`). */
 export type HttpRouteName = { [K in RouteName]: (typeof routeTable)[K]['kind'] extends 'http' ? K : never }[RouteName];
 /** The names of the WebSocket routes (upgrade handlers in `server.ts`). */
-export type WebSocketRouteName = Exclude<RouteName, HttpRouteName>;
+export type WebSocketRouteName = { [K in RouteName]: (typeof routeTable)[K]['kind'] extends 'websocket' ? K : never }[RouteName];
 
 /** A route of the table with its compiled path pattern. */
 export interface CompiledRoute<N extends RouteName = RouteName> {
@@ -223,7 +245,7 @@ function compile<N extends RouteName>(name: N): CompiledRoute<N> {
 }
 
 /** The routes of one kind, compiled, in table order. */
-export function compiledRoutes<K extends RouteSpec['kind']>(kind: K): CompiledRoute<K extends 'http' ? HttpRouteName : WebSocketRouteName>[] {
+export function compiledRoutes<K extends 'http' | 'websocket'>(kind: K): CompiledRoute<K extends 'http' ? HttpRouteName : WebSocketRouteName>[] {
   return (Object.keys(routeTable) as RouteName[]).filter((n) => routeTable[n].kind === kind).map((n) => compile(n)) as never;
 }
 

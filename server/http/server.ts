@@ -18,6 +18,7 @@ import { isExpectedError, rawErrorResponse, sendError, toWireError } from './env
 import type { HttpMetrics } from './metrics.js';
 import { procedureMetaIndex } from './procedure-meta.js';
 import { createRawRoutes } from './raw-routes.js';
+import { createPortProxy } from './port-proxy.js';
 import { decodeOrNull } from '../../shared/uri.js';
 import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
@@ -224,6 +225,15 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   });
 
   const raw = createRawRoutes({ services, streams, maxJsonBodyBytes: opts.maxJsonBodyBytes });
+  const portProxy = createPortProxy({
+    services,
+    streams,
+    onOrg: (req, orgId) => {
+      let record = records.get(req);
+      if (!record) records.set(req, (record = {}));
+      record.orgId = orgId;
+    },
+  });
   const rest = createRestHandler({
     router,
     createContext: (req, res) => context(req, 'rest', apiKeyOf(req), httpConnection(res)),
@@ -294,14 +304,23 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       // The query string is left out: WebSocket-style `?apiKey=` must never reach the log.
       log.info({ method: req.method, path, status, ms: Math.round(ms * 100) / 100, orgId: records.get(req)?.orgId }, 'request');
     });
-    // CORS (preflights, refused origins) and trailing-slash redirects are answered before any route.
-    const edge = cors(req, res) ?? (redirectTrailingSlash(req, res) ? 'trailing-slash-redirect' : null);
+    // A preview host is the sandbox's own origin: served before everything of the API's.
+    const proxied = portProxy.handleRequest(req, res, 'host');
+    // CORS (preflights, refused origins) and trailing-slash redirects are answered before any
+    // route; the API's port proxy comes before the redirect (its paths are the sandbox's).
+    const edge = proxied ? null : (cors(req, res) ?? null);
     if (edge) {
       routeLabel = edge;
       req.resume(); // a body sent along is read and dropped
       return;
     }
-    route(req, res, path).then(
+    const served = proxied ?? portProxy.handleRequest(req, res, 'api');
+    if (!served && redirectTrailingSlash(req, res)) {
+      routeLabel = 'trailing-slash-redirect';
+      req.resume();
+      return;
+    }
+    (served ?? route(req, res, path)).then(
       (label) => {
         routeLabel = label;
       },
@@ -566,6 +585,11 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
 
   function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
+    const proxied = portProxy.handleUpgrade(req, socket, head, { done: (status) => handshakeDone(socket, status), refuse: refuse(socket) });
+    if (proxied) {
+      upgradeLabels.get(socket)!.label = proxied;
+      return;
+    }
     if (path === '/trpc' || path === '/trpc/') {
       upgradeLabels.get(socket)!.label = '/trpc';
       wss.handleUpgrade(req, socket, head, (ws) => {

@@ -109,6 +109,16 @@ export interface UsageReportingDriver {
   hostUsage(id: string): Promise<HostUsage | null>;
 }
 
+/** Optional ability: a sandbox's listening TCP ports read host-side, never from its agent. */
+export interface PortListingDriver {
+  /** Ascending; null when the driver cannot read them now (the sandbox has no live processes). */
+  listeningPorts(id: string): Promise<number[] | null>;
+}
+
+export function listsPorts(d: SandboxDriver): d is SandboxDriver & PortListingDriver {
+  return typeof (d as Partial<PortListingDriver>).listeningPorts === 'function';
+}
+
 /** Optional ability: bytes through a sandbox's link on the host (its veth or TAP), read on the host. */
 export interface NetworkCountingDriver {
   /** null when the sandbox has no link (network none, not running). */

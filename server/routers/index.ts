@@ -3,6 +3,7 @@ import { authRouter, orgRouter, usersRouter } from './org.js';
 import { commandsRouter, execRouter, shellRouter } from './exec.js';
 import { filesRouter } from './files.js';
 import { imagesRouter } from './images.js';
+import { portsRouter } from './ports.js';
 import { ptyRouter } from './pty.js';
 import { sandboxRouter } from './sandbox.js';
 import { systemRouter } from './system.js';
@@ -19,6 +20,7 @@ export const appRouter = router({
   images: imagesRouter,
   files: filesRouter,
   pty: ptyRouter,
+  ports: portsRouter,
 });
 
 /** The router's type, imported by `client/` for end-to-end types. */

@@ -4,6 +4,7 @@ import type { ExecService } from './exec-service.js';
 import type { FileService } from './file-service.js';
 import type { ImageService } from './image-service.js';
 import type { OrgService } from './org-service.js';
+import type { PortService } from './port-service.js';
 import type { PtyService } from './pty-service.js';
 import type { SandboxService } from './sandbox-service.js';
 import type { WatchService } from './watch-service.js';
@@ -18,5 +19,6 @@ export interface Services {
   files: FileService;
   watch: WatchService;
   pty: PtyService;
+  ports: PortService;
   buildInfo: VersionInfo;
 }

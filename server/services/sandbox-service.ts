@@ -188,7 +188,12 @@ export class SandboxService {
    * drives it through a transition (stopping, starting, …), as the request could not finish.
    */
   async running(principal: Principal, id: string): Promise<SandboxRecord> {
-    const record = await this.record(principal, id);
+    return this.assertRunning(await this.record(principal, id));
+  }
+
+  /** `record`, if its sandbox is running and no transition is under way; else the 409 `running` answers. */
+  assertRunning(record: SandboxRecord): SandboxRecord {
+    const id = record.id;
     const phase = this.deps.agents?.phaseOf(id);
     if (phase) throw new SandboxNotRunningError(`Sandbox ${record.name} is ${phase}; retry once it is running`);
     if (record.status !== 'running') {

@@ -57,6 +57,10 @@ export class CachedSandboxRepository implements SandboxRepository {
     return this.#cache.get(id, (r) => r.orgId === orgId, () => this.inner.findById(orgId, id));
   }
 
+  findByIdInAnyOrg(id: string): Promise<SandboxRecord | null> {
+    return this.#cache.get(id, () => true, () => this.inner.findByIdInAnyOrg(id));
+  }
+
   listByOrg(...args: Parameters<SandboxRepository['listByOrg']>): ReturnType<SandboxRepository['listByOrg']> {
     return this.inner.listByOrg(...args);
   }

@@ -60,6 +60,8 @@ export interface SandboxRecord {
   labels: Record<string, string>;
   /** The resolved network policy; a record stored before policies existed reads as loopback only (`SANDBOX_NETWORK_NONE`). */
   network: NetworkPolicy;
+  /** The ports its owner opened to everyone (preview URLs without a token), ascending; absent: none. */
+  publicPorts?: number[];
   createdAt: Date;
   updatedAt: Date;
 }
@@ -142,7 +144,9 @@ export interface SandboxRepository {
   listByOrg(orgId: string, page: number, limit: number, labels?: Readonly<Record<string, string>>): Promise<Page<SandboxRecord>>;
   /** Every sandbox of every org, for the health loop and startup reconciliation. */
   listAll(): Promise<SandboxRecord[]>;
-  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network'>>): Promise<SandboxRecord | null>;
+  /** A sandbox by id alone, whatever its org: only for requests that prove their right to it otherwise (a preview URL's token or public port). */
+  findByIdInAnyOrg(id: string): Promise<SandboxRecord | null>;
+  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts'>>): Promise<SandboxRecord | null>;
   delete(orgId: string, id: string): Promise<boolean>;
 }
 

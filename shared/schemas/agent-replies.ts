@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { AgentExecResult, AgentHealth, AgentProcessInfo, OutputEvent } from './agent.js';
 import { DiskUsage, FileEvent, FileInfo, FileStats, UploadResult, UploadTarResult } from './files.js';
 import { PtyEvent, PtySessionInfo } from './pty.js';
+import { MAX_LISTENING_PORTS } from '../listening-ports.js';
 
 /**
  * What the server accepts from an agent, procedure by procedure. The agent runs inside the
@@ -64,6 +65,7 @@ export const agentReplies = {
   'pty.resume': z.object({ paused: z.boolean() }),
   'pty.buffer': z.object({ output: z.string() }),
   'pty.output': tracked(z.discriminatedUnion('type', [z.object({ type: z.literal('data'), data: Chunk }), ...PtyEvent.options.slice(1)])),
+  'ports.list': z.object({ ports: z.array(z.number().int().min(1).max(65535)).max(MAX_LISTENING_PORTS) }),
   health: AgentHealth,
   'process.run': AgentExecResult,
   'process.start': BoundedProcessInfo,
@@ -110,6 +112,7 @@ export const agentReplyMaxBytes: Partial<Record<AgentReplyPath, number>> = {
   'process.kill': 8 * 1024 * 1024,
   'process.wait': 64 * 1024,
   'process.writeStdin': 64 * 1024,
+  'ports.list': 64 * 1024,
   health: 64 * 1024,
 };
 

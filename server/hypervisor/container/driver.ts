@@ -9,10 +9,11 @@ import { Transform, type Duplex } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
 import { PayloadTooLargeError } from '../../errors.js';
-import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver } from '../types.js';
+import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver, type PortListingDriver } from '../types.js';
 import type { AddressingDriver, HostReconcilingDriver, NetworkCountingDriver } from '../types.js';
 import type { NetworkBytes, NetworkPolicy, SandboxNetworking } from '../network/types.js';
 import { cgroupUsage } from './cgroup-usage.js';
+import { containerListeningPorts } from './listening-ports.js';
 import { buildOciSpec, type ContainerNetwork, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 import { limitSandboxKernelLimits, raiseHostKernelLimits } from './kernel-limits.js';
@@ -116,7 +117,7 @@ const exec = (cmd: string, args: string[], timeoutMs = 60_000) => runHostCommand
  * only. Works on any Linux host with runc; no KVM needed.
  */
 export class ContainerDriver
-  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver
+  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, PortListingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver
 {
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
@@ -193,6 +194,10 @@ export class ContainerDriver
       if (state?.status === 'running' || state?.status === 'paused') attached.add(id);
     }
     return networking.reconcile({ attached, leased: known });
+  }
+
+  listeningPorts(id: string): Promise<number[] | null> {
+    return containerListeningPorts(join(layout(this.opts.instancesDir, id).dir, 'init.pid'), this.#cid(id));
   }
 
   async create(spec: SandboxSpec): Promise<void> {

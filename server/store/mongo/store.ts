@@ -181,10 +181,16 @@ class MongoSandboxes implements SandboxRepository {
     const doc = await op('', () => this.c.findOne({ _id }));
     return doc && doc.orgId === orgId ? MongoSandboxes.#map(doc) : null;
   }
+  async findByIdInAnyOrg(id: string) {
+    const _id = objectId(id);
+    if (!_id) return null;
+    const doc = await op('', () => this.c.findOne({ _id }));
+    return doc ? MongoSandboxes.#map(doc) : null;
+  }
   /** A stored sandbox; one stored before labels (or network policies) existed has none (loopback only). */
   static #map(doc: Document): SandboxRecord {
     const rec = fromDoc<SandboxRecord>(doc)!;
-    return { ...rec, labels: rec.labels ?? {}, network: rec.network ?? SANDBOX_NETWORK_NONE };
+    return { ...rec, labels: rec.labels ?? {}, network: rec.network ?? SANDBOX_NETWORK_NONE, publicPorts: rec.publicPorts ?? [] };
   }
   async listByOrg(orgId: string, page: number, limit: number, labels: Readonly<Record<string, string>> = {}): Promise<Page<SandboxRecord>> {
     // Label keys are lowercase letters, digits, `-` and `_` (shared/schemas/sandbox.ts): never a `.` or `$`.
@@ -201,7 +207,7 @@ class MongoSandboxes implements SandboxRepository {
   async listAll() {
     return op('', async () => (await this.c.find({}).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => MongoSandboxes.#map(d)));
   }
-  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network'>>) {
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts'>>) {
     const _id = objectId(id);
     if (!_id) return null;
     const $set: Document = { updatedAt: new Date() };

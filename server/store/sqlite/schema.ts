@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   env_vars TEXT NOT NULL,
   labels TEXT NOT NULL DEFAULT '{}',
   network TEXT,
+  public_ports TEXT NOT NULL DEFAULT '[]',
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );

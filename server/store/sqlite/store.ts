@@ -207,6 +207,7 @@ class SqliteApiKeys implements ApiKeyRepository {
 class SqliteSandboxes implements SandboxRepository {
   readonly #insert;
   readonly #byId;
+  readonly #byIdAnyOrg;
   readonly #all;
   readonly #delete;
   readonly #db: Db;
@@ -218,6 +219,7 @@ class SqliteSandboxes implements SandboxRepository {
        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     );
     this.#byId = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? AND id = ?');
+    this.#byIdAnyOrg = db.prepare('SELECT * FROM sandboxes WHERE id = ?');
     this.#all = db.prepare('SELECT * FROM sandboxes ORDER BY created_at, id');
     this.#delete = db.prepare('DELETE FROM sandboxes WHERE org_id = ? AND id = ?');
   }
@@ -237,6 +239,7 @@ class SqliteSandboxes implements SandboxRepository {
       envVars: JSON.parse(String(r.env_vars)) as Record<string, string>,
       labels: JSON.parse(String(r.labels ?? '{}')) as Record<string, string>,
       network: r.network == null ? SANDBOX_NETWORK_NONE : (JSON.parse(String(r.network)) as NetworkPolicy),
+      publicPorts: JSON.parse(String(r.public_ports ?? '[]')) as number[],
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
     };
@@ -250,6 +253,9 @@ class SqliteSandboxes implements SandboxRepository {
   }
   async findById(orgId: string, id: string) {
     return SqliteSandboxes.#map(this.#byId.get(orgId, id) as Row | undefined);
+  }
+  async findByIdInAnyOrg(id: string) {
+    return SqliteSandboxes.#map(this.#byIdAnyOrg.get(id) as Row | undefined);
   }
   async listByOrg(orgId: string, page: number, limit: number, labels: Readonly<Record<string, string>> = {}): Promise<Page<SandboxRecord>> {
     const pairs = Object.entries(labels);
@@ -276,7 +282,7 @@ class SqliteSandboxes implements SandboxRepository {
   async listAll() {
     return (this.#all.all() as Row[]).map((r) => SqliteSandboxes.#map(r)!);
   }
-  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network'>>) {
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts'>>) {
     const columns: Record<string, unknown> = {};
     if (patch.status !== undefined) columns.status = patch.status;
     if (patch.ip !== undefined) columns.ip = patch.ip;
@@ -284,6 +290,7 @@ class SqliteSandboxes implements SandboxRepository {
     if (patch.mem !== undefined) columns.mem = patch.mem;
     if (patch.envVars !== undefined) columns.env_vars = JSON.stringify(patch.envVars);
     if (patch.network !== undefined) columns.network = JSON.stringify(patch.network);
+    if (patch.publicPorts !== undefined) columns.public_ports = JSON.stringify(patch.publicPorts);
     columns.updated_at = iso(new Date());
     const set = Object.keys(columns).map((c) => `${c} = @${c}`).join(', ');
     const changed = this.#db.prepare(`UPDATE sandboxes SET ${set} WHERE org_id = @orgId AND id = @id`).run({ ...columns, orgId, id }).changes;
@@ -384,6 +391,7 @@ function migrate(db: Db): void {
   const sandboxColumns = (db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name);
   if (!sandboxColumns.includes('labels')) db.exec("ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'");
   if (!sandboxColumns.includes('network')) db.exec('ALTER TABLE sandboxes ADD COLUMN network TEXT');
+  if (!sandboxColumns.includes('public_ports')) db.exec("ALTER TABLE sandboxes ADD COLUMN public_ports TEXT NOT NULL DEFAULT '[]'");
 }
 
 /** Opens (creating if needed) the embedded store at `<dataDir>/voidrun.db`. */

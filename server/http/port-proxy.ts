@@ -1,0 +1,363 @@
+import { request as httpRequest, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { splice } from '../../shared/port-tunnel.js';
+import { InvalidInputError, UpstreamUnavailableError } from '../errors.js';
+import type { Principal } from '../services/auth-service.js';
+import type { Services } from '../services/index.js';
+import type { SandboxRecord } from '../store/types.js';
+import { apiKeyOf, requestedOrgOf } from '../trpc/context.js';
+import { sendError } from './envelope.js';
+import type { OpenStreams } from './open-streams.js';
+import { decodePathSegment } from './route-table.js';
+
+/** The header a preview token may come in. */
+export const PREVIEW_TOKEN_HEADER = 'x-voidrun-preview-token';
+/** The query parameter a preview token may come in once (the answer moves it into a cookie). */
+export const PREVIEW_TOKEN_QUERY = 'voidrun_token';
+/** The cookie a preview host keeps its token in (scoped to that host: it has no Domain). */
+export const PREVIEW_TOKEN_COOKIE = 'voidrun_preview';
+
+/** The metrics and log label of requests to preview hosts. */
+export const PREVIEW_HOST_LABEL = 'preview-host';
+/** The metrics and log label of requests proxied under the API. */
+export const PORT_PROXY_LABEL = '/api/sandboxes/{id}/ports/{port}/*';
+
+/** The most header bytes the server reads of an upstream answer (as of any HTTP request). */
+const MAX_UPSTREAM_HEADER_BYTES = 16 * 1024;
+
+/** Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus ours. */
+const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'te', 'trailer', 'upgrade', 'http2-settings']);
+const OURS = new Set(['x-api-key', 'x-org-id', PREVIEW_TOKEN_HEADER, 'x-voidrun-request']);
+
+/**
+ * Answers sent for a sandbox's server on the API's own origin run as an opaque origin: its pages
+ * cannot read the API's cookies or storage, nor call the API with the browser's credentials.
+ */
+const API_ORIGIN_CSP = 'sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads';
+
+/** Where one proxied request goes. */
+interface Target {
+  via: 'api' | 'host';
+  id: string;
+  port: number;
+  /** The upstream request target: path and query, our parameters removed. */
+  path: string;
+}
+
+export interface PortProxyOptions {
+  services: Services;
+  streams: OpenStreams;
+  /** The access log's org of a request, once known. */
+  onOrg: (req: IncomingMessage, orgId: string) => void;
+}
+
+/**
+ * HTTP and WebSocket requests to ports of sandboxes: under the API
+ * (`/api/sandboxes/{id}/ports/{port}/<path>`, with the org's API key) and on preview hosts
+ * (`{port}-{id}.{PREVIEW_DOMAIN}`: a public port, a preview token or an API key). Each request
+ * gets its own tunnel through the sandbox's agent (`PortService.openPort`); bodies and upgraded
+ * streams are piped both ways with flow control, never held whole. An upstream answer that is not
+ * HTTP, or whose head passes 16 KiB, is a 502 naming the sandbox's server; the proxy forwards
+ * neither our credentials nor hop-by-hop headers in either direction.
+ */
+export function createPortProxy(opts: PortProxyOptions) {
+  const { services, streams } = opts;
+
+  /** The preview host a request is for, or null. */
+  function hostTarget(req: IncomingMessage): Target | null {
+    const target = services.ports.previewTarget(req.headers.host);
+    return target ? { via: 'host', ...target, path: withoutOurQuery(req.url ?? '/') } : null;
+  }
+
+  /**
+   * The API proxy path a request is for, or null (the token and access routes of the same prefix
+   * are the API's); `redirect` when a GET names the port without the trailing slash.
+   */
+  function apiTarget(req: IncomingMessage): Target | { redirect: string } | null {
+    const url = req.url ?? '/';
+    const q = url.indexOf('?');
+    const path = q < 0 ? url : url.slice(0, q);
+    const m = /^\/api\/sandboxes\/([^/]+)\/ports\/([^/]+)(\/.*)?$/.exec(path);
+    if (!m) return null;
+    const rest = m[3];
+    if (rest === undefined) return req.method === 'GET' || req.method === 'HEAD' ? { redirect: `${path}/${q < 0 ? '' : url.slice(q)}` } : null;
+    if (rest === '/token' && req.method === 'POST') return null;
+    // An invalid port is refused once the key is checked (see `authorize`).
+    const port = /^\d{1,5}$/.test(m[2]!) ? Number(m[2]) : NaN;
+    return { via: 'api', id: decodePathSegment(m[1]!), port, path: withoutOurQuery(rest + (q < 0 ? '' : url.slice(q))) };
+  }
+
+  /** The running sandbox a request may reach, after its credentials are checked (and, under the API, tied to its key). */
+  async function authorize(req: IncomingMessage, target: Target, hold: (principal: Principal, checkStarted: number) => void): Promise<SandboxRecord> {
+    if (target.via === 'host') {
+      const record = await services.ports.authorizePreview(target.id, target.port, { token: previewToken(req), apiKey: headerOnlyKey(req), requestedOrgId: requestedOrgOf(req) });
+      opts.onOrg(req, record.orgId);
+      return record;
+    }
+    const checkStarted = streams.keyCheckStarted();
+    const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+    opts.onOrg(req, principal.orgId);
+    if (!(target.port >= 1 && target.port <= 65535)) throw new InvalidInputError(`Invalid port in ${(req.url ?? '').split('?')[0]!.slice(0, 200)}: ports are 1 to 65535`);
+    const record = await services.sandboxes.running(principal, target.id);
+    hold(principal, checkStarted);
+    return record;
+  }
+
+  /**
+   * Serves a plain request to a port (a preview host's with `phase` 'host', the API proxy's with
+   * 'api'): null when it is not one, else a promise of its metrics label.
+   */
+  function handleRequest(req: IncomingMessage, res: ServerResponse, phase: 'host' | 'api'): Promise<string> | null {
+    let target: Target | null;
+    try {
+      const found = phase === 'host' ? hostTarget(req) : apiTarget(req);
+      if (found && 'redirect' in found) {
+        res.writeHead(308, { location: found.redirect, 'content-length': '0' }).end();
+        return Promise.resolve(PORT_PROXY_LABEL);
+      }
+      target = found;
+    } catch (err) {
+      sendError(res, err);
+      return Promise.resolve(PORT_PROXY_LABEL);
+    }
+    return target ? serve(req, res, target) : null;
+  }
+
+  async function serve(req: IncomingMessage, res: ServerResponse, target: Target): Promise<string> {
+    const label = target.via === 'host' ? PREVIEW_HOST_LABEL : PORT_PROXY_LABEL;
+    try {
+      // A browser's first visit: the token moves from the query into a cookie for this host.
+      const queryToken = target.via === 'host' ? queryParam(req.url ?? '/', PREVIEW_TOKEN_QUERY) : null;
+      const record = await authorize(req, target, (principal, checkStarted) => res.once('close', streams.trackKey(principal.keyId, () => res.destroy(), checkStarted)));
+      if (queryToken !== null && (req.method === 'GET' || req.method === 'HEAD')) {
+        const expires = services.ports.tokenExpiry(queryToken, target.id, target.port);
+        if (expires) {
+          const maxAge = Math.max(0, Math.floor((expires.getTime() - Date.now()) / 1000));
+          const secure = services.ports.previewScheme === 'https' ? '; Secure' : '';
+          res.writeHead(302, {
+            location: target.path,
+            'set-cookie': `${PREVIEW_TOKEN_COOKIE}=${queryToken}; Path=/; Max-Age=${maxAge}; HttpOnly; SameSite=Lax${secure}`,
+            'cache-control': 'no-store',
+            'content-length': '0',
+          });
+          res.end();
+          req.resume();
+          return label;
+        }
+      }
+      const tunnel = await services.ports.openPort(record, target.port);
+      forward(req, res, target, tunnel);
+    } catch (err) {
+      if (!res.headersSent) sendError(res, err);
+      else res.destroy();
+      req.resume();
+    }
+    return label;
+  }
+
+  /** The upstream request for `req` over `tunnel`, with the forwarded headers. */
+  function upstreamRequest(req: IncomingMessage, target: Target, tunnel: Duplex, upgrade: boolean) {
+    const headers = forwardedHeaders(req, target);
+    if (upgrade) {
+      headers.connection = 'Upgrade';
+      headers.upgrade = req.headers.upgrade ?? 'websocket';
+    }
+    return httpRequest({ createConnection: () => tunnel as never, method: req.method, path: target.path, headers, maxHeaderSize: MAX_UPSTREAM_HEADER_BYTES });
+  }
+
+  /** Pipes the request to the upstream and its answer back; a failure before the answer's head is a 502. */
+  function forward(req: IncomingMessage, res: ServerResponse, target: Target, tunnel: Duplex): void {
+    const upstream = upstreamRequest(req, target, tunnel, false);
+    const abandon = () => {
+      upstream.destroy();
+      tunnel.destroy();
+    };
+    res.once('close', () => {
+      if (!res.writableFinished) abandon();
+    });
+    upstream.once('response', (answer) => {
+      try {
+        for (const [name, value] of responseHeaders(answer)) res.appendHeader(name, value);
+        if (target.via === 'api') res.appendHeader('content-security-policy', API_ORIGIN_CSP);
+        res.writeHead(answer.statusCode!, answer.statusMessage);
+      } catch (err) {
+        // A header Node will not send (it parsed it, but it is not valid to write).
+        answer.destroy();
+        abandon();
+        res.removeHeader('content-security-policy');
+        return sendError(res, malformed(target, (err as NodeJS.ErrnoException).code));
+      }
+      answer.pipe(res);
+      answer.once('error', () => res.destroy());
+      answer.once('aborted', () => res.destroy());
+    });
+    upstream.once('error', (err: NodeJS.ErrnoException) => {
+      tunnel.destroy();
+      if (!res.headersSent) sendError(res, upstreamFailure(target, err));
+      else res.destroy();
+    });
+    req.pipe(upstream);
+  }
+
+  /**
+   * Serves an upgrade (a WebSocket) to a port: resolves with the metrics label, or null when it is
+   * not one; `done(status)` when the handshake is over (101, or the status it was refused with).
+   */
+  function handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, handshake: { done: (status: number) => void; refuse: (err: unknown) => void }): string | null {
+    const { done } = handshake;
+    const refuse = (err: unknown) => {
+      if (!socket.destroyed && socket.writable) handshake.refuse(err);
+    };
+    let target: Target | null;
+    try {
+      const found = hostTarget(req) ?? apiTarget(req);
+      target = found && 'redirect' in found ? null : found;
+    } catch (err) {
+      refuse(err);
+      return PORT_PROXY_LABEL;
+    }
+    if (!target) return null;
+    const t = target;
+    void (async () => {
+      const record = await authorize(req, t, (principal, checkStarted) => {
+        const release = streams.acquire(principal, 'stream', () => socket.destroy(), checkStarted);
+        if (socket.destroyed) release();
+        else socket.once('close', release);
+      });
+      if (socket.destroyed) return;
+      const tunnel = await services.ports.openPort(record, t.port);
+      if (socket.destroyed) return void tunnel.destroy();
+      const upstream = upstreamRequest(req, t, tunnel, true);
+      socket.once('close', () => upstream.destroy());
+      upstream.once('upgrade', (answer, upstreamSocket, upstreamHead) => {
+        done(101);
+        let text = `HTTP/1.1 101 ${answer.statusMessage || 'Switching Protocols'}\r\n`;
+        for (let i = 0; i < answer.rawHeaders.length; i += 2) text += `${answer.rawHeaders[i]}: ${answer.rawHeaders[i + 1]}\r\n`;
+        socket.write(`${text}\r\n`);
+        if (upstreamHead.length) socket.write(upstreamHead);
+        if (head.length) upstreamSocket.write(head);
+        splice(socket, upstreamSocket);
+      });
+      upstream.once('response', (answer) => {
+        // The server refused the upgrade: its answer is relayed, then the connection closes.
+        done(answer.statusCode ?? 502);
+        let text = `HTTP/1.1 ${answer.statusCode} ${answer.statusMessage || STATUS_CODES[answer.statusCode!] || ''}\r\n`;
+        for (const [name, value] of responseHeaders(answer)) text += `${name}: ${value}\r\n`;
+        socket.write(`${text}connection: close\r\n\r\n`);
+        answer.pipe(socket);
+        answer.once('error', () => socket.destroy());
+      });
+      upstream.once('error', (err: NodeJS.ErrnoException) => {
+        tunnel.destroy();
+        refuse(upstreamFailure(t, err));
+      });
+      upstream.end();
+    })().catch(refuse);
+    return target.via === 'host' ? PREVIEW_HOST_LABEL : PORT_PROXY_LABEL;
+  }
+
+  return { handleRequest, handleUpgrade };
+}
+
+/** The 502 for an upstream that did not answer HTTP. */
+function malformed(target: Target, code: string | undefined): UpstreamUnavailableError {
+  const what = code === 'HPE_HEADER_OVERFLOW' ? `an answer whose headers are larger than ${MAX_UPSTREAM_HEADER_BYTES / 1024} KiB` : `a malformed HTTP answer${code ? ` (${code})` : ''}`;
+  return new UpstreamUnavailableError(`The server on port ${target.port} in sandbox ${target.id} sent ${what}`);
+}
+
+function upstreamFailure(target: Target, err: NodeJS.ErrnoException): UpstreamUnavailableError {
+  if (err.code?.startsWith('HPE_') || err.code === 'ERR_INVALID_CHAR' || err.code === 'ERR_HTTP_INVALID_HEADER_VALUE') return malformed(target, err.code);
+  return new UpstreamUnavailableError(`The server on port ${target.port} in sandbox ${target.id} closed the connection without a whole answer`);
+}
+
+/** The upstream answer's headers to pass on: repeated ones kept, hop-by-hop ones (and what `Connection` names) dropped. */
+function responseHeaders(answer: IncomingMessage): [string, string][] {
+  const named = connectionTokens(answer.headers.connection);
+  const out: [string, string][] = [];
+  for (let i = 0; i < answer.rawHeaders.length; i += 2) {
+    const name = answer.rawHeaders[i]!;
+    const lower = name.toLowerCase();
+    if (HOP_BY_HOP.has(lower) || named.has(lower)) continue;
+    out.push([name, answer.rawHeaders[i + 1]!]);
+  }
+  return out;
+}
+
+/** The request headers the upstream sees: without ours, without hop-by-hop ones, with X-Forwarded-*. */
+function forwardedHeaders(req: IncomingMessage, target: Target): Record<string, string> {
+  const named = connectionTokens(req.headers.connection);
+  const headers: Record<string, string> = {};
+  for (let i = 0; i < req.rawHeaders.length; i += 2) {
+    const lower = req.rawHeaders[i]!.toLowerCase();
+    const value = req.rawHeaders[i + 1]!;
+    if (HOP_BY_HOP.has(lower) || OURS.has(lower) || named.has(lower) || lower === 'host' || lower.startsWith('x-forwarded-')) continue;
+    if (lower === 'cookie') {
+      const kept = value
+        .split(';')
+        .map((c) => c.trim())
+        .filter((c) => c && !c.startsWith(`${PREVIEW_TOKEN_COOKIE}=`));
+      if (kept.length) headers.cookie = headers.cookie ? `${headers.cookie}; ${kept.join('; ')}` : kept.join('; ');
+      continue;
+    }
+    headers[lower] = headers[lower] === undefined ? value : `${headers[lower]}, ${value}`;
+  }
+  const host = req.headers.host ?? '';
+  headers.host = target.via === 'host' ? host : `localhost:${target.port}`;
+  headers['x-forwarded-host'] = host;
+  headers['x-forwarded-proto'] = (req.socket as { encrypted?: boolean }).encrypted ? 'https' : 'http';
+  if (req.socket.remoteAddress) headers['x-forwarded-for'] = req.socket.remoteAddress;
+  return headers;
+}
+
+function connectionTokens(value: string | undefined): Set<string> {
+  return new Set((value ?? '').split(',').map((t) => t.trim().toLowerCase()).filter(Boolean));
+}
+
+/** `url` without our parameters (`voidrun_token`, `apiKey`); the rest of its query kept byte for byte. */
+function withoutOurQuery(url: string): string {
+  const q = url.indexOf('?');
+  if (q < 0) return url;
+  const kept = url
+    .slice(q + 1)
+    .split('&')
+    .filter((pair) => {
+      const name = safeDecode(pair.split('=')[0]!);
+      return name !== PREVIEW_TOKEN_QUERY && name !== 'apiKey';
+    });
+  return kept.length ? `${url.slice(0, q)}?${kept.join('&')}` : url.slice(0, q);
+}
+
+function safeDecode(s: string): string {
+  try {
+    return decodeURIComponent(s.replace(/\+/g, ' '));
+  } catch {
+    return s;
+  }
+}
+
+function queryParam(url: string, name: string): string | null {
+  const q = url.indexOf('?');
+  return q < 0 ? null : new URLSearchParams(url.slice(q + 1)).get(name);
+}
+
+/** A preview request's token: the header, else the one-time query parameter, else the host's cookie. */
+function previewToken(req: IncomingMessage): string | null {
+  const header = req.headers[PREVIEW_TOKEN_HEADER];
+  if (typeof header === 'string' && header) return header.trim();
+  const query = queryParam(req.url ?? '/', PREVIEW_TOKEN_QUERY);
+  if (query) return query;
+  for (const c of (req.headers.cookie ?? '').split(';')) {
+    const [name, ...value] = c.trim().split('=');
+    if (name === PREVIEW_TOKEN_COOKIE && value.length) return value.join('=');
+  }
+  return null;
+}
+
+/**
+ * A preview request's API key, from the X-API-Key header only: a key in the query of a preview
+ * URL would sit in the address bar of a page the sandbox serves.
+ */
+function headerOnlyKey(req: IncomingMessage): string | null {
+  const v = req.headers['x-api-key'];
+  return typeof v === 'string' && v.trim() ? v.trim() : null;
+}

@@ -1,0 +1,212 @@
+import { readFileSync } from 'node:fs';
+import { request, type IncomingHttpHeaders } from 'node:http';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
+import type { CommandHandle, SandboxHandle, VoidRunClient } from '../client/index.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+/*
+ * Ports of a real sandbox through the agent's socket (the sandbox has loopback only): the API
+ * proxy path with a key, preview hosts (`{port}-{id}.preview.test`, plain HTTP on loopback with a
+ * Host header) with tokens, cookies and public ports, WebSockets through both, and what the proxy
+ * answers for a stopped sandbox, a closed port and servers that do not speak HTTP. The servers in
+ * the sandbox are a perl script (the debian image has perl-base, no python).
+ */
+
+const DOMAIN = 'preview.test';
+const script = readFileSync(join(import.meta.dirname, 'fixtures', 'port-server.pl'), 'utf8');
+
+interface Answer {
+  status: number;
+  headers: IncomingHttpHeaders;
+  body: string;
+}
+
+/** One plain HTTP request to the test server with any Host header. */
+function raw(server: TestServer, path: string, opts: { method?: string; host?: string; headers?: Record<string, string>; body?: string } = {}): Promise<Answer> {
+  const url = new URL(server.url);
+  return new Promise((resolve, reject) => {
+    const req = request({ host: url.hostname, port: url.port, path, method: opts.method ?? 'GET', headers: { ...(opts.host ? { host: opts.host } : {}), ...opts.headers } }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (c: string) => (body += c));
+      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body }));
+    });
+    req.on('error', reject);
+    req.end(opts.body);
+  });
+}
+
+/** The `name=value` lines the perl server echoes back, as a map. */
+function echoed(body: string): Record<string, string> {
+  return Object.fromEntries(body.split('\n').filter(Boolean).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
+}
+
+/** Sends one message over a WebSocket and resolves with the echo. */
+function wsEcho(url: string, headers: Record<string, string>, message: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, { headers });
+    ws.once('open', () => ws.send(message));
+    ws.once('message', (data) => {
+      resolve(String(data));
+      ws.close();
+    });
+    ws.once('unexpected-response', (_req, res) => reject(new Error(`upgrade answered ${res.statusCode}`)));
+    ws.once('error', reject);
+  });
+}
+
+describe.skipIf(!support.ok)('ports and preview URLs', () => {
+  let server: TestServer;
+  let vr: VoidRunClient;
+  let apiKey: string;
+  let box: SandboxHandle;
+  const host = (port: number) => `${port}-${box.id}.${DOMAIN}`;
+
+  /** Starts the perl server in `mode` on `port` and resolves once it listens. */
+  async function startPerl(mode: string, port: number): Promise<CommandHandle> {
+    const handle = await box.commands.run(`perl /root/port-server.pl ${mode} ${port}`);
+    for await (const chunk of handle.output()) {
+      if (chunk.type === 'stdout' && chunk.data.includes(`listening ${port}`)) break;
+      if (chunk.type === 'exit') throw new Error(`the ${mode} server exited`);
+    }
+    return handle;
+  }
+
+  beforeAll(async () => {
+    server = await startTestServer({ PREVIEW_DOMAIN: DOMAIN, PREVIEW_URL_SCHEME: 'http' });
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Ports User', email: uniqueEmail('ports') })).apiKey;
+    vr = server.client(apiKey);
+    box = await vr.sandboxes.create({ name: 'ports' });
+    await box.files.write('/root/port-server.pl', script);
+    await startPerl('http', 8000);
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('lists the listening port with its preview URL and proxy path', async () => {
+    const list = await box.ports.list();
+    expect(list.ports).toContainEqual({ port: 8000, public: false, previewUrl: `http://${host(8000)}/`, proxyPath: `/api/sandboxes/${box.id}/ports/8000/` });
+    // The agent's own socket is not a TCP port.
+    expect(list.ports.every((p) => p.port >= 1 && p.port <= 65535)).toBe(true);
+  });
+
+  it('proxies /ports/{port}/ with the key, without our credentials upstream', async () => {
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/hello/there?x=1&apiKey=${apiKey}&y=2`, {
+      method: 'POST',
+      headers: { 'x-api-key': apiKey, cookie: 'app=1', 'content-type': 'text/plain' },
+      body: 'posted body',
+    });
+    expect(res.status).toBe(200);
+    const seen = echoed(res.body);
+    expect(seen).toMatchObject({ method: 'POST', target: '/hello/there?x=1&y=2', host: 'localhost:8000', cookie: 'app=1', body: 'posted body' });
+    expect(seen['x-api-key']).toBeUndefined();
+    expect(res.headers['x-upstream']).toBe('perl');
+    expect(res.headers['set-cookie']).toEqual(['a=1', 'b=2']);
+    // Pages served on the API's origin run as an opaque origin.
+    expect(res.headers['content-security-policy']).toContain('sandbox');
+  });
+
+  it('refuses /ports/{port}/ without a key (401) and redirects the bare port path to its slash', async () => {
+    expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000/`)).status).toBe(401);
+    const bare = await raw(server, `/api/sandboxes/${box.id}/ports/8000?q=1`, { headers: { 'x-api-key': apiKey } });
+    expect(bare.status).toBe(308);
+    expect(bare.headers.location).toBe(`/api/sandboxes/${box.id}/ports/8000/?q=1`);
+    const bad = await raw(server, `/api/sandboxes/${box.id}/ports/70000/`, { headers: { 'x-api-key': apiKey } });
+    expect(bad.status).toBe(400);
+    expect(JSON.parse(bad.body).error).toContain('ports are 1 to 65535');
+  });
+
+  it('serves the preview host with a token, not without one (401) nor with a wrong one (403)', async () => {
+    expect((await raw(server, '/', { host: host(8000) })).status).toBe(401);
+    const token = await box.ports.token(8000, { ttlSeconds: 600 });
+    expect(token.url).toBe(`http://${host(8000)}/?voidrun_token=${encodeURIComponent(token.token)}`);
+    expect(new Date(token.expiresAt).getTime()).toBeGreaterThan(Date.now());
+    const ok = await raw(server, '/page?z=1', { host: host(8000), headers: { 'x-voidrun-preview-token': token.token } });
+    expect(ok.status).toBe(200);
+    const seen = echoed(ok.body);
+    expect(seen).toMatchObject({ target: '/page?z=1', host: host(8000) });
+    expect(seen['x-voidrun-preview-token']).toBeUndefined();
+    expect(ok.headers['content-security-policy']).toBeUndefined();
+    // A token is bound to its port and sandbox.
+    expect((await raw(server, '/', { host: host(8001), headers: { 'x-voidrun-preview-token': token.token } })).status).toBe(403);
+    expect((await raw(server, '/', { host: host(8000), headers: { 'x-voidrun-preview-token': `${token.token.slice(0, -2)}xx` } })).status).toBe(403);
+    // The org's key works on the preview host too.
+    expect((await raw(server, '/', { host: host(8000), headers: { 'x-api-key': apiKey } })).status).toBe(200);
+  });
+
+  it('moves ?voidrun_token= into a cookie for that host and redirects without it', async () => {
+    const { token } = await box.ports.token(8000);
+    const first = await raw(server, `/app?keep=1&voidrun_token=${encodeURIComponent(token)}`, { host: host(8000) });
+    expect(first.status).toBe(302);
+    expect(first.headers.location).toBe('/app?keep=1');
+    const cookie = first.headers['set-cookie']![0]!;
+    expect(cookie).toMatch(/^voidrun_preview=[^;]+; Path=\/; Max-Age=\d+; HttpOnly; SameSite=Lax$/);
+    const next = await raw(server, '/app?keep=1', { host: host(8000), headers: { cookie: `${cookie.split(';')[0]}; mine=2` } });
+    expect(next.status).toBe(200);
+    // The cookie is ours: the sandbox's server sees only its own.
+    expect(echoed(next.body).cookie).toBe('mine=2');
+  });
+
+  it('opens a port to everyone and closes it again, kept on the sandbox', async () => {
+    expect(await box.ports.setPublic(8000, true)).toEqual({ port: 8000, public: true, previewUrl: `http://${host(8000)}/` });
+    expect((await raw(server, '/open', { host: host(8000) })).status).toBe(200);
+    expect((await box.ports.list()).ports.find((p) => p.port === 8000)?.public).toBe(true);
+    // The original VoidRun's clients read the open ports' URLs here.
+    const urls = await server.http(`/api/sandboxes/${box.id}/public-urls`, { apiKey });
+    expect(await urls.json()).toEqual({ status: 'success', message: 'Public URLs fetched', data: [{ port: 8000, url: `http://${host(8000)}/` }] });
+    // Public on the preview host only: the API path still needs the key.
+    expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000/`)).status).toBe(401);
+    await box.ports.setPublic(8000, false);
+    expect((await raw(server, '/open', { host: host(8000) })).status).toBe(401);
+    expect(await box.ports.publicUrls()).toEqual([]);
+  });
+
+  it('passes a WebSocket echo through the API path and the preview host', async () => {
+    const base = server.url.replace('http:', 'ws:');
+    expect(await wsEcho(`${base}/api/sandboxes/${box.id}/ports/8000/ws`, { 'x-api-key': apiKey }, 'via the api')).toBe('via the api');
+    const { token } = await box.ports.token(8000);
+    const big = 'x'.repeat(200_000);
+    expect(await wsEcho(`${base}/ws`, { host: host(8000), 'x-voidrun-preview-token': token }, big)).toBe(big);
+    await expect(wsEcho(`${base}/ws`, { host: host(8000) }, 'no token')).rejects.toThrow('upgrade answered 401');
+  });
+
+  it('answers 502 saying nothing listens on a closed port', async () => {
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8999/`, { headers: { 'x-api-key': apiKey } });
+    expect(res.status).toBe(502);
+    expect(JSON.parse(res.body)).toMatchObject({ code: 'UPSTREAM_UNAVAILABLE', error: expect.stringContaining(`Nothing listens on port 8999 in sandbox ${box.id}`) });
+  });
+
+  it('answers 502 (not a crash) for an upstream with a malformed status line, and keeps serving', async () => {
+    await startPerl('malformed', 8100);
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8100/`, { headers: { 'x-api-key': apiKey } });
+    expect(res.status).toBe(502);
+    expect(JSON.parse(res.body)).toMatchObject({ code: 'UPSTREAM_UNAVAILABLE', error: expect.stringContaining(`The server on port 8100 in sandbox ${box.id} sent a malformed HTTP answer`) });
+    expect((await server.http('/api/version')).status).toBe(200);
+    expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey } })).status).toBe(200);
+  });
+
+  it('answers 502 (not a crash) for an upstream whose headers are huge, and keeps serving', async () => {
+    await startPerl('hugeheaders', 8101);
+    const res = await raw(server, '/', { host: host(8101), headers: { 'x-api-key': apiKey } });
+    expect(res.status).toBe(502);
+    expect(JSON.parse(res.body).error).toContain('headers are larger than 16 KiB');
+    await expect(wsEcho(`${server.url.replace('http:', 'ws:')}/api/sandboxes/${box.id}/ports/8101/`, { 'x-api-key': apiKey }, 'x')).rejects.toThrow('upgrade answered 502');
+    expect((await server.http('/api/version')).status).toBe(200);
+  });
+
+  it('answers 409 naming the state for a stopped sandbox', async () => {
+    const { token } = await box.ports.token(8000);
+    await box.stop();
+    const viaApi = await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey } });
+    expect(viaApi.status).toBe(409);
+    expect(JSON.parse(viaApi.body).error).toContain('is stopped');
+    const viaHost = await raw(server, '/', { host: host(8000), headers: { 'x-voidrun-preview-token': token } });
+    expect(viaHost.status).toBe(409);
+    const list = await server.http(`/api/sandboxes/${box.id}/ports`, { apiKey });
+    expect(list.status).toBe(409);
+  }, 60_000);
+});
