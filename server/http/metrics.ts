@@ -145,6 +145,40 @@ export class HttpMetrics {
     gauge('voidrun_sbx_disk_limit_bytes', 'Disk allocated to the sandbox (diskMb)', (g, list) => {
       for (const s of list) g.set(labelsOf(s), s.record.diskMb * MiB);
     });
+    for (const [direction, help] of [
+      ['egress', 'Bytes the sandbox sent through its link on the host bridge since it last started, counted by the host kernel (host end of its veth or TAP)'],
+      ['ingress', 'Bytes the sandbox received through its link on the host bridge since it last started, counted by the host kernel'],
+    ] as const) {
+      new Counter({
+        name: `voidrun_sbx_network_${direction}_bytes`,
+        help,
+        labelNames: sbxLabels,
+        registers: sbxRegisters,
+        async collect() {
+          const list = await samples();
+          this.reset();
+          for (const s of list) if (s.usage?.network) this.inc(labelsOf(s), s.usage.network[direction]);
+        },
+      });
+    }
+    // The original's names for the same counters (from its VMM's device counters: rx is what the
+    // guest received), labelled by the guest's device.
+    for (const [name, direction, help] of [
+      ['voidrun_sbx_net_rx_bytes', 'ingress', 'Network RX bytes of the sandbox (what it received), as voidrun_sbx_network_ingress_bytes'],
+      ['voidrun_sbx_net_tx_bytes', 'egress', 'Network TX bytes of the sandbox (what it sent), as voidrun_sbx_network_egress_bytes'],
+    ] as const) {
+      new Gauge({
+        name,
+        help,
+        labelNames: [...sbxLabels, 'device'] as const,
+        registers: sbxRegisters,
+        async collect() {
+          const list = await samples();
+          this.reset();
+          for (const s of list) if (s.usage?.network) this.set({ ...labelsOf(s), device: 'eth0' }, s.usage.network[direction]);
+        },
+      });
+    }
     gauge('voidrun_sbx_metrics_up', 'Whether the host-side usage of a running or paused sandbox could be read (1 = up)', (g, list) => {
       for (const s of list) if (s.usage !== undefined) g.set(labelsOf(s), s.usage ? 1 : 0);
     });

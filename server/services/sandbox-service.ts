@@ -10,6 +10,7 @@ import type {
   NetworkPolicyInput,
   OrgQuota,
   RestoreSandboxInput,
+  NetworkBytes,
   Sandbox,
   SandboxActionResult,
   SandboxPage,
@@ -30,7 +31,7 @@ import {
   TooManyRequestsError,
   SandboxNotRunningError,
 } from '../errors.js';
-import { canPause, canSnapshot, hasAddresses, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
+import { canPause, canSnapshot, countsNetworkBytes, hasAddresses, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
 import type { SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
 import type { Principal } from './auth-service.js';
@@ -152,7 +153,7 @@ export class SandboxService {
       boot.catch(() => {});
       return toSandbox(record);
     }
-    return toSandbox(await boot);
+    return this.#answer(await boot);
   }
 
   /** The caller's org quotas and what its sandboxes and snapshots use of them. */
@@ -169,11 +170,19 @@ export class SandboxService {
     const page = Math.min(Math.max(1, requestedPage), MAX_LIST_PAGE);
     const limit = requestedLimit === undefined || requestedLimit < 1 ? this.deps.defaults.listLimit : Math.min(requestedLimit, MAX_LIST_LIMIT);
     const { items, total } = await this.deps.sandboxes.listByOrg(principal.orgId, page, limit, labels);
-    return { data: items.map(toSandbox), meta: { page, limit, total, totalPages: Math.ceil(total / limit) } };
+    return { data: await Promise.all(items.map((r) => this.#answer(r))), meta: { page, limit, total, totalPages: Math.ceil(total / limit) } };
   }
 
   async get(principal: Principal, id: string): Promise<Sandbox> {
-    return toSandbox(await this.record(principal, id));
+    return this.#answer(await this.record(principal, id));
+  }
+
+  /** The sandbox's answer with the bytes through its link, read on the host now (never from its agent). */
+  async #answer(record: SandboxRecord): Promise<Sandbox> {
+    const driver = this.deps.driver;
+    const live = record.status === 'running' || record.status === 'paused';
+    const bytes = live && driver && countsNetworkBytes(driver) ? await driver.networkBytes(record.id).catch(() => null) : null;
+    return toSandbox(record, bytes ?? NO_BYTES);
   }
 
   /** The caller's sandbox record; 404 for a missing one and for another org's (never revealing it exists). */
@@ -531,7 +540,11 @@ function action(r: SandboxRecord): SandboxActionResult {
   return { id: r.id, status: r.status };
 }
 
-export function toSandbox(r: SandboxRecord): Sandbox {
+/** No link, nothing counted. */
+const NO_BYTES: NetworkBytes = { egress: 0, ingress: 0 };
+
+/** The sandbox's answer; `networkBytes` as the service read them on the host for it. */
+export function toSandbox(r: SandboxRecord, networkBytes: NetworkBytes = NO_BYTES): Sandbox {
   return {
     id: r.id,
     name: r.name,
@@ -546,5 +559,6 @@ export function toSandbox(r: SandboxRecord): Sandbox {
     envVars: r.envVars,
     labels: r.labels,
     network: r.network,
+    networkBytes,
   };
 }

@@ -84,12 +84,25 @@ export function parseLabelFilter(filter: string | undefined): Record<string, str
 /** An org or user id a client may send on create and restore: empty (as common clients always send) means the API key's. */
 const OwnerId = z.string().max(64).optional();
 
+/** Bytes through a sandbox's link, counted on the host. */
+export const NetworkBytes = z
+  .object({
+    egress: z.number().int().min(0).meta({ description: 'Bytes the sandbox sent', example: 1520 }),
+    ingress: z.number().int().min(0).meta({ description: 'Bytes the sandbox received', example: 48211 }),
+  })
+  .meta({
+    id: 'NetworkBytes',
+    description:
+      "Counted by the host's kernel on the host end of the sandbox's link on the bridge (never by the sandbox), since the sandbox last started; zero while it has no link (network mode none, stopped).",
+  });
+export type NetworkBytes = z.infer<typeof NetworkBytes>;
+
 export const Sandbox = z
   .object({
     id: Id,
     name: z.string().meta({ example: 'vm-01' }),
     imageId: Id,
-    ip: z.string().meta({ description: 'Empty for container sandboxes, which have loopback networking only.', example: '' }),
+    ip: z.string().meta({ description: 'The sandbox\'s address on the host bridge; empty for sandboxes with loopback networking only (network mode none).', example: '192.168.100.2' }),
     cpu: z.number().int().meta({ example: 2 }),
     mem: z.number().int().meta({ description: 'Memory limit in MiB', example: 2048 }),
     status: SandboxStatus,
@@ -99,6 +112,7 @@ export const Sandbox = z
     envVars: z.record(z.string(), z.string()),
     labels: z.record(z.string(), z.string()).meta({ description: 'Set at creation, never changed; `{}` when it has none.', example: { env: 'prod' } }),
     network: NetworkPolicy,
+    networkBytes: NetworkBytes,
   });
 export type Sandbox = z.infer<typeof Sandbox>;
 

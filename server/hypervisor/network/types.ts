@@ -1,6 +1,8 @@
 import type { NetworkPolicy } from '../../../shared/schemas/network.js';
+import type { NetworkBytes } from '../../../shared/schemas/sandbox.js';
 
-export type { NetworkPolicy };
+/** Bytes through a sandbox's host interface (egress: sent by the sandbox), counted by the host's kernel. */
+export type { NetworkBytes, NetworkPolicy };
 
 /** One sandbox on the bridge as the firewall sees it. */
 export interface FirewalledSandbox {
@@ -26,14 +28,6 @@ export const noFirewall: SandboxFirewall = {
   apply: async () => {},
   remove: async () => {},
 };
-
-/** Bytes through a sandbox's host interface, counted by the host's kernel (never by its agent). */
-export interface NetworkBytes {
-  /** Sent by the sandbox (received by the host end of its link). */
-  egress: number;
-  /** Received by the sandbox. */
-  ingress: number;
-}
 
 /** Where an attached sandbox sits on the bridge. */
 export interface SandboxAttachment {
