@@ -4,6 +4,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import type { CommandHandle, SandboxHandle, VoidRunClient } from '../client/index.js';
+import { PreviewTokens } from '../server/services/preview-tokens.js';
+import { listeningPorts, MAX_LISTENING_PORTS } from '../shared/listening-ports.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
@@ -57,6 +59,37 @@ function wsEcho(url: string, headers: Record<string, string>, message: string): 
     ws.once('error', reject);
   });
 }
+
+describe('listening ports and preview tokens (pure)', () => {
+  it('reads LISTEN entries of /proc/net/tcp and tcp6, once each, ascending, bounded; skips other states and garbage', () => {
+    const tcp = [
+      '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+      '   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0',
+      '   1: 0100007F:1F40 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0',
+      '   2: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0',
+      'garbage 0A',
+      '   3: 0100007F:ZZZZ 00000000:0000 0A',
+    ].join('\n');
+    const tcp6 = '   0: 00000000000000000000000001000000:1F40 00000000000000000000000000000000:0000 0A 0\n   1: 00000000000000000000000000000000:2328 00000000000000000000000000000000:0000 0A 0';
+    expect(listeningPorts(tcp, tcp6)).toEqual([80, 8000, 9000]);
+    const many = Array.from({ length: 2000 }, (_, i) => `  ${i}: 0100007F:${(i + 1).toString(16).padStart(4, '0').toUpperCase()} 00000000:0000 0A`).join('\n');
+    expect(listeningPorts(many)).toHaveLength(MAX_LISTENING_PORTS);
+  });
+
+  it('opens one port of one sandbox until the token expires', () => {
+    const tokens = new PreviewTokens(Buffer.alloc(32, 7));
+    const now = Date.UTC(2026, 0, 1);
+    const { token, expiresAt } = tokens.mint('abc', 8080, 60, now);
+    expect(expiresAt.getTime()).toBe(now + 60_000);
+    expect(tokens.verify(token, 'abc', 8080, now)).toEqual(expiresAt);
+    expect(tokens.verify(token, 'abc', 8081, now)).toBeNull();
+    expect(tokens.verify(token, 'abd', 8080, now)).toBeNull();
+    expect(tokens.verify(token, 'abc', 8080, now + 60_000)).toBeNull();
+    expect(new PreviewTokens(Buffer.alloc(32, 8)).verify(token, 'abc', 8080, now)).toBeNull();
+    expect(tokens.verify(`${Number(token.split('.')[0]) + 1000}.${token.split('.')[1]}`, 'abc', 8080, now)).toBeNull();
+    expect(tokens.verify('x'.repeat(10_000), 'abc', 8080, now)).toBeNull();
+  });
+});
 
 describe.skipIf(!support.ok)('ports and preview URLs', () => {
   let server: TestServer;

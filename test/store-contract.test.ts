@@ -222,6 +222,20 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect((await store.sandboxes.listAll()).find((s) => s.id === made.id)?.network).toEqual(changed);
     });
 
+    it("keeps a sandbox's public ports (none by default, and for records from before them) and finds a sandbox by id in any org", async () => {
+      const orgId = newId();
+      const made = await store.sandboxes.create({ name: 'ports', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {}, network: SANDBOX_NETWORK_NONE });
+      expect((await store.sandboxes.findById(orgId, made.id))?.publicPorts).toEqual([]);
+      expect((await store.sandboxes.update(orgId, made.id, { publicPorts: [80, 8080] }))?.publicPorts).toEqual([80, 8080]);
+      expect((await store.sandboxes.update(orgId, made.id, { status: 'stopped' }))?.publicPorts).toEqual([80, 8080]);
+      expect((await store.sandboxes.findByIdInAnyOrg(made.id))).toMatchObject({ id: made.id, orgId, publicPorts: [80, 8080] });
+      expect(await store.sandboxes.findByIdInAnyOrg(newId())).toBeNull();
+      expect(await store.sandboxes.findByIdInAnyOrg('not-one-of-ours')).toBeNull();
+      const legacy = newId();
+      await writeLegacySandbox(legacy, orgId, 'legacy-ports');
+      expect((await store.sandboxes.findByIdInAnyOrg(legacy))?.publicPorts).toEqual([]);
+    });
+
     it("resolves image names to the org's own image before the system image; names are unique per owner", async () => {
       const orgId = newId();
       const name = `img-${newId()}`;

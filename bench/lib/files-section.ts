@@ -4,7 +4,8 @@
  *   - 1 GiB (BENCH_FILE_MB) upload and download, each followed by a global `sync`: ours (curl
  *     through POST …/files/upload and GET …/files/download) against the bare server receiving the
  *     file into a file and streaming it back (curl too); MiB/s, and the server's CPU per GiB
- *     against the bare server's.
+ *     against the bare server's; and against the floor for a server in front of the agent, a
+ *     minimal Node pass-through (bench/lib/minimal-proxy.mjs: one pipe to the agent's file route).
  *   - 1,000 (BENCH_SMALL_FILES) files of 4 KiB, one request each over a kept-alive connection,
  *     against the bare server writing each to a file; and the same files as one tar upload.
  */
@@ -17,7 +18,7 @@ import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
 import { createClient } from '../../client/index.js';
 import { cpuMsOf } from './load.js';
-import type { ServerProcess } from './server-process.js';
+import { startMinimalProxy, type ServerProcess } from './server-process.js';
 import type { StreamRow } from './streams-section.js';
 
 const SIZE_MB = Number(process.env.BENCH_FILE_MB ?? 1024);
@@ -54,6 +55,8 @@ export async function filesSection(server: ServerProcess, apiKey: string, row: (
   const bareDir = join(scratch, 'bare');
   await sh(`mkdir -p "${bareDir}"`);
   const bare = spawn(process.execPath, ['-e', BARE_SERVER, bareDir], { stdio: ['ignore', 'pipe', 'inherit'] });
+  // The floor for any Node server in front of the agent: one pipe to its file route, nothing else.
+  const proxy = await startMinimalProxy(join(server.instancesDir, box.id, 'agent.sock'));
   try {
     const barePort = await new Promise<number>((resolve) => bare.stdout.once('data', (d: Buffer) => resolve(Number(d.toString().trim()))));
     const bareUrl = `http://127.0.0.1:${barePort}`;
@@ -75,8 +78,10 @@ export async function filesSection(server: ServerProcess, apiKey: string, row: (
     const cases: Record<string, { pid: number; run: () => Promise<unknown> }> = {
       bareUp: { pid: bare.pid!, run: () => sh(`curl -sf -o /dev/null -T "${src}" ${bareUrl}/big.bin && sync`) },
       up: { pid: server.pid, run: () => sh(`curl -sf -o /dev/null -X POST ${key} -H 'content-type: application/octet-stream' -T "${src}" "${api}/upload?path=/root/big.bin" && sync`) },
+      minUp: { pid: proxy.pid, run: () => sh(`curl -sf -o /dev/null -T "${src}" "${proxy.url}/files?path=/root/big.bin" && sync`) },
       bareDown: { pid: bare.pid!, run: () => sh(`curl -sf -o "${copy}" ${bareUrl}/big.bin && sync && rm "${copy}"`) },
       down: { pid: server.pid, run: () => sh(`curl -sf -o "${copy}" ${key} "${api}/download?path=/root/big.bin" && sync && rm "${copy}"`) },
+      minDown: { pid: proxy.pid, run: () => sh(`curl -sf -o "${copy}" "${proxy.url}/files?path=/root/big.bin" && sync && rm "${copy}"`) },
     };
     const secs: Record<string, number[]> = {};
     const cpu: Record<string, number[]> = {};
@@ -97,6 +102,9 @@ export async function filesSection(server: ServerProcess, apiKey: string, row: (
       row({ section: 'files', case: `${label} ${what} + sync, MiB/s`, ours: mibps(dir), baseline: mibps(bareName), unit: 'MiB/s', baselineName: `bare HTTP ${what}`, target: '≥ 0.8× bare', met: mibps(dir) >= 0.8 * mibps(bareName) });
       const ours = median(cpu[dir]!);
       row({ section: 'files', case: `server CPU per GiB ${what}ed`, ours, baseline: median(cpu[bareName]!), unit: 's', baselineName: 'bare server CPU', target: '≤ 0.6 s', met: ours <= 0.6 });
+      const minName = dir === 'up' ? 'minUp' : 'minDown';
+      row({ section: 'files', case: `${label} ${what} + sync, MiB/s`, ours: mibps(dir), baseline: mibps(minName), unit: 'MiB/s', baselineName: 'minimal Node pass-through', target: 'floor', met: true });
+      row({ section: 'files', case: `server CPU per GiB ${what}ed`, ours, baseline: median(cpu[minName]!), unit: 's', baselineName: 'minimal pass-through CPU', target: 'floor', met: true });
     }
     await sh(`rm -f "${src}" "${bareDir}/big.bin"`);
 
@@ -124,9 +132,10 @@ export async function filesSection(server: ServerProcess, apiKey: string, row: (
     await box.files.writeMany('/root/batch', many);
     const batchRate = SMALL_FILES / (Number(process.hrtime.bigint() - t0) / 1e9);
     row({ section: 'files', case: `${SMALL_FILES} × 4 KiB as one tar upload, files/s`, ours: batchRate, baseline: oursRate, unit: '/s', baselineName: 'ours, one request each', target: '≥ 5,000/s', met: batchRate >= 5000 });
-    console.log(`files: up ${secs.up!.map((s) => s.toFixed(2)).join('/')} s (bare ${secs.bareUp!.map((s) => s.toFixed(2)).join('/')}), down ${secs.down!.map((s) => s.toFixed(2)).join('/')} s (bare ${secs.bareDown!.map((s) => s.toFixed(2)).join('/')}); small ${Math.round(oursRate)}/s, batch ${Math.round(batchRate)}/s`);
+    console.log(`files: up ${secs.up!.map((s) => s.toFixed(2)).join('/')} s (bare ${secs.bareUp!.map((s) => s.toFixed(2)).join('/')}, minimal pass-through ${secs.minUp!.map((s) => s.toFixed(2)).join('/')}), down ${secs.down!.map((s) => s.toFixed(2)).join('/')} s (bare ${secs.bareDown!.map((s) => s.toFixed(2)).join('/')}, minimal pass-through ${secs.minDown!.map((s) => s.toFixed(2)).join('/')}); small ${Math.round(oursRate)}/s, batch ${Math.round(batchRate)}/s`);
   } finally {
     bare.kill();
+    proxy.stop();
     keepAlive.destroy();
     rmSync(scratch, { recursive: true, force: true });
     await vr.close();

@@ -96,3 +96,28 @@ export async function startServerProcess(env: Record<string, string> = {}): Prom
     },
   };
 }
+
+/** The minimal Node proxy in front of one sandbox's agent (bench/lib/minimal-proxy.mjs), as its own process. */
+export interface MinimalProxy {
+  url: string;
+  pid: number;
+  stop(): void;
+}
+
+/**
+ * Starts bench/lib/minimal-proxy.mjs for the agent listening on `agentSocket` under plain node with
+ * `npm start`'s V8 flags: the floor any Node server on this machine starts from. `execSpec` is
+ * what its POST /exec asks the agent to run.
+ */
+export async function startMinimalProxy(agentSocket: string, execSpec: unknown = { command: 'true' }): Promise<MinimalProxy> {
+  const child = spawn(process.execPath, [...startNodeFlags(), join(root, 'bench', 'lib', 'minimal-proxy.mjs'), agentSocket], {
+    cwd: root,
+    env: { ...process.env, BENCH_EXEC_SPEC: JSON.stringify(execSpec) },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once('exit', (code) => reject(new Error(`the minimal proxy exited (${code})`)));
+    child.stdout!.once('data', (d: Buffer) => resolve(Number(d.toString().trim())));
+  });
+  return { url: `http://127.0.0.1:${port}`, pid: child.pid!, stop: () => child.kill() };
+}
