@@ -2,6 +2,7 @@ import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
 import type { Config } from './config.js';
 import { withSandboxCache } from './store/sandbox-cache.js';
+import { withAuthCaches } from './store/auth-caches.js';
 import { createHttpServer, type HttpServer } from './http/server.js';
 import { HttpMetrics } from './http/metrics.js';
 import { corsPolicy } from './http/cors.js';
@@ -52,8 +53,8 @@ export interface AppOptions {
 export async function createApp(config: Config, options: AppOptions = {}): Promise<App> {
   const stdout = options.log ? null : stdoutLogger(config.LOG_LEVEL);
   const log = options.log ?? stdout!.log;
-  // Sandbox lookups (one per exec, file call, keystroke) come from memory where that is safe.
-  const store = withSandboxCache(await openStore(config));
+  // Sandbox, API key and org lookups (one per exec, file call, keystroke; one per request) come from memory where that is safe.
+  const store = withAuthCaches(withSandboxCache(await openStore(config)));
   const lastUsed = new LastUsedTracker(store.apiKeys, log, config.API_KEY_LAST_USED_FLUSH_SEC * 1000);
   const orgs = new OrgService({ store, lastUsed, log });
 

@@ -14,8 +14,9 @@ export interface Principal {
 }
 
 /**
- * Turns a plain API key into a `Principal`. Keys are looked up by their SHA-256 on a unique index
- * on every request — no cache — so revoking or deactivating a key takes effect on the next request.
+ * Turns a plain API key into a `Principal`. Keys are looked up by their SHA-256 on every request
+ * (a unique index; from memory with the embedded store, dropped on every revoke or deactivation, see
+ * store/auth-caches.ts), so revoking or deactivating a key takes effect on the next request.
  */
 export class AuthService {
   constructor(

@@ -8,7 +8,7 @@ const MAX_ENTRIES = 10_000;
  * drops the record it is about before and after it runs, and a read that overlapped any write is
  * not cached, so a lookup never returns a record older than the last write made through it.
  */
-class ReadCache<V extends object> {
+export class ReadCache<V extends object> {
   readonly #records = new Map<string, V>();
   /** Counts writes begun; a read caches its record only if no write began while it ran. */
   #writes = 0;
@@ -34,6 +34,17 @@ class ReadCache<V extends object> {
       return await write();
     } finally {
       this.#records.delete(key);
+    }
+  }
+
+  /** Runs a write that may be about any record (one not found by its cache key); all are dropped before and after. */
+  async writingAny<T>(write: () => Promise<T>): Promise<T> {
+    this.#writes++;
+    this.#records.clear();
+    try {
+      return await write();
+    } finally {
+      this.#records.clear();
     }
   }
 }
@@ -85,10 +96,14 @@ export class CachedSandboxRepository implements SandboxRepository {
  */
 export function withSandboxCache(store: Store): Store {
   if (store.kind !== 'sqlite') return store;
-  const sandboxes = new CachedSandboxRepository(store.sandboxes);
+  return withRepository(store, 'sandboxes', new CachedSandboxRepository(store.sandboxes));
+}
+
+/** `store` with its repository `name` answered by `repository` instead; everything else is the store's own. */
+export function withRepository<K extends keyof Store>(store: Store, name: K, repository: Store[K]): Store {
   return new Proxy(store, {
     get: (target, key) => {
-      if (key === 'sandboxes') return sandboxes;
+      if (key === name) return repository;
       const value: unknown = Reflect.get(target, key, target);
       return typeof value === 'function' ? value.bind(target) : value;
     },
