@@ -1,4 +1,5 @@
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
+import { createServer as createNetServer } from 'node:net';
 import { request, type IncomingHttpHeaders } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -230,6 +231,38 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     await expect(wsEcho(`${server.url.replace('http:', 'ws:')}/api/sandboxes/${box.id}/ports/8101/`, { 'x-api-key': apiKey }, 'x')).rejects.toThrow('upgrade answered 502');
     expect((await server.http('/api/version')).status).toBe(200);
   });
+
+  it('a hostile agent answering the tunnel with a forged 101, garbage or a huge error is a 502, never a crash', async () => {
+    const victim = await vr.sandboxes.create({ name: 'ports-hostile' });
+    const socketPath = join(server.dirs.instancesDir, victim.id, 'agent.sock');
+    rmSync(socketPath, { force: true });
+    const answers = [
+      'HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: voidrun-tcp\r\n\r\nHTTP/1.1 200 OK\r\n\r\n',
+      '\u0000\u0001 this is not HTTP\r\n\r\n',
+      `HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\n\r\n{"code":"PORT_CLOSED","error":"${'x'.repeat(200_000)}"}`,
+    ];
+    let next = 0;
+    const fake = createNetServer((conn) => {
+      conn.on('error', () => {});
+      conn.once('data', () => conn.end(answers[next++] ?? ''));
+    });
+    await new Promise<void>((resolve) => fake.listen(socketPath, resolve));
+    try {
+      const ask = () => raw(server, `/api/sandboxes/${victim.id}/ports/8000/`, { headers: { 'x-api-key': apiKey } });
+      const forged = await ask();
+      expect(forged.status).toBe(502);
+      expect(JSON.parse(forged.body)).toMatchObject({ code: 'AGENT_UNAVAILABLE', error: expect.stringContaining('was not the answer to the request sent') });
+      const garbage = await ask();
+      expect(garbage.status).toBe(502);
+      expect(JSON.parse(garbage.body).code).toBe('AGENT_UNAVAILABLE');
+      const huge = await ask();
+      expect(huge.status).toBe(502);
+      expect(huge.body.length).toBeLessThan(4096);
+      expect((await server.http('/api/version')).status).toBe(200);
+    } finally {
+      fake.close();
+    }
+  }, 120_000);
 
   it('answers 409 naming the state for a stopped sandbox', async () => {
     const { token } = await box.ports.token(8000);
