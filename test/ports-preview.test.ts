@@ -1,4 +1,5 @@
-import { readFileSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { createServer as createNetServer } from 'node:net';
 import { request, type IncomingHttpHeaders } from 'node:http';
 import { join } from 'node:path';
@@ -275,4 +276,48 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     const list = await server.http(`/api/sandboxes/${box.id}/ports`, { apiKey });
     expect(list.status).toBe(409);
   }, 60_000);
+});
+
+/** QEMU and the VM image are there (as .ci/run provides them). */
+function vmSupport(): boolean {
+  if (!support.ok || !existsSync(join(process.env.BASE_IMAGES_DIR ?? '/var/lib/hyper-fleet/base-images', 'debian-vm.json'))) return false;
+  try {
+    execFileSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe.skipIf(!vmSupport())('ports of a microVM (qemu), listed by its agent', () => {
+  let server: TestServer;
+  let apiKey: string;
+  let box: SandboxHandle;
+
+  beforeAll(async () => {
+    server = await startTestServer({ SANDBOX_DRIVER: 'qemu', PREVIEW_DOMAIN: DOMAIN, PREVIEW_URL_SCHEME: 'http' });
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'VM Ports', email: uniqueEmail('vm-ports') })).apiKey;
+    box = await server.client(apiKey).sandboxes.create({ name: 'vm-ports' });
+    await box.files.write('/root/port-server.pl', script);
+    const handle = await box.commands.run('perl /root/port-server.pl http 8000');
+    for await (const chunk of handle.output()) {
+      if (chunk.type === 'stdout' && chunk.data.includes('listening 8000')) break;
+      if (chunk.type === 'exit') throw new Error('the http server exited');
+    }
+  }, 300_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('lists the port, proxies HTTP under the API and a WebSocket on the preview host', async () => {
+    expect((await box.ports.list()).ports.map((p) => p.port)).toContain(8000);
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/in-a-vm`, { headers: { 'x-api-key': apiKey } });
+    expect(res.status).toBe(200);
+    expect(echoed(res.body)).toMatchObject({ target: '/in-a-vm', host: 'localhost:8000' });
+    const { token } = await box.ports.token(8000);
+    expect(await wsEcho(`${server.url.replace('http:', 'ws:')}/ws`, { host: `8000-${box.id}.${DOMAIN}`, 'x-voidrun-preview-token': token }, 'from a VM')).toBe('from a VM');
+    const closed = await raw(server, `/api/sandboxes/${box.id}/ports/8999/`, { headers: { 'x-api-key': apiKey } });
+    expect(closed.status).toBe(502);
+    expect(JSON.parse(closed.body).error).toContain('Nothing listens on port 8999');
+  }, 120_000);
 });
