@@ -1,12 +1,16 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
 import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { promisify } from 'node:util';
+import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { findLink, tapNameFor, tearDown } from '../server/hypervisor/network/host-network.js';
+import { loadConfig } from '../server/config.js';
+import { chooseSandboxNetwork } from '../server/hypervisor/network/sandbox-net.js';
 import { newId } from '../server/store/ids.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
 import type { Sandbox } from '../shared/index.js';
@@ -15,6 +19,7 @@ import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.
 import { fetchCommand, ip, onPath, startTestInternet, type TestInternet } from './helpers/test-internet.js';
 
 const repoRoot = join(import.meta.dirname, '..');
+const run = promisify(execFile);
 const netSkip = !support.ok ? support.reason : !['ip', 'nft', 'nsenter', 'bridge'].every(onPath) ? 'ip, nft, nsenter or bridge missing' : null;
 if (netSkip) console.warn(`container network tests skipped: ${netSkip}`);
 
@@ -130,6 +135,26 @@ describe.skipIf(netSkip !== null)('container sandboxes on the bridge', () => {
     await other.delete();
   }, 120_000);
 
+  it('sandboxes cannot reach each other on the bridge: their ports are isolated, and a listener answers its own sandbox only', async () => {
+    const peer = await vr.sandboxes.create({ name: 'peer-box' });
+    try {
+      const peerIp = (await restSandbox(peer.id)).ip;
+      for (const id of [box.id, peer.id]) {
+        const [port] = JSON.parse((await run('bridge', ['-j', '-d', 'link', 'show', 'dev', tapNameFor(id)])).stdout) as Array<{ master: string; isolated: boolean }>;
+        expect(port).toMatchObject({ master: bridge, isolated: true });
+      }
+      await peer.exec(`perl -MIO::Socket::INET -e '$l = IO::Socket::INET->new(LocalPort => 9000, Listen => 5, ReuseAddr => 1) or die; open(STDOUT, ">/tmp/ready"); close(STDOUT); while ($c = $l->accept) { print $c "hello\\n"; close $c }' >/dev/null 2>&1 &`);
+      await peer.exec('while [ ! -e /tmp/ready ]; do sleep 0.05; done');
+      const own = await peer.exec(`timeout 10 bash -c 'exec 3<>/dev/tcp/${peerIp}/9000 && cat <&3'`);
+      expect(own.stdout).toBe('hello\n');
+      const other = await box.exec(`timeout 10 bash -c 'exec 3<>/dev/tcp/${peerIp}/9000 && cat <&3'`);
+      expect(other.exitCode).not.toBe(0);
+      expect(other.stdout).toBe('');
+    } finally {
+      await peer.delete();
+    }
+  }, 120_000);
+
   it('delete frees the address and leaves no link, namespace or sysfs mount behind', async () => {
     const doomed = await vr.sandboxes.create({ name: 'doomed-box' });
     const address = (await restSandbox(doomed.id)).ip;
@@ -142,6 +167,29 @@ describe.skipIf(netSkip !== null)('container sandboxes on the bridge', () => {
     expect(readFileSync('/proc/self/mounts', 'utf8')).not.toContain(doomed.id);
     expect(existsSync(`/run/voidrun-net/${bridge}/${doomed.id}`)).toBe(false);
   }, 120_000);
+});
+
+describe('SANDBOX_NETWORK', () => {
+  it('is bridge or none; anything else stops startup naming the variable', () => {
+    expect(loadConfig({ SANDBOX_NETWORK: 'none' }).SANDBOX_NETWORK).toBe('none');
+    expect(loadConfig({}).SANDBOX_NETWORK).toBeUndefined();
+    expect(() => loadConfig({ SANDBOX_NETWORK: 'host' })).toThrow(/SANDBOX_NETWORK="host" — expected one of bridge, none/);
+  });
+
+  it('none keeps sandboxes on loopback without touching the host, and says so', async () => {
+    const choice = await chooseSandboxNetwork({
+      requested: 'none',
+      bridge: 'vrnever0',
+      gatewayCidr: '10.215.0.1/24',
+      networkCidr: '10.215.0.0/24',
+      pool: undefined as never,
+      leases: undefined as never,
+      linkPrefix: 'vr',
+      log: pino({ level: 'silent' }),
+    });
+    expect(choice).toMatchObject({ mode: 'none', networking: null, reason: 'SANDBOX_NETWORK=none: sandboxes have loopback only' });
+    expect(await findLink('vrnever0')).toBeNull();
+  });
 });
 
 /**
