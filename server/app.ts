@@ -29,6 +29,8 @@ import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
 import { SandboxService } from './services/sandbox-service.js';
+import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
+import { countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
 import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
 import type { Store } from './store/types.js';
 
@@ -62,7 +64,10 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log });
   const images = new ImageService({ images: store.images, rootfs, defaultImage: config.SANDBOX_DEFAULT_IMAGE, log });
   const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
-  const { driver, reason, accelerator, network } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, log });
+  // Sandboxes' egress on the bridge: the nftables firewall, the DNS resolver on the gateway, the byte caps.
+  const egress = new SandboxEgress({ bridge: config.BRIDGE_NAME, gatewayCidr: config.GATEWAY_IP, networkCidr: config.NETWORK_CIDR, nameservers: config.DNS_NAMESERVERS, log });
+  const { driver, reason, accelerator, network } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, firewall: egress.firewall, log });
+  if (network.mode === 'bridge') await egress.start();
   log.info({ network: network.mode }, `sandbox network: ${network.reason}`);
   if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
   else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
@@ -94,6 +99,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       ...(network.bridgeUnavailable ? { bridgeUnavailable: network.bridgeUnavailable } : {}),
       egress: config.SANDBOX_DEFAULT_EGRESS,
       maxEgressBytes: config.SANDBOX_EGRESS_BYTES_MAX || null,
+      enforce: (id, policy) => egress.enforce(id, policy),
     },
     quotas: new SandboxQuotas({
       sandboxes: store.sandboxes,
@@ -135,6 +141,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     : null;
   if (health) {
     await health.adopt();
+    if (network.mode === 'bridge') await adoptEgress(egress, store, sandboxes, driver!, log);
     if (config.HEALTH_ENABLED) health.start();
     // Build the default image now, so the first sandbox does not wait for debootstrap.
     if (config.PREPARE_DEFAULT_IMAGE) images.prepareDefault().catch((err: Error) => log.error({ err: err.message }, 'could not prepare the default image'));
@@ -192,6 +199,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     async close() {
       // Streams first (they end when their agent connections close), then the HTTP server.
       await health?.stop();
+      await egress.stop();
       watch.closeAll();
       await agents?.closeAll();
       await http.close();
@@ -201,6 +209,24 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       await stdout?.flushed();
     },
   };
+}
+
+/**
+ * Takes up the egress rules of sandboxes that ran through a restart, removes those of sandboxes
+ * gone, and starts cutting egress at byte caps (host counters, once a second).
+ */
+async function adoptEgress(egress: SandboxEgress, store: Store, sandboxes: SandboxService, driver: SandboxDriver, log: Logger): Promise<void> {
+  const records = await store.sandboxes.listAll();
+  const running = records.filter((r) => r.status === 'running' && r.network.mode === 'bridge').map((r) => ({ id: r.id, policy: r.network }));
+  for (const change of await egress.adopt(running, new Set(records.map((r) => r.id)))) log.warn(`startup reconcile: ${change}`);
+  if (!countsNetworkBytes(driver)) return;
+  egress.watchCaps({
+    bytesOf: (id) => driver.networkBytes(id),
+    cut: async (id, egressBytes) => {
+      const record = (await store.sandboxes.listAll()).find((r) => r.id === id);
+      if (record) await sandboxes.cutEgress(record, egressBytes);
+    },
+  });
 }
 
 /**

@@ -431,12 +431,20 @@ export class SandboxService {
     });
   }
 
-  /** Records that the sandbox's egress was cut at its byte cap; false when it no longer exists. */
-  async markEgressCut(record: SandboxRecord): Promise<boolean> {
+  /**
+   * Cuts the sandbox's egress at its byte cap: records it (`network.egressCut`, shown in every
+   * answer) and applies it. Under the sandbox's lock, so a policy change meanwhile is not undone.
+   * False when the sandbox no longer exists or its cap no longer applies.
+   */
+  async cutEgress(record: SandboxRecord, egressBytes: number): Promise<boolean> {
     return this.#locks.run(record.id, async () => {
       const fresh = await this.deps.sandboxes.findById(record.orgId, record.id);
-      if (!fresh) return false;
-      if (!fresh.network.egressCut) await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network: { ...fresh.network, egressCut: true } });
+      const cap = fresh?.network.maxEgressBytes;
+      if (!fresh || cap == null || egressBytes <= cap) return false;
+      const network = { ...fresh.network, egressCut: true };
+      if (!fresh.network.egressCut) await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network });
+      await this.deps.network.enforce?.(fresh.id, network);
+      this.deps.log.warn({ sandbox: fresh.id, egressBytes, maxEgressBytes: cap }, `sandbox ${fresh.name}: egress cut after ${egressBytes} bytes (maxEgressBytes ${cap})`);
       return true;
     });
   }
@@ -448,7 +456,8 @@ export class SandboxService {
     if (input.mode === 'bridge' && defaults.bridgeUnavailable) {
       throw new InvalidInputError(`network mode bridge is not available on this server: ${defaults.bridgeUnavailable}`);
     }
-    const maxEgressBytes = input.maxEgressBytes !== undefined ? input.maxEgressBytes : (current?.maxEgressBytes ?? defaults.maxEgressBytes);
+    // 0 or null: no cap (REST bodies drop null fields, so 0 is how a REST client removes one).
+    const maxEgressBytes = input.maxEgressBytes === undefined ? (current ? current.maxEgressBytes : defaults.maxEgressBytes) : input.maxEgressBytes || null;
     return {
       mode,
       egress: input.egress ?? current?.egress ?? defaults.egress,

@@ -65,14 +65,14 @@ export type EgressDefault = z.infer<typeof EgressDefault>;
 const allowDescription =
   'IPv4 CIDRs (a bare address is /32), domains (exact) and `*.domain` (any subdomain). Domains open the addresses the server\'s DNS resolver hands the sandbox for them, for the record\'s TTL. A CIDR here is the only way to reach a private range (10/8, 172.16/12, 192.168/16, 100.64/10).';
 const denyDescription = 'IPv4 CIDRs, domains and `*.domain`: refused even where `egress` or `allow` would let them through. Denied names do not resolve.';
-const capDescription = 'Egress bytes after which the sandbox\'s egress is cut (until this is raised or removed); null: no cap.';
+const capDescription = 'Egress bytes after which the sandbox\'s egress is cut (until this is changed or removed); 0 or null: no cap.';
 
 /** The egress policy fields, as `PUT /sandboxes/{id}/network` and create take them. */
 const policyInputShape = {
   egress: EgressDefault.optional(),
   allow: ruleList('allow').optional().meta({ description: allowDescription, example: ['pypi.org', '*.pythonhosted.org', '203.0.113.0/24'] }),
   deny: ruleList('deny').optional().meta({ description: denyDescription, example: [] }),
-  maxEgressBytes: z.number().int().min(1, 'must be at least 1 (or null for no cap)').max(Number.MAX_SAFE_INTEGER).nullable().optional().meta({ description: capDescription }),
+  maxEgressBytes: z.number().int().min(0, 'must be a byte count (0 for no cap)').max(Number.MAX_SAFE_INTEGER).nullable().optional().meta({ description: capDescription }),
 };
 
 /** `network` on create: every field optional (the server's defaults fill the rest). */
@@ -89,16 +89,18 @@ export const NetworkPolicy = z
     egress: EgressDefault,
     allow: z.array(z.string()).meta({ description: allowDescription }),
     deny: z.array(z.string()).meta({ description: denyDescription }),
-    maxEgressBytes: z.number().int().nullable().meta({ description: capDescription }),
+    maxEgressBytes: z.number().int().nullable().meta({ description: 'Egress bytes after which the sandbox\'s egress is cut (SANDBOX_EGRESS_BYTES_MAX unless set); null: no cap. Counted by the host on the sandbox\'s link since it last started.' }),
     egressCut: z.boolean().meta({ description: 'True once the sandbox sent more than `maxEgressBytes`: its egress is refused.' }),
   })
   .meta({ id: 'NetworkPolicy' });
 export type NetworkPolicy = z.infer<typeof NetworkPolicy>;
 
 /** `PUT /sandboxes/{id}/network`: the fields given replace the sandbox's; omitted ones stay. */
-export const UpdateNetworkInput = z.object({
-  id: z.string().min(1).max(64),
-  mode: NetworkMode.optional().meta({ description: 'Only while the sandbox is stopped.' }),
-  ...policyInputShape,
-});
+export const UpdateNetworkInput = z
+  .object({
+    id: z.string().min(1).max(64),
+    mode: NetworkMode.optional().meta({ description: 'Only while the sandbox is stopped.' }),
+    ...policyInputShape,
+  })
+  .strict();
 export type UpdateNetworkInput = z.infer<typeof UpdateNetworkInput>;

@@ -2,6 +2,8 @@ import { execFile } from 'node:child_process';
 import { z } from 'zod';
 import { isObjectIdHex } from '../../store/ids.js';
 import { formatIpv4, formatIpv4Network, parseIpv4Cidr } from './ip-pool.js';
+import { removeEgressTable } from './egress-firewall.js';
+import { tapGuardTable } from './tap-guard.js';
 
 /*
  * The host side of sandbox networking: one Linux bridge whose address is the guests' gateway,
@@ -263,6 +265,8 @@ export async function tearDown(opts: HostNetworkOptions): Promise<string[]> {
       changes.push(`removed ${showRule('-D', rule)}`);
     }
   }
+
+  if (await removeEgressTable(bridge, netns)) changes.push(`deleted the egress firewall (nftables table ip ${tapGuardTable(bridge)})`);
 
   const link = await findLink(bridge, netns);
   if (link) {

@@ -1,0 +1,375 @@
+import { execFile } from 'node:child_process';
+import type { Logger } from 'pino';
+import { isCidrRule, type NetworkPolicy } from '../../../shared/schemas/network.js';
+import { runNft, tapGuardTable } from './tap-guard.js';
+import type { FirewalledSandbox, SandboxFirewall } from './types.js';
+
+/*
+ * The egress firewall: one nftables table per bridge, `ip voidrun_<bridge>`, ours alone (the TAP
+ * guards' netdev table of the same name is another family's). Every change is one `nft -f -`
+ * transaction, so a sandbox's rules are never half written.
+ *
+ *   prerouting (nat)  DNS from the bridge to any address, UDP and TCP port 53, goes to the
+ *                     server's resolver on the gateway (dns-proxy.ts).
+ *   input             from the bridge: only that resolver and replies to the host's own
+ *                     connections; nothing else of the host (the API port, any other port, any
+ *                     of its addresses) is reachable from a sandbox.
+ *   forward           into the bridge: only replies; out of the bridge: `from_sandbox`.
+ *   from_sandbox      always refused (`refused`: this host's sandbox network, loopback, 0/8,
+ *                     link-local 169.254/16, multicast, reserved), then the sandbox's own chain
+ *                     by source address (`by_source`); an address without one is dropped.
+ *   s_<id>            the sandbox's policy: its deny CIDRs, its allow CIDRs (the only way into
+ *                     the private ranges), the private ranges, the addresses its DNS answers
+ *                     opened (with the record's TTL), then its default (`egress`). Cut at the byte
+ *                     cap, it refuses everything.
+ *
+ * Every packet out of a sandbox is checked (not only a connection's first), so a changed policy
+ * or a cut stops connections already open. The source address is a sound key: a container has no
+ * CAP_NET_ADMIN over its namespace, and a VM's TAP drops frames from any other address
+ * (tap-guard.ts).
+ */
+
+/** Ranges no sandbox reaches whatever its policy (the sandbox network itself is added per bridge). */
+export const ALWAYS_REFUSED = ['0.0.0.0/8', '127.0.0.0/8', '169.254.0.0/16', '224.0.0.0/4', '240.0.0.0/4'];
+/** The private ranges: refused unless a CIDR in the sandbox's `allow` names them. */
+export const PRIVATE_RANGES = ['10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '100.64.0.0/10'];
+/**
+ * What a refused packet from a sandbox gets: an ICMP "administratively prohibited", so its
+ * programs fail at once ("No route to host") instead of waiting out a timeout. Packets from an
+ * address that is no sandbox's are dropped without an answer.
+ */
+const REJECT = 'reject with icmp type admin-prohibited';
+/** How long a DNS answer opens an address at least and at most, in seconds. */
+export const DNS_TIMEOUT_MIN_SEC = 30;
+export const DNS_TIMEOUT_MAX_SEC = 3600;
+/** The most addresses one sandbox's DNS answers hold open at once. */
+const MAX_RESOLVED_PER_SANDBOX = 4096;
+
+const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+const CIDR = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}\/\d{1,2}$/;
+const SANDBOX_ID = /^[a-z0-9]{1,64}$/;
+const INTERFACE = /^[A-Za-z0-9_.-]{1,15}$/;
+
+export interface EgressFirewallOptions {
+  /** BRIDGE_NAME. */
+  bridge: string;
+  /** The gateway's address (GATEWAY_IP without its prefix length): where the DNS resolver listens. */
+  gateway: string;
+  /** NETWORK_CIDR: the sandboxes' network, never a destination. */
+  networkCidr: string;
+  /** The resolver's port on the gateway (53). */
+  dnsPort?: number;
+  /** Run nft inside this network namespace (the tests' namespaces). */
+  netns?: string;
+  log?: Logger;
+}
+
+/** One address a DNS answer gave a sandbox, with its TTL in seconds. */
+export interface ResolvedAddress {
+  address: string;
+  ttl: number;
+}
+
+function checkedAddress(ip: string): string {
+  if (!IPV4.test(ip)) throw new Error(`${JSON.stringify(ip)} is not an IPv4 address`);
+  return ip;
+}
+
+function checkedId(id: string): string {
+  if (!SANDBOX_ID.test(id)) throw new Error(`sandbox id ${JSON.stringify(id)} is not lowercase letters and digits`);
+  return id;
+}
+
+/** The chain of sandbox `id`; its sets are `<chain>_deny`, `<chain>_allow` and `<chain>_dns`. */
+export function sandboxChain(id: string): string {
+  return `s_${checkedId(id)}`;
+}
+
+const elements = (items: readonly string[]) => `{ ${items.join(', ')} }`;
+
+/**
+ * The transaction that creates or refreshes the table's fixed part. Sandbox chains, their sets and
+ * the `by_source` map are kept, so sandboxes running through a server restart keep their rules.
+ * Pure: table tested; `EgressFirewall.setUp` runs it.
+ */
+export function egressBaseScript(opts: EgressFirewallOptions): string {
+  const table = `ip ${tapGuardTable(opts.bridge)}`;
+  const bridge = opts.bridge;
+  if (!INTERFACE.test(bridge)) throw new Error(`bridge ${JSON.stringify(bridge)} is not an interface name`);
+  const gateway = checkedAddress(opts.gateway);
+  if (!CIDR.test(opts.networkCidr)) throw new Error(`${JSON.stringify(opts.networkCidr)} is not an IPv4 CIDR`);
+  const port = opts.dnsPort ?? 53;
+  const lines = [
+    `add table ${table}`,
+    `add set ${table} refused { type ipv4_addr; flags interval; auto-merge; }`,
+    `flush set ${table} refused`,
+    `add element ${table} refused ${elements([...ALWAYS_REFUSED, opts.networkCidr])}`,
+    `add set ${table} private { type ipv4_addr; flags interval; auto-merge; }`,
+    `flush set ${table} private`,
+    `add element ${table} private ${elements(PRIVATE_RANGES)}`,
+    `add map ${table} by_source { type ipv4_addr : verdict; }`,
+    `add chain ${table} from_sandbox`,
+    `flush chain ${table} from_sandbox`,
+    `add rule ${table} from_sandbox ip daddr @refused ${REJECT}`,
+    `add rule ${table} from_sandbox ip saddr vmap @by_source`,
+    `add rule ${table} from_sandbox drop`,
+    `add chain ${table} prerouting { type nat hook prerouting priority dstnat - 10; policy accept; }`,
+    `flush chain ${table} prerouting`,
+    `add rule ${table} prerouting iifname "${bridge}" meta l4proto { tcp, udp } th dport 53 dnat to ${gateway}:${port}`,
+    `add chain ${table} input { type filter hook input priority filter - 10; policy accept; }`,
+    `flush chain ${table} input`,
+    `add rule ${table} input iifname != "${bridge}" accept`,
+    `add rule ${table} input ct state established,related accept`,
+    `add rule ${table} input ip daddr ${gateway} meta l4proto { tcp, udp } th dport ${port} accept`,
+    `add rule ${table} input ${REJECT}`,
+    `add chain ${table} forward { type filter hook forward priority filter - 10; policy accept; }`,
+    `flush chain ${table} forward`,
+    `add rule ${table} forward iifname "${bridge}" jump from_sandbox`,
+    `add rule ${table} forward oifname "${bridge}" ct state established,related accept`,
+    `add rule ${table} forward oifname "${bridge}" drop`,
+  ];
+  return lines.join('\n') + '\n';
+}
+
+/**
+ * The transaction that installs (or replaces) one sandbox's rules and points its address at them.
+ * `unmap` are the addresses whose mapping exists now and must go first (the sandbox's old ones,
+ * and its new one if another sandbox held it). Pure: table tested.
+ */
+export function sandboxScript(bridge: string, sandbox: { id: string; ip: string }, policy: NetworkPolicy, unmap: readonly string[] = []): string {
+  const table = `ip ${tapGuardTable(bridge)}`;
+  const chain = sandboxChain(sandbox.id);
+  const ip = checkedAddress(sandbox.ip);
+  const cidrs = (rules: readonly string[]) => rules.filter(isCidrRule).map((r) => (CIDR.test(r) ? r : checkedAddress(r)));
+  const deny = cidrs(policy.deny);
+  const allow = cidrs(policy.allow);
+  const lines = [
+    `add chain ${table} ${chain}`,
+    `flush chain ${table} ${chain}`,
+    `add set ${table} ${chain}_deny { type ipv4_addr; flags interval; auto-merge; }`,
+    `flush set ${table} ${chain}_deny`,
+    `add set ${table} ${chain}_allow { type ipv4_addr; flags interval; auto-merge; }`,
+    `flush set ${table} ${chain}_allow`,
+    // A changed policy drops what earlier answers opened: names it still allows open again when looked up.
+    `add set ${table} ${chain}_dns { type ipv4_addr; flags timeout; size ${MAX_RESOLVED_PER_SANDBOX}; }`,
+    `flush set ${table} ${chain}_dns`,
+  ];
+  if (deny.length) lines.push(`add element ${table} ${chain}_deny ${elements(deny)}`);
+  if (allow.length) lines.push(`add element ${table} ${chain}_allow ${elements(allow)}`);
+  if (policy.egressCut) {
+    lines.push(`add rule ${table} ${chain} counter ${REJECT} comment "egress cut: maxEgressBytes reached"`);
+  } else {
+    lines.push(
+      `add rule ${table} ${chain} ip daddr @${chain}_deny ${REJECT}`,
+      `add rule ${table} ${chain} ip daddr @${chain}_allow accept`,
+      `add rule ${table} ${chain} ip daddr @private ${REJECT}`,
+      `add rule ${table} ${chain} ip daddr @${chain}_dns accept`,
+      `add rule ${table} ${chain} ${policy.egress === 'allow' ? 'accept' : REJECT}`,
+    );
+  }
+  for (const old of unmap) lines.push(`delete element ${table} by_source { ${checkedAddress(old)} }`);
+  lines.push(`add element ${table} by_source { ${ip} : jump ${chain} }`);
+  return lines.join('\n') + '\n';
+}
+
+/** The transaction that removes one sandbox's rules: its address mapping, chain and sets. */
+export function removalScript(bridge: string, id: string, held: { ips: readonly string[]; chain: boolean; sets: readonly string[] }): string {
+  const table = `ip ${tapGuardTable(bridge)}`;
+  const chain = sandboxChain(id);
+  const lines = held.ips.map((ip) => `delete element ${table} by_source { ${checkedAddress(ip)} }`);
+  // The chain goes before the sets its rules name.
+  if (held.chain) lines.push(`delete chain ${table} ${chain}`);
+  for (const set of held.sets) if (set.startsWith(`${chain}_`)) lines.push(`delete set ${table} ${set}`);
+  return lines.join('\n') + '\n';
+}
+
+/** What the table holds of sandboxes: their chains' ids and which address maps to which id. */
+export interface EgressTableState {
+  exists: boolean;
+  /** Sandbox ids with a chain. */
+  chains: string[];
+  /** Set names of sandboxes (`s_<id>_…`). */
+  sets: string[];
+  /** Address → sandbox id, from `by_source`. */
+  sources: Map<string, string>;
+}
+
+interface NftJsonEntry {
+  chain?: { name?: unknown };
+  set?: { name?: unknown; type?: unknown };
+  map?: { name?: unknown; elem?: unknown };
+}
+
+/** Reads the table's sandbox chains, sets and address mappings (an empty state when there is no table). */
+export async function readEgressTable(bridge: string, netns?: string): Promise<EgressTableState> {
+  const table = tapGuardTable(bridge);
+  const out = await listTable(table, netns);
+  if (out === null) return { exists: false, chains: [], sets: [], sources: new Map() };
+  const entries = ((JSON.parse(out) as { nftables?: NftJsonEntry[] }).nftables ?? []) as NftJsonEntry[];
+  const chains: string[] = [];
+  const sets: string[] = [];
+  const sources = new Map<string, string>();
+  for (const e of entries) {
+    const chain = typeof e.chain?.name === 'string' ? /^s_([a-z0-9]+)$/.exec(e.chain.name)?.[1] : undefined;
+    if (chain) chains.push(chain);
+    if (typeof e.set?.name === 'string' && /^s_[a-z0-9]+_(deny|allow|dns)$/.test(e.set.name)) sets.push(e.set.name);
+    if (e.map?.name === 'by_source' && Array.isArray(e.map.elem)) {
+      for (const pair of e.map.elem as unknown[]) {
+        // [address, { jump: { target: "s_<id>" } }]
+        if (!Array.isArray(pair) || typeof pair[0] !== 'string') continue;
+        const target = (pair[1] as { jump?: { target?: unknown } } | undefined)?.jump?.target;
+        const id = typeof target === 'string' ? /^s_([a-z0-9]+)$/.exec(target)?.[1] : undefined;
+        if (id) sources.set(pair[0], id);
+      }
+    }
+  }
+  return { exists: true, chains, sets, sources };
+}
+
+/** `nft -j list table ip <table>` (in `netns`), or null when there is no such table. */
+function listTable(table: string, netns?: string): Promise<string | null> {
+  const argv = [...(netns ? ['ip', 'netns', 'exec', netns] : []), 'nft', '-j', 'list', 'table', 'ip', table];
+  const env = { ...process.env, PATH: [process.env.PATH, '/usr/sbin', '/sbin'].filter(Boolean).join(':') };
+  return new Promise((resolve, reject) => {
+    execFile(argv[0]!, argv.slice(1), { env, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
+      if (!err) resolve(stdout);
+      // No such table, or no nft at all (then there can be no table either).
+      else if (/No such file or directory/.test(stderr) || (err as NodeJS.ErrnoException).code === 'ENOENT') resolve(null);
+      else reject(new Error(`nft list table ip ${table} failed: ${stderr.trim().split('\n')[0] || err.message}`));
+    });
+  });
+}
+
+/** Deletes the bridge's egress table (setup-net --down); false when there was none. */
+export async function removeEgressTable(bridge: string, netns?: string): Promise<boolean> {
+  if (!(await readEgressTable(bridge, netns)).exists) return false;
+  await runNft(`delete table ip ${tapGuardTable(bridge)}\n`, netns);
+  return true;
+}
+
+/**
+ * `SandboxFirewall` with nftables, plus what the DNS resolver needs: which sandbox (and policy) an
+ * address belongs to, and opening the addresses its answers gave.
+ */
+export class EgressFirewall implements SandboxFirewall {
+  readonly #bySource = new Map<string, { id: string; policy: NetworkPolicy }>();
+  readonly #ipOf = new Map<string, string>();
+  /** One transaction at a time, in order: a later policy always lands after an earlier one. */
+  #queue: Promise<unknown> = Promise.resolve();
+
+  constructor(private readonly opts: EgressFirewallOptions) {}
+
+  get bridge(): string {
+    return this.opts.bridge;
+  }
+
+  /** Runs `fn` after every change queued before it and before any queued after (reads and writes of the table in order). */
+  #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#queue.then(fn);
+    this.#queue = run.catch(() => {});
+    return run;
+  }
+
+  #nft(script: string): Promise<string> {
+    return this.#exclusive(() => runNft(script, this.opts.netns));
+  }
+
+  /** Creates or refreshes the table's fixed part (idempotent); sandboxes' rules are kept. */
+  async setUp(): Promise<void> {
+    await this.#nft(egressBaseScript(this.opts));
+  }
+
+  async apply(sandbox: FirewalledSandbox, policy: NetworkPolicy): Promise<void> {
+    checkedAddress(sandbox.ip);
+    await this.#exclusive(async () => {
+      const { sources } = await readEgressTable(this.opts.bridge, this.opts.netns);
+      const unmap = [...sources].filter(([ip, owner]) => owner === sandbox.id || ip === sandbox.ip).map(([ip]) => ip);
+      await runNft(sandboxScript(this.opts.bridge, sandbox, policy, unmap), this.opts.netns);
+    });
+    const previousIp = this.#ipOf.get(sandbox.id);
+    if (previousIp) this.#bySource.delete(previousIp);
+    this.#ipOf.set(sandbox.id, sandbox.ip);
+    this.#bySource.set(sandbox.ip, { id: sandbox.id, policy });
+  }
+
+  async remove(id: string): Promise<void> {
+    checkedId(id);
+    const known = this.#ipOf.get(id);
+    this.#ipOf.delete(id);
+    if (known && this.#bySource.get(known)?.id === id) this.#bySource.delete(known);
+    await this.#exclusive(async () => {
+      const state = await readEgressTable(this.opts.bridge, this.opts.netns);
+      const ips = [...state.sources].filter(([, owner]) => owner === id).map(([ip]) => ip);
+      const sets = state.sets.filter((s) => s.startsWith(`${sandboxChain(id)}_`));
+      const chain = state.chains.includes(id);
+      if (chain || ips.length > 0 || sets.length > 0) await runNft(removalScript(this.opts.bridge, id, { ips, chain, sets }), this.opts.netns);
+    });
+  }
+
+  /**
+   * Replaces the policy of a sandbox whose rules are in (its address known); a sandbox without
+   * rules gets its policy when it is next attached. False when it has none.
+   */
+  async update(id: string, policy: NetworkPolicy): Promise<boolean> {
+    const ip = this.#ipOf.get(id);
+    if (!ip) return false;
+    await this.apply({ id, ip, hostIf: '' }, policy);
+    return true;
+  }
+
+  /**
+   * Takes up the rules a previous server process left for sandboxes that still run: each listed
+   * sandbox whose address is mapped in the table is known again (for the resolver and `update`)
+   * and its rules are rewritten with `policy`. Resolves to the ids taken up.
+   */
+  async restore(sandboxes: ReadonlyArray<{ id: string; policy: NetworkPolicy }>): Promise<string[]> {
+    const { sources } = await readEgressTable(this.opts.bridge, this.opts.netns);
+    const ipOf = new Map([...sources].map(([ip, id]) => [id, ip]));
+    const restored: string[] = [];
+    for (const { id, policy } of sandboxes) {
+      const ip = ipOf.get(id);
+      if (!ip) continue;
+      await this.apply({ id, ip, hostIf: '' }, policy);
+      restored.push(id);
+    }
+    return restored;
+  }
+
+  /** Every sandbox whose rules are in, with its policy as last applied. */
+  sandboxes(): Array<{ id: string; ip: string; policy: NetworkPolicy }> {
+    return [...this.#bySource].map(([ip, { id, policy }]) => ({ id, ip, policy }));
+  }
+
+  /** The sandbox at `ip` and its policy, as last applied; null for an address that is no sandbox's. */
+  policyAt(ip: string): { id: string; policy: NetworkPolicy } | null {
+    return this.#bySource.get(ip) ?? null;
+  }
+
+  /**
+   * Opens `addresses` for the sandbox at `ip` for their TTLs (clamped to 30 s .. 1 h), refreshing
+   * the timeout of addresses already open. Resolves once the rules are in, so the answer that
+   * named them can be sent.
+   */
+  async allowResolved(ip: string, addresses: readonly ResolvedAddress[]): Promise<void> {
+    const owner = this.#bySource.get(ip);
+    const usable = addresses.filter((a) => IPV4.test(a.address));
+    if (!owner || usable.length === 0) return;
+    const set = `ip ${tapGuardTable(this.opts.bridge)} ${sandboxChain(owner.id)}_dns`;
+    const lines: string[] = [];
+    for (const { address, ttl } of usable.slice(0, 64)) {
+      const timeout = Math.min(DNS_TIMEOUT_MAX_SEC, Math.max(DNS_TIMEOUT_MIN_SEC, Math.floor(ttl)));
+      // Add, delete, add: refreshes the timeout of an address already open.
+      lines.push(`add element ${set} { ${address} timeout ${timeout}s }`, `delete element ${set} { ${address} }`, `add element ${set} { ${address} timeout ${timeout}s }`);
+    }
+    await this.#nft(lines.join('\n') + '\n');
+  }
+
+  /** Removes the rules of sandboxes not in `keep` (those gone while no server ran); one line per removal. */
+  async reconcile(keep: ReadonlySet<string>): Promise<string[]> {
+    const state = await readEgressTable(this.opts.bridge, this.opts.netns);
+    const setOwners = state.sets.map((s) => /^s_([a-z0-9]+)_/.exec(s)![1]!);
+    const gone = new Set([...state.chains, ...state.sources.values(), ...setOwners].filter((id) => !keep.has(id)));
+    for (const id of gone) await this.remove(id);
+    return [...gone].map((id) => `removed the egress rules of sandbox ${id}`);
+  }
+}
