@@ -63,7 +63,11 @@ async function setNetwork(network: GuestNic & { gateway?: string }, busybox: str
 /** After a restore from memory: the new sandbox's name and address replace the saved one's. */
 export async function applyGuestIdentity(identity: GuestIdentity, busybox: string): Promise<void> {
   writeFileSync('/proc/sys/kernel/hostname', identity.hostname);
-  if (identity.network) await setNetwork(identity.network, busybox);
+  if (!identity.network) return;
+  const { replacesMac, ...nic } = identity.network;
+  // The NIC came back from the snapshot with the saved sandbox's MAC: it takes this sandbox's.
+  if (replacesMac && nic.mac && replacesMac !== nic.mac) await run(busybox, ['ip', 'link', 'set', 'dev', interfaceOf(replacesMac), 'address', nic.mac]);
+  await setNetwork(nic, busybox);
 }
 
 export async function configureGuest(config: GuestConfig, busybox: string): Promise<void> {

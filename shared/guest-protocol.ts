@@ -70,5 +70,6 @@ export interface GuestIdentity {
   hostname: string;
   /** The new sandbox's id, which its commands see as VOIDRUN_SANDBOX_ID. */
   sandboxId: string;
-  network?: GuestConfig['network'];
+  /** The restored NIC's new address; with `replacesMac`, the NIC that has that MAC now takes `mac`. */
+  network?: GuestConfig['network'] & { replacesMac?: string };
 }

@@ -296,6 +296,32 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
     expect(JSON.parse(allowed.stdout)).toMatchObject({ from: internet.hostAddress });
   }, 120_000);
 
+  it("a VM restored from its snapshot gets its own address and MAC on the bridge (its guest's NIC takes them) and reaches the test internet", async () => {
+    const { ip: sourceIp } = await vr.trpc.sandbox.get.query({ id: box.id });
+    const snap = await box.snapshot();
+    const restored = await vr.sandboxes.restore({ snapshot_path: snap.full_path, new_id: 'vm-net-restored' });
+    const restoredTap = tapNameFor(restored.id);
+    try {
+      const { ip: restoredIp } = await vr.trpc.sandbox.get.query({ id: restored.id });
+      expect(restoredIp).toMatch(new RegExp(`^${subnet.replace(/\./g, '\\.')}\\.\\d+$`));
+      expect(restoredIp).not.toBe(sourceIp);
+      const r = await restored.exec('bash', { args: ['-c', `cat /sys/class/net/*/address; ${busybox} ip -o -4 addr show; ${fetchCommand(internet.address)}`] });
+      expect(r.stdout).toContain(macForSandbox(restored.id));
+      expect(r.stdout).not.toContain(macForSandbox(box.id));
+      expect(r.stdout).toContain(`inet ${restoredIp}/24`);
+      expect(r.stdout).not.toContain(`inet ${sourceIp}/`);
+      expect(JSON.parse(r.stdout.trim().split('\n').at(-1)!)).toMatchObject({ from: internet.hostAddress });
+      expect((await guardedTaps(bridge)).sort()).toEqual([tap, restoredTap].sort());
+      // The source VM is still reachable on its own address.
+      expect((await sh(fetchCommand(internet.address))).exitCode).toBe(0);
+    } finally {
+      await restored.delete();
+    }
+    expect(await findLink(restoredTap)).toBeNull();
+    expect(await guardedTaps(bridge)).toEqual([tap]);
+    expect(await server.app.store.ipLeases.findBySandbox(restored.id)).toBeNull();
+  }, 300_000);
+
   it('a restarted server keeps a running VM on the bridge (TAP, address, rules) and removes the TAP, source check and address of a sandbox that is gone', async () => {
     const { ip: leased } = await vr.trpc.sandbox.get.query({ id: box.id });
     const goneId = `${'f'.repeat(12)}${randomBytes(6).toString('hex')}`;

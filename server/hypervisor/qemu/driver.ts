@@ -61,9 +61,9 @@ interface InstanceState {
   cpu: number;
   memMb: number;
   /**
-   * The TAP NIC's MAC when the VM has one (bridge mode). Fixed for the instance's life, snapshots
-   * included: a restored guest's memory holds its NIC's MAC, and QEMU's migration stream needs the
-   * same devices.
+   * The TAP NIC's MAC when the VM has one (bridge mode): derived from the sandbox's id. A VM
+   * restored from a snapshot has that NIC too (QEMU's migration stream needs the same devices) and
+   * its guest is told to take the new sandbox's MAC, so two VMs never share one on the bridge.
    */
   bridgeMac?: string;
 }
@@ -458,14 +458,19 @@ export class QemuDriver
       if (!existsSync(state.agentDisk)) throw new Error(`the snapshot needs the agent disk it was taken with, which is gone (${state.agentDisk.split('/').pop()})`);
       // The overlay still names the exact base image version it was made over.
       const image = await this.opts.images.ensure(state.image);
-      // The snapshot's NICs are the restored VM's (its memory holds their MACs); with a TAP NIC,
-      // this sandbox's TAP carries the guest's MAC under this sandbox's address.
+      // The snapshot's NICs are the restored VM's; its TAP NIC takes this sandbox's MAC (the TAP
+      // admits only that one) once the guest hears its new identity.
+      const snapshotMac = state.bridgeMac;
+      if (snapshotMac) state.bridgeMac = macForSandbox(spec.id);
       const attachment = await this.#attach(spec, state);
       // The guest already read its config at boot; the device must exist and match in size.
       await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state, attachment));
       await this.#boot(spec.id, state, image, attachment, p.memory);
       await rm(p.memory, { force: true });
-      const network = attachment && state.bridgeMac ? { address: attachment.address.ip, prefixLength: attachment.address.prefixLength, gateway: attachment.address.gateway, mac: state.bridgeMac } : undefined;
+      const network =
+        attachment && state.bridgeMac
+          ? { address: attachment.address.ip, prefixLength: attachment.address.prefixLength, gateway: attachment.address.gateway, mac: state.bridgeMac, ...(snapshotMac ? { replacesMac: snapshotMac } : {}) }
+          : undefined;
       await reidentifyGuest(await this.connect(spec.id), { hostname: hostnameFor(spec.name), sandboxId: spec.id, ...(network ? { network } : {}) });
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
