@@ -233,6 +233,14 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect((await server.http('/api/version')).status).toBe(200);
   });
 
+  it('answers 502 (not a request left hanging) for an upstream that switches protocols unasked', async () => {
+    await startPerl('switch', 8102);
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8102/`, { headers: { 'x-api-key': apiKey } });
+    expect(res.status).toBe(502);
+    expect(JSON.parse(res.body)).toMatchObject({ code: 'UPSTREAM_UNAVAILABLE', error: expect.stringContaining('malformed HTTP answer') });
+    expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey } })).status).toBe(200);
+  });
+
   it('a hostile agent answering the tunnel with a forged 101, garbage or a huge error is a 502, never a crash', async () => {
     const victim = await vr.sandboxes.create({ name: 'ports-hostile' });
     const socketPath = join(server.dirs.instancesDir, victim.id, 'agent.sock');

@@ -157,7 +157,8 @@ export function createPortProxy(opts: PortProxyOptions) {
 
   /** The upstream request for `req` over `tunnel`, with the forwarded headers. */
   function upstreamRequest(req: IncomingMessage, target: Target, tunnel: Duplex, upgrade: boolean) {
-    const headers = forwardedHeaders(req, target);
+    // A preview host's scheme is the one its URLs are handed out with (TLS ends in front of us).
+    const headers = forwardedHeaders(req, target, target.via === 'host' ? services.ports.previewScheme : 'http');
     if (upgrade) {
       headers.connection = 'Upgrade';
       headers.upgrade = req.headers.upgrade ?? 'websocket';
@@ -196,6 +197,11 @@ export function createPortProxy(opts: PortProxyOptions) {
       if (!res.headersSent) sendError(res, upstreamFailure(target, err));
       else res.destroy();
     });
+    // Node's client ends a request without an answer or an error when the upstream switches
+    // protocols unasked (a 101 to a plain request): that is a malformed answer too.
+    upstream.once('close', () => {
+      if (!res.headersSent && !res.destroyed) sendError(res, malformed(target, undefined));
+    });
     req.pipe(upstream);
   }
 
@@ -229,7 +235,9 @@ export function createPortProxy(opts: PortProxyOptions) {
       if (socket.destroyed) return void tunnel.destroy();
       const upstream = upstreamRequest(req, t, tunnel, true);
       socket.once('close', () => upstream.destroy());
+      let answered = false;
       upstream.once('upgrade', (answer, upstreamSocket, upstreamHead) => {
+        answered = true;
         done(101);
         let text = `HTTP/1.1 101 ${answer.statusMessage || 'Switching Protocols'}\r\n`;
         for (let i = 0; i < answer.rawHeaders.length; i += 2) text += `${answer.rawHeaders[i]}: ${answer.rawHeaders[i + 1]}\r\n`;
@@ -240,6 +248,7 @@ export function createPortProxy(opts: PortProxyOptions) {
       });
       upstream.once('response', (answer) => {
         // The server refused the upgrade: its answer is relayed, then the connection closes.
+        answered = true;
         done(answer.statusCode ?? 502);
         let text = `HTTP/1.1 ${answer.statusCode} ${answer.statusMessage || STATUS_CODES[answer.statusCode!] || ''}\r\n`;
         for (const [name, value] of responseHeaders(answer)) text += `${name}: ${value}\r\n`;
@@ -248,8 +257,13 @@ export function createPortProxy(opts: PortProxyOptions) {
         answer.once('error', () => socket.destroy());
       });
       upstream.once('error', (err: NodeJS.ErrnoException) => {
+        answered = true;
         tunnel.destroy();
         refuse(upstreamFailure(t, err));
+      });
+      // Closed with neither an answer nor an error (see `forward`): malformed.
+      upstream.once('close', () => {
+        if (!answered) refuse(malformed(t, undefined));
       });
       upstream.end();
     })().catch(refuse);
@@ -284,7 +298,7 @@ function responseHeaders(answer: IncomingMessage): [string, string][] {
 }
 
 /** The request headers the upstream sees: without ours, without hop-by-hop ones, with X-Forwarded-*. */
-function forwardedHeaders(req: IncomingMessage, target: Target): Record<string, string> {
+function forwardedHeaders(req: IncomingMessage, target: Target, proto: string): Record<string, string> {
   const named = connectionTokens(req.headers.connection);
   const headers: Record<string, string> = {};
   for (let i = 0; i < req.rawHeaders.length; i += 2) {
@@ -304,7 +318,7 @@ function forwardedHeaders(req: IncomingMessage, target: Target): Record<string, 
   const host = req.headers.host ?? '';
   headers.host = target.via === 'host' ? host : `localhost:${target.port}`;
   headers['x-forwarded-host'] = host;
-  headers['x-forwarded-proto'] = (req.socket as { encrypted?: boolean }).encrypted ? 'https' : 'http';
+  headers['x-forwarded-proto'] = proto;
   if (req.socket.remoteAddress) headers['x-forwarded-for'] = req.socket.remoteAddress;
   return headers;
 }
