@@ -6,7 +6,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { parseNetworkRule, type NetworkPolicy } from '../shared/index.js';
 import { localAnswer, nameAllowed, parseAnswer, parseQuery } from '../server/hypervisor/network/dns-proxy.js';
-import { egressBaseScript, readEgressTable, sandboxScript } from '../server/hypervisor/network/egress-firewall.js';
+import { EgressFirewall, egressBaseScript, readEgressTable, sandboxScript } from '../server/hypervisor/network/egress-firewall.js';
+import { newId } from '../server/store/ids.js';
 import { tearDown } from '../server/hypervisor/network/host-network.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
@@ -178,6 +179,15 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
   let other: SandboxHandle;
   let closed = false;
 
+  const serverEnv = () => ({
+    SANDBOX_DRIVER: 'container',
+    SANDBOX_NETWORK: 'bridge',
+    BRIDGE_NAME: bridge,
+    GATEWAY_IP: net.gatewayCidr,
+    NETWORK_CIDR: net.networkCidr,
+    DNS_NAMESERVERS: internet.address,
+    HEALTH_ENABLED: 'false',
+  });
   const put = (id: string, body: unknown) => server.http(`/api/sandboxes/${id}/network`, { method: 'PUT', apiKey, json: body });
   /** The sandbox as REST answers it. */
   const restGet = async (id: string) => ((await (await server.http(`/api/sandboxes/${id}`, { apiKey })).json()) as { data: { ip: string; network: NetworkPolicy } }).data;
@@ -208,15 +218,7 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     });
     hostPort = createServer((s) => s.end('host port\n'));
     await new Promise<void>((r) => hostPort.listen(0, '0.0.0.0', r));
-    server = await startTestServer({
-      SANDBOX_DRIVER: 'container',
-      SANDBOX_NETWORK: 'bridge',
-      BRIDGE_NAME: bridge,
-      GATEWAY_IP: net.gatewayCidr,
-      NETWORK_CIDR: net.networkCidr,
-      DNS_NAMESERVERS: internet.address,
-      HEALTH_ENABLED: 'false',
-    });
+    server = await startTestServer(serverEnv());
     apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Egress User', email: uniqueEmail('egress') })).apiKey;
     vr = server.client(apiKey);
     [box, other] = await Promise.all([vr.sandboxes.create({ name: 'egress-box', network: { egress: 'allow' } }), vr.sandboxes.create({ name: 'other-box' })]);
@@ -342,6 +344,26 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     expect(((await lifted.json()) as { data: { network: NetworkPolicy } }).data.network).toMatchObject({ maxEgressBytes: null, egressCut: false });
     expect(await fetchFrom(box, internet.address)).toMatchObject({ from: internet.hostAddress });
   }, 90_000);
+
+  it("a restarted server keeps a running sandbox's policy (its resolver and PUT work again) and removes rules no sandbox owns", async () => {
+    expect((await put(box.id, { egress: 'deny', allow: ['allowed.test'], deny: [] })).status).toBe(200);
+    await server.close({ keepState: true });
+    // What a server killed mid-delete could leave: the rules of a sandbox that has no record.
+    const orphan = newId();
+    await new EgressFirewall({ bridge, gateway, networkCidr: net.networkCidr }).apply({ id: orphan, ip: `${subnet}.250`, hostIf: '' }, policy({}));
+    expect((await readEgressTable(bridge)).chains).toContain(orphan);
+    server = await startTestServer(serverEnv(), server.dirs);
+    vr = server.client(apiKey);
+    box = await vr.sandboxes.get(box.id);
+    const table = await readEgressTable(bridge);
+    expect(table.chains).not.toContain(orphan);
+    expect([...table.sources.values()]).not.toContain(orphan);
+    expect(await fetchFrom(box, 'allowed.test')).toMatchObject({ from: internet.hostAddress });
+    expect(await resolves(box, 'blocked.test')).toBe(false);
+    expect(await fetchFrom(box, blocked)).toBeNull();
+    expect((await put(box.id, { egress: 'allow', allow: [] })).status).toBe(200);
+    expect(await fetchFrom(box, blocked)).toMatchObject({ at: blocked });
+  }, 180_000);
 
   it('delete leaves no rule or set behind, and setup-net --down removes the table', async () => {
     const before = await readEgressTable(bridge);
