@@ -62,6 +62,8 @@ export interface PortProxyOptions {
  */
 export function createPortProxy(opts: PortProxyOptions) {
   const { services, streams } = opts;
+  /** Client sockets upgraded through to a port (Node's server no longer tracks them). */
+  const upgraded = new Set<Duplex>();
 
   /** The preview host a request is for, or null. */
   function hostTarget(req: IncomingMessage): Target | null {
@@ -245,6 +247,8 @@ export function createPortProxy(opts: PortProxyOptions) {
         if (upstreamHead.length) socket.write(upstreamHead);
         if (head.length) upstreamSocket.write(head);
         splice(socket, upstreamSocket);
+        upgraded.add(socket);
+        socket.once('close', () => upgraded.delete(socket));
       });
       upstream.once('response', (answer) => {
         // The server refused the upgrade: its answer is relayed, then the connection closes.
@@ -270,7 +274,12 @@ export function createPortProxy(opts: PortProxyOptions) {
     return target.via === 'host' ? PREVIEW_HOST_LABEL : PORT_PROXY_LABEL;
   }
 
-  return { handleRequest, handleUpgrade };
+  /** Ends every upgraded connection (the server is closing). */
+  function closeUpgraded(): void {
+    for (const socket of upgraded) socket.destroy();
+  }
+
+  return { handleRequest, handleUpgrade, closeUpgraded };
 }
 
 /** The 502 for an upstream that did not answer HTTP. */

@@ -664,6 +664,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       for (const ws of rawWss.clients) ws.terminate();
       rawWss.close();
       for (const socket of upgradeTimers.keys()) socket.destroy(); // handshakes still under way
+      portProxy.closeUpgraded();
 
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
