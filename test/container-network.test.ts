@@ -71,13 +71,16 @@ describe.skipIf(netSkip !== null)('container sandboxes on the bridge', () => {
     expect(JSON.parse(res.stdout)).toEqual({ from: internet.hostAddress, received: 0 });
   }, 60_000);
 
-  it('answers (REST and tRPC) carry the address eth0 has inside; resolv.conf names the gateway; /sys shows its own links', async () => {
+  it('answers (REST and tRPC) carry the address eth0 has inside; resolv.conf names the gateway; /sys shows its own links; no IPv6', async () => {
     const rest = await restSandbox(box.id);
     expect(rest.ip).toMatch(new RegExp(`^${subnet.replaceAll('.', '\\.')}\\.\\d+$`));
     expect((await vr.trpc.sandbox.get.query({ id: box.id })).ip).toBe(rest.ip);
     expect((await box.exec('hostname -I')).stdout.trim()).toBe(rest.ip);
     expect((await box.exec('cat /etc/resolv.conf')).stdout).toBe(`nameserver ${subnet}.1\n`);
     expect((await box.exec('ls /sys/class/net')).stdout.split(/\s+/).filter(Boolean).sort()).toEqual(['eth0', 'lo']);
+    // IPv4 only: no IPv6 address on any interface, IPv6 off on eth0 and on the host end of its link.
+    expect((await box.exec('cat /proc/net/if_inet6; cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6')).stdout).toBe('1\n');
+    expect(readFileSync(`/proc/sys/net/ipv6/conf/${tapNameFor(box.id)}/disable_ipv6`, 'utf8')).toBe('1\n');
     expect(await leases()).toContainEqual(expect.objectContaining({ sandboxId: box.id, ip: rest.ip }));
   }, 60_000);
 

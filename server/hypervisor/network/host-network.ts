@@ -58,11 +58,11 @@ interface CommandOutcome {
 const commandEnv = { ...process.env, PATH: [process.env.PATH, '/usr/sbin', '/sbin'].filter(Boolean).join(':') };
 
 /** Runs one command (in `netns` when given) and reports how it ended; throws only when it cannot start. */
-function exec(netns: string | undefined, command: string, args: readonly string[]): Promise<CommandOutcome> {
+function exec(netns: string | undefined, command: string, args: readonly string[], input?: string): Promise<CommandOutcome> {
   const [file, ...argv] = inNamespace(netns, command, args);
   const shown = [file, ...argv].join(' ');
   return new Promise((resolve, reject) => {
-    execFile(file, argv, { env: commandEnv, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
+    const child = execFile(file, argv, { env: commandEnv, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
       if (err && typeof err.code === 'string') {
         // The binary itself is missing (ENOENT) or not executable.
         reject(new HostCommandError(`${file} cannot be run (${err.code}): ${INSTALL_HINT}`, shown, null, stderr));
@@ -77,6 +77,9 @@ function exec(netns: string | undefined, command: string, args: readonly string[
       }
       resolve({ exitCode, stdout, stderr });
     });
+    // A command that never reads its input (or is gone) must not fail the write.
+    child.stdin?.on('error', () => {});
+    child.stdin?.end(input);
   });
 }
 
@@ -90,15 +93,18 @@ function firstLine(text: string): string {
 }
 
 /** Runs one command and returns its stdout; a non-zero exit throws `HostCommandError`. */
-async function run(netns: string | undefined, command: string, args: readonly string[]): Promise<string> {
-  const outcome = await exec(netns, command, args);
+async function run(netns: string | undefined, command: string, args: readonly string[], input?: string): Promise<string> {
+  const outcome = await exec(netns, command, args, input);
   if (outcome.exitCode !== 0) throw failure(netns, command, args, outcome);
   return outcome.stdout;
 }
 
-/** Runs `command` on the host (or in `netns`) and returns its stdout; a non-zero exit throws `HostCommandError` naming it. */
-export function runNetworkCommand(command: string, args: readonly string[], netns?: string): Promise<string> {
-  return run(netns, command, args);
+/**
+ * Runs `command` on the host (or in `netns`), `input` on its stdin (e.g. `ip -batch -` lines),
+ * and returns its stdout; a non-zero exit throws `HostCommandError` naming it.
+ */
+export function runNetworkCommand(command: string, args: readonly string[], netns?: string, input?: string): Promise<string> {
+  return run(netns, command, args, input);
 }
 
 function failure(netns: string | undefined, command: string, args: readonly string[], outcome: CommandOutcome): HostCommandError {
