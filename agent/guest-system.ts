@@ -74,7 +74,7 @@ export async function configureGuest(config: GuestConfig, busybox: string): Prom
   writeFileSync('/proc/sys/kernel/hostname', config.hostname);
   await run(busybox, ['ip', 'link', 'set', 'lo', 'up']);
   for (const nic of config.extraNetworks ?? []) await setNetwork(nic, busybox);
-  await setNetwork(config.network, busybox);
+  if (config.network) await setNetwork(config.network, busybox);
   if (config.nameservers?.length) writeResolvConf(config.nameservers);
   // Online, in the background: commands can run meanwhile.
   if (config.growRootFs) execFile('/sbin/resize2fs', ['/dev/vda'], () => {});

@@ -43,9 +43,10 @@ export interface GuestConfig {
   agentSettings: Record<string, string>;
   /**
    * The NIC with the default route: on the bridge (a TAP: cloud-hypervisor, QEMU in bridge mode)
-   * or QEMU's user-mode network. `mac` names the NIC; without it, eth0.
+   * or QEMU's user-mode network. `mac` names the NIC; without it, eth0. None: the guest has no NIC
+   * (a cloud-hypervisor sandbox with network mode `none`).
    */
-  network: GuestNic & { gateway: string };
+  network?: GuestNic & { gateway: string };
   /** Further NICs, addressed without a route beyond their subnet (QEMU's user-mode NIC the host reaches the agent through, beside a TAP). */
   extraNetworks?: GuestNic[];
   /** Grow the root filesystem to fill its disk at boot (the overlay is larger than the image). */
@@ -71,5 +72,5 @@ export interface GuestIdentity {
   /** The new sandbox's id, which its commands see as VOIDRUN_SANDBOX_ID. */
   sandboxId: string;
   /** The restored NIC's new address; with `replacesMac`, the NIC that has that MAC now takes `mac`. */
-  network?: GuestConfig['network'] & { replacesMac?: string };
+  network?: NonNullable<GuestConfig['network']> & { replacesMac?: string };
 }

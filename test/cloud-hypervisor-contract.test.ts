@@ -110,6 +110,9 @@ const ID_A = '65a1b2c3d4e5f60718293a4b';
 const ID_B = '65a1b2c3d4e5f60718293a4c';
 const ID_FAILING = '65a1b2c3d4e5f60718293a4d';
 
+/** A policy unlike the drivers' default, to see it passed through. */
+const DENY_POLICY: NetworkPolicy = { mode: 'bridge', egress: 'deny', allow: ['allowed.test'], deny: [], maxEgressBytes: null, egressCut: false };
+
 function sandboxSpec(id: string, overrides: Partial<SandboxSpec> = {}): SandboxSpec {
   return { id, name: `box-${id.slice(-4)}`, rootfs: '/unused', image: 'debian', cpu: 2, memMb: 512, diskMb: 2048, envVars: { GREETING: 'hi' }, ...overrides };
 }
@@ -232,12 +235,24 @@ describe('contract: vm.create body (buildVmConfig)', () => {
     const rebased = rebaseSnapshotConfig(captured, { instance: target, agentDisk: '/srv/agent.img', tap: 'vr0718293a4c', serialLog: '/srv/instances/b/serial.log' });
     expect(rebased.disks!.map((d) => d.path)).toEqual([target.overlay, '/srv/agent.img', target.configDisk]);
     expect(rebased.disks![0]).toMatchObject({ image_type: 'Qcow2', backing_files: true });
-    expect(rebased.net).toEqual([{ ...captured.net[0], tap: 'vr0718293a4c' }]);
+    expect(rebased.net).toEqual([{ ...captured.net![0], tap: 'vr0718293a4c' }]);
     expect(rebased.vsock).toEqual({ cid: GUEST_CID, socket: target.vsockSocket });
     expect(rebased.serial).toEqual({ mode: 'File', file: '/srv/instances/b/serial.log' });
     expect(rebased.memory).toEqual(captured.memory);
     expect(rebased.platform).toEqual({ num_pci_segments: 1 });
     expect(() => rebaseSnapshotConfig({ ...captured, disks: [] }, { instance: target, agentDisk: '', tap: '', serialLog: '' })).toThrow(/3/);
+    // A VM without a NIC (network mode none) is restored without one; one with a NIC needs a TAP.
+    const { net: _net, ...withoutNic } = captured;
+    expect(rebaseSnapshotConfig(withoutNic, { instance: target, agentDisk: '/srv/agent.img', serialLog: '/srv/instances/b/serial.log' }).net).toBeUndefined();
+    expect(() => rebaseSnapshotConfig(captured, { instance: target, agentDisk: '/srv/agent.img', serialLog: '' })).toThrow(/no TAP/);
+  });
+
+  it('contract: a sandbox with network mode none has no NIC and no ip= on its command line', () => {
+    const { network: _network, ...input } = configInput({ network: { ...DENY_POLICY, mode: 'none' } });
+    const config = buildVmConfig(input);
+    expect(config.net).toBeUndefined();
+    expect(config.payload.cmdline).not.toMatch(/\bip=/);
+    expect(schema?.checkRequest('PUT', '/vm.create', config) ?? []).toEqual([]);
   });
 });
 
@@ -495,7 +510,6 @@ class InMemoryNetworkFake implements VmHostNetwork {
   }
 }
 
-const DENY_POLICY: NetworkPolicy = { mode: 'bridge', egress: 'deny', allow: ['allowed.test'], deny: [], maxEgressBytes: null, egressCut: false };
 
 type Recorded = { method: string; path: string; body: unknown; pid: number };
 
@@ -654,6 +668,24 @@ describe('contract: CloudHypervisorDriver against a fake cloud-hypervisor (the r
     expect(await driver.inspect(ID_A)).toBe('missing');
     expect(await driver.list()).toEqual([]);
     await driver.destroy(ID_A); // idempotent
+  });
+
+  it('contract: a sandbox with network mode none boots without a NIC: no TAP, no address, no rules, no network in its guest config', async () => {
+    const p = vmInstancePaths(instancesDir, ID_B);
+    const callsBefore = recorded().length;
+    await driver.create(sandboxSpec(ID_B, { network: { ...DENY_POLICY, mode: 'none' } }));
+    const createBody = recorded().slice(callsBefore).find((r) => r.path === '/vm.create')!.body as { net?: unknown; payload: { cmdline: string } };
+    expect(createBody.net).toBeUndefined();
+    expect(createBody.payload.cmdline).not.toMatch(/\bip=/);
+    expect(network.taps.size).toBe(0);
+    expect(network.firewall.size).toBe(0);
+    expect(await driver.addressOf(ID_B)).toBeNull();
+    expect(await driver.networkBytes(ID_B)).toBeNull();
+    const guest = JSON.parse(readFileSync(p.configDisk, 'utf8').replace(/\0+$/, '')) as GuestConfig;
+    expect(guest.network).toBeUndefined();
+    expect(guest.nameservers).toBeUndefined();
+    await driver.destroy(ID_B);
+    expect(await driver.list()).toEqual([]);
   });
 
   it('contract: a create whose agent never becomes ready undoes everything (VMM, TAP, address, directory)', async () => {

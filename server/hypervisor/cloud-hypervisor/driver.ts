@@ -181,24 +181,26 @@ export class CloudHypervisorDriver
   /**
    * Boots the instance's existing overlay with a new VMM: TAP on the bridge (firewall and source
    * check in place before the VM runs), config disk, VMM, create, boot, agent. DNS goes to the
-   * gateway, where the server's resolver answers by the sandbox's policy.
+   * gateway, where the server's resolver answers by the sandbox's policy. A sandbox with network
+   * mode `none` has no NIC at all (its agent is on vsock).
    */
   async #bootFresh(spec: SandboxSpec, token: string): Promise<void> {
     const f = this.#files(spec.id);
     const mac = macForSandbox(spec.id);
-    const { tap, address } = await this.opts.network.attach(spec.id, { mac, policy: spec.network ?? VM_DEFAULT_POLICY });
-    const network: VmNetwork = { tap, address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway };
+    const attachment = spec.network?.mode === 'none' ? null : await this.opts.network.attach(spec.id, { mac, policy: spec.network ?? VM_DEFAULT_POLICY });
+    const network: VmNetwork | undefined = attachment
+      ? { tap: attachment.tap, address: attachment.address.ip, prefixLength: attachment.address.prefixLength, gateway: attachment.address.gateway }
+      : undefined;
     await this.opts.writeConfigDisk(f.configDisk, {
       hostname: hostnameFor(spec.name),
       token,
       env: spec.envVars,
       agentSettings: spec.agentSettings ?? {},
-      network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway, mac },
+      ...(network ? { network: { address: network.address, prefixLength: network.prefixLength, gateway: network.gateway, mac }, nameservers: [network.gateway] } : {}),
       // A no-op once the filesystem fills the overlay, so every boot may ask.
       growRootFs: true,
-      nameservers: [address.gateway],
     });
-    const config = buildVmConfig({ spec, image: await this.#image(spec), instance: f, agentDisk: await this.opts.agentDisk(), network, serialLog: f.serialLog, extraCmdline: this.opts.kernelCmdline });
+    const config = buildVmConfig({ spec, image: await this.#image(spec), instance: f, agentDisk: await this.opts.agentDisk(), ...(network ? { network } : {}), serialLog: f.serialLog, extraCmdline: this.opts.kernelCmdline });
     const api = await this.#startVmm(spec.id);
     await api.createVm(config);
     await api.bootVm();
@@ -470,9 +472,10 @@ export class CloudHypervisorDriver
       const vmDir = join(staging, 'vm');
       const captured = JSON.parse(await readFile(join(vmDir, 'config.json'), 'utf8')) as SnapshotVmConfig;
       // The guest's memory holds its NIC's MAC as captured: the TAP's source check pins that one.
+      // A snapshot of a VM without a NIC (network mode none) restores without one.
       const mac = captured.net?.[0]?.mac ?? macForSandbox(spec.id);
-      const { tap, address } = await this.opts.network.attach(spec.id, { mac, policy: spec.network ?? VM_DEFAULT_POLICY });
-      const rebased = rebaseSnapshotConfig(captured, { instance: f, agentDisk: await this.opts.agentDisk(), tap, serialLog: f.serialLog });
+      const attachment = captured.net?.length ? await this.opts.network.attach(spec.id, { mac, policy: spec.network ?? VM_DEFAULT_POLICY }) : null;
+      const rebased = rebaseSnapshotConfig(captured, { instance: f, agentDisk: await this.opts.agentDisk(), ...(attachment ? { tap: attachment.tap } : {}), serialLog: f.serialLog });
       await writeFile(join(vmDir, 'config.json'), JSON.stringify(rebased));
       const api = await this.#startVmm(spec.id);
       await api.restore(vmDir);
@@ -482,7 +485,7 @@ export class CloudHypervisorDriver
       await reidentifyGuest(await this.connect(spec.id), {
         hostname: hostnameFor(spec.name),
         sandboxId: spec.id,
-        network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway, mac },
+        ...(attachment ? { network: { address: attachment.address.ip, prefixLength: attachment.address.prefixLength, gateway: attachment.address.gateway, mac } } : {}),
       });
       // The memory was copied into the VM; the staged copy is no longer needed.
       await rm(staging, { recursive: true, force: true });

@@ -62,7 +62,7 @@ export interface VmConfig {
   cpus: CpusConfig;
   memory: MemoryConfig;
   disks: DiskConfig[];
-  net: NetConfig[];
+  net?: NetConfig[];
   rng: { src: string };
   serial: SerialConfig;
   console: SerialConfig;
@@ -93,7 +93,8 @@ export interface VmConfigInput {
   instance: VmInstancePaths;
   /** The shared read-only agent disk (node, the agent bundle, node-pty). */
   agentDisk: string;
-  network: VmNetwork;
+  /** The TAP NIC; none for a sandbox with network mode `none` (the agent is on vsock either way). */
+  network?: VmNetwork;
   /** Where the guest's serial console is written. */
   serialLog: string;
   /** Kernel parameters appended to ours (SANDBOX_KERNEL_CMDLINE); later parameters win. */
@@ -134,9 +135,9 @@ export function macForSandbox(id: string): string {
  * has virtio_net and IP autoconfiguration built in; with one, the agent's own `ip addr add` just
  * finds the address already there. The hostname field stays empty: the agent sets it.
  */
-export function kernelCmdline(network: Pick<VmNetwork, 'address' | 'gateway' | 'prefixLength'>, extra?: string): string {
-  const ip = `ip=${network.address}::${network.gateway}:${netmaskFromPrefix(network.prefixLength)}::eth0:off`;
-  return ['console=ttyS0', 'root=/dev/vda', 'rootfstype=ext4', 'rw', 'net.ifnames=0', 'biosdevname=0', ip, ...(extra ? [extra] : [])].join(' ');
+export function kernelCmdline(network: Pick<VmNetwork, 'address' | 'gateway' | 'prefixLength'> | undefined, extra?: string): string {
+  const ip = network ? [`ip=${network.address}::${network.gateway}:${netmaskFromPrefix(network.prefixLength)}::eth0:off`] : [];
+  return ['console=ttyS0', 'root=/dev/vda', 'rootfstype=ext4', 'rw', 'net.ifnames=0', 'biosdevname=0', ...ip, ...(extra ? [extra] : [])].join(' ');
 }
 
 /**
@@ -160,7 +161,7 @@ export function buildVmConfig(input: VmConfigInput): VmConfig {
       { id: 'agent', path: input.agentDisk, readonly: true, image_type: 'Raw' },
       { id: 'config', path: instance.configDisk, readonly: true, image_type: 'Raw' },
     ],
-    net: [{ id: 'eth0', tap: network.tap, mac: macForSandbox(spec.id) }],
+    ...(network ? { net: [{ id: 'eth0', tap: network.tap, mac: macForSandbox(spec.id) }] } : {}),
     rng: { src: '/dev/urandom' },
     serial: { mode: 'File', file: input.serialLog },
     console: { mode: 'Off' },
@@ -174,7 +175,8 @@ export type SnapshotVmConfig = Partial<VmConfig> & Record<string, unknown>;
 export interface RebaseTarget {
   instance: VmInstancePaths;
   agentDisk: string;
-  tap: string;
+  /** The new sandbox's TAP; none when the snapshot's VM had no NIC. */
+  tap?: string;
   serialLog: string;
 }
 
@@ -190,12 +192,13 @@ export function rebaseSnapshotConfig(config: SnapshotVmConfig, target: RebaseTar
   if (disks.length !== 3) throw new Error(`the snapshot has ${disks.length} disks; a VoidRun VM has 3 (overlay, agent, config)`);
   const paths = [target.instance.overlay, target.agentDisk, target.instance.configDisk];
   const net = config.net ?? [];
-  if (net.length !== 1) throw new Error(`the snapshot has ${net.length} network devices; a VoidRun VM has 1`);
+  if (net.length > 1) throw new Error(`the snapshot has ${net.length} network devices; a VoidRun VM has at most 1`);
+  if (net.length === 1 && !target.tap) throw new Error('the snapshot has a network device, and the new sandbox has no TAP for it');
   if (!config.vsock) throw new Error('the snapshot has no vsock device, so its agent would be unreachable');
   return {
     ...config,
     disks: disks.map((disk, i) => ({ ...disk, path: paths[i]! })),
-    net: [{ ...net[0]!, tap: target.tap }],
+    ...(net.length ? { net: [{ ...net[0]!, tap: target.tap! }] } : {}),
     vsock: { ...config.vsock, socket: target.instance.vsockSocket },
     serial: config.serial?.mode === 'File' ? { ...config.serial, file: target.serialLog } : config.serial,
   };
