@@ -79,6 +79,8 @@ describe.skipIf(skipReason !== null)('host networking inside network namespaces'
     await ip('-n', host, 'route', 'add', 'default', 'via', '10.200.0.1');
     // As on hosts running Docker: forwarding is refused unless a rule accepts it.
     await inNs(host, 'iptables', '-P', 'FORWARD', 'DROP');
+    // A new namespace inherits the host's IPv4 forwarding, which a server on this host may have turned on.
+    await inNs(host, 'sysctl', '-q', '-w', 'net.ipv4.ip_forward=0');
   });
 
   afterAll(async () => {

@@ -40,6 +40,20 @@ describe('buildOciSpec', () => {
     expect(buildOciSpec(base).linux.namespaces.every((n) => !('path' in n))).toBe(true);
   });
 
+  it('on the bridge joins the host-made network namespace by path and binds its sysfs and resolv.conf read-only', () => {
+    const network = { netnsPath: '/run/netns/vr-vmbr0-abc', sysfsPath: '/run/voidrun-net/vmbr0/abc/sys', resolvConfPath: '/run/voidrun-net/vmbr0/abc/resolv.conf' };
+    const spec = buildOciSpec({ ...base, network });
+    expect(spec.linux.namespaces).toContainEqual({ type: 'network', path: network.netnsPath });
+    expect(spec.linux.namespaces.filter((n) => n.type === 'network')).toHaveLength(1);
+    expect(spec.linux.namespaces).toContainEqual({ type: 'user' });
+    const mount = (destination: string) => spec.mounts.filter((m) => m.destination === destination);
+    expect(mount('/sys')).toEqual([{ destination: '/sys', type: 'bind', source: network.sysfsPath, options: ['rbind', 'ro', 'nosuid', 'noexec', 'nodev'] }]);
+    expect(mount('/etc/resolv.conf')).toEqual([{ destination: '/etc/resolv.conf', type: 'bind', source: network.resolvConfPath, options: ['rbind', 'ro', 'nosuid', 'nodev'] }]);
+    // Without it: a sysfs of the sandbox's own, and the image's resolv.conf.
+    expect(buildOciSpec(base).mounts.filter((m) => m.destination === '/sys')).toEqual([{ destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] }]);
+    expect(buildOciSpec(base).mounts.some((m) => m.destination === '/etc/resolv.conf')).toBe(false);
+  });
+
   it.each([
     ['web.prod-1', 'web.prod-1'],
     ['a'.repeat(63), 'a'.repeat(63)],
