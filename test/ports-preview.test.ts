@@ -209,6 +209,21 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     await expect(wsEcho(`${base}/ws`, { host: host(8000) }, 'no token')).rejects.toThrow('upgrade answered 401');
   });
 
+  it("another org's key reaches none of the sandbox's ports, tokens or access (404, as if it did not exist)", async () => {
+    const otherKey = (await server.client().trpc.auth.register.mutate({ name: 'Other Org', email: uniqueEmail('ports-other') })).apiKey;
+    const headers = { 'x-api-key': otherKey };
+    const viaApi = await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers });
+    expect(viaApi.status).toBe(404);
+    expect(JSON.parse(viaApi.body).code).toBe('SANDBOX_NOT_FOUND');
+    expect((await raw(server, '/', { host: host(8000), headers })).status).toBe(404);
+    expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000/token`, { method: 'POST', headers })).status).toBe(404);
+    expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000`, { method: 'PUT', headers: { ...headers, 'content-type': 'application/json' }, body: '{"public":true}' })).status).toBe(404);
+    expect((await raw(server, `/api/sandboxes/${box.id}/ports`, { headers })).status).toBe(404);
+    expect((await raw(server, `/api/sandboxes/${box.id}/public-urls`, { headers })).status).toBe(404);
+    // A sandbox that does not exist looks the same on a preview host without credentials as a private port.
+    expect((await raw(server, '/', { host: `8000-${'0'.repeat(24)}.${DOMAIN}` })).status).toBe(401);
+  });
+
   it('answers 502 saying nothing listens on a closed port', async () => {
     const res = await raw(server, `/api/sandboxes/${box.id}/ports/8999/`, { headers: { 'x-api-key': apiKey } });
     expect(res.status).toBe(502);
