@@ -100,6 +100,8 @@ export class AgentConnection {
         observable((observer) => {
           const id = this.#nextId++;
           let done = false;
+          /** The caller has unsubscribed (tRPC's client does on a query's or mutation's first value): it is told nothing more. */
+          let unsubscribed = false;
           let socket: WebSocket | undefined;
           const schema = agentReplies[op.path as AgentReplyPath] as z.ZodType | undefined;
           const stopRemote = () => {
@@ -151,7 +153,8 @@ export class AgentConnection {
                 observer.next({ result: { type: 'data', data: parsed.data } } as never);
                 if (op.type !== 'subscription') {
                   finish();
-                  observer.complete();
+                  // A completion nobody listens for would still cost tRPC's client an abort (a DOMException) per call.
+                  if (!unsubscribed) observer.complete();
                 }
               } else if (msg.result?.type === 'stopped') {
                 finish();
@@ -179,6 +182,7 @@ export class AgentConnection {
           );
           if (op.signal?.aborted) onAbort();
           return () => {
+            unsubscribed = true;
             if (done) return;
             finish();
             stopRemote();
