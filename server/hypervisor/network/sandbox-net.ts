@@ -9,6 +9,7 @@ import { findLink, runNetworkCommand, setUp, tapNameFor } from './host-network.j
 import type { IpPool } from './ip-pool.js';
 import { noFirewall, type NetworkBytes, type NetworkPolicy, type SandboxAttachment, type SandboxFirewall, type SandboxNetworking } from './types.js';
 
+/** What `BridgeNetworking` needs: the bridge, its address pool and the firewall. */
 export interface BridgeNetworkingOptions {
   /** BRIDGE_NAME: the bridge setup-net made, whose address (the pool's gateway) is the sandboxes' default route. */
   bridge: string;
@@ -197,6 +198,7 @@ export interface SandboxNetworkChoice {
   networking: BridgeNetworking | null;
 }
 
+/** `chooseSandboxNetwork`'s inputs: SANDBOX_NETWORK, and the bridge's settings for setup-net and `BridgeNetworking`. */
 export interface SandboxNetworkChoiceOptions extends Omit<BridgeNetworkingOptions, 'pool'> {
   /** SANDBOX_NETWORK; unset: bridge where the host can do it. */
   requested: 'bridge' | 'none' | undefined;
