@@ -301,6 +301,30 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
   }, 60_000);
 });
 
+describe.skipIf(!support.ok)('ports and preview URLs across a server restart', () => {
+  it("keeps public ports and accepts the tokens minted before (the key stays in DATA_DIR); the sandbox's server still answers", async () => {
+    const env = { PREVIEW_DOMAIN: DOMAIN, PREVIEW_URL_SCHEME: 'http' };
+    const first = await startTestServer(env);
+    const key = (await first.client().trpc.auth.register.mutate({ name: 'Restart Ports', email: uniqueEmail('ports-restart') })).apiKey;
+    const sb = await first.client(key).sandboxes.create({ name: 'ports-restart' });
+    await sb.files.write('/root/port-server.pl', script);
+    const handle = await sb.commands.run('perl /root/port-server.pl http 8000');
+    for await (const chunk of handle.output()) if (chunk.type === 'stdout' && chunk.data.includes('listening 8000')) break;
+    await sb.ports.setPublic(8001, true);
+    const { token } = await sb.ports.token(8000);
+    await first.close({ keepState: true });
+    const second = await startTestServer(env, first.dirs);
+    try {
+      expect(await second.client(key).sandboxes.get(sb.id).then((b) => b.ports.publicUrls())).toEqual([{ port: 8001, url: `http://8001-${sb.id}.${DOMAIN}/` }]);
+      const res = await raw(second, '/after', { host: `8000-${sb.id}.${DOMAIN}`, headers: { 'x-voidrun-preview-token': token } });
+      expect(res.status).toBe(200);
+      expect(echoed(res.body).target).toBe('/after');
+    } finally {
+      await second.close();
+    }
+  }, 180_000);
+});
+
 /** QEMU and the VM image are there (as .ci/run provides them). */
 function vmSupport(): boolean {
   if (!support.ok || !existsSync(join(process.env.BASE_IMAGES_DIR ?? '/var/lib/hyper-fleet/base-images', 'debian-vm.json'))) return false;
