@@ -186,6 +186,8 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
   const busybox = `${GUEST_AGENT_DIR}/busybox`;
   let internet: TestInternet;
   let counter: ChildProcess;
+  /** The test internet's DNS server (test/fixtures/egress-internet.mjs): allowed.test and blocked.test. */
+  let dns: ChildProcess;
   /** A listener on every host address: "any other host port" a sandbox must not reach. */
   let hostPort: Server;
   let server: TestServer;
@@ -207,6 +209,12 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
   beforeAll(async () => {
     internet = await startTestInternet({ name: `vrqi-${tag}`, hostIf: `vqi${tag}`, testNet: '203.0.113' });
     counter = await startConnectionCounter(internet.ns, internet.address);
+    const names = { 'allowed.test': internet.address, 'blocked.test': `192.0.2.${randomInt(1, 255)}` };
+    dns = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [] })]);
+    await new Promise<void>((resolve, reject) => {
+      dns.stdout!.on('data', (chunk: Buffer) => chunk.toString().includes('ready') && resolve());
+      dns.once('exit', (code) => reject(new Error(`the test internet's DNS server exited with ${code}`)));
+    });
     hostPort = createServer((s) => s.end('host\n'));
     await new Promise<void>((resolve) => hostPort.listen(0, '0.0.0.0', resolve));
     server = await startTestServer(env());
@@ -225,6 +233,7 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
       await tearDown({ bridge, gatewayCidr: `${subnet}.1/24`, networkCidr: `${subnet}.0/24` }).catch(() => {});
       for (const table of [`netdev ${tapGuardTable(bridge)}`, `ip ${tapGuardTable(bridge)}`]) await runNft(`delete table ${table}\n`).catch(() => {});
       counter?.kill();
+      dns?.kill();
       await internet?.close();
     }
   }, 60_000);
@@ -294,6 +303,19 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
     const allowed = await sh(fetchCommand(internet.address));
     expect(allowed.exitCode, allowed.stderr).toBe(0);
     expect(JSON.parse(allowed.stdout)).toMatchObject({ from: internet.hostAddress });
+  }, 120_000);
+
+  it('allow: ["allowed.test"] with egress deny: the VM resolves and reaches allowed.test through the gateway resolver, not its address before that, nor blocked.test', async () => {
+    await vr.trpc.sandbox.updateNetwork.mutate({ id: box.id, egress: 'deny', allow: ['allowed.test'] });
+    try {
+      expect((await sh(fetchCommand(internet.address))).exitCode).not.toBe(0);
+      const byName = await sh(fetchCommand('allowed.test'));
+      expect(byName.exitCode, byName.stderr).toBe(0);
+      expect(JSON.parse(byName.stdout)).toMatchObject({ from: internet.hostAddress });
+      expect((await sh('getent ahostsv4 blocked.test')).exitCode).not.toBe(0);
+    } finally {
+      await vr.trpc.sandbox.updateNetwork.mutate({ id: box.id, egress: 'allow', allow: [] });
+    }
   }, 120_000);
 
   it("a VM restored from its snapshot gets its own address and MAC on the bridge (its guest's NIC takes them) and reaches the test internet", async () => {
