@@ -180,6 +180,9 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect(first.headers.location).toBe('/app?keep=1');
     const cookie = first.headers['set-cookie']![0]!;
     expect(cookie).toMatch(/^voidrun_preview=[^;]+; Path=\/; Max-Age=\d+; HttpOnly; SameSite=Lax$/);
+    // The redirect never leaves the preview host (`//host/…` would be another host's URL).
+    const sneaky = await raw(server, `//elsewhere.example/x?voidrun_token=${encodeURIComponent(token)}`, { host: host(8000) });
+    expect(sneaky.headers.location).toBe('/elsewhere.example/x');
     const next = await raw(server, '/app?keep=1', { host: host(8000), headers: { cookie: `${cookie.split(';')[0]}; mine=2` } });
     expect(next.status).toBe(200);
     // The cookie is ours: the sandbox's server sees only its own.

@@ -68,7 +68,7 @@ export function createPortProxy(opts: PortProxyOptions) {
   /** The preview host a request is for, or null. */
   function hostTarget(req: IncomingMessage): Target | null {
     const target = services.ports.previewTarget(req.headers.host);
-    return target ? { via: 'host', ...target, path: withoutOurQuery(req.url ?? '/') } : null;
+    return target ? { via: 'host', ...target, path: withoutOurQuery(originForm(req.url ?? '/')) } : null;
   }
 
   /**
@@ -334,6 +334,23 @@ function forwardedHeaders(req: IncomingMessage, target: Target, proto: string): 
 
 function connectionTokens(value: string | undefined): Set<string> {
   return new Set((value ?? '').split(',').map((t) => t.trim().toLowerCase()).filter(Boolean));
+}
+
+/**
+ * A request target as a path: an absolute-form target (`http://host/path`) becomes its path and
+ * query, and leading slashes collapse to one, so a redirect to it never leaves the host.
+ */
+function originForm(url: string): string {
+  let path = url;
+  if (!url.startsWith('/')) {
+    try {
+      const parsed = new URL(url);
+      path = parsed.pathname + parsed.search;
+    } catch {
+      path = '/';
+    }
+  }
+  return path.replace(/^\/+/, '/');
 }
 
 /** `url` without our parameters (`voidrun_token`, `apiKey`); the rest of its query kept byte for byte. */
