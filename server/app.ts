@@ -68,7 +68,9 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const egress = new SandboxEgress({ bridge: config.BRIDGE_NAME, gatewayCidr: config.GATEWAY_IP, networkCidr: config.NETWORK_CIDR, nameservers: config.DNS_NAMESERVERS, log });
   const { driver, reason, accelerator, network } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, firewall: egress.firewall, log });
   if (network.mode === 'bridge') await egress.start();
-  log.info({ network: network.mode }, `sandbox network: ${network.reason}`);
+  // Asked for and not possible here: a warning, as sandboxes will have no network.
+  const networkLog = config.SANDBOX_NETWORK === 'bridge' && network.mode !== 'bridge' ? log.warn.bind(log) : log.info.bind(log);
+  networkLog({ network: network.mode }, `sandbox network: ${network.reason}`);
   if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
   else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
   // A reply may carry a command's stdout and stderr up to the output limit each, JSON-escaped.

@@ -195,6 +195,34 @@ describe('SANDBOX_NETWORK', () => {
   });
 });
 
+describe.skipIf(netSkip !== null)('SANDBOX_NETWORK=bridge where the bridge cannot be set up', () => {
+  const tag = randomBytes(3).toString('hex');
+  const notABridge = `vrnb${tag}`;
+  let server: TestServer;
+
+  beforeAll(async () => {
+    // BRIDGE_NAME names an interface that is not a bridge: setup-net refuses it.
+    await ip('link', 'add', notABridge, 'type', 'veth', 'peer', 'name', `vrnp${tag}`);
+    server = await startTestServer({ SANDBOX_DRIVER: 'container', SANDBOX_NETWORK: 'bridge', BRIDGE_NAME: notABridge, GATEWAY_IP: '10.217.0.1/24', NETWORK_CIDR: '10.217.0.0/24' });
+  }, 60_000);
+  afterAll(async () => {
+    await server?.close();
+    await ip('link', 'del', notABridge).catch(() => {});
+  });
+
+  it('starts with loopback-only sandboxes, says why in one warning, and refuses a bridge sandbox with 400 naming it', async () => {
+    const lines = server.logLines.map((l) => JSON.parse(l) as { level: number; msg: string }).filter((l) => l.msg.startsWith('sandbox network:'));
+    expect(lines).toHaveLength(1);
+    expect(lines[0]!.level).toBe(40);
+    expect(lines[0]!.msg).toMatch(new RegExp(`^sandbox network: SANDBOX_NETWORK=bridge, but setting up bridge ${notABridge} failed \\(${notABridge} exists and is not a bridge.*\\): sandboxes have loopback only$`));
+    expect(await findLink(notABridge)).toMatchObject({ linkinfo: { info_kind: 'veth' } });
+    const { apiKey } = await server.client().trpc.auth.register.mutate({ name: 'No Bridge', email: uniqueEmail('nobridge') });
+    const res = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'wants-bridge', network: { mode: 'bridge' } } });
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as { error: string }).error).toContain(`${notABridge} exists and is not a bridge`);
+  });
+});
+
 /**
  * The server as its own process (server/main.ts under tsx), so it can be killed with SIGKILL and
  * started again on the same state.
