@@ -151,7 +151,7 @@ register
 target=$(curl -fsS -H "X-API-Key: $api_key" -H 'content-type: application/json' -d '{"name":"fuzz-target","sync":true}' "$base/api/sandboxes" |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["data"]["id"])')
 export VOIDRUN_FUZZ_SANDBOX="$target"
-run sandbox openapi.yml --include-path-regex '^/sandboxes/\{id\}/(exec|exec-stream|session-exec|session-exec-stream|commands/(run|list)|files(/.*)?|pty/sessions(/\{sessionId\}/(execute|buffer|resize))?)$'
+run sandbox openapi.yml --include-path-regex '^/sandboxes/\{id\}/(exec|exec-stream|session-exec|session-exec-stream|commands/(run|list)|files(/.*)?|pty/sessions(/\{sessionId\}/(execute|buffer|resize))?|ports(/\{port\}(/token)?)?|public-urls)$'
 
 if [ "$status" != 0 ]; then
   echo "schemathesis found server errors (above; server log: $work/server.log)"

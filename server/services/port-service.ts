@@ -1,6 +1,6 @@
 import type { Duplex } from 'node:stream';
 import type { PortAccess, PortList, PreviewToken, PublicUrl } from '../../shared/index.js';
-import { ForbiddenError, NotFoundError, UnauthorizedError } from '../errors.js';
+import { ConflictError, ForbiddenError, NotFoundError, UnauthorizedError } from '../errors.js';
 import { listsPorts } from '../hypervisor/types.js';
 import type { SandboxRecord, SandboxRepository } from '../store/types.js';
 import type { AuthService, Principal } from './auth-service.js';
@@ -66,7 +66,7 @@ export class PortService {
       const ports = new Set(record.publicPorts ?? []);
       if (isPublic) ports.add(port);
       else ports.delete(port);
-      if (ports.size > MAX_PUBLIC_PORTS) throw new ForbiddenError(`A sandbox may have at most ${MAX_PUBLIC_PORTS} public ports; make another private first`);
+      if (ports.size > MAX_PUBLIC_PORTS) throw new ConflictError(`A sandbox may have at most ${MAX_PUBLIC_PORTS} public ports; make another private first`);
       const updated = await this.deps.repository.update(record.orgId, id, { publicPorts: [...ports].sort((a, b) => a - b) });
       if (!updated) throw new NotFoundError(`Sandbox ${id} not found`, { code: 'SANDBOX_NOT_FOUND' });
       return { port, public: isPublic, previewUrl: this.previewUrl(id, port) };
