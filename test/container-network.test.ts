@@ -78,6 +78,9 @@ describe.skipIf(netSkip !== null)('container sandboxes on the bridge', () => {
     expect((await box.exec('hostname -I')).stdout.trim()).toBe(rest.ip);
     expect((await box.exec('cat /etc/resolv.conf')).stdout).toBe(`nameserver ${subnet}.1\n`);
     expect((await box.exec('ls /sys/class/net')).stdout.split(/\s+/).filter(Boolean).sort()).toEqual(['eth0', 'lo']);
+    expect((await box.exec('ls /sys/devices/virtual/net')).stdout.split(/\s+/).filter(Boolean).sort()).toEqual(['eth0', 'lo']);
+    // The masked paths stay masked on the host-mounted sysfs (other sandboxes' disks are not listed).
+    expect((await box.exec('ls -A /sys/class/block /sys/devices/virtual/block')).stdout.replace(/\S+:\n/g, '').trim()).toBe('');
     // IPv4 only: no IPv6 address on any interface, IPv6 off on eth0 and on the host end of its link.
     expect((await box.exec('cat /proc/net/if_inet6; cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6')).stdout).toBe('1\n');
     expect(readFileSync(`/proc/sys/net/ipv6/conf/${tapNameFor(box.id)}/disable_ipv6`, 'utf8')).toBe('1\n');
