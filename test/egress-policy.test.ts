@@ -98,7 +98,14 @@ describe('egress firewall rules (pure)', () => {
       `ip daddr @${chain}_dns accept`,
       'reject with icmp type admin-prohibited',
     ]);
-    expect(script.trim().split('\n').at(-1)).toBe(`add element ip voidrun_vmbr0 by_source { 192.168.100.7 : jump ${chain} }`);
+    expect(script).toContain(`add element ip voidrun_vmbr0 by_source { 192.168.100.7 : jump ${chain} }`);
+    // Without the name proxy, or with it and domains allowed under egress deny: ports 80 and 443 redirected (except to allow CIDRs).
+    expect(script).toContain(`add chain ip voidrun_vmbr0 n_${id}\ndelete chain ip voidrun_vmbr0 n_${id}`);
+    const proxied = sandboxScript('vmbr0', { id, ip: '192.168.100.7' }, policy({ egress: 'deny', allow: ['10.0.0.0/8', 'allowed.test'] }), { proxyGateway: '192.168.100.1' });
+    expect(proxied).toContain(`add rule ip voidrun_vmbr0 n_${id} ip daddr @${chain}_allow return`);
+    expect(proxied).toContain(`add rule ip voidrun_vmbr0 n_${id} tcp dport { 80, 443 } dnat to 192.168.100.1 : tcp dport map @proxy_ports`);
+    expect(proxied).toContain(`add element ip voidrun_vmbr0 sni_by_source { 192.168.100.7 : jump n_${id} }`);
+    expect(sandboxScript('vmbr0', { id, ip: '192.168.100.7' }, policy({ egress: 'allow', allow: ['allowed.test'] }), { proxyGateway: '192.168.100.1' })).not.toContain('sni_by_source {');
     const cut = sandboxScript('vmbr0', { id, ip: '192.168.100.7' }, policy({ egressCut: true }));
     expect(cut.split('\n').filter((l) => l.startsWith(`add rule ip voidrun_vmbr0 ${chain} `))).toEqual([
       `add rule ip voidrun_vmbr0 ${chain} counter reject with icmp type admin-prohibited comment "egress cut: maxEgressBytes reached"`,
@@ -196,6 +203,19 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     const res = await sandbox.exec(fetchCommand(target, bytes));
     return res.exitCode === 0 ? (JSON.parse(res.stdout) as Record<string, unknown>) : null;
   };
+  /** An HTTP/1.0 GET to `target`:80 with `host` as its Host: the body parsed when it is JSON, else the raw answer. */
+  const httpGet = async (sandbox: SandboxHandle, target: string, host: string) => {
+    const res = await sandbox.exec(`timeout 10 bash -c "exec 3<>/dev/tcp/${target}/80 && printf 'GET / HTTP/1.0\\r\\nHost: ${host}\\r\\n\\r\\n' >&3 && cat <&3"`);
+    const body = res.stdout.split('\r\n\r\n')[1] ?? '';
+    return body.startsWith('{') ? (JSON.parse(body) as Record<string, unknown>) : res.stdout;
+  };
+  /** A TLS ClientHello naming `sni` sent to `target`:443: what the other end answered ('' when the connection was closed). */
+  const tlsHello = async (sandbox: SandboxHandle, target: string, sni: string) =>
+    (
+      await sandbox.exec(
+        `timeout 10 perl -MIO::Socket::INET -e '$n="${sni}"; $x=pack("nnnCn",0,length($n)+5,length($n)+3,0,length($n)).$n; $b=pack("n",0x0303).("\\0"x32).pack("C",0).pack("nn",2,0x1301).pack("CC",1,0).pack("n",length($x)).$x; $h=pack("C",1).substr(pack("N",length($b)),1).$b; $s=IO::Socket::INET->new(PeerAddr=>"${target}",PeerPort=>443) or exit 3; print $s pack("Cnn",0x16,0x0301,length($h)).$h; $r=<$s>; print $r // ""'`,
+      )
+    ).stdout.trim();
   const resolves = async (sandbox: SandboxHandle, name: string) => (await sandbox.exec(`getent ahostsv4 ${name}`)).exitCode === 0;
   const connects = async (sandbox: SandboxHandle, address: string, port: number) =>
     (await sandbox.exec(`timeout 10 bash -c 'exec 3<>/dev/tcp/${address}/${port}' 2>/dev/null`)).exitCode === 0;
@@ -209,7 +229,7 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     await ip('route', 'add', '169.254.169.254/32', 'via', internet.address, 'table', metadataTable);
     await ip('rule', 'add', 'iif', bridge, 'lookup', metadataTable, 'priority', metadataTable);
     const names = { 'allowed.test': internet.address, 'api.allowed.test': internet.address, 'blocked.test': blocked };
-    servers = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [blocked, '169.254.169.254'] })]);
+    servers = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [blocked, '169.254.169.254'], web: [internet.address, blocked] })]);
     await new Promise<void>((resolve, reject) => {
       servers.stdout!.on('data', (chunk: Buffer) => {
         for (const line of chunk.toString().split('\n').filter(Boolean)) line === 'ready' ? resolve() : dnsLog.push(line);
@@ -295,6 +315,21 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     expect(await fetchFrom(box, blocked)).toMatchObject({ at: blocked });
     expect(await fetchFrom(box, internet.address)).toBeNull();
     expect((await put(box.id, { deny: [] })).status).toBe(200);
+  }, 90_000);
+
+  it('with domains allowed, ports 80 and 443 reach only the allowed names, whatever address or Host/SNI the sandbox uses', async () => {
+    expect((await put(box.id, { egress: 'deny', allow: ['allowed.test'], deny: [] })).status).toBe(200);
+    expect(await httpGet(box, 'allowed.test', 'allowed.test')).toMatchObject({ at: internet.address, host: 'allowed.test' });
+    // allowed.test's address is open now; another name on it is not.
+    expect(await httpGet(box, internet.address, 'blocked.test')).toMatch(/^HTTP\/1\.1 403 .*egress policy: blocked\.test is not allowed/s);
+    // An allowed Host sent to any address reaches the allowed name's server, not that address.
+    expect(await httpGet(box, blocked, 'allowed.test')).toMatchObject({ at: internet.address });
+    expect(await tlsHello(box, 'allowed.test', 'allowed.test')).toBe(`tls ${internet.address} allowed.test`);
+    expect(await tlsHello(box, internet.address, 'blocked.test')).toBe('');
+    expect(await tlsHello(box, blocked, 'allowed.test')).toBe(`tls ${internet.address} allowed.test`);
+    // Under egress allow nothing is redirected: the address the sandbox chose answers.
+    expect((await put(box.id, { egress: 'allow', allow: [] })).status).toBe(200);
+    expect(await tlsHello(box, blocked, 'allowed.test')).toBe(`tls ${blocked} allowed.test`);
   }, 90_000);
 
   it('whatever the policy, no sandbox reaches a host port, the API port, another sandbox or 169.254.169.254', async () => {

@@ -301,6 +301,20 @@ export class DnsProxy {
     return upstream.answer;
   }
 
+  /** The A records of `name` as DNS_NAMESERVERS answer them (over UDP; none when no upstream answers). */
+  async resolveA(name: string): Promise<ResolvedAddress[]> {
+    const labels = name.split('.');
+    if (name.length > 253 || labels.some((l) => l.length === 0 || l.length > 63)) return [];
+    const query = Buffer.concat([
+      Buffer.from([0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]),
+      ...labels.map((l) => Buffer.concat([Buffer.from([l.length]), Buffer.from(l, 'latin1')])),
+      Buffer.from([0, 0, TYPE_A, 0, CLASS_IN]),
+    ]);
+    const parsed = parseQuery(query);
+    if (!parsed) return [];
+    return (await this.#forward(query, parsed, 'udp'))?.addresses ?? [];
+  }
+
   /** Asks each upstream in turn; the first answer that parses wins. */
   async #forward(query: Buffer, parsed: ParsedQuery, transport: 'udp' | 'tcp'): Promise<{ answer: Buffer; addresses: ResolvedAddress[] } | null> {
     for (const server of this.opts.upstreams) {

@@ -1,6 +1,7 @@
 import { execFile } from 'node:child_process';
 import type { Logger } from 'pino';
 import { isCidrRule, type NetworkPolicy } from '../../../shared/schemas/network.js';
+import { viaProxy } from './name-proxy.js';
 import { runNft, tapGuardTable } from './tap-guard.js';
 import type { FirewalledSandbox, SandboxFirewall } from './types.js';
 
@@ -10,8 +11,10 @@ import type { FirewalledSandbox, SandboxFirewall } from './types.js';
  * transaction, so a sandbox's rules are never half written.
  *
  *   prerouting (nat)  DNS from the bridge to any address, UDP and TCP port 53, goes to the
- *                     server's resolver on the gateway (dns-proxy.ts).
- *   input             from the bridge: only that resolver and replies to the host's own
+ *                     server's resolver on the gateway (dns-proxy.ts); for sandboxes allowing
+ *                     domains under `egress: deny` (`sni_by_source` → `n_<id>`), TCP 80 and 443
+ *                     except to their allow CIDRs go to the name proxy (name-proxy.ts).
+ *   input             from the bridge: only that resolver (and the name proxy) and replies to the host's own
  *                     connections; nothing else of the host (the API port, any other port, any
  *                     of its addresses) is reachable from a sandbox.
  *   forward           into the bridge: only replies; out of the bridge: `from_sandbox`.
@@ -61,7 +64,15 @@ export interface EgressFirewallOptions {
   dnsPort?: number;
   /** Run nft inside this network namespace (the tests' namespaces). */
   netns?: string;
+  /** Called with a sandbox's address after its rules changed or went (the name proxy drops what is no longer allowed). */
+  onChange?: (ip: string) => void;
   log?: Logger;
+}
+
+/** Where the name proxy (name-proxy.ts) listens on the gateway, for ports 80 and 443. */
+export interface ProxyPorts {
+  http: number;
+  tls: number;
 }
 
 /** One address a DNS answer gave a sandbox, with its TTL in seconds. */
@@ -85,6 +96,11 @@ export function sandboxChain(id: string): string {
   return `s_${checkedId(id)}`;
 }
 
+/** The chain of sandbox `id` that redirects its ports 80 and 443 to the name proxy. */
+function natChain(id: string): string {
+  return `n_${checkedId(id)}`;
+}
+
 const elements = (items: readonly string[]) => `{ ${items.join(', ')} }`;
 
 /**
@@ -92,7 +108,7 @@ const elements = (items: readonly string[]) => `{ ${items.join(', ')} }`;
  * the `by_source` map are kept, so sandboxes running through a server restart keep their rules.
  * Pure: table tested; `EgressFirewall.setUp` runs it.
  */
-export function egressBaseScript(opts: EgressFirewallOptions): string {
+export function egressBaseScript(opts: EgressFirewallOptions, proxy?: ProxyPorts): string {
   const table = `ip ${tapGuardTable(opts.bridge)}`;
   const bridge = opts.bridge;
   if (!INTERFACE.test(bridge)) throw new Error(`bridge ${JSON.stringify(bridge)} is not an interface name`);
@@ -108,6 +124,11 @@ export function egressBaseScript(opts: EgressFirewallOptions): string {
     `flush set ${table} private`,
     `add element ${table} private ${elements(PRIVATE_RANGES)}`,
     `add map ${table} by_source { type ipv4_addr : verdict; }`,
+    // Sandboxes whose ports 80 and 443 go through the name proxy, and where it listens.
+    `add map ${table} sni_by_source { type ipv4_addr : verdict; }`,
+    `add map ${table} proxy_ports { type inet_service : inet_service; }`,
+    `flush map ${table} proxy_ports`,
+    ...(proxy ? [`add element ${table} proxy_ports { 80 : ${proxy.http}, 443 : ${proxy.tls} }`] : []),
     `add chain ${table} from_sandbox`,
     `flush chain ${table} from_sandbox`,
     `add rule ${table} from_sandbox ip daddr @refused ${REJECT}`,
@@ -116,11 +137,13 @@ export function egressBaseScript(opts: EgressFirewallOptions): string {
     `add chain ${table} prerouting { type nat hook prerouting priority dstnat - 10; policy accept; }`,
     `flush chain ${table} prerouting`,
     `add rule ${table} prerouting iifname "${bridge}" meta l4proto { tcp, udp } th dport 53 dnat to ${gateway}:${port}`,
+    `add rule ${table} prerouting iifname "${bridge}" ip saddr vmap @sni_by_source`,
     `add chain ${table} input { type filter hook input priority filter - 10; policy accept; }`,
     `flush chain ${table} input`,
     `add rule ${table} input iifname != "${bridge}" accept`,
     `add rule ${table} input ct state established,related accept`,
     `add rule ${table} input ip daddr ${gateway} meta l4proto { tcp, udp } th dport ${port} accept`,
+    ...(proxy ? [`add rule ${table} input ip daddr ${gateway} tcp dport { ${proxy.http}, ${proxy.tls} } accept`] : []),
     `add rule ${table} input ${REJECT}`,
     `add chain ${table} forward { type filter hook forward priority filter - 10; policy accept; }`,
     `flush chain ${table} forward`,
@@ -131,12 +154,22 @@ export function egressBaseScript(opts: EgressFirewallOptions): string {
   return lines.join('\n') + '\n';
 }
 
+/** What `sandboxScript` needs to know of the table as it is and of the name proxy. */
+export interface SandboxScriptContext {
+  /** Addresses mapped in `by_source` now that must go first (the sandbox's old ones, and its new one if another sandbox held it). */
+  unmap?: readonly string[];
+  /** The same for `sni_by_source`. */
+  unmapProxied?: readonly string[];
+  /** Set when the name proxy runs: its gateway address, to which ports 80 and 443 are redirected. */
+  proxyGateway?: string;
+}
+
 /**
- * The transaction that installs (or replaces) one sandbox's rules and points its address at them.
- * `unmap` are the addresses whose mapping exists now and must go first (the sandbox's old ones,
- * and its new one if another sandbox held it). Pure: table tested.
+ * The transaction that installs (or replaces) one sandbox's rules and points its address at them;
+ * with the name proxy running and domains allowed under `egress: deny`, also its redirect of ports
+ * 80 and 443 (chain `n_<id>`, except to its allow CIDRs). Pure: table tested.
  */
-export function sandboxScript(bridge: string, sandbox: { id: string; ip: string }, policy: NetworkPolicy, unmap: readonly string[] = []): string {
+export function sandboxScript(bridge: string, sandbox: { id: string; ip: string }, policy: NetworkPolicy, context: SandboxScriptContext = {}): string {
   const table = `ip ${tapGuardTable(bridge)}`;
   const chain = sandboxChain(sandbox.id);
   const ip = checkedAddress(sandbox.ip);
@@ -167,18 +200,57 @@ export function sandboxScript(bridge: string, sandbox: { id: string; ip: string 
       `add rule ${table} ${chain} ${policy.egress === 'allow' ? 'accept' : REJECT}`,
     );
   }
-  for (const old of unmap) lines.push(`delete element ${table} by_source { ${checkedAddress(old)} }`);
+  for (const old of context.unmap ?? []) lines.push(`delete element ${table} by_source { ${checkedAddress(old)} }`);
   lines.push(`add element ${table} by_source { ${ip} : jump ${chain} }`);
+  const nat = natChain(sandbox.id);
+  for (const old of context.unmapProxied ?? []) lines.push(`delete element ${table} sni_by_source { ${checkedAddress(old)} }`);
+  if (context.proxyGateway && viaProxy(policy)) {
+    lines.push(
+      `add chain ${table} ${nat}`,
+      `flush chain ${table} ${nat}`,
+      `add rule ${table} ${nat} ip daddr @refused return`,
+      `add rule ${table} ${nat} ip daddr @${chain}_allow return`,
+      `add rule ${table} ${nat} tcp dport { 80, 443 } dnat to ${checkedAddress(context.proxyGateway)} : tcp dport map @proxy_ports`,
+      `add element ${table} sni_by_source { ${ip} : jump ${nat} }`,
+    );
+  } else {
+    // Adding before deleting makes the delete safe whether or not the chain existed.
+    lines.push(`add chain ${table} ${nat}`, `delete chain ${table} ${nat}`);
+  }
   return lines.join('\n') + '\n';
 }
 
+function ipv4Number(ip: string): number {
+  return ip.split('.').reduce((n, octet) => n * 256 + Number(octet), 0);
+}
+
+/** Whether `ip` lies in `cidr` (both IPv4, the CIDR canonical). */
+export function inCidr(ip: string, cidr: string): boolean {
+  const [base = '', bits = '32'] = cidr.split('/');
+  const size = 2 ** (32 - Number(bits));
+  return Math.floor(ipv4Number(ip) / size) === Math.floor(ipv4Number(base) / size);
+}
+
+/**
+ * Whether the sandbox may be connected to `ip` on a name's behalf (the name proxy): never an
+ * always-refused address or the sandbox network, a private one only inside its allow CIDRs, never
+ * inside its deny CIDRs.
+ */
+export function addressUsable(ip: string, policy: NetworkPolicy, networkCidr: string): boolean {
+  if (!IPV4.test(ip) || [...ALWAYS_REFUSED, networkCidr].some((c) => inCidr(ip, c))) return false;
+  if (policy.deny.some((r) => isCidrRule(r) && inCidr(ip, r))) return false;
+  return !PRIVATE_RANGES.some((c) => inCidr(ip, c)) || policy.allow.some((r) => isCidrRule(r) && inCidr(ip, r));
+}
+
 /** The transaction that removes one sandbox's rules: its address mapping, chain and sets. */
-export function removalScript(bridge: string, id: string, held: { ips: readonly string[]; chain: boolean; sets: readonly string[] }): string {
+export function removalScript(bridge: string, id: string, held: { ips: readonly string[]; proxiedIps?: readonly string[]; chain: boolean; natChain?: boolean; sets: readonly string[] }): string {
   const table = `ip ${tapGuardTable(bridge)}`;
   const chain = sandboxChain(id);
   const lines = held.ips.map((ip) => `delete element ${table} by_source { ${checkedAddress(ip)} }`);
-  // The chain goes before the sets its rules name.
+  for (const ip of held.proxiedIps ?? []) lines.push(`delete element ${table} sni_by_source { ${checkedAddress(ip)} }`);
+  // The chains go before the sets their rules name.
   if (held.chain) lines.push(`delete chain ${table} ${chain}`);
+  if (held.natChain) lines.push(`delete chain ${table} ${natChain(id)}`);
   for (const set of held.sets) if (set.startsWith(`${chain}_`)) lines.push(`delete set ${table} ${set}`);
   return lines.join('\n') + '\n';
 }
@@ -192,6 +264,10 @@ export interface EgressTableState {
   sets: string[];
   /** Address → sandbox id, from `by_source`. */
   sources: Map<string, string>;
+  /** Sandbox ids with a redirect chain (`n_<id>`) for the name proxy. */
+  natChains: string[];
+  /** Address → sandbox id, from `sni_by_source`. */
+  proxied: Map<string, string>;
 }
 
 interface NftJsonEntry {
@@ -204,26 +280,31 @@ interface NftJsonEntry {
 export async function readEgressTable(bridge: string, netns?: string): Promise<EgressTableState> {
   const table = tapGuardTable(bridge);
   const out = await listTable(table, netns);
-  if (out === null) return { exists: false, chains: [], sets: [], sources: new Map() };
+  if (out === null) return { exists: false, chains: [], sets: [], sources: new Map(), natChains: [], proxied: new Map() };
   const entries = ((JSON.parse(out) as { nftables?: NftJsonEntry[] }).nftables ?? []) as NftJsonEntry[];
   const chains: string[] = [];
   const sets: string[] = [];
   const sources = new Map<string, string>();
+  const natChains: string[] = [];
+  const proxied = new Map<string, string>();
   for (const e of entries) {
     const chain = typeof e.chain?.name === 'string' ? /^s_([a-z0-9]+)$/.exec(e.chain.name)?.[1] : undefined;
     if (chain) chains.push(chain);
+    const nat = typeof e.chain?.name === 'string' ? /^n_([a-z0-9]+)$/.exec(e.chain.name)?.[1] : undefined;
+    if (nat) natChains.push(nat);
     if (typeof e.set?.name === 'string' && /^s_[a-z0-9]+_(deny|allow|dns)$/.test(e.set.name)) sets.push(e.set.name);
-    if (e.map?.name === 'by_source' && Array.isArray(e.map.elem)) {
-      for (const pair of e.map.elem as unknown[]) {
+    const into = e.map?.name === 'by_source' ? sources : e.map?.name === 'sni_by_source' ? proxied : null;
+    if (into && Array.isArray(e.map!.elem)) {
+      for (const pair of e.map!.elem as unknown[]) {
         // [address, { jump: { target: "s_<id>" } }]
         if (!Array.isArray(pair) || typeof pair[0] !== 'string') continue;
         const target = (pair[1] as { jump?: { target?: unknown } } | undefined)?.jump?.target;
-        const id = typeof target === 'string' ? /^s_([a-z0-9]+)$/.exec(target)?.[1] : undefined;
-        if (id) sources.set(pair[0], id);
+        const id = typeof target === 'string' ? /^[sn]_([a-z0-9]+)$/.exec(target)?.[1] : undefined;
+        if (id) into.set(pair[0], id);
       }
     }
   }
-  return { exists: true, chains, sets, sources };
+  return { exists: true, chains, sets, sources, natChains, proxied };
 }
 
 /** `nft -j list table ip <table>` (in `netns`), or null when there is no such table. */
@@ -256,6 +337,7 @@ export class EgressFirewall implements SandboxFirewall {
   readonly #ipOf = new Map<string, string>();
   /** One transaction at a time, in order: a later policy always lands after an earlier one. */
   #queue: Promise<unknown> = Promise.resolve();
+  #proxy: ProxyPorts | undefined;
 
   constructor(private readonly opts: EgressFirewallOptions) {}
 
@@ -274,22 +356,30 @@ export class EgressFirewall implements SandboxFirewall {
     return this.#exclusive(() => runNft(script, this.opts.netns));
   }
 
-  /** Creates or refreshes the table's fixed part (idempotent); sandboxes' rules are kept. */
-  async setUp(): Promise<void> {
-    await this.#nft(egressBaseScript(this.opts));
+  /**
+   * Creates or refreshes the table's fixed part (idempotent); sandboxes' rules are kept. With
+   * `proxy`, ports 80 and 443 of sandboxes that allow domains under `egress: deny` go to the name
+   * proxy there.
+   */
+  async setUp(proxy?: ProxyPorts): Promise<void> {
+    await this.#nft(egressBaseScript(this.opts, proxy));
+    this.#proxy = proxy;
   }
 
   async apply(sandbox: FirewalledSandbox, policy: NetworkPolicy): Promise<void> {
     checkedAddress(sandbox.ip);
     await this.#exclusive(async () => {
-      const { sources } = await readEgressTable(this.opts.bridge, this.opts.netns);
-      const unmap = [...sources].filter(([ip, owner]) => owner === sandbox.id || ip === sandbox.ip).map(([ip]) => ip);
-      await runNft(sandboxScript(this.opts.bridge, sandbox, policy, unmap), this.opts.netns);
+      const { sources, proxied } = await readEgressTable(this.opts.bridge, this.opts.netns);
+      const stale = (map: Map<string, string>) => [...map].filter(([ip, owner]) => owner === sandbox.id || ip === sandbox.ip).map(([ip]) => ip);
+      const context = { unmap: stale(sources), unmapProxied: stale(proxied), ...(this.#proxy ? { proxyGateway: this.opts.gateway } : {}) };
+      await runNft(sandboxScript(this.opts.bridge, sandbox, policy, context), this.opts.netns);
     });
     const previousIp = this.#ipOf.get(sandbox.id);
     if (previousIp) this.#bySource.delete(previousIp);
     this.#ipOf.set(sandbox.id, sandbox.ip);
     this.#bySource.set(sandbox.ip, { id: sandbox.id, policy });
+    if (previousIp && previousIp !== sandbox.ip) this.opts.onChange?.(previousIp);
+    this.opts.onChange?.(sandbox.ip);
   }
 
   async remove(id: string): Promise<void> {
@@ -297,12 +387,12 @@ export class EgressFirewall implements SandboxFirewall {
     const known = this.#ipOf.get(id);
     this.#ipOf.delete(id);
     if (known && this.#bySource.get(known)?.id === id) this.#bySource.delete(known);
+    if (known) this.opts.onChange?.(known);
     await this.#exclusive(async () => {
       const state = await readEgressTable(this.opts.bridge, this.opts.netns);
-      const ips = [...state.sources].filter(([, owner]) => owner === id).map(([ip]) => ip);
-      const sets = state.sets.filter((s) => s.startsWith(`${sandboxChain(id)}_`));
-      const chain = state.chains.includes(id);
-      if (chain || ips.length > 0 || sets.length > 0) await runNft(removalScript(this.opts.bridge, id, { ips, chain, sets }), this.opts.netns);
+      const owned = (map: Map<string, string>) => [...map].filter(([, owner]) => owner === id).map(([ip]) => ip);
+      const held = { ips: owned(state.sources), proxiedIps: owned(state.proxied), chain: state.chains.includes(id), natChain: state.natChains.includes(id), sets: state.sets.filter((s) => s.startsWith(`${sandboxChain(id)}_`)) };
+      if (held.chain || held.natChain || held.ips.length > 0 || held.proxiedIps.length > 0 || held.sets.length > 0) await runNft(removalScript(this.opts.bridge, id, held), this.opts.netns);
     });
   }
 
@@ -368,7 +458,7 @@ export class EgressFirewall implements SandboxFirewall {
   async reconcile(keep: ReadonlySet<string>): Promise<string[]> {
     const state = await readEgressTable(this.opts.bridge, this.opts.netns);
     const setOwners = state.sets.map((s) => /^s_([a-z0-9]+)_/.exec(s)![1]!);
-    const gone = new Set([...state.chains, ...state.sources.values(), ...setOwners].filter((id) => !keep.has(id)));
+    const gone = new Set([...state.chains, ...state.natChains, ...state.sources.values(), ...state.proxied.values(), ...setOwners].filter((id) => !keep.has(id)));
     for (const id of gone) await this.remove(id);
     return [...gone].map((id) => `removed the egress rules of sandbox ${id}`);
   }

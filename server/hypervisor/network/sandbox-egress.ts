@@ -1,7 +1,8 @@
 import type { Logger } from 'pino';
 import type { NetworkPolicy } from '../../../shared/schemas/network.js';
 import { DnsProxy } from './dns-proxy.js';
-import { EgressFirewall } from './egress-firewall.js';
+import { addressUsable, EgressFirewall } from './egress-firewall.js';
+import { NameProxy } from './name-proxy.js';
 import type { NetworkBytes } from './types.js';
 
 export interface SandboxEgressOptions {
@@ -25,23 +26,31 @@ export interface EgressCapHooks {
 
 /**
  * Egress policy enforcement for one bridge: the nftables firewall (egress-firewall.ts), the DNS
- * resolver on the gateway that opens allowed names' addresses (dns-proxy.ts), and the watch that
- * cuts a sandbox's egress past its byte cap.
+ * resolver on the gateway that opens allowed names' addresses (dns-proxy.ts), the SNI/Host check
+ * of ports 80 and 443 for domain policies (name-proxy.ts), and the watch that cuts a sandbox's
+ * egress past its byte cap.
  */
 export class SandboxEgress {
   readonly firewall: EgressFirewall;
   readonly #proxy: DnsProxy;
+  readonly #names: NameProxy;
   #capTimer: NodeJS.Timeout | null = null;
   #capTick: Promise<void> | null = null;
 
   constructor(private readonly opts: SandboxEgressOptions) {
     const gateway = opts.gatewayCidr.split('/')[0]!;
-    this.firewall = new EgressFirewall({ bridge: opts.bridge, gateway, networkCidr: opts.networkCidr, log: opts.log });
+    this.firewall = new EgressFirewall({ bridge: opts.bridge, gateway, networkCidr: opts.networkCidr, onChange: (ip) => this.#names.reevaluate(ip), log: opts.log });
     this.#proxy = new DnsProxy({
       address: gateway,
       upstreams: opts.nameservers.filter((ns) => /^\d+\.\d+\.\d+\.\d+$/.test(ns)),
       policyAt: (ip) => this.firewall.policyAt(ip)?.policy ?? null,
       allowResolved: (ip, addresses) => this.firewall.allowResolved(ip, addresses),
+      log: opts.log,
+    });
+    this.#names = new NameProxy({
+      address: gateway,
+      policyAt: (ip) => this.firewall.policyAt(ip)?.policy ?? null,
+      resolve: async (name, policy) => (await this.#proxy.resolveA(name)).map((a) => a.address).filter((ip) => addressUsable(ip, policy, opts.networkCidr)),
       log: opts.log,
     });
   }
@@ -53,7 +62,12 @@ export class SandboxEgress {
    */
   async start(): Promise<void> {
     try {
-      await this.firewall.setUp();
+      await this.#names.start();
+    } catch (err) {
+      throw new Error(`the sandboxes' name proxy could not listen on the gateway (${(err as Error).message})`, { cause: err });
+    }
+    try {
+      await this.firewall.setUp(this.#names.ports ?? undefined);
     } catch (err) {
       throw new Error(`the egress firewall of bridge ${this.opts.bridge} could not be set up (${(err as Error).message}); set SANDBOX_NETWORK=none to run sandboxes without networking`, { cause: err });
     }
@@ -106,5 +120,6 @@ export class SandboxEgress {
     this.#capTimer = null;
     await this.#capTick;
     await this.#proxy.stop();
+    await this.#names.stop();
   }
 }
