@@ -171,9 +171,9 @@ export class ContainerDriver
     return usage && network ? { ...usage, network } : usage;
   }
 
-  /** The sandbox's leased address on the bridge; null for loopback-only sandboxes. */
+  /** The sandbox's leased address on the bridge; empty for a loopback-only sandbox (also one that had an address under an earlier SANDBOX_NETWORK). */
   async addressOf(id: string): Promise<string | null> {
-    return (await this.opts.networking?.leaseOf(id)) ?? null;
+    return (await this.opts.networking?.leaseOf(id)) ?? '';
   }
 
   /** Bytes through the host end of the sandbox's veth since it last started; null without one. */
