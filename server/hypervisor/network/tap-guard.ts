@@ -1,5 +1,5 @@
-import { spawn } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
+import { runNetworkCommand } from './host-network.js';
 
 /*
  * The source check on a VM's TAP. A VM guest runs its own kernel: its root can set any address or
@@ -57,28 +57,7 @@ export function tapGuardScript(guard: TapGuard): string {
 
 /** Runs `nft -f -` with `script` on stdin (inside `netns` when given); rejects with nft's first error line. */
 export function runNft(script: string, netns?: string): Promise<string> {
-  const argv = netns ? ['ip', 'netns', 'exec', netns, 'nft', '-f', '-'] : ['nft', '-f', '-'];
-  return runWithInput(argv, script);
-}
-
-function runWithInput(argv: string[], input: string): Promise<string> {
-  const env = { ...process.env, PATH: [process.env.PATH, '/usr/sbin', '/sbin'].filter(Boolean).join(':') };
-  return new Promise((resolve, reject) => {
-    const child = spawn(argv[0]!, argv.slice(1), { env, stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-    child.once('error', (err: NodeJS.ErrnoException) =>
-      reject(new Error(err.code === 'ENOENT' ? `${argv[0]} is not installed (npm run setup installs nftables)` : `${argv[0]} cannot be run: ${err.message}`)),
-    );
-    child.once('close', (code) => {
-      if (code === 0) resolve(stdout);
-      else reject(new Error(`${argv.join(' ')} failed: ${stderr.trim().split('\n')[0] || `exit code ${code}`}`));
-    });
-    child.stdin.on('error', () => {});
-    child.stdin.end(input);
-  });
+  return runNetworkCommand('nft', ['-f', '-'], netns, script);
 }
 
 /** Installs or replaces the guard of `guard.tap`; the TAP must exist. */
@@ -98,10 +77,9 @@ export async function removeTapGuard(bridge: string, tap: string, netns?: string
 
 /** The TAPs of `bridge` with a guard installed (the chains of its table; none when it has no table). */
 export async function guardedTaps(bridge: string, netns?: string): Promise<string[]> {
-  const argv = [...(netns ? ['ip', 'netns', 'exec', netns] : []), 'nft', '-j', 'list', 'table', 'netdev', tapGuardTable(bridge)];
   let out: string;
   try {
-    out = await runWithInput(argv, '');
+    out = await runNetworkCommand('nft', ['-j', 'list', 'table', 'netdev', tapGuardTable(bridge)], netns);
   } catch (err) {
     if (/No such file or directory/.test((err as Error).message)) return [];
     throw err;

@@ -1,6 +1,5 @@
 import { z } from 'zod';
-import { execFile } from 'node:child_process';
-import { createTap, deleteTap } from './host-network.js';
+import { createTap, deleteTap, findLink, runNetworkCommand } from './host-network.js';
 import type { IpPool } from './ip-pool.js';
 import { applyTapGuard, guardedTaps, hostInterfaceBytes, removeTapGuard } from './tap-guard.js';
 import type { NetworkBytes, NetworkPolicy, SandboxFirewall } from './types.js';
@@ -61,22 +60,13 @@ export interface BridgeVmNetworkOptions {
   tapPattern: RegExp;
 }
 
-const LinkList = z.array(z.object({ ifname: z.string(), master: z.string().optional(), linkinfo: z.object({ info_kind: z.string().optional() }).optional() }));
+const LinkList = z.array(z.object({ ifname: z.string(), linkinfo: z.object({ info_kind: z.string().optional() }).optional() }));
 
-/** The TAP devices attached to `bridge`. */
-function tapsOnBridge(bridge: string): Promise<string[]> {
-  return new Promise((resolve, reject) =>
-    execFile('ip', ['-j', '-d', 'link', 'show', 'master', bridge], (err, stdout, stderr) => {
-      if (err) {
-        // No bridge: no TAPs on it.
-        if (/does not exist|Cannot find device/.test(stderr)) resolve([]);
-        else reject(new Error(`ip link show master ${bridge} failed: ${stderr.trim().split('\n')[0] || err.message}`));
-        return;
-      }
-      const links = LinkList.parse(JSON.parse(stdout.trim() || '[]'));
-      resolve(links.filter((l) => l.linkinfo?.info_kind === 'tun').map((l) => l.ifname));
-    }),
-  );
+/** The TAP devices attached to `bridge` (none when there is no such bridge). */
+async function tapsOnBridge(bridge: string): Promise<string[]> {
+  if (!(await findLink(bridge))) return [];
+  const links = LinkList.parse(JSON.parse((await runNetworkCommand('ip', ['-j', '-d', 'link', 'show', 'master', bridge])).trim() || '[]'));
+  return links.filter((l) => l.linkinfo?.info_kind === 'tun').map((l) => l.ifname);
 }
 
 /** The real VmHostNetwork: TAPs on `bridge`, leases from `pool`, rules from `firewall`. */
