@@ -252,7 +252,7 @@ async function startServerProcess(env: Record<string, string>): Promise<{ url: s
 describe.skipIf(netSkip !== null)('container networking after the server is killed with SIGKILL', () => {
   const tag = randomBytes(3).toString('hex');
   const bridge = `vrtk${tag}`;
-  const subnet = `10.214.${randomInt(0, 256)}`;
+  const subnet = `10.219.${randomInt(0, 256)}`;
   const root = mkdtempSync(join(tmpdir(), 'voidrun-net-kill-'));
   chmodSync(root, 0o711);
   const env = {
