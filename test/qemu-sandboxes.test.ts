@@ -182,7 +182,8 @@ async function startConnectionCounter(ns: string, address: string): Promise<Chil
 describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on a TAP)', () => {
   const tag = randomBytes(3).toString('hex');
   const bridge = `vrqb${tag}`;
-  const subnet = `10.214.${randomInt(0, 256)}`;
+  // Apart from the other network test files' subnets (10.213-10.214, 10.219): parallel files never share a NETWORK_CIDR.
+  const subnet = `10.215.${randomInt(0, 256)}`;
   const busybox = `${GUEST_AGENT_DIR}/busybox`;
   let internet: TestInternet;
   let counter: ChildProcess;
