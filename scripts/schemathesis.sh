@@ -72,7 +72,7 @@ echo "starting the server on $base (data in $work)"
 env -u MONGO_URI \
   SERVER_HOST=127.0.0.1 SERVER_PORT="$port" LOG_LEVEL=warn \
   DATA_DIR="$work/data" INSTANCES_DIR="$work/instances" SNAPSHOTS_DIR="$work/snapshots" RUNC_ROOT="$runc_root" \
-  PREPARE_DEFAULT_IMAGE=false HEALTH_ENABLED=false \
+  PREPARE_DEFAULT_IMAGE=false HEALTH_ENABLED=false SANDBOX_NETWORK=none \
   node_modules/.bin/tsx server/main.ts >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 300); do

@@ -58,6 +58,8 @@ export async function startServerProcess(env: Record<string, string> = {}): Prom
       PREPARE_DEFAULT_IMAGE: 'false',
       LOG_LEVEL: 'info',
       MONGO_URI: '',
+      // The benchmarks measure the data plane, not the sandbox network: no bridge or NAT on the host.
+      SANDBOX_NETWORK: 'none',
       ...env,
     },
     stdio: ['ignore', 'pipe', 'inherit'],
