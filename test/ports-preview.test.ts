@@ -145,11 +145,13 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect(res.headers['content-security-policy']).toContain('sandbox');
   });
 
-  it('refuses /ports/{port}/ without a key (401) and redirects the bare port path to its slash', async () => {
+  it("refuses /ports/{port}/ without a key (401); the bare port path and /token are the API's in every method", async () => {
     expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000/`)).status).toBe(401);
-    const bare = await raw(server, `/api/sandboxes/${box.id}/ports/8000?q=1`, { headers: { 'x-api-key': apiKey } });
-    expect(bare.status).toBe(308);
-    expect(bare.headers.location).toBe(`/api/sandboxes/${box.id}/ports/8000/?q=1`);
+    for (const [method, path] of [['GET', '/ports/8000'], ['TRACE', '/ports/8000/token'], ['GET', '/ports/8000/token']]) {
+      const res = await raw(server, `/api/sandboxes/${box.id}${path}`, { method, headers: { 'x-api-key': apiKey } });
+      expect(res.status, `${method} ${path}`).toBe(404);
+      expect(JSON.parse(res.body).code).toBe('ROUTE_NOT_FOUND');
+    }
     const bad = await raw(server, `/api/sandboxes/${box.id}/ports/70000/`, { headers: { 'x-api-key': apiKey } });
     expect(bad.status).toBe(400);
     expect(JSON.parse(bad.body).error).toContain('ports are 1 to 65535');

@@ -72,18 +72,18 @@ export function createPortProxy(opts: PortProxyOptions) {
   }
 
   /**
-   * The API proxy path a request is for, or null (the token and access routes of the same prefix
-   * are the API's); `redirect` when a GET names the port without the trailing slash.
+   * The API proxy path a request is for, or null: `/ports/{port}` without a trailing slash and
+   * `/ports/{port}/token` are the API's own routes (in every method, so a method they do not take
+   * is the API's 404, not the sandbox's answer); the sandbox's `/token` is reached on its preview host.
    */
-  function apiTarget(req: IncomingMessage): Target | { redirect: string } | null {
+  function apiTarget(req: IncomingMessage): Target | null {
     const url = req.url ?? '/';
     const q = url.indexOf('?');
     const path = q < 0 ? url : url.slice(0, q);
     const m = /^\/api\/sandboxes\/([^/]+)\/ports\/([^/]+)(\/.*)?$/.exec(path);
     if (!m) return null;
     const rest = m[3];
-    if (rest === undefined) return req.method === 'GET' || req.method === 'HEAD' ? { redirect: `${path}/${q < 0 ? '' : url.slice(q)}` } : null;
-    if (rest === '/token' && req.method === 'POST') return null;
+    if (rest === undefined || rest === '/token') return null;
     // An invalid port is refused once the key is checked (see `authorize`).
     const port = /^\d{1,5}$/.test(m[2]!) ? Number(m[2]) : NaN;
     return { via: 'api', id: decodePathSegment(m[1]!), port, path: withoutOurQuery(rest + (q < 0 ? '' : url.slice(q))) };
@@ -112,12 +112,7 @@ export function createPortProxy(opts: PortProxyOptions) {
   function handleRequest(req: IncomingMessage, res: ServerResponse, phase: 'host' | 'api'): Promise<string> | null {
     let target: Target | null;
     try {
-      const found = phase === 'host' ? hostTarget(req) : apiTarget(req);
-      if (found && 'redirect' in found) {
-        res.writeHead(308, { location: found.redirect, 'content-length': '0' }).end();
-        return Promise.resolve(PORT_PROXY_LABEL);
-      }
-      target = found;
+      target = phase === 'host' ? hostTarget(req) : apiTarget(req);
     } catch (err) {
       sendError(res, err);
       return Promise.resolve(PORT_PROXY_LABEL);
@@ -218,8 +213,7 @@ export function createPortProxy(opts: PortProxyOptions) {
     };
     let target: Target | null;
     try {
-      const found = hostTarget(req) ?? apiTarget(req);
-      target = found && 'redirect' in found ? null : found;
+      target = hostTarget(req) ?? apiTarget(req);
     } catch (err) {
       refuse(err);
       return PORT_PROXY_LABEL;
