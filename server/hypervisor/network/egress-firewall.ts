@@ -335,6 +335,8 @@ export async function removeEgressTable(bridge: string, netns?: string): Promise
 export class EgressFirewall implements SandboxFirewall {
   readonly #bySource = new Map<string, { id: string; policy: NetworkPolicy }>();
   readonly #ipOf = new Map<string, string>();
+  /** By sandbox id: the addresses its DNS answers opened, and when each closes (ms). */
+  readonly #opened = new Map<string, Map<string, number>>();
   /** One transaction at a time, in order: a later policy always lands after an earlier one. */
   #queue: Promise<unknown> = Promise.resolve();
   #proxy: ProxyPorts | undefined;
@@ -368,16 +370,20 @@ export class EgressFirewall implements SandboxFirewall {
 
   async apply(sandbox: FirewalledSandbox, policy: NetworkPolicy): Promise<void> {
     checkedAddress(sandbox.ip);
-    await this.#exclusive(async () => {
+    const previousIp = await this.#exclusive(async () => {
       const { sources, proxied } = await readEgressTable(this.opts.bridge, this.opts.netns);
       const stale = (map: Map<string, string>) => [...map].filter(([ip, owner]) => owner === sandbox.id || ip === sandbox.ip).map(([ip]) => ip);
       const context = { unmap: stale(sources), unmapProxied: stale(proxied), ...(this.#proxy ? { proxyGateway: this.opts.gateway } : {}) };
       await runNft(sandboxScript(this.opts.bridge, sandbox, policy, context), this.opts.netns);
+      // Known before the next queued change runs (allowResolved checks the policy it was given is still this one).
+      const previous = this.#ipOf.get(sandbox.id);
+      if (previous) this.#bySource.delete(previous);
+      // The transaction emptied its set of opened addresses.
+      this.#opened.delete(sandbox.id);
+      this.#ipOf.set(sandbox.id, sandbox.ip);
+      this.#bySource.set(sandbox.ip, { id: sandbox.id, policy });
+      return previous;
     });
-    const previousIp = this.#ipOf.get(sandbox.id);
-    if (previousIp) this.#bySource.delete(previousIp);
-    this.#ipOf.set(sandbox.id, sandbox.ip);
-    this.#bySource.set(sandbox.ip, { id: sandbox.id, policy });
     if (previousIp && previousIp !== sandbox.ip) this.opts.onChange?.(previousIp);
     this.opts.onChange?.(sandbox.ip);
   }
@@ -386,6 +392,7 @@ export class EgressFirewall implements SandboxFirewall {
     checkedId(id);
     const known = this.#ipOf.get(id);
     this.#ipOf.delete(id);
+    this.#opened.delete(id);
     if (known && this.#bySource.get(known)?.id === id) this.#bySource.delete(known);
     if (known) this.opts.onChange?.(known);
     await this.#exclusive(async () => {
@@ -438,20 +445,37 @@ export class EgressFirewall implements SandboxFirewall {
   /**
    * Opens `addresses` for the sandbox at `ip` for their TTLs (clamped to 30 s .. 1 h), refreshing
    * the timeout of addresses already open. Resolves once the rules are in, so the answer that
-   * named them can be sent.
+   * named them can be sent. Nothing is written when it would change nothing: under `egress: allow`
+   * (every public address is open anyway) and for addresses open for at least half their new TTL,
+   * so a sandbox repeating a lookup costs no nft run.
    */
   async allowResolved(ip: string, addresses: readonly ResolvedAddress[]): Promise<void> {
     const owner = this.#bySource.get(ip);
-    const usable = addresses.filter((a) => IPV4.test(a.address));
-    if (!owner || usable.length === 0) return;
+    if (!owner || owner.policy.egress === 'allow' || owner.policy.egressCut) return;
+    const opened = this.#opened.get(owner.id) ?? new Map<string, number>();
+    this.#opened.set(owner.id, opened);
+    const now = Date.now();
+    const due = addresses
+      .filter((a) => IPV4.test(a.address))
+      .slice(0, 64)
+      .map(({ address, ttl }) => ({ address, timeout: Math.min(DNS_TIMEOUT_MAX_SEC, Math.max(DNS_TIMEOUT_MIN_SEC, Math.floor(ttl))) }))
+      .filter(({ address, timeout }) => (opened.get(address) ?? 0) < now + (timeout * 1000) / 2);
+    if (due.length === 0) return;
     const set = `ip ${tapGuardTable(this.opts.bridge)} ${sandboxChain(owner.id)}_dns`;
     const lines: string[] = [];
-    for (const { address, ttl } of usable.slice(0, 64)) {
-      const timeout = Math.min(DNS_TIMEOUT_MAX_SEC, Math.max(DNS_TIMEOUT_MIN_SEC, Math.floor(ttl)));
+    for (const { address, timeout } of due) {
       // Add, delete, add: refreshes the timeout of an address already open.
       lines.push(`add element ${set} { ${address} timeout ${timeout}s }`, `delete element ${set} { ${address} }`, `add element ${set} { ${address} timeout ${timeout}s }`);
     }
-    await this.#nft(lines.join('\n') + '\n');
+    // Written only if the policy that allowed the name is still the sandbox's when its turn comes.
+    const written = await this.#exclusive(async () => {
+      if (this.#bySource.get(ip)?.policy !== owner.policy) return false;
+      await runNft(lines.join('\n') + '\n', this.opts.netns);
+      return true;
+    });
+    if (!written) return;
+    if (opened.size > MAX_RESOLVED_PER_SANDBOX) for (const [address, expires] of opened) if (expires <= now) opened.delete(address);
+    for (const { address, timeout } of due) opened.set(address, now + timeout * 1000);
   }
 
   /** Removes the rules of sandboxes not in `keep` (those gone while no server ran); one line per removal. */
