@@ -319,6 +319,18 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
     }
   }, 120_000);
 
+  it("past maxEgressBytes (counted on its TAP) the VM's egress is cut and its answer says so; lifting the cap opens it again", async () => {
+    const { networkBytes } = await vr.trpc.sandbox.get.query({ id: box.id });
+    const cap = networkBytes.egress + 200_000;
+    await vr.trpc.sandbox.updateNetwork.mutate({ id: box.id, maxEgressBytes: cap });
+    expect((await sh(fetchCommand(internet.address, 300_000))).exitCode).toBe(0);
+    await expect.poll(async () => (await vr.trpc.sandbox.get.query({ id: box.id })).network.egressCut, { timeout: 30_000, interval: 200 }).toBe(true);
+    expect((await sh(fetchCommand(internet.address))).exitCode).not.toBe(0);
+    await vr.trpc.sandbox.updateNetwork.mutate({ id: box.id, maxEgressBytes: null });
+    const r = await sh(fetchCommand(internet.address));
+    expect(r.exitCode, r.stderr).toBe(0);
+  }, 120_000);
+
   it("a VM restored from its snapshot gets its own address and MAC on the bridge (its guest's NIC takes them) and reaches the test internet", async () => {
     const { ip: sourceIp } = await vr.trpc.sandbox.get.query({ id: box.id });
     const snap = await box.snapshot();
