@@ -1,4 +1,5 @@
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { createServer as createNetServer } from 'node:net';
 import { request, type IncomingHttpHeaders } from 'node:http';
@@ -144,6 +145,15 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     // Pages served on the API's origin run as an opaque origin.
     expect(res.headers['content-security-policy']).toContain('sandbox');
   });
+
+  it('streams a 16 MiB body to the sandbox\'s server and its 16 MiB answer back, byte for byte', async () => {
+    const body = createHash('sha256').update('seed').digest('hex').repeat((16 * 1024 * 1024) / 64);
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/upload`, { method: 'PUT', headers: { 'x-api-key': apiKey, 'content-type': 'text/plain' }, body });
+    expect(res.status).toBe(200);
+    const echoedBody = res.body.slice(res.body.indexOf('\nbody=') + '\nbody='.length, -1);
+    expect(echoedBody.length).toBe(body.length);
+    expect(echoedBody === body).toBe(true);
+  }, 120_000);
 
   it("refuses /ports/{port}/ without a key (401); the bare port path and /token are the API's in every method", async () => {
     expect((await raw(server, `/api/sandboxes/${box.id}/ports/8000/`)).status).toBe(401);
