@@ -331,6 +331,24 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
     expect(r.exitCode, r.stderr).toBe(0);
   }, 120_000);
 
+  it('a server in the VM is listed among its ports and answers through /ports/{port}/ (the agent socket, not the bridge)', async () => {
+    await box.files.write('/root/port-server.pl', readFileSync(join(import.meta.dirname, 'fixtures', 'port-server.pl'), 'utf8'));
+    const handle = await box.commands.run('perl /root/port-server.pl http 8000');
+    for await (const chunk of handle.output()) {
+      if (chunk.type === 'stdout' && chunk.data.includes('listening 8000')) break;
+      if (chunk.type === 'exit') throw new Error('the port server exited');
+    }
+    try {
+      const { ports } = await box.ports.list();
+      expect(ports.map((p) => p.port)).toContain(8000);
+      const res = await server.http(`/api/sandboxes/${box.id}/ports/8000/hello?x=1`, { apiKey });
+      expect(res.status).toBe(200);
+      expect(await res.text()).toContain('target=/hello?x=1');
+    } finally {
+      await handle.kill();
+    }
+  }, 120_000);
+
   it("a VM restored from its snapshot gets its own address and MAC on the bridge (its guest's NIC takes them) and reaches the test internet", async () => {
     const { ip: sourceIp } = await vr.trpc.sandbox.get.query({ id: box.id });
     const snap = await box.snapshot();
