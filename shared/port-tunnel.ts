@@ -33,13 +33,22 @@ export function portOfTunnelPath(path: string): number | null {
 /**
  * Pipes two byte streams into each other with flow control (each side's writes wait for the
  * other's drain). When one side finishes sending, the other's writable side is ended; when one
- * closes the other is ended, when one fails the other is destroyed.
+ * closes, the other is ended and destroyed once its writes are flushed (what it would still send
+ * has nowhere to go, and a peer that ignores the end must not hold it open); when one fails the
+ * other is destroyed.
  */
 export function splice(a: Duplex, b: Duplex): void {
   a.pipe(b);
   b.pipe(a);
   a.on('error', () => b.destroy());
   b.on('error', () => a.destroy());
-  a.once('close', () => b.end());
-  b.once('close', () => a.end());
+  a.once('close', () => closeAfterFlush(b));
+  b.once('close', () => closeAfterFlush(a));
+}
+
+function closeAfterFlush(s: Duplex): void {
+  if (s.destroyed) return;
+  if (s.writableFinished) return void s.destroy();
+  s.once('finish', () => s.destroy());
+  s.end();
 }
