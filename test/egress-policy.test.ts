@@ -1,11 +1,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
+import { createSocket } from 'node:dgram';
 import { connect, createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { parseNetworkRule, type NetworkPolicy } from '../shared/index.js';
-import { localAnswer, nameAllowed, parseAnswer, parseQuery } from '../server/hypervisor/network/dns-proxy.js';
+import { DnsProxy, localAnswer, nameAllowed, parseAnswer, parseQuery } from '../server/hypervisor/network/dns-proxy.js';
 import { EgressFirewall, egressBaseScript, readEgressTable, sandboxScript } from '../server/hypervisor/network/egress-firewall.js';
 import { newId } from '../server/store/ids.js';
 import { tearDown } from '../server/hypervisor/network/host-network.js';
@@ -161,6 +162,37 @@ describe('the DNS resolver parses defensively', () => {
     expect(parseAnswer(short, q, parsed)).toBeNull();
     // Another id, or another question: not an answer to this query.
     expect(parseAnswer(Buffer.concat([Buffer.from([0, 1]), loop.subarray(2)]), q, parsed)).toBeNull();
+  });
+});
+
+describe('the DNS resolver on loopback', () => {
+  it('listens on another port for UDP and TCP when its port is taken, and answers there', async () => {
+    const squatter = createSocket('udp4');
+    await new Promise<void>((r) => squatter.bind(0, '127.0.0.1', r));
+    const taken = squatter.address().port;
+    const proxy = new DnsProxy({ address: '127.0.0.1', port: taken, upstreams: [], policyAt: () => policy({ egress: 'deny' }), allowResolved: async () => {} });
+    try {
+      await proxy.start();
+      expect(proxy.port).not.toBe(taken);
+      const client = createSocket('udp4');
+      const reply = await new Promise<Buffer>((resolve) => {
+        client.once('message', resolve);
+        client.send(query('blocked.test'), proxy.port!, '127.0.0.1');
+      });
+      client.close();
+      expect(reply.readUInt16BE(2) & 0x000f).toBe(3);
+      // The same port over TCP, framed.
+      const tcpReply = await new Promise<Buffer>((resolve, reject) => {
+        const q = query('blocked.test');
+        const c = connect(proxy.port!, '127.0.0.1', () => c.write(Buffer.concat([Buffer.from([0, q.length]), q])));
+        c.once('data', (d: Buffer) => (c.end(), resolve(d)));
+        c.once('error', reject);
+      });
+      expect(tcpReply.readUInt16BE(2 + 2) & 0x000f).toBe(3);
+    } finally {
+      await proxy.stop();
+      squatter.close();
+    }
   });
 });
 

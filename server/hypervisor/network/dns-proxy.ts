@@ -174,22 +174,44 @@ export class DnsProxy {
 
   constructor(private readonly opts: DnsProxyOptions) {}
 
-  /** Binds UDP and TCP on the address; rejects when either cannot be bound. */
+  /**
+   * Binds UDP and TCP on the address, port 53 or, when something else holds it there (a host
+   * resolver bound to every address), one port the kernel picks for both: the firewall redirects
+   * sandboxes' port 53 to `port` either way. Rejects when neither can be bound.
+   */
   async start(): Promise<void> {
-    const port = this.opts.port ?? 53;
+    const wanted = this.opts.port ?? 53;
+    for (let attempt = 0; attempt < 8; attempt++) {
+      const port = attempt === 0 ? wanted : 0;
+      try {
+        await this.#bind(port);
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || attempt === 7) throw err;
+        if (attempt === 0) this.opts.log?.warn(`port ${wanted} on ${this.opts.address} is in use: the sandboxes' DNS resolver listens on another port (their port 53 is redirected to it)`);
+      }
+    }
+  }
+
+  /** Where the resolver listens (after `start`). */
+  get port(): number | null {
+    return this.#udp ? this.#udp.address().port : null;
+  }
+
+  async #bind(wanted: number): Promise<void> {
     const udp = createSocket({ type: 'udp4' });
     udp.on('message', (msg, rinfo) => this.#onDatagram(msg, rinfo));
     // A send to a sandbox gone meanwhile (or any socket error) must not end the resolver.
     udp.on('error', (err) => this.opts.log?.warn({ err: err.message }, 'dns proxy udp socket error'));
     await new Promise<void>((resolve, reject) => {
       udp.once('error', reject);
-      udp.bind(port, this.opts.address, () => {
+      udp.bind(wanted, this.opts.address, () => {
         udp.off('error', reject);
         resolve();
       });
     });
-    this.#udp = udp;
-    const tcp = createServer({ pauseOnConnect: false }, (socket) => this.#onConnection(socket));
+    const port = udp.address().port;
+    const tcp = createServer((socket) => this.#onConnection(socket));
     tcp.maxConnections = MAX_TCP_CONNECTIONS;
     tcp.on('error', (err) => this.opts.log?.warn({ err: err.message }, 'dns proxy tcp server error'));
     try {
@@ -202,9 +224,9 @@ export class DnsProxy {
       });
     } catch (err) {
       udp.close();
-      this.#udp = null;
       throw err;
     }
+    this.#udp = udp;
     this.#tcp = tcp;
   }
 

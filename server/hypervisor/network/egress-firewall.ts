@@ -359,12 +359,12 @@ export class EgressFirewall implements SandboxFirewall {
   }
 
   /**
-   * Creates or refreshes the table's fixed part (idempotent); sandboxes' rules are kept. With
-   * `proxy`, ports 80 and 443 of sandboxes that allow domains under `egress: deny` go to the name
+   * Creates or refreshes the table's fixed part (idempotent); sandboxes' rules are kept. DNS goes
+   * to the resolver's `dnsPort` (53 unless given). With `proxy`, ports 80 and 443 of sandboxes that allow domains under `egress: deny` go to the name
    * proxy there.
    */
-  async setUp(proxy?: ProxyPorts): Promise<void> {
-    await this.#nft(egressBaseScript(this.opts, proxy));
+  async setUp(proxy?: ProxyPorts, dnsPort?: number): Promise<void> {
+    await this.#nft(egressBaseScript({ ...this.opts, ...(dnsPort ? { dnsPort } : {}) }, proxy));
     this.#proxy = proxy;
   }
 

@@ -61,20 +61,17 @@ export class SandboxEgress {
    * carry sandboxes.
    */
   async start(): Promise<void> {
-    try {
-      await this.#names.start();
-    } catch (err) {
-      throw new Error(`the sandboxes' name proxy could not listen on the gateway (${(err as Error).message})`, { cause: err });
-    }
-    try {
-      await this.firewall.setUp(this.#names.ports ?? undefined);
-    } catch (err) {
-      throw new Error(`the egress firewall of bridge ${this.opts.bridge} could not be set up (${(err as Error).message}); set SANDBOX_NETWORK=none to run sandboxes without networking`, { cause: err });
-    }
+    const gateway = this.opts.gatewayCidr.split('/')[0];
     try {
       await this.#proxy.start();
+      await this.#names.start();
     } catch (err) {
-      throw new Error(`the sandboxes' DNS resolver could not listen on ${this.opts.gatewayCidr.split('/')[0]}:53 (${(err as Error).message})`, { cause: err });
+      throw new Error(`the sandboxes' DNS resolver or name proxy could not listen on ${gateway} (${(err as Error).message})`, { cause: err });
+    }
+    try {
+      await this.firewall.setUp(this.#names.ports ?? undefined, this.#proxy.port ?? undefined);
+    } catch (err) {
+      throw new Error(`the egress firewall of bridge ${this.opts.bridge} could not be set up (${(err as Error).message}); set SANDBOX_NETWORK=none to run sandboxes without networking`, { cause: err });
     }
   }
 
