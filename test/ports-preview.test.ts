@@ -1,12 +1,15 @@
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { createServer as createNetServer } from 'node:net';
 import { request, type IncomingHttpHeaders } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import type { CommandHandle, SandboxHandle, VoidRunClient } from '../client/index.js';
+import { containerListeningPorts } from '../server/hypervisor/container/listening-ports.js';
+import { listsPorts } from '../server/hypervisor/types.js';
 import { PreviewTokens } from '../server/services/preview-tokens.js';
 import { listeningPorts, MAX_LISTENING_PORTS } from '../shared/listening-ports.js';
 import { support } from './helpers/sandbox-support.js';
@@ -79,6 +82,19 @@ describe('listening ports and preview tokens (pure)', () => {
     expect(listeningPorts(many)).toHaveLength(MAX_LISTENING_PORTS);
   });
 
+  it("a container's pid file naming a process outside its cgroup (a pid reused after it stopped) lends no ports", async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-pidfile-'));
+    try {
+      writeFileSync(join(dir, 'init.pid'), String(process.pid)); // this process: in no sandbox's cgroup
+      expect(await containerListeningPorts(join(dir, 'init.pid'), 'vr-000000000000000000000000')).toBeNull();
+      writeFileSync(join(dir, 'init.pid'), 'garbage');
+      expect(await containerListeningPorts(join(dir, 'init.pid'), 'vr-000000000000000000000000')).toBeNull();
+      expect(await containerListeningPorts(join(dir, 'missing.pid'), 'vr-000000000000000000000000')).toBeNull();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('opens one port of one sandbox until the token expires', () => {
     const tokens = new PreviewTokens(Buffer.alloc(32, 7));
     const now = Date.UTC(2026, 0, 1);
@@ -126,8 +142,9 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
   it('lists the listening port with its preview URL and proxy path', async () => {
     const list = await box.ports.list();
     expect(list.ports).toContainEqual({ port: 8000, public: false, previewUrl: `http://${host(8000)}/`, proxyPath: `/api/sandboxes/${box.id}/ports/8000/` });
-    // The agent's own socket is not a TCP port.
-    expect(list.ports.every((p) => p.port >= 1 && p.port <= 65535)).toBe(true);
+    // A container's listing is the kernel's, read on the host, never the agent's word.
+    const driver = server.app.services.sandboxes.driver;
+    expect(listsPorts(driver) ? await driver.listeningPorts(box.id) : null).toContain(8000);
   });
 
   it('proxies /ports/{port}/ with the key, without our credentials upstream', async () => {
