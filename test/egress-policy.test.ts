@@ -313,6 +313,29 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     expect(await fetchFrom(box, internet.address)).toMatchObject({ from: internet.hostAddress });
   }, 60_000);
 
+  it('a policy change stops a connection already open: every packet is checked, not only the first', async () => {
+    // The connection is open and half the body sent before the change; the other half after it.
+    await box.files.write(
+      '/root/held.sh',
+      [
+        `exec 3<>/dev/tcp/${internet.address}/8080 || exit 1`,
+        `printf 'POST / HTTP/1.0\r\nContent-Length: 10\r\n\r\nhello' >&3`,
+        'touch /tmp/opened',
+        'until [ -e /tmp/go ]; do sleep 0.1; done',
+        `printf 'world' >&3`,
+        `if timeout 8 sed -n '$p' <&3 > /tmp/body; then echo done > /tmp/result; else echo failed > /tmp/result; fi`,
+        '',
+      ].join('\n'),
+    );
+    const waitFor = (file: string) => box.exec(`timeout 30 bash -c 'until [ -e ${file} ]; do sleep 0.1; done'`);
+    await box.commands.run('bash /root/held.sh');
+    expect((await waitFor('/tmp/opened')).exitCode).toBe(0);
+    expect((await put(box.id, { egress: 'deny' })).status).toBe(200);
+    await box.exec('touch /tmp/go');
+    expect((await waitFor('/tmp/result')).exitCode).toBe(0);
+    expect((await box.exec('cat /tmp/result /tmp/body')).stdout.trim()).toBe('failed');
+  }, 60_000);
+
   it('egress deny, changed on the running sandbox: it reaches nothing, by name or by address, and its DNS goes nowhere', async () => {
     const res = await put(box.id, { egress: 'deny' });
     expect(res.status).toBe(200);
