@@ -320,8 +320,14 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     }
   }, 120_000);
 
-  it('answers 409 naming the state for a stopped sandbox', async () => {
+  it('answers 409 naming the state for a paused and a stopped sandbox', async () => {
     const { token } = await box.ports.token(8000);
+    await box.pause();
+    const paused = await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey } });
+    expect(paused.status).toBe(409);
+    expect(JSON.parse(paused.body)).toMatchObject({ code: 'SANDBOX_NOT_RUNNING', error: expect.stringContaining('is paused') });
+    await expect(wsEcho(`${server.url.replace('http:', 'ws:')}/ws`, { host: host(8000), 'x-voidrun-preview-token': token }, 'x')).rejects.toThrow('upgrade answered 409');
+    await box.resume();
     await box.stop();
     const viaApi = await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey } });
     expect(viaApi.status).toBe(409);
