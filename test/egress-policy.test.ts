@@ -3,10 +3,12 @@ import { randomBytes, randomInt } from 'node:crypto';
 import { createSocket } from 'node:dgram';
 import { connect, createServer, type Server } from 'node:net';
 import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { parseNetworkRule, type NetworkPolicy } from '../shared/index.js';
 import { DnsProxy, localAnswer, nameAllowed, parseAnswer, parseQuery } from '../server/hypervisor/network/dns-proxy.js';
+import { httpHostOf, sniOf } from '../server/hypervisor/network/name-proxy.js';
 import { EgressFirewall, egressBaseScript, readEgressTable, sandboxScript } from '../server/hypervisor/network/egress-firewall.js';
 import { newId } from '../server/store/ids.js';
 import { tearDown } from '../server/hypervisor/network/host-network.js';
@@ -162,6 +164,35 @@ describe('the DNS resolver parses defensively', () => {
     expect(parseAnswer(short, q, parsed)).toBeNull();
     // Another id, or another question: not an answer to this query.
     expect(parseAnswer(Buffer.concat([Buffer.from([0, 1]), loop.subarray(2)]), q, parsed)).toBeNull();
+  });
+});
+
+describe('the name proxy reads names defensively', () => {
+  it("finds the server_name of a real TLS ClientHello (Node's own), and the Host of an HTTP request", async () => {
+    const hello = await new Promise<Buffer>((resolve) => {
+      const catcher = createServer((socket) => socket.once('data', (d: Buffer) => (resolve(d), socket.destroy(), catcher.close())));
+      catcher.listen(0, '127.0.0.1', () => {
+        const client = tlsConnect({ host: '127.0.0.1', port: (catcher.address() as { port: number }).port, servername: 'allowed.test' });
+        client.on('error', () => {});
+      });
+    });
+    expect(sniOf(hello)).toBe('allowed.test');
+    expect(sniOf(hello.subarray(0, 20))).toBeUndefined();
+    expect(httpHostOf(Buffer.from('GET / HTTP/1.1\r\nUser-Agent: x\r\nHost: Allowed.Test:8080\r\n\r\n'))).toBe('Allowed.Test');
+    expect(httpHostOf(Buffer.from('GET / HTTP/1.1\r\nHost: a'))).toBeUndefined();
+    expect(httpHostOf(Buffer.from('GET / HTTP/1.1\r\n\r\n'))).toBeNull();
+    expect(httpHostOf(Buffer.from('\x16\x03\x01'))).toBeNull();
+  });
+
+  it('malformed ClientHellos and requests never throw', () => {
+    for (let i = 0; i < 2000; i++) {
+      const junk = randomBytes(randomInt(0, 800));
+      const tlsLike = Buffer.concat([Buffer.from([0x16, 0x03, 0x01, junk.length >> 8, junk.length & 0xff, 0x01]), junk]);
+      expect(() => sniOf(junk)).not.toThrow();
+      expect(() => sniOf(tlsLike)).not.toThrow();
+      expect(() => httpHostOf(junk)).not.toThrow();
+      expect(() => httpHostOf(Buffer.concat([Buffer.from('GET / HTTP/1.1\r\nHost: '), junk, Buffer.from('\r\n\r\n')]))).not.toThrow();
+    }
   });
 });
 

@@ -20,6 +20,8 @@ const MAX_PEEK_BYTES = 16 * 1024 + 5;
 const PEEK_TIMEOUT_MS = 10_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 const MAX_CONNECTIONS_PER_SOURCE = 256;
+/** Connections (being peeked at or passed through) one listener holds at once, from all sandboxes. */
+const MAX_CONNECTIONS = 4096;
 
 /**
  * The server_name of a TLS ClientHello at the start of `data`: a string, `null` when the
@@ -118,6 +120,7 @@ export class NameProxy {
 
   #listen(port: 80 | 443, nameOf: (data: Buffer) => string | null | undefined): Promise<Server> {
     const server = createServer((socket) => this.#onConnection(socket, port, nameOf));
+    server.maxConnections = MAX_CONNECTIONS;
     server.on('error', (err) => this.opts.log?.warn({ err: err.message }, 'name proxy error'));
     return new Promise((resolve, reject) => {
       server.once('error', reject);
