@@ -9,6 +9,7 @@ import { macForSandbox } from '../server/hypervisor/cloud-hypervisor/vm-config.j
 import { findLink, tapNameFor, tearDown } from '../server/hypervisor/network/host-network.js';
 import { guardedTaps, runNft, tapGuardTable } from '../server/hypervisor/network/tap-guard.js';
 import { GUEST_AGENT_DIR } from '../server/hypervisor/vm/guest-boot-files.js';
+import { GUEST_AGENT_PORT } from '../shared/guest-protocol.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 import { fetchCommand, ip, onPath, startTestInternet, type TestInternet } from './helpers/test-internet.js';
@@ -341,6 +342,8 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
     try {
       const { ports } = await box.ports.list();
       expect(ports.map((p) => p.port)).toContain(8000);
+      // The agent's own port in the guest is not the sandbox's.
+      expect(ports.map((p) => p.port)).not.toContain(GUEST_AGENT_PORT);
       const res = await server.http(`/api/sandboxes/${box.id}/ports/8000/hello?x=1`, { apiKey });
       expect(res.status).toBe(200);
       expect(await res.text()).toContain('target=/hello?x=1');
