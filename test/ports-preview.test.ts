@@ -148,7 +148,7 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
   });
 
   it('proxies /ports/{port}/ with the key, without our credentials upstream', async () => {
-    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/hello/there?x=1&apiKey=${apiKey}&y=2`, {
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/hello/there?x=1&voidrun_token=t&y=2`, {
       method: 'POST',
       headers: { 'x-api-key': apiKey, cookie: 'app=1', 'content-type': 'text/plain' },
       body: 'posted body',
@@ -161,6 +161,32 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect(res.headers['set-cookie']).toEqual(['a=1', 'b=2']);
     // Pages served on the API's origin run as an opaque origin.
     expect(res.headers['content-security-policy']).toContain('sandbox');
+  });
+
+  it("refuses ?apiKey= on /ports/{port}/ with a 400 naming the header and preview tokens (the sandbox's page would read the key from its address)", async () => {
+    for (const path of [`/api/sandboxes/${box.id}/ports/8000/?apiKey=${apiKey}`, `/api/sandboxes/${box.id}/ports/8000/x?a=1&api%4Bey=${apiKey}`]) {
+      for (const headers of [{}, { 'x-api-key': apiKey }] as Record<string, string>[]) {
+        const res = await raw(server, path, { headers });
+        expect(res.status, path).toBe(400);
+        expect(JSON.parse(res.body)).toMatchObject({ code: 'INVALID_INPUT', error: expect.stringContaining('X-API-Key header') });
+        expect(JSON.parse(res.body).error).toContain('preview token');
+        expect(res.body).not.toContain(apiKey);
+      }
+    }
+    await expect(wsEcho(`${server.url.replace('http:', 'ws:')}/api/sandboxes/${box.id}/ports/8000/ws?apiKey=${apiKey}`, {}, 'x')).rejects.toThrow('upgrade answered 400');
+    // The rest of the API still takes the query form, as the original VoidRun does.
+    expect((await server.http(`/api/sandboxes/${box.id}/ports?apiKey=${apiKey}`)).status).toBe(200);
+  });
+
+  it("keeps our credentials out of a forwarded Referer and a page on the API path from setting its own Referrer-Policy (the key would leave as a Referer)", async () => {
+    const referer = `http://api.example/api/sandboxes/${box.id}/ports/8000/page?q=1&apiKey=${apiKey}&voidrun_token=t&r=2`;
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey, referer } });
+    expect(res.status).toBe(200);
+    expect(echoed(res.body).referer).toBe(`http://api.example/api/sandboxes/${box.id}/ports/8000/page?q=1&r=2`);
+    // The sandbox's server asks for `unsafe-url`; under the API path the answer says `no-referrer`.
+    expect(res.headers['referrer-policy']).toBe('no-referrer');
+    const viaHost = await raw(server, '/', { host: host(8000), headers: { 'x-api-key': apiKey, referer: `http://${host(8000)}/?voidrun_token=t` } });
+    expect(echoed(viaHost.body).referer).toBe(`http://${host(8000)}/`);
   });
 
   it('streams a 16 MiB body to the sandbox\'s server and its 16 MiB answer back, byte for byte', async () => {

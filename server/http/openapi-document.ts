@@ -118,7 +118,7 @@ function routeOperation(doc: Json, spec: RouteSpec): Json {
     summary: spec.summary,
     ...(spec.description ? { description: spec.description } : {}),
     tags: [spec.tag],
-    security: Object.keys(securitySchemes).map((name) => ({ [name]: [] })),
+    security: (spec.auth === 'apiKeyHeader' ? ['ApiKeyAuth'] : Object.keys(securitySchemes)).map((name) => ({ [name]: [] })),
     parameters,
     ...(requestBody ? { requestBody } : {}),
     responses,

@@ -5,7 +5,7 @@ import { InvalidInputError, UpstreamUnavailableError } from '../errors.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
 import type { SandboxRecord } from '../store/types.js';
-import { apiKeyOf, requestedOrgOf } from '../trpc/context.js';
+import { requestedOrgOf } from '../trpc/context.js';
 import { sendError } from './envelope.js';
 import type { OpenStreams } from './open-streams.js';
 import { decodePathSegment } from './route-table.js';
@@ -16,6 +16,9 @@ export const PREVIEW_TOKEN_HEADER = 'x-voidrun-preview-token';
 export const PREVIEW_TOKEN_QUERY = 'voidrun_token';
 /** The cookie a preview host keeps its token in (scoped to that host: it has no Domain). */
 export const PREVIEW_TOKEN_COOKIE = 'voidrun_preview';
+
+/** The query parameter the rest of the API takes a key in (refused on the port proxy's paths). */
+const API_KEY_QUERY = 'apiKey';
 
 /** The metrics and log label of requests to preview hosts. */
 export const PREVIEW_HOST_LABEL = 'preview-host';
@@ -96,8 +99,15 @@ export function createPortProxy(opts: PortProxyOptions) {
       opts.onOrg(req, record.orgId);
       return record;
     }
+    // The key from the header only: a key in the URL would be in the address of the page the
+    // sandbox serves, which its scripts read (and its Referer carries).
+    if (queryParam(req.url ?? '/', API_KEY_QUERY) !== null) {
+      throw new InvalidInputError(
+        `?${API_KEY_QUERY}= is not taken on /api/sandboxes/{id}/ports/{port}/…: the sandbox's page could read the key from its own address. Send the key in the X-API-Key header, or open the port's preview URL with a preview token (POST /api/sandboxes/{id}/ports/{port}/token)`,
+      );
+    }
     const checkStarted = streams.keyCheckStarted();
-    const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+    const principal = await services.auth.authenticate(headerOnlyKey(req), requestedOrgOf(req));
     opts.onOrg(req, principal.orgId);
     if (!(target.port >= 1 && target.port <= 65535)) throw new InvalidInputError(`Invalid port in ${(req.url ?? '').split('?')[0]!.slice(0, 200)}: ports are 1 to 65535`);
     const record = await services.sandboxes.running(principal, target.id);
@@ -176,7 +186,11 @@ export function createPortProxy(opts: PortProxyOptions) {
     upstream.once('response', (answer) => {
       try {
         for (const [name, value] of responseHeaders(answer)) res.appendHeader(name, value);
-        if (target.via === 'api') res.appendHeader('content-security-policy', API_ORIGIN_CSP);
+        if (target.via === 'api') {
+          res.appendHeader('content-security-policy', API_ORIGIN_CSP);
+          // Replaces the upstream's: no address on the API's origin is sent on as a Referer.
+          res.setHeader('referrer-policy', 'no-referrer');
+        }
         res.writeHead(answer.statusCode!, answer.statusMessage);
       } catch (err) {
         // A header Node will not send (it parsed it, but it is not valid to write).
@@ -300,7 +314,7 @@ function responseHeaders(answer: IncomingMessage): [string, string][] {
   return out;
 }
 
-/** The request headers the upstream sees: without ours, without hop-by-hop ones, with X-Forwarded-*. */
+/** The request headers the upstream sees: without ours, without hop-by-hop ones, with our X-Forwarded-* (a client's dropped), a Referer without our query parameters. */
 function forwardedHeaders(req: IncomingMessage, target: Target, proto: string): Record<string, string> {
   const named = connectionTokens(req.headers.connection);
   const headers: Record<string, string> = {};
@@ -314,6 +328,11 @@ function forwardedHeaders(req: IncomingMessage, target: Target, proto: string): 
         .map((c) => c.trim())
         .filter((c) => c && !c.startsWith(`${PREVIEW_TOKEN_COOKIE}=`));
       if (kept.length) headers.cookie = headers.cookie ? `${headers.cookie}; ${kept.join('; ')}` : kept.join('; ');
+      continue;
+    }
+    if (lower === 'referer') {
+      // A page's address may carry our credentials (`?voidrun_token=`, or an `?apiKey=` a client sent anyway).
+      headers.referer = withoutOurQuery(value);
       continue;
     }
     headers[lower] = headers[lower] === undefined ? value : `${headers[lower]}, ${value}`;
@@ -356,7 +375,7 @@ function withoutOurQuery(url: string): string {
     .split('&')
     .filter((pair) => {
       const name = safeDecode(pair.split('=')[0]!);
-      return name !== PREVIEW_TOKEN_QUERY && name !== 'apiKey';
+      return name !== PREVIEW_TOKEN_QUERY && name !== API_KEY_QUERY;
     });
   return kept.length ? `${url.slice(0, q)}?${kept.join('&')}` : url.slice(0, q);
 }

@@ -18,8 +18,11 @@ export interface RouteSpec {
   method: 'GET' | 'POST';
   /** The path under /api, OpenAPI style: `/sandboxes/{id}/files/upload`. */
   path: string;
-  /** Every raw route needs an API key (X-API-Key, or `?apiKey=` where a browser cannot set headers). */
-  auth: 'apiKey';
+  /**
+   * Every raw route needs an API key: X-API-Key, or `?apiKey=` where a browser cannot set headers;
+   * `apiKeyHeader` takes the header only (the port proxy: the sandbox's page would read a key in its URL).
+   */
+  auth: 'apiKey' | 'apiKeyHeader';
   /** A long-lived answer: it holds one of the org's ORG_MAX_STREAMS slots while open. */
   stream?: true;
   /** The path parameters; every raw route addresses one sandbox by `id`. */
@@ -201,7 +204,7 @@ export const routeTable = {
     kind: 'proxy',
     method: 'GET',
     path: '/sandboxes/{id}/ports/{port}/{path}',
-    auth: 'apiKey',
+    auth: 'apiKeyHeader',
     params: SandboxParams.extend({
       port: Port,
       path: z.string().meta({ description: 'The rest of the path on the sandbox\'s server (any number of segments; empty for its root)', example: 'index.html' }),
@@ -209,7 +212,7 @@ export const routeTable = {
     success: {
       status: 200,
       description:
-        "The answer of the server listening on that port inside the sandbox, streamed as it sent it (any method; WebSocket and other upgrades pass through too). Our credentials (X-API-Key, ?apiKey=, preview tokens and their cookie) are not forwarded; the sandbox's server sees Host localhost:<port>. Pages served here run as an opaque origin (Content-Security-Policy: sandbox). 502 UPSTREAM_UNAVAILABLE when nothing listens on the port or its answer is not HTTP (or its head passes 16 KiB); 409 when the sandbox is not running. The same ports are served on preview hosts `{port}-{id}.{PREVIEW_DOMAIN}` (see the README).",
+        "The answer of the server listening on that port inside the sandbox, streamed as it sent it (any method; WebSocket and other upgrades pass through too). The key is taken from the X-API-Key header only: ?apiKey= is 400 INVALID_INPUT here (the sandbox's page could read it from its address; browsers use a preview token on the preview host). Our credentials (X-API-Key, preview tokens and their cookie) are not forwarded, nor a client's X-Forwarded-*; a Referer loses ?apiKey= and ?voidrun_token=; the sandbox's server sees Host localhost:<port>. Pages served here run as an opaque origin (Content-Security-Policy: sandbox) and send no Referer (Referrer-Policy: no-referrer, replacing the server's). 502 UPSTREAM_UNAVAILABLE when nothing listens on the port or its answer is not HTTP (or its head passes 16 KiB); 409 when the sandbox is not running. The same ports are served on preview hosts `{port}-{id}.{PREVIEW_DOMAIN}` (see the README).",
     },
     operationId: 'proxyToPort',
     summary: "Any request to a port of the sandbox, proxied to the server listening there",
