@@ -26,11 +26,12 @@ import type {
 import { macForSandbox } from '../cloud-hypervisor/vm-config.js';
 import type { NetworkBytes } from '../network/types.js';
 import { VM_DEFAULT_POLICY, type VmAttachment, type VmHostNetwork } from '../network/vm-network.js';
-import { GUEST_AGENT_PORT, vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
+import { vmInstancePaths, type VmImagePaths } from '../vm/guest.js';
 import { agentHandshake, createOverlay, reidentifyGuest, writeConfigDisk } from '../vm/instance-files.js';
 import type { VmImages } from '../vm/vm-images.js';
 import { freeLoopbackPort, lastLogLines, processAlive, processUsage, runHostCommand, signalQuietly, waitForExit } from '../host-process.js';
 import type { AcceleratorChoice } from './accelerator-probe.js';
+import { qemuGuestNetwork, qemuNicArgs, type TapNic } from './nics.js';
 import { withQmp } from './qmp-client.js';
 
 export interface QemuDriverOptions {
@@ -68,9 +69,6 @@ interface InstanceState {
   bridgeMac?: string;
 }
 
-// QEMU's user-mode network: the guest's fixed address, the virtual gateway and the NIC's MAC
-// (QEMU's default for a first NIC, set explicitly).
-const USER_NET = { address: '10.0.2.15', prefixLength: 24, gateway: '10.0.2.2', mac: '52:54:00:12:34:56' };
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -167,21 +165,15 @@ export class QemuDriver
     return this.opts.network.attach(spec.id, { mac: state.bridgeMac, policy: spec.network ?? VM_DEFAULT_POLICY });
   }
 
-  /**
-   * With a TAP, its NIC has the leased address and the default route, the user-mode NIC only its
-   * subnet (where the host's forward to the agent arrives), and DNS goes to the gateway (the
-   * server's resolver answers by the sandbox's policy).
-   */
+  /** The guest's config disk: its name, token, environment and NICs (nics.ts). */
   #guestConfig(spec: SandboxSpec, state: InstanceState, attachment: VmAttachment | null): GuestConfig {
-    const base = { hostname: hostnameFor(spec.name), token: state.token, env: spec.envVars, agentSettings: { ...spec.agentSettings, VOIDRUN_SANDBOX_ID: spec.id }, growRootFs: true };
-    if (!attachment) return { ...base, network: USER_NET };
-    const { address } = attachment;
-    const { gateway: _viaHost, ...userNic } = USER_NET;
     return {
-      ...base,
-      network: { address: address.ip, prefixLength: address.prefixLength, gateway: address.gateway, mac: state.bridgeMac },
-      extraNetworks: [userNic],
-      nameservers: [address.gateway],
+      hostname: hostnameFor(spec.name),
+      token: state.token,
+      env: spec.envVars,
+      agentSettings: { ...spec.agentSettings, VOIDRUN_SANDBOX_ID: spec.id },
+      growRootFs: true,
+      ...qemuGuestNetwork(tapNic(state, attachment)),
     };
   }
 
@@ -201,11 +193,7 @@ export class QemuDriver
       '-drive', `file=${p.overlay},if=virtio,format=qcow2`,
       '-drive', `file=${state.agentDisk},if=virtio,format=raw,readonly=on`,
       '-drive', `file=${p.configDisk},if=virtio,format=raw,readonly=on`,
-      '-netdev', `user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:${state.port}-:${GUEST_AGENT_PORT}`,
-      '-device', `virtio-net-pci,netdev=net0,mac=${USER_NET.mac}`,
-      ...(attachment && state.bridgeMac
-        ? ['-netdev', `tap,id=net1,ifname=${attachment.tap},script=no,downscript=no`, '-device', `virtio-net-pci,netdev=net1,mac=${state.bridgeMac}`]
-        : []),
+      ...qemuNicArgs(state.port, tapNic(state, attachment)),
       '-device', 'virtio-rng-pci',
       '-chardev', `file,id=serial0,path=${p.log},append=on`, '-serial', 'chardev:serial0',
       '-qmp', `unix:${p.qmpSocket},server=on,wait=off`,
@@ -467,14 +455,17 @@ export class QemuDriver
       await writeConfigDisk(p.configDisk, this.#guestConfig(spec, state, attachment));
       await this.#boot(spec.id, state, image, attachment, p.memory);
       await rm(p.memory, { force: true });
-      const network =
-        attachment && state.bridgeMac
-          ? { address: attachment.address.ip, prefixLength: attachment.address.prefixLength, gateway: attachment.address.gateway, mac: state.bridgeMac, ...(snapshotMac ? { replacesMac: snapshotMac } : {}) }
-          : undefined;
+      const nic = qemuGuestNetwork(tapNic(state, attachment)).network;
+      const network = attachment && nic ? { ...nic, ...(snapshotMac ? { replacesMac: snapshotMac } : {}) } : undefined;
       await reidentifyGuest(await this.connect(spec.id), { hostname: hostnameFor(spec.name), sandboxId: spec.id, ...(network ? { network } : {}) });
     } catch (err) {
       await this.destroy(spec.id).catch(() => {});
       throw err;
     }
   }
+}
+
+/** The instance's TAP NIC once its TAP is attached; null without one. */
+function tapNic(state: InstanceState, attachment: VmAttachment | null): TapNic | null {
+  return attachment && state.bridgeMac ? { tap: attachment.tap, mac: state.bridgeMac, address: attachment.address } : null;
 }
