@@ -466,6 +466,19 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     expect(await fetchFrom(box, internet.address)).toMatchObject({ from: internet.hostAddress });
   }, 90_000);
 
+  it('the mode changes while the sandbox is stopped and holds from its next start', async () => {
+    await other.stop();
+    expect(((await (await put(other.id, { mode: 'none' })).json()) as { data: { network: NetworkPolicy } }).data.network.mode).toBe('none');
+    await other.start();
+    expect(await restGet(other.id)).toMatchObject({ ip: '', network: { mode: 'none' } });
+    expect(await fetchFrom(other, internet.address)).toBeNull();
+    await other.stop();
+    expect((await put(other.id, { mode: 'bridge' })).status).toBe(200);
+    await other.start();
+    expect((await restGet(other.id)).ip).toMatch(new RegExp(`^${subnet.replace(/\./g, '\\.')}\\.`));
+    expect(await fetchFrom(other, internet.address)).toMatchObject({ from: internet.hostAddress });
+  }, 120_000);
+
   it("a restarted server keeps a running sandbox's policy (its resolver and PUT work again) and removes rules no sandbox owns", async () => {
     expect((await put(box.id, { egress: 'deny', allow: ['allowed.test'], deny: [] })).status).toBe(200);
     await server.close({ keepState: true });

@@ -524,9 +524,9 @@ export class SandboxService {
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {
     const patch: Partial<Pick<SandboxRecord, 'status' | 'ip'>> = { status };
-    // A microVM on the bridge has an address of its own, known once it runs.
+    // A sandbox on the bridge has an address of its own, known once it runs; with mode none it has none.
     const driver = this.deps.driver;
-    if (status === 'running' && driver && hasAddresses(driver)) patch.ip = (await driver.addressOf(record.id)) ?? record.ip;
+    if (status === 'running' && driver && hasAddresses(driver)) patch.ip = record.network.mode === 'none' ? '' : ((await driver.addressOf(record.id)) ?? record.ip);
     return (await this.deps.sandboxes.update(record.orgId, record.id, patch)) ?? { ...record, ...patch };
   }
 
