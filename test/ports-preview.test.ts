@@ -189,6 +189,14 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect(echoed(viaHost.body).referer).toBe(`http://${host(8000)}/`);
   });
 
+  it("drops a client's Forwarded header like X-Forwarded-* (a spoofed client address for the sandbox's server)", async () => {
+    const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey, forwarded: 'for=203.0.113.9', 'x-forwarded-for': '203.0.113.9' } });
+    expect(res.status).toBe(200);
+    const seen = echoed(res.body);
+    expect(seen.forwarded).toBeUndefined();
+    expect(seen['x-forwarded-for']).not.toContain('203.0.113.9');
+  });
+
   it('streams a 16 MiB body to the sandbox\'s server and its 16 MiB answer back, byte for byte', async () => {
     const body = createHash('sha256').update('seed').digest('hex').repeat((16 * 1024 * 1024) / 64);
     const res = await raw(server, `/api/sandboxes/${box.id}/ports/8000/upload`, { method: 'PUT', headers: { 'x-api-key': apiKey, 'content-type': 'text/plain' }, body });

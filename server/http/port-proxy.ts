@@ -314,14 +314,15 @@ function responseHeaders(answer: IncomingMessage): [string, string][] {
   return out;
 }
 
-/** The request headers the upstream sees: without ours, without hop-by-hop ones, with our X-Forwarded-* (a client's dropped), a Referer without our query parameters. */
+/** The request headers the upstream sees: without ours, without hop-by-hop ones, with our X-Forwarded-* (a client's and its `Forwarded` dropped), a Referer without our query parameters. */
 function forwardedHeaders(req: IncomingMessage, target: Target, proto: string): Record<string, string> {
   const named = connectionTokens(req.headers.connection);
   const headers: Record<string, string> = {};
   for (let i = 0; i < req.rawHeaders.length; i += 2) {
     const lower = req.rawHeaders[i]!.toLowerCase();
     const value = req.rawHeaders[i + 1]!;
-    if (HOP_BY_HOP.has(lower) || OURS.has(lower) || named.has(lower) || lower === 'host' || lower.startsWith('x-forwarded-')) continue;
+    // A client's `Forwarded` / `X-Forwarded-*` would tell the upstream a client address of its choosing.
+    if (HOP_BY_HOP.has(lower) || OURS.has(lower) || named.has(lower) || lower === 'host' || lower === 'forwarded' || lower.startsWith('x-forwarded-')) continue;
     if (lower === 'cookie') {
       const kept = value
         .split(';')
