@@ -1,4 +1,4 @@
-import { initTRPC } from '@trpc/server';
+import { getTRPCErrorFromUnknown, initTRPC, type TRPCError } from '@trpc/server';
 import superjson from 'superjson';
 import type { z } from 'zod';
 import type { OpenApiMeta } from 'trpc-to-openapi';
@@ -100,53 +100,65 @@ export const router = t.router;
 export const createCallerFactory = t.createCallerFactory;
 
 /**
- * Turns domain errors thrown below into TRPCErrors with the mapped code; logs unexpected ones.
+ * Turns domain errors thrown by `run` (the rest of the middleware chain) into TRPCErrors with the
+ * mapped code; logs unexpected ones. A throw from `run` itself is taken as the failed result a
+ * middleware level of its own would have returned, so authenticated procedures run this and their
+ * key check as one level (tRPC copies a call's options at every level).
  * A query or mutation over a WebSocket counts as in flight on its socket until it has returned.
  */
-const mapDomainErrors = t.middleware(async ({ next, ctx, path, type, getRawInput }) => {
-  const raw = await getRawInput();
+async function mappingDomainErrors<R extends { ok: boolean }>(
+  opts: { ctx: Context; path: string; type: string; getRawInput: () => Promise<unknown> },
+  run: () => Promise<R>,
+): Promise<R> {
+  const raw = await opts.getRawInput();
   if (raw instanceof TooDeepInput) throw toTRPCError(raw.error);
-  const ended = type === 'subscription' ? undefined : ctx.connection.callStarted?.();
-  const result = await next().finally(ended);
+  const ended = opts.type === 'subscription' ? undefined : opts.ctx.connection.callStarted?.();
+  const result = await run()
+    .catch((cause: unknown) => ({ ok: false, error: getTRPCErrorFromUnknown(cause) }) as unknown as R)
+    .finally(ended);
   if (result.ok) return result;
-  const cause = result.error.cause;
+  const error = (result as unknown as { error: TRPCError }).error;
+  const cause = error.cause;
   if (cause instanceof DomainError) throw toTRPCError(cause);
-  if (result.error.code === 'INTERNAL_SERVER_ERROR') ctx.log.error({ err: cause ?? result.error, procedure: path }, 'unexpected error');
+  if (error.code === 'INTERNAL_SERVER_ERROR') opts.ctx.log.error({ err: cause ?? error, procedure: opts.path }, 'unexpected error');
   return result;
-});
+}
 
-export const publicProcedure = t.procedure.use(mapDomainErrors);
+export const publicProcedure = t.procedure.use((opts) => mappingDomainErrors(opts, () => opts.next()));
 
 /**
  * Requires a valid, active API key; narrows `ctx` with the caller's `principal`. Calls that can hold
  * a large answer or a long stream take one of the org's slots (see `heldCallKind`) until their
  * response is written, and every such call or WebSocket is closed if its key is revoked.
  */
-export const authedProcedure = publicProcedure.use(async ({ ctx, next, path, type, signal }) => {
-  const checkStarted = ctx.streams.keyCheckStarted();
-  const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
-  ctx.record.orgId = principal.orgId;
-  const kind = heldCallKind(path, type);
-  if (!kind) return next({ ctx: { principal } });
-  const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut(), checkStarted);
-  if (ctx.transport !== 'trpc-ws') {
-    ctx.connection.onClose(release); // once the response has been written
-    return next({ ctx: { principal } });
-  }
-  // A WebSocket outlives its calls: each releases when it ends (and every call ends when the socket closes).
-  const result = await next({ ctx: { principal } });
-  if (!result.ok) {
-    release();
+export const authedProcedure = t.procedure.use((opts) =>
+  mappingDomainErrors(opts, async () => {
+    const { ctx, next, path, type, signal } = opts;
+    const checkStarted = ctx.streams.keyCheckStarted();
+    const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
+    ctx.record.orgId = principal.orgId;
+    const kind = heldCallKind(path, type);
+    if (!kind) return next({ ctx: { principal } });
+    const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut(), checkStarted);
+    if (ctx.transport !== 'trpc-ws') {
+      ctx.connection.onClose(release); // once the response has been written
+      return next({ ctx: { principal } });
+    }
+    // A WebSocket outlives its calls: each releases when it ends (and every call ends when the socket closes).
+    const result = await next({ ctx: { principal } });
+    if (!result.ok) {
+      release();
+      return result;
+    }
+    if (type === 'subscription') {
+      signal?.addEventListener('abort', release, { once: true });
+      return { ...result, data: pacedForWebSocket(result.data as AsyncIterable<unknown>, ctx.connection, release) };
+    }
+    // The answer is sent once this returns; the slot is held until the peer has taken it.
+    void untilDrained(ctx.connection).then(release);
     return result;
-  }
-  if (type === 'subscription') {
-    signal?.addEventListener('abort', release, { once: true });
-    return { ...result, data: pacedForWebSocket(result.data as AsyncIterable<unknown>, ctx.connection, release) };
-  }
-  // The answer is sent once this returns; the slot is held until the peer has taken it.
-  void untilDrained(ctx.connection).then(release);
-  return result;
-});
+  }),
+);
 
 /** Procedures whose answer the server builds whole in memory: they count against ORG_MAX_CONCURRENT_EXECS. */
 const execLikeCalls = new Set(['exec.run', 'shell.sessionExec', 'commands.wait', 'files.list', 'files.headTail', 'files.search', 'pty.buffer']);
