@@ -22,8 +22,12 @@ describe('the TAP source check (pure script)', () => {
       'add rule netdev voidrun_vmbr0 vr0718293a4b5c ether type arp arp htype 1 arp ptype ip arp saddr ether 02:aa:bb:cc:dd:ee arp saddr ip 192.168.100.7 accept',
       'add rule netdev voidrun_vmbr0 vr0718293a4b5c ether type ip ip saddr 192.168.100.7 accept',
     ]);
-    // Bridge names may hold characters nft identifiers cannot.
-    expect(tapGuardTable('br-test.1')).toBe('voidrun_br_test_1');
+    // Bridge names may hold characters nft identifiers cannot; they are escaped one to one, so
+    // bridges whose names differ only there never share a table.
+    expect(tapGuardTable('br-test.1')).toBe('voidrun_br_dtest_p1');
+    const names = ['vr-a', 'vr_a', 'vr.a', 'vr_da', 'vr__a', 'vra'];
+    expect(new Set(names.map(tapGuardTable)).size).toBe(names.length);
+    for (const name of names) expect(tapGuardTable(name)).toMatch(/^[A-Za-z][A-Za-z0-9_]*$/);
   });
 
   it('refuses what is not a TAP name, a MAC or an IPv4 address rather than writing it into a rule', () => {

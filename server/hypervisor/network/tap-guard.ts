@@ -10,9 +10,15 @@ import { runNetworkCommand } from './host-network.js';
  * its lease, ARP claiming any other address, and every other ethertype (IPv6 included) are dropped.
  */
 
-/** The nftables table of `bridge`'s TAP guards (netdev family; identifiers are letters, digits and `_`). */
+/**
+ * The nftables table name of `bridge` (`voidrun_<bridge>`; the TAP guards' in the netdev family,
+ * the egress firewall's in the ip family). nft identifiers hold letters, digits and `_`, and a
+ * bridge name may also hold `-` and `.`, so those are escaped one to one (`_` → `__`, `-` → `_d`,
+ * `.` → `_p`): two bridges never share a table.
+ */
 export function tapGuardTable(bridge: string): string {
-  return `voidrun_${bridge.replace(/[^A-Za-z0-9_]/g, '_')}`;
+  const escaped = bridge.replace(/[^A-Za-z0-9]/g, (c) => (c === '_' ? '__' : c === '-' ? '_d' : c === '.' ? '_p' : `_x${c.charCodeAt(0).toString(16)}_`));
+  return `voidrun_${escaped}`;
 }
 
 /** What one TAP may send: the guest's MAC and leased IPv4 address. */
