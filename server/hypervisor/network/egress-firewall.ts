@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process';
+import { networkInterfaces } from 'node:os';
 import type { Logger } from 'pino';
 import { isCidrRule, type NetworkPolicy } from '../../../shared/schemas/network.js';
 import { viaProxy } from './name-proxy.js';
@@ -143,7 +144,8 @@ export function egressBaseScript(opts: EgressFirewallOptions, proxy?: ProxyPorts
     `add rule ${table} input iifname != "${bridge}" accept`,
     `add rule ${table} input ct state established,related accept`,
     `add rule ${table} input ip daddr ${gateway} meta l4proto { tcp, udp } th dport ${port} accept`,
-    ...(proxy ? [`add rule ${table} input ip daddr ${gateway} tcp dport { ${proxy.http}, ${proxy.tls} } accept`] : []),
+    // The name proxy only for connections the prerouting redirect sent there: a sandbox dialling its ports is refused.
+    ...(proxy ? [`add rule ${table} input ip daddr ${gateway} tcp dport { ${proxy.http}, ${proxy.tls} } ct status dnat accept`] : []),
     `add rule ${table} input ${REJECT}`,
     `add chain ${table} forward { type filter hook forward priority filter - 10; policy accept; }`,
     `flush chain ${table} forward`,
@@ -231,13 +233,21 @@ export function inCidr(ip: string, cidr: string): boolean {
   return Math.floor(ipv4Number(ip) / size) === Math.floor(ipv4Number(base) / size);
 }
 
+/** The IPv4 addresses of this host's interfaces (in the server's network namespace), read now. */
+export function hostAddresses(): Set<string> {
+  const own = new Set<string>();
+  for (const addresses of Object.values(networkInterfaces())) for (const a of addresses ?? []) if (a.family === 'IPv4') own.add(a.address);
+  return own;
+}
+
 /**
- * Whether the sandbox may be connected to `ip` on a name's behalf (the name proxy): never an
- * always-refused address or the sandbox network, a private one only inside its allow CIDRs, never
- * inside its deny CIDRs.
+ * Whether the sandbox may be connected to `ip` on a name's behalf (the name proxy, which connects
+ * from the host itself, past the input hook that keeps sandboxes off the host): never an address
+ * of the host (read at each call), an always-refused address or the sandbox network, a private one
+ * only inside its allow CIDRs, never inside its deny CIDRs.
  */
 export function addressUsable(ip: string, policy: NetworkPolicy, networkCidr: string): boolean {
-  if (!IPV4.test(ip) || [...ALWAYS_REFUSED, networkCidr].some((c) => inCidr(ip, c))) return false;
+  if (!IPV4.test(ip) || [...ALWAYS_REFUSED, networkCidr].some((c) => inCidr(ip, c)) || hostAddresses().has(ip)) return false;
   if (policy.deny.some((r) => isCidrRule(r) && inCidr(ip, r))) return false;
   return !PRIVATE_RANGES.some((c) => inCidr(ip, c)) || policy.allow.some((r) => isCidrRule(r) && inCidr(ip, r));
 }

@@ -81,6 +81,8 @@ export interface NameProxyOptions {
   policyAt(ip: string): NetworkPolicy | null;
   /** The addresses a name resolves to upstream, usable by that sandbox (public, or in its allow CIDRs). */
   resolve(name: string, policy: NetworkPolicy): Promise<string[]>;
+  /** Whether the sandbox may be connected to `address` (never the host's own): checked again on the connected socket's remote address. */
+  connectable(address: string, policy: NetworkPolicy): boolean;
   log?: Logger;
 }
 
@@ -153,7 +155,7 @@ export class NameProxy {
   async #forward(socket: Socket, source: string, port: 80 | 443, rawName: string | null, head: Buffer): Promise<void> {
     const name = rawName?.toLowerCase().replace(/\.$/, '') ?? null;
     const policy = this.opts.policyAt(source);
-    const allowed = name !== null && policy !== null && !policy.egressCut && nameAllowed(policy, name);
+    const allowed = name !== null && policy !== null && viaProxy(policy) && nameAllowed(policy, name);
     if (!allowed) {
       const why = name === null ? 'the connection names no host (no TLS SNI or HTTP Host)' : `${name} is not allowed`;
       if (port === 80) socket.end(`HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\negress policy: ${why}\n`);
@@ -181,6 +183,8 @@ export class NameProxy {
     upstream.on('close', close);
     socket.on('close', close);
     upstream.on('connect', () => {
+      const remote = upstream.remoteAddress;
+      if (!remote || remote === upstream.localAddress || !this.opts.connectable(remote, policy)) return close();
       upstream.setTimeout(0);
       upstream.write(head);
       socket.pipe(upstream);

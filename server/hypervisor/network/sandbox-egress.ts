@@ -51,6 +51,7 @@ export class SandboxEgress {
       address: gateway,
       policyAt: (ip) => this.firewall.policyAt(ip)?.policy ?? null,
       resolve: async (name, policy) => (await this.#proxy.resolveA(name)).map((a) => a.address).filter((ip) => addressUsable(ip, policy, opts.networkCidr)),
+      connectable: (ip, policy) => addressUsable(ip, policy, opts.networkCidr),
       log: opts.log,
     });
   }
