@@ -158,7 +158,7 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect(seen).toMatchObject({ method: 'POST', target: '/hello/there?x=1&y=2', host: 'localhost:8000', cookie: 'app=1', body: 'posted body' });
     expect(seen['x-api-key']).toBeUndefined();
     expect(res.headers['x-upstream']).toBe('perl');
-    expect(res.headers['set-cookie']).toEqual(['a=1', 'b=2']);
+    expect(res.headers['set-cookie']).toEqual([`a=1; Path=/api/sandboxes/${box.id}/ports/8000/`, `b=2; Path=/api/sandboxes/${box.id}/ports/8000/`]);
     // Pages served on the API's origin run as an opaque origin.
     expect(res.headers['content-security-policy']).toContain('sandbox');
   });
@@ -234,6 +234,19 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect((await raw(server, '/', { host: host(8000), headers: { 'x-voidrun-preview-token': `${token.token.slice(0, -2)}xx` } })).status).toBe(403);
     // The org's key works on the preview host too.
     expect((await raw(server, '/', { host: host(8000), headers: { 'x-api-key': apiKey } })).status).toBe(200);
+  });
+
+  it("keeps a sandbox's cookies to its own host and proxy path (no cookie tossing into other sandboxes' preview hosts)", async () => {
+    const tossed = 'evil=1; Domain=preview.test; Path=/x; HttpOnly';
+    const viaApi = await raw(server, `/api/sandboxes/${box.id}/ports/8000/`, { headers: { 'x-api-key': apiKey, 'x-set-cookie': tossed } });
+    expect(viaApi.headers['set-cookie']).toContain(`evil=1; HttpOnly; Path=/api/sandboxes/${box.id}/ports/8000/x`);
+    const viaHost = await raw(server, '/', { host: host(8000), headers: { 'x-api-key': apiKey, 'x-set-cookie': tossed.replace('Domain', 'domain') } });
+    expect(viaHost.headers['set-cookie']).toEqual(['a=1', 'b=2', 'evil=1; Path=/x; HttpOnly']);
+    // A junk voidrun_preview cookie another preview host set for the whole domain does not shadow this host's own.
+    const { token } = await box.ports.token(8000);
+    const res = await raw(server, '/x/page', { host: host(8000), headers: { cookie: `voidrun_preview=junk; voidrun_preview=${token}` } });
+    expect(res.status).toBe(200);
+    expect((await raw(server, '/', { host: host(8000), headers: { cookie: 'voidrun_preview=junk' } })).status).toBe(403);
   });
 
   it('moves ?voidrun_token= into a cookie for that host and redirects without it', async () => {

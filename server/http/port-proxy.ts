@@ -95,7 +95,7 @@ export function createPortProxy(opts: PortProxyOptions) {
   /** The running sandbox a request may reach, after its credentials are checked (and, under the API, tied to its key). */
   async function authorize(req: IncomingMessage, target: Target, hold: (principal: Principal, checkStarted: number) => void): Promise<SandboxRecord> {
     if (target.via === 'host') {
-      const record = await services.ports.authorizePreview(target.id, target.port, { token: previewToken(req), apiKey: headerOnlyKey(req), requestedOrgId: requestedOrgOf(req) });
+      const record = await services.ports.authorizePreview(target.id, target.port, { token: previewToken(req, (t) => services.ports.tokenExpiry(t, target.id, target.port) !== null), apiKey: headerOnlyKey(req), requestedOrgId: requestedOrgOf(req) });
       opts.onOrg(req, record.orgId);
       return record;
     }
@@ -185,7 +185,7 @@ export function createPortProxy(opts: PortProxyOptions) {
     });
     upstream.once('response', (answer) => {
       try {
-        for (const [name, value] of responseHeaders(answer)) res.appendHeader(name, value);
+        for (const [name, value] of responseHeaders(answer, target)) res.appendHeader(name, value);
         if (target.via === 'api') {
           res.appendHeader('content-security-policy', API_ORIGIN_CSP);
           // Replaces the upstream's: no address on the API's origin is sent on as a Referer.
@@ -250,7 +250,11 @@ export function createPortProxy(opts: PortProxyOptions) {
         answered = true;
         done(101);
         let text = `HTTP/1.1 101 ${answer.statusMessage || 'Switching Protocols'}\r\n`;
-        for (let i = 0; i < answer.rawHeaders.length; i += 2) text += `${answer.rawHeaders[i]}: ${answer.rawHeaders[i + 1]}\r\n`;
+        for (let i = 0; i < answer.rawHeaders.length; i += 2) {
+          const name = answer.rawHeaders[i]!;
+          const value = answer.rawHeaders[i + 1]!;
+          text += `${name}: ${name.toLowerCase() === 'set-cookie' ? ownedCookie(value, t) : value}\r\n`;
+        }
         socket.write(`${text}\r\n`);
         if (upstreamHead.length) socket.write(upstreamHead);
         if (head.length) upstreamSocket.write(head);
@@ -263,7 +267,7 @@ export function createPortProxy(opts: PortProxyOptions) {
         answered = true;
         done(answer.statusCode ?? 502);
         let text = `HTTP/1.1 ${answer.statusCode} ${answer.statusMessage || STATUS_CODES[answer.statusCode!] || ''}\r\n`;
-        for (const [name, value] of responseHeaders(answer)) text += `${name}: ${value}\r\n`;
+        for (const [name, value] of responseHeaders(answer, t)) text += `${name}: ${value}\r\n`;
         socket.write(`${text}connection: close\r\n\r\n`);
         answer.pipe(socket);
         answer.once('error', () => socket.destroy());
@@ -301,17 +305,39 @@ function upstreamFailure(target: Target, err: NodeJS.ErrnoException): UpstreamUn
   return new UpstreamUnavailableError(`The server on port ${target.port} in sandbox ${target.id} closed the connection without a whole answer`);
 }
 
-/** The upstream answer's headers to pass on: repeated ones kept, hop-by-hop ones (and what `Connection` names) dropped. */
-function responseHeaders(answer: IncomingMessage): [string, string][] {
+/**
+ * The upstream answer's headers to pass on: repeated ones kept, hop-by-hop ones (and what
+ * `Connection` names) dropped, cookies kept to the target (see `ownedCookie`).
+ */
+function responseHeaders(answer: IncomingMessage, target: Target): [string, string][] {
   const named = connectionTokens(answer.headers.connection);
   const out: [string, string][] = [];
   for (let i = 0; i < answer.rawHeaders.length; i += 2) {
     const name = answer.rawHeaders[i]!;
     const lower = name.toLowerCase();
     if (HOP_BY_HOP.has(lower) || named.has(lower)) continue;
-    out.push([name, answer.rawHeaders[i + 1]!]);
+    const value = answer.rawHeaders[i + 1]!;
+    out.push([name, lower === 'set-cookie' ? ownedCookie(value, target) : value]);
   }
   return out;
+}
+
+/**
+ * An upstream's Set-Cookie, kept to what the sandbox's server owns: without `Domain` (a cookie for
+ * PREVIEW_DOMAIN or the API's domain would reach every other sandbox's host, another org's too),
+ * and under the API path with its `Path` inside `/api/sandboxes/{id}/ports/{port}/` (the API's
+ * origin is shared by every sandbox).
+ */
+function ownedCookie(value: string, target: Target): string {
+  const [pair, ...attributes] = value.split(';');
+  const name = (a: string) => a.trim().split('=')[0]!.trim().toLowerCase();
+  const kept = attributes.filter((a) => name(a) !== 'domain' && (target.via === 'host' || name(a) !== 'path'));
+  if (target.via === 'api') {
+    const given = attributes.filter((a) => name(a) === 'path').map((a) => a.slice(a.indexOf('=') + 1).trim()).pop();
+    const prefix = `/api/sandboxes/${target.id}/ports/${target.port}`;
+    kept.push(` Path=${prefix}${given?.startsWith('/') ? given : '/'}`);
+  }
+  return [pair, ...kept].join(';');
 }
 
 /** The request headers the upstream sees: without ours, without hop-by-hop ones, with our X-Forwarded-* (a client's and its `Forwarded` dropped), a Referer without our query parameters. */
@@ -394,17 +420,25 @@ function queryParam(url: string, name: string): string | null {
   return q < 0 ? null : new URLSearchParams(url.slice(q + 1)).get(name);
 }
 
-/** A preview request's token: the header, else the one-time query parameter, else the host's cookie. */
-function previewToken(req: IncomingMessage): string | null {
+/** The most `voidrun_preview` cookies of one request tried. */
+const MAX_TOKEN_COOKIES = 16;
+
+/**
+ * A preview request's token: the header, else the one-time query parameter, else the host's
+ * cookie — the first of them that `opens` the port (a browser sends every cookie of that name the
+ * host sees, and a page on another preview host may have set one for the whole PREVIEW_DOMAIN).
+ */
+function previewToken(req: IncomingMessage, opens: (token: string) => boolean): string | null {
   const header = req.headers[PREVIEW_TOKEN_HEADER];
   if (typeof header === 'string' && header) return header.trim();
   const query = queryParam(req.url ?? '/', PREVIEW_TOKEN_QUERY);
   if (query) return query;
+  const cookies: string[] = [];
   for (const c of (req.headers.cookie ?? '').split(';')) {
     const [name, ...value] = c.trim().split('=');
-    if (name === PREVIEW_TOKEN_COOKIE && value.length) return value.join('=');
+    if (name === PREVIEW_TOKEN_COOKIE && value.length && cookies.length < MAX_TOKEN_COOKIES) cookies.push(value.join('='));
   }
-  return null;
+  return cookies.find(opens) ?? cookies[0] ?? null;
 }
 
 /**
