@@ -1,12 +1,14 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
-import { createServer, type Server } from 'node:net';
+import { connect, createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetworkPolicy } from '../shared/index.js';
+import { DnsProxy, MAX_TCP_CONNECTIONS_PER_SOURCE } from '../server/hypervisor/network/dns-proxy.js';
 import { addressUsable, hostAddresses } from '../server/hypervisor/network/egress-firewall.js';
+import { MAX_CONNECTIONS_PER_SOURCE, NameProxy } from '../server/hypervisor/network/name-proxy.js';
 import { setUp, tearDown } from '../server/hypervisor/network/host-network.js';
 import { SandboxEgress } from '../server/hypervisor/network/sandbox-egress.js';
 import { tapGuardTable } from '../server/hypervisor/network/tap-guard.js';
@@ -30,6 +32,77 @@ describe('the name proxy never connects a sandbox to the host (pure)', () => {
     expect(own.length).toBeGreaterThan(0);
     expect(own.filter((address) => addressUsable(address, policy({ allow: ['0.0.0.0/0'] }), '10.211.0.0/24'))).toEqual([]);
   });
+});
+
+/** A connection from `from` to 127.0.0.1:`port`, once connected. */
+const dial = (port: number, from = '127.0.0.1') =>
+  new Promise<Socket>((resolve, reject) => {
+    const socket = connect({ host: '127.0.0.1', port, localAddress: from }, () => resolve(socket));
+    socket.once('error', reject);
+  });
+/** Writes `data` on a new connection from `from` and resolves to everything answered before the other end closed. */
+const exchange = async (port: number, data: Buffer | string, from = '127.0.0.1') => {
+  const socket = await dial(port, from);
+  return new Promise<string>((resolve) => {
+    let answer = '';
+    socket.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+    socket.on('error', () => {});
+    socket.on('close', () => resolve(answer));
+    socket.write(data);
+  });
+};
+
+describe("one sandbox cannot hold the proxies' connections (real sockets on loopback; the source address is the sandbox)", () => {
+  it('the name proxy counts connections that have not named a host yet against their source', async () => {
+    const proxy = new NameProxy({
+      address: '127.0.0.1',
+      policyAt: () => policy({ egress: 'deny', allow: ['allowed.test'] }),
+      resolve: async () => [],
+      connectable: () => false,
+      // Long enough that the silent connections below are held for the whole test.
+      timeouts: { firstByteMs: 120_000, nameMs: 120_000 },
+    });
+    await proxy.start();
+    const held: Socket[] = [];
+    try {
+      const port = proxy.ports!.http;
+      const request = 'GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n';
+      for (let i = 0; i < MAX_CONNECTIONS_PER_SOURCE; i++) held.push(await dial(port));
+      // One more from the same source is closed unanswered; another source is still served.
+      expect(await exchange(port, request)).toBe('');
+      expect(await exchange(port, request, '127.0.0.2')).toMatch(/^HTTP\/1\.1 403 .*blocked\.test is not allowed/s);
+      // A held connection closed gives its place back.
+      held.pop()!.destroy();
+      await expect.poll(() => exchange(port, request), { timeout: 10_000 }).toMatch(/^HTTP\/1\.1 403 /);
+    } finally {
+      for (const s of held) s.destroy();
+      await proxy.stop();
+    }
+  }, 60_000);
+
+  it("the DNS resolver's TCP side serves other sandboxes while one holds as many connections as it may", async () => {
+    const dns = new DnsProxy({ address: '127.0.0.1', port: 0, upstreams: [], policyAt: () => policy({ egress: 'deny' }), allowResolved: async () => {} });
+    await dns.start();
+    const held: Socket[] = [];
+    try {
+      const port = dns.port!;
+      const labels = Buffer.from([7, ...Buffer.from('blocked'), 4, ...Buffer.from('test'), 0]);
+      const q = Buffer.concat([Buffer.from([0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]), labels, Buffer.from([0, 1, 0, 1])]);
+      const framed = Buffer.concat([Buffer.from([0, q.length]), q]);
+      for (let i = 0; i < MAX_TCP_CONNECTIONS_PER_SOURCE; i++) held.push(await dial(port));
+      expect(await exchange(port, framed)).toBe('');
+      const other = await new Promise<Buffer>((resolve, reject) => {
+        const c = connect({ host: '127.0.0.1', port, localAddress: '127.0.0.2' }, () => c.write(framed));
+        c.once('data', (d: Buffer) => (c.destroy(), resolve(d)));
+        c.once('error', reject);
+      });
+      // NXDOMAIN, framed.
+      expect(other.readUInt16BE(2 + 2) & 0x000f).toBe(3);
+    } finally {
+      for (const s of held) s.destroy();
+      await dns.stop();
+    }
+  }, 60_000);
 });
 
 const netSkip = process.getuid?.() !== 0 ? 'not root' : !['ip', 'nft'].every(onPath) ? 'ip or nft missing' : null;

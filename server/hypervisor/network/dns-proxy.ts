@@ -27,8 +27,12 @@ const MAX_ANSWER_BYTES = 65535;
 const MAX_INFLIGHT = 512;
 const MAX_INFLIGHT_PER_SOURCE = 64;
 const MAX_TCP_CONNECTIONS = 256;
+/** TCP connections one sandbox holds at once: the rest of MAX_TCP_CONNECTIONS stays for the others. */
+export const MAX_TCP_CONNECTIONS_PER_SOURCE = 16;
 const MAX_TCP_QUERIES_PER_CONNECTION = 64;
 const TCP_IDLE_MS = 10_000;
+/** How long one TCP connection lives at most, busy or not. */
+const TCP_DEADLINE_MS = 30_000;
 const MAX_ANSWER_RECORDS = 256;
 
 const TYPE_A = 1;
@@ -171,6 +175,7 @@ export class DnsProxy {
   #inflight = 0;
   readonly #perSource = new Map<string, number>();
   readonly #connections = new Set<Socket>();
+  readonly #tcpPerSource = new Map<string, number>();
 
   constructor(private readonly opts: DnsProxyOptions) {}
 
@@ -268,10 +273,20 @@ export class DnsProxy {
 
   #onConnection(socket: Socket): void {
     const source = socket.remoteAddress ?? '';
+    socket.on('error', () => socket.destroy());
+    const held = this.#tcpPerSource.get(source) ?? 0;
+    if (held >= MAX_TCP_CONNECTIONS_PER_SOURCE) return void socket.destroy();
+    this.#tcpPerSource.set(source, held + 1);
     this.#connections.add(socket);
     socket.setTimeout(TCP_IDLE_MS, () => socket.destroy());
-    socket.on('error', () => socket.destroy());
-    socket.on('close', () => this.#connections.delete(socket));
+    const deadline = setTimeout(() => socket.destroy(), TCP_DEADLINE_MS);
+    socket.on('close', () => {
+      clearTimeout(deadline);
+      this.#connections.delete(socket);
+      const left = (this.#tcpPerSource.get(source) ?? 1) - 1;
+      if (left <= 0) this.#tcpPerSource.delete(source);
+      else this.#tcpPerSource.set(source, left);
+    });
     let buffered = Buffer.alloc(0);
     let queries = 0;
     // Queries on one connection are answered in order, one at a time.

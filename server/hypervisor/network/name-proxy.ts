@@ -17,11 +17,17 @@ import { nameAllowed } from './dns-proxy.js';
 
 /** How much of a connection is read to find its name. */
 const MAX_PEEK_BYTES = 16 * 1024 + 5;
-const PEEK_TIMEOUT_MS = 10_000;
+/** How long a connection has to send its first byte, and to name its host. */
+const FIRST_BYTE_TIMEOUT_MS = 3_000;
+const PEEK_TIMEOUT_MS = 5_000;
 const CONNECT_TIMEOUT_MS = 10_000;
-const MAX_CONNECTIONS_PER_SOURCE = 256;
-/** Connections (being peeked at or passed through) one listener holds at once, from all sandboxes. */
-const MAX_CONNECTIONS = 4096;
+/** Connections one sandbox holds at once on both listeners, from accept (being peeked at, resolved or passed through) to close. */
+export const MAX_CONNECTIONS_PER_SOURCE = 128;
+/**
+ * Connections one listener holds at once, from all sandboxes: each passed through costs two file
+ * descriptors, so both listeners together stay at 4096, far below the server's RLIMIT_NOFILE.
+ */
+const MAX_CONNECTIONS = 1024;
 
 /**
  * The server_name of a TLS ClientHello at the start of `data`: a string, `null` when the
@@ -83,6 +89,8 @@ export interface NameProxyOptions {
   resolve(name: string, policy: NetworkPolicy): Promise<string[]>;
   /** Whether the sandbox may be connected to `address` (never the host's own): checked again on the connected socket's remote address. */
   connectable(address: string, policy: NetworkPolicy): boolean;
+  /** How long a connection has to send its first byte (3 s) and to name its host (5 s). */
+  timeouts?: { firstByteMs: number; nameMs: number };
   log?: Logger;
 }
 
@@ -92,6 +100,8 @@ export class NameProxy {
   #tls: Server | null = null;
   /** Open connections by sandbox address, with the name each is for. */
   readonly #open = new Map<string, Map<Socket, string>>();
+  /** Connections accepted and not yet closed, by sandbox address. */
+  readonly #accepted = new Map<string, number>();
 
   constructor(private readonly opts: NameProxyOptions) {}
 
@@ -136,11 +146,21 @@ export class NameProxy {
   #onConnection(socket: Socket, port: 80 | 443, nameOf: (data: Buffer) => string | null | undefined): void {
     const source = socket.remoteAddress ?? '';
     socket.on('error', () => socket.destroy());
-    if ((this.#open.get(source)?.size ?? 0) >= MAX_CONNECTIONS_PER_SOURCE) return void socket.destroy();
+    const held = this.#accepted.get(source) ?? 0;
+    if (held >= MAX_CONNECTIONS_PER_SOURCE) return void socket.destroy();
+    this.#accepted.set(source, held + 1);
     let buffered = Buffer.alloc(0);
-    const timer = setTimeout(() => socket.destroy(), PEEK_TIMEOUT_MS);
-    socket.on('close', () => clearTimeout(timer));
+    const timer = setTimeout(() => socket.destroy(), this.opts.timeouts?.nameMs ?? PEEK_TIMEOUT_MS);
+    const firstByte = setTimeout(() => socket.destroy(), this.opts.timeouts?.firstByteMs ?? FIRST_BYTE_TIMEOUT_MS);
+    socket.on('close', () => {
+      clearTimeout(timer);
+      clearTimeout(firstByte);
+      const left = (this.#accepted.get(source) ?? 1) - 1;
+      if (left <= 0) this.#accepted.delete(source);
+      else this.#accepted.set(source, left);
+    });
     const onData = (chunk: Buffer) => {
+      clearTimeout(firstByte);
       buffered = Buffer.concat([buffered, chunk]);
       const name = nameOf(buffered);
       if (name === undefined && buffered.length < MAX_PEEK_BYTES) return;
