@@ -122,6 +122,9 @@ describe.skipIf(!support.ok)('sandbox limits and control', () => {
     await sb.files.write('/root/f.txt', 'x');
     const tini = readFileSync(join(server.dirs.instancesDir, sb.id, 'init.pid'), 'utf8').trim();
     process.kill(Number(readFileSync(`/proc/${tini}/task/${tini}/children`, 'utf8').trim().split(' ')[0]), 'SIGKILL');
+    // The sandbox's init ends with its agent; under load that takes a moment, and the status the
+    // failed call records is the one the driver sees then.
+    for (let i = 0; i < 500 && existsSync(`/proc/${tini}`); i++) await new Promise((r) => setTimeout(r, 10));
     const res = await server.http(`/api/sandboxes/${sb.id}/files/download?path=/root/f.txt`, { apiKey });
     expect(res.status).toBe(502);
     const body = (await res.json()) as { error: string };
