@@ -10,6 +10,7 @@ import WebSocket from 'ws';
 import type { CommandHandle, SandboxHandle, VoidRunClient } from '../client/index.js';
 import { containerListeningPorts } from '../server/hypervisor/container/listening-ports.js';
 import { listsPorts } from '../server/hypervisor/types.js';
+import { TunnelBudget } from '../server/http/port-proxy.js';
 import { PreviewTokens } from '../server/services/preview-tokens.js';
 import { listeningPorts, MAX_LISTENING_PORTS } from '../shared/listening-ports.js';
 import { support } from './helpers/sandbox-support.js';
@@ -93,6 +94,20 @@ describe('listening ports and preview tokens (pure)', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  it('bounds proxied requests to half of HTTP_MAX_CONNECTIONS in all and a quarter of that per sandbox (a never-answering port cannot fill the server)', () => {
+    const budget = new TunnelBudget(8);
+    expect([budget.max, budget.perSandbox]).toEqual([4, 1]);
+    const releases = ['a', 'b', 'c', 'd'].map((id) => budget.take(id));
+    expect(() => budget.take('a')).toThrow('the most one sandbox may');
+    expect(() => budget.take('e')).toThrow('half of HTTP_MAX_CONNECTIONS');
+    releases[0]!();
+    releases[0]!(); // given back once
+    const again = budget.take('e');
+    expect(() => budget.take('f')).toThrow('half of HTTP_MAX_CONNECTIONS');
+    again();
+    expect([new TunnelBudget(2048).max, new TunnelBudget(2048).perSandbox]).toEqual([1024, 256]);
   });
 
   it('opens one port of one sandbox until the token expires', () => {
@@ -384,6 +399,53 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     const list = await server.http(`/api/sandboxes/${box.id}/ports`, { apiKey });
     expect(list.status).toBe(409);
   }, 60_000);
+});
+
+describe.skipIf(!support.ok)('ports whose server never answers', () => {
+  it("one sandbox's never-answering port holds at most its share of the server's connections (503 naming the bound past it; the API answers; slots come back when clients leave)", async () => {
+    const maxConnections = 32;
+    const perSandbox = new TunnelBudget(maxConnections).perSandbox;
+    const server = await startTestServer({ PREVIEW_DOMAIN: DOMAIN, PREVIEW_URL_SCHEME: 'http', HTTP_MAX_CONNECTIONS: String(maxConnections) });
+    const pending: ReturnType<typeof request>[] = [];
+    try {
+      const key = (await server.client().trpc.auth.register.mutate({ name: 'Silent Ports', email: uniqueEmail('ports-silent') })).apiKey;
+      const sb = await server.client(key).sandboxes.create({ name: 'ports-silent' });
+      await sb.files.write('/root/port-server.pl', script);
+      for (const [mode, port] of [['silent', 8001], ['http', 8000]] as const) {
+        const handle = await sb.commands.run(`perl /root/port-server.pl ${mode} ${port}`);
+        for await (const chunk of handle.output()) if (chunk.type === 'stdout' && chunk.data.includes(`listening ${port}`)) break;
+      }
+      await sb.ports.setPublic(8001, true);
+      const url = new URL(server.url);
+      // One more than the sandbox's share, half of them anonymous visitors of the public port.
+      const first = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+        for (let i = 0; i <= perSandbox; i++) {
+          const viaHost = i % 2 === 1;
+          const req = request({ host: url.hostname, port: url.port, path: viaHost ? '/' : `/api/sandboxes/${sb.id}/ports/8001/`, headers: viaHost ? { host: `8001-${sb.id}.${DOMAIN}` } : { 'x-api-key': key } }, (res) => {
+            let body = '';
+            res.setEncoding('utf8');
+            res.on('data', (c: string) => (body += c));
+            res.on('end', () => resolve({ status: res.statusCode!, body }));
+          });
+          req.on('error', (err) => (req.destroyed ? undefined : reject(err)));
+          req.end();
+          pending.push(req);
+        }
+      });
+      expect(first.status).toBe(503);
+      expect(JSON.parse(first.body)).toMatchObject({ code: 'SERVER_BUSY', error: expect.stringContaining(`Sandbox ${sb.id} has ${perSandbox} proxied requests open`) });
+      // The API's own routes are not held up.
+      expect((await server.http('/api/sandboxes', { apiKey: key })).status).toBe(200);
+      for (const req of pending) req.destroy();
+      // Each slot is given back when its client leaves: the sandbox's other port answers again.
+      let status = 0;
+      for (let tries = 0; tries < 200 && status !== 200; tries++) status = (await raw(server, `/api/sandboxes/${sb.id}/ports/8000/`, { headers: { 'x-api-key': key } })).status;
+      expect(status).toBe(200);
+    } finally {
+      for (const req of pending) req.destroy();
+      await server.close();
+    }
+  }, 180_000);
 });
 
 describe.skipIf(!support.ok)('ports and preview URLs across a server restart', () => {

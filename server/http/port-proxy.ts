@@ -1,7 +1,7 @@
 import { request as httpRequest, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { splice } from '../../shared/port-tunnel.js';
-import { InvalidInputError, UpstreamUnavailableError } from '../errors.js';
+import { DomainError, InvalidInputError, UpstreamUnavailableError } from '../errors.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
 import type { SandboxRecord } from '../store/types.js';
@@ -52,6 +52,48 @@ export interface PortProxyOptions {
   streams: OpenStreams;
   /** The access log's org of a request, once known. */
   onOrg: (req: IncomingMessage, orgId: string) => void;
+  /** HTTP_MAX_CONNECTIONS: proxied requests take at most half (see `TunnelBudget`). */
+  maxConnections: number;
+}
+
+/**
+ * Proxied requests and upgraded tunnels open at once: at most half of HTTP_MAX_CONNECTIONS in all
+ * (the API's own routes keep the rest however long sandboxes' servers take to answer), and a
+ * quarter of that per sandbox (one sandbox's server, or the visitors of one public port, leave
+ * room for the others'). Past either, a request is 503 SERVER_BUSY naming the bound.
+ */
+export class TunnelBudget {
+  readonly #bySandbox = new Map<string, number>();
+  #total = 0;
+  readonly max: number;
+  readonly perSandbox: number;
+
+  constructor(maxConnections: number) {
+    this.max = Math.max(1, Math.floor(maxConnections / 2));
+    this.perSandbox = Math.max(1, Math.ceil(this.max / 4));
+  }
+
+  /** Takes one slot for sandbox `id`; the function gives it back (once). */
+  take(id: string): () => void {
+    const open = this.#bySandbox.get(id) ?? 0;
+    if (open >= this.perSandbox) {
+      throw new DomainError('SERVER_BUSY', `Sandbox ${id} has ${this.perSandbox} proxied requests open, the most one sandbox may (a quarter of half of HTTP_MAX_CONNECTIONS); close some or retry later`);
+    }
+    if (this.#total >= this.max) {
+      throw new DomainError('SERVER_BUSY', `The server has ${this.max} proxied requests to sandboxes' ports open, the most allowed (half of HTTP_MAX_CONNECTIONS, the rest is kept for the API); retry later`);
+    }
+    this.#bySandbox.set(id, open + 1);
+    this.#total++;
+    let given = false;
+    return () => {
+      if (given) return;
+      given = true;
+      this.#total--;
+      const left = this.#bySandbox.get(id)! - 1;
+      if (left) this.#bySandbox.set(id, left);
+      else this.#bySandbox.delete(id);
+    };
+  }
 }
 
 /**
@@ -65,6 +107,7 @@ export interface PortProxyOptions {
  */
 export function createPortProxy(opts: PortProxyOptions) {
   const { services, streams } = opts;
+  const budget = new TunnelBudget(opts.maxConnections);
   /** Client sockets upgraded through to a port (Node's server no longer tracks them). */
   const upgraded = new Set<Duplex>();
 
@@ -152,6 +195,8 @@ export function createPortProxy(opts: PortProxyOptions) {
           return label;
         }
       }
+      if (res.closed) return label; // the client left during the checks
+      res.once('close', budget.take(target.id));
       const tunnel = await services.ports.openPort(record, target.port);
       forward(req, res, target, tunnel);
     } catch (err) {
@@ -241,6 +286,7 @@ export function createPortProxy(opts: PortProxyOptions) {
         else socket.once('close', release);
       });
       if (socket.destroyed) return;
+      socket.once('close', budget.take(t.id));
       const tunnel = await services.ports.openPort(record, t.port);
       if (socket.destroyed) return void tunnel.destroy();
       const upstream = upstreamRequest(req, t, tunnel, true);

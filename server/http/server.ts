@@ -233,6 +233,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       if (!record) records.set(req, (record = {}));
       record.orgId = orgId;
     },
+    maxConnections: limits.maxConnections,
   });
   const rest = createRestHandler({
     router,
