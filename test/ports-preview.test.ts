@@ -264,6 +264,20 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
     expect((await raw(server, '/', { host: host(8000), headers: { cookie: 'voidrun_preview=junk' } })).status).toBe(403);
   });
 
+  it('answers 404 naming the form for a name under PREVIEW_DOMAIN that is no preview host (never the API or the console on a tenants\' domain)', async () => {
+    for (const name of [`0-${box.id}.${DOMAIN}`, `65536-${box.id}.${DOMAIN}`, `www.${DOMAIN}`, `a.b.${DOMAIN}:8080`]) {
+      for (const path of ['/', '/api/version']) {
+        const res = await raw(server, path, { host: name });
+        expect(res.status, `${name}${path}`).toBe(404);
+        expect(JSON.parse(res.body)).toMatchObject({ code: 'ROUTE_NOT_FOUND', error: expect.stringContaining(`preview hosts are {port}-{sandbox id}.${DOMAIN}`) });
+      }
+    }
+    await expect(wsEcho(`${server.url.replace('http:', 'ws:')}/trpc`, { host: `www.${DOMAIN}` }, 'x')).rejects.toThrow('upgrade answered 404');
+    // The domain itself and other hosts are the API's.
+    expect((await raw(server, '/api/version', { host: DOMAIN })).status).toBe(200);
+    expect((await raw(server, '/api/version', { host: `x.${DOMAIN}.evil` })).status).toBe(200);
+  });
+
   it('moves ?voidrun_token= into a cookie for that host and redirects without it', async () => {
     const { token } = await box.ports.token(8000);
     const first = await raw(server, `/app?keep=1&voidrun_token=${encodeURIComponent(token)}`, { host: host(8000) });

@@ -168,7 +168,8 @@ export function createPortProxy(opts: PortProxyOptions) {
       target = phase === 'host' ? hostTarget(req) : apiTarget(req);
     } catch (err) {
       sendError(res, err);
-      return Promise.resolve(PORT_PROXY_LABEL);
+      req.resume();
+      return Promise.resolve(phase === 'host' ? PREVIEW_HOST_LABEL : PORT_PROXY_LABEL);
     }
     return target ? serve(req, res, target) : null;
   }

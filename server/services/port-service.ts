@@ -94,17 +94,24 @@ export class PortService {
     return this.deps.previewDomain ? `${this.deps.previewScheme}://${port}-${id}.${this.deps.previewDomain}/` : null;
   }
 
-  /** The sandbox and port a request's Host names (`{port}-{id}.{PREVIEW_DOMAIN}`, any case, any :port), or null. */
+  /**
+   * The sandbox and port a request's Host names (`{port}-{id}.{PREVIEW_DOMAIN}`, any case, any
+   * :port), or null for a host outside PREVIEW_DOMAIN. Any other name under PREVIEW_DOMAIN is a 404
+   * naming the form: those names are tenants' site, never the API's or the console's origin.
+   */
   previewTarget(host: string | undefined): { id: string; port: number } | null {
     const domain = this.deps.previewDomain;
     if (!domain || !host) return null;
     const bare = domain.replace(/:\d+$/, '');
     const name = host.toLowerCase().replace(/:\d+$/, '').replace(/\.$/, '');
     const label = name.endsWith(`.${bare}`) ? name.slice(0, -bare.length - 1) : null;
-    const m = label ? /^(\d{1,5})-([a-z0-9]{1,64})$/.exec(label) : null;
-    if (!m) return null;
-    const port = Number(m[1]);
-    return port >= 1 && port <= 65535 ? { id: m[2]!, port } : null;
+    if (label === null) return null;
+    const m = /^(\d{1,5})-([a-z0-9]{1,64})$/.exec(label);
+    const port = m ? Number(m[1]) : 0;
+    if (!m || port < 1 || port > 65535) {
+      throw new NotFoundError(`No preview host ${name.slice(0, 200)}: preview hosts are {port}-{sandbox id}.${bare}, with a port from 1 to 65535`, { code: 'ROUTE_NOT_FOUND' });
+    }
+    return { id: m[2]!, port };
   }
 
   /**
