@@ -232,8 +232,8 @@ describe.skipIf(netSkip !== null)('a qemu sandbox on the bridge (a second NIC on
       await server?.close();
     } finally {
       hostPort?.close();
+      // The bridge, its NAT and FORWARD rules, the egress table and the TAP guards' table (setup-net --down).
       await tearDown({ bridge, gatewayCidr: `${subnet}.1/24`, networkCidr: `${subnet}.0/24` }).catch(() => {});
-      for (const table of [`netdev ${tapGuardTable(bridge)}`, `ip ${tapGuardTable(bridge)}`]) await runNft(`delete table ${table}\n`).catch(() => {});
       counter?.kill();
       dns?.kill();
       await internet?.close();

@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { applyTapGuard, guardedTaps, hostInterfaceBytes, removeTapGuard, runNft, tapGuardScript, tapGuardTable } from '../server/hypervisor/network/tap-guard.js';
+import { applyTapGuard, guardedTaps, hostInterfaceBytes, removeTapGuard, removeTapGuardTable, runNft, tapGuardScript, tapGuardTable } from '../server/hypervisor/network/tap-guard.js';
 
 const run = promisify(execFile);
 const onPath = (name: string) => ['/usr/sbin', '/sbin', '/usr/bin', '/bin'].some((dir) => existsSync(`${dir}/${name}`));
@@ -67,6 +67,10 @@ describe.skipIf(skip !== null)('the TAP source check in a network namespace', ()
     await removeTapGuard(bridge, tap, ns);
     await removeTapGuard(bridge, tap, ns);
     expect(await guardedTaps(bridge, ns)).toEqual([]);
+    // setup-net --down removes the (now empty) table; once gone there is nothing to remove.
+    expect(await removeTapGuardTable(bridge, ns)).toBe(true);
+    expect(await removeTapGuardTable(bridge, ns)).toBe(false);
+    expect((await run('ip', ['netns', 'exec', ns, 'nft', 'list', 'tables'])).stdout).not.toContain(tapGuardTable(bridge));
   });
 
   it('a failed nft run names the command and the first line of its error', async () => {

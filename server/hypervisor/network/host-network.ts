@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { isObjectIdHex } from '../../store/ids.js';
 import { formatIpv4, formatIpv4Network, parseIpv4Cidr } from './ip-pool.js';
 import { removeEgressTable } from './egress-firewall.js';
-import { tapGuardTable } from './tap-guard.js';
+import { removeTapGuardTable, tapGuardTable } from './tap-guard.js';
 
 /*
  * The host side of sandbox networking: one Linux bridge whose address is the guests' gateway,
@@ -273,6 +273,7 @@ export async function tearDown(opts: HostNetworkOptions): Promise<string[]> {
   }
 
   if (await removeEgressTable(bridge, netns)) changes.push(`deleted the egress firewall (nftables table ip ${tapGuardTable(bridge)})`);
+  if (await removeTapGuardTable(bridge, netns)) changes.push(`deleted the VM TAPs' source checks (nftables table netdev ${tapGuardTable(bridge)})`);
 
   const link = await findLink(bridge, netns);
   if (link) {

@@ -81,6 +81,18 @@ export async function removeTapGuard(bridge: string, tap: string, netns?: string
   });
 }
 
+/** Removes `bridge`'s whole guard table (setup-net --down); false when there was none. */
+export async function removeTapGuardTable(bridge: string, netns?: string): Promise<boolean> {
+  try {
+    await runNetworkCommand('nft', ['list', 'table', 'netdev', tapGuardTable(bridge)], netns);
+  } catch (err) {
+    if (/No such file or directory/.test((err as Error).message)) return false;
+    throw err;
+  }
+  await runNft(`delete table netdev ${tapGuardTable(bridge)}\n`, netns);
+  return true;
+}
+
 /** The TAPs of `bridge` with a guard installed (the chains of its table; none when it has no table). */
 export async function guardedTaps(bridge: string, netns?: string): Promise<string[]> {
   let out: string;
