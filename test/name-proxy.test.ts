@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetworkPolicy } from '../shared/index.js';
 import { DnsProxy, MAX_TCP_CONNECTIONS_PER_SOURCE } from '../server/hypervisor/network/dns-proxy.js';
 import { addressUsable, hostAddresses } from '../server/hypervisor/network/egress-firewall.js';
+import { checkRequestHead, HttpRequests } from '../server/hypervisor/network/http-requests.js';
 import { MAX_CONNECTIONS_PER_SOURCE, NameProxy } from '../server/hypervisor/network/name-proxy.js';
 import { setUp, tearDown } from '../server/hypervisor/network/host-network.js';
 import { SandboxEgress } from '../server/hypervisor/network/sandbox-egress.js';
@@ -31,6 +32,57 @@ describe('the name proxy never connects a sandbox to the host (pure)', () => {
     const own = [...hostAddresses()];
     expect(own.length).toBeGreaterThan(0);
     expect(own.filter((address) => addressUsable(address, policy({ allow: ['0.0.0.0/0'] }), '10.211.0.0/24'))).toEqual([]);
+  });
+});
+
+describe('every request of a plain-HTTP connection through the name proxy names its host (pure)', () => {
+  it.each([
+    ['GET / HTTP/1.1\r\nHost: allowed.test', { body: 'none', upgrade: false }],
+    ['GET http://Allowed.Test:80/x HTTP/1.1\r\nHost: allowed.test', { body: 'none', upgrade: false }],
+    ['POST /up HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 5', { body: 5, upgrade: false }],
+    ['POST /up HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: gzip, chunked', { body: 'chunked', upgrade: false }],
+    ['GET /ws HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\nConnection: Upgrade', { body: 'none', upgrade: true }],
+    ['GET http://blocked.test/ HTTP/1.1\r\nHost: allowed.test', { error: 'the request target http://blocked.test/ does not name allowed.test' }],
+    ['GET http://allowed.test@blocked.test/ HTTP/1.1\r\nHost: allowed.test', { error: 'the request target http://allowed.test@blocked.test/ does not name allowed.test' }],
+    ['GET / HTTP/1.1\r\nHost: allowed.test\r\nHost: blocked.test', { error: 'the request names more than one Host' }],
+    ['GET / HTTP/1.1\r\nHost: blocked.test', { error: "blocked.test is not this connection's host (allowed.test)" }],
+    ['GET / HTTP/1.1\r\nX: 1', { error: 'the request names no host' }],
+    ['GET / HTTP/1.1\r\nHost: allowed.test\r\n Host: blocked.test', { error: 'the request has a malformed header field' }],
+    ['CONNECT blocked.test:443 HTTP/1.1\r\nHost: allowed.test', { error: 'CONNECT is not allowed' }],
+    ['POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked', { error: 'the request has both Transfer-Encoding and Content-Length' }],
+    ['POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 5\r\nContent-Length: 6', { error: 'the request has an invalid Content-Length' }],
+  ])('%j', (head, verdict) => {
+    expect(checkRequestHead(head, 'allowed.test')).toEqual(verdict);
+  });
+
+  it('a kept-alive connection passes requests for its host, bodies whole, and stops at the first naming another', () => {
+    const requests = new HttpRequests('allowed.test');
+    const first = 'POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 36\r\n\r\nGET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n';
+    const chunked = 'POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\n\r\n4;x=1\r\nabcd\r\n0\r\nTrailer: 1\r\n\r\n\r\n';
+    // A body that looks like a request is a body; fed a byte at a time as well as whole.
+    expect(requests.feed(Buffer.from(first))).toEqual({ pass: Buffer.from(first) });
+    let passed = '';
+    for (const byte of Buffer.from(chunked)) passed += requests.feed(Buffer.from([byte])).pass.toString('latin1');
+    expect(passed).toBe(chunked);
+    const switched = requests.feed(Buffer.from('GET /a HTTP/1.1\r\nHost: allowed.test\r\n\r\nGET /b HTTP/1.1\r\nHost: blocked.test\r\n\r\n'));
+    expect(switched.pass.toString()).toBe('GET /a HTTP/1.1\r\nHost: allowed.test\r\n\r\n');
+    expect(switched.error).toBe("blocked.test is not this connection's host (allowed.test)");
+    expect(requests.feed(Buffer.from('x')).pass.length).toBe(0);
+  });
+
+  it("an upgrade holds the client's next bytes until the server answers: a 101 makes them opaque, anything else keeps checking", () => {
+    const upgrade = 'GET /ws HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\n\r\n';
+    const later = 'GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n';
+    const switched = new HttpRequests('allowed.test');
+    expect(switched.feed(Buffer.from(upgrade + later)).pass.toString()).toBe(upgrade);
+    expect(switched.awaitingUpgrade).toBe(true);
+    expect(switched.upstreamAnswered(101)).toEqual({ pass: Buffer.from(later) });
+    expect(switched.feed(Buffer.from('frames')).pass.toString()).toBe('frames');
+    const refused = new HttpRequests('allowed.test');
+    refused.feed(Buffer.from(upgrade + later));
+    expect(refused.upstreamAnswered(400).error).toBe("blocked.test is not this connection's host (allowed.test)");
+    // Only the first request may ask.
+    expect(new HttpRequests('allowed.test').feed(Buffer.from(`GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n${upgrade}`)).error).toBe('only the first request of a connection may upgrade it');
   });
 });
 
@@ -183,6 +235,35 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     // A direct connection to that address is refused to the sandbox too.
     expect(await httpGet(boxes.proxied, internet.hostAddress, 'host.test')).not.toContain('host service');
     expect(hostHits).toEqual([]);
+  }, 60_000);
+
+  it('a kept-alive connection on port 80 cannot switch to a host its policy refuses after the first request', async () => {
+    // Node's agent reuses the socket for the second request (reusedSocket), which names blocked.test.
+    const script = `
+      const http = require('node:http');
+      const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      const get = (host) => new Promise((resolve) => {
+        const req = http.request({ host: ${JSON.stringify(internet.address)}, port: 80, agent, headers: { host } }, (res) => {
+          let body = '';
+          res.on('data', (d) => (body += d));
+          res.on('end', () => resolve({ body, reused: req.reusedSocket }));
+        });
+        req.on('error', (err) => resolve({ error: err.code, reused: req.reusedSocket }));
+        req.end();
+      });
+      (async () => console.log(JSON.stringify([await get('allowed.test'), await get('blocked.test')])))();
+    `;
+    const { stdout } = await run('ip', ['netns', 'exec', boxes.proxied.ns, 'timeout', '20', process.execPath, '-e', script]);
+    const [first, second] = JSON.parse(stdout) as Array<{ body?: string; error?: string; reused: boolean }>;
+    expect(JSON.parse(first!.body!)).toMatchObject({ at: internet.address, host: 'allowed.test' });
+    expect(second).toMatchObject({ reused: true, error: 'ECONNRESET' });
+    // On one connection too: an absolute target or a second Host naming another host is refused before anything is sent.
+    expect(await inBox(boxes.proxied, `exec 3<>/dev/tcp/${internet.address}/80 && printf 'GET http://blocked.test/ HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n' >&3 && cat <&3`)).toMatch(
+      /^HTTP\/1\.1 403 .*does not name allowed\.test/s,
+    );
+    expect(await inBox(boxes.proxied, `exec 3<>/dev/tcp/${internet.address}/80 && printf 'GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\nHost: blocked.test\\r\\n\\r\\n' >&3 && cat <&3`)).toMatch(
+      /^HTTP\/1\.1 403 .*more than one Host/s,
+    );
   }, 60_000);
 
   it("a sandbox dialling the name proxy's ports itself is refused: only connections the firewall redirected reach them", async () => {

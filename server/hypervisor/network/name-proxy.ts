@@ -2,6 +2,7 @@ import { connect, createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { isCidrRule, type NetworkPolicy } from '../../../shared/schemas/network.js';
 import { nameAllowed } from './dns-proxy.js';
+import { HttpRequests, type RequestsVerdict } from './http-requests.js';
 
 /*
  * The SNI/Host check for ports 80 and 443. A sandbox whose policy opens domains under
@@ -182,6 +183,13 @@ export class NameProxy {
       else socket.destroy();
       return;
     }
+    // Port 80: every request of the connection must name this host (http-requests.ts).
+    const requests = port === 80 ? new HttpRequests(name) : null;
+    const first = requests?.feed(head);
+    if (first?.error) {
+      socket.end(`HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\negress policy: ${first.error}\n`);
+      return;
+    }
     const addresses = await this.opts.resolve(name, policy).catch(() => []);
     if (addresses.length === 0 || socket.destroyed) {
       if (port === 80 && !socket.destroyed) socket.end(`HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\negress policy: ${name} does not resolve\n`);
@@ -206,11 +214,45 @@ export class NameProxy {
       const remote = upstream.remoteAddress;
       if (!remote || remote === upstream.localAddress || !this.opts.connectable(remote, policy)) return close();
       upstream.setTimeout(0);
+      upstream.pipe(socket);
+      if (requests && first) return this.#checkRequests(socket, upstream, requests, first, close);
       upstream.write(head);
       socket.pipe(upstream);
-      upstream.pipe(socket);
       socket.resume();
     });
+  }
+
+  /**
+   * Passes the client's bytes of a plain-HTTP connection to `upstream` as `requests` lets them
+   * through (with backpressure), closing the connection at the first request naming another host;
+   * the server's first status line settles an upgrade the first request asked for.
+   */
+  #checkRequests(socket: Socket, upstream: Socket, requests: HttpRequests, first: RequestsVerdict, close: () => void): void {
+    // Nothing more is read from the client while an upgrade waits for the server's answer.
+    const resume = () => !requests.awaitingUpgrade && !upstream.writableNeedDrain && socket.resume();
+    const deliver = (verdict: RequestsVerdict) => {
+      if (verdict.pass.length && !upstream.write(verdict.pass)) {
+        socket.pause();
+        upstream.once('drain', resume);
+      }
+      if (verdict.error) close();
+      else if (requests.awaitingUpgrade) socket.pause();
+    };
+    let status = '';
+    const onAnswer = (chunk: Buffer) => {
+      status += chunk.toString('latin1', 0, Math.min(chunk.length, 64));
+      const line = /^HTTP\/1\.[01] (\d{3})/.exec(status);
+      if (!line && status.length < 64 && !status.includes('\r\n')) return;
+      upstream.off('data', onAnswer);
+      if (!requests.awaitingUpgrade) return;
+      deliver(requests.upstreamAnswered(line ? Number(line[1]) : 0));
+      resume();
+    };
+    if (requests.awaitingUpgrade) upstream.on('data', onAnswer);
+    deliver(first);
+    socket.on('data', (chunk: Buffer) => deliver(requests.feed(chunk)));
+    socket.on('end', () => upstream.end());
+    resume();
   }
 }
 
