@@ -30,25 +30,31 @@ export function portOfTunnelPath(path: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
+/** How long a side whose peer closed may take to flush what it still has to write. */
+export const CLOSE_GRACE_MS = 5000;
+
 /**
  * Pipes two byte streams into each other with flow control (each side's writes wait for the
  * other's drain). When one side finishes sending, the other's writable side is ended; when one
- * closes, the other is ended and destroyed once its writes are flushed (what it would still send
- * has nowhere to go, and a peer that ignores the end must not hold it open); when one fails the
- * other is destroyed.
+ * closes, the other is ended and destroyed once its writes are flushed, or after `graceMs` when
+ * they are not (what it would still send has nowhere to go, and a peer that ignores the end, or
+ * never reads what is left, must not hold it open); when one fails the other is destroyed.
  */
-export function splice(a: Duplex, b: Duplex): void {
+export function splice(a: Duplex, b: Duplex, graceMs = CLOSE_GRACE_MS): void {
   a.pipe(b);
   b.pipe(a);
   a.on('error', () => b.destroy());
   b.on('error', () => a.destroy());
-  a.once('close', () => closeAfterFlush(b));
-  b.once('close', () => closeAfterFlush(a));
+  a.once('close', () => closeAfterFlush(b, graceMs));
+  b.once('close', () => closeAfterFlush(a, graceMs));
 }
 
-function closeAfterFlush(s: Duplex): void {
+function closeAfterFlush(s: Duplex, graceMs: number): void {
   if (s.destroyed) return;
   if (s.writableFinished) return void s.destroy();
+  const timer = setTimeout(() => s.destroy(), graceMs);
+  timer.unref();
+  s.once('close', () => clearTimeout(timer));
   s.once('finish', () => s.destroy());
   s.end();
 }

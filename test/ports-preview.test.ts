@@ -4,7 +4,9 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { createServer as createNetServer } from 'node:net';
 import { request, type IncomingHttpHeaders } from 'node:http';
+import { once } from 'node:events';
 import { join } from 'node:path';
+import { Duplex } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import type { CommandHandle, SandboxHandle, VoidRunClient } from '../client/index.js';
@@ -13,6 +15,7 @@ import { listsPorts } from '../server/hypervisor/types.js';
 import { TunnelBudget } from '../server/http/port-proxy.js';
 import { PreviewTokens } from '../server/services/preview-tokens.js';
 import { listeningPorts, MAX_LISTENING_PORTS } from '../shared/listening-ports.js';
+import { splice } from '../shared/port-tunnel.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
@@ -108,6 +111,19 @@ describe('listening ports and preview tokens (pure)', () => {
     expect(() => budget.take('f')).toThrow('half of HTTP_MAX_CONNECTIONS');
     again();
     expect([new TunnelBudget(2048).max, new TunnelBudget(2048).perSandbox]).toEqual([1024, 256]);
+  });
+
+  it('a tunnel side whose peer closed is destroyed even when its server never reads what is left (no agent socket held for good)', async () => {
+    const a = new Duplex({ read() {}, write: (_c, _e, cb) => cb() });
+    const b = new Duplex({ read() {}, write() {} }); // never flushes a write
+    splice(a, b, 10);
+    const closed = once(b, 'close');
+    a.push('bytes b never writes out');
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(b.writableLength).toBeGreaterThan(0);
+    a.destroy();
+    await closed;
+    expect(b.destroyed).toBe(true);
   });
 
   it('opens one port of one sandbox until the token expires', () => {
