@@ -175,6 +175,8 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
   let servers: ChildProcess;
   let hostService: Server;
   const hostHits: string[] = [];
+  /** The test internet's DNS server's log: `query <name> <type>` per query it got. */
+  const dnsLog: string[] = [];
   let egress: SandboxEgress | undefined;
 
   /** Runs bash `script` in the namespace of `box`; its stdout, or null when it failed. */
@@ -195,7 +197,9 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     const names = { 'allowed.test': internet.address, 'host.test': internet.hostAddress };
     servers = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [], web: [internet.address] })]);
     await new Promise<void>((resolve, reject) => {
-      servers.stdout!.on('data', (chunk: Buffer) => chunk.toString().split('\n').includes('ready') && resolve());
+      servers.stdout!.on('data', (chunk: Buffer) => {
+        for (const line of chunk.toString().split('\n').filter(Boolean)) line === 'ready' ? resolve() : dnsLog.push(line);
+      });
       servers.once('exit', (code) => reject(new Error(`test internet servers exited with ${code}`)));
     });
     hostService = createServer((s) => (hostHits.push(s.remoteAddress ?? ''), s.end('HTTP/1.0 200 OK\r\n\r\nhost service\n')));
@@ -264,6 +268,30 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     expect(await inBox(boxes.proxied, `exec 3<>/dev/tcp/${internet.address}/80 && printf 'GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\nHost: blocked.test\\r\\n\\r\\n' >&3 && cat <&3`)).toMatch(
       /^HTTP\/1\.1 403 .*more than one Host/s,
     );
+  }, 60_000);
+
+  it('a sandbox whose egress is cut sends no query upstream: its DNS is refused (names carry data too)', async () => {
+    /** The rcode of an A query for `name` sent from `box` to the test internet's resolver (the firewall redirects it to ours). */
+    const rcode = async (box: { ns: string }, name: string) => {
+      const script = `
+        const s = require('node:dgram').createSocket('udp4');
+        const labels = Buffer.concat(${JSON.stringify(name)}.split('.').map((l) => Buffer.concat([Buffer.from([l.length]), Buffer.from(l)])));
+        s.on('message', (m) => (console.log(m.readUInt16BE(2) & 15), s.close()));
+        s.send(Buffer.concat([Buffer.from([0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]), labels, Buffer.from([0, 0, 1, 0, 1])]), 53, ${JSON.stringify(internet.address)});
+      `;
+      return Number((await run('ip', ['netns', 'exec', box.ns, 'timeout', '10', process.execPath, '-e', script])).stdout.trim());
+    };
+    const cut = boxes.open;
+    await egress!.firewall.apply({ id: cut.id, ip: cut.ip, hostIf: cut.hostIf }, policy({ maxEgressBytes: 1000, egressCut: true }));
+    try {
+      expect(await rcode(cut, 'exfil-secret.allowed.test')).toBe(5);
+      // Another sandbox's query is forwarded: once the test internet logged it, it had the cut one's before, if any.
+      expect(await rcode(boxes.proxied, 'allowed.test')).toBe(0);
+      await expect.poll(() => dnsLog.includes('query allowed.test 1'), { timeout: 10_000 }).toBe(true);
+      expect(dnsLog.filter((l) => l.includes('exfil-secret'))).toEqual([]);
+    } finally {
+      await egress!.firewall.apply({ id: cut.id, ip: cut.ip, hostIf: cut.hostIf }, cut.policy);
+    }
   }, 60_000);
 
   it("a sandbox dialling the name proxy's ports itself is refused: only connections the firewall redirected reach them", async () => {

@@ -11,7 +11,8 @@ import type { ResolvedAddress } from './egress-firewall.js';
  *
  *   * a name its policy refuses (a `deny` entry, or under `egress: deny` anything no `allow`
  *     entry names): NXDOMAIN, answered here, nothing sent upstream;
- *   * an address that is no sandbox's: REFUSED;
+ *   * an address that is no sandbox's, or a sandbox whose egress is cut (its byte cap): REFUSED,
+ *     nothing sent upstream (a query is egress too: names carry data to their servers);
  *   * AAAA for an allowed name: an empty answer (sandboxes have IPv4 only);
  *   * any other query for an allowed name: forwarded to DNS_NAMESERVERS; the A records of the
  *     answer are opened in the sandbox's firewall for their TTL before the answer is passed on.
@@ -329,7 +330,7 @@ export class DnsProxy {
     const parsed = parseQuery(query);
     if (!parsed) return null;
     const policy = this.opts.policyAt(source);
-    if (!policy) return localAnswer(query, parsed, RCODE_REFUSED);
+    if (!policy || policy.egressCut) return localAnswer(query, parsed, RCODE_REFUSED);
     if (!nameAllowed(policy, parsed.name)) return localAnswer(query, parsed, RCODE_NXDOMAIN);
     if (parsed.type === TYPE_AAAA) return localAnswer(query, parsed, 0);
     const upstream = await this.#forward(query, parsed, transport);
