@@ -99,18 +99,21 @@ describe('listening ports and preview tokens (pure)', () => {
     }
   });
 
-  it('bounds proxied requests to half of HTTP_MAX_CONNECTIONS in all and a quarter of that per sandbox (a never-answering port cannot fill the server)', () => {
-    const budget = new TunnelBudget(8);
-    expect([budget.max, budget.perSandbox]).toEqual([4, 1]);
-    const releases = ['a', 'b', 'c', 'd'].map((id) => budget.take(id));
-    expect(() => budget.take('a')).toThrow('the most one sandbox may');
-    expect(() => budget.take('e')).toThrow('half of HTTP_MAX_CONNECTIONS');
+  it('bounds proxied requests to half of HTTP_MAX_CONNECTIONS in all, half of that per org and a quarter per sandbox (a never-answering port cannot fill the server)', () => {
+    const budget = new TunnelBudget(16);
+    expect([budget.max, budget.perOrg, budget.perSandbox]).toEqual([8, 4, 2]);
+    const releases = ['a', 'a', 'b', 'b'].map((id) => budget.take('org1', id));
+    expect(() => budget.take('org2', 'a')).toThrow('the most one sandbox may');
+    expect(() => budget.take('org1', 'c')).toThrow('the most one org may');
+    const others = ['c', 'c', 'd', 'd'].map((id) => budget.take('org2', id));
+    expect(() => budget.take('org3', 'e')).toThrow('half of HTTP_MAX_CONNECTIONS');
     releases[0]!();
     releases[0]!(); // given back once
-    const again = budget.take('e');
-    expect(() => budget.take('f')).toThrow('half of HTTP_MAX_CONNECTIONS');
-    again();
-    expect([new TunnelBudget(2048).max, new TunnelBudget(2048).perSandbox]).toEqual([1024, 256]);
+    const again = budget.take('org3', 'e');
+    expect(() => budget.take('org3', 'f')).toThrow('half of HTTP_MAX_CONNECTIONS');
+    for (const release of [again, ...releases.slice(1), ...others]) release();
+    expect(budget.take('org1', 'c')).toBeTypeOf('function');
+    expect([new TunnelBudget(2048).max, new TunnelBudget(2048).perOrg, new TunnelBudget(2048).perSandbox]).toEqual([1024, 512, 256]);
   });
 
   it('a tunnel side whose peer closed is destroyed even when its server never reads what is left (no agent socket held for good)', async () => {

@@ -58,42 +58,54 @@ export interface PortProxyOptions {
 
 /**
  * Proxied requests and upgraded tunnels open at once: at most half of HTTP_MAX_CONNECTIONS in all
- * (the API's own routes keep the rest however long sandboxes' servers take to answer), and a
- * quarter of that per sandbox (one sandbox's server, or the visitors of one public port, leave
- * room for the others'). Past either, a request is 503 SERVER_BUSY naming the bound.
+ * (the API's own routes keep the rest however long sandboxes' servers take to answer), half of
+ * that per org and a quarter per sandbox (one org, one sandbox's server, or the visitors of one
+ * public port, leave room for the others'). Past any, a request is 503 SERVER_BUSY naming the bound.
  */
 export class TunnelBudget {
+  readonly #byOrg = new Map<string, number>();
   readonly #bySandbox = new Map<string, number>();
   #total = 0;
   readonly max: number;
+  readonly perOrg: number;
   readonly perSandbox: number;
 
   constructor(maxConnections: number) {
     this.max = Math.max(1, Math.floor(maxConnections / 2));
+    this.perOrg = Math.max(1, Math.ceil(this.max / 2));
     this.perSandbox = Math.max(1, Math.ceil(this.max / 4));
   }
 
-  /** Takes one slot for sandbox `id`; the function gives it back (once). */
-  take(id: string): () => void {
-    const open = this.#bySandbox.get(id) ?? 0;
-    if (open >= this.perSandbox) {
+  /** Takes one slot for sandbox `id` of org `orgId`; the function gives it back (once). */
+  take(orgId: string, id: string): () => void {
+    if ((this.#bySandbox.get(id) ?? 0) >= this.perSandbox) {
       throw new DomainError('SERVER_BUSY', `Sandbox ${id} has ${this.perSandbox} proxied requests open, the most one sandbox may (a quarter of half of HTTP_MAX_CONNECTIONS); close some or retry later`);
+    }
+    if ((this.#byOrg.get(orgId) ?? 0) >= this.perOrg) {
+      throw new DomainError('SERVER_BUSY', `This organization has ${this.perOrg} proxied requests to its sandboxes' ports open, the most one org may (a half of half of HTTP_MAX_CONNECTIONS); close some or retry later`);
     }
     if (this.#total >= this.max) {
       throw new DomainError('SERVER_BUSY', `The server has ${this.max} proxied requests to sandboxes' ports open, the most allowed (half of HTTP_MAX_CONNECTIONS, the rest is kept for the API); retry later`);
     }
-    this.#bySandbox.set(id, open + 1);
+    count(this.#bySandbox, id, 1);
+    count(this.#byOrg, orgId, 1);
     this.#total++;
     let given = false;
     return () => {
       if (given) return;
       given = true;
       this.#total--;
-      const left = this.#bySandbox.get(id)! - 1;
-      if (left) this.#bySandbox.set(id, left);
-      else this.#bySandbox.delete(id);
+      count(this.#bySandbox, id, -1);
+      count(this.#byOrg, orgId, -1);
     };
   }
+}
+
+/** Adds `by` to `key`'s count, dropping it at zero. */
+function count(counts: Map<string, number>, key: string, by: number): void {
+  const n = (counts.get(key) ?? 0) + by;
+  if (n) counts.set(key, n);
+  else counts.delete(key);
 }
 
 /**
@@ -197,7 +209,7 @@ export function createPortProxy(opts: PortProxyOptions) {
         }
       }
       if (res.closed) return label; // the client left during the checks
-      res.once('close', budget.take(target.id));
+      res.once('close', budget.take(record.orgId, target.id));
       const tunnel = await services.ports.openPort(record, target.port);
       forward(req, res, target, tunnel);
     } catch (err) {
@@ -287,7 +299,7 @@ export function createPortProxy(opts: PortProxyOptions) {
         else socket.once('close', release);
       });
       if (socket.destroyed) return;
-      socket.once('close', budget.take(t.id));
+      socket.once('close', budget.take(record.orgId, t.id));
       const tunnel = await services.ports.openPort(record, t.port);
       if (socket.destroyed) return void tunnel.destroy();
       const upstream = upstreamRequest(req, t, tunnel, true);
