@@ -132,6 +132,37 @@ describe("one sandbox cannot hold the proxies' connections (real sockets on loop
     }
   }, 60_000);
 
+  it("a policy change while the proxy looks a name up closes that connection: it never reaches the name's server", async () => {
+    // The name's "server": port 80 of a loopback address of this test's own.
+    const address = `127.${randomInt(1, 255)}.${randomInt(1, 255)}.${randomInt(2, 255)}`;
+    const reached: string[] = [];
+    const upstream = createServer((s) => (reached.push('connected'), s.destroy()));
+    await new Promise<void>((r) => upstream.listen(80, address, r));
+    let current = policy({ egress: 'deny', allow: ['allowed.test'] });
+    let looking!: () => void;
+    const lookingUp = new Promise<void>((r) => (looking = r));
+    let answer!: (addresses: string[]) => void;
+    const proxy = new NameProxy({
+      address: '127.0.0.1',
+      policyAt: () => current,
+      resolve: () => (looking(), new Promise<string[]>((r) => (answer = r))),
+      connectable: () => true,
+    });
+    await proxy.start();
+    try {
+      const closed = exchange(proxy.ports!.http, 'GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n');
+      await lookingUp;
+      current = policy({ egress: 'deny' });
+      proxy.reevaluate('127.0.0.1');
+      answer([address]);
+      expect(await closed).toBe('');
+      expect(reached).toEqual([]);
+    } finally {
+      await proxy.stop();
+      upstream.close();
+    }
+  }, 60_000);
+
   it("the DNS resolver's TCP side serves other sandboxes while one holds as many connections as it may", async () => {
     const dns = new DnsProxy({ address: '127.0.0.1', port: 0, upstreams: [], policyAt: () => policy({ egress: 'deny' }), allowResolved: async () => {} });
     await dns.start();

@@ -190,6 +190,14 @@ export class NameProxy {
       socket.end(`HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\negress policy: ${first.error}\n`);
       return;
     }
+    // Known before the lookup, so a policy change meanwhile (reevaluate) closes it too.
+    const conns = this.#open.get(source) ?? new Map<Socket, string>();
+    this.#open.set(source, conns);
+    conns.set(socket, name);
+    socket.on('close', () => {
+      conns.delete(socket);
+      if (conns.size === 0 && this.#open.get(source) === conns) this.#open.delete(source);
+    });
     const addresses = await this.opts.resolve(name, policy).catch(() => []);
     if (addresses.length === 0 || socket.destroyed) {
       if (port === 80 && !socket.destroyed) socket.end(`HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\negress policy: ${name} does not resolve\n`);
@@ -197,14 +205,9 @@ export class NameProxy {
       return;
     }
     const upstream = connect({ host: addresses[0]!, port, timeout: CONNECT_TIMEOUT_MS });
-    const conns = this.#open.get(source) ?? new Map<Socket, string>();
-    this.#open.set(source, conns);
-    conns.set(socket, name);
     const close = () => {
       socket.destroy();
       upstream.destroy();
-      conns.delete(socket);
-      if (conns.size === 0 && this.#open.get(source) === conns) this.#open.delete(source);
     };
     upstream.on('timeout', close);
     upstream.on('error', close);
