@@ -175,6 +175,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       maxConnections: config.HTTP_MAX_CONNECTIONS,
       maxConnectionsPerAddress: config.HTTP_MAX_CONNECTIONS_PER_ADDRESS,
       wsAuthTimeoutMs: config.WS_AUTH_TIMEOUT_MS,
+      portAnswerTimeoutMs: config.PORT_ANSWER_TIMEOUT_MS,
     },
     metricsToken: config.METRICS_TOKEN,
     metricsPath: config.METRICS_ENABLED ? config.METRICS_PATH : null,

@@ -107,6 +107,8 @@ const EnvSchema = z.object({
   // 0: no per-address cap (behind a reverse proxy every client has the proxy's address).
   HTTP_MAX_CONNECTIONS_PER_ADDRESS: int(0, 1_000_000).default(0),
   WS_AUTH_TIMEOUT_MS: int(100, 600_000).default(10_000),
+  // How long a sandbox's server has to start its answer once a proxied request was sent whole.
+  PORT_ANSWER_TIMEOUT_MS: int(100, 86_400_000).default(60_000),
   // Set, `/metrics` answers only `Authorization: Bearer <token>`.
   METRICS_TOKEN: z
     .string()

@@ -434,6 +434,18 @@ describe.skipIf(!support.ok)('ports and preview URLs', () => {
   }, 60_000);
 });
 
+/** A new org's sandbox `name` with the perl server `silent` on port 8001 and `http` on 8000. */
+async function silentAndHttp(server: TestServer, name: string): Promise<{ key: string; sb: SandboxHandle }> {
+  const key = (await server.client().trpc.auth.register.mutate({ name, email: uniqueEmail(name) })).apiKey;
+  const sb = await server.client(key).sandboxes.create({ name });
+  await sb.files.write('/root/port-server.pl', script);
+  for (const [mode, port] of [['silent', 8001], ['http', 8000]] as const) {
+    const handle = await sb.commands.run(`perl /root/port-server.pl ${mode} ${port}`);
+    for await (const chunk of handle.output()) if (chunk.type === 'stdout' && chunk.data.includes(`listening ${port}`)) break;
+  }
+  return { key, sb };
+}
+
 describe.skipIf(!support.ok)('ports whose server never answers', () => {
   it("one sandbox's never-answering port holds at most its share of the server's connections (503 naming the bound past it; the API answers; slots come back when clients leave)", async () => {
     const maxConnections = 32;
@@ -441,13 +453,7 @@ describe.skipIf(!support.ok)('ports whose server never answers', () => {
     const server = await startTestServer({ PREVIEW_DOMAIN: DOMAIN, PREVIEW_URL_SCHEME: 'http', HTTP_MAX_CONNECTIONS: String(maxConnections) });
     const pending: ReturnType<typeof request>[] = [];
     try {
-      const key = (await server.client().trpc.auth.register.mutate({ name: 'Silent Ports', email: uniqueEmail('ports-silent') })).apiKey;
-      const sb = await server.client(key).sandboxes.create({ name: 'ports-silent' });
-      await sb.files.write('/root/port-server.pl', script);
-      for (const [mode, port] of [['silent', 8001], ['http', 8000]] as const) {
-        const handle = await sb.commands.run(`perl /root/port-server.pl ${mode} ${port}`);
-        for await (const chunk of handle.output()) if (chunk.type === 'stdout' && chunk.data.includes(`listening ${port}`)) break;
-      }
+      const { key, sb } = await silentAndHttp(server, 'ports-silent');
       await sb.ports.setPublic(8001, true);
       const url = new URL(server.url);
       // One more than the sandbox's share, half of them anonymous visitors of the public port.
@@ -476,6 +482,26 @@ describe.skipIf(!support.ok)('ports whose server never answers', () => {
       expect(status).toBe(200);
     } finally {
       for (const req of pending) req.destroy();
+      await server.close();
+    }
+  }, 180_000);
+});
+
+describe.skipIf(!support.ok)('ports whose server never starts an answer', () => {
+  it('a request or upgrade the sandbox\'s server does not answer within PORT_ANSWER_TIMEOUT_MS is a 502 naming it (no connection held for good); answers in time pass', async () => {
+    const server = await startTestServer({ PORT_ANSWER_TIMEOUT_MS: '300' });
+    try {
+      const { key, sb } = await silentAndHttp(server, 'ports-slow');
+      const headers = { 'x-api-key': key };
+      for (const method of ['GET', 'POST']) {
+        const res = await raw(server, `/api/sandboxes/${sb.id}/ports/8001/`, { method, headers, body: method === 'POST' ? 'a body' : undefined });
+        expect(res.status).toBe(502);
+        expect(JSON.parse(res.body)).toMatchObject({ code: 'UPSTREAM_UNAVAILABLE', error: expect.stringContaining(`The server on port 8001 in sandbox ${sb.id} did not start an answer within 300 ms of the request (PORT_ANSWER_TIMEOUT_MS)`) });
+      }
+      await expect(wsEcho(`${server.url.replace('http:', 'ws:')}/api/sandboxes/${sb.id}/ports/8001/ws`, headers, 'x')).rejects.toThrow('upgrade answered 502');
+      expect((await raw(server, `/api/sandboxes/${sb.id}/ports/8000/`, { headers })).status).toBe(200);
+      expect(await wsEcho(`${server.url.replace('http:', 'ws:')}/api/sandboxes/${sb.id}/ports/8000/ws`, headers, 'in time')).toBe('in time');
+    } finally {
       await server.close();
     }
   }, 180_000);

@@ -54,6 +54,8 @@ export interface PortProxyOptions {
   onOrg: (req: IncomingMessage, orgId: string) => void;
   /** HTTP_MAX_CONNECTIONS: proxied requests take at most half (see `TunnelBudget`). */
   maxConnections: number;
+  /** PORT_ANSWER_TIMEOUT_MS: how long a sandbox's server has to start its answer once the request was sent whole. */
+  answerTimeoutMs: number;
 }
 
 /**
@@ -231,6 +233,21 @@ export function createPortProxy(opts: PortProxyOptions) {
     return httpRequest({ createConnection: () => tunnel as never, method: req.method, path: target.path, headers, maxHeaderSize: MAX_UPSTREAM_HEADER_BYTES });
   }
 
+  /**
+   * A 502 naming the sandbox's server, `onExpiry`, when `upstream` has no answer head within
+   * PORT_ANSWER_TIMEOUT_MS of the request being sent whole; the returned function cancels it.
+   */
+  function answerDeadline(upstream: ReturnType<typeof upstreamRequest>, target: Target, onExpiry: (err: UpstreamUnavailableError) => void): () => void {
+    let timer: NodeJS.Timeout | undefined;
+    upstream.once('finish', () => {
+      timer = setTimeout(() => {
+        onExpiry(new UpstreamUnavailableError(`The server on port ${target.port} in sandbox ${target.id} did not start an answer within ${opts.answerTimeoutMs} ms of the request (PORT_ANSWER_TIMEOUT_MS)`));
+      }, opts.answerTimeoutMs);
+      timer.unref();
+    });
+    return () => clearTimeout(timer);
+  }
+
   /** Pipes the request to the upstream and its answer back; a failure before the answer's head is a 502. */
   function forward(req: IncomingMessage, res: ServerResponse, target: Target, tunnel: Duplex): void {
     const upstream = upstreamRequest(req, target, tunnel, false);
@@ -238,10 +255,18 @@ export function createPortProxy(opts: PortProxyOptions) {
       upstream.destroy();
       tunnel.destroy();
     };
+    let timedOut = false;
+    const answered = answerDeadline(upstream, target, (err) => {
+      timedOut = true;
+      if (!res.headersSent) sendError(res, err);
+      abandon();
+    });
     res.once('close', () => {
+      answered();
       if (!res.writableFinished) abandon();
     });
     upstream.once('response', (answer) => {
+      answered();
       try {
         for (const [name, value] of responseHeaders(answer, target)) res.appendHeader(name, value);
         if (target.via === 'api') {
@@ -263,6 +288,7 @@ export function createPortProxy(opts: PortProxyOptions) {
     });
     upstream.once('error', (err: NodeJS.ErrnoException) => {
       tunnel.destroy();
+      if (timedOut) return; // answered already (the deadline's own destroy)
       if (!res.headersSent) sendError(res, upstreamFailure(target, err));
       else res.destroy();
     });
@@ -305,7 +331,15 @@ export function createPortProxy(opts: PortProxyOptions) {
       const upstream = upstreamRequest(req, t, tunnel, true);
       socket.once('close', () => upstream.destroy());
       let answered = false;
+      const cancelDeadline = answerDeadline(upstream, t, (err) => {
+        answered = true;
+        upstream.destroy();
+        tunnel.destroy();
+        refuse(err);
+      });
+      socket.once('close', cancelDeadline);
       upstream.once('upgrade', (answer, upstreamSocket, upstreamHead) => {
+        cancelDeadline();
         answered = true;
         done(101);
         let text = `HTTP/1.1 101 ${answer.statusMessage || 'Switching Protocols'}\r\n`;
@@ -323,6 +357,7 @@ export function createPortProxy(opts: PortProxyOptions) {
       });
       upstream.once('response', (answer) => {
         // The server refused the upgrade: its answer is relayed, then the connection closes.
+        cancelDeadline();
         answered = true;
         done(answer.statusCode ?? 502);
         let text = `HTTP/1.1 ${answer.statusCode} ${answer.statusMessage || STATUS_CODES[answer.statusCode!] || ''}\r\n`;

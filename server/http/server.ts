@@ -86,6 +86,8 @@ export interface EdgeLimits {
   maxConnections: number;
   /** WS_AUTH_TIMEOUT_MS */
   wsAuthTimeoutMs: number;
+  /** PORT_ANSWER_TIMEOUT_MS */
+  portAnswerTimeoutMs: number;
   /** HTTP_MAX_CONNECTIONS_PER_ADDRESS (0: no per-address cap) */
   maxConnectionsPerAddress: number;
 }
@@ -234,6 +236,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       record.orgId = orgId;
     },
     maxConnections: limits.maxConnections,
+    answerTimeoutMs: limits.portAnswerTimeoutMs,
   });
   const rest = createRestHandler({
     router,
