@@ -7,7 +7,7 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetworkPolicy } from '../shared/index.js';
 import { DnsProxy, MAX_TCP_CONNECTIONS_PER_SOURCE } from '../server/hypervisor/network/dns-proxy.js';
-import { addressUsable, hostAddresses } from '../server/hypervisor/network/egress-firewall.js';
+import { addressUsable, EgressFirewall, hostAddresses, sandboxChain } from '../server/hypervisor/network/egress-firewall.js';
 import { checkRequestHead, HttpRequests } from '../server/hypervisor/network/http-requests.js';
 import { MAX_CONNECTIONS_PER_SOURCE, NameProxy } from '../server/hypervisor/network/name-proxy.js';
 import { setUp, tearDown } from '../server/hypervisor/network/host-network.js';
@@ -188,7 +188,46 @@ describe("one sandbox cannot hold the proxies' connections (real sockets on loop
   }, 60_000);
 });
 
-const netSkip = process.getuid?.() !== 0 ? 'not root' : !['ip', 'nft'].every(onPath) ? 'ip or nft missing' : null;
+const nsSkip = process.getuid?.() !== 0 ? 'not root' : !['ip', 'nft'].every(onPath) ? 'ip or nft missing' : null;
+
+describe.skipIf(nsSkip !== null)("DNS answers and the firewall's transactions (nftables in a namespace this test creates)", () => {
+  const ns = `npf-${randomBytes(3).toString('hex')}`;
+  const a = { id: newId(), ip: '10.211.250.2', hostIf: '' };
+  const b = { id: newId(), ip: '10.211.250.3', hostIf: '' };
+  let firewall: EgressFirewall;
+  const setOf = async (id: string) => (await run('ip', ['netns', 'exec', ns, 'nft', 'list', 'set', 'ip', tapGuardTable('npfbr0'), `${sandboxChain(id)}_dns`])).stdout;
+
+  beforeAll(async () => {
+    await ip('netns', 'add', ns);
+    firewall = new EgressFirewall({ bridge: 'npfbr0', gateway: '10.211.250.1', networkCidr: '10.211.250.0/24', netns: ns });
+    await firewall.setUp();
+    for (const box of [a, b]) await firewall.apply(box, policy({ egress: 'deny', allow: ['allowed.test'] }));
+  });
+  afterAll(async () => {
+    await ip('netns', 'del', ns).catch(() => {});
+  });
+
+  it("a flood of answers costs one nft transaction for all sandboxes, not one per answer queued before every policy change", async () => {
+    const before = firewall.dnsTransactions;
+    const answers = [
+      ...Array.from({ length: 64 }, () => firewall.allowResolved(a.ip, [{ address: '203.0.113.9', ttl: 60 }])),
+      ...Array.from({ length: 8 }, (_, i) => firewall.allowResolved(b.ip, [{ address: `203.0.113.${20 + i}`, ttl: 60 }])),
+    ];
+    // A policy change queued during the flood waits for one transaction at most.
+    const change = firewall.apply(b, policy({ egress: 'deny', allow: ['allowed.test', 'other.test'] }));
+    answers.push(firewall.allowResolved(a.ip, [{ address: '203.0.113.9', ttl: 60 }]));
+    await Promise.all([...answers, change]);
+    expect(firewall.dnsTransactions - before).toBe(1);
+    expect(await setOf(a.id)).toContain('203.0.113.9');
+    // The change came after the answers: it emptied b's set.
+    expect(await setOf(b.id)).not.toMatch(/203\.0\.113\.2\d/);
+    // The same answer again: already open for more than half its TTL, nothing written.
+    await firewall.allowResolved(a.ip, [{ address: '203.0.113.9', ttl: 60 }]);
+    expect(firewall.dnsTransactions - before).toBe(1);
+  });
+});
+
+const netSkip = nsSkip;
 if (netSkip) console.warn(`name proxy tests in namespaces skipped: ${netSkip}`);
 
 describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces as sandboxes', () => {

@@ -156,6 +156,14 @@ export function egressBaseScript(opts: EgressFirewallOptions, proxy?: ProxyPorts
   return lines.join('\n') + '\n';
 }
 
+/** One DNS answer's additions to its sandbox's set of opened addresses. */
+interface DnsAddition {
+  ip: string;
+  /** The policy that allowed the name: nothing is written once the sandbox has another. */
+  policy: NetworkPolicy;
+  lines: string[];
+}
+
 /** What `sandboxScript` needs to know of the table as it is and of the name proxy. */
 export interface SandboxScriptContext {
   /** Addresses mapped in `by_source` now that must go first (the sandbox's old ones, and its new one if another sandbox held it). */
@@ -350,6 +358,12 @@ export class EgressFirewall implements SandboxFirewall {
   /** One transaction at a time, in order: a later policy always lands after an earlier one. */
   #queue: Promise<unknown> = Promise.resolve();
   #proxy: ProxyPorts | undefined;
+  /** DNS answers' additions waiting for their transaction (all sandboxes in one); null when none waits. */
+  #batch: { entries: DnsAddition[]; done: Promise<Map<DnsAddition, true | Error>> } | null = null;
+  /** Additions being written, by `<sandbox id> <address>`: a concurrent answer naming the address waits for that write. */
+  readonly #writing = new Map<string, Promise<boolean>>();
+  /** nft transactions run for DNS answers so far. */
+  dnsTransactions = 0;
 
   constructor(private readonly opts: EgressFirewallOptions) {}
 
@@ -457,7 +471,10 @@ export class EgressFirewall implements SandboxFirewall {
    * the timeout of addresses already open. Resolves once the rules are in, so the answer that
    * named them can be sent. Nothing is written when it would change nothing: under `egress: allow`
    * (every public address is open anyway) and for addresses open for at least half their new TTL,
-   * so a sandbox repeating a lookup costs no nft run.
+   * so a sandbox repeating a lookup costs no nft run; an answer naming an address whose write is
+   * under way waits for that write. The additions of all answers arriving while a transaction runs
+   * go into the next one together, so a flood of answers never queues a transaction per answer
+   * in front of a policy change.
    */
   async allowResolved(ip: string, addresses: readonly ResolvedAddress[]): Promise<void> {
     const owner = this.#bySource.get(ip);
@@ -465,27 +482,82 @@ export class EgressFirewall implements SandboxFirewall {
     const opened = this.#opened.get(owner.id) ?? new Map<string, number>();
     this.#opened.set(owner.id, opened);
     const now = Date.now();
+    const waits: Promise<boolean>[] = [];
     const due = addresses
       .filter((a) => IPV4.test(a.address))
       .slice(0, 64)
       .map(({ address, ttl }) => ({ address, timeout: Math.min(DNS_TIMEOUT_MAX_SEC, Math.max(DNS_TIMEOUT_MIN_SEC, Math.floor(ttl))) }))
-      .filter(({ address, timeout }) => (opened.get(address) ?? 0) < now + (timeout * 1000) / 2);
-    if (due.length === 0) return;
+      .filter(({ address, timeout }) => (opened.get(address) ?? 0) < now + (timeout * 1000) / 2)
+      .filter(({ address }) => {
+        const pending = this.#writing.get(`${owner.id} ${address}`);
+        if (pending) waits.push(pending);
+        return !pending;
+      });
+    if (due.length === 0) {
+      await Promise.all(waits);
+      return;
+    }
     const set = `ip ${tapGuardTable(this.opts.bridge)} ${sandboxChain(owner.id)}_dns`;
     const lines: string[] = [];
     for (const { address, timeout } of due) {
       // Add, delete, add: refreshes the timeout of an address already open.
       lines.push(`add element ${set} { ${address} timeout ${timeout}s }`, `delete element ${set} { ${address} }`, `add element ${set} { ${address} timeout ${timeout}s }`);
     }
-    // Written only if the policy that allowed the name is still the sandbox's when its turn comes.
-    const written = await this.#exclusive(async () => {
-      if (this.#bySource.get(ip)?.policy !== owner.policy) return false;
-      await runNft(lines.join('\n') + '\n', this.opts.netns);
-      return true;
+    const write = this.#addDns({ ip, policy: owner.policy, lines }).then((written) => {
+      if (written) {
+        if (opened.size > MAX_RESOLVED_PER_SANDBOX) for (const [address, expires] of opened) if (expires <= now) opened.delete(address);
+        for (const { address, timeout } of due) opened.set(address, now + timeout * 1000);
+      }
+      return written;
     });
-    if (!written) return;
-    if (opened.size > MAX_RESOLVED_PER_SANDBOX) for (const [address, expires] of opened) if (expires <= now) opened.delete(address);
-    for (const { address, timeout } of due) opened.set(address, now + timeout * 1000);
+    const keys = due.map(({ address }) => `${owner.id} ${address}`);
+    for (const key of keys) this.#writing.set(key, write);
+    const forget = () => keys.forEach((key) => this.#writing.get(key) === write && this.#writing.delete(key));
+    write.then(forget, forget);
+    await Promise.all([write, ...waits]);
+  }
+
+  /**
+   * Queues `addition` for the next DNS transaction (started after the changes queued before it);
+   * true once written, false when the policy that allowed the name was replaced first. A batch
+   * nft refuses is retried one sandbox at a time, so one sandbox's failing addition (its set
+   * full) fails only its own answers.
+   */
+  #addDns(addition: DnsAddition): Promise<boolean> {
+    if (!this.#batch) {
+      const batch: { entries: DnsAddition[]; done: Promise<Map<DnsAddition, true | Error>> } = { entries: [], done: Promise.resolve(new Map()) };
+      batch.done = this.#exclusive(async () => {
+        if (this.#batch === batch) this.#batch = null;
+        // Written only if the policy that allowed the name is still the sandbox's when its turn comes.
+        const live = batch.entries.filter((e) => this.#bySource.get(e.ip)?.policy === e.policy);
+        const outcome = new Map<DnsAddition, true | Error>();
+        if (live.length === 0) return outcome;
+        try {
+          this.dnsTransactions++;
+          await runNft(live.flatMap((e) => e.lines).join('\n') + '\n', this.opts.netns);
+          for (const e of live) outcome.set(e, true);
+        } catch (err) {
+          if (live.length === 1) outcome.set(live[0]!, err as Error);
+          else {
+            for (const e of live) {
+              this.dnsTransactions++;
+              await runNft(e.lines.join('\n') + '\n', this.opts.netns).then(
+                () => outcome.set(e, true),
+                (failed: Error) => outcome.set(e, failed),
+              );
+            }
+          }
+        }
+        return outcome;
+      });
+      this.#batch = batch;
+    }
+    this.#batch.entries.push(addition);
+    return this.#batch.done.then((outcome) => {
+      const result = outcome.get(addition);
+      if (result instanceof Error) throw result;
+      return result === true;
+    });
   }
 
   /** Removes the rules of sandboxes not in `keep` (those gone while no server ran); one line per removal. */
