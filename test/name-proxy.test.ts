@@ -7,7 +7,7 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetworkPolicy } from '../shared/index.js';
 import { DnsProxy, MAX_TCP_CONNECTIONS_PER_SOURCE } from '../server/hypervisor/network/dns-proxy.js';
-import { addressUsable, EgressFirewall, hostAddresses, sandboxChain } from '../server/hypervisor/network/egress-firewall.js';
+import { addressUsable, allowedParts, EgressFirewall, hostAddresses, sandboxChain, sandboxScript } from '../server/hypervisor/network/egress-firewall.js';
 import { checkRequestHead, HttpRequests } from '../server/hypervisor/network/http-requests.js';
 import { MAX_CONNECTIONS_PER_SOURCE, NameProxy } from '../server/hypervisor/network/name-proxy.js';
 import { setUp, tearDown } from '../server/hypervisor/network/host-network.js';
@@ -32,6 +32,18 @@ describe('the name proxy never connects a sandbox to the host (pure)', () => {
     const own = [...hostAddresses()];
     expect(own.length).toBeGreaterThan(0);
     expect(own.filter((address) => addressUsable(address, policy({ allow: ['0.0.0.0/0'] }), '10.211.0.0/24'))).toEqual([]);
+  });
+
+  it('an allow CIDR that merely contains a private range does not open it: only one lying inside a private range does', () => {
+    expect(allowedParts('0.0.0.0/0')).toEqual(['0.0.0.0-9.255.255.255', '11.0.0.0-100.63.255.255', '100.128.0.0-172.15.255.255', '172.32.0.0-192.167.255.255', '192.169.0.0-255.255.255.255']);
+    expect(allowedParts('172.0.0.0/8')).toEqual(['172.0.0.0-172.15.255.255', '172.32.0.0-172.255.255.255']);
+    for (const cidr of ['10.0.0.0/8', '10.1.0.0/16', '192.168.1.5/32', '203.0.113.0/24', '8.0.0.0/7']) expect(allowedParts(cidr)).toEqual([cidr]);
+    const everything = policy({ egress: 'deny', allow: ['0.0.0.0/0'] });
+    expect(sandboxScript('vmbr0', { id: 'a'.repeat(24), ip: '192.168.100.7' }, everything)).toContain('172.32.0.0-192.167.255.255');
+    expect(['10.1.2.3', '172.16.0.1', '192.168.0.1', '100.64.0.1'].filter((ip) => addressUsable(ip, everything, '10.211.0.0/24'))).toEqual([]);
+    expect(addressUsable('203.0.113.9', everything, '10.211.0.0/24')).toBe(true);
+    const lan = policy({ egress: 'deny', allow: ['10.1.0.0/16'] });
+    expect([addressUsable('10.1.2.3', lan, '10.211.0.0/24'), addressUsable('10.2.0.1', lan, '10.211.0.0/24')]).toEqual([true, false]);
   });
 });
 
@@ -242,6 +254,8 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     open: { id: newId(), ns: `npo${tag}`, hostIf: `npj${tag}`, ip: `${subnet}.3`, policy: policy({}) },
   };
   let internet: TestInternet;
+  /** A "LAN" server's private address, routed from the host to the test internet. */
+  const lan = `172.31.${randomInt(0, 256)}.2`;
   let servers: ChildProcess;
   let hostService: Server;
   const hostHits: string[] = [];
@@ -265,7 +279,9 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     internet = await startTestInternet({ name: `npi-${tag}`, hostIf: `npi${tag}`, testNet: '198.51.100' });
     // host.test names the host's own end of the test internet's link, where a "host service" listens.
     const names = { 'allowed.test': internet.address, 'host.test': internet.hostAddress };
-    servers = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [], web: [internet.address] })]);
+    await ip('-n', internet.ns, 'addr', 'add', `${lan}/32`, 'dev', 'lo');
+    await ip('route', 'add', `${lan}/32`, 'via', internet.address);
+    servers = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [lan], web: [internet.address] })]);
     await new Promise<void>((resolve, reject) => {
       servers.stdout!.on('data', (chunk: Buffer) => {
         for (const line of chunk.toString().split('\n').filter(Boolean)) line === 'ready' ? resolve() : dnsLog.push(line);
@@ -295,6 +311,7 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
       await ip('link', 'del', box.hostIf).catch(() => {});
     }
     await tearDown(net).catch(() => {});
+    await ip('route', 'del', `${lan}/32`).catch(() => {});
     servers?.kill();
     hostService?.close();
     await internet?.close();
@@ -338,6 +355,20 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     expect(await inBox(boxes.proxied, `exec 3<>/dev/tcp/${internet.address}/80 && printf 'GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\nHost: blocked.test\\r\\n\\r\\n' >&3 && cat <&3`)).toMatch(
       /^HTTP\/1\.1 403 .*more than one Host/s,
     );
+  }, 60_000);
+
+  it("allow: ['0.0.0.0/0'] reaches the internet but not the host's private networks; an allow CIDR inside a private range opens that part", async () => {
+    const box = boxes.open;
+    const get8080 = (address: string) => inBox(box, `exec 3<>/dev/tcp/${address}/8080 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3`);
+    try {
+      await egress!.firewall.apply(box, policy({ egress: 'deny', allow: ['0.0.0.0/0'] }));
+      expect(await get8080(internet.address)).toContain('"from"');
+      expect(await get8080(lan)).toBeNull();
+      await egress!.firewall.apply(box, policy({ egress: 'deny', allow: ['172.16.0.0/12'] }));
+      expect(await get8080(lan)).toContain(`"at":"${lan}"`);
+    } finally {
+      await egress!.firewall.apply(box, box.policy);
+    }
   }, 60_000);
 
   it('a sandbox whose egress is cut sends no query upstream: its DNS is refused (names carry data too)', async () => {

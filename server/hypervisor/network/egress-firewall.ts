@@ -185,7 +185,7 @@ export function sandboxScript(bridge: string, sandbox: { id: string; ip: string 
   const ip = checkedAddress(sandbox.ip);
   const cidrs = (rules: readonly string[]) => rules.filter(isCidrRule).map((r) => (CIDR.test(r) ? r : checkedAddress(r)));
   const deny = cidrs(policy.deny);
-  const allow = cidrs(policy.allow);
+  const allow = cidrs(policy.allow).flatMap(allowedParts);
   const lines = [
     `add chain ${table} ${chain}`,
     `flush chain ${table} ${chain}`,
@@ -234,6 +234,46 @@ function ipv4Number(ip: string): number {
   return ip.split('.').reduce((n, octet) => n * 256 + Number(octet), 0);
 }
 
+function ipv4String(n: number): string {
+  return [24, 16, 8, 0].map((shift) => Math.floor(n / 2 ** shift) % 256).join('.');
+}
+
+/** The first and last address of `cidr` (an address alone is a /32), as numbers. */
+function cidrRange(cidr: string): [number, number] {
+  const [base = '', bits = '32'] = cidr.split('/');
+  const size = 2 ** (32 - Number(bits));
+  const first = Math.floor(ipv4Number(base) / size) * size;
+  return [first, first + size - 1];
+}
+
+/** Whether allow CIDR `cidr` lies inside one of the private ranges, i.e. names (part of) it explicitly. */
+function namesPrivateRange(cidr: string): boolean {
+  const [first, last] = cidrRange(cidr);
+  return PRIVATE_RANGES.map(cidrRange).some(([lo, hi]) => first >= lo && last <= hi);
+}
+
+/**
+ * What an allow CIDR opens, as set elements: all of it when it lies inside a private range (it
+ * names that range explicitly), else itself without the private ranges it contains — so
+ * `0.0.0.0/0` ("all of the internet") opens public addresses only, never the host's private networks.
+ */
+export function allowedParts(cidr: string): string[] {
+  const [first, last] = cidrRange(cidr);
+  const contained = PRIVATE_RANGES.map(cidrRange).filter(([lo, hi]) => lo >= first && hi <= last);
+  if (namesPrivateRange(cidr) || contained.length === 0) return [cidr];
+  let parts: Array<[number, number]> = [[first, last]];
+  for (const [lo, hi] of contained) {
+    parts = parts.flatMap(([a, b]): Array<[number, number]> => {
+      if (lo > b || hi < a) return [[a, b]];
+      const kept: Array<[number, number]> = [];
+      if (a < lo) kept.push([a, lo - 1]);
+      if (b > hi) kept.push([hi + 1, b]);
+      return kept;
+    });
+  }
+  return parts.map(([a, b]) => (a === b ? ipv4String(a) : `${ipv4String(a)}-${ipv4String(b)}`));
+}
+
 /** Whether `ip` lies in `cidr` (both IPv4, the CIDR canonical). */
 export function inCidr(ip: string, cidr: string): boolean {
   const [base = '', bits = '32'] = cidr.split('/');
@@ -252,12 +292,12 @@ export function hostAddresses(): Set<string> {
  * Whether the sandbox may be connected to `ip` on a name's behalf (the name proxy, which connects
  * from the host itself, past the input hook that keeps sandboxes off the host): never an address
  * of the host (read at each call), an always-refused address or the sandbox network, a private one
- * only inside its allow CIDRs, never inside its deny CIDRs.
+ * only inside an allow CIDR lying in a private range (`0.0.0.0/0` opens none), never inside its deny CIDRs.
  */
 export function addressUsable(ip: string, policy: NetworkPolicy, networkCidr: string): boolean {
   if (!IPV4.test(ip) || [...ALWAYS_REFUSED, networkCidr].some((c) => inCidr(ip, c)) || hostAddresses().has(ip)) return false;
   if (policy.deny.some((r) => isCidrRule(r) && inCidr(ip, r))) return false;
-  return !PRIVATE_RANGES.some((c) => inCidr(ip, c)) || policy.allow.some((r) => isCidrRule(r) && inCidr(ip, r));
+  return !PRIVATE_RANGES.some((c) => inCidr(ip, c)) || policy.allow.some((r) => isCidrRule(r) && namesPrivateRange(r) && inCidr(ip, r));
 }
 
 /** The transaction that removes one sandbox's rules: its address mapping, chain and sets. */
