@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
 import { createSocket } from 'node:dgram';
 import { connect, createServer, type Server } from 'node:net';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -466,7 +467,8 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     expect(await fetchFrom(box, internet.address)).toMatchObject({ from: internet.hostAddress });
   }, 90_000);
 
-  it('the mode changes while the sandbox is stopped and holds from its next start', async () => {
+  it("the mode changes while the sandbox is stopped and holds from its next start; the gateway's MAC stays put as sandboxes leave and join the bridge", async () => {
+    const gatewayMac = readFileSync(`/sys/class/net/${bridge}/address`, 'utf8');
     await other.stop();
     expect(((await (await put(other.id, { mode: 'none' })).json()) as { data: { network: NetworkPolicy } }).data.network.mode).toBe('none');
     await other.start();
@@ -477,6 +479,12 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     await other.start();
     expect((await restGet(other.id)).ip).toMatch(new RegExp(`^${subnet.replace(/\./g, '\\.')}\\.`));
     expect(await fetchFrom(other, internet.address)).toMatchObject({ from: internet.hostAddress });
+    // Regression: a sandbox leaving and joining the bridge changed the gateway's MAC (a bridge takes its
+    // ports' lowest unless set), cutting every other sandbox off until its ARP entry expired.
+    // Whether a port's MAC undercuts the bridge's is chance; that its MAC is set (addr_assign_type 3) is not.
+    expect(readFileSync(`/sys/class/net/${bridge}/addr_assign_type`, 'utf8').trim()).toBe('3');
+    expect(readFileSync(`/sys/class/net/${bridge}/address`, 'utf8')).toBe(gatewayMac);
+    expect(await fetchFrom(box, 'allowed.test')).toMatchObject({ from: internet.hostAddress });
   }, 120_000);
 
   it("a restarted server keeps a running sandbox's policy (its resolver and PUT work again) and removes rules no sandbox owns", async () => {
@@ -492,7 +500,8 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     const table = await readEgressTable(bridge);
     expect(table.chains).not.toContain(orphan);
     expect([...table.sources.values()]).not.toContain(orphan);
-    expect(await fetchFrom(box, 'allowed.test')).toMatchObject({ from: internet.hostAddress });
+    const startup = server.logLines.filter((l) => /reconcile|egress/.test(l)).join('\n');
+    expect(await fetchFrom(box, 'allowed.test'), startup).toMatchObject({ from: internet.hostAddress });
     expect(await resolves(box, 'blocked.test')).toBe(false);
     expect(await fetchFrom(box, blocked)).toBeNull();
     expect((await put(box.id, { egress: 'allow', allow: [] })).status).toBe(200);

@@ -216,6 +216,18 @@ export async function setUp(opts: HostNetworkOptions): Promise<string[]> {
     throw new Error(`${bridge} exists and is not a bridge (${link.linkinfo?.info_kind ?? 'a physical interface'}): choose another BRIDGE_NAME`);
   }
 
+  // A bridge whose address was never set takes the lowest MAC of its ports, so a sandbox joining
+  // or leaving changes the gateway's MAC under every other sandbox's ARP cache (cut off until it
+  // expires). Setting it (to the one it has) keeps it whatever the ports do.
+  const assigned = await exec(netns, 'cat', [`/sys/class/net/${bridge}/addr_assign_type`]);
+  if (assigned.exitCode === 0 && assigned.stdout.trim() !== '3') {
+    const mac = (await exec(netns, 'cat', [`/sys/class/net/${bridge}/address`])).stdout.trim();
+    if (/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/.test(mac)) {
+      await run(netns, 'ip', ['link', 'set', 'dev', bridge, 'address', mac]);
+      changes.push(`pinned the MAC address of ${bridge} (${mac})`);
+    }
+  }
+
   const gatewayAddress = formatIpv4(gateway.address);
   const [addresses] = parseJson(z.array(IpAddrSchema), await run(netns, 'ip', ['-j', 'addr', 'show', 'dev', bridge]), 'ip addr show');
   const hasGateway = (addresses?.addr_info ?? []).some((a) => a.family === 'inet' && a.local === gatewayAddress && a.prefixlen === gateway.network.prefixLength);
