@@ -442,8 +442,9 @@ export class SandboxService {
       const cap = fresh?.network.maxEgressBytes;
       if (!fresh || cap == null || egressBytes <= cap) return false;
       const network = { ...fresh.network, egressCut: true };
-      if (!fresh.network.egressCut) await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network });
+      // Enforced before it is recorded: an answer saying `egressCut: true` means it is in force.
       await this.deps.network.enforce?.(fresh.id, network);
+      if (!fresh.network.egressCut) await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network });
       this.deps.log.warn({ sandbox: fresh.id, egressBytes, maxEgressBytes: cap }, `sandbox ${fresh.name}: egress cut after ${egressBytes} bytes (maxEgressBytes ${cap})`);
       return true;
     });
