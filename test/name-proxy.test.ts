@@ -219,6 +219,21 @@ describe.skipIf(nsSkip !== null)("DNS answers and the firewall's transactions (n
     await ip('netns', 'del', ns).catch(() => {});
   });
 
+  it("an answer arriving after the query's sandbox left its address (or changed its policy) opens nothing for the address's new owner", async () => {
+    const asked = policy({ egress: 'deny', allow: ['allowed.test'] });
+    const gone = { id: newId(), ip: '10.211.250.4', hostIf: '' };
+    await firewall.apply(gone, asked);
+    await firewall.remove(gone.id);
+    // The address goes to another sandbox while the answer to the first one's query is upstream.
+    const next = { id: newId(), ip: gone.ip, hostIf: '' };
+    await firewall.apply(next, policy({ egress: 'deny', allow: ['allowed.test'] }));
+    const before = firewall.dnsTransactions;
+    await firewall.allowResolved(gone.ip, [{ address: '203.0.113.77', ttl: 60 }], asked);
+    expect(firewall.dnsTransactions).toBe(before);
+    expect(await setOf(next.id)).not.toContain('203.0.113.77');
+    await firewall.remove(next.id);
+  });
+
   it("a flood of answers costs one nft transaction for all sandboxes, not one per answer queued before every policy change", async () => {
     const before = firewall.dnsTransactions;
     const answers = [

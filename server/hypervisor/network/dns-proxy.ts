@@ -164,8 +164,12 @@ export interface DnsProxyOptions {
   upstreamTimeoutMs?: number;
   /** The policy of the sandbox at a source address; null for an address that is no sandbox's. */
   policyAt(ip: string): NetworkPolicy | null;
-  /** Opens the A records of an allowed answer for the sandbox at `ip`; the answer waits for it. */
-  allowResolved(ip: string, addresses: readonly ResolvedAddress[]): Promise<void>;
+  /**
+   * Opens the A records of an allowed answer for the sandbox at `ip`; the answer waits for it.
+   * `policy` is the one the query was allowed under: nothing opens when the address has another
+   * by then (the sandbox's policy changed, or the address went to another sandbox).
+   */
+  allowResolved(ip: string, addresses: readonly ResolvedAddress[], policy: NetworkPolicy): Promise<void>;
   log?: Logger;
 }
 
@@ -335,7 +339,7 @@ export class DnsProxy {
     if (parsed.type === TYPE_AAAA) return localAnswer(query, parsed, 0);
     const upstream = await this.#forward(query, parsed, transport);
     if (!upstream) return localAnswer(query, parsed, RCODE_SERVFAIL);
-    if (upstream.addresses.length) await this.opts.allowResolved(source, upstream.addresses);
+    if (upstream.addresses.length) await this.opts.allowResolved(source, upstream.addresses, policy);
     return upstream.answer;
   }
 

@@ -508,7 +508,8 @@ export class EgressFirewall implements SandboxFirewall {
 
   /**
    * Opens `addresses` for the sandbox at `ip` for their TTLs (clamped to 30 s .. 1 h), refreshing
-   * the timeout of addresses already open. Resolves once the rules are in, so the answer that
+   * the timeout of addresses already open; with `asked` (the policy the query was allowed under),
+   * only while that is still the policy at `ip`. Resolves once the rules are in, so the answer that
    * named them can be sent. Nothing is written when it would change nothing: under `egress: allow`
    * (every public address is open anyway) and for addresses open for at least half their new TTL,
    * so a sandbox repeating a lookup costs no nft run; an answer naming an address whose write is
@@ -516,9 +517,10 @@ export class EgressFirewall implements SandboxFirewall {
    * go into the next one together, so a flood of answers never queues a transaction per answer
    * in front of a policy change.
    */
-  async allowResolved(ip: string, addresses: readonly ResolvedAddress[]): Promise<void> {
+  async allowResolved(ip: string, addresses: readonly ResolvedAddress[], asked?: NetworkPolicy): Promise<void> {
     const owner = this.#bySource.get(ip);
-    if (!owner || owner.policy.egress === 'allow' || owner.policy.egressCut) return;
+    // An answer to a query asked under another policy (or by the address's previous sandbox) opens nothing.
+    if (!owner || (asked && owner.policy !== asked) || owner.policy.egress === 'allow' || owner.policy.egressCut) return;
     const opened = this.#opened.get(owner.id) ?? new Map<string, number>();
     this.#opened.set(owner.id, opened);
     const now = Date.now();

@@ -44,7 +44,7 @@ export class SandboxEgress {
       address: gateway,
       upstreams: opts.nameservers.filter((ns) => /^\d+\.\d+\.\d+\.\d+$/.test(ns)),
       policyAt: (ip) => this.firewall.policyAt(ip)?.policy ?? null,
-      allowResolved: (ip, addresses) => this.firewall.allowResolved(ip, addresses),
+      allowResolved: (ip, addresses, policy) => this.firewall.allowResolved(ip, addresses, policy),
       log: opts.log,
     });
     this.#names = new NameProxy({
