@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetworkPolicy } from '../shared/index.js';
-import { DnsProxy, MAX_TCP_CONNECTIONS_PER_SOURCE } from '../server/hypervisor/network/dns-proxy.js';
+import { DnsProxy, MAX_TCP_CONNECTIONS_PER_SOURCE, QUERY_BURST, QUERY_RATE } from '../server/hypervisor/network/dns-proxy.js';
 import { addressUsable, allowedParts, EgressFirewall, hostAddresses, sandboxChain, sandboxScript } from '../server/hypervisor/network/egress-firewall.js';
 import { checkRequestHead, HttpRequests } from '../server/hypervisor/network/http-requests.js';
 import { MAX_CONNECTIONS_PER_SOURCE, NameProxy } from '../server/hypervisor/network/name-proxy.js';
@@ -174,6 +174,26 @@ describe("one sandbox cannot hold the proxies' connections (real sockets on loop
       upstream.close();
     }
   }, 60_000);
+
+  it("one sandbox's query flood is refused past its rate, unforwarded, while other sandboxes' queries are answered", async () => {
+    let clock = 1_000_000;
+    const asked: string[] = [];
+    const dns = new DnsProxy({ address: '127.0.0.1', upstreams: [], now: () => clock, policyAt: (ip) => (asked.push(ip), policy({ egress: 'deny' })), allowResolved: async () => {} });
+    const labels = Buffer.from([7, ...Buffer.from('blocked'), 4, ...Buffer.from('test'), 0]);
+    const q = Buffer.concat([Buffer.from([0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]), labels, Buffer.from([0, 1, 0, 1])]);
+    const rcodes = async (source: string, n: number) => {
+      const seen: number[] = [];
+      for (let i = 0; i < n; i++) seen.push((await dns.answer(q, source, 'udp'))!.readUInt16BE(2) & 15);
+      return seen;
+    };
+    const tally = (codes: number[]) => codes.reduce<Record<number, number>>((t, c) => ({ ...t, [c]: (t[c] ?? 0) + 1 }), {});
+    expect(tally(await rcodes('10.0.0.2', QUERY_BURST + 20))).toEqual({ 3: QUERY_BURST, 5: 20 });
+    // The refused ones were not looked at further (no policy lookup, nothing forwarded).
+    expect(asked.length).toBe(QUERY_BURST);
+    expect(tally(await rcodes('10.0.0.3', 5))).toEqual({ 3: 5 });
+    clock += 100;
+    expect(tally(await rcodes('10.0.0.2', QUERY_RATE / 10 + 1))).toEqual({ 3: QUERY_RATE / 10, 5: 1 });
+  });
 
   it("the DNS resolver's TCP side serves other sandboxes while one holds as many connections as it may", async () => {
     const dns = new DnsProxy({ address: '127.0.0.1', port: 0, upstreams: [], policyAt: () => policy({ egress: 'deny' }), allowResolved: async () => {} });

@@ -13,6 +13,8 @@ import type { ResolvedAddress } from './egress-firewall.js';
  *     entry names): NXDOMAIN, answered here, nothing sent upstream;
  *   * an address that is no sandbox's, or a sandbox whose egress is cut (its byte cap): REFUSED,
  *     nothing sent upstream (a query is egress too: names carry data to their servers);
+ *   * a query past the sandbox's rate (QUERY_BURST at once, then QUERY_RATE a second): REFUSED,
+ *     unforwarded, so one sandbox's flood neither reaches DNS_NAMESERVERS nor crowds out the others;
  *   * AAAA for an allowed name: an empty answer (sandboxes have IPv4 only);
  *   * any other query for an allowed name: forwarded to DNS_NAMESERVERS; the A records of the
  *     answer are opened in the sandbox's firewall for their TTL before the answer is passed on.
@@ -35,6 +37,9 @@ const TCP_IDLE_MS = 10_000;
 /** How long one TCP connection lives at most, busy or not. */
 const TCP_DEADLINE_MS = 30_000;
 const MAX_ANSWER_RECORDS = 256;
+/** Queries one sandbox may send: QUERY_BURST at once, refilled at QUERY_RATE a second; past it they get REFUSED, unforwarded. */
+export const QUERY_RATE = 200;
+export const QUERY_BURST = 400;
 
 const TYPE_A = 1;
 const TYPE_AAAA = 28;
@@ -162,6 +167,8 @@ export interface DnsProxyOptions {
   upstreamPort?: number;
   /** How long one upstream may take to answer before the next is tried. */
   upstreamTimeoutMs?: number;
+  /** The clock (ms) the query rate is measured with: Date.now unless given (tests pass their own). */
+  now?: () => number;
   /** The policy of the sandbox at a source address; null for an address that is no sandbox's. */
   policyAt(ip: string): NetworkPolicy | null;
   /**
@@ -181,6 +188,8 @@ export class DnsProxy {
   readonly #perSource = new Map<string, number>();
   readonly #connections = new Set<Socket>();
   readonly #tcpPerSource = new Map<string, number>();
+  /** Per source: the query tokens left and when they were counted. */
+  readonly #tokens = new Map<string, { left: number; at: number }>();
 
   constructor(private readonly opts: DnsProxyOptions) {}
 
@@ -333,6 +342,7 @@ export class DnsProxy {
   async answer(query: Buffer, source: string, transport: 'udp' | 'tcp'): Promise<Buffer | null> {
     const parsed = parseQuery(query);
     if (!parsed) return null;
+    if (!this.#withinRate(source)) return localAnswer(query, parsed, RCODE_REFUSED);
     const policy = this.opts.policyAt(source);
     if (!policy || policy.egressCut) return localAnswer(query, parsed, RCODE_REFUSED);
     if (!nameAllowed(policy, parsed.name)) return localAnswer(query, parsed, RCODE_NXDOMAIN);
@@ -341,6 +351,19 @@ export class DnsProxy {
     if (!upstream) return localAnswer(query, parsed, RCODE_SERVFAIL);
     if (upstream.addresses.length) await this.opts.allowResolved(source, upstream.addresses, policy);
     return upstream.answer;
+  }
+
+  /** Takes one query token of `source` (a bucket of QUERY_BURST refilled at QUERY_RATE a second); false when none is left. */
+  #withinRate(source: string): boolean {
+    const now = (this.opts.now ?? Date.now)();
+    const bucket = this.#tokens.get(source) ?? { left: QUERY_BURST, at: now };
+    bucket.left = Math.min(QUERY_BURST, bucket.left + ((now - bucket.at) * QUERY_RATE) / 1000);
+    bucket.at = now;
+    if (this.#tokens.size >= 4096 && !this.#tokens.has(source)) this.#tokens.clear();
+    this.#tokens.set(source, bucket);
+    if (bucket.left < 1) return false;
+    bucket.left -= 1;
+    return true;
   }
 
   /** The A records of `name` as DNS_NAMESERVERS answer them (over UDP; none when no upstream answers). */
