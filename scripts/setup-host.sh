@@ -5,6 +5,7 @@
 #   qemu-system-x86, qemu-utils the qemu driver and the VM guest image (qcow2)
 #   iptables, iproute2         setup-net: bridge, TAP devices, NAT for microVMs
 #   nftables                   the sandboxes' egress firewall (and the VM TAPs' source check)
+#   conntrack                  forgetting a freed sandbox address's tracked connections
 # Needs root and apt; otherwise it names what is missing in one line.
 #   --if-needed  silent when nothing is missing, and exit 0 when it cannot install (npm start and
 #                npm test run it so; the server then answers sandbox requests 503 with that line)
@@ -29,6 +30,7 @@ declare -A provides=(
   [iptables]=iptables
   [ip]=iproute2
   [nft]=nftables
+  [conntrack]=conntrack
   [gcc]=gcc
 )
 missing=()
@@ -38,7 +40,7 @@ for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  $if_needed || echo "setup: runc, debootstrap, qemu, qemu-img, iptables, ip, nft, gcc and libc6-dev are installed"
+  $if_needed || echo "setup: runc, debootstrap, qemu, qemu-img, iptables, ip, nft, conntrack, gcc and libc6-dev are installed"
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -11,6 +11,8 @@ import { addressUsable, allowedParts, EgressFirewall, hostAddresses, sandboxChai
 import { checkRequestHead, HttpRequests } from '../server/hypervisor/network/http-requests.js';
 import { MAX_CONNECTIONS_PER_SOURCE, NameProxy } from '../server/hypervisor/network/name-proxy.js';
 import { setUp, tearDown } from '../server/hypervisor/network/host-network.js';
+import { forgetConnections } from '../server/hypervisor/network/ip-pool.js';
+import { readFileSync } from 'node:fs';
 import { SandboxEgress } from '../server/hypervisor/network/sandbox-egress.js';
 import { tapGuardTable } from '../server/hypervisor/network/tap-guard.js';
 import { newId } from '../server/store/ids.js';
@@ -403,6 +405,24 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
       expect(await get8080(lan)).toContain(`"at":"${lan}"`);
     } finally {
       await egress!.firewall.apply(box, box.policy);
+    }
+  }, 60_000);
+
+  it.skipIf(!onPath('conntrack'))("a released address's tracked connections are forgotten: its next owner is delivered no replies to them", async () => {
+    const box = boxes.open;
+    const tracked = () => readFileSync('/proc/net/nf_conntrack', 'utf8').split('\n').filter((l) => l.includes(`src=${box.ip} `) && l.includes(`dst=${internet.address} `));
+    // A connection the sandbox holds open (until killed).
+    const holder = spawn('ip', ['netns', 'exec', box.ns, process.execPath, '-e', `require('node:net').connect(8080, ${JSON.stringify(internet.address)}, () => console.log('connected'))`]);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        holder.stdout!.once('data', () => resolve());
+        holder.once('exit', (code) => reject(new Error(`the holder exited with ${code}`)));
+      });
+      expect(tracked().length).toBeGreaterThan(0);
+      await forgetConnections(box.ip);
+      expect(tracked()).toEqual([]);
+    } finally {
+      holder.kill();
     }
   }, 60_000);
 

@@ -1,6 +1,7 @@
 import { ConfigError } from '../../config.js';
 import { DriverUnavailableError } from '../../errors.js';
 import type { IpLeaseRepository } from '../../store/types.js';
+import { runNetworkCommand } from './host-network.js';
 
 /** An IPv4 network: its first address as a 32-bit unsigned number and its prefix length. */
 export interface Ipv4Network {
@@ -101,8 +102,13 @@ export class IpPool {
     return allocation;
   }
 
-  /** Frees the sandbox's address; nothing happens when it has none. */
+  /**
+   * Frees the sandbox's address; nothing happens when it has none. The connections the host
+   * tracks for the address are forgotten first, so its next owner is never delivered replies to them.
+   */
   async release(sandboxId: string): Promise<void> {
+    const ip = await this.leaseOf(sandboxId);
+    if (ip) await forgetConnections(ip);
     await this.#leases.releaseBySandbox(sandboxId);
   }
 
@@ -159,4 +165,13 @@ export class IpPool {
   *#candidates(): Generator<number> {
     for (let ip = this.#network.base + 1; ip < this.#network.base + this.#size() - 1; ip++) if (ip !== this.#gateway) yield ip;
   }
+}
+
+/**
+ * Deletes the host's connection-tracking entries from and to `ip` (`conntrack`, from setup-host);
+ * best effort: without the tool, or with no entry to delete, nothing happens.
+ */
+export async function forgetConnections(ip: string): Promise<void> {
+  if (parseIpv4(ip) === null) return;
+  for (const side of ['--orig-src', '--orig-dst']) await runNetworkCommand('conntrack', ['-D', side, ip]).catch(() => {});
 }
