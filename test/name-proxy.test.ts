@@ -197,6 +197,48 @@ describe("one sandbox cannot hold the proxies' connections (real sockets on loop
     expect(tally(await rcodes('10.0.0.2', QUERY_RATE / 10 + 1))).toEqual({ 3: QUERY_RATE / 10, 5: 1 });
   });
 
+  it('a WebSocket upgrade on port 80 passes through once the server answers 101; without a 101 the next request is still checked', async () => {
+    const address = `127.${randomInt(1, 255)}.${randomInt(1, 255)}.${randomInt(2, 255)}`;
+    // The name's server: 101 and then an echo for /ws, 200 for anything else (kept alive).
+    const upstream = createServer((s) => {
+      s.once('data', (head: Buffer) => {
+        if (head.toString().startsWith('GET /ws ')) {
+          s.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n');
+          s.on('data', (d: Buffer) => s.write(d));
+        } else s.write('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+      });
+      s.on('error', () => {});
+    });
+    await new Promise<void>((r) => upstream.listen(80, address, r));
+    const proxy = new NameProxy({ address: '127.0.0.1', policyAt: () => policy({ egress: 'deny', allow: ['allowed.test'] }), resolve: async () => [address], connectable: () => true });
+    await proxy.start();
+    /** Sends `first`, waits for an answer, sends `then`; resolves to everything received until the connection closes or `until` is seen. */
+    const converse = async (first: string, then: string, until: string) => {
+      const socket = await dial(proxy.ports!.http);
+      return new Promise<string>((resolve) => {
+        let got = '';
+        socket.on('error', () => {});
+        socket.on('data', (d: Buffer) => {
+          const wasEmpty = got === '';
+          got += d.toString('latin1');
+          if (wasEmpty) socket.write(then);
+          if (got.includes(until)) (socket.destroy(), resolve(got));
+        });
+        socket.on('close', () => resolve(got));
+        socket.write(first);
+      });
+    };
+    try {
+      const ws = await converse('GET /ws HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n', 'GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n', 'blocked.test');
+      expect(ws).toMatch(/^HTTP\/1\.1 101 [^]*GET \/ HTTP\/1\.1\r\nHost: blocked\.test/);
+      const refused = await converse('GET /x HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\n\r\n', 'GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n', 'never');
+      expect(refused).toBe('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+    } finally {
+      await proxy.stop();
+      upstream.close();
+    }
+  }, 60_000);
+
   it("the DNS resolver's TCP side serves other sandboxes while one holds as many connections as it may", async () => {
     const dns = new DnsProxy({ address: '127.0.0.1', port: 0, upstreams: [], policyAt: () => policy({ egress: 'deny' }), allowResolved: async () => {} });
     await dns.start();
