@@ -6,7 +6,7 @@ import type { AppRouter } from '../server/routers/index.js';
 import { toVoidRunError } from './errors.js';
 
 import { SandboxHandle } from './sandbox.js';
-import type { CreateSandboxInput, RestoreSandboxInput } from '../shared/index.js';
+import type { CreateSandboxInput, OrgNetworkPolicy, RestoreSandboxInput, UpdateOrgNetworkInput } from '../shared/index.js';
 
 export * from './errors.js';
 export { CommandHandle, SandboxHandle, type CommandOptions, type ExecOptions } from './sandbox.js';
@@ -47,6 +47,12 @@ export interface VoidRunClient {
     /** With `labels`, only the sandboxes carrying every one of them. */
     list(options?: { page?: number; limit?: number; labels?: Record<string, string> }): Promise<{ sandboxes: SandboxHandle[]; page: number; limit: number; total: number; totalPages: number }>;
     restore(input: Omit<RestoreSandboxInput, 'cold'> & { cold?: boolean }): Promise<SandboxHandle>;
+  };
+  readonly org: {
+    /** The default network policy the org's new sandboxes get (its own fields over the server's). */
+    network(): Promise<OrgNetworkPolicy>;
+    /** Replaces the org's default network policy (`{}` removes it); only its owner may. Existing sandboxes keep theirs. */
+    updateNetwork(input: UpdateOrgNetworkInput): Promise<OrgNetworkPolicy>;
   };
   /** Closes the WebSocket, if one was opened. */
   close(): Promise<void>;
@@ -89,6 +95,10 @@ export function createClient(options: ClientOptions): VoidRunClient {
         return { sandboxes: page.data.map((s) => new SandboxHandle(trpc, s, raw)), ...page.meta };
       },
       restore: async (input) => new SandboxHandle(trpc, await trpc.sandbox.restore.mutate({ ...input, cold: input.cold ?? false }), raw),
+    },
+    org: {
+      network: () => trpc.org.network.query(),
+      updateNetwork: (input) => trpc.org.updateNetwork.mutate(input),
     },
     async close() {
       await wsClient.close();

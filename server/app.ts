@@ -58,7 +58,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   // Sandbox, API key and org lookups (one per exec, file call, keystroke; one per request) come from memory where that is safe.
   const store = withAuthCaches(withSandboxCache(await openStore(config)));
   const lastUsed = new LastUsedTracker(store.apiKeys, log, config.API_KEY_LAST_USED_FLUSH_SEC * 1000);
-  const orgs = new OrgService({ store, lastUsed, log });
+  const serverNetwork = { egress: config.SANDBOX_DEFAULT_EGRESS, maxEgressBytes: config.SANDBOX_EGRESS_BYTES_MAX || null };
+  const orgs = new OrgService({ store, lastUsed, network: serverNetwork, log });
 
   const idMap = { hostId: config.SANDBOX_UID_BASE, size: 65536 };
   const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log });
@@ -99,9 +100,9 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       // SANDBOX_NETWORK as resolved on this host (bridge where it can, else loopback only).
       mode: network.mode,
       ...(network.bridgeUnavailable ? { bridgeUnavailable: network.bridgeUnavailable } : {}),
-      egress: config.SANDBOX_DEFAULT_EGRESS,
-      maxEgressBytes: config.SANDBOX_EGRESS_BYTES_MAX || null,
+      ...serverNetwork,
       enforce: (id, policy) => egress.enforce(id, policy),
+      forOrg: async (orgId) => (await store.orgs.findById(orgId))?.network,
     },
     quotas: new SandboxQuotas({
       sandboxes: store.sandboxes,

@@ -56,6 +56,22 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect(await store.orgs.delete(o.id)).toBe(false);
     });
 
+    it("keeps an org's default network policy: absent until set, replaced whole, removed with null", async () => {
+      const owner = newId();
+      const o = await store.orgs.create({ name: 'Net', ownerId: owner, members: [owner], plan: 'free', usage: 0, createdBy: owner });
+      expect((await store.orgs.findById(o.id))!.network).toBeUndefined();
+      const network = { egress: 'deny' as const, allow: ['pypi.org', '*.pythonhosted.org', '203.0.113.0/24'], deny: [], maxEgressBytes: null };
+      expect((await store.orgs.setNetwork(o.id, network))!.network).toEqual(network);
+      expect((await store.orgs.findById(o.id))!.network).toEqual(network);
+      expect((await store.orgs.listByMember(owner))[0]!.network).toEqual(network);
+      expect((await store.orgs.setNetwork(o.id, { maxEgressBytes: 5000 }))!.network).toEqual({ maxEgressBytes: 5000 });
+      const cleared = await store.orgs.setNetwork(o.id, null);
+      expect(cleared!.network).toBeUndefined();
+      expect(await store.orgs.findById(o.id)).toEqual(cleared);
+      expect(await store.orgs.setNetwork(newId(), network)).toBeNull();
+      expect(await store.orgs.setNetwork('notanid', network)).toBeNull();
+    });
+
     it("lists the orgs a user owns or is a member of, and adds a member once however often it is added", async () => {
       const owner = newId();
       const member = newId();
@@ -319,6 +335,28 @@ describe('the sqlite store opening a file from before labels existed', () => {
       expect(await store.sandboxes.findById(orgId, id)).toMatchObject({ name: 'old', labels: {} });
       const made = await store.sandboxes.create({ name: 'new', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: { env: 'prod' } });
       expect((await store.sandboxes.listByOrg(orgId, 1, 10, { env: 'prod' })).items.map((s) => s.id)).toEqual([made.id]);
+      await store.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the sqlite store opening a file from before org network defaults existed', () => {
+  it('adds the network column to orgs and reads the old rows as having none', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-store-old-'));
+    try {
+      const db = new Database(join(dir, 'voidrun.db'));
+      db.exec(sqliteSchema.replace('  created_by TEXT NOT NULL,\n  network TEXT,\n', '  created_by TEXT NOT NULL,\n'));
+      expect((db.prepare('PRAGMA table_info(orgs)').all() as Array<{ name: string }>).map((c) => c.name)).not.toContain('network');
+      const [id, owner, now] = [newId(), newId(), new Date().toISOString()];
+      db.prepare("INSERT INTO orgs (id, name, owner_id, members, plan, usage, created_by, created_at, updated_at) VALUES (?, 'old', ?, '[]', 'free', 0, ?, ?, ?)").run(id, owner, owner, now, now);
+      db.close();
+      const store = openSqliteStore(dir);
+      const old = await store.orgs.findById(id);
+      expect(old).toMatchObject({ name: 'old' });
+      expect(old!.network).toBeUndefined();
+      expect((await store.orgs.setNetwork(id, { egress: 'deny' }))!.network).toEqual({ egress: 'deny' });
       await store.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });

@@ -8,6 +8,7 @@ import {
   GenerateOwnApiKeyInput,
   OrgIdInput,
   Organization,
+  OrgNetworkPolicy,
   OrgQuota,
   OrgUser,
   OwnApiKeyRef,
@@ -16,6 +17,7 @@ import {
   RevokedApiKey,
   SetApiKeyActiveInput,
   SetOwnApiKeyActiveInput,
+  UpdateOrgNetworkInput,
 } from '../../shared/index.js';
 import { authedProcedure, publicProcedure, router } from '../trpc/init.js';
 
@@ -61,6 +63,36 @@ export const orgRouter = router({
     .input(z.void())
     .output(OrgQuota)
     .query(({ ctx }) => ctx.services.sandboxes.quota(ctx.principal)),
+
+  network: authedProcedure
+    .meta({
+      openapi: {
+        method: 'GET',
+        path: '/orgs/me/network',
+        tags,
+        summary: "The default network policy of the organization's new sandboxes",
+        description: "The org's own fields (`orgSet`) over the server's defaults (SANDBOX_DEFAULT_EGRESS, SANDBOX_EGRESS_BYTES_MAX). A create's own `network` fields win over both.",
+      },
+      message: 'Organization network policy fetched',
+    })
+    .input(z.void())
+    .output(OrgNetworkPolicy)
+    .query(({ ctx }) => ctx.services.orgs.network(ctx.principal)),
+
+  updateNetwork: authedProcedure
+    .meta({
+      openapi: {
+        method: 'PUT',
+        path: '/orgs/me/network',
+        tags,
+        summary: "Set the default network policy of the organization's new sandboxes",
+        description: "Replaces the org's default whole (`{}` removes it; fields left out fall back to the server's). Only the org's owner may (403 for members). Sandboxes that exist keep their policy; change one with `PUT /sandboxes/{id}/network`.",
+      },
+      message: 'Organization network policy updated',
+    })
+    .input(UpdateOrgNetworkInput)
+    .output(OrgNetworkPolicy)
+    .mutation(({ ctx, input }) => ctx.services.orgs.updateNetwork(ctx.principal, input)),
 
   listApiKeys: authedProcedure
     .meta({ openapi: { method: 'GET', path: '/orgs/{orgId}/apikeys', tags, summary: 'List API keys, newest first' }, message: 'API keys fetched', envelope: 'bare' })

@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
-import type { ApiKey, CurrentUser, GeneratedApiKey, Organization, OrgUser, RegisterInput, RegisterResult } from '../../shared/index.js';
+import type { ApiKey, CurrentUser, EgressDefault, GeneratedApiKey, Organization, OrgNetworkDefaults, OrgNetworkPolicy, OrgUser, RegisterInput, RegisterResult, UpdateOrgNetworkInput } from '../../shared/index.js';
+import { ORG_NETWORK_FIELDS } from '../../shared/index.js';
 import { ConflictError, ForbiddenError, InvalidInputError, NotFoundError } from '../errors.js';
 import type { ApiKeyRecord, OrgRecord, Store, UserRecord } from '../store/types.js';
 import { displayPrefix, generatePlainKey, hashKey } from './api-key-material.js';
@@ -15,9 +16,42 @@ export class OrgService {
     private readonly deps: {
       store: Pick<Store, 'users' | 'orgs' | 'apiKeys'>;
       lastUsed: LastUsedTracker;
+      /** The server's network defaults (SANDBOX_DEFAULT_EGRESS, SANDBOX_EGRESS_BYTES_MAX), where an org sets none. */
+      network: ServerNetworkDefaults;
       log: Logger;
     },
   ) {}
+
+  /** The default network policy the org's new sandboxes get: its own fields over the server's. */
+  async network(principal: Principal): Promise<OrgNetworkPolicy> {
+    return resolveOrgNetwork((await this.#ownOrg(principal)).network, this.deps.network);
+  }
+
+  /**
+   * Replaces the org's default network policy (`{}` removes it). Only the org's owner may: members
+   * get a 403 saying so. Sandboxes that exist keep their own policy.
+   */
+  async updateNetwork(principal: Principal, input: UpdateOrgNetworkInput): Promise<OrgNetworkPolicy> {
+    const org = await this.#ownOrg(principal);
+    if (org.ownerId !== principal.userId) {
+      throw new ForbiddenError("Only the organization's owner can change its default network policy; this API key's user is a member (role owner needed)");
+    }
+    const network: OrgNetworkDefaults = {};
+    if (input.egress !== undefined) network.egress = input.egress;
+    if (input.allow !== undefined) network.allow = input.allow;
+    if (input.deny !== undefined) network.deny = input.deny;
+    // 0 or null: no cap (REST bodies drop null fields, so 0 is how a REST client says so).
+    if (input.maxEgressBytes !== undefined) network.maxEgressBytes = input.maxEgressBytes || null;
+    const updated = await this.deps.store.orgs.setNetwork(org.id, Object.keys(network).length > 0 ? network : null);
+    if (!updated) throw orgGone();
+    return resolveOrgNetwork(updated.network, this.deps.network);
+  }
+
+  async #ownOrg(principal: Principal): Promise<OrgRecord> {
+    const org = await this.deps.store.orgs.findById(principal.orgId);
+    if (!org) throw orgGone();
+    return org;
+  }
 
   /**
    * Creates a user, their org and a first API key. Without transactions (FerretDB has none), a step
@@ -75,9 +109,7 @@ export class OrgService {
   }
 
   async currentOrg(principal: Principal): Promise<Organization> {
-    const org = await this.deps.store.orgs.findById(principal.orgId);
-    if (!org) throw new NotFoundError('The organization of this API key no longer exists', { code: 'ORG_NOT_FOUND' });
-    return toOrganization(org);
+    return toOrganization(await this.#ownOrg(principal));
   }
 
   /** The members of the org (its owner included), oldest account first. */
@@ -193,6 +225,27 @@ export class OrgService {
 
 function assertSameOrg(principal: Principal, orgId: string): void {
   if (principal.orgId !== orgId) throw new ForbiddenError(`This API key belongs to another organization and cannot manage organization ${orgId}`);
+}
+
+/** The server-wide network defaults an org's own fields override. */
+export interface ServerNetworkDefaults {
+  egress: EgressDefault;
+  maxEgressBytes: number | null;
+}
+
+/** An org's default network policy over the server's: what a create that omits every field gets. */
+export function resolveOrgNetwork(org: OrgNetworkDefaults | undefined, server: ServerNetworkDefaults): OrgNetworkPolicy {
+  return {
+    egress: org?.egress ?? server.egress,
+    allow: org?.allow ?? [],
+    deny: org?.deny ?? [],
+    maxEgressBytes: org?.maxEgressBytes !== undefined ? org.maxEgressBytes : server.maxEgressBytes,
+    orgSet: ORG_NETWORK_FIELDS.filter((field) => org?.[field] !== undefined),
+  };
+}
+
+function orgGone(): NotFoundError {
+  return new NotFoundError('The organization of this API key no longer exists', { code: 'ORG_NOT_FOUND' });
 }
 
 function keyNotFound(keyId: string): NotFoundError {

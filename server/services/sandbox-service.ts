@@ -8,6 +8,7 @@ import type {
   NetworkMode,
   NetworkPolicy,
   NetworkPolicyInput,
+  OrgNetworkDefaults,
   OrgQuota,
   RestoreSandboxInput,
   NetworkBytes,
@@ -57,6 +58,8 @@ export interface SandboxNetworkDefaults {
   bridgeUnavailable?: string;
   /** Applies a changed policy to a sandbox that runs (the egress firewall); without it a change is only stored. */
   enforce?: (id: string, policy: NetworkPolicy) => Promise<void>;
+  /** The org's own default policy (`PUT /orgs/me/network`), over the fields above for its new sandboxes. */
+  forOrg?: (orgId: string) => Promise<OrgNetworkDefaults | undefined>;
 }
 
 export interface SandboxServiceDeps {
@@ -135,7 +138,7 @@ export class SandboxService {
       diskMb: this.deps.defaults.diskMb,
       envVars: input.envVars ?? {},
       labels: input.labels ?? {},
-      network: this.#resolveNetwork(input.network ?? {}, null),
+      network: this.#resolveNetwork(input.network ?? {}, null, await this.deps.network.forOrg?.(principal.orgId)),
     });
     const boot = this.#locks.run(record.id, async () => {
       try {
@@ -392,7 +395,7 @@ export class SandboxService {
       diskMb: source?.diskMb ?? this.deps.defaults.diskMb,
       envVars: source?.envVars ?? {},
       labels: source?.labels ?? {},
-      network: source ? { ...source.network, egressCut: false } : this.#resolveNetwork({}, null),
+      network: source ? { ...source.network, egressCut: false } : this.#resolveNetwork({}, null, await this.deps.network.forOrg?.(principal.orgId)),
     });
     return this.#locks.run(record.id, async () => {
       try {
@@ -450,20 +453,24 @@ export class SandboxService {
     });
   }
 
-  /** `input` over `current` (or over the server's defaults for a new sandbox), checked against what this host can run. */
-  #resolveNetwork(input: NetworkPolicyInput, current: NetworkPolicy | null): NetworkPolicy {
+  /**
+   * `input` over `current` (or, for a new sandbox, over the org's defaults and then the server's),
+   * checked against what this host can run.
+   */
+  #resolveNetwork(input: NetworkPolicyInput, current: NetworkPolicy | null, org?: OrgNetworkDefaults): NetworkPolicy {
     const defaults = this.deps.network;
     const mode = input.mode ?? current?.mode ?? defaults.mode;
     if (input.mode === 'bridge' && defaults.bridgeUnavailable) {
       throw new InvalidInputError(`network mode bridge is not available on this server: ${defaults.bridgeUnavailable}`);
     }
     // 0 or null: no cap (REST bodies drop null fields, so 0 is how a REST client removes one).
-    const maxEgressBytes = input.maxEgressBytes === undefined ? (current ? current.maxEgressBytes : defaults.maxEgressBytes) : input.maxEgressBytes || null;
+    const fallbackCap = org?.maxEgressBytes !== undefined ? org.maxEgressBytes : defaults.maxEgressBytes;
+    const maxEgressBytes = input.maxEgressBytes === undefined ? (current ? current.maxEgressBytes : fallbackCap) : input.maxEgressBytes || null;
     return {
       mode,
-      egress: input.egress ?? current?.egress ?? defaults.egress,
-      allow: input.allow ?? current?.allow ?? [],
-      deny: input.deny ?? current?.deny ?? [],
+      egress: input.egress ?? current?.egress ?? org?.egress ?? defaults.egress,
+      allow: input.allow ?? current?.allow ?? org?.allow ?? [],
+      deny: input.deny ?? current?.deny ?? org?.deny ?? [],
       maxEgressBytes,
       egressCut: current !== null && current.egressCut && maxEgressBytes === current.maxEgressBytes,
     };

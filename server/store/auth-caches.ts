@@ -1,4 +1,5 @@
 import { ReadCache, withRepository } from './sandbox-cache.js';
+import type { OrgNetworkDefaults } from '../../shared/schemas/network.js';
 import type { ApiKeyRecord, ApiKeyRepository, OrgRecord, OrgRepository, Store } from './types.js';
 
 /**
@@ -45,7 +46,7 @@ export class CachedApiKeyRepository implements ApiKeyRepository {
 
 /**
  * An org repository whose `findById` (`GET /orgs/me`, every `X-Org-ID` check) answers from memory
- * once an org has been read; `addMember` and `delete` go through the cache's write guard (see
+ * once an org has been read; `addMember`, `setNetwork` and `delete` go through the cache's write guard (see
  * `ReadCache`), so a lookup never returns an org older than the last write made through it.
  */
 export class CachedOrgRepository implements OrgRepository {
@@ -69,6 +70,10 @@ export class CachedOrgRepository implements OrgRepository {
 
   addMember(orgId: string, userId: string): Promise<boolean> {
     return this.#cache.writing(orgId, () => this.inner.addMember(orgId, userId));
+  }
+
+  setNetwork(orgId: string, network: OrgNetworkDefaults | null): Promise<OrgRecord | null> {
+    return this.#cache.writing(orgId, () => this.inner.setNetwork(orgId, network));
   }
 
   delete(id: string): Promise<boolean> {

@@ -5,7 +5,7 @@
  * throw driver errors at callers. An id that is not one of ours (not 24 lowercase hex characters)
  * is simply not found: lookups return `null`, updates and deletes change nothing.
  */
-import type { NetworkPolicy } from '../../shared/schemas/network.js';
+import type { NetworkPolicy, OrgNetworkDefaults } from '../../shared/schemas/network.js';
 
 export interface UserRecord {
   id: string;
@@ -23,6 +23,8 @@ export interface OrgRecord {
   plan: string;
   usage: number;
   createdBy: string;
+  /** The org's default network policy for its new sandboxes; absent: none (the server's defaults apply). */
+  network?: OrgNetworkDefaults;
   createdAt: Date;
   updatedAt: Date;
 }
@@ -116,6 +118,8 @@ export interface OrgRepository {
   listByMember(userId: string): Promise<OrgRecord[]>;
   /** Adds `userId` to the org's members (once); false when there is no such org. */
   addMember(orgId: string, userId: string): Promise<boolean>;
+  /** Replaces the org's default network policy (null removes it); the updated org, or null when there is no such org. */
+  setNetwork(orgId: string, network: OrgNetworkDefaults | null): Promise<OrgRecord | null>;
   delete(id: string): Promise<boolean>;
 }
 

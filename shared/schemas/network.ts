@@ -104,3 +104,39 @@ export const UpdateNetworkInput = z
   })
   .strict();
 export type UpdateNetworkInput = z.infer<typeof UpdateNetworkInput>;
+
+/** The policy fields an org may set as the default of its new sandboxes (not `mode`: that is the host's). */
+export const ORG_NETWORK_FIELDS = ['egress', 'allow', 'deny', 'maxEgressBytes'] as const;
+export type OrgNetworkField = (typeof ORG_NETWORK_FIELDS)[number];
+
+/** An org's own default policy as stored: only the fields it set (absent ones fall back to the server's). */
+export interface OrgNetworkDefaults {
+  egress?: EgressDefault;
+  allow?: string[];
+  deny?: string[];
+  /** null: no cap, whatever SANDBOX_EGRESS_BYTES_MAX says. */
+  maxEgressBytes?: number | null;
+}
+
+/** `PUT /orgs/me/network`: the org's default policy, replaced whole; the fields left out fall back to the server's. */
+export const UpdateOrgNetworkInput = z
+  .strictObject(policyInputShape, {
+    error: (issue) =>
+      issue.code === 'unrecognized_keys' && issue.keys.includes('mode')
+        ? 'mode is not part of an org default (SANDBOX_NETWORK decides it; a create may set it): send egress, allow, deny and maxEgressBytes only'
+        : undefined,
+  })
+  .meta({ id: 'OrgNetworkRequest', description: "The org's default for sandboxes whose create leaves these fields out; `{}` removes it (the server's defaults apply). Existing sandboxes keep their policy." });
+export type UpdateOrgNetworkInput = z.infer<typeof UpdateOrgNetworkInput>;
+
+/** The default policy new sandboxes of the org get, resolved: the org's own fields over the server's. */
+export const OrgNetworkPolicy = z
+  .object({
+    egress: EgressDefault,
+    allow: z.array(z.string()).meta({ description: allowDescription }),
+    deny: z.array(z.string()).meta({ description: denyDescription }),
+    maxEgressBytes: z.number().int().nullable().meta({ description: 'Egress bytes after which a new sandbox\'s egress is cut; null: no cap.' }),
+    orgSet: z.array(z.enum(ORG_NETWORK_FIELDS)).meta({ description: 'The fields the org set; the others are the server\'s defaults (SANDBOX_DEFAULT_EGRESS, SANDBOX_EGRESS_BYTES_MAX, empty lists).' }),
+  })
+  .meta({ id: 'OrgNetworkPolicy' });
+export type OrgNetworkPolicy = z.infer<typeof OrgNetworkPolicy>;

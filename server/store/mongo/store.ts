@@ -19,6 +19,7 @@ import type {
   UserRepository,
 } from '../types.js';
 import { SANDBOX_NETWORK_NONE } from '../types.js';
+import type { OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 
 /*
  * Ids: a record's `id` is the hex text of its `_id` ObjectId; references to other records (orgId,
@@ -93,6 +94,13 @@ class MongoUsers implements UserRepository {
 
 class MongoOrgs implements OrgRepository {
   constructor(private readonly c: Collection) {}
+  /** A stored org; `network` null or absent (documents stored before org defaults existed): it has none. */
+  static #map(doc: Document | null): OrgRecord | null {
+    const rec = fromDoc<OrgRecord & { network?: OrgNetworkDefaults | null }>(doc);
+    if (!rec) return null;
+    const { network, ...rest } = rec;
+    return network ? { ...rest, network } : rest;
+  }
   async create(org: NewRecord<OrgRecord>) {
     const rec = stamp(org);
     await op('An organization with this id', () => this.c.insertOne(toDoc(rec)));
@@ -100,11 +108,11 @@ class MongoOrgs implements OrgRepository {
   }
   async findById(id: string) {
     const _id = objectId(id);
-    return _id ? op('', async () => fromDoc<OrgRecord>(await this.c.findOne({ _id }))) : null;
+    return _id ? op('', async () => MongoOrgs.#map(await this.c.findOne({ _id }))) : null;
   }
   async listByMember(userId: string) {
     return op('', async () =>
-      (await this.c.find({ $or: [{ ownerId: userId }, { members: userId }] }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<OrgRecord>(d)!),
+      (await this.c.find({ $or: [{ ownerId: userId }, { members: userId }] }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => MongoOrgs.#map(d)!),
     );
   }
   async addMember(orgId: string, userId: string) {
@@ -112,6 +120,13 @@ class MongoOrgs implements OrgRepository {
     if (!_id) return false;
     // `$addToSet` is one atomic single-document update: a member is listed once however many add it.
     return op('', async () => (await this.c.updateOne({ _id }, { $addToSet: { members: userId }, $set: { updatedAt: new Date() } })).matchedCount > 0);
+  }
+  async setNetwork(orgId: string, network: OrgNetworkDefaults | null) {
+    const _id = objectId(orgId);
+    if (!_id) return null;
+    // Absent (also in documents stored before org defaults existed): the org has none.
+    const update = network ? { $set: { network, updatedAt: new Date() } } : { $set: { updatedAt: new Date() }, $unset: { network: '' } };
+    return op('', async () => MongoOrgs.#map(await this.c.findOneAndUpdate({ _id }, update, { returnDocument: 'after' })));
   }
   async delete(id: string) {
     const _id = objectId(id);

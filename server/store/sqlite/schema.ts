@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS orgs (
   plan TEXT NOT NULL,
   usage INTEGER NOT NULL,
   created_by TEXT NOT NULL,
+  network TEXT,
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );

@@ -21,7 +21,7 @@ import type {
   UserRepository,
 } from '../types.js';
 import { SANDBOX_NETWORK_NONE } from '../types.js';
-import type { NetworkPolicy } from '../../../shared/schemas/network.js';
+import type { NetworkPolicy, OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 import { sqliteSchema } from './schema.js';
 
 type Db = Database.Database;
@@ -85,10 +85,11 @@ class SqliteOrgs implements OrgRepository {
   readonly #byMember;
   readonly #addMember;
   readonly #exists;
+  readonly #setNetwork;
   readonly #delete;
   constructor(db: Db) {
     this.#insert = db.prepare(
-      'INSERT INTO orgs (id, name, owner_id, members, plan, usage, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+      'INSERT INTO orgs (id, name, owner_id, members, plan, usage, created_by, network, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
     );
     this.#byId = db.prepare('SELECT * FROM orgs WHERE id = ?');
     this.#byMember = db.prepare(
@@ -100,6 +101,7 @@ class SqliteOrgs implements OrgRepository {
        WHERE id = @orgId AND NOT EXISTS (SELECT 1 FROM json_each(orgs.members) WHERE value = @userId)`,
     );
     this.#exists = db.prepare('SELECT 1 FROM orgs WHERE id = ?');
+    this.#setNetwork = db.prepare('UPDATE orgs SET network = ?, updated_at = ? WHERE id = ?');
     this.#delete = db.prepare('DELETE FROM orgs WHERE id = ?');
   }
   static #map(r: Row | undefined): OrgRecord | null {
@@ -112,6 +114,8 @@ class SqliteOrgs implements OrgRepository {
       plan: String(r.plan),
       usage: Number(r.usage),
       createdBy: String(r.created_by),
+      // NULL (also in rows stored before org defaults existed): the org has none.
+      ...(r.network == null ? {} : { network: JSON.parse(String(r.network)) as OrgNetworkDefaults }),
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
     };
@@ -119,9 +123,13 @@ class SqliteOrgs implements OrgRepository {
   async create(org: NewRecord<OrgRecord>) {
     const r = stamp(org);
     uniqueWrite('An organization with this id', () =>
-      this.#insert.run(r.id, r.name, r.ownerId, JSON.stringify(r.members), r.plan, r.usage, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.ownerId, JSON.stringify(r.members), r.plan, r.usage, r.createdBy, r.network ? JSON.stringify(r.network) : null, iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
+  }
+  async setNetwork(orgId: string, network: OrgNetworkDefaults | null) {
+    const changed = this.#setNetwork.run(network ? JSON.stringify(network) : null, iso(new Date()), orgId).changes;
+    return changed ? this.findById(orgId) : null;
   }
   async findById(id: string): Promise<OrgRecord | null> {
     return SqliteOrgs.#map(this.#byId.get(id) as Row | undefined);
@@ -386,6 +394,8 @@ class SqliteIpLeases implements IpLeaseRepository {
 
 /** Brings stores created by earlier versions to the current schema. */
 function migrate(db: Db): void {
+  const orgColumns = (db.prepare('PRAGMA table_info(orgs)').all() as Array<{ name: string }>).map((c) => c.name);
+  if (!orgColumns.includes('network')) db.exec('ALTER TABLE orgs ADD COLUMN network TEXT');
   const imageColumns = (db.prepare('PRAGMA table_info(images)').all() as Array<{ name: string }>).map((c) => c.name);
   if (!imageColumns.includes('base')) db.exec("ALTER TABLE images ADD COLUMN base TEXT NOT NULL DEFAULT 'debian'");
   const sandboxColumns = (db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name);
