@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { ForbiddenError } from '../client/index.js';
 import type { OrgNetworkPolicy } from '../shared/index.js';
+import { dropMongoDatabase } from './helpers/ferretdb.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
@@ -133,3 +134,31 @@ describe.skipIf(!support.ok)('new sandboxes get their org default', () => {
     expect(after.info.network).toEqual({ mode: 'none', egress: 'allow', allow: [], deny: [], maxEgressBytes: SERVER_CAP, egressCut: false });
   }, 240_000);
 });
+
+/** The org default through the real server on each store, kept across a restart (a second server on the same data). */
+function keptAcrossRestart(kind: string, env: () => Record<string, string> | null) {
+  describe.skipIf(env() === null)(`the org default on the ${kind} store`, () => {
+    it('is kept on the org record across a restart', async () => {
+      let first: TestServer | undefined = await startTestServer(env()!);
+      let second: TestServer | undefined;
+      try {
+        const res = await first.http('/api/register', { method: 'POST', json: { name: 'Restart Owner', email: uniqueEmail('orgnet') } });
+        const { apiKey } = ((await res.json()) as { data: { apiKey: string } }).data;
+        const set = await first.client(apiKey).org.updateNetwork({ egress: 'deny', allow: ['allowed.test'], maxEgressBytes: 0 });
+        expect(set).toEqual({ egress: 'deny', allow: ['allowed.test'], deny: [], maxEgressBytes: null, orgSet: ['egress', 'allow', 'maxEgressBytes'] });
+        await first.close({ keepState: true });
+        second = await startTestServer(env()!, first.dirs);
+        first = undefined;
+        expect(await second.client(apiKey).org.network()).toEqual(set);
+      } finally {
+        await first?.close();
+        await second?.close();
+        await dropMongoDatabase(env());
+      }
+    }, 120_000);
+  });
+}
+
+keptAcrossRestart('sqlite', () => ({}));
+const restartDb = `voidrun_orgnet_${process.pid}_${Date.now()}`;
+keptAcrossRestart('mongo', () => (process.env.MONGO_URI ? { MONGO_URI: process.env.MONGO_URI, MONGO_DB: restartDb } : null));

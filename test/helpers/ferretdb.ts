@@ -37,3 +37,15 @@ export class PrivateFerretDb {
     await run('bash', [script, 'stop', this.dataDir], { timeout: 30_000 });
   }
 }
+
+/** Drops the test database a server ran on, when `env` selected MongoDB (`MONGO_URI`, `MONGO_DB`); nothing for SQLite. */
+export async function dropMongoDatabase(env: Record<string, string> | null): Promise<void> {
+  if (!env?.MONGO_URI) return;
+  const { MongoClient } = await import('mongodb');
+  const client = await MongoClient.connect(env.MONGO_URI);
+  try {
+    await client.db(env.MONGO_DB).dropDatabase();
+  } finally {
+    await client.close();
+  }
+}
