@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import { z } from 'zod';
+import { insidePrivateRange, isCidrRule, parseNetworkRule } from '../shared/schemas/network.js';
 
 const bool = z
   .enum(['true', 'false', '1', '0', 'yes', 'no'], { error: 'true or false' })
@@ -30,6 +31,10 @@ const csv = (fallback: string, valid: (item: string) => boolean, expected: strin
       if (bad !== undefined) ctx.issues.push({ code: 'custom', message: `${expected} (${JSON.stringify(bad)} is not one)`, input: ctx.value });
     });
 const headerName = (v: string) => /^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/.test(v);
+const privateCidr = (v: string) => {
+  const parsed = parseNetworkRule(v);
+  return 'rule' in parsed && isCidrRule(parsed.rule) && insidePrivateRange(parsed.rule);
+};
 
 /**
  * Every environment variable the server reads. Names and defaults of the original VoidRun's variables
@@ -133,8 +138,10 @@ const EnvSchema = z.object({
   SANDBOX_SYNC_TIMEOUT_SEC: int(1, 3600).default(30),
   // A sandbox's egress when its create says none: every public address (allow) or only what its policy allows (deny).
   SANDBOX_DEFAULT_EGRESS: oneOf(['allow', 'deny']).default('allow'),
-  // Egress bytes after which a sandbox's egress is cut, unless its policy sets maxEgressBytes; 0: no cap.
+  // Set (> 0): every sandbox's egress byte cap and its ceiling (policies may ask for less, not more); 0: no cap unless a policy sets one.
   SANDBOX_EGRESS_BYTES_MAX: int(0, Number.MAX_SAFE_INTEGER).default(0),
+  // The parts of the private ranges sandboxes' allow CIDRs may open (IPv4 CIDRs inside them); empty: none.
+  SANDBOX_PRIVATE_ALLOW: csv('', privateCidr, 'IPv4 CIDRs inside 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 or 100.64.0.0/10, comma-separated').transform((items) => items.map((v) => (parseNetworkRule(v) as { rule: string }).rule)),
   // Unset: bridge where the host can do it (root, ip and nft present), else none (loopback only).
   SANDBOX_NETWORK: oneOf(['bridge', 'none']).optional(),
   // Set, port N of sandbox ID is also served at https://N-ID.<PREVIEW_DOMAIN> (README "Ports and preview URLs").

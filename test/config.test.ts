@@ -107,6 +107,14 @@ describe('config', () => {
   it('parses values given', () => {
     expect(loadConfig({ SERVER_PORT: '8080', HEALTH_ENABLED: 'false', MONGO_URI: '' })).toMatchObject({ SERVER_PORT: 8080, HEALTH_ENABLED: false, MONGO_URI: undefined });
   });
+
+  it('SANDBOX_PRIVATE_ALLOW: empty by default (no tenant opens a private range); CIDRs inside the private ranges, canonical', () => {
+    expect(loadConfig({}).SANDBOX_PRIVATE_ALLOW).toEqual([]);
+    expect(loadConfig({ SANDBOX_PRIVATE_ALLOW: ' 10.1.2.3/16, 192.168.5.7,100.64.0.0/10 ' }).SANDBOX_PRIVATE_ALLOW).toEqual(['10.1.0.0/16', '192.168.5.7/32', '100.64.0.0/10']);
+    for (const bad of ['203.0.113.0/24', '10.0.0.0/7', '0.0.0.0/0', 'intranet.example', '10.0.0.0/33']) {
+      expect(() => loadConfig({ SANDBOX_PRIVATE_ALLOW: bad })).toThrowError(/SANDBOX_PRIVATE_ALLOW=.* — expected IPv4 CIDRs inside 10\.0\.0\.0\/8, 172\.16\.0\.0\/12, 192\.168\.0\.0\/16 or 100\.64\.0\.0\/10/);
+    }
+  });
 });
 
 describe('the server process', () => {

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
-import { parseNetworkRule, type NetworkPolicy } from '../shared/index.js';
+import { egressCapFor, parseNetworkRule, privateAllowError, type NetworkPolicy } from '../shared/index.js';
 import { DnsProxy, localAnswer, nameAllowed, parseAnswer, parseQuery } from '../server/hypervisor/network/dns-proxy.js';
 import { httpHostOf, sniOf } from '../server/hypervisor/network/name-proxy.js';
 import { EgressFirewall, egressBaseScript, readEgressTable, sandboxScript } from '../server/hypervisor/network/egress-firewall.js';
@@ -70,6 +70,26 @@ describe('network policy entries', () => {
     expect(nameAllowed(open, 'evil.test')).toBe(false);
     expect(nameAllowed(open, 'a.evil.test')).toBe(false);
   });
+
+  it('an allow CIDR inside a private range must lie inside SANDBOX_PRIVATE_ALLOW (named in the refusal); one merely containing private ranges is fine', () => {
+    expect(privateAllowError(['pypi.org', '0.0.0.0/0', '8.0.0.0/6', '203.0.113.0/24'], [])).toBeUndefined();
+    expect(privateAllowError(['10.1.0.0/16'], [])).toMatch(/allow entry 10\.1\.0\.0\/16 is in a private range; this server's SANDBOX_PRIVATE_ALLOW lets sandboxes open none/);
+    expect(privateAllowError(['10.1.2.0/24', '192.168.5.5/32'], ['10.1.0.0/16', '192.168.5.0/24'])).toBeUndefined();
+    // Wider than the setting, or beside it: refused, naming the entry and what may be opened.
+    expect(privateAllowError(['10.0.0.0/8'], ['10.1.0.0/16'])).toMatch(/allow entry 10\.0\.0\.0\/8 .*open only 10\.1\.0\.0\/16 of the private ranges/);
+    expect(privateAllowError(['203.0.113.0/24', '100.64.0.0/10'], ['10.0.0.0/8'])).toMatch(/100\.64\.0\.0\/10/);
+  });
+
+  it('SANDBOX_EGRESS_BYTES_MAX set is a ceiling: no cap means the ceiling, more is refused naming it; unset, 0 or null is no cap', () => {
+    expect(egressCapFor(0, null)).toEqual({ cap: null });
+    expect(egressCapFor(null, null)).toEqual({ cap: null });
+    expect(egressCapFor(10 ** 12, null)).toEqual({ cap: 10 ** 12 });
+    expect(egressCapFor(0, 5000)).toEqual({ cap: 5000 });
+    expect(egressCapFor(null, 5000)).toEqual({ cap: 5000 });
+    expect(egressCapFor(4999, 5000)).toEqual({ cap: 4999 });
+    expect(egressCapFor(5000, 5000)).toEqual({ cap: 5000 });
+    expect(egressCapFor(5001, 5000)).toEqual({ error: expect.stringMatching(/maxEgressBytes 5001 is above this server's ceiling SANDBOX_EGRESS_BYTES_MAX=5000/) });
+  });
 });
 
 describe('egress firewall rules (pure)', () => {
@@ -92,7 +112,7 @@ describe('egress firewall rules (pure)', () => {
   it("orders a sandbox's chain: deny, allow CIDRs, private ranges, resolved names, default; a cut refuses everything", () => {
     const id = 'a'.repeat(24);
     const chain = `s_${id}`;
-    const script = sandboxScript('vmbr0', { id, ip: '192.168.100.7' }, policy({ egress: 'deny', allow: ['10.0.0.0/8', 'allowed.test'], deny: ['203.0.113.7/32', 'evil.test'] }));
+    const script = sandboxScript('vmbr0', { id, ip: '192.168.100.7' }, policy({ egress: 'deny', allow: ['10.0.0.0/8', 'allowed.test'], deny: ['203.0.113.7/32', 'evil.test'] }), { privateAllow: ['10.0.0.0/8'] });
     expect(script).toContain(`add element ip voidrun_vmbr0 ${chain}_allow { 10.0.0.0/8 }`);
     expect(script).toContain(`add element ip voidrun_vmbr0 ${chain}_deny { 203.0.113.7/32 }`);
     expect(script.split('\n').filter((l) => l.startsWith(`add rule ip voidrun_vmbr0 ${chain} `)).map((l) => l.slice(`add rule ip voidrun_vmbr0 ${chain} `.length))).toEqual([
@@ -337,6 +357,14 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     const typo = await put(box.id, { egres: 'deny' });
     expect(typo.status).toBe(400);
     expect(JSON.stringify(await typo.json())).toMatch(/egres/);
+    // The host's private networks open only where the operator's SANDBOX_PRIVATE_ALLOW (unset here) says, on create and on change.
+    const lan = await server.http('/api/sandboxes', { method: 'POST', apiKey, json: { name: 'lan-net', network: { egress: 'deny', allow: ['172.16.0.0/12'] } } });
+    expect(lan.status).toBe(400);
+    expect(JSON.stringify(await lan.json())).toMatch(/allow entry 172\.16\.0\.0\/12 is in a private range.*SANDBOX_PRIVATE_ALLOW/);
+    const lanLater = await put(box.id, { allow: ['0.0.0.0/0', '192.168.1.0/24'] });
+    expect(lanLater.status).toBe(400);
+    expect(JSON.stringify(await lanLater.json())).toMatch(/allow entry 192\.168\.1\.0\/24 .*SANDBOX_PRIVATE_ALLOW/);
+    expect((await restGet(box.id)).network.allow).toEqual([]);
   });
 
   it('egress allow: the sandbox fetches from the test internet by name and by address', async () => {

@@ -39,13 +39,32 @@ describe('the name proxy never connects a sandbox to the host (pure)', () => {
   it('an allow CIDR that merely contains a private range does not open it: only one lying inside a private range does', () => {
     expect(allowedParts('0.0.0.0/0')).toEqual(['0.0.0.0-9.255.255.255', '11.0.0.0-100.63.255.255', '100.128.0.0-172.15.255.255', '172.32.0.0-192.167.255.255', '192.169.0.0-255.255.255.255']);
     expect(allowedParts('172.0.0.0/8')).toEqual(['172.0.0.0-172.15.255.255', '172.32.0.0-172.255.255.255']);
-    for (const cidr of ['10.0.0.0/8', '10.1.0.0/16', '192.168.1.5/32', '203.0.113.0/24', '8.0.0.0/7']) expect(allowedParts(cidr)).toEqual([cidr]);
+    for (const cidr of ['10.0.0.0/8', '10.1.0.0/16', '192.168.1.5/32']) expect(allowedParts(cidr, ['10.0.0.0/8', '192.168.0.0/16'])).toEqual([cidr]);
+    for (const cidr of ['203.0.113.0/24', '8.0.0.0/7']) expect(allowedParts(cidr)).toEqual([cidr]);
     const everything = policy({ egress: 'deny', allow: ['0.0.0.0/0'] });
     expect(sandboxScript('vmbr0', { id: 'a'.repeat(24), ip: '192.168.100.7' }, everything)).toContain('172.32.0.0-192.167.255.255');
     expect(['10.1.2.3', '172.16.0.1', '192.168.0.1', '100.64.0.1'].filter((ip) => addressUsable(ip, everything, '10.211.0.0/24'))).toEqual([]);
     expect(addressUsable('203.0.113.9', everything, '10.211.0.0/24')).toBe(true);
     const lan = policy({ egress: 'deny', allow: ['10.1.0.0/16'] });
-    expect([addressUsable('10.1.2.3', lan, '10.211.0.0/24'), addressUsable('10.2.0.1', lan, '10.211.0.0/24')]).toEqual([true, false]);
+    expect([addressUsable('10.1.2.3', lan, '10.211.0.0/24', ['10.0.0.0/8']), addressUsable('10.2.0.1', lan, '10.211.0.0/24', ['10.0.0.0/8'])]).toEqual([true, false]);
+  });
+
+  it('a private allow CIDR opens only what SANDBOX_PRIVATE_ALLOW holds of it (a policy stored before the setting narrowed opens nothing beyond it)', () => {
+    // Nothing without the setting; the overlap with it otherwise, whichever of the two is wider.
+    expect(allowedParts('10.0.0.0/8')).toEqual([]);
+    expect(allowedParts('10.0.0.0/8', ['10.1.0.0/16', '10.9.9.0/24', '192.168.0.0/16'])).toEqual(['10.1.0.0/16', '10.9.9.0/24']);
+    expect(allowedParts('10.1.2.0/24', ['10.1.0.0/16'])).toEqual(['10.1.2.0/24']);
+    expect(allowedParts('172.16.0.0/12', ['10.0.0.0/8'])).toEqual([]);
+    // A CIDR merely containing private ranges opens the public part only, whatever the setting.
+    expect(allowedParts('172.0.0.0/8', ['172.16.0.0/12'])).toEqual(['172.0.0.0-172.15.255.255', '172.32.0.0-172.255.255.255']);
+    const lan = policy({ egress: 'deny', allow: ['10.0.0.0/8', '192.168.5.0/24'] });
+    const id = 'b'.repeat(24);
+    const elementsOf = (privateAllow?: string[]) => sandboxScript('vmbr0', { id, ip: '192.168.100.7' }, lan, privateAllow ? { privateAllow } : {}).split('\n').filter((l) => l.startsWith(`add element ip voidrun_vmbr0 ${sandboxChain(id)}_allow `));
+    expect(elementsOf()).toEqual([]);
+    expect(elementsOf(['10.1.0.0/16'])).toEqual([`add element ip voidrun_vmbr0 ${sandboxChain(id)}_allow { 10.1.0.0/16 }`]);
+    expect(elementsOf(['10.0.0.0/8', '192.168.0.0/16'])).toEqual([`add element ip voidrun_vmbr0 ${sandboxChain(id)}_allow { 10.0.0.0/8, 192.168.5.0/24 }`]);
+    expect(['10.1.2.3', '10.2.0.1', '192.168.5.9'].filter((ip) => addressUsable(ip, lan, '10.211.0.0/24'))).toEqual([]);
+    expect(['10.1.2.3', '10.2.0.1', '192.168.5.9'].filter((ip) => addressUsable(ip, lan, '10.211.0.0/24', ['10.1.0.0/16']))).toEqual(['10.1.2.3']);
   });
 });
 
@@ -335,6 +354,8 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
   let internet: TestInternet;
   /** A "LAN" server's private address, routed from the host to the test internet. */
   const lan = `172.31.${randomInt(0, 256)}.2`;
+  /** Another "LAN" server, outside SANDBOX_PRIVATE_ALLOW (172.31.0.0/16). */
+  const lanOutside = `172.30.${randomInt(0, 256)}.2`;
   let servers: ChildProcess;
   let hostService: Server;
   const hostHits: string[] = [];
@@ -358,9 +379,11 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     internet = await startTestInternet({ name: `npi-${tag}`, hostIf: `npi${tag}`, testNet: '198.51.100' });
     // host.test names the host's own end of the test internet's link, where a "host service" listens.
     const names = { 'allowed.test': internet.address, 'host.test': internet.hostAddress };
-    await ip('-n', internet.ns, 'addr', 'add', `${lan}/32`, 'dev', 'lo');
-    await ip('route', 'add', `${lan}/32`, 'via', internet.address);
-    servers = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [lan], web: [internet.address] })]);
+    for (const address of [lan, lanOutside]) {
+      await ip('-n', internet.ns, 'addr', 'add', `${address}/32`, 'dev', 'lo');
+      await ip('route', 'add', `${address}/32`, 'via', internet.address);
+    }
+    servers = spawn('ip', ['netns', 'exec', internet.ns, process.execPath, join(import.meta.dirname, 'fixtures', 'egress-internet.mjs'), JSON.stringify({ dns: internet.address, names, http: [lan, lanOutside], web: [internet.address] })]);
     await new Promise<void>((resolve, reject) => {
       servers.stdout!.on('data', (chunk: Buffer) => {
         for (const line of chunk.toString().split('\n').filter(Boolean)) line === 'ready' ? resolve() : dnsLog.push(line);
@@ -370,7 +393,8 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     hostService = createServer((s) => (hostHits.push(s.remoteAddress ?? ''), s.end('HTTP/1.0 200 OK\r\n\r\nhost service\n')));
     await new Promise<void>((r) => hostService.listen(80, internet.hostAddress, r));
     await setUp(net);
-    egress = new SandboxEgress({ ...net, nameservers: [internet.address], log: pino({ level: 'silent' }) });
+    // SANDBOX_PRIVATE_ALLOW: the "LAN"'s part of 172.16.0.0/12 only.
+    egress = new SandboxEgress({ ...net, nameservers: [internet.address], privateAllow: ['172.31.0.0/16'], log: pino({ level: 'silent' }) });
     await egress.start();
     for (const box of Object.values(boxes)) {
       await ip('netns', 'add', box.ns);
@@ -391,6 +415,7 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     }
     await tearDown(net).catch(() => {});
     await ip('route', 'del', `${lan}/32`).catch(() => {});
+    await ip('route', 'del', `${lanOutside}/32`).catch(() => {});
     servers?.kill();
     hostService?.close();
     await internet?.close();
@@ -436,15 +461,18 @@ describe.skipIf(netSkip !== null)('the name proxy on a bridge, with namespaces a
     );
   }, 60_000);
 
-  it("allow: ['0.0.0.0/0'] reaches the internet but not the host's private networks; an allow CIDR inside a private range opens that part", async () => {
+  it("allow: ['0.0.0.0/0'] reaches the internet but not the host's private networks; an allow CIDR inside a private range opens that part within SANDBOX_PRIVATE_ALLOW", async () => {
     const box = boxes.open;
     const get8080 = (address: string) => inBox(box, `exec 3<>/dev/tcp/${address}/8080 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3`);
     try {
       await egress!.firewall.apply(box, policy({ egress: 'deny', allow: ['0.0.0.0/0'] }));
       expect(await get8080(internet.address)).toContain('"from"');
       expect(await get8080(lan)).toBeNull();
+      // Opened where SANDBOX_PRIVATE_ALLOW (172.31.0.0/16) holds it: the allow CIDR is wider, the firewall opens the overlap.
       await egress!.firewall.apply(box, policy({ egress: 'deny', allow: ['172.16.0.0/12'] }));
       expect(await get8080(lan)).toContain(`"at":"${lan}"`);
+      // Not beyond it: the rest of 172.16.0.0/12 stays refused (as for a policy stored before the setting narrowed).
+      expect(await get8080(lanOutside)).toBeNull();
     } finally {
       await egress!.firewall.apply(box, box.policy);
     }

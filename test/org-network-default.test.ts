@@ -57,7 +57,9 @@ describe('the org default network policy (REST and typed client)', () => {
       maxEgressBytes: SERVER_CAP,
       orgSet: ['egress', 'allow'],
     });
-    expect(await vr.org.updateNetwork({ maxEgressBytes: 0 })).toEqual({ egress: 'allow', allow: [], deny: [], maxEgressBytes: null, orgSet: ['maxEgressBytes'] });
+    // SANDBOX_EGRESS_BYTES_MAX is a ceiling: "no cap" is the ceiling, a lower cap stays.
+    expect(await vr.org.updateNetwork({ maxEgressBytes: 0 })).toEqual({ egress: 'allow', allow: [], deny: [], maxEgressBytes: SERVER_CAP, orgSet: ['maxEgressBytes'] });
+    expect(await vr.org.updateNetwork({ maxEgressBytes: 1000 })).toMatchObject({ maxEgressBytes: 1000 });
     expect(await vr.org.updateNetwork({})).toEqual({ egress: 'allow', allow: [], deny: [], maxEgressBytes: SERVER_CAP, orgSet: [] });
   });
 
@@ -68,6 +70,13 @@ describe('the org default network policy (REST and typed client)', () => {
     const mode = await put({ mode: 'bridge' });
     expect(mode.status).toBe(400);
     expect(JSON.stringify(await mode.json())).toMatch(/mode is not part of an org default/);
+    const above = await put({ maxEgressBytes: SERVER_CAP + 1 });
+    expect(above.status).toBe(400);
+    expect(JSON.stringify(await above.json())).toMatch(/above this server's ceiling SANDBOX_EGRESS_BYTES_MAX=7000000/);
+    // Only the operator opens private ranges (SANDBOX_PRIVATE_ALLOW, unset here).
+    const lan = await put({ allow: ['pypi.org', '10.0.0.0/8'] });
+    expect(lan.status).toBe(400);
+    expect(JSON.stringify(await lan.json())).toMatch(/10\.0\.0\.0\/8 is in a private range.*SANDBOX_PRIVATE_ALLOW/);
     const egress = await put({ egress: 'sometimes' });
     expect(egress.status).toBe(400);
     expect(JSON.stringify(await egress.json())).toMatch(/egress/);
@@ -121,7 +130,7 @@ describe.skipIf(!support.ok)('new sandboxes get their org default', () => {
     expect(plain.info.network).toEqual({ mode: 'none', egress: 'deny', allow: ['allowed.test'], deny: ['203.0.113.0/24'], maxEgressBytes: 5000, egressCut: false });
 
     const own = await create(vr, 'own-fields', { egress: 'allow', allow: [], maxEgressBytes: 0 });
-    expect(own.info.network).toEqual({ mode: 'none', egress: 'allow', allow: [], deny: ['203.0.113.0/24'], maxEgressBytes: null, egressCut: false });
+    expect(own.info.network).toEqual({ mode: 'none', egress: 'allow', allow: [], deny: ['203.0.113.0/24'], maxEgressBytes: SERVER_CAP, egressCut: false });
 
     const elsewhere = await create(server.client(other.apiKey), 'server-default');
     expect(elsewhere.info.network).toEqual({ mode: 'none', egress: 'allow', allow: [], deny: [], maxEgressBytes: SERVER_CAP, egressCut: false });

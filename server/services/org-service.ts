@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { ApiKey, CurrentUser, EgressDefault, GeneratedApiKey, Organization, OrgNetworkDefaults, OrgNetworkPolicy, OrgUser, RegisterInput, RegisterResult, UpdateOrgNetworkInput } from '../../shared/index.js';
-import { ORG_NETWORK_FIELDS } from '../../shared/index.js';
+import { egressCapFor, egressCapOrCeiling, ORG_NETWORK_FIELDS, privateAllowError } from '../../shared/index.js';
 import { ConflictError, ForbiddenError, InvalidInputError, NotFoundError } from '../errors.js';
 import type { ApiKeyRecord, OrgRecord, Store, UserRecord } from '../store/types.js';
 import { displayPrefix, generatePlainKey, hashKey } from './api-key-material.js';
@@ -38,10 +38,17 @@ export class OrgService {
     }
     const network: OrgNetworkDefaults = {};
     if (input.egress !== undefined) network.egress = input.egress;
+    const privateError = input.allow && privateAllowError(input.allow, this.deps.network.privateAllow ?? []);
+    if (privateError) throw new InvalidInputError(privateError);
     if (input.allow !== undefined) network.allow = input.allow;
     if (input.deny !== undefined) network.deny = input.deny;
-    // 0 or null: no cap (REST bodies drop null fields, so 0 is how a REST client says so).
-    if (input.maxEgressBytes !== undefined) network.maxEgressBytes = input.maxEgressBytes || null;
+    // 0 or null: no cap, or the ceiling where SANDBOX_EGRESS_BYTES_MAX sets one (REST bodies drop null fields, so 0 is how a REST client says so).
+    if (input.maxEgressBytes !== undefined) {
+      const asked = egressCapFor(input.maxEgressBytes, this.deps.network.maxEgressBytes);
+      if ('error' in asked) throw new InvalidInputError(asked.error);
+      // Kept as asked: null (none of its own) follows the ceiling as it is when read.
+      network.maxEgressBytes = input.maxEgressBytes || null;
+    }
     const updated = await this.deps.store.orgs.setNetwork(org.id, Object.keys(network).length > 0 ? network : null);
     if (!updated) throw orgGone();
     return resolveOrgNetwork(updated.network, this.deps.network);
@@ -230,7 +237,10 @@ function assertSameOrg(principal: Principal, orgId: string): void {
 /** The server-wide network defaults an org's own fields override. */
 export interface ServerNetworkDefaults {
   egress: EgressDefault;
+  /** SANDBOX_EGRESS_BYTES_MAX: the default cap and, set, the ceiling of every policy's; null: no cap. */
   maxEgressBytes: number | null;
+  /** SANDBOX_PRIVATE_ALLOW: the private CIDRs allow entries may lie inside; absent: none. */
+  privateAllow?: readonly string[];
 }
 
 /** An org's default network policy over the server's: what a create that omits every field gets. */
@@ -239,7 +249,7 @@ export function resolveOrgNetwork(org: OrgNetworkDefaults | undefined, server: S
     egress: org?.egress ?? server.egress,
     allow: org?.allow ?? [],
     deny: org?.deny ?? [],
-    maxEgressBytes: org?.maxEgressBytes !== undefined ? org.maxEgressBytes : server.maxEgressBytes,
+    maxEgressBytes: org?.maxEgressBytes !== undefined ? egressCapOrCeiling(org.maxEgressBytes, server.maxEgressBytes) : server.maxEgressBytes,
     orgSet: ORG_NETWORK_FIELDS.filter((field) => org?.[field] !== undefined),
   };
 }

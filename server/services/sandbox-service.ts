@@ -18,6 +18,7 @@ import type {
   Snapshot,
   UpdateNetworkInput,
 } from '../../shared/index.js';
+import { egressCapFor, egressCapOrCeiling, privateAllowError } from '../../shared/index.js';
 import type { AgentClients, LifecyclePhase, SettledState } from '../agent-client/agent-clients.js';
 import {
   ConflictError,
@@ -52,8 +53,10 @@ export interface SandboxNetworkDefaults {
   mode: NetworkMode;
   /** SANDBOX_DEFAULT_EGRESS. */
   egress: EgressDefault;
-  /** SANDBOX_EGRESS_BYTES_MAX; null: no cap. */
+  /** SANDBOX_EGRESS_BYTES_MAX: the default cap and, set, the ceiling of every policy's; null: no cap. */
   maxEgressBytes: number | null;
+  /** SANDBOX_PRIVATE_ALLOW: the private CIDRs allow entries may lie inside; absent: none. */
+  privateAllow?: readonly string[];
   /** Set when `bridge` sandboxes cannot run here: asking for one is refused with this reason. */
   bridgeUnavailable?: string;
   /** Applies a changed policy to a sandbox that runs (the egress firewall); without it a change is only stored. */
@@ -463,9 +466,16 @@ export class SandboxService {
     if (input.mode === 'bridge' && defaults.bridgeUnavailable) {
       throw new InvalidInputError(`network mode bridge is not available on this server: ${defaults.bridgeUnavailable}`);
     }
-    // 0 or null: no cap (REST bodies drop null fields, so 0 is how a REST client removes one).
-    const fallbackCap = org?.maxEgressBytes !== undefined ? org.maxEgressBytes : defaults.maxEgressBytes;
-    const maxEgressBytes = input.maxEgressBytes === undefined ? (current ? current.maxEgressBytes : fallbackCap) : input.maxEgressBytes || null;
+    const privateError = input.allow && privateAllowError(input.allow, defaults.privateAllow ?? []);
+    if (privateError) throw new InvalidInputError(privateError);
+    // 0 or null: no cap, or the ceiling where SANDBOX_EGRESS_BYTES_MAX sets one (REST bodies drop null fields, so 0 is how a REST client removes one).
+    const fallbackCap = org?.maxEgressBytes !== undefined ? egressCapOrCeiling(org.maxEgressBytes, defaults.maxEgressBytes) : defaults.maxEgressBytes;
+    let maxEgressBytes = current ? egressCapOrCeiling(current.maxEgressBytes, defaults.maxEgressBytes) : fallbackCap;
+    if (input.maxEgressBytes !== undefined) {
+      const asked = egressCapFor(input.maxEgressBytes, defaults.maxEgressBytes);
+      if ('error' in asked) throw new InvalidInputError(asked.error);
+      maxEgressBytes = asked.cap;
+    }
     return {
       mode,
       egress: input.egress ?? current?.egress ?? org?.egress ?? defaults.egress,

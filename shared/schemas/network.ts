@@ -38,6 +38,63 @@ export function isCidrRule(rule: string): boolean {
   return /^\d/.test(rule) && rule.includes('/');
 }
 
+/**
+ * The private ranges: a sandbox reaches an address in them only where an allow CIDR lying inside
+ * the range names it and the operator's SANDBOX_PRIVATE_ALLOW holds it.
+ */
+export const PRIVATE_RANGES = ['10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '100.64.0.0/10'];
+
+/** The first and last address of IPv4 CIDR `cidr` (an address alone is a /32), as numbers. */
+export function cidrBounds(cidr: string): [number, number] {
+  const [base = '', bits = '32'] = cidr.split('/');
+  const size = 2 ** (32 - Number(bits));
+  const first = Math.floor(base.split('.').reduce((n, octet) => n * 256 + Number(octet), 0) / size) * size;
+  return [first, first + size - 1];
+}
+
+/** Whether IPv4 CIDR `inner` lies inside CIDR `outer`. */
+export function cidrWithin(inner: string, outer: string): boolean {
+  const [first, last] = cidrBounds(inner);
+  const [lo, hi] = cidrBounds(outer);
+  return first >= lo && last <= hi;
+}
+
+/** Whether CIDR `cidr` lies inside one of the private ranges, i.e. names (part of) it explicitly. */
+export function insidePrivateRange(cidr: string): boolean {
+  return PRIVATE_RANGES.some((range) => cidrWithin(cidr, range));
+}
+
+/**
+ * What is wrong with canonical allow rules under SANDBOX_PRIVATE_ALLOW (`privateAllow`): the first
+ * CIDR lying inside a private range that is not inside one of its CIDRs, as a message; undefined
+ * when there is none. CIDRs merely containing private ranges (`0.0.0.0/0`) are fine: they open
+ * the public addresses only.
+ */
+export function privateAllowError(allow: readonly string[], privateAllow: readonly string[]): string | undefined {
+  const bad = allow.find((rule) => isCidrRule(rule) && insidePrivateRange(rule) && !privateAllow.some((allowed) => cidrWithin(rule, allowed)));
+  if (bad === undefined) return undefined;
+  const allowed = privateAllow.length ? `only ${privateAllow.join(', ')}` : 'none';
+  return `allow entry ${bad} is in a private range; this server's SANDBOX_PRIVATE_ALLOW lets sandboxes open ${allowed} of the private ranges (the operator sets it)`;
+}
+
+/**
+ * The byte cap a tenant's `maxEgressBytes` asks for (undefined: not given; 0 or null: none), under
+ * SANDBOX_EGRESS_BYTES_MAX as a ceiling (`ceiling`, null when unset): with a ceiling, no cap means
+ * the ceiling and more than it is refused; without one, 0 or null means no cap. Returns the cap
+ * (null: none) or the error for the caller.
+ */
+export function egressCapFor(asked: number | null, ceiling: number | null): { cap: number | null } | { error: string } {
+  if (ceiling === null) return { cap: asked || null };
+  if (asked && asked > ceiling) return { error: `maxEgressBytes ${asked} is above this server's ceiling SANDBOX_EGRESS_BYTES_MAX=${ceiling}; send at most ${ceiling} (0 or null: the ceiling)` };
+  return { cap: asked || ceiling };
+}
+
+/** A byte cap stored before (null: none) under the ceiling `ceiling` (null: none): never above it. */
+export function egressCapOrCeiling(stored: number | null, ceiling: number | null): number | null {
+  if (ceiling === null) return stored;
+  return stored === null ? ceiling : Math.min(stored, ceiling);
+}
+
 const ruleList = (what: string) =>
   z
     .array(z.string().max(300, 'entries are at most 300 characters'))
@@ -63,9 +120,9 @@ export const EgressDefault = z.enum(['allow', 'deny']).meta({
 export type EgressDefault = z.infer<typeof EgressDefault>;
 
 const allowDescription =
-  'IPv4 CIDRs (a bare address is /32), domains (exact) and `*.domain` (any subdomain). Domains open the addresses the server\'s DNS resolver hands the sandbox for them, for the record\'s TTL. A CIDR here is the only way to reach a private range (10/8, 172.16/12, 192.168/16, 100.64/10).';
+  'IPv4 CIDRs (a bare address is /32), domains (exact) and `*.domain` (any subdomain). Domains open the addresses the server\'s DNS resolver hands the sandbox for them, for the record\'s TTL. A CIDR lying inside a private range (10/8, 172.16/12, 192.168/16, 100.64/10) is the only way to reach it, and only within the server\'s SANDBOX_PRIVATE_ALLOW (others are refused).';
 const denyDescription = 'IPv4 CIDRs, domains and `*.domain`: refused even where `egress` or `allow` would let them through. Denied names do not resolve.';
-const capDescription = 'Egress bytes after which the sandbox\'s egress is cut (until this is changed or removed); 0 or null: no cap.';
+const capDescription = 'Egress bytes after which the sandbox\'s egress is cut (until this is changed or removed); 0 or null: no cap, or the server\'s ceiling SANDBOX_EGRESS_BYTES_MAX where it sets one (a value above it is refused).';
 
 /** The egress policy fields, as `PUT /sandboxes/{id}/network` and create take them. */
 const policyInputShape = {

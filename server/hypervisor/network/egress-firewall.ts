@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { networkInterfaces } from 'node:os';
 import type { Logger } from 'pino';
-import { isCidrRule, type NetworkPolicy } from '../../../shared/schemas/network.js';
+import { cidrBounds, cidrWithin, insidePrivateRange, isCidrRule, PRIVATE_RANGES, type NetworkPolicy } from '../../../shared/schemas/network.js';
 import { viaProxy } from './name-proxy.js';
 import { runNft, tapGuardTable } from './tap-guard.js';
 import type { FirewalledSandbox, SandboxFirewall } from './types.js';
@@ -23,7 +23,7 @@ import type { FirewalledSandbox, SandboxFirewall } from './types.js';
  *                     link-local 169.254/16, multicast, reserved), then the sandbox's own chain
  *                     by source address (`by_source`); an address without one is dropped.
  *   s_<id>            the sandbox's policy: its deny CIDRs, its allow CIDRs (the only way into
- *                     the private ranges), the private ranges, the addresses its DNS answers
+ *                     the private ranges, within SANDBOX_PRIVATE_ALLOW), the private ranges, the addresses its DNS answers
  *                     opened (with the record's TTL), then its default (`egress`). Cut at the byte
  *                     cap, it refuses everything.
  *
@@ -35,8 +35,8 @@ import type { FirewalledSandbox, SandboxFirewall } from './types.js';
 
 /** Ranges no sandbox reaches whatever its policy (the sandbox network itself is added per bridge). */
 export const ALWAYS_REFUSED = ['0.0.0.0/8', '127.0.0.0/8', '169.254.0.0/16', '224.0.0.0/4', '240.0.0.0/4'];
-/** The private ranges: refused unless a CIDR in the sandbox's `allow` names them. */
-export const PRIVATE_RANGES = ['10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '100.64.0.0/10'];
+/** The private ranges: refused unless a CIDR in the sandbox's `allow` and SANDBOX_PRIVATE_ALLOW both name them. */
+export { PRIVATE_RANGES };
 /**
  * What a refused packet from a sandbox gets: an ICMP "administratively prohibited", so its
  * programs fail at once ("No route to host") instead of waiting out a timeout. Packets from an
@@ -67,6 +67,8 @@ export interface EgressFirewallOptions {
   netns?: string;
   /** Called with a sandbox's address after its rules changed or went (the name proxy drops what is no longer allowed). */
   onChange?: (ip: string) => void;
+  /** SANDBOX_PRIVATE_ALLOW: the private CIDRs a policy's allow CIDRs may open; absent: none. */
+  privateAllow?: readonly string[];
   log?: Logger;
 }
 
@@ -172,12 +174,15 @@ export interface SandboxScriptContext {
   unmapProxied?: readonly string[];
   /** Set when the name proxy runs: its gateway address, to which ports 80 and 443 are redirected. */
   proxyGateway?: string;
+  /** SANDBOX_PRIVATE_ALLOW: what of the private ranges the policy's allow CIDRs may open; absent: none. */
+  privateAllow?: readonly string[];
 }
 
 /**
  * The transaction that installs (or replaces) one sandbox's rules and points its address at them;
  * with the name proxy running and domains allowed under `egress: deny`, also its redirect of ports
- * 80 and 443 (chain `n_<id>`, except to its allow CIDRs). Pure: table tested.
+ * 80 and 443 (chain `n_<id>`, except to its allow CIDRs). Allow CIDRs inside private ranges open
+ * only what `context.privateAllow` holds of them, whatever the policy stored says. Pure: table tested.
  */
 export function sandboxScript(bridge: string, sandbox: { id: string; ip: string }, policy: NetworkPolicy, context: SandboxScriptContext = {}): string {
   const table = `ip ${tapGuardTable(bridge)}`;
@@ -185,7 +190,7 @@ export function sandboxScript(bridge: string, sandbox: { id: string; ip: string 
   const ip = checkedAddress(sandbox.ip);
   const cidrs = (rules: readonly string[]) => rules.filter(isCidrRule).map((r) => (CIDR.test(r) ? r : checkedAddress(r)));
   const deny = cidrs(policy.deny);
-  const allow = cidrs(policy.allow).flatMap(allowedParts);
+  const allow = cidrs(policy.allow).flatMap((cidr) => allowedParts(cidr, context.privateAllow));
   const lines = [
     `add chain ${table} ${chain}`,
     `flush chain ${table} ${chain}`,
@@ -238,29 +243,18 @@ function ipv4String(n: number): string {
   return [24, 16, 8, 0].map((shift) => Math.floor(n / 2 ** shift) % 256).join('.');
 }
 
-/** The first and last address of `cidr` (an address alone is a /32), as numbers. */
-function cidrRange(cidr: string): [number, number] {
-  const [base = '', bits = '32'] = cidr.split('/');
-  const size = 2 ** (32 - Number(bits));
-  const first = Math.floor(ipv4Number(base) / size) * size;
-  return [first, first + size - 1];
-}
-
-/** Whether allow CIDR `cidr` lies inside one of the private ranges, i.e. names (part of) it explicitly. */
-function namesPrivateRange(cidr: string): boolean {
-  const [first, last] = cidrRange(cidr);
-  return PRIVATE_RANGES.map(cidrRange).some(([lo, hi]) => first >= lo && last <= hi);
-}
-
 /**
- * What an allow CIDR opens, as set elements: all of it when it lies inside a private range (it
- * names that range explicitly), else itself without the private ranges it contains — so
- * `0.0.0.0/0` ("all of the internet") opens public addresses only, never the host's private networks.
+ * What an allow CIDR opens, as set elements: when it lies inside a private range (it names that
+ * range explicitly), its overlap with `privateAllow` (SANDBOX_PRIVATE_ALLOW: none when absent);
+ * else itself without the private ranges it contains — so `0.0.0.0/0` ("all of the internet")
+ * opens public addresses only, never the host's private networks.
  */
-export function allowedParts(cidr: string): string[] {
-  const [first, last] = cidrRange(cidr);
-  const contained = PRIVATE_RANGES.map(cidrRange).filter(([lo, hi]) => lo >= first && hi <= last);
-  if (namesPrivateRange(cidr) || contained.length === 0) return [cidr];
+export function allowedParts(cidr: string, privateAllow: readonly string[] = []): string[] {
+  // Two CIDRs overlap only when one lies inside the other: the overlap is the smaller one.
+  if (insidePrivateRange(cidr)) return privateAllow.flatMap((allowed) => (cidrWithin(cidr, allowed) ? [cidr] : cidrWithin(allowed, cidr) ? [allowed] : []));
+  const [first, last] = cidrBounds(cidr);
+  const contained = PRIVATE_RANGES.map(cidrBounds).filter(([lo, hi]) => lo >= first && hi <= last);
+  if (contained.length === 0) return [cidr];
   let parts: Array<[number, number]> = [[first, last]];
   for (const [lo, hi] of contained) {
     parts = parts.flatMap(([a, b]): Array<[number, number]> => {
@@ -292,12 +286,14 @@ export function hostAddresses(): Set<string> {
  * Whether the sandbox may be connected to `ip` on a name's behalf (the name proxy, which connects
  * from the host itself, past the input hook that keeps sandboxes off the host): never an address
  * of the host (read at each call), an always-refused address or the sandbox network, a private one
- * only inside an allow CIDR lying in a private range (`0.0.0.0/0` opens none), never inside its deny CIDRs.
+ * only inside an allow CIDR lying in a private range (`0.0.0.0/0` opens none) and inside
+ * `privateAllow` (SANDBOX_PRIVATE_ALLOW: none when absent), never inside its deny CIDRs.
  */
-export function addressUsable(ip: string, policy: NetworkPolicy, networkCidr: string): boolean {
+export function addressUsable(ip: string, policy: NetworkPolicy, networkCidr: string, privateAllow: readonly string[] = []): boolean {
   if (!IPV4.test(ip) || [...ALWAYS_REFUSED, networkCidr].some((c) => inCidr(ip, c)) || hostAddresses().has(ip)) return false;
   if (policy.deny.some((r) => isCidrRule(r) && inCidr(ip, r))) return false;
-  return !PRIVATE_RANGES.some((c) => inCidr(ip, c)) || policy.allow.some((r) => isCidrRule(r) && namesPrivateRange(r) && inCidr(ip, r));
+  if (!PRIVATE_RANGES.some((c) => inCidr(ip, c))) return true;
+  return privateAllow.some((c) => inCidr(ip, c)) && policy.allow.some((r) => isCidrRule(r) && insidePrivateRange(r) && inCidr(ip, r));
 }
 
 /** The transaction that removes one sandbox's rules: its address mapping, chain and sets. */
@@ -437,7 +433,7 @@ export class EgressFirewall implements SandboxFirewall {
     const previousIp = await this.#exclusive(async () => {
       const { sources, proxied } = await readEgressTable(this.opts.bridge, this.opts.netns);
       const stale = (map: Map<string, string>) => [...map].filter(([ip, owner]) => owner === sandbox.id || ip === sandbox.ip).map(([ip]) => ip);
-      const context = { unmap: stale(sources), unmapProxied: stale(proxied), ...(this.#proxy ? { proxyGateway: this.opts.gateway } : {}) };
+      const context = { unmap: stale(sources), unmapProxied: stale(proxied), privateAllow: this.opts.privateAllow ?? [], ...(this.#proxy ? { proxyGateway: this.opts.gateway } : {}) };
       await runNft(sandboxScript(this.opts.bridge, sandbox, policy, context), this.opts.netns);
       // Known before the next queued change runs (allowResolved checks the policy it was given is still this one).
       const previous = this.#ipOf.get(sandbox.id);

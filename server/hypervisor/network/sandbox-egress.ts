@@ -12,6 +12,8 @@ export interface SandboxEgressOptions {
   networkCidr: string;
   /** DNS_NAMESERVERS: where allowed queries go. */
   nameservers: readonly string[];
+  /** SANDBOX_PRIVATE_ALLOW: the private CIDRs policies' allow CIDRs may open; absent: none. */
+  privateAllow?: readonly string[];
   log: Logger;
 }
 
@@ -39,7 +41,7 @@ export class SandboxEgress {
 
   constructor(private readonly opts: SandboxEgressOptions) {
     const gateway = opts.gatewayCidr.split('/')[0]!;
-    this.firewall = new EgressFirewall({ bridge: opts.bridge, gateway, networkCidr: opts.networkCidr, onChange: (ip) => this.#names.reevaluate(ip), log: opts.log });
+    this.firewall = new EgressFirewall({ bridge: opts.bridge, gateway, networkCidr: opts.networkCidr, privateAllow: opts.privateAllow ?? [], onChange: (ip) => this.#names.reevaluate(ip), log: opts.log });
     this.#proxy = new DnsProxy({
       address: gateway,
       upstreams: opts.nameservers.filter((ns) => /^\d+\.\d+\.\d+\.\d+$/.test(ns)),
@@ -50,8 +52,8 @@ export class SandboxEgress {
     this.#names = new NameProxy({
       address: gateway,
       policyAt: (ip) => this.firewall.policyAt(ip)?.policy ?? null,
-      resolve: async (name, policy) => (await this.#proxy.resolveA(name)).map((a) => a.address).filter((ip) => addressUsable(ip, policy, opts.networkCidr)),
-      connectable: (ip, policy) => addressUsable(ip, policy, opts.networkCidr),
+      resolve: async (name, policy) => (await this.#proxy.resolveA(name)).map((a) => a.address).filter((ip) => addressUsable(ip, policy, opts.networkCidr, opts.privateAllow)),
+      connectable: (ip, policy) => addressUsable(ip, policy, opts.networkCidr, opts.privateAllow),
       log: opts.log,
     });
   }
