@@ -66,7 +66,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const images = new ImageService({ images: store.images, rootfs, defaultImage: config.SANDBOX_DEFAULT_IMAGE, log });
   const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
   // Sandboxes' egress on the bridge: the nftables firewall, the DNS resolver on the gateway, the byte caps.
-  const egress = new SandboxEgress({ bridge: config.BRIDGE_NAME, gatewayCidr: config.GATEWAY_IP, networkCidr: config.NETWORK_CIDR, nameservers: config.DNS_NAMESERVERS, privateAllow: config.SANDBOX_PRIVATE_ALLOW, log });
+  const egress = new SandboxEgress({ bridge: config.BRIDGE_NAME, gatewayCidr: config.GATEWAY_IP, networkCidr: config.NETWORK_CIDR, nameservers: config.DNS_NAMESERVERS, privateAllow: config.SANDBOX_PRIVATE_ALLOW, egressCeiling: config.SANDBOX_EGRESS_BYTES_MAX || null, log });
   const { driver, reason, accelerator, network } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, firewall: egress.firewall, log });
   if (network.mode === 'bridge') await egress.start();
   // Asked for and not possible here: a warning, as sandboxes will have no network.

@@ -131,6 +131,12 @@ describe.skipIf(!support.ok)('new sandboxes get their org default', () => {
 
     const own = await create(vr, 'own-fields', { egress: 'allow', allow: [], maxEgressBytes: 0 });
     expect(own.info.network).toEqual({ mode: 'none', egress: 'allow', allow: [], deny: ['203.0.113.0/24'], maxEgressBytes: SERVER_CAP, egressCut: false });
+    // The ceiling holds for a sandbox's own cap too: above it is a 400 naming it; a lower one is kept.
+    const above = await server.http(`/api/sandboxes/${own.id}/network`, { method: 'PUT', apiKey: owner.apiKey, json: { maxEgressBytes: SERVER_CAP + 1 } });
+    expect(above.status).toBe(400);
+    expect(JSON.stringify(await above.json())).toMatch(/maxEgressBytes 7000001 is above this server's ceiling SANDBOX_EGRESS_BYTES_MAX=7000000/);
+    const lower = await server.http(`/api/sandboxes/${own.id}/network`, { method: 'PUT', apiKey: owner.apiKey, json: { maxEgressBytes: 1000 } });
+    expect(((await lower.json()) as { data: { network: unknown } }).data.network).toMatchObject({ maxEgressBytes: 1000 });
 
     const elsewhere = await create(server.client(other.apiKey), 'server-default');
     expect(elsewhere.info.network).toEqual({ mode: 'none', egress: 'allow', allow: [], deny: [], maxEgressBytes: SERVER_CAP, egressCut: false });

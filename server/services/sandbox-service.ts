@@ -445,9 +445,10 @@ export class SandboxService {
   async cutEgress(record: SandboxRecord, egressBytes: number): Promise<boolean> {
     return this.#locks.run(record.id, async () => {
       const fresh = await this.deps.sandboxes.findById(record.orgId, record.id);
-      const cap = fresh?.network.maxEgressBytes;
+      // A cap stored before SANDBOX_EGRESS_BYTES_MAX was set or lowered counts as the ceiling.
+      const cap = fresh ? egressCapOrCeiling(fresh.network.maxEgressBytes, this.deps.network.maxEgressBytes) : null;
       if (!fresh || cap == null || egressBytes <= cap) return false;
-      const network = { ...fresh.network, egressCut: true };
+      const network = { ...fresh.network, maxEgressBytes: cap, egressCut: true };
       // Enforced before it is recorded: an answer saying `egressCut: true` means it is in force.
       await this.deps.network.enforce?.(fresh.id, network);
       if (!fresh.network.egressCut) await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network });

@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import type { NetworkPolicy } from '../../../shared/schemas/network.js';
+import { egressCapOrCeiling, type NetworkPolicy } from '../../../shared/schemas/network.js';
 import { DnsProxy } from './dns-proxy.js';
 import { addressUsable, EgressFirewall } from './egress-firewall.js';
 import { NameProxy } from './name-proxy.js';
@@ -14,6 +14,8 @@ export interface SandboxEgressOptions {
   nameservers: readonly string[];
   /** SANDBOX_PRIVATE_ALLOW: the private CIDRs policies' allow CIDRs may open; absent: none. */
   privateAllow?: readonly string[];
+  /** SANDBOX_EGRESS_BYTES_MAX when set: the byte cap no policy's exceeds (a policy stored without one or above it gets it). */
+  egressCeiling?: number | null;
   log: Logger;
 }
 
@@ -95,15 +97,16 @@ export class SandboxEgress {
 
   /**
    * Every `intervalMs` (1 s), compares the host's egress counter of each sandbox on the bridge
-   * with a byte cap against it, and cuts the ones past it.
+   * with a byte cap (its own, at most `egressCeiling`) against it, and cuts the ones past it.
    */
   watchCaps(hooks: EgressCapHooks): void {
     if (this.#capTimer) return;
     const tick = async () => {
       for (const { id, policy } of this.firewall.sandboxes()) {
-        if (policy.maxEgressBytes == null || policy.egressCut) continue;
+        const cap = egressCapOrCeiling(policy.maxEgressBytes, this.opts.egressCeiling ?? null);
+        if (cap == null || policy.egressCut) continue;
         const bytes = await hooks.bytesOf(id).catch(() => null);
-        if (bytes && bytes.egress > policy.maxEgressBytes) {
+        if (bytes && bytes.egress > cap) {
           await hooks.cut(id, bytes.egress).catch((err: Error) => this.opts.log.error({ sandbox: id, err: err.message }, 'could not cut egress at the byte cap'));
         }
       }
