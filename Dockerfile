@@ -28,7 +28,7 @@ RUN npm run typecheck \
 FROM node:20-bookworm-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      runc debootstrap ca-certificates iproute2 iptables qemu-system-x86 qemu-utils e2fsprogs gcc libc6-dev \
+      runc debootstrap ca-certificates iproute2 iptables nftables conntrack util-linux qemu-system-x86 qemu-utils e2fsprogs gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY --from=deps /app/node_modules ./node_modules
