@@ -418,7 +418,10 @@ describe('the HTTP edge, attacked through paths, held sockets and slow key check
       const outcome = await Promise.race([backlogged, allRead.then(() => 'the server read every call' as const)]);
       expect(outcome).not.toBe('the server read every call');
       expect((outcome as WebSocket).bufferedAmount).toBeLessThan(16 * MiB);
-      expect(process.memoryUsage().rss - before).toBeLessThan(160 * MiB);
+      // The process holds this client too: its own queue of 200,000 unsent calls (~16 MB of frames
+      // and their callbacks) lands in RSS in some runs and not others (75–80 or 150–195 MiB over the
+      // same code), so this bound only catches the server buffering replies without limit (GBs).
+      expect(process.memoryUsage().rss - before).toBeLessThan(320 * MiB);
     } finally {
       WebSocket.prototype.pause = pause;
       ws.terminate();
