@@ -1,6 +1,7 @@
 import type { TRPCClient } from '@trpc/client';
-import type { ExecChunk, ExecResult, PortAccess, PortList, PreviewToken, ProcessInfo, PublicUrl, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
+import type { ExecChunk, ExecResult, NetworkPolicy, PortAccess, PortList, PreviewToken, ProcessInfo, PublicUrl, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
+import type { UpdateNetworkInput } from '../shared/schemas/network.js';
 import { SandboxFiles, type RawHttp } from './files.js';
 import { PtyHandle } from './pty.js';
 import { iterateSubscription } from '../shared/subscription-iterator.js';
@@ -119,6 +120,15 @@ export class SandboxHandle {
      */
     previewUrl: async (port: number, options: { ttlSeconds?: number } = {}): Promise<string | null> => (await this.ports.token(port, options)).url,
   };
+
+  /**
+   * Changes the sandbox's network policy (`egress`, `allow`, `deny`, `maxEgressBytes`; `mode` only
+   * while it is stopped): the fields given replace its own; a running sandbox gets the rules before
+   * this resolves. Resolves to the policy now in force.
+   */
+  async updateNetwork(policy: Omit<UpdateNetworkInput, 'id'>): Promise<NetworkPolicy> {
+    return (await this.trpc.sandbox.updateNetwork.mutate({ id: this.id, ...policy })).network;
+  }
 
   stop(): Promise<SandboxActionResult> {
     return this.trpc.sandbox.stop.mutate({ id: this.id });

@@ -148,6 +148,13 @@ describe.skipIf(!support.ok)('new sandboxes get their org default', () => {
     const after = await create(vr, 'after-removal');
     expect(after.info.network).toEqual({ mode: 'none', egress: 'allow', allow: [], deny: [], maxEgressBytes: SERVER_CAP, egressCut: false });
   }, 240_000);
+
+  it("the typed client changes a sandbox's own policy with updateNetwork, and a bad entry is refused naming it", async () => {
+    const box = await create(server.client(other.apiKey), 'client-policy');
+    expect(await box.updateNetwork({ egress: 'deny', allow: ['pypi.org', '*.pythonhosted.org'] })).toMatchObject({ egress: 'deny', allow: ['pypi.org', '*.pythonhosted.org'] });
+    expect((await box.refresh()).network).toMatchObject({ egress: 'deny', allow: ['pypi.org', '*.pythonhosted.org'] });
+    await expect(box.updateNetwork({ allow: ['no spaces.org'] })).rejects.toThrow(/no spaces\.org/);
+  }, 120_000);
 });
 
 /** The org default through the real server on each store, kept across a restart (a second server on the same data). */
