@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, rm, rmdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -7,6 +7,7 @@ import type { IpLeaseRepository } from '../../store/types.js';
 import { mountedAt } from '../container/mounts.js';
 import { findLink, runNetworkCommand, setUp, tapNameFor } from './host-network.js';
 import type { IpPool } from './ip-pool.js';
+import { hostInterfaceBytes } from './tap-guard.js';
 import { noFirewall, type NetworkBytes, type NetworkPolicy, type SandboxAttachment, type SandboxFirewall, type SandboxNetworking } from './types.js';
 
 /** What `BridgeNetworking` needs: the bridge, its address pool and the firewall. */
@@ -133,14 +134,9 @@ export class BridgeNetworking implements SandboxNetworking {
   }
 
   async bytesOf(id: string): Promise<NetworkBytes | null> {
-    const stats = `/sys/class/net/${this.hostIfName(id)}/statistics`;
-    try {
-      const [rx, tx] = await Promise.all([readFile(`${stats}/rx_bytes`, 'utf8'), readFile(`${stats}/tx_bytes`, 'utf8')]);
-      // What the host end receives, the sandbox sent.
-      return { egress: Number(rx), ingress: Number(tx) };
-    } catch {
-      return null;
-    }
+    // What the host end receives, the sandbox sent.
+    const bytes = await hostInterfaceBytes(this.hostIfName(id));
+    return bytes && { egress: bytes.egressBytes, ingress: bytes.ingressBytes };
   }
 
   async reconcile(keep: { attached: ReadonlySet<string>; leased: ReadonlySet<string> }): Promise<string[]> {
