@@ -1,9 +1,4 @@
-import { createReadStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
-import { request as httpRequest, type IncomingMessage } from 'node:http';
-import { request as httpsRequest } from 'node:https';
-import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import type { Readable } from 'node:stream';
 import type { TRPCClient } from '@trpc/client';
 import type {
   ArchiveFormat,
@@ -20,27 +15,41 @@ import type {
   WatchMessage,
 } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
-import { errorFromResponse, FileNotFoundError } from './errors.js';
+import { FileNotFoundError } from './errors.js';
+import { nodeModules } from './runtime.js';
+import { fetchGet, nodeGet, postBytes, type Transport } from './transfer.js';
 import { iterateSubscription } from '../shared/subscription-iterator.js';
 
 /** What `files` needs to reach the raw byte routes. */
 export interface RawHttp {
   baseUrl: string;
   headers: Record<string, string>;
+  /** Transfers go through this `fetch` (and never through node:http) when given. */
+  fetch?: typeof globalThis.fetch;
 }
 
-export type UploadSource = Buffer | Uint8Array | string | Readable | AsyncIterable<Uint8Array> | { path: string };
+/**
+ * What an upload sends. Everywhere: a string (UTF-8), bytes (`Uint8Array`, Node's `Buffer`,
+ * `ArrayBuffer`), a `Blob`/`File`, a `ReadableStream` or any async iterable of bytes. On Node
+ * (and Bun, Deno) also a Node `Readable` and `{ path }`, a local file.
+ */
+export type UploadSource = Buffer | Uint8Array | ArrayBuffer | string | Blob | ReadableStream<Uint8Array> | Readable | AsyncIterable<Uint8Array> | { path: string };
 
 /**
  * The files of one sandbox. Bytes go through the raw upload/download routes as streams (nothing
  * is held whole in memory); everything else through the typed tRPC router.
  */
 export class SandboxFiles {
+  readonly #transport: Transport;
+
   constructor(
     private readonly trpc: TRPCClient<AppRouter>,
     private readonly raw: RawHttp,
     private readonly sandboxId: string,
-  ) {}
+  ) {
+    const node = raw.fetch ? null : nodeModules();
+    this.#transport = node ? { kind: 'node', node } : { kind: 'fetch', fetch: raw.fetch ?? globalThis.fetch };
+  }
 
   async list(path: string): Promise<FileInfo[]> {
     return (await this.trpc.files.list.query({ id: this.sandboxId, path })).files;
@@ -64,11 +73,23 @@ export class SandboxFiles {
     }
   }
 
-  /** A file's content as a Buffer (streamed, then joined; use `download` for big files). */
+  /**
+   * A file's content: a Buffer where the runtime has Buffer (Node, Bun, Deno), else a Uint8Array
+   * (streamed, then joined; use `download`/`downloadStream` for big files).
+   */
   async read(path: string): Promise<Buffer> {
+    if (this.#transport.kind === 'fetch') {
+      const bytes = new Uint8Array(await (await fetchGet(this.#transport.fetch, this.#url('files/download', path), this.raw.headers)).arrayBuffer());
+      return (typeof Buffer === 'function' ? Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength) : bytes) as Buffer;
+    }
     const chunks: Buffer[] = [];
     for await (const chunk of await this.download(path)) chunks.push(chunk as Buffer);
     return Buffer.concat(chunks);
+  }
+
+  /** A file's content as text (UTF-8). */
+  async readText(path: string): Promise<string> {
+    return new TextDecoder().decode(await this.read(path));
   }
 
   /** Writes a whole file (replacing it atomically); parent directories are created. */
@@ -78,55 +99,12 @@ export class SandboxFiles {
 
   /** Streams data into a file; the file appears only when all of it arrived. */
   async upload(path: string, source: UploadSource): Promise<UploadResult> {
-    return this.#post<UploadResult>(`files/upload?path=${encodeURIComponent(path)}`, source);
+    return postBytes<UploadResult>(this.#transport, this.#url('files/upload', path), this.raw.headers, source);
   }
 
-  /** POSTs `source` as the body of the sandbox's raw route `route`; the answer's `data`. */
-  async #post<T>(route: string, source: UploadSource): Promise<T> {
-    const url = new URL(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/${route}`);
-    let body: Readable;
-    let length: number | undefined;
-    if (typeof source === 'string' || source instanceof Uint8Array) {
-      const bytes = typeof source === 'string' ? Buffer.from(source) : source;
-      body = Readable.from([bytes]);
-      length = bytes.byteLength;
-    } else if (source instanceof Readable) {
-      body = source;
-    } else if ('path' in source) {
-      length = (await stat(source.path)).size;
-      body = createReadStream(source.path, { highWaterMark: 1024 * 1024 });
-    } else {
-      body = Readable.from(source);
-    }
-    // node:http rather than fetch: it streams with backpressure, so a big file moves with flat memory.
-    const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, {
-      method: 'POST',
-      headers: { ...this.raw.headers, 'content-type': 'application/octet-stream', ...(length !== undefined ? { 'content-length': String(length) } : {}) },
-    });
-    const response = new Promise<IncomingMessage>((resolve, reject) => {
-      req.once('response', resolve);
-      req.once('error', reject);
-    });
-    response.catch(() => {});
-    const sending = pipeline(body, req);
-    sending.catch(() => {});
-    // The server may refuse before the body is sent (413, 404): stop sending and report why.
-    const first = await Promise.race([sending.then(() => 'sent' as const), response.then(() => 'answered' as const)]).catch(() => 'failed' as const);
-    if (first === 'answered' && (await response).statusCode !== 200) {
-      const refused = await toFetchResponse(await response);
-      body.destroy();
-      req.destroy();
-      throw await errorFromResponse(refused);
-    }
-    if (first === 'failed') {
-      const early = await Promise.race([response.catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
-      if (early) throw await errorFromResponse(await toFetchResponse(early));
-      await sending; // rethrows the transport error
-    }
-    await sending;
-    const res = await toFetchResponse(await response);
-    if (!res.ok) throw await errorFromResponse(res);
-    return ((await res.json()) as { data: T }).data;
+  /** The sandbox's raw route `route` with `?path=`. */
+  #url(route: string, path: string): URL {
+    return new URL(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/${route}?path=${encodeURIComponent(path)}`);
   }
 
   /**
@@ -142,19 +120,23 @@ export class SandboxFiles {
 
   /** Streams a tar stream (`tar -cf - …`) into `dir`: its entries are written under it as they arrive (see `writeMany`). */
   async uploadTar(dir: string, tar: UploadSource): Promise<UploadTarResult> {
-    return this.#post<UploadTarResult>(`files/upload-tar?path=${encodeURIComponent(dir)}`, tar);
+    return postBytes<UploadTarResult>(this.#transport, this.#url('files/upload-tar', dir), this.raw.headers, tar);
   }
 
-  /** A file's bytes as a Node stream. */
+  /** A file's bytes as a Node stream (Node, Bun, Deno; in a browser use `downloadStream`). */
   async download(path: string): Promise<Readable> {
-    const url = new URL(`${this.raw.baseUrl}/api/sandboxes/${this.sandboxId}/files/download?path=${encodeURIComponent(path)}`);
-    const res = await new Promise<IncomingMessage>((resolve, reject) => {
-      const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, { headers: this.raw.headers }, resolve);
-      req.once('error', reject);
-      req.end();
-    });
-    if (res.statusCode !== 200) throw await errorFromResponse(await toFetchResponse(res));
-    return res;
+    if (this.#transport.kind === 'node') return nodeGet(this.#transport.node, this.#url('files/download', path), this.raw.headers);
+    const node = nodeModules();
+    if (!node) throw new TypeError('download() gives a Node stream, and this runtime has none: use downloadStream()');
+    const body = (await fetchGet(this.#transport.fetch, this.#url('files/download', path), this.raw.headers)).body;
+    return body ? node.stream.Readable.fromWeb(body as never) : node.stream.Readable.from([]);
+  }
+
+  /** A file's bytes as a web `ReadableStream`, fetched (every runtime, browsers too). */
+  async downloadStream(path: string): Promise<ReadableStream<Uint8Array>> {
+    const fetchFn = this.#transport.kind === 'fetch' ? this.#transport.fetch : globalThis.fetch;
+    const res = await fetchGet(fetchFn, this.#url('files/download', path), this.raw.headers);
+    return res.body ?? new Blob([]).stream();
   }
 
   remove(path: string): Promise<FileOpResult> {
@@ -218,56 +200,58 @@ export class SandboxFiles {
   }
 }
 
-/** A finished node:http response as a fetch Response (for the shared error mapping). */
-async function toFetchResponse(res: IncomingMessage): Promise<Response> {
-  const chunks: Buffer[] = [];
-  for await (const c of res) chunks.push(c as Buffer);
-  return new Response(Buffer.concat(chunks), { status: res.statusCode ?? 500, headers: { 'content-type': String(res.headers['content-type'] ?? '') } });
-}
+const utf8 = new TextEncoder();
 
 /** One tar header block (ustar); a name over 100 bytes goes in a PAX header before it. */
-function tarHeader(name: string, size: number, type: '0' | 'x'): Buffer {
-  const block = Buffer.alloc(512);
-  block.write(name.length <= 100 ? name : name.slice(0, 100), 0, 100, 'utf8');
-  block.write('0000644\0', 100, 'ascii');
-  block.write('0000000\0', 108, 'ascii');
-  block.write('0000000\0', 116, 'ascii');
-  block.write(`${size.toString(8).padStart(11, '0')}\0`, 124, 'ascii');
-  block.write(`${Math.floor(Date.now() / 1000).toString(8).padStart(11, '0')}\0`, 136, 'ascii');
-  block.write('        ', 148, 'ascii');
-  block.write(type, 156, 'ascii');
-  block.write('ustar\0', 257, 'ascii');
-  block.write('00', 263, 'ascii');
+function tarHeader(name: string, size: number, type: '0' | 'x'): Uint8Array {
+  const block = new Uint8Array(512);
+  const put = (text: string, offset: number, max = text.length) => block.set(utf8.encode(text).subarray(0, max), offset);
+  put(name, 0, 100);
+  put('0000644\0', 100);
+  put('0000000\0', 108);
+  put('0000000\0', 116);
+  put(`${size.toString(8).padStart(11, '0')}\0`, 124);
+  put(`${Math.floor(Date.now() / 1000).toString(8).padStart(11, '0')}\0`, 136);
+  put('        ', 148);
+  put(type, 156);
+  put('ustar\0', 257);
+  put('00', 263);
   let sum = 0;
   for (const b of block) sum += b;
-  block.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'ascii');
+  put(`${sum.toString(8).padStart(6, '0')}\0 `, 148);
   return block;
 }
 
 /** Zero bytes that pad `size` to a whole 512-byte block. */
-function padding(size: number): Buffer {
-  return Buffer.alloc((512 - (size % 512)) % 512);
+function padding(size: number): Uint8Array {
+  return new Uint8Array((512 - (size % 512)) % 512);
 }
 
 /** A PAX record `<len> path=<name>\n`, whose length counts itself. */
-function paxPath(name: string): Buffer {
-  const rest = ` path=${name}\n`;
-  let len = Buffer.byteLength(rest) + 1;
-  while (String(len).length + Buffer.byteLength(rest) !== len) len = String(len).length + Buffer.byteLength(rest);
-  return Buffer.from(`${len}${rest}`);
+function paxPath(name: string): Uint8Array {
+  const rest = utf8.encode(` path=${name}\n`).byteLength;
+  let len = rest + 1;
+  while (String(len).length + rest !== len) len = String(len).length + rest;
+  return utf8.encode(`${len} path=${name}\n`);
 }
 
 /** An uncompressed tar stream of regular files, in memory. */
-function tarOf(entries: Array<[string, string | Uint8Array]>): Buffer {
-  const parts: Buffer[] = [];
+function tarOf(entries: Array<[string, string | Uint8Array]>): Uint8Array {
+  const parts: Uint8Array[] = [];
   for (const [name, content] of entries) {
-    const data = typeof content === 'string' ? Buffer.from(content) : Buffer.from(content.buffer, content.byteOffset, content.byteLength);
-    if (Buffer.byteLength(name) > 100) {
+    const data = typeof content === 'string' ? utf8.encode(content) : content;
+    if (utf8.encode(name).byteLength > 100) {
       const pax = paxPath(name);
       parts.push(tarHeader('PaxHeader', pax.length, 'x'), pax, padding(pax.length));
     }
     parts.push(tarHeader(name, data.length, '0'), data, padding(data.length));
   }
-  parts.push(Buffer.alloc(1024));
-  return Buffer.concat(parts);
+  parts.push(new Uint8Array(1024));
+  const tar = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
+  let offset = 0;
+  for (const p of parts) {
+    tar.set(p, offset);
+    offset += p.byteLength;
+  }
+  return tar;
 }

@@ -1,16 +1,18 @@
 import { createTRPCClient, createWSClient, httpBatchLink, splitLink, wsLink, type TRPCClient, type TRPCLink } from '@trpc/client';
 import { observable } from '@trpc/server/observable';
 import superjson from 'superjson';
-import WebSocketImpl from 'ws';
 import type { AppRouter } from '../server/routers/index.js';
 import { toVoidRunError } from './errors.js';
+import { webSocketClass } from './runtime.js';
 
 import { SandboxHandle } from './sandbox.js';
+import type { RawHttp } from './files.js';
 import type { CreateSandboxInput, OrgNetworkPolicy, RestoreSandboxInput, UpdateOrgNetworkInput } from '../shared/index.js';
 
 export * from './errors.js';
 export { CommandHandle, SandboxHandle, type CommandOptions, type ExecOptions } from './sandbox.js';
-export { SandboxFiles, type UploadSource } from './files.js';
+export { SandboxFiles, type RawHttp, type UploadSource } from './files.js';
+export { CommandExitError, CommandProcess, Sandbox, SandboxCommands, type CommandResult, type CommandRunOpts, type ConnectionOptions, type DisposeAction, type SandboxCreateOpts, type SandboxEvent, type SandboxOpts } from './sdk.js';
 export { PtyHandle } from './pty.js';
 export type { AppRouter };
 
@@ -25,6 +27,12 @@ export interface ClientOptions {
   headers?: Record<string, string>;
   /** A WebSocket implementation; defaults to the global one, or `ws` on Node (Node 20 has none). */
   WebSocket?: typeof globalThis.WebSocket;
+  /**
+   * A `fetch` for file transfers (and tRPC's HTTP calls). Without it, transfers stream through
+   * node:http where the runtime has Node's modules (Node, Bun, Deno) and use the global `fetch`
+   * elsewhere (browsers).
+   */
+  fetch?: typeof globalThis.fetch;
 }
 
 /** Turns every failed call's error into its class (`NotFoundError`, `UnauthorizedError`, …). */
@@ -54,6 +62,8 @@ export interface VoidRunClient {
     /** Replaces the org's default network policy (`{}` removes it); only its owner may. Existing sandboxes keep theirs. */
     updateNetwork(input: UpdateOrgNetworkInput): Promise<OrgNetworkPolicy>;
   };
+  /** The base URL and headers the raw byte routes are called with (and the `fetch` option). */
+  readonly http: RawHttp;
   /** Closes the WebSocket, if one was opened. */
   close(): Promise<void>;
 }
@@ -67,12 +77,11 @@ export function createClient(options: ClientOptions): VoidRunClient {
   const headers = { ...options.headers, ...(options.apiKey ? { 'x-api-key': options.apiKey } : {}), ...(options.orgId ? { 'x-org-id': options.orgId } : {}) };
   const wsClient = createWSClient({
     url: `${base.replace(/^http/, 'ws')}/trpc`,
-    // `ws` implements the WHATWG WebSocket interface tRPC uses; only its TypeScript declarations differ.
-    WebSocket: options.WebSocket ?? globalThis.WebSocket ?? (WebSocketImpl as unknown as typeof globalThis.WebSocket),
+    WebSocket: options.WebSocket ?? webSocketClass(),
     connectionParams: options.apiKey ? { apiKey: options.apiKey, ...(options.orgId ? { orgId: options.orgId } : {}) } : null,
     lazy: { enabled: true, closeMs: 0 },
   });
-  const raw = { baseUrl: base, headers };
+  const raw = { baseUrl: base, headers, fetch: options.fetch };
   const trpc = createTRPCClient<AppRouter>({
     links: [
       errorClassLink,
@@ -80,12 +89,13 @@ export function createClient(options: ClientOptions): VoidRunClient {
         condition: (op) => op.type === 'subscription',
         true: wsLink({ client: wsClient, transformer: superjson }),
         // The server refuses batches of more than TRPC_MAX_BATCH_SIZE calls (at least 10).
-        false: httpBatchLink({ url: `${base}/trpc`, transformer: superjson, headers: () => headers, maxItems: 10 }),
+        false: httpBatchLink({ url: `${base}/trpc`, transformer: superjson, headers: () => headers, maxItems: 10, ...(options.fetch ? { fetch: options.fetch } : {}) }),
       }),
     ],
   });
   return {
     trpc,
+    http: raw,
     sandboxes: {
       create: async (input) => new SandboxHandle(trpc, await trpc.sandbox.create.mutate({ ...input, sync: input.sync ?? true }), raw),
       get: async (id) => new SandboxHandle(trpc, await trpc.sandbox.get.query({ id }), raw),

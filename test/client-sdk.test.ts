@@ -1,0 +1,149 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CommandExitError, FileNotFoundError, Sandbox, SandboxNotFoundError, type VoidRunClient } from '../client/index.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+/** The E2B-style layer of the typed client (`Sandbox`), through the real server and real sandboxes. */
+describe.skipIf(!support.ok)('the client SDK: Sandbox.create, commands.run, files, await using', () => {
+  let server: TestServer;
+  let vr: VoidRunClient;
+  let apiKey: string;
+  let sbx: Sandbox;
+  const savedEnv = { url: process.env.VOIDRUN_API_URL, key: process.env.VOIDRUN_API_KEY };
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'SDK User', email: uniqueEmail('sdk') })).apiKey;
+    vr = server.client(apiKey);
+    process.env.VOIDRUN_API_URL = server.url;
+    process.env.VOIDRUN_API_KEY = apiKey;
+    sbx = await Sandbox.create({ labels: { suite: 'sdk' }, envVars: { GREETING: 'hello' } });
+  }, 180_000);
+  afterAll(async () => {
+    await sbx?.close();
+    for (const [name, value] of [['VOIDRUN_API_URL', savedEnv.url], ['VOIDRUN_API_KEY', savedEnv.key]] as const) {
+      if (value === undefined) delete process.env[name];
+      else process.env[name] = value;
+    }
+    await server?.close();
+  });
+
+  it('Sandbox.create takes its connection from VOIDRUN_API_URL / VOIDRUN_API_KEY and applies the create fields', async () => {
+    expect(sbx.info.status).toBe('running');
+    expect(sbx.info.labels).toEqual({ suite: 'sdk' });
+    expect(sbx.info.name).toMatch(/^sandbox-[0-9a-f]{8}$/);
+    const listed = await Sandbox.list({ labels: { suite: 'sdk' } });
+    expect(listed.sandboxes.map((s) => s.id)).toContain(sbx.sandboxId);
+  });
+
+  it('names the missing setting when neither an argument nor the environment gives the URL or the key', async () => {
+    delete process.env.VOIDRUN_API_URL;
+    try {
+      await expect(Sandbox.create()).rejects.toThrow(/VOIDRUN_API_URL/);
+      await expect(Sandbox.connect(sbx.sandboxId, { apiKey })).rejects.toThrow(/VOIDRUN_API_URL/);
+      // Arguments win over (and stand in for) the environment.
+      const again = await Sandbox.connect(sbx.sandboxId, { apiUrl: server.url, apiKey });
+      expect(again.sandboxId).toBe(sbx.sandboxId);
+      await again.close();
+    } finally {
+      process.env.VOIDRUN_API_URL = server.url;
+    }
+    delete process.env.VOIDRUN_API_KEY;
+    try {
+      await expect(Sandbox.list()).rejects.toThrow(/VOIDRUN_API_KEY/);
+    } finally {
+      process.env.VOIDRUN_API_KEY = apiKey;
+    }
+  });
+
+  it('commands.run in the foreground resolves with stdout, stderr and exitCode', async () => {
+    const r = await sbx.commands.run('echo "$GREETING"; echo oops >&2');
+    expect(r).toMatchObject({ stdout: 'hello\n', stderr: 'oops\n', exitCode: 0, timedOut: false });
+    const program = await sbx.commands.run('printf', { args: ['%s|', 'a b', 'c'] });
+    expect(program.stdout).toBe('a b|c|');
+  });
+
+  it('a non-zero exit is a result by default, and a CommandExitError carrying the output with throwOnError', async () => {
+    const r = await sbx.commands.run('echo out; echo err >&2; exit 3');
+    expect(r).toMatchObject({ stdout: 'out\n', stderr: 'err\n', exitCode: 3 });
+    const err = await sbx.commands.run('echo out; echo err >&2; exit 3', { throwOnError: true }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CommandExitError);
+    expect(err).toMatchObject({ stdout: 'out\n', stderr: 'err\n', exitCode: 3 });
+    // Streamed (with callbacks) fails the same way.
+    const streamed = await sbx.commands.run('echo out; exit 5', { throwOnError: true, onStdout: () => {} }).catch((e: unknown) => e);
+    expect(streamed).toMatchObject({ name: 'CommandExitError', stdout: 'out\n', exitCode: 5 });
+  });
+
+  it('streams output to onStdout / onStderr as it comes, and the result holds all of it', async () => {
+    const out: string[] = [];
+    const errs: string[] = [];
+    const r = await sbx.commands.run('for i in 1 2 3; do echo line$i; echo e$i >&2; sleep 0.05; done', { onStdout: (d) => out.push(d), onStderr: (d) => errs.push(d) });
+    expect(r.exitCode).toBe(0);
+    expect(out.length).toBeGreaterThan(0);
+    expect(out.join('')).toBe('line1\nline2\nline3\n');
+    expect(errs.join('')).toBe('e1\ne2\ne3\n');
+    expect(r.stdout).toBe(out.join(''));
+  });
+
+  it('timeoutMs bounds a foreground command (rounded up to seconds)', async () => {
+    const r = await sbx.commands.run('sleep 30', { timeoutMs: 900 });
+    expect(r.timedOut).toBe(true);
+    expect(r.exitCode).not.toBe(0);
+  });
+
+  it('background: true gives a handle whose wait() resolves with the result, and kill() ends it', async () => {
+    const seen: string[] = [];
+    const proc = await sbx.commands.run('echo started; read line; echo "got $line"; exit 4', { background: true, onStdout: (d) => seen.push(d) });
+    expect(proc.pid).toBeGreaterThan(0);
+    expect((await sbx.commands.list()).map((p) => p.pid)).toContain(proc.pid);
+    await proc.sendStdin('ping\n');
+    const r = await proc.wait();
+    expect(r).toMatchObject({ stdout: 'started\ngot ping\n', exitCode: 4 });
+    expect(seen.join('')).toBe('started\ngot ping\n');
+    // With throwOnError, the same exit is a CommandExitError from wait().
+    const strict = await sbx.commands.run('exit 6', { background: true, throwOnError: true });
+    await expect(strict.wait()).rejects.toMatchObject({ name: 'CommandExitError', exitCode: 6 });
+
+    const sleeper = await sbx.commands.run('sleep 600', { background: true });
+    expect(await sleeper.kill()).toBe(true);
+    expect((await sleeper.wait()).exitCode).not.toBe(0);
+    expect(await sbx.commands.kill(999_999)).toBe(false);
+  });
+
+  it('files write and read through fetch (the browser path), from strings, bytes, Blobs and streams', async () => {
+    const viaFetch = await Sandbox.connect(sbx.sandboxId, { fetch: globalThis.fetch });
+    try {
+      await viaFetch.files.write('/root/sdk/a.txt', 'text in');
+      expect(await viaFetch.files.readText('/root/sdk/a.txt')).toBe('text in');
+      await viaFetch.files.write('/root/sdk/b.bin', new Uint8Array([0, 1, 2, 255]));
+      expect([...(await viaFetch.files.read('/root/sdk/b.bin'))]).toEqual([0, 1, 2, 255]);
+      await viaFetch.files.write('/root/sdk/c.txt', new Blob(['blob ', 'parts']));
+      const stream = new Blob(['from a ReadableStream']).stream();
+      await viaFetch.files.write('/root/sdk/d.txt', stream);
+      expect(await new Response(await viaFetch.files.downloadStream('/root/sdk/d.txt')).text()).toBe('from a ReadableStream');
+      await viaFetch.files.writeMany('/root/sdk/many', { 'x.txt': 'x', 'sub/y.txt': 'y' });
+      expect((await sbx.commands.run('cat /root/sdk/c.txt /root/sdk/many/x.txt /root/sdk/many/sub/y.txt')).stdout).toBe('blob partsxy');
+      await expect(viaFetch.files.read('/root/sdk/missing')).rejects.toBeInstanceOf(FileNotFoundError);
+    } finally {
+      await viaFetch.close();
+    }
+    // The default (node:http) path takes the same web sources.
+    await sbx.files.write('/root/sdk/e.txt', new Blob(['node path']));
+    expect(await sbx.files.readText('/root/sdk/e.txt')).toBe('node path');
+  });
+
+  it('await using deletes a created sandbox at the end of its scope, and releases a connected one', async () => {
+    let id: string;
+    {
+      await using scoped = await Sandbox.create({ name: 'scoped' });
+      id = scoped.sandboxId;
+      {
+        await using attached = await Sandbox.connect(id);
+        expect((await attached.commands.run('echo in scope')).stdout).toBe('in scope\n');
+      }
+      // Leaving the connected one's scope released it: the sandbox is still there.
+      expect((await vr.sandboxes.get(id)).info.status).toBe('running');
+    }
+    await expect(vr.sandboxes.get(id)).rejects.toBeInstanceOf(SandboxNotFoundError);
+  });
+});
