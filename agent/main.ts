@@ -19,6 +19,7 @@ import { handleProcessStream } from './services/process/output-stream.js';
 import { ProcessManager } from './services/process/process-manager.js';
 import { PtyManager } from './services/pty/pty-manager.js';
 import { ShellSessions } from './services/shell/shell-sessions.js';
+import { SandboxEnv } from './services/env/sandbox-env.js';
 
 const guest = process.env.VOIDRUN_GUEST_CONFIG ? readGuestConfig(process.env.VOIDRUN_GUEST_CONFIG) : null;
 const busybox = process.env.VOIDRUN_BUSYBOX ?? 'busybox';
@@ -46,12 +47,17 @@ const guestReady = guest ? configureGuest(guest, busybox) : Promise.resolve();
 // the agent's Node.
 const baseEnv: NodeJS.ProcessEnv = {};
 for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('VOIDRUN_') && !k.startsWith('WS_NO_')) baseEnv[k] = v;
-if (guest) Object.assign(baseEnv, guest.env);
-else if (settings.VOIDRUN_SANDBOX_ENV) Object.assign(baseEnv, JSON.parse(Buffer.from(settings.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')));
+const plainEnv = { ...baseEnv };
+const sandboxEnvVars: Record<string, string> = guest
+  ? guest.env
+  : settings.VOIDRUN_SANDBOX_ENV
+    ? (JSON.parse(Buffer.from(settings.VOIDRUN_SANDBOX_ENV, 'base64').toString('utf8')) as Record<string, string>)
+    : {};
+Object.assign(baseEnv, sandboxEnvVars);
 baseEnv.VOIDRUN_SANDBOX_ID = settings.VOIDRUN_SANDBOX_ID;
 const home = process.env.HOME ?? '/';
 const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(settings.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000),
-  shells: new ShellSessions(baseEnv, home), startedAt: Date.now() };
+  shells: new ShellSessions(baseEnv, home), env: new SandboxEnv(baseEnv, plainEnv, sandboxEnvVars), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
   // The server's nonce for this request, echoed on the answer: the server keeps a connection

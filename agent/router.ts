@@ -10,6 +10,7 @@ import { FileWatch } from './services/files/watch.js';
 import type { ProcessManager } from './services/process/process-manager.js';
 import type { PtyManager } from './services/pty/pty-manager.js';
 import type { ShellSessions } from './services/shell/shell-sessions.js';
+import { SandboxEnvInput, type SandboxEnv } from './services/env/sandbox-env.js';
 import { PtySize } from '../shared/schemas/pty.js';
 import type { SequencedEvent } from './services/process/output-log.js';
 
@@ -17,6 +18,7 @@ export interface AgentContext {
   processes: ProcessManager;
   ptys: PtyManager;
   shells: ShellSessions;
+  env: SandboxEnv;
   startedAt: number;
 }
 
@@ -143,6 +145,10 @@ export const agentRouter = t.router({
   ports: t.router({
     /** The TCP ports listening inside the sandbox. */
     list: t.procedure.query(() => listListeningPorts()),
+  }),
+  /** The sandbox's envVars for commands started from now on (a warm-pool claim sets its owner's). */
+  env: t.router({
+    replace: t.procedure.input(SandboxEnvInput).mutation(({ ctx, input }) => ctx.env.replace(input.vars)),
   }),
   health: t.procedure.output(AgentHealth).query(({ ctx }) => ({
     ok: true as const,

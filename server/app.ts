@@ -29,6 +29,7 @@ import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
 import { SandboxService } from './services/sandbox-service.js';
+import { WarmPool } from './services/warm-pool.js';
 import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
 import { countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
 import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
@@ -139,6 +140,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
   await images.seedSystemImages(systemUser.id);
 
+  let warmPool: WarmPool | null = null;
   const health = driver
     ? new HealthMonitor({ sandboxes: store.sandboxes, service: sandboxes, driver, intervalMs: config.HEALTH_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log })
     : null;
@@ -146,6 +148,20 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     await health.adopt();
     if (network.mode === 'bridge') await adoptEgress(egress, store, sandboxes, driver!, log);
     if (config.HEALTH_ENABLED) health.start();
+    // After the health monitor's adoption (which knows pool members by their records): members
+    // still running are kept; with WARM_POOL empty, any a previous run left are removed.
+    warmPool = new WarmPool({
+      entries: config.WARM_POOL,
+      service: sandboxes,
+      sandboxes: store.sandboxes,
+      claims: store.poolClaims,
+      images,
+      diskMb: config.SANDBOX_DEFAULT_DISK_MB,
+      networkMode: network.mode,
+      log,
+    });
+    await warmPool.start();
+    sandboxes.useWarmPool(warmPool);
     // Build the default image now, so the first sandbox does not wait for debootstrap.
     if (config.PREPARE_DEFAULT_IMAGE) images.prepareDefault().catch((err: Error) => log.error({ err: err.message }, 'could not prepare the default image'));
   }
@@ -203,6 +219,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     async close() {
       // Streams first (they end when their agent connections close), then the HTTP server.
       await health?.stop();
+      await warmPool?.close();
       await egress.stop();
       watch.closeAll();
       await agents?.closeAll();

@@ -30,6 +30,44 @@ const csv = (fallback: string, valid: (item: string) => boolean, expected: strin
       const bad = ctx.value.find((v) => !valid(v));
       if (bad !== undefined) ctx.issues.push({ code: 'custom', message: `${expected} (${JSON.stringify(bad)} is not one)`, input: ctx.value });
     });
+/** One `WARM_POOL` entry: `<image>:<n>cpu:<m>mb=<count>`. */
+export interface WarmPoolEntry {
+  image: string;
+  cpu: number;
+  memMb: number;
+  count: number;
+  /** The shape without the count (`debian:1cpu:1024mb`): the `pool` key of its members' records. */
+  key: string;
+}
+const warmPoolEntry = /^([a-z0-9][a-z0-9._-]{0,62}):(\d{1,2})cpu:(\d{1,7})mb=(\d{1,3})$/;
+/** WARM_POOL: comma-separated entries, each shape at most once, bounded like the defaults they match. */
+const warmPool = z
+  .string()
+  .optional()
+  .transform((v, ctx) => {
+    const entries: WarmPoolEntry[] = [];
+    for (const item of (v ?? '').split(',').map((s) => s.trim()).filter(Boolean)) {
+      const m = warmPoolEntry.exec(item);
+      const [cpu, memMb, count] = m ? [Number(m[2]), Number(m[3]), Number(m[4])] : [0, 0, 0];
+      const problem = !m
+        ? 'is not <image>:<n>cpu:<m>mb=<count>'
+        : cpu < 1 || cpu > 64
+          ? 'asks for cpu outside 1 to 64'
+          : memMb < 64 || memMb > 1_048_576
+            ? 'asks for memory outside 64 to 1048576 MB'
+            : count > 256
+              ? 'asks for more than 256 sandboxes'
+              : entries.some((e) => e.key === `${m[1]}:${cpu}cpu:${memMb}mb`)
+                ? 'repeats a shape listed before'
+                : null;
+      if (problem) {
+        ctx.issues.push({ code: 'custom', message: `comma-separated <image>:<n>cpu:<m>mb=<count> entries such as debian:1cpu:1024mb=4 (${JSON.stringify(item.slice(0, 80))} ${problem})`, input: v });
+        return z.NEVER;
+      }
+      entries.push({ image: m![1]!, cpu, memMb, count, key: `${m![1]}:${cpu}cpu:${memMb}mb` });
+    }
+    return entries;
+  });
 const headerName = (v: string) => /^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/.test(v);
 const privateCidr = (v: string) => {
   const parsed = parseNetworkRule(v);
@@ -66,6 +104,8 @@ const EnvSchema = z.object({
   SANDBOX_DEFAULT_MEMORY_MB: int(64, 1_048_576).default(1024),
   SANDBOX_DEFAULT_DISK_MB: int(64, 16_777_216).default(5120),
   SANDBOX_DEFAULT_IMAGE: nonEmpty.default('debian'),
+  // Running sandboxes kept ready for creates of these shapes (README "Warm pool"); empty: none.
+  WARM_POOL: warmPool,
   SANDBOX_DRIVER: oneOf(['auto', 'container', 'qemu', 'cloud-hypervisor']).default('auto'),
   QEMU_BINARY: nonEmpty.default('qemu-system-x86_64'),
   CLOUD_HYPERVISOR_BINARY: nonEmpty.default('/usr/local/bin/cloud-hypervisor'),

@@ -12,6 +12,14 @@ const statusValue: Record<string, number> = { running: 1, paused: 3, stopped: 4,
 const holdsResources = new Set(['creating', 'running', 'paused']);
 const MiB = 1024 * 1024;
 
+/**
+ * The samples of sandboxes an org owns: warm-pool members (owned by none) have no per-sandbox
+ * series, as they are in no org's listing; they count in the host's allocation totals.
+ */
+function tenantSamples(list: SandboxSample[]): SandboxSample[] {
+  return list.some((s) => s.record.pool) ? list.filter((s) => !s.record.pool) : list;
+}
+
 /** Prometheus metrics of one server instance (its own registry, so several servers can share a process). */
 export class HttpMetrics {
   readonly registry = new Registry();
@@ -116,11 +124,11 @@ export class HttpMetrics {
       async collect() {
         const list = await samples();
         this.reset();
-        for (const s of list) this.set({ ...labelsOf(s), status: s.record.status }, statusValue[s.record.status] ?? -1);
+        for (const s of tenantSamples(list)) this.set({ ...labelsOf(s), status: s.record.status }, statusValue[s.record.status] ?? -1);
       },
     });
     gauge('voidrun_sbx_cpu_usage', 'Sandbox CPU usage in percent (0-100) of its vCPUs since the previous scrape, from the host (cgroup or VMM process)', (g, list) => {
-      for (const s of list) {
+      for (const s of tenantSamples(list)) {
         const pct = cpuPercent.get(s.record.id);
         if (pct !== undefined) g.set(labelsOf(s), pct);
       }
@@ -133,17 +141,17 @@ export class HttpMetrics {
       async collect() {
         const list = await samples();
         this.reset();
-        for (const s of list) if (s.usage) this.inc(labelsOf(s), s.usage.cpuSeconds);
+        for (const s of tenantSamples(list)) if (s.usage) this.inc(labelsOf(s), s.usage.cpuSeconds);
       },
     });
     gauge('voidrun_sbx_mem_used_bytes', 'Sandbox memory in use without reclaimable file cache (container: cgroup working set; microVM: the VMM process resident set)', (g, list) => {
-      for (const s of list) if (s.usage) g.set(labelsOf(s), s.usage.memoryBytes);
+      for (const s of tenantSamples(list)) if (s.usage) g.set(labelsOf(s), s.usage.memoryBytes);
     });
     gauge('voidrun_sbx_mem_limit_bytes', 'Memory allocated to the sandbox (mem)', (g, list) => {
-      for (const s of list) g.set(labelsOf(s), s.record.mem * MiB);
+      for (const s of tenantSamples(list)) g.set(labelsOf(s), s.record.mem * MiB);
     });
     gauge('voidrun_sbx_disk_limit_bytes', 'Disk allocated to the sandbox (diskMb)', (g, list) => {
-      for (const s of list) g.set(labelsOf(s), s.record.diskMb * MiB);
+      for (const s of tenantSamples(list)) g.set(labelsOf(s), s.record.diskMb * MiB);
     });
     for (const [direction, help] of [
       ['egress', 'Bytes the sandbox sent through its link on the host bridge since it last started, counted by the host kernel (host end of its veth or TAP)'],
@@ -157,7 +165,7 @@ export class HttpMetrics {
         async collect() {
           const list = await samples();
           this.reset();
-          for (const s of list) if (s.usage?.network) this.inc(labelsOf(s), s.usage.network[direction]);
+          for (const s of tenantSamples(list)) if (s.usage?.network) this.inc(labelsOf(s), s.usage.network[direction]);
         },
       });
     }
@@ -175,12 +183,12 @@ export class HttpMetrics {
         async collect() {
           const list = await samples();
           this.reset();
-          for (const s of list) if (s.usage?.network) this.set({ ...labelsOf(s), device: 'eth0' }, s.usage.network[direction]);
+          for (const s of tenantSamples(list)) if (s.usage?.network) this.set({ ...labelsOf(s), device: 'eth0' }, s.usage.network[direction]);
         },
       });
     }
     gauge('voidrun_sbx_metrics_up', 'Whether the host-side usage of a running or paused sandbox could be read (1 = up)', (g, list) => {
-      for (const s of list) if (s.usage !== undefined) g.set(labelsOf(s), s.usage ? 1 : 0);
+      for (const s of tenantSamples(list)) if (s.usage !== undefined) g.set(labelsOf(s), s.usage ? 1 : 0);
     });
     const allocated = (name: string, help: string, amount: (s: SandboxSample) => number) =>
       new Gauge({

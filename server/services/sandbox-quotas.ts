@@ -118,7 +118,7 @@ export class SandboxQuotas {
    * Runs `insert` (the store write that makes the sandbox count) if the org's quotas and the host's
    * capacity leave room for `request`; otherwise throws `TooManyRequestsError` (429) naming the limit.
    */
-  async admit<T>(orgId: string, request: SandboxRequest, insert: () => Promise<T>): Promise<T> {
+  async admit<T>(orgId: string, request: SandboxRequest, insert: () => Promise<T>, { orgQuota = true }: { orgQuota?: boolean } = {}): Promise<T> {
     await this.checkFitsHost(request);
     return this.#lock.run('admission', async () => {
       const all = await this.opts.sandboxes.listAll();
@@ -143,16 +143,42 @@ export class SandboxQuotas {
           `The host is full: its sandboxes are promised ${committed} of ${host.memoryCommitMb} MiB (HOST_MEMORY_COMMIT_PERCENT ${host.memoryCommitPercent}% of ${host.memoryMb} MiB); ask for less memory or try again later`,
         );
       }
-      const use = await this.#usage(orgId, all);
-      const { org } = this.opts;
-      const refuse = (what: string, asked: string, used: number, limit: number, unit: string, variable: string) =>
-        new TooManyRequestsError(`Org quota exceeded: ${what} ${asked} requested, ${used} of ${limit}${unit} in use (${variable})`);
-      if (use.sandboxes + 1 > org.sandboxes) throw refuse('sandboxes', '1', use.sandboxes, org.sandboxes, '', 'ORG_MAX_SANDBOXES');
-      if (use.vcpus + request.cpu > org.vcpus) throw refuse('vcpus', String(request.cpu), use.vcpus, org.vcpus, '', 'ORG_MAX_VCPUS');
-      if (use.memoryMb + request.mem > org.memoryMb) throw refuse('memory', `${request.mem} MB`, use.memoryMb, org.memoryMb, ' MB', 'ORG_MAX_MEMORY_MB');
-      if (use.diskMb + request.diskMb > org.diskMb) throw refuse('disk', `${request.diskMb} MB`, use.diskMb, org.diskMb, ' MB', 'ORG_MAX_DISK_MB');
+      if (orgQuota) await this.#checkOrg(orgId, request, all);
       return insert();
     });
+  }
+
+  /**
+   * Runs `claim` (the write that hands a warm-pool member to the org) if the org's quotas leave
+   * room for `request`, exactly as `admit` would for a new sandbox. The host's capacity is not
+   * checked again: the member already holds its share of it (pool members count there, never in
+   * any org's use).
+   */
+  async admitClaim<T>(orgId: string, request: SandboxRequest, claim: () => Promise<T>): Promise<T> {
+    return this.#lock.run('admission', async () => {
+      await this.#checkOrg(orgId, request, await this.opts.sandboxes.listAll());
+      return claim();
+    });
+  }
+
+  /**
+   * Runs `insert` (the write of a warm-pool member) if the host's capacity leaves room for it; the
+   * pool belongs to no org, so no org quota applies. Refusals are `admit`'s.
+   */
+  async admitPoolMember<T>(request: SandboxRequest, insert: () => Promise<T>): Promise<T> {
+    return this.admit('', request, insert, { orgQuota: false });
+  }
+
+  /** Refuses (429 naming the limit) a request past the org's quotas, given every sandbox record `all`. */
+  async #checkOrg(orgId: string, request: SandboxRequest, all: SandboxRecord[]): Promise<void> {
+    const use = await this.#usage(orgId, all);
+    const { org } = this.opts;
+    const refuse = (what: string, asked: string, used: number, limit: number, unit: string, variable: string) =>
+      new TooManyRequestsError(`Org quota exceeded: ${what} ${asked} requested, ${used} of ${limit}${unit} in use (${variable})`);
+    if (use.sandboxes + 1 > org.sandboxes) throw refuse('sandboxes', '1', use.sandboxes, org.sandboxes, '', 'ORG_MAX_SANDBOXES');
+    if (use.vcpus + request.cpu > org.vcpus) throw refuse('vcpus', String(request.cpu), use.vcpus, org.vcpus, '', 'ORG_MAX_VCPUS');
+    if (use.memoryMb + request.mem > org.memoryMb) throw refuse('memory', `${request.mem} MB`, use.memoryMb, org.memoryMb, ' MB', 'ORG_MAX_MEMORY_MB');
+    if (use.diskMb + request.diskMb > org.diskMb) throw refuse('disk', `${request.diskMb} MB`, use.diskMb, org.diskMb, ' MB', 'ORG_MAX_DISK_MB');
   }
 
   /**

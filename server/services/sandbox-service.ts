@@ -35,11 +35,12 @@ import {
 } from '../errors.js';
 import { canPause, canSnapshot, countsNetworkBytes, hasAddresses, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
-import type { SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
+import type { PoolMemberClaim, SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import type { ImageService } from './image-service.js';
 import { SandboxLocks } from './sandbox-locks.js';
 import type { SandboxQuotas } from './sandbox-quotas.js';
+import type { WarmPool } from './warm-pool.js';
 
 export interface SandboxDefaults {
   cpu: number;
@@ -102,6 +103,8 @@ const NOT_RUNNING_ADVICE: Record<Exclude<SandboxStatus, 'running'>, string> = {
 export class SandboxService {
   readonly #locks = new SandboxLocks();
   readonly #stopListeners: Array<(id: string) => void> = [];
+  /** WARM_POOL's members, claimed by matching creates (see `useWarmPool`). */
+  #warm: WarmPool | null = null;
 
   constructor(private readonly deps: SandboxServiceDeps) {}
 
@@ -133,7 +136,7 @@ export class SandboxService {
     assertOwnOrg(principal, input.orgId);
     const driver = this.driver;
     const image = await this.deps.images.resolve(principal, input.templateId);
-    const record = await this.#admitRecord(principal, {
+    const fields: NewSandboxFields = {
       name: input.name,
       imageId: image.id,
       cpu: input.cpu ?? this.deps.defaults.cpu,
@@ -142,7 +145,11 @@ export class SandboxService {
       envVars: input.envVars ?? {},
       labels: input.labels ?? {},
       network: this.#resolveNetwork(input.network ?? {}, null, await this.deps.network.forOrg?.(principal.orgId)),
-    });
+    };
+    // A running member of the warm pool of this shape, if there is one (see warm-pool.ts).
+    const warm = await this.#warm?.claim(principal, { ...fields, orgId: principal.orgId, createdBy: principal.userId });
+    if (warm) return this.#answer(warm);
+    const record = await this.#admitRecord(principal, fields);
     const boot = this.#locks.run(record.id, async () => {
       try {
         const rootfs = await this.deps.images.rootfsFor(image);
@@ -529,10 +536,83 @@ export class SandboxService {
   }
 
   /** A new `creating` record in the caller's org, if its quotas and the host leave room for it. */
-  #admitRecord(principal: Principal, fields: Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels' | 'network'>): Promise<SandboxRecord> {
+  #admitRecord(principal: Principal, fields: NewSandboxFields): Promise<SandboxRecord> {
     return this.deps.quotas.admit(principal.orgId, fields, () =>
       this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' }),
     );
+  }
+
+  // ── Warm pool (server/services/warm-pool.ts keeps the pool; these build, hand over and remove members) ──
+
+  /** Creates matching WARM_POOL's shapes are served from `pool` first. */
+  useWarmPool(pool: WarmPool): void {
+    this.#warm = pool;
+  }
+
+  /** The warm pool, if WARM_POOL lists any shape. */
+  get warmPool(): WarmPool | null {
+    return this.#warm;
+  }
+
+  /**
+   * A running sandbox owned by no org (`orgId` '', `pool` = its shape), built as a cold create
+   * builds one, with the server's default network policy and no envVars. It counts against the
+   * host's capacity (never an org's quota).
+   */
+  async createPoolMember(shape: { pool: string; imageId: string; cpu: number; mem: number; diskMb: number }): Promise<SandboxRecord> {
+    const driver = this.driver;
+    const image = await this.deps.images.resolve({ orgId: '', keyId: '', userId: '' }, shape.imageId);
+    const fields = { name: `warm-${newId()}`, imageId: image.id, cpu: shape.cpu, mem: shape.mem, diskMb: shape.diskMb, envVars: {}, labels: {}, network: this.#resolveNetwork({}, null) };
+    const record = await this.deps.quotas.admitPoolMember(fields, () =>
+      this.deps.sandboxes.create({ ...fields, orgId: '', createdBy: '', ip: '', status: 'creating', pool: shape.pool }),
+    );
+    return this.#locks.run(record.id, async () => {
+      try {
+        await driver.create(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
+        const running = await this.#setStatus(record, 'running');
+        // The agent connection is opened now, so a claim's first call does not wait for it.
+        await this.agents.call(running, (agent) => agent.health.query());
+        return running;
+      } catch (err) {
+        await this.agents.drop(record.id);
+        await driver.destroy(record.id).catch(() => {});
+        await this.deps.sandboxes.delete('', record.id);
+        throw this.#forCaller(err, `Creating warm pool sandbox ${record.name} failed`);
+      }
+    });
+  }
+
+  /**
+   * Hands claimed pool member `id` to `claim.orgId` in one store write, admitted against the org's
+   * quotas exactly as a cold create of `request`'s size; a refusal leaves the member untouched.
+   */
+  handOverPoolMember(id: string, request: { cpu: number; mem: number; diskMb: number }, claim: PoolMemberClaim): Promise<SandboxRecord | null> {
+    return this.deps.quotas.admitClaim(claim.orgId, request, () => this.deps.sandboxes.claimPoolMember(id, claim));
+  }
+
+  /**
+   * Gives a claimed member (`record`, already its org's) what a cold create would have started it
+   * with: its network policy, enforced as `updateNetwork` enforces one when it differs from the
+   * member's, and its envVars in the agent's environment for commands (`env.replace`).
+   */
+  async applyPoolClaim(record: SandboxRecord, member: SandboxRecord): Promise<void> {
+    const steps: Array<Promise<unknown>> = [];
+    const enforce = this.deps.network.enforce;
+    if (record.network.mode === 'bridge' && enforce && JSON.stringify(record.network) !== JSON.stringify(member.network)) steps.push(enforce(record.id, record.network));
+    if (Object.keys(record.envVars).length > 0 || Object.keys(member.envVars).length > 0) {
+      steps.push(this.agents.call(record, (agent) => agent.env.replace.mutate({ vars: record.envVars })));
+    }
+    await Promise.all(steps);
+  }
+
+  /** Removes a sandbox the warm pool owns or failed to hand over: its runtime, connections and record. */
+  async discard(record: SandboxRecord): Promise<void> {
+    await this.#locks.run(record.id, async () => {
+      this.#stopped(record.id);
+      await this.deps.agents?.drop(record.id);
+      await this.deps.driver?.destroy(record.id);
+      await this.deps.sandboxes.delete(record.orgId, record.id);
+    });
   }
 
   #spec(record: SandboxRecord, rootfs: string, image: string): SandboxSpec {
@@ -559,6 +639,9 @@ export class SandboxService {
     return { id: snapId, created_at: st.mtime.toISOString(), full_path: `${record.id}/${snapId}`, kind, size: st.size };
   }
 }
+
+/** What a create or restore decides of a new sandbox before its record exists. */
+type NewSandboxFields = Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels' | 'network'>;
 
 function assertOwnOrg(principal: Principal, orgId: string | undefined): void {
   if (orgId && orgId !== principal.orgId) throw new ForbiddenError(`orgId ${orgId} is not the organization of this API key`);

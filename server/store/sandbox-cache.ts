@@ -87,6 +87,10 @@ export class CachedSandboxRepository implements SandboxRepository {
   delete(orgId: string, id: string): Promise<boolean> {
     return this.#cache.writing(id, () => this.inner.delete(orgId, id));
   }
+
+  claimPoolMember(id: string, claim: Parameters<SandboxRepository['claimPoolMember']>[1]): Promise<SandboxRecord | null> {
+    return this.#cache.writing(id, () => this.inner.claimPoolMember(id, claim));
+  }
 }
 
 /**

@@ -64,9 +64,17 @@ export interface SandboxRecord {
   network: NetworkPolicy;
   /** The ports its owner opened to everyone (preview URLs without a token), ascending; absent: none. */
   publicPorts?: number[];
+  /**
+   * Set on a warm-pool member (owned by no org, `orgId` ''): the shape it was built for
+   * (`debian:1cpu:1024mb`, see WARM_POOL); absent or '' on every sandbox an org owns.
+   */
+  pool?: string;
   createdAt: Date;
   updatedAt: Date;
 }
+
+/** What a claim of a warm-pool member sets: the record becomes the org's sandbox, no longer the pool's. */
+export type PoolMemberClaim = Pick<SandboxRecord, 'orgId' | 'name' | 'createdBy' | 'envVars' | 'labels' | 'network'>;
 
 /** The policy of a sandbox stored before network policies existed: such sandboxes had loopback only. */
 export const SANDBOX_NETWORK_NONE: NetworkPolicy = { mode: 'none', egress: 'allow', allow: [], deny: [], maxEgressBytes: null, egressCut: false };
@@ -151,6 +159,13 @@ export interface SandboxRepository {
   /** A sandbox by id alone, whatever its org: only for requests that prove their right to it otherwise (a preview URL's token or public port). */
   findByIdInAnyOrg(id: string): Promise<SandboxRecord | null>;
   update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts'>>): Promise<SandboxRecord | null>;
+  /**
+   * Hands warm-pool member `id` (a record with `orgId` '') to an org in one write: owner, name and
+   * the rest of `claim`, `pool` cleared. The caller must hold the member's claim (`PoolClaimRepository`):
+   * this write is not the arbiter. `ConflictError` (member untouched) when the org already has a
+   * sandbox of that name; null when there is no such member.
+   */
+  claimPoolMember(id: string, claim: PoolMemberClaim): Promise<SandboxRecord | null>;
   delete(orgId: string, id: string): Promise<boolean>;
 }
 
@@ -179,6 +194,49 @@ export interface IpLeaseRepository {
   list(): Promise<IpLeaseRecord[]>;
 }
 
+/**
+ * Claims on warm-pool members, keyed by the member's sandbox id: of any number of concurrent claims
+ * of one member (from any number of server processes) exactly one inserts its row.
+ */
+export interface PoolClaimRepository {
+  /** True for the one caller whose insert made the claim; false when it was already claimed. */
+  claim(sandboxId: string): Promise<boolean>;
+  /** Frees a claim (a claim that failed gives its member back to the pool; a deleted sandbox's claim goes). */
+  release(sandboxId: string): Promise<void>;
+  /** The sandbox ids claimed, in no particular order. */
+  list(): Promise<string[]>;
+}
+
+/** One idempotency key of an org's operation: the first request's hash and, once it finished, its result. */
+export interface IdempotencyRecord {
+  orgId: string;
+  /** `sandbox.create`, `sandbox.restore`, `exec.startCommand`. */
+  operation: string;
+  key: string;
+  /** SHA-256 of the request's canonical JSON (without the key). */
+  requestHash: string;
+  /** The result as JSON text once the first request succeeded; null while it runs. */
+  result: string | null;
+  createdAt: Date;
+  expiresAt: Date;
+}
+
+/**
+ * Idempotency keys. `claim` is an insert against the unique `(orgId, operation, key)`: of concurrent
+ * first requests exactly one runs; the rest read the winner's row.
+ */
+export interface IdempotencyRepository {
+  /** Inserts `record` (result null); false, with nothing written, when the key is taken. */
+  claim(record: Omit<IdempotencyRecord, 'result'>): Promise<boolean>;
+  find(orgId: string, operation: string, key: string): Promise<IdempotencyRecord | null>;
+  /** Stores the result of the claim's request (only its claimer writes it). */
+  complete(orgId: string, operation: string, key: string, result: string): Promise<void>;
+  /** Frees the key (its request failed, or it expired). */
+  release(orgId: string, operation: string, key: string): Promise<void>;
+  /** Removes keys that expired before `now`; resolves to how many went. */
+  prune(now: Date): Promise<number>;
+}
+
 export interface Store {
   readonly kind: 'sqlite' | 'mongo';
   readonly users: UserRepository;
@@ -187,5 +245,7 @@ export interface Store {
   readonly sandboxes: SandboxRepository;
   readonly images: ImageRepository;
   readonly ipLeases: IpLeaseRepository;
+  readonly poolClaims: PoolClaimRepository;
+  readonly idempotency: IdempotencyRepository;
   close(): Promise<void>;
 }

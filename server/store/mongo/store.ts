@@ -8,10 +8,14 @@ import type {
   ImageRepository,
   IpLeaseRecord,
   IpLeaseRepository,
+  IdempotencyRecord,
+  IdempotencyRepository,
   NewRecord,
   OrgRecord,
   OrgRepository,
   Page,
+  PoolClaimRepository,
+  PoolMemberClaim,
   SandboxRecord,
   SandboxRepository,
   Store,
@@ -236,6 +240,73 @@ class MongoSandboxes implements SandboxRepository {
     const _id = objectId(id);
     return _id ? op('', async () => (await this.c.deleteOne({ _id, orgId })).deletedCount > 0) : false;
   }
+  async claimPoolMember(id: string, c: PoolMemberClaim) {
+    const _id = objectId(id);
+    if (!_id) return null;
+    // Only the holder of the member's claim (an insert, see MongoPoolClaims) gets here, so this
+    // update never races another; the unique (orgId, name) index refuses a name the org has.
+    return op(`A sandbox named ${c.name}`, async () => {
+      const doc = await this.c.findOneAndUpdate({ _id, orgId: '' }, { $set: { ...c, updatedAt: new Date() }, $unset: { pool: '' } }, { returnDocument: 'after' });
+      return doc ? MongoSandboxes.#map(doc) : null;
+    });
+  }
+}
+
+/** `_id` is the member's sandbox id: the built-in unique `_id` index picks each member's one claimer. */
+class MongoPoolClaims implements PoolClaimRepository {
+  constructor(private readonly c: Collection<{ _id: string; createdAt: Date }>) {}
+  async claim(sandboxId: string) {
+    try {
+      await op('', () => this.c.insertOne({ _id: sandboxId, createdAt: new Date() }));
+      return true;
+    } catch (err) {
+      if (err instanceof ConflictError) return false;
+      throw err;
+    }
+  }
+  async release(sandboxId: string) {
+    await op('', () => this.c.deleteOne({ _id: sandboxId }));
+  }
+  async list() {
+    return op('', async () => (await this.c.find({}).toArray()).map((d) => d._id));
+  }
+}
+
+type IdempotencyDoc = Omit<IdempotencyRecord, 'orgId' | 'operation' | 'key'> & { _id: string; orgId: string; operation: string; key: string };
+
+/** `_id` is the JSON of `[orgId, operation, key]`, so the built-in unique index decides every claim. */
+class MongoIdempotency implements IdempotencyRepository {
+  constructor(private readonly c: Collection<IdempotencyDoc>) {}
+  static #id(orgId: string, operation: string, key: string): string {
+    return JSON.stringify([orgId, operation, key]);
+  }
+  async claim(r: Omit<IdempotencyRecord, 'result'>) {
+    try {
+      await op('', () => this.c.insertOne({ _id: MongoIdempotency.#id(r.orgId, r.operation, r.key), ...r, result: null }));
+      return true;
+    } catch (err) {
+      if (err instanceof ConflictError) return false;
+      throw err;
+    }
+  }
+  async find(orgId: string, operation: string, key: string) {
+    return op('', async () => {
+      const doc = await this.c.findOne({ _id: MongoIdempotency.#id(orgId, operation, key) });
+      if (!doc) return null;
+      const { _id, ...rest } = doc;
+      return rest as IdempotencyRecord;
+    });
+  }
+  async complete(orgId: string, operation: string, key: string, result: string) {
+    // Written by the key's claimer alone.
+    await op('', () => this.c.updateOne({ _id: MongoIdempotency.#id(orgId, operation, key) }, { $set: { result } }));
+  }
+  async release(orgId: string, operation: string, key: string) {
+    await op('', () => this.c.deleteOne({ _id: MongoIdempotency.#id(orgId, operation, key) }));
+  }
+  async prune(now: Date) {
+    return op('', async () => (await this.c.deleteMany({ expiresAt: { $lt: now } })).deletedCount);
+  }
 }
 
 class MongoImages implements ImageRepository {
@@ -305,6 +376,7 @@ async function ensureIndexes(db: Db): Promise<void> {
     db.collection('sandboxes').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'sandboxes_name_per_org' }),
     db.collection('images').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'images_by_owner_name' }),
     db.collection('ip_leases').createIndex({ sandboxId: 1 }, { name: 'ip_leases_by_sandbox' }),
+    db.collection('idempotency_keys').createIndex({ expiresAt: 1 }, { name: 'idempotency_keys_expiry' }),
   ]);
 }
 
@@ -333,6 +405,8 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
       sandboxes: new MongoSandboxes(db.collection('sandboxes')),
       images: new MongoImages(db.collection('images')),
       ipLeases: new MongoIpLeases(db.collection('ip_leases')),
+      poolClaims: new MongoPoolClaims(db.collection('pool_claims')),
+      idempotency: new MongoIdempotency(db.collection('idempotency_keys')),
       async close() {
         await client.close();
       },

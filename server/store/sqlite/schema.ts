@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   labels TEXT NOT NULL DEFAULT '{}',
   network TEXT,
   public_ports TEXT NOT NULL DEFAULT '[]',
+  pool TEXT NOT NULL DEFAULT '',
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );
@@ -74,4 +75,19 @@ CREATE TABLE IF NOT EXISTS ip_leases (
   created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ip_leases_by_sandbox ON ip_leases (sandbox_id);
+CREATE TABLE IF NOT EXISTS pool_claims (
+  sandbox_id TEXT PRIMARY KEY,
+  created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  org_id TEXT NOT NULL,
+  operation TEXT NOT NULL,
+  key TEXT NOT NULL,
+  request_hash TEXT NOT NULL,
+  result TEXT,
+  created_at TEXT NOT NULL,
+  expires_at TEXT NOT NULL,
+  PRIMARY KEY (org_id, operation, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at);
 `;

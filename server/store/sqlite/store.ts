@@ -10,10 +10,14 @@ import type {
   ImageRepository,
   IpLeaseRecord,
   IpLeaseRepository,
+  IdempotencyRecord,
+  IdempotencyRepository,
   NewRecord,
   OrgRecord,
   OrgRepository,
   Page,
+  PoolClaimRepository,
+  PoolMemberClaim,
   SandboxRecord,
   SandboxRepository,
   Store,
@@ -223,8 +227,8 @@ class SqliteSandboxes implements SandboxRepository {
   constructor(db: Db) {
     this.#db = db;
     this.#insert = db.prepare(
-      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, network, created_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, network, pool, created_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     );
     this.#byId = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? AND id = ?');
     this.#byIdAnyOrg = db.prepare('SELECT * FROM sandboxes WHERE id = ?');
@@ -248,6 +252,7 @@ class SqliteSandboxes implements SandboxRepository {
       labels: JSON.parse(String(r.labels ?? '{}')) as Record<string, string>,
       network: r.network == null ? SANDBOX_NETWORK_NONE : (JSON.parse(String(r.network)) as NetworkPolicy),
       publicPorts: JSON.parse(String(r.public_ports ?? '[]')) as number[],
+      ...(r.pool ? { pool: String(r.pool) } : {}),
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
     };
@@ -255,7 +260,7 @@ class SqliteSandboxes implements SandboxRepository {
   async create(sandbox: NewRecord<SandboxRecord>) {
     const r = stamp(sandbox);
     uniqueWrite(`A sandbox named ${r.name}`, () =>
-      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), JSON.stringify(r.network), iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), JSON.stringify(r.network), r.pool ?? '', iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
   }
@@ -306,6 +311,81 @@ class SqliteSandboxes implements SandboxRepository {
   }
   async delete(orgId: string, id: string) {
     return this.#delete.run(orgId, id).changes > 0;
+  }
+  async claimPoolMember(id: string, c: PoolMemberClaim) {
+    const changed = uniqueWrite(`A sandbox named ${c.name}`, () =>
+      this.#db
+        .prepare(
+          `UPDATE sandboxes SET org_id = @orgId, name = @name, created_by = @createdBy, env_vars = @envVars, labels = @labels, network = @network, pool = '', updated_at = @now
+           WHERE id = @id AND org_id = '' AND pool != ''`,
+        )
+        .run({ id, orgId: c.orgId, name: c.name, createdBy: c.createdBy, envVars: JSON.stringify(c.envVars), labels: JSON.stringify(c.labels), network: JSON.stringify(c.network), now: iso(new Date()) }).changes,
+    );
+    return changed ? this.findById(c.orgId, id) : null;
+  }
+}
+
+/** The member's id is the primary key: one insert wins each member. */
+class SqlitePoolClaims implements PoolClaimRepository {
+  readonly #claim;
+  readonly #release;
+  readonly #all;
+  constructor(db: Db) {
+    this.#claim = db.prepare('INSERT INTO pool_claims (sandbox_id, created_at) VALUES (?, ?) ON CONFLICT (sandbox_id) DO NOTHING');
+    this.#release = db.prepare('DELETE FROM pool_claims WHERE sandbox_id = ?');
+    this.#all = db.prepare('SELECT sandbox_id FROM pool_claims');
+  }
+  async claim(sandboxId: string) {
+    return this.#claim.run(sandboxId, iso(new Date())).changes === 1;
+  }
+  async release(sandboxId: string) {
+    this.#release.run(sandboxId);
+  }
+  async list() {
+    return (this.#all.all() as Row[]).map((r) => String(r.sandbox_id));
+  }
+}
+
+class SqliteIdempotency implements IdempotencyRepository {
+  readonly #claim;
+  readonly #find;
+  readonly #complete;
+  readonly #release;
+  readonly #prune;
+  constructor(db: Db) {
+    this.#claim = db.prepare(
+      `INSERT INTO idempotency_keys (org_id, operation, key, request_hash, result, created_at, expires_at) VALUES (?, ?, ?, ?, NULL, ?, ?)
+       ON CONFLICT (org_id, operation, key) DO NOTHING`,
+    );
+    this.#find = db.prepare('SELECT * FROM idempotency_keys WHERE org_id = ? AND operation = ? AND key = ?');
+    this.#complete = db.prepare('UPDATE idempotency_keys SET result = ? WHERE org_id = ? AND operation = ? AND key = ?');
+    this.#release = db.prepare('DELETE FROM idempotency_keys WHERE org_id = ? AND operation = ? AND key = ?');
+    this.#prune = db.prepare('DELETE FROM idempotency_keys WHERE expires_at < ?');
+  }
+  async claim(r: Omit<IdempotencyRecord, 'result'>) {
+    return this.#claim.run(r.orgId, r.operation, r.key, r.requestHash, iso(r.createdAt), iso(r.expiresAt)).changes === 1;
+  }
+  async find(orgId: string, operation: string, key: string): Promise<IdempotencyRecord | null> {
+    const r = this.#find.get(orgId, operation, key) as Row | undefined;
+    if (!r) return null;
+    return {
+      orgId: String(r.org_id),
+      operation: String(r.operation),
+      key: String(r.key),
+      requestHash: String(r.request_hash),
+      result: r.result == null ? null : String(r.result),
+      createdAt: date(r.created_at),
+      expiresAt: date(r.expires_at),
+    };
+  }
+  async complete(orgId: string, operation: string, key: string, result: string) {
+    this.#complete.run(result, orgId, operation, key);
+  }
+  async release(orgId: string, operation: string, key: string) {
+    this.#release.run(orgId, operation, key);
+  }
+  async prune(now: Date) {
+    return this.#prune.run(iso(now)).changes;
   }
 }
 
@@ -402,6 +482,7 @@ function migrate(db: Db): void {
   if (!sandboxColumns.includes('labels')) db.exec("ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'");
   if (!sandboxColumns.includes('network')) db.exec('ALTER TABLE sandboxes ADD COLUMN network TEXT');
   if (!sandboxColumns.includes('public_ports')) db.exec("ALTER TABLE sandboxes ADD COLUMN public_ports TEXT NOT NULL DEFAULT '[]'");
+  if (!sandboxColumns.includes('pool')) db.exec("ALTER TABLE sandboxes ADD COLUMN pool TEXT NOT NULL DEFAULT ''");
 }
 
 /** Opens (creating if needed) the embedded store at `<dataDir>/voidrun.db`. */
@@ -421,6 +502,8 @@ export function openSqliteStore(dataDir: string): Store {
     sandboxes: new SqliteSandboxes(db),
     images: new SqliteImages(db),
     ipLeases: new SqliteIpLeases(db),
+    poolClaims: new SqlitePoolClaims(db),
+    idempotency: new SqliteIdempotency(db),
     async close() {
       db.close();
     },
