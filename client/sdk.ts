@@ -2,7 +2,7 @@ import type { TRPCClient } from '@trpc/client';
 import type { AppRouter } from '../server/routers/index.js';
 import type { CreateSandboxInput, ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo } from '../shared/index.js';
 import { iterateSubscription } from '../shared/subscription-iterator.js';
-import { errorFromResponse, ProcessNotFoundError } from './errors.js';
+import { errorFromResponse, ProcessNotFoundError, VoidRunError } from './errors.js';
 import type { SandboxFiles } from './files.js';
 import { createClient, type ClientOptions, type VoidRunClient } from './index.js';
 import { envVar } from './runtime.js';
@@ -105,6 +105,8 @@ export class Sandbox {
   readonly commands: SandboxCommands;
   #onDispose: DisposeAction;
   readonly #ownsClient: boolean;
+  #closed = false;
+  #deleted = false;
 
   private constructor(
     /** The connection this sandbox uses (shared with the caller's when one was passed). */
@@ -209,20 +211,32 @@ export class Sandbox {
   async kill(): Promise<void> {
     try {
       await this.handle.delete();
+      this.#deleted = true;
     } finally {
       await this.close();
     }
   }
 
-  /** Closes the connection if this object opened it; the sandbox keeps running. */
+  /** Closes the connection if this object opened it; the sandbox keeps running. Closing twice is a no-op. */
   async close(): Promise<void> {
-    if (this.#ownsClient) await this.client.close();
+    if (!this.#ownsClient || this.#closed) return;
+    this.#closed = true;
+    await this.client.close();
   }
 
-  /** `await using sandbox = await Sandbox.create()`: at scope end, `kill()` or `close()` (see `onDispose`). */
+  /**
+   * `await using sandbox = await Sandbox.create()`: at scope end, `kill()` or `close()` (see
+   * `onDispose`). A sandbox already gone (killed in the scope, deleted elsewhere or by its
+   * timeout) is no error here: what the scope's end asks for is done.
+   */
   async [Symbol.asyncDispose](): Promise<void> {
-    if (this.#onDispose === 'delete') await this.kill();
-    else await this.close();
+    if (this.#onDispose === 'release' || this.#deleted) return this.close();
+    try {
+      await this.kill();
+    } catch (err) {
+      const code: string | undefined = err instanceof VoidRunError ? err.code : undefined;
+      if (code !== 'SANDBOX_NOT_FOUND' && code !== 'SANDBOX_GONE') throw err;
+    }
   }
 }
 
@@ -291,7 +305,7 @@ export class CommandProcess {
   /** The lower-level handle: `write` to stdin, `output()` as an iterator, … */
   readonly handle: CommandHandle;
   #done: Promise<CommandResult> | null = null;
-  #follow: { unsubscribe(): void } | null = null;
+  #follow: { stop(): void } | null = null;
 
   constructor(
     private readonly trpc: TRPCClient<AppRouter>,
@@ -321,25 +335,35 @@ export class CommandProcess {
     return this.handle.write(data, options);
   }
 
-  /** Stops following its output; the process keeps running. */
+  /**
+   * Stops following its output; the process keeps running. A `wait()` under way rejects; a later
+   * one follows it again (from its start).
+   */
   disconnect(): void {
-    this.#follow?.unsubscribe();
+    const follow = this.#follow;
     this.#follow = null;
+    this.#done = null;
+    follow?.stop();
   }
 
   #result(): Promise<CommandResult> {
-    this.#done ??= collect(
+    if (this.#done) return this.#done;
+    const done = collect(
       iterateSubscription<ExecChunk>((h) => {
-        this.#follow = this.trpc.commands.attach.subscribe(
-          { id: this.sandboxId, pid: this.pid },
-          { ...h, onData: (e) => h.onData(e.data) },
-        );
-        return this.#follow;
+        const sub = this.trpc.commands.attach.subscribe({ id: this.sandboxId, pid: this.pid }, { ...h, onData: (e) => h.onData(e.data) });
+        this.#follow = {
+          stop: () => {
+            sub.unsubscribe();
+            h.onError(new Error(`Stopped following process ${this.pid} (disconnect)`));
+          },
+        };
+        return sub;
       }),
       this.opts,
     );
-    this.#done.catch(() => {});
-    return this.#done;
+    done.catch(() => {});
+    this.#done = done;
+    return done;
   }
 }
 

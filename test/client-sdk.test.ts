@@ -146,4 +146,29 @@ describe.skipIf(!support.ok)('the client SDK: Sandbox.create, commands.run, file
     }
     await expect(vr.sandboxes.get(id)).rejects.toBeInstanceOf(SandboxNotFoundError);
   });
+
+  it('the end of an await using scope is no error when the sandbox is already gone (killed in the scope, or deleted elsewhere)', async () => {
+    {
+      await using killed = await Sandbox.create({ name: 'killed-in-scope' });
+      await killed.kill();
+    }
+    let id: string;
+    {
+      await using elsewhere = await Sandbox.create({ name: 'deleted-elsewhere' });
+      id = elsewhere.sandboxId;
+      await (await vr.sandboxes.get(id)).delete();
+    }
+    await expect(vr.sandboxes.get(id)).rejects.toBeInstanceOf(SandboxNotFoundError);
+  });
+
+  it("disconnect() stops following a background command's output without ending it; a later wait() follows it again", async () => {
+    const proc = await sbx.commands.run('echo one; read x; echo two', { background: true, onStdout: () => {} });
+    const pending = proc.wait();
+    proc.disconnect();
+    await expect(pending).rejects.toThrow(/disconnect/);
+    const again = sbx.commands.connect(proc.pid);
+    await proc.sendStdin('go\n');
+    expect(await again.wait()).toMatchObject({ stdout: 'one\ntwo\n', exitCode: 0 });
+    expect((await proc.wait()).stdout).toBe('one\ntwo\n');
+  });
 });
