@@ -20,6 +20,7 @@ import { ProcessManager } from './services/process/process-manager.js';
 import { PtyManager } from './services/pty/pty-manager.js';
 import { ShellSessions } from './services/shell/shell-sessions.js';
 import { SandboxEnv } from './services/env/sandbox-env.js';
+import { WatchSessions } from './services/files/watch-sessions.js';
 
 const guest = process.env.VOIDRUN_GUEST_CONFIG ? readGuestConfig(process.env.VOIDRUN_GUEST_CONFIG) : null;
 const busybox = process.env.VOIDRUN_BUSYBOX ?? 'busybox';
@@ -57,7 +58,8 @@ Object.assign(baseEnv, sandboxEnvVars);
 baseEnv.VOIDRUN_SANDBOX_ID = settings.VOIDRUN_SANDBOX_ID;
 const home = process.env.HOME ?? '/';
 const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(settings.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000),
-  shells: new ShellSessions(baseEnv, home), env: new SandboxEnv(baseEnv, plainEnv, sandboxEnvVars), startedAt: Date.now() };
+  shells: new ShellSessions(baseEnv, home), env: new SandboxEnv(baseEnv, plainEnv, sandboxEnvVars),
+  watches: new WatchSessions(Number(settings.VOIDRUN_WATCH_IDLE_SEC ?? 300) * 1000), startedAt: Date.now() };
 
 const server = createServer((req, res) => {
   // The server's nonce for this request, echoed on the answer: the server keeps a connection
@@ -138,6 +140,7 @@ const shutdown = () => {
   ctx.processes.killAll();
   ctx.ptys.killAll();
   ctx.shells.closeAll();
+  void ctx.watches.closeAll();
   server.close(() => process.exit(0));
   setTimeout(() => process.exit(0), 1000).unref();
 };

@@ -2,11 +2,11 @@ import { initTRPC, tracked } from '@trpc/server';
 import { z } from 'zod';
 import { AgentExecResult, AgentHealth, AgentKillResult, AgentProcessInfo, ProcessSpec } from '../shared/schemas/agent.js';
 import { AsyncQueue } from '../shared/async-queue.js';
-import { ArchiveFormat, type WatchMessage } from '../shared/schemas/files.js';
+import { ArchiveFormat } from '../shared/schemas/files.js';
 import { compress, extract } from './services/files/archive.js';
 import * as files from './services/files/operations.js';
 import { listListeningPorts } from './services/ports/list.js';
-import { FileWatch } from './services/files/watch.js';
+import type { SequencedMessage, WatchSessions } from './services/files/watch-sessions.js';
 import type { ProcessManager } from './services/process/process-manager.js';
 import type { PtyManager } from './services/pty/pty-manager.js';
 import type { ShellSessions } from './services/shell/shell-sessions.js';
@@ -19,8 +19,12 @@ export interface AgentContext {
   ptys: PtyManager;
   shells: ShellSessions;
   env: SandboxEnv;
+  watches: WatchSessions;
   startedAt: number;
 }
+
+/** The most events one watch message carries. */
+const WATCH_BATCH = 1000;
 
 const t = initTRPC.context<AgentContext>().create();
 const Pid = z.object({ pid: z.number().int().positive() });
@@ -43,19 +47,53 @@ const filesRouter = t.router({
   search: t.procedure.input(Path.extend({ pattern: z.string().min(1) })).query(({ input }) => files.searchFiles(input.path, input.pattern)),
   compress: t.procedure.input(Path.extend({ format: ArchiveFormat })).mutation(({ input }) => compress(input.path, input.format)),
   extract: t.procedure.input(z.object({ archive: z.string().min(1), dest: z.string().min(1) })).mutation(({ input }) => extract(input.archive, input.dest)),
-  /** File events under a path, batched as they are delivered, until the subscriber leaves. */
-  watch: t.procedure
-    .input(Path.extend({ recursive: z.boolean(), ignoreHidden: z.boolean() }))
-    .subscription(async function* ({ input, signal }) {
-      const batches = new AsyncQueue<WatchMessage[]>();
-      const watcher = await FileWatch.start(input, (messages) => batches.push(messages), () => batches.end());
-      try {
-        yield { type: 'ready' as const, path: watcher.root };
-        for await (const events of batches.drain(signal)) yield { type: 'events' as const, events };
-      } finally {
-        await watcher.close();
+  /** Starts a watch session (see WatchSessions); answers once the watch is set. */
+  watchStart: t.procedure.input(Path.extend({ recursive: z.boolean(), ignoreHidden: z.boolean() })).mutation(async ({ ctx, input }) => {
+    const session = await ctx.watches.start(input);
+    return { sessionId: session.id, path: session.root };
+  }),
+  watchList: t.procedure.query(({ ctx }) => ctx.watches.list()),
+  watchStop: t.procedure.input(z.object({ sessionId: z.string() })).mutation(async ({ ctx, input }) => {
+    await ctx.watches.stop(input.sessionId);
+    return { stopped: true };
+  }),
+  /**
+   * A session's events after `lastEventId` (a sequence number; all it kept when absent), then live,
+   * in batches of consecutive events (`first` is the first one's number; the id the last one's),
+   * and `ended` with the reason when the session ends.
+   */
+  watchEvents: t.procedure.input(z.object({ sessionId: z.string(), lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
+    const session = ctx.watches.get(input.sessionId);
+    const queue = new AsyncQueue<SequencedMessage[] | { ended: string }>();
+    let open: SequencedMessage[] | null = null;
+    const detach = session.attach(
+      {
+        onMessage: (m) => {
+          const last = open?.[open.length - 1];
+          if (open && last && last.seq + 1 === m.seq && open.length < WATCH_BATCH) open.push(m);
+          else queue.push((open = [m]));
+        },
+        onEnd: (reason) => {
+          open = null;
+          queue.push({ ended: reason });
+          queue.end();
+        },
+      },
+      input.lastEventId ? Number(input.lastEventId) || 0 : 0,
+    );
+    try {
+      for await (const item of queue.drain(signal)) {
+        if (item === open) open = null;
+        if ('ended' in item) {
+          yield tracked('end', { type: 'ended' as const, reason: item.ended });
+          return;
+        }
+        yield tracked(String(item[item.length - 1]!.seq), { type: 'events' as const, first: item[0]!.seq, events: item.map((m) => m.message) });
       }
-    }),
+    } finally {
+      detach();
+    }
+  }),
 });
 
 /** The agent's procedures. Its only caller is the server's agent-client. */

@@ -94,7 +94,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     driverUnavailable: reason,
     agents,
     snapshotsDir: config.SNAPSHOTS_DIR,
-    agentSettings: { VOIDRUN_PTY_IDLE_SEC: String(config.PTY_IDLE_TIMEOUT_SEC) },
+    agentSettings: { VOIDRUN_PTY_IDLE_SEC: String(config.PTY_IDLE_TIMEOUT_SEC), VOIDRUN_WATCH_IDLE_SEC: String(config.WATCH_IDLE_TIMEOUT_SEC) },
     hostPaths: [config.INSTANCES_DIR, config.BASE_IMAGES_DIR, config.SNAPSHOTS_DIR, config.DATA_DIR, config.RUNC_ROOT],
     defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
     network: {
@@ -115,7 +115,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     }),
     log,
   });
-  const watch = new WatchService({ sandboxes, idleTimeoutMs: config.WATCH_IDLE_TIMEOUT_SEC * 1000, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log });
+  const watch = new WatchService({ sandboxes, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log });
   sandboxes.onStopped((id) => watch.endForSandbox(id));
   const auth = new AuthService({ apiKeys: store.apiKeys, orgs: store.orgs, lastUsed });
   const services: Services = {

@@ -144,14 +144,19 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
     await expect.poll(() => closed, { timeout: 10_000 }).toBe(10);
   });
 
-  it('a watch whose agent never says ready is stopped on the agent once the client left', async () => {
-    let stops = 0;
+  it('a watch the agent confirms only after its client left is stopped on the agent', async () => {
+    const sessionId = '2b1c3c1e-5f7a-4e7b-9d0a-0f6f3e8b9a11';
+    let stopped = '';
     const id = await attackerBox((ws, req) => {
-      if (req.method === 'subscription.stop') stops++;
-      else if (req.method === 'subscription') ws.send(JSON.stringify({ id: req.id, result: { type: 'started' } }));
+      const reply = (data: unknown) => ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data } }));
+      if (req.params.path === 'files.watchStart') setTimeout(() => reply({ sessionId, path: '/root' }), 1000);
+      else if (req.params.path === 'files.watchStop') {
+        stopped = (req.params as unknown as { input: { sessionId: string } }).input.sessionId;
+        reply({ stopped: true });
+      }
     });
     await server.http(`/api/sandboxes/${id}/files/watch`, { method: 'POST', apiKey: keyA, json: { path: '/root' }, signal: AbortSignal.timeout(500) }).catch(() => {});
-    await expect.poll(() => stops, { timeout: 10_000 }).toBe(1);
+    await expect.poll(() => stopped, { timeout: 10_000 }).toBe(sessionId);
   });
 
   it('a reply far larger than its procedure can need fails that call, and a process output stream with a line past its bound is closed on the agent', async () => {

@@ -618,7 +618,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     const url = new URL(req.url ?? '/', 'http://localhost');
     const principal = await authenticateUpgrade(req, socket);
     if (!principal) return;
-    services.watch.assertSession(principal, sandboxId, sessionId); // 404 before upgrading
+    await services.watch.assertSession(principal, sandboxId, sessionId); // 404 before upgrading
     log.info({ method: 'GET', path: url.pathname, status: 101, orgId: principal.orgId }, 'request');
     // Attached only once the socket is open (a failed handshake attaches nothing); the session's
     // history replays what happened in between.

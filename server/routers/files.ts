@@ -15,11 +15,13 @@ import {
   HeadTailInput,
   HeadTailResult,
   PathInput,
+  SandboxIdInput,
   SearchInput,
   SearchResult,
   StatResult,
   WatchInput,
   WatchSession,
+  WatchSessionList,
   type WatchMessage,
 } from '../../shared/index.js';
 import { AsyncQueue } from '../../shared/async-queue.js';
@@ -130,6 +132,15 @@ export const filesRouter = router({
     .output(WatchSession)
     .mutation(({ ctx, input, signal }) => ctx.services.watch.start(ctx.principal, input, signal ?? untilCallerLeaves(ctx))),
 
+  watchSessions: authedProcedure
+    .meta({
+      openapi: { method: 'GET', path: `${base}/watch`, tags, summary: "List the sandbox's file-watch sessions", description: 'Sessions live in the sandbox: they are listed with the same ids after a pause and resume or a server restart.' },
+      message: 'Watch sessions fetched',
+    })
+    .input(SandboxIdInput)
+    .output(WatchSessionList)
+    .query(({ ctx, input }) => ctx.services.watch.list(ctx.principal, input.id)),
+
   /**
    * File events under a path. Each event's id is `<sessionId>:<seq>`; reconnecting with the last
    * id re-attaches to the same session and continues after it.
@@ -137,6 +148,8 @@ export const filesRouter = router({
   watch: authedProcedure.input(WatchInput.extend({ lastEventId: z.string().nullish() })).subscription(async function* ({ ctx, input, signal }) {
     const resume = input.lastEventId ? /^([0-9a-f-]{36}):(\d+)$/.exec(input.lastEventId) : null;
     const sessionId = resume ? resume[1]! : (await ctx.services.watch.start(ctx.principal, input, signal)).sessionId;
+    // A resumed session is looked up in its sandbox's agent (404 when it ended): it may predate this server.
+    if (resume) await ctx.services.watch.assertSession(ctx.principal, input.id, sessionId);
     const queue = new AsyncQueue<{ seq: number; message: WatchMessage }>();
     let dropped = 0;
     const detach = ctx.services.watch.attach(

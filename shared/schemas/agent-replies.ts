@@ -26,6 +26,8 @@ const BoundedWatchMessage = z.union([
   FileEvent.extend({ path: Path, oldPath: Path.optional(), timestamp: Short }),
   z.object({ type: z.literal('overflow'), dropped: z.number().int(), timestamp: Short }),
 ]);
+/** A watch session's id as the agent gives it (a UUID: the server's event ids embed it). */
+const WatchSessionId = z.uuid();
 const BoundedPtySession = PtySessionInfo.extend({ id: Short, createdAt: Short });
 const BoundedProcessInfo = AgentProcessInfo.extend({ command: z.string().max(1024 * 1024), startTime: Short });
 
@@ -43,9 +45,12 @@ export const agentReplies = {
   'files.search': z.object({ path: Path, matches: z.array(Path).max(10_000), truncated: z.boolean() }),
   'files.compress': z.object({ path: Path, archive: Path }),
   'files.extract': z.object({ path: Path, entries: z.number().int() }),
-  'files.watch': z.discriminatedUnion('type', [
-    z.object({ type: z.literal('ready'), path: Path }),
-    z.object({ type: z.literal('events'), events: z.array(BoundedWatchMessage).max(10_000) }),
+  'files.watchStart': z.object({ sessionId: WatchSessionId, path: Path }),
+  'files.watchList': z.array(z.object({ id: WatchSessionId, path: Path, createdAt: Short, clients: z.number().int().min(0) })).max(10_000),
+  'files.watchStop': z.object({ stopped: z.boolean() }),
+  'files.watchEvents': z.union([
+    tracked(z.object({ type: z.literal('events'), first: z.number().int().min(1), events: z.array(BoundedWatchMessage).min(1).max(1000) })),
+    z.object({ id: z.literal('end'), data: z.object({ type: z.literal('ended'), reason: Short }) }),
   ]),
   'shell.create': z.object({ sessionId: z.string().min(1).max(128) }),
   'shell.input': z.object({ ok: z.boolean() }),
@@ -97,6 +102,9 @@ export const agentReplyMaxBytes: Partial<Record<AgentReplyPath, number>> = {
   'files.du': 64 * 1024,
   'files.compress': 64 * 1024,
   'files.extract': 64 * 1024,
+  'files.watchStart': 64 * 1024,
+  'files.watchStop': 64 * 1024,
+  'files.watchEvents': 8 * 1024 * 1024,
   'shell.create': 64 * 1024,
   'shell.input': 64 * 1024,
   'shell.close': 64 * 1024,

@@ -111,3 +111,13 @@ export const WatchMessage = z.union([
 export type WatchMessage = z.infer<typeof WatchMessage>;
 
 export const WatchSession = z.object({ sessionId: z.string().meta({ format: 'uuid' }) }).meta({ id: 'WatchSession' });
+export const WatchSessionInfo = z
+  .object({
+    id: z.string().meta({ format: 'uuid' }),
+    path: z.string(),
+    createdAt: Timestamp,
+    clients: z.number().int().meta({ description: 'Clients attached now' }),
+  })
+  .meta({ id: 'WatchSessionInfo' });
+export type WatchSessionInfo = z.infer<typeof WatchSessionInfo>;
+export const WatchSessionList = z.object({ sessions: z.array(WatchSessionInfo) }).meta({ id: 'WatchSessionList' });

@@ -3,6 +3,7 @@ import { statSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import type { AgentExecResult, AgentProcessInfo, OutputEvent, ProcessSpec } from '../../../shared/schemas/agent.js';
+import { afterAwake } from '../../awake-time.js';
 import { AgentError } from '../../errors.js';
 import { OutputLog, type SequencedEvent } from './output-log.js';
 
@@ -59,7 +60,8 @@ export class ManagedProcess {
     // the agent (and with it the sandbox) down.
     child.stdin?.on('error', () => {});
     let timedOut = false;
-    const timer = timeoutMs > 0 ? setTimeout(() => ((timedOut = true), this.kill('SIGKILL')), timeoutMs) : undefined;
+    // Awake time: a command's time limit does not run out while its sandbox is paused.
+    const timer = timeoutMs > 0 ? afterAwake(timeoutMs, () => ((timedOut = true), this.kill('SIGKILL'))) : undefined;
     for (const [stream, type] of [
       [child.stdout, 'stdout'],
       [child.stderr, 'stderr'],
@@ -99,7 +101,7 @@ export class ManagedProcess {
     // 'close' fires after stdout and stderr ended, so the exit event is always the last.
     this.exited = new Promise((resolve) => {
       child.once('close', (code, signal) => {
-        clearTimeout(timer);
+        timer?.cancel();
         // 124 for a timeout, as timeout(1) reports; 128+n for a signal, as shells do.
         const exitCode = timedOut ? 124 : (code ?? 128 + signalNumber(signal));
         this.exit = { exitCode, signal: signal ?? null, timedOut };

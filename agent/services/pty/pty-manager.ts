@@ -3,6 +3,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import type { IPty } from 'node-pty';
 import type { PtySessionInfo } from '../../../shared/schemas/pty.js';
+import { afterAwake, type AwakeTimer } from '../../awake-time.js';
 import { AgentError } from '../../errors.js';
 import { OutputLog } from '../process/output-log.js';
 
@@ -21,7 +22,7 @@ export class PtySession {
   clients = 0;
   cols: number;
   rows: number;
-  #idleTimer: NodeJS.Timeout | undefined;
+  #idleTimer: AwakeTimer | undefined;
 
   constructor(
     readonly pty: IPty,
@@ -44,7 +45,7 @@ export class PtySession {
 
   attachClient(): void {
     this.clients++;
-    clearTimeout(this.#idleTimer);
+    this.#idleTimer?.cancel();
   }
 
   detachClient(): void {
@@ -52,16 +53,15 @@ export class PtySession {
     this.#armIdle();
   }
 
-  /** With no client attached for the idle time, the session ends. */
+  /** With no client attached for the idle time (awake time: a paused sandbox's pause does not count), the session ends. */
   #armIdle(): void {
     if (this.clients > 0 || this.idle.ms <= 0) return;
-    clearTimeout(this.#idleTimer);
-    this.#idleTimer = setTimeout(this.idle.expire, this.idle.ms);
-    this.#idleTimer.unref();
+    this.#idleTimer?.cancel();
+    this.#idleTimer = afterAwake(this.idle.ms, this.idle.expire);
   }
 
   dispose(): void {
-    clearTimeout(this.#idleTimer);
+    this.#idleTimer?.cancel();
   }
 
   get alive(): boolean {

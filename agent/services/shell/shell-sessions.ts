@@ -2,6 +2,7 @@ import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { accessSync, constants, existsSync, statSync } from 'node:fs';
 import { StringDecoder } from 'node:string_decoder';
+import { afterAwake, type AwakeTimer } from '../../awake-time.js';
 import { AgentError } from '../../errors.js';
 
 export interface ShellChunk {
@@ -68,22 +69,21 @@ export class ShellSession {
   }
 
   #endListeners: Array<() => void> = [];
-  #idleTimer: NodeJS.Timeout | undefined;
+  #idleTimer: AwakeTimer | undefined;
 
-  /** Called once when the shell is gone (exited, killed, or closed for being idle an hour). */
+  /** Called once when the shell is gone (exited, killed, or closed for being idle an hour of awake time). */
   onEnd(listener: () => void): void {
     this.#endListeners.push(listener);
     this.#proc.once('close', () => {
-      clearTimeout(this.#idleTimer);
+      this.#idleTimer?.cancel();
       for (const l of this.#endListeners.splice(0)) l();
     });
     this.#touch();
   }
 
   #touch(): void {
-    clearTimeout(this.#idleTimer);
-    this.#idleTimer = setTimeout(() => this.close(), 60 * 60 * 1000);
-    this.#idleTimer.unref();
+    if (this.#idleTimer) this.#idleTimer.restart();
+    else this.#idleTimer = afterAwake(60 * 60 * 1000, () => this.close());
   }
 
   /** Writes raw input to the shell's stdin (for a command that reads it). */

@@ -1,0 +1,247 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { SandboxHandle, VoidRunClient } from '../client/index.js';
+import { openSocket } from './helpers/http-streams.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type ServerDirs, type TestServer } from './helpers/server.js';
+
+/**
+ * Pause/resume and server restarts keep what runs in a sandbox: its files, a process started
+ * before (same pid, still counting), a background command's handle (listed, attachable, waitable),
+ * a terminal session with its scrollback, and a file-watch session (same id, still reporting).
+ */
+
+/** Polls `read` until `ok` holds of its value (bounded); returns that value. */
+async function until<T>(read: () => Promise<T>, ok: (v: T) => boolean, what: string, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: T | undefined;
+  for (;;) {
+    last = await read();
+    if (ok(last)) return last;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last saw ${JSON.stringify(last)?.slice(0, 400)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Reads a streamed response body until its text matches `pattern`; returns the text. */
+async function readUntil(res: Response, pattern: RegExp, timeoutMs = 15_000): Promise<string> {
+  const reader = res.body!.getReader();
+  const decoder = new TextDecoder();
+  let text = '';
+  const timer = setTimeout(() => void reader.cancel(), timeoutMs);
+  try {
+    while (!pattern.test(text)) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`the stream ended before ${pattern}; got ${JSON.stringify(text.slice(-400))}`);
+      text += decoder.decode(value, { stream: true });
+    }
+    return text;
+  } finally {
+    clearTimeout(timer);
+    await reader.cancel().catch(() => {});
+  }
+}
+
+/** What one round puts in the sandbox before a pause or restart, to be found intact after it. */
+interface Round {
+  n: number;
+  jobPid: number;
+  ptySession: string;
+  watchSession: string;
+}
+
+describe.skipIf(!support.ok)('pause/resume and restarts keep everything', () => {
+  let server: TestServer;
+  let dirs: ServerDirs;
+  let apiKey: string;
+  let vr: VoidRunClient;
+  let box: SandboxHandle;
+  let counterPid: number;
+  let rounds = 0;
+
+  const api = (path: string, init: Parameters<TestServer['http']>[1] = {}) => server.http(`/api/sandboxes/${box.id}${path}`, { apiKey, ...init });
+  const json = async <T>(res: Response): Promise<T> => {
+    const text = await res.text();
+    expect(res.status, text).toBe(200);
+    return JSON.parse(text) as T;
+  };
+  const readCount = async () => Number((await box.exec('cat /tmp/count')).stdout.trim() || 0);
+
+  /** A new server on the same state directories (the first one closed, its sandboxes left running). */
+  async function restart(): Promise<void> {
+    await server.close({ keepState: true });
+    server = await startTestServer({}, dirs);
+    vr = server.client(apiKey);
+    box = await vr.sandboxes.get(box.id);
+  }
+
+  /** Starts a background job, a terminal session and a watch session, each with something to show. */
+  async function prepare(): Promise<Round> {
+    const n = ++rounds;
+    const run = await json<{ pid: number }>(
+      await api('/commands/run', { method: 'POST', json: { command: `echo job-start-${n}; while [ ! -f /tmp/go-${n} ]; do sleep 0.05; done; echo job-end-${n}; exit 7` } }),
+    );
+    const pty = await json<{ data: { sessionId: string } }>(await api('/pty/sessions', { method: 'POST', json: { cols: 80, rows: 24 } }));
+    const ptySession = pty.data.sessionId;
+    // The command's output (not its echoed input) is what the scrollback must keep: `$((…))` is only expanded by the shell.
+    await json(await api(`/pty/sessions/${ptySession}/execute`, { method: 'POST', json: { command: `echo before-$((${n}*1000+1))` } }));
+    await until(() => ptyBuffer(ptySession), (b) => b.includes(`before-${n * 1000 + 1}`), 'the terminal output before the pause');
+    await box.exec(`mkdir -p /tmp/w${n}`);
+    const watch = await json<{ data: { sessionId: string } }>(await api('/files/watch', { method: 'POST', json: { path: `/tmp/w${n}` } }));
+    // Created while no client is attached: the session keeps it for the first client.
+    await box.exec(`echo early > /tmp/w${n}/early.txt`);
+    return { n, jobPid: run.pid, ptySession, watchSession: watch.data.sessionId };
+  }
+
+  const ptyBuffer = async (sessionId: string) => (await json<{ data: { output: string } }>(await api(`/pty/sessions/${sessionId}/buffer`))).data.output;
+
+  /** Everything `round` (and the file and counter from the start) left is still there and still works. */
+  async function verify(round: Round): Promise<void> {
+    const { n } = round;
+    // The file written at the start.
+    expect((await box.exec('cat /data/kept.txt')).stdout).toBe('kept across pauses');
+    // The counter: the same pid, still running, still counting.
+    const processes = await box.commands.list();
+    expect(processes.find((p) => p.pid === counterPid)).toMatchObject({ running: true });
+    const count = await readCount();
+    await until(readCount, (c) => c > count, 'the counter to keep counting');
+
+    // The background job: listed with its pid, attach replays and streams, wait gets its exit code.
+    const listed = await json<{ processes: Array<{ pid: number; running: boolean }> }>(await api('/commands/list'));
+    expect(listed.processes.find((p) => p.pid === round.jobPid)).toMatchObject({ running: true });
+    const attach = await api('/commands/attach', { method: 'POST', json: { pid: round.jobPid } });
+    expect(attach.status).toBe(200);
+    const streamed = readUntil(attach, /event: exit/);
+    await box.exec(`touch /tmp/go-${n}`);
+    const text = await streamed;
+    expect(text).toContain(`job-start-${n}`);
+    expect(text).toContain(`job-end-${n}`);
+    expect(text).toMatch(/"exitCode":7/);
+    expect((await json<{ exitCode: number }>(await api('/commands/wait', { method: 'POST', json: { pid: round.jobPid } }))).exitCode).toBe(7);
+
+    // The terminal: re-listed with the same id, its scrollback kept, still taking input.
+    const sessions = await json<{ data: { sessions: Array<{ id: string; alive: boolean }> } }>(await api('/pty/sessions'));
+    expect(sessions.data.sessions.find((s) => s.id === round.ptySession)).toMatchObject({ alive: true });
+    expect(await ptyBuffer(round.ptySession)).toContain(`before-${n * 1000 + 1}`);
+    await json(await api(`/pty/sessions/${round.ptySession}/execute`, { method: 'POST', json: { command: `echo after-$((${n}*1000+2))` } }));
+    await until(() => ptyBuffer(round.ptySession), (b) => b.includes(`after-${n * 1000 + 2}`), 'the terminal to answer after the resume');
+
+    // The watch session: re-listed with the same id; it attaches, replays what it kept, and reports a file created now.
+    const watches = await vr.trpc.files.watchSessions.query({ id: box.id });
+    expect(watches.sessions.find((s) => s.id === round.watchSession)).toMatchObject({ path: `/tmp/w${n}` });
+    const opened = await openSocket(`${server.url.replace('http', 'ws')}/api/sandboxes/${box.id}/files/watch/${round.watchSession}/stream`, { 'x-api-key': apiKey });
+    if (!('socket' in opened)) throw new Error(`the watch stream answered ${opened.status}: ${opened.body}`);
+    try {
+      await opened.socket.until(/early\.txt/);
+      await box.exec(`echo late > /tmp/w${n}/late.txt`);
+      const events = await opened.socket.until(/late\.txt/);
+      expect(events).toMatch(/"type":"created","path":"\/tmp\/w\d+\/late\.txt"/);
+    } finally {
+      await opened.socket.close();
+    }
+  }
+
+  async function pause(): Promise<void> {
+    expect((await box.pause()).status).toBe('paused');
+  }
+  async function resume(): Promise<void> {
+    expect((await box.resume()).status).toBe('running');
+  }
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    dirs = server.dirs;
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Pause User', email: uniqueEmail('pause') })).apiKey;
+    vr = server.client(apiKey);
+    box = await vr.sandboxes.create({ name: 'pause-box' });
+    await box.exec('mkdir -p /data');
+    await box.exec("printf 'kept across pauses' > /data/kept.txt");
+    const counter = await box.commands.run('i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done');
+    counterPid = counter.pid;
+    await until(readCount, (c) => c > 0, 'the counter to start');
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('pause → resume keeps files, processes, command handles, terminals and watch sessions; a stream open across it continues', async () => {
+    const round = await prepare();
+    const attached = await api('/commands/attach', { method: 'POST', json: { pid: round.jobPid } });
+    const across = readUntil(attached, /event: exit/, 30_000);
+    await pause();
+    expect((await box.refresh()).status).toBe('paused');
+    await resume();
+    await verify(round);
+    expect(await across).toMatch(new RegExp(`job-start-${round.n}[\\s\\S]*job-end-${round.n}[\\s\\S]*"exitCode":7`));
+  }, 60_000);
+
+  it('two pauses in a row are one (the second answers paused), and pause/resume twice keeps everything', async () => {
+    const round = await prepare();
+    await pause();
+    await pause();
+    await resume();
+    await pause();
+    await resume();
+    await verify(round);
+  }, 60_000);
+
+  it('a server restart while the sandbox runs keeps everything (re-listed with the same ids)', async () => {
+    const round = await prepare();
+    await restart();
+    expect(box.info.status).toBe('running');
+    await verify(round);
+  }, 90_000);
+
+  it('pause → server restart → resume on the new server keeps everything', async () => {
+    const round = await prepare();
+    await pause();
+    await restart();
+    expect(box.info.status).toBe('paused');
+    await resume();
+    await verify(round);
+  }, 90_000);
+});
+
+describe.skipIf(!support.ok)('the time a sandbox spends paused does not count as idle or as running time', () => {
+  let server: TestServer;
+  let apiKey: string;
+  let box: SandboxHandle;
+
+  beforeAll(async () => {
+    server = await startTestServer({ PTY_IDLE_TIMEOUT_SEC: '3', WATCH_IDLE_TIMEOUT_SEC: '3' });
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Idle User', email: uniqueEmail('idle') })).apiKey;
+    box = await server.client(apiKey).sandboxes.create({ name: 'idle-box' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('a terminal and a watch session without clients, and a command with a time limit, outlive a pause longer than their timeouts, then end on the running clock', async () => {
+    const api = (path: string, init: Parameters<TestServer['http']>[1] = {}) => server.http(`/api/sandboxes/${box.id}${path}`, { apiKey, ...init });
+    const data = async <T>(res: Response): Promise<T> => {
+      const text = await res.text();
+      expect(res.status, text).toBe(200);
+      return JSON.parse(text) as T;
+    };
+    const watchIds = async () => (await data<{ data: { sessions: Array<{ id: string }> } }>(await api('/files/watch'))).data.sessions.map((s) => s.id);
+    const ptyIds = async () => (await data<{ data: { sessions: Array<{ id: string }> } }>(await api('/pty/sessions'))).data.sessions.map((s) => s.id);
+
+    // Each one's timer runs from here: 3 s with no client, 3 s of running time.
+    const { sessionId: pty } = (await data<{ data: { sessionId: string } }>(await api('/pty/sessions', { method: 'POST', json: {} }))).data;
+    const { sessionId: watch } = (await data<{ data: { sessionId: string } }>(await api('/files/watch', { method: 'POST', json: { path: '/tmp' } }))).data;
+    const { pid } = await data<{ pid: number }>(await api('/commands/run', { method: 'POST', json: { command: 'sleep 60', timeout: 3 } }));
+    expect((await box.pause()).status).toBe('paused');
+    // Frozen for longer than every timeout: there is no event to wait for, only time to let pass.
+    await new Promise((r) => setTimeout(r, 4500));
+    expect((await box.resume()).status).toBe('running');
+
+    expect(await ptyIds()).toContain(pty);
+    expect(await watchIds()).toContain(watch);
+    const listed = await data<{ processes: Array<{ pid: number; running: boolean }> }>(await api('/commands/list'));
+    expect(listed.processes.find((p) => p.pid === pid)).toMatchObject({ running: true });
+
+    // …and each still ends once its time has run while the sandbox runs.
+    expect((await data<{ exitCode: number }>(await api('/commands/wait', { method: 'POST', json: { pid } }))).exitCode).toBe(124);
+    await until(ptyIds, (ids) => !ids.includes(pty), 'the idle terminal session to end');
+    await until(watchIds, (ids) => !ids.includes(watch), 'the idle watch session to end');
+  }, 60_000);
+});
