@@ -29,6 +29,8 @@ import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
 import { SandboxService } from './services/sandbox-service.js';
+import { SandboxEventService } from './services/sandbox-events.js';
+import { WebhookService } from './services/webhooks.js';
 import { WarmPool } from './services/warm-pool.js';
 import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
 import { countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
@@ -58,6 +60,29 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const log = options.log ?? stdout!.log;
   // Sandbox, API key and org lookups (one per exec, file call, keystroke; one per request) come from memory where that is safe.
   const store = withAuthCaches(withSandboxCache(await openStore(config)));
+  // One replayable event stream per sandbox, and the org webhooks it feeds (README "Events and webhooks").
+  const events = new SandboxEventService({
+    repository: store.sandboxEvents,
+    authorize: async (principal, id): Promise<void> => void (await sandboxes.record(principal, id)),
+    log,
+    retention: config.EVENTS_RETENTION,
+    maxQueued: config.EVENTS_QUEUE_MAX,
+    pruneIntervalMs: config.EVENTS_PRUNE_INTERVAL_SEC * 1000,
+  });
+  const webhooks = new WebhookService({
+    webhooks: store.webhooks,
+    deliveries: store.webhookDeliveries,
+    orgs: store.orgs,
+    log,
+    maxAttempts: config.WEBHOOK_MAX_ATTEMPTS,
+    retryBaseMs: config.WEBHOOK_RETRY_BASE_MS,
+    timeoutMs: config.WEBHOOK_TIMEOUT_MS,
+    maxInFlightPerOrg: config.WEBHOOK_MAX_IN_FLIGHT_PER_ORG,
+    maxPerOrg: config.ORG_MAX_WEBHOOKS,
+    allowPrivate: config.WEBHOOK_ALLOW_PRIVATE,
+  });
+  events.onWritten((event) => webhooks.handle(event));
+  await webhooks.start();
   const lastUsed = new LastUsedTracker(store.apiKeys, log, config.API_KEY_LAST_USED_FLUSH_SEC * 1000);
   const serverNetwork = { egress: config.SANDBOX_DEFAULT_EGRESS, maxEgressBytes: config.SANDBOX_EGRESS_BYTES_MAX || null, privateAllow: config.SANDBOX_PRIVATE_ALLOW };
   const orgs = new OrgService({ store, lastUsed, network: serverNetwork, log });
@@ -94,6 +119,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     driverUnavailable: reason,
     agents,
     snapshotsDir: config.SNAPSHOTS_DIR,
+    events,
     agentSettings: { VOIDRUN_PTY_IDLE_SEC: String(config.PTY_IDLE_TIMEOUT_SEC), VOIDRUN_WATCH_IDLE_SEC: String(config.WATCH_IDLE_TIMEOUT_SEC) },
     hostPaths: [config.INSTANCES_DIR, config.BASE_IMAGES_DIR, config.SNAPSHOTS_DIR, config.DATA_DIR, config.RUNC_ROOT],
     defaults: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.SANDBOX_DEFAULT_DISK_MB, listLimit: config.SANDBOX_LIST_DEFAULT_LIMIT },
@@ -127,6 +153,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
     watch,
     pty: new PtyService({ sandboxes }),
+    events,
+    webhooks,
     ports: new PortService({
       sandboxes,
       repository: store.sandboxes,
@@ -224,6 +252,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       watch.closeAll();
       await agents?.closeAll();
       await http.close();
+      await webhooks.close();
+      await events.close();
       await lastUsed.close();
       await store.close();
       // Every line logged so far reaches stdout before the process exits.

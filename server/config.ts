@@ -69,6 +69,13 @@ const warmPool = z
     return entries;
   });
 const headerName = (v: string) => /^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/.test(v);
+/** An IPv4 or IPv6 CIDR (`127.0.0.1/32`, `fd00::/8`); a bare address is one address. */
+const anyCidr = (v: string) => {
+  const [addr = '', prefix, ...rest] = v.split('/');
+  const family = isIP(addr);
+  if (!family || rest.length) return false;
+  return prefix === undefined || (/^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128));
+};
 const privateCidr = (v: string) => {
   const parsed = parseNetworkRule(v);
   return 'rule' in parsed && isCidrRule(parsed.rule) && insidePrivateRange(parsed.rule);
@@ -182,6 +189,18 @@ const EnvSchema = z.object({
   SANDBOX_EGRESS_BYTES_MAX: int(0, Number.MAX_SAFE_INTEGER).default(0),
   // The parts of the private ranges sandboxes' allow CIDRs may open (IPv4 CIDRs inside them); empty: none.
   SANDBOX_PRIVATE_ALLOW: csv('', privateCidr, 'IPv4 CIDRs inside 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 or 100.64.0.0/10, comma-separated').transform((items) => items.map((v) => (parseNetworkRule(v) as { rule: string }).rule)),
+  // Sandbox event streams (README "Events and webhooks"): events kept per sandbox, events waiting to be written, how often streams are pruned.
+  EVENTS_RETENTION: int(10, 10_000_000).default(10_000),
+  EVENTS_QUEUE_MAX: int(100, 10_000_000).default(10_000),
+  EVENTS_PRUNE_INTERVAL_SEC: int(1, 86_400).default(60),
+  // Webhooks: attempts per event, the first retry's delay (doubling after), each attempt's deadline, deliveries in flight per org, webhooks per org.
+  WEBHOOK_MAX_ATTEMPTS: int(1, 100).default(6),
+  WEBHOOK_RETRY_BASE_MS: int(10, 3_600_000).default(10_000),
+  WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(5000),
+  WEBHOOK_MAX_IN_FLIGHT_PER_ORG: int(1, 1000).default(4),
+  ORG_MAX_WEBHOOKS: int(1, 1000).default(10),
+  // Addresses webhooks may reach though loopback, private or link-local (IPv4/IPv6 CIDRs); empty: none (SSRF guard).
+  WEBHOOK_ALLOW_PRIVATE: csv('', anyCidr, 'IPv4 or IPv6 CIDRs (a bare address is one address), comma-separated'),
   // Unset: bridge where the host can do it (root, ip and nft present), else none (loopback only).
   SANDBOX_NETWORK: oneOf(['bridge', 'none']).optional(),
   // Set, port N of sandbox ID is also served at https://N-ID.<PREVIEW_DOMAIN> (README "Ports and preview URLs").

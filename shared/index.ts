@@ -10,3 +10,4 @@ export * from './schemas/image.js';
 export * from './schemas/files.js';
 export * from './schemas/pty.js';
 export * from './schemas/ports.js';
+export * from './schemas/events.js';

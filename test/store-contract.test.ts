@@ -298,6 +298,70 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect((await store.ipLeases.list()).filter((l) => l.ip === ip).map((l) => l.sandboxId)).toEqual([winner]);
       await store.ipLeases.releaseBySandbox(winner);
     });
+
+    it("keeps a sandbox's events by growing id: pages after an id, refuses a taken id, prunes and deletes", async () => {
+      const sandboxId = newId();
+      const other = newId();
+      const orgId = newId();
+      expect(await store.sandboxEvents.lastSeq(sandboxId)).toBe(0);
+      const at = new Date();
+      for (let seq = 1; seq <= 12; seq++) await store.sandboxEvents.append({ sandboxId, seq, orgId, type: 'process.started', data: { pid: seq }, createdAt: at });
+      await store.sandboxEvents.append({ sandboxId: other, seq: 1, orgId, type: 'sandbox.created', data: {}, createdAt: at });
+      await expect(store.sandboxEvents.append({ sandboxId, seq: 7, orgId, type: 'sandbox.error', data: {}, createdAt: at })).rejects.toBeInstanceOf(ConflictError);
+      expect(await store.sandboxEvents.lastSeq(sandboxId)).toBe(12);
+      const page = await store.sandboxEvents.listAfter(sandboxId, 3, 4);
+      expect(page.map((e) => e.seq)).toEqual([4, 5, 6, 7]);
+      expect(page[0]).toEqual({ sandboxId, seq: 4, orgId, type: 'process.started', data: { pid: 4 }, createdAt: at });
+      expect((await store.sandboxEvents.listAfter(sandboxId, 10, 100)).map((e) => e.seq)).toEqual([11, 12]);
+      expect(await store.sandboxEvents.deleteUpTo(sandboxId, 8)).toBe(8);
+      expect((await store.sandboxEvents.listAfter(sandboxId, 0, 100)).map((e) => e.seq)).toEqual([9, 10, 11, 12]);
+      expect(await store.sandboxEvents.deleteForSandbox(sandboxId)).toBe(4);
+      expect(await store.sandboxEvents.lastSeq(sandboxId)).toBe(0);
+      expect((await store.sandboxEvents.listAfter(other, 0, 10)).map((e) => e.type)).toEqual(['sandbox.created']);
+      await store.sandboxEvents.deleteForSandbox(other);
+    });
+
+    it('gives exactly one of many concurrent writers of one event id', async () => {
+      const sandboxId = newId();
+      const results = await Promise.allSettled(Array.from({ length: 8 }, (_, i) => store.sandboxEvents.append({ sandboxId, seq: 1, orgId: newId(), type: 'sandbox.created', data: { i }, createdAt: new Date() })));
+      expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+      expect(results.filter((r) => r.status === 'rejected').every((r) => (r as PromiseRejectedResult).reason instanceof ConflictError)).toBe(true);
+      expect(await store.sandboxEvents.listAfter(sandboxId, 0, 10)).toHaveLength(1);
+      await store.sandboxEvents.deleteForSandbox(sandboxId);
+    });
+
+    it("keeps an org's webhooks, their pending deliveries and their attempt log; deleting a webhook takes both", async () => {
+      const orgId = newId();
+      const hook = await store.webhooks.create({ orgId, url: 'https://example.com/hook', events: ['sandbox.*'], secret: 's'.repeat(32), createdBy: newId() });
+      expect(await store.webhooks.findById(orgId, hook.id)).toEqual(hook);
+      expect(await store.webhooks.findById(newId(), hook.id)).toBeNull();
+      expect(await store.webhooks.findById(orgId, 'nope')).toBeNull();
+      expect(await store.webhooks.listByOrg(orgId)).toEqual([hook]);
+      const due = new Date(Date.now() + 1000);
+      const d = await store.webhookDeliveries.create({ webhookId: hook.id, orgId, eventId: 'x:1', eventType: 'sandbox.created', body: '{}', attempts: 0, nextAttemptAt: due });
+      expect((await store.webhookDeliveries.listPending(1000)).find((p) => p.id === d.id)).toEqual(d);
+      const later = new Date(Date.now() + 5000);
+      await store.webhookDeliveries.reschedule(d.id, 1, later);
+      const rescheduled = (await store.webhookDeliveries.listPending(1000)).find((p) => p.id === d.id)!;
+      expect([rescheduled.attempts, rescheduled.nextAttemptAt.getTime()]).toEqual([1, later.getTime()]);
+      for (let attempt = 1; attempt <= 3; attempt++) {
+        await store.webhookDeliveries.addAttempt({ deliveryId: d.id, webhookId: hook.id, orgId, eventId: 'x:1', eventType: 'sandbox.created', attempt, statusCode: attempt < 3 ? 500 : 200, error: null, ok: attempt === 3 });
+        await new Promise((r) => setTimeout(r, 2)); // newest first is one order
+      }
+      const log = await store.webhookDeliveries.listAttempts(orgId, hook.id, 10);
+      expect(log.map((a) => [a.attempt, a.statusCode, a.ok])).toEqual([[3, 200, true], [2, 500, false], [1, 500, false]]);
+      expect(await store.webhookDeliveries.listAttempts(newId(), hook.id, 10)).toEqual([]);
+      expect(await store.webhookDeliveries.pruneAttempts(hook.id, 2)).toBe(1);
+      expect((await store.webhookDeliveries.listAttempts(orgId, hook.id, 10)).map((a) => a.attempt)).toEqual([3, 2]);
+      await store.webhookDeliveries.finish(d.id);
+      expect((await store.webhookDeliveries.listPending(1000)).find((p) => p.id === d.id)).toBeUndefined();
+      const d2 = await store.webhookDeliveries.create({ webhookId: hook.id, orgId, eventId: 'x:2', eventType: 'sandbox.started', body: '{}', attempts: 0, nextAttemptAt: due });
+      expect(await store.webhooks.delete(newId(), hook.id)).toBe(false);
+      expect(await store.webhooks.delete(orgId, hook.id)).toBe(true);
+      expect(await store.webhooks.listByOrg(orgId)).toEqual([]);
+      expect((await store.webhookDeliveries.listPending(1000)).find((p) => p.id === d2.id)).toBeUndefined();
+      expect(await store.webhookDeliveries.listAttempts(orgId, hook.id, 10)).toEqual([]);
+    });
   });
 }
 

@@ -15,6 +15,7 @@ import type { Principal } from '../services/auth-service.js';
 import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
+import { parseEventId } from '../services/sandbox-events.js';
 import { compiledRoutes, matchRoute, routeParams, type CompiledRoute, type HttpRouteName } from './route-table.js';
 
 const httpRoutes = compiledRoutes('http');
@@ -169,6 +170,18 @@ const handlers: Record<HttpRouteName, RawHandler> = {
     // EventSource clients resume with Last-Event-ID: re-attach to the same process after that event.
     const resume = req.headers['last-event-id'];
     await streamChunks(res, (signal) => services.exec.stream(principal, input, typeof resume === 'string' ? resume : null, signal));
+  },
+  eventsStream: async (req, res, [id], services, principal) => {
+    const header = req.headers['last-event-id'];
+    const query = new URL(req.url ?? '/', 'http://localhost').searchParams.get('after');
+    const after = parseEventId(typeof header === 'string' && header !== '' ? header : query);
+    const abort = new AbortController();
+    res.once('close', () => abort.abort());
+    const events = await services.events.open(principal, id!, after, abort.signal); // a refusal is answered as JSON
+    const sse = (async function* () {
+      for await (const e of events) yield { id: String(e.id), event: e.type, data: JSON.stringify(e) };
+    })();
+    await writeSse(res, null, sse, abort.signal);
   },
   commandsAttach: async (req, res, [id], services, principal, limit) => {
     const input = await parseBody(req, PidInput, { id }, limit);

@@ -149,6 +149,26 @@ export const routeTable = {
     summary: 'Attach to a background process (Server-Sent Events)',
     tag: 'Execution',
   },
+  eventsStream: {
+    kind: 'http',
+    method: 'GET',
+    path: '/sandboxes/{id}/events/stream',
+    auth: 'apiKey',
+    stream: true,
+    params: SandboxParams,
+    query: z.object({
+      after: z.number().int().min(0).optional().meta({ description: 'Start after this event id (the Last-Event-ID header wins when both are sent); omitted: from the oldest event kept' }),
+    }),
+    success: {
+      status: 200,
+      contentType: 'text/event-stream',
+      description:
+        "Server-Sent Events: the sandbox's events after Last-Event-ID (or `after`), then live ones as they happen. Each SSE event's `event:` is the type (`sandbox.started`, `process.exited`, …), its `id:` the event id and its `data:` the event as JSON (as `GET /sandboxes/{id}/events` lists them); reconnecting with Last-Event-ID gets exactly the events missed. The stream ends after `sandbox.deleted`.",
+    },
+    operationId: 'streamSandboxEvents',
+    summary: "The sandbox's events, live (Server-Sent Events)",
+    tag: 'Sandboxes',
+  },
   pty: {
     kind: 'websocket',
     method: 'GET',

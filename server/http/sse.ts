@@ -58,6 +58,8 @@ export async function writeSse(res: ServerResponse, first: SseEvent | null, rest
     connection: 'keep-alive',
     'x-accel-buffering': 'no',
   });
+  // Without a first event the headers are sent now: a stream may wait long for its first (sandbox events).
+  if (!first) res.flushHeaders();
   const write = async (e: SseEvent) => {
     if (!signal.aborted) await writeOrWait(res, format(e));
   };

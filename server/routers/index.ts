@@ -7,6 +7,7 @@ import { portsRouter } from './ports.js';
 import { ptyRouter } from './pty.js';
 import { sandboxRouter } from './sandbox.js';
 import { systemRouter } from './system.js';
+import { webhooksRouter } from './webhooks.js';
 
 export const appRouter = router({
   system: systemRouter,
@@ -21,6 +22,7 @@ export const appRouter = router({
   files: filesRouter,
   pty: ptyRouter,
   ports: portsRouter,
+  webhooks: webhooksRouter,
 });
 
 /** The router's type, imported by `client/` for end-to-end types. */

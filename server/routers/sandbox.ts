@@ -18,6 +18,7 @@ import {
   UpdateNetworkInput,
 } from '../../shared/index.js';
 import { authedProcedure, restView, router } from '../trpc/init.js';
+import { sandboxEventProcedures } from './events.js';
 
 const tags = ['Sandboxes'];
 const Deleted = z.object({ id: z.string(), deleted: z.literal(true) });
@@ -36,6 +37,8 @@ function lifecycle(verb: string, action: 'stop' | 'start' | 'pause' | 'resume', 
 }
 
 export const sandboxRouter = router({
+  ...sandboxEventProcedures,
+
   create: authedProcedure
     .meta({ openapi: { method: 'POST', path: '/sandboxes', tags, summary: 'Create a sandbox' }, message: 'Sandbox created', successStatus: 201, restView: restSandbox })
     .input(CreateSandboxInput)

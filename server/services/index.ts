@@ -8,6 +8,8 @@ import type { PortService } from './port-service.js';
 import type { PtyService } from './pty-service.js';
 import type { SandboxService } from './sandbox-service.js';
 import type { WatchService } from './watch-service.js';
+import type { SandboxEventService } from './sandbox-events.js';
+import type { WebhookService } from './webhooks.js';
 
 /** Every service, built once in the composition root (`server/app.ts`) and reached through the tRPC context. */
 export interface Services {
@@ -20,5 +22,7 @@ export interface Services {
   watch: WatchService;
   pty: PtyService;
   ports: PortService;
+  events: SandboxEventService;
+  webhooks: WebhookService;
   buildInfo: VersionInfo;
 }

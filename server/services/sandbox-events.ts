@@ -3,6 +3,11 @@
  * report into a `SandboxEventSink` without waiting: reporting never delays or fails the operation
  * that caused the event.
  */
+import type { Logger } from 'pino';
+import type { SandboxEvent, SandboxEventPage } from '../../shared/schemas/events.js';
+import { ConflictError, InvalidInputError } from '../errors.js';
+import type { SandboxEventRecord, SandboxEventRepository } from '../store/types.js';
+import type { Principal } from './auth-service.js';
 
 /** Every kind of event a sandbox's stream carries. */
 export const SANDBOX_EVENT_TYPES = [
@@ -40,7 +45,297 @@ export interface SandboxEventInput {
 /** Where services report events. `emit` returns at once and never throws. */
 export interface SandboxEventSink {
   emit(event: SandboxEventInput): void;
+  /**
+   * Drops the sandbox's stream once every event reported before this call is written (a deleted
+   * sandbox's; one that keeps a tombstone record keeps its events and does not call this).
+   */
+  deleteForSandbox?(sandboxId: string): void;
 }
 
 /** A sink that drops everything (services built without an event stream). */
 export const noEvents: SandboxEventSink = { emit() {} };
+
+/** Past this many characters of JSON an event's data is replaced by `{ truncated: true }`. */
+const MAX_DATA_CHARS = 16 * 1024;
+/** Events a subscriber may fall behind the live stream before it re-reads them from the store. */
+const LIVE_BACKLOG = 1000;
+/** Events read from the store at a time while a subscriber catches up. */
+const REPLAY_PAGE = 500;
+/** Writes of one event retried after another writer took its id. */
+const MAX_ID_CONFLICTS = 5;
+
+export interface SandboxEventServiceDeps {
+  repository: SandboxEventRepository;
+  /** The caller's sandbox, or the 404 another org's (or a missing one) answers. */
+  authorize(principal: Principal, sandboxId: string): Promise<unknown>;
+  log: Logger;
+  /** EVENTS_RETENTION: the most events kept per sandbox (older ones are pruned in the background). */
+  retention: number;
+  /** EVENTS_QUEUE_MAX: events waiting to be written, across sandboxes; past it new ones are dropped and counted. */
+  maxQueued: number;
+  /** How often sandboxes that got events are pruned to `retention`. */
+  pruneIntervalMs: number;
+}
+
+type LaneOp = { kind: 'event'; input: SandboxEventInput; at: Date } | { kind: 'delete' };
+
+/** One sandbox's writes: in order, one at a time; `nextSeq` is known once read from the store. */
+interface Lane {
+  ops: LaneOp[];
+  writing: boolean;
+  nextSeq: number | null;
+}
+
+type Listener = (event: SandboxEventRecord) => void;
+
+/**
+ * The store-backed event stream. `emit` queues the event on its sandbox's lane and returns; the
+ * lane writes its events one after another, each with the next id of the sandbox (read from the
+ * store's last one when the lane starts, so ids continue across restarts). The store's unique
+ * `(sandboxId, seq)` key decides if another writer took an id: the lane re-reads the last id and
+ * writes again. Subscribers hear an event only once it is stored, so replaying the store and then
+ * following the live events (deduplicated by id) leaves no gap and repeats nothing.
+ */
+export class SandboxEventService implements SandboxEventSink {
+  readonly #lanes = new Map<string, Lane>();
+  readonly #listeners = new Map<string, Set<Listener>>();
+  readonly #written = new Set<Listener>();
+  /** Sandboxes that got events since the last prune. */
+  readonly #touched = new Set<string>();
+  readonly #idle = new Set<() => void>();
+  #queued = 0;
+  #dropped = 0;
+  /** Drops since the store last took a write: logged at the first, and when writes recover. */
+  #droppedSinceOk = 0;
+  readonly #timer: NodeJS.Timeout;
+
+  constructor(private readonly deps: SandboxEventServiceDeps) {
+    this.#timer = setInterval(() => void this.prune(), deps.pruneIntervalMs);
+    this.#timer.unref();
+  }
+
+  /** Events dropped since start (queue full, or the store refused them). */
+  get dropped(): number {
+    return this.#dropped;
+  }
+
+  emit(input: SandboxEventInput): void {
+    try {
+      if (this.#queued >= this.deps.maxQueued) return this.#drop(input, `EVENTS_QUEUE_MAX (${this.deps.maxQueued}) events are waiting to be written`);
+      this.#queued++;
+      this.#enqueue(input.sandboxId, { kind: 'event', input, at: new Date() });
+    } catch (err) {
+      this.deps.log.error({ err, sandbox: input?.sandboxId }, 'could not queue a sandbox event');
+    }
+  }
+
+  deleteForSandbox(sandboxId: string): void {
+    this.#enqueue(sandboxId, { kind: 'delete' });
+  }
+
+  /** Runs `listener` for every event once it is stored (webhook deliveries). */
+  onWritten(listener: Listener): void {
+    this.#written.add(listener);
+  }
+
+  /** One page of the caller's sandbox's events with ids above `after`, oldest first. */
+  async list(principal: Principal, sandboxId: string, after = 0, limit = 100): Promise<SandboxEventPage> {
+    await this.deps.authorize(principal, sandboxId);
+    const rows = await this.deps.repository.listAfter(sandboxId, after, limit + 1);
+    const events = rows.slice(0, limit).map(toSandboxEvent);
+    return { events, next: events.at(-1)?.id ?? after, hasMore: rows.length > limit };
+  }
+
+  /**
+   * The caller's sandbox's events after `after`, then live ones as they are stored, until
+   * `sandbox.deleted` or `signal`. Authorized before it resolves, so a refusal comes before any
+   * response is started.
+   */
+  async open(principal: Principal, sandboxId: string, after: number, signal?: AbortSignal): Promise<AsyncGenerator<SandboxEvent>> {
+    await this.deps.authorize(principal, sandboxId);
+    return this.#follow(sandboxId, after, signal);
+  }
+
+  /**
+   * Subscribes first, then replays the store after `after`; live events at or below the last
+   * replayed id are skipped. A subscriber more than LIVE_BACKLOG events behind drops its live
+   * backlog and replays from the store again, so a slow reader costs store reads, not memory.
+   */
+  async *#follow(sandboxId: string, after: number, signal?: AbortSignal): AsyncGenerator<SandboxEvent> {
+    let last = after;
+    let live: SandboxEventRecord[] = [];
+    let behind = false;
+    let wake: (() => void) | null = null;
+    const listener: Listener = (e) => {
+      if (live.length >= LIVE_BACKLOG) {
+        live = [];
+        behind = true;
+      } else live.push(e);
+      wake?.();
+    };
+    const onAbort = () => wake?.();
+    let listeners = this.#listeners.get(sandboxId);
+    if (!listeners) this.#listeners.set(sandboxId, (listeners = new Set()));
+    listeners.add(listener);
+    signal?.addEventListener('abort', onAbort);
+    try {
+      let replay = true;
+      while (!signal?.aborted) {
+        if (replay || behind) {
+          replay = behind = false;
+          live = [];
+          for (;;) {
+            const page = await this.deps.repository.listAfter(sandboxId, last, REPLAY_PAGE);
+            for (const r of page) {
+              last = r.seq;
+              yield toSandboxEvent(r);
+              if (r.type === 'sandbox.deleted') return;
+            }
+            if (page.length < REPLAY_PAGE || signal?.aborted) break;
+          }
+          continue;
+        }
+        const next = live.shift();
+        if (!next) {
+          await new Promise<void>((resolve) => (wake = resolve));
+          wake = null;
+          continue;
+        }
+        if (next.seq <= last) continue;
+        last = next.seq;
+        yield toSandboxEvent(next);
+        if (next.type === 'sandbox.deleted') return;
+      }
+    } finally {
+      listeners.delete(listener);
+      if (listeners.size === 0 && this.#listeners.get(sandboxId) === listeners) this.#listeners.delete(sandboxId);
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Keeps the newest `retention` events of every sandbox that got events since the last prune. */
+  async prune(): Promise<void> {
+    const ids = [...this.#touched];
+    this.#touched.clear();
+    for (const id of ids) {
+      const next = this.#lanes.get(id)?.nextSeq;
+      if (next == null) continue;
+      const upTo = next - 1 - this.deps.retention;
+      if (upTo > 0) await this.deps.repository.deleteUpTo(id, upTo).catch((err: Error) => this.deps.log.warn({ sandbox: id, err: err.message }, 'could not prune sandbox events'));
+    }
+  }
+
+  /** Resolves once every event queued so far is written (or dropped), or after `timeoutMs`. */
+  async flush(timeoutMs = 5000): Promise<void> {
+    if (this.#busy() === 0) return;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(done, timeoutMs);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.#idle.add(done);
+    });
+  }
+
+  /** Stops pruning and waits (bounded) for queued events to be written. */
+  async close(): Promise<void> {
+    clearInterval(this.#timer);
+    await this.flush();
+  }
+
+  #busy(): number {
+    let n = 0;
+    for (const lane of this.#lanes.values()) if (lane.writing || lane.ops.length) n++;
+    return n;
+  }
+
+  #enqueue(sandboxId: string, op: LaneOp): void {
+    let lane = this.#lanes.get(sandboxId);
+    if (!lane) this.#lanes.set(sandboxId, (lane = { ops: [], writing: false, nextSeq: null }));
+    lane.ops.push(op);
+    if (!lane.writing) void this.#write(sandboxId, lane);
+  }
+
+  async #write(sandboxId: string, lane: Lane): Promise<void> {
+    lane.writing = true;
+    let conflicts = 0;
+    try {
+      while (lane.ops.length) {
+        const op = lane.ops[0]!;
+        if (op.kind === 'delete') {
+          await this.deps.repository.deleteForSandbox(sandboxId).catch((err: Error) => this.deps.log.warn({ sandbox: sandboxId, err: err.message }, 'could not delete sandbox events'));
+          lane.ops.shift();
+          lane.nextSeq = null;
+          this.#touched.delete(sandboxId);
+          continue;
+        }
+        try {
+          lane.nextSeq ??= (await this.deps.repository.lastSeq(sandboxId)) + 1;
+          const record = toRecord(op, lane.nextSeq);
+          await this.deps.repository.append(record);
+          lane.nextSeq++;
+          conflicts = 0;
+          this.#stored(record);
+        } catch (err) {
+          if (err instanceof ConflictError && ++conflicts <= MAX_ID_CONFLICTS) {
+            lane.nextSeq = null; // another writer took it: continue after the store's last id
+            continue;
+          }
+          conflicts = 0;
+          this.#drop(op.input, (err as Error).message);
+        }
+        lane.ops.shift();
+        this.#queued--;
+      }
+    } finally {
+      lane.writing = false;
+      if (lane.nextSeq === null && lane.ops.length === 0 && this.#lanes.get(sandboxId) === lane) this.#lanes.delete(sandboxId);
+      if (this.#busy() === 0) {
+        for (const done of this.#idle) done();
+        this.#idle.clear();
+      }
+    }
+  }
+
+  #stored(record: SandboxEventRecord): void {
+    if (this.#droppedSinceOk) {
+      this.deps.log.info({ dropped: this.#droppedSinceOk }, `sandbox events are being written again (${this.#droppedSinceOk} were dropped)`);
+      this.#droppedSinceOk = 0;
+    }
+    this.#touched.add(record.sandboxId);
+    for (const l of [...(this.#listeners.get(record.sandboxId) ?? []), ...this.#written]) {
+      try {
+        l(record);
+      } catch (err) {
+        this.deps.log.error({ err, sandbox: record.sandboxId }, 'a sandbox event listener failed');
+      }
+    }
+  }
+
+  #drop(input: SandboxEventInput, reason: string): void {
+    this.#dropped++;
+    if (this.#droppedSinceOk++ === 0) this.deps.log.warn({ sandbox: input.sandboxId, type: input.type, reason }, `dropping sandbox events until they can be written: ${reason}`);
+  }
+}
+
+function toRecord(op: Extract<LaneOp, { kind: 'event' }>, seq: number): SandboxEventRecord {
+  const { sandboxId, orgId, type, data = {} } = op.input;
+  const fits = JSON.stringify(data).length <= MAX_DATA_CHARS;
+  return { sandboxId, orgId, seq, type, data: fits ? data : { truncated: true }, createdAt: op.at };
+}
+
+/** The wire shape of a stored event. */
+export function toSandboxEvent(r: SandboxEventRecord): SandboxEvent {
+  return { id: r.seq, sandboxId: r.sandboxId, type: r.type, data: r.data, createdAt: r.createdAt.toISOString() };
+}
+
+/**
+ * A Last-Event-ID (SSE) or tRPC `lastEventId`: an id this stream sent (decimal), or none to start
+ * from the oldest event kept.
+ */
+export function parseEventId(value: string | null | undefined): number {
+  if (value === null || value === undefined || value === '') return 0;
+  if (!/^\d{1,15}$/.test(value)) throw new InvalidInputError(`Invalid Last-Event-ID ${JSON.stringify(value.slice(0, 64))}: send the id of an event this stream sent (a decimal number), or none to start`);
+  return Number(value);
+}

@@ -40,6 +40,7 @@ import type { Principal } from './auth-service.js';
 import type { ImageService } from './image-service.js';
 import { SandboxLocks } from './sandbox-locks.js';
 import type { SandboxQuotas } from './sandbox-quotas.js';
+import type { SandboxEventSink, SandboxEventType } from './sandbox-events.js';
 import type { WarmPool } from './warm-pool.js';
 
 export interface SandboxDefaults {
@@ -76,6 +77,8 @@ export interface SandboxServiceDeps {
   snapshotsDir: string;
   /** Host directories never to show callers; driver messages that mention them are redacted. */
   hostPaths: string[];
+  /** The sandboxes' event streams (sandbox-events.ts); absent: events go nowhere. */
+  events?: SandboxEventSink;
   /** Passed to every sandbox's agent (VOIDRUN_* settings). */
   agentSettings?: Record<string, string>;
   defaults: SandboxDefaults;
@@ -103,6 +106,8 @@ const NOT_RUNNING_ADVICE: Record<Exclude<SandboxStatus, 'running'>, string> = {
 export class SandboxService {
   readonly #locks = new SandboxLocks();
   readonly #stopListeners: Array<(id: string) => void> = [];
+  /** Why the next status change of a sandbox happens, for its event (set just before `#setStatus`). */
+  readonly #eventReasons = new Map<string, string>();
   /** WARM_POOL's members, claimed by matching creates (see `useWarmPool`). */
   #warm: WarmPool | null = null;
 
@@ -111,6 +116,27 @@ export class SandboxService {
   /** Registers a callback for a sandbox that stops running (stopped, paused, deleted or died). */
   onStopped(listener: (id: string) => void): void {
     this.#stopListeners.push(listener);
+  }
+
+  /** Reports an event of the sandbox's stream; returns at once. Pool members (no org) have none. */
+  #event(record: Pick<SandboxRecord, 'id' | 'orgId'>, type: SandboxEventType, data?: Record<string, unknown>): void {
+    if (record.orgId) this.deps.events?.emit({ sandboxId: record.id, orgId: record.orgId, type, data });
+  }
+
+  /** The lifecycle event of a status change, with why when the service knows (`#eventReasons`). */
+  #statusEvent(from: SandboxRecord, to: SandboxStatus): void {
+    const reason = this.#eventReasons.get(from.id);
+    this.#eventReasons.delete(from.id);
+    if (from.status === to) return;
+    const type: SandboxEventType = to === 'running' ? (from.status === 'paused' ? 'sandbox.resumed' : 'sandbox.started') : STATUS_EVENTS[to];
+    this.#event(from, type, { from: from.status, ...(reason ? { reason } : {}) });
+  }
+
+  /** A claimed warm-pool member is new to its org: its stream starts as a cold create's does. */
+  #claimedFromPool(record: SandboxRecord): SandboxRecord {
+    this.#event(record, 'sandbox.created', { name: record.name, fromPool: true });
+    this.#event(record, 'sandbox.started', { from: 'creating' });
+    return record;
   }
 
   #stopped(id: string): void {
@@ -148,7 +174,7 @@ export class SandboxService {
     };
     // A running member of the warm pool of this shape, if there is one (see warm-pool.ts).
     const warm = await this.#warm?.claim(principal, { ...fields, orgId: principal.orgId, createdBy: principal.userId });
-    if (warm) return this.#answer(warm);
+    if (warm) return this.#answer(this.#claimedFromPool(warm));
     const record = await this.#admitRecord(principal, fields);
     const boot = this.#locks.run(record.id, async () => {
       try {
@@ -157,7 +183,11 @@ export class SandboxService {
         return await this.#setStatus(record, 'running');
       } catch (err) {
         this.deps.log.error({ sandbox: record.id, err: (err as Error).message }, 'sandbox create failed');
-        if (input.sync) await this.deps.sandboxes.delete(record.orgId, record.id);
+        this.#eventReasons.set(record.id, this.#redact(err));
+        if (input.sync) {
+          await this.deps.sandboxes.delete(record.orgId, record.id);
+          this.deps.events?.deleteForSandbox?.(record.id);
+        }
         else await this.#setStatus(record, 'error');
         throw this.#forCaller(err, `Creating sandbox ${record.name} failed`);
       }
@@ -239,6 +269,8 @@ export class SandboxService {
         if (this.deps.driver) await this.deps.driver.destroy(id);
         if (!keepSnapshots) await rm(this.#snapshotDir(record), { recursive: true, force: true });
         await this.deps.sandboxes.delete(record.orgId, id);
+        this.#event(record, 'sandbox.deleted');
+        this.deps.events?.deleteForSandbox?.(id);
         return { id, deleted: true as const };
       });
     });
@@ -414,6 +446,7 @@ export class SandboxService {
         return toSandbox(await this.#setStatus(record, input.cold ? 'stopped' : 'running'));
       } catch (err) {
         await this.deps.sandboxes.delete(record.orgId, record.id);
+        this.deps.events?.deleteForSandbox?.(record.id);
         throw this.#forCaller(err, `Restoring snapshot ${snapId} failed`);
       }
     });
@@ -433,6 +466,7 @@ export class SandboxService {
       }
       const network = this.#resolveNetwork(input, record.network);
       const updated = (await this.deps.sandboxes.update(record.orgId, record.id, { network })) ?? { ...record, network };
+      this.#event(record, 'network.policy_changed', { network });
       if (!down && network.mode === 'bridge' && this.deps.network.enforce) {
         try {
           await this.deps.network.enforce(record.id, network);
@@ -458,7 +492,10 @@ export class SandboxService {
       const network = { ...fresh.network, maxEgressBytes: cap, egressCut: true };
       // Enforced before it is recorded: an answer saying `egressCut: true` means it is in force.
       await this.deps.network.enforce?.(fresh.id, network);
-      if (!fresh.network.egressCut) await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network });
+      if (!fresh.network.egressCut) {
+        await this.deps.sandboxes.update(fresh.orgId, fresh.id, { network });
+        this.#event(fresh, 'network.egress_cut', { egressBytes, maxEgressBytes: cap });
+      }
       this.deps.log.warn({ sandbox: fresh.id, egressBytes, maxEgressBytes: cap }, `sandbox ${fresh.name}: egress cut after ${egressBytes} bytes (maxEgressBytes ${cap})`);
       return true;
     });
@@ -512,6 +549,7 @@ export class SandboxService {
           this.#stopped(record.id);
           await this.deps.agents?.drop(record.id);
         }
+        this.#eventReasons.set(record.id, state === 'missing' ? 'its runtime is gone' : `found ${state} by the health check`);
         await this.#setStatus(fresh, status);
       }
       return status;
@@ -539,7 +577,10 @@ export class SandboxService {
   #admitRecord(principal: Principal, fields: NewSandboxFields): Promise<SandboxRecord> {
     return this.deps.quotas.admit(principal.orgId, fields, () =>
       this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' }),
-    );
+    ).then((record) => {
+      this.#event(record, 'sandbox.created', { name: record.name, imageId: record.imageId, cpu: record.cpu, mem: record.mem });
+      return record;
+    });
   }
 
   // ── Warm pool (server/services/warm-pool.ts keeps the pool; these build, hand over and remove members) ──
@@ -626,7 +667,9 @@ export class SandboxService {
     // A sandbox on the bridge has an address of its own, known once it runs; with mode none it has none.
     const driver = this.deps.driver;
     if (status === 'running' && driver && hasAddresses(driver)) patch.ip = record.network.mode === 'none' ? '' : ((await driver.addressOf(record.id)) ?? record.ip);
-    return (await this.deps.sandboxes.update(record.orgId, record.id, patch)) ?? { ...record, ...patch };
+    const updated = (await this.deps.sandboxes.update(record.orgId, record.id, patch)) ?? { ...record, ...patch };
+    this.#statusEvent(record, status);
+    return updated;
   }
 
   #snapshotDir(record: SandboxRecord): string {
@@ -642,6 +685,14 @@ export class SandboxService {
 
 /** What a create or restore decides of a new sandbox before its record exists. */
 type NewSandboxFields = Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels' | 'network'>;
+
+/** The event of a change to a status other than running (running is started or resumed, by where it came from). */
+const STATUS_EVENTS: Record<Exclude<SandboxStatus, 'running'>, SandboxEventType> = {
+  creating: 'sandbox.created',
+  paused: 'sandbox.paused',
+  stopped: 'sandbox.stopped',
+  error: 'sandbox.error',
+};
 
 function assertOwnOrg(principal: Principal, orgId: string | undefined): void {
   if (orgId && orgId !== principal.orgId) throw new ForbiddenError(`orgId ${orgId} is not the organization of this API key`);

@@ -237,6 +237,152 @@ export interface IdempotencyRepository {
   prune(now: Date): Promise<number>;
 }
 
+/** One event of a sandbox's stream; `(sandboxId, seq)` is unique, and `seq` only grows per sandbox. */
+export interface SandboxEventRecord {
+  sandboxId: string;
+  seq: number;
+  orgId: string;
+  type: string;
+  data: Record<string, unknown>;
+  createdAt: Date;
+}
+
+/**
+ * Sandboxes' event streams. `append` is an insert against the unique `(sandboxId, seq)` key, so
+ * two writers can never both write one id (the loser gets a `ConflictError`).
+ */
+export interface SandboxEventRepository {
+  /** Stores the event; `ConflictError` when its `(sandboxId, seq)` is taken. */
+  append(event: SandboxEventRecord): Promise<void>;
+  /** The sandbox's events with `seq > after`, ascending, at most `limit`. */
+  listAfter(sandboxId: string, after: number, limit: number): Promise<SandboxEventRecord[]>;
+  /** The sandbox's highest stored `seq`; 0 when it has none. */
+  lastSeq(sandboxId: string): Promise<number>;
+  /** Removes the sandbox's events with `seq <= upTo` (retention); resolves to how many went. */
+  deleteUpTo(sandboxId: string, upTo: number): Promise<number>;
+  /** Removes every event of the sandbox; resolves to how many went. */
+  deleteForSandbox(sandboxId: string): Promise<number>;
+}
+
+/** An org's webhook: where its sandboxes' events are POSTed, signed with `secret`. */
+export interface WebhookRecord {
+  id: string;
+  orgId: string;
+  url: string;
+  /** Event types (or `prefix.*` patterns) it receives; empty: every event. */
+  events: string[];
+  secret: string;
+  createdBy: string;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+/** One event to deliver to one webhook, until it is delivered or its attempts run out. */
+export interface WebhookDeliveryRecord {
+  id: string;
+  webhookId: string;
+  orgId: string;
+  /** `<sandboxId>:<seq>` of the event. */
+  eventId: string;
+  eventType: string;
+  /** The JSON body sent, the same on every attempt. */
+  body: string;
+  /** Attempts made so far. */
+  attempts: number;
+  /** When the next attempt is due. */
+  nextAttemptAt: Date;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+/** One attempt to deliver, as the delivery log shows it. */
+export interface WebhookAttemptRecord {
+  id: string;
+  deliveryId: string;
+  webhookId: string;
+  orgId: string;
+  eventId: string;
+  eventType: string;
+  attempt: number;
+  /** The receiver's HTTP status; null when none came (refused, timed out, not allowed). */
+  statusCode: number | null;
+  error: string | null;
+  ok: boolean;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+export interface WebhookRepository {
+  create(webhook: NewRecord<WebhookRecord>): Promise<WebhookRecord>;
+  findById(orgId: string, id: string): Promise<WebhookRecord | null>;
+  /** Oldest first. */
+  listByOrg(orgId: string): Promise<WebhookRecord[]>;
+  /** Deletes the webhook with its pending deliveries and its log. */
+  delete(orgId: string, id: string): Promise<boolean>;
+}
+
+/**
+ * Deliveries waiting for their next attempt, and the log of attempts. Each delivery is worked by
+ * one attempt at a time in the process that owns it, so its `reschedule` never races another.
+ */
+export interface WebhookDeliveryRepository {
+  create(delivery: NewRecord<WebhookDeliveryRecord>): Promise<WebhookDeliveryRecord>;
+  /** Records attempts made and when the next is due. */
+  reschedule(id: string, attempts: number, nextAttemptAt: Date): Promise<void>;
+  /** A delivery that is done (delivered, or out of attempts) leaves the queue. */
+  finish(id: string): Promise<void>;
+  /** Pending deliveries, the earliest due first, at most `limit`. */
+  listPending(limit: number): Promise<WebhookDeliveryRecord[]>;
+  addAttempt(attempt: NewRecord<WebhookAttemptRecord>): Promise<WebhookAttemptRecord>;
+  /** The webhook's attempts, newest first, at most `limit`. */
+  listAttempts(orgId: string, webhookId: string, limit: number): Promise<WebhookAttemptRecord[]>;
+  /** Keeps the newest `keep` attempts of the webhook; resolves to how many went. */
+  pruneAttempts(webhookId: string, keep: number): Promise<number>;
+}
+
+/**
+ * Claims on warm-pool members, keyed by the member's sandbox id: of any number of concurrent claims
+ * of one member (from any number of server processes) exactly one inserts its row.
+ */
+export interface PoolClaimRepository {
+  /** True for the one caller whose insert made the claim; false when it was already claimed. */
+  claim(sandboxId: string): Promise<boolean>;
+  /** Frees a claim (a claim that failed gives its member back to the pool; a deleted sandbox's claim goes). */
+  release(sandboxId: string): Promise<void>;
+  /** The sandbox ids claimed, in no particular order. */
+  list(): Promise<string[]>;
+}
+
+/** One idempotency key of an org's operation: the first request's hash and, once it finished, its result. */
+export interface IdempotencyRecord {
+  orgId: string;
+  /** `sandbox.create`, `sandbox.restore`, `exec.startCommand`. */
+  operation: string;
+  key: string;
+  /** SHA-256 of the request's canonical JSON (without the key). */
+  requestHash: string;
+  /** The result as JSON text once the first request succeeded; null while it runs. */
+  result: string | null;
+  createdAt: Date;
+  expiresAt: Date;
+}
+
+/**
+ * Idempotency keys. `claim` is an insert against the unique `(orgId, operation, key)`: of concurrent
+ * first requests exactly one runs; the rest read the winner's row.
+ */
+export interface IdempotencyRepository {
+  /** Inserts `record` (result null); false, with nothing written, when the key is taken. */
+  claim(record: Omit<IdempotencyRecord, 'result'>): Promise<boolean>;
+  find(orgId: string, operation: string, key: string): Promise<IdempotencyRecord | null>;
+  /** Stores the result of the claim's request (only its claimer writes it). */
+  complete(orgId: string, operation: string, key: string, result: string): Promise<void>;
+  /** Frees the key (its request failed, or it expired). */
+  release(orgId: string, operation: string, key: string): Promise<void>;
+  /** Removes keys that expired before `now`; resolves to how many went. */
+  prune(now: Date): Promise<number>;
+}
+
 export interface Store {
   readonly kind: 'sqlite' | 'mongo';
   readonly users: UserRepository;
@@ -245,6 +391,9 @@ export interface Store {
   readonly sandboxes: SandboxRepository;
   readonly images: ImageRepository;
   readonly ipLeases: IpLeaseRepository;
+  readonly sandboxEvents: SandboxEventRepository;
+  readonly webhooks: WebhookRepository;
+  readonly webhookDeliveries: WebhookDeliveryRepository;
   readonly poolClaims: PoolClaimRepository;
   readonly idempotency: IdempotencyRepository;
   close(): Promise<void>;

@@ -24,6 +24,7 @@ import type {
 } from '../types.js';
 import { SANDBOX_NETWORK_NONE } from '../types.js';
 import type { OrgNetworkDefaults } from '../../../shared/schemas/network.js';
+import { ensureEventIndexes, mongoEventRepositories } from './events-store.js';
 
 /*
  * Ids: a record's `id` is the hex text of its `_id` ObjectId; references to other records (orgId,
@@ -34,16 +35,16 @@ import type { OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 
 type WithId = { id: string };
 
-function objectId(id: string): ObjectId | null {
+export function objectId(id: string): ObjectId | null {
   return isObjectIdHex(id) ? new ObjectId(id) : null;
 }
 
-function toDoc<T extends WithId>(rec: T): Document {
+export function toDoc<T extends WithId>(rec: T): Document {
   const { id, ...rest } = rec;
   return { _id: new ObjectId(id), ...rest };
 }
 
-function fromDoc<T extends WithId>(doc: Document | null): T | null {
+export function fromDoc<T extends WithId>(doc: Document | null): T | null {
   if (!doc) return null;
   const { _id, ...rest } = doc;
   return { id: (_id as ObjectId).toHexString(), ...rest } as T;
@@ -61,7 +62,7 @@ function isUnavailable(err: unknown): boolean {
 }
 
 /** Runs one store operation, translating driver failures into domain errors. */
-async function op<T>(conflictWhat: string, fn: () => Promise<T>): Promise<T> {
+export async function op<T>(conflictWhat: string, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (err) {
@@ -71,7 +72,7 @@ async function op<T>(conflictWhat: string, fn: () => Promise<T>): Promise<T> {
   }
 }
 
-function stamp<T extends { id?: string }>(rec: T): T & { id: string; createdAt: Date; updatedAt: Date } {
+export function stamp<T extends { id?: string }>(rec: T): T & { id: string; createdAt: Date; updatedAt: Date } {
   const now = new Date();
   return { ...rec, id: rec.id ?? newId(), createdAt: now, updatedAt: now };
 }
@@ -396,7 +397,7 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
   try {
     await client.connect();
     const db = client.db(opts.dbName);
-    await ensureIndexes(db);
+    await Promise.all([ensureIndexes(db), ensureEventIndexes(db)]);
     return {
       kind: 'mongo',
       users: new MongoUsers(db.collection('users')),
@@ -405,6 +406,7 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
       sandboxes: new MongoSandboxes(db.collection('sandboxes')),
       images: new MongoImages(db.collection('images')),
       ipLeases: new MongoIpLeases(db.collection('ip_leases')),
+      ...mongoEventRepositories(db),
       poolClaims: new MongoPoolClaims(db.collection('pool_claims')),
       idempotency: new MongoIdempotency(db.collection('idempotency_keys')),
       async close() {

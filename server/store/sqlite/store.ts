@@ -27,16 +27,17 @@ import type {
 import { SANDBOX_NETWORK_NONE } from '../types.js';
 import type { NetworkPolicy, OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 import { sqliteSchema } from './schema.js';
+import { SqliteSandboxEvents, SqliteWebhookDeliveries, SqliteWebhooks } from './events-store.js';
 
 type Db = Database.Database;
 type Row = Record<string, unknown>;
 
-const iso = (d: Date) => d.toISOString();
-const date = (v: unknown) => new Date(String(v));
+export const iso = (d: Date) => d.toISOString();
+export const date = (v: unknown) => new Date(String(v));
 const dateOrNull = (v: unknown) => (v == null ? null : new Date(String(v)));
 
 /** Runs a write and turns a UNIQUE violation into a `ConflictError` naming what collided. */
-function uniqueWrite<T>(what: string, write: () => T): T {
+export function uniqueWrite<T>(what: string, write: () => T): T {
   try {
     return write();
   } catch (err) {
@@ -47,7 +48,7 @@ function uniqueWrite<T>(what: string, write: () => T): T {
   }
 }
 
-function stamp<T extends { id?: string }>(rec: T): T & { id: string; createdAt: Date; updatedAt: Date } {
+export function stamp<T extends { id?: string }>(rec: T): T & { id: string; createdAt: Date; updatedAt: Date } {
   const now = new Date();
   return { ...rec, id: rec.id ?? newId(), createdAt: now, updatedAt: now };
 }
@@ -502,6 +503,9 @@ export function openSqliteStore(dataDir: string): Store {
     sandboxes: new SqliteSandboxes(db),
     images: new SqliteImages(db),
     ipLeases: new SqliteIpLeases(db),
+    sandboxEvents: new SqliteSandboxEvents(db),
+    webhooks: new SqliteWebhooks(db),
+    webhookDeliveries: new SqliteWebhookDeliveries(db),
     poolClaims: new SqlitePoolClaims(db),
     idempotency: new SqliteIdempotency(db),
     async close() {

@@ -1,0 +1,366 @@
+import { createHmac } from 'node:crypto';
+import { lookup } from 'node:dns/promises';
+import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { request as httpsRequest } from 'node:https';
+import { BlockList, isIP, type LookupFunction } from 'node:net';
+import type { Logger } from 'pino';
+import type { CreateWebhookInput, Webhook, WebhookAttempt } from '../../shared/schemas/events.js';
+import { ForbiddenError, InvalidInputError, NotFoundError, TooManyRequestsError } from '../errors.js';
+import type { OrgRepository, SandboxEventRecord, WebhookDeliveryRecord, WebhookDeliveryRepository, WebhookRecord, WebhookRepository } from '../store/types.js';
+import type { Principal } from './auth-service.js';
+import { SANDBOX_EVENT_TYPES, toSandboxEvent } from './sandbox-events.js';
+
+/** How long a webhook URL's name may take to resolve when it is created. */
+const CREATE_LOOKUP_TIMEOUT_MS = 2000;
+/** The longest wait between two attempts, however many came before. */
+const MAX_RETRY_DELAY_MS = 60 * 60 * 1000;
+/** Deliveries one org may have waiting for a free slot; past it an event's delivery fails at once (logged). */
+const MAX_WAITING_PER_ORG = 1000;
+/** Attempts kept in a webhook's delivery log. */
+const ATTEMPT_LOG_SIZE = 1000;
+/** Pending deliveries taken up at startup. */
+const RESUME_LIMIT = 10_000;
+/** The most characters of an attempt's error kept in the log. */
+const MAX_ERROR_CHARS = 300;
+
+/**
+ * Addresses a tenant's webhook never reaches unless WEBHOOK_ALLOW_PRIVATE opens them: this host
+ * (loopback), private and shared networks, link-local (cloud metadata at 169.254.169.254 and
+ * fd00:ec2::254 included), and the reserved, documentation, multicast and translation ranges.
+ */
+const REFUSED_V4 = ['0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12', '192.0.0.0/24', '192.0.2.0/24', '192.88.99.0/24', '192.168.0.0/16', '198.18.0.0/15', '198.51.100.0/24', '203.0.113.0/24', '224.0.0.0/4', '240.0.0.0/4'];
+const REFUSED_V6 = ['::/128', '::1/128', '::ffff:0:0/96', '64:ff9b::/96', '64:ff9b:1::/48', '100::/64', '2001::/32', '2001:db8::/32', '2002::/16', 'fc00::/7', 'fe80::/10', 'fec0::/10', 'ff00::/8'];
+
+function blockList(cidrs: readonly string[]): BlockList {
+  const list = new BlockList();
+  for (const cidr of cidrs) {
+    const [addr = '', prefix] = cidr.split('/');
+    const family = isIP(addr) === 6 ? 'ipv6' : 'ipv4';
+    list.addSubnet(addr, prefix === undefined ? (family === 'ipv6' ? 128 : 32) : Number(prefix), family);
+  }
+  return list;
+}
+const refused = blockList([...REFUSED_V4, ...REFUSED_V6]);
+
+/** The IPv4 address an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) stands for, else the address itself. */
+function unmapped(address: string): string {
+  const m = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  return m ? m[1]! : address;
+}
+
+/**
+ * Whether a webhook may connect to `address`: not in a refused range, or inside one of the
+ * operator's WEBHOOK_ALLOW_PRIVATE CIDRs.
+ */
+export function webhookAddressAllowed(address: string, allowPrivate: BlockList): boolean {
+  const plain = unmapped(address);
+  const family = isIP(plain) === 6 ? 'ipv6' : 'ipv4';
+  if (!isIP(plain)) return false;
+  return !refused.check(plain, family) || allowPrivate.check(plain, family);
+}
+
+/** Whether an event of `type` goes to a webhook with these filters (none: every event). */
+export function webhookWants(filters: readonly string[], type: string): boolean {
+  if (filters.length === 0) return true;
+  return filters.some((f) => f === '*' || f === type || (f.endsWith('.*') && type.startsWith(f.slice(0, -1))));
+}
+
+/** `X-VoidRun-Signature`: `sha256=` and the hex HMAC-SHA256 of `<timestamp>.<body>` keyed by the secret. */
+export function webhookSignature(secret: string, timestamp: string, body: string): string {
+  return `sha256=${createHmac('sha256', secret).update(`${timestamp}.${body}`).digest('hex')}`;
+}
+
+export interface WebhookServiceDeps {
+  webhooks: WebhookRepository;
+  deliveries: WebhookDeliveryRepository;
+  orgs: Pick<OrgRepository, 'findById'>;
+  log: Logger;
+  /** WEBHOOK_MAX_ATTEMPTS */
+  maxAttempts: number;
+  /** WEBHOOK_RETRY_BASE_MS: the delay before the second attempt; each later one doubles it (at most an hour). */
+  retryBaseMs: number;
+  /** WEBHOOK_TIMEOUT_MS: connecting and receiving the answer's status line and headers, together. */
+  timeoutMs: number;
+  /** WEBHOOK_MAX_IN_FLIGHT_PER_ORG */
+  maxInFlightPerOrg: number;
+  /** ORG_MAX_WEBHOOKS */
+  maxPerOrg: number;
+  /** WEBHOOK_ALLOW_PRIVATE: CIDRs webhooks may reach though refused by default. */
+  allowPrivate: readonly string[];
+}
+
+type AttemptResult = { statusCode: number; error: null } | { statusCode: null; error: string };
+
+/**
+ * Org webhooks: every stored sandbox event goes to the org's webhooks that want its type, as a
+ * signed POST. A delivery is stored before its first attempt and removed once delivered or out of
+ * attempts, so deliveries pending when the server stops are taken up when it starts. Each attempt
+ * resolves the URL's name, refuses it unless every address is allowed (see
+ * `webhookAddressAllowed`), and connects to the address it checked, so a name that resolves
+ * differently a moment later (DNS rebinding) cannot redirect the request.
+ */
+export class WebhookService {
+  readonly #allowPrivate: BlockList;
+  /** Each org's webhooks, read once and dropped when one is created or deleted here. */
+  readonly #byOrg = new Map<string, Promise<WebhookRecord[]>>();
+  readonly #inFlight = new Map<string, number>();
+  readonly #waiting = new Map<string, WebhookDeliveryRecord[]>();
+  readonly #timers = new Set<NodeJS.Timeout>();
+  readonly #running = new Set<Promise<void>>();
+  readonly #attemptsSincePrune = new Map<string, number>();
+  #closed = false;
+
+  constructor(private readonly deps: WebhookServiceDeps) {
+    this.#allowPrivate = blockList(deps.allowPrivate);
+  }
+
+  /** Registers a webhook in the caller's org; only its owner may. The secret is never shown again. */
+  async create(principal: Principal, input: CreateWebhookInput): Promise<Webhook> {
+    await this.#assertOwner(principal, input.orgId, 'create webhooks');
+    const url = await this.#checkedUrl(input.url);
+    const events = [...new Set(input.events ?? [])];
+    for (const f of events) {
+      if (!SANDBOX_EVENT_TYPES.some((t) => webhookWants([f], t))) throw new InvalidInputError(`Invalid events: ${f} matches no event type (types: ${SANDBOX_EVENT_TYPES.join(', ')})`);
+    }
+    const existing = await this.deps.webhooks.listByOrg(input.orgId);
+    if (existing.length >= this.deps.maxPerOrg) throw new TooManyRequestsError(`This organization has ${existing.length} webhooks, the most allowed (ORG_MAX_WEBHOOKS=${this.deps.maxPerOrg}); delete one first`);
+    const hook = await this.deps.webhooks.create({ orgId: input.orgId, url, events, secret: input.secret, createdBy: principal.userId });
+    this.#byOrg.delete(input.orgId);
+    return toWebhook(hook);
+  }
+
+  async list(principal: Principal, orgId: string): Promise<Webhook[]> {
+    assertSameOrg(principal, orgId);
+    return (await this.deps.webhooks.listByOrg(orgId)).map(toWebhook);
+  }
+
+  /** Deletes a webhook with its pending deliveries and log; only the org's owner may. */
+  async delete(principal: Principal, orgId: string, webhookId: string): Promise<{ id: string; deleted: true }> {
+    await this.#assertOwner(principal, orgId, 'delete webhooks');
+    if (!(await this.deps.webhooks.delete(orgId, webhookId))) throw webhookNotFound(webhookId);
+    this.#byOrg.delete(orgId);
+    return { id: webhookId, deleted: true };
+  }
+
+  /** The webhook's delivery log, newest attempt first. */
+  async attempts(principal: Principal, orgId: string, webhookId: string, limit = 100): Promise<WebhookAttempt[]> {
+    assertSameOrg(principal, orgId);
+    if (!(await this.deps.webhooks.findById(orgId, webhookId))) throw webhookNotFound(webhookId);
+    const log = await this.deps.deliveries.listAttempts(orgId, webhookId, limit);
+    return log.map((a) => ({ deliveryId: a.deliveryId, eventId: a.eventId, eventType: a.eventType, attempt: a.attempt, ok: a.ok, statusCode: a.statusCode, error: a.error, at: a.createdAt.toISOString() }));
+  }
+
+  /** Takes up the deliveries pending when the server last stopped, each when it is due. */
+  async start(): Promise<void> {
+    const pending = await this.deps.deliveries.listPending(RESUME_LIMIT);
+    for (const d of pending) this.#schedule(d, d.nextAttemptAt.getTime() - Date.now());
+    if (pending.length) this.deps.log.info({ pending: pending.length }, 'webhook deliveries resumed');
+  }
+
+  /** A stored sandbox event: queues a delivery to each of the org's webhooks that want it. Never throws. */
+  handle(event: SandboxEventRecord): void {
+    if (this.#closed) return;
+    void this.#dispatch(event).catch((err: Error) => this.deps.log.warn({ sandbox: event.sandboxId, type: event.type, err: err.message }, 'could not queue webhook deliveries'));
+  }
+
+  /** Stops attempting; waits (at most WEBHOOK_TIMEOUT_MS) for attempts under way. Pending deliveries stay stored. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    for (const t of this.#timers) clearTimeout(t);
+    this.#timers.clear();
+    this.#waiting.clear();
+    await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, this.deps.timeoutMs).unref())]);
+  }
+
+  async #dispatch(event: SandboxEventRecord): Promise<void> {
+    const hooks = (await this.#hooksOf(event.orgId)).filter((h) => webhookWants(h.events, event.type));
+    if (hooks.length === 0) return;
+    const body = JSON.stringify({ ...toSandboxEvent(event), orgId: event.orgId });
+    for (const hook of hooks) {
+      const delivery = await this.deps.deliveries.create({ webhookId: hook.id, orgId: hook.orgId, eventId: `${event.sandboxId}:${event.seq}`, eventType: event.type, body, attempts: 0, nextAttemptAt: new Date() });
+      this.#enqueue(delivery);
+    }
+  }
+
+  #hooksOf(orgId: string): Promise<WebhookRecord[]> {
+    let hooks = this.#byOrg.get(orgId);
+    if (!hooks) {
+      hooks = this.deps.webhooks.listByOrg(orgId);
+      this.#byOrg.set(orgId, hooks);
+      hooks.catch(() => this.#byOrg.delete(orgId));
+    }
+    return hooks;
+  }
+
+  #schedule(delivery: WebhookDeliveryRecord, delayMs: number): void {
+    if (this.#closed) return;
+    const timer = setTimeout(() => {
+      this.#timers.delete(timer);
+      this.#enqueue(delivery);
+    }, Math.max(0, delayMs));
+    timer.unref();
+    this.#timers.add(timer);
+  }
+
+  /** Runs the delivery's next attempt now if its org has a slot free, else once one frees. */
+  #enqueue(delivery: WebhookDeliveryRecord): void {
+    if (this.#closed) return;
+    const orgId = delivery.orgId;
+    if ((this.#inFlight.get(orgId) ?? 0) >= this.deps.maxInFlightPerOrg) {
+      const waiting = this.#waiting.get(orgId) ?? [];
+      if (waiting.length >= MAX_WAITING_PER_ORG) {
+        this.deps.log.warn({ org: orgId, webhook: delivery.webhookId, event: delivery.eventId }, `webhook delivery dropped: ${MAX_WAITING_PER_ORG} deliveries of this organization are waiting`);
+        void this.#record(delivery, delivery.attempts + 1, { statusCode: null, error: `not attempted: ${MAX_WAITING_PER_ORG} deliveries of this organization were waiting` }, true);
+        return;
+      }
+      waiting.push(delivery);
+      this.#waiting.set(orgId, waiting);
+      return;
+    }
+    this.#inFlight.set(orgId, (this.#inFlight.get(orgId) ?? 0) + 1);
+    const run = this.#attempt(delivery)
+      .catch((err: Error) => this.deps.log.warn({ webhook: delivery.webhookId, err: err.message }, 'webhook attempt failed'))
+      .finally(() => {
+        this.#running.delete(run);
+        const left = (this.#inFlight.get(orgId) ?? 1) - 1;
+        if (left > 0) this.#inFlight.set(orgId, left);
+        else this.#inFlight.delete(orgId);
+        const next = this.#waiting.get(orgId)?.shift();
+        if (this.#waiting.get(orgId)?.length === 0) this.#waiting.delete(orgId);
+        if (next) this.#enqueue(next);
+      });
+    this.#running.add(run);
+  }
+
+  async #attempt(delivery: WebhookDeliveryRecord): Promise<void> {
+    const hook = await this.deps.webhooks.findById(delivery.orgId, delivery.webhookId);
+    if (!hook) return void (await this.deps.deliveries.finish(delivery.id));
+    const attempt = delivery.attempts + 1;
+    const result = await this.#post(hook, delivery, attempt);
+    const ok = result.statusCode !== null && result.statusCode >= 200 && result.statusCode < 300;
+    const last = ok || attempt >= this.deps.maxAttempts;
+    await this.#record(delivery, attempt, result, last);
+    if (last) return;
+    const delay = Math.min(MAX_RETRY_DELAY_MS, this.deps.retryBaseMs * 2 ** (attempt - 1));
+    const next = { ...delivery, attempts: attempt, nextAttemptAt: new Date(Date.now() + delay) };
+    await this.deps.deliveries.reschedule(delivery.id, attempt, next.nextAttemptAt);
+    this.#schedule(next, delay);
+  }
+
+  async #record(delivery: WebhookDeliveryRecord, attempt: number, result: AttemptResult, last: boolean): Promise<void> {
+    const ok = result.statusCode !== null && result.statusCode >= 200 && result.statusCode < 300;
+    await this.deps.deliveries.addAttempt({ deliveryId: delivery.id, webhookId: delivery.webhookId, orgId: delivery.orgId, eventId: delivery.eventId, eventType: delivery.eventType, attempt, statusCode: result.statusCode, error: result.error, ok });
+    if (last) await this.deps.deliveries.finish(delivery.id);
+    const since = (this.#attemptsSincePrune.get(delivery.webhookId) ?? 0) + 1;
+    if (since >= ATTEMPT_LOG_SIZE / 10) {
+      this.#attemptsSincePrune.delete(delivery.webhookId);
+      await this.deps.deliveries.pruneAttempts(delivery.webhookId, ATTEMPT_LOG_SIZE);
+    } else this.#attemptsSincePrune.set(delivery.webhookId, since);
+  }
+
+  /** One signed POST to the webhook, connected to an address checked now; its status, or why there is none. */
+  async #post(hook: WebhookRecord, delivery: WebhookDeliveryRecord, attempt: number): Promise<AttemptResult> {
+    const url = new URL(hook.url);
+    let target: { address: string; family: number };
+    try {
+      target = await this.#resolveAllowed(url);
+    } catch (err) {
+      return { statusCode: null, error: clip((err as Error).message) };
+    }
+    const timestamp = String(Math.floor(Date.now() / 1000));
+    const headers = {
+      'content-type': 'application/json',
+      'content-length': String(Buffer.byteLength(delivery.body)),
+      'user-agent': 'VoidRun-Webhooks',
+      'x-voidrun-event': delivery.eventType,
+      'x-voidrun-delivery': delivery.id,
+      'x-voidrun-attempt': String(attempt),
+      'x-voidrun-timestamp': timestamp,
+      'x-voidrun-signature': webhookSignature(hook.secret, timestamp, delivery.body),
+    };
+    // The connection goes to the address checked above, whatever the name resolves to now; the
+    // Host header and TLS (SNI, certificate) still use the name.
+    const pinned: LookupFunction = (_host, options, callback) => {
+      if ((options as { all?: boolean }).all) (callback as unknown as (e: null, a: { address: string; family: number }[]) => void)(null, [target]);
+      else callback(null, target.address, target.family);
+    };
+    const request = url.protocol === 'https:' ? httpsRequest : httpRequest;
+    return new Promise<AttemptResult>((resolve) => {
+      let settled = false;
+      const done = (r: AttemptResult) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        resolve(r);
+      };
+      const req = request(url, { method: 'POST', headers, lookup: pinned, agent: false }, (res: IncomingMessage) => {
+        // Only the status counts: the answer's body is never read.
+        done({ statusCode: res.statusCode ?? 0, error: null });
+        res.destroy();
+      });
+      const timer = setTimeout(() => {
+        done({ statusCode: null, error: `no answer within ${this.deps.timeoutMs} ms (WEBHOOK_TIMEOUT_MS)` });
+        req.destroy();
+      }, this.deps.timeoutMs);
+      req.on('error', (err) => done({ statusCode: null, error: clip(err.message) }));
+      req.end(delivery.body);
+    });
+  }
+
+  /** The address to connect to for `url`: every address its name resolves to must be allowed. */
+  async #resolveAllowed(url: URL): Promise<{ address: string; family: number }> {
+    const host = url.hostname.replace(/^\[|\]$/g, '');
+    const addresses = isIP(host) ? [{ address: host, family: isIP(host) }] : await lookup(host, { all: true, verbatim: true });
+    if (addresses.length === 0) throw new Error(`${host} resolves to no address`);
+    const bad = addresses.find((a) => !webhookAddressAllowed(a.address, this.#allowPrivate));
+    if (bad) throw new Error(`${host} resolves to ${bad.address}, a loopback, private or link-local address webhooks may not reach (the operator opens such addresses with WEBHOOK_ALLOW_PRIVATE)`);
+    return addresses[0]!;
+  }
+
+  /** The URL as stored, if webhooks may be sent to it (400 naming what is wrong otherwise). */
+  async #checkedUrl(text: string): Promise<string> {
+    let url: URL;
+    try {
+      url = new URL(text);
+    } catch {
+      throw new InvalidInputError(`Invalid url: ${JSON.stringify(text.slice(0, 200))} is not an absolute URL (https://host/path)`);
+    }
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new InvalidInputError(`Invalid url: the scheme must be http or https, not ${url.protocol.slice(0, -1).slice(0, 20)}`);
+    if (url.username || url.password) throw new InvalidInputError('Invalid url: credentials in the URL are not accepted; receivers verify X-VoidRun-Signature instead');
+    if (!url.hostname) throw new InvalidInputError('Invalid url: it names no host');
+    try {
+      await Promise.race([
+        this.#resolveAllowed(url),
+        new Promise((_, reject) => setTimeout(() => reject(new Error(`its host did not resolve within ${CREATE_LOOKUP_TIMEOUT_MS} ms`)), CREATE_LOOKUP_TIMEOUT_MS).unref()),
+      ]);
+    } catch (err) {
+      const reason = (err as NodeJS.ErrnoException).code === 'ENOTFOUND' ? `${url.hostname} does not resolve` : (err as Error).message;
+      throw new InvalidInputError(`Invalid url: ${clip(reason)}`);
+    }
+    url.hash = '';
+    return url.toString();
+  }
+
+  async #assertOwner(principal: Principal, orgId: string, what: string): Promise<void> {
+    assertSameOrg(principal, orgId);
+    const org = await this.deps.orgs.findById(orgId);
+    if (!org) throw new NotFoundError(`Organization ${orgId} no longer exists`, { code: 'ORG_NOT_FOUND' });
+    if (org.ownerId !== principal.userId) throw new ForbiddenError(`Only the organization's owner can ${what}; this API key's user is a member (role owner needed)`);
+  }
+}
+
+function assertSameOrg(principal: Principal, orgId: string): void {
+  if (principal.orgId !== orgId) throw new ForbiddenError(`This API key belongs to another organization and cannot manage organization ${orgId}`);
+}
+
+function webhookNotFound(id: string): NotFoundError {
+  return new NotFoundError(`Webhook ${id} not found in this organization`);
+}
+
+function clip(message: string): string {
+  return message.length > MAX_ERROR_CHARS ? `${message.slice(0, MAX_ERROR_CHARS)}…` : message;
+}
+
+function toWebhook(h: WebhookRecord): Webhook {
+  return { id: h.id, orgId: h.orgId, url: h.url, events: h.events, createdBy: h.createdBy, createdAt: h.createdAt.toISOString() };
+}

@@ -1,0 +1,215 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { VoidRunClient } from '../client/index.js';
+import type { SandboxEvent, SandboxEventPage } from '../shared/index.js';
+import { parseSse, type SseMessage } from './helpers/http-streams.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+/** Polls `read` until `done` holds for its value (bounded), and returns that value. */
+async function until<T>(read: () => Promise<T>, done: (value: T) => boolean, what: string, timeoutMs = 10_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await read();
+    if (done(value)) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(value).slice(0, 600)}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** Reads an SSE response until `enough` holds for the events so far, then closes it. */
+async function readSse(res: Response, enough: (events: SseMessage[]) => boolean, timeoutMs = 10_000): Promise<SseMessage[]> {
+  const reader = res.body!.getReader();
+  const decoder = new TextDecoder();
+  let text = '';
+  const timer = setTimeout(() => void reader.cancel(), timeoutMs);
+  try {
+    for (;;) {
+      const events = parseSse(text);
+      if (enough(events)) return events;
+      const { done, value } = await reader.read();
+      if (done) return parseSse(text);
+      text += decoder.decode(value, { stream: true });
+    }
+  } finally {
+    clearTimeout(timer);
+    await reader.cancel().catch(() => {});
+  }
+}
+
+describe.skipIf(!support.ok)('sandbox events', () => {
+  let server: TestServer;
+  let apiKey: string;
+  let vr: VoidRunClient;
+
+  const page = async (id: string, query = '', key = apiKey): Promise<SandboxEventPage> => {
+    const res = await server.http(`/api/sandboxes/${id}/events${query}`, { apiKey: key });
+    expect(res.status).toBe(200);
+    return ((await res.json()) as { data: SandboxEventPage }).data;
+  };
+  const allEvents = async (id: string): Promise<SandboxEvent[]> => (await page(id, '?limit=1000')).events;
+  const types = (events: SandboxEvent[]) => events.map((e) => e.type);
+  const waitFor = (id: string, done: (events: SandboxEvent[]) => boolean, what: string) => until(() => allEvents(id), done, what);
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Events', email: uniqueEmail('events') })).apiKey;
+    vr = server.client(apiKey);
+  }, 60_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('records the lifecycle in order with growing ids, pages with after=, and ends with sandbox.deleted', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-life' });
+    await vr.trpc.sandbox.pause.mutate({ id: box.id });
+    await vr.trpc.sandbox.resume.mutate({ id: box.id });
+    await vr.trpc.sandbox.stop.mutate({ id: box.id });
+    await vr.trpc.sandbox.start.mutate({ id: box.id });
+    await vr.trpc.sandbox.updateNetwork.mutate({ id: box.id, egress: 'deny' });
+    const expected = ['sandbox.created', 'sandbox.started', 'sandbox.paused', 'sandbox.resumed', 'sandbox.stopped', 'sandbox.started', 'network.policy_changed'];
+    const events = await waitFor(box.id, (e) => e.length >= expected.length, 'the lifecycle events');
+    expect(types(events)).toEqual(expected);
+    expect(events.map((e) => e.id)).toEqual([1, 2, 3, 4, 5, 6, 7]);
+    expect(events.every((e) => e.sandboxId === box.id && !Number.isNaN(Date.parse(e.createdAt)))).toBe(true);
+    expect(events[6]!.data).toMatchObject({ network: { egress: 'deny' } });
+
+    // Paging: after= and limit, with next and hasMore.
+    const first = await page(box.id, '?limit=3');
+    expect([first.events.map((e) => e.id), first.next, first.hasMore]).toEqual([[1, 2, 3], 3, true]);
+    const second = await page(box.id, `?after=${first.next}&limit=3`);
+    expect([second.events.map((e) => e.id), second.next, second.hasMore]).toEqual([[4, 5, 6], 6, true]);
+    const last = await page(box.id, `?after=${second.next}&limit=3`);
+    expect([last.events.map((e) => e.id), last.next, last.hasMore]).toEqual([[7], 7, false]);
+    const empty = await page(box.id, '?after=7');
+    expect([empty.events, empty.next, empty.hasMore]).toEqual([[], 7, false]);
+    // The same page over tRPC.
+    expect((await vr.trpc.sandbox.eventsPage.query({ id: box.id, after: 5, limit: 1 })).events.map((e) => e.type)).toEqual(['sandbox.started']);
+
+    // A live SSE stream from the last id sees the deletion as its last event, and ends.
+    const stream = await fetch(`${server.url}/api/sandboxes/${box.id}/events/stream`, { headers: { 'x-api-key': apiKey, 'last-event-id': '7' } });
+    expect(stream.status).toBe(200);
+    expect(stream.headers.get('content-type')).toMatch(/^text\/event-stream/);
+    const reading = readSse(stream, (e) => e.some((m) => m.event === 'sandbox.deleted'));
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+    const tail = await reading;
+    expect(tail.map((m) => [m.id, m.event])).toEqual([['8', 'sandbox.deleted']]);
+    expect(JSON.parse(tail[0]!.data)).toMatchObject({ id: 8, sandboxId: box.id, type: 'sandbox.deleted' });
+    // The stream went with the sandbox.
+    expect((await server.http(`/api/sandboxes/${box.id}/events`, { apiKey })).status).toBe(404);
+  });
+
+  it('resumes an SSE stream from Last-Event-ID with exactly the events it missed', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-sse' });
+    await waitFor(box.id, (e) => e.length >= 2, 'created and started');
+    const url = `${server.url}/api/sandboxes/${box.id}/events/stream`;
+    const firstRead = await readSse(await fetch(url, { headers: { 'x-api-key': apiKey } }), (e) => e.length >= 2);
+    expect(firstRead.map((m) => m.event)).toEqual(['sandbox.created', 'sandbox.started']);
+    const lastSeen = firstRead.at(-1)!.id!;
+    // Missed while disconnected:
+    await vr.trpc.sandbox.pause.mutate({ id: box.id });
+    await vr.trpc.sandbox.resume.mutate({ id: box.id });
+    await waitFor(box.id, (e) => e.length >= 4, 'pause and resume');
+    const resumed = await fetch(url, { headers: { 'x-api-key': apiKey, 'last-event-id': lastSeen } });
+    const reading = readSse(resumed, (e) => e.some((m) => m.event === 'sandbox.stopped'));
+    await vr.trpc.sandbox.stop.mutate({ id: box.id }); // live, after the replay
+    const missed = await reading;
+    expect(missed.map((m) => [m.id, m.event])).toEqual([['3', 'sandbox.paused'], ['4', 'sandbox.resumed'], ['5', 'sandbox.stopped']]);
+    // ?after= is the same for clients that cannot set headers.
+    const byQuery = await readSse(await fetch(`${url}?after=4`, { headers: { 'x-api-key': apiKey } }), (e) => e.length >= 1);
+    expect(byQuery.map((m) => m.id)).toEqual(['5']);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
+  it('resumes the tRPC subscription sandbox.events from lastEventId (tracked ids)', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-trpc' });
+    await waitFor(box.id, (e) => e.length >= 2, 'created and started');
+    const collect = (lastEventId: string | null, count: number) =>
+      new Promise<Array<{ id: string; data: SandboxEvent }>>((resolve, reject) => {
+        const got: Array<{ id: string; data: SandboxEvent }> = [];
+        const sub = vr.trpc.sandbox.events.subscribe(
+          { id: box.id, lastEventId },
+          {
+            onData: (e) => {
+              got.push(e);
+              if (got.length >= count) {
+                sub.unsubscribe();
+                resolve(got);
+              }
+            },
+            onError: reject,
+          },
+        );
+      });
+    const first = await collect(null, 2);
+    expect(first.map((e) => [e.id, e.data.type])).toEqual([['1', 'sandbox.created'], ['2', 'sandbox.started']]);
+    await vr.trpc.sandbox.pause.mutate({ id: box.id });
+    const next = collect(first.at(-1)!.id, 2);
+    await vr.trpc.sandbox.resume.mutate({ id: box.id });
+    expect((await next).map((e) => [e.id, e.data.type])).toEqual([['3', 'sandbox.paused'], ['4', 'sandbox.resumed']]);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
+  it("answers 404 for another org's sandbox on every face", async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-private' });
+    const otherKey = (await server.client().trpc.auth.register.mutate({ name: 'Other', email: uniqueEmail('events-other') })).apiKey;
+    const other = server.client(otherKey);
+    expect((await server.http(`/api/sandboxes/${box.id}/events`, { apiKey: otherKey })).status).toBe(404);
+    expect((await server.http(`/api/sandboxes/${box.id}/events/stream`, { apiKey: otherKey })).status).toBe(404);
+    await expect(
+      new Promise((resolve, reject) => {
+        other.trpc.sandbox.events.subscribe({ id: box.id }, { onData: resolve, onError: reject });
+      }),
+    ).rejects.toMatchObject({ code: 'SANDBOX_NOT_FOUND' });
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
+  it('refuses hostile and oversized inputs with a 400 saying what to send', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-inputs' });
+    for (const query of ['?after=-1', '?after=abc', '?limit=0', '?limit=100000', '?after=1e400', `?after=${'9'.repeat(40)}`]) {
+      const res = await server.http(`/api/sandboxes/${box.id}/events${query}`, { apiKey });
+      expect(res.status, query).toBe(400);
+    }
+    for (const lastEventId of ['abc', '-1', '1:2', '9'.repeat(40), '1 OR 1=1']) {
+      const res = await server.http(`/api/sandboxes/${box.id}/events/stream`, { apiKey, headers: { 'last-event-id': lastEventId } });
+      expect(res.status, lastEventId).toBe(400);
+      expect(((await res.json()) as { error: string }).error).toMatch(/^Invalid Last-Event-ID/);
+    }
+    const res = await server.http(`/api/sandboxes/${box.id}/events/stream?after=x`, { apiKey });
+    expect(res.status).toBe(400);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+});
+
+describe.skipIf(!support.ok)('sandbox events across a server restart', () => {
+  it('keeps the events and continues their ids after the store’s last one', async () => {
+    const first = await startTestServer({ HEALTH_ENABLED: 'false' });
+    const apiKey = (await first.client().trpc.auth.register.mutate({ name: 'Restart', email: uniqueEmail('events-restart') })).apiKey;
+    const box = await first.client(apiKey).sandboxes.create({ name: 'ev-restart' });
+    await first.client(apiKey).trpc.sandbox.stop.mutate({ id: box.id });
+    await until(
+      async () => ((await (await first.http(`/api/sandboxes/${box.id}/events`, { apiKey })).json()) as { data: SandboxEventPage }).data.events.length,
+      (n) => n >= 3,
+      'three events',
+    );
+    await first.close({ keepState: true });
+    const second = await startTestServer({ HEALTH_ENABLED: 'false' }, first.dirs);
+    try {
+      const vr = second.client(apiKey);
+      await vr.trpc.sandbox.start.mutate({ id: box.id });
+      const events = await until(
+        async () => (await vr.trpc.sandbox.eventsPage.query({ id: box.id })).events,
+        (e) => e.length >= 4,
+        'the event after the restart',
+      );
+      expect(events.map((e) => [e.id, e.type])).toEqual([
+        [1, 'sandbox.created'],
+        [2, 'sandbox.started'],
+        [3, 'sandbox.stopped'],
+        [4, 'sandbox.started'],
+      ]);
+      await vr.trpc.sandbox.delete.mutate({ id: box.id });
+    } finally {
+      await second.close();
+    }
+  }, 120_000);
+});
