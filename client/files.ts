@@ -30,10 +30,10 @@ export interface RawHttp {
 
 /**
  * What an upload sends. Everywhere: a string (UTF-8), bytes (`Uint8Array`, Node's `Buffer`,
- * `ArrayBuffer`), a `Blob`/`File`, a `ReadableStream` or any async iterable of bytes. On Node
- * (and Bun, Deno) also a Node `Readable` and `{ path }`, a local file.
+ * `ArrayBuffer`), a `Blob`/`File`, a fetch `Response` (its body), a `ReadableStream` or any async
+ * iterable of bytes. Where Node's modules exist, also a Node `Readable` and `{ path }`, a local file.
  */
-export type UploadSource = Buffer | Uint8Array | ArrayBuffer | string | Blob | ReadableStream<Uint8Array> | Readable | AsyncIterable<Uint8Array> | { path: string };
+export type UploadSource = Buffer | Uint8Array | ArrayBuffer | string | Blob | Response | ReadableStream<Uint8Array> | Readable | AsyncIterable<Uint8Array> | { path: string };
 
 /**
  * The files of one sandbox. Bytes go through the raw upload/download routes as streams (nothing

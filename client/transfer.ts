@@ -4,12 +4,13 @@ import { errorFromResponse } from './errors.js';
 import type { NodeModules } from './runtime.js';
 
 /** Bytes for an upload; see `UploadSource` in files.ts for what each runtime takes. */
-export type TransferSource = Uint8Array | ArrayBuffer | string | Blob | ReadableStream<Uint8Array> | Readable | AsyncIterable<Uint8Array> | { path: string };
+export type TransferSource = Uint8Array | ArrayBuffer | string | Blob | Response | ReadableStream<Uint8Array> | Readable | AsyncIterable<Uint8Array> | { path: string };
 
 /** How byte transfers travel: node:http where Node's modules exist (streams both ways with backpressure), else `fetch`. */
 export type Transport = { kind: 'node'; node: NodeModules } | { kind: 'fetch'; fetch: typeof globalThis.fetch };
 
 const isBlob = (v: unknown): v is Blob => typeof Blob === 'function' && v instanceof Blob;
+const isResponse = (v: unknown): v is Response => typeof Response === 'function' && v instanceof Response;
 const isWebStream = (v: unknown): v is ReadableStream<Uint8Array> => typeof ReadableStream === 'function' && v instanceof ReadableStream;
 
 /** POSTs `source` to `url` as application/octet-stream; the JSON answer's `data`, or the answer's error class. */
@@ -45,6 +46,7 @@ export async function nodeGet(node: NodeModules, url: URL, headers: Record<strin
 async function fetchPost(fetchFn: typeof globalThis.fetch, url: URL, headers: Record<string, string>, source: TransferSource): Promise<Response> {
   let body: NonNullable<RequestInit['body']>;
   if (typeof source === 'string' || isBlob(source)) body = source;
+  else if (isResponse(source)) body = await source.blob();
   else if (source instanceof Uint8Array) body = source as Uint8Array<ArrayBuffer>;
   else if (source instanceof ArrayBuffer) body = source;
   else if (isWebStream(source)) body = await new Response(source).blob();
@@ -70,8 +72,9 @@ async function nodePost(node: NodeModules, url: URL, headers: Record<string, str
   } else if (isBlob(source)) {
     body = Readable.from(source.stream() as AsyncIterable<Uint8Array>);
     length = source.size;
-  } else if (isWebStream(source)) {
-    body = Readable.from(source as AsyncIterable<Uint8Array>);
+  } else if (isWebStream(source) || isResponse(source)) {
+    const stream = isResponse(source) ? (source.body ?? new Blob([]).stream()) : source;
+    body = Readable.from(stream as AsyncIterable<Uint8Array>);
   } else if ('path' in source) {
     length = (await node.fsPromises.stat(source.path)).size;
     body = node.fs.createReadStream(source.path, { highWaterMark: 1024 * 1024 });
