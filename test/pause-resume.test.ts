@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
 import { openSocket } from './helpers/http-streams.js';
+import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type ServerDirs, type TestServer } from './helpers/server.js';
 
@@ -244,4 +245,34 @@ describe.skipIf(!support.ok)('the time a sandbox spends paused does not count as
     await until(ptyIds, (ids) => !ids.includes(pty), 'the idle terminal session to end');
     await until(watchIds, (ids) => !ids.includes(watch), 'the idle watch session to end');
   }, 60_000);
+});
+
+const qemu = qemuSupport();
+
+describe.skipIf(!qemu.ok)('a microVM (qemu driver) keeps a running process, its command handle and a file across pause/resume', () => {
+  let server: TestServer;
+  let box: SandboxHandle;
+
+  beforeAll(async () => {
+    server = await startTestServer({ SANDBOX_DRIVER: 'qemu' });
+    const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'VM Pause', email: uniqueEmail('vmpause') })).apiKey;
+    box = await server.client(apiKey).sandboxes.create({ name: 'vm-pause-box' });
+  }, 240_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('pause → resume: the file is there, the counter has the same pid and keeps counting, wait gets its exit code', async () => {
+    const readCount = async () => Number((await box.exec('cat /root/count')).stdout.trim() || 0);
+    await box.exec("printf 'kept in the VM' > /root/kept.txt");
+    const counter = await box.commands.run('i=0; while [ ! -f /root/stop ]; do i=$((i+1)); echo $i > /root/count.new; mv /root/count.new /root/count; sleep 0.1; done; exit 5');
+    const before = await until(readCount, (c) => c > 0, 'the counter to start', 30_000);
+    expect((await box.pause()).status).toBe('paused');
+    expect((await box.resume()).status).toBe('running');
+    expect((await box.exec('cat /root/kept.txt')).stdout).toBe('kept in the VM');
+    expect((await box.commands.list()).find((p) => p.pid === counter.pid)).toMatchObject({ running: true });
+    await until(readCount, (c) => c > before, 'the counter to keep counting', 30_000);
+    await box.exec('touch /root/stop');
+    expect(await counter.wait(30)).toBe(5);
+  }, 120_000);
 });

@@ -10,22 +10,11 @@ import { findLink, tapNameFor, tearDown } from '../server/hypervisor/network/hos
 import { guardedTaps, runNft, tapGuardTable } from '../server/hypervisor/network/tap-guard.js';
 import { GUEST_AGENT_DIR } from '../server/hypervisor/vm/guest-boot-files.js';
 import { GUEST_AGENT_PORT } from '../shared/guest-protocol.js';
+import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 import { fetchCommand, ip, onPath, startTestInternet, type TestInternet } from './helpers/test-internet.js';
 
-/** QEMU installed (npm run setup) and the VM image built (npm run image:build -- debian --vm), as .ci/run does. */
-function qemuSupport(): { ok: boolean; reason: string } {
-  if (!support.ok) return support;
-  try {
-    execFileSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' });
-  } catch {
-    return { ok: false, reason: 'qemu-system-x86_64 is not installed (npm run setup installs it)' };
-  }
-  const images = process.env.BASE_IMAGES_DIR ?? '/var/lib/hyper-fleet/base-images';
-  if (!existsSync(join(images, 'debian-vm.json'))) return { ok: false, reason: 'the VM image is not built (npm run image:build -- debian --vm)' };
-  return { ok: true, reason: '' };
-}
 const qemu = qemuSupport();
 if (!qemu.ok) console.warn(`[qemu sandboxes] SKIPPED: ${qemu.reason}`);
 
