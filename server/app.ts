@@ -32,6 +32,7 @@ import { SandboxService } from './services/sandbox-service.js';
 import { SandboxEventService } from './services/sandbox-events.js';
 import { WebhookService } from './services/webhooks.js';
 import { WarmPool } from './services/warm-pool.js';
+import { IdempotencyService } from './services/idempotency.js';
 import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
 import { countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
 import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
@@ -163,6 +164,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       previewDomain: config.PREVIEW_DOMAIN,
       previewScheme: config.PREVIEW_URL_SCHEME,
     }),
+    idempotency: new IdempotencyService({ repository: store.idempotency, log }),
     buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason } },
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
@@ -248,6 +250,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       // Streams first (they end when their agent connections close), then the HTTP server.
       await health?.stop();
       await warmPool?.close();
+      services.idempotency.close();
       await egress.stop();
       watch.closeAll();
       await agents?.closeAll();

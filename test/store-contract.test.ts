@@ -299,6 +299,59 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       await store.ipLeases.releaseBySandbox(winner);
     });
 
+    it('hands a warm-pool member to an org in one write: owner, name and settings set, pool cleared; a name the org has is a Conflict that leaves it alone', async () => {
+      const orgId = newId();
+      const taken = await store.sandboxes.create({ name: 'taken', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {}, network: SANDBOX_NETWORK_NONE });
+      const member = await store.sandboxes.create({ name: `warm-${newId()}`, orgId: '', createdBy: '', imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {}, network: SANDBOX_NETWORK_NONE, pool: 'debian:1cpu:1024mb' });
+      expect((await store.sandboxes.findByIdInAnyOrg(member.id))?.pool).toBe('debian:1cpu:1024mb');
+      expect((await store.sandboxes.listByOrg(orgId, 1, 10)).total).toBe(1);
+      const claim = { orgId, createdBy: newId(), envVars: { A: 'b' }, labels: { team: 'x' }, network: { ...SANDBOX_NETWORK_NONE, egress: 'deny' as const } };
+      await expect(store.sandboxes.claimPoolMember(member.id, { ...claim, name: 'taken' })).rejects.toBeInstanceOf(ConflictError);
+      expect(await store.sandboxes.findByIdInAnyOrg(member.id)).toMatchObject({ orgId: '', name: member.name, pool: 'debian:1cpu:1024mb', envVars: {} });
+      const claimed = await store.sandboxes.claimPoolMember(member.id, { ...claim, name: 'mine' });
+      expect(claimed).toMatchObject({ id: member.id, orgId, name: 'mine', envVars: { A: 'b' }, labels: { team: 'x' }, network: claim.network, status: 'running' });
+      expect(claimed?.pool).toBeUndefined();
+      expect(await store.sandboxes.findById(orgId, member.id)).toEqual(claimed);
+      expect((await store.sandboxes.listByOrg(orgId, 1, 10)).items.map((s) => s.id).sort()).toEqual([taken.id, member.id].sort());
+      // Once handed over it is no member: a second hand-over finds none.
+      expect(await store.sandboxes.claimPoolMember(member.id, { ...claim, orgId: newId(), name: 'again' })).toBeNull();
+      await store.sandboxes.delete(orgId, member.id);
+      await store.sandboxes.delete(orgId, taken.id);
+    });
+
+    it('gives exactly one of many concurrent claims of one pool member, and frees a released one', async () => {
+      const id = newId();
+      const won = await Promise.all(Array.from({ length: 8 }, () => store.poolClaims.claim(id)));
+      expect(won.filter(Boolean)).toHaveLength(1);
+      expect(await store.poolClaims.list()).toContain(id);
+      await store.poolClaims.release(id);
+      expect(await store.poolClaims.list()).not.toContain(id);
+      expect(await store.poolClaims.claim(id)).toBe(true);
+      await store.poolClaims.release(id);
+    });
+
+    it('claims an idempotency key once per (org, operation, key), stores its result, frees and prunes it', async () => {
+      const orgId = newId();
+      const now = new Date();
+      const record = { orgId, operation: 'sandbox.create', key: 'k-1', requestHash: 'h1', createdAt: now, expiresAt: new Date(now.getTime() + 60_000) };
+      const won = await Promise.all(Array.from({ length: 8 }, () => store.idempotency.claim(record)));
+      expect(won.filter(Boolean)).toHaveLength(1);
+      // Another org, another operation: other keys.
+      expect(await store.idempotency.claim({ ...record, orgId: newId() })).toBe(true);
+      expect(await store.idempotency.claim({ ...record, operation: 'sandbox.restore' })).toBe(true);
+      expect(await store.idempotency.find(orgId, 'sandbox.create', 'k-1')).toMatchObject({ requestHash: 'h1', result: null });
+      await store.idempotency.complete(orgId, 'sandbox.create', 'k-1', '{"id":"x"}');
+      const found = await store.idempotency.find(orgId, 'sandbox.create', 'k-1');
+      expect(found).toMatchObject({ orgId, operation: 'sandbox.create', key: 'k-1', requestHash: 'h1', result: '{"id":"x"}' });
+      expect(found?.expiresAt.getTime()).toBe(record.expiresAt.getTime());
+      await store.idempotency.release(orgId, 'sandbox.create', 'k-1');
+      expect(await store.idempotency.find(orgId, 'sandbox.create', 'k-1')).toBeNull();
+      expect(await store.idempotency.claim({ ...record, key: 'old', expiresAt: new Date(now.getTime() - 1) })).toBe(true);
+      expect(await store.idempotency.prune(now)).toBeGreaterThanOrEqual(1);
+      expect(await store.idempotency.find(orgId, 'sandbox.create', 'old')).toBeNull();
+      expect(await store.idempotency.find(orgId, 'sandbox.restore', 'k-1')).not.toBeNull();
+    });
+
     it("keeps a sandbox's events by growing id: pages after an id, refuses a taken id, prunes and deletes", async () => {
       const sandboxId = newId();
       const other = newId();

@@ -11,7 +11,7 @@ import type { AppRouter } from '../routers/index.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
 import type { PtyEvent } from '../../shared/index.js';
-import { apiKeyOf, requestedOrgOf, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
+import { apiKeyOf, idempotencyKeyOf, requestedOrgOf, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
 import { serveConsole } from './console-page.js';
 import { serveDocs } from './docs-page.js';
 import { isExpectedError, rawErrorResponse, sendError, toWireError } from './envelope.js';
@@ -196,7 +196,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   const context = (req: IncomingMessage, transport: Context['transport'], apiKey: string | null, connection: CallConnection): Context => {
     let record = records.get(req);
     if (!record) records.set(req, (record = {}));
-    return { services, log, apiKey, requestedOrgId: requestedOrgOf(req), record, transport, connection, streams };
+    return { services, log, apiKey, requestedOrgId: requestedOrgOf(req), record, transport, connection, streams, idempotencyKey: idempotencyKeyOf(req) };
   };
 
   const trpcHttp = createHTTPHandler({

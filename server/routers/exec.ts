@@ -16,6 +16,7 @@ import {
   WriteStdinInput,
 } from '../../shared/index.js';
 import { authedProcedure, router } from '../trpc/init.js';
+import { IdempotencyKeyHeaders } from '../../shared/schemas/idempotency.js';
 
 const tags = ['Execution'];
 
@@ -64,10 +65,17 @@ export const shellRouter = router({
 
 export const commandsRouter = router({
   run: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/run', tags, summary: 'Start a background process' }, message: 'Process started', envelope: 'bare' })
+    .meta({ openapi: { method: 'POST', path: '/sandboxes/{id}/commands/run', tags, summary: 'Start a background process', requestHeaders: IdempotencyKeyHeaders }, message: 'Process started', envelope: 'bare' })
     .input(RunCommandInput)
     .output(CommandStarted)
-    .mutation(({ ctx, input }) => ctx.services.exec.startCommand(ctx.principal, input)),
+    .mutation(({ ctx, input }) => {
+      // Once per idempotency key: a retry gets the same process handle (pid), never a second process.
+      const { idempotency, exec } = ctx.services;
+      const key = idempotency.keyOf(ctx.idempotencyKey, input.idempotencyKey);
+      return idempotency.run(ctx.principal, 'exec.startCommand', key, input, { save: (r) => JSON.stringify(r), load: async (saved) => JSON.parse(saved) as Awaited<ReturnType<typeof exec.startCommand>> }, () =>
+        exec.startCommand(ctx.principal, input),
+      );
+    }),
 
   list: authedProcedure
     .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}/commands/list', tags, summary: 'List background processes' }, message: 'Processes fetched', envelope: 'bare' })

@@ -18,6 +18,9 @@ import {
   UpdateNetworkInput,
 } from '../../shared/index.js';
 import { authedProcedure, restView, router } from '../trpc/init.js';
+import type { Context } from '../trpc/context.js';
+import type { Principal } from '../services/auth-service.js';
+import { IdempotencyKeyHeaders } from '../../shared/schemas/idempotency.js';
 import { sandboxEventProcedures } from './events.js';
 
 const tags = ['Sandboxes'];
@@ -36,14 +39,24 @@ function lifecycle(verb: string, action: 'stop' | 'start' | 'pause' | 'resume', 
     .mutation(({ ctx, input }) => ctx.services.sandboxes[action](ctx.principal, input.id));
 }
 
+/**
+ * A create or restore run once per idempotency key (the `Idempotency-Key` header or `idempotencyKey`):
+ * a retry gets the same sandbox, as it is now.
+ */
+function idempotentSandbox(ctx: Context & { principal: Principal }, operation: 'sandbox.create' | 'sandbox.restore', input: { idempotencyKey?: string }, run: () => Promise<Sandbox>): Promise<Sandbox> {
+  const { idempotency, sandboxes } = ctx.services;
+  const key = idempotency.keyOf(ctx.idempotencyKey, input.idempotencyKey);
+  return idempotency.run(ctx.principal, operation, key, input, { save: (s) => JSON.stringify({ id: s.id }), load: (saved) => sandboxes.get(ctx.principal, (JSON.parse(saved) as { id: string }).id) }, run);
+}
+
 export const sandboxRouter = router({
   ...sandboxEventProcedures,
 
   create: authedProcedure
-    .meta({ openapi: { method: 'POST', path: '/sandboxes', tags, summary: 'Create a sandbox' }, message: 'Sandbox created', successStatus: 201, restView: restSandbox })
+    .meta({ openapi: { method: 'POST', path: '/sandboxes', tags, summary: 'Create a sandbox', requestHeaders: IdempotencyKeyHeaders }, message: 'Sandbox created', successStatus: 201, restView: restSandbox })
     .input(CreateSandboxInput)
     .output(Sandbox)
-    .mutation(({ ctx, input }) => ctx.services.sandboxes.create(ctx.principal, input)),
+    .mutation(({ ctx, input }) => idempotentSandbox(ctx, 'sandbox.create', input, () => ctx.services.sandboxes.create(ctx.principal, input))),
 
   list: authedProcedure
     .meta({
@@ -119,7 +132,7 @@ export const sandboxRouter = router({
 
   restore: authedProcedure
     .meta({
-      openapi: { method: 'POST', path: '/sandboxes/restore', tags, summary: 'Create a sandbox from a snapshot (in your organization)' },
+      openapi: { method: 'POST', path: '/sandboxes/restore', tags, summary: 'Create a sandbox from a snapshot (in your organization)', requestHeaders: IdempotencyKeyHeaders },
       message: 'Sandbox restored',
       successStatus: 201,
       restView: restSandbox,
@@ -127,5 +140,5 @@ export const sandboxRouter = router({
     })
     .input(RestoreSandboxInput)
     .output(Sandbox)
-    .mutation(({ ctx, input }) => ctx.services.sandboxes.restore(ctx.principal, input)),
+    .mutation(({ ctx, input }) => idempotentSandbox(ctx, 'sandbox.restore', input, () => ctx.services.sandboxes.restore(ctx.principal, input))),
 });

@@ -2,6 +2,7 @@ import type { VersionInfo } from '../../shared/index.js';
 import type { AuthService } from './auth-service.js';
 import type { ExecService } from './exec-service.js';
 import type { FileService } from './file-service.js';
+import type { IdempotencyService } from './idempotency.js';
 import type { ImageService } from './image-service.js';
 import type { OrgService } from './org-service.js';
 import type { PortService } from './port-service.js';
@@ -24,5 +25,7 @@ export interface Services {
   ports: PortService;
   events: SandboxEventService;
   webhooks: WebhookService;
+  /** Idempotency keys of creates, restores and background commands. */
+  idempotency: IdempotencyService;
   buildInfo: VersionInfo;
 }

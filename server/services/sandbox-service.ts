@@ -611,8 +611,15 @@ export class SandboxService {
       try {
         await driver.create(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
         const running = await this.#setStatus(record, 'running');
-        // The agent connection is opened now, so a claim's first call does not wait for it.
-        await this.agents.call(running, (agent) => agent.health.query());
+        // The agent connection is opened now, and its paths for commands and env run once, so a
+        // claim's first calls neither wait for the connection nor pay for the agent's first spawn
+        // (a shell session: it is listed nowhere, so the claimed sandbox shows no trace of it).
+        await this.agents.call(running, async (agent) => {
+          await agent.env.replace.mutate({ vars: {} });
+          const { sessionId } = await agent.shell.create.mutate({});
+          await agent.shell.exec.mutate({ sessionId, command: 'true', timeoutMs: 10_000 });
+          await agent.shell.close.mutate({ sessionId });
+        });
         return running;
       } catch (err) {
         await this.agents.drop(record.id);

@@ -39,6 +39,8 @@ export interface Context {
   connection: CallConnection;
   /** Per-org caps on held calls, and what to close when a key is revoked. */
   streams: OpenStreams;
+  /** The `Idempotency-Key` header of an HTTP request (REST; tRPC takes `idempotencyKey` in the input), or null. */
+  idempotencyKey?: string | null;
 }
 
 type RequestHeaders = Record<string, string | string[] | undefined>;
@@ -57,6 +59,11 @@ export function apiKeyOf(req: { url?: string; headers: RequestHeaders }): string
   const url = req.url ?? '';
   const query = url.includes('?') ? new URLSearchParams(url.slice(url.indexOf('?') + 1)).get('apiKey')?.trim() : null;
   return headerValue(req.headers, 'x-api-key') ?? (query || null);
+}
+
+/** The `Idempotency-Key` header, or null. */
+export function idempotencyKeyOf(req: { headers: RequestHeaders }): string | null {
+  return headerValue(req.headers, 'idempotency-key');
 }
 
 /** The org a request asks to act in (the `X-Org-ID` header), or null for the API key's own. */

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { AgentText, ArgText, Id, PathText, ProcessEnv } from './common.js';
+import { IdempotencyKey } from './idempotency.js';
 
 
 /** A one-shot command's timeout when none is given (or 0, which clients built on the original's Go structs always send). */
@@ -60,6 +61,7 @@ export const RunCommandInput = z.object({
   env: ProcessEnv.optional(),
   cwd: PathText.optional(),
   timeout: z.number().int().min(0, 'must be 0 to 900 seconds').max(900, 'must be 0 to 900 seconds').default(0).meta({ description: 'Seconds; 0 = no timeout' }),
+  idempotencyKey: IdempotencyKey.optional(),
 });
 export type RunCommandInput = z.infer<typeof RunCommandInput>;
 

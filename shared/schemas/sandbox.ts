@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { AgentText, Id, Timestamp } from './common.js';
 import { NetworkPolicy, NetworkPolicyInput } from './network.js';
+import { IdempotencyKey } from './idempotency.js';
 
 const dns1123Subdomain = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 
@@ -141,6 +142,7 @@ export const CreateSandboxInput = z
     envVars: EnvVars.optional().meta({ description: 'Environment variables every command in the sandbox sees' }),
     labels: Labels.optional(),
     network: NetworkPolicyInput.optional(),
+    idempotencyKey: IdempotencyKey.optional(),
   })
   .meta({ id: 'CreateSandboxRequest' });
 export type CreateSandboxInput = z.infer<typeof CreateSandboxInput>;
@@ -205,6 +207,7 @@ export const RestoreSandboxInput = z
     mem: z.number().int().min(1024).max(16384).optional(),
     orgId: OwnerId.meta({ description: "Must be the API key's org when given; empty or omitted: the key's org." }),
     userId: OwnerId.meta({ description: 'Ignored (empty or any id): the creator is the user of the API key.' }),
+    idempotencyKey: IdempotencyKey.optional(),
   })
   .meta({ id: 'RestoreSandboxRequest' });
 export type RestoreSandboxInput = z.infer<typeof RestoreSandboxInput>;

@@ -246,10 +246,17 @@ class MongoSandboxes implements SandboxRepository {
     if (!_id) return null;
     // Only the holder of the member's claim (an insert, see MongoPoolClaims) gets here, so this
     // update never races another; the unique (orgId, name) index refuses a name the org has.
-    return op(`A sandbox named ${c.name}`, async () => {
-      const doc = await this.c.findOneAndUpdate({ _id, orgId: '' }, { $set: { ...c, updatedAt: new Date() }, $unset: { pool: '' } }, { returnDocument: 'after' });
-      return doc ? MongoSandboxes.#map(doc) : null;
-    });
+    const conflict = `A sandbox named ${c.name}`;
+    try {
+      return await op(conflict, async () => {
+        const doc = await this.c.findOneAndUpdate({ _id, orgId: '' }, { $set: { ...c, updatedAt: new Date() }, $unset: { pool: '' } }, { returnDocument: 'after' });
+        return doc ? MongoSandboxes.#map(doc) : null;
+      });
+    } catch (err) {
+      // FerretDB reports a unique index refusing an update as an InternalError naming the constraint, not as 11000.
+      if (err instanceof MongoServerError && /UNIQUE constraint failed/.test(err.message)) throw new ConflictError(`${conflict} already exists`, { cause: err });
+      throw err;
+    }
   }
 }
 

@@ -1,0 +1,175 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { IdempotencyService } from '../server/services/idempotency.js';
+import { openSqliteStore } from '../server/store/sqlite/store.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+interface Org {
+  apiKey: string;
+  orgId: string;
+}
+
+type Answer = { status: number; body: { data?: any; error?: string } };
+
+describe.skipIf(!support.ok)('idempotent requests', () => {
+  let server: TestServer;
+
+  beforeAll(async () => {
+    server = await startTestServer({ SANDBOX_DEFAULT_DISK_MB: '64', ORG_MAX_SANDBOXES: '20', ORG_MAX_VCPUS: '20', ORG_MAX_MEMORY_MB: String(20 * 1024), HOST_MEMORY_COMMIT_PERCENT: '10000' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  async function register(tag: string): Promise<Org> {
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Idem User', email: uniqueEmail(tag) });
+    return { apiKey: reg.apiKey, orgId: reg.orgId };
+  }
+
+  async function post(org: Org, path: string, json: unknown, key?: string): Promise<Answer> {
+    const res = await server.http(path, { method: 'POST', apiKey: org.apiKey, json, headers: key === undefined ? {} : { 'idempotency-key': key } });
+    return { status: res.status, body: (await res.json()) as Answer['body'] };
+  }
+
+  async function total(org: Org): Promise<number> {
+    return (await server.client(org.apiKey).sandboxes.list()).total;
+  }
+
+  it('a retried create with the same Idempotency-Key answers the same sandbox (as it is now), never a second one', async () => {
+    const org = await register('retry');
+    const first = await post(org, '/api/sandboxes', { name: 'once', labels: { a: 'b' } }, 'create-once-1');
+    expect(first.status).toBe(201);
+    const retry = await post(org, '/api/sandboxes', { labels: { a: 'b' }, name: 'once' }, 'create-once-1');
+    expect(retry.status).toBe(201);
+    expect(retry.body.data.id).toBe(first.body.data.id);
+    expect(await total(org)).toBe(1);
+    // The retry's answer is the sandbox's current state: stopped after a stop.
+    await post(org, `/api/sandboxes/${first.body.data.id}/stop`, {});
+    const later = await post(org, '/api/sandboxes', { name: 'once', labels: { a: 'b' } }, 'create-once-1');
+    expect(later.body.data).toMatchObject({ id: first.body.data.id, status: 'stopped' });
+    // Without a key, a create is a create (and the name is taken).
+    expect((await post(org, '/api/sandboxes', { name: 'once' })).status).toBe(409);
+  });
+
+  it('5 concurrent creates with one key make one sandbox, and all 5 answers name it', async () => {
+    const org = await register('concurrent');
+    const answers = await Promise.all(Array.from({ length: 5 }, () => post(org, '/api/sandboxes', { name: 'together' }, 'together-key')));
+    expect(answers.map((a) => a.status)).toEqual([201, 201, 201, 201, 201]);
+    expect(new Set(answers.map((a) => a.body.data.id)).size).toBe(1);
+    expect(await total(org)).toBe(1);
+  });
+
+  it('a different body under a used key is a 409 naming the conflict, and runs nothing', async () => {
+    const org = await register('body');
+    expect((await post(org, '/api/sandboxes', { name: 'first-body' }, 'body-key')).status).toBe(201);
+    const other = await post(org, '/api/sandboxes', { name: 'second-body' }, 'body-key');
+    expect(other.status).toBe(409);
+    expect(other.body.error).toBe('Idempotency-Key body-key was used for a different sandbox.create request in the last 24 h; send a new key for a new request');
+    expect(await total(org)).toBe(1);
+  });
+
+  it('idempotencyKey in the tRPC input works as the header does', async () => {
+    const org = await register('trpc');
+    const trpc = server.client(org.apiKey).trpc;
+    const a = await trpc.sandbox.create.mutate({ name: 'via-trpc', idempotencyKey: 'trpc-key-1' });
+    const b = await trpc.sandbox.create.mutate({ name: 'via-trpc', idempotencyKey: 'trpc-key-1' });
+    expect(b.id).toBe(a.id);
+    // The same key over REST is the same key (the header and the input are one key space).
+    const rest = await post(org, '/api/sandboxes', { name: 'via-trpc' }, 'trpc-key-1');
+    expect(rest.body.data.id).toBe(a.id);
+    await expect(trpc.sandbox.create.mutate({ name: 'other', idempotencyKey: 'trpc-key-1' })).rejects.toThrow(/was used for a different sandbox.create request/);
+    expect(await total(org)).toBe(1);
+  });
+
+  it("different orgs' same key are independent", async () => {
+    const [one, two] = [await register('org-a'), await register('org-b')];
+    const a = await post(one, '/api/sandboxes', { name: 'shared-name' }, 'same-key');
+    const b = await post(two, '/api/sandboxes', { name: 'shared-name' }, 'same-key');
+    expect([a.status, b.status]).toEqual([201, 201]);
+    expect(a.body.data.id).not.toBe(b.body.data.id);
+    expect(b.body.data.orgId).toBe(two.orgId);
+  });
+
+  it('a failed first attempt frees its key: the retry runs', async () => {
+    const org = await register('failed');
+    const blocker = await post(org, '/api/sandboxes', { name: 'busy-name' });
+    const failed = await post(org, '/api/sandboxes', { name: 'busy-name' }, 'retry-after-failure');
+    expect(failed.status).toBe(409);
+    expect(failed.body.error).toBe('A sandbox named busy-name already exists');
+    await server.http(`/api/sandboxes/${blocker.body.data.id}`, { method: 'DELETE', apiKey: org.apiKey });
+    const retry = await post(org, '/api/sandboxes', { name: 'busy-name' }, 'retry-after-failure');
+    expect(retry.status).toBe(201);
+    expect(retry.body.data.id).not.toBe(blocker.body.data.id);
+  });
+
+  it('a malformed key is a 400 saying what a key holds, and a header and input that differ are a 400', async () => {
+    const org = await register('bad-key');
+    for (const key of ['has space', 'x'.repeat(256), 'semi;colon', '"quoted"']) {
+      const res = await server.http('/api/sandboxes', { method: 'POST', apiKey: org.apiKey, json: { name: 'never' }, headers: { 'idempotency-key': key } });
+      expect(res.status).toBe(400);
+      expect(((await res.json()) as { error: string }).error).toContain('1 to 255 characters: letters, digits and . _ : ~ + / = -');
+    }
+    const both = await post(org, '/api/sandboxes', { name: 'never', idempotencyKey: 'one' }, 'two');
+    expect(both.status).toBe(400);
+    expect(both.body.error).toBe('the Idempotency-Key header and idempotencyKey differ; send the key once');
+    expect(await total(org)).toBe(0);
+  });
+
+  it('a retried commands/run answers the same process handle and starts no second process', async () => {
+    const org = await register('commands');
+    const sb = (await post(org, '/api/sandboxes', { name: 'runner' })).body.data;
+    const path = `/api/sandboxes/${sb.id}/commands/run`;
+    const first = await server.http(path, { method: 'POST', apiKey: org.apiKey, json: { command: 'sleep 30' }, headers: { 'idempotency-key': 'run-1' } });
+    const retry = await server.http(path, { method: 'POST', apiKey: org.apiKey, json: { command: 'sleep 30' }, headers: { 'idempotency-key': 'run-1' } });
+    const [a, b] = [(await first.json()) as { pid: number }, (await retry.json()) as { pid: number }];
+    expect(a.pid).toBeGreaterThan(0);
+    expect(b.pid).toBe(a.pid);
+    const list = (await (await server.http(`/api/sandboxes/${sb.id}/commands/list`, { apiKey: org.apiKey })).json()) as { processes: Array<{ pid: number; command: string }> };
+    expect(list.processes.filter((p) => p.command.includes('sleep 30'))).toHaveLength(1);
+    // The same key on another sandbox is another body: 409.
+    const other = (await post(org, '/api/sandboxes', { name: 'runner-2' })).body.data;
+    const elsewhere = await post(org, `/api/sandboxes/${other.id}/commands/run`, { command: 'sleep 30' }, 'run-1');
+    expect(elsewhere.status).toBe(409);
+  });
+
+  it('a retried restore answers the same restored sandbox', async () => {
+    const org = await register('restore');
+    const sb = (await post(org, '/api/sandboxes', { name: 'source' })).body.data;
+    const snap = (await post(org, `/api/sandboxes/${sb.id}/snapshot`, {})).body.data as { full_path: string };
+    const a = await post(org, '/api/sandboxes/restore', { snapshot_path: snap.full_path, new_id: 'restored' }, 'restore-1');
+    const b = await post(org, '/api/sandboxes/restore', { snapshot_path: snap.full_path, new_id: 'restored' }, 'restore-1');
+    expect(a.status).toBe(201);
+    expect(b.status).toBe(201);
+    expect(b.body.data.id).toBe(a.body.data.id);
+    expect(await total(org)).toBe(2);
+  }, 60_000);
+});
+
+describe('idempotency keys expire', () => {
+  it('a key past its lifetime runs the request again, and pruning removes it (real SQLite store)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-idem-'));
+    const store = openSqliteStore(dir);
+    const service = new IdempotencyService({ repository: store.idempotency, log: pino({ level: 'silent' }), ttlMs: 1 });
+    try {
+      const principal = { orgId: 'a'.repeat(24), keyId: 'k', userId: 'u' };
+      let runs = 0;
+      const replay = { save: (n: number) => String(n), load: async (s: string) => Number(s) };
+      const run = () => service.run(principal, 'sandbox.create', 'expiring', { name: 'x' }, replay, async () => ++runs);
+      expect(await run()).toBe(1);
+      await new Promise((r) => setTimeout(r, 5));
+      // Expired: the retry runs again rather than answering the old result.
+      expect(await run()).toBe(2);
+      await new Promise((r) => setTimeout(r, 5));
+      expect(await service.prune()).toBe(1);
+      expect(await store.idempotency.find(principal.orgId, 'sandbox.create', 'expiring')).toBeNull();
+    } finally {
+      service.close();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
