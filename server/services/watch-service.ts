@@ -4,6 +4,7 @@ import { NotFoundError, TooManyRequestsError } from '../errors.js';
 import type { SandboxRecord } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
+import type { SandboxEventSink } from './sandbox-events.js';
 
 /** How long the agent has to confirm a new watch (the path exists, the watch is set). */
 export const WATCH_READY_TIMEOUT_MS = 30_000;
@@ -14,6 +15,8 @@ export interface SequencedMessage {
 }
 
 export type WatchListener = (m: SequencedMessage | { ended: string }) => void;
+
+const SESSION_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** A session the server knows of: which org and sandbox it belongs to (for the org's cap). */
 interface KnownSession {
@@ -42,7 +45,7 @@ export class WatchService {
   /** Each attached client's way to end its subscription, by sandbox (ended when the sandbox stops). */
   readonly #attached = new Map<string, Set<(reason: string) => void>>();
 
-  constructor(private readonly deps: { sandboxes: SandboxService; maxSessionsPerOrg: number; log: Logger }) {}
+  constructor(private readonly deps: { sandboxes: SandboxService; maxSessionsPerOrg: number; log: Logger; events?: SandboxEventSink }) {}
 
   /**
    * Starts watching; resolves once the watch is established (the path exists). An org holds at
@@ -117,10 +120,9 @@ export class WatchService {
 
   /** Throws NotFound unless `sessionId` is a live session of the caller's sandbox (learning it after a restart). */
   async assertSession(principal: Principal, sandboxId: string, sessionId: string): Promise<void> {
-    const { sessions } = await this.list(principal, sandboxId);
-    if (!sessions.some((s) => s.id === sessionId)) {
-      throw new NotFoundError(`Watch session ${sessionId} not found (it ended, or belongs to another sandbox); start a new one`, { code: 'SESSION_NOT_FOUND' });
-    }
+    // Session ids are UUIDs: anything else names no session, whatever the sandbox (no agent is asked).
+    const listed = SESSION_ID.test(sessionId) && (await this.list(principal, sandboxId)).sessions.some((s) => s.id === sessionId);
+    if (!listed) throw new NotFoundError(`Watch session ${sessionId} not found (it ended, or belongs to another sandbox); start a new one`, { code: 'SESSION_NOT_FOUND' });
   }
 
   /**
@@ -155,7 +157,10 @@ export class WatchService {
             end(data.reason);
             return;
           }
-          data.events.forEach((message, i) => listener({ seq: data.first + i, message }));
+          data.events.forEach((message, i) => {
+            if (message.type === 'overflow') this.deps.events?.emit({ sandboxId, orgId: principal.orgId, type: 'watch.overflow', data: { sessionId, dropped: message.dropped } });
+            listener({ seq: data.first + i, message });
+          });
         },
         onError: (err) => {
           void agents.failure(ref, err, since).then((mapped) => {
