@@ -31,6 +31,8 @@ import { ImageService } from './services/image-service.js';
 import { SandboxService } from './services/sandbox-service.js';
 import { SandboxEventService } from './services/sandbox-events.js';
 import { WebhookService } from './services/webhooks.js';
+import { ActivityTracker } from './services/activity.js';
+import { LifecyclePolicy } from './services/lifecycle-policy.js';
 import { WarmPool } from './services/warm-pool.js';
 import { IdempotencyService } from './services/idempotency.js';
 import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
@@ -113,7 +115,10 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
         },
       })
     : null;
+  // Idle policies' activity (API calls, open streams and connections), in memory.
+  const activity = new ActivityTracker();
   const sandboxes = new SandboxService({
+    lifecycle: { activity, tombstones: store.sandboxTombstones, maxTimeoutSec: config.SANDBOX_MAX_TIMEOUT_SEC, defaultTimeoutSec: config.SANDBOX_DEFAULT_TIMEOUT_SEC },
     sandboxes: store.sandboxes,
     images,
     driver,
@@ -145,15 +150,29 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const watch = new WatchService({ sandboxes, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log });
   sandboxes.onStopped((id) => watch.endForSandbox(id));
   const auth = new AuthService({ apiKeys: store.apiKeys, orgs: store.orgs, lastUsed });
+  // Timeouts and idle policies act on sandboxes through the service (README "Lifecycle: timeouts, idle and auto-resume").
+  const lifecycle = new LifecyclePolicy({
+    sandboxes: store.sandboxes,
+    tombstones: store.sandboxTombstones,
+    service: sandboxes,
+    activity,
+    driver,
+    tickMs: config.LIFECYCLE_TICK_MS,
+    idleCpuPercent: config.SANDBOX_IDLE_CPU_PERCENT,
+    events,
+    log,
+  });
   const services: Services = {
     auth,
     orgs,
     sandboxes,
-    exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log }),
+    exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log, activity }),
     images,
     files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
     watch,
     pty: new PtyService({ sandboxes }),
+    lifecycle,
+    activity,
     events,
     webhooks,
     ports: new PortService({
@@ -178,6 +197,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     await health.adopt();
     if (network.mode === 'bridge') await adoptEgress(egress, store, sandboxes, driver!, log);
     if (config.HEALTH_ENABLED) health.start();
+    // After adoption, so statuses are the driver's: sandboxes that expired while the server was down are acted on now.
+    await lifecycle.start();
     // After the health monitor's adoption (which knows pool members by their records): members
     // still running are kept; with WARM_POOL empty, any a previous run left are removed.
     warmPool = new WarmPool({
@@ -248,6 +269,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     },
     async close() {
       // Streams first (they end when their agent connections close), then the HTTP server.
+      await lifecycle.stop();
       await health?.stop();
       await warmPool?.close();
       services.idempotency.close();

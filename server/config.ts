@@ -183,6 +183,14 @@ const EnvSchema = z.object({
   METRICS_CONCURRENCY: int(1, 1024).default(16),
   // How long a create waits for the sandbox's agent, unless AGENT_READY_TIMEOUT_MS says otherwise.
   SANDBOX_SYNC_TIMEOUT_SEC: int(1, 3600).default(30),
+  // Lifecycle (README "Lifecycle: timeouts, idle and auto-resume"). The longest timeout a sandbox may ask for; 0: no maximum.
+  SANDBOX_MAX_TIMEOUT_SEC: int(0, 315_360_000).default(0),
+  // The timeout of a sandbox whose create names none; 0: none (sandboxes stay until stopped or deleted).
+  SANDBOX_DEFAULT_TIMEOUT_SEC: int(0, 315_360_000).default(0),
+  // CPU use above this (percent of one CPU, read on the host) counts as activity for idle policies.
+  SANDBOX_IDLE_CPU_PERCENT: int(1, 100_000).default(5),
+  // How often timeouts and idle policies are checked (and the CPU use for idle sandboxes sampled).
+  LIFECYCLE_TICK_MS: int(100, 60_000).default(1000),
   // A sandbox's egress when its create says none: every public address (allow) or only what its policy allows (deny).
   SANDBOX_DEFAULT_EGRESS: oneOf(['allow', 'deny']).default('allow'),
   // Set (> 0): every sandbox's egress byte cap and its ceiling (policies may ask for less, not more); 0: no cap unless a policy sets one.
@@ -248,7 +256,13 @@ export class ConfigError extends Error {
 /** Parses the environment into a typed config; throws `ConfigError` naming the first bad variable. */
 export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
   const result = EnvSchema.safeParse(env);
-  if (result.success) return result.data;
+  if (result.success) {
+    const c = result.data;
+    if (c.SANDBOX_MAX_TIMEOUT_SEC > 0 && c.SANDBOX_DEFAULT_TIMEOUT_SEC > c.SANDBOX_MAX_TIMEOUT_SEC) {
+      throw new ConfigError(`Invalid configuration: SANDBOX_DEFAULT_TIMEOUT_SEC=${c.SANDBOX_DEFAULT_TIMEOUT_SEC} — expected at most SANDBOX_MAX_TIMEOUT_SEC (${c.SANDBOX_MAX_TIMEOUT_SEC})`);
+    }
+    return c;
+  }
   const issue = result.error.issues[0]!;
   const name = String(issue.path[0]);
   throw new ConfigError(`Invalid configuration: ${name}=${JSON.stringify(env[name] ?? '')} — expected ${issue.message}`);

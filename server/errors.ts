@@ -90,6 +90,12 @@ export class SandboxNotRunningError extends DomainError {
     super(ErrorCode.SANDBOX_NOT_RUNNING, message, options);
   }
 }
+/** A sandbox its timeout deleted (410): the message says why and when, never a bare 404. */
+export class SandboxGoneError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.SANDBOX_GONE, message, options);
+  }
+}
 export class TooManyRequestsError extends DomainError {
   constructor(message: string, options?: DomainErrorOptions) {
     super(ErrorCode.TOO_MANY_REQUESTS, message, options);

@@ -415,6 +415,35 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect((await store.webhookDeliveries.listPending(1000)).find((p) => p.id === d2.id)).toBeUndefined();
       expect(await store.webhookDeliveries.listAttempts(orgId, hook.id, 10)).toEqual([]);
     });
+
+    it("keeps a sandbox's lifecycle policies: stored at create, replaced whole by update; a record from before them has none", async () => {
+      const orgId = newId();
+      const lifecycle = { timeout: 60, expiresAt: new Date().toISOString(), onTimeout: 'pause' as const, idle: { after: 30, action: 'stop' as const }, autoResume: true, endedReason: null, endedAt: null };
+      const s = await store.sandboxes.create({ name: `lc-${newId()}`, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, labels: {}, network: SANDBOX_NETWORK_NONE, lifecycle });
+      expect((await store.sandboxes.findById(orgId, s.id))!.lifecycle).toEqual(lifecycle);
+      const ended = { ...lifecycle, expiresAt: null, endedReason: 'timeout' as const, endedAt: new Date().toISOString() };
+      expect((await store.sandboxes.update(orgId, s.id, { status: 'stopped', lifecycle: ended }))!.lifecycle).toEqual(ended);
+      expect((await store.sandboxes.findById(orgId, s.id))!.lifecycle).toEqual(ended);
+      const legacy = newId();
+      await writeLegacySandbox(legacy, orgId, `legacy-lc-${newId()}`);
+      expect((await store.sandboxes.findById(orgId, legacy))!.lifecycle).toBeUndefined();
+    });
+
+    it('keeps tombstones of sandboxes deleted by their timeout: one per id (the first kept), found only in their org, pruned by age', async () => {
+      const [orgId, id, other] = [newId(), newId(), newId()];
+      const endedAt = new Date(Date.now() - 60_000);
+      await store.sandboxTombstones.put({ id, orgId, name: 'gone', reason: 'timeout', endedAt });
+      await store.sandboxTombstones.put({ id, orgId, name: 'again', reason: 'timeout', endedAt: new Date() });
+      expect(await store.sandboxTombstones.findById(orgId, id)).toEqual({ id, orgId, name: 'gone', reason: 'timeout', endedAt });
+      expect(await store.sandboxTombstones.findById(newId(), id)).toBeNull();
+      expect(await store.sandboxTombstones.findById(orgId, 'nope')).toBeNull();
+      await store.sandboxTombstones.put({ id: other, orgId, name: 'fresh', reason: 'timeout', endedAt: new Date() });
+      expect(await store.sandboxTombstones.deleteEndedBefore(new Date(Date.now() - 30_000))).toBe(1);
+      expect(await store.sandboxTombstones.findById(orgId, id)).toBeNull();
+      expect(await store.sandboxTombstones.delete(newId(), other)).toBe(false);
+      expect(await store.sandboxTombstones.delete(orgId, other)).toBe(true);
+      expect(await store.sandboxTombstones.findById(orgId, other)).toBeNull();
+    });
   });
 }
 

@@ -17,6 +17,7 @@ const errorDescriptions: Record<string, string> = {
   '403': "The API key's organization may not do this",
   '404': 'Not found',
   '409': 'Conflict: the resource exists already, or the sandbox is not in a state that allows this',
+  '410': 'Gone: the sandbox was deleted by its timeout (onTimeout: delete); the message and details say when',
   '408': 'The request did not arrive whole within the HTTP timeouts',
   '413': 'Request body too large',
   '415': 'Request body is not JSON',
@@ -60,6 +61,8 @@ export function errorStatuses(f: OperationFacts): number[] {
   if (/\{\w+\}/.test(f.path)) statuses.add(404);
   const sandboxOp = f.path.startsWith('/sandboxes/{id}') || (f.path.startsWith('/sandboxes') && method !== 'get');
   if (f.authed && sandboxOp) statuses.add(409).add(429).add(502);
+  // A sandbox its timeout deleted answers 410 on every later call (README "Lifecycle").
+  if (f.authed && f.path.startsWith('/sandboxes/{id}')) statuses.add(410);
   if (f.stream) statuses.add(429);
   return [...statuses].sort((x, y) => x - y);
 }

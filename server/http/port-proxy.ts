@@ -194,6 +194,10 @@ export function createPortProxy(opts: PortProxyOptions) {
       // A browser's first visit: the token moves from the query into a cookie for this host.
       const queryToken = target.via === 'host' ? queryParam(req.url ?? '/', PREVIEW_TOKEN_QUERY) : null;
       const record = await authorize(req, target, (principal, checkStarted) => res.once('close', streams.trackKey(principal.keyId, () => res.destroy(), checkStarted)));
+      // An open preview or port-proxy request keeps its sandbox awake for idle policies.
+      const active = services.activity.hold(record.orgId, record.id);
+      if (res.closed) active();
+      else res.once('close', active);
       if (queryToken !== null && (req.method === 'GET' || req.method === 'HEAD')) {
         const expires = services.ports.tokenExpiry(queryToken, target.id, target.port);
         if (expires) {
@@ -326,6 +330,7 @@ export function createPortProxy(opts: PortProxyOptions) {
       });
       if (socket.destroyed) return;
       socket.once('close', budget.take(record.orgId, t.id));
+      socket.once('close', services.activity.hold(record.orgId, record.id));
       const tunnel = await services.ports.openPort(record, t.port);
       if (socket.destroyed) return void tunnel.destroy();
       const upstream = upstreamRequest(req, t, tunnel, true);

@@ -217,6 +217,8 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
         const cut = () => res.destroy();
         const release = route.spec.stream ? opts.streams.acquire(principal, 'stream', cut, checkStarted) : opts.streams.trackKey(principal.keyId, cut, checkStarted);
         res.once('close', release);
+        // A call on a sandbox is activity for its idle policy until its response is done (a stream while it is open).
+        if (parsed.id !== undefined && route.spec.path.startsWith('/sandboxes/{id}')) res.once('close', opts.services.activity.hold(principal.orgId, parsed.id));
         await handlers[route.name](req, res, params, opts.services, principal, opts.maxJsonBodyBytes);
       } catch (err) {
         if (res.headersSent) {

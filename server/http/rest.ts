@@ -17,6 +17,7 @@ import {
   type OpenApiMethod,
 } from 'trpc-to-openapi';
 import { decodeOrNull } from '../../shared/uri.js';
+import { errorCodeTable } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Context } from '../trpc/context.js';
@@ -102,7 +103,9 @@ export function createRestHandler(opts: RestHandlerOptions) {
         issues: isInputValidationError ? (error.cause as { issues?: unknown }).issues : undefined,
       }) as OpenApiErrorBody;
       const text = JSON.stringify(errorEnvelope(written));
-      res.statusCode = TRPC_ERROR_CODE_HTTP_STATUS[error.code] ?? 500;
+      // Our code's status where tRPC has none of its own (410 SANDBOX_GONE answers NOT_FOUND over tRPC).
+      const code = written.data?.errorCode;
+      res.statusCode = (code && errorCodeTable[code]?.httpStatus) || (TRPC_ERROR_CODE_HTTP_STATUS[error.code] ?? 500);
       res.setHeader('content-type', 'application/json; charset=utf-8');
       res.setHeader('content-length', Buffer.byteLength(text));
       res.end(text);

@@ -498,6 +498,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       upgraded = true;
       ws.on('error', () => {});
       ws.on('close', cleanup);
+      // An attached terminal keeps its sandbox awake for idle policies while it is open.
+      ws.once('close', services.activity.hold(principal.orgId, sandboxId));
       // Keystrokes and resizes go to the agent one after another, in the order they came.
       let inputChain: Promise<unknown> = Promise.resolve();
       ws.on('message', (data, isBinary) => {
@@ -625,6 +627,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     rawWss.handleUpgrade(req, socket, head, (ws) => {
       handshakeDone(socket, 101);
       upgradedSockets.set(socket, ws);
+      // An open watch stream keeps its sandbox awake for idle policies.
+      ws.once('close', services.activity.hold(principal.orgId, sandboxId));
       let dropped = 0;
       let detach: () => void = () => {};
       try {

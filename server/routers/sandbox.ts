@@ -22,6 +22,7 @@ import type { Context } from '../trpc/context.js';
 import type { Principal } from '../services/auth-service.js';
 import { IdempotencyKeyHeaders } from '../../shared/schemas/idempotency.js';
 import { sandboxEventProcedures } from './events.js';
+import { sandboxLifecycleProcedures } from './lifecycle.js';
 
 const tags = ['Sandboxes'];
 const Deleted = z.object({ id: z.string(), deleted: z.literal(true) });
@@ -51,6 +52,7 @@ function idempotentSandbox(ctx: Context & { principal: Principal }, operation: '
 
 export const sandboxRouter = router({
   ...sandboxEventProcedures,
+  ...sandboxLifecycleProcedures,
 
   create: authedProcedure
     .meta({ openapi: { method: 'POST', path: '/sandboxes', tags, summary: 'Create a sandbox', requestHeaders: IdempotencyKeyHeaders }, message: 'Sandbox created', successStatus: 201, restView: restSandbox })

@@ -8,6 +8,7 @@ import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import type { AgentClient } from '../agent-client/agent-clients.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
+import type { ActivityTracker } from './activity.js';
 
 /** What a session-exec stream carries. */
 export type SessionStreamEvent = { type: 'stdout' | 'stderr'; data: string } | { type: 'exit'; exitCode: number };
@@ -30,7 +31,7 @@ export interface TrackedChunk {
  */
 export class ExecService {
   constructor(
-    private readonly deps: { sandboxes: SandboxService; limits: ExecLimits; log: Logger },
+    private readonly deps: { sandboxes: SandboxService; limits: ExecLimits; log: Logger; activity?: ActivityTracker },
   ) {}
 
   async exec(principal: Principal, input: ExecInput): Promise<ExecOutput> {
@@ -192,7 +193,13 @@ export class ExecService {
 
   async #withAgent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
     const record = await this.deps.sandboxes.running(principal, id);
-    return this.deps.sandboxes.agents.call(record, fn);
+    // A foreground command (or any agent call) is activity for the sandbox's idle policy while it runs.
+    const active = this.deps.activity?.hold(record.orgId, record.id);
+    try {
+      return await this.deps.sandboxes.agents.call(record, fn);
+    } finally {
+      active?.();
+    }
   }
 }
 

@@ -9,6 +9,8 @@ import type { PortService } from './port-service.js';
 import type { PtyService } from './pty-service.js';
 import type { SandboxService } from './sandbox-service.js';
 import type { WatchService } from './watch-service.js';
+import type { LifecyclePolicy } from './lifecycle-policy.js';
+import type { ActivityTracker } from './activity.js';
 import type { SandboxEventService } from './sandbox-events.js';
 import type { WebhookService } from './webhooks.js';
 
@@ -23,6 +25,10 @@ export interface Services {
   watch: WatchService;
   pty: PtyService;
   ports: PortService;
+  /** Timeouts and idle policies: their routes and the schedule that acts on them. */
+  lifecycle: LifecyclePolicy;
+  /** What counts as a sandbox being used (idle policies): the HTTP layer holds it for open streams and connections. */
+  activity: ActivityTracker;
   events: SandboxEventService;
   webhooks: WebhookService;
   /** Idempotency keys of creates, restores and background commands. */

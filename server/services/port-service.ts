@@ -122,12 +122,12 @@ export class PortService {
    */
   async authorizePreview(id: string, port: number, creds: PreviewCredentials): Promise<SandboxRecord> {
     const record = await this.deps.repository.findByIdInAnyOrg(id);
-    if (record?.publicPorts?.includes(port)) return this.deps.sandboxes.assertRunning(record);
+    if (record?.publicPorts?.includes(port)) return this.deps.sandboxes.ensureRunning(record);
     if (creds.token !== null) {
       if (!record || !this.deps.tokens.verify(creds.token, id, port)) {
         throw new ForbiddenError(`The preview token does not open port ${port} of sandbox ${id} (expired, or minted for another port or sandbox); mint a new one with POST /api/sandboxes/${id}/ports/${port}/token`);
       }
-      return this.deps.sandboxes.assertRunning(record);
+      return this.deps.sandboxes.ensureRunning(record);
     }
     if (creds.apiKey !== null) {
       const principal = await this.deps.auth.authenticate(creds.apiKey, creds.requestedOrgId);

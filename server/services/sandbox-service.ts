@@ -31,16 +31,19 @@ import {
   NotFoundError,
   PayloadTooLargeError,
   TooManyRequestsError,
+  SandboxGoneError,
   SandboxNotRunningError,
 } from '../errors.js';
 import { canPause, canSnapshot, countsNetworkBytes, hasAddresses, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
-import type { PoolMemberClaim, SandboxRecord, SandboxRepository, SandboxStatus } from '../store/types.js';
+import type { PoolMemberClaim, SandboxLifecycle, SandboxRecord, SandboxRepository, SandboxStatus, SandboxTombstoneRepository } from '../store/types.js';
+import type { ActivityTracker } from './activity.js';
 import type { Principal } from './auth-service.js';
 import type { ImageService } from './image-service.js';
 import { SandboxLocks } from './sandbox-locks.js';
 import type { SandboxQuotas } from './sandbox-quotas.js';
 import type { SandboxEventSink, SandboxEventType } from './sandbox-events.js';
+import type { EndedReason, IdlePolicy, OnTimeout } from '../../shared/index.js';
 import type { WarmPool } from './warm-pool.js';
 
 export interface SandboxDefaults {
@@ -86,6 +89,26 @@ export interface SandboxServiceDeps {
   /** Admission of creates, restores and snapshots against org quotas and the host's capacity. */
   quotas: SandboxQuotas;
   log: Logger;
+  /** Lifecycle policies (services/lifecycle-policy.ts): what counts as activity, timeout bounds, tombstones. */
+  lifecycle?: SandboxLifecycleDeps;
+}
+
+/** What the service needs for timeouts, idle policies and auto-resume; absent: no policies apply. */
+export interface SandboxLifecycleDeps {
+  activity: ActivityTracker;
+  tombstones: SandboxTombstoneRepository;
+  /** SANDBOX_MAX_TIMEOUT_SEC; 0: none. */
+  maxTimeoutSec: number;
+  /** SANDBOX_DEFAULT_TIMEOUT_SEC; 0: none. */
+  defaultTimeoutSec: number;
+}
+
+/** The lifecycle fields a create, restore or PATCH may carry. */
+export interface LifecycleFields {
+  timeout?: number;
+  onTimeout?: OnTimeout;
+  idle?: IdlePolicy | null;
+  autoResume?: boolean;
 }
 
 const SNAPSHOT_SUFFIX = '.tar.gz';
@@ -108,6 +131,11 @@ export class SandboxService {
   readonly #stopListeners: Array<(id: string) => void> = [];
   /** Why the next status change of a sandbox happens, for its event (set just before `#setStatus`). */
   readonly #eventReasons = new Map<string, string>();
+  readonly #changeListeners: Array<(record: SandboxRecord) => void> = [];
+  /** Why a sandbox being paused or stopped by a policy ends (read by `#setStatus` under its lock). */
+  readonly #endingReason = new Map<string, EndedReason>();
+  /** Auto-resumes under way: concurrent calls on one paused sandbox share one. */
+  readonly #resuming = new Map<string, Promise<SandboxRecord>>();
   /** WARM_POOL's members, claimed by matching creates (see `useWarmPool`). */
   #warm: WarmPool | null = null;
 
@@ -171,10 +199,11 @@ export class SandboxService {
       envVars: input.envVars ?? {},
       labels: input.labels ?? {},
       network: this.#resolveNetwork(input.network ?? {}, null, await this.deps.network.forOrg?.(principal.orgId)),
+      ...lifecycleField(this.lifecycleFor(input)),
     };
     // A running member of the warm pool of this shape, if there is one (see warm-pool.ts).
     const warm = await this.#warm?.claim(principal, { ...fields, orgId: principal.orgId, createdBy: principal.userId });
-    if (warm) return this.#answer(this.#claimedFromPool(warm));
+    if (warm) return this.#answer(this.#claimedFromPool(await this.#startLifecycleAtClaim(warm, fields.lifecycle)));
     const record = await this.#admitRecord(principal, fields);
     const boot = this.#locks.run(record.id, async () => {
       try {
@@ -225,14 +254,27 @@ export class SandboxService {
     const driver = this.deps.driver;
     const live = record.status === 'running' || record.status === 'paused';
     const bytes = live && driver && countsNetworkBytes(driver) ? await driver.networkBytes(record.id).catch(() => null) : null;
-    return toSandbox(record, bytes ?? NO_BYTES);
+    return toSandbox(record, bytes ?? NO_BYTES, this.deps.lifecycle?.activity.lastActivity(record.id));
   }
 
   /** The caller's sandbox record; 404 for a missing one and for another org's (never revealing it exists). */
   async record(principal: Principal, id: string): Promise<SandboxRecord> {
     const record = await this.deps.sandboxes.findById(principal.orgId, id);
-    if (!record) throw new NotFoundError(`Sandbox ${id} not found`, { code: 'SANDBOX_NOT_FOUND' });
+    if (!record) {
+      await this.#assertNotGone(principal.orgId, id);
+      throw new NotFoundError(`Sandbox ${id} not found`, { code: 'SANDBOX_NOT_FOUND' });
+    }
     return record;
+  }
+
+  /** 410 for a sandbox its timeout deleted (its tombstone), so the caller learns why, not a bare 404. */
+  async #assertNotGone(orgId: string, id: string): Promise<void> {
+    const tombstone = await this.deps.lifecycle?.tombstones.findById(orgId, id);
+    if (!tombstone) return;
+    const at = tombstone.endedAt.toISOString();
+    throw new SandboxGoneError(`Sandbox ${tombstone.name} was deleted at ${at} by its timeout (onTimeout: delete); create a new one`, {
+      details: `endedReason: timeout; endedAt: ${at}`,
+    });
   }
 
   /**
@@ -240,7 +282,27 @@ export class SandboxService {
    * drives it through a transition (stopping, starting, …), as the request could not finish.
    */
   async running(principal: Principal, id: string): Promise<SandboxRecord> {
-    return this.assertRunning(await this.record(principal, id));
+    return this.ensureRunning(await this.record(principal, id));
+  }
+
+  /**
+   * `assertRunning`, after resuming the sandbox first if it is paused and asks for that
+   * (`autoResume`): the call is delayed by the resume, not refused. Concurrent calls share one resume.
+   */
+  async ensureRunning(record: SandboxRecord): Promise<SandboxRecord> {
+    // Every call that reaches into a sandbox is activity for its idle policy (one timestamp in memory);
+    // reading its record (GET, listings) is not, so a dashboard polling it never keeps it awake.
+    this.deps.lifecycle?.activity.touch(record.id);
+    if (record.status !== 'paused' || !record.lifecycle?.autoResume || !this.deps.driver || !canPause(this.deps.driver)) return this.assertRunning(record);
+    let resumed = this.#resuming.get(record.id);
+    if (!resumed) {
+      const principal: Principal = { orgId: record.orgId, keyId: '', userId: record.createdBy };
+      resumed = this.resume(principal, record.id)
+        .then(async () => (await this.deps.sandboxes.findById(record.orgId, record.id)) ?? record)
+        .finally(() => this.#resuming.delete(record.id));
+      this.#resuming.set(record.id, resumed);
+    }
+    return this.assertRunning(await resumed);
   }
 
   /** `record`, if its sandbox is running and no transition is under way; else the 409 `running` answers. */
@@ -249,6 +311,8 @@ export class SandboxService {
     const phase = this.deps.agents?.phaseOf(id);
     if (phase) throw new SandboxNotRunningError(`Sandbox ${record.name} is ${phase}; retry once it is running`);
     if (record.status !== 'running') {
+      const ended = endedBy(record);
+      if (ended) throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}: ${ended.message}; ${NOT_RUNNING_ADVICE[record.status]}`, { details: ended.details });
       throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}; ${NOT_RUNNING_ADVICE[record.status]}`);
     }
     return record;
@@ -438,6 +502,7 @@ export class SandboxService {
       envVars: source?.envVars ?? {},
       labels: source?.labels ?? {},
       network: source ? { ...source.network, egressCut: false } : this.#resolveNetwork({}, null, await this.deps.network.forOrg?.(principal.orgId)),
+      ...lifecycleField(this.lifecycleFor(input, source?.lifecycle)),
     });
     return this.#locks.run(record.id, async () => {
       try {
@@ -670,13 +735,137 @@ export class SandboxService {
   }
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {
-    const patch: Partial<Pick<SandboxRecord, 'status' | 'ip'>> = { status };
+    const patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'lifecycle'>> = { status };
     // A sandbox on the bridge has an address of its own, known once it runs; with mode none it has none.
     const driver = this.deps.driver;
     if (status === 'running' && driver && hasAddresses(driver)) patch.ip = record.network.mode === 'none' ? '' : ((await driver.addressOf(record.id)) ?? record.ip);
+    const lifecycle = this.#lifecycleOnStatus(record, status);
+    if (lifecycle) patch.lifecycle = lifecycle;
     const updated = (await this.deps.sandboxes.update(record.orgId, record.id, patch)) ?? { ...record, ...patch };
     this.#statusEvent(record, status);
+    this.#changed(updated);
     return updated;
+  }
+
+  // ---- Lifecycle policies (README "Lifecycle: timeouts, idle and auto-resume") ----
+
+  /** Registers a callback for every record whose status or lifecycle this service changed (the lifecycle policy's schedule). */
+  onRecordChanged(listener: (record: SandboxRecord) => void): void {
+    this.#changeListeners.push(listener);
+  }
+
+  #changed(record: SandboxRecord): void {
+    for (const l of this.#changeListeners) l(record);
+  }
+
+  /**
+   * The timeout clock runs while the sandbox runs: a start or resume sets `expiresAt` to now +
+   * timeout and clears `endedReason`; any other status clears `expiresAt`, and a pause or stop a
+   * policy asked for (`#endingReason`) records why and when. Undefined: nothing changes.
+   */
+  #lifecycleOnStatus(record: SandboxRecord, status: SandboxStatus): SandboxLifecycle | undefined {
+    const lc = record.lifecycle;
+    if (!lc) return undefined;
+    const now = Date.now();
+    if (status === 'running') {
+      if (record.status === 'running') return undefined;
+      return { ...lc, expiresAt: lc.timeout > 0 ? new Date(now + lc.timeout * 1000).toISOString() : null, endedReason: null, endedAt: null };
+    }
+    const reason = status === 'paused' || status === 'stopped' ? this.#endingReason.get(record.id) : undefined;
+    if (reason) return { ...lc, expiresAt: null, endedReason: reason, endedAt: new Date(now).toISOString() };
+    return lc.expiresAt === null ? undefined : { ...lc, expiresAt: null };
+  }
+
+  /**
+   * A new sandbox's lifecycle from its create (or restore) fields over `base` (a restored one's
+   * source), checked against SANDBOX_MAX_TIMEOUT_SEC. Without lifecycle deps: none.
+   */
+  lifecycleFor(input: LifecycleFields, base?: SandboxLifecycle): SandboxLifecycle | undefined {
+    const deps = this.deps.lifecycle;
+    if (!deps) return undefined;
+    const timeout = input.timeout === undefined ? (base?.timeout ?? this.#defaultTimeout()) : this.checkTimeout(input.timeout);
+    return {
+      timeout,
+      expiresAt: null,
+      onTimeout: input.onTimeout ?? base?.onTimeout ?? 'stop',
+      idle: input.idle !== undefined ? input.idle : (base?.idle ?? null),
+      autoResume: input.autoResume ?? base?.autoResume ?? false,
+      endedReason: null,
+      endedAt: null,
+    };
+  }
+
+  /**
+   * A claimed warm-pool member gets the create's lifecycle, its clock starting now (it runs already).
+   * Under its lock, as every lifecycle write is.
+   */
+  async #startLifecycleAtClaim(record: SandboxRecord, lifecycle: SandboxLifecycle | undefined): Promise<SandboxRecord> {
+    if (!lifecycle) return record;
+    return this.#locks.run(record.id, async () => {
+      const started = this.#lifecycleOnStatus({ ...record, status: 'creating', lifecycle }, 'running')!;
+      const updated = (await this.deps.sandboxes.update(record.orgId, record.id, { lifecycle: started })) ?? { ...record, lifecycle: started };
+      this.#changed(updated);
+      return updated;
+    });
+  }
+
+  /** SANDBOX_DEFAULT_TIMEOUT_SEC, or with it 0 and a maximum set, the maximum (no sandbox runs unbounded then). */
+  #defaultTimeout(): number {
+    const deps = this.deps.lifecycle!;
+    return deps.defaultTimeoutSec || deps.maxTimeoutSec;
+  }
+
+  /** `timeout` if SANDBOX_MAX_TIMEOUT_SEC allows it; else a 400 naming the maximum. */
+  checkTimeout(timeout: number): number {
+    const max = this.deps.lifecycle?.maxTimeoutSec ?? 0;
+    if (max > 0 && timeout === 0) throw new InvalidInputError(`timeout 0 (none) is not allowed on this server: sandboxes may run at most ${max} seconds (SANDBOX_MAX_TIMEOUT_SEC); send 1 to ${max}`);
+    if (max > 0 && timeout > max) throw new InvalidInputError(`timeout ${timeout} is above this server's maximum of ${max} seconds (SANDBOX_MAX_TIMEOUT_SEC)`);
+    return timeout;
+  }
+
+  /**
+   * Changes a sandbox's lifecycle under its lock: `change` gets the record as it is then and
+   * returns the new lifecycle (a record stored before policies existed starts from none). The
+   * answer is the sandbox as changed.
+   */
+  async changeLifecycle(principal: Principal, id: string, change: (record: SandboxRecord, current: SandboxLifecycle) => SandboxLifecycle): Promise<Sandbox> {
+    const updated = await this.#transition(principal, id, async (record) => {
+      const lifecycle = change(record, record.lifecycle ?? this.lifecycleFor({ timeout: 0 }) ?? NO_LIFECYCLE);
+      const next = (await this.deps.sandboxes.update(record.orgId, record.id, { lifecycle })) ?? { ...record, lifecycle };
+      this.#changed(next);
+      return next;
+    });
+    return this.#answer(updated);
+  }
+
+  /**
+   * Pauses or stops a sandbox for a policy (its timeout, its idle period) through the same paths
+   * as the API's, under the sandbox's lock; the record says why (`endedReason`) until it runs again.
+   */
+  async endByPolicy(record: SandboxRecord, action: 'pause' | 'stop', reason: EndedReason): Promise<void> {
+    const principal: Principal = { orgId: record.orgId, keyId: '', userId: record.createdBy };
+    this.#endingReason.set(record.id, reason);
+    try {
+      await (action === 'pause' ? this.pause(principal, record.id) : this.stop(principal, record.id));
+    } finally {
+      this.#endingReason.delete(record.id);
+    }
+  }
+
+  /**
+   * Deletes a sandbox at its timeout (`onTimeout: 'delete'`) through the API's delete path (its
+   * snapshots go too); its tombstone is written first, so no call meanwhile answers a bare 404.
+   */
+  async deleteByTimeout(record: SandboxRecord): Promise<void> {
+    const tombstones = this.deps.lifecycle?.tombstones;
+    await tombstones?.put({ id: record.id, orgId: record.orgId, name: record.name, reason: 'timeout', endedAt: new Date() });
+    try {
+      await this.delete({ orgId: record.orgId, keyId: '', userId: record.createdBy }, record.id);
+    } catch (err) {
+      await tombstones?.delete(record.orgId, record.id).catch(() => {});
+      throw err;
+    }
+    this.deps.lifecycle?.activity.forget(record.id);
   }
 
   #snapshotDir(record: SandboxRecord): string {
@@ -691,7 +880,7 @@ export class SandboxService {
 }
 
 /** What a create or restore decides of a new sandbox before its record exists. */
-type NewSandboxFields = Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels' | 'network'>;
+type NewSandboxFields = Pick<SandboxRecord, 'name' | 'imageId' | 'cpu' | 'mem' | 'diskMb' | 'envVars' | 'labels' | 'network' | 'lifecycle'>;
 
 /** The event of a change to a status other than running (running is started or resumed, by where it came from). */
 const STATUS_EVENTS: Record<Exclude<SandboxStatus, 'running'>, SandboxEventType> = {
@@ -712,8 +901,25 @@ function action(r: SandboxRecord): SandboxActionResult {
 /** No link, nothing counted. */
 const NO_BYTES: NetworkBytes = { egress: 0, ingress: 0 };
 
+/** A record's lifecycle when it has none stored (stored before policies existed): no policy. */
+export const NO_LIFECYCLE: SandboxLifecycle = { timeout: 0, expiresAt: null, onTimeout: 'stop', idle: null, autoResume: false, endedReason: null, endedAt: null };
+
+/** `{ lifecycle }` when there is one (a record without the field reads as no policy). */
+function lifecycleField(lifecycle: SandboxLifecycle | undefined): { lifecycle?: SandboxLifecycle } {
+  return lifecycle ? { lifecycle } : {};
+}
+
+/** What a 409 on a sandbox a policy paused or stopped says: why and when (message and details). */
+function endedBy(record: SandboxRecord): { message: string; details: string } | null {
+  const lc = record.lifecycle;
+  if (!lc?.endedReason) return null;
+  const why = lc.endedReason === 'timeout' ? `its timeout (${lc.timeout} s) ran out at ${lc.endedAt} (onTimeout: ${lc.onTimeout})` : `it was idle for ${lc.idle?.after ?? '?'} s and its idle policy ended it at ${lc.endedAt}`;
+  return { message: `${why}, endedReason: ${lc.endedReason}`, details: `endedReason: ${lc.endedReason}; endedAt: ${lc.endedAt}` };
+}
+
 /** The sandbox's answer; `networkBytes` as the service read them on the host for it. */
-export function toSandbox(r: SandboxRecord, networkBytes: NetworkBytes = NO_BYTES): Sandbox {
+export function toSandbox(r: SandboxRecord, networkBytes: NetworkBytes = NO_BYTES, lastActivityAt?: number): Sandbox {
+  const lc = r.lifecycle ?? NO_LIFECYCLE;
   return {
     id: r.id,
     name: r.name,
@@ -729,5 +935,13 @@ export function toSandbox(r: SandboxRecord, networkBytes: NetworkBytes = NO_BYTE
     labels: r.labels,
     network: r.network,
     networkBytes,
+    timeout: lc.timeout,
+    expiresAt: lc.expiresAt,
+    onTimeout: lc.onTimeout,
+    idle: lc.idle,
+    autoResume: lc.autoResume,
+    endedReason: lc.endedReason,
+    endedAt: lc.endedAt,
+    lastActivityAt: lastActivityAt === undefined ? null : new Date(lastActivityAt).toISOString(),
   };
 }

@@ -6,6 +6,7 @@
  * is simply not found: lookups return `null`, updates and deletes change nothing.
  */
 import type { NetworkPolicy, OrgNetworkDefaults } from '../../shared/schemas/network.js';
+import type { EndedReason, IdlePolicy, OnTimeout } from '../../shared/schemas/sandbox.js';
 
 export interface UserRecord {
   id: string;
@@ -64,6 +65,8 @@ export interface SandboxRecord {
   network: NetworkPolicy;
   /** The ports its owner opened to everyone (preview URLs without a token), ascending; absent: none. */
   publicPorts?: number[];
+  /** Timeout, idle and auto-resume policies and why it last ended by itself; absent (records stored before them): none. */
+  lifecycle?: SandboxLifecycle;
   /**
    * Set on a warm-pool member (owned by no org, `orgId` ''): the shape it was built for
    * (`debian:1cpu:1024mb`, see WARM_POOL); absent or '' on every sandbox an org owns.
@@ -75,6 +78,39 @@ export interface SandboxRecord {
 
 /** What a claim of a warm-pool member sets: the record becomes the org's sandbox, no longer the pool's. */
 export type PoolMemberClaim = Pick<SandboxRecord, 'orgId' | 'name' | 'createdBy' | 'envVars' | 'labels' | 'network'>;
+
+/** A sandbox's lifecycle policies as stored (see shared/schemas/sandbox.ts and services/lifecycle-policy.ts). */
+export interface SandboxLifecycle {
+  /** Seconds it may run from each start or resume; 0: none. */
+  timeout: number;
+  /** ISO time the timeout acts; null without a timeout or while the sandbox is not running. */
+  expiresAt: string | null;
+  onTimeout: OnTimeout;
+  idle: IdlePolicy | null;
+  autoResume: boolean;
+  /** Why it last paused or stopped by itself; null once started or resumed again. */
+  endedReason: EndedReason | null;
+  /** ISO time of `endedReason`. */
+  endedAt: string | null;
+}
+
+/** A sandbox deleted by its timeout (`onTimeout: 'delete'`): kept so later calls answer 410 with the reason, not 404. */
+export interface SandboxTombstoneRecord {
+  id: string;
+  orgId: string;
+  name: string;
+  reason: 'timeout';
+  endedAt: Date;
+}
+
+/** Tombstones are inserted once per id (a second write of one id changes nothing) and read by (org, id). */
+export interface SandboxTombstoneRepository {
+  put(tombstone: SandboxTombstoneRecord): Promise<void>;
+  findById(orgId: string, id: string): Promise<SandboxTombstoneRecord | null>;
+  /** Removes the tombstones that ended before `before` (retention); resolves to how many went. */
+  deleteEndedBefore(before: Date): Promise<number>;
+  delete(orgId: string, id: string): Promise<boolean>;
+}
 
 /** The policy of a sandbox stored before network policies existed: such sandboxes had loopback only. */
 export const SANDBOX_NETWORK_NONE: NetworkPolicy = { mode: 'none', egress: 'allow', allow: [], deny: [], maxEgressBytes: null, egressCut: false };
@@ -158,7 +194,7 @@ export interface SandboxRepository {
   listAll(): Promise<SandboxRecord[]>;
   /** A sandbox by id alone, whatever its org: only for requests that prove their right to it otherwise (a preview URL's token or public port). */
   findByIdInAnyOrg(id: string): Promise<SandboxRecord | null>;
-  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts'>>): Promise<SandboxRecord | null>;
+  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle'>>): Promise<SandboxRecord | null>;
   /**
    * Hands warm-pool member `id` (a record with `orgId` '') to an org in one write: owner, name and
    * the rest of `claim`, `pool` cleared. The caller must hold the member's claim (`PoolClaimRepository`):
@@ -391,10 +427,11 @@ export interface Store {
   readonly sandboxes: SandboxRepository;
   readonly images: ImageRepository;
   readonly ipLeases: IpLeaseRepository;
+  readonly sandboxTombstones: SandboxTombstoneRepository;
+  readonly poolClaims: PoolClaimRepository;
+  readonly idempotency: IdempotencyRepository;
   readonly sandboxEvents: SandboxEventRepository;
   readonly webhooks: WebhookRepository;
   readonly webhookDeliveries: WebhookDeliveryRepository;
-  readonly poolClaims: PoolClaimRepository;
-  readonly idempotency: IdempotencyRepository;
   close(): Promise<void>;
 }

@@ -8,6 +8,7 @@ import { assertJsonDepth } from '../http/json-body.js';
 import type { HoldKind } from '../http/open-streams.js';
 import type { CallConnection, Context } from './context.js';
 import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './errors.js';
+import type { Principal } from '../services/auth-service.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
 export type Meta = OpenApiMeta & {
@@ -137,6 +138,7 @@ export const authedProcedure = t.procedure.use((opts) =>
     const checkStarted = ctx.streams.keyCheckStarted();
     const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
     ctx.record.orgId = principal.orgId;
+    if (type === 'subscription') holdSandboxWhileOpen(ctx, principal, await opts.getRawInput(), signal);
     const kind = heldCallKind(path, type);
     if (!kind) return next({ ctx: { principal } });
     const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut(), checkStarted);
@@ -159,6 +161,19 @@ export const authedProcedure = t.procedure.use((opts) =>
     return result;
   }),
 );
+
+/**
+ * A subscription on a sandbox (its input's `id`) keeps that sandbox awake for its idle policy while
+ * it is open: until it is stopped or its connection closes. Held with the caller's org, so an id
+ * of another org's sandbox (refused a moment later) holds nothing that counts.
+ */
+function holdSandboxWhileOpen(ctx: Context, principal: Principal, raw: unknown, signal: AbortSignal | undefined): void {
+  const id = typeof raw === 'object' && raw !== null ? (raw as { id?: unknown }).id : undefined;
+  if (typeof id !== 'string' || !/^[0-9a-f]{24}$/.test(id)) return;
+  const release = ctx.services.activity.hold(principal.orgId, id);
+  signal?.addEventListener('abort', release, { once: true });
+  ctx.connection.onClose(release);
+}
 
 /** Procedures whose answer the server builds whole in memory: they count against ORG_MAX_CONCURRENT_EXECS. */
 const execLikeCalls = new Set(['exec.run', 'shell.sessionExec', 'commands.wait', 'files.list', 'files.headTail', 'files.search', 'pty.buffer']);

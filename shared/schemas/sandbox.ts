@@ -98,6 +98,82 @@ export const NetworkBytes = z
   });
 export type NetworkBytes = z.infer<typeof NetworkBytes>;
 
+/**
+ * Lifecycle policies (README "Lifecycle: timeouts, idle and auto-resume"). `timeout` counts while
+ * the sandbox runs: a start or resume sets `expiresAt` to now + timeout again.
+ */
+export const OnTimeout = z.enum(['pause', 'stop', 'delete'], { error: 'must be pause, stop or delete' });
+export type OnTimeout = z.infer<typeof OnTimeout>;
+export const IdleAction = z.enum(['pause', 'stop'], { error: 'must be pause or stop' });
+export type IdleAction = z.infer<typeof IdleAction>;
+/** The shortest idle period a policy may set: quiet is judged on the scheduler's tick, so less would be noise. */
+export const MIN_IDLE_AFTER_SEC = 1;
+/** The idle period `autoSleep: true` means. */
+export const DEFAULT_AUTO_SLEEP_SEC = 300;
+/** The schema's own bound on any timeout or idle period (ten years); SANDBOX_MAX_TIMEOUT_SEC bounds timeouts further. */
+export const MAX_LIFECYCLE_SEC = 315_360_000;
+/** Why a sandbox stopped running by itself: its timeout, or its idle policy. */
+export const EndedReason = z.enum(['timeout', 'idle']);
+export type EndedReason = z.infer<typeof EndedReason>;
+
+const seconds = (what: string, min: number) =>
+  z
+    .number({ error: `${what} must be a whole number of seconds` })
+    .int(`${what} must be a whole number of seconds`)
+    .min(min, `${what} must be at least ${min} seconds`)
+    .max(MAX_LIFECYCLE_SEC, `${what} must be at most ${MAX_LIFECYCLE_SEC} seconds`);
+
+export const TimeoutSeconds = seconds('timeout', 0).meta({
+  description: 'Seconds the sandbox may run from now (from each start or resume); 0 = no timeout. Above SANDBOX_MAX_TIMEOUT_SEC is a 400 naming it. Absent on create: SANDBOX_DEFAULT_TIMEOUT_SEC (default 0, none).',
+  example: 300,
+});
+
+export const IdlePolicy = z
+  .object({
+    after: seconds('idle.after', MIN_IDLE_AFTER_SEC).meta({ description: 'Seconds without activity after which the action is taken', example: 600 }),
+    action: IdleAction.default('pause').meta({ description: 'What happens to an idle sandbox (default pause)' }),
+  })
+  .meta({
+    id: 'IdlePolicy',
+    description:
+      'Activity is any call that reaches into the sandbox (exec, files, terminals, ports; reading its record is not), an open terminal or stream (exec-stream, attach, watch, events, WebSocket), a command started through the API still running, an open preview or port-proxy connection, and CPU use above SANDBOX_IDLE_CPU_PERCENT (read on the host).',
+  });
+export type IdlePolicy = z.infer<typeof IdlePolicy>;
+
+/** The lifecycle fields of a create (and restore). */
+export const LifecycleInput = {
+  timeout: TimeoutSeconds.optional(),
+  onTimeout: OnTimeout.optional().meta({ description: 'What happens at `expiresAt`: pause, stop (default) or delete (the record stays; later calls answer 410).' }),
+  idle: IdlePolicy.nullable().optional().meta({ description: 'Pause or stop the sandbox after `after` seconds without activity; null or absent: never.' }),
+  autoResume: z.boolean().optional().meta({ description: 'A call needing a running sandbox (exec, files, terminal, preview, watch) on a paused one resumes it first (default false: 409).' }),
+};
+
+/**
+ * `autoSleep` as the VoidRun client libraries send it: seconds without activity before the sandbox
+ * pauses, `true` for the default (300 s), `false` or 0 for never. Shorthand for `idle: {after, action: 'pause'}`.
+ */
+export const AutoSleep = z
+  .union([z.boolean(), seconds('autoSleep', 0)], { error: 'autoSleep must be true, false or a whole number of seconds' })
+  .meta({ description: `Shorthand for \`idle: {after: <seconds>, action: "pause"}\`: seconds, \`true\` (${DEFAULT_AUTO_SLEEP_SEC} s) or \`false\`/0 (never).`, example: 600 });
+
+/** The idle policy `autoSleep` stands for. */
+export function idleFromAutoSleep(autoSleep: boolean | number): IdlePolicy | null {
+  const after = autoSleep === true ? DEFAULT_AUTO_SLEEP_SEC : autoSleep === false ? 0 : autoSleep;
+  return after > 0 ? { after: Math.max(after, MIN_IDLE_AFTER_SEC), action: 'pause' } : null;
+}
+
+/** What every sandbox answer says of its lifecycle. */
+const lifecycleShape = {
+  timeout: z.number().int().meta({ description: 'Seconds it may run from each start or resume; 0 = none' }),
+  expiresAt: Timestamp.nullable().meta({ description: 'When its timeout acts (pause, stop or delete per onTimeout); null without a timeout or while not running' }),
+  onTimeout: OnTimeout,
+  idle: IdlePolicy.nullable(),
+  autoResume: z.boolean(),
+  endedReason: EndedReason.nullable().meta({ description: 'Why it stopped or paused by itself (its timeout, its idle policy); null once started or resumed again' }),
+  endedAt: Timestamp.nullable().meta({ description: 'When `endedReason` happened' }),
+  lastActivityAt: Timestamp.nullable().meta({ description: 'The last activity this server saw (kept in memory: null after a restart until the next)' }),
+};
+
 export const Sandbox = z
   .object({
     id: Id,
@@ -114,6 +190,7 @@ export const Sandbox = z
     labels: z.record(z.string(), z.string()).meta({ description: 'Set at creation, never changed; `{}` when it has none.', example: { env: 'prod' } }),
     network: NetworkPolicy,
     networkBytes: NetworkBytes,
+    ...lifecycleShape,
   });
 export type Sandbox = z.infer<typeof Sandbox>;
 
@@ -142,6 +219,7 @@ export const CreateSandboxInput = z
     envVars: EnvVars.optional().meta({ description: 'Environment variables every command in the sandbox sees' }),
     labels: Labels.optional(),
     network: NetworkPolicyInput.optional(),
+    ...LifecycleInput,
     idempotencyKey: IdempotencyKey.optional(),
   })
   .meta({ id: 'CreateSandboxRequest' });
@@ -207,7 +285,23 @@ export const RestoreSandboxInput = z
     mem: z.number().int().min(1024).max(16384).optional(),
     orgId: OwnerId.meta({ description: "Must be the API key's org when given; empty or omitted: the key's org." }),
     userId: OwnerId.meta({ description: 'Ignored (empty or any id): the creator is the user of the API key.' }),
+    ...LifecycleInput,
     idempotencyKey: IdempotencyKey.optional(),
   })
   .meta({ id: 'RestoreSandboxRequest' });
 export type RestoreSandboxInput = z.infer<typeof RestoreSandboxInput>;
+
+/** `POST /sandboxes/{id}/timeout`: the sandbox may run `timeout` more seconds from now (0: no timeout). */
+export const SetTimeoutInput = z.object({ id: Id, timeout: TimeoutSeconds }).meta({ id: 'SetTimeoutRequest' });
+export type SetTimeoutInput = z.infer<typeof SetTimeoutInput>;
+
+/** `PATCH /sandboxes/{id}`: the lifecycle fields given replace the sandbox's; the others stay. */
+export const UpdateSandboxInput = z
+  .object({
+    id: Id,
+    ...LifecycleInput,
+    autoSleep: AutoSleep.optional(),
+  })
+  .refine((v) => !(v.autoSleep !== undefined && v.idle !== undefined), { message: 'send autoSleep or idle, not both (autoSleep is shorthand for idle with action pause)', path: ['autoSleep'] })
+  .meta({ id: 'UpdateSandboxRequest' });
+export type UpdateSandboxInput = z.infer<typeof UpdateSandboxInput>;

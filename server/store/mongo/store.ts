@@ -25,6 +25,7 @@ import type {
 import { SANDBOX_NETWORK_NONE } from '../types.js';
 import type { OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 import { ensureEventIndexes, mongoEventRepositories } from './events-store.js';
+import { mongoTombstones } from './tombstones.js';
 
 /*
  * Ids: a record's `id` is the hex text of its `_id` ObjectId; references to other records (orgId,
@@ -227,7 +228,7 @@ class MongoSandboxes implements SandboxRepository {
   async listAll() {
     return op('', async () => (await this.c.find({}).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => MongoSandboxes.#map(d)));
   }
-  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts'>>) {
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle'>>) {
     const _id = objectId(id);
     if (!_id) return null;
     const $set: Document = { updatedAt: new Date() };
@@ -413,9 +414,10 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
       sandboxes: new MongoSandboxes(db.collection('sandboxes')),
       images: new MongoImages(db.collection('images')),
       ipLeases: new MongoIpLeases(db.collection('ip_leases')),
-      ...mongoEventRepositories(db),
+      sandboxTombstones: mongoTombstones(db),
       poolClaims: new MongoPoolClaims(db.collection('pool_claims')),
       idempotency: new MongoIdempotency(db.collection('idempotency_keys')),
+      ...mongoEventRepositories(db),
       async close() {
         await client.close();
       },

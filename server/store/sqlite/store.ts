@@ -18,6 +18,7 @@ import type {
   Page,
   PoolClaimRepository,
   PoolMemberClaim,
+  SandboxLifecycle,
   SandboxRecord,
   SandboxRepository,
   Store,
@@ -28,6 +29,7 @@ import { SANDBOX_NETWORK_NONE } from '../types.js';
 import type { NetworkPolicy, OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 import { sqliteSchema } from './schema.js';
 import { SqliteSandboxEvents, SqliteWebhookDeliveries, SqliteWebhooks } from './events-store.js';
+import { SqliteSandboxTombstones } from './tombstones.js';
 
 type Db = Database.Database;
 type Row = Record<string, unknown>;
@@ -228,8 +230,8 @@ class SqliteSandboxes implements SandboxRepository {
   constructor(db: Db) {
     this.#db = db;
     this.#insert = db.prepare(
-      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, network, pool, created_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, network, pool, lifecycle, created_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     );
     this.#byId = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? AND id = ?');
     this.#byIdAnyOrg = db.prepare('SELECT * FROM sandboxes WHERE id = ?');
@@ -254,6 +256,7 @@ class SqliteSandboxes implements SandboxRepository {
       network: r.network == null ? SANDBOX_NETWORK_NONE : (JSON.parse(String(r.network)) as NetworkPolicy),
       publicPorts: JSON.parse(String(r.public_ports ?? '[]')) as number[],
       ...(r.pool ? { pool: String(r.pool) } : {}),
+      ...(r.lifecycle != null ? { lifecycle: JSON.parse(String(r.lifecycle)) as SandboxLifecycle } : {}),
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
     };
@@ -261,7 +264,7 @@ class SqliteSandboxes implements SandboxRepository {
   async create(sandbox: NewRecord<SandboxRecord>) {
     const r = stamp(sandbox);
     uniqueWrite(`A sandbox named ${r.name}`, () =>
-      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), JSON.stringify(r.network), r.pool ?? '', iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), JSON.stringify(r.network), r.pool ?? '', r.lifecycle ? JSON.stringify(r.lifecycle) : null, iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
   }
@@ -296,7 +299,7 @@ class SqliteSandboxes implements SandboxRepository {
   async listAll() {
     return (this.#all.all() as Row[]).map((r) => SqliteSandboxes.#map(r)!);
   }
-  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts'>>) {
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle'>>) {
     const columns: Record<string, unknown> = {};
     if (patch.status !== undefined) columns.status = patch.status;
     if (patch.ip !== undefined) columns.ip = patch.ip;
@@ -305,6 +308,7 @@ class SqliteSandboxes implements SandboxRepository {
     if (patch.envVars !== undefined) columns.env_vars = JSON.stringify(patch.envVars);
     if (patch.network !== undefined) columns.network = JSON.stringify(patch.network);
     if (patch.publicPorts !== undefined) columns.public_ports = JSON.stringify(patch.publicPorts);
+    if (patch.lifecycle !== undefined) columns.lifecycle = JSON.stringify(patch.lifecycle);
     columns.updated_at = iso(new Date());
     const set = Object.keys(columns).map((c) => `${c} = @${c}`).join(', ');
     const changed = this.#db.prepare(`UPDATE sandboxes SET ${set} WHERE org_id = @orgId AND id = @id`).run({ ...columns, orgId, id }).changes;
@@ -484,6 +488,8 @@ function migrate(db: Db): void {
   if (!sandboxColumns.includes('network')) db.exec('ALTER TABLE sandboxes ADD COLUMN network TEXT');
   if (!sandboxColumns.includes('public_ports')) db.exec("ALTER TABLE sandboxes ADD COLUMN public_ports TEXT NOT NULL DEFAULT '[]'");
   if (!sandboxColumns.includes('pool')) db.exec("ALTER TABLE sandboxes ADD COLUMN pool TEXT NOT NULL DEFAULT ''");
+  // Timeout, idle and auto-resume policies (JSON); null for records stored before them: no policy.
+  if (!sandboxColumns.includes('lifecycle')) db.exec('ALTER TABLE sandboxes ADD COLUMN lifecycle TEXT');
 }
 
 /** Opens (creating if needed) the embedded store at `<dataDir>/voidrun.db`. */
@@ -503,11 +509,12 @@ export function openSqliteStore(dataDir: string): Store {
     sandboxes: new SqliteSandboxes(db),
     images: new SqliteImages(db),
     ipLeases: new SqliteIpLeases(db),
+    sandboxTombstones: new SqliteSandboxTombstones(db),
+    poolClaims: new SqlitePoolClaims(db),
+    idempotency: new SqliteIdempotency(db),
     sandboxEvents: new SqliteSandboxEvents(db),
     webhooks: new SqliteWebhooks(db),
     webhookDeliveries: new SqliteWebhookDeliveries(db),
-    poolClaims: new SqlitePoolClaims(db),
-    idempotency: new SqliteIdempotency(db),
     async close() {
       db.close();
     },

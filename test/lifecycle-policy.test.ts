@@ -1,0 +1,272 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openSocket } from './helpers/http-streams.js';
+import { support } from './helpers/sandbox-support.js';
+import { newServerDirs, startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+
+/**
+ * Timeouts, idle policies and auto-resume through the real server (README "Lifecycle: timeouts,
+ * idle and auto-resume"). Timeouts and idle periods are 1–2 s; every test waits for the state it
+ * expects (polling GET, bounded), never for a time.
+ */
+
+interface Answer {
+  http: number;
+  code?: string;
+  error?: string;
+  details?: string;
+  data?: SandboxBody;
+}
+
+interface SandboxBody {
+  id: string;
+  status: string;
+  timeout: number;
+  expiresAt: string | null;
+  onTimeout: string;
+  idle: { after: number; action: string } | null;
+  autoResume: boolean;
+  endedReason: string | null;
+  endedAt: string | null;
+  lastActivityAt: string | null;
+}
+
+/** Polls `read` until `ok` holds of its value (bounded); returns that value. */
+async function until<T>(read: () => Promise<T>, ok: (v: T) => boolean, what: string, timeoutMs = 20_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: T | undefined;
+  for (;;) {
+    last = await read();
+    if (ok(last)) return last;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last saw ${JSON.stringify(last)?.slice(0, 600)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/**
+ * A test server (started in `beforeAll`, closed in `afterAll`) with a registered user, and REST
+ * against it with that user's key, answered as status + body (never thrown).
+ */
+function lifecycleServer(env: Record<string, string>, dirs = newServerDirs()) {
+  const ctx = { server: null as unknown as TestServer, apiKey: '' };
+  beforeAll(async () => {
+    ctx.server = await startTestServer(env, dirs);
+    ctx.apiKey = (await ctx.server.client().trpc.auth.register.mutate({ name: 'Life User', email: uniqueEmail('life') })).apiKey;
+  });
+  afterAll(async () => {
+    await ctx.server?.close();
+  });
+  const server = () => ctx.server;
+  const apiKey = () => ctx.apiKey;
+  /** A new server on the same state directories (this one closed, its sandboxes left running). */
+  const restart = async () => {
+    await ctx.server.close({ keepState: true });
+    ctx.server = await startTestServer(env, dirs);
+  };
+  const call = async (path: string, init: { method?: string; json?: unknown } = {}): Promise<Answer> => {
+    const res = await server().http(`/api${path}`, { method: init.method ?? (init.json !== undefined ? 'POST' : 'GET'), apiKey: apiKey(), ...(init.json !== undefined ? { json: init.json } : {}) });
+    const text = await res.text();
+    let body: Omit<Answer, 'http'> = {};
+    try {
+      body = JSON.parse(text) as typeof body;
+    } catch {
+      // a non-JSON body is reported through the status
+    }
+    return { ...body, http: res.status };
+  };
+  let n = 0;
+  const create = async (fields: Record<string, unknown> = {}): Promise<SandboxBody> => {
+    const a = await call('/sandboxes', { json: { name: `life-${process.pid}-${n++}`, ...fields } });
+    expect(a.http, JSON.stringify(a)).toBe(201);
+    return a.data!;
+  };
+  const get = (id: string) => call(`/sandboxes/${id}`);
+  const exec = (id: string, command = 'echo hi') => call(`/sandboxes/${id}/exec`, { json: { command } });
+  const statusIs = (id: string, status: string) => until(() => get(id), (a) => a.data?.status === status, `sandbox ${id} ${status}`).then((a) => a.data!);
+  return { ctx, server, restart, call, create, get, exec, statusIs };
+}
+
+describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', () => {
+  const rest = lifecycleServer({ LIFECYCLE_TICK_MS: '200', ORG_MAX_SANDBOXES: '30', ORG_MAX_VCPUS: '30', ORG_MAX_MEMORY_MB: String(30 * 1024), ORG_MAX_DISK_MB: String(30 * 5120) });
+
+  it('answers every sandbox with its lifecycle fields; no policy by default (timeout 0, expiresAt null)', async () => {
+    const box = await rest.create();
+    expect(box).toMatchObject({ timeout: 0, expiresAt: null, onTimeout: 'stop', idle: null, autoResume: false, endedReason: null, endedAt: null });
+    const listed = await rest.call('/sandboxes');
+    expect((listed.data as unknown as SandboxBody[]).find((s) => s.id === box.id)).toMatchObject({ timeout: 0, expiresAt: null });
+    const none = await rest.create({ timeout: 0 });
+    expect(none).toMatchObject({ timeout: 0, expiresAt: null });
+  });
+
+  it('stops a sandbox at its timeout (default onTimeout); exec then answers 409 naming endedReason timeout and when; start clears it', async () => {
+    const box = await rest.create({ timeout: 1 });
+    expect(box).toMatchObject({ timeout: 1, onTimeout: 'stop', status: 'running' });
+    expect(box.expiresAt).not.toBeNull();
+    const stopped = await rest.statusIs(box.id, 'stopped');
+    expect(stopped).toMatchObject({ endedReason: 'timeout', expiresAt: null });
+    expect(stopped.endedAt).not.toBeNull();
+    const refused = await rest.exec(box.id);
+    expect(refused).toMatchObject({ http: 409, code: 'SANDBOX_NOT_RUNNING' });
+    expect(refused.error).toMatch(/endedReason: timeout/);
+    expect(refused.error).toContain(stopped.endedAt!);
+    expect(refused.details).toBe(`endedReason: timeout; endedAt: ${stopped.endedAt}`);
+    // A start restarts the clock and clears the reason.
+    expect((await rest.call(`/sandboxes/${box.id}/start`, { json: {} })).http).toBe(200);
+    const again = (await rest.get(box.id)).data!;
+    expect(again).toMatchObject({ status: 'running', endedReason: null, endedAt: null });
+    expect(again.expiresAt).not.toBeNull();
+    await rest.statusIs(box.id, 'stopped');
+  });
+
+  it('pauses a sandbox at its timeout with onTimeout pause', async () => {
+    const box = await rest.create({ timeout: 1, onTimeout: 'pause' });
+    const paused = await rest.statusIs(box.id, 'paused');
+    expect(paused).toMatchObject({ endedReason: 'timeout', onTimeout: 'pause' });
+    const refused = await rest.exec(box.id);
+    expect(refused).toMatchObject({ http: 409, code: 'SANDBOX_NOT_RUNNING' });
+    expect(refused.error).toMatch(/paused.*endedReason: timeout/);
+  });
+
+  it('deletes a sandbox at its timeout with onTimeout delete, and every later call answers 410 with the reason (never 404)', async () => {
+    const box = await rest.create({ timeout: 1, onTimeout: 'delete' });
+    const gone = await until(() => rest.get(box.id), (a) => a.http !== 200, 'the sandbox deleted');
+    expect(gone).toMatchObject({ http: 410, code: 'SANDBOX_GONE' });
+    expect(gone.error).toMatch(/deleted at .* by its timeout/);
+    expect(gone.details).toMatch(/^endedReason: timeout; endedAt: /);
+    for (const a of [await rest.exec(box.id), await rest.call(`/sandboxes/${box.id}/start`, { json: {} }), await rest.call(`/sandboxes/${box.id}`, { method: 'DELETE' })]) {
+      expect(a).toMatchObject({ http: 410, code: 'SANDBOX_GONE' });
+    }
+    // Not listed: the listing shows sandboxes that exist.
+    expect(((await rest.call('/sandboxes?limit=100')).data as unknown as SandboxBody[]).some((s) => s.id === box.id)).toBe(false);
+    // tRPC: NOT_FOUND with our code (tRPC has no 410).
+    const vr = rest.server().client(rest.ctx.apiKey);
+    await expect(vr.trpc.sandbox.get.query({ id: box.id })).rejects.toMatchObject({ code: 'SANDBOX_GONE' });
+  });
+
+  it('POST /sandboxes/{id}/timeout extends a sandbox: it still runs after a twin with the original timeout expired; 0 removes the timeout', async () => {
+    const [kept, twin] = await Promise.all([rest.create({ timeout: 2 }), rest.create({ timeout: 2 })]);
+    const extended = await rest.call(`/sandboxes/${kept.id}/timeout`, { json: { timeout: 600 } });
+    expect(extended.http, JSON.stringify(extended)).toBe(200);
+    expect(extended.data).toMatchObject({ timeout: 600, status: 'running' });
+    expect(Date.parse(extended.data!.expiresAt!)).toBeGreaterThan(Date.parse(kept.expiresAt!));
+    await rest.statusIs(twin.id, 'stopped');
+    expect((await rest.get(kept.id)).data).toMatchObject({ status: 'running', endedReason: null });
+    const removed = await rest.call(`/sandboxes/${kept.id}/timeout`, { json: { timeout: 0 } });
+    expect(removed.data).toMatchObject({ timeout: 0, expiresAt: null });
+  });
+
+  it('idles a quiet sandbox, but not one running `sleep 600` started through the API, one with a terminal held open, nor one busy on CPU', async () => {
+    const idle = { after: 2, action: 'pause' };
+    const [quiet, busy, attached, spinning] = await Promise.all([rest.create({ idle }), rest.create({ idle }), rest.create({ idle }), rest.create({ idle })]);
+    const started = await rest.call(`/sandboxes/${busy.id}/commands/run`, { json: { command: 'sleep', args: ['600'] } });
+    expect(started.http, JSON.stringify(started)).toBe(200);
+    // A loop detached from the command that started it (no API command runs): only the host's CPU counter sees it.
+    const spun = await rest.exec(spinning.id, "setsid -f sh -c 'while :; do :; done' >/dev/null 2>&1");
+    expect(spun.http, JSON.stringify(spun)).toBe(200);
+    const opened = await openSocket(`${rest.server().url.replace('http', 'ws')}/api/sandboxes/${attached.id}/pty`, { 'x-api-key': rest.ctx.apiKey });
+    expect(opened.status).toBe(101);
+    try {
+      const paused = await rest.statusIs(quiet.id, 'paused');
+      expect(paused).toMatchObject({ endedReason: 'idle' });
+      // The quiet one's idle period has passed for all three (created together): the other two still run.
+      expect((await rest.get(busy.id)).data).toMatchObject({ status: 'running', endedReason: null });
+      expect((await rest.get(attached.id)).data).toMatchObject({ status: 'running', endedReason: null });
+      expect((await rest.get(spinning.id)).data).toMatchObject({ status: 'running', endedReason: null });
+      // Without autoResume a call on the idled one is the 409, naming the idle policy.
+      const refused = await rest.exec(quiet.id);
+      expect(refused).toMatchObject({ http: 409, code: 'SANDBOX_NOT_RUNNING' });
+      expect(refused.error).toMatch(/idle.*endedReason: idle/);
+    } finally {
+      if ('socket' in opened) await opened.socket.close();
+    }
+    // Once the terminal closes, nothing keeps that one awake.
+    expect(await rest.statusIs(attached.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+    expect((await rest.get(busy.id)).data).toMatchObject({ status: 'running' });
+    expect((await rest.get(spinning.id)).data).toMatchObject({ status: 'running' });
+    expect((await rest.call(`/sandboxes/${spinning.id}`, { method: 'DELETE' })).http).toBe(200);
+  });
+
+  it('autoResume: exec on a paused sandbox resumes it first and succeeds (concurrent calls share one resume)', async () => {
+    const box = await rest.create({ autoResume: true });
+    expect(box.autoResume).toBe(true);
+    expect((await rest.call(`/sandboxes/${box.id}/pause`, { json: {} })).http).toBe(200);
+    const answers = await Promise.all([1, 2, 3].map((i) => rest.exec(box.id, `echo resumed-${i}`)));
+    for (const [i, a] of answers.entries()) {
+      expect(a.http, JSON.stringify(a)).toBe(200);
+      expect(JSON.stringify(a)).toContain(`resumed-${i + 1}`);
+    }
+    expect((await rest.get(box.id)).data).toMatchObject({ status: 'running' });
+    // A file read too.
+    expect((await rest.call(`/sandboxes/${box.id}/pause`, { json: {} })).http).toBe(200);
+    const listed = await rest.call(`/sandboxes/${box.id}/files?path=/`);
+    expect(listed.http, JSON.stringify(listed).slice(0, 300)).toBe(200);
+    expect((await rest.get(box.id)).data).toMatchObject({ status: 'running' });
+  });
+
+  it('without autoResume a call on a paused sandbox stays 409', async () => {
+    const box = await rest.create();
+    expect((await rest.call(`/sandboxes/${box.id}/pause`, { json: {} })).http).toBe(200);
+    expect(await rest.exec(box.id)).toMatchObject({ http: 409, code: 'SANDBOX_NOT_RUNNING' });
+    expect((await rest.get(box.id)).data).toMatchObject({ status: 'paused', endedReason: null });
+  });
+
+  it('PATCH /sandboxes/{id} sets autoSleep (seconds, true, false) and the lifecycle fields; autoSleep pauses the sandbox when quiet', async () => {
+    const box = await rest.create();
+    const on = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: true } });
+    expect(on.http, JSON.stringify(on)).toBe(200);
+    expect(on.data).toMatchObject({ idle: { after: 300, action: 'pause' } });
+    const off = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: false } });
+    expect(off.data).toMatchObject({ idle: null });
+    const fields = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { onTimeout: 'pause', autoResume: true, timeout: 900 } });
+    expect(fields.data).toMatchObject({ onTimeout: 'pause', autoResume: true, timeout: 900, idle: null });
+    expect(fields.data!.expiresAt).not.toBeNull();
+    const soon = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: 1 } });
+    expect(soon.data).toMatchObject({ idle: { after: 1, action: 'pause' } });
+    expect(await rest.statusIs(box.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+  });
+
+  it('refuses bad lifecycle inputs with a 400 saying what to fix', async () => {
+    const box = await rest.create();
+    const cases: Array<[string, { method?: string; json: unknown }, RegExp]> = [
+      ['/sandboxes', { json: { name: 'bad-timeout', timeout: -1 } }, /timeout must be at least 0 seconds/],
+      ['/sandboxes', { json: { name: 'bad-timeout', timeout: 1.5 } }, /timeout must be a whole number of seconds/],
+      ['/sandboxes', { json: { name: 'bad-timeout', timeout: 'soon' } }, /timeout must be a whole number of seconds/],
+      ['/sandboxes', { json: { name: 'bad-on', onTimeout: 'explode' } }, /onTimeout.*must be pause, stop or delete/],
+      ['/sandboxes', { json: { name: 'bad-idle', idle: { after: 0 } } }, /idle.after must be at least 1 seconds/],
+      ['/sandboxes', { json: { name: 'bad-idle', idle: { after: 5, action: 'delete' } } }, /must be pause or stop/],
+      [`/sandboxes/${box.id}/timeout`, { json: {} }, /timeout/],
+      [`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: 'yes' } }, /autoSleep must be true, false or a whole number of seconds/],
+      [`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: 5, idle: { after: 5 } } }, /send autoSleep or idle, not both/],
+    ];
+    for (const [path, init, message] of cases) {
+      const a = await rest.call(path, init);
+      expect(a.http, `${path} ${JSON.stringify(init.json)}: ${JSON.stringify(a)}`).toBe(400);
+      expect(a.code).toBe('INVALID_INPUT');
+      expect(`${a.error} ${a.details ?? ''}`, JSON.stringify(init.json)).toMatch(message);
+    }
+  });
+});
+
+describe.skipIf(!support.ok)('lifecycle policies with SANDBOX_MAX_TIMEOUT_SEC, and across a restart', () => {
+  const rest = lifecycleServer({ LIFECYCLE_TICK_MS: '200', SANDBOX_MAX_TIMEOUT_SEC: '3600' });
+
+  it('refuses a timeout above the maximum (and no timeout at all) with a 400 naming SANDBOX_MAX_TIMEOUT_SEC; a create without one gets the maximum', async () => {
+    const over = await rest.call('/sandboxes', { json: { name: 'too-long', timeout: 3601 } });
+    expect(over).toMatchObject({ http: 400, code: 'INVALID_INPUT' });
+    expect(over.error).toBe("timeout 3601 is above this server's maximum of 3600 seconds (SANDBOX_MAX_TIMEOUT_SEC)");
+    const box = await rest.create();
+    expect(box).toMatchObject({ timeout: 3600 });
+    const none = await rest.call(`/sandboxes/${box.id}/timeout`, { json: { timeout: 0 } });
+    expect(none).toMatchObject({ http: 400 });
+    expect(none.error).toMatch(/at most 3600 seconds \(SANDBOX_MAX_TIMEOUT_SEC\)/);
+    const patched = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { timeout: 7200 } });
+    expect(patched).toMatchObject({ http: 400 });
+    expect(patched.error).toMatch(/SANDBOX_MAX_TIMEOUT_SEC/);
+  });
+
+  it('acts on a timeout after a server restart (the schedule is read from the records)', async () => {
+    const box = await rest.create({ timeout: 2 });
+    await rest.restart();
+    const stopped = await rest.statusIs(box.id, 'stopped');
+    expect(stopped).toMatchObject({ endedReason: 'timeout' });
+  });
+});
