@@ -31,6 +31,7 @@ import { ImageService } from './services/image-service.js';
 import { SandboxService } from './services/sandbox-service.js';
 import { SandboxEventService } from './services/sandbox-events.js';
 import { WebhookService } from './services/webhooks.js';
+import { HostEventPoller } from './services/host-events.js';
 import { ActivityTracker } from './services/activity.js';
 import { LifecyclePolicy } from './services/lifecycle-policy.js';
 import { WarmPool } from './services/warm-pool.js';
@@ -147,7 +148,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     }),
     log,
   });
-  const watch = new WatchService({ sandboxes, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log });
+  const watch = new WatchService({ sandboxes, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log, events });
   sandboxes.onStopped((id) => watch.endForSandbox(id));
   const auth = new AuthService({ apiKeys: store.apiKeys, orgs: store.orgs, lastUsed });
   // Timeouts and idle policies act on sandboxes through the service (README "Lifecycle: timeouts, idle and auto-resume").
@@ -166,11 +167,11 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     auth,
     orgs,
     sandboxes,
-    exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log, activity }),
+    exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log, events, activity }),
     images,
     files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
     watch,
-    pty: new PtyService({ sandboxes }),
+    pty: new PtyService({ sandboxes, events }),
     lifecycle,
     activity,
     events,
@@ -190,6 +191,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   await images.seedSystemImages(systemUser.id);
 
   let warmPool: WarmPool | null = null;
+  let hostEvents: HostEventPoller | null = null;
   const health = driver
     ? new HealthMonitor({ sandboxes: store.sandboxes, service: sandboxes, driver, intervalMs: config.HEALTH_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log })
     : null;
@@ -197,6 +199,9 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     await health.adopt();
     if (network.mode === 'bridge') await adoptEgress(egress, store, sandboxes, driver!, log);
     if (config.HEALTH_ENABLED) health.start();
+    // Port open/close and OOM kills, read on the host every EVENTS_POLL_INTERVAL_SEC.
+    hostEvents = new HostEventPoller({ driver: driver!, sandboxes: store.sandboxes, events, onWritten: (l) => events.onWritten(l), intervalMs: config.EVENTS_POLL_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log });
+    await hostEvents.start();
     // After adoption, so statuses are the driver's: sandboxes that expired while the server was down are acted on now.
     await lifecycle.start();
     // After the health monitor's adoption (which knows pool members by their records): members
@@ -271,6 +276,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       // Streams first (they end when their agent connections close), then the HTTP server.
       await lifecycle.stop();
       await health?.stop();
+      await hostEvents?.stop();
       await warmPool?.close();
       services.idempotency.close();
       await egress.stop();

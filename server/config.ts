@@ -201,6 +201,8 @@ const EnvSchema = z.object({
   EVENTS_RETENTION: int(10, 10_000_000).default(10_000),
   EVENTS_QUEUE_MAX: int(100, 10_000_000).default(10_000),
   EVENTS_PRUNE_INTERVAL_SEC: int(1, 86_400).default(60),
+  // How often running sandboxes' listening ports and OOM kills are read on the host (port.* and sandbox.oom_killed events).
+  EVENTS_POLL_INTERVAL_SEC: int(1, 3600).default(5),
   // Webhooks: attempts per event, the first retry's delay (doubling after), each attempt's deadline, deliveries in flight per org, webhooks per org.
   WEBHOOK_MAX_ATTEMPTS: int(1, 100).default(6),
   WEBHOOK_RETRY_BASE_MS: int(10, 3_600_000).default(10_000),

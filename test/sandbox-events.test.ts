@@ -51,7 +51,8 @@ describe.skipIf(!support.ok)('sandbox events', () => {
   const waitFor = (id: string, done: (events: SandboxEvent[]) => boolean, what: string) => until(() => allEvents(id), done, what);
 
   beforeAll(async () => {
-    server = await startTestServer();
+    // Ports and OOM kills are read every second here (EVENTS_POLL_INTERVAL_SEC), so tests wait little.
+    server = await startTestServer({ EVENTS_POLL_INTERVAL_SEC: '1' });
     apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Events', email: uniqueEmail('events') })).apiKey;
     vr = server.client(apiKey);
   }, 60_000);
@@ -146,6 +147,97 @@ describe.skipIf(!support.ok)('sandbox events', () => {
     const next = collect(first.at(-1)!.id, 2);
     await vr.trpc.sandbox.resume.mutate({ id: box.id });
     expect((await next).map((e) => [e.id, e.data.type])).toEqual([['3', 'sandbox.paused'], ['4', 'sandbox.resumed']]);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
+  it('reports process start and exit (exit code, signal) for a foreground exec, a streamed one and a background command nobody waits on', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-proc' });
+    const ofType = (events: SandboxEvent[], type: string) => events.filter((e) => e.type === type);
+    const ran = await vr.trpc.exec.run.mutate({ id: box.id, command: 'sh', args: ['-c', 'exit 3'] });
+    expect('exitCode' in ran && ran.exitCode).toBe(3);
+    let events = await waitFor(box.id, (e) => ofType(e, 'process.exited').length >= 1, 'the foreground exit');
+    expect(ofType(events, 'process.started')[0]!.data).toEqual({ command: 'sh -c exit 3', background: false });
+    expect(ofType(events, 'process.exited')[0]!.data).toEqual({ command: 'sh -c exit 3', background: false, exitCode: 3, signal: null, timedOut: false, oom: false });
+
+    // Background: started through the API, never waited for; its exit is reported anyway.
+    const { pid } = await vr.trpc.commands.run.mutate({ id: box.id, command: 'sh', args: ['-c', 'sleep 0.2; exit 5'], timeout: 0 });
+    events = await waitFor(box.id, (e) => ofType(e, 'process.exited').some((x) => x.data.pid === pid), 'the background exit');
+    expect(ofType(events, 'process.started').find((x) => x.data.pid === pid)!.data).toMatchObject({ background: true, command: 'sh -c sleep 0.2; exit 5' });
+    expect(ofType(events, 'process.exited').find((x) => x.data.pid === pid)!.data).toMatchObject({ pid, background: true, exitCode: 5, signal: null });
+
+    // Killed: the signal is reported.
+    const sleeper = await vr.trpc.commands.run.mutate({ id: box.id, command: 'sleep', args: ['600'], timeout: 0 });
+    await vr.trpc.commands.kill.mutate({ id: box.id, pid: sleeper.pid });
+    events = await waitFor(box.id, (e) => ofType(e, 'process.exited').some((x) => x.data.pid === sleeper.pid), 'the killed exit');
+    expect(ofType(events, 'process.exited').find((x) => x.data.pid === sleeper.pid)!.data).toMatchObject({ exitCode: 137, signal: 'SIGKILL', oom: false });
+
+    // A streamed exec (SSE) reports its pid too.
+    const sse = await fetch(`${server.url}/api/sandboxes/${box.id}/exec-stream`, { method: 'POST', headers: { 'x-api-key': apiKey, 'content-type': 'application/json' }, body: JSON.stringify({ command: 'echo hi' }) });
+    const streamed = await readSse(sse, (e) => e.some((m) => m.event === 'exit'));
+    const streamedPid = JSON.parse(streamed.find((m) => m.event === 'started')!.data).pid as number;
+    events = await waitFor(box.id, (e) => ofType(e, 'process.exited').some((x) => x.data.pid === streamedPid), 'the streamed exit');
+    expect(ofType(events, 'process.exited').find((x) => x.data.pid === streamedPid)!.data).toMatchObject({ exitCode: 0, background: false, command: 'echo hi' });
+    // Ids only grow.
+    expect(events.map((e) => e.id)).toEqual(events.map((_, i) => i + 1));
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
+  it('reports terminals opened and closed (a kill, and a shell that exits by itself, once each)', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-pty' });
+    const { sessionId } = await vr.trpc.pty.create.mutate({ id: box.id, cols: 100, rows: 30 });
+    await vr.trpc.pty.kill.mutate({ id: box.id, sessionId });
+    const events = await waitFor(box.id, (e) => e.some((x) => x.type === 'terminal.closed'), 'terminal.closed');
+    expect(events.filter((e) => e.type.startsWith('terminal.')).map((e) => [e.type, e.data])).toEqual([
+      ['terminal.opened', { sessionId, cols: 100, rows: 30 }],
+      ['terminal.closed', { sessionId }],
+    ]);
+    // A shell that exits while a client is attached: closed once, with its exit code, though two clients saw it.
+    const second = await vr.trpc.pty.create.mutate({ id: box.id, cols: 80, rows: 24 });
+    const attach = () =>
+      new Promise<void>((resolve, reject) => {
+        const sub = vr.trpc.pty.attach.subscribe(
+          { id: box.id, sessionId: second.sessionId },
+          {
+            onData: (e) => {
+              if (e.data.type === 'exit') {
+                sub.unsubscribe();
+                resolve();
+              }
+            },
+            onError: reject,
+            onComplete: resolve,
+          },
+        );
+      });
+    const clients = [attach(), attach()];
+    await vr.trpc.pty.write.mutate({ id: box.id, sessionId: second.sessionId, data: 'exit 7\n' });
+    await Promise.all(clients);
+    const after = await waitFor(box.id, (e) => e.filter((x) => x.type === 'terminal.closed').length >= 2, 'the second terminal.closed');
+    expect(after.filter((e) => e.type === 'terminal.closed' && e.data.sessionId === second.sessionId).map((e) => e.data)).toEqual([{ sessionId: second.sessionId, exitCode: 7 }]);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
+  it('reports ports opening and closing, read on the host', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-port' });
+    const listener = await vr.trpc.commands.run.mutate({ id: box.id, command: 'perl', args: ['-MIO::Socket::INET', '-e', 'my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 8123, Listen => 5, ReuseAddr => 1) or die; sleep 600'], timeout: 0 });
+    await waitFor(box.id, (e) => e.some((x) => x.type === 'port.opened' && x.data.port === 8123), 'port.opened 8123');
+    await vr.trpc.commands.kill.mutate({ id: box.id, pid: listener.pid });
+    const events = await waitFor(box.id, (e) => e.some((x) => x.type === 'port.closed' && x.data.port === 8123), 'port.closed 8123');
+    expect(events.filter((e) => e.type.startsWith('port.')).map((e) => [e.type, e.data.port])).toEqual([
+      ['port.opened', 8123],
+      ['port.closed', 8123],
+    ]);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
+  it("reports an OOM kill: the process's exit says oom, and the sandbox gets sandbox.oom_killed (host cgroup counter)", async () => {
+    // 64 MiB at a time: each allocation succeeds (no overcommit refusal on a busy host) until the cgroup's limit kills it.
+    const box = await vr.sandboxes.create({ name: 'ev-oom', mem: 1024 });
+    const r = await vr.trpc.exec.run.mutate({ id: box.id, command: 'perl', args: ['-e', 'my @hog; push @hog, "a" x (64 * 1024 * 1024) while 1'] });
+    expect('exitCode' in r && r.exitCode).toBe(137);
+    const events = await waitFor(box.id, (e) => e.some((x) => x.type === 'sandbox.oom_killed'), 'sandbox.oom_killed');
+    expect(events.find((e) => e.type === 'process.exited')!.data).toMatchObject({ exitCode: 137, signal: 'SIGKILL', oom: true });
+    expect(events.find((e) => e.type === 'sandbox.oom_killed')!.data).toMatchObject({ kills: 1, total: 1 });
     await vr.trpc.sandbox.delete.mutate({ id: box.id });
   });
 

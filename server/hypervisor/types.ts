@@ -119,6 +119,16 @@ export function listsPorts(d: SandboxDriver): d is SandboxDriver & PortListingDr
   return typeof (d as Partial<PortListingDriver>).listeningPorts === 'function';
 }
 
+/** Optional ability: how many of a sandbox's processes the kernel's OOM killer killed, read on the host (its cgroup). */
+export interface OomCountingDriver {
+  /** Since the sandbox last started; null when it has no cgroup now (stopped, gone). */
+  oomKills(id: string): Promise<number | null>;
+}
+
+export function countsOomKills(d: SandboxDriver): d is SandboxDriver & OomCountingDriver {
+  return typeof (d as Partial<OomCountingDriver>).oomKills === 'function';
+}
+
 /** Optional ability: bytes through a sandbox's link on the host (its veth or TAP), read on the host. */
 export interface NetworkCountingDriver {
   /** null when the sandbox has no link (network none, not running). */

@@ -8,6 +8,8 @@ import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import type { AgentClient } from '../agent-client/agent-clients.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
+import type { SandboxEventSink } from './sandbox-events.js';
+import { ProcessEvents } from './process-events.js';
 import type { ActivityTracker } from './activity.js';
 
 /** What a session-exec stream carries. */
@@ -31,24 +33,50 @@ export interface TrackedChunk {
  */
 export class ExecService {
   constructor(
-    private readonly deps: { sandboxes: SandboxService; limits: ExecLimits; log: Logger; activity?: ActivityTracker },
+    private readonly deps: { sandboxes: SandboxService; limits: ExecLimits; log: Logger; events?: SandboxEventSink; activity?: ActivityTracker },
   ) {}
+
+  /** process.started / process.exited of the commands run here; null without an event sink. */
+  #processes: ProcessEvents | null | undefined;
+
+  #processEvents(): ProcessEvents | null {
+    if (this.#processes === undefined) this.#processes = this.deps.events ? new ProcessEvents({ events: this.deps.events, sandboxes: this.deps.sandboxes, log: this.deps.log }) : null;
+    return this.#processes;
+  }
+
+  /** Reports a command started through the API; resolves to its exit's reporter (null: no events, or no running sandbox). */
+  async #commandStarted(principal: Principal, input: { id: string; command: string; args?: string[] }, pid?: number) {
+    const events = this.#processEvents();
+    const record = events ? await this.deps.sandboxes.running(principal, input.id).catch(() => null) : null;
+    if (!events || !record) return null;
+    if (pid !== undefined) {
+      void events.watch(record, pid, input);
+      return null;
+    }
+    return events.started(record, input, { background: false });
+  }
 
   async exec(principal: Principal, input: ExecInput): Promise<ExecOutput> {
     if (input.background) return this.startCommand(principal, { ...input, timeout: 0 });
     const timeout = input.timeout || DEFAULT_EXEC_TIMEOUT_SEC;
-    return this.#withAgent(principal, input.id, async (agent) => {
+    const exited = await this.#commandStarted(principal, input);
+    const result = await this.#withAgent(principal, input.id, async (agent) => {
       // The agent kills the command at its timeout; the call's own deadline leaves room for that.
       const r = await agent.process.run.mutate(this.#spec(input, timeout), { context: { timeoutMs: timeout * 1000 + 15_000 } });
       return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, truncated: r.truncated, timedOut: r.timedOut };
     });
+    void exited?.({ exitCode: result.exitCode, timedOut: result.timedOut });
+    return result;
   }
 
   async startCommand(principal: Principal, input: RunCommandInput): Promise<{ success: true; pid: number; command: string }> {
-    return this.#withAgent(principal, input.id, async (agent) => {
+    const started = await this.#withAgent(principal, input.id, async (agent) => {
       const info = await agent.process.start.mutate({ ...this.#spec(input, input.timeout), stdin: true });
       return { success: true as const, pid: info.pid, command: info.command };
     });
+    // Followed for its exit whether or not anyone waits for it.
+    await this.#commandStarted(principal, input, started.pid);
+    return started;
   }
 
   async listCommands(principal: Principal, id: string): Promise<{ success: true; processes: ProcessInfo[] }> {
@@ -111,17 +139,23 @@ export class ExecService {
     const agents = this.deps.sandboxes.agents;
     const since = agents.epoch(record.id);
     let pid = 'pid' in call ? call.pid : 0;
+    let exited: Awaited<ReturnType<ProcessEvents['started']>> | null = null;
     try {
       for await (const line of agentProcessStream(agents, record.id, call, signal)) {
         if (line.type === 'started') {
           pid = line.pid;
+          const events = 'start' in call ? this.#processEvents() : null;
+          exited = events && 'start' in call ? await events.started(record, call.start as ProcessSpec, { pid, background: false }) : null;
           yield { id: `${pid}:0`, chunk: { type: 'started', pid } };
           continue;
         }
         const { seq, ...event } = line;
         const chunk = toChunk(event);
         yield { id: `${pid}:${seq}`, chunk };
-        if (chunk.type === 'exit') return;
+        if (event.type === 'exit') {
+          void exited?.({ exitCode: event.exitCode, timedOut: event.timedOut, signal: event.signal });
+          return;
+        }
       }
     } catch (err) {
       if (signal?.aborted) return; // the reader left: nothing to answer, and nothing wrong with the sandbox

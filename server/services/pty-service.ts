@@ -4,13 +4,28 @@ import { resumableSubscription } from '../agent-client/resumable-subscription.js
 import { NotFoundError } from '../errors.js';
 import type { Principal } from './auth-service.js';
 import type { SandboxService } from './sandbox-service.js';
+import type { SandboxEventSink } from './sandbox-events.js';
 
 /**
  * Terminals in sandboxes. The agent owns the sessions (a shell on a pty with 1 MiB of
  * scrollback), so they outlive their clients; the server relays bytes and keeps nothing.
  */
 export class PtyService {
-  constructor(private readonly deps: { sandboxes: SandboxService }) {}
+  constructor(private readonly deps: { sandboxes: SandboxService; events?: SandboxEventSink }) {}
+
+  /** Sessions reported closed (a kill, or an attached client seeing the shell exit), so each is reported once. */
+  readonly #closed = new Set<string>();
+
+  #terminalEvent(p: Principal, id: string, type: 'terminal.opened' | 'terminal.closed', data: Record<string, unknown> & { sessionId: string }): void {
+    if (type === 'terminal.closed') {
+      const key = `${id}:${data.sessionId}`;
+      if (this.#closed.has(key)) return;
+      this.#closed.add(key);
+      // Bounded: the oldest are forgotten first (a Set iterates in insertion order).
+      if (this.#closed.size > 10_000) this.#closed.delete(this.#closed.values().next().value!);
+    }
+    this.deps.events?.emit({ sandboxId: id, orgId: p.orgId, type, data });
+  }
 
   async #agent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
     const record = await this.deps.sandboxes.running(principal, id);
@@ -19,6 +34,7 @@ export class PtyService {
 
   async create(p: Principal, id: string, cols: number, rows: number): Promise<{ sessionId: string; createdAt: string }> {
     const info = await this.#agent(p, id, (a) => a.pty.create.mutate({ cols, rows }));
+    this.#terminalEvent(p, id, 'terminal.opened', { sessionId: info.id, cols, rows });
     return { sessionId: info.id, createdAt: info.createdAt };
   }
 
@@ -28,6 +44,7 @@ export class PtyService {
 
   async kill(p: Principal, id: string, sessionId: string): Promise<{ sessionId: string; killed: true }> {
     await this.#agent(p, id, (a) => a.pty.kill.mutate({ sessionId }));
+    this.#terminalEvent(p, id, 'terminal.closed', { sessionId });
     return { sessionId, killed: true };
   }
 
@@ -71,7 +88,10 @@ export class PtyService {
     try {
       for await (const e of events) {
         yield { id: `${sessionId}:${e.id}`, event: e.data };
-        if (e.data.type === 'exit') return;
+        if (e.data.type === 'exit') {
+          this.#terminalEvent(p, id, 'terminal.closed', { sessionId, exitCode: e.data.exitCode });
+          return;
+        }
       }
     } catch (err) {
       throw await this.deps.sandboxes.agents.failure(record, err);

@@ -28,3 +28,13 @@ export async function cgroupUsage(cgroupsPath: string, root = '/sys/fs/cgroup'):
   const memory = Number(current ?? 0) - statValue(stat, 'inactive_file');
   return { cpuSeconds: statValue(cpuStat, 'usage_usec') / 1e6, memoryBytes: Math.max(0, memory) };
 }
+
+/**
+ * How many processes of the cgroup the kernel's OOM killer killed: `oom_kill` of cgroup v1's
+ * `memory.oom_control` or v2's `memory.events` (the counter starts at 0 with the cgroup, i.e. at
+ * each start of the sandbox). null when the cgroup is gone. A kernel file; nothing from the sandbox.
+ */
+export async function cgroupOomKills(cgroupsPath: string, root = '/sys/fs/cgroup'): Promise<number | null> {
+  const text = (await read(`${root}/memory${cgroupsPath}/memory.oom_control`)) ?? (await read(`${root}${cgroupsPath}/memory.events`));
+  return text === null ? null : statValue(text, 'oom_kill');
+}

@@ -10,9 +10,9 @@ import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
 import { PayloadTooLargeError } from '../../errors.js';
 import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver, type PortListingDriver } from '../types.js';
-import type { AddressingDriver, HostReconcilingDriver, NetworkCountingDriver } from '../types.js';
+import type { AddressingDriver, HostReconcilingDriver, NetworkCountingDriver, OomCountingDriver } from '../types.js';
 import type { NetworkBytes, NetworkPolicy, SandboxNetworking } from '../network/types.js';
-import { cgroupUsage } from './cgroup-usage.js';
+import { cgroupOomKills, cgroupUsage } from './cgroup-usage.js';
 import { containerListeningPorts } from './listening-ports.js';
 import { buildOciSpec, type ContainerNetwork, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
@@ -117,7 +117,7 @@ const exec = (cmd: string, args: string[], timeoutMs = 60_000) => runHostCommand
  * only. Works on any Linux host with runc; no KVM needed.
  */
 export class ContainerDriver
-  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, PortListingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver
+  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, PortListingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver, OomCountingDriver
 {
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
@@ -194,6 +194,11 @@ export class ContainerDriver
       if (state?.status === 'running' || state?.status === 'paused') attached.add(id);
     }
     return networking.reconcile({ attached, leased: known });
+  }
+
+  /** OOM kills in the sandbox's cgroup since it started (host-side; see cgroupOomKills). */
+  oomKills(id: string): Promise<number | null> {
+    return cgroupOomKills(this.#cgroupsPath(id));
   }
 
   listeningPorts(id: string): Promise<number[] | null> {
