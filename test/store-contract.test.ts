@@ -311,6 +311,7 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       const claimed = await store.sandboxes.claimPoolMember(member.id, { ...claim, name: 'mine' });
       expect(claimed).toMatchObject({ id: member.id, orgId, name: 'mine', envVars: { A: 'b' }, labels: { team: 'x' }, network: claim.network, status: 'running' });
       expect(claimed?.pool).toBeUndefined();
+      expect(claimed!.createdAt.getTime()).toBeGreaterThanOrEqual(member.createdAt.getTime());
       expect(await store.sandboxes.findById(orgId, member.id)).toEqual(claimed);
       expect((await store.sandboxes.listByOrg(orgId, 1, 10)).items.map((s) => s.id).sort()).toEqual([taken.id, member.id].sort());
       // Once handed over it is no member: a second hand-over finds none.

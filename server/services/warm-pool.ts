@@ -5,7 +5,6 @@ import { ConflictError } from '../errors.js';
 import type { PoolClaimRepository, PoolMemberClaim, SandboxRecord, SandboxRepository } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import type { ImageService } from './image-service.js';
-import { noEvents, type SandboxEventSink } from './sandbox-events.js';
 import type { SandboxService } from './sandbox-service.js';
 
 /** What a create asks for once the service resolved it: the fields a claim matches and applies. */
@@ -26,7 +25,6 @@ export interface WarmPoolDeps {
   diskMb: number;
   /** The network mode members are built with (the server's default); a create asking for another is not served from the pool. */
   networkMode: NetworkMode;
-  events?: SandboxEventSink;
   log: Logger;
   /** How long a shape waits after a failed build before the next (default 5 s). */
   retryMs?: number;
@@ -61,21 +59,20 @@ const POOL_PRINCIPAL: Principal = { orgId: '', keyId: '', userId: '' };
  * - After the write the member gets its owner's network policy (enforced as `updateNetwork` does)
  *   and envVars (the agent's `env.replace`); if either fails the sandbox is removed and the create
  *   goes cold, so nobody gets a sandbox with the pool's policy or environment.
+ * - The service then starts the claimed sandbox's lifecycle clock and its event stream
+ *   (`sandbox.created` with `fromPool: true`, then `sandbox.started`), as for a cold create.
  * - Members are built one at a time in the background, never more than an entry's count counting
  *   those being built; at startup members still running are adopted, dead ones (and any whose
  *   claim was cut short by the restart, and shapes WARM_POOL no longer lists) removed.
  */
 export class WarmPool {
   readonly #shapes = new Map<string, Shape>();
-  readonly #events: SandboxEventSink;
   #filling: Promise<void> | null = null;
   #timer: NodeJS.Timeout | undefined;
   #retryTimer: NodeJS.Timeout | undefined;
   #closed = false;
 
-  constructor(private readonly deps: WarmPoolDeps) {
-    this.#events = deps.events ?? noEvents;
-  }
+  constructor(private readonly deps: WarmPoolDeps) {}
 
   /** Adopts the members a previous run left, removes what no longer belongs, and starts filling. */
   async start(): Promise<void> {
@@ -175,8 +172,6 @@ export class WarmPool {
         await this.deps.service.discard(claimed).catch(() => {});
         return null;
       }
-      // LIFECYCLE (helper L): the claimed sandbox's timeout/idle fields go into the claim write above once L's fields exist.
-      this.#events.emit({ sandboxId: claimed.id, orgId: claimed.orgId, type: 'sandbox.created', data: { warm: true } });
       this.deps.log.info({ sandbox: id, shape: shape.entry.key }, `warm pool: ${request.name} claimed member ${id}`);
       return claimed;
     }

@@ -197,7 +197,7 @@ export interface SandboxRepository {
   update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle'>>): Promise<SandboxRecord | null>;
   /**
    * Hands warm-pool member `id` (a record with `orgId` '') to an org in one write: owner, name and
-   * the rest of `claim`, `pool` cleared. The caller must hold the member's claim (`PoolClaimRepository`):
+   * the rest of `claim`, `pool` cleared, `createdAt` now (it is the org's sandbox from now on). The caller must hold the member's claim (`PoolClaimRepository`):
    * this write is not the arbiter. `ConflictError` (member untouched) when the org already has a
    * sandbox of that name; null when there is no such member.
    */

@@ -248,9 +248,10 @@ class MongoSandboxes implements SandboxRepository {
     // Only the holder of the member's claim (an insert, see MongoPoolClaims) gets here, so this
     // update never races another; the unique (orgId, name) index refuses a name the org has.
     const conflict = `A sandbox named ${c.name}`;
+    const now = new Date();
     try {
       return await op(conflict, async () => {
-        const doc = await this.c.findOneAndUpdate({ _id, orgId: '' }, { $set: { ...c, updatedAt: new Date() }, $unset: { pool: '' } }, { returnDocument: 'after' });
+        const doc = await this.c.findOneAndUpdate({ _id, orgId: '' }, { $set: { ...c, createdAt: now, updatedAt: now }, $unset: { pool: '' } }, { returnDocument: 'after' });
         return doc ? MongoSandboxes.#map(doc) : null;
       });
     } catch (err) {

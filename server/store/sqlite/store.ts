@@ -321,7 +321,7 @@ class SqliteSandboxes implements SandboxRepository {
     const changed = uniqueWrite(`A sandbox named ${c.name}`, () =>
       this.#db
         .prepare(
-          `UPDATE sandboxes SET org_id = @orgId, name = @name, created_by = @createdBy, env_vars = @envVars, labels = @labels, network = @network, pool = '', updated_at = @now
+          `UPDATE sandboxes SET org_id = @orgId, name = @name, created_by = @createdBy, env_vars = @envVars, labels = @labels, network = @network, pool = '', created_at = @now, updated_at = @now
            WHERE id = @id AND org_id = '' AND pool != ''`,
         )
         .run({ id, orgId: c.orgId, name: c.name, createdBy: c.createdBy, envVars: JSON.stringify(c.envVars), labels: JSON.stringify(c.labels), network: JSON.stringify(c.network), now: iso(new Date()) }).changes,
