@@ -53,6 +53,9 @@ function lifecycleServer(env: Record<string, string>, dirs = newServerDirs()) {
     ctx.apiKey = (await ctx.server.client().trpc.auth.register.mutate({ name: 'Life User', email: uniqueEmail('life') })).apiKey;
   });
   afterAll(async () => {
+    // A warm-pool member still being built would not be among the leftovers close removes.
+    const pool = ctx.server?.app.services.sandboxes.warmPool;
+    if (pool) await until(async () => Object.values(pool.sizes()), (sizes) => sizes.every((s) => s.building === 0), 'the warm pool built', 90_000);
     await ctx.server?.close();
   });
   const server = () => ctx.server;
@@ -82,7 +85,9 @@ function lifecycleServer(env: Record<string, string>, dirs = newServerDirs()) {
   const get = (id: string) => call(`/sandboxes/${id}`);
   const exec = (id: string, command = 'echo hi') => call(`/sandboxes/${id}/exec`, { json: { command } });
   const statusIs = (id: string, status: string) => until(() => get(id), (a) => a.data?.status === status, `sandbox ${id} ${status}`).then((a) => a.data!);
-  return { ctx, server, restart, call, create, get, exec, statusIs };
+  /** The types (and data) of the sandbox's events, oldest first (E's event stream). */
+  const events = async (id: string) => ((await call(`/sandboxes/${id}/events?limit=100`)).data as unknown as { events: Array<{ type: string; data: Record<string, unknown> }> }).events;
+  return { ctx, server, restart, call, create, get, exec, statusIs, events };
 }
 
 describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', () => {
@@ -109,6 +114,10 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect(refused.error).toMatch(/endedReason: timeout/);
     expect(refused.error).toContain(stopped.endedAt!);
     expect(refused.details).toBe(`endedReason: timeout; endedAt: ${stopped.endedAt}`);
+    // The event stream says so: sandbox.timeout, then the stop with its reason.
+    const types = (await rest.events(box.id)).map((e) => e.type);
+    expect(types.slice(types.indexOf('sandbox.timeout'))).toEqual(['sandbox.timeout', 'sandbox.stopped']);
+    expect((await rest.events(box.id)).find((e) => e.type === 'sandbox.stopped')!.data).toMatchObject({ reason: 'its timeout ran out' });
     // A start restarts the clock and clears the reason.
     expect((await rest.call(`/sandboxes/${box.id}/start`, { json: {} })).http).toBe(200);
     const again = (await rest.get(box.id)).data!;
@@ -152,6 +161,8 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect((await rest.get(kept.id)).data).toMatchObject({ status: 'running', endedReason: null });
     const removed = await rest.call(`/sandboxes/${kept.id}/timeout`, { json: { timeout: 0 } });
     expect(removed.data).toMatchObject({ timeout: 0, expiresAt: null });
+    const changes = (await rest.events(kept.id)).filter((e) => e.type === 'sandbox.timeout_changed').map((e) => e.data);
+    expect(changes).toMatchObject([{ timeout: 600, expiresAt: extended.data!.expiresAt }, { timeout: 0, expiresAt: null }]);
   });
 
   it('idles a quiet sandbox, but not one running `sleep 600` started through the API, one with a terminal held open, nor one busy on CPU', async () => {
@@ -167,6 +178,7 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     try {
       const paused = await rest.statusIs(quiet.id, 'paused');
       expect(paused).toMatchObject({ endedReason: 'idle' });
+      expect((await rest.events(quiet.id)).find((e) => e.type === 'sandbox.idle')?.data).toMatchObject({ after: 2, action: 'pause' });
       // The quiet one's idle period has passed for all three (created together): the other two still run.
       expect((await rest.get(busy.id)).data).toMatchObject({ status: 'running', endedReason: null });
       expect((await rest.get(attached.id)).data).toMatchObject({ status: 'running', endedReason: null });
@@ -200,6 +212,19 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     const listed = await rest.call(`/sandboxes/${box.id}/files?path=/`);
     expect(listed.http, JSON.stringify(listed).slice(0, 300)).toBe(200);
     expect((await rest.get(box.id)).data).toMatchObject({ status: 'running' });
+  });
+
+  it('a restore takes the lifecycle fields (its timeout counts from the restore)', async () => {
+    const source = await rest.create({ idle: { after: 600, action: 'stop' } });
+    const snap = await rest.call(`/sandboxes/${source.id}/snapshot`, { json: {} });
+    expect(snap.http, JSON.stringify(snap)).toBe(200);
+    const fullPath = (snap.data as unknown as { full_path: string }).full_path;
+    const restored = await rest.call('/sandboxes/restore', { json: { snapshot_path: fullPath, timeout: 1, onTimeout: 'pause' } });
+    expect(restored.http, JSON.stringify(restored)).toBe(201);
+    const id = (restored as unknown as { data?: SandboxBody } & SandboxBody).data?.id ?? (restored as unknown as SandboxBody).id;
+    const after = await rest.statusIs(id, 'paused');
+    // The source's idle policy came along; the restore's own fields won.
+    expect(after).toMatchObject({ timeout: 1, onTimeout: 'pause', idle: { after: 600, action: 'stop' }, endedReason: 'timeout' });
   });
 
   it('without autoResume a call on a paused sandbox stays 409', async () => {
@@ -247,7 +272,7 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
 });
 
 describe.skipIf(!support.ok)('lifecycle policies with SANDBOX_MAX_TIMEOUT_SEC, and across a restart', () => {
-  const rest = lifecycleServer({ LIFECYCLE_TICK_MS: '200', SANDBOX_MAX_TIMEOUT_SEC: '3600' });
+  const rest = lifecycleServer({ LIFECYCLE_TICK_MS: '200', SANDBOX_MAX_TIMEOUT_SEC: '3600', WARM_POOL: 'debian:1cpu:1024mb=1' });
 
   it('refuses a timeout above the maximum (and no timeout at all) with a 400 naming SANDBOX_MAX_TIMEOUT_SEC; a create without one gets the maximum', async () => {
     const over = await rest.call('/sandboxes', { json: { name: 'too-long', timeout: 3601 } });
@@ -261,6 +286,17 @@ describe.skipIf(!support.ok)('lifecycle policies with SANDBOX_MAX_TIMEOUT_SEC, a
     const patched = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { timeout: 7200 } });
     expect(patched).toMatchObject({ http: 400 });
     expect(patched.error).toMatch(/SANDBOX_MAX_TIMEOUT_SEC/);
+  });
+
+  it('a create claimed from the warm pool gets its lifecycle, the clock starting at the claim', async () => {
+    const pool = () => rest.server().app.services.sandboxes.warmPool!.sizes()['debian:1cpu:1024mb']!;
+    await until(async () => pool(), (size) => size.ready === 1 && size.building === 0, 'a ready warm-pool member', 90_000);
+    const members = (await rest.server().app.store.sandboxes.listAll()).filter((r) => r.orgId === '' && r.pool).map((r) => r.id);
+    const box = await rest.create({ timeout: 1, idle: { after: 900, action: 'pause' } });
+    expect(members).toContain(box.id);
+    expect(box).toMatchObject({ timeout: 1, idle: { after: 900, action: 'pause' } });
+    expect(box.expiresAt).not.toBeNull();
+    expect(await rest.statusIs(box.id, 'stopped')).toMatchObject({ endedReason: 'timeout' });
   });
 
   it('acts on a timeout after a server restart (the schedule is read from the records)', async () => {

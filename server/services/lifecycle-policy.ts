@@ -203,9 +203,13 @@ export class LifecyclePolicy {
     const idle = e.lifecycle.idle!;
     const { activity } = this.opts;
     if (activity.held(e.orgId, id)) return activity.touch(id, now);
-    if (await this.#cpuBusy(id, now)) return activity.touch(id, now);
     const last = Math.max(activity.lastActivity(id) ?? 0, this.#startedAt);
-    if (now - last < idle.after * 1000) return;
+    const quietMs = now - last;
+    // The host's CPU counter is read only in the last ticks before the idle period ends.
+    if (quietMs < idle.after * 1000 - 2 * this.opts.tickMs) return;
+    const cpu = await this.#cpuUse(id, now);
+    if (cpu === 'busy') return activity.touch(id, now);
+    if (cpu === 'unknown' || quietMs < idle.after * 1000) return;
     const record = await this.#fresh(id, e);
     if (!record || record.status !== 'running' || !record.lifecycle?.idle) return;
     if (await this.#commandsRunning(record)) return activity.touch(id, Date.now());
@@ -218,17 +222,22 @@ export class LifecyclePolicy {
     await this.opts.service.endByPolicy(record, action, 'idle');
   }
 
-  /** CPU use since the last sample above SANDBOX_IDLE_CPU_PERCENT, read on the host; false until two samples exist. */
-  async #cpuBusy(id: string, now: number): Promise<boolean> {
+  /**
+   * The sandbox's CPU use since the previous sample against SANDBOX_IDLE_CPU_PERCENT, read on the
+   * host (cgroup or VM process). `unknown` without a recent previous sample (the first of a quiet
+   * spell, or a late tick): the sandbox is neither idled nor counted active on it. A driver that
+   * cannot read usage, or a sandbox whose counter is gone, is `quiet`.
+   */
+  async #cpuUse(id: string, now: number): Promise<'busy' | 'quiet' | 'unknown'> {
     const driver = this.opts.driver;
-    if (!driver || !reportsUsage(driver)) return false;
+    if (!driver || !reportsUsage(driver)) return 'quiet';
     const usage = await driver.hostUsage(id).catch(() => null);
-    if (!usage) return false;
+    if (!usage) return 'quiet';
     const prev = this.#cpu.get(id);
     this.#cpu.set(id, { seconds: usage.cpuSeconds, at: now });
-    if (!prev || now <= prev.at) return false;
+    if (!prev || now <= prev.at || now - prev.at > 3 * this.opts.tickMs) return 'unknown';
     const percent = ((usage.cpuSeconds - prev.seconds) / ((now - prev.at) / 1000)) * 100;
-    return percent > this.opts.idleCpuPercent;
+    return percent > this.opts.idleCpuPercent ? 'busy' : 'quiet';
   }
 
   /** Whether a command started through the API still runs, by the sandbox's own agent (see `#checkIdle`). */

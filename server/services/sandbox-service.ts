@@ -845,10 +845,13 @@ export class SandboxService {
   async endByPolicy(record: SandboxRecord, action: 'pause' | 'stop', reason: EndedReason): Promise<void> {
     const principal: Principal = { orgId: record.orgId, keyId: '', userId: record.createdBy };
     this.#endingReason.set(record.id, reason);
+    // The sandbox.paused / sandbox.stopped event says why too.
+    this.#eventReasons.set(record.id, reason === 'timeout' ? 'its timeout ran out' : 'it was idle');
     try {
       await (action === 'pause' ? this.pause(principal, record.id) : this.stop(principal, record.id));
     } finally {
       this.#endingReason.delete(record.id);
+      this.#eventReasons.delete(record.id);
     }
   }
 
