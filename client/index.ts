@@ -12,9 +12,10 @@ import type { CreateSandboxInput, OrgNetworkPolicy, RestoreSandboxInput, UpdateO
 export * from './errors.js';
 export { CommandHandle, SandboxHandle, type CommandOptions, type ExecOptions } from './sandbox.js';
 export { SandboxFiles, type RawHttp, type UploadSource } from './files.js';
-export { CommandExitError, CommandProcess, Sandbox, SandboxCommands, type CommandResult, type CommandRunOpts, type ConnectionOptions, type DisposeAction, type SandboxCreateOpts, type SandboxEvent, type SandboxOpts } from './sdk.js';
+export { CommandExitError, CommandProcess, Sandbox, SandboxCommands, type CommandResult, type CommandRunOpts, type ConnectionOptions, type DisposeAction, type SandboxCreateOpts, type SandboxOpts } from './sdk.js';
 export { PtyHandle } from './pty.js';
 export type { AppRouter };
+export type { SandboxEvent } from '../shared/index.js';
 
 export interface ClientOptions {
   /** The server's base URL, e.g. `http://localhost:33944`. */

@@ -1,5 +1,5 @@
 import type { TRPCClient } from '@trpc/client';
-import type { ExecChunk, ExecResult, NetworkPolicy, PortAccess, PortList, PreviewToken, ProcessInfo, PublicUrl, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
+import type { ExecChunk, ExecResult, NetworkPolicy, SandboxEvent, PortAccess, PortList, PreviewToken, ProcessInfo, PublicUrl, Sandbox as SandboxInfo, SandboxActionResult, Snapshot } from '../shared/index.js';
 import type { AppRouter } from '../server/routers/index.js';
 import type { UpdateNetworkInput } from '../shared/schemas/network.js';
 import { SandboxFiles, type RawHttp } from './files.js';
@@ -128,6 +128,27 @@ export class SandboxHandle {
    */
   async updateNetwork(policy: Omit<UpdateNetworkInput, 'id'>): Promise<NetworkPolicy> {
     return (await this.trpc.sandbox.updateNetwork.mutate({ id: this.id, ...policy })).network;
+  }
+
+  /**
+   * Sets the sandbox's timeout from now (`POST /sandboxes/{id}/timeout`): `seconds` later it is
+   * paused, stopped or deleted (its `onTimeout`); 0 removes it. Resolves to the sandbox with its
+   * new `expiresAt` (also kept as `info`).
+   */
+  async setTimeout(seconds: number): Promise<SandboxInfo> {
+    this.info = await this.trpc.sandbox.setTimeout.mutate({ id: this.id, timeout: seconds });
+    return this.info;
+  }
+
+  /**
+   * The sandbox's events (lifecycle, processes, terminals, watches, ports, policy changes) with
+   * ids greater than `after` (default: from the oldest kept), then live until the loop leaves or
+   * the sandbox is deleted. When the WebSocket reconnects, tRPC resumes after the last event
+   * received, so nothing is missed or repeated.
+   */
+  events(options: { after?: number } = {}): AsyncGenerator<SandboxEvent> {
+    const input = { id: this.id, lastEventId: options.after !== undefined ? String(options.after) : null };
+    return unwrapTracked(iterateSubscription((h) => this.trpc.sandbox.events.subscribe(input, h)));
   }
 
   stop(): Promise<SandboxActionResult> {

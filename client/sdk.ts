@@ -1,8 +1,8 @@
 import type { TRPCClient } from '@trpc/client';
 import type { AppRouter } from '../server/routers/index.js';
-import type { CreateSandboxInput, ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo } from '../shared/index.js';
+import type { CreateSandboxInput, ExecChunk, ExecResult, ProcessInfo, Sandbox as SandboxInfo, SandboxEvent } from '../shared/index.js';
 import { iterateSubscription } from '../shared/subscription-iterator.js';
-import { errorFromResponse, ProcessNotFoundError, VoidRunError } from './errors.js';
+import { ProcessNotFoundError, VoidRunError } from './errors.js';
 import type { SandboxFiles } from './files.js';
 import { createClient, type ClientOptions, type VoidRunClient } from './index.js';
 import { envVar } from './runtime.js';
@@ -88,13 +88,6 @@ export class CommandExitError extends Error {
   }
 }
 
-/** A sandbox event, as the server's event stream sends it. */
-export interface SandboxEvent {
-  id: string;
-  type: string;
-  [field: string]: unknown;
-}
-
 /**
  * A sandbox, with the ergonomics of E2B's SDK: `await Sandbox.create({ timeout, labels })`,
  * `sandbox.commands.run('ls')`, `sandbox.files.write(…)`, `await using sandbox = …`. It is a
@@ -172,32 +165,20 @@ export class Sandbox {
   }
 
   /**
-   * Sets the sandbox's timeout: `seconds` from now it is paused, stopped or deleted (its
+   * Sets the sandbox's timeout from now: `seconds` later it is paused, stopped or deleted (its
    * `onTimeout`); 0 removes it. Resolves to the sandbox with its new `expiresAt`.
    */
-  async setTimeout(seconds: number): Promise<SandboxInfo> {
-    const raw = this.client.http;
-    const fetchFn = raw.fetch ?? globalThis.fetch;
-    const res = await fetchFn(`${raw.baseUrl}/api/sandboxes/${encodeURIComponent(this.sandboxId)}/timeout`, {
-      method: 'POST',
-      headers: { ...raw.headers, 'content-type': 'application/json' },
-      body: JSON.stringify({ timeout: seconds }),
-    });
-    if (!res.ok) throw await errorFromResponse(res);
-    return this.getInfo();
+  setTimeout(seconds: number): Promise<SandboxInfo> {
+    return this.handle.setTimeout(seconds);
   }
 
   /**
-   * The sandbox's events (lifecycle, processes, terminals, ports, policy changes) from after the
-   * event `after` (or from its first kept event), live until the loop leaves. A dropped connection
-   * resumes after the last event received, so a reconnect misses nothing.
+   * The sandbox's events from after event `after` (default: from the oldest kept), live until the
+   * loop leaves or the sandbox is deleted; a dropped connection resumes after the last event
+   * received, so a reconnect misses nothing.
    */
-  events(options: { after?: string } = {}): AsyncGenerator<SandboxEvent> {
-    const subscribe = (this.client.trpc as unknown as { sandbox: { events: SubscribeProcedure<{ id: string; lastEventId?: string }, { id: string; data: SandboxEvent }> } }).sandbox.events;
-    const input = { id: this.sandboxId, ...(options.after !== undefined ? { lastEventId: options.after } : {}) };
-    return (async function* () {
-      for await (const e of iterateSubscription<{ id: string; data: SandboxEvent }>((h) => subscribe.subscribe(input, h))) yield e.data;
-    })();
+  events(options: { after?: number } = {}): AsyncGenerator<SandboxEvent> {
+    return this.handle.events(options);
   }
 
   pause(): Promise<unknown> {
@@ -239,10 +220,6 @@ export class Sandbox {
     }
   }
 }
-
-type SubscribeProcedure<I, O> = {
-  subscribe(input: I, handlers: { onData(v: O): void; onError(e: unknown): void; onComplete(): void; onStopped(): void }): { unsubscribe(): void };
-};
 
 /** `sandbox.commands`: run (foreground or background), list, kill, connect. */
 export class SandboxCommands {

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
 import { CommandExitError, FileNotFoundError, Sandbox, SandboxNotFoundError, type VoidRunClient } from '../client/index.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
@@ -121,6 +122,8 @@ describe.skipIf(!support.ok)('the client SDK: Sandbox.create, commands.run, file
       const stream = new Blob(['from a ReadableStream']).stream();
       await viaFetch.files.write('/root/sdk/d.txt', stream);
       expect(await new Response(await viaFetch.files.downloadStream('/root/sdk/d.txt')).text()).toBe('from a ReadableStream');
+      await viaFetch.files.write('/root/sdk/r.txt', new Response('a fetch Response body'));
+      expect(await viaFetch.files.readText('/root/sdk/r.txt')).toBe('a fetch Response body');
       await viaFetch.files.writeMany('/root/sdk/many', { 'x.txt': 'x', 'sub/y.txt': 'y' });
       expect((await sbx.commands.run('cat /root/sdk/c.txt /root/sdk/many/x.txt /root/sdk/many/sub/y.txt')).stdout).toBe('blob partsxy');
       await expect(viaFetch.files.read('/root/sdk/missing')).rejects.toBeInstanceOf(FileNotFoundError);
@@ -130,6 +133,8 @@ describe.skipIf(!support.ok)('the client SDK: Sandbox.create, commands.run, file
     // The default (node:http) path takes the same web sources.
     await sbx.files.write('/root/sdk/e.txt', new Blob(['node path']));
     expect(await sbx.files.readText('/root/sdk/e.txt')).toBe('node path');
+    await sbx.files.write('/root/sdk/f.txt', new Response(new Blob(['streamed Response']).stream()));
+    expect(await sbx.files.readText('/root/sdk/f.txt')).toBe('streamed Response');
   });
 
   it('await using deletes a created sandbox at the end of its scope, and releases a connected one', async () => {
@@ -159,6 +164,99 @@ describe.skipIf(!support.ok)('the client SDK: Sandbox.create, commands.run, file
       await (await vr.sandboxes.get(id)).delete();
     }
     await expect(vr.sandboxes.get(id)).rejects.toBeInstanceOf(SandboxNotFoundError);
+  });
+
+  it('Sandbox.create takes timeout, and setTimeout() moves expiresAt from now (0 removes it)', async () => {
+    await using box = await Sandbox.create({ name: 'timed', timeout: 60, onTimeout: 'stop' });
+    expect(box.info).toMatchObject({ timeout: 60, onTimeout: 'stop' });
+    const first = Date.parse(box.info.expiresAt ?? '');
+    expect(first).toBeGreaterThan(Date.now());
+    const longer = await box.setTimeout(600);
+    expect(longer.timeout).toBe(600);
+    expect(Date.parse(longer.expiresAt ?? '')).toBeGreaterThan(first);
+    expect((await box.getInfo()).expiresAt).toBe(longer.expiresAt);
+    const none = await box.setTimeout(0);
+    expect(none).toMatchObject({ timeout: 0, expiresAt: null });
+  });
+
+  it('events() replays the stream from its start, resumes after an id, and ends at sandbox.deleted', async () => {
+    const box = await Sandbox.create({ name: 'evented' });
+    try {
+      const live = box.events();
+      const next = async (type: string) => {
+        for (;;) {
+          const { value, done } = await live.next();
+          if (done) throw new Error(`the stream ended before ${type}`);
+          if (value.type === type) return value;
+        }
+      };
+      const created = await next('sandbox.created');
+      expect(created.sandboxId).toBe(box.sandboxId);
+      await box.pause();
+      await box.resume();
+      const paused = await next('sandbox.paused');
+      const resumed = await next('sandbox.resumed');
+      expect(resumed.id).toBeGreaterThan(paused.id);
+      expect(paused.id).toBeGreaterThan(created.id);
+      await live.return(undefined);
+
+      // Resuming after the created event: what followed it, in order, the first with a larger id.
+      const resumedStream = box.events({ after: created.id });
+      const replay: string[] = [];
+      for await (const e of resumedStream) {
+        expect(e.id).toBeGreaterThan(created.id);
+        replay.push(e.type);
+        if (e.type === 'sandbox.resumed') break;
+      }
+      expect(replay.indexOf('sandbox.paused')).toBeLessThan(replay.indexOf('sandbox.resumed'));
+      expect(replay).not.toContain('sandbox.created');
+
+      // An iterator open while the sandbox is deleted ends after sandbox.deleted.
+      const tail = box.events({ after: resumed.id });
+      const rest = (async () => {
+        const types: string[] = [];
+        for await (const e of tail) types.push(e.type);
+        return types;
+      })();
+      await (await vr.sandboxes.get(box.sandboxId)).delete();
+      expect((await rest).at(-1)).toBe('sandbox.deleted');
+    } finally {
+      await box.close();
+    }
+  });
+
+  it('events() resumes after the last event received when the WebSocket drops and reconnects (no gap, no repeat)', async () => {
+    const sockets: WebSocket[] = [];
+    class CountedWebSocket extends WebSocket {
+      constructor(...args: ConstructorParameters<typeof WebSocket>) {
+        super(...args);
+        sockets.push(this);
+      }
+    }
+    const box = await Sandbox.create({ name: 'reconnecting', WebSocket: CountedWebSocket as unknown as typeof globalThis.WebSocket });
+    try {
+      const seen: Array<{ id: number; type: string }> = [];
+      const live = box.events();
+      const next = async (type: string) => {
+        for (;;) {
+          const { value, done } = await live.next();
+          if (done) throw new Error(`the stream ended before ${type}`);
+          seen.push({ id: value.id, type: value.type });
+          if (value.type === type) return value;
+        }
+      };
+      await next('sandbox.started');
+      expect(sockets).toHaveLength(1);
+      sockets[0]!.terminate(); // the connection drops
+      await sbx.client.sandboxes.get(box.sandboxId).then((h) => h.pause()); // while it is down, on another connection
+      await next('sandbox.paused');
+      expect(sockets.length).toBeGreaterThan(1);
+      const ids = seen.map((e) => e.id);
+      expect(ids).toEqual([...new Set(ids)].sort((a, b) => a - b));
+      await live.return(undefined);
+    } finally {
+      await box.kill();
+    }
   });
 
   it("disconnect() stops following a background command's output without ending it; a later wait() follows it again", async () => {
