@@ -29,7 +29,8 @@ const MAX_ERROR_CHARS = 300;
  * fd00:ec2::254 included), and the reserved, documentation, multicast and translation ranges.
  */
 const REFUSED_V4 = ['0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12', '192.0.0.0/24', '192.0.2.0/24', '192.88.99.0/24', '192.168.0.0/16', '198.18.0.0/15', '198.51.100.0/24', '203.0.113.0/24', '224.0.0.0/4', '240.0.0.0/4'];
-const REFUSED_V6 = ['::/128', '::1/128', '::ffff:0:0/96', '64:ff9b::/96', '64:ff9b:1::/48', '100::/64', '2001::/32', '2001:db8::/32', '2002::/16', 'fc00::/7', 'fe80::/10', 'fec0::/10', 'ff00::/8'];
+// IPv4-mapped addresses (::ffff:a.b.c.d) are checked as the IPv4 address they stand for (see `unmapped`).
+const REFUSED_V6 = ['::/128', '::1/128', '64:ff9b::/96', '64:ff9b:1::/48', '100::/64', '2001::/32', '2001:db8::/32', '2002::/16', 'fc00::/7', 'fe80::/10', 'fec0::/10', 'ff00::/8'];
 
 function blockList(cidrs: readonly string[]): BlockList {
   const list = new BlockList();
@@ -44,8 +45,13 @@ const refused = blockList([...REFUSED_V4, ...REFUSED_V6]);
 
 /** The IPv4 address an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) stands for, else the address itself. */
 function unmapped(address: string): string {
-  const m = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
-  return m ? m[1]! : address;
+  const dotted = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  if (dotted) return dotted[1]!;
+  // The hexadecimal form URLs normalize to: [::ffff:127.0.0.1] is [::ffff:7f00:1].
+  const hex = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/i.exec(address);
+  if (!hex) return address;
+  const [hi, lo] = [parseInt(hex[1]!, 16), parseInt(hex[2]!, 16)];
+  return [hi >> 8, hi & 255, lo >> 8, lo & 255].join('.');
 }
 
 /**
@@ -117,11 +123,11 @@ export class WebhookService {
   /** Registers a webhook in the caller's org; only its owner may. The secret is never shown again. */
   async create(principal: Principal, input: CreateWebhookInput): Promise<Webhook> {
     await this.#assertOwner(principal, input.orgId, 'create webhooks');
-    const url = await this.#checkedUrl(input.url);
     const events = [...new Set(input.events ?? [])];
     for (const f of events) {
       if (!SANDBOX_EVENT_TYPES.some((t) => webhookWants([f], t))) throw new InvalidInputError(`Invalid events: ${f} matches no event type (types: ${SANDBOX_EVENT_TYPES.join(', ')})`);
     }
+    const url = await this.#checkedUrl(input.url);
     const existing = await this.deps.webhooks.listByOrg(input.orgId);
     if (existing.length >= this.deps.maxPerOrg) throw new TooManyRequestsError(`This organization has ${existing.length} webhooks, the most allowed (ORG_MAX_WEBHOOKS=${this.deps.maxPerOrg}); delete one first`);
     const hook = await this.deps.webhooks.create({ orgId: input.orgId, url, events, secret: input.secret, createdBy: principal.userId });
