@@ -53,6 +53,9 @@ const pageScript = `async ({ url, apiKey }) => {
   out.viaStream = await new Response(await sbx.files.downloadStream('/root/up.txt')).text();
   out.catted = (await sbx.commands.run('cat /root/up.txt')).stdout;
   try { await sbx.files.read('/root/nope'); } catch (e) { out.missingIsFileNotFound = e instanceof FileNotFoundError; }
+  out.expires = (await sbx.setTimeout(300)).expiresAt;
+  const events = sbx.events();
+  for await (const e of events) { if (e.type === 'sandbox.created') { out.createdEvent = e.sandboxId; break; } }
   const bg = await sbx.commands.run('sleep 600', { background: true });
   out.killed = await bg.kill();
   out.bgExit = (await bg.wait()).exitCode;
@@ -96,7 +99,7 @@ describe.skipIf(!canRun)('the typed client in a browser (headless Chromium, bund
     expect(bundle.code).not.toMatch(/\brequire\(/);
   });
 
-  it('creates a sandbox, runs commands, uploads and downloads files, and deletes it from a page on another origin', async () => {
+  it('creates a sandbox, runs commands, uploads and downloads files, sets its timeout, reads its events, and deletes it from a page on another origin', async () => {
     const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Browser User', email: uniqueEmail('browser') })).apiKey;
     const page = await browser.newPage();
     const pageErrors: string[] = [];
@@ -123,6 +126,9 @@ describe.skipIf(!canRun)('the typed client in a browser (headless Chromium, bund
       expect(out.chunks).toContain('a\n');
       expect(out.chunks).toContain('err:b\n');
       expect(out.bgExit).not.toBe(0);
+      // setTimeout over HTTP and the event stream over the browser's own WebSocket.
+      expect(Date.parse(String(out.expires))).toBeGreaterThan(Date.now());
+      expect(out.createdEvent).toBe(out.id);
       await expect(server.client(apiKey).sandboxes.get(String(out.id))).rejects.toBeInstanceOf(SandboxNotFoundError);
       expect(pageErrors).toEqual([]);
     } finally {

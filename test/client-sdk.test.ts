@@ -166,9 +166,9 @@ describe.skipIf(!support.ok)('the client SDK: Sandbox.create, commands.run, file
     await expect(vr.sandboxes.get(id)).rejects.toBeInstanceOf(SandboxNotFoundError);
   });
 
-  it('Sandbox.create takes timeout, and setTimeout() moves expiresAt from now (0 removes it)', async () => {
-    await using box = await Sandbox.create({ name: 'timed', timeout: 60, onTimeout: 'stop' });
-    expect(box.info).toMatchObject({ timeout: 60, onTimeout: 'stop' });
+  it('Sandbox.create takes timeout and idle, and setTimeout() moves expiresAt from now (0 removes it)', async () => {
+    await using box = await Sandbox.create({ name: 'timed', timeout: 60, onTimeout: 'stop', idle: { after: 600, action: 'stop' } });
+    expect(box.info).toMatchObject({ timeout: 60, onTimeout: 'stop', idle: { after: 600, action: 'stop' } });
     const first = Date.parse(box.info.expiresAt ?? '');
     expect(first).toBeGreaterThan(Date.now());
     const longer = await box.setTimeout(600);
