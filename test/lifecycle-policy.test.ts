@@ -144,6 +144,11 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     for (const a of [await rest.exec(box.id), await rest.call(`/sandboxes/${box.id}/start`, { json: {} }), await rest.call(`/sandboxes/${box.id}`, { method: 'DELETE' })]) {
       expect(a).toMatchObject({ http: 410, code: 'SANDBOX_GONE' });
     }
+    // Another org hears nothing of it: a plain 404, as for any id it does not own.
+    const otherKey = (await rest.server().client().trpc.auth.register.mutate({ name: 'Other', email: uniqueEmail('other') })).apiKey;
+    const other = await rest.server().http(`/api/sandboxes/${box.id}`, { apiKey: otherKey });
+    expect(other.status).toBe(404);
+    expect(((await other.json()) as { code: string }).code).toBe('SANDBOX_NOT_FOUND');
     // Not listed: the listing shows sandboxes that exist.
     expect(((await rest.call('/sandboxes?limit=100')).data as unknown as SandboxBody[]).some((s) => s.id === box.id)).toBe(false);
     // tRPC: NOT_FOUND with our code (tRPC has no 410).
@@ -211,6 +216,12 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect((await rest.call(`/sandboxes/${box.id}/pause`, { json: {} })).http).toBe(200);
     const listed = await rest.call(`/sandboxes/${box.id}/files?path=/`);
     expect(listed.http, JSON.stringify(listed).slice(0, 300)).toBe(200);
+    expect((await rest.get(box.id)).data).toMatchObject({ status: 'running' });
+    // And a terminal: the WebSocket upgrade resumes it.
+    expect((await rest.call(`/sandboxes/${box.id}/pause`, { json: {} })).http).toBe(200);
+    const opened = await openSocket(`${rest.server().url.replace('http', 'ws')}/api/sandboxes/${box.id}/pty`, { 'x-api-key': rest.ctx.apiKey });
+    expect(opened.status, 'body' in opened ? opened.body : '').toBe(101);
+    if ('socket' in opened) await opened.socket.close();
     expect((await rest.get(box.id)).data).toMatchObject({ status: 'running' });
   });
 

@@ -55,4 +55,9 @@ export class ActivityTracker {
   forget(id: string): void {
     this.#last.delete(id);
   }
+
+  /** Keeps only the entries of `ids` (the sandboxes that exist): deleted sandboxes' entries go. */
+  retain(ids: ReadonlySet<string>): void {
+    for (const id of this.#last.keys()) if (!ids.has(id)) this.#last.delete(id);
+  }
 }

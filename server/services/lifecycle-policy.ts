@@ -100,6 +100,8 @@ export class LifecyclePolicy {
     const records = await this.opts.sandboxes.listAll();
     const ids = new Set(records.map((r) => r.id));
     for (const id of this.#entries.keys()) if (!ids.has(id)) this.#entries.delete(id);
+    for (const id of this.#cpu.keys()) if (!ids.has(id)) this.#cpu.delete(id);
+    this.opts.activity.retain(ids);
     for (const r of records) this.track(r);
     await this.opts.tombstones.deleteEndedBefore(new Date(Date.now() - TOMBSTONE_RETENTION_MS));
   }
