@@ -115,6 +115,19 @@ describe('config', () => {
       expect(() => loadConfig({ SANDBOX_PRIVATE_ALLOW: bad })).toThrowError(/SANDBOX_PRIVATE_ALLOW=.* — expected IPv4 CIDRs inside 10\.0\.0\.0\/8, 172\.16\.0\.0\/12, 192\.168\.0\.0\/16 or 100\.64\.0\.0\/10/);
     }
   });
+
+  it('WEBHOOK_ALLOW_PRIVATE: empty by default (webhooks reach no loopback or private address); IPv4 or IPv6 CIDRs or addresses', () => {
+    expect(loadConfig({}).WEBHOOK_ALLOW_PRIVATE).toEqual([]);
+    expect(loadConfig({ WEBHOOK_ALLOW_PRIVATE: ' 127.0.0.1/32, ::1,10.0.0.0/8 ' }).WEBHOOK_ALLOW_PRIVATE).toEqual(['127.0.0.1/32', '::1', '10.0.0.0/8']);
+    for (const bad of ['localhost', '10.0.0.0/33', '::1/129', '1.2.3.4/8/9', '10.0.0.0/x']) {
+      expect(() => loadConfig({ WEBHOOK_ALLOW_PRIVATE: bad })).toThrowError(/WEBHOOK_ALLOW_PRIVATE=.* — expected IPv4 or IPv6 CIDRs/);
+    }
+  });
+
+  it('events and webhooks: defaults as the README says', () => {
+    expect(loadConfig({})).toMatchObject({ EVENTS_RETENTION: 10_000, EVENTS_QUEUE_MAX: 10_000, EVENTS_POLL_INTERVAL_SEC: 5, WEBHOOK_MAX_ATTEMPTS: 6, WEBHOOK_RETRY_BASE_MS: 10_000, WEBHOOK_TIMEOUT_MS: 5000, WEBHOOK_MAX_IN_FLIGHT_PER_ORG: 4, ORG_MAX_WEBHOOKS: 10 });
+    expect(() => loadConfig({ EVENTS_RETENTION: '0' })).toThrowError(/EVENTS_RETENTION/);
+  });
 });
 
 describe('the server process', () => {
