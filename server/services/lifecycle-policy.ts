@@ -185,11 +185,10 @@ export class LifecyclePolicy {
     if (action === 'pause' && !(this.opts.driver && canPause(this.opts.driver))) action = 'stop';
     this.opts.log.info({ sandbox: id, expiresAt: lc.expiresAt, action }, `sandbox ${record.name}: timeout reached; ${action}`);
     this.#events.emit({ sandboxId: id, orgId: record.orgId, type: 'sandbox.timeout', data: { timeout: lc.timeout, expiresAt: lc.expiresAt, action } });
-    if (action === 'delete') {
-      await this.opts.service.deleteByTimeout(record);
-      this.#entries.delete(id);
-      this.#cpu.delete(id);
-    } else await this.opts.service.endByPolicy(record, action, 'timeout');
+    // Checked again under the sandbox's lock: a new timeout or a stop that came meanwhile wins.
+    const expired = (fresh: SandboxRecord) => fresh.status === 'running' && fresh.lifecycle?.expiresAt === lc.expiresAt;
+    if (action === 'delete') await this.opts.service.deleteByTimeout(record, expired);
+    else await this.opts.service.endByPolicy(record, action, 'timeout', expired);
   }
 
   /**
@@ -221,7 +220,10 @@ export class LifecyclePolicy {
     const lastActivityAt = new Date(last).toISOString();
     this.opts.log.info({ sandbox: id, after: idle.after, lastActivityAt, action }, `sandbox ${record.name}: idle for ${idle.after} s; ${action}`);
     this.#events.emit({ sandboxId: id, orgId: record.orgId, type: 'sandbox.idle', data: { after: record.lifecycle.idle.after, action, lastActivityAt } });
-    await this.opts.service.endByPolicy(record, action, 'idle');
+    // Checked again under the sandbox's lock: activity or a policy change that came meanwhile wins.
+    const stillIdle = (fresh: SandboxRecord) =>
+      fresh.status === 'running' && fresh.lifecycle?.idle?.after === idle.after && !activity.held(fresh.orgId, id) && (activity.lastActivity(id) ?? 0) <= last;
+    await this.opts.service.endByPolicy(record, action, 'idle', stillIdle);
   }
 
   /**

@@ -132,8 +132,10 @@ export class SandboxService {
   /** Why the next status change of a sandbox happens, for its event (set just before `#setStatus`). */
   readonly #eventReasons = new Map<string, string>();
   readonly #changeListeners: Array<(record: SandboxRecord) => void> = [];
-  /** Why a sandbox being paused or stopped by a policy ends (read by `#setStatus` under its lock). */
+  /** Why a sandbox being paused or stopped by a policy ends (set and read by `#setStatus` under its lock). */
   readonly #endingReason = new Map<string, EndedReason>();
+  /** The calls lifecycle policies make, by their principal: why, and the condition they need (see `#policyGate`). */
+  readonly #policyCalls = new WeakMap<Principal, { reason: EndedReason; still: (fresh: SandboxRecord) => boolean }>();
   /** Auto-resumes under way: concurrent calls on one paused sandbox share one. */
   readonly #resuming = new Map<string, Promise<SandboxRecord>>();
   /** WARM_POOL's members, claimed by matching creates (see `useWarmPool`). */
@@ -327,6 +329,8 @@ export class SandboxService {
     return this.#locks.run(id, async () => {
       const record = await this.deps.sandboxes.findById(principal.orgId, id);
       if (!record) return { id, deleted: true as const };
+      // A delete at timeout that no longer applies (the timeout was changed meanwhile) deletes nothing.
+      if (!this.#policyGate(principal, record)) return { id, deleted: true as const };
       return this.#during(record, 'deleting', 'deleted', async () => {
         this.#stopped(id);
         await this.deps.agents?.drop(id);
@@ -345,6 +349,7 @@ export class SandboxService {
     return this.#transition(principal, id, async (record) => {
       if (record.status === 'stopped') return action(record);
       if (record.status === 'creating') throw new SandboxNotRunningError(`Sandbox ${record.name} is creating; stop it once it is running`);
+      if (!this.#policyGate(principal, record)) return action(record);
       return this.#during(record, 'stopping', 'stopped', async () => {
         this.#stopped(id);
         await this.agents.drop(id);
@@ -381,6 +386,7 @@ export class SandboxService {
     return this.#transition(principal, id, async (record) => {
       if (record.status === 'paused') return action(record);
       if (record.status !== 'running') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}; only a running sandbox can be paused`);
+      if (!this.#policyGate(principal, record)) return action(record);
       return this.#during(record, 'pausing', 'paused', async () => {
         await driver.pause(id);
         return action(await this.#setStatus(record, 'paused'));
@@ -842,11 +848,8 @@ export class SandboxService {
    * Pauses or stops a sandbox for a policy (its timeout, its idle period) through the same paths
    * as the API's, under the sandbox's lock; the record says why (`endedReason`) until it runs again.
    */
-  async endByPolicy(record: SandboxRecord, action: 'pause' | 'stop', reason: EndedReason): Promise<void> {
-    const principal: Principal = { orgId: record.orgId, keyId: '', userId: record.createdBy };
-    this.#endingReason.set(record.id, reason);
-    // The sandbox.paused / sandbox.stopped event says why too.
-    this.#eventReasons.set(record.id, reason === 'timeout' ? 'its timeout ran out' : 'it was idle');
+  async endByPolicy(record: SandboxRecord, action: 'pause' | 'stop', reason: EndedReason, still: (fresh: SandboxRecord) => boolean): Promise<void> {
+    const principal = this.#policyPrincipal(record, reason, still);
     try {
       await (action === 'pause' ? this.pause(principal, record.id) : this.stop(principal, record.id));
     } finally {
@@ -856,19 +859,46 @@ export class SandboxService {
   }
 
   /**
+   * The principal a policy's call runs as: the sandbox's creator, marked with why and with the
+   * condition its action needs, checked on the record under the sandbox's lock (`#policyGate`) so
+   * a change that came meanwhile (a new timeout, a stop, activity) is never overridden.
+   */
+  #policyPrincipal(record: SandboxRecord, reason: EndedReason, still: (fresh: SandboxRecord) => boolean): Principal {
+    const principal: Principal = { orgId: record.orgId, keyId: '', userId: record.createdBy };
+    this.#policyCalls.set(principal, { reason, still });
+    return principal;
+  }
+
+  /**
+   * Under the sandbox's lock, before a stop, pause or delete drives the runtime: true for every
+   * API call; for a policy's, whether its condition still holds of `record` — then the status change
+   * that follows records the reason (`endedReason`, and in its event).
+   */
+  #policyGate(principal: Principal, record: SandboxRecord): boolean {
+    const call = this.#policyCalls.get(principal);
+    if (!call) return true;
+    if (!call.still(record)) return false;
+    this.#endingReason.set(record.id, call.reason);
+    this.#eventReasons.set(record.id, call.reason === 'timeout' ? 'its timeout ran out' : 'it was idle');
+    return true;
+  }
+
+  /**
    * Deletes a sandbox at its timeout (`onTimeout: 'delete'`) through the API's delete path (its
    * snapshots go too); its tombstone is written first, so no call meanwhile answers a bare 404.
    */
-  async deleteByTimeout(record: SandboxRecord): Promise<void> {
+  async deleteByTimeout(record: SandboxRecord, still: (fresh: SandboxRecord) => boolean): Promise<void> {
     const tombstones = this.deps.lifecycle?.tombstones;
     await tombstones?.put({ id: record.id, orgId: record.orgId, name: record.name, reason: 'timeout', endedAt: new Date() });
     try {
-      await this.delete({ orgId: record.orgId, keyId: '', userId: record.createdBy }, record.id);
+      await this.delete(this.#policyPrincipal(record, 'timeout', still), record.id);
     } catch (err) {
       await tombstones?.delete(record.orgId, record.id).catch(() => {});
       throw err;
     }
-    this.deps.lifecycle?.activity.forget(record.id);
+    // The gate may have found the timeout changed: the sandbox stays, and so must no tombstone.
+    if (await this.deps.sandboxes.findById(record.orgId, record.id)) await tombstones?.delete(record.orgId, record.id);
+    else this.deps.lifecycle?.activity.forget(record.id);
   }
 
   #snapshotDir(record: SandboxRecord): string {
