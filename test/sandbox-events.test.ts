@@ -305,3 +305,35 @@ describe.skipIf(!support.ok)('sandbox events across a server restart', () => {
     }
   }, 120_000);
 });
+
+describe.skipIf(!support.ok)('sandbox event retention', () => {
+  it('keeps the newest EVENTS_RETENTION events of a sandbox (pruned in the background); ids go on growing', async () => {
+    const server = await startTestServer({ EVENTS_RETENTION: '10', EVENTS_PRUNE_INTERVAL_SEC: '1', HEALTH_ENABLED: 'false' });
+    try {
+      const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Retention', email: uniqueEmail('events-retention') })).apiKey;
+      const vr = server.client(apiKey);
+      const box = await vr.sandboxes.create({ name: 'ev-retention' });
+      for (let i = 0; i < 6; i++) {
+        await vr.trpc.sandbox.pause.mutate({ id: box.id });
+        await vr.trpc.sandbox.resume.mutate({ id: box.id });
+      }
+      // 14 events written (created, started, 6 × paused and resumed): ids 5 to 14 stay.
+      const kept = await until(
+        async () => (await vr.trpc.sandbox.eventsPage.query({ id: box.id, limit: 1000 })).events.map((e) => e.id),
+        (ids) => ids[0] === 5,
+        'the prune',
+      );
+      expect(kept).toEqual([5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+      await vr.trpc.sandbox.pause.mutate({ id: box.id });
+      const next = await until(
+        async () => (await vr.trpc.sandbox.eventsPage.query({ id: box.id, after: 14 })).events,
+        (e) => e.length === 1,
+        'the next event',
+      );
+      expect(next.map((e) => [e.id, e.type])).toEqual([[15, 'sandbox.paused']]);
+      await vr.trpc.sandbox.delete.mutate({ id: box.id });
+    } finally {
+      await server.close();
+    }
+  }, 120_000);
+});

@@ -19,6 +19,8 @@ import { parseEventId } from '../services/sandbox-events.js';
 import { compiledRoutes, matchRoute, routeParams, type CompiledRoute, type HttpRouteName } from './route-table.js';
 
 const httpRoutes = compiledRoutes('http');
+/** How often an idle event stream gets an SSE comment line. */
+const SSE_KEEPALIVE_MS = 25_000;
 const websocketRoutes = compiledRoutes('websocket');
 
 function isHttpRoute(route: CompiledRoute): route is CompiledRoute<HttpRouteName> {
@@ -181,7 +183,16 @@ const handlers: Record<HttpRouteName, RawHandler> = {
     const sse = (async function* () {
       for await (const e of events) yield { id: String(e.id), event: e.type, data: JSON.stringify(e) };
     })();
-    await writeSse(res, null, sse, abort.signal);
+    // A comment line now and then keeps proxies from closing a stream that waits long for its next event.
+    const keepalive = setInterval(() => {
+      if (res.headersSent && !res.writableNeedDrain && !res.writableEnded) res.write(': keepalive\n\n');
+    }, SSE_KEEPALIVE_MS);
+    res.once('close', () => clearInterval(keepalive));
+    try {
+      await writeSse(res, null, sse, abort.signal);
+    } finally {
+      clearInterval(keepalive);
+    }
   },
   commandsAttach: async (req, res, [id], services, principal, limit) => {
     const input = await parseBody(req, PidInput, { id }, limit);
