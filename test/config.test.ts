@@ -131,6 +131,16 @@ describe('config', () => {
 });
 
 describe('the server process', () => {
+  it('lifecycle: no maximum and no default timeout (sandboxes stay), 5% CPU, a 1 s tick; a default above the maximum stops startup naming both', () => {
+    expect(loadConfig({})).toMatchObject({ SANDBOX_MAX_TIMEOUT_SEC: 0, SANDBOX_DEFAULT_TIMEOUT_SEC: 0, SANDBOX_IDLE_CPU_PERCENT: 5, LIFECYCLE_TICK_MS: 1000 });
+    expect(loadConfig({ SANDBOX_MAX_TIMEOUT_SEC: '3600', SANDBOX_DEFAULT_TIMEOUT_SEC: '300' })).toMatchObject({ SANDBOX_MAX_TIMEOUT_SEC: 3600, SANDBOX_DEFAULT_TIMEOUT_SEC: 300 });
+    expect(() => loadConfig({ SANDBOX_MAX_TIMEOUT_SEC: '60', SANDBOX_DEFAULT_TIMEOUT_SEC: '300' })).toThrowError(
+      'Invalid configuration: SANDBOX_DEFAULT_TIMEOUT_SEC=300 — expected at most SANDBOX_MAX_TIMEOUT_SEC (60)',
+    );
+    expect(() => loadConfig({ LIFECYCLE_TICK_MS: '10' })).toThrowError(/LIFECYCLE_TICK_MS="10" — expected an integer from 100 to 60000/);
+    expect(() => loadConfig({ SANDBOX_IDLE_CPU_PERCENT: '0' })).toThrowError(/SANDBOX_IDLE_CPU_PERCENT="0" — expected an integer from 1 to 100000/);
+  });
+
   it('stops at startup with exactly one line when a variable is bad', () => {
     const r = spawnSync(process.execPath, ['--import', 'tsx', main], { cwd: root, env: { ...process.env, SERVER_PORT: 'not-a-port' }, encoding: 'utf8' });
     expect(r.status).toBe(1);
