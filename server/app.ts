@@ -193,7 +193,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   let warmPool: WarmPool | null = null;
   let hostEvents: HostEventPoller | null = null;
   const health = driver
-    ? new HealthMonitor({ sandboxes: store.sandboxes, service: sandboxes, driver, intervalMs: config.HEALTH_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log })
+    ? new HealthMonitor({ sandboxes: store.sandboxes, service: sandboxes, driver, intervalMs: config.HEALTH_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log, events })
     : null;
   if (health) {
     await health.adopt();

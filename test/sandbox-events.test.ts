@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { VoidRunClient } from '../client/index.js';
 import type { SandboxEvent, SandboxEventPage } from '../shared/index.js';
-import { parseSse, type SseMessage } from './helpers/http-streams.js';
+import { openSocket, parseSse, type SseMessage } from './helpers/http-streams.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
@@ -241,6 +241,28 @@ describe.skipIf(!support.ok)('sandbox events', () => {
     await vr.trpc.sandbox.delete.mutate({ id: box.id });
   });
 
+  it("reports a watch session's overflow: a client attaching after more events than the session keeps", async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-watch' });
+    await vr.trpc.exec.run.mutate({ id: box.id, command: 'mkdir', args: ['-p', '/root/w'] });
+    const { sessionId } = await vr.trpc.files.startWatch.mutate({ id: box.id, path: '/root/w' });
+    // More files than the session keeps events of (1,000): a client attaching from the start missed some.
+    await vr.trpc.exec.run.mutate({ id: box.id, command: 'sh', args: ['-c', 'i=0; while [ $i -lt 1500 ]; do : > /root/w/f$i; i=$((i+1)); done'] });
+    const firstMessage = async () => {
+      const opened = await openSocket(`${server.url.replace('http', 'ws')}/api/sandboxes/${box.id}/files/watch/${sessionId}/stream`, { 'x-api-key': apiKey });
+      if (!('socket' in opened)) throw new Error(`watch stream answered ${opened.status}`);
+      await opened.socket.until(/\}/);
+      const first = JSON.parse(opened.socket.received[0]!) as { type: string };
+      await opened.socket.close();
+      return first;
+    };
+    // The agent records the 1,500 events as they come: attach until the session has dropped some.
+    await until(firstMessage, (m) => m.type === 'overflow', 'an overflow at attach');
+    const events = await waitFor(box.id, (e) => e.some((x) => x.type === 'watch.overflow'), 'watch.overflow');
+    expect(events.find((e) => e.type === 'watch.overflow')!.data).toMatchObject({ sessionId });
+    expect(events.find((e) => e.type === 'watch.overflow')!.data.dropped).toBeGreaterThan(0);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
   it("answers 404 for another org's sandbox on every face", async () => {
     const box = await vr.sandboxes.create({ name: 'ev-private' });
     const otherKey = (await server.client().trpc.auth.register.mutate({ name: 'Other', email: uniqueEmail('events-other') })).apiKey;
@@ -332,6 +354,39 @@ describe.skipIf(!support.ok)('sandbox event retention', () => {
       );
       expect(next.map((e) => [e.id, e.type])).toEqual([[15, 'sandbox.paused']]);
       await vr.trpc.sandbox.delete.mutate({ id: box.id });
+    } finally {
+      await server.close();
+    }
+  }, 120_000);
+});
+
+describe.skipIf(!support.ok)('sandbox event streams and ORG_MAX_STREAMS', () => {
+  it('holds one of the org\'s stream slots per open event stream: past the cap a 429 naming it, and the slot frees when the stream closes', async () => {
+    const server = await startTestServer({ ORG_MAX_STREAMS: '1', HEALTH_ENABLED: 'false' });
+    try {
+      const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Streams', email: uniqueEmail('events-streams') })).apiKey;
+      const box = await server.client(apiKey).sandboxes.create({ name: 'ev-streams' });
+      const url = `${server.url}/api/sandboxes/${box.id}/events/stream`;
+      const abort = new AbortController();
+      const first = await fetch(url, { headers: { 'x-api-key': apiKey }, signal: abort.signal });
+      expect(first.status).toBe(200);
+      const refused = await fetch(url, { headers: { 'x-api-key': apiKey } });
+      expect(refused.status).toBe(429);
+      expect(((await refused.json()) as { error: string }).error).toMatch(/ORG_MAX_STREAMS=1/);
+      abort.abort();
+      const again = await until(
+        async () => {
+          const res = await fetch(url, { headers: { 'x-api-key': apiKey } });
+          if (res.status !== 200) await res.body?.cancel();
+          return res;
+        },
+        (res) => res.status === 200,
+        'the slot to free',
+      );
+      await again.body?.cancel();
+      // The JSON page is no stream: it takes no slot.
+      expect((await server.http(`/api/sandboxes/${box.id}/events`, { apiKey })).status).toBe(200);
+      await server.client(apiKey).trpc.sandbox.delete.mutate({ id: box.id });
     } finally {
       await server.close();
     }

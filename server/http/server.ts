@@ -646,6 +646,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
               return;
             }
             if (dropped) {
+              services.events.emit({ sandboxId, orgId: principal.orgId, type: 'watch.overflow', data: { sessionId, dropped } });
               ws.send(JSON.stringify({ type: 'overflow', dropped, timestamp: new Date().toISOString() }));
               dropped = 0;
             }

@@ -168,6 +168,7 @@ export const filesRouter = router({
     try {
       for await (const m of queue.drain(signal)) {
         if (dropped) {
+          ctx.services.events.emit({ sandboxId: input.id, orgId: ctx.principal.orgId, type: 'watch.overflow', data: { sessionId, dropped } });
           yield tracked(`${sessionId}:${m.seq - 1}`, { type: 'overflow' as const, dropped, timestamp: new Date().toISOString() });
           dropped = 0;
         }

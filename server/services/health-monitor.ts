@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import { reconcilesHost, type SandboxDriver } from '../hypervisor/types.js';
 import type { SandboxRepository } from '../store/types.js';
 import type { SandboxService } from './sandbox-service.js';
+import type { SandboxEventSink } from './sandbox-events.js';
 
 /**
  * Keeps every stored sandbox status true to what the driver runs: once at startup (re-adopting
@@ -20,6 +21,8 @@ export class HealthMonitor {
       intervalMs: number;
       concurrency: number;
       log: Logger;
+      /** Where a create cut short by a restart is reported (`sandbox.error`). */
+      events?: SandboxEventSink;
     },
   ) {}
 
@@ -53,6 +56,7 @@ export class HealthMonitor {
       this.deps.log.warn({ sandbox: r.id }, 'sandbox was still being created when the server stopped; marking it error');
       await this.deps.driver.destroy(r.id).catch(() => {});
       await this.deps.sandboxes.update(r.orgId, r.id, { status: 'error' });
+      if (r.orgId) this.deps.events?.emit({ sandboxId: r.id, orgId: r.orgId, type: 'sandbox.error', data: { from: 'creating', reason: 'the server stopped while it was being created' } });
     }
     // Network namespaces, links and addresses of sandboxes that are gone (or no longer run).
     if (reconcilesHost(this.deps.driver)) {
