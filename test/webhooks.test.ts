@@ -81,7 +81,7 @@ describe.skipIf(!support.ok)('webhooks', () => {
 
   beforeAll(async () => {
     // The receivers listen on loopback: the operator opens it (by default webhooks never reach it).
-    server = await startTestServer({ WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32,::1', WEBHOOK_RETRY_BASE_MS: '50', WEBHOOK_TIMEOUT_MS: '2000' });
+    server = await startTestServer({ WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32,::1', WEBHOOK_RETRY_BASE_MS: '50', WEBHOOK_TIMEOUT_MS: '2000', WEBHOOK_MAX_IN_FLIGHT_PER_ORG: '2' });
     owner = await server.client().trpc.auth.register.mutate({ name: 'Hooks', email: uniqueEmail('hooks') });
   }, 60_000);
   afterAll(async () => {
@@ -172,6 +172,46 @@ describe.skipIf(!support.ok)('webhooks', () => {
     expect(await attempts(hook.id)).toHaveLength(6); // no seventh
     await server.client(owner.apiKey).trpc.sandbox.delete.mutate({ id: box.id });
     await server.http(`${hooksPath()}/${hook.id}`, { method: 'DELETE', apiKey: owner.apiKey });
+  });
+
+  it('runs at most WEBHOOK_MAX_IN_FLIGHT_PER_ORG attempts of one org at once; the rest wait, none is lost', async () => {
+    const held: Array<() => void> = [];
+    let open = 0;
+    let most = 0;
+    const bodies: string[] = [];
+    const slow = createServer((req, res) => {
+      open++;
+      most = Math.max(most, open);
+      let body = '';
+      req.on('data', (c: Buffer) => (body += c.toString()));
+      req.on('end', () => {
+        bodies.push(body);
+        held.push(() => {
+          open--;
+          res.end('ok');
+        });
+      });
+    });
+    await new Promise<void>((r) => slow.listen(0, '127.0.0.1', r));
+    const url = `http://127.0.0.1:${(slow.address() as AddressInfo).port}/slow`;
+    const hook = ((await (await create({ url, events: ['sandbox.paused', 'sandbox.resumed'], secret: SECRET })).json()) as { data: Webhook }).data;
+    const vr = server.client(owner.apiKey);
+    const box = await vr.sandboxes.create({ name: 'hook-slots' });
+    for (let i = 0; i < 2; i++) {
+      await vr.trpc.sandbox.pause.mutate({ id: box.id });
+      await vr.trpc.sandbox.resume.mutate({ id: box.id });
+    }
+    // Four events: two attempts run, held by the receiver; the other two wait for a slot.
+    await until(() => held.length, (n) => n >= 2, 'two held attempts');
+    while (bodies.length < 4 || held.length > 0) {
+      held.shift()?.();
+      await until(() => held.length > 0 || bodies.length >= 4, Boolean, 'the next attempt');
+    }
+    expect(most).toBe(2);
+    expect(bodies.map((b) => (JSON.parse(b) as { type: string }).type).sort()).toEqual(['sandbox.paused', 'sandbox.paused', 'sandbox.resumed', 'sandbox.resumed']);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+    await server.http(`${hooksPath()}/${hook.id}`, { method: 'DELETE', apiKey: owner.apiKey });
+    slow.close();
   });
 
   it('refuses bad URLs, schemes, filters and secrets with a 400 naming the field', async () => {
