@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openSocket } from './helpers/http-streams.js';
 import { support } from './helpers/sandbox-support.js';
+import { newId } from '../server/store/ids.js';
 import { newServerDirs, startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
 /**
@@ -315,5 +316,31 @@ describe.skipIf(!support.ok)('lifecycle policies with SANDBOX_MAX_TIMEOUT_SEC, a
     await rest.restart();
     const stopped = await rest.statusIs(box.id, 'stopped');
     expect(stopped).toMatchObject({ endedReason: 'timeout' });
+  });
+});
+
+const mongoUri = process.env.MONGO_URI;
+if (!mongoUri) console.warn('[lifecycle on mongo] SKIPPED: MONGO_URI is not set (.ci/run starts FerretDB and sets it)');
+
+/** The lifecycle field and tombstones on the Mongo adapter, through the whole stack and a restart. */
+describe.skipIf(!support.ok || !mongoUri)('lifecycle policies on MongoDB (MONGO_URI)', () => {
+  const dbName = `voidrun_lifecycle_${newId()}`;
+  const rest = lifecycleServer({ LIFECYCLE_TICK_MS: '200', MONGO_URI: mongoUri ?? '', MONGO_DB: dbName });
+  afterAll(async () => {
+    const { MongoClient } = await import('mongodb');
+    const client = await MongoClient.connect(mongoUri!);
+    await client.db(dbName).dropDatabase();
+    await client.close();
+  });
+
+  it('keeps policies, endedReason and tombstones in the store: a stop and a delete at timeout read the same after a restart', async () => {
+    expect(rest.server().app.store.kind).toBe('mongo');
+    const [stopping, deleting] = await Promise.all([rest.create({ timeout: 1, idle: { after: 600, action: 'stop' } }), rest.create({ timeout: 1, onTimeout: 'delete' })]);
+    const stopped = await rest.statusIs(stopping.id, 'stopped');
+    expect(stopped).toMatchObject({ endedReason: 'timeout', idle: { after: 600, action: 'stop' } });
+    await until(() => rest.get(deleting.id), (a) => a.http === 410, 'the delete at timeout');
+    await rest.restart();
+    expect((await rest.get(stopping.id)).data).toMatchObject({ status: 'stopped', endedReason: 'timeout', endedAt: stopped.endedAt, timeout: 1 });
+    expect(await rest.get(deleting.id)).toMatchObject({ http: 410, code: 'SANDBOX_GONE' });
   });
 });
