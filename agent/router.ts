@@ -184,9 +184,15 @@ export const agentRouter = t.router({
     /** The TCP ports listening inside the sandbox. */
     list: t.procedure.query(() => listListeningPorts()),
   }),
-  /** The sandbox's envVars for commands started from now on (a warm-pool claim sets its owner's). */
-  env: t.router({
-    replace: t.procedure.input(SandboxEnvInput).mutation(({ ctx, input }) => ctx.env.replace(input.vars)),
+  /**
+   * A warm-pool sandbox handed to its owner: its envVars for commands started from now on, and the
+   * pool's warm-up commands forgotten (the owner's listing starts empty).
+   */
+  pool: t.router({
+    claim: t.procedure.input(SandboxEnvInput).mutation(({ ctx, input }) => {
+      ctx.processes.forgetFinished();
+      return ctx.env.replace(input.vars);
+    }),
   }),
   health: t.procedure.output(AgentHealth).query(({ ctx }) => ({
     ok: true as const,

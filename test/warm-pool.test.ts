@@ -89,6 +89,9 @@ describe.skipIf(!support.ok)('warm pool', () => {
     const sb = created.body.data;
     expect(members).toContain(sb.id);
     expect(sb).toMatchObject({ name: 'from-pool', orgId: org.orgId, status: 'running', ready: true, envVars: { GREETING: 'hello pool' }, labels: { team: 'warm' } });
+    // The pool's warm-up command left no trace.
+    const listed = (await (await server.http(`/api/sandboxes/${sb.id}/commands/list`, { apiKey: org.apiKey })).json()) as { processes: unknown[] };
+    expect(listed.processes).toEqual([]);
     const run = await post(server, org, `/api/sandboxes/${sb.id}/exec`, { command: 'echo "$GREETING|$PATH|$VOIDRUN_SANDBOX_ID"' });
     expect(run.body.data.stdout).toBe(`hello pool|/usr/bin:/bin|${sb.id}\n`);
     const page = await server.client(org.apiKey).sandboxes.list({ labels: { team: 'warm' } });

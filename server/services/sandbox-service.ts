@@ -682,14 +682,13 @@ export class SandboxService {
       try {
         await driver.create(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
         const running = await this.#setStatus(record, 'running');
-        // The agent connection is opened now, and its paths for commands and env run once, so a
-        // claim's first calls neither wait for the connection nor pay for the agent's first spawn
-        // (a shell session: it is listed nowhere, so the claimed sandbox shows no trace of it).
+        // The agent connection is opened now, and a command and the claim call run once, so a claim
+        // neither waits for the connection nor pays for the agent's first command (~8 ms of the
+        // agent's, measured for bench:sandbox); the claim call makes the agent forget the warm-up
+        // command, so no listing shows it.
         await this.agents.call(running, async (agent) => {
-          await agent.env.replace.mutate({ vars: {} });
-          const { sessionId } = await agent.shell.create.mutate({});
-          await agent.shell.exec.mutate({ sessionId, command: 'true', timeoutMs: 10_000 });
-          await agent.shell.close.mutate({ sessionId });
+          await agent.process.run.mutate({ command: 'true', timeoutMs: 10_000 });
+          await agent.pool.claim.mutate({ vars: {} });
         });
         return running;
       } catch (err) {
@@ -710,18 +709,21 @@ export class SandboxService {
   }
 
   /**
-   * Gives a claimed member (`record`, already its org's) what a cold create would have started it
-   * with: its network policy, enforced as `updateNetwork` enforces one when it differs from the
-   * member's, and its envVars in the agent's environment for commands (`env.replace`).
+   * Puts `vars` in a pool member's agent environment for the commands started from then on (the
+   * agent's `pool.claim`, which also forgets any warm-up command it ran): a claim's envVars, or {}
+   * to give a member back as the pool built it.
    */
-  async applyPoolClaim(record: SandboxRecord, member: SandboxRecord): Promise<void> {
-    const steps: Array<Promise<unknown>> = [];
+  async poolEnv(member: SandboxRecord, vars: Record<string, string>): Promise<void> {
+    await this.agents.call(member, (agent) => agent.pool.claim.mutate({ vars }));
+  }
+
+  /**
+   * Enforces a claimed member's network policy (`record`, already its org's) as `updateNetwork`
+   * enforces one, when it differs from the policy the member ran with.
+   */
+  async applyPoolPolicy(record: SandboxRecord, member: SandboxRecord): Promise<void> {
     const enforce = this.deps.network.enforce;
-    if (record.network.mode === 'bridge' && enforce && JSON.stringify(record.network) !== JSON.stringify(member.network)) steps.push(enforce(record.id, record.network));
-    if (Object.keys(record.envVars).length > 0 || Object.keys(member.envVars).length > 0) {
-      steps.push(this.agents.call(record, (agent) => agent.env.replace.mutate({ vars: record.envVars })));
-    }
-    await Promise.all(steps);
+    if (record.network.mode === 'bridge' && enforce && JSON.stringify(record.network) !== JSON.stringify(member.network)) await enforce(record.id, record.network);
   }
 
   /** Removes a sandbox the warm pool owns or failed to hand over: its runtime, connections and record. */

@@ -30,6 +30,12 @@ export interface WarmPoolDeps {
   retryMs?: number;
   /** How often ready members are checked against their records (default 10 s). */
   checkMs?: number;
+  /**
+   * How long after a claim the member in its place starts being built (default 250 ms): a build
+   * (disk image, runtime, agent boot) takes both cores of a small host for a while, and would
+   * otherwise run alongside the claimed sandbox's first commands.
+   */
+  refillDelayMs?: number;
 }
 
 /** One WARM_POOL entry at run time: its members ready to claim and how many are being built. */
@@ -57,7 +63,7 @@ const POOL_PRINCIPAL: Principal = { orgId: '', keyId: '', userId: '' };
  *   to the org in one write (`claimPoolMember`), under the org's quota admission as a cold create
  *   is admitted; a refusal (quota, name taken) gives the member back untouched.
  * - After the write the member gets its owner's network policy (enforced as `updateNetwork` does)
- *   and envVars (the agent's `env.replace`); if either fails the sandbox is removed and the create
+ *   and envVars (the agent's `pool.claim`); if either fails the sandbox is removed and the create
  *   goes cold, so nobody gets a sandbox with the pool's policy or environment.
  * - The service then starts the claimed sandbox's lifecycle clock and its event stream
  *   (`sandbox.created` with `fromPool: true`, then `sandbox.started`), as for a cold create.
@@ -70,6 +76,7 @@ export class WarmPool {
   #filling: Promise<void> | null = null;
   #timer: NodeJS.Timeout | undefined;
   #retryTimer: NodeJS.Timeout | undefined;
+  #refillTimer: NodeJS.Timeout | undefined;
   #closed = false;
 
   constructor(private readonly deps: WarmPoolDeps) {}
@@ -120,6 +127,7 @@ export class WarmPool {
     this.#closed = true;
     clearInterval(this.#timer);
     clearTimeout(this.#retryTimer);
+    clearTimeout(this.#refillTimer);
     await this.#filling;
   }
 
@@ -150,23 +158,28 @@ export class WarmPool {
         else await this.deps.claims.release(id);
         continue;
       }
+      // The member is this claim's alone now: its envVars go to the agent while the store write runs.
+      const env = Object.keys(request.envVars).length > 0 ? this.deps.service.poolEnv(member, request.envVars) : null;
+      const envFailure = env ? env.then(() => null, (err: Error) => err) : Promise.resolve(null);
       let claimed: SandboxRecord | null;
       try {
         const { orgId, name, createdBy, envVars, labels, network } = request;
         claimed = await this.deps.service.handOverPoolMember(id, request, { orgId, name, createdBy, envVars, labels, network });
       } catch (err) {
-        // Refused (quota, a name the org has): the member was not touched and goes back first in line.
-        await this.deps.claims.release(id);
-        shape.ready.unshift(id);
+        // Refused (quota, a name the org has): the record was not touched; the member goes back first
+        // in line with the pool's environment again, or is rebuilt if that cannot be made sure of.
+        await this.#giveBack(shape, member, env);
         throw err;
       }
-      this.fill();
+      this.#fillSoon();
       if (!claimed) {
-        await this.deps.claims.release(id);
+        await this.#giveBack(shape, member, env);
         continue;
       }
       try {
-        await this.deps.service.applyPoolClaim(claimed, member);
+        const failed = await envFailure;
+        if (failed) throw failed;
+        await this.deps.service.applyPoolPolicy(claimed, member);
       } catch (err) {
         this.deps.log.warn({ sandbox: id, err: (err as Error).message }, `warm pool: applying ${request.name}'s settings to member ${id} failed; removing it, creating cold`);
         await this.deps.service.discard(claimed).catch(() => {});
@@ -175,6 +188,26 @@ export class WarmPool {
       this.deps.log.info({ sandbox: id, shape: shape.entry.key }, `warm pool: ${request.name} claimed member ${id}`);
       return claimed;
     }
+  }
+
+  /** `fill` after the refill delay (one pending at a time). */
+  #fillSoon(): void {
+    if (this.#closed || this.#refillTimer) return;
+    this.#refillTimer = setTimeout(() => {
+      this.#refillTimer = undefined;
+      this.fill();
+    }, this.deps.refillDelayMs ?? 250).unref();
+  }
+
+  /** A member whose claim was refused: back first in line (its environment reset once `env`, the claim's, settled), else removed. */
+  async #giveBack(shape: Shape, member: SandboxRecord, env: Promise<void> | null): Promise<void> {
+    const reset = env === null || (await env.then(() => this.deps.service.poolEnv(member, {})).then(() => true, () => false));
+    if (!reset) {
+      void this.#remove(member, true);
+      return;
+    }
+    await this.deps.claims.release(member.id);
+    shape.ready.unshift(member.id);
   }
 
   /** Starts building members (one at a time, every shape) until each is at its count; a no-op while that runs. */

@@ -72,7 +72,7 @@ export const agentReplies = {
   'pty.output': tracked(z.discriminatedUnion('type', [z.object({ type: z.literal('data'), data: Chunk }), ...PtyEvent.options.slice(1)])),
   'ports.list': z.object({ ports: z.array(z.number().int().min(1).max(65535)).max(MAX_LISTENING_PORTS) }),
   health: AgentHealth,
-  'env.replace': z.object({ count: z.number().int().min(0) }),
+  'pool.claim': z.object({ count: z.number().int().min(0) }),
   'process.run': AgentExecResult,
   'process.start': BoundedProcessInfo,
   'process.list': z.array(BoundedProcessInfo).max(10_000),
@@ -123,7 +123,7 @@ export const agentReplyMaxBytes: Partial<Record<AgentReplyPath, number>> = {
   'process.writeStdin': 64 * 1024,
   'ports.list': 64 * 1024,
   health: 64 * 1024,
-  'env.replace': 1024,
+  'pool.claim': 1024,
 };
 
 /** The agent's raw `PUT /files/content` answer. */

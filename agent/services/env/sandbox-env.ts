@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { ProcessEnv } from '../../../shared/schemas/common.js';
 
 /**
- * What `env.replace` takes: the sandbox's new envVars, bounded like a command's own env (names,
+ * What the agent's `pool.claim` takes: the sandbox's new envVars, bounded like a command's own env (names,
  * NUL-free values, the kernel's argument limits) and in number.
  */
 export const SandboxEnvInput = z.object({

@@ -281,6 +281,11 @@ export class ProcessManager {
     return this.#table.all().map((p) => p.info());
   }
 
+  /** See `ProcessTable.forgetFinished`. */
+  forgetFinished(): void {
+    this.#table.forgetFinished();
+  }
+
   get size(): number {
     return this.#table.size;
   }
@@ -337,6 +342,15 @@ export class ProcessTable<P extends TableEntry> {
       this.#entries.delete(oldest.serial);
       if (this.#byPid.get(oldest.proc.pid) === oldest.proc) this.#byPid.delete(oldest.proc.pid);
     }
+  }
+
+  /** Forgets every finished process (a warm-pool sandbox's warm-up, at its claim); running ones stay listed. */
+  forgetFinished(): void {
+    for (const { serial, proc } of this.#finished.splice(0)) {
+      this.#entries.delete(serial);
+      if (this.#byPid.get(proc.pid) === proc) this.#byPid.delete(proc.pid);
+    }
+    this.#finishedLogBytes = 0;
   }
 
   /** The newest listed process started with `pid`, if any. */
