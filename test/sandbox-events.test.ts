@@ -1,4 +1,11 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SandboxEventService } from '../server/services/sandbox-events.js';
+import { newId } from '../server/store/ids.js';
+import { openSqliteStore } from '../server/store/sqlite/store.js';
 import type { VoidRunClient } from '../client/index.js';
 import type { SandboxEvent, SandboxEventPage } from '../shared/index.js';
 import { openSocket, parseSse, type SseMessage } from './helpers/http-streams.js';
@@ -391,4 +398,63 @@ describe.skipIf(!support.ok)('sandbox event streams and ORG_MAX_STREAMS', () => 
       await server.close();
     }
   }, 120_000);
+});
+
+describe('SandboxEventService on a real SQLite store', () => {
+  const open = (maxQueued = 10_000) => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-events-'));
+    const store = openSqliteStore(dir);
+    const lines: string[] = [];
+    const log = pino({ level: 'info', base: undefined }, { write: (l: string) => void lines.push(l) });
+    const service = new SandboxEventService({ repository: store.sandboxEvents, authorize: async () => {}, log, retention: 10_000, maxQueued, pruneIntervalMs: 60_000 });
+    return { dir, store, service, lines, cleanup: async () => (await service.close(), await store.close(), rmSync(dir, { recursive: true, force: true })) };
+  };
+
+  it('writes each sandbox\'s events in the order reported, ids 1, 2, 3 … per sandbox, however they interleave', async () => {
+    const { store, service, cleanup } = open();
+    const ids = [newId(), newId(), newId()];
+    for (let i = 0; i < 200; i++) for (const sandboxId of ids) service.emit({ sandboxId, orgId: 'o', type: 'process.started', data: { i } });
+    await service.flush();
+    for (const id of ids) {
+      const rows = await store.sandboxEvents.listAfter(id, 0, 1000);
+      expect(rows.map((r) => r.seq)).toEqual(rows.map((_, i) => i + 1));
+      expect(rows.map((r) => r.data.i)).toEqual(rows.map((_, i) => i));
+    }
+    await cleanup();
+  });
+
+  it('drops a report that arrives after its sandbox\'s stream was deleted (no new stream for a deleted sandbox)', async () => {
+    const { store, service, cleanup } = open();
+    const id = newId();
+    service.emit({ sandboxId: id, orgId: 'o', type: 'sandbox.created' });
+    service.emit({ sandboxId: id, orgId: 'o', type: 'sandbox.deleted' });
+    service.deleteForSandbox(id);
+    service.emit({ sandboxId: id, orgId: 'o', type: 'process.exited', data: { exitCode: 0 } });
+    await service.flush();
+    expect(await store.sandboxEvents.lastSeq(id)).toBe(0);
+    await cleanup();
+  });
+
+  it('never throws: past EVENTS_QUEUE_MAX, and while the store refuses writes, events are dropped, counted and logged once', async () => {
+    const { dir, store, service, lines } = open(100);
+    const id = newId();
+    for (let i = 0; i < 150; i++) expect(() => service.emit({ sandboxId: id, orgId: 'o', type: 'process.started', data: { i } })).not.toThrow();
+    expect(service.dropped).toBe(50);
+    await service.flush();
+    expect(await store.sandboxEvents.lastSeq(id)).toBe(100);
+    expect(lines.filter((l) => l.includes('dropping sandbox events'))).toHaveLength(1);
+    expect(lines.filter((l) => l.includes('being written again'))).toHaveLength(1);
+    // Data past the bound is replaced, not stored whole.
+    service.emit({ sandboxId: id, orgId: 'o', type: 'process.exited', data: { huge: 'x'.repeat(100_000) } });
+    await service.flush();
+    expect((await store.sandboxEvents.listAfter(id, 100, 10))[0]!.data).toEqual({ truncated: true });
+    // The store goes away: reports still return at once, and are counted and logged once.
+    await store.close();
+    for (let i = 0; i < 3; i++) expect(() => service.emit({ sandboxId: newId(), orgId: 'o', type: 'sandbox.created' })).not.toThrow();
+    await service.flush();
+    expect(service.dropped).toBe(53);
+    expect(lines.filter((l) => l.includes('dropping sandbox events'))).toHaveLength(2);
+    await service.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
 });

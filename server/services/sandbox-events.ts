@@ -63,6 +63,8 @@ const LIVE_BACKLOG = 1000;
 const REPLAY_PAGE = 500;
 /** Writes of one event retried after another writer took its id. */
 const MAX_ID_CONFLICTS = 5;
+/** Deleted sandboxes remembered, so that a report arriving after the deletion starts no new stream. */
+const MAX_REMEMBERED_DELETIONS = 10_000;
 
 export interface SandboxEventServiceDeps {
   repository: SandboxEventRepository;
@@ -103,6 +105,8 @@ export class SandboxEventService implements SandboxEventSink {
   /** Sandboxes that got events since the last prune. */
   readonly #touched = new Set<string>();
   readonly #idle = new Set<() => void>();
+  /** Sandboxes whose stream was deleted (ids are never reused): a late report for one is dropped, not a new stream. */
+  readonly #deleted = new Set<string>();
   #queued = 0;
   #dropped = 0;
   /** Drops since the store last took a write: logged at the first, and when writes recover. */
@@ -121,6 +125,7 @@ export class SandboxEventService implements SandboxEventSink {
 
   emit(input: SandboxEventInput): void {
     try {
+      if (this.#deleted.has(input.sandboxId)) return;
       if (this.#queued >= this.deps.maxQueued) return this.#drop(input, `EVENTS_QUEUE_MAX (${this.deps.maxQueued}) events are waiting to be written`);
       this.#queued++;
       this.#enqueue(input.sandboxId, { kind: 'event', input, at: new Date() });
@@ -130,6 +135,9 @@ export class SandboxEventService implements SandboxEventSink {
   }
 
   deleteForSandbox(sandboxId: string): void {
+    this.#deleted.add(sandboxId);
+    // Bounded: the oldest are forgotten first (a Set iterates in insertion order).
+    if (this.#deleted.size > MAX_REMEMBERED_DELETIONS) this.#deleted.delete(this.#deleted.values().next().value!);
     this.#enqueue(sandboxId, { kind: 'delete' });
   }
 
