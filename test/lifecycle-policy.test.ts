@@ -203,6 +203,20 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect((await rest.call(`/sandboxes/${spinning.id}`, { method: 'DELETE' })).http).toBe(200);
   });
 
+  it('a streamed command over a tRPC WebSocket keeps its sandbox awake only while it runs: once it ends, the socket left open holds nothing', async () => {
+    const box = await rest.create({ idle: { after: 2, action: 'pause' } });
+    const vr = rest.server().client(rest.ctx.apiKey);
+    const chunks: string[] = [];
+    await new Promise<void>((resolve, reject) => {
+      vr.trpc.exec.stream.subscribe({ id: box.id, command: 'sleep 3; echo done' }, { onData: (e) => void chunks.push(JSON.stringify(e)), onComplete: resolve, onError: reject });
+    });
+    expect(chunks.join('')).toContain('done');
+    // The command ran past the idle period: the sandbox stayed up for it.
+    expect((await rest.get(box.id)).data).toMatchObject({ status: 'running' });
+    // The WebSocket stays open (the client is not closed); the idle policy pauses the sandbox anyway.
+    expect(await rest.statusIs(box.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+  });
+
   it('autoResume: exec on a paused sandbox resumes it first and succeeds (concurrent calls share one resume)', async () => {
     const box = await rest.create({ autoResume: true });
     expect(box.autoResume).toBe(true);

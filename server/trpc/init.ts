@@ -138,10 +138,18 @@ export const authedProcedure = t.procedure.use((opts) =>
     const checkStarted = ctx.streams.keyCheckStarted();
     const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
     ctx.record.orgId = principal.orgId;
-    if (type === 'subscription') holdSandboxWhileOpen(ctx, principal, await opts.getRawInput(), signal);
+    const active = type === 'subscription' ? sandboxHold(ctx, principal, await opts.getRawInput()) : null;
     const kind = heldCallKind(path, type);
     if (!kind) return next({ ctx: { principal } });
-    const release = ctx.streams.acquire(principal, kind, () => ctx.connection.cut(), checkStarted);
+    let slot: () => void;
+    try {
+      slot = ctx.streams.acquire(principal, kind, () => ctx.connection.cut(), checkStarted);
+    } catch (err) {
+      active?.();
+      throw err;
+    }
+    // A subscription's hold on its sandbox ends with its slot (response written, stopped, or its iterator done).
+    const release = active ? () => (slot(), active()) : slot;
     if (ctx.transport !== 'trpc-ws') {
       ctx.connection.onClose(release); // once the response has been written
       return next({ ctx: { principal } });
@@ -164,15 +172,13 @@ export const authedProcedure = t.procedure.use((opts) =>
 
 /**
  * A subscription on a sandbox (its input's `id`) keeps that sandbox awake for its idle policy while
- * it is open: until it is stopped or its connection closes. Held with the caller's org, so an id
- * of another org's sandbox (refused a moment later) holds nothing that counts.
+ * it is open; the caller releases it with the subscription's stream slot. Held with the caller's
+ * org, so an id of another org's sandbox (refused a moment later) holds nothing that counts.
  */
-function holdSandboxWhileOpen(ctx: Context, principal: Principal, raw: unknown, signal: AbortSignal | undefined): void {
+function sandboxHold(ctx: Context, principal: Principal, raw: unknown): (() => void) | null {
   const id = typeof raw === 'object' && raw !== null ? (raw as { id?: unknown }).id : undefined;
-  if (typeof id !== 'string' || !/^[0-9a-f]{24}$/.test(id)) return;
-  const release = ctx.services.activity.hold(principal.orgId, id);
-  signal?.addEventListener('abort', release, { once: true });
-  ctx.connection.onClose(release);
+  if (typeof id !== 'string' || !/^[0-9a-f]{24}$/.test(id)) return null;
+  return ctx.services.activity.hold(principal.orgId, id);
 }
 
 /** Procedures whose answer the server builds whole in memory: they count against ORG_MAX_CONCURRENT_EXECS. */
