@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SandboxHandle, VoidRunClient } from '../client/index.js';
+import { iterateSubscription } from '../shared/subscription-iterator.js';
 import { openSocket } from './helpers/http-streams.js';
 import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
@@ -190,6 +191,43 @@ describe.skipIf(!support.ok)('pause/resume and restarts keep everything', () => 
     await restart();
     expect(box.info.status).toBe('running');
     await verify(round);
+  }, 90_000);
+
+  it('streams cut by a server restart continue after their last event id on the new server (SSE Last-Event-ID, tRPC lastEventId)', async () => {
+    const n = ++rounds;
+    const run = await json<{ pid: number }>(
+      await api('/commands/run', { method: 'POST', json: { command: `echo one-${n}; while [ ! -f /tmp/go-${n} ]; do sleep 0.05; done; echo two-${n}; exit 3` } }),
+    );
+    const before = await readUntil(await api('/commands/attach', { method: 'POST', json: { pid: run.pid } }), new RegExp(`one-${n}[\\s\\S]*\\n\\n`));
+    const lastSseId = [...before.matchAll(/^id: (.+)$/gm)].at(-1)![1]!;
+    await box.exec(`mkdir -p /tmp/r${n}`);
+    // Started over REST (answered once the watch is set), attached over tRPC from its first event.
+    const { sessionId } = (await json<{ data: { sessionId: string } }>(await api('/files/watch', { method: 'POST', json: { path: `/tmp/r${n}` } }))).data;
+    const watched = iterateSubscription<{ id: string; data: { type: string; path?: string } }>((h) =>
+      vr.trpc.files.watch.subscribe({ id: box.id, path: `/tmp/r${n}`, lastEventId: `${sessionId}:0` }, h),
+    );
+    await box.exec(`echo a > /tmp/r${n}/a.txt`);
+    let lastWatchId = '';
+    for await (const e of watched) {
+      if (e.data.path?.endsWith('/a.txt')) {
+        lastWatchId = e.id;
+        break;
+      }
+    }
+
+    await restart();
+    await box.exec(`echo b > /tmp/r${n}/b.txt; touch /tmp/go-${n}`);
+    const after = await readUntil(await api('/commands/attach', { method: 'POST', headers: { 'last-event-id': lastSseId }, json: { pid: run.pid } }), /event: exit/);
+    expect(after).toContain(`two-${n}`);
+    expect(after).not.toContain(`one-${n}`);
+    expect(after).toMatch(/"exitCode":3/);
+    const resumed = iterateSubscription<{ id: string; data: { type: string; path?: string } }>((h) =>
+      vr.trpc.files.watch.subscribe({ id: box.id, path: `/tmp/r${n}`, lastEventId: lastWatchId }, h),
+    );
+    const next = (await resumed.next()).value!;
+    await resumed.return(undefined);
+    expect(next.id.split(':')[0]).toBe(sessionId);
+    expect(next.data).toMatchObject({ type: 'created', path: `/tmp/r${n}/b.txt` });
   }, 90_000);
 
   it('pause → server restart → resume on the new server keeps everything', async () => {
