@@ -171,9 +171,13 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect(changes).toMatchObject([{ timeout: 600, expiresAt: extended.data!.expiresAt }, { timeout: 0, expiresAt: null }]);
   });
 
-  it('idles a quiet sandbox, but not one running `sleep 600` started through the API, one with a terminal held open, nor one busy on CPU', async () => {
+  it('idles a quiet sandbox, but not one running `sleep 600` started through the API, one with a terminal or an event stream held open, nor one busy on CPU', async () => {
     const idle = { after: 2, action: 'pause' };
-    const [quiet, busy, attached, spinning] = await Promise.all([rest.create({ idle }), rest.create({ idle }), rest.create({ idle }), rest.create({ idle })]);
+    const [quiet, busy, attached, spinning, followed] = await Promise.all([rest.create({ idle }), rest.create({ idle }), rest.create({ idle }), rest.create({ idle }), rest.create({ idle })]);
+    // An SSE event stream (a raw route) held open for the whole test.
+    const events = await rest.server().http(`/api/sandboxes/${followed.id}/events/stream`, { apiKey: rest.ctx.apiKey });
+    expect(events.status).toBe(200);
+    const reader = events.body!.getReader();
     const started = await rest.call(`/sandboxes/${busy.id}/commands/run`, { json: { command: 'sleep', args: ['600'] } });
     expect(started.http, JSON.stringify(started)).toBe(200);
     // A loop detached from the command that started it (no API command runs): only the host's CPU counter sees it.
@@ -189,6 +193,7 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
       expect((await rest.get(busy.id)).data).toMatchObject({ status: 'running', endedReason: null });
       expect((await rest.get(attached.id)).data).toMatchObject({ status: 'running', endedReason: null });
       expect((await rest.get(spinning.id)).data).toMatchObject({ status: 'running', endedReason: null });
+      expect((await rest.get(followed.id)).data).toMatchObject({ status: 'running', endedReason: null });
       // Without autoResume a call on the idled one is the 409, naming the idle policy.
       const refused = await rest.exec(quiet.id);
       expect(refused).toMatchObject({ http: 409, code: 'SANDBOX_NOT_RUNNING' });
@@ -201,6 +206,9 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect((await rest.get(busy.id)).data).toMatchObject({ status: 'running' });
     expect((await rest.get(spinning.id)).data).toMatchObject({ status: 'running' });
     expect((await rest.call(`/sandboxes/${spinning.id}`, { method: 'DELETE' })).http).toBe(200);
+    expect((await rest.get(followed.id)).data).toMatchObject({ status: 'running' });
+    await reader.cancel();
+    expect(await rest.statusIs(followed.id, 'paused')).toMatchObject({ endedReason: 'idle' });
   });
 
   it('a streamed command over a tRPC WebSocket keeps its sandbox awake only while it runs: once it ends, the socket left open holds nothing', async () => {
