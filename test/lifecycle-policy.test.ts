@@ -225,6 +225,18 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect(await rest.statusIs(box.id, 'paused')).toMatchObject({ endedReason: 'idle' });
   });
 
+  it('a port-proxy request held open past the idle period keeps its sandbox awake (the server in it answers after 4 s)', async () => {
+    const box = await rest.create({ idle: { after: 2, action: 'pause' } });
+    // Detached from the command that starts it, so no API command runs; it waits 4 s before each answer.
+    const server = "setsid -f perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>8000,Listen=>5,ReuseAddr=>1) or die; print STDERR qq(up); while($c=$s->accept){ sleep 4; print $c qq(HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok); close $c }' >/dev/null 2>&1";
+    expect((await rest.exec(box.id, server)).http).toBe(200);
+    await until(() => rest.call(`/sandboxes/${box.id}/ports`), (a) => JSON.stringify(a).includes('8000'), 'port 8000 listening');
+    const res = await rest.server().http(`/api/sandboxes/${box.id}/ports/8000/`, { apiKey: rest.ctx.apiKey });
+    expect([res.status, await res.text()]).toEqual([200, 'ok']);
+    expect((await rest.get(box.id)).data).toMatchObject({ status: 'running', endedReason: null });
+    expect(await rest.statusIs(box.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+  });
+
   it('autoResume: exec on a paused sandbox resumes it first and succeeds (concurrent calls share one resume)', async () => {
     const box = await rest.create({ autoResume: true });
     expect(box.autoResume).toBe(true);
