@@ -140,7 +140,8 @@ try {
   console.log(`create → first exec    ${'p50 ms'.padStart(8)}${'p99 ms'.padStart(9)}`);
   console.log(`  warm pool            ${fromPool.p50.toFixed(1).padStart(8)}${fromPool.p99.toFixed(1).padStart(9)}   (target p50 ≤ 25 ms; ${claimedLines} of ${CREATES + 2} served by the pool)`);
   console.log(`  cold                 ${create.p50.toFixed(1).padStart(8)}${create.p99.toFixed(1).padStart(9)}   (target p50 ≤ 150 ms)`);
-  console.log(`empty pool: ${POOL + 2} creates back to back: ${drain.map((d) => d.ms.toFixed(1)).join(', ')} ms; the log said:`);
+  const servedBy = (i: number) => (pooled.logLines.some((l) => l.includes(`warm pool: drain-${i} claimed member`)) ? 'pool' : 'cold');
+  console.log(`empty pool: ${POOL + 2} creates back to back: ${drain.map((d, i) => `${d.ms.toFixed(1)} ms (${servedBy(i)})`).join(', ')}; the log said:`);
   for (const line of emptyLines) console.log(`  ${line}`);
   console.log('');
   const host = summarize("spawn('true') on the host [baseline]", execs.host!);

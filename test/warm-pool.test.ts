@@ -224,6 +224,31 @@ describe.skipIf(!support.ok)('warm pool under concurrent creates and restarts', 
     }
   }, 240_000);
 
+  it("a claim is admitted against the org's quota as a cold create is: past it, the same 429, and the member stays in the pool", async () => {
+    const server = await startTestServer({ ...roomy, ORG_MAX_SANDBOXES: '1', WARM_POOL: `${SHAPE}=1` });
+    try {
+      await poolFull(server, 1);
+      const [member] = await memberIds(server);
+      const org = await register(server, 'quota');
+      const first = await post(server, org, '/api/sandboxes', { name: 'only-one' });
+      expect(first.body.data.id).toBe(member);
+      await poolFull(server, 1);
+      const [next] = await memberIds(server);
+      const refused = await post(server, org, '/api/sandboxes', { name: 'one-too-many', envVars: { A: 'b' } });
+      expect(refused.status).toBe(429);
+      expect(refused.body.error).toBe('Org quota exceeded: sandboxes 1 requested, 1 of 1 in use (ORG_MAX_SANDBOXES)');
+      expect(await memberIds(server)).toEqual([next]);
+      // Given back with the pool's environment: the next org's claim sees only its own env vars.
+      const other = await register(server, 'quota-other');
+      const taken = await post(server, other, '/api/sandboxes', { name: 'after-refusal' });
+      expect(taken.body.data.id).toBe(next);
+      expect((await post(server, other, `/api/sandboxes/${next}/exec`, { command: 'echo "[$A]"' })).body.data.stdout).toBe('[]\n');
+      await poolFull(server, 1);
+    } finally {
+      await server.close();
+    }
+  }, 240_000);
+
   it('a restart with the shape gone from WARM_POOL removes its members', async () => {
     const dirs = newServerDirs();
     const first = await startTestServer({ ...roomy, WARM_POOL: `${SHAPE}=1` }, dirs);
