@@ -334,6 +334,18 @@ describe.skipIf(!support.ok)('lifecycle policies with SANDBOX_MAX_TIMEOUT_SEC, a
     expect(patched.error).toMatch(/SANDBOX_MAX_TIMEOUT_SEC/);
   });
 
+  it('a restore without a timeout gets the maximum when its source has none (stored before the maximum was set)', async () => {
+    const source = await rest.create({ name: `max-src-${process.pid}` });
+    // As a server without SANDBOX_MAX_TIMEOUT_SEC stored it: no timeout.
+    const store = rest.server().app.store.sandboxes;
+    const record = (await store.findByIdInAnyOrg(source.id))!;
+    await store.update(record.orgId, record.id, { lifecycle: { ...record.lifecycle!, timeout: 0, expiresAt: null } });
+    const snap = await rest.call(`/sandboxes/${source.id}/snapshot`, { json: {} });
+    expect(snap.http, JSON.stringify(snap)).toBe(200);
+    const restored = (await rest.call('/sandboxes/restore', { json: { snapshot_path: (snap.data as unknown as { full_path: string }).full_path } })) as unknown as SandboxBody & { data?: SandboxBody };
+    expect(restored.data?.timeout ?? restored.timeout).toBe(3600);
+  });
+
   it('a create claimed from the warm pool gets its lifecycle, the clock starting at the claim', async () => {
     const pool = () => rest.server().app.services.sandboxes.warmPool!.sizes()['debian:1cpu:1024mb']!;
     await until(async () => pool(), (size) => size.ready === 1 && size.building === 0, 'a ready warm-pool member', 90_000);

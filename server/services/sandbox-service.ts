@@ -791,7 +791,10 @@ export class SandboxService {
   lifecycleFor(input: LifecycleFields, base?: SandboxLifecycle): SandboxLifecycle | undefined {
     const deps = this.deps.lifecycle;
     if (!deps) return undefined;
-    const timeout = input.timeout === undefined ? (base?.timeout ?? this.#defaultTimeout()) : this.checkTimeout(input.timeout);
+    // A restored sandbox keeps its source's timeout where SANDBOX_MAX_TIMEOUT_SEC (as set now) allows it.
+    const max = deps.maxTimeoutSec;
+    const inherited = base && (max === 0 || (base.timeout > 0 && base.timeout <= max)) ? base.timeout : undefined;
+    const timeout = input.timeout === undefined ? (inherited ?? this.#defaultTimeout()) : this.checkTimeout(input.timeout);
     return {
       timeout,
       expiresAt: null,
