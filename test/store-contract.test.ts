@@ -489,6 +489,33 @@ describe('the sqlite store opening a file from before labels existed', () => {
   });
 });
 
+describe('the sqlite store opening a file from before lifecycle policies existed', () => {
+  it('adds the lifecycle column and reads the old rows as having no policy', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-store-old-'));
+    try {
+      const db = new Database(join(dir, 'voidrun.db'));
+      db.exec(sqliteSchema.replace('  lifecycle TEXT,\n', ''));
+      expect((db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name)).not.toContain('lifecycle');
+      const [id, orgId, now] = [newId(), newId(), new Date().toISOString()];
+      db.prepare(
+        "INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, created_at, updated_at) VALUES (?, 'old', ?, ?, ?, '', 1, 1024, 1, 'running', '{}', ?, ?)",
+      ).run(id, orgId, newId(), newId(), now, now);
+      db.close();
+      const store = openSqliteStore(dir);
+      expect((await store.sandboxes.findById(orgId, id))!.lifecycle).toBeUndefined();
+      const lifecycle = { timeout: 5, expiresAt: null, onTimeout: 'stop' as const, idle: null, autoResume: false, endedReason: null, endedAt: null };
+      expect((await store.sandboxes.update(orgId, id, { lifecycle }))!.lifecycle).toEqual(lifecycle);
+      await store.close();
+      // Opening it again (the column now there) changes nothing.
+      const again = openSqliteStore(dir);
+      expect((await again.sandboxes.findById(orgId, id))!.lifecycle).toEqual(lifecycle);
+      await again.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('the sqlite store opening a file from before org network defaults existed', () => {
   it('adds the network column to orgs and reads the old rows as having none', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'voidrun-store-old-'));
