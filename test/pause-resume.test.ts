@@ -230,6 +230,32 @@ describe.skipIf(!support.ok)('pause/resume and restarts keep everything', () => 
     expect(next.data).toMatchObject({ type: 'created', path: `/tmp/r${n}/b.txt` });
   }, 90_000);
 
+  it("a watch session's overflow is one watch.overflow event however many clients replay it (as every client does on re-attaching after a restart)", async () => {
+    await box.exec('mkdir -p /tmp/ov');
+    const { sessionId } = (await json<{ data: { sessionId: string } }>(await api('/files/watch', { method: 'POST', json: { path: '/tmp/ov' } }))).data;
+    // More events than the session keeps (1,000): a client attaching from the start is told how many it missed.
+    await box.exec('i=0; while [ $i -lt 1500 ]; do : > /tmp/ov/f$i; i=$((i+1)); done');
+    const replay = async () => {
+      const opened = await openSocket(`${server.url.replace('http', 'ws')}/api/sandboxes/${box.id}/files/watch/${sessionId}/stream`, { 'x-api-key': apiKey });
+      if (!('socket' in opened)) throw new Error(`the watch stream answered ${opened.status}`);
+      await opened.socket.until(/f1499"/); // everything is recorded by then
+      await opened.socket.close();
+      return JSON.parse(opened.socket.received[0]!) as { type: string; dropped?: number };
+    };
+    await replay();
+    const [a, b, c] = [await replay(), await replay(), await replay()];
+    expect(a).toMatchObject({ type: 'overflow', dropped: 500 });
+    expect([b, c]).toEqual([a, a].map((m) => ({ ...m, timestamp: expect.any(String) })));
+    // Events of a sandbox are stored in the order they were reported: once this command's are, the replays' are too.
+    await box.exec('echo marker-after-replays');
+    const events = await until(
+      async () => ((await json<{ data: { events: Array<{ type: string; data: Record<string, unknown> }> } }>(await api('/events?limit=1000'))).data.events),
+      (list) => list.some((e) => e.type === 'process.started' && String(e.data.command).includes('marker-after-replays')),
+      'the marker command among the events',
+    );
+    expect(events.filter((e) => e.type === 'watch.overflow' && e.data.sessionId === sessionId && e.data.dropped === 500)).toHaveLength(1);
+  }, 60_000);
+
   it('pause → server restart → resume on the new server keeps everything', async () => {
     const round = await prepare();
     await pause();

@@ -22,6 +22,8 @@ const SESSION_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 interface KnownSession {
   orgId: string;
   sandboxId: string;
+  /** The last `overflow` reported as a `watch.overflow` event: each client replays the kept ones, reported once. */
+  overflowSeq?: number;
 }
 
 /**
@@ -109,7 +111,7 @@ export class WatchService {
   async #listed(record: SandboxRecord): Promise<WatchSessionInfo[]> {
     const sessions = await this.deps.sandboxes.agents.call(record, (a) => a.files.watchList.query());
     for (const [id, s] of this.#known) if (s.sandboxId === record.id && !sessions.some((x) => x.id === id)) this.#known.delete(id);
-    for (const x of sessions) this.#known.set(x.id, { orgId: record.orgId, sandboxId: record.id });
+    for (const x of sessions) this.#known.set(x.id, { ...this.#known.get(x.id), orgId: record.orgId, sandboxId: record.id });
     return sessions;
   }
 
@@ -158,8 +160,9 @@ export class WatchService {
             return;
           }
           data.events.forEach((message, i) => {
-            if (message.type === 'overflow') this.deps.events?.emit({ sandboxId, orgId: principal.orgId, type: 'watch.overflow', data: { sessionId, dropped: message.dropped } });
-            listener({ seq: data.first + i, message });
+            const seq = data.first + i;
+            if (message.type === 'overflow') this.#reportOverflow(principal.orgId, sandboxId, sessionId, seq, message.dropped);
+            listener({ seq, message });
           });
         },
         onError: (err) => {
@@ -178,6 +181,16 @@ export class WatchService {
       controller.abort();
       this.#attached.get(sandboxId)?.delete(end);
     };
+  }
+
+  /** A `watch.overflow` event, once per overflow of a session however many clients replay it. */
+  #reportOverflow(orgId: string, sandboxId: string, sessionId: string, seq: number, dropped: number): void {
+    const known = this.#known.get(sessionId);
+    if (known) {
+      if (seq <= (known.overflowSeq ?? 0)) return;
+      known.overflowSeq = seq;
+    }
+    this.deps.events?.emit({ sandboxId, orgId, type: 'watch.overflow', data: { sessionId, dropped } });
   }
 
   /** Forgets the sessions of a sandbox that stopped or was deleted, and ends its clients. */
