@@ -56,7 +56,8 @@ export class LifecyclePolicy {
   /** When this server started watching: the idle clock of a sandbox with no activity seen since starts here. */
   #startedAt = Date.now();
   #stopped = false;
-  #running: Promise<void> = Promise.resolve();
+  /** Actions and checks under way, for `stop` to wait on. */
+  readonly #inFlight = new Set<Promise<void>>();
 
   constructor(private readonly opts: LifecyclePolicyOptions) {
     this.#events = opts.events ?? noEvents;
@@ -79,7 +80,7 @@ export class LifecyclePolicy {
     this.#stopped = true;
     if (this.#timer) clearInterval(this.#timer);
     if (this.#resync) clearInterval(this.#resync);
-    await this.#running;
+    await Promise.all(this.#inFlight);
   }
 
   /** Keeps the schedule of one sandbox current (called on every status or lifecycle change). */
@@ -156,10 +157,13 @@ export class LifecyclePolicy {
   /** Runs one action or check for a sandbox, never two at once for it; failures are logged. */
   #run(id: string, fn: () => Promise<void>): void {
     this.#busy.add(id);
-    const done = fn()
+    const done: Promise<void> = fn()
       .catch((err: Error) => this.opts.log.warn({ sandbox: id, err: err.message }, 'lifecycle policy action failed'))
-      .finally(() => this.#busy.delete(id));
-    this.#running = Promise.all([this.#running, done]).then(() => {});
+      .finally(() => {
+        this.#busy.delete(id);
+        this.#inFlight.delete(done);
+      });
+    this.#inFlight.add(done);
   }
 
   /** The sandbox's record if it still exists; a missing one leaves the schedule. */
