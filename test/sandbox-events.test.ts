@@ -436,6 +436,16 @@ describe('SandboxEventService on a real SQLite store', () => {
     await cleanup();
   });
 
+  it('removes at startup the streams of sandboxes that have no record (a deletion cut short), and only those', async () => {
+    const { store, service, cleanup } = open();
+    const [kept, orphan] = [newId(), newId()];
+    for (const sandboxId of [kept, orphan]) await store.sandboxEvents.append({ sandboxId, seq: 1, orgId: 'o', type: 'sandbox.created', data: {}, createdAt: new Date() });
+    expect(await service.removeOrphans(new Set([kept]))).toBe(1);
+    expect(await store.sandboxEvents.lastSeq(kept)).toBe(1);
+    expect(await store.sandboxEvents.lastSeq(orphan)).toBe(0);
+    await cleanup();
+  });
+
   it('never throws: past EVENTS_QUEUE_MAX, and while the store refuses writes, events are dropped, counted and logged once', async () => {
     const { dir, store, service, lines } = open(100);
     const id = newId();

@@ -362,6 +362,7 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       for (let seq = 1; seq <= 12; seq++) await store.sandboxEvents.append({ sandboxId, seq, orgId, type: 'process.started', data: { pid: seq }, createdAt: at });
       await store.sandboxEvents.append({ sandboxId: other, seq: 1, orgId, type: 'sandbox.created', data: {}, createdAt: at });
       await expect(store.sandboxEvents.append({ sandboxId, seq: 7, orgId, type: 'sandbox.error', data: {}, createdAt: at })).rejects.toBeInstanceOf(ConflictError);
+      expect(await store.sandboxEvents.sandboxIds()).toEqual(expect.arrayContaining([sandboxId, other]));
       expect(await store.sandboxEvents.lastSeq(sandboxId)).toBe(12);
       const page = await store.sandboxEvents.listAfter(sandboxId, 3, 4);
       expect(page.map((e) => e.seq)).toEqual([4, 5, 6, 7]);
@@ -373,6 +374,8 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect(await store.sandboxEvents.lastSeq(sandboxId)).toBe(0);
       expect((await store.sandboxEvents.listAfter(other, 0, 10)).map((e) => e.type)).toEqual(['sandbox.created']);
       await store.sandboxEvents.deleteForSandbox(other);
+      expect(await store.sandboxEvents.sandboxIds()).not.toEqual(expect.arrayContaining([sandboxId]));
+      expect(await store.sandboxEvents.sandboxIds()).not.toEqual(expect.arrayContaining([other]));
     });
 
     it('gives exactly one of many concurrent writers of one event id', async () => {

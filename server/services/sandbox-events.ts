@@ -233,6 +233,22 @@ export class SandboxEventService implements SandboxEventSink {
     }
   }
 
+  /**
+   * Removes the streams of sandboxes that have no record (`known`: every sandbox id the store has),
+   * left when a server stopped between deleting a sandbox and deleting its stream. Run at startup.
+   */
+  async removeOrphans(known: ReadonlySet<string>): Promise<number> {
+    let removed = 0;
+    for (const id of await this.deps.repository.sandboxIds()) {
+      if (known.has(id)) continue;
+      await this.deps.repository.deleteForSandbox(id);
+      this.#deleted.add(id);
+      removed++;
+    }
+    if (removed) this.deps.log.warn({ removed }, `removed the events of ${removed} deleted sandboxes`);
+    return removed;
+  }
+
   /** Resolves once every event queued so far is written (or dropped), or after `timeoutMs`. */
   async flush(timeoutMs = 5000): Promise<void> {
     if (this.#busy() === 0) return;

@@ -298,6 +298,8 @@ export interface SandboxEventRepository {
   deleteUpTo(sandboxId: string, upTo: number): Promise<number>;
   /** Removes every event of the sandbox; resolves to how many went. */
   deleteForSandbox(sandboxId: string): Promise<number>;
+  /** The ids of the sandboxes that have events, in no particular order. */
+  sandboxIds(): Promise<string[]>;
 }
 
 /** An org's webhook: where its sandboxes' events are POSTed, signed with `secret`. */

@@ -47,6 +47,9 @@ export class MongoSandboxEvents implements SandboxEventRepository {
   async deleteForSandbox(sandboxId: string) {
     return op('', async () => (await this.c.deleteMany({ sandboxId })).deletedCount);
   }
+  async sandboxIds() {
+    return op('', async () => (await this.c.distinct('sandboxId')).map(String));
+  }
 }
 
 export class MongoWebhooks implements WebhookRepository {

@@ -21,7 +21,9 @@ export class SqliteSandboxEvents implements SandboxEventRepository {
   readonly #last;
   readonly #deleteUpTo;
   readonly #deleteAll;
+  readonly #ids;
   constructor(db: Db) {
+    this.#ids = db.prepare('SELECT DISTINCT sandbox_id FROM sandbox_events');
     this.#insert = db.prepare('INSERT INTO sandbox_events (sandbox_id, seq, org_id, type, data, created_at) VALUES (?, ?, ?, ?, ?, ?)');
     this.#after = db.prepare('SELECT * FROM sandbox_events WHERE sandbox_id = ? AND seq > ? ORDER BY seq LIMIT ?');
     this.#last = db.prepare('SELECT MAX(seq) AS seq FROM sandbox_events WHERE sandbox_id = ?');
@@ -45,6 +47,9 @@ export class SqliteSandboxEvents implements SandboxEventRepository {
   }
   async deleteForSandbox(sandboxId: string) {
     return this.#deleteAll.run(sandboxId).changes;
+  }
+  async sandboxIds() {
+    return (this.#ids.all() as Row[]).map((r) => String(r.sandbox_id));
   }
 }
 
