@@ -198,6 +198,9 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
       const refused = await rest.exec(quiet.id);
       expect(refused).toMatchObject({ http: 409, code: 'SANDBOX_NOT_RUNNING' });
       expect(refused.error).toMatch(/idle.*endedReason: idle/);
+      // Stopped by its owner now: the idle policy's reason no longer describes it.
+      expect((await rest.call(`/sandboxes/${quiet.id}/stop`, { json: {} })).http).toBe(200);
+      expect((await rest.get(quiet.id)).data).toMatchObject({ status: 'stopped', endedReason: null, endedAt: null });
     } finally {
       if ('socket' in opened) await opened.socket.close();
     }

@@ -769,7 +769,8 @@ export class SandboxService {
   /**
    * The timeout clock runs while the sandbox runs: a start or resume sets `expiresAt` to now +
    * timeout and clears `endedReason`; any other status clears `expiresAt`, and a pause or stop a
-   * policy asked for (`#endingReason`) records why and when. Undefined: nothing changes.
+   * policy asked for (`#endingReason`) records why and when (another change of status clears it).
+   * Undefined: nothing changes.
    */
   #lifecycleOnStatus(record: SandboxRecord, status: SandboxStatus): SandboxLifecycle | undefined {
     const lc = record.lifecycle;
@@ -781,6 +782,8 @@ export class SandboxService {
     }
     const reason = status === 'paused' || status === 'stopped' ? this.#endingReason.get(record.id) : undefined;
     if (reason) return { ...lc, expiresAt: null, endedReason: reason, endedAt: new Date(now).toISOString() };
+    // Any other change of status (a stop of a sandbox its idle policy paused) is not the policy's: its reason goes.
+    if (record.status !== status && lc.endedReason !== null) return { ...lc, expiresAt: null, endedReason: null, endedAt: null };
     return lc.expiresAt === null ? undefined : { ...lc, expiresAt: null };
   }
 
