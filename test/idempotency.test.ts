@@ -4,7 +4,9 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { IdempotencyService } from '../server/services/idempotency.js';
+import { newId } from '../server/store/ids.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
+import { dropMongoDatabase } from './helpers/ferretdb.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
@@ -172,4 +174,34 @@ describe('idempotency keys expire', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+});
+
+const mongoUri = process.env.MONGO_URI;
+if (!mongoUri) console.warn('[idempotency on mongo] SKIPPED: MONGO_URI is not set (.ci/run starts FerretDB and sets it)');
+
+/** Key claims on the Mongo adapter (FerretDB in CI): inserts against the unique _id, through the whole stack. */
+describe.skipIf(!support.ok || !mongoUri)('idempotent requests on MongoDB (MONGO_URI)', () => {
+  it('5 concurrent creates with one key make one sandbox; another body is a 409; a failure frees the key', async () => {
+    const mongo = { MONGO_URI: mongoUri ?? '', MONGO_DB: `voidrun_idem_${newId()}` };
+    const server = await startTestServer({ SANDBOX_DEFAULT_DISK_MB: '64', ...mongo });
+    try {
+      expect(server.app.store.kind).toBe('mongo');
+      const reg = await server.client().trpc.auth.register.mutate({ name: 'Idem User', email: uniqueEmail('mongo') });
+      const post = async (json: unknown, key: string): Promise<Answer> => {
+        const res = await server.http('/api/sandboxes', { method: 'POST', apiKey: reg.apiKey, json, headers: { 'idempotency-key': key } });
+        return { status: res.status, body: (await res.json()) as Answer['body'] };
+      };
+      const answers = await Promise.all(Array.from({ length: 5 }, () => post({ name: 'on-mongo' }, 'mongo-key')));
+      expect(answers.map((a) => a.status)).toEqual([201, 201, 201, 201, 201]);
+      expect(new Set(answers.map((a) => a.body.data.id)).size).toBe(1);
+      expect((await post({ name: 'other' }, 'mongo-key')).status).toBe(409);
+      expect((await post({ name: 'on-mongo' }, 'mongo-taken')).status).toBe(409);
+      await server.http(`/api/sandboxes/${answers[0]!.body.data.id}`, { method: 'DELETE', apiKey: reg.apiKey });
+      expect((await post({ name: 'on-mongo' }, 'mongo-taken')).status).toBe(201);
+      expect((await server.client(reg.apiKey).sandboxes.list()).total).toBe(1);
+    } finally {
+      await server.close();
+      await dropMongoDatabase(mongo);
+    }
+  }, 120_000);
 });

@@ -1,5 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../server/config.js';
+import { newId } from '../server/store/ids.js';
+import { dropMongoDatabase } from './helpers/ferretdb.js';
 import { support } from './helpers/sandbox-support.js';
 import { newServerDirs, startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
@@ -74,7 +76,7 @@ describe.skipIf(!support.ok)('warm pool', () => {
   let server: TestServer;
 
   beforeAll(async () => {
-    server = await startTestServer({ ...roomy, WARM_POOL: `${SHAPE}=2` });
+    server = await startTestServer({ ...roomy, WARM_POOL: `${SHAPE}=2`, METRICS_TOKEN: 'pool-metrics' });
     await poolFull(server, 2);
   }, 180_000);
   afterAll(async () => {
@@ -115,6 +117,18 @@ describe.skipIf(!support.ok)('warm pool', () => {
       const res = await server.http(`/api/sandboxes/${id}`, { apiKey: org.apiKey });
       expect(res.status).toBe(404);
     }
+  });
+
+  it("pool members have no per-sandbox metrics series (they are no org's) and count in the host's allocation", async () => {
+    await poolFull(server, 2);
+    const members = await memberIds(server);
+    const text = await (await server.http('/metrics', { headers: { authorization: 'Bearer pool-metrics' } })).text();
+    expect(text).toContain('voidrun_sbx_status');
+    for (const id of members) expect(text).not.toContain(`sbx_id="${id}"`);
+    expect(text).not.toContain('org_id=""');
+    const running = (await server.app.store.sandboxes.listAll()).filter((r) => r.status === 'running');
+    expect(/voidrun_host_allocated_vcpus\{[^}]*\} (\d+)/.exec(text)?.[1]).toBe(String(running.length));
+    expect(running.length).toBeGreaterThanOrEqual(members.length);
   });
 
   it('a create of another shape (cpu 2) is created cold, the pool untouched', async () => {
@@ -261,6 +275,43 @@ describe.skipIf(!support.ok)('warm pool under concurrent creates and restarts', 
       expect(await second.app.services.sandboxes.driverOrNull!.list()).not.toContain(member);
     } finally {
       await second.close();
+    }
+  }, 240_000);
+});
+
+const mongoUri = process.env.MONGO_URI;
+if (!mongoUri) console.warn('[warm pool on mongo] SKIPPED: MONGO_URI is not set (.ci/run starts FerretDB and sets it)');
+
+/** The pool's claims and hand-over on the Mongo adapter (FerretDB in CI), through the whole stack and a restart. */
+describe.skipIf(!support.ok || !mongoUri)('warm pool on MongoDB (MONGO_URI)', () => {
+  it('concurrent creates claim each member once, a taken name gives the member back, and a restart adopts the members', async () => {
+    const mongo = { MONGO_URI: mongoUri ?? '', MONGO_DB: `voidrun_pool_${newId()}` };
+    const dirs = newServerDirs();
+    const first = await startTestServer({ ...roomy, ...mongo, WARM_POOL: `${SHAPE}=2` }, dirs);
+    let second: TestServer | undefined;
+    try {
+      expect(first.app.store.kind).toBe('mongo');
+      await poolFull(first, 2);
+      const members = await memberIds(first);
+      const org = await register(first, 'mongo');
+      const results = await Promise.all(Array.from({ length: 5 }, (_, i) => post(first, org, '/api/sandboxes', { name: `m-${i}`, envVars: { N: String(i) } })));
+      expect(results.map((r) => r.status)).toEqual([201, 201, 201, 201, 201]);
+      const ids = results.map((r) => r.body.data.id as string);
+      expect(new Set(ids).size).toBe(5);
+      expect(ids.filter((id) => members.includes(id)).sort()).toEqual([...members].sort());
+      await poolFull(first, 2);
+      const before = await memberIds(first);
+      const conflict = await post(first, org, '/api/sandboxes', { name: 'm-0' });
+      expect(conflict.status).toBe(409);
+      expect(conflict.body.error).toBe('A sandbox named m-0 already exists');
+      expect(await memberIds(first)).toEqual(before);
+      await first.close({ keepState: true });
+      second = await startTestServer({ ...roomy, ...mongo, WARM_POOL: `${SHAPE}=2` }, dirs);
+      expect((await memberIds(second)).sort()).toEqual([...before].sort());
+      await poolFull(second, 2);
+    } finally {
+      await (second ?? first).close();
+      await dropMongoDatabase(mongo);
     }
   }, 240_000);
 });
