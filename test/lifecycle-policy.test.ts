@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openSocket } from './helpers/http-streams.js';
+import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
 import { newId } from '../server/store/ids.js';
 import { newServerDirs, startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
@@ -392,4 +393,18 @@ describe.skipIf(!support.ok || !mongoUri)('lifecycle policies on MongoDB (MONGO_
     expect((await rest.get(stopping.id)).data).toMatchObject({ status: 'stopped', endedReason: 'timeout', endedAt: stopped.endedAt, timeout: 1 });
     expect(await rest.get(deleting.id)).toMatchObject({ http: 410, code: 'SANDBOX_GONE' });
   });
+});
+
+/** A microVM's idle check reads its VMM process's CPU on the host: a quiet VM is idled at the default threshold. */
+describe.skipIf(!qemuSupport().ok)('lifecycle policies on a qemu microVM', () => {
+  const rest = lifecycleServer({ SANDBOX_DRIVER: 'qemu', LIFECYCLE_TICK_MS: '500' });
+
+  it('idles a quiet VM (its VMM stays under SANDBOX_IDLE_CPU_PERCENT) and auto-resumes it for an exec', async () => {
+    const box = await rest.create({ idle: { after: 3, action: 'pause' }, autoResume: true });
+    expect(await rest.statusIs(box.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+    const ran = await rest.exec(box.id, 'echo awake');
+    expect(ran.http, JSON.stringify(ran)).toBe(200);
+    expect(JSON.stringify(ran)).toContain('awake');
+    expect((await rest.get(box.id)).data).toMatchObject({ status: 'running', endedReason: null });
+  }, 120_000);
 });
