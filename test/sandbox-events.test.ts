@@ -243,7 +243,8 @@ describe.skipIf(!support.ok)('sandbox events', () => {
     const r = await vr.trpc.exec.run.mutate({ id: box.id, command: 'perl', args: ['-e', 'my @hog; push @hog, "a" x (64 * 1024 * 1024) while 1'] });
     // Killed by the cgroup's OOM killer (SIGKILL), not refused memory by the host (perl's "Out of memory!", exit 1).
     expect('exitCode' in r && r.exitCode, JSON.stringify(r).slice(0, 500)).toBe(137);
-    const events = await waitFor(box.id, (e) => e.some((x) => x.type === 'sandbox.oom_killed'), 'sandbox.oom_killed');
+    // The poller and the exec report independently: either may be stored first.
+    const events = await waitFor(box.id, (e) => e.some((x) => x.type === 'sandbox.oom_killed') && e.some((x) => x.type === 'process.exited'), 'sandbox.oom_killed and process.exited');
     expect(events.find((e) => e.type === 'process.exited')!.data).toMatchObject({ exitCode: 137, signal: 'SIGKILL', oom: true });
     expect(events.find((e) => e.type === 'sandbox.oom_killed')!.data).toMatchObject({ kills: 1, total: 1 });
     await vr.trpc.sandbox.delete.mutate({ id: box.id });
