@@ -170,7 +170,7 @@ const EnvSchema = z.object({
   CORS_ENABLED: bool.default(true),
   CORS_ALLOW_ORIGINS: csv('*', (v) => /^(\*|https?:\/\/\S+)$/.test(v), '"*" or http(s):// origins, comma-separated'),
   CORS_ALLOW_METHODS: csv('GET,POST,PUT,PATCH,DELETE,OPTIONS', (v) => /^[A-Za-z]+$/.test(v), 'HTTP methods, comma-separated'),
-  CORS_ALLOW_HEADERS: csv('Authorization,Content-Type,X-API-Key,X-Org-ID', headerName, 'header names, comma-separated'),
+  CORS_ALLOW_HEADERS: csv('Authorization,Content-Type,X-API-Key,X-Org-ID,Idempotency-Key,Last-Event-ID', headerName, 'header names, comma-separated'),
   CORS_EXPOSE_HEADERS: csv('', headerName, 'header names, comma-separated'),
   CORS_ALLOW_CREDENTIALS: bool.default(false),
   CORS_MAX_AGE_SEC: int(0, 86_400 * 365).default(600),

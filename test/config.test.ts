@@ -56,7 +56,7 @@ describe('config', () => {
       CORS_ENABLED: true,
       CORS_ALLOW_ORIGINS: ['*'],
       CORS_ALLOW_METHODS: ['GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
-      CORS_ALLOW_HEADERS: ['Authorization', 'Content-Type', 'X-API-Key', 'X-Org-ID'],
+      CORS_ALLOW_HEADERS: ['Authorization', 'Content-Type', 'X-API-Key', 'X-Org-ID', 'Idempotency-Key', 'Last-Event-ID'],
       CORS_EXPOSE_HEADERS: [],
       CORS_ALLOW_CREDENTIALS: false,
       CORS_MAX_AGE_SEC: 600,

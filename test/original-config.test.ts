@@ -32,7 +32,8 @@ describe('CORS with the original defaults (any origin, no credentials)', () => {
     expect(res.status).toBe(204);
     expect(res.headers.get('access-control-allow-origin')).toBe('*');
     expect(res.headers.get('access-control-allow-methods')).toBe('GET,POST,PUT,PATCH,DELETE,OPTIONS');
-    expect(res.headers.get('access-control-allow-headers')).toBe('Authorization,Content-Type,X-Api-Key,X-Org-Id');
+    // The original's list plus Idempotency-Key and Last-Event-ID, so browsers can use idempotent creates and resume event streams.
+    expect(res.headers.get('access-control-allow-headers')).toBe('Authorization,Content-Type,X-Api-Key,X-Org-Id,Idempotency-Key,Last-Event-Id');
     expect(res.headers.get('access-control-max-age')).toBe('600');
     expect(res.headers.get('access-control-allow-credentials')).toBeNull();
     expect(await res.text()).toBe('');
