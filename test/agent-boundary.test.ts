@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, request as httpRequest, type Server } from 'node:http';
 import { dirname, join } from 'node:path';
@@ -157,6 +158,38 @@ describe.skipIf(!support.ok)('a hostile agent cannot crash the server or reach t
     });
     await server.http(`/api/sandboxes/${id}/files/watch`, { method: 'POST', apiKey: keyA, json: { path: '/root' }, signal: AbortSignal.timeout(500) }).catch(() => {});
     await expect.poll(() => stopped, { timeout: 10_000 }).toBe(sessionId);
+  });
+
+  it("a lying agent's huge watch-session listing is refused (past ORG_MAX_WATCH_SESSIONS) and an honest-sized one replaces the last, while other orgs are served", async () => {
+    // The agent lists fresh ids on every call: 10,000 (more than any org may hold: refused), or 16 (the default cap: taken as the sandbox's sessions, the earlier ones forgotten).
+    let size = 10_000;
+    const id = await attackerBox((ws, req) => {
+      if (req.params.path === 'files.watchStart') return ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: { sessionId: randomUUID(), path: '/tmp' } } }));
+      if (req.params.path !== 'files.watchList') return;
+      const sessions = Array.from({ length: size }, () => ({ id: randomUUID(), path: '/tmp', createdAt: new Date().toISOString(), clients: 0 }));
+      ws.send(JSON.stringify({ id: req.id, result: { type: 'data', data: sessions } }));
+    });
+    for (let i = 0; i < 3; i++) {
+      const res = await server.http(`/api/sandboxes/${id}/files/watch`, { apiKey: keyA });
+      expect(res.status).toBe(502);
+      expect(((await res.json()) as { error: string }).error).toMatch(/listed 10000 watch sessions, more than the 16 .*ORG_MAX_WATCH_SESSIONS/);
+      await victimStillServed();
+    }
+    size = 16;
+    const seen = new Set<string>();
+    for (let i = 0; i < 3; i++) {
+      const res = await server.http(`/api/sandboxes/${id}/files/watch`, { apiKey: keyA });
+      expect(res.status).toBe(200);
+      const { sessions } = ((await res.json()) as { data: { sessions: { id: string }[] } }).data;
+      expect(sessions).toHaveLength(16);
+      for (const s of sessions) seen.add(s.id);
+    }
+    expect(seen.size).toBe(48);
+    // What the honest-sized listing names counts against the org's cap (16 of 16): a new watch is the 429.
+    const start = await server.http(`/api/sandboxes/${id}/files/watch`, { method: 'POST', apiKey: keyA, json: { path: '/tmp' } });
+    expect(start.status).toBe(429);
+    expect(((await start.json()) as { error: string }).error).toContain('holds 16 of 16');
+    await victimStillServed();
   });
 
   it('a reply far larger than its procedure can need fails that call, and a process output stream with a line past its bound is closed on the agent', async () => {

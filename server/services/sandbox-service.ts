@@ -251,6 +251,16 @@ export class SandboxService {
     return this.#answer(await this.record(principal, id));
   }
 
+  /** The ids of the caller's org's running sandboxes, every page (the watch cap learning an org's sessions after a restart). */
+  async runningIds(principal: Principal): Promise<string[]> {
+    const ids: string[] = [];
+    for (let page = 1; ; page++) {
+      const { items, total } = await this.deps.sandboxes.listByOrg(principal.orgId, page, MAX_LIST_LIMIT);
+      for (const r of items) if (r.status === 'running') ids.push(r.id);
+      if (items.length === 0 || page * MAX_LIST_LIMIT >= total) return ids;
+    }
+  }
+
   /** The sandbox's answer with the bytes through its link, read on the host now (never from its agent). */
   async #answer(record: SandboxRecord): Promise<Sandbox> {
     const driver = this.deps.driver;

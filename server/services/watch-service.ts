@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import type { WatchInput, WatchMessage, WatchSessionInfo } from '../../shared/index.js';
+import { AgentProtocolError } from '../agent-client/agent-connection.js';
 import { NotFoundError, TooManyRequestsError } from '../errors.js';
 import type { SandboxRecord } from '../store/types.js';
 import type { Principal } from './auth-service.js';
@@ -15,6 +16,9 @@ export interface SequencedMessage {
 }
 
 export type WatchListener = (m: SequencedMessage | { ended: string }) => void;
+
+/** How long an org's first watch start waits for its sandboxes to list their sessions (see `#learnOrg`). */
+const LEARN_WAIT_MS = 2000;
 
 const SESSION_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
@@ -35,11 +39,24 @@ interface KnownSession {
  * the sandbox's running time with no client attached.
  *
  * The server only remembers which sessions it has seen per org, to hold an org to
- * `maxSessionsPerOrg`; after a restart it learns them again as they are attached (and asks the
- * agents when an org seems to be at its cap, so ended sessions stop counting).
+ * `maxSessionsPerOrg`; after a restart it learns them again by asking the agents of all the org's
+ * running sandboxes at the org's first watch start (and again when an org seems to be at its cap,
+ * so ended sessions stop counting).
+ *
+ * What an agent lists is tenant input: a listing longer than `maxSessionsPerOrg` (more than an
+ * honest agent can hold, since every session was started through this cap) fails the call as a
+ * lying agent's, and the server's record follows a listing in time linear in its length (indexed
+ * by sandbox and org, no pairwise comparison), never taking over a session known for another
+ * sandbox.
  */
 export class WatchService {
   readonly #known = new Map<string, KnownSession>();
+  /** The ids in `#known`, by sandbox. */
+  readonly #bySandbox = new Map<string, Set<string>>();
+  /** The count of `#known` sessions, by org. */
+  readonly #perOrg = new Map<string, number>();
+  /** Orgs whose sandboxes were asked for their sessions since this server started (learning them after a restart). */
+  readonly #learnedOrgs = new Set<string>();
 
   /** Sessions being started, per org: they count against the org's cap like live ones. */
   readonly #starting = new Map<string, number>();
@@ -57,6 +74,7 @@ export class WatchService {
    */
   async start(principal: Principal, input: WatchInput, signal?: AbortSignal): Promise<{ sessionId: string }> {
     const record = await this.deps.sandboxes.running(principal, input.id);
+    if (!this.#learnedOrgs.has(record.orgId)) await this.#learnOrg(principal);
     let held = this.#held(record.orgId);
     if (held >= this.deps.maxSessionsPerOrg) {
       await this.#refresh(principal);
@@ -77,7 +95,7 @@ export class WatchService {
         await agents.call(record, (a) => a.files.watchStop.mutate({ sessionId: started.sessionId })).catch(() => {});
         throw new Error('the caller left before the watch started');
       }
-      this.#known.set(started.sessionId, { orgId: record.orgId, sandboxId: record.id });
+      this.#learn(started.sessionId, record.orgId, record.id);
       return { sessionId: started.sessionId };
     } finally {
       const n = (this.#starting.get(record.orgId) ?? 1) - 1;
@@ -87,15 +105,55 @@ export class WatchService {
   }
 
   #held(orgId: string): number {
-    let n = this.#starting.get(orgId) ?? 0;
-    for (const s of this.#known.values()) if (s.orgId === orgId) n++;
-    return n;
+    return (this.#starting.get(orgId) ?? 0) + (this.#perOrg.get(orgId) ?? 0);
+  }
+
+  #learn(sessionId: string, orgId: string, sandboxId: string): void {
+    if (this.#known.has(sessionId)) return;
+    this.#known.set(sessionId, { orgId, sandboxId });
+    let ids = this.#bySandbox.get(sandboxId);
+    if (!ids) this.#bySandbox.set(sandboxId, (ids = new Set()));
+    ids.add(sessionId);
+    this.#perOrg.set(orgId, (this.#perOrg.get(orgId) ?? 0) + 1);
+  }
+
+  #forget(sessionId: string): void {
+    const s = this.#known.get(sessionId);
+    if (!s) return;
+    this.#known.delete(sessionId);
+    const ids = this.#bySandbox.get(s.sandboxId);
+    ids?.delete(sessionId);
+    if (ids?.size === 0) this.#bySandbox.delete(s.sandboxId);
+    const n = (this.#perOrg.get(s.orgId) ?? 1) - 1;
+    if (n > 0) this.#perOrg.set(s.orgId, n);
+    else this.#perOrg.delete(s.orgId);
+  }
+
+  /**
+   * After a restart the server knows none of the sessions the agents kept: the first watch start
+   * of an org asks every running sandbox of the org for its sessions, so they count at once.
+   */
+  async #learnOrg(principal: Principal): Promise<void> {
+    this.#learnedOrgs.add(principal.orgId);
+    const running = await this.deps.sandboxes.runningIds(principal).catch(() => []);
+    // An agent slow to answer delays this start by LEARN_WAIT_MS at most; its sessions count once it answers.
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.#ask(principal, new Set(running)), new Promise<void>((resolve) => (timer = setTimeout(resolve, LEARN_WAIT_MS)))]);
+    clearTimeout(timer);
   }
 
   /** Asks the agents of the org's known sessions which still exist; the rest are forgotten. */
   async #refresh(principal: Principal): Promise<void> {
     const orgId = principal.orgId;
-    const sandboxIds = new Set([...this.#known.values()].filter((s) => s.orgId === orgId).map((s) => s.sandboxId));
+    const sandboxIds = new Set<string>();
+    for (const [sandboxId, ids] of this.#bySandbox) {
+      const first = ids.values().next().value;
+      if (first !== undefined && this.#known.get(first)?.orgId === orgId) sandboxIds.add(sandboxId);
+    }
+    await this.#ask(principal, sandboxIds);
+  }
+
+  async #ask(principal: Principal, sandboxIds: ReadonlySet<string>): Promise<void> {
     await Promise.all(
       [...sandboxIds].map(async (sandboxId) => {
         const record = await this.deps.sandboxes.record(principal, sandboxId).catch(() => null);
@@ -109,9 +167,16 @@ export class WatchService {
 
   /** The sessions the sandbox's agent lists; the server's record of the sandbox's sessions follows it. */
   async #listed(record: SandboxRecord): Promise<WatchSessionInfo[]> {
-    const sessions = await this.deps.sandboxes.agents.call(record, (a) => a.files.watchList.query());
-    for (const [id, s] of this.#known) if (s.sandboxId === record.id && !sessions.some((x) => x.id === id)) this.#known.delete(id);
-    for (const x of sessions) this.#known.set(x.id, { ...this.#known.get(x.id), orgId: record.orgId, sandboxId: record.id });
+    const max = this.deps.maxSessionsPerOrg;
+    const sessions = await this.deps.sandboxes.agents.call(record, async (a) => {
+      const listed = await a.files.watchList.query();
+      if (listed.length > max) throw new AgentProtocolError(`the sandbox ${record.id} agent listed ${listed.length} watch sessions, more than the ${max} an organization may hold (ORG_MAX_WATCH_SESSIONS)`);
+      return listed;
+    });
+    const listedIds = new Set(sessions.map((x) => x.id));
+    for (const id of [...(this.#bySandbox.get(record.id) ?? [])]) if (!listedIds.has(id)) this.#forget(id);
+    // A session known for another sandbox stays that sandbox's (an agent naming it takes nothing over).
+    for (const x of sessions) this.#learn(x.id, record.orgId, record.id);
     return sessions;
   }
 
@@ -155,7 +220,7 @@ export class WatchService {
         onData: ({ data }) => {
           if (ended) return;
           if (data.type === 'ended') {
-            this.#known.delete(sessionId);
+            this.#forget(sessionId);
             end(data.reason);
             return;
           }
@@ -167,7 +232,7 @@ export class WatchService {
         },
         onError: (err) => {
           void agents.failure(ref, err, since).then((mapped) => {
-            if (mapped instanceof NotFoundError) this.#known.delete(sessionId);
+            if (mapped instanceof NotFoundError) this.#forget(sessionId);
             end(`the watch stopped: ${(mapped as Error).message}`);
           });
         },
@@ -195,7 +260,7 @@ export class WatchService {
 
   /** Forgets the sessions of a sandbox that stopped or was deleted, and ends its clients. */
   endForSandbox(sandboxId: string): void {
-    for (const [id, s] of this.#known) if (s.sandboxId === sandboxId) this.#known.delete(id);
+    for (const id of [...(this.#bySandbox.get(sandboxId) ?? [])]) this.#forget(id);
     const clients = this.#attached.get(sandboxId);
     this.#attached.delete(sandboxId);
     for (const end of clients ?? []) end('the sandbox stopped');

@@ -24,7 +24,7 @@ const BoundedFileInfo = FileInfo.extend({ name: Path, path: Path, mode: Short, m
 const BoundedStats = FileStats.extend({ name: Path, path: Path, mode: Short, modTime: Short, linkTarget: Path.nullable() });
 const BoundedWatchMessage = z.union([
   FileEvent.extend({ path: Path, oldPath: Path.optional(), timestamp: Short }),
-  z.object({ type: z.literal('overflow'), dropped: z.number().int(), timestamp: Short }),
+  z.object({ type: z.literal('overflow'), dropped: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER), timestamp: Short }),
 ]);
 /** A watch session's id as the agent gives it (a UUID: the server's event ids embed it). */
 const WatchSessionId = z.uuid();
