@@ -72,6 +72,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     retention: config.EVENTS_RETENTION,
     maxQueued: config.EVENTS_QUEUE_MAX,
     pruneIntervalMs: config.EVENTS_PRUNE_INTERVAL_SEC * 1000,
+    rate: { perSecond: config.EVENTS_SANDBOX_RATE, burst: config.EVENTS_SANDBOX_BURST },
   });
   const webhooks = new WebhookService({
     webhooks: store.webhooks,
@@ -82,6 +83,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     retryBaseMs: config.WEBHOOK_RETRY_BASE_MS,
     timeoutMs: config.WEBHOOK_TIMEOUT_MS,
     maxInFlightPerOrg: config.WEBHOOK_MAX_IN_FLIGHT_PER_ORG,
+    maxPendingPerOrg: config.WEBHOOK_MAX_PENDING_PER_ORG,
     maxPerOrg: config.ORG_MAX_WEBHOOKS,
     allowPrivate: config.WEBHOOK_ALLOW_PRIVATE,
   });

@@ -127,6 +127,8 @@ describe('config', () => {
   it('events and webhooks: defaults as the README says', () => {
     expect(loadConfig({})).toMatchObject({ EVENTS_RETENTION: 10_000, EVENTS_QUEUE_MAX: 10_000, EVENTS_POLL_INTERVAL_SEC: 5, WEBHOOK_MAX_ATTEMPTS: 6, WEBHOOK_RETRY_BASE_MS: 10_000, WEBHOOK_TIMEOUT_MS: 5000, WEBHOOK_MAX_IN_FLIGHT_PER_ORG: 4, ORG_MAX_WEBHOOKS: 10 });
     expect(() => loadConfig({ EVENTS_RETENTION: '0' })).toThrowError(/EVENTS_RETENTION/);
+    expect(loadConfig({})).toMatchObject({ EVENTS_SANDBOX_RATE: 20, EVENTS_SANDBOX_BURST: 200, WEBHOOK_MAX_PENDING_PER_ORG: 1000 });
+    for (const name of ['EVENTS_SANDBOX_RATE', 'EVENTS_SANDBOX_BURST', 'WEBHOOK_MAX_PENDING_PER_ORG']) expect(() => loadConfig({ [name]: '0' })).toThrowError(new RegExp(name));
   });
 });
 

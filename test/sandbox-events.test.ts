@@ -338,23 +338,20 @@ describe.skipIf(!support.ok)('sandbox events across a server restart', () => {
 });
 
 describe.skipIf(!support.ok)('sandbox event retention', () => {
-  it('keeps the newest EVENTS_RETENTION events of a sandbox (pruned in the background); ids go on growing', async () => {
+  it('keeps the newest EVENTS_RETENTION events of a sandbox, its lifecycle events longer (pruned in the background); ids go on growing', async () => {
     const server = await startTestServer({ EVENTS_RETENTION: '10', EVENTS_PRUNE_INTERVAL_SEC: '1', HEALTH_ENABLED: 'false' });
     try {
       const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Retention', email: uniqueEmail('events-retention') })).apiKey;
       const vr = server.client(apiKey);
       const box = await vr.sandboxes.create({ name: 'ev-retention' });
-      for (let i = 0; i < 6; i++) {
-        await vr.trpc.sandbox.pause.mutate({ id: box.id });
-        await vr.trpc.sandbox.resume.mutate({ id: box.id });
-      }
-      // 14 events written (created, started, 6 × paused and resumed): ids 5 to 14 stay.
+      for (let i = 0; i < 6; i++) await vr.trpc.exec.run.mutate({ id: box.id, command: 'true' });
+      // 14 events written (created, started, 6 × process started and exited): ids 5 to 14 stay, and the lifecycle ones (1, 2).
       const kept = await until(
         async () => (await vr.trpc.sandbox.eventsPage.query({ id: box.id, limit: 1000 })).events.map((e) => e.id),
-        (ids) => ids[0] === 5,
+        (ids) => ids[2] === 5,
         'the prune',
       );
-      expect(kept).toEqual([5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+      expect(kept).toEqual([1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
       await vr.trpc.sandbox.pause.mutate({ id: box.id });
       const next = await until(
         async () => (await vr.trpc.sandbox.eventsPage.query({ id: box.id, after: 14 })).events,
@@ -388,6 +385,35 @@ describe.skipIf(!support.ok)('sandbox event streams and ORG_MAX_STREAMS', () => 
           const res = await fetch(url, { headers: { 'x-api-key': apiKey } });
           if (res.status !== 200) await res.body?.cancel();
           return res;
+describe.skipIf(!support.ok)('sandbox event rate bound', () => {
+  it('a sandbox flapping ports cannot flood its stream past EVENTS_SANDBOX_BURST (one events.dropped counts the rest), and its lifecycle events are kept', async () => {
+    const server = await startTestServer({ EVENTS_SANDBOX_BURST: '20', EVENTS_SANDBOX_RATE: '1', EVENTS_POLL_INTERVAL_SEC: '1', EVENTS_RETENTION: '10', EVENTS_PRUNE_INTERVAL_SEC: '1', HEALTH_ENABLED: 'false' });
+    try {
+      const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Flapper', email: uniqueEmail('events-flap') })).apiKey;
+      const vr = server.client(apiKey);
+      const box = await vr.sandboxes.create({ name: 'ev-flap' });
+      const flap = 'for $r (1..3) { @s=(); for $p (20000..20199) { $x=IO::Socket::INET->new(LocalAddr=>"127.0.0.1", LocalPort=>$p, Listen=>1, ReuseAddr=>1) or next; push @s,$x } select(undef,undef,undef,1.5); close($_) for @s; select(undef,undef,undef,1.5) }';
+      await vr.trpc.exec.run.mutate({ id: box.id, command: 'perl', args: ['-MIO::Socket::INET', '-e', flap], timeout: 30 });
+      const all = async () => (await vr.trpc.sandbox.eventsPage.query({ id: box.id, limit: 1000 })).events;
+      const events = await until(all, (e) => e.some((x) => x.type === 'events.dropped'), 'events.dropped');
+      const first = events.find((e) => e.type === 'events.dropped')!;
+      // Up to the report: the burst of port events (and the command's process.started), nothing more.
+      expect(events.filter((e) => e.id < first.id && e.type !== 'sandbox.created' && e.type !== 'sandbox.started').length).toBeLessThanOrEqual(20);
+      const { dropped, types } = first.data as { dropped: number; types: Record<string, number> };
+      expect(dropped).toBeGreaterThanOrEqual(100);
+      expect(Object.keys(types).every((t) => t === 'port.opened' || t === 'port.closed')).toBe(true);
+      expect(Object.values(types).reduce((a, b) => a + b, 0)).toBe(dropped);
+      await vr.trpc.sandbox.stop.mutate({ id: box.id });
+      // Retention (10) prunes the port events; the lifecycle events stay.
+      const kept = await until(all, (e) => e.filter((x) => !x.type.startsWith('sandbox.')).length <= 10 && e.some((x) => x.type === 'sandbox.stopped'), 'the prune');
+      expect(kept.filter((e) => e.type.startsWith('sandbox.')).map((e) => e.type)).toEqual(['sandbox.created', 'sandbox.started', 'sandbox.stopped']);
+      await vr.trpc.sandbox.delete.mutate({ id: box.id });
+    } finally {
+      await server.close();
+    }
+  }, 120_000);
+});
+
         },
         (res) => res.status === 200,
         'the slot to free',
@@ -403,12 +429,12 @@ describe.skipIf(!support.ok)('sandbox event streams and ORG_MAX_STREAMS', () => 
 });
 
 describe('SandboxEventService on a real SQLite store', () => {
-  const open = (maxQueued = 10_000) => {
+  const open = (maxQueued = 10_000, rate = { perSecond: 1_000_000, burst: 1_000_000 }, retention = 10_000) => {
     const dir = mkdtempSync(join(tmpdir(), 'voidrun-events-'));
     const store = openSqliteStore(dir);
     const lines: string[] = [];
     const log = pino({ level: 'info', base: undefined }, { write: (l: string) => void lines.push(l) });
-    const service = new SandboxEventService({ repository: store.sandboxEvents, authorize: async () => {}, log, retention: 10_000, maxQueued, pruneIntervalMs: 60_000 });
+    const service = new SandboxEventService({ repository: store.sandboxEvents, authorize: async () => {}, log, retention, maxQueued, pruneIntervalMs: 60_000, rate });
     return { dir, store, service, lines, cleanup: async () => (await service.close(), await store.close(), rmSync(dir, { recursive: true, force: true })) };
   };
 
@@ -444,6 +470,35 @@ describe('SandboxEventService on a real SQLite store', () => {
     expect(await service.removeOrphans(new Set([kept]))).toBe(1);
     expect(await store.sandboxEvents.lastSeq(kept)).toBe(1);
     expect(await store.sandboxEvents.lastSeq(orphan)).toBe(0);
+  it("a sandbox flooding port events cannot push its stream past EVENTS_SANDBOX_BURST (the rest is one events.dropped with counts), another sandbox's stream is untouched, and retention keeps lifecycle events", async () => {
+    const { store, service, cleanup } = open(100_000, { perSecond: 1, burst: 50 }, 10);
+    const [flood, quiet] = [newId(), newId()];
+    service.emit({ sandboxId: flood, orgId: 'o', type: 'sandbox.created' });
+    for (let i = 0; i < 5000; i++) service.emit({ sandboxId: flood, orgId: 'o', type: i % 2 ? 'port.closed' : 'port.opened', data: { port: 20_000 + (i >> 1) } });
+    service.emit({ sandboxId: flood, orgId: 'o', type: 'sandbox.stopped' });
+    for (let i = 0; i < 30; i++) service.emit({ sandboxId: quiet, orgId: 'o', type: 'process.started', data: { i } });
+    await service.flush();
+    let rows = await store.sandboxEvents.listAfter(flood, 0, 10_000);
+    expect(rows.map((r) => r.type)).toEqual(['sandbox.created', ...Array.from({ length: 50 }, (_, i) => (i % 2 ? 'port.closed' : 'port.opened')), 'sandbox.stopped']);
+    expect((await store.sandboxEvents.listAfter(quiet, 0, 100)).length).toBe(30);
+    // Once a token is back, one event says what was dropped.
+    for (let i = 0; i < 100 && !rows.some((r) => r.type === 'events.dropped'); i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      rows = await store.sandboxEvents.listAfter(flood, 0, 10_000);
+    }
+    const dropped = rows.filter((r) => r.type === 'events.dropped');
+    expect(dropped).toHaveLength(1);
+    expect(dropped[0]!.data).toMatchObject({ dropped: 4950, types: { 'port.opened': 2475, 'port.closed': 2475 } });
+    // Retention (10 here) prunes the port events first: the lifecycle ones stay.
+    for (let i = 0; i < 40; i++) service.emit({ sandboxId: flood, orgId: 'o', type: 'sandbox.paused' });
+    await service.flush();
+    await service.prune();
+    rows = await store.sandboxEvents.listAfter(flood, 0, 10_000);
+    expect(rows.filter((r) => r.type.startsWith('port.'))).toHaveLength(0);
+    expect(rows.filter((r) => r.type === 'sandbox.created' || r.type === 'sandbox.stopped')).toHaveLength(2);
+    await cleanup();
+  });
+
     await cleanup();
   });
 

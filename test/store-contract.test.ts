@@ -370,7 +370,16 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect((await store.sandboxEvents.listAfter(sandboxId, 10, 100)).map((e) => e.seq)).toEqual([11, 12]);
       expect(await store.sandboxEvents.deleteUpTo(sandboxId, 8)).toBe(8);
       expect((await store.sandboxEvents.listAfter(sandboxId, 0, 100)).map((e) => e.seq)).toEqual([9, 10, 11, 12]);
-      expect(await store.sandboxEvents.deleteForSandbox(sandboxId)).toBe(4);
+      // Retention keeping some types: only the others up to the id go.
+      await store.sandboxEvents.append({ sandboxId, seq: 13, orgId, type: 'sandbox.started', data: {}, createdAt: at });
+      await store.sandboxEvents.append({ sandboxId, seq: 14, orgId, type: 'port.opened', data: {}, createdAt: at });
+      expect(await store.sandboxEvents.deleteUpTo(sandboxId, 14, ['sandbox.started', 'sandbox.stopped'])).toBe(5);
+      expect((await store.sandboxEvents.listAfter(sandboxId, 0, 100)).map((e) => e.seq)).toEqual([13]);
+      await store.sandboxEvents.append({ sandboxId, seq: 15, orgId, type: 'sandbox.error', data: {}, createdAt: at });
+      await store.sandboxEvents.append({ sandboxId, seq: 16, orgId, type: 'port.closed', data: {}, createdAt: at });
+      await store.sandboxEvents.append({ sandboxId, seq: 17, orgId, type: 'process.exited', data: {}, createdAt: at });
+      await store.sandboxEvents.append({ sandboxId, seq: 18, orgId, type: 'sandbox.created', data: {}, createdAt: at });
+      expect(await store.sandboxEvents.deleteForSandbox(sandboxId)).toBe(5);
       expect(await store.sandboxEvents.lastSeq(sandboxId)).toBe(0);
       expect((await store.sandboxEvents.listAfter(other, 0, 10)).map((e) => e.type)).toEqual(['sandbox.created']);
       await store.sandboxEvents.deleteForSandbox(other);

@@ -285,6 +285,60 @@ describe('webhooks without WEBHOOK_ALLOW_PRIVATE', () => {
   });
 });
 
+describe.skipIf(!support.ok)('webhook deliveries under one org\'s flood', () => {
+  it("one org's flood of deliveries to a stuck receiver is bounded by WEBHOOK_MAX_PENDING_PER_ORG (the rest dropped, logged once) and does not delay another org's deliveries", async () => {
+    const held: Array<() => void> = [];
+    const stuckBodies: string[] = [];
+    const stuck = createServer((req, res) => {
+      let body = '';
+      req.on('data', (c: Buffer) => (body += c.toString()));
+      req.on('end', () => {
+        stuckBodies.push(body);
+        held.push(() => res.end('ok'));
+      });
+    });
+    await new Promise<void>((r) => stuck.listen(0, '127.0.0.1', r));
+    const rx = await receiver();
+    const server = await startTestServer({ WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32', WEBHOOK_MAX_IN_FLIGHT_PER_ORG: '1', WEBHOOK_MAX_PENDING_PER_ORG: '3', WEBHOOK_TIMEOUT_MS: '20000', HEALTH_ENABLED: 'false' });
+    try {
+      const a = await server.client().trpc.auth.register.mutate({ name: 'Flooder', email: uniqueEmail('hooks-flood') });
+      const b = await server.client().trpc.auth.register.mutate({ name: 'Neighbour', email: uniqueEmail('hooks-neighbour') });
+      const hookOf = async (reg: RegisterResult, url: string) => {
+        const res = await server.http(`/api/orgs/${reg.orgId}/webhooks`, { method: 'POST', apiKey: reg.apiKey, json: { url, secret: SECRET } });
+        expect(res.status).toBe(201);
+      };
+      await hookOf(a, `http://127.0.0.1:${(stuck.address() as AddressInfo).port}/stuck`);
+      await hookOf(b, rx.url);
+      // Org A: created, started and 2 events per command: 12 events, its receiver answers none.
+      const va = server.client(a.apiKey);
+      const boxA = await va.sandboxes.create({ name: 'flood' });
+      for (let i = 0; i < 5; i++) await va.trpc.exec.run.mutate({ id: boxA.id, command: 'true' });
+      await until(() => held.length, (n) => n >= 1, "A's first (held) attempt");
+      await until(() => server.logLines.filter((l) => l.includes('webhook delivery dropped')).length, (n) => n >= 1, 'the drop logged');
+      // Org B's delivery arrives while A's stay stuck.
+      const vb = server.client(b.apiKey);
+      const boxB = await vb.sandboxes.create({ name: 'neighbour' });
+      await until(() => rx.received.map((r) => r.headers['x-voidrun-event']), (t) => t.includes('sandbox.started'), "B's deliveries");
+      expect(rx.received.map((r) => r.headers['x-voidrun-event'])).toEqual(['sandbox.created', 'sandbox.started']);
+      expect(stuckBodies).toHaveLength(1);
+      // A gets exactly its 3 pending deliveries, in order, once its receiver answers; the 9 others were never stored.
+      while (stuckBodies.length < 3 || held.length > 0) {
+        held.shift()?.();
+        await until(() => held.length > 0 || stuckBodies.length >= 3, Boolean, "A's next attempt");
+      }
+      expect(stuckBodies.map((x) => (JSON.parse(x) as { type: string }).type)).toEqual(['sandbox.created', 'sandbox.started', 'process.started']);
+      expect(server.logLines.filter((l) => l.includes('webhook delivery dropped'))).toHaveLength(1);
+      await va.trpc.sandbox.delete.mutate({ id: boxA.id });
+      await vb.trpc.sandbox.delete.mutate({ id: boxB.id });
+    } finally {
+      for (const release of held) release();
+      await server.close();
+      stuck.close();
+      rx.server.close();
+    }
+  }, 120_000);
+});
+
 describe.skipIf(!support.ok)('webhook deliveries across a server restart', () => {
   it('resumes a delivery that was waiting for its retry when the server stopped', async () => {
     const rx = await receiver([503]);

@@ -30,7 +30,9 @@ export interface HostEventPollerDeps {
  * sandbox is followed from its `sandbox.started` (ports and counter from nothing, so a port opened
  * right after the start is reported) or, for those running when the server starts, from a first
  * read taken as the baseline (so a restart reports nothing twice, and misses what changed while
- * the server was down). A port that opens and closes between two reads is not seen.
+ * the server was down). A port that opens and closes between two reads is not seen. A sandbox
+ * whose read fails while its record says it no longer runs (its stop or delete event was dropped)
+ * is followed no more.
  */
 export class HostEventPoller {
   readonly #watched = new Map<string, Watched>();
@@ -86,10 +88,26 @@ export class HostEventPoller {
     const worker = async () => {
       while (next < ids.length) {
         const id = ids[next++]!;
-        await this.#read(id).catch((err: Error) => this.deps.log.warn({ sandbox: id, err: err.message }, 'could not read sandbox ports or OOM kills'));
+        await this.#read(id).catch((err: Error) => this.#readFailed(id, err));
       }
     };
     await Promise.all(Array.from({ length: Math.min(this.deps.concurrency, ids.length) }, worker));
+  }
+
+  /**
+   * A read failed: the sandbox's record decides. Gone, or no longer running or paused (its
+   * `sandbox.deleted`/`stopped` event was dropped or never came), it is followed no more, quietly;
+   * else the failure is logged.
+   */
+  async #readFailed(id: string, err: Error): Promise<void> {
+    const w = this.#watched.get(id);
+    if (!w) return;
+    const record = await this.deps.sandboxes.findById(w.orgId, id).catch(() => undefined);
+    if (record === null || (record && record.status !== 'running' && record.status !== 'paused')) {
+      if (this.#watched.get(id) === w) this.#watched.delete(id);
+      return;
+    }
+    this.deps.log.warn({ sandbox: id, err: err.message }, 'could not read sandbox ports or OOM kills');
   }
 
   async #read(id: string): Promise<void> {

@@ -31,8 +31,19 @@ export const SANDBOX_EVENT_TYPES = [
   'port.closed',
   'network.policy_changed',
   'network.egress_cut',
+  'events.dropped',
 ] as const;
 export type SandboxEventType = (typeof SANDBOX_EVENT_TYPES)[number];
+
+/**
+ * Lifecycle events: always admitted (no per-sandbox rate bound) and kept by retention
+ * LIFECYCLE_RETENTION_FACTOR times longer than the others, so a flood of port or process events
+ * can neither keep them out of the stream nor push them out of it soon.
+ */
+export const LIFECYCLE_EVENT_TYPES: readonly SandboxEventType[] = SANDBOX_EVENT_TYPES.filter((t) => t.startsWith('sandbox.'));
+const LIFECYCLE = new Set<string>(LIFECYCLE_EVENT_TYPES);
+/** Lifecycle events stay while within this many times EVENTS_RETENTION of the newest id. */
+export const LIFECYCLE_RETENTION_FACTOR = 10;
 
 /** One event as a service reports it; the sink assigns its id and time. */
 export interface SandboxEventInput {
@@ -77,6 +88,22 @@ export interface SandboxEventServiceDeps {
   maxQueued: number;
   /** How often sandboxes that got events are pruned to `retention`. */
   pruneIntervalMs: number;
+  /**
+   * EVENTS_SANDBOX_RATE and EVENTS_SANDBOX_BURST: a sandbox's non-lifecycle events are admitted
+   * at `perSecond` on average, `burst` at once; past it they are counted and reported as one
+   * `events.dropped` event once the sandbox has a token again.
+   */
+  rate: { perSecond: number; burst: number };
+}
+
+/** One sandbox's token bucket, and what it dropped since its last `events.dropped`. */
+interface Bucket {
+  tokens: number;
+  at: number;
+  orgId: string;
+  dropped: Record<string, number>;
+  total: number;
+  timer: NodeJS.Timeout | null;
 }
 
 type LaneOp = { kind: 'event'; input: SandboxEventInput; at: Date } | { kind: 'delete' };
@@ -107,6 +134,7 @@ export class SandboxEventService implements SandboxEventSink {
   readonly #idle = new Set<() => void>();
   /** Sandboxes whose stream was deleted (ids are never reused): a late report for one is dropped, not a new stream. */
   readonly #deleted = new Set<string>();
+  readonly #buckets = new Map<string, Bucket>();
   #queued = 0;
   #dropped = 0;
   /** Drops since the store last took a write: logged at the first, and when writes recover. */
@@ -126,15 +154,63 @@ export class SandboxEventService implements SandboxEventSink {
   emit(input: SandboxEventInput): void {
     try {
       if (this.#deleted.has(input.sandboxId)) return;
-      if (this.#queued >= this.deps.maxQueued) return this.#drop(input, `EVENTS_QUEUE_MAX (${this.deps.maxQueued}) events are waiting to be written`);
-      this.#queued++;
-      this.#enqueue(input.sandboxId, { kind: 'event', input, at: new Date() });
+      const lifecycle = LIFECYCLE.has(input.type);
+      if (!lifecycle && !this.#admit(input)) return;
+      this.#queue(input, lifecycle);
     } catch (err) {
       this.deps.log.error({ err, sandbox: input?.sandboxId }, 'could not queue a sandbox event');
     }
   }
 
+  /**
+   * Queues the event unless the queue is full: EVENTS_QUEUE_MAX for the rate-bounded events, and
+   * twice that for lifecycle ones, so a queue full of other events never keeps a lifecycle event out.
+   */
+  #queue(input: SandboxEventInput, lifecycle: boolean): void {
+    const max = lifecycle ? 2 * this.deps.maxQueued : this.deps.maxQueued;
+    if (this.#queued >= max) return this.#drop(input, `EVENTS_QUEUE_MAX (${this.deps.maxQueued}) events are waiting to be written`);
+    this.#queued++;
+    this.#enqueue(input.sandboxId, { kind: 'event', input, at: new Date() });
+  }
+
+  /**
+   * Spends one of the sandbox's tokens; without one the event is counted for the sandbox's next
+   * `events.dropped`, which goes out (once) when a token is back.
+   */
+  #admit(input: SandboxEventInput): boolean {
+    const { perSecond, burst } = this.deps.rate;
+    const now = Date.now();
+    let b = this.#buckets.get(input.sandboxId);
+    if (!b) this.#buckets.set(input.sandboxId, (b = { tokens: burst, at: now, orgId: input.orgId, dropped: {}, total: 0, timer: null }));
+    b.tokens = Math.min(burst, b.tokens + ((now - b.at) / 1000) * perSecond);
+    b.at = now;
+    if (b.tokens >= 1 && !b.timer) {
+      b.tokens--;
+      return true;
+    }
+    b.dropped[input.type] = (b.dropped[input.type] ?? 0) + 1;
+    b.total++;
+    if (!b.timer) {
+      const bucket = b;
+      bucket.timer = setTimeout(() => this.#reportDropped(input.sandboxId, bucket), Math.max(1000, Math.ceil(1000 / perSecond)));
+      bucket.timer.unref();
+    }
+    return false;
+  }
+
+  #reportDropped(sandboxId: string, b: Bucket): void {
+    b.timer = null;
+    if (this.#buckets.get(sandboxId) !== b || b.total === 0) return;
+    const data = { dropped: b.total, types: b.dropped, reason: `more than EVENTS_SANDBOX_BURST (${this.deps.rate.burst}) events at once or EVENTS_SANDBOX_RATE (${this.deps.rate.perSecond}) a second` };
+    b.dropped = {};
+    b.total = 0;
+    this.#queue({ sandboxId, orgId: b.orgId, type: 'events.dropped', data }, false);
+  }
+
   deleteForSandbox(sandboxId: string): void {
+    const bucket = this.#buckets.get(sandboxId);
+    if (bucket?.timer) clearTimeout(bucket.timer);
+    this.#buckets.delete(sandboxId);
     this.#deleted.add(sandboxId);
     // Bounded: the oldest are forgotten first (a Set iterates in insertion order).
     if (this.#deleted.size > MAX_REMEMBERED_DELETIONS) this.#deleted.delete(this.#deleted.values().next().value!);
@@ -225,11 +301,19 @@ export class SandboxEventService implements SandboxEventSink {
   async prune(): Promise<void> {
     const ids = [...this.#touched];
     this.#touched.clear();
+    const now = Date.now();
+    for (const [id, b] of this.#buckets) {
+      // A full bucket with nothing to report is the same as none.
+      if (!b.timer && b.tokens + ((now - b.at) / 1000) * this.deps.rate.perSecond >= this.deps.rate.burst) this.#buckets.delete(id);
+    }
+    const failed = (id: string) => (err: Error) => void this.deps.log.warn({ sandbox: id, err: err.message }, 'could not prune sandbox events');
     for (const id of ids) {
       const next = this.#lanes.get(id)?.nextSeq;
       if (next == null) continue;
       const upTo = next - 1 - this.deps.retention;
-      if (upTo > 0) await this.deps.repository.deleteUpTo(id, upTo).catch((err: Error) => this.deps.log.warn({ sandbox: id, err: err.message }, 'could not prune sandbox events'));
+      if (upTo > 0) await this.deps.repository.deleteUpTo(id, upTo, LIFECYCLE_EVENT_TYPES).catch(failed(id));
+      const lifecycleUpTo = next - 1 - LIFECYCLE_RETENTION_FACTOR * this.deps.retention;
+      if (lifecycleUpTo > 0) await this.deps.repository.deleteUpTo(id, lifecycleUpTo).catch(failed(id));
     }
   }
 

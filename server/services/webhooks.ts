@@ -14,8 +14,8 @@ import { SANDBOX_EVENT_TYPES, toSandboxEvent } from './sandbox-events.js';
 const CREATE_LOOKUP_TIMEOUT_MS = 2000;
 /** The longest wait between two attempts, however many came before. */
 const MAX_RETRY_DELAY_MS = 60 * 60 * 1000;
-/** Deliveries one org may have waiting for a free slot; past it an event's delivery fails at once (logged). */
-const MAX_WAITING_PER_ORG = 1000;
+/** How often the count of an org's deliveries not stored (past WEBHOOK_MAX_PENDING_PER_ORG) is logged. */
+const DROP_LOG_INTERVAL_MS = 60_000;
 /** Attempts kept in a webhook's delivery log. */
 const ATTEMPT_LOG_SIZE = 1000;
 /** Pending deliveries taken up at startup. */
@@ -89,6 +89,8 @@ export interface WebhookServiceDeps {
   timeoutMs: number;
   /** WEBHOOK_MAX_IN_FLIGHT_PER_ORG */
   maxInFlightPerOrg: number;
+  /** WEBHOOK_MAX_PENDING_PER_ORG: deliveries one org may have pending here (in flight, waiting, or waiting for a retry). */
+  maxPendingPerOrg: number;
   /** ORG_MAX_WEBHOOKS */
   maxPerOrg: number;
   /** WEBHOOK_ALLOW_PRIVATE: CIDRs webhooks may reach though refused by default. */
@@ -114,6 +116,10 @@ export class WebhookService {
   readonly #timers = new Set<NodeJS.Timeout>();
   readonly #running = new Set<Promise<void>>();
   readonly #attemptsSincePrune = new Map<string, number>();
+  /** Deliveries this server holds per org (in flight, waiting for a slot, or for a retry): at most WEBHOOK_MAX_PENDING_PER_ORG. */
+  readonly #pending = new Map<string, number>();
+  /** Deliveries not stored per org since its last log line, and the timer of its next one. */
+  readonly #dropped = new Map<string, { count: number; timer: NodeJS.Timeout }>();
   #closed = false;
 
   constructor(private readonly deps: WebhookServiceDeps) {
@@ -159,7 +165,10 @@ export class WebhookService {
   /** Takes up the deliveries pending when the server last stopped, each when it is due. */
   async start(): Promise<void> {
     const pending = await this.deps.deliveries.listPending(RESUME_LIMIT);
-    for (const d of pending) this.#schedule(d, d.nextAttemptAt.getTime() - Date.now());
+    for (const d of pending) {
+      this.#pending.set(d.orgId, (this.#pending.get(d.orgId) ?? 0) + 1);
+      this.#schedule(d, d.nextAttemptAt.getTime() - Date.now());
+    }
     if (pending.length) this.deps.log.info({ pending: pending.length }, 'webhook deliveries resumed');
   }
 
@@ -175,17 +184,60 @@ export class WebhookService {
     for (const t of this.#timers) clearTimeout(t);
     this.#timers.clear();
     this.#waiting.clear();
+    for (const d of this.#dropped.values()) clearTimeout(d.timer);
+    this.#dropped.clear();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, this.deps.timeoutMs).unref())]);
   }
 
+  /**
+   * Stores and queues the event's deliveries, each only while its org holds fewer than
+   * WEBHOOK_MAX_PENDING_PER_ORG (counted before the write: past it nothing is written, the drop is
+   * counted and logged once a minute). Each event's work starts in its own turn of the event loop
+   * (`setImmediate`), so a burst of events × webhooks never runs as one synchronous stretch.
+   */
   async #dispatch(event: SandboxEventRecord): Promise<void> {
+    await new Promise((resolve) => setImmediate(resolve));
+    if (this.#closed) return;
     const hooks = (await this.#hooksOf(event.orgId)).filter((h) => webhookWants(h.events, event.type));
     if (hooks.length === 0) return;
     const body = JSON.stringify({ ...toSandboxEvent(event), orgId: event.orgId });
     for (const hook of hooks) {
-      const delivery = await this.deps.deliveries.create({ webhookId: hook.id, orgId: hook.orgId, eventId: `${event.sandboxId}:${event.seq}`, eventType: event.type, body, attempts: 0, nextAttemptAt: new Date() });
+      if ((this.#pending.get(hook.orgId) ?? 0) >= this.deps.maxPendingPerOrg) {
+        this.#noteDropped(hook.orgId);
+        continue;
+      }
+      this.#pending.set(hook.orgId, (this.#pending.get(hook.orgId) ?? 0) + 1);
+      let delivery: WebhookDeliveryRecord;
+      try {
+        delivery = await this.deps.deliveries.create({ webhookId: hook.id, orgId: hook.orgId, eventId: `${event.sandboxId}:${event.seq}`, eventType: event.type, body, attempts: 0, nextAttemptAt: new Date() });
+      } catch (err) {
+        this.#ended(hook.orgId);
+        throw err;
+      }
       this.#enqueue(delivery);
     }
+  }
+
+  /** A delivery this server held for the org is done (delivered, out of attempts, or left stored for a restart). */
+  #ended(orgId: string): void {
+    const n = (this.#pending.get(orgId) ?? 1) - 1;
+    if (n > 0) this.#pending.set(orgId, n);
+    else this.#pending.delete(orgId);
+  }
+
+  /** Counts a delivery not stored; the first of a minute is logged at once, the rest in one line at the minute's end. */
+  #noteDropped(orgId: string): void {
+    const entry = this.#dropped.get(orgId);
+    if (entry) return void entry.count++;
+    const why = `WEBHOOK_MAX_PENDING_PER_ORG (${this.deps.maxPendingPerOrg}) deliveries of this organization are pending`;
+    this.deps.log.warn({ org: orgId }, `webhook delivery dropped: ${why}`);
+    const timer = setTimeout(() => {
+      const count = this.#dropped.get(orgId)?.count ?? 0;
+      this.#dropped.delete(orgId);
+      if (count) this.deps.log.warn({ org: orgId, dropped: count }, `${count} more webhook deliveries dropped in the last minute: ${why}`);
+    }, DROP_LOG_INTERVAL_MS);
+    timer.unref();
+    this.#dropped.set(orgId, { count: 0, timer });
   }
 
   #hooksOf(orgId: string): Promise<WebhookRecord[]> {
@@ -213,19 +265,22 @@ export class WebhookService {
     if (this.#closed) return;
     const orgId = delivery.orgId;
     if ((this.#inFlight.get(orgId) ?? 0) >= this.deps.maxInFlightPerOrg) {
+      // Never more than the org's pending deliveries (WEBHOOK_MAX_PENDING_PER_ORG), counted at dispatch.
       const waiting = this.#waiting.get(orgId) ?? [];
-      if (waiting.length >= MAX_WAITING_PER_ORG) {
-        this.deps.log.warn({ org: orgId, webhook: delivery.webhookId, event: delivery.eventId }, `webhook delivery dropped: ${MAX_WAITING_PER_ORG} deliveries of this organization are waiting`);
-        void this.#record(delivery, delivery.attempts + 1, { statusCode: null, error: `not attempted: ${MAX_WAITING_PER_ORG} deliveries of this organization were waiting` }, true);
-        return;
-      }
       waiting.push(delivery);
       this.#waiting.set(orgId, waiting);
       return;
     }
     this.#inFlight.set(orgId, (this.#inFlight.get(orgId) ?? 0) + 1);
     const run = this.#attempt(delivery)
-      .catch((err: Error) => this.deps.log.warn({ webhook: delivery.webhookId, err: err.message }, 'webhook attempt failed'))
+      .then((retry) => {
+        if (!retry) this.#ended(orgId);
+      })
+      .catch((err: Error) => {
+        // Left stored as it was: taken up at the next start.
+        this.#ended(orgId);
+        this.deps.log.warn({ webhook: delivery.webhookId, err: err.message }, 'webhook attempt failed');
+      })
       .finally(() => {
         this.#running.delete(run);
         const left = (this.#inFlight.get(orgId) ?? 1) - 1;
@@ -238,19 +293,24 @@ export class WebhookService {
     this.#running.add(run);
   }
 
-  async #attempt(delivery: WebhookDeliveryRecord): Promise<void> {
+  /** One attempt; resolves to whether a retry is scheduled (the delivery stays pending). */
+  async #attempt(delivery: WebhookDeliveryRecord): Promise<boolean> {
     const hook = await this.deps.webhooks.findById(delivery.orgId, delivery.webhookId);
-    if (!hook) return void (await this.deps.deliveries.finish(delivery.id));
+    if (!hook) {
+      await this.deps.deliveries.finish(delivery.id);
+      return false;
+    }
     const attempt = delivery.attempts + 1;
     const result = await this.#post(hook, delivery, attempt);
     const ok = result.statusCode !== null && result.statusCode >= 200 && result.statusCode < 300;
     const last = ok || attempt >= this.deps.maxAttempts;
     await this.#record(delivery, attempt, result, last);
-    if (last) return;
+    if (last) return false;
     const delay = Math.min(MAX_RETRY_DELAY_MS, this.deps.retryBaseMs * 2 ** (attempt - 1));
     const next = { ...delivery, attempts: attempt, nextAttemptAt: new Date(Date.now() + delay) };
     await this.deps.deliveries.reschedule(delivery.id, attempt, next.nextAttemptAt);
     this.#schedule(next, delay);
+    return true;
   }
 
   async #record(delivery: WebhookDeliveryRecord, attempt: number, result: AttemptResult, last: boolean): Promise<void> {

@@ -294,8 +294,11 @@ export interface SandboxEventRepository {
   listAfter(sandboxId: string, after: number, limit: number): Promise<SandboxEventRecord[]>;
   /** The sandbox's highest stored `seq`; 0 when it has none. */
   lastSeq(sandboxId: string): Promise<number>;
-  /** Removes the sandbox's events with `seq <= upTo` (retention); resolves to how many went. */
-  deleteUpTo(sandboxId: string, upTo: number): Promise<number>;
+  /**
+   * Removes the sandbox's events with `seq <= upTo` (retention), except those whose type is in
+   * `keepTypes`; resolves to how many went.
+   */
+  deleteUpTo(sandboxId: string, upTo: number, keepTypes?: readonly string[]): Promise<number>;
   /** Removes every event of the sandbox; resolves to how many went. */
   deleteForSandbox(sandboxId: string): Promise<number>;
   /** The ids of the sandboxes that have events, in no particular order. */

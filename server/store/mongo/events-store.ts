@@ -41,8 +41,9 @@ export class MongoSandboxEvents implements SandboxEventRepository {
       return doc?.seq ?? 0;
     });
   }
-  async deleteUpTo(sandboxId: string, upTo: number) {
-    return op('', async () => (await this.c.deleteMany({ sandboxId, seq: { $lte: upTo } })).deletedCount);
+  async deleteUpTo(sandboxId: string, upTo: number, keepTypes: readonly string[] = []) {
+    const filter = keepTypes.length ? { sandboxId, seq: { $lte: upTo }, type: { $nin: [...keepTypes] } } : { sandboxId, seq: { $lte: upTo } };
+    return op('', async () => (await this.c.deleteMany(filter)).deletedCount);
   }
   async deleteForSandbox(sandboxId: string) {
     return op('', async () => (await this.c.deleteMany({ sandboxId })).deletedCount);

@@ -22,7 +22,11 @@ export class SqliteSandboxEvents implements SandboxEventRepository {
   readonly #deleteUpTo;
   readonly #deleteAll;
   readonly #ids;
+  readonly #db: Db;
+  /** `deleteUpTo` statements keeping some types, by how many. */
+  readonly #deleteExcept = new Map<number, ReturnType<Db['prepare']>>();
   constructor(db: Db) {
+    this.#db = db;
     this.#ids = db.prepare('SELECT DISTINCT sandbox_id FROM sandbox_events');
     this.#insert = db.prepare('INSERT INTO sandbox_events (sandbox_id, seq, org_id, type, data, created_at) VALUES (?, ?, ?, ?, ?, ?)');
     this.#after = db.prepare('SELECT * FROM sandbox_events WHERE sandbox_id = ? AND seq > ? ORDER BY seq LIMIT ?');
@@ -42,8 +46,11 @@ export class SqliteSandboxEvents implements SandboxEventRepository {
   async lastSeq(sandboxId: string) {
     return Number((this.#last.get(sandboxId) as { seq: number | null }).seq ?? 0);
   }
-  async deleteUpTo(sandboxId: string, upTo: number) {
-    return this.#deleteUpTo.run(sandboxId, upTo).changes;
+  async deleteUpTo(sandboxId: string, upTo: number, keepTypes: readonly string[] = []) {
+    if (keepTypes.length === 0) return this.#deleteUpTo.run(sandboxId, upTo).changes;
+    const except = this.#deleteExcept.get(keepTypes.length) ?? this.#db.prepare(`DELETE FROM sandbox_events WHERE sandbox_id = ? AND seq <= ? AND type NOT IN (${keepTypes.map(() => '?').join(', ')})`);
+    this.#deleteExcept.set(keepTypes.length, except);
+    return except.run(sandboxId, upTo, ...keepTypes).changes;
   }
   async deleteForSandbox(sandboxId: string) {
     return this.#deleteAll.run(sandboxId).changes;
