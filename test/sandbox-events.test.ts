@@ -224,6 +224,25 @@ describe.skipIf(!support.ok)('sandbox events', () => {
     await vr.trpc.sandbox.delete.mutate({ id: box.id });
   });
 
+  it("background commands past a sandbox's share of exit watchers still get process.exited (from its process list), and another org's commands keep their watchers", async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-watchers' });
+    // The sandbox's share (100) taken by commands that outlive the test.
+    for (let i = 0; i < 100; i += 10) await Promise.all(Array.from({ length: 10 }, () => vr.trpc.commands.run.mutate({ id: box.id, command: 'sleep', args: ['600'], timeout: 0 })));
+    const late = await vr.trpc.commands.run.mutate({ id: box.id, command: 'sh', args: ['-c', 'sleep 0.3; exit 3'], timeout: 0 });
+    const exited = await waitFor(box.id, (e) => e.some((x) => x.type === 'process.exited' && x.data.pid === late.pid), 'the late command\'s process.exited');
+    expect(exited.find((x) => x.type === 'process.exited' && x.data.pid === late.pid)!.data).toMatchObject({ exitCode: 3, background: true });
+    expect(server.logLines.some((l) => l.includes("past the exit watchers' shares"))).toBe(true);
+    // Another org: its own share, a watcher at once.
+    const other = server.client((await server.client().trpc.auth.register.mutate({ name: 'Events B', email: uniqueEmail('events-b') })).apiKey);
+    const theirs = await other.sandboxes.create({ name: 'ev-watchers-b' });
+    const cmd = await other.trpc.commands.run.mutate({ id: theirs.id, command: 'sh', args: ['-c', 'exit 7'], timeout: 0 });
+    const page = async () => (await other.trpc.sandbox.eventsPage.query({ id: theirs.id, limit: 1000 })).events;
+    const theirEvents = await until(page, (e) => e.some((x) => x.type === 'process.exited' && x.data.pid === cmd.pid), "the other org's process.exited");
+    expect(theirEvents.find((x) => x.type === 'process.exited')!.data).toMatchObject({ exitCode: 7 });
+    await other.trpc.sandbox.delete.mutate({ id: theirs.id });
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  }, 120_000);
+
   it('reports ports opening and closing, read on the host', async () => {
     const box = await vr.sandboxes.create({ name: 'ev-port' });
     const listener = await vr.trpc.commands.run.mutate({ id: box.id, command: 'perl', args: ['-MIO::Socket::INET', '-e', 'my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 8123, Listen => 5, ReuseAddr => 1) or die; sleep 600'], timeout: 0 });
