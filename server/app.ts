@@ -188,7 +188,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       previewDomain: config.PREVIEW_DOMAIN,
       previewScheme: config.PREVIEW_URL_SCHEME,
     }),
-    idempotency: new IdempotencyService({ repository: store.idempotency, log }),
+    idempotency: new IdempotencyService({ repository: store.idempotency, log, maxKeysPerOrg: config.IDEMPOTENCY_MAX_KEYS_PER_ORG }),
     buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason } },
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);

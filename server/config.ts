@@ -113,6 +113,8 @@ const EnvSchema = z.object({
   SANDBOX_DEFAULT_IMAGE: nonEmpty.default('debian'),
   // Running sandboxes kept ready for creates of these shapes (README "Warm pool"); empty: none.
   WARM_POOL: warmPool,
+  // Idempotency keys one org may hold at once (README "Idempotent requests"); a new key past it is a 429.
+  IDEMPOTENCY_MAX_KEYS_PER_ORG: int(1, 10_000_000).default(10_000),
   SANDBOX_DRIVER: oneOf(['auto', 'container', 'qemu', 'cloud-hypervisor']).default('auto'),
   QEMU_BINARY: nonEmpty.default('qemu-system-x86_64'),
   CLOUD_HYPERVISOR_BINARY: nonEmpty.default('/usr/local/bin/cloud-hypervisor'),
@@ -201,20 +203,20 @@ const EnvSchema = z.object({
   EVENTS_RETENTION: int(10, 10_000_000).default(10_000),
   EVENTS_QUEUE_MAX: int(100, 10_000_000).default(10_000),
   EVENTS_PRUNE_INTERVAL_SEC: int(1, 86_400).default(60),
-  // How often running sandboxes' listening ports and OOM kills are read on the host (port.* and sandbox.oom_killed events).
-  EVENTS_POLL_INTERVAL_SEC: int(1, 3600).default(5),
   // Per sandbox: non-lifecycle events admitted a second on average, and at once; past it they are counted into one events.dropped.
   EVENTS_SANDBOX_RATE: int(1, 1_000_000).default(20),
   EVENTS_SANDBOX_BURST: int(1, 1_000_000).default(200),
+  // How often running sandboxes' listening ports and OOM kills are read on the host (port.* and sandbox.oom_killed events).
+  EVENTS_POLL_INTERVAL_SEC: int(1, 3600).default(5),
   // Webhooks: attempts per event, the first retry's delay (doubling after), each attempt's deadline, deliveries in flight per org, webhooks per org.
   WEBHOOK_MAX_ATTEMPTS: int(1, 100).default(6),
   WEBHOOK_RETRY_BASE_MS: int(10, 3_600_000).default(10_000),
   WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(5000),
   WEBHOOK_MAX_IN_FLIGHT_PER_ORG: int(1, 1000).default(4),
-  ORG_MAX_WEBHOOKS: int(1, 1000).default(10),
-  // Addresses webhooks may reach though loopback, private or link-local (IPv4/IPv6 CIDRs); empty: none (SSRF guard).
   // Deliveries one org may have pending (in flight, waiting, or waiting for a retry); past it new ones are not stored (counted, logged once a minute).
   WEBHOOK_MAX_PENDING_PER_ORG: int(1, 1_000_000).default(1000),
+  ORG_MAX_WEBHOOKS: int(1, 1000).default(10),
+  // Addresses webhooks may reach though loopback, private or link-local (IPv4/IPv6 CIDRs); empty: none (SSRF guard).
   WEBHOOK_ALLOW_PRIVATE: csv('', anyCidr, 'IPv4 or IPv6 CIDRs (a bare address is one address), comma-separated'),
   // Unset: bridge where the host can do it (root, ip and nft present), else none (loopback only).
   SANDBOX_NETWORK: oneOf(['bridge', 'none']).optional(),

@@ -3,12 +3,14 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { pino } from 'pino';
 import { ConflictError } from '../server/errors.js';
+import { hashOf, IdempotencyService } from '../server/services/idempotency.js';
 import { newId } from '../server/store/ids.js';
 import { openMongoStore } from '../server/store/mongo/store.js';
 import { sqliteSchema } from '../server/store/sqlite/schema.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
-import { SANDBOX_NETWORK_NONE, type Store } from '../server/store/types.js';
+import { SANDBOX_NETWORK_NONE, type IdempotencyRepository, type Store } from '../server/store/types.js';
 
 /**
  * One contract for every store adapter. SQLite always runs; MongoDB runs when MONGO_URI points at
@@ -331,26 +333,82 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       await store.poolClaims.release(id);
     });
 
-    it('claims an idempotency key once per (org, operation, key), stores its result, frees and prunes it', async () => {
+    it('claims each generation of an idempotency key once, finds the highest, stores its result, expires, counts and prunes claims', async () => {
       const orgId = newId();
       const now = new Date();
-      const record = { orgId, operation: 'sandbox.create', key: 'k-1', requestHash: 'h1', createdAt: now, expiresAt: new Date(now.getTime() + 60_000) };
+      const record = { orgId, operation: 'sandbox.create', key: 'k-1', gen: 0, requestHash: 'h1', createdAt: now, expiresAt: new Date(now.getTime() + 60_000) };
       const won = await Promise.all(Array.from({ length: 8 }, () => store.idempotency.claim(record)));
       expect(won.filter(Boolean)).toHaveLength(1);
       // Another org, another operation: other keys.
       expect(await store.idempotency.claim({ ...record, orgId: newId() })).toBe(true);
       expect(await store.idempotency.claim({ ...record, operation: 'sandbox.restore' })).toBe(true);
-      expect(await store.idempotency.find(orgId, 'sandbox.create', 'k-1')).toMatchObject({ requestHash: 'h1', result: null });
-      await store.idempotency.complete(orgId, 'sandbox.create', 'k-1', '{"id":"x"}');
+      expect(await store.idempotency.find(orgId, 'sandbox.create', 'k-1')).toMatchObject({ gen: 0, requestHash: 'h1', result: null });
+      await store.idempotency.complete({ orgId, operation: 'sandbox.create', key: 'k-1', gen: 0 }, '{"id":"x"}');
       const found = await store.idempotency.find(orgId, 'sandbox.create', 'k-1');
-      expect(found).toMatchObject({ orgId, operation: 'sandbox.create', key: 'k-1', requestHash: 'h1', result: '{"id":"x"}' });
+      expect(found).toMatchObject({ orgId, operation: 'sandbox.create', key: 'k-1', gen: 0, requestHash: 'h1', result: '{"id":"x"}' });
       expect(found?.expiresAt.getTime()).toBe(record.expiresAt.getTime());
-      await store.idempotency.release(orgId, 'sandbox.create', 'k-1');
-      expect(await store.idempotency.find(orgId, 'sandbox.create', 'k-1')).toBeNull();
+      expect(await store.idempotency.countLive(orgId, now)).toBe(2);
+      // A takeover is the next generation's insert: one of many concurrent ones wins, and it is the holder.
+      const takeovers = await Promise.all(Array.from({ length: 8 }, (_, i) => store.idempotency.claim({ ...record, gen: 1, requestHash: `t${i}` })));
+      expect(takeovers.filter(Boolean)).toHaveLength(1);
+      const holder = await store.idempotency.find(orgId, 'sandbox.create', 'k-1');
+      expect(holder).toMatchObject({ gen: 1, result: null });
+      expect(holder?.requestHash).toMatch(/^t\d$/);
+      // A failed request's claim expires (only its own generation).
+      const failedAt = new Date(now.getTime() + 1);
+      await store.idempotency.expire({ orgId, operation: 'sandbox.create', key: 'k-1', gen: 1 }, failedAt);
+      expect((await store.idempotency.find(orgId, 'sandbox.create', 'k-1'))?.expiresAt.getTime()).toBe(failedAt.getTime());
+      expect(await store.idempotency.countLive(orgId, new Date(now.getTime() + 2))).toBe(2);
       expect(await store.idempotency.claim({ ...record, key: 'old', expiresAt: new Date(now.getTime() - 1) })).toBe(true);
       expect(await store.idempotency.prune(now)).toBeGreaterThanOrEqual(1);
       expect(await store.idempotency.find(orgId, 'sandbox.create', 'old')).toBeNull();
       expect(await store.idempotency.find(orgId, 'sandbox.restore', 'k-1')).not.toBeNull();
+      expect(await store.idempotency.prune(new Date(now.getTime() + 61_000))).toBeGreaterThanOrEqual(3);
+      expect(await store.idempotency.find(orgId, 'sandbox.create', 'k-1')).toBeNull();
+    });
+
+    it('concurrent retries of a key a crash left unfinished, or of an expired key, run the operation once', async () => {
+      // The real service on this store, each repository call delayed 0-5 ms as a networked store's
+      // round trips are, so the retries interleave between reading the stale claim and taking it over.
+      const repo = store.idempotency;
+      const delay = () => new Promise((r) => setTimeout(r, Math.random() * 5));
+      const slow: IdempotencyRepository = {
+        claim: async (r) => (await delay(), repo.claim(r)),
+        find: async (...a) => (await delay(), repo.find(...a)),
+        complete: async (...a) => (await delay(), repo.complete(...a)),
+        expire: async (...a) => (await delay(), repo.expire(...a)),
+        countLive: async (...a) => (await delay(), repo.countLive(...a)),
+        prune: (before) => repo.prune(before),
+      };
+      // Four servers on this store (a server serialises one key's requests itself; across servers only the store decides).
+      const services = [1, 2, 3, 4].map(() => new IdempotencyService({ repository: slow, log: pino({ level: 'silent' }) }));
+      const orgId = newId();
+      const replay = { save: (r: string) => r, load: async (s: string) => s };
+      const body = { name: 'x' };
+      let twice = 0;
+      try {
+        for (let trial = 0; trial < 20; trial++) {
+          const key = `left-${trial}`;
+          const ago = new Date(Date.now() - 60_000);
+          // Odd trials: a claim a stopped server left unfinished; even: a finished claim past its expiry.
+          const expired = trial % 2 === 0;
+          await repo.claim({ orgId, operation: 'sandbox.create', key, gen: 0, requestHash: hashOf(body), createdAt: ago, expiresAt: expired ? new Date(Date.now() - 1) : new Date(Date.now() + 3_600_000) });
+          if (expired) await repo.complete({ orgId, operation: 'sandbox.create', key, gen: 0 }, 'old');
+          let runs = 0;
+          const fn = async () => {
+            runs++;
+            await new Promise((r) => setTimeout(r, 20));
+            return `run-${runs}`;
+          };
+          const answers = await Promise.allSettled(services.map((service) => service.run({ orgId, keyId: 'k', userId: 'u' }, 'sandbox.create', key, body, replay, fn)));
+          if (runs !== 1) twice++;
+          // Every retry that got an answer got the one run's result.
+          for (const a of answers) if (a.status === 'fulfilled') expect(a.value).toBe('run-1');
+        }
+      } finally {
+        for (const service of services) service.close();
+      }
+      expect(twice).toBe(0);
     });
 
     it("keeps a sandbox's events by growing id: pages after an id, refuses a taken id, prunes and deletes", async () => {

@@ -1,14 +1,23 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { IDEMPOTENCY_KEY_PATTERN as KEY_PATTERN, IDEMPOTENCY_KEY_RULE as KEY_RULE } from '../../shared/schemas/idempotency.js';
-import { ConflictError, InvalidInputError } from '../errors.js';
-import type { IdempotencyRepository } from '../store/types.js';
+import { ConflictError, InvalidInputError, TooManyRequestsError } from '../errors.js';
+import type { IdempotencyClaim, IdempotencyRepository } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 
 /** How long a key holds its first request's result: a retry later than this runs again. */
 export const IDEMPOTENCY_TTL_MS = 24 * 60 * 60 * 1000;
 /** The longest a retry waits for the first request with its key, still running in this server, to finish. */
 export const IDEMPOTENCY_WAIT_MS = 60_000;
+/** Default bound on an org's keys held at once (IDEMPOTENCY_MAX_KEYS_PER_ORG). */
+export const IDEMPOTENCY_MAX_KEYS_PER_ORG = 10_000;
+/**
+ * How long past its expiry a claim is kept before pruning. A request that read a key's claim and
+ * takes it over inserts the next generation; the row it read must still exist then, or a request
+ * seeing no row at all could claim generation 0 beside it. This is the margin for that gap
+ * (a few store round trips in practice).
+ */
+export const IDEMPOTENCY_PRUNE_GRACE_MS = 10 * 60 * 1000;
 
 /** The operations that take a key, each its own key space. */
 export type IdempotentOperation = 'sandbox.create' | 'sandbox.restore' | 'exec.startCommand';
@@ -26,21 +35,27 @@ export interface IdempotencyOptions {
   log: Logger;
   ttlMs?: number;
   waitMs?: number;
+  /** Keys one org may hold at once (default IDEMPOTENCY_MAX_KEYS_PER_ORG); a new key past it is a 429. */
+  maxKeysPerOrg?: number;
   /** How often expired keys are removed (default hourly). */
   pruneIntervalMs?: number;
 }
 
 /**
  * Idempotent requests. The first request with a key claims it by an insert keyed by
- * (org, operation, key) holding the hash of its canonical body; only the claimer runs the
- * operation. Its result is stored with the key, and a retry within 24 h with the same body gets it
- * again (a sandbox's current answer, the same process handle), never a second run. Another body
+ * (org, operation, key, generation 0) holding the hash of its canonical body; only the claimer runs
+ * the operation. Its result is stored with the claim, and a retry within 24 h with the same body gets
+ * it again (a sandbox's current answer, the same process handle), never a second run. Another body
  * under the key is a 409 naming it. A retry arriving while the first request still runs in this
  * server waits for it (at most IDEMPOTENCY_WAIT_MS, then 409 "in progress"); one running in another
- * server is a 409 "in progress" at once. A first request that fails frees its key, so a retry runs;
- * so does a key left unfinished by a server that stopped. Keys expire after 24 h (pruned hourly).
+ * server is a 409 "in progress" at once. A claim whose request failed, that expired (24 h), or that a
+ * server which stopped left unfinished is taken over by inserting the next generation: of concurrent
+ * retries exactly one inserts it and runs, and no claim is ever deleted or overwritten by anyone
+ * but its claimer, so a retry can never free a claim another retry has just won. An org holds at
+ * most `maxKeysPerOrg` live keys (a new key past it is a 429). Expired claims are pruned hourly.
  */
 export class IdempotencyService {
+  /** Per (org, operation, key): the turn of the one request of this server reading or running it now. */
   readonly #inFlight = new Map<string, Promise<unknown>>();
   /** Keys still unfinished from before this start were left by a server that stopped: free to claim again. */
   readonly #startedAt = new Date();
@@ -55,9 +70,9 @@ export class IdempotencyService {
     clearInterval(this.#timer);
   }
 
-  /** Removes expired keys; resolves to how many went. */
+  /** Removes claims expired more than IDEMPOTENCY_PRUNE_GRACE_MS before `now`; resolves to how many went. */
   prune(now = new Date()): Promise<number> {
-    return this.opts.repository.prune(now).catch((err: Error) => {
+    return this.opts.repository.prune(new Date(now.getTime() - IDEMPOTENCY_PRUNE_GRACE_MS)).catch((err: Error) => {
       this.opts.log.warn({ err: err.message }, 'could not prune expired idempotency keys');
       return 0;
     });
@@ -77,56 +92,79 @@ export class IdempotencyService {
   /** Runs `fn` once per (org, operation, key) and request body; see the class comment. Without a key, just runs it. */
   async run<T>(principal: Principal, operation: IdempotentOperation, key: string | null, body: unknown, replay: Replay<T>, fn: () => Promise<T>): Promise<T> {
     if (key === null) return fn();
-    const { repository } = this.opts;
+    const { orgId } = principal;
     const requestHash = hashOf(body);
-    const slot = JSON.stringify([principal.orgId, operation, key]);
-    // Each turn either runs the operation, answers the stored result, or finds the key freed meanwhile.
+    const slot = JSON.stringify([orgId, operation, key]);
+    // Each turn either runs the operation, answers the stored result, or finds the key's holder changed meanwhile.
     for (let turn = 0; turn < 5; turn++) {
-      const now = new Date();
-      const ttl = this.opts.ttlMs ?? IDEMPOTENCY_TTL_MS;
-      if (await repository.claim({ orgId: principal.orgId, operation, key, requestHash, createdAt: now, expiresAt: new Date(now.getTime() + ttl) })) {
-        const running = this.#runClaimed(principal.orgId, operation, key, replay, fn);
-        this.#inFlight.set(slot, running);
-        try {
-          return await running;
-        } finally {
-          this.#inFlight.delete(slot);
-        }
-      }
-      const existing = await repository.find(principal.orgId, operation, key);
-      if (!existing) continue;
-      if (existing.expiresAt <= now) {
-        await repository.release(principal.orgId, operation, key);
-        continue;
-      }
-      if (existing.requestHash !== requestHash) {
-        throw new ConflictError(`Idempotency-Key ${key} was used for a different ${operation} request in the last 24 h; send a new key for a new request`);
-      }
-      if (existing.result !== null) return replay.load(existing.result);
+      // One request per key at a time in this server reads and claims it; the others wait for it
+      // (for a run, its result), so a claim won here is never seen as another server's.
       const first = this.#inFlight.get(slot);
       if (first) {
         const waited = await settledWithin(first, this.opts.waitMs ?? IDEMPOTENCY_WAIT_MS);
         if (!waited) throw new ConflictError(`The first ${operation} request with Idempotency-Key ${key} is still in progress; retry later`);
         continue;
       }
-      if (existing.createdAt < this.#startedAt) {
-        await repository.release(principal.orgId, operation, key);
-        continue;
+      let turnDone = () => {};
+      this.#inFlight.set(slot, new Promise<void>((resolve) => (turnDone = resolve)));
+      try {
+        const answer = await this.#turn(orgId, operation, key, requestHash, replay, fn);
+        if (answer) return answer.value;
+      } finally {
+        this.#inFlight.delete(slot);
+        turnDone();
       }
-      throw new ConflictError(`The first ${operation} request with Idempotency-Key ${key} is still in progress; retry later`);
     }
     throw new ConflictError(`Idempotency-Key ${key} is contended; retry later`);
   }
 
-  async #runClaimed<T>(orgId: string, operation: IdempotentOperation, key: string, replay: Replay<T>, fn: () => Promise<T>): Promise<T> {
+  /** One read of the key's holder: the answer (a replay, or the run of a claim won), or null when the key's holder changed meanwhile. */
+  async #turn<T>(orgId: string, operation: IdempotentOperation, key: string, requestHash: string, replay: Replay<T>, fn: () => Promise<T>): Promise<{ value: T } | null> {
+    const { repository } = this.opts;
+    const now = new Date();
+    const holder = await repository.find(orgId, operation, key);
+    let gen: number;
+    if (!holder) {
+      await this.#admitNewKey(orgId, now);
+      gen = 0;
+    } else if (holder.expiresAt <= now) {
+      // Expired, or its request failed.
+      gen = holder.gen + 1;
+    } else {
+      if (holder.requestHash !== requestHash) {
+        throw new ConflictError(`Idempotency-Key ${key} was used for a different ${operation} request in the last 24 h; send a new key for a new request`);
+      }
+      if (holder.result !== null) return { value: await replay.load(holder.result) };
+      // Unfinished, and not running in this server: another server runs it, or one that stopped
+      // (claimed before this server started) left it.
+      if (holder.createdAt >= this.#startedAt) throw new ConflictError(`The first ${operation} request with Idempotency-Key ${key} is still in progress; retry later`);
+      gen = holder.gen + 1;
+    }
+    // The insert of generation `gen` decides which of the requests (of any server) that saw the same
+    // holder runs; the others read the winner's claim on their next turn.
+    const ttl = this.opts.ttlMs ?? IDEMPOTENCY_TTL_MS;
+    if (!(await repository.claim({ orgId, operation, key, gen, requestHash, createdAt: now, expiresAt: new Date(now.getTime() + ttl) }))) return null;
+    return { value: await this.#runClaimed({ orgId, operation, key, gen }, replay, fn) };
+  }
+
+  /** A 429 when the org already holds its bound of live keys (counted, so concurrent new keys may pass it by a few). */
+  async #admitNewKey(orgId: string, now: Date): Promise<void> {
+    const max = this.opts.maxKeysPerOrg ?? IDEMPOTENCY_MAX_KEYS_PER_ORG;
+    if ((await this.opts.repository.countLive(orgId, now)) >= max) {
+      throw new TooManyRequestsError(`This org holds ${max} idempotency keys from the last 24 h (IDEMPOTENCY_MAX_KEYS_PER_ORG); retry with a key already used, or without a key, or later`);
+    }
+  }
+
+  async #runClaimed<T>(claim: IdempotencyClaim, replay: Replay<T>, fn: () => Promise<T>): Promise<T> {
     let result: T;
     try {
       result = await fn();
     } catch (err) {
-      await this.opts.repository.release(orgId, operation, key).catch(() => {});
+      // Failed: the claim ends now, and the next request with the key takes it over.
+      await this.opts.repository.expire(claim, new Date()).catch(() => {});
       throw err;
     }
-    await this.opts.repository.complete(orgId, operation, key, replay.save(result));
+    await this.opts.repository.complete(claim, replay.save(result));
     return result;
   }
 }
@@ -143,19 +181,23 @@ function settledWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
   ]).finally(() => clearTimeout(timer));
 }
 
-/** SHA-256 of the request's canonical JSON (keys sorted at every level; the key itself left out). */
+/**
+ * SHA-256 of the request's canonical JSON: keys sorted at every level, and the request's own
+ * `idempotencyKey` (top level only: an env var or label of that name is part of the body) left out.
+ */
 export function hashOf(body: unknown): string {
   const canonical = (v: unknown): unknown => {
     if (Array.isArray(v)) return v.map(canonical);
     if (v && typeof v === 'object') {
       return Object.fromEntries(
         Object.entries(v as Record<string, unknown>)
-          .filter(([k, x]) => k !== 'idempotencyKey' && x !== undefined)
+          .filter(([, x]) => x !== undefined)
           .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
           .map(([k, x]) => [k, canonical(x)]),
       );
     }
     return v;
   };
-  return createHash('sha256').update(JSON.stringify(canonical(body))).digest('hex');
+  const top = body && typeof body === 'object' && !Array.isArray(body) ? Object.fromEntries(Object.entries(body).filter(([k]) => k !== 'idempotencyKey')) : body;
+  return createHash('sha256').update(JSON.stringify(canonical(top))).digest('hex');
 }

@@ -243,34 +243,50 @@ export interface PoolClaimRepository {
   list(): Promise<string[]>;
 }
 
-/** One idempotency key of an org's operation: the first request's hash and, once it finished, its result. */
+/** One claim of an org operation's idempotency key: the request's hash and, once it finished, its result. */
 export interface IdempotencyRecord {
   orgId: string;
   /** `sandbox.create`, `sandbox.restore`, `exec.startCommand`. */
   operation: string;
   key: string;
+  /**
+   * The claim's generation: 0 for a key's first claim, one more for each takeover of a claim that
+   * failed, expired or was left unfinished by a server that stopped. The highest is the key's holder.
+   */
+  gen: number;
   /** SHA-256 of the request's canonical JSON (without the key). */
   requestHash: string;
-  /** The result as JSON text once the first request succeeded; null while it runs. */
+  /** The result as JSON text once the request succeeded; null while it runs (or after it failed). */
   result: string | null;
   createdAt: Date;
+  /** When the claim stops holding the key (a failed request's claim: the time it failed). */
   expiresAt: Date;
 }
 
+/** Names one claim: its key and generation. */
+export type IdempotencyClaim = Pick<IdempotencyRecord, 'orgId' | 'operation' | 'key' | 'gen'>;
+
 /**
- * Idempotency keys. `claim` is an insert against the unique `(orgId, operation, key)`: of concurrent
- * first requests exactly one runs; the rest read the winner's row.
+ * Idempotency keys. Every claim — a key's first, and each takeover of a claim that failed, expired
+ * or was left unfinished — is an insert against the unique `(orgId, operation, key, gen)`: of
+ * concurrent requests making the same claim exactly one wins, on either store (FerretDB loses
+ * concurrent conditional updates and deletes, never a unique insert). A claim's row is written
+ * afterwards by its claimer alone, and never deleted while it may hold its key (only `prune`, well
+ * past its expiry), so a generation cannot be claimed twice.
  */
 export interface IdempotencyRepository {
-  /** Inserts `record` (result null); false, with nothing written, when the key is taken. */
+  /** Inserts `record` (result null); false, with nothing written, when that generation of the key is taken. */
   claim(record: Omit<IdempotencyRecord, 'result'>): Promise<boolean>;
+  /** The key's holder: its claim with the highest generation; null when it has none. */
   find(orgId: string, operation: string, key: string): Promise<IdempotencyRecord | null>;
   /** Stores the result of the claim's request (only its claimer writes it). */
-  complete(orgId: string, operation: string, key: string, result: string): Promise<void>;
-  /** Frees the key (its request failed, or it expired). */
-  release(orgId: string, operation: string, key: string): Promise<void>;
-  /** Removes keys that expired before `now`; resolves to how many went. */
-  prune(now: Date): Promise<number>;
+  complete(claim: IdempotencyClaim, result: string): Promise<void>;
+  /** Ends a claim whose request failed: its expiry becomes `at` (only its claimer writes it), so the next request takes the key over. */
+  expire(claim: IdempotencyClaim, at: Date): Promise<void>;
+  /** How many of the org's claims have not expired at `now` (the per-org bound on keys). */
+  countLive(orgId: string, now: Date): Promise<number>;
+  /** Removes claims that expired before `before`; resolves to how many went. */
+  prune(before: Date): Promise<number>;
 }
 
 /** One event of a sandbox's stream; `(sandboxId, seq)` is unique, and `seq` only grows per sandbox. */
@@ -379,49 +395,6 @@ export interface WebhookDeliveryRepository {
   listAttempts(orgId: string, webhookId: string, limit: number): Promise<WebhookAttemptRecord[]>;
   /** Keeps the newest `keep` attempts of the webhook; resolves to how many went. */
   pruneAttempts(webhookId: string, keep: number): Promise<number>;
-}
-
-/**
- * Claims on warm-pool members, keyed by the member's sandbox id: of any number of concurrent claims
- * of one member (from any number of server processes) exactly one inserts its row.
- */
-export interface PoolClaimRepository {
-  /** True for the one caller whose insert made the claim; false when it was already claimed. */
-  claim(sandboxId: string): Promise<boolean>;
-  /** Frees a claim (a claim that failed gives its member back to the pool; a deleted sandbox's claim goes). */
-  release(sandboxId: string): Promise<void>;
-  /** The sandbox ids claimed, in no particular order. */
-  list(): Promise<string[]>;
-}
-
-/** One idempotency key of an org's operation: the first request's hash and, once it finished, its result. */
-export interface IdempotencyRecord {
-  orgId: string;
-  /** `sandbox.create`, `sandbox.restore`, `exec.startCommand`. */
-  operation: string;
-  key: string;
-  /** SHA-256 of the request's canonical JSON (without the key). */
-  requestHash: string;
-  /** The result as JSON text once the first request succeeded; null while it runs. */
-  result: string | null;
-  createdAt: Date;
-  expiresAt: Date;
-}
-
-/**
- * Idempotency keys. `claim` is an insert against the unique `(orgId, operation, key)`: of concurrent
- * first requests exactly one runs; the rest read the winner's row.
- */
-export interface IdempotencyRepository {
-  /** Inserts `record` (result null); false, with nothing written, when the key is taken. */
-  claim(record: Omit<IdempotencyRecord, 'result'>): Promise<boolean>;
-  find(orgId: string, operation: string, key: string): Promise<IdempotencyRecord | null>;
-  /** Stores the result of the claim's request (only its claimer writes it). */
-  complete(orgId: string, operation: string, key: string, result: string): Promise<void>;
-  /** Frees the key (its request failed, or it expired). */
-  release(orgId: string, operation: string, key: string): Promise<void>;
-  /** Removes keys that expired before `now`; resolves to how many went. */
-  prune(now: Date): Promise<number>;
 }
 
 export interface Store {

@@ -8,6 +8,7 @@ import type {
   ImageRepository,
   IpLeaseRecord,
   IpLeaseRepository,
+  IdempotencyClaim,
   IdempotencyRecord,
   IdempotencyRepository,
   NewRecord,
@@ -284,15 +285,18 @@ class MongoPoolClaims implements PoolClaimRepository {
 
 type IdempotencyDoc = Omit<IdempotencyRecord, 'orgId' | 'operation' | 'key'> & { _id: string; orgId: string; operation: string; key: string };
 
-/** `_id` is the JSON of `[orgId, operation, key]`, so the built-in unique index decides every claim. */
+/**
+ * `_id` is the JSON of `[orgId, operation, key, gen]`, so the built-in unique index decides every
+ * claim; a claim's later writes are by its claimer alone, on its `_id`.
+ */
 class MongoIdempotency implements IdempotencyRepository {
   constructor(private readonly c: Collection<IdempotencyDoc>) {}
-  static #id(orgId: string, operation: string, key: string): string {
-    return JSON.stringify([orgId, operation, key]);
+  static #id(c: IdempotencyClaim): string {
+    return JSON.stringify([c.orgId, c.operation, c.key, c.gen]);
   }
   async claim(r: Omit<IdempotencyRecord, 'result'>) {
     try {
-      await op('', () => this.c.insertOne({ _id: MongoIdempotency.#id(r.orgId, r.operation, r.key), ...r, result: null }));
+      await op('', () => this.c.insertOne({ _id: MongoIdempotency.#id(r), ...r, result: null }));
       return true;
     } catch (err) {
       if (err instanceof ConflictError) return false;
@@ -301,21 +305,23 @@ class MongoIdempotency implements IdempotencyRepository {
   }
   async find(orgId: string, operation: string, key: string) {
     return op('', async () => {
-      const doc = await this.c.findOne({ _id: MongoIdempotency.#id(orgId, operation, key) });
+      const doc = await this.c.findOne({ orgId, operation, key }, { sort: { gen: -1 } });
       if (!doc) return null;
       const { _id, ...rest } = doc;
       return rest as IdempotencyRecord;
     });
   }
-  async complete(orgId: string, operation: string, key: string, result: string) {
-    // Written by the key's claimer alone.
-    await op('', () => this.c.updateOne({ _id: MongoIdempotency.#id(orgId, operation, key) }, { $set: { result } }));
+  async complete(c: IdempotencyClaim, result: string) {
+    await op('', () => this.c.updateOne({ _id: MongoIdempotency.#id(c) }, { $set: { result } }));
   }
-  async release(orgId: string, operation: string, key: string) {
-    await op('', () => this.c.deleteOne({ _id: MongoIdempotency.#id(orgId, operation, key) }));
+  async expire(c: IdempotencyClaim, at: Date) {
+    await op('', () => this.c.updateOne({ _id: MongoIdempotency.#id(c) }, { $set: { expiresAt: at } }));
   }
-  async prune(now: Date) {
-    return op('', async () => (await this.c.deleteMany({ expiresAt: { $lt: now } })).deletedCount);
+  async countLive(orgId: string, now: Date) {
+    return op('', () => this.c.countDocuments({ orgId, expiresAt: { $gt: now } }));
+  }
+  async prune(before: Date) {
+    return op('', async () => (await this.c.deleteMany({ expiresAt: { $lt: before } })).deletedCount);
   }
 }
 
@@ -386,7 +392,9 @@ async function ensureIndexes(db: Db): Promise<void> {
     db.collection('sandboxes').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'sandboxes_name_per_org' }),
     db.collection('images').createIndex({ orgId: 1, name: 1 }, { unique: true, name: 'images_by_owner_name' }),
     db.collection('ip_leases').createIndex({ sandboxId: 1 }, { name: 'ip_leases_by_sandbox' }),
-    db.collection('idempotency_keys').createIndex({ expiresAt: 1 }, { name: 'idempotency_keys_expiry' }),
+    db.collection('idempotency_claims').createIndex({ expiresAt: 1 }, { name: 'idempotency_claims_expiry' }),
+    db.collection('idempotency_claims').createIndex({ orgId: 1, operation: 1, key: 1, gen: -1 }, { name: 'idempotency_claims_by_key' }),
+    db.collection('idempotency_claims').createIndex({ orgId: 1, expiresAt: 1 }, { name: 'idempotency_claims_by_org' }),
   ]);
 }
 
@@ -417,7 +425,7 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
       ipLeases: new MongoIpLeases(db.collection('ip_leases')),
       sandboxTombstones: mongoTombstones(db),
       poolClaims: new MongoPoolClaims(db.collection('pool_claims')),
-      idempotency: new MongoIdempotency(db.collection('idempotency_keys')),
+      idempotency: new MongoIdempotency(db.collection('idempotency_claims')),
       ...mongoEventRepositories(db),
       async close() {
         await client.close();

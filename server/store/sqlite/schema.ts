@@ -80,17 +80,22 @@ CREATE TABLE IF NOT EXISTS pool_claims (
   sandbox_id TEXT PRIMARY KEY,
   created_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS idempotency_keys (
+-- One row per claim of a key (gen 0, then one per takeover), so every claim is a unique insert.
+-- (idempotency_keys, one row per key, was this table's first shape, in the same release.)
+DROP TABLE IF EXISTS idempotency_keys;
+CREATE TABLE IF NOT EXISTS idempotency_claims (
   org_id TEXT NOT NULL,
   operation TEXT NOT NULL,
   key TEXT NOT NULL,
+  gen INTEGER NOT NULL,
   request_hash TEXT NOT NULL,
   result TEXT,
   created_at TEXT NOT NULL,
   expires_at TEXT NOT NULL,
-  PRIMARY KEY (org_id, operation, key)
+  PRIMARY KEY (org_id, operation, key, gen)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at);
+CREATE INDEX IF NOT EXISTS idempotency_claims_expiry ON idempotency_claims (expires_at);
+CREATE INDEX IF NOT EXISTS idempotency_claims_by_org ON idempotency_claims (org_id, expires_at);
 CREATE TABLE IF NOT EXISTS sandbox_events (
   sandbox_id TEXT NOT NULL,
   seq INTEGER NOT NULL,

@@ -10,6 +10,7 @@ import type {
   ImageRepository,
   IpLeaseRecord,
   IpLeaseRepository,
+  IdempotencyClaim,
   IdempotencyRecord,
   IdempotencyRepository,
   NewRecord,
@@ -355,20 +356,22 @@ class SqliteIdempotency implements IdempotencyRepository {
   readonly #claim;
   readonly #find;
   readonly #complete;
-  readonly #release;
+  readonly #expire;
+  readonly #countLive;
   readonly #prune;
   constructor(db: Db) {
     this.#claim = db.prepare(
-      `INSERT INTO idempotency_keys (org_id, operation, key, request_hash, result, created_at, expires_at) VALUES (?, ?, ?, ?, NULL, ?, ?)
-       ON CONFLICT (org_id, operation, key) DO NOTHING`,
+      `INSERT INTO idempotency_claims (org_id, operation, key, gen, request_hash, result, created_at, expires_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)
+       ON CONFLICT (org_id, operation, key, gen) DO NOTHING`,
     );
-    this.#find = db.prepare('SELECT * FROM idempotency_keys WHERE org_id = ? AND operation = ? AND key = ?');
-    this.#complete = db.prepare('UPDATE idempotency_keys SET result = ? WHERE org_id = ? AND operation = ? AND key = ?');
-    this.#release = db.prepare('DELETE FROM idempotency_keys WHERE org_id = ? AND operation = ? AND key = ?');
-    this.#prune = db.prepare('DELETE FROM idempotency_keys WHERE expires_at < ?');
+    this.#find = db.prepare('SELECT * FROM idempotency_claims WHERE org_id = ? AND operation = ? AND key = ? ORDER BY gen DESC LIMIT 1');
+    this.#complete = db.prepare('UPDATE idempotency_claims SET result = ? WHERE org_id = ? AND operation = ? AND key = ? AND gen = ?');
+    this.#expire = db.prepare('UPDATE idempotency_claims SET expires_at = ? WHERE org_id = ? AND operation = ? AND key = ? AND gen = ?');
+    this.#countLive = db.prepare('SELECT COUNT(*) AS n FROM idempotency_claims WHERE org_id = ? AND expires_at > ?');
+    this.#prune = db.prepare('DELETE FROM idempotency_claims WHERE expires_at < ?');
   }
   async claim(r: Omit<IdempotencyRecord, 'result'>) {
-    return this.#claim.run(r.orgId, r.operation, r.key, r.requestHash, iso(r.createdAt), iso(r.expiresAt)).changes === 1;
+    return this.#claim.run(r.orgId, r.operation, r.key, r.gen, r.requestHash, iso(r.createdAt), iso(r.expiresAt)).changes === 1;
   }
   async find(orgId: string, operation: string, key: string): Promise<IdempotencyRecord | null> {
     const r = this.#find.get(orgId, operation, key) as Row | undefined;
@@ -377,20 +380,24 @@ class SqliteIdempotency implements IdempotencyRepository {
       orgId: String(r.org_id),
       operation: String(r.operation),
       key: String(r.key),
+      gen: Number(r.gen),
       requestHash: String(r.request_hash),
       result: r.result == null ? null : String(r.result),
       createdAt: date(r.created_at),
       expiresAt: date(r.expires_at),
     };
   }
-  async complete(orgId: string, operation: string, key: string, result: string) {
-    this.#complete.run(result, orgId, operation, key);
+  async complete(c: IdempotencyClaim, result: string) {
+    this.#complete.run(result, c.orgId, c.operation, c.key, c.gen);
   }
-  async release(orgId: string, operation: string, key: string) {
-    this.#release.run(orgId, operation, key);
+  async expire(c: IdempotencyClaim, at: Date) {
+    this.#expire.run(iso(at), c.orgId, c.operation, c.key, c.gen);
   }
-  async prune(now: Date) {
-    return this.#prune.run(iso(now)).changes;
+  async countLive(orgId: string, now: Date) {
+    return Number((this.#countLive.get(orgId, iso(now)) as Row).n);
+  }
+  async prune(before: Date) {
+    return this.#prune.run(iso(before)).changes;
   }
 }
 
