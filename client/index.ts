@@ -4,6 +4,7 @@ import superjson from 'superjson';
 import type { AppRouter } from '../server/routers/index.js';
 import { toVoidRunError } from './errors.js';
 import { webSocketClass } from './runtime.js';
+import { withoutRedirects } from './transfer.js';
 
 import { SandboxHandle } from './sandbox.js';
 import type { RawHttp } from './files.js';
@@ -90,7 +91,8 @@ export function createClient(options: ClientOptions): VoidRunClient {
         condition: (op) => op.type === 'subscription',
         true: wsLink({ client: wsClient, transformer: superjson }),
         // The server refuses batches of more than TRPC_MAX_BATCH_SIZE calls (at least 10).
-        false: httpBatchLink({ url: `${base}/trpc`, transformer: superjson, headers: () => headers, maxItems: 10, ...(options.fetch ? { fetch: options.fetch } : {}) }),
+        // Its fetch never follows a redirect (the API key would go along; see withoutRedirects).
+        false: httpBatchLink({ url: `${base}/trpc`, transformer: superjson, headers: () => headers, maxItems: 10, fetch: withoutRedirects(() => options.fetch ?? globalThis.fetch) }),
       }),
     ],
   });

@@ -20,9 +20,30 @@ export async function postBytes<T>(transport: Transport, url: URL, headers: Reco
   return ((await res.json()) as { data: T }).data;
 }
 
+/**
+ * `fetchFn` that never follows a redirect. Every call carries the API key in `x-api-key`, which
+ * fetch (unlike `Authorization` and cookies) keeps on a redirect to another origin, so a 3xx answer
+ * (a misconfigured proxy, or anyone answering for the API's host) is an error naming it instead of a
+ * second request taking the key wherever it points. node:http never follows redirects either.
+ */
+export function withoutRedirects(fetchFn: () => typeof globalThis.fetch): typeof globalThis.fetch {
+  return async (input, init) => {
+    const res = await fetchFn()(input, { ...init, redirect: 'manual' });
+    // Browsers hide a manual redirect's status and target (an "opaqueredirect" with status 0).
+    if (res.type === 'opaqueredirect' || (res.status >= 300 && res.status < 400 && res.status !== 304)) {
+      const url = input instanceof Request ? input.url : String(input);
+      const target = res.headers.get('location');
+      throw new Error(
+        `The server answered ${url} with a redirect${res.status ? ` (${res.status}${target ? ` to ${target}` : ''})` : ''}; the client does not follow redirects, which would send the API key elsewhere: use the final address as the API URL`,
+      );
+    }
+    return res;
+  };
+}
+
 /** GETs `url` through `fetch`; the answer when it is a 200, else its error class. */
 export async function fetchGet(fetchFn: typeof globalThis.fetch, url: URL, headers: Record<string, string>): Promise<Response> {
-  const res = await fetchFn(url, { headers });
+  const res = await withoutRedirects(() => fetchFn)(url, { headers });
   if (res.status !== 200) throw await errorFromResponse(res);
   return res;
 }
@@ -55,7 +76,7 @@ async function fetchPost(fetchFn: typeof globalThis.fetch, url: URL, headers: Re
     for await (const chunk of source as AsyncIterable<Uint8Array>) parts.push(chunk as Uint8Array<ArrayBuffer>);
     body = new Blob(parts);
   } else throw new TypeError('An upload from a local path needs Node (or Bun, Deno); in a browser pass a File or Blob');
-  return fetchFn(url, { method: 'POST', headers: { ...headers, 'content-type': 'application/octet-stream' }, body });
+  return withoutRedirects(() => fetchFn)(url, { method: 'POST', headers: { ...headers, 'content-type': 'application/octet-stream' }, body });
 }
 
 /** The node:http upload: streams `source` with backpressure, and stops sending when the server refuses early (413, 404). */

@@ -1,6 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { CommandExitError, FileNotFoundError, Sandbox, SandboxNotFoundError, type VoidRunClient } from '../client/index.js';
+import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { CommandExitError, createClient, FileNotFoundError, Sandbox, SandboxFiles, SandboxNotFoundError, type VoidRunClient } from '../client/index.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
@@ -268,5 +270,44 @@ describe.skipIf(!support.ok)('the client SDK: Sandbox.create, commands.run, file
     await proc.sendStdin('go\n');
     expect(await again.wait()).toMatchObject({ stdout: 'one\ntwo\n', exitCode: 0 });
     expect((await proc.wait()).stdout).toBe('one\ntwo\n');
+  });
+});
+
+/** A loopback server answering every request with `answer`; resolves once it listens. */
+async function loopback(answer: (req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse) => void): Promise<{ server: Server; url: string }> {
+  const server = createServer(answer);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { server, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}` };
+}
+
+describe('the client never follows a redirect with the API key', () => {
+  it("a 302 to another origin is an error naming it, on tRPC calls and fetch and node:http transfers; the key never arrives there", async () => {
+    const seen: IncomingHttpHeaders[] = [];
+    const elsewhere = await loopback((req, res) => {
+      seen.push(req.headers);
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{"data":{}}');
+    });
+    const redirecting = await loopback((req, res) => {
+      req.resume();
+      res.writeHead(302, { location: `${elsewhere.url}${req.url ?? '/'}` }).end();
+    });
+    const client = createClient({ url: redirecting.url, apiKey: 'vr-key-that-must-stay', fetch: (...a) => globalThis.fetch(...a) });
+    try {
+      const redirect = new RegExp(`with a redirect \\(302 to ${elsewhere.url.replace(/[.]/g, '\\.')}/`);
+      await expect(client.sandboxes.list()).rejects.toThrow(redirect);
+      const viaFetch = new SandboxFiles(client.trpc, client.http, 'a'.repeat(24));
+      await expect(viaFetch.write('/root/x', 'bytes')).rejects.toThrow(redirect);
+      await expect(viaFetch.read('/root/x')).rejects.toThrow(redirect);
+      await expect(viaFetch.downloadStream('/root/x')).rejects.toThrow(redirect);
+      // node:http (the default where Node's modules exist) does not follow one either: the 302 is the answer.
+      const viaNode = new SandboxFiles(client.trpc, { ...client.http, fetch: undefined }, 'a'.repeat(24));
+      await expect(viaNode.write('/root/x', 'bytes')).rejects.toThrow();
+      await expect(viaNode.read('/root/x')).rejects.toThrow();
+      expect(seen).toEqual([]);
+    } finally {
+      await client.close();
+      redirecting.server.close();
+      elsewhere.server.close();
+    }
   });
 });
