@@ -243,6 +243,13 @@ describe.skipIf(!support.ok)('sandbox events', () => {
     await vr.trpc.sandbox.delete.mutate({ id: box.id });
   }, 120_000);
 
+  it("a sandbox deleted by its timeout takes its stream with it (the tombstone's 410 covers the events; none stay unreadable in the store)", async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-timeout-delete', timeout: 1, onTimeout: 'delete' });
+    await until(async () => (await server.http(`/api/sandboxes/${box.id}/events`, { apiKey })).status, (s) => s === 410, 'the 410');
+    await server.app.services.events.flush();
+    expect(await server.app.store.sandboxEvents.lastSeq(box.id)).toBe(0);
+  });
+
   it('reports ports opening and closing, read on the host', async () => {
     const box = await vr.sandboxes.create({ name: 'ev-port' });
     const listener = await vr.trpc.commands.run.mutate({ id: box.id, command: 'perl', args: ['-MIO::Socket::INET', '-e', 'my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 8123, Listen => 5, ReuseAddr => 1) or die; sleep 600'], timeout: 0 });

@@ -61,6 +61,26 @@ describe('webhook addresses and filters (pure)', () => {
     expect(webhookAddressAllowed('10.0.0.1', loopback)).toBe(false);
   });
 
+  it('refuses the IPv4-compatible (::/96) and IPv4-translated (::ffff:0:0:0/96) forms and IPv4-mapped ones in any spelling', () => {
+    const none = new BlockList();
+    for (const a of ['::7f00:1', '::127.0.0.1', '::808:808', '::ffff:0:7f00:1', '::ffff:0:808:808', '::ffff:0:8.8.8.8', '0:0:0:0:0:ffff:7f00:1', '0:0:0:0:0:ffff:127.0.0.1', '0::ffff:a00:1']) {
+      expect(webhookAddressAllowed(a, none), a).toBe(false);
+    }
+    expect(webhookAddressAllowed('0:0:0:0:0:ffff:808:808', none)).toBe(true);
+  });
+
+  it("refuses this host's own addresses (any interface's, also spelled otherwise) unless the operator opens them", () => {
+    const none = new BlockList();
+    const own = new Set(['93.184.216.34', '2606:4700:4700::1111']);
+    expect(webhookAddressAllowed('93.184.216.34', none, own)).toBe(false);
+    expect(webhookAddressAllowed('::ffff:93.184.216.34', none, own)).toBe(false);
+    expect(webhookAddressAllowed('2606:4700:4700:0:0:0:0:1111', none, own)).toBe(false);
+    expect(webhookAddressAllowed('1.1.1.1', none, own)).toBe(true);
+    const opened = new BlockList();
+    opened.addAddress('93.184.216.34', 'ipv4');
+    expect(webhookAddressAllowed('93.184.216.34', opened, own)).toBe(true);
+  });
+
   it('matches event types exactly or by prefix pattern; no filter is every event', () => {
     expect(webhookWants([], 'process.exited')).toBe(true);
     expect(webhookWants(['*'], 'process.exited')).toBe(true);
@@ -244,7 +264,13 @@ describe.skipIf(!support.ok)('webhooks', () => {
     const member = await server.client().trpc.auth.register.mutate({ name: 'Member', email: uniqueEmail('hooks-member') });
     await server.app.store.orgs.addMember(owner.orgId, member.userId);
     const asMember = { 'x-org-id': owner.orgId };
-    expect((await server.http(hooksPath(), { apiKey: member.apiKey, headers: asMember })).status).toBe(200);
+    const seen = await server.http(hooksPath(), { apiKey: member.apiKey, headers: asMember });
+    expect(seen.status).toBe(200);
+    // A member sees the URL without its path (it may carry the receiver's token); the owner sees it whole.
+    const memberView = ((await seen.json()) as { data: Webhook[] }).data.find((h) => h.id === hook.id)!;
+    expect(memberView.url).toBe(`${new URL(rx.url).origin}/…`);
+    const ownerView = ((await (await server.http(hooksPath(), { apiKey: owner.apiKey })).json()) as { data: Webhook[] }).data.find((h) => h.id === hook.id)!;
+    expect(ownerView.url).toBe(rx.url);
     expect((await server.http(`${hooksPath()}/${hook.id}/deliveries`, { apiKey: member.apiKey, headers: asMember })).status).toBe(200);
     const denied = await create({ url: rx.url, secret: SECRET }, member.apiKey, asMember);
     expect(denied.status).toBe(403);

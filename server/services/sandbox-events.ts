@@ -58,7 +58,8 @@ export interface SandboxEventSink {
   emit(event: SandboxEventInput): void;
   /**
    * Drops the sandbox's stream once every event reported before this call is written (a deleted
-   * sandbox's; one that keeps a tombstone record keeps its events and does not call this).
+   * sandbox's, also one its timeout deleted: its tombstone answers 410 for the stream too, so
+   * nothing could read the events kept).
    */
   deleteForSandbox?(sandboxId: string): void;
 }

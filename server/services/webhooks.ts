@@ -3,6 +3,7 @@ import { lookup } from 'node:dns/promises';
 import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { BlockList, isIP, type LookupFunction } from 'node:net';
+import { networkInterfaces } from 'node:os';
 import type { Logger } from 'pino';
 import type { CreateWebhookInput, Webhook, WebhookAttempt } from '../../shared/schemas/events.js';
 import { ForbiddenError, InvalidInputError, NotFoundError, TooManyRequestsError } from '../errors.js';
@@ -22,6 +23,8 @@ const ATTEMPT_LOG_SIZE = 1000;
 const RESUME_LIMIT = 10_000;
 /** The most characters of an attempt's error kept in the log. */
 const MAX_ERROR_CHARS = 300;
+/** How long an org's list of webhooks is used before it is read again (a webhook created or deleted by another server is seen within it). */
+const HOOKS_CACHE_MS = 30_000;
 
 /**
  * Addresses a tenant's webhook never reaches unless WEBHOOK_ALLOW_PRIVATE opens them: this host
@@ -29,8 +32,10 @@ const MAX_ERROR_CHARS = 300;
  * fd00:ec2::254 included), and the reserved, documentation, multicast and translation ranges.
  */
 const REFUSED_V4 = ['0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12', '192.0.0.0/24', '192.0.2.0/24', '192.88.99.0/24', '192.168.0.0/16', '198.18.0.0/15', '198.51.100.0/24', '203.0.113.0/24', '224.0.0.0/4', '240.0.0.0/4'];
-// IPv4-mapped addresses (::ffff:a.b.c.d) are checked as the IPv4 address they stand for (see `unmapped`).
-const REFUSED_V6 = ['::/128', '::1/128', '64:ff9b::/96', '64:ff9b:1::/48', '100::/64', '2001::/32', '2001:db8::/32', '2002::/16', 'fc00::/7', 'fe80::/10', 'fec0::/10', 'ff00::/8'];
+// IPv4-mapped addresses (::ffff:a.b.c.d) are checked as the IPv4 address they stand for (see
+// `unmapped`); the IPv4-compatible (::/96: :: and ::1 too) and IPv4-translated (::ffff:0:0:0/96)
+// forms are refused whatever IPv4 address they embed (a translator may deliver them to it).
+const REFUSED_V6 = ['::/96', '::ffff:0:0:0/96', '64:ff9b::/96', '64:ff9b:1::/48', '100::/64', '2001::/32', '2001:db8::/32', '2002::/16', 'fc00::/7', 'fe80::/10', 'fec0::/10', 'ff00::/8'];
 
 function blockList(cidrs: readonly string[]): BlockList {
   const list = new BlockList();
@@ -43,26 +48,50 @@ function blockList(cidrs: readonly string[]): BlockList {
 }
 const refused = blockList([...REFUSED_V4, ...REFUSED_V6]);
 
-/** The IPv4 address an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) stands for, else the address itself. */
+/** An IPv6 address's eight 16-bit groups (a trailing dotted IPv4 part included), or null. */
+function groups6(address: string): number[] | null {
+  if (isIP(address) !== 6) return null;
+  let text = address.replace(/%.*$/, '');
+  const dotted = /(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(text);
+  if (dotted) {
+    const [a, b, c, d] = dotted.slice(1).map(Number) as [number, number, number, number];
+    text = `${text.slice(0, dotted.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const [left = '', right] = text.split('::');
+  const l = left ? left.split(':') : [];
+  const r = right === undefined ? [] : right ? right.split(':') : [];
+  const fill = right === undefined ? [] : Array<string>(8 - l.length - r.length).fill('0');
+  const all = [...l, ...fill, ...r].map((g) => parseInt(g, 16));
+  return all.length === 8 && all.every((g) => g >= 0 && g <= 0xffff) ? all : null;
+}
+
+/** The IPv4 address an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`, in any spelling) stands for, else the address itself. */
 function unmapped(address: string): string {
-  const dotted = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
-  if (dotted) return dotted[1]!;
-  // The hexadecimal form URLs normalize to: [::ffff:127.0.0.1] is [::ffff:7f00:1].
-  const hex = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/i.exec(address);
-  if (!hex) return address;
-  const [hi, lo] = [parseInt(hex[1]!, 16), parseInt(hex[2]!, 16)];
-  return [hi >> 8, hi & 255, lo >> 8, lo & 255].join('.');
+  const g = groups6(address);
+  if (!g || g.slice(0, 5).some((x) => x !== 0) || g[5] !== 0xffff) return address;
+  return [g[6]! >> 8, g[6]! & 255, g[7]! >> 8, g[7]! & 255].join('.');
+}
+
+/** This host's own addresses (every interface's), read when asked: a webhook never reaches the server's host. */
+function ownAddresses(): Set<string> {
+  const own = new Set<string>();
+  for (const list of Object.values(networkInterfaces())) for (const a of list ?? []) own.add(unmapped(a.address.replace(/%.*$/, '')).toLowerCase());
+  return own;
 }
 
 /**
  * Whether a webhook may connect to `address`: not in a refused range, or inside one of the
  * operator's WEBHOOK_ALLOW_PRIVATE CIDRs.
  */
-export function webhookAddressAllowed(address: string, allowPrivate: BlockList): boolean {
+export function webhookAddressAllowed(address: string, allowPrivate: BlockList, own: ReadonlySet<string> = ownAddresses()): boolean {
   const plain = unmapped(address);
   const family = isIP(plain) === 6 ? 'ipv6' : 'ipv4';
   if (!isIP(plain)) return false;
-  return !refused.check(plain, family) || allowPrivate.check(plain, family);
+  if (allowPrivate.check(plain, family)) return true;
+  const g = family === 'ipv6' ? groups6(plain) : null;
+  const canonical = g ? g.map((x) => x.toString(16)).join(':') : plain;
+  const isOwn = [...own].some((a) => a === plain.toLowerCase() || (g && groups6(a)?.map((x) => x.toString(16)).join(':') === canonical));
+  return !refused.check(plain, family) && !isOwn;
 }
 
 /** Whether an event of `type` goes to a webhook with these filters (none: every event). */
@@ -109,8 +138,8 @@ type AttemptResult = { statusCode: number; error: null } | { statusCode: null; e
  */
 export class WebhookService {
   readonly #allowPrivate: BlockList;
-  /** Each org's webhooks, read once and dropped when one is created or deleted here. */
-  readonly #byOrg = new Map<string, Promise<WebhookRecord[]>>();
+  /** Each org's webhooks, read at most every HOOKS_CACHE_MS, and dropped when one is created or deleted here. */
+  readonly #byOrg = new Map<string, { hooks: Promise<WebhookRecord[]>; at: number }>();
   readonly #inFlight = new Map<string, number>();
   readonly #waiting = new Map<string, WebhookDeliveryRecord[]>();
   readonly #timers = new Set<NodeJS.Timeout>();
@@ -141,9 +170,15 @@ export class WebhookService {
     return toWebhook(hook);
   }
 
+  /**
+   * The org's webhooks. Their URLs often carry the receiver's token: the owner sees them whole,
+   * members only `scheme://host[:port]/…`.
+   */
   async list(principal: Principal, orgId: string): Promise<Webhook[]> {
     assertSameOrg(principal, orgId);
-    return (await this.deps.webhooks.listByOrg(orgId)).map(toWebhook);
+    const [hooks, org] = await Promise.all([this.deps.webhooks.listByOrg(orgId), this.deps.orgs.findById(orgId)]);
+    const owner = org?.ownerId === principal.userId;
+    return hooks.map((h) => toWebhook(owner ? h : { ...h, url: maskedUrl(h.url) }));
   }
 
   /** Deletes a webhook with its pending deliveries and log; only the org's owner may. */
@@ -241,13 +276,14 @@ export class WebhookService {
   }
 
   #hooksOf(orgId: string): Promise<WebhookRecord[]> {
-    let hooks = this.#byOrg.get(orgId);
-    if (!hooks) {
-      hooks = this.deps.webhooks.listByOrg(orgId);
-      this.#byOrg.set(orgId, hooks);
-      hooks.catch(() => this.#byOrg.delete(orgId));
-    }
-    return hooks;
+    const cached = this.#byOrg.get(orgId);
+    if (cached && Date.now() - cached.at < HOOKS_CACHE_MS) return cached.hooks;
+    const entry = { hooks: this.deps.webhooks.listByOrg(orgId), at: Date.now() };
+    this.#byOrg.set(orgId, entry);
+    entry.hooks.catch(() => {
+      if (this.#byOrg.get(orgId) === entry) this.#byOrg.delete(orgId);
+    });
+    return entry.hooks;
   }
 
   #schedule(delivery: WebhookDeliveryRecord, delayMs: number): void {
@@ -379,7 +415,7 @@ export class WebhookService {
     const addresses = isIP(host) ? [{ address: host, family: isIP(host) }] : await lookup(host, { all: true, verbatim: true });
     if (addresses.length === 0) throw new Error(`${host} resolves to no address`);
     const bad = addresses.find((a) => !webhookAddressAllowed(a.address, this.#allowPrivate));
-    if (bad) throw new Error(`${host} resolves to ${bad.address}, a loopback, private or link-local address webhooks may not reach (the operator opens such addresses with WEBHOOK_ALLOW_PRIVATE)`);
+    if (bad) throw new Error(`${host} resolves to ${bad.address}, a loopback, private or link-local address (or one of this host's own) webhooks may not reach (the operator opens such addresses with WEBHOOK_ALLOW_PRIVATE)`);
     return addresses[0]!;
   }
 
@@ -425,6 +461,15 @@ function webhookNotFound(id: string): NotFoundError {
 
 function clip(message: string): string {
   return message.length > MAX_ERROR_CHARS ? `${message.slice(0, MAX_ERROR_CHARS)}…` : message;
+}
+
+/** `scheme://host[:port]/…`: a URL without its path and query (a member's view of a webhook). */
+function maskedUrl(text: string): string {
+  try {
+    return `${new URL(text).origin}/…`;
+  } catch {
+    return '…';
+  }
 }
 
 function toWebhook(h: WebhookRecord): Webhook {
