@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { IdempotencyService } from '../server/services/idempotency.js';
+import { hashOf, IDEMPOTENCY_PRUNE_GRACE_MS, IdempotencyService } from '../server/services/idempotency.js';
 import { newId } from '../server/store/ids.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
 import { dropMongoDatabase } from './helpers/ferretdb.js';
@@ -74,6 +74,14 @@ describe.skipIf(!support.ok)('idempotent requests', () => {
     expect(await total(org)).toBe(1);
   });
 
+  it('a body differing only in an env var named idempotencyKey is another body: 409, not the first sandbox', async () => {
+    const org = await register('nested-key');
+    expect((await post(org, '/api/sandboxes', { name: 'nested', envVars: { idempotencyKey: 'v1' } }, 'nested-key')).status).toBe(201);
+    const other = await post(org, '/api/sandboxes', { name: 'nested', envVars: { idempotencyKey: 'v2' } }, 'nested-key');
+    expect(other.status).toBe(409);
+    expect(other.body.error).toContain('was used for a different sandbox.create request');
+  });
+
   it('idempotencyKey in the tRPC input works as the header does', async () => {
     const org = await register('trpc');
     const trpc = server.client(org.apiKey).trpc;
@@ -138,6 +146,30 @@ describe.skipIf(!support.ok)('idempotent requests', () => {
     expect(elsewhere.status).toBe(409);
   });
 
+  it('a replayed commands/run never hands back a pid that no longer names its process: after a restart of the sandbox it is a 409', async () => {
+    const org = await register('pid-reuse');
+    const sb = (await post(org, '/api/sandboxes', { name: 'reuser' })).body.data;
+    const path = `/api/sandboxes/${sb.id}/commands/run`;
+    const first = await post(org, path, { command: 'sleep 30' }, 'run-reused');
+    expect(first.status).toBe(200);
+    // A stop and start: the agent's process table starts empty, and pids start over.
+    expect((await post(org, `/api/sandboxes/${sb.id}/stop`, {})).status).toBe(200);
+    expect((await post(org, `/api/sandboxes/${sb.id}/start`, {})).status).toBe(200);
+    const replay = () => post(org, path, { command: 'sleep 30' }, 'run-reused');
+    const pid = (first.body as unknown as { pid: number }).pid;
+    const gone = await replay();
+    expect(gone.status).toBe(409);
+    expect(gone.body.error).toBe(`The process Idempotency-Key run-reused started has exited and pid ${pid} is no longer listed; send a new key to start a new one`);
+    // Another command started now: the first pid of the new boot, usually the same number.
+    const next = (await post(org, path, { command: 'sleep 31' })).body as unknown as { pid: number };
+    const reused = await replay();
+    expect(reused.status).toBe(409);
+    const now = next.pid === pid ? 'now names another process' : 'is no longer listed';
+    expect(reused.body.error).toBe(`The process Idempotency-Key run-reused started has exited and pid ${pid} ${now}; send a new key to start a new one`);
+    const list = (await (await server.http(`/api/sandboxes/${sb.id}/commands/list`, { apiKey: org.apiKey })).json()) as { processes: Array<{ command: string }> };
+    expect(list.processes.map((p) => p.command)).toEqual(['sleep 31']);
+  });
+
   it('a retried restore answers the same restored sandbox', async () => {
     const org = await register('restore');
     const sb = (await post(org, '/api/sandboxes', { name: 'source' })).body.data;
@@ -166,8 +198,66 @@ describe('idempotency keys expire', () => {
       // Expired: the retry runs again rather than answering the old result.
       expect(await run()).toBe(2);
       await new Promise((r) => setTimeout(r, 5));
-      expect(await service.prune()).toBe(1);
+      // Kept a grace period past expiry (the takeover margin), then pruned: both claims of the key.
+      expect(await service.prune()).toBe(0);
+      expect(await service.prune(new Date(Date.now() + IDEMPOTENCY_PRUNE_GRACE_MS + 1))).toBe(2);
       expect(await store.idempotency.find(principal.orgId, 'sandbox.create', 'expiring')).toBeNull();
+    } finally {
+      service.close();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('idempotency request hash and bounds', () => {
+  it('an env var or label named idempotencyKey is part of the body (only the top-level key is left out)', () => {
+    expect(hashOf({ name: 'a', envVars: { idempotencyKey: 'secret-1' } })).not.toBe(hashOf({ name: 'a', envVars: {} }));
+    expect(hashOf({ name: 'a', labels: { idempotencyKey: 'v1' } })).not.toBe(hashOf({ name: 'a', labels: { idempotencyKey: 'v2' } }));
+    expect(hashOf({ name: 'a', idempotencyKey: 'k' })).toBe(hashOf({ name: 'a' }));
+    expect(hashOf({ b: 1, a: { d: 2, c: 3 } })).toBe(hashOf({ a: { c: 3, d: 2 }, b: 1 }));
+  });
+
+  it('an org past its bound of live keys gets a 429 naming it for a new key, and still its replays (real SQLite store)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-idem-'));
+    const store = openSqliteStore(dir);
+    const service = new IdempotencyService({ repository: store.idempotency, log: pino({ level: 'silent' }), maxKeysPerOrg: 2 });
+    try {
+      const principal = { orgId: 'b'.repeat(24), keyId: 'k', userId: 'u' };
+      const other = { ...principal, orgId: 'c'.repeat(24) };
+      const replay = { save: (n: number) => String(n), load: async (s: string) => Number(s) };
+      let runs = 0;
+      const run = (who: typeof principal, key: string) => service.run(who, 'exec.startCommand', key, { command: 'true' }, replay, async () => ++runs);
+      expect(await run(principal, 'k1')).toBe(1);
+      expect(await run(principal, 'k2')).toBe(2);
+      await expect(run(principal, 'k3')).rejects.toMatchObject({ code: 'TOO_MANY_REQUESTS', message: expect.stringContaining('holds 2 idempotency keys from the last 24 h (IDEMPOTENCY_MAX_KEYS_PER_ORG)') });
+      // A key already held is answered; another org has its own bound.
+      expect(await run(principal, 'k1')).toBe(1);
+      expect(await run(other, 'k3')).toBe(3);
+      expect(runs).toBe(3);
+    } finally {
+      service.close();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a failed request ends only its own claim: the retry after it takes the key over and runs once (real SQLite store)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-idem-'));
+    const store = openSqliteStore(dir);
+    const service = new IdempotencyService({ repository: store.idempotency, log: pino({ level: 'silent' }) });
+    try {
+      const principal = { orgId: 'd'.repeat(24), keyId: 'k', userId: 'u' };
+      const replay = { save: (n: number) => String(n), load: async (s: string) => Number(s) };
+      let runs = 0;
+      const failing = service.run(principal, 'sandbox.create', 'fails-once', { name: 'x' }, replay, async () => {
+        runs++;
+        throw new Error('name taken');
+      });
+      await expect(failing).rejects.toThrow('name taken');
+      const retries = await Promise.all([1, 2, 3].map(() => service.run(principal, 'sandbox.create', 'fails-once', { name: 'x' }, replay, async () => ++runs)));
+      expect(retries).toEqual([2, 2, 2]);
+      expect(await store.idempotency.find(principal.orgId, 'sandbox.create', 'fails-once')).toMatchObject({ gen: 1, result: '2' });
     } finally {
       service.close();
       await store.close();

@@ -20,6 +20,9 @@ import { IdempotencyKeyHeaders } from '../../shared/schemas/idempotency.js';
 
 const tags = ['Execution'];
 
+/** What an idempotent `commands/run` stored with its key (ExecService.startCommand's handle). */
+const StartedCommandSaved = z.object({ success: z.literal(true), pid: z.number().int(), command: z.string(), startTime: z.string() });
+
 export const execRouter = router({
   run: authedProcedure
     .meta({
@@ -69,10 +72,11 @@ export const commandsRouter = router({
     .input(RunCommandInput)
     .output(CommandStarted)
     .mutation(({ ctx, input }) => {
-      // Once per idempotency key: a retry gets the same process handle (pid), never a second process.
+      // Once per idempotency key: a retry gets the same process handle (pid) while that pid still
+      // names the process the key started (else a 409), never a second process.
       const { idempotency, exec } = ctx.services;
       const key = idempotency.keyOf(ctx.idempotencyKey, input.idempotencyKey);
-      return idempotency.run(ctx.principal, 'exec.startCommand', key, input, { save: (r) => JSON.stringify(r), load: async (saved) => JSON.parse(saved) as Awaited<ReturnType<typeof exec.startCommand>> }, () =>
+      return idempotency.run(ctx.principal, 'exec.startCommand', key, input, { save: (r) => JSON.stringify(r), load: (saved) => exec.replayStarted(ctx.principal, input.id, key ?? '', StartedCommandSaved.parse(JSON.parse(saved))) }, () =>
         exec.startCommand(ctx.principal, input),
       );
     }),

@@ -3,7 +3,7 @@ import { agentProcessStream, agentShellExecStream, type ProcessStreamCall } from
 import { AgentUnavailableError, fromAgentCode } from '../agent-client/agent-clients.js';
 import { AGENT_MESSAGE_MAX_CHARS } from '../../shared/schemas/agent-replies.js';
 import { DEFAULT_EXEC_TIMEOUT_SEC, type ExecChunk, type ExecInput, type ExecOutput, type ProcessInfo, type RunCommandInput, type SessionExecInput, type SessionExecResult } from '../../shared/index.js';
-import { InvalidInputError } from '../errors.js';
+import { ConflictError, InvalidInputError } from '../errors.js';
 import type { OutputEvent, ProcessSpec } from '../../shared/schemas/agent.js';
 import type { AgentClient } from '../agent-client/agent-clients.js';
 import type { Principal } from './auth-service.js';
@@ -11,6 +11,14 @@ import type { SandboxService } from './sandbox-service.js';
 import type { SandboxEventSink } from './sandbox-events.js';
 import { ProcessEvents } from './process-events.js';
 import type { ActivityTracker } from './activity.js';
+
+/** A background command's handle as `commands/run` answers it, with the agent's start time of the process. */
+export interface StartedCommand {
+  success: true;
+  pid: number;
+  command: string;
+  startTime: string;
+}
 
 /** What a session-exec stream carries. */
 export type SessionStreamEvent = { type: 'stdout' | 'stderr'; data: string } | { type: 'exit'; exitCode: number };
@@ -69,14 +77,30 @@ export class ExecService {
     return result;
   }
 
-  async startCommand(principal: Principal, input: RunCommandInput): Promise<{ success: true; pid: number; command: string }> {
+  /** The handle of a process started; `startTime` (the agent's) tells it from a later process given its pid (see `replayStarted`). */
+  async startCommand(principal: Principal, input: RunCommandInput): Promise<StartedCommand> {
     const started = await this.#withAgent(principal, input.id, async (agent) => {
       const info = await agent.process.start.mutate({ ...this.#spec(input, input.timeout), stdin: true });
-      return { success: true as const, pid: info.pid, command: info.command };
+      return { success: true as const, pid: info.pid, command: info.command, startTime: info.startTime };
     });
     // Followed for its exit whether or not anyone waits for it.
     await this.#commandStarted(principal, input, started.pid);
     return started;
+  }
+
+  /**
+   * An idempotent `commands/run` retry's answer: the handle its key's first run got, while the
+   * newest process the agent lists under that pid is still that one (same start time and command).
+   * Once the pid names a process started since, or the process is no longer listed, a 409: kill or
+   * wait on the pid would act on an unrelated process. (The agent's list only decides this answer
+   * for its own sandbox's caller.)
+   */
+  async replayStarted(principal: Principal, id: string, key: string, started: StartedCommand): Promise<StartedCommand> {
+    const { processes } = await this.listCommands(principal, id);
+    const newest = processes.filter((p) => p.pid === started.pid).at(-1);
+    if (newest && newest.startTime === started.startTime && newest.command === started.command) return started;
+    const now = newest ? 'now names another process' : 'is no longer listed';
+    throw new ConflictError(`The process Idempotency-Key ${key} started has exited and pid ${started.pid} ${now}; send a new key to start a new one`);
   }
 
   async listCommands(principal: Principal, id: string): Promise<{ success: true; processes: ProcessInfo[] }> {
