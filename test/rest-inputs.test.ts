@@ -148,6 +148,68 @@ describe('inputs as existing VoidRun clients send them (plain HTTP)', () => {
     expect(create.error).toMatch(/^Invalid name/);
   });
 
+  it('a REST body is taken as sent: autoResume "false" is a 400, not true; timeout "" is a 400, not "no timeout" (as over tRPC)', async () => {
+    const missing = '65ae1234567890abcdef1234';
+    const send = (method: string, path: string, body: string) =>
+      fetch(`${server.url}/api${path}`, { method, headers: { 'x-api-key': apiKey, 'content-type': 'application/json' }, body }).then(answer);
+    const cases: Array<[string, string, string, RegExp]> = [
+      ['PATCH', `/sandboxes/${missing}`, '{"autoResume":"false"}', /^Invalid autoResume/],
+      ['PATCH', `/sandboxes/${missing}`, '{"autoResume":"yes"}', /^Invalid autoResume/],
+      ['POST', `/sandboxes/${missing}/timeout`, '{"timeout":""}', /^Invalid timeout: timeout must be a whole number of seconds/],
+      ['POST', `/sandboxes/${missing}/timeout`, '{"timeout":"60"}', /^Invalid timeout: timeout must be a whole number of seconds/],
+      ['POST', '/sandboxes', '{"name":"coerced","autoResume":"false"}', /^Invalid autoResume/],
+      ['POST', '/sandboxes', '{"name":"coerced","cpu":"2"}', /^Invalid cpu/],
+      // idle: null is a value (no idle policy), so with autoSleep it is the "not both" 400.
+      ['PATCH', `/sandboxes/${missing}`, '{"autoSleep":true,"idle":null}', /^Invalid autoSleep: send autoSleep or idle, not both/],
+      // A body that is not an object, and fields a sandbox update does not change, are refused, never ignored.
+      ['PATCH', `/sandboxes/${missing}`, '[]', /^The body must be a JSON object .*not an array/],
+      ['POST', `/sandboxes/${missing}/timeout`, '"60"', /^The body must be a JSON object .*not a string/],
+      ['PATCH', `/sandboxes/${missing}`, '{"name":"renamed","cpu":64}', /a sandbox update changes only timeout, onTimeout, idle, autoResume and autoSleep; not name, cpu/],
+      ['PATCH', `/sandboxes/${missing}`, '{}', /send at least one of timeout, onTimeout, idle, autoResume and autoSleep/],
+      // A null field reads as absent (as the original's Go handlers read it): a PATCH of timeout null alone changes nothing, as POST /timeout without one.
+      ['PATCH', `/sandboxes/${missing}`, '{"timeout":null}', /send at least one of/],
+      ['POST', `/sandboxes/${missing}/timeout`, '{"timeout":null}', /^Invalid timeout/],
+    ];
+    for (const [method, path, body, message] of cases) {
+      const r = await send(method, path, body);
+      expect(r.status, `${method} ${path} ${body}: ${r.text}`).toBe(400);
+      expect(r.error, `${method} ${path} ${body}`).toMatch(message);
+    }
+    // Well-typed, the same calls reach the (missing) sandbox.
+    for (const [method, path, body] of [
+      ['PATCH', `/sandboxes/${missing}`, '{"autoResume":false}'],
+      ['PATCH', `/sandboxes/${missing}`, '{"idle":null}'],
+      ['PATCH', `/sandboxes/${missing}`, '{"timeout":null,"autoResume":true}'],
+      ['POST', `/sandboxes/${missing}/timeout`, '{"timeout":60}'],
+    ]) {
+      const r = await send(method!, path!, body!);
+      expect(r.status, `${method} ${path} ${body}: ${r.text}`).toBe(404);
+    }
+    // tRPC answers the same bodies the same way.
+    const trpc = await post('/trpc/sandbox.update', JSON.stringify({ json: { id: missing, autoResume: 'false' } }), 'application/json');
+    expect(trpc.status).toBe(400);
+  });
+
+  it('query strings and path parameters are read as their fields\' types: "false" and "0" are false, a number that is not one (or "") is a 400 naming the field', async () => {
+    const missing = '65ae1234567890abcdef1234';
+    const call = (method: string, path: string) => fetch(`${server.url}/api${path}`, { method, headers: { 'x-api-key': apiKey } }).then(answer);
+    // Read as typed: the sandbox is what is missing.
+    for (const query of ['keepSnapshots=false', 'keepSnapshots=0', 'keepSnapshots=true', 'keepSnapshots=1']) expect((await call('DELETE', `/sandboxes/${missing}?${query}`)).status, query).toBe(404);
+    expect((await call('POST', `/sandboxes/${missing}/ports/8000/token`)).status).toBe(404);
+    const cases: Array<[string, string, RegExp]> = [
+      ['DELETE', `/sandboxes/${missing}?keepSnapshots=yes`, /^Invalid keepSnapshots: "yes" is not a boolean; send true or false \(or 1 or 0\)$/],
+      ['GET', '/sandboxes?page=', /^Invalid page: "" is not a number$/],
+      ['GET', '/sandboxes?limit=0x10', /^Invalid limit: "0x10" is not a number$/],
+      ['GET', `/sandboxes/${missing}/events?after=`, /^Invalid after: "" is not a number$/],
+      ['POST', `/sandboxes/${missing}/ports/eighty/token`, /^Invalid port: "eighty" is not a number$/],
+    ];
+    for (const [method, path, message] of cases) {
+      const r = await call(method, path);
+      expect(r.status, `${method} ${path}: ${r.text}`).toBe(400);
+      expect(r.error, path).toMatch(message);
+    }
+  });
+
   it('orgId "" and userId "" on create and restore mean "the key\'s" (not a 400); another org\'s id is still refused', async () => {
     const restore = await post('/api/sandboxes/restore', JSON.stringify({ snapshot_path: '65ae1234567890abcdef1234/snap-65ae1234567890abcdef1234', orgId: '', userId: '' }), 'application/json');
     expect(restore.status, restore.text).toBe(404);

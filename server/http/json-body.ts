@@ -35,10 +35,14 @@ export function assertJsonDepth(value: unknown): void {
   }
 }
 
-/** Top-level `null` fields of a body object read as absent (as omitted optional fields). */
-function withoutNullFields(body: unknown): unknown {
+/**
+ * Top-level `null` fields of a body object read as absent (as omitted optional fields), as the
+ * original's Go handlers read them; except those `takesNull` names, where null is a value of its
+ * own (`idle: null`: no idle policy).
+ */
+export function withoutNullFields(body: unknown, takesNull: (key: string) => boolean = () => false): unknown {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) return body;
-  return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== null));
+  return Object.fromEntries(Object.entries(body).filter(([k, v]) => v !== null || takesNull(k)));
 }
 
 /**
@@ -46,10 +50,10 @@ function withoutNullFields(body: unknown): unknown {
  * `curl -X POST` works). The body is read as JSON whatever its Content-Type (text/plain, curl's
  * default form type, none), as the original VoidRun does, except multipart/form-data; a body that
  * is not JSON is refused (415 when it did not claim to be JSON, else 400). Nesting deeper than
- * MAX_JSON_DEPTH is refused (400); top-level `null` fields are dropped. Stops reading as soon as
- * the limit is passed.
+ * MAX_JSON_DEPTH is refused (400); top-level `null` fields are dropped (unless `keepNulls`: the
+ * caller drops them knowing which fields take null). Stops reading as soon as the limit is passed.
  */
-export async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
+export async function readJsonBody(req: IncomingMessage, limit: number, opts: { keepNulls?: boolean } = {}): Promise<unknown> {
   const declared = Number(req.headers['content-length'] ?? NaN);
   if (declared > limit) throw tooLarge(limit);
   const type = mediaType(req.headers['content-type']);
@@ -72,7 +76,7 @@ export async function readJsonBody(req: IncomingMessage, limit: number): Promise
     throw new InvalidInputError('Malformed JSON body', { details: whereJsonBreaks(text, err) });
   }
   assertJsonDepth(body);
-  return withoutNullFields(body);
+  return opts.keepNulls ? body : withoutNullFields(body);
 }
 
 /**

@@ -1,10 +1,9 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { TRPCError, type AnyProcedure } from '@trpc/server';
 import { getErrorShape } from '@trpc/server/unstable-core-do-not-import';
-import type { ZodObject, ZodRawShape } from 'zod';
+import type { ZodObject, ZodRawShape, ZodType } from 'zod';
 import { ZodArray } from 'zod/v4';
 import {
-  coerceSchema,
   forEachOpenApiProcedure,
   getInputOutputParsers,
   getPathRegExp,
@@ -13,18 +12,17 @@ import {
   instanceofZodTypeOptional,
   normalizePath,
   unwrapZodType,
-  zodSupportsCoerce,
   type OpenApiMethod,
 } from 'trpc-to-openapi';
 import { decodeOrNull } from '../../shared/uri.js';
 import { errorCodeTable } from '../../shared/errors.js';
-import { DomainError } from '../errors.js';
+import { DomainError, InvalidInputError } from '../errors.js';
 import type { AppRouter } from '../routers/index.js';
 import type { Context } from '../trpc/context.js';
 import type { Meta } from '../trpc/init.js';
-import { describeIssues, type ErrorData } from '../trpc/errors.js';
+import { describeIssues, toTRPCError, type ErrorData } from '../trpc/errors.js';
 import { errorBody, sendError, successBody } from './envelope.js';
-import { readJsonBody } from './json-body.js';
+import { readJsonBody, withoutNullFields } from './json-body.js';
 import { procedureMetaIndex } from './procedure-meta.js';
 
 /** What trpc-to-openapi writes for a failed call: our error shape plus its own fields. */
@@ -41,9 +39,13 @@ export interface RestHandlerOptions {
 
 /**
  * The REST face: `/api/...` is routed to procedures by their `meta.openapi` (as trpc-to-openapi
- * routes them: same paths, inputs, coercion and error shapes), the JSON body is read here (size
- * limit, clear parse errors), and the answer is written in the original VoidRun's envelopes.
- * Resolves `false` when no procedure owns the path.
+ * routes them: same paths, inputs and error shapes), the JSON body is read here (size limit, clear
+ * parse errors), and the answer is written in the original VoidRun's envelopes. Resolves `false`
+ * when no procedure owns the path.
+ *
+ * Text inputs (the query string, path parameters) are read as their fields' types (`fromText`);
+ * a JSON body is taken as sent, as tRPC takes it: `"false"` is no boolean and `""` no number there
+ * (trpc-to-openapi's coercion, `Boolean("false")` being true and `Number("")` 0, is not used).
  *
  * This is trpc-to-openapi's Node adapter without its per-request costs: the procedure is called
  * directly (no caller proxy), no fetch `Request` is built for an abort signal nothing reads (its
@@ -57,10 +59,8 @@ export function createRestHandler(opts: RestHandlerOptions) {
     const method = req.method ?? 'GET';
     if (method !== 'GET' && method !== 'HEAD' && method !== 'DELETE') {
       try {
-        // The contract passes some POST inputs in the query string (files/mkdir?path=…): the
-        // query is merged under the body, which wins on a conflict.
-        const body = await readJsonBody(req, opts.maxJsonBodyBytes);
-        req.body = body && typeof body === 'object' && !Array.isArray(body) ? { ...queryValues(apiPath), ...body } : body;
+        // Nulls are kept: which fields take null as a value is the procedure's (see `bodyInput`).
+        req.body = await readJsonBody(req, opts.maxJsonBodyBytes, { keepNulls: true });
       } catch (err) {
         if (!(err instanceof DomainError)) throw err;
         // The body was not read to its end: close the connection rather than reuse it.
@@ -78,10 +78,9 @@ export function createRestHandler(opts: RestHandlerOptions) {
     try {
       // A GET or DELETE takes its input from the query string; every other method from the body.
       const useBody = method !== 'GET' && method !== 'DELETE';
-      if (!entry.voidInput) input = { ...(useBody ? (req.body as object) : singleValues(queryWithBooleans(apiPath))), ...pathInput };
-      if (entry.objectInput && input) {
-        if (!useBody) for (const key of entry.arrayKeys) if (input[key] !== undefined && !Array.isArray(input[key])) input[key] = [input[key]];
-        entry.coerce();
+      if (!entry.voidInput) input = { ...(useBody ? bodyInput(entry, req.body, apiPath) : fromText(entry, singleValues(queryLists(apiPath)))), ...fromText(entry, pathInput) };
+      if (entry.objectInput && input && !useBody) {
+        for (const key of entry.arrayKeys) if (input[key] !== undefined && !Array.isArray(input[key])) input[key] = [input[key]];
       }
       const data: unknown = await entry.procedure({ path: entry.path, getRawInput: async () => input, ctx, type: entry.type, signal: undefined });
       const meta = metaByPath.get(entry.path) ?? {};
@@ -121,12 +120,14 @@ interface RestProcedure {
   procedure: (opts: { path: string; getRawInput: () => Promise<unknown>; ctx: Context; type: 'query' | 'mutation'; signal: undefined }) => Promise<unknown>;
   /** The input is void-like: the procedure gets none. */
   voidInput: boolean;
-  /** The input is an object: query values are coerced to its fields' types. */
+  /** The input is an object: text values (query, path) are read as its fields' types. */
   objectInput: boolean;
   /** Its array fields: a single query value becomes a one-element array. */
   arrayKeys: string[];
-  /** Marks the input's fields coercible (trpc-to-openapi's `coerceSchema`), once, on first use. */
-  coerce(): void;
+  /** Its number and boolean fields (of arrays too): what a text value of each must read as. */
+  textKinds: Map<string, 'number' | 'boolean'>;
+  /** Its fields that take `null` as a value of their own (`idle: null`); a null elsewhere reads as absent. */
+  takesNull: Set<string>;
 }
 
 /**
@@ -141,9 +142,13 @@ function restProcedureTable(router: AppRouter): (method: string, path: string) =
     if (type === 'subscription') return;
     const { inputParser } = getInputOutputParsers(procedure as never);
     const schema = unwrapZodType(inputParser as never, true);
-    const objectInput = zodSupportsCoerce && instanceofZodTypeObject(schema);
+    const objectInput = instanceofZodTypeObject(schema);
     const shape: Record<string, unknown> = objectInput ? (schema as unknown as ZodObject<ZodRawShape>).shape : {};
-    let coerced = false;
+    const textKinds = new Map<string, 'number' | 'boolean'>();
+    for (const [key, field] of Object.entries(shape)) {
+      const kind = (unwrapZodType(field as never, true) as { _zod?: { def?: { type?: string } } })?._zod?.def?.type;
+      if (kind === 'number' || kind === 'boolean') textKinds.set(key, kind);
+    }
     const entry: RestProcedure = {
       path,
       type,
@@ -154,11 +159,8 @@ function restProcedureTable(router: AppRouter): (method: string, path: string) =
         const field = shape[key];
         return field instanceof ZodArray || (instanceofZodTypeOptional(field as never) && (field as { unwrap(): unknown }).unwrap() instanceof ZodArray);
       }),
-      coerce: () => {
-        if (coerced) return;
-        coerced = true;
-        coerceSchema(schema as unknown as ZodObject<ZodRawShape>);
-      },
+      textKinds,
+      takesNull: new Set(Object.keys(shape).filter((key) => (shape[key] as ZodType).safeParse(null).success)),
     };
     const method: OpenApiMethod = openapi.method;
     const routes = byMethod.get(method) ?? [];
@@ -248,18 +250,59 @@ function withDecodedSegments(apiPath: string): string {
   return q === -1 ? decoded : decoded + apiPath.slice(q);
 }
 
-/**
- * The query string as trpc-to-openapi reads it, with the words `true` and `false` as booleans:
- * it coerces query values with `Boolean()`, which would read "false" as true. (A string parameter
- * coerces `false` back to "false", so no other parameter changes.)
- */
-function queryWithBooleans(path: string): Record<string, unknown[]> {
+/** The query string's values by name, as sent (text). */
+function queryLists(path: string): Record<string, unknown[]> {
   // Null-prototype, so a key like `toString` or `__proto__` is a parameter like any other.
   const query: Record<string, unknown[]> = Object.create(null);
   inputParams(path).forEach((value, key) => {
-    (query[key] ??= []).push(value === 'true' ? true : value === 'false' ? false : value);
+    (query[key] ??= []).push(value);
   });
   return query;
+}
+
+/** A decimal number as text (no blanks, no hex, not empty). */
+const NUMBER_TEXT = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
+
+/**
+ * Text values (query string, path parameters) read as the input's fields' types: a number field's
+ * text must be a decimal number (`""` is a 400, not 0), a boolean's `true`/`1` or `false`/`0` (as
+ * the original's Go handlers parse them; `Boolean("false")` would be true). Other fields stay text.
+ */
+function fromText(entry: RestProcedure, values: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = Object.create(null);
+  for (const key of Object.keys(values)) {
+    const kind = entry.textKinds.get(key);
+    const value = values[key];
+    out[key] = !kind ? value : Array.isArray(value) ? value.map((v) => textAs(key, kind, v)) : textAs(key, kind, value);
+  }
+  return out;
+}
+
+function textAs(key: string, kind: 'number' | 'boolean', value: unknown): unknown {
+  if (typeof value !== 'string') return value;
+  const shown = JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value);
+  if (kind === 'number') {
+    if (NUMBER_TEXT.test(value)) return Number(value);
+    throw toTRPCError(new InvalidInputError(`Invalid ${key}: ${shown} is not a number`));
+  }
+  if (/^(true|1)$/i.test(value)) return true;
+  if (/^(false|0)$/i.test(value)) return false;
+  throw toTRPCError(new InvalidInputError(`Invalid ${key}: ${shown} is not a boolean; send true or false (or 1 or 0)`));
+}
+
+/**
+ * A POST/PUT/PATCH input: the JSON body as sent (it must be an object; `null` or none reads as
+ * `{}`), its top-level nulls read as absent except where the field takes null, over the query
+ * string's values — the contract passes some POST inputs there (files/mkdir?path=…), and the body
+ * wins on a conflict.
+ */
+function bodyInput(entry: RestProcedure, body: unknown, apiPath: string): Record<string, unknown> {
+  if (body !== null && body !== undefined && (typeof body !== 'object' || Array.isArray(body))) {
+    const what = Array.isArray(body) ? 'an array' : `a ${typeof body}`;
+    throw toTRPCError(new InvalidInputError(`The body must be a JSON object ({"field": value, …}), not ${what}`));
+  }
+  const own = withoutNullFields(body ?? {}, (key) => entry.takesNull.has(key)) as Record<string, unknown>;
+  return { ...fromText(entry, queryValues(apiPath)), ...own };
 }
 
 /** Single query values, as sent, for merging into a POST body (a `content=true` stays a string). */

@@ -31,7 +31,7 @@ export const sandboxLifecycleProcedures = {
         tags,
         summary: "Change a sandbox's lifecycle policies",
         description:
-          'The fields given replace the sandbox\'s, the others stay: `timeout` (as POST /sandboxes/{id}/timeout), `onTimeout`, `idle` (null: none), `autoResume`, and `autoSleep` (the VoidRun client libraries\' shorthand: seconds, true for 300 s, false or 0 for never; it sets `idle` to pause after that long). `autoSleep` and `idle` together are a 400.',
+          'The fields given replace the sandbox\'s, the others stay: `timeout` (as POST /sandboxes/{id}/timeout), `onTimeout`, `idle` (null: none), `autoResume`, and `autoSleep` (the VoidRun client libraries\' shorthand: seconds, true for 300 s, false or 0 for never; it sets `idle` to pause after that long). `autoSleep` and `idle` together are a 400; so is any other field (named in the message: a PATCH never reads as a rename or resize that did not happen), a body that is not an object, and one changing nothing. Over REST a null field reads as absent (`timeout: null` leaves the timeout; alone it changes nothing, a 400), except `idle: null`, no idle policy.',
       },
       message: 'Sandbox updated',
       restView: restSandbox,

@@ -136,7 +136,7 @@ export const IdlePolicy = z
   .meta({
     id: 'IdlePolicy',
     description:
-      'Activity is any call that reaches into the sandbox (exec, files, terminals, ports; reading its record is not), an open terminal or stream (exec-stream, attach, watch, events, WebSocket), a command started through the API still running, an open preview or port-proxy connection, and CPU use above SANDBOX_IDLE_CPU_PERCENT (read on the host).',
+      'Activity is any call that reaches into the sandbox (exec, files, terminals, ports; reading its record is not), an open terminal or stream (exec-stream, attach, watch, WebSocket; not its event stream), a command started through the API still running, an open preview or port-proxy connection, and CPU use above SANDBOX_IDLE_CPU_PERCENT (read on the host).',
   });
 export type IdlePolicy = z.infer<typeof IdlePolicy>;
 
@@ -295,13 +295,24 @@ export type RestoreSandboxInput = z.infer<typeof RestoreSandboxInput>;
 export const SetTimeoutInput = z.object({ id: Id, timeout: TimeoutSeconds }).meta({ id: 'SetTimeoutRequest' });
 export type SetTimeoutInput = z.infer<typeof SetTimeoutInput>;
 
-/** `PATCH /sandboxes/{id}`: the lifecycle fields given replace the sandbox's; the others stay. */
+/** What `PATCH /sandboxes/{id}` changes, for its messages. */
+const UPDATABLE = 'timeout, onTimeout, idle, autoResume and autoSleep';
+
+/**
+ * `PATCH /sandboxes/{id}`: the lifecycle fields given replace the sandbox's; the others stay. Any
+ * other field (a name, a size) is refused rather than ignored, so a caller never reads "updated"
+ * for a change that did not happen; so is a body changing nothing.
+ */
 export const UpdateSandboxInput = z
-  .object({
-    id: Id,
-    ...LifecycleInput,
-    autoSleep: AutoSleep.optional(),
-  })
+  .strictObject(
+    {
+      id: Id,
+      ...LifecycleInput,
+      autoSleep: AutoSleep.optional(),
+    },
+    { error: (issue) => (issue.code === 'unrecognized_keys' ? `a sandbox update changes only ${UPDATABLE}; not ${issue.keys.join(', ')}` : undefined) },
+  )
+  .refine((v) => Object.keys(v).some((key) => key !== 'id'), { message: `send at least one of ${UPDATABLE}` })
   .refine((v) => !(v.autoSleep !== undefined && v.idle !== undefined), { message: 'send autoSleep or idle, not both (autoSleep is shorthand for idle with action pause)', path: ['autoSleep'] })
   .meta({ id: 'UpdateSandboxRequest' });
 export type UpdateSandboxInput = z.infer<typeof UpdateSandboxInput>;
