@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openSocket } from './helpers/http-streams.js';
+import { openSocket, parseSse } from './helpers/http-streams.js';
 import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
 import { newId } from '../server/store/ids.js';
@@ -172,13 +172,9 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect(changes).toMatchObject([{ timeout: 600, expiresAt: extended.data!.expiresAt }, { timeout: 0, expiresAt: null }]);
   });
 
-  it('idles a quiet sandbox, but not one running `sleep 600` started through the API, one with a terminal or an event stream held open, nor one busy on CPU', async () => {
+  it('idles a quiet sandbox, but not one running `sleep 600` started through the API, one with a terminal held open, nor one busy on CPU', async () => {
     const idle = { after: 2, action: 'pause' };
-    const [quiet, busy, attached, spinning, followed] = await Promise.all([rest.create({ idle }), rest.create({ idle }), rest.create({ idle }), rest.create({ idle }), rest.create({ idle })]);
-    // An SSE event stream (a raw route) held open for the whole test.
-    const events = await rest.server().http(`/api/sandboxes/${followed.id}/events/stream`, { apiKey: rest.ctx.apiKey });
-    expect(events.status).toBe(200);
-    const reader = events.body!.getReader();
+    const [quiet, busy, attached, spinning] = await Promise.all([rest.create({ idle }), rest.create({ idle }), rest.create({ idle }), rest.create({ idle })]);
     const started = await rest.call(`/sandboxes/${busy.id}/commands/run`, { json: { command: 'sleep', args: ['600'] } });
     expect(started.http, JSON.stringify(started)).toBe(200);
     // A loop detached from the command that started it (no API command runs): only the host's CPU counter sees it.
@@ -194,7 +190,6 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
       expect((await rest.get(busy.id)).data).toMatchObject({ status: 'running', endedReason: null });
       expect((await rest.get(attached.id)).data).toMatchObject({ status: 'running', endedReason: null });
       expect((await rest.get(spinning.id)).data).toMatchObject({ status: 'running', endedReason: null });
-      expect((await rest.get(followed.id)).data).toMatchObject({ status: 'running', endedReason: null });
       // Without autoResume a call on the idled one is the 409, naming the idle policy.
       const refused = await rest.exec(quiet.id);
       expect(refused).toMatchObject({ http: 409, code: 'SANDBOX_NOT_RUNNING' });
@@ -210,9 +205,80 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     expect((await rest.get(busy.id)).data).toMatchObject({ status: 'running' });
     expect((await rest.get(spinning.id)).data).toMatchObject({ status: 'running' });
     expect((await rest.call(`/sandboxes/${spinning.id}`, { method: 'DELETE' })).http).toBe(200);
-    expect((await rest.get(followed.id)).data).toMatchObject({ status: 'running' });
+  });
+
+  it('an event stream open on a sandbox does not keep it awake: the SSE stream and the tRPC sandbox.events subscription both see its sandbox.idle', async () => {
+    const box = await rest.create({ idle: { after: 2, action: 'pause' } });
+    const sse = await rest.server().http(`/api/sandboxes/${box.id}/events/stream`, { apiKey: rest.ctx.apiKey });
+    expect(sse.status).toBe(200);
+    const vr = rest.server().client(rest.ctx.apiKey);
+    const viaTrpc = new Promise<Record<string, unknown>>((resolve, reject) => {
+      const sub = vr.trpc.sandbox.events.subscribe(
+        { id: box.id },
+        {
+          onData: (e) => {
+            if (e.data.type !== 'sandbox.idle') return;
+            sub.unsubscribe();
+            resolve(e.data.data as Record<string, unknown>);
+          },
+          onError: reject,
+        },
+      );
+    });
+    // The SSE stream read until its sandbox.idle (bounded by the test's timeout, never by a sleep).
+    const reader = sse.body!.getReader();
+    let text = '';
+    const complete = () => parseSse(text.slice(0, text.lastIndexOf('\n\n') + 2));
+    while (!complete().some((m) => m.event === 'sandbox.idle')) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`the event stream ended before sandbox.idle: ${text}`);
+      text += new TextDecoder().decode(value);
+    }
     await reader.cancel();
-    expect(await rest.statusIs(followed.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+    const idleData = complete().find((m) => m.event === 'sandbox.idle')!.data;
+    expect(JSON.parse(idleData)).toMatchObject({ type: 'sandbox.idle', data: { after: 2, action: 'pause' } });
+    expect(await viaTrpc).toMatchObject({ after: 2, action: 'pause' });
+    expect(await rest.statusIs(box.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+  });
+
+  it("another org's requests keep no sandbox awake: raw routes, streams, REST, WebSockets and tRPC subscriptions naming its id, all refused, never move its idle clock", async () => {
+    const victim = await rest.create({ idle: { after: 2, action: 'pause' } });
+    const other = (await rest.server().client().trpc.auth.register.mutate({ name: 'Other Org', email: uniqueEmail('life-other') })).apiKey;
+    const otherClient = rest.server().client(other);
+    const http = (path: string, init: { method?: string; json?: unknown } = {}) => rest.server().http(`/api/sandboxes/${victim.id}${path}`, { apiKey: other, ...init }).then(async (res) => (await res.body?.cancel(), res.status));
+    const knock = async (): Promise<string[]> => {
+      const statuses = await Promise.all([
+        http('/files/download?path=/etc/hostname'),
+        http('/exec-stream', { method: 'POST', json: { command: 'true' } }),
+        http('/events/stream'),
+        http('/exec', { method: 'POST', json: { command: 'true' } }),
+        openSocket(`${rest.server().url.replace('http', 'ws')}/api/sandboxes/${victim.id}/pty`, { 'x-api-key': other }).then(async (o) => ('socket' in o ? (await o.socket.close(), 101) : o.status)),
+        new Promise<number>((resolve) => {
+          otherClient.trpc.exec.stream.subscribe({ id: victim.id, command: 'true' }, { onData: () => resolve(200), onError: (err) => resolve((err as { data?: { httpStatus?: number } }).data?.httpStatus ?? 0), onComplete: () => resolve(200) });
+        }),
+      ]);
+      return statuses.map((status, i) => `${['download', 'exec-stream', 'events/stream', 'exec', 'pty', 'trpc exec.stream'][i]} ${status}`);
+    };
+    // Org B knocks on the victim's id over and over while its idle period runs out.
+    let knocking = true;
+    const seen = new Set<string>();
+    let rounds = 0;
+    const knocks = (async () => {
+      while (knocking) {
+        for (const status of await knock()) seen.add(status);
+        rounds++;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    })();
+    try {
+      expect(await rest.statusIs(victim.id, 'paused')).toMatchObject({ endedReason: 'idle' });
+    } finally {
+      knocking = false;
+      await knocks;
+    }
+    // Every knock was refused as a sandbox that does not exist for that org, and they kept coming.
+    expect([...seen].sort()).toEqual(['download 404', 'events/stream 404', 'exec 404', 'exec-stream 404', 'pty 404', 'trpc exec.stream 404']);
+    expect(rounds).toBeGreaterThan(3);
   });
 
   it('a streamed command over a tRPC WebSocket keeps its sandbox awake only while it runs: once it ends, the socket left open holds nothing', async () => {
@@ -294,6 +360,16 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
     const fields = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { onTimeout: 'pause', autoResume: true, timeout: 900 } });
     expect(fields.data).toMatchObject({ onTimeout: 'pause', autoResume: true, timeout: 900, idle: null });
     expect(fields.data!.expiresAt).not.toBeNull();
+    // idle: null removes an idle policy over REST too (a null that is a value, not an absent field).
+    expect((await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { idle: { after: 600, action: 'stop' } } })).data).toMatchObject({ idle: { after: 600, action: 'stop' } });
+    const removed = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { idle: null } });
+    expect(removed.http, JSON.stringify(removed)).toBe(200);
+    expect(removed.data).toMatchObject({ idle: null });
+    // Refused, and nothing changed: a string for a boolean, a field the update does not change, a body changing nothing.
+    for (const json of [{ autoResume: 'false' }, { name: 'renamed' }, { timeout: null }]) {
+      expect((await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json })).http, JSON.stringify(json)).toBe(400);
+    }
+    expect((await rest.get(box.id)).data).toMatchObject({ autoResume: true, timeout: 900, idle: null });
     const soon = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: 1 } });
     expect(soon.data).toMatchObject({ idle: { after: 1, action: 'pause' } });
     expect(await rest.statusIs(box.id, 'paused')).toMatchObject({ endedReason: 'idle' });
@@ -311,6 +387,12 @@ describe.skipIf(!support.ok)('lifecycle policies: timeouts, idle, auto-resume', 
       [`/sandboxes/${box.id}/timeout`, { json: {} }, /timeout/],
       [`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: 'yes' } }, /autoSleep must be true, false or a whole number of seconds/],
       [`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: 5, idle: { after: 5 } } }, /send autoSleep or idle, not both/],
+      [`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoSleep: true, idle: null } }, /send autoSleep or idle, not both/],
+      [`/sandboxes/${box.id}`, { method: 'PATCH', json: { autoResume: 'false' } }, /autoResume/],
+      [`/sandboxes/${box.id}`, { method: 'PATCH', json: { name: 'renamed', cpu: 64 } }, /changes only timeout, onTimeout, idle, autoResume and autoSleep; not name, cpu/],
+      [`/sandboxes/${box.id}`, { method: 'PATCH', json: [] }, /must be a JSON object/],
+      [`/sandboxes/${box.id}/timeout`, { json: { timeout: '' } }, /timeout must be a whole number of seconds/],
+      [`/sandboxes/${box.id}/timeout`, { json: { timeout: null } }, /timeout must be a whole number of seconds/],
     ];
     for (const [path, init, message] of cases) {
       const a = await rest.call(path, init);
@@ -336,6 +418,20 @@ describe.skipIf(!support.ok)('lifecycle policies with SANDBOX_MAX_TIMEOUT_SEC, a
     const patched = await rest.call(`/sandboxes/${box.id}`, { method: 'PATCH', json: { timeout: 7200 } });
     expect(patched).toMatchObject({ http: 400 });
     expect(patched.error).toMatch(/SANDBOX_MAX_TIMEOUT_SEC/);
+  });
+
+  it('SANDBOX_MAX_TIMEOUT_SEC bounds each timeout from now, not a lifetime: a client may set it again before it runs out', async () => {
+    const box = await rest.create({ timeout: 3600 });
+    const first = Date.parse(box.expiresAt!);
+    const renewed = await until(
+      () => rest.call(`/sandboxes/${box.id}/timeout`, { json: { timeout: 3600 } }),
+      (a) => a.http !== 200 || Date.parse(a.data!.expiresAt!) > first,
+      'a renewal past the first expiry',
+    );
+    expect(renewed.http, JSON.stringify(renewed)).toBe(200);
+    // Still at most the maximum from now, and past what the create allowed.
+    expect(renewed.data).toMatchObject({ timeout: 3600, status: 'running' });
+    expect(Date.parse(renewed.data!.expiresAt!)).toBeLessThanOrEqual(Date.now() + 3600 * 1000);
   });
 
   it('a restore without a timeout gets the maximum when its source has none (stored before the maximum was set)', async () => {

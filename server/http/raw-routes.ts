@@ -228,8 +228,11 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
         const cut = () => res.destroy();
         const release = route.spec.stream ? opts.streams.acquire(principal, 'stream', cut, checkStarted) : opts.streams.trackKey(principal.keyId, cut, checkStarted);
         res.once('close', release);
-        // A call on a sandbox is activity for its idle policy until its response is done (a stream while it is open).
-        if (parsed.id !== undefined && route.spec.path.startsWith('/sandboxes/{id}')) res.once('close', opts.services.activity.hold(principal.orgId, parsed.id));
+        // A call on a sandbox is activity for its idle policy until its response is done (a stream
+        // while it is open), counted only once the sandbox is found in the caller's org (see
+        // ActivityTracker.hold). Its event stream is not: it reads the server's records, never the
+        // sandbox, and watching for `sandbox.idle` must not keep that from happening.
+        if (parsed.id !== undefined && route.spec.path.startsWith('/sandboxes/{id}') && route.name !== 'eventsStream') res.once('close', opts.services.activity.hold(principal.orgId, parsed.id));
         await handlers[route.name](req, res, params, opts.services, principal, opts.maxJsonBodyBytes);
       } catch (err) {
         if (res.headersSent) {

@@ -85,6 +85,8 @@ export class LifecyclePolicy {
 
   /** Keeps the schedule of one sandbox current (called on every status or lifecycle change). */
   track(record: SandboxRecord): void {
+    // Whose streams and connections count as its activity (ActivityTracker.hold).
+    this.opts.activity.own(record.id, record.orgId);
     const lc = record.lifecycle;
     if (!lc || (lc.timeout === 0 && !lc.idle) || record.pool) {
       this.#entries.delete(record.id);

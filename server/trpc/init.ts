@@ -1,8 +1,10 @@
 import { getTRPCErrorFromUnknown, initTRPC, type TRPCError } from '@trpc/server';
+import { TRPC_ERROR_CODES_BY_KEY } from '@trpc/server/rpc';
+import { getStatusCodeFromKey } from '@trpc/server/unstable-core-do-not-import';
 import superjson from 'superjson';
 import type { z } from 'zod';
 import type { OpenApiMeta } from 'trpc-to-openapi';
-import { errorCodeFromTrpc, type ErrorCode } from '../../shared/errors.js';
+import { errorCodeFromTrpc, errorCodeTable, type ErrorCode } from '../../shared/errors.js';
 import { DomainError } from '../errors.js';
 import { assertJsonDepth } from '../http/json-body.js';
 import type { HoldKind } from '../http/open-streams.js';
@@ -93,6 +95,12 @@ const t = initTRPC
       // Internal errors keep their cause in the server log only.
       if (errorCode === 'INTERNAL') message = 'Internal server error';
       const data: ErrorData & typeof shape.data = { ...shape.data, stack: undefined, errorCode, details, issues };
+      // A domain error thrown inside a subscription's iterator reaches tRPC unmapped (as
+      // INTERNAL_SERVER_ERROR): it is answered with its own code (a 404 is no 500).
+      if (domain && error.code === 'INTERNAL_SERVER_ERROR' && errorCode !== 'INTERNAL') {
+        const key = errorCodeTable[errorCode].trpc;
+        return { ...shape, code: TRPC_ERROR_CODES_BY_KEY[key], message, data: { ...data, code: key, httpStatus: getStatusCodeFromKey(key) } };
+      }
       return { ...shape, message, data };
     },
   });
@@ -138,7 +146,7 @@ export const authedProcedure = t.procedure.use((opts) =>
     const checkStarted = ctx.streams.keyCheckStarted();
     const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
     ctx.record.orgId = principal.orgId;
-    const active = type === 'subscription' ? sandboxHold(ctx, principal, await opts.getRawInput()) : null;
+    const active = type === 'subscription' && !notActivity.has(path) ? sandboxHold(ctx, principal, await opts.getRawInput()) : null;
     const kind = heldCallKind(path, type);
     if (!kind) return next({ ctx: { principal } });
     let slot: () => void;
@@ -171,9 +179,16 @@ export const authedProcedure = t.procedure.use((opts) =>
 );
 
 /**
+ * Subscriptions that are not activity on their sandbox: its event stream reads the server's
+ * records, never the sandbox, and a client watching for `sandbox.idle` must not keep that from coming.
+ */
+const notActivity = new Set(['sandbox.events']);
+
+/**
  * A subscription on a sandbox (its input's `id`) keeps that sandbox awake for its idle policy while
  * it is open; the caller releases it with the subscription's stream slot. Held with the caller's
- * org, so an id of another org's sandbox (refused a moment later) holds nothing that counts.
+ * org before the sandbox is looked up, so it counts (and touches) only a sandbox of that org: an id
+ * of another org's sandbox (refused a moment later) moves nothing (see ActivityTracker.hold).
  */
 function sandboxHold(ctx: Context, principal: Principal, raw: unknown): (() => void) | null {
   const id = typeof raw === 'object' && raw !== null ? (raw as { id?: unknown }).id : undefined;
