@@ -11,6 +11,7 @@ import type { SandboxService } from './sandbox-service.js';
 import type { SandboxEventSink } from './sandbox-events.js';
 import { ProcessEvents } from './process-events.js';
 import type { ActivityTracker } from './activity.js';
+import type { SandboxRecord } from '../store/types.js';
 
 /** A background command's handle as `commands/run` answers it, with the agent's start time of the process. */
 export interface StartedCommand {
@@ -52,39 +53,31 @@ export class ExecService {
     return this.#processes;
   }
 
-  /** Reports a command started through the API; resolves to its exit's reporter (null: no events, or no running sandbox). */
-  async #commandStarted(principal: Principal, input: { id: string; command: string; args?: string[] }, pid?: number) {
-    const events = this.#processEvents();
-    const record = events ? await this.deps.sandboxes.running(principal, input.id).catch(() => null) : null;
-    if (!events || !record) return null;
-    if (pid !== undefined) {
-      void events.watch(record, pid, input);
-      return null;
-    }
-    return events.started(record, input, { background: false });
-  }
-
   async exec(principal: Principal, input: ExecInput): Promise<ExecOutput> {
     if (input.background) return this.startCommand(principal, { ...input, timeout: 0 });
     const timeout = input.timeout || DEFAULT_EXEC_TIMEOUT_SEC;
-    const exited = await this.#commandStarted(principal, input);
-    const result = await this.#withAgent(principal, input.id, async (agent) => {
+    const events = this.#processEvents();
+    const { output, record, baseline } = await this.#withAgent(principal, input.id, async (agent, record) => {
+      // The host's OOM counter before the command, read beside it (not waited on here).
+      const baseline = events?.oomKills(record);
       // The agent kills the command at its timeout; the call's own deadline leaves room for that.
       const r = await agent.process.run.mutate(this.#spec(input, timeout), { context: { timeoutMs: timeout * 1000 + 15_000 } });
-      return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, truncated: r.truncated, timedOut: r.timedOut };
+      return { output: { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, truncated: r.truncated, timedOut: r.timedOut }, record, baseline };
     });
-    void exited?.({ exitCode: result.exitCode, timedOut: result.timedOut });
-    return result;
+    // A foreground command's start is confirmed by its answer: both events are reported then, and a
+    // call that failed reports neither (never a start without an exit).
+    if (events) void events.started(record, input, { background: false, baseline }).then((exited) => exited({ exitCode: output.exitCode, timedOut: output.timedOut }));
+    return output;
   }
 
   /** The handle of a process started; `startTime` (the agent's) tells it from a later process given its pid (see `replayStarted`). */
   async startCommand(principal: Principal, input: RunCommandInput): Promise<StartedCommand> {
-    const started = await this.#withAgent(principal, input.id, async (agent) => {
+    const { started, record } = await this.#withAgent(principal, input.id, async (agent, record) => {
       const info = await agent.process.start.mutate({ ...this.#spec(input, input.timeout), stdin: true });
-      return { success: true as const, pid: info.pid, command: info.command, startTime: info.startTime };
+      return { started: { success: true as const, pid: info.pid, command: info.command, startTime: info.startTime }, record };
     });
-    // Followed for its exit whether or not anyone waits for it.
-    await this.#commandStarted(principal, input, started.pid);
+    // process.started now that the agent confirmed it with its pid; followed for its exit whether or not anyone waits for it.
+    void this.#processEvents()?.watch(record, started.pid, input);
     return started;
   }
 
@@ -249,12 +242,13 @@ export class ExecService {
     return { command: input.command, args: input.args, env: input.env, cwd: input.cwd || undefined, timeoutMs: timeoutSec * 1000, maxOutputBytes: this.deps.limits.maxOutputBytes };
   }
 
-  async #withAgent<T>(principal: Principal, id: string, fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+  /** Runs `fn` with the caller's running sandbox's agent; `fn` also gets the record (read once per call). */
+  async #withAgent<T>(principal: Principal, id: string, fn: (agent: AgentClient, record: SandboxRecord) => Promise<T>): Promise<T> {
     const record = await this.deps.sandboxes.running(principal, id);
     // A foreground command (or any agent call) is activity for the sandbox's idle policy while it runs.
     const active = this.deps.activity?.hold(record.orgId, record.id);
     try {
-      return await this.deps.sandboxes.agents.call(record, fn);
+      return await this.deps.sandboxes.agents.call(record, (agent) => fn(agent, record));
     } finally {
       active?.();
     }

@@ -67,14 +67,24 @@ export class ProcessEvents {
 
   constructor(private readonly deps: { events: SandboxEventSink; sandboxes: SandboxService; log: Logger }) {}
 
-  /** Reports a command's start; resolves to the function that reports its exit. */
-  async started(record: SandboxRecord, spec: { command: string; args?: readonly string[] }, extra: { pid?: number; background: boolean }): Promise<(exit: { exitCode: number | null; timedOut?: boolean; signal?: string | null }) => Promise<void>> {
+  /**
+   * Reports a command's start, once the agent has confirmed it (with its pid where it has one);
+   * resolves to the function that reports its exit. The OOM-kill counter its exit is compared with
+   * is `extra.baseline` (read before the command ran) or read now, and awaited only for an exit by
+   * SIGKILL: nothing here waits on the host before the event is out.
+   */
+  async started(
+    record: SandboxRecord,
+    spec: { command: string; args?: readonly string[] },
+    extra: { pid?: number; background: boolean; baseline?: Promise<number | null> },
+  ): Promise<Exited> {
     const command = commandLine(spec.command, spec.args);
-    const ooms = await this.#oomKills(record);
+    const baseline = extra.baseline ?? this.oomKills(record);
     this.#emit(record, 'process.started', { ...(extra.pid ? { pid: extra.pid } : {}), command, background: extra.background });
     return async ({ exitCode, timedOut = false, signal }) => {
       const sig = signal ?? exitSignal(exitCode, timedOut);
-      const after = sig === 'SIGKILL' && ooms !== null ? await this.#oomKills(record) : null;
+      const ooms = sig === 'SIGKILL' ? await baseline : null;
+      const after = ooms !== null ? await this.oomKills(record) : null;
       this.#emit(record, 'process.exited', {
         ...(extra.pid ? { pid: extra.pid } : {}),
         command,
@@ -158,7 +168,11 @@ export class ProcessEvents {
     }
   }
 
-  async #oomKills(record: SandboxRecord): Promise<number | null> {
+  /**
+   * The sandbox's OOM-kill counter now, read on the host (null where the driver has none); never
+   * rejects. As a command's baseline it is started beside the command and awaited only if it dies of SIGKILL.
+   */
+  async oomKills(record: SandboxRecord): Promise<number | null> {
     const driver = this.deps.sandboxes.driverOrNull;
     return driver && countsOomKills(driver) ? driver.oomKills(record.id).catch(() => null) : null;
   }
