@@ -1,3 +1,4 @@
+import { hostname } from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../server/config.js';
 import { newId } from '../server/store/ids.js';
@@ -72,6 +73,8 @@ describe('WARM_POOL config', () => {
   });
 });
 
+const hostBefore = hostname();
+
 describe.skipIf(!support.ok)('warm pool', () => {
   let server: TestServer;
 
@@ -96,6 +99,9 @@ describe.skipIf(!support.ok)('warm pool', () => {
     expect(listed.processes).toEqual([]);
     const run = await post(server, org, `/api/sandboxes/${sb.id}/exec`, { command: 'echo "$GREETING|$PATH|$VOIDRUN_SANDBOX_ID"' });
     expect(run.body.data.stdout).toBe(`hello pool|/usr/bin:/bin|${sb.id}\n`);
+    // Its hostname is its name from the claim on (set host-side in its UTS namespace; the host's own is untouched).
+    expect((await post(server, org, `/api/sandboxes/${sb.id}/exec`, { command: 'hostname' })).body.data.stdout).toBe('from-pool\n');
+    expect(hostname()).toBe(hostBefore);
     const page = await server.client(org.apiKey).sandboxes.list({ labels: { team: 'warm' } });
     expect(page.sandboxes.map((s) => s.id)).toEqual([sb.id]);
     const limits = await server.http('/api/orgs/me/limits', { apiKey: org.apiKey });
@@ -156,6 +162,7 @@ describe.skipIf(!support.ok)('warm pool', () => {
     // The member given back is claimed by the next create, the same member as before.
     const next = await post(server, org, '/api/sandboxes', { name: 'not-taken' });
     expect(members).toContain(next.body.data.id);
+    expect((await post(server, org, `/api/sandboxes/${next.body.data.id}/exec`, { command: 'hostname' })).body.data.stdout).toBe('not-taken\n');
     for (const id of [first.body.data.id, next.body.data.id]) await server.http(`/api/sandboxes/${id}`, { method: 'DELETE', apiKey: org.apiKey });
   });
 

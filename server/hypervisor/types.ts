@@ -139,6 +139,15 @@ export function countsNetworkBytes(d: SandboxDriver): d is SandboxDriver & Netwo
   return typeof (d as Partial<NetworkCountingDriver>).networkBytes === 'function';
 }
 
+/** Optional ability: sets a running sandbox's hostname without a restart (a claimed warm-pool member takes its new name). */
+export interface RenamingDriver {
+  setHostname(id: string, name: string): Promise<void>;
+}
+
+export function renamesHost(d: SandboxDriver): d is SandboxDriver & RenamingDriver {
+  return typeof (d as Partial<RenamingDriver>).setHostname === 'function';
+}
+
 /** Optional ability: removes what gone sandboxes left on the host besides their instances (network namespaces, links, leases). */
 export interface HostReconcilingDriver {
   /** `known`: every sandbox that has a record. Resolves to one line per change. */

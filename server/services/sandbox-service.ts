@@ -34,7 +34,7 @@ import {
   SandboxGoneError,
   SandboxNotRunningError,
 } from '../errors.js';
-import { canPause, canSnapshot, countsNetworkBytes, hasAddresses, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
+import { canPause, canSnapshot, countsNetworkBytes, hasAddresses, renamesHost, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
 import type { PoolMemberClaim, SandboxLifecycle, SandboxRecord, SandboxRepository, SandboxStatus, SandboxTombstoneRepository } from '../store/types.js';
 import type { ActivityTracker } from './activity.js';
@@ -725,6 +725,16 @@ export class SandboxService {
    */
   async poolEnv(member: SandboxRecord, vars: Record<string, string>): Promise<void> {
     await this.agents.call(member, (agent) => agent.pool.claim.mutate({ vars }));
+  }
+
+  /**
+   * Gives a pool member the hostname `name` (a claim's sandbox name; the member's own to give it
+   * back) where the driver can without a restart (containers: host-side, see setContainerHostname);
+   * elsewhere it keeps the name it booted with until its first stop and start.
+   */
+  async poolHostname(member: SandboxRecord, name: string): Promise<void> {
+    const driver = this.deps.driver;
+    if (driver && renamesHost(driver)) await driver.setHostname(member.id, name);
   }
 
   /**

@@ -161,6 +161,8 @@ export class WarmPool {
       // The member is this claim's alone now: its envVars go to the agent while the store write runs.
       const env = Object.keys(request.envVars).length > 0 ? this.deps.service.poolEnv(member, request.envVars) : null;
       const envFailure = env ? env.then(() => null, (err: Error) => err) : Promise.resolve(null);
+      // Its hostname becomes the claim's name meanwhile too (a failure is logged: it keeps warm-<id>).
+      const hostname = this.deps.service.poolHostname(member, request.name).then(() => null, (err: Error) => err);
       let claimed: SandboxRecord | null;
       try {
         const { orgId, name, createdBy, envVars, labels, network } = request;
@@ -168,12 +170,12 @@ export class WarmPool {
       } catch (err) {
         // Refused (quota, a name the org has): the record was not touched; the member goes back first
         // in line with the pool's environment again, or is rebuilt if that cannot be made sure of.
-        await this.#giveBack(shape, member, env);
+        await this.#giveBack(shape, member, env, hostname);
         throw err;
       }
       this.#fillSoon();
       if (!claimed) {
-        await this.#giveBack(shape, member, env);
+        await this.#giveBack(shape, member, env, hostname);
         continue;
       }
       try {
@@ -185,6 +187,8 @@ export class WarmPool {
         await this.deps.service.discard(claimed).catch(() => {});
         return null;
       }
+      const renameFailed = await hostname;
+      if (renameFailed) this.deps.log.warn({ sandbox: id, err: renameFailed.message }, `warm pool: could not give member ${id} the hostname ${request.name}; it keeps ${member.name} until its first stop and start`);
       this.deps.log.info({ sandbox: id, shape: shape.entry.key }, `warm pool: ${request.name} claimed member ${id}`);
       return claimed;
     }
@@ -199,10 +203,15 @@ export class WarmPool {
     }, this.deps.refillDelayMs ?? 250).unref();
   }
 
-  /** A member whose claim was refused: back first in line (its environment reset once `env`, the claim's, settled), else removed. */
-  async #giveBack(shape: Shape, member: SandboxRecord, env: Promise<void> | null): Promise<void> {
-    const reset = env === null || (await env.then(() => this.deps.service.poolEnv(member, {})).then(() => true, () => false));
-    if (!reset) {
+  /**
+   * A member whose claim was refused: back first in line (its environment and hostname reset once
+   * `env` and `hostname`, the claim's, settled), else removed.
+   */
+  async #giveBack(shape: Shape, member: SandboxRecord, env: Promise<void> | null, hostname: Promise<Error | null>): Promise<void> {
+    const envReset = env === null || (await env.then(() => this.deps.service.poolEnv(member, {})).then(() => true, () => false));
+    const renamed = (await hostname) === null;
+    const hostnameReset = !renamed || (await this.deps.service.poolHostname(member, member.name).then(() => true, () => false));
+    if (!envReset || !hostnameReset) {
       void this.#remove(member, true);
       return;
     }

@@ -10,10 +10,11 @@ import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
 import { PayloadTooLargeError } from '../../errors.js';
 import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver, type PortListingDriver } from '../types.js';
-import type { AddressingDriver, HostReconcilingDriver, NetworkCountingDriver, OomCountingDriver } from '../types.js';
+import type { AddressingDriver, HostReconcilingDriver, NetworkCountingDriver, OomCountingDriver, RenamingDriver } from '../types.js';
 import type { NetworkBytes, NetworkPolicy, SandboxNetworking } from '../network/types.js';
 import { cgroupOomKills, cgroupUsage } from './cgroup-usage.js';
 import { containerListeningPorts } from './listening-ports.js';
+import { setContainerHostname } from './uts-name.js';
 import { buildOciSpec, type ContainerNetwork, type IdMapping } from './oci-spec.js';
 import { Runc } from './runc.js';
 import { limitSandboxKernelLimits, raiseHostKernelLimits } from './kernel-limits.js';
@@ -117,7 +118,7 @@ const exec = (cmd: string, args: string[], timeoutMs = 60_000) => runHostCommand
  * only. Works on any Linux host with runc; no KVM needed.
  */
 export class ContainerDriver
-  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, PortListingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver, OomCountingDriver
+  implements SandboxDriver, PausableDriver, SnapshottingDriver, UsageReportingDriver, PortListingDriver, AddressingDriver, NetworkCountingDriver, HostReconcilingDriver, OomCountingDriver, RenamingDriver
 {
   readonly name = 'container' as const;
   readonly snapshotKind = 'filesystem' as const;
@@ -203,6 +204,11 @@ export class ContainerDriver
 
   listeningPorts(id: string): Promise<number[] | null> {
     return containerListeningPorts(join(layout(this.opts.instancesDir, id).dir, 'init.pid'), this.#cid(id));
+  }
+
+  /** See setContainerHostname: host-side, in the sandbox's UTS namespace only. */
+  setHostname(id: string, name: string): Promise<void> {
+    return setContainerHostname(join(layout(this.opts.instancesDir, id).dir, 'init.pid'), this.#cid(id), name);
   }
 
   async create(spec: SandboxSpec): Promise<void> {

@@ -10,14 +10,25 @@ import { listeningPorts, MAX_TCP_TABLE_BYTES } from '../../../shared/listening-p
  * live init.
  */
 export async function containerListeningPorts(pidFile: string, cgroupName: string): Promise<number[] | null> {
+  const init = await sandboxInit(pidFile, cgroupName);
+  if (!init) return null;
+  const { pid, isSandbox } = init;
+  const tables = await Promise.all(['tcp', 'tcp6'].map((t) => readTable(`/proc/${pid}/net/${t}`)));
+  if (!(await isSandbox())) return null;
+  return listeningPorts(...tables);
+}
+
+/**
+ * A container sandbox's init pid from runc's pid file, while `/proc/<pid>/cgroup` names the
+ * sandbox's cgroup `cgroupName`; `isSandbox` checks that again (around a use of the pid, so a pid
+ * reused by another process never lends its namespaces). null when the sandbox has no live init.
+ */
+export async function sandboxInit(pidFile: string, cgroupName: string): Promise<{ pid: number; isSandbox: () => Promise<boolean> } | null> {
   const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
   if (!Number.isInteger(pid) || pid <= 1) return null;
   const inCgroup = new RegExp(`/${cgroupName.replace(/[^a-zA-Z0-9_-]/g, '')}(/|$)`);
   const isSandbox = async () => (await readFile(`/proc/${pid}/cgroup`, 'utf8').catch(() => '')).split('\n').some((line) => inCgroup.test(line.split(':').slice(2).join(':')));
-  if (!(await isSandbox())) return null;
-  const tables = await Promise.all(['tcp', 'tcp6'].map((t) => readTable(`/proc/${pid}/net/${t}`)));
-  if (!(await isSandbox())) return null;
-  return listeningPorts(...tables);
+  return (await isSandbox()) ? { pid, isSandbox } : null;
 }
 
 /** A proc table's text, at most MAX_TCP_TABLE_BYTES of it ('' when it cannot be read). */
