@@ -3,9 +3,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { HostEventPoller } from '../server/services/host-events.js';
 import { SandboxEventService } from '../server/services/sandbox-events.js';
 import { newId } from '../server/store/ids.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
+import { SANDBOX_NETWORK_NONE } from '../server/store/types.js';
 import type { VoidRunClient } from '../client/index.js';
 import type { SandboxEvent, SandboxEventPage } from '../shared/index.js';
 import { openSocket, parseSse, type SseMessage } from './helpers/http-streams.js';
@@ -392,25 +394,6 @@ describe.skipIf(!support.ok)('sandbox event retention', () => {
   }, 120_000);
 });
 
-describe.skipIf(!support.ok)('sandbox event streams and ORG_MAX_STREAMS', () => {
-  it('holds one of the org\'s stream slots per open event stream: past the cap a 429 naming it, and the slot frees when the stream closes', async () => {
-    const server = await startTestServer({ ORG_MAX_STREAMS: '1', HEALTH_ENABLED: 'false' });
-    try {
-      const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Streams', email: uniqueEmail('events-streams') })).apiKey;
-      const box = await server.client(apiKey).sandboxes.create({ name: 'ev-streams' });
-      const url = `${server.url}/api/sandboxes/${box.id}/events/stream`;
-      const abort = new AbortController();
-      const first = await fetch(url, { headers: { 'x-api-key': apiKey }, signal: abort.signal });
-      expect(first.status).toBe(200);
-      const refused = await fetch(url, { headers: { 'x-api-key': apiKey } });
-      expect(refused.status).toBe(429);
-      expect(((await refused.json()) as { error: string }).error).toMatch(/ORG_MAX_STREAMS=1/);
-      abort.abort();
-      const again = await until(
-        async () => {
-          const res = await fetch(url, { headers: { 'x-api-key': apiKey } });
-          if (res.status !== 200) await res.body?.cancel();
-          return res;
 describe.skipIf(!support.ok)('sandbox event rate bound', () => {
   it('a sandbox flapping ports cannot flood its stream past EVENTS_SANDBOX_BURST (one events.dropped counts the rest), and its lifecycle events are kept', async () => {
     const server = await startTestServer({ EVENTS_SANDBOX_BURST: '20', EVENTS_SANDBOX_RATE: '1', EVENTS_POLL_INTERVAL_SEC: '1', EVENTS_RETENTION: '10', EVENTS_PRUNE_INTERVAL_SEC: '1', HEALTH_ENABLED: 'false' });
@@ -440,6 +423,25 @@ describe.skipIf(!support.ok)('sandbox event rate bound', () => {
   }, 120_000);
 });
 
+describe.skipIf(!support.ok)('sandbox event streams and ORG_MAX_STREAMS', () => {
+  it('holds one of the org\'s stream slots per open event stream: past the cap a 429 naming it, and the slot frees when the stream closes', async () => {
+    const server = await startTestServer({ ORG_MAX_STREAMS: '1', HEALTH_ENABLED: 'false' });
+    try {
+      const apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Streams', email: uniqueEmail('events-streams') })).apiKey;
+      const box = await server.client(apiKey).sandboxes.create({ name: 'ev-streams' });
+      const url = `${server.url}/api/sandboxes/${box.id}/events/stream`;
+      const abort = new AbortController();
+      const first = await fetch(url, { headers: { 'x-api-key': apiKey }, signal: abort.signal });
+      expect(first.status).toBe(200);
+      const refused = await fetch(url, { headers: { 'x-api-key': apiKey } });
+      expect(refused.status).toBe(429);
+      expect(((await refused.json()) as { error: string }).error).toMatch(/ORG_MAX_STREAMS=1/);
+      abort.abort();
+      const again = await until(
+        async () => {
+          const res = await fetch(url, { headers: { 'x-api-key': apiKey } });
+          if (res.status !== 200) await res.body?.cancel();
+          return res;
         },
         (res) => res.status === 200,
         'the slot to free',
@@ -452,6 +454,37 @@ describe.skipIf(!support.ok)('sandbox event rate bound', () => {
       await server.close();
     }
   }, 120_000);
+});
+
+describe('HostEventPoller (a driver stub: the host reads cannot fail on demand here)', () => {
+  it("stops following a sandbox whose read fails once its record says it no longer runs (a dropped sandbox.deleted), without a warning per poll", async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-poller-'));
+    const store = openSqliteStore(dir);
+    const lines: string[] = [];
+    const log = pino({ level: 'info', base: undefined }, { write: (l: string) => void lines.push(l) });
+    const orgId = newId();
+    const running = await store.sandboxes.create({ name: 'gone', orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: {} });
+    let reads = 0;
+    const driver = { name: 'stub', listeningPorts: async () => (reads++, Promise.reject(new Error('no such process'))) } as never;
+    const poller = new HostEventPoller({ driver, sandboxes: store.sandboxes, events: { emit() {} }, onWritten() {}, intervalMs: 3_600_000, concurrency: 1, log });
+    try {
+      await poller.start();
+      await poller.poll();
+      // Still running by its record: the failure is the host's, logged.
+      expect(lines.filter((l) => l.includes('could not read sandbox ports'))).toHaveLength(1);
+      await store.sandboxes.delete(orgId, running.id);
+      await poller.poll();
+      const before = reads;
+      await poller.poll();
+      await poller.poll();
+      expect(reads).toBe(before);
+      expect(lines.filter((l) => l.includes('could not read sandbox ports'))).toHaveLength(1);
+    } finally {
+      await poller.stop();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('SandboxEventService on a real SQLite store', () => {
@@ -477,25 +510,6 @@ describe('SandboxEventService on a real SQLite store', () => {
     await cleanup();
   });
 
-  it('drops a report that arrives after its sandbox\'s stream was deleted (no new stream for a deleted sandbox)', async () => {
-    const { store, service, cleanup } = open();
-    const id = newId();
-    service.emit({ sandboxId: id, orgId: 'o', type: 'sandbox.created' });
-    service.emit({ sandboxId: id, orgId: 'o', type: 'sandbox.deleted' });
-    service.deleteForSandbox(id);
-    service.emit({ sandboxId: id, orgId: 'o', type: 'process.exited', data: { exitCode: 0 } });
-    await service.flush();
-    expect(await store.sandboxEvents.lastSeq(id)).toBe(0);
-    await cleanup();
-  });
-
-  it('removes at startup the streams of sandboxes that have no record (a deletion cut short), and only those', async () => {
-    const { store, service, cleanup } = open();
-    const [kept, orphan] = [newId(), newId()];
-    for (const sandboxId of [kept, orphan]) await store.sandboxEvents.append({ sandboxId, seq: 1, orgId: 'o', type: 'sandbox.created', data: {}, createdAt: new Date() });
-    expect(await service.removeOrphans(new Set([kept]))).toBe(1);
-    expect(await store.sandboxEvents.lastSeq(kept)).toBe(1);
-    expect(await store.sandboxEvents.lastSeq(orphan)).toBe(0);
   it("a sandbox flooding port events cannot push its stream past EVENTS_SANDBOX_BURST (the rest is one events.dropped with counts), another sandbox's stream is untouched, and retention keeps lifecycle events", async () => {
     const { store, service, cleanup } = open(100_000, { perSecond: 1, burst: 50 }, 10);
     const [flood, quiet] = [newId(), newId()];
@@ -525,6 +539,25 @@ describe('SandboxEventService on a real SQLite store', () => {
     await cleanup();
   });
 
+  it('drops a report that arrives after its sandbox\'s stream was deleted (no new stream for a deleted sandbox)', async () => {
+    const { store, service, cleanup } = open();
+    const id = newId();
+    service.emit({ sandboxId: id, orgId: 'o', type: 'sandbox.created' });
+    service.emit({ sandboxId: id, orgId: 'o', type: 'sandbox.deleted' });
+    service.deleteForSandbox(id);
+    service.emit({ sandboxId: id, orgId: 'o', type: 'process.exited', data: { exitCode: 0 } });
+    await service.flush();
+    expect(await store.sandboxEvents.lastSeq(id)).toBe(0);
+    await cleanup();
+  });
+
+  it('removes at startup the streams of sandboxes that have no record (a deletion cut short), and only those', async () => {
+    const { store, service, cleanup } = open();
+    const [kept, orphan] = [newId(), newId()];
+    for (const sandboxId of [kept, orphan]) await store.sandboxEvents.append({ sandboxId, seq: 1, orgId: 'o', type: 'sandbox.created', data: {}, createdAt: new Date() });
+    expect(await service.removeOrphans(new Set([kept]))).toBe(1);
+    expect(await store.sandboxEvents.lastSeq(kept)).toBe(1);
+    expect(await store.sandboxEvents.lastSeq(orphan)).toBe(0);
     await cleanup();
   });
 
