@@ -191,6 +191,20 @@ describe.skipIf(!support.ok)('sandbox events', () => {
     await vr.trpc.sandbox.delete.mutate({ id: box.id });
   });
 
+  it('a foreground exec whose call fails (its sandbox stopped under it) reports neither process.started nor process.exited', async () => {
+    const box = await vr.sandboxes.create({ name: 'ev-proc-failed' });
+    const exec = (command: string) => server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command } });
+    const failed = exec('sleep 30').then((res) => res.status);
+    // The command runs (the agent started it) before its sandbox is stopped under it.
+    await until(() => exec('grep -qx sleep /proc/[0-9]*/comm').then(async (res) => (await res.json()) as { data?: { exitCode?: number } }), (r) => r.data?.exitCode === 0, 'sleep running');
+    await vr.trpc.sandbox.stop.mutate({ id: box.id });
+    expect(await failed).not.toBe(200);
+    // Events are stored in order: anything reported for the command would come before the stop.
+    const events = await waitFor(box.id, (e) => e.some((x) => x.type === 'sandbox.stopped'), 'sandbox.stopped');
+    expect(events.filter((e) => e.type.startsWith('process.') && e.data.command === 'sleep 30')).toEqual([]);
+    await vr.trpc.sandbox.delete.mutate({ id: box.id });
+  });
+
   it('reports terminals opened and closed (a kill, and a shell that exits by itself, once each)', async () => {
     const box = await vr.sandboxes.create({ name: 'ev-pty' });
     const { sessionId } = await vr.trpc.pty.create.mutate({ id: box.id, cols: 100, rows: 30 });
