@@ -489,6 +489,17 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
     await expect.poll(async () => (await restGet(box.id)).network.egressCut, { timeout: 30_000, interval: 200 }).toBe(true);
     expect(await fetchFrom(box, internet.address)).toBeNull();
     expect(server.logLines.some((l) => l.includes('egress cut'))).toBe(true);
+    // The cut is in the sandbox's event stream too, with the cap and the bytes counted on the host.
+    await expect
+      .poll(
+        async () => {
+          const res = await server.http(`/api/sandboxes/${box.id}/events?limit=1000`, { apiKey });
+          const { events } = ((await res.json()) as { data: { events: Array<{ type: string; data?: Record<string, unknown> }> } }).data;
+          return events.find((e) => e.type === 'network.egress_cut')?.data;
+        },
+        { timeout: 10_000, interval: 200 },
+      )
+      .toMatchObject({ maxEgressBytes: 100_000, egressBytes: expect.any(Number) });
     // REST drops null fields (as the original does), so 0 is how a REST client removes the cap.
     const lifted = await put(box.id, { maxEgressBytes: 0 });
     expect(((await lifted.json()) as { data: { network: NetworkPolicy } }).data.network).toMatchObject({ maxEgressBytes: null, egressCut: false });
