@@ -1,16 +1,15 @@
-import { existsSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { build } from 'esbuild';
-import { chromium, type Browser } from 'playwright-core';
+import type { Browser } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SandboxNotFoundError } from '../client/index.js';
+import { CHROMIUM, hasChromium, launchChromium } from './helpers/chromium.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
-const CHROMIUM = '/usr/bin/chromium';
-const canRun = support.ok && existsSync(CHROMIUM);
-if (!existsSync(CHROMIUM)) console.warn(`[client browser test] SKIPPED: ${CHROMIUM} is missing (.ci/run installs Debian's chromium)`);
+const canRun = support.ok && hasChromium;
+if (!hasChromium) console.warn(`[client browser test] SKIPPED: ${CHROMIUM} is missing (.ci/run installs Debian's chromium)`);
 
 /** The client bundled for a browser, as an app's bundler would: `window.voidrun` is client/index.ts. */
 async function browserBundle(): Promise<{ code: string; packages: string[] }> {
@@ -80,11 +79,7 @@ describe.skipIf(!canRun)('the typed client in a browser (headless Chromium, bund
     });
     await new Promise<void>((resolve) => site.listen(0, '127.0.0.1', resolve));
     siteUrl = `http://127.0.0.1:${(site.address() as AddressInfo).port}/`;
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      // This machine has no network beyond loopback: keep Chromium from trying.
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
   }, 180_000);
   afterAll(async () => {
     await browser?.close();

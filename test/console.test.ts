@@ -1,14 +1,14 @@
-import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { chromium, type Browser } from 'playwright-core';
+import type { Browser } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CHROMIUM, hasChromium, launchChromium } from './helpers/chromium.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 
-const CHROMIUM = '/usr/bin/chromium';
-const canRun = support.ok && existsSync(CHROMIUM);
-if (!existsSync(CHROMIUM)) console.warn(`[console test] SKIPPED: ${CHROMIUM} is missing (.ci/run installs Debian's chromium)`);
+const canRun = support.ok && hasChromium;
+if (!hasChromium) console.warn(`[console test] SKIPPED: ${CHROMIUM} is missing (.ci/run installs Debian's chromium)`);
 
 describe.skipIf(!canRun)('the browser console (headless Chromium)', () => {
   let server: TestServer;
@@ -17,11 +17,7 @@ describe.skipIf(!canRun)('the browser console (headless Chromium)', () => {
 
   beforeAll(async () => {
     server = await startTestServer();
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      // This machine has no network beyond loopback: keep Chromium from trying.
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
   }, 180_000);
   afterAll(async () => {
     await browser?.close();
