@@ -194,7 +194,7 @@ describe('inputs as existing VoidRun clients send them (plain HTTP)', () => {
     const missing = '65ae1234567890abcdef1234';
     const call = (method: string, path: string) => fetch(`${server.url}/api${path}`, { method, headers: { 'x-api-key': apiKey } }).then(answer);
     // Read as typed: the sandbox is what is missing.
-    for (const query of ['keepSnapshots=false', 'keepSnapshots=0', 'keepSnapshots=true', 'keepSnapshots=1']) expect((await call('DELETE', `/sandboxes/${missing}?${query}`)).status, query).toBe(404);
+    for (const query of ['keepSnapshots=false', 'keepSnapshots=0', 'keepSnapshots=true', 'keepSnapshots=1', 'keepSnapshots=True', 'keepSnapshots=F']) expect((await call('DELETE', `/sandboxes/${missing}?${query}`)).status, query).toBe(404);
     expect((await call('POST', `/sandboxes/${missing}/ports/8000/token`)).status).toBe(404);
     const cases: Array<[string, string, RegExp]> = [
       ['DELETE', `/sandboxes/${missing}?keepSnapshots=yes`, /^Invalid keepSnapshots: "yes" is not a boolean; send true or false \(or 1 or 0\)$/],

@@ -265,8 +265,8 @@ const NUMBER_TEXT = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
 
 /**
  * Text values (query string, path parameters) read as the input's fields' types: a number field's
- * text must be a decimal number (`""` is a 400, not 0), a boolean's `true`/`1` or `false`/`0` (as
- * the original's Go handlers parse them; `Boolean("false")` would be true). Other fields stay text.
+ * text must be a decimal number (`""` is a 400, not 0), a boolean's `true`/`t`/`1` or `false`/`f`/`0`
+ * in any case (as the original's Go handlers parse them, with strconv.ParseBool; `Boolean("false")` would be true). Other fields stay text.
  */
 function fromText(entry: RestProcedure, values: Record<string, unknown>): Record<string, unknown> {
   const out: Record<string, unknown> = Object.create(null);
@@ -285,8 +285,9 @@ function textAs(key: string, kind: 'number' | 'boolean', value: unknown): unknow
     if (NUMBER_TEXT.test(value)) return Number(value);
     throw toTRPCError(new InvalidInputError(`Invalid ${key}: ${shown} is not a number`));
   }
-  if (/^(true|1)$/i.test(value)) return true;
-  if (/^(false|0)$/i.test(value)) return false;
+  // Go's strconv.ParseBool, which the original's handlers use: 1, t, true and 0, f, false in any case.
+  if (/^(true|t|1)$/i.test(value)) return true;
+  if (/^(false|f|0)$/i.test(value)) return false;
   throw toTRPCError(new InvalidInputError(`Invalid ${key}: ${shown} is not a boolean; send true or false (or 1 or 0)`));
 }
 
