@@ -11,6 +11,7 @@ import type { HoldKind } from '../http/open-streams.js';
 import type { CallConnection, Context } from './context.js';
 import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './errors.js';
 import type { Principal } from '../services/auth-service.js';
+import { isObjectIdHex } from '../store/ids.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
 export type Meta = OpenApiMeta & {
@@ -192,7 +193,7 @@ const notActivity = new Set(['sandbox.events']);
  */
 function sandboxHold(ctx: Context, principal: Principal, raw: unknown): (() => void) | null {
   const id = typeof raw === 'object' && raw !== null ? (raw as { id?: unknown }).id : undefined;
-  if (typeof id !== 'string' || !/^[0-9a-f]{24}$/.test(id)) return null;
+  if (typeof id !== 'string' || !isObjectIdHex(id)) return null;
   return ctx.services.activity.hold(principal.orgId, id);
 }
 
