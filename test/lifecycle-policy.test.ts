@@ -4,6 +4,7 @@ import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
 import { newId } from '../server/store/ids.js';
 import { newServerDirs, startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+import { until as pollUntil } from './helpers/until.js';
 
 /**
  * Timeouts, idle policies and auto-resume through the real server (README "Lifecycle: timeouts,
@@ -32,17 +33,8 @@ interface SandboxBody {
   lastActivityAt: string | null;
 }
 
-/** Polls `read` until `ok` holds of its value (bounded); returns that value. */
-async function until<T>(read: () => Promise<T>, ok: (v: T) => boolean, what: string, timeoutMs = 20_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: T | undefined;
-  for (;;) {
-    last = await read();
-    if (ok(last)) return last;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last saw ${JSON.stringify(last)?.slice(0, 600)}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+/** `until` (test/helpers/until.ts) with this file's bound and pace. */
+const until = <T>(read: () => Promise<T>, ok: (v: T) => boolean, what: string, timeoutMs = 20_000): Promise<T> => pollUntil(read, ok, what, timeoutMs, 100);
 
 /**
  * A test server (started in `beforeAll`, closed in `afterAll`) with a registered user, and REST

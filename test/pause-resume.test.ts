@@ -5,6 +5,7 @@ import { openSocket } from './helpers/http-streams.js';
 import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type ServerDirs, type TestServer } from './helpers/server.js';
+import { until as pollUntil } from './helpers/until.js';
 
 /**
  * Pause/resume and server restarts keep what runs in a sandbox: its files, a process started
@@ -12,17 +13,8 @@ import { startTestServer, uniqueEmail, type ServerDirs, type TestServer } from '
  * a terminal session with its scrollback, and a file-watch session (same id, still reporting).
  */
 
-/** Polls `read` until `ok` holds of its value (bounded); returns that value. */
-async function until<T>(read: () => Promise<T>, ok: (v: T) => boolean, what: string, timeoutMs = 15_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: T | undefined;
-  for (;;) {
-    last = await read();
-    if (ok(last)) return last;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last saw ${JSON.stringify(last)?.slice(0, 400)}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+/** `until` (test/helpers/until.ts) with this file's bound and pace. */
+const until = <T>(read: () => Promise<T>, ok: (v: T) => boolean, what: string, timeoutMs = 15_000): Promise<T> => pollUntil(read, ok, what, timeoutMs, 50);
 
 /** Reads a streamed response body until its text matches `pattern`; returns the text. */
 async function readUntil(res: Response, pattern: RegExp, timeoutMs = 15_000): Promise<string> {

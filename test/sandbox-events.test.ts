@@ -13,17 +13,7 @@ import type { SandboxEvent, SandboxEventPage } from '../shared/index.js';
 import { openSocket, parseSse, type SseMessage } from './helpers/http-streams.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
-
-/** Polls `read` until `done` holds for its value (bounded), and returns that value. */
-async function until<T>(read: () => Promise<T>, done: (value: T) => boolean, what: string, timeoutMs = 10_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await read();
-    if (done(value)) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(value).slice(0, 600)}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
+import { until } from './helpers/until.js';
 
 /** Reads an SSE response until `enough` holds for the events so far, then closes it. */
 async function readSse(res: Response, enough: (events: SseMessage[]) => boolean, timeoutMs = 10_000): Promise<SseMessage[]> {

@@ -7,6 +7,7 @@ import type { RegisterResult, Webhook, WebhookAttempt } from '../shared/index.js
 import { webhookAddressAllowed, webhookWants } from '../server/services/webhooks.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+import { until } from './helpers/until.js';
 
 interface Received {
   headers: IncomingHttpHeaders;
@@ -27,16 +28,6 @@ async function receiver(statuses: number[] = []): Promise<{ url: string; receive
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/hook`, received, server, statuses };
-}
-
-async function until<T>(read: () => T | Promise<T>, done: (v: T) => boolean, what: string, timeoutMs = 10_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await read();
-    if (done(v)) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(v).slice(0, 600)}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
 }
 
 const SECRET = 'a-test-secret-of-some-length';
