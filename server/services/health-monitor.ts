@@ -3,6 +3,7 @@ import { reconcilesHost, type SandboxDriver } from '../hypervisor/types.js';
 import type { SandboxRepository } from '../store/types.js';
 import type { SandboxService } from './sandbox-service.js';
 import type { SandboxEventSink } from './sandbox-events.js';
+import { forEachLimit } from './for-each-limit.js';
 
 /**
  * Keeps every stored sandbox status true to what the driver runs: once at startup (re-adopting
@@ -70,13 +71,8 @@ export class HealthMonitor {
 
   async #pass(): Promise<void> {
     const records = await this.deps.sandboxes.listAll();
-    let next = 0;
-    const worker = async () => {
-      while (next < records.length) {
-        const record = records[next++]!;
-        await this.deps.service.reconcile(record).catch((err: Error) => this.deps.log.warn({ sandbox: record.id, err: err.message }, 'health check failed'));
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(this.deps.concurrency, records.length) }, worker));
+    await forEachLimit(records, this.deps.concurrency, async (record) => {
+      await this.deps.service.reconcile(record).catch((err: Error) => this.deps.log.warn({ sandbox: record.id, err: err.message }, 'health check failed'));
+    });
   }
 }

@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import { countsOomKills, listsPorts, type SandboxDriver } from '../hypervisor/types.js';
 import type { SandboxEventRecord, SandboxRepository } from '../store/types.js';
 import type { SandboxEventSink } from './sandbox-events.js';
+import { forEachLimit } from './for-each-limit.js';
 
 /** What the poller last read of one running sandbox; null until its first read (a baseline, reported as nothing). */
 interface Watched {
@@ -83,15 +84,7 @@ export class HostEventPoller {
   }
 
   async #readAll(): Promise<void> {
-    const ids = [...this.#watched.keys()];
-    let next = 0;
-    const worker = async () => {
-      while (next < ids.length) {
-        const id = ids[next++]!;
-        await this.#read(id).catch((err: Error) => this.#readFailed(id, err));
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(this.deps.concurrency, ids.length) }, worker));
+    await forEachLimit([...this.#watched.keys()], this.deps.concurrency, (id) => this.#read(id).catch((err: Error) => this.#readFailed(id, err)));
   }
 
   /**

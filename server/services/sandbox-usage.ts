@@ -1,6 +1,7 @@
 import type { SandboxDriver } from '../hypervisor/types.js';
 import { reportsUsage, type HostUsage } from '../hypervisor/types.js';
 import type { SandboxRepository, SandboxRecord } from '../store/types.js';
+import { forEachLimit } from './for-each-limit.js';
 
 /** One sandbox as the metrics see it at a scrape. */
 export interface SandboxSample {
@@ -31,14 +32,9 @@ export function sandboxSampler(opts: SandboxUsageOptions): () => Promise<Sandbox
     const records = await opts.sandboxes.listAll();
     const samples: SandboxSample[] = records.map((record) => ({ record, usage: undefined }));
     const pending = usageOf ? samples.filter((s) => s.record.status === 'running' || s.record.status === 'paused') : [];
-    let next = 0;
-    const worker = async () => {
-      while (next < pending.length) {
-        const s = pending[next++]!;
-        s.usage = await usageOf!(s.record.id);
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(opts.concurrency, pending.length) }, worker));
+    await forEachLimit(pending, opts.concurrency, async (s) => {
+      s.usage = await usageOf!(s.record.id);
+    });
     return samples;
   }
 
