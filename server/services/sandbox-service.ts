@@ -796,10 +796,7 @@ export class SandboxService {
     const lc = record.lifecycle;
     if (!lc) return undefined;
     const now = Date.now();
-    if (status === 'running') {
-      if (record.status === 'running') return undefined;
-      return { ...lc, expiresAt: lc.timeout > 0 ? new Date(now + lc.timeout * 1000).toISOString() : null, endedReason: null, endedAt: null };
-    }
+    if (status === 'running') return record.status === 'running' ? undefined : startedLifecycle(lc, now);
     const reason = status === 'paused' || status === 'stopped' ? this.#endingReason.get(record.id) : undefined;
     if (reason) return { ...lc, expiresAt: null, endedReason: reason, endedAt: new Date(now).toISOString() };
     // Any other change of status (a stop of a sandbox its idle policy paused) is not the policy's: its reason goes.
@@ -836,7 +833,7 @@ export class SandboxService {
   async #startLifecycleAtClaim(record: SandboxRecord, lifecycle: SandboxLifecycle | undefined): Promise<SandboxRecord> {
     if (!lifecycle) return record;
     return this.#locks.run(record.id, async () => {
-      const started = this.#lifecycleOnStatus({ ...record, status: 'creating', lifecycle }, 'running')!;
+      const started = startedLifecycle(lifecycle, Date.now());
       const updated = (await this.deps.sandboxes.update(record.orgId, record.id, { lifecycle: started })) ?? { ...record, lifecycle: started };
       this.#changed(updated);
       return updated;
@@ -1005,4 +1002,9 @@ export function toSandbox(r: SandboxRecord, networkBytes: NetworkBytes = NO_BYTE
     endedAt: lc.endedAt,
     lastActivityAt: lastActivityAt === undefined ? null : new Date(lastActivityAt).toISOString(),
   };
+}
+
+/** A lifecycle as its sandbox starts running (created, started, resumed, claimed): its timeout clock starts now, no ended reason. */
+function startedLifecycle(lc: SandboxLifecycle, now: number): SandboxLifecycle {
+  return { ...lc, expiresAt: lc.timeout > 0 ? new Date(now + lc.timeout * 1000).toISOString() : null, endedReason: null, endedAt: null };
 }
