@@ -18,6 +18,7 @@ import { openStore } from './store/index.js';
 import { ensureAgentBundle } from './agent-client/agent-bundle.js';
 import { AgentClients } from './agent-client/agent-clients.js';
 import { RootfsImages } from './hypervisor/images/rootfs-images.js';
+import { LayerStore } from './hypervisor/images/layer-store.js';
 import { selectDriver } from './hypervisor/select-driver.js';
 import { VmImages } from './hypervisor/vm/vm-images.js';
 import { ExecService } from './services/exec-service.js';
@@ -96,7 +97,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const orgs = new OrgService({ store, lastUsed, network: serverNetwork, log });
 
   const idMap = { hostId: config.SANDBOX_UID_BASE, size: 65536 };
-  const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log });
+  const layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log });
+  const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log, layers });
   const images = new ImageService({ images: store.images, rootfs, defaultImage: config.SANDBOX_DEFAULT_IMAGE, log });
   const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
   // Sandboxes' egress on the bridge: the nftables firewall, the DNS resolver on the gateway, the byte caps.

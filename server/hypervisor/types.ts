@@ -7,9 +7,14 @@ export interface SandboxSpec {
   id: string;
   /** DNS-1123 name; the sandbox's hostname. */
   name: string;
-  /** The image's root filesystem (read-only lower layer of a container). */
+  /** The image's root filesystem (the bottom read-only lower layer of a container). */
   rootfs: string;
-  /** The image's recipe name (e.g. "debian"): which VM image a microVM boots. */
+  /** Layer dirs (LayerStore.fsPath) stacked above `rootfs`, bottom first; none for a system image. */
+  layers?: string[];
+  /**
+   * Which VM image a microVM boots: a system recipe name (e.g. "debian"), or a key (`vmImageKey`
+   * of the lower dirs) whose qcow2 base is built from `[rootfs, ...layers]` on first use.
+   */
   image: string;
   cpu: number;
   memMb: number;

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -6,6 +7,7 @@ import { processAlive } from '../host-process.js';
 import { runLogged } from './logged-command.js';
 import { DomainError, ErrorCode } from '../../errors.js';
 import type { IdMapping } from '../container/oci-spec.js';
+import type { LayerStore } from './layer-store.js';
 
 /** How each image this server can build is made. Only images that can be built here are listed. */
 export const imageRecipes = {
@@ -34,8 +36,24 @@ export class RootfsImages {
   readonly #building = new Map<string, Promise<string>>();
 
   constructor(
-    private readonly opts: { baseImagesDir: string; idMap: IdMapping; mirror: string; log: Logger },
+    private readonly opts: { baseImagesDir: string; idMap: IdMapping; mirror: string; log: Logger; layers?: LayerStore },
   ) {}
+
+  /**
+   * An image's lower dirs, bottom first: its system rootfs (built first if needed; `base: ''` for
+   * none, as an OCI import) and then each of its layers. A layer that is not in the store fails
+   * the call (an image whose layers were removed cannot start).
+   */
+  async lowerDirs(image: { base: string; layers: readonly string[] }): Promise<string[]> {
+    const dirs = image.base ? [await this.ensure(image.base)] : [];
+    if (image.layers.length && !this.opts.layers) throw new DomainError(ErrorCode.INVALID_INPUT, 'This server has no layer store: images with layers cannot be used here');
+    for (const id of image.layers) {
+      if (!this.opts.layers!.has(id)) throw new DomainError(ErrorCode.NOT_FOUND, `A layer of this image (${id.slice(0, 12)}) is missing on this server: build or import the image again`);
+      dirs.push(this.opts.layers!.fsPath(id));
+    }
+    if (!dirs.length) throw new DomainError(ErrorCode.INVALID_INPUT, 'The image has neither a base nor layers');
+    return dirs;
+  }
 
   rootfsPath(name: string): string {
     const version = isBuildableImage(name) ? imageRecipes[name].version : 0;
@@ -125,6 +143,13 @@ export class RootfsImages {
   }
 }
 
+/**
+ * The VM image key of a stack of lower dirs (bottom first): `chain-` and 16 hex of their sha256, so
+ * the same stack always maps to the same `<key>-base.qcow2` and a changed stack to a new one.
+ */
+export function vmImageKey(lowerDirs: readonly string[]): string {
+  return `chain-${createHash('sha256').update(JSON.stringify(lowerDirs)).digest('hex').slice(0, 16)}`;
+}
 
 /** Adds `base` to the owner and group of every file under `root` (not following symlinks). */
 export function shiftOwnership(root: string, base: number): Promise<void> {
