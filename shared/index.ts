@@ -7,7 +7,7 @@ export * from './schemas/sandbox.js';
 export * from './schemas/network.js';
 export * from './schemas/exec.js';
 export * from './schemas/idempotency.js';
-export * from './schemas/image.js';
+export * from './schemas/images.js';
 export * from './schemas/files.js';
 export * from './schemas/pty.js';
 export * from './schemas/ports.js';

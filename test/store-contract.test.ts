@@ -21,6 +21,8 @@ interface OpenedStore {
   cleanup: () => Promise<void>;
   /** Writes a sandbox as a server from before labels existed stored it: without any labels. */
   writeLegacySandbox: (id: string, orgId: string, name: string) => Promise<void>;
+  /** Writes an image as a server from before layered images stored it: without status, layers or config. */
+  writeLegacyImage: (id: string, orgId: string | null, name: string) => Promise<void>;
 }
 
 function storeContract(name: string, open: () => Promise<OpenedStore>) {
@@ -28,8 +30,9 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
     let store: Store;
     let cleanup: () => Promise<void>;
     let writeLegacySandbox: OpenedStore['writeLegacySandbox'];
+    let writeLegacyImage: OpenedStore['writeLegacyImage'];
     beforeAll(async () => {
-      ({ store, cleanup, writeLegacySandbox } = await open());
+      ({ store, cleanup, writeLegacySandbox, writeLegacyImage } = await open());
     });
     afterAll(async () => {
       await store?.close();
@@ -268,6 +271,34 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect((await store.images.listVisible(newId())).map((i) => i.id)).not.toContain(own.id);
       expect(await store.images.findById(own.id)).toEqual(own);
       expect(await store.images.delete(own.id)).toBe(true);
+    });
+
+    it('stores a layered image\'s status, layers and config, updates them, and reads images stored before them as ready aliases', async () => {
+      const orgId = newId();
+      const recipe = { base: 'debian', packages: ['python3-minimal'], env: { A: '1' } };
+      const img = await store.images.create({
+        name: `built-${newId()}`, tag: 'latest', description: '', base: 'debian', orgId, isSystem: false, createdBy: newId(),
+        status: 'building', source: 'recipe', recipe, parentId: newId(), env: { A: '1' }, workdir: '/srv',
+      });
+      expect(img).toMatchObject({ status: 'building', source: 'recipe', layers: [], recipe, env: { A: '1' }, workdir: '/srv', sizeBytes: 0, error: null, progress: null });
+      expect(await store.images.findById(img.id)).toEqual(img);
+      const progress = { step: 1, steps: 2, message: 'packages' };
+      expect(await store.images.update(img.id, { progress })).toMatchObject({ status: 'building', progress, recipe });
+      const layers = ['a'.repeat(64), 'b'.repeat(64)];
+      const done = await store.images.update(img.id, { status: 'ready', layers, sizeBytes: 1234, progress: null });
+      expect(done).toMatchObject({ status: 'ready', layers, sizeBytes: 1234, progress: null, env: { A: '1' } });
+      expect(await store.images.findById(img.id)).toEqual(done);
+      expect((await store.images.listAll()).map((i) => i.id)).toContain(img.id);
+      expect(await store.images.update(newId(), { status: 'failed' })).toBeNull();
+      expect(await store.images.update('not-one-of-ours', { status: 'failed' })).toBeNull();
+
+      const [legacy, legacySys] = [newId(), newId()];
+      await writeLegacyImage(legacy, orgId, `old-${newId()}`);
+      await writeLegacyImage(legacySys, null, `oldsys-${newId()}`);
+      const defaults = { status: 'ready', layers: [], parentId: null, recipe: null, env: {}, workdir: null, sizeBytes: 0, error: null, progress: null };
+      expect(await store.images.findById(legacy)).toMatchObject({ ...defaults, source: 'alias', base: 'debian' });
+      expect(await store.images.findById(legacySys)).toMatchObject({ ...defaults, source: 'system', isSystem: true });
+      expect(await store.images.update(legacy, { status: 'failed', error: 'x' })).toMatchObject({ status: 'failed', error: 'x', source: 'alias', layers: [] });
     });
 
     it('leases each guest address to one sandbox at a time and frees a sandbox\'s leases on release', async () => {
@@ -533,7 +564,38 @@ storeContract('sqlite', async () => {
       ).run(id, name, orgId, newId(), newId(), now, now);
       db.close();
     },
+    writeLegacyImage: async (id, orgId, name) => {
+      const db = new Database(join(dir, 'voidrun.db'));
+      const now = new Date().toISOString();
+      db.prepare(
+        "INSERT INTO images (id, name, tag, description, base, org_id, is_system, created_by, created_at, updated_at) VALUES (?, ?, 'latest', '', 'debian', ?, ?, ?, ?, ?)",
+      ).run(id, name, orgId, orgId === null ? 1 : 0, newId(), now, now);
+      db.close();
+    },
   };
+});
+
+describe('the sqlite store opening a file from before layered images existed', () => {
+  it('adds the details column and reads the old image rows as ready aliases', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-store-old-'));
+    try {
+      const db = new Database(join(dir, 'voidrun.db'));
+      db.exec(sqliteSchema.replace('  updated_at TEXT NOT NULL,\n  details TEXT\n', '  updated_at TEXT NOT NULL\n'));
+      expect((db.prepare('PRAGMA table_info(images)').all() as Array<{ name: string }>).map((c) => c.name)).not.toContain('details');
+      const [id, orgId, now] = [newId(), newId(), new Date().toISOString()];
+      db.prepare("INSERT INTO images (id, name, tag, description, base, org_id, is_system, created_by, created_at, updated_at) VALUES (?, 'old', 'latest', '', 'debian', ?, 0, ?, ?, ?)").run(id, orgId, newId(), now, now);
+      db.close();
+      const store = openSqliteStore(dir);
+      expect(await store.images.findById(id)).toMatchObject({ name: 'old', status: 'ready', source: 'alias', layers: [], env: {}, workdir: null, sizeBytes: 0 });
+      await store.images.update(id, { sizeBytes: 7 });
+      await store.close();
+      const again = openSqliteStore(dir);
+      expect((await again.images.findById(id))!.sizeBytes).toBe(7);
+      await again.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('the sqlite store opening a file from before labels existed', () => {
@@ -627,6 +689,13 @@ if (mongoUri) {
           .db(dbName)
           .collection('sandboxes')
           .insertOne({ _id: new ObjectId(id), name, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, createdAt: now, updatedAt: now });
+      },
+      writeLegacyImage: async (id, orgId, name) => {
+        const now = new Date();
+        await client
+          .db(dbName)
+          .collection('images')
+          .insertOne({ _id: new ObjectId(id), name, tag: 'latest', description: '', base: 'debian', orgId, isSystem: orgId === null, createdBy: newId(), createdAt: now, updatedAt: now });
       },
     };
   });

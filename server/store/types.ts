@@ -7,6 +7,7 @@
  */
 import type { NetworkPolicy, OrgNetworkDefaults } from '../../shared/schemas/network.js';
 import type { EndedReason, IdlePolicy, OnTimeout } from '../../shared/schemas/sandbox.js';
+import type { ImageProgress, ImageSource, ImageStatus, Recipe } from '../../shared/schemas/images.js';
 
 export interface UserRecord {
   id: string;
@@ -120,7 +121,7 @@ export interface ImageRecord {
   name: string;
   tag: string;
   description: string;
-  /** The buildable recipe its root filesystem comes from (e.g. "debian"). */
+  /** The system root filesystem at the bottom of its stack (e.g. "debian"); '' for an OCI import, whose own layer is the bottom. */
   base: string;
   /** null for system images, visible to every org. */
   orgId: string | null;
@@ -128,7 +129,35 @@ export interface ImageRecord {
   createdBy: string;
   createdAt: Date;
   updatedAt: Date;
+  status: ImageStatus;
+  source: ImageSource;
+  /** Layer ids above `base`, bottom first: the parent's layers, then its own. */
+  layers: string[];
+  /** The image a recipe or sandbox image was built on. */
+  parentId: string | null;
+  recipe: Recipe | null;
+  env: Record<string, string>;
+  workdir: string | null;
+  /** Bytes of its own layers (those not in its parent's stack). */
+  sizeBytes: number;
+  error: string | null;
+  progress: ImageProgress | null;
 }
+
+/** What images stored before layered images existed read as: ready aliases of a system rootfs (or the system image itself). */
+export function imageDefaults(isSystem: boolean): Pick<ImageRecord, ImageDetailKey> {
+  return { status: 'ready', source: isSystem ? 'system' : 'alias', layers: [], parentId: null, recipe: null, env: {}, workdir: null, sizeBytes: 0, error: null, progress: null };
+}
+/** `o` without its undefined-valued keys, so a spread of it never overwrites a default with undefined. */
+export function withoutUndefined<T extends object>(o: T): T {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as T;
+}
+export type ImageDetailKey = 'status' | 'source' | 'layers' | 'parentId' | 'recipe' | 'env' | 'workdir' | 'sizeBytes' | 'error' | 'progress';
+export const IMAGE_DETAIL_KEYS: readonly ImageDetailKey[] = ['status', 'source', 'layers', 'parentId', 'recipe', 'env', 'workdir', 'sizeBytes', 'error', 'progress'];
+/** `images.create` input: the detail fields default as `imageDefaults` says. */
+export type NewImageRecord = Omit<NewRecord<ImageRecord>, ImageDetailKey> & Partial<Pick<ImageRecord, ImageDetailKey>>;
+/** What `images.update` may change. */
+export type ImagePatch = Partial<Pick<ImageRecord, ImageDetailKey | 'description'>>;
 
 /** A guest address leased to one sandbox; the address is the key, so no two sandboxes share one. */
 export interface IpLeaseRecord {
@@ -206,12 +235,20 @@ export interface SandboxRepository {
 }
 
 export interface ImageRepository {
-  create(image: NewRecord<ImageRecord>): Promise<ImageRecord>;
+  create(image: NewImageRecord): Promise<ImageRecord>;
   findById(id: string): Promise<ImageRecord | null>;
   /** An org's own image of that name, or else the system image of that name. */
   findByName(orgId: string | null, name: string): Promise<ImageRecord | null>;
   /** The system images plus the org's own. */
   listVisible(orgId: string): Promise<ImageRecord[]>;
+  /** Every image of every org (layer GC, build resume). */
+  listAll(): Promise<ImageRecord[]>;
+  /**
+   * Sets the patched fields (and `updatedAt`); null when there is no such image. Not atomic against
+   * another writer of the same image: each image has one writer (its builder, or the service before
+   * a build starts).
+   */
+  update(id: string, patch: ImagePatch): Promise<ImageRecord | null>;
   delete(id: string): Promise<boolean>;
 }
 

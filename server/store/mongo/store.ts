@@ -4,8 +4,10 @@ import { isObjectIdHex, newId } from '../ids.js';
 import type {
   ApiKeyRecord,
   ApiKeyRepository,
+  ImagePatch,
   ImageRecord,
   ImageRepository,
+  NewImageRecord,
   IpLeaseRecord,
   IpLeaseRepository,
   IdempotencyClaim,
@@ -23,7 +25,7 @@ import type {
   UserRecord,
   UserRepository,
 } from '../types.js';
-import { SANDBOX_NETWORK_NONE } from '../types.js';
+import { imageDefaults, SANDBOX_NETWORK_NONE, withoutUndefined } from '../types.js';
 import type { OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 import { ensureEventIndexes, mongoEventRepositories } from './events-store.js';
 import { mongoTombstones } from './tombstones.js';
@@ -327,25 +329,40 @@ class MongoIdempotency implements IdempotencyRepository {
 
 class MongoImages implements ImageRepository {
   constructor(private readonly c: Collection) {}
-  async create(image: NewRecord<ImageRecord>) {
-    const rec = stamp(image);
+  /** Documents stored before layered images lack the detail fields: they read as ready aliases (or system images). */
+  static #map(doc: Document | null): ImageRecord | null {
+    const r = fromDoc<ImageRecord>(doc);
+    return r && { ...imageDefaults(r.isSystem), ...withoutUndefined(r) };
+  }
+  async create(image: NewImageRecord) {
+    const rec: ImageRecord = stamp({ ...imageDefaults(image.isSystem), ...withoutUndefined(image) });
     await op(`An image named ${rec.name}`, () => this.c.insertOne(toDoc(rec)));
     return rec;
   }
   async findById(id: string) {
     const _id = objectId(id);
-    return _id ? op('', async () => fromDoc<ImageRecord>(await this.c.findOne({ _id }))) : null;
+    return _id ? op('', async () => MongoImages.#map(await this.c.findOne({ _id }))) : null;
   }
   async findByName(orgId: string | null, name: string) {
     return op('', async () => {
       const own = orgId ? await this.c.findOne({ name, orgId }) : null;
-      return fromDoc<ImageRecord>(own ?? (await this.c.findOne({ name, orgId: null })));
+      return MongoImages.#map(own ?? (await this.c.findOne({ name, orgId: null })));
     });
   }
   async listVisible(orgId: string) {
     return op('', async () =>
-      (await this.c.find({ $or: [{ orgId: null }, { orgId }] }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<ImageRecord>(d)!),
+      (await this.c.find({ $or: [{ orgId: null }, { orgId }] }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => MongoImages.#map(d)!),
     );
+  }
+  async listAll() {
+    return op('', async () => (await this.c.find({}).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => MongoImages.#map(d)!));
+  }
+  async update(id: string, patch: ImagePatch) {
+    const _id = objectId(id);
+    if (!_id) return null;
+    // One writer per image (see ImageRepository.update), so a plain $set is enough here.
+    const res = await op('', () => this.c.updateOne({ _id }, { $set: { ...withoutUndefined(patch), updatedAt: new Date() } }));
+    return res.matchedCount > 0 ? this.findById(id) : null;
   }
   async delete(id: string) {
     const _id = objectId(id);

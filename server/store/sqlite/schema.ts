@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS images (
   is_system INTEGER NOT NULL,
   created_by TEXT NOT NULL,
   created_at TEXT NOT NULL,
-  updated_at TEXT NOT NULL
+  updated_at TEXT NOT NULL,
+  details TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS images_by_owner_name ON images (COALESCE(org_id, ''), name);
 CREATE TABLE IF NOT EXISTS ip_leases (

@@ -6,8 +6,10 @@ import { newId } from '../ids.js';
 import type {
   ApiKeyRecord,
   ApiKeyRepository,
+  ImagePatch,
   ImageRecord,
   ImageRepository,
+  NewImageRecord,
   IpLeaseRecord,
   IpLeaseRepository,
   IdempotencyClaim,
@@ -26,7 +28,7 @@ import type {
   UserRecord,
   UserRepository,
 } from '../types.js';
-import { SANDBOX_NETWORK_NONE } from '../types.js';
+import { IMAGE_DETAIL_KEYS, imageDefaults, SANDBOX_NETWORK_NONE, withoutUndefined } from '../types.js';
 import type { NetworkPolicy, OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 import { sqliteSchema } from './schema.js';
 import { SqliteSandboxEvents, SqliteWebhookDeliveries, SqliteWebhooks } from './events-store.js';
@@ -406,11 +408,15 @@ class SqliteImages implements ImageRepository {
   readonly #byId;
   readonly #byName;
   readonly #visible;
+  readonly #all;
+  readonly #update;
   readonly #delete;
   constructor(db: Db) {
     this.#insert = db.prepare(
-      'INSERT INTO images (id, name, tag, description, base, org_id, is_system, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+      'INSERT INTO images (id, name, tag, description, base, org_id, is_system, created_by, created_at, updated_at, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
     );
+    this.#all = db.prepare('SELECT * FROM images ORDER BY created_at, id');
+    this.#update = db.prepare('UPDATE images SET description = ?, details = ?, updated_at = ? WHERE id = ?');
     this.#byId = db.prepare('SELECT * FROM images WHERE id = ?');
     // The org's own image wins over a system image of the same name.
     this.#byName = db.prepare('SELECT * FROM images WHERE name = ? AND (org_id = ? OR org_id IS NULL) ORDER BY org_id IS NULL LIMIT 1');
@@ -430,14 +436,30 @@ class SqliteImages implements ImageRepository {
       createdBy: String(r.created_by),
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
+      // Records stored before layered images have no details: ready aliases (or system images).
+      ...imageDefaults(r.is_system === 1),
+      ...(r.details == null ? {} : (JSON.parse(String(r.details)) as Partial<ImageRecord>)),
     };
   }
-  async create(image: NewRecord<ImageRecord>) {
-    const r = stamp(image);
+  static #details(r: ImageRecord): string {
+    return JSON.stringify(Object.fromEntries(IMAGE_DETAIL_KEYS.map((k) => [k, r[k]])));
+  }
+  async create(image: NewImageRecord) {
+    const r: ImageRecord = stamp({ ...imageDefaults(image.isSystem), ...withoutUndefined(image) });
     uniqueWrite(`An image named ${r.name}`, () =>
-      this.#insert.run(r.id, r.name, r.tag, r.description, r.base, r.orgId, r.isSystem ? 1 : 0, r.createdBy, iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.tag, r.description, r.base, r.orgId, r.isSystem ? 1 : 0, r.createdBy, iso(r.createdAt), iso(r.updatedAt), SqliteImages.#details(r)),
     );
     return r;
+  }
+  async listAll() {
+    return (this.#all.all() as Row[]).map((r) => SqliteImages.#map(r)!);
+  }
+  async update(id: string, patch: ImagePatch) {
+    const current = SqliteImages.#map(this.#byId.get(id) as Row | undefined);
+    if (!current) return null;
+    const next: ImageRecord = { ...current, ...withoutUndefined(patch), updatedAt: new Date() };
+    this.#update.run(next.description, SqliteImages.#details(next), iso(next.updatedAt), id);
+    return next;
   }
   async findById(id: string) {
     return SqliteImages.#map(this.#byId.get(id) as Row | undefined);
@@ -490,6 +512,8 @@ function migrate(db: Db): void {
   if (!orgColumns.includes('network')) db.exec('ALTER TABLE orgs ADD COLUMN network TEXT');
   const imageColumns = (db.prepare('PRAGMA table_info(images)').all() as Array<{ name: string }>).map((c) => c.name);
   if (!imageColumns.includes('base')) db.exec("ALTER TABLE images ADD COLUMN base TEXT NOT NULL DEFAULT 'debian'");
+  // Layered images' status, layers, recipe and config (JSON); null for records stored before them: ready aliases.
+  if (!imageColumns.includes('details')) db.exec('ALTER TABLE images ADD COLUMN details TEXT');
   const sandboxColumns = (db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name);
   if (!sandboxColumns.includes('labels')) db.exec("ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'");
   if (!sandboxColumns.includes('network')) db.exec('ALTER TABLE sandboxes ADD COLUMN network TEXT');
