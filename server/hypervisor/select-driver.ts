@@ -110,7 +110,7 @@ async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNe
     instancesDir: config.INSTANCES_DIR,
     // KERNEL_PATH (the original's variable) names the uncompressed kernel; the image builder writes it there by default.
     // INITRD_PATH, set, replaces the image's initramfs.
-    image: async (name) => ({ ...(await deps.vmImages.ensure(name)), vmlinux: config.KERNEL_PATH, ...(config.INITRD_PATH ? { initrd: config.INITRD_PATH } : {}) }),
+    image: async (name, lowerDirs) => ({ ...(await deps.vmImages.ensure(name, lowerDirs)), vmlinux: config.KERNEL_PATH, ...(config.INITRD_PATH ? { initrd: config.INITRD_PATH } : {}) }),
     agentDisk: () => deps.vmImages.ensureAgentDisk(deps.agent, config.SANDBOX_DEFAULT_IMAGE),
     network: vmNetwork,
     writeConfigDisk,

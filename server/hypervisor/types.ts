@@ -26,6 +26,11 @@ export interface SandboxSpec {
   network?: NetworkPolicy;
 }
 
+/** A spec's lower dirs, bottom first: its rootfs, then its layers. */
+export function lowerDirsOf(spec: Pick<SandboxSpec, 'rootfs' | 'layers'>): string[] {
+  return [spec.rootfs, ...(spec.layers ?? [])];
+}
+
 export type DriverStatus = 'running' | 'paused' | 'stopped' | 'missing';
 
 export interface DriverAvailability {

@@ -23,6 +23,7 @@ import type {
   SnapshottingDriver,
   UsageReportingDriver,
 } from '../types.js';
+import { lowerDirsOf } from '../types.js';
 import type { NetworkBytes } from '../network/types.js';
 import { VM_DEFAULT_POLICY, type VmHostNetwork } from '../network/vm-network.js';
 import { GUEST_AGENT_PORT, type GuestConfig, type VmImagePaths, type VmInstancePaths, vmInstancePaths } from '../vm/guest.js';
@@ -38,9 +39,9 @@ export interface CloudHypervisorDriverOptions {
   instancesDir: string;
   /**
    * The VM image files (kernel, initramfs, base disk) a sandbox boots: one set for every sandbox,
-   * or resolved from `spec.image` (e.g. `(name) => vmImages.ensure(name)`).
+   * or resolved from `spec.image` and its lower dirs (e.g. `(name, lowerDirs) => vmImages.ensure(name, lowerDirs)`).
    */
-  image: VmImagePaths | ((name: string) => Promise<VmImagePaths>);
+  image: VmImagePaths | ((name: string, lowerDirs: readonly string[]) => Promise<VmImagePaths>);
   /** Path of the shared read-only agent disk (built on first use). */
   agentDisk: () => Promise<string>;
   network: VmHostNetwork;
@@ -152,7 +153,7 @@ export class CloudHypervisorDriver
   }
 
   async #image(spec: SandboxSpec): Promise<VmImagePaths> {
-    return typeof this.opts.image === 'function' ? this.opts.image(spec.image) : this.opts.image;
+    return typeof this.opts.image === 'function' ? this.opts.image(spec.image, lowerDirsOf(spec)) : this.opts.image;
   }
 
   #files(id: string) {

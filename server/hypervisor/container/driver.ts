@@ -43,14 +43,16 @@ export interface ContainerDriverOptions {
 }
 
 /**
- * Instance layout: INSTANCES_DIR/<id>/{config.json, disk.img, disk/{upper,work}/, image, rootfs/,
- * agent.sock, sandbox.log}. `disk.img` is a sparse ext4 image of `diskMb` (with an inode count
- * derived from it), loop-mounted on `disk/`, which holds the overlay's upper and work directories:
- * the sandbox's writes end with ENOSPC there, never on the host's filesystem. `image` is a symlink
- * to the image's rootfs, so the overlay is mounted with relative option strings only (the kernel
- * shows them as given in the sandbox's /proc/self/mountinfo). The directory belongs to host root
- * and is not mounted into the sandbox, so the sandbox can't replace `agent.sock` with a link to
- * somewhere else.
+ * Instance layout: INSTANCES_DIR/<id>/{config.json, disk.img, disk/{upper,work}/, image | lowers/,
+ * lower, rootfs/, agent.sock, sandbox.log}. `disk.img` is a sparse ext4 image of `diskMb` (with an
+ * inode count derived from it), loop-mounted on `disk/`, which holds the overlay's upper and work
+ * directories: the sandbox's writes end with ENOSPC there, never on the host's filesystem. `image`
+ * is a symlink to the image's rootfs (an image without layers), `lowers/<n>` symlinks to each lower
+ * dir of an image with layers (`0` the rootfs, then its layers bottom first), so the overlay is
+ * mounted with relative option strings only (the kernel shows them as given in the sandbox's
+ * /proc/self/mountinfo). `lower` lists the lower dirs, bottom first, one a line. The directory
+ * belongs to host root and is not mounted into the sandbox, so the sandbox can't replace
+ * `agent.sock` with a link to somewhere else.
  */
 function layout(instancesDir: string, id: string) {
   const dir = join(instancesDir, id);
@@ -68,6 +70,7 @@ function layout(instancesDir: string, id: string) {
     upper: join(dir, upperRel),
     work: join(dir, workRel),
     lowerLink: join(dir, 'image'),
+    lowersDir: join(dir, 'lowers'),
     rootfs: join(dir, 'rootfs'),
     socket: join(dir, 'agent.sock'),
     log: join(dir, 'sandbox.log'),
@@ -286,19 +289,27 @@ export class ContainerDriver
   }
 
   /**
-   * The sandbox's root: its disk, then an overlay of the image (through the `image` symlink) with the
-   * disk's upper layer. Every path in the overlay's options is relative to the instance directory,
-   * so the sandbox's /proc/self/mountinfo names no host directory.
+   * The sandbox's root: its disk, then an overlay of the image's lower dirs (through the `image`
+   * symlink, or the `lowers/` symlinks for an image with layers) with the disk's upper layer. Every
+   * path in the overlay's options is relative to the instance directory, so the sandbox's
+   * /proc/self/mountinfo names no host directory.
    */
   async #mountLayers(spec: SandboxSpec): Promise<void> {
     const p = layout(this.opts.instancesDir, spec.id);
     await this.#mountDisk(p);
-    if ((await readlink(p.lowerLink).catch(() => null)) !== spec.rootfs) {
-      await rm(p.lowerLink, { force: true });
-      await symlink(spec.rootfs, p.lowerLink);
+    const lowers = [spec.rootfs, ...(spec.layers ?? [])];
+    let lowerdir = 'image';
+    if (lowers.length === 1) {
+      await pointLink(p.lowerLink, spec.rootfs);
+    } else {
+      await mkdir(p.lowersDir, { recursive: true, mode: 0o700 });
+      for (const [i, dir] of lowers.entries()) await pointLink(join(p.lowersDir, String(i)), dir);
+      for (const name of await readdir(p.lowersDir)) if (!(Number(name) < lowers.length)) await rm(join(p.lowersDir, name), { force: true });
+      // overlayfs takes lower dirs top first.
+      lowerdir = lowers.map((_, i) => `lowers/${i}`).reverse().join(':');
     }
     if (!mountedAt(p.rootfs)) {
-      await execIn(p.dir, 'mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=image,upperdir=${p.upperRel},workdir=${p.workRel}`, 'rootfs']);
+      await execIn(p.dir, 'mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lowerdir},upperdir=${p.upperRel},workdir=${p.workRel}`, 'rootfs']);
     }
   }
 
@@ -315,7 +326,7 @@ export class ContainerDriver
   async #boot(spec: SandboxSpec): Promise<void> {
     const p = layout(this.opts.instancesDir, spec.id);
     await this.#mountLayers(spec);
-    await writeFile(p.lowerFile, spec.rootfs);
+    await writeFile(p.lowerFile, [spec.rootfs, ...(spec.layers ?? [])].join('\n'));
     const boot = await this.opts.bootFiles();
     const networking = this.opts.networking;
     const attached = networking && spec.network?.mode !== 'none' ? await networking.attach(spec.id, spec.network ?? bridgePolicy) : null;
@@ -461,6 +472,13 @@ export class ContainerDriver
       this.#snapshotSlots.release();
     }
   }
+}
+
+/** Makes `link` a symlink to `target` (replacing one to elsewhere). */
+async function pointLink(link: string, target: string): Promise<void> {
+  if ((await readlink(link).catch(() => null)) === target) return;
+  await rm(link, { force: true });
+  await symlink(target, link);
 }
 
 /** The policy of a sandbox whose spec has none: on the bridge, unfiltered beyond the firewall's defaults. */

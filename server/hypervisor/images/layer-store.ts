@@ -103,8 +103,8 @@ export class LayerStore {
     };
     const commit = async (id: string, description: string): Promise<LayerInfo> => {
       if (done) throw new Error('this staged layer was already committed or discarded');
-      if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
       try {
+        if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
         const existing = await this.#existing(id);
         if (existing) {
           await discard();

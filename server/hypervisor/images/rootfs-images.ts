@@ -151,6 +151,11 @@ export function vmImageKey(lowerDirs: readonly string[]): string {
   return `chain-${createHash('sha256').update(JSON.stringify(lowerDirs)).digest('hex').slice(0, 16)}`;
 }
 
+/** Whether a VM image name is a `vmImageKey` (built from lower dirs) rather than a system image. */
+export function isChainImageKey(name: string): boolean {
+  return /^chain-[0-9a-f]{16}$/.test(name);
+}
+
 /** Adds `base` to the owner and group of every file under `root` (not following symlinks). */
 export function shiftOwnership(root: string, base: number): Promise<void> {
   return remapOwnership(root, (id) => (id < base ? id + base : id));

@@ -10,6 +10,7 @@ import type { Logger } from 'pino';
 import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import { hostnameFor } from '../container/oci-spec.js';
 import type { GuestConfig } from '../../../shared/guest-protocol.js';
+import { lowerDirsOf } from '../types.js';
 import type {
   AddressingDriver,
   DriverAvailability,
@@ -144,7 +145,7 @@ export class QemuDriver
     await mkdir(this.opts.instancesDir, { recursive: true });
     await mkdir(p.dir, { mode: 0o700 });
     try {
-      const image = await this.opts.images.ensure(spec.image);
+      const image = await this.opts.images.ensure(spec.image, lowerDirsOf(spec));
       const agentDisk = await this.opts.images.ensureAgentDisk(this.opts.agent, spec.image);
       await createOverlay(image.baseDisk, p.overlay, spec.diskMb);
       const state: InstanceState = { token: randomBytes(24).toString('hex'), port: 0, image: spec.image, agentDisk, cpu: spec.cpu, memMb: spec.memMb };
@@ -156,6 +157,11 @@ export class QemuDriver
       await this.destroy(spec.id).catch(() => {});
       throw err;
     }
+  }
+
+  /** The instance's VM image files; the spec's layers build a chain image that is gone again (its key is the instance's). */
+  #image(state: InstanceState, spec: SandboxSpec): Promise<VmImagePaths> {
+    return this.opts.images.ensure(state.image, state.image === spec.image ? lowerDirsOf(spec) : undefined);
   }
 
   /** Puts the VM's TAP on the bridge (before it boots) when it has a TAP NIC. */
@@ -290,7 +296,7 @@ export class QemuDriver
       const attachment = await this.#attach(spec, state);
       // Settings may have changed while it was stopped (env vars are per sandbox record).
       await writeConfigDisk(this.#paths(spec.id).configDisk, this.#guestConfig(spec, state, attachment));
-      await this.#boot(spec.id, state, await this.opts.images.ensure(state.image), attachment);
+      await this.#boot(spec.id, state, await this.#image(state, spec), attachment);
     } catch (err) {
       // Not left half-started: a live QEMU whose agent never answered would look running.
       const pid = await this.#pid(spec.id);
@@ -445,7 +451,7 @@ export class QemuDriver
       const state = JSON.parse(await readFile(join(p.dir, 'instance.json'), 'utf8')) as InstanceState;
       if (!existsSync(state.agentDisk)) throw new Error(`the snapshot needs the agent disk it was taken with, which is gone (${state.agentDisk.split('/').pop()})`);
       // The overlay still names the exact base image version it was made over.
-      const image = await this.opts.images.ensure(state.image);
+      const image = await this.#image(state, spec);
       // The snapshot's NICs are the restored VM's; its TAP NIC takes this sandbox's MAC (the TAP
       // admits only that one) once the guest hears its new identity.
       const snapshotMac = state.bridgeMac;

@@ -8,7 +8,8 @@ import type { Logger } from 'pino';
 import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import { DomainError, ErrorCode } from '../../errors.js';
 import { runLogged } from '../images/logged-command.js';
-import { remapOwnership, type RootfsImages } from '../images/rootfs-images.js';
+import { isChainImageKey, remapOwnership, vmImageKey, type RootfsImages } from '../images/rootfs-images.js';
+import { mountedAt } from '../container/mounts.js';
 import { cpioArchive, type CpioEntry } from './cpio-archive.js';
 import { agentDiskInit, GUEST_AGENT_DIR, initramfsInit } from './guest-boot-files.js';
 import { vmImagePaths, type VmImagePaths } from './guest.js';
@@ -17,6 +18,8 @@ import { extractLz4Legacy } from './lz4-legacy.js';
 /** Modules the guest needs, by name; their dependencies are found in the modules themselves. */
 const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio-rng', 'vmw_vsock_virtio_transport'];
 const KERNEL_PACKAGE = 'linux-image-cloud-amd64';
+/** The system image whose kernel, initramfs and busybox chain images boot. */
+const BOOT_IMAGE = 'debian';
 /** Bumped when what the builder produces changes; part of the marker, so old builds are redone. */
 const VM_IMAGE_VERSION = 3;
 
@@ -35,6 +38,10 @@ export interface VmImagesOptions {
  * as a qcow2 base (`<image>-base.qcow2`, the original VoidRun's name). The agent is not in the
  * image: it comes on a separate read-only disk (`agent/agent-<hash>.img`) rebuilt whenever the
  * agent changes, so images never need rebuilding for a new agent.
+ *
+ * An image with layers has a chain key (`vmImageKey` of its lower dirs, `chain-<hex>`): only its
+ * root disk is its own (`<key>-base.qcow2`, built from the merged lower dirs on first use); kernel,
+ * initramfs and busybox are the debian image's.
  */
 export class VmImages {
   readonly #building = new Map<string, Promise<VmImagePaths>>();
@@ -42,7 +49,8 @@ export class VmImages {
   constructor(private readonly opts: VmImagesOptions) {}
 
   paths(name: string): VmImagePaths {
-    return vmImagePaths(this.opts.baseImagesDir, name);
+    const own = vmImagePaths(this.opts.baseImagesDir, name);
+    return isChainImageKey(name) ? { ...vmImagePaths(this.opts.baseImagesDir, BOOT_IMAGE), baseDisk: own.baseDisk } : own;
   }
 
   #marker(name: string): string {
@@ -58,14 +66,69 @@ export class VmImages {
     }
   }
 
-  /** The image's VM files, building them first if needed; concurrent callers share one build. */
-  ensure(name: string): Promise<VmImagePaths> {
+  /**
+   * The image's VM files, building them first if needed; concurrent callers share one build. A
+   * chain key is built from `lowerDirs` (the sandbox's `[rootfs, ...layers]`, which must be the
+   * stack the key names).
+   */
+  ensure(name: string, lowerDirs?: readonly string[]): Promise<VmImagePaths> {
     let build = this.#building.get(name);
     if (!build) {
-      build = (async () => ((await this.isReady(name)) ? this.paths(name) : this.#build(name)))().finally(() => this.#building.delete(name));
+      build = (async () => {
+        if (await this.isReady(name)) return this.paths(name);
+        return isChainImageKey(name) ? this.#buildChain(name, lowerDirs) : this.#build(name);
+      })().finally(() => this.#building.delete(name));
       this.#building.set(name, build);
     }
     return build;
+  }
+
+  /**
+   * A chain image's root disk: the lower dirs merged by a read-only overlay mounted on the host in a
+   * private directory (the kernel applies the layers' whiteouts and opaque directories), copied
+   * with `cp -a` (links are copied as links, never followed), then made a disk as a system image's.
+   */
+  async #buildChain(name: string, lowerDirs: readonly string[] | undefined): Promise<VmImagePaths> {
+    if (!lowerDirs?.length) throw new DomainError(ErrorCode.INVALID_INPUT, `The VM image ${name} is not built here and this request does not name its layers: create the sandbox again`);
+    if (vmImageKey(lowerDirs) !== name) throw new DomainError(ErrorCode.INVALID_INPUT, `The VM image ${name} is not the image of these layers`);
+    await this.ensure(BOOT_IMAGE);
+    const { log, baseImagesDir } = this.opts;
+    const work = await mkdtemp(join(baseImagesDir, `.vm-${name}-`));
+    const merged = join(work, 'merged');
+    const started = Date.now();
+    const step = (message: string) => log.info({ image: name }, `vm image ${name}: ${message}`);
+    try {
+      const root = join(work, 'root');
+      if (lowerDirs.length === 1) {
+        step('copying the root filesystem');
+        await runLogged('cp', ['-a', lowerDirs[0]!, root], log);
+      } else {
+        step(`merging ${lowerDirs.length} lower dirs with a read-only overlay`);
+        const lowers = join(work, 'lowers');
+        await mkdir(lowers);
+        for (const [i, dir] of lowerDirs.entries()) await symlink(dir, join(lowers, String(i)));
+        await mkdir(merged);
+        // Relative option strings (top first), so no layer path has to be free of the overlay's separators.
+        const lowerdir = lowerDirs.map((_, i) => `lowers/${i}`).reverse().join(':');
+        await runInDir(work, 'mount', ['-t', 'overlay', 'overlay', '-o', `ro,lowerdir=${lowerdir}`, 'merged']);
+        try {
+          step('copying the merged root filesystem');
+          await runLogged('cp', ['-a', merged, root], log);
+        } finally {
+          await runLogged('umount', [merged], log).catch(() => runLogged('umount', ['-l', merged], log));
+        }
+      }
+      const rootMb = await this.#makeRootDisk(name, work, root, step);
+      await this.#placeBaseDisk(name, work);
+      await this.#writeMarker(name, { lowerDirs, rootMb });
+    } catch (err) {
+      throw new DomainError(ErrorCode.DRIVER_FAILURE, `Building the VM image ${name} failed: ${(err as Error).message}`, { cause: err });
+    } finally {
+      if (mountedAt(merged)) await runLogged('umount', ['-l', merged], log).catch(() => {});
+      await rm(work, { recursive: true, force: true }).catch(() => {});
+    }
+    log.info({ image: name, seconds: Math.round((Date.now() - started) / 1000) }, `vm image ${name} is ready`);
+    return this.paths(name);
   }
 
   async #build(name: string): Promise<VmImagePaths> {
@@ -101,51 +164,20 @@ export class VmImages {
       const vmlinuz = join(unpacked, 'boot', `vmlinuz-${kernelVersion}`);
       await writeFile(join(work, 'vmlinux'), extractLz4Legacy(await readFile(vmlinuz)));
 
-      step('copying the root filesystem with plain ownership (the container copy is uid-shifted)');
+      step('copying the root filesystem');
       const root = join(work, 'root');
       // cp -a: the rootfs has device nodes, which fs.cp cannot copy.
       await runLogged('cp', ['-a', rootfs, root], log);
-      const base = this.opts.containerUidBase;
-      await remapOwnership(root, (id) => (id >= base && id < base + 65536 ? id - base : id));
-      await mkdir(join(root, GUEST_AGENT_DIR.slice(1)), { recursive: true });
-      await writeFile(join(root, 'etc', 'hostname'), 'sandbox\n');
-
-      // socat bridges cloud-hypervisor's vsock to the agent's TCP port in the guest (Node has no
-      // AF_VSOCK). Unpacked with whatever libraries it needs that the image lacks.
-      step('adding socat (the guest end of the vsock bridge)');
-      const extra = join(work, 'extra-debs');
-      await mkdir(extra);
-      const needed = await missingPackages(['socat'], root);
-      if (needed.length) await aptDownload(needed, extra, log);
-      for (const deb of await readdir(extra)) await extractDebInto(join(extra, deb), root);
-
-      step('making the ext4 root disk and converting it to qcow2');
-      // Sized to the files plus room; the guest grows it to the sandbox's disk size at boot.
-      const rootMb = Math.ceil((await directorySize(root)) / 1024 / 1024) + 512;
-      const raw = join(work, 'root.ext4');
-      await runLogged('mkfs.ext4', ['-q', '-F', '-L', 'voidrun-root', '-d', root, raw, `${rootMb}M`], log);
-      await runLogged('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, join(work, 'base.qcow2')], log);
+      const rootMb = await this.#makeRootDisk(name, work, root, step);
 
       // Into place: files first, the marker last (a crash in between leaves a build to redo).
       await copyFile(vmlinuz, `${paths.kernel}.tmp`);
       await rename(`${paths.kernel}.tmp`, paths.kernel);
       await rename(join(work, 'initrd.img'), paths.initrd);
       await rename(join(work, 'vmlinux'), paths.vmlinux);
-      // Overlays name their base by path, so each version of the base is its own file and never
-      // changes under a sandbox made from it; `<image>-base.qcow2` points at the newest.
-      const versionedBase = join(baseImagesDir, `${name}-base-v${VM_IMAGE_VERSION}.qcow2`);
-      // A base of this version that exists is complete (renamed into place whole) and may back
-      // sandboxes: keep it rather than replace it.
-      if (!existsSync(versionedBase)) await rename(join(work, 'base.qcow2'), versionedBase);
-      await rm(`${paths.baseDisk}.tmp`, { force: true });
-      await symlink(basename(versionedBase), `${paths.baseDisk}.tmp`);
-      await rename(`${paths.baseDisk}.tmp`, paths.baseDisk);
+      await this.#placeBaseDisk(name, work);
       await copyFile(join(unpacked, 'bin', 'busybox'), this.#busyboxPath(name));
-      await writeFile(
-        `${this.#marker(name)}.tmp`,
-        JSON.stringify({ name, version: VM_IMAGE_VERSION, kernel: kernelVersion, modules: modules.map((m) => m.name), rootMb, builtAt: new Date().toISOString() }),
-      );
-      await rename(`${this.#marker(name)}.tmp`, this.#marker(name));
+      await this.#writeMarker(name, { kernel: kernelVersion, modules: modules.map((m) => m.name), rootMb });
     } catch (err) {
       throw new DomainError(ErrorCode.DRIVER_FAILURE, `Building the VM image ${name} failed: ${(err as Error).message}`, { cause: err });
     } finally {
@@ -156,11 +188,65 @@ export class VmImages {
   }
 
   /**
+   * Turns the copied root filesystem in `work/root` into `work/base.qcow2`: plain ownership again
+   * (the container copy is uid-shifted), the guest's mount point and hostname, socat, ext4, qcow2.
+   * Resolves to the root disk's size in MiB.
+   */
+  async #makeRootDisk(name: string, work: string, root: string, step: (message: string) => void): Promise<number> {
+    const { log } = this.opts;
+    step('giving the root filesystem plain ownership');
+    const base = this.opts.containerUidBase;
+    await remapOwnership(root, (id) => (id >= base && id < base + 65536 ? id - base : id));
+    await mkdir(join(root, GUEST_AGENT_DIR.slice(1)), { recursive: true });
+    await writeFile(join(root, 'etc', 'hostname'), 'sandbox\n');
+
+    // socat bridges cloud-hypervisor's vsock to the agent's TCP port in the guest (Node has no
+    // AF_VSOCK). Unpacked with whatever libraries it needs that the image lacks.
+    step('adding socat (the guest end of the vsock bridge)');
+    const extra = join(work, 'extra-debs');
+    await mkdir(extra);
+    const needed = await missingPackages(['socat'], root);
+    if (needed.length) await aptDownload(needed, extra, log);
+    for (const deb of await readdir(extra)) await extractDebInto(join(extra, deb), root);
+
+    step(`making the ext4 root disk of ${name} and converting it to qcow2`);
+    // Sized to the files plus room; the guest grows it to the sandbox's disk size at boot.
+    const rootMb = Math.ceil((await directorySize(root)) / 1024 / 1024) + 512;
+    const raw = join(work, 'root.ext4');
+    await runLogged('mkfs.ext4', ['-q', '-F', '-L', 'voidrun-root', '-d', root, raw, `${rootMb}M`], log);
+    await runLogged('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, join(work, 'base.qcow2')], log);
+    return rootMb;
+  }
+
+  /**
+   * Overlays name their base by path, so each version of the base is its own file and never
+   * changes under a sandbox made from it; `<image>-base.qcow2` points at the newest.
+   */
+  async #placeBaseDisk(name: string, work: string): Promise<void> {
+    const baseDisk = vmImagePaths(this.opts.baseImagesDir, name).baseDisk;
+    const versionedBase = join(this.opts.baseImagesDir, `${name}-base-v${VM_IMAGE_VERSION}.qcow2`);
+    // A base of this version that exists is complete (renamed into place whole) and may back
+    // sandboxes: keep it rather than replace it.
+    if (!existsSync(versionedBase)) await rename(join(work, 'base.qcow2'), versionedBase);
+    await rm(`${baseDisk}.tmp`, { force: true });
+    await symlink(basename(versionedBase), `${baseDisk}.tmp`);
+    await rename(`${baseDisk}.tmp`, baseDisk);
+  }
+
+  /** Last: the image counts as built once its marker is in place (a crash before leaves a build to redo). */
+  async #writeMarker(name: string, details: Record<string, unknown>): Promise<void> {
+    await writeFile(`${this.#marker(name)}.tmp`, JSON.stringify({ name, version: VM_IMAGE_VERSION, ...details, builtAt: new Date().toISOString() }));
+    await rename(`${this.#marker(name)}.tmp`, this.#marker(name));
+  }
+
+  /**
    * The read-only disk every VM mounts at /opt/voidrun: the host's node, the agent bundle,
    * node-pty, busybox and the guest's init. Named by a hash of its contents, so a new agent gets a
    * new disk and running VMs keep theirs.
    */
-  async ensureAgentDisk(agent: AgentFiles, image = 'debian'): Promise<string> {
+  async ensureAgentDisk(agent: AgentFiles, image: string = BOOT_IMAGE): Promise<string> {
+    // A chain image boots the debian image's kernel and busybox.
+    if (isChainImageKey(image)) image = BOOT_IMAGE;
     await this.ensure(image);
     const busybox = await readFile(this.#busyboxPath(image));
     const nodePty = join(agent.nodeModules, 'node-pty');
@@ -213,6 +299,13 @@ async function directorySize(root: string): Promise<number> {
     }
   }
   return total;
+}
+
+/** Runs a host command in `cwd` (its paths relative to it), logging nothing but failures. */
+function runInDir(cwd: string, cmd: string, args: string[]): Promise<void> {
+  return new Promise((resolve, reject) =>
+    execFile(cmd, args, { cwd, timeout: 60_000 }, (err, _stdout, stderr) => (err ? reject(new Error(`${cmd} failed: ${(stderr || err.message).trim().split('\n').pop()}`)) : resolve())),
+  );
 }
 
 /** The versioned kernel package the `linux-image-cloud-amd64` metapackage depends on. */

@@ -1,0 +1,311 @@
+import { execFile } from 'node:child_process';
+import { existsSync, lstatSync, mkdtempSync, readFileSync, readdirSync, statSync } from 'node:fs';
+import { lchown, mkdir, readFile, rm, symlink, utimes, writeFile, link } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { isLayerId, LayerStore } from '../server/hypervisor/images/layer-store.js';
+import { RootfsImages, vmImageKey } from '../server/hypervisor/images/rootfs-images.js';
+import type { SandboxDriver, SandboxSpec, SnapshottingDriver } from '../server/hypervisor/types.js';
+import { VmImages } from '../server/hypervisor/vm/vm-images.js';
+import { newId } from '../server/store/ids.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, type TestServer } from './helpers/server.js';
+
+const log = pino({ level: 'silent' });
+const isRoot = process.getuid?.() === 0;
+
+function run(cmd: string, args: string[], timeoutMs = 120_000): Promise<string> {
+  return new Promise((resolve, reject) =>
+    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => (err ? reject(new Error(`${cmd} ${args.join(' ')}: ${stderr || err.message}`)) : resolve(stdout))),
+  );
+}
+
+/** An overlayfs whiteout (a 0/0 character device) at `path`. */
+const whiteout = (path: string) => run('mknod', [path, 'c', '0', '0']);
+
+describe.skipIf(!isRoot)('LayerStore', () => {
+  let base: string;
+  let store: LayerStore;
+
+  beforeAll(() => {
+    base = mkdtempSync(join(tmpdir(), 'voidrun-layers-'));
+    store = new LayerStore({ baseImagesDir: base, log });
+  });
+  afterAll(() => rm(base, { recursive: true, force: true }));
+
+  const leftovers = () => readdirSync(join(base, 'layers')).filter((n) => n.startsWith('.'));
+
+  it('commit moves the staged tree into place with its layer.json, counting entries and allocated bytes without following links', async () => {
+    const staged = await store.stage();
+    expect(statSync(join(staged.path, '..')).mode & 0o777).toBe(0o700);
+    await mkdir(join(staged.path, 'etc'));
+    await writeFile(join(staged.path, 'etc', 'hello'), 'x'.repeat(10_000));
+    await link(join(staged.path, 'etc', 'hello'), join(staged.path, 'etc', 'hello-again'));
+    // A link to a big host file: counted as a link, never followed.
+    await symlink('/proc/kcore', join(staged.path, 'etc', 'kcore'));
+    await whiteout(join(staged.path, 'etc', 'gone'));
+    const id = newId();
+    expect(store.has(id)).toBe(false);
+    const info = await staged.commit(id, 'test layer');
+    expect(info).toMatchObject({ id, files: 5, description: 'test layer' });
+    // One 10 kB file (two names) and a directory's block or so: never the link target's size.
+    expect(info.bytes).toBeGreaterThanOrEqual(10_000);
+    expect(info.bytes).toBeLessThan(200_000);
+    expect(store.has(id)).toBe(true);
+    expect(await store.info(id)).toEqual(info);
+    expect(readFileSync(join(store.fsPath(id), 'etc', 'hello'), 'utf8')).toHaveLength(10_000);
+    expect(lstatSync(join(store.fsPath(id), 'etc', 'gone')).isCharacterDevice()).toBe(true);
+    expect(statSync(join(base, 'layers', id)).mode & 0o777).toBe(0o711);
+    expect(leftovers()).toEqual([]);
+  });
+
+  it('committing an id that exists keeps the existing layer and discards the staged tree (also when two commit at once)', async () => {
+    const id = newId();
+    const first = await store.stage();
+    await writeFile(join(first.path, 'which'), 'first');
+    const info = await first.commit(id, 'first');
+    const second = await store.stage();
+    await writeFile(join(second.path, 'which'), 'second');
+    expect(await second.commit(id, 'second')).toEqual(info);
+    expect(readFileSync(join(store.fsPath(id), 'which'), 'utf8')).toBe('first');
+
+    const racing = newId();
+    const a = await store.stage();
+    const b = await store.stage();
+    await writeFile(join(a.path, 'which'), 'a');
+    await writeFile(join(b.path, 'which'), 'b');
+    const [ia, ib] = await Promise.all([a.commit(racing, 'a'), b.commit(racing, 'b')]);
+    expect(ia).toEqual(ib);
+    expect(readFileSync(join(store.fsPath(racing), 'which'), 'utf8')).toBe(ia.description);
+    expect(leftovers()).toEqual([]);
+  });
+
+  it('a layer with a device node other than a whiteout is refused and leaves nothing behind', async () => {
+    const staged = await store.stage();
+    await run('mknod', [join(staged.path, 'null'), 'c', '1', '3']);
+    const id = newId();
+    await expect(staged.commit(id, 'device')).rejects.toThrow(/device node \(\/null\)/);
+    expect(store.has(id)).toBe(false);
+    expect(existsSync(join(base, 'layers', id))).toBe(false);
+    expect(leftovers()).toEqual([]);
+  });
+
+  it('ids that are not 24–64 lowercase hex name no path', async () => {
+    expect(isLayerId('a'.repeat(24))).toBe(true);
+    expect(isLayerId('../../etc')).toBe(false);
+    expect(() => store.fsPath('../../etc')).toThrow(/lowercase hex/);
+    expect(store.has('../layers')).toBe(false);
+    expect(await store.info('ABCDEF0123456789abcdef01')).toBeNull();
+    const staged = await store.stage();
+    await expect(staged.commit('../x', 'bad')).rejects.toThrow(/lowercase hex/);
+    expect(leftovers()).toEqual([]);
+  });
+
+  it('gc removes unreferenced layers older than the minimum age and stale staging dirs, and keeps referenced, young and in-use ones', async () => {
+    const make = async () => {
+      const s = await store.stage();
+      await writeFile(join(s.path, 'f'), 'f');
+      return (await s.commit(newId(), 'gc')).id;
+    };
+    const [kept, old, young] = [await make(), await make(), await make()];
+    const anHourAgo = new Date(Date.now() - 3_600_000);
+    for (const id of [kept, old]) await utimes(join(base, 'layers', id, 'layer.json'), anHourAgo, anHourAgo);
+    // A staging dir of a process that is gone, and one this process is filling.
+    await mkdir(join(base, 'layers', '.staging-999999999-abc'));
+    const active = await store.stage();
+    const removed = await store.gc(new Set([kept]), 60_000);
+    expect(removed).toContain(old);
+    expect(removed).not.toContain(kept);
+    expect(removed).not.toContain(young);
+    expect([store.has(kept), store.has(old), store.has(young)]).toEqual([true, false, true]);
+    expect(existsSync(join(base, 'layers', '.staging-999999999-abc'))).toBe(false);
+    expect(existsSync(active.path)).toBe(true);
+    await active.discard();
+    expect(leftovers()).toEqual([]);
+  });
+
+  it('fromSnapshot extracts a snapshot archive as is: whiteouts, numeric owners and modes kept', async () => {
+    const upper = mkdtempSync(join(tmpdir(), 'voidrun-upper-'));
+    try {
+      await mkdir(join(upper, 'etc'));
+      await writeFile(join(upper, 'etc', 'new'), 'new', { mode: 0o640 });
+      await lchown(join(upper, 'etc', 'new'), 200_123, 200_456);
+      await whiteout(join(upper, 'etc', 'removed'));
+      await symlink('/etc/passwd', join(upper, 'etc', 'link'));
+      const file = join(upper, '..', `${upper.split('/').pop()}.tar.gz`);
+      // As ContainerDriver.snapshot writes it.
+      await run('tar', ['-czf', file, '--sparse', '-C', upper, '--numeric-owner', '--xattrs', '--xattrs-include=trusted.overlay.*', '.']);
+      const id = newId();
+      const info = await store.fromSnapshot(file, id, 'from a snapshot');
+      await rm(file);
+      expect(info).toMatchObject({ id, files: 4 });
+      const fs = store.fsPath(id);
+      const removed = lstatSync(join(fs, 'etc', 'removed'));
+      expect(removed.isCharacterDevice() && removed.rdev === 0).toBe(true);
+      const added = lstatSync(join(fs, 'etc', 'new'));
+      expect([added.uid, added.gid, added.mode & 0o777]).toEqual([200_123, 200_456, 0o640]);
+      expect(lstatSync(join(fs, 'etc', 'link')).isSymbolicLink()).toBe(true);
+      // The same id again: the existing layer, nothing extracted.
+      expect(await store.fromSnapshot('/nonexistent.tar.gz', id, 'again')).toEqual(info);
+      await expect(store.fromSnapshot('/nonexistent.tar.gz', newId(), 'missing')).rejects.toThrow(/tar/);
+      expect(leftovers()).toEqual([]);
+    } finally {
+      await rm(upper, { recursive: true, force: true });
+    }
+  });
+});
+
+describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver; layers made with LayerStore in BASE_IMAGES_DIR)', () => {
+  let server: TestServer;
+  let driver: SandboxDriver & SnapshottingDriver;
+  let layers: LayerStore;
+  let rootfs: RootfsImages;
+  let uidBase: number;
+  const made: string[] = [];
+  const boxes: string[] = [];
+  let bottom: string;
+  let top: string;
+  let spec: SandboxSpec;
+
+  /** A command in the sandbox, run with `runc exec` (these sandboxes have no store record, so the API does not know them). */
+  const sh = (id: string, script: string) => run('runc', ['--root', server.dirs.runcRoot, 'exec', `vr-${id}`, '/bin/sh', '-c', script]);
+
+  /** A layer filled by `fill(dir)`, owned by the sandbox uid range as a system rootfs is. */
+  async function layer(fill: (dir: string) => Promise<void>): Promise<string> {
+    const staged = await layers.stage();
+    await fill(staged.path);
+    await run('chown', ['-R', '-h', `${uidBase}:${uidBase}`, staged.path]);
+    const id = newId();
+    made.push(id);
+    await staged.commit(id, 'image-layers test');
+    return id;
+  }
+
+  async function specFor(layerIds: string[]): Promise<SandboxSpec> {
+    const [root, ...above] = await rootfs.lowerDirs({ base: 'debian', layers: layerIds });
+    const id = newId();
+    boxes.push(id);
+    return { id, name: 'layers', rootfs: root!, layers: above, image: 'debian', cpu: 1, memMb: 256, diskMb: 64, envVars: {} };
+  }
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    const d = server.app.services.sandboxes.driverOrNull;
+    if (!d || d.name !== 'container') throw new Error(`these tests need the container driver, not ${d?.name ?? 'none'}`);
+    driver = d as SandboxDriver & SnapshottingDriver;
+    const config = server.app.config;
+    uidBase = config.SANDBOX_UID_BASE;
+    layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log });
+    rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap: { hostId: uidBase, size: 65536 }, mirror: config.DEBIAN_MIRROR, log, layers });
+    bottom = await layer(async (dir) => {
+      await mkdir(join(dir, 'opt', 'one'), { recursive: true });
+      await writeFile(join(dir, 'opt', 'one', 'a.txt'), 'from the bottom layer\n');
+      await writeFile(join(dir, 'opt', 'one', 'gone.txt'), 'hidden by the top layer\n');
+      await mkdir(join(dir, 'opt', 'replaced'));
+      await writeFile(join(dir, 'opt', 'replaced', 'old.txt'), 'old\n');
+    });
+    top = await layer(async (dir) => {
+      await mkdir(join(dir, 'opt', 'one'), { recursive: true });
+      await mkdir(join(dir, 'opt', 'two'));
+      await mkdir(join(dir, 'etc'));
+      await writeFile(join(dir, 'opt', 'two', 'b.txt'), 'from the top layer\n');
+      await whiteout(join(dir, 'opt', 'one', 'gone.txt'));
+      // debian's own file, deleted by the top layer.
+      await whiteout(join(dir, 'etc', 'debian_version'));
+    });
+    spec = await specFor([bottom, top]);
+    await driver.create(spec);
+  }, 120_000);
+
+  afterAll(async () => {
+    for (const id of boxes) await driver?.destroy(id).catch(() => {});
+    await server?.close();
+    for (const id of made) await rm(join(layers.fsPath(id), '..'), { recursive: true, force: true });
+  });
+
+  const view = (id: string) => sh(id, 'cat /opt/one/a.txt /opt/two/b.txt; ls /opt/one; test -e /etc/debian_version && echo debian_version; test -x /bin/sh && echo debian');
+
+  it('sees the files of both layers and of the rootfs, and a whiteout in the top layer hides a lower file', async () => {
+    expect(await view(spec.id)).toBe('from the bottom layer\nfrom the top layer\na.txt\ndebian\n');
+    // The sandbox writes to its own upper only.
+    await sh(spec.id, 'echo mine > /opt/one/a.txt');
+    expect(readFileSync(join(layers.fsPath(bottom), 'opt', 'one', 'a.txt'), 'utf8')).toBe('from the bottom layer\n');
+  });
+
+  it("the sandbox's mountinfo shows the overlay with relative lower dirs only, no host path", async () => {
+    const info = await sh(spec.id, 'cat /proc/self/mountinfo');
+    const root = info.split('\n').find((l) => l.split(' ')[4] === '/')!;
+    expect(root).toContain('lowerdir=lowers/2:lowers/1:lowers/0,upperdir=disk/upper,workdir=disk/work');
+    for (const path of [server.app.config.BASE_IMAGES_DIR, server.dirs.instancesDir, 'layers/', bottom, top]) expect(info).not.toContain(path);
+    const instance = join(server.dirs.instancesDir, spec.id);
+    expect(readFileSync(join(instance, 'lower'), 'utf8').split('\n')).toEqual([spec.rootfs, ...spec.layers!]);
+  });
+
+  it('keeps its layers and its writes across stop and start', async () => {
+    await driver.stop(spec.id);
+    expect(await driver.inspect(spec.id)).toBe('stopped');
+    await driver.start(spec);
+    expect(await view(spec.id)).toBe('mine\nfrom the top layer\na.txt\ndebian\n');
+  });
+
+  it("a snapshot becomes a layer with the sandbox's deletions (whiteouts) and replaced directories (opaque), for a new sandbox and a restore", async () => {
+    await sh(spec.id, 'rm /opt/two/b.txt && rm -rf /opt/replaced && mkdir /opt/replaced && echo new > /opt/replaced/new.txt && echo kept > /root/kept');
+    const dir = mkdtempSync(join(tmpdir(), 'voidrun-layer-snap-'));
+    try {
+      const file = join(dir, 'snap.tar.gz');
+      await driver.snapshot(spec.id, file);
+      const id = newId();
+      made.push(id);
+      await layers.fromSnapshot(file, id, 'snapshot of a sandbox');
+      const next = await specFor([bottom, top, id]);
+      await driver.create(next);
+      const seen = 'cat /opt/one/a.txt; ls /opt/two; ls /opt/replaced; cat /root/kept';
+      expect(await sh(next.id, seen)).toBe('mine\nnew.txt\nkept\n');
+      // Restoring the snapshot onto the stack below it gives the same tree.
+      const restored = await specFor([bottom, top]);
+      await driver.restore(restored, file);
+      expect(await sh(restored.id, seen)).toBe('mine\nnew.txt\nkept\n');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("a stack's lower dirs fail with a message naming the missing layer", async () => {
+    await expect(rootfs.lowerDirs({ base: 'debian', layers: [newId()] })).rejects.toThrow(/is missing on this server/);
+  });
+
+  describe.skipIf(!existsSync('/var/lib/hyper-fleet/base-images/debian-vm.json'))('VM image of the stack (qcow2 build only: booting it under TCG here is too slow for this suite)', () => {
+    it('builds <key>-base.qcow2 from the merged lower dirs, whiteouts applied, with the debian kernel and initramfs', async () => {
+      const config = server.app.config;
+      const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log });
+      const dirs = await rootfs.lowerDirs({ base: 'debian', layers: [bottom, top] });
+      const key = vmImageKey(dirs);
+      const raw = join(mkdtempSync(join(tmpdir(), 'voidrun-chain-')), 'root.raw');
+      try {
+        await expect(vm.ensure(key)).rejects.toThrow(/does not name its layers/);
+        await expect(vm.ensure(key, dirs.slice(1))).rejects.toThrow(/not the image of these layers/);
+        const paths = await vm.ensure(key, dirs);
+        expect(paths.baseDisk).toBe(join(config.BASE_IMAGES_DIR, `${key}-base.qcow2`));
+        expect([paths.kernel, paths.initrd]).toEqual([vm.paths('debian').kernel, vm.paths('debian').initrd]);
+        expect(await vm.isReady(key)).toBe(true);
+        await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', paths.baseDisk, raw]);
+        const cat = (path: string) => run('debugfs', ['-R', `cat ${path}`, raw]);
+        expect(await cat('/opt/one/a.txt')).toBe('from the bottom layer\n');
+        expect(await cat('/opt/two/b.txt')).toBe('from the top layer\n');
+        const listing = await run('debugfs', ['-R', 'ls -l /opt/one', raw]);
+        expect(listing).toContain('a.txt');
+        expect(listing).not.toContain('gone.txt');
+        expect(await run('debugfs', ['-R', 'stat /etc/debian_version', raw]).catch((e: Error) => e.message)).not.toMatch(/Inode:/);
+        // Plain ownership in the VM: the sandbox uid range shifted back.
+        expect(await run('debugfs', ['-R', 'stat /opt/one/a.txt', raw])).toMatch(/User:\s+0\s+Group:\s+0/);
+        // Built once: the marker is in place.
+        expect(JSON.parse(await readFile(join(config.BASE_IMAGES_DIR, `${key}-vm.json`), 'utf8'))).toMatchObject({ name: key, lowerDirs: dirs });
+      } finally {
+        await rm(join(raw, '..'), { recursive: true, force: true });
+        for (const f of [`${key}-base.qcow2`, `${key}-base-v3.qcow2`, `${key}-vm.json`]) await rm(join(config.BASE_IMAGES_DIR, f), { force: true });
+      }
+    }, 600_000);
+  });
+});
