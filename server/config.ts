@@ -247,6 +247,17 @@ const EnvSchema = z.object({
   // Build the default image at startup (in the background) so the first sandbox needn't wait.
   PREPARE_DEFAULT_IMAGE: bool.default(true),
   DEBIAN_MIRROR: z.string().regex(/^https?:\/\//, 'an http(s) URL of a Debian mirror').default('http://deb.debian.org/debian'),
+  // Images (README "Images"): recipe builds one org may have queued or running at once (more is a 429).
+  IMAGE_BUILDS_PER_ORG: int(1, 1000).default(2),
+  // Layers no image uses are removed once they are this old (the layer cache: a rebuild within it reuses them).
+  IMAGE_LAYER_CACHE_TTL_SEC: int(0, 365 * 86_400).default(86_400),
+  // Recipe builds (README "Images"): each step's bound (a run command, the package install), the build sandbox's disk, the log kept (its tail).
+  IMAGE_BUILD_STEP_TIMEOUT_SEC: int(10, 86_400).default(1800),
+  IMAGE_BUILD_DISK_MB: int(256, 1_048_576).default(4096),
+  IMAGE_BUILD_LOG_MAX_BYTES: int(4096, 1024 * 1024 * 1024).default(1024 * 1024),
+  // OCI image imports (README "Importing an OCI image"): the upload's bytes (and the image's files' declared bytes), and its entries (in all layers).
+  IMAGE_IMPORT_MAX_BYTES: int(1024, Number.MAX_SAFE_INTEGER).default(4 * 1024 * 1024 * 1024),
+  IMAGE_IMPORT_MAX_FILES: int(10, 100_000_000).default(500_000),
   // Set by release builds (the Dockerfile); a checkout reads the commit from .git.
   VOIDRUN_COMMIT: z.string().optional(),
   VOIDRUN_BUILD_TIME: z.string().optional(),

@@ -1,0 +1,101 @@
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type { NetworkPolicy } from '../../shared/schemas/network.js';
+import { ensureAgentBundle } from '../agent-client/agent-bundle.js';
+import { AgentClients } from '../agent-client/agent-clients.js';
+import type { Config } from '../config.js';
+import { ensureContainerBootFiles } from '../hypervisor/container/boot-files.js';
+import { ContainerDriver } from '../hypervisor/container/driver.js';
+import { AptFetch } from '../hypervisor/images/apt-fetch.js';
+import type { LayerStore } from '../hypervisor/images/layer-store.js';
+import type { RootfsImages } from '../hypervisor/images/rootfs-images.js';
+import { agentReadyTimeoutMs } from '../hypervisor/select-driver.js';
+import type { SandboxDriver, SnapshottingDriver } from '../hypervisor/types.js';
+import type { ImageRecord, ImageRepository } from '../store/types.js';
+import { ImageBuilder } from './image-builder.js';
+import { ImageBuilds } from './image-builds.js';
+
+/** The largest agent message a build reads (process output lines are bounded by the stream reader). */
+const BUILD_AGENT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
+
+export interface ImageBuildsSetup {
+  config: Config;
+  layers: LayerStore;
+  rootfs: RootfsImages;
+  log: Logger;
+  /**
+   * The server's container driver and agent gateway, when it runs containers (build sandboxes then
+   * share its network, firewall and orphan cleanup). Without them (a VM driver, a script) the
+   * builds get their own container driver with loopback-only sandboxes.
+   */
+  container?: { driver: SandboxDriver & SnapshottingDriver; agents: AgentClients; network?: NetworkPolicy };
+  /** The image records builds report to; a script building system images only passes none. */
+  images?: ImageRepository;
+  onLine?: (image: ImageRecord, line: string) => void;
+}
+
+/**
+ * The recipe builder and its queue, made from the config: IMAGE_BUILD_DISK_MB, IMAGE_BUILD_STEP_TIMEOUT_SEC,
+ * IMAGE_BUILD_LOG_MAX_BYTES, IMAGE_BUILDS_PER_ORG, logs in DATA_DIR/image-logs.
+ */
+export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{ builds: ImageBuilds; builder: ImageBuilder; close(): Promise<void> }> {
+  const { config, log } = setup;
+  let own: AgentClients | null = null;
+  let container = setup.container;
+  if (!container) {
+    const agent = await ensureAgentBundle();
+    const driver = new ContainerDriver({
+      instancesDir: config.INSTANCES_DIR,
+      runcRoot: config.RUNC_ROOT,
+      idMap: { hostId: config.SANDBOX_UID_BASE, size: 65536 },
+      pidsLimit: config.SANDBOX_PIDS_LIMIT,
+      bootFiles: () => ensureContainerBootFiles(agent),
+      agentReadyTimeoutMs: agentReadyTimeoutMs(config),
+      networking: null,
+      log,
+    });
+    const available = await driver.available();
+    if (!available.ok) throw new Error(`image builds need the container driver: ${available.reason}`);
+    own = new AgentClients(driver, { maxMessageBytes: BUILD_AGENT_MAX_MESSAGE_BYTES });
+    container = { driver, agents: own };
+  }
+  const builder = new ImageBuilder({
+    driver: container.driver,
+    agents: container.agents,
+    layers: setup.layers,
+    rootfs: setup.rootfs,
+    apt: new AptFetch({ baseImagesDir: config.BASE_IMAGES_DIR, mirror: config.DEBIAN_MIRROR, log }),
+    sandbox: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.IMAGE_BUILD_DISK_MB, ...(container.network ? { network: container.network } : {}) },
+    stepTimeoutMs: config.IMAGE_BUILD_STEP_TIMEOUT_SEC * 1000,
+    scratchDir: join(config.BASE_IMAGES_DIR, 'build-scratch'),
+    log,
+  });
+  const builds = new ImageBuilds({
+    images: setup.images ?? noImages,
+    builder,
+    logsDir: join(config.DATA_DIR, 'image-logs'),
+    log,
+    maxPerOrg: config.IMAGE_BUILDS_PER_ORG,
+    logMaxBytes: config.IMAGE_BUILD_LOG_MAX_BYTES,
+    ...(setup.onLine ? { onLine: setup.onLine } : {}),
+  });
+  return {
+    builds,
+    builder,
+    async close() {
+      await builds.close();
+      await own?.closeAll();
+    },
+  };
+}
+
+/** The repository of a builder without a store: it only builds layers (system images, test setup). */
+const noImages: ImageRepository = {
+  create: () => Promise.reject(new Error('no image store')),
+  findById: async () => null,
+  findByName: async () => null,
+  listVisible: async () => [],
+  listAll: async () => [],
+  update: async () => null,
+  delete: async () => false,
+};
