@@ -10,6 +10,8 @@ import { RootfsImages, vmImageKey } from '../server/hypervisor/images/rootfs-ima
 import type { SandboxDriver, SandboxSpec, SnapshottingDriver } from '../server/hypervisor/types.js';
 import { VmImages } from '../server/hypervisor/vm/vm-images.js';
 import { newId } from '../server/store/ids.js';
+import { AgentClients } from '../server/agent-client/agent-clients.js';
+import { qemuSupport } from './helpers/qemu-support.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
@@ -24,6 +26,42 @@ function run(cmd: string, args: string[], timeoutMs = 120_000): Promise<string> 
 
 /** An overlayfs whiteout (a 0/0 character device) at `path`. */
 const whiteout = (path: string) => run('mknod', [path, 'c', '0', '0']);
+
+/** A new layer filled by `fill(dir)`, owned by the sandbox uid range as a system rootfs is; its id is added to `made`. */
+async function makeLayer(store: LayerStore, uidBase: number, made: string[], fill: (dir: string) => Promise<void>): Promise<string> {
+  const staged = await store.stage();
+  await fill(staged.path);
+  await run('chown', ['-R', '-h', `${uidBase}:${uidBase}`, staged.path]);
+  const id = newId();
+  made.push(id);
+  await staged.commit(id, 'image-layers test');
+  return id;
+}
+
+/** The test stack above debian: two files, one hidden again by the top layer, and debian's /etc/debian_version deleted. */
+async function makeStack(store: LayerStore, uidBase: number, made: string[]): Promise<{ bottom: string; top: string }> {
+  const bottom = await makeLayer(store, uidBase, made, async (dir) => {
+    await mkdir(join(dir, 'opt', 'one'), { recursive: true });
+    await writeFile(join(dir, 'opt', 'one', 'a.txt'), 'from the bottom layer\n');
+    await writeFile(join(dir, 'opt', 'one', 'gone.txt'), 'hidden by the top layer\n');
+    await mkdir(join(dir, 'opt', 'replaced'));
+    await writeFile(join(dir, 'opt', 'replaced', 'old.txt'), 'old\n');
+  });
+  const top = await makeLayer(store, uidBase, made, async (dir) => {
+    await mkdir(join(dir, 'opt', 'one'), { recursive: true });
+    await mkdir(join(dir, 'opt', 'two'));
+    await mkdir(join(dir, 'etc'));
+    await writeFile(join(dir, 'opt', 'two', 'b.txt'), 'from the top layer\n');
+    await whiteout(join(dir, 'opt', 'one', 'gone.txt'));
+    await whiteout(join(dir, 'etc', 'debian_version'));
+  });
+  return { bottom, top };
+}
+
+/** Removes the layers a test made (never gc: the shared BASE_IMAGES_DIR holds other tests' layers). */
+async function removeLayers(store: LayerStore, ids: string[]): Promise<void> {
+  for (const id of ids) await rm(join(store.fsPath(id), '..'), { recursive: true, force: true });
+}
 
 describe.skipIf(!isRoot)('LayerStore', () => {
   let base: string;
@@ -172,17 +210,6 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
   /** A command in the sandbox, run with `runc exec` (these sandboxes have no store record, so the API does not know them). */
   const sh = (id: string, script: string) => run('runc', ['--root', server.dirs.runcRoot, 'exec', `vr-${id}`, '/bin/sh', '-c', script]);
 
-  /** A layer filled by `fill(dir)`, owned by the sandbox uid range as a system rootfs is. */
-  async function layer(fill: (dir: string) => Promise<void>): Promise<string> {
-    const staged = await layers.stage();
-    await fill(staged.path);
-    await run('chown', ['-R', '-h', `${uidBase}:${uidBase}`, staged.path]);
-    const id = newId();
-    made.push(id);
-    await staged.commit(id, 'image-layers test');
-    return id;
-  }
-
   async function specFor(layerIds: string[]): Promise<SandboxSpec> {
     const [root, ...above] = await rootfs.lowerDirs({ base: 'debian', layers: layerIds });
     const id = newId();
@@ -199,22 +226,7 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
     uidBase = config.SANDBOX_UID_BASE;
     layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log });
     rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap: { hostId: uidBase, size: 65536 }, mirror: config.DEBIAN_MIRROR, log, layers });
-    bottom = await layer(async (dir) => {
-      await mkdir(join(dir, 'opt', 'one'), { recursive: true });
-      await writeFile(join(dir, 'opt', 'one', 'a.txt'), 'from the bottom layer\n');
-      await writeFile(join(dir, 'opt', 'one', 'gone.txt'), 'hidden by the top layer\n');
-      await mkdir(join(dir, 'opt', 'replaced'));
-      await writeFile(join(dir, 'opt', 'replaced', 'old.txt'), 'old\n');
-    });
-    top = await layer(async (dir) => {
-      await mkdir(join(dir, 'opt', 'one'), { recursive: true });
-      await mkdir(join(dir, 'opt', 'two'));
-      await mkdir(join(dir, 'etc'));
-      await writeFile(join(dir, 'opt', 'two', 'b.txt'), 'from the top layer\n');
-      await whiteout(join(dir, 'opt', 'one', 'gone.txt'));
-      // debian's own file, deleted by the top layer.
-      await whiteout(join(dir, 'etc', 'debian_version'));
-    });
+    ({ bottom, top } = await makeStack(layers, uidBase, made));
     spec = await specFor([bottom, top]);
     await driver.create(spec);
   }, 120_000);
@@ -222,7 +234,7 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
   afterAll(async () => {
     for (const id of boxes) await driver?.destroy(id).catch(() => {});
     await server?.close();
-    for (const id of made) await rm(join(layers.fsPath(id), '..'), { recursive: true, force: true });
+    if (layers) await removeLayers(layers, made);
   });
 
   const view = (id: string) => sh(id, 'cat /opt/one/a.txt /opt/two/b.txt; ls /opt/one; test -e /etc/debian_version && echo debian_version; test -x /bin/sh && echo debian');
@@ -276,7 +288,7 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
     await expect(rootfs.lowerDirs({ base: 'debian', layers: [newId()] })).rejects.toThrow(/is missing on this server/);
   });
 
-  describe.skipIf(!existsSync('/var/lib/hyper-fleet/base-images/debian-vm.json'))('VM image of the stack (qcow2 build only: booting it under TCG here is too slow for this suite)', () => {
+  describe.skipIf(!existsSync('/var/lib/hyper-fleet/base-images/debian-vm.json'))('VM image of the stack (its qcow2 read with debugfs; a microVM boots one below)', () => {
     it('builds <key>-base.qcow2 from the merged lower dirs, whiteouts applied, with the debian kernel and initramfs', async () => {
       const config = server.app.config;
       const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log });
@@ -308,4 +320,53 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
       }
     }, 600_000);
   });
+});
+
+const qemu = qemuSupport();
+
+describe.skipIf(!qemu.ok)('a microVM on a layer stack (real qemu driver; TCG where KVM cannot run a guest)', () => {
+  let server: TestServer;
+  let layers: LayerStore;
+  let vm: VmImages;
+  let key = '';
+  const made: string[] = [];
+  const id = newId();
+
+  beforeAll(async () => {
+    server = await startTestServer({ SANDBOX_DRIVER: 'qemu' });
+    const config = server.app.config;
+    layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log });
+    const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap: { hostId: config.SANDBOX_UID_BASE, size: 65536 }, mirror: config.DEBIAN_MIRROR, log, layers });
+    vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
+    const { bottom, top } = await makeStack(layers, config.SANDBOX_UID_BASE, made);
+    const [root, ...above] = await rootfs.lowerDirs({ base: 'debian', layers: [bottom, top] });
+    key = vmImageKey([root!, ...above]);
+    const driver = server.app.services.sandboxes.driverOrNull!;
+    expect(driver.name).toBe('qemu');
+    await driver.create({ id, name: 'chain-vm', rootfs: root!, layers: above, image: key, cpu: 1, memMb: 512, diskMb: 1024, envVars: {} });
+  }, 300_000);
+
+  afterAll(async () => {
+    await server?.app.services.sandboxes.driverOrNull?.destroy(id).catch(() => {});
+    await server?.close();
+    if (layers) await removeLayers(layers, made);
+    if (key) for (const f of [`${key}-base.qcow2`, `${key}-base-v3.qcow2`, `${key}-vm.json`]) await rm(join(server.app.config.BASE_IMAGES_DIR, f), { force: true });
+  });
+
+  it('boots the chain image built from the stack: both layers seen, the whiteouts applied, on the debian kernel', async () => {
+    expect(await vm.isReady(key)).toBe(true);
+    const agents = new AgentClients(server.app.services.sandboxes.driverOrNull!, { maxMessageBytes: 16 * 1024 * 1024 });
+    try {
+      const agent = agents.get(id);
+      const read = async (path: string) => (await agent.files.headTail.query({ path, lines: 10, head: true })).content;
+      expect(await read('/opt/one/a.txt')).toBe('from the bottom layer\n');
+      expect(await read('/opt/two/b.txt')).toBe('from the top layer\n');
+      expect((await agent.files.list.query({ path: '/opt/one' })).map((f) => f.name)).toEqual(['a.txt']);
+      await expect(agent.files.stat.query({ path: '/etc/debian_version' })).rejects.toThrow();
+      expect(await read('/etc/os-release')).toMatch(/bookworm/);
+      expect(await read('/proc/version')).toMatch(/cloud-amd64/);
+    } finally {
+      await agents.closeAll();
+    }
+  }, 60_000);
 });
