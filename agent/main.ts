@@ -6,7 +6,7 @@
  * sandbox's token.
  */
 import { execFile } from 'node:child_process';
-import { existsSync, unlinkSync } from 'node:fs';
+import { existsSync, statSync, unlinkSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import { WebSocketServer } from 'ws';
@@ -56,7 +56,10 @@ const sandboxEnvVars: Record<string, string> = guest
     : {};
 Object.assign(baseEnv, sandboxEnvVars);
 baseEnv.VOIDRUN_SANDBOX_ID = settings.VOIDRUN_SANDBOX_ID;
-const home = process.env.HOME ?? '/';
+// Where commands, shells and terminals start: the image's workdir (VOIDRUN_WORKDIR, as Docker's
+// WORKDIR) when it is a directory here, else the sandbox user's home.
+const workdir = settings.VOIDRUN_WORKDIR;
+const home = workdir && isDirectory(workdir) ? workdir : (process.env.HOME ?? '/');
 const ctx: AgentContext = { processes: new ProcessManager(baseEnv, home), ptys: new PtyManager(baseEnv, home, Number(settings.VOIDRUN_PTY_IDLE_SEC ?? 3600) * 1000),
   shells: new ShellSessions(baseEnv, home), env: new SandboxEnv(baseEnv, plainEnv, sandboxEnvVars),
   watches: new WatchSessions(Number(settings.VOIDRUN_WATCH_IDLE_SEC ?? 300) * 1000), startedAt: Date.now() };
@@ -146,3 +149,11 @@ const shutdown = () => {
 };
 process.on('SIGTERM', shutdown);
 process.on('SIGINT', shutdown);
+
+function isDirectory(path: string): boolean {
+  try {
+    return statSync(path).isDirectory();
+  } catch {
+    return false;
+  }
+}

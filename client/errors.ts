@@ -58,6 +58,8 @@ export class UpstreamUnavailableError extends VoidRunError {}
 export class DriverFailureError extends VoidRunError {}
 export class DriverUnavailableError extends ServiceUnavailableError {}
 export class SandboxNotRunningError extends ConflictError {}
+/** The image is building or its build failed. */
+export class ImageNotReadyError extends ConflictError {}
 /** The sandbox was deleted by its timeout (`onTimeout: "delete"`); REST answers 410. */
 export class SandboxGoneError extends VoidRunError {}
 export class TooManyRequestsError extends VoidRunError {}
@@ -89,6 +91,7 @@ const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: Error
   DRIVER_FAILURE: DriverFailureError,
   DRIVER_UNAVAILABLE: DriverUnavailableError,
   SANDBOX_NOT_RUNNING: SandboxNotRunningError,
+  IMAGE_NOT_READY: ImageNotReadyError,
   SANDBOX_GONE: SandboxGoneError,
   TOO_MANY_REQUESTS: TooManyRequestsError,
   SERVER_BUSY: ServerBusyError,

@@ -90,6 +90,12 @@ export class SandboxNotRunningError extends DomainError {
     super(ErrorCode.SANDBOX_NOT_RUNNING, message, options);
   }
 }
+/** An image that is building or failed to build (409): sandboxes and builds need a ready one. */
+export class ImageNotReadyError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.IMAGE_NOT_READY, message, options);
+  }
+}
 /** A sandbox its timeout deleted (410): the message says why and when, never a bare 404. */
 export class SandboxGoneError extends DomainError {
   constructor(message: string, options?: DomainErrorOptions) {

@@ -34,6 +34,8 @@ export const ErrorCode = {
   DRIVER_UNAVAILABLE: 'DRIVER_UNAVAILABLE',
   /** The sandbox is not in a state that allows this (e.g. exec in a stopped sandbox). */
   SANDBOX_NOT_RUNNING: 'SANDBOX_NOT_RUNNING',
+  /** The image is still building or its build failed: `details`/the message says which. */
+  IMAGE_NOT_READY: 'IMAGE_NOT_READY',
   /** The sandbox was deleted by its timeout (`onTimeout: "delete"`); `details` says when. */
   SANDBOX_GONE: 'SANDBOX_GONE',
   /** A limit on concurrent use was reached (an org's in-flight execs or open streams); retry later. */
@@ -97,6 +99,7 @@ export const errorCodeTable: Record<ErrorCode, { trpc: TrpcCodeName; httpStatus:
   DRIVER_FAILURE: { trpc: 'BAD_GATEWAY', httpStatus: 502 },
   DRIVER_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
   SANDBOX_NOT_RUNNING: { trpc: 'CONFLICT', httpStatus: 409 },
+  IMAGE_NOT_READY: { trpc: 'CONFLICT', httpStatus: 409 },
   // tRPC has no 410: its calls answer NOT_FOUND with this errorCode; REST and raw routes answer 410.
   SANDBOX_GONE: { trpc: 'NOT_FOUND', httpStatus: 410 },
   TOO_MANY_REQUESTS: { trpc: 'TOO_MANY_REQUESTS', httpStatus: 429 },

@@ -96,7 +96,7 @@ describe.skipIf(!support.ok)('org quotas', () => {
     expect(data).toEqual({
       orgId,
       limits: { sandboxes: 3, vcpus: 3, memoryMb: 3072, diskMb: 3 * DISK_MB, snapshotMaxBytes: 5 * 1024 * 1024 * 1024 },
-      usage: { sandboxes: 1, vcpus: 1, memoryMb: 1024, diskMb: DISK_MB, snapshotBytes: 0 },
+      usage: { sandboxes: 1, vcpus: 1, memoryMb: 1024, diskMb: DISK_MB, snapshotBytes: 0, imageBytes: 0 },
       perSandbox: { maxCpu: availableParallelism(), maxMemoryMb: expect.any(Number) },
     });
     expect(await vr.trpc.org.limits.query()).toEqual(data);

@@ -2,6 +2,7 @@ import { z } from 'zod';
 import {
   CreateSandboxInput,
   DeleteSandboxInput,
+  Image,
   ListSandboxesInput,
   parseLabelFilter,
   RestoreSandboxInput,
@@ -12,12 +13,14 @@ import {
   Sandbox,
   SandboxActionResult,
   SandboxIdInput,
+  SandboxImageInput,
   SandboxPage,
   Snapshot,
   toRestSandbox,
   UpdateNetworkInput,
 } from '../../shared/index.js';
 import { authedProcedure, restView, router } from '../trpc/init.js';
+import { restImage } from './images.js';
 import type { Context } from '../trpc/context.js';
 import type { Principal } from '../services/auth-service.js';
 import { IdempotencyKeyHeaders } from '../../shared/schemas/idempotency.js';
@@ -125,6 +128,24 @@ export const sandboxRouter = router({
     .input(SandboxIdInput)
     .output(Snapshot)
     .mutation(({ ctx, input }) => ctx.services.sandboxes.snapshot(ctx.principal, input.id)),
+
+  toImage: authedProcedure
+    .meta({
+      openapi: {
+        method: 'POST',
+        path: '/sandboxes/{id}/image',
+        tags,
+        summary: "Make an image of your organization from a sandbox's filesystem",
+        description:
+          "What the sandbox wrote (its writable layer, captured while frozen) becomes a layer above its image's; sandboxes created from the new image (`templateId`) start with those files. Container driver only (409 elsewhere). Counts against ORG_MAX_DISK_MB (429 when it does not fit). See the README, \"Images\".",
+      },
+      message: 'Image created',
+      successStatus: 201,
+      restView: restImage,
+    })
+    .input(SandboxImageInput)
+    .output(Image)
+    .mutation(({ ctx, input }) => ctx.services.sandboxes.toImage(ctx.principal, input)),
 
   snapshots: authedProcedure
     .meta({ openapi: { method: 'GET', path: '/sandboxes/{id}/snapshots', tags, summary: "List a sandbox's snapshots" }, message: 'Snapshots fetched', envelope: 'bare' })

@@ -4,7 +4,7 @@ import { availableParallelism, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { OrgQuota } from '../../shared/index.js';
 import { InvalidInputError, TooManyRequestsError } from '../errors.js';
-import type { SandboxRecord, SandboxRepository } from '../store/types.js';
+import type { ImageRepository, SandboxRecord, SandboxRepository } from '../store/types.js';
 import { SandboxLocks } from './sandbox-locks.js';
 
 const MiB = 1024 * 1024;
@@ -37,6 +37,8 @@ export interface HostLimits {
 
 export interface SandboxQuotasOptions {
   sandboxes: SandboxRepository;
+  /** The org's images' own layers count against its disk too (absent: no images count). */
+  images?: ImageRepository;
   snapshotsDir: string;
   org: OrgLimits;
   host: HostLimits;
@@ -54,9 +56,10 @@ interface Usage {
   sandboxes: number;
   vcpus: number;
   memoryMb: number;
-  /** Sandboxes' diskMb plus snapshot archives (rounded up to MiB) plus snapshots being written. */
+  /** Sandboxes' diskMb plus snapshot archives and images (each rounded up to MiB) plus snapshots being written. */
   diskMb: number;
   snapshotBytes: number;
+  imageBytes: number;
 }
 
 /**
@@ -203,6 +206,17 @@ export class SandboxQuotas {
     }
   }
 
+  /**
+   * Bytes of ORG_MAX_DISK_MB the org has left for a new image (a build, an import, an image from a
+   * sandbox); 429 naming the quota when nothing is left, so work that cannot be kept never starts.
+   */
+  async imageBudget(orgId: string, what: string): Promise<number> {
+    const use = await this.#usage(orgId, await this.opts.sandboxes.listAll());
+    const left = (this.opts.org.diskMb - use.diskMb) * MiB;
+    if (left <= 0) throw new TooManyRequestsError(`Org quota exceeded: no disk left for ${what}, ${use.diskMb} of ${this.opts.org.diskMb} MB in use (ORG_MAX_DISK_MB counts sandboxes' diskMb, snapshots and images)`);
+    return left;
+  }
+
   /** The org's limits and current use, for `GET /orgs/me/limits`. */
   async report(orgId: string): Promise<OrgQuota> {
     const use = await this.#usage(orgId, await this.opts.sandboxes.listAll());
@@ -210,7 +224,7 @@ export class SandboxQuotas {
     return {
       orgId,
       limits: { sandboxes: org.sandboxes, vcpus: org.vcpus, memoryMb: org.memoryMb, diskMb: org.diskMb, snapshotMaxBytes: this.opts.snapshotMaxBytes },
-      usage: { sandboxes: use.sandboxes, vcpus: use.vcpus, memoryMb: use.memoryMb, diskMb: use.diskMb, snapshotBytes: use.snapshotBytes },
+      usage: { sandboxes: use.sandboxes, vcpus: use.vcpus, memoryMb: use.memoryMb, diskMb: use.diskMb, snapshotBytes: use.snapshotBytes, imageBytes: use.imageBytes },
       perSandbox: { maxCpu: host.cpus, maxMemoryMb: host.memoryMb },
     };
   }
@@ -220,12 +234,14 @@ export class SandboxQuotas {
     const snapshotBytes = await this.#snapshotBytes(orgId);
     const pending = this.#pendingSnapshots.get(orgId) ?? 0;
     const sum = (f: (r: SandboxRecord) => number) => mine.reduce((n, r) => n + f(r), 0);
+    const imageBytes = orgId ? (await this.opts.images?.listVisible(orgId))?.filter((i) => i.orgId === orgId).reduce((n, i) => n + i.sizeBytes, 0) ?? 0 : 0;
     return {
       sandboxes: mine.length,
       vcpus: sum((r) => r.cpu),
       memoryMb: sum((r) => r.mem),
-      diskMb: sum((r) => r.diskMb) + Math.ceil((snapshotBytes + pending) / MiB),
+      diskMb: sum((r) => r.diskMb) + Math.ceil((snapshotBytes + pending) / MiB) + Math.ceil(imageBytes / MiB),
       snapshotBytes,
+      imageBytes,
     };
   }
 

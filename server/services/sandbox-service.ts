@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import type {
   CreateSandboxInput,
   EgressDefault,
+  Image,
   NetworkMode,
   NetworkPolicy,
   NetworkPolicyInput,
@@ -15,6 +16,7 @@ import type {
   Sandbox,
   SandboxActionResult,
   SandboxPage,
+  SandboxImageInput,
   Snapshot,
   UpdateNetworkInput,
 } from '../../shared/index.js';
@@ -34,12 +36,12 @@ import {
   SandboxGoneError,
   SandboxNotRunningError,
 } from '../errors.js';
-import { canPause, canSnapshot, countsNetworkBytes, hasAddresses, renamesHost, SnapshotLimitError, type SandboxDriver, type SandboxSpec } from '../hypervisor/types.js';
+import { canPause, canSnapshot, countsNetworkBytes, hasAddresses, renamesHost, SnapshotLimitError, type SandboxDriver, type SandboxSpec, type SnapshottingDriver } from '../hypervisor/types.js';
 import { newId } from '../store/ids.js';
-import type { PoolMemberClaim, SandboxLifecycle, SandboxRecord, SandboxRepository, SandboxStatus, SandboxTombstoneRepository } from '../store/types.js';
+import type { ImageRecord, PoolMemberClaim, SandboxLifecycle, SandboxRecord, SandboxRepository, SandboxStatus, SandboxTombstoneRepository } from '../store/types.js';
 import type { ActivityTracker } from './activity.js';
 import type { Principal } from './auth-service.js';
-import type { ImageService } from './image-service.js';
+import type { ImageFilesystem, ImageService } from './image-service.js';
 import { SandboxLocks } from './sandbox-locks.js';
 import type { SandboxQuotas } from './sandbox-quotas.js';
 import type { SandboxEventSink, SandboxEventType } from './sandbox-events.js';
@@ -192,6 +194,8 @@ export class SandboxService {
     assertOwnOrg(principal, input.orgId);
     const driver = this.driver;
     const image = await this.deps.images.resolve(principal, input.templateId);
+    // Before anything is recorded: an image still building (or failed) is a 409 IMAGE_NOT_READY, not a sandbox in error.
+    this.deps.images.assertUsable(image);
     const fields: NewSandboxFields = {
       name: input.name,
       imageId: image.id,
@@ -209,8 +213,7 @@ export class SandboxService {
     const record = await this.#admitRecord(principal, fields);
     const boot = this.#locks.run(record.id, async () => {
       try {
-        const rootfs = await this.deps.images.rootfsFor(image);
-        await driver.create(this.#spec(record, rootfs, image.base));
+        await driver.create(this.#spec(record, await this.deps.images.rootfsFor(image), image));
         return await this.#setStatus(record, 'running');
       } catch (err) {
         this.deps.log.error({ sandbox: record.id, err: (err as Error).message }, 'sandbox create failed');
@@ -383,7 +386,7 @@ export class SandboxService {
       if (!image) throw new ConflictError(`Sandbox ${record.name} cannot start: its image no longer exists`);
       return this.#during(record, 'starting', 'running', async () => {
         await this.agents.drop(id);
-        await this.driver.start(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
+        await this.driver.start(this.#spec(record, await this.deps.images.rootfsFor(image), image));
         return action(await this.#setStatus(record, 'running'));
       });
     });
@@ -465,20 +468,68 @@ export class SandboxService {
       const dir = this.#snapshotDir(record);
       await mkdir(dir, { recursive: true, mode: 0o700 });
       const partial = join(dir, `.${snapId}.partial`);
-      await this.deps.quotas.snapshotBudget(record.orgId, async ({ maxBytes, limitedBy }) => {
-        try {
-          await driver.snapshot(id, partial, { maxBytes });
-          // Drivers that cannot stop at the budget are held to it here.
-          if ((await stat(partial)).size > maxBytes) throw new SnapshotLimitError(maxBytes);
-          await rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX));
-        } catch (err) {
-          await rm(partial, { force: true });
-          if (!(err instanceof SnapshotLimitError)) throw new DriverFailureError(`Snapshot of sandbox ${record.name} failed: ${this.#redact(err)}`, { cause: err });
-          if (limitedBy === 'SNAPSHOT_MAX_BYTES') throw new PayloadTooLargeError(`Snapshot of sandbox ${record.name} refused: it is larger than SNAPSHOT_MAX_BYTES (${maxBytes} bytes)`);
-          throw new TooManyRequestsError(`Org quota exceeded: snapshot of sandbox ${record.name} is larger than the ${Math.floor(maxBytes / (1024 * 1024))} MB left of ORG_MAX_DISK_MB`);
-        }
-      });
+      await this.#snapshotWithinBudget(record, driver, partial, () => rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX)));
       return this.#snapshotInfo(record, snapId);
+    });
+  }
+
+  /**
+   * Writes the snapshot of `record` to `partial` within the org's snapshot budget, then runs `use`
+   * on it (still within the budget's reservation); `partial` is removed on failure. A snapshot past
+   * its budget is 413 (SNAPSHOT_MAX_BYTES) or 429 (what is left of ORG_MAX_DISK_MB).
+   */
+  #snapshotWithinBudget<T>(record: SandboxRecord, driver: SandboxDriver & SnapshottingDriver, partial: string, use: () => Promise<T>): Promise<T> {
+    return this.deps.quotas.snapshotBudget(record.orgId, async ({ maxBytes, limitedBy }) => {
+      try {
+        await driver.snapshot(record.id, partial, { maxBytes });
+        // Drivers that cannot stop at the budget are held to it here.
+        if ((await stat(partial)).size > maxBytes) throw new SnapshotLimitError(maxBytes);
+      } catch (err) {
+        await rm(partial, { force: true });
+        if (!(err instanceof SnapshotLimitError)) throw new DriverFailureError(`Snapshot of sandbox ${record.name} failed: ${this.#redact(err)}`, { cause: err });
+        if (limitedBy === 'SNAPSHOT_MAX_BYTES') throw new PayloadTooLargeError(`Snapshot of sandbox ${record.name} refused: it is larger than SNAPSHOT_MAX_BYTES (${maxBytes} bytes)`);
+        throw new TooManyRequestsError(`Org quota exceeded: snapshot of sandbox ${record.name} is larger than the ${Math.floor(maxBytes / (1024 * 1024))} MB left of ORG_MAX_DISK_MB`);
+      }
+      try {
+        return await use();
+      } catch (err) {
+        await rm(partial, { force: true });
+        throw err;
+      }
+    });
+  }
+
+  /**
+   * A new image of the caller's org from sandbox `input.id`'s filesystem: its writable layer (the
+   * snapshot archive, taken while frozen) becomes a layer above the sandbox image's stack. Container
+   * driver only: a VM's disk is not an overlay layer. Sized against the org's disk quota.
+   */
+  async toImage(principal: Principal, input: SandboxImageInput): Promise<Image> {
+    const record = await this.record(principal, input.id);
+    const driver = this.driver;
+    if (driver.name !== 'container' || !canSnapshot(driver)) {
+      throw new ConflictError(`Images from sandboxes need the container driver: this server runs the ${driver.name} driver, whose sandbox disks are not filesystem layers`);
+    }
+    if (record.status === 'creating' || record.status === 'error') throw new SandboxNotRunningError(`Sandbox ${record.name} is ${record.status}`);
+    const parent = await this.deps.images.resolve(principal, record.imageId).catch(() => null);
+    if (!parent) throw new ConflictError(`Sandbox ${record.name}'s image no longer exists, so no image can be made from it`);
+    await this.deps.images.assertNameFree(principal, input.name);
+    return this.#locks.run(record.id, async () => {
+      const fresh = await this.deps.sandboxes.findById(principal.orgId, record.id);
+      if (!fresh) throw new NotFoundError(`Sandbox ${record.id} not found (it was deleted)`, { code: 'SANDBOX_NOT_FOUND' });
+      const dir = this.#snapshotDir(record);
+      await mkdir(dir, { recursive: true, mode: 0o700 });
+      // A dot name: snapshot listings and the snapshot quota skip it (the budget reserves it meanwhile).
+      const partial = join(dir, `.image-${newId()}.partial`);
+      try {
+        return await this.#snapshotWithinBudget(record, driver, partial, () =>
+          this.deps.images.imageFromSnapshot(principal, { name: input.name, version: input.version, parent, sandboxName: record.name, file: partial }),
+        );
+      } catch (err) {
+        throw this.#forCaller(err, `Making an image of sandbox ${record.name} failed`);
+      } finally {
+        await rm(partial, { force: true });
+      }
     });
   }
 
@@ -509,6 +560,7 @@ export class SandboxService {
     const source = await this.deps.sandboxes.findById(principal.orgId, sourceId);
     const imageRef = source?.imageId;
     const image = await this.deps.images.resolve(principal, imageRef);
+    this.deps.images.assertUsable(image);
     const record = await this.#admitRecord(principal, {
       name: input.new_id ?? `${source?.name ?? 'restored'}-${snapId.slice(-6)}`,
       imageId: image.id,
@@ -522,7 +574,7 @@ export class SandboxService {
     });
     return this.#locks.run(record.id, async () => {
       try {
-        await driver.restore(this.#spec(record, await this.deps.images.rootfsFor(image), image.base), file);
+        await driver.restore(this.#spec(record, await this.deps.images.rootfsFor(image), image), file);
         if (input.cold) await driver.stop(record.id);
         return toSandbox(await this.#setStatus(record, input.cold ? 'stopped' : 'running'));
       } catch (err) {
@@ -586,6 +638,11 @@ export class SandboxService {
    * `input` over `current` (or, for a new sandbox, over the org's defaults and then the server's),
    * checked against what this host can run.
    */
+  /** The server's default network policy (SANDBOX_NETWORK as resolved here, SANDBOX_DEFAULT_EGRESS, …): what an image build sandbox gets. */
+  defaultNetwork(): NetworkPolicy {
+    return this.#resolveNetwork({}, null);
+  }
+
   #resolveNetwork(input: NetworkPolicyInput, current: NetworkPolicy | null, org?: OrgNetworkDefaults): NetworkPolicy {
     const defaults = this.deps.network;
     const mode = input.mode ?? current?.mode ?? defaults.mode;
@@ -690,7 +747,7 @@ export class SandboxService {
     );
     return this.#locks.run(record.id, async () => {
       try {
-        await driver.create(this.#spec(record, await this.deps.images.rootfsFor(image), image.base));
+        await driver.create(this.#spec(record, await this.deps.images.rootfsFor(image), image));
         const running = await this.#setStatus(record, 'running');
         // The agent connection is opened now, and a command and the claim call run once, so a claim
         // neither waits for the connection nor pays for the agent's first command (~8 ms of the
@@ -756,10 +813,16 @@ export class SandboxService {
     });
   }
 
-  #spec(record: SandboxRecord, rootfs: string, image: string): SandboxSpec {
+  /**
+   * The driver's spec of `record` on `image` (mounted as `fs`): the image's env under the
+   * sandbox's own envVars, and its workdir as the agent's default directory for commands.
+   */
+  #spec(record: SandboxRecord, fs: ImageFilesystem, image: ImageRecord): SandboxSpec {
     // The agent names the disk size when an upload finds no space left.
-    const agentSettings = { ...this.deps.agentSettings, VOIDRUN_DISK_MB: String(record.diskMb) };
-    return { id: record.id, name: record.name, rootfs, image, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars: record.envVars, agentSettings, network: record.network };
+    const agentSettings: Record<string, string> = { ...this.deps.agentSettings, VOIDRUN_DISK_MB: String(record.diskMb) };
+    if (image.workdir) agentSettings.VOIDRUN_WORKDIR = image.workdir;
+    const envVars = { ...image.env, ...record.envVars };
+    return { id: record.id, name: record.name, rootfs: fs.rootfs, layers: fs.layers, image: fs.vmImage, cpu: record.cpu, memMb: record.mem, diskMb: record.diskMb, envVars, agentSettings, network: record.network };
   }
 
   async #setStatus(record: SandboxRecord, status: SandboxStatus): Promise<SandboxRecord> {

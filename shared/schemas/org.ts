@@ -95,7 +95,7 @@ export const OrgQuota = z
         sandboxes: z.number().int().meta({ description: 'ORG_MAX_SANDBOXES: sandboxes that exist at once, whatever their status' }),
         vcpus: z.number().int().meta({ description: "ORG_MAX_VCPUS: the sum of the org's sandboxes' cpu" }),
         memoryMb: z.number().int().meta({ description: "ORG_MAX_MEMORY_MB: the sum of the org's sandboxes' mem" }),
-        diskMb: z.number().int().meta({ description: "ORG_MAX_DISK_MB: the sum of the org's sandboxes' diskMb plus its snapshot archives" }),
+        diskMb: z.number().int().meta({ description: "ORG_MAX_DISK_MB: the sum of the org's sandboxes' diskMb plus its snapshot archives plus its images' sizeBytes" }),
         snapshotMaxBytes: z.number().int().meta({ description: 'SNAPSHOT_MAX_BYTES: the largest one snapshot archive may be' }),
       })
       .meta({ description: 'What the org may hold; a create or restore beyond them answers 429.' }),
@@ -103,8 +103,9 @@ export const OrgQuota = z
       sandboxes: z.number().int(),
       vcpus: z.number().int(),
       memoryMb: z.number().int(),
-      diskMb: z.number().int().meta({ description: "Sandboxes' diskMb plus snapshots (rounded up to MB), plus snapshots being written" }),
+      diskMb: z.number().int().meta({ description: "Sandboxes' diskMb plus snapshots and images (each rounded up to MB), plus snapshots being written" }),
       snapshotBytes: z.number().int().meta({ description: "The org's snapshot archives, in bytes" }),
+      imageBytes: z.number().int().meta({ description: "The org's images' own layers (their sizeBytes), in bytes" }),
     }),
     perSandbox: z
       .object({ maxCpu: z.number().int(), maxMemoryMb: z.number().int() })
