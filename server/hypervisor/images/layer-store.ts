@@ -225,7 +225,9 @@ export async function measureTree(root: string): Promise<{ bytes: number; files:
     const st = await lstat(path, { bigint: true });
     if (path !== root) files++;
     if (st.isBlockDevice() || (st.isCharacterDevice() && st.rdev !== 0n)) {
-      throw new InvalidInputError(`The layer holds a device node (${path.slice(root.length) || '/'}); only whiteouts (0/0 character devices) are allowed`);
+      // The path inside the layer (a tenant's name: quoted and cut short), never the host's.
+      const inside = path.slice(root.length);
+      throw new InvalidInputError(`The layer holds a device node, ${JSON.stringify(inside.length > 200 ? `${inside.slice(0, 200)}…` : inside)}: only whiteouts (0/0 character devices) are allowed`);
     }
     const key = `${st.dev}:${st.ino}`;
     if (!seen.has(key)) {

@@ -371,7 +371,9 @@ async function missingPackages(packages: string[], root: string): Promise<string
       (err, stdout) => (err ? reject(err) : resolve(stdout)),
     ),
   );
-  const installed = new Set([...(await readFile(join(root, 'var', 'lib', 'dpkg', 'status'), 'utf8')).matchAll(/^Package: (\S+)$/gm)].map((m) => m[1]!));
+  // A root without a dpkg database (an imported non-Debian image) has none of them.
+  const status = await readFile(join(root, 'var', 'lib', 'dpkg', 'status'), 'utf8').catch(() => '');
+  const installed = new Set([...status.matchAll(/^Package: (\S+)$/gm)].map((m) => m[1]!));
   // Top-level lines are package names; indented ones are their relations; <virtual> ones have no .deb.
   const all = new Set(out.split('\n').filter((line) => line && !line.startsWith(' ') && !line.startsWith('<')));
   return [...all].filter((name) => !installed.has(name));
