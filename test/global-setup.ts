@@ -5,16 +5,21 @@
  *   1. host packages: `scripts/setup-host.sh --if-needed` (as root with apt it installs runc,
  *      debootstrap, QEMU, … saying so in one line; otherwise one line says what to install);
  *   2. the default image (debootstrap, about a minute the first time) and, with QEMU installed,
- *      its VM image and agent disk, into BASE_IMAGES_DIR.
+ *      its VM image and agent disk, into BASE_IMAGES_DIR;
+ *   3. the image tests' small recipe image (TEST_IMAGE_RECIPE: python3-minimal, a few seconds the
+ *      first time) into the layer cache, built in a build sandbox like any recipe.
  * A step that cannot run prints one line; the tests that need it then skip with their reason.
  * `VOIDRUN_SKIP_SETUP=1` skips both (a host prepared some other way).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { loadConfig } from '../server/config.js';
 import { repoRoot } from '../server/repo-root.js';
-import { prepareImages } from '../scripts/prepare-images.js';
+import { buildRecipeLayers, prepareImages } from '../scripts/prepare-images.js';
+import { TEST_IMAGE_RECIPE } from './helpers/test-images.js';
 
 function installed(cmd: string, args: string[]): boolean {
   try {
@@ -43,5 +48,19 @@ export default async function setup(): Promise<void> {
     });
   } catch (err) {
     console.log(`[test setup] the ${config.SANDBOX_DEFAULT_IMAGE} image could not be built (${(err as Error).message}): sandbox tests will fail or skip`);
+    return;
+  }
+  // Build sandboxes of their own (instances, runc state, logs), so nothing of a server on this host is touched.
+  const root = mkdtempSync(join(tmpdir(), 'voidrun-setup-'));
+  chmodSync(root, 0o711);
+  try {
+    const started = Date.now();
+    const buildConfig = { ...config, INSTANCES_DIR: join(root, 'instances'), RUNC_ROOT: join('/run/voidrun-test', root.split('/').pop()!), DATA_DIR: join(root, 'data') };
+    const layers = await buildRecipeLayers(buildConfig, TEST_IMAGE_RECIPE, log);
+    console.log(`[test setup] test image (${TEST_IMAGE_RECIPE.packages.join(' ')}) ready: ${layers.length} layer (${Math.round((Date.now() - started) / 1000)} s)`);
+  } catch (err) {
+    console.log(`[test setup] the test image could not be built (${(err as Error).message}): image tests will build it themselves`);
+  } finally {
+    rmSync(root, { recursive: true, force: true });
   }
 }

@@ -38,7 +38,13 @@ export interface ImageBuildsSetup {
  * The recipe builder and its queue, made from the config: IMAGE_BUILD_DISK_MB, IMAGE_BUILD_STEP_TIMEOUT_SEC,
  * IMAGE_BUILD_LOG_MAX_BYTES, IMAGE_BUILDS_PER_ORG, logs in DATA_DIR/image-logs.
  */
-export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{ builds: ImageBuilds; builder: ImageBuilder; close(): Promise<void> }> {
+export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{
+  builds: ImageBuilds;
+  builder: ImageBuilder;
+  /** The container driver and agent gateway build sandboxes run on. */
+  container: { driver: SandboxDriver & SnapshottingDriver; agents: AgentClients };
+  close(): Promise<void>;
+}> {
   const { config, log } = setup;
   let own: AgentClients | null = null;
   let container = setup.container;
@@ -82,6 +88,7 @@ export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{ buil
   return {
     builds,
     builder,
+    container,
     async close() {
       await builds.close();
       await own?.closeAll();

@@ -247,6 +247,8 @@ export class ImageBuilds {
 
   async #end(build: ActiveBuild, patch: Parameters<ImageRepository['update']>[1] | null, write = true): Promise<void> {
     try {
+      // The log is complete on disk before the record says the build ended.
+      await this.#writeQueue;
       if (patch && write) await this.#finish(build.image, patch);
     } finally {
       build.done = true;

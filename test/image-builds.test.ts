@@ -1,0 +1,184 @@
+/**
+ * Recipe builds at the builder level: real build sandboxes (the container driver, runc), real apt
+ * downloads from DEBIAN_MIRROR, real layers in the shared BASE_IMAGES_DIR, and the records in a
+ * real server's store. The API over them (POST /images with a recipe) is tested in images.test.ts.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Recipe } from '../shared/schemas/images.js';
+import { agentProcessStream } from '../server/agent-client/process-stream.js';
+import { LayerStore } from '../server/hypervisor/images/layer-store.js';
+import { RootfsImages } from '../server/hypervisor/images/rootfs-images.js';
+import { createImageBuilds } from '../server/services/image-build-setup.js';
+import type { ImageBuilds } from '../server/services/image-builds.js';
+import { newId } from '../server/store/ids.js';
+import type { ImageRecord } from '../server/store/types.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, type TestServer } from './helpers/server.js';
+import { TEST_IMAGE_RECIPE } from './helpers/test-images.js';
+import { until } from './helpers/until.js';
+
+describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
+  let server: TestServer;
+  let setup: Awaited<ReturnType<typeof createImageBuilds>>;
+  let builds: ImageBuilds;
+  let layers: LayerStore;
+  let rootfs: RootfsImages;
+  let debian: ImageRecord;
+  const orgId = newId();
+  const closers: Array<() => Promise<void>> = [];
+
+  beforeAll(async () => {
+    server = await startTestServer();
+    const { config, log } = server.app;
+    layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log });
+    rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap: { hostId: config.SANDBOX_UID_BASE, size: 65536 }, mirror: config.DEBIAN_MIRROR, log, layers });
+    setup = await createImageBuilds({ config, layers, rootfs, images: server.app.store.images, log });
+    builds = setup.builds;
+    debian = (await server.app.store.images.findByName(null, 'debian'))!;
+  }, 120_000);
+
+  afterAll(async () => {
+    for (const close of closers) await close();
+    await setup?.close();
+    await server?.close();
+  });
+
+  /** A 'building' recipe record of the test org on debian, as the image service records one. */
+  async function recordBuild(recipe: Recipe): Promise<ImageRecord> {
+    return server.app.store.images.create({
+      name: `img-${newId().slice(-8)}`,
+      tag: 'latest',
+      description: 'test recipe',
+      base: 'debian',
+      orgId,
+      isSystem: false,
+      createdBy: newId(),
+      status: 'building',
+      source: 'recipe',
+      parentId: debian.id,
+      recipe,
+    });
+  }
+
+  async function built(image: ImageRecord): Promise<ImageRecord> {
+    builds.enqueue(image, debian);
+    return until(() => server.app.store.images.findById(image.id), (r) => r?.status !== 'building', `image ${image.id} to finish building`, 600_000, 100) as Promise<ImageRecord>;
+  }
+
+  /** Runs `command` in a fresh sandbox on debian + `layerIds`; its stdout. */
+  async function runOn(layerIds: string[], command: string): Promise<string> {
+    const { driver, agents } = setup.container;
+    const id = newId();
+    await driver.create({ id, name: `check-${id.slice(-8)}`, rootfs: await rootfs.ensure('debian'), layers: layerIds.map((l) => layers.fsPath(l)), image: 'debian', cpu: 1, memMb: 256, diskMb: 256, envVars: {} });
+    try {
+      let out = '';
+      for await (const line of agentProcessStream(agents, id, { start: { command, timeoutMs: 30_000 } })) {
+        if (line.type === 'stdout') out += line.data;
+        if (line.type === 'exit') break;
+      }
+      return out;
+    } finally {
+      await agents.drop(id);
+      await driver.destroy(id);
+    }
+  }
+
+  it('a python3-minimal recipe builds, and a sandbox on its layers runs python3 (42)', async () => {
+    const image = await built(await recordBuild(TEST_IMAGE_RECIPE));
+    expect(image.error).toBeNull();
+    expect(image.status).toBe('ready');
+    expect(image.layers).toHaveLength(1);
+    expect(image.sizeBytes).toBeGreaterThan(1024 * 1024);
+    expect(image.progress).toBeNull();
+    expect(await runOn(image.layers, `python3 -c 'print(6*7)'`)).toBe('42\n');
+    const log = await builds.readLog(image.id);
+    expect(log.text).toMatch(/step 1\/1: install 1 package \(python3-minimal\)/);
+    expect(log.text).toMatch(/is ready/);
+  }, 600_000);
+
+  it('a second build of the same recipe reuses every layer (no build sandbox started)', async () => {
+    const parent = { base: 'debian', layers: [], env: {}, workdir: null };
+    const first = await setup.builder.build({ recipe: TEST_IMAGE_RECIPE, parent, onLine: () => {} });
+    const lines: string[] = [];
+    const again = await setup.builder.build({ recipe: { ...TEST_IMAGE_RECIPE }, parent, onLine: (l) => lines.push(l) });
+    expect(again.built).toBe(0);
+    expect(again.layers).toEqual(first.layers);
+    expect(lines.join('\n')).toMatch(/\(cached\)/);
+    expect(lines.join('\n')).not.toMatch(/installing/);
+  }, 600_000);
+
+  it('a recipe with one more run step reuses the packages layer and builds only that step', async () => {
+    const parent = { base: 'debian', layers: [], env: {}, workdir: null };
+    const base = await setup.builder.build({ recipe: TEST_IMAGE_RECIPE, parent, onLine: () => {} });
+    const marker = newId();
+    const more = await setup.builder.build({ recipe: { ...TEST_IMAGE_RECIPE, run: [`echo ${marker} > /built-by-run`] }, parent, onLine: () => {} });
+    expect(more.built).toBe(1);
+    expect(more.layers).toHaveLength(2);
+    expect(more.layers[0]).toBe(base.layers[0]);
+    expect(await runOn(more.layers, 'cat /built-by-run; python3 -c "print(1+1)"')).toBe(`${marker}\n2\n`);
+  }, 600_000);
+
+  it('a failing run step ends the build failed, with its output in the log (also followed live)', async () => {
+    const image = await recordBuild({ ...TEST_IMAGE_RECIPE, run: ['echo about to fail; echo on stderr >&2; exit 3'] });
+    builds.enqueue(image, debian);
+    const followed: string[] = [];
+    const controller = new AbortController();
+    for await (const line of builds.followLog(image.id, controller.signal)) followed.push(line);
+    const failed = (await server.app.store.images.findById(image.id))!;
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toMatch(/step 2\/2: run "echo about to fail.*" failed with exit code 3; see the build log/);
+    expect(failed.error).not.toMatch(/\/var\/|\/tmp\//);
+    const log = await builds.readLog(image.id);
+    expect(log.text).toMatch(/step 1\/2: install 1 package \(python3-minimal\) \(cached\)/);
+    expect(log.text).toMatch(/^about to fail$/m);
+    expect(log.text).toMatch(/^on stderr$/m);
+    expect(followed).toContain('about to fail');
+    expect(followed.at(-1)).toMatch(/^build failed: /);
+  }, 600_000);
+
+  it('a package the mirror does not have fails the build naming it', async () => {
+    const image = await built(await recordBuild({ packages: ['python3-minimal', 'no-such-package-voidrun'] }));
+    expect(image.status).toBe('failed');
+    expect(image.error).toBe('package no-such-package-voidrun not found in DEBIAN_MIRROR (http://deb.debian.org/debian bookworm main)'.replace('http://deb.debian.org/debian', server.app.config.DEBIAN_MIRROR));
+  }, 600_000);
+
+  it('files and workdir become a layer written through the build sandbox agent, with their modes', async () => {
+    const parent = { base: 'debian', layers: [], env: {}, workdir: null };
+    const result = await setup.builder.build({
+      recipe: { files: [{ path: '/opt/app/run.sh', content: '#!/bin/sh\necho from-file\n', mode: '0755' }], workdir: '/srv/work', run: ['pwd > /srv/work/where; echo "$GREETING" >> /srv/work/where'], env: { GREETING: 'hello-env' } },
+      parent,
+      onLine: () => {},
+    });
+    expect(result.workdir).toBe('/srv/work');
+    expect(result.env).toEqual({ GREETING: 'hello-env' });
+    expect(await runOn(result.layers, '/opt/app/run.sh; stat -c %a /opt/app/run.sh; cat /srv/work/where')).toBe('from-file\n755\n/srv/work\nhello-env\n');
+  }, 600_000);
+
+  it('a build log past IMAGE_BUILD_LOG_MAX_BYTES keeps its tail', async () => {
+    const { config, log } = server.app;
+    const small = await createImageBuilds({ config: { ...config, IMAGE_BUILD_LOG_MAX_BYTES: 4096 }, layers, rootfs, images: server.app.store.images, log });
+    closers.push(() => small.close());
+    const image = await recordBuild({ run: [`seq 1 5000; echo ${newId()}`] });
+    small.builds.enqueue(image, debian);
+    const done = await until(() => server.app.store.images.findById(image.id), (r) => r?.status !== 'building', 'the build to end', 600_000, 100);
+    expect(done!.status).toBe('ready');
+    const { text, truncated } = await small.builds.readLog(image.id);
+    expect(truncated).toBe(true);
+    expect(Buffer.byteLength(text)).toBeLessThanOrEqual(4096);
+    expect(text).toMatch(/^5000$/m);
+    expect(text).toMatch(/is ready/);
+    expect(text).not.toMatch(/^1$/m);
+  }, 600_000);
+
+  it('past IMAGE_BUILDS_PER_ORG queued or running builds another is refused (429)', async () => {
+    const busyOrg = newId();
+    const make = async () => ({ ...(await recordBuild({ run: ['sleep 0.2'] })), orgId: busyOrg });
+    const first = await make();
+    const second = await make();
+    builds.enqueue(first, debian);
+    builds.enqueue(second, debian);
+    expect(() => builds.checkCapacity(busyOrg)).toThrow(/IMAGE_BUILDS_PER_ORG is 2/);
+    await until(() => server.app.store.images.findById(second.id), (r) => r?.status !== 'building', 'the builds to end', 600_000, 100);
+    expect(() => builds.checkCapacity(busyOrg)).not.toThrow();
+  }, 600_000);
+});
