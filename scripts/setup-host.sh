@@ -6,6 +6,7 @@
 #   iptables, iproute2         setup-net: bridge, TAP devices, NAT for microVMs
 #   nftables                   the sandboxes' egress firewall (and the VM TAPs' source check)
 #   conntrack                  forgetting a freed sandbox address's tracked connections
+#   debian-archive-keyring     recipe image builds: the host's private apt verifies DEBIAN_MIRROR with it
 # Needs root and apt; otherwise it names what is missing in one line.
 #   --if-needed  silent when nothing is missing, and exit 0 when it cannot install (npm start and
 #                npm test run it so; the server then answers sandbox requests 503 with that line)
@@ -36,11 +37,12 @@ declare -A provides=(
 missing=()
 # libc.a: the init is linked statically
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/libc.a ] || missing+=(libc6-dev)
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  $if_needed || echo "setup: runc, debootstrap, qemu, qemu-img, iptables, ip, nft, conntrack, gcc and libc6-dev are installed"
+  $if_needed || echo "setup: runc, debootstrap, qemu, qemu-img, iptables, ip, nft, conntrack, gcc, libc6-dev and debian-archive-keyring are installed"
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
