@@ -29,6 +29,7 @@ import { PreviewTokens } from './services/preview-tokens.js';
 import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
+import { ImageImports } from './services/image-imports.js';
 import { SandboxService } from './services/sandbox-service.js';
 import { SandboxEventService } from './services/sandbox-events.js';
 import { WebhookService } from './services/webhooks.js';
@@ -175,6 +176,15 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     sandboxes,
     exec: new ExecService({ sandboxes, limits: { maxOutputBytes: config.EXEC_OUTPUT_LIMIT_BYTES }, log, events, activity }),
     images,
+    imageImports: new ImageImports({
+      images,
+      layers,
+      baseImagesDir: config.BASE_IMAGES_DIR,
+      uidBase: config.SANDBOX_UID_BASE,
+      maxBytes: config.IMAGE_IMPORT_MAX_BYTES,
+      maxFiles: config.IMAGE_IMPORT_MAX_FILES,
+      log,
+    }),
     files: new FileService({ sandboxes, maxUploadBytes: config.MAX_UPLOAD_BYTES }),
     watch,
     pty: new PtyService({ sandboxes, events }),

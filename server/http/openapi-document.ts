@@ -96,7 +96,9 @@ function routeOperation(doc: Json, spec: RouteSpec): Json {
     })),
   ];
   let requestBody: Json | undefined;
-  if (spec.body === 'binary') {
+  if (spec.body === 'binary' && spec.binaryTypes) {
+    requestBody = { required: true, content: Object.fromEntries(spec.binaryTypes.map((type) => [type, { schema: { type: 'string', format: 'binary' } }])) };
+  } else if (spec.body === 'binary') {
     requestBody = {
       required: true,
       content: {

@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { z } from 'zod';
-import { ExecInput, PidInput, SandboxPath, SessionExecStreamInput, type ExecChunk } from '../../shared/index.js';
+import { ExecInput, PidInput, SandboxPath, SessionExecStreamInput, toRestImage, type ExecChunk } from '../../shared/index.js';
 import { InvalidInputError } from '../errors.js';
 import busboy from 'busboy';
 import { basename } from 'node:path';
@@ -16,7 +16,7 @@ import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
 import { writeSse, type SseEvent } from './sse.js';
 import { parseEventId } from '../services/sandbox-events.js';
-import { compiledRoutes, matchRoute, routeParams, type CompiledRoute, type HttpRouteName } from './route-table.js';
+import { compiledRoutes, matchRoute, routeParams, routeTable, type CompiledRoute, type HttpRouteName } from './route-table.js';
 
 const httpRoutes = compiledRoutes('http');
 /** How often an idle event stream gets an SSE comment line. */
@@ -153,6 +153,16 @@ const handlers: Record<HttpRouteName, RawHandler> = {
     const left = leftSignal(res); // the client hung up: the agent request ends with it
     const result = await services.files.uploadTar(principal, id!, path, req, declared, left.signal);
     sendJson(res, 200, successBody(result, 'Files uploaded'));
+  },
+  imagesImport: async (req, res, _params, services, principal) => {
+    const query = Object.fromEntries(new URL(req.url ?? '/', 'http://localhost').searchParams);
+    const input = routeTable.imagesImport.query.parse(query); // ZodError: 400 naming the parameter
+    if ((req.headers['content-type'] ?? '').toLowerCase().startsWith('multipart/')) {
+      throw new InvalidInputError('Send the image archive as the request body itself (curl --data-binary @image.tar), not as a multipart form');
+    }
+    const declared = req.headers['content-length'] ? Number(req.headers['content-length']) : undefined;
+    const image = toRestImage(await services.imageImports.import(principal, input, req, declared));
+    sendJson(res, 201, { ...image, ...successBody(image, 'Image imported') });
   },
   filesDownload: async (req, res, [id], services, principal) => {
     const left = leftSignal(res); // the client hung up: the agent request ends with it

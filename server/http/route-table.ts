@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ExecInput, Id, PidInput, Port, SessionExecStreamInput, UploadResult, UploadTarResult } from '../../shared/index.js';
+import { ExecInput, Id, ImageName, PidInput, Port, RestImage, SessionExecStreamInput, UploadResult, UploadTarResult } from '../../shared/index.js';
 import { decodeOrNull } from '../../shared/uri.js';
 import { InvalidInputError } from '../errors.js';
 
@@ -25,12 +25,14 @@ export interface RouteSpec {
   auth: 'apiKey' | 'apiKeyHeader';
   /** A long-lived answer: it holds one of the org's ORG_MAX_STREAMS slots while open. */
   stream?: true;
-  /** The path parameters; every raw route addresses one sandbox by `id`. */
+  /** The path parameters: a sandbox's `id` (empty for a route that addresses none, e.g. an image import). */
   params: z.ZodObject;
   query?: z.ZodObject;
   /** The JSON body (path parameters excluded), or `binary` for a byte upload. */
   body?: z.ZodType | 'binary';
-  success: { status: 200 | 101; description: string; contentType?: string; schema?: z.ZodType };
+  /** A `binary` body's content types (default: any bytes as application/octet-stream, or multipart/form-data with a `file` field). */
+  binaryTypes?: readonly string[];
+  success: { status: 200 | 201 | 101; description: string; contentType?: string; schema?: z.ZodType };
   operationId: string;
   summary: string;
   description?: string;
@@ -99,6 +101,30 @@ export const routeTable = {
     description:
       'The body is an uncompressed tar stream (`tar -cf - …`); its entries are written under `path` as they arrive, each file whole (a temporary file renamed into place). Regular files, directories and symbolic links that stay inside `path` are accepted; an absolute name, `..`, a path through a symbolic link, a link leading outside, a hard link or a device is refused with 400 naming the entry (entries before it stay written). At most MAX_UPLOAD_BYTES in all.',
     tag: 'File System',
+  },
+  imagesImport: {
+    kind: 'http',
+    method: 'POST',
+    path: '/images/import',
+    auth: 'apiKey',
+    params: z.object({}),
+    query: z.object({
+      name: ImageName.meta({ description: 'The new image\'s name (unique in your org)', example: 'my-python' }),
+      version: z.string().max(64).optional().meta({ description: 'Stored as the tag (default "latest")', example: '3.12' }),
+    }),
+    body: 'binary',
+    binaryTypes: ['application/x-tar', 'application/gzip'],
+    success: {
+      status: 201,
+      contentType: 'application/json',
+      description: 'The image, ready: its fields, and also the {status, message, data} envelope as POST /images answers',
+      schema: z.object({ status: z.literal('success'), message: z.string().meta({ example: 'Image imported' }), data: RestImage }),
+    },
+    operationId: 'importImage',
+    summary: 'Import an OCI image archive (an OCI image layout or docker save tar)',
+    description:
+      'The body is a tar (optionally gzip) of an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`, as `skopeo copy … oci-archive:` or `docker buildx --output type=oci` write) or of `docker save` (`manifest.json`), streamed. Its layers are applied in order into one layer (whiteouts and opaque directories honoured), owners shifted into the sandbox uid range; `Env` and `WorkingDir` of the image config become the image\'s env and workdir. Blob digests are checked. Refused with 400 naming the entry: `..` components, an entry written through a symbolic link, a hard link to anything but an earlier file, device nodes and other special files, GNU sparse entries, owners past 65535, zstd or other unsupported layer media types, more than IMAGE_IMPORT_MAX_FILES entries or files declaring more than IMAGE_IMPORT_MAX_BYTES; an upload over IMAGE_IMPORT_MAX_BYTES is a 413. Nothing is kept of a refused import. 409 when your org has an image of that name; 429 when its disk quota (ORG_MAX_DISK_MB) is used up.',
+    tag: 'Images',
   },
   filesDownload: {
     kind: 'http',

@@ -4,6 +4,7 @@ import type { ExecService } from './exec-service.js';
 import type { FileService } from './file-service.js';
 import type { IdempotencyService } from './idempotency.js';
 import type { ImageService } from './image-service.js';
+import type { ImageImports } from './image-imports.js';
 import type { OrgService } from './org-service.js';
 import type { PortService } from './port-service.js';
 import type { PtyService } from './pty-service.js';
@@ -21,6 +22,8 @@ export interface Services {
   sandboxes: SandboxService;
   exec: ExecService;
   images: ImageService;
+  /** OCI image archive imports (`POST /images/import`). */
+  imageImports: ImageImports;
   files: FileService;
   watch: WatchService;
   pty: PtyService;

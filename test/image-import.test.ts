@@ -1,0 +1,279 @@
+import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { VoidRunClient } from '../client/index.js';
+import { dockerSave, ociLayout, ociLayoutFiles, sha256, tar, tarOfFiles, type ImageSpec, type TarItem } from './helpers/oci-archive.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+import { until } from './helpers/until.js';
+
+const UID_BASE = 200_000;
+const MAX_BYTES = 32 * 1024 * 1024;
+/** A static busybox (the VM initrd's), so the imported image has a shell; without it the tree is read through the files API only. */
+const busyboxPath = join(process.env.BASE_IMAGES_DIR ?? '/var/lib/hyper-fleet/base-images', 'debian-busybox');
+const busybox = existsSync(busyboxPath) ? readFileSync(busyboxPath) : null;
+
+/** The test image: three layers with a whiteout, an opaque dir, symbolic and hard links, a setuid file and a non-root owner. */
+function testImage(): ImageSpec {
+  const shell: TarItem[] = busybox
+    ? [{ name: 'bin/busybox', body: busybox, mode: 0o755 }, ...['sh', 'ls', 'cat', 'stat', 'id', 'pwd', 'echo'].map((n): TarItem => ({ name: `bin/${n}`, type: 'symlink', linkName: 'busybox' }))]
+    : [];
+  return {
+    layers: [
+      [
+        { name: 'bin/' },
+        ...shell,
+        { name: 'etc/' },
+        { name: 'etc/hello', body: 'hello\n' },
+        { name: 'etc/gone.txt', body: 'deleted by layer 2\n' },
+        { name: 'srv/old/a.txt', body: 'hidden by the opaque dir\n' },
+        { name: 'srv/old/keep/x', body: 'hidden too\n' },
+        { name: 'usr/bin/tool', body: '#!/bin/sh\necho tool\n', mode: 0o4755 },
+        { name: 'home/user/', uid: 1000, gid: 1000 },
+        { name: 'home/user/notes', body: 'mine\n', uid: 1000, gid: 1000, mode: 0o600 },
+        { name: 'tmp/', mode: 0o1777 },
+        { name: 'root/', mode: 0o700 },
+      ],
+      [
+        { name: 'etc/.wh.gone.txt' },
+        { name: 'srv/old/c.txt', body: 'this layer\'s\n' },
+        { name: 'srv/old/.wh..wh..opq' },
+        { name: 'etc/link', type: 'symlink', linkName: 'hello' },
+        { name: 'etc/abs', type: 'symlink', linkName: '/etc/hello' },
+        { name: 'etc/hard', type: 'hardlink', linkName: 'etc/hello' },
+      ],
+      [{ name: 'app/' }, { name: 'app/run.sh', body: '#!/bin/sh\necho "$GREETING from $(pwd)"\n', mode: 0o755 }],
+    ],
+    env: ['PATH=/usr/bin:/bin', 'GREETING=hi'],
+    workdir: '/app',
+  };
+}
+
+/** An OCI layout whose one layer holds `items` (after a harmless first layer). */
+function hostile(items: TarItem[], gzip = false): Buffer {
+  return ociLayout({ layers: [[{ name: 'etc/' }, { name: 'etc/ok', body: 'ok' }], items], gzip: [true, gzip] });
+}
+
+describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () => {
+  let server: TestServer;
+  let apiKey: string;
+  let otherKey: string;
+  let vr: VoidRunClient;
+  let baseImagesDir: string;
+  const layersDir = () => join(baseImagesDir, 'layers');
+  const spoolDir = () => join(baseImagesDir, 'import-spool');
+  const upload = (name: string, body: Buffer, key = apiKey, type = 'application/x-tar') =>
+    server.http(`/api/images/import?name=${name}`, { method: 'POST', apiKey: key, headers: { 'content-type': type }, body });
+  /** What an import leaves on the host: layer dirs (complete or staged) and spools. */
+  const hostState = () => ({ layers: readdirSync(layersDir()).sort(), spool: existsSync(spoolDir()) ? readdirSync(spoolDir()) : [] });
+
+  beforeAll(async () => {
+    // A private image store: what an import leaves behind is all there is to see.
+    baseImagesDir = mkdtempSync(join(tmpdir(), 'voidrun-import-'));
+    chmodSync(baseImagesDir, 0o711);
+    server = await startTestServer({ BASE_IMAGES_DIR: baseImagesDir, SANDBOX_UID_BASE: String(UID_BASE), IMAGE_IMPORT_MAX_BYTES: String(MAX_BYTES) });
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'Importer', email: uniqueEmail('import') })).apiKey;
+    otherKey = (await server.client().trpc.auth.register.mutate({ name: 'Other', email: uniqueEmail('import-other') })).apiKey;
+    vr = server.client(apiKey);
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+    if (baseImagesDir) rmSync(baseImagesDir, { recursive: true, force: true });
+  });
+
+  let imageId: string;
+
+  it('imports an OCI image layout: layers applied in order (whiteout, opaque dir, links), owners shifted, config env and workdir kept', async () => {
+    const res = await upload('oci-test', ociLayout(testImage()));
+    const body = (await res.json()) as Record<string, unknown> & { data: Record<string, unknown> };
+    expect(res.status, JSON.stringify(body)).toBe(201);
+    expect(body).toMatchObject({ status: 'success', message: 'Image imported', name: 'oci-test', source: 'import', base: '', layerCount: 1 });
+    expect(body.data).toMatchObject({ name: 'oci-test', status: 'ready', source: 'import', env: { PATH: '/usr/bin:/bin', GREETING: 'hi' }, workdir: '/app' });
+    expect(body.data.sizeBytes).toBeGreaterThan(0);
+    imageId = body.data.id as string;
+
+    // The layer on the host: the flattened tree, owned by the sandbox uid range.
+    const [layer] = hostState().layers;
+    const fs = join(layersDir(), layer!, 'fs');
+    const owner = (p: string) => `${lstatSync(join(fs, p)).uid}:${lstatSync(join(fs, p)).gid}`;
+    expect(existsSync(join(fs, 'etc/gone.txt'))).toBe(false);
+    expect(readdirSync(join(fs, 'srv/old'))).toEqual(['c.txt']);
+    expect(readlinkSync(join(fs, 'etc/abs'))).toBe('/etc/hello');
+    expect(owner('etc/hello')).toBe(`${UID_BASE}:${UID_BASE}`);
+    expect(owner('home/user/notes')).toBe(`${UID_BASE + 1000}:${UID_BASE + 1000}`);
+    expect(owner('etc/link')).toBe(`${UID_BASE}:${UID_BASE}`);
+    expect(lstatSync(join(fs, 'usr/bin/tool')).mode & 0o7777).toBe(0o4755);
+    expect(lstatSync(join(fs, 'tmp')).mode & 0o7777).toBe(0o1777);
+    expect(lstatSync(join(fs, 'etc/hard')).ino).toBe(lstatSync(join(fs, 'etc/hello')).ino);
+    expect(lstatSync(join(fs, 'etc/hello')).mtimeMs).toBe(1_700_000_000_000);
+    expect(hostState().spool).toEqual([]);
+  });
+
+  it('a sandbox created from the imported image (templateId) sees that tree, as root, with the image env and workdir', async () => {
+    const box = await vr.sandboxes.create({ name: 'from-import', templateId: imageId });
+    try {
+      expect((await box.files.read('/etc/hello')).toString()).toBe('hello\n');
+      expect((await box.files.read('/etc/link')).toString()).toBe('hello\n');
+      expect((await box.files.read('/etc/hard')).toString()).toBe('hello\n');
+      expect(await box.files.stat('/etc/gone.txt').catch((e: Error & { code?: string }) => e.code)).toBe('FILE_NOT_FOUND');
+      expect((await box.files.list('/srv/old')).map((f) => f.name)).toEqual(['c.txt']);
+      expect(await box.files.stat('/etc/abs')).toMatchObject({ isSymlink: true, linkTarget: '/etc/hello', uid: 0, gid: 0 });
+      expect(await box.files.stat('/etc/hello')).toMatchObject({ uid: 0, gid: 0 });
+      expect(await box.files.stat('/home/user/notes')).toMatchObject({ uid: 1000, gid: 1000 });
+      if (busybox) {
+        expect((await box.exec('./run.sh')).stdout).toBe('hi from /app\n');
+        expect((await box.exec('id -u; stat -c "%a %u" /usr/bin/tool /tmp; cat /etc/abs')).stdout).toBe('0\n4755 0\n1777 0\nhello\n');
+      }
+    } finally {
+      await box.delete();
+    }
+  }, 120_000);
+
+  it('imports a docker save tar, gzip-compressed as a whole', async () => {
+    const res = await upload('docker-test', gzipSync(dockerSave({ ...testImage(), workdir: '/srv' })), apiKey, 'application/gzip');
+    const body = (await res.json()) as { data: Record<string, unknown> };
+    expect(res.status, JSON.stringify(body)).toBe(201);
+    expect(body.data).toMatchObject({ status: 'ready', source: 'import', workdir: '/srv', env: { GREETING: 'hi' } });
+    const box = await vr.sandboxes.create({ name: 'from-docker', templateId: 'docker-test' });
+    try {
+      expect((await box.files.list('/srv/old')).map((f) => f.name)).toEqual(['c.txt']);
+      expect((await box.files.read('/app/run.sh')).toString()).toContain('GREETING');
+    } finally {
+      await box.delete();
+    }
+  }, 120_000);
+
+  it('applies a layer written by GNU tar (PAX long names, hard links, ./ names, numeric owners)', async () => {
+    const src = mkdtempSync(join(tmpdir(), 'voidrun-gnu-layer-'));
+    try {
+      const long = `${'deep-directory-name/'.repeat(8)}file-with-a-long-name.txt`;
+      execFileSync('sh', ['-c', `cd "${src}" && chmod 755 . && mkdir -p "$(dirname "${long}")" && echo long > "${long}" && echo one > one && ln one two && ln -s one three && chown 1234:5678 one`]);
+      const layer = execFileSync('tar', ['--format=posix', '--numeric-owner', '-C', src, '-cf', '-', '.']);
+      const files = ociLayoutFiles({ layers: [[{ name: 'placeholder', body: '' }]], gzip: [false] });
+      // Swap the layer for GNU tar's, fixing up its digest in the manifest.
+      const manifestName = [...files.keys()].find((n) => n.startsWith('blobs/') && files.get(n)!.toString().includes('"layers":['))!;
+      const manifest = JSON.parse(files.get(manifestName)!.toString()) as { layers: Array<{ digest: string; size: number }> };
+      files.delete(`blobs/sha256/${manifest.layers[0]!.digest.slice(7)}`);
+      manifest.layers[0] = { ...manifest.layers[0]!, digest: `sha256:${sha256(layer)}`, size: layer.length };
+      files.set(`blobs/sha256/${sha256(layer)}`, layer);
+      const manifestBlob = Buffer.from(JSON.stringify(manifest));
+      files.delete(manifestName);
+      files.set(`blobs/sha256/${sha256(manifestBlob)}`, manifestBlob);
+      const index = JSON.parse(files.get('index.json')!.toString()) as { manifests: Array<{ digest: string; size: number }> };
+      index.manifests[0] = { ...index.manifests[0]!, digest: `sha256:${sha256(manifestBlob)}`, size: manifestBlob.length };
+      files.set('index.json', Buffer.from(JSON.stringify(index)));
+      const before = new Set(hostState().layers);
+      const res = await upload('gnu-tar', tarOfFiles(files));
+      expect(res.status, await res.clone().text()).toBe(201);
+      const layerId = hostState().layers.find((l) => !before.has(l))!;
+      const fs = join(layersDir(), layerId, 'fs');
+      expect(readFileSync(join(fs, long), 'utf8')).toBe('long\n');
+      expect(lstatSync(join(fs, 'two')).ino).toBe(lstatSync(join(fs, 'one')).ino);
+      expect(readlinkSync(join(fs, 'three'))).toBe('one');
+      expect(lstatSync(join(fs, 'one'))).toMatchObject({ uid: UID_BASE + 1234, gid: UID_BASE + 5678 });
+      expect(lstatSync(fs).mode & 0o7777).toBe(0o755);
+    } finally {
+      rmSync(src, { recursive: true, force: true });
+    }
+  });
+
+  it('another org cannot see or use the imported image (404)', async () => {
+    const other = server.client(otherKey);
+    expect((await server.http(`/api/images/${imageId}`, { apiKey: otherKey })).status).toBe(404);
+    expect((await other.trpc.images.list.query()).map((i) => i.id)).not.toContain(imageId);
+    const create = await other.sandboxes.create({ name: 'steal', templateId: imageId }).catch((e: Error & { code?: string }) => e);
+    expect(create).toMatchObject({ code: 'IMAGE_NOT_FOUND' });
+    expect(await other.sandboxes.create({ name: 'steal', templateId: 'oci-test' }).catch((e: Error & { code?: string }) => e.code)).toBe('IMAGE_NOT_FOUND');
+  });
+
+  it('refuses hostile archives with 400 naming the entry, and leaves nothing behind (layers, staging, spool, image list)', async () => {
+    const before = hostState();
+    const imagesBefore = (await vr.trpc.images.list.query()).map((i) => i.id).sort();
+    const marker = `voidrun-import-escape-${process.pid}`;
+    const wrongDigest = ociLayoutFiles({ layers: [[{ name: 'etc/ok', body: 'ok' }]], gzip: [false] });
+    for (const [name, content] of wrongDigest) if (name.startsWith('blobs/') && content.length > 1024) wrongDigest.set(name, tar([{ name: 'etc/ok', body: 'altered' }]));
+    const cases: Array<[string, Buffer, string]> = [
+      ['dotdot', hostile([{ name: '../escape.txt', body: 'x' }]), '"../escape.txt" has a ".." component'],
+      ['nested dotdot', hostile([{ name: 'etc/../../escape.txt', body: 'x' }], true), '".." component'],
+      ['absolute symlink written through', hostile([{ name: 'escape', type: 'symlink', linkName: '/etc' }, { name: `escape/${marker}`, body: 'x' }]), `"escape/${marker}" goes through the symbolic link "escape"`],
+      ['relative symlink written through', hostile([{ name: 'up', type: 'symlink', linkName: '../../../../tmp' }, { name: `up/${marker}`, body: 'x' }]), `"up/${marker}" goes through the symbolic link "up"`],
+      ['symlink dir replaced then written', hostile([{ name: 'etc', type: 'symlink', linkName: '/etc' }, { name: `etc/${marker}`, body: 'x' }]), 'goes through the symbolic link "etc"'],
+      ['hard link out of the tree', hostile([{ name: 'passwd', type: 'hardlink', linkName: '/etc/passwd' }]), '"passwd" is a hard link to "/etc/passwd", which is not an earlier regular file'],
+      ['hard link through a symlink', hostile([{ name: 'l', type: 'symlink', linkName: '/etc' }, { name: 'h', type: 'hardlink', linkName: 'l/passwd' }]), 'goes through the symbolic link "l"'],
+      ['char device', hostile([{ name: 'dev/', type: 'dir' }, { name: 'dev/mem', type: 'char' }]), '"dev/mem" is a device node'],
+      ['block device', hostile([{ name: 'sda', type: 'block' }]), '"sda" is a device node'],
+      ['GNU sparse entry', hostile([{ name: 'sparse.img', type: 'sparse', body: 'tiny' }]), '"sparse.img" is a GNU sparse file'],
+      ['PAX sparse entry', hostile([{ name: 'sparse2.img', body: 'tiny', pax: { 'GNU.sparse.major': '1', 'GNU.sparse.minor': '0', 'GNU.sparse.realsize': String(10 * 1024 ** 3) } }]), '"sparse2.img" is a GNU sparse file'],
+      ['10 GB declared, tiny body', hostile([{ name: 'huge.img', body: 'tiny', declaredSize: 10 * 1024 ** 3 }], true), `"huge.img" declares ${10 * 1024 ** 3} bytes, past IMAGE_IMPORT_MAX_BYTES`],
+      ['uid past 65535', hostile([{ name: 'setuid-high', body: 'x', uid: 70_000 }]), '"setuid-high" is owned by 70000:0'],
+      ['gid past 65535', hostile([{ name: 'gid-high', body: 'x', gid: 65_536 }]), '"gid-high" is owned by 0:65536'],
+      ['wrong blob digest', tarOfFiles(wrongDigest), 'does not match its digest'],
+      ['zstd layer', ociLayout({ layers: [[{ name: 'a', body: 'a' }]], gzip: [false], layerMediaType: 'application/vnd.oci.image.layer.v1.tar+zstd' }), '"application/vnd.oci.image.layer.v1.tar+zstd", which is not supported'],
+      ['zstd upload', Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(600)]), 'zstd-compressed, which is not supported'],
+      ['not an image', tar([{ name: 'readme.txt', body: 'hi' }]), 'neither index.json (an OCI image layout) nor manifest.json'],
+      ['not a tar', Buffer.from('not a tar at all'.repeat(64)), 'Not a tar stream'],
+    ];
+    for (const [what, archive, message] of cases) {
+      const res = await upload(`bad-${sha256(Buffer.from(what)).slice(0, 8)}`, archive);
+      const body = (await res.json()) as { error: string; code: string };
+      expect(res.status, `${what}: ${JSON.stringify(body)}`).toBe(400);
+      expect(body.code, what).toBe('INVALID_INPUT');
+      expect(body.error, what).toContain(message);
+      expect(body.error, what).not.toContain(baseImagesDir);
+      expect(hostState(), what).toEqual(before);
+    }
+    expect(existsSync(`/etc/${marker}`)).toBe(false);
+    expect(existsSync(`/tmp/${marker}`)).toBe(false);
+    expect((await vr.trpc.images.list.query()).map((i) => i.id).sort()).toEqual(imagesBefore);
+  });
+
+  it('answers 413 for an upload over IMAGE_IMPORT_MAX_BYTES, declared or streamed, and keeps nothing', async () => {
+    const before = hostState();
+    const big = Buffer.alloc(MAX_BYTES + 1024);
+    const declared = await upload('too-big', big);
+    expect(declared.status).toBe(413);
+    expect(await declared.json()).toMatchObject({ code: 'PAYLOAD_TOO_LARGE' });
+    // Streamed without a length: a file declaring more than the bound is refused before its bytes are kept.
+    const head = tar([{ name: 'blobs/sha256/big', declaredSize: 40 * 1024 * 1024 }]).subarray(0, 512);
+    const streamed = await server.http('/api/images/import?name=too-big', {
+      method: 'POST',
+      apiKey,
+      headers: { 'content-type': 'application/x-tar' },
+      body: new ReadableStream({
+        start(c) {
+          c.enqueue(head);
+          for (let i = 0; i < 40; i++) c.enqueue(new Uint8Array(1024 * 1024));
+          c.close();
+        },
+      }),
+      duplex: 'half',
+    } as RequestInit);
+    expect(streamed.status).toBe(400);
+    expect(((await streamed.json()) as { error: string }).error).toContain('past IMAGE_IMPORT_MAX_BYTES');
+    expect(hostState()).toEqual(before);
+  });
+
+  it('a client that disconnects mid-upload leaves nothing behind', async () => {
+    const before = hostState();
+    const archive = ociLayout({ layers: [[{ name: 'big.bin', body: Buffer.alloc(8 * 1024 * 1024, 7) }]], gzip: [false] });
+    const url = new URL(`${server.url}/api/images/import?name=cut-off`);
+    const req = request(url, { method: 'POST', headers: { 'x-api-key': apiKey, 'content-type': 'application/x-tar', 'content-length': archive.length } });
+    req.on('error', () => {});
+    req.write(archive.subarray(0, 4 * 1024 * 1024));
+    // Cut once the server has started spooling it.
+    await until(() => hostState().spool.length, (n) => n > 0, 'the import to start spooling');
+    req.destroy();
+    await until(hostState, (s) => JSON.stringify(s) === JSON.stringify(before), 'the spool to be removed');
+    expect((await vr.trpc.images.list.query()).map((i) => i.name)).not.toContain('cut-off');
+  });
+
+  it('refuses a name the org already uses (409) before reading the upload', async () => {
+    const res = await upload('oci-test', Buffer.alloc(1024));
+    expect(res.status).toBe(409);
+    expect((await upload('Bad_Name', Buffer.alloc(1024))).status).toBe(400);
+  });
+});
