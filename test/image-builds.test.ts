@@ -181,4 +181,42 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     await until(() => server.app.store.images.findById(second.id), (r) => r?.status !== 'building', 'the builds to end', 600_000, 100);
     expect(() => builds.checkCapacity(busyOrg)).not.toThrow();
   }, 600_000);
+
+  it('cancel stops a running build and removes its build sandbox; a queued one ends without running', async () => {
+    const running = await recordBuild({ run: ['echo started-sleeping; sleep 300'] });
+    const queued = await recordBuild({ run: ['echo never'] });
+    builds.enqueue(running, debian);
+    builds.enqueue(queued, debian);
+    await until(() => builds.readLog(running.id), (l) => /started-sleeping/.test(l.text), 'the run step to start', 60_000, 50);
+    expect(await setup.container.driver.list()).toHaveLength(1);
+    await builds.cancel(queued.id);
+    await builds.cancel(running.id);
+    expect(await setup.container.driver.list()).toEqual([]);
+    expect((await server.app.store.images.findById(running.id))!.status).toBe('failed');
+    expect((await server.app.store.images.findById(queued.id))!.status).toBe('building'); // its record is the deleter's
+    expect(await builds.readLog(queued.id)).toEqual({ text: '', truncated: false });
+    await server.app.store.images.delete(queued.id);
+  }, 120_000);
+
+  it('a run step past IMAGE_BUILD_STEP_TIMEOUT_SEC is killed and fails the build saying so', async () => {
+    const { config, log } = server.app;
+    const quick = await createImageBuilds({ config: { ...config, IMAGE_BUILD_STEP_TIMEOUT_SEC: 1 }, layers, rootfs, images: server.app.store.images, log });
+    closers.push(() => quick.close());
+    const image = await recordBuild({ run: ['sleep 300'] });
+    quick.builds.enqueue(image, debian);
+    const done = await until(() => server.app.store.images.findById(image.id), (r) => r?.status !== 'building', 'the build to end', 60_000, 50);
+    expect(done!.status).toBe('failed');
+    expect(done!.error).toBe('step 1/1: run "sleep 300" timed out after 1 s (IMAGE_BUILD_STEP_TIMEOUT_SEC)');
+  }, 120_000);
+
+  it('builds a stopped server left building are resumed at start (cached steps reused)', async () => {
+    const image = await recordBuild({ ...TEST_IMAGE_RECIPE, run: [`echo resumed-${newId()}`] });
+    await builds.resume();
+    const done = await until(() => server.app.store.images.findById(image.id), (r) => r?.status !== 'building', 'the resumed build to end', 600_000, 100);
+    expect(done!.status).toBe('ready');
+    expect(done!.layers).toHaveLength(2);
+    const log = await builds.readLog(image.id);
+    expect(log.text).toMatch(/the server restarted during this build/);
+    expect(log.text).toMatch(/install 1 package \(python3-minimal\) \(cached\)/);
+  }, 600_000);
 });

@@ -36,6 +36,8 @@ interface ActiveBuild {
   dropped: number;
   waiters: Set<() => void>;
   done: boolean;
+  /** Its turn in the queue came. */
+  started: boolean;
   /** Resolves once the build is over (record written) or dropped. */
   ended: Promise<void>;
   markEnded(): void;
@@ -82,6 +84,8 @@ export class ImageBuilds {
     const build = this.#active.get(imageId);
     if (build && !build.done) {
       build.abort.abort();
+      // One still queued ends now (its turn finds it done); a running one once its sandbox is gone.
+      if (!build.started) await this.#end(build, null);
       await build.ended;
     }
     await this.#writeQueue;
@@ -185,6 +189,7 @@ export class ImageBuilds {
     return {
       ended,
       markEnded,
+      started: false,
       image,
       parent: { base: parent.base, layers: [...parent.layers], env: { ...parent.env }, workdir: parent.workdir },
       abort: new AbortController(),
@@ -217,6 +222,8 @@ export class ImageBuilds {
 
   async #run(build: ActiveBuild): Promise<void> {
     const { image } = build;
+    if (build.done) return;
+    build.started = true;
     await mkdir(this.deps.logsDir, { recursive: true, mode: 0o700 });
     if (build.abort.signal.aborted) return this.#end(build, { status: 'failed', error: 'the build was cancelled', progress: null }, !this.#closed);
     const line = (text: string) => this.#line(build, text);
