@@ -319,6 +319,37 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
         for (const f of [`${key}-base.qcow2`, `${key}-base-v3.qcow2`, `${key}-vm.json`]) await rm(join(config.BASE_IMAGES_DIR, f), { force: true });
       }
     }, 600_000);
+
+    it("building a layer's VM image writes nothing through the layer's links: a /etc/hostname and a dpkg database linking to host files", async () => {
+      const config = server.app.config;
+      const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log });
+      const host = mkdtempSync(join(tmpdir(), 'voidrun-host-files-'));
+      const raw = join(host, 'root.raw');
+      const canary = join(host, 'hostname');
+      const status = join(host, 'status');
+      await writeFile(canary, 'a host file\n');
+      // Read through the link, it would say socat is installed and the guest would get none.
+      await writeFile(status, 'Package: socat\nStatus: install ok installed\n');
+      const hostile = await makeLayer(layers, uidBase, made, async (dir) => {
+        await mkdir(join(dir, 'etc'));
+        await symlink(canary, join(dir, 'etc', 'hostname'));
+        await mkdir(join(dir, 'var', 'lib', 'dpkg'), { recursive: true });
+        await symlink(status, join(dir, 'var', 'lib', 'dpkg', 'status'));
+      });
+      const dirs = await rootfs.lowerDirs({ base: 'debian', layers: [bottom, hostile] });
+      const key = vmImageKey(dirs);
+      try {
+        const paths = await vm.ensure(key, dirs);
+        expect(readFileSync(canary, 'utf8')).toBe('a host file\n');
+        await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', paths.baseDisk, raw]);
+        expect(await run('debugfs', ['-R', 'cat /etc/hostname', raw])).toBe('sandbox\n');
+        expect(await run('debugfs', ['-R', 'stat /usr/bin/socat', raw])).toMatch(/Type: regular/);
+        expect(await run('debugfs', ['-R', 'cat /opt/one/a.txt', raw])).toBe('from the bottom layer\n');
+      } finally {
+        await rm(host, { recursive: true, force: true });
+        for (const f of [`${key}-base.qcow2`, `${key}-base-v3.qcow2`, `${key}-vm.json`]) await rm(join(config.BASE_IMAGES_DIR, f), { force: true });
+      }
+    }, 600_000);
   });
 });
 

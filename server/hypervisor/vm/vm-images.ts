@@ -1,7 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
-import { chmod, copyFile, cp, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { constants, existsSync } from 'node:fs';
+import { chmod, copyFile, cp, lstat, mkdir, mkdtemp, open, readdir, readFile, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import type { Logger } from 'pino';
@@ -84,9 +84,12 @@ export class VmImages {
   }
 
   /**
-   * A chain image's root disk: the lower dirs merged by a read-only overlay mounted on the host in a
-   * private directory (the kernel applies the layers' whiteouts and opaque directories), copied
-   * with `cp -a` (links are copied as links, never followed), then made a disk as a system image's.
+   * A chain image's root disk. Its layers are tenant files, so the host writes nothing into them
+   * and follows none of their links: what the guest needs (socat and the libraries the stack
+   * lacks, the agent's mount point, the hostname) goes into a clean directory of its own, stacked
+   * on top; the stack is merged by a read-only overlay mounted in a private directory (the kernel
+   * applies the layers' whiteouts and opaque directories) and copied with `cp -a` (links copied as
+   * links), then made a disk as a system image's.
    */
   async #buildChain(name: string, lowerDirs: readonly string[] | undefined): Promise<VmImagePaths> {
     if (!lowerDirs?.length) throw new DomainError(ErrorCode.INVALID_INPUT, `The VM image ${name} is not built here and this request does not name its layers: create the sandbox again`);
@@ -98,27 +101,18 @@ export class VmImages {
     const started = Date.now();
     const step = (message: string) => log.info({ image: name }, `vm image ${name}: ${message}`);
     try {
+      await mkdir(merged);
+      // The stack's dpkg database decides which of socat's libraries the guest files must bring.
+      const status = await withReadOnlyOverlay(work, lowerDirs, (view) => readInTree(view, 'var/lib/dpkg/status', 64 * 1024 * 1024));
+      step('adding socat (the guest end of the vsock bridge), the agent mount point and the hostname in a layer of their own');
+      const guest = join(work, 'guest');
+      await this.#guestFiles(work, guest, status ?? '');
+      step(`merging ${lowerDirs.length} lower dirs with a read-only overlay and copying them`);
       const root = join(work, 'root');
-      if (lowerDirs.length === 1) {
-        step('copying the root filesystem');
-        await runLogged('cp', ['-a', lowerDirs[0]!, root], log);
-      } else {
-        step(`merging ${lowerDirs.length} lower dirs with a read-only overlay`);
-        const lowers = join(work, 'lowers');
-        await mkdir(lowers);
-        for (const [i, dir] of lowerDirs.entries()) await symlink(dir, join(lowers, String(i)));
-        await mkdir(merged);
-        // Relative option strings (top first), so no layer path has to be free of the overlay's separators.
-        const lowerdir = lowerDirs.map((_, i) => `lowers/${i}`).reverse().join(':');
-        await runInDir(work, 'mount', ['-t', 'overlay', 'overlay', '-o', `ro,lowerdir=${lowerdir}`, 'merged']);
-        try {
-          step('copying the merged root filesystem');
-          await runLogged('cp', ['-a', merged, root], log);
-        } finally {
-          await runLogged('umount', [merged], log).catch(() => runLogged('umount', ['-l', merged], log));
-        }
-      }
-      const rootMb = await this.#makeRootDisk(name, work, root, step);
+      await withReadOnlyOverlay(work, [...lowerDirs, guest], (view) => runLogged('cp', ['-a', view, root], log));
+      step('giving the root filesystem plain ownership');
+      await this.#plainOwnership(root);
+      const rootMb = await this.#diskFromRoot(name, work, root, step);
       await this.#placeBaseDisk(name, work);
       await this.#writeMarker(name, { lowerDirs, rootMb });
     } catch (err) {
@@ -129,6 +123,26 @@ export class VmImages {
     }
     log.info({ image: name, seconds: Math.round((Date.now() - started) / 1000) }, `vm image ${name} is ready`);
     return this.paths(name);
+  }
+
+  /**
+   * The files a guest needs on its root disk besides its image, in `dir` (a new directory): socat
+   * with whatever packages `dpkgStatus` (the image's dpkg database) lacks, unpacked with merged
+   * /usr (top-level bin, sbin and lib* moved under usr/, as the image has them), the agent's
+   * mount point and /etc/hostname.
+   */
+  async #guestFiles(work: string, dir: string, dpkgStatus: string): Promise<void> {
+    const debs = join(work, 'guest-debs');
+    await mkdir(debs);
+    await mkdir(join(dir, GUEST_AGENT_DIR.slice(1)), { recursive: true });
+    const needed = await missingPackages(['socat'], dpkgStatus);
+    if (needed.length) await aptDownload(needed, debs, this.opts.log);
+    for (const deb of await readdir(debs)) await runLogged('dpkg-deb', ['-x', join(debs, deb), dir], this.opts.log);
+    for (const top of ['bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32']) {
+      if ((await lstat(join(dir, top)).catch(() => null))?.isDirectory()) await moveInto(join(dir, top), join(dir, 'usr', top));
+    }
+    await mkdir(join(dir, 'etc'), { recursive: true });
+    await writeFile(join(dir, 'etc', 'hostname'), 'sandbox\n', { mode: 0o644 });
   }
 
   async #build(name: string): Promise<VmImagePaths> {
@@ -164,11 +178,23 @@ export class VmImages {
       const vmlinuz = join(unpacked, 'boot', `vmlinuz-${kernelVersion}`);
       await writeFile(join(work, 'vmlinux'), extractLz4Legacy(await readFile(vmlinuz)));
 
-      step('copying the root filesystem');
+      step('copying the root filesystem with plain ownership (the container copy is uid-shifted)');
       const root = join(work, 'root');
       // cp -a: the rootfs has device nodes, which fs.cp cannot copy.
       await runLogged('cp', ['-a', rootfs, root], log);
-      const rootMb = await this.#makeRootDisk(name, work, root, step);
+      await this.#plainOwnership(root);
+      await mkdir(join(root, GUEST_AGENT_DIR.slice(1)), { recursive: true });
+      await writeFile(join(root, 'etc', 'hostname'), 'sandbox\n');
+
+      // socat bridges cloud-hypervisor's vsock to the agent's TCP port in the guest (Node has no
+      // AF_VSOCK). Unpacked with whatever libraries it needs that the image lacks.
+      step('adding socat (the guest end of the vsock bridge)');
+      const extra = join(work, 'extra-debs');
+      await mkdir(extra);
+      const needed = await missingPackages(['socat'], await readFile(join(root, 'var', 'lib', 'dpkg', 'status'), 'utf8'));
+      if (needed.length) await aptDownload(needed, extra, log);
+      for (const deb of await readdir(extra)) await extractDebInto(join(extra, deb), root);
+      const rootMb = await this.#diskFromRoot(name, work, root, step);
 
       // Into place: files first, the marker last (a crash in between leaves a build to redo).
       await copyFile(vmlinuz, `${paths.kernel}.tmp`);
@@ -187,28 +213,15 @@ export class VmImages {
     return paths;
   }
 
-  /**
-   * Turns the copied root filesystem in `work/root` into `work/base.qcow2`: plain ownership again
-   * (the container copy is uid-shifted), the guest's mount point and hostname, socat, ext4, qcow2.
-   * Resolves to the root disk's size in MiB.
-   */
-  async #makeRootDisk(name: string, work: string, root: string, step: (message: string) => void): Promise<number> {
-    const { log } = this.opts;
-    step('giving the root filesystem plain ownership');
+  /** The container copy is uid-shifted; a VM's disk has plain owners again (links and all, never followed). */
+  #plainOwnership(root: string): Promise<void> {
     const base = this.opts.containerUidBase;
-    await remapOwnership(root, (id) => (id >= base && id < base + 65536 ? id - base : id));
-    await mkdir(join(root, GUEST_AGENT_DIR.slice(1)), { recursive: true });
-    await writeFile(join(root, 'etc', 'hostname'), 'sandbox\n');
+    return remapOwnership(root, (id) => (id >= base && id < base + 65536 ? id - base : id));
+  }
 
-    // socat bridges cloud-hypervisor's vsock to the agent's TCP port in the guest (Node has no
-    // AF_VSOCK). Unpacked with whatever libraries it needs that the image lacks.
-    step('adding socat (the guest end of the vsock bridge)');
-    const extra = join(work, 'extra-debs');
-    await mkdir(extra);
-    const needed = await missingPackages(['socat'], root);
-    if (needed.length) await aptDownload(needed, extra, log);
-    for (const deb of await readdir(extra)) await extractDebInto(join(extra, deb), root);
-
+  /** `root` as ext4 in `work/base.qcow2`; resolves to the disk's size in MiB. */
+  async #diskFromRoot(name: string, work: string, root: string, step: (message: string) => void): Promise<number> {
+    const { log } = this.opts;
     step(`making the ext4 root disk of ${name} and converting it to qcow2`);
     // Sized to the files plus room; the guest grows it to the sandbox's disk size at boot.
     const rootMb = Math.ceil((await directorySize(root)) / 1024 / 1024) + 512;
@@ -301,6 +314,58 @@ async function directorySize(root: string): Promise<number> {
   return total;
 }
 
+/**
+ * Calls `fn` with a read-only view of `lowerDirs` (bottom first): the dir itself when there is one,
+ * else an overlay mounted at `work/merged` (an empty directory) for the call. The overlay's option
+ * strings are relative (`work/lowers/<n>` symlinks), so no layer path has to be free of its separators.
+ */
+async function withReadOnlyOverlay<T>(work: string, lowerDirs: readonly string[], fn: (view: string) => Promise<T>): Promise<T> {
+  if (lowerDirs.length === 1) return fn(lowerDirs[0]!);
+  const lowers = join(work, 'lowers');
+  await rm(lowers, { recursive: true, force: true });
+  await mkdir(lowers);
+  for (const [i, dir] of lowerDirs.entries()) await symlink(dir, join(lowers, String(i)));
+  await runInDir(work, 'mount', ['-t', 'overlay', 'overlay', '-o', `ro,lowerdir=${lowerDirs.map((_, i) => `lowers/${i}`).reverse().join(':')}`, 'merged']);
+  try {
+    return await fn(join(work, 'merged'));
+  } finally {
+    await runInDir(work, 'umount', ['merged']).catch(() => runInDir(work, 'umount', ['-l', 'merged']));
+  }
+}
+
+/**
+ * The regular file `rel` under `root` (a tree a tenant made), read without following a link on
+ * the way: null when a component is not a directory or the file is not a regular file.
+ */
+async function readInTree(root: string, rel: string, maxBytes: number): Promise<string | null> {
+  const parts = rel.split('/');
+  let path = root;
+  for (const [i, part] of parts.entries()) {
+    path = join(path, part);
+    const st = await lstat(path).catch(() => null);
+    if (!st || (i < parts.length - 1 ? !st.isDirectory() : !st.isFile())) return null;
+  }
+  const file = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    if ((await file.stat()).size > maxBytes) throw new Error(`${rel} in the image is larger than ${maxBytes} bytes`);
+    return await file.readFile('utf8');
+  } finally {
+    await file.close();
+  }
+}
+
+/** Moves the entries of directory `from` into `to` (merging directories), then removes `from`; for trees the host made. */
+async function moveInto(from: string, to: string): Promise<void> {
+  await mkdir(to, { recursive: true });
+  for (const entry of await readdir(from, { withFileTypes: true })) {
+    const target = join(to, entry.name);
+    const existing = await lstat(target).catch(() => null);
+    if (entry.isDirectory() && existing?.isDirectory()) await moveInto(join(from, entry.name), target);
+    else await rename(join(from, entry.name), target);
+  }
+  await rm(from, { recursive: true, force: true });
+}
+
 /** Runs a host command in `cwd` (its paths relative to it), logging nothing but failures. */
 function runInDir(cwd: string, cmd: string, args: string[]): Promise<void> {
   return new Promise((resolve, reject) =>
@@ -361,8 +426,8 @@ async function extractDebInto(deb: string, root: string): Promise<void> {
   });
 }
 
-/** `packages` and what they depend on, less what the root filesystem's dpkg database already has. */
-async function missingPackages(packages: string[], root: string): Promise<string[]> {
+/** `packages` and what they depend on, less what a dpkg database (the text of its `status` file) already has. */
+async function missingPackages(packages: string[], dpkgStatus: string): Promise<string[]> {
   const out = await new Promise<string>((resolve, reject) =>
     execFile(
       'apt-cache',
@@ -371,9 +436,7 @@ async function missingPackages(packages: string[], root: string): Promise<string
       (err, stdout) => (err ? reject(err) : resolve(stdout)),
     ),
   );
-  // A root without a dpkg database (an imported non-Debian image) has none of them.
-  const status = await readFile(join(root, 'var', 'lib', 'dpkg', 'status'), 'utf8').catch(() => '');
-  const installed = new Set([...status.matchAll(/^Package: (\S+)$/gm)].map((m) => m[1]!));
+  const installed = new Set([...dpkgStatus.matchAll(/^Package: (\S+)$/gm)].map((m) => m[1]!));
   // Top-level lines are package names; indented ones are their relations; <virtual> ones have no .deb.
   const all = new Set(out.split('\n').filter((line) => line && !line.startsWith(' ') && !line.startsWith('<')));
   return [...all].filter((name) => !installed.has(name));
