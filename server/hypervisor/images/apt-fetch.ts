@@ -11,6 +11,9 @@ export const APT_PACKAGE_NAME = /^[a-z0-9][a-z0-9+.-]+$/;
 /** Package lists older than this are fetched again before a download. */
 const LISTS_MAX_AGE_MS = 24 * 60 * 60 * 1000;
 
+/** How many seconds an update waits for another process's update of the same lists. */
+const LOCK_RETRIES = 600;
+
 /** One apt call's bound (an update or a download of a recipe's packages). */
 const APT_TIMEOUT_MS = 30 * 60 * 1000;
 
@@ -64,12 +67,13 @@ export class AptFetch {
 
   async #download(packages: readonly string[], baseRootfs: string, onLine: (line: string) => void): Promise<DownloadedPackages> {
     await this.#prepare(onLine);
-    const statusDir = join(this.#dir, 'status');
-    await mkdir(statusDir, { recursive: true });
-    const status = join(statusDir, `${baseRootfs.split('/').filter(Boolean).slice(-2).join('-')}`);
-    await copyFile(join(baseRootfs, 'var', 'lib', 'dpkg', 'status'), status);
     const dir = join(this.#dir, 'downloads', `${process.pid}-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`);
     await mkdir(join(dir, 'partial'), { recursive: true });
+    // Its own copy per download: apt locks the status file's directory, and other processes
+    // sharing BASE_IMAGES_DIR (a test setup, another server) download at the same time.
+    await mkdir(join(dir, 'state'));
+    const status = join(dir, 'state', 'status');
+    await copyFile(join(baseRootfs, 'var', 'lib', 'dpkg', 'status'), status);
     await this.#forApt(dir, join(dir, 'partial'));
     try {
       onLine(`downloading ${packages.join(' ')} and their dependencies from ${this.opts.mirror}`);
@@ -82,8 +86,7 @@ export class AptFetch {
       let bytes = 0;
       for (const f of files) bytes += (await stat(join(dir, f))).size;
       onLine(files.length ? `downloaded ${files.length} packages (${Math.round(bytes / 1024)} KiB)` : 'every package is in the base image already');
-      await rm(join(dir, 'partial'), { recursive: true, force: true });
-      await rm(join(dir, 'lock'), { force: true });
+      for (const leftover of ['partial', 'state', 'lock']) await rm(join(dir, leftover), { recursive: true, force: true });
       return { dir, files, bytes, order: installOrder(simulated, files) };
     } catch (err) {
       await rm(dir, { recursive: true, force: true });
@@ -126,7 +129,18 @@ export class AptFetch {
     if (!existsSync(ARCHIVE_KEYRING)) throw new Error(`${ARCHIVE_KEYRING} is missing (npm run setup installs debian-archive-keyring)`);
     onLine(`updating the package lists from ${this.opts.mirror} (bookworm main)`);
     await this.#forApt(join(d, 'lists', 'partial'));
-    await this.#apt(['update', '-q'], {}, onLine);
+    // Another process sharing the lists may be updating them: wait for it, then use its lists.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.#apt(['update', '-q'], {}, onLine);
+        break;
+      } catch (err) {
+        if (!/Could not get lock/.test((err as Error).message) || attempt >= LOCK_RETRIES) throw err;
+        await new Promise((r) => setTimeout(r, 1000));
+        const now = await stat(marker).then((st) => st.mtimeMs).catch(() => 0);
+        if (now > updatedAt && Date.now() - now < LISTS_MAX_AGE_MS) return;
+      }
+    }
     await writeFile(marker, new Date().toISOString());
   }
 
