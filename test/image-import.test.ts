@@ -45,6 +45,8 @@ function testImage(): ImageSpec {
         { name: 'etc/link', type: 'symlink', linkName: 'hello' },
         { name: 'etc/abs', type: 'symlink', linkName: '/etc/hello' },
         { name: 'etc/hard', type: 'hardlink', linkName: 'etc/hello' },
+        { name: '.wh..wh.plnk/' },
+        { name: '.wh..wh.plnk/123.456', body: 'aufs metadata' },
       ],
       [{ name: 'app/' }, { name: 'app/run.sh', body: '#!/bin/sh\necho "$GREETING from $(pwd)"\n', mode: 0o755 }],
     ],
@@ -102,6 +104,7 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     const owner = (p: string) => `${lstatSync(join(fs, p)).uid}:${lstatSync(join(fs, p)).gid}`;
     expect(existsSync(join(fs, 'etc/gone.txt'))).toBe(false);
     expect(readdirSync(join(fs, 'srv/old'))).toEqual(['c.txt']);
+    expect(readdirSync(fs).sort()).toEqual(['app', 'bin', 'etc', 'home', 'root', 'srv', 'tmp', 'usr']);
     expect(readlinkSync(join(fs, 'etc/abs'))).toBe('/etc/hello');
     expect(owner('etc/hello')).toBe(`${UID_BASE}:${UID_BASE}`);
     expect(owner('home/user/notes')).toBe(`${UID_BASE + 1000}:${UID_BASE + 1000}`);
@@ -257,7 +260,7 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     expect(hostState()).toEqual(before);
   });
 
-  it('a client that disconnects mid-upload leaves nothing behind', async () => {
+  it('a client that disconnects mid-upload leaves nothing behind (and held its org\'s one import slot meanwhile)', async () => {
     const before = hostState();
     const archive = ociLayout({ layers: [[{ name: 'big.bin', body: Buffer.alloc(8 * 1024 * 1024, 7) }]], gzip: [false] });
     const url = new URL(`${server.url}/api/images/import?name=cut-off`);
@@ -266,6 +269,10 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     req.write(archive.subarray(0, 4 * 1024 * 1024));
     // Cut once the server has started spooling it.
     await until(() => hostState().spool.length, (n) => n > 0, 'the import to start spooling');
+    // One import at a time per org: a second one meanwhile is a 429 (another org's is not held up).
+    const second = await upload('second', ociLayout({ layers: [[{ name: 'a', body: 'a' }]] }));
+    expect(second.status).toBe(429);
+    expect(((await second.json()) as { error: string }).error).toContain('already importing an image');
     req.destroy();
     await until(hostState, (s) => JSON.stringify(s) === JSON.stringify(before), 'the spool to be removed');
     expect((await vr.trpc.images.list.query()).map((i) => i.name)).not.toContain('cut-off');

@@ -13,6 +13,9 @@ import type { ImageService } from './image-service.js';
  * image of one layer (oci-import.ts) with the image config's env and working directory.
  */
 export class ImageImports {
+  /** Orgs with an import in flight: one at a time each, so concurrent uploads cannot spool past the org's disk quota together. */
+  readonly #importing = new Set<string>();
+
   constructor(
     private readonly deps: {
       images: ImageService;
@@ -36,12 +39,18 @@ export class ImageImports {
   async import(principal: Principal, input: { name: string; version?: string }, body: Readable, declaredBytes?: number): Promise<Image> {
     const { images, layers, uidBase, maxBytes, maxFiles, log } = this.deps;
     if (declaredBytes !== undefined && declaredBytes > maxBytes) throw new PayloadTooLargeError(`The image archive (${declaredBytes} bytes) is larger than IMAGE_IMPORT_MAX_BYTES (${maxBytes} bytes)`);
-    const diskLeft = await images.prepareImport(principal, input.name);
-    const imported = await importOciArchive(body, { layers, uidBase, maxBytes, maxFiles, spoolDir: this.spoolDir, log, description: `OCI import ${input.name}` });
-    // The layer no image names is removed by the next layer GC.
-    if (imported.bytes > diskLeft) {
-      throw new TooManyRequestsError(`Org quota exceeded: image ${input.name} takes ${imported.bytes} bytes and your organization has ${diskLeft} left under ORG_MAX_DISK_MB`);
+    if (this.#importing.has(principal.orgId)) throw new TooManyRequestsError('Your organization is already importing an image: wait for that import to finish, then send this one');
+    this.#importing.add(principal.orgId);
+    try {
+      const diskLeft = await images.prepareImport(principal, input.name);
+      const imported = await importOciArchive(body, { layers, uidBase, maxBytes, maxFiles, spoolDir: this.spoolDir, log, description: `OCI import ${input.name}` });
+      // The layer no image names is removed by the next layer GC.
+      if (imported.bytes > diskLeft) {
+        throw new TooManyRequestsError(`Org quota exceeded: image ${input.name} takes ${imported.bytes} bytes and your organization has ${diskLeft} left under ORG_MAX_DISK_MB`);
+      }
+      return await images.recordImport(principal, { ...input, layerId: imported.layerId, sizeBytes: imported.bytes, ...imported.config });
+    } finally {
+      this.#importing.delete(principal.orgId);
     }
-    return images.recordImport(principal, { ...input, layerId: imported.layerId, sizeBytes: imported.bytes, ...imported.config });
   }
 }

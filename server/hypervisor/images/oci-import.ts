@@ -440,6 +440,8 @@ class LayerApplier {
       const rel = entryPath(e.name, this.what);
       const parts = rel.split('/');
       const leaf = parts[parts.length - 1]!;
+      // aufs metadata (.wh..wh.plnk/, .wh..wh.aufs) in layers docker made on aufs: not part of the tree.
+      if (parts.some((p) => p.startsWith('.wh..wh.') && p !== '.wh..wh..opq')) continue;
       if (leaf.startsWith('.wh.')) {
         await this.#whiteout(e, parts, leaf);
         continue;
