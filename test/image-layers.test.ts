@@ -141,15 +141,17 @@ describe.skipIf(!isRoot)('LayerStore', () => {
     expect(leftovers()).toEqual([]);
   });
 
-  it('gc removes unreferenced layers older than the minimum age and stale staging dirs, and keeps referenced, young and in-use ones', async () => {
+  it('gc removes unreferenced layers unused for the minimum age and stale staging dirs, and keeps referenced, young, just reused and in-use ones', async () => {
     const make = async () => {
       const s = await store.stage();
       await writeFile(join(s.path, 'f'), 'f');
       return (await s.commit(newId(), 'gc')).id;
     };
-    const [kept, old, young] = [await make(), await make(), await make()];
+    const [kept, old, young, reused] = [await make(), await make(), await make(), await make()];
     const anHourAgo = new Date(Date.now() - 3_600_000);
-    for (const id of [kept, old]) await utimes(join(base, 'layers', id, 'layer.json'), anHourAgo, anHourAgo);
+    for (const id of [kept, old, reused]) await utimes(join(base, 'layers', id, 'layer.json'), anHourAgo, anHourAgo);
+    // A build reusing a cached layer reads its info: that counts as a use.
+    expect((await store.info(reused))?.id).toBe(reused);
     // A staging dir of a process that is gone, and one this process is filling.
     await mkdir(join(base, 'layers', '.staging-999999999-abc'));
     const active = await store.stage();
@@ -157,7 +159,7 @@ describe.skipIf(!isRoot)('LayerStore', () => {
     expect(removed).toContain(old);
     expect(removed).not.toContain(kept);
     expect(removed).not.toContain(young);
-    expect([store.has(kept), store.has(old), store.has(young)]).toEqual([true, false, true]);
+    expect([store.has(kept), store.has(old), store.has(young), store.has(reused)]).toEqual([true, false, true, true]);
     expect(existsSync(join(base, 'layers', '.staging-999999999-abc'))).toBe(false);
     expect(existsSync(active.path)).toBe(true);
     await active.discard();

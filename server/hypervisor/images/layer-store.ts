@@ -75,7 +75,20 @@ export class LayerStore {
     return isLayerId(id) && existsSync(join(this.#root, id, 'layer.json'));
   }
 
+  /**
+   * The layer's record; reading it counts as using the layer (a build reusing a cached layer asks
+   * this), so gc measures a layer's age from its last use, not from when it was made.
+   */
   async info(id: string): Promise<LayerInfo | null> {
+    const info = await this.#read(id);
+    if (info) {
+      const now = new Date();
+      await utimes(join(this.#root, id, 'layer.json'), now, now).catch(() => {});
+    }
+    return info;
+  }
+
+  async #read(id: string): Promise<LayerInfo | null> {
     if (!isLayerId(id)) return null;
     const text = await readFile(join(this.#root, id, 'layer.json'), 'utf8').catch(() => null);
     if (text === null) return null;
@@ -105,7 +118,7 @@ export class LayerStore {
       if (done) throw new Error('this staged layer was already committed or discarded');
       try {
         if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
-        const existing = await this.#existing(id);
+        const existing = await this.info(id);
         if (existing) {
           await discard();
           return existing;
@@ -143,7 +156,7 @@ export class LayerStore {
    */
   async fromSnapshot(file: string, id: string, description: string): Promise<LayerInfo> {
     if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
-    const existing = await this.#existing(id);
+    const existing = await this.info(id);
     if (existing) return existing;
     const staged = await this.stage();
     try {
@@ -156,8 +169,8 @@ export class LayerStore {
   }
 
   /**
-   * Removes complete layers not in `keep` whose layer.json was last written or reused more than
-   * `minAgeMs` ago (a build may hold a fresh layer no image record names yet), and staging or trash
+   * Removes complete layers not in `keep` last made or used (`info`, a commit of the same id) more
+   * than `minAgeMs` ago (a build may hold a layer no image record names yet), and staging or trash
    * directories no live process is filling. Resolves to the removed layer ids.
    */
   async gc(keep: ReadonlySet<string>, minAgeMs: number): Promise<string[]> {
@@ -192,16 +205,6 @@ export class LayerStore {
   #dir(id: string): string {
     if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
     return join(this.#root, id);
-  }
-
-  /** An existing complete layer, marked as just used (gc counts a layer's age from its last use by a commit). */
-  async #existing(id: string): Promise<LayerInfo | null> {
-    const info = await this.info(id);
-    if (info) {
-      const now = new Date();
-      await utimes(join(this.#root, id, 'layer.json'), now, now).catch(() => {});
-    }
-    return info;
   }
 
   async #ensureRoot(): Promise<void> {
