@@ -8,7 +8,7 @@ import type { Logger } from 'pino';
 import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import { DomainError, ErrorCode } from '../../errors.js';
 import { runLogged } from '../images/logged-command.js';
-import { isChainImageKey, remapOwnership, vmImageKey, type RootfsImages } from '../images/rootfs-images.js';
+import { isBuildableImage, isChainImageKey, remapOwnership, vmImageKey, type RootfsImages } from '../images/rootfs-images.js';
 import { mountedAt } from '../container/mounts.js';
 import { cpioArchive, type CpioEntry } from './cpio-archive.js';
 import { agentDiskInit, GUEST_AGENT_DIR, initramfsInit } from './guest-boot-files.js';
@@ -258,8 +258,8 @@ export class VmImages {
    * new disk and running VMs keep theirs.
    */
   async ensureAgentDisk(agent: AgentFiles, image: string = BOOT_IMAGE): Promise<string> {
-    // A chain image boots the debian image's kernel and busybox.
-    if (isChainImageKey(image)) image = BOOT_IMAGE;
+    // Only a debootstrap image has a busybox of its own; chain images (and any other name) boot debian's.
+    if (!isBuildableImage(image)) image = BOOT_IMAGE;
     await this.ensure(image);
     const busybox = await readFile(this.#busyboxPath(image));
     const nodePty = join(agent.nodeModules, 'node-pty');
