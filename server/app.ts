@@ -29,6 +29,7 @@ import { PreviewTokens } from './services/preview-tokens.js';
 import { WatchService } from './services/watch-service.js';
 import { HealthMonitor } from './services/health-monitor.js';
 import { ImageService } from './services/image-service.js';
+import { createImageBuilds } from './services/image-build-setup.js';
 import { ImageImports } from './services/image-imports.js';
 import { SandboxService } from './services/sandbox-service.js';
 import { SandboxEventService } from './services/sandbox-events.js';
@@ -39,7 +40,7 @@ import { LifecyclePolicy } from './services/lifecycle-policy.js';
 import { WarmPool } from './services/warm-pool.js';
 import { IdempotencyService } from './services/idempotency.js';
 import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
-import { countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
+import { canSnapshot, countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
 import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
 import type { Store } from './store/types.js';
 
@@ -100,7 +101,16 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const idMap = { hostId: config.SANDBOX_UID_BASE, size: 65536 };
   const layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log });
   const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log, layers });
-  const images = new ImageService({ images: store.images, rootfs, defaultImage: config.SANDBOX_DEFAULT_IMAGE, log });
+  const images = new ImageService({
+    images: store.images,
+    rootfs,
+    layers,
+    sandboxes: store.sandboxes,
+    defaultImage: config.SANDBOX_DEFAULT_IMAGE,
+    maxBuildsPerOrg: config.IMAGE_BUILDS_PER_ORG,
+    layerCacheTtlMs: config.IMAGE_LAYER_CACHE_TTL_SEC * 1000,
+    log,
+  });
   const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
   // Sandboxes' egress on the bridge: the nftables firewall, the DNS resolver on the gateway, the byte caps.
   const egress = new SandboxEgress({ bridge: config.BRIDGE_NAME, gatewayCidr: config.GATEWAY_IP, networkCidr: config.NETWORK_CIDR, nameservers: config.DNS_NAMESERVERS, privateAllow: config.SANDBOX_PRIVATE_ALLOW, egressCeiling: config.SANDBOX_EGRESS_BYTES_MAX || null, log });
@@ -125,6 +135,17 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     : null;
   // Idle policies' activity (API calls, open streams and connections), in memory.
   const activity = new ActivityTracker();
+  const quotas = new SandboxQuotas({
+    sandboxes: store.sandboxes,
+    // Org images' own layers count against ORG_MAX_DISK_MB (README "Images").
+    images: store.images,
+    snapshotsDir: config.SNAPSHOTS_DIR,
+    org: { sandboxes: config.ORG_MAX_SANDBOXES, vcpus: config.ORG_MAX_VCPUS, memoryMb: config.ORG_MAX_MEMORY_MB, diskMb: config.ORG_MAX_DISK_MB },
+    snapshotMaxBytes: config.SNAPSHOT_MAX_BYTES,
+    // Each container holds a budget of SANDBOX_PIDS_LIMIT pids; the host's pid space bounds their number.
+    host: hostLimits({ diskDir: config.INSTANCES_DIR, pidsLimit: driver?.name === 'container' ? config.SANDBOX_PIDS_LIMIT : null, reservedPids: config.HOST_RESERVED_PIDS, memoryCommitPercent: config.HOST_MEMORY_COMMIT_PERCENT, diskCommitPercent: config.HOST_DISK_COMMIT_PERCENT }),
+  });
+  images.useQuotas(quotas);
   const sandboxes = new SandboxService({
     lifecycle: { activity, tombstones: store.sandboxTombstones, maxTimeoutSec: config.SANDBOX_MAX_TIMEOUT_SEC, defaultTimeoutSec: config.SANDBOX_DEFAULT_TIMEOUT_SEC },
     sandboxes: store.sandboxes,
@@ -145,14 +166,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       enforce: (id, policy) => egress.enforce(id, policy),
       forOrg: async (orgId) => (await store.orgs.findById(orgId))?.network,
     },
-    quotas: new SandboxQuotas({
-      sandboxes: store.sandboxes,
-      snapshotsDir: config.SNAPSHOTS_DIR,
-      org: { sandboxes: config.ORG_MAX_SANDBOXES, vcpus: config.ORG_MAX_VCPUS, memoryMb: config.ORG_MAX_MEMORY_MB, diskMb: config.ORG_MAX_DISK_MB },
-      snapshotMaxBytes: config.SNAPSHOT_MAX_BYTES,
-      // Each container holds a budget of SANDBOX_PIDS_LIMIT pids; the host's pid space bounds their number.
-      host: hostLimits({ diskDir: config.INSTANCES_DIR, pidsLimit: driver?.name === 'container' ? config.SANDBOX_PIDS_LIMIT : null, reservedPids: config.HOST_RESERVED_PIDS, memoryCommitPercent: config.HOST_MEMORY_COMMIT_PERCENT, diskCommitPercent: config.HOST_DISK_COMMIT_PERCENT }),
-    }),
+    quotas,
     log,
   });
   const watch = new WatchService({ sandboxes, maxSessionsPerOrg: config.ORG_MAX_WATCH_SESSIONS, log, events });
@@ -170,6 +184,20 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     events,
     log,
   });
+  // Recipe builds run in container sandboxes: this server's when it runs containers, else (a VM
+  // driver) a container driver of their own with loopback-only sandboxes; none without runc.
+  const imageBuilds = await createImageBuilds({
+    config,
+    layers,
+    rootfs,
+    log,
+    images: images.repositoryForBuilds(),
+    ...(driver && agents && driver.name === 'container' && canSnapshot(driver) ? { container: { driver, agents, network: sandboxes.defaultNetwork() } } : {}),
+  }).catch((err: Error) => {
+    log.warn({ err: err.message }, `image builds are not available: ${err.message}`);
+    return null;
+  });
+  if (imageBuilds) images.useBuilds(imageBuilds.builds);
   const services: Services = {
     auth,
     orgs,
@@ -205,6 +233,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
   await images.seedSystemImages(systemUser.id);
+  // Unused layers go hourly (and after each image delete), once past IMAGE_LAYER_CACHE_TTL_SEC.
+  images.start();
 
   let warmPool: WarmPool | null = null;
   let hostEvents: HostEventPoller | null = null;
@@ -220,6 +250,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     await hostEvents.start();
     // After adoption, so statuses are the driver's: sandboxes that expired while the server was down are acted on now.
     await lifecycle.start();
+    // After adoption removed the build sandboxes a stopped server left: builds it left 'building' run again.
+    await imageBuilds?.builds.resume();
     // After the health monitor's adoption (which knows pool members by their records): members
     // still running are kept; with WARM_POOL empty, any a previous run left are removed.
     warmPool = new WarmPool({
@@ -291,6 +323,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     async close() {
       // Streams first (they end when their agent connections close), then the HTTP server.
       await lifecycle.stop();
+      images.stop();
+      await imageBuilds?.close();
       await health?.stop();
       await hostEvents?.stop();
       await warmPool?.close();

@@ -193,16 +193,17 @@ const handlers: Record<HttpRouteName, RawHandler> = {
     const sse = (async function* () {
       for await (const e of events) yield { id: String(e.id), event: e.type, data: JSON.stringify(e) };
     })();
-    // A comment line now and then keeps proxies from closing a stream that waits long for its next event.
-    const keepalive = setInterval(() => {
-      if (res.headersSent && !res.writableNeedDrain && !res.writableEnded) res.write(': keepalive\n\n');
-    }, SSE_KEEPALIVE_MS);
-    res.once('close', () => clearInterval(keepalive));
-    try {
-      await writeSse(res, null, sse, abort.signal);
-    } finally {
-      clearInterval(keepalive);
-    }
+    await writeLongSse(res, sse, abort.signal);
+  },
+  imageLogsStream: async (req, res, [id], services, principal) => {
+    const abort = new AbortController();
+    res.once('close', () => abort.abort());
+    const lines = await services.images.followLogs(principal, id!, abort.signal); // a refusal is answered as JSON
+    const sse = (async function* () {
+      for await (const line of lines) yield { event: 'line', data: line };
+      yield { event: 'end', data: JSON.stringify({ status: (await services.images.get(principal, id!)).status }) };
+    })();
+    await writeLongSse(res, sse, abort.signal);
   },
   commandsAttach: async (req, res, [id], services, principal, limit) => {
     const input = await parseBody(req, PidInput, { id }, limit);
@@ -211,6 +212,19 @@ const handlers: Record<HttpRouteName, RawHandler> = {
     await streamChunks(res, (signal) => services.exec.attach(principal, input.id, input.pid, after, signal));
   },
 };
+
+/** `writeSse` for a stream that may wait long for its next event: a comment line now and then keeps proxies from closing it. */
+async function writeLongSse(res: ServerResponse, events: AsyncIterator<SseEvent>, signal: AbortSignal): Promise<void> {
+  const keepalive = setInterval(() => {
+    if (res.headersSent && !res.writableNeedDrain && !res.writableEnded) res.write(': keepalive\n\n');
+  }, SSE_KEEPALIVE_MS);
+  res.once('close', () => clearInterval(keepalive));
+  try {
+    await writeSse(res, null, events, signal);
+  } finally {
+    clearInterval(keepalive);
+  }
+}
 
 /**
  * The route table's HTTP routes: answers that are not JSON envelopes (byte transfers, SSE and

@@ -195,6 +195,23 @@ export const routeTable = {
     summary: "The sandbox's events, live (Server-Sent Events)",
     tag: 'Sandboxes',
   },
+  imageLogsStream: {
+    kind: 'http',
+    method: 'GET',
+    path: '/images/{id}/logs/stream',
+    auth: 'apiKey',
+    stream: true,
+    params: z.object({ id: Id }),
+    success: {
+      status: 200,
+      contentType: 'text/event-stream',
+      description:
+        "Server-Sent Events: one `line` event per line of the image's build log (the lines so far, then live ones while it builds), then `end` ({\"status\"}: `ready` or `failed`, as GET /images/{id} then shows). An image that is not building gets its whole log, then `end`.",
+    },
+    operationId: 'streamImageLogs',
+    summary: "An image's build log, live (Server-Sent Events)",
+    tag: 'Images',
+  },
   pty: {
     kind: 'websocket',
     method: 'GET',

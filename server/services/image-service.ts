@@ -419,7 +419,10 @@ export class ImageService {
     const layers = this.deps.layers;
     if (!layers) return Promise.resolve();
     this.#gcRunning ??= (async () => {
-      const keep = new Set((await this.deps.images.listAll()).flatMap((i) => i.layers));
+      const all = await this.deps.images.listAll();
+      // A build's finished steps are in no record until it ends: no pass while one runs (the next hourly one collects).
+      if (this.#systemBuilds.size || all.some((i) => i.status === 'building')) return;
+      const keep = new Set(all.flatMap((i) => i.layers));
       const removed = await layers.gc(keep, this.deps.layerCacheTtlMs ?? 86_400_000);
       if (removed.length) this.deps.log.info({ layers: removed.length }, `layer GC removed ${removed.length} unused layer(s)`);
     })().finally(() => {

@@ -57,6 +57,9 @@ export async function startTestServer(env: Record<string, string> = {}, dirs: Se
     // Images are shared between test servers (built once per machine, e.g. by .ci/run).
     BASE_IMAGES_DIR: process.env.BASE_IMAGES_DIR ?? '/var/lib/hyper-fleet/base-images',
     PREPARE_DEFAULT_IMAGE: 'false',
+    // The layer store is shared too, and each test server's layer GC knows only its own images:
+    // it must never collect the layers other servers (and the global setup's test image) use.
+    IMAGE_LAYER_CACHE_TTL_SEC: String(365 * 86_400),
     // Loopback-only sandboxes and no host bridge unless a test opts in (test/container-network.test.ts).
     SANDBOX_NETWORK: 'none',
     ...env,

@@ -1,0 +1,236 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ImageNotReadyError, type VoidRunClient } from '../client/index.js';
+import type { RestImage } from '../shared/index.js';
+import { support } from './helpers/sandbox-support.js';
+import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+import { TEST_IMAGE_RECIPE } from './helpers/test-images.js';
+import { until } from './helpers/until.js';
+
+/**
+ * Images through the real server, our client and plain HTTP: recipe builds (the shared test recipe,
+ * built once per machine by the global setup, so its layer comes from the cache), images from a
+ * sandbox, visibility between orgs, the delete rules and the build log.
+ */
+interface Org {
+  apiKey: string;
+  orgId: string;
+  vr: VoidRunClient;
+}
+
+const BUILD_TIMEOUT_MS = 600_000;
+
+describe.skipIf(!support.ok)('images', () => {
+  let server: TestServer;
+  let mine: Org;
+  let other: Org;
+
+  async function register(tag: string): Promise<Org> {
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Image User', email: uniqueEmail(tag) });
+    return { apiKey: reg.apiKey, orgId: reg.orgId, vr: server.client(reg.apiKey) };
+  }
+
+  async function post(org: Org, path: string, json: unknown): Promise<{ status: number; body: Record<string, unknown> }> {
+    const res = await server.http(path, { method: 'POST', apiKey: org.apiKey, json });
+    return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+  }
+
+  /** POST /images answers the image's fields beside the envelope's (whose `status` is "success"), and in `data`. */
+  async function createImage(org: Org, json: unknown): Promise<{ status: number; image: RestImage; body: Record<string, unknown> }> {
+    const r = await post(org, '/api/images', json);
+    return { ...r, image: r.body.data as RestImage };
+  }
+
+  async function getImage(org: Org, id: string): Promise<RestImage> {
+    const res = await server.http(`/api/images/${id}`, { apiKey: org.apiKey });
+    expect(res.status).toBe(200);
+    return (await res.json()) as RestImage;
+  }
+
+  /** Waits until the build of `id` ends (ready or failed); returns the image then. */
+  function built(org: Org, id: string): Promise<RestImage> {
+    return until(() => getImage(org, id), (i) => i.status !== 'building', `image ${id} to finish building`, BUILD_TIMEOUT_MS, 250);
+  }
+
+  beforeAll(async () => {
+    server = await startTestServer({ IMAGE_BUILDS_PER_ORG: '3' });
+    mine = await register('images-mine');
+    other = await register('images-other');
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it("a recipe adding python3 builds in the background; a sandbox created from it by templateId runs python3 -c 'print(6*7)'", async () => {
+    const created = await createImage(mine, { name: 'py', ...TEST_IMAGE_RECIPE });
+    expect(created.status).toBe(201);
+    expect(created.body).toMatchObject({ status: 'success', message: 'Image created', id: created.image.id, name: 'py' });
+    expect(created.image).toMatchObject({ name: 'py', status: 'building', source: 'recipe', system: false, orgId: mine.orgId, recipe: TEST_IMAGE_RECIPE });
+    const image = await built(mine, created.image.id);
+    expect(image).toMatchObject({ status: 'ready', ready: true, error: null, progress: null, layerCount: 1, base: 'debian' });
+    expect(image.sizeBytes).toBeGreaterThan(1024 * 1024);
+    // By id and by name.
+    for (const templateId of [image.id, 'py']) {
+      const sb = await mine.vr.sandboxes.create({ name: `py-${templateId.length}`, templateId });
+      const r = await sb.exec("python3 -c 'print(6*7)'");
+      expect(r).toMatchObject({ exitCode: 0, stdout: '42\n' });
+      await sb.delete();
+    }
+    // The org's disk quota counts the image.
+    const limits = await mine.vr.trpc.org.limits.query();
+    expect(limits.usage.imageBytes).toBeGreaterThanOrEqual(image.sizeBytes);
+  }, BUILD_TIMEOUT_MS);
+
+  it('shows progress in GET while building; the log follows live over SSE and ends with the status; env and workdir reach the sandbox', async () => {
+    const created = await createImage(mine, {
+      name: 'slow',
+      base: 'py',
+      env: { GREETING: 'hello from the image' },
+      workdir: '/srv/app',
+      // A new command each run, so its layer is not in the (per-machine) layer cache and it really runs.
+      run: [`echo step one is running: ${Date.now()}; sleep 3; echo step one done`, 'echo "$GREETING" > greeting.txt'],
+    });
+    expect(created.status).toBe(201);
+    const id = created.image.id;
+    const during = await until(() => getImage(mine, id), (i) => i.status !== 'building' || (i.progress?.step ?? 0) >= 1, 'build progress in GET', BUILD_TIMEOUT_MS, 50);
+    expect(during.status).toBe('building');
+    expect(during.progress).toMatchObject({ step: expect.any(Number), steps: 3 });
+
+    const stream = await server.http(`/api/images/${id}/logs/stream`, { apiKey: mine.apiKey });
+    expect(stream.status).toBe(200);
+    expect(stream.headers.get('content-type')).toContain('text/event-stream');
+    const sse = await stream.text(); // ends when the build does
+    expect(sse).toContain('data: step one done');
+    expect(sse).toMatch(/event: end\ndata: \{"status":"ready"\}/);
+
+    const image = await built(mine, id);
+    expect(image).toMatchObject({ status: 'ready', env: { GREETING: 'hello from the image' }, workdir: '/srv/app', parentId: expect.any(String) });
+    expect(image.layerCount).toBeGreaterThan(1);
+    const log = await mine.vr.trpc.images.buildLog.query({ id });
+    expect(log).toMatchObject({ id, status: 'ready', truncated: false });
+    expect(log.log).toContain('step one is running');
+
+    const sb = await mine.vr.sandboxes.create({ name: 'slow-1', templateId: id, envVars: { EXTRA: 'mine' } });
+    const r = await sb.exec('pwd; cat greeting.txt; echo "$GREETING/$EXTRA"');
+    expect(r).toMatchObject({ exitCode: 0, stdout: '/srv/app\nhello from the image\nhello from the image/mine\n' });
+    // The create's envVars win over the image's env.
+    const sb2 = await mine.vr.sandboxes.create({ name: 'slow-2', templateId: id, envVars: { GREETING: 'overridden' } });
+    expect((await sb2.exec('echo "$GREETING"')).stdout).toBe('overridden\n');
+    await Promise.all([sb.delete(), sb2.delete()]);
+  }, BUILD_TIMEOUT_MS);
+
+  it('a failing recipe ends failed with its log; sandboxes and builds on it get 409 IMAGE_NOT_READY', async () => {
+    const created = await createImage(mine, { name: 'broken', base: 'debian', run: ['echo about to fail; exit 3'] });
+    expect(created.status).toBe(201);
+    const id = created.image.id;
+    const image = await built(mine, id);
+    expect(image.status).toBe('failed');
+    expect(image.ready).toBe(false);
+    expect(image.error).toMatch(/exit/i);
+    expect(image.error).not.toMatch(/\/var\/|\/tmp\//);
+    const logs = await server.http(`/api/images/${id}/logs`, { apiKey: mine.apiKey });
+    expect(logs.status).toBe(200);
+    const { data } = (await logs.json()) as { data: { log: string; status: string } };
+    expect(data.status).toBe('failed');
+    expect(data.log).toContain('about to fail');
+
+    const sandbox = await post(mine, '/api/sandboxes', { name: 'on-broken', templateId: id });
+    expect(sandbox.status).toBe(409);
+    expect(sandbox.body).toMatchObject({ code: 'IMAGE_NOT_READY' });
+    expect(String(sandbox.body.error)).toContain('failed to build');
+    await expect(mine.vr.sandboxes.create({ name: 'on-broken', templateId: id })).rejects.toBeInstanceOf(ImageNotReadyError);
+    const onTop = await post(mine, '/api/images', { name: 'on-broken', base: id, run: ['true'] });
+    expect(onTop.status).toBe(409);
+    expect(onTop.body).toMatchObject({ code: 'IMAGE_NOT_READY' });
+    expect((await server.http(`/api/images/${id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(200);
+  }, BUILD_TIMEOUT_MS);
+
+  it('an image made from a sandbox carries a file written in that sandbox', async () => {
+    const source = await mine.vr.sandboxes.create({ name: 'snap-source' });
+    await source.exec('mkdir -p /opt/made && echo written in the sandbox > /opt/made/marker.txt && rm /etc/motd');
+    const made = await post(mine, `/api/sandboxes/${source.id}/image`, { name: 'from-sandbox', version: 'v1' });
+    expect(made.status).toBe(201);
+    const image = made.body.data as RestImage;
+    expect(image).toMatchObject({ name: 'from-sandbox', tag: 'v1', status: 'ready', source: 'sandbox', layerCount: 1, orgId: mine.orgId });
+    expect(image.sizeBytes).toBeGreaterThan(0);
+    // Taken from a running sandbox, which keeps running.
+    expect((await source.exec('cat /opt/made/marker.txt')).stdout).toBe('written in the sandbox\n');
+    const copy = await mine.vr.sandboxes.create({ name: 'snap-copy', templateId: image.id });
+    const r = await copy.exec('cat /opt/made/marker.txt; test -e /etc/motd && echo motd is back || echo motd stays deleted');
+    expect(r).toMatchObject({ exitCode: 0, stdout: 'written in the sandbox\nmotd stays deleted\n' });
+    // A name the org already uses is a 409, before anything is captured.
+    expect((await post(mine, `/api/sandboxes/${source.id}/image`, { name: 'from-sandbox' })).status).toBe(409);
+    await Promise.all([source.delete(), copy.delete()]);
+  }, BUILD_TIMEOUT_MS);
+
+  it("another org can't see or use your images: 404 for GET, templateId, recipe base and delete", async () => {
+    const created = await createImage(mine, { name: 'private', path: 'debian' });
+    expect(created.status).toBe(201);
+    const id = created.image.id;
+    expect((await server.http(`/api/images/${id}`, { apiKey: other.apiKey })).status).toBe(404);
+    expect((await server.http(`/api/images/name/private`, { apiKey: other.apiKey })).status).toBe(404);
+    expect((await server.http(`/api/images/${id}/logs`, { apiKey: other.apiKey })).status).toBe(404);
+    expect((await server.http(`/api/images/${id}/logs/stream`, { apiKey: other.apiKey })).status).toBe(404);
+    const list = (await (await server.http('/api/images', { apiKey: other.apiKey })).json()) as RestImage[];
+    expect(list.map((i) => i.id)).not.toContain(id);
+    expect(list.map((i) => i.name)).toContain('debian');
+    for (const templateId of [id, 'private']) {
+      const sb = await post(other, '/api/sandboxes', { name: 'theirs', templateId });
+      expect(sb.status).toBe(404);
+      expect(sb.body).toMatchObject({ code: 'IMAGE_NOT_FOUND' });
+    }
+    const onTop = await post(other, '/api/images', { name: 'stolen', base: id, run: ['true'] });
+    expect(onTop.status).toBe(404);
+    expect(onTop.body).toMatchObject({ code: 'IMAGE_NOT_FOUND' });
+    expect((await server.http(`/api/images/${id}`, { method: 'DELETE', apiKey: other.apiKey })).status).toBe(404);
+    // The owner still sees it.
+    expect((await getImage(mine, id)).name).toBe('private');
+  });
+
+  it('delete: 409 while a sandbox uses the image, 403 for a system image, then 200 once the sandbox is gone', async () => {
+    const created = await createImage(mine, { name: 'in-use', base: 'debian', env: { X: '1' } });
+    expect(created.status).toBe(201);
+    const id = created.image.id;
+    expect(created.image).toMatchObject({ status: 'ready', layerCount: 0 }); // config only: nothing to build
+    const sb = await mine.vr.sandboxes.create({ name: 'user-of-image', templateId: id });
+    await sb.stop(); // any status counts
+    const refused = await server.http(`/api/images/${id}`, { method: 'DELETE', apiKey: mine.apiKey });
+    expect(refused.status).toBe(409);
+    expect(((await refused.json()) as { error: string }).error).toContain('user-of-image');
+    const debian = ((await (await server.http('/api/images', { apiKey: mine.apiKey })).json()) as RestImage[]).find((i) => i.name === 'debian')!;
+    expect(debian).toMatchObject({ system: true, source: 'system', status: 'ready' });
+    // The code image is seeded as a system recipe image, built on its first use.
+    const images = (await (await server.http('/api/images', { apiKey: mine.apiKey })).json()) as RestImage[];
+    expect(images.find((i) => i.name === 'code')).toMatchObject({ system: true, source: 'system', status: 'ready', base: 'debian', recipe: { base: 'debian', packages: expect.arrayContaining(['python3', 'nodejs', 'git', 'curl']) } });
+    expect((await server.http(`/api/images/${debian.id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(403);
+    await sb.delete();
+    expect((await server.http(`/api/images/${id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(200);
+    expect((await server.http(`/api/images/${id}`, { apiKey: mine.apiKey })).status).toBe(404);
+
+    // Deleting an image while it builds cancels the build.
+    const slow = await createImage(mine, { name: 'cancelled', base: 'debian', run: ['sleep 600'] });
+    expect(slow.image.status).toBe('building');
+    await until(() => getImage(mine, slow.image.id), (i) => (i.progress?.step ?? 0) >= 1, 'the sleep step to start', BUILD_TIMEOUT_MS, 50);
+    expect((await server.http(`/api/images/${slow.image.id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(200);
+    expect((await server.http(`/api/images/${slow.image.id}`, { apiKey: mine.apiKey })).status).toBe(404);
+    // The queue is free again: a new build runs to its end.
+    const next = await createImage(mine, { name: 'after-cancel', base: 'debian', run: ['true'] });
+    expect((await built(mine, next.image.id)).status).toBe('ready');
+  }, BUILD_TIMEOUT_MS);
+
+  it('bad recipes are 400s naming the field; an alias registration is unchanged ({name, path})', async () => {
+    const bad = [
+      [{ name: 'x1', packages: ['Python3;rm'] }, 'packages'],
+      [{ name: 'x2', workdir: 'relative/dir' }, 'workdir'],
+      [{ name: 'x3', files: [{ path: '/etc/../../x', content: '' }] }, 'files'],
+      [{ name: 'x4', path: 'debian', run: ['true'] }, 'path'],
+    ] as const;
+    for (const [json, field] of bad) {
+      const r = await post(mine, '/api/images', json);
+      expect(r.status, JSON.stringify(json)).toBe(400);
+      expect(JSON.stringify(r.body)).toContain(field);
+    }
+    const alias = await createImage(mine, { name: 'my-debian', version: '12', path: 'debian' });
+    expect(alias.status).toBe(201);
+    expect(alias.image).toMatchObject({ name: 'my-debian', tag: '12', base: 'debian', status: 'ready', source: 'alias', layerCount: 0 });
+  });
+});
