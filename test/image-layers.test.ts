@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { isLayerId, LayerStore } from '../server/hypervisor/images/layer-store.js';
+import { isLayerId, LayerStore, MAX_IMAGE_LAYERS } from '../server/hypervisor/images/layer-store.js';
 import { RootfsImages, vmImageKey } from '../server/hypervisor/images/rootfs-images.js';
 import type { SandboxDriver, SandboxSpec, SnapshottingDriver } from '../server/hypervisor/types.js';
 import { VmImages } from '../server/hypervisor/vm/vm-images.js';
@@ -286,8 +286,10 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
     }
   });
 
-  it("a stack's lower dirs fail with a message naming the missing layer", async () => {
+  it("a stack's lower dirs fail with a message naming the missing layer, or the layer limit", async () => {
     await expect(rootfs.lowerDirs({ base: 'debian', layers: [newId()] })).rejects.toThrow(/is missing on this server/);
+    const tooMany = Array.from({ length: MAX_IMAGE_LAYERS + 1 }, () => bottom);
+    await expect(rootfs.lowerDirs({ base: 'debian', layers: tooMany })).rejects.toThrow(`more than the ${MAX_IMAGE_LAYERS} a sandbox can mount`);
   });
 
   describe.skipIf(!existsSync('/var/lib/hyper-fleet/base-images/debian-vm.json'))('VM image of the stack (its qcow2 read with debugfs; a microVM boots one below)', () => {

@@ -10,6 +10,12 @@ import { processAlive, runHostCommand } from '../host-process.js';
 /** Layer ids: content-addressed sha256 hex (64) for recipe steps, `newId()` (24) for sandbox and import layers. */
 export const isLayerId = (s: string) => /^[0-9a-f]{24,64}$/.test(s);
 
+/**
+ * Layers one image may stack above its base. overlayfs takes at most 500 lower dirs, and the mount
+ * option string (`lowerdir=lowers/<n>:…`) must fit a page; 120 leaves room for both.
+ */
+export const MAX_IMAGE_LAYERS = 120;
+
 export interface LayerInfo {
   id: string;
   /** Disk the layer's files take on the host (allocated blocks, each inode once): what it costs, not what its files claim. */

@@ -7,7 +7,7 @@ import { processAlive } from '../host-process.js';
 import { runLogged } from './logged-command.js';
 import { DomainError, ErrorCode } from '../../errors.js';
 import type { IdMapping } from '../container/oci-spec.js';
-import type { LayerStore } from './layer-store.js';
+import { MAX_IMAGE_LAYERS, type LayerStore } from './layer-store.js';
 
 /** How each image this server can build is made. Only images that can be built here are listed. */
 export const imageRecipes = {
@@ -45,6 +45,9 @@ export class RootfsImages {
    * the call (an image whose layers were removed cannot start).
    */
   async lowerDirs(image: { base: string; layers: readonly string[] }): Promise<string[]> {
+    if (image.layers.length > MAX_IMAGE_LAYERS) {
+      throw new DomainError(ErrorCode.INVALID_INPUT, `The image stacks ${image.layers.length} layers, more than the ${MAX_IMAGE_LAYERS} a sandbox can mount: build it with fewer steps or on a base with fewer layers`);
+    }
     const dirs = image.base ? [await this.ensure(image.base)] : [];
     if (image.layers.length && !this.opts.layers) throw new DomainError(ErrorCode.INVALID_INPUT, 'This server has no layer store: images with layers cannot be used here');
     for (const id of image.layers) {
