@@ -16,6 +16,10 @@ export const isLayerId = (s: string) => /^[0-9a-f]{24,64}$/.test(s);
  */
 export const MAX_IMAGE_LAYERS = 120;
 
+function assertLayerId(id: string): void {
+  if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id).slice(0, 80)} is not 24 to 64 lowercase hex characters`);
+}
+
 export interface LayerInfo {
   id: string;
   /** Disk the layer's files take on the host (allocated blocks, each inode once): what it costs, not what its files claim. */
@@ -123,7 +127,7 @@ export class LayerStore {
     const commit = async (id: string, description: string): Promise<LayerInfo> => {
       if (done) throw new Error('this staged layer was already committed or discarded');
       try {
-        if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
+        assertLayerId(id);
         const existing = await this.info(id);
         if (existing) {
           await discard();
@@ -161,7 +165,7 @@ export class LayerStore {
    * trusted.overlay.* xattrs, so the sandbox's whiteouts and opaque directories stay what they were.
    */
   async fromSnapshot(file: string, id: string, description: string): Promise<LayerInfo> {
-    if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
+    assertLayerId(id);
     const existing = await this.info(id);
     if (existing) return existing;
     const staged = await this.stage();
@@ -199,6 +203,10 @@ export class LayerStore {
       try {
         await rename(path, trash);
         await rm(trash, { recursive: true, force: true });
+      } catch (err) {
+        // Another server sharing BASE_IMAGES_DIR removed it first.
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
       } finally {
         inUse.delete(trash);
       }
@@ -209,7 +217,7 @@ export class LayerStore {
   }
 
   #dir(id: string): string {
-    if (!isLayerId(id)) throw new InvalidInputError(`Layer id ${JSON.stringify(id)} is not 24 to 64 lowercase hex characters`);
+    assertLayerId(id);
     return join(this.#root, id);
   }
 
