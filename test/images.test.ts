@@ -1,6 +1,10 @@
+import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ImageNotReadyError, type VoidRunClient } from '../client/index.js';
 import type { RestImage } from '../shared/index.js';
+import { ociLayout } from './helpers/oci-archive.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 import { TEST_IMAGE_RECIPE } from './helpers/test-images.js';
@@ -232,5 +236,80 @@ describe.skipIf(!support.ok)('images', () => {
     const alias = await createImage(mine, { name: 'my-debian', version: '12', path: 'debian' });
     expect(alias.status).toBe(201);
     expect(alias.image).toMatchObject({ name: 'my-debian', tag: '12', base: 'debian', status: 'ready', source: 'alias', layerCount: 0 });
+  });
+});
+
+describe.skipIf(!support.ok)('images: the org disk quota (ORG_MAX_DISK_MB)', () => {
+  let server: TestServer;
+
+  beforeAll(async () => {
+    // One sandbox takes 128 of the org's 160 MB: 32 MB are left for images.
+    server = await startTestServer({ SANDBOX_DEFAULT_DISK_MB: '128', ORG_MAX_DISK_MB: '160' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('an image from a sandbox, or a build, larger than what is left of the quota is refused or fails saying so', async () => {
+    const reg = await server.client().trpc.auth.register.mutate({ name: 'Quota Images', email: uniqueEmail('image-quota') });
+    const vr = server.client(reg.apiKey);
+    const sb = await vr.sandboxes.create({ name: 'big-writer' });
+    // 40 MB that does not compress.
+    expect((await sb.exec('head -c 41943040 /dev/urandom > /root/noise.bin && echo ok')).stdout).toBe('ok\n');
+    const refused = await server.http(`/api/sandboxes/${sb.id}/image`, { method: 'POST', apiKey: reg.apiKey, json: { name: 'too-big' } });
+    expect(refused.status).toBe(429);
+    expect(((await refused.json()) as { error: string }).error).toContain('ORG_MAX_DISK_MB');
+    expect((await server.http('/api/images/name/too-big', { apiKey: reg.apiKey })).status).toBe(404);
+
+    // The same 40 MB written by a recipe: built, then failed (the layer is not the org's).
+    const res = await server.http('/api/images', { method: 'POST', apiKey: reg.apiKey, json: { name: 'built-too-big', run: ['head -c 41943040 /dev/urandom > /opt/noise.bin'] } });
+    expect(res.status).toBe(201);
+    const id = ((await res.json()) as { data: RestImage }).data.id;
+    const image = await until(
+      async () => (await (await server.http(`/api/images/${id}`, { apiKey: reg.apiKey })).json()) as RestImage,
+      (i) => i.status !== 'building',
+      'the build to end',
+      BUILD_TIMEOUT_MS,
+      250,
+    );
+    expect(image).toMatchObject({ status: 'failed', sizeBytes: 0 });
+    expect(image.error).toMatch(/only \d+ MB of the org's disk quota \(ORG_MAX_DISK_MB\) is left/);
+    expect((await vr.trpc.org.limits.query()).usage.imageBytes).toBe(0);
+    await sb.delete();
+  }, BUILD_TIMEOUT_MS);
+});
+
+describe.skipIf(!support.ok)('images: layer GC', () => {
+  let server: TestServer;
+  let baseImagesDir: string;
+  let apiKey: string;
+
+  beforeAll(async () => {
+    // A private layer store (GC here must not touch the shared one), every unused layer collectable at once.
+    baseImagesDir = mkdtempSync(join(tmpdir(), 'voidrun-gc-'));
+    chmodSync(baseImagesDir, 0o711);
+    server = await startTestServer({ BASE_IMAGES_DIR: baseImagesDir, IMAGE_LAYER_CACHE_TTL_SEC: '0' });
+    apiKey = (await server.client().trpc.auth.register.mutate({ name: 'GC', email: uniqueEmail('image-gc') })).apiKey;
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+    if (baseImagesDir) rmSync(baseImagesDir, { recursive: true, force: true });
+  });
+
+  it("deleting an image removes its layers once no image uses them; other images' layers stay", async () => {
+    const importImage = async (name: string) => {
+      const res = await server.http(`/api/images/import?name=${name}`, { method: 'POST', apiKey, headers: { 'content-type': 'application/x-tar' }, body: ociLayout({ layers: [[{ name: `${name}.txt`, body: name }]] }) });
+      expect(res.status).toBe(201);
+      return ((await res.json()) as { data: RestImage }).data;
+    };
+    const [gone, kept] = [await importImage('gc-gone'), await importImage('gc-kept')];
+    const layerDirs = () => readdirSync(join(baseImagesDir, 'layers')).filter((n) => /^[0-9a-f]{24,64}$/.test(n));
+    expect(layerDirs()).toHaveLength(2);
+    const goneLayer = (await server.app.store.images.findById(gone.id))!.layers[0]!;
+    const keptLayer = (await server.app.store.images.findById(kept.id))!.layers[0]!;
+    expect((await server.http(`/api/images/${gone.id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    await until(() => layerDirs(), (dirs) => !dirs.includes(goneLayer), 'the deleted image\'s layer to be collected');
+    expect(layerDirs()).toEqual([keptLayer]);
+    expect(existsSync(join(baseImagesDir, 'layers', keptLayer, 'layer.json'))).toBe(true);
   });
 });
