@@ -136,6 +136,12 @@ describe.skipIf(!support.ok)('images', () => {
     const { data } = (await logs.json()) as { data: { log: string; status: string } };
     expect(data.status).toBe('failed');
     expect(data.log).toContain('about to fail');
+    // The tRPC subscription images.logs: the whole log of a finished build, then it completes.
+    const lines = await new Promise<string[]>((resolve, reject) => {
+      const got: string[] = [];
+      mine.vr.trpc.images.logs.subscribe({ id }, { onData: (line) => void got.push(line), onComplete: () => resolve(got), onError: reject });
+    });
+    expect(lines.join('\n')).toBe(data.log.trimEnd());
 
     const sandbox = await post(mine, '/api/sandboxes', { name: 'on-broken', templateId: id });
     expect(sandbox.status).toBe(409);
