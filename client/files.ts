@@ -17,7 +17,7 @@ import type {
 import type { AppRouter } from '../server/routers/index.js';
 import { FileNotFoundError } from './errors.js';
 import { nodeModules } from './runtime.js';
-import { fetchGet, nodeGet, postBytes, type Transport } from './transfer.js';
+import { fetchGet, nodeGet, postBytes, transportFor, type Transport } from './transfer.js';
 import { iterateSubscription } from '../shared/subscription-iterator.js';
 
 /** What `files` needs to reach the raw byte routes. */
@@ -47,8 +47,7 @@ export class SandboxFiles {
     private readonly raw: RawHttp,
     private readonly sandboxId: string,
   ) {
-    const node = raw.fetch ? null : nodeModules();
-    this.#transport = node ? { kind: 'node', node } : { kind: 'fetch', fetch: raw.fetch ?? globalThis.fetch };
+    this.#transport = transportFor(raw.fetch);
   }
 
   async list(path: string): Promise<FileInfo[]> {

@@ -4,11 +4,11 @@ import superjson from 'superjson';
 import type { AppRouter } from '../server/routers/index.js';
 import { toVoidRunError } from './errors.js';
 import { webSocketClass } from './runtime.js';
-import { withoutRedirects } from './transfer.js';
+import { postBytes, transportFor, withoutRedirects } from './transfer.js';
 
 import { SandboxHandle } from './sandbox.js';
-import type { RawHttp } from './files.js';
-import type { CreateSandboxInput, OrgNetworkPolicy, RestoreSandboxInput, UpdateOrgNetworkInput } from '../shared/index.js';
+import type { RawHttp, UploadSource } from './files.js';
+import type { CreateSandboxInput, OrgNetworkPolicy, RestImage, RestoreSandboxInput, UpdateOrgNetworkInput } from '../shared/index.js';
 
 export * from './errors.js';
 export { CommandHandle, SandboxHandle, type CommandOptions, type ExecOptions } from './sandbox.js';
@@ -64,6 +64,13 @@ export interface VoidRunClient {
     /** Replaces the org's default network policy (`{}` removes it); only its owner may. Existing sandboxes keep theirs. */
     updateNetwork(input: UpdateOrgNetworkInput): Promise<OrgNetworkPolicy>;
   };
+  readonly images: {
+    /**
+     * Imports an OCI image layout or `docker save` tar (optionally gzip), streamed like a file
+     * upload: the new image of your org, ready to create sandboxes from (README "Importing an OCI image").
+     */
+    import(name: string, archive: UploadSource, options?: { version?: string }): Promise<RestImage>;
+  };
   /** The base URL and headers the raw byte routes are called with (and the `fetch` option). */
   readonly http: RawHttp;
   /** Closes the WebSocket, if one was opened. */
@@ -108,6 +115,14 @@ export function createClient(options: ClientOptions): VoidRunClient {
         return { sandboxes: page.data.map((s) => new SandboxHandle(trpc, s, raw)), ...page.meta };
       },
       restore: async (input) => new SandboxHandle(trpc, await trpc.sandbox.restore.mutate({ ...input, cold: input.cold ?? false }), raw),
+    },
+    images: {
+      import: (name, archive, importOptions = {}) => {
+        const url = new URL(`${base}/api/images/import`);
+        url.searchParams.set('name', name);
+        if (importOptions.version !== undefined) url.searchParams.set('version', importOptions.version);
+        return postBytes<RestImage>(transportFor(options.fetch), url, headers, archive);
+      },
     },
     org: {
       network: () => trpc.org.network.query(),

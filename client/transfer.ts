@@ -1,13 +1,19 @@
 import type { IncomingMessage } from 'node:http';
 import type { Readable } from 'node:stream';
 import { errorFromResponse } from './errors.js';
-import type { NodeModules } from './runtime.js';
+import { nodeModules, type NodeModules } from './runtime.js';
 
 /** Bytes for an upload; see `UploadSource` in files.ts for what each runtime takes. */
 export type TransferSource = Uint8Array | ArrayBuffer | string | Blob | Response | ReadableStream<Uint8Array> | Readable | AsyncIterable<Uint8Array> | { path: string };
 
 /** How byte transfers travel: node:http where Node's modules exist (streams both ways with backpressure), else `fetch`. */
 export type Transport = { kind: 'node'; node: NodeModules } | { kind: 'fetch'; fetch: typeof globalThis.fetch };
+
+/** node:http where the runtime has Node's modules and no `fetch` was given; else that `fetch` (or the global one). */
+export function transportFor(fetchFn: typeof globalThis.fetch | undefined): Transport {
+  const node = fetchFn ? null : nodeModules();
+  return node ? { kind: 'node', node } : { kind: 'fetch', fetch: fetchFn ?? globalThis.fetch };
+}
 
 const isBlob = (v: unknown): v is Blob => typeof Blob === 'function' && v instanceof Blob;
 const isResponse = (v: unknown): v is Response => typeof Response === 'function' && v instanceof Response;

@@ -1,4 +1,4 @@
-import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -136,11 +136,12 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     }
   }, 120_000);
 
-  it('imports a docker save tar, gzip-compressed as a whole', async () => {
-    const res = await upload('docker-test', gzipSync(dockerSave({ ...testImage(), workdir: '/srv' })), apiKey, 'application/gzip');
-    const body = (await res.json()) as { data: Record<string, unknown> };
-    expect(res.status, JSON.stringify(body)).toBe(201);
-    expect(body.data).toMatchObject({ status: 'ready', source: 'import', workdir: '/srv', env: { GREETING: 'hi' } });
+  it('imports a docker save tar, gzip-compressed as a whole, streamed from a file by the client (images.import)', async () => {
+    const file = join(baseImagesDir, 'docker-save.tar.gz');
+    writeFileSync(file, gzipSync(dockerSave({ ...testImage(), workdir: '/srv' })));
+    const image = await vr.images.import('docker-test', { path: file }, { version: '1.0' });
+    rmSync(file);
+    expect(image).toMatchObject({ name: 'docker-test', tag: '1.0', status: 'ready', source: 'import', workdir: '/srv', env: { GREETING: 'hi' } });
     const box = await vr.sandboxes.create({ name: 'from-docker', templateId: 'docker-test' });
     try {
       expect((await box.files.list('/srv/old')).map((f) => f.name)).toEqual(['c.txt']);
@@ -281,6 +282,7 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
   it('refuses a name the org already uses (409) before reading the upload', async () => {
     const res = await upload('oci-test', Buffer.alloc(1024));
     expect(res.status).toBe(409);
+    expect(await vr.images.import('oci-test', Buffer.alloc(1024)).catch((e: Error & { code?: string }) => e.code)).toBe('CONFLICT');
     expect((await upload('Bad_Name', Buffer.alloc(1024))).status).toBe(400);
   });
 });
