@@ -364,6 +364,7 @@ describe.skipIf(!qemu.ok)('a microVM on a layer stack (real qemu driver; TCG whe
   let layers: LayerStore;
   let vm: VmImages;
   let key = '';
+  let stack: string[] = [];
   const made: string[] = [];
   const id = newId();
 
@@ -374,8 +375,9 @@ describe.skipIf(!qemu.ok)('a microVM on a layer stack (real qemu driver; TCG whe
     const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap: { hostId: config.SANDBOX_UID_BASE, size: 65536 }, mirror: config.DEBIAN_MIRROR, log, layers });
     vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
     const { bottom, top } = await makeStack(layers, config.SANDBOX_UID_BASE, made);
-    const [root, ...above] = await rootfs.lowerDirs({ base: 'debian', layers: [bottom, top] });
-    key = vmImageKey([root!, ...above]);
+    stack = await rootfs.lowerDirs({ base: 'debian', layers: [bottom, top] });
+    const [root, ...above] = stack;
+    key = vmImageKey(stack);
     const driver = server.app.services.sandboxes.driverOrNull!;
     expect(driver.name).toBe('qemu');
     await driver.create({ id, name: 'chain-vm', rootfs: root!, layers: above, image: key, cpu: 1, memMb: 512, diskMb: 1024, envVars: {} });
@@ -404,4 +406,22 @@ describe.skipIf(!qemu.ok)('a microVM on a layer stack (real qemu driver; TCG whe
       await agents.closeAll();
     }
   }, 60_000);
+
+  it('starts again after a stop from the same chain image, its files kept', async () => {
+    const driver = server.app.services.sandboxes.driverOrNull!;
+    const spec = { id, name: 'chain-vm', rootfs: stack[0]!, layers: stack.slice(1), image: key, cpu: 1, memMb: 512, diskMb: 1024, envVars: {} };
+    const agents = new AgentClients(driver, { maxMessageBytes: 16 * 1024 * 1024 });
+    try {
+      await agents.get(id).files.create.mutate({ path: '/root/kept.txt', content: 'kept\n' });
+      await agents.closeAll();
+      await driver.stop(id);
+      expect(await driver.inspect(id)).toBe('stopped');
+      await driver.start(spec);
+      const read = async (path: string) => (await agents.get(id).files.headTail.query({ path, lines: 10, head: true })).content;
+      expect(await read('/root/kept.txt')).toBe('kept\n');
+      expect(await read('/opt/two/b.txt')).toBe('from the top layer\n');
+    } finally {
+      await agents.closeAll();
+    }
+  }, 120_000);
 });
