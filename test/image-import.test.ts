@@ -286,3 +286,27 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     expect((await upload('Bad_Name', Buffer.alloc(1024))).status).toBe(400);
   });
 });
+
+describe.skipIf(!support.ok)('OCI image import and the org disk quota', () => {
+  let server: TestServer;
+
+  beforeAll(async () => {
+    server = await startTestServer({ ORG_MAX_DISK_MB: '64', SANDBOX_DEFAULT_DISK_MB: '64' });
+  }, 180_000);
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('an org with no disk left under ORG_MAX_DISK_MB gets 429 before its upload is read', async () => {
+    const { apiKey } = await server.client().trpc.auth.register.mutate({ name: 'Full', email: uniqueEmail('import-full') });
+    const box = await server.client(apiKey).sandboxes.create({ name: 'fills-the-quota' });
+    try {
+      const res = await server.http('/api/images/import?name=no-room', { method: 'POST', apiKey, headers: { 'content-type': 'application/x-tar' }, body: ociLayout({ layers: [[{ name: 'a', body: 'a' }]] }) });
+      expect(res.status).toBe(429);
+      expect(((await res.json()) as { error: string }).error).toContain('ORG_MAX_DISK_MB');
+      expect((await server.client(apiKey).trpc.images.list.query()).map((i) => i.name)).not.toContain('no-room');
+    } finally {
+      await box.delete();
+    }
+  }, 120_000);
+});
