@@ -216,6 +216,19 @@ describe.skipIf(!support.ok)('images', () => {
     expect((await server.http(`/api/images/${id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(200);
     expect((await server.http(`/api/images/${id}`, { apiKey: mine.apiKey })).status).toBe(404);
 
+    // A create racing a delete: either the delete wins (the create is refused) or the sandbox does
+    // (the delete is a 409), never a sandbox on a deleted image.
+    for (let round = 0; round < 4; round++) {
+      const raced = await createImage(mine, { name: `raced-${round}`, path: 'debian' });
+      const [create, del] = await Promise.all([
+        post(mine, '/api/sandboxes', { name: `racer-${round}`, templateId: raced.image.id }),
+        server.http(`/api/images/${raced.image.id}`, { method: 'DELETE', apiKey: mine.apiKey }),
+      ]);
+      if (del.status === 200) expect([404, 409]).toContain(create.status);
+      else expect([del.status, create.status]).toEqual([409, 201]);
+      if (create.status === 201) await server.http(`/api/sandboxes/${(create.body.data as { id: string }).id}`, { method: 'DELETE', apiKey: mine.apiKey });
+    }
+
     // Deleting an image while it builds cancels the build.
     const slow = await createImage(mine, { name: 'cancelled', base: 'debian', run: ['sleep 600'] });
     expect(slow.image.status).toBe('building');

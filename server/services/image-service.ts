@@ -241,13 +241,17 @@ export class ImageService {
   async delete(principal: Principal, id: string): Promise<{ id: string; deleted: true }> {
     const image = await this.#visible(principal, id);
     if (image.orgId !== principal.orgId) throw new ForbiddenError(`Image ${image.name} is a system image and cannot be deleted`);
-    const users = ((await this.deps.sandboxes?.listAll()) ?? []).filter((s) => s.imageId === id);
-    if (users.length) {
-      const names = users.slice(0, 5).map((s) => (s.orgId ? s.name : `${s.name} (warm pool)`));
-      throw new ConflictError(`Image ${image.name} is used by ${users.length} sandbox${users.length === 1 ? '' : 'es'} (${names.join(', ')}${users.length > 5 ? ', …' : ''}): delete them first`);
-    }
+    // Check and delete under the sandbox admission lock, so no create records a sandbox on it in between.
+    const exclusive = this.#quotas ? this.#quotas.exclusive.bind(this.#quotas) : <T>(fn: () => Promise<T>) => fn();
+    await exclusive(async () => {
+      const users = ((await this.deps.sandboxes?.listAll()) ?? []).filter((s) => s.imageId === id);
+      if (users.length) {
+        const names = users.slice(0, 5).map((s) => (s.orgId ? s.name : `${s.name} (warm pool)`));
+        throw new ConflictError(`Image ${image.name} is used by ${users.length} sandbox${users.length === 1 ? '' : 'es'} (${names.join(', ')}${users.length > 5 ? ', …' : ''}): delete them first`);
+      }
+      await this.deps.images.delete(id);
+    });
     if (image.status === 'building') await this.#builds?.cancel(id);
-    await this.deps.images.delete(id);
     this.collectLayers().catch((err: Error) => this.deps.log.warn({ err: err.message }, 'layer GC failed'));
     return { id, deleted: true };
   }
@@ -272,6 +276,11 @@ export class ImageService {
     const image = await this.#lookup(principal, ref);
     if (!image) throw new NotFoundError(`Image ${ref} not found; GET /api/images lists the images you can use`, { code: 'IMAGE_NOT_FOUND' });
     return image;
+  }
+
+  /** 409 when image `id` was deleted since it was resolved (checked when a sandbox record is inserted). */
+  async assertExists(id: string): Promise<void> {
+    if (!(await this.deps.images.findById(id))) throw new ConflictError(`Image ${id} was deleted while the sandbox was being created; create it again with another image`);
   }
 
   /** An image id or name as the caller sees it: its org's own, or a system image; null for anything else. */

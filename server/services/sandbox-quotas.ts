@@ -206,6 +206,11 @@ export class SandboxQuotas {
     }
   }
 
+  /** Runs `fn` under the admission lock: no sandbox record is inserted meanwhile (an image delete's in-use check). */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    return this.#lock.run('admission', fn);
+  }
+
   /**
    * Bytes of ORG_MAX_DISK_MB the org has left for a new image (a build, an import, an image from a
    * sandbox); 429 naming the quota when nothing is left, so work that cannot be kept never starts.

@@ -713,9 +713,12 @@ export class SandboxService {
 
   /** A new `creating` record in the caller's org, if its quotas and the host leave room for it. */
   #admitRecord(principal: Principal, fields: NewSandboxFields): Promise<SandboxRecord> {
-    return this.deps.quotas.admit(principal.orgId, fields, () =>
-      this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' }),
-    ).then((record) => {
+    return this.deps.quotas.admit(principal.orgId, fields, async () => {
+      // Under the admission lock, which an image delete also holds: an image deleted since it was
+      // resolved is not used by a new record (and one in use is not deleted).
+      await this.deps.images.assertExists(fields.imageId);
+      return this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' });
+    }).then((record) => {
       this.#event(record, 'sandbox.created', { name: record.name, imageId: record.imageId, cpu: record.cpu, mem: record.mem });
       return record;
     });
