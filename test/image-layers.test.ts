@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, mkdtempSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import { lchown, mkdir, readFile, rm, symlink, utimes, writeFile, link } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -293,12 +294,17 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
   });
 
   describe.skipIf(!existsSync('/var/lib/hyper-fleet/base-images/debian-vm.json'))('VM image of the stack (its qcow2 read with debugfs; a microVM boots one below)', () => {
-    it('builds <key>-base.qcow2 from the merged lower dirs, whiteouts applied, with the debian kernel and initramfs', async () => {
+    it('builds <key>-base.qcow2 from the merged lower dirs, whiteouts applied, with the debian kernel and initramfs, and removes chain images whose layers are gone', async () => {
       const config = server.app.config;
       const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log });
       const dirs = await rootfs.lowerDirs({ base: 'debian', layers: [bottom, top] });
       const key = vmImageKey(dirs);
       const raw = join(mkdtempSync(join(tmpdir(), 'voidrun-chain-')), 'root.raw');
+      // A chain image whose layers were collected: the next chain build removes it.
+      const gone = `chain-${randomBytes(8).toString('hex')}`;
+      await writeFile(join(config.BASE_IMAGES_DIR, `${gone}-vm.json`), JSON.stringify({ name: gone, version: 3, lowerDirs: [dirs[0], join(config.BASE_IMAGES_DIR, 'layers', newId(), 'fs')] }));
+      await writeFile(join(config.BASE_IMAGES_DIR, `${gone}-base-v3.qcow2`), 'stale');
+      await symlink(`${gone}-base-v3.qcow2`, join(config.BASE_IMAGES_DIR, `${gone}-base.qcow2`));
       try {
         await expect(vm.ensure(key)).rejects.toThrow(/does not name its layers/);
         await expect(vm.ensure(key, dirs.slice(1))).rejects.toThrow(/not the image of these layers/);
@@ -306,6 +312,7 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
         expect(paths.baseDisk).toBe(join(config.BASE_IMAGES_DIR, `${key}-base.qcow2`));
         expect([paths.kernel, paths.initrd]).toEqual([vm.paths('debian').kernel, vm.paths('debian').initrd]);
         expect(await vm.isReady(key)).toBe(true);
+        expect(readdirSync(config.BASE_IMAGES_DIR).filter((f) => f.startsWith(gone))).toEqual([]);
         await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', paths.baseDisk, raw]);
         const cat = (path: string) => run('debugfs', ['-R', `cat ${path}`, raw]);
         expect(await cat('/opt/one/a.txt')).toBe('from the bottom layer\n');
@@ -320,7 +327,7 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
         expect(JSON.parse(await readFile(join(config.BASE_IMAGES_DIR, `${key}-vm.json`), 'utf8'))).toMatchObject({ name: key, lowerDirs: dirs });
       } finally {
         await rm(join(raw, '..'), { recursive: true, force: true });
-        for (const f of [`${key}-base.qcow2`, `${key}-base-v3.qcow2`, `${key}-vm.json`]) await rm(join(config.BASE_IMAGES_DIR, f), { force: true });
+        for (const k of [key, gone]) for (const f of [`${k}-base.qcow2`, `${k}-base-v3.qcow2`, `${k}-vm.json`]) await rm(join(config.BASE_IMAGES_DIR, f), { force: true });
       }
     }, 600_000);
 

@@ -95,6 +95,7 @@ export class VmImages {
     if (!lowerDirs?.length) throw new DomainError(ErrorCode.INVALID_INPUT, `The VM image ${name} is not built here and this request does not name its layers: create the sandbox again`);
     if (vmImageKey(lowerDirs) !== name) throw new DomainError(ErrorCode.INVALID_INPUT, `The VM image ${name} is not the image of these layers`);
     await this.ensure(BOOT_IMAGE);
+    await this.#pruneChains();
     const { log, baseImagesDir } = this.opts;
     const work = await mkdtemp(join(baseImagesDir, `.vm-${name}-`));
     const merged = join(work, 'merged');
@@ -123,6 +124,25 @@ export class VmImages {
     }
     log.info({ image: name, seconds: Math.round((Date.now() - started) / 1000) }, `vm image ${name} is ready`);
     return this.paths(name);
+  }
+
+  /**
+   * Removes the chain images one of whose lower dirs is gone (its layers were collected: no image
+   * and so no sandbox uses them any more). Runs before each chain build, so they never pile up.
+   */
+  async #pruneChains(): Promise<void> {
+    const { baseImagesDir, log } = this.opts;
+    for (const entry of await readdir(baseImagesDir)) {
+      const key = /^(chain-[0-9a-f]{16})-vm\.json$/.exec(entry)?.[1];
+      if (!key) continue;
+      const marker = (await readFile(join(baseImagesDir, entry), 'utf8').then((t) => JSON.parse(t) as { lowerDirs?: unknown }).catch(() => null)) ?? {};
+      const dirs = Array.isArray(marker.lowerDirs) ? marker.lowerDirs.filter((d): d is string => typeof d === 'string') : [];
+      if (dirs.length && dirs.every((d) => existsSync(d))) continue;
+      // Marker first: from then on the image counts as unbuilt.
+      await rm(join(baseImagesDir, entry), { force: true });
+      for (const file of await readdir(baseImagesDir)) if (file.startsWith(`${key}-base`)) await rm(join(baseImagesDir, file), { force: true });
+      log.info({ image: key }, `vm image ${key} removed: its layers are gone`);
+    }
   }
 
   /**
