@@ -332,3 +332,29 @@ describe.skipIf(!support.ok)('images: layer GC', () => {
     expect(existsSync(join(baseImagesDir, 'layers', keptLayer, 'layer.json'))).toBe(true);
   });
 });
+
+describe.skipIf(!support.ok)('images: a server restart during a build', () => {
+  let server: TestServer | undefined;
+
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it('a build the server stopped during is built again at the next start and ends ready', async () => {
+    server = await startTestServer();
+    const { apiKey } = await server.client().trpc.auth.register.mutate({ name: 'Restart', email: uniqueEmail('image-restart') });
+    const get = async () => (await (await server!.http(`/api/images/${id}`, { apiKey })).json()) as RestImage;
+    const res = await server.http('/api/images', { method: 'POST', apiKey, json: { name: 'interrupted', run: [`echo interrupted ${Date.now()}; sleep 5; echo slept`] } });
+    expect(res.status).toBe(201);
+    const id = ((await res.json()) as { data: RestImage }).data.id;
+    await until(get, (i) => (i.progress?.step ?? 0) >= 1, 'the build to start', BUILD_TIMEOUT_MS, 50);
+    const dirs = server.dirs;
+    await server.close({ keepState: true });
+    server = await startTestServer({}, dirs);
+    const image = await until(get, (i) => i.status !== 'building', 'the resumed build to end', BUILD_TIMEOUT_MS, 250);
+    expect(image).toMatchObject({ status: 'ready', layerCount: 1, error: null });
+    const log = (await (await server.http(`/api/images/${id}/logs`, { apiKey })).json()) as { data: { log: string } };
+    expect(log.data.log).toContain('the server restarted during this build');
+    expect(log.data.log).toContain('slept');
+  }, BUILD_TIMEOUT_MS);
+});
