@@ -215,6 +215,8 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
       ['10 GB declared, tiny body', hostile([{ name: 'huge.img', body: 'tiny', declaredSize: 10 * 1024 ** 3 }], true), `"huge.img" declares ${10 * 1024 ** 3} bytes, past IMAGE_IMPORT_MAX_BYTES`],
       ['uid past 65535', hostile([{ name: 'setuid-high', body: 'x', uid: 70_000 }]), '"setuid-high" is owned by 70000:0'],
       ['gid past 65535', hostile([{ name: 'gid-high', body: 'x', gid: 65_536 }]), '"gid-high" is owned by 0:65536'],
+      ['name component over 255 bytes', hostile([{ name: `etc/${'n'.repeat(300)}`, body: 'x' }]), 'has a name component over 255 bytes'],
+      ['file under a file', hostile([{ name: 'etc/ok/inside', body: 'x' }]), '"etc/ok/inside" is under "etc/ok", which is not a directory'],
       ['wrong blob digest', tarOfFiles(wrongDigest), 'does not match its digest'],
       ['zstd layer', ociLayout({ layers: [[{ name: 'a', body: 'a' }]], gzip: [false], layerMediaType: 'application/vnd.oci.image.layer.v1.tar+zstd' }), '"application/vnd.oci.image.layer.v1.tar+zstd", which is not supported'],
       ['zstd upload', Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(600)]), 'zstd-compressed, which is not supported'],

@@ -433,62 +433,87 @@ class LayerApplier {
 
   async apply(reader: TarReader): Promise<void> {
     for (let e = await reader.next(); e; e = await reader.next()) {
-      if (++this.budget.entries > this.opts.maxFiles) throw this.#refuse(e, `is past IMAGE_IMPORT_MAX_FILES (${this.opts.maxFiles} entries in all layers)`);
-      refuseSparse(e, this.what);
-      if (e.uid >= ID_RANGE || e.gid >= ID_RANGE) throw this.#refuse(e, `is owned by ${e.uid}:${e.gid}; owners must be below ${ID_RANGE}`);
-      if (Buffer.byteLength(e.linkName) > MAX_NAME_BYTES) throw this.#refuse(e, `has a link target over ${MAX_NAME_BYTES} bytes`);
-      const rel = entryPath(e.name, this.what);
-      const parts = rel.split('/');
-      const leaf = parts[parts.length - 1]!;
-      // aufs metadata (.wh..wh.plnk/, .wh..wh.aufs) in layers docker made on aufs: not part of the tree.
-      if (parts.some((p) => p.startsWith('.wh..wh.') && p !== '.wh..wh..opq')) continue;
-      if (leaf.startsWith('.wh.')) {
-        await this.#whiteout(e, parts, leaf);
-        continue;
+      try {
+        await this.#entry(reader, e);
+      } catch (err) {
+        throw this.#fsRefusal(e, err);
       }
-      if (isFileType(e.type)) {
-        this.budget.bytes += e.size;
-        if (this.budget.bytes > this.opts.maxBytes) throw this.#refuse(e, `declares ${e.size} bytes, past IMAGE_IMPORT_MAX_BYTES (${this.opts.maxBytes} bytes for all the image's files)`);
-      }
-      if (rel === '') {
-        if (e.type !== '5') throw this.#refuse(e, 'names the root but is not a directory');
-        await this.#owned(this.root, e, false);
-        this.dirTimes.set('', e.mtime);
-        continue;
-      }
-      await this.#parents(e, parts, true);
-      this.#touch(parts);
-      const path = join(this.root, rel);
-      const existing = await lstat(path).catch(() => null);
-      if (e.type === '5') {
-        if (existing && !existing.isDirectory()) await this.#remove(rel);
-        if (!existing?.isDirectory()) await mkdir(path, { mode: 0o700 });
-        await this.#owned(path, e, false);
-        this.#dirs.add(rel);
-        this.dirTimes.set(rel, e.mtime);
-        continue;
-      }
-      if (e.type === '1') {
-        // Resolved before anything is removed: a link to itself or to a path about to go is refused.
-        const target = await this.#linkTarget(e);
-        if (target === rel) throw this.#refuse(e, 'is a hard link to itself');
-        if (existing) await this.#remove(rel);
-        await link(join(this.root, target), path);
-        continue;
-      }
+    }
+  }
+
+  /**
+   * A filesystem error an entry caused (a name component over 255 bytes, too many hard links to
+   * one file, …) as the entry's 400; anything else as it is (ENOSPC becomes a 413 above).
+   */
+  #fsRefusal(e: TarEntry, err: unknown): unknown {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why: Record<string, string> = {
+      ENAMETOOLONG: 'has a name component over 255 bytes',
+      EMLINK: 'is one hard link too many to its file',
+      ELOOP: 'goes through a symbolic link',
+      ENOTDIR: 'is under something that is not a directory',
+      EEXIST: 'collides with another entry',
+      EINVAL: 'cannot be written (invalid name)',
+    };
+    return code && why[code] && !(err instanceof DomainError) ? this.#refuse(e, why[code]) : err;
+  }
+
+  async #entry(reader: TarReader, e: TarEntry): Promise<void> {
+    if (++this.budget.entries > this.opts.maxFiles) throw this.#refuse(e, `is past IMAGE_IMPORT_MAX_FILES (${this.opts.maxFiles} entries in all layers)`);
+    refuseSparse(e, this.what);
+    if (e.uid >= ID_RANGE || e.gid >= ID_RANGE) throw this.#refuse(e, `is owned by ${e.uid}:${e.gid}; owners must be below ${ID_RANGE}`);
+    if (Buffer.byteLength(e.linkName) > MAX_NAME_BYTES) throw this.#refuse(e, `has a link target over ${MAX_NAME_BYTES} bytes`);
+    const rel = entryPath(e.name, this.what);
+    const parts = rel.split('/');
+    const leaf = parts[parts.length - 1]!;
+    // aufs metadata (.wh..wh.plnk/, .wh..wh.aufs) in layers docker made on aufs: not part of the tree.
+    if (parts.some((p) => p.startsWith('.wh..wh.') && p !== '.wh..wh..opq')) return;
+    if (leaf.startsWith('.wh.')) {
+      await this.#whiteout(e, parts, leaf);
+      return;
+    }
+    if (isFileType(e.type)) {
+      this.budget.bytes += e.size;
+      if (this.budget.bytes > this.opts.maxBytes) throw this.#refuse(e, `declares ${e.size} bytes, past IMAGE_IMPORT_MAX_BYTES (${this.opts.maxBytes} bytes for all the image's files)`);
+    }
+    if (rel === '') {
+      if (e.type !== '5') throw this.#refuse(e, 'names the root but is not a directory');
+      await this.#owned(this.root, e, false);
+      this.dirTimes.set('', e.mtime);
+      return;
+    }
+    await this.#parents(e, parts, true);
+    this.#touch(parts);
+    const path = join(this.root, rel);
+    const existing = await lstat(path).catch(() => null);
+    if (e.type === '5') {
+      if (existing && !existing.isDirectory()) await this.#remove(rel);
+      if (!existing?.isDirectory()) await mkdir(path, { mode: 0o700 });
+      await this.#owned(path, e, false);
+      this.#dirs.add(rel);
+      this.dirTimes.set(rel, e.mtime);
+      return;
+    }
+    if (e.type === '1') {
+      // Resolved before anything is removed: a link to itself or to a path about to go is refused.
+      const target = await this.#linkTarget(e);
+      if (target === rel) throw this.#refuse(e, 'is a hard link to itself');
       if (existing) await this.#remove(rel);
-      if (isFileType(e.type)) {
-        await this.#writeFile(reader, path, e);
-      } else if (e.type === '2') {
-        if (!e.linkName) throw this.#refuse(e, 'is a symbolic link without a target');
-        await symlink(e.linkName, path);
-        await lchown(path, this.opts.uidBase + e.uid, this.opts.uidBase + e.gid);
-        await lutimes(path, e.mtime, e.mtime);
-      } else if (e.type === '3' || e.type === '4') {
-        throw this.#refuse(e, 'is a device node, which images may not hold');
-      } else {
-        throw this.#refuse(e, `is not a file, directory or link (tar type ${JSON.stringify(e.type)})`);
-      }
+      await link(join(this.root, target), path);
+      return;
+    }
+    if (existing) await this.#remove(rel);
+    if (isFileType(e.type)) {
+      await this.#writeFile(reader, path, e);
+    } else if (e.type === '2') {
+      if (!e.linkName) throw this.#refuse(e, 'is a symbolic link without a target');
+      await symlink(e.linkName, path);
+      await lchown(path, this.opts.uidBase + e.uid, this.opts.uidBase + e.gid);
+      await lutimes(path, e.mtime, e.mtime);
+    } else if (e.type === '3' || e.type === '4') {
+      throw this.#refuse(e, 'is a device node, which images may not hold');
+    } else {
+      throw this.#refuse(e, `is not a file, directory or link (tar type ${JSON.stringify(e.type)})`);
     }
   }
 
