@@ -210,7 +210,15 @@ describe.skipIf(!support.ok)('images', () => {
     expect(debian).toMatchObject({ system: true, source: 'system', status: 'ready' });
     // The code image is seeded as a system recipe image, built on its first use.
     const images = (await (await server.http('/api/images', { apiKey: mine.apiKey })).json()) as RestImage[];
-    expect(images.find((i) => i.name === 'code')).toMatchObject({ system: true, source: 'system', status: 'ready', base: 'debian', recipe: { base: 'debian', packages: expect.arrayContaining(['python3', 'nodejs', 'git', 'curl']) } });
+    const code = images.find((i) => i.name === 'code')!;
+    expect(code).toMatchObject({ system: true, source: 'system', status: 'ready', base: 'debian', recipe: { base: 'debian', packages: expect.arrayContaining(['python3', 'nodejs', 'git', 'curl']) } });
+    if (!code.ready) {
+      // Not built here yet: building on it would build on debian alone, so it is refused until its first use.
+      const onCode = await post(mine, '/api/images', { name: 'on-code', base: 'code', run: ['true'] });
+      expect(onCode.status).toBe(409);
+      expect(onCode.body).toMatchObject({ code: 'IMAGE_NOT_READY' });
+      expect(String(onCode.body.error)).toContain('built on its first use');
+    }
     expect((await server.http(`/api/images/${debian.id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(403);
     await sb.delete();
     expect((await server.http(`/api/images/${id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(200);

@@ -185,6 +185,10 @@ export class ImageService {
     const parent = await this.#lookup(principal, ref);
     if (!parent) throw new NotFoundError(`Base image ${ref} not found; GET /api/images lists the images you can build on`, { code: 'IMAGE_NOT_FOUND' });
     this.#assertReady(parent, 'build on it');
+    // Its layers are not known until it is built (on its first use): building on it now would build on its base alone.
+    if (this.#unbuiltSystemRecipe(parent)) {
+      throw new ImageNotReadyError(`Image ${parent.name} is built on its first use and is not built on this server yet: create a sandbox from it (or run npm run image:build -- ${parent.name}), then build on it`, { details: 'unbuilt' });
+    }
     return parent;
   }
 
