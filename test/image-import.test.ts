@@ -48,7 +48,13 @@ function testImage(): ImageSpec {
         { name: '.wh..wh.plnk/' },
         { name: '.wh..wh.plnk/123.456', body: 'aufs metadata' },
       ],
-      [{ name: 'app/' }, { name: 'app/run.sh', body: '#!/bin/sh\necho "$GREETING from $(pwd)"\n', mode: 0o755 }],
+      [
+        { name: 'app/' },
+        { name: 'app/run.sh', body: '#!/bin/sh\necho "$GREETING from $(pwd)"\n', mode: 0o755 },
+        // Times out of range are clamped to 1970 and the year 9999 (not wrapped, not a 500).
+        { name: 'app/before-1970', pax: { mtime: '-1.5' } },
+        { name: 'app/far-future', pax: { mtime: '9000000000000000' } },
+      ],
     ],
     env: ['PATH=/usr/bin:/bin', 'GREETING=hi'],
     workdir: '/app',
@@ -113,6 +119,9 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     expect(lstatSync(join(fs, 'tmp')).mode & 0o7777).toBe(0o1777);
     expect(lstatSync(join(fs, 'etc/hard')).ino).toBe(lstatSync(join(fs, 'etc/hello')).ino);
     expect(lstatSync(join(fs, 'etc/hello')).mtimeMs).toBe(1_700_000_000_000);
+    expect(lstatSync(join(fs, 'app/before-1970')).mtimeMs).toBe(0);
+    // The year 9999 asked for; the filesystem keeps its own latest (2038 to 2446 on ext4, by inode size).
+    expect(lstatSync(join(fs, 'app/far-future')).mtimeMs).toBeGreaterThanOrEqual(2 ** 31 * 1000 - 1000);
     expect(hostState().spool).toEqual([]);
   });
 

@@ -373,6 +373,11 @@ async function findImage(files: Map<string, SpooledFile>): Promise<FoundImage> {
   return { layers: layerFiles, config: { env, workdir } };
 }
 
+/** An entry's mtime as the host's filesystem can keep it: from 1970 to the year 9999. */
+function fileTime(e: TarEntry): number {
+  return Math.min(Math.max(e.mtime, 0), 253_402_300_799);
+}
+
 /** Bounds shared by all of an import's layers. */
 interface Budget {
   entries: number;
@@ -479,7 +484,7 @@ class LayerApplier {
     if (rel === '') {
       if (e.type !== '5') throw this.#refuse(e, 'names the root but is not a directory');
       await this.#owned(this.root, e, false);
-      this.dirTimes.set('', e.mtime);
+      this.dirTimes.set('', fileTime(e));
       return;
     }
     await this.#parents(e, parts, true);
@@ -491,7 +496,7 @@ class LayerApplier {
       if (!existing?.isDirectory()) await mkdir(path, { mode: 0o700 });
       await this.#owned(path, e, false);
       this.#dirs.add(rel);
-      this.dirTimes.set(rel, e.mtime);
+      this.dirTimes.set(rel, fileTime(e));
       return;
     }
     if (e.type === '1') {
@@ -509,7 +514,7 @@ class LayerApplier {
       if (!e.linkName) throw this.#refuse(e, 'is a symbolic link without a target');
       await symlink(e.linkName, path);
       await lchown(path, this.opts.uidBase + e.uid, this.opts.uidBase + e.gid);
-      await lutimes(path, e.mtime, e.mtime);
+      await lutimes(path, fileTime(e), fileTime(e));
     } else if (e.type === '3' || e.type === '4') {
       throw this.#refuse(e, 'is a device node, which images may not hold');
     } else {
@@ -567,7 +572,7 @@ class LayerApplier {
       for (let chunk = await reader.read(); chunk; chunk = await reader.read()) await file.write(chunk);
       await file.chown(this.opts.uidBase + e.uid, this.opts.uidBase + e.gid);
       await file.chmod(e.mode);
-      await file.utimes(e.mtime, e.mtime);
+      await file.utimes(fileTime(e), fileTime(e));
     } finally {
       await file.close();
     }
