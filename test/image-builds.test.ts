@@ -183,11 +183,13 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
   }, 600_000);
 
   it('cancel stops a running build and removes its build sandbox; a queued one ends without running', async () => {
-    const running = await recordBuild({ run: ['echo started-sleeping; sleep 300'] });
+    // Its output (started-2) is not its command's text, which the log's step line carries.
+    const running = await recordBuild({ run: ['echo started-$((1+1)); sleep 300'] });
     const queued = await recordBuild({ run: ['echo never'] });
     builds.enqueue(running, debian);
     builds.enqueue(queued, debian);
-    await until(() => builds.readLog(running.id), (l) => /started-sleeping/.test(l.text), 'the run step to start', 60_000, 50);
+    await until(() => builds.readLog(running.id), (l) => /^started-2$/m.test(l.text), 'the run step to start', 60_000, 50);
+    expect((await server.app.store.images.findById(running.id))!.progress).toEqual({ step: 1, steps: 1, message: 'run "echo started-$((1+1)); sleep 300"' });
     expect(await setup.container.driver.list()).toHaveLength(1);
     await builds.cancel(queued.id);
     await builds.cancel(running.id);
@@ -218,5 +220,20 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     const log = await builds.readLog(image.id);
     expect(log.text).toMatch(/the server restarted during this build/);
     expect(log.text).toMatch(/install 1 package \(python3-minimal\) \(cached\)/);
+  }, 600_000);
+
+  it('a recipe on one of your images builds on its layers and keeps them below its own', async () => {
+    const python = await built(await recordBuild(TEST_IMAGE_RECIPE));
+    const marker = newId();
+    const child = await server.app.store.images.create({
+      name: `child-${marker.slice(-8)}`, tag: 'latest', description: 'on python', base: 'debian', orgId, isSystem: false, createdBy: newId(),
+      status: 'building', source: 'recipe', parentId: python.id, recipe: { base: python.name, run: [`python3 -c 'print("${marker}")' > /from-child`] },
+    });
+    builds.enqueue(child, python);
+    const done = await until(() => server.app.store.images.findById(child.id), (r) => r?.status !== 'building', 'the child build to end', 600_000, 100);
+    expect(done!.error).toBeNull();
+    expect(done!.layers.slice(0, -1)).toEqual(python.layers);
+    expect(done!.layers).toHaveLength(python.layers.length + 1);
+    expect(await runOn(done!.layers, 'cat /from-child')).toBe(`${marker}\n`);
   }, 600_000);
 });

@@ -148,6 +148,10 @@ export class ImageBuilder {
     let sizeBytes = 0;
     let built = 0;
     const baseRootfs = parent.base ? await this.opts.rootfs.ensure(parent.base) : '';
+    if (!baseRootfs && plan.some((p) => p.step.kind === 'packages')) {
+      // Dependencies are resolved against a system base's dpkg status (a file this server built); an imported image has none it can trust.
+      throw new BuildFailedError('packages can be installed only on an image built on a system base (debian); on an imported image install them with a run step (e.g. apt-get install -y …)');
+    }
     onLine(`building ${steps} step${steps === 1 ? '' : 's'} on ${parent.base || 'an imported image'}${parent.layers.length ? ` (+${parent.layers.length} layers)` : ''}`);
     for (const [i, { step, layerId }] of plan.entries()) {
       if (signal?.aborted) throw new BuildFailedError('the build was cancelled');
@@ -163,7 +167,7 @@ export class ImageBuilder {
       }
       onLine(label);
       const started = Date.now();
-      const info = await this.#runStep(step, layerId, label, { rootfs: baseRootfs, layers: [...layers] }, onLine, signal);
+      const info = await this.#runStep(step, layerId, label, { base: parent.base, baseRootfs, layers: [...layers] }, onLine, signal);
       built++;
       layers.push(layerId);
       sizeBytes += info.bytes;
@@ -174,16 +178,18 @@ export class ImageBuilder {
   }
 
   /** Builds one step's layer in a fresh build sandbox on `stack`; the sandbox is gone afterwards whatever happens. */
-  async #runStep(step: BuildStep, layerId: string, label: string, stack: { rootfs: string; layers: string[] }, onLine: (line: string) => void, signal?: AbortSignal) {
+  async #runStep(step: BuildStep, layerId: string, label: string, stack: { base: string; baseRootfs: string; layers: string[] }, onLine: (line: string) => void, signal?: AbortSignal) {
     const { driver, agents, sandbox } = this.opts;
+    // Bottom first: the system rootfs (none under an imported image), then the layers.
+    const lowers = await this.opts.rootfs.lowerDirs({ base: stack.base, layers: stack.layers });
     // Downloads first (no sandbox is held while the mirror is slow); the .debs are ours, in BASE_IMAGES_DIR/apt.
-    const debs = step.kind === 'packages' ? await this.opts.apt.download(step.packages, stack.rootfs, onLine) : null;
+    const debs = step.kind === 'packages' ? await this.opts.apt.download(step.packages, stack.baseRootfs, onLine) : null;
     const id = newId();
     const spec: SandboxSpec = {
       id,
       name: `build-${id.slice(-12)}`,
-      rootfs: stack.rootfs,
-      layers: stack.layers.map((l) => this.opts.layers.fsPath(l)),
+      rootfs: lowers[0]!,
+      layers: lowers.slice(1),
       image: 'debian',
       cpu: sandbox.cpu,
       memMb: sandbox.memMb,

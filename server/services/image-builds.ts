@@ -227,6 +227,8 @@ export class ImageBuilds {
     await mkdir(this.deps.logsDir, { recursive: true, mode: 0o700 });
     if (build.abort.signal.aborted) return this.#end(build, { status: 'failed', error: 'the build was cancelled', progress: null }, !this.#closed);
     const line = (text: string) => this.#line(build, text);
+    // Progress writes in order, all before the final one (which clears it).
+    let progressed: Promise<unknown> = Promise.resolve();
     const started = Date.now();
     line(`build of image ${image.name}:${image.tag} (${image.id}) started ${new Date().toISOString()}`);
     try {
@@ -234,12 +236,16 @@ export class ImageBuilds {
         recipe: image.recipe!,
         parent: build.parent,
         onLine: line,
-        onProgress: (progress) => void this.deps.images.update(image.id, { progress }).catch((err: Error) => this.deps.log.warn({ image: image.id, err: err.message }, 'could not record build progress')),
+        onProgress: (progress) => {
+          progressed = progressed.then(() => this.deps.images.update(image.id, { progress })).catch((err: Error) => this.deps.log.warn({ image: image.id, err: err.message }, 'could not record build progress'));
+        },
         signal: build.abort.signal,
       });
+      await progressed;
       line(`image ${image.name}:${image.tag} is ready (${result.layers.length} layers) after ${Math.round((Date.now() - started) / 1000)} s`);
       await this.#end(build, { status: 'ready', layers: result.layers, sizeBytes: result.sizeBytes, env: result.env, workdir: result.workdir, error: null, progress: null });
     } catch (err) {
+      await progressed;
       if (this.#closed && build.abort.signal.aborted) {
         // The server is stopping: the record stays 'building' and resume() builds it again.
         line('the server stopped during this build');
