@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isLayerId, LayerStore, MAX_IMAGE_LAYERS } from '../server/hypervisor/images/layer-store.js';
 import { RootfsImages, vmImageKey } from '../server/hypervisor/images/rootfs-images.js';
 import type { SandboxDriver, SandboxSpec, SnapshottingDriver } from '../server/hypervisor/types.js';
-import { VmImages } from '../server/hypervisor/vm/vm-images.js';
+import { VmImages, vmBootImage } from '../server/hypervisor/vm/vm-images.js';
 import { newId } from '../server/store/ids.js';
 import { AgentClients } from '../server/agent-client/agent-clients.js';
 import { qemuSupport } from './helpers/qemu-support.js';
@@ -311,6 +311,8 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
         const paths = await vm.ensure(key, dirs);
         expect(paths.baseDisk).toBe(join(config.BASE_IMAGES_DIR, `${key}-base.qcow2`));
         expect([paths.kernel, paths.initrd]).toEqual([vm.paths('debian').kernel, vm.paths('debian').initrd]);
+        // Boot files (and the agent disk's busybox) of anything but a debootstrap image are debian's.
+        expect([vmBootImage(key), vmBootImage('code'), vmBootImage('debian')]).toEqual(['debian', 'debian', 'debian']);
         expect(await vm.isReady(key)).toBe(true);
         expect(readdirSync(config.BASE_IMAGES_DIR).filter((f) => f.startsWith(gone))).toEqual([]);
         await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', paths.baseDisk, raw]);

@@ -16,7 +16,7 @@ import { chooseSandboxNetwork, type SandboxNetworkChoice } from './network/sandb
 import { noFirewall, type SandboxFirewall, type SandboxNetworking } from './network/types.js';
 import type { SandboxDriver } from './types.js';
 import { createOverlay, writeConfigDisk } from './vm/instance-files.js';
-import type { VmImages } from './vm/vm-images.js';
+import { vmBootImage, type VmImages } from './vm/vm-images.js';
 
 export interface DriverChoice {
   driver: SandboxDriver | null;
@@ -78,7 +78,7 @@ async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNe
   let accelerator: Promise<AcceleratorChoice> | null = null;
   const probe = () =>
     (accelerator ??= deps.vmImages
-      .ensure(config.SANDBOX_DEFAULT_IMAGE)
+      .ensure(vmBootImage(config.SANDBOX_DEFAULT_IMAGE))
       .then((image) => probeAccelerator({ qemu: config.QEMU_BINARY, image, cacheFile: join(config.BASE_IMAGES_DIR, 'kvm-probe.json'), log: deps.log }))
       .catch((err: Error) => {
         accelerator = null; // a later call tries again (e.g. once the image can be built)
@@ -111,7 +111,7 @@ async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNe
     // KERNEL_PATH (the original's variable) names the uncompressed kernel; the image builder writes it there by default.
     // INITRD_PATH, set, replaces the image's initramfs.
     image: async (name, lowerDirs) => ({ ...(await deps.vmImages.ensure(name, lowerDirs)), vmlinux: config.KERNEL_PATH, ...(config.INITRD_PATH ? { initrd: config.INITRD_PATH } : {}) }),
-    agentDisk: () => deps.vmImages.ensureAgentDisk(deps.agent, config.SANDBOX_DEFAULT_IMAGE),
+    agentDisk: () => deps.vmImages.ensureAgentDisk(deps.agent, vmBootImage(config.SANDBOX_DEFAULT_IMAGE)),
     network: vmNetwork,
     writeConfigDisk,
     createOverlay,
@@ -150,12 +150,12 @@ async function selectFor(config: Config, deps: DriverDeps, networking: SandboxNe
       const skipped: string[] = [];
       const ch = await cloudHypervisorAvailable();
       if (!ch.ok) skipped.push(`cloud-hypervisor: ${ch.reason}`);
-      else if ((await qemu.available()).ok && (await deps.vmImages.isReady(config.SANDBOX_DEFAULT_IMAGE)) && (await probe()).accel !== 'kvm') {
+      else if ((await qemu.available()).ok && (await deps.vmImages.isReady(vmBootImage(config.SANDBOX_DEFAULT_IMAGE))) && (await probe()).accel !== 'kvm') {
         skipped.push(`cloud-hypervisor: ${(await probe()).reason.replace(/: TCG.*$/, '')}`);
       } else return { driver: cloudHypervisor, reason: 'auto: cloud-hypervisor (binary present, /dev/kvm usable, bridge up)' };
       const q = await qemu.available();
       if (!q.ok) skipped.push(`qemu: ${q.reason}`);
-      else if (!(await deps.vmImages.isReady(config.SANDBOX_DEFAULT_IMAGE))) skipped.push('qemu: the VM image is not built (npm run image:build -- debian --vm)');
+      else if (!(await deps.vmImages.isReady(vmBootImage(config.SANDBOX_DEFAULT_IMAGE)))) skipped.push('qemu: the VM image is not built (npm run image:build -- debian --vm)');
       else {
         const choice = await probe();
         if (choice.accel === 'kvm') return { driver: qemu, reason: `auto: qemu with KVM (${choice.reason})`, accelerator: 'kvm' };

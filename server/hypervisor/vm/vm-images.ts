@@ -20,6 +20,15 @@ const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio-rng', '
 const KERNEL_PACKAGE = 'linux-image-cloud-amd64';
 /** The system image whose kernel, initramfs and busybox chain images boot. */
 const BOOT_IMAGE = 'debian';
+
+/**
+ * The VM image whose boot files (kernel, initramfs, busybox) a sandbox of image `name` uses: its
+ * own for a debootstrap image, debian's for any other (a chain key, or a system image built as
+ * layers such as `code`, whose root disk is a chain image).
+ */
+export function vmBootImage(name: string): string {
+  return isBuildableImage(name) ? name : BOOT_IMAGE;
+}
 /** Bumped when what the builder produces changes; part of the marker, so old builds are redone. */
 const VM_IMAGE_VERSION = 3;
 
@@ -278,8 +287,7 @@ export class VmImages {
    * new disk and running VMs keep theirs.
    */
   async ensureAgentDisk(agent: AgentFiles, image: string = BOOT_IMAGE): Promise<string> {
-    // Only a debootstrap image has a busybox of its own; chain images (and any other name) boot debian's.
-    if (!isBuildableImage(image)) image = BOOT_IMAGE;
+    image = vmBootImage(image);
     await this.ensure(image);
     const busybox = await readFile(this.#busyboxPath(image));
     const nodePty = join(agent.nodeModules, 'node-pty');
