@@ -21,7 +21,7 @@ export async function prepareImages(config: Config, name: string, opts: { vm: bo
   if (isSystemRecipeImage(name)) {
     const started = Date.now();
     const layers = await buildRecipeLayers(config, systemRecipeImages[name].recipe, log, (line) => log.info({ image: name }, line));
-    say(`image ${name} is built: ${layers.length} layers on ${systemRecipeImages[name].recipe.base} (${Math.round((Date.now() - started) / 1000)} s)`);
+    say(`image ${name} is built: ${layers.length} layer${layers.length === 1 ? '' : 's'} on ${systemRecipeImages[name].recipe.base} (${Math.round((Date.now() - started) / 1000)} s)`);
     if (opts.vm) say(`the VM image of ${name} is built by the VM driver on first use`);
     return;
   }
