@@ -160,6 +160,28 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     }
   }, 120_000);
 
+  it('imports a docker save tar whose layers are linked (../<id>/layer.tar, as older docker writes a shared layer)', async () => {
+    const layer = tar([{ name: 'shared/file', body: 'shared' }]);
+    const config = Buffer.from(JSON.stringify({ config: { Env: ['A=1'] } }));
+    const archive = tar([
+      { name: 'aaa/' },
+      { name: 'aaa/layer.tar', body: layer },
+      { name: 'bbb/' },
+      { name: 'bbb/layer.tar', type: 'symlink', linkName: '../aaa/layer.tar' },
+      { name: 'ccc/' },
+      { name: 'ccc/layer.tar', type: 'hardlink', linkName: 'aaa/layer.tar' },
+      { name: 'config.json', body: config },
+      { name: 'manifest.json', body: JSON.stringify([{ Config: 'config.json', RepoTags: null, Layers: ['aaa/layer.tar', 'bbb/layer.tar', 'ccc/layer.tar'] }]) },
+    ]);
+    const res = await upload('linked-layers', archive);
+    expect(res.status, await res.clone().text()).toBe(201);
+    expect(((await res.json()) as { data: { env: Record<string, string> } }).data.env).toEqual({ A: '1' });
+    const outside = tar([{ name: 'x/layer.tar', type: 'symlink', linkName: '../../etc/passwd' }, { name: 'manifest.json', body: '[]' }]);
+    const refused = await upload('linked-out', outside);
+    expect(refused.status).toBe(400);
+    expect(((await refused.json()) as { error: string }).error).toContain('"x/layer.tar" links to "../../etc/passwd", outside the archive');
+  });
+
   it('applies a layer written by GNU tar (PAX long names, hard links, ./ names, numeric owners)', async () => {
     const src = mkdtempSync(join(tmpdir(), 'voidrun-gnu-layer-'));
     try {

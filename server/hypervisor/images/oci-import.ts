@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { constants, createReadStream } from 'node:fs';
 import { chmod, chown, lchown, link, lstat, lutimes, mkdir, mkdtemp, open, readdir, readFile, rm, symlink, utimes } from 'node:fs/promises';
 import { arch } from 'node:os';
-import { join } from 'node:path';
+import { join, posix } from 'node:path';
 import { Readable, pipeline } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import type { Logger } from 'pino';
@@ -234,9 +234,14 @@ async function spoolEntries(reader: TarReader, spool: string, opts: OciImportOpt
     const name = entryPath(e.name, what);
     if (e.type === '5') continue;
     if (e.type === '2' || e.type === '1') {
-      const base = e.type === '2' ? name.split('/').slice(0, -1).join('/') : '';
-      if (e.linkName.startsWith('/')) throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name)} links to the absolute path ${JSON.stringify(e.linkName)}`);
-      links.set(name, entryPath(base ? `${base}/${e.linkName}` : e.linkName, what));
+      // A name in the archive (docker save links a shared layer as ../<id>/layer.tar), resolved
+      // lexically; it only ever looks up another entry of the map.
+      const base = e.type === '2' ? posix.dirname(name) : '.';
+      const target = posix.normalize(posix.join(base, e.linkName));
+      if (e.linkName.startsWith('/') || target === '..' || target.startsWith('../')) {
+        throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name)} links to ${JSON.stringify(e.linkName)}, outside the archive`);
+      }
+      links.set(name, entryPath(target, what));
       continue;
     }
     if (!isFileType(e.type)) throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name)} is not a file, directory or link (type ${JSON.stringify(e.type)})`);
