@@ -248,6 +248,17 @@ describe.skipIf(!support.ok)('images', () => {
     expect((await built(mine, next.image.id)).status).toBe('ready');
   }, BUILD_TIMEOUT_MS);
 
+  it('concurrent builds past IMAGE_BUILDS_PER_ORG are refused with 429, none left building forever', async () => {
+    const org = await register('images-cap');
+    const answers = await Promise.all(Array.from({ length: 5 }, (_, i) => post(org, '/api/images', { name: `capped-${i}`, run: [`sleep 600 # ${i}`] })));
+    expect(answers.map((a) => a.status).sort()).toEqual([201, 201, 201, 429, 429]);
+    expect(answers.find((a) => a.status === 429)!.body.error).toContain('IMAGE_BUILDS_PER_ORG 3');
+    const list = (await (await server.http('/api/images', { apiKey: org.apiKey })).json()) as RestImage[];
+    const mineBuilding = list.filter((i) => i.orgId === org.orgId);
+    expect(mineBuilding.map((i) => i.status)).toEqual(['building', 'building', 'building']);
+    for (const image of mineBuilding) expect((await server.http(`/api/images/${image.id}`, { method: 'DELETE', apiKey: org.apiKey })).status).toBe(200);
+  });
+
   it('bad recipes are 400s naming the field; an alias registration is unchanged ({name, path})', async () => {
     const bad = [
       [{ name: 'x1', packages: ['Python3;rm'] }, 'packages'],

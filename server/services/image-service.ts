@@ -9,6 +9,7 @@ import type { ImagePatch, ImageRecord, ImageRepository, NewImageRecord, SandboxR
 import type { Principal } from './auth-service.js';
 import { planSteps } from './image-builder.js';
 import type { SandboxQuotas } from './sandbox-quotas.js';
+import { SandboxLocks } from './sandbox-locks.js';
 
 /** The recipe build queue (image-builds.ts) as this service uses it. */
 export interface ImageBuildQueue {
@@ -57,6 +58,7 @@ export class ImageService {
   #gcTimer: NodeJS.Timeout | null = null;
   #gcRunning: Promise<void> | null = null;
   readonly #systemBuilds = new Map<string, Promise<ImageRecord>>();
+  readonly #orgLocks = new SandboxLocks();
 
   constructor(private readonly deps: ImageServiceDeps) {}
 
@@ -143,15 +145,23 @@ export class ImageService {
     if (steps === 0) return this.#toImage(await this.deps.images.create({ ...fields, status: 'ready' }));
     const builds = this.#builds;
     if (!builds) throw new ConflictError('This server cannot build images: recipe builds run in a container sandbox and the container driver is not available here');
-    const building = (await this.deps.images.listVisible(principal.orgId)).filter((i) => i.orgId === principal.orgId && i.status === 'building');
-    const max = this.deps.maxBuildsPerOrg ?? 2;
-    if (building.length >= max) {
-      throw new TooManyRequestsError(`Your organization already has ${building.length} image builds queued or running (IMAGE_BUILDS_PER_ORG ${max}): wait for ${building.map((i) => i.name).join(', ')} to finish, or delete one`);
-    }
-    await this.#quotas?.imageBudget(principal.orgId, `image ${input.name}`);
-    const record = await this.deps.images.create({ ...fields, status: 'building', progress: { step: 0, steps, message: 'queued' } });
-    builds.enqueue(record, parent);
-    return this.#toImage(record);
+    // One org's checks and record writes one at a time, so concurrent requests cannot pass the cap together.
+    return this.#orgLocks.run(principal.orgId, async () => {
+      const building = (await this.deps.images.listVisible(principal.orgId)).filter((i) => i.orgId === principal.orgId && i.status === 'building');
+      const max = this.deps.maxBuildsPerOrg ?? 2;
+      if (building.length >= max) {
+        throw new TooManyRequestsError(`Your organization already has ${building.length} image builds queued or running (IMAGE_BUILDS_PER_ORG ${max}): wait for ${building.map((i) => i.name).join(', ')} to finish, or delete one`);
+      }
+      await this.#quotas?.imageBudget(principal.orgId, `image ${input.name}`);
+      const record = await this.deps.images.create({ ...fields, status: 'building', progress: { step: 0, steps, message: 'queued' } });
+      try {
+        builds.enqueue(record, parent);
+      } catch (err) {
+        await this.deps.images.delete(record.id); // never a record left 'building' that no build will end
+        throw err;
+      }
+      return this.#toImage(record);
+    });
   }
 
   async #createAlias(principal: Principal, input: CreateImageInput): Promise<Image> {
