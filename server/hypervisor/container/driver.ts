@@ -9,7 +9,7 @@ import { Transform, type Duplex } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
 import { PayloadTooLargeError } from '../../errors.js';
-import { SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver, type PortListingDriver } from '../types.js';
+import { lowerDirsOf, SnapshotLimitError, type DriverAvailability, type DriverStatus, type PausableDriver, type SandboxDriver, type SandboxSpec, type SnapshotOptions, type SnapshottingDriver, type HostUsage, type UsageReportingDriver, type PortListingDriver } from '../types.js';
 import type { AddressingDriver, HostReconcilingDriver, NetworkCountingDriver, OomCountingDriver, RenamingDriver } from '../types.js';
 import type { NetworkBytes, NetworkPolicy, SandboxNetworking } from '../network/types.js';
 import { cgroupOomKills, cgroupUsage } from './cgroup-usage.js';
@@ -297,7 +297,7 @@ export class ContainerDriver
   async #mountLayers(spec: SandboxSpec): Promise<void> {
     const p = layout(this.opts.instancesDir, spec.id);
     await this.#mountDisk(p);
-    const lowers = [spec.rootfs, ...(spec.layers ?? [])];
+    const lowers = lowerDirsOf(spec);
     let lowerdir = 'image';
     if (lowers.length === 1) {
       await pointLink(p.lowerLink, spec.rootfs);
@@ -326,7 +326,7 @@ export class ContainerDriver
   async #boot(spec: SandboxSpec): Promise<void> {
     const p = layout(this.opts.instancesDir, spec.id);
     await this.#mountLayers(spec);
-    await writeFile(p.lowerFile, [spec.rootfs, ...(spec.layers ?? [])].join('\n'));
+    await writeFile(p.lowerFile, lowerDirsOf(spec).join('\n'));
     const boot = await this.opts.bootFiles();
     const networking = this.opts.networking;
     const attached = networking && spec.network?.mode !== 'none' ? await networking.attach(spec.id, spec.network ?? bridgePolicy) : null;
