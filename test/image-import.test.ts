@@ -239,6 +239,7 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
       ['symlink dir replaced then written', hostile([{ name: 'etc', type: 'symlink', linkName: '/etc' }, { name: `etc/${marker}`, body: 'x' }]), 'goes through the symbolic link "etc"'],
       ['hard link out of the tree', hostile([{ name: 'passwd', type: 'hardlink', linkName: '/etc/passwd' }]), '"passwd" is a hard link to "/etc/passwd", which is not an earlier regular file'],
       ['hard link through a symlink', hostile([{ name: 'l', type: 'symlink', linkName: '/etc' }, { name: 'h', type: 'hardlink', linkName: 'l/passwd' }]), 'goes through the symbolic link "l"'],
+      ['hard link over its own target\'s dir', hostile([{ name: 'etc', type: 'hardlink', linkName: 'etc/ok' }]), '"etc" is a hard link to itself or to something under it'],
       ['char device', hostile([{ name: 'dev/', type: 'dir' }, { name: 'dev/mem', type: 'char' }]), '"dev/mem" is a device node'],
       ['block device', hostile([{ name: 'sda', type: 'block' }]), '"sda" is a device node'],
       ['GNU sparse entry', hostile([{ name: 'sparse.img', type: 'sparse', body: 'tiny' }]), '"sparse.img" is a GNU sparse file'],

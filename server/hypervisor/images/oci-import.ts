@@ -464,6 +464,7 @@ class LayerApplier {
       ENOTDIR: 'is under something that is not a directory',
       EEXIST: 'collides with another entry',
       EINVAL: 'cannot be written (invalid name)',
+      ENOENT: 'refers to something that is not there',
     };
     return code && why[code] && !(err instanceof DomainError) ? this.#refuse(e, why[code]) : err;
   }
@@ -507,7 +508,7 @@ class LayerApplier {
     if (e.type === '1') {
       // Resolved before anything is removed: a link to itself or to a path about to go is refused.
       const target = await this.#linkTarget(e);
-      if (target === rel) throw this.#refuse(e, 'is a hard link to itself');
+      if (target === rel || target.startsWith(`${rel}/`)) throw this.#refuse(e, 'is a hard link to itself or to something under it');
       if (existing) await this.#remove(rel);
       await link(join(this.root, target), path);
       return;
