@@ -287,10 +287,26 @@ export class ImageBuilds {
     }
     for (const wake of [...build.waiters]) wake();
     this.deps.onLine?.(build.image, text);
-    this.#writeQueue = this.#writeQueue.then(() => this.#append(build.image.id, `${text}\n`)).catch(() => {});
+    // Lines that arrive while a write is in flight go out together in the next one.
+    const pending = this.#pending.get(build.image.id);
+    if (pending) {
+      pending.push(text);
+      return;
+    }
+    const batch = [text];
+    this.#pending.set(build.image.id, batch);
+    this.#writeQueue = this.#writeQueue
+      .then(() => {
+        this.#pending.delete(build.image.id);
+        return this.#append(build.image.id, `${batch.join('\n')}\n`);
+      })
+      .catch((err: Error) => this.deps.log.warn({ image: build.image.id, err: err.message }, 'could not write to a build log'));
   }
 
+  /** Every log write, in order; awaited before a build's end is recorded. */
   #writeQueue: Promise<void> = Promise.resolve();
+  /** Per image, the lines waiting for the next write. */
+  readonly #pending = new Map<string, string[]>();
 
   /** Appends to the log file; past the cap it is rewritten with the last ¾ of the cap (from a line start) behind the mark. */
   async #append(imageId: string, text: string): Promise<void> {
