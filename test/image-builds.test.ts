@@ -236,4 +236,13 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(done!.layers).toHaveLength(python.layers.length + 1);
     expect(await runOn(done!.layers, 'cat /from-child')).toBe(`${marker}\n`);
   }, 600_000);
+
+  it('packages on an image without a system base (an import) are refused saying to use a run step', async () => {
+    const python = await built(await recordBuild(TEST_IMAGE_RECIPE));
+    const image = await recordBuild({ packages: ['file'] });
+    builds.enqueue(image, { ...python, base: '' });
+    const done = await until(() => server.app.store.images.findById(image.id), (r) => r?.status !== 'building', 'the build to end', 60_000, 50);
+    expect(done!.status).toBe('failed');
+    expect(done!.error).toMatch(/^packages can be installed only on an image built on a system base \(debian\); on an imported image install them with a run step/);
+  }, 120_000);
 });

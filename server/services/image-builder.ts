@@ -12,7 +12,6 @@ import { AgentUploadReply } from '../../shared/schemas/agent-replies.js';
 import { readAgentError, readAgentJson } from '../agent-client/agent-http.js';
 import { fromAgentCode, fromAgentError, type AgentClients } from '../agent-client/agent-clients.js';
 import { agentProcessStream } from '../agent-client/process-stream.js';
-import { DomainError, InvalidInputError } from '../errors.js';
 import type { AptFetch, InstallOp } from '../hypervisor/images/apt-fetch.js';
 import type { LayerStore } from '../hypervisor/images/layer-store.js';
 import type { RootfsImages } from '../hypervisor/images/rootfs-images.js';
@@ -206,7 +205,7 @@ export class ImageBuilder {
       signal?.addEventListener('abort', onAbort, { once: true });
       if (step.kind === 'packages') {
         if (debs!.files.length) {
-          await this.#upload(id, debs!, signal);
+          await this.#upload(id, debs!, signal).catch(rethrowAs(`${label}: copying the packages into the build sandbox`));
           onLine(`installing ${debs!.files.length} packages with dpkg in the build sandbox`);
           await this.#exec(id, installCommand(debs!.order), { DEBIAN_FRONTEND: 'noninteractive', PATH: SYSTEM_PATH }, null, label, onLine, signal);
         }
@@ -344,8 +343,7 @@ export function installCommand(order: readonly InstallOp[]): string {
 function rethrowAs(label: string): (err: unknown) => never {
   return (err) => {
     if (err instanceof BuildFailedError) throw err;
-    const message = err instanceof DomainError || err instanceof InvalidInputError || err instanceof Error ? err.message : String(err);
-    throw new BuildFailedError(`${label}: ${scrub(message)}`);
+    throw new BuildFailedError(`${label}: ${scrub(err instanceof Error ? err.message : String(err))}`);
   };
 }
 
