@@ -245,4 +245,19 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(done!.status).toBe('failed');
     expect(done!.error).toMatch(/^packages can be installed only on an image built on a system base \(debian\); on an imported image install them with a run step/);
   }, 120_000);
+
+  it('a server stopping during a build leaves it building (no build sandbox left), and the next start builds it', async () => {
+    const { config, log } = server.app;
+    const first = await createImageBuilds({ config, layers, rootfs, images: server.app.store.images, log });
+    const image = await recordBuild({ run: ['echo started-$((1+1)); sleep 3'] });
+    first.builds.enqueue(image, debian);
+    await until(() => first.builds.readLog(image.id), (l) => /^started-2$/m.test(l.text), 'the run step to start', 60_000, 50);
+    await first.close();
+    expect((await server.app.store.images.findById(image.id))!.status).toBe('building');
+    expect(await first.container.driver.list()).toEqual([]);
+    await builds.resume();
+    const done = await until(() => server.app.store.images.findById(image.id), (r) => r?.status !== 'building', 'the resumed build to end', 120_000, 100);
+    expect(done!.status).toBe('ready');
+    expect((await builds.readLog(image.id)).text).toMatch(/the server stopped during this build[\s\S]*the server restarted during this build[\s\S]*is ready/);
+  }, 180_000);
 });

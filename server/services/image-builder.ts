@@ -182,7 +182,7 @@ export class ImageBuilder {
     // Bottom first: the system rootfs (none under an imported image), then the layers.
     const lowers = await this.opts.rootfs.lowerDirs({ base: stack.base, layers: stack.layers });
     // Downloads first (no sandbox is held while the mirror is slow); the .debs are ours, in BASE_IMAGES_DIR/apt.
-    const debs = step.kind === 'packages' ? await this.opts.apt.download(step.packages, stack.baseRootfs, onLine) : null;
+    const debs = step.kind === 'packages' ? await this.opts.apt.download(step.packages, stack.baseRootfs, onLine, signal) : null;
     const id = newId();
     const spec: SandboxSpec = {
       id,

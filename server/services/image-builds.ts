@@ -251,7 +251,9 @@ export class ImageBuilds {
         line('the server stopped during this build');
         return this.#end(build, null);
       }
-      const message = err instanceof BuildFailedError || (err instanceof Error && 'code' in err && (err as { code?: unknown }).code === 'INVALID_INPUT') ? (err as Error).message : `the build failed: ${scrub((err as Error).message ?? String(err))}`;
+      const message = build.abort.signal.aborted
+        ? 'the build was cancelled'
+        : err instanceof BuildFailedError || (err instanceof Error && 'code' in err && (err as { code?: unknown }).code === 'INVALID_INPUT') ? (err as Error).message : `the build failed: ${scrub((err as Error).message ?? String(err))}`;
       if (!(err instanceof BuildFailedError)) this.deps.log.warn({ image: image.id, err: (err as Error).message }, 'image build failed');
       line(`build failed: ${message}`);
       await this.#end(build, { status: 'failed', error: message, progress: null });

@@ -56,17 +56,20 @@ export class AptFetch {
    * does not have, into a fresh directory the caller removes. A name apt does not know fails with
    * an InvalidInputError naming it.
    */
-  download(packages: readonly string[], baseRootfs: string, onLine: (line: string) => void = () => {}): Promise<DownloadedPackages> {
+  download(packages: readonly string[], baseRootfs: string, onLine: (line: string) => void = () => {}, signal?: AbortSignal): Promise<DownloadedPackages> {
     for (const name of packages) {
       if (!APT_PACKAGE_NAME.test(name)) return Promise.reject(new InvalidInputError(`Package name ${JSON.stringify(name)} is not a valid apt package name (lowercase letters, digits, "+", "-", ".")`));
     }
-    const run = this.#queue.then(() => this.#download(packages, baseRootfs, onLine));
+    const run = this.#queue.then(() => {
+      signal?.throwIfAborted();
+      return this.#download(packages, baseRootfs, onLine, signal);
+    });
     this.#queue = run.catch(() => {});
     return run;
   }
 
-  async #download(packages: readonly string[], baseRootfs: string, onLine: (line: string) => void): Promise<DownloadedPackages> {
-    await this.#prepare(onLine);
+  async #download(packages: readonly string[], baseRootfs: string, onLine: (line: string) => void, signal?: AbortSignal): Promise<DownloadedPackages> {
+    await this.#prepare(onLine, signal);
     const dir = join(this.#dir, 'downloads', `${process.pid}-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`);
     await mkdir(join(dir, 'partial'), { recursive: true });
     // Its own copy per download: apt locks the status file's directory, and other processes
@@ -77,11 +80,11 @@ export class AptFetch {
     await this.#forApt(dir, join(dir, 'partial'));
     try {
       onLine(`downloading ${packages.join(' ')} and their dependencies from ${this.opts.mirror}`);
-      await this.#apt(['install', '--download-only', '-y', '-q', '--no-install-recommends', ...packages], { status, archives: dir }, onLine).catch((err: Error) => {
+      await this.#apt(['install', '--download-only', '-y', '-q', '--no-install-recommends', ...packages], { status, archives: dir }, onLine, { signal }).catch((err: Error) => {
         throw notFound(err.message, this.opts.mirror) ?? err;
       });
       const simulated: string[] = [];
-      await this.#apt(['install', '-s', '-q', '--no-install-recommends', ...packages], { status, archives: dir }, () => {}, simulated);
+      await this.#apt(['install', '-s', '-q', '--no-install-recommends', ...packages], { status, archives: dir }, () => {}, { signal, stdoutLines: simulated });
       const files = (await readdir(dir)).filter((f) => f.endsWith('.deb')).sort();
       let bytes = 0;
       for (const f of files) bytes += (await stat(join(dir, f))).size;
@@ -95,7 +98,7 @@ export class AptFetch {
   }
 
   /** The private configuration, rewritten every time; `apt-get update` when the lists are missing, stale or for another mirror. */
-  async #prepare(onLine: (line: string) => void): Promise<void> {
+  async #prepare(onLine: (line: string) => void, signal?: AbortSignal): Promise<void> {
     const d = this.#dir;
     for (const sub of ['apt.conf.d', 'sources.list.d', 'preferences.d', 'trusted.gpg.d', 'lists/partial', 'cache', 'log', 'state']) await mkdir(join(d, sub), { recursive: true });
     const arch = process.arch === 'arm64' ? 'arm64' : 'amd64';
@@ -132,10 +135,10 @@ export class AptFetch {
     // Another process sharing the lists may be updating them: wait for it, then use its lists.
     for (let attempt = 0; ; attempt++) {
       try {
-        await this.#apt(['update', '-q'], {}, onLine);
+        await this.#apt(['update', '-q'], {}, onLine, { signal });
         break;
       } catch (err) {
-        if (!/Could not get lock/.test((err as Error).message) || attempt >= LOCK_RETRIES) throw err;
+        if (signal?.aborted || !/Could not get lock/.test((err as Error).message) || attempt >= LOCK_RETRIES) throw err;
         await new Promise((r) => setTimeout(r, 1000));
         const now = await stat(marker).then((st) => st.mtimeMs).catch(() => 0);
         if (now > updatedAt && Date.now() - now < LISTS_MAX_AGE_MS) return;
@@ -150,7 +153,8 @@ export class AptFetch {
     if (uid !== null) for (const dir of dirs) await chown(dir, uid, 0).catch(() => {});
   }
 
-  #apt(args: string[], paths: { status?: string; archives?: string }, onLine: (line: string) => void, stdoutLines?: string[]): Promise<void> {
+  #apt(args: string[], paths: { status?: string; archives?: string }, onLine: (line: string) => void, opts: { signal?: AbortSignal | undefined; stdoutLines?: string[] } = {}): Promise<void> {
+    const { signal, stdoutLines } = opts;
     const options = [
       ...(paths.status ? ['-o', `Dir::State::status=${paths.status}`] : []),
       ...(paths.archives ? ['-o', `Dir::Cache::archives=${paths.archives}`] : []),
@@ -159,8 +163,9 @@ export class AptFetch {
       execFile(
         'apt-get',
         [...options, ...args],
-        { env: { PATH: process.env.PATH ?? '/usr/bin:/bin', APT_CONFIG: join(this.#dir, 'apt.conf'), LC_ALL: 'C', DEBIAN_FRONTEND: 'noninteractive' }, timeout: APT_TIMEOUT_MS, maxBuffer: 16 * 1024 * 1024 },
+        { env: { PATH: process.env.PATH ?? '/usr/bin:/bin', APT_CONFIG: join(this.#dir, 'apt.conf'), LC_ALL: 'C', DEBIAN_FRONTEND: 'noninteractive' }, timeout: APT_TIMEOUT_MS, maxBuffer: 16 * 1024 * 1024, ...(signal ? { signal } : {}) },
         (err, stdout, stderr) => {
+          if (signal?.aborted) return reject(new Error('the download was cancelled'));
           if (stdoutLines) stdoutLines.push(...`${stdout}`.split('\n'));
           for (const line of `${stdout}`.split('\n')) if (/^(Get:|Fetched|Need to get|E:|W:)/.test(line)) onLine(line.trim());
           if (!err) return resolve();
