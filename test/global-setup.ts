@@ -53,14 +53,16 @@ export default async function setup(): Promise<void> {
   // Build sandboxes of their own (instances, runc state, logs), so nothing of a server on this host is touched.
   const root = mkdtempSync(join(tmpdir(), 'voidrun-setup-'));
   chmodSync(root, 0o711);
+  const runcRoot = join('/run/voidrun-test', root.split('/').pop()!);
   try {
     const started = Date.now();
-    const buildConfig = { ...config, INSTANCES_DIR: join(root, 'instances'), RUNC_ROOT: join('/run/voidrun-test', root.split('/').pop()!), DATA_DIR: join(root, 'data') };
+    const buildConfig = { ...config, INSTANCES_DIR: join(root, 'instances'), RUNC_ROOT: runcRoot, DATA_DIR: join(root, 'data') };
     const layers = await buildRecipeLayers(buildConfig, TEST_IMAGE_RECIPE, log);
     console.log(`[test setup] test image (${TEST_IMAGE_RECIPE.packages.join(' ')}) ready: ${layers.length} layer (${Math.round((Date.now() - started) / 1000)} s)`);
   } catch (err) {
     console.log(`[test setup] the test image could not be built (${(err as Error).message}): image tests will build it themselves`);
   } finally {
     rmSync(root, { recursive: true, force: true });
+    rmSync(runcRoot, { recursive: true, force: true });
   }
 }
