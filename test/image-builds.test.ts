@@ -3,12 +3,15 @@
  * downloads from DEBIAN_MIRROR, real layers in the shared BASE_IMAGES_DIR, and the records in a
  * real server's store. The API over them (POST /images with a recipe) is tested in images.test.ts.
  */
+import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Recipe } from '../shared/schemas/images.js';
 import { agentProcessStream } from '../server/agent-client/process-stream.js';
+import { AptFetch, installOrder } from '../server/hypervisor/images/apt-fetch.js';
 import { LayerStore } from '../server/hypervisor/images/layer-store.js';
 import { RootfsImages } from '../server/hypervisor/images/rootfs-images.js';
 import { createImageBuilds } from '../server/services/image-build-setup.js';
+import { installCommand, planSteps, scrub, stackKey, stepLayerId } from '../server/services/image-builder.js';
 import type { ImageBuilds } from '../server/services/image-builds.js';
 import { newId } from '../server/store/ids.js';
 import type { ImageRecord } from '../server/store/types.js';
@@ -16,6 +19,64 @@ import { support } from './helpers/sandbox-support.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 import { TEST_IMAGE_RECIPE } from './helpers/test-images.js';
 import { until } from './helpers/until.js';
+
+describe('recipe build plans (pure)', () => {
+  const parent = { base: 'debian', layers: [], env: { A: '1', B: 'parent' }, workdir: '/parent' };
+
+  it('orders steps packages, files, run; dedupes and sorts packages; run steps carry the merged env and workdir', () => {
+    const steps = planSteps({ packages: ['git', 'curl', 'git'], files: [{ path: '/x', content: 'y' }], run: ['make'], env: { B: 'mine' }, workdir: '/w' }, parent);
+    expect(steps).toEqual([
+      { kind: 'packages', packages: ['curl', 'git'] },
+      { kind: 'files', files: [{ path: '/x', content: 'y' }], workdir: '/w' },
+      { kind: 'run', command: 'make', env: { A: '1', B: 'mine' }, workdir: '/w' },
+    ]);
+    expect(planSteps({ workdir: '/only' }, parent)).toEqual([{ kind: 'files', files: [], workdir: '/only' }]);
+    expect(planSteps({ run: ['ls'] }, parent)).toEqual([{ kind: 'run', command: 'ls', env: { A: '1', B: 'parent' }, workdir: '/parent' }]);
+  });
+
+  it('layer ids are content addresses of the stack below and the step (the layer cache key)', () => {
+    const [step] = planSteps({ packages: ['b', 'a'] }, parent);
+    const [same] = planSteps({ packages: ['a', 'b', 'a'] }, parent);
+    const base = stackKey('/images/debian/rootfs-v2', []);
+    expect(stepLayerId(base, step!)).toBe(stepLayerId(base, same!));
+    expect(stepLayerId(base, step!)).toMatch(/^[0-9a-f]{64}$/);
+    expect(stepLayerId(stackKey('/images/debian/rootfs-v3', []), step!)).not.toBe(stepLayerId(base, step!));
+    expect(stackKey('/x/debian/rootfs-v2', ['aa'.repeat(12), 'bb'.repeat(12)])).toBe('bb'.repeat(12));
+  });
+
+  it("apt's simulated install order becomes unpack and configure runs of the downloaded files", () => {
+    const simulation = [
+      'NOTE: This is only a simulation!',
+      'Inst libssl3 (3.0.20-1~deb12u2 Debian:12 [amd64])',
+      'Inst python3.11-minimal (3.11.2-6+deb12u8 Debian:12 [amd64])',
+      'Conf libssl3 (3.0.20-1~deb12u2 Debian:12 [amd64])',
+      'Conf python3.11-minimal:amd64 (3.11.2-6+deb12u8 Debian:12 [amd64])',
+      'Inst python3-minimal (3.11.2-1+b1 Debian:12 [amd64])',
+      'Inst not-downloaded (1 Debian:12 [all])',
+      'Conf python3-minimal (3.11.2-1+b1 Debian:12 [amd64])',
+    ];
+    const files = ['libssl3_3.0.20-1~deb12u2_amd64.deb', 'python3-minimal_3.11.2-1+b1_amd64.deb', 'python3.11-minimal_3.11.2-6+deb12u8_amd64.deb'];
+    const order = installOrder(simulation, files);
+    expect(order).toEqual([
+      { op: 'unpack', files: ['libssl3_3.0.20-1~deb12u2_amd64.deb', 'python3.11-minimal_3.11.2-6+deb12u8_amd64.deb'] },
+      { op: 'configure', packages: ['libssl3', 'python3.11-minimal'] },
+      { op: 'unpack', files: ['python3-minimal_3.11.2-1+b1_amd64.deb'] },
+      { op: 'configure', packages: ['python3-minimal'] },
+    ]);
+    expect(installCommand(order)).toMatch(/dpkg --force-confdef --force-confold --unpack '\/var\/cache\/voidrun-debs\/libssl3_3\.0\.20-1~deb12u2_amd64\.deb' /);
+  });
+
+  it('a package name apt would read as an option or a pattern is refused before apt runs', async () => {
+    const apt = new AptFetch({ baseImagesDir: '/nonexistent', mirror: 'http://deb.debian.org/debian', log: pino({ level: 'silent' }) });
+    for (const name of ['-oDebug::pkgProblemResolver=1', 'python3*', 'Python3', 'a b', 'x']) {
+      await expect(apt.download([name], '/nonexistent')).rejects.toThrow(/is not a valid apt package name/);
+    }
+  });
+
+  it('host paths are scrubbed from build errors', () => {
+    expect(scrub('mount failed: /var/lib/hyper-fleet/instances/abc/disk: busy | /tmp/x/y.log')).toBe('mount failed: <host path>: busy | <host path>');
+  });
+});
 
 describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
   let server: TestServer;
@@ -144,14 +205,17 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
 
   it('files and workdir become a layer written through the build sandbox agent, with their modes', async () => {
     const parent = { base: 'debian', layers: [], env: {}, workdir: null };
+    // A new file each run, so the steps are built (not found in the layer cache).
+    const marker = newId();
     const result = await setup.builder.build({
-      recipe: { files: [{ path: '/opt/app/run.sh', content: '#!/bin/sh\necho from-file\n', mode: '0755' }], workdir: '/srv/work', run: ['pwd > /srv/work/where; echo "$GREETING" >> /srv/work/where'], env: { GREETING: 'hello-env' } },
+      recipe: { files: [{ path: '/opt/app/run.sh', content: `#!/bin/sh\necho from-file-${marker}\n`, mode: '0755' }], workdir: '/srv/work', run: ['pwd > /srv/work/where; echo "$GREETING" >> /srv/work/where'], env: { GREETING: 'hello-env' } },
       parent,
       onLine: () => {},
     });
+    expect(result.built).toBe(2);
     expect(result.workdir).toBe('/srv/work');
     expect(result.env).toEqual({ GREETING: 'hello-env' });
-    expect(await runOn(result.layers, '/opt/app/run.sh; stat -c %a /opt/app/run.sh; cat /srv/work/where')).toBe('from-file\n755\n/srv/work\nhello-env\n');
+    expect(await runOn(result.layers, '/opt/app/run.sh; stat -c %a /opt/app/run.sh; cat /srv/work/where')).toBe(`from-file-${marker}\n755\n/srv/work\nhello-env\n`);
   }, 600_000);
 
   it('a build log past IMAGE_BUILD_LOG_MAX_BYTES keeps its tail', async () => {
@@ -249,7 +313,7 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
   it('a server stopping during a build leaves it building (no build sandbox left), and the next start builds it', async () => {
     const { config, log } = server.app;
     const first = await createImageBuilds({ config, layers, rootfs, images: server.app.store.images, log });
-    const image = await recordBuild({ run: ['echo started-$((1+1)); sleep 3'] });
+    const image = await recordBuild({ run: [`echo started-$((1+1)); sleep 3; echo ${newId()}`] });
     first.builds.enqueue(image, debian);
     await until(() => first.builds.readLog(image.id), (l) => /^started-2$/m.test(l.text), 'the run step to start', 60_000, 50);
     await first.close();

@@ -242,7 +242,7 @@ export class ImageBuilds {
         signal: build.abort.signal,
       });
       await progressed;
-      line(`image ${image.name}:${image.tag} is ready (${result.layers.length} layers) after ${Math.round((Date.now() - started) / 1000)} s`);
+      line(`image ${image.name}:${image.tag} is ready (${result.layers.length} layer${result.layers.length === 1 ? '' : 's'}) after ${Math.round((Date.now() - started) / 1000)} s`);
       await this.#end(build, { status: 'ready', layers: result.layers, sizeBytes: result.sizeBytes, env: result.env, workdir: result.workdir, error: null, progress: null });
     } catch (err) {
       await progressed;
