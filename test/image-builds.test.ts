@@ -3,6 +3,8 @@
  * downloads from DEBIAN_MIRROR, real layers in the shared BASE_IMAGES_DIR, and the records in a
  * real server's store. The API over them (POST /images with a recipe) is tested in images.test.ts.
  */
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Recipe } from '../shared/schemas/images.js';
@@ -98,8 +100,17 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     debian = (await server.app.store.images.findByName(null, 'debian'))!;
   }, 120_000);
 
+  /** Layers these tests built from builder.build calls (record builds are found in the store). */
+  const builtHere = new Set<string>();
+
   afterAll(async () => {
     for (const close of closers) await close();
+    // Every layer here but the shared test image's carries a marker of this run: nothing else uses them.
+    if (setup) {
+      for (const record of await server.app.store.images.listAll()) for (const id of record.layers) builtHere.add(id);
+      const shared = new Set((await setup.builder.plan(TEST_IMAGE_RECIPE, { base: 'debian', layers: [], env: {}, workdir: null })).map((p) => p.layerId));
+      for (const id of builtHere) if (!shared.has(id)) await rm(join(server.app.config.BASE_IMAGES_DIR, 'layers', id), { recursive: true, force: true });
+    }
     await setup?.close();
     await server?.close();
   });
@@ -176,6 +187,7 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(more.built).toBe(1);
     expect(more.layers).toHaveLength(2);
     expect(more.layers[0]).toBe(base.layers[0]);
+    builtHere.add(more.layers[1]!);
     expect(await runOn(more.layers, 'cat /built-by-run; python3 -c "print(1+1)"')).toBe(`${marker}\n2\n`);
   }, 600_000);
 
@@ -212,6 +224,7 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
       parent,
       onLine: () => {},
     });
+    for (const id of result.layers) builtHere.add(id);
     expect(result.built).toBe(2);
     expect(result.workdir).toBe('/srv/work');
     expect(result.env).toEqual({ GREETING: 'hello-env' });
@@ -252,11 +265,14 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     const queued = await recordBuild({ run: ['echo never'] });
     builds.enqueue(running, debian);
     builds.enqueue(queued, debian);
-    await until(() => builds.readLog(running.id), (l) => /^started-2$/m.test(l.text), 'the run step to start', 60_000, 50);
-    expect((await server.app.store.images.findById(running.id))!.progress).toEqual({ step: 1, steps: 1, message: 'run "echo started-$((1+1)); sleep 300"' });
-    expect(await setup.container.driver.list()).toHaveLength(1);
-    await builds.cancel(queued.id);
-    await builds.cancel(running.id);
+    try {
+      await until(() => builds.readLog(running.id), (l) => /^started-2$/m.test(l.text), 'the run step to start', 60_000, 50);
+      expect((await server.app.store.images.findById(running.id))!.progress).toEqual({ step: 1, steps: 1, message: 'run "echo started-$((1+1)); sleep 300"' });
+      expect(await setup.container.driver.list()).toHaveLength(1);
+    } finally {
+      await builds.cancel(queued.id);
+      await builds.cancel(running.id);
+    }
     expect(await setup.container.driver.list()).toEqual([]);
     expect((await server.app.store.images.findById(running.id))!.status).toBe('failed');
     expect((await server.app.store.images.findById(queued.id))!.status).toBe('building'); // its record is the deleter's

@@ -96,6 +96,7 @@ export class ImageBuilds {
   async resume(): Promise<void> {
     const building = (await this.deps.images.listAll()).filter((r) => r.status === 'building' && r.recipe);
     for (const image of building) {
+      if (this.#active.has(image.id)) continue; // queued or running here already
       const parent = image.parentId ? await this.deps.images.findById(image.parentId) : null;
       if (!parent || parent.status !== 'ready') {
         await this.#finish(image, { status: 'failed', error: 'the image it was built on is gone or not ready; create it again', progress: null });
@@ -103,7 +104,6 @@ export class ImageBuilds {
       }
       const file = this.#logFile(image.id);
       await appendFile(file, 'the server restarted during this build; building again (finished steps come from the layer cache)\n').catch(() => {});
-      this.#active.delete(image.id);
       try {
         this.enqueue(image, parent);
       } catch {
