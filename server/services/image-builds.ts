@@ -331,7 +331,9 @@ export class ImageBuilds {
     await writeFile(file, Buffer.concat([Buffer.from(TRUNCATED_MARK), nl >= 0 ? tail.subarray(nl + 1) : tail]), { mode: 0o600 });
   }
 
+  /** Image ids are store ids (24 hex), never a path: anything else names no log. */
   #logFile(imageId: string): string {
+    if (!isObjectIdHex(imageId)) throw new Error(`not an image id: ${JSON.stringify(imageId.slice(0, 40))}`);
     return join(this.deps.logsDir, `${imageId}.log`);
   }
 }
