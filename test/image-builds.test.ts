@@ -3,7 +3,7 @@
  * downloads from DEBIAN_MIRROR, real layers in the shared BASE_IMAGES_DIR, and the records in a
  * real server's store. The API over them (POST /images with a recipe) is tested in images.test.ts.
  */
-import { rm } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -179,7 +179,7 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(lines.join('\n')).not.toMatch(/installing/);
   }, 600_000);
 
-  it('a recipe with one more run step reuses the packages layer and builds only that step', async () => {
+  it('a recipe with one more run step reuses the packages layer and builds only that step, as the sandbox root (not host root)', async () => {
     const parent = { base: 'debian', layers: [], env: {}, workdir: null };
     const base = await setup.builder.build({ recipe: TEST_IMAGE_RECIPE, parent, onLine: () => {} });
     const marker = newId();
@@ -188,6 +188,9 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(more.layers).toHaveLength(2);
     expect(more.layers[0]).toBe(base.layers[0]);
     builtHere.add(more.layers[1]!);
+    // Written by the build sandbox's root, which is an unprivileged uid on the host (never host root).
+    const written = await stat(join(layers.fsPath(more.layers[1]!), 'built-by-run'));
+    expect([written.uid, written.gid]).toEqual([server.app.config.SANDBOX_UID_BASE, server.app.config.SANDBOX_UID_BASE]);
     expect(await runOn(more.layers, 'cat /built-by-run; python3 -c "print(1+1)"')).toBe(`${marker}\n2\n`);
   }, 600_000);
 
