@@ -1,8 +1,9 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { OutputLog } from './output-log.js';
-import { ProcessManager, ProcessTable, utf8Prefix } from './process-manager.js';
+import { ProcessManager, ProcessTable, utf8Prefix, type ManagedProcess } from './process-manager.js';
 
 const entry = (pid: number, bytes = 0) => ({ pid, output: { bytes } });
 
@@ -77,4 +78,41 @@ describe('backpressure', () => {
     await proc.terminate('SIGKILL');
     expect(proc.running).toBe(false);
   });
+});
+
+describe('descendants that leave the process group', () => {
+  /** Starts `command` with a `setsid` sleeper holding its output; the sleeper is killed afterwards. */
+  async function withEscapedChild(prefix: string, timeoutMs: number, check: (proc: ManagedProcess) => Promise<void>) {
+    const dir = mkdtempSync(join(tmpdir(), 'escaped-'));
+    const pidFile = join(dir, 'pid');
+    const manager = new ProcessManager(process.env, tmpdir());
+    const proc = manager.start({ command: `setsid sh -c 'echo $$ > ${pidFile}; exec sleep 60' & ${prefix}`, timeoutMs });
+    try {
+      await check(proc);
+    } finally {
+      await expect.poll(() => existsSync(pidFile) && readFileSync(pidFile, 'utf8').trim() !== '', { timeout: 10_000 }).toBe(true);
+      try {
+        process.kill(Number(readFileSync(pidFile, 'utf8')), 'SIGKILL');
+      } catch {
+        // already gone
+      }
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  it('a timed-out command whose setsid child holds its output reports the timeout instead of waiting for the child', async () => {
+    await withEscapedChild('echo started; sleep 60', 500, async (proc) => {
+      const exit = await proc.exited;
+      expect(exit).toMatchObject({ timedOut: true, exitCode: 124 });
+      expect(proc.output.since(0).map((e) => e.event.type)).toContain('exit');
+    });
+  }, 30_000);
+
+  it('a command that exits while a setsid child holds its output reports its exit after a short grace', async () => {
+    await withEscapedChild('echo started; exit 3', 0, async (proc) => {
+      const exit = await proc.exited;
+      expect(exit).toMatchObject({ timedOut: false, exitCode: 3 });
+      expect(proc.output.since(0).some((e) => e.event.type === 'stdout' && e.event.data.includes('started'))).toBe(true);
+    });
+  }, 30_000);
 });

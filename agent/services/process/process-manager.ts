@@ -29,6 +29,13 @@ export const RUN_OUTPUT_BUDGET_BYTES = 48 * 1024 * 1024;
  */
 export const KILL_GRACE_MS = 5000;
 
+/**
+ * How long after the process itself exited its output pipes are still read. A descendant that left
+ * its process group (`setsid cmd &`, a daemon) keeps them open; past this they are closed, so the
+ * process's exit is reported instead of waiting for that descendant to end (maybe never).
+ */
+export const EXIT_PIPE_GRACE_MS = 2000;
+
 export interface ExitInfo {
   exitCode: number;
   signal: string | null;
@@ -61,7 +68,8 @@ export class ManagedProcess {
     child.stdin?.on('error', () => {});
     let timedOut = false;
     // Awake time: a command's time limit does not run out while its sandbox is paused.
-    const timer = timeoutMs > 0 ? afterAwake(timeoutMs, () => ((timedOut = true), this.kill('SIGKILL'))) : undefined;
+    // terminate, not kill: it also closes pipes a descendant outside the group holds, so the exit is reported.
+    const timer = timeoutMs > 0 ? afterAwake(timeoutMs, () => ((timedOut = true), void this.terminate('SIGKILL'))) : undefined;
     for (const [stream, type] of [
       [child.stdout, 'stdout'],
       [child.stderr, 'stderr'],
@@ -97,11 +105,22 @@ export class ManagedProcess {
         if (rest) this.output.append({ type, data: rest }, Buffer.byteLength(rest));
       });
     }
-    child.once('exit', () => (this.#gone = true));
+    let pipeTimer: NodeJS.Timeout | undefined;
+    const closeLeftPipes = () => {
+      // A reader that is behind still gets what the pipes hold: the grace starts once it caught up.
+      if (this.#holds.size > 0) return void (pipeTimer = setTimeout(closeLeftPipes, EXIT_PIPE_GRACE_MS));
+      this.#child.stdout?.destroy();
+      this.#child.stderr?.destroy();
+    };
+    child.once('exit', () => {
+      this.#gone = true;
+      pipeTimer = setTimeout(closeLeftPipes, EXIT_PIPE_GRACE_MS);
+    });
     // 'close' fires after stdout and stderr ended, so the exit event is always the last.
     this.exited = new Promise((resolve) => {
       child.once('close', (code, signal) => {
         timer?.cancel();
+        clearTimeout(pipeTimer);
         // 124 for a timeout, as timeout(1) reports; 128+n for a signal, as shells do.
         const exitCode = timedOut ? 124 : (code ?? 128 + signalNumber(signal));
         this.exit = { exitCode, signal: signal ?? null, timedOut };
