@@ -7,6 +7,11 @@
 
 /** The largest PAX or GNU long-name header accepted (bytes). */
 const MAX_META_BYTES = 64 * 1024;
+/**
+ * Metadata headers (PAX, global PAX, GNU long names) before one entry: real tars write one or two;
+ * past this a stream of them (which are never entries, so no entry count sees them) is refused.
+ */
+const MAX_META_HEADERS = 16;
 const BLOCK = 512;
 
 /** Makes the error a malformed stream is reported with (each side's 400). */
@@ -35,12 +40,18 @@ export interface TarEntry {
 class ByteReader {
   readonly #it: AsyncIterator<Buffer>;
   readonly #fail: TarFail;
+  readonly #max: number;
+  readonly #limit: string;
   #buf: Buffer = Buffer.alloc(0);
   #done = false;
+  /** Bytes taken from the stream so far (headers, bodies read or skipped, padding). */
+  pulled = 0;
 
-  constructor(stream: AsyncIterable<Buffer>, fail: TarFail) {
+  constructor(stream: AsyncIterable<Buffer>, fail: TarFail, max: number, limit: string) {
     this.#it = stream[Symbol.asyncIterator]();
     this.#fail = fail;
+    this.#max = max;
+    this.#limit = limit;
   }
 
   async #fill(): Promise<boolean> {
@@ -50,6 +61,8 @@ class ByteReader {
       this.#done = true;
       return false;
     }
+    this.pulled += next.value.length;
+    if (this.pulled > this.#max) throw this.#fail(`The tar stream is longer than ${this.#max} bytes (headers, metadata and bodies together${this.#limit ? `; ${this.#limit}` : ''}); refusing it`);
     this.#buf = this.#buf.length === 0 ? next.value : Buffer.concat([this.#buf, next.value]);
     return true;
   }
@@ -131,9 +144,19 @@ export class TarReader {
   #left = 0;
   #padding = 0;
 
-  constructor(stream: AsyncIterable<Buffer>, fail: TarFail) {
-    this.#bytes = new ByteReader(stream, fail);
+  /**
+   * `maxBytes`: the most the reader takes from `stream` (every byte: headers, metadata, bodies read
+   * or skipped); past it the stream is refused. A gzip stream unpacked into `stream` is then bounded
+   * in what it costs to unpack, not only in what was sent. `limit` says where the bound comes from (in the refusal).
+   */
+  constructor(stream: AsyncIterable<Buffer>, fail: TarFail, opts: { maxBytes?: number; limit?: string } = {}) {
+    this.#bytes = new ByteReader(stream, fail, opts.maxBytes ?? Infinity, opts.limit ?? '');
     this.#fail = fail;
+  }
+
+  /** Bytes taken from the stream so far. */
+  get bytesRead(): number {
+    return this.#bytes.pulled;
   }
 
   /** A numeric header field: octal text, or GNU base-256 (sizes over 8 GiB). */
@@ -170,7 +193,7 @@ export class TarReader {
     let longName: string | undefined;
     let longLink: string | undefined;
     let pax = new Map<string, string>();
-    for (;;) {
+    for (let meta = 0; ; meta++) {
       const header = await this.#bytes.exactly(BLOCK);
       if (!header || header.every((b) => b === 0)) return null; // the end-of-archive blocks (or a bare end)
       if (!this.#checksumOk(header)) throw this.#fail('Not a tar stream: a header block has a wrong checksum (send an uncompressed tar)');
@@ -179,6 +202,7 @@ export class TarReader {
       if (!Number.isSafeInteger(size) || size < 0) throw this.#fail('Malformed tar header: bad entry size');
       const padded = Math.ceil(size / BLOCK) * BLOCK;
       if (type === 'x' || type === 'g' || type === 'L' || type === 'K') {
+        if (meta >= MAX_META_HEADERS) throw this.#fail(`More than ${MAX_META_HEADERS} metadata headers (PAX or GNU long names) in a row, before one entry; refusing the stream`);
         if (size > MAX_META_BYTES) throw this.#fail(`A tar metadata header of ${size} bytes is larger than ${MAX_META_BYTES}`);
         const data = (await this.#bytes.exactly(padded)) ?? Buffer.alloc(0);
         const body = data.subarray(0, size);

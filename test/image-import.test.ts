@@ -6,7 +6,8 @@ import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { VoidRunClient } from '../client/index.js';
-import { dockerSave, ociLayout, ociLayoutFiles, sha256, tar, tarOfFiles, type ImageSpec, type TarItem } from './helpers/oci-archive.js';
+import { TarReader } from '../shared/tar-reader.js';
+import { changeManifest, dockerSave, ociLayout, ociLayoutFiles, sha256, tar, tarBlocks, tarOfFiles, type ImageSpec, type TarItem } from './helpers/oci-archive.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 import { until } from './helpers/until.js';
@@ -190,17 +191,11 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
       const layer = execFileSync('tar', ['--format=posix', '--numeric-owner', '-C', src, '-cf', '-', '.']);
       const files = ociLayoutFiles({ layers: [[{ name: 'placeholder', body: '' }]], gzip: [false] });
       // Swap the layer for GNU tar's, fixing up its digest in the manifest.
-      const manifestName = [...files.keys()].find((n) => n.startsWith('blobs/') && files.get(n)!.toString().includes('"layers":['))!;
-      const manifest = JSON.parse(files.get(manifestName)!.toString()) as { layers: Array<{ digest: string; size: number }> };
-      files.delete(`blobs/sha256/${manifest.layers[0]!.digest.slice(7)}`);
-      manifest.layers[0] = { ...manifest.layers[0]!, digest: `sha256:${sha256(layer)}`, size: layer.length };
+      changeManifest(files, (manifest) => {
+        files.delete(`blobs/sha256/${manifest.layers[0]!.digest.slice(7)}`);
+        manifest.layers[0] = { ...manifest.layers[0]!, digest: `sha256:${sha256(layer)}`, size: layer.length };
+      });
       files.set(`blobs/sha256/${sha256(layer)}`, layer);
-      const manifestBlob = Buffer.from(JSON.stringify(manifest));
-      files.delete(manifestName);
-      files.set(`blobs/sha256/${sha256(manifestBlob)}`, manifestBlob);
-      const index = JSON.parse(files.get('index.json')!.toString()) as { manifests: Array<{ digest: string; size: number }> };
-      index.manifests[0] = { ...index.manifests[0]!, digest: `sha256:${sha256(manifestBlob)}`, size: manifestBlob.length };
-      files.set('index.json', Buffer.from(JSON.stringify(index)));
       const before = new Set(hostState().layers);
       const res = await upload('gnu-tar', tarOfFiles(files));
       expect(res.status, await res.clone().text()).toBe(201);
@@ -214,6 +209,24 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     } finally {
       rmSync(src, { recursive: true, force: true });
     }
+  });
+
+  it('a whiteout after a re-created dir in the same layer hides the lower layer\'s files', async () => {
+    const before = new Set(hostState().layers);
+    const archive = ociLayout({
+      layers: [
+        [{ name: 'd/old', body: 'lower' }, { name: 'e/old', body: 'lower' }, { name: 'f', body: 'lower' }, { name: 'g/keep', body: 'lower' }],
+        // Whiteouts apply to the lower layers wherever they come in the layer: d/new and e/new stay, d/old and e/old go.
+        [{ name: 'd/new', body: 'upper' }, { name: '.wh.d' }, { name: '.wh.e' }, { name: 'e/new', body: 'upper' }, { name: 'f', body: 'upper' }, { name: '.wh.f' }, { name: 'g/.wh.keep' }, { name: 'g/keep', body: 'upper' }],
+      ],
+    });
+    const res = await upload('whiteout-order', archive);
+    expect(res.status, await res.clone().text()).toBe(201);
+    const fs = join(layersDir(), hostState().layers.find((l) => !before.has(l))!, 'fs');
+    expect(readdirSync(join(fs, 'd'))).toEqual(['new']);
+    expect(readdirSync(join(fs, 'e'))).toEqual(['new']);
+    expect(readFileSync(join(fs, 'f'), 'utf8')).toBe('upper');
+    expect(readFileSync(join(fs, 'g/keep'), 'utf8')).toBe('upper');
   });
 
   it('another org cannot see or use the imported image (404)', async () => {
@@ -231,6 +244,18 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
     const marker = `voidrun-import-escape-${process.pid}`;
     const wrongDigest = ociLayoutFiles({ layers: [[{ name: 'etc/ok', body: 'ok' }]], gzip: [false] });
     for (const [name, content] of wrongDigest) if (name.startsWith('blobs/') && content.length > 1024) wrongDigest.set(name, tar([{ name: 'etc/ok', body: 'altered' }]));
+    // The manifest names a layer blob that the archive holds only as a link to another blob (of the descriptor's size).
+    const linkedBlob = ociLayoutFiles({ layers: [[{ name: 'etc/ok', body: 'ok' }]], gzip: [false] });
+    const otherLayer = tar([{ name: 'etc/evil', body: 'not the layer the manifest names' }]);
+    let claimed = '';
+    changeManifest(linkedBlob, (manifest) => {
+      claimed = manifest.layers[0]!.digest.slice(7);
+      manifest.layers[0]!.size = otherLayer.length;
+    });
+    linkedBlob.delete(`blobs/sha256/${claimed}`);
+    linkedBlob.set(`blobs/sha256/${sha256(otherLayer)}`, otherLayer);
+    const blobLinkMismatch = `blob blobs/sha256/${claimed} is a link to blobs/sha256/${sha256(otherLayer)}, which does not match its digest`;
+    const globalHeaders = (n: number) => Array.from({ length: n }, (): TarItem => ({ name: 'g', type: 'global' }));
     const cases: Array<[string, Buffer, string]> = [
       ['dotdot', hostile([{ name: '../escape.txt', body: 'x' }]), '"../escape.txt" has a ".." component'],
       ['nested dotdot', hostile([{ name: 'etc/../../escape.txt', body: 'x' }], true), '".." component'],
@@ -254,6 +279,25 @@ describe.skipIf(!support.ok)('OCI image import (POST /api/images/import)', () =>
       ['zstd upload', Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(600)]), 'zstd-compressed, which is not supported'],
       ['not an image', tar([{ name: 'readme.txt', body: 'hi' }]), 'neither index.json (an OCI image layout) nor manifest.json'],
       ['not a tar', Buffer.from('not a tar at all'.repeat(64)), 'Not a tar stream'],
+      // A NUL reached open/mkdir/symlink as a bad argument: a 500 with the host staging path in the log.
+      ['PAX path with a NUL byte', hostile([{ name: 'nul', body: 'x', pax: { path: 'a\0b' } }]), '"a\\u0000b" has a NUL or control character in its name'],
+      ['PAX path with a NUL byte in a dir component', hostile([{ name: 'nul', body: 'x', pax: { path: 'a\0b/c' } }], true), '"a\\u0000b/c" has a NUL or control character in its name'],
+      ['symlink linkpath with a NUL byte', hostile([{ name: 'l', type: 'symlink', linkName: 'x', pax: { linkpath: 'a\0b' } }]), '"l" has a NUL or control character in its link target'],
+      ['hard-link linkpath with a NUL byte', hostile([{ name: 'h', type: 'hardlink', linkName: 'x', pax: { linkpath: 'etc/ok\0x' } }]), '"h" has a NUL or control character in its link target'],
+      ['control character in a name', hostile([{ name: 'bad\nname', body: 'x' }]), 'has a NUL or control character in its name'],
+      ['outer archive PAX path with a NUL byte', tar([{ name: 'x', body: 'x', pax: { path: 'index.json\0' } }]), 'has a NUL or control character in its name'],
+      // Digests were checked only for regular files: a link named as a blob stood in for another blob.
+      ['a blob that is a symlink to another blob', tarOfFiles(linkedBlob, [{ name: `blobs/sha256/${claimed}`, type: 'symlink', linkName: sha256(otherLayer) }]), blobLinkMismatch],
+      ['a blob that is a hard link to another blob', tarOfFiles(linkedBlob, [{ name: `blobs/sha256/${claimed}`, type: 'hardlink', linkName: `blobs/sha256/${sha256(otherLayer)}` }]), blobLinkMismatch],
+      // Metadata headers and skipped bodies were read unbudgeted: through gzip, hours of unpacking per upload.
+      ['global PAX headers in a row in a gzip layer', hostile([...globalHeaders(1000), { name: 'after', body: 'x' }], true), 'More than 16 metadata headers'],
+      ['a gzip upload of global PAX headers', gzipSync(tar(globalHeaders(1000))), 'More than 16 metadata headers'],
+      ['a whiteout entry declaring a body', hostile([{ name: 'etc/.wh.ok', body: 'x' }]), '"etc/.wh.ok" is a whiteout but declares a 1-byte body'],
+      ['a directory declaring 64 GiB of body', hostile([{ name: 'big/', declaredSize: 64 * 1024 ** 3 }], true), `"big/" is a directory but declares a ${64 * 1024 ** 3}-byte body`],
+      ['a symlink declaring a body', hostile([{ name: 's', type: 'symlink', linkName: 'etc/ok', body: 'x' }]), '"s" is a link but declares a 1-byte body'],
+      ['an outer-archive directory declaring a body', tar([{ name: 'blobs/', declaredSize: 10 * 1024 ** 3 }]), '"blobs/" is a directory but declares'],
+      // Accepted, every process of its sandboxes would fail to start (E2BIG).
+      ['an image config with 3 MiB of Env', ociLayout({ layers: [[{ name: 'a', body: 'a' }]], env: Array.from({ length: 24 }, (_, i) => `V${i}=${'x'.repeat(128 * 1024 - 10)}`) }), "The image config's Env holds"],
     ];
     for (const [what, archive, message] of cases) {
       const res = await upload(`bad-${sha256(Buffer.from(what)).slice(0, 8)}`, archive);
@@ -343,4 +387,61 @@ describe.skipIf(!support.ok)('OCI image import and the org disk quota', () => {
       await box.delete();
     }
   }, 120_000);
+
+  it('an import larger than the org\'s disk left is refused while it is applied and leaves no layer', async () => {
+    const { apiKey } = await server.client().trpc.auth.register.mutate({ name: 'Big', email: uniqueEmail('import-big') });
+    // The layer store is shared with other test servers: this import's layer would hold the marker dir.
+    const layers = join(process.env.BASE_IMAGES_DIR ?? '/var/lib/hyper-fleet/base-images', 'layers');
+    const before = new Set(readdirSync(layers));
+    const marker = `quota-marker-${process.pid}-${Date.now()}`;
+    const leftBehind = () =>
+      readdirSync(layers).filter((n) => !before.has(n) && (n.startsWith(`.staging-${process.pid}-`) || existsSync(join(layers, n, 'fs', marker))));
+    const send = (name: string, items: TarItem[]) =>
+      server.http(`/api/images/import?name=${name}`, { method: 'POST', apiKey, headers: { 'content-type': 'application/x-tar' }, body: ociLayout({ layers: [items], gzip: [true] }) });
+    // 70 MiB declared by one file (64 MiB left): refused at its header, before it is written.
+    const declared = await send('too-big-file', [{ name: `${marker}/big.bin`, body: Buffer.alloc(70 * 1024 * 1024) }]);
+    expect(declared.status).toBe(429);
+    expect(((await declared.json()) as { error: string }).error).toMatch(/image too-big-file takes \d+ bytes or more and your organization has 67108864 left under ORG_MAX_DISK_MB/);
+    expect(leftBehind()).toEqual([]);
+    // 45 MB declared in 9000 files, over 70 MB on disk (a block each and more): measured before commit, refused, discarded.
+    const files = Array.from({ length: 9000 }, (_, i): TarItem => ({ name: `${marker}/f${i}`, body: Buffer.alloc(5000) }));
+    const measured = await send('too-big-tree', files);
+    expect(measured.status).toBe(429);
+    expect(((await measured.json()) as { error: string }).error).toContain('image too-big-tree takes');
+    expect(leftBehind()).toEqual([]);
+    expect((await server.client(apiKey).trpc.images.list.query()).map((i) => i.name)).not.toContain('too-big-tree');
+  }, 120_000);
+});
+
+describe('TarReader bounds (unit: the reader alone, no server)', () => {
+  it('a stream of a million global PAX headers is refused after reading a few of them', async () => {
+    const block = Buffer.concat(tarBlocks({ name: 'g', type: 'global' }));
+    let pulled = 0;
+    async function* source(): AsyncGenerator<Buffer> {
+      for (let i = 0; i < 1_000_000; i++) {
+        pulled += block.length;
+        yield block;
+      }
+    }
+    await expect(new TarReader(source(), (m) => new Error(m)).next()).rejects.toThrow('More than 16 metadata headers');
+    expect(pulled).toBeLessThanOrEqual(17 * 512);
+  });
+
+  it('a reader bounded to N bytes refuses the stream past N, whatever its entries hold (headers, PAX records, skipped bodies)', async () => {
+    const entry = Buffer.concat(tarBlocks({ name: 'f', body: 'x'.repeat(5000), pax: { comment: 'x'.repeat(60_000) } }));
+    let pulled = 0;
+    // Not a Readable (which reads ahead): each chunk is pulled only when the reader asks for it.
+    async function* source(): AsyncGenerator<Buffer> {
+      for (;;) {
+        pulled += entry.length;
+        yield entry;
+      }
+    }
+    const reader = new TarReader(source(), (m) => new Error(m), { maxBytes: 1024 * 1024, limit: 'the test bound' });
+    const walk = async () => {
+      for (let e = await reader.next(); e; e = await reader.next());
+    };
+    await expect(walk()).rejects.toThrow('The tar stream is longer than 1048576 bytes (headers, metadata and bodies together; the test bound)');
+    expect(pulled).toBeLessThanOrEqual(1024 * 1024 + entry.length);
+  });
 });

@@ -43,11 +43,13 @@ export class ImageImports {
     this.#importing.add(principal.orgId);
     try {
       const diskLeft = await images.prepareImport(principal, input.name);
-      const imported = await importOciArchive(body, { layers, uidBase, maxBytes, maxFiles, spoolDir: this.spoolDir, log, description: `OCI import ${input.name}` });
-      // The layer no image names is removed by the next layer GC.
-      if (imported.bytes > diskLeft) {
-        throw new TooManyRequestsError(`Org quota exceeded: image ${input.name} takes ${imported.bytes} bytes and your organization has ${diskLeft} left under ORG_MAX_DISK_MB`);
-      }
+      // The org's disk left bounds the import while it is applied and before its layer is
+      // committed: a refused import leaves no layer behind (none to wait for the layer GC).
+      const quota = {
+        bytes: diskLeft,
+        refuse: (bytes: number) => new TooManyRequestsError(`Org quota exceeded: image ${input.name} takes ${bytes} bytes or more and your organization has ${diskLeft} left under ORG_MAX_DISK_MB`),
+      };
+      const imported = await importOciArchive(body, { layers, uidBase, maxBytes, maxFiles, spoolDir: this.spoolDir, log, description: `OCI import ${input.name}`, quota });
       return await images.recordImport(principal, { ...input, layerId: imported.layerId, sizeBytes: imported.bytes, ...imported.config });
     } finally {
       this.#importing.delete(principal.orgId);

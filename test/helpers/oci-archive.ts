@@ -8,7 +8,8 @@ import { gzipSync } from 'node:zlib';
  */
 export interface TarItem {
   name: string;
-  type?: 'file' | 'dir' | 'symlink' | 'hardlink' | 'char' | 'block' | 'fifo' | 'sparse';
+  /** `global`: a global PAX header (metadata, not an entry), with `pax` as its records. */
+  type?: 'file' | 'dir' | 'symlink' | 'hardlink' | 'char' | 'block' | 'fifo' | 'sparse' | 'global';
   body?: Buffer | string;
   linkName?: string;
   mode?: number;
@@ -21,7 +22,7 @@ export interface TarItem {
   pax?: Record<string, string>;
 }
 
-const typeFlags: Record<NonNullable<TarItem['type']>, string> = { file: '0', hardlink: '1', symlink: '2', char: '3', block: '4', dir: '5', fifo: '6', sparse: 'S' };
+const typeFlags: Record<NonNullable<TarItem['type']>, string> = { file: '0', hardlink: '1', symlink: '2', char: '3', block: '4', dir: '5', fifo: '6', sparse: 'S', global: 'g' };
 
 function octal(value: number, width: number): string {
   return value.toString(8).padStart(width - 1, '0') + '\0';
@@ -59,33 +60,44 @@ function padded(body: Buffer): Buffer[] {
   return rest ? [body, Buffer.alloc(512 - rest)] : [body];
 }
 
+/** PAX records (`<len> key=value\n`, the length counting itself). */
+function paxData(pax: Record<string, string>): Buffer {
+  const records = Object.entries(pax).map(([k, v]) => {
+    const text = ` ${k}=${v}\n`;
+    let len = Buffer.byteLength(text) + 1;
+    while (String(len).length + Buffer.byteLength(text) !== len) len++;
+    return `${len}${text}`;
+  });
+  return Buffer.from(records.join(''));
+}
+
+/** One item's blocks: its PAX header when it needs one, its header, its padded body. */
+export function tarBlocks(item: TarItem): Buffer[] {
+  const type = typeFlags[item.type ?? (item.name.endsWith('/') ? 'dir' : 'file')];
+  if (item.type === 'global') {
+    const data = paxData(item.pax ?? {});
+    return [header(item.name.slice(0, 100), type, data.length, item, ''), ...(data.length ? padded(data) : [])];
+  }
+  const out: Buffer[] = [];
+  const body = Buffer.from(item.body ?? '');
+  const linkName = item.linkName ?? '';
+  const pax: Record<string, string> = { ...item.pax };
+  if (Buffer.byteLength(item.name) > 100) pax.path = item.name;
+  if (Buffer.byteLength(linkName) > 100) pax.linkpath = linkName;
+  if ((item.uid ?? 0) > 0o7777777) pax.uid = String(item.uid);
+  if ((item.gid ?? 0) > 0o7777777) pax.gid = String(item.gid);
+  if (Object.keys(pax).length) {
+    const data = paxData(pax);
+    out.push(header('PaxHeader', 'x', data.length, { name: 'PaxHeader' }, ''), ...padded(data));
+  }
+  out.push(header(item.name.slice(0, 100), type, item.declaredSize ?? body.length, item, linkName.slice(0, 100)));
+  if (body.length) out.push(...padded(body));
+  return out;
+}
+
 /** A tar archive of `items` (PAX headers for long names and owners past the octal fields). */
 export function tar(items: TarItem[]): Buffer {
-  const out: Buffer[] = [];
-  for (const item of items) {
-    const type = typeFlags[item.type ?? (item.name.endsWith('/') ? 'dir' : 'file')];
-    const body = Buffer.from(item.body ?? '');
-    const linkName = item.linkName ?? '';
-    const pax: Record<string, string> = { ...item.pax };
-    if (Buffer.byteLength(item.name) > 100) pax.path = item.name;
-    if (Buffer.byteLength(linkName) > 100) pax.linkpath = linkName;
-    if ((item.uid ?? 0) > 0o7777777) pax.uid = String(item.uid);
-    if ((item.gid ?? 0) > 0o7777777) pax.gid = String(item.gid);
-    if (Object.keys(pax).length) {
-      const records = Object.entries(pax).map(([k, v]) => {
-        const text = ` ${k}=${v}\n`;
-        let len = Buffer.byteLength(text) + 1;
-        while (String(len).length + Buffer.byteLength(text) !== len) len++;
-        return `${len}${text}`;
-      });
-      const data = Buffer.from(records.join(''));
-      out.push(header('PaxHeader', 'x', data.length, { name: 'PaxHeader' }, ''), ...padded(data));
-    }
-    out.push(header(item.name.slice(0, 100), type, item.declaredSize ?? body.length, item, linkName.slice(0, 100)));
-    if (body.length) out.push(...padded(body));
-  }
-  out.push(Buffer.alloc(1024));
-  return Buffer.concat(out);
+  return Buffer.concat([...items.flatMap(tarBlocks), Buffer.alloc(1024)]);
 }
 
 export const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
@@ -148,11 +160,28 @@ export function ociLayoutFiles(spec: ImageSpec): Map<string, Buffer> {
   return files;
 }
 
-/** Files as a tar (directories of blobs/ included, as `tar -C layout .` writes them). */
-export function tarOfFiles(files: Map<string, Buffer>): Buffer {
+/** Files as a tar (directories of blobs/ included, as `tar -C layout .` writes them), then `extra` items (links). */
+export function tarOfFiles(files: Map<string, Buffer>, extra: TarItem[] = []): Buffer {
   const dirs = new Set<string>();
   for (const name of files.keys()) for (let i = name.indexOf('/'); i !== -1; i = name.indexOf('/', i + 1)) dirs.add(`${name.slice(0, i)}/`);
-  return tar([...[...dirs].sort().map((name) => ({ name })), ...[...files].map(([name, body]) => ({ name, body }))]);
+  return tar([...[...dirs].sort().map((name) => ({ name })), ...[...files].map(([name, body]) => ({ name, body })), ...extra]);
+}
+
+interface LayoutManifest {
+  layers: Array<{ mediaType?: string; digest: string; size: number }>;
+}
+
+/** Rewrites the one manifest of an OCI layout's files with `change` (its blob and the index's descriptor follow). */
+export function changeManifest(files: Map<string, Buffer>, change: (manifest: LayoutManifest) => void): void {
+  const index = JSON.parse(files.get('index.json')!.toString()) as { manifests: Array<{ digest: string; size: number }> };
+  const oldName = `blobs/sha256/${index.manifests[0]!.digest.slice(7)}`;
+  const manifest = JSON.parse(files.get(oldName)!.toString()) as LayoutManifest;
+  change(manifest);
+  const blob = Buffer.from(JSON.stringify(manifest));
+  files.delete(oldName);
+  files.set(`blobs/sha256/${sha256(blob)}`, blob);
+  index.manifests[0] = { ...index.manifests[0]!, digest: `sha256:${sha256(blob)}`, size: blob.length };
+  files.set('index.json', Buffer.from(JSON.stringify(index)));
 }
 
 /** An OCI image layout tar of one image. */

@@ -13,7 +13,7 @@ import { TarReader, type TarEntry } from '../../../shared/tar-reader.js';
 import { DomainError, InvalidInputError, PayloadTooLargeError } from '../../errors.js';
 import { newId } from '../../store/ids.js';
 import { processAlive } from '../host-process.js';
-import type { LayerStore } from './layer-store.js';
+import { measureTree, type LayerStore } from './layer-store.js';
 
 export interface OciImportOptions {
   layers: LayerStore;
@@ -28,6 +28,11 @@ export interface OciImportOptions {
   log: Logger;
   /** The layer's description (default: "OCI image import"). */
   description?: string;
+  /**
+   * The disk the image may take (the org's quota left): refused with `refuse(bytes)` as soon as its
+   * files declare more, and, measured, before the layer is committed, so a refused import leaves no layer.
+   */
+  quota?: { bytes: number; refuse(bytes: number): Error };
 }
 
 export interface ImportedImage {
@@ -42,6 +47,20 @@ const MAX_NAME_BYTES = 4096;
 const MAX_JSON_BYTES = 4 * 1024 * 1024;
 /** Owners inside the sandbox's user namespace: 0 to 65535 (the sandbox uid range's size). */
 const ID_RANGE = 65536;
+/**
+ * The image config's Env in all ("K=V" plus a NUL each): Linux gives a new process's argv and
+ * environment together about 2 MiB, so an image env near that would make every exec in its
+ * sandboxes fail (E2BIG); this leaves the rest to the sandbox's own env and commands.
+ */
+const MAX_ENV_BYTES = 256 * 1024;
+/**
+ * Tar bytes read per entry allowed on top of the files' declared bytes (headers, PAX records, long
+ * names, padding): with IMAGE_IMPORT_MAX_FILES this bounds every byte a tar stream of the import may
+ * cost to unpack and walk, whatever gzip made of it.
+ */
+const TAR_BYTES_PER_ENTRY = 8 * 512;
+/** Names and link targets with these are refused: a NUL cannot be a path, control characters are not in any real image. */
+const CONTROL_CHARS = /[\x00-\x1f\x7f]/;
 
 const LAYER_MEDIA_TYPES = new Set([
   'application/vnd.oci.image.layer.v1.tar',
@@ -82,8 +101,10 @@ interface SpooledFile {
  * Everything in the archive is hostile: refused with an InvalidInputError naming the entry are `..`
  * components, an entry whose path goes through a symbolic link, hard links to anything but an
  * earlier regular file, devices and other special files, GNU sparse entries, owners outside
- * 0–65535, declared sizes past `maxBytes` and more than `maxFiles` entries (counted before any byte
- * of the entry is written). Symbolic links are kept as they are (an absolute target resolves inside
+ * 0–65535, NUL or control characters in names and link targets, bodies on directories, links and
+ * whiteouts, declared sizes past `maxBytes` and more than `maxFiles` entries (counted before any byte
+ * of the entry is written); every tar stream (gzip unpacked) is bounded in all it may cost to read
+ * (tarBound), so a small gzip upload cannot expand into hours of reading. Symbolic links are kept as they are (an absolute target resolves inside
  * the sandbox); nothing is ever written through one: every parent of an entry is checked with lstat
  * inside the staged tree, which this import alone writes, and files are created O_EXCL|O_NOFOLLOW.
  * On any failure the spool and the staged layer are removed.
@@ -98,6 +119,11 @@ export async function importOciArchive(body: Readable, opts: OciImportOptions): 
     const staged = await opts.layers.stage();
     try {
       const bytes = await applyLayers(image.layers, staged.path, opts);
+      if (opts.quota && Number.isFinite(opts.quota.bytes)) {
+        // Measured as commit will (allocated blocks), but before it: a refused image leaves no layer.
+        const measured = (await measureTree(staged.path)).bytes;
+        if (measured > opts.quota.bytes) throw opts.quota.refuse(measured);
+      }
       const info = await staged.commit(newId(), opts.description ?? 'OCI image import');
       opts.log.info({ layer: info.id, layers: image.layers.length, bytes: info.bytes, files: info.files, declaredBytes: bytes }, 'OCI image imported');
       return { layerId: info.id, bytes: info.bytes, config: image.config };
@@ -178,6 +204,7 @@ async function* unpacked(source: AsyncIterable<Buffer>, what: string): AsyncGene
 /** An archive path without `./` or a leading `/`, `..` refused; '' for the archive's root. */
 function entryPath(name: string, what: string): string {
   if (Buffer.byteLength(name) > MAX_NAME_BYTES) throw new InvalidInputError(`${what}: entry ${JSON.stringify(name.slice(0, 200))} has a name over ${MAX_NAME_BYTES} bytes`);
+  if (CONTROL_CHARS.test(name)) throw new InvalidInputError(`${what}: entry ${JSON.stringify(name.slice(0, 200))} has a NUL or control character in its name; refusing the image`);
   const parts = name.split('/').filter((p) => p !== '' && p !== '.');
   if (parts.includes('..')) throw new InvalidInputError(`${what}: entry ${JSON.stringify(name)} has a ".." component; refusing the image`);
   return parts.join('/');
@@ -185,6 +212,22 @@ function entryPath(name: string, what: string): string {
 
 function isFileType(type: string): boolean {
   return type === '0' || type === '\0' || type === '7';
+}
+
+/** Refuses a NUL or control character in an entry's name or link target (a NUL would reach the filesystem calls as a bad argument). */
+function refuseControlChars(e: TarEntry, what: string): void {
+  const field = CONTROL_CHARS.test(e.name) ? 'name' : CONTROL_CHARS.test(e.linkName) ? 'link target' : null;
+  if (field) throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name.slice(0, 200))} has a NUL or control character in its ${field}; refusing the image`);
+}
+
+/** Refuses a body on an entry that has none (a directory, a link, a whiteout): its bytes would be read for nothing. */
+function refuseBody(e: TarEntry, what: string, kind: string): void {
+  if (e.size > 0) throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name.slice(0, 200))} is ${kind} but declares a ${e.size}-byte body; refusing the image`);
+}
+
+/** The most tar bytes an import's streams may take in all: the files' bytes plus TAR_BYTES_PER_ENTRY per entry. */
+function tarBound(opts: OciImportOptions): { maxBytes: number; limit: string } {
+  return { maxBytes: opts.maxBytes + TAR_BYTES_PER_ENTRY * opts.maxFiles, limit: `IMAGE_IMPORT_MAX_BYTES plus ${TAR_BYTES_PER_ENTRY} per IMAGE_IMPORT_MAX_FILES entry` };
 }
 
 /** Refuses sparse entries (type S, or PAX GNU.sparse.*): their real size is not what the header says. */
@@ -204,7 +247,7 @@ async function spoolArchive(body: Readable, spool: string, opts: OciImportOption
   const upload = uploadBytes(body, opts.maxBytes);
   const stream = unpacked(upload, what);
   try {
-    const files = await spoolEntries(new TarReader(stream, (m) => new InvalidInputError(`${what}: ${m}`)), spool, opts);
+    const files = await spoolEntries(new TarReader(stream, (m) => new InvalidInputError(`${what}: ${m}`), tarBound(opts)), spool, opts);
     // What follows the end-of-archive blocks (zero padding) is read, so the request ends whole.
     let trailing = 0;
     for await (const chunk of stream) {
@@ -231,9 +274,14 @@ async function spoolEntries(reader: TarReader, spool: string, opts: OciImportOpt
   for (let e = await reader.next(); e; e = await reader.next()) {
     if (++entries > opts.maxFiles) throw new InvalidInputError(`${what} has more than IMAGE_IMPORT_MAX_FILES (${opts.maxFiles}) entries`);
     refuseSparse(e, what);
+    refuseControlChars(e, what);
     const name = entryPath(e.name, what);
-    if (e.type === '5') continue;
+    if (e.type === '5') {
+      refuseBody(e, what, 'a directory');
+      continue;
+    }
     if (e.type === '2' || e.type === '1') {
+      refuseBody(e, what, 'a link');
       // A name in the archive (docker save links a shared layer as ../<id>/layer.tar), resolved
       // lexically; it only ever looks up another entry of the map.
       const base = e.type === '2' ? posix.dirname(name) : '.';
@@ -269,9 +317,21 @@ async function spoolEntries(reader: TarReader, spool: string, opts: OciImportOpt
     let resolved: string | undefined = target;
     for (let hops = 0; resolved !== undefined && !files.has(resolved) && hops < 16; hops++) resolved = links.get(resolved);
     const file = resolved === undefined ? undefined : files.get(resolved);
-    if (file && !files.has(name)) files.set(name, file);
+    if (!file || files.has(name)) continue;
+    // A link named as a blob is that blob only if what it points to has its digest.
+    const blob = /^blobs\/(sha256|sha512)\/([0-9a-f]+)$/.exec(name);
+    if (blob && resolved !== name && (await fileDigest(file.path, blob[1]!)) !== blob[2]) {
+      throw new InvalidInputError(`${what}: blob ${name} is a link to ${resolved}, which does not match its digest (a corrupted or altered archive)`);
+    }
+    files.set(name, file);
   }
   return files;
+}
+
+async function fileDigest(path: string, algorithm: string): Promise<string> {
+  const hash = createHash(algorithm);
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
 }
 
 function spaceError(err: unknown): unknown {
@@ -367,6 +427,10 @@ async function findImage(files: Map<string, SpooledFile>): Promise<FoundImage> {
   }
   const config = (await readJson(files, configName, ImageConfig)).config;
   const env: Record<string, string> = {};
+  const envBytes = (config?.Env ?? []).reduce((n, pair) => n + Buffer.byteLength(pair) + 1, 0);
+  if (envBytes > MAX_ENV_BYTES) {
+    throw new InvalidInputError(`The image config's Env holds ${envBytes} bytes in ${config!.Env!.length} variables; at most ${MAX_ENV_BYTES} are accepted (a larger environment leaves no room to start processes in the sandbox): trim Env and export the image again`);
+  }
   for (const pair of config?.Env ?? []) {
     const eq = pair.indexOf('=');
     if (eq > 0) env[pair.slice(0, eq)] = pair.slice(eq + 1);
@@ -387,6 +451,8 @@ function fileTime(e: TarEntry): number {
 interface Budget {
   entries: number;
   bytes: number;
+  /** Tar bytes the layers' readers took (each layer's reader gets what is left of tarBound). */
+  tarBytes: number;
 }
 
 /**
@@ -396,17 +462,20 @@ interface Budget {
 async function applyLayers(layers: FoundImage['layers'], root: string, opts: OciImportOptions): Promise<number> {
   await chown(root, opts.uidBase, opts.uidBase);
   await chmod(root, 0o755);
-  const budget: Budget = { entries: 0, bytes: 0 };
+  const budget: Budget = { entries: 0, bytes: 0, tarBytes: 0 };
+  const bound = tarBound(opts);
   const dirTimes = new Map<string, number>();
   for (const layer of layers) {
     const source = createReadStream(layer.file.path);
+    const reader = new TarReader(unpacked(source, layer.what), (m) => new InvalidInputError(`${layer.what}: ${m}`), { ...bound, maxBytes: bound.maxBytes - budget.tarBytes });
     try {
-      await new LayerApplier(root, layer.what, opts, budget, dirTimes).apply(new TarReader(unpacked(source, layer.what), (m) => new InvalidInputError(`${layer.what}: ${m}`)));
+      await new LayerApplier(root, layer.what, opts, budget, dirTimes).apply(reader);
     } catch (err) {
       throw spaceError(err);
     } finally {
       source.destroy();
     }
+    budget.tarBytes += reader.bytesRead;
   }
   await setDirTimes(root, '', dirTimes);
   return budget.bytes;
@@ -465,6 +534,8 @@ class LayerApplier {
       EEXIST: 'collides with another entry',
       EINVAL: 'cannot be written (invalid name)',
       ENOENT: 'refers to something that is not there',
+      // Node's own argument check (a NUL in a path): refused before the filesystem sees it.
+      ERR_INVALID_ARG_VALUE: 'has a name or link target the filesystem cannot take',
     };
     return code && why[code] && !(err instanceof DomainError) ? this.#refuse(e, why[code]) : err;
   }
@@ -472,20 +543,24 @@ class LayerApplier {
   async #entry(reader: TarReader, e: TarEntry): Promise<void> {
     if (++this.budget.entries > this.opts.maxFiles) throw this.#refuse(e, `is past IMAGE_IMPORT_MAX_FILES (${this.opts.maxFiles} entries in all layers)`);
     refuseSparse(e, this.what);
+    refuseControlChars(e, this.what);
     if (e.uid >= ID_RANGE || e.gid >= ID_RANGE) throw this.#refuse(e, `is owned by ${e.uid}:${e.gid}; owners must be below ${ID_RANGE}`);
     if (Buffer.byteLength(e.linkName) > MAX_NAME_BYTES) throw this.#refuse(e, `has a link target over ${MAX_NAME_BYTES} bytes`);
     const rel = entryPath(e.name, this.what);
     const parts = rel.split('/');
     const leaf = parts[parts.length - 1]!;
+    if (e.type === '5' || e.type === '1' || e.type === '2') refuseBody(e, this.what, e.type === '5' ? 'a directory' : 'a link');
+    // Counted before anything is skipped or written: aufs metadata bodies are read for nothing, but read.
+    if (isFileType(e.type)) {
+      this.budget.bytes += e.size;
+      if (this.budget.bytes > this.opts.maxBytes) throw this.#refuse(e, `declares ${e.size} bytes, past IMAGE_IMPORT_MAX_BYTES (${this.opts.maxBytes} bytes for all the image's files)`);
+      if (this.opts.quota && this.budget.bytes > this.opts.quota.bytes) throw this.opts.quota.refuse(this.budget.bytes);
+    }
     // aufs metadata (.wh..wh.plnk/, .wh..wh.aufs) in layers docker made on aufs: not part of the tree.
     if (parts.some((p) => p.startsWith('.wh..wh.') && p !== '.wh..wh..opq')) return;
     if (leaf.startsWith('.wh.')) {
       await this.#whiteout(e, parts, leaf);
       return;
-    }
-    if (isFileType(e.type)) {
-      this.budget.bytes += e.size;
-      if (this.budget.bytes > this.opts.maxBytes) throw this.#refuse(e, `declares ${e.size} bytes, past IMAGE_IMPORT_MAX_BYTES (${this.opts.maxBytes} bytes for all the image's files)`);
     }
     if (rel === '') {
       if (e.type !== '5') throw this.#refuse(e, 'names the root but is not a directory');
@@ -594,6 +669,7 @@ class LayerApplier {
   /** `.wh.<name>` deletes what lower layers put at `<name>`; `.wh..wh..opq` empties its dir of it. */
   async #whiteout(e: TarEntry, parts: string[], leaf: string): Promise<void> {
     if (e.type === '5') throw this.#refuse(e, 'is a whiteout but a directory');
+    refuseBody(e, this.what, 'a whiteout');
     const dirParts = parts.slice(0, -1);
     const dir = dirParts.join('/');
     // The dir must be a real one of the tree (a missing one means nothing to delete).
@@ -605,8 +681,13 @@ class LayerApplier {
     const name = leaf.slice('.wh.'.length);
     if (!name || name === '.' || name === '..' || name.startsWith('.wh.')) throw this.#refuse(e, 'is not a valid whiteout');
     const victim = dir ? `${dir}/${name}` : name;
-    if (this.#touched.has(victim)) return; // whiteouts hide lower layers only
-    if (await lstat(join(this.root, victim)).catch(() => null)) await this.#remove(victim);
+    const st = await lstat(join(this.root, victim)).catch(() => null);
+    if (!st) return;
+    // Whiteouts hide lower layers only, wherever they come in the layer: what this layer wrote at
+    // or under the victim stays; what lower layers put there goes (entries of this layer that come
+    // after the whiteout are written after it, so they stay too).
+    if (!this.#touched.has(victim)) await this.#remove(victim);
+    else if (st.isDirectory()) await this.#pruneUntouched(victim);
   }
 
   /** Removes what lower layers put under `dir`, keeping what this layer wrote there. */
