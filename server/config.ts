@@ -253,6 +253,8 @@ const EnvSchema = z.object({
   IMAGE_LAYER_CACHE_TTL_SEC: int(0, 365 * 86_400).default(86_400),
   // Recipe builds (README "Images"): each step's bound (a run command, the package install), the build sandbox's disk, the log kept (its tail).
   IMAGE_BUILD_STEP_TIMEOUT_SEC: int(10, 86_400).default(1800),
+  // A whole build's bound (its queue wait not counted), so one org's long recipe cannot hold the server's build queue for days.
+  IMAGE_BUILD_TIMEOUT_SEC: int(60, 7 * 86_400).default(14_400),
   IMAGE_BUILD_DISK_MB: int(256, 1_048_576).default(4096),
   IMAGE_BUILD_LOG_MAX_BYTES: int(4096, 1024 * 1024 * 1024).default(1024 * 1024),
   // OCI image imports (README "Importing an OCI image"): the upload's bytes (and the image's files' declared bytes), and its entries (in all layers).

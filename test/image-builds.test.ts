@@ -3,18 +3,19 @@
  * downloads from DEBIAN_MIRROR, real layers in the shared BASE_IMAGES_DIR, and the records in a
  * real server's store. The API over them (POST /images with a recipe) is tested in images.test.ts.
  */
-import { rm, stat } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Recipe } from '../shared/schemas/images.js';
+import { Recipe as RecipeSchema, type Recipe } from '../shared/schemas/images.js';
 import { agentProcessStream } from '../server/agent-client/process-stream.js';
-import { AptFetch, installOrder } from '../server/hypervisor/images/apt-fetch.js';
+import { AptFetch, aptSizes, installOrder } from '../server/hypervisor/images/apt-fetch.js';
 import { LayerStore } from '../server/hypervisor/images/layer-store.js';
 import { RootfsImages } from '../server/hypervisor/images/rootfs-images.js';
 import { createImageBuilds } from '../server/services/image-build-setup.js';
-import { installCommand, planSteps, scrub, stackKey, stepLayerId } from '../server/services/image-builder.js';
-import type { ImageBuilds } from '../server/services/image-builds.js';
+import { BuildFailedError, installCommand, planSteps, scrub, stackKey, stepLayerId, type BuildRequest, type BuildResult, type ImageBuilder } from '../server/services/image-builder.js';
+import { ImageBuilds } from '../server/services/image-builds.js';
 import { newId } from '../server/store/ids.js';
 import type { ImageRecord } from '../server/store/types.js';
 import { support } from './helpers/sandbox-support.js';
@@ -70,9 +71,24 @@ describe('recipe build plans (pure)', () => {
 
   it('a package name apt would read as an option or a pattern is refused before apt runs', async () => {
     const apt = new AptFetch({ baseImagesDir: '/nonexistent', mirror: 'http://deb.debian.org/debian', log: pino({ level: 'silent' }) });
-    for (const name of ['-oDebug::pkgProblemResolver=1', 'python3*', 'Python3', 'a b', 'x']) {
+    for (const name of ['-oDebug::pkgProblemResolver=1', 'python3*', 'Python3', 'a b', 'x', 'coreutils-']) {
       await expect(apt.download([name], '/nonexistent')).rejects.toThrow(/is not a valid apt package name/);
     }
+  });
+
+  it('a package name ending in "-" (apt\'s remove suffix) or of one character is a 400 at POST (schema), before any build', () => {
+    for (const name of ['a', 'coreutils-', '-x', 'Python3']) expect(RecipeSchema.safeParse({ packages: [name] }).success).toBe(false);
+    for (const name of ['g++', 'db5.3-util', 'python3-minimal']) expect(RecipeSchema.safeParse({ packages: [name] }).success).toBe(true);
+  });
+
+  it("apt's download and installed sizes are read from its --print-uris answer", () => {
+    const lines = [
+      "'http://deb.debian.org/debian/pool/main/o/openssl/libssl3_3.0.20-1%7edeb12u2_amd64.deb' libssl3_3.0.20-1~deb12u2_amd64.deb 2036016 MD5Sum:4efab63a42e193c6107a3e1d1c46eaa4",
+      "'http://deb.debian.org/debian/pool/main/e/expat/libexpat1_2.5.0-1%2bdeb12u2_amd64.deb' libexpat1_2.5.0-1+deb12u2_amd64.deb 99888 MD5Sum:f5150efb6f21c50361fc1971ab8de870",
+      'Need to get 2136 kB of archives.',
+      'After this operation, 19.0 MB of additional disk space will be used.',
+    ];
+    expect(aptSizes(lines)).toEqual({ download: 2036016 + 99888, installed: 19_000_000 });
   });
 
   it('host paths are scrubbed from build errors', () => {
@@ -343,4 +359,185 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(done!.status).toBe('ready');
     expect((await builds.readLog(image.id)).text).toMatch(/the server stopped during this build[\s\S]*the server restarted during this build[\s\S]*is ready/);
   }, 180_000);
+  /** An ImageBuilds over a fake builder (the edge under test is the queue, not the build): `impl` stands in for ImageBuilder.build. */
+  function fakeBuilds(impl: (req: BuildRequest) => Promise<BuildResult>, extra: Partial<ConstructorParameters<typeof ImageBuilds>[0]> = {}) {
+    const b = new ImageBuilds({
+      images: server.app.store.images,
+      builder: { build: impl } as unknown as ImageBuilder,
+      logsDir: join(server.app.config.DATA_DIR, 'image-logs'),
+      log: server.app.log,
+      maxPerOrg: 10,
+      logMaxBytes: 1024 * 1024,
+      ...extra,
+    });
+    closers.push(() => b.close());
+    return b;
+  }
+  const result = (layers: string[] = []): BuildResult => ({ layers, sizeBytes: 0, env: {}, workdir: null, built: layers.length });
+  const finished = (id: string) => until(() => server.app.store.images.findById(id), (r) => r?.status !== 'building', `image ${id} to finish`, 60_000, 20) as Promise<ImageRecord>;
+
+  it("a second org's build starts before the first org's second queued build, and system image builds go first (fake builder)", async () => {
+    const order: string[] = [];
+    let release = () => {};
+    const gate = new Promise<void>((r) => (release = r));
+    const b = fakeBuilds(async (req) => {
+      const name = req.recipe.run?.[0] ?? 'system';
+      order.push(name);
+      if (name === 'a1') await gate;
+      return result();
+    });
+    const orgA = newId();
+    const orgB = newId();
+    const a1 = { ...(await recordBuild({ run: ['a1'] })), orgId: orgA };
+    const a2 = { ...(await recordBuild({ run: ['a2'] })), orgId: orgA };
+    const b1 = { ...(await recordBuild({ run: ['b1'] })), orgId: orgB };
+    b.enqueue(a1, debian);
+    b.enqueue(a2, debian);
+    b.enqueue(b1, debian);
+    const system = b.buildLayers({ base: 'debian', packages: ['python3-minimal'] });
+    await until(async () => order, (o) => o.length === 1, 'the first build to start', 10_000, 10);
+    release();
+    await system;
+    await finished(a2.id);
+    expect(order).toEqual(['a1', 'system', 'b1', 'a2']);
+  });
+
+  it('a build past IMAGE_BUILD_TIMEOUT_SEC ends failed naming it (fake builder that never ends a step)', async () => {
+    const b = fakeBuilds((req) => new Promise((_, reject) => req.signal!.addEventListener('abort', () => reject(new BuildFailedError('the build was cancelled')))), { buildTimeoutMs: 200 });
+    const image = await recordBuild({ run: ['forever'] });
+    b.enqueue(image, debian);
+    const done = await finished(image.id);
+    expect(done.status).toBe('failed');
+    expect(done.error).toMatch(/^the build ran past IMAGE_BUILD_TIMEOUT_SEC \(0 s\)/);
+  });
+
+  it("a build passing the org's disk quota fails at that step and the layers it made are discarded (fake builder)", async () => {
+    const discarded: string[][] = [];
+    const steps: number[] = [];
+    const b = fakeBuilds(
+      async (req) => {
+        for (const [i, bytes] of [10 * 2 ** 20, 30 * 2 ** 20, 50 * 2 ** 20].entries()) {
+          steps.push(i);
+          req.onBuilt?.(`${i}`.repeat(24));
+          await req.afterStep?.(bytes);
+        }
+        return result();
+      },
+      { budget: async () => 20 * 2 ** 20, discardLayers: async (ids) => void discarded.push(ids) },
+    );
+    const image = await recordBuild({ run: ['one', 'two', 'three'] });
+    b.enqueue(image, debian);
+    const done = await finished(image.id);
+    expect(done.status).toBe('failed');
+    expect(done.error).toBe("the image's layers so far take 30 MB and only 20 MB of the org's disk quota (ORG_MAX_DISK_MB) is left: delete images, snapshots or sandboxes, or install less");
+    expect(steps).toEqual([0, 1]);
+    await until(async () => discarded, (d) => d.length === 1, 'the layers to be discarded', 10_000, 10);
+    expect(discarded).toEqual([['0'.repeat(24), '1'.repeat(24)]]);
+  });
+
+  it('deleting a failed recipe image removes its build log, and logs without a record are pruned at start (fake builder)', async () => {
+    const b = fakeBuilds(async (req) => {
+      req.onLine('about to fail');
+      throw new BuildFailedError('step 1/1: run "x" failed with exit code 1; see the build log');
+    });
+    const image = await recordBuild({ run: ['x'] });
+    b.enqueue(image, debian);
+    expect((await finished(image.id)).status).toBe('failed');
+    const logsDir = join(server.app.config.DATA_DIR, 'image-logs');
+    const file = join(logsDir, `${image.id}.log`);
+    expect(existsSync(file)).toBe(true);
+    // What the image service does on a delete of any recipe image (its record first, then the build's cancel).
+    await server.app.store.images.delete(image.id);
+    await b.cancel(image.id);
+    expect(existsSync(file)).toBe(false);
+    // A log a stopped server left for an image deleted meanwhile.
+    const orphan = join(logsDir, `${newId()}.log`);
+    await mkdir(logsDir, { recursive: true });
+    await writeFile(orphan, 'old\n');
+    const kept = await recordBuild({ run: ['kept'] });
+    await writeFile(join(logsDir, `${kept.id}.log`), 'kept\n');
+    await server.app.store.images.update(kept.id, { status: 'failed', error: 'x' });
+    await b.resume();
+    expect(existsSync(orphan)).toBe(false);
+    expect(existsSync(join(logsDir, `${kept.id}.log`))).toBe(true);
+    expect((await readdir(logsDir)).filter((n) => !n.endsWith('.log'))).toEqual([]);
+  });
+
+  it('a build resumed after its system base\'s recipe changed builds on the stack recorded at POST, not the base\'s current (empty) layers (fake builder)', async () => {
+    const parents: Array<BuildRequest['parent']> = [];
+    const b = fakeBuilds(async (req) => (parents.push(req.parent), result([...req.parent.layers, 'c'.repeat(64)])));
+    const codeLayer = 'd'.repeat(64);
+    // The parent as it is after the upgrade reset its layers; the building record still has the stack it was asked on.
+    const parent = await server.app.store.images.create({ name: `code-${newId().slice(-6)}`, tag: 'latest', description: 'a system recipe image', base: 'debian', orgId: null, isSystem: true, createdBy: newId(), status: 'ready', source: 'recipe', layers: [] });
+    const image = await server.app.store.images.create({
+      name: `on-code-${newId().slice(-6)}`, tag: 'latest', description: 'on code', base: 'debian', orgId, isSystem: false, createdBy: newId(),
+      status: 'building', source: 'recipe', parentId: parent.id, layers: [codeLayer], recipe: { base: parent.name, run: ['echo x'] }, env: { FROM: 'record' }, workdir: '/w',
+    });
+    try {
+      await b.resume();
+      const done = await finished(image.id);
+      expect(done.status).toBe('ready');
+      expect(parents.find((p) => p.layers.includes(codeLayer))).toEqual({ base: 'debian', layers: [codeLayer], env: { FROM: 'record' }, workdir: '/w' });
+      expect(done.layers).toEqual([codeLayer, 'c'.repeat(64)]);
+    } finally {
+      await server.app.store.images.delete(image.id);
+      await server.app.store.images.delete(parent.id);
+    }
+  });
+
+  it('a run step that leaves a process holding its output open times out on the host and the next build runs', async () => {
+    const { config, log } = server.app;
+    const quick = await createImageBuilds({ config: { ...config, IMAGE_BUILD_STEP_TIMEOUT_SEC: 1 }, layers, rootfs, images: server.app.store.images, log });
+    closers.push(() => quick.close());
+    // A child outside the process group holds the output, and the agent itself is stopped: only the host's deadline ends it.
+    const stuck = await recordBuild({ run: ['setsid sleep 300 & kill -STOP $PPID; sleep 300'] });
+    const marker = newId();
+    const next = await recordBuild({ run: [`echo next-${marker}`] });
+    quick.builds.enqueue(stuck, debian);
+    quick.builds.enqueue(next, debian);
+    const failed = await until(() => server.app.store.images.findById(stuck.id), (r) => r?.status !== 'building', 'the stuck build to end', 120_000, 100);
+    expect(failed!.status).toBe('failed');
+    expect(failed!.error).toBe('step 1/1: run "setsid sleep 300 & kill -STOP $PPID; sleep 300" timed out after 1 s (IMAGE_BUILD_STEP_TIMEOUT_SEC)');
+    const ready = await until(() => server.app.store.images.findById(next.id), (r) => r?.status !== 'building', 'the next build to end', 120_000, 100);
+    expect(ready!.status).toBe('ready');
+    for (const id of ready!.layers) builtHere.add(id);
+    expect(await quick.container.driver.list()).toEqual([]);
+  }, 180_000);
+
+  it('a build sandbox left by a killed server is removed at the next start', async () => {
+    const { config, log } = server.app;
+    const before = await createImageBuilds({ config, layers, rootfs, images: server.app.store.images, log });
+    const id = newId();
+    await before.container.driver.create({ id, name: `left-${id.slice(-8)}`, rootfs: await rootfs.ensure('debian'), layers: [], image: 'debian', cpu: 1, memMb: 256, diskMb: 256, envVars: {} });
+    expect(await before.container.driver.list()).toEqual([id]);
+    // The server is killed: nothing is closed or destroyed. The next start makes its own setup.
+    const after = await createImageBuilds({ config, layers, rootfs, images: server.app.store.images, log });
+    closers.push(() => after.close(), () => before.close());
+    expect(await after.container.driver.list()).toEqual([]);
+  }, 120_000);
+
+  it('a package name that is a regex (python3.+) fails naming it, and nothing is downloaded', async () => {
+    const apt = new AptFetch({ baseImagesDir: server.app.config.BASE_IMAGES_DIR, mirror: server.app.config.DEBIAN_MIRROR, log: server.app.log });
+    const lines: string[] = [];
+    await expect(apt.download(['python3.+'], await rootfs.ensure('debian'), (l) => lines.push(l))).rejects.toThrow(/^package python3\.\+ not found in DEBIAN_MIRROR .*; names must be exact package names \(no patterns\)$/);
+    expect(lines.filter((l) => /^downloading|^Get:/.test(l))).toEqual([]);
+  }, 300_000);
+
+  it('packages whose download and install exceed IMAGE_BUILD_DISK_MB fail before the download', async () => {
+    const apt = new AptFetch({ baseImagesDir: server.app.config.BASE_IMAGES_DIR, mirror: server.app.config.DEBIAN_MIRROR, log: server.app.log, maxBytes: 2 ** 20 });
+    const lines: string[] = [];
+    await expect(apt.download(['python3-minimal'], await rootfs.ensure('debian'), (l) => lines.push(l))).rejects.toThrow(/^packages python3-minimal need \d+ MB to download and \d+ MB installed, more than the build sandbox's disk \(IMAGE_BUILD_DISK_MB, 1 MB\)/);
+    expect(lines.filter((l) => /^downloading|^Get:/.test(l))).toEqual([]);
+  }, 300_000);
+
+  it('packages on an image whose sandbox removed a dependency fail with a message naming the missing package and the fix', async () => {
+    const marker = newId();
+    const removed = await setup.builder.build({ recipe: { run: [`dpkg --purge --force-depends libdb5.3 && echo ${marker}`] }, parent: { base: 'debian', layers: [], env: {}, workdir: null }, onLine: () => {} });
+    for (const id of removed.layers) builtHere.add(id);
+    const image = await recordBuild({ packages: ['db5.3-util'] });
+    builds.enqueue(image, { base: 'debian', layers: removed.layers, env: {}, workdir: null });
+    const done = await finished(image.id);
+    expect(done.status).toBe('failed');
+    expect(done.error).toMatch(/^step 1\/1: install 1 package \(db5\.3-util\): this image lacks libdb5\.3 \(needed by db5\.3-util\): packages are resolved against the system base's package list.*install them with a run step instead \(apt-get update && apt-get install -y db5\.3-util\)/);
+  }, 600_000);
 });

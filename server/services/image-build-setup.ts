@@ -32,6 +32,13 @@ export interface ImageBuildsSetup {
   /** The image records builds report to; a script building system images only passes none. */
   images?: ImageRepository;
   onLine?: (image: ImageRecord, line: string) => void;
+  /** Bytes of ORG_MAX_DISK_MB an org has left for images (ImageService.diskBudget): a build passing it fails at that step. */
+  budget?: (orgId: string) => Promise<number>;
+}
+
+/** Where build sandboxes of the builds' own container driver live (not the server's instances: no other driver lists them). */
+export function buildInstancesDir(config: Pick<Config, 'INSTANCES_DIR'>): string {
+  return join(config.INSTANCES_DIR, '.image-builds');
 }
 
 /**
@@ -51,7 +58,7 @@ export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{
   if (!container) {
     const agent = await ensureAgentBundle();
     const driver = new ContainerDriver({
-      instancesDir: config.INSTANCES_DIR,
+      instancesDir: buildInstancesDir(config),
       runcRoot: config.RUNC_ROOT,
       idMap: { hostId: config.SANDBOX_UID_BASE, size: 65536 },
       pidsLimit: config.SANDBOX_PIDS_LIMIT,
@@ -64,13 +71,21 @@ export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{
     if (!available.ok) throw new Error(`image builds need the container driver: ${available.reason}`);
     own = new AgentClients(driver, { maxMessageBytes: BUILD_AGENT_MAX_MESSAGE_BYTES });
     container = { driver, agents: own };
+    // No store record names a build sandbox and no other driver lists these: any here were left by a
+    // server (or script) killed mid-build, with their disks and mounts. Nothing of them is reused.
+    for (const id of await driver.list()) {
+      await driver.destroy(id).then(
+        () => log.info({ sandbox: id }, 'removed a build sandbox a stopped server left'),
+        (err: Error) => log.error({ sandbox: id, err: err.message }, 'could not remove a leftover build sandbox'),
+      );
+    }
   }
   const builder = new ImageBuilder({
     driver: container.driver,
     agents: container.agents,
     layers: setup.layers,
     rootfs: setup.rootfs,
-    apt: new AptFetch({ baseImagesDir: config.BASE_IMAGES_DIR, mirror: config.DEBIAN_MIRROR, log }),
+    apt: new AptFetch({ baseImagesDir: config.BASE_IMAGES_DIR, mirror: config.DEBIAN_MIRROR, log, maxBytes: config.IMAGE_BUILD_DISK_MB * 1024 * 1024 }),
     sandbox: { cpu: config.SANDBOX_DEFAULT_VCPUS, memMb: config.SANDBOX_DEFAULT_MEMORY_MB, diskMb: config.IMAGE_BUILD_DISK_MB, ...(container.network ? { network: container.network } : {}) },
     stepTimeoutMs: config.IMAGE_BUILD_STEP_TIMEOUT_SEC * 1000,
     scratchDir: join(config.BASE_IMAGES_DIR, 'build-scratch'),
@@ -83,7 +98,10 @@ export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{
     log,
     maxPerOrg: config.IMAGE_BUILDS_PER_ORG,
     logMaxBytes: config.IMAGE_BUILD_LOG_MAX_BYTES,
+    buildTimeoutMs: config.IMAGE_BUILD_TIMEOUT_SEC * 1000,
     ...(setup.onLine ? { onLine: setup.onLine } : {}),
+    ...(setup.budget ? { budget: setup.budget } : {}),
+    ...(setup.images ? { discardLayers: (ids: string[]) => discardUnnamed(setup.layers, setup.images!, ids, log) } : {}),
   });
   return {
     builds,
@@ -94,6 +112,21 @@ export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{
       await own?.closeAll();
     },
   };
+}
+
+/**
+ * Removes layers a failed or cancelled build made, except those an image record names (another
+ * build of the same step on this stack may have ended ready meanwhile). They are this build's own
+ * content-addressed steps: kept, they would sit on the host for IMAGE_LAYER_CACHE_TTL_SEC counted
+ * against nobody's quota. A retry of the recipe builds them again.
+ */
+async function discardUnnamed(layers: LayerStore, images: ImageRepository, ids: string[], log: Logger): Promise<void> {
+  const remove = (layers as LayerStore & { remove?(id: string): Promise<boolean> }).remove;
+  if (!remove) return;
+  const named = new Set((await images.listAll()).flatMap((r) => r.layers));
+  const gone = ids.filter((id) => !named.has(id));
+  for (const id of gone) await remove.call(layers, id);
+  if (gone.length) log.info({ layers: gone }, `removed ${gone.length} layer(s) of a build that did not end ready`);
 }
 
 /** The repository of a builder without a store: it only builds layers (system images, test setup). */

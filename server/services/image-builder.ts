@@ -21,6 +21,14 @@ import { newId } from '../store/ids.js';
 /** Part of every step's cache key: bumped when how a step is built changes, so old layers are not reused. */
 const BUILDER_VERSION = 'voidrun-recipe-1';
 
+/**
+ * What the host adds to IMAGE_BUILD_STEP_TIMEOUT_SEC before it stops waiting for a step's command
+ * itself: the agent in the build sandbox kills the command at the timeout, but it is tenant code
+ * and may never say so (a step can stop or starve it), so the host's own deadline destroys the
+ * build sandbox.
+ */
+export const STEP_DEADLINE_GRACE_MS = 15_000;
+
 /** Where the packages step puts the downloaded .debs inside the build sandbox (removed before its snapshot). */
 const DEBS_DIR = '/var/cache/voidrun-debs';
 
@@ -52,6 +60,10 @@ export interface BuildRequest {
   onProgress?(progress: BuildProgress): void;
   /** Aborting stops the step running (its sandbox is destroyed) and fails the build. */
   signal?: AbortSignal;
+  /** Each layer this build made (not found in the cache), as soon as it is committed. */
+  onBuilt?(layerId: string): void;
+  /** Called after each step with the bytes of the layers so far above the parent's; throwing (a BuildFailedError) ends the build there. */
+  afterStep?(sizeBytes: number): Promise<void>;
 }
 
 export interface BuildResult {
@@ -162,15 +174,18 @@ export class ImageBuilder {
         onLine(`${label} (cached)`);
         layers.push(layerId);
         sizeBytes += cached.bytes;
+        await req.afterStep?.(sizeBytes);
         continue;
       }
       onLine(label);
       const started = Date.now();
       const info = await this.#runStep(step, layerId, label, { base: parent.base, baseRootfs, layers: [...layers] }, onLine, signal);
       built++;
+      req.onBuilt?.(layerId);
       layers.push(layerId);
       sizeBytes += info.bytes;
       onLine(`${label}: done in ${((Date.now() - started) / 1000).toFixed(1)} s, layer ${layerId.slice(0, 12)} (${formatBytes(info.bytes)})`);
+      await req.afterStep?.(sizeBytes);
     }
     onLine(built ? `built ${built} of ${steps} steps (${steps - built} from the cache)` : `every step came from the cache`);
     return { layers, sizeBytes, env: { ...parent.env, ...recipe.env }, workdir: recipe.workdir ?? parent.workdir, built };
@@ -197,24 +212,32 @@ export class ImageBuilder {
       ...(sandbox.network ? { network: sandbox.network } : {}),
     };
     const snapshot = join(this.opts.scratchDir, `${id}.tar.gz`);
+    // The host's own bound on the step's work in the sandbox (see STEP_DEADLINE_GRACE_MS), with the build's cancel.
+    const deadline = new AbortController();
+    const stepSignal = signal ? AbortSignal.any([signal, deadline.signal]) : deadline.signal;
     const onAbort = () => void driver.stop(id).catch(() => {});
+    const timedOut = () => new BuildFailedError(`${label} timed out after ${Math.round(this.opts.stepTimeoutMs / 1000)} s (IMAGE_BUILD_STEP_TIMEOUT_SEC)`);
+    let deadlineTimer: NodeJS.Timeout | undefined;
     try {
       await driver.create(spec).catch((err: Error) => {
         throw new BuildFailedError(`${label}: the build sandbox did not start (${scrub(err.message)})`);
       });
-      signal?.addEventListener('abort', onAbort, { once: true });
+      stepSignal.addEventListener('abort', onAbort, { once: true });
+      deadlineTimer = setTimeout(() => deadline.abort(), this.opts.stepTimeoutMs + STEP_DEADLINE_GRACE_MS);
       if (step.kind === 'packages') {
         if (debs!.files.length) {
-          await this.#upload(id, debs!, signal).catch(rethrowAs(`${label}: copying the packages into the build sandbox`));
+          await this.#upload(id, debs!, stepSignal).catch(rethrowAs(`${label}: copying the packages into the build sandbox`));
           onLine(`installing ${debs!.files.length} packages with dpkg in the build sandbox`);
-          await this.#exec(id, installCommand(debs!.order), { DEBIAN_FRONTEND: 'noninteractive', PATH: SYSTEM_PATH }, null, label, onLine, signal);
+          await this.#exec(id, installCommand(debs!.order), { DEBIAN_FRONTEND: 'noninteractive', PATH: SYSTEM_PATH }, null, label, onLine, stepSignal, step.packages);
         }
       } else if (step.kind === 'files') {
-        await this.#writeFiles(id, step, label);
+        await this.#writeFiles(id, step, label, stepSignal);
       } else {
-        await this.#exec(id, step.command, { PATH: SYSTEM_PATH, HOME: '/root', ...step.env }, step.workdir, label, onLine, signal);
+        await this.#exec(id, step.command, { PATH: SYSTEM_PATH, HOME: '/root', ...step.env }, step.workdir, label, onLine, stepSignal);
       }
+      clearTimeout(deadlineTimer);
       if (signal?.aborted) throw new BuildFailedError('the build was cancelled');
+      if (deadline.signal.aborted) throw timedOut();
       await agents.drop(id);
       await driver.stop(id);
       await mkdir(this.opts.scratchDir, { recursive: true, mode: 0o700 });
@@ -223,9 +246,14 @@ export class ImageBuilder {
       return await this.opts.layers.fromSnapshot(snapshot, layerId, label);
     } catch (err) {
       if (signal?.aborted) throw new BuildFailedError('the build was cancelled');
+      if (deadline.signal.aborted) {
+        onLine(`${label}: no exit after ${Math.round((this.opts.stepTimeoutMs + STEP_DEADLINE_GRACE_MS) / 1000)} s; the build sandbox was destroyed`);
+        throw timedOut();
+      }
       throw err;
     } finally {
-      signal?.removeEventListener('abort', onAbort);
+      clearTimeout(deadlineTimer);
+      stepSignal.removeEventListener('abort', onAbort);
       await agents.drop(id).catch(() => {});
       await driver.destroy(id).catch((err: Error) => this.opts.log.error({ sandbox: id, err: err.message }, 'could not remove a build sandbox'));
       await rm(snapshot, { force: true });
@@ -242,12 +270,13 @@ export class ImageBuilder {
     }
   }
 
-  async #writeFiles(id: string, step: Extract<BuildStep, { kind: 'files' }>, label: string): Promise<void> {
+  async #writeFiles(id: string, step: Extract<BuildStep, { kind: 'files' }>, label: string, signal: AbortSignal): Promise<void> {
     const ref = { id, orgId: '' };
     if (step.workdir) await this.opts.agents.call(ref, (a) => a.files.mkdir.mutate({ path: step.workdir! })).catch(rethrowAs(label));
     for (const file of step.files) {
+      signal.throwIfAborted();
       const body = Buffer.from(file.content, 'utf8');
-      await this.#put(id, file.path, body, body.length).catch(rethrowAs(label));
+      await this.#put(id, file.path, body, body.length, signal).catch(rethrowAs(label));
       const mode = (file.mode ?? '0644').padStart(4, '0');
       await this.opts.agents.call(ref, (a) => a.files.chmod.mutate({ path: file.path, mode })).catch(rethrowAs(label));
     }
@@ -279,12 +308,19 @@ export class ImageBuilder {
    * Runs `command` (sh -c) in the build sandbox as its root, each output line to `onLine`; a
    * non-zero exit, a signal or the step timeout fails the build with a message saying which.
    */
-  async #exec(id: string, command: string, env: Record<string, string>, cwd: string | null, label: string, onLine: (line: string) => void, signal?: AbortSignal): Promise<void> {
+  async #exec(id: string, command: string, env: Record<string, string>, cwd: string | null, label: string, onLine: (line: string) => void, signal?: AbortSignal, packages?: readonly string[]): Promise<void> {
     const lines = { stdout: '', stderr: '' };
+    // dpkg's "X depends on Y; however: Package Y is not installed." lines of a package install.
+    const missing = new Map<string, string>();
     const flush = (stream: 'stdout' | 'stderr', final: boolean) => {
       const parts = lines[stream].split('\n');
       lines[stream] = final ? '' : parts.pop()!;
-      for (const line of final ? parts.filter((l, i) => l || i < parts.length - 1) : parts) onLine(line.replace(/\r/g, ''));
+      for (const line of final ? parts.filter((l, i) => l || i < parts.length - 1) : parts) {
+        const text = line.replace(/\r/g, '');
+        const dep = packages && missing.size < 20 ? /^\s*(\S+) (?:pre-)?depends on ([a-z0-9][a-z0-9+.-]+)/.exec(text) : null;
+        if (dep) missing.set(dep[2]!, dep[1]!.split(':')[0]!);
+        onLine(text);
+      }
     };
     const timeoutMs = this.opts.stepTimeoutMs;
     let exit: { exitCode: number; signal: string | null; timedOut: boolean } | null = null;
@@ -314,6 +350,7 @@ export class ImageBuilder {
     if (!exit) throw new BuildFailedError(`${label}: the build sandbox ended the command without an exit status`);
     if (exit.timedOut) throw new BuildFailedError(`${label} timed out after ${Math.round(timeoutMs / 1000)} s (IMAGE_BUILD_STEP_TIMEOUT_SEC)`);
     if (exit.signal) throw new BuildFailedError(`${label} was killed by ${exit.signal}; see the build log`);
+    if (exit.exitCode !== 0 && packages && missing.size) throw new BuildFailedError(missingDependencies(label, packages, missing));
     if (exit.exitCode !== 0) throw new BuildFailedError(`${label} failed with exit code ${exit.exitCode}; see the build log`);
   }
 }
@@ -337,6 +374,16 @@ export function installCommand(order: readonly InstallOp[]): string {
     'rm -f /usr/sbin/policy-rc.d',
     `rm -rf ${DEBS_DIR}`,
   ].join('\n');
+}
+
+/**
+ * The error of a package install dpkg refused for dependencies the image lacks: the host resolves
+ * dependencies against the system base's package list (it never reads a tenant's dpkg status), so
+ * a package the image's own steps removed is not fetched. Says which, and how to install instead.
+ */
+export function missingDependencies(label: string, packages: readonly string[], missing: ReadonlyMap<string, string>): string {
+  const names = [...missing.entries()].slice(0, 5).map(([dep, by]) => `${dep} (needed by ${by})`);
+  return `${label}: this image lacks ${names.join(', ')}${missing.size > 5 ? ', …' : ''}: packages are resolved against the system base's package list, not this image's, so what this image removed is not fetched; install them with a run step instead (apt-get update && apt-get install -y ${packages.join(' ')}), or build on the system base`;
 }
 
 /** Wraps an agent failure of a build step as one line for the image's error. */

@@ -1,4 +1,4 @@
-import { appendFile, mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { Recipe } from '../../shared/schemas/images.js';
@@ -23,6 +23,21 @@ export interface ImageBuildsOptions {
   logMaxBytes: number;
   /** Called with each log line of a build (e.g. to emit `image.build` org events); failures are ignored. */
   onLine?: (image: ImageRecord, line: string) => void;
+  /** IMAGE_BUILD_TIMEOUT_SEC in ms: a build running longer fails (its queue wait does not count). */
+  buildTimeoutMs?: number;
+  /** Bytes of ORG_MAX_DISK_MB org `orgId` has left for images; a build whose layers pass it fails at that step. */
+  budget?: (orgId: string) => Promise<number>;
+  /** Removes layers a build made that ended failed or cancelled (those no image record names), so they do not sit on disk uncounted. */
+  discardLayers?: (layerIds: string[]) => Promise<void>;
+}
+
+/** The queue lane of system image builds (`code`, test setup): served before any org's builds. */
+const SYSTEM_LANE = Symbol('system');
+
+interface QueuedTask {
+  /** The org a build is for (round-robin between orgs), or the system lane. */
+  lane: string | typeof SYSTEM_LANE;
+  run: () => Promise<void>;
 }
 
 /** A build in this server: queued or running, with its live log lines for followers. */
@@ -52,7 +67,10 @@ interface ActiveBuild {
  */
 export class ImageBuilds {
   readonly #active = new Map<string, ActiveBuild>();
-  readonly #queue: Array<() => Promise<void>> = [];
+  readonly #queue: QueuedTask[] = [];
+  /** When each org's build last got its turn (a counter): the org served longest ago goes next. */
+  readonly #served = new Map<string, number>();
+  #turns = 0;
   #running = false;
   readonly #system = new Map<string, Promise<string[]>>();
   #closed = false;
@@ -71,15 +89,15 @@ export class ImageBuilds {
    * Queues the build of record `image` (status 'building', its recipe set) on `parent` (a ready
    * image: its base, layers, env and workdir); returns at once. 429 past the org's cap.
    */
-  enqueue(image: ImageRecord, parent: Pick<ImageRecord, 'base' | 'layers' | 'env' | 'workdir'>): void {
+  enqueue(image: ImageRecord, parent: BuildParent): void {
     if (this.#active.has(image.id)) return;
     this.checkCapacity(image.orgId);
     const build = this.#newBuild(image, parent);
     this.#active.set(image.id, build);
-    this.#schedule(() => this.#run(build));
+    this.#schedule(image.orgId ?? '', () => this.#run(build));
   }
 
-  /** Stops a queued or running build (its image is being deleted); its log goes too. */
+  /** Stops a queued or running build (its image is being deleted); its log goes too. A no-op but for the log when none is in flight. */
   async cancel(imageId: string): Promise<void> {
     const build = this.#active.get(imageId);
     if (build && !build.done) {
@@ -88,31 +106,72 @@ export class ImageBuilds {
       if (!build.started) await this.#end(build, null);
       await build.ended;
     }
+    await this.removeLog(imageId);
+  }
+
+  /** Removes the build log of image `imageId` (deleted); call after its build ended or was cancelled. */
+  async removeLog(imageId: string): Promise<void> {
+    if (!isObjectIdHex(imageId)) return;
     await this.#writeQueue;
     await rm(this.#logFile(imageId), { force: true });
   }
 
-  /** Builds still marked 'building' (the server stopped during them) are queued again; cached layers make it quick. */
+  /** Removes build logs whose image has no record (deleted while this server was down, or by an older server); resolves to how many. */
+  async pruneLogs(): Promise<number> {
+    const names = await readdir(this.deps.logsDir).catch(() => [] as string[]);
+    if (!names.length) return 0;
+    const known = new Set((await this.deps.images.listAll()).map((r) => r.id));
+    let removed = 0;
+    for (const name of names) {
+      const id = name.endsWith('.log') ? name.slice(0, -4) : '';
+      if (!isObjectIdHex(id) || known.has(id) || this.#active.has(id)) continue;
+      await rm(join(this.deps.logsDir, name), { force: true });
+      removed++;
+    }
+    return removed;
+  }
+
+  /**
+   * Builds still marked 'building' (the server stopped during them) are queued again, on the stack
+   * recorded when they were asked for (their record's base and layers: what their parent was then,
+   * not what it is now: a system image whose recipe changed since has other layers, or none yet);
+   * cached layers make it quick. Logs of images without a record are removed first.
+   */
   async resume(): Promise<void> {
+    const pruned = await this.pruneLogs().catch((err: Error) => (this.deps.log.warn({ err: err.message }, 'could not prune build logs'), 0));
+    if (pruned) this.deps.log.info({ logs: pruned }, `removed ${pruned} build log(s) of deleted images`);
     const building = (await this.deps.images.listAll()).filter((r) => r.status === 'building' && r.recipe);
     for (const image of building) {
       if (this.#active.has(image.id)) continue; // queued or running here already
       const parent = image.parentId ? await this.deps.images.findById(image.parentId) : null;
-      if (!parent || parent.status !== 'ready') {
-        await this.#finish(image, { status: 'failed', error: 'the image it was built on is gone or not ready; create it again', progress: null });
+      const stack = this.#recordedStack(image, parent);
+      if (typeof stack === 'string') {
+        await this.#finish(image, { status: 'failed', error: stack, progress: null });
         continue;
       }
       const file = this.#logFile(image.id);
       await appendFile(file, 'the server restarted during this build; building again (finished steps come from the layer cache)\n').catch(() => {});
       try {
-        this.enqueue(image, parent);
+        this.enqueue(image, stack);
       } catch {
         // Past the org's cap (several builds were interrupted): built one after another instead.
-        const build = this.#newBuild(image, parent);
+        const build = this.#newBuild(image, stack);
         this.#active.set(image.id, build);
-        this.#schedule(() => this.#run(build));
+        this.#schedule(image.orgId ?? '', () => this.#run(build));
       }
     }
+  }
+
+  /**
+   * What an interrupted build builds on: its record's own base and layers (the parent's stack when
+   * it was asked for; the record keeps them referenced for the layer GC) and config (its env and
+   * workdir merge the parent's and the recipe's, so merging the recipe's again changes nothing).
+   * A string says why it cannot.
+   */
+  #recordedStack(image: ImageRecord, parent: ImageRecord | null): BuildParent | string {
+    if (image.layers.length || image.base) return { base: image.base, layers: image.layers, env: image.env, workdir: image.workdir };
+    if (!parent || parent.status !== 'ready') return 'the image it was built on is gone or not ready; create it again';
+    return { base: parent.base, layers: parent.layers, env: parent.env, workdir: parent.workdir };
   }
 
   /**
@@ -124,7 +183,7 @@ export class ImageBuilds {
     if (!build) {
       const { recipe } = systemRecipeImages[name];
       const parent: BuildParent = { base: recipe.base, layers: [], env: {}, workdir: null };
-      build = this.#enqueueTask(async () => (await this.deps.builder.build({ recipe: recipe as Recipe, parent, onLine })).layers).finally(() => this.#system.delete(name));
+      build = this.#enqueueTask(SYSTEM_LANE, async () => (await this.deps.builder.build({ recipe: recipe as Recipe, parent, onLine })).layers).finally(() => this.#system.delete(name));
       this.#system.set(name, build);
     }
     return build;
@@ -135,7 +194,7 @@ export class ImageBuilds {
    * and system images use it.
    */
   buildLayers(recipe: Recipe & { base: string }, onLine: (line: string) => void = () => {}): Promise<string[]> {
-    return this.#enqueueTask(async () => (await this.deps.builder.build({ recipe, parent: { base: recipe.base, layers: [], env: {}, workdir: null }, onLine })).layers);
+    return this.#enqueueTask(SYSTEM_LANE, async () => (await this.deps.builder.build({ recipe, parent: { base: recipe.base, layers: [], env: {}, workdir: null }, onLine })).layers);
   }
 
   /** The build log (its tail when longer than IMAGE_BUILD_LOG_MAX_BYTES); empty before a build wrote any. */
@@ -183,7 +242,7 @@ export class ImageBuilds {
     await this.#writeQueue;
   }
 
-  #newBuild(image: ImageRecord, parent: Pick<ImageRecord, 'base' | 'layers' | 'env' | 'workdir'>): ActiveBuild {
+  #newBuild(image: ImageRecord, parent: BuildParent): ActiveBuild {
     let markEnded = () => {};
     const ended = new Promise<void>((resolve) => (markEnded = resolve));
     return {
@@ -201,20 +260,40 @@ export class ImageBuilds {
     };
   }
 
-  #enqueueTask<T>(task: () => Promise<T>): Promise<T> {
-    return new Promise<T>((resolve, reject) => this.#schedule(() => task().then(resolve, reject)));
+  #enqueueTask<T>(lane: QueuedTask['lane'], task: () => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => this.#schedule(lane, () => task().then(resolve, reject)));
   }
 
-  #schedule(task: () => Promise<void>): void {
-    this.#queue.push(task);
+  #schedule(lane: QueuedTask['lane'], run: () => Promise<void>): void {
+    this.#queue.push({ lane, run });
     void this.#drain();
+  }
+
+  /**
+   * The next task: a system image build first (sandbox creates of `code` wait on it), else the
+   * oldest queued build of the org whose build got its turn longest ago (round-robin: one org's
+   * queued builds never hold another org's behind them all).
+   */
+  #next(): QueuedTask {
+    let best = this.#queue.findIndex((t) => t.lane === SYSTEM_LANE);
+    if (best < 0) {
+      best = 0;
+      let bestTurn = Infinity;
+      for (const [i, task] of this.#queue.entries()) {
+        const turn = this.#served.get(task.lane as string) ?? -1;
+        if (turn < bestTurn) [best, bestTurn] = [i, turn];
+      }
+    }
+    const [task] = this.#queue.splice(best, 1);
+    if (task!.lane !== SYSTEM_LANE) this.#served.set(task!.lane, ++this.#turns);
+    return task!;
   }
 
   async #drain(): Promise<void> {
     if (this.#running) return;
     this.#running = true;
     try {
-      while (this.#queue.length && !this.#closed) await this.#queue.shift()!().catch((err: Error) => this.deps.log.error({ err: err.message }, 'image build task failed'));
+      while (this.#queue.length && !this.#closed) await this.#next().run().catch((err: Error) => this.deps.log.error({ err: err.message }, 'image build task failed'));
     } finally {
       this.#running = false;
     }
@@ -231,6 +310,13 @@ export class ImageBuilds {
     let progressed: Promise<unknown> = Promise.resolve();
     const started = Date.now();
     line(`build of image ${image.name}:${image.tag} (${image.id}) started ${new Date().toISOString()}`);
+    // Layers this build made (not from the cache): removed again if it does not end ready.
+    const made: string[] = [];
+    const limitMs = this.deps.buildTimeoutMs;
+    let overTime = false;
+    const timer = limitMs ? setTimeout(() => ((overTime = true), build.abort.abort()), limitMs) : undefined;
+    const { budget } = this.deps;
+    const orgId = image.orgId;
     try {
       const result = await this.deps.builder.build({
         recipe: image.recipe!,
@@ -240,24 +326,49 @@ export class ImageBuilds {
           progressed = progressed.then(() => this.deps.images.update(image.id, { progress })).catch((err: Error) => this.deps.log.warn({ image: image.id, err: err.message }, 'could not record build progress'));
         },
         signal: build.abort.signal,
+        onBuilt: (id) => made.push(id),
+        ...(budget && orgId
+          ? {
+              afterStep: async (bytes: number) => {
+                const left = await budget(orgId).catch(() => 0);
+                if (bytes > left) {
+                  throw new BuildFailedError(`the image's layers so far take ${Math.ceil(bytes / 2 ** 20)} MB and only ${Math.floor(left / 2 ** 20)} MB of the org's disk quota (ORG_MAX_DISK_MB) is left: delete images, snapshots or sandboxes, or install less`);
+                }
+              },
+            }
+          : {}),
       });
+      clearTimeout(timer);
       await progressed;
       line(`image ${image.name}:${image.tag} is ready (${result.layers.length} layer${result.layers.length === 1 ? '' : 's'}) after ${Math.round((Date.now() - started) / 1000)} s`);
       await this.#end(build, { status: 'ready', layers: result.layers, sizeBytes: result.sizeBytes, env: result.env, workdir: result.workdir, error: null, progress: null });
+      // The repository may still have refused it (over the org's quota at the end): then its layers go too.
+      const recorded = await this.deps.images.findById(image.id).catch(() => null);
+      if (recorded && recorded.status !== 'ready') await this.#discard(image, made);
     } catch (err) {
+      clearTimeout(timer);
       await progressed;
-      if (this.#closed && build.abort.signal.aborted) {
-        // The server is stopping: the record stays 'building' and resume() builds it again.
+      if (this.#closed && build.abort.signal.aborted && !overTime) {
+        // The server is stopping: the record stays 'building' and resume() builds it again (its layers with it).
         line('the server stopped during this build');
         return this.#end(build, null);
       }
-      const message = build.abort.signal.aborted
-        ? 'the build was cancelled'
-        : err instanceof BuildFailedError || (err instanceof Error && 'code' in err && (err as { code?: unknown }).code === 'INVALID_INPUT') ? (err as Error).message : `the build failed: ${scrub((err as Error).message ?? String(err))}`;
+      const message = overTime
+        ? `the build ran past IMAGE_BUILD_TIMEOUT_SEC (${Math.round(limitMs! / 1000)} s): make its steps faster, or split it into images built on each other`
+        : build.abort.signal.aborted
+          ? 'the build was cancelled'
+          : err instanceof BuildFailedError || (err instanceof Error && 'code' in err && (err as { code?: unknown }).code === 'INVALID_INPUT') ? (err as Error).message : `the build failed: ${scrub((err as Error).message ?? String(err))}`;
       if (!(err instanceof BuildFailedError)) this.deps.log.warn({ image: image.id, err: (err as Error).message }, 'image build failed');
       line(`build failed: ${message}`);
       await this.#end(build, { status: 'failed', error: message, progress: null });
+      await this.#discard(image, made);
     }
+  }
+
+  /** Hands the layers a build made that did not end ready to `discardLayers` (which keeps any a record names). */
+  async #discard(image: ImageRecord, layerIds: string[]): Promise<void> {
+    if (!layerIds.length || !this.deps.discardLayers) return;
+    await this.deps.discardLayers(layerIds).catch((err: Error) => this.deps.log.warn({ image: image.id, err: err.message }, 'could not remove the layers of a failed build'));
   }
 
   async #end(build: ActiveBuild, patch: Parameters<ImageRepository['update']>[1] | null, write = true): Promise<void> {

@@ -5,8 +5,12 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { InvalidInputError } from '../../errors.js';
 
-/** An apt package name as Debian policy allows it (lowercase, digits, `+ - .`, at least two characters). */
-export const APT_PACKAGE_NAME = /^[a-z0-9][a-z0-9+.-]+$/;
+/**
+ * An apt package name as Debian policy allows it (lowercase, digits, `+ - .`, at least two
+ * characters), not ending in `-` (apt's "remove" suffix). apt still reads a name with `.` or `+`
+ * that is not an exact package name as a regex, so a download also checks each name is one.
+ */
+export const APT_PACKAGE_NAME = /^[a-z0-9][a-z0-9+.-]*[a-z0-9+.]$/;
 
 /** Package lists older than this are fetched again before a download. */
 const LISTS_MAX_AGE_MS = 24 * 60 * 60 * 1000;
@@ -47,7 +51,11 @@ export class AptFetch {
   /** One apt run at a time in this process (apt's own locks would fail the second, not queue it). */
   #queue: Promise<unknown> = Promise.resolve();
 
-  constructor(private readonly opts: { baseImagesDir: string; mirror: string; log: Logger }) {
+  /** The package names of the lists, read once per `apt-get update` (keyed by its marker's mtime). */
+  #names: { updatedAt: number; names: Set<string> } | null = null;
+
+  /** `maxBytes`: the build sandbox's disk (IMAGE_BUILD_DISK_MB); packages needing more to download and unpack are refused before the download. */
+  constructor(private readonly opts: { baseImagesDir: string; mirror: string; log: Logger; maxBytes?: number }) {
     this.#dir = join(opts.baseImagesDir, 'apt');
   }
 
@@ -79,6 +87,8 @@ export class AptFetch {
     await copyFile(join(baseRootfs, 'var', 'lib', 'dpkg', 'status'), status);
     await this.#forApt(dir, join(dir, 'partial'));
     try {
+      await this.#assertExact(packages, signal);
+      await this.#assertFits(packages, { status, archives: dir }, signal);
       onLine(`downloading ${packages.join(' ')} and their dependencies from ${this.opts.mirror}`);
       await this.#apt(['install', '--download-only', '-y', '-q', '--no-install-recommends', ...packages], { status, archives: dir }, onLine, { signal }).catch((err: Error) => {
         throw notFound(err.message, this.opts.mirror) ?? err;
@@ -94,6 +104,40 @@ export class AptFetch {
     } catch (err) {
       await rm(dir, { recursive: true, force: true });
       throw err;
+    }
+  }
+
+  /**
+   * Refuses names that are not exact package names in the lists (apt would read one with `.` or
+   * `+` as a regex: `texlive-lang.+` is 122 packages), naming them.
+   */
+  async #assertExact(packages: readonly string[], signal?: AbortSignal): Promise<void> {
+    const updatedAt = await stat(join(this.#dir, 'lists', '.updated')).then((s) => s.mtimeMs).catch(() => 0);
+    if (!this.#names || this.#names.updatedAt !== updatedAt) {
+      const lines: string[] = [];
+      await this.#apt(['--all-names', 'pkgnames'], {}, () => {}, { signal, stdoutLines: lines, program: 'apt-cache' });
+      this.#names = { updatedAt, names: new Set(lines.map((l) => l.trim()).filter(Boolean)) };
+    }
+    const unknown = packages.filter((p) => !this.#names!.names.has(p));
+    if (unknown.length) {
+      throw new InvalidInputError(`package ${unknown.join(', ')} not found in DEBIAN_MIRROR (${this.opts.mirror} bookworm main)${unknown.some((n) => /[.+]/.test(n)) ? '; names must be exact package names (no patterns)' : ''}`);
+    }
+  }
+
+  /** Refuses, before any download, packages whose archives plus installed size (apt's own figures) pass `maxBytes`. */
+  async #assertFits(packages: readonly string[], paths: { status: string; archives: string }, signal?: AbortSignal): Promise<void> {
+    const max = this.opts.maxBytes;
+    if (!max) return;
+    const lines: string[] = [];
+    await this.#apt(['install', '--print-uris', '-q', '-y', '--no-install-recommends', ...packages], paths, () => {}, { signal, stdoutLines: lines }).catch((err: Error) => {
+      throw notFound(err.message, this.opts.mirror) ?? err;
+    });
+    const { download, installed } = aptSizes(lines);
+    if (download + installed > max) {
+      const mb = (n: number) => Math.ceil(n / 2 ** 20);
+      throw new InvalidInputError(
+        `packages ${packages.join(' ').slice(0, 200)} need ${mb(download)} MB to download and ${mb(installed)} MB installed, more than the build sandbox's disk (IMAGE_BUILD_DISK_MB, ${mb(max)} MB): install fewer packages per image (build images on each other) or ask the operator to raise IMAGE_BUILD_DISK_MB`,
+      );
     }
   }
 
@@ -153,15 +197,15 @@ export class AptFetch {
     if (uid !== null) for (const dir of dirs) await chown(dir, uid, 0).catch(() => {});
   }
 
-  #apt(args: string[], paths: { status?: string; archives?: string }, onLine: (line: string) => void, opts: { signal?: AbortSignal | undefined; stdoutLines?: string[] } = {}): Promise<void> {
-    const { signal, stdoutLines } = opts;
+  #apt(args: string[], paths: { status?: string; archives?: string }, onLine: (line: string) => void, opts: { signal?: AbortSignal | undefined; stdoutLines?: string[]; program?: 'apt-get' | 'apt-cache' } = {}): Promise<void> {
+    const { signal, stdoutLines, program = 'apt-get' } = opts;
     const options = [
       ...(paths.status ? ['-o', `Dir::State::status=${paths.status}`] : []),
       ...(paths.archives ? ['-o', `Dir::Cache::archives=${paths.archives}`] : []),
     ];
     return new Promise((resolve, reject) => {
       execFile(
-        'apt-get',
+        program,
         [...options, ...args],
         { env: { PATH: process.env.PATH ?? '/usr/bin:/bin', APT_CONFIG: join(this.#dir, 'apt.conf'), LC_ALL: 'C', DEBIAN_FRONTEND: 'noninteractive' }, timeout: APT_TIMEOUT_MS, maxBuffer: 16 * 1024 * 1024, ...(signal ? { signal } : {}) },
         (err, stdout, stderr) => {
@@ -172,7 +216,7 @@ export class AptFetch {
           if ((err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error('apt-get is not installed on this host (image builds need a Debian host with apt)'));
           const errors = `${stderr}`.split('\n').filter((l) => l.startsWith('E:'));
           for (const line of errors) onLine(line);
-          reject(new Error(errors.map((l) => l.slice(2).trim()).join('; ') || `apt-get ${args[0]} failed`));
+          reject(new Error(errors.map((l) => l.slice(2).trim()).join('; ') || `${program} ${args[0]} failed`));
         },
       );
     });
@@ -200,6 +244,23 @@ export function installOrder(simulation: readonly string[], files: readonly stri
     else ops.push({ op: 'configure', packages: [name] });
   }
   return ops;
+}
+
+/**
+ * Bytes apt would download (the sum of `--print-uris` lines: `'uri' file size hash`) and the disk
+ * the install adds ("After this operation, 19.0 MB of additional disk space will be used."). Pure.
+ */
+export function aptSizes(lines: readonly string[]): { download: number; installed: number } {
+  let download = 0;
+  let installed = 0;
+  const units: Record<string, number> = { B: 1, kB: 1e3, MB: 1e6, GB: 1e9, TB: 1e12 };
+  for (const line of lines) {
+    const uri = /^'[^']*' \S+ (\d+) /.exec(line);
+    if (uri) download += Number(uri[1]);
+    const after = /After this operation, ([\d.,]+) (B|kB|MB|GB|TB) of additional disk space/.exec(line);
+    if (after) installed = Math.ceil(Number(after[1]!.replace(/,/g, '')) * units[after[2]!]!);
+  }
+  return { download, installed };
 }
 
 /** The error for packages the mirror does not have, from apt's message; null for other failures. */
