@@ -5,6 +5,10 @@ an example like `sleep 3600` costs seconds of the budget rather than the default
 targets a running sandbox, every request to a /sandboxes/{id}/... operation names the sandbox in
 VOIDRUN_FUZZ_SANDBOX, so the generated commands, paths and bodies reach its agent instead of
 stopping at a 404.
+
+The image import takes a tar or gzip body (`application/x-tar`, `application/gzip`): the generated
+bytes go as they are, as for `application/octet-stream` (schemathesis has no serializer for those
+media types of its own and would report the operation as untestable).
 """
 
 import os
@@ -14,6 +18,9 @@ import schemathesis
 SANDBOX = os.environ.get("VOIDRUN_FUZZ_SANDBOX", "")
 EXEC_TIMEOUT_CAP_SEC = 3
 EXEC_PATHS = ("/exec", "/exec-stream", "/session-exec", "/session-exec-stream")
+
+schemathesis.serializer.alias("application/x-tar", "application/octet-stream")
+schemathesis.serializer.alias("application/gzip", "application/octet-stream")
 
 
 @schemathesis.hook
