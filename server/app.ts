@@ -99,7 +99,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const orgs = new OrgService({ store, lastUsed, network: serverNetwork, log });
 
   const idMap = { hostId: config.SANDBOX_UID_BASE, size: 65536 };
-  const layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log });
+  const layers = new LayerStore({ baseImagesDir: config.BASE_IMAGES_DIR, log, uidBase: config.SANDBOX_UID_BASE });
   const rootfs = new RootfsImages({ baseImagesDir: config.BASE_IMAGES_DIR, idMap, mirror: config.DEBIAN_MIRROR, log, layers });
   const images = new ImageService({
     images: store.images,
@@ -109,9 +109,12 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     defaultImage: config.SANDBOX_DEFAULT_IMAGE,
     maxBuildsPerOrg: config.IMAGE_BUILDS_PER_ORG,
     layerCacheTtlMs: config.IMAGE_LAYER_CACHE_TTL_SEC * 1000,
+    // Layers the sandboxes here mount (their `lower` files) stay through a layer GC.
+    instancesDir: config.INSTANCES_DIR,
+    snapshotsDir: config.SNAPSHOTS_DIR,
     log,
   });
-  const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, log });
+  const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, instancesDir: config.INSTANCES_DIR, log });
   // Sandboxes' egress on the bridge: the nftables firewall, the DNS resolver on the gateway, the byte caps.
   const egress = new SandboxEgress({ bridge: config.BRIDGE_NAME, gatewayCidr: config.GATEWAY_IP, networkCidr: config.NETWORK_CIDR, nameservers: config.DNS_NAMESERVERS, privateAllow: config.SANDBOX_PRIVATE_ALLOW, egressCeiling: config.SANDBOX_EGRESS_BYTES_MAX || null, log });
   const { driver, reason, accelerator, network } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, firewall: egress.firewall, log });
@@ -137,8 +140,9 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const activity = new ActivityTracker();
   const quotas = new SandboxQuotas({
     sandboxes: store.sandboxes,
-    // Org images' own layers count against ORG_MAX_DISK_MB (README "Images").
+    // The layers an org's images keep count against ORG_MAX_DISK_MB, each once (README "Images").
     images: store.images,
+    layerBytes: (id) => layers.bytesOf(id),
     snapshotsDir: config.SNAPSHOTS_DIR,
     org: { sandboxes: config.ORG_MAX_SANDBOXES, vcpus: config.ORG_MAX_VCPUS, memoryMb: config.ORG_MAX_MEMORY_MB, diskMb: config.ORG_MAX_DISK_MB },
     snapshotMaxBytes: config.SNAPSHOT_MAX_BYTES,
@@ -192,6 +196,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     rootfs,
     log,
     images: images.repositoryForBuilds(),
+    budget: (orgId: string) => images.diskBudget(orgId, 'this image build').catch(() => 0),
     ...(driver && agents && driver.name === 'container' && canSnapshot(driver) ? { container: { driver, agents, network: sandboxes.defaultNetwork() } } : {}),
   }).catch((err: Error) => {
     log.warn({ err: err.message }, `image builds are not available: ${err.message}`);

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { isLayerId, LayerStore, MAX_IMAGE_LAYERS } from '../server/hypervisor/images/layer-store.js';
+import { isLayerId, LayerStore, MAX_IMAGE_LAYERS, measureTree } from '../server/hypervisor/images/layer-store.js';
 import { RootfsImages, vmImageKey } from '../server/hypervisor/images/rootfs-images.js';
 import type { SandboxDriver, SandboxSpec, SnapshottingDriver } from '../server/hypervisor/types.js';
 import { VmImages, vmBootImage } from '../server/hypervisor/vm/vm-images.js';
@@ -149,6 +149,8 @@ describe.skipIf(!isRoot)('LayerStore', () => {
       return (await s.commit(newId(), 'gc')).id;
     };
     const [kept, old, young, reused] = [await make(), await make(), await make(), await make()];
+    // As once their image records exist (until then a pass keeps them whatever their age).
+    store.settle([kept, old, young, reused]);
     const anHourAgo = new Date(Date.now() - 3_600_000);
     for (const id of [kept, old, reused]) await utimes(join(base, 'layers', id, 'layer.json'), anHourAgo, anHourAgo);
     // A build reusing a cached layer reads its info: that counts as a use.
@@ -165,6 +167,58 @@ describe.skipIf(!isRoot)('LayerStore', () => {
     expect(existsSync(active.path)).toBe(true);
     await active.discard();
     expect(leftovers()).toEqual([]);
+  });
+
+  it('a layer committed but not yet recorded survives a GC pass with no minimum age until it is settled; remove() takes a refused one at once', async () => {
+    const s = await store.stage();
+    await writeFile(join(s.path, 'f'), 'pending');
+    const id = (await s.commit(newId(), 'pending')).id;
+    expect(await store.gc(new Set(), 0)).not.toContain(id);
+    expect(store.has(id)).toBe(true);
+    store.settle([id]);
+    expect(await store.gc(new Set(), 0)).toContain(id);
+    expect(store.has(id)).toBe(false);
+    const t = await store.stage();
+    const refused = (await t.commit(newId(), 'refused')).id;
+    expect(await store.remove(refused)).toBe(true);
+    expect([store.has(refused), existsSync(join(base, 'layers', refused))]).toEqual([false, false]);
+    expect(await store.remove(refused)).toBe(false);
+    expect(leftovers()).toEqual([]);
+  });
+
+  it('a layer dir is not traversable by a non-root host uid outside the sandbox range, and a layer root is never group/world-writable', async () => {
+    const uidBase = 200_000;
+    await run('chmod', ['0711', base]); // as BASE_IMAGES_DIR is
+    const guarded = new LayerStore({ baseImagesDir: base, log, uidBase });
+    const s = await guarded.stage();
+    await run('chmod', ['0777', s.path]); // as an import's './' entry could set it
+    await writeFile(join(s.path, 'f'), 'x');
+    const id = (await s.commit(newId(), 'modes')).id;
+    const root = statSync(join(base, 'layers'));
+    expect([root.mode & 0o777, root.gid]).toEqual([0o710, uidBase]);
+    expect(statSync(guarded.fsPath(id)).mode & 0o777).toBe(0o755);
+    // uid/gid 65534 (nobody): neither the sandbox range nor root, so layers/ is closed to it.
+    await expect(run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'cat', join(guarded.fsPath(id), 'f')])).rejects.toThrow(/Permission denied/);
+    // The sandbox's mapped root (the uid base) still reaches it.
+    expect(await run('setpriv', [`--reuid=${uidBase}`, `--regid=${uidBase}`, '--clear-groups', 'cat', join(guarded.fsPath(id), 'f')])).toBe('x');
+    await guarded.remove(id);
+  });
+
+  it('measureTree sizes a file with 1000 hard links as one file, and a sparse 1 TB file by its blocks; past maxBytes it stops naming the bound', async () => {
+    const tree = mkdtempSync(join(tmpdir(), 'voidrun-measure-'));
+    try {
+      await writeFile(join(tree, 'one'), randomBytes(1024 * 1024));
+      for (let i = 0; i < 1000; i++) await link(join(tree, 'one'), join(tree, `link-${i}`));
+      await run('truncate', ['-s', '1T', join(tree, 'sparse')]);
+      const m = await measureTree(tree);
+      expect(m.files).toBe(1002);
+      expect(m.inodes).toBe(3); // the root, the file and the sparse file
+      expect(m.bytes).toBeGreaterThanOrEqual(1024 * 1024);
+      expect(m.bytes).toBeLessThan(2 * 1024 * 1024);
+      await expect(measureTree(tree, { maxBytes: 512 * 1024, tooBig: (b) => new Error(`past the bound (${b})`) })).rejects.toThrow('past the bound');
+    } finally {
+      await rm(tree, { recursive: true, force: true });
+    }
   });
 
   it('fromSnapshot extracts a snapshot archive as is: whiteouts, numeric owners and modes kept', async () => {

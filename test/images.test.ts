@@ -1,4 +1,4 @@
-import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -9,6 +9,7 @@ import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
 import { TEST_IMAGE_RECIPE } from './helpers/test-images.js';
 import { until } from './helpers/until.js';
+import { newId as newLayerId } from '../server/store/ids.js';
 
 /**
  * Images through the real server, our client and plain HTTP: recipe builds (the shared test recipe,
@@ -248,6 +249,53 @@ describe.skipIf(!support.ok)('images', () => {
     expect((await built(mine, next.image.id)).status).toBe('ready');
   }, BUILD_TIMEOUT_MS);
 
+  it("the create answer's data.status is building and GET shows the same (the top-level status is the envelope's)", async () => {
+    const created = await createImage(mine, { name: 'status-check', run: [`sleep 600 # status ${Date.now()}`] });
+    expect(created.status).toBe(201);
+    // The original contract's envelope: its `status` is "success", spread over the image's.
+    expect(created.body.status).toBe('success');
+    expect(created.image.status).toBe('building');
+    expect((await getImage(mine, created.image.id)).status).toBe('building');
+    expect((await server.http(`/api/images/${created.image.id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(200);
+  });
+
+  it('a recipe that would stack more than MAX_IMAGE_LAYERS layers is a 400 naming the limit, before anything is recorded', async () => {
+    const parent = await createImage(mine, { name: 'deep-parent', path: 'debian' });
+    // A parent of 100 layers (as made by many builds on each other), recorded directly.
+    await server.app.store.images.update(parent.image.id, { layers: Array.from({ length: 100 }, () => newLayerId()) });
+    const r = await post(mine, '/api/images', { name: 'too-deep', base: parent.image.id, run: Array.from({ length: 30 }, (_, i) => `echo ${i}`) });
+    expect(r.status).toBe(400);
+    expect(String(r.body.error)).toContain('more than the 120 a sandbox can mount (MAX_IMAGE_LAYERS)');
+    expect((await server.http('/api/images/name/too-deep', { apiKey: mine.apiKey })).status).toBe(404);
+    expect((await server.http(`/api/images/${parent.image.id}`, { method: 'DELETE', apiKey: mine.apiKey })).status).toBe(200);
+  });
+
+  it('restoring a kept snapshot of a sandbox on an org image, after the sandbox is deleted, runs on that image (or 409 naming it when it is gone); the image cannot be deleted meanwhile', async () => {
+    const source = await mine.vr.sandboxes.create({ name: 'snap-img-source' });
+    await source.exec('echo on the image > /opt/image-marker.txt');
+    const made = await post(mine, `/api/sandboxes/${source.id}/image`, { name: 'snap-img' });
+    expect(made.status).toBe(201);
+    const imageId = (made.body.data as RestImage).id;
+    await source.delete();
+    const sb = await mine.vr.sandboxes.create({ name: 'snap-img-user', templateId: imageId });
+    await sb.exec('echo in the snapshot > /root/snap.txt');
+    const fullPath = (await sb.snapshot()).full_path;
+    await mine.vr.trpc.sandbox.delete.mutate({ id: sb.id, keepSnapshots: true });
+    // The kept snapshot uses the image.
+    const refused = await server.http(`/api/images/${imageId}`, { method: 'DELETE', apiKey: mine.apiKey });
+    expect(refused.status).toBe(409);
+    expect(((await refused.json()) as { error: string }).error).toContain('snapshot');
+    const restored = await mine.vr.sandboxes.restore({ orgId: mine.orgId, snapshot_path: fullPath });
+    const r = await restored.exec('cat /opt/image-marker.txt /root/snap.txt');
+    expect(r).toMatchObject({ exitCode: 0, stdout: 'on the image\nin the snapshot\n' });
+    await restored.delete();
+    // The image gone (removed from the store directly): the restore is a 409 naming it, never the default image.
+    await server.app.store.images.delete(imageId);
+    const gone = await post(mine, '/api/sandboxes/restore', { orgId: mine.orgId, snapshot_path: fullPath });
+    expect(gone.status).toBe(409);
+    expect(String(gone.body.error)).toContain(imageId);
+  }, BUILD_TIMEOUT_MS);
+
   it('concurrent builds past IMAGE_BUILDS_PER_ORG are refused with 429, none left building forever', async () => {
     const org = await register('images-cap');
     const answers = await Promise.all(Array.from({ length: 5 }, (_, i) => post(org, '/api/images', { name: `capped-${i}`, run: [`sleep 600 # ${i}`] })));
@@ -288,16 +336,28 @@ describe.skipIf(!support.ok)('images: the org disk quota (ORG_MAX_DISK_MB)', () 
     await server?.close();
   });
 
-  it('an image from a sandbox, or a build, larger than what is left of the quota is refused or fails saying so', async () => {
+  it('an image from a sandbox, or a build, larger than what is left of the quota is refused or fails saying so; an image from a sandbox past the quota leaves no layer', async () => {
     const reg = await server.client().trpc.auth.register.mutate({ name: 'Quota Images', email: uniqueEmail('image-quota') });
     const vr = server.client(reg.apiKey);
     const sb = await vr.sandboxes.create({ name: 'big-writer' });
+    const layersDir = join(server.app.config.BASE_IMAGES_DIR, 'layers');
+    const sandboxLayers = () =>
+      readdirSync(layersDir).filter((n) => /^[0-9a-f]{24,64}$/.test(n) && (existsSync(join(layersDir, n, 'layer.json')) ? readFileSync(join(layersDir, n, 'layer.json'), 'utf8') : '').includes('"description":"sandbox big-writer"'));
+    const before = sandboxLayers();
+    // 40 MB that compresses to little: the snapshot fits, the layer it becomes does not, and is removed at once.
+    expect((await sb.exec('yes voidrun-layer | head -c 41943040 > /root/text.txt && echo ok')).stdout).toBe('ok\n');
+    const overQuota = await server.http(`/api/sandboxes/${sb.id}/image`, { method: 'POST', apiKey: reg.apiKey, json: { name: 'too-big' } });
+    expect(overQuota.status).toBe(429);
+    expect(sandboxLayers()).toEqual(before);
+    await sb.exec('rm /root/text.txt');
     // 40 MB that does not compress.
     expect((await sb.exec('head -c 41943040 /dev/urandom > /root/noise.bin && echo ok')).stdout).toBe('ok\n');
     const refused = await server.http(`/api/sandboxes/${sb.id}/image`, { method: 'POST', apiKey: reg.apiKey, json: { name: 'too-big' } });
     expect(refused.status).toBe(429);
     expect(((await refused.json()) as { error: string }).error).toContain('ORG_MAX_DISK_MB');
     expect((await server.http('/api/images/name/too-big', { apiKey: reg.apiKey })).status).toBe(404);
+    // An image from a sandbox past the quota leaves no layer (none waits for the layer GC).
+    expect(sandboxLayers()).toEqual(before);
 
     // The same 40 MB written by a recipe: built, then failed (the layer is not the org's).
     const res = await server.http('/api/images', { method: 'POST', apiKey: reg.apiKey, json: { name: 'built-too-big', run: ['head -c 41943040 /dev/urandom > /opt/noise.bin'] } });
@@ -334,12 +394,13 @@ describe.skipIf(!support.ok)('images: layer GC', () => {
     if (baseImagesDir) rmSync(baseImagesDir, { recursive: true, force: true });
   });
 
+  const importImage = async (name: string) => {
+    const res = await server.http(`/api/images/import?name=${name}`, { method: 'POST', apiKey, headers: { 'content-type': 'application/x-tar' }, body: ociLayout({ layers: [[{ name: `${name}.txt`, body: name }]] }) });
+    expect(res.status).toBe(201);
+    return ((await res.json()) as { data: RestImage }).data;
+  };
+
   it("deleting an image removes its layers once no image uses them; other images' layers stay", async () => {
-    const importImage = async (name: string) => {
-      const res = await server.http(`/api/images/import?name=${name}`, { method: 'POST', apiKey, headers: { 'content-type': 'application/x-tar' }, body: ociLayout({ layers: [[{ name: `${name}.txt`, body: name }]] }) });
-      expect(res.status).toBe(201);
-      return ((await res.json()) as { data: RestImage }).data;
-    };
     const [gone, kept] = [await importImage('gc-gone'), await importImage('gc-kept')];
     const layerDirs = () => readdirSync(join(baseImagesDir, 'layers')).filter((n) => /^[0-9a-f]{24,64}$/.test(n));
     expect(layerDirs()).toHaveLength(2);
@@ -349,6 +410,39 @@ describe.skipIf(!support.ok)('images: layer GC', () => {
     await until(() => layerDirs(), (dirs) => !dirs.includes(goneLayer), 'the deleted image\'s layer to be collected');
     expect(layerDirs()).toEqual([keptLayer]);
     expect(existsSync(join(baseImagesDir, 'layers', keptLayer, 'layer.json'))).toBe(true);
+    expect((await server.http(`/api/images/${kept.id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+  });
+
+  it('a layer a sandbox instance mounts (its lower file) stays through a GC pass when no record names it any more (a system recipe changed under it)', async () => {
+    const image = await importImage('gc-mounted');
+    const layer = (await server.app.store.images.findById(image.id))!.layers[0]!;
+    // A container instance on that layer, as the driver leaves it: its `lower` file, bottom first.
+    const instance = join(server.dirs.instancesDir, newLayerId());
+    mkdirSync(instance, { recursive: true });
+    writeFileSync(join(instance, 'lower'), `${join(baseImagesDir, 'layers', layer, 'fs')}\n`);
+    // No record names the layer any more (as `code` after its recipe changed).
+    expect((await server.http(`/api/images/${image.id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    await server.app.services.images.collectLayers();
+    expect(existsSync(join(baseImagesDir, 'layers', layer, 'layer.json'))).toBe(true);
+    rmSync(instance, { recursive: true, force: true });
+    await server.app.services.images.collectLayers();
+    expect(existsSync(join(baseImagesDir, 'layers', layer))).toBe(false);
+  });
+
+  it("deleting an image another image is built on does not lower the org's imageBytes below what its layers take", async () => {
+    const parent = await importImage('charged-parent');
+    const limits = async () => (await server.client(apiKey).trpc.org.limits.query()).usage.imageBytes;
+    const withParent = await limits();
+    expect(withParent).toBeGreaterThan(0);
+    const child = await server.http('/api/images', { method: 'POST', apiKey, json: { name: 'charged-child', base: parent.id, env: { A: '1' } } });
+    expect(child.status).toBe(201);
+    const childId = ((await child.json()) as { data: RestImage }).data.id;
+    // The child keeps the same layer: charged once.
+    expect(await limits()).toBe(withParent);
+    expect((await server.http(`/api/images/${parent.id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    expect(await limits()).toBe(withParent);
+    expect((await server.http(`/api/images/${childId}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    expect(await limits()).toBe(0);
   });
 });
 

@@ -1,7 +1,11 @@
+import { existsSync } from 'node:fs';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { RECIPE_KEYS, type CreateImageInput, type Image, type ImageLog, type Recipe } from '../../shared/index.js';
 import { ConflictError, ForbiddenError, ImageNotReadyError, InvalidInputError, NotFoundError, TooManyRequestsError } from '../errors.js';
 import type { LayerInfo, LayerStore } from '../hypervisor/images/layer-store.js';
+import { MAX_IMAGE_LAYERS } from '../hypervisor/images/layer-store.js';
 import { imageRecipes, isBuildableImage, vmImageKey, type RootfsImages } from '../hypervisor/images/rootfs-images.js';
 import { isSystemRecipeImage, systemRecipeImages, type SystemRecipeImage } from '../hypervisor/images/system-recipes.js';
 import { isObjectIdHex, newId } from '../store/ids.js';
@@ -41,7 +45,41 @@ export interface ImageServiceDeps {
   maxBuildsPerOrg?: number;
   /** IMAGE_LAYER_CACHE_TTL_SEC in ms: an unreferenced layer younger than this is kept (the layer cache). */
   layerCacheTtlMs?: number;
+  /** INSTANCES_DIR: the layers each container instance mounts (its `lower` file) stay through a GC. */
+  instancesDir?: string;
+  /** SNAPSHOTS_DIR: a kept snapshot counts as a user of the image it was taken on (its `.image.json`). */
+  snapshotsDir?: string;
   log: Logger;
+}
+
+/** Where a snapshot records the image it was taken on (a dot name: listings and the snapshot quota skip it). */
+export function snapshotImageFile(snapshotDir: string, snapId: string): string {
+  return join(snapshotDir, `.${snapId}.image.json`);
+}
+
+/** Records the image a snapshot was taken on, beside its archive. */
+export async function writeSnapshotImage(snapshotDir: string, snapId: string, image: { id: string; layers: readonly string[] }): Promise<void> {
+  await writeFile(snapshotImageFile(snapshotDir, snapId), JSON.stringify({ imageId: image.id, layers: image.layers }), { mode: 0o600 });
+}
+
+/** The image a snapshot was taken on, as recorded (null for a snapshot from before images were recorded, or an unreadable record). */
+export async function readSnapshotImage(snapshotDir: string, snapId: string): Promise<{ imageId: string; layers: string[] } | null> {
+  try {
+    const parsed = JSON.parse(await readFile(snapshotImageFile(snapshotDir, snapId), 'utf8')) as { imageId?: unknown; layers?: unknown };
+    if (typeof parsed.imageId !== 'string' || !isObjectIdHex(parsed.imageId)) return null;
+    const layers = Array.isArray(parsed.layers) ? parsed.layers.filter((l): l is string => typeof l === 'string') : [];
+    return { imageId: parsed.imageId, layers };
+  } catch {
+    return null;
+  }
+}
+
+/** A 400 naming MAX_IMAGE_LAYERS when `parent` plus `adding` layers would pass it (sandboxes could not mount the result). */
+function assertStackable(parent: ImageRecord, adding: number, what: string): void {
+  if (parent.layers.length + adding <= MAX_IMAGE_LAYERS) return;
+  throw new InvalidInputError(
+    `${what} would stack ${parent.layers.length + adding} layers (${parent.name} has ${parent.layers.length}, this adds ${adding}), more than the ${MAX_IMAGE_LAYERS} a sandbox can mount (MAX_IMAGE_LAYERS): merge run steps into fewer commands, or build on an image with fewer layers (an image made from a sandbox of it has one more layer, not fewer)`,
+  );
 }
 
 const GC_INTERVAL_MS = 60 * 60 * 1000;
@@ -125,6 +163,7 @@ export class ImageService {
     await this.#assertNameFree(principal, input.name);
     const parent = await this.#baseOf(principal, recipe.base ?? 'debian');
     const steps = planSteps(recipe, parent).length;
+    assertStackable(parent, steps, `Image ${input.name}`);
     const fields: NewImageRecord = {
       name: input.name,
       tag: input.version ?? 'latest',
@@ -244,6 +283,7 @@ export class ImageService {
       workdir: input.workdir,
       sizeBytes: input.sizeBytes,
     });
+    this.deps.layers?.settle([input.layerId]);
     return this.#toImage(record);
   }
 
@@ -263,11 +303,58 @@ export class ImageService {
         const names = users.slice(0, 5).map((s) => (s.orgId ? s.name : `${s.name} (warm pool)`));
         throw new ConflictError(`Image ${image.name} is used by ${users.length} sandbox${users.length === 1 ? '' : 'es'} (${names.join(', ')}${users.length > 5 ? ', …' : ''}): delete them first`);
       }
+      const snapshots = (await this.#keptSnapshots(image.orgId!)).filter((s) => s.imageId === id);
+      if (snapshots.length) {
+        const refs = snapshots.slice(0, 5).map((s) => s.ref);
+        throw new ConflictError(`Image ${image.name} is used by ${snapshots.length} snapshot${snapshots.length === 1 ? '' : 's'} (${refs.join(', ')}${snapshots.length > 5 ? ', …' : ''}), which restore onto it: delete them (or their sandboxes without keepSnapshots) first`);
+      }
       await this.deps.images.delete(id);
     });
-    if (image.status === 'building') await this.#builds?.cancel(id);
+    // A recipe image's build (if one is still running) and its build log go with it.
+    if (image.source === 'recipe') await this.#builds?.cancel(id);
     this.collectLayers().catch((err: Error) => this.deps.log.warn({ err: err.message }, 'layer GC failed'));
     return { id, deleted: true };
+  }
+
+  /** Every snapshot of `orgId` (all orgs' for null; of existing and deleted sandboxes) with the image it recorded, as `<sandboxId>/<snapId>`. */
+  async #keptSnapshots(orgId: string | null): Promise<Array<{ ref: string; imageId: string; layers: string[] }>> {
+    const root = this.deps.snapshotsDir;
+    if (!root) return [];
+    if (orgId === null) {
+      const orgs = (await readdir(root).catch(() => [] as string[])).filter(isObjectIdHex);
+      return (await Promise.all(orgs.map((o) => this.#keptSnapshots(o)))).flat();
+    }
+    const orgDir = join(root, orgId);
+    const found: Array<{ ref: string; imageId: string; layers: string[] }> = [];
+    for (const sandbox of await readdir(orgDir).catch(() => [] as string[])) {
+      for (const name of await readdir(join(orgDir, sandbox)).catch(() => [] as string[])) {
+        const snapId = /^(snap-[0-9a-f]{24})\.tar\.gz$/.exec(name)?.[1];
+        if (!snapId) continue;
+        const recorded = await readSnapshotImage(join(orgDir, sandbox), snapId);
+        if (recorded) found.push({ ref: `${sandbox}/${snapId}`, ...recorded });
+      }
+    }
+    return found;
+  }
+
+  /**
+   * Layers the container instances in INSTANCES_DIR mount (each instance's `lower` file, written
+   * at boot): a running or stopped sandbox keeps its layers even when no record names them any
+   * more (a system recipe image whose recipe changed forgets its old layers).
+   */
+  async #instanceLayers(): Promise<string[]> {
+    const dir = this.deps.instancesDir;
+    const layers = this.deps.layers;
+    if (!dir || !layers || !existsSync(dir)) return [];
+    const ids: string[] = [];
+    for (const instance of await readdir(dir).catch(() => [] as string[])) {
+      const text = await readFile(join(dir, instance, 'lower'), 'utf8').catch(() => '');
+      for (const line of text.slice(0, 1_000_000).split('\n')) {
+        const id = layers.idOf(line.trim());
+        if (id) ids.push(id);
+      }
+    }
+    return ids;
   }
 
   /** The build log of an image (its tail when long); '' for images that were not built from a recipe. */
@@ -361,8 +448,8 @@ export class ImageService {
 
   /**
    * Records an image made from a sandbox's filesystem: the sandbox image's stack plus `layer`
-   * (already in the layer store). Refused (429) when the layer passes what is left of ORG_MAX_DISK_MB;
-   * the layer then stays unreferenced and goes at the next GC.
+   * (already in the layer store). Refused (429) when the layer passes what is left of ORG_MAX_DISK_MB
+   * (`imageFromSnapshot` then removes the layer at once).
    */
   async recordFromSandbox(principal: Principal, input: { name: string; version?: string; parent: ImageRecord; sandboxName: string; layer: LayerInfo }): Promise<Image> {
     await this.#assertFits(principal.orgId, input.layer.bytes, `image ${input.name}`);
@@ -383,6 +470,7 @@ export class ImageService {
       workdir: parent.workdir,
       sizeBytes: input.layer.bytes,
     });
+    this.deps.layers?.settle([input.layer.id]);
     return this.#toImage(record);
   }
 
@@ -390,8 +478,15 @@ export class ImageService {
   async imageFromSnapshot(principal: Principal, input: { name: string; version?: string; parent: ImageRecord; sandboxName: string; file: string }): Promise<Image> {
     const layers = this.deps.layers;
     if (!layers) throw new ConflictError('This server has no layer store, so it cannot make images from sandboxes');
+    assertStackable(input.parent, 1, `An image of sandbox ${input.sandboxName}`);
     const layer = await layers.fromSnapshot(input.file, newId(), `sandbox ${input.sandboxName}`);
-    return this.recordFromSandbox(principal, { ...input, layer });
+    try {
+      return await this.recordFromSandbox(principal, { ...input, layer });
+    } catch (err) {
+      // A fresh id no record names: refused (over quota, name taken meanwhile), it goes at once.
+      await layers.remove(layer.id).catch((e: Error) => this.deps.log.warn({ layer: layer.id, err: e.message }, 'could not remove the layer of a refused image'));
+      throw err;
+    }
   }
 
   /** Bytes of ORG_MAX_DISK_MB the org has left for a new image (429 when none): an import's or a snapshot's upper bound. */
@@ -432,7 +527,9 @@ export class ImageService {
             }
           }
         }
-        return images.update(id, patch);
+        const updated = await images.update(id, patch);
+        if (patch.status === 'ready' && patch.layers) this.deps.layers?.settle(patch.layers);
+        return updated;
       },
     };
   }
@@ -445,7 +542,9 @@ export class ImageService {
       const all = await this.deps.images.listAll();
       // A build's finished steps are in no record until it ends: no pass while one runs (the next hourly one collects).
       if (this.#systemBuilds.size || all.some((i) => i.status === 'building')) return;
-      const keep = new Set(all.flatMap((i) => i.layers));
+      // Layers records name, layers sandboxes mount (a system recipe changed under them), layers kept snapshots were taken on.
+      const snapshotLayers = (await this.#keptSnapshots(null)).flatMap((s) => s.layers);
+      const keep = new Set([...all.flatMap((i) => i.layers), ...(await this.#instanceLayers()), ...snapshotLayers]);
       const removed = await layers.gc(keep, this.deps.layerCacheTtlMs ?? 86_400_000);
       if (removed.length) this.deps.log.info({ layers: removed.length }, `layer GC removed ${removed.length} unused layer(s)`);
     })().finally(() => {

@@ -37,8 +37,14 @@ export interface HostLimits {
 
 export interface SandboxQuotasOptions {
   sandboxes: SandboxRepository;
-  /** The org's images' own layers count against its disk too (absent: no images count). */
+  /** The org's images count against its disk too (absent: no images count). */
   images?: ImageRepository;
+  /**
+   * A layer's bytes on the host (null when it is gone). With it an org is charged every layer its
+   * images reference, each once, less those a system image references; without it, each image's
+   * own `sizeBytes`.
+   */
+  layerBytes?: (id: string) => Promise<number | null>;
   snapshotsDir: string;
   org: OrgLimits;
   host: HostLimits;
@@ -98,6 +104,8 @@ export class SandboxQuotas {
   readonly #lock = new SandboxLocks();
   /** Bytes reserved by snapshots in progress, per org. */
   readonly #pendingSnapshots = new Map<string, number>();
+  /** Layer id → bytes (layers are immutable). */
+  readonly #layerSizes = new Map<string, number>();
 
   constructor(private readonly opts: SandboxQuotasOptions) {}
 
@@ -239,7 +247,7 @@ export class SandboxQuotas {
     const snapshotBytes = await this.#snapshotBytes(orgId);
     const pending = this.#pendingSnapshots.get(orgId) ?? 0;
     const sum = (f: (r: SandboxRecord) => number) => mine.reduce((n, r) => n + f(r), 0);
-    const imageBytes = orgId ? (await this.opts.images?.listVisible(orgId))?.filter((i) => i.orgId === orgId).reduce((n, i) => n + i.sizeBytes, 0) ?? 0 : 0;
+    const imageBytes = orgId ? await this.#imageBytes(orgId) : 0;
     return {
       sandboxes: mine.length,
       vcpus: sum((r) => r.cpu),
@@ -248,6 +256,33 @@ export class SandboxQuotas {
       snapshotBytes,
       imageBytes,
     };
+  }
+
+  /**
+   * What the org's images keep on the host: the union of the layers they reference (a child image
+   * keeps its parent's layers alive after the parent is deleted, so the child carries them), each
+   * layer once, less the layers of system images (kept for every org anyway). Layers never change,
+   * so their sizes are remembered.
+   */
+  async #imageBytes(orgId: string): Promise<number> {
+    const visible = (await this.opts.images?.listVisible(orgId)) ?? [];
+    const mine = visible.filter((i) => i.orgId === orgId);
+    const layerBytes = this.opts.layerBytes;
+    if (!layerBytes) return mine.reduce((n, i) => n + i.sizeBytes, 0);
+    const system = new Set(visible.filter((i) => i.orgId === null).flatMap((i) => i.layers));
+    const charged = new Set(mine.flatMap((i) => i.layers).filter((id) => !system.has(id)));
+    let total = 0;
+    for (const id of charged) {
+      let bytes = this.#layerSizes.get(id);
+      if (bytes === undefined) {
+        const read = await layerBytes(id);
+        bytes = read ?? 0;
+        if (this.#layerSizes.size > 100_000) this.#layerSizes.clear();
+        if (read !== null) this.#layerSizes.set(id, read);
+      }
+      total += bytes;
+    }
+    return total;
   }
 
   /** Bytes of every archive under SNAPSHOTS_DIR/<orgId>/ (kept snapshots of deleted sandboxes too). */

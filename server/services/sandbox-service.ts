@@ -41,7 +41,7 @@ import { newId } from '../store/ids.js';
 import type { ImageRecord, PoolMemberClaim, SandboxLifecycle, SandboxRecord, SandboxRepository, SandboxStatus, SandboxTombstoneRepository } from '../store/types.js';
 import type { ActivityTracker } from './activity.js';
 import type { Principal } from './auth-service.js';
-import type { ImageFilesystem, ImageService } from './image-service.js';
+import { readSnapshotImage, writeSnapshotImage, type ImageFilesystem, type ImageService } from './image-service.js';
 import { SandboxLocks } from './sandbox-locks.js';
 import type { SandboxQuotas } from './sandbox-quotas.js';
 import type { SandboxEventSink, SandboxEventType } from './sandbox-events.js';
@@ -468,6 +468,9 @@ export class SandboxService {
       const dir = this.#snapshotDir(record);
       await mkdir(dir, { recursive: true, mode: 0o700 });
       const partial = join(dir, `.${snapId}.partial`);
+      // The image it was taken on first: a restore lays the snapshot over that image, and the image counts it as a user.
+      const image = await this.deps.images.resolve(principal, record.imageId).catch(() => null);
+      if (image) await writeSnapshotImage(dir, snapId, image);
       await this.#snapshotWithinBudget(record, driver, partial, () => rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX)));
       return this.#snapshotInfo(record, snapId);
     });
@@ -558,8 +561,15 @@ export class SandboxService {
     const file = join(this.deps.snapshotsDir, principal.orgId, sourceId, snapId + SNAPSHOT_SUFFIX);
     if (!existsSync(file)) throw new NotFoundError(`Snapshot ${input.snapshot_path} not found`, { code: 'SNAPSHOT_NOT_FOUND' });
     const source = await this.deps.sandboxes.findById(principal.orgId, sourceId);
-    const imageRef = source?.imageId;
-    const image = await this.deps.images.resolve(principal, imageRef);
+    // The image the snapshot was taken on (snapshots from before this was recorded: the source's, else the default).
+    const recorded = await readSnapshotImage(join(this.deps.snapshotsDir, principal.orgId, sourceId), snapId);
+    const imageRef = recorded?.imageId ?? source?.imageId;
+    const image = await this.deps.images.resolve(principal, imageRef).catch((err: unknown) => {
+      if (recorded && err instanceof NotFoundError) {
+        throw new ConflictError(`Snapshot ${snapId} was taken on image ${recorded.imageId}, which no longer exists: it cannot be restored onto another image`);
+      }
+      throw err;
+    });
     this.deps.images.assertUsable(image);
     const record = await this.#admitRecord(principal, {
       name: input.new_id ?? `${source?.name ?? 'restored'}-${snapId.slice(-6)}`,

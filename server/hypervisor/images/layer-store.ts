@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, lstat, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -52,6 +52,15 @@ export interface StagedLayer {
  */
 const inUse = new Set<string>();
 
+/**
+ * Layers committed in this process that no image record names yet (an import or an image from a
+ * sandbox between its commit and its record; a build's steps until it ends), with when: gc keeps
+ * them whatever IMAGE_LAYER_CACHE_TTL_SEC says, until `settle` (the record exists or the attempt
+ * ended) or PENDING_MAX_MS has passed (a caller that never settles cannot pin a layer for ever).
+ */
+const pending = new Map<string, number>();
+const PENDING_MAX_MS = 15 * 60 * 1000;
+
 const STAGING = '.staging-';
 const TRASH = '.trash-';
 
@@ -71,7 +80,7 @@ const TRASH = '.trash-';
 export class LayerStore {
   readonly #root: string;
 
-  constructor(private readonly opts: { baseImagesDir: string; log: Logger }) {
+  constructor(private readonly opts: { baseImagesDir: string; log: Logger; /** SANDBOX_UID_BASE: the group that may traverse layers/ (absent: the dir's own group). */ uidBase?: number }) {
     this.#root = join(opts.baseImagesDir, 'layers');
   }
 
@@ -130,9 +139,12 @@ export class LayerStore {
         assertLayerId(id);
         const existing = await this.info(id);
         if (existing) {
+          pending.set(id, Date.now());
           await discard();
           return existing;
         }
+        // The layer's root is the sandbox's `/` (or a dir under it): never writable by anyone but its owner.
+        await chmod(path, (await lstat(path)).mode & 0o755);
         const { bytes, files } = await measureTree(path);
         const info: LayerInfo = { id, bytes, files, createdAt: new Date().toISOString(), description };
         await writeFile(join(dir, 'layer.json'), JSON.stringify(info), { mode: 0o644 });
@@ -144,11 +156,13 @@ export class LayerStore {
           const code = (err as NodeJS.ErrnoException).code;
           const winner = code === 'ENOTEMPTY' || code === 'EEXIST' ? await this.info(id) : null;
           if (!winner) throw err;
+          pending.set(id, Date.now());
           await discard();
           return winner;
         }
         done = true;
         inUse.delete(dir);
+        pending.set(id, Date.now());
         this.opts.log.info({ layer: id, bytes, files }, `layer ${id.slice(0, 12)} committed (${description})`);
         return info;
       } catch (err) {
@@ -185,6 +199,7 @@ export class LayerStore {
    */
   async gc(keep: ReadonlySet<string>, minAgeMs: number): Promise<string[]> {
     if (!existsSync(this.#root)) return [];
+    await this.#ensureRoot();
     const removed: string[] = [];
     const now = Date.now();
     for (const name of await readdir(this.#root)) {
@@ -195,25 +210,60 @@ export class LayerStore {
         continue;
       }
       if (!isLayerId(name) || keep.has(name)) continue;
+      const since = pending.get(name);
+      if (since !== undefined && now - since < PENDING_MAX_MS) continue;
+      pending.delete(name);
       const marker = await stat(join(path, 'layer.json')).catch(() => null);
       const age = now - (marker ?? (await lstat(path))).mtimeMs;
       if (age < minAgeMs) continue;
-      const trash = join(this.#root, `${TRASH}${process.pid}-${randomBytes(6).toString('hex')}`);
-      inUse.add(trash);
-      try {
-        await rename(path, trash);
-        await rm(trash, { recursive: true, force: true });
-      } catch (err) {
-        // Another server sharing BASE_IMAGES_DIR removed it first.
-        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
-        throw err;
-      } finally {
-        inUse.delete(trash);
-      }
-      if (marker) removed.push(name);
+      if ((await this.#trash(path)) && marker) removed.push(name);
     }
     if (removed.length) this.opts.log.info({ layers: removed }, `removed ${removed.length} unused image layer(s)`);
     return removed;
+  }
+
+  /**
+   * Removes complete layer `id` now, whatever its age (a layer made for an attempt that was
+   * refused or failed, which no record names: it must not wait for the layer GC); false when absent.
+   */
+  async remove(id: string): Promise<boolean> {
+    pending.delete(id);
+    return this.#trash(this.#dir(id));
+  }
+
+  /** Marks layers as named by an image record now (or their attempt as over): gc treats them by age again. */
+  settle(ids: Iterable<string>): void {
+    for (const id of ids) pending.delete(id);
+  }
+
+  /** The layer's id when `dir` is its fs/ path in this store (a sandbox's lower dir), else null. */
+  idOf(dir: string): string | null {
+    const prefix = `${this.#root}/`;
+    if (!dir.startsWith(prefix) || !dir.endsWith('/fs')) return null;
+    const id = dir.slice(prefix.length, -'/fs'.length);
+    return isLayerId(id) ? id : null;
+  }
+
+  /** The layer's bytes without counting as a use (quota accounting); null when it is not in the store. */
+  async bytesOf(id: string): Promise<number | null> {
+    return (await this.#read(id))?.bytes ?? null;
+  }
+
+  /** Renames `path` (a layer dir) to a trash name, then removes it; false when it was already gone. */
+  async #trash(path: string): Promise<boolean> {
+    const trash = join(this.#root, `${TRASH}${process.pid}-${randomBytes(6).toString('hex')}`);
+    inUse.add(trash);
+    try {
+      await rename(path, trash);
+      await rm(trash, { recursive: true, force: true });
+      return true;
+    } catch (err) {
+      // Another server sharing BASE_IMAGES_DIR removed it first.
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw err;
+    } finally {
+      inUse.delete(trash);
+    }
   }
 
   #dir(id: string): string {
@@ -222,17 +272,32 @@ export class LayerStore {
   }
 
   async #ensureRoot(): Promise<void> {
-    // Traversable, not listable, by the sandbox's mapped root.
-    await mkdir(this.#root, { recursive: true, mode: 0o711 });
+    // Traversable (not listable) by the sandboxes' mapped root, whose group is the uid base's;
+    // not by other host users, who could otherwise reach a predictable (content-addressed) layer
+    // id and write into its world-writable dirs (tmp/), changing a layer every org's images share.
+    // (Without the uid base, e.g. a script's store, it stays as it is, or 0711 when new.)
+    const gid = this.opts.uidBase;
+    await mkdir(this.#root, { recursive: true, mode: gid === undefined ? 0o711 : 0o710 });
+    if (gid === undefined) return;
+    const st = await lstat(this.#root);
+    if (st.gid !== gid || (st.mode & 0o777) !== 0o710) {
+      await chown(this.#root, st.uid, gid);
+      await chmod(this.#root, 0o710);
+    }
   }
 }
 
 /**
- * Entries and allocated bytes under `root`, walked with lstat (links are counted, never followed;
- * each inode's blocks once). Refuses device nodes other than overlayfs whiteouts (0/0 character
- * devices): no layer may hand a sandbox a real device.
+ * Entries, distinct inodes and allocated bytes under `root`, walked with lstat (links are counted,
+ * never followed; each inode's blocks once, so hard links and sparse files cost what the host
+ * allocated, not what they claim). Refuses device nodes other than overlayfs whiteouts (0/0
+ * character devices): no layer may hand a sandbox a real device; `devices: 'count'` for a merged
+ * system tree (debian's /dev). Past `maxBytes` it throws `tooBig(bytes)` at once.
  */
-export async function measureTree(root: string): Promise<{ bytes: number; files: number }> {
+export async function measureTree(
+  root: string,
+  opts: { devices?: 'refuse' | 'count'; maxBytes?: number; tooBig?: (bytes: number) => Error } = {},
+): Promise<{ bytes: number; files: number; inodes: number }> {
   const seen = new Set<string>();
   let bytes = 0;
   let files = 0;
@@ -241,7 +306,7 @@ export async function measureTree(root: string): Promise<{ bytes: number; files:
     const path = stack.pop()!;
     const st = await lstat(path, { bigint: true });
     if (path !== root) files++;
-    if (st.isBlockDevice() || (st.isCharacterDevice() && st.rdev !== 0n)) {
+    if (opts.devices !== 'count' && (st.isBlockDevice() || (st.isCharacterDevice() && st.rdev !== 0n))) {
       // The path inside the layer (a tenant's name: quoted and cut short), never the host's.
       const inside = path.slice(root.length);
       throw new InvalidInputError(`The layer holds a device node, ${JSON.stringify(inside.length > 200 ? `${inside.slice(0, 200)}…` : inside)}: only whiteouts (0/0 character devices) are allowed`);
@@ -250,8 +315,10 @@ export async function measureTree(root: string): Promise<{ bytes: number; files:
     if (!seen.has(key)) {
       seen.add(key);
       bytes += Number(st.blocks) * 512;
+      // Stops the walk as soon as the bound is passed (a tree as big as the disk is not walked to its end).
+      if (opts.maxBytes !== undefined && bytes > opts.maxBytes) throw (opts.tooBig ?? ((b: number) => new InvalidInputError(`The tree takes more than ${b} bytes`)))(bytes);
     }
     if (st.isDirectory()) for (const entry of await readdir(path)) stack.push(join(path, entry));
   }
-  return { bytes, files };
+  return { bytes, files, inodes: seen.size };
 }

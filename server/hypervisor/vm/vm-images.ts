@@ -9,6 +9,7 @@ import type { AgentFiles } from '../../agent-client/agent-bundle.js';
 import { DomainError, ErrorCode } from '../../errors.js';
 import { runLogged } from '../images/logged-command.js';
 import { isBuildableImage, isChainImageKey, remapOwnership, vmImageKey, type RootfsImages } from '../images/rootfs-images.js';
+import { measureTree } from '../images/layer-store.js';
 import { mountedAt } from '../container/mounts.js';
 import { cpioArchive, type CpioEntry } from './cpio-archive.js';
 import { agentDiskInit, GUEST_AGENT_DIR, initramfsInit } from './guest-boot-files.js';
@@ -37,8 +38,15 @@ export interface VmImagesOptions {
   rootfs: RootfsImages;
   /** First host uid of the container images' range: VM disks are owned by plain uids again. */
   containerUidBase: number;
+  /** The largest root disk an image's files may need, in MiB (default VM_ROOT_MAX_MB); a larger stack is refused before anything is copied. */
+  maxRootMb?: number;
+  /** INSTANCES_DIR: a chain image backing a sandbox's disk there is never pruned. */
+  instancesDir?: string;
   log: Logger;
 }
+
+/** Default bound on a VM root disk built from an image's files (MiB). */
+export const VM_ROOT_MAX_MB = 64 * 1024;
 
 /**
  * Bootable VM images under BASE_IMAGES_DIR, made from the same debian rootfs the container driver
@@ -119,13 +127,18 @@ export class VmImages {
       await this.#guestFiles(work, guest, status ?? '');
       step(`merging ${lowerDirs.length} lower dirs with a read-only overlay and copying them`);
       const root = join(work, 'root');
-      await withReadOnlyOverlay(work, [...lowerDirs, guest], (view) => runLogged('cp', ['-a', view, root], log));
+      await withReadOnlyOverlay(work, [...lowerDirs, guest], async (view) => {
+        // Measured (blocks, each inode once) and bounded before anything is copied.
+        await this.#measureRoot(name, view);
+        await runLogged('cp', ['-a', view, root], log);
+      });
       step('giving the root filesystem plain ownership');
       await this.#plainOwnership(root);
       const rootMb = await this.#diskFromRoot(name, work, root, step);
       await this.#placeBaseDisk(name, work);
       await this.#writeMarker(name, { lowerDirs, rootMb });
     } catch (err) {
+      if (err instanceof DomainError && err.code === ErrorCode.INVALID_INPUT) throw err;
       throw new DomainError(ErrorCode.DRIVER_FAILURE, `Building the VM image ${name} failed: ${(err as Error).message}`, { cause: err });
     } finally {
       if (mountedAt(merged)) await runLogged('umount', ['-l', merged], log).catch(() => {});
@@ -147,11 +160,30 @@ export class VmImages {
       const marker = (await readFile(join(baseImagesDir, entry), 'utf8').then((t) => JSON.parse(t) as { lowerDirs?: unknown }).catch(() => null)) ?? {};
       const dirs = Array.isArray(marker.lowerDirs) ? marker.lowerDirs.filter((d): d is string => typeof d === 'string') : [];
       if (dirs.length && dirs.every((d) => existsSync(d))) continue;
+      // A sandbox's disk is an overlay on this chain's base: it stays while that sandbox exists.
+      if ((await this.#chainsInUse()).has(key)) continue;
       // Marker first: from then on the image counts as unbuilt.
       await rm(join(baseImagesDir, entry), { force: true });
       for (const file of await readdir(baseImagesDir)) if (file.startsWith(`${key}-base`)) await rm(join(baseImagesDir, file), { force: true });
       log.info({ image: key }, `vm image ${key} removed: its layers are gone`);
     }
+  }
+
+  /**
+   * Chain keys whose base disk backs an instance's overlay in INSTANCES_DIR: the backing file name
+   * (`<key>-base-v<n>.qcow2`) read from each overlay's qcow2 header (written by qemu-img on the
+   * host; the guest never sees the header), bounded.
+   */
+  async #chainsInUse(): Promise<Set<string>> {
+    const keys = new Set<string>();
+    const dir = this.opts.instancesDir;
+    if (!dir || !existsSync(dir)) return keys;
+    for (const id of await readdir(dir)) {
+      const backing = await qcow2BackingFile(join(dir, id, 'overlay.qcow2')).catch(() => null);
+      const key = backing && /^(chain-[0-9a-f]{16})-base/.exec(basename(backing))?.[1];
+      if (key) keys.add(key);
+    }
+    return keys;
   }
 
   /**
@@ -252,12 +284,28 @@ export class VmImages {
   async #diskFromRoot(name: string, work: string, root: string, step: (message: string) => void): Promise<number> {
     const { log } = this.opts;
     step(`making the ext4 root disk of ${name} and converting it to qcow2`);
-    // Sized to the files plus room; the guest grows it to the sandbox's disk size at boot.
-    const rootMb = Math.ceil((await directorySize(root)) / 1024 / 1024) + 512;
+    // Sized to what the files take plus room; the guest grows it to the sandbox's disk size at boot.
+    const { rootMb, inodes } = await this.#measureRoot(name, root);
     const raw = join(work, 'root.ext4');
-    await runLogged('mkfs.ext4', ['-q', '-F', '-L', 'voidrun-root', '-d', root, raw, `${rootMb}M`], log);
+    await runLogged('mkfs.ext4', ['-q', '-F', '-L', 'voidrun-root', '-N', String(inodes), '-d', root, raw, `${rootMb}M`], log);
     await runLogged('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, join(work, 'base.qcow2')], log);
     return rootMb;
+  }
+
+  /**
+   * The root disk `root`'s files need: their allocated blocks, each inode once (a hard link or a
+   * sparse file costs what the host allocated, never what it claims), plus a tenth and 512 MiB for
+   * ext4's own metadata and room, and inodes for every file. Refused (400 naming the bound) past
+   * `maxRootMb`, before mkfs is asked for a disk that size.
+   */
+  async #measureRoot(name: string, root: string): Promise<{ rootMb: number; inodes: number }> {
+    const maxMb = this.opts.maxRootMb ?? VM_ROOT_MAX_MB;
+    const headroomMb = 512;
+    const tooBig = (bytes: number) =>
+      new DomainError(ErrorCode.INVALID_INPUT, `The files of VM image ${name} take more than ${Math.floor(bytes / 2 ** 20)} MiB, past the ${maxMb} MiB a VM root disk may have on this server: make the image smaller (fewer or smaller files)`);
+    const maxBytes = Math.max(0, Math.floor(((maxMb - headroomMb) * 2 ** 20) / 1.1));
+    const measured = await measureTree(root, { devices: 'count', maxBytes, tooBig });
+    return { rootMb: Math.ceil((measured.bytes * 1.1) / 2 ** 20) + headroomMb, inodes: measured.inodes + 16_384 };
   }
 
   /**
@@ -325,6 +373,22 @@ export class VmImages {
   /** The static busybox the image was built with (its initramfs has the same one). */
   #busyboxPath(image: string): string {
     return join(this.opts.baseImagesDir, `${image}-busybox`);
+  }
+}
+
+/** The backing file named in a qcow2 image's header (null without one); reads at most 4 KiB of it. */
+async function qcow2BackingFile(path: string): Promise<string | null> {
+  const file = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const head = Buffer.alloc(4096);
+    const { bytesRead } = await file.read(head, 0, head.length, 0);
+    if (bytesRead < 20 || head.readUInt32BE(0) !== 0x514649fb) return null;
+    const offset = Number(head.readBigUInt64BE(8));
+    const size = head.readUInt32BE(16);
+    if (!offset || !size || size > 1023 || offset + size > bytesRead) return null;
+    return head.toString('utf8', offset, offset + size);
+  } finally {
+    await file.close();
   }
 }
 
