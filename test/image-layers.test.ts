@@ -387,6 +387,31 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
       }
     }, 600_000);
 
+    it('a VM image of a layer with 1000 hard links to one file and a sparse 100 GB file gets a small disk; a stack past the root disk bound is refused naming it', async () => {
+      const config = server.app.config;
+      const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log });
+      const linked = await makeLayer(layers, uidBase, made, async (dir) => {
+        await mkdir(join(dir, 'opt', 'links'), { recursive: true });
+        await writeFile(join(dir, 'opt', 'links', 'one'), randomBytes(1024 * 1024));
+        for (let i = 0; i < 1000; i++) await link(join(dir, 'opt', 'links', 'one'), join(dir, 'opt', 'links', `l-${i}`));
+        await run('truncate', ['-s', '100G', join(dir, 'opt', 'sparse')]);
+      });
+      const dirs = await rootfs.lowerDirs({ base: 'debian', layers: [linked] });
+      const key = vmImageKey(dirs);
+      try {
+        // Bounded: a root disk of at most 520 MiB cannot hold debian.
+        const small = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log, maxRootMb: 520 });
+        await expect(small.ensure(key, dirs)).rejects.toThrow('past the 520 MiB a VM root disk may have on this server');
+        expect(await vm.isReady(key)).toBe(false);
+        await vm.ensure(key, dirs);
+        const marker = JSON.parse(await readFile(join(config.BASE_IMAGES_DIR, `${key}-vm.json`), 'utf8')) as { rootMb: number };
+        // Apparent sizes would ask for ~100 GB + 1000 MB; blocks, each inode once, for debian plus about 1 MB.
+        expect(marker.rootMb).toBeLessThan(2048);
+      } finally {
+        for (const f of [`${key}-base.qcow2`, `${key}-base-v3.qcow2`, `${key}-vm.json`]) await rm(join(config.BASE_IMAGES_DIR, f), { force: true });
+      }
+    }, 600_000);
+
     it("building a layer's VM image writes nothing through the layer's links: a /etc/hostname and a dpkg database linking to host files", async () => {
       const config = server.app.config;
       const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log });
