@@ -412,6 +412,28 @@ describe.skipIf(!support.ok)('sandboxes on a layer stack (real container driver;
       }
     }, 600_000);
 
+    it("a chain image whose layers are gone is not pruned while a sandbox's disk (a qcow2 overlay in INSTANCES_DIR) is built on it", async () => {
+      const config = server.app.config;
+      const instances = mkdtempSync(join(tmpdir(), 'voidrun-vm-instances-'));
+      const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log, instancesDir: instances });
+      const dirs = await rootfs.lowerDirs({ base: 'debian', layers: [bottom] });
+      const key = vmImageKey(dirs);
+      const used = `chain-${randomBytes(8).toString('hex')}`;
+      const usedFiles = [`${used}-vm.json`, `${used}-base-v3.qcow2`];
+      await writeFile(join(config.BASE_IMAGES_DIR, usedFiles[0]!), JSON.stringify({ name: used, version: 3, lowerDirs: [dirs[0], join(config.BASE_IMAGES_DIR, 'layers', newId(), 'fs')] }));
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', join(config.BASE_IMAGES_DIR, usedFiles[1]!), '64M']);
+      await mkdir(join(instances, newId()));
+      const overlay = join(instances, readdirSync(instances)[0]!, 'overlay.qcow2');
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', join(config.BASE_IMAGES_DIR, usedFiles[1]!), '-F', 'qcow2', overlay, '128M']);
+      try {
+        await vm.ensure(key, dirs); // a chain build prunes first
+        for (const f of usedFiles) expect(existsSync(join(config.BASE_IMAGES_DIR, f))).toBe(true);
+      } finally {
+        await rm(instances, { recursive: true, force: true });
+        for (const f of [`${key}-base.qcow2`, `${key}-base-v3.qcow2`, `${key}-vm.json`, ...usedFiles]) await rm(join(config.BASE_IMAGES_DIR, f), { force: true });
+      }
+    }, 600_000);
+
     it("building a layer's VM image writes nothing through the layer's links: a /etc/hostname and a dpkg database linking to host files", async () => {
       const config = server.app.config;
       const vm = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: uidBase, log });
