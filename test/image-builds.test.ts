@@ -540,4 +540,18 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(done.status).toBe('failed');
     expect(done.error).toMatch(/^step 1\/1: install 1 package \(db5\.3-util\): this image lacks libdb5\.3 \(needed by db5\.3-util\): packages are resolved against the system base's package list.*install them with a run step instead \(apt-get update && apt-get install -y db5\.3-util\)/);
   }, 600_000);
+  it("a build passing the org's disk quota fails at that step and its layers do not outlive it", async () => {
+    const { config, log } = server.app;
+    const tight = await createImageBuilds({ config, layers, rootfs, images: server.app.store.images, log, budget: async () => 2 ** 20 });
+    closers.push(() => tight.close());
+    const recipe: Recipe = { run: [`head -c 3M /dev/urandom > /big-${newId()}`, 'echo never-runs'] };
+    const [first] = await tight.builder.plan(recipe, { base: 'debian', layers: [], env: {}, workdir: null });
+    const image = await recordBuild(recipe);
+    tight.builds.enqueue(image, debian);
+    const done = await until(() => server.app.store.images.findById(image.id), (r) => r?.status !== 'building', 'the build to end', 120_000, 100);
+    expect(done!.status).toBe('failed');
+    expect(done!.error).toMatch(/^the image's layers so far take [34] MB and only 1 MB of the org's disk quota \(ORG_MAX_DISK_MB\) is left/);
+    expect((await tight.builds.readLog(image.id)).text).not.toMatch(/step 2\/2/);
+    await until(async () => layers.has(first!.layerId), (has) => !has, 'the layer of the failed build to be removed', 10_000, 20);
+  }, 180_000);
 });

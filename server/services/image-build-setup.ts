@@ -121,11 +121,9 @@ export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{
  * against nobody's quota. A retry of the recipe builds them again.
  */
 async function discardUnnamed(layers: LayerStore, images: ImageRepository, ids: string[], log: Logger): Promise<void> {
-  const remove = (layers as LayerStore & { remove?(id: string): Promise<boolean> }).remove;
-  if (!remove) return;
   const named = new Set((await images.listAll()).flatMap((r) => r.layers));
   const gone = ids.filter((id) => !named.has(id));
-  for (const id of gone) await remove.call(layers, id);
+  for (const id of gone) await layers.remove(id);
   if (gone.length) log.info({ layers: gone }, `removed ${gone.length} layer(s) of a build that did not end ready`);
 }
 
