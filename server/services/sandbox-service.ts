@@ -41,7 +41,7 @@ import { newId } from '../store/ids.js';
 import type { ImageRecord, PoolMemberClaim, SandboxLifecycle, SandboxRecord, SandboxRepository, SandboxStatus, SandboxTombstoneRepository } from '../store/types.js';
 import type { ActivityTracker } from './activity.js';
 import type { Principal } from './auth-service.js';
-import { readSnapshotImage, writeSnapshotImage, type ImageFilesystem, type ImageService } from './image-service.js';
+import { readSnapshotImage, snapshotImageFile, writeSnapshotImage, type ImageFilesystem, type ImageService } from './image-service.js';
 import { SandboxLocks } from './sandbox-locks.js';
 import type { SandboxQuotas } from './sandbox-quotas.js';
 import type { SandboxEventSink, SandboxEventType } from './sandbox-events.js';
@@ -471,7 +471,13 @@ export class SandboxService {
       // The image it was taken on first: a restore lays the snapshot over that image, and the image counts it as a user.
       const image = await this.deps.images.resolve(principal, record.imageId).catch(() => null);
       if (image) await writeSnapshotImage(dir, snapId, image);
-      await this.#snapshotWithinBudget(record, driver, partial, () => rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX)));
+      try {
+        await this.#snapshotWithinBudget(record, driver, partial, () => rename(partial, join(dir, snapId + SNAPSHOT_SUFFIX)));
+      } catch (err) {
+        // A refused or failed snapshot leaves nothing, its image record neither.
+        await rm(snapshotImageFile(dir, snapId), { force: true });
+        throw err;
+      }
       return this.#snapshotInfo(record, snapId);
     });
   }
