@@ -154,6 +154,7 @@ export class VmImages {
    */
   async #pruneChains(): Promise<void> {
     const { baseImagesDir, log } = this.opts;
+    let inUse: Set<string> | undefined;
     for (const entry of await readdir(baseImagesDir)) {
       const key = /^(chain-[0-9a-f]{16})-vm\.json$/.exec(entry)?.[1];
       if (!key) continue;
@@ -161,7 +162,9 @@ export class VmImages {
       const dirs = Array.isArray(marker.lowerDirs) ? marker.lowerDirs.filter((d): d is string => typeof d === 'string') : [];
       if (dirs.length && dirs.every((d) => existsSync(d))) continue;
       // A sandbox's disk is an overlay on this chain's base: it stays while that sandbox exists.
-      if ((await this.#chainsInUse()).has(key)) continue;
+      // Read once per prune (every instance's overlay header), on the first chain whose layers are gone.
+      inUse ??= await this.#chainsInUse();
+      if (inUse.has(key)) continue;
       // Marker first: from then on the image counts as unbuilt.
       await rm(join(baseImagesDir, entry), { force: true });
       for (const file of await readdir(baseImagesDir)) if (file.startsWith(`${key}-base`)) await rm(join(baseImagesDir, file), { force: true });
