@@ -8,11 +8,18 @@ export const MAX_RECIPE_RUN = 50;
 export const MAX_RECIPE_RUN_BYTES = 16 * 1024;
 export const MAX_RECIPE_FILES_BYTES = 4 * 1024 * 1024;
 
+/**
+ * An apt package name as Debian policy allows it (lowercase, digits, `+ - .`, at least two
+ * characters), not ending in `-` (apt's "remove" suffix). apt still reads a name with `.` or `+`
+ * that is not an exact package name as a regex, so a download also checks each name is one.
+ */
+export const APT_PACKAGE_NAME = /^[a-z0-9][a-z0-9+.-]*[a-z0-9+.]$/;
+
 /** An apt package name as Debian policy defines it (no version pins, no options, no `-` remove suffix: the host hands it to apt, which also checks it is an exact name). */
 export const AptPackageName = z
   .string()
   .max(100)
-  .regex(/^[a-z0-9][a-z0-9+.-]*[a-z0-9+.]$/, 'must be an exact Debian package name: two or more lowercase letters, digits, "+", "-" or ".", not ending in "-" (like python3-minimal); patterns are refused');
+  .regex(APT_PACKAGE_NAME, 'must be an exact Debian package name: two or more lowercase letters, digits, "+", "-" or ".", not ending in "-" (like python3-minimal); patterns are refused');
 
 /** An absolute path inside the image, without `..` components (the builder writes it through the build sandbox's agent). */
 export const ImagePath = PathText.refine((p) => p.startsWith('/'), 'must be an absolute path (start with /)').refine(

@@ -3,14 +3,8 @@ import { existsSync } from 'node:fs';
 import { chown, copyFile, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
+import { APT_PACKAGE_NAME } from '../../../shared/schemas/images.js';
 import { InvalidInputError } from '../../errors.js';
-
-/**
- * An apt package name as Debian policy allows it (lowercase, digits, `+ - .`, at least two
- * characters), not ending in `-` (apt's "remove" suffix). apt still reads a name with `.` or `+`
- * that is not an exact package name as a regex, so a download also checks each name is one.
- */
-export const APT_PACKAGE_NAME = /^[a-z0-9][a-z0-9+.-]*[a-z0-9+.]$/;
 
 /** Package lists older than this are fetched again before a download. */
 const LISTS_MAX_AGE_MS = 24 * 60 * 60 * 1000;
