@@ -36,6 +36,11 @@ export interface TarEntry {
   pax: ReadonlyMap<string, string>;
 }
 
+/** A regular file's typeflag: '0', '\0' (old tars) or '7' (contiguous file, read as a regular one). */
+export function isTarFileType(type: string): boolean {
+  return type === '0' || type === '\0' || type === '7';
+}
+
 /** Reads a stream as exact byte counts, chunk by chunk (nothing beyond what is asked is held). */
 class ByteReader {
   readonly #it: AsyncIterator<Buffer>;

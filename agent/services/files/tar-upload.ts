@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, lstatSync, mkdirSync, openSync, renameSync, rmSync, symlinkSync, writeSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import { basename, dirname, join, normalize } from 'node:path';
-import { TarReader } from '../../../shared/tar-reader.js';
+import { isTarFileType, TarReader } from '../../../shared/tar-reader.js';
 import { AgentError, fsError } from '../../errors.js';
 import { checkEntries } from './archive.js';
 import { resolveInSandbox } from './paths.js';
@@ -55,7 +55,7 @@ async function extractEntries(reader: TarReader, dest: string): Promise<TarUploa
     if (Buffer.byteLength(name) > MAX_NAME_BYTES || Buffer.byteLength(target) > MAX_NAME_BYTES) {
       throw new AgentError('BAD_REQUEST', `Archive entry ${JSON.stringify(name.slice(0, 200))} has a name or link target over ${MAX_NAME_BYTES} bytes; refusing to extract`);
     }
-    const kind = type === '0' || type === '\0' || type === '7' ? 'file' : type === '5' ? 'dir' : type === '2' ? 'symlink' : type === '1' ? 'hardlink' : 'other';
+    const kind = isTarFileType(type) ? 'file' : type === '5' ? 'dir' : type === '2' ? 'symlink' : type === '1' ? 'hardlink' : 'other';
     if (kind === 'hardlink') throw new AgentError('BAD_REQUEST', `Archive entry ${JSON.stringify(name)} is a hard link; refusing to extract (send the file itself)`);
     checkEntries([{ name, type: kind, target }], dest);
     const path = normalize(join(dest, name));

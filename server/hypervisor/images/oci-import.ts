@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { z } from 'zod';
 import { ImagePath } from '../../../shared/schemas/images.js';
 import { EnvVars } from '../../../shared/schemas/sandbox.js';
-import { TarReader, type TarEntry } from '../../../shared/tar-reader.js';
+import { isTarFileType, TarReader, type TarEntry } from '../../../shared/tar-reader.js';
 import { DomainError, InvalidInputError, PayloadTooLargeError } from '../../errors.js';
 import { newId } from '../../store/ids.js';
 import { processAlive } from '../host-process.js';
@@ -210,10 +210,6 @@ function entryPath(name: string, what: string): string {
   return parts.join('/');
 }
 
-function isFileType(type: string): boolean {
-  return type === '0' || type === '\0' || type === '7';
-}
-
 /** Refuses a NUL or control character in an entry's name or link target (a NUL would reach the filesystem calls as a bad argument). */
 function refuseControlChars(e: TarEntry, what: string): void {
   const field = CONTROL_CHARS.test(e.name) ? 'name' : CONTROL_CHARS.test(e.linkName) ? 'link target' : null;
@@ -292,7 +288,7 @@ async function spoolEntries(reader: TarReader, spool: string, opts: OciImportOpt
       links.set(name, entryPath(target, what));
       continue;
     }
-    if (!isFileType(e.type)) throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name)} is not a file, directory or link (type ${JSON.stringify(e.type)})`);
+    if (!isTarFileType(e.type)) throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name)} is not a file, directory or link (type ${JSON.stringify(e.type)})`);
     bytes += e.size;
     if (bytes > opts.maxBytes) throw new InvalidInputError(`${what}: entry ${JSON.stringify(e.name)} declares ${e.size} bytes, past IMAGE_IMPORT_MAX_BYTES (${opts.maxBytes} bytes) for the whole archive`);
     const blob = /^blobs\/(sha256|sha512)\/([0-9a-f]+)$/.exec(name);
@@ -551,7 +547,7 @@ class LayerApplier {
     const leaf = parts[parts.length - 1]!;
     if (e.type === '5' || e.type === '1' || e.type === '2') refuseBody(e, this.what, e.type === '5' ? 'a directory' : 'a link');
     // Counted before anything is skipped or written: aufs metadata bodies are read for nothing, but read.
-    if (isFileType(e.type)) {
+    if (isTarFileType(e.type)) {
       this.budget.bytes += e.size;
       if (this.budget.bytes > this.opts.maxBytes) throw this.#refuse(e, `declares ${e.size} bytes, past IMAGE_IMPORT_MAX_BYTES (${this.opts.maxBytes} bytes for all the image's files)`);
       if (this.opts.quota && this.budget.bytes > this.opts.quota.bytes) throw this.opts.quota.refuse(this.budget.bytes);
@@ -589,7 +585,7 @@ class LayerApplier {
       return;
     }
     if (existing) await this.#remove(rel);
-    if (isFileType(e.type)) {
+    if (isTarFileType(e.type)) {
       await this.#writeFile(reader, path, e);
     } else if (e.type === '2') {
       if (!e.linkName) throw this.#refuse(e, 'is a symbolic link without a target');
