@@ -82,6 +82,11 @@ function assertStackable(parent: ImageRecord, adding: number, what: string): voi
   );
 }
 
+/** Up to five of `items` by name, `…` for the rest: a conflict names what is in the way without growing with it. */
+function someOf<T>(items: readonly T[], name: (item: T) => string): string {
+  return `${items.slice(0, 5).map(name).join(', ')}${items.length > 5 ? ', …' : ''}`;
+}
+
 const GC_INTERVAL_MS = 60 * 60 * 1000;
 
 /**
@@ -300,13 +305,13 @@ export class ImageService {
     await exclusive(async () => {
       const users = ((await this.deps.sandboxes?.listAll()) ?? []).filter((s) => s.imageId === id);
       if (users.length) {
-        const names = users.slice(0, 5).map((s) => (s.orgId ? s.name : `${s.name} (warm pool)`));
-        throw new ConflictError(`Image ${image.name} is used by ${users.length} sandbox${users.length === 1 ? '' : 'es'} (${names.join(', ')}${users.length > 5 ? ', …' : ''}): delete them first`);
+        const names = someOf(users, (s) => (s.orgId ? s.name : `${s.name} (warm pool)`));
+        throw new ConflictError(`Image ${image.name} is used by ${users.length} sandbox${users.length === 1 ? '' : 'es'} (${names}): delete them first`);
       }
       const snapshots = (await this.#keptSnapshots(image.orgId!)).filter((s) => s.imageId === id);
       if (snapshots.length) {
-        const refs = snapshots.slice(0, 5).map((s) => s.ref);
-        throw new ConflictError(`Image ${image.name} is used by ${snapshots.length} snapshot${snapshots.length === 1 ? '' : 's'} (${refs.join(', ')}${snapshots.length > 5 ? ', …' : ''}), which restore onto it: delete them (or their sandboxes without keepSnapshots) first`);
+        const refs = someOf(snapshots, (s) => s.ref);
+        throw new ConflictError(`Image ${image.name} is used by ${snapshots.length} snapshot${snapshots.length === 1 ? '' : 's'} (${refs}), which restore onto it: delete them (or their sandboxes without keepSnapshots) first`);
       }
       await this.deps.images.delete(id);
     });
