@@ -434,6 +434,87 @@ export interface WebhookDeliveryRepository {
   pruneAttempts(webhookId: string, keep: number): Promise<number>;
 }
 
+/** A sandbox host's state in the fleet (README "Fleet"): only `ready` hosts take new sandboxes. */
+export type HostState = 'ready' | 'draining' | 'unresponsive' | 'gone';
+
+/** What a host offers: cpu cores, memory and disk in MiB, and how many sandboxes it runs at most. */
+export interface HostCapacity {
+  cpu: number;
+  memoryMb: number;
+  diskMb: number;
+  slots: number;
+}
+
+/**
+ * One sandbox host of the fleet, keyed by its node id (not an ObjectId: `host-` and hex, chosen by
+ * the host and kept in its DATA_DIR). Written by the host itself (registration, heartbeat) and by
+ * API nodes and admins only to change `state`; each write replaces the fields it names.
+ */
+export interface HostRecord {
+  id: string;
+  /** `host:port` of its internal listener (HOST_ADVERTISE_ADDRESS, HOST_INTERNAL_PORT). */
+  address: string;
+  capacity: HostCapacity;
+  labels: Record<string, string>;
+  /** Ids of the images whose root filesystem is present on the host (placement prefers those hosts). */
+  images: string[];
+  state: HostState;
+  /** The epoch it last registered with (see HostEpochRepository): one more on every registration. */
+  epoch: number;
+  heartbeatAt: Date;
+  registeredAt: Date;
+}
+
+export interface HostRepository {
+  /** Writes the whole record (registration). */
+  put(host: HostRecord): Promise<void>;
+  findById(id: string): Promise<HostRecord | null>;
+  /** Every host, by id. */
+  list(): Promise<HostRecord[]>;
+  /** Sets `heartbeatAt` (and `images` when given); false when there is no such host. */
+  heartbeat(id: string, at: Date, images?: string[]): Promise<boolean>;
+  /** Sets `state`; the updated record, or null when there is no such host. */
+  setState(id: string, state: HostState): Promise<HostRecord | null>;
+}
+
+/**
+ * Host epochs: registering as epoch N is an insert of `(hostId, N)` against a unique key, so of
+ * hosts (or restarts of one) registering concurrently under one id exactly one gets each epoch —
+ * the one primitive atomic on MongoDB, DocumentDB and FerretDB alike.
+ */
+export interface HostEpochRepository {
+  /** True for the one caller whose insert took `epoch`; false when it was already taken. */
+  claim(hostId: string, epoch: number): Promise<boolean>;
+  /** The highest epoch claimed for the host; 0 when none. */
+  latest(hostId: string): Promise<number>;
+}
+
+/**
+ * A sandbox slot on a host, held from placement until the sandbox is deleted: `(hostId, slot)` is
+ * unique and `slot` is below the host's `capacity.slots`, so concurrent placements from any number
+ * of API nodes never hold more slots on a host than it has.
+ */
+export interface HostSlotRecord {
+  hostId: string;
+  slot: number;
+  /** The sandbox it was placed for; '' while the create is in flight. */
+  sandboxId: string;
+  /** A slot still '' after this is a create that never finished, and may be freed. */
+  expiresAt: Date;
+  createdAt: Date;
+}
+
+export interface HostSlotRepository {
+  /** Inserts the slot; false, with nothing written, when that slot of the host is held. */
+  reserve(slot: HostSlotRecord): Promise<boolean>;
+  /** Records the sandbox a held slot is for (only its reserver writes it). */
+  assign(hostId: string, slot: number, sandboxId: string): Promise<void>;
+  /** The host's held slots, by slot number. */
+  listByHost(hostId: string): Promise<HostSlotRecord[]>;
+  /** Frees one slot (a delete by its unique key); false when it was not held. */
+  release(hostId: string, slot: number): Promise<boolean>;
+}
+
 export interface Store {
   readonly kind: 'sqlite' | 'mongo';
   readonly users: UserRepository;
@@ -448,5 +529,8 @@ export interface Store {
   readonly sandboxEvents: SandboxEventRepository;
   readonly webhooks: WebhookRepository;
   readonly webhookDeliveries: WebhookDeliveryRepository;
+  readonly hosts: HostRepository;
+  readonly hostEpochs: HostEpochRepository;
+  readonly hostSlots: HostSlotRepository;
   close(): Promise<void>;
 }

@@ -29,6 +29,7 @@ import { imageDefaults, SANDBOX_NETWORK_NONE, withoutUndefined } from '../types.
 import type { OrgNetworkDefaults } from '../../../shared/schemas/network.js';
 import { ensureEventIndexes, mongoEventRepositories } from './events-store.js';
 import { mongoTombstones } from './tombstones.js';
+import { ensureHostIndexes, mongoHostRepositories } from './hosts.js';
 
 /*
  * Ids: a record's `id` is the hex text of its `_id` ObjectId; references to other records (orgId,
@@ -431,7 +432,7 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
   try {
     await client.connect();
     const db = client.db(opts.dbName);
-    await Promise.all([ensureIndexes(db), ensureEventIndexes(db)]);
+    await Promise.all([ensureIndexes(db), ensureEventIndexes(db), ensureHostIndexes(db)]);
     return {
       kind: 'mongo',
       users: new MongoUsers(db.collection('users')),
@@ -444,6 +445,7 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
       poolClaims: new MongoPoolClaims(db.collection('pool_claims')),
       idempotency: new MongoIdempotency(db.collection('idempotency_claims')),
       ...mongoEventRepositories(db),
+      ...mongoHostRepositories(db),
       async close() {
         await client.close();
       },

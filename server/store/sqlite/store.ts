@@ -33,6 +33,7 @@ import type { NetworkPolicy, OrgNetworkDefaults } from '../../../shared/schemas/
 import { sqliteSchema } from './schema.js';
 import { SqliteSandboxEvents, SqliteWebhookDeliveries, SqliteWebhooks } from './events-store.js';
 import { SqliteSandboxTombstones } from './tombstones.js';
+import { sqliteHostRepositories } from './hosts.js';
 
 type Db = Database.Database;
 type Row = Record<string, unknown>;
@@ -546,6 +547,7 @@ export function openSqliteStore(dataDir: string): Store {
     sandboxEvents: new SqliteSandboxEvents(db),
     webhooks: new SqliteWebhooks(db),
     webhookDeliveries: new SqliteWebhookDeliveries(db),
+    ...sqliteHostRepositories(db),
     async close() {
       db.close();
     },

@@ -1,0 +1,99 @@
+import type { Collection, Db } from 'mongodb';
+import { ConflictError } from '../../errors.js';
+import type { HostEpochRepository, HostRecord, HostRepository, HostSlotRecord, HostSlotRepository, HostState, Store } from '../types.js';
+import { op } from './store.js';
+
+/*
+ * Every claim here is an insert against a unique `_id` (`<hostId>:<epoch>`, `<hostId>:<slot>`) and
+ * every release a `deleteOne` by `_id`: the operations FerretDB, DocumentDB and MongoDB all make
+ * atomic. Host records have one writer per field group (the host for registration and heartbeats;
+ * state changes are idempotent), so no read-modify-write decides anything.
+ */
+
+type HostDoc = Omit<HostRecord, 'id'> & { _id: string };
+type EpochDoc = { _id: string; hostId: string; epoch: number; createdAt: Date };
+type SlotDoc = HostSlotRecord & { _id: string };
+
+/** True when the insert made the claim; false on a duplicate key (taken). */
+async function inserted(fn: () => Promise<unknown>): Promise<boolean> {
+  try {
+    await op('', fn);
+    return true;
+  } catch (err) {
+    if (err instanceof ConflictError) return false;
+    throw err;
+  }
+}
+
+class MongoHosts implements HostRepository {
+  constructor(private readonly c: Collection<HostDoc>) {}
+  static #map(doc: HostDoc | null): HostRecord | null {
+    if (!doc) return null;
+    const { _id, ...rest } = doc;
+    return { id: _id, ...rest };
+  }
+  async put(h: HostRecord) {
+    const { id, ...rest } = h;
+    await op('', () => this.c.replaceOne({ _id: id }, rest, { upsert: true }));
+  }
+  async findById(id: string) {
+    return op('', async () => MongoHosts.#map(await this.c.findOne({ _id: id })));
+  }
+  async list() {
+    return op('', async () => (await this.c.find({}).sort({ _id: 1 }).toArray()).map((d) => MongoHosts.#map(d)!));
+  }
+  async heartbeat(id: string, at: Date, images?: string[]) {
+    return op('', async () => (await this.c.updateOne({ _id: id }, { $set: images ? { heartbeatAt: at, images } : { heartbeatAt: at } })).matchedCount > 0);
+  }
+  async setState(id: string, state: HostState) {
+    await op('', () => this.c.updateOne({ _id: id }, { $set: { state } }));
+    return this.findById(id);
+  }
+}
+
+class MongoHostEpochs implements HostEpochRepository {
+  constructor(private readonly c: Collection<EpochDoc>) {}
+  async claim(hostId: string, epoch: number) {
+    return inserted(() => this.c.insertOne({ _id: `${hostId}:${epoch}`, hostId, epoch, createdAt: new Date() }));
+  }
+  async latest(hostId: string) {
+    return op('', async () => {
+      const [doc] = await this.c.find({ hostId }).sort({ epoch: -1 }).limit(1).toArray();
+      return doc?.epoch ?? 0;
+    });
+  }
+}
+
+class MongoHostSlots implements HostSlotRepository {
+  constructor(private readonly c: Collection<SlotDoc>) {}
+  async reserve(s: HostSlotRecord) {
+    return inserted(() => this.c.insertOne({ _id: `${s.hostId}:${s.slot}`, ...s }));
+  }
+  async assign(hostId: string, slot: number, sandboxId: string) {
+    await op('', () => this.c.updateOne({ _id: `${hostId}:${slot}` }, { $set: { sandboxId } }));
+  }
+  async listByHost(hostId: string) {
+    return op('', async () =>
+      (await this.c.find({ hostId }).sort({ slot: 1 }).toArray()).map(({ hostId: h, slot, sandboxId, expiresAt, createdAt }) => ({ hostId: h, slot, sandboxId, expiresAt, createdAt })),
+    );
+  }
+  async release(hostId: string, slot: number) {
+    return op('', async () => (await this.c.deleteOne({ _id: `${hostId}:${slot}` })).deletedCount > 0);
+  }
+}
+
+export async function ensureHostIndexes(db: Db): Promise<void> {
+  await Promise.all([
+    db.collection('host_epochs').createIndex({ hostId: 1, epoch: -1 }, { name: 'host_epochs_by_host' }),
+    db.collection('host_slots').createIndex({ hostId: 1, slot: 1 }, { name: 'host_slots_by_host' }),
+  ]);
+}
+
+/** The hosts, host epochs and host slots repositories (collections `hosts`, `host_epochs`, `host_slots`). */
+export function mongoHostRepositories(db: Db): Pick<Store, 'hosts' | 'hostEpochs' | 'hostSlots'> {
+  return {
+    hosts: new MongoHosts(db.collection('hosts')),
+    hostEpochs: new MongoHostEpochs(db.collection('host_epochs')),
+    hostSlots: new MongoHostSlots(db.collection('host_slots')),
+  };
+}

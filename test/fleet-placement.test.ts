@@ -1,0 +1,183 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { MongoClient } from 'mongodb';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { TooManyRequestsError } from '../server/errors.js';
+import { HostRegistry, sweepLostHosts } from '../server/services/fleet/host-registry.js';
+import { Placement } from '../server/services/fleet/placement.js';
+import { newId } from '../server/store/ids.js';
+import { openMongoStore } from '../server/store/mongo/store.js';
+import { openSqliteStore } from '../server/store/sqlite/store.js';
+import type { HostRecord, Store } from '../server/store/types.js';
+
+/**
+ * Fleet placement on the real stores (README "Fleet"). Two store connections stand for two API
+ * nodes sharing one database; on MongoDB-wire stores (FerretDB in CI, which loses concurrent
+ * updates) the slot and epoch claims must still have exactly one winner each.
+ */
+function fleetSuite(name: string, open: () => Promise<{ a: Store; b: Store; cleanup: () => Promise<void> }>) {
+  describe(`fleet placement: ${name}`, () => {
+    let a: Store;
+    let b: Store;
+    let cleanup: () => Promise<void>;
+    beforeAll(async () => {
+      ({ a, b, cleanup } = await open());
+    });
+    afterAll(async () => {
+      await cleanup?.();
+    });
+
+    const host = (id: string, over: Partial<HostRecord> = {}): HostRecord => ({
+      id,
+      address: `10.0.0.${id.length}:33945`,
+      capacity: { cpu: 8, memoryMb: 16384, diskMb: 100000, slots: 10 },
+      labels: { driver: 'container' },
+      images: [],
+      state: 'ready',
+      epoch: 1,
+      heartbeatAt: new Date(),
+      registeredAt: new Date(),
+      ...over,
+    });
+    const placements = (store: Store) => new Placement({ hosts: store.hosts, slots: store.hostSlots, deadAfterMs: 15_000 });
+
+    it('30 concurrent creates from two API nodes against 3 hosts of 10 slots place exactly 30, none over capacity; the 31st is 429 "fleet full"', async () => {
+      const prefix = `h${newId().slice(-6)}`;
+      const ids = [0, 1, 2].map((i) => `${prefix}-${i}`);
+      for (const id of ids) await a.hosts.put(host(id));
+      // Only these three hosts: others from other tests of this suite are drained first.
+      for (const h of await a.hosts.list()) if (!ids.includes(h.id)) await a.hosts.setState(h.id, 'draining');
+      const [pa, pb] = [placements(a), placements(b)];
+      const results = await Promise.allSettled(Array.from({ length: 30 }, (_, i) => (i % 2 ? pa : pb).place({ cpu: 1, memMb: 512 })));
+      const placed = results.filter((r) => r.status === 'fulfilled');
+      expect(results.filter((r) => r.status === 'rejected').map((r) => String((r as PromiseRejectedResult).reason))).toEqual([]);
+      expect(placed).toHaveLength(30);
+      for (const id of ids) {
+        const slots = await b.hostSlots.listByHost(id);
+        expect(slots.length).toBeLessThanOrEqual(10);
+        expect(new Set(slots.map((s) => s.slot)).size).toBe(slots.length);
+        expect(slots.every((s) => s.slot >= 0 && s.slot < 10)).toBe(true);
+      }
+      expect((await Promise.all(ids.map((id) => b.hostSlots.listByHost(id)))).flat()).toHaveLength(30);
+      const full = await pa.place({ cpu: 1, memMb: 512 }).catch((e: unknown) => e);
+      expect(full).toBeInstanceOf(TooManyRequestsError);
+      expect((full as Error).message).toMatch(/fleet full/);
+      expect((full as Error).message).toContain('30 sandbox slots of the 3 ready host(s)');
+      // A deleted sandbox's slot is free again, on its host.
+      const first = (placed[0] as PromiseFulfilledResult<Awaited<ReturnType<Placement['place']>>>).value;
+      await first.release();
+      const again = await pb.place({ cpu: 1, memMb: 512 });
+      expect(again.host.id).toBe(first.host.id);
+      expect(again.slot).toBe(first.slot);
+      for (const id of ids) await a.hosts.setState(id, 'gone');
+    });
+
+    it('never places on a draining, unresponsive or gone host, one with a stale heartbeat, or one too small; prefers hosts with the image', async () => {
+      const prefix = `p${newId().slice(-6)}`;
+      for (const h of await a.hosts.list()) await a.hosts.setState(h.id, 'gone');
+      await a.hosts.put(host(`${prefix}-draining`, { state: 'draining' }));
+      await a.hosts.put(host(`${prefix}-lost`, { state: 'unresponsive' }));
+      await a.hosts.put(host(`${prefix}-stale`, { heartbeatAt: new Date(Date.now() - 60_000) }));
+      await a.hosts.put(host(`${prefix}-small`, { capacity: { cpu: 1, memoryMb: 256, diskMb: 1000, slots: 10 } }));
+      const none = await placements(b).place({ cpu: 1, memMb: 512 }).catch((e: unknown) => e);
+      expect(none).toBeInstanceOf(TooManyRequestsError);
+      expect((none as Error).message).toMatch(/fleet full: no host is ready/);
+      await a.hosts.put(host(`${prefix}-plain`));
+      await a.hosts.put(host(`${prefix}-imaged`, { images: ['img-1'] }));
+      for (let i = 0; i < 5; i++) {
+        const p = await placements(b).place({ cpu: 1, memMb: 512, imageId: 'img-1' });
+        expect(p.host.id).toBe(`${prefix}-imaged`);
+        await p.release();
+      }
+      for (const h of await a.hosts.list()) await a.hosts.setState(h.id, 'gone');
+    });
+
+    it('a slot reserved by a create that never finished is freed by its host after the TTL, an assigned one never', async () => {
+      const id = `r${newId().slice(-6)}`;
+      await a.hosts.put(host(id, { capacity: { cpu: 8, memoryMb: 16384, diskMb: 1000, slots: 2 } }));
+      let now = new Date();
+      const p = new Placement({ hosts: a.hosts, slots: a.hostSlots, deadAfterMs: 3_600_000, pendingTtlMs: 1000, now: () => now });
+      const one = await p.place({ cpu: 1, memMb: 1 });
+      const two = await p.place({ cpu: 1, memMb: 1 });
+      expect([one.host.id, two.host.id]).toEqual([id, id]);
+      await two.assign(newId());
+      expect(await p.reapExpired(id)).toBe(0);
+      now = new Date(now.getTime() + 5000);
+      expect(await p.reapExpired(id)).toBe(1);
+      expect((await a.hostSlots.listByHost(id)).map((s) => s.slot)).toEqual([two.slot]);
+      await a.hosts.setState(id, 'gone');
+    });
+
+    it('of 20 concurrent registrations under one host id each epoch has one winner; a host declared lost is fenced until it registers again', async () => {
+      const id = `e${newId().slice(-6)}`;
+      const identity = { id, address: '10.0.0.9:33945', capacity: { cpu: 2, memoryMb: 2048, diskMb: 1000, slots: 4 }, labels: {}, images: [] };
+      const registries = Array.from({ length: 20 }, (_, i) => new HostRegistry(i % 2 ? a.hosts : b.hosts, i % 2 ? a.hostEpochs : b.hostEpochs));
+      await Promise.all(registries.map((r) => r.register(identity)));
+      const epochs = registries.map((r) => r.epoch).sort((x, y) => x - y);
+      expect(new Set(epochs).size).toBe(20);
+      expect(await a.hostEpochs.latest(id)).toBe(epochs[19]);
+
+      const registry = new HostRegistry(a.hosts, a.hostEpochs);
+      const record = await registry.register(identity);
+      expect(record.epoch).toBe(epochs[19]! + 1);
+      expect(await registry.heartbeat(id)).toBe('ok');
+      // An older registration of the same id (a restart that lost the race) is fenced.
+      expect(await registries[0]!.heartbeat(id)).toBe('fenced');
+      // Missed heartbeats: an API node's sweep declares it unresponsive; its next heartbeat is fenced.
+      await a.hosts.put({ ...record, heartbeatAt: new Date(Date.now() - 20_000) });
+      const lost = await sweepLostHosts(b.hosts, 15_000);
+      expect(lost.map((h) => h.id)).toContain(id);
+      expect((await a.hosts.findById(id))?.state).toBe('unresponsive');
+      expect(await registry.heartbeat(id)).toBe('fenced');
+      // It comes back with a new epoch and serves again.
+      const back = await registry.register(identity);
+      expect(back.epoch).toBe(record.epoch + 1);
+      expect(back.state).toBe('ready');
+      expect(await registry.heartbeat(id)).toBe('ok');
+      // A draining host stays draining through a re-registration.
+      await a.hosts.setState(id, 'draining');
+      expect((await registry.register(identity)).state).toBe('draining');
+      await a.hosts.setState(id, 'gone');
+    });
+  });
+}
+
+fleetSuite('sqlite', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'voidrun-fleet-'));
+  const a = openSqliteStore(dir);
+  const b = openSqliteStore(dir);
+  return {
+    a,
+    b,
+    cleanup: async () => {
+      await a.close();
+      await b.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+});
+
+const mongoUri = process.env.MONGO_URI;
+if (mongoUri) {
+  fleetSuite('mongo', async () => {
+    const dbName = `voidrun_fleet_${newId()}`;
+    const a = await openMongoStore({ uri: mongoUri, dbName });
+    const b = await openMongoStore({ uri: mongoUri, dbName });
+    return {
+      a,
+      b,
+      cleanup: async () => {
+        await a.close();
+        await b.close();
+        const client = new MongoClient(mongoUri);
+        await client.db(dbName).dropDatabase().catch(() => {});
+        await client.close();
+      },
+    };
+  });
+} else {
+  describe('fleet placement: mongo', () => {
+    it.skipIf(true)('needs MONGO_URI pointing at a MongoDB-wire server (FerretDB in CI)', () => {});
+  });
+}
