@@ -1,7 +1,6 @@
 import type { Collection, Db } from 'mongodb';
-import { ConflictError } from '../../errors.js';
 import type { HostEpochRepository, HostRecord, HostRepository, HostSlotRecord, HostSlotRepository, HostState, Store } from '../types.js';
-import { op } from './store.js';
+import { claimedByInsert, op } from './store.js';
 
 /*
  * Every claim here is an insert against a unique `_id` (`<hostId>:<epoch>`, `<hostId>:<slot>`) and
@@ -13,17 +12,6 @@ import { op } from './store.js';
 type HostDoc = Omit<HostRecord, 'id'> & { _id: string };
 type EpochDoc = { _id: string; hostId: string; epoch: number; createdAt: Date };
 type SlotDoc = HostSlotRecord & { _id: string };
-
-/** True when the insert made the claim; false on a duplicate key (taken). */
-async function inserted(fn: () => Promise<unknown>): Promise<boolean> {
-  try {
-    await op('', fn);
-    return true;
-  } catch (err) {
-    if (err instanceof ConflictError) return false;
-    throw err;
-  }
-}
 
 class MongoHosts implements HostRepository {
   constructor(private readonly c: Collection<HostDoc>) {}
@@ -54,7 +42,7 @@ class MongoHosts implements HostRepository {
 class MongoHostEpochs implements HostEpochRepository {
   constructor(private readonly c: Collection<EpochDoc>) {}
   async claim(hostId: string, epoch: number) {
-    return inserted(() => this.c.insertOne({ _id: `${hostId}:${epoch}`, hostId, epoch, createdAt: new Date() }));
+    return claimedByInsert(() => this.c.insertOne({ _id: `${hostId}:${epoch}`, hostId, epoch, createdAt: new Date() }));
   }
   async latest(hostId: string) {
     return op('', async () => {
@@ -67,7 +55,7 @@ class MongoHostEpochs implements HostEpochRepository {
 class MongoHostSlots implements HostSlotRepository {
   constructor(private readonly c: Collection<SlotDoc>) {}
   async reserve(s: HostSlotRecord) {
-    return inserted(() => this.c.insertOne({ _id: `${s.hostId}:${s.slot}`, ...s }));
+    return claimedByInsert(() => this.c.insertOne({ _id: `${s.hostId}:${s.slot}`, ...s }));
   }
   async assign(hostId: string, slot: number, sandboxId: string) {
     await op('', () => this.c.updateOne({ _id: `${hostId}:${slot}` }, { $set: { sandboxId } }));

@@ -77,6 +77,22 @@ export async function op<T>(conflictWhat: string, fn: () => Promise<T>): Promise
   }
 }
 
+/**
+ * Runs an insert that makes a claim: true when it inserted, false on a duplicate key (the claim
+ * was taken). Claims are inserts against a unique key, the one write atomic on every MongoDB-wire
+ * store (FerretDB loses concurrent conditional updates).
+ */
+export async function claimedByInsert(insert: () => Promise<unknown>): Promise<boolean> {
+  try {
+    await op('', insert);
+    return true;
+  } catch (err) {
+    // `op` reports a duplicate key (11000) as a conflict; for a claim that just means "taken".
+    if (err instanceof ConflictError) return false;
+    throw err;
+  }
+}
+
 export function stamp<T extends { id?: string }>(rec: T): T & { id: string; createdAt: Date; updatedAt: Date } {
   const now = new Date();
   return { ...rec, id: rec.id ?? newId(), createdAt: now, updatedAt: now };
@@ -270,13 +286,7 @@ class MongoSandboxes implements SandboxRepository {
 class MongoPoolClaims implements PoolClaimRepository {
   constructor(private readonly c: Collection<{ _id: string; createdAt: Date }>) {}
   async claim(sandboxId: string) {
-    try {
-      await op('', () => this.c.insertOne({ _id: sandboxId, createdAt: new Date() }));
-      return true;
-    } catch (err) {
-      if (err instanceof ConflictError) return false;
-      throw err;
-    }
+    return claimedByInsert(() => this.c.insertOne({ _id: sandboxId, createdAt: new Date() }));
   }
   async release(sandboxId: string) {
     await op('', () => this.c.deleteOne({ _id: sandboxId }));
@@ -298,13 +308,7 @@ class MongoIdempotency implements IdempotencyRepository {
     return JSON.stringify([c.orgId, c.operation, c.key, c.gen]);
   }
   async claim(r: Omit<IdempotencyRecord, 'result'>) {
-    try {
-      await op('', () => this.c.insertOne({ _id: MongoIdempotency.#id(r), ...r, result: null }));
-      return true;
-    } catch (err) {
-      if (err instanceof ConflictError) return false;
-      throw err;
-    }
+    return claimedByInsert(() => this.c.insertOne({ _id: MongoIdempotency.#id(r), ...r, result: null }));
   }
   async find(orgId: string, operation: string, key: string) {
     return op('', async () => {
@@ -378,14 +382,7 @@ class MongoIpLeases implements IpLeaseRepository {
     return { ip: doc._id, sandboxId: doc.sandboxId, createdAt: doc.createdAt };
   }
   async claim(ip: string, sandboxId: string) {
-    try {
-      await op('', () => this.c.insertOne({ _id: ip, sandboxId, createdAt: new Date() }));
-      return true;
-    } catch (err) {
-      // `op` reports a duplicate key (11000) as a conflict; for a claim that just means "taken".
-      if (err instanceof ConflictError) return false;
-      throw err;
-    }
+    return claimedByInsert(() => this.c.insertOne({ _id: ip, sandboxId, createdAt: new Date() }));
   }
   async findBySandbox(sandboxId: string) {
     return op('', async () => {
