@@ -1,4 +1,5 @@
 import type { Collection, Db } from 'mongodb';
+import { ConflictError } from '../../errors.js';
 import type { HostEpochRepository, HostRecord, HostRepository, HostSlotRecord, HostSlotRepository, HostState, Store } from '../types.js';
 import { claimedByInsert, op } from './store.js';
 
@@ -22,7 +23,12 @@ class MongoHosts implements HostRepository {
   }
   async put(h: HostRecord) {
     const { id, ...rest } = h;
-    await op('', () => this.c.replaceOne({ _id: id }, rest, { upsert: true }));
+    // Two upserts of a new id at once can both try the insert; the loser's E11000 means the record
+    // now exists, and replacing it again is the write it meant.
+    await op('', () => this.c.replaceOne({ _id: id }, rest, { upsert: true })).catch((err: unknown) => {
+      if (!(err instanceof ConflictError)) throw err;
+      return op('', () => this.c.replaceOne({ _id: id }, rest, { upsert: true }));
+    });
   }
   async findById(id: string) {
     return op('', async () => MongoHosts.#map(await this.c.findOne({ _id: id })));
