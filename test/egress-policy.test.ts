@@ -15,7 +15,7 @@ import { newId } from '../server/store/ids.js';
 import { tearDown } from '../server/hypervisor/network/host-network.js';
 import { support } from './helpers/sandbox-support.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
-import { fetchCommand, ip, onPath, startTestInternet, type TestInternet } from './helpers/test-internet.js';
+import { fetchCommand, freeTestAddress, ip, onPath, startTestInternet, type TestInternet } from './helpers/test-internet.js';
 
 const policy = (p: Partial<NetworkPolicy>): NetworkPolicy => ({ mode: 'bridge', egress: 'allow', allow: [], deny: [], maxEgressBytes: null, egressCut: false, ...p });
 
@@ -256,7 +256,9 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
   const bridge = `egb${tag}`;
   const subnet = `10.214.${randomInt(0, 256)}`;
   const gateway = `${subnet}.1`;
-  const blocked = `192.0.2.${randomInt(1, 255)}`;
+  // An address no interface or route of this machine covers (CI machines can sit on a TEST-NET).
+  let blocked: string;
+  let releaseBlocked = () => {};
   const metadataTable = String(randomInt(20_000, 30_000));
   const net = { bridge, gatewayCidr: `${gateway}/24`, networkCidr: `${subnet}.0/24` };
   let internet: TestInternet;
@@ -306,6 +308,7 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
 
   beforeAll(async () => {
     internet = await startTestInternet({ name: `egi-${tag}`, hostIf: `egi${tag}`, testNet: '203.0.113' });
+    ({ address: blocked, release: releaseBlocked } = await freeTestAddress());
     // A second server address (blocked.test) and the metadata address in the test internet; only
     // traffic from this test's bridge is routed to the latter, so nothing else on the host is.
     for (const address of [blocked, '169.254.169.254']) await ip('-n', internet.ns, 'addr', 'add', `${address}/32`, 'dev', 'lo');
@@ -335,7 +338,8 @@ describe.skipIf(netSkip !== null)('egress policy of container sandboxes on the b
       await tearDown(net).catch(() => {});
       await ip('rule', 'del', 'iif', bridge, 'lookup', metadataTable, 'priority', metadataTable).catch(() => {});
       await ip('route', 'del', '169.254.169.254/32', 'table', metadataTable).catch(() => {});
-      await ip('route', 'del', `${blocked}/32`).catch(() => {});
+      if (blocked) await ip('route', 'del', `${blocked}/32`).catch(() => {});
+      releaseBlocked();
       servers?.kill();
       hostPort?.close();
       await internet?.close();

@@ -1,6 +1,6 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomInt } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
@@ -21,6 +21,94 @@ export interface TestInternet {
   close(): Promise<void>;
 }
 
+export type TestNet = '192.0.2' | '198.51.100' | '203.0.113';
+
+const toInt = (address: string) => address.split('.').reduce((n, part) => n * 256 + Number(part), 0);
+
+/**
+ * The IPv4 ranges this machine already uses: its own interfaces' networks and every route but the
+ * default. A CI machine may sit on a TEST-NET itself (one runs on 192.0.2.0/24), so a test address
+ * picked at random from one can be the host's own or its gateway's.
+ */
+async function usedRanges(): Promise<Array<[number, number]>> {
+  const ranges: Array<[number, number]> = [];
+  const add = (address: string, prefix: number) => {
+    const size = 2 ** (32 - prefix);
+    const start = Math.floor(toInt(address) / size) * size;
+    ranges.push([start, start + size - 1]);
+  };
+  for (const link of JSON.parse(await ip('-j', '-4', 'addr')) as Array<{ addr_info?: Array<{ local: string; prefixlen: number }> }>)
+    for (const a of link.addr_info ?? []) add(a.local, a.prefixlen);
+  for (const r of JSON.parse(await ip('-j', '-4', 'route')) as Array<{ dst: string }>) {
+    if (r.dst === 'default') continue;
+    const [address, prefix] = r.dst.split('/');
+    add(address!, prefix === undefined ? 32 : Number(prefix));
+  }
+  return ranges;
+}
+
+const claimDir = '/tmp/voidrun-test-nets';
+
+/**
+ * Claims `size` consecutive addresses (aligned) of `testNet` that nothing on this machine uses and
+ * no other test process has claimed (test files run in parallel and each builds its own links):
+ * a claim is a file created exclusively under /tmp/voidrun-test-nets, holding the claimer's pid so a
+ * killed run's claims are taken back.
+ */
+export async function claimTestBlock(testNet: TestNet, size: 1 | 4): Promise<{ first: number; release(): void }> {
+  mkdirSync(claimDir, { recursive: true });
+  const used = await usedRanges();
+  const netStart = toInt(`${testNet}.0`);
+  const free: number[] = [];
+  for (let first = size === 1 ? 1 : 0; first + size <= (size === 1 ? 255 : 256); first += size) {
+    const [a, b] = [netStart + first, netStart + first + size - 1];
+    if (!used.some(([s, e]) => a <= e && b >= s)) free.push(first);
+  }
+  while (free.length) {
+    const first = free.splice(randomInt(0, free.length), 1)[0]!;
+    const file = `${claimDir}/${testNet}.${Math.floor(first / 4) * 4}`;
+    try {
+      writeFileSync(file, String(process.pid), { flag: 'wx' });
+    } catch {
+      const holder = Number(readFileSync(file, 'utf8').trim() || 0);
+      let alive = holder === process.pid;
+      try {
+        if (!alive && holder) {
+          process.kill(holder, 0);
+          alive = true;
+        }
+      } catch {}
+      if (alive) continue;
+      try {
+        unlinkSync(file);
+        writeFileSync(file, String(process.pid), { flag: 'wx' });
+      } catch {
+        continue;
+      }
+    }
+    const release = () => {
+      try {
+        unlinkSync(file);
+      } catch {}
+    };
+    return { first, release };
+  }
+  throw new Error(`no free address block of ${size} left in ${testNet}.0/24 on this machine`);
+}
+
+/** An address of some TEST-NET that this machine does not use and no other test has claimed, with its release. */
+export async function freeTestAddress(): Promise<{ address: string; release(): void }> {
+  const nets: TestNet[] = ['192.0.2', '198.51.100', '203.0.113'];
+  const start = randomInt(0, nets.length);
+  for (const testNet of [...nets.slice(start), ...nets.slice(0, start)]) {
+    try {
+      const block = await claimTestBlock(testNet, 1);
+      return { address: `${testNet}.${block.first}`, release: block.release };
+    } catch {}
+  }
+  throw new Error('no free TEST-NET address left on this machine');
+}
+
 /**
  * A test "internet": a network namespace `<name>` joined to the host by a veth pair (host end
  * `<hostIf>`) with a random /30 of a TEST-NET range (`198.51.100` or `203.0.113`, never routed on
@@ -28,9 +116,10 @@ export interface TestInternet {
  * the masquerade. Its HTTP server on port 8080 answers with JSON `{from, received}`: the address
  * it sees the client come from and how many body bytes it received.
  */
-export async function startTestInternet(opts: { name: string; hostIf: string; testNet: '198.51.100' | '203.0.113' }): Promise<TestInternet> {
+export async function startTestInternet(opts: { name: string; hostIf: string; testNet: TestNet }): Promise<TestInternet> {
   const { name: ns, hostIf } = opts;
-  const base = randomInt(0, 64) * 4;
+  const block = await claimTestBlock(opts.testNet, 4);
+  const base = block.first;
   const hostAddress = `${opts.testNet}.${base + 1}`;
   const address = `${opts.testNet}.${base + 2}`;
   await ip('netns', 'add', ns);
@@ -60,6 +149,7 @@ export async function startTestInternet(opts: { name: string; hostIf: string; te
       await exited;
       await ip('netns', 'del', ns).catch(() => {});
       await ip('link', 'del', hostIf).catch(() => {});
+      block.release();
     },
   };
 }
