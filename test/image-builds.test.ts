@@ -516,6 +516,21 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     expect(await after.container.driver.list()).toEqual([]);
   }, 120_000);
 
+  it('a stop and a destroy of one container sandbox at the same time leave no instance behind (a timed-out build step left its sandbox)', async () => {
+    const { config, log } = server.app;
+    const own = await createImageBuilds({ config, layers, rootfs, images: server.app.store.images, log });
+    closers.push(() => own.close());
+    const driver = own.container.driver;
+    const base = await rootfs.ensure('debian');
+    // What a step's deadline does (stop) while the step's cleanup runs (destroy), the destroy a little later each time.
+    for (let round = 0; round < 4; round++) {
+      const ids = [newId(), newId(), newId()];
+      await Promise.all(ids.map((id) => driver.create({ id, name: `race-${id.slice(-8)}`, rootfs: base, layers: [], image: 'debian', cpu: 1, memMb: 256, diskMb: 256, envVars: {} })));
+      await Promise.all(ids.flatMap((id, i) => [driver.stop(id).catch(() => {}), new Promise((r) => setTimeout(r, (round * 3 + i) * 15)).then(() => driver.destroy(id))]));
+      expect(await driver.list()).toEqual([]);
+    }
+  }, 180_000);
+
   it('a package name that is a regex (python3.+) fails naming it, and nothing is downloaded', async () => {
     const apt = new AptFetch({ baseImagesDir: server.app.config.BASE_IMAGES_DIR, mirror: server.app.config.DEBIAN_MIRROR, log: server.app.log });
     const lines: string[] = [];

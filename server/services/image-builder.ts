@@ -215,7 +215,9 @@ export class ImageBuilder {
     // The host's own bound on the step's work in the sandbox (see STEP_DEADLINE_GRACE_MS), with the build's cancel.
     const deadline = new AbortController();
     const stepSignal = signal ? AbortSignal.any([signal, deadline.signal]) : deadline.signal;
-    const onAbort = () => void driver.stop(id).catch(() => {});
+    // Awaited before the cleanup below destroys the sandbox (the driver also runs them one at a time).
+    let stopping: Promise<void> | undefined;
+    const onAbort = () => void (stopping = driver.stop(id).catch(() => {}));
     const timedOut = () => new BuildFailedError(`${label} timed out after ${Math.round(this.opts.stepTimeoutMs / 1000)} s (IMAGE_BUILD_STEP_TIMEOUT_SEC)`);
     let deadlineTimer: NodeJS.Timeout | undefined;
     try {
@@ -254,6 +256,7 @@ export class ImageBuilder {
     } finally {
       clearTimeout(deadlineTimer);
       stepSignal.removeEventListener('abort', onAbort);
+      await stopping;
       await agents.drop(id).catch(() => {});
       await driver.destroy(id).catch((err: Error) => this.opts.log.error({ sandbox: id, err: err.message }, 'could not remove a build sandbox'));
       await rm(snapshot, { force: true });

@@ -20,6 +20,7 @@ import { Runc } from './runc.js';
 import { limitSandboxKernelLimits, raiseHostKernelLimits } from './kernel-limits.js';
 import type { ContainerBootFiles } from './boot-files.js';
 import { loopDevicesOf, mountedAt } from './mounts.js';
+import { SandboxLocks } from '../../services/sandbox-locks.js';
 
 export interface ContainerDriverOptions {
   instancesDir: string;
@@ -127,6 +128,7 @@ export class ContainerDriver
   readonly snapshotKind = 'filesystem' as const;
   readonly #runc: Runc;
   readonly #snapshotSlots = new Slots(SNAPSHOT_SLOTS);
+  readonly #lifecycle = new SandboxLocks();
 
   constructor(private readonly opts: ContainerDriverOptions) {
     this.#runc = new Runc(opts.runcRoot);
@@ -317,7 +319,12 @@ export class ContainerDriver
   async #unmountLayers(id: string): Promise<void> {
     const p = layout(this.opts.instancesDir, id);
     for (const target of [p.rootfs, p.disk]) {
-      if (mountedAt(target)) await exec('umount', [target]).catch(() => exec('umount', ['-l', target]));
+      if (!mountedAt(target)) continue;
+      await exec('umount', [target])
+        .catch(() => exec('umount', ['-l', target]))
+        .catch((err: Error) => {
+          if (mountedAt(target)) throw err; // unmounted meanwhile is what was wanted
+        });
     }
     // Autoclear detaches it on unmount; a device left attached (a lazy unmount) is told to go too.
     for (const device of loopDevicesOf(p.diskImage)) await exec('losetup', ['-d', device]).catch(() => {});
@@ -397,7 +404,20 @@ export class ContainerDriver
     return this.#dial(layout(this.opts.instancesDir, id).socket);
   }
 
-  async stop(id: string): Promise<void> {
+  /**
+   * Stop and destroy of one sandbox run one at a time (a build step's deadline stops its sandbox
+   * while the step's cleanup destroys it): two `runc delete`s or unmounts at once made one fail and
+   * left the instance directory behind.
+   */
+  stop(id: string): Promise<void> {
+    return this.#lifecycle.run(id, () => this.#stop(id));
+  }
+
+  destroy(id: string): Promise<void> {
+    return this.#lifecycle.run(id, () => this.#destroy(id));
+  }
+
+  async #stop(id: string): Promise<void> {
     const cid = this.#cid(id);
     const p = layout(this.opts.instancesDir, id);
     const state = await this.#runc.state(cid);
@@ -412,7 +432,7 @@ export class ContainerDriver
     await this.#unmountLayers(id);
   }
 
-  async destroy(id: string): Promise<void> {
+  async #destroy(id: string): Promise<void> {
     const cid = this.#cid(id);
     const p = layout(this.opts.instancesDir, id);
     if (await this.#runc.state(cid)) await this.#runc.delete(cid);
