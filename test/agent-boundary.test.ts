@@ -336,7 +336,7 @@ describe.skipIf(!support.ok)("the agent's own buffers stay bounded", () => {
     }
   }, 180_000);
 
-  it('killing a terminal with input still queued for it leaves the agent serving', async () => {
+  it('killing a terminal with input still queued for it leaves the agent serving, and none of that input reaches the next command\'s output (a reused descriptor)', async () => {
     const vr = server.client(apiKey);
     const box = await vr.sandboxes.create({ name: 'pty-kill-box' });
     const base = `/api/sandboxes/${box.id}/pty/sessions`;
@@ -349,6 +349,9 @@ describe.skipIf(!support.ok)("the agent's own buffers stay bounded", () => {
       await server.http(`${base}/${sessionId}/execute`, { method: 'POST', apiKey, json: { command: 'sleep 600' } });
       await Promise.all(Array.from({ length: 8 }, () => server.http(`${base}/${sessionId}/execute`, { method: 'POST', apiKey, json: { command: 'x'.repeat(256 * 1024) } })));
       expect((await server.http(`${base}/${sessionId}`, { method: 'DELETE', apiKey })).status).toBe(200);
+      // At once: a write of the killed terminal's still in flight would land in this command's stdout pipe.
+      const next = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: `echo round-${round}` } });
+      expect(((await next.json()) as { data: { stdout: string } }).data.stdout).toBe(`round-${round}\n`);
     }
     const after = await server.http(`/api/sandboxes/${box.id}/exec`, { method: 'POST', apiKey, json: { command: 'echo alive' } });
     expect(((await after.json()) as { data: { stdout: string } }).data.stdout).toBe('alive\n');

@@ -6,6 +6,7 @@ import type { PtySessionInfo } from '../../../shared/schemas/pty.js';
 import { afterAwake, type AwakeTimer } from '../../awake-time.js';
 import { AgentError } from '../../errors.js';
 import { OutputLog } from '../process/output-log.js';
+import { PtyInput } from './pty-input.js';
 
 // node-pty is native: loaded at run time from the node_modules mounted beside the agent.
 const require = createRequire(__filename);
@@ -23,6 +24,8 @@ export class PtySession {
   cols: number;
   rows: number;
   #idleTimer: AwakeTimer | undefined;
+  /** What clients type, written on the main thread only (see PtyInput). */
+  readonly input: PtyInput;
 
   constructor(
     readonly pty: IPty,
@@ -32,11 +35,13 @@ export class PtySession {
   ) {
     this.cols = cols;
     this.rows = rows;
+    this.input = new PtyInput(pty);
     // node-pty rethrows a read error other than EIO (EBADF once its descriptor closed under a
     // pending read) unless someone besides itself listens for errors: the session ends instead.
     (pty as unknown as NodeJS.EventEmitter).on('error', () => {});
     pty.onData((data) => this.output.append({ type: 'stdout', data }));
     pty.onExit(({ exitCode }) => {
+      this.input.close();
       this.exitCode = exitCode;
       this.output.append({ type: 'exit', exitCode, signal: null, timedOut: false });
     });
@@ -73,12 +78,6 @@ export class PtySession {
   }
 }
 
-/** Empties node-pty's queue of input not yet written to the terminal (its writer keeps it privately). */
-function dropQueuedInput(pty: IPty): void {
-  const queue = (pty as unknown as { _writeStream?: { _writeQueue?: unknown[] } })._writeStream?._writeQueue;
-  if (Array.isArray(queue)) queue.length = 0;
-}
-
 /** The sandbox's terminals. They outlive their clients until killed or their shell exits. */
 export class PtyManager {
   readonly #sessions = new Map<string, PtySession>();
@@ -112,7 +111,7 @@ export class PtyManager {
   write(id: string, data: string): void {
     const s = this.get(id);
     if (!s.alive) throw new AgentError('CONFLICT', `Terminal session ${id} has exited (code ${s.exitCode})`);
-    s.pty.write(data);
+    if (!s.input.write(data)) throw new AgentError('CONFLICT', `Terminal session ${id} has more input waiting than its shell reads (8 MiB); wait for it to read, or kill the session`);
   }
 
   resize(id: string, cols: number, rows: number): PtySessionInfo {
@@ -138,7 +137,7 @@ export class PtyManager {
     const s = this.get(id);
     // Input still queued for the pty must not be written after its descriptor closes (the number
     // may be reused by another file by then).
-    dropQueuedInput(s.pty);
+    s.input.close();
     if (s.alive) s.pty.kill('SIGKILL');
     s.dispose();
     this.#sessions.delete(id);
