@@ -64,6 +64,8 @@ export class ImageNotReadyError extends ConflictError {}
 export class SandboxGoneError extends VoidRunError {}
 export class TooManyRequestsError extends VoidRunError {}
 export class ServerBusyError extends ServiceUnavailableError {}
+/** The fleet host that runs the sandbox cannot be reached now, or was lost (`host-lost`). */
+export class HostUnavailableError extends ServiceUnavailableError {}
 export class RequestTimeoutError extends VoidRunError {}
 export class HeadersTooLargeError extends VoidRunError {}
 export class InternalServerError extends VoidRunError {}
@@ -95,6 +97,7 @@ const classes: Record<ErrorCode, new (e: TRPCClientError<AppRouter>, code: Error
   SANDBOX_GONE: SandboxGoneError,
   TOO_MANY_REQUESTS: TooManyRequestsError,
   SERVER_BUSY: ServerBusyError,
+  HOST_UNAVAILABLE: HostUnavailableError,
   REQUEST_TIMEOUT: RequestTimeoutError,
   HEADERS_TOO_LARGE: HeadersTooLargeError,
   INTERNAL: InternalServerError,

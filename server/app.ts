@@ -1,4 +1,5 @@
 import type { AddressInfo } from 'node:net';
+import { availableParallelism, totalmem } from 'node:os';
 import { pino, type Logger } from 'pino';
 import type { Config } from './config.js';
 import { withSandboxCache } from './store/sandbox-cache.js';
@@ -42,7 +43,12 @@ import { IdempotencyService } from './services/idempotency.js';
 import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
 import { canSnapshot, countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
 import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
-import type { Store } from './store/types.js';
+import type { SandboxRepository, Store } from './store/types.js';
+import { nodeIdOf, advertisedAddress } from './services/fleet/node-identity.js';
+import { hostSandboxes, HostMembership, LostHostSweeper, lostLifecycle } from './services/fleet/host-membership.js';
+import { HostRegistry } from './services/fleet/host-registry.js';
+import { Placement } from './services/fleet/placement.js';
+import { Forwarder } from './services/fleet/forwarder.js';
 
 export interface App {
   config: Config;
@@ -65,8 +71,15 @@ export interface AppOptions {
 export async function createApp(config: Config, options: AppOptions = {}): Promise<App> {
   const stdout = options.log ? null : stdoutLogger(config.LOG_LEVEL);
   const log = options.log ?? stdout!.log;
-  // Sandbox, API key and org lookups (one per exec, file call, keystroke; one per request) come from memory where that is safe.
-  const store = withAuthCaches(withSandboxCache(await openStore(config)));
+  const role = config.VOIDRUN_ROLE;
+  const nodeId = nodeIdOf(config.DATA_DIR);
+  // Sandbox, API key and org lookups (one per exec, file call, keystroke; one per request) come from
+  // memory where that is safe: in one process (VOIDRUN_ROLE=all). In a fleet another node writes
+  // keys and sandbox records, and this node's caches would not hear of it.
+  const opened = await openStore(config);
+  const store = role === 'all' ? withAuthCaches(withSandboxCache(opened)) : opened;
+  // A fleet host's loops see only its own sandboxes, and what it creates names it (README "Fleet").
+  const ownSandboxes = role === 'host' ? hostSandboxes(store.sandboxes, nodeId, store.hostSlots) : store.sandboxes;
   // One replayable event stream per sandbox, and the org webhooks it feeds (README "Events and webhooks").
   const events = new SandboxEventService({
     repository: store.sandboxEvents,
@@ -117,12 +130,16 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, instancesDir: config.INSTANCES_DIR, log });
   // Sandboxes' egress on the bridge: the nftables firewall, the DNS resolver on the gateway, the byte caps.
   const egress = new SandboxEgress({ bridge: config.BRIDGE_NAME, gatewayCidr: config.GATEWAY_IP, networkCidr: config.NETWORK_CIDR, nameservers: config.DNS_NAMESERVERS, privateAllow: config.SANDBOX_PRIVATE_ALLOW, egressCeiling: config.SANDBOX_EGRESS_BYTES_MAX || null, log });
-  const { driver, reason, accelerator, network } = await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, firewall: egress.firewall, log });
+  const { driver, reason, accelerator, network } =
+    role === 'api'
+      ? { driver: null, reason: 'this is an API node (VOIDRUN_ROLE=api): sandboxes run on the fleet hosts', accelerator: undefined, network: { mode: 'none' as const, reason: 'an API node runs no sandboxes' } }
+      : await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, firewall: egress.firewall, log });
   if (network.mode === 'bridge') await egress.start();
   // Asked for and not possible here: a warning, as sandboxes will have no network.
   const networkLog = config.SANDBOX_NETWORK === 'bridge' && network.mode !== 'bridge' ? log.warn.bind(log) : log.info.bind(log);
   networkLog({ network: network.mode }, `sandbox network: ${network.reason}`);
   if (driver) log.info({ driver: driver.name }, `sandbox driver: ${driver.name} (${reason})`);
+  else if (role === 'api') log.info({ role, nodeId }, `fleet: ${reason}`);
   else log.warn(`no sandbox driver: ${reason}; sandbox requests will answer 503`);
   // A reply may carry a command's stdout and stderr up to the output limit each, JSON-escaped.
   const agents = driver
@@ -146,13 +163,14 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     snapshotsDir: config.SNAPSHOTS_DIR,
     org: { sandboxes: config.ORG_MAX_SANDBOXES, vcpus: config.ORG_MAX_VCPUS, memoryMb: config.ORG_MAX_MEMORY_MB, diskMb: config.ORG_MAX_DISK_MB },
     snapshotMaxBytes: config.SNAPSHOT_MAX_BYTES,
+    ...(role === 'host' ? { hostId: nodeId } : {}),
     // Each container holds a budget of SANDBOX_PIDS_LIMIT pids; the host's pid space bounds their number.
     host: hostLimits({ diskDir: config.INSTANCES_DIR, pidsLimit: driver?.name === 'container' ? config.SANDBOX_PIDS_LIMIT : null, reservedPids: config.HOST_RESERVED_PIDS, memoryCommitPercent: config.HOST_MEMORY_COMMIT_PERCENT, diskCommitPercent: config.HOST_DISK_COMMIT_PERCENT }),
   });
   images.useQuotas(quotas);
   const sandboxes = new SandboxService({
     lifecycle: { activity, tombstones: store.sandboxTombstones, maxTimeoutSec: config.SANDBOX_MAX_TIMEOUT_SEC, defaultTimeoutSec: config.SANDBOX_DEFAULT_TIMEOUT_SEC },
-    sandboxes: store.sandboxes,
+    sandboxes: ownSandboxes,
     images,
     driver,
     driverUnavailable: reason,
@@ -178,7 +196,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const auth = new AuthService({ apiKeys: store.apiKeys, orgs: store.orgs, lastUsed });
   // Timeouts and idle policies act on sandboxes through the service (README "Lifecycle: timeouts, idle and auto-resume").
   const lifecycle = new LifecyclePolicy({
-    sandboxes: store.sandboxes,
+    sandboxes: ownSandboxes,
     tombstones: store.sandboxTombstones,
     service: sandboxes,
     activity,
@@ -190,7 +208,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   });
   // Recipe builds run in container sandboxes: this server's when it runs containers, else (a VM
   // driver) a container driver of their own with loopback-only sandboxes; none without runc.
-  const imageBuilds = await createImageBuilds({
+  const imageBuilds = role === 'api' ? null : await createImageBuilds({
     config,
     layers,
     rootfs,
@@ -234,7 +252,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       previewScheme: config.PREVIEW_URL_SCHEME,
     }),
     idempotency: new IdempotencyService({ repository: store.idempotency, log, maxKeysPerOrg: config.IDEMPOTENCY_MAX_KEYS_PER_ORG }),
-    buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason } },
+    buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason }, role, nodeId },
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);
   await images.seedSystemImages(systemUser.id);
@@ -244,14 +262,14 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   let warmPool: WarmPool | null = null;
   let hostEvents: HostEventPoller | null = null;
   const health = driver
-    ? new HealthMonitor({ sandboxes: store.sandboxes, service: sandboxes, driver, intervalMs: config.HEALTH_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log, events })
+    ? new HealthMonitor({ sandboxes: ownSandboxes, service: sandboxes, driver, intervalMs: config.HEALTH_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log, events })
     : null;
   if (health) {
     await health.adopt();
-    if (network.mode === 'bridge') await adoptEgress(egress, store, sandboxes, driver!, log);
+    if (network.mode === 'bridge') await adoptEgress(egress, ownSandboxes, sandboxes, driver!, log);
     if (config.HEALTH_ENABLED) health.start();
     // Port open/close and OOM kills, read on the host every EVENTS_POLL_INTERVAL_SEC.
-    hostEvents = new HostEventPoller({ driver: driver!, sandboxes: store.sandboxes, events, onWritten: (l) => events.onWritten(l), intervalMs: config.EVENTS_POLL_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log });
+    hostEvents = new HostEventPoller({ driver: driver!, sandboxes: ownSandboxes, events, onWritten: (l) => events.onWritten(l), intervalMs: config.EVENTS_POLL_INTERVAL_SEC * 1000, concurrency: config.HEALTH_CONCURRENCY, log });
     await hostEvents.start();
     // After adoption, so statuses are the driver's: sandboxes that expired while the server was down are acted on now.
     await lifecycle.start();
@@ -262,7 +280,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     warmPool = new WarmPool({
       entries: config.WARM_POOL,
       service: sandboxes,
-      sandboxes: store.sandboxes,
+      sandboxes: ownSandboxes,
       claims: store.poolClaims,
       images,
       diskMb: config.SANDBOX_DEFAULT_DISK_MB,
@@ -277,7 +295,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
 
   const openApiDoc = buildOpenApiDocument(appRouter, services.buildInfo.version);
   // One store listing and one host-side read per sandbox serve every sandbox gauge of a scrape.
-  const sampleSandboxes = sandboxSampler({ sandboxes: store.sandboxes, driver, concurrency: config.METRICS_CONCURRENCY });
+  const sampleSandboxes = sandboxSampler({ sandboxes: ownSandboxes, driver, concurrency: config.METRICS_CONCURRENCY });
   const metrics = new HttpMetrics();
   metrics.addSandboxGauge(async () => {
     const counts: Record<string, number> = { creating: 0, running: 0, stopped: 0, paused: 0, error: 0 };
@@ -285,8 +303,48 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     return counts;
   });
   metrics.addSandboxGauges(sampleSandboxes, { perSandbox: Boolean(config.METRICS_TOKEN) });
+  // The fleet (README "Fleet"): API nodes place creates and forward sandbox requests to hosts;
+  // hosts register, heartbeat and serve API nodes on their internal listener.
+  const deadAfterMs = config.HOST_DEAD_AFTER_SEC * 1000;
+  const placement = role === 'all' ? null : new Placement({ hosts: store.hosts, slots: store.hostSlots, deadAfterMs });
+  const forwarder =
+    role === 'api'
+      ? new Forwarder({ sandboxes: store.sandboxes, hosts: store.hosts, token: config.CLUSTER_TOKEN!, deadAfterMs, maxLineBytes: Math.max(16 * 1024 * 1024, 8 * config.EXEC_OUTPUT_LIMIT_BYTES + 1024 * 1024), log })
+      : null;
+  const sweeper =
+    role === 'api'
+      ? new LostHostSweeper({ hosts: store.hosts, slots: store.hostSlots, sandboxes: store.sandboxes, deadAfterMs, intervalMs: config.HOST_HEARTBEAT_SEC * 1000, log, onLost: (r) => events.emit({ sandboxId: r.id, orgId: r.orgId, type: 'sandbox.error', data: { reason: 'host-lost' } }) })
+      : null;
+  const membership =
+    role === 'host'
+      ? new HostMembership({
+          registry: new HostRegistry(store.hosts, store.hostEpochs),
+          slots: store.hostSlots,
+          placement: placement!,
+          sandboxes: ownSandboxes,
+          heartbeatMs: config.HOST_HEARTBEAT_SEC * 1000,
+          log,
+          identity: async () => ({
+            id: nodeId,
+            address: advertisedAddress(config.HOST_ADVERTISE_ADDRESS, config.HOST_INTERNAL_PORT),
+            capacity: { cpu: availableParallelism(), memoryMb: Math.floor(totalmem() / 2 ** 20), diskMb: 0, slots: config.HOST_SLOTS },
+            labels: { driver: driver?.name ?? 'none', kvm: String(accelerator === 'kvm') },
+            images: [],
+          }),
+          // Given up while away: every sandbox it had is lost (the fleet says so), and its runtime is stopped.
+          reconcile: async () => {
+            const at = new Date().toISOString();
+            for (const r of await ownSandboxes.listAll()) {
+              const lost = r.status === 'error' && r.lifecycle?.endedReason === 'host-lost' ? r : await ownSandboxes.update(r.orgId, r.id, { status: 'error', lifecycle: lostLifecycle(r, at) });
+              if (lost) await sandboxes.reconcile(lost).catch(() => {});
+            }
+          },
+        })
+      : null;
   const http = createHttpServer({
     router: appRouter,
+    ...(forwarder ? { fleet: { forwarder, placement: placement! } } : {}),
+    ...(role === 'host' ? { clusterToken: config.CLUSTER_TOKEN! } : {}),
     services,
     log,
     metrics,
@@ -323,9 +381,25 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
           http.server.off('error', reject);
           resolve(http.server.address() as AddressInfo);
         });
+      }).then(async (address) => {
+        if (http.internal) {
+          await new Promise<void>((resolve, reject) => {
+            http.internal!.once('error', reject);
+            http.internal!.listen(config.HOST_INTERNAL_PORT, () => {
+              http.internal!.off('error', reject);
+              resolve();
+            });
+          });
+          await membership?.start();
+        }
+        sweeper?.start();
+        return address as AddressInfo;
       });
     },
     async close() {
+      await sweeper?.stop();
+      await membership?.stop();
+      forwarder?.close();
       // Streams first (they end when their agent connections close), then the HTTP server.
       await lifecycle.stop();
       images.stop();
@@ -352,15 +426,15 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
  * Takes up the egress rules of sandboxes that ran through a restart, removes those of sandboxes
  * gone, and starts cutting egress at byte caps (host counters, once a second).
  */
-async function adoptEgress(egress: SandboxEgress, store: Store, sandboxes: SandboxService, driver: SandboxDriver, log: Logger): Promise<void> {
-  const records = await store.sandboxes.listAll();
+async function adoptEgress(egress: SandboxEgress, repository: SandboxRepository, sandboxes: SandboxService, driver: SandboxDriver, log: Logger): Promise<void> {
+  const records = await repository.listAll();
   const running = records.filter((r) => r.status === 'running' && r.network.mode === 'bridge').map((r) => ({ id: r.id, policy: r.network }));
   for (const change of await egress.adopt(running, new Set(records.map((r) => r.id)))) log.warn(`startup reconcile: ${change}`);
   if (!countsNetworkBytes(driver)) return;
   egress.watchCaps({
     bytesOf: (id) => driver.networkBytes(id),
     cut: async (id, egressBytes) => {
-      const record = (await store.sandboxes.listAll()).find((r) => r.id === id);
+      const record = (await repository.listAll()).find((r) => r.id === id);
       if (record) await sandboxes.cutEgress(record, egressBytes);
     },
   });

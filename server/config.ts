@@ -13,6 +13,12 @@ const int = (min: number, max: number) =>
     .transform(Number)
     .pipe(z.number().int().min(min, `an integer from ${min} to ${max}`).max(max, `an integer from ${min} to ${max}`));
 const nonEmpty = z.string().min(1, 'a non-empty value');
+/** A shared secret: unset or empty means none; set, at least 32 characters. */
+const secret32 = z
+  .string()
+  .optional()
+  .transform((v) => v || undefined)
+  .pipe(z.string().min(32, 'at least 32 characters').optional());
 const optionalString = z
   .string()
   .optional()
@@ -260,6 +266,22 @@ const EnvSchema = z.object({
   // OCI image imports (README "Importing an OCI image"): the upload's bytes (and the image's files' declared bytes), and its entries (in all layers).
   IMAGE_IMPORT_MAX_BYTES: int(1024, Number.MAX_SAFE_INTEGER).default(4 * 1024 * 1024 * 1024),
   IMAGE_IMPORT_MAX_FILES: int(10, 100_000_000).default(500_000),
+  // The fleet (README "Fleet"): all (one process, the default), api (stateless: auth, store,
+  // placement, forwarding; no sandboxes) or host (runs sandboxes; registers in the store and serves
+  // API nodes on HOST_INTERNAL_PORT at HOST_ADVERTISE_ADDRESS, authenticated by CLUSTER_TOKEN).
+  VOIDRUN_ROLE: oneOf(['all', 'api', 'host']).default('all'),
+  HOST_INTERNAL_PORT: int(1, 65535).default(33945),
+  // Where API nodes reach this host's internal listener (an address, or host name); unset: the first non-loopback IPv4 address.
+  HOST_ADVERTISE_ADDRESS: z.string().regex(/^[A-Za-z0-9.:-]{0,253}$/, 'an IP address or host name').default(''),
+  // Shared by every node of a fleet; at least 32 characters. Required for the api and host roles.
+  CLUSTER_TOKEN: secret32,
+  // A host whose heartbeat is older than this is unresponsive: its sandboxes end with 'host-lost'.
+  HOST_DEAD_AFTER_SEC: int(3, 3600).default(15),
+  HOST_HEARTBEAT_SEC: int(1, 600).default(3),
+  // Sandbox slots this host offers to placement (the fleet's count of sandboxes per host).
+  HOST_SLOTS: int(1, 100_000).default(100),
+  // Set, this key (sent as X-API-Key like any key) may list, drain and undrain hosts; at least 32 characters.
+  ADMIN_API_KEY: secret32,
   // Set by release builds (the Dockerfile); a checkout reads the commit from .git.
   VOIDRUN_COMMIT: z.string().optional(),
   VOIDRUN_BUILD_TIME: z.string().optional(),
@@ -269,6 +291,9 @@ export type Config = z.infer<typeof EnvSchema>;
 
 /** The names of every variable the server reads (the deployment files are checked against it). */
 export const configVariables: readonly string[] = Object.keys(EnvSchema.shape);
+
+/** Variables whose values a config error does not repeat. */
+const secretVariables = new Set(['CLUSTER_TOKEN', 'ADMIN_API_KEY', 'METRICS_TOKEN']);
 
 /** Startup stops with this: one line naming the variable and what it expected. */
 export class ConfigError extends Error {
@@ -283,9 +308,20 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     if (c.SANDBOX_MAX_TIMEOUT_SEC > 0 && c.SANDBOX_DEFAULT_TIMEOUT_SEC > c.SANDBOX_MAX_TIMEOUT_SEC) {
       throw new ConfigError(`Invalid configuration: SANDBOX_DEFAULT_TIMEOUT_SEC=${c.SANDBOX_DEFAULT_TIMEOUT_SEC} — expected at most SANDBOX_MAX_TIMEOUT_SEC (${c.SANDBOX_MAX_TIMEOUT_SEC})`);
     }
+    if (c.VOIDRUN_ROLE !== 'all' && !c.CLUSTER_TOKEN) {
+      throw new ConfigError(`Invalid configuration: CLUSTER_TOKEN="" — expected a secret of at least 32 characters shared by every node (VOIDRUN_ROLE=${c.VOIDRUN_ROLE} needs it)`);
+    }
+    if (c.VOIDRUN_ROLE !== 'all' && !c.MONGO_URI) {
+      throw new ConfigError(`Invalid configuration: MONGO_URI="" — expected the fleet's MongoDB (VOIDRUN_ROLE=${c.VOIDRUN_ROLE}: every node shares one store; the embedded SQLite is one process's)`);
+    }
+    if (c.HOST_DEAD_AFTER_SEC < 2 * c.HOST_HEARTBEAT_SEC) {
+      throw new ConfigError(`Invalid configuration: HOST_DEAD_AFTER_SEC=${c.HOST_DEAD_AFTER_SEC} — expected at least twice HOST_HEARTBEAT_SEC (${c.HOST_HEARTBEAT_SEC})`);
+    }
     return c;
   }
   const issue = result.error.issues[0]!;
   const name = String(issue.path[0]);
-  throw new ConfigError(`Invalid configuration: ${name}=${JSON.stringify(env[name] ?? '')} — expected ${issue.message}`);
+  // A secret's value is not repeated (it reaches logs): its length says enough.
+  const shown = secretVariables.has(name) ? `<${(env[name] ?? '').length} characters, not shown>` : JSON.stringify(env[name] ?? '');
+  throw new ConfigError(`Invalid configuration: ${name}=${shown} — expected ${issue.message}`);
 }

@@ -40,6 +40,8 @@ export const ErrorCode = {
   SANDBOX_GONE: 'SANDBOX_GONE',
   /** A limit on concurrent use was reached (an org's in-flight execs or open streams); retry later. */
   TOO_MANY_REQUESTS: 'TOO_MANY_REQUESTS',
+  /** The fleet host that runs the sandbox cannot be reached, or was lost (`host-lost`); retry, or recreate the sandbox. */
+  HOST_UNAVAILABLE: 'HOST_UNAVAILABLE',
   /** The server holds as many connections (or WebSocket handshakes) as it allows; retry later. */
   SERVER_BUSY: 'SERVER_BUSY',
   /** The request's headers or body did not arrive within HTTP_HEADERS_TIMEOUT_MS / HTTP_REQUEST_TIMEOUT_MS. */
@@ -104,6 +106,7 @@ export const errorCodeTable: Record<ErrorCode, { trpc: TrpcCodeName; httpStatus:
   SANDBOX_GONE: { trpc: 'NOT_FOUND', httpStatus: 410 },
   TOO_MANY_REQUESTS: { trpc: 'TOO_MANY_REQUESTS', httpStatus: 429 },
   SERVER_BUSY: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
+  HOST_UNAVAILABLE: { trpc: 'SERVICE_UNAVAILABLE', httpStatus: 503 },
   REQUEST_TIMEOUT: { trpc: 'TIMEOUT', httpStatus: 408 },
   // Only ever answered by the HTTP edge, before any tRPC call (tRPC has no 431 code).
   HEADERS_TOO_LARGE: { trpc: 'BAD_REQUEST', httpStatus: 431 },

@@ -46,6 +46,11 @@ describe('config', () => {
     [{ SANDBOX_DRIVER: 'docker' }, /SANDBOX_DRIVER="docker" — expected one of auto, container, qemu, cloud-hypervisor/],
     [{ MONGO_URI: 'postgres://x' }, /MONGO_URI="postgres:\/\/x" — expected a mongodb:\/\/ or mongodb\+srv:\/\/ URI/],
     [{ GATEWAY_IP: '192.168.100.1' }, /GATEWAY_IP="192.168.100.1" — expected an IPv4 address with a prefix length/],
+    [{ VOIDRUN_ROLE: 'worker' }, /VOIDRUN_ROLE="worker" — expected one of all, api, host/],
+    [{ VOIDRUN_ROLE: 'api', MONGO_URI: 'mongodb://db/' }, /CLUSTER_TOKEN="" — expected a secret of at least 32 characters shared by every node \(VOIDRUN_ROLE=api needs it\)/],
+    [{ VOIDRUN_ROLE: 'host', CLUSTER_TOKEN: 'x'.repeat(32) }, /MONGO_URI="" — expected the fleet's MongoDB \(VOIDRUN_ROLE=host: every node shares one store/],
+    [{ CLUSTER_TOKEN: 'short' }, /^Invalid configuration: CLUSTER_TOKEN=<5 characters, not shown> — expected at least 32 characters$/],
+    [{ HOST_HEARTBEAT_SEC: '10', HOST_DEAD_AFTER_SEC: '15' }, /HOST_DEAD_AFTER_SEC=15 — expected at least twice HOST_HEARTBEAT_SEC \(10\)/],
   ])('rejects %o with one line naming the variable', (env, message) => {
     expect(() => loadConfig(env)).toThrowError(ConfigError);
     expect(() => loadConfig(env)).toThrowError(message);

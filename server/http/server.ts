@@ -1,7 +1,9 @@
 import { timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { TRPCError } from '@trpc/server';
+import { getTRPCErrorFromUnknown, TRPCError } from '@trpc/server';
+import { isTrackedEnvelope } from '@trpc/server/unstable-core-do-not-import';
+import superjson from 'superjson';
 import { createHTTPHandler } from '@trpc/server/adapters/standalone';
 import { applyWSSHandler } from '@trpc/server/adapters/ws';
 import type { Logger } from 'pino';
@@ -24,6 +26,12 @@ import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
 import { createCors, createTrailingSlashRedirect, type CorsPolicy } from './cors.js';
 import { compiledRoutes, matchRoute, routeParams, type WebSocketRouteName } from './route-table.js';
+import { createInternalListener, fromCluster } from './internal-listener.js';
+import { readJsonBody } from './json-body.js';
+import { createCallerFactory } from '../trpc/init.js';
+import { describeIssues, fieldIssues } from '../trpc/errors.js';
+import { errorCodeFromTrpc } from '../../shared/errors.js';
+import { InternalCall, type InternalLine, type WireError } from '../services/fleet/internal-protocol.js';
 
 const wsRoutes = compiledRoutes('websocket');
 
@@ -68,6 +76,10 @@ export interface HttpServerOptions {
   metricsPath?: string | null;
   /** The `CORS_*` policy; unset, no CORS headers are sent. */
   cors?: CorsPolicy;
+  /** An API node's (VOIDRUN_ROLE=api): requests on a fleet host's sandbox are passed to that host. */
+  fleet?: Context['fleet'];
+  /** A host's (VOIDRUN_ROLE=host): CLUSTER_TOKEN, which its internal listener (`internal`) requires of every request. */
+  clusterToken?: string;
 }
 
 /** The HTTP edge's limits (README "The HTTP edge"); each is a config variable. */
@@ -177,6 +189,8 @@ function bearerMatches(header: string | undefined, token: string): boolean {
 
 export interface HttpServer {
   server: Server;
+  /** A host's internal listener for API nodes (not listening yet), or null outside VOIDRUN_ROLE=host. */
+  internal: Server | null;
   /** Held calls and streams per org, by the key that opened them; `closeKey` cuts a revoked key's. */
   streams: OpenStreams;
   /** Stops accepting, closes WebSockets, and resolves when open requests are done. */
@@ -196,7 +210,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   const context = (req: IncomingMessage, transport: Context['transport'], apiKey: string | null, connection: CallConnection): Context => {
     let record = records.get(req);
     if (!record) records.set(req, (record = {}));
-    return { services, log, apiKey, requestedOrgId: requestedOrgOf(req), record, transport, connection, streams, idempotencyKey: idempotencyKeyOf(req) };
+    return { services, log, apiKey, requestedOrgId: requestedOrgOf(req), record, transport, connection, streams, idempotencyKey: idempotencyKeyOf(req), ...(opts.fleet ? { fleet: opts.fleet } : {}) };
   };
 
   const trpcHttp = createHTTPHandler({
@@ -308,33 +322,67 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       // The query string is left out: WebSocket-style `?apiKey=` must never reach the log.
       log.info({ method: req.method, path, status, ms: Math.round(ms * 100) / 100, orgId: records.get(req)?.orgId }, 'request');
     });
+    // A fleet host serves its API to API nodes only (its internal listener): a create here would
+    // bypass placement. Its public port answers what every node answers.
+    if (opts.clusterToken && !fromCluster.has(req) && path !== '/api/version' && path !== metricsPath) {
+      req.resume();
+      sendError(res, notForHostsPublicPort(path));
+      return;
+    }
+    // An API node passes a request on a fleet host's sandbox (its REST and raw routes) to that host.
+    const remoteId = opts.fleet ? fleetSandboxOfPath(path) : null;
+    if (remoteId) {
+      void forwardRequest(req, res, remoteId).then(
+        (label) => {
+          if (label) routeLabel = label;
+          else serveHere(req, res, path, (l) => (routeLabel = l));
+        },
+        (err: unknown) => {
+          if (!res.headersSent) sendError(res, err);
+          else res.destroy();
+        },
+      );
+      return;
+    }
+    serveHere(req, res, path, (l) => (routeLabel = l));
+  });
+
+  /** Resolves the forwarded route's label, or null when the sandbox has no fleet host (answered here). */
+  async function forwardRequest(req: IncomingMessage, res: ServerResponse, sandboxId: string): Promise<string | null> {
+    const { forwarder } = opts.fleet!;
+    const host = await forwarder.hostFor(sandboxId);
+    if (!host) return null;
+    // A lost host's sandbox is still read and deleted here (REST GET and DELETE of the sandbox itself).
+    const own = (req.url ?? '').split('?')[0] === `/api/sandboxes/${sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
+    if (own && !forwarder.serving(host)) return null;
+    forwarder.assertServing(host, sandboxId);
+    await forwarder.proxyRequest(req, res, host);
+    return 'forwarded';
+  }
+
+  function serveHere(req: IncomingMessage, res: ServerResponse, path: string, label: (label: string) => void): void {
     // A preview host is the sandbox's own origin: served before everything of the API's.
     const proxied = portProxy.handleRequest(req, res, 'host');
     // CORS (preflights, refused origins) and trailing-slash redirects are answered before any
     // route; the API's port proxy comes before the redirect (its paths are the sandbox's).
     const edge = proxied ? null : (cors(req, res) ?? null);
     if (edge) {
-      routeLabel = edge;
+      label(edge);
       req.resume(); // a body sent along is read and dropped
       return;
     }
     const served = proxied ?? portProxy.handleRequest(req, res, 'api');
     if (!served && redirectTrailingSlash(req, res)) {
-      routeLabel = 'trailing-slash-redirect';
+      label('trailing-slash-redirect');
       req.resume();
       return;
     }
-    (served ?? route(req, res, path)).then(
-      (label) => {
-        routeLabel = label;
-      },
-      (err: unknown) => {
-        log.error({ err, path }, 'request failed');
-        if (!res.headersSent) sendError(res, err);
-        else res.destroy();
-      },
-    );
-  });
+    (served ?? route(req, res, path)).then(label, (err: unknown) => {
+      log.error({ err, path }, 'request failed');
+      if (!res.headersSent) sendError(res, err);
+      else res.destroy();
+    });
+  }
 
   // A connection past HTTP_MAX_CONNECTIONS, or past HTTP_MAX_CONNECTIONS_PER_ADDRESS from one
   // remote address, is answered 503 and closed before anything is read.
@@ -591,6 +639,23 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
 
   function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
+    if (opts.clusterToken && !fromCluster.has(req)) return refuse(socket)(notForHostsPublicPort(path));
+    const remoteId = opts.fleet ? fleetSandboxOfPath(path) : null;
+    if (remoteId) {
+      const { forwarder } = opts.fleet!;
+      void forwarder.hostFor(remoteId).then((host) => {
+        if (!host) return routeUpgradeHere(req, socket, head, path);
+        forwarder.assertServing(host, remoteId);
+        upgradeLabels.get(socket)!.label = 'forwarded';
+        handshakeDone(socket); // the host's own deadline runs from here
+        forwarder.proxyUpgrade(req, socket, head, host, refuse(socket));
+      }).catch(refuse(socket));
+      return;
+    }
+    routeUpgradeHere(req, socket, head, path);
+  }
+
+  function routeUpgradeHere(req: IncomingMessage, socket: Duplex, head: Buffer, path: string): void {
     const proxied = portProxy.handleUpgrade(req, socket, head, { done: (status) => handshakeDone(socket, status), refuse: refuse(socket) });
     if (proxied) {
       upgradeLabels.get(socket)!.label = proxied;
@@ -663,10 +728,58 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     });
   }
 
+  const internal = opts.clusterToken ? createInternalListener({ token: opts.clusterToken, main: server, call: internalCall }) : null;
+
+  /**
+   * A procedure call an API node forwarded (see Forwarder.call): run here as if it had arrived
+   * here, with the caller's credentials, and answered as NDJSON lines (see InternalLine).
+   */
+  async function internalCall(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const parsed = InternalCall.safeParse(await readJsonBody(req, opts.maxJsonBodyBytes * 2 + 64 * 1024, { keepNulls: true }).catch(() => undefined));
+    if (!parsed.success) return sendError(res, new InvalidInputError('Not a forwarded call'));
+    const call = parsed.data;
+    const ctx = context(req, 'trpc-http', call.apiKey, httpConnection(res));
+    ctx.requestedOrgId = call.orgId;
+    ctx.idempotencyKey = call.idempotencyKey;
+    ctx.record.procedurePath = call.path;
+    const abort = new AbortController();
+    res.once('close', () => abort.abort());
+    const caller = createCallerFactory(router)(ctx, { signal: abort.signal }) as unknown as Record<string, Record<string, ((input: unknown) => Promise<unknown>) | undefined> | undefined>;
+    const [group, name] = call.path.split('.') as [string, string];
+    const fn = Object.hasOwn(router._def.record, group) ? caller[group]?.[name] : undefined;
+    res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+    const write = async (line: InternalLine) => {
+      if (!res.write(`${JSON.stringify(line)}\n`)) await new Promise((r) => (res.once('drain', r), res.once('close', r)));
+    };
+    try {
+      if (!fn) throw new NotFoundError(`No procedure ${call.path}`, { code: 'ROUTE_NOT_FOUND' });
+      const input = superjson.deserialize(call.input as Parameters<typeof superjson.deserialize>[0]);
+      const out = await fn(input);
+      if (call.type !== 'subscription') await write({ ok: superjson.serialize(out) });
+      else {
+        for await (const e of out as AsyncIterable<unknown>) {
+          if (res.closed) break;
+          if (isTrackedEnvelope(e)) await write({ event: superjson.serialize(e[1]), id: String(e[0]) });
+          else await write({ event: superjson.serialize(e) });
+        }
+        await write({ end: true });
+      }
+    } catch (err) {
+      if (!res.closed) await write({ error: wireErrorOf(err) });
+    }
+    res.end();
+  }
+
   return {
     server,
+    internal,
     streams,
     async close() {
+      if (internal) await new Promise<void>((resolve) => {
+        internal.close(() => resolve());
+        internal.closeIdleConnections();
+        setTimeout(() => internal.closeAllConnections(), 2000).unref();
+      });
       wsHandler.broadcastReconnectNotification();
       for (const ws of wss.clients) ws.terminate();
       wss.close();
@@ -683,4 +796,26 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       });
     },
   };
+}
+
+/** The sandbox id of a path under `/api/sandboxes/{id}` (REST, raw routes, WebSockets, the port proxy), or null. */
+function fleetSandboxOfPath(path: string): string | null {
+  const m = /^\/api\/sandboxes\/([0-9a-f]{24})(?:\/|$)/.exec(path);
+  return m ? m[1]! : null;
+}
+
+/** The error as the API node rethrows it (see fromWire): our code, message, details and field issues. */
+function wireErrorOf(err: unknown): WireError {
+  const e = getTRPCErrorFromUnknown(err);
+  const domain = err instanceof DomainError ? err : e.cause instanceof DomainError ? e.cause : undefined;
+  if (domain) return { errorCode: domain.code, message: domain.message, ...(domain.details ? { details: domain.details } : {}), ...(domain.issues ? { issues: domain.issues } : {}) };
+  const issues = fieldIssues(e.cause);
+  if (issues?.length) return { errorCode: 'INVALID_INPUT', message: describeIssues(issues).message, issues };
+  const code = errorCodeFromTrpc[e.code] ?? 'INTERNAL';
+  return { errorCode: code, message: code === 'INTERNAL' ? 'Internal server error' : e.message };
+}
+
+/** What a fleet host's public port answers for anything but /api/version and /metrics. */
+function notForHostsPublicPort(path: string): DomainError {
+  return new NotFoundError(`No route for ${path.slice(0, 200)} here: this is a fleet host (VOIDRUN_ROLE=host), which serves API nodes only; send API requests to an API node`, { code: 'ROUTE_NOT_FOUND' });
 }

@@ -49,6 +49,8 @@ export interface SandboxQuotasOptions {
   org: OrgLimits;
   host: HostLimits;
   snapshotMaxBytes: number;
+  /** A fleet host's id (VOIDRUN_ROLE=host): the host's capacity counts only the sandboxes it runs; org quotas count every host's. */
+  hostId?: string;
 }
 
 /** What one new sandbox asks for. */
@@ -133,14 +135,15 @@ export class SandboxQuotas {
     await this.checkFitsHost(request);
     return this.#lock.run('admission', async () => {
       const all = await this.opts.sandboxes.listAll();
+      const here = this.opts.hostId ? all.filter((s) => s.hostId === this.opts.hostId) : all;
       const host = this.opts.host;
-      if (host.maxSandboxes !== null && all.length + 1 > host.maxSandboxes) {
+      if (host.maxSandboxes !== null && here.length + 1 > host.maxSandboxes) {
         throw new TooManyRequestsError(`The host is full: it runs at most ${host.maxSandboxes} sandboxes (${host.maxSandboxesReason}); try again later`);
       }
       // Disks are sparse images, so what they are promised is what can fill the host later: the
       // promises together stay within a share of the free space (as sandboxes fill theirs, free
       // space shrinks and later creates are refused sooner: the check errs on the safe side).
-      const diskPromised = all.reduce((sum, s) => sum + s.diskMb, 0);
+      const diskPromised = here.reduce((sum, s) => sum + s.diskMb, 0);
       const freeMb = await this.#freeMb();
       const diskCommitMb = Math.floor((freeMb * host.diskCommitPercent) / 100);
       if (diskPromised + request.diskMb > diskCommitMb) {
@@ -148,7 +151,7 @@ export class SandboxQuotas {
           `The host is full: its sandboxes are promised ${diskPromised} MB of disk and ${request.diskMb} more would pass ${diskCommitMb} MB (HOST_DISK_COMMIT_PERCENT ${host.diskCommitPercent}% of ${freeMb} MB free); ask for a smaller disk or try again later`,
         );
       }
-      const committed = all.reduce((sum, s) => sum + s.mem, 0);
+      const committed = here.reduce((sum, s) => sum + s.mem, 0);
       if (committed + request.mem > host.memoryCommitMb) {
         throw new TooManyRequestsError(
           `The host is full: its sandboxes are promised ${committed} of ${host.memoryCommitMb} MiB (HOST_MEMORY_COMMIT_PERCENT ${host.memoryCommitPercent}% of ${host.memoryMb} MiB); ask for less memory or try again later`,

@@ -695,6 +695,15 @@ export class SandboxService {
       const fresh = await this.deps.sandboxes.findById(record.orgId, record.id);
       if (!fresh || fresh.status === 'creating') return fresh?.status ?? record.status;
       const state = await this.deps.driver!.inspect(record.id);
+      // Given up by the fleet while this host was away: its runtime is stopped, never brought back.
+      if (fresh.status === 'error' && fresh.lifecycle?.endedReason === 'host-lost') {
+        if (state === 'running' || state === 'paused') {
+          this.#stopped(record.id);
+          await this.deps.agents?.drop(record.id);
+          await this.deps.driver!.stop(record.id).catch((err: Error) => this.deps.log.warn({ sandbox: record.id, err: err.message }, 'could not stop a lost sandbox'));
+        }
+        return 'error';
+      }
       const status: SandboxStatus = state === 'missing' ? 'error' : state;
       if (status !== fresh.status) {
         this.deps.log.warn({ sandbox: record.id, from: fresh.status, to: status }, 'sandbox status corrected');

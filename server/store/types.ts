@@ -73,6 +73,11 @@ export interface SandboxRecord {
    * (`debian:1cpu:1024mb`, see WARM_POOL); absent or '' on every sandbox an org owns.
    */
   pool?: string;
+  /**
+   * The fleet host that runs it (VOIDRUN_ROLE=host, README "Fleet"): API nodes forward its requests
+   * there, and only that host's loops touch it. Absent or '': a single-process server's (VOIDRUN_ROLE=all).
+   */
+  hostId?: string;
   createdAt: Date;
   updatedAt: Date;
 }

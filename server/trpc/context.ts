@@ -1,6 +1,8 @@
 import type { Logger } from 'pino';
 import type { OpenStreams } from '../http/open-streams.js';
 import type { Services } from '../services/index.js';
+import type { Forwarder } from '../services/fleet/forwarder.js';
+import type { Placement } from '../services/fleet/placement.js';
 
 /**
  * What a request carries that the REST layer and logging read back after the procedure ran. One
@@ -41,6 +43,8 @@ export interface Context {
   streams: OpenStreams;
   /** The `Idempotency-Key` header of an HTTP request (REST; tRPC takes `idempotencyKey` in the input), or null. */
   idempotencyKey?: string | null;
+  /** An API node's (VOIDRUN_ROLE=api): sandbox calls go to their host, creates are placed first. */
+  fleet?: { forwarder: Forwarder; placement: Placement };
 }
 
 type RequestHeaders = Record<string, string | string[] | undefined>;

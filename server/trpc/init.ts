@@ -1,6 +1,6 @@
-import { getTRPCErrorFromUnknown, initTRPC, type TRPCError } from '@trpc/server';
+import { getTRPCErrorFromUnknown, initTRPC, tracked, type TRPCError } from '@trpc/server';
 import { TRPC_ERROR_CODES_BY_KEY } from '@trpc/server/rpc';
-import { getStatusCodeFromKey } from '@trpc/server/unstable-core-do-not-import';
+import { getStatusCodeFromKey, middlewareMarker } from '@trpc/server/unstable-core-do-not-import';
 import superjson from 'superjson';
 import type { z } from 'zod';
 import type { OpenApiMeta } from 'trpc-to-openapi';
@@ -12,6 +12,7 @@ import type { CallConnection, Context } from './context.js';
 import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './errors.js';
 import type { Principal } from '../services/auth-service.js';
 import { isObjectIdHex } from '../store/ids.js';
+import { sandboxIdOfCall, type InternalCall } from '../services/fleet/internal-protocol.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
 export type Meta = OpenApiMeta & {
@@ -143,11 +144,14 @@ export const publicProcedure = t.procedure.use((opts) => mappingDomainErrors(opt
  */
 export const authedProcedure = t.procedure.use((opts) =>
   mappingDomainErrors(opts, async () => {
-    const { ctx, next, path, type, signal } = opts;
+    const { ctx, path, type, signal } = opts;
     const checkStarted = ctx.streams.keyCheckStarted();
     const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
     ctx.record.orgId = principal.orgId;
-    const active = type === 'subscription' && !notActivity.has(path) ? sandboxHold(ctx, principal, await opts.getRawInput()) : null;
+    // On an API node, a call on a sandbox runs on its host (and a create on the host placement chose).
+    const remote = ctx.fleet ? await forwardedCall(ctx, ctx.fleet, path, type, await opts.getRawInput(), signal) : null;
+    const next: typeof opts.next = remote ? ((() => remote()) as unknown as typeof opts.next) : opts.next;
+    const active = type === 'subscription' && !notActivity.has(path) && !remote ? sandboxHold(ctx, principal, await opts.getRawInput()) : null;
     const kind = heldCallKind(path, type);
     if (!kind) return next({ ctx: { principal } });
     let slot: () => void;
@@ -178,6 +182,52 @@ export const authedProcedure = t.procedure.use((opts) =>
     return result;
   }),
 );
+
+/** A middleware result made here, not by the rest of the chain (a forwarded call's answer). */
+function resultOf(data: unknown) {
+  return { ok: true as const, data, marker: middlewareMarker };
+}
+
+/**
+ * The call as its host runs it, or null when it is answered here: a call on a sandbox of a fleet
+ * host goes to that host with the caller's own credentials (the host authenticates and authorizes
+ * it again); `sandbox.create` first holds a slot on the host placement chose (429 "fleet full"),
+ * released when the create fails there.
+ */
+async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>, path: string, type: string, input: unknown, signal: AbortSignal | undefined) {
+  const call = { path, type: type as InternalCall['type'], input: superjson.serialize(input), apiKey: ctx.apiKey, orgId: ctx.requestedOrgId, idempotencyKey: ctx.idempotencyKey ?? null };
+  if (path === 'sandbox.create') {
+    const shape = (typeof input === 'object' && input !== null ? input : {}) as { cpu?: unknown; vcpus?: unknown; mem?: unknown; memory?: unknown; templateId?: unknown; image?: unknown };
+    const num = (...v: unknown[]) => v.find((x): x is number => typeof x === 'number' && x > 0) ?? 1;
+    const placed = await fleet.placement.place({ cpu: num(shape.cpu, shape.vcpus), memMb: num(shape.mem, shape.memory) });
+    return async () => {
+      try {
+        const out = (await fleet.forwarder.call(placed.host, { ...call, placement: { slot: placed.slot } }, signal)) as { id?: unknown };
+        if (typeof out?.id === 'string') await placed.assign(out.id);
+        return resultOf(out);
+      } catch (err) {
+        await placed.release().catch(() => {});
+        throw err;
+      }
+    };
+  }
+  const id = sandboxIdOfCall(path, input);
+  const host = id ? await fleet.forwarder.hostFor(id) : null;
+  if (!host) return null;
+  // A lost host's sandbox is still read and deleted here (its record says `host-lost`); nothing else runs.
+  if (answeredWhenLost.has(path) && !fleet.forwarder.serving(host)) return null;
+  fleet.forwarder.assertServing(host, id!);
+  if (type !== 'subscription') return async () => resultOf(await fleet.forwarder.call(host, call, signal));
+  return async () => resultOf(trackedAgain(fleet.forwarder.subscribe(host, call, signal)));
+}
+
+/** What an API node answers itself for a sandbox whose host is lost: reading its record, and deleting it. */
+const answeredWhenLost = new Set(['sandbox.get', 'sandbox.delete']);
+
+/** A forwarded subscription's events, tracked ones tracked again here (a client resumes by their ids). */
+async function* trackedAgain(events: AsyncIterable<{ event: unknown; id?: string }>): AsyncGenerator<unknown> {
+  for await (const e of events) yield e.id !== undefined ? tracked(e.id, e.event) : e.event;
+}
 
 /**
  * Subscriptions that are not activity on their sandbox: its event stream reads the server's

@@ -38,6 +38,8 @@ export const VersionInfo = z
       })
       .optional()
       .meta({ description: 'The sandbox driver this server runs (not in the original VoidRun)' }),
+    role: z.enum(['all', 'api', 'host']).optional().meta({ description: 'VOIDRUN_ROLE: one process (all), an API node or a sandbox host of a fleet (not in the original VoidRun)' }),
+    nodeId: z.string().optional().meta({ description: "This node's id (kept in DATA_DIR/node-id); a host registers under it (not in the original VoidRun)", example: 'node-3f9a1c2b7d4e' }),
   })
   .meta({ id: 'VersionInfo' });
 export type VersionInfo = z.infer<typeof VersionInfo>;

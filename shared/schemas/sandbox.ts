@@ -113,7 +113,7 @@ export const DEFAULT_AUTO_SLEEP_SEC = 300;
 /** The schema's own bound on any timeout or idle period (ten years); SANDBOX_MAX_TIMEOUT_SEC bounds timeouts further. */
 export const MAX_LIFECYCLE_SEC = 315_360_000;
 /** Why a sandbox stopped running by itself: its timeout, or its idle policy. */
-export const EndedReason = z.enum(['timeout', 'idle']);
+export const EndedReason = z.enum(['timeout', 'idle', 'host-lost']);
 export type EndedReason = z.infer<typeof EndedReason>;
 
 const seconds = (what: string, min: number) =>

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   network TEXT,
   public_ports TEXT NOT NULL DEFAULT '[]',
   pool TEXT NOT NULL DEFAULT '',
+  host_id TEXT NOT NULL DEFAULT '',
   lifecycle TEXT,
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL

@@ -234,8 +234,8 @@ class SqliteSandboxes implements SandboxRepository {
   constructor(db: Db) {
     this.#db = db;
     this.#insert = db.prepare(
-      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, network, pool, lifecycle, created_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      `INSERT INTO sandboxes (id, name, org_id, created_by, image_id, ip, cpu, mem, disk_mb, status, env_vars, labels, network, pool, host_id, lifecycle, created_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     );
     this.#byId = db.prepare('SELECT * FROM sandboxes WHERE org_id = ? AND id = ?');
     this.#byIdAnyOrg = db.prepare('SELECT * FROM sandboxes WHERE id = ?');
@@ -260,6 +260,7 @@ class SqliteSandboxes implements SandboxRepository {
       network: r.network == null ? SANDBOX_NETWORK_NONE : (JSON.parse(String(r.network)) as NetworkPolicy),
       publicPorts: JSON.parse(String(r.public_ports ?? '[]')) as number[],
       ...(r.pool ? { pool: String(r.pool) } : {}),
+      ...(r.host_id ? { hostId: String(r.host_id) } : {}),
       ...(r.lifecycle != null ? { lifecycle: JSON.parse(String(r.lifecycle)) as SandboxLifecycle } : {}),
       createdAt: date(r.created_at),
       updatedAt: date(r.updated_at),
@@ -268,7 +269,7 @@ class SqliteSandboxes implements SandboxRepository {
   async create(sandbox: NewRecord<SandboxRecord>) {
     const r = stamp(sandbox);
     uniqueWrite(`A sandbox named ${r.name}`, () =>
-      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), JSON.stringify(r.network), r.pool ?? '', r.lifecycle ? JSON.stringify(r.lifecycle) : null, iso(r.createdAt), iso(r.updatedAt)),
+      this.#insert.run(r.id, r.name, r.orgId, r.createdBy, r.imageId, r.ip, r.cpu, r.mem, r.diskMb, r.status, JSON.stringify(r.envVars), JSON.stringify(r.labels), JSON.stringify(r.network), r.pool ?? '', r.hostId ?? '', r.lifecycle ? JSON.stringify(r.lifecycle) : null, iso(r.createdAt), iso(r.updatedAt)),
     );
     return r;
   }
@@ -520,6 +521,7 @@ function migrate(db: Db): void {
   if (!sandboxColumns.includes('network')) db.exec('ALTER TABLE sandboxes ADD COLUMN network TEXT');
   if (!sandboxColumns.includes('public_ports')) db.exec("ALTER TABLE sandboxes ADD COLUMN public_ports TEXT NOT NULL DEFAULT '[]'");
   if (!sandboxColumns.includes('pool')) db.exec("ALTER TABLE sandboxes ADD COLUMN pool TEXT NOT NULL DEFAULT ''");
+  if (!sandboxColumns.includes('host_id')) db.exec("ALTER TABLE sandboxes ADD COLUMN host_id TEXT NOT NULL DEFAULT ''");
   // Timeout, idle and auto-resume policies (JSON); null for records stored before them: no policy.
   if (!sandboxColumns.includes('lifecycle')) db.exec('ALTER TABLE sandboxes ADD COLUMN lifecycle TEXT');
 }

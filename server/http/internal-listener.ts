@@ -1,0 +1,60 @@
+import { timingSafeEqual } from 'node:crypto';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { UnauthorizedError } from '../errors.js';
+import { CLUSTER_TOKEN_HEADER, INTERNAL_CALL_PATH } from '../services/fleet/internal-protocol.js';
+import { rawErrorResponse, sendError } from './envelope.js';
+
+export interface InternalListenerOptions {
+  /** CLUSTER_TOKEN: every request must carry it in the `x-voidrun-cluster-token` header. */
+  token: string;
+  /** The node's public server: every other request and upgrade is served by it, as if it had arrived there. */
+  main: Server;
+  /** A forwarded procedure call (INTERNAL_CALL_PATH). */
+  call(req: IncomingMessage, res: ServerResponse): Promise<void>;
+}
+
+/** Whether the request carries the cluster secret, compared in constant time. */
+function carriesToken(req: IncomingMessage, token: string): boolean {
+  const given = Buffer.from(String(req.headers[CLUSTER_TOKEN_HEADER] ?? ''));
+  const want = Buffer.from(token);
+  return given.length === want.length && timingSafeEqual(given, want);
+}
+
+/** Requests and upgrades that arrived on a host's internal listener (with the cluster secret). */
+export const fromCluster = new WeakSet<IncomingMessage>();
+
+const refused = () => new UnauthorizedError('This is a VoidRun host\'s internal listener: only API nodes of its fleet (with its CLUSTER_TOKEN) are served here');
+
+/**
+ * A host's internal listener (HOST_INTERNAL_PORT): what API nodes forward — whole requests and
+ * upgrades on the host's sandboxes, served by the public server's own routes, and procedure calls.
+ * Nothing is served without the cluster secret.
+ */
+export function createInternalListener(o: InternalListenerOptions): Server {
+  const server = createServer((req, res) => {
+    if (!carriesToken(req, o.token)) {
+      req.resume();
+      return sendError(res, refused());
+    }
+    delete req.headers[CLUSTER_TOKEN_HEADER];
+    fromCluster.add(req);
+    if ((req.url ?? '').split('?')[0] === INTERNAL_CALL_PATH && req.method === 'POST') {
+      o.call(req, res).catch(() => res.destroy());
+      return;
+    }
+    o.main.emit('request', req, res);
+  });
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    socket.on('error', () => {});
+    if (!carriesToken(req, o.token)) {
+      socket.end(rawErrorResponse(refused()));
+      return;
+    }
+    delete req.headers[CLUSTER_TOKEN_HEADER];
+    fromCluster.add(req);
+    o.main.emit('upgrade', req, socket, head);
+  });
+  server.on('clientError', (_err, socket: Duplex) => socket.destroy());
+  return server;
+}

@@ -1,0 +1,214 @@
+import { Agent, request, type IncomingMessage, type ServerResponse } from 'node:http';
+import { connect } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import superjson from 'superjson';
+import { DomainError, ErrorCode } from '../../errors.js';
+import { sendError } from '../../http/envelope.js';
+import type { HostRecord, HostRepository, SandboxRepository } from '../../store/types.js';
+import { CLUSTER_TOKEN_HEADER, INTERNAL_CALL_PATH, InternalLine, splitAddress, type InternalCall, type WireError } from './internal-protocol.js';
+
+export interface ForwarderOptions {
+  sandboxes: SandboxRepository;
+  hosts: HostRepository;
+  token: string;
+  /** A host whose heartbeat is older than this is not forwarded to (HOST_DEAD_AFTER_SEC). */
+  deadAfterMs: number;
+  /** The longest answer line a host may send (a call's output, one stream event). */
+  maxLineBytes: number;
+  log: Logger;
+}
+
+/** Headers that belong to one hop (RFC 9110 §7.6.1) and are not passed on. */
+const hopByHop = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', CLUSTER_TOKEN_HEADER]);
+
+/** How long a host record (its address and state) is reused before it is read again. */
+const HOST_CACHE_MS = 1000;
+
+export class HostUnavailableError extends DomainError {
+  constructor(message: string, options?: { cause?: unknown; details?: string }) {
+    super(ErrorCode.HOST_UNAVAILABLE, message, options);
+  }
+}
+
+/**
+ * An API node's side of the fleet (VOIDRUN_ROLE=api): finds the host a sandbox runs on and passes
+ * the request there, to the host's internal listener — whole HTTP requests and WebSocket upgrades
+ * under `/api/sandboxes/{id}` (bytes streamed both ways, TCP's backpressure end to end), and tRPC
+ * procedure calls (`call`, `subscribe`) for the tRPC transports. The host authenticates the caller
+ * itself: what it answers, errors included, is what a single server would have answered.
+ * A sandbox's host never changes, so sandbox→host is cached for good; host records for a second.
+ */
+export class Forwarder {
+  readonly #hostOfSandbox = new Map<string, string>();
+  readonly #hosts = new Map<string, { record: HostRecord | null; at: number }>();
+  readonly #agent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64 });
+
+  constructor(private readonly o: ForwarderOptions) {}
+
+  /** The host of the sandbox, or null when there is no such sandbox or it names none (the call is answered here). */
+  async hostFor(sandboxId: string): Promise<HostRecord | null> {
+    let hostId = this.#hostOfSandbox.get(sandboxId);
+    if (hostId === undefined) {
+      const record = await this.o.sandboxes.findByIdInAnyOrg(sandboxId);
+      if (!record?.hostId) return null;
+      hostId = record.hostId;
+      if (this.#hostOfSandbox.size > 100_000) this.#hostOfSandbox.clear();
+      this.#hostOfSandbox.set(sandboxId, hostId);
+    }
+    return this.#host(hostId);
+  }
+
+  /** The host record, read at most once a second; null when it is not registered. */
+  async #host(hostId: string): Promise<HostRecord | null> {
+    const cached = this.#hosts.get(hostId);
+    if (cached && Date.now() - cached.at < HOST_CACHE_MS) return cached.record;
+    const record = await this.o.hosts.findById(hostId);
+    this.#hosts.set(hostId, { record, at: Date.now() });
+    return record;
+  }
+
+  /** Whether the host serves its sandboxes now (registered, not lost, heartbeat fresh). */
+  serving(host: HostRecord): boolean {
+    return (host.state === 'ready' || host.state === 'draining') && Date.now() - host.heartbeatAt.getTime() <= this.o.deadAfterMs;
+  }
+
+  /** Throws the 503 a call on a sandbox of a host that is not serving answers. */
+  assertServing(host: HostRecord, sandboxId: string): void {
+    if (this.serving(host)) return;
+    const why = host.state === 'gone' ? 'was removed from the fleet' : 'stopped answering (host-lost)';
+    throw new HostUnavailableError(`Sandbox ${sandboxId} ran on host ${host.id}, which ${why}; the sandbox is lost: delete it and create another`);
+  }
+
+  /** Passes an HTTP request to the host and its answer back, both streamed. */
+  proxyRequest(req: IncomingMessage, res: ServerResponse, host: HostRecord): Promise<void> {
+    const { host: hostname, port } = splitAddress(host.address);
+    return new Promise((resolve) => {
+      const headers: Record<string, string | string[]> = {};
+      for (const [name, value] of Object.entries(req.headers)) if (value !== undefined && !hopByHop.has(name)) headers[name] = value;
+      headers[CLUSTER_TOKEN_HEADER] = this.o.token;
+      headers['x-forwarded-for'] = [req.headers['x-forwarded-for'], req.socket.remoteAddress].filter(Boolean).join(', ');
+      const upstream = request({ host: hostname, port, method: req.method, path: req.url, headers, agent: this.#agent }, (answer) => {
+        const out: Record<string, string | string[]> = {};
+        for (const [name, value] of Object.entries(answer.headers)) if (value !== undefined && !hopByHop.has(name)) out[name] = value;
+        res.writeHead(answer.statusCode ?? 502, answer.statusMessage, out);
+        answer.pipe(res);
+        answer.once('error', () => res.destroy());
+        answer.once('end', resolve);
+      });
+      upstream.once('error', (err) => {
+        if (!res.headersSent) this.#sendUnavailable(res, host, err);
+        else res.destroy();
+        resolve();
+      });
+      res.once('close', () => {
+        if (!res.writableFinished) upstream.destroy();
+        resolve();
+      });
+      req.pipe(upstream);
+    });
+  }
+
+  /** Passes a WebSocket upgrade to the host: the handshake with the cluster secret, then bytes both ways. */
+  proxyUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, host: HostRecord, refuse: (err: unknown) => void): void {
+    const { host: hostname, port } = splitAddress(host.address);
+    const upstream = connect({ host: hostname, port });
+    socket.on('error', () => upstream.destroy());
+    upstream.once('connect', () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) {
+        const name = req.rawHeaders[i]!;
+        if (name.toLowerCase() !== CLUSTER_TOKEN_HEADER) lines.push(`${name}: ${req.rawHeaders[i + 1]}`);
+      }
+      lines.push(`${CLUSTER_TOKEN_HEADER}: ${this.o.token}`, `x-forwarded-for: ${req.socket.remoteAddress ?? ''}`);
+      upstream.write(`${lines.join('\r\n')}\r\n\r\n`);
+      if (head.length) upstream.write(head);
+      upstream.pipe(socket);
+      socket.pipe(upstream);
+    });
+    upstream.once('error', (err) => {
+      if (upstream.bytesRead === 0) refuse(this.#unavailable(host, err));
+      else socket.destroy();
+    });
+    upstream.once('close', () => socket.destroy());
+    socket.once('close', () => upstream.destroy());
+  }
+
+  /** A query or mutation run on the host; resolves with its output or throws its error. */
+  async call(host: HostRecord, call: InternalCall, signal?: AbortSignal): Promise<unknown> {
+    for await (const line of this.#lines(host, call, signal)) {
+      if ('ok' in line) return superjson.deserialize(line.ok as Parameters<typeof superjson.deserialize>[0]);
+      if ('error' in line) throw fromWire(line.error);
+    }
+    throw new HostUnavailableError(`Host ${host.id} ended its answer without a result; retry`);
+  }
+
+  /** A subscription run on the host: its events (tracked ones with their ids), until it ends or fails. */
+  async *subscribe(host: HostRecord, call: InternalCall, signal?: AbortSignal): AsyncGenerator<{ event: unknown; id?: string }> {
+    for await (const line of this.#lines(host, call, signal)) {
+      if ('event' in line) yield { event: superjson.deserialize(line.event as Parameters<typeof superjson.deserialize>[0]), ...(line.id !== undefined ? { id: line.id } : {}) };
+      else if ('error' in line) throw fromWire(line.error);
+      else if ('end' in line) return;
+    }
+    throw new HostUnavailableError(`Host ${host.id} ended the stream without its end; reconnect (with the last event id) to resume`);
+  }
+
+  /** The host's answer lines, each parsed and bounded; the request is cut when the consumer stops. */
+  async *#lines(host: HostRecord, call: InternalCall, signal?: AbortSignal): AsyncGenerator<InternalLine> {
+    const { host: hostname, port } = splitAddress(host.address);
+    const body = JSON.stringify(call);
+    const answer = await new Promise<IncomingMessage>((resolve, reject) => {
+      const req = request(
+        { host: hostname, port, method: 'POST', path: INTERNAL_CALL_PATH, agent: this.#agent, signal, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), [CLUSTER_TOKEN_HEADER]: this.o.token } },
+        resolve,
+      );
+      req.once('error', (err) => reject(signal?.aborted ? err : this.#unavailable(host, err)));
+      req.end(body);
+    });
+    try {
+      if (answer.statusCode === 401) throw new HostUnavailableError(`Host ${host.id} refused this API node (HTTP 401): every node of a fleet needs the same CLUSTER_TOKEN`);
+      if (answer.statusCode !== 200) throw new HostUnavailableError(`Host ${host.id} refused a forwarded call (HTTP ${answer.statusCode}); are all nodes on the same VoidRun version?`);
+      let pending = '';
+      for await (const chunk of answer as AsyncIterable<Buffer>) {
+        pending += chunk.toString('utf8');
+        if (pending.length > this.o.maxLineBytes) throw new HostUnavailableError(`Host ${host.id} sent an answer line over ${this.o.maxLineBytes} bytes`);
+        let nl: number;
+        while ((nl = pending.indexOf('\n')) >= 0) {
+          const text = pending.slice(0, nl);
+          pending = pending.slice(nl + 1);
+          const parsed = InternalLine.safeParse(safeJson(text));
+          if (!parsed.success) throw new HostUnavailableError(`Host ${host.id} sent an answer this node cannot read`);
+          yield parsed.data;
+        }
+      }
+    } finally {
+      answer.destroy();
+    }
+  }
+
+  #unavailable(host: HostRecord, err: Error): HostUnavailableError {
+    this.o.log.warn({ host: host.id, address: host.address, err: err.message }, 'a forwarded request could not reach its host');
+    return new HostUnavailableError(`The sandbox's host ${host.id} cannot be reached now; retry shortly`, { cause: err });
+  }
+
+  #sendUnavailable(res: ServerResponse, host: HostRecord, err: Error): void {
+    sendError(res, this.#unavailable(host, err));
+  }
+
+  close(): void {
+    this.#agent.destroy();
+  }
+}
+
+function safeJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+/** The host's error as the same domain error here: the tRPC formatter answers it as the host would have. */
+export function fromWire(e: WireError): DomainError {
+  return new DomainError(e.errorCode, e.message, { details: e.details, issues: e.issues });
+}

@@ -1,0 +1,164 @@
+import type { Logger } from 'pino';
+import type { HostRepository, HostSlotRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
+import { HostRegistry, sweepLostHosts, type HostIdentity } from './host-registry.js';
+import type { Placement } from './placement.js';
+
+/**
+ * The sandboxes a fleet host sees as its own (VOIDRUN_ROLE=host): what it creates names it
+ * (`hostId`), and `listAll` — what the health loop, startup adoption, lifecycle timers, warm pool,
+ * host events and metrics walk — holds only its own, so no loop of one host ever touches a
+ * sandbox of another. Lookups by id still see every sandbox (an API node forwards only a host's own).
+ * A delete frees the sandbox's placement slot at once.
+ */
+export function hostSandboxes(repo: SandboxRepository, hostId: string, slots: HostSlotRepository): SandboxRepository {
+  return {
+    create: (sandbox) => repo.create({ ...sandbox, hostId }),
+    findById: (orgId, id) => repo.findById(orgId, id),
+    listByOrg: (orgId, page, limit, labels) => repo.listByOrg(orgId, page, limit, labels),
+    listAll: async () => (await repo.listAll()).filter((r) => r.hostId === hostId),
+    findByIdInAnyOrg: (id) => repo.findByIdInAnyOrg(id),
+    update: (orgId, id, patch) => repo.update(orgId, id, patch),
+    claimPoolMember: (id, claim) => repo.claimPoolMember(id, claim),
+    // Its placement slot is free as soon as the sandbox is gone (the heartbeat's sweep is the backstop).
+    delete: async (orgId, id) => {
+      const deleted = await repo.delete(orgId, id);
+      const slot = (await slots.listByHost(hostId)).find((s) => s.sandboxId === id);
+      if (slot) await slots.release(hostId, slot.slot);
+      return deleted;
+    },
+  };
+}
+
+export interface HostMembershipOptions {
+  registry: HostRegistry;
+  slots: HostSlotRepository;
+  placement: Placement;
+  /** This host's sandboxes (see hostSandboxes). */
+  sandboxes: SandboxRepository;
+  /** What this host registers as, read at each registration and heartbeat (images change). */
+  identity: () => Promise<HostIdentity>;
+  /** Run when the fleet gave this host up (fenced), before it registers again: stop what it must not run. */
+  reconcile: () => Promise<void>;
+  heartbeatMs: number;
+  log: Logger;
+}
+
+/**
+ * A host's membership in the fleet: registers (a new epoch), heartbeats every HOST_HEARTBEAT_SEC
+ * with the images it has, and frees its own slots that no longer hold a sandbox (deleted, or a
+ * create that never finished). Fenced — declared lost while it was away, or superseded — it
+ * reconciles (its lost sandboxes' runtimes are stopped) and registers again with a new epoch.
+ */
+export class HostMembership {
+  #timer: NodeJS.Timeout | null = null;
+  #beating: Promise<void> | null = null;
+  #stopped = false;
+
+  constructor(private readonly o: HostMembershipOptions) {}
+
+  async start(): Promise<void> {
+    const record = await this.o.registry.register(await this.o.identity());
+    this.o.log.info({ host: record.id, address: record.address, epoch: record.epoch, state: record.state }, `fleet: registered as host ${record.id} (epoch ${record.epoch})`);
+    this.#schedule();
+  }
+
+  #schedule(): void {
+    if (this.#stopped) return;
+    this.#timer = setTimeout(() => {
+      this.#beating = this.beat()
+        .catch((err: Error) => this.o.log.warn({ err: err.message }, 'fleet: heartbeat failed; retrying'))
+        .finally(() => this.#schedule());
+    }, this.o.heartbeatMs);
+    this.#timer.unref();
+  }
+
+  /** One heartbeat (and slot cleanup); registers again after a fence. */
+  async beat(): Promise<void> {
+    const identity = await this.o.identity();
+    const result = await this.o.registry.heartbeat(identity.id, identity.images);
+    if (result === 'fenced') {
+      this.o.log.warn({ host: identity.id }, 'fleet: this host was declared lost (or registered elsewhere); reconciling before it registers again');
+      await this.o.reconcile();
+      const record = await this.o.registry.register(await this.o.identity());
+      this.o.log.info({ host: record.id, epoch: record.epoch }, `fleet: registered again (epoch ${record.epoch})`);
+    }
+    await this.#freeSlots(identity.id);
+  }
+
+  async #freeSlots(hostId: string): Promise<void> {
+    const live = new Set((await this.o.sandboxes.listAll()).map((r) => r.id));
+    for (const s of await this.o.slots.listByHost(hostId)) {
+      if (s.sandboxId !== '' && !live.has(s.sandboxId)) await this.o.slots.release(hostId, s.slot);
+    }
+    await this.o.placement.reapExpired(hostId);
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    if (this.#timer) clearTimeout(this.#timer);
+    await this.#beating;
+  }
+}
+
+export interface LostHostSweeperOptions {
+  hosts: HostRepository;
+  slots: HostSlotRepository;
+  /** Every sandbox record, unfiltered. */
+  sandboxes: SandboxRepository;
+  deadAfterMs: number;
+  intervalMs: number;
+  log: Logger;
+  /** Told of each sandbox marked lost (its event). */
+  onLost?: (record: SandboxRecord) => void;
+}
+
+/**
+ * Run by every API node: a host whose heartbeat is older than HOST_DEAD_AFTER_SEC becomes
+ * `unresponsive`, its sandboxes `error` with `endedReason: "host-lost"`, and its slots are freed
+ * (its capacity withdrawn). Idempotent, so any number of API nodes sweep at once; a sweep that
+ * missed a sandbox (or was cut short) is made good by the next one, which marks every sandbox of
+ * every host not serving.
+ */
+export class LostHostSweeper {
+  #timer: NodeJS.Timeout | null = null;
+  #running: Promise<void> | null = null;
+
+  constructor(private readonly o: LostHostSweeperOptions) {}
+
+  start(): void {
+    this.#timer = setInterval(() => {
+      if (this.#running) return;
+      this.#running = this.sweep()
+        .catch((err: Error) => this.o.log.warn({ err: err.message }, 'fleet: lost-host sweep failed'))
+        .finally(() => (this.#running = null));
+    }, this.o.intervalMs);
+    this.#timer.unref();
+  }
+
+  async sweep(): Promise<void> {
+    for (const host of await sweepLostHosts(this.o.hosts, this.o.deadAfterMs)) {
+      this.o.log.warn({ host: host.id, heartbeatAt: host.heartbeatAt }, `fleet: host ${host.id} missed its heartbeats for ${this.o.deadAfterMs / 1000} s: unresponsive, its sandboxes are lost`);
+    }
+    const notServing = new Set((await this.o.hosts.list()).filter((h) => h.state === 'unresponsive' || h.state === 'gone').map((h) => h.id));
+    if (notServing.size === 0) return;
+    const now = new Date().toISOString();
+    for (const r of await this.o.sandboxes.listAll()) {
+      if (!r.hostId || !notServing.has(r.hostId)) continue;
+      if (r.status !== 'error' || r.lifecycle?.endedReason !== 'host-lost') {
+        const updated = await this.o.sandboxes.update(r.orgId, r.id, { status: 'error', lifecycle: lostLifecycle(r, now) });
+        if (updated) this.o.onLost?.(updated);
+      }
+    }
+    for (const hostId of notServing) for (const s of await this.o.slots.listByHost(hostId)) await this.o.slots.release(hostId, s.slot);
+  }
+
+  async stop(): Promise<void> {
+    if (this.#timer) clearInterval(this.#timer);
+    await this.#running;
+  }
+}
+
+/** A sandbox's lifecycle once its host is lost: no timer runs, and `endedReason` says why it ended. */
+export function lostLifecycle(r: SandboxRecord, at: string): NonNullable<SandboxRecord['lifecycle']> {
+  return { timeout: 0, onTimeout: 'stop', idle: null, autoResume: false, ...r.lifecycle, expiresAt: null, endedReason: 'host-lost', endedAt: at };
+}

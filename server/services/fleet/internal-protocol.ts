@@ -1,0 +1,69 @@
+import { z } from 'zod';
+import { errorCodes } from '../../../shared/errors.js';
+
+/**
+ * The wire between API nodes and a host's internal listener (HOST_INTERNAL_PORT, README "Fleet").
+ * Every request carries the cluster secret in this header; the listener refuses any other.
+ */
+export const CLUSTER_TOKEN_HEADER = 'x-voidrun-cluster-token';
+/** The path of a forwarded tRPC procedure call on the internal listener. */
+export const INTERNAL_CALL_PATH = '/internal/v1/call';
+
+/**
+ * One procedure call an API node forwards to the host that runs the sandbox: the caller's own
+ * credentials (the host authenticates them itself against the shared store), the raw input as the
+ * API node received it (superjson), and for `sandbox.create` the placement slot the API node holds.
+ */
+export const InternalCall = z.object({
+  path: z.string().regex(/^[a-zA-Z]+(\.[a-zA-Z]+)+$/).max(100),
+  type: z.enum(['query', 'mutation', 'subscription']),
+  input: z.unknown(),
+  apiKey: z.string().max(1024).nullable(),
+  orgId: z.string().max(200).nullable(),
+  idempotencyKey: z.string().max(1024).nullable(),
+  placement: z.object({ slot: z.number().int().min(0).max(1_000_000) }).optional(),
+});
+export type InternalCall = z.infer<typeof InternalCall>;
+
+/** A failure as the host's tRPC formatter saw it: enough for the API node to throw the same error. */
+export const WireError = z.object({
+  errorCode: z.enum(errorCodes),
+  message: z.string().max(64 * 1024),
+  details: z.string().max(64 * 1024).optional(),
+  issues: z.array(z.object({ field: z.string().max(1024), message: z.string().max(4096) })).max(1000).optional(),
+});
+export type WireError = z.infer<typeof WireError>;
+
+/**
+ * One NDJSON line of the answer: a query's or mutation's output (`ok`), a subscription's event
+ * (`event`, with `id` when it is tracked: the client resumes by it), its end (`end`), or a failure.
+ * Values are superjson-serialized.
+ */
+export const InternalLine = z.union([
+  z.object({ ok: z.unknown() }).strict(),
+  z.object({ event: z.unknown(), id: z.string().max(1024).optional() }).strict(),
+  z.object({ end: z.literal(true) }).strict(),
+  z.object({ error: WireError }).strict(),
+]);
+export type InternalLine = z.infer<typeof InternalLine>;
+
+/** The tRPC routers whose procedures act on one sandbox, named by the input's `id` (or `sandboxId`). */
+export const sandboxRouters = new Set(['sandbox', 'exec', 'commands', 'shell', 'files', 'pty', 'ports']);
+/** Procedures of those routers that address no one sandbox: served by the API node itself. */
+export const notSandboxScoped = new Set(['sandbox.create', 'sandbox.list']);
+
+/** The sandbox id a forwarded call addresses, or null when the procedure is answered where it arrived. */
+export function sandboxIdOfCall(path: string, input: unknown): string | null {
+  if (notSandboxScoped.has(path) || !sandboxRouters.has(path.split('.')[0]!)) return null;
+  if (typeof input !== 'object' || input === null) return null;
+  const { id, sandboxId } = input as { id?: unknown; sandboxId?: unknown };
+  const value = typeof id === 'string' ? id : typeof sandboxId === 'string' ? sandboxId : null;
+  return value && /^[0-9a-f]{24}$/.test(value) ? value : null;
+}
+
+/** `host:port` of a host record's address, IPv6 in brackets. */
+export function splitAddress(address: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(address);
+  if (!m) throw new Error(`not a host:port address: ${address.slice(0, 100)}`);
+  return { host: m[1] ?? m[2]!, port: Number(m[3]) };
+}

@@ -1,0 +1,249 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { MongoClient, ObjectId } from 'mongodb';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { WebSocket } from 'ws';
+import { createClient } from '../client/index.js';
+import { freeLoopbackPort } from '../server/hypervisor/host-process.js';
+import { support } from './helpers/sandbox-support.js';
+import { until } from './helpers/until.js';
+
+const root = join(import.meta.dirname, '..');
+const mongoUri = process.env.MONGO_URI;
+
+/** One fleet node: a real server process (VOIDRUN_ROLE api or host) of its own. */
+interface Node {
+  name: string;
+  role: 'api' | 'host';
+  env: Record<string, string>;
+  child: ChildProcess;
+  url: string;
+  internalPort?: number;
+  log: string[];
+}
+
+const token = randomBytes(24).toString('base64url');
+const db = `fleet-${randomBytes(4).toString('hex')}`;
+const base = mkdtempSync(join(tmpdir(), 'voidrun-fleet-'));
+chmodSync(base, 0o711);
+
+async function startNode(name: string, role: 'api' | 'host', extra: Record<string, string> = {}): Promise<Node> {
+  const port = await freeLoopbackPort();
+  const internalPort = role === 'host' ? await freeLoopbackPort() : undefined;
+  const dir = join(base, name);
+  const env: Record<string, string> = {
+    VOIDRUN_ROLE: role,
+    MONGO_URI: mongoUri!,
+    MONGO_DB: db,
+    CLUSTER_TOKEN: token,
+    SERVER_HOST: '127.0.0.1',
+    SERVER_PORT: String(port),
+    DATA_DIR: join(dir, 'data'),
+    INSTANCES_DIR: join(dir, 'instances'),
+    SNAPSHOTS_DIR: join(dir, 'snapshots'),
+    RUNC_ROOT: join('/run/voidrun-test', `${base.split('/').pop()}-${name}`),
+    SANDBOX_NETWORK: 'none',
+    PREPARE_DEFAULT_IMAGE: 'false',
+    IMAGE_LAYER_CACHE_TTL_SEC: String(365 * 86_400),
+    HOST_HEARTBEAT_SEC: '1',
+    HOST_DEAD_AFTER_SEC: '4',
+    HOST_SLOTS: '3',
+    ...(internalPort ? { HOST_INTERNAL_PORT: String(internalPort), HOST_ADVERTISE_ADDRESS: '127.0.0.1' } : {}),
+    ...extra,
+  };
+  return launch({ name, role, env, internalPort });
+}
+
+function launch(n: { name: string; role: 'api' | 'host'; env: Record<string, string>; internalPort?: number }): Promise<Node> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'server/main.ts'], { cwd: root, env: { ...process.env, ...n.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const log: string[] = [];
+  return new Promise((resolve, reject) => {
+    let pending = '';
+    child.stdout!.on('data', (chunk: Buffer) => {
+      pending += chunk.toString();
+      let nl: number;
+      while ((nl = pending.indexOf('\n')) >= 0) {
+        const line = pending.slice(0, nl);
+        pending = pending.slice(nl + 1);
+        log.push(line);
+        if (line.includes('VoidRun listening on')) resolve({ ...n, child, log, url: `http://127.0.0.1:${n.env.SERVER_PORT}` });
+      }
+    });
+    child.stderr!.on('data', (chunk: Buffer) => log.push(chunk.toString()));
+    child.once('exit', (code) => reject(new Error(`${n.name} exited with ${code}: ${log.join('\n').slice(-3000)}`)));
+  });
+}
+
+async function stopNode(node: Node, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  if (node.child.exitCode !== null || node.child.signalCode !== null) return;
+  const exited = new Promise((r) => node.child.once('exit', r));
+  node.child.kill(signal);
+  await exited;
+}
+
+async function json(url: string, init: RequestInit & { apiKey?: string; body?: string } = {}): Promise<{ status: number; body: any }> {
+  const res = await fetch(url, { ...init, headers: { 'content-type': 'application/json', ...(init.apiKey ? { 'x-api-key': init.apiKey } : {}), ...(init.headers as Record<string, string>) } });
+  return { status: res.status, body: await res.json() };
+}
+
+describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one MongoDB-wire store${mongoUri ? '' : ' (skipped: no MONGO_URI)'}${support.ok ? '' : ` (skipped: ${support.reason})`}`, () => {
+  let api1: Node;
+  let api2: Node;
+  let h1: Node;
+  let h2: Node;
+  let apiKey: string;
+  let mongo: MongoClient;
+  const hostOf = async (id: string) => (await mongo.db(db).collection('sandboxes').findOne({ _id: new ObjectId(id) }))?.hostId as string | undefined;
+
+  beforeAll(async () => {
+    mongo = await MongoClient.connect(mongoUri!);
+    // The first node sets the store up (indexes, system user, images) before the rest start together.
+    api1 = await startNode('api1', 'api');
+    [api2, h1, h2] = await Promise.all([startNode('api2', 'api'), startNode('h1', 'host'), startNode('h2', 'host')]);
+    const registered = await json(`${api1.url}/api/register`, { method: 'POST', body: JSON.stringify({ name: 'Fleet Owner', email: 'fleet@example.com' }) });
+    apiKey = registered.body.data.apiKey;
+  }, 180_000);
+
+  afterAll(async () => {
+    // Sandboxes outlive a server that stops (it adopts them at its next start): these are deleted first.
+    if (apiKey && api1) {
+      const left = await json(`${api1.url}/api/sandboxes?limit=100`, { apiKey });
+      await Promise.all(((left.body.data ?? []) as Array<{ id: string }>).map((b) => json(`${api1.url}/api/sandboxes/${b.id}`, { method: 'DELETE', apiKey })));
+    }
+    await Promise.all([api1, api2, h1, h2].filter(Boolean).map((n) => stopNode(n)));
+    await mongo?.db(db).dropDatabase().catch(() => {});
+    await mongo?.close();
+    try {
+      rmSync(base, { recursive: true, force: true });
+    } catch {
+      // A sandbox disk still mounted (a failed test): left for the next boot's tmp cleanup.
+    }
+  }, 60_000);
+
+  it('every node answers /api/version with its role and node id; hosts register with their internal address', async () => {
+    const versions = await Promise.all([api1, api2, h1, h2].map(async (n) => (await json(`${n.url}/api/version`)).body));
+    expect(versions.map((v) => v.role)).toEqual(['api', 'api', 'host', 'host']);
+    expect(new Set(versions.map((v) => v.nodeId)).size).toBe(4);
+    const hosts = await mongo.db(db).collection('hosts').find({}).toArray();
+    expect(hosts.map((h) => h.address).sort()).toEqual([`127.0.0.1:${h1.internalPort}`, `127.0.0.1:${h2.internalPort}`].sort());
+    expect(hosts.map((h) => h.state)).toEqual(['ready', 'ready']);
+  });
+
+  it("a host's internal listener serves nothing without the cluster token", async () => {
+    const bare = await json(`http://127.0.0.1:${h1.internalPort}/api/version`);
+    expect(bare.status).toBe(401);
+    expect(bare.body.error).toMatch(/only API nodes of its fleet \(with its CLUSTER_TOKEN\)/);
+    const wrong = await json(`http://127.0.0.1:${h1.internalPort}/internal/v1/call`, { method: 'POST', headers: { 'x-voidrun-cluster-token': 'x'.repeat(token.length) }, body: '{}' });
+    expect(wrong.status).toBe(401);
+    // Its public port answers /api/version and /metrics only: a create there would bypass placement.
+    const direct = await json(`${h1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'direct' }) });
+    expect(direct.status).toBe(404);
+    expect(direct.body.error).toMatch(/this is a fleet host \(VOIDRUN_ROLE=host\), which serves API nodes only; send API requests to an API node$/);
+    expect((await fetch(`${h1.url}/metrics`)).status).toBe(200);
+  });
+
+  it('a sandbox created through one API node is used through the other: exec, files both ways, streams, errors as one server answers them', async () => {
+    const created = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'across' }) });
+    expect(created.status).toBe(201);
+    const id = created.body.data.id as string;
+    expect(await hostOf(id)).toMatch(/^node-/);
+    const vr = createClient({ url: api2.url, apiKey });
+    const box = await vr.sandboxes.get(id);
+    expect((await box.exec('hostname')).stdout).toBe('across\n');
+    // Bytes up through API node 2, down through API node 1.
+    const bytes = randomBytes(3 * 1024 * 1024 + 17);
+    const up = await fetch(`${api2.url}/api/sandboxes/${id}/files/upload?path=/root/blob.bin`, { method: 'POST', headers: { 'x-api-key': apiKey, 'content-type': 'application/octet-stream' }, body: bytes });
+    expect(up.status).toBe(200);
+    const down = Buffer.from(await (await fetch(`${api1.url}/api/sandboxes/${id}/files/download?path=/root/blob.bin`, { headers: { 'x-api-key': apiKey } })).arrayBuffer());
+    expect(down.equals(bytes)).toBe(true);
+    // A stream through the tRPC client (API node 2) arrives whole.
+    let out = '';
+    for await (const chunk of box.execStream('seq 1 50000')) if ('data' in chunk && typeof chunk.data === 'string') out += chunk.data;
+    expect(out).toBe(`${Array.from({ length: 50000 }, (_, i) => i + 1).join('\n')}\n`);
+    // Errors keep their shape: the host's validation and not-found, the same on REST and tRPC.
+    const bad = await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 5 }) });
+    expect(bad).toMatchObject({ status: 400, body: { code: 'INVALID_INPUT', error: 'Invalid command: Invalid input: expected string, received number' } });
+    await expect(box.exec('')).rejects.toThrow('Invalid command: must not be empty');
+    const other = await json(`${api1.url}/api/register`, { method: 'POST', body: JSON.stringify({ name: 'Other Org', email: 'other@example.com' }) });
+    const foreign = await json(`${api2.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey: other.body.data.apiKey, body: JSON.stringify({ command: 'true' }) });
+    expect(foreign).toMatchObject({ status: 404, body: { code: 'SANDBOX_NOT_FOUND' } });
+    // A terminal WebSocket through API node 1: the upgrade and its bytes are passed to the host.
+    const ws = new WebSocket(`${api1.url.replace('http', 'ws')}/api/sandboxes/${id}/pty?apiKey=${apiKey}`);
+    let screen = '';
+    ws.on('message', (m) => (screen += m.toString()));
+    await new Promise((resolve, reject) => (ws.once('open', resolve), ws.once('error', reject)));
+    ws.send('echo "fleet $((6*7))"\n');
+    await until(() => screen, (t) => t.includes('fleet 42'), 'the terminal to answer', 15_000);
+    ws.close();
+    await box.delete();
+    expect((await json(`${api1.url}/api/sandboxes/${id}`, { apiKey })).status).toBe(404);
+  }, 120_000);
+
+  it('concurrent creates through both API nodes fill the hosts to their slots and no further; the next is 429 "fleet full"', async () => {
+    const creates = await Promise.all(
+      Array.from({ length: 6 }, (_, i) => json(`${(i % 2 ? api2 : api1).url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: `full-${i}` }) })),
+    );
+    expect(creates.map((c) => c.status)).toEqual([201, 201, 201, 201, 201, 201]);
+    const ids = creates.map((c) => c.body.data.id as string);
+    const perHost = new Map<string, number>();
+    for (const id of ids) perHost.set((await hostOf(id))!, (perHost.get((await hostOf(id))!) ?? 0) + 1);
+    expect([...perHost.values()].sort()).toEqual([3, 3]);
+    const over = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'one-too-many' }) });
+    expect(over.status).toBe(429);
+    expect(over.body.error).toMatch(/^Sandbox fleet full: all 6 sandbox slots of the 2 ready host\(s\) are held/);
+    // Deleted sandboxes' slots are freed by their hosts (at their next heartbeat): creates succeed again.
+    await Promise.all(ids.map((id) => json(`${api2.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey })));
+    await until(() => mongo.db(db).collection('host_slots').countDocuments({}), (n) => n === 0, 'the slots to be freed', 15_000, 100);
+    const again = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'after-free' }) });
+    expect(again.status).toBe(201);
+    await json(`${api1.url}/api/sandboxes/${again.body.data.id}`, { method: 'DELETE', apiKey });
+  }, 180_000);
+
+  it('a host killed with -9 loses its sandboxes (host-lost) within the dead-after interval, creates go elsewhere, and on its return it registers anew without resurrecting them', async () => {
+    // One after the other: the second goes to the host with more free slots, so one lands on each.
+    const ids: string[] = [];
+    for (const i of [0, 1]) ids.push((await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: `lost-${i}` }) })).body.data.id);
+    const victimId = (await hostOf(ids[0]!))!;
+    const victim = (await json(`${h1.url}/api/version`)).body.nodeId === victimId ? h1 : h2;
+    const onVictim: string[] = [];
+    for (const id of ids) if ((await hostOf(id)) === victimId) onVictim.push(id);
+    expect(onVictim.length).toBeGreaterThan(0);
+    const epochBefore = (await mongo.db(db).collection('hosts').findOne({ _id: { $eq: victimId } as never }))!.epoch as number;
+    await stopNode(victim, 'SIGKILL');
+    const lostAt = Date.now();
+    const record = await until(() => json(`${api2.url}/api/sandboxes/${onVictim[0]}`, { apiKey }), (r) => r.body.data?.status === 'error', 'the sandbox to be marked lost', 20_000, 200);
+    expect(Date.now() - lostAt).toBeLessThan(4000 + 2 * 1000 + 3000); // HOST_DEAD_AFTER_SEC + a sweep interval or two + slack
+    expect(record.body.data.endedReason).toBe('host-lost');
+    const exec = await json(`${api1.url}/api/sandboxes/${onVictim[0]}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'true' }) });
+    expect(exec.status).toBe(503);
+    expect(exec.body).toMatchObject({ code: 'HOST_UNAVAILABLE' });
+    expect(exec.body.error).toMatch(/which stopped answering \(host-lost\)/);
+    // New sandboxes go to the host still serving.
+    const fresh = await json(`${api2.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'elsewhere' }) });
+    expect(fresh.status).toBe(201);
+    expect(await hostOf(fresh.body.data.id)).not.toBe(victimId);
+    // It comes back under the same node id (DATA_DIR) with a new epoch; its lost sandboxes stay lost and stopped.
+    const returned = await launch(victim);
+    if (victim === h1) h1 = returned;
+    else h2 = returned;
+    const back = await until(() => mongo.db(db).collection('hosts').findOne({ _id: { $eq: victimId } as never }), (h) => h?.state === 'ready' && (h.epoch as number) > epochBefore, 'the host to register again', 20_000, 100);
+    expect(back!.epoch).toBeGreaterThan(epochBefore);
+    for (const id of onVictim) {
+      const r = await json(`${api1.url}/api/sandboxes/${id}`, { apiKey });
+      expect(r.body.data).toMatchObject({ status: 'error', endedReason: 'host-lost' });
+    }
+    const running = await new Promise<string>((resolve) => {
+      const p = spawn('runc', ['--root', victim.env.RUNC_ROOT!, 'list', '-q']);
+      let text = '';
+      p.stdout.on('data', (d: Buffer) => (text += d.toString()));
+      p.once('close', () => resolve(text));
+    });
+    const states = running.trim() ? running.trim().split('\n') : [];
+    for (const id of onVictim) expect(states.filter((s) => s.includes(id))).toEqual([]);
+    // A lost sandbox is deleted like any other.
+    for (const id of [...ids, fresh.body.data.id]) expect((await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+  }, 180_000);
+});
