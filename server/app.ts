@@ -49,6 +49,7 @@ import { hostSandboxes, HostMembership, LostHostSweeper, lostLifecycle } from '.
 import { HostRegistry } from './services/fleet/host-registry.js';
 import { Placement } from './services/fleet/placement.js';
 import { Forwarder } from './services/fleet/forwarder.js';
+import { FleetAdmin } from './services/fleet/fleet-admin.js';
 
 export interface App {
   config: Config;
@@ -252,6 +253,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       previewScheme: config.PREVIEW_URL_SCHEME,
     }),
     idempotency: new IdempotencyService({ repository: store.idempotency, log, maxKeysPerOrg: config.IDEMPOTENCY_MAX_KEYS_PER_ORG }),
+    fleetAdmin: new FleetAdmin({ hosts: store.hosts, slots: store.hostSlots, sandboxes: store.sandboxes, adminKey: config.ADMIN_API_KEY }),
     buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason }, role, nodeId },
   };
   const systemUser = await orgs.ensureSystemUser(config.SYSTEM_USER_NAME, config.SYSTEM_USER_EMAIL);

@@ -12,3 +12,4 @@ export * from './schemas/files.js';
 export * from './schemas/pty.js';
 export * from './schemas/ports.js';
 export * from './schemas/events.js';
+export * from './schemas/fleet.js';

@@ -26,6 +26,7 @@ interface Node {
 }
 
 const token = randomBytes(24).toString('base64url');
+const adminKey = `admin-${randomBytes(24).toString('base64url')}`;
 const db = `fleet-${randomBytes(4).toString('hex')}`;
 const base = mkdtempSync(join(tmpdir(), 'voidrun-fleet-'));
 chmodSync(base, 0o711);
@@ -51,6 +52,7 @@ async function startNode(name: string, role: 'api' | 'host', extra: Record<strin
     HOST_HEARTBEAT_SEC: '1',
     HOST_DEAD_AFTER_SEC: '4',
     HOST_SLOTS: '3',
+    ADMIN_API_KEY: adminKey,
     ...(internalPort ? { HOST_INTERNAL_PORT: String(internalPort), HOST_ADVERTISE_ADDRESS: '127.0.0.1' } : {}),
     ...extra,
   };
@@ -201,6 +203,30 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     expect(again.status).toBe(201);
     await json(`${api1.url}/api/sandboxes/${again.body.data.id}`, { method: 'DELETE', apiKey });
   }, 180_000);
+
+  it('the admin key lists the hosts with their load and drains one: creates then go to the other; undrained, it takes them again', async () => {
+    expect((await json(`${api1.url}/api/admin/hosts`, { apiKey })).status).toBe(401);
+    const listed = await json(`${api2.url}/api/admin/hosts`, { apiKey: adminKey });
+    expect(listed.status).toBe(200);
+    const ids = (listed.body.data as Array<{ id: string; state: string; capacity: { slots: number } }>).map((h) => h.id);
+    expect(ids.length).toBe(2);
+    expect(listed.body.data.map((h: { state: string; capacity: { slots: number } }) => [h.state, h.capacity.slots])).toEqual([['ready', 3], ['ready', 3]]);
+    const [kept, drained] = ids as [string, string];
+    const drain = await json(`${api1.url}/api/admin/hosts/${drained}/drain`, { method: 'POST', apiKey: adminKey });
+    expect(drain).toMatchObject({ status: 200, body: { data: { id: drained, state: 'draining' } } });
+    const made = await Promise.all([0, 1, 2].map((i) => json(`${api2.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: `drain-${i}` }) })));
+    expect(made.map((m) => m.status)).toEqual([201, 201, 201]);
+    for (const m of made) expect(await hostOf(m.body.data.id)).toBe(kept);
+    const after = await json(`${api1.url}/api/admin/hosts`, { apiKey: adminKey });
+    expect(after.body.data.find((h: { id: string }) => h.id === kept)).toMatchObject({ slotsHeld: 3, sandboxes: 3 });
+    // The draining host's heartbeats keep it draining; undrained, it takes the next create (the other is full).
+    expect((await json(`${api1.url}/api/admin/hosts/${drained}/undrain`, { method: 'POST', apiKey: adminKey })).body.data.state).toBe('ready');
+    const next = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'undrained' }) });
+    expect(next.status).toBe(201);
+    expect(await hostOf(next.body.data.id)).toBe(drained);
+    expect((await json(`${api1.url}/api/admin/hosts/node-nosuchhost/drain`, { method: 'POST', apiKey: adminKey })).status).toBe(404);
+    for (const id of [...made.map((m) => m.body.data.id), next.body.data.id]) await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
+  }, 120_000);
 
   it('a host killed with -9 loses its sandboxes (host-lost) within the dead-after interval, creates go elsewhere, and on its return it registers anew without resurrecting them', async () => {
     // One after the other: the second goes to the host with more free slots, so one lands on each.

@@ -1,4 +1,5 @@
 import { router } from '../trpc/init.js';
+import { adminRouter } from './admin.js';
 import { authRouter, orgRouter, usersRouter } from './org.js';
 import { commandsRouter, execRouter, shellRouter } from './exec.js';
 import { filesRouter } from './files.js';
@@ -23,6 +24,7 @@ export const appRouter = router({
   pty: ptyRouter,
   ports: portsRouter,
   webhooks: webhooksRouter,
+  admin: adminRouter,
 });
 
 /** The router's type, imported by `client/` for end-to-end types. */

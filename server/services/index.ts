@@ -14,6 +14,7 @@ import type { LifecyclePolicy } from './lifecycle-policy.js';
 import type { ActivityTracker } from './activity.js';
 import type { SandboxEventService } from './sandbox-events.js';
 import type { WebhookService } from './webhooks.js';
+import type { FleetAdmin } from './fleet/fleet-admin.js';
 
 /** Every service, built once in the composition root (`server/app.ts`) and reached through the tRPC context. */
 export interface Services {
@@ -37,4 +38,6 @@ export interface Services {
   /** Idempotency keys of creates, restores and background commands. */
   idempotency: IdempotencyService;
   buildInfo: VersionInfo;
+  /** The fleet's hosts, drain and undrain (ADMIN_API_KEY). */
+  fleetAdmin: FleetAdmin;
 }
