@@ -308,6 +308,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     if (c.SANDBOX_MAX_TIMEOUT_SEC > 0 && c.SANDBOX_DEFAULT_TIMEOUT_SEC > c.SANDBOX_MAX_TIMEOUT_SEC) {
       throw new ConfigError(`Invalid configuration: SANDBOX_DEFAULT_TIMEOUT_SEC=${c.SANDBOX_DEFAULT_TIMEOUT_SEC} — expected at most SANDBOX_MAX_TIMEOUT_SEC (${c.SANDBOX_MAX_TIMEOUT_SEC})`);
     }
+    for (const name of ['CLUSTER_TOKEN', 'ADMIN_API_KEY'] as const) {
+      if (c[name]?.startsWith('REPLACE-WITH')) throw new ConfigError(`Invalid configuration: ${name} is still the placeholder of the deployment files — expected a secret of your own (e.g. openssl rand -hex 32)`);
+    }
     if (c.VOIDRUN_ROLE !== 'all' && !c.CLUSTER_TOKEN) {
       throw new ConfigError(`Invalid configuration: CLUSTER_TOKEN="" — expected a secret of at least 32 characters shared by every node (VOIDRUN_ROLE=${c.VOIDRUN_ROLE} needs it)`);
     }
