@@ -97,6 +97,9 @@ describe('routing', () => {
       buildTime: expect.any(String),
       // Ours, not the original's: which sandbox driver runs and why (null when none can).
       driver: expect.objectContaining({ reason: expect.any(String) }),
+      // Ours too: the node's fleet role (one process: all) and its id (README "Fleet").
+      role: 'all',
+      nodeId: expect.stringMatching(/^node-[0-9a-f]{12}$/),
     });
   });
 });

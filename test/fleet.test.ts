@@ -1,95 +1,19 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { MongoClient, ObjectId } from 'mongodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createClient } from '../client/index.js';
-import { freeLoopbackPort } from '../server/hypervisor/host-process.js';
+import { FleetProcesses, json, launch, stopNode, type FleetNode as Node } from './helpers/fleet-nodes.js';
 import { support } from './helpers/sandbox-support.js';
 import { until } from './helpers/until.js';
 
-const root = join(import.meta.dirname, '..');
 const mongoUri = process.env.MONGO_URI;
-
-/** One fleet node: a real server process (VOIDRUN_ROLE api or host) of its own. */
-interface Node {
-  name: string;
-  role: 'api' | 'host';
-  env: Record<string, string>;
-  child: ChildProcess;
-  url: string;
-  internalPort?: number;
-  log: string[];
-}
-
-const token = randomBytes(24).toString('base64url');
-const adminKey = `admin-${randomBytes(24).toString('base64url')}`;
-const db = `fleet-${randomBytes(4).toString('hex')}`;
-const base = mkdtempSync(join(tmpdir(), 'voidrun-fleet-'));
-chmodSync(base, 0o711);
-
-async function startNode(name: string, role: 'api' | 'host', extra: Record<string, string> = {}): Promise<Node> {
-  const port = await freeLoopbackPort();
-  const internalPort = role === 'host' ? await freeLoopbackPort() : undefined;
-  const dir = join(base, name);
-  const env: Record<string, string> = {
-    VOIDRUN_ROLE: role,
-    MONGO_URI: mongoUri!,
-    MONGO_DB: db,
-    CLUSTER_TOKEN: token,
-    SERVER_HOST: '127.0.0.1',
-    SERVER_PORT: String(port),
-    DATA_DIR: join(dir, 'data'),
-    INSTANCES_DIR: join(dir, 'instances'),
-    SNAPSHOTS_DIR: join(dir, 'snapshots'),
-    RUNC_ROOT: join('/run/voidrun-test', `${base.split('/').pop()}-${name}`),
-    SANDBOX_NETWORK: 'none',
-    PREPARE_DEFAULT_IMAGE: 'false',
-    IMAGE_LAYER_CACHE_TTL_SEC: String(365 * 86_400),
-    HOST_HEARTBEAT_SEC: '1',
-    HOST_DEAD_AFTER_SEC: '4',
-    HOST_SLOTS: '3',
-    ADMIN_API_KEY: adminKey,
-    ...(internalPort ? { HOST_INTERNAL_PORT: String(internalPort), HOST_ADVERTISE_ADDRESS: '127.0.0.1' } : {}),
-    ...extra,
-  };
-  return launch({ name, role, env, internalPort });
-}
-
-function launch(n: { name: string; role: 'api' | 'host'; env: Record<string, string>; internalPort?: number }): Promise<Node> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'server/main.ts'], { cwd: root, env: { ...process.env, ...n.env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  const log: string[] = [];
-  return new Promise((resolve, reject) => {
-    let pending = '';
-    child.stdout!.on('data', (chunk: Buffer) => {
-      pending += chunk.toString();
-      let nl: number;
-      while ((nl = pending.indexOf('\n')) >= 0) {
-        const line = pending.slice(0, nl);
-        pending = pending.slice(nl + 1);
-        log.push(line);
-        if (line.includes('VoidRun listening on')) resolve({ ...n, child, log, url: `http://127.0.0.1:${n.env.SERVER_PORT}` });
-      }
-    });
-    child.stderr!.on('data', (chunk: Buffer) => log.push(chunk.toString()));
-    child.once('exit', (code) => reject(new Error(`${n.name} exited with ${code}: ${log.join('\n').slice(-3000)}`)));
-  });
-}
-
-async function stopNode(node: Node, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
-  if (node.child.exitCode !== null || node.child.signalCode !== null) return;
-  const exited = new Promise((r) => node.child.once('exit', r));
-  node.child.kill(signal);
-  await exited;
-}
-
-async function json(url: string, init: RequestInit & { apiKey?: string; body?: string } = {}): Promise<{ status: number; body: any }> {
-  const res = await fetch(url, { ...init, headers: { 'content-type': 'application/json', ...(init.apiKey ? { 'x-api-key': init.apiKey } : {}), ...(init.headers as Record<string, string>) } });
-  return { status: res.status, body: await res.json() };
-}
+const fleet = mongoUri ? new FleetProcesses(mongoUri, { HOST_HEARTBEAT_SEC: '1', HOST_DEAD_AFTER_SEC: '4', HOST_SLOTS: '3' }) : null;
+const token = fleet?.token ?? '';
+const adminKey = fleet?.adminKey ?? '';
+const db = fleet?.db ?? '';
+const startNode = (name: string, role: 'api' | 'host') => fleet!.start(name, role);
 
 describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one MongoDB-wire store${mongoUri ? '' : ' (skipped: no MONGO_URI)'}${support.ok ? '' : ` (skipped: ${support.reason})`}`, () => {
   let api1: Node;
@@ -118,11 +42,7 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     await Promise.all([api1, api2, h1, h2].filter(Boolean).map((n) => stopNode(n)));
     await mongo?.db(db).dropDatabase().catch(() => {});
     await mongo?.close();
-    try {
-      rmSync(base, { recursive: true, force: true });
-    } catch {
-      // A sandbox disk still mounted (a failed test): left for the next boot's tmp cleanup.
-    }
+    fleet?.cleanup();
   }, 60_000);
 
   it('every node answers /api/version with its role and node id; hosts register with their internal address', async () => {
