@@ -192,4 +192,74 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     // A lost sandbox is deleted like any other.
     for (const id of [...ids, fresh.body.data.id]) expect((await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey })).status).toBe(200);
   }, 180_000);
+
+  it('a host cut off past the dead-after interval (frozen, its process alive) finds itself fenced when it is back: it stops its lost sandboxes and registers with a new epoch', async () => {
+    const id = (await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'fenced' }) })).body.data.id as string;
+    const hostId = (await hostOf(id))!;
+    const node = (await json(`${h1.url}/api/version`)).body.nodeId === hostId ? h1 : h2;
+    const before = (await mongo.db(db).collection('hosts').findOne({ _id: hostId as never }))!.epoch as number;
+    // SIGSTOP: no heartbeat, no answer, every timer and socket kept, as a partition would leave them.
+    node.child.kill('SIGSTOP');
+    try {
+      await until(() => json(`${api1.url}/api/sandboxes/${id}`, { apiKey }), (r) => r.body.data?.endedReason === 'host-lost', 'the sandbox to be marked lost', 20_000, 200);
+    } finally {
+      node.child.kill('SIGCONT');
+    }
+    const back = await until(() => mongo.db(db).collection('hosts').findOne({ _id: hostId as never }), (h) => h?.state === 'ready' && (h.epoch as number) > before, 'the host to register again', 20_000, 100);
+    expect(back!.epoch).toBeGreaterThan(before);
+    expect(node.log.join('\n')).toMatch(/this host was declared lost \(or registered elsewhere\); reconciling before it registers again/);
+    // Its runtime was stopped, and stays so: the record says lost, and nothing brings it back.
+    const state = await new Promise<string>((resolve) => {
+      const p = spawn('runc', ['--root', node.env.RUNC_ROOT!, 'state', `vr-${id}`]);
+      let text = '';
+      p.stdout.on('data', (d: Buffer) => (text += d.toString()));
+      p.once('close', () => resolve(text));
+    });
+    expect(state.includes('"status": "running"')).toBe(false);
+    const exec = await json(`${api2.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'true' }) });
+    expect(exec.status).toBe(409);
+    expect((await json(`${api2.url}/api/sandboxes/${id}`, { apiKey })).body.data).toMatchObject({ status: 'error', endedReason: 'host-lost' });
+    expect((await json(`${api2.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+  }, 120_000);
+
+  it('an API node killed mid-stream loses nothing: the client resumes the event stream on another API node from its last event id', async () => {
+    const id = (await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'resume' }) })).body.data.id as string;
+    for (let i = 0; i < 3; i++) await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: `echo ${i}` }) });
+    /** SSE events from `url` until `stop` holds: ids and types, in order. */
+    const read = async (url: string, headers: Record<string, string>, stop: (seen: Array<{ id: string; type: string }>) => boolean) => {
+      const res = await fetch(url, { headers: { 'x-api-key': apiKey, ...headers } });
+      expect(res.status).toBe(200);
+      const seen: Array<{ id: string; type: string }> = [];
+      const decoder = new TextDecoder();
+      let text = '';
+      const reader = res.body!.getReader();
+      while (!stop(seen)) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        text += decoder.decode(value, { stream: true });
+        let end: number;
+        while ((end = text.indexOf('\n\n')) >= 0) {
+          const block = text.slice(0, end);
+          text = text.slice(end + 2);
+          const idLine = /^id: (.+)$/m.exec(block)?.[1];
+          const type = /^event: (.+)$/m.exec(block)?.[1];
+          if (idLine && type) seen.push({ id: idLine, type });
+        }
+      }
+      await reader.cancel().catch(() => {});
+      return seen;
+    };
+    const first = await read(`${api2.url}/api/sandboxes/${id}/events/stream`, {}, (seen) => seen.filter((e) => e.type === 'process.exited').length >= 3);
+    // The API node dies under the stream: nothing of the stream was its own. Events go on meanwhile.
+    await stopNode(api2, 'SIGKILL');
+    for (let i = 3; i < 5; i++) await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: `echo ${i}` }) });
+    const rest = await read(`${api1.url}/api/sandboxes/${id}/events/stream`, { 'last-event-id': first.at(-1)!.id }, (seen) => seen.filter((e) => e.type === 'process.exited').length >= 2);
+    expect(rest.map((e) => e.type)).toEqual(['process.started', 'process.exited', 'process.started', 'process.exited']);
+    const all = await read(`${api1.url}/api/sandboxes/${id}/events/stream`, {}, (seen) => seen.length >= first.length + rest.length);
+    // Resumed exactly after the last event seen: no event twice, none skipped.
+    expect([...first, ...rest].map((e) => e.id)).toEqual(all.slice(0, first.length + rest.length).map((e) => e.id));
+    api2 = await launch(api2);
+    expect((await json(`${api2.url}/api/version`)).body.role).toBe('api');
+    await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
+  }, 120_000);
 });

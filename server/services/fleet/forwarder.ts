@@ -43,6 +43,31 @@ export class Forwarder {
   readonly #hostOfSandbox = new Map<string, string>();
   readonly #hosts = new Map<string, { record: HostRecord | null; at: number }>();
   readonly #agent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64 });
+  /** What is in flight to each host, to cut when the host is declared lost (a frozen host accepts and never answers). */
+  readonly #inflight = new Map<string, Set<(err: Error) => void>>();
+
+  #track(hostId: string, cut: (err: Error) => void): () => void {
+    let set = this.#inflight.get(hostId);
+    if (!set) this.#inflight.set(hostId, (set = new Set()));
+    set.add(cut);
+    return () => {
+      set.delete(cut);
+      if (set.size === 0 && this.#inflight.get(hostId) === set) this.#inflight.delete(hostId);
+    };
+  }
+
+  /**
+   * Cuts every request, upgrade and call in flight to the host (it was declared lost): an answer
+   * not begun is a 503 naming the host, one under way ends where it is.
+   */
+  cutHost(hostId: string): number {
+    const set = this.#inflight.get(hostId);
+    if (!set) return 0;
+    this.#hosts.delete(hostId);
+    const err = new HostUnavailableError(`The sandbox's host ${hostId} stopped answering (host-lost); the sandbox is lost: delete it and create another`);
+    for (const cut of [...set]) cut(err);
+    return set.size;
+  }
 
   constructor(private readonly o: ForwarderOptions) {}
 
@@ -88,6 +113,7 @@ export class Forwarder {
       for (const [name, value] of Object.entries(req.headers)) if (value !== undefined && !hopByHop.has(name)) headers[name] = value;
       headers[CLUSTER_TOKEN_HEADER] = this.o.token;
       headers['x-forwarded-for'] = [req.headers['x-forwarded-for'], req.socket.remoteAddress].filter(Boolean).join(', ');
+      let untrack = () => {};
       const upstream = request({ host: hostname, port, method: req.method, path: req.url, headers, agent: this.#agent }, (answer) => {
         const out: Record<string, string | string[]> = {};
         for (const [name, value] of Object.entries(answer.headers)) if (value !== undefined && !hopByHop.has(name)) out[name] = value;
@@ -96,12 +122,19 @@ export class Forwarder {
         answer.once('error', () => res.destroy());
         answer.once('end', resolve);
       });
+      let lost: Error | null = null;
+      untrack = this.#track(host.id, (err) => {
+        lost = err;
+        upstream.destroy(err);
+      });
       upstream.once('error', (err) => {
-        if (!res.headersSent) this.#sendUnavailable(res, host, err);
-        else res.destroy();
+        if (res.headersSent) res.destroy();
+        else if (lost) sendError(res, lost);
+        else this.#sendUnavailable(res, host, err);
         resolve();
       });
       res.once('close', () => {
+        untrack();
         if (!res.writableFinished) upstream.destroy();
         resolve();
       });
@@ -113,6 +146,12 @@ export class Forwarder {
   proxyUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, host: HostRecord, refuse: (err: unknown) => void): void {
     const { host: hostname, port } = splitAddress(host.address);
     const upstream = connect({ host: hostname, port });
+    let lost: Error | null = null;
+    const untrack = this.#track(host.id, (err) => {
+      lost = err;
+      upstream.destroy(err);
+      socket.destroy();
+    });
     socket.on('error', () => upstream.destroy());
     upstream.once('connect', () => {
       const lines = [`${req.method} ${req.url} HTTP/1.1`];
@@ -127,11 +166,14 @@ export class Forwarder {
       socket.pipe(upstream);
     });
     upstream.once('error', (err) => {
-      if (upstream.bytesRead === 0) refuse(this.#unavailable(host, err));
+      if (upstream.bytesRead === 0 && !lost) refuse(this.#unavailable(host, err));
       else socket.destroy();
     });
     upstream.once('close', () => socket.destroy());
-    socket.once('close', () => upstream.destroy());
+    socket.once('close', () => {
+      untrack();
+      upstream.destroy();
+    });
   }
 
   /** A query or mutation run on the host; resolves with its output or throws its error. */
@@ -157,14 +199,25 @@ export class Forwarder {
   async *#lines(host: HostRecord, call: InternalCall, signal?: AbortSignal): AsyncGenerator<InternalLine> {
     const { host: hostname, port } = splitAddress(host.address);
     const body = JSON.stringify(call);
+    let lost: Error | null = null;
+    let current: { destroy(err?: Error): void } | null = null;
+    const untrack = this.#track(host.id, (err) => {
+      lost = err;
+      current?.destroy(err);
+    });
     const answer = await new Promise<IncomingMessage>((resolve, reject) => {
       const req = request(
         { host: hostname, port, method: 'POST', path: INTERNAL_CALL_PATH, agent: this.#agent, signal, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), [CLUSTER_TOKEN_HEADER]: this.o.token } },
         resolve,
       );
-      req.once('error', (err) => reject(signal?.aborted ? err : this.#unavailable(host, err)));
+      current = req;
+      req.once('error', (err) => reject(lost ?? (signal?.aborted ? err : this.#unavailable(host, err))));
       req.end(body);
+    }).catch((err: unknown) => {
+      untrack();
+      throw err;
     });
+    current = answer;
     try {
       if (answer.statusCode === 401) throw new HostUnavailableError(`Host ${host.id} refused this API node (HTTP 401): every node of a fleet needs the same CLUSTER_TOKEN`);
       if (answer.statusCode !== 200) throw new HostUnavailableError(`Host ${host.id} refused a forwarded call (HTTP ${answer.statusCode}); are all nodes on the same VoidRun version?`);
@@ -181,7 +234,10 @@ export class Forwarder {
           yield parsed.data;
         }
       }
+    } catch (err) {
+      throw lost ?? err;
     } finally {
+      untrack();
       answer.destroy();
     }
   }

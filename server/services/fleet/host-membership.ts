@@ -110,6 +110,8 @@ export interface LostHostSweeperOptions {
   log: Logger;
   /** Told of each sandbox marked lost (its event). */
   onLost?: (record: SandboxRecord) => void;
+  /** Told, at every sweep, of each host not serving (this node cuts what it has in flight there). */
+  onNotServing?: (hostId: string) => void;
 }
 
 /**
@@ -141,6 +143,7 @@ export class LostHostSweeper {
     }
     const notServing = new Set((await this.o.hosts.list()).filter((h) => h.state === 'unresponsive' || h.state === 'gone').map((h) => h.id));
     if (notServing.size === 0) return;
+    for (const hostId of notServing) this.o.onNotServing?.(hostId);
     const now = new Date().toISOString();
     for (const r of await this.o.sandboxes.listAll()) {
       if (!r.hostId || !notServing.has(r.hostId)) continue;
