@@ -1,10 +1,9 @@
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { MongoClient, ObjectId } from 'mongodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createClient } from '../client/index.js';
-import { FleetProcesses, json, launch, stopNode, type FleetNode as Node } from './helpers/fleet-nodes.js';
+import { FleetProcesses, json, launch, runc, stopNode, type FleetNode as Node } from './helpers/fleet-nodes.js';
 import { support } from './helpers/sandbox-support.js';
 import { until } from './helpers/until.js';
 
@@ -181,12 +180,7 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
       const r = await json(`${api1.url}/api/sandboxes/${id}`, { apiKey });
       expect(r.body.data).toMatchObject({ status: 'error', endedReason: 'host-lost' });
     }
-    const running = await new Promise<string>((resolve) => {
-      const p = spawn('runc', ['--root', victim.env.RUNC_ROOT!, 'list', '-q']);
-      let text = '';
-      p.stdout.on('data', (d: Buffer) => (text += d.toString()));
-      p.once('close', () => resolve(text));
-    });
+    const running = await runc(victim.env.RUNC_ROOT!, 'list', '-q');
     const states = running.trim() ? running.trim().split('\n') : [];
     for (const id of onVictim) expect(states.filter((s) => s.includes(id))).toEqual([]);
     // A lost sandbox is deleted like any other.
@@ -209,12 +203,7 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     expect(back!.epoch).toBeGreaterThan(before);
     expect(node.log.join('\n')).toMatch(/this host was declared lost \(or registered elsewhere\); reconciling before it registers again/);
     // Its runtime was stopped, and stays so: the record says lost, and nothing brings it back.
-    const state = await new Promise<string>((resolve) => {
-      const p = spawn('runc', ['--root', node.env.RUNC_ROOT!, 'state', `vr-${id}`]);
-      let text = '';
-      p.stdout.on('data', (d: Buffer) => (text += d.toString()));
-      p.once('close', () => resolve(text));
-    });
+    const state = await runc(node.env.RUNC_ROOT!, 'state', `vr-${id}`);
     expect(state.includes('"status": "running"')).toBe(false);
     const exec = await json(`${api2.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'true' }) });
     expect(exec.status).toBe(409);

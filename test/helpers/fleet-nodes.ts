@@ -13,8 +13,10 @@ export interface FleetNode {
   role: 'api' | 'host';
   env: Record<string, string>;
   child: ChildProcess;
-  /** Its public port: `http://127.0.0.1:<SERVER_PORT>`. */
+  /** Its public port: `http://<SERVER_HOST>:<SERVER_PORT>`. */
   url: string;
+  /** The network namespace it runs in, if not the test's own. */
+  netns?: string;
   /** A host's internal listener port. */
   internalPort?: number;
   log: string[];
@@ -37,9 +39,14 @@ export class FleetProcesses {
     chmodSync(this.base, 0o711); // sandboxes resolve their mounts as an unprivileged uid
   }
 
-  async start(name: string, role: 'api' | 'host', extra: Record<string, string> = {}): Promise<FleetNode> {
-    const port = await freeLoopbackPort();
-    const internalPort = role === 'host' ? await freeLoopbackPort() : undefined;
+  /**
+   * Starts a node. With `netns`, in that network namespace (entered with nsenter: only the network
+   * is its own, so runc still sees the host's cgroups and mounts) on its address there, fixed ports.
+   */
+  async start(name: string, role: 'api' | 'host', extra: Record<string, string> = {}, netns?: { ns: string; address: string }): Promise<FleetNode> {
+    const port = netns ? 33944 : await freeLoopbackPort();
+    const internalPort = role === 'host' ? (netns ? 33945 : await freeLoopbackPort()) : undefined;
+    const address = netns?.address ?? '127.0.0.1';
     const dir = join(this.base, name);
     const env: Record<string, string> = {
       VOIDRUN_ROLE: role,
@@ -47,7 +54,7 @@ export class FleetProcesses {
       MONGO_DB: this.db,
       CLUSTER_TOKEN: this.token,
       ADMIN_API_KEY: this.adminKey,
-      SERVER_HOST: '127.0.0.1',
+      SERVER_HOST: address,
       SERVER_PORT: String(port),
       DATA_DIR: join(dir, 'data'),
       INSTANCES_DIR: join(dir, 'instances'),
@@ -56,11 +63,11 @@ export class FleetProcesses {
       SANDBOX_NETWORK: 'none',
       PREPARE_DEFAULT_IMAGE: 'false',
       IMAGE_LAYER_CACHE_TTL_SEC: String(365 * 86_400),
-      ...(internalPort ? { HOST_INTERNAL_PORT: String(internalPort), HOST_ADVERTISE_ADDRESS: '127.0.0.1' } : {}),
+      ...(internalPort ? { HOST_INTERNAL_PORT: String(internalPort), HOST_ADVERTISE_ADDRESS: address } : {}),
       ...this.defaults,
       ...extra,
     };
-    return launch({ name, role, env, internalPort });
+    return launch({ name, role, env, internalPort, ...(netns ? { netns: netns.ns } : {}) });
   }
 
   /** Removes the nodes' directories (a sandbox disk still mounted after a failure is left). */
@@ -74,8 +81,10 @@ export class FleetProcesses {
 }
 
 /** Starts (or restarts, with the same env and so the same node id) a node; resolves once it listens. */
-export function launch(n: { name: string; role: 'api' | 'host'; env: Record<string, string>; internalPort?: number }): Promise<FleetNode> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'server/main.ts'], { cwd: root, env: { ...process.env, ...n.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+export function launch(n: { name: string; role: 'api' | 'host'; env: Record<string, string>; internalPort?: number; netns?: string }): Promise<FleetNode> {
+  const node = [process.execPath, '--import', 'tsx', 'server/main.ts'];
+  const [command, ...args] = n.netns ? ['nsenter', `--net=/run/netns/${n.netns}`, '--', ...node] : node;
+  const child = spawn(command!, args, { cwd: root, env: { ...process.env, ...n.env }, stdio: ['ignore', 'pipe', 'pipe'] });
   const log: string[] = [];
   return new Promise((resolve, reject) => {
     let pending = '';
@@ -86,7 +95,7 @@ export function launch(n: { name: string; role: 'api' | 'host'; env: Record<stri
         const line = pending.slice(0, nl);
         pending = pending.slice(nl + 1);
         log.push(line);
-        if (line.includes('VoidRun listening on')) resolve({ ...n, child, log, url: `http://127.0.0.1:${n.env.SERVER_PORT}` });
+        if (line.includes('VoidRun listening on')) resolve({ ...n, child, log, url: `http://${n.env.SERVER_HOST}:${n.env.SERVER_PORT}` });
       }
     });
     child.stderr!.on('data', (chunk: Buffer) => log.push(chunk.toString()));
@@ -105,4 +114,15 @@ export async function stopNode(node: FleetNode, signal: NodeJS.Signals = 'SIGTER
 export async function json(url: string, init: RequestInit & { apiKey?: string; body?: string } = {}): Promise<{ status: number; body: any }> {
   const res = await fetch(url, { ...init, headers: { 'content-type': 'application/json', ...(init.apiKey ? { 'x-api-key': init.apiKey } : {}), ...(init.headers as Record<string, string>) } });
   return { status: res.status, body: await res.json() };
+}
+
+/** `runc --root <root> <args…>`'s stdout ('' when it fails, e.g. no such container). */
+export function runc(root: string, ...args: string[]): Promise<string> {
+  return new Promise((resolve) => {
+    const p = spawn('runc', ['--root', root, ...args]);
+    let text = '';
+    p.stdout.on('data', (d: Buffer) => (text += d.toString()));
+    p.once('error', () => resolve(''));
+    p.once('close', () => resolve(text));
+  });
 }
