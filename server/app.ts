@@ -304,7 +304,10 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     for (const { record } of await sampleSandboxes()) counts[record.status] = (counts[record.status] ?? 0) + 1;
     return counts;
   });
-  metrics.addSandboxGauges(sampleSandboxes, { perSandbox: Boolean(config.METRICS_TOKEN) });
+  // In a fleet a host's series are labelled with its node id (what the admin routes call it).
+  metrics.addSandboxGauges(sampleSandboxes, { perSandbox: Boolean(config.METRICS_TOKEN), ...(role === 'all' ? {} : { host: nodeId }) });
+  metrics.addNodeInfo(role, nodeId);
+  if (role === 'api') metrics.addFleetGauges(() => services.fleetAdmin.list());
   // The fleet (README "Fleet"): API nodes place creates and forward sandbox requests to hosts;
   // hosts register, heartbeat and serve API nodes on their internal listener.
   const deadAfterMs = config.HOST_DEAD_AFTER_SEC * 1000;

@@ -51,6 +51,14 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     const hosts = await mongo.db(db).collection('hosts').find({}).toArray();
     expect(hosts.map((h) => h.address).sort()).toEqual([`127.0.0.1:${h1.internalPort}`, `127.0.0.1:${h2.internalPort}`].sort());
     expect(hosts.map((h) => h.state)).toEqual(['ready', 'ready']);
+    // /metrics on every node names its role and id; an API node's shows each host's state and slots.
+    const apiMetrics = await (await fetch(`${api1.url}/metrics`)).text();
+    expect(apiMetrics).toContain(`voidrun_node_info{role="api",node_id="${versions[0].nodeId}"} 1`);
+    for (const h of hosts) {
+      expect(apiMetrics).toContain(`voidrun_fleet_host_state{voidrun_host="${h._id}",state="ready"} 1`);
+      expect(apiMetrics).toContain(`voidrun_fleet_host_slots{voidrun_host="${h._id}",kind="capacity"} 3`);
+    }
+    expect(await (await fetch(`${h1.url}/metrics`)).text()).toContain(`voidrun_node_info{role="host",node_id="${versions[2].nodeId}"} 1`);
   });
 
   it("a host's internal listener serves nothing without the cluster token", async () => {

@@ -49,6 +49,42 @@ export class HttpMetrics {
   }
 
   /** Adds `voidrun_sandboxes{status}`, counted from `count()` at every scrape. */
+  /** `voidrun_node_info{role, node_id} 1`: which fleet role this node has (README "Fleet"). */
+  addNodeInfo(role: string, nodeId: string): void {
+    const g = new Gauge({ name: 'voidrun_node_info', help: "This node's fleet role (VOIDRUN_ROLE) and node id", labelNames: ['role', 'node_id'] as const, registers: [this.registry] });
+    g.set({ role, node_id: nodeId }, 1);
+  }
+
+  /** The fleet's hosts as an API node sees them: state and slots (capacity, held) per host. */
+  addFleetGauges(list: () => Promise<Array<{ id: string; state: string; capacity: { slots: number }; slotsHeld: number }>>): void {
+    let hosts: Promise<Array<{ id: string; state: string; capacity: { slots: number }; slotsHeld: number }>> | null = null;
+    // One listing serves both gauges of a scrape.
+    const once = () => (hosts ??= list().finally(() => setImmediate(() => (hosts = null))));
+    new Gauge({
+      name: 'voidrun_fleet_host_state',
+      help: 'Fleet hosts: 1 for the state each is in',
+      labelNames: ['voidrun_host', 'state'] as const,
+      registers: [this.registry],
+      async collect() {
+        this.reset();
+        for (const h of await once()) this.set({ voidrun_host: h.id, state: h.state }, 1);
+      },
+    });
+    new Gauge({
+      name: 'voidrun_fleet_host_slots',
+      help: 'Fleet hosts: sandbox slots offered (capacity) and held',
+      labelNames: ['voidrun_host', 'kind'] as const,
+      registers: [this.registry],
+      async collect() {
+        this.reset();
+        for (const h of await once()) {
+          this.set({ voidrun_host: h.id, kind: 'capacity' }, h.capacity.slots);
+          this.set({ voidrun_host: h.id, kind: 'held' }, h.slotsHeld);
+        }
+      },
+    });
+  }
+
   addSandboxGauge(count: () => Promise<Record<string, number>>): void {
     new Gauge({
       name: 'voidrun_sandboxes',
