@@ -126,7 +126,7 @@ function fleetSuite(name: string, open: () => Promise<{ a: Store; b: Store; clea
       expect(await registries[0]!.heartbeat(id)).toBe('fenced');
       // Missed heartbeats: an API node's sweep declares it unresponsive; its next heartbeat is fenced.
       await a.hosts.put({ ...record, heartbeatAt: new Date(Date.now() - 20_000) });
-      const lost = await sweepLostHosts(b.hosts, 15_000);
+      const lost = await sweepLostHosts(b.hosts, b.hostEpochs, 15_000);
       expect(lost.map((h) => h.id)).toContain(id);
       expect((await a.hosts.findById(id))?.state).toBe('unresponsive');
       expect(await registry.heartbeat(id)).toBe('fenced');

@@ -1,4 +1,6 @@
 import { randomBytes } from 'node:crypto';
+import { request as httpRequest } from 'node:http';
+import { connect as netConnect } from 'node:net';
 import { MongoClient, ObjectId } from 'mongodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
@@ -109,6 +111,71 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     ws.close();
     await box.delete();
     expect((await json(`${api1.url}/api/sandboxes/${id}`, { apiKey })).status).toBe(404);
+  }, 120_000);
+
+  it('forwarding resists a tenant: no request smuggled in a chunked GET, no cluster token reaching a sandbox, no dot-segment path to another route, no slot taken twice by an idempotent replay', async () => {
+    const first = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, headers: { 'idempotency-key': 'attack-replay' }, body: JSON.stringify({ name: 'attacked' }) });
+    const id = first.body.data.id as string;
+    try {
+    // An idempotent replay (through either API node) returns the same sandbox and holds no second slot.
+    for (const n of [api1, api2]) {
+      const again = await json(`${n.url}/api/sandboxes`, { method: 'POST', apiKey, headers: { 'idempotency-key': 'attack-replay' }, body: JSON.stringify({ name: 'attacked' }) });
+      expect(again.body.data.id).toBe(id);
+    }
+    expect(await mongo.db(db).collection('host_slots').countDocuments({ sandboxId: id })).toBe(1);
+    expect(await mongo.db(db).collection('host_slots').countDocuments({})).toBe(1);
+    // Smuggling: a GET with a chunked body whose body is the start of another request.
+    const smuggled = `POST /api/sandboxes/${id}/exec HTTP/1.1\r\nHost: h\r\nX-Swallow: `;
+    const raw = `GET /api/sandboxes/${id} HTTP/1.1\r\nHost: x\r\nX-API-Key: ${apiKey}\r\nTransfer-Encoding: chunked\r\n\r\n${smuggled.length.toString(16)}\r\n${smuggled}\r\n0\r\n\r\n`;
+    const { port } = new URL(api1.url);
+    const answer = await new Promise<string>((resolve, reject) => {
+      const sock = netConnect(Number(port), '127.0.0.1', () => sock.write(raw));
+      let text = '';
+      sock.on('data', (d: Buffer) => {
+        text += d.toString();
+        // The answer is whole once its declared body has arrived.
+        const head = text.indexOf('\r\n\r\n');
+        const length = Number(/content-length: (\d+)/i.exec(text)?.[1] ?? NaN);
+        if (head >= 0 && text.length - head - 4 >= length) (sock.destroy(), resolve(text));
+      });
+      sock.on('error', reject);
+      setTimeout(() => (sock.destroy(), resolve(text)), 5000);
+    });
+    expect(answer).toMatch(/^HTTP\/1\.1 200/);
+    // Requests after it, on the API node's kept-alive sockets to the host, are answered as sent.
+    for (let i = 0; i < 5; i++) expect((await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: `echo victim-${i}` }) })).body.data.stdout).toBe(`victim-${i}\n`);
+    const events = await json(`${api1.url}/api/sandboxes/${id}/events?limit=100`, { apiKey });
+    const commands = (events.body.data.events as Array<{ type: string; data: { command?: string } }>).filter((e) => e.type === 'process.started').map((e) => e.data.command);
+    expect(commands).toEqual(['echo victim-0', 'echo victim-1', 'echo victim-2', 'echo victim-3', 'echo victim-4']);
+    // Dot segments: routed by one path, resolved to another (here: a create on the host, placed nowhere).
+    // (Sent as written: fetch would resolve the dots itself.)
+    const rawPost = (url: string, path: string, headers: Record<string, string> = {}) =>
+      new Promise<{ status: number; body: any }>((resolve, reject) => {
+        const { hostname, port: p } = new URL(url);
+        const r = httpRequest({ host: hostname, port: Number(p), path, method: 'POST', headers: { 'content-type': 'application/json', 'x-api-key': apiKey, ...headers } }, (res) => {
+          let text = '';
+          res.on('data', (d: Buffer) => (text += d.toString()));
+          res.on('end', () => resolve({ status: res.statusCode!, body: JSON.parse(text) }));
+        });
+        r.on('error', reject);
+        r.end(JSON.stringify({ name: 'sneaky' }));
+      });
+    for (const path of [`/api/sandboxes/${id}/..`, `/api/sandboxes/${id}/%2e%2e`, `/api/sandboxes/${id}/../restore`]) {
+      const r = await rawPost(api1.url, path);
+      expect(r.status, path).toBe(400);
+      expect(r.body.error).toMatch(/has a "\." or "\.\." segment or an encoded slash/);
+    }
+    const direct = await rawPost(`http://127.0.0.1:${h1.internalPort}`, `/api/sandboxes/${id}/..`, { 'x-voidrun-cluster-token': token });
+    expect(direct.status).toBe(400);
+    expect(await mongo.db(db).collection('sandboxes').countDocuments({ name: 'sneaky' })).toBe(0);
+    // The cluster token never reaches a sandbox's server through its port.
+    await json(`${api1.url}/api/sandboxes/${id}/commands/run`, { method: 'POST', apiKey, body: JSON.stringify({ command: `/opt/voidrun/node -e "require('http').createServer((q, r) => r.end(JSON.stringify(q.headers))).listen(8080)"` }) });
+    const seen = await until(() => fetch(`${api2.url}/api/sandboxes/${id}/ports/8080/`, { headers: { 'x-api-key': apiKey } }).then(async (r) => ({ status: r.status, text: await r.text() })), (r) => r.status === 200, 'the sandbox server to answer', 15_000, 200);
+    expect(Object.keys(JSON.parse(seen.text))).not.toContain('x-voidrun-cluster-token');
+    expect(seen.text).not.toContain(token);
+    } finally {
+      await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
+    }
   }, 120_000);
 
   it('concurrent creates through both API nodes fill the hosts to their slots and no further; the next is 429 "fleet full"', async () => {
@@ -224,7 +291,8 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     for (let i = 0; i < 3; i++) await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: `echo ${i}` }) });
     /** SSE events from `url` until `stop` holds: ids and types, in order. */
     const read = async (url: string, headers: Record<string, string>, stop: (seen: Array<{ id: string; type: string }>) => boolean) => {
-      const res = await fetch(url, { headers: { 'x-api-key': apiKey, ...headers } });
+      const ac = new AbortController();
+      const res = await fetch(url, { headers: { 'x-api-key': apiKey, ...headers }, signal: ac.signal });
       expect(res.status).toBe(200);
       const seen: Array<{ id: string; type: string }> = [];
       const decoder = new TextDecoder();
@@ -243,7 +311,9 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
           if (idLine && type) seen.push({ id: idLine, type });
         }
       }
-      await reader.cancel().catch(() => {});
+      // Closed from this side at once (its socket must not outlive it: the node behind it may be killed next).
+      ac.abort();
+      reader.releaseLock();
       return seen;
     };
     const first = await read(`${api2.url}/api/sandboxes/${id}/events/stream`, {}, (seen) => seen.filter((e) => e.type === 'process.exited').length >= 3);

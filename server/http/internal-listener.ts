@@ -24,6 +24,12 @@ function carriesToken(req: IncomingMessage, token: string): boolean {
 /** Requests and upgrades that arrived on a host's internal listener (with the cluster secret). */
 export const fromCluster = new WeakSet<IncomingMessage>();
 
+/** Drops the cluster secret from the request, parsed and raw headers alike (what is passed on is read from either). */
+function dropToken(req: IncomingMessage): void {
+  delete req.headers[CLUSTER_TOKEN_HEADER];
+  for (let i = req.rawHeaders.length - 2; i >= 0; i -= 2) if (req.rawHeaders[i]!.toLowerCase() === CLUSTER_TOKEN_HEADER) req.rawHeaders.splice(i, 2);
+}
+
 const refused = () => new UnauthorizedError('This is a VoidRun host\'s internal listener: only API nodes of its fleet (with its CLUSTER_TOKEN) are served here');
 
 /**
@@ -37,7 +43,7 @@ export function createInternalListener(o: InternalListenerOptions): Server {
       req.resume();
       return sendError(res, refused());
     }
-    delete req.headers[CLUSTER_TOKEN_HEADER];
+    dropToken(req);
     fromCluster.add(req);
     if ((req.url ?? '').split('?')[0] === INTERNAL_CALL_PATH && req.method === 'POST') {
       o.call(req, res).catch(() => res.destroy());
@@ -51,7 +57,7 @@ export function createInternalListener(o: InternalListenerOptions): Server {
       socket.end(rawErrorResponse(refused()));
       return;
     }
-    delete req.headers[CLUSTER_TOKEN_HEADER];
+    dropToken(req);
     fromCluster.add(req);
     o.main.emit('upgrade', req, socket, head);
   });

@@ -31,7 +31,7 @@ import { readJsonBody } from './json-body.js';
 import { createCallerFactory } from '../trpc/init.js';
 import { describeIssues, fieldIssues } from '../trpc/errors.js';
 import { errorCodeFromTrpc } from '../../shared/errors.js';
-import { InternalCall, type InternalLine, type WireError } from '../services/fleet/internal-protocol.js';
+import { hasDotSegments, InternalCall, type InternalLine, type WireError } from '../services/fleet/internal-protocol.js';
 
 const wsRoutes = compiledRoutes('websocket');
 
@@ -329,6 +329,12 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       sendError(res, notForHostsPublicPort(path));
       return;
     }
+    // A fleet node routes by the path as sent, so one the URL parser would resolve elsewhere is refused.
+    if ((opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) {
+      req.resume();
+      sendError(res, dotSegmentsError(path));
+      return;
+    }
     // An API node passes a request on a fleet host's sandbox (its REST and raw routes) to that host.
     const remoteId = opts.fleet ? fleetSandboxOfPath(path) : null;
     if (remoteId) {
@@ -350,8 +356,16 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   /** Resolves the forwarded route's label, or null when the sandbox has no fleet host (answered here). */
   async function forwardRequest(req: IncomingMessage, res: ServerResponse, sandboxId: string): Promise<string | null> {
     const { forwarder } = opts.fleet!;
-    const host = await forwarder.hostFor(sandboxId);
-    if (!host) return null;
+    const target = await forwarder.target(sandboxId);
+    if (!target) return null;
+    const host = target.host;
+    // The caller is authenticated here before anything reaches a host (the host checks again); another
+    // org's sandbox is answered here, as one that does not exist. A sandbox's ports are the exception:
+    // a public port or a preview token needs no key, and the host decides.
+    if (!sandboxPortPath.test(req.url ?? '')) {
+      const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+      if (principal.orgId !== target.orgId) return null;
+    }
     // A lost host's sandbox is still read and deleted here (REST GET and DELETE of the sandbox itself).
     const own = (req.url ?? '').split('?')[0] === `/api/sandboxes/${sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
     if (own && !forwarder.serving(host)) return null;
@@ -640,11 +654,17 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
     if (opts.clusterToken && !fromCluster.has(req)) return refuse(socket)(notForHostsPublicPort(path));
+    if ((opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) return refuse(socket)(dotSegmentsError(path));
     const remoteId = opts.fleet ? fleetSandboxOfPath(path) : null;
     if (remoteId) {
       const { forwarder } = opts.fleet!;
-      void forwarder.hostFor(remoteId).then((host) => {
-        if (!host) return routeUpgradeHere(req, socket, head, path);
+      void forwarder.target(remoteId).then(async (target) => {
+        if (!target) return routeUpgradeHere(req, socket, head, path);
+        if (!sandboxPortPath.test(path)) {
+          const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+          if (principal.orgId !== target.orgId) return routeUpgradeHere(req, socket, head, path);
+        }
+        const host = target.host;
         forwarder.assertServing(host, remoteId);
         upgradeLabels.get(socket)!.label = 'forwarded';
         handshakeDone(socket); // the host's own deadline runs from here
@@ -819,3 +839,15 @@ function wireErrorOf(err: unknown): WireError {
 function notForHostsPublicPort(path: string): DomainError {
   return new NotFoundError(`No route for ${path.slice(0, 200)} here: this is a fleet host (VOIDRUN_ROLE=host), which serves API nodes only; send API requests to an API node`, { code: 'ROUTE_NOT_FOUND' });
 }
+
+function dotSegmentsError(path: string): DomainError {
+  return new InvalidInputError(`Invalid path: ${path.slice(0, 200)} has a "." or ".." segment or an encoded slash; send the path it resolves to`);
+}
+
+/** The part of a path the server routes by: under a sandbox's port, what follows is the sandbox server's own path, passed on as sent. */
+function routedPart(path: string): string {
+  return path.replace(/^(\/api\/sandboxes\/[0-9a-f]{24}\/ports\/\d+)\/.*$/, '$1');
+}
+
+/** A path under a sandbox's port (the port proxy): forwarded without a key check of the API node's. */
+const sandboxPortPath = /^\/api\/sandboxes\/[0-9a-f]{24}\/ports\//;

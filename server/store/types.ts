@@ -492,6 +492,15 @@ export interface HostEpochRepository {
   claim(hostId: string, epoch: number): Promise<boolean>;
   /** The highest epoch claimed for the host; 0 when none. */
   latest(hostId: string): Promise<number>;
+  /**
+   * Declares the host's registration `epoch` lost (its heartbeats stopped): an insert against the
+   * unique key `(hostId, epoch)`, so any number of API nodes declaring it at once agree, and one
+   * that read an old record declares only that old epoch lost, never the host's newer registration.
+   * True for the insert that made it.
+   */
+  declareLost(hostId: string, epoch: number): Promise<boolean>;
+  /** Whether that registration was declared lost. */
+  isLost(hostId: string, epoch: number): Promise<boolean>;
 }
 
 /**

@@ -13,6 +13,7 @@ import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './erro
 import type { Principal } from '../services/auth-service.js';
 import { isObjectIdHex } from '../store/ids.js';
 import { sandboxIdOfCall, type InternalCall } from '../services/fleet/internal-protocol.js';
+import { HostUnavailableError } from '../services/fleet/forwarder.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
 export type Meta = OpenApiMeta & {
@@ -149,7 +150,7 @@ export const authedProcedure = t.procedure.use((opts) =>
     const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
     ctx.record.orgId = principal.orgId;
     // On an API node, a call on a sandbox runs on its host (and a create on the host placement chose).
-    const remote = ctx.fleet ? await forwardedCall(ctx, ctx.fleet, path, type, await opts.getRawInput(), signal) : null;
+    const remote = ctx.fleet ? await forwardedCall(ctx, ctx.fleet, principal, path, type, await opts.getRawInput(), signal) : null;
     const next: typeof opts.next = remote ? ((() => remote()) as unknown as typeof opts.next) : opts.next;
     const active = type === 'subscription' && !notActivity.has(path) && !remote ? sandboxHold(ctx, principal, await opts.getRawInput()) : null;
     const kind = heldCallKind(path, type);
@@ -194,26 +195,35 @@ function resultOf(data: unknown) {
  * it again); `sandbox.create` first holds a slot on the host placement chose (429 "fleet full"),
  * released when the create fails there.
  */
-async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>, path: string, type: string, input: unknown, signal: AbortSignal | undefined) {
+async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>, principal: Principal, path: string, type: string, input: unknown, signal: AbortSignal | undefined) {
   const call = { path, type: type as InternalCall['type'], input: superjson.serialize(input), apiKey: ctx.apiKey, orgId: ctx.requestedOrgId, idempotencyKey: ctx.idempotencyKey ?? null };
   if (path === 'sandbox.create') {
     const shape = (typeof input === 'object' && input !== null ? input : {}) as { cpu?: unknown; vcpus?: unknown; mem?: unknown; memory?: unknown; templateId?: unknown; image?: unknown };
     const num = (...v: unknown[]) => v.find((x): x is number => typeof x === 'number' && x > 0) ?? 1;
     const placed = await fleet.placement.place({ cpu: num(shape.cpu, shape.vcpus), memMb: num(shape.mem, shape.memory) });
     return async () => {
+      let out: { id?: unknown };
       try {
-        const out = (await fleet.forwarder.call(placed.host, { ...call, placement: { slot: placed.slot } }, signal)) as { id?: unknown };
-        if (typeof out?.id === 'string') await placed.assign(out.id);
-        return resultOf(out);
+        out = (await fleet.forwarder.call(placed.host, { ...call, placement: { slot: placed.slot } }, signal)) as { id?: unknown };
       } catch (err) {
-        await placed.release().catch(() => {});
+        // The host's own refusal: nothing was created. Cut off on the way (the host may have
+        // created it): the slot stays reserved, and the host adopts it for the sandbox or frees it.
+        if (!(err instanceof HostUnavailableError)) await placed.release().catch(() => {});
         throw err;
       }
+      // An idempotent replay returns the sandbox made the first time, which holds its slot already
+      // (and may be on another host): this one is given back.
+      const made = typeof out?.id === 'string' ? await fleet.forwarder.target(out.id) : null;
+      if (made?.host.id === placed.host.id && !(await fleet.placement.holdsSlot(placed.host.id, out.id as string))) await placed.assign(out.id as string);
+      else await placed.release();
+      return resultOf(out);
     };
   }
   const id = sandboxIdOfCall(path, input);
-  const host = id ? await fleet.forwarder.hostFor(id) : null;
-  if (!host) return null;
+  const target = id ? await fleet.forwarder.target(id) : null;
+  // Another org's sandbox is answered here, as one that does not exist (404), like any other.
+  if (!target || target.orgId !== principal.orgId) return null;
+  const host = target.host;
   // A lost host's sandbox is still read and deleted here (its record says `host-lost`); nothing else runs.
   if (answeredWhenLost.has(path) && !fleet.forwarder.serving(host)) return null;
   fleet.forwarder.assertServing(host, id!);

@@ -40,9 +40,11 @@ export class HostUnavailableError extends DomainError {
  * A sandbox's host never changes, so sandbox→host is cached for good; host records for a second.
  */
 export class Forwarder {
-  readonly #hostOfSandbox = new Map<string, string>();
+  readonly #ofSandbox = new Map<string, { hostId: string; orgId: string }>();
   readonly #hosts = new Map<string, { record: HostRecord | null; at: number }>();
+  /** Proxied requests and upgrades (long downloads, streams) and procedure calls use separate pools, so one cannot starve the other. */
   readonly #agent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64 });
+  readonly #callAgent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64 });
   /** What is in flight to each host, to cut when the host is declared lost (a frozen host accepts and never answers). */
   readonly #inflight = new Map<string, Set<(err: Error) => void>>();
 
@@ -71,31 +73,46 @@ export class Forwarder {
 
   constructor(private readonly o: ForwarderOptions) {}
 
-  /** The host of the sandbox, or null when there is no such sandbox or it names none (the call is answered here). */
-  async hostFor(sandboxId: string): Promise<HostRecord | null> {
-    let hostId = this.#hostOfSandbox.get(sandboxId);
-    if (hostId === undefined) {
+  /**
+   * The host of the sandbox and the org that owns it, or null when there is no such sandbox or it
+   * names no host (the call is answered here). Both never change once an org owns it: cached.
+   */
+  async target(sandboxId: string): Promise<{ host: HostRecord; orgId: string } | null> {
+    let known = this.#ofSandbox.get(sandboxId);
+    if (!known) {
       const record = await this.o.sandboxes.findByIdInAnyOrg(sandboxId);
       if (!record?.hostId) return null;
-      hostId = record.hostId;
-      if (this.#hostOfSandbox.size > 100_000) this.#hostOfSandbox.clear();
-      this.#hostOfSandbox.set(sandboxId, hostId);
+      known = { hostId: record.hostId, orgId: record.orgId };
+      // A warm-pool member (no org yet) is not cached: its org is set when it is claimed.
+      if (record.orgId) {
+        if (this.#ofSandbox.size > 100_000) this.#ofSandbox.clear();
+        this.#ofSandbox.set(sandboxId, known);
+      }
     }
-    return this.#host(hostId);
+    const host = await this.#host(known.hostId);
+    return host ? { host, orgId: known.orgId } : null;
   }
 
-  /** The host record, read at most once a second; null when it is not registered. */
+  /**
+   * The host record, read at most once a second while it serves; null when it is not registered.
+   * One not serving is read again each time: it may have registered again a moment ago (a
+   * sandbox just placed there must not meet a 503 from this node's old copy).
+   */
   async #host(hostId: string): Promise<HostRecord | null> {
     const cached = this.#hosts.get(hostId);
-    if (cached && Date.now() - cached.at < HOST_CACHE_MS) return cached.record;
+    if (cached?.record && Date.now() - cached.at < HOST_CACHE_MS && this.serving(cached.record)) return cached.record;
     const record = await this.o.hosts.findById(hostId);
     this.#hosts.set(hostId, { record, at: Date.now() });
     return record;
   }
 
-  /** Whether the host serves its sandboxes now (registered, not lost, heartbeat fresh). */
+  /**
+   * Whether the host serves its sandboxes now: a fresh heartbeat (a lost host's stopped; a fenced
+   * one writes none until it has registered again) and not removed. Its state alone is not read: a
+   * sweep's `unresponsive` can be a write that lost a race with the host's new registration.
+   */
   serving(host: HostRecord): boolean {
-    return (host.state === 'ready' || host.state === 'draining') && Date.now() - host.heartbeatAt.getTime() <= this.o.deadAfterMs;
+    return host.state !== 'gone' && Date.now() - host.heartbeatAt.getTime() <= this.o.deadAfterMs;
   }
 
   /** Throws the 503 a call on a sandbox of a host that is not serving answers. */
@@ -112,6 +129,12 @@ export class Forwarder {
       const headers: Record<string, string | string[]> = {};
       for (const [name, value] of Object.entries(req.headers)) if (value !== undefined && !hopByHop.has(name)) headers[name] = value;
       headers[CLUSTER_TOKEN_HEADER] = this.o.token;
+      // A chunked body is sent chunked: Node frames a GET's or DELETE's body only when told, and an
+      // unframed body on a kept-alive socket would be read by the host as the start of the next request.
+      if (req.headers['transfer-encoding'] !== undefined) {
+        delete headers['content-length'];
+        headers['transfer-encoding'] = 'chunked';
+      }
       headers['x-forwarded-for'] = [req.headers['x-forwarded-for'], req.socket.remoteAddress].filter(Boolean).join(', ');
       let untrack = () => {};
       const upstream = request({ host: hostname, port, method: req.method, path: req.url, headers, agent: this.#agent }, (answer) => {
@@ -207,7 +230,7 @@ export class Forwarder {
     });
     const answer = await new Promise<IncomingMessage>((resolve, reject) => {
       const req = request(
-        { host: hostname, port, method: 'POST', path: INTERNAL_CALL_PATH, agent: this.#agent, signal, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), [CLUSTER_TOKEN_HEADER]: this.o.token } },
+        { host: hostname, port, method: 'POST', path: INTERNAL_CALL_PATH, agent: this.#callAgent, signal, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), [CLUSTER_TOKEN_HEADER]: this.o.token } },
         resolve,
       );
       current = req;
@@ -221,17 +244,27 @@ export class Forwarder {
     try {
       if (answer.statusCode === 401) throw new HostUnavailableError(`Host ${host.id} refused this API node (HTTP 401): every node of a fleet needs the same CLUSTER_TOKEN`);
       if (answer.statusCode !== 200) throw new HostUnavailableError(`Host ${host.id} refused a forwarded call (HTTP ${answer.statusCode}); are all nodes on the same VoidRun version?`);
-      let pending = '';
-      for await (const chunk of answer as AsyncIterable<Buffer>) {
-        pending += chunk.toString('utf8');
-        if (pending.length > this.o.maxLineBytes) throw new HostUnavailableError(`Host ${host.id} sent an answer line over ${this.o.maxLineBytes} bytes`);
+      // Decoded as a stream (a character split across chunks stays whole); each chunk is searched once.
+      answer.setEncoding('utf8');
+      let parts: string[] = [];
+      let size = 0;
+      for await (const chunk of answer as AsyncIterable<string>) {
+        let start = 0;
         let nl: number;
-        while ((nl = pending.indexOf('\n')) >= 0) {
-          const text = pending.slice(0, nl);
-          pending = pending.slice(nl + 1);
+        while ((nl = chunk.indexOf('\n', start)) >= 0) {
+          parts.push(chunk.slice(start, nl));
+          const text = parts.join('');
+          parts = [];
+          size = 0;
+          start = nl + 1;
           const parsed = InternalLine.safeParse(safeJson(text));
           if (!parsed.success) throw new HostUnavailableError(`Host ${host.id} sent an answer this node cannot read`);
           yield parsed.data;
+        }
+        if (start < chunk.length) {
+          parts.push(chunk.slice(start));
+          size += chunk.length - start;
+          if (size > this.o.maxLineBytes) throw new HostUnavailableError(`Host ${host.id} sent an answer line over ${this.o.maxLineBytes} bytes`);
         }
       }
     } catch (err) {
@@ -253,6 +286,7 @@ export class Forwarder {
 
   close(): void {
     this.#agent.destroy();
+    this.#callAgent.destroy();
   }
 }
 

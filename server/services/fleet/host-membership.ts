@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
-import type { HostRepository, HostSlotRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
-import { HostRegistry, sweepLostHosts, type HostIdentity } from './host-registry.js';
+import type { HostEpochRepository, HostRepository, HostSlotRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
+import { HostRegistry, registrationLost, sweepLostHosts, type HostIdentity } from './host-registry.js';
 import type { Placement } from './placement.js';
 
 /**
@@ -82,15 +82,38 @@ export class HostMembership {
       const record = await this.o.registry.register(await this.o.identity());
       this.o.log.info({ host: record.id, epoch: record.epoch }, `fleet: registered again (epoch ${record.epoch})`);
     }
-    await this.#freeSlots(identity.id);
+    await this.#reconcileSlots(identity.id, identity.capacity.slots);
   }
 
-  async #freeSlots(hostId: string): Promise<void> {
-    const live = new Set((await this.o.sandboxes.listAll()).map((r) => r.id));
-    for (const s of await this.o.slots.listByHost(hostId)) {
-      if (s.sandboxId !== '' && !live.has(s.sandboxId)) await this.o.slots.release(hostId, s.slot);
+  /**
+   * Frees slots whose sandbox is gone and pending ones past their TTL, and gives a slot to each of
+   * its sandboxes that holds none (a create whose API node was cut off before it assigned one), so
+   * placement counts every sandbox here.
+   */
+  async #reconcileSlots(hostId: string, capacity: number): Promise<void> {
+    const live = (await this.o.sandboxes.listAll()).filter((r) => !r.pool);
+    const liveIds = new Set(live.map((r) => r.id));
+    const held = await this.o.slots.listByHost(hostId);
+    for (const s of held) {
+      if (s.sandboxId !== '' && !liveIds.has(s.sandboxId)) await this.o.slots.release(hostId, s.slot);
     }
     await this.o.placement.reapExpired(hostId);
+    const assigned = new Set(held.filter((s) => liveIds.has(s.sandboxId)).map((s) => s.sandboxId));
+    const taken = new Set(held.map((s) => s.slot));
+    for (const r of live) {
+      if (assigned.has(r.id) || (r.status === 'error' && r.lifecycle?.endedReason === 'host-lost')) continue;
+      // Younger than a create's TTL: its API node may still be about to assign the slot it reserved.
+      if (Date.now() - r.createdAt.getTime() < 60_000) continue;
+      let slot = 0;
+      while (taken.has(slot) && slot < capacity) slot++;
+      if (slot >= capacity) {
+        this.o.log.warn({ host: hostId, sandbox: r.id }, `fleet: sandbox ${r.id} holds no slot and all ${capacity} are held; this host runs more than HOST_SLOTS`);
+        break;
+      }
+      const now = new Date();
+      if (await this.o.slots.reserve({ hostId, slot, sandboxId: '', expiresAt: new Date(now.getTime() + 60_000), createdAt: now })) await this.o.slots.assign(hostId, slot, r.id);
+      taken.add(slot);
+    }
   }
 
   async stop(): Promise<void> {
@@ -102,6 +125,7 @@ export class HostMembership {
 
 export interface LostHostSweeperOptions {
   hosts: HostRepository;
+  epochs: HostEpochRepository;
   slots: HostSlotRepository;
   /** Every sandbox record, unfiltered. */
   sandboxes: SandboxRepository;
@@ -138,10 +162,12 @@ export class LostHostSweeper {
   }
 
   async sweep(): Promise<void> {
-    for (const host of await sweepLostHosts(this.o.hosts, this.o.deadAfterMs)) {
+    for (const host of await sweepLostHosts(this.o.hosts, this.o.epochs, this.o.deadAfterMs)) {
       this.o.log.warn({ host: host.id, heartbeatAt: host.heartbeatAt }, `fleet: host ${host.id} missed its heartbeats for ${this.o.deadAfterMs / 1000} s: unresponsive, its sandboxes are lost`);
     }
-    const notServing = new Set((await this.o.hosts.list()).filter((h) => h.state === 'unresponsive' || h.state === 'gone').map((h) => h.id));
+    // Decided by the loss of each host's current registration, not by its state (a racing state write can be stale).
+    const notServing = new Set<string>();
+    for (const h of await this.o.hosts.list()) if (await registrationLost(h, this.o.epochs)) notServing.add(h.id);
     if (notServing.size === 0) return;
     for (const hostId of notServing) this.o.onNotServing?.(hostId);
     const now = new Date().toISOString();

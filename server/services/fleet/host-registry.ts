@@ -42,30 +42,56 @@ export class HostRegistry {
     const previous = await this.hosts.findById(identity.id);
     // Draining is an operator's decision and survives a restart; every other state starts over as ready.
     const record: HostRecord = { ...identity, state: previous?.state === 'draining' ? 'draining' : 'ready', epoch, heartbeatAt: at, registeredAt: at };
-    await this.hosts.put(record);
+    this.#record = record;
+    await this.#putUntilRead(record);
     return record;
+  }
+
+  #record: HostRecord | null = null;
+
+  /** Writes the record until it reads back under its epoch: a store that loses concurrent updates (FerretDB) can put an older one back. */
+  async #putUntilRead(record: HostRecord): Promise<void> {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      await this.hosts.put(record);
+      if ((await this.hosts.findById(record.id))?.epoch === record.epoch) return;
+    }
   }
 
   async heartbeat(hostId: string, images?: string[]): Promise<HeartbeatResult> {
     const record = await this.hosts.findById(hostId);
-    if (!record || record.epoch !== this.#epoch || (record.state !== 'ready' && record.state !== 'draining')) return 'fenced';
+    if (!record || record.epoch > this.#epoch || record.state === 'gone' || (await this.epochs.isLost(hostId, this.#epoch))) return 'fenced';
+    // An older registration written back over this one (a lost update): this one is written again.
+    if (record.epoch < this.#epoch && this.#record) {
+      await this.#putUntilRead({ ...this.#record, state: record.state === 'draining' ? 'draining' : 'ready', heartbeatAt: this.now() });
+      return 'ok';
+    }
+    // `unresponsive` without a loss of this epoch is a sweep's state write that lost a race with this
+    // registration (it read the record before): repaired here, and placement takes the host again.
+    if (record.state === 'unresponsive') await this.hosts.setState(hostId, 'ready');
     await this.hosts.heartbeat(hostId, this.now(), images);
     return 'ok';
   }
 }
 
 /**
- * Declares hosts whose heartbeat is older than `deadAfterMs` `unresponsive` (run by every API
- * node; the write is idempotent, so two nodes sweeping at once agree). Resolves to the hosts it
+ * Declares hosts whose heartbeat is older than `deadAfterMs` lost: their registration's epoch by an
+ * insert (run by every API node; any number agree), and their state `unresponsive`. Resolves to the hosts it
  * declared lost now, for the caller to withdraw their capacity and mark their sandboxes `host-lost`.
  */
-export async function sweepLostHosts(hosts: HostRepository, deadAfterMs: number, now: Date = new Date()): Promise<HostRecord[]> {
+export async function sweepLostHosts(hosts: HostRepository, epochs: HostEpochRepository, deadAfterMs: number, now: Date = new Date()): Promise<HostRecord[]> {
   const lost: HostRecord[] = [];
   for (const h of await hosts.list()) {
     if ((h.state === 'ready' || h.state === 'draining') && now.getTime() - h.heartbeatAt.getTime() > deadAfterMs) {
+      // The loss is of the registration read here (its epoch), by insert: what decides. The state is for display and placement.
+      await epochs.declareLost(h.id, h.epoch);
       const updated = await hosts.setState(h.id, 'unresponsive');
       if (updated) lost.push(updated);
     }
   }
   return lost;
+}
+
+/** Whether the host's current registration was declared lost (or it was removed): its sandboxes are lost. */
+export async function registrationLost(h: HostRecord, epochs: HostEpochRepository): Promise<boolean> {
+  return h.state === 'gone' || (await epochs.isLost(h.id, h.epoch));
 }

@@ -67,3 +67,16 @@ export function splitAddress(address: string): { host: string; port: number } {
   if (!m) throw new Error(`not a host:port address: ${address.slice(0, 100)}`);
   return { host: m[1] ?? m[2]!, port: Number(m[3]) };
 }
+
+/**
+ * Whether a request path has `.` or `..` segments (plain or percent-encoded) or an encoded slash or
+ * backslash: such a path is resolved by the URL parser into another route than the one it names, so
+ * an API node would forward it by one path and its host serve another (e.g. a create, placed nowhere).
+ */
+export function hasDotSegments(path: string): boolean {
+  if (/%2f|%5c|\\/i.test(path)) return true;
+  return path.split('/').some((segment) => {
+    const decoded = segment.replace(/%2e/gi, '.');
+    return decoded === '.' || decoded === '..';
+  });
+}

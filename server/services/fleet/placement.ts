@@ -95,6 +95,11 @@ export class Placement {
     return null;
   }
 
+  /** Whether the sandbox holds a slot on the host already (an idempotent create's replay returns a sandbox placed before). */
+  async holdsSlot(hostId: string, sandboxId: string): Promise<boolean> {
+    return (await this.#o.slots.listByHost(hostId)).some((s) => s.sandboxId === sandboxId);
+  }
+
   /**
    * Frees the host's slots reserved for a create that never finished (no sandbox assigned past
    * their expiry: its API node died mid-create). Run by the host itself, the one writer that frees

@@ -46,7 +46,16 @@ class MongoHosts implements HostRepository {
 }
 
 class MongoHostEpochs implements HostEpochRepository {
-  constructor(private readonly c: Collection<EpochDoc>) {}
+  constructor(
+    private readonly c: Collection<EpochDoc>,
+    private readonly losses: Collection<EpochDoc>,
+  ) {}
+  async declareLost(hostId: string, epoch: number) {
+    return claimedByInsert(() => this.losses.insertOne({ _id: `${hostId}:${epoch}`, hostId, epoch, createdAt: new Date() }));
+  }
+  async isLost(hostId: string, epoch: number) {
+    return op('', async () => (await this.losses.findOne({ _id: `${hostId}:${epoch}` })) !== null);
+  }
   async claim(hostId: string, epoch: number) {
     return claimedByInsert(() => this.c.insertOne({ _id: `${hostId}:${epoch}`, hostId, epoch, createdAt: new Date() }));
   }
@@ -83,11 +92,11 @@ export async function ensureHostIndexes(db: Db): Promise<void> {
   ]);
 }
 
-/** The hosts, host epochs and host slots repositories (collections `hosts`, `host_epochs`, `host_slots`). */
+/** The hosts, host epochs (and their losses) and host slots repositories (collections `hosts`, `host_epochs`, `host_losses`, `host_slots`). */
 export function mongoHostRepositories(db: Db): Pick<Store, 'hosts' | 'hostEpochs' | 'hostSlots'> {
   return {
     hosts: new MongoHosts(db.collection('hosts')),
-    hostEpochs: new MongoHostEpochs(db.collection('host_epochs')),
+    hostEpochs: new MongoHostEpochs(db.collection('host_epochs'), db.collection('host_losses')),
     hostSlots: new MongoHostSlots(db.collection('host_slots')),
   };
 }

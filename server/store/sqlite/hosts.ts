@@ -23,6 +23,12 @@ CREATE TABLE IF NOT EXISTS host_epochs (
   created_at TEXT NOT NULL,
   PRIMARY KEY (host_id, epoch)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS host_losses (
+  host_id TEXT NOT NULL,
+  epoch INTEGER NOT NULL,
+  created_at TEXT NOT NULL,
+  PRIMARY KEY (host_id, epoch)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS host_slots (
   host_id TEXT NOT NULL,
   slot INTEGER NOT NULL,
@@ -100,6 +106,16 @@ class SqliteHostEpochs implements HostEpochRepository {
   constructor(db: Database.Database) {
     this.#claim = db.prepare('INSERT INTO host_epochs (host_id, epoch, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING');
     this.#latest = db.prepare('SELECT MAX(epoch) AS epoch FROM host_epochs WHERE host_id = ?');
+    this.#declare = db.prepare('INSERT INTO host_losses (host_id, epoch, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING');
+    this.#isLost = db.prepare('SELECT 1 FROM host_losses WHERE host_id = ? AND epoch = ?');
+  }
+  readonly #declare;
+  readonly #isLost;
+  async declareLost(hostId: string, epoch: number) {
+    return this.#declare.run(hostId, epoch, iso(new Date())).changes === 1;
+  }
+  async isLost(hostId: string, epoch: number) {
+    return this.#isLost.get(hostId, epoch) !== undefined;
   }
   async claim(hostId: string, epoch: number) {
     return this.#claim.run(hostId, epoch, iso(new Date())).changes === 1;
