@@ -10,7 +10,7 @@ import { support } from './helpers/sandbox-support.js';
 import { until } from './helpers/until.js';
 
 const mongoUri = process.env.MONGO_URI;
-const fleet = mongoUri ? new FleetProcesses(mongoUri, { HOST_HEARTBEAT_SEC: '1', HOST_DEAD_AFTER_SEC: '4', HOST_SLOTS: '3' }) : null;
+const fleet = mongoUri ? new FleetProcesses(mongoUri, { HOST_HEARTBEAT_SEC: '1', HOST_DEAD_AFTER_SEC: '4', HOST_SLOTS: '3', PREVIEW_DOMAIN: 'preview.test', PREVIEW_URL_SCHEME: 'http' }) : null;
 const token = fleet?.token ?? '';
 const adminKey = fleet?.adminKey ?? '';
 const db = fleet?.db ?? '';
@@ -173,6 +173,20 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     const seen = await until(() => fetch(`${api2.url}/api/sandboxes/${id}/ports/8080/`, { headers: { 'x-api-key': apiKey } }).then(async (r) => ({ status: r.status, text: await r.text() })), (r) => r.status === 200, 'the sandbox server to answer', 15_000, 200);
     expect(Object.keys(JSON.parse(seen.text))).not.toContain('x-voidrun-cluster-token');
     expect(seen.text).not.toContain(token);
+    // Its preview host through an API node (the Host header names the sandbox): served by its host, the token not passed on.
+    const preview = await new Promise<{ status: number; text: string }>((resolve, reject) => {
+      const { port: p } = new URL(api1.url);
+      const r = httpRequest({ host: '127.0.0.1', port: Number(p), path: '/hello', headers: { host: `8080-${id}.preview.test`, 'x-api-key': apiKey } }, (res) => {
+        let text = '';
+        res.on('data', (d: Buffer) => (text += d.toString()));
+        res.on('end', () => resolve({ status: res.statusCode!, text }));
+      });
+      r.on('error', reject);
+      r.end();
+    });
+    expect(preview.status).toBe(200);
+    expect(JSON.parse(preview.text)).toMatchObject({ host: `8080-${id}.preview.test` });
+    expect(preview.text).not.toContain(token);
     } finally {
       await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
     }

@@ -329,16 +329,18 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       sendError(res, notForHostsPublicPort(path));
       return;
     }
+    // A preview host (`<port>-<id>.<PREVIEW_DOMAIN>`) is the sandbox's own origin: its paths are the sandbox server's.
+    const previewId = opts.fleet || opts.clusterToken ? (services.ports.previewTarget(req.headers.host)?.id ?? null) : null;
     // A fleet node routes by the path as sent, so one the URL parser would resolve elsewhere is refused.
-    if ((opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) {
+    if (!previewId && (opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) {
       req.resume();
       sendError(res, dotSegmentsError(path));
       return;
     }
-    // An API node passes a request on a fleet host's sandbox (its REST and raw routes) to that host.
-    const remoteId = opts.fleet ? fleetSandboxOfPath(path) : null;
+    // An API node passes a request on a fleet host's sandbox (its REST and raw routes, its preview host) to that host.
+    const remoteId = opts.fleet ? (previewId ?? fleetSandboxOfPath(path)) : null;
     if (remoteId) {
-      void forwardRequest(req, res, remoteId).then(
+      void forwardRequest(req, res, remoteId, previewId !== null).then(
         (label) => {
           if (label) routeLabel = label;
           else serveHere(req, res, path, (l) => (routeLabel = l));
@@ -354,20 +356,20 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   });
 
   /** Resolves the forwarded route's label, or null when the sandbox has no fleet host (answered here). */
-  async function forwardRequest(req: IncomingMessage, res: ServerResponse, sandboxId: string): Promise<string | null> {
+  async function forwardRequest(req: IncomingMessage, res: ServerResponse, sandboxId: string, preview = false): Promise<string | null> {
     const { forwarder } = opts.fleet!;
     const target = await forwarder.target(sandboxId);
     if (!target) return null;
     const host = target.host;
     // The caller is authenticated here before anything reaches a host (the host checks again); another
-    // org's sandbox is answered here, as one that does not exist. A sandbox's ports are the exception:
-    // a public port or a preview token needs no key, and the host decides.
-    if (!sandboxPortPath.test(req.url ?? '')) {
+    // org's sandbox is answered here, as one that does not exist. A sandbox's ports (and its preview
+    // host) are the exception: a public port or a preview token needs no key, and the host decides.
+    if (!preview && !sandboxPortPath.test(req.url ?? '')) {
       const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
       if (principal.orgId !== target.orgId) return null;
     }
     // A lost host's sandbox is still read and deleted here (REST GET and DELETE of the sandbox itself).
-    const own = (req.url ?? '').split('?')[0] === `/api/sandboxes/${sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
+    const own = !preview && (req.url ?? '').split('?')[0] === `/api/sandboxes/${sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
     if (own && !forwarder.serving(host)) return null;
     forwarder.assertServing(host, sandboxId);
     await forwarder.proxyRequest(req, res, host);
@@ -654,13 +656,14 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
     if (opts.clusterToken && !fromCluster.has(req)) return refuse(socket)(notForHostsPublicPort(path));
-    if ((opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) return refuse(socket)(dotSegmentsError(path));
-    const remoteId = opts.fleet ? fleetSandboxOfPath(path) : null;
+    const previewId = opts.fleet || opts.clusterToken ? (services.ports.previewTarget(req.headers.host)?.id ?? null) : null;
+    if (!previewId && (opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) return refuse(socket)(dotSegmentsError(path));
+    const remoteId = opts.fleet ? (previewId ?? fleetSandboxOfPath(path)) : null;
     if (remoteId) {
       const { forwarder } = opts.fleet!;
       void forwarder.target(remoteId).then(async (target) => {
         if (!target) return routeUpgradeHere(req, socket, head, path);
-        if (!sandboxPortPath.test(path)) {
+        if (!previewId && !sandboxPortPath.test(path)) {
           const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
           if (principal.orgId !== target.orgId) return routeUpgradeHere(req, socket, head, path);
         }
