@@ -107,3 +107,10 @@ export class TooManyRequestsError extends DomainError {
     super(ErrorCode.TOO_MANY_REQUESTS, message, options);
   }
 }
+
+/** The fleet host that runs the sandbox cannot be reached, or was lost (README "Fleet"). */
+export class HostUnavailableError extends DomainError {
+  constructor(message: string, options?: DomainErrorOptions) {
+    super(ErrorCode.HOST_UNAVAILABLE, message, options);
+  }
+}

@@ -12,6 +12,7 @@ import { DomainError, InvalidInputError, NotFoundError, PayloadTooLargeError, Un
 import type { AppRouter } from '../routers/index.js';
 import type { Principal } from '../services/auth-service.js';
 import type { Services } from '../services/index.js';
+import type { HostRecord } from '../store/types.js';
 import type { PtyEvent } from '../../shared/index.js';
 import { apiKeyOf, idempotencyKeyOf, requestedOrgOf, type CallConnection, type Context, type RequestRecord } from '../trpc/context.js';
 import { serveConsole } from './console-page.js';
@@ -329,18 +330,14 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       sendError(res, notForHostsPublicPort(path));
       return;
     }
-    // A preview host (`<port>-<id>.<PREVIEW_DOMAIN>`) is the sandbox's own origin: its paths are the sandbox server's.
-    const previewId = opts.fleet || opts.clusterToken ? (services.ports.previewTarget(req.headers.host)?.id ?? null) : null;
-    // A fleet node routes by the path as sent, so one the URL parser would resolve elsewhere is refused.
-    if (!previewId && (opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) {
+    const fleet = fleetRoute(req, path);
+    if (fleet instanceof DomainError) {
       req.resume();
-      sendError(res, dotSegmentsError(path));
+      sendError(res, fleet);
       return;
     }
-    // An API node passes a request on a fleet host's sandbox (its REST and raw routes, its preview host) to that host.
-    const remoteId = opts.fleet ? (previewId ?? fleetSandboxOfPath(path)) : null;
-    if (remoteId) {
-      void forwardRequest(req, res, remoteId, previewId !== null).then(
+    if (fleet) {
+      void forwardRequest(req, res, fleet).then(
         (label) => {
           if (label) routeLabel = label;
           else serveHere(req, res, path, (l) => (routeLabel = l));
@@ -355,23 +352,47 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     serveHere(req, res, path, (l) => (routeLabel = l));
   });
 
-  /** Resolves the forwarded route's label, or null when the sandbox has no fleet host (answered here). */
-  async function forwardRequest(req: IncomingMessage, res: ServerResponse, sandboxId: string, preview = false): Promise<string | null> {
-    const { forwarder } = opts.fleet!;
-    const target = await forwarder.target(sandboxId);
+  /**
+   * Where a fleet node routes a request or upgrade: on an API node, the sandbox it addresses (under
+   * `/api/sandboxes/{id}`, or its preview host `<port>-<id>.<PREVIEW_DOMAIN>`, whose paths are the
+   * sandbox server's own) and whether it needs no key here; null to serve it here; a DomainError for
+   * a path a fleet node refuses: it routes by the path as sent, so one the URL parser would resolve
+   * elsewhere is a 400.
+   */
+  function fleetRoute(req: IncomingMessage, path: string): { sandboxId: string; keyless: boolean } | DomainError | null {
+    if (!opts.fleet && !opts.clusterToken) return null;
+    const previewId = services.ports.previewTarget(req.headers.host)?.id ?? null;
+    if (!previewId && hasDotSegments(routedPart(path))) return dotSegmentsError(path);
+    if (!opts.fleet) return null;
+    const sandboxId = previewId ?? fleetSandboxOfPath(path);
+    // A sandbox's ports and preview host need no key of ours (public ports, preview tokens): its host decides.
+    return sandboxId ? { sandboxId, keyless: previewId !== null || sandboxPortPath.test(path) } : null;
+  }
+
+  /**
+   * The sandbox's host, or null when it is answered here: no fleet host, or the caller's org is not
+   * the sandbox's (answered here as a sandbox that does not exist). The caller is authenticated
+   * before anything reaches a host (which checks again), unless the route is keyless.
+   */
+  async function forwardTarget(req: IncomingMessage, route: { sandboxId: string; keyless: boolean }): Promise<HostRecord | null> {
+    const target = await opts.fleet!.forwarder.target(route.sandboxId);
     if (!target) return null;
-    const host = target.host;
-    // The caller is authenticated here before anything reaches a host (the host checks again); another
-    // org's sandbox is answered here, as one that does not exist. A sandbox's ports (and its preview
-    // host) are the exception: a public port or a preview token needs no key, and the host decides.
-    if (!preview && !sandboxPortPath.test(req.url ?? '')) {
+    if (!route.keyless) {
       const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
       if (principal.orgId !== target.orgId) return null;
     }
+    return target.host;
+  }
+
+  /** Resolves the forwarded route's label, or null when the request is answered here. */
+  async function forwardRequest(req: IncomingMessage, res: ServerResponse, route: { sandboxId: string; keyless: boolean }): Promise<string | null> {
+    const { forwarder } = opts.fleet!;
+    const host = await forwardTarget(req, route);
+    if (!host) return null;
     // A lost host's sandbox is still read and deleted here (REST GET and DELETE of the sandbox itself).
-    const own = !preview && (req.url ?? '').split('?')[0] === `/api/sandboxes/${sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
+    const own = (req.url ?? '').split('?')[0] === `/api/sandboxes/${route.sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
     if (own && !forwarder.serving(host)) return null;
-    forwarder.assertServing(host, sandboxId);
+    forwarder.assertServing(host, route.sandboxId);
     await forwarder.proxyRequest(req, res, host);
     return 'forwarded';
   }
@@ -656,19 +677,13 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
     if (opts.clusterToken && !fromCluster.has(req)) return refuse(socket)(notForHostsPublicPort(path));
-    const previewId = opts.fleet || opts.clusterToken ? (services.ports.previewTarget(req.headers.host)?.id ?? null) : null;
-    if (!previewId && (opts.fleet || opts.clusterToken) && hasDotSegments(routedPart(path))) return refuse(socket)(dotSegmentsError(path));
-    const remoteId = opts.fleet ? (previewId ?? fleetSandboxOfPath(path)) : null;
-    if (remoteId) {
+    const fleet = fleetRoute(req, path);
+    if (fleet instanceof DomainError) return refuse(socket)(fleet);
+    if (fleet) {
       const { forwarder } = opts.fleet!;
-      void forwarder.target(remoteId).then(async (target) => {
-        if (!target) return routeUpgradeHere(req, socket, head, path);
-        if (!previewId && !sandboxPortPath.test(path)) {
-          const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
-          if (principal.orgId !== target.orgId) return routeUpgradeHere(req, socket, head, path);
-        }
-        const host = target.host;
-        forwarder.assertServing(host, remoteId);
+      void forwardTarget(req, fleet).then((host) => {
+        if (!host) return routeUpgradeHere(req, socket, head, path);
+        forwarder.assertServing(host, fleet.sandboxId);
         upgradeLabels.get(socket)!.label = 'forwarded';
         handshakeDone(socket); // the host's own deadline runs from here
         forwarder.proxyUpgrade(req, socket, head, host, refuse(socket));

@@ -5,7 +5,7 @@ import superjson from 'superjson';
 import type { z } from 'zod';
 import type { OpenApiMeta } from 'trpc-to-openapi';
 import { errorCodeFromTrpc, errorCodeTable, type ErrorCode } from '../../shared/errors.js';
-import { DomainError } from '../errors.js';
+import { DomainError, HostUnavailableError } from '../errors.js';
 import { assertJsonDepth } from '../http/json-body.js';
 import type { HoldKind } from '../http/open-streams.js';
 import type { CallConnection, Context } from './context.js';
@@ -13,7 +13,6 @@ import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './erro
 import type { Principal } from '../services/auth-service.js';
 import { isObjectIdHex } from '../store/ids.js';
 import { sandboxIdOfCall, type InternalCall } from '../services/fleet/internal-protocol.js';
-import { HostUnavailableError } from '../services/fleet/forwarder.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
 export type Meta = OpenApiMeta & {
@@ -204,7 +203,7 @@ async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>,
     return async () => {
       let out: { id?: unknown };
       try {
-        out = (await fleet.forwarder.call(placed.host, { ...call, placement: { slot: placed.slot } }, signal)) as { id?: unknown };
+        out = (await fleet.forwarder.call(placed.host, call, signal)) as { id?: unknown };
       } catch (err) {
         // The host's own refusal: nothing was created. Cut off on the way (the host may have
         // created it): the slot stays reserved, and the host adopts it for the sandbox or frees it.

@@ -3,7 +3,8 @@ import { connect } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import superjson from 'superjson';
-import { DomainError, ErrorCode } from '../../errors.js';
+import { DomainError, HostUnavailableError } from '../../errors.js';
+
 import { sendError } from '../../http/envelope.js';
 import type { HostRecord, HostRepository, SandboxRepository } from '../../store/types.js';
 import { CLUSTER_TOKEN_HEADER, INTERNAL_CALL_PATH, InternalLine, splitAddress, type InternalCall, type WireError } from './internal-protocol.js';
@@ -25,11 +26,6 @@ const hopByHop = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 
 /** How long a host record (its address and state) is reused before it is read again. */
 const HOST_CACHE_MS = 1000;
 
-export class HostUnavailableError extends DomainError {
-  constructor(message: string, options?: { cause?: unknown; details?: string }) {
-    super(ErrorCode.HOST_UNAVAILABLE, message, options);
-  }
-}
 
 /**
  * An API node's side of the fleet (VOIDRUN_ROLE=api): finds the host a sandbox runs on and passes

@@ -12,7 +12,7 @@ export const INTERNAL_CALL_PATH = '/internal/v1/call';
 /**
  * One procedure call an API node forwards to the host that runs the sandbox: the caller's own
  * credentials (the host authenticates them itself against the shared store), the raw input as the
- * API node received it (superjson), and for `sandbox.create` the placement slot the API node holds.
+ * API node received it (superjson).
  */
 export const InternalCall = z.object({
   path: z.string().regex(/^[a-zA-Z]+(\.[a-zA-Z]+)+$/).max(100),
@@ -21,7 +21,6 @@ export const InternalCall = z.object({
   apiKey: z.string().max(1024).nullable(),
   orgId: z.string().max(200).nullable(),
   idempotencyKey: z.string().max(1024).nullable(),
-  placement: z.object({ slot: z.number().int().min(0).max(1_000_000) }).optional(),
 });
 export type InternalCall = z.infer<typeof InternalCall>;
 
