@@ -11,6 +11,38 @@ import { openPortTunnel } from './port-tunnel.js';
 
 export type AgentClient = TRPCClient<AgentRouter>;
 
+/**
+ * A typed client of one agent connection: `.query()` and `.mutate()` go straight to
+ * `AgentConnection.request` (one promise per call: these run on every exec and file call), and
+ * `.subscribe()` through tRPC's client on the connection's link. Each path's function is made once.
+ */
+function agentClient(conn: AgentConnection): AgentClient {
+  const trpc = createTRPCClient<AgentRouter>({ links: [conn.link()] }) as unknown as Record<string, unknown>;
+  const nodes = new Map<string, unknown>();
+  const node = (path: string[]): unknown => {
+    const key = path.join('.');
+    let made = nodes.get(key);
+    if (made) return made;
+    const last = path.at(-1);
+    const procedure = path.slice(0, -1).join('.');
+    if (last === 'query' || last === 'mutate') {
+      const type = last === 'query' ? 'query' : 'mutation';
+      made = (input: unknown, opts?: { signal?: AbortSignal; context?: { timeoutMs?: number } }) =>
+        conn.request(type, procedure, input, { timeoutMs: opts?.context?.timeoutMs, signal: opts?.signal ?? undefined });
+    } else if (last === 'subscribe') {
+      made = (...args: unknown[]) => {
+        const target = path.slice(0, -1).reduce<Record<string, unknown>>((o, k) => o[k] as Record<string, unknown>, trpc);
+        return (target.subscribe as (...a: unknown[]) => unknown)(...args);
+      };
+    } else {
+      made = new Proxy({}, { get: (_t, k) => (typeof k === 'string' && k !== 'then' ? node([...path, k]) : undefined) });
+    }
+    nodes.set(key, made);
+    return made;
+  };
+  return node([]) as AgentClient;
+}
+
 /** The shortest interval between two status refreshes of one sandbox after agent failures. */
 const REFRESH_INTERVAL_MS = 1000;
 
@@ -94,7 +126,7 @@ export class AgentClients {
     let entry = this.#clients.get(sandboxId);
     if (!entry) {
       const conn = new AgentConnection({ connect: () => this.driver.connect(sandboxId), sandboxId, maxMessageBytes: this.opts.maxMessageBytes });
-      entry = { conn, client: createTRPCClient<AgentRouter>({ links: [conn.link()] }) };
+      entry = { conn, client: agentClient(conn) };
       this.#clients.set(sandboxId, entry);
     }
     return entry.client;

@@ -93,101 +93,146 @@ export class AgentConnection {
     this.#callTimeoutMs = opts.callTimeoutMs ?? 60_000;
   }
 
-  /** The tRPC link that sends every operation over this connection. */
+  /** The tRPC link that sends every operation over this connection (subscriptions; see `request` for the rest). */
   link(): TRPCLink<AgentRouter> {
     return () =>
       ({ op }) =>
         observable((observer) => {
-          const id = this.#nextId++;
-          let done = false;
           /** The caller has unsubscribed (tRPC's client does on a query's or mutation's first value): it is told nothing more. */
           let unsubscribed = false;
-          let socket: WebSocket | undefined;
-          const schema = agentReplies[op.path as AgentReplyPath] as z.ZodType | undefined;
-          const stopRemote = () => {
-            if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
-          };
-          const finish = () => {
-            done = true;
-            this.#pending.delete(id);
-            cleanup();
-          };
-          const fail = (err: Error) => {
-            if (done) return;
-            finish();
-            stopRemote();
-            observer.error(TRPCClientError.from(err));
-          };
-          // Every query and mutation has a deadline (callers may set `context.timeoutMs`, 0 = none);
-          // a caller's abort signal ends any operation, subscriptions included.
-          const timeoutMs = op.type === 'subscription' ? 0 : ((op.context as { timeoutMs?: number }).timeoutMs ?? this.#callTimeoutMs);
-          const deadline = timeoutMs > 0 ? setTimeout(() => fail(new AgentConnectionError(`the sandbox agent did not answer within ${timeoutMs} ms`)), timeoutMs) : undefined;
-          const onAbort = () => {
-            if (done) return;
-            finish();
-            stopRemote();
-            observer.complete();
-          };
-          op.signal?.addEventListener('abort', onAbort, { once: true });
-          const cleanup = () => {
-            clearTimeout(deadline);
-            op.signal?.removeEventListener('abort', onAbort);
-          };
-          if (!schema) {
-            fail(new AgentProtocolError(`no reply schema for the agent procedure ${op.path}`));
-            return () => {};
-          }
-          const maxBytes = Math.min(this.opts.maxMessageBytes, agentReplyMaxBytes[op.path as AgentReplyPath] ?? Infinity);
-          this.#pending.set(id, {
-            maxBytes,
-            onMessage: (msg) => {
-              if (msg.error) {
-                finish();
-                observer.error(TRPCClientError.from({ error: msg.error }));
-              } else if (msg.result?.type === 'data') {
-                const parsed = schema.safeParse(msg.result.data);
-                if (!parsed.success) {
-                  fail(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a malformed reply to ${op.path}`));
-                  return;
-                }
-                observer.next({ result: { type: 'data', data: parsed.data } } as never);
-                if (op.type !== 'subscription') {
-                  finish();
-                  // A completion nobody listens for would still cost tRPC's client an abort (a DOMException) per call.
-                  if (!unsubscribed) observer.complete();
-                }
-              } else if (msg.result?.type === 'stopped') {
-                finish();
-                observer.complete();
-              } else if (msg.result?.type !== 'started') {
-                fail(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a malformed reply to ${op.path}`));
-              }
-            },
-            // The connection closed, or this call's reply broke its bound: a subscription is
-            // stopped on the agent if the socket is still open.
-            onClose: (err) => fail(err),
-          });
-          this.#socket().then(
-            (ws) => {
-              if (done) return;
-              socket = ws;
-              const lastEventId = (op.input as { lastEventId?: string } | undefined)?.lastEventId;
-              ws.send(JSON.stringify({ id, method: op.type, params: { path: op.path, input: op.input, ...(lastEventId ? { lastEventId } : {}) } }));
-            },
-            (err: AgentConnectionError) => {
-              if (done) return;
-              finish();
-              observer.error(TRPCClientError.from(err));
+          const stop = this.#operation(
+            { type: op.type, path: op.path, input: op.input, timeoutMs: (op.context as { timeoutMs?: number }).timeoutMs, signal: op.signal ?? undefined },
+            {
+              next: (data) => observer.next({ result: { type: 'data', data } } as never),
+              error: (err) => observer.error(err),
+              // A completion nobody listens for would still cost tRPC's client an abort (a DOMException) per call.
+              complete: (afterData) => {
+                if (!(afterData && unsubscribed)) observer.complete();
+              },
             },
           );
-          if (op.signal?.aborted) onAbort();
           return () => {
             unsubscribed = true;
-            if (done) return;
-            finish();
-            stopRemote();
+            stop();
           };
         });
+  }
+
+  /**
+   * One query or mutation, straight to a promise: what tRPC's client does for `.query()` and
+   * `.mutate()` through `link()`, without its observable chain and the abort controller it makes
+   * per call. Resolves to the reply checked against the procedure's schema; rejects with a
+   * `TRPCClientError` as the link's calls do. `timeoutMs` as `context.timeoutMs` there.
+   */
+  request(type: 'query' | 'mutation', path: string, input: unknown, opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      this.#operation(
+        { type, path, input, timeoutMs: opts.timeoutMs, signal: opts.signal },
+        {
+          next: (data) => {
+            settled = true;
+            resolve(data);
+          },
+          error: reject,
+          // An abort before any answer: the call ends without one, as tRPC's client reports it.
+          complete: () => {
+            if (!settled) reject(TRPCClientError.from(new DOMException('This operation was aborted', 'AbortError')));
+          },
+        },
+      );
+    });
+  }
+
+  /**
+   * Sends one operation and routes its replies to `sink`; returns the function that stops it
+   * (a subscription is stopped on the agent too). Every query and mutation has a deadline
+   * (`timeoutMs`, else the connection's; 0 = none); an abort signal ends any operation.
+   */
+  #operation(
+    op: { type: 'query' | 'mutation' | 'subscription'; path: string; input: unknown; timeoutMs?: number; signal?: AbortSignal },
+    sink: { next(data: unknown): void; error(err: TRPCClientError<AgentRouter>): void; complete(afterData: boolean): void },
+  ): () => void {
+    const id = this.#nextId++;
+    let done = false;
+    let socket: WebSocket | undefined;
+    const schema = agentReplies[op.path as AgentReplyPath] as z.ZodType | undefined;
+    const stopRemote = () => {
+      if (op.type === 'subscription' && socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ id, method: 'subscription.stop' }));
+    };
+    const finish = () => {
+      done = true;
+      this.#pending.delete(id);
+      clearTimeout(deadline);
+      op.signal?.removeEventListener('abort', onAbort);
+    };
+    const fail = (err: Error) => {
+      if (done) return;
+      finish();
+      stopRemote();
+      sink.error(TRPCClientError.from(err));
+    };
+    const timeoutMs = op.type === 'subscription' ? 0 : (op.timeoutMs ?? this.#callTimeoutMs);
+    const deadline = timeoutMs > 0 ? setTimeout(() => fail(new AgentConnectionError(`the sandbox agent did not answer within ${timeoutMs} ms`)), timeoutMs) : undefined;
+    const onAbort = () => {
+      if (done) return;
+      finish();
+      stopRemote();
+      sink.complete(false);
+    };
+    op.signal?.addEventListener('abort', onAbort, { once: true });
+    if (!schema) {
+      fail(new AgentProtocolError(`no reply schema for the agent procedure ${op.path}`));
+      return () => {};
+    }
+    const maxBytes = Math.min(this.opts.maxMessageBytes, agentReplyMaxBytes[op.path as AgentReplyPath] ?? Infinity);
+    this.#pending.set(id, {
+      maxBytes,
+      onMessage: (msg) => {
+        if (msg.error) {
+          finish();
+          sink.error(TRPCClientError.from({ error: msg.error }));
+        } else if (msg.result?.type === 'data') {
+          const parsed = schema.safeParse(msg.result.data);
+          if (!parsed.success) {
+            fail(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a malformed reply to ${op.path}`));
+            return;
+          }
+          if (op.type !== 'subscription') finish();
+          sink.next(parsed.data);
+          if (op.type !== 'subscription') sink.complete(true);
+        } else if (msg.result?.type === 'stopped') {
+          finish();
+          sink.complete(false);
+        } else if (msg.result?.type !== 'started') {
+          fail(new AgentProtocolError(`the sandbox ${this.opts.sandboxId} agent sent a malformed reply to ${op.path}`));
+        }
+      },
+      // The connection closed, or this call's reply broke its bound: a subscription is
+      // stopped on the agent if the socket is still open.
+      onClose: (err) => fail(err),
+    });
+    const send = (ws: WebSocket) => {
+      if (done) return;
+      socket = ws;
+      const lastEventId = (op.input as { lastEventId?: string } | undefined)?.lastEventId;
+      ws.send(JSON.stringify({ id, method: op.type, params: { path: op.path, input: op.input, ...(lastEventId ? { lastEventId } : {}) } }));
+    };
+    // An open socket is written to at once (no promise turn per call).
+    if (this.#current && this.#current.readyState === WebSocket.OPEN) send(this.#current);
+    else {
+      this.#socket().then(send, (err: AgentConnectionError) => {
+        if (done) return;
+        finish();
+        sink.error(TRPCClientError.from(err));
+      });
+    }
+    if (op.signal?.aborted) onAbort();
+    return () => {
+      if (done) return;
+      finish();
+      stopRemote();
+    };
   }
 
   #socket(): Promise<WebSocket> {

@@ -58,15 +58,18 @@ export class ExecService {
     const timeout = input.timeout || DEFAULT_EXEC_TIMEOUT_SEC;
     const events = this.#processEvents();
     const { output, record, baseline } = await this.#withAgent(principal, input.id, async (agent, record) => {
-      // The host's OOM counter before the command, read beside it (not waited on here).
-      const baseline = events?.oomKills(record);
       // The agent kills the command at its timeout; the call's own deadline leaves room for that.
-      const r = await agent.process.run.mutate(this.#spec(input, timeout), { context: { timeoutMs: timeout * 1000 + 15_000 } });
+      // The call is on its way to the agent when this returns; the host's OOM counter is read
+      // right after, while the agent starts the command (not waited on here).
+      const run = agent.process.run.mutate(this.#spec(input, timeout), { context: { timeoutMs: timeout * 1000 + 15_000 } });
+      const baseline = events?.oomKills(record);
+      const r = await run;
       return { output: { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, truncated: r.truncated, timedOut: r.timedOut }, record, baseline };
     });
     // A foreground command's start is confirmed by its answer: both events are reported then, and a
-    // call that failed reports neither (never a start without an exit).
-    if (events) void events.started(record, input, { background: false, baseline }).then((exited) => exited({ exitCode: output.exitCode, timedOut: output.timedOut }));
+    // call that failed reports neither (never a start without an exit). Reported once the answer
+    // is out (the event bus's work is not the caller's wait).
+    if (events) setImmediate(() => void events.started(record, input, { background: false, baseline }).then((exited) => exited({ exitCode: output.exitCode, timedOut: output.timedOut })));
     return output;
   }
 
