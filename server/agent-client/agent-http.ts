@@ -6,6 +6,7 @@ import type { z } from 'zod';
 import { AGENT_REQUEST_HEADER } from '../../shared/guest-protocol.js';
 import { AGENT_MESSAGE_MAX_CHARS, AgentHttpErrorReply } from '../../shared/schemas/agent-replies.js';
 import { AgentProtocolError } from './agent-connection.js';
+import { readAtMost } from '../read-at-most.js';
 
 /**
  * The agent's raw HTTP routes (readiness, file bytes, a VM's poweroff and identity), spoken only
@@ -138,18 +139,11 @@ export function agentHttpStatus(agent: Duplex, method: string, path: string, opt
 }
 
 /** Reads a whole body of at most `maxBytes`; more fails with `AgentProtocolError`. */
-export async function readBounded(stream: Readable, maxBytes: number, what: string): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const c of stream) {
-    size += (c as Buffer).length;
-    if (size > maxBytes) {
-      stream.destroy();
-      throw new AgentProtocolError(`${what} was larger than ${maxBytes} bytes`);
-    }
-    chunks.push(c as Buffer);
-  }
-  return Buffer.concat(chunks);
+export function readBounded(stream: Readable, maxBytes: number, what: string): Promise<Buffer> {
+  return readAtMost(stream, maxBytes, () => {
+    stream.destroy();
+    return new AgentProtocolError(`${what} was larger than ${maxBytes} bytes`);
+  });
 }
 
 /** An agent's JSON answer, bounded and parsed against `schema`; anything else is an `AgentProtocolError`. */

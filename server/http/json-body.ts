@@ -1,5 +1,6 @@
 import type { IncomingMessage } from 'node:http';
 import { InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError } from '../errors.js';
+import { readAtMost } from '../read-at-most.js';
 
 /**
  * The deepest nesting of arrays and objects a JSON input may have (README "REST API"). Every input
@@ -59,7 +60,10 @@ export async function readJsonBody(req: IncomingMessage, limit: number, opts: { 
   const type = mediaType(req.headers['content-type']);
   // A multipart body is not JSON: refused before it is read.
   if (type === 'multipart/form-data') throw notJson(req);
-  const raw = await readAtMost(req, limit);
+  const raw = await readAtMost(req, limit, () => {
+    req.pause(); // not read further; the answer closes the connection
+    return tooLarge(limit);
+  });
   if (raw.length === 0) return {};
   const text = raw.toString('utf8');
   let body: unknown;
@@ -71,42 +75,6 @@ export async function readJsonBody(req: IncomingMessage, limit: number, opts: { 
   }
   assertJsonDepth(body);
   return opts.keepNulls ? body : withoutNullFields(body);
-}
-
-/**
- * The whole body, by its events (an async iterator costs a promise per chunk and more to set up,
- * on every JSON request). Past `limit` bytes it stops reading and rejects with 413's error; a
- * request closed before its end rejects as a premature close.
- */
-function readAtMost(req: IncomingMessage, limit: number): Promise<Buffer> {
-  if (req.readableEnded) return Promise.resolve(Buffer.alloc(0));
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    const settle = (err: Error | null) => {
-      req.off('data', onData);
-      req.off('end', onEnd);
-      req.off('error', settle);
-      req.off('close', onClose);
-      if (err) reject(err);
-      else resolve(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size));
-    };
-    const onData = (chunk: Buffer) => {
-      size += chunk.length;
-      if (size > limit) {
-        req.pause();
-        settle(tooLarge(limit));
-        return;
-      }
-      chunks.push(chunk);
-    };
-    const onEnd = () => settle(null);
-    const onClose = () => settle(Object.assign(new Error('The request was closed before its body ended'), { code: 'ERR_STREAM_PREMATURE_CLOSE' }));
-    req.on('data', onData);
-    req.once('end', onEnd);
-    req.once('error', settle);
-    req.once('close', onClose);
-  });
 }
 
 /**

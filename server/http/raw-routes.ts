@@ -62,11 +62,14 @@ async function parseBody<T extends z.ZodType>(req: IncomingMessage, schema: T, e
   return schema.parse({ ...(body as object), ...extra });
 }
 
+/** A raw file route's `path` query parameter (built once: zod compiles an object schema on its first parse). */
+const PathQuery = z.object({ path: SandboxPath });
+
 /** The `path` query parameter of a raw file route, checked as every sandbox path is (ZodError: 400 naming it). */
 function queryPath(req: IncomingMessage): string {
   const path = new URL(req.url ?? '/', 'http://localhost').searchParams.get('path');
   if (!path) throw new InvalidInputError('Invalid path: the path query parameter is required');
-  return z.object({ path: SandboxPath }).parse({ path }).path;
+  return PathQuery.parse({ path }).path;
 }
 
 function contentDisposition(path: string): string {

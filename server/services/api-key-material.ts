@@ -1,3 +1,4 @@
+import * as crypto from 'node:crypto';
 import { createHash, randomBytes } from 'node:crypto';
 
 /** Every key starts with this, so a leaked key is recognisable (and scannable) as a VoidRun key. */
@@ -10,8 +11,10 @@ export function generatePlainKey(): string {
 
 /** The stored form of a key. SHA-256 suffices: keys are random, not passwords, so there is nothing to brute-force. */
 export function hashKey(plainKey: string): string {
-  return createHash('sha256').update(plainKey).digest('hex');
+  // crypto.hash (Node ≥ 20.12) is the one-shot form: no Hash object per request.
+  return oneShotHash ? oneShotHash('sha256', plainKey, 'hex') : createHash('sha256').update(plainKey).digest('hex');
 }
+const oneShotHash = (crypto as { hash?: (algorithm: string, data: string, encoding: 'hex') => string }).hash;
 
 /** The part of a key shown in listings. */
 export function displayPrefix(plainKey: string): string {
