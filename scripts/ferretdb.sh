@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Live MongoDB-wire-protocol server for tests: FerretDB v1.24.2 with its SQLite backend, on loopback.
+# Live MongoDB-wire-protocol server for tests: FerretDB v1.24.2 on loopback, on one of its two backends:
+#   postgresql  a private PostgreSQL cluster in <dataDir>/pg (Debian's postgresql-15, unix socket only,
+#               no fsync: a throwaway test database). The default when PostgreSQL's binaries are here:
+#               it answers filtered queries 20-40x faster than the SQLite backend.
+#   sqlite      SQLite files in <dataDir>/sqlite; the fallback without PostgreSQL.
+# FERRETDB_BACKEND=postgresql|sqlite picks one (postgresql then fails when PostgreSQL is missing);
+# `install-postgresql` installs postgresql-15 with apt (root only).
 #
 # Usage:
 #   scripts/ferretdb.sh build                  build (or reuse cached) binary; prints its path on the last stdout line
 #   scripts/ferretdb.sh start <dataDir> [port] start in background on 127.0.0.1:<port> (default 27018);
 #                                              prints mongodb://127.0.0.1:<port>/ on the last stdout line
-#   scripts/ferretdb.sh stop <dataDir>         stop the server whose pid is in <dataDir>/ferretdb.pid
+#   scripts/ferretdb.sh stop <dataDir>         stop the server (and its PostgreSQL) started for <dataDir>
+#   scripts/ferretdb.sh backend                prints the backend `start` would use
+#   scripts/ferretdb.sh install-postgresql     apt-get install postgresql-15 when missing (root)
 #
 # Exit code 3: Go is not installed (binary cannot be built).
 # Binary cache: ${VOIDRUN_CACHE_DIR:-$HOME/.cache/voidrun}/ferretdb-v1.24.2/ferretdb
@@ -85,6 +93,93 @@ pid_running() {
   [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
 }
 
+# The directory of PostgreSQL's server binaries (initdb, pg_ctl), newest version first; empty when none.
+pg_bin_dir() {
+  local d
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -rn); do
+    if [[ -x "$d/initdb" && -x "$d/pg_ctl" ]]; then
+      echo "$d"
+      return 0
+    fi
+  done
+  return 0
+}
+
+backend() {
+  case "${FERRETDB_BACKEND:-}" in
+    postgresql | sqlite) echo "$FERRETDB_BACKEND" ;;
+    "") if [[ -n "$(pg_bin_dir)" ]]; then echo postgresql; else echo sqlite; fi ;;
+    *) die "FERRETDB_BACKEND must be postgresql or sqlite, not '${FERRETDB_BACKEND}'" ;;
+  esac
+}
+
+install_postgresql() {
+  if [[ -n "$(pg_bin_dir)" ]]; then
+    return 0
+  fi
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    log "PostgreSQL is not installed and cannot be installed here (needs root and apt); the SQLite backend is used"
+    return 0
+  fi
+  log "installing postgresql-15 with apt (FerretDB's PostgreSQL backend for the Mongo half of the tests)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null; } \
+    || log "apt-get could not install postgresql-15; the SQLite backend is used"
+}
+
+# Runs a PostgreSQL binary as the cluster's owner: PostgreSQL refuses to run as root, so as root
+# it runs as the `postgres` user (which Debian's package creates).
+as_pg_owner() {
+  if [[ "$(id -u)" == 0 ]]; then
+    id postgres >/dev/null 2>&1 || die "PostgreSQL refuses to run as root and there is no postgres user"
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# The PostgreSQL cluster for <dataDir>: created on first start, started if not running. Listens on
+# a unix socket in <dataDir>/pg-socket only (the port only names the socket file). Prints the URL
+# FerretDB connects with.
+pg_start() {
+  local data_dir="$1" bindir pg_port=5432
+  bindir=$(pg_bin_dir)
+  [[ -n "$bindir" ]] || die "PostgreSQL is not installed (run '$0 install-postgresql', or FERRETDB_BACKEND=sqlite)"
+  local pg_data="$data_dir/pg" sock="$data_dir/pg-socket"
+  mkdir -p "$sock"
+  if [[ "$(id -u)" == 0 ]]; then
+    # The postgres user must reach its directories inside a (root's, often private) data dir.
+    chmod o+x "$data_dir"
+    chown postgres: "$sock"
+  fi
+  if [[ ! -f "$pg_data/PG_VERSION" ]]; then
+    rm -rf "$pg_data"
+    mkdir -p "$pg_data"
+    [[ "$(id -u)" == 0 ]] && chown postgres: "$pg_data"
+    as_pg_owner "$bindir/initdb" -D "$pg_data" -A trust -U ferret -E UTF8 --no-sync >"$data_dir/pg-initdb.log" 2>&1 \
+      || { tail -n 20 "$data_dir/pg-initdb.log" >&2; die "initdb failed"; }
+  fi
+  if ! as_pg_owner "$bindir/pg_ctl" -D "$pg_data" status >/dev/null 2>&1; then
+    as_pg_owner "$bindir/pg_ctl" -D "$pg_data" -l "$pg_data/server.log" -w -t 60 \
+      -o "-c listen_addresses='' -p $pg_port -k $sock -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+      start >/dev/null || { tail -n 20 "$pg_data/server.log" >&2; die "PostgreSQL did not start"; }
+  fi
+  if ! as_pg_owner "$bindir/psql" -h "$sock" -p "$pg_port" -U ferret -d postgres -tAc "select 1 from pg_database where datname = 'ferretdb'" | grep -q 1; then
+    as_pg_owner "$bindir/psql" -h "$sock" -p "$pg_port" -U ferret -d postgres -qc "create database ferretdb" >/dev/null
+  fi
+  echo "postgres://ferret@/ferretdb?host=${sock}&port=${pg_port}"
+}
+
+pg_stop() {
+  local data_dir="$1" bindir
+  [[ -f "$data_dir/pg/PG_VERSION" ]] || return 0
+  bindir=$(pg_bin_dir)
+  [[ -n "$bindir" ]] || return 0
+  if as_pg_owner "$bindir/pg_ctl" -D "$data_dir/pg" status >/dev/null 2>&1; then
+    as_pg_owner "$bindir/pg_ctl" -D "$data_dir/pg" -m fast -w stop >/dev/null && log "stopped PostgreSQL of $data_dir"
+  fi
+}
+
 start() {
   local data_dir="${1:-}" port="${2:-$DEFAULT_PORT}"
   [[ -n "$data_dir" ]] || usage
@@ -93,7 +188,7 @@ start() {
   local bin
   bin=$(build | tail -n 1)
 
-  mkdir -p "$data_dir/sqlite"
+  mkdir -p "$data_dir"
   data_dir=$(cd "$data_dir" && pwd)
   local pidfile="$data_dir/ferretdb.pid" logfile="$data_dir/ferretdb.log"
 
@@ -109,9 +204,18 @@ start() {
     die "port $port on 127.0.0.1 is already in use"
   fi
 
+  local kind handler_args
+  kind=$(backend)
+  if [[ "$kind" == postgresql ]]; then
+    local pg_url
+    pg_url=$(pg_start "$data_dir") || exit 1
+    handler_args=(--handler=postgresql "--postgresql-url=${pg_url}")
+  else
+    mkdir -p "$data_dir/sqlite"
+    handler_args=(--handler=sqlite "--sqlite-url=file:${data_dir}/sqlite/")
+  fi
   nohup "$bin" \
-    --handler=sqlite \
-    --sqlite-url="file:${data_dir}/sqlite/" \
+    "${handler_args[@]}" \
     --listen-addr="127.0.0.1:${port}" \
     --state-dir="$data_dir" \
     --debug-addr=- \
@@ -124,7 +228,7 @@ start() {
   local i
   for ((i = 0; i < 300; i++)); do
     if port_open "$port"; then
-      log "started (pid $pid) on 127.0.0.1:${port}, data in ${data_dir}"
+      log "started (pid $pid, ${kind} backend) on 127.0.0.1:${port}, data in ${data_dir}"
       echo "mongodb://127.0.0.1:${port}/"
       return 0
     fi
@@ -148,7 +252,8 @@ stop() {
   [[ -n "$data_dir" ]] || usage
   local pidfile="$data_dir/ferretdb.pid" pid
   if [[ ! -f "$pidfile" ]]; then
-    log "no pid file at $pidfile; nothing to stop"
+    log "no pid file at $pidfile; no FerretDB to stop"
+    pg_stop "$data_dir"
     return 0
   fi
   pid=$(<"$pidfile")
@@ -168,6 +273,7 @@ stop() {
     log "pid ${pid} is not running"
   fi
   rm -f "$pidfile"
+  pg_stop "$data_dir"
 }
 
 cmd="${1:-}"
@@ -176,5 +282,7 @@ case "$cmd" in
   build) build ;;
   start) start "$@" ;;
   stop) stop "$@" ;;
+  backend) backend ;;
+  install-postgresql) install_postgresql ;;
   *) usage ;;
 esac

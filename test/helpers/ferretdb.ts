@@ -16,11 +16,13 @@ export class PrivateFerretDb {
   private constructor(
     readonly dataDir: string,
     readonly port: number,
+    /** The script's environment: FERRETDB_BACKEND picks a backend (default: PostgreSQL when installed). */
+    private readonly env: NodeJS.ProcessEnv,
   ) {}
 
   /** Builds (or reuses the cached build) and starts it; rejects with the script's message. */
-  static async start(dataDir: string): Promise<PrivateFerretDb> {
-    const db = new PrivateFerretDb(dataDir, await freeLoopbackPort());
+  static async start(dataDir: string, env: Record<string, string> = {}): Promise<PrivateFerretDb> {
+    const db = new PrivateFerretDb(dataDir, await freeLoopbackPort(), { ...process.env, ...env });
     await db.start();
     return db;
   }
@@ -30,12 +32,17 @@ export class PrivateFerretDb {
   }
 
   async start(): Promise<void> {
-    await run('bash', [script, 'start', this.dataDir, String(this.port)], { timeout: 300_000 });
+    await run('bash', [script, 'start', this.dataDir, String(this.port)], { timeout: 300_000, env: this.env });
   }
 
   async stop(): Promise<void> {
-    await run('bash', [script, 'stop', this.dataDir], { timeout: 30_000 });
+    await run('bash', [script, 'stop', this.dataDir], { timeout: 30_000, env: this.env });
   }
+}
+
+/** The backend `scripts/ferretdb.sh start` picks on this machine. */
+export async function defaultFerretBackend(): Promise<string> {
+  return (await run('bash', [script, 'backend'])).stdout.trim();
 }
 
 /** Drops the test database a server ran on, when `env` selected MongoDB (`MONGO_URI`, `MONGO_DB`); nothing for SQLite. */

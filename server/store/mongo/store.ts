@@ -275,8 +275,9 @@ class MongoSandboxes implements SandboxRepository {
         return doc ? MongoSandboxes.#map(doc) : null;
       });
     } catch (err) {
-      // FerretDB reports a unique index refusing an update as an InternalError naming the constraint, not as 11000.
-      if (err instanceof MongoServerError && /UNIQUE constraint failed/.test(err.message)) throw new ConflictError(`${conflict} already exists`, { cause: err });
+      // FerretDB reports a unique index refusing an update as an InternalError naming the constraint, not as 11000
+      // (its SQLite backend: "UNIQUE constraint failed"; its PostgreSQL backend: SQLSTATE 23505).
+      if (err instanceof MongoServerError && /UNIQUE constraint failed|duplicate key value violates unique constraint|SQLSTATE 23505/.test(err.message)) throw new ConflictError(`${conflict} already exists`, { cause: err });
       throw err;
     }
   }
