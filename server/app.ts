@@ -45,11 +45,12 @@ import { canSnapshot, countsNetworkBytes, type SandboxDriver } from './hyperviso
 import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
 import type { SandboxRepository, Store } from './store/types.js';
 import { nodeIdOf, advertisedAddress } from './services/fleet/node-identity.js';
-import { hostSandboxes, HostMembership, LostHostSweeper, lostLifecycle } from './services/fleet/host-membership.js';
+import { hostIpLeases, hostSandboxes, HostMembership, LostHostSweeper, lostLifecycle } from './services/fleet/host-membership.js';
 import { HostRegistry } from './services/fleet/host-registry.js';
 import { Placement } from './services/fleet/placement.js';
 import { Forwarder } from './services/fleet/forwarder.js';
 import { FleetAdmin } from './services/fleet/fleet-admin.js';
+import { KeyEndWatch } from './services/fleet/key-end-watch.js';
 
 export interface App {
   config: Config;
@@ -134,7 +135,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const { driver, reason, accelerator, network } =
     role === 'api'
       ? { driver: null, reason: 'this is an API node (VOIDRUN_ROLE=api): sandboxes run on the fleet hosts', accelerator: undefined, network: { mode: 'none' as const, reason: 'an API node runs no sandboxes' } }
-      : await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: store.ipLeases, firewall: egress.firewall, log });
+      : await selectDriver(config, { agent: await ensureAgentBundle(), idMap, vmImages, ipLeases: role === 'host' ? hostIpLeases(store.ipLeases, nodeId) : store.ipLeases, firewall: egress.firewall, log });
   if (network.mode === 'bridge') await egress.start();
   // Asked for and not possible here: a warning, as sandboxes will have no network.
   const networkLog = config.SANDBOX_NETWORK === 'bridge' && network.mode !== 'bridge' ? log.warn.bind(log) : log.info.bind(log);
@@ -370,8 +371,13 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     metricsPath: config.METRICS_ENABLED ? config.METRICS_PATH : null,
     cors: corsPolicy(config),
   });
-  // A revoked or deactivated key's open streams, terminals and WebSockets close at once.
+  // A revoked or deactivated key's open streams, terminals and WebSockets close at once; in a
+  // fleet, those open on the other nodes within a heartbeat interval (each re-reads its keys).
   orgs.onKeyEnded((keyId) => http.streams.closeKey(keyId));
+  const keyEndWatch =
+    role === 'all'
+      ? null
+      : new KeyEndWatch({ apiKeys: store.apiKeys, trackedKeys: () => http.streams.trackedKeys(), closeKey: (id) => http.streams.closeKey(id), intervalMs: config.HOST_HEARTBEAT_SEC * 1000, log });
 
   return {
     config,
@@ -398,11 +404,13 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
           await membership?.start();
         }
         sweeper?.start();
+        keyEndWatch?.start();
         return address as AddressInfo;
       });
     },
     async close() {
       await sweeper?.stop();
+      keyEndWatch?.stop();
       await membership?.stop();
       forwarder?.close();
       // Streams first (they end when their agent connections close), then the HTTP server.

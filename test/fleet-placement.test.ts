@@ -4,12 +4,14 @@ import { join } from 'node:path';
 import { MongoClient } from 'mongodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TooManyRequestsError } from '../server/errors.js';
+import pino from 'pino';
+import { hostIpLeases, LostHostSweeper } from '../server/services/fleet/host-membership.js';
 import { HostRegistry, sweepLostHosts } from '../server/services/fleet/host-registry.js';
 import { Placement } from '../server/services/fleet/placement.js';
 import { newId } from '../server/store/ids.js';
 import { openMongoStore } from '../server/store/mongo/store.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
-import type { HostRecord, Store } from '../server/store/types.js';
+import { SANDBOX_NETWORK_NONE, type HostRecord, type SandboxRecord, type Store } from '../server/store/types.js';
 
 /**
  * Fleet placement on the real stores (README "Fleet"). Two store connections stand for two API
@@ -106,6 +108,60 @@ function fleetSuite(name: string, open: () => Promise<{ a: Store; b: Store; clea
       now = new Date(now.getTime() + 5000);
       expect(await p.reapExpired(id)).toBe(1);
       expect((await a.hostSlots.listByHost(id)).map((s) => s.slot)).toEqual([two.slot]);
+      await a.hosts.setState(id, 'gone');
+    });
+
+    it("hosts lease addresses on their own bridges: one address on two hosts, each host lists and frees only its own (a host's restart no longer frees the others')", async () => {
+      const [hostA, hostB] = [`ha${newId().slice(-6)}`, `hb${newId().slice(-6)}`];
+      const leasesA = hostIpLeases(a.ipLeases, hostA);
+      const leasesB = hostIpLeases(b.ipLeases, hostB);
+      const [sbxA, sbxB, sbxA2] = [newId(), newId(), newId()];
+      expect(await leasesA.claim('192.168.100.2', sbxA)).toBe(true);
+      expect(await leasesB.claim('192.168.100.2', sbxB)).toBe(true);
+      // On one host the address is still taken once.
+      expect(await leasesA.claim('192.168.100.2', sbxA2)).toBe(false);
+      expect(await leasesA.findBySandbox(sbxA)).toMatchObject({ ip: '192.168.100.2', sandboxId: sbxA });
+      expect(await leasesA.findBySandbox(sbxB)).toBeNull();
+      expect((await leasesA.list()).map((l) => [l.ip, l.sandboxId])).toEqual([['192.168.100.2', sbxA]]);
+      // Host A's startup reconcile frees what no sandbox of its own holds: host B's lease is not among it.
+      for (const lease of await leasesA.list()) await leasesA.releaseBySandbox(lease.sandboxId);
+      expect(await leasesB.findBySandbox(sbxB)).toMatchObject({ ip: '192.168.100.2' });
+      expect(await leasesA.claim('192.168.100.2', sbxA2)).toBe(true);
+      expect(await leasesB.claim('192.168.100.2', newId())).toBe(false);
+    });
+
+    it("the lost-host sweep of two API nodes at once reports each lost sandbox once, and one that found the host registered again touches nothing (not its new sandboxes, not their slots)", async () => {
+      const id = `s${newId().slice(-6)}`;
+      const identity = { id, address: '10.0.0.8:33945', capacity: { cpu: 2, memoryMb: 2048, diskMb: 1000, slots: 4 }, labels: {}, images: [] };
+      const registry = new HostRegistry(a.hosts, a.hostEpochs);
+      const record = await registry.register(identity);
+      const orgId = newId();
+      const sandbox = (name: string) => a.sandboxes.create({ name, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: {}, hostId: id });
+      const old = await sandbox(`old-${id}`);
+      await a.hosts.put({ ...record, heartbeatAt: new Date(Date.now() - 20_000) });
+      const reported: SandboxRecord[] = [];
+      const log = pino({ level: 'silent' });
+      const sweeper = (store: Store, sandboxes = store.sandboxes) =>
+        new LostHostSweeper({ hosts: store.hosts, epochs: store.hostEpochs, slots: store.hostSlots, sandboxes, deadAfterMs: 15_000, intervalMs: 60_000, log, onLost: (r) => reported.push(r) });
+      await Promise.all([sweeper(a).sweep(), sweeper(b).sweep()]);
+      expect((await a.sandboxes.findByIdInAnyOrg(old.id))).toMatchObject({ status: 'error', lifecycle: { endedReason: 'host-lost' } });
+      expect(reported.filter((r) => r.id === old.id)).toHaveLength(1);
+
+      // Lost again; this time the host registers anew (and is given a sandbox and a slot) while a sweep is under way.
+      await registry.register(identity);
+      const current = (await a.hosts.findById(id))!;
+      await a.hosts.put({ ...current, heartbeatAt: new Date(Date.now() - 20_000) });
+      let fresh: SandboxRecord | null = null;
+      const racing = { ...a.sandboxes, listAll: async () => {
+        const all = await a.sandboxes.listAll();
+        await registry.register(identity);
+        fresh = await sandbox(`new-${id}`);
+        await a.hostSlots.reserve({ hostId: id, slot: 0, sandboxId: fresh.id, expiresAt: new Date(Date.now() + 60_000), createdAt: new Date() });
+        return [...all, fresh];
+      } };
+      await sweeper(b, racing).sweep();
+      expect(await a.sandboxes.findByIdInAnyOrg(fresh!.id)).toMatchObject({ status: 'running' });
+      expect((await a.hostSlots.listByHost(id)).map((s) => s.sandboxId)).toEqual([fresh!.id]);
       await a.hosts.setState(id, 'gone');
     });
 

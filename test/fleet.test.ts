@@ -22,6 +22,7 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
   let h1: Node;
   let h2: Node;
   let apiKey: string;
+  let orgId: string;
   let mongo: MongoClient;
   const hostOf = async (id: string) => (await mongo.db(db).collection('sandboxes').findOne({ _id: new ObjectId(id) }))?.hostId as string | undefined;
 
@@ -32,6 +33,7 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     [api2, h1, h2] = await Promise.all([startNode('api2', 'api'), startNode('h1', 'host'), startNode('h2', 'host')]);
     const registered = await json(`${api1.url}/api/register`, { method: 'POST', body: JSON.stringify({ name: 'Fleet Owner', email: 'fleet@example.com' }) });
     apiKey = registered.body.data.apiKey;
+    orgId = registered.body.data.orgId;
   }, 180_000);
 
   afterAll(async () => {
@@ -111,6 +113,39 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     ws.close();
     await box.delete();
     expect((await json(`${api1.url}/api/sandboxes/${id}`, { apiKey })).status).toBe(404);
+  }, 120_000);
+
+  it("a key revoked through one API node closes its streams open through the other: an SSE exec stream and a terminal end within a heartbeat or so", async () => {
+    const created = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'revoked-streams' }) });
+    expect(created.status).toBe(201);
+    const id = created.body.data.id as string;
+    const owner = createClient({ url: api2.url, apiKey });
+    const second = (await owner.trpc.org.createApiKey.mutate({ orgId, keyName: 'to-revoke' })) as { plainKey: string; keyId: string };
+    // Both opened through API node 1 (forwarded to the sandbox's host) with the second key.
+    const sse = await fetch(`${api1.url}/api/sandboxes/${id}/exec-stream`, { method: 'POST', headers: { 'x-api-key': second.plainKey, 'content-type': 'application/json' }, body: JSON.stringify({ command: 'echo started; sleep 600' }) });
+    expect(sse.status).toBe(200);
+    const reader = sse.body!.getReader();
+    let text = '';
+    while (!text.includes('started')) text += new TextDecoder().decode((await reader.read()).value);
+    const ws = new WebSocket(`${api1.url.replace('http', 'ws')}/api/sandboxes/${id}/pty?apiKey=${second.plainKey}`);
+    const wsClosed = new Promise<number>((resolve) => ws.once('close', (code) => resolve(code)));
+    await new Promise((resolve, reject) => (ws.once('open', resolve), ws.once('error', reject)));
+    const sseEnded = (async () => {
+      try {
+        for (;;) if ((await reader.read()).done) return 'ended';
+      } catch {
+        return 'cut';
+      }
+    })();
+    // Revoked through API node 2: neither node 1 nor the host saw the revoke happen.
+    await owner.trpc.org.revokeApiKey.mutate({ orgId, keyId: second.keyId });
+    // HOST_HEARTBEAT_SEC is 1 here: each node re-reads its open streams' keys once a second (the
+    // command would run 600 s).
+    expect(await sseEnded).toMatch(/ended|cut/);
+    expect(await wsClosed).toBeGreaterThan(0);
+    // And the key opens nothing new anywhere.
+    expect((await json(`${api1.url}/api/sandboxes/${id}`, { apiKey: second.plainKey })).status).toBe(401);
+    expect((await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey })).status).toBe(200);
   }, 120_000);
 
   it('forwarding resists a tenant: no request smuggled in a chunked GET, no cluster token reaching a sandbox, no dot-segment path to another route, no slot taken twice by an idempotent replay', async () => {

@@ -58,6 +58,21 @@ describe.skipIf(!mongoUri)('the server on MongoDB (MONGO_URI)', () => {
     const listed = await server.http('/api/sandboxes', { apiKey });
     expect(((await listed.json()) as { data: { id: string; status: string }[] }).data).toMatchObject([{ id: box.id, status: 'running' }]);
 
+    // A port's access and a lifecycle change written at once both stay written: they take one lock,
+    // since the store may write whole documents back (FerretDB does) and one would undo the other.
+    for (let round = 0; round < 12; round++) {
+      const isPublic = round % 2 === 0;
+      const [access, timeout] = await Promise.all([
+        server.http(`/api/sandboxes/${box.id}/ports/3000`, { method: 'PUT', apiKey, json: { public: isPublic } }),
+        server.http(`/api/sandboxes/${box.id}/timeout`, { method: 'POST', apiKey, json: { timeout: 600 + round } }),
+      ]);
+      expect([access.status, timeout.status]).toEqual([200, 200]);
+      const urls = (await (await server.http(`/api/sandboxes/${box.id}/public-urls`, { apiKey })).json()) as { data: Array<{ port: number }> };
+      expect(urls.data.map((u) => u.port)).toEqual(isPublic ? [3000] : []);
+      const record = (await (await server.http(`/api/sandboxes/${box.id}`, { apiKey })).json()) as { data: { timeout?: number } };
+      expect(record.data.timeout).toBe(600 + round);
+    }
+
     await box.delete();
     expect((await server.http(`/api/sandboxes/${box.id}`, { apiKey })).status).toBe(404);
   }, 180_000);

@@ -119,6 +119,19 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect((await store.apiKeys.findById(orgId, k.id))!).toMatchObject({ lastUsedAt: at, isActive: true });
     });
 
+    it('a deactivation racing a last-use flush stays a deactivation (FerretDB writes whole documents back)', async () => {
+      const orgId = newId();
+      for (let round = 0; round < 30; round++) {
+        const k = await store.apiKeys.create({ orgId, name: `race-${round}`, keyHash: newId() + newId(), prefix: 'vr_r', createdBy: newId(), isActive: true, lastUsedAt: null });
+        const at = new Date(Date.UTC(2030, 0, 1, 0, 0, round));
+        await Promise.all([store.apiKeys.setActive(orgId, k.id, false), store.apiKeys.recordLastUsed(new Map([[k.id, at]])), store.apiKeys.recordLastUsed(new Map([[k.id, at]]))]);
+        const after = (await store.apiKeys.findByIds([k.id]))[0]!;
+        expect(after.isActive).toBe(false);
+        expect(after.lastUsedAt?.toISOString()).toBe(at.toISOString());
+        expect((await store.apiKeys.findById(orgId, k.id))!.isActive).toBe(false);
+      }
+    });
+
     it('finds API keys by hash, scopes them to their org, toggles them and records last use monotonically', async () => {
       const orgId = newId();
       const hash = newId() + newId();
@@ -128,6 +141,10 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       ).rejects.toBeInstanceOf(ConflictError);
       expect(await store.apiKeys.findByHash(hash)).toEqual(k);
       expect(await store.apiKeys.findById(newId(), k.id)).toBeNull();
+      // By ids alone, whatever the org: what exists, once each; ids that are none of ours are skipped.
+      const elsewhere = await store.apiKeys.create({ orgId: newId(), name: 'e', keyHash: newId() + newId(), prefix: 'vr_e', createdBy: newId(), isActive: true, lastUsedAt: null });
+      expect((await store.apiKeys.findByIds([k.id, elsewhere.id, k.id, newId(), 'notanid'])).map((x) => x.id).sort()).toEqual([k.id, elsewhere.id].sort());
+      expect(await store.apiKeys.findByIds([])).toEqual([]);
       expect((await store.apiKeys.setActive(orgId, k.id, false))?.isActive).toBe(false);
       expect((await store.apiKeys.findByHash(hash))?.isActive).toBe(false);
       expect(await store.apiKeys.setActive(newId(), k.id, true)).toBeNull();

@@ -225,6 +225,18 @@ describe.skipIf(!support.ok)('webhooks', () => {
     slow.close();
   });
 
+  it('concurrent creates never pass ORG_MAX_WEBHOOKS (10): the rest are 429 naming it', async () => {
+    const org = await server.client().trpc.auth.register.mutate({ name: 'Hook Racer', email: uniqueEmail('hooks-race') });
+    const rx = await receiver();
+    const answers = await Promise.all(Array.from({ length: 16 }, () => server.http(`/api/orgs/${org.orgId}/webhooks`, { method: 'POST', apiKey: org.apiKey, json: { url: rx.url, secret: SECRET } })));
+    const statuses = answers.map((r) => r.status);
+    expect(statuses.filter((s) => s === 201 || s === 200)).toHaveLength(10);
+    expect(statuses.filter((s) => s === 429)).toHaveLength(6);
+    expect(JSON.stringify(await answers[statuses.indexOf(429)]!.json())).toMatch(/ORG_MAX_WEBHOOKS=10/);
+    const listed = (await (await server.http(`/api/orgs/${org.orgId}/webhooks`, { apiKey: org.apiKey })).json()) as { data: unknown[] };
+    expect(listed.data).toHaveLength(10);
+  });
+
   it('refuses bad URLs, schemes, filters and secrets with a 400 naming the field', async () => {
     const cases: Array<[unknown, RegExp]> = [
       [{ url: 'ftp://example.com/x', secret: SECRET }, /scheme must be http or https/],

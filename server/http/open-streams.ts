@@ -115,6 +115,11 @@ export class OpenStreams {
     }
   }
 
+  /** The ids of the keys that have calls or connections open here now. */
+  trackedKeys(): string[] {
+    return [...this.#byKey.keys()];
+  }
+
   /** An org's held slots right now. */
   usage(orgId: string): Record<HoldKind, number> {
     return { exec: 0, stream: 0, ...this.#counts.get(orgId) };

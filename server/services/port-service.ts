@@ -5,7 +5,6 @@ import { listsPorts } from '../hypervisor/types.js';
 import type { SandboxRecord, SandboxRepository } from '../store/types.js';
 import type { AuthService, Principal } from './auth-service.js';
 import type { PreviewTokens } from './preview-tokens.js';
-import { SandboxLocks } from './sandbox-locks.js';
 import type { SandboxService } from './sandbox-service.js';
 
 /** The most ports one sandbox may have public at once. */
@@ -35,9 +34,6 @@ export interface PreviewCredentials {
  * byte streams to them, through the sandbox's agent (`AgentClients.openPort`).
  */
 export class PortService {
-  /** Public-port changes of one sandbox run one after another (they read, then write, the record). */
-  readonly #accessLocks = new SandboxLocks();
-
   constructor(private readonly deps: PortServiceDeps) {}
 
   /** The sandbox's listening ports with their access and URLs; 409 unless it runs. */
@@ -61,7 +57,8 @@ export class PortService {
 
   /** Opens a port to everyone (`isPublic`) or closes it to all but keys and tokens; kept on the record. */
   async setAccess(principal: Principal, id: string, port: number, isPublic: boolean): Promise<PortAccess> {
-    return this.#accessLocks.run(id, async (): Promise<PortAccess> => {
+    // Under the sandbox's own lock: a status write beside this one could put the old ports back.
+    return this.deps.sandboxes.underLock(id, async (): Promise<PortAccess> => {
       const record = await this.deps.sandboxes.record(principal, id);
       const ports = new Set(record.publicPorts ?? []);
       if (isPublic) ports.add(port);

@@ -150,6 +150,15 @@ export class SandboxService {
     this.#stopListeners.push(listener);
   }
 
+  /**
+   * Runs `fn` under the sandbox's lifecycle lock: for another service's read-then-write of a
+   * sandbox record (a port's access), so it never interleaves with a status change — the store
+   * may write whole documents back (FerretDB does), and a write of one field then undoes another.
+   */
+  underLock<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    return this.#locks.run(id, fn);
+  }
+
   /** Reports an event of the sandbox's stream; returns at once. Pool members (no org) have none. */
   #event(record: Pick<SandboxRecord, 'id' | 'orgId'>, type: SandboxEventType, data?: Record<string, unknown>): void {
     if (record.orgId) this.deps.events?.emit({ sandboxId: record.id, orgId: record.orgId, type, data });

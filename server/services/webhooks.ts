@@ -10,6 +10,7 @@ import { ForbiddenError, InvalidInputError, NotFoundError, TooManyRequestsError 
 import type { OrgRepository, SandboxEventRecord, WebhookDeliveryRecord, WebhookDeliveryRepository, WebhookRecord, WebhookRepository } from '../store/types.js';
 import type { Principal } from './auth-service.js';
 import { SANDBOX_EVENT_TYPES, toSandboxEvent } from './sandbox-events.js';
+import { SandboxLocks } from './sandbox-locks.js';
 
 /** How long a webhook URL's name may take to resolve when it is created. */
 const CREATE_LOOKUP_TIMEOUT_MS = 2000;
@@ -140,6 +141,8 @@ export class WebhookService {
   readonly #allowPrivate: BlockList;
   /** Each org's webhooks, read at most every HOOKS_CACHE_MS, and dropped when one is created or deleted here. */
   readonly #byOrg = new Map<string, { hooks: Promise<WebhookRecord[]>; at: number }>();
+  /** Creates of one org run one at a time (their count and insert). */
+  readonly #createLocks = new SandboxLocks();
   readonly #inFlight = new Map<string, number>();
   readonly #waiting = new Map<string, WebhookDeliveryRecord[]>();
   readonly #timers = new Set<NodeJS.Timeout>();
@@ -163,9 +166,22 @@ export class WebhookService {
       if (!SANDBOX_EVENT_TYPES.some((t) => webhookWants([f], t))) throw new InvalidInputError(`Invalid events: ${f} matches no event type (types: ${SANDBOX_EVENT_TYPES.join(', ')})`);
     }
     const url = await this.#checkedUrl(input.url);
-    const existing = await this.deps.webhooks.listByOrg(input.orgId);
-    if (existing.length >= this.deps.maxPerOrg) throw new TooManyRequestsError(`This organization has ${existing.length} webhooks, the most allowed (ORG_MAX_WEBHOOKS=${this.deps.maxPerOrg}); delete one first`);
-    const hook = await this.deps.webhooks.create({ orgId: input.orgId, url, events, secret: input.secret, createdBy: principal.userId });
+    const max = this.deps.maxPerOrg;
+    const full = (n: number) => new TooManyRequestsError(`This organization has ${n} webhooks, the most allowed (ORG_MAX_WEBHOOKS=${max}); delete one first`);
+    // One create of an org at a time here; across processes (fleet API nodes) each inserts, then
+    // counts, and one that finds the org over its cap takes its own back: of any two racers one
+    // sees the other, so the cap holds (both may back off: a 429 to retry).
+    const hook = await this.#createLocks.run(input.orgId, async () => {
+      const existing = await this.deps.webhooks.listByOrg(input.orgId);
+      if (existing.length >= max) throw full(existing.length);
+      const made = await this.deps.webhooks.create({ orgId: input.orgId, url, events, secret: input.secret, createdBy: principal.userId });
+      const after = await this.deps.webhooks.listByOrg(input.orgId);
+      if (after.length > max) {
+        await this.deps.webhooks.delete(input.orgId, made.id);
+        throw full(after.length - 1);
+      }
+      return made;
+    });
     this.#byOrg.delete(input.orgId);
     return toWebhook(hook);
   }

@@ -27,6 +27,10 @@ export class CachedApiKeyRepository implements ApiKeyRepository {
     return this.inner.findById(orgId, keyId);
   }
 
+  findByIds(keyIds: readonly string[]): Promise<ApiKeyRecord[]> {
+    return this.inner.findByIds(keyIds);
+  }
+
   listByOrg(orgId: string): Promise<ApiKeyRecord[]> {
     return this.inner.listByOrg(orgId);
   }

@@ -206,6 +206,11 @@ export interface ApiKeyRepository {
   /** The hot path of every authenticated request: one lookup on a unique index. */
   findByHash(keyHash: string): Promise<ApiKeyRecord | null>;
   findById(orgId: string, keyId: string): Promise<ApiKeyRecord | null>;
+  /**
+   * The keys of these ids that exist, whatever their org (ids that are none of ours are skipped):
+   * for a fleet node re-checking the keys its open streams were opened with.
+   */
+  findByIds(keyIds: readonly string[]): Promise<ApiKeyRecord[]>;
   listByOrg(orgId: string): Promise<ApiKeyRecord[]>;
   setActive(orgId: string, keyId: string, isActive: boolean): Promise<ApiKeyRecord | null>;
   /**

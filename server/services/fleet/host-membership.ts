@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import type { HostEpochRepository, HostRepository, HostSlotRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
+import type { HostEpochRepository, HostRepository, HostSlotRepository, IpLeaseRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
 import { HostRegistry, registrationLost, sweepLostHosts, type HostIdentity } from './host-registry.js';
 import type { Placement } from './placement.js';
 
@@ -26,6 +26,27 @@ export function hostSandboxes(repo: SandboxRepository, hostId: string, slots: Ho
       if (slot) await slots.release(hostId, slot.slot);
       return deleted;
     },
+  };
+}
+
+/**
+ * A fleet host's address leases: each host's bridge is its own network, so its leases are keyed
+ * `<hostId>/<ip>` in the shared store — two hosts may lease one address to sandboxes of their own,
+ * and a host's startup reconcile (which frees every lease no sandbox of its own holds) sees and
+ * frees only its own. Without this a restarting host freed every other host's leases, and their
+ * next creates leased addresses live sandboxes held (two sandboxes with one address on a bridge).
+ */
+export function hostIpLeases(repo: IpLeaseRepository, hostId: string): IpLeaseRepository {
+  const prefix = `${hostId}/`;
+  const own = <T extends { ip: string }>(lease: T): T => ({ ...lease, ip: lease.ip.slice(prefix.length) });
+  return {
+    claim: (ip, sandboxId) => repo.claim(prefix + ip, sandboxId),
+    findBySandbox: async (sandboxId) => {
+      const lease = await repo.findBySandbox(sandboxId);
+      return lease?.ip.startsWith(prefix) ? own(lease) : null;
+    },
+    releaseBySandbox: (sandboxId) => repo.releaseBySandbox(sandboxId),
+    list: async () => (await repo.list()).filter((l) => l.ip.startsWith(prefix)).map(own),
   };
 }
 
@@ -161,24 +182,39 @@ export class LostHostSweeper {
     this.#timer.unref();
   }
 
+  /**
+   * Declares hosts past their heartbeats lost, then marks the sandboxes of every host whose
+   * current registration is lost `error/host-lost` and frees its slots. Only what predates the
+   * decision is touched, and each host is read again right before: a host that registered again
+   * meanwhile is not lost (its own reconcile ends its old registration's sandboxes), and what it
+   * was given since is its new registration's. The sandbox events are reported by the sweep that
+   * declared the host lost (of the API nodes sweeping side by side, one).
+   */
   async sweep(): Promise<void> {
+    const declared = new Set<string>();
     for (const host of await sweepLostHosts(this.o.hosts, this.o.epochs, this.o.deadAfterMs)) {
+      declared.add(host.id);
       this.o.log.warn({ host: host.id, heartbeatAt: host.heartbeatAt }, `fleet: host ${host.id} missed its heartbeats for ${this.o.deadAfterMs / 1000} s: unresponsive, its sandboxes are lost`);
     }
     // Decided by the loss of each host's current registration, not by its state (a racing state write can be stale).
+    const decidedAt = new Date();
     const notServing = new Set<string>();
     for (const h of await this.o.hosts.list()) if (await registrationLost(h, this.o.epochs)) notServing.add(h.id);
     if (notServing.size === 0) return;
     for (const hostId of notServing) this.o.onNotServing?.(hostId);
-    const now = new Date().toISOString();
-    for (const r of await this.o.sandboxes.listAll()) {
-      if (!r.hostId || !notServing.has(r.hostId)) continue;
-      if (r.status !== 'error' || r.lifecycle?.endedReason !== 'host-lost') {
+    const all = await this.o.sandboxes.listAll();
+    const now = decidedAt.toISOString();
+    for (const hostId of notServing) {
+      const current = await this.o.hosts.findById(hostId);
+      if (current && !(await registrationLost(current, this.o.epochs))) continue;
+      for (const r of all) {
+        if (r.hostId !== hostId || r.createdAt >= decidedAt) continue;
+        if (r.status === 'error' && r.lifecycle?.endedReason === 'host-lost') continue;
         const updated = await this.o.sandboxes.update(r.orgId, r.id, { status: 'error', lifecycle: lostLifecycle(r, now) });
-        if (updated) this.o.onLost?.(updated);
+        if (updated && declared.has(hostId)) this.o.onLost?.(updated);
       }
+      for (const s of await this.o.slots.listByHost(hostId)) if (s.createdAt < decidedAt) await this.o.slots.release(hostId, s.slot);
     }
-    for (const hostId of notServing) for (const s of await this.o.slots.listByHost(hostId)) await this.o.slots.release(hostId, s.slot);
   }
 
   async stop(): Promise<void> {

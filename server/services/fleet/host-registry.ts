@@ -78,14 +78,20 @@ export class HostRegistry {
  * insert (run by every API node; any number agree), and their state `unresponsive`. Resolves to the hosts it
  * declared lost now, for the caller to withdraw their capacity and mark their sandboxes `host-lost`.
  */
+/**
+ * Declares lost every host whose heartbeat is older than `deadAfterMs` (its registration, by
+ * insert) and marks it `unresponsive`; resolves to the hosts this call declared lost (of several
+ * sweeps at once, one declares each).
+ */
 export async function sweepLostHosts(hosts: HostRepository, epochs: HostEpochRepository, deadAfterMs: number, now: Date = new Date()): Promise<HostRecord[]> {
   const lost: HostRecord[] = [];
   for (const h of await hosts.list()) {
     if ((h.state === 'ready' || h.state === 'draining') && now.getTime() - h.heartbeatAt.getTime() > deadAfterMs) {
       // The loss is of the registration read here (its epoch), by insert: what decides. The state is for display and placement.
-      await epochs.declareLost(h.id, h.epoch);
+      const declaredHere = await epochs.declareLost(h.id, h.epoch);
       const updated = await hosts.setState(h.id, 'unresponsive');
-      if (updated) lost.push(updated);
+      // Only the sweep whose insert declared the loss reports it (API nodes sweep side by side).
+      if (updated && declaredHere) lost.push(updated);
     }
   }
   return lost;

@@ -78,6 +78,15 @@ export async function op<T>(conflictWhat: string, fn: () => Promise<T>): Promise
 }
 
 /**
+ * Whether a write failed on a unique index: MongoDB's E11000, or FerretDB's report of a unique
+ * index refusing an update or upsert (an InternalError naming the constraint: its SQLite backend
+ * says "UNIQUE constraint failed", its PostgreSQL backend SQLSTATE 23505).
+ */
+export function isDuplicateKey(err: unknown): boolean {
+  return err instanceof MongoServerError && (err.code === 11000 || /UNIQUE constraint failed|duplicate key value violates unique constraint|SQLSTATE 23505/.test(err.message));
+}
+
+/**
  * Runs an insert that makes a claim: true when it inserted, false on a duplicate key (the claim
  * was taken). Claims are inserts against a unique key, the one write atomic on every MongoDB-wire
  * store (FerretDB loses concurrent conditional updates).
@@ -160,49 +169,99 @@ class MongoOrgs implements OrgRepository {
   }
 }
 
+/**
+ * API keys. A key's last use is kept in a document of its own (`api_key_last_used`, `_id` = the
+ * key's), not in the key's: FerretDB writes a whole document back on every update, so a last-use
+ * flush (every API_KEY_LAST_USED_FLUSH_SEC, on every node that saw the key) running beside a
+ * deactivation put `isActive: true` back (182 of 200 races on FerretDB 1.24). The key document is
+ * now written only by `setActive`; a lost last-use race costs only a slightly older time.
+ * (`lastUsedAt` still in a key document, from before, counts when it is the later.)
+ */
 class MongoApiKeys implements ApiKeyRepository {
-  constructor(private readonly c: Collection) {}
+  constructor(
+    private readonly c: Collection,
+    private readonly lastUsed: Collection<{ _id: ObjectId; at: Date }>,
+  ) {}
   #filter(orgId: string, keyId: string): Filter<Document> | null {
     const _id = objectId(keyId);
     return _id ? { _id, orgId } : null;
   }
+  /** Key documents as records, each with its last use from `api_key_last_used` (one query for all). */
+  async #withLastUse(docs: Document[]): Promise<ApiKeyRecord[]> {
+    if (docs.length === 0) return [];
+    const uses = new Map((await this.lastUsed.find({ _id: { $in: docs.map((d) => d._id as ObjectId) } }).toArray()).map((u) => [u._id.toHexString(), u.at]));
+    return docs.map((d) => {
+      const rec = fromDoc<ApiKeyRecord>(d)!;
+      const at = uses.get(rec.id);
+      return at && (!rec.lastUsedAt || at > rec.lastUsedAt) ? { ...rec, lastUsedAt: at } : { ...rec, lastUsedAt: rec.lastUsedAt ?? null };
+    });
+  }
   async create(key: NewRecord<ApiKeyRecord>) {
     const rec = stamp(key);
-    await op('An API key with this hash', () => this.c.insertOne(toDoc(rec)));
+    const { lastUsedAt, ...doc } = toDoc(rec) as Document & { lastUsedAt?: Date | null };
+    await op('An API key with this hash', () => this.c.insertOne({ ...doc, lastUsedAt: null }));
+    if (lastUsedAt) await this.recordLastUsed(new Map([[rec.id, lastUsedAt]]));
     return rec;
   }
+  /** The hot path: the key document alone (its `lastUsedAt` may be older than its last use; see `findById`). */
   async findByHash(keyHash: string) {
     return op('', async () => fromDoc<ApiKeyRecord>(await this.c.findOne({ keyHash })));
   }
   async findById(orgId: string, keyId: string) {
     const f = this.#filter(orgId, keyId);
-    return f ? op('', async () => fromDoc<ApiKeyRecord>(await this.c.findOne(f))) : null;
+    if (!f) return null;
+    return op('', async () => {
+      const doc = await this.c.findOne(f);
+      return doc ? (await this.#withLastUse([doc]))[0]! : null;
+    });
+  }
+  async findByIds(keyIds: readonly string[]) {
+    const ids = [...new Set(keyIds)].flatMap((id) => objectId(id) ?? []);
+    if (ids.length === 0) return [];
+    return op('', async () => this.#withLastUse(await this.c.find({ _id: { $in: ids } }).toArray()));
   }
   async listByOrg(orgId: string) {
-    return op('', async () => (await this.c.find({ orgId }).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => fromDoc<ApiKeyRecord>(d)!));
+    return op('', async () => this.#withLastUse(await this.c.find({ orgId }).sort({ createdAt: 1, _id: 1 }).toArray()));
   }
   async setActive(orgId: string, keyId: string, isActive: boolean) {
     const f = this.#filter(orgId, keyId);
     if (!f) return null;
-    return op('', async () =>
-      fromDoc<ApiKeyRecord>(await this.c.findOneAndUpdate(f, { $set: { isActive, updatedAt: new Date() } }, { returnDocument: 'after' })),
-    );
+    return op('', async () => {
+      const doc = await this.c.findOneAndUpdate(f, { $set: { isActive, updatedAt: new Date() } }, { returnDocument: 'after' });
+      return doc ? (await this.#withLastUse([doc]))[0]! : null;
+    });
   }
+  /**
+   * Last uses of keys that exist (others are skipped), never moving a key's time backwards in one
+   * write (`$max`; concurrent writers of one key may keep the older of two times).
+   */
   async recordLastUsed(times: ReadonlyMap<string, Date>) {
-    if (times.size === 0) return;
-    const ops = [...times].flatMap(([id, at]) => {
+    const wanted = [...times].flatMap(([id, at]) => {
       const _id = objectId(id);
-      return _id
-        ? [{ updateOne: { filter: { _id, $or: [{ lastUsedAt: null }, { lastUsedAt: { $lt: at } }] }, update: { $set: { lastUsedAt: at } } } }]
-        : [];
+      return _id ? [{ _id, at }] : [];
     });
     // The driver refuses an empty batch, which is what ids that are none of ours leave.
-    if (ops.length === 0) return;
-    await op('', () => this.c.bulkWrite(ops, { ordered: false }));
+    if (wanted.length === 0) return;
+    await op('', async () => {
+      const existing = new Set((await this.c.find({ _id: { $in: wanted.map((w) => w._id) } }, { projection: { _id: 1 } }).toArray()).map((d) => (d._id as ObjectId).toHexString()));
+      const ops = wanted.filter((w) => existing.has(w._id.toHexString())).map((w) => ({ updateOne: { filter: { _id: w._id }, update: { $max: { at: w.at } }, upsert: true } }));
+      if (ops.length === 0) return;
+      try {
+        await this.lastUsed.bulkWrite(ops, { ordered: false });
+      } catch (err) {
+        // Two first uses of one key racing: one upsert inserts, the other meets its _id; either time is fine.
+        if (!isDuplicateKey(err)) throw err;
+      }
+    });
   }
   async delete(orgId: string, keyId: string) {
     const f = this.#filter(orgId, keyId);
-    return f ? op('', async () => (await this.c.deleteOne(f)).deletedCount > 0) : false;
+    if (!f) return false;
+    return op('', async () => {
+      const deleted = (await this.c.deleteOne(f)).deletedCount > 0;
+      if (deleted) await this.lastUsed.deleteOne({ _id: f._id as ObjectId });
+      return deleted;
+    });
   }
 }
 
@@ -275,9 +334,8 @@ class MongoSandboxes implements SandboxRepository {
         return doc ? MongoSandboxes.#map(doc) : null;
       });
     } catch (err) {
-      // FerretDB reports a unique index refusing an update as an InternalError naming the constraint, not as 11000
-      // (its SQLite backend: "UNIQUE constraint failed"; its PostgreSQL backend: SQLSTATE 23505).
-      if (err instanceof MongoServerError && /UNIQUE constraint failed|duplicate key value violates unique constraint|SQLSTATE 23505/.test(err.message)) throw new ConflictError(`${conflict} already exists`, { cause: err });
+      // FerretDB reports a unique index refusing an update as an InternalError naming the constraint, not as 11000.
+      if (isDuplicateKey(err)) throw new ConflictError(`${conflict} already exists`, { cause: err });
       throw err;
     }
   }
@@ -435,7 +493,7 @@ export async function openMongoStore(opts: MongoStoreOptions): Promise<Store> {
       kind: 'mongo',
       users: new MongoUsers(db.collection('users')),
       orgs: new MongoOrgs(db.collection('orgs')),
-      apiKeys: new MongoApiKeys(db.collection('api_keys')),
+      apiKeys: new MongoApiKeys(db.collection('api_keys'), db.collection('api_key_last_used')),
       sandboxes: new MongoSandboxes(db.collection('sandboxes')),
       images: new MongoImages(db.collection('images')),
       ipLeases: new MongoIpLeases(db.collection('ip_leases')),

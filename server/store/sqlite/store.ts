@@ -163,6 +163,7 @@ class SqliteApiKeys implements ApiKeyRepository {
   readonly #byHash;
   readonly #byId;
   readonly #byOrg;
+  readonly #byIdAnyOrg;
   readonly #setActive;
   readonly #touch;
   readonly #delete;
@@ -173,6 +174,7 @@ class SqliteApiKeys implements ApiKeyRepository {
     );
     this.#byHash = db.prepare('SELECT * FROM api_keys WHERE key_hash = ?');
     this.#byId = db.prepare('SELECT * FROM api_keys WHERE org_id = ? AND id = ?');
+    this.#byIdAnyOrg = db.prepare('SELECT * FROM api_keys WHERE id = ?');
     this.#byOrg = db.prepare('SELECT * FROM api_keys WHERE org_id = ? ORDER BY created_at, rowid');
     this.#setActive = db.prepare('UPDATE api_keys SET is_active = ?, updated_at = ? WHERE org_id = ? AND id = ?');
     this.#touch = db.prepare('UPDATE api_keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)');
@@ -205,6 +207,14 @@ class SqliteApiKeys implements ApiKeyRepository {
   }
   async findById(orgId: string, keyId: string) {
     return SqliteApiKeys.#map(this.#byId.get(orgId, keyId) as Row | undefined);
+  }
+  async findByIds(keyIds: readonly string[]) {
+    const found: ApiKeyRecord[] = [];
+    for (const id of new Set(keyIds)) {
+      const r = this.#byIdAnyOrg.get(id) as Row | undefined;
+      if (r) found.push(SqliteApiKeys.#map(r)!);
+    }
+    return found;
   }
   async listByOrg(orgId: string) {
     return (this.#byOrg.all(orgId) as Row[]).map((r) => SqliteApiKeys.#map(r)!);
