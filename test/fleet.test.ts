@@ -247,6 +247,26 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     await json(`${api1.url}/api/sandboxes/${again.body.data.id}`, { method: 'DELETE', apiKey });
   }, 180_000);
 
+  it("an org's quotas hold across hosts: 6 concurrent creates of 2 vCPUs each, placed over both hosts, pass ORG_MAX_VCPUS (8) never", async () => {
+    const org = await json(`${api1.url}/api/register`, { method: 'POST', body: JSON.stringify({ name: 'Quota Racer', email: 'quota-racer@example.com' }) });
+    const key = org.body.data.apiKey as string;
+    const creates = await Promise.all(
+      Array.from({ length: 6 }, (_, i) => json(`${(i % 2 ? api2 : api1).url}/api/sandboxes`, { method: 'POST', apiKey: key, body: JSON.stringify({ name: `quota-${i}`, cpu: 2 }) })),
+    );
+    const made = creates.filter((c) => c.status === 201);
+    try {
+      const refused = creates.filter((c) => c.status === 429);
+      expect(made.length + refused.length).toBe(6);
+      expect(made.length).toBeLessThanOrEqual(4);
+      for (const r of refused) expect(r.body.error).toMatch(/Org quota exceeded: vcpus 2 requested, \d+ of 8 in use \(ORG_MAX_VCPUS\)|Sandbox fleet full/);
+      const listed = await json(`${api2.url}/api/sandboxes?limit=100`, { apiKey: key });
+      expect((listed.body.data as Array<{ cpu: number }>).reduce((n, b) => n + b.cpu, 0)).toBeLessThanOrEqual(8);
+    } finally {
+      await Promise.all(made.map((c) => json(`${api1.url}/api/sandboxes/${c.body.data.id}`, { method: 'DELETE', apiKey: key })));
+    }
+    await until(() => mongo.db(db).collection('host_slots').countDocuments({}), (n) => n === 0, 'the slots to be freed', 15_000, 100);
+  }, 180_000);
+
   it('the admin key lists the hosts with their load and drains one: creates then go to the other; undrained, it takes them again', async () => {
     expect((await json(`${api1.url}/api/admin/hosts`, { apiKey })).status).toBe(401);
     const listed = await json(`${api2.url}/api/admin/hosts`, { apiKey: adminKey });

@@ -131,9 +131,9 @@ export class SandboxQuotas {
    * Runs `insert` (the store write that makes the sandbox count) if the org's quotas and the host's
    * capacity leave room for `request`; otherwise throws `TooManyRequestsError` (429) naming the limit.
    */
-  async admit<T>(orgId: string, request: SandboxRequest, insert: () => Promise<T>, { orgQuota = true }: { orgQuota?: boolean } = {}): Promise<T> {
+  async admit<T>(orgId: string, request: SandboxRequest, insert: () => Promise<T>, { orgQuota = true, undo }: { orgQuota?: boolean; undo?: (inserted: T) => Promise<unknown> } = {}): Promise<T> {
     await this.checkFitsHost(request);
-    return this.#lock.run('admission', async () => {
+    const inserted = await this.#lock.run('admission', async () => {
       const all = await this.opts.sandboxes.listAll();
       const here = this.opts.hostId ? all.filter((s) => s.hostId === this.opts.hostId) : all;
       const host = this.opts.host;
@@ -160,6 +160,19 @@ export class SandboxQuotas {
       if (orgQuota) await this.#checkOrg(orgId, request, all);
       return insert();
     });
+    // A fleet host is one of several processes admitting one org's creates (placement spreads them
+    // over hosts), and the lock above holds only here: each checks again once its record is in,
+    // counting it, and one that finds the org over a quota takes its own back. Of any two racers
+    // one sees the other, so the quotas hold (under contention both may back off: a 429 to retry).
+    if (orgQuota && this.opts.hostId !== undefined && undo) {
+      try {
+        await this.#checkOrg(orgId, { cpu: 0, mem: 0, diskMb: 0 }, await this.opts.sandboxes.listAll(), { counted: request });
+      } catch (err) {
+        await undo(inserted);
+        throw err;
+      }
+    }
+    return inserted;
   }
 
   /**
@@ -183,9 +196,20 @@ export class SandboxQuotas {
     return this.admit('', request, insert, { orgQuota: false });
   }
 
-  /** Refuses (429 naming the limit) a request past the org's quotas, given every sandbox record `all`. */
-  async #checkOrg(orgId: string, request: SandboxRequest, all: SandboxRecord[]): Promise<void> {
+  /**
+   * Refuses (429 naming the limit) a request past the org's quotas, given every sandbox record `all`.
+   * With `counted`, `all` already holds that request's record (the check after an insert): it is
+   * judged as the request and the rest as what was in use.
+   */
+  async #checkOrg(orgId: string, request: SandboxRequest, all: SandboxRecord[], { counted }: { counted?: SandboxRequest } = {}): Promise<void> {
     const use = await this.#usage(orgId, all);
+    if (counted) {
+      use.sandboxes -= 1;
+      use.vcpus -= counted.cpu;
+      use.memoryMb -= counted.mem;
+      use.diskMb -= counted.diskMb;
+      request = counted;
+    }
     const { org } = this.opts;
     const refuse = (what: string, asked: string, used: number, limit: number, unit: string, variable: string) =>
       new TooManyRequestsError(`Org quota exceeded: ${what} ${asked} requested, ${used} of ${limit}${unit} in use (${variable})`);

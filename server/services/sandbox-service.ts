@@ -752,7 +752,7 @@ export class SandboxService {
       // resolved is not used by a new record (and one in use is not deleted).
       await this.deps.images.assertExists(fields.imageId);
       return this.deps.sandboxes.create({ ...fields, orgId: principal.orgId, createdBy: principal.userId, ip: '', status: 'creating' });
-    }).then((record) => {
+    }, { undo: (record) => this.deps.sandboxes.delete(record.orgId, record.id) }).then((record) => {
       this.#event(record, 'sandbox.created', { name: record.name, imageId: record.imageId, cpu: record.cpu, mem: record.mem });
       return record;
     });
