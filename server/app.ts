@@ -108,7 +108,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   events.onWritten((event) => webhooks.handle(event));
   await webhooks.start();
   // Events of sandboxes whose deletion was cut short (the server stopped between the record and its stream).
-  await events.removeOrphans(new Set((await store.sandboxes.listAll()).map((r) => r.id)));
+  await events.removeOrphans(new Set((await store.sandboxes.listAll()).map((r) => r.id)), async (id) => (await store.sandboxes.findByIdInAnyOrg(id)) !== null);
   const lastUsed = new LastUsedTracker(store.apiKeys, log, config.API_KEY_LAST_USED_FLUSH_SEC * 1000);
   const serverNetwork = { egress: config.SANDBOX_DEFAULT_EGRESS, maxEgressBytes: config.SANDBOX_EGRESS_BYTES_MAX || null, privateAllow: config.SANDBOX_PRIVATE_ALLOW };
   const orgs = new OrgService({ store, lastUsed, network: serverNetwork, log });

@@ -5,7 +5,8 @@ import { MongoClient } from 'mongodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TooManyRequestsError } from '../server/errors.js';
 import pino from 'pino';
-import { hostIpLeases, LostHostSweeper } from '../server/services/fleet/host-membership.js';
+import { hostIpLeases, hostSandboxes, LostHostSweeper } from '../server/services/fleet/host-membership.js';
+import { WarmPool } from '../server/services/warm-pool.js';
 import { HostRegistry, sweepLostHosts } from '../server/services/fleet/host-registry.js';
 import { Placement } from '../server/services/fleet/placement.js';
 import { newId } from '../server/store/ids.js';
@@ -163,6 +164,24 @@ function fleetSuite(name: string, open: () => Promise<{ a: Store; b: Store; clea
       expect(await a.sandboxes.findByIdInAnyOrg(fresh!.id)).toMatchObject({ status: 'running' });
       expect((await a.hostSlots.listByHost(id)).map((s) => s.sandboxId)).toEqual([fresh!.id]);
       await a.hosts.setState(id, 'gone');
+    });
+
+    it("a host's warm pool starting up keeps another host's member claims (a hand-over in flight there is not cut), and releases claims whose sandbox is gone", async () => {
+      const [hostA, hostB] = [`wa${newId().slice(-6)}`, `wb${newId().slice(-6)}`];
+      const member = await b.sandboxes.create({ name: `pool-${hostB}`, orgId: '', createdBy: '', imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: {}, pool: 'p', hostId: hostB });
+      const gone = newId();
+      expect(await b.poolClaims.claim(member.id)).toBe(true);
+      expect(await b.poolClaims.claim(gone)).toBe(true);
+      const log = pino({ level: 'silent' });
+      // No WARM_POOL entries on host A: start() only reconciles claims and members (no sandbox service needed).
+      const pool = new WarmPool({ entries: [], service: undefined as never, sandboxes: hostSandboxes(a.sandboxes, hostA, a.hostSlots), claims: a.poolClaims, images: undefined as never, diskMb: 1, networkMode: 'none', log });
+      await pool.start();
+      await pool.close();
+      const claims = await a.poolClaims.list();
+      expect(claims).toContain(member.id);
+      expect(claims).not.toContain(gone);
+      await b.poolClaims.release(member.id);
+      await b.sandboxes.delete('', member.id);
     });
 
     it('of 20 concurrent registrations under one host id each epoch has one winner; a host declared lost is fenced until it registers again', async () => {

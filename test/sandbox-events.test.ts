@@ -565,6 +565,17 @@ describe('SandboxEventService on a real SQLite store', () => {
     await cleanup();
   });
 
+  it('keeps at startup the stream of a sandbox created after the record list was read (another fleet node\'s new sandbox is not an orphan)', async () => {
+    const { store, service, cleanup } = open();
+    const [fresh, orphan] = [newId(), newId()];
+    for (const sandboxId of [fresh, orphan]) await store.sandboxEvents.append({ sandboxId, seq: 1, orgId: 'o', type: 'sandbox.created', data: {}, createdAt: new Date() });
+    // Neither is in the list read first; only `fresh` exists when read again.
+    expect(await service.removeOrphans(new Set(), async (id) => id === fresh)).toBe(1);
+    expect(await store.sandboxEvents.lastSeq(fresh)).toBe(1);
+    expect(await store.sandboxEvents.lastSeq(orphan)).toBe(0);
+    await cleanup();
+  });
+
   it('never throws: past EVENTS_QUEUE_MAX, and while the store refuses writes, events are dropped, counted and logged once', async () => {
     const { dir, store, service, lines } = open(100);
     const id = newId();

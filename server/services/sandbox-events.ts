@@ -322,10 +322,12 @@ export class SandboxEventService implements SandboxEventSink {
    * Removes the streams of sandboxes that have no record (`known`: every sandbox id the store has),
    * left when a server stopped between deleting a sandbox and deleting its stream. Run at startup.
    */
-  async removeOrphans(known: ReadonlySet<string>): Promise<number> {
+  async removeOrphans(known: ReadonlySet<string>, exists?: (sandboxId: string) => Promise<boolean>): Promise<number> {
     let removed = 0;
     for (const id of await this.deps.repository.sandboxIds()) {
       if (known.has(id)) continue;
+      // Read again right before: a sandbox created since `known` was listed (by another fleet node) keeps its first events.
+      if (exists && (await exists(id))) continue;
       await this.deps.repository.deleteForSandbox(id);
       this.#deleted.add(id);
       removed++;

@@ -94,8 +94,10 @@ export class WarmPool {
     const records = await this.deps.sandboxes.listAll();
     const claimed = new Set(await this.deps.claims.list());
     const ids = new Set(records.map((r) => r.id));
-    // Claims of sandboxes that are gone are of no use to anyone.
-    for (const id of claimed) if (!ids.has(id)) await this.deps.claims.release(id);
+    // Claims of sandboxes that are gone are of no use to anyone. `listAll` is this host's own
+    // sandboxes in a fleet, the claims every host's: one not listed is released only once no host
+    // has its sandbox (another host's member may be in the middle of its hand-over).
+    for (const id of claimed) if (!ids.has(id) && !(await this.deps.sandboxes.findByIdInAnyOrg(id))) await this.deps.claims.release(id);
     let adopted = 0;
     for (const record of records.filter((r) => r.pool && r.orgId === '')) {
       const shape = this.#shapes.get(record.pool!);
