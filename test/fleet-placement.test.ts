@@ -1,7 +1,3 @@
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { MongoClient } from 'mongodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TooManyRequestsError } from '../server/errors.js';
 import pino from 'pino';
@@ -10,16 +6,15 @@ import { WarmPool } from '../server/services/warm-pool.js';
 import { HostRegistry, sweepLostHosts } from '../server/services/fleet/host-registry.js';
 import { Placement } from '../server/services/fleet/placement.js';
 import { newId } from '../server/store/ids.js';
-import { openMongoStore } from '../server/store/mongo/store.js';
-import { openSqliteStore } from '../server/store/sqlite/store.js';
 import { SANDBOX_NETWORK_NONE, type HostRecord, type SandboxRecord, type Store } from '../server/store/types.js';
+import { onSharedStores, type SharedStore } from './helpers/shared-store.js';
 
 /**
  * Fleet placement on the real stores (README "Fleet"). Two store connections stand for two API
  * nodes sharing one database; on MongoDB-wire stores (FerretDB in CI, which loses concurrent
  * updates) the slot and epoch claims must still have exactly one winner each.
  */
-function fleetSuite(name: string, open: () => Promise<{ a: Store; b: Store; cleanup: () => Promise<void> }>) {
+function fleetSuite(name: string, open: SharedStore) {
   describe(`fleet placement: ${name}`, () => {
     let a: Store;
     let b: Store;
@@ -218,41 +213,4 @@ function fleetSuite(name: string, open: () => Promise<{ a: Store; b: Store; clea
   });
 }
 
-fleetSuite('sqlite', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'voidrun-fleet-'));
-  const a = openSqliteStore(dir);
-  const b = openSqliteStore(dir);
-  return {
-    a,
-    b,
-    cleanup: async () => {
-      await a.close();
-      await b.close();
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-});
-
-const mongoUri = process.env.MONGO_URI;
-if (mongoUri) {
-  fleetSuite('mongo', async () => {
-    const dbName = `voidrun_fleet_${newId()}`;
-    const a = await openMongoStore({ uri: mongoUri, dbName });
-    const b = await openMongoStore({ uri: mongoUri, dbName });
-    return {
-      a,
-      b,
-      cleanup: async () => {
-        await a.close();
-        await b.close();
-        const client = new MongoClient(mongoUri);
-        await client.db(dbName).dropDatabase().catch(() => {});
-        await client.close();
-      },
-    };
-  });
-} else {
-  describe('fleet placement: mongo', () => {
-    it.skipIf(true)('needs MONGO_URI pointing at a MongoDB-wire server (FerretDB in CI)', () => {});
-  });
-}
+onSharedStores('fleet placement', fleetSuite);

@@ -533,6 +533,32 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       expect(await store.webhooks.listByOrg(orgId)).toEqual([]);
       expect((await store.webhookDeliveries.listPending(1000)).find((p) => p.id === d2.id)).toBeUndefined();
       expect(await store.webhookDeliveries.listAttempts(orgId, hook.id, 10)).toEqual([]);
+      expect(await store.webhookDeliveries.attemptClaimedAt(d2.id, 1, 0)).toBeNull();
+    });
+
+    it("claims each attempt of a delivery once among concurrent claimers (per generation); finishing or deleting the webhook drops the claims", async () => {
+      const orgId = newId();
+      const hook = await store.webhooks.create({ orgId, url: 'https://example.com/hook', events: [], secret: 's'.repeat(32), createdBy: newId() });
+      const d = await store.webhookDeliveries.create({ webhookId: hook.id, orgId, eventId: 'x:1', eventType: 'sandbox.created', body: '{}', attempts: 0, nextAttemptAt: new Date() });
+      expect(await store.webhookDeliveries.findById(d.id)).toEqual(d);
+      expect(await store.webhookDeliveries.findById(newId())).toBeNull();
+      expect(await store.webhookDeliveries.findById('nope')).toBeNull();
+      const claim = (attempt: number, gen: number) => store.webhookDeliveries.claimAttempt({ deliveryId: d.id, webhookId: hook.id, attempt, gen });
+      const won = await Promise.all(Array.from({ length: 20 }, () => claim(1, 0)));
+      expect(won.filter(Boolean)).toHaveLength(1);
+      const at = await store.webhookDeliveries.attemptClaimedAt(d.id, 1, 0);
+      expect(Math.abs(at!.getTime() - Date.now())).toBeLessThan(60_000);
+      expect(await store.webhookDeliveries.attemptClaimedAt(d.id, 1, 1)).toBeNull();
+      // A takeover is the next generation, and a later attempt its own key.
+      expect((await Promise.all(Array.from({ length: 20 }, () => claim(1, 1)))).filter(Boolean)).toHaveLength(1);
+      expect(await claim(2, 0)).toBe(true);
+      await store.webhookDeliveries.finish(d.id);
+      expect(await store.webhookDeliveries.attemptClaimedAt(d.id, 1, 0)).toBeNull();
+      expect(await store.webhookDeliveries.attemptClaimedAt(d.id, 2, 0)).toBeNull();
+      const d2 = await store.webhookDeliveries.create({ webhookId: hook.id, orgId, eventId: 'x:2', eventType: 'sandbox.created', body: '{}', attempts: 0, nextAttemptAt: new Date() });
+      expect(await store.webhookDeliveries.claimAttempt({ deliveryId: d2.id, webhookId: hook.id, attempt: 1, gen: 0 })).toBe(true);
+      expect(await store.webhooks.delete(orgId, hook.id)).toBe(true);
+      expect(await store.webhookDeliveries.attemptClaimedAt(d2.id, 1, 0)).toBeNull();
     });
 
     it("keeps a sandbox's lifecycle policies: stored at create, replaced whole by update; a record from before them has none", async () => {

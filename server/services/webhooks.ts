@@ -26,6 +26,10 @@ const RESUME_LIMIT = 10_000;
 const MAX_ERROR_CHARS = 300;
 /** How long an org's list of webhooks is used before it is read again (a webhook created or deleted by another server is seen within it). */
 const HOOKS_CACHE_MS = 30_000;
+/** How many of the earliest-due deliveries one sweep looks at. */
+const SWEEP_LIMIT = 1000;
+/** Takeovers of one attempt's claim at most (each after its holder stayed away past the stale age). */
+const MAX_CLAIM_GENS = 20;
 
 /**
  * Addresses a tenant's webhook never reaches unless WEBHOOK_ALLOW_PRIVATE opens them: this host
@@ -123,6 +127,15 @@ export interface WebhookServiceDeps {
   maxPendingPerOrg: number;
   /** ORG_MAX_WEBHOOKS */
   maxPerOrg: number;
+  /**
+   * How often pending deliveries no process holds are looked for (default 30 s): those of a server
+   * that stopped or died (another fleet node's, or this one's own attempts that failed to record).
+   */
+  sweepMs?: number;
+  /** How long past its due time a delivery must be before a sweep takes it (default 5 s; its holder's own timer comes first). */
+  sweepGraceMs?: number;
+  /** An attempt's claim older than this is taken over: its holder is taken to be gone (default max(60 s, 4 × timeoutMs)). */
+  staleClaimMs?: number;
   /** WEBHOOK_ALLOW_PRIVATE: CIDRs webhooks may reach though refused by default. */
   allowPrivate: readonly string[];
 }
@@ -132,7 +145,11 @@ type AttemptResult = { statusCode: number; error: null } | { statusCode: null; e
 /**
  * Org webhooks: every stored sandbox event goes to the org's webhooks that want its type, as a
  * signed POST. A delivery is stored before its first attempt and removed once delivered or out of
- * attempts, so deliveries pending when the server stops are taken up when it starts. Each attempt
+ * attempts, so deliveries pending when the server stops are taken up when it starts, and by a
+ * periodic sweep of any server on the store (a fleet node that died leaves its deliveries to the
+ * others). Each attempt is claimed in the store before it is made (`claimAttempt`: an insert
+ * against a unique key), so of the servers that hold one delivery exactly one makes each attempt; a
+ * claim whose holder went away is taken over once stale. Each attempt
  * resolves the URL's name, refuses it unless every address is allowed (see
  * `webhookAddressAllowed`), and connects to the address it checked, so a name that resolves
  * differently a moment later (DNS rebinding) cannot redirect the request.
@@ -150,6 +167,10 @@ export class WebhookService {
   readonly #attemptsSincePrune = new Map<string, number>();
   /** Deliveries this server holds per org (in flight, waiting for a slot, or for a retry): at most WEBHOOK_MAX_PENDING_PER_ORG. */
   readonly #pending = new Map<string, number>();
+  /** The ids of the deliveries this server holds (a sweep leaves them alone). */
+  readonly #held = new Set<string>();
+  #sweepTimer: NodeJS.Timeout | undefined;
+  #sweeping = false;
   /** Deliveries not stored per org since its last log line, and the timer of its next one. */
   readonly #dropped = new Map<string, { count: number; timer: NodeJS.Timeout }>();
   #closed = false;
@@ -217,10 +238,39 @@ export class WebhookService {
   async start(): Promise<void> {
     const pending = await this.deps.deliveries.listPending(RESUME_LIMIT);
     for (const d of pending) {
-      this.#pending.set(d.orgId, (this.#pending.get(d.orgId) ?? 0) + 1);
+      this.#hold(d);
       this.#schedule(d, d.nextAttemptAt.getTime() - Date.now());
     }
     if (pending.length) this.deps.log.info({ pending: pending.length }, 'webhook deliveries resumed');
+    this.#sweepTimer = setInterval(() => void this.sweep(), this.deps.sweepMs ?? 30_000);
+    this.#sweepTimer.unref();
+  }
+
+  /**
+   * Takes up the pending deliveries due for longer than the grace that this server does not hold
+   * (while the org has room under WEBHOOK_MAX_PENDING_PER_ORG): each attempt's claim decides
+   * whether this server or another makes it. Resolves to how many were taken up. Never throws.
+   */
+  async sweep(): Promise<number> {
+    if (this.#closed || this.#sweeping) return 0;
+    this.#sweeping = true;
+    try {
+      const before = Date.now() - (this.deps.sweepGraceMs ?? 5000);
+      let taken = 0;
+      for (const d of await this.deps.deliveries.listPending(SWEEP_LIMIT)) {
+        if (d.nextAttemptAt.getTime() > before) break;
+        if (this.#held.has(d.id) || (this.#pending.get(d.orgId) ?? 0) >= this.deps.maxPendingPerOrg) continue;
+        this.#hold(d);
+        this.#enqueue(d);
+        taken++;
+      }
+      return taken;
+    } catch (err) {
+      this.deps.log.warn({ err: (err as Error).message }, 'could not look for webhook deliveries to take up');
+      return 0;
+    } finally {
+      this.#sweeping = false;
+    }
   }
 
   /** A stored sandbox event: queues a delivery to each of the org's webhooks that want it. Never throws. */
@@ -232,6 +282,7 @@ export class WebhookService {
   /** Stops attempting; waits (at most WEBHOOK_TIMEOUT_MS) for attempts under way. Pending deliveries stay stored. */
   async close(): Promise<void> {
     this.#closed = true;
+    clearInterval(this.#sweepTimer);
     for (const t of this.#timers) clearTimeout(t);
     this.#timers.clear();
     this.#waiting.clear();
@@ -265,12 +316,20 @@ export class WebhookService {
         this.#ended(hook.orgId);
         throw err;
       }
+      this.#held.add(delivery.id);
       this.#enqueue(delivery);
     }
   }
 
-  /** A delivery this server held for the org is done (delivered, out of attempts, or left stored for a restart). */
-  #ended(orgId: string): void {
+  /** This server holds the delivery from now on (counted against its org's WEBHOOK_MAX_PENDING_PER_ORG). */
+  #hold(delivery: WebhookDeliveryRecord): void {
+    this.#held.add(delivery.id);
+    this.#pending.set(delivery.orgId, (this.#pending.get(delivery.orgId) ?? 0) + 1);
+  }
+
+  /** A delivery this server held for the org is done here (delivered, out of attempts, another server's, or left stored for a sweep or restart). */
+  #ended(orgId: string, deliveryId?: string): void {
+    if (deliveryId) this.#held.delete(deliveryId);
     const n = (this.#pending.get(orgId) ?? 1) - 1;
     if (n > 0) this.#pending.set(orgId, n);
     else this.#pending.delete(orgId);
@@ -326,11 +385,11 @@ export class WebhookService {
     this.#inFlight.set(orgId, (this.#inFlight.get(orgId) ?? 0) + 1);
     const run = this.#attempt(delivery)
       .then((retry) => {
-        if (!retry) this.#ended(orgId);
+        if (!retry) this.#ended(orgId, delivery.id);
       })
       .catch((err: Error) => {
-        // Left stored as it was: taken up at the next start.
-        this.#ended(orgId);
+        // Left stored as it was: taken up by a sweep once its claim is stale, or at the next start.
+        this.#ended(orgId, delivery.id);
         this.deps.log.warn({ webhook: delivery.webhookId, err: err.message }, 'webhook attempt failed');
       })
       .finally(() => {
@@ -345,8 +404,31 @@ export class WebhookService {
     this.#running.add(run);
   }
 
+  /**
+   * Claims the delivery's next attempt for this server: the delivery as stored now, or null when
+   * another server makes that attempt (its claim is fresh), made it already, or the delivery is done.
+   */
+  async #claim(held: WebhookDeliveryRecord): Promise<WebhookDeliveryRecord | null> {
+    const attempt = held.attempts + 1;
+    const staleMs = this.deps.staleClaimMs ?? Math.max(60_000, 4 * this.deps.timeoutMs);
+    for (let gen = 0; gen < MAX_CLAIM_GENS; gen++) {
+      if (await this.deps.deliveries.claimAttempt({ deliveryId: held.id, webhookId: held.webhookId, attempt, gen })) {
+        // What this server held may be old (read at startup or by a sweep): the attempt is ours
+        // only if the delivery is still at it.
+        const now = await this.deps.deliveries.findById(held.id);
+        return now && now.attempts === held.attempts ? now : null;
+      }
+      const at = await this.deps.deliveries.attemptClaimedAt(held.id, attempt, gen);
+      if (!at || Date.now() - at.getTime() < staleMs) return null;
+    }
+    this.deps.log.warn({ delivery: held.id, attempt }, `webhook delivery ${held.id}: attempt ${attempt} was taken over ${MAX_CLAIM_GENS} times; leaving it`);
+    return null;
+  }
+
   /** One attempt; resolves to whether a retry is scheduled (the delivery stays pending). */
-  async #attempt(delivery: WebhookDeliveryRecord): Promise<boolean> {
+  async #attempt(held: WebhookDeliveryRecord): Promise<boolean> {
+    const delivery = await this.#claim(held);
+    if (!delivery) return false;
     const hook = await this.deps.webhooks.findById(delivery.orgId, delivery.webhookId);
     if (!hook) {
       await this.deps.deliveries.finish(delivery.id);

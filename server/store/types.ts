@@ -421,19 +421,29 @@ export interface WebhookRepository {
   findById(orgId: string, id: string): Promise<WebhookRecord | null>;
   /** Oldest first. */
   listByOrg(orgId: string): Promise<WebhookRecord[]>;
-  /** Deletes the webhook with its pending deliveries and its log. */
+  /** Deletes the webhook with its pending deliveries, their claims and its log. */
   delete(orgId: string, id: string): Promise<boolean>;
 }
 
 /**
- * Deliveries waiting for their next attempt, and the log of attempts. Each delivery is worked by
- * one attempt at a time in the process that owns it, so its `reschedule` never races another.
+ * Deliveries waiting for their next attempt, and the log of attempts. Each attempt of a delivery
+ * is claimed first (`claimAttempt`: an insert against a unique key, the one write atomic on every
+ * MongoDB-wire store), so of several servers on one store exactly one makes it, and only the
+ * claimer writes the delivery (`reschedule`, `finish`): those never race each other.
  */
 export interface WebhookDeliveryRepository {
   create(delivery: NewRecord<WebhookDeliveryRecord>): Promise<WebhookDeliveryRecord>;
+  findById(id: string): Promise<WebhookDeliveryRecord | null>;
+  /**
+   * Claims attempt `attempt` of the delivery, in generation `gen` (a claim whose holder went away
+   * is taken over in the next generation): true for the one caller whose insert made it.
+   */
+  claimAttempt(claim: { deliveryId: string; webhookId: string; attempt: number; gen: number }): Promise<boolean>;
+  /** When that claim was made; null when there is none. */
+  attemptClaimedAt(deliveryId: string, attempt: number, gen: number): Promise<Date | null>;
   /** Records attempts made and when the next is due. */
   reschedule(id: string, attempts: number, nextAttemptAt: Date): Promise<void>;
-  /** A delivery that is done (delivered, or out of attempts) leaves the queue. */
+  /** A delivery that is done (delivered, or out of attempts) leaves the queue, with its claims. */
   finish(id: string): Promise<void>;
   /** Pending deliveries, the earliest due first, at most `limit`. */
   listPending(limit: number): Promise<WebhookDeliveryRecord[]>;

@@ -9,7 +9,7 @@ import type {
   WebhookRecord,
   WebhookRepository,
 } from '../types.js';
-import { fromDoc, objectId, op, stamp, toDoc } from './store.js';
+import { claimedByInsert, fromDoc, objectId, op, stamp, toDoc } from './store.js';
 
 /** Wide enough for any safe integer, so `_id`s of one sandbox sort as their `seq`s do. */
 const SEQ_DIGITS = 16;
@@ -58,6 +58,7 @@ export class MongoWebhooks implements WebhookRepository {
     private readonly c: Collection,
     private readonly deliveries: Collection,
     private readonly attempts: Collection,
+    private readonly claims: Collection<ClaimDoc>,
   ) {}
   async create(webhook: NewRecord<WebhookRecord>) {
     const rec = stamp(webhook);
@@ -77,16 +78,31 @@ export class MongoWebhooks implements WebhookRepository {
     const _id = objectId(id);
     if (!_id) return false;
     const gone = await op('', async () => (await this.c.deleteOne({ _id, orgId })).deletedCount > 0);
-    if (gone) await op('', () => Promise.all([this.deliveries.deleteMany({ webhookId: id }), this.attempts.deleteMany({ webhookId: id })]));
+    if (gone) await op('', () => Promise.all([this.deliveries.deleteMany({ webhookId: id }), this.attempts.deleteMany({ webhookId: id }), this.claims.deleteMany({ webhookId: id })]));
     return gone;
   }
 }
+
+/** An attempt's claim: `_id` is `<deliveryId>:<attempt>:<gen>`, so the built-in unique index picks its one claimer. */
+type ClaimDoc = { _id: string; deliveryId: string; webhookId: string; createdAt: Date };
 
 export class MongoWebhookDeliveries implements WebhookDeliveryRepository {
   constructor(
     private readonly c: Collection,
     private readonly attempts: Collection,
+    private readonly claims: Collection<ClaimDoc>,
   ) {}
+  async findById(id: string) {
+    const _id = objectId(id);
+    if (!_id) return null;
+    return op('', async () => fromDoc<WebhookDeliveryRecord>(await this.c.findOne({ _id })));
+  }
+  async claimAttempt(c: { deliveryId: string; webhookId: string; attempt: number; gen: number }) {
+    return claimedByInsert(() => this.claims.insertOne({ _id: `${c.deliveryId}:${c.attempt}:${c.gen}`, deliveryId: c.deliveryId, webhookId: c.webhookId, createdAt: new Date() }));
+  }
+  async attemptClaimedAt(deliveryId: string, attempt: number, gen: number) {
+    return op('', async () => (await this.claims.findOne({ _id: `${deliveryId}:${attempt}:${gen}` }))?.createdAt ?? null);
+  }
   async create(delivery: NewRecord<WebhookDeliveryRecord>) {
     const rec = stamp(delivery);
     await op('A delivery with this id', () => this.c.insertOne(toDoc(rec)));
@@ -94,12 +110,13 @@ export class MongoWebhookDeliveries implements WebhookDeliveryRepository {
   }
   async reschedule(id: string, attempts: number, nextAttemptAt: Date) {
     const _id = objectId(id);
-    // One attempt at a time works a delivery, so this update never races another.
+    // Only the claimer of the attempt writes this (see claimAttempt), so it never races another write.
     if (_id) await op('', () => this.c.updateOne({ _id }, { $set: { attempts, nextAttemptAt, updatedAt: new Date() } }));
   }
   async finish(id: string) {
     const _id = objectId(id);
     if (_id) await op('', () => this.c.deleteOne({ _id }));
+    await op('', () => this.claims.deleteMany({ deliveryId: id }));
   }
   async listPending(limit: number) {
     return op('', async () => (await this.c.find({}).sort({ nextAttemptAt: 1, _id: 1 }).limit(limit).toArray()).map((d) => fromDoc<WebhookDeliveryRecord>(d)!));
@@ -129,16 +146,19 @@ export async function ensureEventIndexes(db: Db): Promise<void> {
     db.collection('webhooks').createIndex({ orgId: 1, createdAt: 1 }, { name: 'webhooks_by_org' }),
     db.collection('webhook_deliveries').createIndex({ nextAttemptAt: 1 }, { name: 'webhook_deliveries_due' }),
     db.collection('webhook_attempts').createIndex({ webhookId: 1, createdAt: -1 }, { name: 'webhook_attempts_by_webhook' }),
+    db.collection('webhook_attempt_claims').createIndex({ deliveryId: 1 }, { name: 'webhook_attempt_claims_by_delivery' }),
+    db.collection('webhook_attempt_claims').createIndex({ webhookId: 1 }, { name: 'webhook_attempt_claims_by_webhook' }),
   ]);
 }
 
 export function mongoEventRepositories(db: Db) {
   const deliveries = db.collection('webhook_deliveries');
   const attempts = db.collection('webhook_attempts');
+  const claims = db.collection<ClaimDoc>('webhook_attempt_claims');
   return {
     sandboxEvents: new MongoSandboxEvents(db.collection<EventDoc>('sandbox_events')),
-    webhooks: new MongoWebhooks(db.collection('webhooks'), deliveries, attempts),
-    webhookDeliveries: new MongoWebhookDeliveries(deliveries, attempts),
+    webhooks: new MongoWebhooks(db.collection('webhooks'), deliveries, attempts, claims),
+    webhookDeliveries: new MongoWebhookDeliveries(deliveries, attempts, claims),
   };
 }
 

@@ -68,6 +68,7 @@ export class SqliteWebhooks implements WebhookRepository {
   readonly #delete;
   readonly #deleteDeliveries;
   readonly #deleteAttempts;
+  readonly #deleteClaims;
   constructor(db: Db) {
     this.#db = db;
     this.#insert = db.prepare('INSERT INTO webhooks (id, org_id, url, events, secret, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
@@ -76,6 +77,7 @@ export class SqliteWebhooks implements WebhookRepository {
     this.#delete = db.prepare('DELETE FROM webhooks WHERE org_id = ? AND id = ?');
     this.#deleteDeliveries = db.prepare('DELETE FROM webhook_deliveries WHERE webhook_id = ?');
     this.#deleteAttempts = db.prepare('DELETE FROM webhook_attempts WHERE webhook_id = ?');
+    this.#deleteClaims = db.prepare('DELETE FROM webhook_attempt_claims WHERE webhook_id = ?');
   }
   static #map(r: Row): WebhookRecord {
     return {
@@ -107,6 +109,7 @@ export class SqliteWebhooks implements WebhookRepository {
       if (gone) {
         this.#deleteDeliveries.run(id);
         this.#deleteAttempts.run(id);
+        this.#deleteClaims.run(id);
       }
       return gone;
     })();
@@ -114,19 +117,29 @@ export class SqliteWebhooks implements WebhookRepository {
 }
 
 export class SqliteWebhookDeliveries implements WebhookDeliveryRepository {
+  readonly #db: Db;
   readonly #insert;
+  readonly #byId;
+  readonly #claim;
+  readonly #claimedAt;
   readonly #reschedule;
   readonly #finish;
+  readonly #finishClaims;
   readonly #pending;
   readonly #insertAttempt;
   readonly #attempts;
   readonly #prune;
   constructor(db: Db) {
+    this.#db = db;
     this.#insert = db.prepare(
       'INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, body, attempts, next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
     );
     this.#reschedule = db.prepare('UPDATE webhook_deliveries SET attempts = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?');
     this.#finish = db.prepare('DELETE FROM webhook_deliveries WHERE id = ?');
+    this.#finishClaims = db.prepare('DELETE FROM webhook_attempt_claims WHERE delivery_id = ?');
+    this.#byId = db.prepare('SELECT * FROM webhook_deliveries WHERE id = ?');
+    this.#claim = db.prepare('INSERT INTO webhook_attempt_claims (id, delivery_id, webhook_id, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING');
+    this.#claimedAt = db.prepare('SELECT created_at FROM webhook_attempt_claims WHERE id = ?');
     this.#pending = db.prepare('SELECT * FROM webhook_deliveries ORDER BY next_attempt_at, id LIMIT ?');
     this.#insertAttempt = db.prepare(
       'INSERT INTO webhook_attempts (id, delivery_id, webhook_id, org_id, event_id, event_type, attempt, status_code, error, ok, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
@@ -176,8 +189,22 @@ export class SqliteWebhookDeliveries implements WebhookDeliveryRepository {
   async reschedule(id: string, attempts: number, nextAttemptAt: Date) {
     this.#reschedule.run(attempts, iso(nextAttemptAt), iso(new Date()), id);
   }
+  async findById(id: string) {
+    const r = this.#byId.get(id) as Row | undefined;
+    return r ? SqliteWebhookDeliveries.#map(r) : null;
+  }
+  async claimAttempt(c: { deliveryId: string; webhookId: string; attempt: number; gen: number }) {
+    return this.#claim.run(`${c.deliveryId}:${c.attempt}:${c.gen}`, c.deliveryId, c.webhookId, iso(new Date())).changes === 1;
+  }
+  async attemptClaimedAt(deliveryId: string, attempt: number, gen: number) {
+    const r = this.#claimedAt.get(`${deliveryId}:${attempt}:${gen}`) as Row | undefined;
+    return r ? date(r.created_at) : null;
+  }
   async finish(id: string) {
-    this.#finish.run(id);
+    this.#db.transaction(() => {
+      this.#finish.run(id);
+      this.#finishClaims.run(id);
+    })();
   }
   async listPending(limit: number) {
     return (this.#pending.all(limit) as Row[]).map((r) => SqliteWebhookDeliveries.#map(r));

@@ -147,4 +147,12 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
   updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS webhook_attempts_by_webhook ON webhook_attempts (webhook_id, created_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS webhook_attempt_claims (
+  id TEXT PRIMARY KEY,
+  delivery_id TEXT NOT NULL,
+  webhook_id TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_attempt_claims_by_delivery ON webhook_attempt_claims (delivery_id);
+CREATE INDEX IF NOT EXISTS webhook_attempt_claims_by_webhook ON webhook_attempt_claims (webhook_id);
 `;
