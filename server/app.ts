@@ -39,7 +39,7 @@ import { HostEventPoller } from './services/host-events.js';
 import { ActivityTracker } from './services/activity.js';
 import { LifecyclePolicy } from './services/lifecycle-policy.js';
 import { WarmPool } from './services/warm-pool.js';
-import { IdempotencyService } from './services/idempotency.js';
+import { IDEMPOTENCY_FLEET_LEASE_MS, IdempotencyService } from './services/idempotency.js';
 import { SandboxEgress } from './hypervisor/network/sandbox-egress.js';
 import { canSnapshot, countsNetworkBytes, type SandboxDriver } from './hypervisor/types.js';
 import { hostLimits, SandboxQuotas } from './services/sandbox-quotas.js';
@@ -253,7 +253,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       previewDomain: config.PREVIEW_DOMAIN,
       previewScheme: config.PREVIEW_URL_SCHEME,
     }),
-    idempotency: new IdempotencyService({ repository: store.idempotency, log, maxKeysPerOrg: config.IDEMPOTENCY_MAX_KEYS_PER_ORG }),
+    // In a fleet another node may be running a claim made before this one started: leases tell.
+    idempotency: new IdempotencyService({ repository: store.idempotency, log, maxKeysPerOrg: config.IDEMPOTENCY_MAX_KEYS_PER_ORG, ...(role === 'all' ? {} : { leaseMs: IDEMPOTENCY_FLEET_LEASE_MS }) }),
     fleetAdmin: new FleetAdmin({ hosts: store.hosts, slots: store.hostSlots, sandboxes: store.sandboxes, adminKey: config.ADMIN_API_KEY }),
     buildInfo: { ...readBuildInfo({ commit: config.VOIDRUN_COMMIT, buildTime: config.VOIDRUN_BUILD_TIME }), driver: { name: driver?.name ?? null, accelerator, reason }, role, nodeId },
   };

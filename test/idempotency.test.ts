@@ -8,7 +8,9 @@ import { newId } from '../server/store/ids.js';
 import { openSqliteStore } from '../server/store/sqlite/store.js';
 import { dropMongoDatabase } from './helpers/ferretdb.js';
 import { support } from './helpers/sandbox-support.js';
+import { onSharedStores } from './helpers/shared-store.js';
 import { startTestServer, uniqueEmail, type TestServer } from './helpers/server.js';
+import { until } from './helpers/until.js';
 
 interface Org {
   apiKey: string;
@@ -294,4 +296,57 @@ describe.skipIf(!support.ok || !mongoUri)('idempotent requests on MongoDB (MONGO
       await dropMongoDatabase(mongo);
     }
   }, 120_000);
+});
+
+/**
+ * Keys shared by fleet nodes (two IdempotencyServices with leases on two connections to one real
+ * store): a claim still running on one node is never taken over by a node that started after it,
+ * and a claim its node stopped renewing (died) is taken over once its lease runs out.
+ */
+onSharedStores('idempotency keys across fleet nodes', (kind, open) => {
+  describe(`idempotency keys across fleet nodes: ${kind}`, () => {
+    const principal = { orgId: newId(), keyId: 'k', userId: 'u' };
+    const replay = { save: (n: number) => String(n), load: async (s: string) => Number(s) };
+    const log = pino({ level: 'silent' });
+
+    it("a request still running on one node is not run again by a node started after it (409 in progress), and a dead node's claim is taken over after its lease", async () => {
+      const { a, b, cleanup } = await open();
+      const first = new IdempotencyService({ repository: a.idempotency, log, leaseMs: 300 });
+      let release = () => {};
+      const running = new Promise<void>((r) => (release = r));
+      let runs = 0;
+      const slow = first.run(principal, 'sandbox.create', 'slow', { name: 'x' }, replay, async () => {
+        runs++;
+        await running;
+        return 1;
+      });
+      await until(() => a.idempotency.find(principal.orgId, 'sandbox.create', 'slow'), (c) => c !== null, 'the first claim');
+      // Started after the claim, and asked after the lease's first length has passed (it was renewed).
+      const second = new IdempotencyService({ repository: b.idempotency, log, leaseMs: 300 });
+      try {
+        await until(async () => (await b.idempotency.find(principal.orgId, 'sandbox.create', 'slow'))!.expiresAt.getTime() - Date.now(), (ms) => ms > 250, 'a renewal');
+        const again = () => second.run(principal, 'sandbox.create', 'slow', { name: 'x' }, replay, async () => ++runs);
+        await expect(again()).rejects.toThrow(/still in progress/);
+        release();
+        expect(await slow).toBe(1);
+        expect(await again()).toBe(1);
+        expect(runs).toBe(1);
+        // Done: the key holds its result for the whole TTL, not the lease.
+        expect((await b.idempotency.find(principal.orgId, 'sandbox.create', 'slow'))!.expiresAt.getTime() - Date.now()).toBeGreaterThan(60 * 60 * 1000);
+
+        // A node that died mid-request: its claim, never renewed, holds the key until its lease ends.
+        const now = new Date();
+        expect(await a.idempotency.claim({ orgId: principal.orgId, operation: 'sandbox.create', key: 'dead', gen: 0, requestHash: hashOf({ name: 'y' }), createdAt: now, expiresAt: new Date(now.getTime() + 300) })).toBe(true);
+        const retry = () => second.run(principal, 'sandbox.create', 'dead', { name: 'y' }, replay, async () => 7);
+        const answered = await until(() => retry().catch((err: Error) => err.message), (v) => v === 7, 'the takeover after the lease');
+        expect(answered).toBe(7);
+        expect(await b.idempotency.find(principal.orgId, 'sandbox.create', 'dead')).toMatchObject({ gen: 1, result: '7' });
+      } finally {
+        release();
+        first.close();
+        second.close();
+        await cleanup();
+      }
+    });
+  });
 });

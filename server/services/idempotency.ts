@@ -9,6 +9,8 @@ import type { Principal } from './auth-service.js';
 export const IDEMPOTENCY_TTL_MS = 24 * 60 * 60 * 1000;
 /** The longest a retry waits for the first request with its key, still running in this server, to finish. */
 export const IDEMPOTENCY_WAIT_MS = 60_000;
+/** A fleet node's unfinished claim holds its key this long past its last renewal (every 10 s while it runs). */
+export const IDEMPOTENCY_FLEET_LEASE_MS = 30_000;
 /** Default bound on an org's keys held at once (IDEMPOTENCY_MAX_KEYS_PER_ORG). */
 export const IDEMPOTENCY_MAX_KEYS_PER_ORG = 10_000;
 /**
@@ -39,6 +41,13 @@ export interface IdempotencyOptions {
   maxKeysPerOrg?: number;
   /** How often expired keys are removed (default hourly). */
   pruneIntervalMs?: number;
+  /**
+   * With several servers on one store (a fleet): an unfinished claim holds its key only this long,
+   * renewed by its running claimer every third of it, and one its server stopped renewing (stopped,
+   * died) expires, so the next request takes the key over. Without it (one server), a claim left
+   * unfinished from before this server started is taken over at once.
+   */
+  leaseMs?: number;
 }
 
 /**
@@ -49,7 +58,8 @@ export interface IdempotencyOptions {
  * under the key is a 409 naming it. A retry arriving while the first request still runs in this
  * server waits for it (at most IDEMPOTENCY_WAIT_MS, then 409 "in progress"); one running in another
  * server is a 409 "in progress" at once. A claim whose request failed, that expired (24 h), or that a
- * server which stopped left unfinished is taken over by inserting the next generation: of concurrent
+ * server which stopped left unfinished (one server: claimed before it started; a fleet: its lease
+ * was not renewed, `leaseMs`) is taken over by inserting the next generation: of concurrent
  * retries exactly one inserts it and runs, and no claim is ever deleted or overwritten by anyone
  * but its claimer, so a retry can never free a claim another retry has just won. An org holds at
  * most `maxKeysPerOrg` live keys (a new key past it is a 429). Expired claims are pruned hourly.
@@ -136,15 +146,17 @@ export class IdempotencyService {
       }
       if (holder.result !== null) return { value: await replay.load(holder.result) };
       // Unfinished, and not running in this server: another server runs it, or one that stopped
-      // (claimed before this server started) left it.
-      if (holder.createdAt >= this.#startedAt) throw new ConflictError(`The first ${operation} request with Idempotency-Key ${key} is still in progress; retry later`);
+      // left it. In a fleet its lease says which (an abandoned claim has expired, above); alone,
+      // a claim from before this server started was left.
+      if (this.opts.leaseMs !== undefined || holder.createdAt >= this.#startedAt) throw new ConflictError(`The first ${operation} request with Idempotency-Key ${key} is still in progress; retry later`);
       gen = holder.gen + 1;
     }
     // The insert of generation `gen` decides which of the requests (of any server) that saw the same
     // holder runs; the others read the winner's claim on their next turn.
     const ttl = this.opts.ttlMs ?? IDEMPOTENCY_TTL_MS;
-    if (!(await repository.claim({ orgId, operation, key, gen, requestHash, createdAt: now, expiresAt: new Date(now.getTime() + ttl) }))) return null;
-    return { value: await this.#runClaimed({ orgId, operation, key, gen }, replay, fn) };
+    const held = this.opts.leaseMs ?? ttl;
+    if (!(await repository.claim({ orgId, operation, key, gen, requestHash, createdAt: now, expiresAt: new Date(now.getTime() + held) }))) return null;
+    return { value: await this.#runClaimed({ orgId, operation, key, gen }, new Date(now.getTime() + ttl), replay, fn) };
   }
 
   /** A 429 when the org already holds its bound of live keys (counted, so concurrent new keys may pass it by a few). */
@@ -155,17 +167,41 @@ export class IdempotencyService {
     }
   }
 
-  async #runClaimed<T>(claim: IdempotencyClaim, replay: Replay<T>, fn: () => Promise<T>): Promise<T> {
+  async #runClaimed<T>(claim: IdempotencyClaim, expiresAt: Date, replay: Replay<T>, fn: () => Promise<T>): Promise<T> {
+    const lease = this.#renewing(claim);
     let result: T;
     try {
       result = await fn();
     } catch (err) {
+      await lease.stop();
       // Failed: the claim ends now, and the next request with the key takes it over.
       await this.opts.repository.expire(claim, new Date()).catch(() => {});
       throw err;
     }
-    await this.opts.repository.complete(claim, replay.save(result));
+    // No renewal is under way when the result is written (a store that writes whole documents
+    // back would let a late renewal undo it).
+    await lease.stop();
+    await this.opts.repository.complete(claim, replay.save(result), this.opts.leaseMs !== undefined ? expiresAt : undefined);
     return result;
+  }
+
+  /** Renews a running claim's lease (fleet) every third of it until stopped; `stop` waits for a renewal under way. */
+  #renewing(claim: IdempotencyClaim): { stop: () => Promise<void> } {
+    const leaseMs = this.opts.leaseMs;
+    if (leaseMs === undefined) return { stop: async () => {} };
+    let writing: Promise<void> = Promise.resolve();
+    const timer = setInterval(() => {
+      writing = writing
+        .then(() => this.opts.repository.expire(claim, new Date(Date.now() + leaseMs)))
+        .catch((err: Error) => this.opts.log.warn({ key: claim.key, err: err.message }, 'could not renew an idempotency key in progress'));
+    }, Math.max(1, Math.floor(leaseMs / 3)));
+    timer.unref();
+    return {
+      stop: async () => {
+        clearInterval(timer);
+        await writing;
+      },
+    };
   }
 }
 

@@ -326,9 +326,12 @@ export interface IdempotencyRepository {
   claim(record: Omit<IdempotencyRecord, 'result'>): Promise<boolean>;
   /** The key's holder: its claim with the highest generation; null when it has none. */
   find(orgId: string, operation: string, key: string): Promise<IdempotencyRecord | null>;
-  /** Stores the result of the claim's request (only its claimer writes it). */
-  complete(claim: IdempotencyClaim, result: string): Promise<void>;
-  /** Ends a claim whose request failed: its expiry becomes `at` (only its claimer writes it), so the next request takes the key over. */
+  /** Stores the result of the claim's request, and its new expiry when given (only its claimer writes it). */
+  complete(claim: IdempotencyClaim, result: string, expiresAt?: Date): Promise<void>;
+  /**
+   * Sets the claim's expiry to `at` (only its claimer writes it): now, to end a claim whose request
+   * failed (the next request takes the key over), or later, to renew a running claim's lease.
+   */
   expire(claim: IdempotencyClaim, at: Date): Promise<void>;
   /** How many of the org's claims have not expired at `now` (the per-org bound on keys). */
   countLive(orgId: string, now: Date): Promise<number>;

@@ -377,8 +377,8 @@ class MongoIdempotency implements IdempotencyRepository {
       return rest as IdempotencyRecord;
     });
   }
-  async complete(c: IdempotencyClaim, result: string) {
-    await op('', () => this.c.updateOne({ _id: MongoIdempotency.#id(c) }, { $set: { result } }));
+  async complete(c: IdempotencyClaim, result: string, expiresAt?: Date) {
+    await op('', () => this.c.updateOne({ _id: MongoIdempotency.#id(c) }, { $set: expiresAt ? { result, expiresAt } : { result } }));
   }
   async expire(c: IdempotencyClaim, at: Date) {
     await op('', () => this.c.updateOne({ _id: MongoIdempotency.#id(c) }, { $set: { expiresAt: at } }));

@@ -379,7 +379,7 @@ class SqliteIdempotency implements IdempotencyRepository {
        ON CONFLICT (org_id, operation, key, gen) DO NOTHING`,
     );
     this.#find = db.prepare('SELECT * FROM idempotency_claims WHERE org_id = ? AND operation = ? AND key = ? ORDER BY gen DESC LIMIT 1');
-    this.#complete = db.prepare('UPDATE idempotency_claims SET result = ? WHERE org_id = ? AND operation = ? AND key = ? AND gen = ?');
+    this.#complete = db.prepare('UPDATE idempotency_claims SET result = ?, expires_at = COALESCE(?, expires_at) WHERE org_id = ? AND operation = ? AND key = ? AND gen = ?');
     this.#expire = db.prepare('UPDATE idempotency_claims SET expires_at = ? WHERE org_id = ? AND operation = ? AND key = ? AND gen = ?');
     this.#countLive = db.prepare('SELECT COUNT(*) AS n FROM idempotency_claims WHERE org_id = ? AND expires_at > ?');
     this.#prune = db.prepare('DELETE FROM idempotency_claims WHERE expires_at < ?');
@@ -401,8 +401,8 @@ class SqliteIdempotency implements IdempotencyRepository {
       expiresAt: date(r.expires_at),
     };
   }
-  async complete(c: IdempotencyClaim, result: string) {
-    this.#complete.run(result, c.orgId, c.operation, c.key, c.gen);
+  async complete(c: IdempotencyClaim, result: string, expiresAt?: Date) {
+    this.#complete.run(result, expiresAt ? iso(expiresAt) : null, c.orgId, c.operation, c.key, c.gen);
   }
   async expire(c: IdempotencyClaim, at: Date) {
     this.#expire.run(iso(at), c.orgId, c.operation, c.key, c.gen);
