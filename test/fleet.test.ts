@@ -10,7 +10,7 @@ import { support } from './helpers/sandbox-support.js';
 import { until } from './helpers/until.js';
 
 const mongoUri = process.env.MONGO_URI;
-const fleet = mongoUri ? new FleetProcesses(mongoUri, { HOST_HEARTBEAT_SEC: '1', HOST_DEAD_AFTER_SEC: '4', HOST_SLOTS: '3', PREVIEW_DOMAIN: 'preview.test', PREVIEW_URL_SCHEME: 'http' }) : null;
+const fleet = mongoUri ? new FleetProcesses(mongoUri, { HOST_HEARTBEAT_SEC: '1', HOST_DEAD_AFTER_SEC: '4', HOST_SLOTS: '3', ORG_MAX_STREAMS: '400', PREVIEW_DOMAIN: 'preview.test', PREVIEW_URL_SCHEME: 'http' }) : null;
 const token = fleet?.token ?? '';
 const adminKey = fleet?.adminKey ?? '';
 const db = fleet?.db ?? '';
@@ -113,6 +113,38 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     ws.close();
     await box.delete();
     expect((await json(`${api1.url}/api/sandboxes/${id}`, { apiKey })).status).toBe(404);
+  }, 120_000);
+
+  it('300 event streams open through one API node to one host do not hold up its other requests (no socket pool cap queues them)', async () => {
+    const created = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'many-streams' }) });
+    expect(created.status).toBe(201);
+    const id = created.body.data.id as string;
+    const { hostname, port } = new URL(api1.url);
+    const open: Array<{ destroy(): void }> = [];
+    try {
+      // Each an SSE stream of the sandbox's events, forwarded to its host for as long as it is open.
+      const statuses = await Promise.all(
+        Array.from({ length: 300 }, () =>
+          new Promise<number>((resolve, reject) => {
+            const req = httpRequest({ hostname, port, path: `/api/sandboxes/${id}/events/stream`, headers: { 'x-api-key': apiKey, accept: 'text/event-stream' }, agent: false }, (res) => {
+              open.push(res);
+              resolve(res.statusCode ?? 0);
+            });
+            open.push(req);
+            req.once('error', reject);
+            req.end();
+          }),
+        ),
+      );
+      expect(statuses.filter((s) => s !== 200)).toEqual([]);
+      // With all 300 open, a call on the same host is answered at once.
+      const ran = await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'echo through' }) });
+      expect(ran.status).toBe(200);
+      expect(JSON.stringify(ran.body)).toContain('through');
+    } finally {
+      for (const s of open) s.destroy();
+      await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
+    }
   }, 120_000);
 
   it("a key revoked through one API node closes its streams open through the other: an SSE exec stream and a terminal end within a heartbeat or so", async () => {

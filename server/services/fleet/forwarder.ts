@@ -38,9 +38,16 @@ const HOST_CACHE_MS = 1000;
 export class Forwarder {
   readonly #ofSandbox = new Map<string, { hostId: string; orgId: string }>();
   readonly #hosts = new Map<string, { record: HostRecord | null; at: number }>();
-  /** Proxied requests and upgrades (long downloads, streams) and procedure calls use separate pools, so one cannot starve the other. */
-  readonly #agent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64 });
-  readonly #callAgent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64 });
+  /**
+   * Proxied requests (long downloads, SSE streams) and procedure calls (subscriptions too) keep
+   * their sockets alive in separate pools. Neither caps its sockets: every SSE stream and
+   * subscription holds one for as long as it runs, and a cap would queue every later request to
+   * that host behind them (a hang, not an answer) once a few orgs' streams filled it. Each socket
+   * here serves one request of a client connected to this node, so they are bounded by this node's
+   * HTTP_MAX_CONNECTIONS, and the streams on a host by its ORG_MAX_STREAMS per org.
+   */
+  readonly #agent = new Agent({ keepAlive: true, maxFreeSockets: 64 });
+  readonly #callAgent = new Agent({ keepAlive: true, maxFreeSockets: 64 });
   /** What is in flight to each host, to cut when the host is declared lost (a frozen host accepts and never answers). */
   readonly #inflight = new Map<string, Set<(err: Error) => void>>();
 
