@@ -1,7 +1,7 @@
 import type { AddressInfo } from 'node:net';
 import { availableParallelism, totalmem } from 'node:os';
 import { pino, type Logger } from 'pino';
-import type { Config } from './config.js';
+import { hostPlacementSlots, type Config } from './config.js';
 import { withSandboxCache } from './store/sandbox-cache.js';
 import { withAuthCaches } from './store/auth-caches.js';
 import { createHttpServer, type HttpServer } from './http/server.js';
@@ -334,7 +334,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
           identity: async () => ({
             id: nodeId,
             address: advertisedAddress(config.HOST_ADVERTISE_ADDRESS, config.HOST_INTERNAL_PORT),
-            capacity: { cpu: availableParallelism(), memoryMb: Math.floor(totalmem() / 2 ** 20), diskMb: 0, slots: config.HOST_SLOTS },
+            capacity: { cpu: availableParallelism(), memoryMb: Math.floor(totalmem() / 2 ** 20), diskMb: 0, slots: hostPlacementSlots(config) },
             labels: { driver: driver?.name ?? 'none', kvm: String(accelerator === 'kvm') },
             images: [],
           }),

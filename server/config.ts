@@ -289,6 +289,20 @@ const EnvSchema = z.object({
 
 export type Config = z.infer<typeof EnvSchema>;
 
+/** How many sandboxes WARM_POOL keeps ready (every entry's count). */
+export function warmPoolMembers(entries: readonly WarmPoolEntry[]): number {
+  return entries.reduce((n, e) => n + e.count, 0);
+}
+
+/**
+ * The slots a fleet host offers placement: HOST_SLOTS less its warm pool's members, which run
+ * there without a slot of their own (a create served from the pool takes the slot its API node
+ * reserved, and the pool builds a member anew), so members and placed sandboxes stay within HOST_SLOTS.
+ */
+export function hostPlacementSlots(c: Pick<Config, 'HOST_SLOTS' | 'WARM_POOL'>): number {
+  return c.HOST_SLOTS - warmPoolMembers(c.WARM_POOL);
+}
+
 /** The names of every variable the server reads (the deployment files are checked against it). */
 export const configVariables: readonly string[] = Object.keys(EnvSchema.shape);
 
@@ -316,6 +330,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     }
     if (c.VOIDRUN_ROLE !== 'all' && !c.MONGO_URI) {
       throw new ConfigError(`Invalid configuration: MONGO_URI="" — expected the fleet's MongoDB (VOIDRUN_ROLE=${c.VOIDRUN_ROLE}: every node shares one store; the embedded SQLite is one process's)`);
+    }
+    if (c.VOIDRUN_ROLE === 'host' && hostPlacementSlots(c) < 1) {
+      throw new ConfigError(`Invalid configuration: HOST_SLOTS=${c.HOST_SLOTS} — expected more than the ${warmPoolMembers(c.WARM_POOL)} sandboxes WARM_POOL keeps ready on this host (members count against its slots)`);
     }
     if (c.HOST_DEAD_AFTER_SEC < 2 * c.HOST_HEARTBEAT_SEC) {
       throw new ConfigError(`Invalid configuration: HOST_DEAD_AFTER_SEC=${c.HOST_DEAD_AFTER_SEC} — expected at least twice HOST_HEARTBEAT_SEC (${c.HOST_HEARTBEAT_SEC})`);

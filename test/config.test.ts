@@ -5,7 +5,7 @@ import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig } from '../server/config.js';
+import { ConfigError, hostPlacementSlots, loadConfig } from '../server/config.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const main = join(root, 'server', 'main.ts');
@@ -51,9 +51,19 @@ describe('config', () => {
     [{ VOIDRUN_ROLE: 'host', CLUSTER_TOKEN: 'x'.repeat(32) }, /MONGO_URI="" — expected the fleet's MongoDB \(VOIDRUN_ROLE=host: every node shares one store/],
     [{ CLUSTER_TOKEN: 'short' }, /^Invalid configuration: CLUSTER_TOKEN=<5 characters, not shown> — expected at least 32 characters$/],
     [{ HOST_HEARTBEAT_SEC: '10', HOST_DEAD_AFTER_SEC: '15' }, /HOST_DEAD_AFTER_SEC=15 — expected at least twice HOST_HEARTBEAT_SEC \(10\)/],
+    [
+      { VOIDRUN_ROLE: 'host', CLUSTER_TOKEN: 'x'.repeat(32), MONGO_URI: 'mongodb://db/', HOST_SLOTS: '4', WARM_POOL: 'debian:1cpu:1024mb=3,debian:2cpu:2048mb=1' },
+      /HOST_SLOTS=4 — expected more than the 4 sandboxes WARM_POOL keeps ready on this host \(members count against its slots\)/,
+    ],
   ])('rejects %o with one line naming the variable', (env, message) => {
     expect(() => loadConfig(env)).toThrowError(ConfigError);
     expect(() => loadConfig(env)).toThrowError(message);
+  });
+
+  it("a fleet host offers placement HOST_SLOTS less its warm pool's members (no overcommit by members that hold no slot)", () => {
+    const fleetHost = { VOIDRUN_ROLE: 'host', CLUSTER_TOKEN: 'x'.repeat(32), MONGO_URI: 'mongodb://db/', HOST_SLOTS: '10' };
+    expect(hostPlacementSlots(loadConfig({ ...fleetHost, WARM_POOL: 'debian:1cpu:1024mb=3,debian:2cpu:2048mb=2' }))).toBe(5);
+    expect(hostPlacementSlots(loadConfig(fleetHost))).toBe(10);
   });
 
   it("accepts every variable of the original's we honour or ignore, with the original's defaults", () => {
