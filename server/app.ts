@@ -127,6 +127,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     // Layers the sandboxes here mount (their `lower` files) stay through a layer GC.
     instancesDir: config.INSTANCES_DIR,
     snapshotsDir: config.SNAPSHOTS_DIR,
+    ...(role === 'host' ? { hostId: nodeId } : {}),
+    ...(role === 'api' ? { prepareRootfs: false } : {}),
     log,
   });
   const vmImages = new VmImages({ baseImagesDir: config.BASE_IMAGES_DIR, rootfs, containerUidBase: config.SANDBOX_UID_BASE, instancesDir: config.INSTANCES_DIR, log });
@@ -216,6 +218,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     rootfs,
     log,
     images: images.repositoryForBuilds(),
+    ...(role === 'host' ? { hostId: nodeId } : {}),
     budget: (orgId: string) => images.diskBudget(orgId, 'this image build').catch(() => 0),
     ...(driver && agents && driver.name === 'container' && canSnapshot(driver) ? { container: { driver, agents, network: sandboxes.defaultNetwork() } } : {}),
   }).catch((err: Error) => {

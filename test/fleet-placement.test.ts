@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { TooManyRequestsError } from '../server/errors.js';
+import { HostUnavailableError, TooManyRequestsError } from '../server/errors.js';
 import pino from 'pino';
 import { hostIpLeases, hostSandboxes, LostHostSweeper } from '../server/services/fleet/host-membership.js';
 import { WarmPool } from '../server/services/warm-pool.js';
@@ -69,6 +69,30 @@ function fleetSuite(name: string, open: SharedStore) {
       expect(again.host.id).toBe(first.host.id);
       expect(again.slot).toBe(first.slot);
       for (const id of ids) await a.hosts.setState(id, 'gone');
+    });
+
+    it("places an image's sandboxes on its host only: 429 naming that host when its slots are held, 503 while it takes none; a build goes to a ready host", async () => {
+      const prefix = `i${newId().slice(-6)}`;
+      const [home, other] = [`${prefix}-home`, `${prefix}-other`];
+      await a.hosts.put(host(home, { capacity: { cpu: 8, memoryMb: 16384, diskMb: 100000, slots: 2 } }));
+      await a.hosts.put(host(other));
+      for (const h of await a.hosts.list()) if (h.id !== home && h.id !== other) await a.hosts.setState(h.id, 'draining');
+      const pa = placements(a);
+      const placed = await Promise.all([pa.place({ cpu: 1, memMb: 512, hostId: home }), placements(b).place({ cpu: 1, memMb: 512, hostId: home })]);
+      expect(placed.map((p) => p.host.id)).toEqual([home, home]);
+      const full = await pa.place({ cpu: 1, memMb: 512, hostId: home }).catch((e: unknown) => e);
+      expect(full).toBeInstanceOf(TooManyRequestsError);
+      expect((full as Error).message).toContain(`Fleet host ${home}, which holds the image's layers, has all its 2 sandbox slots held`);
+      // Without the image's host, the other one still takes sandboxes.
+      expect((await pa.place({ cpu: 1, memMb: 512 })).host.id).toBe(other);
+      await a.hosts.setState(home, 'draining');
+      const away = await pa.place({ cpu: 1, memMb: 512, hostId: home }).catch((e: unknown) => e);
+      expect(away).toBeInstanceOf(HostUnavailableError);
+      expect((away as Error).message).toContain(`The image's layers are on fleet host ${home}, which takes no sandboxes now`);
+      expect((await pa.builder()).id).toBe(other);
+      await a.hosts.setState(other, 'draining');
+      await expect(pa.builder()).rejects.toThrow(/No fleet host is ready to build images now/);
+      for (const id of [home, other]) await a.hosts.setState(id, 'gone');
     });
 
     it('never places on a draining, unresponsive or gone host, one with a stale heartbeat, or one too small; prefers hosts with the image', async () => {

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createClient } from '../client/index.js';
 import { FleetProcesses, json, launch, runc, stopNode, type FleetNode as Node } from './helpers/fleet-nodes.js';
+import { ociLayout } from './helpers/oci-archive.js';
 import { support } from './helpers/sandbox-support.js';
 import { until } from './helpers/until.js';
 
@@ -114,6 +115,45 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     await box.delete();
     expect((await json(`${api1.url}/api/sandboxes/${id}`, { apiKey })).status).toBe(404);
   }, 120_000);
+
+  it("an image built or imported through an API node lives on the host that made its layers: its sandboxes go there, its log and delete reach it", async () => {
+    const imageHost = async (id: string) => (await mongo.db(db).collection('images').findOne({ _id: new ObjectId(id) }))?.hostId as string | undefined;
+    const hostIds = await Promise.all([h1, h2].map(async (n) => (await json(`${n.url}/api/version`)).body.nodeId as string));
+    const made = await json(`${api1.url}/api/images`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'fleet-built', base: 'debian', run: ['echo built-in-the-fleet > /built'] }) });
+    expect(made.status, JSON.stringify(made.body)).toBe(201);
+    const imageId = (made.body.data?.id ?? made.body.id) as string;
+    const home = await imageHost(imageId);
+    expect(hostIds).toContain(home);
+    // Followed through the other API node: its record, and its log from the host that builds it.
+    await until(async () => (await json(`${api2.url}/api/images/${imageId}`, { apiKey })).body, (b) => (b.data ?? b).status !== 'building', 'the build to end', 180_000, 250);
+    expect((await json(`${api2.url}/api/images/${imageId}`, { apiKey })).body).toMatchObject({ status: 'ready' });
+    const log = await json(`${api2.url}/api/images/${imageId}/logs`, { apiKey });
+    expect(log.status).toBe(200);
+    expect(JSON.stringify(log.body)).toContain('echo built-in-the-fleet');
+    // Its sandboxes are placed on its host only (the other host has no such layers).
+    const ids: string[] = [];
+    for (const name of ['from-built-1', 'from-built-2']) {
+      const box = await json(`${api2.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name, templateId: 'fleet-built' }) });
+      expect(box.status, JSON.stringify(box.body)).toBe(201);
+      ids.push(box.body.data.id);
+      expect(await hostOf(box.body.data.id)).toBe(home);
+    }
+    const ran = await json(`${api1.url}/api/sandboxes/${ids[0]}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'cat /built' }) });
+    expect(JSON.stringify(ran.body)).toContain('built-in-the-fleet');
+    // In use: the host's own answer (409), through either node; once unused, deleted there.
+    expect((await json(`${api2.url}/api/images/${imageId}`, { method: 'DELETE', apiKey })).status).toBe(409);
+    for (const id of ids) expect((await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    expect((await json(`${api2.url}/api/images/${imageId}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    expect((await json(`${api1.url}/api/images/${imageId}`, { apiKey })).status).toBe(404);
+
+    // An OCI import through an API node is made on a host, and named its own.
+    const archive = ociLayout({ layers: [[{ name: 'etc/' }, { name: 'etc/imported', body: 'yes' }]], env: ['PATH=/usr/bin:/bin'] });
+    const imported = await fetch(`${api2.url}/api/images/import?name=fleet-imported`, { method: 'POST', headers: { 'x-api-key': apiKey, 'content-type': 'application/x-tar' }, body: archive });
+    const importedBody = (await imported.json()) as { data: { id: string } };
+    expect(imported.status, JSON.stringify(importedBody)).toBe(201);
+    expect(hostIds).toContain(await imageHost(importedBody.data.id));
+    expect((await json(`${api1.url}/api/images/${importedBody.data.id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+  }, 300_000);
 
   it('300 event streams open through one API node to one host do not hold up its other requests (no socket pool cap queues them)', async () => {
     const created = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'many-streams' }) });

@@ -297,7 +297,11 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
         name: `built-${newId()}`, tag: 'latest', description: '', base: 'debian', orgId, isSystem: false, createdBy: newId(),
         status: 'building', source: 'recipe', recipe, parentId: newId(), env: { A: '1' }, workdir: '/srv',
       });
-      expect(img).toMatchObject({ status: 'building', source: 'recipe', layers: [], recipe, env: { A: '1' }, workdir: '/srv', sizeBytes: 0, error: null, progress: null });
+      expect(img).toMatchObject({ status: 'building', source: 'recipe', layers: [], recipe, env: { A: '1' }, workdir: '/srv', sizeBytes: 0, error: null, progress: null, hostId: null });
+      // A fleet host's image names the host; its updates keep it.
+      const hosted = await store.images.create({ name: `hosted-${newId()}`, tag: 'latest', description: '', base: 'debian', orgId, isSystem: false, createdBy: newId(), status: 'building', source: 'recipe', recipe, hostId: 'node-abc' });
+      expect(await store.images.update(hosted.id, { status: 'ready', progress: null })).toMatchObject({ status: 'ready', hostId: 'node-abc' });
+      expect(await store.images.findById(hosted.id)).toMatchObject({ hostId: 'node-abc' });
       expect(await store.images.findById(img.id)).toEqual(img);
       const progress = { step: 1, steps: 2, message: 'packages' };
       expect(await store.images.update(img.id, { progress })).toMatchObject({ status: 'building', progress, recipe });
@@ -312,7 +316,7 @@ function storeContract(name: string, open: () => Promise<OpenedStore>) {
       const [legacy, legacySys] = [newId(), newId()];
       await writeLegacyImage(legacy, orgId, `old-${newId()}`);
       await writeLegacyImage(legacySys, null, `oldsys-${newId()}`);
-      const defaults = { status: 'ready', layers: [], parentId: null, recipe: null, env: {}, workdir: null, sizeBytes: 0, error: null, progress: null };
+      const defaults = { status: 'ready', layers: [], parentId: null, recipe: null, env: {}, workdir: null, sizeBytes: 0, error: null, progress: null, hostId: null };
       expect(await store.images.findById(legacy)).toMatchObject({ ...defaults, source: 'alias', base: 'debian' });
       expect(await store.images.findById(legacySys)).toMatchObject({ ...defaults, source: 'system', isSystem: true });
       expect(await store.images.update(legacy, { status: 'failed', error: 'x' })).toMatchObject({ status: 'failed', error: 'x', source: 'alias', layers: [] });

@@ -63,6 +63,9 @@ const wsReadHighWater = 4 * 1024 * 1024;
 /** Past this many queries and mutations in flight, a tRPC WebSocket is not read until some end. */
 const wsMaxCallsInFlight = 64;
 
+/** Where an API node sends a request: a sandbox's host (`keyless`: the host authorizes), or a host placement picks for an image import. */
+type FleetRoute = { sandboxId: string; keyless: boolean } | { imageImport: true };
+
 export interface HttpServerOptions {
   router: AppRouter;
   services: Services;
@@ -359,11 +362,13 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    * a path a fleet node refuses: it routes by the path as sent, so one the URL parser would resolve
    * elsewhere is a 400.
    */
-  function fleetRoute(req: IncomingMessage, path: string): { sandboxId: string; keyless: boolean } | DomainError | null {
+  function fleetRoute(req: IncomingMessage, path: string): FleetRoute | DomainError | null {
     if (!opts.fleet && !opts.clusterToken) return null;
     const previewId = services.ports.previewTarget(req.headers.host)?.id ?? null;
     if (!previewId && hasDotSegments(routedPart(path))) return dotSegmentsError(path);
     if (!opts.fleet) return null;
+    // An OCI import writes a layer: it runs on a host (whose layer store keeps it), one placement picks.
+    if (!previewId && req.method === 'POST' && path === '/api/images/import') return { imageImport: true };
     const sandboxId = previewId ?? fleetSandboxOfPath(path);
     // A sandbox's ports and preview host need no key of ours (public ports, preview tokens): its host decides.
     return sandboxId ? { sandboxId, keyless: previewId !== null || sandboxPortPath.test(path) } : null;
@@ -374,7 +379,11 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    * the sandbox's (answered here as a sandbox that does not exist). The caller is authenticated
    * before anything reaches a host (which checks again), unless the route is keyless.
    */
-  async function forwardTarget(req: IncomingMessage, route: { sandboxId: string; keyless: boolean }): Promise<HostRecord | null> {
+  async function forwardTarget(req: IncomingMessage, route: FleetRoute): Promise<HostRecord | null> {
+    if ('imageImport' in route) {
+      await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+      return opts.fleet!.placement.builder();
+    }
     const target = await opts.fleet!.forwarder.target(route.sandboxId);
     if (!target) return null;
     if (!route.keyless) {
@@ -385,10 +394,14 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   }
 
   /** Resolves the forwarded route's label, or null when the request is answered here. */
-  async function forwardRequest(req: IncomingMessage, res: ServerResponse, route: { sandboxId: string; keyless: boolean }): Promise<string | null> {
+  async function forwardRequest(req: IncomingMessage, res: ServerResponse, route: FleetRoute): Promise<string | null> {
     const { forwarder } = opts.fleet!;
     const host = await forwardTarget(req, route);
     if (!host) return null;
+    if ('imageImport' in route) {
+      await forwarder.proxyRequest(req, res, host);
+      return 'forwarded';
+    }
     // A lost host's sandbox is still read and deleted here (REST GET and DELETE of the sandbox itself).
     const own = (req.url ?? '').split('?')[0] === `/api/sandboxes/${route.sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
     if (own && !forwarder.serving(host)) return null;
@@ -679,7 +692,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (opts.clusterToken && !fromCluster.has(req)) return refuse(socket)(notForHostsPublicPort(path));
     const fleet = fleetRoute(req, path);
     if (fleet instanceof DomainError) return refuse(socket)(fleet);
-    if (fleet) {
+    if (fleet && !('imageImport' in fleet)) {
       const { forwarder } = opts.fleet!;
       void forwardTarget(req, fleet).then((host) => {
         if (!host) return routeUpgradeHere(req, socket, head, path);

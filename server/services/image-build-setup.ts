@@ -31,6 +31,8 @@ export interface ImageBuildsSetup {
   container?: { driver: SandboxDriver & SnapshottingDriver; agents: AgentClients; network?: NetworkPolicy };
   /** The image records builds report to; a script building system images only passes none. */
   images?: ImageRepository;
+  /** A fleet host's node id (its builds are of its own images). */
+  hostId?: string;
   onLine?: (image: ImageRecord, line: string) => void;
   /** Bytes of ORG_MAX_DISK_MB an org has left for images (ImageService.diskBudget): a build passing it fails at that step. */
   budget?: (orgId: string) => Promise<number>;
@@ -101,6 +103,7 @@ export async function createImageBuilds(setup: ImageBuildsSetup): Promise<{
     buildTimeoutMs: config.IMAGE_BUILD_TIMEOUT_SEC * 1000,
     ...(setup.onLine ? { onLine: setup.onLine } : {}),
     ...(setup.budget ? { budget: setup.budget } : {}),
+    ...(setup.hostId ? { hostId: setup.hostId } : {}),
     ...(setup.images ? { discardLayers: (ids: string[]) => discardUnnamed(setup.layers, setup.images!, ids, log) } : {}),
   });
   return {

@@ -29,6 +29,8 @@ export interface ImageBuildsOptions {
   budget?: (orgId: string) => Promise<number>;
   /** Removes layers a build made that ended failed or cancelled (those no image record names), so they do not sit on disk uncounted. */
   discardLayers?: (layerIds: string[]) => Promise<void>;
+  /** A fleet host's node id: only builds of its own images (`ImageRecord.hostId`) are resumed here. */
+  hostId?: string;
 }
 
 /** The queue lane of system image builds (`code`, test setup): served before any org's builds. */
@@ -140,7 +142,8 @@ export class ImageBuilds {
   async resume(): Promise<void> {
     const pruned = await this.pruneLogs().catch((err: Error) => (this.deps.log.warn({ err: err.message }, 'could not prune build logs'), 0));
     if (pruned) this.deps.log.info({ logs: pruned }, `removed ${pruned} build log(s) of deleted images`);
-    const building = (await this.deps.images.listAll()).filter((r) => r.status === 'building' && r.recipe);
+    // In a fleet each host resumes its own (another's build, and its layers, are that host's).
+    const building = (await this.deps.images.listAll()).filter((r) => r.status === 'building' && r.recipe && (r.hostId ?? null) === (this.deps.hostId ?? null));
     for (const image of building) {
       if (this.#active.has(image.id)) continue; // queued or running here already
       const parent = image.parentId ? await this.deps.images.findById(image.parentId) : null;

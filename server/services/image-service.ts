@@ -49,6 +49,10 @@ export interface ImageServiceDeps {
   instancesDir?: string;
   /** SNAPSHOTS_DIR: a kept snapshot counts as a user of the image it was taken on (its `.image.json`). */
   snapshotsDir?: string;
+  /** A fleet host's node id: images it makes layers for are its own (`ImageRecord.hostId`). */
+  hostId?: string;
+  /** false on a fleet API node: it runs no sandboxes, so an alias's root filesystem is not built there (each host builds its own on first use). */
+  prepareRootfs?: boolean;
   log: Logger;
 }
 
@@ -169,6 +173,7 @@ export class ImageService {
     const parent = await this.#baseOf(principal, recipe.base ?? 'debian');
     const steps = planSteps(recipe, parent).length;
     assertStackable(parent, steps, `Image ${input.name}`);
+    this.#assertLayersHere(parent, 'build on it');
     const fields: NewImageRecord = {
       name: input.name,
       tag: input.version ?? 'latest',
@@ -185,8 +190,8 @@ export class ImageService {
       env: { ...parent.env, ...recipe.env },
       workdir: recipe.workdir ?? parent.workdir,
     };
-    // Only config (env): nothing to build, ready at once.
-    if (steps === 0) return this.#toImage(await this.deps.images.create({ ...fields, status: 'ready' }));
+    // Only config (env): nothing to build, ready at once, on its parent's layers (and host).
+    if (steps === 0) return this.#toImage(await this.deps.images.create({ ...fields, status: 'ready', hostId: parent.hostId }));
     const builds = this.#builds;
     if (!builds) throw new ConflictError('This server cannot build images: recipe builds run in a container sandbox and the container driver is not available here');
     // One org's checks and record writes one at a time, so concurrent requests cannot pass the cap together.
@@ -197,7 +202,7 @@ export class ImageService {
         throw new TooManyRequestsError(`Your organization already has ${building.length} image builds queued or running (IMAGE_BUILDS_PER_ORG ${max}): wait for ${building.map((i) => i.name).join(', ')} to finish, or delete one`);
       }
       await this.#quotas?.imageBudget(principal.orgId, `image ${input.name}`);
-      const record = await this.deps.images.create({ ...fields, status: 'building', progress: { step: 0, steps, message: 'queued' } });
+      const record = await this.deps.images.create({ ...fields, status: 'building', progress: { step: 0, steps, message: 'queued' }, hostId: this.deps.hostId ?? null });
       try {
         builds.enqueue(record, parent);
       } catch (err) {
@@ -225,7 +230,7 @@ export class ImageService {
       source: 'alias',
     });
     // Build in the background so the first sandbox on it starts sooner; failures surface there.
-    this.deps.rootfs.ensure(base).catch((err: Error) => this.deps.log.error({ image: base, err: err.message }, 'image build failed'));
+    if (this.deps.prepareRootfs !== false) this.deps.rootfs.ensure(base).catch((err: Error) => this.deps.log.error({ image: base, err: err.message }, 'image build failed'));
     return this.#toImage(record);
   }
 
@@ -287,6 +292,7 @@ export class ImageService {
       env: input.env,
       workdir: input.workdir,
       sizeBytes: input.sizeBytes,
+      hostId: this.deps.hostId ?? null,
     });
     this.deps.layers?.settle([input.layerId]);
     return this.#toImage(record);
@@ -384,6 +390,21 @@ export class ImageService {
     return image;
   }
 
+  /**
+   * 409 when the image's layers are another fleet host's (an API node routes its sandboxes, builds
+   * and deletes to that host; this is the host's own check).
+   */
+  #assertLayersHere(image: ImageRecord, what: string): void {
+    if (image.hostId && image.hostId !== this.deps.hostId) {
+      throw new ConflictError(`Image ${image.name}'s layers are on fleet host ${image.hostId}, not this one: ${what} through an API node, which sends it there`);
+    }
+  }
+
+  /** The sandbox-side form of the check above: the image a sandbox of this host is made from holds its layers here. */
+  assertRunsHere(image: ImageRecord): void {
+    this.#assertLayersHere(image, 'create its sandboxes');
+  }
+
   /** 409 when image `id` was deleted since it was resolved (checked when a sandbox record is inserted). */
   async assertExists(id: string): Promise<void> {
     if (!(await this.deps.images.findById(id))) throw new ConflictError(`Image ${id} was deleted while the sandbox was being created; create it again with another image`);
@@ -471,6 +492,7 @@ export class ImageService {
       source: 'sandbox',
       layers: [...parent.layers, input.layer.id],
       parentId: parent.id,
+      hostId: this.deps.hostId ?? null,
       env: parent.env,
       workdir: parent.workdir,
       sizeBytes: input.layer.bytes,

@@ -205,6 +205,7 @@ export class SandboxService {
     const image = await this.deps.images.resolve(principal, input.templateId);
     // Before anything is recorded: an image still building (or failed) is a 409 IMAGE_NOT_READY, not a sandbox in error.
     this.deps.images.assertUsable(image);
+    this.deps.images.assertRunsHere(image);
     const fields: NewSandboxFields = {
       name: input.name,
       imageId: image.id,

@@ -147,18 +147,25 @@ export interface ImageRecord {
   sizeBytes: number;
   error: string | null;
   progress: ImageProgress | null;
+  /**
+   * In a fleet, the host whose layer store holds the image's own layers (it built, imported or
+   * captured them; a config-only recipe image inherits its parent's): sandboxes of it run there,
+   * and its builds, logs and delete are that host's. null: no layers of a host's own (system
+   * images and aliases, which every host prepares itself; every image of a single server).
+   */
+  hostId: string | null;
 }
 
 /** What images stored before layered images existed read as: ready aliases of a system rootfs (or the system image itself). */
 export function imageDefaults(isSystem: boolean): Pick<ImageRecord, ImageDetailKey> {
-  return { status: 'ready', source: isSystem ? 'system' : 'alias', layers: [], parentId: null, recipe: null, env: {}, workdir: null, sizeBytes: 0, error: null, progress: null };
+  return { status: 'ready', source: isSystem ? 'system' : 'alias', layers: [], parentId: null, recipe: null, env: {}, workdir: null, sizeBytes: 0, error: null, progress: null, hostId: null };
 }
 /** `o` without its undefined-valued keys, so a spread of it never overwrites a default with undefined. */
 export function withoutUndefined<T extends object>(o: T): T {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as T;
 }
-export type ImageDetailKey = 'status' | 'source' | 'layers' | 'parentId' | 'recipe' | 'env' | 'workdir' | 'sizeBytes' | 'error' | 'progress';
-export const IMAGE_DETAIL_KEYS: readonly ImageDetailKey[] = ['status', 'source', 'layers', 'parentId', 'recipe', 'env', 'workdir', 'sizeBytes', 'error', 'progress'];
+export type ImageDetailKey = 'status' | 'source' | 'layers' | 'parentId' | 'recipe' | 'env' | 'workdir' | 'sizeBytes' | 'error' | 'progress' | 'hostId';
+export const IMAGE_DETAIL_KEYS: readonly ImageDetailKey[] = ['status', 'source', 'layers', 'parentId', 'recipe', 'env', 'workdir', 'sizeBytes', 'error', 'progress', 'hostId'];
 /** `images.create` input: the detail fields default as `imageDefaults` says. */
 export type NewImageRecord = Omit<NewRecord<ImageRecord>, ImageDetailKey> & Partial<Pick<ImageRecord, ImageDetailKey>>;
 /** What `images.update` may change. */

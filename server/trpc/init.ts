@@ -13,6 +13,8 @@ import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './erro
 import type { Principal } from '../services/auth-service.js';
 import { isObjectIdHex } from '../store/ids.js';
 import { sandboxIdOfCall, type InternalCall } from '../services/fleet/internal-protocol.js';
+import type { HostRecord, ImageRecord } from '../store/types.js';
+import { RECIPE_KEYS } from '../../shared/schemas/images.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
 export type Meta = OpenApiMeta & {
@@ -199,7 +201,9 @@ async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>,
   if (path === 'sandbox.create') {
     const shape = (typeof input === 'object' && input !== null ? input : {}) as { cpu?: unknown; vcpus?: unknown; mem?: unknown; memory?: unknown; templateId?: unknown; image?: unknown };
     const num = (...v: unknown[]) => v.find((x): x is number => typeof x === 'number' && x > 0) ?? 1;
-    const placed = await fleet.placement.place({ cpu: num(shape.cpu, shape.vcpus), memMb: num(shape.mem, shape.memory) });
+    // An image whose own layers a host made (built, imported, captured there) runs on that host only.
+    const image = await ctx.services.images.resolve(principal, typeof shape.templateId === 'string' ? shape.templateId : undefined).catch(() => null);
+    const placed = await fleet.placement.place({ cpu: num(shape.cpu, shape.vcpus), memMb: num(shape.mem, shape.memory), ...(image?.hostId ? { hostId: image.hostId } : {}) });
     return async () => {
       let out: { id?: unknown };
       try {
@@ -218,6 +222,11 @@ async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>,
       return resultOf(out);
     };
   }
+  const imageHost = await imageCallHost(ctx, fleet, principal, path, input);
+  if (imageHost) {
+    if (type !== 'subscription') return async () => resultOf(await fleet.forwarder.call(imageHost, call, signal));
+    return async () => resultOf(trackedAgain(fleet.forwarder.subscribe(imageHost, call, signal)));
+  }
   const id = sandboxIdOfCall(path, input);
   const target = id ? await fleet.forwarder.target(id) : null;
   // Another org's sandbox is answered here, as one that does not exist (404), like any other.
@@ -228,6 +237,35 @@ async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>,
   fleet.forwarder.assertServing(host, id!);
   if (type !== 'subscription') return async () => resultOf(await fleet.forwarder.call(host, call, signal));
   return async () => resultOf(trackedAgain(fleet.forwarder.subscribe(host, call, signal)));
+}
+
+/** Image procedures whose work is on the image's own host: its build's log, live and so far, and its delete (its layers, its build). */
+const imageHostCalls = new Set(['images.buildLog', 'images.logs', 'images.delete']);
+
+/**
+ * The host an image call runs on, or null when this node answers it (reading records; aliases;
+ * images without layers of a host's own). A recipe build goes to the host of the image it builds
+ * on when that has one, else to a ready host placement picks; a build log or delete to the host
+ * that holds the image's layers. 503 when that host is not serving.
+ */
+async function imageCallHost(ctx: Context, fleet: NonNullable<Context['fleet']>, principal: Principal, path: string, input: unknown): Promise<HostRecord | null> {
+  const fields = (typeof input === 'object' && input !== null ? input : {}) as Record<string, unknown>;
+  let image: ImageRecord | null = null;
+  if (path === 'images.create') {
+    if (!RECIPE_KEYS.some((k) => fields[k] !== undefined)) return null;
+    image = await ctx.services.images.resolve(principal, typeof fields.base === 'string' ? fields.base : 'debian').catch(() => null);
+    if (!image?.hostId) return fleet.placement.builder();
+  } else if (imageHostCalls.has(path) && typeof fields.id === 'string' && isObjectIdHex(fields.id)) {
+    image = await ctx.services.images.resolve(principal, fields.id).catch(() => null);
+    if (!image?.hostId || image.orgId !== principal.orgId) return null;
+  } else return null;
+  const host = await fleet.forwarder.host(image.hostId!);
+  // A host removed from the fleet took the layers with it: the record is deleted here.
+  if (path === 'images.delete' && (!host || host.state === 'gone')) return null;
+  if (!host || !fleet.forwarder.serving(host)) {
+    throw new HostUnavailableError(`Image ${image.name}'s layers are on fleet host ${image.hostId}, which is not serving now (unresponsive or gone); retry later`);
+  }
+  return host;
 }
 
 /** What an API node answers itself for a sandbox whose host is lost: reading its record, and deleting it. */

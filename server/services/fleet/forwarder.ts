@@ -96,6 +96,11 @@ export class Forwarder {
     return host ? { host, orgId: known.orgId } : null;
   }
 
+  /** A host by id (as `target` finds it: cached a second while it serves); null when it is not registered. */
+  host(hostId: string): Promise<HostRecord | null> {
+    return this.#host(hostId);
+  }
+
   /**
    * The host record, read at most once a second while it serves; null when it is not registered.
    * One not serving is read again each time: it may have registered again a moment ago (a

@@ -1,11 +1,13 @@
 import { randomInt } from 'node:crypto';
-import { TooManyRequestsError } from '../../errors.js';
+import { HostUnavailableError, TooManyRequestsError } from '../../errors.js';
 import type { HostRecord, HostRepository, HostSlotRepository } from '../../store/types.js';
 
 /** What a new sandbox needs from a host. */
 export interface PlacementRequest {
   /** Hosts that already have this image's root filesystem are preferred (no pull or build there). */
   imageId?: string;
+  /** Only this host will do: the image's own layers are there (`ImageRecord.hostId`). */
+  hostId?: string;
   cpu: number;
   memMb: number;
 }
@@ -55,7 +57,7 @@ export class Placement {
   }
 
   async place(request: PlacementRequest): Promise<Placed> {
-    const all = await this.candidates(request);
+    const all = (await this.candidates(request)).filter((h) => !request.hostId || h.id === request.hostId);
     let left = [...all];
     while (left.length > 0) {
       const preferred = request.imageId ? left.filter((h) => h.images.includes(request.imageId!)) : [];
@@ -70,6 +72,12 @@ export class Placement {
       }
     }
     const slots = all.reduce((n, h) => n + h.capacity.slots, 0);
+    if (request.hostId && all.length === 0) {
+      throw new HostUnavailableError(`The image's layers are on fleet host ${request.hostId}, which takes no sandboxes now (draining, unresponsive, gone, or too small for this size); retry later, or use another image`);
+    }
+    if (request.hostId) {
+      throw new TooManyRequestsError(`Fleet host ${request.hostId}, which holds the image's layers, has all its ${slots} sandbox slots held; delete sandboxes there or retry later`);
+    }
     throw new TooManyRequestsError(
       all.length === 0
         ? 'Sandbox fleet full: no host is ready to take sandboxes of this size (none registered, all draining or unresponsive, or none this large); retry later or add hosts'
@@ -93,6 +101,17 @@ export class Placement {
       };
     }
     return null;
+  }
+
+  /**
+   * A host to build or import an image on (no slot is held: builds run in the host's build
+   * sandbox, not in its slots): a ready one with a fresh heartbeat, the freer of two sampled.
+   */
+  async builder(): Promise<HostRecord> {
+    const all = await this.candidates({ cpu: 0, memMb: 0 });
+    if (all.length === 0) throw new HostUnavailableError('No fleet host is ready to build images now (none registered, all draining or unresponsive); retry later');
+    const loads = await Promise.all(sample(all, this.#o.sample).map(async (host) => ({ host, free: host.capacity.slots - (await this.#o.slots.listByHost(host.id)).length })));
+    return loads.sort((a, b) => b.free - a.free)[0]!.host;
   }
 
   /** Whether the sandbox holds a slot on the host already (an idempotent create's replay returns a sandbox placed before). */
