@@ -124,7 +124,12 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     const imageId = (made.body.data?.id ?? made.body.id) as string;
     const home = await imageHost(imageId);
     expect(hostIds).toContain(home);
-    // Followed through the other API node: its record, and its log from the host that builds it.
+    // Followed through the other API node: live from the host that builds it, to its end.
+    const live = await fetch(`${api2.url}/api/images/${imageId}/logs/stream`, { headers: { 'x-api-key': apiKey } });
+    expect(live.status).toBe(200);
+    const followed = await live.text();
+    expect(followed).toContain('echo built-in-the-fleet');
+    expect(followed).toMatch(/event: end\ndata: \{"status":"ready"\}/);
     await until(async () => (await json(`${api2.url}/api/images/${imageId}`, { apiKey })).body, (b) => (b.data ?? b).status !== 'building', 'the build to end', 180_000, 250);
     expect((await json(`${api2.url}/api/images/${imageId}`, { apiKey })).body).toMatchObject({ status: 'ready' });
     const log = await json(`${api2.url}/api/images/${imageId}/logs`, { apiKey });

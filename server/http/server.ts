@@ -64,7 +64,7 @@ const wsReadHighWater = 4 * 1024 * 1024;
 const wsMaxCallsInFlight = 64;
 
 /** Where an API node sends a request: a sandbox's host (`keyless`: the host authorizes), or a host placement picks for an image import. */
-type FleetRoute = { sandboxId: string; keyless: boolean } | { imageImport: true };
+type FleetRoute = { sandboxId: string; keyless: boolean } | { imageImport: true } | { imageId: string };
 
 export interface HttpServerOptions {
   router: AppRouter;
@@ -369,6 +369,9 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (!opts.fleet) return null;
     // An OCI import writes a layer: it runs on a host (whose layer store keeps it), one placement picks.
     if (!previewId && req.method === 'POST' && path === '/api/images/import') return { imageImport: true };
+    // A build's live log is followed where the build runs: the image's host.
+    const logs = previewId ? null : /^\/api\/images\/([0-9a-f]{24})\/logs\/stream$/.exec(path);
+    if (logs && req.method === 'GET') return { imageId: logs[1]! };
     const sandboxId = previewId ?? fleetSandboxOfPath(path);
     // A sandbox's ports and preview host need no key of ours (public ports, preview tokens): its host decides.
     return sandboxId ? { sandboxId, keyless: previewId !== null || sandboxPortPath.test(path) } : null;
@@ -384,6 +387,12 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
       await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
       return opts.fleet!.placement.builder();
     }
+    if ('imageId' in route) {
+      const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+      const image = await services.images.resolve(principal, route.imageId).catch(() => null);
+      // Another org's image, or one without a host of its own: answered here (404, or its log so far).
+      return image?.hostId && image.orgId === principal.orgId ? opts.fleet!.forwarder.imageHost(image) : null;
+    }
     const target = await opts.fleet!.forwarder.target(route.sandboxId);
     if (!target) return null;
     if (!route.keyless) {
@@ -398,7 +407,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     const { forwarder } = opts.fleet!;
     const host = await forwardTarget(req, route);
     if (!host) return null;
-    if ('imageImport' in route) {
+    if ('imageImport' in route || 'imageId' in route) {
       await forwarder.proxyRequest(req, res, host);
       return 'forwarded';
     }
@@ -692,7 +701,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     if (opts.clusterToken && !fromCluster.has(req)) return refuse(socket)(notForHostsPublicPort(path));
     const fleet = fleetRoute(req, path);
     if (fleet instanceof DomainError) return refuse(socket)(fleet);
-    if (fleet && !('imageImport' in fleet)) {
+    if (fleet && 'sandboxId' in fleet) {
       const { forwarder } = opts.fleet!;
       void forwardTarget(req, fleet).then((host) => {
         if (!host) return routeUpgradeHere(req, socket, head, path);

@@ -259,13 +259,12 @@ async function imageCallHost(ctx: Context, fleet: NonNullable<Context['fleet']>,
     image = await ctx.services.images.resolve(principal, fields.id).catch(() => null);
     if (!image?.hostId || image.orgId !== principal.orgId) return null;
   } else return null;
-  const host = await fleet.forwarder.host(image.hostId!);
-  // A host removed from the fleet took the layers with it: the record is deleted here.
-  if (path === 'images.delete' && (!host || host.state === 'gone')) return null;
-  if (!host || !fleet.forwarder.serving(host)) {
-    throw new HostUnavailableError(`Image ${image.name}'s layers are on fleet host ${image.hostId}, which is not serving now (unresponsive or gone); retry later`);
+  if (path === 'images.delete') {
+    // A host removed from the fleet took the layers with it: the record is deleted here.
+    const host = await fleet.forwarder.host(image.hostId!);
+    if (!host || host.state === 'gone') return null;
   }
-  return host;
+  return fleet.forwarder.imageHost(image);
 }
 
 /** What an API node answers itself for a sandbox whose host is lost: reading its record, and deleting it. */

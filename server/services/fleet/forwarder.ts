@@ -101,6 +101,15 @@ export class Forwarder {
     return this.#host(hostId);
   }
 
+  /** The host holding an image's layers (`hostId`), serving now; a 503 naming it otherwise. */
+  async imageHost(image: { name: string; hostId: string | null }): Promise<HostRecord> {
+    const host = image.hostId ? await this.#host(image.hostId) : null;
+    if (!host || !this.serving(host)) {
+      throw new HostUnavailableError(`Image ${image.name}'s layers are on fleet host ${image.hostId}, which is not serving now (unresponsive or gone); retry later`);
+    }
+    return host;
+  }
+
   /**
    * The host record, read at most once a second while it serves; null when it is not registered.
    * One not serving is read again each time: it may have registered again a moment ago (a
