@@ -160,6 +160,35 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     expect((await json(`${api1.url}/api/images/${importedBody.data.id}`, { method: 'DELETE', apiKey })).status).toBe(200);
   }, 300_000);
 
+  it("a snapshot is restored through any API node on the host that holds it, also after its sandbox was deleted with its snapshots kept", async () => {
+    const src = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'snap-source' }) });
+    expect(src.status).toBe(201);
+    const sourceId = src.body.data.id as string;
+    const home = await hostOf(sourceId);
+    await json(`${api1.url}/api/sandboxes/${sourceId}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'echo kept-in-the-snapshot > /root/mark' }) });
+    const snap = await json(`${api1.url}/api/sandboxes/${sourceId}/snapshot`, { method: 'POST', apiKey, body: '{}' });
+    expect(snap.status, JSON.stringify(snap.body)).toBe(200);
+    const snapshotPath = snap.body.data.full_path as string;
+    const restoreAndRead = async (name: string) => {
+      const restored = await json(`${api2.url}/api/sandboxes/restore`, { method: 'POST', apiKey, body: JSON.stringify({ snapshot_path: snapshotPath, new_id: name }) });
+      expect(restored.status, JSON.stringify(restored.body)).toBe(201);
+      const id = restored.body.data.id as string;
+      expect(await hostOf(id)).toBe(home);
+      const read = await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'cat /root/mark' }) });
+      expect(JSON.stringify(read.body)).toContain('kept-in-the-snapshot');
+      expect((await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey })).status).toBe(200);
+    };
+    await restoreAndRead('restored-1');
+    // The source goes, its snapshot stays on its host: found there.
+    expect((await json(`${api2.url}/api/sandboxes/${sourceId}?keepSnapshots=true`, { method: 'DELETE', apiKey })).status).toBe(200);
+    await restoreAndRead('restored-2');
+    // A snapshot no host has is a 404, and leaves no slot held.
+    const missing = await json(`${api1.url}/api/sandboxes/restore`, { method: 'POST', apiKey, body: JSON.stringify({ snapshot_path: `${sourceId}/snap-${'0'.repeat(24)}` }) });
+    expect(missing).toMatchObject({ status: 404, body: { code: 'SNAPSHOT_NOT_FOUND' } });
+    const slots = await mongo.db(db).collection('host_slots').find({}).toArray();
+    expect(slots.filter((s) => s.sandboxId === '')).toEqual([]);
+  }, 180_000);
+
   it('300 event streams open through one API node to one host do not hold up its other requests (no socket pool cap queues them)', async () => {
     const created = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'many-streams' }) });
     expect(created.status).toBe(201);

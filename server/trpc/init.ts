@@ -5,7 +5,7 @@ import superjson from 'superjson';
 import type { z } from 'zod';
 import type { OpenApiMeta } from 'trpc-to-openapi';
 import { errorCodeFromTrpc, errorCodeTable, type ErrorCode } from '../../shared/errors.js';
-import { DomainError, HostUnavailableError } from '../errors.js';
+import { DomainError, HostUnavailableError, InvalidInputError, NotFoundError } from '../errors.js';
 import { assertJsonDepth } from '../http/json-body.js';
 import type { HoldKind } from '../http/open-streams.js';
 import type { CallConnection, Context } from './context.js';
@@ -14,6 +14,7 @@ import type { Principal } from '../services/auth-service.js';
 import { isObjectIdHex } from '../store/ids.js';
 import { sandboxIdOfCall, type InternalCall } from '../services/fleet/internal-protocol.js';
 import type { HostRecord, ImageRecord } from '../store/types.js';
+import type { Placed } from '../services/fleet/placement.js';
 import { RECIPE_KEYS } from '../../shared/schemas/images.js';
 
 /** Procedure metadata: trpc-to-openapi's `openapi` plus what our REST envelope needs. */
@@ -204,22 +205,39 @@ async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>,
     // An image whose own layers a host made (built, imported, captured there) runs on that host only.
     const image = await ctx.services.images.resolve(principal, typeof shape.templateId === 'string' ? shape.templateId : undefined).catch(() => null);
     const placed = await fleet.placement.place({ cpu: num(shape.cpu, shape.vcpus), memMb: num(shape.mem, shape.memory), ...(image?.hostId ? { hostId: image.hostId } : {}) });
+    return async () => resultOf(await placedCall(fleet, placed, call, signal));
+  }
+  if (path === 'sandbox.restore') {
+    const fields = (typeof input === 'object' && input !== null ? input : {}) as { snapshot_path?: unknown; cpu?: unknown; mem?: unknown };
+    const ref = /^([0-9a-f]{24})\/snap-[0-9a-f]{24}(?:\.tar\.gz)?$/.exec(typeof fields.snapshot_path === 'string' ? fields.snapshot_path : '');
+    if (!ref) throw new InvalidInputError('snapshot_path must be a snapshot\'s full_path, "<sandboxId>/<snapshotId>"');
+    const size = { cpu: typeof fields.cpu === 'number' ? fields.cpu : 1, memMb: typeof fields.mem === 'number' ? fields.mem : 1 };
+    // A snapshot is a file on the host its sandbox ran on: restored there. One whose sandbox was
+    // deleted (its snapshots kept) is looked for on each ready host in turn.
+    const source = await fleet.forwarder.target(ref[1]!);
+    const hosts = source && source.orgId === principal.orgId ? [source.host] : await fleet.placement.candidates(size);
     return async () => {
-      let out: { id?: unknown };
-      try {
-        out = (await fleet.forwarder.call(placed.host, call, signal)) as { id?: unknown };
-      } catch (err) {
-        // The host's own refusal: nothing was created. Cut off on the way (the host may have
-        // created it): the slot stays reserved, and the host adopts it for the sandbox or frees it.
-        if (!(err instanceof HostUnavailableError)) await placed.release().catch(() => {});
-        throw err;
+      let notFound: unknown = new NotFoundError(`Snapshot ${String(fields.snapshot_path)} not found`, { code: 'SNAPSHOT_NOT_FOUND' });
+      let refused: unknown = null;
+      for (const host of hosts) {
+        let placed: Placed;
+        try {
+          placed = await fleet.placement.place({ ...size, hostId: host.id });
+        } catch (err) {
+          // Its host is full or not serving: said so. Searched for, that host is passed over.
+          if (hosts.length === 1) throw err;
+          refused = err;
+          continue;
+        }
+        try {
+          return resultOf(await placedCall(fleet, placed, call, signal));
+        } catch (err) {
+          if (!(err instanceof DomainError && err.code === 'SNAPSHOT_NOT_FOUND')) throw err;
+          notFound = err;
+        }
       }
-      // An idempotent replay returns the sandbox made the first time, which holds its slot already
-      // (and may be on another host): this one is given back.
-      const made = typeof out?.id === 'string' ? await fleet.forwarder.target(out.id) : null;
-      if (made?.host.id === placed.host.id && !(await fleet.placement.holdsSlot(placed.host.id, out.id as string))) await placed.assign(out.id as string);
-      else await placed.release();
-      return resultOf(out);
+      // Not on any host that could take it: a host passed over may hold it.
+      throw refused ?? notFound;
     };
   }
   const imageHost = await imageCallHost(ctx, fleet, principal, path, input);
@@ -237,6 +255,27 @@ async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>,
   fleet.forwarder.assertServing(host, id!);
   if (type !== 'subscription') return async () => resultOf(await fleet.forwarder.call(host, call, signal));
   return async () => resultOf(trackedAgain(fleet.forwarder.subscribe(host, call, signal)));
+}
+
+/**
+ * A create or restore run on the host placement chose, in the slot held there: the sandbox made
+ * is given the slot; the host's own refusal frees it. Cut off on the way (the host may have made
+ * the sandbox): the slot stays reserved, and the host adopts it for the sandbox or frees it.
+ */
+async function placedCall(fleet: NonNullable<Context['fleet']>, placed: Placed, call: InternalCall, signal: AbortSignal | undefined): Promise<unknown> {
+  let out: { id?: unknown };
+  try {
+    out = (await fleet.forwarder.call(placed.host, call, signal)) as { id?: unknown };
+  } catch (err) {
+    if (!(err instanceof HostUnavailableError)) await placed.release().catch(() => {});
+    throw err;
+  }
+  // An idempotent replay returns the sandbox made the first time, which holds its slot already
+  // (and may be on another host): this one is given back.
+  const made = typeof out?.id === 'string' ? await fleet.forwarder.target(out.id) : null;
+  if (made?.host.id === placed.host.id && !(await fleet.placement.holdsSlot(placed.host.id, out.id as string))) await placed.assign(out.id as string);
+  else await placed.release();
+  return out;
 }
 
 /** Image procedures whose work is on the image's own host: its build's log, live and so far, and its delete (its layers, its build). */
