@@ -203,6 +203,17 @@ function fleetSuite(name: string, open: SharedStore) {
       await b.sandboxes.delete('', member.id);
     });
 
+    it('a drain racing heartbeats and a re-registration is never undone (FerretDB writes whole documents back)', async () => {
+      const prefix = `d${newId().slice(-6)}`;
+      const ids = Array.from({ length: 20 }, (_, i) => `${prefix}-${i}`);
+      await Promise.all(ids.map((id) => a.hosts.put(host(id))));
+      await Promise.all(ids.map((id) => Promise.all([b.hosts.drain(id), a.hosts.heartbeat(id, new Date()), a.hosts.heartbeat(id, new Date()), a.hosts.put(host(id, { epoch: 2 }))])));
+      expect((await b.hosts.list()).filter((h) => ids.includes(h.id)).map((h) => h.state)).toEqual(ids.map(() => 'draining'));
+      await Promise.all(ids.map((id) => Promise.all([a.hosts.undrain(id), b.hosts.heartbeat(id, new Date())])));
+      expect((await a.hosts.list()).filter((h) => ids.includes(h.id)).map((h) => h.state)).toEqual(ids.map(() => 'ready'));
+      for (const id of ids) await a.hosts.setState(id, 'gone');
+    });
+
     it('of 20 concurrent registrations under one host id each epoch has one winner; a host declared lost is fenced until it registers again', async () => {
       const id = `e${newId().slice(-6)}`;
       const identity = { id, address: '10.0.0.9:33945', capacity: { cpu: 2, memoryMb: 2048, diskMb: 1000, slots: 4 }, labels: {}, images: [] };
@@ -229,9 +240,12 @@ function fleetSuite(name: string, open: SharedStore) {
       expect(back.epoch).toBe(record.epoch + 1);
       expect(back.state).toBe('ready');
       expect(await registry.heartbeat(id)).toBe('ok');
-      // A draining host stays draining through a re-registration.
-      await a.hosts.setState(id, 'draining');
+      // A draining host stays draining through a re-registration, and undrained it is ready again.
+      await a.hosts.drain(id);
       expect((await registry.register(identity)).state).toBe('draining');
+      expect((await b.hosts.findById(id))?.state).toBe('draining');
+      await b.hosts.undrain(id);
+      expect((await registry.register(identity)).state).toBe('ready');
       await a.hosts.setState(id, 'gone');
     });
   });

@@ -495,12 +495,26 @@ export interface HostRecord {
   registeredAt: Date;
 }
 
+/** A host's state as read: a `ready` record with a drain is `draining` (see HostRepository). */
+export function drainedState(state: HostState, drained: boolean): HostState {
+  return drained && state === 'ready' ? 'draining' : state;
+}
+
+/**
+ * Hosts. A drain is kept apart from the record (an insert keyed by the host's id; undrain deletes
+ * it by that key), because heartbeats and registrations rewrite the record and a store that writes
+ * whole documents back (FerretDB) would let one undo a drain made meanwhile. The records read back
+ * carry it: a `ready` host with a drain reads `draining`.
+ */
 export interface HostRepository {
   /** Writes the whole record (registration). */
   put(host: HostRecord): Promise<void>;
   findById(id: string): Promise<HostRecord | null>;
   /** Every host, by id. */
   list(): Promise<HostRecord[]>;
+  /** The host takes no new sandboxes until `undrain` (idempotent; survives its re-registrations). */
+  drain(id: string): Promise<void>;
+  undrain(id: string): Promise<void>;
   /** Sets `heartbeatAt` (and `images` when given); false when there is no such host. */
   heartbeat(id: string, at: Date, images?: string[]): Promise<boolean>;
   /** Sets `state`; the updated record, or null when there is no such host. */

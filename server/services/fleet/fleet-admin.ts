@@ -1,5 +1,5 @@
 import { timingSafeEqual } from 'node:crypto';
-import { ConflictError, DomainError, ErrorCode, ForbiddenError, NotFoundError, UnauthorizedError } from '../../errors.js';
+import { ConflictError, ForbiddenError, NotFoundError, UnauthorizedError } from '../../errors.js';
 import type { FleetHost } from '../../../shared/index.js';
 import type { HostRecord, HostRepository, HostSlotRepository, SandboxRepository } from '../../store/types.js';
 
@@ -44,15 +44,14 @@ export class FleetAdmin {
   }
 
   async #move(id: string, to: 'ready' | 'draining', from: HostRecord['state'][], refused: string): Promise<FleetHost> {
-    // A state write can race a heartbeat on a store that loses concurrent updates (FerretDB): written until it reads back.
-    for (let attempt = 0; attempt < 5; attempt++) {
-      const host = await this.o.hosts.findById(id);
-      if (!host) throw new NotFoundError(`Host ${id} is not registered`);
-      if (host.state === to) return this.#view(host, (await this.o.slots.listByHost(id)).length, (await this.o.sandboxes.listAll()).filter((r) => r.hostId === id).length);
-      if (!from.includes(host.state)) throw new ConflictError(`Host ${id} is ${host.state}: ${refused}`);
-      await this.o.hosts.setState(id, to);
-    }
-    throw new DomainError(ErrorCode.STORE_UNAVAILABLE, `Host ${id}: the state change did not hold in the store after 5 writes; retry`);
+    const host = await this.o.hosts.findById(id);
+    if (!host) throw new NotFoundError(`Host ${id} is not registered`);
+    if (host.state !== to && !from.includes(host.state)) throw new ConflictError(`Host ${id} is ${host.state}: ${refused}`);
+    // A drain is its own record (an insert, or a delete by its key): no heartbeat can undo it.
+    if (to === 'draining') await this.o.hosts.drain(id);
+    else await this.o.hosts.undrain(id);
+    const now = (await this.o.hosts.findById(id)) ?? host;
+    return this.#view(now, (await this.o.slots.listByHost(id)).length, (await this.o.sandboxes.listAll()).filter((r) => r.hostId === id).length);
   }
 
   #view(h: HostRecord, slotsHeld: number, sandboxes: number): FleetHost {

@@ -39,12 +39,13 @@ export class HostRegistry {
     while (!(await this.epochs.claim(identity.id, epoch))) epoch++;
     this.#epoch = epoch;
     const at = this.now();
-    const previous = await this.hosts.findById(identity.id);
-    // Draining is an operator's decision and survives a restart; every other state starts over as ready.
-    const record: HostRecord = { ...identity, state: previous?.state === 'draining' ? 'draining' : 'ready', epoch, heartbeatAt: at, registeredAt: at };
+    // Every state starts over as ready; a drain, an operator's decision, is kept apart from the
+    // record (HostRepository.drain) and so survives this.
+    const record: HostRecord = { ...identity, state: 'ready', epoch, heartbeatAt: at, registeredAt: at };
     this.#record = record;
     await this.#putUntilRead(record);
-    return record;
+    // As read back: `draining` when an operator drained it.
+    return (await this.hosts.findById(identity.id)) ?? record;
   }
 
   #record: HostRecord | null = null;
@@ -62,7 +63,7 @@ export class HostRegistry {
     if (!record || record.epoch > this.#epoch || record.state === 'gone' || (await this.epochs.isLost(hostId, this.#epoch))) return 'fenced';
     // An older registration written back over this one (a lost update): this one is written again.
     if (record.epoch < this.#epoch && this.#record) {
-      await this.#putUntilRead({ ...this.#record, state: record.state === 'draining' ? 'draining' : 'ready', heartbeatAt: this.now() });
+      await this.#putUntilRead({ ...this.#record, state: 'ready', heartbeatAt: this.now() });
       return 'ok';
     }
     // `unresponsive` without a loss of this epoch is a sweep's state write that lost a race with this

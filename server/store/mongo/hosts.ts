@@ -1,6 +1,6 @@
 import type { Collection, Db } from 'mongodb';
 import { ConflictError } from '../../errors.js';
-import type { HostEpochRepository, HostRecord, HostRepository, HostSlotRecord, HostSlotRepository, HostState, Store } from '../types.js';
+import { drainedState, type HostEpochRepository, type HostRecord, type HostRepository, type HostSlotRecord, type HostSlotRepository, type HostState, type Store } from '../types.js';
 import { claimedByInsert, op } from './store.js';
 
 /*
@@ -15,11 +15,14 @@ type EpochDoc = { _id: string; hostId: string; epoch: number; createdAt: Date };
 type SlotDoc = HostSlotRecord & { _id: string };
 
 class MongoHosts implements HostRepository {
-  constructor(private readonly c: Collection<HostDoc>) {}
-  static #map(doc: HostDoc | null): HostRecord | null {
+  constructor(
+    private readonly c: Collection<HostDoc>,
+    private readonly drains: Collection<{ _id: string; createdAt: Date }>,
+  ) {}
+  static #map(doc: HostDoc | null, drained: boolean): HostRecord | null {
     if (!doc) return null;
     const { _id, ...rest } = doc;
-    return { id: _id, ...rest };
+    return { id: _id, ...rest, state: drainedState(rest.state, drained) };
   }
   async put(h: HostRecord) {
     const { id, ...rest } = h;
@@ -31,10 +34,23 @@ class MongoHosts implements HostRepository {
     });
   }
   async findById(id: string) {
-    return op('', async () => MongoHosts.#map(await this.c.findOne({ _id: id })));
+    return op('', async () => {
+      const [doc, drain] = await Promise.all([this.c.findOne({ _id: id }), this.drains.findOne({ _id: id })]);
+      return MongoHosts.#map(doc, drain !== null);
+    });
   }
   async list() {
-    return op('', async () => (await this.c.find({}).sort({ _id: 1 }).toArray()).map((d) => MongoHosts.#map(d)!));
+    return op('', async () => {
+      const [docs, drains] = await Promise.all([this.c.find({}).sort({ _id: 1 }).toArray(), this.drains.find({}).toArray()]);
+      const drained = new Set(drains.map((d) => d._id));
+      return docs.map((d) => MongoHosts.#map(d, drained.has(d._id))!);
+    });
+  }
+  async drain(id: string) {
+    await claimedByInsert(() => this.drains.insertOne({ _id: id, createdAt: new Date() }));
+  }
+  async undrain(id: string) {
+    await op('', () => this.drains.deleteOne({ _id: id }));
   }
   async heartbeat(id: string, at: Date, images?: string[]) {
     return op('', async () => (await this.c.updateOne({ _id: id }, { $set: images ? { heartbeatAt: at, images } : { heartbeatAt: at } })).matchedCount > 0);
@@ -92,10 +108,10 @@ export async function ensureHostIndexes(db: Db): Promise<void> {
   ]);
 }
 
-/** The hosts, host epochs (and their losses) and host slots repositories (collections `hosts`, `host_epochs`, `host_losses`, `host_slots`). */
+/** The hosts (and their drains), host epochs (and their losses) and host slots repositories (collections `hosts`, `host_drains`, `host_epochs`, `host_losses`, `host_slots`). */
 export function mongoHostRepositories(db: Db): Pick<Store, 'hosts' | 'hostEpochs' | 'hostSlots'> {
   return {
-    hosts: new MongoHosts(db.collection('hosts')),
+    hosts: new MongoHosts(db.collection('hosts'), db.collection('host_drains')),
     hostEpochs: new MongoHostEpochs(db.collection('host_epochs'), db.collection('host_losses')),
     hostSlots: new MongoHostSlots(db.collection('host_slots')),
   };

@@ -1,5 +1,6 @@
 import type Database from 'better-sqlite3';
 import type { HostEpochRepository, HostRecord, HostRepository, HostSlotRecord, HostSlotRepository, HostState, Store } from '../types.js';
+import { drainedState } from '../types.js';
 import { date, iso } from './store.js';
 
 type Row = Record<string, unknown>;
@@ -29,6 +30,10 @@ CREATE TABLE IF NOT EXISTS host_losses (
   created_at TEXT NOT NULL,
   PRIMARY KEY (host_id, epoch)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS host_drains (
+  host_id TEXT PRIMARY KEY,
+  created_at TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS host_slots (
   host_id TEXT NOT NULL,
   slot INTEGER NOT NULL,
@@ -46,13 +51,17 @@ class SqliteHosts implements HostRepository {
   readonly #beat;
   readonly #beatImages;
   readonly #state;
+  readonly #drain;
+  readonly #undrain;
   constructor(db: Database.Database) {
     this.#put = db.prepare(
       `INSERT INTO hosts (id, address, capacity, labels, images, state, epoch, heartbeat_at, registered_at) VALUES (@id, @address, @capacity, @labels, @images, @state, @epoch, @heartbeat_at, @registered_at)
        ON CONFLICT (id) DO UPDATE SET address = excluded.address, capacity = excluded.capacity, labels = excluded.labels, images = excluded.images, state = excluded.state, epoch = excluded.epoch, heartbeat_at = excluded.heartbeat_at, registered_at = excluded.registered_at`,
     );
-    this.#byId = db.prepare('SELECT * FROM hosts WHERE id = ?');
-    this.#all = db.prepare('SELECT * FROM hosts ORDER BY id');
+    this.#byId = db.prepare('SELECT h.*, d.host_id AS drained FROM hosts h LEFT JOIN host_drains d ON d.host_id = h.id WHERE h.id = ?');
+    this.#all = db.prepare('SELECT h.*, d.host_id AS drained FROM hosts h LEFT JOIN host_drains d ON d.host_id = h.id ORDER BY h.id');
+    this.#drain = db.prepare('INSERT INTO host_drains (host_id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING');
+    this.#undrain = db.prepare('DELETE FROM host_drains WHERE host_id = ?');
     this.#beat = db.prepare('UPDATE hosts SET heartbeat_at = ? WHERE id = ?');
     this.#beatImages = db.prepare('UPDATE hosts SET heartbeat_at = ?, images = ? WHERE id = ?');
     this.#state = db.prepare('UPDATE hosts SET state = ? WHERE id = ?');
@@ -64,7 +73,7 @@ class SqliteHosts implements HostRepository {
       capacity: JSON.parse(String(r.capacity)) as HostRecord['capacity'],
       labels: JSON.parse(String(r.labels)) as Record<string, string>,
       images: JSON.parse(String(r.images)) as string[],
-      state: String(r.state) as HostState,
+      state: drainedState(String(r.state) as HostState, r.drained != null),
       epoch: Number(r.epoch),
       heartbeatAt: date(r.heartbeat_at),
       registeredAt: date(r.registered_at),
@@ -97,6 +106,12 @@ class SqliteHosts implements HostRepository {
   async setState(id: string, state: HostState) {
     this.#state.run(state, id);
     return this.findById(id);
+  }
+  async drain(id: string) {
+    this.#drain.run(id, iso(new Date()));
+  }
+  async undrain(id: string) {
+    this.#undrain.run(id);
   }
 }
 
