@@ -176,7 +176,7 @@ function fleetSuite(name: string, open: SharedStore) {
         const all = await a.sandboxes.listAll();
         await registry.register(identity);
         fresh = await sandbox(`new-${id}`);
-        await a.hostSlots.reserve({ hostId: id, slot: 0, sandboxId: fresh.id, expiresAt: new Date(Date.now() + 60_000), createdAt: new Date() });
+        await a.hostSlots.reserve({ hostId: id, slot: 0, sandboxId: fresh.id, expiresAt: new Date(Date.now() + 60_000), createdAt: new Date(), reservation: newId() });
         return [...all, fresh];
       } };
       await sweeper(b, racing).sweep();
@@ -201,6 +201,25 @@ function fleetSuite(name: string, open: SharedStore) {
       expect(claims).not.toContain(gone);
       await b.poolClaims.release(member.id);
       await b.sandboxes.delete('', member.id);
+    });
+
+    it("one holder per slot among 20 racing reservations; a late release or assign of a freed reservation never touches the slot's new holder", async () => {
+      const hostId = `r${newId().slice(-6)}`;
+      const at = new Date();
+      const reservations = Array.from({ length: 20 }, () => newId());
+      const won = await Promise.all(reservations.map((reservation, i) => (i % 2 ? a : b).hostSlots.reserve({ hostId, slot: 0, reservation, sandboxId: '', expiresAt: at, createdAt: at })));
+      expect(won.filter(Boolean)).toHaveLength(1);
+      const first = { hostId, slot: 0, reservation: reservations[won.indexOf(true)]! };
+      expect(await a.hostSlots.release(first)).toBe(true);
+      const second = { hostId, slot: 0, reservation: newId() };
+      expect(await b.hostSlots.reserve({ ...second, sandboxId: '', expiresAt: at, createdAt: at })).toBe(true);
+      // The first holder's late calls (a sweep and a delete that both saw it) change nothing now.
+      expect(await a.hostSlots.release(first)).toBe(false);
+      await a.hostSlots.assign(first, 'stale-sandbox');
+      await b.hostSlots.assign(second, 'current');
+      expect((await a.hostSlots.listByHost(hostId)).map((x) => [x.slot, x.reservation, x.sandboxId])).toEqual([[0, second.reservation, 'current']]);
+      expect(await b.hostSlots.release(second)).toBe(true);
+      expect(await a.hostSlots.listByHost(hostId)).toEqual([]);
     });
 
     it('a drain racing heartbeats and a re-registration is never undone (FerretDB writes whole documents back)', async () => {

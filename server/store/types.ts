@@ -545,11 +545,15 @@ export interface HostEpochRepository {
 /**
  * A sandbox slot on a host, held from placement until the sandbox is deleted: `(hostId, slot)` is
  * unique and `slot` is below the host's `capacity.slots`, so concurrent placements from any number
- * of API nodes never hold more slots on a host than it has.
+ * of API nodes never hold more slots on a host than it has. Each holding of a slot is a
+ * `reservation` of its own, and it is assigned and freed by that key: a release or assign late
+ * for a reservation already freed never touches the one that holds the slot now.
  */
 export interface HostSlotRecord {
   hostId: string;
   slot: number;
+  /** This holding's key, made by its reserver (`newId()`); '' for slots held before reservations had keys. */
+  reservation: string;
   /** The sandbox it was placed for; '' while the create is in flight. */
   sandboxId: string;
   /** A slot still '' after this is a create that never finished, and may be freed. */
@@ -557,15 +561,18 @@ export interface HostSlotRecord {
   createdAt: Date;
 }
 
+/** Names one holding of a slot. */
+export type HostSlotKey = Pick<HostSlotRecord, 'hostId' | 'slot' | 'reservation'>;
+
 export interface HostSlotRepository {
   /** Inserts the slot; false, with nothing written, when that slot of the host is held. */
   reserve(slot: HostSlotRecord): Promise<boolean>;
-  /** Records the sandbox a held slot is for (only its reserver writes it). */
-  assign(hostId: string, slot: number, sandboxId: string): Promise<void>;
+  /** Records the sandbox a held slot is for (only its reserver writes it); nothing when that reservation no longer holds it. */
+  assign(key: HostSlotKey, sandboxId: string): Promise<void>;
   /** The host's held slots, by slot number. */
   listByHost(hostId: string): Promise<HostSlotRecord[]>;
-  /** Frees one slot (a delete by its unique key); false when it was not held. */
-  release(hostId: string, slot: number): Promise<boolean>;
+  /** Frees the slot if that reservation still holds it (a delete by its key); false when it did not. */
+  release(key: HostSlotKey): Promise<boolean>;
 }
 
 export interface Store {

@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import type { HostEpochRepository, HostRepository, HostSlotRepository, IpLeaseRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
+import { newId } from '../../store/ids.js';
 import { HostRegistry, registrationLost, sweepLostHosts, type HostIdentity } from './host-registry.js';
 import type { Placement } from './placement.js';
 
@@ -23,7 +24,7 @@ export function hostSandboxes(repo: SandboxRepository, hostId: string, slots: Ho
     delete: async (orgId, id) => {
       const deleted = await repo.delete(orgId, id);
       const slot = (await slots.listByHost(hostId)).find((s) => s.sandboxId === id);
-      if (slot) await slots.release(hostId, slot.slot);
+      if (slot) await slots.release(slot);
       return deleted;
     },
   };
@@ -116,7 +117,7 @@ export class HostMembership {
     const liveIds = new Set(live.map((r) => r.id));
     const held = await this.o.slots.listByHost(hostId);
     for (const s of held) {
-      if (s.sandboxId !== '' && !liveIds.has(s.sandboxId)) await this.o.slots.release(hostId, s.slot);
+      if (s.sandboxId !== '' && !liveIds.has(s.sandboxId)) await this.o.slots.release(s);
     }
     await this.o.placement.reapExpired(hostId);
     const assigned = new Set(held.filter((s) => liveIds.has(s.sandboxId)).map((s) => s.sandboxId));
@@ -132,7 +133,7 @@ export class HostMembership {
         break;
       }
       const now = new Date();
-      if (await this.o.slots.reserve({ hostId, slot, sandboxId: '', expiresAt: new Date(now.getTime() + 60_000), createdAt: now })) await this.o.slots.assign(hostId, slot, r.id);
+      await this.o.slots.reserve({ hostId, slot, sandboxId: r.id, expiresAt: new Date(now.getTime() + 60_000), createdAt: now, reservation: newId() });
       taken.add(slot);
     }
   }
@@ -213,7 +214,7 @@ export class LostHostSweeper {
         const updated = await this.o.sandboxes.update(r.orgId, r.id, { status: 'error', lifecycle: lostLifecycle(r, now) });
         if (updated && declared.has(hostId)) this.o.onLost?.(updated);
       }
-      for (const s of await this.o.slots.listByHost(hostId)) if (s.createdAt < decidedAt) await this.o.slots.release(hostId, s.slot);
+      for (const s of await this.o.slots.listByHost(hostId)) if (s.createdAt < decidedAt) await this.o.slots.release(s);
     }
   }
 

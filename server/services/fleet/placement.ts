@@ -1,5 +1,6 @@
 import { randomInt } from 'node:crypto';
 import { HostUnavailableError, TooManyRequestsError } from '../../errors.js';
+import { newId } from '../../store/ids.js';
 import type { HostRecord, HostRepository, HostSlotRepository } from '../../store/types.js';
 
 /** What a new sandbox needs from a host. */
@@ -90,14 +91,15 @@ export class Placement {
     const now = this.#o.now();
     for (let slot = 0; slot < host.capacity.slots; slot++) {
       if (held.has(slot)) continue;
-      const won = await this.#o.slots.reserve({ hostId: host.id, slot, sandboxId: '', expiresAt: new Date(now.getTime() + this.#o.pendingTtlMs), createdAt: now });
+      const key = { hostId: host.id, slot, reservation: newId() };
+      const won = await this.#o.slots.reserve({ ...key, sandboxId: '', expiresAt: new Date(now.getTime() + this.#o.pendingTtlMs), createdAt: now });
       if (!won) continue;
       const slots = this.#o.slots;
       return {
         host,
         slot,
-        assign: (sandboxId) => slots.assign(host.id, slot, sandboxId),
-        release: async () => void (await slots.release(host.id, slot)),
+        assign: (sandboxId) => slots.assign(key, sandboxId),
+        release: async () => void (await slots.release(key)),
       };
     }
     return null;
@@ -128,7 +130,7 @@ export class Placement {
     const now = this.#o.now().getTime();
     let freed = 0;
     for (const s of await this.#o.slots.listByHost(hostId)) {
-      if (s.sandboxId === '' && s.expiresAt.getTime() < now && (await this.#o.slots.release(hostId, s.slot))) freed++;
+      if (s.sandboxId === '' && s.expiresAt.getTime() < now && (await this.#o.slots.release(s))) freed++;
     }
     return freed;
   }

@@ -1,6 +1,6 @@
 import type { Collection, Db } from 'mongodb';
 import { ConflictError } from '../../errors.js';
-import { drainedState, type HostEpochRepository, type HostRecord, type HostRepository, type HostSlotRecord, type HostSlotRepository, type HostState, type Store } from '../types.js';
+import { drainedState, type HostEpochRepository, type HostRecord, type HostRepository, type HostSlotKey, type HostSlotRecord, type HostSlotRepository, type HostState, type Store } from '../types.js';
 import { claimedByInsert, op } from './store.js';
 
 /*
@@ -83,29 +83,41 @@ class MongoHostEpochs implements HostEpochRepository {
   }
 }
 
+/**
+ * `_id` is the reservation (`<hostId>:<slot>:<reservation>`; `<hostId>:<slot>` for slots held
+ * before reservations had keys) and the unique index `host_slots_unique` on `(hostId, slot)` lets
+ * one insert hold a slot; assign and release go by `_id`, so they only ever touch their own holding.
+ */
 class MongoHostSlots implements HostSlotRepository {
   constructor(private readonly c: Collection<SlotDoc>) {}
-  async reserve(s: HostSlotRecord) {
-    return claimedByInsert(() => this.c.insertOne({ _id: `${s.hostId}:${s.slot}`, ...s }));
+  static #id(k: HostSlotKey): string {
+    return k.reservation ? `${k.hostId}:${k.slot}:${k.reservation}` : `${k.hostId}:${k.slot}`;
   }
-  async assign(hostId: string, slot: number, sandboxId: string) {
-    await op('', () => this.c.updateOne({ _id: `${hostId}:${slot}` }, { $set: { sandboxId } }));
+  async reserve(s: HostSlotRecord) {
+    return claimedByInsert(() => this.c.insertOne({ _id: MongoHostSlots.#id(s), ...s }));
+  }
+  async assign(key: HostSlotKey, sandboxId: string) {
+    await op('', () => this.c.updateOne({ _id: MongoHostSlots.#id(key) }, { $set: { sandboxId } }));
   }
   async listByHost(hostId: string) {
     return op('', async () =>
-      (await this.c.find({ hostId }).sort({ slot: 1 }).toArray()).map(({ hostId: h, slot, sandboxId, expiresAt, createdAt }) => ({ hostId: h, slot, sandboxId, expiresAt, createdAt })),
+      (await this.c.find({ hostId }).sort({ slot: 1 }).toArray()).map(({ hostId: h, slot, sandboxId, expiresAt, createdAt, reservation }) => ({ hostId: h, slot, sandboxId, expiresAt, createdAt, reservation: reservation ?? '' })),
     );
   }
-  async release(hostId: string, slot: number) {
-    return op('', async () => (await this.c.deleteOne({ _id: `${hostId}:${slot}` })).deletedCount > 0);
+  async release(key: HostSlotKey) {
+    return op('', async () => (await this.c.deleteOne({ _id: MongoHostSlots.#id(key) })).deletedCount > 0);
   }
 }
 
 export async function ensureHostIndexes(db: Db): Promise<void> {
   await Promise.all([
     db.collection('host_epochs').createIndex({ hostId: 1, epoch: -1 }, { name: 'host_epochs_by_host' }),
-    db.collection('host_slots').createIndex({ hostId: 1, slot: 1 }, { name: 'host_slots_by_host' }),
   ]);
+  // One holding per slot: a unique index (its first form, not unique, is replaced).
+  const slots = db.collection('host_slots');
+  const named = (await slots.indexes().catch(() => [])).map((i) => i.name);
+  if (named.includes('host_slots_by_host')) await slots.dropIndex('host_slots_by_host').catch(() => {});
+  await slots.createIndex({ hostId: 1, slot: 1 }, { unique: true, name: 'host_slots_unique' });
 }
 
 /** The hosts (and their drains), host epochs (and their losses) and host slots repositories (collections `hosts`, `host_drains`, `host_epochs`, `host_losses`, `host_slots`). */

@@ -1,5 +1,5 @@
 import type Database from 'better-sqlite3';
-import type { HostEpochRepository, HostRecord, HostRepository, HostSlotRecord, HostSlotRepository, HostState, Store } from '../types.js';
+import type { HostEpochRepository, HostRecord, HostRepository, HostSlotKey, HostSlotRecord, HostSlotRepository, HostState, Store } from '../types.js';
 import { drainedState } from '../types.js';
 import { date, iso } from './store.js';
 
@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS host_slots (
   sandbox_id TEXT NOT NULL,
   expires_at TEXT NOT NULL,
   created_at TEXT NOT NULL,
+  reservation TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (host_id, slot)
 ) WITHOUT ROWID;
 `;
@@ -146,16 +147,16 @@ class SqliteHostSlots implements HostSlotRepository {
   readonly #byHost;
   readonly #release;
   constructor(db: Database.Database) {
-    this.#reserve = db.prepare('INSERT INTO host_slots (host_id, slot, sandbox_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING');
-    this.#assign = db.prepare('UPDATE host_slots SET sandbox_id = ? WHERE host_id = ? AND slot = ?');
+    this.#reserve = db.prepare('INSERT INTO host_slots (host_id, slot, sandbox_id, expires_at, created_at, reservation) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING');
+    this.#assign = db.prepare('UPDATE host_slots SET sandbox_id = ? WHERE host_id = ? AND slot = ? AND reservation = ?');
     this.#byHost = db.prepare('SELECT * FROM host_slots WHERE host_id = ? ORDER BY slot');
-    this.#release = db.prepare('DELETE FROM host_slots WHERE host_id = ? AND slot = ?');
+    this.#release = db.prepare('DELETE FROM host_slots WHERE host_id = ? AND slot = ? AND reservation = ?');
   }
   async reserve(s: HostSlotRecord) {
-    return this.#reserve.run(s.hostId, s.slot, s.sandboxId, iso(s.expiresAt), iso(s.createdAt)).changes === 1;
+    return this.#reserve.run(s.hostId, s.slot, s.sandboxId, iso(s.expiresAt), iso(s.createdAt), s.reservation).changes === 1;
   }
-  async assign(hostId: string, slot: number, sandboxId: string) {
-    this.#assign.run(sandboxId, hostId, slot);
+  async assign(key: HostSlotKey, sandboxId: string) {
+    this.#assign.run(sandboxId, key.hostId, key.slot, key.reservation);
   }
   async listByHost(hostId: string) {
     return (this.#byHost.all(hostId) as Row[]).map((r) => ({
@@ -164,15 +165,18 @@ class SqliteHostSlots implements HostSlotRepository {
       sandboxId: String(r.sandbox_id),
       expiresAt: date(r.expires_at),
       createdAt: date(r.created_at),
+      reservation: String(r.reservation ?? ''),
     }));
   }
-  async release(hostId: string, slot: number) {
-    return this.#release.run(hostId, slot).changes > 0;
+  async release(key: HostSlotKey) {
+    return this.#release.run(key.hostId, key.slot, key.reservation).changes > 0;
   }
 }
 
 /** The hosts, host epochs and host slots repositories over the embedded store's database. */
 export function sqliteHostRepositories(db: Database.Database): Pick<Store, 'hosts' | 'hostEpochs' | 'hostSlots'> {
   db.exec(schema);
+  const slotColumns = (db.prepare('PRAGMA table_info(host_slots)').all() as Array<{ name: string }>).map((c) => c.name);
+  if (!slotColumns.includes('reservation')) db.exec("ALTER TABLE host_slots ADD COLUMN reservation TEXT NOT NULL DEFAULT ''");
   return { hosts: new SqliteHosts(db), hostEpochs: new SqliteHostEpochs(db), hostSlots: new SqliteHostSlots(db) };
 }
