@@ -1,5 +1,7 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { availableParallelism, totalmem } from 'node:os';
+import { join } from 'node:path';
 import { pino, type Logger } from 'pino';
 import { hostPlacementSlots, type Config } from './config.js';
 import { withSandboxCache } from './store/sandbox-cache.js';
@@ -51,6 +53,7 @@ import { Placement } from './services/fleet/placement.js';
 import { Forwarder } from './services/fleet/forwarder.js';
 import { FleetAdmin } from './services/fleet/fleet-admin.js';
 import { KeyEndWatch } from './services/fleet/key-end-watch.js';
+import { SandboxMover } from './services/fleet/sandbox-mover.js';
 
 export interface App {
   config: Config;
@@ -81,7 +84,9 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const opened = await openStore(config);
   const store = role === 'all' ? withAuthCaches(withSandboxCache(opened)) : opened;
   // A fleet host's loops see only its own sandboxes, and what it creates names it (README "Fleet").
-  const ownSandboxes = role === 'host' ? hostSandboxes(store.sandboxes, nodeId, store.hostSlots) : store.sandboxes;
+  // Sandboxes this host moved to others while draining (README "Fleet"): its view answers them as moved.
+  const movedAway = new Set<string>();
+  const ownSandboxes = role === 'host' ? hostSandboxes(store.sandboxes, nodeId, store.hostSlots, movedAway) : store.sandboxes;
   // One replayable event stream per sandbox, and the org webhooks it feeds (README "Events and webhooks").
   const events = new SandboxEventService({
     repository: store.sandboxEvents,
@@ -173,6 +178,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   });
   images.useQuotas(quotas);
   const sandboxes = new SandboxService({
+    movedAway,
     lifecycle: { activity, tombstones: store.sandboxTombstones, maxTimeoutSec: config.SANDBOX_MAX_TIMEOUT_SEC, defaultTimeoutSec: config.SANDBOX_DEFAULT_TIMEOUT_SEC },
     sandboxes: ownSandboxes,
     images,
@@ -325,6 +331,11 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     role === 'api'
       ? new LostHostSweeper({ hosts: store.hosts, epochs: store.hostEpochs, slots: store.hostSlots, sandboxes: store.sandboxes, deadAfterMs, intervalMs: config.HOST_HEARTBEAT_SEC * 1000, log, onLost: (r) => events.emit({ sandboxId: r.id, orgId: r.orgId, type: 'sandbox.error', data: { reason: 'host-lost' } }), onNotServing: (hostId) => forwarder!.cutHost(hostId) })
       : null;
+  // A draining host moves its stopped sandboxes to the others; every host takes them in.
+  const mover =
+    role === 'host'
+      ? new SandboxMover({ hostId: nodeId, hosts: store.hosts, sandboxes: store.sandboxes, images: store.images, slots: store.hostSlots, placement: placement!, service: sandboxes, token: config.CLUSTER_TOKEN!, workDir: join(config.DATA_DIR, 'moving'), maxBytes: config.SNAPSHOT_MAX_BYTES, log })
+      : null;
   const membership =
     role === 'host'
       ? new HostMembership({
@@ -332,6 +343,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
           slots: store.hostSlots,
           placement: placement!,
           sandboxes: ownSandboxes,
+          hosts: store.hosts,
+          whileDraining: () => mover!.moveStopped(),
           heartbeatMs: config.HOST_HEARTBEAT_SEC * 1000,
           log,
           identity: async () => ({
@@ -354,7 +367,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
   const http = createHttpServer({
     router: appRouter,
     ...(forwarder ? { fleet: { forwarder, placement: placement! } } : {}),
-    ...(role === 'host' ? { clusterToken: config.CLUSTER_TOKEN! } : {}),
+    ...(role === 'host' ? { clusterToken: config.CLUSTER_TOKEN!, adopt: (req: IncomingMessage, res: ServerResponse) => mover!.adopt(req, res) } : {}),
     services,
     log,
     metrics,

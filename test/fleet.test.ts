@@ -397,6 +397,39 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     for (const id of [...made.map((m) => m.body.data.id), next.body.data.id]) await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
   }, 120_000);
 
+  it('draining a host moves its stopped sandboxes to another host with their files (they start there); its running ones stay', async () => {
+    const made: string[] = [];
+    for (const name of ['to-move', 'stays-1', 'stays-2']) {
+      const box = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name }) });
+      expect(box.status).toBe(201);
+      made.push(box.body.data.id);
+    }
+    const [moving] = made as [string];
+    const home = (await hostOf(moving))!;
+    const runningThere = [];
+    for (const id of made.slice(1)) if ((await hostOf(id)) === home) runningThere.push(id);
+    await json(`${api1.url}/api/sandboxes/${moving}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'echo came-along > /root/moved-mark' }) });
+    expect((await json(`${api1.url}/api/sandboxes/${moving}/stop`, { method: 'POST', apiKey })).status).toBe(200);
+    expect((await json(`${api2.url}/api/admin/hosts/${home}/drain`, { method: 'POST', apiKey: adminKey })).status).toBe(200);
+    try {
+      // HOST_HEARTBEAT_SEC is 1: the drained host moves it at a heartbeat.
+      const now = await until(() => hostOf(moving), (h) => h !== home, 'the stopped sandbox to move', 60_000, 100);
+      expect(now).toMatch(/^node-/);
+      for (const id of runningThere) expect(await hostOf(id)).toBe(home);
+      // Its slot follows it (given there right after the record names that host; freed here).
+      await until(async () => (await mongo.db(db).collection('host_slots').find({ sandboxId: moving }).toArray()).map((x) => x.hostId), (h) => h.length === 1 && h[0] === now, 'its slot on its new host', 10_000, 100);
+      // Through API node 1, which knew its old host: a 503 "moved; retry" for a few seconds at most, then served.
+      const started = await until(() => json(`${api1.url}/api/sandboxes/${moving}/start`, { method: 'POST', apiKey }), (r) => r.status !== 503, 'the start', 20_000, 250);
+      expect(started.status, JSON.stringify(started.body)).toBe(200);
+      const read = await json(`${api2.url}/api/sandboxes/${moving}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'cat /root/moved-mark' }) });
+      expect(JSON.stringify(read.body)).toContain('came-along');
+      expect((await json(`${api2.url}/api/sandboxes/${moving}`, { apiKey })).body.data.status).toBe('running');
+    } finally {
+      await json(`${api2.url}/api/admin/hosts/${home}/undrain`, { method: 'POST', apiKey: adminKey });
+      for (const id of made) await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
+    }
+  }, 120_000);
+
   it('a host killed with -9 loses its sandboxes (host-lost) within the dead-after interval, creates go elsewhere, and on its return it registers anew without resurrecting them', async () => {
     // One after the other: the second goes to the host with more free slots, so one lands on each.
     const ids: string[] = [];

@@ -2,7 +2,7 @@ import { timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { UnauthorizedError } from '../errors.js';
-import { CLUSTER_TOKEN_HEADER, INTERNAL_CALL_PATH } from '../services/fleet/internal-protocol.js';
+import { CLUSTER_TOKEN_HEADER, INTERNAL_ADOPT_PATH, INTERNAL_CALL_PATH } from '../services/fleet/internal-protocol.js';
 import { rawErrorResponse, sendError } from './envelope.js';
 
 export interface InternalListenerOptions {
@@ -12,6 +12,8 @@ export interface InternalListenerOptions {
   main: Server;
   /** A forwarded procedure call (INTERNAL_CALL_PATH). */
   call(req: IncomingMessage, res: ServerResponse): Promise<void>;
+  /** A stopped sandbox another host moves here (INTERNAL_ADOPT_PATH); absent, that path is not served. */
+  adopt?: (req: IncomingMessage, res: ServerResponse) => Promise<void>;
 }
 
 /** Whether the request carries the cluster secret, compared in constant time. */
@@ -45,8 +47,13 @@ export function createInternalListener(o: InternalListenerOptions): Server {
     }
     dropToken(req);
     fromCluster.add(req);
-    if ((req.url ?? '').split('?')[0] === INTERNAL_CALL_PATH && req.method === 'POST') {
+    const path = (req.url ?? '').split('?')[0];
+    if (path === INTERNAL_CALL_PATH && req.method === 'POST') {
       o.call(req, res).catch(() => res.destroy());
+      return;
+    }
+    if (path === INTERNAL_ADOPT_PATH && req.method === 'POST' && o.adopt) {
+      o.adopt(req, res).catch(() => res.destroy());
       return;
     }
     o.main.emit('request', req, res);

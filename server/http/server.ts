@@ -84,6 +84,8 @@ export interface HttpServerOptions {
   fleet?: Context['fleet'];
   /** A host's (VOIDRUN_ROLE=host): CLUSTER_TOKEN, which its internal listener (`internal`) requires of every request. */
   clusterToken?: string;
+  /** A host's: takes a stopped sandbox a draining host moves here (its internal listener's adopt route). */
+  adopt?: (req: IncomingMessage, res: ServerResponse) => Promise<void>;
 }
 
 /** The HTTP edge's limits (README "The HTTP edge"); each is a config variable. */
@@ -788,7 +790,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     });
   }
 
-  const internal = opts.clusterToken ? createInternalListener({ token: opts.clusterToken, main: server, call: internalCall }) : null;
+  const internal = opts.clusterToken ? createInternalListener({ token: opts.clusterToken, main: server, call: internalCall, ...(opts.adopt ? { adopt: opts.adopt } : {}) }) : null;
 
   /**
    * A procedure call an API node forwarded (see Forwarder.call): run here as if it had arrived

@@ -73,6 +73,8 @@ export interface SandboxNetworkDefaults {
 }
 
 export interface SandboxServiceDeps {
+  /** A fleet host's: the sandboxes it moved to other hosts (draining), which its sandbox view then answers as moved. */
+  movedAway?: Set<string>;
   sandboxes: SandboxRepository;
   images: ImageService;
   /** null when no driver can run here; every sandbox operation then answers 503 with `driverUnavailable`. */
@@ -1025,6 +1027,54 @@ export class SandboxService {
     // The gate may have found the timeout changed: the sandbox stays, and so must no tombstone.
     if (await this.deps.sandboxes.findById(record.orgId, record.id)) await tombstones?.delete(record.orgId, record.id);
     else this.deps.lifecycle?.activity.forget(record.id);
+  }
+
+  /**
+   * Moves stopped sandbox `id` off this host (a fleet host being drained): under its lock, its
+   * filesystem is captured to `file` and `send` hands it to another host, which restores it there
+   * stopped and resolves to that host's id; then the record names that host and the runtime here
+   * goes. A call that waited for the lock then finds it moved (503, see `hostSandboxes`). Resolves
+   * to the new host's id, or null when the sandbox is not a stopped sandbox of this host any more
+   * or has snapshots of its own (those stay restorable where they are, so it stays too).
+   */
+  async moveOut(id: string, file: string, send: (record: SandboxRecord) => Promise<string>): Promise<string | null> {
+    const driver = this.driver;
+    if (!canSnapshot(driver)) return null;
+    return this.#locks.run(id, async () => {
+      const record = await this.deps.sandboxes.findByIdInAnyOrg(id);
+      if (!record || record.status !== 'stopped' || record.pool || !record.orgId) return null;
+      if ((await readdir(this.#snapshotDir(record)).catch(() => [] as string[])).some((n) => n.endsWith(SNAPSHOT_SUFFIX))) return null;
+      await driver.snapshot(id, file);
+      const to = await send(record);
+      if (!(await this.deps.sandboxes.update(record.orgId, id, { hostId: to }))) throw new Error(`sandbox ${id} went while it was moved to ${to}`);
+      // Before the lock is let go: what waited for it reads the sandbox as moved (see hostSandboxes).
+      this.deps.movedAway?.add(id);
+      this.#stopped(id);
+      await this.deps.agents?.drop(id);
+      await driver.destroy(id).catch(() => {});
+      return to;
+    });
+  }
+
+  /**
+   * The receiving side of `moveOut`: restores another host's stopped sandbox `record` here from
+   * `file`, and leaves it stopped; its record is the sender's to change. Its image must run here
+   * (no image of another host's own layers).
+   */
+  async adoptMoved(record: SandboxRecord, file: string): Promise<void> {
+    const driver = this.driver;
+    if (!canSnapshot(driver)) throw new ConflictError(`The ${driver.name} driver cannot take sandboxes moved from another host`);
+    await this.#locks.run(record.id, async () => {
+      const image = await this.deps.images.resolve({ orgId: record.orgId, keyId: '', userId: '' }, record.imageId);
+      this.deps.images.assertRunsHere(image);
+      try {
+        await driver.restore(this.#spec(record, await this.deps.images.rootfsFor(image), image), file);
+        await driver.stop(record.id);
+      } catch (err) {
+        await driver.destroy(record.id).catch(() => {});
+        throw err;
+      }
+    });
   }
 
   #snapshotDir(record: SandboxRecord): string {

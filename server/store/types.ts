@@ -240,7 +240,7 @@ export interface SandboxRepository {
   listAll(): Promise<SandboxRecord[]>;
   /** A sandbox by id alone, whatever its org: only for requests that prove their right to it otherwise (a preview URL's token or public port). */
   findByIdInAnyOrg(id: string): Promise<SandboxRecord | null>;
-  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle'>>): Promise<SandboxRecord | null>;
+  update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle' | 'hostId'>>): Promise<SandboxRecord | null>;
   /**
    * Hands warm-pool member `id` (a record with `orgId` '') to an org in one write: owner, name and
    * the rest of `claim`, `pool` cleared, `createdAt` now (it is the org's sandbox from now on). The caller must hold the member's claim (`PoolClaimRepository`):

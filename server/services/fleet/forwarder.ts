@@ -25,6 +25,8 @@ const hopByHop = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 
 
 /** How long a host record (its address and state) is reused before it is read again. */
 const HOST_CACHE_MS = 1000;
+/** How long a sandbox's host is reused before it is read again (a drained host moves its stopped sandboxes). */
+const SANDBOX_HOST_CACHE_MS = 5000;
 
 
 /**
@@ -33,10 +35,11 @@ const HOST_CACHE_MS = 1000;
  * under `/api/sandboxes/{id}` (bytes streamed both ways, TCP's backpressure end to end), and tRPC
  * procedure calls (`call`, `subscribe`) for the tRPC transports. The host authenticates the caller
  * itself: what it answers, errors included, is what a single server would have answered.
- * A sandbox's host never changes, so sandbox→host is cached for good; host records for a second.
+ * A sandbox's host changes only when a draining host moves it, so sandbox→host is cached for 5 s
+ * (meanwhile its old host answers 503 "moved; retry"); host records for a second.
  */
 export class Forwarder {
-  readonly #ofSandbox = new Map<string, { hostId: string; orgId: string }>();
+  readonly #ofSandbox = new Map<string, { hostId: string; orgId: string; at: number }>();
   readonly #hosts = new Map<string, { record: HostRecord | null; at: number }>();
   /**
    * Proxied requests (long downloads, SSE streams) and procedure calls (subscriptions too) keep
@@ -82,10 +85,10 @@ export class Forwarder {
    */
   async target(sandboxId: string): Promise<{ host: HostRecord; orgId: string } | null> {
     let known = this.#ofSandbox.get(sandboxId);
-    if (!known) {
+    if (!known || Date.now() - known.at >= SANDBOX_HOST_CACHE_MS) {
       const record = await this.o.sandboxes.findByIdInAnyOrg(sandboxId);
       if (!record?.hostId) return null;
-      known = { hostId: record.hostId, orgId: record.orgId };
+      known = { hostId: record.hostId, orgId: record.orgId, at: Date.now() };
       // A warm-pool member (no org yet) is not cached: its org is set when it is claimed.
       if (record.orgId) {
         if (this.#ofSandbox.size > 100_000) this.#ofSandbox.clear();

@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import type { HostEpochRepository, HostRepository, HostSlotRepository, IpLeaseRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
+import { HostUnavailableError } from '../../errors.js';
 import { newId } from '../../store/ids.js';
 import { HostRegistry, registrationLost, sweepLostHosts, type HostIdentity } from './host-registry.js';
 import type { Placement } from './placement.js';
@@ -8,13 +9,22 @@ import type { Placement } from './placement.js';
  * The sandboxes a fleet host sees as its own (VOIDRUN_ROLE=host): what it creates names it
  * (`hostId`), and `listAll` — what the health loop, startup adoption, lifecycle timers, warm pool,
  * host events and metrics walk — holds only its own, so no loop of one host ever touches a
- * sandbox of another. Lookups by id still see every sandbox (an API node forwards only a host's own).
- * A delete frees the sandbox's placement slot at once.
+ * sandbox of another. A lookup of a sandbox this host moved to another (`movedAway`: off this
+ * host while draining, see SandboxMover) is a 503 saying so: whatever waited for its lock here
+ * (a call forwarded before the API node knew) must not act on it. Other lookups by id see every
+ * sandbox (an idempotent create's replay reads the one another host made). A delete frees the
+ * sandbox's placement slot at once.
  */
-export function hostSandboxes(repo: SandboxRepository, hostId: string, slots: HostSlotRepository): SandboxRepository {
+export function hostSandboxes(repo: SandboxRepository, hostId: string, slots: HostSlotRepository, movedAway: ReadonlySet<string> = new Set()): SandboxRepository {
   return {
     create: (sandbox) => repo.create({ ...sandbox, hostId }),
-    findById: (orgId, id) => repo.findById(orgId, id),
+    findById: async (orgId, id) => {
+      const record = await repo.findById(orgId, id);
+      if (record?.hostId && record.hostId !== hostId && movedAway.has(id)) {
+        throw new HostUnavailableError(`Sandbox ${record.name} was moved to fleet host ${record.hostId} (its host was drained); retry`, { details: 'moved' });
+      }
+      return record;
+    },
     listByOrg: (orgId, page, limit, labels) => repo.listByOrg(orgId, page, limit, labels),
     listAll: async () => (await repo.listAll()).filter((r) => r.hostId === hostId),
     findByIdInAnyOrg: (id) => repo.findByIdInAnyOrg(id),
@@ -61,6 +71,10 @@ export interface HostMembershipOptions {
   identity: () => Promise<HostIdentity>;
   /** Run when the fleet gave this host up (fenced), before it registers again: stop what it must not run. */
   reconcile: () => Promise<void>;
+  /** Started (not awaited) at each heartbeat while this host is draining: move its stopped sandboxes elsewhere. */
+  whileDraining?: () => Promise<unknown>;
+  /** The host records, to read this host's own state (draining) at each heartbeat. */
+  hosts?: HostRepository;
   heartbeatMs: number;
   log: Logger;
 }
@@ -105,6 +119,9 @@ export class HostMembership {
       this.o.log.info({ host: record.id, epoch: record.epoch }, `fleet: registered again (epoch ${record.epoch})`);
     }
     await this.#reconcileSlots(identity.id, identity.capacity.slots);
+    if (this.o.whileDraining && (await this.o.hosts?.findById(identity.id))?.state === 'draining') {
+      void this.o.whileDraining().catch((err: Error) => this.o.log.warn({ err: err.message }, 'fleet: moving sandboxes off this draining host failed; trying again'));
+    }
   }
 
   /**

@@ -8,6 +8,8 @@ import { errorCodes } from '../../../shared/errors.js';
 export const CLUSTER_TOKEN_HEADER = 'x-voidrun-cluster-token';
 /** The path of a forwarded tRPC procedure call on the internal listener. */
 export const INTERNAL_CALL_PATH = '/internal/v1/call';
+/** Where a draining host sends a stopped sandbox it moves to this host (`?sandbox=<id>&from=<hostId>`, the capture as the body). */
+export const INTERNAL_ADOPT_PATH = '/internal/v1/adopt';
 
 /**
  * One procedure call an API node forwards to the host that runs the sandbox: the caller's own

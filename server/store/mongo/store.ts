@@ -307,7 +307,7 @@ class MongoSandboxes implements SandboxRepository {
   async listAll() {
     return op('', async () => (await this.c.find({}).sort({ createdAt: 1, _id: 1 }).toArray()).map((d) => MongoSandboxes.#map(d)));
   }
-  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle'>>) {
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle' | 'hostId'>>) {
     const _id = objectId(id);
     if (!_id) return null;
     const $set: Document = { updatedAt: new Date() };

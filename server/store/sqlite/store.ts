@@ -314,7 +314,7 @@ class SqliteSandboxes implements SandboxRepository {
   async listAll() {
     return (this.#all.all() as Row[]).map((r) => SqliteSandboxes.#map(r)!);
   }
-  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle'>>) {
+  async update(orgId: string, id: string, patch: Partial<Pick<SandboxRecord, 'status' | 'ip' | 'cpu' | 'mem' | 'envVars' | 'network' | 'publicPorts' | 'lifecycle' | 'hostId'>>) {
     const columns: Record<string, unknown> = {};
     if (patch.status !== undefined) columns.status = patch.status;
     if (patch.ip !== undefined) columns.ip = patch.ip;
@@ -324,6 +324,7 @@ class SqliteSandboxes implements SandboxRepository {
     if (patch.network !== undefined) columns.network = JSON.stringify(patch.network);
     if (patch.publicPorts !== undefined) columns.public_ports = JSON.stringify(patch.publicPorts);
     if (patch.lifecycle !== undefined) columns.lifecycle = JSON.stringify(patch.lifecycle);
+    if (patch.hostId !== undefined) columns.host_id = patch.hostId;
     columns.updated_at = iso(new Date());
     const set = Object.keys(columns).map((c) => `${c} = @${c}`).join(', ');
     const changed = this.#db.prepare(`UPDATE sandboxes SET ${set} WHERE org_id = @orgId AND id = @id`).run({ ...columns, orgId, id }).changes;
