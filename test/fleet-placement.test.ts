@@ -148,6 +148,15 @@ function fleetSuite(name: string, open: SharedStore) {
       expect(await leasesB.findBySandbox(sbxB)).toMatchObject({ ip: '192.168.100.2' });
       expect(await leasesA.claim('192.168.100.2', sbxA2)).toBe(true);
       expect(await leasesB.claim('192.168.100.2', newId())).toBe(false);
+      // A sandbox moved from one host to the other holds a lease on each for a moment: each host finds and frees only its own.
+      const moved = newId();
+      expect(await leasesA.claim('192.168.100.9', moved)).toBe(true);
+      expect(await leasesB.claim('192.168.100.7', moved)).toBe(true);
+      expect(await leasesB.findBySandbox(moved)).toMatchObject({ ip: '192.168.100.7' });
+      expect(await leasesA.releaseBySandbox(moved)).toBe(1);
+      expect(await leasesB.findBySandbox(moved)).toMatchObject({ ip: '192.168.100.7' });
+      expect(await leasesA.findBySandbox(moved)).toBeNull();
+      expect(await leasesB.releaseBySandbox(moved)).toBe(1);
     });
 
     it("the lost-host sweep of two API nodes at once reports each lost sandbox once, and one that found the host registered again touches nothing (not its new sandboxes, not their slots)", async () => {

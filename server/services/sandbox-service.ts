@@ -1031,29 +1031,39 @@ export class SandboxService {
 
   /**
    * Moves stopped sandbox `id` off this host (a fleet host being drained): under its lock, its
-   * filesystem is captured to `file` and `send` hands it to another host, which restores it there
-   * stopped and resolves to that host's id; then the record names that host and the runtime here
-   * goes. A call that waited for the lock then finds it moved (503, see `hostSandboxes`). Resolves
-   * to the new host's id, or null when the sandbox is not a stopped sandbox of this host any more
-   * or has snapshots of its own (those stay restorable where they are, so it stays too).
+   * filesystem is captured to `file` (at most `maxBytes`) and `send` hands it to another host,
+   * which restores it there stopped; then the record names that host (read back before anything
+   * here goes), `commit` runs (the slot there becomes the sandbox's), and the runtime here goes. A
+   * call that waited for the lock then finds it moved (503, see `hostSandboxes`). Resolves to the
+   * new host's id, or null when there is nothing to move: not a stopped sandbox any more, a driver
+   * whose snapshot needs a running sandbox (VMs), or snapshots of its own (they stay restorable
+   * where they are, so it stays too).
    */
-  async moveOut(id: string, file: string, send: (record: SandboxRecord) => Promise<string>): Promise<string | null> {
+  async moveOut(id: string, file: string, maxBytes: number, send: (record: SandboxRecord) => Promise<{ hostId: string; commit: () => Promise<void> }>): Promise<string | null> {
     const driver = this.driver;
-    if (!canSnapshot(driver)) return null;
+    if (!canSnapshot(driver) || driver.snapshotKind !== 'filesystem') return null;
     return this.#locks.run(id, async () => {
       const record = await this.deps.sandboxes.findByIdInAnyOrg(id);
       if (!record || record.status !== 'stopped' || record.pool || !record.orgId) return null;
       if ((await readdir(this.#snapshotDir(record)).catch(() => [] as string[])).some((n) => n.endsWith(SNAPSHOT_SUFFIX))) return null;
-      await driver.snapshot(id, file);
+      await driver.snapshot(id, file, { maxBytes });
       const to = await send(record);
-      if (!(await this.deps.sandboxes.update(record.orgId, id, { hostId: to }))) throw new Error(`sandbox ${id} went while it was moved to ${to}`);
+      await this.deps.sandboxes.update(record.orgId, id, { hostId: to.hostId });
+      // Read back: a concurrent write of the record (a lost-host sweep) could have put it back.
+      if ((await this.deps.sandboxes.findByIdInAnyOrg(id))?.hostId !== to.hostId) throw new Error(`sandbox ${id}: its record did not come to name host ${to.hostId}`);
       // Before the lock is let go: what waited for it reads the sandbox as moved (see hostSandboxes).
       this.deps.movedAway?.add(id);
+      await to.commit().catch(() => {});
       this.#stopped(id);
       await this.deps.agents?.drop(id);
       await driver.destroy(id).catch(() => {});
-      return to;
+      return to.hostId;
     });
+  }
+
+  /** Removes this host's runtime of sandbox `id` (a moved sandbox's copy whose move did not complete); its record is not touched. */
+  async dropCopy(id: string): Promise<void> {
+    await this.#locks.run(id, () => this.driver.destroy(id));
   }
 
   /**

@@ -276,10 +276,10 @@ export interface ImageRepository {
 export interface IpLeaseRepository {
   /** Leases `ip` to `sandboxId`; false when the address is already leased (to anyone). */
   claim(ip: string, sandboxId: string): Promise<boolean>;
-  /** The sandbox's lease, or null. A sandbox holds at most one lease when it goes through `IpPool`. */
-  findBySandbox(sandboxId: string): Promise<IpLeaseRecord | null>;
-  /** Frees every address leased to the sandbox; resolves to how many were freed. */
-  releaseBySandbox(sandboxId: string): Promise<number>;
+  /** The sandbox's lease (of addresses starting `ipPrefix`, when given: a fleet host's own), or null. A sandbox holds at most one lease when it goes through `IpPool`. */
+  findBySandbox(sandboxId: string, ipPrefix?: string): Promise<IpLeaseRecord | null>;
+  /** Frees every address leased to the sandbox (of those starting `ipPrefix`, when given); resolves to how many were freed. */
+  releaseBySandbox(sandboxId: string, ipPrefix?: string): Promise<number>;
   /** Every lease, in no particular order. */
   list(): Promise<IpLeaseRecord[]>;
 }

@@ -53,10 +53,11 @@ export function hostIpLeases(repo: IpLeaseRepository, hostId: string): IpLeaseRe
   return {
     claim: (ip, sandboxId) => repo.claim(prefix + ip, sandboxId),
     findBySandbox: async (sandboxId) => {
-      const lease = await repo.findBySandbox(sandboxId);
-      return lease?.ip.startsWith(prefix) ? own(lease) : null;
+      const lease = await repo.findBySandbox(sandboxId, prefix);
+      return lease ? own(lease) : null;
     },
-    releaseBySandbox: (sandboxId) => repo.releaseBySandbox(sandboxId),
+    // Only this host's: a sandbox moved off a draining host holds a lease on each for a moment.
+    releaseBySandbox: (sandboxId) => repo.releaseBySandbox(sandboxId, prefix),
     list: async () => (await repo.list()).filter((l) => l.ip.startsWith(prefix)).map(own),
   };
 }
@@ -141,8 +142,9 @@ export class HostMembership {
     const taken = new Set(held.map((s) => s.slot));
     for (const r of live) {
       if (assigned.has(r.id) || (r.status === 'error' && r.lifecycle?.endedReason === 'host-lost')) continue;
-      // Younger than a create's TTL: its API node may still be about to assign the slot it reserved.
-      if (Date.now() - r.createdAt.getTime() < 60_000) continue;
+      // Younger than a create's TTL (or just moved here): its API node (or the host it came from)
+      // may still be about to assign the slot it reserved.
+      if (Date.now() - Math.max(r.createdAt.getTime(), r.updatedAt.getTime()) < 60_000) continue;
       let slot = 0;
       while (taken.has(slot) && slot < capacity) slot++;
       if (slot >= capacity) {

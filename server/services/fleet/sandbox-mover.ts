@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdir, rm, stat } from 'node:fs/promises';
 import { request, type IncomingMessage, type ServerResponse } from 'node:http';
@@ -14,6 +15,8 @@ import type { Placed, Placement } from './placement.js';
 
 /** How long a move's connection to the receiving host may stay silent (its restore included). */
 const MOVE_IDLE_MS = 10 * 60_000;
+/** When a sandbox taken in here is checked again (longer than a move's last steps can take). */
+const ORPHAN_CHECK_MS = 15 * 60_000;
 
 export interface SandboxMoverOptions {
   /** This host's node id. */
@@ -47,6 +50,10 @@ export interface SandboxMoverOptions {
  */
 export class SandboxMover {
   #running: Promise<number> | null = null;
+  /** Per sandbox, when a move that failed is tried again (doubling from a minute to an hour). */
+  readonly #retry = new Map<string, { at: number; delayMs: number }>();
+  /** Sandboxes being taken in here now (a second adopt of one is refused). */
+  readonly #adopting = new Set<string>();
 
   constructor(private readonly o: SandboxMoverOptions) {}
 
@@ -60,28 +67,45 @@ export class SandboxMover {
     let moved = 0;
     const own = (await this.o.sandboxes.listAll()).filter((r) => r.hostId === this.o.hostId && r.status === 'stopped' && !r.pool && r.orgId);
     for (const r of own) {
+      if ((this.#retry.get(r.id)?.at ?? 0) > Date.now()) continue;
+      // Undrained (or fenced, lost) meanwhile: the rest stay.
+      if ((await this.o.hosts.findById(this.o.hostId))?.state !== 'draining') break;
       const image = await this.o.images.findById(r.imageId);
-      if (image?.hostId) continue; // its layers are here: it stays (and so does its image)
-      await mkdir(this.o.workDir, { recursive: true, mode: 0o700 });
-      const file = join(this.o.workDir, `${r.id}.out.tar.gz`);
-      let placed: Placed | null = null;
+      if (!image || image.hostId) continue; // its layers are here (or its image is gone): it stays
+      // A slot elsewhere first: a full fleet costs no capture.
+      let placed: Placed;
       try {
-        const to = await this.o.service.moveOut(r.id, file, async (record) => {
-          placed = await this.#send(record, file);
-          return placed.host.id;
-        });
-        if (!to) await (placed as Placed | null)?.release();
-        if (to) {
-          moved++;
-          // Given to the sandbox once its record names that host (a pending slot is safe from that host's sweep until then).
-          await (placed as Placed | null)?.assign(r.id);
-          const slot = (await this.o.slots.listByHost(this.o.hostId)).find((s) => s.sandboxId === r.id);
-          if (slot) await this.o.slots.release(slot);
-          this.o.log.info({ sandbox: r.id, to }, `fleet: moved stopped sandbox ${r.id} to host ${to} (this host is draining)`);
-        }
+        placed = await this.o.placement.place({ cpu: r.cpu, memMb: r.mem });
       } catch (err) {
-        await (placed as Placed | null)?.release().catch(() => {});
-        this.o.log.warn({ sandbox: r.id, err: (err as Error).message }, `fleet: could not move stopped sandbox ${r.id} off this draining host; trying again later`);
+        this.#failed(r.id, err);
+        continue;
+      }
+      if (placed.host.id === this.o.hostId) {
+        await placed.release();
+        break;
+      }
+      await mkdir(this.o.workDir, { recursive: true, mode: 0o700 });
+      const file = join(this.o.workDir, `${r.id}.${randomUUID()}.out.tar.gz`);
+      let taken = false;
+      try {
+        const to = await this.o.service.moveOut(r.id, file, this.o.maxBytes ?? Number.MAX_SAFE_INTEGER, async (record) => {
+          await this.#post(placed.host, record, file);
+          taken = true;
+          return { hostId: placed.host.id, commit: () => placed.assign(record.id) };
+        });
+        if (!to) {
+          await placed.release();
+          continue;
+        }
+        moved++;
+        this.#retry.delete(r.id);
+        const slot = (await this.o.slots.listByHost(this.o.hostId)).find((s) => s.sandboxId === r.id);
+        if (slot) await this.o.slots.release(slot);
+        this.o.log.info({ sandbox: r.id, to }, `fleet: moved stopped sandbox ${r.id} to host ${to} (this host is draining)`);
+      } catch (err) {
+        // Not taken there: its slot there goes. Taken (its record did not follow): that host removes its copy (see adopt).
+        if (!taken) await placed.release().catch(() => {});
+        this.#failed(r.id, err);
       } finally {
         await rm(file, { force: true });
       }
@@ -89,20 +113,10 @@ export class SandboxMover {
     return moved;
   }
 
-  /** Holds a slot on another host and sends it the capture; resolves to the slot held there once that host took the sandbox. */
-  async #send(record: SandboxRecord, file: string): Promise<Placed> {
-    const placed = await this.o.placement.place({ cpu: record.cpu, memMb: record.mem });
-    if (placed.host.id === this.o.hostId) {
-      await placed.release();
-      throw new ConflictError('placement chose this host itself (it is not draining any more)');
-    }
-    try {
-      await this.#post(placed.host, record, file);
-    } catch (err) {
-      await placed.release().catch(() => {});
-      throw err;
-    }
-    return placed;
+  #failed(id: string, err: unknown): void {
+    const delayMs = Math.min(60 * 60_000, (this.#retry.get(id)?.delayMs ?? 30_000) * 2);
+    this.#retry.set(id, { at: Date.now() + delayMs, delayMs });
+    this.o.log.warn({ sandbox: id, err: (err as Error).message }, `fleet: could not move stopped sandbox ${id} off this draining host; trying again in ${Math.round(delayMs / 60_000)} min`);
   }
 
   #post(host: HostRecord, record: SandboxRecord, file: string): Promise<void> {
@@ -134,14 +148,22 @@ export class SandboxMover {
     );
   }
 
-  /** The receiving host's internal route: takes a stopped sandbox another host of the fleet sends. */
+  /**
+   * The receiving host's internal route: takes a stopped sandbox another host of the fleet sends.
+   * Its copy here is checked again later: if the record never came to name this host (the sender
+   * failed after the restore), the copy is removed.
+   */
   async adopt(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://internal');
     const id = url.searchParams.get('sandbox') ?? '';
     const from = url.searchParams.get('from') ?? '';
     let file: string | null = null;
+    let mine = false;
     try {
       if (!isObjectIdHex(id) || !from) throw new InvalidInputError('adopt needs ?sandbox=<id>&from=<hostId>');
+      if (this.#adopting.has(id)) throw new ConflictError(`Sandbox ${id} is being taken in here already`);
+      this.#adopting.add(id);
+      mine = true;
       const record = await this.o.sandboxes.findByIdInAnyOrg(id);
       if (!record || record.hostId !== from || record.status !== 'stopped' || record.pool || from === this.o.hostId) {
         throw new ConflictError(`Sandbox ${id} is not a stopped sandbox of host ${from}`);
@@ -149,7 +171,7 @@ export class SandboxMover {
       const declared = Number(req.headers['content-length'] ?? NaN);
       if (this.o.maxBytes !== null && !(declared <= this.o.maxBytes)) throw new PayloadTooLargeError(`A moved sandbox's capture is at most SNAPSHOT_MAX_BYTES (${this.o.maxBytes})`);
       await mkdir(this.o.workDir, { recursive: true, mode: 0o700 });
-      file = join(this.o.workDir, `${id}.in.tar.gz`);
+      file = join(this.o.workDir, `${id}.${randomUUID()}.in.tar.gz`);
       let received = 0;
       req.on('data', (c: Buffer) => {
         received += c.length;
@@ -157,14 +179,28 @@ export class SandboxMover {
       });
       await pipeline(req, createWriteStream(file, { mode: 0o600 }));
       await this.o.service.adoptMoved(record, file);
+      setTimeout(() => void this.#dropIfNotMine(id), ORPHAN_CHECK_MS).unref();
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ ok: true }));
     } catch (err) {
       req.resume();
       if (!(err instanceof DomainError)) this.o.log.warn({ sandbox: id, from, err: (err as Error).message }, 'fleet: could not take a sandbox moved from another host');
-      if (!res.headersSent) sendError(res, err instanceof DomainError ? err : new ConflictError(`Sandbox ${id} could not be restored here: ${(err as Error).message}`));
+      if (!res.headersSent) sendError(res, err instanceof DomainError ? err : new ConflictError(`Sandbox ${id} could not be restored on host ${this.o.hostId} (its log says why)`));
     } finally {
+      if (mine) this.#adopting.delete(id);
       if (file) await rm(file, { force: true });
+    }
+  }
+
+  /** Removes the copy of a sandbox taken in here whose record does not name this host (its move failed after the restore). */
+  async #dropIfNotMine(id: string): Promise<void> {
+    try {
+      const record = await this.o.sandboxes.findByIdInAnyOrg(id);
+      if (record?.hostId === this.o.hostId || this.#adopting.has(id)) return;
+      await this.o.service.dropCopy(id);
+      this.o.log.info({ sandbox: id }, `fleet: removed the copy of sandbox ${id} taken in here (its move did not complete)`);
+    } catch (err) {
+      this.o.log.warn({ sandbox: id, err: (err as Error).message }, 'fleet: could not check a sandbox taken in here');
     }
   }
 }

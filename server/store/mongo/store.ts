@@ -443,14 +443,17 @@ class MongoIpLeases implements IpLeaseRepository {
   async claim(ip: string, sandboxId: string) {
     return claimedByInsert(() => this.c.insertOne({ _id: ip, sandboxId, createdAt: new Date() }));
   }
-  async findBySandbox(sandboxId: string) {
+  static #filter(sandboxId: string, ipPrefix?: string) {
+    return ipPrefix ? { sandboxId, _id: { $regex: `^${ipPrefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}` } } : { sandboxId };
+  }
+  async findBySandbox(sandboxId: string, ipPrefix?: string) {
     return op('', async () => {
-      const [doc] = await this.c.find({ sandboxId }).sort({ createdAt: 1, _id: 1 }).limit(1).toArray();
+      const [doc] = await this.c.find(MongoIpLeases.#filter(sandboxId, ipPrefix)).sort({ createdAt: 1, _id: 1 }).limit(1).toArray();
       return doc ? MongoIpLeases.#map(doc) : null;
     });
   }
-  async releaseBySandbox(sandboxId: string) {
-    return op('', async () => (await this.c.deleteMany({ sandboxId })).deletedCount);
+  async releaseBySandbox(sandboxId: string, ipPrefix?: string) {
+    return op('', async () => (await this.c.deleteMany(MongoIpLeases.#filter(sandboxId, ipPrefix))).deletedCount);
   }
   async list() {
     return op('', async () => (await this.c.find({}).toArray()).map((d) => MongoIpLeases.#map(d)));

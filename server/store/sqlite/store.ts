@@ -497,8 +497,8 @@ class SqliteIpLeases implements IpLeaseRepository {
     // The address is the primary key: of two concurrent claims (even from two processes sharing the
     // file) exactly one inserts a row.
     this.#claim = db.prepare('INSERT INTO ip_leases (ip, sandbox_id, created_at) VALUES (?, ?, ?) ON CONFLICT (ip) DO NOTHING');
-    this.#bySandbox = db.prepare('SELECT * FROM ip_leases WHERE sandbox_id = ? ORDER BY created_at, ip LIMIT 1');
-    this.#release = db.prepare('DELETE FROM ip_leases WHERE sandbox_id = ?');
+    this.#bySandbox = db.prepare('SELECT * FROM ip_leases WHERE sandbox_id = ? AND substr(ip, 1, length(?)) = ? ORDER BY created_at, ip LIMIT 1');
+    this.#release = db.prepare('DELETE FROM ip_leases WHERE sandbox_id = ? AND substr(ip, 1, length(?)) = ?');
     this.#all = db.prepare('SELECT * FROM ip_leases');
   }
   static #map(r: Row): IpLeaseRecord {
@@ -507,12 +507,12 @@ class SqliteIpLeases implements IpLeaseRepository {
   async claim(ip: string, sandboxId: string) {
     return this.#claim.run(ip, sandboxId, iso(new Date())).changes === 1;
   }
-  async findBySandbox(sandboxId: string) {
-    const r = this.#bySandbox.get(sandboxId) as Row | undefined;
+  async findBySandbox(sandboxId: string, ipPrefix = '') {
+    const r = this.#bySandbox.get(sandboxId, ipPrefix, ipPrefix) as Row | undefined;
     return r ? SqliteIpLeases.#map(r) : null;
   }
-  async releaseBySandbox(sandboxId: string) {
-    return this.#release.run(sandboxId).changes;
+  async releaseBySandbox(sandboxId: string, ipPrefix = '') {
+    return this.#release.run(sandboxId, ipPrefix, ipPrefix).changes;
   }
   async list() {
     return (this.#all.all() as Row[]).map((r) => SqliteIpLeases.#map(r));
