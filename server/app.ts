@@ -429,6 +429,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       await sweeper?.stop();
       keyEndWatch?.stop();
       await membership?.stop();
+      await mover?.close();
       forwarder?.close();
       // Streams first (they end when their agent connections close), then the HTTP server.
       await lifecycle.stop();

@@ -417,7 +417,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     const own = (req.url ?? '').split('?')[0] === `/api/sandboxes/${route.sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
     if (own && !forwarder.serving(host)) return null;
     forwarder.assertServing(host, route.sandboxId);
-    await forwarder.proxyRequest(req, res, host);
+    await forwarder.proxyRequest(req, res, host, route.sandboxId);
     return 'forwarded';
   }
 

@@ -142,8 +142,11 @@ export class Forwarder {
     throw new HostUnavailableError(`Sandbox ${sandboxId} ran on host ${host.id}, which ${why}; the sandbox is lost: delete it and create another`);
   }
 
-  /** Passes an HTTP request to the host and its answer back, both streamed. */
-  proxyRequest(req: IncomingMessage, res: ServerResponse, host: HostRecord): Promise<void> {
+  /**
+   * Passes an HTTP request to the host and its answer back, both streamed. A 503 from the host for
+   * a sandbox's request drops that sandbox's cached host (it may have been moved: the retry finds it).
+   */
+  proxyRequest(req: IncomingMessage, res: ServerResponse, host: HostRecord, sandboxId?: string): Promise<void> {
     const { host: hostname, port } = splitAddress(host.address);
     return new Promise((resolve) => {
       const headers: Record<string, string | string[]> = {};
@@ -158,6 +161,7 @@ export class Forwarder {
       headers['x-forwarded-for'] = [req.headers['x-forwarded-for'], req.socket.remoteAddress].filter(Boolean).join(', ');
       let untrack = () => {};
       const upstream = request({ host: hostname, port, method: req.method, path: req.url, headers, agent: this.#agent }, (answer) => {
+        if (answer.statusCode === 503 && sandboxId) this.#ofSandbox.delete(sandboxId);
         const out: Record<string, string | string[]> = {};
         for (const [name, value] of Object.entries(answer.headers)) if (value !== undefined && !hopByHop.has(name)) out[name] = value;
         res.writeHead(answer.statusCode ?? 502, answer.statusMessage, out);
@@ -223,7 +227,11 @@ export class Forwarder {
   async call(host: HostRecord, call: InternalCall, signal?: AbortSignal): Promise<unknown> {
     for await (const line of this.#lines(host, call, signal)) {
       if ('ok' in line) return superjson.deserialize(line.ok as Parameters<typeof superjson.deserialize>[0]);
-      if ('error' in line) throw fromWire(line.error);
+      if ('error' in line) {
+        // Its sandbox was moved to another host (drained): the retry looks it up again.
+        if (line.error.details === 'moved') this.#forgetCallSandbox(call);
+        throw fromWire(line.error);
+      }
     }
     throw new HostUnavailableError(`Host ${host.id} ended its answer without a result; retry`);
   }
@@ -293,6 +301,12 @@ export class Forwarder {
       untrack();
       answer.destroy();
     }
+  }
+
+  #forgetCallSandbox(call: InternalCall): void {
+    const input = superjson.deserialize(call.input as Parameters<typeof superjson.deserialize>[0]) as { id?: unknown; sandboxId?: unknown } | null;
+    const id = typeof input?.id === 'string' ? input.id : typeof input?.sandboxId === 'string' ? input.sandboxId : null;
+    if (id) this.#ofSandbox.delete(id);
   }
 
   #unavailable(host: HostRecord, err: Error): HostUnavailableError {

@@ -57,6 +57,11 @@ export class SandboxMover {
 
   constructor(private readonly o: SandboxMoverOptions) {}
 
+  /** Waits for a pass under way (at shutdown). */
+  async close(): Promise<void> {
+    await this.#running?.catch(() => {});
+  }
+
   /** Moves what can move now (one pass; a pass under way is not doubled); resolves to how many moved. */
   moveStopped(): Promise<number> {
     this.#running ??= this.#pass().finally(() => (this.#running = null));
