@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../server/config.js';
-import { cgroupUsage } from '../server/hypervisor/container/cgroup-usage.js';
+import { cgroupOomKills, cgroupUsage } from '../server/hypervisor/container/cgroup-usage.js';
 import { processUsage } from '../server/hypervisor/host-process.js';
 import { agentReadyTimeoutMs } from '../server/hypervisor/select-driver.js';
 
@@ -37,6 +37,17 @@ describe('host-side sandbox usage (what the metrics read; never the agent)', () 
       'voidrun/vr-b/memory.stat': 'anon 1000\ninactive_file 500\n',
     });
     expect(await cgroupUsage('/voidrun/vr-b', root)).toEqual({ cpuSeconds: 1.5, memoryBytes: 1500 });
+  });
+
+  it("counts OOM kills from cgroup v1's memory.oom_control or v2's memory.events (the layout looked at once per root), null once the cgroup is gone", async () => {
+    tree(join(dir, 'v1'), { 'memory/voidrun/vr-o/memory.oom_control': 'oom_kill_disable 0\nunder_oom 0\noom_kill 3\n' });
+    const v2 = join(dir, 'v2-unified');
+    tree(v2, { 'cgroup.controllers': 'cpu memory pids\n', 'voidrun/vr-o/memory.events': 'low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n' });
+    expect(await cgroupOomKills('/voidrun/vr-o', join(dir, 'v1'))).toBe(3);
+    expect(await cgroupOomKills('/voidrun/vr-o', v2)).toBe(2);
+    expect(await cgroupOomKills('/voidrun/vr-o', v2)).toBe(2);
+    expect(await cgroupOomKills('/voidrun/vr-gone', v2)).toBeNull();
+    expect(await cgroupOomKills('/voidrun/vr-gone', join(dir, 'v1'))).toBeNull();
   });
 
   it('answers null for a cgroup that is gone (a stopped or deleted sandbox)', async () => {

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import type { HostUsage } from '../types.js';
 
 /**
@@ -14,10 +14,26 @@ const read = (file: string): string | null => {
   }
 };
 
+/** Each stat key's line pattern, compiled once (these run beside every exec). */
+const statPatterns = new Map<string, RegExp>();
+
 /** One `key value` line of a cgroup stat file, as a number (0 when absent). */
 function statValue(text: string | null, key: string): number {
-  const m = new RegExp(`^${key} (\\d+)$`, 'm').exec(text ?? '');
+  let pattern = statPatterns.get(key);
+  if (!pattern) statPatterns.set(key, (pattern = new RegExp(`^${key} (\\d+)$`, 'm')));
+  const m = pattern.exec(text ?? '');
   return m ? Number(m[1]) : 0;
+}
+
+/**
+ * Whether the cgroup hierarchy at `root` is v2 (unified), looked at once per root: reading the
+ * other layout's file first would cost a failed open, and its exception, beside every exec.
+ */
+const unified = new Map<string, boolean>();
+function isUnified(root: string): boolean {
+  let v2 = unified.get(root);
+  if (v2 === undefined) unified.set(root, (v2 = existsSync(`${root}/cgroup.controllers`)));
+  return v2;
 }
 
 /**
@@ -27,7 +43,7 @@ function statValue(text: string | null, key: string): number {
  * small kernel files; nothing from inside the sandbox.
  */
 export async function cgroupUsage(cgroupsPath: string, root = '/sys/fs/cgroup'): Promise<HostUsage | null> {
-  const v1Cpu = read(`${root}/cpuacct${cgroupsPath}/cpuacct.usage`);
+  const v1Cpu = isUnified(root) ? null : read(`${root}/cpuacct${cgroupsPath}/cpuacct.usage`);
   if (v1Cpu !== null) {
     const [usage, stat] = [read(`${root}/memory${cgroupsPath}/memory.usage_in_bytes`), read(`${root}/memory${cgroupsPath}/memory.stat`)];
     const memory = Number(usage ?? 0) - statValue(stat, 'total_inactive_file');
@@ -46,6 +62,7 @@ export async function cgroupUsage(cgroupsPath: string, root = '/sys/fs/cgroup'):
  * each start of the sandbox). null when the cgroup is gone. A kernel file; nothing from the sandbox.
  */
 export async function cgroupOomKills(cgroupsPath: string, root = '/sys/fs/cgroup'): Promise<number | null> {
-  const text = read(`${root}/memory${cgroupsPath}/memory.oom_control`) ?? read(`${root}${cgroupsPath}/memory.events`);
+  const [v1, v2] = [`${root}/memory${cgroupsPath}/memory.oom_control`, `${root}${cgroupsPath}/memory.events`];
+  const text = isUnified(root) ? (read(v2) ?? read(v1)) : (read(v1) ?? read(v2));
   return text === null ? null : statValue(text, 'oom_kill');
 }
