@@ -109,6 +109,8 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
     maxPendingPerOrg: config.WEBHOOK_MAX_PENDING_PER_ORG,
     maxPerOrg: config.ORG_MAX_WEBHOOKS,
     allowPrivate: config.WEBHOOK_ALLOW_PRIVATE,
+    // Alone, every stored delivery is this server's; in a fleet the sweep takes up the overdue ones.
+    resumeAtStart: role === 'all',
   });
   events.onWritten((event) => webhooks.handle(event));
   await webhooks.start();

@@ -88,7 +88,7 @@ function fleetSuite(name: string, open: SharedStore) {
       await a.hosts.setState(home, 'draining');
       const away = await pa.place({ cpu: 1, memMb: 512, hostId: home }).catch((e: unknown) => e);
       expect(away).toBeInstanceOf(HostUnavailableError);
-      expect((away as Error).message).toContain(`The image's layers are on fleet host ${home}, which takes no sandboxes now`);
+      expect((away as Error).message).toContain(`Fleet host ${home}, which holds the image's layers, takes no sandboxes now`);
       expect((await pa.builder()).id).toBe(other);
       await a.hosts.setState(other, 'draining');
       await expect(pa.builder()).rejects.toThrow(/No fleet host is ready to build images now/);

@@ -285,8 +285,10 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     expect(answer).toMatch(/^HTTP\/1\.1 200/);
     // Requests after it, on the API node's kept-alive sockets to the host, are answered as sent.
     for (let i = 0; i < 5; i++) expect((await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: `echo victim-${i}` }) })).body.data.stdout).toBe(`victim-${i}\n`);
-    const events = await json(`${api1.url}/api/sandboxes/${id}/events?limit=100`, { apiKey });
-    const commands = (events.body.data.events as Array<{ type: string; data: { command?: string } }>).filter((e) => e.type === 'process.started').map((e) => e.data.command);
+    // Events are written behind the calls (batched): read until the last one is in.
+    const started = async () =>
+      ((await json(`${api1.url}/api/sandboxes/${id}/events?limit=100`, { apiKey })).body.data.events as Array<{ type: string; data: { command?: string } }>).filter((e) => e.type === 'process.started').map((e) => e.data.command);
+    const commands = await until(started, (c) => c.length >= 5, 'the five process.started events');
     expect(commands).toEqual(['echo victim-0', 'echo victim-1', 'echo victim-2', 'echo victim-3', 'echo victim-4']);
     // Dot segments: routed by one path, resolved to another (here: a create on the host, placed nowhere).
     // (Sent as written: fetch would resolve the dots itself.)

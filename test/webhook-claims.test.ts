@@ -41,7 +41,7 @@ function claimSuite(name: string, open: SharedStore) {
     });
 
     const log = pino({ level: 'silent' });
-    const service = (store: Store, over: { sweepMs?: number; staleClaimMs?: number } = {}) =>
+    const service = (store: Store, over: { sweepMs?: number; staleClaimMs?: number; resumeAtStart?: boolean; sweepPageSize?: number; maxPendingPerOrg?: number } = {}) =>
       new WebhookService({
         webhooks: store.webhooks,
         deliveries: store.webhookDeliveries,
@@ -94,6 +94,44 @@ function claimSuite(name: string, open: SharedStore) {
         expect(attemptsOf(rx, orphan.id)).toEqual(['1']);
       } finally {
         await Promise.all([sa.close(), sb.close()]);
+        rx.server.close();
+      }
+    });
+
+    it('fleet nodes starting take up only overdue deliveries (not those another node waits to retry), and a sweep pages past deliveries it must skip', async () => {
+      const rx = await receiver();
+      const [hook, busy] = [await hookFor(rx.url), await hookFor(rx.url)];
+      const overdue = await deliveryFor(hook, 10_000);
+      // Another node's retry, due in a minute: not this node's to schedule or count.
+      const waiting = await a.webhookDeliveries.create({ webhookId: hook.id, orgId: hook.orgId, eventId: `${newId()}:1`, eventType: 'sandbox.created', body: '{}', attempts: 1, nextAttemptAt: new Date(Date.now() + 60_000) });
+      const sa = service(a, { resumeAtStart: false });
+      try {
+        await sa.start();
+        await until(() => a.webhookDeliveries.findById(overdue.id), (d) => d === null, 'the overdue delivery');
+        expect(attemptsOf(rx, overdue.id)).toEqual(['1']);
+        expect(await a.webhookDeliveries.findById(waiting.id)).toMatchObject({ attempts: 1 });
+      } finally {
+        await sa.close();
+      }
+      // Three overdue deliveries of an org at its bound here stand before another org's: pages of two.
+      const ahead = [await deliveryFor(busy, 30_000), await deliveryFor(busy, 29_000), await deliveryFor(busy, 28_000)];
+      const behind = await deliveryFor(hook, 20_000);
+      const sb = service(b, { resumeAtStart: false, sweepPageSize: 2, maxPendingPerOrg: 0 });
+      try {
+        await sb.start();
+        // maxPendingPerOrg 0: nothing is taken, but every page is read to the end.
+        expect(await sb.sweep()).toBe(0);
+      } finally {
+        await sb.close();
+      }
+      const sc = service(b, { resumeAtStart: false, sweepPageSize: 2 });
+      try {
+        await sc.start();
+        await until(() => b.webhookDeliveries.findById(behind.id), (d) => d === null, 'the delivery behind the others');
+        for (const d of ahead) await until(() => b.webhookDeliveries.findById(d.id), (x) => x === null, 'the ones ahead');
+      } finally {
+        await sc.close();
+        await a.webhookDeliveries.finish(waiting.id);
         rx.server.close();
       }
     });

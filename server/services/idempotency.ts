@@ -9,8 +9,12 @@ import type { Principal } from './auth-service.js';
 export const IDEMPOTENCY_TTL_MS = 24 * 60 * 60 * 1000;
 /** The longest a retry waits for the first request with its key, still running in this server, to finish. */
 export const IDEMPOTENCY_WAIT_MS = 60_000;
-/** A fleet node's unfinished claim holds its key this long past its last renewal (every 10 s while it runs). */
-export const IDEMPOTENCY_FLEET_LEASE_MS = 30_000;
+/**
+ * A fleet node's unfinished claim holds its key this long past its last renewal (every quarter of
+ * it while it runs): long beside the renewal period, so a stalled event loop, a slow store or
+ * clocks some seconds apart do not let another node take a running request over.
+ */
+export const IDEMPOTENCY_FLEET_LEASE_MS = 120_000;
 /** Default bound on an org's keys held at once (IDEMPOTENCY_MAX_KEYS_PER_ORG). */
 export const IDEMPOTENCY_MAX_KEYS_PER_ORG = 10_000;
 /**
@@ -43,7 +47,7 @@ export interface IdempotencyOptions {
   pruneIntervalMs?: number;
   /**
    * With several servers on one store (a fleet): an unfinished claim holds its key only this long,
-   * renewed by its running claimer every third of it, and one its server stopped renewing (stopped,
+   * renewed by its running claimer every quarter of it, and one its server stopped renewing (stopped,
    * died) expires, so the next request takes the key over. Without it (one server), a claim left
    * unfinished from before this server started is taken over at once.
    */
@@ -185,7 +189,7 @@ export class IdempotencyService {
     return result;
   }
 
-  /** Renews a running claim's lease (fleet) every third of it until stopped; `stop` waits for a renewal under way. */
+  /** Renews a running claim's lease (fleet) every quarter of it until stopped; `stop` waits for a renewal under way. */
   #renewing(claim: IdempotencyClaim): { stop: () => Promise<void> } {
     const leaseMs = this.opts.leaseMs;
     if (leaseMs === undefined) return { stop: async () => {} };
@@ -194,7 +198,7 @@ export class IdempotencyService {
       writing = writing
         .then(() => this.opts.repository.expire(claim, new Date(Date.now() + leaseMs)))
         .catch((err: Error) => this.opts.log.warn({ key: claim.key, err: err.message }, 'could not renew an idempotency key in progress'));
-    }, Math.max(1, Math.floor(leaseMs / 3)));
+    }, Math.max(1, Math.floor(leaseMs / 4)));
     timer.unref();
     return {
       stop: async () => {

@@ -567,8 +567,9 @@ export class ImageService {
     if (!layers) return Promise.resolve();
     this.#gcRunning ??= (async () => {
       const all = await this.deps.images.listAll();
-      // A build's finished steps are in no record until it ends: no pass while one runs (the next hourly one collects).
-      if (this.#systemBuilds.size || all.some((i) => i.status === 'building')) return;
+      // A build's finished steps are in no record until it ends: no pass while one runs here (the
+      // next hourly one collects). Another fleet host's builds write to its own layer store.
+      if (this.#systemBuilds.size || all.some((i) => i.status === 'building' && (i.hostId ?? null) === (this.deps.hostId ?? null))) return;
       // Layers records name, layers sandboxes mount (a system recipe changed under them), layers kept snapshots were taken on.
       const snapshotLayers = (await this.#keptSnapshots(null)).flatMap((s) => s.layers);
       const keep = new Set([...all.flatMap((i) => i.layers), ...(await this.#instanceLayers()), ...snapshotLayers]);

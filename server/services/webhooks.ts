@@ -26,8 +26,9 @@ const RESUME_LIMIT = 10_000;
 const MAX_ERROR_CHARS = 300;
 /** How long an org's list of webhooks is used before it is read again (a webhook created or deleted by another server is seen within it). */
 const HOOKS_CACHE_MS = 30_000;
-/** How many of the earliest-due deliveries one sweep looks at. */
+/** How many of the earliest-due deliveries one page of a sweep reads, and how many pages at most. */
 const SWEEP_LIMIT = 1000;
+const SWEEP_PAGES = 20;
 /** Takeovers of one attempt's claim at most (each after its holder stayed away past the stale age). */
 const MAX_CLAIM_GENS = 20;
 
@@ -132,10 +133,18 @@ export interface WebhookServiceDeps {
    * that stopped or died (another fleet node's, or this one's own attempts that failed to record).
    */
   sweepMs?: number;
+  /** How many deliveries a sweep reads per page (default 1000). */
+  sweepPageSize?: number;
   /** How long past its due time a delivery must be before a sweep takes it (default 5 s; its holder's own timer comes first). */
   sweepGraceMs?: number;
   /** An attempt's claim older than this is taken over: its holder is taken to be gone (default max(60 s, 4 × timeoutMs)). */
   staleClaimMs?: number;
+  /**
+   * Whether `start` takes up every stored delivery (one server alone: they are all its own). In a
+   * fleet it does not: the sweep takes up only those overdue, so deliveries other nodes hold and
+   * wait to retry are neither counted against this node's per-org bound nor scheduled twice.
+   */
+  resumeAtStart?: boolean;
   /** WEBHOOK_ALLOW_PRIVATE: CIDRs webhooks may reach though refused by default. */
   allowPrivate: readonly string[];
 }
@@ -236,12 +245,14 @@ export class WebhookService {
 
   /** Takes up the deliveries pending when the server last stopped, each when it is due. */
   async start(): Promise<void> {
-    const pending = await this.deps.deliveries.listPending(RESUME_LIMIT);
-    for (const d of pending) {
-      this.#hold(d);
-      this.#schedule(d, d.nextAttemptAt.getTime() - Date.now());
-    }
-    if (pending.length) this.deps.log.info({ pending: pending.length }, 'webhook deliveries resumed');
+    if (this.deps.resumeAtStart !== false) {
+      const pending = await this.deps.deliveries.listPending(RESUME_LIMIT);
+      for (const d of pending) {
+        this.#hold(d);
+        this.#schedule(d, d.nextAttemptAt.getTime() - Date.now());
+      }
+      if (pending.length) this.deps.log.info({ pending: pending.length }, 'webhook deliveries resumed');
+    } else void this.sweep();
     this.#sweepTimer = setInterval(() => void this.sweep(), this.deps.sweepMs ?? 30_000);
     this.#sweepTimer.unref();
   }
@@ -257,12 +268,21 @@ export class WebhookService {
     try {
       const before = Date.now() - (this.deps.sweepGraceMs ?? 5000);
       let taken = 0;
-      for (const d of await this.deps.deliveries.listPending(SWEEP_LIMIT)) {
-        if (d.nextAttemptAt.getTime() > before) break;
-        if (this.#held.has(d.id) || (this.#pending.get(d.orgId) ?? 0) >= this.deps.maxPendingPerOrg) continue;
-        this.#hold(d);
-        this.#enqueue(d);
-        taken++;
+      // Page by page, earliest due first, to the first not yet overdue: deliveries held here or of
+      // an org at its bound do not hide the others behind them.
+      let after: WebhookDeliveryRecord | undefined;
+      for (let page = 0; page < SWEEP_PAGES && !this.#closed; page++) {
+        const size = this.deps.sweepPageSize ?? SWEEP_LIMIT;
+        const rows = await this.deps.deliveries.listPending(size, after);
+        for (const d of rows) {
+          if (d.nextAttemptAt.getTime() > before) return taken;
+          if (this.#held.has(d.id) || (this.#pending.get(d.orgId) ?? 0) >= this.deps.maxPendingPerOrg) continue;
+          this.#hold(d);
+          this.#enqueue(d);
+          taken++;
+        }
+        if (rows.length < size) break;
+        after = rows.at(-1);
       }
       return taken;
     } catch (err) {
@@ -414,14 +434,18 @@ export class WebhookService {
     for (let gen = 0; gen < MAX_CLAIM_GENS; gen++) {
       if (await this.deps.deliveries.claimAttempt({ deliveryId: held.id, webhookId: held.webhookId, attempt, gen })) {
         // What this server held may be old (read at startup or by a sweep): the attempt is ours
-        // only if the delivery is still at it.
+        // only if the delivery is still at it. Else the claim is not needed (nor kept).
         const now = await this.deps.deliveries.findById(held.id);
-        return now && now.attempts === held.attempts ? now : null;
+        if (now && now.attempts === held.attempts) return now;
+        await this.deps.deliveries.releaseAttemptClaim(held.id, attempt, gen);
+        return null;
       }
       const at = await this.deps.deliveries.attemptClaimedAt(held.id, attempt, gen);
       if (!at || Date.now() - at.getTime() < staleMs) return null;
     }
-    this.deps.log.warn({ delivery: held.id, attempt }, `webhook delivery ${held.id}: attempt ${attempt} was taken over ${MAX_CLAIM_GENS} times; leaving it`);
+    // Its attempts keep dying with their servers: it ends here, logged as failed.
+    this.deps.log.warn({ delivery: held.id, attempt }, `webhook delivery ${held.id}: attempt ${attempt} was taken over ${MAX_CLAIM_GENS} times; giving it up`);
+    await this.#record(held, attempt, { statusCode: null, error: `given up: attempt ${attempt} was taken over ${MAX_CLAIM_GENS} times (its servers stopped during it)` }, true);
     return null;
   }
 
@@ -510,7 +534,14 @@ export class WebhookService {
   /** The address to connect to for `url`: every address its name resolves to must be allowed. */
   async #resolveAllowed(url: URL): Promise<{ address: string; family: number }> {
     const host = url.hostname.replace(/^\[|\]$/g, '');
-    const addresses = isIP(host) ? [{ address: host, family: isIP(host) }] : await lookup(host, { all: true, verbatim: true });
+    // Within WEBHOOK_TIMEOUT_MS too: a slow resolver must not stretch an attempt past its claim's stale age.
+    let timer: NodeJS.Timeout | undefined;
+    const addresses = isIP(host)
+      ? [{ address: host, family: isIP(host) }]
+      : await Promise.race([
+          lookup(host, { all: true, verbatim: true }),
+          new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${host} did not resolve within ${this.deps.timeoutMs} ms (WEBHOOK_TIMEOUT_MS)`)), this.deps.timeoutMs))),
+        ]).finally(() => clearTimeout(timer));
     if (addresses.length === 0) throw new Error(`${host} resolves to no address`);
     const bad = addresses.find((a) => !webhookAddressAllowed(a.address, this.#allowPrivate));
     if (bad) throw new Error(`${host} resolves to ${bad.address}, a loopback, private or link-local address (or one of this host's own) webhooks may not reach (the operator opens such addresses with WEBHOOK_ALLOW_PRIVATE)`);

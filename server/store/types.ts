@@ -455,8 +455,10 @@ export interface WebhookDeliveryRepository {
   reschedule(id: string, attempts: number, nextAttemptAt: Date): Promise<void>;
   /** A delivery that is done (delivered, or out of attempts) leaves the queue, with its claims. */
   finish(id: string): Promise<void>;
-  /** Pending deliveries, the earliest due first, at most `limit`. */
-  listPending(limit: number): Promise<WebhookDeliveryRecord[]>;
+  /** Pending deliveries, the earliest due first, at most `limit`; with `after`, those after that one in this order (a page). */
+  listPending(limit: number, after?: Pick<WebhookDeliveryRecord, 'id' | 'nextAttemptAt'>): Promise<WebhookDeliveryRecord[]>;
+  /** Drops one claim (one that turned out not to be needed: its delivery was done, or had moved on). */
+  releaseAttemptClaim(deliveryId: string, attempt: number, gen: number): Promise<void>;
   addAttempt(attempt: NewRecord<WebhookAttemptRecord>): Promise<WebhookAttemptRecord>;
   /** The webhook's attempts, newest first, at most `limit`. */
   listAttempts(orgId: string, webhookId: string, limit: number): Promise<WebhookAttemptRecord[]>;

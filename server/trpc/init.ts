@@ -215,14 +215,16 @@ async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>,
     // A snapshot is a file on the host its sandbox ran on: restored there. One whose sandbox was
     // deleted (its snapshots kept) is looked for on each ready host in turn.
     const source = await fleet.forwarder.target(ref[1]!);
-    const hosts = source && source.orgId === principal.orgId ? [source.host] : await fleet.placement.candidates(size);
+    // Another org's sandbox: its snapshots are not this org's (a restore looks in the caller's org only).
+    if (source && source.orgId !== principal.orgId) throw new NotFoundError(`Snapshot ${String(fields.snapshot_path)} not found`, { code: 'SNAPSHOT_NOT_FOUND' });
+    const hosts = source ? [source.host] : await fleet.placement.candidates(size);
     return async () => {
       let notFound: unknown = new NotFoundError(`Snapshot ${String(fields.snapshot_path)} not found`, { code: 'SNAPSHOT_NOT_FOUND' });
       let refused: unknown = null;
       for (const host of hosts) {
         let placed: Placed;
         try {
-          placed = await fleet.placement.place({ ...size, hostId: host.id });
+          placed = await fleet.placement.place({ ...size, hostId: host.id, holds: 'the snapshot' });
         } catch (err) {
           // Its host is full or not serving: said so. Searched for, that host is passed over.
           if (hosts.length === 1) throw err;

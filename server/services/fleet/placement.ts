@@ -7,8 +7,10 @@ import type { HostRecord, HostRepository, HostSlotRepository } from '../../store
 export interface PlacementRequest {
   /** Hosts that already have this image's root filesystem are preferred (no pull or build there). */
   imageId?: string;
-  /** Only this host will do: the image's own layers are there (`ImageRecord.hostId`). */
+  /** Only this host will do: the image's own layers are there (`ImageRecord.hostId`), or the snapshot restored. */
   hostId?: string;
+  /** What that host holds, for the refusals ("the image's layers" by default). */
+  holds?: string;
   cpu: number;
   memMb: number;
 }
@@ -73,11 +75,12 @@ export class Placement {
       }
     }
     const slots = all.reduce((n, h) => n + h.capacity.slots, 0);
+    const holds = request.holds ?? "the image's layers";
     if (request.hostId && all.length === 0) {
-      throw new HostUnavailableError(`The image's layers are on fleet host ${request.hostId}, which takes no sandboxes now (draining, unresponsive, gone, or too small for this size); retry later, or use another image`);
+      throw new HostUnavailableError(`Fleet host ${request.hostId}, which holds ${holds}, takes no sandboxes now (draining, unresponsive, gone, or too small for this size); retry later`);
     }
     if (request.hostId) {
-      throw new TooManyRequestsError(`Fleet host ${request.hostId}, which holds the image's layers, has all its ${slots} sandbox slots held; delete sandboxes there or retry later`);
+      throw new TooManyRequestsError(`Fleet host ${request.hostId}, which holds ${holds}, has all its ${slots} sandbox slots held; delete sandboxes there or retry later`);
     }
     throw new TooManyRequestsError(
       all.length === 0

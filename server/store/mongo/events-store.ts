@@ -118,8 +118,13 @@ export class MongoWebhookDeliveries implements WebhookDeliveryRepository {
     if (_id) await op('', () => this.c.deleteOne({ _id }));
     await op('', () => this.claims.deleteMany({ deliveryId: id }));
   }
-  async listPending(limit: number) {
-    return op('', async () => (await this.c.find({}).sort({ nextAttemptAt: 1, _id: 1 }).limit(limit).toArray()).map((d) => fromDoc<WebhookDeliveryRecord>(d)!));
+  async listPending(limit: number, after?: Pick<WebhookDeliveryRecord, 'id' | 'nextAttemptAt'>) {
+    const _id = after ? objectId(after.id) : null;
+    const filter = after && _id ? { $or: [{ nextAttemptAt: { $gt: after.nextAttemptAt } }, { nextAttemptAt: after.nextAttemptAt, _id: { $gt: _id } }] } : {};
+    return op('', async () => (await this.c.find(filter).sort({ nextAttemptAt: 1, _id: 1 }).limit(limit).toArray()).map((d) => fromDoc<WebhookDeliveryRecord>(d)!));
+  }
+  async releaseAttemptClaim(deliveryId: string, attempt: number, gen: number) {
+    await op('', () => this.claims.deleteOne({ _id: `${deliveryId}:${attempt}:${gen}` }));
   }
   async addAttempt(attempt: NewRecord<WebhookAttemptRecord>) {
     const rec = stamp(attempt);

@@ -125,6 +125,8 @@ export class SqliteWebhookDeliveries implements WebhookDeliveryRepository {
   readonly #reschedule;
   readonly #finish;
   readonly #finishClaims;
+  readonly #pendingAfter;
+  readonly #releaseClaim;
   readonly #pending;
   readonly #insertAttempt;
   readonly #attempts;
@@ -141,6 +143,8 @@ export class SqliteWebhookDeliveries implements WebhookDeliveryRepository {
     this.#claim = db.prepare('INSERT INTO webhook_attempt_claims (id, delivery_id, webhook_id, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING');
     this.#claimedAt = db.prepare('SELECT created_at FROM webhook_attempt_claims WHERE id = ?');
     this.#pending = db.prepare('SELECT * FROM webhook_deliveries ORDER BY next_attempt_at, id LIMIT ?');
+    this.#pendingAfter = db.prepare('SELECT * FROM webhook_deliveries WHERE next_attempt_at > ? OR (next_attempt_at = ? AND id > ?) ORDER BY next_attempt_at, id LIMIT ?');
+    this.#releaseClaim = db.prepare('DELETE FROM webhook_attempt_claims WHERE id = ?');
     this.#insertAttempt = db.prepare(
       'INSERT INTO webhook_attempts (id, delivery_id, webhook_id, org_id, event_id, event_type, attempt, status_code, error, ok, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
     );
@@ -206,8 +210,12 @@ export class SqliteWebhookDeliveries implements WebhookDeliveryRepository {
       this.#finishClaims.run(id);
     })();
   }
-  async listPending(limit: number) {
-    return (this.#pending.all(limit) as Row[]).map((r) => SqliteWebhookDeliveries.#map(r));
+  async listPending(limit: number, after?: Pick<WebhookDeliveryRecord, 'id' | 'nextAttemptAt'>) {
+    const rows = after ? (this.#pendingAfter.all(iso(after.nextAttemptAt), iso(after.nextAttemptAt), after.id, limit) as Row[]) : (this.#pending.all(limit) as Row[]);
+    return rows.map((r) => SqliteWebhookDeliveries.#map(r));
+  }
+  async releaseAttemptClaim(deliveryId: string, attempt: number, gen: number) {
+    this.#releaseClaim.run(`${deliveryId}:${attempt}:${gen}`);
   }
   async addAttempt(attempt: NewRecord<WebhookAttemptRecord>) {
     const r = stamp(attempt);
