@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { HostUnavailableError, TooManyRequestsError } from '../server/errors.js';
 import pino from 'pino';
 import { hostIpLeases, hostSandboxes, LostHostSweeper } from '../server/services/fleet/host-membership.js';
@@ -7,7 +7,7 @@ import { HostRegistry, sweepLostHosts } from '../server/services/fleet/host-regi
 import { Placement } from '../server/services/fleet/placement.js';
 import { newId } from '../server/store/ids.js';
 import { SANDBOX_NETWORK_NONE, type HostRecord, type SandboxRecord, type Store } from '../server/store/types.js';
-import { onSharedStores, type SharedStore } from './helpers/shared-store.js';
+import { onSharedStores, withSharedStore, type SharedStore } from './helpers/shared-store.js';
 
 /**
  * Fleet placement on the real stores (README "Fleet"). Two store connections stand for two API
@@ -18,13 +18,7 @@ function fleetSuite(name: string, open: SharedStore) {
   describe(`fleet placement: ${name}`, () => {
     let a: Store;
     let b: Store;
-    let cleanup: () => Promise<void>;
-    beforeAll(async () => {
-      ({ a, b, cleanup } = await open());
-    });
-    afterAll(async () => {
-      await cleanup?.();
-    });
+    withSharedStore(open, (s) => ({ a, b } = s));
 
     const host = (id: string, over: Partial<HostRecord> = {}): HostRecord => ({
       id,

@@ -1,11 +1,11 @@
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import pino from 'pino';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { WebhookService } from '../server/services/webhooks.js';
 import { newId } from '../server/store/ids.js';
 import type { Store, WebhookRecord } from '../server/store/types.js';
-import { onSharedStores, type SharedStore } from './helpers/shared-store.js';
+import { onSharedStores, withSharedStore, type SharedStore } from './helpers/shared-store.js';
 import { until } from './helpers/until.js';
 
 /** A loopback receiver answering with the next of `statuses` (then 200), recording every request's headers. */
@@ -32,13 +32,7 @@ function claimSuite(name: string, open: SharedStore) {
   describe(`webhook deliveries shared by two servers: ${name}`, () => {
     let a: Store;
     let b: Store;
-    let cleanup: () => Promise<void>;
-    beforeAll(async () => {
-      ({ a, b, cleanup } = await open());
-    });
-    afterAll(async () => {
-      await cleanup?.();
-    });
+    withSharedStore(open, (s) => ({ a, b } = s));
 
     const log = pino({ level: 'silent' });
     const service = (store: Store, over: { sweepMs?: number; staleClaimMs?: number; resumeAtStart?: boolean; sweepPageSize?: number; maxPendingPerOrg?: number } = {}) =>

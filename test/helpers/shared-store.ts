@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MongoClient } from 'mongodb';
-import { describe, it } from 'vitest';
+import { afterAll, beforeAll, describe, it } from 'vitest';
 import { newId } from '../../server/store/ids.js';
 import { openMongoStore } from '../../server/store/mongo/store.js';
 import { openSqliteStore } from '../../server/store/sqlite/store.js';
@@ -53,5 +53,18 @@ export function onSharedStores(title: string, suite: (kind: 'sqlite' | 'mongo', 
         await client.close();
       },
     };
+  });
+}
+
+/** Opens the two connections before the enclosing describe's tests (handing them to `set`) and closes them after. */
+export function withSharedStore(open: SharedStore, set: (stores: { a: Store; b: Store }) => void): void {
+  let cleanup: (() => Promise<void>) | undefined;
+  beforeAll(async () => {
+    const opened = await open();
+    cleanup = opened.cleanup;
+    set(opened);
+  });
+  afterAll(async () => {
+    await cleanup?.();
   });
 }
