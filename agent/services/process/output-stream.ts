@@ -61,7 +61,10 @@ export async function handleProcessStream(req: IncomingMessage, res: ServerRespo
 /** Writes `proc`'s events after `after` (then live, until its exit) to `res`, holding the process while `res` is backed up. */
 function streamOutput(res: ServerResponse, proc: ManagedProcess, after: number, head: string): void {
   res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+  // The head goes out now, not with the first event: the server waits a bounded time for an
+  // answer, and a process that is silent for longer (`sleep`) is not an agent that stopped answering.
   if (head) res.write(head);
+  else res.flushHeaders();
   const holder = {};
   let last = after;
   let done = false;
@@ -92,6 +95,8 @@ function streamOutput(res: ServerResponse, proc: ManagedProcess, after: number, 
 function streamShellExec(res: ServerResponse, shells: ShellSessions, spec: z.infer<typeof ShellExecSpec>): void {
   const session = shells.get(spec.sessionId);
   res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+  res.flushHeaders(); // as in streamOutput: a silent command, or one queued behind another, is still answered
+
   const holder = {};
   let left = false;
   res.on('drain', () => session.release(holder));

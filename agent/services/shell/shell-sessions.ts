@@ -23,6 +23,7 @@ export class ShellSession {
   #exitCode = 0;
   #listener: ((c: ShellChunk) => void) | null = null;
   #onExit: (() => void) | null = null;
+  #endedBecause = '';
 
   constructor(shell: string, env: NodeJS.ProcessEnv, cwd: string) {
     // Its own process group, so a timeout's SIGINT reaches the command the shell is running.
@@ -46,6 +47,11 @@ export class ShellSession {
       const decoder = new StringDecoder('utf8');
       this.#proc[stream].on('data', (chunk: Buffer) => this.#listener?.({ stream, data: decoder.write(chunk) }));
     }
+  }
+
+  #gone(): AgentError {
+    const why = this.#endedBecause ? ` (it was ended: ${this.#endedBecause})` : '';
+    return new AgentError('CONFLICT', `Shell session ${this.id} has exited${why}; create a new one with action "create"`);
   }
 
   get alive(): boolean {
@@ -88,7 +94,7 @@ export class ShellSession {
 
   /** Writes raw input to the shell's stdin (for a command that reads it). */
   input(data: string): void {
-    if (!this.alive) throw new AgentError('CONFLICT', `Shell session ${this.id} has exited`);
+    if (!this.alive) throw this.#gone();
     this.#proc.stdin.write(data);
   }
 
@@ -114,7 +120,7 @@ export class ShellSession {
 
   #run(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): { answer: Promise<number>; settled: Promise<void> } {
     if (!this.alive) {
-      const failed = Promise.reject(new AgentError('CONFLICT', `Shell session ${this.id} has exited`));
+      const failed = Promise.reject(this.#gone());
       return { answer: failed, settled: Promise.resolve() };
     }
     let markSettled!: () => void;
@@ -128,8 +134,10 @@ export class ShellSession {
       const pending = { stdout: '', stderr: '' };
       const seen = { stdout: false, stderr: false };
       let status = 0;
+      let grace: NodeJS.Timeout | undefined;
       const finish = () => {
         clearTimeout(timer);
+        clearTimeout(grace);
         this.#listener = null;
         this.#onExit = null;
         markSettled();
@@ -153,6 +161,10 @@ export class ShellSession {
         } catch {
           this.#proc.kill('SIGINT');
         }
+        // A command that survives the interrupt (it ignores SIGINT, loops on, or took the shell's
+        // output away) would hold the session, and every command queued behind it, forever:
+        // past the grace the shell is ended, and later commands are told so.
+        grace = setTimeout(() => this.close(`a command outlived its ${timeoutMs / 1000} s timeout and the interrupt that followed`), INTERRUPT_GRACE_MS);
       }, timeoutMs);
       this.#listener = (c) => {
         if (seen[c.stream]) return;
@@ -173,13 +185,19 @@ export class ShellSession {
           pending[c.stream] = text.slice(text.length - 64);
         }
       };
-      this.#proc.stdin.write(`${command}\nprintf '\\n__VOIDRUN_DONE_${token}_%d\\n' "$?"; printf '\\n__VOIDRUN_DONE_${token}_\\n' >&2\n`);
+      // The command goes through `eval` of one single-quoted word, on one line with the end
+      // markers: the shell reads the whole line before running any of it, so text the command
+      // leaves open (an unmatched quote or backtick, a here-document without its end) is a syntax
+      // error of that command alone, and a command reading stdin cannot swallow the markers.
+      this.#proc.stdin.write(`command eval ${shellQuote(command)}; printf '\\n__VOIDRUN_DONE_${token}_%d\\n' "$?"; printf '\\n__VOIDRUN_DONE_${token}_\\n' >&2\n`);
     });
     return { answer, settled };
   }
 
-  close(): void {
+  /** Ends the shell; `reason` (why it was ended) is what later commands in the session are told. */
+  close(reason?: string): void {
     if (!this.alive) return;
+    if (reason) this.#endedBecause = reason;
     this.release();
     try {
       process.kill(-this.#proc.pid!, 'SIGKILL');
@@ -187,6 +205,14 @@ export class ShellSession {
       this.#proc.kill('SIGKILL');
     }
   }
+}
+
+/** How long a timed-out command has, after its interrupt, to let the shell reach its end markers. */
+const INTERRUPT_GRACE_MS = 5_000;
+
+/** `text` as one single-quoted shell word (POSIX: nothing inside single quotes is special but the quote itself). */
+function shellQuote(text: string): string {
+  return `'${text.replaceAll("'", `'\\''`)}'`;
 }
 
 export class ShellSessions {
