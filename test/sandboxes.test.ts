@@ -455,6 +455,15 @@ describe.skipIf(!support.ok)('shell sessions: bad input', () => {
       const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'shell-stuck' });
       const call = (body: Record<string, unknown>) => server.http(`/api/sandboxes/${sb.id}/session-exec`, { method: 'POST', apiKey: reg.apiKey, json: body });
       const sessionId = ((await (await call({ action: 'create' })).json()) as { sessionId: string }).sessionId;
+      // A command queued behind a longer one has its own timeout counted from its call: a 409
+      // saying so, not an answer the server waits for past its deadline (a 502).
+      // (The stream answers once its first line is out: the long command is running.)
+      const long = await server.http(`/api/sandboxes/${sb.id}/session-exec-stream`, { method: 'POST', apiKey: reg.apiKey, json: { sessionId, command: 'echo started; sleep 2; echo long', timeout: 30 } });
+      const queued = await call({ action: 'exec', sessionId, command: 'echo queued', timeout: 1 });
+      expect(queued.status).toBe(409);
+      expect(((await queued.json()) as { error: string }).error).toMatch(/busy with an earlier command.*did not run/);
+      const longLines = (await long.text()).trim().split('\n').map((l) => JSON.parse(l) as { type: string; data?: string });
+      expect(longLines.map((l) => l.data ?? '').join('')).toBe('started\nlong\n');
       const stuck = await call({ action: 'exec', sessionId, command: "trap '' INT; while :; do sleep 0.2; done", timeout: 1 });
       expect(stuck.status).toBe(400);
       const next = await call({ action: 'exec', sessionId, command: 'echo next', timeout: 30 });

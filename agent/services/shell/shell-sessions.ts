@@ -100,13 +100,19 @@ export class ShellSession {
 
   /**
    * Runs one command; `onChunk` gets its output as it comes. Resolves with the exit status.
-   * Commands in one session run in order.
+   * Commands in one session run in order; the timeout counts from the call, time spent waiting
+   * for the session's earlier commands included, so the answer is due within it either way.
    */
   exec(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): Promise<number> {
     this.#touch();
-    let settled!: Promise<unknown>;
+    const called = Date.now();
+    let settled: Promise<unknown> = Promise.resolve();
     const run = this.#busy.then(() => {
-      const r = this.#run(command, timeoutMs, onChunk);
+      const left = timeoutMs - (Date.now() - called);
+      if (left <= 0) {
+        return Promise.reject(new AgentError('CONFLICT', `The shell session was busy with an earlier command for the whole ${timeoutMs / 1000} s timeout; this command did not run`));
+      }
+      const r = this.#run(command, timeoutMs, left, onChunk);
       settled = r.settled;
       return r.answer;
     });
@@ -118,7 +124,7 @@ export class ShellSession {
     return run;
   }
 
-  #run(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): { answer: Promise<number>; settled: Promise<void> } {
+  #run(command: string, timeoutMs: number, leftMs: number, onChunk: (c: ShellChunk) => void): { answer: Promise<number>; settled: Promise<void> } {
     if (!this.alive) {
       const failed = Promise.reject(this.#gone());
       return { answer: failed, settled: Promise.resolve() };
@@ -128,6 +134,7 @@ export class ShellSession {
     const token = randomBytes(8).toString('hex');
     // Both streams get a marker: stdout's carries the status; the run ends when both are seen,
     // so no stderr output of the command arrives after its answer.
+    const markerHead = `\n__VOIDRUN_DONE_${token}_`;
     const markers = { stdout: new RegExp(`\\n?__VOIDRUN_DONE_${token}_(\\d+)\\n`), stderr: new RegExp(`\\n?__VOIDRUN_DONE_${token}_\\n`) };
     const answer = new Promise<number>((resolve, reject) => {
       let answered = false;
@@ -165,7 +172,7 @@ export class ShellSession {
         // output away) would hold the session, and every command queued behind it, forever:
         // past the grace the shell is ended, and later commands are told so.
         grace = setTimeout(() => this.close(`a command outlived its ${timeoutMs / 1000} s timeout and the interrupt that followed`), INTERRUPT_GRACE_MS);
-      }, timeoutMs);
+      }, leftMs);
       this.#listener = (c) => {
         if (seen[c.stream]) return;
         pending[c.stream] += c.data;
@@ -178,11 +185,12 @@ export class ShellSession {
           if (seen.stdout && seen.stderr) finish();
           return;
         }
-        // Hold back only what could be the start of the marker.
+        // Hold back only what could be the start of the marker; the rest goes out now.
         const text = pending[c.stream];
-        if (text.length > 64) {
-          onChunk({ stream: c.stream, data: text.slice(0, text.length - 64) });
-          pending[c.stream] = text.slice(text.length - 64);
+        const keep = markerStart(text, markerHead);
+        if (keep > 0) {
+          onChunk({ stream: c.stream, data: text.slice(0, keep) });
+          pending[c.stream] = text.slice(keep);
         }
       };
       // The command goes through `eval` of one single-quoted word, on one line with the end
@@ -209,6 +217,18 @@ export class ShellSession {
 
 /** How long a timed-out command has, after its interrupt, to let the shell reach its end markers. */
 const INTERRUPT_GRACE_MS = 5_000;
+
+/**
+ * Where in `text` an end marker (`head`, then digits and a newline) may be starting: the tail
+ * from there is held back until the next output shows whether it is one. `text.length` when no
+ * tail of it can be.
+ */
+function markerStart(text: string, head: string): number {
+  const at = text.lastIndexOf(head);
+  if (at !== -1 && /^\d*$/.test(text.slice(at + head.length))) return at;
+  for (let k = Math.min(head.length, text.length); k > 0; k--) if (text.endsWith(head.slice(0, k))) return text.length - k;
+  return text.length;
+}
 
 /** `text` as one single-quoted shell word (POSIX: nothing inside single quotes is special but the quote itself). */
 function shellQuote(text: string): string {
