@@ -4,6 +4,8 @@
  * FerretDB started here: scripts/ferretdb.sh).
  *   1. exec `true` through the API node vs straight to the host's internal listener (what the API
  *      node itself calls, with the cluster token): interleaved, p50/p99, and what proxying adds;
+ *      and through a minimal Node pass-through proxy process (bench/lib/pass-through-proxy.mjs),
+ *      the floor of any Node hop on this machine;
  *   2. create throughput: BENCH_FLEET_CREATES creates (BENCH_FLEET_CONCURRENCY at a time) through
  *      the API node (placement + forwarding) and straight to the host, each then deleted (untimed).
  * Needs root and runc (npm run setup) and the debian image.
@@ -15,6 +17,8 @@ import { join } from 'node:path';
 import { PrivateFerretDb } from '../test/helpers/ferretdb.js';
 import { FleetProcesses, json, stopNode } from '../test/helpers/fleet-nodes.js';
 import { interleaved, printTable, summarize } from './lib/measure.js';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 
 const EXECS = Number(process.env.BENCH_EXECS ?? 300);
 const CREATES = Number(process.env.BENCH_FLEET_CREATES ?? 12);
@@ -34,7 +38,18 @@ const fleet = new FleetProcesses(process.env.MONGO_URI ?? ferret!.uri, {
 const api = await fleet.start('api', 'api');
 const host = await fleet.start('host', 'host');
 const internal = `http://127.0.0.1:${host.internalPort}`;
+const floor = await startPassThroughProxy(internal);
 const agent = new Agent({ keepAlive: true, maxSockets: 8 });
+
+/** bench/lib/pass-through-proxy.mjs in front of `target`, as a process of its own (plain node). */
+async function startPassThroughProxy(target: string): Promise<{ url: string; child: ChildProcess }> {
+  const child = spawn(process.execPath, [fileURLToPath(new URL('./lib/pass-through-proxy.mjs', import.meta.url)), target], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const port = await new Promise<string>((resolve, reject) => {
+    child.stdout!.once('data', (c: Buffer) => resolve(c.toString().trim()));
+    child.once('exit', (code) => reject(new Error(`the pass-through proxy exited with ${code}`)));
+  });
+  return { url: `http://127.0.0.1:${port}`, child };
+}
 
 /** A POST over kept-alive connections; resolves with the parsed body (throws on a non-2xx). */
 function post(url: string, headers: Record<string, string>, body: unknown): Promise<any> {
@@ -64,6 +79,7 @@ try {
     {
       direct: () => post(`${internal}/api/sandboxes/${box.id}/exec`, direct, { command: 'true' }),
       api: () => post(`${api.url}/api/sandboxes/${box.id}/exec`, viaApi, { command: 'true' }),
+      floor: () => post(`${floor.url}/api/sandboxes/${box.id}/exec`, direct, { command: 'true' }),
     },
     10,
     Math.ceil(EXECS / 10),
@@ -71,9 +87,11 @@ try {
   );
   const straight = summarize("POST /exec 'true', straight to the host", execs.direct!);
   const proxied = summarize("POST /exec 'true', through the API node", execs.api!);
+  const passed = summarize("the same through a minimal Node proxy", execs.floor!);
   console.log(`\nexec through an API node vs straight to the host (${EXECS} each, interleaved):`);
-  printTable([straight, proxied], straight);
+  printTable([straight, proxied, passed], straight);
   console.log(`proxying adds ${(proxied.p50 - straight.p50).toFixed(3)} ms at p50, ${(proxied.p99 - straight.p99).toFixed(3)} ms at p99 (target: ≤ 1 ms at p50)`);
+  console.log(`a minimal Node pass-through proxy process (the floor of any Node hop here: no auth, no routing, no logging) adds ${(passed.p50 - straight.p50).toFixed(3)} ms at p50`);
 
   /** Creates `n` sandboxes `concurrency` at a time at `base`; creates per second (deletes untimed). */
   const creates = async (label: string, base: string, headers: Record<string, string>) => {
@@ -103,6 +121,7 @@ try {
   await fetch(`${api.url}/api/sandboxes/${box.id}`, { method: 'DELETE', headers: viaApi });
 } finally {
   agent.destroy();
+  floor.child.kill();
   await stopNode(api);
   await stopNode(host);
   fleet.cleanup();

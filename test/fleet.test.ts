@@ -335,6 +335,52 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
     }
   }, 120_000);
 
+  it("the caller an API node authenticated is who the host serves (the key read once); a client's own x-voidrun-principal header is dropped everywhere, never believed", async () => {
+    const created = await json(`${api1.url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: 'vouched' }) });
+    const id = created.body.data.id as string;
+    try {
+      const other = await json(`${api1.url}/api/register`, { method: 'POST', body: JSON.stringify({ name: 'Forger', email: 'forger@example.com' }) });
+      const otherKey = other.body.data.apiKey as string;
+      const forged = JSON.stringify({ orgId, keyId: 'a'.repeat(24), userId: 'b'.repeat(24) });
+      const exec = (base: string, headers: Record<string, string>) =>
+        json(`${base}/api/sandboxes/${id}/exec`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify({ command: 'echo served' }) });
+      // Through either API node, the header sent by a client changes nothing: another org's key
+      // still finds no such sandbox; no key, or a bad one, is still a 401; REST, raw routes and
+      // tRPC alike.
+      for (const n of [api1, api2]) {
+        expect((await exec(n.url, { 'x-api-key': otherKey, 'x-voidrun-principal': forged })).status).toBe(404);
+        expect((await exec(n.url, { 'x-voidrun-principal': forged })).status).toBe(401);
+        expect((await exec(n.url, { 'x-api-key': 'vr_not-a-key', 'x-voidrun-principal': forged })).status).toBe(401);
+        const stream = await fetch(`${n.url}/api/sandboxes/${id}/exec-stream`, { method: 'POST', headers: { 'x-api-key': otherKey, 'x-voidrun-principal': forged, 'content-type': 'application/json' }, body: JSON.stringify({ command: 'echo served' }) });
+        expect(stream.status).toBe(404);
+        const viaTrpc = createClient({ url: n.url, apiKey: otherKey, headers: { 'x-voidrun-principal': forged } });
+        await expect(viaTrpc.trpc.exec.run.mutate({ id, command: 'echo served' })).rejects.toThrow(/not found/i);
+        expect((await exec(n.url, { 'x-api-key': apiKey, 'x-voidrun-principal': JSON.stringify({ orgId: other.body.data.orgId, keyId: 'a'.repeat(24), userId: 'b'.repeat(24) }) })).body.data.stdout).toBe('served\n');
+      }
+      // The host believes the header on its internal listener only, where the cluster secret is
+      // required: that is the API nodes' word (here the test speaks as one).
+      const internal = `http://127.0.0.1:${(await hostOf(id)) === (await json(`${h1.url}/api/version`)).body.nodeId ? h1.internalPort : h2.internalPort}`;
+      expect((await exec(internal, { 'x-voidrun-cluster-token': token, 'x-voidrun-principal': forged })).body.data.stdout).toBe('served\n');
+      expect((await exec(internal, { 'x-voidrun-principal': forged })).status).toBe(401);
+      // A malformed vouch is no vouch: the key (none here) decides.
+      for (const bad of ['{', JSON.stringify({ orgId }), JSON.stringify({ orgId, keyId: 'a', userId: 'b', extra: 1 }), 'x'.repeat(600)]) {
+        expect((await exec(internal, { 'x-voidrun-cluster-token': token, 'x-voidrun-principal': bad })).status).toBe(401);
+      }
+      // The header never reaches a sandbox's own server (ports are keyless: no principal is vouched for).
+      await json(`${api1.url}/api/sandboxes/${id}/commands/run`, { method: 'POST', apiKey, body: JSON.stringify({ command: `/opt/voidrun/node -e "require('http').createServer((q, r) => r.end(JSON.stringify(q.headers))).listen(8080)"` }) });
+      const seen = await until(
+        () => fetch(`${api2.url}/api/sandboxes/${id}/ports/8080/`, { headers: { 'x-api-key': apiKey, 'x-voidrun-principal': forged } }).then(async (r) => ({ status: r.status, text: await r.text() })),
+        (r) => r.status === 200,
+        'the sandbox server to answer',
+        15_000,
+        200,
+      );
+      expect(Object.keys(JSON.parse(seen.text))).not.toContain('x-voidrun-principal');
+    } finally {
+      await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
+    }
+  }, 120_000);
+
   it('concurrent creates through both API nodes fill the hosts to their slots and no further; the next is 429 "fleet full"', async () => {
     const creates = await Promise.all(
       Array.from({ length: 6 }, (_, i) => json(`${(i % 2 ? api2 : api1).url}/api/sandboxes`, { method: 'POST', apiKey, body: JSON.stringify({ name: `full-${i}` }) })),

@@ -2,7 +2,8 @@ import { timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { UnauthorizedError } from '../errors.js';
-import { CLUSTER_TOKEN_HEADER, INTERNAL_ADOPT_PATH, INTERNAL_CALL_PATH } from '../services/fleet/internal-protocol.js';
+import type { Principal } from '../services/auth-service.js';
+import { CLUSTER_TOKEN_HEADER, INTERNAL_ADOPT_PATH, INTERNAL_CALL_PATH, PRINCIPAL_HEADER, PRINCIPAL_HEADER_MAX, VouchedPrincipal } from '../services/fleet/internal-protocol.js';
 import { rawErrorResponse, sendError } from './envelope.js';
 
 export interface InternalListenerOptions {
@@ -26,10 +27,40 @@ function carriesToken(req: IncomingMessage, token: string): boolean {
 /** Requests and upgrades that arrived on a host's internal listener (with the cluster secret). */
 export const fromCluster = new WeakSet<IncomingMessage>();
 
-/** Drops the cluster secret from the request, parsed and raw headers alike (what is passed on is read from either). */
-function dropToken(req: IncomingMessage): void {
+const vouched = new WeakMap<IncomingMessage, Principal>();
+
+/**
+ * The caller as the forwarding API node authenticated it (PRINCIPAL_HEADER), for a request that
+ * arrived on this host's internal listener; null otherwise (the caller's key is read here then).
+ */
+export function vouchedPrincipal(req: IncomingMessage): Principal | null {
+  return vouched.get(req) ?? null;
+}
+
+/**
+ * Drops the fleet's own headers from the request (parsed and raw alike: what is passed on, to a
+ * sandbox's port too, is read from either); on the internal listener (`trusted`) the principal an
+ * API node vouched for is kept aside first.
+ */
+export function dropFleetHeaders(req: IncomingMessage, trusted: boolean): void {
+  const vouch = req.headers[PRINCIPAL_HEADER];
+  if (trusted && typeof vouch === 'string' && vouch.length <= PRINCIPAL_HEADER_MAX) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(vouch);
+    } catch {
+      parsed = null;
+    }
+    const principal = VouchedPrincipal.safeParse(parsed);
+    if (principal.success) vouched.set(req, principal.data);
+  }
+  if (req.headers[CLUSTER_TOKEN_HEADER] === undefined && vouch === undefined) return;
   delete req.headers[CLUSTER_TOKEN_HEADER];
-  for (let i = req.rawHeaders.length - 2; i >= 0; i -= 2) if (req.rawHeaders[i]!.toLowerCase() === CLUSTER_TOKEN_HEADER) req.rawHeaders.splice(i, 2);
+  delete req.headers[PRINCIPAL_HEADER];
+  for (let i = req.rawHeaders.length - 2; i >= 0; i -= 2) {
+    const name = req.rawHeaders[i]!.toLowerCase();
+    if (name === CLUSTER_TOKEN_HEADER || name === PRINCIPAL_HEADER) req.rawHeaders.splice(i, 2);
+  }
 }
 
 const refused = () => new UnauthorizedError('This is a VoidRun host\'s internal listener: only API nodes of its fleet (with its CLUSTER_TOKEN) are served here');
@@ -45,7 +76,7 @@ export function createInternalListener(o: InternalListenerOptions): Server {
       req.resume();
       return sendError(res, refused());
     }
-    dropToken(req);
+    dropFleetHeaders(req, true);
     fromCluster.add(req);
     const path = (req.url ?? '').split('?')[0];
     if (path === INTERNAL_CALL_PATH && req.method === 'POST') {
@@ -64,7 +95,7 @@ export function createInternalListener(o: InternalListenerOptions): Server {
       socket.end(rawErrorResponse(refused()));
       return;
     }
-    dropToken(req);
+    dropFleetHeaders(req, true);
     fromCluster.add(req);
     o.main.emit('upgrade', req, socket, head);
   });

@@ -1,5 +1,5 @@
 import { request as httpRequest, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
-import { CLUSTER_TOKEN_HEADER } from '../services/fleet/internal-protocol.js';
+import { CLUSTER_TOKEN_HEADER, PRINCIPAL_HEADER } from '../services/fleet/internal-protocol.js';
 import type { Duplex } from 'node:stream';
 import { splice } from '../../shared/port-tunnel.js';
 import { DomainError, InvalidInputError, UpstreamUnavailableError } from '../errors.js';
@@ -32,7 +32,7 @@ const MAX_UPSTREAM_HEADER_BYTES = 16 * 1024;
 /** Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus ours. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'te', 'trailer', 'upgrade', 'http2-settings']);
 // The fleet's cluster secret too: a request a host got from an API node carries it, and a sandbox's server must never see it.
-const OURS = new Set(['x-api-key', 'x-org-id', PREVIEW_TOKEN_HEADER, 'x-voidrun-request', CLUSTER_TOKEN_HEADER]);
+const OURS = new Set(['x-api-key', 'x-org-id', PREVIEW_TOKEN_HEADER, 'x-voidrun-request', CLUSTER_TOKEN_HEADER, PRINCIPAL_HEADER]);
 
 /**
  * Answers sent for a sandbox's server on the API's own origin run as an opaque origin: its pages

@@ -14,6 +14,7 @@ import { writeOrWait } from './response-writer.js';
 import type { Principal } from '../services/auth-service.js';
 import type { OpenStreams } from './open-streams.js';
 import { readJsonBody } from './json-body.js';
+import { vouchedPrincipal } from './internal-listener.js';
 import { writeSse, type SseEvent } from './sse.js';
 import { parseEventId } from '../services/sandbox-events.js';
 import { compiledRoutes, matchRoute, routeParams, routeTable, type CompiledRoute, type HttpRouteName } from './route-table.js';
@@ -245,7 +246,7 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
         const params = route.paramNames.map((p) => parsed[p]!);
         // Every raw route needs a key: authenticated here, once.
         const checkStarted = opts.streams.keyCheckStarted();
-        const principal = await opts.services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+        const principal = vouchedPrincipal(req) ?? (await opts.services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req)));
         record.orgId = principal.orgId;
         // The client left while its key was checked: nothing to hold or answer.
         if (res.closed) return route.label;

@@ -27,7 +27,7 @@ import { OpenStreams } from './open-streams.js';
 import { createRestHandler } from './rest.js';
 import { createCors, createTrailingSlashRedirect, type CorsPolicy } from './cors.js';
 import { compiledRoutes, matchRoute, routeParams, type WebSocketRouteName } from './route-table.js';
-import { createInternalListener, fromCluster } from './internal-listener.js';
+import { createInternalListener, dropFleetHeaders, fromCluster, vouchedPrincipal } from './internal-listener.js';
 import { readJsonBody } from './json-body.js';
 import { createCallerFactory } from '../trpc/init.js';
 import { describeIssues, fieldIssues } from '../trpc/errors.js';
@@ -216,7 +216,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   const context = (req: IncomingMessage, transport: Context['transport'], apiKey: string | null, connection: CallConnection): Context => {
     let record = records.get(req);
     if (!record) records.set(req, (record = {}));
-    return { services, log, apiKey, requestedOrgId: requestedOrgOf(req), record, transport, connection, streams, idempotencyKey: idempotencyKeyOf(req), ...(opts.fleet ? { fleet: opts.fleet } : {}) };
+    return { services, log, apiKey, requestedOrgId: requestedOrgOf(req), vouched: vouchedPrincipal(req), record, transport, connection, streams, idempotencyKey: idempotencyKeyOf(req), ...(opts.fleet ? { fleet: opts.fleet } : {}) };
   };
 
   const trpcHttp = createHTTPHandler({
@@ -320,6 +320,8 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
   const server = createServer(timeouts, (req, res) => {
     const started = process.hrtime.bigint();
     const path = (req.url ?? '/').split('?')[0]!;
+    // A client's own copy of the fleet's headers is dropped before anything reads (or passes on) it.
+    if (!fromCluster.has(req)) dropFleetHeaders(req, false);
     let routeLabel = 'unmatched';
     res.once('close', () => {
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
@@ -384,40 +386,40 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    * the sandbox's (answered here as a sandbox that does not exist). The caller is authenticated
    * before anything reaches a host (which checks again), unless the route is keyless.
    */
-  async function forwardTarget(req: IncomingMessage, route: FleetRoute): Promise<HostRecord | null> {
+  async function forwardTarget(req: IncomingMessage, route: FleetRoute): Promise<{ host: HostRecord; principal: Principal | null } | null> {
     if ('imageImport' in route) {
-      await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
-      return opts.fleet!.placement.builder();
+      const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+      return { host: await opts.fleet!.placement.builder(), principal };
     }
     if ('imageId' in route) {
       const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
       const image = await services.images.resolve(principal, route.imageId).catch(() => null);
       // Another org's image, or one without a host of its own: answered here (404, or its log so far).
-      return image?.hostId && image.orgId === principal.orgId ? opts.fleet!.forwarder.imageHost(image) : null;
+      return image?.hostId && image.orgId === principal.orgId ? { host: await opts.fleet!.forwarder.imageHost(image), principal } : null;
     }
     const target = await opts.fleet!.forwarder.target(route.sandboxId);
     if (!target) return null;
-    if (!route.keyless) {
-      const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
-      if (principal.orgId !== target.orgId) return null;
-    }
-    return target.host;
+    if (route.keyless) return { host: target.host, principal: null };
+    // The host takes the principal found here (the key is read once, on this node).
+    const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+    return principal.orgId === target.orgId ? { host: target.host, principal } : null;
   }
 
   /** Resolves the forwarded route's label, or null when the request is answered here. */
   async function forwardRequest(req: IncomingMessage, res: ServerResponse, route: FleetRoute): Promise<string | null> {
     const { forwarder } = opts.fleet!;
-    const host = await forwardTarget(req, route);
-    if (!host) return null;
+    const target = await forwardTarget(req, route);
+    if (!target) return null;
+    const { host, principal } = target;
     if ('imageImport' in route || 'imageId' in route) {
-      await forwarder.proxyRequest(req, res, host);
+      await forwarder.proxyRequest(req, res, host, undefined, principal);
       return 'forwarded';
     }
     // A lost host's sandbox is still read and deleted here (REST GET and DELETE of the sandbox itself).
     const own = (req.url ?? '').split('?')[0] === `/api/sandboxes/${route.sandboxId}` && (req.method === 'GET' || req.method === 'DELETE');
     if (own && !forwarder.serving(host)) return null;
     forwarder.assertServing(host, route.sandboxId);
-    await forwarder.proxyRequest(req, res, host, route.sandboxId);
+    await forwarder.proxyRequest(req, res, host, route.sandboxId, principal);
     return 'forwarded';
   }
 
@@ -552,7 +554,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
    */
   async function authenticateUpgrade(req: IncomingMessage, socket: Duplex): Promise<Principal | null> {
     const checkStarted = streams.keyCheckStarted();
-    const principal = await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req));
+    const principal = vouchedPrincipal(req) ?? (await services.auth.authenticate(apiKeyOf(req), requestedOrgOf(req)));
     if (socket.destroyed) return null;
     holdUpgrade(principal, socket, checkStarted);
     return principal;
@@ -700,17 +702,18 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
 
   function routeUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const path = (req.url ?? '/').split('?')[0]!;
+    if (!fromCluster.has(req)) dropFleetHeaders(req, false);
     if (opts.clusterToken && !fromCluster.has(req)) return refuse(socket)(notForHostsPublicPort(path));
     const fleet = fleetRoute(req, path);
     if (fleet instanceof DomainError) return refuse(socket)(fleet);
     if (fleet && 'sandboxId' in fleet) {
       const { forwarder } = opts.fleet!;
-      void forwardTarget(req, fleet).then((host) => {
-        if (!host) return routeUpgradeHere(req, socket, head, path);
-        forwarder.assertServing(host, fleet.sandboxId);
+      void forwardTarget(req, fleet).then((target) => {
+        if (!target) return routeUpgradeHere(req, socket, head, path);
+        forwarder.assertServing(target.host, fleet.sandboxId);
         upgradeLabels.get(socket)!.label = 'forwarded';
         handshakeDone(socket); // the host's own deadline runs from here
-        forwarder.proxyUpgrade(req, socket, head, host, refuse(socket));
+        forwarder.proxyUpgrade(req, socket, head, target.host, refuse(socket), target.principal);
       }).catch(refuse(socket));
       return;
     }
@@ -802,6 +805,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     const call = parsed.data;
     const ctx = context(req, 'trpc-http', call.apiKey, httpConnection(res));
     ctx.requestedOrgId = call.orgId;
+    ctx.vouched = call.principal ?? null;
     ctx.idempotencyKey = call.idempotencyKey;
     ctx.record.procedurePath = call.path;
     const abort = new AbortController();

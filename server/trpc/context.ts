@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import type { OpenStreams } from '../http/open-streams.js';
 import type { Services } from '../services/index.js';
+import type { Principal } from '../services/auth-service.js';
 import type { Forwarder } from '../services/fleet/forwarder.js';
 import type { Placement } from '../services/fleet/placement.js';
 
@@ -36,6 +37,11 @@ export interface Context {
   apiKey: string | null;
   /** The `X-Org-ID` header: the org to act in instead of the key's own, or null. */
   requestedOrgId: string | null;
+  /**
+   * On a fleet host, the caller as the API node that forwarded the call authenticated it (read
+   * from the internal listener's request, never a client's): taken instead of reading the key again.
+   */
+  vouched?: Principal | null;
   record: RequestRecord;
   transport: 'rest' | 'trpc-http' | 'trpc-ws';
   connection: CallConnection;

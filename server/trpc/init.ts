@@ -12,7 +12,7 @@ import type { CallConnection, Context } from './context.js';
 import { describeIssues, fieldIssues, toTRPCError, type ErrorData } from './errors.js';
 import type { Principal } from '../services/auth-service.js';
 import { isObjectIdHex } from '../store/ids.js';
-import { sandboxIdOfCall, type InternalCall } from '../services/fleet/internal-protocol.js';
+import { sandboxIdOfCall, vouchFor, type InternalCall } from '../services/fleet/internal-protocol.js';
 import type { HostRecord, ImageRecord } from '../store/types.js';
 import type { Placed } from '../services/fleet/placement.js';
 import { RECIPE_KEYS } from '../../shared/schemas/images.js';
@@ -149,7 +149,8 @@ export const authedProcedure = t.procedure.use((opts) =>
   mappingDomainErrors(opts, async () => {
     const { ctx, path, type, signal } = opts;
     const checkStarted = ctx.streams.keyCheckStarted();
-    const principal = await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId);
+    // A host trusts who the forwarding API node found the caller to be (its key read there).
+    const principal = ctx.vouched ?? (await ctx.services.auth.authenticate(ctx.apiKey, ctx.requestedOrgId));
     ctx.record.orgId = principal.orgId;
     // On an API node, a call on a sandbox runs on its host (and a create on the host placement chose).
     const remote = ctx.fleet ? await forwardedCall(ctx, ctx.fleet, principal, path, type, await opts.getRawInput(), signal) : null;
@@ -198,7 +199,7 @@ function resultOf(data: unknown) {
  * released when the create fails there.
  */
 async function forwardedCall(ctx: Context, fleet: NonNullable<Context['fleet']>, principal: Principal, path: string, type: string, input: unknown, signal: AbortSignal | undefined) {
-  const call = { path, type: type as InternalCall['type'], input: superjson.serialize(input), apiKey: ctx.apiKey, orgId: ctx.requestedOrgId, idempotencyKey: ctx.idempotencyKey ?? null };
+  const call = { path, type: type as InternalCall['type'], input: superjson.serialize(input), apiKey: ctx.apiKey, orgId: ctx.requestedOrgId, idempotencyKey: ctx.idempotencyKey ?? null, principal: vouchFor(principal) };
   if (path === 'sandbox.create') {
     const shape = (typeof input === 'object' && input !== null ? input : {}) as { cpu?: unknown; vcpus?: unknown; mem?: unknown; memory?: unknown; templateId?: unknown; image?: unknown };
     const num = (...v: unknown[]) => v.find((x): x is number => typeof x === 'number' && x > 0) ?? 1;

@@ -7,7 +7,8 @@ import { DomainError, HostUnavailableError } from '../../errors.js';
 
 import { sendError } from '../../http/envelope.js';
 import type { HostRecord, HostRepository, SandboxRepository } from '../../store/types.js';
-import { CLUSTER_TOKEN_HEADER, INTERNAL_CALL_PATH, InternalLine, splitAddress, type InternalCall, type WireError } from './internal-protocol.js';
+import type { Principal } from '../auth-service.js';
+import { CLUSTER_TOKEN_HEADER, INTERNAL_CALL_PATH, InternalLine, PRINCIPAL_HEADER, splitAddress, vouchFor, type InternalCall, type WireError } from './internal-protocol.js';
 
 export interface ForwarderOptions {
   sandboxes: SandboxRepository;
@@ -21,7 +22,7 @@ export interface ForwarderOptions {
 }
 
 /** Headers that belong to one hop (RFC 9110 §7.6.1) and are not passed on. */
-const hopByHop = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', CLUSTER_TOKEN_HEADER]);
+const hopByHop = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', CLUSTER_TOKEN_HEADER, PRINCIPAL_HEADER]);
 
 /** How long a host record (its address and state) is reused before it is read again. */
 const HOST_CACHE_MS = 1000;
@@ -146,12 +147,13 @@ export class Forwarder {
    * Passes an HTTP request to the host and its answer back, both streamed. A 503 from the host for
    * a sandbox's request drops that sandbox's cached host (it may have been moved: the retry finds it).
    */
-  proxyRequest(req: IncomingMessage, res: ServerResponse, host: HostRecord, sandboxId?: string): Promise<void> {
+  proxyRequest(req: IncomingMessage, res: ServerResponse, host: HostRecord, sandboxId?: string, principal?: Principal | null): Promise<void> {
     const { host: hostname, port } = splitAddress(host.address);
     return new Promise((resolve) => {
       const headers: Record<string, string | string[]> = {};
       for (const [name, value] of Object.entries(req.headers)) if (value !== undefined && !hopByHop.has(name)) headers[name] = value;
       headers[CLUSTER_TOKEN_HEADER] = this.o.token;
+      if (principal) headers[PRINCIPAL_HEADER] = JSON.stringify(vouchFor(principal));
       // A chunked body is sent chunked: Node frames a GET's or DELETE's body only when told, and an
       // unframed body on a kept-alive socket would be read by the host as the start of the next request.
       if (req.headers['transfer-encoding'] !== undefined) {
@@ -190,7 +192,7 @@ export class Forwarder {
   }
 
   /** Passes a WebSocket upgrade to the host: the handshake with the cluster secret, then bytes both ways. */
-  proxyUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, host: HostRecord, refuse: (err: unknown) => void): void {
+  proxyUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, host: HostRecord, refuse: (err: unknown) => void, principal?: Principal | null): void {
     const { host: hostname, port } = splitAddress(host.address);
     const upstream = connect({ host: hostname, port });
     let lost: Error | null = null;
@@ -204,9 +206,11 @@ export class Forwarder {
       const lines = [`${req.method} ${req.url} HTTP/1.1`];
       for (let i = 0; i < req.rawHeaders.length; i += 2) {
         const name = req.rawHeaders[i]!;
-        if (name.toLowerCase() !== CLUSTER_TOKEN_HEADER) lines.push(`${name}: ${req.rawHeaders[i + 1]}`);
+        const lower = name.toLowerCase();
+        if (lower !== CLUSTER_TOKEN_HEADER && lower !== PRINCIPAL_HEADER) lines.push(`${name}: ${req.rawHeaders[i + 1]}`);
       }
       lines.push(`${CLUSTER_TOKEN_HEADER}: ${this.o.token}`, `x-forwarded-for: ${req.socket.remoteAddress ?? ''}`);
+      if (principal) lines.push(`${PRINCIPAL_HEADER}: ${JSON.stringify(vouchFor(principal))}`);
       upstream.write(`${lines.join('\r\n')}\r\n\r\n`);
       if (head.length) upstream.write(head);
       upstream.pipe(socket);

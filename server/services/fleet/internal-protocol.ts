@@ -6,6 +6,24 @@ import { errorCodes } from '../../../shared/errors.js';
  * Every request carries the cluster secret in this header; the listener refuses any other.
  */
 export const CLUSTER_TOKEN_HEADER = 'x-voidrun-cluster-token';
+/**
+ * Who the caller is, as the API node that forwards a request authenticated it (its key read
+ * there, on this request): JSON of a VouchedPrincipal. The host takes it instead of reading the
+ * key again, only on its internal listener (with the cluster secret); a client's own header of
+ * this name is dropped by every node before anything reads it.
+ */
+export const PRINCIPAL_HEADER = 'x-voidrun-principal';
+const storeId = z.string().min(1).max(64).regex(/^[A-Za-z0-9_-]+$/);
+export const VouchedPrincipal = z.object({ orgId: storeId, keyId: storeId, userId: storeId }).strict();
+export type VouchedPrincipal = z.infer<typeof VouchedPrincipal>;
+/** The most bytes of a PRINCIPAL_HEADER value that are parsed. */
+export const PRINCIPAL_HEADER_MAX = 512;
+
+/** What an API node vouches for: the principal's fields, nothing else it may carry. */
+export function vouchFor(p: VouchedPrincipal): VouchedPrincipal {
+  return { orgId: p.orgId, keyId: p.keyId, userId: p.userId };
+}
+
 /** The path of a forwarded tRPC procedure call on the internal listener. */
 export const INTERNAL_CALL_PATH = '/internal/v1/call';
 /** Where a draining host sends a stopped sandbox it moves to this host (`?sandbox=<id>&from=<hostId>`, the capture as the body). */
@@ -23,6 +41,8 @@ export const InternalCall = z.object({
   apiKey: z.string().max(1024).nullable(),
   orgId: z.string().max(200).nullable(),
   idempotencyKey: z.string().max(1024).nullable(),
+  /** The caller as the API node authenticated it (see PRINCIPAL_HEADER); absent, the host reads `apiKey` itself. */
+  principal: VouchedPrincipal.nullable().optional(),
 });
 export type InternalCall = z.infer<typeof InternalCall>;
 
