@@ -376,6 +376,26 @@ describe.skipIf(!mongoUri || !support.ok)(`a fleet of server processes on one Mo
         200,
       );
       expect(Object.keys(JSON.parse(seen.text))).not.toContain('x-voidrun-principal');
+
+      // A vouch is taken only while fresh: a key revoked while its request's body was held back
+      // does not run the command (the API node read the key when the head came; the host reads it
+      // again once the body is in, past VOUCH_FRESH_MS).
+      const owner = createClient({ url: api1.url, apiKey });
+      const doomed = (await owner.trpc.org.createApiKey.mutate({ orgId, keyName: 'held-body' })) as { plainKey: string; keyId: string };
+      const body = JSON.stringify({ command: 'touch /root/held-body-ran' });
+      const { port: apiPort } = new URL(api2.url);
+      const sock = netConnect(Number(apiPort), '127.0.0.1');
+      await new Promise((resolve) => sock.once('connect', resolve));
+      let answer = '';
+      sock.on('data', (d: Buffer) => (answer += d.toString()));
+      sock.write(`POST /api/sandboxes/${id}/exec HTTP/1.1\r\nHost: x\r\nX-API-Key: ${doomed.plainKey}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`);
+      await owner.trpc.org.revokeApiKey.mutate({ orgId, keyId: doomed.keyId });
+      await new Promise((r) => setTimeout(r, 1200)); // past the host's VOUCH_FRESH_MS (1 s): a bound, not an event
+      sock.write(body);
+      await until(() => answer, (a) => /\r\n\r\n[\s\S]*\}/.test(a), 'the held request to be answered');
+      sock.destroy();
+      expect(answer).toMatch(/^HTTP\/1\.1 401/);
+      expect((await json(`${api1.url}/api/sandboxes/${id}/exec`, { method: 'POST', apiKey, body: JSON.stringify({ command: 'test -e /root/held-body-ran && echo ran || echo not-run' }) })).body.data.stdout).toBe('not-run\n');
     } finally {
       await json(`${api1.url}/api/sandboxes/${id}`, { method: 'DELETE', apiKey });
     }

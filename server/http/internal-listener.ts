@@ -27,14 +27,24 @@ function carriesToken(req: IncomingMessage, token: string): boolean {
 /** Requests and upgrades that arrived on a host's internal listener (with the cluster secret). */
 export const fromCluster = new WeakSet<IncomingMessage>();
 
-const vouched = new WeakMap<IncomingMessage, Principal>();
+const vouched = new WeakMap<IncomingMessage, { principal: Principal; at: number }>();
+
+/**
+ * How long after a request's head arrived its vouch is taken. The API node read the key when the
+ * head arrived there (and sends the head on at once); a route that authenticates only once the
+ * body is in (every JSON route) would otherwise act on a key revoked while a client held its body
+ * back. Past this the key is read here, as a single server would.
+ */
+export const VOUCH_FRESH_MS = 1000;
 
 /**
  * The caller as the forwarding API node authenticated it (PRINCIPAL_HEADER), for a request that
- * arrived on this host's internal listener; null otherwise (the caller's key is read here then).
+ * arrived on this host's internal listener less than VOUCH_FRESH_MS ago; null otherwise (the
+ * caller's key is read here then).
  */
 export function vouchedPrincipal(req: IncomingMessage): Principal | null {
-  return vouched.get(req) ?? null;
+  const v = vouched.get(req);
+  return v && performance.now() - v.at <= VOUCH_FRESH_MS ? v.principal : null;
 }
 
 /**
@@ -52,7 +62,7 @@ export function dropFleetHeaders(req: IncomingMessage, trusted: boolean): void {
       parsed = null;
     }
     const principal = VouchedPrincipal.safeParse(parsed);
-    if (principal.success) vouched.set(req, principal.data);
+    if (principal.success) vouched.set(req, { principal: principal.data, at: performance.now() });
   }
   if (req.headers[CLUSTER_TOKEN_HEADER] === undefined && vouch === undefined) return;
   delete req.headers[CLUSTER_TOKEN_HEADER];

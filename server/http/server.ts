@@ -32,7 +32,7 @@ import { readJsonBody } from './json-body.js';
 import { createCallerFactory } from '../trpc/init.js';
 import { describeIssues, fieldIssues } from '../trpc/errors.js';
 import { errorCodeFromTrpc } from '../../shared/errors.js';
-import { hasDotSegments, InternalCall, type InternalLine, type WireError } from '../services/fleet/internal-protocol.js';
+import { hasDotSegments, InternalCall, vouchOfCall, type InternalLine, type WireError } from '../services/fleet/internal-protocol.js';
 
 const wsRoutes = compiledRoutes('websocket');
 
@@ -805,7 +805,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     const call = parsed.data;
     const ctx = context(req, 'trpc-http', call.apiKey, httpConnection(res));
     ctx.requestedOrgId = call.orgId;
-    ctx.vouched = call.principal ?? null;
+    ctx.vouched = vouchOfCall(call); // the call's body was read before this: it is fresh
     ctx.idempotencyKey = call.idempotencyKey;
     ctx.record.procedurePath = call.path;
     const abort = new AbortController();

@@ -187,6 +187,10 @@ export class Forwarder {
         if (!res.writableFinished) upstream.destroy();
         resolve();
       });
+      // A vouched request whose body is not all here yet has its head sent now, not with its first
+      // body byte: the host takes the vouch only for a while after the head arrived (VOUCH_FRESH_MS),
+      // the key having been read about when the head arrived here. (One already whole goes at once.)
+      if (principal && !req.complete) upstream.flushHeaders();
       req.pipe(upstream);
     });
   }

@@ -19,6 +19,12 @@ export type VouchedPrincipal = z.infer<typeof VouchedPrincipal>;
 /** The most bytes of a PRINCIPAL_HEADER value that are parsed. */
 export const PRINCIPAL_HEADER_MAX = 512;
 
+/** A forwarded call's vouch (InternalCall.principal), or null when it has none or a malformed one. */
+export function vouchOfCall(call: InternalCall): VouchedPrincipal | null {
+  const parsed = VouchedPrincipal.safeParse(call.principal);
+  return parsed.success ? parsed.data : null;
+}
+
 /** What an API node vouches for: the principal's fields, nothing else it may carry. */
 export function vouchFor(p: VouchedPrincipal): VouchedPrincipal {
   return { orgId: p.orgId, keyId: p.keyId, userId: p.userId };
@@ -41,8 +47,12 @@ export const InternalCall = z.object({
   apiKey: z.string().max(1024).nullable(),
   orgId: z.string().max(200).nullable(),
   idempotencyKey: z.string().max(1024).nullable(),
-  /** The caller as the API node authenticated it (see PRINCIPAL_HEADER); absent, the host reads `apiKey` itself. */
-  principal: VouchedPrincipal.nullable().optional(),
+  /**
+   * The caller as the API node authenticated it (see PRINCIPAL_HEADER), checked on its own by
+   * `vouchOfCall`: one that is not a VouchedPrincipal is no vouch (the host reads `apiKey`), not a
+   * refused call.
+   */
+  principal: z.unknown().optional(),
 });
 export type InternalCall = z.infer<typeof InternalCall>;
 
