@@ -331,7 +331,7 @@ export async function createApp(config: Config, options: AppOptions = {}): Promi
       : null;
   const sweeper =
     role === 'api'
-      ? new LostHostSweeper({ hosts: store.hosts, epochs: store.hostEpochs, slots: store.hostSlots, sandboxes: store.sandboxes, deadAfterMs, intervalMs: config.HOST_HEARTBEAT_SEC * 1000, log, onLost: (r) => events.emit({ sandboxId: r.id, orgId: r.orgId, type: 'sandbox.error', data: { reason: 'host-lost' } }), onNotServing: (hostId) => forwarder!.cutHost(hostId) })
+      ? new LostHostSweeper({ hosts: store.hosts, epochs: store.hostEpochs, slots: store.hostSlots, sandboxes: store.sandboxes, images: store.images, deadAfterMs, intervalMs: config.HOST_HEARTBEAT_SEC * 1000, log, onLost: (r) => events.emit({ sandboxId: r.id, orgId: r.orgId, type: 'sandbox.error', data: { reason: 'host-lost' } }), onNotServing: (hostId) => forwarder!.cutHost(hostId) })
       : null;
   // A draining host moves its stopped sandboxes to the others; every host takes them in.
   const mover =

@@ -161,14 +161,24 @@ function fleetSuite(name: string, open: SharedStore) {
       const orgId = newId();
       const sandbox = (name: string) => a.sandboxes.create({ name, orgId, createdBy: newId(), imageId: newId(), ip: '', cpu: 1, mem: 1024, diskMb: 1, status: 'running', envVars: {}, network: SANDBOX_NETWORK_NONE, labels: {}, hostId: id });
       const old = await sandbox(`old-${id}`);
+      // Images building there (and one building on another host, one ready there): only the first
+      // fail, saying why (regression: they stayed "building" for good, and their sandboxes 409).
+      const image = (name: string, hostId: string, status: 'building' | 'ready') => a.images.create({ name, tag: 'latest', description: '', base: 'debian', orgId, isSystem: false, createdBy: newId(), status, source: 'recipe', hostId });
+      const building = await image(`b-${id}`, id, 'building');
+      const ready = await image(`r-${id}`, id, 'ready');
+      const elsewhere = await image(`e-${id}`, `other-${id}`, 'building');
       await a.hosts.put({ ...record, heartbeatAt: new Date(Date.now() - 20_000) });
       const reported: SandboxRecord[] = [];
       const log = pino({ level: 'silent' });
       const sweeper = (store: Store, sandboxes = store.sandboxes) =>
-        new LostHostSweeper({ hosts: store.hosts, epochs: store.hostEpochs, slots: store.hostSlots, sandboxes, deadAfterMs: 15_000, intervalMs: 60_000, log, onLost: (r) => reported.push(r) });
+        new LostHostSweeper({ hosts: store.hosts, epochs: store.hostEpochs, slots: store.hostSlots, sandboxes, images: store.images, deadAfterMs: 15_000, intervalMs: 60_000, log, onLost: (r) => reported.push(r) });
       await Promise.all([sweeper(a).sweep(), sweeper(b).sweep()]);
       expect((await a.sandboxes.findByIdInAnyOrg(old.id))).toMatchObject({ status: 'error', lifecycle: { endedReason: 'host-lost' } });
       expect(reported.filter((r) => r.id === old.id)).toHaveLength(1);
+      expect(await a.images.findById(building.id)).toMatchObject({ status: 'failed', progress: null, error: expect.stringMatching(new RegExp(`build host ${id} stopped answering \\(host-lost\\).*delete the image and create it again`)) });
+      expect(await a.images.findById(ready.id)).toMatchObject({ status: 'ready', error: null });
+      expect(await a.images.findById(elsewhere.id)).toMatchObject({ status: 'building' });
+      for (const i of [building, ready, elsewhere]) await a.images.delete(i.id);
 
       // Lost again; this time the host registers anew (and is given a sandbox and a slot) while a sweep is under way.
       await registry.register(identity);

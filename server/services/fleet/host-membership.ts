@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import type { HostEpochRepository, HostRepository, HostSlotRepository, IpLeaseRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
+import type { HostEpochRepository, HostRepository, HostSlotRepository, ImageRepository, IpLeaseRepository, SandboxRecord, SandboxRepository } from '../../store/types.js';
 import { HostUnavailableError } from '../../errors.js';
 import { newId } from '../../store/ids.js';
 import { HostRegistry, registrationLost, sweepLostHosts, type HostIdentity } from './host-registry.js';
@@ -170,6 +170,8 @@ export interface LostHostSweeperOptions {
   slots: HostSlotRepository;
   /** Every sandbox record, unfiltered. */
   sandboxes: SandboxRepository;
+  /** The images, whose builds on a lost host end `failed` (absent: images are not looked at). */
+  images?: ImageRepository;
   deadAfterMs: number;
   intervalMs: number;
   log: Logger;
@@ -182,7 +184,8 @@ export interface LostHostSweeperOptions {
 /**
  * Run by every API node: a host whose heartbeat is older than HOST_DEAD_AFTER_SEC becomes
  * `unresponsive`, its sandboxes `error` with `endedReason: "host-lost"`, and its slots are freed
- * (its capacity withdrawn). Idempotent, so any number of API nodes sweep at once; a sweep that
+ * (its capacity withdrawn), and the images it was building `failed` saying so (a build lives in
+ * its host's memory and layer store: nothing else finishes it). Idempotent, so any number of API nodes sweep at once; a sweep that
  * missed a sandbox (or was cut short) is made good by the next one, which marks every sandbox of
  * every host not serving.
  */
@@ -234,6 +237,18 @@ export class LostHostSweeper {
         if (updated && declared.has(hostId)) this.o.onLost?.(updated);
       }
       for (const s of await this.o.slots.listByHost(hostId)) if (s.createdAt < decidedAt) await this.o.slots.release(s);
+    }
+    if (!this.o.images) return;
+    for (const image of await this.o.images.listAll()) {
+      if (image.status !== 'building' || !image.hostId || !notServing.has(image.hostId) || image.createdAt >= decidedAt) continue;
+      const current = await this.o.hosts.findById(image.hostId);
+      if (current && !(await registrationLost(current, this.o.epochs))) continue;
+      await this.o.images.update(image.id, {
+        status: 'failed',
+        progress: null,
+        error: `Its build host ${image.hostId} stopped answering (host-lost) before the build finished; delete the image and create it again`,
+      });
+      if (declared.has(image.hostId)) this.o.log.warn({ image: image.id, host: image.hostId }, 'fleet: an image building on a lost host failed');
     }
   }
 
