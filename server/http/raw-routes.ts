@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Logger } from 'pino';
 import { z } from 'zod';
 import { ExecInput, PidInput, SandboxPath, SessionExecStreamInput, toRestImage, type ExecChunk } from '../../shared/index.js';
 import { InvalidInputError } from '../errors.js';
@@ -235,7 +236,7 @@ async function writeLongSse(res: ServerResponse, events: AsyncIterator<SseEvent>
  * NDJSON streams). They sit beside the REST facade under /api and call the same services. Resolves
  * with the route's metrics label when one matched, else null.
  */
-export function createRawRoutes(opts: { services: Services; streams: OpenStreams; maxJsonBodyBytes: number }) {
+export function createRawRoutes(opts: { services: Services; streams: OpenStreams; maxJsonBodyBytes: number; log?: Logger }) {
   return async function handleRaw(req: IncomingMessage, res: ServerResponse, apiPath: string, record: RequestRecord): Promise<string | null> {
     const path = apiPath.split('?')[0]!;
     const match = matchRoute(httpRoutes, req.method ?? 'GET', path) ?? matchRoute(websocketRoutes, req.method ?? 'GET', path);
@@ -264,6 +265,9 @@ export function createRawRoutes(opts: { services: Services; streams: OpenStreams
         await handlers[route.name](req, res, params, opts.services, principal, opts.maxJsonBodyBytes);
       } catch (err) {
         if (res.headersSent) {
+          // The answer was under way: it is cut. A failure no route expects is a bug, logged (the
+          // client sees only a cut connection).
+          if (!isExpectedError(err)) opts.log?.error({ err, route: route.name }, 'a streamed answer failed midway; cut');
           res.destroy();
         } else if (isExpectedError(err)) {
           // A body not read to its end: keep reading (and dropping) it for a while rather than

@@ -246,7 +246,7 @@ export function createHttpServer(opts: HttpServerOptions): HttpServer {
     },
   });
 
-  const raw = createRawRoutes({ services, streams, maxJsonBodyBytes: opts.maxJsonBodyBytes });
+  const raw = createRawRoutes({ services, streams, maxJsonBodyBytes: opts.maxJsonBodyBytes, log });
   const portProxy = createPortProxy({
     services,
     streams,
