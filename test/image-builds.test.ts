@@ -299,6 +299,18 @@ describe.skipIf(!support.ok)('image builds (real build sandboxes)', () => {
     await server.app.store.images.delete(queued.id);
   }, 120_000);
 
+  it("a build whose record was ended elsewhere meanwhile (a fleet's sweep failed it: its host was declared lost) leaves that record as it is when it finishes", async () => {
+    const image = await recordBuild({ run: [`echo began-${newId().slice(-6)}; sleep 1`] });
+    builds.enqueue(image, debian);
+    await until(() => builds.readLog(image.id), (l) => /^began-/m.test(l.text), 'the run step to start', 60_000, 50);
+    const verdict = { status: 'failed' as const, progress: null, error: 'Its build host h1 stopped answering (host-lost) before the build finished; delete the image and create it again' };
+    await server.app.store.images.update(image.id, verdict);
+    // The log is followed until the build ends (it ends the follow).
+    for await (const line of builds.followLog(image.id, new AbortController().signal)) void line;
+    expect(await server.app.store.images.findById(image.id)).toMatchObject(verdict);
+    await server.app.store.images.delete(image.id);
+  }, 120_000);
+
   it('a run step past IMAGE_BUILD_STEP_TIMEOUT_SEC is killed and fails the build saying so', async () => {
     const { config, log } = server.app;
     const quick = await createImageBuilds({ config: { ...config, IMAGE_BUILD_STEP_TIMEOUT_SEC: 1 }, layers, rootfs, images: server.app.store.images, log });

@@ -388,6 +388,14 @@ export class ImageBuilds {
   }
 
   async #finish(image: ImageRecord, patch: Parameters<ImageRepository['update']>[1]): Promise<void> {
+    // A record no longer building was ended by someone else — in a fleet, the API nodes' sweep
+    // when this host was declared lost (its builds fail then): that word stands, a late "ready"
+    // from a host that was fenced meanwhile does not undo it (its new layers are unreferenced: GC).
+    const current = await this.deps.images.findById(image.id).catch(() => undefined);
+    if (current && current.status !== 'building') {
+      this.deps.log.warn({ image: image.id, status: current.status }, 'an image build ended after its record was ended elsewhere; the record is kept as it is');
+      return;
+    }
     await this.deps.images.update(image.id, patch).catch((err: Error) => this.deps.log.error({ image: image.id, err: err.message }, 'could not record the end of an image build'));
   }
 
