@@ -1,6 +1,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { accessSync, constants, existsSync, statSync } from 'node:fs';
+import { accessSync, constants, existsSync, realpathSync, statSync } from 'node:fs';
+import { basename } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import { afterAwake, type AwakeTimer } from '../../awake-time.js';
 import { AgentError } from '../../errors.js';
@@ -25,7 +26,16 @@ export class ShellSession {
   #onExit: (() => void) | null = null;
   #endedBecause = '';
 
+  /**
+   * How a command is handed to this shell. POSIX shells (dash, ash, ksh, bash) exit on a syntax
+   * error inside a plain `eval` (a special builtin) unless it is run through `command`; zsh's
+   * `command` runs external programs only (`command eval` is "command not found" there), and its
+   * `eval` survives a syntax error as it is.
+   */
+  readonly #eval: string;
+
   constructor(shell: string, env: NodeJS.ProcessEnv, cwd: string) {
+    this.#eval = evalFor(shell);
     // Its own process group, so a timeout's SIGINT reaches the command the shell is running.
     this.#proc = spawn(shell, [], { env, cwd, stdio: ['pipe', 'pipe', 'pipe'], detached: true });
     this.#proc.stdin.on('error', () => {});
@@ -197,7 +207,7 @@ export class ShellSession {
       // markers: the shell reads the whole line before running any of it, so text the command
       // leaves open (an unmatched quote or backtick, a here-document without its end) is a syntax
       // error of that command alone, and a command reading stdin cannot swallow the markers.
-      this.#proc.stdin.write(`command eval ${shellQuote(command)}; printf '\\n__VOIDRUN_DONE_${token}_%d\\n' "$?"; printf '\\n__VOIDRUN_DONE_${token}_\\n' >&2\n`);
+      this.#proc.stdin.write(`${this.#eval} ${shellQuote(command)}; printf '\\n__VOIDRUN_DONE_${token}_%d\\n' "$?"; printf '\\n__VOIDRUN_DONE_${token}_\\n' >&2\n`);
     });
     return { answer, settled };
   }
@@ -228,6 +238,20 @@ function markerStart(text: string, head: string): number {
   if (at !== -1 && /^\d*$/.test(text.slice(at + head.length))) return at;
   for (let k = Math.min(head.length, text.length); k > 0; k--) if (text.endsWith(head.slice(0, k))) return text.length - k;
   return text.length;
+}
+
+/** How a command is handed to the shell at `path` (see ShellSession's `#eval`). */
+export function evalFor(path: string): 'eval' | 'command eval' {
+  return /zsh/.test(basename(realpathOr(path))) ? 'eval' : 'command eval';
+}
+
+/** `path` with its symbolic links resolved (/bin/sh → dash), or as given when that fails. */
+function realpathOr(path: string): string {
+  try {
+    return realpathSync(path);
+  } catch {
+    return path;
+  }
 }
 
 /** `text` as one single-quoted shell word (POSIX: nothing inside single quotes is special but the quote itself). */
