@@ -116,12 +116,20 @@ export class ShellSession {
   exec(command: string, timeoutMs: number, onChunk: (c: ShellChunk) => void): Promise<number> {
     this.#touch();
     const called = Date.now();
+    const busy = () => new AgentError('CONFLICT', `The shell session was busy with an earlier command for the whole ${timeoutMs / 1000} s timeout; this command did not run`);
     let settled: Promise<unknown> = Promise.resolve();
+    // Still queued when its timeout passes: answered then (the queue skips it when its turn comes).
+    let expired = false;
+    let answerQueued!: (err: Error) => void;
+    const queued = new Promise<never>((_, reject) => (answerQueued = reject));
+    const queueTimer = setTimeout(() => {
+      expired = true;
+      answerQueued(busy());
+    }, timeoutMs);
     const run = this.#busy.then(() => {
+      clearTimeout(queueTimer);
       const left = timeoutMs - (Date.now() - called);
-      if (left <= 0) {
-        return Promise.reject(new AgentError('CONFLICT', `The shell session was busy with an earlier command for the whole ${timeoutMs / 1000} s timeout; this command did not run`));
-      }
+      if (expired || left <= 0) return Promise.reject(busy());
       const r = this.#run(command, timeoutMs, left, onChunk);
       settled = r.settled;
       return r.answer;
@@ -131,7 +139,7 @@ export class ShellSession {
       () => undefined,
       () => settled,
     );
-    return run;
+    return Promise.race([run, queued]);
   }
 
   #run(command: string, timeoutMs: number, leftMs: number, onChunk: (c: ShellChunk) => void): { answer: Promise<number>; settled: Promise<void> } {
@@ -152,9 +160,14 @@ export class ShellSession {
       const seen = { stdout: false, stderr: false };
       let status = 0;
       let grace: NodeJS.Timeout | undefined;
+      let nudge: NodeJS.Timeout | undefined;
+      const quiet: Record<'stdout' | 'stderr', NodeJS.Timeout | undefined> = { stdout: undefined, stderr: undefined };
       const finish = () => {
         clearTimeout(timer);
         clearTimeout(grace);
+        clearTimeout(nudge);
+        clearTimeout(quiet.stdout);
+        clearTimeout(quiet.stderr);
         this.#listener = null;
         this.#onExit = null;
         markSettled();
@@ -170,6 +183,8 @@ export class ShellSession {
         // Answer now; keep listening (output dropped) until the end markers pass, so they can't
         // leak into the next command's output.
         answered = true;
+        // What was held back goes out first (it is kept for the marker search).
+        for (const stream of ['stdout', 'stderr'] as const) if (pending[stream] && !seen[stream]) onChunk({ stream, data: pending[stream] });
         onChunk = () => {};
         this.release(); // the rest of its output is read (and dropped) up to the end markers
         reject(new AgentError('BAD_REQUEST', `The command did not finish within ${timeoutMs / 1000} s; it was interrupted`));
@@ -182,6 +197,9 @@ export class ShellSession {
         // output away) would hold the session, and every command queued behind it, forever:
         // past the grace the shell is ended, and later commands are told so.
         grace = setTimeout(() => this.close(`a command outlived its ${timeoutMs / 1000} s timeout and the interrupt that followed`), INTERRUPT_GRACE_MS);
+        // bash's `read` builtin carries on reading after the interrupt's trap: an empty line ends
+        // it (the shell's parser ignores one, should it be there instead).
+        nudge = setTimeout(() => this.#proc.stdin.write('\n'), INTERRUPT_NUDGE_MS);
       }, leftMs);
       this.#listener = (c) => {
         if (seen[c.stream]) return;
@@ -201,6 +219,18 @@ export class ShellSession {
         if (keep > 0) {
           onChunk({ stream: c.stream, data: text.slice(0, keep) });
           pending[c.stream] = text.slice(keep);
+        }
+        // A line's newline held back (it could begin a marker) goes out once the command is quiet
+        // for a moment, so a streamed line is seen whole. Were it the marker's own, the marker is
+        // still found (its newline is optional to the search).
+        clearTimeout(quiet[c.stream]);
+        if (pending[c.stream] === '\n') {
+          const stream = c.stream;
+          quiet[stream] = setTimeout(() => {
+            if (pending[stream] !== '\n' || seen[stream]) return;
+            pending[stream] = '';
+            onChunk({ stream, data: '\n' });
+          }, QUIET_FLUSH_MS);
         }
       };
       // The command goes through `eval` of one single-quoted word, on one line with the end
@@ -227,6 +257,10 @@ export class ShellSession {
 
 /** How long a timed-out command has, after its interrupt, to let the shell reach its end markers. */
 const INTERRUPT_GRACE_MS = 5_000;
+/** When, after the interrupt, an empty line is written for a command still reading the shell's stdin. */
+const INTERRUPT_NUDGE_MS = 1_000;
+/** How long a held-back newline waits for more output before it goes out on its own. */
+const QUIET_FLUSH_MS = 30;
 
 /**
  * Where in `text` an end marker (`head`, then digits and a newline) may be starting: the tail
