@@ -396,82 +396,76 @@ describe.skipIf(!support.ok)('shell sessions without a terminal (session-exec)',
 });
 
 describe.skipIf(!support.ok)('shell sessions: bad input', () => {
-  it('refuses a shell that is not an executable (regression: it crashed the agent) and interrupts a timed-out command', async () => {
+  /** A server, a registered org and a running sandbox for one test; `call` posts to its session-exec. */
+  async function withShellBox(orgName: string, emailTag: string, boxName: string, fn: (box: { server: TestServer; reg: { apiKey: string }; sb: Awaited<ReturnType<ReturnType<TestServer['client']>['sandboxes']['create']>>; call: (body: Record<string, unknown>) => Promise<Response> }) => Promise<void>): Promise<void> {
     const server = await startTestServer();
     try {
-      const reg = await server.client().trpc.auth.register.mutate({ name: 'Shell Bad', email: uniqueEmail('shbad') });
-      const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'shell-bad' });
+      const reg = await server.client().trpc.auth.register.mutate({ name: orgName, email: uniqueEmail(emailTag) });
+      const sb = await server.client(reg.apiKey).sandboxes.create({ name: boxName });
       const call = (body: Record<string, unknown>) => server.http(`/api/sandboxes/${sb.id}/session-exec`, { method: 'POST', apiKey: reg.apiKey, json: body });
-      expect((await call({ action: 'create', shell: '/tmp' })).status).toBe(400);
-      await sb.exec('echo not a shell > /root/not-a-shell && chmod 644 /root/not-a-shell');
-      expect((await call({ action: 'create', shell: '/root/not-a-shell' })).status).toBe(400);
-      expect((await sb.exec('echo agent-alive')).stdout).toBe('agent-alive\n');
-      const sessionId = ((await (await call({ action: 'create' })).json()) as { sessionId: string }).sessionId;
-      expect((await call({ action: 'exec', sessionId, command: 'sleep 100', timeout: 1 })).status).toBe(400);
-      const after = (await (await call({ action: 'exec', sessionId, command: 'echo next' })).json()) as { output: string };
-      expect(after.output).toBe('next\n');
+      await fn({ server, reg, sb, call });
     } finally {
       await server.close();
     }
+  }
+  it('refuses a shell that is not an executable (regression: it crashed the agent) and interrupts a timed-out command', async () => {
+    await withShellBox('Shell Bad', 'shbad', 'shell-bad', async ({ server, reg, sb, call }) => {
+    expect((await call({ action: 'create', shell: '/tmp' })).status).toBe(400);
+    await sb.exec('echo not a shell > /root/not-a-shell && chmod 644 /root/not-a-shell');
+    expect((await call({ action: 'create', shell: '/root/not-a-shell' })).status).toBe(400);
+    expect((await sb.exec('echo agent-alive')).stdout).toBe('agent-alive\n');
+    const sessionId = ((await (await call({ action: 'create' })).json()) as { sessionId: string }).sessionId;
+    expect((await call({ action: 'exec', sessionId, command: 'sleep 100', timeout: 1 })).status).toBe(400);
+    const after = (await (await call({ action: 'exec', sessionId, command: 'echo next' })).json()) as { output: string };
+    expect(after.output).toBe('next\n');
+    });
   });
 
   it('a command left open (unmatched backtick or quote) is a syntax error of its own and cannot hang the session (regression: every later command waited 60 s for a 502)', async () => {
-    const server = await startTestServer();
-    try {
-      const reg = await server.client().trpc.auth.register.mutate({ name: 'Shell Open', email: uniqueEmail('shopen') });
-      const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'shell-open' });
-      const call = (body: Record<string, unknown>) => server.http(`/api/sandboxes/${sb.id}/session-exec`, { method: 'POST', apiKey: reg.apiKey, json: body });
-      const stream = (sessionId: string, command: string) => server.http(`/api/sandboxes/${sb.id}/session-exec-stream`, { method: 'POST', apiKey: reg.apiKey, json: { sessionId, command, timeout: 30 } });
-      for (const shell of ['/bin/bash', '/bin/sh']) {
-        const sessionId = ((await (await call({ action: 'create', shell })).json()) as { sessionId: string }).sessionId;
-        await call({ action: 'exec', sessionId, command: 'cd /tmp && export KEPT=yes' });
-        // The fuzzer's command: the shell used to read on, looking for the closing backtick, and
-        // swallowed the end marker; the command timed out and the session never answered again.
-        const open = await stream(sessionId, 'y`\u00ef\u0019');
-        expect(open.status).toBe(200);
-        const lines = (await open.text()).trim().split('\n').map((l) => JSON.parse(l) as { type: string; data?: string; exitCode?: number });
-        expect(lines.at(-1)).toEqual({ type: 'exit', exitCode: 2 });
-        expect(lines.filter((l) => l.type === 'stderr').length).toBeGreaterThan(0);
-        for (const command of ['echo "unterminated', "echo 'unterminated"]) {
-          const r = (await (await call({ action: 'exec', sessionId, command, timeout: 30 })).json()) as { exitCode: number };
-          expect(r.exitCode, `${shell}: ${command}`).toBe(2);
-        }
-        // A here-document without its end line ends with the command (the shell may warn), not after the markers.
-        const doc = (await (await call({ action: 'exec', sessionId, command: 'cat <<END\nno end line', timeout: 30 })).json()) as { output: string };
-        expect(doc.output, shell).toMatch(/^no end line\n?$/);
-        // Quotes of every kind reach the shell as written; the session's state survived the errors.
-        const r = (await (await call({ action: 'exec', sessionId, command: `echo "a'b" 'c"d' it\\'s; pwd; echo $KEPT` })).json()) as { output: string; exitCode: number };
-        expect(r, shell).toMatchObject({ output: `a'b c"d it's\n/tmp\nyes\n`, exitCode: 0 });
+    await withShellBox('Shell Open', 'shopen', 'shell-open', async ({ server, reg, sb, call }) => {
+    const stream = (sessionId: string, command: string) => server.http(`/api/sandboxes/${sb.id}/session-exec-stream`, { method: 'POST', apiKey: reg.apiKey, json: { sessionId, command, timeout: 30 } });
+    for (const shell of ['/bin/bash', '/bin/sh']) {
+      const sessionId = ((await (await call({ action: 'create', shell })).json()) as { sessionId: string }).sessionId;
+      await call({ action: 'exec', sessionId, command: 'cd /tmp && export KEPT=yes' });
+      // The fuzzer's command: the shell used to read on, looking for the closing backtick, and
+      // swallowed the end marker; the command timed out and the session never answered again.
+      const open = await stream(sessionId, 'y`\u00ef\u0019');
+      expect(open.status).toBe(200);
+      const lines = (await open.text()).trim().split('\n').map((l) => JSON.parse(l) as { type: string; data?: string; exitCode?: number });
+      expect(lines.at(-1)).toEqual({ type: 'exit', exitCode: 2 });
+      expect(lines.filter((l) => l.type === 'stderr').length).toBeGreaterThan(0);
+      for (const command of ['echo "unterminated', "echo 'unterminated"]) {
+        const r = (await (await call({ action: 'exec', sessionId, command, timeout: 30 })).json()) as { exitCode: number };
+        expect(r.exitCode, `${shell}: ${command}`).toBe(2);
       }
-    } finally {
-      await server.close();
+      // A here-document without its end line ends with the command (the shell may warn), not after the markers.
+      const doc = (await (await call({ action: 'exec', sessionId, command: 'cat <<END\nno end line', timeout: 30 })).json()) as { output: string };
+      expect(doc.output, shell).toMatch(/^no end line\n?$/);
+      // Quotes of every kind reach the shell as written; the session's state survived the errors.
+      const r = (await (await call({ action: 'exec', sessionId, command: `echo "a'b" 'c"d' it\\'s; pwd; echo $KEPT` })).json()) as { output: string; exitCode: number };
+      expect(r, shell).toMatchObject({ output: `a'b c"d it's\n/tmp\nyes\n`, exitCode: 0 });
     }
+    });
   });
 
   it('a command that outlives its timeout and interrupt ends the session with a reason (regression: the session, and every command queued in it, hung)', async () => {
-    const server = await startTestServer();
-    try {
-      const reg = await server.client().trpc.auth.register.mutate({ name: 'Shell Stuck', email: uniqueEmail('shstuck') });
-      const sb = await server.client(reg.apiKey).sandboxes.create({ name: 'shell-stuck' });
-      const call = (body: Record<string, unknown>) => server.http(`/api/sandboxes/${sb.id}/session-exec`, { method: 'POST', apiKey: reg.apiKey, json: body });
-      const sessionId = ((await (await call({ action: 'create' })).json()) as { sessionId: string }).sessionId;
-      // A command queued behind a longer one has its own timeout counted from its call: a 409
-      // saying so, not an answer the server waits for past its deadline (a 502).
-      // (The stream answers once its first line is out: the long command is running.)
-      const long = await server.http(`/api/sandboxes/${sb.id}/session-exec-stream`, { method: 'POST', apiKey: reg.apiKey, json: { sessionId, command: 'echo started; sleep 2; echo long', timeout: 30 } });
-      const queued = await call({ action: 'exec', sessionId, command: 'echo queued', timeout: 1 });
-      expect(queued.status).toBe(409);
-      expect(((await queued.json()) as { error: string }).error).toMatch(/busy with an earlier command.*did not run/);
-      const longLines = (await long.text()).trim().split('\n').map((l) => JSON.parse(l) as { type: string; data?: string });
-      expect(longLines.map((l) => l.data ?? '').join('')).toBe('started\nlong\n');
-      const stuck = await call({ action: 'exec', sessionId, command: "trap '' INT; while :; do sleep 0.2; done", timeout: 1 });
-      expect(stuck.status).toBe(400);
-      const next = await call({ action: 'exec', sessionId, command: 'echo next', timeout: 30 });
-      expect(next.status).toBe(409);
-      expect(((await next.json()) as { error: string }).error).toMatch(/outlived its 1 s timeout.*create/);
-      expect((await sb.exec('echo agent-alive')).stdout).toBe('agent-alive\n');
-    } finally {
-      await server.close();
-    }
+    await withShellBox('Shell Stuck', 'shstuck', 'shell-stuck', async ({ server, reg, sb, call }) => {
+    const sessionId = ((await (await call({ action: 'create' })).json()) as { sessionId: string }).sessionId;
+    // A command queued behind a longer one has its own timeout counted from its call: a 409
+    // saying so, not an answer the server waits for past its deadline (a 502).
+    // (The stream answers once its first line is out: the long command is running.)
+    const long = await server.http(`/api/sandboxes/${sb.id}/session-exec-stream`, { method: 'POST', apiKey: reg.apiKey, json: { sessionId, command: 'echo started; sleep 2; echo long', timeout: 30 } });
+    const queued = await call({ action: 'exec', sessionId, command: 'echo queued', timeout: 1 });
+    expect(queued.status).toBe(409);
+    expect(((await queued.json()) as { error: string }).error).toMatch(/busy with an earlier command.*did not run/);
+    const longLines = (await long.text()).trim().split('\n').map((l) => JSON.parse(l) as { type: string; data?: string });
+    expect(longLines.map((l) => l.data ?? '').join('')).toBe('started\nlong\n');
+    const stuck = await call({ action: 'exec', sessionId, command: "trap '' INT; while :; do sleep 0.2; done", timeout: 1 });
+    expect(stuck.status).toBe(400);
+    const next = await call({ action: 'exec', sessionId, command: 'echo next', timeout: 30 });
+    expect(next.status).toBe(409);
+    expect(((await next.json()) as { error: string }).error).toMatch(/outlived its 1 s timeout.*create/);
+    expect((await sb.exec('echo agent-alive')).stdout).toBe('agent-alive\n');
+    });
   });
 });
